@@ -1,0 +1,254 @@
+"""Adapters on disk in PEFT's format, and several named adapters on one base.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. File keys are our module
+state-dict keys with the adapter name removed and `base_model.model.` in front, exactly as PEFT writes them:
+    model.layers.0.self_attn.q_proj.lora_A.default.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+Only safetensors and JSON are read from a user's files: never pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+from .inject import _set_submodule, inject, lora_layers, mark_trainable
+from .layers import LoraLayer, ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be loaded onto this model; the message names the file or module."""
+
+
+def adapter_configs(model: nn.Module) -> dict:
+    return getattr(model, "lora_configs", {})
+
+
+def _require(model: nn.Module, name: str) -> None:
+    if name not in adapter_configs(model):
+        raise KeyError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` under PEFT's file keys."""
+    _require(model, name)
+    config = adapter_configs(model)[name]
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and name in module.r:
+            for attr in module.adapter_modules:
+                item = getattr(module, attr)[name]
+                if isinstance(item, nn.Parameter):  # ParameterDict entries: bare key, no ".weight" (PEFT)
+                    out[f"{PREFIX}{path}.{attr}"] = item
+                else:
+                    for key, tensor in item.state_dict().items():
+                        out[f"{PREFIX}{path}.{attr}.{key}"] = tensor
+            bias = getattr(module.base_layer, "bias", None)
+            if config.bias == "lora_only" and bias is not None:
+                out[f"{PREFIX}{path}.base_layer.bias"] = bias
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = tensor
+    if config.bias == "all":
+        for key, p in model.named_parameters():
+            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key:
+                out[f"{PREFIX}{key}"] = p
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
+                 config: LoraConfig | None = None) -> Path:
+    """Write adapter `name` as a PEFT adapter directory (each file written atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config or adapter_configs(model)[name]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    peft_dict = config.to_peft_dict()
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_dict, indent=2) + "\n"))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path):
+    """Parse adapter_config.json into our config class for its peft_type."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    try:
+        if data.get("peft_type") == "ADALORA":
+            from .adalora import AdaLoraConfig
+
+            return AdaLoraConfig.from_peft_dict(data, source=str(path))
+        return LoraConfig.from_peft_dict(data, source=str(path))
+    except ConfigError as e:
+        raise AdapterError(str(e)) from None
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+            raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle), which loraforge never loads; "
+                               f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
+        raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from None
+
+
+def _module_of(key: str) -> str:
+    """The module path a file key belongs to, for error messages."""
+    path = key.removeprefix(PREFIX)
+    for marker in (".lora_", ".base_layer.", ".modules_to_save."):
+        if marker in path:
+            return path.split(marker)[0]
+    return path.rsplit(".", 1)[0]
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format adapter onto `model` under `name` and make it the active one.
+
+    Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
+    made for another base raises AdapterError naming the module, and the model is left as it was.
+    """
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_weights(adapter_dir)
+    try:
+        if isinstance(config, LoraConfig):
+            inject(model, config, name)
+        else:  # AdaLoRA: its own layer type
+            from .adalora import inject_adalora
+
+            inject_adalora(model, config, name)
+    except ConfigError as e:
+        raise AdapterError(f"{adapter_dir}: this adapter does not fit the model: {e}") from None
+    try:
+        expected = adapter_state_dict(model, name)
+        problems = []
+        for key in sorted(set(expected) - set(tensors)):
+            problems.append(f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})")
+        for key in sorted(set(tensors) - set(expected)):
+            problems.append(f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})")
+        for key in sorted(set(tensors) & set(expected)):
+            if tuple(tensors[key].shape) != tuple(expected[key].shape):
+                problems.append(f"{_module_of(key)}: shape {tuple(tensors[key].shape)} in the file, "
+                                f"{tuple(expected[key].shape)} in this model (an adapter made for another base?)")
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise AdapterError(f"cannot load adapter {adapter_dir}:\n  {shown}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key].to(target.dtype))
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    set_adapter(model, name)
+    if is_trainable:
+        mark_trainable(model, name)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return list(adapter_configs(model))
+
+
+def set_adapter(model: nn.Module, name: str | list[str]) -> None:
+    """Make `name` (or several names, summed) the active adapter(s) of every layer."""
+    names = [name] if isinstance(name, str) else list(name)
+    for n in names:
+        _require(model, n)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.active_adapters = [n for n in names if n in module.r]
+        elif isinstance(module, ModulesToSave):
+            module.active_adapter = next((n for n in names if n in module.modules_to_save), None)
+
+
+def _merged(model: nn.Module) -> list[str]:
+    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the base model alone inside the block. Refuses while adapters are merged (unmerge() first)."""
+    if _merged(model):
+        raise RuntimeError(f"adapters {_merged(model)} are merged into the base weights; "
+                           f"call loraforge.merge.unmerge(model) before disabling them")
+    modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
+    """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
+    names = [None if n in (None, "base") else n for n in adapter_names]
+    for n in set(names) - {None}:
+        _require(model, n)
+    if _merged(model):
+        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.merge.unmerge(model)")
+    if any(isinstance(m, ModulesToSave) for m in model.modules()):
+        raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
+    layers = [m for _, m in lora_layers(model)]
+    for layer in layers:
+        layer.row_adapters = names
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; layers left without adapters are unwrapped back to their base layer."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name in module.r:
+            module.delete_adapter(name)
+            if not module.r:
+                _set_submodule(model, path, module.base_layer)
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            del module.modules_to_save[name]
+            if module.active_adapter == name:
+                module.active_adapter = None
+            if not len(module.modules_to_save):
+                _set_submodule(model, path, module.original_module)
+    adapter_configs(model).pop(name, None)

@@ -1,0 +1,247 @@
+"""Configuration: frozen dataclasses, validated when built, errors naming the field as the user types it.
+
+`from_dict(cls, data, prefix)` is the one loader: it rejects unknown keys, coerces YAML/JSON values to the
+annotated types, and collects every problem before raising, so a user fixes a config in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PEFT_TASK_TYPE = "CAUSAL_LM"
+
+
+class ConfigError(ValueError):
+    """One or more invalid config fields; `problems` lists each as 'field: what is wrong (fix)'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
+    """Coerce `value` to annotation `tp` (YAML gives lists for tuples, ints for floats); record a problem if it can't."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:  # first option that accepts the value without a problem
+            trial: list[str] = []
+            out = _check_type(value, option, name, trial)
+            if not trial:
+                return out
+        problems.append(f"{name}: {value!r} is not a valid {_type_name(tp)}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{name}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            problems.append(f"{name}: expected a list, got {value!r}")
+            return value
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_check_type(v, item_tp, f"{name}[{i}]", problems) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a mapping, got {value!r}")
+        return dict(value) if isinstance(value, dict) else value
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{name}: expected null, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{name}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return value
+        try:
+            return from_dict(tp, value, prefix=name + ".")
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return None
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("NoneType", "null")
+
+
+def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
+    """Build dataclass `cls` from a plain dict; every problem is collected, fields named `prefix + key`."""
+    problems: list[str] = []
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            if not ignore_unknown:
+                close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").lower()]
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
+                problems.append(f"{prefix}{key}: unknown field{hint}")
+            continue
+        kwargs[key] = _check_type(value, hints[key], prefix + key, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # re-raise with the prefix on each field name
+        raise ConfigError([prefix + p for p in e.problems]) from None
+
+
+def validate(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def to_dict(obj) -> dict:
+    """Plain dict of a (nested) config dataclass, tuples as lists: JSON/YAML ready."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(obj)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings. Names and meanings as in Hugging Face PEFT's LoraConfig."""
+
+    r: int = 8
+    """Rank of the update ΔW = B·A (A: r×in, B: out×r). 8 is the usual start (Hu et al. 2021, §7.2)."""
+    lora_alpha: float = 16
+    """Scale: ΔW is multiplied by lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input x (the base path is not dropped)."""
+    target_modules: str | tuple[str, ...] | None = None
+    """Which linear layers get adapters: a list of names (a module path equal to or ending in '.'+name), a
+    regex that must match the whole module path, or "all-linear" (every linear layer but the output head).
+    None: the attention projections of the architecture (q, k, v, o)."""
+    layers_to_transform: tuple[int, ...] | None = None
+    """Only these decoder-layer indices get adapters (None: all)."""
+    modules_to_save: tuple[str, ...] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train: none, all biases of the model, or only those of adapted layers."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA). Not supported yet: fails at validation."""
+    init_lora_weights: bool | str = True
+    """True: A kaiming-uniform, B zeros (the adapter starts as a no-op). "gaussian": A ~ N(0, 1/r), B zeros.
+    False: both random (tests only)."""
+    fan_in_fan_out: bool = False
+    """True when the base layer stores its weight as (in, out), like GPT-2's Conv1D. Detected automatically."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module r: {regex key: r}; the first key that matches (.*\\.)?key$ wins."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module lora_alpha, like rank_pattern."""
+    base_model_name_or_path: str | None = None
+    """The base the adapter was trained on (informational, saved in adapter_config.json)."""
+
+    def __post_init__(self):
+        p = []
+        if self.r <= 0:
+            p.append(f"r: must be a positive integer, got {self.r} (try 8)")
+        if self.lora_alpha <= 0:
+            p.append(f"lora_alpha: must be positive, got {self.lora_alpha} (try 2*r)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            p.append(f"bias: {self.bias!r} is not one of ['none', 'all', 'lora_only']")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            p.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of [true, false, 'gaussian']")
+        if self.use_dora:
+            p.append("use_dora: DoRA adapters are not supported yet; set use_dora: false")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                p.append(f"target_modules: {self.target_modules!r} is not a valid regex ({e})")
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            p.append("target_modules: the list is empty; give module names, a regex or 'all-linear'")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for k, v in pattern.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                    p.append(f"{name}.{k}: must be a positive number, got {v!r}")
+        validate(p)
+
+    # --- PEFT's adapter_config.json -------------------------------------------------------------------------
+    def to_peft_dict(self) -> dict:
+        targets = self.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": PEFT_TASK_TYPE,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, tuple) else targets,
+            "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "inference_mode": True,
+            "layers_pattern": None,
+            "revision": None,
+            "library": "loraforge",
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "LoraConfig":
+        """Read PEFT's JSON: only peft_type is required; unknown keys (newer PEFT) are ignored with a warning."""
+        peft_type = data.get("peft_type")
+        if peft_type != "LORA":
+            raise ConfigError([f"{source}: peft_type is {peft_type!r}; this loader reads 'LORA' adapters"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        ignored = set(data) - known - {"peft_type", "task_type", "inference_mode", "layers_pattern", "revision",
+                                       "library", "auto_mapping"}
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        if ignored and any(data[k] not in (None, False, {}, [], "") for k in ignored):
+            import warnings
+
+            set_ignored = sorted(k for k in ignored if data[k] not in (None, False, {}, [], ""))
+            warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = tuple(values["target_modules"])
+        if values.get("init_lora_weights", True) not in (True, False, "gaussian"):
+            values["init_lora_weights"] = True  # pissa/olora/...: an init recipe, irrelevant once weights load
+        if isinstance(values.get("layers_to_transform"), int):
+            values["layers_to_transform"] = [values["layers_to_transform"]]
+        return from_dict(cls, values, prefix=f"{source}: ")

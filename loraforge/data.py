@@ -1,0 +1,394 @@
+"""Datasets: read records, detect their format, render the chat template, mask the prompt, pack, collate.
+
+Three record formats:
+  instruction  {"instruction": ..., "input": ... (optional), "output": ...}
+  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+  text         {"text": ...}
+
+Labels follow the Hugging Face convention: `labels` is aligned with `input_ids` and the loss shifts by one, so
+labels[t] is the target predicted from tokens[:t]. -100 marks positions with no loss. labels[0] is never a target.
+
+Packing and the attention mask (transformers >= 5): a packed row is passed with restarting `position_ids` and
+WITHOUT `attention_mask`; `masking_utils.find_packed_sequence_indices` then builds a block-diagonal causal mask.
+It only does so when there is no KV cache, so call the model with `use_cache=False` (or set
+`model.config.use_cache = False`): with the default cache the examples of a row silently attend to each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+FORMATS = ("instruction", "chat", "text")
+ALPACA_PROMPT = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message names the file, line or record, and the field."""
+
+
+@dataclass
+class Example:
+    """One tokenized example; `labels` has the length of `input_ids`, -100 where there is no loss."""
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    """What build_dataset did, for the run report. n_supervised_tokens counts loss targets (labels[1:] != -100)."""
+    n_records: int = 0
+    n_examples: int = 0
+    n_truncated: int = 0   # kept, but cut to max_seq_len
+    n_dropped: int = 0     # too long with overflow="drop", or nothing left to supervise after truncation
+    n_tokens: int = 0
+    n_supervised_tokens: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def read_records(source: str) -> list[dict]:
+    """Read records from a local .jsonl/.json/.csv/.parquet file, or else a hub dataset "name[:split]".
+
+    Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it.
+    """
+    path = Path(source)
+    if not path.exists():
+        return _read_hub(source)
+    if path.is_dir():
+        raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix == ".json":
+        records = _read_json(path)
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            # Row 1 is the header, so data row i (from 0) is on line i + 2 (for rows without embedded newlines).
+            records = [{**row, "_source": f"{path}:{i + 2}"} for i, row in enumerate(csv.DictReader(f))]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if not records:
+        raise DataError(f"{source}: no records (the file is empty)")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append({**record, "_source": f"{path}:{lineno}"})
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}[{i}]: expected a JSON object, got {type(record).__name__}")
+    return [{**record, "_source": f"{path}[{i}]"} for i, record in enumerate(data)]
+
+
+def _read_hub(source: str) -> list[dict]:
+    name, _, split = source.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source!r} is not a local file, and reading it as a hub dataset needs the `datasets` "
+                        f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet "
+                        f"file)") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # noqa: BLE001 -- offline, unknown name, bad split: all end here with the reason
+        raise DataError(f"{source!r} is not a local file and could not be loaded as a hub dataset "
+                        f"(name[:split]; needs network access): {type(e).__name__}: {e}") from e
+    records = [{**row, "_source": f"{name}:{split or 'train'}[{i}]"} for i, row in enumerate(ds)]
+    if not records:
+        raise DataError(f"hub dataset {source!r} has no records")
+    return records
+
+
+def train_test_split(records: list[dict], test: float | int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic split: `test` is a fraction in (0, 1) or a number of records. Order within each part is kept."""
+    n = len(records)
+    n_test = round(test * n) if isinstance(test, float) else int(test)
+    if isinstance(test, float) and not 0 < test < 1 or not 0 < n_test < n:
+        raise DataError(f"test={test!r} leaves {n_test} of {n} records for the test set; "
+                        f"use a fraction in (0, 1) or a count between 1 and {n - 1}")
+    test_idx = set(random.Random(seed).sample(range(n), n_test))
+    return ([r for i, r in enumerate(records) if i not in test_idx], [r for i, r in enumerate(records) if i in test_idx])
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+
+def detect_format(record: dict) -> str:
+    """"chat" (messages), "instruction" (instruction + output) or "text" (text), from the record's keys."""
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record or "output" in record:
+        return "instruction"
+    if "text" in record:
+        return "text"
+    keys = sorted(k for k in record if not k.startswith("_"))
+    raise DataError(f"{_where(record)}cannot tell the format from the keys {keys}; expected "
+                    f"instruction/input/output, messages [{{role, content}}], or text")
+
+
+def _where(record: dict) -> str:
+    return f"{record['_source']}: " if "_source" in record else ""
+
+
+def _field(record: dict, name: str, required: bool = True) -> str:
+    value = record.get(name)
+    if value is None or (isinstance(value, float) and value != value):  # None, or NaN from a CSV/Parquet gap
+        value = ""
+    if not isinstance(value, str):
+        raise DataError(f"{_where(record)}field {name!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{_where(record)}field {name!r} is missing or empty")
+    return value
+
+
+def _messages(record: dict) -> list[dict]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{_where(record)}field 'messages' is missing or empty (expected a list of {{role, content}})")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"{_where(record)}field 'messages[{i}].role' must be system, user or assistant")
+        if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
+            raise DataError(f"{_where(record)}field 'messages[{i}].content' is missing or empty")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{_where(record)}field 'messages' has no assistant turn, so nothing to learn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template as text; a plain "### Role:" template for tokenizers that have none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
+                   + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # Rendered templates already carry their special tokens, so never add BOS/EOS here.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _instruction_prompt(record: dict, tokenizer) -> str:
+    instruction, extra = _field(record, "instruction"), _field(record, "input", required=False)
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    if getattr(tokenizer, "chat_template", None):
+        return _render(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
+    return ALPACA_PROMPT.format(instruction=user)
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, supervised) pieces; assistant turns are supervised.
+
+    An assistant turn's span is render(messages[:i+1]) minus render(messages[:i], generation prompt): its content
+    plus whatever end-of-turn text the template emits. Needs each rendering to be a prefix of the next.
+    """
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise DataError("the chat template does not render conversations prefix by prefix, so assistant "
+                            "turns cannot be located exactly; use a tokenizer with a ChatML/Llama-style template")
+        segments += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if full[len(done):]:
+        segments.append((full[len(done):], False))
+    return [s for s in segments if s[0]]
+
+
+def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> Example:
+    """Tokenize one record; labels are -100 on the prompt (unless train_on_prompt) and equal the ids elsewhere.
+
+    Prompt and response are tokenized separately and concatenated, so the label boundary is exact and the prompt
+    ids are the ones generation starts from.
+    """
+    if fmt == "instruction":
+        prompt = _ids(tokenizer, _instruction_prompt(record, tokenizer))
+        response = _ids(tokenizer, _field(record, "output")) + [tokenizer.eos_token_id]
+        segments = [(prompt, False), (response, True)]
+    elif fmt == "chat":
+        segments = [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(_messages(record), tokenizer)]
+    elif fmt == "text":
+        ids = tokenizer(_field(record, "text"))["input_ids"]  # adds BOS when the tokenizer does
+        segments = [(ids + [tokenizer.eos_token_id], True)]
+    else:
+        raise DataError(f"unknown format {fmt!r}; use one of {FORMATS} or 'auto'")
+    input_ids, labels = [], []
+    for ids, supervised in segments:
+        input_ids += ids
+        labels += ids if supervised or train_on_prompt else [IGNORE] * len(ids)
+    return Example(input_ids, labels)
+
+
+def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
+    """The prompt to generate from at eval: everything before the (last) response."""
+    if fmt == "instruction":
+        return _ids(tokenizer, _instruction_prompt(record, tokenizer))
+    if fmt == "chat":
+        messages = _messages(record)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True))
+    raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
+
+
+def reference_output(record: dict, fmt: str) -> str:
+    """The expected answer: the output (instruction) or the last assistant message (chat)."""
+    if fmt == "instruction":
+        return _field(record, "output")
+    if fmt == "chat":
+        return [m for m in _messages(record) if m["role"] == "assistant"][-1]["content"]
+    raise DataError(f"format {fmt!r} has no reference answer; generation eval needs instruction or chat records")
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len: int = 512,
+                  train_on_prompt: bool = False, overflow: str = "truncate") -> tuple[list[Example], DataStats]:
+    """Encode every record. overflow="truncate" cuts to max_seq_len, "drop" skips longer examples.
+
+    Examples left with no supervised token are dropped. Raises DataError when nothing is left.
+    """
+    if overflow not in ("truncate", "drop"):
+        raise DataError(f"overflow={overflow!r}; use 'truncate' or 'drop'")
+    if max_seq_len < 2:
+        raise DataError(f"max_seq_len={max_seq_len} is too small; use at least 2 (typically 512-4096)")
+    if not records:
+        raise DataError("no records to build a dataset from")
+    if fmt == "auto":
+        fmt = detect_format(records[0])
+        for i, record in enumerate(records):
+            if (other := detect_format(record)) != fmt:
+                raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but record 0 is in {fmt!r}; "
+                                f"a dataset must use one format")
+    stats, examples = DataStats(n_records=len(records)), []
+    for i, record in enumerate(records):
+        try:
+            ex = encode(record, tokenizer, fmt, train_on_prompt)
+        except DataError as e:
+            raise DataError(f"record {i}: {e}") from None
+        truncated = len(ex.input_ids) > max_seq_len
+        if truncated and overflow == "drop":
+            stats.n_dropped += 1
+            continue
+        ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+        n_sup = sum(label != IGNORE for label in ex.labels[1:])
+        if n_sup == 0:  # the response was cut off entirely
+            stats.n_dropped += 1
+            continue
+        stats.n_truncated += truncated
+        examples.append(ex)
+        stats.n_tokens += len(ex.input_ids)
+        stats.n_supervised_tokens += n_sup
+    stats.n_examples = len(examples)
+    if not examples:
+        raise DataError(f"all {len(records)} records were dropped (longer than max_seq_len={max_seq_len} with "
+                        f"overflow={overflow!r}, or nothing to supervise); raise max_seq_len or use "
+                        f"overflow='truncate'")
+    return examples, stats
+
+
+def pack(examples: list[Example], max_seq_len: int) -> list[dict]:
+    """First-fit-decreasing packing into rows of at most max_seq_len tokens.
+
+    Each row: {"input_ids", "labels", "position_ids"}; position_ids restart at 0 for each example, and the label
+    at each example's first token is -100 (it would be predicted from the previous example's last token).
+    """
+    bins: list[list[Example]] = []
+    space: list[int] = []
+    for ex in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):  # stable: ties keep input order
+        n = len(ex.input_ids)
+        if n > max_seq_len:
+            raise DataError(f"an example of {n} tokens does not fit max_seq_len={max_seq_len}; "
+                            f"build the dataset with the same max_seq_len")
+        j = next((j for j, free in enumerate(space) if free >= n), None)
+        if j is None:
+            bins.append([])
+            space.append(max_seq_len)
+            j = len(bins) - 1
+        bins[j].append(ex)
+        space[j] -= n
+    rows = []
+    for row in bins:
+        input_ids, labels, position_ids = [], [], []
+        for ex in row:
+            input_ids += ex.input_ids
+            labels += [IGNORE] + ex.labels[1:]
+            position_ids += list(range(len(ex.input_ids)))
+        rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+    return rows
+
+
+def padding_fraction(examples: list[Example], batch_size: int) -> float:
+    """Fraction of positions that would be padding if the examples were batched in order without packing."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    total = real = 0
+    for start in range(0, len(lengths), batch_size):
+        batch = lengths[start:start + batch_size]
+        total += max(batch) * len(batch)
+        real += sum(batch)
+    return 1 - real / total if total else 0.0
+
+
+def _restarts(position_ids: list[int]) -> bool:
+    return any(b != a + 1 for a, b in zip(position_ids, position_ids[1:]))
+
+
+def collate(rows: list[dict | Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest into tensors: input_ids (pad_id), labels (-100).
+
+    The rule: if any row's position_ids restart (a packed row), the batch is packed: it gets position_ids (the
+    padding continues as one more "sequence" 0, 1, ...) and NO attention_mask, so transformers builds the
+    block-diagonal causal mask. Otherwise it gets an attention_mask (1 real, 0 padding) and no position_ids.
+    Either way call the model with use_cache=False (see the module docstring).
+    """
+    rows = [{"input_ids": r.input_ids, "labels": r.labels} if isinstance(r, Example) else r for r in rows]
+    width = max(len(r["input_ids"]) for r in rows)
+    packed = any(_restarts(r.get("position_ids", [])) for r in rows)
+    batch = {"input_ids": [], "labels": [], "position_ids" if packed else "attention_mask": []}
+    for r in rows:
+        n, pad = len(r["input_ids"]), width - len(r["input_ids"])
+        batch["input_ids"].append(r["input_ids"] + [pad_id] * pad)
+        batch["labels"].append(r["labels"] + [IGNORE] * pad)
+        if packed:
+            batch["position_ids"].append(r.get("position_ids", list(range(n))) + list(range(pad)))
+        else:
+            batch["attention_mask"].append([1] * n + [0] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

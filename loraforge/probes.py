@@ -1,0 +1,216 @@
+"""General-ability probes for measuring forgetting: multiple-choice accuracy, perplexity, and next-token KL.
+
+The probe data ships in `loraforge/assets/` (written for this project) and is read with `load_probe`.
+Every scorer runs under `torch.no_grad`, batches right-padded sequences with an attention mask, works with any
+Hugging Face causal LM (fp32 or bf16), and does its log-softmax in fp32.
+
+A "model" argument is either an `nn.Module` (called as `model(input_ids=..., attention_mask=...).logits`) or a
+plain callable `(input_ids, attention_mask) -> logits` of shape (B, T, V). The callable form lets one module serve
+as both base and tuned model, e.g. a LoRA model with its adapters switched off inside the callable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+PROBE_FILES = {"mc": "general_mc.jsonl", "text": "general_text.txt", "kl": "general_prompts.jsonl"}
+
+
+def load_probe(name: str):
+    """The shipped probe data: "mc" -> list of question dicts, "text" -> str, "kl" -> list of prompt strings."""
+    if name not in PROBE_FILES:
+        raise ValueError(f"unknown probe {name!r}; use one of {sorted(PROBE_FILES)}")
+    text = resources.files("loraforge").joinpath("assets", PROBE_FILES[name]).read_text(encoding="utf-8")
+    if name == "text":
+        return text
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return rows if name == "mc" else [row["prompt"] for row in rows]
+
+
+def _logits_fn(model) -> LogitsFn:
+    if isinstance(model, torch.nn.Module):
+        return lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if callable(model):
+        return model
+    raise TypeError(f"expected an nn.Module or a callable (input_ids, attention_mask) -> logits, got {type(model)}")
+
+
+def _device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        return next(model.parameters()).device
+    return torch.device("cpu")
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (B, T) input_ids and a (B, T) attention_mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    # The pad id never reaches a scored position (masked out and never a target), so any valid id works.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokens of context and continuation as lm-eval-harness splits them: encode the whole string and take the
+    tokens past the context's encoding, so a merge across the boundary does not change the context tokens.
+    Trailing spaces of the context move to the continuation (lm-eval does the same)."""
+    stripped = context.rstrip(" ")
+    continuation = context[len(stripped):] + continuation
+    whole = tokenizer(stripped + continuation).input_ids
+    ctx = tokenizer(stripped).input_ids
+    return ctx, whole[len(ctx):]
+
+
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
+    """Sum of log p(continuation tokens | context) for each (context, continuation) pair."""
+    logits_fn, device, pad_id = _logits_fn(model), _device(model), _pad_id(tokenizer)
+    encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
+    for (context, continuation), (ctx, cont) in zip(pairs, encoded):
+        if not ctx or not cont:
+            raise ValueError(f"context {context!r} and continuation {continuation!r} must both give tokens")
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            # The last continuation token is only a target, never an input.
+            ids, mask = _pad_right([(ctx + cont)[:-1] for ctx, cont in chunk], pad_id, device)
+            logprobs = F.log_softmax(logits_fn(ids, mask).float(), dim=-1)  # (B, T, V)
+            for row, (ctx, cont) in enumerate(chunk):
+                # Position len(ctx)-1+k predicts continuation token k.
+                span = logprobs[row, len(ctx) - 1: len(ctx) - 1 + len(cont)]  # (len(cont), V)
+                target = torch.tensor(cont, device=span.device).unsqueeze(1)
+                scores.append(span.gather(1, target).sum().item())
+    return scores
+
+
+def _check_items(items: Sequence[dict]) -> None:
+    for i, item in enumerate(items):
+        missing = {"question", "choices", "answer"} - set(item)
+        if missing:
+            raise ValueError(f"item {i} lacks {sorted(missing)}; each item needs question, choices, answer")
+        if not 0 <= item["answer"] < len(item["choices"]):
+            raise ValueError(f"item {i}: answer {item['answer']} is not an index into its "
+                             f"{len(item['choices'])} choices; give a 0-based index")
+
+
+def mc_accuracy(model, tokenizer, items: Sequence[dict], batch_size: int = 16) -> dict:
+    """Multiple-choice accuracy by log-likelihood, as lm-eval-harness scores such tasks.
+
+    Context is f"Question: {question}\\nAnswer:", each continuation " " + choice; an option's score is the sum of
+    its tokens' log-probs. `accuracy` picks the highest sum; `acc_norm` divides each sum by the number of
+    characters of the choice text (lm-eval's acc_norm). `ci95` / `ci95_norm` are Wilson 95% intervals.
+    """
+    _check_items(items)
+    pairs = [(f"Question: {item['question']}\nAnswer:", " " + choice) for item in items for choice in item["choices"]]
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    correct = correct_norm = 0
+    offset = 0
+    for item in items:
+        k = len(item["choices"])
+        option_scores = torch.tensor(scores[offset:offset + k])
+        lengths = torch.tensor([float(len(choice)) for choice in item["choices"]])
+        offset += k
+        correct += int(option_scores.argmax().item() == item["answer"])
+        correct_norm += int((option_scores / lengths).argmax().item() == item["answer"])
+    n = len(items)
+    return {"accuracy": correct / n, "n": n, "correct": correct, "ci95": wilson_interval(correct, n),
+            "acc_norm": correct_norm / n, "correct_norm": correct_norm, "ci95_norm": wilson_interval(correct_norm, n)}
+
+
+def perplexity(model, tokenizer, text: str, max_len: int = 512, stride: int | None = None,
+               batch_size: int = 4) -> dict:
+    """Token-level perplexity: exp(sum of NLL / number of predicted tokens) over windows of `max_len` tokens.
+
+    Window k holds tokens [k*stride, k*stride + max_len). With `stride=None` (= max_len) windows do not overlap
+    and each window's first token is context only. With a smaller stride each window scores only the tokens no
+    earlier window scored, so every token but the first is predicted exactly once, with at least
+    max_len - stride tokens of context.
+    """
+    stride = max_len if stride is None else stride
+    if not 0 < stride <= max_len:
+        raise ValueError(f"stride {stride} must be in 1..max_len ({max_len})")
+    logits_fn, device, pad_id = _logits_fn(model), _device(model), _pad_id(tokenizer)
+    tokens = tokenizer(text).input_ids
+    if len(tokens) < 2:
+        raise ValueError(f"text gives {len(tokens)} token(s); perplexity needs at least 2")
+    windows = []  # (start, end, first scored target index)
+    scored_until = 0
+    for start in range(0, len(tokens) - 1, stride):
+        end = min(start + max_len, len(tokens))
+        windows.append((start, end, max(start + 1, scored_until)))
+        scored_until = end
+        if end == len(tokens):
+            break
+    nll, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b:b + batch_size]
+            ids, mask = _pad_right([tokens[s:e - 1] for s, e, _ in chunk], pad_id, device)
+            logprobs = F.log_softmax(logits_fn(ids, mask).float(), dim=-1)  # (B, T, V)
+            for row, (s, e, first) in enumerate(chunk):
+                # Position j - s - 1 of this window predicts token j.
+                span = logprobs[row, first - s - 1: e - s - 1]
+                target = torch.tensor(tokens[first:e], device=span.device).unsqueeze(1)
+                nll -= span.gather(1, target).sum().item()
+                n_tokens += e - first
+    return {"ppl": math.exp(nll / n_tokens), "nll": nll / n_tokens, "n_tokens": n_tokens}
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool | None = None) -> list[list[int]]:
+    """Token ids of each prompt, as a single user turn with the generation prompt when the tokenizer has a chat
+    template (or when `chat_template=True`), else the raw text."""
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if not use_template:
+        return [tokenizer(p).input_ids for p in prompts]
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    # The template already writes any special tokens it wants.
+    return [tokenizer(r, add_special_tokens=False).input_ids for r in rendered]
+
+
+def kl_divergence(base, tuned, tokenizer, prompts: Sequence[str], batch_size: int = 8,
+                  chat_template: bool | None = None) -> dict:
+    """Mean over every prompt token position of KL(p_base || p_tuned) between next-token distributions (nats).
+
+    `base` and `tuned` are each an nn.Module or a callable (input_ids, attention_mask) -> logits (B, T, V); for a
+    LoRA model, pass e.g. a callable that runs the model with its adapters disabled as `base` and the model itself
+    as `tuned`. Both are called on the same right-padded batch; padded positions are excluded.
+    """
+    base_fn, tuned_fn, pad_id = _logits_fn(base), _logits_fn(tuned), _pad_id(tokenizer)
+    device = _device(tuned) if isinstance(tuned, torch.nn.Module) else _device(base)
+    encoded = encode_prompts(tokenizer, prompts, chat_template)
+    total, n_positions = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(encoded), batch_size):
+            ids, mask = _pad_right(encoded[b:b + batch_size], pad_id, device)
+            log_p = F.log_softmax(base_fn(ids, mask).float(), dim=-1)  # (B, T, V)
+            log_q = F.log_softmax(tuned_fn(ids, mask).float(), dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+            total += (kl * mask).sum().item()
+            n_positions += int(mask.sum().item())
+    return {"kl": total / n_positions, "n_positions": n_positions}
