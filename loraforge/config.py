@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
+# adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
+PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "layers_pattern", "revision", "library",
+                     "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
 
 
 class ConfigError(ValueError):
@@ -134,6 +137,12 @@ def to_dict(obj) -> dict:
     return conv(obj)
 
 
+def is_init_option(value) -> bool:
+    """A valid init_lora_weights: true, false, gaussian, pissa, pissa_niter_N or olora (PEFT's spellings)."""
+    return value in (True, False, "gaussian", "pissa", "olora") or (
+        isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value) is not None)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapter settings. Names and meanings as in Hugging Face PEFT's LoraConfig."""
@@ -157,9 +166,13 @@ class LoraConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA). Not supported yet: fails at validation."""
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024): a trained magnitude per output row times the row-normalised
+    W0 + ΔW. Costs a weight-norm per forward; merging is supported."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op). "gaussian": A ~ N(0, 1/r), B zeros.
+    "pissa" (or "pissa_niter_N", randomized SVD with N iterations): A, B from the top-r singular triplets of W0 and
+    W0 replaced by the residual; "olora": A, B from a QR of W0, W0 replaced likewise. Both leave the model's output
+    unchanged at start; see loraforge.variants.save_converted to use the adapter on the original base.
     False: both random (tests only)."""
     fan_in_fan_out: bool = False
     """True when the base layer stores its weight as (in, out), like GPT-2's Conv1D. Detected automatically."""
@@ -180,10 +193,9 @@ class LoraConfig:
             p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             p.append(f"bias: {self.bias!r} is not one of ['none', 'all', 'lora_only']")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            p.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of [true, false, 'gaussian']")
-        if self.use_dora:
-            p.append("use_dora: DoRA adapters are not supported yet; set use_dora: false")
+        if not is_init_option(self.init_lora_weights):
+            p.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of [true, false, 'gaussian', "
+                     f"'pissa', 'pissa_niter_N' (N an integer), 'olora']")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
@@ -230,8 +242,7 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ConfigError([f"{source}: peft_type is {peft_type!r}; this loader reads 'LORA' adapters"])
         known = {f.name for f in dataclasses.fields(cls)}
-        ignored = set(data) - known - {"peft_type", "task_type", "inference_mode", "layers_pattern", "revision",
-                                       "library", "auto_mapping"}
+        ignored = set(data) - known - PEFT_INERT_FIELDS
         values = {k: v for k, v in data.items() if k in known and v is not None}
         if ignored and any(data[k] not in (None, False, {}, [], "") for k in ignored):
             import warnings
@@ -240,8 +251,9 @@ class LoraConfig:
             warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)
         if isinstance(values.get("target_modules"), list):
             values["target_modules"] = tuple(values["target_modules"])
-        if values.get("init_lora_weights", True) not in (True, False, "gaussian"):
-            values["init_lora_weights"] = True  # pissa/olora/...: an init recipe, irrelevant once weights load
+        if not is_init_option(values.get("init_lora_weights", True)):
+            values["init_lora_weights"] = True  # corda/loftq/...: recipes we don't run (pissa/olora do run: they
+            # change W0, and PEFT re-runs them on load too)
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]
         return from_dict(cls, values, prefix=f"{source}: ")

@@ -82,7 +82,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
             continue
         if targets == "all-linear":
-            if module is output or path.endswith("lm_head") or isinstance(module, LoraLayer):
+            if module is output or path.endswith("lm_head"):
                 continue
         elif not target_matches(targets, path):
             continue
@@ -131,6 +131,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
+            use_dora=config.use_dora,
         )
     for path in _modules_to_save_paths(model, config):
         module = model.get_submodule(path)

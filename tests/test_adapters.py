@@ -1,0 +1,251 @@
+"""Adapters on disk (PEFT's format both ways), several adapters, mixed batches, merging."""
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_gpt2, tiny_llama
+from loraforge.adapters import (AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter,
+                                mixed_batch, save_adapter, set_adapter)
+from loraforge.config import LoraConfig
+from loraforge.inject import inject, lora_layers
+from loraforge.layers import LoraLayer
+from loraforge.merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (≤1e-5 per the issue).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def randomize(model, seed=1):
+    """Give every adapter weight non-zero values (a fresh B is zero, which would hide key mix-ups)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for name in layer.r:
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True, "rank_pattern": {"q_proj": 2, "c_attn": 2},
+                                        "alpha_pattern": {"v_proj": 5}}])
+def test_ours_loads_in_peft_with_equal_logits(arch, extra, tmp_path, input_ids):
+    build = BUILDERS[arch]
+    model = randomize(inject(build(), LoraConfig(r=4, lora_alpha=8, **extra)))
+    ours = model(input_ids).logits
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+    assert not torch.allclose(ours, build()(input_ids).logits)  # the adapter really changes the output
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_adapter_loads_in_ours_with_equal_logits(arch, tmp_path, input_ids):
+    build = BUILDERS[arch]
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
+                          rank_pattern={targets[0]: 3})
+    peft_model = peft.get_peft_model(build(), cfg)
+    theirs = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path)
+    model = load_adapter(build(), tmp_path)
+    torch.testing.assert_close(model(input_ids).logits, theirs, **TOL)
+    assert not any(p.requires_grad for p in model.parameters())  # loaded for inference by default
+
+
+def test_modules_to_save_round_trip_with_peft(tmp_path, input_ids):
+    model = randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=("q_proj",), modules_to_save=("lm_head",))))
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    ours = model(input_ids).logits
+    save_adapter(model, tmp_path)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids).logits, ours, **TOL)
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, ours, **TOL)
+
+
+def test_saved_files_use_peft_names(tmp_path):
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2, target_modules=("q_proj",))), tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys[:2] == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["target_modules"] == ["q_proj"]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert list_adapters(model) == []
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+
+
+def test_corrupted_file_is_a_clear_error(tmp_path):
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2)), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is not a readable safetensors file"):
+        load_adapter(model, tmp_path)
+    _assert_untouched(model, before)
+
+
+def test_missing_key_names_the_module_and_loads_nothing(tmp_path):
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=2))), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    del tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
+    save_file(tensors, path)
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterError, match=r"model\.layers\.1\.self_attn\.k_proj: missing from the file"):
+        load_adapter(model, tmp_path)
+    _assert_untouched(model, before)
+
+
+def test_adapter_for_another_base_is_a_shape_error(tmp_path):
+    save_adapter(inject(tiny_llama(hidden_size=48), LoraConfig(r=2)), tmp_path)
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterError, match=r"self_attn\.q_proj: shape \(2, 48\) in the file, \(2, 32\) in this model"):
+        load_adapter(model, tmp_path)
+    _assert_untouched(model, before)
+
+
+def test_pickle_and_bad_json_are_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="is not valid JSON"):
+        load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterError, match="a pickle.*never loads"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+def test_unknown_config_keys_are_ignored_and_missing_take_defaults(tmp_path):
+    model = randomize(inject(tiny_llama(), LoraConfig(r=2, lora_alpha=2)))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["some_future_field"] = {"x": 1}
+    del config["lora_dropout"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="some_future_field"):
+        loaded = load_adapter(tiny_llama(), tmp_path)
+    assert loaded.lora_configs["default"].lora_dropout == 0.0
+
+
+def _two_adapters(tmp_path):
+    a = randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=("q_proj", "v_proj"))), seed=1)
+    b = randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules="all-linear")), seed=2)
+    save_adapter(a, tmp_path / "a")
+    save_adapter(b, tmp_path / "b")
+    return a, b
+
+
+def test_several_adapters_set_disable_delete(tmp_path, input_ids):
+    a, b = _two_adapters(tmp_path)
+    base_logits = tiny_llama()(input_ids).logits
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "a", "a")
+    load_adapter(model, tmp_path / "b", "b")
+    assert list_adapters(model) == ["a", "b"]
+    set_adapter(model, "a")
+    torch.testing.assert_close(model(input_ids).logits, a(input_ids).logits)
+    set_adapter(model, "b")
+    torch.testing.assert_close(model(input_ids).logits, b(input_ids).logits)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(input_ids).logits, base_logits)
+    delete_adapter(model, "b")
+    assert list_adapters(model) == ["a"]
+    with pytest.raises(KeyError, match="no adapter named 'b'; loaded adapters: \\['a'\\]"):
+        set_adapter(model, "b")
+    set_adapter(model, "a")
+    torch.testing.assert_close(model(input_ids).logits, a(input_ids).logits)
+    delete_adapter(model, "a")
+    torch.testing.assert_close(model(input_ids).logits, base_logits)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs(tmp_path, input_ids):
+    a, b = _two_adapters(tmp_path)
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "a", "a")
+    load_adapter(model, tmp_path / "b", "b")
+    names = ["b", None, "a"]
+    with mixed_batch(model, names):
+        mixed = model(input_ids).logits
+    refs = {"a": a(input_ids).logits, "b": b(input_ids).logits, None: tiny_llama()(input_ids).logits}
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], refs[name][row])
+
+
+def test_merge_is_explicit_idempotent_and_exact(input_ids):
+    model = randomize(inject(tiny_gpt2(), LoraConfig(r=4, target_modules="all-linear")))
+    weights_before = {p: m.base_layer.weight.clone() for p, m in lora_layers(model)}
+    unmerged = model(input_ids).logits
+    model.train()
+    model.eval()  # no merge as a side effect of train()/eval()
+    assert all(not m.merged_adapters for _, m in lora_layers(model))
+    merge(model)
+    merge(model)  # twice: a no-op
+    torch.testing.assert_close(model(input_ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="merged"):
+        with disable_adapters(model):
+            pass
+    unmerge(model)
+    unmerge(model)
+    for p, m in lora_layers(model):
+        torch.testing.assert_close(m.base_layer.weight, weights_before[p], rtol=0, atol=1e-6)
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    torch.testing.assert_close(plain(input_ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def _sum_of_deltas(model, names, weights):
+    return {p: sum(w * m.delta_weight(n) for n, w in zip(names, weights)) for p, m in lora_layers(model)}
+
+
+def test_weighted_combinations_match_the_weighted_sum_of_deltas(tmp_path):
+    model = tiny_llama()
+    _two_adapters(tmp_path)
+    # different ranks and targets: b covers all linear layers, a only q and v
+    load_adapter(model, tmp_path / "a", "a")
+    load_adapter(model, tmp_path / "b", "b")
+    names, weights = ["a", "b"], [0.7, -0.4]
+    expected = {p: sum(w * m.delta_weight(n) for n, w in zip(names, weights) if n in m.r)
+                for p, m in lora_layers(model)}
+    add_weighted_adapter(model, names, weights, "cat", combination_type="cat")
+    add_weighted_adapter(model, names, weights, "svd", combination_type="svd", svd_rank=6)  # ≥ 4+2: exact
+    for p, m in lora_layers(model):
+        torch.testing.assert_close(m.delta_weight("cat"), expected[p], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.delta_weight("svd"), expected[p], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'linear' needs adapters of one rank"):
+        add_weighted_adapter(model, names, weights, "lin", combination_type="linear")
+
+
+def test_linear_combination_matches_peft(tmp_path, input_ids):
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg), adapter_name="x")
+    peft_model.add_adapter("y", peft.LoraConfig(**cfg))
+    peft_model.save_pretrained(tmp_path)  # writes tmp_path/x and tmp_path/y
+    peft_model.add_weighted_adapter(["x", "y"], [0.6, 0.3], "lin", combination_type="linear")
+    peft_model.set_adapter("lin")
+    theirs = peft_model(input_ids).logits
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "x", "x")
+    load_adapter(model, tmp_path / "y", "y")
+    add_weighted_adapter(model, ["x", "y"], [0.6, 0.3], "lin", combination_type="linear")
+    set_adapter(model, "lin")
+    torch.testing.assert_close(model(input_ids).logits, theirs, **TOL)

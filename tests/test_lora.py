@@ -1,0 +1,142 @@
+"""The LoRA layer and injection, against plain PyTorch formulas."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from conftest import tiny_gpt2, tiny_llama
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
+from loraforge.layers import LoraLinear
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d=200, k=200):
+        super().__init__()
+        self.proj = nn.Linear(k, d, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_200x200_rank2_trains_800_parameters():
+    model = inject(OneLinear(), LoraConfig(r=2, target_modules=("proj",)))
+    trainable, total = count_parameters(model)
+    assert trainable == 800  # A: 2×200, B: 200×2
+    assert total == 40_000 + 800
+    assert parameter_report(model) == "trainable params: 800 || all params: 40,800 || trainable%: 1.9608"
+
+
+def test_fresh_adapter_is_a_no_op(input_ids):
+    model = tiny_llama()
+    ref = model(input_ids).logits
+    inject(model, LoraConfig(r=8))
+    torch.testing.assert_close(model(input_ids).logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_linear_forward_matches_formula(use_rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=4, lora_alpha=8, use_rslora=use_rslora, init_lora_weights=False)
+    x = torch.randn(5, 16)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    s = 8 / math.sqrt(4) if use_rslora else 8 / 4
+    expected = x @ base.weight.T + base.bias + s * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.delta_weight("a"), s * B @ A)
+
+
+def test_conv1d_fan_in_fan_out_matches_formula():
+    torch.manual_seed(0)
+    base = Conv1D(12, 16)  # GPT-2: weight (in=16, out=12)
+    layer = LoraLinear(base)
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (16, 12)
+    layer.add_adapter("a", r=4, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(2, 3, 16)
+    A, B = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    torch.testing.assert_close(layer(x), x @ base.weight + base.bias + x @ A.T @ B.T)
+    assert layer.delta_weight("a").shape == base.weight.shape
+
+
+def test_init_defaults():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(256, 64))
+    layer.add_adapter("k", r=8, lora_alpha=16)
+    layer.add_adapter("g", r=8, lora_alpha=16, init_lora_weights="gaussian")
+    assert torch.count_nonzero(layer.lora_B["k"].weight) == 0 and torch.count_nonzero(layer.lora_B["g"].weight) == 0
+    # kaiming_uniform(a=sqrt(5)) on fan_in=256: U(-1/sqrt(256), 1/sqrt(256))
+    assert layer.lora_A["k"].weight.abs().max() <= 1 / 16
+    # gaussian: N(0, 1/r) std
+    assert abs(layer.lora_A["g"].weight.std().item() - 1 / 8) < 0.01
+
+
+def test_default_targets_are_attention_projections():
+    model = inject(tiny_llama(), LoraConfig())
+    paths = [p for p, _ in lora_layers(model)]
+    assert sorted({p.rsplit(".", 1)[-1] for p in paths}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert len(paths) == 8
+    assert model.lora_configs["default"].target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    gpt2 = inject(tiny_gpt2(), LoraConfig())
+    assert sorted(p for p, _ in lora_layers(gpt2)) == [f"transformer.h.{i}.attn.{n}" for i in (0, 1)
+                                                       for n in ("c_attn", "c_proj")]
+
+
+def test_target_modules_list_regex_all_linear_and_layers():
+    model = tiny_llama()
+    names = lambda cfg: sorted(find_targets(model, cfg))  # noqa: E731
+    assert names(LoraConfig(target_modules=("q_proj",))) == ["model.layers.0.self_attn.q_proj",
+                                                            "model.layers.1.self_attn.q_proj"]
+    assert names(LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj")) == ["model.layers.1.mlp.down_proj",
+                                                                              "model.layers.1.mlp.up_proj"]
+    all_linear = names(LoraConfig(target_modules="all-linear"))
+    assert len(all_linear) == 14 and not any("lm_head" in n for n in all_linear)
+    assert names(LoraConfig(target_modules=("v_proj",), layers_to_transform=(1,))) == ["model.layers.1.self_attn.v_proj"]
+
+
+def test_target_matching_nothing_lists_linear_names():
+    with pytest.raises(ConfigError, match=r"target_modules: \('qkv',\) matches no linear layer.*'down_proj'.*'q_proj'"):
+        inject(tiny_llama(), LoraConfig(target_modules=("qkv",)))
+
+
+def test_only_adapter_trains_and_bias_options():
+    model = inject(tiny_gpt2(), LoraConfig(target_modules=("c_attn",)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    model = inject(tiny_gpt2(), LoraConfig(target_modules=("c_attn",), bias="lora_only"))
+    biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert biases == {f"transformer.h.{i}.attn.c_attn.base_layer.bias" for i in (0, 1)}
+    model = inject(tiny_gpt2(), LoraConfig(target_modules=("c_attn",), bias="all"))
+    biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert len(biases) == sum(1 for n, _ in model.named_parameters() if n.endswith("bias"))
+
+
+def test_rank_and_alpha_patterns():
+    model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
+                                             alpha_pattern={"o_proj": 3}))
+    layers = dict(lora_layers(model))
+    assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 2
+    assert layers["model.layers.1.self_attn.v_proj"].r["default"] == 6
+    assert layers["model.layers.0.self_attn.v_proj"].r["default"] == 4
+    assert layers["model.layers.0.self_attn.o_proj"].scaling["default"] == 3 / 4
+
+
+@pytest.mark.parametrize("bad,field", [({"r": 0}, "r:"), ({"lora_dropout": 1.5}, "lora_dropout:"),
+                                        ({"bias": "some"}, "bias:"), ({"target_modules": "("}, "target_modules:")])
+def test_config_errors_name_the_field(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        LoraConfig(**bad)
+
+
+def test_config_from_dict_collects_every_problem():
+    from loraforge.config import from_dict
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(LoraConfig, {"r": "eight", "alpha": 3, "lora_dropout": 0.1}, prefix="lora.")
+    text = str(e.value)
+    assert "lora.r: expected an integer, got 'eight'" in text
+    assert "lora.alpha: unknown field" in text
