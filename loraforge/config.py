@@ -257,3 +257,158 @@ class LoraConfig:
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]
         return from_dict(cls, values, prefix=f"{source}: ")
+
+
+# --- training --------------------------------------------------------------------------------------------------
+METHODS = ("lora", "qlora", "dora", "adalora", "full")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """A transformers directory, a hub id, a .gguf file, or a built-in name (smollm2-135m)."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Storage dtype of the frozen base weights. bf16 halves memory; adapters always train in fp32."""
+    quantization: Literal["nf4", "fp4", "int8"] | None = None
+    """Store the base's linear layers with bitsandbytes (QLoRA). method: qlora implies nf4."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    """Training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists."""
+    eval: str | None = None
+    """Held-out data; when empty, `eval_fraction` of `train` is held out."""
+    eval_fraction: float = 0.05
+    """Share of `train` held out for evaluation when `eval` is not given (0 disables evaluation)."""
+    format: Literal["auto", "instruction", "chat", "text"] = "auto"
+    """instruction (instruction/input/output), chat (messages), text; auto detects from the first record."""
+    max_seq_len: int = 512
+    """Longest example in tokens; longer ones are handled per `overflow`."""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """What happens to examples longer than max_seq_len (counted and reported either way)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on prompt tokens (default: only on the response)."""
+    packing: bool = True
+    """Pack the examples of a micro-batch into shared rows (no compute on padding; examples stay isolated)."""
+
+    def __post_init__(self):
+        p = []
+        if not self.train:
+            p.append("train: no training data given (a file path or hub dataset name)")
+        if not 0 <= self.eval_fraction < 1:
+            p.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.max_seq_len < 8:
+            p.append(f"max_seq_len: must be at least 8, got {self.max_seq_len}")
+        validate(p)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup: to 0 (linear), along a half cosine to 0, or none."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    epochs: float = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch per process."""
+    batch_tokens: int | None = None
+    """Instead of batch_size: fill each micro-batch with examples up to this many tokens."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step; the global batch is batch_size × this × processes."""
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off."""
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16: autocast matmuls to bf16 (about 2× faster on CPUs with avx512_bf16 and on GPUs); fp32 master weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    log_every: int = 1
+
+    def __post_init__(self):
+        p = []
+        if self.lr <= 0:
+            p.append(f"lr: must be positive, got {self.lr}")
+        for name in ("batch_size", "gradient_accumulation", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.batch_tokens is not None and self.batch_tokens < 8:
+            p.append(f"batch_tokens: must be at least 8, got {self.batch_tokens}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"max_steps: must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
+        if self.warmup_steps < 0:
+            p.append(f"warmup_steps: must be ≥ 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            p.append(f"max_grad_norm: must be positive or null, got {self.max_grad_norm}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: must be ≥ 0, got {getattr(self, name)}")
+        validate(p)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole fine-tuning run, as written in YAML: model, method, lora, data, training, output_dir."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Literal["lora", "qlora", "dora", "adalora", "full"] = "lora"
+    """lora; qlora (4-bit NF4 base); dora (use_dora); adalora (adaptive ranks); full (every weight trains)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    adalora: dict = field(default_factory=dict)
+    """AdaLoRA settings (init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight) for method: adalora."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str = "runs/latest"
+
+
+def load_train_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate everything."""
+    import yaml
+
+    data: dict = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(open(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, data, training)"])
+        data = _deep_merge(data, loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"])
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part} is not a section"])
+        node[leaf] = yaml.safe_load(value)
+    if "data" not in data:
+        raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
+    return from_dict(TrainConfig, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,235 @@
+"""`loraforge SUBCOMMAND ...`: each subcommand is a typed function; its signature and docstring are the help.
+
+Parameters without a default are positional; the others are --options (underscores become dashes);
+a bool defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import typing
+
+
+def train(config: str, overrides: list[str] = (), resume: bool = False) -> None:
+    """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
+
+    Args:
+        config: the YAML file (sections: model, method, lora, data, training, output_dir)
+        overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16
+        resume: continue from the last complete checkpoint in output_dir
+    """
+    from .config import load_train_config
+    from .train import train as run
+
+    result = run(load_train_config(config, overrides), resume=resume)
+    print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
+          f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
+
+
+def demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = ()) -> None:
+    """Fine-tune the built-in SmolLM2-135M-Instruct on the shipped date task and show the accuracy gain.
+
+    Args:
+        out: where the adapter, metrics and loss plot go
+        max_steps: train for this many steps instead of the demo's default
+        overrides: section.field=value pairs on top of the demo config
+    """
+    from .demo import run_demo
+
+    run_demo(out, max_steps=max_steps, overrides=list(overrides))
+
+
+def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "fp32",
+             system: str | None = None) -> None:
+    """Answer a prompt with the model's chat template, streaming tokens to the terminal.
+
+    Args:
+        prompt: the user message
+        model: base model (transformers dir, hub id, .gguf file or built-in name)
+        adapter: a PEFT-format adapter directory to apply
+        max_new_tokens: stop after this many tokens
+        temperature: 0 for greedy decoding, above 0 to sample
+        top_p: nucleus sampling threshold when sampling
+        seed: random seed for sampling
+        dtype: fp32 or bf16
+        system: an optional system message
+    """
+    import torch
+    from transformers import TextStreamer
+
+    from .adapters import load_adapter
+    from .evaluate import _stop_ids
+    from .models import load_base
+
+    torch.manual_seed(seed)
+    base, tokenizer = load_base(model, dtype=dtype)
+    if adapter:
+        load_adapter(base, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template:
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    sampling = temperature > 0
+    base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                  temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                  top_k=None, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
+
+
+def merge(base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
+          dtype: str = "fp32") -> None:
+    """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
+
+    Args:
+        base: the base model the adapter was trained on
+        adapter: one adapter directory, or several to combine
+        out: output directory (written atomically)
+        weights: one weight per adapter when combining (default 1 each)
+        combination: svd (any ranks), cat (exact), or linear (PEFT's, equal ranks)
+        dtype: fp32, bf16 or fp16 for the written weights
+    """
+    from .merge import export_merged
+
+    path = export_merged(base, list(adapter), out, dtype=dtype, weights=[float(w) for w in weights] or None,
+                         combination_type=combination)
+    print(f"merged checkpoint written to {path}")
+
+
+def eval(data: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 32,
+         limit: int | None = None, dtype: str = "fp32", bf16: bool = False) -> None:  # noqa: A001
+    """Perplexity on a dataset and, for instruction data, exact-match accuracy of greedy generations.
+
+    Args:
+        data: a dataset file (jsonl/json/csv/parquet)
+        model: base model
+        adapter: adapter directory to apply
+        max_new_tokens: generation length for the accuracy check
+        limit: only the first N records
+        dtype: fp32 or bf16 storage of the base
+        bf16: autocast matmuls to bf16 (faster on CPUs with avx512_bf16)
+    """
+    import math
+
+    from . import data as D
+    from .adapters import load_adapter
+    from .evaluate import accuracy, mean_token_loss
+    from .models import load_base
+
+    base, tokenizer = load_base(model, dtype=dtype)
+    if adapter:
+        load_adapter(base, adapter)
+    records = D.read_records(data)[:limit]
+    examples, _ = D.build_dataset(records, tokenizer)
+    loss = mean_token_loss(base, examples, tokenizer.pad_token_id, bf16=bf16)
+    print(f"perplexity: {math.exp(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
+    fmt = D.detect_format(records[0])
+    if fmt in ("instruction", "chat"):
+        result = accuracy(base, tokenizer, records, fmt, max_new_tokens, bf16=bf16)
+        lo, hi = result["ci95"]
+        print(f"exact-match accuracy: {result['accuracy']:.1%} ({result['correct']}/{result['n']}, "
+              f"95% CI {lo:.1%}-{hi:.1%})")
+
+
+def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
+          max_batch: int = 32, max_queue: int = 256, dtype: str = "fp32") -> None:
+    """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
+
+    Args:
+        model: base model (built-in name, transformers directory, hub id or .gguf)
+        adapter: NAME=DIR pairs loaded at start; a request's "model" field names the adapter
+        adapters_dir: a directory of adapter directories, loaded by name on first use
+        host: address to listen on
+        port: port to listen on
+        api_key: when set, requests need "Authorization: Bearer KEY"
+        max_loaded: adapters resident at once (least recently used evicted, reloaded on demand)
+        max_batch: sequences decoded together
+        max_queue: waiting requests before answering 429
+        dtype: fp32 or bf16
+    """
+    from .config import ConfigError
+    from .serve.api import run_server
+
+    pairs = {}
+    for item in adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
+        pairs[name] = path
+    run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype)
+
+
+COMMANDS = {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve}
+
+
+def _optional_commands() -> None:
+    """Subcommands whose modules are written beside this one; added when present."""
+    for name, module, func in (("estimate", "estimate", "cli_estimate"), ("forgetting", "forgetting", "cli_forgetting")):
+        try:
+            mod = __import__(f"loraforge.{module}", fromlist=[func])
+            COMMANDS[name] = getattr(mod, func)
+        except (ImportError, AttributeError):
+            pass
+
+
+def _arg_docs(doc: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _optional_commands()
+    parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
+                                     "PEFT-compatible adapters, merging and serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in COMMANDS.items():
+        doc = inspect.getdoc(func) or ""
+        p = sub.add_parser(name, help=doc.split("\n")[0], description=doc.split("Args:")[0].strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        docs = _arg_docs(doc)
+        hints = typing.get_type_hints(func)
+        for param in inspect.signature(func).parameters.values():
+            tp = hints.get(param.name, str)
+            kwargs = {"help": docs.get(param.name, "")}
+            is_list = typing.get_origin(tp) is list
+            base_tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if not is_list else str
+            if param.default is inspect.Parameter.empty:
+                p.add_argument(param.name, type=base_tp, nargs="+" if is_list else None, **kwargs)
+            elif tp is bool:
+                p.add_argument("--" + param.name.replace("_", "-"), action="store_true", **kwargs)
+            elif param.name == "overrides":  # trailing key=value pairs
+                p.add_argument(param.name, nargs="*", default=[], metavar="KEY=VALUE", **kwargs)
+            else:
+                kwargs["help"] += f" (default: {param.default})" if param.default not in (None, ()) else ""
+                extra = {"nargs": "+", "action": "extend"} if is_list else {}  # --adapter a=x --adapter b=y
+                p.add_argument("--" + param.name.replace("_", "-"), dest=param.name, type=base_tp,
+                               default=list(param.default) if is_list else param.default, **extra, **kwargs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    func = COMMANDS[args.pop("command")]
+    from .adapters import AdapterError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+
+    try:
+        func(**args)
+    except (ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`loraforge demo`: a real fine-tune of the built-in model, with an honest before/after measurement.
+
+The task (shipped in loraforge/assets): rewrite a date written in words ("the 5th of March, 2021",
+"Mar 5th 2021", ...) as ISO 8601 ("2021-03-05"). SmolLM2-135M-Instruct gets almost none right; a LoRA adapter
+trained for a couple of minutes on a laptop CPU gets most of the held-out dates right.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+from .config import load_train_config
+
+
+def asset(name: str) -> str:
+    return str(resources.files("loraforge") / "assets" / name)
+
+
+def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = ()):
+    base = {
+        "model": {"name": "smollm2-135m", "dtype": "bf16"},
+        "method": "lora",
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "data": {"train": asset("demo_train.jsonl"), "eval": asset("demo_test.jsonl"), "max_seq_len": 256},
+        "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 60,
+                     "batch_size": 16, "precision": "bf16", "eval_every": 0, "save_every": 0, "seed": 0},
+        "output_dir": out,
+    }
+    return load_train_config(None, overrides, base=base)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = ()) -> dict:
+    from . import data as D
+    from .adapters import load_adapter
+    from .evaluate import accuracy
+    from .models import load_base
+    from .train import train
+
+    started = time.perf_counter()
+    cfg = demo_config(out, max_steps, overrides)
+    test = D.read_records(cfg.data.eval)
+    model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
+    print(f"[1/3] base model on {len(test)} held-out dates (greedy, exact match) ...", flush=True)
+    before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
+    print(f"      base accuracy: {before['accuracy']:.1%}  e.g. {before['samples'][0]}", flush=True)
+
+    print("[2/3] fine-tuning with LoRA ...", flush=True)
+    result = train(cfg)
+
+    print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
+    adapter_dir = Path(out) / "adapter"
+    load_adapter(model, adapter_dir)
+    after = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
+    total = time.perf_counter() - started
+    rows = [
+        ("model", "SmolLM2-135M-Instruct (built-in)"),
+        ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
+                                 f"({100 * result.trainable_params / result.total_params:.2f}%)"),
+        ("adapter size on disk", f"{dir_size(adapter_dir) / 2**20:.1f} MiB ({adapter_dir})"),
+        ("training", f"{result.steps} steps, {result.seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s, "
+                     f"final loss {result.final_loss:.3f}"),
+        ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MiB"),
+        ("held-out accuracy", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
+                              f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
+        ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
+        ("loss curve", str(Path(out) / "loss.png")),
+        ("total time", f"{total:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows), flush=True)
+    print(f"  e.g. {after['samples'][0]}")
+    return {"before": before, "after": after, "train": result, "seconds": total}

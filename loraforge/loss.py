@@ -1,0 +1,54 @@
+"""The training loss: summed token cross-entropy over supervised positions only.
+
+The output head runs only on positions that have a target (label ≠ -100 after the shift): prompt tokens and
+padding never become full-vocabulary logits (49,152 × tokens for SmolLM2), which saves the head's compute and
+its fp32 logits memory. The sum (not the mean) is returned with the token count, so the loop can divide by the
+number of supervised tokens in the whole optimizer step (all micro-batches, all processes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+class CausalLMLoss(nn.Module):
+    """forward(batch) -> (sum of token losses, number of supervised tokens). Wrap this module in DDP."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size  # rows of logits computed at once: bounds the fp32 logits memory
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != IGNORE  # (B, T-1)
+        n_tokens = keep.sum()
+        backbone, head = _split(self.model)
+        if backbone is None:  # a model we cannot split: full logits, then select
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1][keep]
+            return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n_tokens
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
+        y = targets[keep]  # (N,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.chunk_size):
+            logits = head(hidden[start:start + self.chunk_size]).float()  # (n, V)
+            total = total + F.cross_entropy(logits, y[start:start + self.chunk_size], reduction="sum")
+        return total, n_tokens
+
+
+def _split(model: nn.Module):
+    """(decoder backbone, output head) of a transformers causal LM, or (None, None) when not splittable."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None, None  # the head is more than one linear layer
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or backbone is model or head is None:
+        return None, None
+    return backbone, head

@@ -1,0 +1,66 @@
+"""What a run shows the user: a progress bar, metrics as JSON lines, a loss-curve PNG, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path, append: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a" if append else "w")
+
+    def write(self, **record) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak memory of this process: max allocated on CUDA, max resident set size (RSS) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics: Path, out: Path) -> Path | None:
+    """Training loss per step (and held-out loss where measured) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics) if Path(metrics).is_file() else []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss", ms=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

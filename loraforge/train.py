@@ -1,0 +1,404 @@
+"""The training loop: a plain function that reads top to bottom.
+
+    load base -> add adapter (or make every weight trainable) -> read + tokenize data -> for each step:
+    gather the step's micro-batches, count their supervised tokens (all processes), forward + summed loss /
+    that count, backward, all-reduce (DDP), clip, optimizer step, explicit hooks (AdaLoRA), schedule, log,
+    evaluate, checkpoint.
+
+Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP over gloo (CPU) or nccl
+(CUDA); only rank 0 writes. A checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is
+written to a temporary directory and renamed, so a crash never leaves a half checkpoint that resume would read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import data as D
+from .config import TrainConfig, to_dict
+from .evaluate import mean_token_loss
+from .loss import CausalLMLoss
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, nothing to train on); the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    train_tokens: int
+    seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    trainable_params: int
+    total_params: int
+    data_stats: dict
+
+
+# --- set-up --------------------------------------------------------------------------------------------------
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, joins the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """Base model + tokenizer with the method's trainable parts; trainable weights in fp32."""
+    from .inject import inject
+    from .models import load_base
+
+    quantization = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
+    dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
+    model, tokenizer = load_base(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
+    if quantization:
+        from .quant import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model, gradient_checkpointing=cfg.training.gradient_checkpointing)
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method != "full":
+            model.enable_input_require_grads()
+    lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name)
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    elif cfg.method == "adalora":
+        from .adalora import AdaLoraConfig, inject_adalora
+
+        total = cfg.adalora.get("total_step") or 1  # replaced by the real step count in train()
+        inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total}), "default")
+    else:
+        inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights for what trains; the frozen base keeps its dtype
+    return model, tokenizer
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Example], dict]:
+    """Tokenized train and held-out examples, and the counts to report. Errors before any training."""
+    c = cfg.data
+    records = D.read_records(c.train)
+    if c.eval:
+        eval_records = D.read_records(c.eval)
+    elif c.eval_fraction > 0 and len(records) >= 20:
+        records, eval_records = D.train_test_split(records, c.eval_fraction, seed=cfg.training.seed)
+    else:
+        eval_records = []
+    train, stats = D.build_dataset(records, tokenizer, c.format, c.max_seq_len, c.train_on_prompt, c.overflow)
+    held_out = D.build_dataset(eval_records, tokenizer, c.format, c.max_seq_len, c.train_on_prompt,
+                               c.overflow)[0] if eval_records else []
+    return train, held_out, dataclasses.asdict(stats)
+
+
+def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.training.seed + epoch))
+    t = cfg.training
+    if t.batch_tokens is None:
+        return [order[i:i + t.batch_size].tolist() for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]
+    batches, current, tokens = [], [], 0
+    for i in order.tolist():
+        n = len(examples[i].input_ids)
+        if current and tokens + n > t.batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    return batches  # the last, partial batch is dropped like a partial batch_size batch
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.loraplus_lr_ratio:
+        from .variants import loraplus_param_groups
+
+        groups = loraplus_param_groups(model, t.lr, t.loraplus_lr_ratio, t.weight_decay)
+    else:
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer != "adamw":
+        from .quant import make_optimizer as make_bnb_optimizer
+
+        return make_bnb_optimizer(t.optimizer, groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, fused=False, foreach=True)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int) -> dict:
+    chosen = [examples[i] for i in idx]
+    rows = D.pack(chosen, cfg.data.max_seq_len) if cfg.data.packing else chosen
+    return D.collate(rows, pad_id)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    enabled = cfg.training.precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
+    """Write checkpoints/step-N atomically: a temporary directory renamed into place when complete."""
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    opt_state = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": v.cpu().contiguous() for pid, s in opt_state["state"].items() for k, v in s.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
+            "python_rng": _python_rng_state(), "config": to_dict(cfg), **state}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+    if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
+        os.kill(os.getpid(), 9)
+    os.replace(tmp, final)
+    old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def _python_rng_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def last_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
+    done = sorted(d for d in root.glob("step-*") if (d / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or set(weights) - set(params):
+        raise TrainingError(f"checkpoint {path} does not match this model/config (missing {missing[:3]}); "
+                            f"resume with the config the run was started with")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    tensors = load_file(path / "optimizer.safetensors")
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("rng."):
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir."""
+    from .adapters import save_adapter
+    from .inject import count_parameters, parameter_report
+    from .report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    t = cfg.training
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    model, tokenizer = build_model(cfg, device)
+    train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    trainable, total_params = count_parameters(model)
+    if trainable == 0:
+        raise TrainingError("no trainable parameters: check lora.target_modules / method")
+
+    per_epoch = len(micro_batches(train_examples, cfg, 0)) // (t.gradient_accumulation * world)
+    if per_epoch == 0:
+        raise TrainingError(f"{len(train_examples)} training examples are fewer than one optimizer step needs "
+                            f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
+                            f"{world} processes); lower training.batch_size")
+    total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
+    allocator = None
+    if cfg.method == "adalora":
+        from .adalora import RankAllocator
+
+        allocator = RankAllocator(model, total_step=total_steps)
+
+    loss_fn = CausalLMLoss(model).train()
+    ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
+
+    step, tokens_seen = 0, 0
+    if resume:
+        found = last_checkpoint(ckpt_root)
+        if found is None:
+            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}")
+        meta = load_checkpoint(found, model, optimizer, scheduler)
+        step, tokens_seen = meta["step"], meta["tokens_seen"]
+        if allocator is not None:
+            allocator.load_state(meta.get("allocator", {}))
+        if is_main:
+            print(f"resuming from {found} (step {step}/{total_steps})", flush=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(parameter_report(model), flush=True)
+        print(f"data: {data_stats['n_examples']} train examples ({data_stats['n_truncated']} truncated, "
+              f"{data_stats['n_dropped']} dropped), {len(eval_examples)} held out; "
+              f"padding avoided by packing: {100 * D.padding_fraction(train_examples, t.batch_size):.1f}%"
+              if cfg.data.packing else f"data: {data_stats['n_examples']} train examples", flush=True)
+    log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
+    bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
+
+    start, start_tokens = time.perf_counter(), tokens_seen
+    loss_value, eval_loss = float("nan"), None
+    epoch_batches: dict[int, list[list[int]]] = {}
+    while step < total_steps:
+        # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r takes r, r+world, ...
+        group = t.gradient_accumulation * world
+        epoch, within = divmod(step, per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: micro_batches(train_examples, cfg, epoch)}
+        mine = epoch_batches[epoch][within * group:(within + 1) * group][rank::world]
+        batches = [to_device(make_batch(train_examples, idx, cfg, pad_id), device) for idx in mine]
+
+        # 2. the supervised-token count of the whole step, over all micro-batches and processes
+        n_step = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=device)
+        if world > 1:
+            dist.all_reduce(n_step)
+
+        # 3. forward / backward: each token weighs 1/n_step, so accumulation and processes change nothing
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            context = ddp.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+            with context:
+                with autocast(cfg, device):
+                    loss_sum, _ = ddp(batch)
+                    if allocator is not None:
+                        loss_sum = loss_sum + allocator.orth_penalty(model) * n_step / len(batches)
+                (loss_sum * world / n_step).backward()  # DDP averages over processes: × world undoes it
+            step_loss += loss_sum.detach()
+        if world > 1:
+            dist.all_reduce(step_loss)
+        loss_value = step_loss.item() / n_step.item()
+        if not math.isfinite(loss_value):
+            last = last_checkpoint(ckpt_root)
+            raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
+                                f"{last or 'none (no checkpoint was written yet)'}. Lower training.lr or use "
+                                f"training.precision: fp32")
+
+        # 4. clip, step, explicit hooks, schedule
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        optimizer.step()
+        if allocator is not None:
+            allocator.step(model, step)  # AdaLoRA: update importance, re-mask to the budget (needs the grads)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        step_examples = [i for idx in epoch_batches[epoch][within * group:(within + 1) * group] for i in idx]
+        tokens_seen += sum(len(train_examples[i].input_ids) for i in step_examples)  # real tokens, no padding
+
+        # 5. log, evaluate, checkpoint
+        elapsed = time.perf_counter() - start
+        tps = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
+        if is_main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
+            if step % t.log_every == 0 or step == total_steps:
+                log.write(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                          tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
+        if eval_examples and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+            eval_loss = mean_token_loss(model, eval_examples, pad_id, max(t.batch_size, 8), cfg.data.packing,
+                                        cfg.data.max_seq_len, bf16=t.precision == "bf16")
+            if is_main:
+                log.write(step=step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
+        if is_main and ((t.save_every and step % t.save_every == 0) or step == total_steps):
+            state = {"tokens_seen": tokens_seen, "total_steps": total_steps,
+                     "allocator": allocator.state() if allocator is not None else {}}
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg, state)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    if is_main:
+        if cfg.method == "full":
+            model.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+        else:
+            if allocator is not None:
+                allocator.finalize(model)
+            save_adapter(model, out / "adapter")
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    if world > 1:
+        dist.barrier()
+    return TrainResult(output_dir=out, steps=step, final_loss=loss_value, eval_loss=eval_loss,
+                       train_tokens=tokens_seen, seconds=seconds,
+                       tokens_per_second=(tokens_seen - start_tokens) / max(seconds, 1e-9),
+                       peak_memory_mb=peak_memory_mb(device), trainable_params=trainable,
+                       total_params=total_params, data_stats=data_stats)
