@@ -1,6 +1,6 @@
 """`loraforge SUBCOMMAND ...`: each subcommand is a typed function; its signature and docstring are the help.
 
-Parameters without a default are positional; the others are --options (underscores become dashes);
+Parameters without a default are positional (keyword-only ones are required --options); the others are --options (underscores become dashes);
 a bool defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one.
 """
 
@@ -82,7 +82,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
 
 
-def merge(base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
+def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
           dtype: str = "fp32") -> None:
     """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
 
@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs = {"help": docs.get(param.name, "")}
             is_list = typing.get_origin(tp) is list
             base_tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if not is_list else str
-            if param.default is inspect.Parameter.empty:
+            if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
+                extra = {"nargs": "+", "action": "extend"} if is_list else {}  # a required --option
+                p.add_argument("--" + param.name.replace("_", "-"), dest=param.name, type=base_tp, required=True,
+                               **extra, **kwargs)
+            elif param.default is inspect.Parameter.empty:
                 p.add_argument(param.name, type=base_tp, nargs="+" if is_list else None, **kwargs)
             elif tp is bool:
                 p.add_argument("--" + param.name.replace("_", "-"), action="store_true", **kwargs)
