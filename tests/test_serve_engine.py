@@ -1,0 +1,283 @@
+"""The serving engine: a batch mixing adapters gives each row exactly what it gets alone, and the reference.
+
+Reference = a plain greedy loop over the full sequence (no KV cache, no padding, no batching) on a copy of the
+model with the adapter loaded by `load_adapter`: the engine's cache, left padding, per-row gather/bmm and joining
+between steps must not change one token (fp32, greedy).
+"""
+
+import copy
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from loraforge.adapters import AdapterError, load_adapter, save_adapter
+from loraforge.config import LoraConfig
+from loraforge.inject import inject
+from loraforge.models import load_tokenizer
+from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
+
+# Three adapters on different modules with different ranks and scalings; non-zero B (init False) so each one
+# changes the output.
+CONFIGS = {
+    "a": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+    "b": LoraConfig(r=8, lora_alpha=4, target_modules=("q_proj", "v_proj", "gate_proj"), init_lora_weights=False),
+    "c": LoraConfig(r=2, lora_alpha=2, target_modules=("down_proj",), init_lora_weights=False),
+}
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: a thread pool only adds synchronisation (seconds per forward on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")  # real tokenizer (chat template, decode); the model stays tiny
+
+
+@pytest.fixture(scope="session")
+def base(tokenizer):
+    return tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=96)
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory, base):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(100 + i)
+        inject(model, config, name)
+        save_adapter(model, root / name, name)
+    return root
+
+
+def reference(base, adapters_dir, adapter, prompt, n):
+    """Greedy tokens from a full forward per step: no cache, batch 1."""
+    model = copy.deepcopy(base)
+    if adapter is not None:
+        load_adapter(model, adapters_dir / adapter, adapter)
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(ids).logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return out
+
+
+def prompts(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def collect(q: queue.Queue, timeout=60):
+    """(token ids, text, final event) from an on_event queue."""
+    ids, text = [], []
+    while True:
+        ev = q.get(timeout=timeout)
+        ids += ev.token_ids
+        text.append(ev.text)
+        if ev.finish_reason is not None:
+            return ids, "".join(text), ev
+
+
+@pytest.fixture
+def make_engine(base, tokenizer, adapters_dir):
+    engines = []
+
+    def make(**kw):
+        kw.setdefault("adapters", {n: adapters_dir / n for n in CONFIGS})
+        engine = Engine(copy.deepcopy(base), tokenizer, **kw)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_mixed_batch_equals_reference_and_single(make_engine, base, adapters_dir, tokenizer):
+    engine = make_engine()
+    jobs = list(zip(["a", "b", None, "c", "a", "b"], prompts(len(tokenizer), [5, 17, 3, 9, 12, 1])))
+    gate = threading.Event()
+    engine.call(gate.wait)  # hold the engine so every request is admitted into the same batch
+    queues = []
+    for adapter, prompt in jobs:
+        queues.append(queue.Queue())
+        engine.submit(prompt, adapter, GREEDY, queues[-1].put)
+    gate.set()
+    batched = [collect(q)[0] for q in queues]
+    assert engine.stats["max_running"] == len(jobs)
+    assert engine.stats["prefills"] == 1  # the six prompts in one left-padded forward
+    assert engine.stats["steps"] == GREEDY.max_tokens - 1  # one prefill token, then every row decoded together
+    for (adapter, prompt), got in zip(jobs, batched):
+        assert got == reference(base, adapters_dir, adapter, prompt, GREEDY.max_tokens), adapter
+    singles = [engine.generate(prompt, adapter, GREEDY).token_ids for adapter, prompt in jobs]
+    assert singles == batched
+    # the adapters matter: the same prompt gives different outputs per adapter
+    outs = {a: engine.generate(jobs[0][1], a, GREEDY).token_ids for a in ("a", "b", "c", None)}
+    assert len({tuple(v) for v in outs.values()}) == 4
+
+
+def test_requests_join_between_decode_steps(make_engine, base, adapters_dir, tokenizer):
+    engine = make_engine()
+    long_q, first = queue.Queue(), prompts(len(tokenizer), [7], seed=1)[0]
+    engine.submit(first, "b", SamplingParams(max_tokens=40, ignore_eos=True), long_q.put)
+    long_q.get(timeout=30)  # it is decoding now
+    later = list(zip(["a", "c", None], prompts(len(tokenizer), [20, 2, 11], seed=2)))
+    queues = [queue.Queue() for _ in later]
+    for (adapter, prompt), q in zip(later, queues):
+        engine.submit(prompt, adapter, GREEDY, q.put)
+    for (adapter, prompt), q in zip(later, queues):
+        assert collect(q)[0] == reference(base, adapters_dir, adapter, prompt, GREEDY.max_tokens)
+    assert engine.stats["max_running"] >= 2  # they joined the running batch
+    rest = collect(long_q)[0]
+    assert len(rest) == 39
+
+
+def test_lru_eviction_and_reload(make_engine, base, adapters_dir, tokenizer):
+    engine = make_engine(max_loaded=2)  # three adapters, two slots
+    assert len(engine.resident_adapters()) == 2
+    prompt = prompts(len(tokenizer), [6], seed=3)[0]
+    expected = {a: reference(base, adapters_dir, a, prompt, GREEDY.max_tokens) for a in CONFIGS}
+    for adapter in ["a", "b", "c", "a", "c", "b"]:
+        assert engine.generate(prompt, adapter, GREEDY).token_ids == expected[adapter]
+        assert engine.resident_adapters()[-1] == adapter and len(engine.resident_adapters()) == 2
+    assert engine.stats["evictions"] >= 4
+    # concurrent requests over more adapters than slots: the extra one waits for a slot, then runs
+    engine1 = make_engine(max_loaded=1)
+    queues = {a: queue.Queue() for a in CONFIGS}
+    for a, q in queues.items():
+        engine1.submit(prompt, a, GREEDY, q.put)
+    for a, q in queues.items():
+        assert collect(q)[0] == expected[a]
+
+
+def test_adapter_paths_are_confined(make_engine, adapters_dir, tmp_path):
+    adapters_dir = Path(shutil.copytree(adapters_dir, tmp_path / "adapters"))
+    outside = tmp_path / "outside"
+    (tmp_path / "evil").mkdir()
+    engine = make_engine(adapters={"a": adapters_dir / "a"}, adapters_dir=adapters_dir)
+    assert set(engine.adapter_names()) == {"a", "b", "c"}  # b, c registered from the directory, not loaded yet
+    assert engine.resident_adapters() == ["a"]
+    for path in ["../evil", str(adapters_dir.parent / "evil"), str(outside), "/etc", ".", "a/../../evil"]:
+        with pytest.raises(ServeError, match="not allowed"):
+            engine.add_adapter("x", path)
+    (adapters_dir / "link-out").symlink_to(tmp_path / "evil")
+    with pytest.raises(ServeError, match="not allowed"):
+        engine.add_adapter("x", "link-out")
+    for name in ["../x", "a/b", "", "base", "-x"]:
+        with pytest.raises(ServeError, match="name"):
+            engine.add_adapter(name, "b")
+    with pytest.raises(ServeError, match="already loaded"):
+        engine.add_adapter("a", "b")
+    engine.add_adapter("b2", "b")  # inside the directory: fine, and loaded once to check it
+    assert "b2" in engine.resident_adapters()
+    # no adapters_dir: only the start paths load
+    engine2 = make_engine(adapters={"a": adapters_dir / "a"})
+    with pytest.raises(ServeError, match="given at start"):
+        engine2.add_adapter("b", str(adapters_dir / "b"))
+    engine2.remove_adapter("a")
+    engine2.add_adapter("a-again", str(adapters_dir / "a"))
+
+
+def test_bad_adapters_are_refused(make_engine, base, adapters_dir, tmp_path):
+    torch.manual_seed(0)
+    dora = copy.deepcopy(base)
+    inject(dora, LoraConfig(r=2, use_dora=True), "d")
+    save_adapter(dora, tmp_path / "dora", "d")
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "adapter_config.json").write_text((adapters_dir / "a" / "adapter_config.json").read_text())
+    (tmp_path / "pickle" / "adapter_model.bin").write_bytes(b"not loaded, ever")
+    with pytest.raises(AdapterError, match="DoRA"):
+        make_engine(adapters={"d": tmp_path / "dora"})
+    with pytest.raises(AdapterError, match="pickle"):
+        make_engine(adapters={"p": tmp_path / "pickle"})
+    engine = make_engine(adapters={}, adapters_dir=tmp_path)
+    with pytest.raises(ServeError, match="pickle"):
+        engine.add_adapter("p2", "pickle")
+    assert "p2" not in engine.adapter_names()
+    assert engine.generate([1, 2, 3], None, GREEDY).finish_reason == "length"  # still serving
+
+
+def test_unload_while_running_lets_requests_finish(make_engine, base, adapters_dir, tokenizer):
+    engine = make_engine()
+    prompt = prompts(len(tokenizer), [8], seed=4)[0]
+    q = queue.Queue()
+    engine.submit(prompt, "a", SamplingParams(max_tokens=30, ignore_eos=True), q.put)
+    first = q.get(timeout=30)
+    held, gate = threading.Event(), threading.Event()
+    engine.call(lambda: (held.set(), gate.wait()))  # hold the engine between two steps, the request mid-way
+    assert held.wait(30) and engine.load()["running"] == 1
+    engine.remove_adapter("a")
+    with pytest.raises(UnknownAdapter, match=r"available: \['base', 'b', 'c'\]"):
+        engine.submit(prompt, "a", GREEDY, print)
+    gate.set()
+    ids, _, last = collect(q)
+    assert first.token_ids + ids == reference(base, adapters_dir, "a", prompt, 30)
+    assert last.finish_reason == "length" and last.completion_tokens == 30
+    engine.generate(prompt, "b", GREEDY)  # an iteration after it went idle: evicted
+    assert "a" not in engine.resident_adapters()
+    with pytest.raises(UnknownAdapter):
+        engine.remove_adapter("a")
+
+
+def test_queue_full_and_prompt_too_long(make_engine, tokenizer):
+    engine = make_engine(max_queue=2)
+    gate = threading.Event()
+    engine.call(gate.wait)
+    queues = [queue.Queue(), queue.Queue()]
+    for q in queues:
+        engine.submit([1, 2, 3], "a", GREEDY, q.put)
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2, 3], "b", GREEDY, print)
+    gate.set()
+    for q in queues:
+        assert collect(q)[2].finish_reason == "length"
+    with pytest.raises(PromptTooLong, match="96"):
+        engine.submit(list(range(96)), "a", GREEDY, print)
+    with pytest.raises(PromptTooLong, match="max_tokens"):
+        engine.submit(list(range(90)), "a", SamplingParams(max_tokens=10), print)
+    with pytest.raises(ServeError, match="empty"):
+        engine.submit([], "a", GREEDY, print)
+    with pytest.raises(ServeError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert engine.generate(list(range(90)), "a", SamplingParams()).completion_tokens == 6  # the context left
+
+
+def test_stop_strings_eos_and_usage(make_engine, tokenizer):
+    engine = make_engine()
+    prompt = prompts(len(tokenizer), [5], seed=5)[0]
+    full = engine.generate(prompt, "c", SamplingParams(max_tokens=12, ignore_eos=True))
+    assert full.finish_reason == "length" and (full.prompt_tokens, full.completion_tokens) == (5, 12)
+    assert full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    stop = full.text[len(full.text) // 2:][:3]  # a stop string from the middle of the output
+    cut = engine.generate(prompt, "c", SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True))
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    # eos: put the first generated token into the engine's eos set
+    engine.eos_ids.add(full.token_ids[0])
+    done = engine.generate(prompt, "c", SamplingParams(max_tokens=12))
+    assert (done.finish_reason, done.completion_tokens, done.token_ids) == ("stop", 1, full.token_ids[:1])
+    # sampling with a seed repeats
+    s1, s2 = (engine.generate(prompt, "c", SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7,
+                                                          ignore_eos=True)) for _ in range(2))
+    assert s1.token_ids == s2.token_ids
+
+
+def test_fresh_adapter_equals_base(make_engine, base, tokenizer, tmp_path):
+    model = copy.deepcopy(base)
+    inject(model, LoraConfig(r=4), "zero")  # B = 0
+    save_adapter(model, tmp_path / "zero", "zero")
+    engine = make_engine(adapters={"zero": tmp_path / "zero"})
+    prompt = prompts(len(tokenizer), [9], seed=6)[0]
+    assert engine.generate(prompt, "zero", GREEDY).token_ids == engine.generate(prompt, None, GREEDY).token_ids
