@@ -110,13 +110,20 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
                 problems.append(f"{prefix}{key}: unknown field{hint}")
             continue
-        kwargs[key] = _check_type(value, hints[key], prefix + key, problems)
+        before = len(problems)
+        checked = _check_type(value, hints[key], prefix + key, problems)
+        if len(problems) == before:
+            kwargs[key] = checked
+    try:
+        obj = cls(**kwargs)  # the values that passed: their own checks (ranges, ...) report too
+    except ConfigError as e:
+        problems.extend(prefix + p for p in e.problems)
+    except TypeError:  # a required field is missing because its value was rejected above
+        if not problems:
+            raise
     if problems:
         raise ConfigError(problems)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # re-raise with the prefix on each field name
-        raise ConfigError([prefix + p for p in e.problems]) from None
+    return obj
 
 
 def validate(problems: list[str]) -> None:
