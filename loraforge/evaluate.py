@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import data as D
 from .loss import CausalLMLoss
+from .probes import wilson_interval
 
 
 @torch.no_grad()
@@ -79,15 +78,6 @@ def accuracy(model, tokenizer, records: list[dict], fmt: str = "auto", max_new_t
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, bf16)
     correct = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
     n = len(records)
-    return {"accuracy": correct / n, "correct": correct, "n": n, "ci95": wilson(correct, n),
+    return {"accuracy": correct / n, "correct": correct, "n": n, "ci95": wilson_interval(correct, n),
             "samples": [{"reference": r, "prediction": p} for p, r in list(zip(predictions, references))[:5]]}
 
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
