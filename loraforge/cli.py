@@ -83,7 +83,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
 
 
 def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
-          dtype: str = "fp32") -> None:
+          dtype: str = "fp32", quantize: str | None = None) -> None:
     """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
 
     Args:
@@ -93,11 +93,12 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
         weights: one weight per adapter when combining (default 1 each)
         combination: svd (any ranks), cat (exact), or linear (PEFT's, equal ranks)
         dtype: fp32, bf16 or fp16 for the written weights
+        quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on
     """
     from .merge import export_merged
 
     path = export_merged(base, list(adapter), out, dtype=dtype, weights=[float(w) for w in weights] or None,
-                         combination_type=combination)
+                         combination_type=combination, quantize=quantize)
     print(f"merged checkpoint written to {path}")
 
 

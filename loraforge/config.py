@@ -337,8 +337,9 @@ class TrainingConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "bf16"
     """bf16: autocast matmuls to bf16 (about 2× faster on CPUs with avx512_bf16 and on GPUs); fp32 master weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, ~30% more compute. null: on for a quantized
+    (QLoRA) base, off otherwise."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     save_every: int = 0

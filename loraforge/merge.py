@@ -142,16 +142,19 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
-                  weights: list[float] | None = None, combination_type: str = "svd") -> Path:
+                  weights: list[float] | None = None, combination_type: str = "svd",
+                  quantize: str | None = None) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
     Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each).
+    `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
+    so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
     The directory appears complete or not at all (written to a temporary directory, then renamed).
     """
     from .adapters import load_adapter, set_adapter
     from .models import load_base
 
-    model, tokenizer = load_base(base, dtype=dtype)
+    model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"

@@ -78,11 +78,12 @@ def build_model(cfg: TrainConfig, device: torch.device):
     quantization = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
     dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
     model, tokenizer = load_base(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
+    checkpointing = cfg.training.gradient_checkpointing
     if quantization:
         from .quant import prepare_for_kbit_training
 
-        prepare_for_kbit_training(model, gradient_checkpointing=cfg.training.gradient_checkpointing)
-    elif cfg.training.gradient_checkpointing:
+        prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is not False)
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()

@@ -1,0 +1,213 @@
+"""Memory estimator: how much memory a full fine-tune, LoRA or QLoRA run needs, broken down.
+
+`estimate("7b", "qlora", batch_size=1, seq_len=512)` → {"weights": bytes, "adapter": ..., "gradients": ...,
+"optimizer_states": ..., "activations": ..., "total": ...}. Shapes: well-known Llama sizes ("7b", "13b",
+"70b", and LLaMA-1 "65b"), a local transformers directory or the built-in model (its config.json).
+
+What each part counts, per the training loop in train.py (trainable weights kept in fp32):
+  weights           frozen base in `dtype` (bf16: 2 bytes); QLoRA: linear layers at 4.127 bits (NF4 + double
+                    quantization, see quant.py); prepare_for_kbit_training puts embeddings, lm_head and norms
+                    in fp32 (as PEFT does), so QLoRA activations are fp32 too. Full fine-tune:
+                    the trained weights themselves, fp32.
+  adapter           LoRA A and B, fp32: r·(in + out) values per targeted linear layer.
+  gradients         one fp32 value per trainable parameter.
+  optimizer_states  AdamW: two fp32 moments (8 bytes per trainable parameter); 8-bit AdamW: two uint8
+                    moments + an fp32 absmax per 256 values (bnb's blockwise 8-bit state).
+  activations       what autograd saves for the backward pass; see `activation_bytes` for the formula.
+Framework overhead (CUDA context, allocator slack, Python) is not included.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantization (quant.bits_per_weight_formula)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that decide its memory."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads * self.num_key_value_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder layer."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder layers' linear layers: what QLoRA quantizes."""
+        return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output head (once when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.num_hidden_layers + 1) * self.hidden_size
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params
+
+
+# Llama shapes from the papers' tables / the released config.json files.
+KNOWN_SHAPES = {
+    "7b": ModelShape(4096, 11008, 32, 32, 32, 32000),  # Llama 2 7B
+    "13b": ModelShape(5120, 13824, 40, 40, 40, 32000),  # Llama 2 13B
+    "65b": ModelShape(8192, 22016, 80, 64, 64, 32000),  # LLaMA-1 65B (the QLoRA paper's 48 GB example)
+    "70b": ModelShape(8192, 28672, 80, 64, 8, 32000),  # Llama 2 70B (grouped-query attention, 8 KV heads)
+}
+
+METHODS = ("full", "lora", "qlora")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0,
+                         "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
+
+
+def model_shape(model: str | ModelShape) -> ModelShape:
+    """A known size name ("7b", ...), a transformers directory, or the built-in model name."""
+    if isinstance(model, ModelShape):
+        return model
+    if model.lower() in KNOWN_SHAPES:
+        return KNOWN_SHAPES[model.lower()]
+    from .models import BUILTIN_MODELS, resolve_model
+
+    path = Path(model).expanduser()
+    if not path.is_dir() and model not in BUILTIN_MODELS:
+        raise ValueError(f"model {model!r} is neither a known size ({', '.join(KNOWN_SHAPES)}), "
+                         f"a transformers directory, nor a built-in model ({', '.join(BUILTIN_MODELS)})")
+    cfg = json.loads((Path(resolve_model(model)) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    return ModelShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                      cfg.get("num_key_value_heads") or heads, cfg["vocab_size"],
+                      bool(cfg.get("tie_word_embeddings", False)))
+
+
+def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
+    """LoRA parameters: r·(in + out) per targeted linear layer of every decoder layer."""
+    names = shape.linear_shapes()
+    chosen = names if targets == "all-linear" else [t for t in targets if t in names]
+    if not chosen:
+        raise ValueError(f"targets {targets!r} name no linear layer of a Llama block; use any of {list(names)}")
+    return shape.num_hidden_layers * sum(r * sum(names[t]) for t in chosen)
+
+
+def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_layer: int,
+                     gradient_checkpointing: bool) -> dict[str, float]:
+    """Bytes autograd keeps for the backward pass of a Llama decoder, for `tokens` = batch × seq_len.
+
+    Per layer per token (h hidden, kv the K/V width, i intermediate, a = bytes of an activation), counting the
+    tensors a Llama block saves for backward:
+      attention: RMSNorm's fp32 copy of its input (4h) and its output (a·h, the q/k/v input); q, k, v after
+                 rotary (a·(h + 2kv)) and the attention output (a·h) saved by SDPA; o_proj's input (a·h)
+      MLP:       RMSNorm again (4h + a·h); gate output, SiLU output, up output, their product (4·a·i)
+      LoRA:      each adapter's A output (4·r, fp32 adapters), summed over targets: 4·Σr
+      → 8h + a·(5h + 2kv + 4i) + 4·Σr bytes.
+    With gradient checkpointing only each layer's input stays (a·h per layer per token), plus one layer's full
+    set while that layer is recomputed in backward. SDPA's attention needs no (seq × seq) matrix.
+    The output head: logits in fp32 (4 bytes × vocab per token), the log-softmax cross-entropy saves
+    (another 4·V) and the gradient of the logits (4·V) at the start of backward: 3 × 4·V per token.
+    """
+    h, i, kv, L, V = (shape.hidden_size, shape.intermediate_size, shape.kv_dim, shape.num_hidden_layers,
+                      shape.vocab_size)
+    per_layer_token = 8 * h + act_bytes * (5 * h + 2 * kv + 4 * i) + 4 * lora_r_per_layer
+    if gradient_checkpointing:
+        layers = tokens * (L * act_bytes * h + per_layer_token)
+    else:
+        layers = tokens * L * per_layer_token
+    logits = tokens * 3 * 4 * V
+    return {"layers": float(layers), "logits": float(logits)}
+
+
+def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1, seq_len: int = 512, r: int = 16,
+             targets: str | tuple[str, ...] = "all-linear", optimizer: str = "adamw", dtype: str = "bf16",
+             gradient_checkpointing: bool | None = None) -> dict[str, float]:
+    """Expected training memory in bytes: weights, adapter, gradients, optimizer_states, activations, total.
+
+    `dtype` is the frozen base's and the activations' dtype. Gradient checkpointing defaults to on for QLoRA
+    (prepare_for_kbit_training turns it on) and off otherwise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {list(METHODS)}")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZER_STATE_BYTES)}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPE_BYTES)}")
+    shape = model_shape(model)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = method == "qlora"
+    a = DTYPE_BYTES[dtype]
+    if method == "full":
+        weights, trainable, lora_r = 4.0 * shape.total_params, shape.total_params, 0
+    elif method == "lora":
+        weights = float(a * (shape.linear_params + shape.embedding_params) + 4 * shape.norm_params)
+        trainable = adapter_params(shape, r, targets)
+    else:
+        weights = QLORA_BITS / 8 * shape.linear_params + 4 * (shape.embedding_params + shape.norm_params)
+        trainable = adapter_params(shape, r, targets)
+        a = 4  # fp32 norms and head: the hidden states stay fp32 (the 4-bit matmuls cast in and out)
+    adapter = 0.0 if method == "full" else 4.0 * trainable
+    if method != "full":  # Σr over one layer's targets: the A outputs saved for backward
+        lora_r = r * sum(1 for t in shape.linear_shapes() if targets == "all-linear" or t in targets)
+    acts = activation_bytes(shape, batch_size * seq_len, a, lora_r, gradient_checkpointing)
+    out = {"weights": weights, "adapter": adapter, "gradients": 4.0 * trainable,
+           "optimizer_states": OPTIMIZER_STATE_BYTES[optimizer] * trainable,
+           "activations": acts["layers"] + acts["logits"]}
+    out["total"] = sum(out.values())
+    out["trainable_params"] = float(trainable)
+    out["gradient_checkpointing"] = float(gradient_checkpointing)
+    return out
+
+
+def format_table(breakdown: dict[str, float], title: str = "") -> str:
+    """The breakdown as a small table in GB."""
+    rows = ["weights", "adapter", "gradients", "optimizer_states", "activations", "total"]
+    lines = [title] if title else []
+    lines.append(f"{'part':<18}{'GB':>10}")
+    for row in rows:
+        if row == "total":
+            lines.append("-" * 28)
+        lines.append(f"{row:<18}{breakdown[row] / GB:>10.2f}")
+    return "\n".join(lines)
+
+
+def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, seq_len: int = 512, r: int = 16,
+                 optimizer: str = "adamw", dtype: str = "bf16", gradient_checkpointing: bool = False,
+                 no_gradient_checkpointing: bool = False) -> None:
+    """Print the expected training memory of a model and method, broken down.
+
+    Args:
+        model: a known size (7b, 13b, 65b, 70b), a transformers directory, or a built-in model name
+        method: full, lora or qlora
+        batch_size: sequences per micro-batch
+        seq_len: tokens per sequence
+        r: LoRA rank (all linear layers of each block are targeted)
+        optimizer: adamw, adamw_8bit, paged_adamw or paged_adamw_8bit
+        dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
+        gradient_checkpointing: force gradient checkpointing on (default: on for qlora only)
+        no_gradient_checkpointing: force it off
+    """
+    ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
+    result = estimate(model, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
+    title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, r={r}, {optimizer}, {dtype}, "
+             f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
+             f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
+    print(format_table(result, title))

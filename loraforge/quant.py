@@ -1,0 +1,280 @@
+"""QLoRA glue over bitsandbytes: 4-bit NF4/FP4 (or 8-bit) base layers, prepare-for-k-bit, optimizers.
+
+QLoRA (Dettmers et al. 2023) stores each frozen linear weight as 4-bit codes in blocks of 64, one absmax per
+block; with double quantization the fp32 absmax values are themselves quantized to 8 bits in blocks of 256
+(minus their mean, the "offset"), with one fp32 absmax per 256 blocks. Bits per weight:
+
+    4 + 32/64                    = 4.5     (no double quantization)
+    4 + 8/64 + 32/(64·256)       ≈ 4.127   (double quantization)
+
+plus two code tables per tensor (16 and 256 fp32 values). Only nn.Linear layers are quantized: embeddings,
+norms and the output head stay in the compute dtype. The LoRA layer wraps the bitsandbytes layer unchanged.
+
+bitsandbytes ≥ 0.48 runs 4-bit on CPU too. One CPU detail: on CPUs with AVX512-BF16, bnb repacks a Linear4bit
+into a CPU-only layout the first time it runs in eval mode without gradients, casting absmax to bf16 (a lossy,
+silent change of the stored weights and of their format). We switch that off per layer, so the stored weights
+stay what we quantized, `dequantize` stays exact and a model gives the same logits in train and eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+BLOCKSIZE = 64  # weights per absmax (QLoRA's choice; bnb's default)
+NESTED_BLOCKSIZE = 256  # absmax values per second-level absmax with double quantization
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
+def _check_quantize(quantize: str) -> None:
+    if quantize not in QUANT_TYPES:
+        raise ValueError(f"quantization {quantize!r} is not supported; use one of {list(QUANT_TYPES)} or null")
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
+                    double_quant: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight in 4 or 8 bits on `device` (the bias stays in float)."""
+    import bitsandbytes as bnb
+
+    _check_quantize(quantize)
+    if quantize != "int8" and torch.device(device).type == "cpu" and linear.in_features % BLOCKSIZE:
+        # Blocks of 64 run over the flattened weight, so they cross rows when in_features % 64 != 0; bnb 0.50's
+        # CPU dequantize/matmul kernel then applies the wrong absmax to part of each row (measured: its
+        # de-quantized weight is further from the original than the flat-block reading that quantize wrote).
+        raise ValueError(f"cannot quantize a linear layer with in_features={linear.in_features} to 4 bits on CPU: "
+                         f"bitsandbytes' CPU kernels need a multiple of {BLOCKSIZE}; use quantization int8 or null")
+    weight = linear.weight.data
+    bias = linear.bias.data if linear.bias is not None else None
+    if quantize == "int8":
+        # LLM.int8(): per-row absmax int8 weights; outlier input features (|x| > 6) go through fp16 (its default).
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quantize)
+        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, blocksize=BLOCKSIZE,
+                                         compress_statistics=double_quant, quant_type=quantize, module=layer)
+        layer.support_avx512bf16_for_cpu = False  # keep our stored format (see the module docstring)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+    return layer.to(device)  # moving a bnb parameter to a device is what quantizes it
+
+
+def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
+                   double_quant: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """Replace every nn.Linear but the output head by a bitsandbytes layer, in place, one layer at a time.
+
+    Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
+    """
+    from .layers import LoraLayer
+
+    _check_quantize(quantize)
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
+    head = _output_head(model)
+    for path, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module is not head:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    quantize_linear(module, quantize, compute_dtype, double_quant, device))
+    return model.to(device)
+
+
+def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", double_quant: bool = True) -> nn.Module:
+    """Load a transformers checkpoint directory with its linear layers stored by bitsandbytes.
+
+    We load in the compute dtype and quantize layer by layer ourselves instead of passing transformers a
+    BitsAndBytesConfig: that works on CPU too with bnb 0.50 but took 36 s for SmolLM2-135M here against ~2 s,
+    and both give the same bnb layers. Embeddings, norms and lm_head stay in `compute_dtype`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _check_quantize(quantize)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
+    return quantize_model(model, quantize, compute_dtype, double_quant, device).eval()
+
+
+# --- de-quantization, in plain PyTorch: it documents the stored format, and the tests check it against bnb ---
+
+def _dequantize_blockwise(codes: torch.Tensor, state) -> torch.Tensor:
+    """bnb's 8-bit blockwise format (the nested absmax): code[uint8] · absmax of its block of 256, in fp32."""
+    values = state.code[codes.long()]
+    scale = state.absmax.float().repeat_interleave(state.blocksize)[: values.numel()]
+    return values * scale
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """The weight of a bnb Linear4bit / Linear8bitLt as an fp32 (out, in) tensor."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Int8Params":
+        scb = weight.SCB if weight.SCB is not None else getattr(layer.state, "SCB", None)
+        return weight.data.float() * (scb.float()[:, None] / 127)  # per-row absmax scaling
+    if kind != "Params4bit":
+        raise TypeError(f"dequantize needs a bitsandbytes 4-bit or 8-bit layer, got {type(layer).__name__}")
+    state = weight.quant_state
+    packed = weight.data
+    if getattr(state, "packing_format_for_cpu", False):  # a layer made elsewhere and already run in eval mode
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        packed, state = _convert_weight_packed_for_cpu_inverse(packed, copy.copy(state))  # leaves the layer as is
+    packed = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)  # first weight in the high nibble
+    if state.nested:
+        absmax = _dequantize_blockwise(state.absmax, state.state2) + state.offset  # (n_blocks,)
+    else:
+        absmax = state.absmax.float()
+    n = state.shape.numel()
+    values = state.code.float()[codes[:n].long()] * absmax.repeat_interleave(state.blocksize)[:n]
+    return values.reshape(state.shape)
+
+
+def stored_bytes(weight: torch.Tensor) -> dict[str, int]:
+    """Bytes a bnb Params4bit really holds: packed codes, absmax (8-bit when nested), nested absmax, code tables."""
+    state = weight.quant_state
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    out = {"codes": nbytes(weight.data), "absmax": nbytes(state.absmax), "nested_absmax": 0,
+           "tables": nbytes(state.code)}
+    if state.nested:
+        out["nested_absmax"] = nbytes(state.state2.absmax)
+        out["tables"] += nbytes(state.state2.code) + nbytes(torch.as_tensor(state.offset))
+    return out
+
+
+def stored_bits_per_weight(model: nn.Module) -> float:
+    """Measured bits per quantized weight over all 4-bit layers of `model` (code tables included)."""
+    total_bits = total_weights = 0
+    for p in model.parameters():
+        if type(p).__name__ == "Params4bit":
+            total_bits += 8 * sum(stored_bytes(p).values())
+            total_weights += p.quant_state.shape.numel()
+    if not total_weights:
+        raise ValueError("the model has no 4-bit layers")
+    return total_bits / total_weights
+
+
+def bits_per_weight_formula(double_quant: bool = True, blocksize: int = BLOCKSIZE) -> float:
+    """QLoRA's count: 4-bit codes + 32-bit absmax per block, or 8-bit absmax + 32 bits per 256 blocks."""
+    return 4 + (8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE) if double_quant else 32 / blocksize)
+
+
+# --- training ---
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Get a quantized base ready for adapter training (PEFT's prepare_model_for_kbit_training).
+
+    Freezes the base; puts every non-quantized float parameter (norms, embeddings, lm_head) in fp32, as PEFT
+    does: fp32 norms alone would hand fp32 hidden states to a bf16 lm_head, which fails ("expected m1 and m2
+    to have the same dtype"); makes the embedding output require grad (so checkpointed blocks see a graph);
+    and turns on gradient checkpointing (non-reentrant) unless told not to. Call it before inject().
+    The 4-bit layers cast their input to the compute dtype and their output back, so activations are fp32.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            p.data = p.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
+                             "pass gradient_checkpointing=False")
+        kwargs = {"use_reentrant": False}  # reentrant checkpointing drops gradients of inputs that need none
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "config"):
+            model.config.use_cache = False  # a KV cache and checkpointing don't mix in training
+    return model
+
+
+_warned_paging = False
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """"adamw" (torch), "adamw_8bit" (bnb, 2 bytes of state per parameter), "paged_adamw", "paged_adamw_8bit".
+
+    Paging (optimizer state in CUDA unified memory, evicted to CPU RAM under pressure) needs CUDA: where it is
+    not available we say so once and use the same optimizer unpaged. 8-bit AdamW runs on CPU with bnb 0.50.
+    """
+    global _warned_paging
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not supported; use one of {list(OPTIMIZERS)}")
+    params = list(params)
+    if name.startswith("paged_") and not torch.cuda.is_available():
+        if not _warned_paging:
+            print(f"optimizer {name}: paging needs CUDA; using {name.removeprefix('paged_')} instead", flush=True)
+            _warned_paging = True
+        name = name.removeprefix("paged_")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+# --- re-quantizing a merged model: an explicit choice, with the error it adds ---
+
+@dataclasses.dataclass
+class RequantizeReport:
+    quantize: str
+    layers: int
+    weight_rel_error_mean: float  # mean over layers of ‖Q(W) − W‖ / ‖W‖
+    weight_rel_error_max: float
+    logits_max_abs_diff: float | None = None  # on the given input_ids, before vs after
+    logits_rel_error: float | None = None  # ‖Δlogits‖ / ‖logits‖
+
+    def __str__(self) -> str:
+        text = (f"re-quantized {self.layers} linear layers to {self.quantize}: weight error ‖ΔW‖/‖W‖ "
+                f"mean {self.weight_rel_error_mean:.4f}, max {self.weight_rel_error_max:.4f}")
+        if self.logits_max_abs_diff is not None:
+            text += (f"; logits changed by max {self.logits_max_abs_diff:.4f} "
+                     f"(relative {self.logits_rel_error:.4f}) on the given inputs")
+        return text
+
+
+@torch.no_grad()
+def requantize(model: nn.Module, quantize: str = "nf4", input_ids: torch.Tensor | None = None,
+               compute_dtype: torch.dtype | None = None, double_quant: bool = True) -> RequantizeReport:
+    """Quantize a merged (plain) model's linear layers again, in place, and report the error this adds.
+
+    Merging ΔW into a 4-bit base gives float weights that are no longer on the 4-bit grid; quantizing them again
+    moves every weight by up to half a quantization step, so outputs change. Give `input_ids` to measure the
+    change in logits as well.
+    """
+    head = _output_head(model)
+    linears = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    if not linears:
+        raise ValueError("no nn.Linear layers to quantize; is the model merged (merge_and_unload) and not quantized?")
+    dtype = compute_dtype or linears[0][1].weight.dtype
+    before = model(input_ids).logits.float() if input_ids is not None else None
+    errors = []
+    for path, linear in linears:
+        original = linear.weight.float()
+        layer = quantize_linear(linear, quantize, dtype, double_quant, linear.weight.device)
+        errors.append(((dequantize(layer) - original).norm() / original.norm()).item())
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    report = RequantizeReport(quantize, len(errors), sum(errors) / len(errors), max(errors))
+    if input_ids is not None:
+        after = model(input_ids).logits.float()
+        report.logits_max_abs_diff = (after - before).abs().max().item()
+        report.logits_rel_error = ((after - before).norm() / before.norm()).item()
+    return report

@@ -1,0 +1,81 @@
+"""The memory estimator: each part against plain arithmetic, and the well-known claims it must reproduce."""
+
+import pytest
+
+from loraforge.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_table,
+                                model_shape)
+from loraforge.quant import bits_per_weight_formula
+
+GB = 1e9
+LLAMA7B = KNOWN_SHAPES["7b"]
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert LLAMA7B.total_params == 6_738_415_616  # Llama 2 7B, as transformers counts it
+    assert 65.2e9 < KNOWN_SHAPES["65b"].total_params < 65.3e9
+    assert 68.9e9 < KNOWN_SHAPES["70b"].total_params < 69.1e9
+
+
+def test_adapter_params_are_r_times_in_plus_out():
+    h, i = 4096, 11008
+    per_layer = 16 * (4 * (h + h) + 2 * (h + i) + (i + h))
+    assert adapter_params(LLAMA7B, 16) == 32 * per_layer
+    assert adapter_params(LLAMA7B, 8, ("q_proj", "v_proj")) == 32 * 8 * 2 * (h + h)
+    with pytest.raises(ValueError, match="q_proj"):
+        adapter_params(LLAMA7B, 8, ("c_attn",))
+
+
+def test_activation_formula_is_the_documented_arithmetic():
+    s = ModelShape(64, 128, 3, 4, 2, 100)
+    h, kv, i, L, V, T, a, r = 64, 32, 128, 3, 100, 10, 2, 7 * 4
+    per = 8 * h + a * (5 * h + 2 * kv + 4 * i) + 4 * r
+    off = activation_bytes(s, T, a, r, gradient_checkpointing=False)
+    on = activation_bytes(s, T, a, r, gradient_checkpointing=True)
+    assert off == {"layers": T * L * per, "logits": T * 3 * 4 * V}
+    assert on == {"layers": T * (L * a * h + per), "logits": T * 3 * 4 * V}
+
+
+def test_breakdown_pieces():
+    n = LLAMA7B.total_params
+    full = estimate("7b", "full", 1, 512, gradient_checkpointing=False)
+    assert (full["weights"], full["gradients"], full["optimizer_states"]) == (4 * n, 4 * n, 8 * n)  # 16 B/param
+    lora = estimate("7b", "lora", 1, 512, r=16)
+    t = adapter_params(LLAMA7B, 16)
+    assert (lora["adapter"], lora["gradients"], lora["optimizer_states"]) == (4 * t, 4 * t, 8 * t)
+    assert lora["weights"] == 2 * (LLAMA7B.linear_params + LLAMA7B.embedding_params) + 4 * LLAMA7B.norm_params
+    q = estimate("7b", "qlora", 1, 512, r=16)
+    assert q["weights"] == pytest.approx(bits_per_weight_formula() / 8 * LLAMA7B.linear_params
+                                         + 4 * (LLAMA7B.embedding_params + LLAMA7B.norm_params))
+    eight = estimate("7b", "qlora", 1, 512, r=16, optimizer="adamw_8bit")
+    assert eight["optimizer_states"] == pytest.approx(t * (2 + 8 / 256))
+    for b in (full, lora, q):
+        assert b["total"] == pytest.approx(sum(b[k] for k in ("weights", "adapter", "gradients",
+                                                              "optimizer_states", "activations")))
+
+
+def test_well_known_claims():
+    # QLoRA paper: a 65B model fine-tunes on one 48 GB GPU (batch 1, gradient checkpointing).
+    assert estimate("65b", "qlora", batch_size=1, seq_len=512, gradient_checkpointing=True)["total"] < 48 * GB
+    assert estimate("7b", "full", batch_size=1, seq_len=512)["total"] > 100 * GB  # 16 bytes per parameter
+    assert estimate("65b", "lora", 1, 512)["total"] > 120 * GB  # a 16-bit 65B base alone is 130 GB
+    q7 = estimate("7b", "qlora", 1, 512)["total"]
+    assert 4 * GB < q7 < 8 * GB  # ~3.9 GB of 4-bit weights + adapter/optimizer + activations
+    assert estimate("7b", "lora", 1, 512)["total"] > 2.5 * q7
+
+
+def test_checkpointing_cuts_activations_and_errors_name_the_value():
+    on = estimate("13b", "lora", 4, 1024, gradient_checkpointing=True)["activations"]
+    off = estimate("13b", "lora", 4, 1024, gradient_checkpointing=False)["activations"]
+    assert on < off / 5
+    with pytest.raises(ValueError, match="'qlra'"):
+        estimate("7b", "qlra")
+    with pytest.raises(ValueError, match="'3b'"):
+        estimate("3b", "lora")
+    assert "total" in format_table(estimate("7b", "qlora"))
+
+
+def test_local_config(tmp_path):
+    from conftest import tiny_llama
+
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False)

@@ -1,0 +1,287 @@
+"""QLoRA: stored bits, de-quantization, LoRA on a 4-bit base, merging, gradients, optimizers.
+
+References: bitsandbytes' own dequantize functions, QLoRA's bits-per-weight formula, and plain PyTorch
+formulas on the de-quantized weights. fp32 compute is used where a test wants equality, so the only
+difference left is floating-point summation order.
+"""
+
+import copy
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama
+from loraforge.config import LoraConfig
+from loraforge.inject import _set_submodule, inject, lora_layers
+from loraforge.layers import LoraLayer, LoraLinear
+from loraforge.merge import merge_and_unload
+from loraforge.quant import (bits_per_weight_formula, dequantize, make_optimizer, prepare_for_kbit_training,
+                             quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes)
+
+# A 1024×1024 weight has 2^20 values = 64 superblocks of 64·256 weights: every block is full, so the byte
+# counts below are exact, not rounded up.
+N_IN = N_OUT = 1024
+
+
+def _linear(seed=0, bias=True):
+    torch.manual_seed(seed)
+    return nn.Linear(N_IN, N_OUT, bias=bias)
+
+
+def tiny_llama64(**kw):
+    # in_features must be a multiple of the 64-weight block for bnb's CPU 4-bit kernels (see quantize_linear)
+    return tiny_llama(hidden_size=64, intermediate_size=128, **kw)
+
+
+def _plain_copy(qmodel: nn.Module) -> nn.Module:
+    """The same model with every bnb layer replaced by an nn.Linear holding its de-quantized weight (fp32)."""
+    plain = copy.deepcopy(qmodel)
+    for path, module in list(plain.named_modules()):
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize(module))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _set_submodule(plain, path, linear)
+    return plain
+
+
+def _lora_config(**kw):
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    kw.setdefault("target_modules", "all-linear")
+    kw.setdefault("init_lora_weights", False)  # non-zero B, so the adapter changes the output
+    return LoraConfig(**kw)
+
+
+def _copy_adapters(src: nn.Module, dst: nn.Module) -> None:
+    dst_layers = dict(lora_layers(dst))
+    with torch.no_grad():
+        for path, layer in lora_layers(src):
+            for name in layer.r:
+                dst_layers[path].lora_A[name].weight.copy_(layer.lora_A[name].weight)
+                dst_layers[path].lora_B[name].weight.copy_(layer.lora_B[name].weight)
+
+
+# --- stored bits ---
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_stored_bytes_match_the_formula(double_quant, quant_type):
+    layer = quantize_linear(_linear(), quant_type, torch.float32, double_quant)
+    n = N_IN * N_OUT
+    got = stored_bytes(layer.weight)
+    assert got["codes"] == n // 2  # 4 bits per weight
+    if double_quant:
+        assert got["absmax"] == n // 64  # one uint8 absmax per block of 64
+        assert got["nested_absmax"] == 4 * n // (64 * 256)  # one fp32 per 256 absmax
+        assert got["tables"] == 4 * (16 + 256 + 1)  # NF4/FP4 code, 8-bit dynamic code, offset (fp32)
+    else:
+        assert got["absmax"] == 4 * n // 64  # one fp32 absmax per block
+        assert got["tables"] == 4 * 16
+    per_block_bits = 8 * (got["codes"] + got["absmax"] + got["nested_absmax"]) / n
+    assert per_block_bits == bits_per_weight_formula(double_quant)  # exact: 4.126953125 or 4.5
+    expected_total = bits_per_weight_formula(double_quant) + 8 * got["tables"] / n
+    assert stored_bits_per_weight(nn.Sequential(layer)) == pytest.approx(expected_total, rel=1e-12)
+    assert bits_per_weight_formula(True) == pytest.approx(4.127, abs=5e-4)
+
+
+# --- de-quantization ---
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_matches_bitsandbytes(double_quant, quant_type):
+    layer = quantize_linear(_linear(), quant_type, torch.float32, double_quant)
+    ref = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    torch.testing.assert_close(dequantize(layer), ref, rtol=0, atol=0)  # the same products, bit for bit
+    # and it is a 4-bit approximation of the original, not something else: NF4/FP4 relative error ~0.09/0.11
+    original = _linear().weight
+    assert (dequantize(layer) - original).norm() / original.norm() < 0.15
+
+
+def test_dequantize_int8_matches_bitsandbytes():
+    layer = quantize_linear(_linear(), "int8", torch.float32)
+    ref = bnb.functional.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
+    # bnb multiplies by a rounded 1/127, we divide by 127: one rounding apart (fp32 eps ~ 1.2e-7 relative)
+    torch.testing.assert_close(dequantize(layer), ref, rtol=3e-7, atol=0)
+
+
+def test_cpu_refuses_rows_that_split_a_block():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_linear(nn.Linear(32, 64), "nf4", device="cpu")
+
+
+def test_cpu_repacking_is_off_and_weights_stay_put():
+    """bnb repacks a Linear4bit on AVX512-BF16 CPUs in eval/no-grad (lossy absmax → bf16); we turn it off."""
+    layer = quantize_linear(_linear(), "nf4", torch.bfloat16).eval()
+    before = dequantize(layer)
+    with torch.no_grad():
+        layer(torch.randn(2, N_IN, dtype=torch.bfloat16))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(dequantize(layer), before, rtol=0, atol=0)
+
+
+# --- LoRA on a 4-bit base ---
+
+def test_lora_on_4bit_layer_is_the_plain_formula():
+    base = quantize_linear(_linear(), "nf4", torch.float32)
+    layer = LoraLinear(base)
+    layer.add_adapter("default", r=8, lora_alpha=16, init_lora_weights=False)
+    x = torch.randn(2, 5, N_IN)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    expected = x @ dequantize(base).T + base.bias + 2.0 * (x @ A.T) @ B.T
+    # bnb's CPU path de-quantizes to fp32 and calls the same matmul: equal up to summation order (fp32 defaults)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_qlora_model_equals_dequantized_model_with_the_same_lora(input_ids):
+    qmodel = quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32)
+    plain = _plain_copy(qmodel)
+    with torch.no_grad():
+        fresh = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+        q_fresh = inject(copy.deepcopy(qmodel), fresh)  # B = 0: a fresh adapter leaves the 4-bit model unchanged
+        torch.testing.assert_close(q_fresh(input_ids).logits, qmodel(input_ids).logits, rtol=0, atol=0)
+        inject(qmodel, _lora_config())
+        inject(plain, _lora_config())
+        _copy_adapters(qmodel, plain)
+        torch.testing.assert_close(qmodel(input_ids).logits, plain(input_ids).logits)
+
+
+def test_bf16_compute_on_cpu_runs_and_matches_dequantized_bf16(input_ids):
+    """The CPU 4-bit path in bf16: forward and backward run; logits match the de-quantized model in bf16."""
+    qmodel = quantize_model(tiny_llama64().to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    plain = _plain_copy(qmodel).to(torch.bfloat16)  # bnb also rounds the de-quantized weight to bf16
+    inject(qmodel, _lora_config())
+    inject(plain, _lora_config())
+    for _, layer in lora_layers(plain):  # a 4-bit base gets fp32 adapters (layers.py); give the copy the same
+        layer.lora_A.float(), layer.lora_B.float()
+    _copy_adapters(qmodel, plain)
+    q_logits, p_logits = qmodel(input_ids).logits, plain(input_ids).logits
+    assert q_logits.dtype == torch.bfloat16
+    # Same bf16 weights, same bf16 matmuls: the remaining difference is summation order inside the kernels,
+    # within bf16's own resolution (assert_close's bf16 defaults: rtol 1.6e-2 = 2 ulp, atol 1e-5).
+    torch.testing.assert_close(q_logits, p_logits)
+    q_logits.float().sum().backward()
+    assert all(p.grad is not None for n, p in qmodel.named_parameters() if p.requires_grad)
+
+
+# --- merging into a 4-bit base ---
+
+def test_merged_logits_match_4bit_plus_adapter(input_ids):
+    # fp32 compute: merged = x·(deq(W) + s·BA)ᵀ, unmerged = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ: the same sum in another
+    # order. Hidden size 32 and |logits| ~ 1: a few fp32 ulps (1e-7) × 2 layers; rtol/atol 1e-5 leaves room.
+    qmodel = inject(quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32), _lora_config())
+    with torch.no_grad():
+        expected = qmodel(input_ids).logits
+        merged = merge_and_unload(qmodel)
+        assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_bf16_error_is_within_bf16_and_quantization_error(input_ids, seed):
+    # In bf16 the merge rounds deq(W) + ΔW to bf16 once per weight (relative 2^-9); the 4-bit model run in bf16
+    # already rounds every activation like that in every layer. So the bound: the merged bf16 model is no
+    # further from the 4-bit bf16 model than that model is from itself computed in fp32 (the bf16 noise),
+    # and — the issue's wording — within the quantization error (4-bit vs full precision, same adapter).
+    full = inject(tiny_llama64(seed=seed), _lora_config())
+    q32 = inject(quantize_model(tiny_llama64(seed=seed), "nf4", compute_dtype=torch.float32), _lora_config())
+    q16 = inject(quantize_model(tiny_llama64(seed=seed).to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16),
+                 _lora_config())
+    _copy_adapters(full, q32)
+    _copy_adapters(full, q16)
+    with torch.no_grad():
+        reference, logits32, logits16 = full(input_ids).logits, q32(input_ids).logits, q16(input_ids).logits.float()
+        merged = merge_and_unload(q16)(input_ids).logits.float()
+    quant_error = (logits32 - reference).abs().max()
+    bf16_noise = (logits16 - logits32).abs().max()
+    merge_error = (merged - logits16).abs().max()
+    assert 0 < merge_error <= bf16_noise, (merge_error, bf16_noise)
+    assert merge_error <= quant_error, (merge_error, quant_error)
+
+
+def test_requantize_is_explicit_and_reports_the_error(input_ids):
+    qmodel = inject(quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32), _lora_config())
+    merged = merge_and_unload(qmodel)
+    report = requantize(merged, "nf4", input_ids=input_ids)
+    assert sum(type(m).__name__ == "Linear4bit" for m in merged.modules()) == report.layers == 14  # 7 per layer
+    assert 0 < report.weight_rel_error_mean <= report.weight_rel_error_max < 0.2  # NF4 on N(0, 0.02): ~0.1
+    assert report.logits_max_abs_diff > 0 and report.logits_rel_error > 0
+    assert "re-quantized 14 linear layers to nf4" in str(report)
+
+
+# --- training ---
+
+def _loss(model, input_ids):
+    return model(input_ids, labels=input_ids).loss
+
+
+def test_gradients_reach_only_the_adapters(input_ids):
+    def build(checkpointing):
+        torch.manual_seed(0)
+        model = quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32)
+        prepare_for_kbit_training(model, gradient_checkpointing=checkpointing)
+        inject(model, _lora_config())
+        return model.train()
+
+    model = build(True)
+    assert model.is_activation_checkpointing
+    assert all(p.dtype == torch.float32 for p in model.parameters() if type(p).__name__ != "Params4bit")
+    _loss(model, input_ids).backward()
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, LoraLayer)
+                      for attr in ("lora_A", "lora_B") for p in getattr(m, attr).parameters()}
+    with_grad = {id(p) for p in model.parameters() if p.grad is not None}
+    assert with_grad == adapter_params
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
+
+    plain = build(False)  # gradient checkpointing recomputes, it must not change the gradients
+    _copy_adapters(model, plain)
+    _loss(plain, input_ids).backward()
+    for (path, a), (_, b) in zip(lora_layers(model), lora_layers(plain)):
+        torch.testing.assert_close(a.lora_A["default"].weight.grad, b.lora_A["default"].weight.grad)
+        torch.testing.assert_close(a.lora_B["default"].weight.grad, b.lora_B["default"].weight.grad)
+
+
+def test_optimizers_on_cpu(capsys):
+    p = nn.Parameter(torch.randn(64, 128))  # ≥ 4096 values: bnb keeps 8-bit state only for those
+    opt = make_optimizer("adamw_8bit", [p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8 and not torch.equal(p, before)
+    if not torch.cuda.is_available():
+        first = make_optimizer("paged_adamw", [p], lr=1e-3)
+        make_optimizer("paged_adamw_8bit", [p], lr=1e-3)
+        printed = capsys.readouterr().out
+        assert isinstance(first, torch.optim.AdamW) or "paging needs CUDA" in printed
+    with pytest.raises(ValueError, match="adamw_8bit"):
+        make_optimizer("adam8", [p], lr=1e-3)
+
+
+def test_load_quantized_keeps_embeddings_norms_and_head(tmp_path):
+    from loraforge.models import load_model
+
+    tiny_llama64().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype="bf16", quantize="nf4")
+    kinds = {type(m).__name__ for m in model.model.layers.modules()}
+    assert "Linear4bit" in kinds and "Linear" not in kinds
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    state = model.model.layers[0].mlp.up_proj.weight.quant_state
+    assert (state.blocksize, state.nested, state.quant_type) == (64, True, "nf4")
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="nf4"):
+        load_model(str(tmp_path), quantize="nf3")
+
+
+def test_prepare_bf16_4bit_model_trains(input_ids):
+    """fp32 norms alone would feed fp32 hidden states to a bf16 lm_head and fail; prepare casts it too."""
+    model = quantize_model(tiny_llama64().to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    prepare_for_kbit_training(model, gradient_checkpointing=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if type(p).__name__ != "Params4bit")
+    inject(model, _lora_config())
+    _loss(model.train(), input_ids).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
