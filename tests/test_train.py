@@ -163,3 +163,21 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert "model.dtype: 'fp8' is not one of ['fp32', 'bf16', 'fp16']" in text
     with pytest.raises(ConfigError, match="write it as section.field=value"):
         load_train_config(None, ["training.lr"])
+
+
+def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file):
+    """method: qlora through the same loop: NF4 base (bitsandbytes on CPU), fp32 adapter, checkpointing on."""
+    from loraforge.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    path = tmp_path / "tiny64"  # bnb's CPU 4-bit path needs in_features that are multiples of 64
+    tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, tie_word_embeddings=True).save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg = load_train_config(None, [f"model.name={path}", f"data.train={data_file}", "method=qlora", "data.eval_fraction=0",
+                                   f"output_dir={tmp_path / 'out'}", "training.max_steps=3", "training.batch_size=4",
+                                   "lora.r=4", "training.lr=1e-2"])
+    result = train(cfg, progress=False)
+    weights = adapter(tmp_path / "out")
+    assert result.steps == 3 and all(torch.isfinite(v).all() for v in weights.values())
+    assert result.trainable_params == sum(v.numel() for v in weights.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # B moved off zero
