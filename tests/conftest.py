@@ -37,3 +37,27 @@ def smollm2():
     from loraforge.models import load_base
 
     return load_base("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a transformers directory."""
+    from loraforge.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=len(tok), tie_word_embeddings=True).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 short instruction records (additions), JSONL."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
+            for a in range(8) for b in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

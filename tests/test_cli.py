@@ -7,21 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama
 from loraforge.cli import main
 from loraforge.config import LoraConfig
 from loraforge.inject import inject
 from loraforge.models import load_tokenizer
 from test_adapters import randomize
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tok = load_tokenizer("smollm2-135m")
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=len(tok), tie_word_embeddings=True).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path):

@@ -1,6 +1,5 @@
 """The training loop on a tiny model: loss normalisation, resume after SIGKILL, DDP equivalence, NaN stop."""
 
-import json
 import os
 import subprocess
 import sys
@@ -17,27 +16,6 @@ from loraforge.loss import CausalLMLoss
 from loraforge.train import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a transformers directory."""
-    from loraforge.models import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=len(tok), hidden_size=32, tie_word_embeddings=True).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
-            for a in range(8) for b in range(5)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def config(tiny_dir, data_file, out, **training):
