@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-INSTRUCTION = "Rewrite this date in ISO 8601 format (YYYY-MM-DD). Reply with the date only."
+INSTRUCTION = "Write this date as YYYY-MM-DD."
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]

@@ -203,6 +203,13 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _bos(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer adds one and there is no chat template to add it; a template writes its own."""
+    if getattr(tokenizer, "chat_template", None) or tokenizer.bos_token_id is None:
+        return []
+    return [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else []
+
+
 def _instruction_prompt(record: dict, tokenizer) -> str:
     instruction, extra = _field(record, "instruction"), _field(record, "input", required=False)
     user = instruction + ("\n\n" + extra if extra.strip() else "")
@@ -241,11 +248,12 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
     ids are the ones generation starts from.
     """
     if fmt == "instruction":
-        prompt = _ids(tokenizer, _instruction_prompt(record, tokenizer))
+        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
         response = _ids(tokenizer, _field(record, "output")) + [tokenizer.eos_token_id]
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
-        segments = [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(_messages(record), tokenizer)]
+        segments = [(_bos(tokenizer), False)]
+        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(_messages(record), tokenizer)]
     elif fmt == "text":
         ids = tokenizer(_field(record, "text"))["input_ids"]  # adds BOS when the tokenizer does
         segments = [(ids + [tokenizer.eos_token_id], True)]
@@ -261,11 +269,11 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
 def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     """The prompt to generate from at eval: everything before the (last) response."""
     if fmt == "instruction":
-        return _ids(tokenizer, _instruction_prompt(record, tokenizer))
+        return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
     if fmt == "chat":
         messages = _messages(record)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True))
+        return _bos(tokenizer) + _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True))
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
 

@@ -1,0 +1,288 @@
+"""loraforge.data: reading, masking, packing, collation, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loraforge.data import (IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack,
+                            padding_fraction, prompt_ids, read_records, reference_output, train_test_split)
+from loraforge.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def spans(ex: Example) -> list[list[int]]:
+    """The runs of supervised tokens, in order."""
+    out, run = [], []
+    for token, label in zip(ex.input_ids, ex.labels):
+        if label == IGNORE:
+            out, run = (out + [run] if run else out), []
+        else:
+            assert label == token
+            run.append(token)
+    return out + [run] if run else out
+
+
+# ---------------------------------------------------------------------------------------------------- masking
+
+def test_instruction_masks_exactly_the_prompt(tok):
+    record = {"instruction": "Write this date as YYYY-MM-DD.", "input": "March 5, 2021", "output": "2021-03-05"}
+    ex = encode(record, tok, "instruction")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write this date as YYYY-MM-DD.\n\nMarch 5, 2021"}],
+                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok(prompt, add_special_tokens=False)["input_ids"]
+    response = tok("2021-03-05", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert prompt_ids(record, tok, "instruction") == prompt
+    assert ex.input_ids == prompt + response
+    assert ex.labels == [IGNORE] * len(prompt) + response
+    assert reference_output(record, "instruction") == "2021-03-05"
+
+
+def test_instruction_without_input_has_no_blank_lines(tok):
+    ex = encode({"instruction": "Say hi.", "input": "", "output": "hi"}, tok, "instruction")
+    assert "Say hi.<|im_end|>" in tok.decode(ex.input_ids)
+
+
+def test_chat_supervises_only_assistant_turns(tok):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6, of course"}]
+    ex = encode({"messages": messages}, tok, "chat")
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    turn = lambda text: tok(text + "<|im_end|>\n", add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert spans(ex) == [turn("4"), turn("6, of course")]
+    assert prompt_ids({"messages": messages}, tok, "chat") == tok(
+        tok.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]
+    assert reference_output({"messages": messages}, "chat") == "6, of course"
+
+
+def test_tokenizer_without_chat_template_falls_back_to_plain_templates(tok, monkeypatch):
+    monkeypatch.setattr(tok, "chat_template", None)
+    ex = encode({"instruction": "Add.", "input": "2 3", "output": "5"}, tok, "instruction")
+    assert tok.decode(ex.input_ids).endswith("Add.\n\n2 3\n\n### Response:\n5<|im_end|>")
+    assert spans(ex) == [tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ex = encode({"messages": messages}, tok, "chat")
+    assert tok.decode(ex.input_ids) == "### User:\nhi\n\n### Assistant:\nhello<|im_end|>\n\n"
+    assert spans(ex) == [tok("hello<|im_end|>\n\n", add_special_tokens=False)["input_ids"]]
+
+
+def test_train_on_prompt_and_text_supervise_everything(tok):
+    for record, fmt in [({"instruction": "a", "output": "b"}, "instruction"),
+                        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                         "chat")]:
+        ex = encode(record, tok, fmt, train_on_prompt=True)
+        assert ex.labels == ex.input_ids
+    ex = encode({"text": "hello world"}, tok, "text")
+    assert ex.labels == ex.input_ids == tok("hello world")["input_ids"] + [tok.eos_token_id]
+
+
+def test_detect_format_and_source_is_ignored(tok):
+    assert detect_format({"instruction": "a", "output": "b", "_source": "f:1"}) == "instruction"
+    assert detect_format({"messages": []}) == "chat"
+    assert detect_format({"text": "x"}) == "text"
+    with pytest.raises(DataError, match=r"f\.jsonl:3: cannot tell the format.*\['prompt'\]"):
+        detect_format({"prompt": "x", "_source": "f.jsonl:3"})
+    ex = encode({"instruction": "a", "output": "b", "_source": "f:1"}, tok, "instruction")
+    assert "f:1" not in tok.decode(ex.input_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- build / truncate
+
+def test_build_dataset_truncates_and_drops(tok):
+    records = [{"instruction": "a", "output": "one two three four five six"}, {"instruction": "a", "output": "c"}]
+    n_prompt = encode(records[0], tok, "instruction").labels.count(IGNORE)
+    examples, stats = build_dataset(records, tok, max_seq_len=n_prompt + 2)  # record 1 is exactly n_prompt + 2
+    assert [len(e.input_ids) for e in examples] == [n_prompt + 2, n_prompt + 2]
+    assert (stats.n_records, stats.n_examples, stats.n_truncated, stats.n_dropped) == (2, 2, 1, 0)
+    assert stats.n_tokens == 2 * (n_prompt + 2) and stats.n_supervised_tokens == 4
+    with pytest.raises(DataError, match="all 2 records were dropped"):  # only prompt tokens left
+        build_dataset(records, tok, max_seq_len=n_prompt)
+
+
+def test_build_dataset_drops_examples_with_nothing_supervised(tok):
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "a " * 50, "output": "b"}]
+    n_short = len(encode(records[0], tok, "instruction").input_ids)
+    examples, stats = build_dataset(records, tok, max_seq_len=n_short)
+    assert (stats.n_examples, stats.n_truncated, stats.n_dropped) == (1, 0, 1)
+    examples, stats = build_dataset(records, tok, max_seq_len=n_short, overflow="drop")
+    assert (stats.n_examples, stats.n_truncated, stats.n_dropped) == (1, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "oops",\n')
+    with pytest.raises(DataError, match=rf"{path}:2: invalid JSON"):
+        read_records(str(path))
+
+
+def test_empty_file_is_an_error(tmp_path):
+    for name in ["empty.jsonl", "empty.json", "empty.csv"]:
+        (tmp_path / name).write_text("")
+        with pytest.raises(DataError, match=rf"{name}: no records"):
+            read_records(str(tmp_path / name))
+
+
+def test_missing_field_names_field_record_and_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": ""}])
+    with pytest.raises(DataError, match=rf"record 1: {path}:2: field 'output' is missing or empty"):
+        build_dataset(read_records(path), tok)
+    bad_chat = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(DataError, match="record 0: field 'messages' has no assistant turn"):
+        build_dataset([bad_chat], tok)
+
+
+def test_mixed_formats_name_the_first_mismatch(tok, tmp_path):
+    path = write_jsonl(tmp_path / "mix.jsonl", [{"text": "a"}, {"text": "b"}, {"instruction": "c", "output": "d"}])
+    with pytest.raises(DataError, match=rf"record 2 \({path}:3\) is in 'instruction' format but record 0 is in 'text'"):
+        build_dataset(read_records(path), tok)
+
+
+def test_all_examples_dropped_is_an_error(tok):
+    with pytest.raises(DataError, match="all 1 records were dropped"):
+        build_dataset([{"text": "a long text " * 20}], tok, max_seq_len=8, overflow="drop")
+
+
+def test_unknown_extension_and_hub_fallback(tmp_path, monkeypatch):
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
+        read_records(str(tmp_path / "data.txt"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed, so the test never touches the network
+    with pytest.raises(DataError, match=r"not a local file.*needs the `datasets` package"):
+        read_records("some-org/some-dataset:train")
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+RECORDS = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c, \"d\"", "input": "e\nf", "output": "g"}]
+
+
+def strip_source(records):
+    return [{k: v for k, v in r.items() if k != "_source"} for r in records]
+
+
+def test_csv_parquet_json_round_trip(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(RECORDS)
+    pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "d.parquet")
+    (tmp_path / "list.json").write_text(json.dumps(RECORDS))
+    (tmp_path / "dict.json").write_text(json.dumps({"data": RECORDS}))
+    write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    for name in ["d.csv", "d.parquet", "list.json", "dict.json", "d.jsonl"]:
+        records = read_records(str(tmp_path / name))
+        assert strip_source(records) == RECORDS, name
+        assert records[1]["_source"].startswith(str(tmp_path / name))
+
+
+def test_train_test_split_is_deterministic_and_disjoint():
+    records = [{"text": str(i)} for i in range(20)]
+    train, test = train_test_split(records, 0.25, seed=1)
+    assert (len(train), len(test)) == (15, 5)
+    assert (train, test) == train_test_split(records, 5, seed=1)
+    assert sorted(r["text"] for r in train + test) == sorted(r["text"] for r in records)
+    with pytest.raises(DataError, match="test=0"):
+        train_test_split(records, 0)
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+def random_examples(n: int, vocab: int, seed: int) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        n_prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_pack_rows_fit_and_keep_every_example():
+    examples = random_examples(20, 128, seed=0)
+    rows = pack(examples, max_seq_len=24)
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) <= 24 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(len(e.input_ids) for e in examples)
+    assert len(rows) < len(examples)
+    with pytest.raises(DataError, match="does not fit max_seq_len=4"):
+        pack(examples, max_seq_len=4)
+
+
+def test_packed_forward_equals_each_example_alone(tiny_llama):
+    examples = random_examples(12, 128, seed=1)
+    examples[0].labels[0] = 5  # a supervised first token (as in train_on_prompt): pack must still mask it
+    rows = pack(examples, max_seq_len=24)
+    batch = collate(rows, pad_id=0)
+    assert "attention_mask" not in batch  # packed: transformers builds the block-diagonal mask from position_ids
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = tiny_llama(**batch, use_cache=False).logits  # use_cache=False: see loraforge/data.py docstring
+    seen = 0
+    for b, row in enumerate(rows):
+        starts = [t for t, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for start, end in zip(starts, starts[1:]):
+            ids = batch["input_ids"][b, start:end]
+            with torch.no_grad():
+                alone = tiny_llama(input_ids=ids[None], use_cache=False).logits[0]
+            # fp32, same kernels: only summation order may differ (masked vs. shorter sequence), hence default
+            # fp32 tolerances (rtol 1.3e-6, atol 1e-5).
+            torch.testing.assert_close(logits[b, start:end], alone)
+            assert labels[b, start] == IGNORE  # never predict an example's first token from the previous one
+            seen += 1
+    assert seen == len(examples)
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_llama):
+    examples = random_examples(12, 128, seed=2)
+    packed = collate(pack(examples, max_seq_len=32), pad_id=0)
+    unpacked = collate(examples, pad_id=0)
+    assert "attention_mask" in unpacked and "position_ids" not in unpacked
+    with torch.no_grad():
+        loss_packed = tiny_llama(**packed, use_cache=False).loss
+        loss_unpacked = tiny_llama(**unpacked, use_cache=False).loss
+    n_supervised = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
+    assert int((packed["labels"][:, 1:] != IGNORE).sum()) == n_supervised
+    torch.testing.assert_close(loss_packed, loss_unpacked)
+
+
+def test_collate_pads_and_padding_fraction():
+    rows = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4], [IGNORE])]
+    batch = collate(rows, pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    packed = collate([{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, IGNORE], "position_ids": [0, 1, 0]},
+                      {"input_ids": [4], "labels": [IGNORE], "position_ids": [0]}], pad_id=9)
+    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
+    assert padding_fraction(rows, batch_size=2) == pytest.approx(2 / 6)
+    assert padding_fraction(rows, batch_size=1) == 0.0
