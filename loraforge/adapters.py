@@ -49,6 +49,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.r:
             for attr in module.adapter_modules:
+                if name not in getattr(module, attr):  # e.g. lora_magnitude_vector: DoRA adapters only
+                    continue
                 item = getattr(module, attr)[name]
                 if isinstance(item, nn.Parameter):  # ParameterDict entries: bare key, no ".weight" (PEFT)
                     out[f"{PREFIX}{path}.{attr}"] = item
@@ -86,6 +88,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     out.mkdir(parents=True, exist_ok=True)
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
+        from .adalora import export_pruned
+
+        config, tensors = export_pruned(model, name, config, tensors)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     peft_dict = config.to_peft_dict()
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_dict, indent=2) + "\n"))

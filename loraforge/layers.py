@@ -2,6 +2,8 @@
 
     h = base(x) + (lora_alpha / r) · B(A(dropout(x)))          (Hu et al. 2021, eq. 3)
 
+DoRA (Liu et al. 2024) adds a per-output-row magnitude m and renormalises: W' = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_row.
+
 The base layer is called as is, so a bitsandbytes 4-bit layer works unchanged. `delta_weight()` is the one
 place the merge math lives; merge() / unmerge() are explicit and idempotent, never a side effect of
 train(), eval() or forward().
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,19 +82,24 @@ class LoraLayer(nn.Module):
             if is_quantized(self.base_layer):
                 raise RuntimeError("merging into a quantized base in place is not supported; "
                                    "use loraforge.merge.merge_and_unload, which de-quantizes first")
-            delta = self.delta_weight(name).to(weight.dtype)
-            if safe and not torch.isfinite(delta).all():
-                raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
-            weight.data += delta
+            self._merge_one(name, weight, safe)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged ΔW again, newest first. Idempotent."""
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.data -= self.delta_weight(name).to(weight.dtype)
+            self._unmerge_one(self.merged_adapters.pop(), self.base_layer.weight)
+
+    def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
+        """Plain LoRA merges additively: W += ΔW."""
+        delta = self.delta_weight(name).to(weight.dtype)
+        if safe and not torch.isfinite(delta).all():
+            raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
+        weight.data += delta
+
+    def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
+        weight.data -= self.delta_weight(name).to(weight.dtype)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -107,18 +115,21 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on a linear layer (nn.Linear, GPT-2 Conv1D, bitsandbytes 4-bit/8-bit)."""
+    """LoRA on a linear layer (nn.Linear, GPT-2 Conv1D, bitsandbytes 4-bit/8-bit); DoRA per adapter if asked."""
 
-    adapter_modules = ("lora_A", "lora_B", "lora_dropout")
+    adapter_modules = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): A is (r, in)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): B is (out, r)
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: name -> m, (out,)
+        self._dora_norm_at_merge: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖_row of a merged DoRA adapter, (out,)
+        self.fused = False  # True: plain LoRA on an nn.Linear runs as one autograd node (loraforge.kernels)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True) -> None:
+                    use_rslora: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.base_layer.weight
@@ -131,11 +142,20 @@ class LoraLinear(LoraLayer):
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_parameters(name, init_lora_weights)
+        if use_dora:  # after the init: PiSSA/OLoRA change W0 first (PEFT's order). m = ‖W0 + s·BA‖_row
+            with torch.no_grad():
+                norm = self._row_norm(self._base_out_in(), self._scaled_BA(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
         self.active_adapters.append(name)
 
     @torch.no_grad()
     def reset_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
         if init_lora_weights is False:  # nn.Linear's default init for both: a non-zero adapter, for tests
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora")):
+            from .variants import init_from_base_weight  # these replace W0 by a residual
+
+            init_from_base_weight(self, name, init_lora_weights)
             return
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if init_lora_weights == "gaussian":
@@ -144,23 +164,101 @@ class LoraLinear(LoraLayer):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)  # so a fresh adapter leaves the model unchanged
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW = scaling · B @ A, shaped like the base weight ((in, out) for fan_in_fan_out layers)."""
+    def _scaled_BA(self, name: str) -> torch.Tensor:
+        """scaling · B @ A, (out, in), in fp32 for half-precision CPU adapters."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         compute = torch.float32 if A.dtype in (torch.bfloat16, torch.float16) and A.device.type == "cpu" else A.dtype
-        delta = (B.to(compute) @ A.to(compute)) * self.scaling[name]  # (out, in)
+        return (B.to(compute) @ A.to(compute)) * self.scaling[name]
+
+    def _base_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in), de-quantized if needed."""
+        weight = dequantized_weight(self.base_layer)
+        return weight.T if self.fan_in_fan_out else weight
+
+    @staticmethod
+    def _row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖W + ΔW‖ of each output row, (out,); weight and delta are (out, in)."""
+        return torch.linalg.norm(weight + delta.to(weight.dtype), dim=1)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW, shaped like the base weight ((in, out) for fan_in_fan_out layers).
+
+        LoRA: scaling · B @ A. DoRA: the whole change m/‖W+ΔW‖ ⊙ (W+ΔW) − W for the current (unmerged) W.
+        """
+        delta = self._scaled_BA(name)  # (out, in)
+        if name in self.lora_magnitude_vector:
+            weight = self._base_out_in().to(delta.dtype)
+            factor = self._dora_factor(name, self._row_norm(weight, delta))
+            delta = factor * (weight + delta) - weight
         return delta.T if self.fan_in_fan_out else delta
 
-    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        return (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
+
+    def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
+        """DoRA merge is not additive: W ← m/‖W+ΔW‖ ⊙ (W+ΔW), the norm kept for unmerge (as PEFT)."""
+        if name not in self.lora_magnitude_vector:
+            return super()._merge_one(name, weight, safe)
+        W = weight.T if self.fan_in_fan_out else weight  # (out, in) view
+        delta = self._scaled_BA(name).to(W.dtype)
+        norm = self._row_norm(W, delta)
+        merged = self._dora_factor(name, norm) * (W + delta)
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
+        self._dora_norm_at_merge[name] = norm
+        weight.data = (merged.T if self.fan_in_fan_out else merged).to(weight.dtype).contiguous()
+
+    def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerge_one(name, weight)
+        W = weight.T if self.fan_in_fan_out else weight
+        norm = self._dora_norm_at_merge.pop(name)
+        restored = W / self._dora_factor(name, norm) - self._scaled_BA(name).to(W.dtype)
+        weight.data = (restored.T if self.fan_in_fan_out else restored).to(weight.dtype).contiguous()
+
+    def _lora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The adapter's addition to base_out = base(x)."""
         A = self.lora_A[name]
         x = x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        if name in self.lora_magnitude_vector:
+            return self._dora(name, x, base_out)
         return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
 
+    def _dora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """(m/‖W0+sBA‖ − 1)·W0x + (m/‖W0+sBA‖)·s·B(A(x)); the norm is detached (DoRA §4.3) and uses BA detached."""
+        weight = self._base_out_in()  # (out, in)
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            w0x = base_out if bias is None else base_out - bias  # (..., out)
+        else:  # dropout changes x, so W0·dropout(x) must be computed again
+            x = dropout(x)
+            w0x = F.linear(x, weight.to(x.dtype))
+        norm = self._row_norm(weight.to(x.dtype), self._scaled_BA(name).detach()).detach()
+        scale = (self.lora_magnitude_vector[name] / norm).view(1, -1)  # broadcast over (..., out)
+        lora = self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+        return (scale - 1) * w0x + scale * lora
+
+    def _fusable(self) -> str | None:
+        """The adapter the fused kernel can run: one active, unmerged, plain-LoRA adapter without dropout."""
+        if (not self.fused or self.disabled or self.row_adapters is not None or len(self.active_adapters) != 1
+                or self.merged_adapters or type(self.base_layer) is not nn.Linear):
+            return None
+        name = self.active_adapters[0]
+        plain = name not in self.lora_magnitude_vector and isinstance(self.lora_dropout[name], nn.Identity)
+        return name if plain else None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
+            from .kernels import fused_lora_linear
+
+            return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                     self.lora_B[name].weight, self.scaling[name])
+        base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return result
-        out_dtype = result.dtype
+            return base_out
+        out_dtype = base_out.dtype
+        result = base_out
         if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)
             if self.merged_adapters:
                 raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
@@ -170,15 +268,16 @@ class LoraLinear(LoraLayer):
                     continue  # this layer is not targeted by that adapter
                 rows = [i for i, n in enumerate(self.row_adapters) if n == name]
                 idx = torch.tensor(rows, device=x.device)
-                result[idx] = result[idx] + self._lora(name, x[idx]).to(out_dtype)
+                result[idx] = result[idx] + self._lora(name, x[idx], base_out[idx]).to(out_dtype)
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x).to(out_dtype)
+                result = result + self._lora(name, x, base_out).to(out_dtype)
         return result
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
+        dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}{dora}"
 
 
 class ModulesToSave(nn.Module):

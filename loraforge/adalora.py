@@ -1,0 +1,483 @@
+"""AdaLoRA (Zhang et al., ICLR 2023): an SVD-shaped update whose rank is allocated by importance during training.
+
+Each target layer holds ΔW = P Λ Q in PEFT's names: lora_B = P (out, r), lora_E = diag(Λ) (r, 1), lora_A = Q (r, in):
+
+    h = base(x) + lora_alpha / (init_r + 1e-5) · x (A ∘ E)ᵀ Bᵀ
+
+The training loop calls `RankAllocator.step(model, global_step)` after each optimizer step (before zero_grad:
+it reads the gradients) and adds `orth_regularization(model)` to the loss. The allocator keeps EMA-smoothed
+sensitivity |w·∇w| and its uncertainty per weight, scores each triplet (E_i, row A_i, column B_i), and zeroes E_i of
+the least important ones to meet a total budget that falls from init_r·n to target_r·n on a cubic schedule.
+Saving writes the kept triplets only, with PEFT's `rank_pattern` (module.lora_E -> list of kept flags), and the
+scale stays lora_alpha / (init_r + 1e-5) after pruning, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict, validate
+from .inject import LAYER_INDEX, _set_submodule, default_targets, find_targets, lora_layers, mark_trainable
+from .layers import LoraLayer
+
+PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdaLoraConfig:
+    """AdaLoRA adapter settings. Names, meanings and defaults as in Hugging Face PEFT's AdaLoraConfig."""
+
+    total_step: int | None = None
+    """Total optimizer steps of the run (required): the budget schedule ends at total_step - tfinal."""
+    init_r: int = 12
+    """Initial rank of every adapted layer."""
+    target_r: int = 8
+    """Average final rank per layer: the final total budget is target_r × number of adapted layers."""
+    tinit: int = 0
+    """Warm-up steps at the full budget before any pruning."""
+    tfinal: int = 0
+    """Final steps at the target budget with the rank pattern fixed."""
+    deltaT: int = 1
+    """Re-allocate (mask) every deltaT steps during the budget phase."""
+    beta1: float = 0.85
+    """EMA coefficient of the sensitivity |w·∇w|."""
+    beta2: float = 0.85
+    """EMA coefficient of the uncertainty |sensitivity − its EMA|."""
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality penalty ‖AAᵀ−I‖ + ‖BᵀB−I‖ added to the loss."""
+    rank_pattern: dict | None = None
+    """Kept triplets per layer, as PEFT saves it: {"<module path>.lora_E": [true, false, ...] (init_r flags)}.
+    Written when saving; on load, each layer gets only its kept triplets."""
+    lora_alpha: float = 8
+    """Scale numerator: ΔW is multiplied by lora_alpha / (init_r + 1e-5) (0: init_r is used)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input x."""
+    target_modules: str | tuple[str, ...] | None = None
+    """Which linear layers get adapters, as in LoraConfig (None: the attention projections)."""
+    layers_to_transform: tuple[int, ...] | None = None
+    """Only these decoder-layer indices get adapters (None: all)."""
+    bias: str = "none"
+    """Which biases train: none, all, or lora_only."""
+    init_lora_weights: bool = True
+    """True: E zeros, A and B ~ N(0, 0.02) (a fresh adapter is a no-op). False: all N(0, 1) (tests only)."""
+    fan_in_fan_out: bool = False
+    """True when the base layer stores its weight as (in, out) (GPT-2's Conv1D). Detected automatically."""
+    base_model_name_or_path: str | None = None
+    """The base the adapter was trained on (informational)."""
+
+    def __post_init__(self):
+        p = []
+        if self.total_step is None or self.total_step <= 0:
+            p.append(f"total_step: AdaLoRA needs the run's number of optimizer steps (> 0), got {self.total_step}")
+        elif self.tinit >= self.total_step - self.tfinal:
+            p.append(f"tinit: {self.tinit} leaves no budget phase before total_step - tfinal = "
+                     f"{self.total_step - self.tfinal}; lower tinit/tfinal or raise total_step")
+        if self.init_r <= 0:
+            p.append(f"init_r: must be a positive integer, got {self.init_r} (try 12)")
+        if not 0 < self.target_r <= self.init_r:
+            p.append(f"target_r: must be in 1..init_r ({self.init_r}), got {self.target_r}")
+        if self.deltaT < 1:
+            p.append(f"deltaT: must be at least 1, got {self.deltaT}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                p.append(f"{name}: must be in (0, 1), got {getattr(self, name)} (try 0.85)")
+        if self.orth_reg_weight < 0:
+            p.append(f"orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
+        if self.lora_alpha < 0:
+            p.append(f"lora_alpha: must be >= 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            p.append(f"bias: {self.bias!r} is not one of ['none', 'all', 'lora_only']")
+        for key, flags in (self.rank_pattern or {}).items():
+            if not isinstance(flags, (list, tuple)) or not all(isinstance(f, bool) for f in flags) \
+                    or len(flags) != self.init_r:
+                p.append(f"rank_pattern.{key}: expected {self.init_r} true/false flags (PEFT's format), got {flags!r}")
+        validate(p)
+
+    def to_peft_dict(self) -> dict:
+        targets = self.target_modules
+        return {
+            "peft_type": "ADALORA",
+            "task_type": PEFT_TASK_TYPE,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "init_r": self.init_r,
+            "target_r": self.target_r,
+            "tinit": self.tinit,
+            "tfinal": self.tfinal,
+            "deltaT": self.deltaT,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            "total_step": self.total_step,
+            "rank_pattern": {k: list(v) for k, v in self.rank_pattern.items()} if self.rank_pattern else None,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, tuple) else targets,
+            "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "bias": self.bias,
+            "init_lora_weights": self.init_lora_weights,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "modules_to_save": None,
+            "inference_mode": True,
+            "layers_pattern": None,
+            "revision": None,
+            "library": "loraforge",
+        }
+
+    @classmethod
+    def from_train_config(cls, lora: LoraConfig, adalora: dict) -> "AdaLoraConfig":
+        """A training config's `adalora:` section; targets, lora_alpha, dropout and bias come from its `lora:`
+        section unless the `adalora:` section sets them."""
+        shared = dict(lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
+                      layers_to_transform=lora.layers_to_transform, bias=lora.bias,
+                      base_model_name_or_path=lora.base_model_name_or_path)
+        return from_dict(cls, {**shared, **adalora}, prefix="adalora.")
+
+    @classmethod
+    def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "AdaLoraConfig":
+        """Read PEFT's JSON. LoRA fields that AdaLoRA does not use (r, use_rslora, alpha_pattern...) are ignored,
+        as PEFT ignores them; other unknown fields with a value set give a warning."""
+        from .config import PEFT_INERT_FIELDS
+
+        if data.get("peft_type") != "ADALORA":
+            raise ConfigError([f"{source}: peft_type is {data.get('peft_type')!r}; this loader reads 'ADALORA'"])
+        if data.get("modules_to_save"):
+            raise ConfigError([f"{source}: modules_to_save is not supported with AdaLoRA in loraforge"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unused_lora = {f.name for f in dataclasses.fields(LoraConfig)} | {"modules_to_save"}
+        ignored = sorted(k for k in set(data) - known - unused_lora - PEFT_INERT_FIELDS
+                         if data[k] not in (None, False, {}, [], ""))
+        if ignored:
+            warnings.warn(f"{source}: ignoring fields this version does not use: {ignored}", stacklevel=2)
+        values = {k: v for k, v in data.items() if k in known and v is not None}
+        if isinstance(values.get("target_modules"), list):
+            values["target_modules"] = tuple(values["target_modules"])
+        if isinstance(values.get("layers_to_transform"), int):
+            values["layers_to_transform"] = [values["layers_to_transform"]]
+        if not isinstance(values.get("init_lora_weights", True), bool):
+            values["init_lora_weights"] = True  # an init recipe: irrelevant once the weights load
+        return from_dict(cls, values, prefix=f"{source}: ")
+
+
+class SVDLinear(LoraLayer):
+    """AdaLoRA on a linear layer: ΔW = B (A ∘ E) · lora_alpha / (init_r + 1e-5)."""
+
+    adapter_modules = ("lora_A", "lora_E", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()  # name -> (r, in): right singular vectors Q
+        self.lora_E = nn.ParameterDict()  # name -> (r, 1): singular values Λ
+        self.lora_B = nn.ParameterDict()  # name -> (out, r): left singular vectors P
+        self.lora_dropout = nn.ModuleDict()
+        self.rank_mask: dict[str, list[bool]] = {}  # name -> init_r flags: triplets the allocator keeps
+
+    def add_adapter(self, name: str, init_r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    kept: list[bool] | None = None, init_lora_weights: bool = True) -> None:
+        """`kept`: init_r flags of a pruned adapter (PEFT's rank_pattern entry); the layer holds only those."""
+        if name in self.r:
+            raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        kept = list(kept) if kept is not None else [True] * init_r
+        r = sum(kept)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        kw = dict(device=weight.device, dtype=dtype)
+        self.lora_A[name] = nn.Parameter(torch.randn(r, self.in_features, **kw))
+        self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
+        self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, r, **kw))
+        if init_lora_weights:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E[name])  # E = 0: a fresh adapter leaves the model unchanged
+                nn.init.normal_(self.lora_A[name], std=0.02)
+                nn.init.normal_(self.lora_B[name], std=0.02)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        # PEFT: scaling = lora_alpha (or init_r if alpha is 0) divided by ranknum + 1e-5, and ranknum = init_r,
+        # also after pruning (it is not saved; the pruned layer copies it back).
+        self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(init_r)) / (init_r + 1e-5)
+        self.rank_mask[name] = kept
+        self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.rank_mask.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW = scaling · B @ (A ∘ E), shaped like the base weight."""
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        delta = (B @ (A * E)) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(A.dtype))
+        return (x @ (A * E).T @ B.T) * self.scaling[name]  # (..., in) -> (..., r) -> (..., out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)
+            result = result.clone()
+            for name in set(self.row_adapters) - {None}:
+                if name in self.r:
+                    idx = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+                    result[idx] = result[idx] + self._lora(name, x[idx]).to(result.dtype)
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = result + self._lora(name, x).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}"
+
+
+def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern."""
+    configs = getattr(model, "lora_configs", None)
+    if configs is None:
+        configs = model.lora_configs = {}
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    if config.target_modules is None:  # save what was meant, so PEFT (whose defaults differ) reads the same
+        config = dataclasses.replace(config, target_modules=default_targets(model))
+    targets = find_targets(model, config)
+    if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    pattern = config.rank_pattern or {}
+    for path in targets:
+        module = model.get_submodule(path)
+        if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
+            raise ConfigError([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA adapters "
+                               f"cannot share a layer (delete the other adapter first)"])
+        if not isinstance(module, SVDLinear):
+            module = SVDLinear(module)
+            _set_submodule(model, path, module)
+        module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
+                           kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)
+    configs[adapter_name] = config
+    mark_trainable(model, adapter_name)
+    return model
+
+
+def svd_layers(model: nn.Module, name: str = "default") -> list[tuple[str, SVDLinear]]:
+    model = getattr(model, "module", model)  # DDP
+    return [(p, m) for p, m in lora_layers(model) if isinstance(m, SVDLinear) and name in m.r]
+
+
+class RankAllocator:
+    """Budget schedule and importance-based masking of AdaLoRA triplets (PEFT's RankAllocator, explicit step)."""
+
+    def __init__(self, model: nn.Module, adapter_name: str = "default", total_step: int | None = None):
+        """`total_step`: the run's real number of optimizer steps, if the config was written without it; it is
+        also stored in the model's adapter config, so the saved adapter_config.json says it."""
+        self.name = adapter_name
+        configs = getattr(model, "module", model).lora_configs
+        if total_step is not None and total_step != configs[adapter_name].total_step:
+            configs[adapter_name] = dataclasses.replace(configs[adapter_name], total_step=total_step)
+        self.config: AdaLoraConfig = configs[adapter_name]
+        self.finalized = False  # the final allocation to target_r · n layers was made
+        self.model = model  # for state() / load_state(); step() takes the model explicitly
+        layers = svd_layers(model, adapter_name)
+        if not layers:
+            raise ValueError(f"no AdaLoRA layers for adapter {adapter_name!r}; inject_adalora() first")
+        pruned = [p for p, m in layers if m.r[adapter_name] != len(m.rank_mask[adapter_name])]
+        if pruned:
+            raise ValueError(f"adapter {adapter_name!r} was loaded already pruned ({pruned[0]}, ...); the allocator "
+                             f"needs full init_r layers: train a fresh adapter")
+        self.init_budget = sum(m.r[adapter_name] for _, m in layers)
+        self.target_budget = self.config.target_r * len(layers)
+        self.reset_importance()
+
+    def reset_importance(self) -> None:
+        self.exp_avg_ipt: dict[str, torch.Tensor] = {}  # "<path>.lora_A" -> EMA of |w·∇w|
+        self.exp_avg_unc: dict[str, torch.Tensor] = {}  # EMA of |(|w·∇w|) − its EMA|
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """(total rank budget at `step`, whether to mask at this step): PEFT's cubic schedule."""
+        c = self.config
+        if step <= c.tinit:
+            return self.init_budget, False
+        if step > c.total_step - c.tfinal:
+            return self.target_budget, True
+        progress = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        budget = int((self.init_budget - self.target_budget) * progress ** 3 + self.target_budget)
+        return budget, step % c.deltaT == 0
+
+    @torch.no_grad()
+    def update_importance(self, model: nn.Module) -> None:
+        b1, b2 = self.config.beta1, self.config.beta2
+        for path, layer in svd_layers(model, self.name):
+            for attr in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, attr)[self.name]
+                if p.grad is None:
+                    raise RuntimeError(f"{path}.{attr} has no gradient: call allocator.step(model, step) after "
+                                       f"loss.backward() and optimizer.step(), before optimizer.zero_grad()")
+                key = f"{path}.{attr}"
+                ipt = (p * p.grad).abs()
+                avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
+                unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
+                avg = b1 * avg + (1 - b1) * ipt  # sensitivity, smoothed
+                self.exp_avg_ipt[key] = avg
+                self.exp_avg_unc[key] = b2 * unc + (1 - b2) * (ipt - avg).abs()  # uncertainty
+
+    def _triplet_scores(self, path: str) -> torch.Tensor:
+        """Score of each triplet i: s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), s = sensitivity · uncertainty. (r,)"""
+        s = {a: self.exp_avg_ipt[f"{path}.{a}"] * self.exp_avg_unc[f"{path}.{a}"] for a in ("lora_A", "lora_E", "lora_B")}
+        return s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+
+    @torch.no_grad()
+    def mask_to_budget(self, model: nn.Module, budget: int) -> None:
+        """Zero E of the lowest-scoring triplets so that about `budget` stay (ties at the threshold all go)."""
+        layers = svd_layers(model, self.name)
+        scores = {path: self._triplet_scores(path) for path, _ in layers}
+        k = self.init_budget - budget
+        if k <= 0:
+            return
+        threshold = torch.kthvalue(torch.cat([s.float().cpu() for s in scores.values()]), k).values.item()
+        for path, layer in layers:
+            keep = scores[path] > threshold
+            layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1), 0.0)
+            layer.rank_mask[self.name] = keep.tolist()
+
+    @torch.no_grad()
+    def apply_masks(self, model: nn.Module) -> None:
+        for _, layer in svd_layers(model, self.name):
+            keep = torch.tensor(layer.rank_mask[self.name], device=layer.lora_E[self.name].device)
+            layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1), 0.0)
+
+    def step(self, model: nn.Module, global_step: int) -> int:
+        """Call after each optimizer step, before zero_grad. Returns the budget at `global_step`.
+
+        Budget phase (step < total_step − tfinal): update the scores, mask every deltaT steps. At total_step −
+        tfinal: the final allocation to target_r·n. After it: re-apply that pattern, so masked E stay zero.
+        """
+        end = self.config.total_step - self.config.tfinal
+        if global_step < end:
+            self.update_importance(model)
+            budget, mask_now = self.budget(global_step)
+            if mask_now:
+                self.mask_to_budget(model, budget)
+            return budget
+        if global_step == end:
+            self.finalize(model)
+        else:
+            self.apply_masks(model)
+        return self.target_budget
+
+    def finalize(self, model: nn.Module) -> None:
+        """The final allocation to the target budget, once (call before saving if the loop's last step index
+        never reached total_step − tfinal, e.g. 0-based steps with tfinal = 0). Idempotent."""
+        if self.finalized:
+            return
+        if self.exp_avg_ipt:  # no scores (no step taken): nothing to rank by, keep every triplet
+            self.mask_to_budget(model, self.target_budget)
+        self.reset_importance()
+        self.finalized = True
+
+    def orth_penalty(self, model: nn.Module) -> torch.Tensor:
+        return orth_regularization(model, self.name)
+
+    def state(self) -> dict:
+        """JSON-ready state for an exact resume: the kept-triplet flags and the EMAs (float32 values survive JSON
+        exactly). The EMAs are 2× the adapter's size: fine in JSON for small adapters."""
+        return {"finalized": self.finalized,
+                "rank_mask": {p: list(layer.rank_mask[self.name]) for p, layer in svd_layers(self.model, self.name)},
+                "exp_avg_ipt": {k: v.tolist() for k, v in self.exp_avg_ipt.items()},
+                "exp_avg_unc": {k: v.tolist() for k, v in self.exp_avg_unc.items()}}
+
+    def load_state(self, state: dict) -> None:
+        self.reset_importance()
+        self.finalized = bool(state.get("finalized", False))
+        for path, layer in svd_layers(self.model, self.name):
+            if path in state.get("rank_mask", {}):
+                layer.rank_mask[self.name] = list(state["rank_mask"][path])
+            for attr in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, attr)[self.name]
+                for kind in ("exp_avg_ipt", "exp_avg_unc"):
+                    if f"{path}.{attr}" in state.get(kind, {}):
+                        value = torch.tensor(state[kind][f"{path}.{attr}"], dtype=p.dtype, device=p.device)
+                        getattr(self, kind)[f"{path}.{attr}"] = value
+
+
+def orth_regularization(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """orth_reg_weight · mean over the adapter's matrices of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (PEFT: unsquared norms).
+
+    Add it to the loss once per optimizer step (with gradient accumulation: divide by the number of micro-batches).
+    """
+    weight = getattr(model, "module", model).lora_configs[adapter_name].orth_reg_weight
+    terms = []
+    for _, layer in svd_layers(model, adapter_name):
+        A, B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        for cov in (A @ A.T, B.T @ B):  # (r, r)
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
+    if not terms:
+        return torch.zeros(())
+    return weight * torch.stack(terms).mean()
+
+
+def final_rank_pattern(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:
+    """{module path: kept rank} of an AdaLoRA adapter."""
+    return {path: sum(layer.rank_mask[adapter_name]) for path, layer in svd_layers(model, adapter_name)}
+
+
+def export_pruned(model: nn.Module, name: str, config: AdaLoraConfig,
+                  tensors: dict[str, torch.Tensor]) -> tuple[AdaLoraConfig, dict[str, torch.Tensor]]:
+    """The config with `rank_pattern` and the tensors sliced to the kept triplets, as PEFT saves AdaLoRA."""
+    pattern = {}
+    for path, layer in svd_layers(model, name):
+        kept = layer.rank_mask[name]
+        pattern[f"{path}.lora_E"] = kept
+        if layer.r[name] == len(kept) and not all(kept):  # a live, pruned layer: drop the masked triplets
+            idx = torch.tensor([i for i, k in enumerate(kept) if k], dtype=torch.long)
+            for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                key = f"{PREFIX}{path}.{attr}"
+                tensors[key] = tensors[key].index_select(dim, idx).contiguous()
+    if all(all(v) for v in pattern.values()) and not config.rank_pattern:
+        return config, tensors  # nothing pruned yet: PEFT writes no rank_pattern either
+    return dataclasses.replace(config, rank_pattern=pattern), tensors
+
+
+def plot_rank_heatmap(model: nn.Module, path: str, adapter_name: str = "default") -> str:
+    """A PNG of the final rank by decoder layer (rows) × module (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = final_rank_pattern(model, adapter_name)
+    cells: dict[tuple[int, str], int] = {}
+    for module_path, rank in ranks.items():
+        m = LAYER_INDEX.match(module_path)
+        layer = int(m.group(1)) if m else -1
+        column = module_path[m.end():] if m else module_path
+        cells[(layer, column)] = rank
+    rows = sorted({r for r, _ in cells})
+    cols = sorted({c for _, c in cells})
+    grid = torch.full((len(rows), len(cols)), float("nan"))
+    for (r, c), rank in cells.items():
+        grid[rows.index(r), cols.index(c)] = rank
+    init_r = getattr(model, "module", model).lora_configs[adapter_name].init_r
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(cols), 2.2 + 0.35 * len(rows)))
+    image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=init_r, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if not torch.isnan(grid[i, j]):
+                ax.text(j, i, int(grid[i, j]), ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [str(r) if r >= 0 else "-" for r in rows], fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(f"AdaLoRA rank per module (init_r {init_r})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

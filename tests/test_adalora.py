@@ -1,0 +1,224 @@
+"""AdaLoRA: PEFT round trips (before and after pruning), the budget schedule, masking, the orthogonality penalty."""
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
+
+from conftest import tiny_gpt2, tiny_llama
+from loraforge.adalora import (AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora,
+                               orth_regularization, plot_rank_heatmap, svd_layers)
+from loraforge.adapters import load_adapter, save_adapter
+from loraforge.config import ConfigError
+from loraforge.merge import merge, unmerge
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+# fp32, same ops as PEFT: logits agree to rounding (≤1e-5 per the issue).
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _config(**kw):
+    base = dict(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, lora_alpha=16, init_lora_weights=False)
+    return AdaLoraConfig(**{**base, **kw})
+
+
+def _train(model, steps, input_ids, allocator=None, first=1):
+    """A tiny explicit loop: loss + orth penalty, backward, optimizer step, allocator step, zero_grad."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    budgets = {}
+    for step in range(first, first + steps):
+        loss = model(input_ids, labels=input_ids).loss + orth_regularization(model)
+        loss.backward()
+        opt.step()
+        if allocator is not None:
+            budgets[step] = (allocator.step(model, step), sum(final_rank_pattern(model).values()))
+        opt.zero_grad()
+    return budgets
+
+
+def test_fresh_adapter_is_a_no_op(input_ids):
+    model = inject_adalora(tiny_llama(), AdaLoraConfig(total_step=10))
+    torch.testing.assert_close(model(input_ids).logits, tiny_llama()(input_ids).logits, rtol=0, atol=0)
+    layer = svd_layers(model)[0][1]
+    assert layer.lora_A["default"].shape == (12, 32) and layer.lora_E["default"].shape == (12, 1)
+    assert all(p.requires_grad == any(k in n for k in ("lora_A", "lora_B", "lora_E"))
+               for n, p in model.named_parameters())
+
+
+def test_forward_matches_formula():
+    base = torch.nn.Linear(6, 5)
+    layer = SVDLinear(base)
+    layer.add_adapter("a", init_r=3, lora_alpha=7, init_lora_weights=False)
+    A, E, B = layer.lora_A["a"], layer.lora_E["a"], layer.lora_B["a"]
+    x = torch.randn(2, 6)
+    expected = base(x) + x @ (A * E).T @ B.T * 7 / (3 + 1e-5)
+    torch.testing.assert_close(layer(x), expected)
+    merged = base.weight + layer.delta_weight("a")
+    torch.testing.assert_close(x @ merged.T + base.bias, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_config_validation_and_peft_names():
+    with pytest.raises(ConfigError, match="total_step"):
+        AdaLoraConfig()
+    with pytest.raises(ConfigError, match="tinit"):
+        AdaLoraConfig(total_step=10, tinit=8, tfinal=2)
+    with pytest.raises(ConfigError, match="target_r"):
+        AdaLoraConfig(total_step=10, init_r=4, target_r=6)
+    theirs = peft.AdaLoraConfig(total_step=10, target_modules=["q_proj"]).to_dict()
+    ours = AdaLoraConfig.from_peft_dict(json.loads(json.dumps(theirs, default=list)))
+    assert (ours.init_r, ours.target_r, ours.beta1, ours.beta2, ours.orth_reg_weight, ours.lora_alpha) == \
+           (12, 8, 0.85, 0.85, 0.5, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ours_loads_in_peft_with_equal_logits(arch, tmp_path, input_ids):
+    build = BUILDERS[arch]
+    model = inject_adalora(build(), _config())  # all weights random, nothing pruned
+    ours = model(input_ids).logits
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] is None
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+    assert not torch.allclose(ours, build()(input_ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pruned_adapter_saves_rank_pattern_and_loads_in_peft_and_ours(arch, tmp_path, input_ids):
+    build = BUILDERS[arch]
+    model = inject_adalora(build(), _config())
+    _train(model, 10, input_ids, RankAllocator(model))
+    ranks = final_rank_pattern(model)
+    assert sum(ranks.values()) == 2 * len(ranks)  # the target budget: target_r per layer on average
+    ours = model(input_ids).logits
+    save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k.removesuffix(".lora_E"): sum(v) for k, v in saved["rank_pattern"].items()} == ranks
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)
+    for path, layer in theirs.base_model.model.named_modules():
+        if hasattr(layer, "lora_E") and "default" in layer.lora_E:
+            assert layer.lora_E["default"].shape[0] == ranks[path]  # sliced to the kept triplets
+    torch.testing.assert_close(theirs(input_ids).logits, ours, **TOL)
+    reloaded = load_adapter(build(), tmp_path)
+    torch.testing.assert_close(reloaded(input_ids).logits, ours, **TOL)
+    save_adapter(reloaded, tmp_path / "again")  # a loaded pruned adapter re-saves the same pattern
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["rank_pattern"] == \
+        saved["rank_pattern"]
+
+
+def test_peft_pruned_adapter_loads_in_ours(tmp_path, input_ids):
+    cfg = peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
+                             target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), cfg)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 11):
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    model.eval()
+    theirs = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and not all(all(v) for v in pattern.values())  # PEFT really pruned
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert final_rank_pattern(ours) == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()}
+    torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
+
+
+def _formula(step, init, target, tinit, tfinal, total):
+    if step <= tinit:
+        return init
+    if step > total - tfinal:
+        return target
+    return int((init - target) * (1 - (step - tinit) / (total - tfinal - tinit)) ** 3 + target)
+
+
+def test_budget_schedule_equals_cubic_formula_and_peft(input_ids):
+    cfg = AdaLoraConfig(total_step=100, init_r=12, target_r=4, tinit=10, tfinal=20, deltaT=5)
+    model = inject_adalora(tiny_llama(), cfg)
+    allocator = RankAllocator(model)
+    n = len(svd_layers(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(
+            total_step=100, init_r=12, target_r=4, tinit=10, tfinal=20, deltaT=5, target_modules=cfg.target_modules
+            or ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    theirs = PeftRankAllocator(peft_model.base_model.model, peft_model.peft_config["default"], "default")
+    for step in (0, 1, 10, 11, 15, 37, 50, 79, 80, 81, 100):
+        budget, mask = allocator.budget(step)
+        assert budget == _formula(step, 12 * n, 4 * n, 10, 20, 100)
+        assert (budget, mask) == theirs.budget_schedule(step)
+
+
+def test_ranks_follow_the_budget_and_masked_triplets_stay_masked(input_ids):
+    model = inject_adalora(tiny_llama(), _config(total_step=12, tinit=2, tfinal=4))
+    allocator = RankAllocator(model)
+    n = len(svd_layers(model))
+    budgets = _train(model, 8, input_ids, allocator)  # steps 1..8: warm-up, budget phase, final allocation at 8
+    for step, (budget, kept) in budgets.items():
+        assert budget == _formula(step, 4 * n, 2 * n, 2, 4, 12)
+        assert kept == budget  # deltaT=1: every step of the budget phase masks down to the budget
+    pattern = {p: list(layer.rank_mask["default"]) for p, layer in svd_layers(model)}
+    _train(model, 4, input_ids, allocator, first=9)  # the final phase: the optimizer regrows E, step re-masks
+    for path, layer in svd_layers(model):
+        assert layer.rank_mask["default"] == pattern[path]
+        masked = ~torch.tensor(pattern[path])
+        torch.testing.assert_close(layer.lora_E["default"][masked], torch.zeros(int(masked.sum()), 1), rtol=0, atol=0)
+        assert (layer.lora_E["default"][~masked] != 0).all()
+
+
+def test_allocator_needs_gradients(input_ids):
+    model = inject_adalora(tiny_llama(), _config())
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        RankAllocator(model).step(model, 1)
+
+
+def test_orth_regularization_equals_plain_formula():
+    model = inject_adalora(tiny_llama(), _config(orth_reg_weight=0.3))
+    norms = []
+    for _, layer in svd_layers(model):
+        A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+        norms.append(((A @ A.T - torch.eye(4)) ** 2).sum().sqrt())
+        norms.append(((B.T @ B - torch.eye(4)) ** 2).sum().sqrt())
+    torch.testing.assert_close(orth_regularization(model), 0.3 * sum(norms) / len(norms))
+
+
+def test_merge_equals_unmerged_logits(input_ids):
+    model = inject_adalora(tiny_gpt2(), _config())
+    before = model(input_ids).logits
+    merge(model)
+    torch.testing.assert_close(model(input_ids).logits, before, rtol=1e-5, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(model(input_ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_heatmap_png(tmp_path, input_ids):
+    model = inject_adalora(tiny_llama(), _config())
+    _train(model, 10, input_ids, RankAllocator(model))
+    out = plot_rank_heatmap(model, tmp_path / "ranks.png")
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out == tmp_path / "ranks.png"
+
+
+def test_train_config_section_total_step_override_and_state_round_trip(input_ids):
+    from loraforge.config import LoraConfig
+
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=("q_proj", "v_proj"), lora_dropout=0.1)
+    cfg = AdaLoraConfig.from_train_config(lora, {"init_r": 4, "target_r": 2, "tinit": 1, "total_step": 1000})
+    assert (cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.init_r) == (32, 0.1, ("q_proj", "v_proj"), 4)
+    with pytest.raises(ConfigError, match="adalora.init_r"):
+        AdaLoraConfig.from_train_config(lora, {"init_r": "x", "total_step": 10})
+    model = inject_adalora(tiny_llama(), _config(total_step=1, tinit=0, tfinal=0))  # total unknown at build time
+    allocator = RankAllocator(model, total_step=10)
+    assert allocator.config.total_step == 10 and model.lora_configs["default"].total_step == 10
+    _train(model, 4, input_ids, allocator)
+    state = json.loads(json.dumps(allocator.state()))
+    fresh = RankAllocator(model)
+    fresh.load_state(state)
+    assert fresh.exp_avg_ipt.keys() == allocator.exp_avg_ipt.keys()
+    for key, value in allocator.exp_avg_unc.items():
+        torch.testing.assert_close(fresh.exp_avg_unc[key], value, rtol=0, atol=0)
+    allocator.finalize(model)
+    assert sum(final_rank_pattern(model).values()) == 2 * len(svd_layers(model))
