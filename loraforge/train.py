@@ -70,14 +70,18 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    """Base model + tokenizer with the method's trainable parts; trainable weights in fp32."""
+def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None):
+    """(model, tokenizer): the base with the method's trainable parts; trainable weights in fp32.
+
+    `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
+    method adalora). A tokenizer already loaded can be passed in.
+    """
     from .inject import inject
-    from .models import load_base
+    from .models import load_model, load_tokenizer
 
     quantization = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
     dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
-    model, tokenizer = load_base(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
+    model = load_model(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
         from .quant import prepare_for_kbit_training
@@ -91,16 +95,18 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.method == "full":
         model.requires_grad_(True)
     elif cfg.method == "adalora":
+        if total_steps is None:
+            raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
         from .adalora import AdaLoraConfig, inject_adalora
 
-        total = cfg.adalora.get("total_step") or 1  # replaced by the real step count in train()
-        inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total}), "default")
+        inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
+                       "default")
     else:
         inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights for what trains; the frozen base keeps its dtype
-    return model, tokenizer
+    return model, tokenizer or load_tokenizer(cfg.model.name)
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Example], dict]:
@@ -207,6 +213,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
     if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
         os.kill(os.getpid(), 9)
+    if final.exists():  # the same step written again (a re-run of a finished run): the new one wins
+        shutil.rmtree(final)
     os.replace(tmp, final)
     old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
     for d in old:
@@ -259,6 +267,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir."""
     from .adapters import save_adapter
     from .inject import count_parameters, parameter_report
+    from .models import load_tokenizer
     from .report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 
     rank, world, device = setup_distributed()
@@ -269,19 +278,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
 
-    model, tokenizer = build_model(cfg, device)
-    train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)
+    tokenizer = load_tokenizer(cfg.model.name)
+    train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)  # data errors come before model work
     pad_id = tokenizer.pad_token_id
-    trainable, total_params = count_parameters(model)
-    if trainable == 0:
-        raise TrainingError("no trainable parameters: check lora.target_modules / method")
-
     per_epoch = len(micro_batches(train_examples, cfg, 0)) // (t.gradient_accumulation * world)
     if per_epoch == 0:
         raise TrainingError(f"{len(train_examples)} training examples are fewer than one optimizer step needs "
                             f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
                             f"{world} processes); lower training.batch_size")
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
+    model, _ = build_model(cfg, device, total_steps, tokenizer)
+    trainable, total_params = count_parameters(model)
+    if trainable == 0:
+        raise TrainingError("no trainable parameters: check lora.target_modules / method")
     allocator = None
     if cfg.method == "adalora":
         from .adalora import RankAllocator
@@ -294,6 +303,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
 
     step, tokens_seen = 0, 0
+    if not resume and last_checkpoint(ckpt_root) is not None:
+        raise TrainingError(f"{out} already holds checkpoints of a run ({last_checkpoint(ckpt_root).name}); "
+                            f"continue it with --resume, or choose another output_dir")
     if resume:
         found = last_checkpoint(ckpt_root)
         if found is None:
@@ -339,10 +351,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             with context:
                 with autocast(cfg, device):
                     loss_sum, _ = ddp(batch)
-                    if allocator is not None:
-                        loss_sum = loss_sum + allocator.orth_penalty(model) * n_step / len(batches)
-                (loss_sum * world / n_step).backward()  # DDP averages over processes: × world undoes it
-            step_loss += loss_sum.detach()
+                    objective = loss_sum
+                    if allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total
+                        objective = loss_sum + allocator.orth_penalty(model) * n_step / len(batches)
+                (objective * world / n_step).backward()  # DDP averages over processes: × world undoes it
+            step_loss += loss_sum.detach()  # the data loss alone is what gets reported
         if world > 1:
             dist.all_reduce(step_loss)
         loss_value = step_loss.item() / n_step.item()
@@ -358,7 +371,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         optimizer.step()
         if allocator is not None:
-            allocator.step(model, step)  # AdaLoRA: update importance, re-mask to the budget (needs the grads)
+            allocator.step(model, step + 1)  # AdaLoRA (steps counted from 1, as PEFT): update importance, re-mask to the budget (needs the grads)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1

@@ -1,5 +1,6 @@
 """The training loop on a tiny model: loss normalisation, resume after SIGKILL, DDP equivalence, NaN stop."""
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,26 @@ def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file
     assert result.steps == 3 and all(torch.isfinite(v).all() for v in weights.values())
     assert result.trainable_params == sum(v.numel() for v in weights.values())
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # B moved off zero
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir, data_file, tmp_path):
+    cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=2)
+    train(cfg, progress=False)
+    with pytest.raises(TrainingError, match=r"already holds checkpoints.*--resume"):
+        train(cfg, progress=False)
+    assert train(cfg, resume=True, progress=False).steps == 2  # nothing left to do: it ends at once
+
+
+def test_adalora_method_prunes_to_the_target_budget(tiny_dir, data_file, tmp_path):
+    """method: adalora through the loop: the allocator runs after each step and the saved ranks meet target_r."""
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "method=adalora",
+                                   "data.eval_fraction=0", f"output_dir={tmp_path / 'ada'}", "training.max_steps=4",
+                                   "training.batch_size=4", "adalora.init_r=6", "adalora.target_r=2",
+                                   "adalora.tinit=0", "adalora.tfinal=1", "adalora.deltaT=1"])
+    train(cfg, progress=False)
+    saved = json.loads((tmp_path / "ada" / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 4
+    ranks = saved["rank_pattern"]
+    # the budget is target_r per layer on average: the ranks kept add up to target_r × number of layers
+    kept = sum(sum(bool(x) for x in v) if isinstance(v, list) else int(v) for v in ranks.values())
+    assert kept == 2 * len(ranks)
