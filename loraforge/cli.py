@@ -1,7 +1,8 @@
 """`loraforge SUBCOMMAND ...`: each subcommand is a typed function; its signature and docstring are the help.
 
 Parameters without a default are positional (keyword-only ones are required --options); the others are --options (underscores become dashes);
-a bool defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one.
+a `config` or `data` parameter defaulting to None is an optional positional; a bool defaulting to False is a flag;
+a list[str] takes several values. `Args:` lines document each one.
 """
 
 from __future__ import annotations
@@ -102,20 +103,33 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
     print(f"merged checkpoint written to {path}")
 
 
-def eval(data: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 32,
-         limit: int | None = None, dtype: str = "fp32", bf16: bool = False) -> None:  # noqa: A001
-    """Perplexity on a dataset and, for instruction data, exact-match accuracy of greedy generations.
+def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | None = None,  # noqa: A001
+         max_new_tokens: int = 32, limit: int | None = None, dtype: str = "fp32", bf16: bool = False,
+         probe: list[str] = ()) -> None:
+    """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
 
     Args:
-        data: a dataset file (jsonl/json/csv/parquet)
+        data: a dataset file (jsonl/json/csv/parquet); optional with --probe
         model: base model
         adapter: adapter directory to apply
         max_new_tokens: generation length for the accuracy check
         limit: only the first N records
         dtype: fp32 or bf16 storage of the base
         bf16: autocast matmuls to bf16 (faster on CPUs with avx512_bf16)
+        probe: general-ability probes: mc (200 4-option questions), text (perplexity), kl (KL vs base; needs --adapter)
     """
     import math
+
+    from .config import ConfigError
+
+    if data is None and not probe:
+        raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
+    if probe:
+        from .forgetting import cli_probe
+
+        cli_probe(list(probe), model=model, adapter=adapter, dtype=dtype, bf16=bf16)
+        if data is None:
+            return
 
     from . import data as D
     from .adapters import load_adapter
@@ -166,17 +180,15 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype)
 
 
-COMMANDS = {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve}
+def _commands() -> dict:
+    from .estimate import cli_estimate
+    from .forgetting import cli_forgetting
+
+    return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
+            "estimate": cli_estimate, "forgetting": cli_forgetting}
 
 
-def _optional_commands() -> None:
-    """Subcommands whose modules are written beside this one; added when present."""
-    for name, module, func in (("estimate", "estimate", "cli_estimate"), ("forgetting", "forgetting", "cli_forgetting")):
-        try:
-            mod = __import__(f"loraforge.{module}", fromlist=[func])
-            COMMANDS[name] = getattr(mod, func)
-        except (ImportError, AttributeError):
-            pass
+OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `loraforge eval [DATA] --probe mc`
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
@@ -184,11 +196,11 @@ def _arg_docs(doc: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _optional_commands()
+    commands = _commands()
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
                                      "PEFT-compatible adapters, merging and serving.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func in COMMANDS.items():
+    for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
         p = sub.add_parser(name, help=doc.split("\n")[0], description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                **extra, **kwargs)
             elif param.default is inspect.Parameter.empty:
                 p.add_argument(param.name, type=base_tp, nargs="+" if is_list else None, **kwargs)
+            elif param.name in OPTIONAL_POSITIONALS and param.default is None:
+                p.add_argument(param.name, type=base_tp, nargs="?", default=None, **kwargs)
             elif tp is bool:
                 p.add_argument("--" + param.name.replace("_", "-"), action="store_true", **kwargs)
             elif param.name == "overrides":  # trailing key=value pairs
@@ -217,9 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> dict:
+    """Parse a command line; KEY=VALUE overrides may come anywhere, also after --options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return vars(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    func = COMMANDS[args.pop("command")]
+    args = parse_args(argv)
+    func = _commands()[args.pop("command")]
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError

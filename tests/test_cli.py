@@ -61,3 +61,25 @@ def test_builtin_model_loads_from_cache_and_answers(smollm2, capsys):
     main(["generate", "What is the capital of France?", "--max-new-tokens", "12"])
     assert "Paris" in capsys.readouterr().out
     assert time.perf_counter() - start < 60  # cached: no GGUF conversion
+
+
+def test_eval_probe_runs_without_a_data_file_and_matches_the_scorer(tiny_dir, capsys):
+    from loraforge.probes import load_probe, perplexity
+
+    tok = load_tokenizer(str(tiny_dir))
+    expected = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), tok, load_probe("text"))["ppl"]
+    assert main(["eval", "--model", str(tiny_dir), "--probe", "text"]) == 0
+    assert f"perplexity on general text: {expected:.3f}" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_dir)]) == 2
+    assert "give a DATA file, or --probe" in capsys.readouterr().err
+
+
+def test_forgetting_takes_its_config_as_a_positional_argument():
+    from loraforge.cli import parse_args
+
+    args = parse_args(["forgetting", "task.yaml", "--seeds", "1", "training.lr=1e-4"])
+    assert (args["config"], args["seeds"], args["overrides"]) == ("task.yaml", 1, ["training.lr=1e-4"])
+    assert parse_args(["forgetting"])["config"] is None
+    assert parse_args(["train", "a.yaml", "--resume", "lora.r=4"])["overrides"] == ["lora.r=4"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "a.yaml", "--no-such-flag"])

@@ -1,0 +1,358 @@
+"""Training speed and memory: loraforge against PEFT + transformers on the same work, in one run.
+
+    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~10 min)
+    python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
+    python bench/train.py --variants lf,lf-unfused,lf-nopack,lf-fullhead,lf-fp32base,lf-ckpt   # what each pays
+
+The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
+demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
+the same steps, AdamW (lr 1e-3, no weight decay), gradient clipping at 1.0, the same LoRA A initialisation.
+
+    peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
+           labels=...).loss (full-vocabulary logits on every position), autocast(bf16) over an fp32 model as the
+           HF Trainer does with bf16=True.
+    lf     loraforge's training path (loraforge.train pieces): packed rows, the LM head only on supervised positions
+           (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels, LoraLinear.fused), and
+           in bf16 the frozen base stored in bf16 with fp32 adapters.
+
+Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
+rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
+Tokens/s counts real (non-pad) tokens only. Roofline: the useful FLOPs of a step (frozen linears forward + input
+gradient, LoRA forward + both gradients, causal attention, the head forward + input gradient on supervised
+positions only; the same count for every trainer) per second, over the peak torch.matmul rate of this machine in
+that dtype, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (trainer, options). lf: every speed-up that pays; the others switch one off (or one more on).
+VARIANTS = {
+    "peft": ("peft", {}),
+    "lf": ("lf", {"fused": True}),
+    "lf-unfused": ("lf", {}),
+    "lf-ckpt": ("lf", {"fused": True, "checkpointing": True}),
+    "lf-nopack": ("lf", {"fused": True, "packing": False}),
+    "lf-fullhead": ("lf", {"fused": True, "full_head": True}),
+    "lf-fp32base": ("lf", {"fused": True, "fp32_base": True}),
+    "lf-compile": ("lf", {"fused": True, "compile": True}),
+}
+
+
+# ------------------------------------------------------------------------------------------------- the worker
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux ≥ 4.0: VmHWM := VmRSS); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float | None:
+    """VmHWM: the peak RSS since reset_peak_rss() (or since the start), in MiB; None off Linux."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def same_lora_init(model) -> int:
+    """A = kaiming_uniform(a=√5) seeded by the wrapped layer's path, B = 0: identical adapters in PEFT and loraforge."""
+    import torch
+
+    n = 0
+    for name, module in model.named_modules():
+        lora_A = getattr(module, "lora_A", None)
+        if lora_A is None or "default" not in lora_A:
+            continue
+        path = name.removeprefix("base_model.model.")  # PEFT's wrapper prefix
+        g = torch.Generator().manual_seed(zlib.crc32(path.encode()))
+        with torch.no_grad():
+            torch.nn.init.kaiming_uniform_(module.lora_A["default"].weight, a=math.sqrt(5), generator=g)
+            module.lora_B["default"].weight.zero_()
+        n += 1
+    return n
+
+
+def useful_flops(examples, model_config, lora_params: int) -> float:
+    """FLOPs a LoRA step has to do for these examples (see the module docstring); the same for every trainer."""
+    c = model_config
+    h, inter, layers, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    frozen = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o, k, v, gate, up, down
+    total = 0.0
+    for ex in examples:
+        n = len(ex.input_ids)
+        sup = sum(label != -100 for label in ex.labels[1:])
+        total += n * (4 * frozen + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
+        total += 3 * layers * 4 * h * n * (n + 1) / 2  # QKᵀ and AV over the causal triangle, forward + 2× backward
+        total += sup * 4 * h * v  # head forward + dx on supervised positions
+    return total
+
+
+def worker(args) -> dict:
+    import torch
+
+    from loraforge import data as D
+    from loraforge.demo import asset, demo_config
+
+    trainer, opts = VARIANTS[args.variant]
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(args.device)
+    bf16 = args.dtype == "bf16"
+    overrides = [f"training.batch_size={args.micro_batch}", "training.weight_decay=0", "training.max_grad_norm=1.0",
+                 f"data.max_seq_len={args.pack_len}", f"data.packing={str(not opts.get('packing') is False).lower()}",
+                 f"model.dtype={'bf16' if bf16 and not opts.get('fp32_base') else 'fp32'}",
+                 f"training.precision={args.dtype}",
+                 f"training.gradient_checkpointing={str(bool(opts.get('checkpointing'))).lower()}",
+                 "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear"]
+    cfg = demo_config("runs/bench-train", overrides=overrides)
+
+    if trainer == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        from loraforge.models import load_base
+
+        model, tok = load_base("smollm2-135m", dtype="fp32", device=device)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    else:
+        from loraforge.train import build_model
+
+        model, tok = build_model(cfg, device)
+        if opts.get("fused"):
+            from loraforge.inject import lora_layers
+
+            for _, layer in lora_layers(model):
+                layer.fused = True
+    same_lora_init(model)
+    model.train()
+    rss_loaded = peak_rss_mb()
+    window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
+    records = D.read_records(asset("demo_train.jsonl"))
+    examples, _ = D.build_dataset(records, tok, max_seq_len=args.pack_len)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+    accum = args.batch // args.micro_batch
+    steps = args.warmup + args.steps
+    if steps * args.batch > len(order):
+        raise SystemExit(f"{steps} steps × batch {args.batch} need more than the {len(order)} demo examples")
+    pad_id = tok.pad_token_id
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    if trainer == "lf":
+        from loraforge.loss import CausalLMLoss
+        from loraforge.train import make_batch
+
+        loss_fn = CausalLMLoss(model)
+        if opts.get("full_head"):
+            loss_fn = _FullHead(model)
+        if opts.get("compile"):
+            loss_fn = torch.compile(loss_fn, dynamic=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    losses, real_tokens, flops, seconds = [], 0, 0.0, 0.0
+    for step in range(steps):
+        idx = order[step * args.batch:(step + 1) * args.batch]
+        micro = [idx[i:i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
+        sync()
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        if trainer == "peft":  # the usual loop: mean loss per micro-batch, divided by the accumulation
+            for mb in micro:
+                batch = {k: v.to(device) for k, v in D.collate([examples[i] for i in mb], pad_id).items()}
+                with autocast:
+                    loss = model(**batch, use_cache=False).loss / accum
+                loss.backward()
+                step_loss += loss.item()
+        else:  # loraforge: summed token losses over the step's supervised-token count
+            batches = [{k: v.to(device) for k, v in make_batch(examples, mb, cfg, pad_id).items()} for mb in micro]
+            n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            for batch in batches:
+                with autocast:
+                    loss_sum, _ = loss_fn(batch)
+                (loss_sum / n_step).backward()
+                step_loss += loss_sum.item() / n_step
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(step_loss)
+        if step >= args.warmup:
+            chosen = [examples[i] for i in idx]
+            seconds += dt
+            real_tokens += sum(len(e.input_ids) for e in chosen)
+            flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+    train_peak = window_peak_rss_mb() if window else None
+    return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
+            "train_peak_mb": train_peak,
+            "flops_per_s": flops / seconds, "peak_mb": peak, "rss_after_load_mb": rss_loaded,
+            "losses": losses, "final_loss": losses[-1], "seconds": seconds}
+
+
+class _FullHead:
+    """Ablation: the full-vocabulary logits on every position, then select (what the head-only loss avoids)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, batch):
+        import torch.nn.functional as F
+
+        labels = batch["labels"]
+        out = self.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        keep = labels[:, 1:] != -100
+        return F.cross_entropy(out.logits[:, :-1][keep].float(), labels[:, 1:][keep], reduction="sum"), keep.sum()
+
+
+# ------------------------------------------------------------------------------------------------- the driver
+
+def matmul_peak(dtype: str, device: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """Peak FLOP/s of a big square torch.matmul in this dtype (best of repeated runs)."""
+    import torch
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, dtype=dt, device=device)
+    b = torch.randn(n, n, dtype=dt, device=device)
+    best, end = 0.0, time.perf_counter() + seconds
+    torch.matmul(a, b)
+    while time.perf_counter() < end:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def run_worker(variant: str, dtype: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--dtype-one", dtype, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
+           "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{variant}/{dtype} failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps per trainer and round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (same data for every trainer)")
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (effective batch)")
+    p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
+    p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--variants", default="peft,lf", help=f"from {','.join(VARIANTS)}; the first is the baseline")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--json", help="also write every measurement here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dtype-one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.micro_batch = args.micro_batch or args.batch
+    if args.batch % args.micro_batch:
+        p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
+    if args.worker:
+        args.variant, args.dtype = args.worker, args.dtype_one
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    variants, dtypes = args.variants.split(","), args.dtypes.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    print(f"device {args.device}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"{args.rounds} rounds × ({args.warmup} warm-up + {args.steps} timed steps) of batch {args.batch} "
+          f"(micro-batch {args.micro_batch}) per trainer", flush=True)
+    results: dict[tuple[str, str], list[dict]] = {}
+    peaks: dict[str, list[float]] = {d: [] for d in dtypes}
+    loads = []
+    started = time.perf_counter()
+    for rnd in range(args.rounds):
+        for dtype in dtypes:
+            peaks[dtype].append(matmul_peak(dtype, args.device))
+            order = variants if rnd % 2 == 0 else variants[::-1]  # alternate who goes first
+            for v in order:
+                r = run_worker(v, dtype, args)
+                results.setdefault((v, dtype), []).append(r)
+                loads.append(os.getloadavg()[0])
+                print(f"  round {rnd + 1} {dtype:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
+                      f"  loss {r['final_loss']:.4f}  (load {loads[-1]:.1f})", flush=True)
+
+    mem = "peak max_allocated" if args.device == "cuda" else "peak RSS"
+    print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
+          f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
+    header = f"| dtype | trainer | real tok/s | ×{variants[0]} | {mem} MiB | ×{variants[0]} | training-only peak RSS MiB | " \
+             f"final loss | max Δloss vs {variants[0]} | roofline |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    table = []
+    for dtype in dtypes:
+        peak = statistics.median(peaks[dtype])
+        base = results[(variants[0], dtype)]
+        b_tps = statistics.median(r["tokens_per_s"] for r in base)
+        b_mem = statistics.median(r["peak_mb"] for r in base)
+        for v in variants:
+            rs = results[(v, dtype)]
+            tps = statistics.median(r["tokens_per_s"] for r in rs)
+            mem_mb = statistics.median(r["peak_mb"] for r in rs)
+            window = [r["train_peak_mb"] for r in rs if r.get("train_peak_mb")]
+            train_mb = f"{statistics.median(window):.0f}" if window else "-"
+            roof = statistics.median(r["flops_per_s"] for r in rs) / peak
+            dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
+            row = {"dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
+                   "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
+                   "max_loss_diff": dloss,
+                   "roofline": roof, "matmul_peak_gflops": peak / 1e9}
+            table.append(row)
+            print(f"| {dtype} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
+                  f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% |")
+    for dtype in dtypes:
+        print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
+              f"(2048² torch.matmul, median of rounds)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"table": table, "raw": {f"{v}/{d}": r for (v, d), r in results.items()},
+                                               "matmul_peak": peaks, "load": loads}, indent=1))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

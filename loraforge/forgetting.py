@@ -1,0 +1,356 @@
+"""`loraforge forgetting`: does LoRA forget less than full fine-tuning? Measured on your model and task.
+
+    base model  --probe-->  row "base"
+    for each arm (LoRA at each rank, full fine-tuning) and each seed:
+        train the same task (same data, same number of steps; a learning rate suited to the method)
+        --probe-->  one row: task accuracy (learned) | MC accuracy, perplexity, KL vs base (kept)
+
+Every model is probed the same way: weights as training left them (frozen base in model.dtype, trained weights
+in fp32 — full fine-tuning keeps fp32 master weights even with model.dtype bf16), matmuls under bf16 autocast
+when training.precision is bf16, i.e. the numerics the model was trained with.
+Writes forgetting.json (every number, with n), forgetting.png (learned vs forgotten) and the runs' outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+DEFAULT_RANKS = (8, 64)
+LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
+FULL_LR = 5e-5  # the upper end of usual full fine-tuning rates: a 135M model, a few dozen steps
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of fine-tuning: `method` "lora" (rank `r`, lora_alpha = 2r) or "full", at learning rate `lr`."""
+
+    name: str
+    method: str
+    lr: float
+    r: int | None = None
+
+
+def arms(ranks=DEFAULT_RANKS, lora_lr: float = LORA_LR, full_lr: float = FULL_LR) -> list[Arm]:
+    return [Arm(f"lora r={r}", "lora", lora_lr, r) for r in ranks] + [Arm("full FT", "full", full_lr)]
+
+
+def arm_config(cfg: TrainConfig, arm: Arm, seed: int, out: Path) -> TrainConfig:
+    """`cfg` with the arm's method, rank and learning rate, this seed, and its own output directory."""
+    lora = dataclasses.replace(cfg.lora, r=arm.r, lora_alpha=2 * arm.r) if arm.r else cfg.lora
+    training = dataclasses.replace(cfg.training, lr=arm.lr, seed=seed, eval_every=0, save_every=0)
+    slug = arm.name.replace(" ", "").replace("=", "")
+    return dataclasses.replace(cfg, method=arm.method, lora=lora, training=training,
+                               output_dir=str(out / f"{slug}-seed{seed}"))
+
+
+# --- probing one model ---------------------------------------------------------------------------------------
+
+def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: bool, probes: dict,
+              max_new_tokens: int) -> dict:
+    """Task accuracy (greedy exact match) and the three general probes for `model`; KL is against `base`
+    (None: the model is the base, KL = 0 by definition)."""
+    from .evaluate import accuracy
+    from .probes import kl_divergence, mc_accuracy, perplexity
+
+    model.eval()
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    task = accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50, bf16=bf16)
+    with autocast:
+        mc = mc_accuracy(model, tokenizer, probes["mc"])
+        ppl = perplexity(model, tokenizer, probes["text"], max_len=512)
+        if base is None:
+            kl = {"kl": 0.0, "n_positions": 0}
+        else:
+            kl = kl_divergence(base, model, tokenizer, probes["kl"])
+    task.pop("samples", None)
+    return {"task": task, "mc": mc, "ppl": ppl, "kl": kl}
+
+
+def _max_new_tokens(tokenizer, records: list[dict], fmt: str) -> int:
+    from . import data as D
+
+    return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
+
+
+def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
+    from . import data as D
+
+    if cfg.data.eval:
+        return cfg
+    records = D.read_records(cfg.data.train)
+    if len(records) < 20:
+        raise ValueError(f"{cfg.data.train} has {len(records)} records and data.eval is unset; the task accuracy "
+                         f"needs held-out examples: set data.eval to a file of them")
+    train, held = D.train_test_split(records, max(cfg.data.eval_fraction, 0.1), seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in (("task_train.jsonl", train), ("task_test.jsonl", held)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(out / name))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=paths[0], eval=paths[1]))
+
+
+# --- the experiment ------------------------------------------------------------------------------------------
+
+def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=DEFAULT_RANKS,
+                   lora_lr: float = LORA_LR, full_lr: float = FULL_LR, seeds: int = 2,
+                   limit: int | None = None, progress: bool = True) -> dict:
+    """Train every arm × seed on `cfg`'s task, probe base and each result; print the table, write JSON + plot.
+
+    Seeds run in the outer loop and forgetting.json is rewritten after every run ("complete": false until the
+    end), so an interrupted run already holds a whole comparison for its first seeds.
+    `limit` keeps only the first N task examples, MC questions, KL prompts and lines of the general text (quick
+    checks, not a report).
+    """
+    from . import data as D
+    from .adapters import load_adapter
+    from .models import load_base
+    from .probes import load_probe
+    from .train import train
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _task_split(cfg, out)
+    bf16 = cfg.training.precision == "bf16"
+    task_records = D.read_records(cfg.data.eval)[:limit]
+    fmt = D.detect_format(task_records[0]) if cfg.data.format == "auto" else cfg.data.format
+    text = load_probe("text")
+    probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
+              "text": "\n".join(text.splitlines()[:limit]) if limit else text}
+
+    base, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
+    max_new = _max_new_tokens(tokenizer, task_records, fmt)
+    print(f"[base] probing {cfg.model.name} ...", flush=True)
+    t0 = time.perf_counter()
+    rows = [{"name": "base", "method": "base", "seed": None, "lr": None, "r": None, "trainable_params": 0,
+             "train_seconds": 0.0, **probe_all(base, tokenizer, None, task_records, fmt, bf16, probes, max_new),
+             "probe_seconds": time.perf_counter() - t0}]
+    print(_row_line(rows[-1]), flush=True)
+
+    for seed in range(seeds):
+        for arm in arms(ranks, lora_lr, full_lr):
+            run_cfg = arm_config(cfg, arm, seed, out)
+            print(f"[{arm.name} seed {seed}] training {run_cfg.training.max_steps} steps at lr {arm.lr:g} ...",
+                  flush=True)
+            result = train(run_cfg, progress=progress)
+            t0 = time.perf_counter()
+            if arm.method == "full":
+                # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).
+                model, _ = load_base(str(Path(run_cfg.output_dir) / "model"), dtype="fp32")
+            else:
+                model, _ = load_base(cfg.model.name, dtype=cfg.model.dtype)
+                load_adapter(model, Path(run_cfg.output_dir) / "adapter")
+            scores = probe_all(model, tokenizer, base, task_records, fmt, bf16, probes, max_new)
+            rows.append({"name": arm.name, "method": arm.method, "seed": seed, "lr": arm.lr, "r": arm.r,
+                         "trainable_params": result.trainable_params, "train_seconds": result.seconds,
+                         "final_loss": result.final_loss, "output_dir": str(run_cfg.output_dir), **scores,
+                         "probe_seconds": time.perf_counter() - t0})
+            print(_row_line(rows[-1]), flush=True)
+            partial = {"complete": False, "rows": rows}
+            (out / "forgetting.json").write_text(json.dumps(partial, indent=1, default=str))
+            del model
+
+    order = {arm.name: i for i, arm in enumerate(arms(ranks, lora_lr, full_lr))}
+    rows = rows[:1] + sorted(rows[1:], key=lambda r: (order[r["name"]], r["seed"]))  # by arm, then seed
+    report = {"complete": True, "model": cfg.model.name, "task_train": cfg.data.train, "task_eval": cfg.data.eval,
+              "steps": cfg.training.max_steps, "batch_size": cfg.training.batch_size, "seeds": seeds,
+              "precision": cfg.training.precision, "n_kl_prompts": len(probes["kl"]), "rows": rows,
+              "summary": summarize(rows), "seconds": time.perf_counter() - started}
+    (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
+    plot(rows, out / "forgetting.png")
+    print(format_table(report), flush=True)
+    print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s",
+          flush=True)
+    return report
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per arm: mean and [min, max] over seeds of each number; forgetting as differences from the base row."""
+    base = rows[0]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["name"], []).append(row)
+    summary = []
+    for name, group in groups.items():
+        def stat(get):
+            values = [get(r) for r in group]
+            return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
+        summary.append({
+            "name": name, "lr": group[0]["lr"], "n_seeds": len(group) if group[0]["seed"] is not None else 0,
+            "task_accuracy": stat(lambda r: r["task"]["accuracy"]),
+            "mc_accuracy": stat(lambda r: r["mc"]["accuracy"]),
+            "mc_acc_norm": stat(lambda r: r["mc"]["acc_norm"]),
+            "mc_drop": stat(lambda r: base["mc"]["accuracy"] - r["mc"]["accuracy"]),
+            "ppl": stat(lambda r: r["ppl"]["ppl"]),
+            "kl": stat(lambda r: r["kl"]["kl"]),
+        })
+    return summary
+
+
+# --- reporting -----------------------------------------------------------------------------------------------
+
+def _ci(d: dict, key: str = "ci95") -> str:
+    lo, hi = d[key]
+    return f"[{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def _row_line(row: dict) -> str:
+    t, mc, ppl, kl = row["task"], row["mc"], row["ppl"], row["kl"]
+    return (f"  {row['name']:<11} seed {'-' if row['seed'] is None else row['seed']}: "
+            f"task {t['correct']}/{t['n']}  MC {mc['correct']}/{mc['n']} (norm {mc['correct_norm']})  "
+            f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, "
+            f"probes {row['probe_seconds']:.0f} s)")
+
+
+def format_table(report: dict) -> str:
+    """One row per run, then one per arm (mean and min-max over seeds); the header states every n."""
+    rows, base = report["rows"], report["rows"][0]
+    n_task, n_mc = base["task"]["n"], base["mc"]["n"]
+    n_tok, n_kl = base["ppl"]["n_tokens"], next((r["kl"]["n_positions"] for r in rows[1:]), 0)
+    header = ["run", "lr", "trainable", "train s", "task acc % [95% CI]",
+              "MC acc % [95% CI]", "MC acc_norm % [95% CI]", "ppl", "KL vs base"]
+    lines = []
+    for r in rows:
+        t, mc = r["task"], r["mc"]
+        lines.append([r["name"] + ("" if r["seed"] is None else f" s{r['seed']}"),
+                      "-" if r["lr"] is None else f"{r['lr']:g}",
+                      f"{r['trainable_params'] / 1e6:.2f}M", f"{r['train_seconds']:.0f}",
+                      f"{100 * t['accuracy']:.0f} {_ci(t)}",
+                      f"{100 * mc['accuracy']:.1f} {_ci(mc)}", f"{100 * mc['acc_norm']:.1f} {_ci(mc, 'ci95_norm')}",
+                      f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt_line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"forgetting on {report['model']}: {report['steps']} steps × batch {report['batch_size']}, "
+           f"{report['seeds']} seed(s) per arm, {report['precision']} compute",
+           f"learned: task = greedy exact match on {n_task} held-out task examples.  kept: MC = {n_mc} 4-option "
+           f"questions scored by log-likelihood; ppl over {n_tok} tokens of general text; KL(base||tuned) mean "
+           f"over {n_kl} next-token positions of {report['n_kl_prompts']} general prompts (nats)",
+           fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(line) for line in lines]
+    out += ["", "per arm: mean [min, max] over seeds; MC drop = base MC accuracy - run's (points; + = forgot)"]
+    head2 = ["arm", "task acc %", "MC acc %", "MC drop pts", "acc_norm %", "ppl", "KL vs base"]
+    rows2 = []
+    for s in report["summary"]:
+        def f(key, scale=100, digits=1):
+            d = s[key]
+            if s["n_seeds"] <= 1:
+                return f"{scale * d['mean']:.{digits}f}"
+            return f"{scale * d['mean']:.{digits}f} [{scale * d['min']:.{digits}f}, {scale * d['max']:.{digits}f}]"
+        rows2.append([s["name"], f("task_accuracy", digits=0), f("mc_accuracy"), f("mc_drop"), f("mc_acc_norm"),
+                      f("ppl", 1, 3), f("kl", 1, 4)])
+    widths = [max(len(h), *(len(line[i]) for line in rows2)) for i, h in enumerate(head2)]
+    out += [fmt_line(head2), fmt_line(["-" * w for w in widths])] + [fmt_line(line) for line in rows2]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Learned (task accuracy) against forgotten (MC accuracy drop; KL vs base), one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_mc = rows[0]["mc"]["accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (label, get) in zip(axes, (("MC accuracy drop vs base (points)",
+                                        lambda r: 100 * (base_mc - r["mc"]["accuracy"])),
+                                       ("KL(base || tuned), nats per token", lambda r: r["kl"]["kl"]))):
+        for name in names:
+            pts = [(get(r), 100 * r["task"]["accuracy"]) for r in rows if r["name"] == name]
+            ax.scatter(*zip(*pts), label=name, color=colors[name], s=40)
+        ax.set_xlabel(f"forgotten: {label}")
+        ax.set_ylabel("learned: task accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].axvline(0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("learned vs forgotten (one point per run)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+
+def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", ranks: list[str] = (),
+                   seeds: int = 2, max_steps: int | None = None, lora_lr: float = LORA_LR,
+                   full_lr: float = FULL_LR, overrides: list[str] = ()) -> None:
+    """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
+
+    Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
+    task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
+    general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
+
+    Args:
+        config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
+        out: directory for the runs, forgetting.json and forgetting.png
+        ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
+        seeds: training seeds per arm (the spread of the accuracy numbers)
+        max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
+        lora_lr: learning rate of the LoRA runs
+        full_lr: learning rate of the full fine-tuning runs
+        overrides: section.field=value pairs on top of the config
+    """
+    from .config import load_train_config
+    from .demo import demo_config
+
+    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    cfg = (load_train_config(config, overrides) if config
+           else demo_config(out, DEMO_STEPS, overrides))  # output_dir is set per run
+    run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds)
+
+
+DEMO_STEPS = 30
+
+
+def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135m", adapter: str | None = None,
+              dtype: str = "fp32", bf16: bool = False) -> None:
+    """Score a model on the shipped general-ability probes: MC accuracy, perplexity, KL vs the base.
+
+    Args:
+        probe: which probes: mc (200 4-option questions), text (perplexity), kl (needs --adapter: KL vs base)
+        model: base model
+        adapter: adapter directory; KL compares the model with and without it
+        dtype: fp32 or bf16 storage of the base
+        bf16: autocast matmuls to bf16
+    """
+    from .adapters import disable_adapters, load_adapter
+    from .models import load_base
+    from .probes import kl_divergence, load_probe, mc_accuracy, perplexity
+
+    unknown = set(probe) - {"mc", "text", "kl"}
+    if unknown:
+        raise ValueError(f"unknown probe(s) {sorted(unknown)}; use mc, text and/or kl")
+    base, tokenizer = load_base(model, dtype=dtype)
+    if adapter:
+        load_adapter(base, adapter)
+    base.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if "mc" in probe:
+            r = mc_accuracy(base, tokenizer, load_probe("mc"))
+            print(f"MC accuracy: {r['accuracy']:.1%} ({r['correct']}/{r['n']}, 95% CI {_ci(r)}%); "
+                  f"acc_norm {r['acc_norm']:.1%} (95% CI {_ci(r, 'ci95_norm')}%)")
+        if "text" in probe:
+            r = perplexity(base, tokenizer, load_probe("text"))
+            print(f"perplexity on general text: {r['ppl']:.3f} ({r['n_tokens']} tokens)")
+        if "kl" in probe:
+            if not adapter:
+                print("KL vs base: needs --adapter (without one the model is the base: KL = 0)")
+            else:
+                def base_fn(ids, mask):
+                    with disable_adapters(base):
+                        return base(input_ids=ids, attention_mask=mask).logits
+                r = kl_divergence(base_fn, base, tokenizer, load_probe("kl"))
+                print(f"KL(base || adapter): {r['kl']:.4f} nats per token over {r['n_positions']} positions")
