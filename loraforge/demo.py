@@ -24,7 +24,7 @@ def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = (
         "method": "lora",
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
         "data": {"train": asset("demo_train.jsonl"), "eval": asset("demo_test.jsonl"), "max_seq_len": 256},
-        "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 60,
+        "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 30,
                      "batch_size": 16, "precision": "bf16", "eval_every": 0, "save_every": 0, "seed": 0},
         "output_dir": out,
     }
