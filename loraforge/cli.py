@@ -14,33 +14,38 @@ import sys
 import typing
 
 
-def train(config: str, overrides: list[str] = (), resume: bool = False) -> None:
+def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
 
     Args:
         config: the YAML file (sections: model, method, lora, data, training, output_dir)
         overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16
         resume: continue from the last complete checkpoint in output_dir
+        quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
     """
     from .config import load_train_config
     from .train import train as run
 
+    overrides = list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
     result = run(load_train_config(config, overrides), resume=resume)
     print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
 
 
-def demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = ()) -> None:
+def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | None = None,
+         overrides: list[str] = ()) -> None:
     """Fine-tune the built-in SmolLM2-135M-Instruct on the shipped date task and show the accuracy gain.
 
     Args:
         out: where the adapter, metrics and loss plot go
         max_steps: train for this many steps instead of the demo's default
+        quantize: nf4, fp4 or int8: QLoRA, the frozen base stored with bitsandbytes
         overrides: section.field=value pairs on top of the demo config
     """
     from .demo import run_demo
 
-    run_demo(out, max_steps=max_steps, overrides=list(overrides))
+    run_demo(out, max_steps=max_steps,
+             overrides=list(overrides) + ([f"model.quantization={quantize}"] if quantize else []))
 
 
 def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,

@@ -31,6 +31,9 @@ def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = (
     return load_train_config(None, overrides, base=base)
 
 
+METHOD_NAMES = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
@@ -45,12 +48,14 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
     test = D.read_records(cfg.data.eval)
-    model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
-    print(f"[1/3] base model on {len(test)} held-out dates (greedy, exact match) ...", flush=True)
+    quantize = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
+    model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize=quantize)  # as it trains
+    print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates (greedy, exact match) ...", flush=True)
     before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
     print(f"      base accuracy: {before['accuracy']:.1%}  e.g. {before['samples'][0]}", flush=True)
 
-    print("[2/3] fine-tuning with LoRA ...", flush=True)
+    method = "QLoRA" if quantize else METHOD_NAMES[cfg.method]
+    print(f"[2/3] fine-tuning with {method} ...", flush=True)
     result = train(cfg)
 
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
@@ -59,7 +64,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     after = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
     total = time.perf_counter() - started
     rows = [
-        ("model", "SmolLM2-135M-Instruct (built-in)"),
+        ("model", f"SmolLM2-135M-Instruct (built-in){f', {quantize} base' if quantize else ''}"),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / result.total_params:.2f}%)"),
         ("adapter size on disk", f"{dir_size(adapter_dir) / 2**20:.1f} MiB ({adapter_dir})"),
