@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict, validate
-from .inject import LAYER_INDEX, _set_submodule, default_targets, find_targets, lora_layers, mark_trainable
+from .inject import LAYER_INDEX, _set_submodule, lora_layers, mark_trainable, resolve_targets
 from .layers import LoraLayer
 
 PREFIX = "base_model.model."
@@ -242,16 +242,7 @@ class SVDLinear(LoraLayer):
 
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern."""
-    configs = getattr(model, "lora_configs", None)
-    if configs is None:
-        configs = model.lora_configs = {}
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
-    if config.target_modules is None:  # save what was meant, so PEFT (whose defaults differ) reads the same
-        config = dataclasses.replace(config, target_modules=default_targets(model))
-    targets = find_targets(model, config)
-    if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
-        config = dataclasses.replace(config, fan_in_fan_out=True)
+    configs, config, targets = resolve_targets(model, config, adapter_name)
     pattern = config.rank_pattern or {}
     for path in targets:
         module = model.get_submodule(path)

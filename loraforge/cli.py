@@ -207,13 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
-        p = sub.add_parser(name, help=doc.split("\n")[0], description=doc.split("Args:")[0].strip(),
+        p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"), description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         docs = _arg_docs(doc)
         hints = typing.get_type_hints(func)
         for param in inspect.signature(func).parameters.values():
             tp = hints.get(param.name, str)
-            kwargs = {"help": docs.get(param.name, "")}
+            kwargs = {"help": docs.get(param.name, "").replace("%", "%%")}  # argparse formats help with %
             is_list = typing.get_origin(tp) is list
             base_tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if not is_list else str
             if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:

@@ -103,22 +103,31 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
+def resolve_targets(model: nn.Module, config, adapter_name: str):
+    """(model.lora_configs, config with explicit targets and fan_in_fan_out, the module paths to wrap).
+
+    Refuses a name already loaded; `target_modules=None` becomes the architecture's default list, saved as such
+    so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out.
+    """
+    configs = getattr(model, "lora_configs", None)
+    if configs is None:
+        configs = model.lora_configs = {}
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    if config.target_modules is None:
+        config = dataclasses.replace(config, target_modules=default_targets(model))
+    targets = find_targets(model, config)
+    if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    return configs, config, targets
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
     """
-    configs = getattr(model, "lora_configs", None)
-    if configs is None:
-        configs = {}
-        model.lora_configs = configs
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
-    if config.target_modules is None:  # save what was meant, so PEFT (whose defaults differ) reads the same
-        config = dataclasses.replace(config, target_modules=default_targets(model))
-    targets = find_targets(model, config)
-    if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
-        config = dataclasses.replace(config, fan_in_fan_out=True)
+    configs, config, targets = resolve_targets(model, config, adapter_name)
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):

@@ -83,3 +83,13 @@ def test_forgetting_takes_its_config_as_a_positional_argument():
     assert parse_args(["train", "a.yaml", "--resume", "lora.r=4"])["overrides"] == ["lora.r=4"]
     with pytest.raises(SystemExit):
         parse_args(["train", "a.yaml", "--no-such-flag"])
+
+
+def test_every_command_prints_its_help(capsys):
+    from loraforge.cli import _commands
+
+    for name in [None, *_commands()]:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"] if name else ["--help"])
+        assert e.value.code == 0
+        assert f"usage: loraforge {name or ''}" in capsys.readouterr().out

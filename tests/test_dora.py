@@ -11,6 +11,7 @@ from loraforge.config import LoraConfig
 from loraforge.inject import inject, lora_layers
 from loraforge.layers import LoraLinear
 from loraforge.merge import merge, merge_and_unload, unmerge
+from test_adapters import randomize as randomize_ab
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, the same ops as PEFT: agreement to rounding (the issue's 1e-5)
@@ -18,12 +19,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, the same ops as PEFT: agreement to rou
 
 def randomize(model, seed=1):
     """Non-zero A, B and a magnitude that is not ‖W0 + sBA‖, so every term of DoRA shows in the output."""
-    g = torch.Generator().manual_seed(seed)
+    randomize_ab(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             for name in layer.r:
-                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
                 m = layer.lora_magnitude_vector[name]
                 m.mul_(1 + 0.2 * torch.rand(m.shape, generator=g))
     return model
