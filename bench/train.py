@@ -11,9 +11,10 @@ the same steps, AdamW (lr 1e-3, no weight decay), gradient clipping at 1.0, the 
     peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
            labels=...).loss (full-vocabulary logits on every position), autocast(bf16) over an fp32 model as the
            HF Trainer does with bf16=True.
-    lf     loraforge's training path (loraforge.train pieces): packed rows, the LM head only on supervised positions
-           (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels, LoraLinear.fused), and
-           in bf16 the frozen base stored in bf16 with fp32 adapters.
+    lf     loraforge's training path with its defaults (loraforge.train pieces): packing where it pays
+           (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
+           positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
+           training.fused_lora), and in bf16 the frozen base stored in bf16 with fp32 adapters.
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -40,16 +41,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (trainer, options). lf: every speed-up that pays; the others switch one off (or one more on).
+# name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
 VARIANTS = {
     "peft": ("peft", {}),
-    "lf": ("lf", {"fused": True}),
-    "lf-unfused": ("lf", {}),
-    "lf-ckpt": ("lf", {"fused": True, "checkpointing": True}),
-    "lf-nopack": ("lf", {"fused": True, "packing": False}),
-    "lf-fullhead": ("lf", {"fused": True, "full_head": True}),
-    "lf-fp32base": ("lf", {"fused": True, "fp32_base": True}),
-    "lf-compile": ("lf", {"fused": True, "compile": True}),
+    "lf": ("lf", {}),
+    "lf-unfused": ("lf", {"fused": False}),
+    "lf-ckpt": ("lf", {"checkpointing": True}),
+    "lf-pack": ("lf", {"packing": True}),
+    "lf-nopack": ("lf", {"packing": False}),
+    "lf-fullhead": ("lf", {"full_head": True}),
+    "lf-fp32base": ("lf", {"fp32_base": True}),
+    "lf-compile": ("lf", {"compile": True}),
 }
 
 
@@ -122,7 +124,8 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     bf16 = args.dtype == "bf16"
     overrides = [f"training.batch_size={args.micro_batch}", "training.weight_decay=0", "training.max_grad_norm=1.0",
-                 f"data.max_seq_len={args.pack_len}", f"data.packing={str(not opts.get('packing') is False).lower()}",
+                 f"data.max_seq_len={args.pack_len}", f"data.packing={str(opts.get('packing', 'auto')).lower()}",
+                 f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"model.dtype={'bf16' if bf16 and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
                  f"training.gradient_checkpointing={str(bool(opts.get('checkpointing'))).lower()}",
@@ -141,11 +144,6 @@ def worker(args) -> dict:
         from loraforge.train import build_model
 
         model, tok = build_model(cfg, device)
-        if opts.get("fused"):
-            from loraforge.inject import lora_layers
-
-            for _, layer in lora_layers(model):
-                layer.fused = True
     same_lora_init(model)
     model.train()
     rss_loaded = peak_rss_mb()
@@ -168,6 +166,7 @@ def worker(args) -> dict:
         from loraforge.train import make_batch
 
         loss_fn = CausalLMLoss(model)
+        pack = D.should_pack(cfg.data.packing, examples, args.micro_batch)
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         if opts.get("compile"):
@@ -192,7 +191,7 @@ def worker(args) -> dict:
                 loss.backward()
                 step_loss += loss.item()
         else:  # loraforge: summed token losses over the step's supervised-token count
-            batches = [{k: v.to(device) for k, v in make_batch(examples, mb, cfg, pad_id).items()} for mb in micro]
+            batches = [{k: v.to(device) for k, v in make_batch(examples, mb, cfg, pad_id, pack).items()} for mb in micro]
             n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             for batch in batches:
                 with autocast:

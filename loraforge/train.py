@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
     method adalora). A tokenizer already loaded can be passed in.
     """
-    from .inject import inject
+    from .inject import inject, lora_layers
     from .models import load_model, load_tokenizer
 
     quantization = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
@@ -103,6 +103,9 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
                        "default")
     else:
         inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
+    if cfg.training.fused_lora:
+        for _, layer in lora_layers(model):
+            layer.fused = True  # layers the kernel can't run (dropout, DoRA, 4-bit base) keep the plain path
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights for what trains; the frozen base keeps its dtype
@@ -176,9 +179,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int) -> dict:
+def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int, pack: bool) -> dict:
     chosen = [examples[i] for i in idx]
-    rows = D.pack(chosen, cfg.data.max_seq_len) if cfg.data.packing else chosen
+    rows = D.pack(chosen, cfg.data.max_seq_len) if pack else chosen
     return D.collate(rows, pad_id)
 
 
@@ -316,13 +319,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             allocator.load_state(meta.get("allocator", {}))
         if is_main:
             print(f"resuming from {found} (step {step}/{total_steps})", flush=True)
+    padding = D.padding_fraction(train_examples, t.batch_size)
+    pack = D.should_pack(cfg.data.packing, train_examples, t.batch_size)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(f"data: {data_stats['n_examples']} train examples ({data_stats['n_truncated']} truncated, "
-              f"{data_stats['n_dropped']} dropped), {len(eval_examples)} held out; "
-              f"padding avoided by packing: {100 * D.padding_fraction(train_examples, t.batch_size):.1f}%"
-              if cfg.data.packing else f"data: {data_stats['n_examples']} train examples", flush=True)
+              f"{data_stats['n_dropped']} dropped), {len(eval_examples)} held out; padded batches would be "
+              f"{100 * padding:.1f}% padding: " + ("packed rows avoid it" if pack else "not packed (data.packing="
+              f"{cfg.data.packing}{'; auto packs from 20%' if cfg.data.packing == 'auto' else ''})"), flush=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
     bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
 
@@ -336,7 +341,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         if epoch not in epoch_batches:
             epoch_batches = {epoch: micro_batches(train_examples, cfg, epoch)}
         mine = epoch_batches[epoch][within * group:(within + 1) * group][rank::world]
-        batches = [to_device(make_batch(train_examples, idx, cfg, pad_id), device) for idx in mine]
+        batches = [to_device(make_batch(train_examples, idx, cfg, pad_id, pack), device) for idx in mine]
 
         # 2. the supervised-token count of the whole step, over all micro-batches and processes
         n_step = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=device)
@@ -388,7 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 log.write(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
         if eval_examples and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            eval_loss = mean_token_loss(model, eval_examples, pad_id, max(t.batch_size, 8), cfg.data.packing,
+            eval_loss = mean_token_loss(model, eval_examples, pad_id, max(t.batch_size, 8), pack,
                                         cfg.data.max_seq_len, bf16=t.precision == "bf16")
             if is_main:
                 log.write(step=step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))

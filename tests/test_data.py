@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraforge.data import (IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack,
-                            padding_fraction, prompt_ids, read_records, reference_output, train_test_split)
+                            padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split)
 from loraforge.models import load_tokenizer
 
 
@@ -286,3 +286,14 @@ def test_collate_pads_and_padding_fraction():
     assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
     assert padding_fraction(rows, batch_size=2) == pytest.approx(2 / 6)
     assert padding_fraction(rows, batch_size=1) == 0.0
+
+
+def test_auto_packing_packs_only_when_padding_is_worth_it():
+    def ex(n):
+        return Example(list(range(n)), list(range(n)))
+
+    similar = [ex(10), ex(11), ex(10), ex(12)]  # padded in pairs: 1 + 2 of 46 positions are padding
+    varied = [ex(2), ex(20), ex(3), ex(30)]  # 18 + 27 of 100
+    assert padding_fraction(similar, 2) == pytest.approx(3 / 46) and padding_fraction(varied, 2) == pytest.approx(0.45)
+    assert not should_pack("auto", similar, 2) and should_pack("auto", varied, 2)
+    assert should_pack(True, similar, 2) and not should_pack(False, varied, 2)

@@ -100,3 +100,19 @@ def test_fused_is_off_by_default_and_skips_dropout():
     assert layer.fused is False and layer._fusable() is None
     layer.fused = True
     assert layer._fusable() is None  # dropout: the plain path keeps PEFT's exact semantics
+
+
+def test_training_turns_the_kernel_on_where_it_applies(tiny_dir, data_file, tmp_path):
+    from loraforge.config import load_train_config
+    from loraforge.inject import lora_layers
+    from loraforge.train import build_model
+
+    def fused_layers(*over):
+        cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"output_dir={tmp_path}",
+                                       "lora.target_modules=all-linear", *over])
+        model, _ = build_model(cfg, torch.device("cpu"))
+        return [layer._fusable() is not None for _, layer in lora_layers(model)]
+
+    assert all(fused_layers())
+    assert not any(fused_layers("training.fused_lora=false"))
+    assert not any(fused_layers("lora.lora_dropout=0.1"))  # dropout: the plain path
