@@ -58,7 +58,7 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     import torch
 
     from loraforge.config import LoraConfig
-    from loraforge.inject import inject
+    from loraforge.inject import inject, lora_layers
     from loraforge.models import load_base
     from loraforge.quant import make_optimizer, prepare_for_kbit_training
 
@@ -77,6 +77,8 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
         model.requires_grad_(True)
     else:
         inject(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        for _, layer in lora_layers(model):
+            layer.fused = True  # as train.build_model does (training.fused_lora); a 4-bit base keeps the plain path
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 trainable weights, as train.py keeps them

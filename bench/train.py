@@ -1,8 +1,8 @@
 """Training speed and memory: loraforge against PEFT + transformers on the same work, in one run.
 
-    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~10 min)
+    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~4 min)
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
-    python bench/train.py --variants lf,lf-unfused,lf-nopack,lf-fullhead,lf-fp32base,lf-ckpt   # what each pays
+    python bench/train.py --variants peft,lf,lf-unfused,lf-pack,lf-fullhead,lf-fp32base,lf-ckpt   # what each pays
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
 demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
@@ -267,9 +267,9 @@ def run_worker(variant: str, dtype: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps per trainer and round")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trainer and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (same data for every trainer)")
-    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (effective batch)")
+    p.add_argument("--batch", type=int, default=16, help="examples per optimizer step (effective batch; the demo's 16)")
     p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
     p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
