@@ -301,6 +301,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         allocator = RankAllocator(model, total_step=total_steps)
 
     loss_fn = CausalLMLoss(model).train()
+    if t.compile:
+        loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
     ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn
     optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
