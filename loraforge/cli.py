@@ -1,8 +1,9 @@
 """`loraforge SUBCOMMAND ...`: each subcommand is a typed function; its signature and docstring are the help.
 
-Parameters without a default are positional (keyword-only ones are required --options); the others are --options (underscores become dashes);
-a `config` or `data` parameter defaulting to None is an optional positional; a bool defaulting to False is a flag;
-a list[str] takes several values. `Args:` lines document each one.
+Parameters without a default are positional (keyword-only ones are required --options); the others are --options
+(underscores become dashes); a `config` or `data` parameter defaulting to None is an optional positional; a bool
+defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one.
+KEY=VALUE overrides may come anywhere on the line.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
-        p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"), description=doc.split("Args:")[0].strip(),
+        p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"),
+                           description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         docs = _arg_docs(doc)
         hints = typing.get_type_hints(func)

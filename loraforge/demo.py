@@ -50,7 +50,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     test = D.read_records(cfg.data.eval)
     quantize = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
     model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize=quantize)  # as it trains
-    print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates (greedy, exact match) ...", flush=True)
+    print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates "
+          f"(greedy, exact match) ...", flush=True)
     before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
     print(f"      base accuracy: {before['accuracy']:.1%}  e.g. {before['samples'][0]}", flush=True)
 
