@@ -297,7 +297,7 @@ def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", rank
         config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
         out: directory for the runs, forgetting.json and forgetting.png
         ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
-        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread, ~10 more min on 2 cores)
+        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
         max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs
