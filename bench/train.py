@@ -47,6 +47,7 @@ VARIANTS = {
     "lf": ("lf", {}),
     "lf-unfused": ("lf", {"fused": False}),
     "lf-ckpt": ("lf", {"checkpointing": True}),
+    "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
     "lf-pack": ("lf", {"packing": True}),
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
@@ -128,7 +129,7 @@ def worker(args) -> dict:
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"model.dtype={'bf16' if bf16 and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
-                 f"training.gradient_checkpointing={str(bool(opts.get('checkpointing'))).lower()}",
+                 f"training.gradient_checkpointing={str(opts.get('checkpointing', False)).lower()}",
                  "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear"]
     cfg = demo_config("runs/bench-train", overrides=overrides)
 

@@ -86,11 +86,13 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     if quantization:
         from .quant import prepare_for_kbit_training
 
-        prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is not False)
+        prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()
+    if type(checkpointing) is int and checkpointing > 0:  # N layers, not every one
+        checkpoint_only(model, checkpointing)
     lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name)
     if cfg.method == "full":
         model.requires_grad_(True)
@@ -156,6 +158,23 @@ def lr_lambda(schedule: str, warmup: int, total: int):
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
     return factor
+
+
+def checkpoint_only(model: nn.Module, n: int) -> list[int]:
+    """Keep gradient checkpointing on n of the decoder layers, evenly spread; the others keep their activations.
+
+    Returns the indices of the checkpointed layers. Uses transformers' per-layer switch (GradientCheckpointingLayer).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise TrainingError(f"training.gradient_checkpointing: {n} layers needs a model whose decoder layers "
+                            f"checkpoint one by one ({type(model).__name__} does not); use true or false")
+    chosen = {round(i * len(layers) / n) for i in range(min(n, len(layers)))}
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return sorted(chosen)
 
 
 def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:

@@ -1,5 +1,6 @@
 """The training loop on a tiny model: loss normalisation, resume after SIGKILL, DDP equivalence, NaN stop."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import tiny_llama
 from loraforge.config import ConfigError, load_train_config
 from loraforge.loss import CausalLMLoss
-from loraforge.train import TrainingError, train
+from loraforge import data as D
+from loraforge.train import TrainingError, build_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,3 +199,29 @@ def test_compiled_training_ends_with_the_same_adapter(tiny_dir, data_file, tmp_p
         runs[flag] = adapter(out)
     # fp32; inductor fuses and reorders reductions, so equal to rounding (3 Adam steps amplify it a little)
     assert_same_adapter(runs[True], runs[False], atol=1e-4)
+
+
+def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, tmp_path):
+    """gradient_checkpointing: N recomputes N evenly spread decoder layers; loss and gradients stay exact (fp32)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from loraforge.train import make_batch
+
+    grads = {}
+    for ckpt in ("false", "true", "1"):
+        cfg = config(tiny_dir, data_file, tmp_path / ckpt, gradient_checkpointing=ckpt)
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_dropout=0.0))
+        torch.manual_seed(0)
+        model, tok = build_model(cfg, torch.device("cpu"))
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == {"false": [False, False], "true": [True, True], "1": [True, False]}[ckpt]
+        examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
+        model.train()
+        loss, _ = CausalLMLoss(model)(make_batch(examples, list(range(8)), cfg, tok.pad_token_id, False))
+        loss.backward()
+        grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for ckpt in ("true", "1"):
+        for n, g in grads["false"].items():
+            torch.testing.assert_close(grads[ckpt][n], g, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="gradient_checkpointing: a number of layers must be ≥ 0, got -1"):
+        config(tiny_dir, data_file, tmp_path, gradient_checkpointing=-1)
