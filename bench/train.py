@@ -14,7 +14,8 @@ the same steps, AdamW (lr 1e-3, no weight decay), gradient clipping at 1.0, the 
     lf     loraforge's training path with its defaults (loraforge.train pieces): packing where it pays
            (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
            positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
-           training.fused_lora), and in bf16 the frozen base stored in bf16 with fp32 adapters.
+           training.fused_lora), eager attention on CPU for short rows (training.attention=auto; PEFT runs
+           transformers' default SDPA), and in bf16 the frozen base stored in bf16 with fp32 adapters.
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -53,6 +54,7 @@ VARIANTS = {
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
+    "lf-compile-ckpt10": ("lf", {"compile": True, "checkpointing": 10}),
 }
 
 

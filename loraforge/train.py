@@ -93,6 +93,9 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             model.enable_input_require_grads()
     if type(checkpointing) is int and checkpointing > 0:  # N layers, not every one
         checkpoint_only(model, checkpointing)
+    attention = training_attention(cfg, device)
+    if getattr(model.config, "_attn_implementation", attention) != attention:
+        model.set_attn_implementation(attention)
     lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name)
     if cfg.method == "full":
         model.requires_grad_(True)
@@ -158,6 +161,13 @@ def lr_lambda(schedule: str, warmup: int, total: int):
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
     return factor
+
+
+def training_attention(cfg: TrainConfig, device: torch.device) -> str:
+    """training.attention resolved: "auto" is eager on CPU for rows up to 512 tokens, SDPA otherwise."""
+    if cfg.training.attention != "auto":
+        return cfg.training.attention
+    return "eager" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:

@@ -225,3 +225,26 @@ def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, 
             torch.testing.assert_close(grads[ckpt][n], g, rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="gradient_checkpointing: a number of layers must be ≥ 0, got -1"):
         config(tiny_dir, data_file, tmp_path, gradient_checkpointing=-1)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_eager_and_sdpa_attention_train_alike(tiny_dir, data_file, tmp_path, packed):
+    """training.attention only picks a kernel: loss and gradients agree (fp32), padded and packed batches alike."""
+    from loraforge.train import make_batch
+
+    results = {}
+    for attention in ("sdpa", "eager"):
+        cfg = config(tiny_dir, data_file, tmp_path / attention, attention=attention)
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_dropout=0.0, init_lora_weights=False))
+        torch.manual_seed(0)
+        model, tok = build_model(cfg, torch.device("cpu"))
+        assert model.config._attn_implementation == attention
+        examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
+        batch = make_batch(examples, [0, 5, 17, 33, 2, 9], cfg, tok.pad_token_id, packed)
+        assert ("position_ids" in batch) == packed
+        loss, n = CausalLMLoss(model.train())(batch)
+        (loss / n).backward()
+        results[attention] = (loss, {k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for k, g in results["sdpa"][1].items():
+        torch.testing.assert_close(results["eager"][1][k], g, rtol=1e-4, atol=1e-6)
