@@ -169,7 +169,7 @@ def worker(args) -> dict:
         from loraforge.train import make_batch
 
         loss_fn = CausalLMLoss(model)
-        pack = D.should_pack(cfg.data.packing, examples, args.micro_batch)
+        pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch))
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         if opts.get("compile"):

@@ -15,6 +15,11 @@ import sys
 import typing
 
 
+def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
+    """--quantize Q is the override model.quantization=Q (validated with the rest of the config)."""
+    return list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
+
+
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
 
@@ -27,8 +32,7 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
     from .config import load_train_config
     from .train import train as run
 
-    overrides = list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
-    result = run(load_train_config(config, overrides), resume=resume)
+    result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume)
     print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
 
@@ -45,8 +49,7 @@ def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | N
     """
     from .demo import run_demo
 
-    run_demo(out, max_steps=max_steps,
-             overrides=list(overrides) + ([f"model.quantization={quantize}"] if quantize else []))
+    run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize))
 
 
 def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,
@@ -194,6 +197,7 @@ def _commands() -> dict:
             "estimate": cli_estimate, "forgetting": cli_forgetting}
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value
 OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `loraforge eval [DATA] --probe mc`
 
 
@@ -247,6 +251,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    for name in OPTIONAL_POSITIONALS:  # `loraforge forgetting lora.r=4`: the optional file was left out
+        value = getattr(args, name, None)
+        if value is not None and hasattr(args, "overrides") and OVERRIDE.match(value):
+            setattr(args, name, None)
+            args.overrides = [value, *args.overrides]
     return vars(args)
 
 

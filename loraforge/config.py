@@ -404,6 +404,11 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output_dir: str = "runs/latest"
 
+    @property
+    def quantization(self) -> str | None:
+        """How the frozen base is stored: model.quantization, else nf4 for method qlora, else None (unquantized)."""
+        return self.model.quantization or ("nf4" if self.method == "qlora" else None)
+
 
 def load_train_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate everything."""

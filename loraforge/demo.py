@@ -48,7 +48,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
     test = D.read_records(cfg.data.eval)
-    quantize = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
+    quantize = cfg.quantization
     model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize=quantize)  # as it trains
     print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates "
           f"(greedy, exact match) ...", flush=True)

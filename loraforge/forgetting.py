@@ -89,8 +89,9 @@ def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
         return cfg
     records = D.read_records(cfg.data.train)
     if len(records) < 20:
-        raise ValueError(f"{cfg.data.train} has {len(records)} records and data.eval is unset; the task accuracy "
-                         f"needs held-out examples: set data.eval to a file of them")
+        raise D.DataError(f"{cfg.data.train} has {len(records)} records and data.eval is unset; the task "
+                          f"accuracy needs held-out examples: give 20 or more records, or set data.eval to a file "
+                          f"of them")
     train, held = D.train_test_split(records, max(cfg.data.eval_fraction, 0.1), seed=0)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -330,9 +331,11 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
     from .models import load_base
     from .probes import kl_divergence, load_probe, mc_accuracy, perplexity
 
+    from .config import ConfigError
+
     unknown = set(probe) - {"mc", "text", "kl"}
     if unknown:
-        raise ValueError(f"unknown probe(s) {sorted(unknown)}; use mc, text and/or kl")
+        raise ConfigError([f"--probe: unknown probe(s) {sorted(unknown)}; use mc, text and/or kl"])
     base, tokenizer = load_base(model, dtype=dtype)
     if adapter:
         load_adapter(base, adapter)

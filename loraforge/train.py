@@ -79,7 +79,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     from .inject import inject, lora_layers
     from .models import load_model, load_tokenizer
 
-    quantization = cfg.model.quantization or ("nf4" if cfg.method == "qlora" else None)
+    quantization = cfg.quantization
     dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
     model = load_model(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
     checkpointing = cfg.training.gradient_checkpointing
@@ -351,14 +351,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         if is_main:
             print(f"resuming from {found} (step {step}/{total_steps})", flush=True)
     padding = D.padding_fraction(train_examples, t.batch_size)
-    pack = D.should_pack(cfg.data.packing, train_examples, t.batch_size)
+    pack = D.should_pack(cfg.data.packing, padding)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(f"data: {data_stats['n_examples']} train examples ({data_stats['n_truncated']} truncated, "
               f"{data_stats['n_dropped']} dropped), {len(eval_examples)} held out; padded batches would be "
               f"{100 * padding:.1f}% padding: " + ("packed rows avoid it" if pack else "not packed (data.packing="
-              f"{cfg.data.packing}{'; auto packs from 20%' if cfg.data.packing == 'auto' else ''})"), flush=True)
+              f"{cfg.data.packing}{f'; auto packs from {D.PACK_MIN_PADDING:.0%}' if cfg.data.packing == 'auto' else ''})"),
+              flush=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
     bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
 

@@ -80,6 +80,8 @@ def test_forgetting_takes_its_config_as_a_positional_argument():
     args = parse_args(["forgetting", "task.yaml", "--seeds", "1", "training.lr=1e-4"])
     assert (args["config"], args["seeds"], args["overrides"]) == ("task.yaml", 1, ["training.lr=1e-4"])
     assert parse_args(["forgetting"])["config"] is None
+    args = parse_args(["forgetting", "training.lr=1e-4", "lora.r=4"])  # no CONFIG: the demo task
+    assert (args["config"], args["overrides"]) == (None, ["training.lr=1e-4", "lora.r=4"])
     assert parse_args(["train", "a.yaml", "--resume", "lora.r=4"])["overrides"] == ["lora.r=4"]
     with pytest.raises(SystemExit):
         parse_args(["train", "a.yaml", "--no-such-flag"])
@@ -93,3 +95,14 @@ def test_every_command_prints_its_help(capsys):
             main([name, "--help"] if name else ["--help"])
         assert e.value.code == 0
         assert f"usage: loraforge {name or ''}" in capsys.readouterr().out
+
+
+def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_dir), "--probe", "mmlu"]) == 2
+    assert "--probe: unknown probe(s) ['mmlu']; use mc, text and/or kl" in capsys.readouterr().err
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"instruction": "Say hi.", "output": "hi"}\n' * 5)
+    task = tmp_path / "task.yaml"
+    task.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {small}}}\n")  # no data.eval: split from train
+    assert main(["forgetting", str(task), "--out", str(tmp_path / "fg")]) == 2
+    assert f"{small} has 5 records and data.eval is unset" in capsys.readouterr().err

@@ -295,5 +295,6 @@ def test_auto_packing_packs_only_when_padding_is_worth_it():
     similar = [ex(10), ex(11), ex(10), ex(12)]  # padded in pairs: 1 + 2 of 46 positions are padding
     varied = [ex(2), ex(20), ex(3), ex(30)]  # 18 + 27 of 100
     assert padding_fraction(similar, 2) == pytest.approx(3 / 46) and padding_fraction(varied, 2) == pytest.approx(0.45)
-    assert not should_pack("auto", similar, 2) and should_pack("auto", varied, 2)
-    assert should_pack(True, similar, 2) and not should_pack(False, varied, 2)
+    similar, varied = padding_fraction(similar, 2), padding_fraction(varied, 2)
+    assert not should_pack("auto", similar) and should_pack("auto", varied)
+    assert should_pack(True, similar) and not should_pack(False, varied)
