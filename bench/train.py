@@ -1,6 +1,6 @@
 """Training speed and memory: loraforge against PEFT + transformers on the same work, in one run.
 
-    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~4 min)
+    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~3 min)
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
     python bench/train.py --variants peft,lf,lf-unfused,lf-pack,lf-fullhead,lf-fp32base,lf-ckpt   # what each pays
 
