@@ -2,7 +2,7 @@
 
     python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~3 min)
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
-    python bench/train.py --variants peft,lf,lf-unfused,lf-pack,lf-fullhead,lf-fp32base,lf-ckpt   # what each pays
+    python bench/train.py --variants peft,lf,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt   # what each pays
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
 demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
@@ -14,8 +14,9 @@ the same steps, AdamW (lr 1e-3, no weight decay), gradient clipping at 1.0, the 
     lf     loraforge's training path with its defaults (loraforge.train pieces): packing where it pays
            (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
            positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
-           training.fused_lora), eager attention on CPU for short rows (training.attention=auto; PEFT runs
-           transformers' default SDPA), and in bf16 the frozen base stored in bf16 with fp32 adapters.
+           training.fused_lora), lean RMSNorm and SwiGLU MLP nodes (training.fused_blocks), the lean attention
+           kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), and in
+           bf16 the frozen base stored in bf16 with fp32 adapters.
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -47,6 +48,9 @@ VARIANTS = {
     "peft": ("peft", {}),
     "lf": ("lf", {}),
     "lf-unfused": ("lf", {"fused": False}),
+    "lf-noblocks": ("lf", {"blocks": False}),  # RMSNorm and SwiGLU MLP as transformers has them
+    "lf-eager": ("lf", {"attention": "eager"}),  # transformers' eager attention instead of the lean kernel
+    "lf-before": ("lf", {"blocks": False, "attention": "eager"}),  # the defaults of the previous release
     "lf-ckpt": ("lf", {"checkpointing": True}),
     "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
     "lf-pack": ("lf", {"packing": True}),
@@ -129,6 +133,8 @@ def worker(args) -> dict:
     overrides = [f"training.batch_size={args.micro_batch}", "training.weight_decay=0", "training.max_grad_norm=1.0",
                  f"data.max_seq_len={args.pack_len}", f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
+                 f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
+                 f"training.attention={opts.get('attention', 'auto')}",
                  f"model.dtype={'bf16' if bf16 and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
                  f"training.gradient_checkpointing={str(opts.get('checkpointing', False)).lower()}",

@@ -351,14 +351,20 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep on disk."""
     log_every: int = 1
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
-    """The attention kernel while training. auto: eager on CPU when rows are at most 512 tokens
-    (data.max_seq_len), SDPA otherwise. PyTorch's CPU flash-attention backward is slow on short rows: on the demo
-    data eager made a whole training step 1.27× faster (bench/train.py); on long rows eager's T² scores cost memory."""
+    attention: Literal["auto", "sdpa", "eager", "lean"] = "auto"
+    """The attention kernel while training. auto: lean on CPU when rows are at most 512 tokens (data.max_seq_len),
+    SDPA otherwise. lean: loraforge.kernels.attention, eager attention's math keeping only q, k, v and the
+    probabilities in the compute dtype (keys and values not repeated per query head). PyTorch's CPU
+    flash-attention backward is slow on short rows: on the demo data eager made a whole training step 1.27× faster
+    than SDPA (bench/train.py); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
     """torch.compile the model and loss (inductor). bench/train.py on 2 CPU cores, bf16: with SDPA attention 1.15×
     the tokens/s of the uncompiled path, with the eager attention auto picks on CPU only 1.02×, at 1.1-1.2× the
     peak memory and after minutes of compiling; worth trying on GPUs and long runs."""
+    fused_blocks: bool = True
+    """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes (loraforge.fastpath): the
+    same math, keeping less for the backward (RMSNorm no fp32 copy of its input; the MLP only its gate and up
+    projections' outputs, recomputing the rest). Other architectures keep their modules."""
     fused_lora: bool = True
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
     the same math, saving only x and A·x for the backward (bench/train.py: 1.05–1.2× tokens/s, 0.8–0.93× peak

@@ -1,56 +1,223 @@
-"""A fused LoRA linear: one autograd node for base(x) + s·(x Aᵀ) Bᵀ that saves only what its backward needs.
+"""Autograd nodes for training that save only what their backward needs: the LoRA linear, the SwiGLU MLP's
+down projection, RMSNorm and attention. Each is the same math as the plain PyTorch path (tests/test_kernels.py
+compares outputs, losses and gradients); loraforge.fastpath installs them into Llama-family models.
 
+LoRA linear, y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen (W, b):
     forward   xa = x Aᵀ                      (N, r)   kept for dB
               y  = x Wᵀ + b + s · xa Bᵀ      (N, out)
     backward  gb = g B                       (N, r)
               dx = g W + s · gb A            (N, in)
               dA = s · gbᵀ x                 (r, in)
               dB = s · gᵀ xa                 (out, r)
+  Saved: x, xa (r columns), and references to W, A, B; the plain path also keeps the scaled copy's autograd
+  bookkeeping and does two extra (N, out) elementwise passes (× s, +) forward and back.
 
-Saved: x, xa (r columns), and references to W, A, B; the plain path also keeps the scaled copy's autograd
-bookkeeping and does two extra (N, out) elementwise passes (× s, +) forward and back. Frozen W, b get no
-gradient. Under autocast the matmuls run in the autocast dtype and dA, dB are returned in the parameters' dtype
-(fp32 master weights). tests/test_kernels.py checks loss and gradients against the plain path.
+SwiGLU down projection, y = lora_linear(silu(g) ⊙ u): saves g and u only; h = silu(g) ⊙ u (the down projection's
+  input, as wide as g) is recomputed in the backward instead of kept, and silu(g) is never kept (autograd keeps
+  g, silu(g), u and h: four (N, intermediate) tensors, here two).
+
+RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistics in fp32, the product in x's dtype):
+  saves y (which the next linear layer keeps anyway) and rstd (one float per row); x · rstd = y / w in the
+  backward. Autograd keeps an fp32 copy of x. Where w has a zero entry, x is kept instead.
+
+Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the probabilities in the
+  compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
+  probabilities twice, in fp32 and in the compute dtype).
+
+Under autocast the matmuls run in the autocast dtype and gradients of trainable parameters come back in the
+parameters' dtype (fp32 master weights).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _linear_forward(x2, w, bias, a, b, scaling):
+    """(y, xa) for rows x2 (N, in); a, b None: the frozen linear alone (xa None)."""
+    y = F.linear(x2, w, bias)  # (N, out)
+    if a is None:
+        return y, None
+    xa = x2 @ a.T  # (N, r)
+    y.addmm_(xa, b.T, alpha=scaling)
+    return y, xa
+
+
+def _linear_backward(g2, x2, xa, w, a, b, scaling, need_x: bool, need_a: bool, need_b: bool):
+    """(dx, dA, dB) of _linear_forward for the output gradient g2 (N, out); None where not needed."""
+    if a is None:
+        return (g2 @ w if need_x else None), None, None
+    gb = g2 @ b  # (N, r)
+    dx = (g2 @ w).addmm_(gb, a, alpha=scaling) if need_x else None  # (N, in)
+    dA = (gb.T @ x2).mul_(scaling) if need_a else None  # (r, in)
+    dB = (g2.T @ xa).mul_(scaling) if need_b else None  # (out, r)
+    return dx, dA, dB
+
+
+def _cast(compute, *tensors):
+    return tuple(None if t is None else t.to(compute) for t in tensors)
 
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        compute = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            xc, w, a, b = (t.to(compute) for t in (x, weight, lora_A, lora_B))
+            xc, w, bias_c, a, b = _cast(compute, x, weight, bias, lora_A, lora_B)
             x2 = xc.reshape(-1, xc.shape[-1])  # (N, in)
-            xa = x2 @ a.T  # (N, r)
-            y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(compute))  # (N, out)
-            y.addmm_(xa, b.T, alpha=scaling)
+            y, xa = _linear_forward(x2, w, bias_c, a, b, scaling)
         ctx.save_for_backward(x2, xa, w, a, b)
-        ctx.x_shape = x.shape
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        ctx.x_shape, ctx.scaling, ctx.x_dtype = x.shape, scaling, x.dtype
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, xa2, w, a, b = ctx.saved_tensors  # (N, in), (N, r)
-        s = ctx.scaling
+        x2, xa, w, a, b = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1]).to(w.dtype)  # (N, out)
-        gb = g2 @ b  # (N, r)
-        dx = torch.addmm(g2 @ w, gb, a, alpha=s) if ctx.needs_input_grad[0] else None  # (N, in)
-        dA = (gb.T @ x2).mul_(s).to(ctx.param_dtypes[0]) if ctx.needs_input_grad[3] else None  # (r, in)
-        dB = (g2.T @ xa2).mul_(s).to(ctx.param_dtypes[1]) if ctx.needs_input_grad[4] else None  # (out, r)
+        need = ctx.needs_input_grad
+        dx, dA, dB = _linear_backward(g2, x2, xa, w, a, b, ctx.scaling, need[0], need[3], need[4])
         if dx is not None:
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        return dx, None, None, dA, dB, None
+        return dx, None, None, _opt_to(dA, ctx.param_dtypes[0]), _opt_to(dB, ctx.param_dtypes[1]), None
+
+
+def _opt_to(t, dtype):
+    return None if t is None else t.to(dtype)
 
 
 def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                       lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """x Wᵀ + b + scaling · (x Aᵀ) Bᵀ for a frozen (W, b); A is (r, in), B is (out, r). Gradients for x, A, B."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("fused_lora_linear trains only the adapter: freeze the base weight and bias first")
+    _check_frozen(weight, bias)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, scaling)
+
+
+def _check_frozen(weight, bias):
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the fused kernels train only the adapter: freeze the base weight and bias first")
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scaling: float):
+        compute = _compute_dtype(gate)
+        with torch.autocast(gate.device.type, enabled=False):
+            g, u, w, bias_c, a, b = _cast(compute, gate, up, weight, bias, lora_A, lora_B)
+            h = (F.silu(g) * u).reshape(-1, g.shape[-1])  # (N, intermediate): used here, recomputed in backward
+            y, xa = _linear_forward(h, w, bias_c, a, b, scaling)
+        ctx.save_for_backward(g, u, xa, w, a, b)
+        ctx.scaling, ctx.dtypes = scaling, (gate.dtype, up.dtype)
+        ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
+        return y.view(*gate.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u, xa, w, a, b = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        s = F.silu(g)
+        h = (s * u).reshape(-1, g.shape[-1])
+        need = ctx.needs_input_grad
+        dh, dA, dB = _linear_backward(g2, h, xa, w, a, b, ctx.scaling, True, need[4], need[5])
+        del h
+        dh = dh.view(g.shape)
+        du = (dh * s).to(ctx.dtypes[1]) if need[1] else None
+        dg = torch.ops.aten.silu_backward(dh * u, g).to(ctx.dtypes[0]) if need[0] else None
+        return dg, du, None, None, _opt_to(dA, ctx.param_dtypes[0]), _opt_to(dB, ctx.param_dtypes[1]), None
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
+                  scaling: float = 1.0) -> torch.Tensor:
+    """(silu(gate) ⊙ up) Wᵀ + b [+ scaling · ((silu(gate) ⊙ up) Aᵀ) Bᵀ] for a frozen (W, b): a SwiGLU MLP's down
+    projection, with or without a LoRA adapter. Gradients for gate, up, A, B."""
+    _check_frozen(weight, bias)
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("swiglu_linear: give both lora_A and lora_B, or neither")
+    return _SwiGLULinear.apply(gate, up, weight, bias, lora_A, lora_B, scaling)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, keep_x: bool):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        y = weight * (xf * rstd).to(x.dtype)  # exactly LlamaRMSNorm's arithmetic
+        del xf
+        ctx.save_for_backward(x if keep_x else y, rstd, weight)
+        ctx.keep_x, ctx.x_dtype = keep_x, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, rstd, weight = ctx.saved_tensors
+        w = weight.float()
+        xhat = saved.float() * rstd if ctx.keep_x else saved.float() / w  # x · rstd
+        gw = g.float() * w
+        dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(rstd) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g.float() * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+        return None if dx is None else dx.to(ctx.x_dtype), dw, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, keep_input: bool | None = None) -> torch.Tensor:
+    """weight ⊙ (x / √(mean(x²) + eps)), statistics in fp32, as LlamaRMSNorm; keeps less for the backward.
+
+    keep_input: keep x rather than recover x · rstd as y / weight; None decides by whether weight has a zero
+    (pass the answer for a frozen weight: the check reads the weight on every call)."""
+    if keep_input is None:
+        keep_input = bool((weight == 0).any())
+    return _RMSNorm.apply(x, weight, eps, keep_input)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scaling: float):
+        batch, heads, length, dim = q.shape
+        kv_heads, kv_length = k.shape[1], k.shape[2]
+        groups = heads // kv_heads
+        compute = _compute_dtype(q)
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc, vc = _cast(compute, q, k, v)
+            qg = qc.reshape(batch, kv_heads, groups * length, dim)  # query heads of one key head, stacked
+            scores = torch.matmul(qg, kc.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G·L, S)
+            view = scores.view(batch, kv_heads, groups, length, kv_length)
+            if mask is not None:  # (B|1, 1, 1, L, S): the same for every query head; fp32's min would be -inf in bf16
+                view.add_(mask.clamp(min=torch.finfo(compute).min).to(compute)[:, :, None])
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+            del scores, view
+            out = torch.matmul(probs, vc)  # (B, Hkv, G·L, D)
+        ctx.save_for_backward(qg, kc, vc, probs)
+        ctx.scaling, ctx.shape, ctx.dtypes = scaling, q.shape, (q.dtype, k.dtype, v.dtype)
+        return out.view(batch, heads, length, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        qg, k, v, probs = ctx.saved_tensors
+        go = g.reshape(qg.shape).to(v.dtype)  # (B, Hkv, G·L, D)
+        dv = probs.transpose(-1, -2) @ go  # sums over the query heads that share a key head
+        dp = go @ v.transpose(-1, -2)  # (B, Hkv, G·L, S)
+        ds = torch.ops.aten._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(ctx.scaling)  # p ⊙ (dp - Σ p dp)
+        del dp
+        dq = (ds @ k).view(ctx.shape)
+        dk = ds.transpose(-1, -2) @ qg
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scaling: float) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + mask) v. q (B, H, L, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (query head
+    h uses key head h // (H / Hkv)); mask additive, broadcastable to (B, 1, L, S), or None. Returns (B, H, L, D)."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if mask is not None and mask.dtype == torch.bool:  # True: attend
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
+    return _Attention.apply(q, k, v, mask, scaling)

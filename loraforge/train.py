@@ -94,6 +94,10 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     if type(checkpointing) is int and checkpointing > 0:  # N layers, not every one
         checkpoint_only(model, checkpointing)
     attention = training_attention(cfg, device)
+    if attention == "lean":
+        from .fastpath import register_attention
+
+        register_attention()
     if getattr(model.config, "_attn_implementation", attention) != attention:
         model.set_attn_implementation(attention)
     lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name)
@@ -111,6 +115,10 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     if cfg.training.fused_lora:
         for _, layer in lora_layers(model):
             layer.fused = True  # layers the kernel can't run (dropout, DoRA, 4-bit base) keep the plain path
+    if cfg.training.fused_blocks:
+        from .fastpath import install
+
+        install(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights for what trains; the frozen base keeps its dtype
@@ -164,10 +172,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def training_attention(cfg: TrainConfig, device: torch.device) -> str:
-    """training.attention resolved: "auto" is eager on CPU for rows up to 512 tokens, SDPA otherwise."""
+    """training.attention resolved: "auto" is lean on CPU for rows up to 512 tokens, SDPA otherwise."""
     if cfg.training.attention != "auto":
         return cfg.training.attention
-    return "eager" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
+    return "lean" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:

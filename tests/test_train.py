@@ -228,12 +228,14 @@ def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, 
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_eager_and_sdpa_attention_train_alike(tiny_dir, data_file, tmp_path, packed):
-    """training.attention only picks a kernel: loss and gradients agree (fp32), padded and packed batches alike."""
+def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
+    """training.attention only picks a kernel: loss and gradients agree (fp32), padded and packed batches alike.
+    Gradients compare at atol 1e-5 on gradients up to ~1e-2: the lean blocks (training.fused_blocks, on) sum in
+    another order than transformers' modules."""
     from loraforge.train import make_batch
 
     results = {}
-    for attention in ("sdpa", "eager"):
+    for attention in ("sdpa", "eager", "lean"):
         cfg = config(tiny_dir, data_file, tmp_path / attention, attention=attention)
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_dropout=0.0, init_lora_weights=False))
         torch.manual_seed(0)
@@ -245,6 +247,7 @@ def test_eager_and_sdpa_attention_train_alike(tiny_dir, data_file, tmp_path, pac
         loss, n = CausalLMLoss(model.train())(batch)
         (loss / n).backward()
         results[attention] = (loss, {k: p.grad for k, p in model.named_parameters() if p.requires_grad})
-    torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
-    for k, g in results["sdpa"][1].items():
-        torch.testing.assert_close(results["eager"][1][k], g, rtol=1e-4, atol=1e-6)
+    for attention in ("eager", "lean"):
+        torch.testing.assert_close(results[attention][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+        for k, g in results["sdpa"][1].items():
+            torch.testing.assert_close(results[attention][1][k], g, rtol=1e-4, atol=1e-5, msg=f"{attention} {k}")

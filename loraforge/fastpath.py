@@ -1,0 +1,146 @@
+"""Install loraforge.kernels into a transformers model for training: leaner RMSNorm, SwiGLU MLP and attention.
+
+    install(model)               RMSNorm and the SwiGLU MLP of Llama-family models (Llama, Mistral, Qwen2, ... : any
+                                 class whose forward is Llama's, line for line) run as kernels.rms_norm and
+                                 kernels.swiglu_linear. The module's class is swapped for a subclass that only
+                                 overrides forward: weights, names and state dicts are untouched.
+    register_attention()         makes "lean" a transformers attention implementation (kernels.attention with
+                                 eager attention's masks): model.set_attn_implementation("lean").
+
+Same math as the modules they replace (tests/test_kernels.py); what they save for the backward is smaller:
+bench/train.py measures it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import nn
+
+from . import kernels as K
+
+LEAN_ATTENTION = "lean"
+
+
+def _source(fn) -> str | None:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+
+
+@functools.cache
+def _llama_sources() -> tuple[str | None, str | None]:
+    from transformers.models.llama import modeling_llama as llama
+
+    return _source(llama.LlamaRMSNorm.forward), _source(llama.LlamaMLP.forward)
+
+
+class _LeanRMSNorm:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        keep = True if self.weight.requires_grad else self._lean_has_zero  # trainable: keep x, the safe choice
+        return K.rms_norm(hidden_states, self.weight, self.variance_epsilon, keep_input=keep)
+
+
+class _LeanMLP:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        down = _frozen_linear(self.down_proj)
+        if down is None:  # a down projection the kernel does not run (4-bit, DoRA, dropout, trainable)
+            return self.down_proj(self.act_fn(gate) * up)
+        return K.swiglu_linear(gate, up, *down)
+
+
+def _frozen_linear(module: nn.Module):
+    """(weight, bias, lora_A, lora_B, scaling) of a frozen nn.Linear, bare or with one plain LoRA adapter; else None."""
+    from .layers import LoraLinear
+
+    if isinstance(module, LoraLinear):
+        name = module._fusable()
+        if name is None:
+            return None
+        base = module.base_layer
+        lora = (module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+    elif type(module) is nn.Linear:
+        base, lora = module, (None, None, 1.0)
+    else:
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    return (base.weight, base.bias, *lora)
+
+
+_LEAN_CLASSES: dict[type, type] = {}
+
+
+def _swap(module: nn.Module, mixin: type) -> None:
+    cls = type(module)
+    if cls not in _LEAN_CLASSES:
+        _LEAN_CLASSES[cls] = type(f"Lean{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    module.__class__ = _LEAN_CLASSES[cls]
+
+
+def install(model: nn.Module) -> dict[str, int]:
+    """Swap in the lean RMSNorm and SwiGLU MLP where a module is Llama's; returns how many of each."""
+    norm_src, mlp_src = _llama_sources()
+    counts = {"rms_norm": 0, "mlp": 0}
+    for module in model.modules():
+        cls = type(module)
+        if cls in _LEAN_CLASSES.values():
+            continue
+        src = _source(cls.forward)
+        if src is None:
+            continue
+        if src == norm_src and hasattr(module, "variance_epsilon"):
+            module._lean_has_zero = bool((module.weight == 0).any())  # then y / w cannot give back x · rstd
+            _swap(module, _LeanRMSNorm)
+            counts["rms_norm"] += 1
+        elif src == mlp_src and _is_silu(getattr(module, "act_fn", None)):
+            _swap(module, _LeanMLP)
+            counts["mlp"] += 1
+    return counts
+
+
+def uninstall(model: nn.Module) -> None:
+    """Give every swapped module its original class back."""
+    for module in model.modules():
+        if type(module) in _LEAN_CLASSES.values():
+            module.__class__ = type(module).__mro__[2]  # (Lean…, mixin, original, …)
+
+
+def _is_silu(act) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act, (nn.SiLU, SiLUActivation))
+
+
+def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """A transformers attention function (the signature of eager_attention_forward) running kernels.attention."""
+    if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    length, kv_length = query.shape[2], key.shape[2]
+    if attention_mask is None and length > 1 and getattr(module, "is_causal", True):
+        future = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).triu(kv_length - length + 1)
+        attention_mask = torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(
+            future, torch.finfo(query.dtype).min)
+    elif attention_mask is not None:
+        attention_mask = attention_mask[..., :kv_length]
+    out = K.attention(query, key, value, attention_mask, scaling)  # (B, H, L, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def register_attention() -> str:
+    """Register the "lean" attention implementation with transformers (once); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(LEAN_ATTENTION, lean_attention_forward)
+    AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
+    return LEAN_ATTENTION
