@@ -359,7 +359,7 @@ class TrainingConfig:
     than SDPA (bench/train.py); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
     """torch.compile the model and loss (inductor). bench/train.py on 2 CPU cores, bf16: with SDPA attention 1.15×
-    the tokens/s of the uncompiled path, with the eager attention auto picks on CPU only 1.02×, at 1.1-1.2× the
+    the tokens/s of the uncompiled path, with eager attention (before the lean kernels) only 1.02×, at 1.1-1.2× the
     peak memory and after minutes of compiling; worth trying on GPUs and long runs."""
     fused_blocks: bool = True
     """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes (loraforge.fastpath): the

@@ -125,10 +125,8 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]
-    if attention_mask is None and length > 1 and getattr(module, "is_causal", True):
-        future = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).triu(kv_length - length + 1)
-        attention_mask = torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(
-            future, torch.finfo(query.dtype).min)
+    if attention_mask is None and length > 1 and getattr(module, "is_causal", True):  # True: attend
+        attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - length)
     elif attention_mask is not None:
         attention_mask = attention_mask[..., :kv_length]
     out = K.attention(query, key, value, attention_mask, scaling)  # (B, H, L, D)

@@ -158,11 +158,12 @@ class _RMSNorm(torch.autograd.Function):
         saved, rstd, weight = ctx.saved_tensors
         w = weight.float()
         xhat = saved.float() * rstd if ctx.keep_x else saved.float() / w  # x · rstd
-        gw = g.float() * w
+        gf = g.float()
+        gw = gf * w
         dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)).mul_(rstd) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (g.float() * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
+            dw = (gf * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype)
         return None if dx is None else dx.to(ctx.x_dtype), dw, None, None
 
 

@@ -88,3 +88,13 @@ def test_training_installs_lean_blocks(tiny_dir, data_file, tmp_path):
     model = build("training.fused_blocks=false", "training.attention=sdpa")
     assert model.config._attn_implementation == "sdpa"
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def test_bad_kernel_settings_are_named_with_the_choices():
+    from loraforge.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["data.train=x.jsonl", "training.attention=flash", "training.fused_blocks=maybe"])
+    text = str(e.value)
+    assert "training.attention: 'flash' is not one of ['auto', 'sdpa', 'eager', 'lean']" in text
+    assert "training.fused_blocks: expected true or false, got 'maybe'" in text
