@@ -6,7 +6,8 @@
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
 demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
-the same steps, AdamW (lr 1e-3, no weight decay), gradient clipping at 1.0, the same LoRA A initialisation.
+the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no weight decay), gradient clipping at
+1.0, the same LoRA A initialisation.
 
     peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
            labels=...).loss (full-vocabulary logits on every position), autocast(bf16) over an fp32 model as the
@@ -56,6 +57,7 @@ VARIANTS = {
     "lf-pack": ("lf", {"packing": True}),
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
+    "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
     "lf-compile-ckpt10": ("lf", {"compile": True, "checkpointing": 10}),
@@ -161,7 +163,7 @@ def worker(args) -> dict:
     examples, _ = D.build_dataset(records, tok, max_seq_len=args.pack_len)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)  # HF Trainer's default
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     accum = args.batch // args.micro_batch
     steps = args.warmup + args.steps
@@ -174,7 +176,7 @@ def worker(args) -> dict:
         from loraforge.loss import CausalLMLoss
         from loraforge.train import make_batch
 
-        loss_fn = CausalLMLoss(model)
+        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"))
         pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch))
         if opts.get("full_head"):
             loss_fn = _FullHead(model)

@@ -24,6 +24,12 @@ Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves
   compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
   probabilities twice, in fp32 and in the compute dtype).
 
+Output head + cross-entropy, Σᵢ [logsumexp(hᵢ Wᵀ) − (hᵢ Wᵀ)[yᵢ]] for a frozen W (V, H): row chunks of logits,
+  each in one fp32 buffer worked in place (max, exp, sum, softmax); the input gradient (softmax − onehot) W is
+  computed in the forward, chunk by chunk, and kept (N, H), so no (N, V) tensor outlives its chunk. Autograd keeps
+  the fp32 log-probabilities of every row (N × V × 4 bytes: 3.2 GB for 16k tokens of a 49k vocabulary) and makes
+  four more full-size passes (zeros for the target one-hot, the log-softmax backward, two casts).
+
 Under autocast the matmuls run in the autocast dtype and gradients of trainable parameters come back in the
 parameters' dtype (fp32 master weights).
 """
@@ -222,3 +228,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None and mask.dim() < 4:
         mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
     return _Attention.apply(q, k, v, mask, scaling)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        compute = _compute_dtype(hidden)
+        need_grad = ctx.needs_input_grad[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = _cast(compute, hidden, weight)
+            grad = torch.empty_like(h) if need_grad else None
+            rows = min(chunk_size, n)
+            logits = torch.empty(rows, vocab, dtype=compute, device=h.device)  # reused by every chunk
+            work = logits if compute == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32,
+                                                                       device=h.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, n, rows):
+                m = min(rows, n - start)
+                z, zf, y = logits[:m], work[:m], targets[start:start + m, None]
+                torch.mm(h[start:start + m], w.T, out=z)
+                if zf is not z:
+                    zf.copy_(z)
+                target_logit = zf.gather(1, y)
+                top = zf.amax(1, keepdim=True)
+                zf.sub_(top).exp_()
+                sums = zf.sum(1, keepdim=True)
+                total += (top + sums.log() - target_logit).sum()  # logsumexp - target logit
+                if need_grad:
+                    zf.div_(sums)  # softmax
+                    zf.scatter_add_(1, y, torch.full_like(target_logit, -1.0))  # − onehot
+                    if zf is not z:
+                        z.copy_(zf)
+                    torch.mm(z, w, out=grad[start:start + m])
+        ctx.save_for_backward(grad)
+        ctx.dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad * g.to(grad.dtype)).to(ctx.dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """Σ cross_entropy(hidden Wᵀ, targets) (fp32 statistics) for a frozen bias-free head W (V, H); hidden (N, H),
+    every target a class index (select supervised rows first). Gradient for hidden only."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy: the head weight trains; use F.cross_entropy on its logits instead")
+    if chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

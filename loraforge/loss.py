@@ -2,7 +2,9 @@
 
 The output head runs only on positions that have a target (label ≠ -100 after the shift): prompt tokens and
 padding never become full-vocabulary logits (49,152 × tokens for SmolLM2), which saves the head's compute and
-its fp32 logits memory. The sum (not the mean) is returned with the token count, so the loop can divide by the
+its fp32 logits memory. A frozen plain linear head (LoRA's case) runs fused with the cross-entropy in row chunks
+(loraforge.kernels.linear_cross_entropy): no full-vocabulary tensor is kept for the backward pass.
+The sum (not the mean) is returned with the token count, so the loop can divide by the
 number of supervised tokens in the whole optimizer step (all micro-batches, all processes).
 """
 
@@ -12,16 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear_cross_entropy
+
 IGNORE = -100
 
 
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (sum of token losses, number of supervised tokens). Wrap this module in DDP."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True):
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size  # rows of logits computed at once: bounds the fp32 logits memory
+        self.chunk_size = chunk_size  # rows of logits computed at once: bounds the logits memory
+        self.fused_head = fused_head  # False: the head under autograd (what bench/train.py's lf-plainhead measures)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
@@ -35,6 +40,8 @@ class CausalLMLoss(nn.Module):
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n_tokens
         hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, H)
         y = targets[keep]  # (N,)
+        if self.fused_head and type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+            return linear_cross_entropy(hidden, head.weight, y, self.chunk_size), n_tokens
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_size):
             logits = head(hidden[start:start + self.chunk_size]).float()  # (n, V)
