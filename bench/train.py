@@ -325,7 +325,8 @@ def main() -> None:
     mem = "peak max_allocated" if args.device == "cuda" else "peak RSS"
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
-    header = f"| dtype | trainer | real tok/s | ×{variants[0]} | {mem} MiB | ×{variants[0]} | training-only peak RSS MiB | " \
+    header = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
+             f"training-only peak RSS MiB | " \
              f"final loss | max Δloss vs {variants[0]} | roofline |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -343,12 +344,14 @@ def main() -> None:
             train_mb = f"{statistics.median(window):.0f}" if window else "-"
             roof = statistics.median(r["flops_per_s"] for r in rs) / peak
             dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
+            per_round = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base)]  # the same round's baseline
             row = {"dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
                    "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
-                   "max_loss_diff": dloss,
+                   "max_loss_diff": dloss, "speedup_per_round": per_round,
                    "roofline": roof, "matmul_peak_gflops": peak / 1e9}
             table.append(row)
-            print(f"| {dtype} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
+            print(f"| {dtype} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
+                  f"{mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
                   f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% |")
     for dtype in dtypes:
         print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
