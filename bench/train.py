@@ -187,11 +187,12 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    losses, real_tokens, flops, seconds = [], 0, 0.0, 0.0
+    losses, real_tokens, flops, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0
     for step in range(steps):
         idx = order[step * args.batch:(step + 1) * args.batch]
         micro = [idx[i:i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
         sync()
+        sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime  # kernel time: page faults of fresh allocations
         t0 = time.perf_counter()
         step_loss = 0.0
         if trainer == "peft":  # the usual loop: mean loss per micro-batch, divided by the accumulation
@@ -218,6 +219,7 @@ def worker(args) -> dict:
         if step >= args.warmup:
             chosen = [examples[i] for i in idx]
             seconds += dt
+            sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
             real_tokens += sum(len(e.input_ids) for e in chosen)
             flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
@@ -225,7 +227,7 @@ def worker(args) -> dict:
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
             "flops_per_s": flops / seconds, "peak_mb": peak, "rss_after_load_mb": rss_loaded,
-            "losses": losses, "final_loss": losses[-1], "seconds": seconds}
+            "losses": losses, "final_loss": losses[-1], "seconds": seconds, "sys_seconds": sys_seconds}
 
 
 class _FullHead:
@@ -320,7 +322,8 @@ def main() -> None:
                 results.setdefault((v, dtype), []).append(r)
                 loads.append(os.getloadavg()[0])
                 print(f"  round {rnd + 1} {dtype:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
-                      f"  loss {r['final_loss']:.4f}  (load {loads[-1]:.1f})", flush=True)
+                      f"  loss {r['final_loss']:.4f}  kernel time {100 * r['sys_seconds'] / r['seconds']:.0f}%"
+                      f"  (load {loads[-1]:.1f})", flush=True)
 
     mem = "peak max_allocated" if args.device == "cuda" else "peak RSS"
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
