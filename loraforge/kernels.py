@@ -232,14 +232,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, need_grad: bool):
         compute = _compute_dtype(hidden)
-        need_grad = ctx.needs_input_grad[0]
         n, vocab = hidden.shape[0], weight.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = _cast(compute, hidden, weight)
             grad = torch.empty_like(h) if need_grad else None
-            rows = min(chunk_size, n)
+            rows = max(1, min(chunk_size, n))  # n = 0 (no supervised token): a zero loss, zero gradients
             logits = torch.empty(rows, vocab, dtype=compute, device=h.device)  # reused by every chunk
             work = logits if compute == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32,
                                                                        device=h.device)
@@ -261,14 +260,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if zf is not z:
                         z.copy_(zf)
                     torch.mm(z, w, out=grad[start:start + m])
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad)  # None without need_grad: then no backward can run
         ctx.dtype = hidden.dtype
         return total
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype)).to(ctx.dtype), None, None, None
+        return (grad * g.to(grad.dtype)).to(ctx.dtype), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -279,4 +278,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError("linear_cross_entropy: the head weight trains; use F.cross_entropy on its logits instead")
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad  # evaluation: the loss alone
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, need_grad)

@@ -341,3 +341,16 @@ def test_linear_cross_entropy_keeps_no_logits_for_the_backward():
             else:
                 torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum")
         assert max(saved) == largest
+
+
+def test_linear_cross_entropy_without_targets_or_gradients():
+    """No supervised row (a micro-batch of prompts only): loss 0 and a zero gradient, as the plain sum gives.
+    Under no_grad the loss alone, equal to the plain one."""
+    h, w, y = _head_case()
+    total = linear_cross_entropy(h[:0], w, y[:0])
+    (dh,) = torch.autograd.grad(total, h)
+    assert total.item() == 0 and dh.abs().sum() == 0
+    with torch.no_grad():
+        total = linear_cross_entropy(h, w, y, chunk_size=2)
+    assert not total.requires_grad
+    torch.testing.assert_close(total, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum").detach())
