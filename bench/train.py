@@ -70,31 +70,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class RssSampler:
-    """The peak of this process's resident memory over a window (training, loading excluded), read from
-    /proc/self/statm every 5 ms by a thread. VmHWM would be exact, but resetting it (/proc/self/clear_refs)
-    does not take effect in every container; a spike shorter than 5 ms can be missed."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux ≥ 4.0: VmHWM := VmRSS); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, every: float = 0.005):
-        import threading
 
-        self.peak, self.every, self.done = 0, every, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/statm") as f:
-            while not self.done.is_set():
-                f.seek(0)
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-                self.done.wait(self.every)
-
-    def stop(self) -> float:
-        """The peak in MiB."""
-        self.done.set()
-        self.thread.join()
-        return self.peak / 2**20
+def window_peak_rss_mb() -> float | None:
+    """VmHWM: the peak RSS since reset_peak_rss() (or since the start), in MiB; None off Linux."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
 
 
 def same_lora_init(model) -> int:
@@ -167,7 +158,7 @@ def worker(args) -> dict:
     same_lora_init(model)
     model.train()
     rss_loaded = peak_rss_mb()
-    window = RssSampler() if device.type == "cpu" and Path("/proc/self/statm").exists() else None  # loading excluded
+    window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
     records = D.read_records(asset("demo_train.jsonl"))
     examples, _ = D.build_dataset(records, tok, max_seq_len=args.pack_len)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +223,7 @@ def worker(args) -> dict:
             real_tokens += sum(len(e.input_ids) for e in chosen)
             flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
-    train_peak = window.stop() if window else None
+    train_peak = window_peak_rss_mb() if window else None
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
             "flops_per_s": flops / seconds, "peak_mb": peak, "rss_after_load_mb": rss_loaded,
@@ -338,7 +329,7 @@ def main() -> None:
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
     header = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
-             f"training-only peak RSS MiB (sampled) | " \
+             f"training-only peak RSS MiB | " \
              f"final loss | max Δloss vs {variants[0]} | roofline |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
