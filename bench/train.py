@@ -66,10 +66,6 @@ VARIANTS = {
 
 # ------------------------------------------------------------------------------------------------- the worker
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux ≥ 4.0: VmHWM := VmRSS); False where that is not possible."""
     try:
@@ -127,6 +123,7 @@ def worker(args) -> dict:
 
     from loraforge import data as D
     from loraforge.demo import asset, demo_config
+    from loraforge.report import peak_memory_mb
 
     trainer, opts = VARIANTS[args.variant]
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -157,7 +154,7 @@ def worker(args) -> dict:
         model, tok = build_model(cfg, device)
     same_lora_init(model)
     model.train()
-    rss_loaded = peak_rss_mb()
+    rss_loaded = peak_memory_mb("cpu")  # the resident set, on any device
     window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
     records = D.read_records(asset("demo_train.jsonl"))
     examples, _ = D.build_dataset(records, tok, max_seq_len=args.pack_len)
@@ -222,7 +219,7 @@ def worker(args) -> dict:
             sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
             real_tokens += sum(len(e.input_ids) for e in chosen)
             flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
+    peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU
     train_peak = window_peak_rss_mb() if window else None
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
