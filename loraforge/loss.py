@@ -24,6 +24,8 @@ class CausalLMLoss(nn.Module):
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True):
         super().__init__()
+        if chunk_size < 1:  # both head paths step through the rows by it
+            raise ValueError(f"CausalLMLoss: chunk_size must be ≥ 1, got {chunk_size}")
         self.model = model
         self.chunk_size = chunk_size  # rows of logits computed at once: bounds the logits memory
         self.fused_head = fused_head  # False: the head under autograd (what bench/train.py's lf-plainhead measures)

@@ -294,6 +294,10 @@ def test_linear_cross_entropy_refuses_a_trainable_head_and_bad_chunks():
         linear_cross_entropy(h, w.requires_grad_(), y)
     with pytest.raises(ValueError, match="chunk_size must be ≥ 1, got 0"):
         linear_cross_entropy(h, w.detach(), y, chunk_size=0)
+    from loraforge.loss import CausalLMLoss
+
+    with pytest.raises(ValueError, match="CausalLMLoss: chunk_size must be ≥ 1, got 0"):
+        CausalLMLoss(tiny_llama(), chunk_size=0)  # its autograd head path (a trainable head) as well
 
 
 def test_loss_module_fuses_a_frozen_head_with_the_same_math():
