@@ -2,7 +2,8 @@
 
     python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~3 min)
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
-    python bench/train.py --variants peft,lf,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt   # what each pays
+    python bench/train.py --variants peft,lf,lf-noprefix,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt
+                                                   # what each pays
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
 demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
@@ -16,15 +17,20 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
            positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
            training.fused_lora), lean RMSNorm and SwiGLU MLP nodes (training.fused_blocks), the lean attention
-           kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), and in
-           bf16 the frozen base stored in bf16 with fp32 adapters.
+           kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), in
+           bf16 the frozen base stored in bf16 with fp32 adapters, and the prefix that all rows of a micro-batch
+           share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts the same
+           system prompt and user header, 38 tokens, before every question).
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
 Tokens/s counts real (non-pad) tokens only. Roofline: the useful FLOPs of a step (frozen linears forward + input
 gradient, LoRA forward + both gradients, causal attention, the head forward + input gradient on supervised
 positions only; the same count for every trainer) per second, over the peak torch.matmul rate of this machine in
-that dtype, measured in the same run.
+that dtype, measured in the same run: a speed in the units of the machine's peak. Matmul use: the FLOPs each
+trainer actually ran per second over the same peak: its padding and its head on every position (PEFT), less a
+prefix it ran once for all rows (loraforge). Where a trainer skips work the count includes (a shared prefix), its
+roofline can pass 100%; matmul use cannot.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ VARIANTS = {
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
+    "lf-noprefix": ("lf", {"share_prefix": False}),  # every row computes the prefix all rows share
+    "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
     "lf-compile-ckpt10": ("lf", {"compile": True, "checkpointing": 10}),
@@ -104,18 +112,30 @@ def same_lora_init(model) -> int:
 
 def useful_flops(examples, model_config, lora_params: int) -> float:
     """FLOPs a LoRA step has to do for these examples (see the module docstring); the same for every trainer."""
-    c = model_config
-    h, inter, layers, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    kv = c.num_key_value_heads * (h // c.num_attention_heads)
-    frozen = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o, k, v, gate, up, down
     total = 0.0
     for ex in examples:
-        n = len(ex.input_ids)
         sup = sum(label != -100 for label in ex.labels[1:])
-        total += n * (4 * frozen + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
-        total += 3 * layers * 4 * h * n * (n + 1) / 2  # QKᵀ and AV over the causal triangle, forward + 2× backward
-        total += sup * 4 * h * v  # head forward + dx on supervised positions
+        total += row_flops(len(ex.input_ids), model_config, lora_params)
+        total += sup * 4 * model_config.hidden_size * model_config.vocab_size  # head forward + dx, supervised only
     return total
+
+
+def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_config, lora_params: int) -> float:
+    """The FLOPs a micro-batch of `rows` × `width` (padding included) runs when a `prefix` runs once for all rows
+    and the head runs on `head_rows` positions (gradient-checkpointing recomputation not counted)."""
+    decoder = rows * row_flops(width, model_config, lora_params) - (rows - 1) * row_flops(prefix, model_config,
+                                                                                          lora_params)
+    return decoder + head_rows * 4 * model_config.hidden_size * model_config.vocab_size
+
+
+def row_flops(n: int, model_config, lora_params: int) -> float:
+    """The decoder's FLOPs for the first n tokens of a row (no head): linears and causal attention."""
+    c = model_config
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    frozen = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o, k, v, gate, up, down
+    linears = n * (4 * frozen + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
+    return linears + 3 * layers * 4 * h * n * (n + 1) / 2  # QKᵀ and AV over the causal triangle, fwd + 2× bwd
 
 
 def worker(args) -> dict:
@@ -171,9 +191,10 @@ def worker(args) -> dict:
 
     if trainer == "lf":
         from loraforge.loss import CausalLMLoss
-        from loraforge.train import make_batch
+        from loraforge.train import make_batch, shares_prefix
 
-        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"))
+        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"),
+                               share_prefix=opts.get("share_prefix", shares_prefix(cfg, device)))
         pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch))
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
@@ -184,17 +205,18 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    losses, real_tokens, flops, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0
+    losses, real_tokens, flops, executed, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0, 0.0
     for step in range(steps):
         idx = order[step * args.batch:(step + 1) * args.batch]
         micro = [idx[i:i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
         sync()
         sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime  # kernel time: page faults of fresh allocations
         t0 = time.perf_counter()
-        step_loss = 0.0
+        step_loss, shapes = 0.0, []  # shapes: (rows, width, shared prefix, rows through the head) per micro-batch
         if trainer == "peft":  # the usual loop: mean loss per micro-batch, divided by the accumulation
             for mb in micro:
                 batch = {k: v.to(device) for k, v in D.collate([examples[i] for i in mb], pad_id).items()}
+                shapes.append((*batch["input_ids"].shape, 0, batch["input_ids"].numel()))  # logits everywhere
                 with autocast:
                     loss = model(**batch, use_cache=False).loss / accum
                 loss.backward()
@@ -219,11 +241,17 @@ def worker(args) -> dict:
             sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
             real_tokens += sum(len(e.input_ids) for e in chosen)
             flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
+            if trainer == "lf":
+                shapes = [(*b["input_ids"].shape, loss_fn.prefix_to_share(b),
+                           b["labels"].numel() if opts.get("full_head") else int((b["labels"][:, 1:] != -100).sum()))
+                          for b in batches]
+            executed += sum(executed_flops(*shape, model.config, lora_params) for shape in shapes)
     peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU
     train_peak = window_peak_rss_mb() if window else None
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
-            "flops_per_s": flops / seconds, "peak_mb": peak, "rss_after_load_mb": rss_loaded,
+            "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds, "peak_mb": peak,
+            "rss_after_load_mb": rss_loaded,
             "losses": losses, "final_loss": losses[-1], "seconds": seconds, "sys_seconds": sys_seconds}
 
 
@@ -232,6 +260,9 @@ class _FullHead:
 
     def __init__(self, model):
         self.model = model
+
+    def prefix_to_share(self, batch) -> int:
+        return 0  # every row in full
 
     def __call__(self, batch):
         import torch.nn.functional as F
@@ -327,7 +358,7 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
     header = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
              f"training-only peak RSS MiB | " \
-             f"final loss | max Δloss vs {variants[0]} | roofline |"
+             f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     table = []
@@ -343,16 +374,17 @@ def main() -> None:
             window = [r["train_peak_mb"] for r in rs if r.get("train_peak_mb")]
             train_mb = f"{statistics.median(window):.0f}" if window else "-"
             roof = statistics.median(r["flops_per_s"] for r in rs) / peak
+            use = statistics.median(r["executed_flops_per_s"] for r in rs) / peak
             dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
             per_round = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base)]  # the same round's baseline
             row = {"dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
                    "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
                    "max_loss_diff": dloss, "speedup_per_round": per_round,
-                   "roofline": roof, "matmul_peak_gflops": peak / 1e9}
+                   "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9}
             table.append(row)
             print(f"| {dtype} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
                   f"{mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
-                  f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% |")
+                  f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% | {100 * use:.0f}% |")
     for dtype in dtypes:
         print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
               f"(2048² torch.matmul, median of rounds)")

@@ -13,10 +13,10 @@ from .probes import wilson_interval
 def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: int = 8, packing: bool = True,
                     max_seq_len: int = 2048, bf16: bool = False) -> float:
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it)."""
-    loss_fn = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    loss_fn = CausalLMLoss(model, share_prefix=device.type == "cpu")  # as training.share_prefix=auto resolves
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]

@@ -146,3 +146,14 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp3
               device: str | torch.device = "cpu"):
     """Model and tokenizer together: `model, tokenizer = load_base("smollm2-135m")`."""
     return load_model(name_or_path, dtype, quantize, device), load_tokenizer(name_or_path)
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing on every decoder layer, non-reentrant: reentrant checkpointing drops the
+    gradients of inputs that need none. transformers ≥ 5.x names it activation_checkpointing_enable; the old name
+    warns there."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -192,11 +192,9 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                              "pass gradient_checkpointing=False")
-        kwargs = {"use_reentrant": False}  # reentrant checkpointing drops gradients of inputs that need none
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from .models import enable_checkpointing
+
+        enable_checkpointing(model)
         if hasattr(model, "config"):
             model.config.use_cache = False  # a KV cache and checkpointing don't mix in training
     return model

@@ -77,7 +77,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     method adalora). A tokenizer already loaded can be passed in.
     """
     from .inject import inject, lora_layers
-    from .models import load_model, load_tokenizer
+    from .models import enable_checkpointing, load_model, load_tokenizer
 
     quantization = cfg.quantization
     dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
@@ -88,7 +88,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
 
         prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if cfg.method != "full":
             model.enable_input_require_grads()
     if type(checkpointing) is int and checkpointing > 0:  # N layers, not every one
@@ -176,6 +176,13 @@ def training_attention(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.training.attention != "auto":
         return cfg.training.attention
     return "lean" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
+
+
+def shares_prefix(cfg: TrainConfig, device: torch.device) -> bool:
+    """training.share_prefix resolved: "auto" shares on CPU only."""
+    if cfg.training.share_prefix != "auto":
+        return cfg.training.share_prefix
+    return device.type == "cpu"
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:
@@ -340,7 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
         allocator = RankAllocator(model, total_step=total_steps)
 
-    loss_fn = CausalLMLoss(model).train()
+    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(cfg, device)).train()
     if t.compile:
         loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
     ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn

@@ -104,15 +104,17 @@ def test_resume_after_sigkill_mid_save_ends_with_the_same_adapter(tiny_dir, data
 
 
 def test_two_processes_train_like_one(tiny_dir, data_file, tmp_path):
-    """torchrun, 2 CPU ranks (gloo) × batch 2 vs 1 process × batch 4: the same global batches."""
+    """torchrun, 2 CPU ranks (gloo) × batch 4 vs 1 process × batch 8: the same global batches. Each rank's 4 rows
+    share their prompt's prefix (training.share_prefix: a second backbone pass inside the DDP-wrapped loss)."""
     common = [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", "lora.r=4",
-              "training.lr=1e-2", "training.max_steps=4", "training.precision=fp32", "training.seed=3"]
+              "training.lr=1e-2", "training.max_steps=4", "training.precision=fp32", "training.seed=3",
+              "training.share_prefix=true"]
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
-    _cli(["train", str(cfg_file), *common, "training.batch_size=4", f"output_dir={tmp_path / 'one'}"])
+    _cli(["train", str(cfg_file), *common, "training.batch_size=8", f"output_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                           "-m", "loraforge", "train", str(cfg_file), *common, "training.batch_size=2",
+                           "-m", "loraforge", "train", str(cfg_file), *common, "training.batch_size=4",
                            f"output_dir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -217,7 +219,8 @@ def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, 
         assert flags == {"false": [False, False], "true": [True, True], "1": [True, False]}[ckpt]
         examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
         model.train()
-        loss, _ = CausalLMLoss(model)(make_batch(examples, list(range(8)), cfg, tok.pad_token_id, False))
+        loss_fn = CausalLMLoss(model, share_prefix=False)  # checkpointing turns it off: compare like with like
+        loss, _ = loss_fn(make_batch(examples, list(range(8)), cfg, tok.pad_token_id, False))
         loss.backward()
         grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for ckpt in ("true", "1"):
