@@ -139,11 +139,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data_file, 
 
 def test_bad_config_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_train_config(None, ["data.train=x.jsonl", "training.lr=-1", "training.warmup=3", "model.dtype=fp8"])
+        load_train_config(None, ["data.train=x.jsonl", "training.lr=-1", "training.warmup=3", "model.dtype=fp8",
+                                 "training.share_prefix=maybe", "training.batch_tokens=lots"])
     text = str(e.value)
     assert "training.lr: must be positive, got -1" in text
     assert "training.warmup: unknown field (known:" in text
     assert "model.dtype: 'fp8' is not one of ['fp32', 'bf16', 'fp16']" in text
+    assert "training.share_prefix: expected true, false or 'auto', got 'maybe'" in text  # as the user writes values
+    assert "training.batch_tokens: expected an integer or null, got 'lots'" in text
     with pytest.raises(ConfigError, match="write it as section.field=value"):
         load_train_config(None, ["training.lr"])
 
