@@ -56,9 +56,8 @@ class CausalLMLoss(nn.Module):
             logits = self.model(**inputs, use_cache=False).logits[:, :-1][keep]
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n_tokens
         prefix = self.prefix_to_share(batch)
-        cache = _prefix_cache(backbone) if prefix else None
-        if cache is not None:  # no target lies in the prefix: only the states after it are needed
-            states = _shared_forward(backbone, inputs, prefix, cache)
+        if prefix:  # no target lies in the prefix: only the states after it are needed
+            states = _shared_forward(backbone, inputs, prefix, _prefix_cache(backbone))
             keep, targets = keep[:, prefix:], targets[:, prefix:]
         else:
             states = backbone(**inputs, use_cache=False).last_hidden_state
@@ -107,8 +106,10 @@ def shared_prefix(batch: dict[str, torch.Tensor]) -> int:
 
 def _can_share(model: nn.Module, batch: dict) -> bool:
     """False where sharing the prefix would change the math (see the module docstring)."""
-    if set(batch) - {"input_ids", "attention_mask", "labels"} or torch.compiler.is_compiling():
-        return False  # dynamo fails on the cache's bookkeeping
+    if set(batch) - {"input_ids", "attention_mask", "labels"}:
+        return False
+    if torch.compiler.is_compiling():  # dynamo fails on the cache's bookkeeping
+        return False
     if model.training and torch.is_grad_enabled():
         config = getattr(model, "config", None)
         if any(getattr(config, name, 0) for name in _DROPOUT_CONFIG):
@@ -136,16 +137,17 @@ _DROPOUT_CONFIG = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_p
 def _prefix_cache(backbone: nn.Module):
     """An empty transformers DynamicCache for the backbone, or None where it cannot take one or its layers are not
     plain (sliding windows would drop keys)."""
+    if _cache_argument(backbone) is None:
+        return None
     try:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=backbone.config)
+        plain = all(type(layer) is DynamicLayer for layer in cache.layers)
     except (ImportError, TypeError, AttributeError):  # an older transformers, a backbone without a config
         return None
-    if _cache_argument(backbone) is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
-        return None
-    return cache
+    return cache if plain else None
 
 
 def _cache_argument(backbone: nn.Module) -> str | None:
