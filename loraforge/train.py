@@ -378,6 +378,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
               f"{100 * padding:.1f}% padding: " + ("packed rows avoid it" if pack else "not packed (data.packing="
               f"{cfg.data.packing}{f'; auto packs from {D.PACK_MIN_PADDING:.0%}' if cfg.data.packing == 'auto' else ''})"),
               flush=True)
+        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0)[0], cfg, pad_id, pack)
+        if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
+            print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
+                  f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)
     log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
     bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
 
