@@ -21,6 +21,9 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
+    def close(self) -> None:
+        self.file.close()
+
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     from tqdm.auto import tqdm

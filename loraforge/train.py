@@ -420,6 +420,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         loss_value = step_loss.item() / n_step.item()
         if not math.isfinite(loss_value):
             last = last_checkpoint(ckpt_root)
+            if log is not None:
+                log.close()
             raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
                                 f"{last or 'none (no checkpoint was written yet)'}. Lower training.lr or use "
                                 f"training.precision: fp32")
@@ -457,6 +459,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                      "allocator": allocator.state() if allocator is not None else {}}
             save_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg, state)
     bar.close()
+    if log is not None:
+        log.close()
     seconds = time.perf_counter() - start
 
     if is_main:

@@ -1,10 +1,12 @@
 """The training loop on a tiny model: loss normalisation, resume after SIGKILL, DDP equivalence, NaN stop."""
 
 import dataclasses
+import gc
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,14 @@ def test_loss_module_equals_plain_cross_entropy():
 def test_accumulation_equals_a_big_batch(tiny_dir, data_file, tmp_path):
     """Loss summed and divided by the step's supervised tokens: batch 1 × accumulation 4 trains like batch 4.
 
-    Dropout off: its masks are drawn per micro-batch, so they differ between the two ways of batching.
+    Dropout off: its masks are drawn per micro-batch, so they differ between the two ways of batching. (Batch 4
+    shares the rows' prompt prefix, batch 1 cannot.) The run closes the files it wrote.
     """
-    a = train(load_train_config(None, _no_dropout(tiny_dir, data_file, tmp_path / "a", 4, 1)), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        a = train(load_train_config(None, _no_dropout(tiny_dir, data_file, tmp_path / "a", 4, 1)), progress=False)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     b = train(load_train_config(None, _no_dropout(tiny_dir, data_file, tmp_path / "b", 1, 4)), progress=False)
     assert a.steps == b.steps == 4
     # Adam divides by sqrt(v): where a gradient entry is near zero, rounding-level differences between the two
