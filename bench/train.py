@@ -195,9 +195,10 @@ def worker(args) -> dict:
 
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"),
                                share_prefix=opts.get("share_prefix", shares_prefix(cfg, device)))
-        pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch))
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
+        prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))
+        pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch, prefix_of))  # as train()
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
 

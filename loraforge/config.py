@@ -308,7 +308,8 @@ class DataConfig:
     packing: bool | Literal["auto"] = "auto"
     """Pack the examples of a micro-batch into shared rows of max_seq_len (no compute on padding; examples stay
     isolated). auto: pack when plain padded micro-batches would be at least 20% padding (bench/train.py: on the
-    demo data, 5% padding, padded rows train 1.2× faster than packed ones on CPU)."""
+    demo data, 5% padding, padded rows train 1.2× faster than packed ones on CPU), counted net of the prefix their
+    rows share where training.share_prefix computes it once (packed rows share none)."""
 
     def __post_init__(self):
         p = []

@@ -364,14 +364,20 @@ def pack(examples: list[Example], max_seq_len: int) -> list[dict]:
     return rows
 
 
-def padding_fraction(examples: list[Example], batch_size: int) -> float:
-    """Fraction of positions that would be padding if the examples were batched in order without packing."""
-    lengths = [len(ex.input_ids) for ex in examples]
+def padding_fraction(examples: list[Example], batch_size: int, shared_prefix=None,
+                     max_batches: int = 200) -> float:
+    """Fraction of the positions that padded batches (the examples in order, the first `max_batches` of them) would
+    compute beyond their real tokens: their padding, less the positions a prefix shared by a batch's rows saves
+    (shared_prefix(examples of a batch) -> the tokens computed once for all its rows; None: nothing is shared).
+    Below 0 where sharing saves more than the padding costs."""
     total = real = 0
-    for start in range(0, len(lengths), batch_size):
-        batch = lengths[start:start + batch_size]
-        total += max(batch) * len(batch)
-        real += sum(batch)
+    for start in range(0, min(len(examples), max_batches * batch_size), batch_size):
+        chunk = examples[start:start + batch_size]
+        lengths = [len(ex.input_ids) for ex in chunk]
+        total += max(lengths) * len(lengths)
+        real += sum(lengths)
+        if shared_prefix is not None and len(chunk) > 1:
+            total -= (len(chunk) - 1) * shared_prefix(chunk)
     return 1 - real / total if total else 0.0
 
 
@@ -380,7 +386,8 @@ PACK_MIN_PADDING = 0.2  # packing="auto" packs from this padding fraction on
 
 def should_pack(packing: bool | str, padding: float) -> bool:
     """data.packing resolved: True/False as given; "auto" packs when padded batches would waste ≥ 20% on padding
-    (`padding`: their padding fraction, from padding_fraction).
+    (`padding`: their padding fraction, from padding_fraction, net of what a shared prefix saves: packed rows
+    share none).
 
     Packed rows are longer (max_seq_len) and need a block-diagonal attention mask, so when examples have similar
     lengths plain padded batches are cheaper (bench/train.py on the demo data: 5% padding, packed 0.8× the speed).

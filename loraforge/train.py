@@ -178,6 +178,21 @@ def training_attention(cfg: TrainConfig, device: torch.device) -> str:
     return "lean" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
 
 
+def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing) -> str:
+    """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
+    shared prefixes save; packed rows compute one position per real token and share nothing)."""
+    text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
+            f"dropped), {n_eval} held out; padded batches would be {100 * padding:.1f}% padding")
+    rule = f"{D.PACK_MIN_PADDING:.0%} padding"
+    if net < padding:
+        text += (f"; computing the prefix their rows share once, they would compute {1 / (1 - net):.2f} positions "
+                 f"per real token")
+        rule = f"{1 / (1 - D.PACK_MIN_PADDING):.2f} positions per real token"
+    if pack:
+        return text + ": packed"
+    return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
+
+
 def shares_prefix(cfg: TrainConfig, device: torch.device) -> bool:
     """training.share_prefix resolved: "auto" shares on CPU only."""
     if cfg.training.share_prefix != "auto":
@@ -368,16 +383,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             allocator.load_state(meta.get("allocator", {}))
         if is_main:
             print(f"resuming from {found} (step {step}/{total_steps})", flush=True)
+    prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))
     padding = D.padding_fraction(train_examples, t.batch_size)
-    pack = D.should_pack(cfg.data.packing, padding)
+    net = D.padding_fraction(train_examples, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
+    pack = D.should_pack(cfg.data.packing, net)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
-        print(f"data: {data_stats['n_examples']} train examples ({data_stats['n_truncated']} truncated, "
-              f"{data_stats['n_dropped']} dropped), {len(eval_examples)} held out; padded batches would be "
-              f"{100 * padding:.1f}% padding: " + ("packed rows avoid it" if pack else "not packed (data.packing="
-              f"{cfg.data.packing}{f'; auto packs from {D.PACK_MIN_PADDING:.0%}' if cfg.data.packing == 'auto' else ''})"),
-              flush=True)
+        print(data_report(data_stats, len(eval_examples), padding, net, pack, cfg.data.packing), flush=True)
         first = make_batch(train_examples, micro_batches(train_examples, cfg, 0)[0], cfg, pad_id, pack)
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
