@@ -190,11 +190,11 @@ def worker(args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     if trainer == "lf":
-        from loraforge.loss import CausalLMLoss
-        from loraforge.train import make_batch, shares_prefix
+        from loraforge.loss import CausalLMLoss, shares_prefix
+        from loraforge.train import make_batch
 
-        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"),
-                               share_prefix=opts.get("share_prefix", shares_prefix(cfg, device)))
+        share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
+        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import data as D
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, shares_prefix
 from .probes import wilson_interval
 
 
@@ -14,7 +14,7 @@ def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: i
                     max_seq_len: int = 2048, bf16: bool = False) -> float:
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it)."""
     device = next(model.parameters()).device
-    loss_fn = CausalLMLoss(model, share_prefix=device.type == "cpu")  # as training.share_prefix=auto resolves
+    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix("auto", device))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

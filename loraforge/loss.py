@@ -55,9 +55,9 @@ class CausalLMLoss(nn.Module):
         if backbone is None:  # a model we cannot split: full logits, then select
             logits = self.model(**inputs, use_cache=False).logits[:, :-1][keep]
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n_tokens
-        prefix = self.prefix_to_share(batch)
+        prefix, cache = self._sharing(batch, backbone)
         if prefix:  # no target lies in the prefix: only the states after it are needed
-            states = _shared_forward(backbone, inputs, prefix, _prefix_cache(backbone))
+            states = _shared_forward(backbone, inputs, prefix, cache)
             keep, targets = keep[:, prefix:], targets[:, prefix:]
         else:
             states = backbone(**inputs, use_cache=False).last_hidden_state
@@ -73,11 +73,21 @@ class CausalLMLoss(nn.Module):
 
     def prefix_to_share(self, batch: dict[str, torch.Tensor]) -> int:
         """How many leading tokens of this batch forward() computes once for all rows (0: none)."""
+        backbone, _ = _split(self.model)
+        return 0 if backbone is None else self._sharing(batch, backbone)[0]
+
+    def _sharing(self, batch: dict[str, torch.Tensor], backbone: nn.Module):
+        """(prefix length, the empty cache its keys and values go into), or (0, None): every row runs in full."""
         prefix = shared_prefix(batch) if self.share_prefix else 0
         if (batch["input_ids"].shape[0] - 1) * prefix < MIN_SHARED_TOKENS or not _can_share(self.model, batch):
-            return 0
-        backbone, _ = _split(self.model)
-        return prefix if backbone is not None and _prefix_cache(backbone) is not None else 0
+            return 0, None
+        cache = _prefix_cache(backbone)
+        return (prefix, cache) if cache is not None else (0, None)
+
+
+def shares_prefix(setting: bool | str, device: torch.device) -> bool:
+    """training.share_prefix resolved: "auto" shares on CPU only (see TrainingConfig.share_prefix)."""
+    return device.type == "cpu" if setting == "auto" else bool(setting)
 
 
 def _split(model: nn.Module):
@@ -114,14 +124,12 @@ def _can_share(model: nn.Module, batch: dict) -> bool:
         config = getattr(model, "config", None)
         if any(getattr(config, name, 0) for name in _DROPOUT_CONFIG):
             return False
-        checkpointing = layers = 0
-        for m in model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
-                return False
-            checkpointing |= getattr(m, "gradient_checkpointing", False) is True
-            layers += _checkpointed_layer(m)
-        if checkpointing and not layers:  # checkpointing that drops the cache (older transformers), no way around
+        modules = list(model.modules())
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules):
             return False
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in modules)
+        if checkpointing and not any(_checkpointed_layer(m) for m in modules):
+            return False  # checkpointing that drops the cache (an older transformers), with no way around it
     return True
 
 
@@ -137,7 +145,7 @@ _DROPOUT_CONFIG = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_p
 def _prefix_cache(backbone: nn.Module):
     """An empty transformers DynamicCache for the backbone, or None where it cannot take one or its layers are not
     plain (sliding windows would drop keys)."""
-    if _cache_argument(backbone) is None:
+    if _cache_argument(type(backbone)) is None:
         return None
     try:
         from transformers import DynamicCache
@@ -150,9 +158,10 @@ def _prefix_cache(backbone: nn.Module):
     return cache if plain else None
 
 
-def _cache_argument(backbone: nn.Module) -> str | None:
+@functools.cache
+def _cache_argument(backbone_class: type) -> str | None:
     """The backbone's name for its key/value cache argument: "cache" (newer transformers) or "past_key_values"."""
-    params = inspect.signature(backbone.forward).parameters
+    params = inspect.signature(backbone_class.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
@@ -164,7 +173,7 @@ def _shared_forward(backbone: nn.Module, inputs: dict, start: int, cache) -> tor
     keys and values in a read-only cache: a checkpointed layer recomputes its forward in the backward pass, and
     a cache it wrote to would grow a second time. transformers lets a layer keep a read-only cache
     (_can_checkpoint_with_cache)."""
-    name, ids = _cache_argument(backbone), inputs["input_ids"]
+    name, ids = _cache_argument(type(backbone)), inputs["input_ids"]
     checkpointed = [m for m in backbone.modules() if _checkpointed_layer(m)]
     try:
         for m in checkpointed:

@@ -31,7 +31,7 @@ from torch import nn
 from . import data as D
 from .config import TrainConfig, to_dict
 from .evaluate import mean_token_loss
-from .loss import CausalLMLoss
+from .loss import CausalLMLoss, shares_prefix
 
 
 class TrainingError(RuntimeError):
@@ -191,13 +191,6 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if pack:
         return text + ": packed"
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
-
-
-def shares_prefix(cfg: TrainConfig, device: torch.device) -> bool:
-    """training.share_prefix resolved: "auto" shares on CPU only."""
-    if cfg.training.share_prefix != "auto":
-        return cfg.training.share_prefix
-    return device.type == "cpu"
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:
@@ -362,7 +355,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
         allocator = RankAllocator(model, total_step=total_steps)
 
-    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(cfg, device)).train()
+    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(t.share_prefix, device)).train()
     if t.compile:
         loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
     ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn

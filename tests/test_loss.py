@@ -45,6 +45,13 @@ def _loss_and_grads(model, batch, share, dtype=None):
     return total.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_same(shared, plain):
+    """The shared path's loss and every adapter gradient equal the plain path's (fp32: summation order only)."""
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
+    for k, g in plain[1].items():
+        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_shared_prefix_is_the_common_untargeted_real_prefix():
     batch = _batch(prefix=6, rest=(4, 2, 3))
     assert shared_prefix(batch) == 6  # the last shared token's state predicts the first target... of no row here
@@ -70,10 +77,7 @@ def test_shared_prefix_gives_the_plain_loss_and_gradients(attention):
     model = _lora(tiny_llama(seed=2, attn_implementation=attention))
     batch = _batch()
     assert CausalLMLoss(model).prefix_to_share(batch) == 24  # the shared path runs
-    plain, shared = _loss_and_grads(model, batch, False), _loss_and_grads(model, batch, True)
-    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
-    for k, g in plain[1].items():
-        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(_loss_and_grads(model, batch, True), _loss_and_grads(model, batch, False))
 
 
 @pytest.mark.parametrize("layers", ["all", "one"])
@@ -91,10 +95,7 @@ def test_shared_prefix_under_gradient_checkpointing(layers):
         checkpoint_only(model, 1)
     flags = [getattr(m, "gradient_checkpointing", None) for m in model.modules()]
     assert CausalLMLoss(model).prefix_to_share(batch) == 24
-    shared = _loss_and_grads(model, batch, True)
-    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
-    for k, g in plain[1].items():
-        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(_loss_and_grads(model, batch, True), plain)
     assert [getattr(m, "gradient_checkpointing", None) for m in model.modules()] == flags
     assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())
 
@@ -107,10 +108,7 @@ def test_shared_prefix_with_learned_positions():
     model = _lora(model)
     batch = _batch()
     assert CausalLMLoss(model).prefix_to_share(batch) == 24
-    plain, shared = _loss_and_grads(model, batch, False), _loss_and_grads(model, batch, True)
-    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
-    for k, g in plain[1].items():
-        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(_loss_and_grads(model, batch, True), _loss_and_grads(model, batch, False))
 
 
 def test_shared_prefix_under_bf16_autocast_stays_as_close_to_fp64_as_the_plain_path():
@@ -171,10 +169,7 @@ def test_training_batches_of_a_chat_template_share_its_system_prompt(tiny_dir, d
     system = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
     assert "You are a helpful AI assistant" in system
     assert prefix >= 20, prefix
-    plain, shared = _loss_and_grads(model, batch, False), _loss_and_grads(model, batch, True)
-    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
-    for k, g in plain[1].items():
-        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(_loss_and_grads(model, batch, True), _loss_and_grads(model, batch, False))
 
 
 def test_shared_prefix_on_a_qlora_model():
@@ -189,7 +184,4 @@ def test_shared_prefix_on_a_qlora_model():
     model = _lora(model)
     batch = _batch()
     assert CausalLMLoss(model).prefix_to_share(batch) == 24
-    plain, shared = _loss_and_grads(model, batch, False), _loss_and_grads(model, batch, True)
-    torch.testing.assert_close(shared[0], plain[0], rtol=1e-6, atol=1e-5)
-    for k, g in plain[1].items():
-        torch.testing.assert_close(shared[1][k], g, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same(_loss_and_grads(model, batch, True), _loss_and_grads(model, batch, False))
