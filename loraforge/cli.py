@@ -20,7 +20,8 @@ def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
     return list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
 
 
-def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None) -> None:
+def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
+          overwrite: bool = False) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
 
     Args:
@@ -28,17 +29,18 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16
         resume: continue from the last complete checkpoint in output_dir
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
+        overwrite: write into a non-empty output_dir (a finished run there is trained again; never the data's folder)
     """
     from .config import load_train_config
     from .train import train as run
 
-    result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume)
+    result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
     print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
 
 
 def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | None = None,
-         overrides: list[str] = ()) -> None:
+         overrides: list[str] = (), overwrite: bool = False) -> None:
     """Fine-tune the built-in SmolLM2-135M-Instruct on the shipped date task and show the accuracy gain.
 
     Args:
@@ -46,10 +48,11 @@ def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | N
         max_steps: train for this many steps instead of the demo's default
         quantize: nf4, fp4 or int8: QLoRA, the frozen base stored with bitsandbytes
         overrides: section.field=value pairs on top of the demo config
+        overwrite: write into a non-empty --out (e.g. train the demo again over an earlier demo run)
     """
     from .demo import run_demo
 
-    run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize))
+    run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize), overwrite=overwrite)
 
 
 def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,
@@ -93,7 +96,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
 
 
 def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
-          dtype: str = "fp32", quantize: str | None = None) -> None:
+          dtype: str = "fp32", quantize: str | None = None, overwrite: bool = False) -> None:
     """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
 
     Args:
@@ -104,11 +107,12 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
         combination: svd (any ranks), cat (exact), or linear (PEFT's, equal ranks)
         dtype: fp32, bf16 or fp16 for the written weights
         quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on
+        overwrite: write into a non-empty --out, replacing only the checkpoint's files (never an --adapter/--base)
     """
     from .merge import export_merged
 
     path = export_merged(base, list(adapter), out, dtype=dtype, weights=[float(w) for w in weights] or None,
-                         combination_type=combination, quantize=quantize)
+                         combination_type=combination, quantize=quantize, overwrite=overwrite)
     print(f"merged checkpoint written to {path}")
 
 
@@ -265,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .outputs import OutputError
     from .train import TrainingError
 
     try:
         func(**args)
-    except (ConfigError, DataError, AdapterError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_train_config
+from .outputs import check_run_output
 
 
 def asset(name: str) -> str:
@@ -38,7 +39,8 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = ()) -> dict:
+def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = (),
+             overwrite: bool = False) -> dict:
     from . import data as D
     from .adapters import load_adapter
     from .evaluate import accuracy
@@ -47,6 +49,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
 
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
+    check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
+                     inputs=[cfg.model.name, cfg.data.train, cfg.data.eval], flag="--out")
     test = D.read_records(cfg.data.eval)
     quantize = cfg.quantization
     model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize=quantize)  # as it trains
@@ -57,7 +61,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
 
     method = "QLoRA" if quantize else METHOD_NAMES[cfg.method]
     print(f"[2/3] fine-tuning with {method} ...", flush=True)
-    result = train(cfg)
+    result = train(cfg, overwrite=overwrite)
 
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
     adapter_dir = Path(out) / "adapter"

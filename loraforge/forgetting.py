@@ -105,7 +105,7 @@ def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
 
 def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=DEFAULT_RANKS,
                    lora_lr: float = LORA_LR, full_lr: float = FULL_LR, seeds: int = 1,
-                   limit: int | None = None, progress: bool = True) -> dict:
+                   limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Train every arm × seed on `cfg`'s task, probe base and each result; print the table, write JSON + plot.
 
     Seeds run in the outer loop and forgetting.json is rewritten after every run ("complete": false until the
@@ -144,7 +144,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
             run_cfg = arm_config(cfg, arm, seed, out)
             print(f"[{arm.name} seed {seed}] training {run_cfg.training.max_steps} steps at lr {arm.lr:g} ...",
                   flush=True)
-            result = train(run_cfg, progress=progress)
+            result = train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: a finished earlier run
             t0 = time.perf_counter()
             if arm.method == "full":
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).
@@ -287,7 +287,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", ranks: list[str] = (),
                    seeds: int = 1, max_steps: int | None = None, lora_lr: float = LORA_LR,
-                   full_lr: float = FULL_LR, overrides: list[str] = ()) -> None:
+                   full_lr: float = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
     """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
 
     Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
@@ -303,14 +303,18 @@ def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", rank
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs
         overrides: section.field=value pairs on top of the config
+        overwrite: write into a non-empty --out (an earlier comparison there is run again)
     """
     from .config import load_train_config
     from .demo import demo_config
+    from .outputs import check_output
 
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, overrides))  # output_dir is set per run
-    run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds)
+    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, cfg.data.train, cfg.data.eval])
+    run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds,
+                   overwrite=overwrite)
 
 
 DEMO_STEPS = 30

@@ -17,6 +17,11 @@ from torch import nn
 from .config import LoraConfig
 from .inject import _set_submodule, inject, lora_layers
 from .layers import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
+from .outputs import check_output
+
+# Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
@@ -143,17 +148,21 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
                   weights: list[float] | None = None, combination_type: str = "svd",
-                  quantize: str | None = None) -> Path:
+                  quantize: str | None = None, overwrite: bool = False) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
     Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each).
     `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
     so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
     The directory appears complete or not at all (written to a temporary directory, then renamed).
+    A non-empty `out_dir` needs `overwrite`; then only the files the export writes are replaced there (plus an
+    older export's weight files, which transformers would load instead of the new ones); the other files stay.
+    An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.outputs).
     """
     from .adapters import load_adapter, set_adapter
     from .models import load_base
 
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
     model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
@@ -171,9 +180,17 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.is_dir() and any(out.iterdir()):  # --overwrite into a used folder: replace our files only
+            written = {f.name for f in tmp.iterdir()}
+            for old in WEIGHT_FILES:
+                for f in out.glob(old):
+                    if f.name not in written and f.is_file():
+                        f.unlink()
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)  # a missing or empty folder: renamed into place whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

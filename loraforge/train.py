@@ -32,6 +32,7 @@ from . import data as D
 from .config import TrainConfig, to_dict
 from .evaluate import mean_token_loss
 from .loss import CausalLMLoss, shares_prefix
+from .outputs import check_run_output
 
 
 class TrainingError(RuntimeError):
@@ -321,8 +322,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 # --- the loop ------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir.
+
+    An output_dir that is not empty needs `overwrite` (a finished run there is trained again; an unfinished one
+    only continues with `resume`); one that holds the data file or the model is refused (loraforge.outputs).
+    """
     from .adapters import save_adapter
     from .inject import count_parameters, parameter_report
     from .models import load_tokenizer
@@ -335,6 +340,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     random.seed(t.seed)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
+    stale = check_run_output(out, overwrite=overwrite, resume=resume,  # before any loading
+                             inputs=[cfg.model.name, cfg.data.train, cfg.data.eval])
+    if is_main:
+        for d in stale:  # the finished earlier run's checkpoints: this run's replace them
+            shutil.rmtree(d)
 
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)  # data errors come before model work

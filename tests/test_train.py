@@ -177,9 +177,11 @@ def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file
 
 
 def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir, data_file, tmp_path):
+    from loraforge.outputs import OutputError
+
     cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=2)
     train(cfg, progress=False)
-    with pytest.raises(TrainingError, match=r"already holds checkpoints.*--resume"):
+    with pytest.raises(OutputError, match=r"holds a finished run \(2 steps\); pass --overwrite"):
         train(cfg, progress=False)
     assert train(cfg, resume=True, progress=False).steps == 2  # nothing left to do: it ends at once
 

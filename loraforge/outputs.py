@@ -1,0 +1,99 @@
+"""Where a command may write: the one rule every writer (merge, train, demo, forgetting) calls before any work.
+
+- A missing or empty output folder is fine.
+- A non-empty one is refused unless the user passes --overwrite; with it, the command replaces only the files
+  it writes itself (merge: the checkpoint's files; train: adapter/, model/, metrics.jsonl, loss.png,
+  checkpoints/) and leaves every other file there alone.
+- Never, not even with --overwrite: an output that is, contains or lies inside one of the command's inputs
+  (merge --out = its --adapter, train output_dir = the folder of its data file, ...).
+- A training output_dir holding an earlier run of its own is continued with --resume, or started over with
+  --overwrite (its checkpoints are then replaced); without either it is refused.
+
+Atomic writes (temp + rename) protect against crashes, not against a wrong --out: this module is for that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class OutputError(ValueError):
+    """An output location the command must not write to; the message names it and the way out."""
+
+
+def _as_paths(inputs: Iterable[str | Path | None]) -> list[Path]:
+    """The inputs that exist on disk (a hub id or a built-in model name is not a path)."""
+    return [Path(p).expanduser() for p in inputs if p and Path(p).expanduser().exists()]
+
+
+def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (existing paths only)."""
+    out = Path(path).expanduser().resolve()
+    for given in _as_paths(inputs):
+        src = given.resolve()
+        if out == src:
+            how = "is"
+        elif out in src.parents:
+            how = "contains"
+        elif src in out.parents:
+            how = "is inside"
+        else:
+            continue
+        raise OutputError(f"{flag} {path} {how} this command's input {given}: writing there would replace it "
+                          f"(--overwrite never allows that); choose another {flag}")
+
+
+def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
+                 flag: str = "--out") -> None:
+    """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
+
+    `flag` is how the user named the path (--out, output_dir) so the message points at it.
+    """
+    check_not_input(path, inputs, flag)
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    if not overwrite and out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass --overwrite to write into "
+                              f"it (only the files this command writes are replaced), or choose another {flag}")
+
+
+def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
+    done = sorted(d for d in root.glob("step-*") if (d / "trainer_state.json").is_file())
+    return (done[-1], json.loads((done[-1] / "trainer_state.json").read_text())) if done else None
+
+
+def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
+                     inputs: Iterable[str | Path | None] = (), flag: str = "output_dir") -> list[Path]:
+    """The rule for a training output_dir; returns the checkpoints of an earlier run that a new run started
+    with --overwrite replaces (the caller deletes them before writing; nothing else is deleted).
+
+    --resume needs no permission (train itself says when there is nothing to resume).
+    """
+    check_not_input(path, inputs, flag)
+    if resume:
+        return []
+    root = Path(path).expanduser() / "checkpoints"
+    found = _last_checkpoint(root)
+    if found is None:
+        check_output(path, overwrite=overwrite, flag=flag)
+        return []
+    ckpt, state = found
+    step, total = state.get("step"), state.get("total_steps")
+    if not overwrite:
+        if step is not None and total is not None and step >= total:
+            raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass --overwrite to train "
+                              f"there again (replaces its adapter, metrics and checkpoints), or choose another "
+                              f"{flag}")
+        where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
+        raise OutputError(f"{flag} {path} holds an unfinished run ({where}); continue it with --resume, start "
+                          f"it over with --overwrite, or choose another {flag}")
+    return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))
+
+
+__all__ = ["OutputError", "check_output", "check_not_input", "check_run_output"]

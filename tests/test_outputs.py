@@ -1,0 +1,224 @@
+"""Commands never destroy a user's files: each refusal leaves the user's files as they were, byte for byte."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loraforge.adapters import save_adapter
+from loraforge.cli import main
+from loraforge.config import LoraConfig, load_train_config
+from loraforge.inject import inject
+from loraforge.outputs import OutputError, check_output
+from loraforge.train import last_checkpoint, train
+from test_adapters import randomize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (or the file itself) with its bytes."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(argv, capsys) -> str:
+    """Run the CLI in-process; it must exit 2 with one line naming the problem."""
+    capsys.readouterr()  # what earlier steps of the test printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """The refusals come before any model is loaded: loading fails the test."""
+    import loraforge.models
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output was checked")
+
+    monkeypatch.setattr(loraforge.models, "load_base", fail)
+    monkeypatch.setattr(loraforge.models, "load_model", fail)
+    monkeypatch.setattr(loraforge.models, "load_tokenizer", fail)
+
+
+@pytest.fixture
+def adapter_dir(tiny_dir, tmp_path):
+    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear")))
+    save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+# --- merge ----------------------------------------------------------------------------------------------------
+
+def test_merge_into_its_own_adapter_is_refused_even_with_overwrite(tiny_dir, adapter_dir, capsys, no_model_loading):
+    before = snapshot(adapter_dir)
+    assert set(before) == {"adapter_config.json", "adapter_model.safetensors"}
+    for extra in ([], ["--overwrite"]):
+        err = refused(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(adapter_dir),
+                       *extra], capsys)
+        assert f"--out {adapter_dir} is this command's input {adapter_dir}" in err and "choose another --out" in err
+        assert snapshot(adapter_dir) == before
+
+
+def test_merge_into_inside_or_around_its_inputs_is_refused(tiny_dir, adapter_dir, tmp_path, capsys, no_model_loading):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    before = snapshot(tmp_path)
+    cases = [(adapter_dir / "merged", f"is inside this command's input {adapter_dir}"),
+             (base, f"is this command's input {base}"),
+             (tmp_path, f"contains this command's input {base}")]
+    for out, says in cases:
+        err = refused(["merge", "--base", str(base), "--adapter", str(adapter_dir), "--out", str(out), "--overwrite"],
+                      capsys)
+        assert says in err, err
+        assert snapshot(tmp_path) == before
+    assert not (adapter_dir / "merged").exists()
+
+
+def test_merge_into_a_users_folder_needs_overwrite_and_keeps_the_users_files(tiny_dir, adapter_dir, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("x\n")
+    (notes / "model-00001-of-00002.safetensors").write_bytes(b"an older export's shard")
+    before = snapshot(notes)
+    err = refused(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(notes)], capsys)
+    assert err == (f"error: --out {notes} exists and is not empty (model-00001-of-00002.safetensors, notes.txt); "
+                   f"pass --overwrite to write into it (only the files this command writes are replaced), "
+                   f"or choose another --out")
+    assert snapshot(notes) == before
+
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(notes),
+                 "--overwrite"]) == 0
+    after = snapshot(notes)
+    assert after["notes.txt"] == before["notes.txt"] == b"x\n"  # the user's file, untouched
+    assert "model-00001-of-00002.safetensors" not in after  # an older export's weights would shadow the new ones
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(after)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary folder left behind
+    # the merged checkpoint in the shared folder equals one merged into a fresh folder
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "fresh")]) == 0
+    ids = torch.randint(0, 1000, (2, 7))
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(notes)(ids).logits,
+                               AutoModelForCausalLM.from_pretrained(tmp_path / "fresh")(ids).logits, rtol=0, atol=0)
+
+
+def test_merge_into_an_empty_folder_needs_no_flag(tiny_dir, adapter_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_output(tmp_path / "notes.txt", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_merge_refusal_through_the_command_line(tiny_dir, adapter_dir):
+    """The real entry point: exit 2, one line on stderr, no traceback, the adapter intact."""
+    before = snapshot(adapter_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "loraforge", "merge", "--base", str(tiny_dir), "--adapter",
+                           str(adapter_dir), "--out", str(adapter_dir), "--overwrite"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "is this command's input" in done.stderr and done.stdout == ""
+    assert snapshot(adapter_dir) == before
+
+
+# --- train ----------------------------------------------------------------------------------------------------
+
+def config(tiny_dir, data_file, out, steps=2, model=None):
+    return load_train_config(None, [f"model.name={model or tiny_dir}", f"data.train={data_file}",
+                                    "data.eval_fraction=0", f"output_dir={out}", "lora.r=4", "training.lr=1e-2",
+                                    f"training.max_steps={steps}", "training.batch_size=4", "training.precision=fp32",
+                                    "training.warmup_steps=0"])
+
+
+def test_train_into_a_users_folder_needs_overwrite(tiny_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    before = snapshot(out)
+    import loraforge.models
+
+    with monkeypatch.context() as m:  # refused before the tokenizer or model is loaded
+        m.setattr(loraforge.models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+        with pytest.raises(OutputError, match=rf"output_dir {out} exists and is not empty \(notes.txt\); "
+                                              r"pass --overwrite"):
+            train(config(tiny_dir, data_file, out), progress=False)
+    assert snapshot(out) == before
+    result = train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
+    assert result.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "notes.txt").read_bytes() == before["notes.txt"]
+
+
+def test_train_never_writes_over_its_data_or_model(tiny_dir, data_file, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    shutil.copy(data_file, data_dir / "train.jsonl")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError, match=rf"output_dir {data_dir} contains this command's input "
+                                          rf"{data_dir / 'train.jsonl'}"):
+        train(config(tiny_dir, data_dir / "train.jsonl", data_dir), progress=False, overwrite=True)
+    with pytest.raises(OutputError, match=rf"output_dir {model_dir} is this command's input {model_dir}"):
+        train(config(tiny_dir, data_file, model_dir, model=model_dir), progress=False, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_finished_run_is_trained_again_only_with_overwrite(tiny_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    assert last_checkpoint(out / "checkpoints").name == "step-0000003"
+    before = snapshot(out)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data_file}, eval_fraction: 0}}\n"
+                        f"output_dir: {out}\nlora: {{r: 4}}\n"
+                        "training: {max_steps: 2, batch_size: 4, precision: fp32, warmup_steps: 0}\n")
+    err = refused(["train", str(cfg_file)], capsys)
+    assert err == (f"error: output_dir {out} holds a finished run (3 steps); pass --overwrite to train there again "
+                   f"(replaces its adapter, metrics and checkpoints), or choose another output_dir")
+    assert snapshot(out) == before
+    assert main(["train", str(cfg_file), "--overwrite"]) == 0
+    # the new, shorter run's checkpoints replaced the old ones: a later --resume continues the new run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != before["adapter/adapter_model.safetensors"]
+
+
+def test_an_unfinished_run_points_at_resume(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    state = out / "checkpoints" / "step-0000003" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"total_steps": 3', '"total_steps": 6'))  # as if it stopped at 3
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=r"holds an unfinished run \(checkpoint step-0000003, step 3 of 6\); "
+                                          r"continue it with --resume, start it over with --overwrite"):
+        train(config(tiny_dir, data_file, out, steps=6), progress=False)
+    assert snapshot(out) == before
+
+
+# --- demo and forgetting --------------------------------------------------------------------------------------
+
+def test_demo_and_forgetting_refuse_a_used_out_before_loading(tmp_path, capsys, no_model_loading):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "paper.tex").write_text("\\section{}")
+    before = snapshot(out)
+    err = refused(["demo", "--out", str(out)], capsys)
+    assert f"--out {out} exists and is not empty (paper.tex); pass --overwrite" in err
+    err = refused(["forgetting", "--out", str(out)], capsys)
+    assert f"--out {out} exists and is not empty (paper.tex); pass --overwrite" in err
+    assert snapshot(out) == before
