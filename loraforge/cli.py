@@ -29,7 +29,7 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16
         resume: continue from the last complete checkpoint in output_dir
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
-        overwrite: write into a non-empty output_dir (a finished run there is trained again; never the data's folder)
+        overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
     from .config import load_train_config
     from .train import train as run
@@ -269,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .models import ModelDownloadError
     from .outputs import OutputError
     from .train import TrainingError
 
     try:
         func(**args)
-    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, FileNotFoundError) as e:
+    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ refuses `save_pretrained`. So we convert once into a plain safetensors checkpoin
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import importlib.util
 import os
@@ -118,10 +120,61 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a hub id: transformers downloads it where a network exists
 
 
+class ModelDownloadError(OSError):
+    """A hub model could not be downloaded (no network, unknown or gated repository, no disk space)."""
+
+
+ALTERNATIVES = "a local transformers directory, a .gguf file, or the built-in name smollm2-135m"
+
+
+def download_failure(name: str, error: BaseException) -> str | None:
+    """One line saying why hub model `name` could not be downloaded and what to pass instead; None when `error`
+    (or what it was raised from: transformers wraps huggingface_hub's errors in OSError) is no download failure."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    chain, e = [], error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    instead = f"; pass {ALTERNATIVES} instead"
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, GatedRepoError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)
+                                             and not isinstance(e, RepositoryNotFoundError)):
+            return (f"model {name!r} is gated on the Hugging Face Hub: request access at https://huggingface.co/{name} "
+                    f"and log in (hf auth login, or set HF_TOKEN){instead}")
+        if isinstance(e, RepositoryNotFoundError):
+            return (f"model {name!r} is neither a local path nor a repository on the Hugging Face Hub (a private one "
+                    f"needs hf auth login){instead}")
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return (f"no disk space left to download model {name!r} into the Hugging Face cache "
+                    f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk){instead}")
+    if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection to the Hugging Face Hub"
+        return f"model {name!r} could not be downloaded ({why}) and no cached copy exists{instead}"
+    return None
+
+
+@contextlib.contextmanager
+def _downloading(name_or_path: str, path: str):
+    """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError."""
+    try:
+        yield
+    except Exception as e:
+        line = download_failure(name_or_path, e) if not Path(path).exists() else None
+        if line is None:
+            raise
+        raise ModelDownloadError(line) from e
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    path = resolve_model(name_or_path)
+    with _downloading(name_or_path, path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -134,11 +187,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
 
     path = resolve_model(name_or_path)
     torch_dtype = parse_dtype(dtype)
-    if quantize is not None:
-        from .quant import load_quantized
+    with _downloading(name_or_path, path):
+        if quantize is not None:
+            from .quant import load_quantized
 
-        return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
 
 

@@ -325,8 +325,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir.
 
-    An output_dir that is not empty needs `overwrite` (a finished run there is trained again; an unfinished one
-    only continues with `resume`); one that holds the data file or the model is refused (loraforge.outputs).
+    An output_dir that is not empty needs `overwrite` (an earlier run there is started over; `resume` continues
+    it instead); one that holds the data file or the model is refused (loraforge.outputs).
     """
     from .adapters import save_adapter
     from .inject import count_parameters, parameter_report
@@ -343,7 +343,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     stale = check_run_output(out, overwrite=overwrite, resume=resume,  # before any loading
                              inputs=[cfg.model.name, cfg.data.train, cfg.data.eval])
     if is_main:
-        for d in stale:  # the finished earlier run's checkpoints: this run's replace them
+        for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
     tokenizer = load_tokenizer(cfg.model.name)

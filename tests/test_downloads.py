@@ -1,0 +1,116 @@
+"""A hub model that cannot be downloaded ends in one line naming it and the alternatives, never a traceback.
+
+No test touches the network: HF_HUB_OFFLINE=1 with an empty Hugging Face cache, or huggingface_hub's download
+functions replaced by ones that raise what the hub raises (gated, unknown repository, no connection, disk full).
+"""
+
+import errno
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers.utils.hub
+from huggingface_hub import constants
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from loraforge.cli import main
+from loraforge.models import ModelDownloadError, load_base, load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_ID = "meta-llama/Llama-3.2-1B"
+INSTEAD = "; pass a local transformers directory, a .gguf file, or the built-in name smollm2-135m instead"
+OFFLINE = f"model '{HUB_ID}' could not be downloaded (HF_HUB_OFFLINE is set) and no cached copy exists" + INSTEAD
+
+
+def _response(status: int):
+    """An HTTP response as huggingface_hub's errors carry it (its HTTP library: httpx or httpx2)."""
+    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    return http.Response(status, request=http.Request("GET", f"https://huggingface.co/{HUB_ID}/resolve/main/config.json"))
+
+
+ERRORS = {
+    "gated": (lambda: GatedRepoError("Access to model is restricted", response=_response(403)),
+              f"model '{HUB_ID}' is gated on the Hugging Face Hub: request access at https://huggingface.co/{HUB_ID} "
+              f"and log in (hf auth login, or set HF_TOKEN)" + INSTEAD),
+    "unauthorized": (lambda: HfHubHTTPError("401 Client Error", response=_response(401)),
+                     f"model '{HUB_ID}' is gated on the Hugging Face Hub: request access at "
+                     f"https://huggingface.co/{HUB_ID} and log in (hf auth login, or set HF_TOKEN)" + INSTEAD),
+    "unknown": (lambda: RepositoryNotFoundError("Repository Not Found", response=_response(401)),
+                f"model '{HUB_ID}' is neither a local path nor a repository on the Hugging Face Hub (a private one "
+                f"needs hf auth login)" + INSTEAD),
+    "no network": (lambda: LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
+                   f"model '{HUB_ID}' could not be downloaded (no connection to the Hugging Face Hub) and no cached "
+                   f"copy exists" + INSTEAD),
+    "disk full": (lambda: OSError(errno.ENOSPC, "No space left on device"),
+                  f"no disk space left to download model '{HUB_ID}' into the Hugging Face cache "
+                  f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk)" + INSTEAD),
+}
+
+
+@pytest.fixture
+def hub_raises(monkeypatch):
+    """Make every hub download raise `error()`; returns the list of files asked for."""
+    asked = []
+
+    def install(error):
+        def download(repo_id, filename=None, **kwargs):
+            asked.append((repo_id, filename))
+            raise error()
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", download)
+        monkeypatch.setattr(transformers.utils.hub, "snapshot_download", download)
+        return asked
+
+    return install
+
+
+@pytest.mark.parametrize("kind", list(ERRORS))
+def test_each_download_failure_is_one_line_with_the_alternatives(kind, hub_raises):
+    error, expected = ERRORS[kind]
+    asked = hub_raises(error)
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(ModelDownloadError) as e:
+            load(HUB_ID)
+        assert str(e.value) == expected
+        assert "\n" not in str(e.value)
+    assert asked and all(repo == HUB_ID for repo, _ in asked)  # the hub was asked (the stand-in), for this model
+
+
+def test_download_failure_through_the_cli_in_process(hub_raises, capsys):
+    hub_raises(ERRORS["gated"][0])
+    assert main(["generate", "hi", "--model", HUB_ID]) == 2
+    assert capsys.readouterr().err == f"error: {ERRORS['gated'][1]}\n"
+
+
+def test_other_errors_are_not_disguised_as_download_failures(hub_raises, tiny_dir):
+    hub_raises(lambda: RuntimeError("a bug, not a download failure"))
+    with pytest.raises(Exception) as e:  # transformers' own error (it wraps ours in an OSError), left as it is
+        load_tokenizer(HUB_ID)
+    assert not isinstance(e.value, ModelDownloadError)
+    chain, err = [], e.value
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert {str(x) for x in chain if isinstance(x, RuntimeError)} == {"a bug, not a download failure"}
+    model, tokenizer = load_base(str(tiny_dir))  # a local directory never reaches the hub
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_offline_without_a_cached_copy_through_the_command_line(tmp_path, data_file):
+    """The real thing, no stand-ins: HF_HUB_OFFLINE=1, an empty Hugging Face cache, `loraforge train`."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{name: {HUB_ID}}}\ndata: {{train: {data_file}}}\noutput_dir: {tmp_path / 'out'}\n"
+                   "training: {precision: fp32, max_steps: 1}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"error: {OFFLINE}"], done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
