@@ -144,7 +144,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
             run_cfg = arm_config(cfg, arm, seed, out)
             print(f"[{arm.name} seed {seed}] training {run_cfg.training.max_steps} steps at lr {arm.lr:g} ...",
                   flush=True)
-            result = train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: a finished earlier run
+            result = train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: an earlier run there starts over
             t0 = time.perf_counter()
             if arm.method == "full":
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).

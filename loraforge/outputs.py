@@ -82,10 +82,9 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     found = _last_checkpoint(root)
     if found is None:
         check_output(path, overwrite=overwrite, flag=flag)
-        return []
-    ckpt, state = found
-    step, total = state.get("step"), state.get("total_steps")
-    if not overwrite:
+    elif not overwrite:
+        ckpt, state = found
+        step, total = state.get("step"), state.get("total_steps")
         if step is not None and total is not None and step >= total:
             raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass --overwrite to train "
                               f"there again (replaces its adapter, metrics and checkpoints), or choose another "
@@ -93,7 +92,9 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
         where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
         raise OutputError(f"{flag} {path} holds an unfinished run ({where}); continue it with --resume, start "
                           f"it over with --overwrite, or choose another {flag}")
-    return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))
+    if not overwrite:
+        return []
+    return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))  # damaged too
 
 
 __all__ = ["OutputError", "check_output", "check_not_input", "check_run_output"]

@@ -198,16 +198,21 @@ def test_a_finished_run_is_trained_again_only_with_overwrite(tiny_dir, data_file
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != before["adapter/adapter_model.safetensors"]
 
 
-def test_an_unfinished_run_points_at_resume(tiny_dir, data_file, tmp_path):
+def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_dir, data_file, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_dir, data_file, out, steps=3), progress=False)
     state = out / "checkpoints" / "step-0000003" / "trainer_state.json"
     state.write_text(state.read_text().replace('"total_steps": 3', '"total_steps": 6'))  # as if it stopped at 3
+    (out / "checkpoints" / "step-0000004").mkdir()  # and died writing the next one
+    (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     with pytest.raises(OutputError, match=r"holds an unfinished run \(checkpoint step-0000003, step 3 of 6\); "
                                           r"continue it with --resume, start it over with --overwrite"):
         train(config(tiny_dir, data_file, out, steps=6), progress=False)
     assert snapshot(out) == before
+    assert train(config(tiny_dir, data_file, out, steps=2), progress=False, overwrite=True).steps == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]  # the old run's are gone
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # --- demo and forgetting --------------------------------------------------------------------------------------
