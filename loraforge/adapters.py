@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .files import atomic_dir
 from .inject import _set_submodule, inject, lora_layers, mark_trainable
 from .layers import LoraLayer, ModulesToSave
 
@@ -70,32 +69,26 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], peft_dict: dict) -> Path:
+    """Write an adapter directory's two files; they appear together or not at all, and a write the disk refuses
+    raises files.DiskError naming the directory (other files already in `out` stay)."""
+    text = json.dumps(peft_dict, indent=2) + "\n"
+    with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text)) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text)
+    return out
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  config: LoraConfig | None = None) -> Path:
-    """Write adapter `name` as a PEFT adapter directory (each file written atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
         from .adalora import export_pruned
 
         config, tensors = export_pruned(model, name, config, tensors)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    peft_dict = config.to_peft_dict()
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_dict, indent=2) + "\n"))
-    return out
+    return write_adapter_dir(Path(out_dir), tensors, config.to_peft_dict())
 
 
 def read_adapter_config(adapter_dir: str | Path):

@@ -269,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     from .adapters import AdapterError
     from .config import ConfigError
     from .data import DataError
+    from .files import DiskError
     from .models import ModelDownloadError
     from .outputs import OutputError
     from .train import TrainingError
 
     try:
         func(**args)
-    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError,
+    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ It only does so when there is no KV cache, so call the model with `use_cache=Fal
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -71,12 +72,11 @@ def read_records(source: str) -> list[dict]:
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            # Row 1 is the header, so data row i (from 0) is on line i + 2 (for rows without embedded newlines).
-            records = [{**row, "_source": f"{path}:{i + 2}"} for i, row in enumerate(csv.DictReader(f))]
+        # Row 1 is the header, so data row i (from 0) is on line i + 2 (for rows without embedded newlines).
+        rows = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        records = [{**row, "_source": f"{path}:{i + 2}"} for i, row in enumerate(rows)]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-        records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(pq.read_table(path).to_pylist())]
+        records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(_read_parquet(path))]
     else:
         raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
     if not records:
@@ -86,23 +86,22 @@ def read_records(source: str) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append({**record, "_source": f"{path}:{lineno}"})
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append({**record, "_source": f"{path}:{lineno}"})
     return records
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        data = json.loads(_read_text(path) or "[]")
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -113,6 +112,38 @@ def _read_json(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             raise DataError(f"{path}[{i}]: expected a JSON object, got {type(record).__name__}")
     return [{**record, "_source": f"{path}[{i}]"} for i, record in enumerate(data)]
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8; a byte that is not UTF-8 is reported with its line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {column} (byte offset {e.start}) "
+                        f"is not UTF-8; re-encode the file as UTF-8 (e.g. for Windows-1252/Latin-1 text: "
+                        f"iconv -f cp1252 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)})") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the first one
+        for name in table.column_names:
+            if table.schema.field(name).type in (pa.string(), pa.large_string()):
+                for row, value in enumerate(table.column(name).cast(pa.binary()).to_pylist()):
+                    try:
+                        (value or b"").decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{path}[row {row}]: column {name!r} holds byte 0x{value[e.start]:02x} at "
+                                        f"position {e.start}, which is not UTF-8; re-encode the column's text as "
+                                        f"UTF-8 and write the file again") from None
+        raise
 
 
 def _read_hub(source: str) -> list[dict]:

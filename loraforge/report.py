@@ -9,26 +9,45 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_file, disk_error
+
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written (and
+    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError."""
 
     def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if append and path.is_file():
+            _drop_partial_line(path)
+        self.path = path
         self.file = open(path, "a" if append else "w")
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            error = disk_error(self.path, e)
+            if error is None:
+                raise
+            raise error from None
 
     def close(self) -> None:
         self.file.close()
 
 
-def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+def _drop_partial_line(path: Path) -> None:
+    with open(path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr)
 
 
@@ -44,7 +63,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics: Path, out: Path) -> Path | None:
-    """Training loss per step (and held-out loss where measured) as a PNG."""
+    """Training loss per step (and held-out loss where measured) as a PNG, written atomically (files.atomic_file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,6 +83,9 @@ def plot_loss(metrics: Path, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, format=Path(out).suffix[1:] or "png")
+    finally:
+        plt.close(fig)
     return out

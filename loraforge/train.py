@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from torch import nn
 from . import data as D
 from .config import TrainConfig, to_dict
 from .evaluate import mean_token_loss
+from .files import DiskError, atomic_dir
 from .loss import CausalLMLoss, shares_prefix
 from .outputs import check_run_output
 
@@ -254,27 +256,46 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json")
+MANIFEST = "manifest.json"  # written last: each file's size and SHA-256, so resume can tell a damaged checkpoint
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
-    """Write checkpoints/step-N atomically: a temporary directory renamed into place when complete."""
+    """Write checkpoints/step-N atomically: its files, then their manifest, in a temporary directory that is
+    renamed into place when complete.
+
+    A write the disk refuses (full, file-size limit, permission, I/O error) raises TrainingError naming the
+    directory, about how much it needed, and the last complete checkpoint, which is left intact; the temporary
+    directory is removed.
+    """
     final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    weights = trainable_state(model)
     opt_state = optimizer.state_dict()
     tensors = {f"{pid}.{k}": v.cpu().contiguous() for pid, s in opt_state["state"].items() for k, v in s.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
     meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
             "python_rng": _python_rng_state(), "config": to_dict(cfg), **state}
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-    if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
-        os.kill(os.getpid(), 9)
-    if final.exists():  # the same step written again (a re-run of a finished run): the new one wins
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    text = json.dumps(meta, indent=1)
+    need = sum(v.nbytes for v in (*weights.values(), *tensors.values())) + len(text)
+    try:
+        with atomic_dir(final, need) as tmp:
+            save_file(weights, tmp / "trainable.safetensors")
+            save_file(tensors, tmp / "optimizer.safetensors")
+            (tmp / "trainer_state.json").write_text(text)
+            if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
+                os.kill(os.getpid(), 9)
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                     for name in CHECKPOINT_FILES}
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+            if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
+                shutil.rmtree(final)
+    except DiskError as e:
+        last = last_checkpoint(root)
+        kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
+                f"with --resume" if last else "no checkpoint was completed before this one")
+        raise TrainingError(f"{e}; training stopped after step {step}, {kept}") from None
     old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
     for d in old:
         shutil.rmtree(d, ignore_errors=True)
@@ -286,10 +307,49 @@ def _python_rng_state():
     return [version, list(internal), gauss]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint's files match its manifest (sizes and SHA-256); otherwise what is wrong."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (its save did not finish, or a loraforge without manifests wrote it)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name in CHECKPOINT_FILES:
+        entry, file = files.get(name) if isinstance(files, dict) else None, path / name
+        if not isinstance(entry, dict):
+            return f"its {MANIFEST} does not list {name}"
+        if not file.is_file():
+            return f"{name} is missing"
+        if (size := file.stat().st_size) != entry.get("bytes"):
+            return f"{name} is {size} bytes but was written as {entry.get('bytes')} (truncated or damaged)"
+        if _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its SHA-256 in {MANIFEST} (damaged)"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that do not, each with the reason (newest first)."""
+    skipped = []
+    for path in sorted(root.glob("step-*"), reverse=True):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
 def last_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
-    done = sorted(d for d in root.glob("step-*") if (d / "trainer_state.json").is_file())
-    return done[-1] if done else None
+    """The newest complete, verified checkpoint (an interrupted save's temporary directory never counts)."""
+    return find_checkpoint(root)[0]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -318,6 +378,25 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return meta
+
+
+def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = None, step: int | None = None) -> str:
+    """What to change after a non-finite loss, from what the run used: `precision` is the compute precision it
+    resolved to ('fp32', 'bf16' or 'fp16'), `step` the step (from 1) whose loss was not finite."""
+    if step == 1:  # no optimizer step has run yet: the learning rate cannot be the cause
+        advice = ["The loss was not finite before any update, so the learning rate is not the cause: check the base "
+                  "model (does it give finite logits in model.dtype?) and the first batch's records"]
+    else:
+        advice = [f"Lower training.lr (it is {lr:g}; try {lr / 10:g})"]
+        if not max_grad_norm:
+            advice.append("set training.max_grad_norm: 1.0 to clip the gradients")
+    if precision == "fp16":
+        advice.append("fp16 overflows past 65504: use training.precision: bf16 where the hardware has it, or fp32")
+    elif precision == "bf16":
+        advice.append("try training.precision: fp32 (bf16 keeps 8 bits of mantissa)")
+    if step != 1:
+        advice.append("check the records of this step for unusual text (very long, repeated or garbled)")
+    return "; ".join(advice)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -373,14 +452,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
 
     step, tokens_seen = 0, 0
-    if not resume and last_checkpoint(ckpt_root) is not None:
-        raise TrainingError(f"{out} already holds checkpoints of a run ({last_checkpoint(ckpt_root).name}); "
-                            f"continue it with --resume, or choose another output_dir")
+    if not resume and (earlier := sorted(ckpt_root.glob("step-*"))):  # complete or not: this run would mix with them
+        raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
+                            f"--resume, delete {ckpt_root} to start over, or choose another output_dir")
     if resume:
-        found = last_checkpoint(ckpt_root)
+        found, skipped = find_checkpoint(ckpt_root)
         if found is None:
-            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}")
+            why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
+            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}{why}; to start over, run "
+                                f"without --resume and with --overwrite (or delete {ckpt_root}), or choose another "
+                                f"output_dir")
         meta = load_checkpoint(found, model, optimizer, scheduler)
+        if is_main:
+            for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
+                print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
+                shutil.rmtree(path, ignore_errors=True)
         step, tokens_seen = meta["step"], meta["tokens_seen"]
         if allocator is not None:
             allocator.load_state(meta.get("allocator", {}))
@@ -439,8 +525,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             if log is not None:
                 log.close()
             raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
-                                f"{last or 'none (no checkpoint was written yet)'}. Lower training.lr or use "
-                                f"training.precision: fp32")
+                                f"{last or 'none (no checkpoint was written yet)'}. "
+                                + nonfinite_advice(t.lr, t.precision, t.max_grad_norm, step + 1))
 
         # 4. clip, step, explicit hooks, schedule
         params = [p for p in model.parameters() if p.requires_grad]

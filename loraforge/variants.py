@@ -10,11 +10,9 @@ PEFT's `path_initial_model_for_weight_conversion` does.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .layers import LoraLayer, LoraLinear, is_quantized
@@ -57,8 +55,7 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
     With W_res = W0 − s·B0 A0: W_res + s·B A = W0 + s·[B, −B0] [A; A0], a rank-2r adapter with the same scale
     (lora_alpha doubled; ×√2 with use_rslora), so PEFT and loraforge load it on the original base with equal logits.
     """
-    from .adapters import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, adapter_configs, adapter_state_dict, \
-        read_adapter_weights
+    from .adapters import adapter_configs, adapter_state_dict, read_adapter_weights, write_adapter_dir
 
     config = adapter_configs(model)[name]
     if config.use_dora:
@@ -77,13 +74,8 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
         config, r=2 * config.r, lora_alpha=config.lora_alpha * alpha_factor, init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * alpha_factor for k, v in config.alpha_pattern.items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(converted.to_peft_dict(), indent=2) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
-    return out
+    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict())
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,

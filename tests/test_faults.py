@@ -1,0 +1,294 @@
+"""What real disks and data do to a run: bytes that are not UTF-8, a damaged checkpoint, a full disk.
+
+Each case uses real files and, where the CLI decides what the user sees, a real process: one line on stderr,
+exit code 2, no traceback. Training is fp32 on the tiny model (conftest.tiny_dir), a few steps.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraforge.train as T
+from loraforge.config import load_train_config
+from loraforge.data import DataError, read_records
+from loraforge.train import TrainingError, find_checkpoint, nonfinite_advice, train, verify_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_JSONL = b'{"instruction":"a","output":"b"}\n{"instruction":"m\xe4rz","output":"c"}\n'  # the issue's printf
+
+
+def run_args(tiny_dir, data_file, out) -> list[str]:
+    return [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", f"output_dir={out}",
+            "lora.r=4", "lora.lora_dropout=0.1", "training.lr=1e-2", "training.max_steps=3", "training.batch_size=4",
+            "training.precision=fp32", "model.dtype=fp32", "training.save_every=1", "training.keep_checkpoints=3",
+            "training.seed=3"]
+
+
+def cli(args, tmp_path, limit_kb: int | None = None) -> subprocess.CompletedProcess:
+    """`loraforge ARGS` in a fresh process; with limit_kb under `ulimit -f` (the file-size limit of a full quota)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    command = [sys.executable, "-m", "loraforge", args[0], str(cfg), *args[1:]]
+    if limit_kb is not None:
+        command = ["bash", "-c", f'ulimit -f {limit_kb}; exec "$@"', "bash", *command]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def adapter(out) -> dict:
+    return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
+
+
+def assert_equal_adapters(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)  # max |Δ| = 0: a resume recomputes exactly
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_dir, data_file, tmp_path_factory) -> dict:
+    """The adapter of the uninterrupted run (3 steps)."""
+    out = tmp_path_factory.mktemp("whole")
+    train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
+    return adapter(out)
+
+
+@pytest.fixture(scope="module")
+def interrupted_once(tiny_dir, data_file, tmp_path_factory) -> Path:
+    """The same run stopped in its last checkpoint save (like a kill): checkpoints of steps 1 and 2, no adapter."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    save = T.save_checkpoint
+
+    def save_or_stop(root, step, *args):
+        if step == 3:
+            raise Interrupt
+        return save(root, step, *args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "save_checkpoint", save_or_stop)
+        with pytest.raises(Interrupt):
+            train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    return out
+
+
+@pytest.fixture
+def interrupted(interrupted_once, tmp_path) -> Path:
+    """A copy of the interrupted run's output_dir for one test to damage."""
+    return Path(shutil.copytree(interrupted_once, tmp_path / "run"))
+
+
+def one_error_line(stderr: str) -> str:
+    """The error the CLI printed (progress bars share stderr), checked to be alone and without a traceback."""
+    assert "Traceback" not in stderr and stderr.count("error: ") == 1, stderr
+    return stderr[stderr.index("error: "):].splitlines()[0]
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+def test_an_undecodable_byte_stops_train_with_its_file_line_and_the_fix(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(BAD_JSONL)
+    proc = cli(["train", *run_args(tiny_dir, bad, tmp_path / "out")], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert one_error_line(proc.stderr) == (
+        f"error: {bad}:2: byte 0xe4 at column 18 (byte offset 50) is not UTF-8; re-encode the file as UTF-8 (e.g. "
+        f"for Windows-1252/Latin-1 text: iconv -f cp1252 -t utf-8 {bad} > {tmp_path / 'bad.utf8.jsonl'})")
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("bad.json", b'[{"instruction": "a", "output": "b"},\n {"instruction": "m\xe4rz", "output": "c"}]\n',
+     "2: byte 0xe4 at column 20 (byte offset 57)"),
+    ("bad.csv", b"instruction,output\na,b\nm\xe4rz,c\n", "3: byte 0xe4 at column 2 (byte offset 24)"),
+    ("text.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "2: byte 0xe9 at column 14 (byte offset 28)"),
+])
+def test_every_text_reader_names_the_line_of_an_undecodable_byte(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content)
+    fixed = path.with_suffix(".utf8" + path.suffix)
+    with pytest.raises(DataError) as e:
+        read_records(str(path))
+    assert str(e.value) == (f"{path}:{where} is not UTF-8; re-encode the file as UTF-8 (e.g. for Windows-1252/"
+                            f"Latin-1 text: iconv -f cp1252 -t utf-8 {path} > {fixed})")
+
+
+def test_a_parquet_string_that_is_not_utf8_is_named_by_row_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    text = pa.array([b"fine", b"m\xe4rz"], type=pa.binary()).view(pa.string())  # no validation: as a foreign writer
+    pq.write_table(pa.table({"instruction": pa.array(["a", "b"]), "output": text}), path)
+    with pytest.raises(DataError) as e:
+        read_records(str(path))
+    assert str(e.value) == (f"{path}[row 1]: column 'output' holds byte 0xe4 at position 1, which is not UTF-8; "
+                            f"re-encode the column's text as UTF-8 and write the file again")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+def test_resume_skips_a_truncated_checkpoint_and_ends_with_the_uninterrupted_adapter(
+        tiny_dir, data_file, tmp_path, interrupted, whole):
+    ckpts = interrupted / "checkpoints"
+    damaged = ckpts / "step-0000002" / "trainable.safetensors"
+    size = damaged.stat().st_size
+    subprocess.run(["truncate", "-s", str(size // 2), str(damaged)], check=True)
+
+    proc = cli(["train", *run_args(tiny_dir, data_file, interrupted), "--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"skipping checkpoint step-0000002: trainable.safetensors is {size // 2} bytes but was written as "
+            f"{size} (truncated or damaged); removed it\nresuming from {ckpts / 'step-0000001'} (step 1/3)\n"
+            ) in proc.stdout
+    assert_equal_adapters(adapter(interrupted), whole)
+    assert find_checkpoint(ckpts) == (ckpts / "step-0000003", [])
+    assert [verify_checkpoint(d) for d in sorted(ckpts.iterdir())] == [None, None, None]  # steps 1, 2 (again), 3
+
+
+def test_each_kind_of_damage_is_named(interrupted):
+    step = interrupted / "checkpoints" / "step-0000002"
+    copy = interrupted / "copy"
+
+    def damaged(change) -> str:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(step, copy)
+        change(copy)
+        return verify_checkpoint(copy)
+
+    def flip_a_byte(d):
+        data = bytearray((d / "optimizer.safetensors").read_bytes())
+        data[-1] ^= 1
+        (d / "optimizer.safetensors").write_bytes(bytes(data))
+
+    assert damaged(lambda d: None) is None
+    assert damaged(flip_a_byte) == "optimizer.safetensors does not match its SHA-256 in manifest.json (damaged)"
+    assert damaged(lambda d: (d / "trainer_state.json").unlink()) == "trainer_state.json is missing"
+    assert damaged(lambda d: (d / "manifest.json").unlink()) == (
+        "it has no manifest.json (its save did not finish, or a loraforge without manifests wrote it)")
+    assert damaged(lambda d: (d / "manifest.json").write_text("{")) == "its manifest.json is unreadable"
+
+
+def test_resume_with_no_intact_checkpoint_says_so_and_how_to_start_over(tiny_dir, data_file, interrupted):
+    ckpts = interrupted / "checkpoints"
+    (ckpts / "step-0000002" / "manifest.json").unlink()  # as if its save had stopped before the last file
+    written = (ckpts / "step-0000001" / "trainer_state.json").stat().st_size
+    (ckpts / "step-0000001" / "trainer_state.json").write_text("{}")
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, run_args(tiny_dir, data_file, interrupted)), resume=True, progress=False)
+    assert str(e.value) == (
+        f"--resume: no complete checkpoint under {ckpts} (step-0000002: it has no manifest.json (its save did not "
+        f"finish, or a loraforge without manifests wrote it); step-0000001: trainer_state.json is 2 bytes but was "
+        f"written as {written} (truncated or damaged)); "
+        f"to start over, run without --resume and with --overwrite (or delete {ckpts}), or choose another "
+        f"output_dir")
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # nothing deleted
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------
+
+def test_a_checkpoint_save_past_the_file_size_limit_stops_with_one_line(tiny_dir, data_file, tmp_path, interrupted):
+    """`ulimit -f` makes the kernel refuse a write past the limit (EFBIG), as a full disk or quota does."""
+    ckpts = interrupted / "checkpoints"
+    limit_kb = max(f.stat().st_size for f in (ckpts / "step-0000002").iterdir()) // 1024 // 2  # below the largest
+    proc = cli(["train", *run_args(tiny_dir, data_file, interrupted), "--resume"], tmp_path, limit_kb=limit_kb)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    pattern = (rf"error: cannot write {re.escape(str(ckpts / 'step-0000003'))}: a file would pass the largest file "
+               rf"size allowed \(`ulimit -f`, or the file system's limit\) \(about [0-9.]+ kB needed, "
+               rf"[0-9.]+ [kMGT]?B free there\); training stopped after step 3, the last complete checkpoint, "
+               rf"{re.escape(str(ckpts / 'step-0000002'))}, is intact: make room \(or fix the permission\) and "
+               rf"continue with --resume")
+    assert re.fullmatch(pattern, one_error_line(proc.stderr)), proc.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # no .tmp-step-0000003
+    assert verify_checkpoint(ckpts / "step-0000002") is None
+    assert not (interrupted / "adapter").exists()
+
+
+def test_a_final_adapter_or_plot_the_disk_refuses_leaves_nothing_half_written(tmp_path):
+    """save_adapter and plot_loss in a process whose file-size limit is below what they write."""
+    script = f"""
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import tiny_llama
+from loraforge.config import LoraConfig
+from loraforge.files import DiskError
+from loraforge.inject import inject
+from loraforge.adapters import save_adapter
+from loraforge.report import MetricsLog, plot_loss
+out = Path({str(tmp_path)!r})
+log = MetricsLog(out / "metrics.jsonl")
+for step in range(1, 200):
+    log.write(step=step, loss=1.0 / step)
+log.close()
+model = inject(tiny_llama(), LoraConfig(r=64))
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+for write in (lambda: save_adapter(model, out / "adapter"), lambda: plot_loss(out / "metrics.jsonl", out / "loss.png")):
+    try:
+        write()
+    except DiskError as e:
+        print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter_line, plot_line = proc.stdout.splitlines()
+    reason = r"a file would pass the largest file size allowed \(`ulimit -f`, or the file system's limit\)"
+    assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path / 'adapter'))}: {reason} \(about [0-9.]+ kB "
+                        rf"needed, [0-9.]+ [kMGT]?B free there\)", adapter_line)
+    assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path / 'loss.png'))}: {reason} \([0-9.]+ [kMGT]?B free "
+                        rf"there\)", plot_line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_appending_to_metrics_drops_a_line_cut_off_by_a_crash(tmp_path):
+    from loraforge.report import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    log = MetricsLog(path, append=True)
+    log.write(step=2, loss=1.5)
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+# --- a non-finite loss ---------------------------------------------------------------------------------------
+
+def test_nonfinite_advice_depends_on_what_the_run_used():
+    assert nonfinite_advice(1e-2, "fp32", 1.0, step=5) == (
+        "Lower training.lr (it is 0.01; try 0.001); check the records of this step for unusual text (very long, "
+        "repeated or garbled)")
+    assert nonfinite_advice(2e-4, "bf16", None, step=5) == (
+        "Lower training.lr (it is 0.0002; try 2e-05); set training.max_grad_norm: 1.0 to clip the gradients; try "
+        "training.precision: fp32 (bf16 keeps 8 bits of mantissa); check the records of this step for unusual text "
+        "(very long, repeated or garbled)")
+    assert nonfinite_advice(1e-2, "fp16", 1.0, step=1) == (
+        "The loss was not finite before any update, so the learning rate is not the cause: check the base model "
+        "(does it give finite logits in model.dtype?) and the first batch's records; fp16 overflows past 65504: use "
+        "training.precision: bf16 where the hardware has it, or fp32")
+
+
+def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_path, monkeypatch):
+    from loraforge.loss import CausalLMLoss
+
+    original = CausalLMLoss.forward
+
+    def poisoned(self, batch):
+        total, n = original(self, batch)
+        return total * float("inf"), n
+
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
+    cfg = load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "run"))
+    with pytest.raises(TrainingError) as e:
+        train(cfg, progress=False)
+    assert str(e.value) == ("loss is inf at step 1; stopping. The last good checkpoint is none (no checkpoint was "
+                            "written yet). " + nonfinite_advice(1e-2, "fp32", 1.0, step=1))
+    assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
