@@ -75,7 +75,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     from transformers import TextStreamer
 
     from .adapters import load_adapter
-    from .evaluate import _stop_ids
+    from .decoding import stop_ids
     from .models import load_base
 
     torch.manual_seed(seed)
@@ -92,7 +92,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                   temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                   top_k=None, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 
 def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",

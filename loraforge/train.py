@@ -34,6 +34,7 @@ from .config import TrainConfig, to_dict
 from .evaluate import mean_token_loss
 from .files import DiskError, atomic_dir
 from .loss import CausalLMLoss, shares_prefix
+from .precision import Precision, choose
 from .outputs import check_run_output
 
 
@@ -54,6 +55,8 @@ class TrainResult:
     trainable_params: int
     total_params: int
     data_stats: dict
+    precision: str = "fp32"
+    skipped_steps: int = 0
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -73,18 +76,25 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None):
+def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
+    """training.precision and model.dtype resolved on this device (loraforge.precision: auto from the hardware)."""
+    return choose(cfg.training.precision, cfg.model.dtype, device=device, warn=warn)
+
+
+def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None,
+                precision: Precision | None = None):
     """(model, tokenizer): the base with the method's trainable parts; trainable weights in fp32.
 
     `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
-    method adalora). A tokenizer already loaded can be passed in.
+    method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
+    storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
     """
     from .inject import inject, lora_layers
     from .models import enable_checkpointing, load_model, load_tokenizer
 
     quantization = cfg.quantization
-    dtype = "bf16" if quantization and cfg.model.dtype == "fp32" else cfg.model.dtype  # 4-bit computes in bf16
-    model = load_model(cfg.model.name, dtype=dtype, quantize=quantization, device=device)
+    precision = precision or run_precision(cfg, device)
+    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=device)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
         from .quant import prepare_for_kbit_training
@@ -241,13 +251,6 @@ def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_
     chosen = [examples[i] for i in idx]
     rows = D.pack(chosen, cfg.data.max_seq_len) if pack else chosen
     return D.collate(rows, pad_id)
-
-
-# --- evaluation ----------------------------------------------------------------------------------------------
-
-def autocast(cfg: TrainConfig, device: torch.device):
-    enabled = cfg.training.precision == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -425,6 +428,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
+    precision = run_precision(cfg, device)
+    if is_main:
+        print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)  # data errors come before model work
     pad_id = tokenizer.pad_token_id
@@ -434,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                             f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
                             f"{world} processes); lower training.batch_size")
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
-    model, _ = build_model(cfg, device, total_steps, tokenizer)
+    model, _ = build_model(cfg, device, total_steps, tokenizer, precision)
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
@@ -450,6 +456,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn
     optimizer = make_optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
+    # fp16: the loss is scaled up so small gradients do not underflow; a step whose gradients overflow is skipped
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+    skipped_steps = 0
 
     step, tokens_seen = 0, 0
     if not resume and (earlier := sorted(ckpt_root.glob("step-*"))):  # complete or not: this run would mix with them
@@ -468,6 +477,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
                 shutil.rmtree(path, ignore_errors=True)
         step, tokens_seen = meta["step"], meta["tokens_seen"]
+        if scaler.is_enabled() and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+            skipped_steps = meta.get("skipped_steps", 0)
         if allocator is not None:
             allocator.load_state(meta.get("allocator", {}))
         if is_main:
@@ -510,12 +522,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             sync = i == len(batches) - 1
             context = ddp.no_sync() if world > 1 and not sync else contextlib.nullcontext()
             with context:
-                with autocast(cfg, device):
+                with precision.autocast(device.type):
                     loss_sum, _ = ddp(batch)
                     objective = loss_sum
                     if allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total
                         objective = loss_sum + allocator.orth_penalty(model) * n_step / len(batches)
-                (objective * world / n_step).backward()  # DDP averages over processes: × world undoes it
+                scaler.scale(objective * world / n_step).backward()  # DDP averages over processes: × world undoes it
             step_loss += loss_sum.detach()  # the data loss alone is what gets reported
         if world > 1:
             dist.all_reduce(step_loss)
@@ -526,17 +538,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 log.close()
             raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
                                 f"{last or 'none (no checkpoint was written yet)'}. "
-                                + nonfinite_advice(t.lr, t.precision, t.max_grad_norm, step + 1))
+                                + nonfinite_advice(t.lr, precision.compute, t.max_grad_norm, step + 1))
 
         # 4. clip, step, explicit hooks, schedule
         params = [p for p in model.parameters() if p.requires_grad]
+        scaler.unscale_(optimizer)  # (fp16) true gradients before clipping; a no-op otherwise
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        optimizer.step()
-        if allocator is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update when (fp16) gradients hold inf/nan
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+        if allocator is not None and not skipped:
             allocator.step(model, step + 1)  # AdaLoRA (steps counted from 1, as PEFT): update importance, re-mask to the budget (needs the grads)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        if skipped:
+            skipped_steps += 1  # the learning-rate schedule waits for the next real update, as HF Trainer's does
+        else:
+            scheduler.step()
         step += 1
         step_examples = [i for idx in epoch_batches[epoch][within * group:(within + 1) * group] for i in idx]
         tokens_seen += sum(len(train_examples[i].input_ids) for i in step_examples)  # real tokens, no padding
@@ -546,19 +565,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         tps = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
         if is_main:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}")
-            if step % t.log_every == 0 or step == total_steps:
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
+                            **({"skipped": skipped_steps} if scaler.is_enabled() else {}))
+            if skipped:
+                bar.write(f"step {step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
+                          f"{scaler.get_scale():g} ({skipped_steps} skipped so far)")
+            if step % t.log_every == 0 or step == total_steps or skipped:
+                extra = {"loss_scale": scaler.get_scale(), "skipped_steps": skipped_steps} if scaler.is_enabled() else {}
                 log.write(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                          tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
+                          tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed, **extra)
         if eval_examples and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             eval_loss = mean_token_loss(model, eval_examples, pad_id, max(t.batch_size, 8), pack,
-                                        cfg.data.max_seq_len, bf16=t.precision == "bf16")
+                                        cfg.data.max_seq_len, precision=precision.compute)
             if is_main:
                 log.write(step=step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
         if is_main and ((t.save_every and step % t.save_every == 0) or step == total_steps):
             state = {"tokens_seen": tokens_seen, "total_steps": total_steps,
-                     "allocator": allocator.state() if allocator is not None else {}}
+                     "allocator": allocator.state() if allocator is not None else {},
+                     "scaler": scaler.state_dict(), "skipped_steps": skipped_steps}
             save_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg, state)
     bar.close()
     if log is not None:
@@ -580,4 +605,5 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                        train_tokens=tokens_seen, seconds=seconds,
                        tokens_per_second=(tokens_seen - start_tokens) / max(seconds, 1e-9),
                        peak_memory_mb=peak_memory_mb(device), trainable_params=trainable,
-                       total_params=total_params, data_stats=data_stats)
+                       total_params=total_params, data_stats=data_stats, precision=precision.line(),
+                       skipped_steps=skipped_steps)

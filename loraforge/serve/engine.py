@@ -43,6 +43,7 @@ from torch import nn
 
 from ..adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
 from ..config import LoraConfig
+from ..decoding import left_pad, select_rows
 from ..inject import lora_layers
 from ..layers import LoraLinear
 
@@ -575,7 +576,7 @@ class Engine:
                 keep.append(i)
         if keep:
             if len(keep) < n:
-                mask = _select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
+                mask = select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
             self._join([reqs[i] for i in keep], cache, mask)
 
     def _join(self, reqs: list[Request], cache, mask: torch.Tensor) -> None:
@@ -588,9 +589,9 @@ class Engine:
         else:
             width = max(self._mask.shape[1], mask.shape[1])
             for mine, new in zip(self._cache.layers, cache.layers):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)], 0)
-                mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)], 0)
-            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+                mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(new.keys, width)], 0)
+                mine.values = torch.cat([left_pad(mine.values, width), left_pad(new.values, width)], 0)
+            self._mask = torch.cat([left_pad(self._mask, width, dim=1), left_pad(mask, width, dim=1)], 0)
             self._rows = self._rows + reqs
         self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
 
@@ -628,7 +629,7 @@ class Engine:
             self._rows, self._cache, self._mask = [], None, None
             return
         self._rows = [self._rows[i] for i in keep]
-        self._mask = _select_rows(self._cache, self._mask, torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._mask = select_rows(self._cache, self._mask, torch.tensor(keep, dtype=torch.long, device=self.device))
 
     def _choose(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
         """Next token per row: argmax for greedy rows, temperature / top-p sampling for the others."""
@@ -691,24 +692,3 @@ class Engine:
             req.on_event(Event(text[req.sent:], last, reason, len(req.prompt_ids), len(req.out_ids), error))
         except Exception:  # a consumer that went away must not stop the engine
             pass
-
-
-def _select_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Keep rows `index` of a left-padded cache (in place) and of its mask, dropping the columns that are padding
-    in every row left; returns the new mask."""
-    mask = mask.index_select(0, index)
-    start = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return mask[:, start:]
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zeros on the left of `dim` up to `width` (KV: (B, H, L, D) along L; mask: (B, L) along L)."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim)

@@ -1,0 +1,185 @@
+"""Which precision a run computes and stores in, decided once from what the hardware reports.
+
+    auto on CUDA, compute capability ≥ 8.0 (A100, H100, RTX 30xx+) -> bf16 autocast, bf16 frozen base
+    auto on CUDA below 8.0 (T4, V100: what free notebooks give)   -> fp16 autocast + GradScaler, fp16 frozen base
+    auto on a CPU with native bf16 (AVX-512 BF16 or AMX)          -> bf16 autocast, bf16 frozen base
+    auto on a CPU without it (AVX2: AMD Zen 2/3, most laptops)    -> fp32
+
+On a CPU without native bf16 instructions, bf16 matmuls are emulated and run 50-200x slower than fp32, so the
+choice is not a matter of taste. Where the facts are unsure (an ARM CPU, AVX-512 without its BF16 extension, or
+oneDNN capped with ONEDNN_MAX_CPU_ISA) a matmul probe of a few tens of milliseconds decides: bf16 only where it
+runs clearly faster than fp32. Trainable weights (adapters) are fp32 master weights whatever is chosen.
+
+Every command (train, demo, eval, serve, forgetting, bench/) resolves `auto` through `choose()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_MIN_SPEEDUP = 1.3
+"""bf16 is chosen by the probe only where its matmuls run this much faster than fp32's (native bf16 runs about
+2x; emulated bf16 0.005-0.5x): at equal speed fp32 is the more accurate choice."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The facts the rule reads. `detect()` fills them in; tests build them by hand."""
+
+    device_type: str = "cpu"
+    device_name: str = ""
+    cuda_capability: tuple[int, int] | None = None
+    cpu_capability: str = ""
+    """The ISA torch's own CPU kernels dispatch to (torch.backends.cpu.get_cpu_capability()): AVX2, AVX512, ..."""
+    cpu_bf16_instructions: bool | None = None
+    """AVX-512 BF16 or AMX present (x86); None where torch cannot tell (ARM, other)."""
+    onednn_bf16: bool = True
+    """oneDNN (mkldnn) supports bf16 here at all (torch.ops.mkldnn._is_mkldnn_bf16_supported())."""
+    onednn_isa_cap: str | None = None
+    """ONEDNN_MAX_CPU_ISA from the environment: a cap on the instructions oneDNN uses."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a run uses: the autocast dtype of matmuls (`compute`), the frozen base's storage dtype (`storage`),
+    whether a gradient scaler guards fp16 against overflow, and the reason in words."""
+
+    compute: str
+    storage: str
+    reason: str
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.compute == "fp16"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.compute]
+
+    def autocast(self, device_type: str):
+        """The autocast context of this precision (a no-op for fp32)."""
+        return autocast(self.compute, device_type)
+
+    def line(self) -> str:
+        """The first line of train and demo: 'precision fp32: this CPU has no native bf16 (AVX2)'."""
+        storage = "" if self.storage == self.compute else f", base stored in {self.storage}"
+        scaler = " + loss scaling" if self.needs_scaler else ""
+        return f"precision {self.compute}{scaler}{storage}: {self.reason}"
+
+
+def autocast(compute: str, device_type: str):
+    """Autocast matmuls to `compute` (fp32, bf16, fp16) on `device_type`; fp32 is a no-op."""
+    if compute == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=TORCH_DTYPES[compute])
+
+
+def detect(device: torch.device | str = "cpu") -> Hardware:
+    """The hardware facts of `device` as torch reports them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return Hardware("cuda", torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+    if device.type != "cpu":
+        return Hardware(device.type, device.type)
+    bf16_instructions = None
+    if torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported():  # x86: cpuinfo knows the extensions
+        bf16_instructions = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return Hardware("cpu", "CPU", None, torch.backends.cpu.get_cpu_capability(), bf16_instructions,
+                    bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+@functools.lru_cache(maxsize=None)
+def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
+    """bf16 matmul rate / fp32 matmul rate on this CPU, from an n×n matmul timed for about `seconds` each
+    (emulated bf16 at 1 GFLOP/s makes the bf16 side ~30 ms). Cached for the process."""
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up: oneDNN picks and JITs its kernel
+        count, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        rates[dtype] = count / elapsed
+    return rates[torch.bfloat16] / rates[torch.float32]
+
+
+def native_cpu_bf16(hw: Hardware, probe=probe_bf16_speedup) -> tuple[bool, str]:
+    """(has native bf16, why) for a CPU: from the reported facts, the probe where they are unsure."""
+    isa = hw.cpu_capability or "unknown ISA"
+    if not hw.onednn_bf16:
+        return False, f"this CPU has no native bf16 ({isa})"
+    if hw.cpu_bf16_instructions is False or (hw.cpu_bf16_instructions and not isa.startswith("AVX512")):
+        return False, f"this CPU has no native bf16 ({isa})"
+    if hw.cpu_bf16_instructions and not hw.onednn_isa_cap:
+        return True, f"this CPU has native bf16 ({isa} with AVX-512 BF16/AMX)"
+    speedup = probe()  # ARM, or a cap on oneDNN's instructions: measure
+    cap = f", ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap}" if hw.onednn_isa_cap else ""
+    if speedup >= PROBE_MIN_SPEEDUP:
+        return True, f"bf16 matmuls ran {speedup:.1f}x fp32's on this CPU ({isa}{cap})"
+    return False, f"bf16 matmuls ran {speedup:.2f}x fp32's on this CPU ({isa}{cap}): no native bf16"
+
+
+def auto_precision(hw: Hardware, probe=probe_bf16_speedup) -> tuple[str, str]:
+    """(compute precision, reason) that `auto` means on `hw`."""
+    if hw.device_type == "cuda":
+        major, minor = hw.cuda_capability
+        if major >= 8:
+            return "bf16", f"{hw.device_name} (compute capability {major}.{minor}) has bf16"
+        return "fp16", f"{hw.device_name} (compute capability {major}.{minor}) has no bf16: fp16 with loss scaling"
+    if hw.device_type != "cpu":
+        return "fp32", f"{hw.device_type}: fp32"
+    native, why = native_cpu_bf16(hw, probe)
+    return ("bf16" if native else "fp32"), why
+
+
+def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = None,
+           device: torch.device | str = "cpu", probe=probe_bf16_speedup, warn: bool = True) -> Precision:
+    """The rule: `precision` (training.precision: auto, fp32, bf16, fp16) and `dtype` (model.dtype, the frozen
+    base's storage: auto, fp32, bf16, fp16) resolved on `hw` (detected from `device` when not given).
+
+    auto storage follows the compute precision. An explicit choice is kept; where it is slow on this hardware
+    (bf16 or fp16 on a CPU without native bf16, bf16 on a GPU without it) a warning names the cost and the fix."""
+    for name, value in (("training.precision", precision), ("model.dtype", dtype)):
+        if value not in ("auto", *PRECISIONS):
+            raise ValueError(f"{name}: {value!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
+    hw = hw or detect(device)
+    best, why = auto_precision(hw, probe)
+    compute = best if precision == "auto" else precision
+    if precision != "auto":
+        why = f"training.precision={precision} as asked"
+        if warn and precision != best and precision != "fp32":
+            _warn_slow(precision, best, hw, probe)
+    storage = compute if dtype == "auto" else dtype
+    if dtype != "auto" and warn and dtype != best and dtype != "fp32" and hw.device_type == "cpu":
+        _warn_slow(dtype, best, hw, probe, field="model.dtype")
+    return Precision(compute, storage, why)
+
+
+def _warn_slow(asked: str, best: str, hw: Hardware, probe, field: str = "training.precision") -> None:
+    if hw.device_type == "cuda":
+        if asked == "bf16":
+            warnings.warn(f"{field}={asked}: {hw.device_name} has no bf16 (compute capability "
+                          f"{'.'.join(map(str, hw.cuda_capability))}); it runs emulated and slowly. "
+                          f"Use {field}=auto (fp16 with loss scaling here)", stacklevel=3)
+        return
+    if asked == "fp16":
+        warnings.warn(f"{field}=fp16 on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need "
+                      f"loss scaling. Use {field}=auto ({best} on this machine)", stacklevel=3)
+        return
+    _, why = native_cpu_bf16(hw, probe)
+    warnings.warn(f"{field}={asked} on a CPU without native {asked} ({why}): its matmuls are emulated, typically "
+                  f"50-200x slower than fp32. Use {field}=auto (or fp32) on this machine", stacklevel=3)

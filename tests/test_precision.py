@@ -1,0 +1,232 @@
+"""The precision rule (loraforge.precision) on every kind of hardware, with the facts injected; fp16 training with
+loss scaling on CPU autocast, including a step whose gradients overflow."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect
+
+AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # AMD Zen 2/3, most laptops: oneDNN has no bf16 at all
+AVX512 = Hardware("cpu", "CPU", None, "AVX512", False, True)  # Skylake-X: AVX-512 without its BF16 extension
+SAPPHIRE = Hardware("cpu", "CPU", None, "AVX512", True, True)  # AVX-512 BF16 + AMX
+ARM = Hardware("cpu", "CPU", None, "DEFAULT", None, True)  # torch cannot tell: the probe decides
+A100 = Hardware("cuda", "NVIDIA A100", (8, 0))
+T4 = Hardware("cuda", "Tesla T4", (7, 5))
+V100 = Hardware("cuda", "Tesla V100", (7, 0))
+
+
+def never(*_):
+    raise AssertionError("the probe ran although the hardware facts decide")
+
+
+@pytest.mark.parametrize("hw,compute,reason", [
+    (A100, "bf16", "NVIDIA A100 (compute capability 8.0) has bf16"),
+    (T4, "fp16", "Tesla T4 (compute capability 7.5) has no bf16: fp16 with loss scaling"),
+    (V100, "fp16", "Tesla V100 (compute capability 7.0) has no bf16: fp16 with loss scaling"),
+    (SAPPHIRE, "bf16", "this CPU has native bf16 (AVX512 with AVX-512 BF16/AMX)"),
+    (AVX2, "fp32", "this CPU has no native bf16 (AVX2)"),
+    (AVX512, "fp32", "this CPU has no native bf16 (AVX512)"),  # oneDNN emulates bf16 with AVX-512 F
+    # AVX-512 BF16 reported but torch dispatching AVX2 kernels (ATEN_CPU_CAPABILITY=avx2): not native
+    (Hardware("cpu", "CPU", None, "AVX2", True, True), "fp32", "this CPU has no native bf16 (AVX2)"),
+])
+def test_auto_follows_the_hardware_facts(hw, compute, reason):
+    p = choose("auto", "auto", hw=hw, probe=never)
+    assert (p.compute, p.storage, p.reason) == (compute, compute, reason)
+    assert p.needs_scaler == (compute == "fp16")
+    scaler = " + loss scaling" if compute == "fp16" else ""
+    assert p.line() == f"precision {compute}{scaler}: {reason}"
+
+
+@pytest.mark.parametrize("hw", [ARM, Hardware("cpu", "CPU", None, "AVX512", True, True, "AVX2")],
+                         ids=["arm", "onednn-capped"])
+@pytest.mark.parametrize("speedup,compute", [(2.1, "bf16"), (PROBE_MIN_SPEEDUP, "bf16"), (1.0, "fp32"),
+                                             (0.004, "fp32")])
+def test_unsure_facts_are_decided_by_the_matmul_probe(hw, speedup, compute):
+    calls = []
+    p = choose("auto", "auto", hw=hw, probe=lambda: calls.append(1) or speedup)
+    assert p.compute == compute and calls == [1]
+    assert f"bf16 matmuls ran {speedup:.{1 if compute == 'bf16' else 2}f}x fp32's" in p.reason
+
+
+def test_explicit_choices_are_kept_and_slow_ones_warned():
+    with pytest.warns(UserWarning, match=r"training.precision=bf16 on a CPU without native bf16 \(this CPU has no "
+                                         r"native bf16 \(AVX2\)\).*50-200x slower.*training.precision=auto"):
+        p = choose("bf16", "auto", hw=AVX2, probe=never)
+    assert (p.compute, p.storage, p.reason) == ("bf16", "bf16", "training.precision=bf16 as asked")
+    with pytest.warns(UserWarning, match="model.dtype=bf16 on a CPU without native bf16"):
+        assert choose("fp32", "bf16", hw=AVX2, probe=never).storage == "bf16"
+    with pytest.warns(UserWarning, match=r"Tesla T4 has no bf16 \(compute capability 7.5\).*fp16 with loss"):
+        assert choose("bf16", "auto", hw=T4, probe=never).compute == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the hardware does well: no warning
+        assert choose("fp32", "fp32", hw=SAPPHIRE, probe=never).compute == "fp32"
+        assert choose("bf16", "auto", hw=SAPPHIRE, probe=never).compute == "bf16"
+        assert choose("fp32", "auto", hw=AVX2, probe=never).storage == "fp32"
+        assert choose("fp16", "auto", hw=V100, probe=never).compute == "fp16"
+
+
+def test_storage_follows_compute_unless_given():
+    assert choose("auto", "fp32", hw=A100, probe=never).storage == "fp32"
+    assert choose("auto", "auto", hw=T4, probe=never).storage == "fp16"
+    p = choose("auto", "fp32", hw=T4, probe=never)
+    assert p.line().startswith("precision fp16 + loss scaling, base stored in fp32: ")
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match=r"training.precision: 'fp8' is not one of \['auto', 'fp32', 'bf16', "):
+        choose("fp8", "auto", hw=AVX2)
+    with pytest.raises(ValueError, match="model.dtype: 'int4' is not one of"):
+        choose("auto", "int4", hw=AVX2)
+
+
+def test_this_machine_is_detected_consistently():
+    """detect() reads torch's own facts; the rule's answer agrees with oneDNN's bf16 support on this CPU."""
+    hw = detect("cpu")
+    assert hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert hw.onednn_bf16 == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    p = choose("auto", "auto", hw=hw)
+    if not hw.onednn_bf16:
+        assert p.compute == "fp32" and hw.cpu_capability in p.reason
+
+
+# --- fp16 with loss scaling, trained on CPU autocast -------------------------------------------------------------
+
+def _cfg(tiny_dir, data_file, out, *over):
+    from loraforge.config import load_train_config
+
+    return load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"output_dir={out}",
+                                    "model.dtype=fp32", "training.lr=1e-2", "training.max_steps=4",
+                                    "training.batch_size=4", "training.seed=3", "training.warmup_steps=0",
+                                    "data.eval_fraction=0", *over])
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
+    from loraforge.train import train
+
+    with pytest.warns(UserWarning, match=r"training.precision=fp16 on a CPU: fp16 matmuls are emulated"):
+        r16 = train(_cfg(tiny_dir, data_file, tmp_path / "fp16", "training.precision=fp16"), progress=False)
+    r32 = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
+    assert r16.precision.startswith("precision fp16 + loss scaling, base stored in fp32")
+    assert r16.skipped_steps == 0
+    m16, m32 = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
+    assert [m["loss_scale"] for m in m16] == [65536.0] * 4 and "loss_scale" not in m32[0]
+    # fp16 rounds activations to 11 significant bits: losses agree to ~1e-3 relative over 4 steps
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in m16]), torch.tensor([m["loss"] for m in m32]),
+                               rtol=5e-3, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
+def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves, the learning-rate schedule waits, and metrics and the result say so."""
+    import loraforge.train as T
+
+    build = T.build_model
+
+    def build_with_overflow(*args, **kwargs):
+        model, tok = build(*args, **kwargs)
+        param = next(p for p in model.parameters() if p.requires_grad)
+        calls = []
+        param.register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) == 2 else g)[1])
+        return model, tok
+
+    updated = []  # per optimizer step: did any weight change? (fused AdamW is called and skips inside)
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        params = [p for g in self.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        out = adamw_step(self, *args, **kwargs)
+        updated.append(any(not torch.equal(b, p) for b, p in zip(before, params)))
+        return out
+
+    monkeypatch.setattr(T, "build_model", build_with_overflow)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    result = T.train(_cfg(tiny_dir, data_file, tmp_path, "training.precision=fp16", "training.schedule=linear"),
+                     progress=False)
+    assert updated == [True, False, True, True] and result.skipped_steps == 1
+    m = _metrics(tmp_path)
+    assert [x["skipped_steps"] for x in m] == [0, 1, 1, 1]
+    assert [x["loss_scale"] for x in m] == [65536.0, 32768.0, 32768.0, 32768.0]
+    lr = [x["lr"] for x in m]
+    assert lr[1] == lr[0] and lr[2] < lr[1]  # the schedule did not move on the skipped step
+    assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())
+
+
+# --- the built-in model's cache under concurrency ----------------------------------------------------------------
+
+CONVERT = """
+import sys, time
+from pathlib import Path
+from loraforge.models import cached_conversion
+
+def build(gguf, tmp):  # a stand-in for the ~20 s de-quantization: slow, and written file by file
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    (tmp / "config.json").write_text("{}")
+    time.sleep(1.5)
+    (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+
+print(cached_conversion(Path(sys.argv[3]), Path(sys.argv[1]), build), flush=True)
+"""
+
+
+def test_concurrent_conversions_end_with_one_complete_cache(tmp_path):
+    """Three processes asking for the same conversion at once (torchrun ranks on a fresh machine): one converts,
+    the others wait and use its result; all succeed, nothing half-written is left."""
+    import subprocess
+    import sys
+
+    script, log, out, gguf = tmp_path / "c.py", tmp_path / "builds.log", tmp_path / "cache" / "m-1", tmp_path / "m.gguf"
+    script.write_text(CONVERT)
+    gguf.write_bytes(b"GGUF")
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(log), str(gguf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [r[1] for r in results]
+    assert [r[0].strip().splitlines()[-1] for r in results] == [str(out)] * 3
+    assert log.read_text() == "built\n"  # converted once
+    assert sum("waiting: another process is converting m.gguf" in r[0] for r in results) >= 1
+    assert (out / "model.safetensors").stat().st_size == 1000
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m-1", "m-1.lock"]  # no temporary directory left
+
+
+def test_without_locks_the_first_rename_wins(tmp_path, monkeypatch):
+    """Where there are no file locks (Windows), a process that finds the cache written by another while it
+    converted uses that one and removes its own copy."""
+    import contextlib
+
+    import loraforge.models as M
+
+    out = tmp_path / "m-1"
+    monkeypatch.setattr(M, "_file_lock", lambda *a: contextlib.nullcontext())
+
+    def build(gguf, tmp):
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"mine")
+        out.mkdir()  # another process's complete result lands first
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"theirs")
+
+    assert M.cached_conversion(tmp_path / "m.gguf", out, build) == out
+    assert (out / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1"]
+
+
+def test_a_cache_directory_without_a_checkpoint_is_refused_not_used(tmp_path):
+    import loraforge.models as M
+
+    out = tmp_path / "m-1"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # no weights: half a checkpoint
+    with pytest.raises(FileExistsError, match="holds no complete checkpoint.*delete it and run again"):
+        M.cached_conversion(tmp_path / "m.gguf", out, lambda g, t: None)
