@@ -2,7 +2,8 @@
 
     python bench/serve.py [--clients 16] [--requests 1] [--max-tokens 16] [--adapters 1,4,16] [--threads 1]
 
-Defaults take about 3 minutes on a busy 2-core CPU.
+Defaults take about 3 minutes on a busy 2-core CPU. The base is stored, and decodes, in the precision the rule picks
+(loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype overrides it.
 
 Each client sends `--requests` completions one after another through the HTTP API (uvicorn in a thread,
 httpx clients), using adapter (client index mod K); outputs have a fixed length (ignore_eos). Two schedulers on
@@ -29,6 +30,7 @@ from loraforge.adapters import delete_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.inject import inject, lora_layers
 from loraforge.models import load_base
+from loraforge.precision import choose
 from loraforge.serve import Engine
 from loraforge.serve.api import ServerThread, create_app
 
@@ -103,13 +105,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 (default) gives steady numbers on a shared CPU, 0 keeps torch's default")
-    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--dtype", default="auto", help="auto (loraforge.precision's choice here), fp32, bf16 or fp16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
-    model, tokenizer = load_base(args.model, dtype=args.dtype)
-    print(f"model {args.model} ({args.dtype}), {args.clients} clients x {args.requests} requests x "
+    precision = choose(args.dtype, "auto")  # the engine decodes in the dtype the base is stored in
+    print(precision.line())
+    model, tokenizer = load_base(args.model, dtype=precision.storage)
+    print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
           f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o, torch threads {torch.get_num_threads()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """Training speed and memory: loraforge against PEFT + transformers on the same work, in one run.
 
-    python bench/train.py                          # bf16 autocast and fp32, 2 interleaved rounds (2-core CPU: ~3 min)
+    python bench/train.py                          # auto precision, 2 interleaved rounds (2-core CPU: ~3 min)
+    python bench/train.py --dtypes bf16,fp32       # explicit precisions (bf16 on a CPU without it: 50-200x slower)
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
     python bench/train.py --variants peft,lf,lf-noprefix,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt
                                                    # what each pays
@@ -11,16 +12,16 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
 1.0, the same LoRA A initialisation.
 
     peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
-           labels=...).loss (full-vocabulary logits on every position), autocast(bf16) over an fp32 model as the
-           HF Trainer does with bf16=True.
+           labels=...).loss (full-vocabulary logits on every position), autocast(bf16 or fp16) over an fp32
+           model as the HF Trainer does with bf16=True (fp16=True: with a gradient scaler).
     lf     loraforge's training path with its defaults (loraforge.train pieces): packing where it pays
            (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
            positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
            training.fused_lora), lean RMSNorm and SwiGLU MLP nodes (training.fused_blocks), the lean attention
            kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), in
-           bf16 the frozen base stored in bf16 with fp32 adapters, and the prefix that all rows of a micro-batch
-           share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts the same
-           system prompt and user header, 38 tokens, before every question).
+           bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
+           micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
+           the same system prompt and user header, 38 tokens, before every question).
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -31,6 +32,11 @@ that dtype, measured in the same run: a speed in the units of the machine's peak
 trainer actually ran per second over the same peak: its padding and its head on every position (PEFT), less a
 prefix it ran once for all rows (loraforge). Where a trainer skips work the count includes (a shared prefix), its
 roofline can pass 100%; matmul use cannot.
+
+Precision: --dtypes auto (the default) is what loraforge.precision.choose picks on this device, resolved once
+(bf16 on CUDA >= 8.0 and on CPUs with AVX-512 BF16/AMX, fp16 with a gradient scaler on older GPUs, fp32 on a CPU
+without native bf16); the table's header says which and why, and names the CPU (model, the ISA torch dispatches
+to, cores), as does the JSON.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from hardware import auto_precision, describe, header  # noqa: E402
+from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 
 # name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
 VARIANTS = {
@@ -148,13 +157,13 @@ def worker(args) -> dict:
     trainer, opts = VARIANTS[args.variant]
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
-    bf16 = args.dtype == "bf16"
+    low = args.dtype != "fp32"  # bf16 or fp16: the frozen base is stored in it (lf), matmuls autocast to it
     overrides = [f"training.batch_size={args.micro_batch}", "training.weight_decay=0", "training.max_grad_norm=1.0",
                  f"data.max_seq_len={args.pack_len}", f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
-                 f"model.dtype={'bf16' if bf16 and not opts.get('fp32_base') else 'fp32'}",
+                 f"model.dtype={args.dtype if low and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
                  f"training.gradient_checkpointing={str(opts.get('checkpointing', False)).lower()}",
                  "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear"]
@@ -187,7 +196,8 @@ def worker(args) -> dict:
     if steps * args.batch > len(order):
         raise SystemExit(f"{steps} steps × batch {args.batch} need more than the {len(order)} demo examples")
     pad_id = tok.pad_token_id
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = precision_autocast(args.dtype, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16: loss scaling, as train() does
 
     if trainer == "lf":
         from loraforge.loss import CausalLMLoss, shares_prefix
@@ -220,7 +230,7 @@ def worker(args) -> dict:
                 shapes.append((*batch["input_ids"].shape, 0, batch["input_ids"].numel()))  # logits everywhere
                 with autocast:
                     loss = model(**batch, use_cache=False).loss / accum
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_loss += loss.item()
         else:  # loraforge: summed token losses over the step's supervised-token count
             batches = [{k: v.to(device) for k, v in make_batch(examples, mb, cfg, pad_id, pack).items()} for mb in micro]
@@ -228,10 +238,12 @@ def worker(args) -> dict:
             for batch in batches:
                 with autocast:
                     loss_sum, _ = loss_fn(batch)
-                (loss_sum / n_step).backward()
+                scaler.scale(loss_sum / n_step).backward()
                 step_loss += loss_sum.item() / n_step
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         sync()
         dt = time.perf_counter() - t0
@@ -280,7 +292,7 @@ def matmul_peak(dtype: str, device: str, n: int = 2048, seconds: float = 3.0) ->
     """Peak FLOP/s of a big square torch.matmul in this dtype (best of repeated runs)."""
     import torch
 
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    dt = TORCH_DTYPES[dtype]
     a = torch.randn(n, n, dtype=dt, device=device)
     b = torch.randn(n, n, dtype=dt, device=device)
     best, end = 0.0, time.perf_counter() + seconds
@@ -315,7 +327,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
     p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
-    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--dtypes", default="auto", help="comma-separated precisions: auto (what loraforge.precision "
+                   "picks on --device: fp32 on a CPU without native bf16), fp32, bf16, fp16")
     p.add_argument("--variants", default="peft,lf", help=f"from {','.join(VARIANTS)}; the first is the baseline")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -331,10 +344,18 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    variants, dtypes = args.variants.split(","), args.dtypes.split(",")
+    variants, asked = args.variants.split(","), args.dtypes.split(",")
     for v in variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    for d in asked:
+        if d not in ("auto", *PRECISIONS):
+            p.error(f"--dtypes: unknown precision {d!r}; choose from auto, {', '.join(PRECISIONS)}")
+    auto = auto_precision(args.device)  # resolved once, for every round and worker
+    dtypes = list(dict.fromkeys(auto.compute if d == "auto" else d for d in asked))
+    hardware = describe(args.device)
+    print(header(hardware), flush=True)
+    print(f"--dtypes {args.dtypes}: measuring {', '.join(dtypes)}", flush=True)
     print(f"device {args.device}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds × ({args.warmup} warm-up + {args.steps} timed steps) of batch {args.batch} "
           f"(micro-batch {args.micro_batch}) per trainer", flush=True)
@@ -357,11 +378,12 @@ def main() -> None:
     mem = "peak max_allocated" if args.device == "cuda" else "peak RSS"
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
-    header = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
+    print(header(hardware))
+    columns = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
              f"training-only peak RSS MiB | " \
              f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print(columns)
+    print("|" + "---|" * (columns.count("|") - 1))
     table = []
     for dtype in dtypes:
         peak = statistics.median(peaks[dtype])
@@ -383,14 +405,16 @@ def main() -> None:
                    "max_loss_diff": dloss, "speedup_per_round": per_round,
                    "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9}
             table.append(row)
-            print(f"| {dtype} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
+            label = f"{dtype} (auto)" if dtype == auto.compute and "auto" in asked else dtype
+            print(f"| {label} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
                   f"{mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
                   f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% | {100 * use:.0f}% |")
     for dtype in dtypes:
         print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
               f"(2048² torch.matmul, median of rounds)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": table, "raw": {f"{v}/{d}": r for (v, d), r in results.items()},
+        Path(args.json).write_text(json.dumps({"hardware": hardware, "dtypes_asked": asked, "dtypes": dtypes,
+                                               "table": table, "raw": {f"{v}/{d}": r for (v, d), r in results.items()},
                                                "matmul_peak": peaks, "load": loads}, indent=1))
 
 

@@ -8,6 +8,9 @@ paper's convention: it ends at the same rank budget (target_r = r on average per
 init_r = 1.5·r, so it trains more parameters early and saves about as many. The table shows both counts.
 Columns: trainable parameters during training, adapter file size, final training loss, held-out loss,
 exact-match accuracy on the demo test set (with its 95% Wilson interval), and training wall time.
+Precision follows the rule (loraforge.precision): the config's training.precision and model.dtype, auto by
+default (fp32 on a CPU without native bf16), for the training and the evaluation alike; each run's first line
+says which.
 
 Every method gets the config's learning rate. AdaLoRA starts with lora_E = 0 and A, B ~ N(0, 0.02) (PEFT's init),
 so its update starts far smaller than LoRA's: at the demo's lr 1e-3 and 30 steps it ends at 17% accuracy, at
@@ -31,7 +34,7 @@ from loraforge.adapters import load_adapter  # noqa: E402
 from loraforge.config import load_train_config  # noqa: E402
 from loraforge.evaluate import accuracy  # noqa: E402
 from loraforge.models import load_base  # noqa: E402
-from loraforge.train import train  # noqa: E402
+from loraforge.train import run_precision, train  # noqa: E402
 
 
 def method_overrides(name: str, r: int, steps: int) -> list[str]:
@@ -59,11 +62,11 @@ def run(name: str, args) -> dict:
     size_kb = sum(f.stat().st_size for f in adapter.iterdir()) / 1024
     saved = json.loads((adapter / "adapter_config.json").read_text())
 
-    model, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
+    precision = run_precision(cfg, torch.device("cpu"), warn=False)  # the evaluation runs on the CPU
+    model, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
     load_adapter(model, adapter)
     records = [json.loads(line) for line in open(cfg.data.eval) if line.strip()][:args.eval_limit]
-    bf16 = cfg.training.precision == "bf16" and torch.cuda.is_available()
-    acc = accuracy(model, tokenizer, records, bf16=bf16)
+    acc = accuracy(model, tokenizer, records, precision=precision.compute)
     row = {"method": name, "trainable": result.trainable_params, "adapter_kb": size_kb,
            "final_loss": result.final_loss, "eval_loss": result.eval_loss, "accuracy": acc["accuracy"],
            "ci95": acc["ci95"], "n_eval": acc["n"], "seconds": result.seconds}

@@ -20,6 +20,26 @@ def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
     return list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
 
 
+def _check_precision(precision: str, dtype: str | None) -> None:
+    """--precision and --dtype name a precision, or ConfigError names the bad one."""
+    from .config import ConfigError
+    from .precision import PRECISIONS
+
+    bad = [f"--{name} {value!r}: use one of auto, {', '.join(PRECISIONS)}" for name, value in
+           (("precision", precision), ("dtype", dtype)) if value is not None and value not in ("auto", *PRECISIONS)]
+    if bad:
+        raise ConfigError(bad)
+
+
+def _precision(precision: str, dtype: str | None):
+    """--precision (compute) and --dtype (the base's storage; default: follows the precision) resolved by the one
+    rule, loraforge.precision.choose, on the CPU where eval and generate run."""
+    from .precision import choose
+
+    _check_precision(precision, dtype)
+    return choose(precision, dtype or "auto", device="cpu")
+
+
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
           overwrite: bool = False) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
@@ -56,8 +76,8 @@ def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | N
 
 
 def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "fp32",
-             system: str | None = None) -> None:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, precision: str = "auto",
+             dtype: str | None = None, system: str | None = None) -> None:
     """Answer a prompt with the model's chat template, streaming tokens to the terminal.
 
     Args:
@@ -68,7 +88,8 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
         temperature: 0 for greedy decoding, above 0 to sample
         top_p: nucleus sampling threshold when sampling
         seed: random seed for sampling
-        dtype: fp32 or bf16
+        precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
+        dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         system: an optional system message
     """
     import torch
@@ -79,7 +100,9 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     from .models import load_base
 
     torch.manual_seed(seed)
-    base, tokenizer = load_base(model, dtype=dtype)
+    chosen = _precision(precision, dtype)
+    print(chosen.line(), file=sys.stderr, flush=True)  # stdout is the answer alone
+    base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -89,10 +112,11 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     sampling = temperature > 0
-    base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
-                  temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                  top_k=None, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
+    with chosen.autocast("cpu"):
+        base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
+                      temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+                      top_k=None, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 
 def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
@@ -117,7 +141,7 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
 
 
 def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | None = None,  # noqa: A001
-         max_new_tokens: int = 32, limit: int | None = None, dtype: str = "fp32", bf16: bool = False,
+         max_new_tokens: int = 32, limit: int | None = None, precision: str = "auto", dtype: str | None = None,
          probe: list[str] = ()) -> None:
     """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
 
@@ -127,8 +151,8 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
         adapter: adapter directory to apply
         max_new_tokens: generation length for the accuracy check
         limit: only the first N records
-        dtype: fp32 or bf16 storage of the base
-        bf16: autocast matmuls to bf16 (faster on CPUs with avx512_bf16)
+        precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
+        dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         probe: general-ability probes: mc (200 4-option questions), text (perplexity), kl (KL vs base; needs --adapter)
     """
     import math
@@ -137,10 +161,12 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
 
     if data is None and not probe:
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
+    chosen = _precision(precision, dtype)
+    print(chosen.line(), flush=True)
     if probe:
         from .forgetting import cli_probe
 
-        cli_probe(list(probe), model=model, adapter=adapter, dtype=dtype, bf16=bf16)
+        cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, bf16=chosen.compute == "bf16")
         if data is None:
             return
 
@@ -149,16 +175,16 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
     from .evaluate import accuracy, mean_token_loss
     from .models import load_base
 
-    base, tokenizer = load_base(model, dtype=dtype)
+    base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
     records = D.read_records(data)[:limit]
     examples, _ = D.build_dataset(records, tokenizer)
-    loss = mean_token_loss(base, examples, tokenizer.pad_token_id, bf16=bf16)
+    loss = mean_token_loss(base, examples, tokenizer.pad_token_id, precision=chosen.compute)
     print(f"perplexity: {math.exp(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
     fmt = D.detect_format(records[0])
     if fmt in ("instruction", "chat"):
-        result = accuracy(base, tokenizer, records, fmt, max_new_tokens, bf16=bf16)
+        result = accuracy(base, tokenizer, records, fmt, max_new_tokens, precision=chosen.compute)
         lo, hi = result["ci95"]
         print(f"exact-match accuracy: {result['accuracy']:.1%} ({result['correct']}/{result['n']}, "
               f"95% CI {lo:.1%}-{hi:.1%})")
@@ -166,7 +192,7 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
 
 def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
-          max_batch: int = 32, max_queue: int = 256, dtype: str = "fp32") -> None:
+          max_batch: int = 32, max_queue: int = 256, precision: str = "auto", dtype: str | None = None) -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -179,18 +205,21 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         max_loaded: adapters resident at once (least recently used evicted, reloaded on demand)
         max_batch: sequences decoded together
         max_queue: waiting requests before answering 429
-        dtype: fp32 or bf16
+        precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
+        dtype: storage of the base, in which it decodes: fp32, bf16 or fp16 (default: the precision's)
     """
     from .config import ConfigError
     from .serve.api import run_server
 
+    _check_precision(precision, dtype)
     pairs = {}
     for item in adapter:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
         pairs[name] = path
-    run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype)
+    run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
+               precision)
 
 
 def _commands() -> dict:

@@ -11,6 +11,7 @@ from loraforge.cli import main
 from loraforge.config import LoraConfig
 from loraforge.inject import inject
 from loraforge.models import load_tokenizer
+from loraforge.precision import Hardware
 from test_adapters import randomize
 
 
@@ -38,7 +39,8 @@ def test_generate_streams_the_greedy_answer(tiny_dir, capsys):
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert main(["generate", "hi", "--model", str(tiny_dir), "--max-new-tokens", "8"]) == 0
+    # the reference decodes in fp32; auto would pick bf16 on a CPU that has it
+    assert main(["generate", "hi", "--model", str(tiny_dir), "--max-new-tokens", "8", "--precision", "fp32"]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
@@ -68,7 +70,7 @@ def test_eval_probe_runs_without_a_data_file_and_matches_the_scorer(tiny_dir, ca
 
     tok = load_tokenizer(str(tiny_dir))
     expected = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), tok, load_probe("text"))["ppl"]
-    assert main(["eval", "--model", str(tiny_dir), "--probe", "text"]) == 0
+    assert main(["eval", "--model", str(tiny_dir), "--probe", "text", "--precision", "fp32"]) == 0  # as the reference
     assert f"perplexity on general text: {expected:.3f}" in capsys.readouterr().out
     assert main(["eval", "--model", str(tiny_dir)]) == 2
     assert "give a DATA file, or --probe" in capsys.readouterr().err
@@ -106,3 +108,115 @@ def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
     task.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {small}}}\n")  # no data.eval: split from train
     assert main(["forgetting", str(task), "--out", str(tmp_path / "fg")]) == 2
     assert f"{small} has 5 records and data.eval is unset" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ precision: eval, generate, serve follow the rule
+
+AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # as tests/test_precision.py: no native bf16
+SAPPHIRE = Hardware("cpu", "CPU", None, "AVX512", True, True)  # AVX-512 BF16 + AMX
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The storage dtype of every load_base call (the real load still runs)."""
+    import loraforge.models
+
+    seen, real = [], loraforge.models.load_base
+
+    def load_base(*args, dtype="fp32", **kwargs):
+        seen.append(dtype)
+        return real(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(loraforge.models, "load_base", load_base)
+    return seen
+
+
+@pytest.fixture
+def evaluation(monkeypatch):
+    """The precision eval hands to mean_token_loss and accuracy (stubbed: a bf16 eval is slow where emulated)."""
+    import loraforge.evaluate
+
+    seen = {}
+
+    def mean_token_loss(*args, precision, **kwargs):
+        seen["loss"] = precision
+        return 1.0
+
+    def accuracy(*args, precision, **kwargs):
+        seen["accuracy"] = precision
+        return {"accuracy": 1.0, "correct": 1, "n": 1, "ci95": (0.0, 1.0)}
+
+    monkeypatch.setattr(loraforge.evaluate, "mean_token_loss", mean_token_loss)
+    monkeypatch.setattr(loraforge.evaluate, "accuracy", accuracy)
+    return seen
+
+
+@pytest.mark.parametrize("hw,line,compute", [
+    (AVX2, "precision fp32: this CPU has no native bf16 (AVX2)", "fp32"),
+    (SAPPHIRE, "precision bf16: this CPU has native bf16 (AVX512 with AVX-512 BF16/AMX)", "bf16"),
+])
+def test_eval_precision_is_the_rule_s_choice(hw, line, compute, tiny_dir, data_file, monkeypatch, loads, evaluation,
+                                             capsys):
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": hw)
+    assert main(["eval", str(data_file), "--model", str(tiny_dir), "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == line
+    assert loads == [compute] and evaluation == {"loss": compute, "accuracy": compute}
+
+
+def test_eval_dtype_overrides_the_storage_and_explicit_slow_choices_warn(tiny_dir, data_file, monkeypatch, loads,
+                                                                           evaluation, capsys):
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
+    assert main(["eval", str(data_file), "--model", str(tiny_dir), "--limit", "2", "--precision", "bf16",
+                 "--dtype", "fp32"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("precision bf16, base stored in fp32: ")
+    assert loads == ["fp32"] and evaluation == {"loss": "bf16", "accuracy": "bf16"}
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": AVX2)
+    loads.clear(), evaluation.clear()
+    with pytest.warns(UserWarning, match="without native bf16.*50-200x slower"):
+        assert main(["eval", str(data_file), "--model", str(tiny_dir), "--limit", "2", "--precision", "bf16"]) == 0
+    assert loads == ["bf16"] and evaluation == {"loss": "bf16", "accuracy": "bf16"}  # as asked
+
+
+def test_eval_bad_precision_is_named_and_the_old_bf16_flag_is_gone(tiny_dir, data_file, capsys):
+    assert main(["eval", str(data_file), "--model", str(tiny_dir), "--precision", "fp8", "--dtype", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision 'fp8': use one of auto, fp32, bf16, fp16" in err
+    assert "--dtype 'int4': use one of auto, fp32, bf16, fp16" in err
+    with pytest.raises(SystemExit):
+        main(["eval", str(data_file), "--bf16"])
+
+
+def test_eval_probe_gets_the_rule_s_dtype_and_autocast(tiny_dir, monkeypatch, capsys):
+    import loraforge.forgetting
+
+    calls = []
+    monkeypatch.setattr(loraforge.forgetting, "cli_probe", lambda probe, **kw: calls.append(kw))
+    for hw, dtype, bf16 in ((SAPPHIRE, "bf16", True), (AVX2, "fp32", False)):
+        monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu", hw=hw: hw)
+        assert main(["eval", "--model", str(tiny_dir), "--probe", "mc"]) == 0
+        assert (calls[-1]["dtype"], calls[-1]["bf16"]) == (dtype, bf16)
+    assert "precision fp32: this CPU has no native bf16 (AVX2)" in capsys.readouterr().out
+
+
+def test_generate_says_its_precision_on_stderr(tiny_dir, monkeypatch, loads, capsys):
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
+    assert main(["generate", "hi", "--model", str(tiny_dir), "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "precision bf16: this CPU has native bf16" in err and "precision" not in out  # stdout: the answer only
+    assert loads == ["bf16"]
+
+
+def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # start-up only
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
+    assert main(["serve", "--model", str(tiny_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("precision bf16: this CPU has native bf16 (AVX512 with "
+                                                       "AVX-512 BF16/AMX)")
+    assert main(["serve", "--model", str(tiny_dir), "--precision", "fp32", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("precision fp32, base stored in bf16: ")
+    assert loads == ["bf16", "bf16"]
+    assert main(["serve", "--precision", "bf17"]) == 2
+    assert "--precision 'bf17': use one of" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..precision import choose
 from .engine import Engine, Event, SamplingParams, ServeError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -275,7 +276,7 @@ class ServerThread:
 
 def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = None, adapters_dir: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
-               max_batch: int = 32, max_queue: int = 256, dtype: str = "fp32") -> None:
+               max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto") -> None:
     """Serve `model` with LoRA adapters over an OpenAI-compatible HTTP API until interrupted.
 
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
@@ -286,13 +287,16 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     host, port: where to listen. api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
     max_loaded: adapters resident at once (least recently used evicted, reloaded from disk on demand).
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.
-    dtype: fp32 or bf16.
+    precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
+        bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
     import uvicorn
 
     from ..models import load_base
 
-    base, tokenizer = load_base(model, dtype=dtype)
+    chosen = choose(precision, dtype, device="cpu")  # the engine runs where load_base puts the model
+    print(chosen.line(), flush=True)
+    base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, api_key=api_key)

@@ -1,0 +1,51 @@
+"""The benchmark scripts import, parse their arguments and follow the precision rule (their runs are not tests)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge.precision import choose
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script", ["train", "qlora", "variants", "serve"])
+def test_bench_script_prints_its_help(script):
+    out = subprocess.run([sys.executable, BENCH / f"{script}.py", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:")
+
+
+def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
+    out = subprocess.run([sys.executable, BENCH / "train.py", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--dtypes DTYPES" in out.stdout and "auto (what" in out.stdout
+    out = subprocess.run([sys.executable, BENCH / "train.py", "--dtypes", "auto,fp8"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--dtypes: unknown precision 'fp8'" in out.stderr
+
+
+def test_qlora_bench_runs_bf16_only_where_the_rule_picks_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import qlora
+
+    here = qlora.default_runs("fp32")  # a CPU without native bf16
+    assert "lora-fp32" in here and "qlora-fp32" in here and "qlora-fp32-nockpt" in here
+    assert not any("bf16" in name for name in here)
+    assert {"lora-bf16", "qlora-bf16"} <= set(qlora.default_runs("bf16"))
+    assert all(qlora.RUNS[name][1] == "fp32" for name in qlora.default_runs("fp16"))  # no fp16 runs: fp32 only
+
+
+def test_hardware_header_names_the_cpu_and_the_auto_choice(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import hardware
+
+    info = hardware.describe("cpu")
+    auto = choose("auto", "auto", device="cpu", warn=False)
+    assert info["auto_precision"] == auto.compute and info["precision_line"] == auto.line()
+    assert info["cores"] >= 1 and info["cpu_capability"]
+    cpu, choice = hardware.header(info).splitlines()
+    assert cpu.startswith("CPU ") and f"({info['cpu_capability']}, {info['cores']} cores" in cpu
+    assert choice == f"auto: {auto.line()}"
