@@ -8,13 +8,19 @@
 Every model is probed the same way: weights as training left them (frozen base in model.dtype, trained weights
 in fp32 — full fine-tuning keeps fp32 master weights even with model.dtype bf16), matmuls under bf16 autocast
 when training.precision is bf16, i.e. the numerics the model was trained with.
-Writes forgetting.json (every number, with n), forgetting.png (learned vs forgotten) and the runs' outputs.
+The base's results are cached on disk, keyed by hashes of its weights and of the probe set (probe_base): a second
+invocation on an unchanged base skips its probes. The base's logits for KL are computed once per invocation.
+Writes forgetting.json (every number, with n, and the seconds of each phase), forgetting.png (learned vs forgotten)
+and the runs' outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,36 +49,54 @@ def arms(ranks=DEFAULT_RANKS, lora_lr: float = LORA_LR, full_lr: float = FULL_LR
 
 
 def arm_config(cfg: TrainConfig, arm: Arm, seed: int, out: Path) -> TrainConfig:
-    """`cfg` with the arm's method, rank and learning rate, this seed, and its own output directory."""
+    """`cfg` with the arm's method, rank and learning rate, this seed, and its own output directory.
+
+    Training gets no held-out set: the probes score the task on it afterwards, and train's own held-out loss at
+    the last step (a forward pass over it, unused here) would only add time. The training data stays the same."""
     lora = dataclasses.replace(cfg.lora, r=arm.r, lora_alpha=2 * arm.r) if arm.r else cfg.lora
     training = dataclasses.replace(cfg.training, lr=arm.lr, seed=seed, eval_every=0, save_every=0)
+    data = dataclasses.replace(cfg.data, eval=None, eval_fraction=0.0)  # cfg.data.train is already the whole split
     slug = arm.name.replace(" ", "").replace("=", "")
-    return dataclasses.replace(cfg, method=arm.method, lora=lora, training=training,
+    return dataclasses.replace(cfg, method=arm.method, lora=lora, training=training, data=data,
                                output_dir=str(out / f"{slug}-seed{seed}"))
 
 
 # --- probing one model ---------------------------------------------------------------------------------------
 
+PROBES = {"task": "task accuracy", "mc": "multiple choice", "ppl": "perplexity", "kl": "KL vs base"}
+
+
 def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: bool, probes: dict,
-              max_new_tokens: int) -> dict:
-    """Task accuracy (greedy exact match) and the three general probes for `model`; KL is against `base`
-    (None: the model is the base, KL = 0 by definition)."""
+              max_new_tokens: int, name: str = "", progress: bool = False) -> dict:
+    """Task accuracy (greedy exact match) and the three general probes for `model`; KL is against `base`, a model
+    or a logits callable (None: the model is the base, KL = 0 by definition). "seconds" holds each probe's time;
+    a progress bar names the model (`name`) and the probe running."""
     from .evaluate import accuracy
     from .probes import kl_divergence, mc_accuracy, perplexity
+    from .report import progress_bar
 
     model.eval()
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    task = accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50, precision="bf16" if bf16 else "fp32")
-    with autocast:
-        mc = mc_accuracy(model, tokenizer, probes["mc"])
-        ppl = perplexity(model, tokenizer, probes["text"], max_len=512)
-        if base is None:
-            kl = {"kl": 0.0, "n_positions": 0}
-        else:
-            kl = kl_divergence(base, model, tokenizer, probes["kl"])
-    task.pop("samples", None)
-    return {"task": task, "mc": mc, "ppl": ppl, "kl": kl}
+    run = {
+        "task": lambda: accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50,
+                                 precision="bf16" if bf16 else "fp32"),
+        "mc": lambda: mc_accuracy(model, tokenizer, probes["mc"]),
+        "ppl": lambda: perplexity(model, tokenizer, probes["text"], max_len=512),
+        "kl": lambda: ({"kl": 0.0, "n_positions": 0} if base is None
+                       else kl_divergence(base, model, tokenizer, probes["kl"])),
+    }
+    results, seconds = {}, {}
+    bar = progress_bar(len(run), enabled=progress, desc=name, unit="probe")
+    for key, probe in run.items():
+        bar.set_description(f"{name}: {PROBES[key]}")
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and key != "task"):  # task: its own
+            results[key] = probe()
+        seconds[key] = time.perf_counter() - t0
+        bar.update(1)
+    bar.close()
+    results["task"].pop("samples", None)
+    return {**results, "seconds": seconds}
 
 
 def _max_new_tokens(tokenizer, records: list[dict], fmt: str) -> int:
@@ -99,6 +123,119 @@ def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(str(out / name))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=paths[0], eval=paths[1]))
+
+
+# --- the base's probe results, cached on disk -----------------------------------------------------------------
+
+PROBE_CACHE_VERSION = 1
+"""Part of the cache key: bump it when a probe's scoring changes, so results of the older scorer are recomputed."""
+
+
+def model_hash(model, tokenizer) -> str:
+    """sha256 of what a model's probe results depend on: its class, config, every weight (name, dtype, shape and
+    bytes; a tied weight once) and the tokenizer. About a second for 135M fp32 weights."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps([type(model).__name__, config], sort_keys=True, default=str).encode())
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.numel() and tensor.data_ptr() in seen:  # a tied weight: hashed once, under its first name
+            continue
+        seen.add(tensor.data_ptr())
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h.update(json.dumps([vocab, getattr(tokenizer, "chat_template", None), tokenizer.pad_token_id,
+                         tokenizer.eos_token_id], default=str).encode())
+    return h.hexdigest()
+
+
+def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tokens: int, bf16: bool,
+                   device: torch.device) -> str:
+    """sha256 of the probe data (task examples, MC questions, text, KL prompts) and of the settings that change
+    their numbers: format, generation length, autocast, device, torch and transformers versions."""
+    import transformers
+
+    payload = {"version": PROBE_CACHE_VERSION, "task": task_records, "fmt": fmt, "max_new_tokens": max_new_tokens,
+               "mc": probes["mc"], "text": probes["text"], "kl": probes["kl"], "bf16": bf16,
+               "device": device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def probe_cache_path(model_key: str, probe_key: str) -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "probes" / f"{model_key[:16]}-{probe_key[:16]}.json"
+
+
+def read_probe_cache(path: Path, model_key: str, probe_key: str) -> dict | None:
+    """The cached probe results at `path` if they were written for these keys (JSON, nothing else), else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"[base] ignoring the unreadable probe cache {path} ({e}); probing again", flush=True)
+        return None
+    if not (isinstance(saved, dict) and saved.get("model_hash") == model_key and saved.get("probe_hash") == probe_key
+            and isinstance(saved.get("scores"), dict) and set(PROBES) <= set(saved["scores"])):
+        return None
+    return saved
+
+
+def write_probe_cache(path: Path, model_key: str, probe_key: str, model_name: str, scores: dict) -> None:
+    """Write atomically (a temporary file in the same directory, then os.replace): a crash leaves the old file or
+    none, never half of one. A cache that cannot be written is reported and skipped."""
+    record = {"model_hash": model_key, "probe_hash": probe_key, "model": model_name, "scores": scores}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, default=str)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        print(f"[base] could not cache the probe results at {path} ({e}); the next run probes the base again",
+              flush=True)
+
+
+def probe_base(base, tokenizer, name: str, task_records: list[dict], fmt: str, bf16: bool, probes: dict,
+               max_new_tokens: int, progress: bool = False) -> tuple[dict, str | None]:
+    """probe_all's scores for the base model (KL = 0) and the cache file they were read from (None: probed now).
+
+    They depend only on the base's weights, the probes and their settings, so they are cached on disk under
+    loraforge.models.cache_dir(), keyed by model_hash and probe_set_hash: an unchanged base is probed once."""
+    keys = (model_hash(base, tokenizer),
+            probe_set_hash(probes, task_records, fmt, max_new_tokens, bf16, next(base.parameters()).device))
+    path = probe_cache_path(*keys)
+    cached = read_probe_cache(path, *keys)
+    if cached:
+        print(f"[base] {name}: same weights, probes and settings as an earlier run: probe results read from "
+              f"{path}; the base's probes are skipped ({sum(cached['scores']['seconds'].values()):.0f} s saved)",
+              flush=True)
+        return cached["scores"], str(path)
+    print(f"[base] probing {name} ...", flush=True)
+    scores = probe_all(base, tokenizer, None, task_records, fmt, bf16, probes, max_new_tokens, "base", progress)
+    write_probe_cache(path, *keys, name, scores)
+    return scores, None
+
+
+class CachedLogits:
+    """`model` as a logits callable (input_ids, attention_mask) -> (B, T, V) that computes each batch once: every
+    arm's KL compares with the base on the same prompt batches, so the base runs them once per command."""
+
+    def __init__(self, model):
+        self.model, self.logits = model, {}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        key = (input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes(), tuple(input_ids.shape))
+        if key not in self.logits:
+            self.logits[key] = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.logits[key]
 
 
 # --- the experiment ------------------------------------------------------------------------------------------
@@ -131,13 +268,14 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
 
     base, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
+    base.eval()
     max_new = _max_new_tokens(tokenizer, task_records, fmt)
-    print(f"[base] probing {cfg.model.name} ...", flush=True)
     t0 = time.perf_counter()
+    scores, cached = probe_base(base, tokenizer, cfg.model.name, task_records, fmt, bf16, probes, max_new, progress)
     rows = [{"name": "base", "method": "base", "seed": None, "lr": None, "r": None, "trainable_params": 0,
-             "train_seconds": 0.0, **probe_all(base, tokenizer, None, task_records, fmt, bf16, probes, max_new),
-             "probe_seconds": time.perf_counter() - t0}]
+             "train_seconds": 0.0, **scores, "probe_seconds": time.perf_counter() - t0, "probes_cached": cached}]
     print(_row_line(rows[-1]), flush=True)
+    base_logits = CachedLogits(base)  # KL: the base's logits on the prompts, computed by the first arm
 
     for seed in range(seeds):
         for arm in arms(ranks, lora_lr, full_lr):
@@ -152,11 +290,13 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
             else:
                 model, _ = load_base(cfg.model.name, dtype=cfg.model.dtype)
                 load_adapter(model, Path(run_cfg.output_dir) / "adapter")
-            scores = probe_all(model, tokenizer, base, task_records, fmt, bf16, probes, max_new)
+            load_seconds = time.perf_counter() - t0
+            scores = probe_all(model, tokenizer, base_logits, task_records, fmt, bf16, probes, max_new,
+                               f"{arm.name} seed {seed}", progress)
             rows.append({"name": arm.name, "method": arm.method, "seed": seed, "lr": arm.lr, "r": arm.r,
                          "trainable_params": result.trainable_params, "train_seconds": result.seconds,
                          "final_loss": result.final_loss, "output_dir": str(run_cfg.output_dir), **scores,
-                         "probe_seconds": time.perf_counter() - t0})
+                         "load_seconds": load_seconds, "probe_seconds": time.perf_counter() - t0})
             print(_row_line(rows[-1]), flush=True)
             partial = {"complete": False, "rows": rows}
             (out / "forgetting.json").write_text(json.dumps(partial, indent=1, default=str))
@@ -167,13 +307,22 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     report = {"complete": True, "model": cfg.model.name, "task_train": cfg.data.train, "task_eval": cfg.data.eval,
               "steps": cfg.training.max_steps, "batch_size": cfg.training.batch_size, "seeds": seeds,
               "precision": cfg.training.precision, "n_kl_prompts": len(probes["kl"]), "rows": rows,
-              "summary": summarize(rows), "seconds": time.perf_counter() - started}
+              "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
     plot(rows, out / "forgetting.png")
     print(format_table(report), flush=True)
-    print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s",
-          flush=True)
+    split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())
+    print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s "
+          f"({split})", flush=True)
     return report
+
+
+def time_split(rows: list[dict]) -> dict:
+    """Seconds over all runs: training, loading the trained models, and each probe (a cached base's: none)."""
+    split = {"training": sum(r["train_seconds"] for r in rows), "loading": sum(r.get("load_seconds", 0) for r in rows)}
+    for key in PROBES:
+        split[key] = sum(r["seconds"][key] for r in rows if not r.get("probes_cached"))
+    return split
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -208,10 +357,12 @@ def _ci(d: dict, key: str = "ci95") -> str:
 
 def _row_line(row: dict) -> str:
     t, mc, ppl, kl = row["task"], row["mc"], row["ppl"], row["kl"]
+    each = ", ".join(f"{key} {row['seconds'][key]:.0f}" for key in PROBES)
+    probes = (f"probes cached (took {each} s)" if row.get("probes_cached")
+              else f"probes {row['probe_seconds']:.0f} s: {each}")
     return (f"  {row['name']:<11} seed {'-' if row['seed'] is None else row['seed']}: "
             f"task {t['correct']}/{t['n']}  MC {mc['correct']}/{mc['n']} (norm {mc['correct_norm']})  "
-            f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, "
-            f"probes {row['probe_seconds']:.0f} s)")
+            f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, {probes})")
 
 
 def format_table(report: dict) -> str:

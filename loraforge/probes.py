@@ -2,7 +2,9 @@
 
 The probe data ships in `loraforge/assets/` (written for this project) and is read with `load_probe`.
 Every scorer runs under `torch.no_grad`, batches right-padded sequences with an attention mask, works with any
-Hugging Face causal LM (fp32 or bf16), and does its log-softmax in fp32.
+Hugging Face causal LM (fp32 or bf16), and does its log-softmax in fp32. On a transformers causal LM whose head is
+one linear layer, the head runs only on the positions that are scored (the multiple-choice options' tokens, the
+text's targets): a full-vocabulary row (49,152 for SmolLM2) per position is most of a short sequence's cost.
 
 A "model" argument is either an `nn.Module` (called as `model(input_ids=..., attention_mask=...).logits`) or a
 plain callable `(input_ids, attention_mask) -> logits` of shape (B, T, V). The callable form lets one module serve
@@ -18,6 +20,9 @@ from importlib import resources
 
 import torch
 import torch.nn.functional as F
+
+from .decoding import cache_argument
+from .loss import _prefix_cache, _split
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,16 +88,37 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
     continuation = context[len(stripped):] + continuation
     whole = tokenizer(stripped + continuation).input_ids
     ctx = tokenizer(stripped).input_ids
+    if not ctx or len(whole) <= len(ctx):
+        raise ValueError(f"context {context!r} and continuation {continuation!r} must both give tokens")
     return ctx, whole[len(ctx):]
+
+
+def _head_split(model):
+    """(backbone, output head) of a transformers causal LM whose head is one linear layer and whose backbone takes
+    a plain key/value cache (loraforge.loss's split); None for anything else (a logits callable, a soft-capped
+    head), which the scorers then run as full logits."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    backbone, head = _split(model)
+    if backbone is None or _prefix_cache(backbone) is None:
+        return None
+    return backbone, head
+
+
+def _target_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets[i]) from the head's fp32 log-softmax at hidden[i]: (N, H), (N,) -> (N,) fp32, in row chunks
+    (a chunk's (n, V) logits are the largest tensor)."""
+    out = [hidden.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden.shape[0], chunk_size):
+        logprobs = F.log_softmax(head(hidden[start:start + chunk_size]).float(), dim=-1)  # (n, V)
+        out.append(logprobs.gather(1, targets[start:start + chunk_size, None]).squeeze(1))
+    return torch.cat(out)
 
 
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[float]:
     """Sum of log p(continuation tokens | context) for each (context, continuation) pair."""
     logits_fn, device, pad_id = _logits_fn(model), _device(model), _pad_id(tokenizer)
     encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
-    for (context, continuation), (ctx, cont) in zip(pairs, encoded):
-        if not ctx or not cont:
-            raise ValueError(f"context {context!r} and continuation {continuation!r} must both give tokens")
     scores = []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
@@ -108,6 +134,19 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], ba
     return scores
 
 
+def _span_logprobs(model, split, ids: torch.Tensor, mask: torch.Tensor, spans) -> list[torch.Tensor]:
+    """For each (row, start, end, targets) of a right-padded batch: log p(targets[k]) at position start + k of that
+    row, fp32 (end - start,). With `split` (_head_split's (backbone, head)) the head runs on those positions only."""
+    if split is not None:
+        backbone, head = split
+        states = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
+        return [_target_logprobs(head, states[row, a:b], torch.tensor(t, device=states.device))
+                for row, a, b, t in spans]
+    logprobs = F.log_softmax(_logits_fn(model)(ids, mask).float(), dim=-1)  # (B, T, V)
+    return [logprobs[row, a:b].gather(1, torch.tensor(t, device=logprobs.device)[:, None]).squeeze(1)
+            for row, a, b, t in spans]
+
+
 def _check_items(items: Sequence[dict]) -> None:
     for i, item in enumerate(items):
         missing = {"question", "choices", "answer"} - set(item)
@@ -118,16 +157,80 @@ def _check_items(items: Sequence[dict]) -> None:
                              f"{len(item['choices'])} choices; give a 0-based index")
 
 
+def mc_option_logprobs(model, tokenizer, items: Sequence[dict], batch_size: int = 16) -> list[float]:
+    """Every option's score (sum of its tokens' log-probs after the question; see mc_accuracy), item by item, as
+    one flat list; `batch_size` questions per forward.
+
+    A transformers causal LM computes each question once: a batch's questions run as right-padded rows into a
+    key/value cache, the last question token's logits score every option's first token, each question's keys and
+    values are repeated for its options, and the options' other tokens run on top of them with position ids that
+    continue after their own question. Causal attention makes a question's states independent of what follows it,
+    so the scores are those of the options as full sequences (continuation_logprobs) up to float reordering
+    (tests/test_probes.py), in about a third of the positions (padding included) on the shipped questions. Any other
+    model is scored option by option as full sequences.
+    """
+    _check_items(items)
+    split = _head_split(model)
+    if split is None:
+        pairs = [(_mc_context(item), " " + choice) for item in items for choice in item["choices"]]
+        return continuation_logprobs(model, tokenizer, pairs, batch_size)
+    backbone, head = split
+    cache_name, pad_id = cache_argument(type(backbone)), _pad_id(tokenizer)
+    device = head.weight.device
+    encoded = [[_encode_pair(tokenizer, _mc_context(item), " " + choice) for choice in item["choices"]]
+               for item in items]
+    # Batches of questions with similar longest options and lengths: less padding in both passes (a quarter fewer
+    # positions on the shipped questions). The scores go back to item order at the end.
+    order = sorted(range(len(items)), key=lambda i: (max(len(c) for _, c in encoded[i]), len(encoded[i][0][0])))
+    scores: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = order[start:start + batch_size]
+            questions, options, owner = [], [], []  # per question its tokens; per option its tokens, its question
+            for q, i in enumerate(batch):
+                questions.append(encoded[i][0][0])  # the context is encoded on its own: the same for every option
+                options += [cont for _, cont in encoded[i]]
+                owner += [q] * len(encoded[i])
+            ids, mask = _pad_right(questions, pad_id, device)  # (Q, L)
+            lengths, owner_t = mask.sum(1), torch.tensor(owner, device=device)  # (Q,), (N,)
+            cache = _prefix_cache(backbone)
+            states = backbone(input_ids=ids, attention_mask=mask, use_cache=True,
+                              **{cache_name: cache}).last_hidden_state  # (Q, L, H)
+            last = states[torch.arange(len(questions), device=device), lengths - 1]  # (Q, H)
+            first = F.log_softmax(head(last).float(), dim=-1)  # (Q, V): the first token of each of its options
+            option_scores = first[owner_t, torch.tensor([cont[0] for cont in options], device=device)]  # (N,)
+            longer = [i for i, cont in enumerate(options) if len(cont) > 1]
+            if longer:
+                rows = owner_t[longer]  # (M,): each option's question
+                cache.reorder_cache(rows)  # keys and values (Q, ...) -> (M, ...), one copy per option
+                # An option's last token is only a target, never an input.
+                opt_ids, opt_mask = _pad_right([options[i][:-1] for i in longer], pad_id, device)  # (M, W)
+                positions = lengths[rows, None] + torch.arange(opt_ids.shape[1], device=device)  # (M, W)
+                states = backbone(input_ids=opt_ids, attention_mask=torch.cat([mask[rows], opt_mask], 1),
+                                  position_ids=positions, use_cache=True,
+                                  **{cache_name: cache}).last_hidden_state  # (M, W, H)
+                # Option token k (input) predicts option token k + 1; rows of states[opt_mask] in that order.
+                targets = torch.tensor([t for i in longer for t in options[i][1:]], device=device)
+                option_of = torch.tensor([i for i in longer for _ in options[i][1:]], device=device)
+                option_scores.index_add_(0, option_of, _target_logprobs(head, states[opt_mask.bool()], targets))
+            flat = option_scores.tolist()  # question by question, each one's options in order
+            for i in batch:
+                scores[i], flat = flat[:len(encoded[i])], flat[len(encoded[i]):]
+    return [score for i in range(len(items)) for score in scores[i]]
+
+
+def _mc_context(item: dict) -> str:
+    return f"Question: {item['question']}\nAnswer:"
+
+
 def mc_accuracy(model, tokenizer, items: Sequence[dict], batch_size: int = 16) -> dict:
     """Multiple-choice accuracy by log-likelihood, as lm-eval-harness scores such tasks.
 
     Context is f"Question: {question}\\nAnswer:", each continuation " " + choice; an option's score is the sum of
-    its tokens' log-probs. `accuracy` picks the highest sum; `acc_norm` divides each sum by the number of
-    characters of the choice text (lm-eval's acc_norm). `ci95` / `ci95_norm` are Wilson 95% intervals.
+    its tokens' log-probs (mc_option_logprobs). `accuracy` picks the highest sum; `acc_norm` divides each sum by the
+    number of characters of the choice text (lm-eval's acc_norm). `ci95` / `ci95_norm` are Wilson 95% intervals.
     """
-    _check_items(items)
-    pairs = [(f"Question: {item['question']}\nAnswer:", " " + choice) for item in items for choice in item["choices"]]
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size)
+    scores = mc_option_logprobs(model, tokenizer, items, batch_size)
     correct = correct_norm = 0
     offset = 0
     for item in items:
@@ -154,7 +257,7 @@ def perplexity(model, tokenizer, text: str, max_len: int = 512, stride: int | No
     stride = max_len if stride is None else stride
     if not 0 < stride <= max_len:
         raise ValueError(f"stride {stride} must be in 1..max_len ({max_len})")
-    logits_fn, device, pad_id = _logits_fn(model), _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), _pad_id(tokenizer)
     tokens = tokenizer(text).input_ids
     if len(tokens) < 2:
         raise ValueError(f"text gives {len(tokens)} token(s); perplexity needs at least 2")
@@ -166,18 +269,17 @@ def perplexity(model, tokenizer, text: str, max_len: int = 512, stride: int | No
         scored_until = end
         if end == len(tokens):
             break
+    split = _head_split(model)
     nll, n_tokens = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(windows), batch_size):
             chunk = windows[b:b + batch_size]
             ids, mask = _pad_right([tokens[s:e - 1] for s, e, _ in chunk], pad_id, device)
-            logprobs = F.log_softmax(logits_fn(ids, mask).float(), dim=-1)  # (B, T, V)
-            for row, (s, e, first) in enumerate(chunk):
-                # Position j - s - 1 of this window predicts token j.
-                span = logprobs[row, first - s - 1: e - s - 1]
-                target = torch.tensor(tokens[first:e], device=span.device).unsqueeze(1)
-                nll -= span.gather(1, target).sum().item()
-                n_tokens += e - first
+            # Position j - s - 1 of a window predicts token j.
+            spans = [(row, first - s - 1, e - s - 1, tokens[first:e]) for row, (s, e, first) in enumerate(chunk)]
+            for logprobs in _span_logprobs(model, split, ids, mask, spans):
+                nll -= logprobs.sum().item()
+                n_tokens += logprobs.numel()
     return {"ppl": math.exp(nll / n_tokens), "nll": nll / n_tokens, "n_tokens": n_tokens}
 
 

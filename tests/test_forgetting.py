@@ -3,6 +3,7 @@
 The probe scorers themselves are checked against plain formulas in test_probes.py.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from loraforge.config import load_train_config
 from loraforge.demo import asset
-from loraforge.forgetting import _task_split, arm_config, arms, format_table, run_forgetting
+from loraforge import forgetting
+from loraforge.forgetting import _task_split, arm_config, arms, format_table, model_hash, probe_base, run_forgetting
 from loraforge.train import build_model, train
 
 
@@ -60,11 +62,14 @@ def test_arm_configs_change_only_method_rank_lr_seed(tiny_dir, data_file, tmp_pa
     assert (a.method, a.lora.r, a.lora.lora_alpha, a.training.lr, a.training.seed) == ("lora", 64, 128, 1e-3, 1)
     f = arm_config(cfg, full, seed=0, out=tmp_path)
     assert (f.method, f.training.lr, f.lora) == ("full", 2e-5, cfg.lora)
-    assert a.data == f.data == cfg.data and a.training.max_steps == f.training.max_steps == cfg.training.max_steps
+    assert a.training.max_steps == f.training.max_steps == cfg.training.max_steps
+    # The same training data; no held-out loss during training (the probes score the held-out task afterwards).
+    assert a.data == f.data == dataclasses.replace(cfg.data, eval=None, eval_fraction=0.0)
     assert a.output_dir != arm_config(cfg, lora64, seed=0, out=tmp_path).output_dir
 
 
-def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path):
+def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))  # the base's probe results are cached there
     over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={asset('demo_train.jsonl')}",
             f"data.eval={asset('demo_test.jsonl')}", "training.max_steps=2", "training.batch_size=4",
             "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
@@ -79,6 +84,8 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path):
         assert row["kl"]["kl"] >= 0 if row["seed"] is not None else row["kl"]["kl"] == 0
     assert all(r["kl"]["kl"] > 0 for r in report["rows"][1:])  # every run moved away from the base
     assert [s["name"] for s in report["summary"]] == ["base", "lora r=2", "lora r=4", "full FT"]
+    assert report["rows"][0]["probes_cached"] is None  # a fresh cache: the base was probed
+    assert set(report["time_split"]) == {"training", "loading", "task", "mc", "ppl", "kl"}
 
     table = format_table(report)
     for text in ("base", "lora r=2 s0", "lora r=4 s1", "full FT s1", "task acc", "MC acc", "acc_norm", "ppl",
@@ -99,3 +106,63 @@ def test_task_split_is_fixed_for_every_seed(tiny_dir, data_file, tmp_path):
     train_rows, held = read_records(cfg.data.train), read_records(cfg.data.eval)
     assert len(train_rows) + len(held) == 40 and len(held) == 4
     assert not {r["instruction"] for r in held} & {r["instruction"] for r in train_rows}
+
+
+def small_probes():
+    from loraforge.data import detect_format, read_records
+    from loraforge.probes import load_probe
+
+    records = read_records(asset("demo_test.jsonl"))[:3]
+    probes = {"mc": load_probe("mc")[:3], "kl": load_probe("kl")[:2],
+              "text": "\n".join(load_probe("text").splitlines()[:2])}
+    return records, detect_format(records[0]), probes
+
+
+def test_base_probe_results_are_cached_by_weights_and_probe_set(tiny_dir, tmp_path, monkeypatch, capsys):
+    from loraforge.models import load_base
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    probe_all = forgetting.probe_all
+    monkeypatch.setattr(forgetting, "probe_all", lambda *a, **k: calls.append(1) or probe_all(*a, **k))
+    base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    records, fmt, probes = small_probes()
+
+    first, cached = probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 8)
+    assert calls == [1] and cached is None and first["kl"] == {"kl": 0.0, "n_positions": 0}
+    # A second invocation, on the same weights loaded again: read back, not probed.
+    again, _ = load_base(str(tiny_dir), dtype="fp32")
+    assert model_hash(again, tokenizer) == model_hash(base, tokenizer)
+    second, cached = probe_base(again, tokenizer, "tiny", records, fmt, False, probes, 8)
+    assert calls == [1] and cached is not None and "the base's probes are skipped" in capsys.readouterr().out
+    assert second == json.loads(json.dumps(first))  # the numbers as computed (JSON: tuples come back as lists)
+    files = list((tmp_path / "cache" / "probes").iterdir())
+    assert [f.name for f in files] == [Path(cached).name]  # written atomically: no temporary file left
+    json.loads(files[0].read_text())
+
+    # Another probe set, other settings or other weights: another key, probed again.
+    probe_base(base, tokenizer, "tiny", records[:2], fmt, False, probes, 8)
+    probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 9)
+    with torch.no_grad():
+        again.model.norm.weight[0] += 1e-3
+    probe_base(again, tokenizer, "tiny", records, fmt, False, probes, 8)
+    assert calls == [1, 1, 1, 1]
+
+    # A cache file that is not valid JSON is reported and replaced, never trusted.
+    files[0].write_text("{not json")
+    probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 8)
+    assert calls == [1] * 5 and "ignoring the unreadable probe cache" in capsys.readouterr().out
+    assert json.loads(files[0].read_text())["scores"]["mc"] == json.loads(json.dumps(first["mc"]))
+
+
+def test_probe_progress_names_model_and_probe(tiny_dir, capsys):
+    from loraforge.models import load_base
+
+    base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    records, fmt, probes = small_probes()
+    scores = forgetting.probe_all(base, tokenizer, base, records, fmt, False, probes, 8, "lora r=8 seed 0",
+                                  progress=True)
+    err = capsys.readouterr().err
+    for label in ("task accuracy", "multiple choice", "perplexity", "KL vs base"):
+        assert f"lora r=8 seed 0: {label}" in err, label
+    assert set(scores["seconds"]) == {"task", "mc", "ppl", "kl"} and scores["kl"]["kl"] == 0.0

@@ -13,6 +13,11 @@ from loraforge.models import load_tokenizer
 # fp32 everywhere. Batched (right-padded) and unbatched forwards differ only by float reordering in the matmuls
 # (~1e-6 relative on a 64-wide model); sums of a few hundred log-probs keep that well inside 1e-4.
 TOL = dict(rtol=1e-4, atol=1e-4)
+# A multiple-choice score computed from the question's cached keys and values against the option as one full
+# sequence: the same fp32 arithmetic in other matmul shapes. Scores are sums of at most 7 log-probs of |score| < 60;
+# observed differences are <= 4e-6 absolute (3e-7 relative) on both tiny models, so this leaves a margin of ~3x on
+# the absolute term while a wrong position id or a missed key (differences of 0.1 and more) cannot pass.
+MC_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,87 @@ def test_mc_accuracy_matches_argmax_of_plain_scores(model, tokenizer):
     assert (result["n"], result["correct"], result["correct_norm"]) == (len(ITEMS), correct, correct_norm)
     assert result["accuracy"] == correct / len(ITEMS) and result["acc_norm"] == correct_norm / len(ITEMS)
     assert result["ci95"] == probes.wilson_interval(correct, len(ITEMS))
+
+
+def tiny_gpt2(vocab_size: int, seed: int):
+    """GPT-2 learns absolute position embeddings: the options' position ids must continue after their question."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)).eval()
+
+
+# Options of 1 to 6 tokens, 2 to 4 per question, questions of different lengths: both passes are padded.
+VARIED = ITEMS + [
+    {"question": "Pick a letter.", "choices": ["A", "B", "C"], "answer": 1},  # single-token options
+    {"question": "Which of these is the longest answer among the ones listed here, counting words?",
+     "choices": ["one", "one two three four five", "one two"], "answer": 1},
+]
+
+
+def per_option_scores(model, tokenizer, items) -> torch.Tensor:
+    """Today's scorer, one option at a time: the whole sequence question + option, no padding, no batch."""
+    scores = []
+    for it in items:
+        for choice in it["choices"]:
+            ctx, cont = probes._encode_pair(tokenizer, f"Question: {it['question']}\nAnswer:", " " + choice)
+            logprobs = plain_logprobs(model, ctx + cont)
+            scores.append(sum(logprobs[len(ctx) - 1 + k, tok].item() for k, tok in enumerate(cont)))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_mc_shared_question_scores_equal_full_sequences(tokenizer, family, batch_size):
+    """Each question computed once (its keys and values shared by its options) gives the scores of every option run
+    as its own full sequence, and of today's batched full-sequence scorer (continuation_logprobs)."""
+    model = tiny_llama(len(tokenizer), seed=0) if family == "llama" else tiny_gpt2(len(tokenizer), seed=0)
+    question_rows = []  # rows of each question pass (the options' passes carry position ids)
+    model.base_model.register_forward_pre_hook(
+        lambda m, args, kwargs: None if "position_ids" in kwargs else question_rows.append(len(kwargs["input_ids"])),
+        with_kwargs=True)
+    got = torch.tensor(probes.mc_option_logprobs(model, tokenizer, VARIED, batch_size), dtype=torch.float64)
+    # One row per question: each question ran once, not once per option.
+    assert question_rows == [len(VARIED[i:i + batch_size]) for i in range(0, len(VARIED), batch_size)]
+    torch.testing.assert_close(got, per_option_scores(model, tokenizer, VARIED), **MC_TOL)
+    pairs = [(f"Question: {it['question']}\nAnswer:", " " + c) for it in VARIED for c in it["choices"]]
+    batched = probes.continuation_logprobs(model, tokenizer, pairs, batch_size=4)
+    torch.testing.assert_close(got, torch.tensor(batched, dtype=torch.float64), **MC_TOL)
+
+
+def test_mc_single_token_options_need_no_second_pass(model, tokenizer):
+    items = [{"question": "Pick a letter.", "choices": ["A", "B", "C", "D"], "answer": 0}]
+    assert all(len(probes._encode_pair(tokenizer, "Question: Pick a letter.\nAnswer:", " " + c)[1]) == 1
+               for c in items[0]["choices"])
+    calls = []
+    hook = model.base_model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        got = probes.mc_option_logprobs(model, tokenizer, items)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), per_option_scores(model, tokenizer, items),
+                               **MC_TOL)
+
+
+def test_mc_logits_callable_is_scored_as_full_sequences(model, tokenizer):
+    """A plain (input_ids, attention_mask) -> logits callable has no cache to share: today's scorer, same scores."""
+    def logits_fn(input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    got = probes.mc_option_logprobs(logits_fn, tokenizer, VARIED)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), per_option_scores(model, tokenizer, VARIED),
+                               **MC_TOL)
+
+
+def test_perplexity_head_on_scored_positions_equals_full_logits(model, tokenizer):
+    text = probes.load_probe("text")[:1500]
+    as_module = probes.perplexity(model, tokenizer, text, max_len=40, stride=16, batch_size=3)
+    as_logits = probes.perplexity(lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits, tokenizer,
+                                  text, max_len=40, stride=16, batch_size=3)
+    assert as_module["n_tokens"] == as_logits["n_tokens"]
+    torch.testing.assert_close(torch.tensor(as_module["nll"], dtype=torch.float64),
+                               torch.tensor(as_logits["nll"], dtype=torch.float64), **TOL)
 
 
 def test_mc_accuracy_rejects_bad_answer(model, tokenizer):
