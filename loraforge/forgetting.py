@@ -157,7 +157,8 @@ def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tok
     their numbers: format, generation length, autocast, device, torch and transformers versions."""
     import transformers
 
-    payload = {"version": PROBE_CACHE_VERSION, "task": task_records, "fmt": fmt, "max_new_tokens": max_new_tokens,
+    task = [{k: v for k, v in r.items() if k != "_source"} for r in task_records]  # content, not where it was read
+    payload = {"version": PROBE_CACHE_VERSION, "task": task, "fmt": fmt, "max_new_tokens": max_new_tokens,
                "mc": probes["mc"], "text": probes["text"], "kl": probes["kl"], "bf16": bf16,
                "device": device.type, "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -229,12 +230,14 @@ class CachedLogits:
     arm's KL compares with the base on the same prompt batches, so the base runs them once per command."""
 
     def __init__(self, model):
-        self.model, self.logits = model, {}
+        from .probes import prefix_sharing_logits
+
+        self.logits_fn, self.logits = prefix_sharing_logits(model), {}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         key = (input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes(), tuple(input_ids.shape))
         if key not in self.logits:
-            self.logits[key] = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            self.logits[key] = self.logits_fn(input_ids, attention_mask)
         return self.logits[key]
 
 
@@ -457,12 +460,14 @@ def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", rank
         overwrite: write into a non-empty --out (an earlier comparison there is run again)
     """
     from .config import load_train_config
-    from .demo import demo_config
+    from .demo import asset, demo_config
     from .outputs import check_output
 
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
+    # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
-           else demo_config(out, DEMO_STEPS, overrides))  # output_dir is set per run
+           else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, cfg.data.train, cfg.data.eval])
     run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds,
                    overwrite=overwrite)

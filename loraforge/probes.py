@@ -48,6 +48,35 @@ def _logits_fn(model) -> LogitsFn:
     raise TypeError(f"expected an nn.Module or a callable (input_ids, attention_mask) -> logits, got {type(model)}")
 
 
+def prefix_sharing_logits(model) -> LogitsFn:
+    """`model` as a logits callable (input_ids, attention_mask) -> (B, T, V) for right-padded batches that computes
+    the leading tokens every row shares (a chat template's system prompt: 24 of the 39 tokens of a KL prompt on
+    average) once, as one row, and the rest of every row on top of its keys and values. Causal attention makes the
+    shared positions' states the same in every row, so the logits are the plain forward's up to float reordering
+    (tests/test_probes.py). A model the split does not cover (or a callable) is called as it is."""
+    split = _head_split(model)
+    if split is None:
+        return _logits_fn(model)
+    backbone, head = split
+    cache_name = cache_argument(type(backbone))
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        same = ((input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)).long().cumprod(0)  # (T,)
+        prefix = min(int(same.sum()), int(attention_mask.sum(1).min()) - 1)  # every row keeps a token of its own
+        if rows < 2 or prefix < 1:
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        cache = _prefix_cache(backbone)
+        shared = backbone(input_ids=input_ids[:1, :prefix], use_cache=True,
+                          **{cache_name: cache}).last_hidden_state  # (1, P, H)
+        cache.batch_repeat_interleave(rows)
+        rest = backbone(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, use_cache=True,
+                        **{cache_name: cache}).last_hidden_state  # (B, T - P, H)
+        return torch.cat([head(shared).expand(rows, -1, -1), head(rest)], dim=1)  # (B, T, V)
+
+    return logits
+
+
 def _device(model) -> torch.device:
     if isinstance(model, torch.nn.Module):
         return next(model.parameters()).device
@@ -303,7 +332,7 @@ def kl_divergence(base, tuned, tokenizer, prompts: Sequence[str], batch_size: in
     LoRA model, pass e.g. a callable that runs the model with its adapters disabled as `base` and the model itself
     as `tuned`. Both are called on the same right-padded batch; padded positions are excluded.
     """
-    base_fn, tuned_fn, pad_id = _logits_fn(base), _logits_fn(tuned), _pad_id(tokenizer)
+    base_fn, tuned_fn, pad_id = prefix_sharing_logits(base), prefix_sharing_logits(tuned), _pad_id(tokenizer)
     device = _device(tuned) if isinstance(tuned, torch.nn.Module) else _device(base)
     encoded = encode_prompts(tokenizer, prompts, chat_template)
     total, n_positions = 0.0, 0

@@ -140,6 +140,9 @@ def test_base_probe_results_are_cached_by_weights_and_probe_set(tiny_dir, tmp_pa
     assert [f.name for f in files] == [Path(cached).name]  # written atomically: no temporary file left
     json.loads(files[0].read_text())
 
+    # The same examples read from another place (read_records tags each with its file): the same key.
+    moved = [{**r, "_source": f"elsewhere.jsonl:{i}"} for i, r in enumerate(records)]
+    assert probe_base(base, tokenizer, "tiny", moved, fmt, False, probes, 8)[1] == cached and calls == [1]
     # Another probe set, other settings or other weights: another key, probed again.
     probe_base(base, tokenizer, "tiny", records[:2], fmt, False, probes, 8)
     probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 9)
@@ -166,3 +169,12 @@ def test_probe_progress_names_model_and_probe(tiny_dir, capsys):
     for label in ("task accuracy", "multiple choice", "perplexity", "KL vs base"):
         assert f"lora r=8 seed 0: {label}" in err, label
     assert set(scores["seconds"]) == {"task", "mc", "ppl", "kl"} and scores["kl"]["kl"] == 0.0
+
+
+def test_default_task_is_the_demo_dates_scored_on_their_test_file(tmp_path, monkeypatch):
+    """Without CONFIG: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl."""
+    seen = []
+    monkeypatch.setattr(forgetting, "run_forgetting", lambda cfg, *a, **k: seen.append(cfg))
+    forgetting.cli_forgetting(out=str(tmp_path / "fg"), overrides=["model.dtype=fp32", "training.precision=fp32"])
+    assert (seen[0].data.train, seen[0].data.eval) == (asset("demo_train.jsonl"), asset("demo_test.jsonl"))
+    assert seen[0].training.max_steps == forgetting.DEMO_STEPS

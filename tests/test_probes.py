@@ -261,7 +261,32 @@ def test_kl_accepts_logits_callables(model, other_model, tokenizer):
     def tuned_fn(input_ids, attention_mask):
         return other_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    assert probes.kl_divergence(base_fn, tuned_fn, tokenizer, prompts) == as_modules
+    as_callables = probes.kl_divergence(base_fn, tuned_fn, tokenizer, prompts)
+    # Modules compute the prompts' shared chat-template prefix once (prefix_sharing_logits), plain callables run
+    # every row in full: the same fp32 arithmetic in other shapes, so equal up to TOL, not bit for bit.
+    assert as_callables["n_positions"] == as_modules["n_positions"]
+    torch.testing.assert_close(torch.tensor(as_callables["kl"], dtype=torch.float64),
+                               torch.tensor(as_modules["kl"], dtype=torch.float64), **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_sharing_logits_equal_plain_forward(tokenizer, family):
+    model = tiny_llama(len(tokenizer), seed=0) if family == "llama" else tiny_gpt2(len(tokenizer), seed=0)
+    encoded = probes.encode_prompts(tokenizer, probes.load_probe("kl")[:5])  # a shared system prompt, then each own
+    ids, mask = probes._pad_right(encoded, probes._pad_id(tokenizer), "cpu")
+    shapes = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    with torch.no_grad():
+        got = probes.prefix_sharing_logits(model)(ids, mask)
+        hook.remove()
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    prefix = shapes[0][1]
+    assert shapes[0][0] == 1 and prefix >= 20  # the shared prefix ran once, as one row
+    assert shapes[1] == (len(encoded), ids.shape[1] - prefix)
+    real = mask.bool()  # padded positions are never used
+    # Logits (not sums): the fp32 reordering error of a 2-layer model is ~1e-6 of logits of size ~10.
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
 def test_kl_of_model_with_itself_is_zero(model, tokenizer):
