@@ -21,13 +21,19 @@ def asset(name: str) -> str:
     return str(resources.files("loraforge") / "assets" / name)
 
 
+TEST_DATA = asset("demo_test.jsonl")
+
+
 def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = ()):
     base = {
         "model": {"name": "smollm2-135m", "dtype": "auto"},
         "method": "lora",
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
-        "data": {"train": asset("demo_train.jsonl"), "eval": asset("demo_test.jsonl"), "max_seq_len": 256},
-        "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 30,
+        # the held-out dates are scored by run_demo's exact-match accuracy, not by a held-out loss in train()
+        "data": {"train": asset("demo_train.jsonl"), "eval_fraction": 0, "max_seq_len": 256},
+        # 24 steps: 93% held-out on a CPU without native bf16 in fp32 (30: 95%, 20: 92%), ~80 s of the demo's
+        # 3 minutes there
+        "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5, "max_steps": max_steps or 24,
                      "batch_size": 16, "precision": "auto", "eval_every": 0, "save_every": 0, "seed": 0},
         "output_dir": out,
     }
@@ -52,11 +58,11 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
-                     inputs=[cfg.model.name, cfg.data.train, cfg.data.eval], flag="--out")
+                     inputs=[cfg.model.name, cfg.data.train, TEST_DATA], flag="--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
     precision = run_precision(cfg, device)
     print(precision.line(), flush=True)
-    test = D.read_records(cfg.data.eval)
+    test = D.read_records(TEST_DATA)
     quantize = cfg.quantization
     model, tokenizer = load_base(cfg.model.name, dtype=precision.storage, quantize=quantize, device=device)
     clock = {"load": time.perf_counter() - started}
