@@ -7,7 +7,7 @@
 
 Every model is probed the same way: weights as training left them (frozen base in model.dtype, trained weights
 in fp32 — full fine-tuning keeps fp32 master weights even with model.dtype bf16), matmuls under bf16 autocast
-when training.precision is bf16, i.e. the numerics the model was trained with.
+when training.precision resolves to bf16 (loraforge.precision), i.e. the numerics the model was trained with.
 The base's results are cached on disk, keyed by hashes of its weights and of the probe set (probe_base): a second
 invocation on an unchanged base skips its probes. The base's logits for KL are computed once per invocation.
 Writes forgetting.json (every number, with n, and the seconds of each phase), forgetting.png (learned vs forgotten)
@@ -257,20 +257,22 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     from .adapters import load_adapter
     from .models import load_base
     from .probes import load_probe
-    from .train import train
+    from .train import run_precision, train
 
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _task_split(cfg, out)
-    bf16 = cfg.training.precision == "bf16"
+    precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
+    print(precision.line(), flush=True)
+    bf16 = precision.compute == "bf16"
     task_records = D.read_records(cfg.data.eval)[:limit]
     fmt = D.detect_format(task_records[0]) if cfg.data.format == "auto" else cfg.data.format
     text = load_probe("text")
     probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
 
-    base, tokenizer = load_base(cfg.model.name, dtype=cfg.model.dtype)
+    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
     base.eval()
     max_new = _max_new_tokens(tokenizer, task_records, fmt)
     t0 = time.perf_counter()
@@ -309,7 +311,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     rows = rows[:1] + sorted(rows[1:], key=lambda r: (order[r["name"]], r["seed"]))  # by arm, then seed
     report = {"complete": True, "model": cfg.model.name, "task_train": cfg.data.train, "task_eval": cfg.data.eval,
               "steps": cfg.training.max_steps, "batch_size": cfg.training.batch_size, "seeds": seeds,
-              "precision": cfg.training.precision, "n_kl_prompts": len(probes["kl"]), "rows": rows,
+              "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
     plot(rows, out / "forgetting.png")
