@@ -5,9 +5,10 @@
         train the same task (same data, same number of steps; a learning rate suited to the method)
         --probe-->  one row: task accuracy (learned) | MC accuracy, perplexity, KL vs base (kept)
 
-Every model is probed the same way: weights as training left them (frozen base in model.dtype, trained weights
-in fp32 — full fine-tuning keeps fp32 master weights even with model.dtype bf16), matmuls under bf16 autocast
-when training.precision resolves to bf16 (loraforge.precision), i.e. the numerics the model was trained with.
+Every model is probed the same way: weights as training left them (frozen base in the storage dtype that
+model.dtype resolves to, trained weights in fp32 — full fine-tuning keeps fp32 master weights even with a bf16
+base), matmuls under bf16 autocast when training.precision resolves to bf16 (loraforge.precision), i.e. the
+numerics the model was trained with.
 The base's results are cached on disk, keyed by hashes of its weights and of the probe set (probe_base): a second
 invocation on an unchanged base skips its probes. The base's logits for KL are computed once per invocation.
 Writes forgetting.json (every number, with n, and the seconds of each phase), forgetting.png (learned vs forgotten)
@@ -293,7 +294,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).
                 model, _ = load_base(str(Path(run_cfg.output_dir) / "model"), dtype="fp32")
             else:
-                model, _ = load_base(cfg.model.name, dtype=cfg.model.dtype)
+                model, _ = load_base(cfg.model.name, dtype=precision.storage)
                 load_adapter(model, Path(run_cfg.output_dir) / "adapter")
             load_seconds = time.perf_counter() - t0
             scores = probe_all(model, tokenizer, base_logits, task_records, fmt, bf16, probes, max_new,
