@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
-            FileNotFoundError) as e:
+            FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .files import disk_error
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent conversions race to one rename (cached_conversion)
@@ -114,9 +116,13 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
                 if not _complete(out):  # no lock here and another process's rename came first: use theirs
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            # fp32 safetensors from ~4.5-bit GGUF weights: about 7x the file (more for 8-bit files; a hint only)
+            error = disk_error(out, e, need_bytes=7 * gguf.stat().st_size)
+            if error is None:
+                raise
+            raise error from None
     return out
 
 

@@ -120,9 +120,9 @@ def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
 def native_cpu_bf16(hw: Hardware, probe=probe_bf16_speedup) -> tuple[bool, str]:
     """(has native bf16, why) for a CPU: from the reported facts, the probe where they are unsure."""
     isa = hw.cpu_capability or "unknown ISA"
-    if not hw.onednn_bf16:
-        return False, f"this CPU has no native bf16 ({isa})"
-    if hw.cpu_bf16_instructions is False or (hw.cpu_bf16_instructions and not isa.startswith("AVX512")):
+    # oneDNN without bf16, x86 without AVX-512 BF16/AMX, or torch dispatching below AVX-512 (ATEN_CPU_CAPABILITY)
+    if not hw.onednn_bf16 or hw.cpu_bf16_instructions is False or (
+            hw.cpu_bf16_instructions and not isa.startswith("AVX512")):
         return False, f"this CPU has no native bf16 ({isa})"
     if hw.cpu_bf16_instructions and not hw.onednn_isa_cap:
         return True, f"this CPU has native bf16 ({isa} with AVX-512 BF16/AMX)"

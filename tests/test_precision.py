@@ -230,3 +230,21 @@ def test_a_cache_directory_without_a_checkpoint_is_refused_not_used(tmp_path):
     (out / "config.json").write_text("{}")  # no weights: half a checkpoint
     with pytest.raises(FileExistsError, match="holds no complete checkpoint.*delete it and run again"):
         M.cached_conversion(tmp_path / "m.gguf", out, lambda g, t: None)
+
+
+def test_a_conversion_the_disk_refuses_leaves_nothing_and_says_so(tmp_path):
+    import errno
+
+    import loraforge.models as M
+    from loraforge.files import DiskError
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x" * 1000)
+
+    def build(g, tmp):
+        (tmp / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskError, match=r"cannot write .*m-1: no space left on the device \(about 7.0 kB needed"):
+        M.cached_conversion(gguf, tmp_path / "m-1", build)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.lock", "m.gguf"]
