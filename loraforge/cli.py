@@ -101,10 +101,11 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
-    print(chosen.line(), file=sys.stderr, flush=True)  # stdout is the answer alone
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
+    print(chosen.line(), file=sys.stderr, flush=True)  # once the model is there (a failed load is one line); stdout
+    # is the answer alone
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
