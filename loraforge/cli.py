@@ -167,7 +167,7 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
     if probe:
         from .forgetting import cli_probe
 
-        cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, bf16=chosen.compute == "bf16")
+        cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, precision=chosen.compute)
         if data is None:
             return
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .precision import autocast
 
 DEFAULT_RANKS = (8, 64)
 LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
@@ -480,15 +481,15 @@ DEMO_STEPS = 30
 
 
 def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135m", adapter: str | None = None,
-              dtype: str = "fp32", bf16: bool = False) -> None:
+              dtype: str = "fp32", precision: str = "fp32") -> None:
     """Score a model on the shipped general-ability probes: MC accuracy, perplexity, KL vs the base.
 
     Args:
         probe: which probes: mc (200 4-option questions), text (perplexity), kl (needs --adapter: KL vs base)
         model: base model
         adapter: adapter directory; KL compares the model with and without it
-        dtype: fp32 or bf16 storage of the base
-        bf16: autocast matmuls to bf16
+        dtype: fp32, bf16 or fp16 storage of the base
+        precision: the compute precision matmuls autocast to (fp32, bf16, fp16; loraforge.precision)
     """
     from .adapters import disable_adapters, load_adapter
     from .models import load_base
@@ -503,7 +504,7 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
     if adapter:
         load_adapter(base, adapter)
     base.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast(precision, "cpu"):
         if "mc" in probe:
             r = mc_accuracy(base, tokenizer, load_probe("mc"))
             print(f"MC accuracy: {r['accuracy']:.1%} ({r['correct']}/{r['n']}, 95% CI {_ci(r)}%); "

@@ -192,10 +192,10 @@ def test_eval_probe_gets_the_rule_s_dtype_and_autocast(tiny_dir, monkeypatch, ca
 
     calls = []
     monkeypatch.setattr(loraforge.forgetting, "cli_probe", lambda probe, **kw: calls.append(kw))
-    for hw, dtype, bf16 in ((SAPPHIRE, "bf16", True), (AVX2, "fp32", False)):
+    for hw, dtype in ((SAPPHIRE, "bf16"), (AVX2, "fp32")):
         monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu", hw=hw: hw)
         assert main(["eval", "--model", str(tiny_dir), "--probe", "mc"]) == 0
-        assert (calls[-1]["dtype"], calls[-1]["bf16"]) == (dtype, bf16)
+        assert (calls[-1]["dtype"], calls[-1]["precision"]) == (dtype, dtype)
     assert "precision fp32: this CPU has no native bf16 (AVX2)" in capsys.readouterr().out
 
 
