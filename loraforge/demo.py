@@ -74,7 +74,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
 
     method = "QLoRA" if quantize else METHOD_NAMES[cfg.method]
     print(f"[2/3] fine-tuning with {method} ...", flush=True)
-    result = train(cfg, overwrite=overwrite)
+    result = train(cfg, overwrite=overwrite, precision=precision)
     clock["train"] = time.perf_counter() - started - sum(clock.values())
 
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)

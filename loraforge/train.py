@@ -404,11 +404,13 @@ def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = No
 
 # --- the loop ------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          precision: Precision | None = None) -> TrainResult:
     """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir.
 
     An output_dir that is not empty needs `overwrite` (an earlier run there is started over; `resume` continues
-    it instead); one that holds the data file or the model is refused (loraforge.outputs).
+    it instead); one that holds the data file or the model is refused (loraforge.outputs). `precision`: the
+    caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
     from .adapters import save_adapter
     from .inject import count_parameters, parameter_report
@@ -428,7 +430,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
-    precision = run_precision(cfg, device)
+    precision = precision or run_precision(cfg, device)
     if is_main:
         print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
