@@ -17,10 +17,10 @@ are emulated and 50-200x slower, so name them with --runs to measure them anyway
 
 The acceptance of issue 16: a QLoRA step costs about a LoRA step on a base of its compute dtype plus
 de-quantization. So each QLoRA run shows its step time as a ratio to the LoRA run of the same dtype, and
-de-quantization alone is timed (loraforge.quant.dequantize, and bitsandbytes' dequantize_4bit, over every 4-bit
+de-quantization alone is timed (loraforge.quant.bnb.dequantize, and bitsandbytes' dequantize_4bit, over every 4-bit
 layer) and scaled by the passes a step makes over the weights (forward, backward, and the recomputed forward
 under checkpointing) to say how much of the QLoRA overhead it is.
-The estimator (loraforge.estimate) must be within 20% of the measured peak for full, LoRA and QLoRA.
+The estimator (loraforge.studies.estimate) must be within 20% of the measured peak for full, LoRA and QLoRA.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def default_runs(auto: str) -> list[str]:
 
 
 def time_dequantize(model, repeats: int = 3) -> dict:
-    """Seconds to de-quantize every 4-bit layer once (best of `repeats`): loraforge.quant.dequantize (the
+    """Seconds to de-quantize every 4-bit layer once (best of `repeats`): loraforge.quant.bnb.dequantize (the
     reference in plain torch) and bitsandbytes' dequantize_4bit (the kernel its backward runs)."""
     import bitsandbytes.functional as bnbF
 
-    from loraforge.quant import dequantize
+    from loraforge.quant.bnb import dequantize
 
     layers = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
     out = {"layers": len(layers)}
@@ -84,7 +84,7 @@ def _batches(tokenizer, n: int, batch_size: int, seq_len: int):
     """The demo task's examples, rendered and concatenated into full rows of seq_len tokens (no padding)."""
     import torch
 
-    from loraforge import data as D
+    from loraforge.training import data as D
 
     records = D.read_records("loraforge/assets/demo_train.jsonl")
     ids: list[int] = []
@@ -100,9 +100,9 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     import torch
 
     from loraforge.config import LoraConfig
-    from loraforge.inject import inject, lora_layers
+    from loraforge.lora.inject import inject, lora_layers
     from loraforge.models import load_base
-    from loraforge.quant import make_optimizer, prepare_for_kbit_training
+    from loraforge.quant.bnb import make_optimizer, prepare_for_kbit_training
 
     method, dtype, quantize, ckpt, _ = RUNS[name]
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.steps, args.batch_size, args.seq_len, device)))
         return
-    from loraforge.estimate import estimate
+    from loraforge.studies.estimate import estimate
 
     auto = auto_precision(device)
     runs = args.runs or default_runs(auto.compute)
@@ -222,7 +222,7 @@ def main() -> None:
         share = (f"; the step's overhead over lora-{dtype} is {overhead:.2f} s, so de-quantization is about "
                  f"{100 * passes * d['bnb'] / overhead:.0f}% of it" if overhead and overhead > 0 else "")
         print(f"{r['name']}: de-quantizing its {d['layers']} 4-bit layers once takes {d['bnb']:.3f} s "
-              f"(bitsandbytes) / {d['loraforge']:.3f} s (loraforge.quant.dequantize); a step does it {passes}x "
+              f"(bitsandbytes) / {d['loraforge']:.3f} s (loraforge.quant.bnb.dequantize); a step does it {passes}x "
               f"(forward, backward{', recomputed forward' if ckpt else ''}): {passes * d['bnb']:.2f} s{share}")
     if args.json:
         with open(args.json, "w") as f:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from loraforge.adapters import delete_adapter, save_adapter
+from loraforge.lora.adapters import delete_adapter, save_adapter
 from loraforge.config import LoraConfig
-from loraforge.inject import inject, lora_layers
+from loraforge.lora.inject import inject, lora_layers
 from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve import Engine

@@ -14,9 +14,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
     peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
            labels=...).loss (full-vocabulary logits on every position), autocast(bf16 or fp16) over an fp32
            model as the HF Trainer does with bf16=True (fp16=True: with a gradient scaler).
-    lf     loraforge's training path with its defaults (loraforge.train pieces): packing where it pays
+    lf     loraforge's training path with its defaults (loraforge.training.loop pieces): packing where it pays
            (data.packing=auto: the demo data is 5% padding, so padded rows), the LM head only on supervised
-           positions (loraforge.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
+           positions (loraforge.training.loss.CausalLMLoss), the fused LoRA autograd node (loraforge.kernels,
            training.fused_lora), lean RMSNorm and SwiGLU MLP nodes (training.fused_blocks), the lean attention
            kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), in
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
@@ -150,9 +150,9 @@ def row_flops(n: int, model_config, lora_params: int) -> float:
 def worker(args) -> dict:
     import torch
 
-    from loraforge import data as D
-    from loraforge.demo import asset, demo_config
-    from loraforge.report import peak_memory_mb
+    from loraforge.training import data as D
+    from loraforge.studies.demo import asset, demo_config
+    from loraforge.training.report import peak_memory_mb
 
     trainer, opts = VARIANTS[args.variant]
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -178,7 +178,7 @@ def worker(args) -> dict:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     else:
-        from loraforge.train import build_model
+        from loraforge.training.loop import build_model
 
         model, tok = build_model(cfg, device)
     same_lora_init(model)
@@ -200,8 +200,8 @@ def worker(args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16: loss scaling, as train() does
 
     if trainer == "lf":
-        from loraforge.loss import CausalLMLoss, shares_prefix
-        from loraforge.train import make_batch
+        from loraforge.training.loss import CausalLMLoss, shares_prefix
+        from loraforge.training.loop import make_batch
 
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)

@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loraforge.adapters import load_adapter  # noqa: E402
+from loraforge.lora.adapters import load_adapter  # noqa: E402
 from loraforge.config import load_train_config  # noqa: E402
-from loraforge.evaluate import accuracy  # noqa: E402
+from loraforge.training.evaluate import accuracy  # noqa: E402
 from loraforge.models import load_base  # noqa: E402
-from loraforge.train import run_precision, train  # noqa: E402
+from loraforge.training.loop import run_precision, train  # noqa: E402
 
 
 def method_overrides(name: str, r: int, steps: int) -> list[str]:

@@ -22,8 +22,8 @@ def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
 
 def _check_precision(precision: str, dtype: str | None) -> None:
     """--precision and --dtype name a precision, or ConfigError names the bad one."""
-    from .config import ConfigError
-    from .precision import PRECISIONS
+    from loraforge.config import ConfigError
+    from loraforge.precision import PRECISIONS
 
     bad = [f"--{name} {value!r}: use one of auto, {', '.join(PRECISIONS)}" for name, value in
            (("precision", precision), ("dtype", dtype)) if value is not None and value not in ("auto", *PRECISIONS)]
@@ -34,7 +34,7 @@ def _check_precision(precision: str, dtype: str | None) -> None:
 def _precision(precision: str, dtype: str | None):
     """--precision (compute) and --dtype (the base's storage; default: follows the precision) resolved by the one
     rule, loraforge.precision.choose, on the CPU where eval and generate run."""
-    from .precision import choose
+    from loraforge.precision import choose
 
     _check_precision(precision, dtype)
     return choose(precision, dtype or "auto", device="cpu")
@@ -51,8 +51,8 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
-    from .config import load_train_config
-    from .train import train as run
+    from loraforge.config import load_train_config
+    from loraforge.training.loop import train as run
 
     result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
     print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
@@ -70,7 +70,7 @@ def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | N
         overrides: section.field=value pairs on top of the demo config
         overwrite: write into a non-empty --out (e.g. train the demo again over an earlier demo run)
     """
-    from .demo import run_demo
+    from loraforge.studies.demo import run_demo
 
     run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize), overwrite=overwrite)
 
@@ -95,9 +95,9 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     import torch
     from transformers import TextStreamer
 
-    from .adapters import load_adapter
-    from .decoding import stop_ids
-    from .models import load_base
+    from loraforge.lora.adapters import load_adapter
+    from loraforge.decoding import stop_ids
+    from loraforge.models import load_base
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
@@ -134,7 +134,7 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
         quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on
         overwrite: write into a non-empty --out, replacing only the checkpoint's files (never an --adapter/--base)
     """
-    from .merge import export_merged
+    from loraforge.lora.merge import export_merged
 
     path = export_merged(base, list(adapter), out, dtype=dtype, weights=[float(w) for w in weights] or None,
                          combination_type=combination, quantize=quantize, overwrite=overwrite)
@@ -158,23 +158,23 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
     """
     import math
 
-    from .config import ConfigError
+    from loraforge.config import ConfigError
 
     if data is None and not probe:
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
     chosen = _precision(precision, dtype)
     print(chosen.line(), flush=True)
     if probe:
-        from .forgetting import cli_probe
+        from loraforge.studies.forgetting import cli_probe
 
         cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, precision=chosen.compute)
         if data is None:
             return
 
-    from . import data as D
-    from .adapters import load_adapter
-    from .evaluate import accuracy, mean_token_loss
-    from .models import load_base
+    from loraforge.training import data as D
+    from loraforge.lora.adapters import load_adapter
+    from loraforge.training.evaluate import accuracy, mean_token_loss
+    from loraforge.models import load_base
 
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
@@ -209,8 +209,8 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base, in which it decodes: fp32, bf16 or fp16 (default: the precision's)
     """
-    from .config import ConfigError
-    from .serve.api import run_server
+    from loraforge.config import ConfigError
+    from loraforge.serve.api import run_server
 
     _check_precision(precision, dtype)
     pairs = {}
@@ -224,8 +224,8 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
 
 
 def _commands() -> dict:
-    from .estimate import cli_estimate
-    from .forgetting import cli_forgetting
+    from loraforge.studies.estimate import cli_estimate
+    from loraforge.studies.forgetting import cli_forgetting
 
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
             "estimate": cli_estimate, "forgetting": cli_forgetting}
@@ -296,13 +296,13 @@ def parse_args(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     func = _commands()[args.pop("command")]
-    from .adapters import AdapterError
-    from .config import ConfigError
-    from .data import DataError
-    from .files import DiskError
-    from .models import ModelDownloadError
-    from .outputs import OutputError
-    from .train import TrainingError
+    from loraforge.lora.adapters import AdapterError
+    from loraforge.config import ConfigError
+    from loraforge.training.data import DataError
+    from loraforge.utils.files import DiskError
+    from loraforge.models import ModelDownloadError
+    from loraforge.utils.outputs import OutputError
+    from loraforge.training.loop import TrainingError
 
     try:
         func(**args)

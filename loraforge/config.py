@@ -188,7 +188,7 @@ class LoraConfig:
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op). "gaussian": A ~ N(0, 1/r), B zeros.
     "pissa" (or "pissa_niter_N", randomized SVD with N iterations): A, B from the top-r singular triplets of W0 and
     W0 replaced by the residual; "olora": A, B from a QR of W0, W0 replaced likewise. Both leave the model's output
-    unchanged at start; see loraforge.variants.save_converted to use the adapter on the original base.
+    unchanged at start; see loraforge.lora.variants.save_converted to use the adapter on the original base.
     False: both random (tests only)."""
     fan_in_fan_out: bool = False
     """True when the base layer stores its weight as (in, out), like GPT-2's Conv1D. Detected automatically."""
@@ -377,7 +377,7 @@ class TrainingConfig:
     the tokens/s of the uncompiled path, with eager attention (before the lean kernels) only 1.02×, at 1.1-1.2× the
     peak memory and after minutes of compiling; worth trying on GPUs and long runs."""
     fused_blocks: bool = True
-    """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes (loraforge.fastpath): the
+    """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes (loraforge.training.fastpath): the
     same math, keeping less for the backward (RMSNorm no fp32 copy of its input; the MLP only its gate and up
     projections' outputs, recomputing the rest). Other architectures keep their modules."""
     fused_lora: bool = True
@@ -386,7 +386,7 @@ class TrainingConfig:
     memory of the plain path)."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
-    values (loraforge.loss; a chat template's system prompt and user header: 38 of the 68 tokens of a demo row). The
+    values (loraforge.training.loss; a chat template's system prompt and user header: 38 of the 68 tokens of a demo row). The
     same loss and gradients in fewer FLOPs; skipped where it would change the math (dropout), for packed rows and
     under torch.compile. auto: on CPU, where a step is bound by its FLOPs (bench/train.py, bf16: 785 against 540
     tokens/s without it, peak RSS 1179 against 1560 MiB); elsewhere off, as its second pass adds kernel launches

@@ -17,7 +17,7 @@ import inspect
 
 import torch
 
-from .precision import autocast
+from loraforge.precision import autocast
 
 MIN_SHARED_PREFIX = 8
 """Shorter common prefixes are recomputed per row: a separate forward costs more than it saves."""

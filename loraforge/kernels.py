@@ -1,6 +1,6 @@
 """Autograd nodes for training that save only what their backward needs: the LoRA linear, the SwiGLU MLP's
 down projection, RMSNorm and attention. Each is the same math as the plain PyTorch path (tests/test_kernels.py
-compares outputs, losses and gradients); loraforge.fastpath installs them into Llama-family models.
+compares outputs, losses and gradients); loraforge.training.fastpath installs them into Llama-family models.
 
 LoRA linear, y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen (W, b):
     forward   xa = x Aᵀ                      (N, r)   kept for dB

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .files import disk_error
+from loraforge.utils.files import disk_error
 
 try:
     import fcntl
@@ -250,7 +250,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
     torch_dtype = parse_dtype(dtype)
     with _downloading(name_or_path, path):
         if quantize is not None:
-            from .quant import load_quantized
+            from loraforge.quant.bnb import load_quantized
 
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

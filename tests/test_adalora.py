@@ -9,11 +9,10 @@ import torch
 from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
 
 from conftest import tiny_gpt2, tiny_llama
-from loraforge.adalora import (AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora,
-                               orth_regularization, plot_rank_heatmap, svd_layers)
-from loraforge.adapters import load_adapter, save_adapter
+from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora, orth_regularization, plot_rank_heatmap, svd_layers
+from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import ConfigError
-from loraforge.merge import merge, unmerge
+from loraforge.lora.merge import merge, unmerge
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # fp32, same ops as PEFT: logits agree to rounding (≤1e-5 per the issue).

@@ -8,12 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_gpt2, tiny_llama
-from loraforge.adapters import (AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter,
-                                mixed_batch, save_adapter, set_adapter)
+from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter, mixed_batch, save_adapter, set_adapter
 from loraforge.config import LoraConfig
-from loraforge.inject import inject, lora_layers
-from loraforge.layers import LoraLayer
-from loraforge.merge import add_weighted_adapter, merge, merge_and_unload, unmerge
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora.layer import LoraLayer
+from loraforge.lora.merge import add_weighted_adapter, merge, merge_and_unload, unmerge
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (≤1e-5 per the issue).

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from loraforge.cli import main
 from loraforge.config import LoraConfig
-from loraforge.inject import inject
+from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
 from test_adapters import randomize
@@ -17,7 +17,7 @@ from test_adapters import randomize
 
 def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path):
     model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear")))
-    from loraforge.adapters import save_adapter
+    from loraforge.lora.adapters import save_adapter
 
     save_adapter(model, tmp_path / "adapter")
     ids = torch.randint(0, 1000, (2, 9))
@@ -66,7 +66,7 @@ def test_builtin_model_loads_from_cache_and_answers(smollm2, capsys):
 
 
 def test_eval_probe_runs_without_a_data_file_and_matches_the_scorer(tiny_dir, capsys):
-    from loraforge.probes import load_probe, perplexity
+    from loraforge.studies.probes import load_probe, perplexity
 
     tok = load_tokenizer(str(tiny_dir))
     expected = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), tok, load_probe("text"))["ppl"]
@@ -134,7 +134,7 @@ def loads(monkeypatch):
 @pytest.fixture
 def evaluation(monkeypatch):
     """The precision eval hands to mean_token_loss and accuracy (stubbed: a bf16 eval is slow where emulated)."""
-    import loraforge.evaluate
+    import loraforge.training.evaluate
 
     seen = {}
 
@@ -146,8 +146,8 @@ def evaluation(monkeypatch):
         seen["accuracy"] = precision
         return {"accuracy": 1.0, "correct": 1, "n": 1, "ci95": (0.0, 1.0)}
 
-    monkeypatch.setattr(loraforge.evaluate, "mean_token_loss", mean_token_loss)
-    monkeypatch.setattr(loraforge.evaluate, "accuracy", accuracy)
+    monkeypatch.setattr(loraforge.training.evaluate, "mean_token_loss", mean_token_loss)
+    monkeypatch.setattr(loraforge.training.evaluate, "accuracy", accuracy)
     return seen
 
 
@@ -188,10 +188,10 @@ def test_eval_bad_precision_is_named_and_the_old_bf16_flag_is_gone(tiny_dir, dat
 
 
 def test_eval_probe_gets_the_rule_s_dtype_and_autocast(tiny_dir, monkeypatch, capsys):
-    import loraforge.forgetting
+    import loraforge.studies.forgetting
 
     calls = []
-    monkeypatch.setattr(loraforge.forgetting, "cli_probe", lambda probe, **kw: calls.append(kw))
+    monkeypatch.setattr(loraforge.studies.forgetting, "cli_probe", lambda probe, **kw: calls.append(kw))
     for hw, dtype in ((SAPPHIRE, "bf16"), (AVX2, "fp32")):
         monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu", hw=hw: hw)
         assert main(["eval", "--model", str(tiny_dir), "--probe", "mc"]) == 0

@@ -1,4 +1,4 @@
-"""loraforge.data: reading, masking, packing, collation, and every bad-input error."""
+"""loraforge.training.data: reading, masking, packing, collation, and every bad-input error."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraforge.data import (IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack,
-                            padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split)
+from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
 from loraforge.models import load_tokenizer
 
 

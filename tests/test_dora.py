@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_gpt2, tiny_llama
-from loraforge.adapters import load_adapter, mixed_batch, save_adapter
+from loraforge.lora.adapters import load_adapter, mixed_batch, save_adapter
 from loraforge.config import LoraConfig
-from loraforge.inject import inject, lora_layers
-from loraforge.layers import LoraLinear
-from loraforge.merge import merge, merge_and_unload, unmerge
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora.layer import LoraLinear
+from loraforge.lora.merge import merge, merge_and_unload, unmerge
 from test_adapters import randomize as randomize_ab
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -133,7 +133,7 @@ def test_mixed_batch_with_dora_equals_single_adapter_runs(input_ids):
     inject(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False), "plain")
     with mixed_batch(model, ["default", "plain", None]):
         mixed = model(input_ids).logits
-    from loraforge.adapters import disable_adapters, set_adapter
+    from loraforge.lora.adapters import disable_adapters, set_adapter
 
     set_adapter(model, "default")
     torch.testing.assert_close(mixed[0], model(input_ids).logits[0], **TOL)

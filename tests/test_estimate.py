@@ -2,9 +2,8 @@
 
 import pytest
 
-from loraforge.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_table,
-                                model_shape)
-from loraforge.quant import bits_per_weight_formula
+from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_table, model_shape
+from loraforge.quant.bnb import bits_per_weight_formula
 
 GB = 1e9
 LLAMA7B = KNOWN_SHAPES["7b"]

@@ -1,12 +1,12 @@
-"""loraforge.fastpath: the lean blocks go into Llama-family models only, and a whole model trains the same."""
+"""loraforge.training.fastpath: the lean blocks go into Llama-family models only, and a whole model trains the same."""
 
 import pytest
 import torch
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 
 from loraforge.config import LoraConfig
-from loraforge.fastpath import install, register_attention, uninstall
-from loraforge.inject import inject, lora_layers
+from loraforge.training.fastpath import install, register_attention, uninstall
+from loraforge.lora.inject import inject, lora_layers
 
 
 def test_install_swaps_llama_blocks_and_uninstall_restores():
@@ -74,7 +74,7 @@ def test_lean_model_bf16_as_accurate_as_plain():
 
 def test_training_installs_lean_blocks(tiny_dir, data_file, tmp_path):
     from loraforge.config import load_train_config
-    from loraforge.train import build_model
+    from loraforge.training.loop import build_model
 
     def build(*over):
         cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"output_dir={tmp_path}",

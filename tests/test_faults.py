@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import loraforge.train as T
+import loraforge.training.loop as T
 from loraforge.config import load_train_config
-from loraforge.data import DataError, read_records
-from loraforge.train import TrainingError, find_checkpoint, nonfinite_advice, train, verify_checkpoint
+from loraforge.training.data import DataError, read_records
+from loraforge.training.loop import TrainingError, find_checkpoint, nonfinite_advice, train, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_JSONL = b'{"instruction":"a","output":"b"}\n{"instruction":"m\xe4rz","output":"c"}\n'  # the issue's printf
@@ -221,10 +221,10 @@ from pathlib import Path
 sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import tiny_llama
 from loraforge.config import LoraConfig
-from loraforge.files import DiskError
-from loraforge.inject import inject
-from loraforge.adapters import save_adapter
-from loraforge.report import MetricsLog, plot_loss
+from loraforge.utils.files import DiskError
+from loraforge.lora.inject import inject
+from loraforge.lora.adapters import save_adapter
+from loraforge.training.report import MetricsLog, plot_loss
 out = Path({str(tmp_path)!r})
 log = MetricsLog(out / "metrics.jsonl")
 for step in range(1, 200):
@@ -250,7 +250,7 @@ for write in (lambda: save_adapter(model, out / "adapter"), lambda: plot_loss(ou
 
 
 def test_appending_to_metrics_drops_a_line_cut_off_by_a_crash(tmp_path):
-    from loraforge.report import MetricsLog, read_metrics
+    from loraforge.training.report import MetricsLog, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
@@ -277,7 +277,7 @@ def test_nonfinite_advice_depends_on_what_the_run_used():
 
 
 def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_path, monkeypatch):
-    from loraforge.loss import CausalLMLoss
+    from loraforge.training.loss import CausalLMLoss
 
     original = CausalLMLoss.forward
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraforge.config import load_train_config
-from loraforge.demo import asset
-from loraforge import forgetting
-from loraforge.forgetting import _task_split, arm_config, arms, format_table, model_hash, probe_base, run_forgetting
-from loraforge.train import build_model, train
+from loraforge.studies.demo import asset
+from loraforge.studies import forgetting
+from loraforge.studies.forgetting import _task_split, arm_config, arms, format_table, model_hash, probe_base, run_forgetting
+from loraforge.training.loop import build_model, train
 
 
 def full_config(tiny_dir, data_file, out, steps=3):
@@ -100,7 +100,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
 
 def test_task_split_is_fixed_for_every_seed(tiny_dir, data_file, tmp_path):
     """Without data.eval the held-out task set is split once and written, so every seed is scored on it."""
-    from loraforge.data import read_records
+    from loraforge.training.data import read_records
 
     cfg = _task_split(full_config(tiny_dir, data_file, tmp_path), tmp_path / "fg")
     train_rows, held = read_records(cfg.data.train), read_records(cfg.data.eval)
@@ -109,8 +109,8 @@ def test_task_split_is_fixed_for_every_seed(tiny_dir, data_file, tmp_path):
 
 
 def small_probes():
-    from loraforge.data import detect_format, read_records
-    from loraforge.probes import load_probe
+    from loraforge.training.data import detect_format, read_records
+    from loraforge.studies.probes import load_probe
 
     records = read_records(asset("demo_test.jsonl"))[:3]
     probes = {"mc": load_probe("mc")[:3], "kl": load_probe("kl")[:2],

@@ -11,7 +11,7 @@ import torch
 from conftest import VOCAB, tiny_llama
 
 from loraforge.config import LoraConfig
-from loraforge.inject import inject, lora_layers
+from loraforge.lora.inject import inject, lora_layers
 from loraforge.kernels import fused_lora_linear, linear_cross_entropy
 from loraforge.precision import choose
 
@@ -116,8 +116,8 @@ def test_fused_is_off_by_default_and_skips_dropout():
 
 def test_training_turns_the_kernel_on_where_it_applies(tiny_dir, data_file, tmp_path):
     from loraforge.config import load_train_config
-    from loraforge.inject import lora_layers
-    from loraforge.train import build_model
+    from loraforge.lora.inject import lora_layers
+    from loraforge.training.loop import build_model
 
     def fused_layers(*over):
         cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"output_dir={tmp_path}",
@@ -211,7 +211,7 @@ def _eager_attention(q, k, v, mask, scaling):
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["MHA", "GQA"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_attention_matches_eager(heads, padded):
-    from loraforge.fastpath import lean_attention_forward
+    from loraforge.training.fastpath import lean_attention_forward
 
     torch.manual_seed(0)
     (h, h_kv), batch, length, dim = heads, 3, 7, 8
@@ -240,7 +240,7 @@ def test_attention_bf16_as_accurate_as_eager():
     """Under bf16 autocast the kernel keeps the probabilities in bf16 only (eager keeps an fp32 copy for the softmax
     backward): its relative error against the fp32 computation must stay within 1.5× eager's, for the output and
     every gradient (measured: 1.0-1.2×)."""
-    from loraforge.fastpath import lean_attention_forward
+    from loraforge.training.fastpath import lean_attention_forward
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, n, 9, 16, requires_grad=True) for n in (6, 2, 2))
@@ -306,7 +306,7 @@ def test_linear_cross_entropy_refuses_a_trainable_head_and_bad_chunks():
         linear_cross_entropy(h, w.requires_grad_(), y)
     with pytest.raises(ValueError, match="chunk_size must be ≥ 1, got 0"):
         linear_cross_entropy(h, w.detach(), y, chunk_size=0)
-    from loraforge.loss import CausalLMLoss
+    from loraforge.training.loss import CausalLMLoss
 
     with pytest.raises(ValueError, match="CausalLMLoss: chunk_size must be ≥ 1, got 0"):
         CausalLMLoss(tiny_llama(), chunk_size=0)  # its autograd head path (a trainable head) as well
@@ -315,7 +315,7 @@ def test_linear_cross_entropy_refuses_a_trainable_head_and_bad_chunks():
 def test_loss_module_fuses_a_frozen_head_with_the_same_math():
     """CausalLMLoss on a LoRA model (frozen tied head: the fused path) gives the loss and adapter gradients of
     transformers' own loss on full logits (fp32), and evaluates without building a graph under no_grad."""
-    from loraforge.loss import CausalLMLoss
+    from loraforge.training.loss import CausalLMLoss
 
     model = tiny_llama(seed=0)
     inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "default")

@@ -9,8 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import tiny_gpt2, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
-from loraforge.layers import LoraLinear
+from loraforge.lora.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
+from loraforge.lora.layer import LoraLinear
 
 
 class OneLinear(nn.Module):

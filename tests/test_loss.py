@@ -8,12 +8,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 from conftest import VOCAB, tiny_llama
-from loraforge import data as D
+from loraforge.training import data as D
 from loraforge.config import LoraConfig, load_train_config
-from loraforge.inject import inject
-from loraforge.loss import MIN_SHARED_TOKENS, CausalLMLoss, shared_prefix
+from loraforge.lora.inject import inject
+from loraforge.training.loss import MIN_SHARED_TOKENS, CausalLMLoss, shared_prefix
 from loraforge.models import enable_checkpointing
-from loraforge.train import build_model, make_batch
+from loraforge.training.loop import build_model, make_batch
 
 
 def _batch(prefix=24, rest=(5, 9, 3, 7), seed=1):
@@ -71,7 +71,7 @@ def test_shared_prefix_is_the_common_untargeted_real_prefix():
 @pytest.mark.parametrize("attention", ["eager", "sdpa", "lean"])
 def test_shared_prefix_gives_the_plain_loss_and_gradients(attention):
     """fp32, LoRA on every linear layer of a GQA Llama, rows of different lengths (right padding)."""
-    from loraforge.fastpath import register_attention
+    from loraforge.training.fastpath import register_attention
 
     register_attention()
     model = _lora(tiny_llama(seed=2, attn_implementation=attention))
@@ -85,7 +85,7 @@ def test_shared_prefix_under_gradient_checkpointing(layers):
     """Checkpointed layers recompute their forward in the backward pass: the prefix runs without checkpointing and
     the rest reads its keys and values from a cache that no recomputation can grow. Same loss and gradients as the
     plain path without checkpointing; the layers' checkpointing flags are as they were afterwards."""
-    from loraforge.train import checkpoint_only
+    from loraforge.training.loop import checkpoint_only
 
     model = _lora(tiny_llama(seed=5, num_hidden_layers=3))
     batch = _batch()
@@ -175,7 +175,7 @@ def test_training_batches_of_a_chat_template_share_its_system_prompt(tiny_dir, d
 def test_shared_prefix_on_a_qlora_model():
     """QLoRA's setup: an NF4 base (fp32 compute, so only summation order differs), checkpointing on every layer
     (prepare_for_kbit_training), LoRA on every linear layer."""
-    from loraforge.quant import prepare_for_kbit_training, quantize_model
+    from loraforge.quant.bnb import prepare_for_kbit_training, quantize_model
 
     torch.manual_seed(0)
     model = quantize_model(tiny_llama(seed=6, hidden_size=64, intermediate_size=128), "nf4",

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loraforge.adapters import save_adapter
+from loraforge.lora.adapters import save_adapter
 from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
-from loraforge.inject import inject
-from loraforge.outputs import OutputError, check_output
-from loraforge.train import last_checkpoint, train
+from loraforge.lora.inject import inject
+from loraforge.utils.outputs import OutputError, check_output
+from loraforge.training.loop import last_checkpoint, train
 from test_adapters import randomize
 
 ROOT = Path(__file__).resolve().parents[1]

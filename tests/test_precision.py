@@ -108,7 +108,7 @@ def _metrics(out):
 
 
 def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
-    from loraforge.train import train
+    from loraforge.training.loop import train
 
     with pytest.warns(UserWarning, match=r"training.precision=fp16 on a CPU: fp16 matmuls are emulated"):
         r16 = train(_cfg(tiny_dir, data_file, tmp_path / "fp16", "training.precision=fp16"), progress=False)
@@ -125,7 +125,7 @@ def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
 @pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
 def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
     """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves, the learning-rate schedule waits, and metrics and the result say so."""
-    import loraforge.train as T
+    import loraforge.training.loop as T
 
     build = T.build_model
 
@@ -236,7 +236,7 @@ def test_a_conversion_the_disk_refuses_leaves_nothing_and_says_so(tmp_path):
     import errno
 
     import loraforge.models as M
-    from loraforge.files import DiskError
+    from loraforge.utils.files import DiskError
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x" * 1000)

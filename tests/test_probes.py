@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraforge import probes
+from loraforge.studies import probes
 from loraforge.models import load_tokenizer
 
 # fp32 everywhere. Batched (right-padded) and unbatched forwards differ only by float reordering in the matmuls

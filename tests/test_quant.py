@@ -14,11 +14,10 @@ from torch import nn
 
 from conftest import tiny_llama
 from loraforge.config import LoraConfig
-from loraforge.inject import _set_submodule, inject, lora_layers
-from loraforge.layers import LoraLayer, LoraLinear
-from loraforge.merge import merge_and_unload
-from loraforge.quant import (bits_per_weight_formula, dequantize, make_optimizer, prepare_for_kbit_training,
-                             quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes)
+from loraforge.lora.inject import _set_submodule, inject, lora_layers
+from loraforge.lora.layer import LoraLayer, LoraLinear
+from loraforge.lora.merge import merge_and_unload
+from loraforge.quant.bnb import bits_per_weight_formula, dequantize, make_optimizer, prepare_for_kbit_training, quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes
 
 # A 1024×1024 weight has 2^20 values = 64 superblocks of 64·256 weights: every block is full, so the byte
 # counts below are exact, not rounded up.

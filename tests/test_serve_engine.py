@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from loraforge.adapters import AdapterError, load_adapter, save_adapter
+from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
-from loraforge.inject import inject
+from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
 

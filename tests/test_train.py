@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from loraforge.config import ConfigError, load_train_config
-from loraforge.loss import CausalLMLoss
-from loraforge import data as D
-from loraforge.train import TrainingError, build_model, train
+from loraforge.training.loss import CausalLMLoss
+from loraforge.training import data as D
+from loraforge.training.loop import TrainingError, build_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file
 
 
 def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir, data_file, tmp_path):
-    from loraforge.outputs import OutputError
+    from loraforge.utils.outputs import OutputError
 
     cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=2)
     train(cfg, progress=False)
@@ -221,7 +221,7 @@ def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, 
     """gradient_checkpointing: N recomputes N evenly spread decoder layers; loss and gradients stay exact (fp32)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from loraforge.train import make_batch
+    from loraforge.training.loop import make_batch
 
     grads = {}
     for ckpt in ("false", "true", "1"):
@@ -249,7 +249,7 @@ def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
     """training.attention only picks a kernel: loss and gradients agree (fp32), padded and packed batches alike.
     Gradients compare at atol 1e-5 on gradients up to ~1e-2: the lean blocks (training.fused_blocks, on) sum in
     another order than transformers' modules."""
-    from loraforge.train import make_batch
+    from loraforge.training.loop import make_batch
 
     results = {}
     for attention in ("sdpa", "eager", "lean"):

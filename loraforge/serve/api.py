@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..precision import choose
-from .engine import Engine, Event, SamplingParams, ServeError
+from loraforge.precision import choose
+from loraforge.serve.engine import Engine, Event, SamplingParams, ServeError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 429: "rate_limit_error", 500: "server_error"}
@@ -292,7 +292,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     """
     import uvicorn
 
-    from ..models import load_base
+    from loraforge.models import load_base
 
     chosen = choose(precision, dtype, device="cpu")  # the engine runs where load_base puts the model
     print(chosen.line(), flush=True)

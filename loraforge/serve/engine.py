@@ -18,7 +18,7 @@ The batch's KV cache is one transformers DynamicCache, left-padded: row i's real
 its row, `attention_mask` zeroes the padding, `position_ids` carry each row's real position. Padded key/values
 are zeros (never NaN), and decode queries are always real tokens, so no attention row is fully masked.
 
-Adapters are PEFT directories loaded with `loraforge.adapters.load_adapter` (every key and shape checked,
+Adapters are PEFT directories loaded with `loraforge.lora.adapters.load_adapter` (every key and shape checked,
 safetensors only). At most `max_loaded` are resident; the least recently used idle one is evicted and loaded
 again from its directory when a request names it. Only paths given at start or inside `adapters_dir` load.
 """
@@ -41,11 +41,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
-from ..config import LoraConfig
-from ..decoding import left_pad, select_rows
-from ..inject import lora_layers
-from ..layers import LoraLinear
+from loraforge.lora.adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
+from loraforge.config import LoraConfig
+from loraforge.decoding import left_pad, select_rows
+from loraforge.lora.inject import lora_layers
+from loraforge.lora.layer import LoraLinear
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_file, disk_error
+from loraforge.utils.files import atomic_file, disk_error
 
 
 class MetricsLog:

@@ -17,10 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigError, LoraConfig
-from .files import atomic_dir
-from .inject import _set_submodule, inject, lora_layers, mark_trainable
-from .layers import LoraLayer, ModulesToSave
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.utils.files import atomic_dir
+from loraforge.lora.inject import _set_submodule, inject, lora_layers, mark_trainable
+from loraforge.lora.layer import LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,7 +85,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
-        from .adalora import export_pruned
+        from loraforge.lora.adalora import export_pruned
 
         config, tensors = export_pruned(model, name, config, tensors)
     return write_adapter_dir(Path(out_dir), tensors, config.to_peft_dict())
@@ -104,7 +104,7 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
         if data.get("peft_type") == "ADALORA":
-            from .adalora import AdaLoraConfig
+            from loraforge.lora.adalora import AdaLoraConfig
 
             return AdaLoraConfig.from_peft_dict(data, source=str(path))
         return LoraConfig.from_peft_dict(data, source=str(path))
@@ -147,7 +147,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         if isinstance(config, LoraConfig):
             inject(model, config, name)
         else:  # AdaLoRA: its own layer type
-            from .adalora import inject_adalora
+            from loraforge.lora.adalora import inject_adalora
 
             inject_adalora(model, config, name)
     except ConfigError as e:
@@ -206,7 +206,7 @@ def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block. Refuses while adapters are merged (unmerge() first)."""
     if _merged(model):
         raise RuntimeError(f"adapters {_merged(model)} are merged into the base weights; "
-                           f"call loraforge.merge.unmerge(model) before disabling them")
+                           f"call loraforge.lora.merge.unmerge(model) before disabling them")
     modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     for m in modules:
         m.disabled = True
@@ -224,7 +224,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     for n in set(names) - {None}:
         _require(model, n)
     if _merged(model):
-        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.merge.unmerge(model)")
+        raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
     if any(isinstance(m, ModulesToSave) for m in model.modules()):
         raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
     layers = [m for _, m in lora_layers(model)]

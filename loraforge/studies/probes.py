@@ -21,8 +21,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from .decoding import cache_argument
-from .loss import _prefix_cache, _split
+from loraforge.decoding import cache_argument
+from loraforge.training.loss import _prefix_cache, _split
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -124,7 +124,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 def _head_split(model):
     """(backbone, output head) of a transformers causal LM whose head is one linear layer and whose backbone takes
-    a plain key/value cache (loraforge.loss's split); None for anything else (a logits callable, a soft-capped
+    a plain key/value cache (loraforge.training.loss's split); None for anything else (a logits callable, a soft-capped
     head), which the scorers then run as full logits."""
     if not isinstance(model, torch.nn.Module):
         return None

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .inject import _set_submodule, inject, lora_layers
-from .layers import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
-from .outputs import check_output
+from loraforge.config import LoraConfig
+from loraforge.lora.inject import _set_submodule, inject, lora_layers
+from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
+from loraforge.utils.outputs import check_output
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
@@ -43,7 +43,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     """Merge the adapters and put plain base layers back: the result is an ordinary transformers model.
 
     A 4-bit/8-bit base layer is de-quantized, ΔW is added in floating point, and it becomes an nn.Linear in the
-    compute dtype: re-quantizing would change the outputs again (see loraforge.quant for that, as a choice).
+    compute dtype: re-quantizing would change the outputs again (see loraforge.quant.bnb for that, as a choice).
     """
     for path, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
@@ -157,10 +157,10 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     The directory appears complete or not at all (written to a temporary directory, then renamed).
     A non-empty `out_dir` needs `overwrite`; then only the files the export writes are replaced there (plus an
     older export's weight files, which transformers would load instead of the new ones); the other files stay.
-    An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.outputs).
+    An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
-    from .adapters import load_adapter, set_adapter
-    from .models import load_base
+    from loraforge.lora.adapters import load_adapter, set_adapter
+    from loraforge.models import load_base
 
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
     model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)

@@ -29,13 +29,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import data as D
-from .config import TrainConfig, to_dict
-from .evaluate import mean_token_loss
-from .files import DiskError, atomic_dir
-from .loss import CausalLMLoss, shares_prefix
-from .precision import Precision, choose
-from .outputs import check_run_output
+from loraforge.training import data as D
+from loraforge.config import TrainConfig, to_dict
+from loraforge.training.evaluate import mean_token_loss
+from loraforge.utils.files import DiskError, atomic_dir
+from loraforge.training.loss import CausalLMLoss, shares_prefix
+from loraforge.precision import Precision, choose
+from loraforge.utils.outputs import check_run_output
 
 
 class TrainingError(RuntimeError):
@@ -89,15 +89,15 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
     storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
     """
-    from .inject import inject, lora_layers
-    from .models import enable_checkpointing, load_model, load_tokenizer
+    from loraforge.lora.inject import inject, lora_layers
+    from loraforge.models import enable_checkpointing, load_model, load_tokenizer
 
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
     model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=device)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
-        from .quant import prepare_for_kbit_training
+        from loraforge.quant.bnb import prepare_for_kbit_training
 
         prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
     elif checkpointing:
@@ -108,7 +108,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
         checkpoint_only(model, checkpointing)
     attention = training_attention(cfg, device)
     if attention == "lean":
-        from .fastpath import register_attention
+        from loraforge.training.fastpath import register_attention
 
         register_attention()
     if getattr(model.config, "_attn_implementation", attention) != attention:
@@ -119,7 +119,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     elif cfg.method == "adalora":
         if total_steps is None:
             raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
-        from .adalora import AdaLoraConfig, inject_adalora
+        from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 
         inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                        "default")
@@ -129,7 +129,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
         for _, layer in lora_layers(model):
             layer.fused = True  # layers the kernel can't run (dropout, DoRA, 4-bit base) keep the plain path
     if cfg.training.fused_blocks:
-        from .fastpath import install
+        from loraforge.training.fastpath import install
 
         install(model)
     for p in model.parameters():
@@ -226,7 +226,7 @@ def checkpoint_only(model: nn.Module, n: int) -> list[int]:
 def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if t.loraplus_lr_ratio:
-        from .variants import loraplus_param_groups
+        from loraforge.lora.variants import loraplus_param_groups
 
         groups = loraplus_param_groups(model, t.lr, t.loraplus_lr_ratio, t.weight_decay)
     else:
@@ -234,7 +234,7 @@ def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer != "adamw":
-        from .quant import make_optimizer as make_bnb_optimizer
+        from loraforge.quant.bnb import make_optimizer as make_bnb_optimizer
 
         return make_bnb_optimizer(t.optimizer, groups, lr=t.lr)
     # the fused kernel (HF Trainer's default since torch 2.8): one pass over each tensor, measured 6.5 ms against
@@ -409,13 +409,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir.
 
     An output_dir that is not empty needs `overwrite` (an earlier run there is started over; `resume` continues
-    it instead); one that holds the data file or the model is refused (loraforge.outputs). `precision`: the
+    it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
-    from .adapters import save_adapter
-    from .inject import count_parameters, parameter_report
-    from .models import load_tokenizer
-    from .report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+    from loraforge.lora.adapters import save_adapter
+    from loraforge.lora.inject import count_parameters, parameter_report
+    from loraforge.models import load_tokenizer
+    from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 
     rank, world, device = setup_distributed()
     is_main = rank == 0
@@ -448,7 +448,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
     allocator = None
     if cfg.method == "adalora":
-        from .adalora import RankAllocator
+        from loraforge.lora.adalora import RankAllocator
 
         allocator = RankAllocator(model, total_step=total_steps)
 

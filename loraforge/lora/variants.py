@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import LoraLayer, LoraLinear, is_quantized
+from loraforge.lora.layer import LoraLayer, LoraLinear, is_quantized
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
     With W_res = W0 − s·B0 A0: W_res + s·B A = W0 + s·[B, −B0] [A; A0], a rank-2r adapter with the same scale
     (lora_alpha doubled; ×√2 with use_rslora), so PEFT and loraforge load it on the original base with equal logits.
     """
-    from .adapters import adapter_configs, adapter_state_dict, read_adapter_weights, write_adapter_dir
+    from loraforge.lora.adapters import adapter_configs, adapter_state_dict, read_adapter_weights, write_adapter_dir
 
     config = adapter_configs(model)[name]
     if config.use_dora:

@@ -88,7 +88,7 @@ def model_shape(model: str | ModelShape) -> ModelShape:
         return model
     if model.lower() in KNOWN_SHAPES:
         return KNOWN_SHAPES[model.lower()]
-    from .models import BUILTIN_MODELS, resolve_model
+    from loraforge.models import BUILTIN_MODELS, resolve_model
 
     path = Path(model).expanduser()
     if not path.is_dir() and model not in BUILTIN_MODELS:

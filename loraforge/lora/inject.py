@@ -12,8 +12,8 @@ import re
 
 from torch import nn
 
-from .config import ConfigError, LoraConfig
-from .layers import LoraLayer, LoraLinear, ModulesToSave
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
 
 # The attention projections (q, k, v, o) per architecture: the default targets.
 ATTENTION_TARGETS = {

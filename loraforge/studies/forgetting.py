@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .precision import autocast
+from loraforge.config import TrainConfig
+from loraforge.precision import autocast
 
 DEFAULT_RANKS = (8, 64)
 LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
@@ -73,9 +73,9 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     """Task accuracy (greedy exact match) and the three general probes for `model`; KL is against `base`, a model
     or a logits callable (None: the model is the base, KL = 0 by definition). "seconds" holds each probe's time;
     a progress bar names the model (`name`) and the probe running."""
-    from .evaluate import accuracy
-    from .probes import kl_divergence, mc_accuracy, perplexity
-    from .report import progress_bar
+    from loraforge.training.evaluate import accuracy
+    from loraforge.studies.probes import kl_divergence, mc_accuracy, perplexity
+    from loraforge.training.report import progress_bar
 
     model.eval()
     device = next(model.parameters()).device
@@ -102,14 +102,14 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
 
 
 def _max_new_tokens(tokenizer, records: list[dict], fmt: str) -> int:
-    from . import data as D
+    from loraforge.training import data as D
 
     return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
 
 
 def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
-    from . import data as D
+    from loraforge.training import data as D
 
     if cfg.data.eval:
         return cfg
@@ -167,7 +167,7 @@ def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tok
 
 
 def probe_cache_path(model_key: str, probe_key: str) -> Path:
-    from .models import cache_dir
+    from loraforge.models import cache_dir
 
     return cache_dir() / "probes" / f"{model_key[:16]}-{probe_key[:16]}.json"
 
@@ -232,7 +232,7 @@ class CachedLogits:
     arm's KL compares with the base on the same prompt batches, so the base runs them once per command."""
 
     def __init__(self, model):
-        from .probes import prefix_sharing_logits
+        from loraforge.studies.probes import prefix_sharing_logits
 
         self.logits_fn, self.logits = prefix_sharing_logits(model), {}
 
@@ -255,11 +255,11 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     `limit` keeps only the first N task examples, MC questions, KL prompts and lines of the general text (quick
     checks, not a report).
     """
-    from . import data as D
-    from .adapters import load_adapter
-    from .models import load_base
-    from .probes import load_probe
-    from .train import run_precision, train
+    from loraforge.training import data as D
+    from loraforge.lora.adapters import load_adapter
+    from loraforge.models import load_base
+    from loraforge.studies.probes import load_probe
+    from loraforge.training.loop import run_precision, train
 
     started = time.perf_counter()
     out = Path(out)
@@ -463,9 +463,9 @@ def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", rank
         overrides: section.field=value pairs on top of the config
         overwrite: write into a non-empty --out (an earlier comparison there is run again)
     """
-    from .config import load_train_config
-    from .demo import asset, demo_config
-    from .outputs import check_output
+    from loraforge.config import load_train_config
+    from loraforge.studies.demo import asset, demo_config
+    from loraforge.utils.outputs import check_output
 
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
@@ -491,11 +491,11 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
         dtype: fp32, bf16 or fp16 storage of the base
         precision: the compute precision matmuls autocast to (fp32, bf16, fp16; loraforge.precision)
     """
-    from .adapters import disable_adapters, load_adapter
-    from .models import load_base
-    from .probes import kl_divergence, load_probe, mc_accuracy, perplexity
+    from loraforge.lora.adapters import disable_adapters, load_adapter
+    from loraforge.models import load_base
+    from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, perplexity
 
-    from .config import ConfigError
+    from loraforge.config import ConfigError
 
     unknown = set(probe) - {"mc", "text", "kl"}
     if unknown:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoding import cache_argument
-from .kernels import linear_cross_entropy
+from loraforge.decoding import cache_argument
+from loraforge.kernels import linear_cross_entropy
 
 IGNORE = -100
 MIN_SHARED_TOKENS = 64

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import load_train_config
-from .outputs import check_run_output
+from loraforge.config import load_train_config
+from loraforge.utils.outputs import check_run_output
 
 
 def asset(name: str) -> str:
@@ -49,11 +49,11 @@ def dir_size(path: Path) -> int:
 
 def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = (),
              overwrite: bool = False) -> dict:
-    from . import data as D
-    from .adapters import load_adapter
-    from .evaluate import accuracy
-    from .models import load_base
-    from .train import run_precision, train
+    from loraforge.training import data as D
+    from loraforge.lora.adapters import load_adapter
+    from loraforge.training.evaluate import accuracy
+    from loraforge.models import load_base
+    from loraforge.training.loop import run_precision, train
 
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)

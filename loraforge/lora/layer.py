@@ -35,7 +35,7 @@ def is_quantized(base: nn.Module) -> bool:
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
     """The base weight in floating point, (out, in) for nn.Linear; bitsandbytes layers are de-quantized."""
     if is_quantized(base):
-        from .quant import dequantize
+        from loraforge.quant.bnb import dequantize
 
         return dequantize(base)
     return base.weight
@@ -81,7 +81,7 @@ class LoraLayer(nn.Module):
             weight = self.base_layer.weight
             if is_quantized(self.base_layer):
                 raise RuntimeError("merging into a quantized base in place is not supported; "
-                                   "use loraforge.merge.merge_and_unload, which de-quantizes first")
+                                   "use loraforge.lora.merge.merge_and_unload, which de-quantizes first")
             self._merge_one(name, weight, safe)
             self.merged_adapters.append(name)
 
@@ -153,7 +153,7 @@ class LoraLinear(LoraLayer):
         if init_lora_weights is False:  # nn.Linear's default init for both: a non-zero adapter, for tests
             return
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora")):
-            from .variants import init_from_base_weight  # these replace W0 by a residual
+            from loraforge.lora.variants import init_from_base_weight  # these replace W0 by a residual
 
             init_from_base_weight(self, name, init_lora_weights)
             return
@@ -250,7 +250,7 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
-            from .kernels import fused_lora_linear
+            from loraforge.kernels import fused_lora_linear
 
             return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.scaling[name])

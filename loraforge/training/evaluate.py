@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import data as D
-from .decoding import greedy, stop_ids
-from .loss import CausalLMLoss, shares_prefix
-from .precision import autocast
-from .probes import wilson_interval
+from loraforge.training import data as D
+from loraforge.decoding import greedy, stop_ids
+from loraforge.training.loss import CausalLMLoss, shares_prefix
+from loraforge.precision import autocast
+from loraforge.studies.probes import wilson_interval
 
 
 @torch.no_grad()

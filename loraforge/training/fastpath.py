@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch import nn
 
-from . import kernels as K
+from loraforge import kernels as K
 
 LEAN_ATTENTION = "lean"
 
@@ -55,7 +55,7 @@ class _LeanMLP:
 
 def _frozen_linear(module: nn.Module):
     """(weight, bias, lora_A, lora_B, scaling) of a frozen nn.Linear, bare or with one plain LoRA adapter; else None."""
-    from .layers import LoraLinear
+    from loraforge.lora.layer import LoraLinear
 
     if isinstance(module, LoraLinear):
         name = module._fusable()

@@ -75,7 +75,7 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
 
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
     """
-    from .layers import LoraLayer
+    from loraforge.lora.layer import LoraLayer
 
     _check_quantize(quantize)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
@@ -192,7 +192,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                              "pass gradient_checkpointing=False")
-        from .models import enable_checkpointing
+        from loraforge.models import enable_checkpointing
 
         enable_checkpointing(model)
         if hasattr(model, "config"):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict, validate
-from .inject import LAYER_INDEX, _set_submodule, lora_layers, mark_trainable, resolve_targets
-from .layers import LoraLayer
+from loraforge.config import PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict, validate
+from loraforge.lora.inject import LAYER_INDEX, _set_submodule, lora_layers, mark_trainable, resolve_targets
+from loraforge.lora.layer import LoraLayer
 
 PREFIX = "base_model.model."
 
@@ -143,7 +143,7 @@ class AdaLoraConfig:
     def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "AdaLoraConfig":
         """Read PEFT's JSON. LoRA fields that AdaLoRA does not use (r, use_rslora, alpha_pattern...) are ignored,
         as PEFT ignores them; other unknown fields with a value set give a warning."""
-        from .config import PEFT_INERT_FIELDS
+        from loraforge.config import PEFT_INERT_FIELDS
 
         if data.get("peft_type") != "ADALORA":
             raise ConfigError([f"{source}: peft_type is {data.get('peft_type')!r}; this loader reads 'ADALORA'"])

@@ -1,0 +1,1 @@
+"""The LoRA family: the adapter layer, injection, PEFT-format files, merging, AdaLoRA."""

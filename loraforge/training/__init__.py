@@ -1,0 +1,1 @@
+"""The training stack: data, loss, fused kernels' wiring, optimizers, the loop, reports."""

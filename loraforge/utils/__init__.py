@@ -1,0 +1,1 @@
+"""Bottom-level helpers: atomic file writes, output-folder policy, transformers compatibility."""
