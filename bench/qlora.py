@@ -102,7 +102,8 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     from loraforge.config import LoraConfig
     from loraforge.lora.inject import inject, lora_layers
     from loraforge.models import load_base
-    from loraforge.quant.bnb import make_optimizer, prepare_for_kbit_training
+    from loraforge.quant.bnb import prepare_for_kbit_training
+    from loraforge.training.optim import optimizer_by_name
 
     method, dtype, quantize, ckpt, _ = RUNS[name]
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
             p.data = p.data.float()  # fp32 trainable weights, as train.py keeps them
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer("adamw", params, lr=2e-4)
+    optimizer = optimizer_by_name("adamw", params, lr=2e-4)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         start_alloc = torch.cuda.memory_allocated()

@@ -18,18 +18,13 @@ import inspect
 import torch
 
 from loraforge.precision import autocast
+from loraforge.utils.hf import cache_argument
 
 MIN_SHARED_PREFIX = 8
 """Shorter common prefixes are recomputed per row: a separate forward costs more than it saves."""
 
 
 @functools.cache
-def cache_argument(model_class: type) -> str | None:
-    """The model's name for its key/value cache argument: "cache" (newer transformers) or "past_key_values"."""
-    params = inspect.signature(model_class.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
 def stop_ids(tokenizer) -> list[int]:
     """The token ids that end a reply: eos and the chat end-of-turn tokens the tokenizer knows."""
     ids = {tokenizer.eos_token_id}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.quant.bnb import load_quantized
 from loraforge.utils.files import disk_error
 
 try:
@@ -250,8 +251,6 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
     torch_dtype = parse_dtype(dtype)
     with _downloading(name_or_path, path):
         if quantize is not None:
-            from loraforge.quant.bnb import load_quantized
-
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
@@ -261,14 +260,3 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp3
               device: str | torch.device = "cpu"):
     """Model and tokenizer together: `model, tokenizer = load_base("smollm2-135m")`."""
     return load_model(name_or_path, dtype, quantize, device), load_tokenizer(name_or_path)
-
-
-def enable_checkpointing(model) -> None:
-    """Activation (gradient) checkpointing on every decoder layer, non-reentrant: reentrant checkpointing drops the
-    gradients of inputs that need none. transformers ≥ 5.x names it activation_checkpointing_enable; the old name
-    warns there."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -12,7 +12,7 @@ from loraforge.training import data as D
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject
 from loraforge.training.loss import MIN_SHARED_TOKENS, CausalLMLoss, shared_prefix
-from loraforge.models import enable_checkpointing
+from loraforge.utils.hf import enable_checkpointing
 from loraforge.training.loop import build_model, make_batch
 
 

@@ -14,10 +14,12 @@ from torch import nn
 
 from conftest import tiny_llama
 from loraforge.config import LoraConfig
-from loraforge.lora.inject import _set_submodule, inject, lora_layers
+from loraforge.utils.hf import set_submodule
+from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, LoraLinear
 from loraforge.lora.merge import merge_and_unload
-from loraforge.quant.bnb import bits_per_weight_formula, dequantize, make_optimizer, prepare_for_kbit_training, quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes
+from loraforge.training.optim import optimizer_by_name
+from loraforge.quant.bnb import bits_per_weight_formula, dequantize, prepare_for_kbit_training, quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes
 
 # A 1024×1024 weight has 2^20 values = 64 superblocks of 64·256 weights: every block is full, so the byte
 # counts below are exact, not rounded up.
@@ -44,7 +46,7 @@ def _plain_copy(qmodel: nn.Module) -> nn.Module:
                 linear.weight.copy_(dequantize(module))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            _set_submodule(plain, path, linear)
+            set_submodule(plain, path, linear)
     return plain
 
 
@@ -246,18 +248,18 @@ def test_gradients_reach_only_the_adapters(input_ids):
 
 def test_optimizers_on_cpu(capsys):
     p = nn.Parameter(torch.randn(64, 128))  # ≥ 4096 values: bnb keeps 8-bit state only for those
-    opt = make_optimizer("adamw_8bit", [p], lr=1e-3)
+    opt = optimizer_by_name("adamw_8bit", [p], lr=1e-3)
     p.grad = torch.randn_like(p)
     before = p.detach().clone()
     opt.step()
     assert opt.state[p]["state1"].dtype == torch.uint8 and not torch.equal(p, before)
     if not torch.cuda.is_available():
-        first = make_optimizer("paged_adamw", [p], lr=1e-3)
-        make_optimizer("paged_adamw_8bit", [p], lr=1e-3)
+        first = optimizer_by_name("paged_adamw", [p], lr=1e-3)
+        optimizer_by_name("paged_adamw_8bit", [p], lr=1e-3)
         printed = capsys.readouterr().out
         assert isinstance(first, torch.optim.AdamW) or "paging needs CUDA" in printed
     with pytest.raises(ValueError, match="adamw_8bit"):
-        make_optimizer("adam8", [p], lr=1e-3)
+        optimizer_by_name("adam8", [p], lr=1e-3)
 
 
 def test_load_quantized_keeps_embeddings_norms_and_head(tmp_path):

@@ -8,7 +8,8 @@ from conftest import tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.inject import inject, lora_layers
-from loraforge.lora.variants import loraplus_param_groups, save_converted
+from loraforge.lora.adapters import save_converted
+from loraforge.training.optim import loraplus_param_groups
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the SVD and the residual round at ~1e-7 relative

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraforge.config import PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict, validate
-from loraforge.lora.inject import LAYER_INDEX, _set_submodule, lora_layers, mark_trainable, resolve_targets
+from loraforge.config import ConfigError, LoraConfig, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, from_dict, validate
+from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets
 from loraforge.lora.layer import LoraLayer
+from loraforge.utils.hf import set_submodule
 
 PREFIX = "base_model.model."
 
@@ -143,8 +144,6 @@ class AdaLoraConfig:
     def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "AdaLoraConfig":
         """Read PEFT's JSON. LoRA fields that AdaLoRA does not use (r, use_rslora, alpha_pattern...) are ignored,
         as PEFT ignores them; other unknown fields with a value set give a warning."""
-        from loraforge.config import PEFT_INERT_FIELDS
-
         if data.get("peft_type") != "ADALORA":
             raise ConfigError([f"{source}: peft_type is {data.get('peft_type')!r}; this loader reads 'ADALORA'"])
         if data.get("modules_to_save"):
@@ -251,7 +250,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
                                f"cannot share a layer (delete the other adapter first)"])
         if not isinstance(module, SVDLinear):
             module = SVDLinear(module)
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
         module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
                            kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)
     configs[adapter_name] = config

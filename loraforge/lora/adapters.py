@@ -9,6 +9,7 @@ Only safetensors and JSON are read from a user's files: never pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.utils.files import atomic_dir
-from loraforge.lora.inject import _set_submodule, inject, lora_layers, mark_trainable
+from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
+from loraforge.lora.inject import inject, lora_layers, mark_trainable
 from loraforge.lora.layer import LoraLayer, ModulesToSave
+from loraforge.utils.files import atomic_dir
+from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,7 +88,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
-        from loraforge.lora.adalora import export_pruned
 
         config, tensors = export_pruned(model, name, config, tensors)
     return write_adapter_dir(Path(out_dir), tensors, config.to_peft_dict())
@@ -104,8 +106,6 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:
         if data.get("peft_type") == "ADALORA":
-            from loraforge.lora.adalora import AdaLoraConfig
-
             return AdaLoraConfig.from_peft_dict(data, source=str(path))
         return LoraConfig.from_peft_dict(data, source=str(path))
     except ConfigError as e:
@@ -147,7 +147,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         if isinstance(config, LoraConfig):
             inject(model, config, name)
         else:  # AdaLoRA: its own layer type
-            from loraforge.lora.adalora import inject_adalora
 
             inject_adalora(model, config, name)
     except ConfigError as e:
@@ -243,11 +242,40 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if isinstance(module, LoraLayer) and name in module.r:
             module.delete_adapter(name)
             if not module.r:
-                _set_submodule(model, path, module.base_layer)
+                set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
             if module.active_adapter == name:
                 module.active_adapter = None
             if not len(module.modules_to_save):
-                _set_submodule(model, path, module.original_module)
+                set_submodule(model, path, module.original_module)
     adapter_configs(model).pop(name, None)
+
+
+def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: str | Path,
+                   name: str = "default") -> Path:
+    """Save a PiSSA/OLoRA adapter as a plain LoRA for the *original* base W0 (before the residual replaced it).
+
+    `initial_adapter_dir`: the adapter saved with save_adapter() right after injection, before training (A0, B0).
+    With W_res = W0 − s·B0 A0: W_res + s·B A = W0 + s·[B, −B0] [A; A0], a rank-2r adapter with the same scale
+    (lora_alpha doubled; ×√2 with use_rslora), so PEFT and loraforge load it on the original base with equal logits.
+    """
+    config = adapter_configs(model)[name]
+    if config.use_dora:
+        raise ValueError("converting a PiSSA/OLoRA adapter trained with DoRA is not supported (the magnitude "
+                         "depends on the residual base); merge it instead")
+    initial = read_adapter_weights(initial_adapter_dir)
+    tensors = {k: v.detach().cpu() for k, v in adapter_state_dict(model, name).items()}
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        key_b = key.replace(".lora_A.weight", ".lora_B.weight")
+        if key not in initial or key_b not in initial:
+            raise ValueError(f"{initial_adapter_dir} has no {key}: is it the initial save of this adapter?")
+        tensors[key] = torch.cat([tensors[key], initial[key].to(tensors[key].dtype)], dim=0)  # (2r, in)
+        tensors[key_b] = torch.cat([tensors[key_b], -initial[key_b].to(tensors[key_b].dtype)], dim=1)  # (out, 2r)
+    alpha_factor = 2 ** 0.5 if config.use_rslora else 2.0  # alpha/r or alpha/sqrt(r) unchanged at 2r
+    converted = dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=config.lora_alpha * alpha_factor, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * alpha_factor for k, v in config.alpha_pattern.items()})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict())

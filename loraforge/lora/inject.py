@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
+from loraforge.utils.hf import set_submodule
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
 
 # The attention projections (q, k, v, o) per architecture: the default targets.
@@ -98,11 +99,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-
-
 def resolve_targets(model: nn.Module, config, adapter_name: str):
     """(model.lora_configs, config with explicit targets and fan_in_fan_out, the module paths to wrap).
 
@@ -132,7 +128,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
             module = LoraLinear(module)
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
         module.add_adapter(
             adapter_name,
             r=int(pattern_value(config.rank_pattern, path, config.r)),
@@ -146,7 +142,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
         module.add_adapter(adapter_name)
     configs[adapter_name] = config
     mark_trainable(model, adapter_name)

@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.kernels import fused_lora_linear
+from loraforge.quant.bnb import dequantize
+from loraforge.quant.checks import is_quantized
+
 
 def base_features(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
@@ -28,15 +32,9 @@ def base_features(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"cannot put LoRA on {type(base).__name__}: only linear layers (nn.Linear, Conv1D, bnb 4/8-bit)")
 
 
-def is_quantized(base: nn.Module) -> bool:
-    return type(base.weight).__name__ in ("Params4bit", "Int8Params")
-
-
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
     """The base weight in floating point, (out, in) for nn.Linear; bitsandbytes layers are de-quantized."""
     if is_quantized(base):
-        from loraforge.quant.bnb import dequantize
-
         return dequantize(base)
     return base.weight
 
@@ -153,9 +151,7 @@ class LoraLinear(LoraLayer):
         if init_lora_weights is False:  # nn.Linear's default init for both: a non-zero adapter, for tests
             return
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora")):
-            from loraforge.lora.variants import init_from_base_weight  # these replace W0 by a residual
-
-            init_from_base_weight(self, name, init_lora_weights)
+            self.init_from_base_weight(name, init_lora_weights)  # these replace W0 by a residual
             return
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         if init_lora_weights == "gaussian":
@@ -163,6 +159,40 @@ class LoraLinear(LoraLayer):
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)  # so a fresh adapter leaves the model unchanged
+
+    @torch.no_grad()
+    def init_from_base_weight(self, name: str, method: str) -> None:
+        """PiSSA ("pissa", "pissa_niter_N") or OLoRA ("olora") init of adapter `name`; W0 becomes W0 − s·B A.
+
+        PiSSA (Meng et al. 2024): A, B start as the top-r singular triplets of W0 and W0 is replaced by the residual,
+        so the output is unchanged at step 0 and training moves the principal directions. OLoRA (Büyükakyüz 2024):
+        the same with a QR decomposition. Both change W0, so the saved adapter fits the residual base;
+        loraforge.lora.adapters.save_converted writes the equivalent plain LoRA for the original base.
+        """
+        base = self.base_layer
+        if is_quantized(base) or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{method} init needs a float base weight, got {type(base.weight).__name__} "
+                            f"{base.weight.dtype}; initialise on the unquantized model, then quantize the residual")
+        r, s = self.r[name], self.scaling[name]
+        dtype = base.weight.dtype
+        W = base.weight.float()
+        W = W.T if self.fan_in_fan_out else W  # (out, in)
+        if method == "olora":
+            Q, R = torch.linalg.qr(W)  # W = Q R; Q (out, k) orthonormal columns, R (k, in)
+            B, A = Q[:, :r], R[:r]
+        else:
+            if method == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # W = U diag(S) Vh
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:  # pissa_niter_N: randomized SVD, N subspace iterations
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(method.split("_niter_")[-1]))
+                Vh = V.T
+            root = torch.sqrt(S / s)  # s·B A = U diag(S) Vh
+            B, A = U * root, root[:, None] * Vh  # (out, r), (r, in)
+        self.lora_A[name].weight.data = A.contiguous().to(self.lora_A[name].weight.dtype)
+        self.lora_B[name].weight.data = B.contiguous().to(self.lora_B[name].weight.dtype)
+        residual = W - s * (B @ A)
+        base.weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(dtype)
 
     def _scaled_BA(self, name: str) -> torch.Tensor:
         """scaling · B @ A, (out, in), in fp32 for half-precision CPU adapters."""
@@ -250,8 +280,6 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
-            from loraforge.kernels import fused_lora_linear
-
             return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.scaling[name])
         base_out = self.base_layer(x, *args, **kwargs)

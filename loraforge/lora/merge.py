@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from loraforge.config import LoraConfig
-from loraforge.lora.inject import _set_submodule, inject, lora_layers
+from loraforge.lora.adapters import load_adapter, set_adapter
+from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
+from loraforge.models import load_base
+from loraforge.utils.hf import set_submodule
 from loraforge.utils.outputs import check_output
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
@@ -62,11 +65,11 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             base = plain
         else:
             layer.merge(names)
-        _set_submodule(model, path, base)
+        set_submodule(model, path, base)
     for path, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             chosen = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
-            _set_submodule(model, path, chosen)
+            set_submodule(model, path, chosen)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
@@ -159,9 +162,6 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     older export's weight files, which transformers would load instead of the new ones); the other files stay.
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
-    from loraforge.lora.adapters import load_adapter, set_adapter
-    from loraforge.models import load_base
-
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
     model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
     names = []

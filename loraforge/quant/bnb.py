@@ -1,4 +1,4 @@
-"""QLoRA glue over bitsandbytes: 4-bit NF4/FP4 (or 8-bit) base layers, prepare-for-k-bit, optimizers.
+"""QLoRA glue over bitsandbytes: 4-bit NF4/FP4 (or 8-bit) base layers, de-quantizing, prepare-for-k-bit.
 
 QLoRA (Dettmers et al. 2023) stores each frozen linear weight as 4-bit codes in blocks of 64, one absmax per
 block; with double quantization the fp32 absmax values are themselves quantized to 8 bits in blocks of 256
@@ -24,10 +24,12 @@ import dataclasses
 import torch
 from torch import nn
 
+from loraforge.quant.checks import is_4bit_param, is_8bit_param, is_quantized_param
+from loraforge.utils.hf import enable_checkpointing
+
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # weights per absmax (QLoRA's choice; bnb's default)
 NESTED_BLOCKSIZE = 256  # absmax values per second-level absmax with double quantization
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 
 
 def _check_quantize(quantize: str) -> None:
@@ -75,10 +77,8 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
 
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
     """
-    from loraforge.lora.layer import LoraLayer
-
     _check_quantize(quantize)
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's)
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     head = _output_head(model)
     for path, module in list(model.named_modules()):
@@ -116,11 +116,10 @@ def _dequantize_blockwise(codes: torch.Tensor, state) -> torch.Tensor:
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """The weight of a bnb Linear4bit / Linear8bitLt as an fp32 (out, in) tensor."""
     weight = layer.weight
-    kind = type(weight).__name__
-    if kind == "Int8Params":
+    if is_8bit_param(weight):
         scb = weight.SCB if weight.SCB is not None else getattr(layer.state, "SCB", None)
         return weight.data.float() * (scb.float()[:, None] / 127)  # per-row absmax scaling
-    if kind != "Params4bit":
+    if not is_4bit_param(weight):
         raise TypeError(f"dequantize needs a bitsandbytes 4-bit or 8-bit layer, got {type(layer).__name__}")
     state = weight.quant_state
     packed = weight.data
@@ -158,7 +157,7 @@ def stored_bits_per_weight(model: nn.Module) -> float:
     """Measured bits per quantized weight over all 4-bit layers of `model` (code tables included)."""
     total_bits = total_weights = 0
     for p in model.parameters():
-        if type(p).__name__ == "Params4bit":
+        if is_4bit_param(p):
             total_bits += 8 * sum(stored_bytes(p).values())
             total_weights += p.quant_state.shape.numel()
     if not total_weights:
@@ -184,7 +183,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     """
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ not in ("Params4bit", "Int8Params"):
+        if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(p):
             p.data = p.data.float()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -192,40 +191,10 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                              "pass gradient_checkpointing=False")
-        from loraforge.models import enable_checkpointing
-
         enable_checkpointing(model)
         if hasattr(model, "config"):
             model.config.use_cache = False  # a KV cache and checkpointing don't mix in training
     return model
-
-
-_warned_paging = False
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """"adamw" (torch), "adamw_8bit" (bnb, 2 bytes of state per parameter), "paged_adamw", "paged_adamw_8bit".
-
-    Paging (optimizer state in CUDA unified memory, evicted to CPU RAM under pressure) needs CUDA: where it is
-    not available we say so once and use the same optimizer unpaged. 8-bit AdamW runs on CPU with bnb 0.50.
-    """
-    global _warned_paging
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is not supported; use one of {list(OPTIMIZERS)}")
-    params = list(params)
-    if name.startswith("paged_") and not torch.cuda.is_available():
-        if not _warned_paging:
-            print(f"optimizer {name}: paging needs CUDA; using {name.removeprefix('paged_')} instead", flush=True)
-            _warned_paging = True
-        name = name.removeprefix("paged_")
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
 # --- re-quantizing a merged model: an explicit choice, with the error it adds ---

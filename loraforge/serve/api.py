@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve.engine import Engine, Event, SamplingParams, ServeError
 
@@ -292,7 +293,6 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     """
     import uvicorn
 
-    from loraforge.models import load_base
 
     chosen = choose(precision, dtype, device="cpu")  # the engine runs where load_base puts the model
     print(chosen.line(), flush=True)

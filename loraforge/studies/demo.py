@@ -14,6 +14,11 @@ from pathlib import Path
 import torch
 
 from loraforge.config import load_train_config
+from loraforge.lora.adapters import load_adapter
+from loraforge.models import load_base
+from loraforge.training import data as D
+from loraforge.training.evaluate import accuracy
+from loraforge.training.loop import run_precision, train
 from loraforge.utils.outputs import check_run_output
 
 
@@ -49,12 +54,6 @@ def dir_size(path: Path) -> int:
 
 def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = (),
              overwrite: bool = False) -> dict:
-    from loraforge.training import data as D
-    from loraforge.lora.adapters import load_adapter
-    from loraforge.training.evaluate import accuracy
-    from loraforge.models import load_base
-    from loraforge.training.loop import run_precision, train
-
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded

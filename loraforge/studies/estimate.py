@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.models import BUILTIN_MODELS, resolve_model
+
 GB = 1e9
 QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantization (quant.bits_per_weight_formula)
 
@@ -88,7 +90,6 @@ def model_shape(model: str | ModelShape) -> ModelShape:
         return model
     if model.lower() in KNOWN_SHAPES:
         return KNOWN_SHAPES[model.lower()]
-    from loraforge.models import BUILTIN_MODELS, resolve_model
 
     path = Path(model).expanduser()
     if not path.is_dir() and model not in BUILTIN_MODELS:

@@ -28,8 +28,17 @@ from pathlib import Path
 
 import torch
 
-from loraforge.config import TrainConfig
+from loraforge.config import ConfigError, TrainConfig, load_train_config
+from loraforge.lora.adapters import disable_adapters, load_adapter
+from loraforge.models import cache_dir, load_base
 from loraforge.precision import autocast
+from loraforge.studies.demo import asset, demo_config
+from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, perplexity, prefix_sharing_logits
+from loraforge.training import data as D
+from loraforge.training.evaluate import accuracy
+from loraforge.training.loop import run_precision, train
+from loraforge.training.report import progress_bar
+from loraforge.utils.outputs import check_output
 
 DEFAULT_RANKS = (8, 64)
 LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
@@ -73,10 +82,6 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     """Task accuracy (greedy exact match) and the three general probes for `model`; KL is against `base`, a model
     or a logits callable (None: the model is the base, KL = 0 by definition). "seconds" holds each probe's time;
     a progress bar names the model (`name`) and the probe running."""
-    from loraforge.training.evaluate import accuracy
-    from loraforge.studies.probes import kl_divergence, mc_accuracy, perplexity
-    from loraforge.training.report import progress_bar
-
     model.eval()
     device = next(model.parameters()).device
     run = {
@@ -102,15 +107,11 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
 
 
 def _max_new_tokens(tokenizer, records: list[dict], fmt: str) -> int:
-    from loraforge.training import data as D
-
     return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
 
 
 def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
-    from loraforge.training import data as D
-
     if cfg.data.eval:
         return cfg
     records = D.read_records(cfg.data.train)
@@ -167,8 +168,6 @@ def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tok
 
 
 def probe_cache_path(model_key: str, probe_key: str) -> Path:
-    from loraforge.models import cache_dir
-
     return cache_dir() / "probes" / f"{model_key[:16]}-{probe_key[:16]}.json"
 
 
@@ -232,8 +231,6 @@ class CachedLogits:
     arm's KL compares with the base on the same prompt batches, so the base runs them once per command."""
 
     def __init__(self, model):
-        from loraforge.studies.probes import prefix_sharing_logits
-
         self.logits_fn, self.logits = prefix_sharing_logits(model), {}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -255,12 +252,6 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     `limit` keeps only the first N task examples, MC questions, KL prompts and lines of the general text (quick
     checks, not a report).
     """
-    from loraforge.training import data as D
-    from loraforge.lora.adapters import load_adapter
-    from loraforge.models import load_base
-    from loraforge.studies.probes import load_probe
-    from loraforge.training.loop import run_precision, train
-
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,10 +454,6 @@ def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", rank
         overrides: section.field=value pairs on top of the config
         overwrite: write into a non-empty --out (an earlier comparison there is run again)
     """
-    from loraforge.config import load_train_config
-    from loraforge.studies.demo import asset, demo_config
-    from loraforge.utils.outputs import check_output
-
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.
@@ -491,12 +478,6 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
         dtype: fp32, bf16 or fp16 storage of the base
         precision: the compute precision matmuls autocast to (fp32, bf16, fp16; loraforge.precision)
     """
-    from loraforge.lora.adapters import disable_adapters, load_adapter
-    from loraforge.models import load_base
-    from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, perplexity
-
-    from loraforge.config import ConfigError
-
     unknown = set(probe) - {"mc", "text", "kl"}
     if unknown:
         raise ConfigError([f"--probe: unknown probe(s) {sorted(unknown)}; use mc, text and/or kl"])

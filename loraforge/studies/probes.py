@@ -21,8 +21,9 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from loraforge.decoding import cache_argument
-from loraforge.training.loss import _prefix_cache, _split
+from loraforge.utils.hf import cache_argument
+from loraforge.training.evaluate import wilson_interval
+from loraforge.training.loss import prefix_cache, split_head
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +67,7 @@ def prefix_sharing_logits(model) -> LogitsFn:
         prefix = min(int(same.sum()), int(attention_mask.sum(1).min()) - 1)  # every row keeps a token of its own
         if rows < 2 or prefix < 1:
             return model(input_ids=input_ids, attention_mask=attention_mask).logits
-        cache = _prefix_cache(backbone)
+        cache = prefix_cache(backbone)
         shared = backbone(input_ids=input_ids[:1, :prefix], use_cache=True,
                           **{cache_name: cache}).last_hidden_state  # (1, P, H)
         cache.batch_repeat_interleave(rows)
@@ -99,16 +100,6 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Tokens of context and continuation as lm-eval-harness splits them: encode the whole string and take the
     tokens past the context's encoding, so a merge across the boundary does not change the context tokens.
@@ -128,8 +119,8 @@ def _head_split(model):
     head), which the scorers then run as full logits."""
     if not isinstance(model, torch.nn.Module):
         return None
-    backbone, head = _split(model)
-    if backbone is None or _prefix_cache(backbone) is None:
+    backbone, head = split_head(model)
+    if backbone is None or prefix_cache(backbone) is None:
         return None
     return backbone, head
 
@@ -222,7 +213,7 @@ def mc_option_logprobs(model, tokenizer, items: Sequence[dict], batch_size: int 
                 owner += [q] * len(encoded[i])
             ids, mask = _pad_right(questions, pad_id, device)  # (Q, L)
             lengths, owner_t = mask.sum(1), torch.tensor(owner, device=device)  # (Q,), (N,)
-            cache = _prefix_cache(backbone)
+            cache = prefix_cache(backbone)
             states = backbone(input_ids=ids, attention_mask=mask, use_cache=True,
                               **{cache_name: cache}).last_hidden_state  # (Q, L, H)
             last = states[torch.arange(len(questions), device=device), lengths - 1]  # (Q, H)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loraforge.training import data as D
 from loraforge.decoding import greedy, stop_ids
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.precision import autocast
-from loraforge.studies.probes import wilson_interval
 
 
 @torch.no_grad()
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: int = 8, packing: bool = True,
                     max_seq_len: int = 2048, precision: str = "fp32") -> float:
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loraforge import kernels as K
+from loraforge.lora.layer import LoraLinear
 
 LEAN_ATTENTION = "lean"
 
@@ -55,8 +56,6 @@ class _LeanMLP:
 
 def _frozen_linear(module: nn.Module):
     """(weight, bias, lora_A, lora_B, scaling) of a frozen nn.Linear, bare or with one plain LoRA adapter; else None."""
-    from loraforge.lora.layer import LoraLinear
-
     if isinstance(module, LoraLinear):
         name = module._fusable()
         if name is None:

@@ -29,12 +29,21 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.training import data as D
 from loraforge.config import TrainConfig, to_dict
-from loraforge.training.evaluate import mean_token_loss
-from loraforge.utils.files import DiskError, atomic_dir
-from loraforge.training.loss import CausalLMLoss, shares_prefix
+from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
+from loraforge.lora.adapters import save_adapter
+from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
+from loraforge.models import load_model, load_tokenizer
 from loraforge.precision import Precision, choose
+from loraforge.quant.bnb import prepare_for_kbit_training
+from loraforge.training import data as D
+from loraforge.training.evaluate import mean_token_loss
+from loraforge.training.fastpath import install, register_attention
+from loraforge.training.loss import CausalLMLoss, shares_prefix
+from loraforge.training.optim import make_optimizer
+from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+from loraforge.utils.files import DiskError, atomic_dir
+from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import check_run_output
 
 
@@ -89,16 +98,11 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
     storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
     """
-    from loraforge.lora.inject import inject, lora_layers
-    from loraforge.models import enable_checkpointing, load_model, load_tokenizer
-
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
     model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=device)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
-        from loraforge.quant.bnb import prepare_for_kbit_training
-
         prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
     elif checkpointing:
         enable_checkpointing(model)
@@ -108,8 +112,6 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
         checkpoint_only(model, checkpointing)
     attention = training_attention(cfg, device)
     if attention == "lean":
-        from loraforge.training.fastpath import register_attention
-
         register_attention()
     if getattr(model.config, "_attn_implementation", attention) != attention:
         model.set_attn_implementation(attention)
@@ -119,7 +121,6 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     elif cfg.method == "adalora":
         if total_steps is None:
             raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
-        from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 
         inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                        "default")
@@ -129,8 +130,6 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
         for _, layer in lora_layers(model):
             layer.fused = True  # layers the kernel can't run (dropout, DoRA, 4-bit base) keep the plain path
     if cfg.training.fused_blocks:
-        from loraforge.training.fastpath import install
-
         install(model)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
@@ -221,26 +220,6 @@ def checkpoint_only(model: nn.Module, n: int) -> list[int]:
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen
     return sorted(chosen)
-
-
-def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.loraplus_lr_ratio:
-        from loraforge.lora.variants import loraplus_param_groups
-
-        groups = loraplus_param_groups(model, t.lr, t.loraplus_lr_ratio, t.weight_decay)
-    else:
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer != "adamw":
-        from loraforge.quant.bnb import make_optimizer as make_bnb_optimizer
-
-        return make_bnb_optimizer(t.optimizer, groups, lr=t.lr)
-    # the fused kernel (HF Trainer's default since torch 2.8): one pass over each tensor, measured 6.5 ms against
-    # foreach's 24.5 ms per step for the demo's 4.9M adapter parameters on 2 CPU cores; other devices: foreach
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=not fused)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -412,11 +391,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
-    from loraforge.lora.adapters import save_adapter
-    from loraforge.lora.inject import count_parameters, parameter_report
-    from loraforge.models import load_tokenizer
-    from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
-
     rank, world, device = setup_distributed()
     is_main = rank == 0
     t = cfg.training
@@ -448,8 +422,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
     allocator = None
     if cfg.method == "adalora":
-        from loraforge.lora.adalora import RankAllocator
-
         allocator = RankAllocator(model, total_step=total_steps)
 
     loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(t.share_prefix, device)).train()

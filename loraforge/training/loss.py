@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.decoding import cache_argument
+from loraforge.utils.hf import cache_argument
 from loraforge.kernels import linear_cross_entropy
 
 IGNORE = -100
@@ -51,7 +51,7 @@ class CausalLMLoss(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE  # (B, T-1)
         n_tokens = keep.sum()
-        backbone, head = _split(self.model)
+        backbone, head = split_head(self.model)
         if backbone is None:  # a model we cannot split: full logits, then select
             logits = self.model(**inputs, use_cache=False).logits[:, :-1][keep]
             return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n_tokens
@@ -73,7 +73,7 @@ class CausalLMLoss(nn.Module):
 
     def prefix_to_share(self, batch: dict[str, torch.Tensor]) -> int:
         """How many leading tokens of this batch forward() computes once for all rows (0: none)."""
-        backbone, _ = _split(self.model)
+        backbone, _ = split_head(self.model)
         return 0 if backbone is None else self._sharing(batch, backbone)[0]
 
     def _sharing(self, batch: dict[str, torch.Tensor], backbone: nn.Module):
@@ -81,7 +81,7 @@ class CausalLMLoss(nn.Module):
         prefix = shared_prefix(batch) if self.share_prefix else 0
         if (batch["input_ids"].shape[0] - 1) * prefix < MIN_SHARED_TOKENS or not _can_share(self.model, batch):
             return 0, None
-        cache = _prefix_cache(backbone)
+        cache = prefix_cache(backbone)
         return (prefix, cache) if cache is not None else (0, None)
 
 
@@ -90,7 +90,7 @@ def shares_prefix(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cpu" if setting == "auto" else bool(setting)
 
 
-def _split(model: nn.Module):
+def split_head(model: nn.Module):
     """(decoder backbone, output head) of a transformers causal LM, or (None, None) when not splittable."""
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
@@ -142,7 +142,7 @@ _DROPOUT_CONFIG = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_p
                    "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
-def _prefix_cache(backbone: nn.Module):
+def prefix_cache(backbone: nn.Module):
     """An empty transformers DynamicCache for the backbone, or None where it cannot take one or its layers are not
     plain (sliding windows would drop keys)."""
     if cache_argument(type(backbone)) is None:

@@ -1,0 +1,63 @@
+"""The package's shape: no import cycle, internal imports at the top of each file, the public API importable.
+
+scripts/imports.py draws the same graph (Mermaid) for docs/DESIGN.md.
+"""
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+imports = runpy.run_path(str(ROOT / "scripts" / "imports.py"))
+
+# Files allowed to import package modules inside functions: the CLI (each subcommand imports what it needs, so
+# `loraforge --help` starts fast) and the package root (PEP 562 lazy names).
+LAZY_ALLOWED = {"loraforge.cli", "loraforge"}
+
+
+def test_no_import_cycle():
+    assert imports["cycles"](imports["graph"]()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert imports["cycles"]({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_package_imports_at_top_of_each_file():
+    package = imports["PACKAGE"]
+    hidden = []
+    for path in sorted(package.rglob("*.py")):
+        name = imports["module_name"](path)
+        if name in LAZY_ALLOWED:
+            continue
+        hidden += [f"{path.relative_to(ROOT)}:{line} imports {target}"
+                   for target, line, top in imports["imports"](path) if not top]
+    assert hidden == []
+
+
+def test_every_module_imports():
+    """Every module imports in a fresh interpreter, leaves first (so none relies on another having run first)."""
+    names = [n for n in sorted(imports["graph"](), reverse=True) if not n.endswith("__main__")]
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-800:]
+
+
+def test_public_api():
+    import loraforge
+
+    assert len(loraforge.__all__) >= 20
+    for name in loraforge.__all__:
+        assert getattr(loraforge, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        loraforge.nope  # noqa: B018
+
+
+def test_import_loraforge_is_light():
+    """`import loraforge` (what the CLI entry point does first) loads neither torch nor transformers."""
+    code = "import sys, loraforge; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["False", "False"]
