@@ -31,7 +31,7 @@ _API = {
     "choose_precision": ("loraforge.precision", "choose"),
     # the LoRA family
     "inject": "loraforge.lora.inject", "lora_layers": "loraforge.lora.inject",
-    "count_parameters": "loraforge.lora.inject",
+    "count_parameters": "loraforge.lora.inject", "parameter_report": "loraforge.lora.inject",
     "LoraLinear": "loraforge.lora.layer",
     "save_adapter": "loraforge.lora.adapters", "load_adapter": "loraforge.lora.adapters",
     "set_adapter": "loraforge.lora.adapters", "list_adapters": "loraforge.lora.adapters",

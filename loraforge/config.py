@@ -308,9 +308,9 @@ class DataConfig:
     """Also compute the loss on prompt tokens (default: only on the response)."""
     packing: bool | Literal["auto"] = "auto"
     """Pack the examples of a micro-batch into shared rows of max_seq_len (no compute on padding; examples stay
-    isolated). auto: pack when plain padded micro-batches would be at least 20% padding (bench/train.py: on the
-    demo data, 5% padding, padded rows train 1.2× faster than packed ones on CPU), counted net of the prefix their
-    rows share where training.share_prefix computes it once (packed rows share none)."""
+    isolated). auto: pack when plain padded micro-batches would be at least 20% padding (below that, padded rows
+    train faster than packed ones: bench/train.py measures both), counted net of the prefix their rows share where
+    training.share_prefix computes it once (packed rows share none)."""
 
     def __post_init__(self):
         p = []
@@ -352,13 +352,12 @@ class TrainingConfig:
     """Compute precision of matmuls (autocast); trainable weights stay fp32 master weights. auto, from what the
     hardware reports (loraforge.precision): bf16 on GPUs with compute capability ≥ 8.0 and on CPUs with native
     bf16 (AVX-512 BF16 or AMX); fp16 with loss scaling (GradScaler; overflowing steps skipped and counted) on
-    older GPUs (T4, V100); fp32 on CPUs without native bf16 (AVX2), where bf16 matmuls are emulated and run
-    50-200× slower."""
+    older GPUs (T4, V100); fp32 on CPUs without native bf16 (AVX2), where bf16 matmuls are emulated and run many
+    times slower (README, "What runs where")."""
     gradient_checkpointing: bool | int | None = None
     """Recompute activations in the backward pass: less memory, more compute. true: every decoder layer; an
     integer N: only N decoder layers, evenly spread (a point between speed and memory); null: on for a
-    quantized (QLoRA) base, off otherwise. bench/train.py, bf16 on 2 CPU cores: true gave 0.6× the tokens/s at
-    0.63× the peak memory of false (0.28× PEFT's)."""
+    quantized (QLoRA) base, off otherwise. Trades speed for memory: bench/train.py measures both."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     save_every: int = 0
@@ -370,27 +369,24 @@ class TrainingConfig:
     """The attention kernel while training. auto: lean on CPU when rows are at most 512 tokens (data.max_seq_len),
     SDPA otherwise. lean: loraforge.kernels.attention, eager attention's math keeping only q, k, v and the
     probabilities in the compute dtype (keys and values not repeated per query head). PyTorch's CPU
-    flash-attention backward is slow on short rows: on the demo data eager made a whole training step 1.27× faster
-    than SDPA (bench/train.py); on long rows the T² scores of eager and lean cost memory."""
+    flash-attention backward is slow on short rows (bench/train.py compares them); on long rows the T² scores of
+    eager and lean cost memory."""
     compile: bool = False
-    """torch.compile the model and loss (inductor). bench/train.py on 2 CPU cores, bf16: with SDPA attention 1.15×
-    the tokens/s of the uncompiled path, with eager attention (before the lean kernels) only 1.02×, at 1.1-1.2× the
-    peak memory and after minutes of compiling; worth trying on GPUs and long runs."""
+    """torch.compile the model and loss (inductor). Minutes of compiling and a little more peak memory for a modest
+    gain on CPU (README, performance); worth trying on GPUs and long runs."""
     fused_blocks: bool = True
-    """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes (loraforge.training.fastpath): the
-    same math, keeping less for the backward (RMSNorm no fp32 copy of its input; the MLP only its gate and up
+    """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes
+    (loraforge.training.fastpath): the same math, keeping less for the backward (RMSNorm no fp32 copy of its input; the MLP only its gate and up
     projections' outputs, recomputing the rest). Other architectures keep their modules."""
     fused_lora: bool = True
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
-    the same math, saving only x and A·x for the backward (bench/train.py: 1.05–1.2× tokens/s, 0.8–0.93× peak
-    memory of the plain path)."""
+    the same math, saving only x and A·x for the backward (faster and leaner than the plain path: bench/train.py)."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
-    values (loraforge.training.loss; a chat template's system prompt and user header: 38 of the 68 tokens of a demo row). The
-    same loss and gradients in fewer FLOPs; skipped where it would change the math (dropout), for packed rows and
-    under torch.compile. auto: on CPU, where a step is bound by its FLOPs (bench/train.py, bf16: 785 against 540
-    tokens/s without it, peak RSS 1179 against 1560 MiB); elsewhere off, as its second pass adds kernel launches
-    that a small GPU step is bound by (not measured here: compare bench/train.py's lf-prefix and lf-noprefix)."""
+    values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and
+    gradients in fewer FLOPs; skipped where it would change the math (dropout), for packed rows and under
+    torch.compile. auto: on CPU, where a step is bound by its FLOPs; elsewhere off, as its second pass adds kernel
+    launches that a small GPU step is bound by (bench/train.py's lf and lf-noprefix variants compare them)."""
 
     def __post_init__(self):
         p = []

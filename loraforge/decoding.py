@@ -13,7 +13,6 @@ per row; on the demo's date prompts this does a third of its work. The KV-cache 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 

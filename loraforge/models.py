@@ -1,8 +1,8 @@
 """Base-model loading: a local transformers directory, a hub id, a local .gguf file, or a built-in name.
 
-GGUF files are de-quantized by transformers + gguf, which takes ~20 s for SmolLM2-135M and gives a model that
-refuses `save_pretrained`. So we convert once into a plain safetensors checkpoint under the cache directory
-(`$LORAFORGE_CACHE`, default `~/.cache/loraforge`) and load that afterwards (a second or two).
+GGUF files are de-quantized by transformers + gguf, which is slow (tens of seconds for the built-in model) and
+gives a model that refuses `save_pretrained`. So we convert once into a plain safetensors checkpoint under the
+cache directory (`$LORAFORGE_CACHE`, default `~/.cache/loraforge`) and load that afterwards.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     auto on a CPU with native bf16 (AVX-512 BF16 or AMX)          -> bf16 autocast, bf16 frozen base
     auto on a CPU without it (AVX2: AMD Zen 2/3, most laptops)    -> fp32
 
-On a CPU without native bf16 instructions, bf16 matmuls are emulated and run 50-200x slower than fp32, so the
+On a CPU without native bf16 instructions, bf16 matmuls are emulated and run many times slower than fp32 (README, "What runs where"), so the
 choice is not a matter of taste. Where the facts are unsure (an ARM CPU, AVX-512 without its BF16 extension, or
 oneDNN capped with ONEDNN_MAX_CPU_ISA) a matmul probe of a few tens of milliseconds decides: bf16 only where it
 runs clearly faster than fp32. Trainable weights (adapters) are fp32 master weights whatever is chosen.
@@ -101,7 +101,7 @@ def detect(device: torch.device | str = "cpu") -> Hardware:
 @functools.lru_cache(maxsize=None)
 def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
     """bf16 matmul rate / fp32 matmul rate on this CPU, from an n×n matmul timed for about `seconds` each
-    (emulated bf16 at 1 GFLOP/s makes the bf16 side ~30 ms). Cached for the process."""
+    (emulated bf16 keeps the bf16 side to tens of milliseconds). Cached for the process."""
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

@@ -1,23 +1,9 @@
-"""Shared fixtures: tiny randomly initialised transformers models built in code (seconds, no downloads)."""
+"""Shared fixtures (tiny models, a tiny model saved to disk, a small dataset); the builders are in helpers.py."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-VOCAB = 128
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture

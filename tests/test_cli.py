@@ -12,7 +12,7 @@ from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
-from test_adapters import randomize
+from helpers import randomize
 
 
 def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path):
@@ -118,8 +118,11 @@ SAPPHIRE = Hardware("cpu", "CPU", None, "AVX512", True, True)  # AVX-512 BF16 + 
 
 @pytest.fixture
 def loads(monkeypatch):
-    """The storage dtype of every load_base call (the real load still runs)."""
+    """The storage dtype of every load_base call (the real load still runs), wherever it is imported."""
+    import sys
+
     import loraforge.models
+    import loraforge.serve.api  # noqa: F401  (imports load_base at its top)
 
     seen, real = [], loraforge.models.load_base
 
@@ -127,7 +130,9 @@ def loads(monkeypatch):
         seen.append(dtype)
         return real(*args, dtype=dtype, **kwargs)
 
-    monkeypatch.setattr(loraforge.models, "load_base", load_base)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("loraforge") and getattr(module, "load_base", None) is real:
+            monkeypatch.setattr(module, "load_base", load_base)
     return seen
 
 

@@ -4,7 +4,7 @@ once and finished rows leaving the batch."""
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 from loraforge.decoding import greedy, left_pad, select_rows, shared_prefix_len
 
 

@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
+from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
 
@@ -35,7 +36,7 @@ LAYER_INDEX = re.compile(r".*\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or is_quantized_linear(module)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -185,7 +186,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if type(p).__name__ == "Params4bit":
+        if is_4bit_param(p):
             n = n * 2  # two 4-bit values per stored uint8
         total += n
         if p.requires_grad:

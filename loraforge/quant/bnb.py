@@ -94,8 +94,8 @@ def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.
     """Load a transformers checkpoint directory with its linear layers stored by bitsandbytes.
 
     We load in the compute dtype and quantize layer by layer ourselves instead of passing transformers a
-    BitsAndBytesConfig: that works on CPU too with bnb 0.50 but took 36 s for SmolLM2-135M here against ~2 s,
-    and both give the same bnb layers. Embeddings, norms and lm_head stay in `compute_dtype`.
+    BitsAndBytesConfig: that works on CPU too with bnb 0.50 but was an order of magnitude slower for the built-in
+    model, and both give the same bnb layers. Embeddings, norms and lm_head stay in `compute_dtype`.
     """
     from transformers import AutoModelForCausalLM
 

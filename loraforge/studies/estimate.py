@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.models import BUILTIN_MODELS, resolve_model
+from loraforge.utils.table import text_table
 
 GB = 1e9
 QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantization (quant.bits_per_weight_formula)
@@ -178,16 +179,11 @@ def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1
     return out
 
 
-def format_table(breakdown: dict[str, float], title: str = "") -> str:
+def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     """The breakdown as a small table in GB."""
-    rows = ["weights", "adapter", "gradients", "optimizer_states", "activations", "total"]
-    lines = [title] if title else []
-    lines.append(f"{'part':<18}{'GB':>10}")
-    for row in rows:
-        if row == "total":
-            lines.append("-" * 28)
-        lines.append(f"{row:<18}{breakdown[row] / GB:>10.2f}")
-    return "\n".join(lines)
+    parts = ["weights", "adapter", "gradients", "optimizer_states", "activations", "total"]
+    lines = text_table(["part", "GB"], [[part, f"{breakdown[part] / GB:.2f}"] for part in parts])
+    return "\n".join(([title] if title else []) + lines)
 
 
 def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, seq_len: int = 512, r: int = 16,
@@ -211,4 +207,4 @@ def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, 
     title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, r={r}, {optimizer}, {dtype}, "
              f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
              f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
-    print(format_table(result, title))
+    print(format_breakdown(result, title))

@@ -39,6 +39,7 @@ from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
 from loraforge.training.report import progress_bar
 from loraforge.utils.outputs import check_output
+from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
 LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
@@ -308,7 +309,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
     plot(rows, out / "forgetting.png")
-    print(format_table(report), flush=True)
+    print(format_report(report), flush=True)
     split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())
     print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s "
           f"({split})", flush=True)
@@ -363,7 +364,7 @@ def _row_line(row: dict) -> str:
             f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, {probes})")
 
 
-def format_table(report: dict) -> str:
+def format_report(report: dict) -> str:
     """One row per run, then one per arm (mean and min-max over seeds); the header states every n."""
     rows, base = report["rows"], report["rows"][0]
     n_task, n_mc = base["task"]["n"], base["mc"]["n"]
@@ -379,14 +380,12 @@ def format_table(report: dict) -> str:
                       f"{100 * t['accuracy']:.0f} {_ci(t)}",
                       f"{100 * mc['accuracy']:.1f} {_ci(mc)}", f"{100 * mc['acc_norm']:.1f} {_ci(mc, 'ci95_norm')}",
                       f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt_line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"forgetting on {report['model']}: {report['steps']} steps × batch {report['batch_size']}, "
            f"{report['seeds']} seed(s) per arm, {report['precision']} compute",
            f"learned: task = greedy exact match on {n_task} held-out task examples.  kept: MC = {n_mc} 4-option "
            f"questions scored by log-likelihood; ppl over {n_tok} tokens of general text; KL(base||tuned) mean "
            f"over {n_kl} next-token positions of {report['n_kl_prompts']} general prompts (nats)",
-           fmt_line(header), fmt_line(["-" * w for w in widths])] + [fmt_line(line) for line in lines]
+           *text_table(header, lines)]
     out += ["", "per arm: mean [min, max] over seeds; MC drop = base MC accuracy - run's (points; + = forgot)"]
     head2 = ["arm", "task acc %", "MC acc %", "MC drop pts", "acc_norm %", "ppl", "KL vs base"]
     rows2 = []
@@ -398,8 +397,7 @@ def format_table(report: dict) -> str:
             return f"{scale * d['mean']:.{digits}f} [{scale * d['min']:.{digits}f}, {scale * d['max']:.{digits}f}]"
         rows2.append([s["name"], f("task_accuracy", digits=0), f("mc_accuracy"), f("mc_drop"), f("mc_acc_norm"),
                       f("ppl", 1, 3), f("kl", 1, 4)])
-    widths = [max(len(h), *(len(line[i]) for line in rows2)) for i, h in enumerate(head2)]
-    out += [fmt_line(head2), fmt_line(["-" * w for w in widths])] + [fmt_line(line) for line in rows2]
+    out += text_table(head2, rows2)
     return "\n".join(out)
 
 

@@ -421,7 +421,7 @@ def should_pack(packing: bool | str, padding: float) -> bool:
     share none).
 
     Packed rows are longer (max_seq_len) and need a block-diagonal attention mask, so when examples have similar
-    lengths plain padded batches are cheaper (bench/train.py on the demo data: 5% padding, packed 0.8× the speed).
+    lengths plain padded batches are cheaper (bench/train.py measures both on the demo data).
     """
     if packing == "auto":
         return padding >= PACK_MIN_PADDING

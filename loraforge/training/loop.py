@@ -1,9 +1,11 @@
-"""The training loop: a plain function that reads top to bottom.
+"""The training recipe: `train(cfg)` = setup() -> fit() -> finish(), each a plain function read top to bottom.
 
-    load base -> add adapter (or make every weight trainable) -> read + tokenize data -> for each step:
-    gather the step's micro-batches, count their supervised tokens (all processes), forward + summed loss /
-    that count, backward, all-reduce (DDP), clip, optimizer step, explicit hooks (AdaLoRA), schedule, log,
-    evaluate, checkpoint.
+    setup:  processes, output folder, precision, read + tokenize data, load base, add adapter (or make every
+            weight trainable), loss, optimizer, schedule, resume from a checkpoint
+    fit:    for each step: 1. gather the step's micro-batches; optimizer_step(): 2. count their supervised tokens
+            (all processes), 3. forward + summed loss / that count, backward, all-reduce (DDP), 4. clip, optimizer
+            step, explicit hooks (AdaLoRA), schedule; then 5. log, evaluate, checkpoint
+    finish: save the adapter (or the full model), plot the loss, report what was measured
 
 Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP over gloo (CPU) or nccl
 (CUDA); only rank 0 writes. A checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loraforge.config import TrainConfig, to_dict
+from loraforge.config import TrainConfig
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
@@ -37,18 +36,15 @@ from loraforge.models import load_model, load_tokenizer
 from loraforge.precision import Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
+from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_checkpoint, load_checkpoint,
+                                           save_checkpoint)
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
-from loraforge.utils.files import DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import check_run_output
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (NaN loss, nothing to train on); the message says what to change."""
 
 
 @dataclass
@@ -232,136 +228,6 @@ def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_
     return D.collate(rows, pad_id)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------------------
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json")
-MANIFEST = "manifest.json"  # written last: each file's size and SHA-256, so resume can tell a damaged checkpoint
-
-
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
-    """Write checkpoints/step-N atomically: its files, then their manifest, in a temporary directory that is
-    renamed into place when complete.
-
-    A write the disk refuses (full, file-size limit, permission, I/O error) raises TrainingError naming the
-    directory, about how much it needed, and the last complete checkpoint, which is left intact; the temporary
-    directory is removed.
-    """
-    final = root / f"step-{step:07d}"
-    weights = trainable_state(model)
-    opt_state = optimizer.state_dict()
-    tensors = {f"{pid}.{k}": v.cpu().contiguous() for pid, s in opt_state["state"].items() for k, v in s.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
-            "python_rng": _python_rng_state(), "config": to_dict(cfg), **state}
-    text = json.dumps(meta, indent=1)
-    need = sum(v.nbytes for v in (*weights.values(), *tensors.values())) + len(text)
-    try:
-        with atomic_dir(final, need) as tmp:
-            save_file(weights, tmp / "trainable.safetensors")
-            save_file(tensors, tmp / "optimizer.safetensors")
-            (tmp / "trainer_state.json").write_text(text)
-            if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
-                os.kill(os.getpid(), 9)
-            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                     for name in CHECKPOINT_FILES}
-            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-            if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
-                shutil.rmtree(final)
-    except DiskError as e:
-        last = last_checkpoint(root)
-        kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
-                f"with --resume" if last else "no checkpoint was completed before this one")
-        raise TrainingError(f"{e}; training stopped after step {step}, {kept}") from None
-    old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
-    for d in old:
-        shutil.rmtree(d, ignore_errors=True)
-    return final
-
-
-def _python_rng_state():
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint's files match its manifest (sizes and SHA-256); otherwise what is wrong."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except FileNotFoundError:
-        return f"it has no {MANIFEST} (its save did not finish, or a loraforge without manifests wrote it)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is unreadable"
-    for name in CHECKPOINT_FILES:
-        entry, file = files.get(name) if isinstance(files, dict) else None, path / name
-        if not isinstance(entry, dict):
-            return f"its {MANIFEST} does not list {name}"
-        if not file.is_file():
-            return f"{name} is missing"
-        if (size := file.stat().st_size) != entry.get("bytes"):
-            return f"{name} is {size} bytes but was written as {entry.get('bytes')} (truncated or damaged)"
-        if _sha256(file) != entry.get("sha256"):
-            return f"{name} does not match its SHA-256 in {MANIFEST} (damaged)"
-    return None
-
-
-def find_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and the newer ones that do not, each with the reason (newest first)."""
-    skipped = []
-    for path in sorted(root.glob("step-*"), reverse=True):
-        reason = verify_checkpoint(path)
-        if reason is None:
-            return path, skipped
-        skipped.append((path, reason))
-    return None, skipped
-
-
-def last_checkpoint(root: Path) -> Path | None:
-    """The newest complete, verified checkpoint (an interrupted save's temporary directory never counts)."""
-    return find_checkpoint(root)[0]
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    meta = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing or set(weights) - set(params):
-        raise TrainingError(f"checkpoint {path} does not match this model/config (missing {missing[:3]}); "
-                            f"resume with the config the run was started with")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
-    tensors = load_file(path / "optimizer.safetensors")
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("rng."):
-            continue
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    return meta
-
-
 def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = None, step: int | None = None) -> str:
     """What to change after a non-finite loss, from what the run used: `precision` is the compute precision it
     resolved to ('fp32', 'bf16' or 'fp16'), `step` the step (from 1) whose loss was not finite."""
@@ -383,6 +249,48 @@ def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = No
 
 # --- the loop ------------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """What set-up builds and the loop and finish use: the model, its optimizer state, the data and the counters."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    precision: Precision
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    data_stats: dict
+    per_epoch: int
+    total_steps: int
+    model: nn.Module
+    trainable: int
+    total_params: int
+    allocator: object | None
+    loss_fn: nn.Module
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    pack: bool = False
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
           precision: Precision | None = None) -> TrainResult:
     """Fine-tune as `cfg` says; returns what was measured. Writes adapter, metrics, plot under output_dir.
@@ -391,25 +299,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
+    run = setup(cfg, resume, overwrite, precision)
+    start_tokens = run.tokens_seen
+    loss_value, eval_loss, seconds = fit(run, progress, append_log=resume)
+    return finish(run, loss_value, eval_loss, seconds, start_tokens)
+
+
+def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None) -> Run:
+    """Everything before the first step: processes, output folder, precision, data, model, optimizer, resume."""
     rank, world, device = setup_distributed()
-    is_main = rank == 0
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
     stale = check_run_output(out, overwrite=overwrite, resume=resume,  # before any loading
                              inputs=[cfg.model.name, cfg.data.train, cfg.data.eval])
-    if is_main:
+    if rank == 0:
         for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
     precision = precision or run_precision(cfg, device)
-    if is_main:
+    if rank == 0:
         print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)  # data errors come before model work
-    pad_id = tokenizer.pad_token_id
     per_epoch = len(micro_batches(train_examples, cfg, 0)) // (t.gradient_accumulation * world)
     if per_epoch == 0:
         raise TrainingError(f"{len(train_examples)} training examples are fewer than one optimizer step needs "
@@ -420,164 +333,193 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
-    allocator = None
-    if cfg.method == "adalora":
-        allocator = RankAllocator(model, total_step=total_steps)
+    allocator = RankAllocator(model, total_step=total_steps) if cfg.method == "adalora" else None
 
     loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(t.share_prefix, device)).train()
     if t.compile:
         loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
-    ddp = nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn
     optimizer = make_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps))
-    # fp16: the loss is scaled up so small gradients do not underflow; a step whose gradients overflow is skipped
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
-    skipped_steps = 0
-
-    step, tokens_seen = 0, 0
-    if not resume and (earlier := sorted(ckpt_root.glob("step-*"))):  # complete or not: this run would mix with them
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, out=out, precision=precision, tokenizer=tokenizer,
+              train_examples=train_examples, eval_examples=eval_examples, data_stats=data_stats,
+              per_epoch=per_epoch, total_steps=total_steps, model=model, trainable=trainable,
+              total_params=total_params, allocator=allocator, loss_fn=loss_fn,
+              ddp=nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn, optimizer=optimizer,
+              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                          lr_lambda(t.schedule, t.warmup_steps, total_steps)),
+              # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
+              scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler))
+    if not resume and (earlier := sorted(run.ckpt_root.glob("step-*"))):  # complete or not: they would mix
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
-                            f"--resume, delete {ckpt_root} to start over, or choose another output_dir")
+                            f"--resume, delete {run.ckpt_root} to start over, or choose another output_dir")
     if resume:
-        found, skipped = find_checkpoint(ckpt_root)
-        if found is None:
-            why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
-            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}{why}; to start over, run "
-                                f"without --resume and with --overwrite (or delete {ckpt_root}), or choose another "
-                                f"output_dir")
-        meta = load_checkpoint(found, model, optimizer, scheduler)
-        if is_main:
-            for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
-                print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
-                shutil.rmtree(path, ignore_errors=True)
-        step, tokens_seen = meta["step"], meta["tokens_seen"]
-        if scaler.is_enabled() and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-            skipped_steps = meta.get("skipped_steps", 0)
-        if allocator is not None:
-            allocator.load_state(meta.get("allocator", {}))
-        if is_main:
-            print(f"resuming from {found} (step {step}/{total_steps})", flush=True)
-    prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))
+        restore(run)
+
+    prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, run.pad_id))
     padding = D.padding_fraction(train_examples, t.batch_size)
     net = D.padding_fraction(train_examples, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
-    pack = D.should_pack(cfg.data.packing, net)
-    if is_main:
+    run.pack = D.should_pack(cfg.data.packing, net)
+    if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
-        print(data_report(data_stats, len(eval_examples), padding, net, pack, cfg.data.packing), flush=True)
-        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0)[0], cfg, pad_id, pack)
+        print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
+        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0)[0], cfg, run.pad_id, run.pack)
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
                   f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)
-    log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
-    bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
+    return run
 
-    start, start_tokens = time.perf_counter(), tokens_seen
+
+def restore(run: Run) -> None:
+    """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed)."""
+    found, skipped = find_checkpoint(run.ckpt_root)
+    if found is None:
+        why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
+        raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
+                            f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
+                            f"output_dir")
+    meta = load_checkpoint(found, run.model, run.optimizer, run.scheduler)
+    if run.is_main:
+        for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
+            print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+    run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
+    if run.scaler.is_enabled() and meta.get("scaler"):
+        run.scaler.load_state_dict(meta["scaler"])
+        run.skipped_steps = meta.get("skipped_steps", 0)
+    if run.allocator is not None:
+        run.allocator.load_state(meta.get("allocator", {}))
+    if run.is_main:
+        print(f"resuming from {found} (step {run.step}/{run.total_steps})", flush=True)
+
+
+def fit(run: Run, progress: bool = True, append_log: bool = False) -> tuple[float, float | None, float]:
+    """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds)."""
+    cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
+    log = MetricsLog(run.out / "metrics.jsonl", append=append_log) if run.is_main else None
+    bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
+    start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None
     epoch_batches: dict[int, list[list[int]]] = {}
-    while step < total_steps:
+    group = t.gradient_accumulation * run.world
+    while run.step < run.total_steps:
         # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r takes r, r+world, ...
-        group = t.gradient_accumulation * world
-        epoch, within = divmod(step, per_epoch)
+        epoch, within = divmod(run.step, run.per_epoch)
         if epoch not in epoch_batches:
-            epoch_batches = {epoch: micro_batches(train_examples, cfg, epoch)}
-        mine = epoch_batches[epoch][within * group:(within + 1) * group][rank::world]
-        batches = [to_device(make_batch(train_examples, idx, cfg, pad_id, pack), device) for idx in mine]
+            epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch)}
+        step_batches = epoch_batches[epoch][within * group:(within + 1) * group]
+        batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
+                   for idx in step_batches[run.rank::run.world]]
 
-        # 2. the supervised-token count of the whole step, over all micro-batches and processes
-        n_step = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=device)
-        if world > 1:
-            dist.all_reduce(n_step)
-
-        # 3. forward / backward: each token weighs 1/n_step, so accumulation and processes change nothing
-        step_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            context = ddp.no_sync() if world > 1 and not sync else contextlib.nullcontext()
-            with context:
-                with precision.autocast(device.type):
-                    loss_sum, _ = ddp(batch)
-                    objective = loss_sum
-                    if allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total
-                        objective = loss_sum + allocator.orth_penalty(model) * n_step / len(batches)
-                scaler.scale(objective * world / n_step).backward()  # DDP averages over processes: × world undoes it
-            step_loss += loss_sum.detach()  # the data loss alone is what gets reported
-        if world > 1:
-            dist.all_reduce(step_loss)
-        loss_value = step_loss.item() / n_step.item()
-        if not math.isfinite(loss_value):
-            last = last_checkpoint(ckpt_root)
+        # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step
+        try:
+            loss_value, grad_norm, skipped = optimizer_step(run, batches)
+        except TrainingError:
             if log is not None:
                 log.close()
-            raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is "
-                                f"{last or 'none (no checkpoint was written yet)'}. "
-                                + nonfinite_advice(t.lr, precision.compute, t.max_grad_norm, step + 1))
-
-        # 4. clip, step, explicit hooks, schedule
-        params = [p for p in model.parameters() if p.requires_grad]
-        scaler.unscale_(optimizer)  # (fp16) true gradients before clipping; a no-op otherwise
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update when (fp16) gradients hold inf/nan
-        scaler.update()
-        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
-        if allocator is not None and not skipped:
-            allocator.step(model, step + 1)  # AdaLoRA (steps counted from 1, as PEFT): update importance, re-mask to the budget (needs the grads)
-        optimizer.zero_grad(set_to_none=True)
-        if skipped:
-            skipped_steps += 1  # the learning-rate schedule waits for the next real update, as HF Trainer's does
-        else:
-            scheduler.step()
-        step += 1
-        step_examples = [i for idx in epoch_batches[epoch][within * group:(within + 1) * group] for i in idx]
-        tokens_seen += sum(len(train_examples[i].input_ids) for i in step_examples)  # real tokens, no padding
+            raise
+        run.step += 1
+        run.tokens_seen += sum(len(run.train_examples[i].input_ids)
+                               for idx in step_batches for i in idx)  # real tokens, no padding
 
         # 5. log, evaluate, checkpoint
         elapsed = time.perf_counter() - start
-        tps = (tokens_seen - start_tokens) / max(elapsed, 1e-9)
-        if is_main:
+        tps = (run.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+        if run.is_main:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
-                            **({"skipped": skipped_steps} if scaler.is_enabled() else {}))
+                            **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
             if skipped:
-                bar.write(f"step {step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
-                          f"{scaler.get_scale():g} ({skipped_steps} skipped so far)")
-            if step % t.log_every == 0 or step == total_steps or skipped:
-                extra = {"loss_scale": scaler.get_scale(), "skipped_steps": skipped_steps} if scaler.is_enabled() else {}
-                log.write(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                          tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed, **extra)
-        if eval_examples and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            eval_loss = mean_token_loss(model, eval_examples, pad_id, max(t.batch_size, 8), pack,
-                                        cfg.data.max_seq_len, precision=precision.compute)
-            if is_main:
-                log.write(step=step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
-        if is_main and ((t.save_every and step % t.save_every == 0) or step == total_steps):
-            state = {"tokens_seen": tokens_seen, "total_steps": total_steps,
-                     "allocator": allocator.state() if allocator is not None else {},
-                     "scaler": scaler.state_dict(), "skipped_steps": skipped_steps}
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, cfg, state)
+                bar.write(f"step {run.step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
+                          f"{scaler.get_scale():g} ({run.skipped_steps} skipped so far)")
+            if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
+                extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
+                         if scaler.is_enabled() else {})
+                log.write(step=run.step, loss=loss_value, lr=run.scheduler.get_last_lr()[0],
+                          grad_norm=float(grad_norm), tokens=run.tokens_seen, tokens_per_s=tps, elapsed_s=elapsed,
+                          **extra)
+        if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
+            eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
+                                        cfg.data.max_seq_len, precision=run.precision.compute)
+            if run.is_main:
+                log.write(step=run.step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
+                          f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
+        if run.is_main and ((t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps):
+            state = {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
+                     "allocator": run.allocator.state() if run.allocator is not None else {},
+                     "scaler": scaler.state_dict(), "skipped_steps": run.skipped_steps}
+            save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg, state)
     bar.close()
     if log is not None:
         log.close()
-    seconds = time.perf_counter() - start
+    return loss_value, eval_loss, time.perf_counter() - start
 
-    if is_main:
-        if cfg.method == "full":
-            model.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+
+def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, bool]:
+    """One optimizer step over this process's micro-batches: (mean token loss, gradient norm, skipped by fp16?)."""
+    t, model, scaler, device = run.cfg.training, run.model, run.scaler, run.device
+    # 2. the supervised-token count of the whole step, over all micro-batches and processes
+    n_step = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=device)
+    if run.world > 1:
+        dist.all_reduce(n_step)
+
+    # 3. forward / backward: each token weighs 1/n_step, so accumulation and processes change nothing
+    step_loss = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        context = run.ddp.no_sync() if run.world > 1 and not sync else contextlib.nullcontext()
+        with context:
+            with run.precision.autocast(device.type):
+                loss_sum, _ = run.ddp(batch)
+                objective = loss_sum
+                if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total
+                    objective = loss_sum + run.allocator.orth_penalty(model) * n_step / len(batches)
+            scaler.scale(objective * run.world / n_step).backward()  # DDP averages over processes: × world undoes it
+        step_loss += loss_sum.detach()  # the data loss alone is what gets reported
+    if run.world > 1:
+        dist.all_reduce(step_loss)
+    loss_value = step_loss.item() / n_step.item()
+    if not math.isfinite(loss_value):
+        last = last_checkpoint(run.ckpt_root)
+        raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
+                            f"{last or 'none (no checkpoint was written yet)'}. "
+                            + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1))
+
+    # 4. clip, step, explicit hooks, schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler.unscale_(run.optimizer)  # (fp16) true gradients before clipping; a no-op otherwise
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
+                 else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    scale = scaler.get_scale()
+    scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
+    scaler.update()
+    skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+    if run.allocator is not None and not skipped:
+        run.allocator.step(model, run.step + 1)  # AdaLoRA (steps from 1, as PEFT): importance, re-mask to budget
+    run.optimizer.zero_grad(set_to_none=True)
+    if skipped:
+        run.skipped_steps += 1  # the learning-rate schedule waits for the next real update, as HF Trainer's does
+    else:
+        run.scheduler.step()
+    return loss_value, grad_norm, skipped
+
+
+def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int) -> TrainResult:
+    """After the last step: the adapter (or full model), the loss plot, and what was measured."""
+    if run.is_main:
+        if run.cfg.method == "full":
+            run.model.save_pretrained(run.out / "model")
+            run.tokenizer.save_pretrained(run.out / "model")
         else:
-            if allocator is not None:
-                allocator.finalize(model)
-            save_adapter(model, out / "adapter")
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-    if world > 1:
+            if run.allocator is not None:
+                run.allocator.finalize(run.model)
+            save_adapter(run.model, run.out / "adapter")
+        plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
+    if run.world > 1:
         dist.barrier()
-    return TrainResult(output_dir=out, steps=step, final_loss=loss_value, eval_loss=eval_loss,
-                       train_tokens=tokens_seen, seconds=seconds,
-                       tokens_per_second=(tokens_seen - start_tokens) / max(seconds, 1e-9),
-                       peak_memory_mb=peak_memory_mb(device), trainable_params=trainable,
-                       total_params=total_params, data_stats=data_stats, precision=precision.line(),
-                       skipped_steps=skipped_steps)
+    return TrainResult(output_dir=run.out, steps=run.step, final_loss=loss_value, eval_loss=eval_loss,
+                       train_tokens=run.tokens_seen, seconds=seconds,
+                       tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds, 1e-9),
+                       peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
+                       total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
+                       skipped_steps=run.skipped_steps)

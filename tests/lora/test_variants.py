@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.inject import inject, lora_layers

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.inject import inject, lora_layers

@@ -8,7 +8,7 @@ bf16 defaults (rtol 1.6e-2, atol 1e-5) scaled by the magnitude of what is compar
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama
 
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers

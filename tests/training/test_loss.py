@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-from conftest import VOCAB, tiny_llama
+from helpers import VOCAB, tiny_llama
 from loraforge.training import data as D
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject

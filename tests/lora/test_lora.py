@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
 from loraforge.lora.layer import LoraLinear

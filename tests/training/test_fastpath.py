@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from helpers import VOCAB, tiny_gpt2, tiny_llama
 
 from loraforge.config import LoraConfig
 from loraforge.training.fastpath import install, register_attention, uninstall

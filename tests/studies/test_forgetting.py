@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from loraforge.config import load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting
-from loraforge.studies.forgetting import _task_split, arm_config, arms, format_table, model_hash, probe_base, run_forgetting
+from loraforge.studies.forgetting import _task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
 from loraforge.training.loop import build_model, train
 
 
@@ -87,7 +87,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     assert report["rows"][0]["probes_cached"] is None  # a fresh cache: the base was probed
     assert set(report["time_split"]) == {"training", "loading", "task", "mc", "ppl", "kl"}
 
-    table = format_table(report)
+    table = format_report(report)
     for text in ("base", "lora r=2 s0", "lora r=4 s1", "full FT s1", "task acc", "MC acc", "acc_norm", "ppl",
                  "KL vs base", "MC drop", "4 held-out"):
         assert text in table, text

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora, orth_regularization, plot_rank_heatmap, svd_layers
 from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import ConfigError

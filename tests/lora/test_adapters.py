@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import randomize, tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter, mixed_batch, save_adapter, set_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
@@ -17,17 +17,6 @@ from loraforge.lora.merge import add_weighted_adapter, merge, merge_and_unload, 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (≤1e-5 per the issue).
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def randomize(model, seed=1):
-    """Give every adapter weight non-zero values (a fresh B is zero, which would hide key mix-ups)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in layer.r:
-                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_table, model_shape
+from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_breakdown, model_shape
 from loraforge.quant.bnb import bits_per_weight_formula
 
 GB = 1e9
@@ -70,11 +70,11 @@ def test_checkpointing_cuts_activations_and_errors_name_the_value():
         estimate("7b", "qlra")
     with pytest.raises(ValueError, match="'3b'"):
         estimate("3b", "lora")
-    assert "total" in format_table(estimate("7b", "qlora"))
+    assert "total" in format_breakdown(estimate("7b", "qlora"))
 
 
 def test_local_config(tmp_path):
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
     assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False)

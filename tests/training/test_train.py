@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from loraforge.config import ConfigError, load_train_config
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training import data as D
 from loraforge.training.loop import TrainingError, build_model, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(tiny_dir, data_file, out, **training):

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 import loraforge.training.loop as T
 from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
-from loraforge.training.loop import TrainingError, find_checkpoint, nonfinite_advice, train, verify_checkpoint
+from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
+from loraforge.training.loop import nonfinite_advice, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BAD_JSONL = b'{"instruction":"a","output":"b"}\n{"instruction":"m\xe4rz","output":"c"}\n'  # the printf
 
 
@@ -219,7 +220,7 @@ def test_a_final_adapter_or_plot_the_disk_refuses_leaves_nothing_half_written(tm
 import resource, sys
 from pathlib import Path
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from conftest import tiny_llama
+from helpers import tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.utils.files import DiskError
 from loraforge.lora.inject import inject

@@ -16,9 +16,9 @@ from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject
 from loraforge.utils.outputs import OutputError, check_output
 from loraforge.training.loop import last_checkpoint, train
-from test_adapters import randomize
+from helpers import randomize
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

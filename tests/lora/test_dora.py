@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import load_adapter, mixed_batch, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.merge import merge, merge_and_unload, unmerge
-from test_adapters import randomize as randomize_ab
+from helpers import randomize as randomize_ab
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, the same ops as PEFT: agreement to rounding (the 1e-5)

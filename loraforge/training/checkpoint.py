@@ -1,0 +1,156 @@
+"""Checkpoints: everything a resumed run needs, written so that a crash never leaves one that resume would read.
+
+A checkpoint `checkpoints/step-N/` holds the trainable weights, the optimizer state (safetensors), and
+trainer_state.json (step, scheduler, RNG, data position, config); `manifest.json`, written last, lists each
+file's size and SHA-256. The directory is written under a temporary name and renamed when complete; resume takes
+the newest checkpoint whose manifest verifies and reports (and removes) damaged newer ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loraforge.config import TrainConfig, to_dict
+from loraforge.utils.files import DiskError, atomic_dir
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN loss, nothing to train on); the message says what to change."""
+
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_state.json")
+MANIFEST = "manifest.json"  # written last: each file's size and SHA-256, so resume can tell a damaged checkpoint
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
+    """Write checkpoints/step-N atomically: its files, then their manifest, in a temporary directory that is
+    renamed into place when complete.
+
+    A write the disk refuses (full, file-size limit, permission, I/O error) raises TrainingError naming the
+    directory, about how much it needed, and the last complete checkpoint, which is left intact; the temporary
+    directory is removed.
+    """
+    final = root / f"step-{step:07d}"
+    weights = trainable_state(model)
+    opt_state = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": v.cpu().contiguous() for pid, s in opt_state["state"].items() for k, v in s.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
+            "python_rng": _python_rng_state(), "config": to_dict(cfg), **state}
+    text = json.dumps(meta, indent=1)
+    need = sum(v.nbytes for v in (*weights.values(), *tensors.values())) + len(text)
+    try:
+        with atomic_dir(final, need) as tmp:
+            save_file(weights, tmp / "trainable.safetensors")
+            save_file(tensors, tmp / "optimizer.safetensors")
+            (tmp / "trainer_state.json").write_text(text)
+            if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
+                os.kill(os.getpid(), 9)
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                     for name in CHECKPOINT_FILES}
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+            if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
+                shutil.rmtree(final)
+    except DiskError as e:
+        last = last_checkpoint(root)
+        kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
+                f"with --resume" if last else "no checkpoint was completed before this one")
+        raise TrainingError(f"{e}; training stopped after step {step}, {kept}") from None
+    old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return final
+
+
+def _python_rng_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint's files match its manifest (sizes and SHA-256); otherwise what is wrong."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (its save did not finish, or a loraforge without manifests wrote it)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for name in CHECKPOINT_FILES:
+        entry, file = files.get(name) if isinstance(files, dict) else None, path / name
+        if not isinstance(entry, dict):
+            return f"its {MANIFEST} does not list {name}"
+        if not file.is_file():
+            return f"{name} is missing"
+        if (size := file.stat().st_size) != entry.get("bytes"):
+            return f"{name} is {size} bytes but was written as {entry.get('bytes')} (truncated or damaged)"
+        if _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its SHA-256 in {MANIFEST} (damaged)"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that do not, each with the reason (newest first)."""
+    skipped = []
+    for path in sorted(root.glob("step-*"), reverse=True):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def last_checkpoint(root: Path) -> Path | None:
+    """The newest complete, verified checkpoint (an interrupted save's temporary directory never counts)."""
+    return find_checkpoint(root)[0]
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    meta = json.loads((path / "trainer_state.json").read_text())
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or set(weights) - set(params):
+        raise TrainingError(f"checkpoint {path} does not match this model/config (missing {missing[:3]}); "
+                            f"resume with the config the run was started with")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    tensors = load_file(path / "optimizer.safetensors")
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("rng."):
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta

@@ -1,0 +1,35 @@
+"""Builders the tests share: tiny randomly initialised transformers models made in code (seconds, no downloads).
+
+Imported by test modules (`from helpers import tiny_llama`); conftest.py holds only fixtures.
+"""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from loraforge.lora.inject import lora_layers
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def randomize(model, seed=1):
+    """Give every adapter weight non-zero values (a fresh B is zero, which would hide key mix-ups)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for name in layer.r:
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    return model
