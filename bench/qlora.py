@@ -55,8 +55,9 @@ def time_dequantize(model, repeats: int = 3) -> dict:
     import bitsandbytes.functional as bnbF
 
     from loraforge.quant.bnb import dequantize
+    from loraforge.quant.checks import is_4bit_param
 
-    layers = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    layers = [m for m in model.modules() if is_4bit_param(getattr(m, "weight", None))]
     out = {"layers": len(layers)}
     for name, fn in (("loraforge", dequantize), ("bnb", lambda m: bnbF.dequantize_4bit(m.weight.data,
                                                                                          m.weight.quant_state))):
@@ -103,6 +104,7 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     from loraforge.lora.inject import inject, lora_layers
     from loraforge.models import load_base
     from loraforge.quant.bnb import prepare_for_kbit_training
+    from loraforge.quant.checks import is_4bit_param
     from loraforge.training.optim import optimizer_by_name
 
     method, dtype, quantize, ckpt, _ = RUNS[name]
@@ -113,7 +115,7 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     model, _ = load_base("smollm2-135m", dtype=dtype, quantize=quantize, device=device)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         sum(t.numel() * t.element_size() for t in (p.quant_state.absmax, p.quant_state.state2.absmax))
-        for p in model.parameters() if type(p).__name__ == "Params4bit")
+        for p in model.parameters() if is_4bit_param(p))
     if quantize:
         prepare_for_kbit_training(model, gradient_checkpointing=ckpt)
     if method == "full":
