@@ -167,14 +167,14 @@ def worker(args) -> dict:
                  f"training.precision={args.dtype}",
                  f"training.gradient_checkpointing={str(opts.get('checkpointing', False)).lower()}",
                  "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear"]
-    cfg = demo_config("runs/bench-train", overrides=overrides)
+    cfg = demo_config("runs/bench-train", overrides=overrides + [f"model.name={args.model}"])
 
     if trainer == "peft":
         from peft import LoraConfig, get_peft_model
 
         from loraforge.models import load_base
 
-        model, tok = load_base("smollm2-135m", dtype="fp32", device=device)
+        model, tok = load_base(args.model, dtype="fp32", device=device)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     else:
@@ -311,7 +311,8 @@ def matmul_peak(dtype: str, device: str, n: int = 2048, seconds: float = 3.0) ->
 def run_worker(variant: str, dtype: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--dtype-one", dtype, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
-           "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads)]
+           "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads),
+           "--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -331,6 +332,8 @@ def main() -> None:
                    "picks on --device: fp32 on a CPU without native bf16), fp32, bf16, fp16")
     p.add_argument("--variants", default="peft,lf", help=f"from {','.join(VARIANTS)}; the first is the baseline")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--model", default="smollm2-135m", help="base model (default: the built-in one; bench/synthetic.py "
+                   "makes random-weight ones of other shapes)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--json", help="also write every measurement here")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks in one run (≤ 8 minutes on one H100/H200, no internet): the CUDA tests, the whole fast suite on
+# a machine with CUDA (training tests then run on the GPU), bench/train.py in bf16 on the built-in model's shape
+# and on a ~1.1B Llama, QLoRA NF4 steps, and the FSDP smoke run where it exists. (The server runs on CPU only.)
+#
+#   bash bench/gpu.sh [WHEELS_DIR] [TOKENIZER_DIR]
+#
+# WHEELS_DIR: wheels of what the GPU machine lacks (bitsandbytes, fastapi, uvicorn, openai, ...), installed with
+# --no-index into /tmp/site. TOKENIZER_DIR: the built-in model's config and tokenizer files; its weights are
+# replaced by random ones of the same shape (bench/synthetic.py), as speed does not depend on their values.
+# Writes every log under $OUT (or ./gpu-out) and prints one summary table at the end.
+set -u
+cd "$(dirname "$0")/.."
+WHEELS=${1:-.gpu/whl}
+TOKDIR=${2:-.gpu/smollm2}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LORAFORGE_CACHE=/tmp/lf-cache
+PY=${PYTHON:-python3}
+SUMMARY=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, remember PASS/FAIL
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  SUMMARY+=("$(printf '%-14s %-5s %4ds  rc=%s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" $((SECONDS - t0)) $rc)")
+}
+
+if [ -d "$WHEELS" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }
+  export PYTHONPATH=/tmp/site
+fi
+SITE=$($PY bench/synthetic.py --builtin "$TOKDIR" --site /tmp/standin 2>"$OUT/standin.log" | tail -1)
+export PYTHONPATH=$PWD:$SITE:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+$PY -c "from loraforge.precision import choose, detect; print(choose('auto', 'auto', detect('cuda'), 'cuda').line())"
+
+step cuda-tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step suite 170 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
+step train-135m 80 $PY bench/train.py --dtypes auto --batch 16 --steps 10 --warmup 2 --rounds 1 --variants peft,lf \
+  --json "$OUT/train-135m.json"
+$PY bench/synthetic.py --shape 1b --tokenizer "$TOKDIR" --out /tmp/llama-1b > "$OUT/synth-1b.log" 2>&1
+step train-1b 110 $PY bench/train.py --model /tmp/llama-1b --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
+  --variants peft,lf --json "$OUT/train-1b.json"
+step qlora 60 $PY bench/qlora.py --steps 6 --json "$OUT/qlora.json"
+if [ -f scripts/gpu_fsdp_smoke.sh ]; then step fsdp 70 bash scripts/gpu_fsdp_smoke.sh; fi
+
+echo; echo "=== summary ($(cat "$OUT/gpu.txt"))"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
