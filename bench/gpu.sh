@@ -33,20 +33,20 @@ if [ -d "$WHEELS" ]; then
     > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }
   export PYTHONPATH=/tmp/site
 fi
-SITE=$($PY bench/synthetic.py --builtin "$TOKDIR" --site /tmp/standin 2>"$OUT/standin.log" | tail -1)
+SITE=$(PYTHONPATH=$PWD:${PYTHONPATH:-} $PY bench/synthetic.py --builtin "$TOKDIR" --site /tmp/standin 2>"$OUT/standin.log" | tail -1)
 export PYTHONPATH=$PWD:$SITE:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 $PY -c "from loraforge.precision import choose, detect; print(choose('auto', 'auto', detect('cuda'), 'cuda').line())"
 
-step cuda-tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step suite 170 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
-step train-135m 80 $PY bench/train.py --dtypes auto --batch 16 --steps 10 --warmup 2 --rounds 1 --variants peft,lf \
+step cuda-tests 90 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step suite 150 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
+step train-135m 70 $PY bench/train.py --dtypes auto --batch 16 --steps 10 --warmup 2 --rounds 1 --variants peft,lf \
   --json "$OUT/train-135m.json"
 $PY bench/synthetic.py --shape 1b --tokenizer "$TOKDIR" --out /tmp/llama-1b > "$OUT/synth-1b.log" 2>&1
-step train-1b 110 $PY bench/train.py --model /tmp/llama-1b --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
+step train-1b 90 $PY bench/train.py --model /tmp/llama-1b --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
   --variants peft,lf --json "$OUT/train-1b.json"
-step qlora 60 $PY bench/qlora.py --steps 6 --json "$OUT/qlora.json"
+step qlora 45 $PY bench/qlora.py --steps 6 --json "$OUT/qlora.json"
 if [ -f scripts/gpu_fsdp_smoke.sh ]; then step fsdp 70 bash scripts/gpu_fsdp_smoke.sh; fi
 
 echo; echo "=== summary ($(cat "$OUT/gpu.txt"))"

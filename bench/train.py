@@ -113,7 +113,8 @@ def same_lora_init(model) -> int:
         path = name.removeprefix("base_model.model.")  # PEFT's wrapper prefix
         g = torch.Generator().manual_seed(zlib.crc32(path.encode()))
         with torch.no_grad():
-            torch.nn.init.kaiming_uniform_(module.lora_A["default"].weight, a=math.sqrt(5), generator=g)
+            w = module.lora_A["default"].weight
+            w.copy_(torch.nn.init.kaiming_uniform_(torch.empty(w.shape), a=math.sqrt(5), generator=g))  # CPU RNG
             module.lora_B["default"].weight.zero_()
         n += 1
     return n
