@@ -154,10 +154,12 @@ class LoraLinear(LoraLayer):
             self.init_from_base_weight(name, init_lora_weights)  # these replace W0 by a residual
             return
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        init = torch.empty(A.shape, dtype=A.dtype)  # drawn on the CPU: the same A for a seed on any device
         if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1 / self.r[name])
+            nn.init.normal_(init, std=1 / self.r[name])
         else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(init, a=math.sqrt(5))
+        A.copy_(init)
         nn.init.zeros_(B)  # so a fresh adapter leaves the model unchanged
 
     @torch.no_grad()
