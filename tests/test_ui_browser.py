@@ -117,12 +117,13 @@ def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa:
     page.click("#play-form button[type=submit]")
     for model in ("tiny", "first"):
         page.wait_for_selector(f".play-col[data-model={model}] .msg.assistant[data-done=true]", timeout=60_000)
-    texts = {m: page.inner_text(f".play-col[data-model={m}] .msg.assistant") for m in ("tiny", "first")}
+    texts = {m: page.eval_on_selector(f".play-col[data-model={m}] .msg.assistant", "e => e.textContent")
+             for m in ("tiny", "first")}
     for model, text in texts.items():
         r = call(ui, "POST", "/v1/chat/completions", json={
             "model": model, "messages": [{"role": "user", "content": "What is 3 plus 4?"}], "temperature": 0,
             "max_tokens": 12})
-        assert r.json()["choices"][0]["message"]["content"].strip() == text.strip(), model
+        assert r.json()["choices"][0]["message"]["content"] == text, model  # exactly, whitespace included
         assert "12 tokens" in page.inner_text(f".play-col[data-model={model}] .stats")
     assert texts["tiny"] != texts["first"]  # the adapter changes the answer (trained at lr 1e-3 for 60 steps)
     page.screenshot(path=shots / "playground.png")
