@@ -191,3 +191,28 @@ def test_stop_ends_the_run_and_keeps_its_last_checkpoint(ui):
     assert call(ui, "POST", "/ui/api/runs/long/stop").status_code == 409  # not running any more
     again = call(ui, "POST", "/ui/api/runs", json=form(name="long"))
     assert again.status_code == 409  # a name is never reused over an earlier run
+
+
+@pytest.mark.parametrize("argv", [["ui", "--host", "0.0.0.0"], ["serve", "--ui", "--host", "0.0.0.0"],
+                                  ["ui", "--host", "192.168.1.5", "--runs", "x"]])
+def test_listening_beyond_loopback_needs_a_key(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2  # refused before any model loads
+    err = capsys.readouterr().err
+    assert "needs --api-key" in err and "--host" in err
+
+
+def test_status_from_the_files_a_run_leaves(tmp_path):
+    from loraforge.ui import runs as R
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert R.status(run) == "unknown"  # started in a terminal, nothing says how it ended
+    assert R.status(run, {"pid": os.getpid(), "exit_code": None}) == "failed"  # this process is not a loraforge run
+    assert R.status(run, {"pid": 1, "exit_code": 0}) == "finished"
+    assert R.status(run, {"pid": 1, "exit_code": 130}) == "stopped"
+    assert R.status(run, {"pid": 1, "exit_code": 2}) == "failed"
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    assert R.status(run) == "finished"

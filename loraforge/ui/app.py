@@ -82,11 +82,13 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
 
     @api.get("/runs")
     def runs():
-        return {"runs": R.list_runs(runs_dir)}
+        return {"runs": R.list_runs(runs_dir, launcher.running())}
 
     def _status(path: Path) -> str:
-        launch = R._json(R.meta_dir(runs_dir, path.relative_to(runs_dir).as_posix()) / "launch.json")
-        return R.status(path, launch)
+        name = path.relative_to(runs_dir).as_posix()
+        if name in launcher.running():
+            return "running"
+        return R.status(path, R._json(R.meta_dir(runs_dir, name) / "launch.json"))
 
     @api.get("/runs/{name:path}/metrics")
     def metrics(name: str, offset: int = 0):

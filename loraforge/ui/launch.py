@@ -102,6 +102,12 @@ class Launcher:
         threading.Thread(target=self._wait, args=(name, proc, record), daemon=True).start()
         return record
 
+    def running(self) -> frozenset:
+        """Runs this launcher started whose exit is not recorded yet (a process that just ended counts until its
+        exit code is in launch.json, so the status never reads 'failed' in between)."""
+        with self.lock:
+            return frozenset(self.procs)
+
     def _write(self, name: str, record: dict) -> None:
         path = meta_dir(self.runs_dir, name) / "launch.json"
         tmp = path.with_suffix(".tmp")

@@ -135,18 +135,19 @@ def run_config(root: Path, path: Path) -> str | None:
     return None
 
 
-def summary(root: Path, path: Path) -> dict:
+def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
+    """`running`: names whose process this server is still waiting for (their exit is being recorded)."""
     name = path.relative_to(root).as_posix()
     launch = _json(meta_dir(root, name) / "launch.json") or {}
     files = [p for p in (path.iterdir() if path.is_dir() else ()) if p.exists()]
-    return {"name": name, "status": status(path, launch), "config": run_config(root, path),
+    return {"name": name, "status": "running" if name in running else status(path, launch), "config": run_config(root, path),
             "started": launch.get("started"), "exit_code": launch.get("exit_code"),
             "has_adapter": (path / "adapter" / "adapter_config.json").is_file(),
             "has_forgetting": (path / "forgetting.json").is_file(),
             "mtime": max((p.stat().st_mtime for p in files), default=launch.get("started") or 0)}
 
 
-def list_runs(root: Path) -> list[dict]:
+def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first."""
     root = Path(root).resolve()
     if not root.is_dir():
@@ -157,7 +158,7 @@ def list_runs(root: Path) -> list[dict]:
             found.append(p)
         elif p.is_dir() and not p.is_symlink() and p.name != UI_DIR:
             found += [q for q in sorted(p.iterdir()) if is_run(q)]
-    return sorted((summary(root, p) for p in dict.fromkeys(found)), key=lambda s: -s["mtime"])
+    return sorted((summary(root, p, running) for p in dict.fromkeys(found)), key=lambda s: -s["mtime"])
 
 
 def forgetting(path: Path) -> dict | None:
