@@ -216,3 +216,20 @@ def test_status_from_the_files_a_run_leaves(tmp_path):
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
     assert R.status(run) == "finished"
+
+
+@pytest.mark.parametrize("argv", [["ui"], ["serve", "--ui"]])
+def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))  # start-up only
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, "--model", str(tiny_dir), "--runs", "myruns", "--api-key", KEY]) == 0
+    (app, kw), = apps
+    assert kw["host"] == "127.0.0.1"
+    client = TestClient(app)
+    assert client.get("/ui/api/runs").status_code == 401
+    assert client.get("/ui/api/runs", headers={"Authorization": f"Bearer {KEY}"}).json() == {"runs": []}
+    assert (tmp_path / "myruns").is_dir() and client.get("/ui/").status_code == 200
