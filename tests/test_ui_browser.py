@@ -74,30 +74,29 @@ def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa:
     assert "lora.r" in shown
     page.screenshot(path=shots / "start-form-error.png")
 
-    # 2. a run from the form: its loss curve grows while it trains, then it finishes
+    # 2. two runs from the form, the second started while the first trains (both ticked: one chart overlays them);
+    # the loss curve gets new points while they train, then both finish
     start_run(page, name="first", r="4", lr="1e-3", max_steps="60", batch_size="4", save_every="30",
               target_modules="q_proj, v_proj")
     page.wait_for_selector("#runs tr[data-run=first]")
-    seen, deadline = [], time.monotonic() + 90
+    start_run(page, name="second", r="8", lr="3e-3", max_steps="30", batch_size="4", save_every="30")
+    page.wait_for_selector("#runs tr[data-run=second]")
+    total = 61 + 31  # log_every 1: one point per step, and each run's held-out loss at its end
+    seen, deadline = [], time.monotonic() + 100
     while time.monotonic() < deadline:
-        status = page.get_attribute("#runs tr[data-run=first]", "data-status")
+        statuses = {r: page.get_attribute(f"#runs tr[data-run={r}]", "data-status") for r in ("first", "second")}
         n = points(page)
-        if status == "running" and n and (not seen or n != seen[-1]):
+        if "running" in statuses.values() and n and (not seen or n != seen[-1]):
             seen.append(n)
-        if status == "finished" and n == 61:
+        if set(statuses.values()) == {"finished"} and n == total:
             break
         time.sleep(0.1)
-    assert page.get_attribute("#runs tr[data-run=first]", "data-status") == "finished"
-    assert points(page) == 61  # log_every 1: one point per step, and the held-out loss at the end
-    partial = [n for n in seen if n < 61]  # (the list's status can lag the curve by its 3 s refresh)
-    assert len(partial) >= 2 and seen == sorted(seen), seen  # new points arrived while it was training
-    page.screenshot(path=shots / "run-live.png")
-
-    # 3. a second run, both ticked: one chart overlays both curves
-    start_run(page, name="second", r="8", lr="3e-3", max_steps="30", batch_size="4", save_every="30")
-    page.wait_for_function("() => document.querySelector('#runs tr[data-run=second]')?.dataset.status === 'finished'",
-                           timeout=90_000)
-    page.wait_for_function("() => document.querySelector('#chart-loss').dataset.points === '92'", timeout=10_000)
+        if len(seen) == 3:
+            page.screenshot(path=shots / "run-live.png")
+    assert {page.get_attribute(f"#runs tr[data-run={r}]", "data-status") for r in ("first", "second")} == {"finished"}
+    assert points(page) == total
+    partial = [n for n in seen if n < total]  # (the list's status can lag the curve by its 3 s refresh)
+    assert len(partial) >= 2 and seen == sorted(seen), seen  # new points arrived while they were training
     assert page.locator("#chart-loss .u-legend .u-series").count() == 5  # step axis; each run's train, held-out
     page.screenshot(path=shots / "compare-runs.png")
 
