@@ -125,7 +125,7 @@ function draw() {
     if (state.charts[metric] && state.charts[metric].key === key) { state.charts[metric].plot.setData(data); continue; }
     state.charts[metric]?.plot.destroy();
     const opts = { width: 450, height: 220, series, scales: { x: { time: false } },
-                   axes: [{ label: "step" }, { size: 60 }], legend: { show: true } };
+                   axes: [{ label: "step" }, { size: 60, values: (u, vals) => vals.map(v => v == null ? "" : String(Number(v.toPrecision(3)))) }], legend: { show: true } };
     state.charts[metric] = { key, plot: new uPlot(opts, data, box) };
   }
 }
