@@ -193,7 +193,8 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
 
 def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
-          max_batch: int = 32, max_queue: int = 256, precision: str = "auto", dtype: str | None = None) -> None:
+          max_batch: int = 32, max_queue: int = 256, precision: str = "auto", dtype: str | None = None,
+          ui: bool = False, runs: str = "runs") -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -208,6 +209,8 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         max_queue: waiting requests before answering 429
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base, in which it decodes: fp32, bf16 or fp16 (default: the precision's)
+        ui: also serve the web dashboard at /ui/ (see `loraforge ui`; datasets from the current folder)
+        runs: the dashboard's runs folder
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
@@ -219,8 +222,37 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         if not sep or not name or not path:
             raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
         pairs[name] = path
+    extend = None
+    if ui:  # the dashboard's routes on the same app (loraforge.ui imports serve, never the other way)
+        from .ui.app import check_host, mount, training_models
+
+        check_host(host, api_key)
+        extend = lambda app, engine: mount(app, runs, ".", training_models(model, None), engine, api_key)  # noqa: E731
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
-               precision)
+               precision, extend=extend)
+
+
+def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,
+       models_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+       precision: str = "auto", dtype: str | None = None) -> None:
+    """A web dashboard: live run curves, start/stop runs, chat with base and adapters side by side, adapters.
+
+    Args:
+        model: the base model served to the playground and offered to the run form
+        runs: the runs folder (each run's output_dir); the page starts its runs here
+        data_dir: dataset files the form offers (paths outside it are refused)
+        adapters_dir: where POST /v1/adapters loads from (default: the runs folder)
+        models_dir: more base models for the form: each transformers directory in it
+        host: address to listen on; anything but loopback needs --api-key
+        port: port to listen on
+        api_key: when set, the page and the API need it
+        precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
+        dtype: storage of the served base: fp32, bf16 or fp16 (default: the precision's)
+    """
+    from .ui.app import run_ui
+
+    _check_precision(precision, dtype)
+    run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision)
 
 
 def _commands() -> dict:
@@ -228,7 +260,7 @@ def _commands() -> dict:
     from loraforge.studies.forgetting import cli_forgetting
 
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
-            "estimate": cli_estimate, "forgetting": cli_forgetting}
+            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui}
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value

@@ -4,6 +4,12 @@
 # of loraforge/peft/bitsandbytes is then already satisfied (otherwise pip pulls several GB of CUDA wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The dashboard's browser tests drive Debian's chromium through Playwright (no browser download); as root with
+# apt-get it is installed here, elsewhere tests/test_ui_browser.py is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium could not be installed: the browser tests will be skipped" >&2
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -277,7 +277,8 @@ class ServerThread:
 
 def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = None, adapters_dir: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
-               max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto") -> None:
+               max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto",
+               extend=None) -> None:
     """Serve `model` with LoRA adapters over an OpenAI-compatible HTTP API until interrupted.
 
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
@@ -290,6 +291,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
+    extend: called as extend(app, engine) before serving, to add routes (`serve --ui` mounts the dashboard).
     """
     import uvicorn
 
@@ -300,6 +302,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, api_key=api_key)
+    if extend is not None:
+        extend(app, engine)
     names = ", ".join(engine.adapter_names()) or "none"
     print(f"serving {model} with adapters: {names} on http://{host}:{port}/v1", flush=True)
     try:

@@ -1,0 +1,152 @@
+"""Start and stop `python -m loraforge train` from the page, as a separate process that outlives the page.
+
+The form's fields become a config dict that goes through the same validation as the CLI
+(`load_train_config`), so a bad value is refused with the CLI's own message; the dict is written as
+<runs>/.ui/<name>/config.yaml and the run is `python -m loraforge train that.yaml` (an argv list, never a shell),
+in its own session so that closing the page, or Ctrl-C on the server, does not stop it.
+
+Stop sends SIGINT: train raises KeyboardInterrupt between operations and the CLI exits 130. Checkpoints are
+written to a temporary directory and renamed, so the last complete one is kept whatever the moment; the run
+continues from it with `loraforge train <config.yaml> --resume`. A run that has not exited 10 s later gets SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import load_train_config
+from .runs import PathError, inside, meta_dir, pid_alive
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+METHODS = ("lora", "qlora", "dora", "adalora", "full")
+
+
+def _scalar(value):
+    """A form value as the CLI reads `key=value`: parsed as YAML (so '8' is 8, '2e-4' a float, '' None)."""
+    if not isinstance(value, str):
+        return value
+    parsed = yaml.safe_load(value) if value.strip() else None
+    return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
+
+
+def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, str]) -> tuple[str, dict]:
+    """The run name and the config dict for a form; raises PathError for a name or path outside its folder.
+
+    `models` maps the names the page offers to what model.name gets (a directory or built-in name). The method
+    `dora` is LoRA with lora.use_dora, as in the CLI's configs.
+    """
+    name = str(form.get("name", ""))
+    if not NAME.match(name):
+        raise PathError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (up to 64, not starting with '.')")
+    model = str(form.get("model", ""))
+    if model not in models:
+        raise PathError(f"model {model!r}: choose one of {', '.join(models)}")
+    dataset = inside(data_dir, str(form.get("dataset", "")))
+    method = str(form.get("method", "lora"))
+    targets = [t.strip() for t in str(form.get("target_modules") or "").split(",") if t.strip()]
+    lora = {"r": _scalar(form.get("r", "8")), "lora_alpha": _scalar(form.get("lora_alpha", "16"))}
+    if targets:
+        lora["target_modules"] = targets
+    if method == "dora":
+        method, lora["use_dora"] = "lora", True
+    training = {"lr": _scalar(form.get("lr", "2e-4")), "max_steps": _scalar(form.get("max_steps", "100")),
+                "save_every": _scalar(form.get("save_every", "10"))}
+    for key in ("batch_size", "log_every"):
+        if str(form.get(key, "")).strip():
+            training[key] = _scalar(form[key])
+    config = {"model": {"name": models[model]}, "method": method, "lora": lora,
+              "data": {"train": str(dataset)}, "training": training,
+              "output_dir": str(inside(runs_dir, name, must_exist=False))}
+    return name, config
+
+
+def validate(config: dict) -> None:
+    """The CLI's validation of this config; raises ConfigError with the CLI's message."""
+    load_train_config(None, [], base=config)
+
+
+class Launcher:
+    """Runs started from the page: start(), stop(); a thread per run records its exit code in launch.json."""
+
+    def __init__(self, runs_dir: str | Path):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    def start(self, name: str, config: dict) -> dict:
+        validate(config)
+        out, meta = Path(config["output_dir"]), meta_dir(self.runs_dir, name)
+        if out.exists() or meta.exists():
+            raise FileExistsError(f"run {name!r} exists already in {self.runs_dir}; choose another name")
+        meta.mkdir(parents=True)
+        (meta / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [sys.executable, "-m", "loraforge", "train", str(meta / "config.yaml")]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(meta / "train.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=self.runs_dir, start_new_session=True)  # survives the page and the server
+        record = {"pid": proc.pid, "argv": argv, "started": time.time(), "exit_code": None}
+        self._write(name, record)
+        with self.lock:
+            self.procs[name] = proc
+        threading.Thread(target=self._wait, args=(name, proc, record), daemon=True).start()
+        return record
+
+    def running(self) -> frozenset:
+        """Runs this launcher started whose exit is not recorded yet (a process that just ended counts until its
+        exit code is in launch.json, so the status never reads 'failed' in between)."""
+        with self.lock:
+            return frozenset(self.procs)
+
+    def _write(self, name: str, record: dict) -> None:
+        path = meta_dir(self.runs_dir, name) / "launch.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def _wait(self, name: str, proc: subprocess.Popen, record: dict) -> None:
+        record["exit_code"] = proc.wait()
+        record["ended"] = time.time()
+        self._write(name, record)
+        with self.lock:
+            self.procs.pop(name, None)
+
+    def stop(self, name: str, grace: float = 10.0) -> bool:
+        """SIGINT to a running run (its last complete checkpoint stays); SIGTERM after `grace` seconds.
+        False when the run is not running."""
+        path = meta_dir(self.runs_dir, name) / "launch.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        pid = record.get("pid")
+        if not pid or record.get("exit_code") is not None or not pid_alive(pid):
+            return False
+        os.kill(pid, signal.SIGINT)
+
+        def escalate():
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                if not pid_alive(pid):
+                    return
+                time.sleep(0.1)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+        threading.Thread(target=escalate, daemon=True).start()
+        return True
+
+    def shutdown(self) -> None:
+        """Nothing to do: the runs go on without the server (their exit code is then not recorded)."""
