@@ -28,9 +28,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..config import ConfigError
-from . import runs as R
-from .launch import METHODS, Launcher, form_config
+from loraforge.config import ConfigError
+from loraforge.models import load_base
+from loraforge.precision import choose
+from loraforge.serve.api import create_app
+from loraforge.serve.engine import Engine
+from loraforge.ui import runs as R
+from loraforge.ui.launch import METHODS, Launcher, form_config
 
 STATIC = Path(__file__).parent / "static"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -228,11 +232,6 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
            dtype: str = "auto", precision: str = "auto") -> None:
     """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted."""
     import uvicorn
-
-    from ..models import load_base
-    from ..precision import choose
-    from ..serve.api import create_app
-    from ..serve.engine import Engine
 
     check_host(host, api_key)
     Path(runs).mkdir(parents=True, exist_ok=True)

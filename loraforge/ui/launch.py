@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_train_config
-from .runs import PathError, inside, meta_dir, pid_alive
+from loraforge.config import load_train_config
+from loraforge.ui.runs import PathError, inside, meta_dir, pid_alive
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from loraforge import cli
-from loraforge.train import last_checkpoint, verify_checkpoint
+from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 
 KEY = "sk-ui-test"
 
