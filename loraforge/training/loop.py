@@ -20,6 +20,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,7 +303,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     """
     run = setup(cfg, resume, overwrite, precision)
     start_tokens = run.tokens_seen
-    loss_value, eval_loss, seconds = fit(run, progress, append_log=resume)
+    with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C: stop after the current step, checkpoint kept
+        loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
     return finish(run, loss_value, eval_loss, seconds, start_tokens)
 
 
@@ -392,8 +395,12 @@ def restore(run: Run) -> None:
         print(f"resuming from {found} (step {run.step}/{run.total_steps})", flush=True)
 
 
-def fit(run: Run, progress: bool = True, append_log: bool = False) -> tuple[float, float | None, float]:
-    """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds)."""
+def fit(run: Run, progress: bool = True, append_log: bool = False,
+        stop: StopRequest | None = None) -> tuple[float, float | None, float]:
+    """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds).
+
+    With `stop`: once it is requested (SIGINT), the loop saves a checkpoint at the step it reached and raises
+    KeyboardInterrupt; `--resume` continues from there."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
     log = MetricsLog(run.out / "metrics.jsonl", append=append_log) if run.is_main else None
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
@@ -402,6 +409,15 @@ def fit(run: Run, progress: bool = True, append_log: bool = False) -> tuple[floa
     epoch_batches: dict[int, list[list[int]]] = {}
     group = t.gradient_accumulation * run.world
     while run.step < run.total_steps:
+        if stop is not None and stop.requested:
+            if run.is_main and not (run.ckpt_root / f"step-{run.step:07d}").exists():
+                save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg,
+                                checkpoint_state(run))
+            if run.is_main:
+                bar.write(f"stopped at step {run.step}: checkpoint saved; continue with --resume")
+                bar.close()
+                log.close()
+            raise KeyboardInterrupt
         # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r takes r, r+world, ...
         epoch, within = divmod(run.step, run.per_epoch)
         if epoch not in epoch_batches:
@@ -445,14 +461,42 @@ def fit(run: Run, progress: bool = True, append_log: bool = False) -> tuple[floa
                 bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
                           f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
         if run.is_main and ((t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps):
-            state = {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
-                     "allocator": run.allocator.state() if run.allocator is not None else {},
-                     "scaler": scaler.state_dict(), "skipped_steps": run.skipped_steps}
-            save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg, state)
+            save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg, checkpoint_state(run))
     bar.close()
     if log is not None:
         log.close()
     return loss_value, eval_loss, time.perf_counter() - start
+
+
+def checkpoint_state(run: Run) -> dict:
+    """What a checkpoint keeps beyond weights and optimizer: counters, AdaLoRA's allocator, the loss scaler."""
+    return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
+            "allocator": run.allocator.state() if run.allocator is not None else {},
+            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
+
+
+class StopRequest:
+    """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop) asks the loop to stop after the step it
+    is in rather than interrupting it mid-step; a second one interrupts at once. Only in the main thread of a
+    single process (under torchrun the ranks could see it at different steps: there SIGINT interrupts)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self._previous = enabled, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, bool]:

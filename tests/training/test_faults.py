@@ -5,6 +5,7 @@ exit code 2, no traceback. Training is fp32 on the tiny model (conftest.tiny_dir
 """
 
 import os
+import signal
 import re
 import shutil
 import subprocess
@@ -293,3 +294,28 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
     assert str(e.value) == ("loss is inf at step 1; stopping. The last good checkpoint is none (no checkpoint was "
                             "written yet). " + nonfinite_advice(1e-2, "fp32", 1.0, step=1))
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
+
+
+def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole):
+    """SIGINT (Ctrl-C, the dashboard's stop) during step 2: the step completes, step-2 is saved, then the run stops;
+    --resume ends with the uninterrupted run's adapter."""
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, data_file, out) + ["training.save_every=0"]  # no checkpoint but the stop's
+    real = T.optimizer_step
+
+    def step_then_ctrl_c(run, batches):
+        result = real(run, batches)
+        if run.step == 1:  # in the middle of the second step, as far as the loop can tell
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", step_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_train_config(None, args), progress=False)
+    ckpts = out / "checkpoints"
+    assert [d.name for d in sorted(ckpts.iterdir())] == ["step-0000002"]
+    assert verify_checkpoint(ckpts / "step-0000002") is None
+    assert not (out / "adapter").exists()
+    train(load_train_config(None, args), resume=True, progress=False)
+    assert_equal_adapters(adapter(out), whole)
