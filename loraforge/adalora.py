@@ -127,7 +127,6 @@ class AdaLoraConfig:
             "inference_mode": True,
             "layers_pattern": None,
             "revision": None,
-            "library": "loraforge",
         }
 
     @classmethod

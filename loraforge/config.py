@@ -248,7 +248,6 @@ class LoraConfig:
             "inference_mode": True,
             "layers_pattern": None,
             "revision": None,
-            "library": "loraforge",
         }
 
     @classmethod
