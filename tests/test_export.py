@@ -93,3 +93,166 @@ def test_merged_gguf_loads_in_transformers_with_equal_logits(tiny_pair, kind, tm
         want = ours(base, adapter)(IDS).logits
         got = back(IDS).logits
     torch.testing.assert_close(got, want, **BOUNDS[kind])
+
+
+# --- llama.cpp's LoRA GGUF -------------------------------------------------------------------------------------
+def gguf_tensors(path):
+    """{name: fp32 array in torch's (rows, cols) order} of a GGUF file, de-quantized."""
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+        tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}, reader
+
+
+def test_gguf_lora_file_names_metadata_and_delta_equal_the_merged_export(tiny_pair, tmp_path):
+    """The adapter file as convert_lora_to_gguf writes it; alpha / r · lora_b · lora_a (llama.cpp's formula) equals
+    merged minus base, both exported as f32 GGUF by the merged path (so layouts and permutations are checked)."""
+    from loraforge.export.gguf_lora import export_gguf_lora
+
+    family, base, adapter = tiny_pair
+    out = export_gguf_lora(str(base), str(adapter), tmp_path / "lora" / "adapter.gguf")
+    lora, reader = gguf_tensors(out)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}[family]
+    assert fields["general.architecture"] == arch and fields["general.type"] == "adapter"
+    assert fields["adapter.type"] == "lora" and fields["adapter.lora.alpha"] == 8.0
+    merged, _ = gguf_tensors(export_gguf(str(base), str(adapter), tmp_path / "m.gguf", type="f32"))
+    plain, _ = gguf_tensors(export_gguf(str(base), None, tmp_path / "b.gguf", type="f32"))
+    pairs = sorted({n.rsplit(".", 1)[0] for n in lora})
+    n_linear = {"llama": 7, "qwen2": 7, "gpt2": 4}[family] * 2
+    assert len(pairs) == n_linear and len(lora) == 2 * n_linear
+    for name in pairs:
+        a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+        assert name.startswith("blk.") and a.shape[1] == merged[name].shape[1] and b.shape[0] == merged[name].shape[0]
+        delta = (8.0 / a.shape[0]) * (b @ a)
+        np.testing.assert_allclose(plain[name] + delta, merged[name], atol=1e-5, rtol=1e-5)
+    text = (out.parent / "Modelfile").read_text()
+    assert "ADAPTER ./adapter.gguf" in text and "FROM ./base.gguf" in text
+
+
+@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "bias", "adalora"])
+def test_gguf_lora_refuses_what_llama_cpp_cannot_express(variant, tiny_dir, tmp_path):
+    from loraforge.adalora import AdaLoraConfig, inject_adalora
+    from loraforge.export.gguf_lora import export_gguf_lora
+    from loraforge.export.gguf_names import ExportError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    if variant == "adalora":
+        inject_adalora(model, AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3))
+    else:
+        extra = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=("lm_head",)),
+                 "bias": dict(bias="lora_only")}[variant]
+        inject(model, LoraConfig(r=2, **extra))
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(ExportError, match="--to gguf"):
+        export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+# --- vLLM -------------------------------------------------------------------------------------------------------
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+PEFT_TOL = dict(atol=1e-4, rtol=1e-4)  # the issue's bound; fp32 sums in another order differ by ~1e-6
+
+
+def _peft_logits(build, adapter_dir):
+    import peft
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 128, (2, 9), generator=g)
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(build(), adapter_dir)(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["patterns", "rslora", "adalora", "plain"])
+def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path):
+    from loraforge.adalora import AdaLoraConfig, RankAllocator, inject_adalora
+    from loraforge.export.vllm import check_vllm, convert_for_vllm
+
+    build = BUILDERS[arch]
+    model = build()
+    if kind == "adalora":  # pruned by the allocator: a rank_pattern with different ranks per module
+        inject_adalora(model, AdaLoraConfig(total_step=6, init_r=4, target_r=2, tinit=1, tfinal=2, lora_alpha=16,
+                                            init_lora_weights=False))
+        allocator = RankAllocator(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+        for step in range(1, 7):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            allocator.step(model, step)
+            opt.zero_grad()
+    else:
+        extra = {"patterns": dict(rank_pattern={"q_proj": 2, "c_attn": 2}, alpha_pattern={"v_proj": 5, "c_proj": 3}),
+                 "rslora": dict(use_rslora=True), "plain": {}}[kind]
+        inject(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
+    save_adapter(model, tmp_path / "a")
+    refusals, conversions = check_vllm(tmp_path / "a")
+    assert refusals == [] and (conversions == []) == (kind == "plain")
+    out, notes = convert_for_vllm(tmp_path / "a", tmp_path / "v")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] == cfg["r"] and not cfg["use_rslora"]
+    assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {} and not cfg["use_dora"]
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_shape()[0] for k in f.keys() if ".lora_A." in k} == {cfg["r"]}
+    torch.testing.assert_close(_peft_logits(build, out), _peft_logits(build, tmp_path / "a"), **PEFT_TOL)
+    assert not torch.allclose(_peft_logits(build, out), build()(torch.zeros(1, 1, dtype=torch.long)).logits[:1, :1])
+
+
+@pytest.mark.parametrize("variant,reason", [("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
+                                            ("bias", "bias")])
+def test_vllm_refuses_dora_modules_to_save_and_bias(variant, reason, tmp_path):
+    from loraforge.export.gguf_names import ExportError
+    from loraforge.export.vllm import check_vllm, convert_for_vllm
+
+    extra = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=("lm_head",)),
+             "bias": dict(bias="all")}[variant]
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2, **extra)), tmp_path / "a")
+    refusals, _ = check_vllm(tmp_path / "a")
+    assert len(refusals) == 1 and reason in refusals[0]
+    with pytest.raises(ExportError, match=f"{reason}.*loraforge merge"):
+        convert_for_vllm(tmp_path / "a", tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+
+
+# --- PEFT loads our adapters silently ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lora", "adalora"])
+def test_peft_loads_our_adapter_without_any_warning(kind, tmp_path):
+    from loraforge.adalora import AdaLoraConfig, inject_adalora
+
+    model = tiny_llama()
+    if kind == "lora":
+        inject(model, LoraConfig(r=2, rank_pattern={"q_proj": 1}))
+    else:
+        inject_adalora(model, AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3))
+    save_adapter(model, tmp_path)
+    assert "library" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata()["library"] == "loraforge"  # provenance where PEFT does not look
+    assert _peft_warnings(tmp_path) == []
+    path = tmp_path / "adapter_config.json"  # the control: an older loraforge file, with the key, does warn
+    path.write_text(json.dumps({**json.loads(path.read_text()), "library": "loraforge"}))
+    assert any("['library']" in w for w in _peft_warnings(tmp_path))
+
+
+def _peft_warnings(adapter_dir) -> list[str]:
+    """Every warning PEFT raises loading `adapter_dir`, but transformers' own deprecation of a method PEFT 0.21 calls
+    (`is_gradient_checkpointing`, raised for any adapter, whatever its files hold)."""
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+    return [str(w.message) for w in caught if "is_gradient_checkpointing" not in str(w.message)]
+
+
+def test_older_adapters_with_the_library_key_still_load(tmp_path, input_ids):
+    model = inject(tiny_llama(), LoraConfig(r=2, init_lora_weights=False))
+    save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "library": "loraforge"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
