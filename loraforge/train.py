@@ -416,6 +416,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     from .inject import count_parameters, parameter_report
     from .models import load_tokenizer
     from .report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+    from .trackers import TrackedLog, open_tracker
 
     rank, world, device = setup_distributed()
     is_main = rank == 0
@@ -498,7 +499,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
                   f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)
-    log = MetricsLog(out / "metrics.jsonl", append=resume) if is_main else None
+    log = TrackedLog(MetricsLog(out / "metrics.jsonl", append=resume),  # + training.report_to's tracker
+                     open_tracker(t.report_to, out, to_dict(cfg))) if is_main else None
     bar = progress_bar(total_steps, initial=step, enabled=is_main and progress)
 
     start, start_tokens = time.perf_counter(), tokens_seen
@@ -574,6 +576,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                           f"{scaler.get_scale():g} ({skipped_steps} skipped so far)")
             if step % t.log_every == 0 or step == total_steps or skipped:
                 extra = {"loss_scale": scaler.get_scale(), "skipped_steps": skipped_steps} if scaler.is_enabled() else {}
+                if allocator is not None:
+                    extra["rank_budget"] = allocator.budget(step)[0]  # AdaLoRA's total rank at this step
                 log.write(step=step, loss=loss_value, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                           tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed, **extra)
         if eval_examples and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):

@@ -256,3 +256,144 @@ def test_older_adapters_with_the_library_key_still_load(tmp_path, input_ids):
         warnings.simplefilter("error")
         loaded = load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+# --- the built-in model: a trained adapter merged, read back by transformers (and llama.cpp where installed) -----
+@pytest.fixture(scope="module")
+def smol_export(tmp_path_factory):
+    """The demo's recipe trained for 6 steps on the built-in model, exported merged as f32 and q8_0 GGUF."""
+    from loraforge.demo import demo_config
+    from loraforge.train import train
+
+    root = tmp_path_factory.mktemp("smol")
+    train(demo_config(str(root / "run"), max_steps=6), progress=False)
+    adapter = root / "run" / "adapter"
+    files = {kind: export_gguf("smollm2-135m", str(adapter), root / f"merged-{kind}.gguf", type=kind)
+             for kind in ("f32", "q8_0")}
+    return adapter, files
+
+
+@pytest.fixture(scope="module")
+def smol_models(smol_export):
+    """(base + adapter as loraforge runs it, the same merged by loraforge, tokenizer)."""
+    from loraforge.merge import merge_and_unload
+
+    adapter, _ = smol_export
+    model, tokenizer = load_base("smollm2-135m", dtype="fp32")
+    merged, _ = load_base("smollm2-135m", dtype="fp32")
+    return load_adapter(model, str(adapter)), merge_and_unload(load_adapter(merged, str(adapter))), tokenizer
+
+
+def ten_dates(tokenizer):
+    from loraforge import data as D
+    from loraforge.demo import TEST_DATA
+
+    records = D.read_records(TEST_DATA)[:10]
+    return [D.prompt_ids(r, tokenizer, "instruction") for r in records]
+
+
+# Logits against loraforge's own merged model (the weights the file holds; SmolLM2: 30 layers, |logits| up to ~30).
+# f32: the same weights, only the summation order may differ. q8_0: every 2-D weight rounded to 8 bits per block of
+# 32 with an f16 scale (relative error up to 1/254 per weight); the bound is the measured max |Δlogit| on these
+# prompts (PLACEHOLDER) with headroom, and the greedy answers must still agree.
+SMOL_BOUNDS = {"f32": dict(atol=1e-5, rtol=1e-5), "q8_0": dict(atol=0.6, rtol=0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_merged_builtin_model_round_trips_through_gguf(smol_export, smol_models, kind):
+    from transformers import AutoTokenizer
+
+    from loraforge.evaluate import generate
+
+    _, files = smol_export
+    model, merged, tokenizer = smol_models
+    path = files[kind]
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    back_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    prompts = ten_dates(tokenizer)
+    assert ten_dates(back_tokenizer) == prompts  # the tokenizer and chat template came across
+    worst = 0.0
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            got, want = back(x).logits, merged(x).logits
+            worst = max(worst, (got - want).abs().max().item())
+            torch.testing.assert_close(got, want, **SMOL_BOUNDS[kind])
+    print(f"{kind}: max |logit difference| against loraforge's merged model {worst:.2e}")
+    ours = generate(model, tokenizer, prompts, max_new_tokens=16)
+    assert generate(back, tokenizer, prompts, max_new_tokens=16) == ours
+    assert sum(o.strip()[:2] in ("19", "20") for o in ours) >= 5  # the adapter learned something date-like
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python (optional extra 'gguf') is not installed")
+def test_llama_cpp_gives_loraforge_greedy_answers(smol_export, smol_models, tmp_path):
+    """llama.cpp itself: the merged f32 file, and the built-in GGUF + the adapter file (--lora)."""
+    from loraforge.evaluate import generate
+    from loraforge.export.gguf_lora import export_gguf_lora
+    from loraforge.models import builtin_gguf_path
+
+    adapter, files = smol_export
+    model, _, tokenizer = smol_models
+    prompts = ten_dates(tokenizer)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=16)
+    lora = export_gguf_lora("smollm2-135m", str(adapter), tmp_path / "adapter.gguf")
+    for kwargs in (dict(model_path=str(files["f32"])), dict(model_path=str(builtin_gguf_path("smollm2-135m")),
+                                                               lora_path=str(lora))):
+        llm = llama_cpp.Llama(n_ctx=256, n_threads=1, verbose=False, seed=0, **kwargs)
+        theirs = []
+        for ids in prompts:
+            out = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+            tokens = []
+            for t in out:
+                if t in (tokenizer.eos_token_id, llm.token_eos()) or len(tokens) == 16:
+                    break
+                tokens.append(t)
+            theirs.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        if "lora_path" in kwargs:  # the Q4_1 base computes in 4-bit kernels: the answers, not every token, agree
+            assert sum(a.strip() == b.strip() for a, b in zip(theirs, ours)) >= 8, (theirs, ours)
+        else:
+            assert [t.strip() for t in theirs] == [o.strip() for o in ours]
+
+
+# --- training.report_to ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_tensorboard_gets_every_logged_metric(method, tiny_dir, data_file, tmp_path):
+    """The event file read back holds, at every logged step, the numbers metrics.jsonl holds."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraforge.config import load_train_config
+    from loraforge.train import train
+
+    over = [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0.2", f"output_dir={tmp_path}",
+            f"method={method}", "lora.r=4", "training.max_steps=4", "training.batch_size=4", "training.eval_every=2",
+            "training.precision=fp32", "training.report_to=tensorboard"]
+    if method == "adalora":
+        over += ["adalora.init_r=4", "adalora.target_r=2", "adalora.tinit=1", "adalora.tfinal=1"]
+    train(load_train_config(None, over), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    fields = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+              "tokens_per_s": "train/tokens_per_second", "eval_loss": "eval/loss"}
+    if method == "adalora":
+        fields["rank_budget"] = "train/rank_budget"
+    for field, tag in fields.items():
+        want = [(r["step"], r[field]) for r in records if field in r]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert len(want) >= (2 if field == "eval_loss" else 4)
+        assert [s for s, _ in got] == [s for s, _ in want]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)  # stored as float32
+
+
+def test_report_to_is_validated_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    from loraforge.config import ConfigError, load_train_config
+    from loraforge.trackers import open_tracker
+
+    with pytest.raises(ConfigError, match="training.report_to"):
+        load_train_config(None, ["data.train=x.jsonl", "training.report_to=tensorbord"])
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"training.report_to: wandb needs .*loraforge\[wandb\]"):
+        open_tracker("wandb", tmp_path, {})
