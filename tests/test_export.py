@@ -327,7 +327,7 @@ def test_merged_builtin_model_round_trips_through_gguf(smol_export, smol_models,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python (optional extra 'gguf') is not installed")
+@pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python (optional extra 'llamacpp') is not installed")
 def test_llama_cpp_gives_loraforge_greedy_answers(smol_export, smol_models, tmp_path):
     """llama.cpp itself: the merged f32 file, and the built-in GGUF + the adapter file (--lora)."""
     from loraforge.evaluate import generate
@@ -397,3 +397,15 @@ def test_report_to_is_validated_and_a_missing_package_is_named(tmp_path, monkeyp
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"training.report_to: wandb needs .*loraforge\[wandb\]"):
         open_tracker("wandb", tmp_path, {})
+
+
+def test_cli_export_vllm_and_its_refusal(tmp_path, capsys):
+    from loraforge.cli import main
+
+    save_adapter(inject(tiny_llama(), LoraConfig(r=4, rank_pattern={"q_proj": 2}, init_lora_weights=False)),
+                 tmp_path / "a")
+    assert main(["export", "--to", "vllm", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "v")]) == 0
+    assert "rank_pattern" in capsys.readouterr().out and (tmp_path / "v" / "adapter_model.safetensors").is_file()
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2, use_dora=True)), tmp_path / "d")
+    assert main(["export", "--to", "vllm", "--adapter", str(tmp_path / "d"), "--out", str(tmp_path / "w")]) == 2
+    assert "DoRA" in capsys.readouterr().err and not (tmp_path / "w").exists()
