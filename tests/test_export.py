@@ -34,8 +34,8 @@ def tiny_qwen2(seed=0, vocab_size=128):
 def tiny_base(family: str, vocab_size: int):
     if family == "llama":
         return tiny_llama(vocab_size=vocab_size, tie_word_embeddings=True)
-    if family == "qwen2":
-        return tiny_qwen2(vocab_size=vocab_size)
+    if family == "qwen2":  # Qwen2 checkpoints pad the embedding past the tokenizer: [PADn] tokens fill the vocab
+        return tiny_qwen2(vocab_size=vocab_size + 64)
     torch.manual_seed(0)
     # n_positions: transformers' GGUF loader does not read gpt2.context_length back (it keeps the default 1024)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=1024,
@@ -93,6 +93,10 @@ def test_merged_gguf_loads_in_transformers_with_equal_logits(tiny_pair, kind, tm
         want = ours(base, adapter)(IDS).logits
         got = back(IDS).logits
     torch.testing.assert_close(got, want, **BOUNDS[kind])
+    reader = gguf.GGUFReader(out)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == want.shape[-1] and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
 
 
 # --- llama.cpp's LoRA GGUF -------------------------------------------------------------------------------------

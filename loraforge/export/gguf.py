@@ -88,7 +88,7 @@ def model_writer(model, path: Path, kind: str, name: str, vocab_from: Path | Non
     if vocab_from is not None:
         copy_vocab(writer, vocab_from)
     else:
-        write_vocab(writer, tokenizer_dir, tokenizer)
+        write_vocab(writer, tokenizer_dir, tokenizer, config.vocab_size)
     pos_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]
     for key, tensor in model.state_dict().items():
         target = gguf_name(key, config, arch)

@@ -27,8 +27,10 @@ def copy_vocab(writer: gguf.GGUFWriter, source: Path) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub)
 
 
-def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer) -> None:
-    """A byte-level BPE tokenizer of a transformers directory as llama.cpp's `gpt2` tokenizer model."""
+def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer, n_vocab: int) -> None:
+    """A byte-level BPE tokenizer of a transformers directory as llama.cpp's `gpt2` tokenizer model, `n_vocab`
+    entries (the embedding's rows; ids the tokenizer lacks become unused [PADn] tokens, as llama.cpp's converter
+    writes them)."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     model = json.loads(path.read_text()).get("model", {}) if path.is_file() else {}
     if model.get("type") != "BPE":
@@ -39,7 +41,7 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer) -> None
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
-    for i in range(max(by_id) + 1):
+    for i in range(max(n_vocab, max(by_id) + 1)):
         token = by_id.get(i, f"[PAD{i}]")
         tokens.append(token)
         if i in special or i not in by_id:
