@@ -296,11 +296,13 @@ def ten_dates(tokenizer):
     return [D.prompt_ids(r, tokenizer, "instruction") for r in records]
 
 
-# Logits against loraforge's own merged model (the weights the file holds; SmolLM2: 30 layers, |logits| up to ~30).
-# f32: the same weights, only the summation order may differ. q8_0: every 2-D weight rounded to 8 bits per block of
-# 32 with an f16 scale (relative error up to 1/254 per weight); the bound is the measured max |Δlogit| on these
-# prompts (PLACEHOLDER) with headroom, and the greedy answers must still agree.
-SMOL_BOUNDS = {"f32": dict(atol=1e-5, rtol=1e-5), "q8_0": dict(atol=0.6, rtol=0)}
+# Logits against loraforge's own merged model (the weights the file holds; SmolLM2: 30 layers, logits std ~8, |max|
+# ~43). f32: the same weights, only the summation order may differ (measured: identical, 0.0). q8_0: every 2-D
+# weight rounded to 8 bits per block of 32 with an f16 scale; the error compounds over 30 layers, so single logits
+# move by up to 1.9 (measured on these ten prompts) while the whole logits tensor moves by 3.1% of its norm
+# (measured): the bound is 5% of the norm, and the greedy answers must agree exactly.
+SMOL_BOUNDS = {"f32": dict(atol=1e-5, rtol=1e-5)}
+Q8_0_RELATIVE_NORM = 0.05
 
 
 @pytest.mark.slow
@@ -323,7 +325,10 @@ def test_merged_builtin_model_round_trips_through_gguf(smol_export, smol_models,
             x = torch.tensor([ids])
             got, want = back(x).logits, merged(x).logits
             worst = max(worst, (got - want).abs().max().item())
-            torch.testing.assert_close(got, want, **SMOL_BOUNDS[kind])
+            if kind == "q8_0":
+                assert (got - want).norm() <= Q8_0_RELATIVE_NORM * want.norm()
+            else:
+                torch.testing.assert_close(got, want, **SMOL_BOUNDS[kind])
     print(f"{kind}: max |logit difference| against loraforge's merged model {worst:.2e}")
     ours = generate(model, tokenizer, prompts, max_new_tokens=16)
     assert generate(back, tokenizer, prompts, max_new_tokens=16) == ours
