@@ -141,6 +141,44 @@ def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), c
     print(f"merged checkpoint written to {path}")
 
 
+def export(*, to: str, out: str, adapter: str | None = None, base: str = "smollm2-135m", type: str | None = None,  # noqa: A002
+           overwrite: bool = False) -> None:
+    """Take the result elsewhere: GGUF for llama.cpp / Ollama / LM Studio, or an adapter vLLM serves as is.
+
+    Args:
+        to: gguf (merged, one file), gguf-lora (the adapter alone + an Ollama Modelfile) or vllm (checked, converted)
+        out: the .gguf file (gguf, gguf-lora) or the adapter directory (vllm)
+        adapter: the adapter directory (gguf: optional, without it the base alone is written)
+        base: the base model the adapter was trained on (gguf, gguf-lora)
+        type: tensor type: f16 (gguf's default), q8_0 or f32 (gguf-lora's default)
+        overwrite: replace an existing --out
+    """
+    from .export.gguf_names import ExportError
+
+    if to == "gguf":
+        from .export.gguf import export_gguf
+
+        print(f"GGUF written to {export_gguf(base, adapter, out, type=type or 'f16', overwrite=overwrite)} "
+              f"(llama-cli -m FILE, or Ollama: FROM FILE)")
+    elif to == "gguf-lora":
+        from .export.gguf_lora import export_gguf_lora
+
+        if adapter is None:
+            raise ExportError("--to gguf-lora needs --adapter DIR")
+        path = export_gguf_lora(base, adapter, out, type=type or "f32", overwrite=overwrite)
+        print(f"llama.cpp LoRA adapter written to {path} (llama-cli -m BASE.gguf --lora {path}); "
+              f"Ollama: ollama create NAME -f {path.parent / 'Modelfile'}")
+    elif to == "vllm":
+        from .export.vllm import convert_for_vllm
+
+        if adapter is None:
+            raise ExportError("--to vllm needs --adapter DIR")
+        path, notes = convert_for_vllm(adapter, out, overwrite=overwrite)
+        print(f"vLLM adapter written to {path}" + "".join(f"\n  {n}" for n in notes))
+    else:
+        raise ExportError(f"--to {to!r}: use gguf, gguf-lora or vllm")
+
+
 def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | None = None,  # noqa: A001
          max_new_tokens: int = 32, limit: int | None = None, precision: str = "auto", dtype: str | None = None,
          probe: list[str] = ()) -> None:
@@ -260,7 +298,7 @@ def _commands() -> dict:
     from loraforge.studies.forgetting import cli_forgetting
 
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
-            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui}
+            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui, "export": export}
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value

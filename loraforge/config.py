@@ -248,7 +248,6 @@ class LoraConfig:
             "inference_mode": True,
             "layers_pattern": None,
             "revision": None,
-            "library": "loraforge",
         }
 
     @classmethod
@@ -365,6 +364,11 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep on disk."""
     log_every: int = 1
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    """Also send every logged metric (loss, learning rate, grad norm, tokens/s, eval loss, AdaLoRA's rank budget) to
+    TensorBoard (<output_dir>/tensorboard), Weights & Biases or MLflow, as transformers' Trainer names them;
+    metrics.jsonl and the loss plot are written either way. Each needs its optional extra, e.g.
+    pip install 'loraforge[tensorboard]' (loraforge.trackers)."""
     attention: Literal["auto", "sdpa", "eager", "lean"] = "auto"
     """The attention kernel while training. auto: lean on CPU when rows are at most 512 tokens (data.max_seq_len),
     SDPA otherwise. lean: loraforge.kernels.attention, eager attention's math keeping only q, k, v and the

@@ -128,7 +128,6 @@ class AdaLoraConfig:
             "inference_mode": True,
             "layers_pattern": None,
             "revision": None,
-            "library": "loraforge",
         }
 
     @classmethod

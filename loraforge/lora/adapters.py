@@ -28,6 +28,8 @@ from loraforge.utils.hf import set_submodule
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
+PROVENANCE = {"format": "pt", "library": "loraforge"}
 
 
 class AdapterError(ValueError):
@@ -77,7 +79,7 @@ def write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], peft_dict: di
     raises files.DiskError naming the directory (other files already in `out` stay)."""
     text = json.dumps(peft_dict, indent=2) + "\n"
     with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text)) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata=PROVENANCE)
         (tmp / CONFIG_NAME).write_text(text)
     return out
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loraforge.config import TrainConfig
+from loraforge.config import TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
@@ -45,6 +45,7 @@ from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+from loraforge.training.trackers import TrackedLog, open_tracker
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import check_run_output
 
@@ -402,7 +403,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     With `stop`: once it is requested (SIGINT), the loop saves a checkpoint at the step it reached and raises
     KeyboardInterrupt; `--resume` continues from there."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
-    log = MetricsLog(run.out / "metrics.jsonl", append=append_log) if run.is_main else None
+    log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log),  # + training.report_to's tracker
+                     open_tracker(t.report_to, run.out, to_dict(cfg))) if run.is_main else None
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None
@@ -450,6 +452,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
                 extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
                          if scaler.is_enabled() else {})
+                if run.allocator is not None:
+                    extra["rank_budget"] = run.allocator.budget(run.step)[0]  # AdaLoRA's total rank at this step
                 log.write(step=run.step, loss=loss_value, lr=run.scheduler.get_last_lr()[0],
                           grad_norm=float(grad_norm), tokens=run.tokens_seen, tokens_per_s=tps, elapsed_s=elapsed,
                           **extra)

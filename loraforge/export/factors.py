@@ -1,0 +1,64 @@
+"""An adapter directory as plain factors per module, ΔW = scale · B·A, read from its files without a base model.
+
+    LoRA     A (r_m, in), B (out, r_m), scale = alpha_m / r_m (or alpha_m / sqrt(r_m) with use_rslora), r_m and
+             alpha_m from rank_pattern / alpha_pattern (PEFT's first-match rule)
+    AdaLoRA  A' = A ∘ E (E: (r, 1) scales A's rows), scale = lora_alpha / (init_r + 1e-5) as PEFT computes it
+
+What a plain LoRA file cannot say is listed by `unsupported` (DoRA, modules_to_save, trained biases): the formats
+that take factors (llama.cpp's LoRA GGUF, vLLM) refuse those with the reason and the alternative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.lora.adapters import PREFIX, read_adapter_config, read_adapter_weights
+from loraforge.config import LoraConfig
+from loraforge.lora.inject import pattern_value
+
+
+@dataclass(frozen=True)
+class Factors:
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    scale: float
+
+
+def unsupported(config) -> list[str]:
+    """Why a plain LoRA file cannot hold this adapter (empty: it can)."""
+    why = []
+    if getattr(config, "use_dora", False):
+        why.append("DoRA (use_dora): its per-row magnitude vector is not a low-rank update")
+    if getattr(config, "modules_to_save", None):
+        why.append(f"modules_to_save {list(config.modules_to_save)}: whole trained modules, not low-rank updates")
+    if config.bias != "none":
+        why.append(f"bias {config.bias!r}: trained biases are not low-rank updates")
+    return why
+
+
+def read_factors(adapter_dir: str | Path):
+    """(config, {module path: Factors}) of a LoRA or AdaLoRA adapter directory, in fp32."""
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_weights(adapter_dir)
+    out = {}
+    for key, A in tensors.items():
+        if not key.endswith((".lora_A.weight", ".lora_A")):
+            continue
+        stem = key.removesuffix(".weight").removesuffix(".lora_A")
+        path = stem.removeprefix(PREFIX)
+        suffix = ".weight" if key.endswith(".weight") else ""
+        A, B = A.float(), tensors[f"{stem}.lora_B{suffix}"].float()
+        if isinstance(config, LoraConfig):
+            r = A.shape[0]
+            alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))
+            scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        else:  # AdaLoRA: bare keys, E folded into A's rows
+            A = A * tensors[f"{stem}.lora_E"].float()
+            alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.init_r)
+            scale = alpha / (config.init_r + 1e-5)
+        out[path] = Factors(A, B, scale)
+    return config, out

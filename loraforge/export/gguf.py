@@ -1,0 +1,121 @@
+"""`loraforge export --to gguf`: base + adapter merged into one GGUF file that llama.cpp, Ollama and LM Studio load.
+
+Writing and Q8_0 quantization are gguf-py's (llama.cpp's own Python package); the names and layouts are
+gguf_names.py's, the tokenizer gguf_vocab.py's. Tensor types follow llama.cpp's converter: 1-D tensors (norms,
+biases) and GPT-2's position embeddings stay F32; 2-D weights take the asked type (Q8_0 needs rows that are a
+multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from loraforge.export.gguf_names import add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
+from loraforge.export.gguf_vocab import copy_vocab, write_vocab
+from loraforge.lora.adapters import load_adapter
+from loraforge.lora.merge import merge_and_unload
+from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
+from loraforge.utils.outputs import OutputError, check_not_input
+
+TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+KEEP_F32 = (gguf.MODEL_TENSOR.POS_EMBD,)
+
+
+def base_gguf(base: str) -> Path | None:
+    """The GGUF file a base comes from (a built-in name or a .gguf path), else None."""
+    if base in BUILTIN_MODELS:
+        return builtin_gguf_path(base)
+    return Path(base).expanduser() if base.endswith(".gguf") else None
+
+
+def check_gguf_output(out: str | Path, overwrite: bool, inputs: list) -> Path:
+    """An output file that may be written: a new one, or an existing file with `overwrite`; never an input."""
+    out = Path(out)
+    check_not_input(out, inputs)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    return out
+
+
+def write_file(writer_for, out: Path) -> Path:
+    """Build a GGUFWriter on a temporary file beside `out` (`writer_for(path)` adds keys and tensors), write it,
+    then rename it into place: `out` appears whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}"
+    try:
+        writer = writer_for(tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def tensor_data(tensor: torch.Tensor, kind: str, keep_f32: bool = False):
+    """(array, raw_dtype) of a tensor in GGUF type `kind` ("f32", "f16", "q8_0"); 1-D tensors stay F32."""
+    array = tensor.detach().float().contiguous().numpy()
+    if kind == "f32" or array.ndim == 1 or keep_f32:
+        return array, None
+    if kind == "q8_0":
+        try:
+            return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.quants.QuantError:  # a row length not divisible by 32: F16, as llama.cpp's converter does
+            pass
+    return array.astype(np.float16), None
+
+
+def model_writer(model, path: Path, kind: str, name: str, vocab_from: Path | None, tokenizer_dir: Path | None,
+                 tokenizer) -> gguf.GGUFWriter:
+    """A GGUFWriter holding `model` (a plain transformers model) with its metadata, tokenizer and tensors."""
+    config = model.config
+    arch = arch_of(config)
+    writer = gguf.GGUFWriter(path, arch_name(arch))
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    add_hparams(writer, config, arch)
+    writer.add_file_type(TYPES[kind])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if vocab_from is not None:
+        copy_vocab(writer, vocab_from)
+    else:
+        write_vocab(writer, tokenizer_dir, tokenizer, config.vocab_size)
+    pos_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]
+    for key, tensor in model.state_dict().items():
+        target = gguf_name(key, config, arch)
+        if target is None:
+            continue
+        array, raw = tensor_data(to_gguf_layout(key, tensor, config, arch), kind, keep_f32=target.startswith(pos_embd))
+        writer.add_tensor(target, array, raw_dtype=raw)
+    return writer
+
+
+def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f16",  # noqa: A002 (the CLI's name)
+                overwrite: bool = False) -> Path:
+    """Merge `adapter` into `base` (fp32) and write one GGUF file; without an adapter, the base alone."""
+    if type not in TYPES:
+        raise OutputError(f"--type {type!r}: use one of {', '.join(TYPES)}")
+    out = check_gguf_output(out, overwrite, [base, adapter])
+    source = base_gguf(base)
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"GGUF file {source} does not exist")
+    model, tokenizer = load_base(base, dtype="fp32")
+    arch_of(model.config)  # refuse an architecture before merging
+    if adapter is not None:
+        load_adapter(model, adapter)
+        merge_and_unload(model)
+    name = Path(base).stem if source is None else source.stem
+    name += f" + {Path(adapter).name}" if adapter else ""
+    tokenizer_dir = None if source is not None else Path(resolve_model(base))
+    return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out)

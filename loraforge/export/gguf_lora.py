@@ -1,0 +1,78 @@
+"""`loraforge export --to gguf-lora`: the adapter alone in llama.cpp's LoRA GGUF format, and an Ollama Modelfile.
+
+What `llama-cli --lora FILE`, llama-server and Ollama's `ADAPTER` line load, as llama.cpp's convert_lora_to_gguf.py
+writes it: `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and per adapted weight
+`blk.N.attn_q.weight.lora_a` (r, in) and `.lora_b` (out, r), in the base's GGUF layout (Llama q/k rows permuted
+in lora_b, gguf_names.py). llama.cpp scales every pair by alpha / r of that pair; where this adapter's own scale
+differs (rank or alpha patterns, rsLoRA) the ratio is folded into lora_b, so ΔW is the same.
+DoRA, AdaLoRA, modules_to_save and trained biases are refused: the merged export expresses them exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+from transformers import AutoConfig
+
+from loraforge.config import LoraConfig
+from loraforge.models import resolve_model
+from loraforge.utils.outputs import OutputError
+from loraforge.export.factors import read_factors, unsupported
+from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, write_file
+from loraforge.export.gguf_names import ExportError, arch_name, arch_of, gguf_name, lora_b_layout
+
+KINDS = ("f32", "f16", "q8_0")
+
+
+def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.GGUFWriter:
+    config, factors = read_factors(adapter)
+    why = unsupported(config)
+    if not isinstance(config, LoraConfig):
+        why.append("AdaLoRA: convert it exactly to plain LoRA first (loraforge export --to vllm)")
+    if why:
+        raise ExportError(f"{adapter}: llama.cpp's LoRA format cannot express {'; '.join(why)}. Export the merged "
+                          f"model instead: loraforge export --to gguf --base BASE --adapter {adapter} --out FILE.gguf")
+    arch = arch_of(hf_config)
+    alpha = float(config.lora_alpha)
+    writer = gguf.GGUFWriter(path, arch_name(arch))
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for module, f in sorted(factors.items()):
+        name = gguf_name(module + ".weight", hf_config, arch)
+        if name is None or name.startswith("token_embd"):
+            raise ExportError(f"{adapter}: module {module} has no llama.cpp LoRA tensor (a tied output head or an "
+                              f"embedding); export the merged model instead (--to gguf)")
+        r = f.lora_A.shape[0]
+        B = lora_b_layout(module, f.lora_B, hf_config, arch) * (f.scale / (alpha / r))  # llama.cpp: alpha / r
+        for suffix, tensor in ((".lora_a", f.lora_A), (".lora_b", B)):
+            array, raw = tensor_data(tensor, kind)
+            writer.add_tensor(name + suffix, array, raw_dtype=raw)
+    return writer
+
+
+def modelfile(base: str, adapter_file: Path) -> str:
+    source = base_gguf(base)
+    if source is not None:
+        from_line = f"FROM {source.resolve()}"
+    else:
+        from_line = (f"# the base as GGUF first: loraforge export --to gguf --base {base} --out base.gguf\n"
+                     f"FROM ./base.gguf")
+    return (f"# Ollama: ollama create NAME -f {adapter_file.parent / 'Modelfile'} && ollama run NAME\n"
+            f"# The adapter applies on the exact base it was trained on.\n{from_line}\nADAPTER ./{adapter_file.name}\n")
+
+
+def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32",  # noqa: A002 (the CLI's name)
+                     overwrite: bool = False) -> Path:
+    """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama `Modelfile` beside it."""
+    if type not in KINDS:
+        raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
+    out = check_gguf_output(out, overwrite, [base, adapter])
+    model_file = out.parent / "Modelfile"
+    if model_file.exists() and not overwrite:
+        raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
+    hf_config = AutoConfig.from_pretrained(resolve_model(base))  # the base's shapes and names; no weights loaded
+    write_file(lambda p: lora_writer(p, adapter, hf_config, type), out)
+    model_file.write_text(modelfile(base, out))
+    return out

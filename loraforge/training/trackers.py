@@ -1,0 +1,123 @@
+"""Experiment trackers (training.report_to): every record the run writes to metrics.jsonl also goes to
+TensorBoard, Weights & Biases or MLflow, under the names transformers' Trainer uses (train/loss, eval/loss, ...).
+
+metrics.jsonl and the loss plot stay the run's own record; a tracker is a copy for the user's dashboards. Each
+tracker's library is an optional extra, imported only when asked for:
+    pip install 'loraforge[tensorboard]'   (or wandb, mlflow)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from loraforge.training.config import ConfigError
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# metrics.jsonl field -> tracker name
+NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+         "tokens_per_s": "train/tokens_per_second", "rank_budget": "train/rank_budget", "eval_loss": "eval/loss",
+         "eval_ppl": "eval/perplexity"}
+
+
+class Tracker(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _require(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError([f"training.report_to: {extra} needs the {extra} package: pip install "
+                           f"'loraforge[{extra}]' (or set training.report_to: none)"]) from None
+
+
+class TensorBoardTracker:
+    """Event files under `<output_dir>/tensorboard` (tensorboard --logdir <output_dir>/tensorboard)."""
+
+    def __init__(self, out_dir: Path, config: dict):
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+        self.writer.add_text("config", f"```\n{config}\n```")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run (project from WANDB_PROJECT, else "loraforge"), files under the output_dir."""
+
+    def __init__(self, out_dir: Path, config: dict):
+        import os
+
+        self.wandb = _require("wandb", "wandb")
+        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "loraforge"), dir=str(out_dir),
+                                   name=Path(out_dir).name, config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run in the tracking store MLFLOW_TRACKING_URI names (MLflow's default: ./mlruns)."""
+
+    def __init__(self, out_dir: Path, config: dict):
+        self.mlflow = _require("mlflow", "mlflow")
+        self.mlflow.start_run(run_name=Path(out_dir).name)
+        self.mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def open_tracker(kind: str, out_dir: Path, config: dict) -> Tracker | None:
+    """The tracker `kind` names (None for "none"); ConfigError when its package is missing."""
+    trackers = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+    return trackers[kind](out_dir, config) if kind != "none" else None
+
+
+class TrackedLog:
+    """metrics.jsonl (loraforge.training.report.MetricsLog) and a tracker together: every record goes to both; the
+    tracker gets the numeric fields but `step`, renamed by NAMES (others as train/<field>)."""
+
+    def __init__(self, log, tracker: Tracker | None):
+        self.log, self.tracker = log, tracker
+
+    def write(self, **record) -> None:
+        self.log.write(**record)
+        if self.tracker is not None:
+            metrics = {NAMES.get(k, f"train/{k}"): float(v) for k, v in record.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.tracker.log(int(record["step"]), metrics)
+
+    def close(self) -> None:
+        self.log.close()
+        if self.tracker is not None:
+            self.tracker.close()
