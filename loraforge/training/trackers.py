@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from loraforge.training.config import ConfigError
+from loraforge.config import ConfigError
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # metrics.jsonl field -> tracker name
