@@ -42,7 +42,7 @@ class SwitchingEngine(Engine):
     """The naive baseline: only requests for one adapter run at a time; switch when the batch drains."""
 
     def _select(self, waiting):
-        if self._rows or not waiting:
+        if self._batch.rows or not waiting:
             return []
         first = waiting[0].adapter
         return [r for r in waiting if r.adapter is first]

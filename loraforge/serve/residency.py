@@ -1,0 +1,275 @@
+"""Adapter residency: which adapters are registered, which sit on the model (at most `max_loaded`, least recently
+used evicted), and the per-layer stacks of their weights that give each row of a batch its own adapter.
+
+Per-row LoRA (Punica / S-LoRA's idea, in plain PyTorch): every LoRA layer of the engine's model keeps a stack of
+the resident adapters' weights, padded to the largest rank, slot 0 all zeros (the base model):
+    A: (slots, r_max, in)   B: (slots, out, r_max)   scale: (slots,)
+and a forward with rows using adapters `idx` (B,) computes
+    h = base(x) + scale[idx] · bmm(bmm(x, A[idx]ᵀ), B[idx]ᵀ)       x: (B, T, in)
+so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
+The gathered A[idx], B[idx] are kept while the batch's composition stays the same (decode steps reuse them), and a
+batch whose rows all use one adapter takes two plain matmuls instead.
+
+The stack plugs into the layer through `LoraLayer.row_forward`, the layer's per-row hook.
+Adapters are PEFT directories loaded with `loraforge.adapters.load_adapter` (every key and shape checked,
+safetensors only). Only paths given at start or inside `adapters_dir` load.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
+from ..config import LoraConfig
+from ..inject import lora_layers
+from ..layers import LoraLinear
+from .errors import ServeError, UnknownAdapter
+
+BASE_ALIASES = ("base",)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(eq=False)
+class Adapter:
+    name: str
+    path: Path
+    uid: str  # the name on the model: unique per registration, so a re-registered name never mixes weights
+    registered: bool = True
+    slot: int | None = None  # index into the stacks while resident
+    queued: int = 0  # requests submitted and not finished (an unloaded adapter stays until they finish)
+    running: int = 0  # rows in the running batch (a resident adapter in use is never evicted)
+
+
+class RowSlots:
+    """The slot of each row of the current forward, shared by every stack; `version` changes with the rows."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.slots: list[int] = []
+        self.index = torch.zeros(0, dtype=torch.long)
+        self.uniform: int | None = 0  # the one slot every row uses, else None
+        self.version = 0
+
+    def set(self, slots: list[int]) -> None:
+        if slots == self.slots:
+            return  # the same composition: the stacks keep what they gathered
+        self.slots = list(slots)
+        self.index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.uniform = slots[0] if slots and all(s == slots[0] for s in slots) else None
+        self.version += 1
+
+
+class Stack:
+    """One layer's resident adapters stacked by slot, rank zero-padded to r_max; slot 0 stays zero (base)."""
+
+    def __init__(self, layer: LoraLinear, slots: int, r: int, rows: RowSlots):
+        w = layer.base_layer.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.A = torch.zeros(slots, r, layer.in_features, dtype=dtype, device=w.device)
+        self.B = torch.zeros(slots, layer.out_features, r, dtype=dtype, device=w.device)
+        self.scale = torch.zeros(slots, dtype=dtype, device=w.device)
+        self.rows = rows
+        self._gathered: tuple | None = None  # (version, A[idx], B[idx], scale[idx]) for the rows' composition
+
+    def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        r = A.shape[0]
+        if r > self.A.shape[1]:  # grow the padded rank; the zero padding adds nothing
+            grow = r - self.A.shape[1]
+            self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], grow, self.A.shape[2])], 1)
+            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.B.shape[1], grow)], 2)
+        self.clear(slot)
+        self.A[slot, :r] = A
+        self.B[slot, :, :r] = B
+        self.scale[slot] = scale
+
+    def clear(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+        self.scale[slot] = 0
+        self._gathered = None
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """base_out + each row's delta: the layer's `row_forward`. x: (B, T, in), base_out: (B, T, out)."""
+        rows = self.rows
+        if rows.uniform == 0:
+            return base_out  # every row is the base model
+        if rows.uniform is not None:  # one adapter for every row: plain matmuls on its (r, in), (out, r)
+            s = rows.uniform
+            delta = F.linear(F.linear(x.to(self.A.dtype), self.A[s]), self.B[s]) * self.scale[s]
+            return base_out + delta.to(base_out.dtype)
+        if self._gathered is None or self._gathered[0] != rows.version:
+            idx = rows.index
+            self._gathered = (rows.version, self.A.index_select(0, idx).transpose(1, 2),  # (B, in, r)
+                              self.B.index_select(0, idx).transpose(1, 2),  # (B, r, out)
+                              self.scale.index_select(0, idx)[:, None, None])  # (B, 1, 1)
+        _, A, B, scale = self._gathered
+        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B) * scale  # (B, T, out)
+        return base_out + delta.to(base_out.dtype)
+
+
+def check_servable(entry: Adapter) -> None:
+    """Refuse, before touching the model, an adapter the per-row batch cannot serve."""
+    config = read_adapter_config(entry.path)
+    if not isinstance(config, LoraConfig) or config.use_dora or config.modules_to_save or config.bias != "none":
+        raise AdapterError(f"{entry.path}: the server batches plain LoRA adapters only (no DoRA, AdaLoRA, "
+                           f"modules_to_save or bias); merge this one into the base (loraforge merge) instead")
+
+
+class Residency:
+    """The registry (any thread, under `lock`) and the model's resident adapters (engine thread only)."""
+
+    def __init__(self, model: nn.Module, lock: threading.Condition, *, base_name: str, max_loaded: int,
+                 allowed: list[Path], adapters_dir: Path | None):
+        self.model, self.lock, self.base_name, self.max_loaded = model, lock, base_name, max_loaded
+        self.rows = RowSlots(next(model.parameters()).device)
+        self.adapters: dict[str, Adapter] = {}  # registered, by name
+        self.resident: collections.OrderedDict[str, Adapter] = collections.OrderedDict()  # uid -> adapter, LRU first
+        self.stats = collections.Counter()
+        self._uids = itertools.count(1)
+        self._free_slots = list(range(max_loaded, 0, -1))
+        self._stacks: dict[LoraLinear, Stack] = {}
+        self._allowed = {Path(p).expanduser().resolve() for p in allowed}
+        self.adapters_dir = adapters_dir
+
+    def lookup(self, name: str | None) -> Adapter | None:
+        """The registered adapter a request names (under lock); None for the base model."""
+        if name is None or name in (self.base_name, *BASE_ALIASES):
+            return None
+        entry = self.adapters.get(name)
+        if entry is None:
+            raise UnknownAdapter(f"model {name!r} does not exist; available: {[self.base_name, *self.adapters]}")
+        return entry
+
+    def register(self, name: str, path: str | Path) -> Adapter:
+        """Add `name` to the registry (under lock): its path checked, its weights not yet read."""
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ServeError(f"adapter name {name!r} is not allowed: use letters, digits, '.', '_', '-' "
+                             f"(at most 64, starting with a letter or digit)")
+        if name in (self.base_name, *BASE_ALIASES):
+            raise ServeError(f"adapter name {name!r} is the base model's name; pick another")
+        if name in self.adapters:
+            raise ServeError(f"an adapter named {name!r} is already loaded; "
+                             f"unload it first (DELETE /v1/adapters/{name})")
+        resolved = self.resolve(path)
+        entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}")
+        self.adapters[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> Adapter:
+        """Drop `name` from the registry (under lock); the engine evicts it once no request uses it."""
+        entry = self.adapters.pop(name, None)
+        if entry is None:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded; loaded: {list(self.adapters)}")
+        entry.registered = False
+        return entry
+
+    def register_dir(self) -> None:
+        """Register every subdirectory of adapters_dir holding an adapter_config.json, by its directory name."""
+        if not self.adapters_dir.is_dir():
+            raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
+        for sub in sorted(self.adapters_dir.iterdir()):
+            if (sub / "adapter_config.json").is_file() and NAME_RE.fullmatch(sub.name) \
+                    and sub.name not in self.adapters and sub.name not in (self.base_name, *BASE_ALIASES):
+                self.register(sub.name, sub)
+
+    def resolve(self, path: str | Path) -> Path:
+        """The real adapter directory, refused unless it is a start path or inside adapters_dir (no traversal)."""
+        if not isinstance(path, (str, Path)):
+            raise ServeError(f"adapter path {path!r} must be a string")
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.adapters_dir is not None:
+            p = self.adapters_dir / p
+        resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
+        inside = self.adapters_dir is not None and resolved != self.adapters_dir \
+            and resolved.is_relative_to(self.adapters_dir)
+        if resolved not in self._allowed and not inside:
+            where = f"inside the adapters directory {self.adapters_dir}" if self.adapters_dir else \
+                "one of the adapter paths given at start (start the server with --adapters-dir to load others)"
+            raise ServeError(f"adapter path {str(path)!r} is not allowed: it must be {where}")
+        if not (resolved / "adapter_config.json").is_file():
+            raise ServeError(f"adapter path {str(path)!r} is not an adapter directory (no adapter_config.json)")
+        return resolved
+
+    # ---- engine thread only ----
+
+    def check(self, entry: Adapter) -> None:
+        """Load `entry` onto the model and take it off again: its files are readable and fit the base (engine
+        thread; used when no slot is free to keep it resident)."""
+        check_servable(entry)
+        probe = f"{entry.uid}-check"
+        load_adapter(self.model, entry.path, probe)  # checks every key and shape; safetensors only
+        try:
+            self._servable_layers(entry, probe)
+        finally:
+            delete_adapter(self.model, probe)
+
+    def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear]:
+        layers = [layer for _, layer in lora_layers(self.model) if uid in layer.r]
+        for layer in layers:
+            if type(layer) is not LoraLinear or uid in getattr(layer, "lora_magnitude_vector", {}):
+                raise AdapterError(f"{entry.path}: layer type {type(layer).__name__} cannot be batched per row")
+        return layers
+
+    def ensure_resident(self, entry: Adapter) -> bool:
+        """Put `entry` on the model, evicting the least recently used idle adapter if needed.
+
+        False when every slot holds an adapter in use (a request then waits for a row to finish).
+        """
+        if entry.slot is not None:
+            self.resident.move_to_end(entry.uid)
+            return True
+        if not self._free_slots:
+            victim = next((a for a in self.resident.values() if a.running == 0), None)
+            if victim is None:
+                return False
+            self.evict(victim)
+        check_servable(entry)
+        load_adapter(self.model, entry.path, entry.uid)  # checks every key and shape; safetensors only
+        try:
+            layers = self._servable_layers(entry, entry.uid)
+        except AdapterError:
+            delete_adapter(self.model, entry.uid)
+            raise
+        slot = self._free_slots.pop()
+        for layer in layers:
+            stack = self._stacks.get(layer)
+            if stack is None:
+                stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, layer.r[entry.uid], self.rows)
+                layer.row_forward = stack.forward
+            stack.put(slot, layer.lora_A[entry.uid].weight, layer.lora_B[entry.uid].weight, layer.scaling[entry.uid])
+        entry.slot = slot
+        with self.lock:
+            self.resident[entry.uid] = entry
+        self.stats["loads"] += 1
+        return True
+
+    def evict(self, entry: Adapter) -> None:
+        for stack in self._stacks.values():
+            stack.clear(entry.slot)
+        delete_adapter(self.model, entry.uid)  # layers left without adapters go back to plain linears
+        alive = {layer for _, layer in lora_layers(self.model)}
+        for layer in set(self._stacks) - alive:
+            layer.row_forward = None
+        self._stacks = {layer: s for layer, s in self._stacks.items() if layer in alive}
+        self._free_slots.append(entry.slot)
+        entry.slot = None
+        with self.lock:
+            self.resident.pop(entry.uid, None)
+        self.stats["evictions"] += 1
+
+    def evict_unregistered(self) -> None:
+        """Evict the unloaded adapters no request uses any more."""
+        for entry in [a for a in self.resident.values() if not a.registered and a.queued == 0]:
+            self.evict(entry)
+
+    def has_unregistered_idle(self) -> bool:
+        return any(not a.registered and a.queued == 0 for a in self.resident.values())
