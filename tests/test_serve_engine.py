@@ -28,6 +28,9 @@ CONFIGS = {
     "b": LoraConfig(r=8, lora_alpha=4, target_modules=("q_proj", "v_proj", "gate_proj"), init_lora_weights=False),
     "c": LoraConfig(r=2, lora_alpha=2, target_modules=("down_proj",), init_lora_weights=False),
 }
+# no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+              pytest.mark.filterwarnings("error::DeprecationWarning")]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
