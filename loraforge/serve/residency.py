@@ -3,9 +3,9 @@ used evicted), and the per-layer stacks of their weights that give each row of a
 
 Per-row LoRA (Punica / S-LoRA's idea, in plain PyTorch): every LoRA layer of the engine's model keeps a stack of
 the resident adapters' weights, padded to the largest rank, slot 0 all zeros (the base model):
-    A: (slots, r_max, in)   B: (slots, out, r_max)   scale: (slots,)
+    A: (slots, r_max, in)   sB: (slots, out, r_max), each adapter's B times its scaling (one multiply saved per row)
 and a forward with rows using adapters `idx` (B,) computes
-    h = base(x) + scale[idx] · bmm(bmm(x, A[idx]ᵀ), B[idx]ᵀ)       x: (B, T, in)
+    h = base(x) + bmm(bmm(x, A[idx]ᵀ), sB[idx]ᵀ)       x: (B, T, in)
 so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
 The gathered A[idx], B[idx] are kept while the batch's composition stays the same (decode steps reuse them), and a
 batch whose rows all use one adapter takes two plain matmuls instead.
@@ -75,10 +75,9 @@ class Stack:
         w = layer.base_layer.weight
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         self.A = torch.zeros(slots, r, layer.in_features, dtype=dtype, device=w.device)
-        self.B = torch.zeros(slots, layer.out_features, r, dtype=dtype, device=w.device)
-        self.scale = torch.zeros(slots, dtype=dtype, device=w.device)
+        self.B = torch.zeros(slots, layer.out_features, r, dtype=dtype, device=w.device)  # scaling · B
         self.rows = rows
-        self._gathered: tuple | None = None  # (version, A[idx], B[idx], scale[idx]) for the rows' composition
+        self._gathered: tuple | None = None  # (version, A[idx]ᵀ, (sB)[idx]ᵀ) for the rows' composition
 
     def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         r = A.shape[0]
@@ -88,13 +87,11 @@ class Stack:
             self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.B.shape[1], grow)], 2)
         self.clear(slot)
         self.A[slot, :r] = A
-        self.B[slot, :, :r] = B
-        self.scale[slot] = scale
+        self.B[slot, :, :r] = B * scale
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
-        self.scale[slot] = 0
         self._gathered = None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -104,15 +101,14 @@ class Stack:
             return base_out  # every row is the base model
         if rows.uniform is not None:  # one adapter for every row: plain matmuls on its (r, in), (out, r)
             s = rows.uniform
-            delta = F.linear(F.linear(x.to(self.A.dtype), self.A[s]), self.B[s]) * self.scale[s]
+            delta = F.linear(F.linear(x.to(self.A.dtype), self.A[s]), self.B[s])
             return base_out + delta.to(base_out.dtype)
         if self._gathered is None or self._gathered[0] != rows.version:
             idx = rows.index
             self._gathered = (rows.version, self.A.index_select(0, idx).transpose(1, 2),  # (B, in, r)
-                              self.B.index_select(0, idx).transpose(1, 2),  # (B, r, out)
-                              self.scale.index_select(0, idx)[:, None, None])  # (B, 1, 1)
-        _, A, B, scale = self._gathered
-        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B) * scale  # (B, T, out)
+                              self.B.index_select(0, idx).transpose(1, 2))  # (B, r, out)
+        _, A, B = self._gathered
+        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B)  # (B, T, out)
         return base_out + delta.to(base_out.dtype)
 
 
