@@ -196,14 +196,14 @@ def test_adapter_paths_are_confined(make_engine, adapters_dir, tmp_path):
 
 def test_bad_adapters_are_refused(make_engine, base, adapters_dir, tmp_path):
     torch.manual_seed(0)
-    dora = copy.deepcopy(base)
-    inject(dora, LoraConfig(r=2, use_dora=True), "d")
-    save_adapter(dora, tmp_path / "dora", "d")
+    mts = copy.deepcopy(base)
+    inject(mts, LoraConfig(r=2, modules_to_save=("lm_head",)), "d")  # DoRA is served now (test_serve_variants.py)
+    save_adapter(mts, tmp_path / "mts", "d")
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "adapter_config.json").write_text((adapters_dir / "a" / "adapter_config.json").read_text())
     (tmp_path / "pickle" / "adapter_model.bin").write_bytes(b"not loaded, ever")
-    with pytest.raises(AdapterError, match="DoRA"):
-        make_engine(adapters={"d": tmp_path / "dora"})
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        make_engine(adapters={"d": tmp_path / "mts"})
     with pytest.raises(AdapterError, match="pickle"):
         make_engine(adapters={"p": tmp_path / "pickle"})
     engine = make_engine(adapters={}, adapters_dir=tmp_path)

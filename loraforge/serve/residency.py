@@ -7,6 +7,11 @@ the resident adapters' weights, padded to the largest rank, slot 0 all zeros (th
 and a forward with rows using adapters `idx` (B,) computes
     h = base(x) + bmm(bmm(x, A[idx]ᵀ), sB[idx]ᵀ)       x: (B, T, in)
 so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
+Beyond plain LoRA, in the same stacks and batches: rank/alpha patterns (each layer has its own r and scaling),
+AdaLoRA (A ∘ E stacked as A, scaling/ranknum folded into B) and DoRA, whose per-slot magnitude factor
+g = m / ‖W0 + sBA‖ (out,) — 1 for the base and plain LoRA slots — gives h = base(x) + (g − 1)·W0x + g·delta.
+modules_to_save and bias adapters change weights the rows share: refused, with the reason. So is an AdaLoRA adapter
+on a module a resident LoRA adapter targets (or the reverse): the two layer types cannot wrap one module.
 The gathered A[idx], B[idx] are kept while the batch's composition stays the same (decode steps reuse them), and a
 batch whose rows all use one adapter takes two plain matmuls instead.
 
@@ -31,6 +36,7 @@ from torch.nn import functional as F
 from ..adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
 from ..config import LoraConfig
 from ..inject import lora_layers
+from ..adalora import AdaLoraConfig, SVDLinear
 from ..layers import LoraLinear
 from .errors import ServeError, UnknownAdapter
 
@@ -71,15 +77,19 @@ class RowSlots:
 class Stack:
     """One layer's resident adapters stacked by slot, rank zero-padded to r_max; slot 0 stays zero (base)."""
 
-    def __init__(self, layer: LoraLinear, slots: int, r: int, rows: RowSlots):
+    def __init__(self, layer: LoraLinear | SVDLinear, slots: int, r: int, rows: RowSlots):
         w = layer.base_layer.weight
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         self.A = torch.zeros(slots, r, layer.in_features, dtype=dtype, device=w.device)
         self.B = torch.zeros(slots, layer.out_features, r, dtype=dtype, device=w.device)  # scaling · B
+        self.g: torch.Tensor | None = None  # (slots, out) DoRA's magnitude factor, once a DoRA adapter is in
+        bias = getattr(layer.base_layer, "bias", None)
+        self.bias = bias.detach() if bias is not None else None  # W0x = base_out - bias
         self.rows = rows
         self._gathered: tuple | None = None  # (version, A[idx]ᵀ, (sB)[idx]ᵀ) for the rows' composition
 
-    def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, g: torch.Tensor | None = None) -> None:
+        """Slot `slot` takes A (r, in), B (out, r), its scaling and DoRA's factor g (out,) or None."""
         r = A.shape[0]
         if r > self.A.shape[1]:  # grow the padded rank; the zero padding adds nothing
             grow = r - self.A.shape[1]
@@ -88,10 +98,16 @@ class Stack:
         self.clear(slot)
         self.A[slot, :r] = A
         self.B[slot, :, :r] = B * scale
+        if g is not None:
+            if self.g is None:
+                self.g = self.A.new_ones(self.A.shape[0], self.B.shape[1])
+            self.g[slot] = g
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
+        if self.g is not None:
+            self.g[slot] = 1
         self._gathered = None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -102,22 +118,44 @@ class Stack:
         if rows.uniform is not None:  # one adapter for every row: plain matmuls on its (r, in), (out, r)
             s = rows.uniform
             delta = F.linear(F.linear(x.to(self.A.dtype), self.A[s]), self.B[s])
-            return base_out + delta.to(base_out.dtype)
+            return self._add(base_out, delta, None if self.g is None else self.g[s])
         if self._gathered is None or self._gathered[0] != rows.version:
             idx = rows.index
             self._gathered = (rows.version, self.A.index_select(0, idx).transpose(1, 2),  # (B, in, r)
-                              self.B.index_select(0, idx).transpose(1, 2))  # (B, r, out)
-        _, A, B = self._gathered
+                              self.B.index_select(0, idx).transpose(1, 2),  # (B, r, out)
+                              None if self.g is None else self.g.index_select(0, idx)[:, None, :])  # (B, 1, out)
+        _, A, B, g = self._gathered
         delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B)  # (B, T, out)
-        return base_out + delta.to(base_out.dtype)
+        return self._add(base_out, delta, g)
+
+    def _add(self, base_out: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        if g is None:
+            return base_out + delta.to(base_out.dtype)
+        w0x = (base_out if self.bias is None else base_out - self.bias).to(g.dtype)  # DoRA: W0x without bias
+        return base_out + ((g - 1) * w0x + g * delta).to(base_out.dtype)
 
 
 def check_servable(entry: Adapter) -> None:
     """Refuse, before touching the model, an adapter the per-row batch cannot serve."""
     config = read_adapter_config(entry.path)
-    if not isinstance(config, LoraConfig) or config.use_dora or config.modules_to_save or config.bias != "none":
-        raise AdapterError(f"{entry.path}: the server batches plain LoRA adapters only (no DoRA, AdaLoRA, "
-                           f"modules_to_save or bias); merge this one into the base (loraforge merge) instead")
+    if not isinstance(config, (LoraConfig, AdaLoraConfig)):
+        raise AdapterError(f"{entry.path}: {type(config).__name__} adapters cannot be served")
+    if getattr(config, "modules_to_save", None) or config.bias != "none":
+        what = "modules_to_save" if getattr(config, "modules_to_save", None) else f"bias={config.bias!r}"
+        raise AdapterError(f"{entry.path}: the server cannot batch an adapter with {what} (it replaces weights "
+                           f"every row shares); merge it into the base (loraforge merge) and serve that instead")
+
+
+def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """What a stack holds for adapter `uid` of `layer`: A (r, in), B (out, r), scaling, DoRA's g (out,) or None."""
+    if type(layer) is SVDLinear:  # AdaLoRA: ΔW = scaling · B @ (A ∘ E)
+        return layer.lora_A[uid] * layer.lora_E[uid], layer.lora_B[uid], layer.scaling[uid], None
+    A, B, scale = layer.lora_A[uid].weight, layer.lora_B[uid].weight, layer.scaling[uid]
+    g = None
+    if uid in layer.lora_magnitude_vector:  # DoRA, as LoraLinear._dora computes it at inference
+        norm = layer._row_norm(layer._base_out_in().to(A.dtype), layer._scaled_BA(uid))
+        g = layer.lora_magnitude_vector[uid] / norm
+    return A, B, scale, g
 
 
 class Residency:
@@ -202,16 +240,28 @@ class Residency:
         thread; used when no slot is free to keep it resident)."""
         check_servable(entry)
         probe = f"{entry.uid}-check"
-        load_adapter(self.model, entry.path, probe)  # checks every key and shape; safetensors only
+        self._load(entry, probe)
         try:
             self._servable_layers(entry, probe)
         finally:
             delete_adapter(self.model, probe)
 
-    def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear]:
+    def _load(self, entry: Adapter, uid: str) -> None:
+        """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure."""
+        try:
+            load_adapter(self.model, entry.path, uid)
+        except TypeError as e:  # inject met a layer of the other kind (LoRA vs AdaLoRA) already on this module
+            delete_adapter(self.model, uid)
+            raise AdapterError(f"{entry.path}: cannot share a layer with the adapters now resident ({e}); an AdaLoRA "
+                               f"adapter and a LoRA adapter cannot target the same module in one server") from None
+        except BaseException:
+            delete_adapter(self.model, uid)
+            raise
+
+    def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear | SVDLinear]:
         layers = [layer for _, layer in lora_layers(self.model) if uid in layer.r]
         for layer in layers:
-            if type(layer) is not LoraLinear or uid in getattr(layer, "lora_magnitude_vector", {}):
+            if type(layer) not in (LoraLinear, SVDLinear):
                 raise AdapterError(f"{entry.path}: layer type {type(layer).__name__} cannot be batched per row")
         return layers
 
@@ -229,7 +279,7 @@ class Residency:
                 return False
             self.evict(victim)
         check_servable(entry)
-        load_adapter(self.model, entry.path, entry.uid)  # checks every key and shape; safetensors only
+        self._load(entry, entry.uid)
         try:
             layers = self._servable_layers(entry, entry.uid)
         except AdapterError:
@@ -237,11 +287,12 @@ class Residency:
             raise
         slot = self._free_slots.pop()
         for layer in layers:
+            A, B, scale, g = factors(layer, entry.uid)
             stack = self._stacks.get(layer)
             if stack is None:
-                stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, layer.r[entry.uid], self.rows)
+                stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, A.shape[0], self.rows)
                 layer.row_forward = stack.forward
-            stack.put(slot, layer.lora_A[entry.uid].weight, layer.lora_B[entry.uid].weight, layer.scaling[entry.uid])
+            stack.put(slot, A, B, scale, g)
         entry.slot = slot
         with self.lock:
             self.resident[entry.uid] = entry
