@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import multiprocessing
-import os
 import random
 import shutil
 import tempfile

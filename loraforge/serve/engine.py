@@ -32,7 +32,7 @@ from ..inject import lora_layers
 from .batch import Batch
 from .errors import PromptTooLong, QueueFull, ServeError
 from .request import Completion, Event, Request
-from .residency import Adapter, Residency
+from .residency import Residency
 from .sampling import SamplingParams, generator, greedy_tokens, sample
 
 
