@@ -1,8 +1,8 @@
 """Serving benchmark: N concurrent clients over K adapters, batched across adapters vs one adapter at a time.
 
-    python bench/serve.py [--clients 16] [--requests 1] [--max-tokens 16] [--adapters 1,4,16] [--threads 1]
+    python bench/serve.py [--clients 64] [--requests 1] [--max-tokens 16] [--adapters 1,16,64] [--threads N]
 
-Defaults take about 3 minutes on a busy 2-core CPU. The base is stored, and decodes, in the precision the rule picks
+Defaults take about 5 minutes on a busy 2-core CPU. The base is stored, and decodes, in the precision the rule picks
 (loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype overrides it.
 
 Each client sends `--requests` completions one after another through the HTTP API (uvicorn in a thread,
@@ -11,14 +11,16 @@ the same engine code:
   batched    continuous batching, a batch mixes adapters (per-row gather + bmm of the LoRA weights);
   switching  the naive way: the batch serves one adapter; when it drains, switch to the adapter of the oldest
              waiting request (what one gets by calling set_adapter per batch).
-Printed: throughput in generated tokens/s, p50/p95 request latency, and ratios against K=1 (batched) and
-against switching at the same K. Goal (issue 6): K=16 batched >= 0.8x K=1 and well above switching.
+Runs, in one process: the base model alone (no adapter), K=1, 16, 64 batched, K=16 switching.
+Printed: throughput in generated tokens/s, p50/p95 request latency, and the goals of issue 19: one adapter
+>= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -42,7 +44,7 @@ class SwitchingEngine(Engine):
     """The naive baseline: only requests for one adapter run at a time; switch when the batch drains."""
 
     def _select(self, waiting):
-        if self._rows or not waiting:
+        if self._batch.rows or not waiting:
             return []
         first = waiting[0].adapter
         return [r for r in waiting if r.adapter is first]
@@ -95,52 +97,71 @@ def percentile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
 
 
+def run_one(model, tokenizer, args, label: str, cls, adapters: dict[str, str], models: list[str]) -> dict:
+    """One engine + server, a warm-up, then the clients; the model comes back without adapters."""
+    engine = cls(model, tokenizer, base_name=args.model, adapters=adapters, max_loaded=max(1, len(adapters)),
+                 max_batch=args.clients, max_queue=4 * args.clients)
+    with ServerThread(create_app(engine)) as url:
+        asyncio.run(run_clients(url, sorted(set(models)), 1, 2))  # warm-up: every adapter once
+        steps0 = engine.stats["steps"]
+        tokens, wall, lat = asyncio.run(run_clients(url, models, args.requests, args.max_tokens))
+        steps = engine.stats["steps"] - steps0
+    engine.stop()
+    row = dict(label=label, tokens=tokens, wall=wall, tps=tokens / wall, p50=percentile(lat, 50),
+               p95=percentile(lat, 95), steps=steps)
+    print(f"  {label:<22} {row['tps']:7.1f} tok/s  ({tokens} tokens in {wall:.1f} s, {steps} decode steps, "
+          f"p50 {row['p50']:.2f} s, p95 {row['p95']:.2f} s)", flush=True)
+    return row
+
+
+GOALS = [  # (what, numerator, denominator, goal)
+    ("one adapter vs the base alone", "K=1 batched", "base", 0.85),
+    ("64 distinct adapters vs one", "K=64 batched", "K=1 batched", 0.9),
+    ("batched vs switching at 16 adapters", "K=16 batched", "K=16 switching", 5.0),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--adapters", default="1,4,16", help="K values")
+    ap.add_argument("--adapters", default="1,16,64", help="K values (batched; switching at 16 when listed)")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 (default) gives steady numbers on a shared CPU, 0 keeps torch's default")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads (default: all cores); 1 gives steadier numbers on a shared CPU")
     ap.add_argument("--dtype", default="auto", help="auto (loraforge.precision's choice here), fp32, bf16 or fp16")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
     precision = choose(args.dtype, "auto")  # the engine decodes in the dtype the base is stored in
     print(precision.line())
     model, tokenizer = load_base(args.model, dtype=precision.storage)
     print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
           f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o, torch threads {torch.get_num_threads()}")
-    rows = []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, Path(tmp), max(ks), args.rank)
+        rows["base"] = run_one(model, tokenizer, args, "base", Engine, {}, [args.model] * args.clients)
         for k in ks:
+            adapters = {f"ad{i}": paths[f"ad{i}"] for i in range(k)}
             models = [f"ad{i % k}" for i in range(args.clients)]
             for mode, cls in (("batched", Engine), ("switching", SwitchingEngine)):
-                adapters = {f"ad{i}": paths[f"ad{i}"] for i in range(k)}
-                engine = cls(model, tokenizer, base_name=args.model, adapters=adapters, max_loaded=k,
-                             max_batch=args.clients, max_queue=4 * args.clients)
-                with ServerThread(create_app(engine)) as url:
-                    asyncio.run(run_clients(url, [f"ad{i}" for i in range(k)], 1, 2))  # warm-up
-                    steps0 = engine.stats["steps"]
-                    tokens, wall, lat = asyncio.run(run_clients(url, models, args.requests, args.max_tokens))
-                    steps = engine.stats["steps"] - steps0
-                engine.stop()  # the model comes back without adapters, for the next engine
-                rows.append(dict(k=k, mode=mode, tokens=tokens, wall=wall, tps=tokens / wall,
-                                 p50=percentile(lat, 50), p95=percentile(lat, 95), steps=steps))
-                print(f"  K={k:<3} {mode:<9} {tokens / wall:7.1f} tok/s  ({tokens} tokens in {wall:.1f} s, "
-                      f"{steps} decode steps)", flush=True)
-    base_tps = next(r["tps"] for r in rows if r["k"] == ks[0] and r["mode"] == "batched")
-    print(f"\n| K | scheduler | tok/s | p50 s | p95 s | decode steps | vs K={ks[0]} batched | vs switching |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        naive = next(x["tps"] for x in rows if x["k"] == r["k"] and x["mode"] == "switching")
-        print(f"| {r['k']} | {r['mode']} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['steps']} | "
-              f"{r['tps'] / base_tps:.2f}x | {r['tps'] / naive:.2f}x |")
+                if mode == "switching" and k != 16:
+                    continue
+                label = f"K={k} {mode}"
+                rows[label] = run_one(model, tokenizer, args, label, cls, adapters, models)
+    print("\n| run | tok/s | p50 s | p95 s | decode steps |")
+    print("|---|---|---|---|---|")
+    for r in rows.values():
+        print(f"| {r['label']} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['steps']} |")
+    print("\n| ratio | measured | goal |")
+    print("|---|---|---|")
+    for what, num, den, goal in GOALS:
+        if num in rows and den in rows:
+            ratio = rows[num]["tps"] / rows[den]["tps"]
+            print(f"| {what} ({num} / {den}) | {ratio:.2f}x | >= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
 
 
 if __name__ == "__main__":

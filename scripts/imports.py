@@ -24,10 +24,13 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
     """(imported loraforge module, line, at top level?) for each internal import in `path`."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
+    type_only = {id(n) for block in tree.body if _is_type_checking(block) for n in ast.walk(block)}
     here = module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found = []
     for node in ast.walk(tree):
+        if id(node) in type_only:  # `if TYPE_CHECKING:` imports exist for annotations, never at run time
+            continue
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -43,6 +46,10 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
                 if alias.name.startswith("loraforge"):
                     found.append((alias.name, node.lineno, id(node) in top))
     return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
 
 
 def graph() -> dict[str, set[str]]:

@@ -220,6 +220,8 @@ class SVDLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_forward is not None:  # a server's batch: its stacked adapters give each row its delta
+            return self.row_forward(x, result)
         if self.disabled:
             return result
         if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)

@@ -58,6 +58,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # a mixed batch: one adapter name (or None) per row
+        self.row_forward = None  # a server's per-row forward (loraforge.serve): fn(x, base_out) -> out, else None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -281,6 +282,8 @@ class LoraLinear(LoraLayer):
         return name if plain else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_forward is not None:  # a server's batch: its stacked adapters give each row its delta
+            return self.row_forward(x, self.base_layer(x, *args, **kwargs))
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
             return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
                                      self.lora_B[name].weight, self.scaling[name])

@@ -10,120 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import threading
 import time
 import uuid
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.engine import Engine, Event, SamplingParams, ServeError
+from loraforge.serve.engine import Engine
+from loraforge.serve.errors import ServeError
+from loraforge.serve.request import Event
+from loraforge.serve.sampling import SamplingParams
+from loraforge.serve.schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, _Params, chat_ids, prompt_ids
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 429: "rate_limit_error", 500: "server_error"}
+log = logging.getLogger("loraforge.serve")
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                                   "param": None, "code": code}}, status_code=status)
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status)
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we don't use (user, logprobs=None, ...)
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    seed: int | None = None
-    n: int = 1
-    ignore_eos: bool = False  # vLLM's extension, for benchmarks
-
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise ServeError(f"n: {self.n} is not supported; send n=1 (several requests batch together anyway)")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=stop,
-                              seed=self.seed, ignore_eos=self.ignore_eos)
+def _field(loc) -> str:
+    return ".".join(str(x) for x in loc[1:]) or "body"
 
 
-class CompletionRequest(_Params):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Params):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class AdapterLoadRequest(BaseModel):
-    name: str
-    path: str
-
-
-def _prompt_ids(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        if any(t < 0 or t >= len(tokenizer) for t in prompt):
-            raise ServeError(f"prompt: token ids must be in [0, {len(tokenizer)})")
-        return prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ServeError(f"prompt: a list of {len(prompt)} prompts is not supported; send one per request")
-        prompt = prompt[0]
-    return tokenizer(prompt)["input_ids"]
-
-
-def _chat_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ServeError("this model's tokenizer has no chat template; use /v1/completions")
-    plain = []
-    for m in messages:
-        content = m.content or ""
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if any(part.get("type") != "text" for part in content):
-                raise ServeError("messages: only text content parts are supported")
-            content = "".join(part.get("text", "") for part in content)
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`. With `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
-    app = FastAPI(title="loraforge serve")
-    base = model_name or engine.base_name
-    tokenizer = engine.tokenizer
-    encode_lock = threading.Lock()  # one encode at a time: requests tokenize in worker threads
-
-    def encode(fn, *args):
-        with encode_lock:
-            return fn(tokenizer, *args)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every 4xx and 5xx answers OpenAI's JSON error shape, unexpected errors included (never plain text)."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "the request body is not valid JSON", "invalid_json")
-        shown = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                          for e in errors[:5])
+        shown = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
         return _error(400, f"invalid request: {shown}", "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
@@ -134,14 +63,120 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     async def _serve_error(request: Request, exc: ServeError):
         return _error(exc.status, str(exc), type(exc).__name__)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: logged, answered as JSON
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def add_auth(app: FastAPI, api_key: str | None) -> None:
+    """With `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
+    if api_key is None:
+        return
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                               "invalid_api_key")
         return await call_next(request)
+
+
+class _Generation:
+    """One request's answer: the whole completion, or its server-sent events as they are generated."""
+
+    def __init__(self, engine: Engine, body: _Params, ids: list[int], params: SamplingParams, model: str | None,
+                 chat: bool):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.engine, self.body, self.chat = engine, body, chat
+        self.req = engine.submit(ids, model, params, lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.kind = "chat.completion" if chat else "text_completion"
+
+    @staticmethod
+    def usage(ev: Event) -> dict:
+        return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+    async def whole(self):
+        parts = []
+        try:
+            while True:
+                ev = await self.events.get()
+                parts.append(ev.text)
+                if ev.finish_reason is not None:
+                    break
+        finally:
+            if not self.req.finished:
+                self.engine.abort(self.req)  # the client went away
+        if ev.error:
+            return _error(500, f"generation failed: {ev.error}", "generation_error")
+        text = "".join(parts)
+        choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+        return {"id": self.rid, "object": self.kind, "created": self.created, "model": self.body.model,
+                "choices": [choice], "usage": self.usage(ev)}
+
+    def _chunk(self, delta: str | None, finish: str | None, first: bool = False) -> str:
+        if self.chat:
+            d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        return self._data({"choices": [choice]})
+
+    def _data(self, fields: dict) -> str:
+        obj = {"id": self.rid, "object": self.kind + ".chunk" if self.chat else self.kind, "created": self.created,
+               "model": self.body.model, **fields}
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def stream(self):
+        include_usage = bool((self.body.stream_options or {}).get("include_usage"))
+        try:
+            if self.chat:
+                yield self._chunk(None, None, first=True)
+            while True:
+                ev = await self.events.get()
+                if ev.error:
+                    err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                     "param": None, "code": "generation_error"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                if ev.text:
+                    yield self._chunk(ev.text, None)
+                if ev.finish_reason is not None:
+                    yield self._chunk(None, ev.finish_reason)
+                    if include_usage:
+                        yield self._data({"choices": [], "usage": self.usage(ev)})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not self.req.finished:
+                self.engine.abort(self.req)  # the client disconnected mid-stream
+
+    async def response(self):
+        if not self.body.stream:
+            return await self.whole()
+        return StreamingResponse(self.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. With `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
+    app = FastAPI(title="loraforge serve")
+    base = model_name or engine.base_name
+    tokenizer = engine.tokenizer
+    encode_lock = threading.Lock()  # one encode at a time: requests tokenize in worker threads
+    add_error_handlers(app)
+    add_auth(app, api_key)
+
+    def encode(fn, *args):
+        with encode_lock:
+            return fn(tokenizer, *args)
 
     @app.get("/health")
     async def health():
@@ -166,86 +201,20 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
         engine.remove_adapter(name)
         return {"id": name, "object": "model", "deleted": True}
 
-    async def _run(request: Request, body: _Params, ids: list[int], params: SamplingParams, chat: bool):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        model = None if body.model == base else body.model
-        req = engine.submit(ids, model, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-
-        def usage(ev: Event) -> dict:
-            return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                    "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-
-        if not body.stream:
-            parts = []
-            try:
-                while True:
-                    ev = await events.get()
-                    parts.append(ev.text)
-                    if ev.finish_reason is not None:
-                        break
-            finally:
-                if not req.finished:
-                    engine.abort(req)  # the client went away
-            if ev.error:
-                return _error(500, f"generation failed: {ev.error}", "generation_error")
-            text = "".join(parts)
-            choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
-                    "usage": usage(ev)}
-
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            obj = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": body.model,
-                   "choices": [choice]}
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def stream():
-            try:
-                if chat:
-                    yield chunk(None, None, first=True)
-                while True:
-                    ev = await events.get()
-                    if ev.error:
-                        err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}}
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    if ev.text:
-                        yield chunk(ev.text, None)
-                    if ev.finish_reason is not None:
-                        yield chunk(None, ev.finish_reason)
-                        if include_usage:
-                            obj = {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created,
-                                   "model": body.model, "choices": [], "usage": usage(ev)}
-                            yield f"data: {json.dumps(obj)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                if not req.finished:
-                    engine.abort(req)  # the client disconnected mid-stream
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def adapter(body: _Params) -> str | None:
+        return None if body.model == base else body.model
 
     @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest):
-        ids = await asyncio.to_thread(encode, _prompt_ids, body.prompt)
-        return await _run(request, body, ids, body.sampling(body.max_tokens), chat=False)
+    async def completions(body: CompletionRequest):
+        ids = await asyncio.to_thread(encode, prompt_ids, body.prompt)
+        params = body.sampling(body.max_tokens)
+        return await _Generation(engine, body, ids, params, adapter(body), chat=False).response()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatRequest):
-        ids = await asyncio.to_thread(encode, _chat_ids, body.messages)
-        return await _run(request, body, ids, body.sampling(body.max_completion_tokens or body.max_tokens), chat=True)
+    async def chat_completions(body: ChatRequest):
+        ids = await asyncio.to_thread(encode, chat_ids, body.messages)
+        params = body.sampling(body.max_completion_tokens or body.max_tokens)
+        return await _Generation(engine, body, ids, params, adapter(body), chat=True).response()
 
     return app
 
@@ -291,7 +260,6 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
-    extend: called as extend(app, engine) before serving, to add routes (`serve --ui` mounts the dashboard).
     """
     import uvicorn
 

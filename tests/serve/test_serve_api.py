@@ -15,6 +15,9 @@ from loraforge.serve import Engine, SamplingParams
 from loraforge.serve.api import ServerThread, create_app
 from test_serve_engine import adapters_dir, base, one_thread, tokenizer  # noqa: F401 (shared fixtures)
 
+# no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+              pytest.mark.filterwarnings("error::DeprecationWarning")]
 KEY = "sk-test-key"
 PROMPT = "The quick brown fox"
 

@@ -28,6 +28,9 @@ CONFIGS = {
     "b": LoraConfig(r=8, lora_alpha=4, target_modules=("q_proj", "v_proj", "gate_proj"), init_lora_weights=False),
     "c": LoraConfig(r=2, lora_alpha=2, target_modules=("down_proj",), init_lora_weights=False),
 }
+# no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+              pytest.mark.filterwarnings("error::DeprecationWarning")]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
@@ -193,14 +196,14 @@ def test_adapter_paths_are_confined(make_engine, adapters_dir, tmp_path):
 
 def test_bad_adapters_are_refused(make_engine, base, adapters_dir, tmp_path):
     torch.manual_seed(0)
-    dora = copy.deepcopy(base)
-    inject(dora, LoraConfig(r=2, use_dora=True), "d")
-    save_adapter(dora, tmp_path / "dora", "d")
+    mts = copy.deepcopy(base)
+    inject(mts, LoraConfig(r=2, modules_to_save=("lm_head",)), "d")  # DoRA is served now (test_serve_variants.py)
+    save_adapter(mts, tmp_path / "mts", "d")
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "adapter_config.json").write_text((adapters_dir / "a" / "adapter_config.json").read_text())
     (tmp_path / "pickle" / "adapter_model.bin").write_bytes(b"not loaded, ever")
-    with pytest.raises(AdapterError, match="DoRA"):
-        make_engine(adapters={"d": tmp_path / "dora"})
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        make_engine(adapters={"d": tmp_path / "mts"})
     with pytest.raises(AdapterError, match="pickle"):
         make_engine(adapters={"p": tmp_path / "pickle"})
     engine = make_engine(adapters={}, adapters_dir=tmp_path)

@@ -1,0 +1,60 @@
+"""A generation request as the engine tracks it, the events its consumer receives, and a finished completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from loraforge.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:  # for annotations only: residency imports this module
+    from loraforge.serve.residency import Adapter
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives, in order: text deltas, then one event with finish_reason set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    adapter: Adapter | None
+    params: SamplingParams
+    max_tokens: int
+    on_event: Callable[[Event], None]
+    id: int = 0
+    arrival: float = 0.0
+    aborted: bool = False
+    admitted: bool = False
+    finished: bool = False
+    # decoding state (engine thread only)
+    out_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already sent
+    length: int = 0  # tokens of this row in the KV cache (its next position id)
+    generator: torch.Generator | None = None
+
+    @property
+    def slot(self) -> int:
+        """The row's slot in the stacked adapter weights: 0 is the base model."""
+        return self.adapter.slot if self.adapter is not None else 0
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int

@@ -1,0 +1,131 @@
+"""Beyond plain LoRA in the server's mixed batches: DoRA, rank/alpha patterns and AdaLoRA adapters, each row's
+greedy tokens equal to PEFT's (PeftModel.from_pretrained on the same directory, a full forward per token, batch 1);
+modules_to_save and bias adapters fail closed with the reason."""
+
+import copy
+import queue
+import threading
+
+import peft
+import pytest
+import torch
+
+from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
+from loraforge.lora.adapters import AdapterError, save_adapter
+from loraforge.config import LoraConfig
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.serve import Engine, SamplingParams
+from test_serve_engine import base, collect, one_thread, prompts, tokenizer  # noqa: F401 (shared fixtures)
+
+# (no warnings-as-errors here: PEFT, the reference, calls transformers' deprecated is_gradient_checkpointing)
+N = 8
+
+
+def peft_greedy(base, path, prompt, n):  # noqa: F811
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(ids).logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def variants(base, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("variants")
+    configs = {
+        "plain": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+        "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                           target_modules=("q_proj", "v_proj", "up_proj", "down_proj")),
+        "other-ada-layer": LoraConfig(r=2, target_modules=("gate_proj",), init_lora_weights=False),
+        "pattern": LoraConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2, "down_proj": 6},
+                              alpha_pattern={"v_proj": 32}, init_lora_weights=False),
+        "ada": AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
+                             init_lora_weights=False, target_modules=("gate_proj",)),  # see test_adalora_and_lora_*
+    }
+    for i, (name, config) in enumerate(configs.items()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(200 + i)
+        if isinstance(config, AdaLoraConfig):
+            inject_adalora(model, config, name)
+        else:
+            inject(model, config, name)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                if name in getattr(layer, "lora_magnitude_vector", {}):  # m away from ‖W0 + sBA‖: g != 1
+                    m = layer.lora_magnitude_vector[name]
+                    m.mul_(torch.rand(m.shape) + 0.5)
+                if type(layer).__name__ == "SVDLinear":  # non-zero singular values and B
+                    layer.lora_E[name].normal_(0, 1)
+        save_adapter(model, root / name, name)
+    return root
+
+
+def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants):  # noqa: F811
+    names = ["plain", "dora", "pattern", "ada", None, "dora", "ada", "pattern"]
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: variants / n for n in set(names) - {None}})
+    try:
+        ps = prompts(len(tokenizer), [5, 9, 3, 12, 7, 4, 10, 6], seed=21)
+        gate, holding = threading.Event(), threading.Event()
+        engine.call(lambda: (holding.set(), gate.wait(60)))
+        assert holding.wait(30)
+        queues = []
+        for name, p in zip(names, ps):
+            queues.append(queue.Queue())
+            engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
+        gate.set()
+        got = [collect(q)[0] for q in queues]
+        assert engine.stats["max_running"] == len(names)  # one batch mixing every kind
+        for name, p, tokens in zip(names, ps, got):
+            want = peft_greedy(base, variants / name, p, N) if name else peft_greedy_base(base, p)
+            assert tokens == want, name
+        # each variant changes the output (so the comparison above is not base vs base)
+        alone = {n: tuple(engine.generate(ps[0], n, SamplingParams(max_tokens=N, ignore_eos=True)).token_ids)
+                 for n in ["plain", "dora", "pattern", "ada", None]}
+        assert len(set(alone.values())) == 5
+    finally:
+        engine.stop()
+
+
+def peft_greedy_base(base, prompt):  # noqa: F811
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(N):
+            out.append(int(base(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
+    return out
+
+
+@pytest.mark.parametrize("extra, reason", [({"modules_to_save": ("lm_head",)}, "modules_to_save"),
+                                           ({"bias": "all"}, "bias='all'"), ({"bias": "lora_only"}, "lora_only")])
+def test_unservable_adapters_fail_closed(base, tokenizer, tmp_path, extra, reason):  # noqa: F811
+    model = copy.deepcopy(base)
+    inject(model, LoraConfig(r=2, target_modules=("q_proj",), **extra), "x")
+    save_adapter(model, tmp_path / "x", "x")
+    with pytest.raises(AdapterError, match=reason):
+        Engine(copy.deepcopy(base), tokenizer, adapters={"x": tmp_path / "x"})
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters_dir=tmp_path)
+    try:
+        with pytest.raises(Exception, match=reason):
+            engine.generate([1, 2, 3], "x", SamplingParams(max_tokens=2))
+        assert engine.generate([1, 2, 3], None, SamplingParams(max_tokens=2)).completion_tokens >= 1
+        assert not [layer for _, layer in lora_layers(engine.model)]  # nothing left on the model
+    finally:
+        engine.stop()
+
+
+def test_adalora_and_lora_on_one_module_fail_closed(base, tokenizer, variants):  # noqa: F811
+    """An AdaLoRA layer and a LoRA layer cannot wrap the same module: the second one's requests fail with the
+    reason, the first keeps serving, and nothing half-loaded stays on the model."""
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={"ada": variants / "ada"}, adapters_dir=variants)
+    try:
+        before = engine.generate([1, 2, 3], "ada", SamplingParams(max_tokens=4, ignore_eos=True)).token_ids
+        with pytest.raises(RuntimeError, match="cannot target the same module"):
+            engine.generate([1, 2, 3], "other-ada-layer", SamplingParams(max_tokens=2))
+        assert engine.generate([1, 2, 3], "ada", SamplingParams(max_tokens=4, ignore_eos=True)).token_ids == before
+        assert all("serve" in n and "check" not in n for _, layer in lora_layers(engine.model) for n in layer.r)
+        assert engine.resident_adapters() == ["ada"]
+    finally:
+        engine.stop()
