@@ -197,8 +197,20 @@ def full_trainables(model: nn.Module):
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights gathered on CPU on rank 0 (empty elsewhere): a `method: full` run's save."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The whole model's weights gathered on CPU on rank 0 (empty elsewhere): a `method: full` run's save. Tied
+    weights once, under the name named_parameters() keeps, as the one-process save writes them."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A backend's error from a collective (gloo reports a dead peer as a plain RuntimeError)."""
+    if isinstance(error, TrainingError):
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
+                                                                        "Timed out"))
 
 
 def collective_error(rank: int, timeout_s: float, error: Exception) -> TrainingError:

@@ -39,7 +39,8 @@ from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_
                                            save_checkpoint)
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (choose_mode, clip_sharded, collective_error, full_state_dict,
-                                            full_trainables, no_sync, setup_processes, unsharded, wrap)
+                                            full_trainables, is_collective_failure, no_sync, setup_processes,
+                                            unsharded, wrap)
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -290,7 +291,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     """
     run = setup(cfg, resume, overwrite, precision)
     start_tokens = run.tokens_seen
-    loss_value, eval_loss, seconds = fit(run, progress, append_log=resume)
+    try:
+        loss_value, eval_loss, seconds = fit(run, progress, append_log=resume)
+    except RuntimeError as e:  # a peer died or hung: say so rather than a bare backend error
+        if run.world == 1 or not is_collective_failure(e):
+            raise
+        raise collective_error(run.rank, cfg.training.collective_timeout, e) from e
     return finish(run, loss_value, eval_loss, seconds, start_tokens)
 
 
@@ -411,8 +417,6 @@ def fit(run: Run, progress: bool = True, append_log: bool = False) -> tuple[floa
             if log is not None:
                 log.close()
             raise
-        except dist.DistError as e:  # a peer died or hung: say so rather than a bare backend error
-            raise collective_error(run.rank, t.collective_timeout, e) from e
         run.step += 1
         run.tokens_seen += sum(len(run.train_examples[i].input_ids)
                                for idx in step_batches for i in idx)  # real tokens, no padding
