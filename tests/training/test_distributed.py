@@ -2,6 +2,7 @@
 a crashed rank stops the others with an error, sharded checkpoints resume with another number of processes,
 and the combinations FSDP does not run yet are refused by name."""
 
+import json
 import os
 import subprocess
 import sys
@@ -50,21 +51,27 @@ def cfg_file(tmp_path):
 
 
 def test_fsdp_lora_two_processes_train_like_one(tiny_dir, data_file, tmp_path, cfg_file):
-    """2 ranks × batch 4 sharded vs 1 process × batch 8 (no FSDP): the same global batches, hence the same adapter.
-    Gradient clipping is on (max_grad_norm 1.0, the default), so the norm of the sharded gradients is checked too;
-    lora_dropout is off (its masks are drawn per process)."""
-    one = train(load_train_config(None, [*common(tiny_dir, data_file), "training.batch_size=8",
+    """2 ranks × batch 4 × accumulation 2, sharded, vs 1 process × batch 4 × accumulation 4 (no FSDP): the same
+    global batches, hence the same adapter and held-out losses. On the way: gradient clipping of the sharded
+    gradients (max_grad_norm 1.0, the default), LoRA+ groups, gradient checkpointing, evaluation every 2 steps
+    (the model called outside the sharded loss). lora_dropout is off (its masks are drawn per process)."""
+    args = [*common(tiny_dir, data_file), "data.eval_fraction=0.1", "training.eval_every=2",
+            "training.loraplus_lr_ratio=4", "training.gradient_checkpointing=true", "training.batch_size=4"]
+    one = train(load_train_config(None, [*args, "training.gradient_accumulation=4",
                                          f"output_dir={tmp_path / 'one'}"]), progress=False)
-    proc = torchrun(2, cfg_file, [*common(tiny_dir, data_file), "training.batch_size=4",
-                                  f"output_dir={tmp_path / 'two'}"], 29541)
+    proc = torchrun(2, cfg_file, [*args, "training.gradient_accumulation=2", f"output_dir={tmp_path / 'two'}"],
+                    29541)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the same float sums in another order (all-gather, reduce-scatter): equal to rounding; 1e-5 is 1000x below
     # one update at lr 1e-2
     assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
     assert f"final loss {one.final_loss:.4f}" in proc.stdout
+    evals = [json.loads(x)["eval_loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in x]
+    assert len(evals) == 2 and abs(evals[-1] - one.eval_loss) < 1e-5
     shards = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-0000004").iterdir())
-    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rng-0.safetensors", "rng-1.safetensors",
-                      "trainer_state.json"]
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rng-0.safetensors",
+                      "rng-1.safetensors", "trainer_state.json"]
 
 
 @pytest.mark.slow  # a third two-process launch: about 40 s on the 2-core CI machine
@@ -83,15 +90,17 @@ def test_fsdp_full_fine_tuning_two_processes_train_like_one(tiny_dir, data_file,
 def ranks(n, cfg_file, args, port, env=None):
     """n processes with torchrun's environment but no torchrun agent (which would SIGTERM the survivors of a
     crash itself): what each process does on its own when a peer dies. [(returncode, stdout, stderr)] by rank."""
-    procs = []
+    procs, logs = [], []
     for rank in range(n):
         e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
              "LOCAL_WORLD_SIZE": str(n), **(env or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file), *args,
-                                       "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    return [(p.returncode, *p.communicate(timeout=300)) if p.wait(timeout=300) is not None else None for p in procs]
+        out, err = (cfg_file.parent / f"rank{rank}.{s}" for s in ("out", "err"))
+        logs.append((out, err))
+        with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
+            procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file), *args,
+                                           "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=o, stderr=r))
+    return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
 
 def test_killed_rank_stops_the_other_and_resume_with_one_process_ends_the_same(tiny_dir, data_file, tmp_path,
