@@ -6,9 +6,11 @@
 For each mode, torchrun starts the processes (gloo on CPU, nccl on CUDA) running loraforge's training recipe
 (setup() and fit() of loraforge.training.loop on the demo data). Every process reports:
   base share  the bytes of the model's parameters it holds after set-up (FSDP: its shards, DDP: the whole model)
-  peak        the process's peak memory over the steps (CPU: max RSS; CUDA: max allocated)
-  runtime     RSS after importing torch and transformers, before any model (CPU only): peak − runtime is what
-              training added
+  runtime     RSS after importing torch and transformers, before any model (CPU)
+  steps peak  the peak over the training steps alone (CPU: the peak RSS reset after set-up through
+              /proc/self/clear_refs, freed memory returned with malloc_trim; CUDA: max allocated, reset likewise)
+  life peak   the process's peak over its whole life: on CPU each process loads the whole base before FSDP
+              shards it, so set-up, not training, sets this one under FSDP
 and the table prints the ratio FSDP / DDP of each, with loraforge estimate's per-device figure for the same run
 (`studies.estimate.per_device`). Timings and RSS on a shared machine vary with the load; the ratios are measured
 in the same run. The FSDP and DDP adapters are compared too (the same global batch: they must agree).
@@ -36,6 +38,24 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def hwm_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), from /proc."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak(torch) -> None:
+    """Return freed memory to the system and start counting the peak again (Linux: clear_refs 5; CUDA too)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def overrides(args, mode: str, out: Path) -> list[str]:
     demo = ROOT / "loraforge" / "assets" / "demo_train.jsonl"
     return [f"model.name={args.model}", f"data.train={demo}", "data.eval_fraction=0", f"method={args.method}",
@@ -59,10 +79,12 @@ def worker(args) -> None:
     cfg = load_train_config(None, overrides(args, args.worker, out / args.worker))
     run = setup(cfg, resume=False, overwrite=True, precision=None)
     held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in run.model.parameters())
+    reset_peak(torch)
     loss, eval_loss, seconds = fit(run, progress=False)
+    steps_peak = peak_memory_mb(run.device) if run.device.type == "cuda" else hwm_mb()
     finish(run, loss, eval_loss, seconds, 0)
     record = {"rank": run.rank, "world": run.world, "base_share_mb": held / 2**20, "runtime_mb": runtime,
-              "peak_mb": peak_memory_mb(run.device), "device": run.device.type, "seconds": seconds,
+              "steps_peak_mb": steps_peak, "peak_mb": peak_memory_mb(run.device), "device": run.device.type, "seconds": seconds,
               "loss": loss}
     (out / f"{args.worker}-{run.rank}.json").write_text(json.dumps(record))
     torch.distributed.destroy_process_group()
@@ -111,22 +133,24 @@ def main() -> None:
     print(header(describe("cuda" if torch.cuda.is_available() else "cpu")))
     print(f"{args.model} {args.method}, {args.nproc} processes × batch {args.batch}, {args.steps} steps, "
           f"{args.precision}")
-    print(f"{'mode':5} {'rank':>4} {'base share MB':>14} {'peak MB':>9} {'runtime MB':>11} {'peak-runtime':>13} "
-          f"{'estimate MB':>12}")
+    print(f"{'mode':5} {'rank':>4} {'base share MB':>14} {'runtime MB':>11} {'steps peak MB':>14} "
+          f"{'above runtime':>14} {'life peak MB':>13} {'estimate MB':>12}")
     seq = 128  # the demo's rows are short; the estimator's activations for this many tokens per row
     base = estimate(args.model, args.method, batch_size=args.batch, seq_len=seq, r=16, dtype=args.precision)
     for mode, records in results.items():
         est = per_device(base, args.model, args.method, args.nproc, mode, args.precision)["total"] / 2**20
         for r in records:
-            print(f"{mode:5} {r['rank']:>4} {r['base_share_mb']:>14.1f} {r['peak_mb']:>9.0f} {r['runtime_mb']:>11.0f} "
-                  f"{r['peak_mb'] - r['runtime_mb']:>13.0f} {est:>12.0f}")
+            print(f"{mode:5} {r['rank']:>4} {r['base_share_mb']:>14.1f} {r['runtime_mb']:>11.0f} "
+                  f"{r['steps_peak_mb']:>14.0f} {r['steps_peak_mb'] - r['runtime_mb']:>14.0f} {r['peak_mb']:>13.0f} "
+                  f"{est:>12.0f}")
 
     def mean(mode, key):
         return sum(r[key] for r in results[mode]) / len(results[mode])
 
+    above = {m: mean(m, "steps_peak_mb") - mean(m, "runtime_mb") for m in results}
     print(f"FSDP / DDP per process: base share {mean('fsdp', 'base_share_mb') / mean('ddp', 'base_share_mb'):.3f}, "
-          f"peak {mean('fsdp', 'peak_mb') / mean('ddp', 'peak_mb'):.3f}, peak above the runtime "
-          f"{(mean('fsdp', 'peak_mb') - mean('fsdp', 'runtime_mb')) / (mean('ddp', 'peak_mb') - mean('ddp', 'runtime_mb')):.3f}")
+          f"steps peak {mean('fsdp', 'steps_peak_mb') / mean('ddp', 'steps_peak_mb'):.3f}, steps peak above the "
+          f"runtime {above['fsdp'] / above['ddp']:.3f}, life peak {mean('fsdp', 'peak_mb') / mean('ddp', 'peak_mb'):.3f}")
     print(f"final loss ddp {results['ddp'][0]['loss']:.6f}, fsdp {results['fsdp'][0]['loss']:.6f}"
           + (f"; adapters differ by at most {agree:.2e}" if agree is not None else ""))
 

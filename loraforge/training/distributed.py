@@ -7,6 +7,8 @@ fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer
       root (it owns the embeddings, the final norm and the head, tied or not): every parameter, frozen base and
       adapter alike, is split across the processes and all-gathered one layer at a time for its forward and
       backward; gradients are reduce-scattered, so each process keeps (and the optimizer updates) only its shard.
+      A 4-bit (QLoRA) base is split as its packed bytes (bitsandbytes' Params4bit keeps its quantization state on
+      the layer, whole on every process); CPU only so far.
 auto: fsdp when the base's weights take more than half of one process's memory (the training state, activations
       and the runtime need the rest), ddp otherwise.
 
@@ -66,6 +68,10 @@ def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
         raise TrainingError("training.distributed: fsdp needs torchrun (even for one process): torchrun "
                             "--nproc_per_node=N -m loraforge train CONFIG")
     refuse_unsupported(cfg)
+    if cfg.quantization and device.type == "cuda":
+        raise TrainingError(f"training.distributed: fsdp with model.quantization: {cfg.quantization} is verified on "
+                            f"CPU only (the 4-bit weights sharded as bytes); on CUDA use training.distributed: ddp "
+                            f"until it is")
     return "fsdp"
 
 
@@ -74,9 +80,9 @@ def refuse_unsupported(cfg: TrainConfig) -> None:
     t, problems = cfg.training, []
     if cfg.method == "adalora":
         problems.append("method: adalora (its rank allocator scores whole A, E, B matrices; FSDP holds shards)")
-    if cfg.quantization:
-        problems.append(f"model.quantization: {cfg.quantization} (QLoRA under FSDP needs bitsandbytes' Params4bit "
-                        f"with quant_storage, which loraforge does not set up yet; use training.distributed: ddp)")
+    if cfg.quantization == "int8":
+        problems.append("model.quantization: int8 (its row statistics live beside the int8 weight, which FSDP "
+                        "would split; use nf4 or training.distributed: ddp)")
     if t.precision == "fp16" or cfg.model.dtype == "fp16":
         problems.append("fp16 (loss scaling over sharded gradients is not wired up; use bf16 or fp32)")
     if t.optimizer != "adamw":
@@ -130,7 +136,8 @@ def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, 
                             f"training.distributed: ddp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     compute = precision.compute_dtype
-    policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
+    quantized = any(not p.is_floating_point() for p in model.parameters())  # 4-bit bytes: never cast them
+    policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 or quantized else compute,
                                   reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
