@@ -84,7 +84,8 @@ def worker(args) -> None:
     steps_peak = peak_memory_mb(run.device) if run.device.type == "cuda" else hwm_mb()
     finish(run, loss, eval_loss, seconds, 0)
     record = {"rank": run.rank, "world": run.world, "base_share_mb": held / 2**20, "runtime_mb": runtime,
-              "steps_peak_mb": steps_peak, "peak_mb": peak_memory_mb(run.device), "device": run.device.type, "seconds": seconds,
+              "steps_peak_mb": steps_peak, "peak_mb": peak_memory_mb(run.device), "device": run.device.type,
+              "seconds": seconds,
               "loss": loss}
     (out / f"{args.worker}-{run.rank}.json").write_text(json.dumps(record))
     torch.distributed.destroy_process_group()
@@ -150,7 +151,8 @@ def main() -> None:
     above = {m: mean(m, "steps_peak_mb") - mean(m, "runtime_mb") for m in results}
     print(f"FSDP / DDP per process: base share {mean('fsdp', 'base_share_mb') / mean('ddp', 'base_share_mb'):.3f}, "
           f"steps peak {mean('fsdp', 'steps_peak_mb') / mean('ddp', 'steps_peak_mb'):.3f}, steps peak above the "
-          f"runtime {above['fsdp'] / above['ddp']:.3f}, life peak {mean('fsdp', 'peak_mb') / mean('ddp', 'peak_mb'):.3f}")
+          f"runtime {above['fsdp'] / above['ddp']:.3f}, "
+          f"life peak {mean('fsdp', 'peak_mb') / mean('ddp', 'peak_mb'):.3f}")
     print(f"final loss ddp {results['ddp'][0]['loss']:.6f}, fsdp {results['fsdp'][0]['loss']:.6f}"
           + (f"; adapters differ by at most {agree:.2e}" if agree is not None else ""))
 

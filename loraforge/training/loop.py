@@ -7,9 +7,10 @@
             step, explicit hooks (AdaLoRA), schedule; then 5. log, evaluate, checkpoint
     finish: save the adapter (or the full model), plot the loss, report what was measured
 
-Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP or FSDP2 over gloo (CPU) or nccl
-(CUDA) (loraforge.training.distributed); only rank 0 writes, except sharded checkpoints (training.dcp). A checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is
-written to a temporary directory and renamed, so a crash never leaves a half checkpoint that resume would read.
+Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP or FSDP2 over gloo (CPU) or
+nccl (CUDA) (loraforge.training.distributed); only rank 0 writes, except sharded checkpoints (training.dcp). A
+checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is written to a temporary directory
+and renamed, so a crash never leaves a half checkpoint that resume would read.
 """
 
 from __future__ import annotations
@@ -485,7 +486,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         dist.all_reduce(step_loss)
     loss_value = step_loss.item() / n_step.item()
     if not math.isfinite(loss_value):
-        last = last_checkpoint(run.ckpt_root)
+        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
                             f"{last or 'none (no checkpoint was written yet)'}. "
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1))
