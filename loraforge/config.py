@@ -391,6 +391,13 @@ class TrainingConfig:
     gradients in fewer FLOPs; skipped where it would change the math (dropout), for packed rows and under
     torch.compile. auto: on CPU, where a step is bound by its FLOPs; elsewhere off, as its second pass adds kernel
     launches that a small GPU step is bound by (bench/train.py's lf and lf-noprefix variants compare them)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: weights, gradients and optimizer
+    state split across the processes; for a base too big for one device). auto: fsdp when the base's weights take
+    more than half of one process's memory, ddp otherwise (loraforge.training.distributed)."""
+    collective_timeout: float = 600.0
+    """Seconds a process waits in a collective (all-reduce, all-gather) before it fails: a crashed or hung peer
+    stops the others with an error instead of a hang."""
 
     def __post_init__(self):
         p = []
@@ -415,6 +422,8 @@ class TrainingConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be ≥ 0, got {getattr(self, name)}")
+        if self.collective_timeout <= 0:
+            p.append(f"collective_timeout: must be positive (seconds), got {self.collective_timeout}")
         validate(p)
 
 

@@ -179,16 +179,46 @@ def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1
     return out
 
 
+def per_device(breakdown: dict[str, float], model: str | ModelShape, method: str, gpus: int, distributed: str,
+               dtype: str = "bf16") -> dict[str, float]:
+    """Memory per device with `gpus` processes, each running `breakdown`'s micro-batch (batch_size is per device).
+
+    ddp: every device holds the whole breakdown, plus DDP's gradient buckets (a second copy of the gradients,
+         "buffers"). fsdp: weights, adapter, gradients and optimizer states are split in `gpus` shards; "buffers"
+         is what FSDP gathers whole at a time: the root (embeddings, head, final norm) for the whole step and two
+         decoder layers (the one computing and the one prefetched), in the compute dtype (QLoRA: 4-bit layers).
+    """
+    if distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"distributed {distributed!r} is not one of ['ddp', 'fsdp']")
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
+    out = dict(breakdown)
+    if distributed == "ddp":
+        out["buffers"] = breakdown["gradients"] if gpus > 1 else 0.0
+    else:
+        shape, a = model_shape(model), DTYPE_BYTES[dtype]
+        for part in ("weights", "adapter", "gradients", "optimizer_states"):
+            out[part] = breakdown[part] / gpus
+        layer_linear = shape.linear_params / shape.num_hidden_layers
+        layer_bytes = (QLORA_BITS / 8 if method == "qlora" else (4 if method == "full" else a)) * layer_linear
+        root_bytes = (4 if method in ("full", "qlora") else a) * (shape.embedding_params + shape.hidden_size)
+        out["buffers"] = (root_bytes + 2 * layer_bytes) if gpus > 1 else 0.0
+    out["total"] = sum(out[p] for p in ("weights", "adapter", "gradients", "optimizer_states", "activations",
+                                        "buffers"))
+    return out
+
+
 def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     """The breakdown as a small table in GB."""
-    parts = ["weights", "adapter", "gradients", "optimizer_states", "activations", "total"]
+    parts = ["weights", "adapter", "gradients", "optimizer_states", "activations",
+             *(["buffers"] if "buffers" in breakdown else []), "total"]
     lines = text_table(["part", "GB"], [[part, f"{breakdown[part] / GB:.2f}"] for part in parts])
     return "\n".join(([title] if title else []) + lines)
 
 
 def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, seq_len: int = 512, r: int = 16,
                  optimizer: str = "adamw", dtype: str = "bf16", gradient_checkpointing: bool = False,
-                 no_gradient_checkpointing: bool = False) -> None:
+                 no_gradient_checkpointing: bool = False, gpus: int = 1, distributed: str = "ddp") -> None:
     """Print the expected training memory of a model and method, broken down.
 
     Args:
@@ -201,10 +231,15 @@ def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, 
         dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
         gradient_checkpointing: force gradient checkpointing on (default: on for qlora only)
         no_gradient_checkpointing: force it off
+        gpus: processes (devices) training together; batch_size is per device
+        distributed: ddp (a whole replica per device) or fsdp (weights, gradients and optimizer state sharded)
     """
     ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
     result = estimate(model, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
     title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, r={r}, {optimizer}, {dtype}, "
              f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
              f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
+    if gpus > 1 or distributed == "fsdp":
+        result = per_device(result, model, method, gpus, distributed, dtype)
+        title += f"; per device with {gpus} × {distributed}"
     print(format_breakdown(result, title))

@@ -7,9 +7,10 @@
             step, explicit hooks (AdaLoRA), schedule; then 5. log, evaluate, checkpoint
     finish: save the adapter (or the full model), plot the loss, report what was measured
 
-Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP over gloo (CPU) or nccl
-(CUDA); only rank 0 writes. A checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is
-written to a temporary directory and renamed, so a crash never leaves a half checkpoint that resume would read.
+Several processes: `torchrun --nproc_per_node=N -m loraforge train CONFIG`; DDP or FSDP2 over gloo (CPU) or
+nccl (CUDA) (loraforge.training.distributed); only rank 0 writes, except sharded checkpoints (training.dcp). A
+checkpoint holds adapter, optimizer, scheduler, RNG and data position; it is written to a temporary directory
+and renamed, so a crash never leaves a half checkpoint that resume would read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import shutil
 import signal
@@ -40,6 +40,10 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_checkpoint, load_checkpoint,
                                            save_checkpoint)
+from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
+from loraforge.training.distributed import (choose_mode, clip_sharded, collective_error, full_state_dict,
+                                            full_trainables, is_collective_failure, no_sync, setup_processes,
+                                            unsharded, wrap)
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -69,37 +73,23 @@ class TrainResult:
 
 # --- set-up --------------------------------------------------------------------------------------------------
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun, joins the process group (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
     """training.precision and model.dtype resolved on this device (loraforge.precision: auto from the hardware)."""
     return choose(cfg.training.precision, cfg.model.dtype, device=device, warn=warn)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None,
-                precision: Precision | None = None):
+                precision: Precision | None = None, load_device: torch.device | None = None):
     """(model, tokenizer): the base with the method's trainable parts; trainable weights in fp32.
 
     `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
     method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
     storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
+    `load_device`: where the weights load (FSDP loads on the CPU and moves each process's shards to `device`).
     """
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
-    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=device)
+    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=load_device or device)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
@@ -277,6 +267,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     pack: bool = False
+    sharded: bool = False  # FSDP: parameters are shards; checkpoints, evaluation and the final save gather
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
@@ -304,14 +295,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     """
     run = setup(cfg, resume, overwrite, precision)
     start_tokens = run.tokens_seen
-    with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C: stop after the current step, checkpoint kept
-        loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
+    try:
+        with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C: stop after the current step, checkpoint kept
+            loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
+    except RuntimeError as e:  # a peer died or hung: say so rather than a bare backend error
+        if run.world == 1 or not is_collective_failure(e):
+            raise
+        raise collective_error(run.rank, cfg.training.collective_timeout, e) from e
     return finish(run, loss_value, eval_loss, seconds, start_tokens)
 
 
 def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None) -> Run:
     """Everything before the first step: processes, output folder, precision, data, model, optimizer, resume."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_processes(cfg.training.collective_timeout)
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -333,21 +329,25 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                             f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
                             f"{world} processes); lower training.batch_size")
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
-    model, _ = build_model(cfg, device, total_steps, tokenizer, precision)
+    mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
+    model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
+                           load_device=torch.device("cpu") if mode == "fsdp" else None)
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
     allocator = RankAllocator(model, total_step=total_steps) if cfg.method == "adalora" else None
 
-    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix(t.share_prefix, device)).train()
+    share = shares_prefix(t.share_prefix, device) and mode != "fsdp"  # FSDP: its second pass' K/V escape the hooks
+    loss_fn = CausalLMLoss(model, share_prefix=share).train()
     if t.compile:
         loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
+    wrapped = wrap(loss_fn, model, mode, precision, device)  # FSDP: parameters become shards, before the optimizer
     optimizer = make_optimizer(model, t)
     run = Run(cfg=cfg, rank=rank, world=world, device=device, out=out, precision=precision, tokenizer=tokenizer,
               train_examples=train_examples, eval_examples=eval_examples, data_stats=data_stats,
               per_epoch=per_epoch, total_steps=total_steps, model=model, trainable=trainable,
               total_params=total_params, allocator=allocator, loss_fn=loss_fn,
-              ddp=nn.parallel.DistributedDataParallel(loss_fn) if world > 1 else loss_fn, optimizer=optimizer,
+              ddp=wrapped, sharded=mode == "fsdp", optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
@@ -375,13 +375,14 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
 
 def restore(run: Run) -> None:
     """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed)."""
-    found, skipped = find_checkpoint(run.ckpt_root)
+    found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
     if found is None:
         why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
                             f"output_dir")
-    meta = load_checkpoint(found, run.model, run.optimizer, run.scheduler)
+    meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler) if run.sharded
+            else load_checkpoint(found, run.model, run.optimizer, run.scheduler))
     if run.is_main:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
@@ -412,9 +413,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     group = t.gradient_accumulation * run.world
     while run.step < run.total_steps:
         if stop is not None and stop.requested:
-            if run.is_main and not (run.ckpt_root / f"step-{run.step:07d}").exists():
-                save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg,
-                                checkpoint_state(run))
+            if not (run.ckpt_root / f"step-{run.step:07d}").exists():
+                save_step(run)
             if run.is_main:
                 bar.write(f"stopped at step {run.step}: checkpoint saved; continue with --resume")
                 bar.close()
@@ -458,18 +458,28 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                           grad_norm=float(grad_norm), tokens=run.tokens_seen, tokens_per_s=tps, elapsed_s=elapsed,
                           **extra)
         if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
-            eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
-                                        cfg.data.max_seq_len, precision=run.precision.compute)
+            with unsharded(run.ddp):
+                eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
+                                            cfg.data.max_seq_len, precision=run.precision.compute)
             if run.is_main:
                 log.write(step=run.step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                 bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
                           f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
-        if run.is_main and ((t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps):
-            save_checkpoint(run.ckpt_root, run.step, model, run.optimizer, run.scheduler, cfg, checkpoint_state(run))
+        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
+            save_step(run)
     bar.close()
     if log is not None:
         log.close()
     return loss_value, eval_loss, time.perf_counter() - start
+
+
+def save_step(run: Run) -> None:
+    """A checkpoint of the step reached: rank 0 writes it, or under FSDP every process writes its shards."""
+    if run.sharded:
+        save_sharded(run.ckpt_root, run.step, run.ddp, run.optimizer, run.scheduler, run.cfg, checkpoint_state(run))
+    elif run.is_main:
+        save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, run.scheduler, run.cfg,
+                        checkpoint_state(run))
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -515,7 +525,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     step_loss = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
-        context = run.ddp.no_sync() if run.world > 1 and not sync else contextlib.nullcontext()
+        context = no_sync(run.ddp) if not sync else contextlib.nullcontext()
         with context:
             with run.precision.autocast(device.type):
                 loss_sum, _ = run.ddp(batch)
@@ -528,7 +538,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         dist.all_reduce(step_loss)
     loss_value = step_loss.item() / n_step.item()
     if not math.isfinite(loss_value):
-        last = last_checkpoint(run.ckpt_root)
+        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
                             f"{last or 'none (no checkpoint was written yet)'}. "
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1))
@@ -536,7 +546,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     # 4. clip, step, explicit hooks, schedule
     params = [p for p in model.parameters() if p.requires_grad]
     scaler.unscale_(run.optimizer)  # (fp16) true gradients before clipping; a no-op otherwise
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
+    grad_norm = (clip_sharded(params, t.max_grad_norm) if run.sharded
+                 else torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     scale = scaler.get_scale()
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
@@ -554,7 +565,19 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
 
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
-    if run.is_main:
+    if run.sharded:  # every process takes part in gathering the shards; rank 0 writes what the one-process run does
+        if run.cfg.method == "full":
+            state = full_state_dict(run.model)
+            if run.is_main:
+                run.model.save_pretrained(run.out / "model", state_dict=state)
+                run.tokenizer.save_pretrained(run.out / "model")
+        else:
+            with full_trainables(run.model):
+                if run.is_main:
+                    save_adapter(run.model, run.out / "adapter")
+        if run.is_main:
+            plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
+    elif run.is_main:
         if run.cfg.method == "full":
             run.model.save_pretrained(run.out / "model")
             run.tokenizer.save_pretrained(run.out / "model")

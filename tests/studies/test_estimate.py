@@ -2,7 +2,7 @@
 
 import pytest
 
-from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_breakdown, model_shape
+from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_breakdown, model_shape, per_device
 from loraforge.quant.bnb import bits_per_weight_formula
 
 GB = 1e9
@@ -78,3 +78,26 @@ def test_local_config(tmp_path):
 
     tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
     assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False)
+
+
+def test_per_device_memory_under_fsdp_and_ddp():
+    """FSDP splits weights, adapter, gradients and optimizer states over the devices and gathers the root
+    (embeddings, head, final norm) and two decoder layers whole; DDP keeps a whole replica plus its gradient
+    buckets. The arithmetic, on the 70B shape."""
+    s = KNOWN_SHAPES["70b"]
+    one = estimate("70b", "lora", batch_size=1, seq_len=512, r=16, dtype="bf16")
+    fsdp = per_device(one, "70b", "lora", 4, "fsdp", "bf16")
+    for part in ("weights", "adapter", "gradients", "optimizer_states"):
+        assert fsdp[part] == pytest.approx(one[part] / 4)
+    assert fsdp["activations"] == one["activations"]  # batch_size is per device
+    assert fsdp["buffers"] == pytest.approx(2 * (s.embedding_params + s.hidden_size) + 2 * 2 * s.linear_params / 80)
+    parts = ("weights", "adapter", "gradients", "optimizer_states", "activations", "buffers")
+    assert fsdp["total"] == pytest.approx(sum(fsdp[p] for p in parts))
+    ddp = per_device(one, "70b", "lora", 4, "ddp", "bf16")
+    assert ddp["weights"] == one["weights"] and ddp["buffers"] == one["gradients"]
+    qlora = per_device(estimate("70b", "qlora"), "70b", "qlora", 2, "fsdp")
+    assert qlora["buffers"] == pytest.approx(4 * (s.embedding_params + s.hidden_size) + 2 * 4.127 / 8 * s.linear_params / 80,
+                                             rel=1e-3)
+    assert "buffers" in format_breakdown(fsdp)
+    with pytest.raises(ValueError, match="'zero3'"):
+        per_device(one, "70b", "lora", 2, "zero3")

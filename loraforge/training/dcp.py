@@ -1,0 +1,124 @@
+"""Sharded checkpoints of an FSDP run (`torch.distributed.checkpoint`), atomic like the one-process ones.
+
+`checkpoints/step-N/` holds the trainable parameters' and the optimizer's shards as DCP writes them (one
+`__<rank>_0.distcp` file per process and `.metadata`, keyed by parameter name, so a run with another number of
+processes reads them back resharded), each process's RNG (`rng-<rank>.safetensors`), `trainer_state.json`
+(step, scheduler, Python RNG, data position, config, the number of processes) and `manifest.json`, written last
+by rank 0 with every file's size and SHA-256. All processes write into `.tmp-step-N` and rank 0 renames it once
+every process has finished; a kill during the save leaves only the temporary directory, which resume never
+reads. Multi-node runs need output_dir on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from loraforge.config import TrainConfig, to_dict
+from loraforge.training.checkpoint import MANIFEST, TrainingError, _sha256
+
+FORMAT = "dcp"  # trainer_state.json's "format": what tells a sharded checkpoint from a one-process one
+OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)
+
+
+def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler, cfg: TrainConfig,
+                 state: dict) -> Path:
+    """Write checkpoints/step-N from every process (a collective: all must call it); returns its path."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / f"rng-{rank}.safetensors")
+    if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == f"{step}:{rank}":  # test hook: die mid-save (SIGKILL)
+        os.kill(os.getpid(), 9)
+    dist.barrier()
+    if rank == 0:
+        version, internal, gauss = random.getstate()
+        meta = {"format": FORMAT, "step": step, "world_size": world, "scheduler": scheduler.state_dict(),
+                "python_rng": [version, list(internal), gauss], "config": to_dict(cfg), **state}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+        if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def verify_sharded(path: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and SHA-256; otherwise what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (its save did not finish)"
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is unreadable"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return ("it was written without FSDP (training.distributed: ddp or one process); resume it with the "
+                "training.distributed it was written with")
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry.get("bytes") or _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its size and SHA-256 in {MANIFEST} (truncated or damaged)"
+    return None
+
+
+def find_sharded(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest sharded checkpoint that verifies, and the newer ones that do not, each with the reason."""
+    skipped = []
+    for path in sorted(root.glob("step-*"), reverse=True):
+        reason = verify_sharded(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def load_sharded(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
+    """Read a sharded checkpoint into this run's shards, whatever the number of processes that wrote it (a
+    collective). RNG states come back when the number of processes is the same; returns trainer_state."""
+    meta = json.loads((path / "trainer_state.json").read_text())
+    model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # DCP names the missing keys: a checkpoint of another model or method
+        raise TrainingError(f"checkpoint {path} does not match this model/config ({str(e).splitlines()[0][:200]}); "
+                            f"resume with the config the run was started with") from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=OPTIONS)
+    scheduler.load_state_dict(meta["scheduler"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if meta["world_size"] == world:
+        rng = load_file(path / f"rng-{rank}.safetensors")
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif rank == 0:
+        print(f"{path.name} was written by {meta['world_size']} processes, this run has {world}: weights, optimizer "
+              f"and data position continue exactly; random draws (dropout) start from the seed", flush=True)
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta

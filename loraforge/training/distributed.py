@@ -1,0 +1,229 @@
+"""Several processes: the process group, DDP or FSDP2 (`training.distributed`), and what sharding changes.
+
+    torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m loraforge train C
+
+ddp:  every process holds the whole model; DistributedDataParallel all-reduces the gradients.
+fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer, then on the loss module as the
+      root (it owns the embeddings, the final norm and the head, tied or not): every parameter, frozen base and
+      adapter alike, is split across the processes and all-gathered one layer at a time for its forward and
+      backward; gradients are reduce-scattered, so each process keeps (and the optimizer updates) only its shard.
+      A 4-bit (QLoRA) base is split as its packed bytes (bitsandbytes' Params4bit keeps its quantization state on
+      the layer, whole on every process); CPU only so far.
+auto: fsdp when the base's weights take more than half of one process's memory (the training state, activations
+      and the runtime need the rest), ddp otherwise.
+
+Collectives time out after `training.collective_timeout` seconds, so a process whose peer died stops with an
+error naming that setting rather than hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from loraforge.config import TrainConfig
+from loraforge.models import resolve_model
+from loraforge.precision import Precision
+from loraforge.training.checkpoint import TrainingError
+
+
+def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, joins the process group (gloo on CPU, nccl on CUDA) with
+    collectives that fail after `timeout_s` seconds instead of waiting for a dead peer forever."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return rank, world, device
+
+
+def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
+    """training.distributed resolved: 'none' (one process, no group), 'ddp' or 'fsdp'; unsupported combinations
+    are refused here, before the model loads, with the combination named."""
+    mode = cfg.training.distributed
+    if mode == "auto":
+        if world == 1 or not dist.is_initialized():
+            return "none"
+        mode = "fsdp" if base_bytes(cfg.model.name) > 0.5 * process_memory(device) else "ddp"
+    if mode == "ddp":
+        return "ddp" if world > 1 else "none"
+    if not dist.is_initialized():
+        raise TrainingError("training.distributed: fsdp needs torchrun (even for one process): torchrun "
+                            "--nproc_per_node=N -m loraforge train CONFIG")
+    refuse_unsupported(cfg)
+    if cfg.quantization and device.type == "cuda":
+        raise TrainingError(f"training.distributed: fsdp with model.quantization: {cfg.quantization} is verified on "
+                            f"CPU only (the 4-bit weights sharded as bytes); on CUDA use training.distributed: ddp "
+                            f"until it is")
+    return "fsdp"
+
+
+def refuse_unsupported(cfg: TrainConfig) -> None:
+    """What FSDP does not run yet in loraforge, each named as the user writes it."""
+    t, problems = cfg.training, []
+    if cfg.method == "adalora":
+        problems.append("method: adalora (its rank allocator scores whole A, E, B matrices; FSDP holds shards)")
+    if cfg.quantization == "int8":
+        problems.append("model.quantization: int8 (its row statistics live beside the int8 weight, which FSDP "
+                        "would split; use nf4 or training.distributed: ddp)")
+    if t.precision == "fp16" or cfg.model.dtype == "fp16":
+        problems.append("fp16 (loss scaling over sharded gradients is not wired up; use bf16 or fp32)")
+    if t.optimizer != "adamw":
+        problems.append(f"training.optimizer: {t.optimizer} (bitsandbytes' optimizers do not take sharded "
+                        f"parameters; use adamw)")
+    if t.share_prefix is True:
+        problems.append("training.share_prefix: true (the shared prefix's keys and values reach a decoder layer's "
+                        "backward after FSDP has freed its gathered weights; use auto, which is off under FSDP)")
+    if t.compile:
+        problems.append("training.compile: true (not tested with FSDP; set it false)")
+    if problems:
+        raise TrainingError("training.distributed: fsdp does not support " + "; ".join(problems) + " yet")
+
+
+def base_bytes(name: str) -> int:
+    """The base's weight files on disk (safetensors), 0 when they are not local yet."""
+    try:
+        path = Path(resolve_model(name))
+    except Exception:  # a hub id that is not downloaded: nothing to measure, DDP
+        return 0
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+
+
+def process_memory(device: torch.device) -> int:
+    """Memory one process may use: its GPU's, or the machine's RAM shared by the processes on this node."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (transformers' GradientCheckpointingLayer): FSDP's unit of sharding."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, device: torch.device) -> nn.Module:
+    """The module the loop calls: the loss itself (one process), under DDP, or sharded by FSDP2.
+
+    FSDP: parameters become DTensor shards, so build the optimizer after this. Mixed precision follows the
+    precision rule: parameters gathered in the compute dtype, gradients reduced in fp32.
+    """
+    if mode == "none":
+        return loss_fn
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(loss_fn)
+    layers = decoder_layers(model)
+    if not layers:
+        raise TrainingError(f"training.distributed: fsdp shards decoder layers one by one; {type(model).__name__} "
+                            f"has none that loraforge recognises (transformers' GradientCheckpointingLayer); use "
+                            f"training.distributed: ddp")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    compute = precision.compute_dtype
+    quantized = any(not p.is_floating_point() for p in model.parameters())  # 4-bit bytes: never cast them
+    policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 or quantized else compute,
+                                  reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(loss_fn, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, head (tied weights stay one)
+    return loss_fn
+
+
+def is_sharded(wrapped: nn.Module) -> bool:
+    return isinstance(wrapped, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_sync(wrapped: nn.Module):
+    """Accumulate this micro-batch's gradients locally: no all-reduce (DDP) or reduce-scatter (FSDP)."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    elif isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_sharded(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm over sharded (DTensor) gradients, clipped to max_norm when set; a plain tensor."""
+    norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@contextlib.contextmanager
+def unsharded(wrapped: nn.Module):
+    """Evaluate the model outside the wrapped loss: the root's parameters (embeddings, norm, head) gathered for the
+    duration; each decoder layer gathers its own in its forward, as in training. Every process must enter."""
+    if not isinstance(wrapped, FSDPModule):
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+@contextlib.contextmanager
+def full_trainables(model: nn.Module):
+    """The trainable parameters gathered whole (fp32 masters, DTensor.full_tensor) in place of their shards, for
+    saving an adapter with the one-process code; every process must enter (each gather is a collective)."""
+    swapped = []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor) and p.requires_grad:
+                module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=False)
+                swapped.append((module, name, p))
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights gathered on CPU on rank 0 (empty elsewhere): a `method: full` run's save. Tied
+    weights once, under the name named_parameters() keeps, as the one-process save writes them."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A backend's error from a collective (gloo reports a dead peer as a plain RuntimeError)."""
+    if isinstance(error, TrainingError):
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(s in text for s in ("gloo", "NCCL", "Connection closed by peer",
+                                                                        "Timed out"))
+
+
+def collective_error(rank: int, timeout_s: float, error: Exception) -> TrainingError:
+    """What a process says when a collective failed: a peer died (its own error is in its log) or stopped
+    answering for training.collective_timeout seconds."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(f"rank {rank}: a collective with the other processes failed ({first[:300]}): another "
+                         f"process stopped (its error is in its own output) or did not answer within "
+                         f"training.collective_timeout={timeout_s:g} s; resume from the last checkpoint with --resume")

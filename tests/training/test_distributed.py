@@ -1,0 +1,166 @@
+"""FSDP2 under torchrun with real processes (gloo, CPU): the same result as one process on the same global batch,
+a crashed rank stops the others with an error, sharded checkpoints resume with another number of processes,
+and the combinations FSDP does not run yet are refused by name."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.config import load_train_config
+from loraforge.training.checkpoint import TrainingError
+from loraforge.training.distributed import choose_mode, refuse_unsupported
+from loraforge.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def common(tiny_dir, data_file, steps=4):
+    return [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", "lora.r=4",
+            "training.lr=1e-2", f"training.max_steps={steps}", "training.precision=fp32", "training.seed=3"]
+
+
+def torchrun(n, cfg_file, args, port, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                           f"--master_port={port}", "-m", "loraforge", "train", str(cfg_file), *args,
+                           "training.distributed=fsdp"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_same(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol)
+
+
+def adapter(out) -> dict:
+    return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+def test_fsdp_lora_two_processes_train_like_one(tiny_dir, data_file, tmp_path, cfg_file):
+    """2 ranks × batch 4 × accumulation 2, sharded, vs 1 process × batch 4 × accumulation 4 (no FSDP): the same
+    global batches, hence the same adapter and held-out losses. On the way: gradient clipping of the sharded
+    gradients (max_grad_norm 1.0, the default), LoRA+ groups, gradient checkpointing, evaluation every 2 steps
+    (the model called outside the sharded loss). lora_dropout is off (its masks are drawn per process)."""
+    args = [*common(tiny_dir, data_file), "data.eval_fraction=0.1", "training.eval_every=2",
+            "training.loraplus_lr_ratio=4", "training.gradient_checkpointing=true", "training.batch_size=4"]
+    one = train(load_train_config(None, [*args, "training.gradient_accumulation=4",
+                                         f"output_dir={tmp_path / 'one'}"]), progress=False)
+    proc = torchrun(2, cfg_file, [*args, "training.gradient_accumulation=2", f"output_dir={tmp_path / 'two'}"],
+                    29541)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same float sums in another order (all-gather, reduce-scatter): equal to rounding; 1e-5 is 1000x below
+    # one update at lr 1e-2
+    assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
+    assert f"final loss {one.final_loss:.4f}" in proc.stdout
+    evals = [json.loads(x)["eval_loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in x]
+    assert len(evals) == 2 and abs(evals[-1] - one.eval_loss) < 1e-5
+    shards = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-0000004").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rng-0.safetensors",
+                      "rng-1.safetensors", "trainer_state.json"]
+
+
+@pytest.mark.slow  # a third two-process launch: about 40 s on the 2-core CI machine
+def test_fsdp_full_fine_tuning_two_processes_train_like_one(tiny_dir, data_file, tmp_path, cfg_file):
+    """method: full, every weight sharded and trained: the gathered checkpoint equals the one-process one."""
+    args = [*common(tiny_dir, data_file, steps=3), "method=full", "training.lr=1e-4"]
+    train(load_train_config(None, [*args, "training.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
+          progress=False)
+    proc = torchrun(2, cfg_file, [*args, "training.batch_size=4", f"output_dir={tmp_path / 'two'}"], 29542)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert_same(one, two, atol=1e-6)  # lr 1e-4: updates of ~1e-4, rounding differences ~1e-7
+
+
+@pytest.mark.slow  # another two-process launch: about 45 s on the 2-core CI machine
+def test_fsdp_qlora_two_processes_train_like_one(tmp_path, cfg_file, data_file, tiny_dir):
+    """QLoRA (NF4 base, bitsandbytes on CPU) sharded over 2 ranks: the packed 4-bit weights are split like any
+    parameter and each layer's quantization state stays whole; the same adapter as 1 process × batch 8."""
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_llama
+
+    model = tmp_path / "tiny64"  # bitsandbytes' CPU 4-bit kernels need in_features a multiple of 64
+    tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(tiny_dir)), tie_word_embeddings=True, hidden_size=64,
+               intermediate_size=128).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    args = [*common(model, data_file), "model.quantization=nf4"]
+    train(load_train_config(None, [*args, "training.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
+          progress=False)
+    proc = torchrun(2, cfg_file, [*args, "training.batch_size=4", f"output_dir={tmp_path / 'two'}"], 29545)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
+
+
+def ranks(n, cfg_file, args, port, env=None):
+    """n processes with torchrun's environment but no torchrun agent (which would SIGTERM the survivors of a
+    crash itself): what each process does on its own when a peer dies. [(returncode, stdout, stderr)] by rank."""
+    procs, logs = [], []
+    for rank in range(n):
+        e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+             "LOCAL_WORLD_SIZE": str(n), **(env or {})}
+        out, err = (cfg_file.parent / f"rank{rank}.{s}" for s in ("out", "err"))
+        logs.append((out, err))
+        with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
+            procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file), *args,
+                                           "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=o, stderr=r))
+    return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
+
+
+def test_killed_rank_stops_the_other_and_resume_with_one_process_ends_the_same(tiny_dir, data_file, tmp_path,
+                                                                               cfg_file):
+    """Rank 1 is SIGKILLed while writing the step-4 checkpoint: rank 0 stops on its own with an error naming the
+    collective timeout, the half-written checkpoint is never resumed from, and one process (batch 8, the same
+    global batch) resumes the two-process shards from step 2 and ends with the uninterrupted run's adapter."""
+    args = [*common(tiny_dir, data_file, steps=6), "training.save_every=2", "training.collective_timeout=60"]
+    train(load_train_config(None, [*args, "training.batch_size=8", f"output_dir={tmp_path / 'whole'}"]),
+          progress=False)
+    cut = tmp_path / "cut"
+    (rc0, _, err0), (rc1, _, _) = ranks(2, cfg_file, [*args, "training.batch_size=4", f"output_dir={cut}"], 29543,
+                                        env={"LORAFORGE_TEST_CRASH_IN_SAVE": "4:1"})
+    assert rc1 == -9 and rc0 > 0, err0[-3000:]  # killed; stopped with an error (not a hang, not killed)
+    assert "rank 0: a collective with the other processes failed" in err0, err0[-3000:]
+    assert "training.collective_timeout=60 s" in err0
+    ckpts = cut / "checkpoints"
+    assert (ckpts / "step-0000002").is_dir() and not (ckpts / "step-0000004").exists()
+    assert (ckpts / ".tmp-step-0000004").is_dir()
+    resumed = torchrun(1, cfg_file, [*args, "training.batch_size=8", f"output_dir={cut}", "--resume"], 29544)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 2/6" in resumed.stdout
+    assert "written by 2 processes, this run has 1" in resumed.stdout
+    assert_same(adapter(tmp_path / "whole"), adapter(cut), atol=1e-5)
+
+
+def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):
+    cfg = load_train_config(None, [*common(tiny_dir, data_file), "method=adalora", "training.precision=fp16",
+                                   "training.compile=true", "training.share_prefix=true",
+                                   "training.optimizer=adamw_8bit", "training.distributed=fsdp"])
+    with pytest.raises(TrainingError) as e:
+        refuse_unsupported(cfg)
+    text = str(e.value)
+    for named in ("method: adalora", "fp16", "training.compile: true", "training.share_prefix: true",
+                  "training.optimizer: adamw_8bit"):
+        assert named in text
+    int8 = load_train_config(None, [*common(tiny_dir, data_file), "model.quantization=int8"])
+    with pytest.raises(TrainingError, match="model.quantization: int8"):
+        refuse_unsupported(int8)
+    plain = load_train_config(None, [*common(tiny_dir, data_file), "training.distributed=fsdp"])
+    with pytest.raises(TrainingError, match="fsdp needs torchrun"):  # no process group outside torchrun
+        choose_mode(plain, 1, torch.device("cpu"))
+    assert choose_mode(load_train_config(None, common(tiny_dir, data_file)), 1, torch.device("cpu")) == "none"
