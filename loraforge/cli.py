@@ -224,11 +224,12 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
 
 
 def _commands() -> dict:
+    from loraforge.studies.continual import cli_continual
     from loraforge.studies.estimate import cli_estimate
     from loraforge.studies.forgetting import cli_forgetting
 
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
-            "estimate": cli_estimate, "forgetting": cli_forgetting}
+            "estimate": cli_estimate, "forgetting": cli_forgetting, "continual": cli_continual}
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value
