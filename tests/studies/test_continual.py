@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.config import ConfigError, load_train_config
+from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.studies.continual import arm_config, cli_continual, format_report, run_continual
 from loraforge.studies.demo import asset
 from loraforge.training.loop import train
@@ -55,3 +55,16 @@ def test_cli_problems_are_one_line_each(tmp_path):
         cli_continual(out=str(tmp_path / "o"), replay_share=["0.2", "1.5"], adapter=str(tmp_path))
     assert e.value.problems == ["--replay-share: 1.5 is not in [0, 1) (0: the new task alone; 0.2: a fifth of each "
                                 "batch from --replay)"]
+
+
+def test_default_study_is_times_after_dates_with_the_adapters_own_settings(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("loraforge.studies.continual.run_continual",
+                        lambda cfg, adapter, previous, replay, shares, out, general, limit, overwrite:
+                        seen.update(cfg=cfg, previous=previous, replay=replay, shares=shares, general=general))
+    cli_continual(adapter="runs/dates/adapter", out=str(tmp_path / "o"), skip_general=True)
+    cfg = seen["cfg"]
+    assert (cfg.data.train, cfg.data.eval) == (asset("times_train.jsonl"), asset("times_test.jsonl"))
+    assert (seen["previous"], seen["replay"]) == (asset("demo_test.jsonl"), asset("demo_train.jsonl"))
+    assert seen["shares"] == (0.0, 0.2) and seen["general"] is False and cfg.training.max_steps == 24
+    assert cfg.lora == LoraConfig()  # nothing set here: the adapter's adapter_config.json decides
