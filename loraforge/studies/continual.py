@@ -38,13 +38,14 @@ DEMO_STEPS = 24
 
 
 def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path) -> TrainConfig:
-    """`cfg` training on from `adapter`; with share > 0 a share of the examples drawn from `replay`."""
+    """`cfg` training on from `adapter`; with share > 0 a share of the examples drawn from `replay` (the new task's
+    sources keep their relative weights, equal ones where they have none, in the remaining 1 - share)."""
     new = cfg.data.sources("train")
+    sources = new
     if share > 0:
-        (source,) = new
-        sources = (dataclasses.replace(source, weight=1 - share), DataSource(path=replay, weight=share))
-    else:
-        sources = new
+        weights = [s.weight or 1.0 for s in new]
+        sources = tuple(dataclasses.replace(s, weight=(1 - share) * w / sum(weights), epochs=None)
+                        for s, w in zip(new, weights)) + (DataSource(path=replay, weight=share),)
     data = dataclasses.replace(cfg.data, train=sources, eval=None, eval_fraction=0.0)
     training = dataclasses.replace(cfg.training, init_adapter=str(adapter), eval_every=0, save_every=0)
     return dataclasses.replace(cfg, data=data, training=training, output_dir=str(out / arm_slug(share)))
@@ -176,7 +177,7 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
     ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
 
     Args:
-        config: a training YAML for the new task (data.eval is scored; lora: left out or as the adapter's); default: times
+        config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
         adapter: the adapter trained on the old task (ours or PEFT's LoRA)
         previous: the old task's held-out examples (default, without CONFIG: the demo's held-out dates)
         replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
