@@ -91,6 +91,14 @@ def test_one_step_equals_peft_with_a_fresh_optimizer(tiny_dir, data_file, tmp_pa
         torch.testing.assert_close(ours[k], theirs[k].detach(), rtol=0, atol=1e-6)
         moved += (ours[k] != load_file(start / "adapter_model.safetensors")[k]).sum().item()
     assert moved > 0  # the step did change the adapter
+    # the saved result loads in PEFT with the logits of PEFT's own stepped model
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                            tmp_path / "out/adapter").eval()
+    model.eval()
+    with torch.no_grad():
+        ids = batch["input_ids"][:, :12]
+        # the same weights up to float32 rounding (below 1e-7 each, above), so the logits agree far inside 1e-5
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 def test_conflicts_are_one_line_each(tiny_dir, data_file, tmp_path):
