@@ -3,7 +3,9 @@ weights as the starting point.
 
 The adapter's adapter_config.json decides the adapter (r, lora_alpha, target_modules, use_rslora, use_dora,
 rank_pattern, alpha_pattern, ...), whether we or PEFT wrote it. A `lora:` field the user set to a value other than
-its default and other than the adapter's is a conflict, reported by name before any model work. Only the weights
+its default and other than the adapter's is a conflict, reported by name before any model work (a field written
+with its default value, e.g. `lora: {r: 8}` on an r=4 adapter, cannot be told from one left out: the adapter's
+value is used without a word). Only the weights
 carry over: the optimizer and the learning-rate schedule start fresh (an adapter directory holds no optimizer
 state), as PEFT's `PeftModel.from_pretrained(..., is_trainable=True)` followed by a new optimizer does.
 
