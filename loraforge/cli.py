@@ -294,11 +294,13 @@ def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", ada
 
 
 def _commands() -> dict:
+    from loraforge.studies.continual import cli_continual
     from loraforge.studies.estimate import cli_estimate
     from loraforge.studies.forgetting import cli_forgetting
 
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
-            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui, "export": export}
+            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui, "export": export,
+            "continual": cli_continual}
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value

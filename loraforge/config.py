@@ -34,12 +34,16 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        trials = []
         for option in options:  # first option that accepts the value without a problem
             trial: list[str] = []
             out = _check_type(value, option, name, trial)
             if not trial:
                 return out
-        problems.append(f"{name}: expected {_type_name(tp)}, got {value!r}")
+            trials.append((option, trial))
+        # a list or mapping meant for the one option of that shape: its own problems, by field
+        shaped = [trial for option, trial in trials if _same_shape(value, option)]
+        problems.extend(shaped[0] if len(shaped) == 1 else [f"{name}: expected {_type_name(tp)}, got {value!r}"])
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -93,6 +97,13 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
     return value
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """A list for a tuple annotation, a mapping for a dataclass: the option a union's value was written for."""
+    if isinstance(value, (list, tuple)):
+        return typing.get_origin(tp) is tuple
+    return isinstance(value, dict) and dataclasses.is_dataclass(tp)
+
+
 def _type_name(tp: Any) -> str:
     """How a user writes values of this annotation: "true, false or 'auto'", "an integer or null", ..."""
     words = {bool: "true, false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
@@ -103,6 +114,8 @@ def _type_name(tp: Any) -> str:
         return ", ".join(repr(v) for v in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return "a list"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
     return words.get(tp, str(tp).replace("typing.", ""))
 
 
@@ -111,7 +124,7 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
     problems: list[str] = []
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    kwargs, rejected = {}, set()
     for key, value in data.items():
         if key not in names:
             if not ignore_unknown:
@@ -123,10 +136,12 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
         checked = _check_type(value, hints[key], prefix + key, problems)
         if len(problems) == before:
             kwargs[key] = checked
+        else:
+            rejected.add(key)
     try:
         obj = cls(**kwargs)  # the values that passed: their own checks (ranges, ...) report too
-    except ConfigError as e:
-        problems.extend(prefix + p for p in e.problems)
+    except ConfigError as e:  # (not again about a field rejected above, whose default stood in for it)
+        problems.extend(prefix + p for p in e.problems if re.match(r"\w*", p).group() not in rejected)
     except TypeError:  # a required field is missing because its value was rejected above
         if not problems:
             raise
@@ -290,11 +305,41 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """One dataset of a list in data.train or data.eval: {path, format, weight | epochs}."""
+
+    path: str = ""
+    """A .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists."""
+    format: Literal["auto", "instruction", "chat", "text"] | None = None
+    """This source's record format (null: data.format)."""
+    weight: float | None = None
+    """Sampling share: each drawn example comes from this source with probability weight / (sum of weights).
+    Give a weight to every source of the list or to none."""
+    epochs: float | None = None
+    """Passes over this source per pass over the mix (default 1; 0.5: a seeded half of it; 2: every example
+    twice). For lists without weights."""
+
+    def __post_init__(self):
+        p = []
+        if not self.path:
+            p.append("path: missing (a dataset file or hub name)")
+        if self.weight is not None and self.epochs is not None:
+            p.append(f"weight: give weight ({self.weight:g}) or epochs ({self.epochs:g}), not both")
+        if self.weight is not None and self.weight <= 0:
+            p.append(f"weight: must be positive, got {self.weight:g} (leave the source out to skip it)")
+        if self.epochs is not None and self.epochs <= 0:
+            p.append(f"epochs: must be positive, got {self.epochs:g} (leave the source out to skip it)")
+        validate(p)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train: str = ""
-    """Training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists."""
-    eval: str | None = None
-    """Held-out data; when empty, `eval_fraction` of `train` is held out."""
+    train: str | tuple[DataSource | str, ...] = ""
+    """Training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists; or a list of
+    sources, each a path or {path, format, weight | epochs} (loraforge.training.mixing draws from them)."""
+    eval: str | tuple[DataSource | str, ...] | None = None
+    """Held-out data (a path or a list of sources, used in full); when empty, `eval_fraction` of each training
+    source is held out."""
     eval_fraction: float = 0.05
     """Share of `train` held out for evaluation when `eval` is not given (0 disables evaluation)."""
     format: Literal["auto", "instruction", "chat", "text"] = "auto"
@@ -315,11 +360,32 @@ class DataConfig:
         p = []
         if not self.train:
             p.append("train: no training data given (a file path or hub dataset name)")
+        weighted = [s.weight is not None for s in self.sources("train")]
+        if any(weighted) and not all(weighted):
+            unweighted = [i for i, w in enumerate(weighted) if not w]
+            p.append(f"train[{unweighted[0]}].weight: missing; give a weight to every source or to none "
+                     f"(sources {[i for i, w in enumerate(weighted) if w]} have one)")
+        for i, source in enumerate(self.sources("eval")):
+            for name in ("weight", "epochs"):
+                if getattr(source, name) is not None:
+                    p.append(f"eval[{i}].{name}: held-out sources are used in full; remove it")
         if not 0 <= self.eval_fraction < 1:
             p.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.max_seq_len < 8:
             p.append(f"max_seq_len: must be at least 8, got {self.max_seq_len}")
         validate(p)
+
+    def sources(self, split: Literal["train", "eval"] = "train") -> tuple[DataSource, ...]:
+        """data.train or data.eval as a tuple of sources (a single path is one source; none: empty)."""
+        given = getattr(self, split)
+        if not given:
+            return ()
+        items = (given,) if isinstance(given, str) else given
+        return tuple(DataSource(path=s) if isinstance(s, str) else s for s in items)
+
+    def paths(self) -> list[str]:
+        """Every data path of the run (train and eval), e.g. for the output-folder check."""
+        return [s.path for split in ("train", "eval") for s in self.sources(split)]
 
 
 @dataclass(frozen=True)
@@ -347,6 +413,10 @@ class TrainingConfig:
     loraplus_lr_ratio: float | None = None
     """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off."""
     seed: int = 0
+    init_adapter: str | None = None
+    """Start from this adapter directory (ours or PEFT's LoRA: rsLoRA, DoRA, rank/alpha patterns) instead of a fresh
+    adapter; its adapter_config.json gives the lora: settings (a lora: field set to another value is an error).
+    Only the weights carry over: the optimizer starts fresh (loraforge.training.continual)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision of matmuls (autocast); trainable weights stay fp32 master weights. auto, from what the
     hardware reports (loraforge.precision): bf16 on GPUs with compute capability ≥ 8.0 and on CPUs with native

@@ -40,6 +40,7 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_checkpoint, load_checkpoint,
                                            save_checkpoint)
+from loraforge.training.continual import init_adapter_config, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (choose_mode, clip_sharded, collective_error, full_state_dict,
                                             full_trainables, is_collective_failure, no_sync, setup_processes,
@@ -47,6 +48,7 @@ from loraforge.training.distributed import (choose_mode, clip_sharded, collectiv
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
+from loraforge.training.mixing import Mixture, load_sources, sources_report
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, open_tracker
@@ -107,6 +109,8 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     lora = dataclasses.replace(cfg.lora, base_model_name_or_path=cfg.model.name)
     if cfg.method == "full":
         model.requires_grad_(True)
+    elif cfg.training.init_adapter:  # its own settings; conflicts were refused by init_adapter_config
+        start_from_adapter(model, cfg, "default")
     elif cfg.method == "adalora":
         if total_steps is None:
             raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
@@ -126,25 +130,18 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     return model, tokenizer or load_tokenizer(cfg.model.name)
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Example], dict]:
-    """Tokenized train and held-out examples, and the counts to report. Errors before any training."""
-    c = cfg.data
-    records = D.read_records(c.train)
-    if c.eval:
-        eval_records = D.read_records(c.eval)
-    elif c.eval_fraction > 0 and len(records) >= 20:
-        records, eval_records = D.train_test_split(records, c.eval_fraction, seed=cfg.training.seed)
-    else:
-        eval_records = []
-    train, stats = D.build_dataset(records, tokenizer, c.format, c.max_seq_len, c.train_on_prompt, c.overflow)
-    held_out = D.build_dataset(eval_records, tokenizer, c.format, c.max_seq_len, c.train_on_prompt,
-                               c.overflow)[0] if eval_records else []
-    return train, held_out, dataclasses.asdict(stats)
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
+    """Tokenized train and held-out examples of every source, the counts to report, and how an epoch draws from
+    the sources (loraforge.training.mixing). Every source's errors together, before any training."""
+    return load_sources(cfg.data, tokenizer, cfg.training.seed)
 
 
-def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.training.seed + epoch))
+def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int,
+                  mixture: Mixture | None = None) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank.
+    `mixture` draws the epoch from several sources (None: every example once)."""
+    order = (torch.tensor(mixture.epoch_order(epoch)) if mixture is not None
+             else torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.training.seed + epoch)))
     t = cfg.training
     if t.batch_tokens is None:
         return [order[i:i + t.batch_size].tolist() for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]
@@ -266,6 +263,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    mixture: Mixture | None = None
     pack: bool = False
     sharded: bool = False  # FSDP: parameters are shards; checkpoints, evaluation and the final save gather
     step: int = 0
@@ -313,17 +311,18 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     random.seed(t.seed)
     out = Path(cfg.output_dir)
     stale = check_run_output(out, overwrite=overwrite, resume=resume,  # before any loading
-                             inputs=[cfg.model.name, cfg.data.train, cfg.data.eval])
+                             inputs=[cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter])
     if rank == 0:
         for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
+    init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading
     precision = precision or run_precision(cfg, device)
     if rank == 0:
         print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
-    train_examples, eval_examples, data_stats = load_data(cfg, tokenizer)  # data errors come before model work
-    per_epoch = len(micro_batches(train_examples, cfg, 0)) // (t.gradient_accumulation * world)
+    train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
+    per_epoch = len(micro_batches(train_examples, cfg, 0, mixture)) // (t.gradient_accumulation * world)
     if per_epoch == 0:
         raise TrainingError(f"{len(train_examples)} training examples are fewer than one optimizer step needs "
                             f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
@@ -351,7 +350,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
-              scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler))
+              scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture)
     if not resume and (earlier := sorted(run.ckpt_root.glob("step-*"))):  # complete or not: they would mix
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
                             f"--resume, delete {run.ckpt_root} to start over, or choose another output_dir")
@@ -359,14 +358,18 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         restore(run)
 
     prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, run.pad_id))
-    padding = D.padding_fraction(train_examples, t.batch_size)
-    net = D.padding_fraction(train_examples, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
+    drawn = train_examples if "sources" not in data_stats else [train_examples[i] for i in mixture.epoch_order(0)]
+    padding = D.padding_fraction(drawn, t.batch_size)
+    net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
-        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0)[0], cfg, run.pad_id, run.pack)
+        if "sources" in data_stats:
+            print(sources_report(mixture, data_stats), flush=True)
+        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0, mixture)[0], cfg, run.pad_id,
+                           run.pack)
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
                   f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)
@@ -423,7 +426,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r takes r, r+world, ...
         epoch, within = divmod(run.step, run.per_epoch)
         if epoch not in epoch_batches:
-            epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch)}
+            epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch, run.mixture)}
         step_batches = epoch_batches[epoch][within * group:(within + 1) * group]
         batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
                    for idx in step_batches[run.rank::run.world]]

@@ -1,0 +1,213 @@
+"""`loraforge continual`: what teaching an adapter a second task costs the first, with and without replay.
+
+    base model, and the adapter as it is (trained on the old task)   --probe-->  rows "base", "before"
+    for each replay share s (0: the new task alone):
+        train on from the adapter (training.init_adapter) on the new task, a share s of each batch drawn
+        from the old task's training data (loraforge.training.mixing)   --probe-->  one row per share
+    probe = old task accuracy, new task accuracy (greedy exact match on held-out examples) and, unless turned
+            off, the general probes of `loraforge forgetting` (MC accuracy, perplexity, KL vs the base)
+
+Every arm trains the same steps at the same rate from the same adapter; only the data differs. Writes
+continual.json (every number, with n) and each arm's run folder under --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config
+from loraforge.lora.adapters import load_adapter
+from loraforge.models import load_base
+from loraforge.studies.demo import asset, demo_config
+from loraforge.studies.forgetting import CachedLogits, _max_new_tokens, _task_split, probe_all, probe_base
+from loraforge.studies.probes import load_probe
+from loraforge.training import data as D
+from loraforge.training.continual import init_adapter_config
+from loraforge.training.evaluate import accuracy
+from loraforge.training.loop import run_precision, train
+from loraforge.utils.outputs import check_output
+from loraforge.utils.table import text_table
+
+DEFAULT_SHARES = (0.0, 0.2)
+DEMO_STEPS = 24
+
+
+def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path) -> TrainConfig:
+    """`cfg` training on from `adapter`; with share > 0 a share of the examples drawn from `replay` (the new task's
+    sources keep their relative weights, equal ones where they have none, in the remaining 1 - share)."""
+    new = cfg.data.sources("train")
+    sources = new
+    if share > 0:
+        weights = [s.weight or 1.0 for s in new]
+        sources = tuple(dataclasses.replace(s, weight=(1 - share) * w / sum(weights), epochs=None)
+                        for s, w in zip(new, weights)) + (DataSource(path=replay, weight=share),)
+    data = dataclasses.replace(cfg.data, train=sources, eval=None, eval_fraction=0.0)
+    training = dataclasses.replace(cfg.training, init_adapter=str(adapter), eval_every=0, save_every=0)
+    return dataclasses.replace(cfg, data=data, training=training, output_dir=str(out / arm_slug(share)))
+
+
+def arm_name(share: float) -> str:
+    return "new task" if share == 0 else f"new + {share:.0%} replay"
+
+
+def arm_slug(share: float) -> str:
+    return "new" if share == 0 else f"replay{round(100 * share)}"
+
+
+def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | None = None,
+                  shares=DEFAULT_SHARES, out: str | Path = "runs/continual", general: bool = True,
+                  limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Probe base and adapter, train each replay share from the adapter on `cfg`'s task, probe each; print the
+    table and write continual.json. `previous`: the old task's held-out examples; `replay`: its training data."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _task_split(cfg, out)
+    init_adapter_config(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
+    precision = run_precision(cfg, torch.device("cpu"))
+    print(precision.line(), flush=True)
+    bf16 = precision.compute == "bf16"
+    new_records, old_records = D.read_records(cfg.data.eval)[:limit], D.read_records(previous)[:limit]
+    fmt_new, fmt_old = D.detect_format(new_records[0]), D.detect_format(old_records[0])
+    text = load_probe("text")
+    probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
+              "text": "\n".join(text.splitlines()[:limit]) if limit else text}
+
+    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
+    base.eval()
+    max_new, max_old = _max_new_tokens(tokenizer, new_records, fmt_new), _max_new_tokens(tokenizer, old_records,
+                                                                                         fmt_old)
+
+    def score(model, name: str, reference) -> dict:
+        t0 = time.perf_counter()
+        old = accuracy(model, tokenizer, old_records, fmt_old, max_old, batch_size=50, precision=precision.compute)
+        if general:
+            if reference is None:
+                scores, _ = probe_base(model, tokenizer, cfg.model.name, new_records, fmt_new, bf16, probes, max_new,
+                                       progress)
+            else:
+                scores = probe_all(model, tokenizer, reference, new_records, fmt_new, bf16, probes, max_new, name,
+                                   progress)
+        else:
+            new = accuracy(model, tokenizer, new_records, fmt_new, max_new, batch_size=50,
+                           precision=precision.compute)
+            scores = {"task": new}
+        old.pop("samples", None)
+        scores["task"].pop("samples", None)
+        return {"name": name, "old": old, "new": scores["task"], **{k: scores[k] for k in ("mc", "ppl", "kl")
+                                                                      if k in scores},
+                "probe_seconds": time.perf_counter() - t0}
+
+    rows = [{**score(base, "base", None), "train_seconds": 0.0}]
+    print(row_line(rows[-1]), flush=True)
+    reference = CachedLogits(base) if general else None
+    before, _ = load_base(cfg.model.name, dtype=precision.storage)
+    load_adapter(before, adapter)
+    rows.append({**score(before, "before", reference), "train_seconds": 0.0})
+    print(row_line(rows[-1]), flush=True)
+    del before
+
+    for share in shares:
+        run_cfg = arm_config(cfg, adapter, replay, share, out)
+        print(f"[{arm_name(share)}] training {run_cfg.training.max_steps} steps from {adapter} ...", flush=True)
+        result = train(run_cfg, progress=progress, overwrite=overwrite)
+        model, _ = load_base(cfg.model.name, dtype=precision.storage)
+        load_adapter(model, Path(run_cfg.output_dir) / "adapter")
+        rows.append({**score(model, arm_name(share), reference), "train_seconds": result.seconds,
+                     "replay_share": share, "output_dir": run_cfg.output_dir})
+        print(row_line(rows[-1]), flush=True)
+        del model
+
+    report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
+              "new_train": cfg.data.train, "new_eval": cfg.data.eval, "steps": cfg.training.max_steps,
+              "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
+              "rows": rows, "seconds": time.perf_counter() - started}
+    (out / "continual.json").write_text(json.dumps(report, indent=1, default=str))
+    print(format_report(report), flush=True)
+    print(f"wrote {out / 'continual.json'}; total {report['seconds']:.0f} s", flush=True)
+    return report
+
+
+def _pct(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{100 * d['accuracy']:.0f} [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def row_line(row: dict) -> str:
+    extra = (f"  MC {row['mc']['correct']}/{row['mc']['n']}  ppl {row['ppl']['ppl']:.3f}  KL {row['kl']['kl']:.4g}"
+             if "mc" in row else "")
+    return (f"  {row['name']:<16} old task {row['old']['correct']}/{row['old']['n']}  new task "
+            f"{row['new']['correct']}/{row['new']['n']}{extra}  (train {row['train_seconds']:.0f} s, probes "
+            f"{row['probe_seconds']:.0f} s)")
+
+
+def format_report(report: dict) -> str:
+    rows = report["rows"]
+    general = "mc" in rows[0]
+    header = ["run", "old task acc % [95% CI]", "new task acc % [95% CI]"] + (
+        ["MC acc %", "ppl", "KL vs base"] if general else []) + ["train s"]
+    lines = []
+    for r in rows:
+        cells = [r["name"], _pct(r["old"]), _pct(r["new"])]
+        if general:
+            cells += [f"{100 * r['mc']['accuracy']:.1f}", f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"]
+        lines.append(cells + [f"{r['train_seconds']:.0f}"])
+    head = (f"continual on {report['model']}: from {report['adapter']}, {report['steps']} steps × batch "
+            f"{report['batch_size']} at lr {report['lr']:g}, {report['precision']} compute; old task = greedy exact "
+            f"match on {rows[0]['old']['n']} held-out examples of {Path(report['previous']).name}, new task on "
+            f"{rows[0]['new']['n']} of {Path(str(report['new_eval'])).name}")
+    return "\n".join([head, *text_table(header, lines)])
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+
+def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter", previous: str | None = None,
+                  replay: str | None = None, replay_share: list[str] = (), out: str = "runs/continual",
+                  max_steps: int | None = None, skip_general: bool = False, limit: int | None = None,
+                  overrides: list[str] = (), overwrite: bool = False) -> None:
+    """Teach an adapter a second task and measure what it cost the first: old and new task accuracy (and the
+    general probes) of the base, the adapter, and the adapter trained on with and without replaying old data.
+
+    Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
+    ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
+
+    Args:
+        config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
+        adapter: the adapter trained on the old task (ours or PEFT's LoRA)
+        previous: the old task's held-out examples (default, without CONFIG: the demo's held-out dates)
+        replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
+        replay_share: shares of each batch drawn from --replay, one arm each; 0: the new task alone (default: 0 0.2)
+        out: directory for the runs and continual.json
+        max_steps: optimizer steps of every arm (default: the config's, or 24 for the times task)
+        skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
+        limit: keep only the first N examples of each task and of each general probe (quick checks)
+        overrides: section.field=value pairs on top of the config
+        overwrite: write into a non-empty --out (an earlier study there is run again)
+    """
+    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    if config:
+        cfg = load_train_config(config, overrides)
+    else:
+        cfg = demo_config(out, DEMO_STEPS, [f"data.train={asset('times_train.jsonl')}",
+                                            f"data.eval={asset('times_test.jsonl')}", *overrides])
+        cfg = dataclasses.replace(cfg, lora=LoraConfig())  # the adapter's own settings decide
+        previous = previous or asset("demo_test.jsonl")
+        replay = replay or asset("demo_train.jsonl")
+    problems = [] if previous else ["--previous: give the old task's held-out examples (a .jsonl/.json/.csv/"
+                                    ".parquet file)"]
+    shares = tuple(float(s) for s in replay_share) or DEFAULT_SHARES
+    problems += [f"--replay-share: {s:g} is not in [0, 1) (0: the new task alone; 0.2: a fifth of each batch "
+                 f"from --replay)" for s in shares if not 0 <= s < 1]
+    if any(shares) and not replay:
+        problems.append("--replay: the replay arms need the old task's training data; give --replay FILE or "
+                        "--replay-share 0")
+    if problems:
+        raise ConfigError(problems)
+    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,
+                                                   replay])
+    run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

@@ -1,0 +1,177 @@
+"""Several datasets in one run: read every source (all problems reported together), and draw an epoch from them.
+
+    data.train: [{path, format, weight | epochs}, ...]      (a single path is one source, epochs 1)
+
+    epochs  (no weights): each epoch holds every source `epochs` times (a fraction: a seeded subset), shuffled
+            together. One source at epochs 1 is exactly the single-file order (a permutation by seed + epoch).
+    weights: an epoch holds as many examples as the sources together; each draws its source with probability
+            weight / sum(weights) (seeded, per epoch), and takes that source's next example in a seeded order
+            (every example once before any repeats, reshuffled when the source runs out).
+
+The examples of all sources are concatenated (source 0 first); the mixture returns indices into that list, so
+micro-batching, packing (examples of a packed row stay isolated whatever their source) and the shared-prefix
+forward (the prefix is what the rows of a batch really share) work on a mixed batch as on any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.config import DataConfig, DataSource
+from loraforge.training import data as D
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """How one epoch is drawn from sources whose examples are concatenated in order (`sizes[i]` examples each)."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...] | None  # sampling shares (normalised), or None: epochs
+    epochs: tuple[float, ...]
+    seed: int = 0
+
+    @property
+    def offsets(self) -> list[int]:
+        return [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def expected_counts(self) -> list[float]:
+        """Examples per epoch expected from each source."""
+        if self.weights is None:
+            return [e * n for e, n in zip(self.epochs, self.sizes)]
+        return [w * sum(self.sizes) for w in self.weights]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This epoch's example indices (into the concatenated examples), the same on every process."""
+        shuffle = torch.Generator().manual_seed(self.seed + epoch)
+        if self.weights is None:
+            pool = []
+            for i, (n, e, offset) in enumerate(zip(self.sizes, self.epochs, self.offsets)):
+                whole, part = int(e), round((e - int(e)) * n)
+                pool += list(range(offset, offset + n)) * whole
+                if part:  # a seeded subset for the fraction of a pass
+                    pick = torch.randperm(n, generator=self._generator(epoch, i, -1))[:part]
+                    pool += (pick + offset).tolist()
+            return [pool[j] for j in torch.randperm(len(pool), generator=shuffle).tolist()]
+        draws = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), sum(self.sizes),
+                                  replacement=True, generator=shuffle).tolist()
+        streams: list[list[int]] = [[] for _ in self.sizes]
+        passes = [0] * len(self.sizes)
+        order = []
+        for i in draws:
+            if not streams[i]:  # every example of the source once, then a new seeded order
+                streams[i] = torch.randperm(self.sizes[i], generator=self._generator(epoch, i, passes[i])).tolist()
+                streams[i].reverse()
+                passes[i] += 1
+            order.append(self.offsets[i] + streams[i].pop())
+        return order
+
+    def _generator(self, epoch: int, source: int, n_pass: int) -> torch.Generator:
+        """A seed per (epoch, source, pass), apart from the epoch's own shuffle (seed + epoch)."""
+        return torch.Generator().manual_seed((((self.seed * 7919 + epoch) * 7919 + source) * 7919 + n_pass + 1)
+                                             % 2**62 + 2**40)
+
+    def source_of(self, index: int) -> int:
+        return max(i for i, offset in enumerate(self.offsets) if offset <= index)
+
+
+def label(split: str, i: int, source: DataSource, n: int) -> str:
+    """How a source is named in messages: its field (data.train[1]) and file, or just the file when alone."""
+    return Path(source.path).name if n == 1 else f"data.{split}[{i}] {Path(source.path).name}"
+
+
+def read_sources(c: DataConfig, seed: int) -> tuple[list[list[dict]], list[tuple[str, str, list[dict]]]]:
+    """Records of every train source, and (name, format, records) of each held-out part; each failure is
+    collected, then one DataError lists them all.
+
+    Without data.eval, eval_fraction of each training source (with at least 20 records) is held out."""
+    train_sources, eval_sources = c.sources("train"), c.sources("eval")
+    problems, train, held = [], [], []
+    for split, sources in (("train", train_sources), ("eval", eval_sources)):
+        for i, source in enumerate(sources):
+            try:
+                records = D.read_records(source.path)
+            except D.DataError as e:
+                problems.append(f"data.{split}[{i}] ({source.path}): {e}" if len(sources) > 1 else str(e))
+                continue
+            if split == "train":
+                train.append(records)
+            else:
+                held.append((label(split, i, source, len(sources)), source.format or c.format, records))
+    if problems:
+        raise D.DataError("\n".join(problems) if len(problems) == 1 else
+                          f"{len(problems)} data sources cannot be read:\n  " + "\n  ".join(problems))
+    if not eval_sources and c.eval_fraction > 0:
+        for i, (source, records) in enumerate(zip(train_sources, train)):
+            if len(records) >= 20:
+                train[i], part = D.train_test_split(records, c.eval_fraction, seed=seed)
+                held.append((label("train", i, source, len(train_sources)), source.format or c.format, part))
+    return train, held
+
+
+def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
+    """Tokenized train and held-out examples of every source, the counts to report (per source under "sources"),
+    and the mixture that draws epochs from them. Every source's problem is reported in one DataError."""
+    train_records, eval_records = read_sources(c, seed)
+    train_sources = c.sources("train")
+    problems, examples, per_source = [], [], []
+    for i, (source, records) in enumerate(zip(train_sources, train_records)):
+        try:
+            built, stats = D.build_dataset(records, tokenizer, source.format or c.format, c.max_seq_len,
+                                           c.train_on_prompt, c.overflow)
+        except D.DataError as e:
+            problems.append(f"{label('train', i, source, len(train_sources))}: {e}" if len(train_sources) > 1
+                            else str(e))
+            continue
+        examples.append(built)
+        per_source.append(stats)
+    held_out = []
+    for name, fmt, records in eval_records:
+        try:
+            held_out += D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow)[0]
+        except D.DataError as e:
+            problems.append(f"{name} (held out): {e}")
+    if problems:
+        raise D.DataError("\n".join(problems) if len(problems) == 1 else
+                          f"{len(problems)} data sources cannot be used:\n  " + "\n  ".join(problems))
+    weights = [s.weight for s in train_sources]
+    mixture = Mixture(names=tuple(label("train", i, s, len(train_sources)) for i, s in enumerate(train_sources)),
+                      sizes=tuple(len(e) for e in examples),
+                      weights=tuple(w / sum(weights) for w in weights) if all(weights) else None,
+                      epochs=tuple(1.0 if s.epochs is None else s.epochs for s in train_sources), seed=seed)
+    total = D.DataStats()
+    for stats in per_source:
+        for f in dataclasses.fields(total):
+            setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+    report = dataclasses.asdict(total)
+    if len(per_source) > 1:
+        report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
+    return [ex for built in examples for ex in built], held_out, report, mixture
+
+
+def sources_report(mixture: Mixture, stats: dict) -> str:
+    """One line per source: records, examples per epoch, share of the epoch's tokens, truncated and dropped."""
+    rows = stats["sources"]
+    counts = mixture.expected_counts()
+    tokens = [count * row["n_tokens"] / max(row["n_examples"], 1) for count, row in zip(counts, rows)]
+    how = "weights" if mixture.weights is not None else "epochs"
+    lines = [f"data: {len(rows)} sources mixed by {how}, {round(sum(counts))} examples per epoch:"]
+    for i, (row, count, tok) in enumerate(zip(rows, counts, tokens)):
+        rule = (f"weight {mixture.weights[i]:.2f}" if mixture.weights is not None
+                else f"epochs {mixture.epochs[i]:g}")
+        lines.append(f"  {row['name']}: {row['n_records']} records ({row['n_truncated']} truncated, "
+                     f"{row['n_dropped']} dropped), {rule}: {count:.0f} examples, "
+                     f"{100 * tok / max(sum(tokens), 1e-9):.0f}% of the tokens per epoch")
+    return "\n".join(lines)
+
+
+def check_share(mixture: Mixture, order: list[int]) -> list[float]:
+    """The share of `order`'s examples from each source (for reports and tests)."""
+    counts = [0] * len(mixture.sizes)
+    for index in order:
+        counts[mixture.source_of(index)] += 1
+    return [c / max(len(order), 1) for c in counts]

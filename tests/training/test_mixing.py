@@ -1,0 +1,130 @@
+"""Several data sources: weighted draws within sampling error, per-source epochs, one error listing every bad source."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from loraforge.config import ConfigError, load_train_config
+from loraforge.models import load_tokenizer
+from loraforge.training import data as D
+from loraforge.training.loop import load_data, make_batch, micro_batches
+from loraforge.training.loss import CausalLMLoss
+from loraforge.training.mixing import Mixture, check_share, sources_report
+from helpers import tiny_llama
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_weighted_draws_match_the_weights_within_sampling_error():
+    """Over many epochs (120,000 draws) each source's share is within 4 binomial standard errors of its weight."""
+    mixture = Mixture(names=("a", "b", "c"), sizes=(50, 400, 150), weights=(0.6, 0.3, 0.1), epochs=(1, 1, 1), seed=7)
+    order = [i for epoch in range(200) for i in mixture.epoch_order(epoch)]
+    n = len(order)
+    assert n == 200 * 600
+    for share, p in zip(check_share(mixture, order), mixture.weights):
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), (share, p)
+    # batches of 8 drawn in one epoch carry the weights too: mean share per batch
+    one = mixture.epoch_order(3)
+    per_batch = [check_share(mixture, one[i:i + 8])[0] for i in range(0, 600, 8)]
+    assert abs(sum(per_batch) / len(per_batch) - 0.6) < 4 * math.sqrt(0.6 * 0.4 / 600)
+
+
+def test_weighted_source_is_used_once_before_repeats_and_draws_are_seeded():
+    mixture = Mixture(names=("a", "b"), sizes=(10, 90), weights=(0.5, 0.5), epochs=(1, 1), seed=0)
+    order = mixture.epoch_order(0)
+    small = [i for i in order if i < 10]  # ~50 draws from 10 examples: each pass of 10 is a permutation
+    for start in range(0, len(small) - 9, 10):
+        assert sorted(small[start:start + 10]) == list(range(10))
+    big = [i for i in order if i >= 10]  # ~50 of 90: no repeats
+    assert len(set(big)) == len(big)
+    assert order == mixture.epoch_order(0) and order != mixture.epoch_order(1)
+
+
+def test_epochs_per_source_and_the_single_source_order_is_unchanged():
+    one = Mixture(names=("a",), sizes=(37,), weights=None, epochs=(1,), seed=5)
+    expected = torch.randperm(37, generator=torch.Generator().manual_seed(5 + 2)).tolist()
+    assert one.epoch_order(2) == expected  # the order a single file always had (seed + epoch)
+    two = Mixture(names=("a", "b"), sizes=(10, 20), weights=None, epochs=(2, 0.5), seed=0)
+    order = two.epoch_order(0)
+    assert len(order) == 30
+    assert sorted(i for i in order if i < 10) == sorted(list(range(10)) * 2)
+    b = [i for i in order if i >= 10]
+    assert len(b) == 10 and len(set(b)) == 10
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    a = write(tmp_path / "add.jsonl", [{"instruction": f"Add {x} and {y}.", "output": str(x + y)}
+                                        for x in range(6) for y in range(5)])
+    b = write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Say {w}"},
+                                                      {"role": "assistant", "content": w * 3}]}
+                                         for w in ("yes", "no", "maybe", "ok", "fine", "sure", "right", "good")])
+    return a, b
+
+
+def test_sources_with_their_own_formats_and_the_data_line(tiny_dir, two_sources, tmp_path, capsys):
+    a, b = two_sources
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path / 'o'}"],
+                            base={"data": {"train": [{"path": str(a), "weight": 3},
+                                                     {"path": str(b), "format": "chat", "weight": 1}]}})
+    tok = load_tokenizer(str(tiny_dir))
+    train, held, stats, mixture = load_data(cfg, tok)
+    assert len(train) == 38 and held == [] and mixture.weights == (0.75, 0.25)
+    assert [s["n_records"] for s in stats["sources"]] == [30, 8] and stats["n_records"] == 38
+    line = sources_report(mixture, stats)
+    assert "data.train[0] add.jsonl: 30 records (0 truncated, 0 dropped), weight 0.75: 28 examples" in line
+    assert "data.train[1] chat.jsonl: 8 records (0 truncated, 0 dropped), weight 0.25: 10 examples" in line
+    # a mixed, packed micro-batch still equals the per-example losses (rows from both sources stay isolated)
+    model = tiny_llama(vocab_size=len(tok), tie_word_embeddings=True)
+    idx = micro_batches(train, cfg, 0, mixture)[0]
+    assert {mixture.source_of(i) for i in micro_batches(train, cfg, 0, mixture)[0] +
+            micro_batches(train, cfg, 0, mixture)[1]} == {0, 1}
+    packed = make_batch(train, idx, cfg, tok.pad_token_id, pack=True)
+    loss = CausalLMLoss(model, share_prefix=False)
+    with torch.no_grad():
+        total, n = loss(packed)
+        parts = [loss(D.collate([train[i]], tok.pad_token_id)) for i in idx]
+    torch.testing.assert_close(total, sum(p[0] for p in parts), rtol=1e-5, atol=1e-5)
+    assert n == sum(p[1] for p in parts)
+
+
+def test_bad_sources_are_reported_together_by_name(tiny_dir, two_sources, tmp_path):
+    a, _ = two_sources
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"instruction": "x", "output": "y"}\n{oops\n')
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"output_dir={tmp_path / 'o'}"],
+                            base={"data": {"train": [str(a), str(empty), str(bad_json), str(tmp_path / "nope.csv")]}})
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "3 data sources cannot be read:"
+    assert lines[1].startswith(f"  data.train[1] ({empty}): ") and "no records" in lines[1]
+    assert lines[2].startswith(f"  data.train[2] ({bad_json}): ") and ":2: invalid JSON" in lines[2]
+    assert lines[3].startswith(f"  data.train[3] ({tmp_path / 'nope.csv'}): ")
+    assert len(lines) == 4
+
+
+def test_source_config_problems_are_one_line_each():
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [], base={"data": {
+            "train": [{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl", "weight": 1, "epochs": 2},
+                      {"path": "c.jsonl", "weight": 0}, {"pth": "d.jsonl", "weight": 1}],
+            "eval": [{"path": "e.jsonl", "epochs": 2}]}})
+    assert e.value.problems == [
+        "data.train[1].weight: give weight (1) or epochs (2), not both",
+        "data.train[2].weight: must be positive, got 0 (leave the source out to skip it)",
+        "data.train[3].pth: unknown field (known: epochs, format, path, weight)",
+        "data.train[3].path: missing (a dataset file or hub name)",
+        "data.eval[0].epochs: held-out sources are used in full; remove it",
+    ]
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [], base={"data": {"train": [{"path": "a.jsonl", "weight": 1}, "b.jsonl"]}})
+    assert e.value.problems == ["data.train[1].weight: missing; give a weight to every source or to none "
+                                "(sources [0] have one)"]
