@@ -8,6 +8,9 @@
 `transformers`' generate keeps every row of a batch until the last one ends and recomputes the shared prefix
 per row; on the demo's date prompts this does a third of its work. The KV-cache helpers (`select_rows`,
 `left_pad`) are shared with the serving engine.
+
+Llama-family models in fp32 run the same algorithm on loraforge.inference's static-cache decoder (a lean step
+with no per-op modules, no cache concatenation); other models on transformers' forward, here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import functools
 
 import torch
 
+from loraforge.inference.greedy import greedy as static_greedy
+from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
 
@@ -75,6 +80,9 @@ def greedy(model, prompts: list[list[int]], stop: list[int], max_new_tokens: int
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if any(not p for p in prompts):
         raise ValueError("an empty prompt cannot be continued: give every prompt at least one token")
+    weight = next(model.parameters())
+    if precision == "fp32" and weight.dtype == torch.float32 and unsupported(model) is None:
+        return static_greedy(model, prompts, stop, max_new_tokens, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training

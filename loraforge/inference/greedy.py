@@ -34,7 +34,7 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows = min(batch_size, len(prompts))
     decoder = Decoder(model, max_batch=rows, max_len=max(len(p) for p in prompts) + max_new_tokens,
-                      storage=storage)
+                      storage=storage, adapters=None if adapters is None else [adapters[i] for i in order[:rows]])
     outputs: list[list[int]] = [[] for _ in prompts]
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
@@ -48,7 +48,8 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
 def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of a batch that fits the decoder's cache (rows 0..n-1, adapters already set)."""
     n, device = len(prompts), decoder.device
-    shared = shared_prefix_len(prompts) if n > 1 else 0
+    one_adapter = decoder.rows is None or len(set(decoder.rows)) == 1  # else the prefix's keys/values differ
+    shared = shared_prefix_len(prompts) if n > 1 and one_adapter else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     if shared:  # the common prefix once, as row 0; the other rows read a copy of its keys/values
         decoder.forward(torch.tensor([prompts[0][:shared]], device=device), torch.zeros(1, dtype=torch.long,

@@ -51,7 +51,7 @@ def unsupported(model: nn.Module) -> str | None:
         if isinstance(module, LoraLinear) and module.row_adapters is None and not module.disabled:
             active = [n for n in module.active_adapters if n not in module.merged_adapters]
             if len(active) > 1 and any(n in module.lora_magnitude_vector for n in active):
-                return "several active adapters, one of them DoRA"
+                return "several active adapters, one of them DoRA (set one, or give each row its adapter)"
     return None
 
 
@@ -78,13 +78,16 @@ class Projection:
         names = tuple(n for n in names if layer is not None and n in layer.r)
         if not names:
             return None
+        if len(names) > 1 and any(n in layer.lora_magnitude_vector for n in names):
+            raise NotImplementedError(f"adapters {list(names)} active together, one of them DoRA: DoRA does not add "
+                                      f"up; set one adapter, or give each row its own")
         As, Bs, factor = [], [], None
         for n in names:
             A, B, s = layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach(), layer.scaling[n]
             As.append(A)
             Bs.append(B * s)
             if n in layer.lora_magnitude_vector:  # the norm LoraLinear uses: ‖W0 + (B A) s‖ per output row
-                W0 = layer.base_layer.weight.detach()
+                W0 = self.weight.data if self.weight.storage == "fp32" else self.weight.dequantized()
                 norm = torch.linalg.norm(W0 + ((B @ A) * s).to(W0.dtype), dim=1)
                 factor = layer.lora_magnitude_vector[n].detach() / norm
         return torch.cat(As, 0), torch.cat(Bs, 1), factor
@@ -140,9 +143,10 @@ class Decoder:
     weights (call `set_rows` again).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, storage: str = "fp32"):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, storage: str = "fp32",
+                 adapters: list[str | None] | None = None):
         why = unsupported(model)
-        if why is not None:
+        if why is not None and (adapters is None or "DoRA" not in why):
             raise NotImplementedError(f"the static decoder does not run {why}")
         cfg = model.config
         inner = model.model
@@ -173,7 +177,7 @@ class Decoder:
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.slots = torch.arange(max_len, device=self.device)
         self.rows: list[tuple[str, ...]] | None = None
-        self.set_rows(None)
+        self.set_rows(adapters)
 
     @property
     def nbytes(self) -> int:
