@@ -218,14 +218,16 @@ class Decoder:
         self.values[:, 1:rows, :, :length] = self.values[:, :1, :, :length]
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # as transformers' LlamaRMSNorm: in fp32, then back
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        """transformers' LlamaRMSNorm in one op (fp32 activations: the same arithmetic)."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2  # x (B, T, heads, D); cos, sin (B, T, 1, D)
-        rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-        return x * cos + rotated * sin
+        """x·cos + rotate_half(x)·sin with rotate_half(x) = (−x₂, x₁); `sin` comes with the sign of its first half
+        flipped, so rotate_half is a swap of the halves (one op)."""
+        B, T, heads, D = x.shape  # cos, sin (B, T, 1, D)
+        swapped = x.view(B, T, heads, 2, D // 2).flip(3).view(B, T, heads, D)
+        return torch.addcmul(x * cos, swapped, sin)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,11 +243,15 @@ class Decoder:
             raise ValueError(f"position {L - 1} exceeds the cache's max_len={self.max_len}")
         x = self.embed.rows(ids).to(self.dtype)  # (B, T, d)
         cos, sin = self.rotary(x, pos)
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
-        mask = torch.zeros(B, 1, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
-            ~visible[:, None, None], float("-inf"))
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D)
         uniform = bool((start == start[0]).all())
+        mask = None  # one token per row, every row at the same position: every slot up to it is visible
+        if T > 1 or not uniform:
+            visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
+            mask = torch.zeros(B, 1, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
+                ~visible[:, None, None], float("-inf"))
         s0 = int(start[0])
         rows = torch.arange(B, device=self.device)[:, None]
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
@@ -264,8 +270,10 @@ class Decoder:
                 values[rows, :, pos] = v
             K, V = keys[:B, :, :L], values[:B, :, :L]  # (B, Hkv, L, D)
             q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-            scores = (q @ K.transpose(-1, -2)).view(B, Hkv, G, T, L) * self.scaling + mask
-            probs = torch.softmax(scores.float(), -1).to(q.dtype).view(B, Hkv, G * T, L)
+            scores = (q * self.scaling) @ K.transpose(-1, -2)  # (B, Hkv, G·T, L)
+            if mask is not None:
+                scores = scores.view(B, Hkv, G, T, L) + mask
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype).view(B, Hkv, G * T, L)
             o = (probs @ V).view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
             x = x + p["o_proj"](o)
             h = self._rms(x, norm2)

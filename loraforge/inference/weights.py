@@ -3,7 +3,8 @@ the activations' dtype (fp32 here).
 
     fp32  y = x Wᵀ                              the model's own tensor, no copy (it follows training updates)
     bf16  y = x float(W)ᵀ                       half the bytes; on CPUs without native bf16 the rows are widened
-    int8  y = (x float(Q)ᵀ) · scale             a quarter of the bytes; Q = round(W / scale), scale = max|W_row| / 127
+    int8  y = x (float(Q) · scale)ᵀ             ~a quarter of the bytes; per group of 32 inputs of a row (as
+                                                llama.cpp's Q8_0): Q = round(W / scale), scale = max|W_group| / 127
 
 Widening happens a block of rows at a time into one small fp32 buffer that stays in cache, so memory traffic is
 the stored bytes: torch's own bf16 and int8 matrix-vector products run emulated on AVX2-only CPUs (see
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 
 STORAGES = ("fp32", "bf16", "int8")
+GROUP = 32
+"""int8: inputs sharing one scale (llama.cpp's Q8_0 block)."""
 BLOCK_BYTES = 1024 * 1024
 """fp32 bytes widened at a time: stays in cache, and few enough blocks that Python's per-op cost stays small."""
 
@@ -32,10 +35,11 @@ class StoredWeight:
             self.data = weight.detach()
         elif storage == "bf16":
             self.data = weight.detach().to(torch.bfloat16).contiguous()
-        else:  # symmetric per-row int8, as llama.cpp's Q8_0 but per row rather than per 32 values
-            w = weight.detach().float()
-            scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (out,)
-            self.data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        else:  # symmetric int8 per group of GROUP inputs (a whole row where in_features is not a multiple)
+            self.group = GROUP if self.in_features % GROUP == 0 else self.in_features
+            w = weight.detach().float().reshape(self.out_features, -1, self.group)  # (out, in/G, G)
+            scale = w.abs().amax(-1).clamp(min=1e-12) / 127  # (out, in/G)
+            self.data = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(weight.shape)
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
 
@@ -46,13 +50,18 @@ class StoredWeight:
 
     def dequantized(self) -> torch.Tensor:
         """The weight as fp32 (out, in): the reference the storage's error is measured against."""
-        w = self.data.float()
-        return w * self.scale[:, None] if self.scale is not None else w
+        return self._widen(self.data, self.scale)
+
+    def _widen(self, rows: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows (..., in) as fp32, into `out` if given; int8 rows times their group scales (..., in/G)."""
+        w = rows.float() if out is None else out.copy_(rows)
+        if scale is not None:
+            w.view(*w.shape[:-1], -1, self.group).mul_(scale[..., None])
+        return w
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` as fp32, (*ids.shape, in): an embedding lookup in the stored precision."""
-        w = self.data[ids].float()
-        return w * self.scale[ids][..., None] if self.scale is not None else w
+        return self._widen(self.data[ids], None if self.scale is None else self.scale[ids])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -64,9 +73,7 @@ class StoredWeight:
         buffer = flat_t.new_empty(self.block, self.in_features)
         for start in range(0, self.out_features, self.block):  # widen a block of rows in cache, then multiply
             rows = self.data[start:start + self.block]
-            w = buffer[:rows.shape[0]]
-            w.copy_(rows)
+            scale = None if self.scale is None else self.scale[start:start + self.block]
+            w = self._widen(rows, scale, out=buffer[:rows.shape[0]])
             torch.mm(w, flat_t, out=out_t[start:start + rows.shape[0]])
-        if self.scale is not None:
-            out_t.mul_(self.scale[:, None])
         return out_t.T.reshape(*x.shape[:-1], self.out_features)

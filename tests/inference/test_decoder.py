@@ -159,18 +159,18 @@ def test_stored_precision_logits_equal_the_rounded_model(storage, kind):
 
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
 def test_stored_weight_rounding_bound_and_blocked_product(storage):
-    """The stored weight is W to within its format's rounding (bf16: 2⁻⁸ relative; int8: half a step of the
-    row's scale), and the blocked widen-then-multiply equals F.linear on the rounded weight."""
+    """The stored weight is W to within its format's rounding (bf16: 2⁻⁸ relative; int8: half a step of its
+    group's scale), and the blocked widen-then-multiply equals F.linear on the rounded weight."""
     g = torch.Generator().manual_seed(7)
-    W = torch.randn(1000, 48, generator=g)  # 1000 rows: several blocks and a partial last one
+    W = torch.randn(1000, 64, generator=g)  # 1000 rows: several blocks and a partial last one
     stored = StoredWeight(W, storage)
     stored.block = 96
     Wq = stored.dequantized()
     if storage == "bf16":
         assert ((Wq - W).abs() <= W.abs() * 2 ** -8).all()
     else:
-        assert ((Wq - W).abs() <= stored.scale[:, None] / 2 + 1e-7).all()
-    x = torch.randn(3, 5, 48, generator=g)
+        assert ((Wq - W).abs() <= stored.scale.repeat_interleave(32, 1) / 2 + 1e-7).all()  # groups of 32 inputs
+    x = torch.randn(3, 5, 64, generator=g)
     torch.testing.assert_close(stored.linear(x), F.linear(x, Wq), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stored.rows(torch.tensor([[3, 999]])), Wq[torch.tensor([[3, 999]])])
 
