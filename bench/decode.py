@@ -1,7 +1,7 @@
 """Single-request decode speed of the built-in model: loraforge's decoders against llama.cpp, beside the
 memory-bandwidth ceiling, all measured in one run (issue 26).
 
-    python bench/decode.py [--rounds 3] [--tokens 64] [--threads 2] [--profile]
+    python bench/decode.py [--rounds 3] [--tokens 64] [--threads 2] [--profile] [--heldout]
 
 Each engine decodes one chat prompt greedily for --tokens new tokens (stop tokens ignored); tokens/s counts the
 decode steps only (the prompt's forward is left out, for every engine alike). Rounds are interleaved (engine 1,
@@ -10,6 +10,9 @@ decode steps only (the prompt's forward is left out, for every engine alike). Ro
 Ceiling: one decode step reads every stored weight once (the tied embedding's rows aside), so tokens/s cannot
 exceed (memory read bandwidth) / (weight bytes). The bandwidth is measured here, in this run, by summing a 512 MB
 tensor with the same number of threads.
+
+--heldout: the greedy outputs of the base model on the demo's 100 held-out prompts with bf16 and int8 storage,
+compared with fp32 storage (how many are the same text, and the exact-match accuracy of each).
 
 llama.cpp rows need `pip install 'loraforge[bench-llama]'` (llama-cpp-python); where it is absent the rows say so.
 Its GGUF files at F32, BF16 and Q8_0 are written from the built-in Q4_1 file's own weights (de-quantized, so every
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hardware import describe, header  # noqa: E402
 
 from loraforge.config import LoraConfig  # noqa: E402
+from loraforge.inference.greedy import greedy  # noqa: E402
 from loraforge.inference.llama import Decoder  # noqa: E402
 from loraforge.lora.inject import inject, lora_layers  # noqa: E402
 from loraforge.models import builtin_gguf_path, load_base  # noqa: E402
@@ -133,16 +137,48 @@ def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
     return run
 
 
+def heldout(model, tok) -> None:
+    """The demo's held-out prompts, greedy, with the base stored in fp32, bf16 and int8."""
+    import json
+    from importlib import resources
+
+    from loraforge.decoding import stop_ids
+    from loraforge.training import data as D
+    from loraforge.training.evaluate import normalize
+
+    text = resources.files("loraforge").joinpath("assets/demo_test.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    fmt = D.detect_format(records[0])
+    prompts = [D.prompt_ids(r, tok, fmt) for r in records]
+    references = [normalize(D.reference_output(r, fmt)) for r in records]
+    texts = {}
+    for storage in ("fp32", "bf16", "int8"):
+        start = time.perf_counter()
+        out = greedy(model, prompts, stop_ids(tok), max_new_tokens=32, batch_size=32, storage=storage)
+        texts[storage] = [normalize(t) for t in tok.batch_decode(out, skip_special_tokens=True)]
+        correct = sum(p == r for p, r in zip(texts[storage], references))
+        same = sum(a == b for a, b in zip(texts[storage], texts["fp32"]))
+        print(f"held-out ({len(records)} demo prompts, base model): {storage}: {same}/{len(records)} outputs equal to "
+              f"fp32's, exact match {correct}/{len(records)} ({time.perf_counter() - start:.0f} s)")
+    for storage in ("bf16", "int8"):
+        diff = [(a, b) for a, b in zip(texts["fp32"], texts[storage]) if a != b][:3]
+        for a, b in diff:
+            print(f"  {storage} differs: fp32 {a!r} vs {storage} {b!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print where one fp32 decode step goes, per op")
+    parser.add_argument("--heldout", action="store_true", help="only compare storages on the demo's held-out set")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_base("smollm2-135m", dtype="fp32")
     model.eval()
+    if args.heldout:
+        return heldout(model, tok)
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     n = args.tokens

@@ -230,13 +230,16 @@ class Decoder:
         return torch.addcmul(x * cos, swapped, sin)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, T): tokens of rows 0..B-1 at positions start[b] + t, written into the cache there; logits
-        (B, vocab) at column keep[b] (default T-1). Right padding in a prefill is fine: its slots are
-        overwritten by the row's next tokens and no earlier position attends to them."""
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None = None,
+                row0: int = 0) -> torch.Tensor:
+        """ids (B, T): tokens of cache rows row0..row0+B-1 at positions start[b] + t, written into the cache there;
+        logits (B, vocab) at column keep[b] (default T-1). Right padding in a prefill is fine: its slots are
+        overwritten by the row's next tokens and no earlier position attends to them. The adapters are those
+        `set_rows` gave for these B rows (a server prefilling new requests behind running ones sets the new
+        rows' adapters, prefills at row0 = running rows, then sets all rows' adapters for the decode steps)."""
         B, T = ids.shape
-        if B > self.max_batch:
-            raise ValueError(f"{B} rows exceed the cache's max_batch={self.max_batch}")
+        if row0 + B > self.max_batch:
+            raise ValueError(f"rows {row0}..{row0 + B - 1} exceed the cache's max_batch={self.max_batch}")
         pos = start[:, None] + self.slots[:T]  # (B, T)
         L = int(pos.max()) + 1
         if L > self.max_len:
@@ -253,7 +256,7 @@ class Decoder:
             mask = torch.zeros(B, 1, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
                 ~visible[:, None, None], float("-inf"))
         s0 = int(start[0])
-        rows = torch.arange(B, device=self.device)[:, None]
+        rows = torch.arange(row0, row0 + B, device=self.device)[:, None]
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         G = H // Hkv
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
@@ -263,12 +266,12 @@ class Decoder:
             v = p["v_proj"](h).view(B, T, Hkv, D)
             keys, values = self.keys[layer], self.values[layer]  # (max_batch, Hkv, max_len, D)
             if uniform:
-                keys[:B, :, s0:s0 + T] = k.transpose(1, 2)
-                values[:B, :, s0:s0 + T] = v.transpose(1, 2)
+                keys[row0:row0 + B, :, s0:s0 + T] = k.transpose(1, 2)
+                values[row0:row0 + B, :, s0:s0 + T] = v.transpose(1, 2)
             else:
                 keys[rows, :, pos] = k  # (B, T) index pairs -> (B, T, Hkv, D)
                 values[rows, :, pos] = v
-            K, V = keys[:B, :, :L], values[:B, :, :L]  # (B, Hkv, L, D)
+            K, V = keys[row0:row0 + B, :, :L], values[row0:row0 + B, :, :L]  # (B, Hkv, L, D)
             q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
             scores = (q * self.scaling) @ K.transpose(-1, -2)  # (B, Hkv, G·T, L)
             if mask is not None:
@@ -279,6 +282,6 @@ class Decoder:
             h = self._rms(x, norm2)
             x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
         last = torch.full((B,), T - 1, device=self.device) if keep is None else keep
-        x = self._rms(x[rows[:, 0], last], self.final_norm)  # (B, d)
+        x = self._rms(x[rows[:, 0] - row0, last], self.final_norm)  # (B, d)
         logits = self.head.linear(x)
         return logits if self.head_bias is None else logits + self.head_bias

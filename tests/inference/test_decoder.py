@@ -196,3 +196,21 @@ def test_shared_prefix_is_computed_once(monkeypatch):
         tuple(ids.shape)) or forward(self, ids, start, keep))
     shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=3, batch_size=8)  # a stop id never produced
     assert widths == [(1, 20), (3, 5), (3, 1), (3, 1)]
+
+
+def test_rows_prefilled_behind_running_rows_decode_together():
+    """A server's pattern: row 0 runs; a new request (another adapter) is prefilled into row 1 with only its
+    adapter set; then both decode in one step with both adapters. Each row's logits equal the model's alone."""
+    model = _mixed_model()
+    a, b = _prompts(0, [5, 3], seed=8)
+    dec = Decoder(model, max_batch=2, max_len=12, adapters=["plain"])
+    dec.forward(torch.tensor([a]), torch.zeros(1, dtype=torch.long))
+    dec.set_rows(["dora"])
+    dec.forward(torch.tensor([b]), torch.zeros(1, dtype=torch.long), row0=1)
+    dec.set_rows(["plain", "dora"])
+    step = dec.forward(torch.tensor([[9], [10]]), torch.tensor([len(a), len(b)]))
+    with torch.no_grad():
+        for row, (p, token, name) in enumerate([(a, 9, "plain"), (b, 10, "dora")]):
+            set_adapter(model, name)
+            torch.testing.assert_close(step[row], model(input_ids=torch.tensor([p + [token]])).logits[0, -1],
+                                       rtol=1e-5, atol=1e-5)
