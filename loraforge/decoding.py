@@ -8,6 +8,9 @@
 `transformers`' generate keeps every row of a batch until the last one ends and recomputes the shared prefix
 per row; on the demo's date prompts this does a third of its work. The KV-cache helpers (`select_rows`,
 `left_pad`) are shared with the serving engine.
+
+Llama-family models in fp32 run the same algorithm on loraforge.inference's static-cache decoder (a lean step
+with no per-op modules, no cache concatenation); other models on transformers' forward, here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import functools
 
 import torch
 
+from loraforge.inference.greedy import greedy as static_greedy
+from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
 
@@ -67,14 +72,20 @@ def shared_prefix_len(prompts: list[list[int]]) -> int:
 
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 32, batch_size: int = 32,
-           precision: str = "fp32") -> list[list[int]]:
-    """Greedy continuations (token ids, the stop token included where one ended the row) of token-id prompts."""
+           precision: str = "fp32", static: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids, the stop token included where one ended the row) of token-id prompts.
+
+    static: decode Llama-family fp32 models with loraforge.inference's preallocated-cache decoder (the same
+    tokens, tested); off by default until bench/decode.py shows it faster on a quiet machine (README)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if any(not p for p in prompts):
         raise ValueError("an empty prompt cannot be continued: give every prompt at least one token")
+    weight = next(model.parameters())
+    if static and precision == "fp32" and weight.dtype == torch.float32 and unsupported(model) is None:
+        return static_greedy(model, prompts, stop, max_new_tokens, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training

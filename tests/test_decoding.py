@@ -39,7 +39,7 @@ def test_greedy_equals_transformers_generate(make, shared, batch_size):
 
 
 def test_shared_prefix_is_computed_once(monkeypatch):
-    model = tiny_llama()
+    model = tiny_gpt2()  # transformers' forward (greedy(static=True) on Llama: tests/inference)
     prompts = _prompts(20, [3, 4, 5])
     widths = []
     forward = type(model).forward

@@ -1,0 +1,81 @@
+"""Greedy decoding on the static decoder: the same contract as loraforge.decoding.greedy (which calls this for
+the models `Decoder` runs).
+
+    per batch of prompts (sorted by length): the shared prefix once in row 0, copied into the other rows' slots ->
+    each row's own tokens in one forward (right-padded) -> one token per running row per step, argmax over the
+    whole batch in one op; finished rows leave (the rest move to the front of the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraforge.inference.llama import Decoder
+
+MIN_SHARED_PREFIX = 8
+"""Shorter common prefixes are recomputed per row: a separate forward costs more than it saves."""
+
+
+def shared_prefix_len(prompts: list[list[int]]) -> int:
+    """Leading tokens all prompts share, leaving each at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 32,
+           batch_size: int = 32, storage: str = "fp32", adapters: list[str | None] | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, the stop token included where one ended the row). `adapters`: one adapter
+    name (or None) per prompt; None: every prompt as the model is set."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows = min(batch_size, len(prompts))
+    decoder = Decoder(model, max_batch=rows, max_len=max(len(p) for p in prompts) + max_new_tokens,
+                      storage=storage, adapters=None if adapters is None else [adapters[i] for i in order[:rows]])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        if adapters is not None:
+            decoder.set_rows([adapters[i] for i in chunk])
+        for i, out in zip(chunk, decode_batch(decoder, [prompts[i] for i in chunk], set(stop), max_new_tokens)):
+            outputs[i] = out
+    return outputs
+
+
+def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of a batch that fits the decoder's cache (rows 0..n-1, adapters already set)."""
+    n, device = len(prompts), decoder.device
+    one_adapter = decoder.rows is None or len(set(decoder.rows)) == 1  # else the prefix's keys/values differ
+    shared = shared_prefix_len(prompts) if n > 1 and one_adapter else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    if shared:  # the common prefix once, as row 0; the other rows read a copy of its keys/values
+        decoder.forward(torch.tensor([prompts[0][:shared]], device=device), torch.zeros(1, dtype=torch.long,
+                                                                                         device=device))
+        decoder.copy_prefix(shared, n)
+    width = max(len(p) for p in prompts) - shared
+    ids = torch.zeros(n, width, dtype=torch.long)
+    for row, p in enumerate(prompts):  # each row's own tokens from the left, right-padded
+        ids[row, :len(p) - shared] = torch.tensor(p[shared:])
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # positions each row has
+    logits = decoder.forward(ids.to(device), torch.full((n,), shared, device=device), keep=lengths - 1 - shared)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    running = list(range(n))  # prompt index of each cache row
+    while True:
+        tokens = logits.argmax(-1)  # (rows,): the whole batch in one op
+        keep = []
+        for row, (i, token) in enumerate(zip(running, tokens.tolist())):
+            outputs[i].append(token)
+            if token not in stop and len(outputs[i]) < max_new_tokens:
+                keep.append(row)
+        if not keep:
+            return outputs
+        if len(keep) < len(running):  # finished rows leave; the rest move to the front of the cache
+            decoder.keep_rows(keep)
+            index = torch.tensor(keep, device=device)
+            lengths, tokens = lengths.index_select(0, index), tokens.index_select(0, index)
+            running = [running[row] for row in keep]
+        logits = decoder.forward(tokens[:, None], lengths)
+        lengths = lengths + 1

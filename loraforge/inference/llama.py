@@ -1,0 +1,287 @@
+"""The decode step of a Llama-family model over a static KV cache, written as one plain function of tensors.
+
+    x = embed(ids)                                                         (B, T, d)
+    per layer:  h = rms(x);  q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ (+ LoRA);  rope(q, k) at each row's positions
+                k, v -> cache[layer, row, :, start_row + t]                (written in place, no concatenation)
+                x += softmax(q Kᵀ/√D + mask) V Woᵀ (+ LoRA)                 grouped heads read their shared K, V
+                h = rms(x);  x += (silu(h Wgᵀ) ⊙ h Wuᵀ) Wdᵀ (+ LoRA)
+    logits = rms(x[row, keep_row]) Wheadᵀ                                  (B, V): one position per row
+
+transformers' forward does the same math through a module per op, a growing (concatenated) cache and a 4-D mask
+built per call; here the cache is allocated once (`max_batch` rows × `max_len` slots per layer), each row's
+tokens sit at their positions from slot 0 (no left padding), and the adapters of the batch's rows are gathered
+once per batch composition (`set_rows`), not per step. The base weights are stored as `StoredWeight`s
+(fp32: the model's own tensors; bf16 / int8: copies).
+
+LoRA on a projection, per row b with adapter a(b):  y_b = W0 x_b + B_a (A_a x_b) · s_a; DoRA multiplies
+(W0 x + s B A x) by m_a / ‖W0 + s B_a A_a‖_row (constant at inference). Several active adapters add up: their A
+and B are concatenated along r.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.inference.weights import StoredWeight
+from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
+from loraforge.quant.checks import is_quantized
+
+SUPPORTED = ("llama",)
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why `Decoder` cannot run `model` (None: it can). Callers fall back to transformers' forward."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (the static decoder runs {', '.join(SUPPORTED)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    for module in model.modules():
+        if isinstance(module, ModulesToSave):
+            return "modules_to_save"
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
+            return f"{type(module).__name__} layers"
+        if is_quantized(module):
+            return "a bitsandbytes-quantized base"
+        if isinstance(module, LoraLinear) and module.row_adapters is None and not module.disabled:
+            active = [n for n in module.active_adapters if n not in module.merged_adapters]
+            if len(active) > 1 and any(n in module.lora_magnitude_vector for n in active):
+                return "several active adapters, one of them DoRA (set one, or give each row its adapter)"
+    return None
+
+
+class Projection:
+    """One linear of the model: its stored base weight and bias, and the LoRA weights of the current rows."""
+
+    def __init__(self, module: nn.Module, storage: str):
+        self.lora = module if isinstance(module, LoraLinear) else None
+        base = self.lora.base_layer if self.lora is not None else module
+        self.weight = StoredWeight(base.weight, storage)
+        self.bias = base.bias.detach() if base.bias is not None else None
+        self.A = self.B = self.factor = None  # the rows' LoRA: (R, in) / (out, R) shared, or (B, R, in) / (B, out, R)
+
+    def default_names(self) -> tuple[str, ...]:
+        """The adapters this layer applies as the model is set: active, unmerged, not disabled."""
+        layer = self.lora
+        if layer is None or layer.disabled:
+            return ()
+        return tuple(n for n in layer.active_adapters if n not in layer.merged_adapters)
+
+    def adapter(self, names: tuple[str, ...]):
+        """(A (r, in), B·s (out, r), DoRA factor (out,) or None) of `names` summed, or None where none applies."""
+        layer = self.lora
+        names = tuple(n for n in names if layer is not None and n in layer.r)
+        if not names:
+            return None
+        if len(names) > 1 and any(n in layer.lora_magnitude_vector for n in names):
+            raise NotImplementedError(f"adapters {list(names)} active together, one of them DoRA: DoRA does not add "
+                                      f"up; set one adapter, or give each row its own")
+        As, Bs, factor = [], [], None
+        for n in names:
+            A, B, s = layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach(), layer.scaling[n]
+            As.append(A)
+            Bs.append(B * s)
+            if n in layer.lora_magnitude_vector:  # the norm LoraLinear uses: ‖W0 + (B A) s‖ per output row
+                W0 = self.weight.data if self.weight.storage == "fp32" else self.weight.dequantized()
+                norm = torch.linalg.norm(W0 + ((B @ A) * s).to(W0.dtype), dim=1)
+                factor = layer.lora_magnitude_vector[n].detach() / norm
+        return torch.cat(As, 0), torch.cat(Bs, 1), factor
+
+    def set_rows(self, rows: list[tuple[str, ...]] | None) -> None:
+        """rows: the adapter names of each batch row; None: every row as the model is set."""
+        if rows is None or len(set(rows)) == 1:
+            got = self.adapter(self.default_names() if rows is None else rows[0])
+            self.A, self.B, self.factor = got if got is not None else (None, None, None)
+            return
+        kinds = sorted(set(rows))
+        got = {k: self.adapter(k) for k in kinds}
+        present = [g for g in got.values() if g is not None]
+        if not present:
+            self.A = self.B = self.factor = None
+            return
+        r = max(g[0].shape[0] for g in present)
+        ref = present[0][0]
+        A = ref.new_zeros(len(kinds), r, self.weight.in_features)  # slot per kind, rank zero-padded
+        B = ref.new_zeros(len(kinds), self.weight.out_features, r)
+        factor = ref.new_ones(len(kinds), self.weight.out_features)
+        for i, k in enumerate(kinds):
+            if got[k] is not None:
+                a, b, f = got[k]
+                A[i, :a.shape[0]], B[i, :, :a.shape[0]] = a, b
+                if f is not None:
+                    factor[i] = f
+        index = torch.tensor([kinds.index(k) for k in rows], device=A.device)
+        self.A, self.B = A[index], B[index]  # (B, r, in), (B, out, r): gathered once for this composition
+        dora = any(g[2] is not None for g in present)
+        self.factor = factor[index][:, None, :] if dora else None  # (B, 1, out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in) -> (B, T, out)."""
+        y = self.weight.linear(x)
+        if self.A is not None:
+            if self.A.dim() == 2:
+                y = y + (x @ self.A.T) @ self.B.T
+            else:
+                y = y + torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+            if self.factor is not None:
+                y = y * self.factor
+        return y if self.bias is None else y + self.bias
+
+
+class Decoder:
+    """A Llama-family model's forward over a static KV cache of `max_batch` rows × `max_len` positions.
+
+    `forward(ids, start)` runs tokens ids[b] at positions start[b]... of row b (prefill: T tokens; decode: one)
+    and returns each row's logits at one position. `set_rows` picks each row's adapters; `keep_rows` moves the
+    rows still running to the front. The model is read, never changed; with storage "fp32" the decoder uses the
+    model's own weights, so a decoder built before a training step sees the new base weights but not new adapter
+    weights (call `set_rows` again).
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, storage: str = "fp32",
+                 adapters: list[str | None] | None = None):
+        why = unsupported(model)
+        if why is not None and (adapters is None or "DoRA" not in why):
+            raise NotImplementedError(f"the static decoder does not run {why}")
+        cfg = model.config
+        inner = model.model
+        self.storage = storage
+        self.eps = cfg.rms_norm_eps
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self.rotary = inner.rotary_emb
+        self.embed = StoredWeight(inner.embed_tokens.weight, storage)
+        head = model.lm_head
+        tied = head.weight is inner.embed_tokens.weight
+        self.head = self.embed if tied else StoredWeight(head.weight, storage)
+        self.head_bias = head.bias.detach() if head.bias is not None else None
+        self.final_norm = inner.norm.weight.detach()
+        self.layers = []
+        for block in inner.layers:
+            projections = {p.split(".")[1]: Projection(block.get_submodule(p), storage) for p in PROJECTIONS}
+            norms = (block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach())
+            self.layers.append((norms, projections))
+        weight = inner.embed_tokens.weight
+        self.dtype = weight.dtype if weight.dtype.is_floating_point and storage == "fp32" else torch.float32
+        self.device = weight.device
+        self.max_batch, self.max_len = max_batch, max_len
+        shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
+        # zeros, never garbage: slots past a row's length are masked, and 0 · NaN would still be NaN
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.slots = torch.arange(max_len, device=self.device)
+        self.rows: list[tuple[str, ...]] | None = None
+        self.set_rows(adapters)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored weights one decode step reads (the embedding rows aside when the head is tied)."""
+        total = self.head.nbytes
+        for _, projections in self.layers:
+            total += sum(p.weight.nbytes for p in projections.values())
+        return total
+
+    def set_rows(self, adapters: list[str | None] | None) -> None:
+        """Each batch row's adapter (None or "base": none); None: every row as the model is set (active adapters,
+        or a `mixed_batch` block's names)."""
+        rows = None
+        if adapters is not None:
+            rows = [() if a in (None, "base") else (a,) for a in adapters]
+        else:
+            mixed = next((p.lora.row_adapters for _, ps in self.layers for p in ps.values()
+                          if p.lora is not None and p.lora.row_adapters is not None), None)
+            if mixed is not None:
+                rows = [() if a is None else (a,) for a in mixed]
+        self.rows = rows
+        for _, projections in self.layers:
+            for p in projections.values():
+                p.set_rows(rows)
+
+    def keep_rows(self, index: list[int]) -> None:
+        """Rows `index` (in this order) become rows 0..len(index)-1: their cache and their adapters."""
+        idx = torch.tensor(index, device=self.device)
+        n = len(index)
+        self.keys[:, :n] = self.keys.index_select(1, idx)
+        self.values[:, :n] = self.values.index_select(1, idx)
+        if self.rows is not None:
+            self.set_rows([r[0] if r else None for r in (self.rows[i] for i in index)])
+
+    def copy_prefix(self, length: int, rows: int) -> None:
+        """Row 0's first `length` cache slots copied into rows 1..rows-1 (a prompt prefix they share)."""
+        self.keys[:, 1:rows, :, :length] = self.keys[:, :1, :, :length]
+        self.values[:, 1:rows, :, :length] = self.values[:, :1, :, :length]
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm in one op (fp32 activations: the same arithmetic)."""
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x·cos + rotate_half(x)·sin with rotate_half(x) = (−x₂, x₁); `sin` comes with the sign of its first half
+        flipped, so rotate_half is a swap of the halves (one op)."""
+        B, T, heads, D = x.shape  # cos, sin (B, T, 1, D)
+        swapped = x.view(B, T, heads, 2, D // 2).flip(3).view(B, T, heads, D)
+        return torch.addcmul(x * cos, swapped, sin)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, start: torch.Tensor, keep: torch.Tensor | None = None,
+                row0: int = 0) -> torch.Tensor:
+        """ids (B, T): tokens of cache rows row0..row0+B-1 at positions start[b] + t, written into the cache there;
+        logits (B, vocab) at column keep[b] (default T-1). Right padding in a prefill is fine: its slots are
+        overwritten by the row's next tokens and no earlier position attends to them. The adapters are those
+        `set_rows` gave for these B rows (a server prefilling new requests behind running ones sets the new
+        rows' adapters, prefills at row0 = running rows, then sets all rows' adapters for the decode steps)."""
+        B, T = ids.shape
+        if row0 + B > self.max_batch:
+            raise ValueError(f"rows {row0}..{row0 + B - 1} exceed the cache's max_batch={self.max_batch}")
+        pos = start[:, None] + self.slots[:T]  # (B, T)
+        L = int(pos.max()) + 1
+        if L > self.max_len:
+            raise ValueError(f"position {L - 1} exceeds the cache's max_len={self.max_len}")
+        x = self.embed.rows(ids).to(self.dtype)  # (B, T, d)
+        cos, sin = self.rotary(x, pos)
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D)
+        uniform = bool((start == start[0]).all())
+        mask = None  # one token per row, every row at the same position: every slot up to it is visible
+        if T > 1 or not uniform:
+            visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
+            mask = torch.zeros(B, 1, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
+                ~visible[:, None, None], float("-inf"))
+        s0 = int(start[0])
+        rows = torch.arange(row0, row0 + B, device=self.device)[:, None]
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        G = H // Hkv
+        for layer, ((norm1, norm2), p) in enumerate(self.layers):
+            h = self._rms(x, norm1)
+            q = self._rope(p["q_proj"](h).view(B, T, H, D), cos, sin)
+            k = self._rope(p["k_proj"](h).view(B, T, Hkv, D), cos, sin)
+            v = p["v_proj"](h).view(B, T, Hkv, D)
+            keys, values = self.keys[layer], self.values[layer]  # (max_batch, Hkv, max_len, D)
+            if uniform:
+                keys[row0:row0 + B, :, s0:s0 + T] = k.transpose(1, 2)
+                values[row0:row0 + B, :, s0:s0 + T] = v.transpose(1, 2)
+            else:
+                keys[rows, :, pos] = k  # (B, T) index pairs -> (B, T, Hkv, D)
+                values[rows, :, pos] = v
+            K, V = keys[row0:row0 + B, :, :L], values[row0:row0 + B, :, :L]  # (B, Hkv, L, D)
+            q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+            scores = (q * self.scaling) @ K.transpose(-1, -2)  # (B, Hkv, G·T, L)
+            if mask is not None:
+                scores = scores.view(B, Hkv, G, T, L) + mask
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype).view(B, Hkv, G * T, L)
+            o = (probs @ V).view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+            x = x + p["o_proj"](o)
+            h = self._rms(x, norm2)
+            x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
+        last = torch.full((B,), T - 1, device=self.device) if keep is None else keep
+        x = self._rms(x[rows[:, 0] - row0, last], self.final_norm)  # (B, d)
+        logits = self.head.linear(x)
+        return logits if self.head_bias is None else logits + self.head_bias

@@ -1,0 +1,217 @@
+"""The static decoder against transformers: the same greedy tokens as `generate` (fp32) and the same logits as the
+model's forward, for no adapter, plain LoRA, rank/alpha patterns, DoRA and mixed-adapter batches; bf16 and int8
+storage against the same model with its weights rounded the same way."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import VOCAB, randomize, tiny_gpt2, tiny_llama
+from loraforge.config import LoraConfig
+from loraforge.decoding import greedy as shared_greedy
+from loraforge.inference.greedy import greedy
+from loraforge.inference.llama import Decoder, unsupported
+from loraforge.inference.weights import StoredWeight
+from loraforge.lora.adapters import mixed_batch, set_adapter
+from loraforge.lora.inject import inject
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "plain": LoraConfig(r=4, lora_alpha=8, target_modules=tuple(ALL), init_lora_weights=False),
+    "pattern": LoraConfig(r=4, lora_alpha=8, target_modules=tuple(ALL), init_lora_weights=False,
+                          rank_pattern={"v_proj": 2, "down_proj": 6}, alpha_pattern={"o_proj": 3}),
+    "dora": LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"), use_dora=True),
+}
+
+
+def _reference(model, prompts, stop, max_new_tokens):
+    """transformers' generate, one prompt at a time (no padding), cut after the first stop token."""
+    out = []
+    for p in prompts:
+        ids = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                             pad_token_id=stop[0])[0, len(p):].tolist()
+        end = next((k for k, t in enumerate(ids) if t in stop), None)
+        out.append(ids if end is None else ids[:end + 1])
+    return out
+
+
+def _prompts(shared, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(0, VOCAB, (shared,), generator=g).tolist()
+    return [head + torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _with_adapter(kind, seed=0):
+    model = tiny_llama(seed=seed)
+    inject(model, CONFIGS[kind], kind)
+    randomize(model, seed=seed + 1)  # B ≠ 0 (and DoRA's m then differs from the row norm)
+    return model
+
+
+def _stop_tokens(model, prompts):
+    """Two tokens the model really emits, so that rows end at different steps."""
+    first = _reference(model, prompts, [VOCAB + 1], 12)
+    return sorted({t[3] for t in first})[:2]
+
+
+@pytest.mark.parametrize("kind", [None, "plain", "pattern", "dora"])
+@pytest.mark.parametrize("shared", [0, 12], ids=["no-prefix", "shared-prefix"])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_greedy_equals_transformers_generate(kind, shared, batch_size):
+    model = tiny_llama() if kind is None else _with_adapter(kind)
+    prompts = _prompts(shared, [1, 5, 2, 9, 3, 1, 7])
+    stop = _stop_tokens(model, prompts)
+    reference = _reference(model, prompts, stop, 12)
+    assert len({len(r) for r in reference}) > 1  # rows do leave the batch early
+    assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=batch_size) == reference
+
+
+@pytest.mark.parametrize("kind", [None, "plain", "pattern", "dora"])
+def test_prefill_and_step_logits_equal_the_models(kind):
+    """Right-padded prefill of rows of different lengths, then one step at different positions: each row's logits
+    equal the model's forward on that row alone."""
+    model = tiny_llama() if kind is None else _with_adapter(kind)
+    prompts = _prompts(0, [6, 3, 9], seed=2)
+    dec = Decoder(model, max_batch=3, max_len=16)
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    got = dec.forward(ids, torch.zeros(3, dtype=torch.long), keep=lengths - 1)
+    nxt = torch.tensor([[7], [11], [13]])
+    step = dec.forward(nxt, lengths)
+    with torch.no_grad():
+        for row, p in enumerate(prompts):
+            full = model(input_ids=torch.tensor([p + [int(nxt[row])]])).logits[0]
+            # fp32 with a different summation order (our attention, transformers' sdpa): a few ulps of the logits
+            torch.testing.assert_close(got[row], full[-2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[row], full[-1], rtol=1e-5, atol=1e-5)
+
+
+def _mixed_model():
+    model = tiny_llama()
+    for kind in ("plain", "pattern", "dora"):
+        inject(model, CONFIGS[kind], kind)
+    return randomize(model, seed=3)
+
+
+def test_mixed_adapter_batch_equals_each_rows_adapter():
+    """A batch mixing three adapters (one DoRA, ranks padded) and the base: the logits of each row equal the model's
+    with that row's adapter set; set_rows (explicit) and a mixed_batch block agree."""
+    model = _mixed_model()
+    names = ["plain", None, "dora", "pattern", "plain"]
+    prompts = _prompts(0, [4, 4, 4, 4, 4], seed=4)
+    ids = torch.tensor(prompts)
+    dec = Decoder(model, max_batch=5, max_len=8, adapters=names)
+    got = dec.forward(ids, torch.zeros(5, dtype=torch.long))
+    with mixed_batch(model, names):
+        blocked = Decoder(model, max_batch=5, max_len=8).forward(ids, torch.zeros(5, dtype=torch.long))
+        with torch.no_grad():
+            theirs = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(got, blocked, rtol=0, atol=0)
+    torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            if name is None:
+                continue
+            set_adapter(model, name)
+            alone = model(input_ids=ids[row:row + 1]).logits[0, -1]
+            torch.testing.assert_close(got[row], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_greedy_equals_generate_per_adapter():
+    model = _mixed_model()
+    prompts = _prompts(10, [2, 5, 3, 6], seed=5)
+    names = ["dora", "plain", None, "pattern"]
+    reference = []
+    for p, name in zip(prompts, names):
+        if name is None:
+            with mixed_batch(model, [None]):
+                reference += _reference(model, [p], [VOCAB + 1], 10)
+        else:
+            set_adapter(model, name)
+            reference += _reference(model, [p], [VOCAB + 1], 10)
+    assert greedy(model, prompts, [VOCAB + 1], max_new_tokens=10, adapters=names) == reference
+
+
+def _rounded_like(model, storage):
+    """The model with its base linears and embedding rounded to `storage` and back to fp32 (adapters untouched)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and ".lora_" not in name:
+            module.weight.data = StoredWeight(module.weight.data, storage).dequantized()
+    return model
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", [None, "plain", "dora"])
+def test_stored_precision_logits_equal_the_rounded_model(storage, kind):
+    """bf16 / int8 storage computes in fp32 on the rounded base weights (adapters stay fp32, DoRA's row norm is
+    taken from the rounded base): the same logits as the fp32 model whose base weights were rounded the same way."""
+    model = tiny_llama() if kind is None else _with_adapter(kind)
+    dec = Decoder(model, max_batch=2, max_len=8, storage=storage)  # its own rounded copies of the base weights
+    ids = torch.tensor(_prompts(0, [6, 6], seed=6))
+    got = dec.forward(ids, torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        theirs = _rounded_like(model, storage)(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_stored_weight_rounding_bound_and_blocked_product(storage):
+    """The stored weight is W to within its format's rounding (bf16: 2⁻⁸ relative; int8: half a step of its
+    group's scale), and the blocked widen-then-multiply equals F.linear on the rounded weight."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(1000, 64, generator=g)  # 1000 rows: several blocks and a partial last one
+    stored = StoredWeight(W, storage)
+    stored.block = 96
+    Wq = stored.dequantized()
+    if storage == "bf16":
+        assert ((Wq - W).abs() <= W.abs() * 2 ** -8).all()
+    else:
+        assert ((Wq - W).abs() <= stored.scale.repeat_interleave(32, 1) / 2 + 1e-7).all()  # groups of 32 inputs
+    x = torch.randn(3, 5, 64, generator=g)
+    torch.testing.assert_close(stored.linear(x), F.linear(x, Wq), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stored.rows(torch.tensor([[3, 999]])), Wq[torch.tensor([[3, 999]])])
+
+
+def test_unsupported_models_fall_back_to_transformers():
+    assert "gpt2" in unsupported(tiny_gpt2())
+    assert unsupported(tiny_llama()) is None
+    with pytest.raises(NotImplementedError, match="gpt2"):
+        Decoder(tiny_gpt2(), 1, 8)
+    model = tiny_gpt2()
+    prompts = _prompts(0, [3, 5])
+    assert shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=4) == _reference(model, prompts, [VOCAB + 1], 4)
+
+
+def test_shared_prefix_is_computed_once(monkeypatch):
+    """loraforge.decoding.greedy(static=True) runs Llama models here: the shared prefix as one row, then each
+    row's own tokens,
+    then one token per running row per step."""
+    model = tiny_llama()
+    prompts = _prompts(20, [3, 4, 5])
+    widths = []
+    forward = Decoder.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, ids, start, keep=None: widths.append(
+        tuple(ids.shape)) or forward(self, ids, start, keep))
+    shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=3, batch_size=8, static=True)  # stop never produced
+    assert widths == [(1, 20), (3, 5), (3, 1), (3, 1)]
+
+
+def test_rows_prefilled_behind_running_rows_decode_together():
+    """A server's pattern: row 0 runs; a new request (another adapter) is prefilled into row 1 with only its
+    adapter set; then both decode in one step with both adapters. Each row's logits equal the model's alone."""
+    model = _mixed_model()
+    a, b = _prompts(0, [5, 3], seed=8)
+    dec = Decoder(model, max_batch=2, max_len=12, adapters=["plain"])
+    dec.forward(torch.tensor([a]), torch.zeros(1, dtype=torch.long))
+    dec.set_rows(["dora"])
+    dec.forward(torch.tensor([b]), torch.zeros(1, dtype=torch.long), row0=1)
+    dec.set_rows(["plain", "dora"])
+    step = dec.forward(torch.tensor([[9], [10]]), torch.tensor([len(a), len(b)]))
+    with torch.no_grad():
+        for row, (p, token, name) in enumerate([(a, 9, "plain"), (b, 10, "dora")]):
+            set_adapter(model, name)
+            torch.testing.assert_close(step[row], model(input_ids=torch.tensor([p + [token]])).logits[0, -1],
+                                       rtol=1e-5, atol=1e-5)
