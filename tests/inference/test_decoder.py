@@ -187,8 +187,7 @@ def test_unsupported_models_fall_back_to_transformers():
 
 def test_shared_prefix_is_computed_once(monkeypatch):
     """loraforge.decoding.greedy(static=True) runs Llama models here: the shared prefix as one row, then each
-    row's own tokens,
-    then one token per running row per step."""
+    row's own tokens, then one token per running row per step."""
     model = tiny_llama()
     prompts = _prompts(20, [3, 4, 5])
     widths = []
