@@ -22,7 +22,8 @@ RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistic
 
 Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the probabilities in the
   compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
-  probabilities twice, in fp32 and in the compute dtype).
+  probabilities twice, in fp32 and in the compute dtype). Packed rows (packed_attention) run sequence by sequence:
+  scores and probabilities of Σ Lᵢ² positions per row instead of T², and no (T, T) mask.
 
 Output head + cross-entropy, Σᵢ [logsumexp(hᵢ Wᵀ) − (hᵢ Wᵀ)[yᵢ]] for a frozen W (V, H): row chunks of logits,
   each in one fp32 buffer worked in place (max, exp, sum, softmax); the input gradient (softmax − onehot) W is
@@ -228,6 +229,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None and mask.dim() < 4:
         mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
     return _Attention.apply(q, k, v, mask, scaling)
+
+
+def segment_starts(position_ids: torch.Tensor) -> list[list[int]] | None:
+    """Per row of packed position ids (B, T), where each sequence starts, plus T at the end: a new sequence begins
+    wherever a position is not the previous one + 1 (transformers' find_packed_sequence_indices). None when no row
+    restarts (nothing is packed)."""
+    first = position_ids[:, :1] - 1
+    new = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, T)
+    new[:, 0] = True
+    if int(new.sum()) == position_ids.shape[0]:
+        return None
+    length = position_ids.shape[1]
+    return [row.nonzero().flatten().tolist() + [length] for row in new]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
+                     scaling: float) -> torch.Tensor:
+    """Causal attention within each sequence of packed rows, the same as attention() with the block-diagonal causal
+    mask, but run sequence by sequence: no (T, T) mask or scores for the whole row, and the probabilities kept for
+    the backward are Σ Lᵢ² per row instead of T². q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("packed_attention: queries and keys must cover the same positions (no cache)")
+    longest = max(b - a for row in starts for a, b in zip(row, row[1:]))
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+    rows = []
+    for i, row in enumerate(starts):
+        outs = [attention(q[i:i + 1, :, a:b], k[i:i + 1, :, a:b], v[i:i + 1, :, a:b], causal[:b - a, :b - a], scaling)
+                for a, b in zip(row, row[1:])]  # each (1, H, L, D)
+        rows.append(torch.cat(outs, 2) if len(outs) > 1 else outs[0])
+    return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
