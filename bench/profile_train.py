@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--pack-len", type=int, default=256)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args()
 
     import torch
@@ -56,6 +57,7 @@ def main() -> None:
     from loraforge.training.loop import build_model
     from loraforge.training.loss import CausalLMLoss
 
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     trainer, opts = VARIANTS[args.variant]
     if trainer != "lf":
         p.error("profile a loraforge variant (lf, lf-...)")
@@ -69,9 +71,10 @@ def main() -> None:
     device = torch.device("cpu")
     model, tok = build_model(cfg, device)
     model.train()
-    for key, value in opts.items():  # the variant's switches that build_model does not read
-        if hasattr(model, "_lf_" + key):
-            setattr(model, "_lf_" + key, value)
+    if not opts.get("by_sequence", True) and model.config._attn_implementation == "lean":
+        from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
+
+        model.set_attn_implementation(LEAN_MASKED_ATTENTION)
     plan = data_shapes.plan(args.shape, tok, 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)

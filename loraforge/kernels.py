@@ -244,21 +244,68 @@ def segment_starts(position_ids: torch.Tensor) -> list[list[int]] | None:
     return [row.nonzero().flatten().tolist() + [length] for row in new]
 
 
+class _PackedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, starts, scaling: float):
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
+        compute = _compute_dtype(q)
+        longest = max(e - a for row in starts for a, e in zip(row, row[1:]))
+        future = torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu(1)  # (L, L) True: masked
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc, vc = _cast(compute, q, k, v)
+            out = torch.empty(batch, length, heads, dim, dtype=compute, device=q.device)  # the caller's layout
+            probs = []
+            for i, row in enumerate(starts):
+                for a, e in zip(row, row[1:]):
+                    n = e - a
+                    qs = qc[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
+                    scores = torch.matmul(qs, kc[i, :, a:e].transpose(-1, -2)).mul_(scaling)  # (Hkv, G·L, L)
+                    scores.view(kv_heads, groups, n, n).masked_fill_(future[:n, :n], float("-inf"))
+                    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+                    del scores
+                    out[i, a:e] = torch.matmul(p, vc[i, :, a:e]).view(heads, n, dim).transpose(0, 1)
+                    probs.append(p)
+        ctx.save_for_backward(qc, kc, vc, *probs)
+        ctx.starts, ctx.scaling, ctx.dtypes = starts, scaling, (q.dtype, k.dtype, v.dtype)
+        return out.transpose(1, 2)  # (B, H, T, D), a view of (B, T, H, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, *probs = ctx.saved_tensors
+        heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
+        groups = heads // kv_heads
+        g = g.to(v.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        segments = ((i, a, e) for i, row in enumerate(ctx.starts) for a, e in zip(row, row[1:]))
+        for (i, a, e), p in zip(segments, probs):
+            n = e - a
+            qs = q[i, :, a:e].reshape(kv_heads, groups * n, dim)
+            go = g[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
+            ks, vs = k[i, :, a:e], v[i, :, a:e]
+            dv[i, :, a:e] = p.transpose(-1, -2) @ go  # sums over the query heads that share a key head
+            dp = go @ vs.transpose(-1, -2)
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype).mul_(ctx.scaling)
+            del dp
+            dq[i, :, a:e] = (ds @ ks).view(heads, n, dim)
+            dk[i, :, a:e] = ds.transpose(-1, -2) @ qs
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
                      scaling: float) -> torch.Tensor:
     """Causal attention within each sequence of packed rows, the same as attention() with the block-diagonal causal
-    mask, but run sequence by sequence: no (T, T) mask or scores for the whole row, and the probabilities kept for
-    the backward are Σ Lᵢ² per row instead of T². q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts."""
+    mask, but run sequence by sequence in one autograd node: no (T, T) mask or scores for the whole row, the
+    probabilities kept for the backward are Σ Lᵢ² per row instead of T², and the gradients are written into one
+    tensor each (autograd through slices would add a zero-filled full-size gradient per sequence).
+    q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts. Returns (B, H, T, D)."""
     if q.shape[2] != k.shape[2]:
         raise ValueError("packed_attention: queries and keys must cover the same positions (no cache)")
-    longest = max(b - a for row in starts for a, b in zip(row, row[1:]))
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
-    rows = []
-    for i, row in enumerate(starts):
-        outs = [attention(q[i:i + 1, :, a:b], k[i:i + 1, :, a:b], v[i:i + 1, :, a:b], causal[:b - a, :b - a], scaling)
-                for a, b in zip(row, row[1:])]  # each (1, H, L, D)
-        rows.append(torch.cat(outs, 2) if len(outs) > 1 else outs[0])
-    return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"packed_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value "
+                         f"heads")
+    return _PackedAttention.apply(q, k, v, starts, scaling)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
