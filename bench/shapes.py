@@ -42,10 +42,10 @@ def chat_records(seed: int = 0) -> list[dict]:
     """The demo's questions as chat rows, each with its own system prompt of 1-5 consecutive general-text sentences."""
     rng, pool = random.Random(seed), sentences()
     records = []
-    for r in demo_records():
+    for i, r in enumerate(demo_records()):
         k = rng.randint(1, 5)
         start = rng.randrange(len(pool) - k)
-        system = "You are a helpful assistant. Background: " + " ".join(pool[start:start + k])
+        system = f"Background for conversation {i + 1}: " + " ".join(pool[start:start + k])  # distinct per row
         user = r["instruction"] + "\n" + r["input"] if r.get("input") else r["instruction"]
         records.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
                                      {"role": "assistant", "content": r["output"]}]})
