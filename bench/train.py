@@ -5,9 +5,15 @@
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
     python bench/train.py --variants peft,lf,lf-noprefix,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt
                                                    # what each pays
+    python bench/train.py --shapes text,chat --variants peft,lf,lf-noseg   # data without a shared prefix
+
+Data shapes (bench/shapes.py; --shapes, all three by default): demo (the demo's rows, a shared 38-token prefix),
+chat (distinct system prompts of 1-5 sentences, seeded), text (the shipped general text's articles packed into
+--text-len = 512-token rows, --text-rows 4 a step, the same packed rows for every trainer). The table has one
+block per shape and precision.
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
-demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
+shape's data (demo and chat: prompt tokens unsupervised; text: every token), the same example order, the same effective batch,
 the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no weight decay), gradient clipping at
 1.0, the same LoRA A initialisation.
 
@@ -21,7 +27,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), in
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
            micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
-           the same system prompt and user header, 38 tokens, before every question).
+           the same system prompt and user header, 38 tokens, before every question). Packed rows attend
+           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask).
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
