@@ -5,9 +5,15 @@
     python bench/train.py --steps 4 --rounds 3     # longer, steadier (GPU: use --batch 16 --steps 20)
     python bench/train.py --variants peft,lf,lf-noprefix,lf-noblocks,lf-eager,lf-unfused,lf-pack,lf-ckpt
                                                    # what each pays
+    python bench/train.py --shapes text,chat --variants peft,lf,lf-noseg   # data without a shared prefix
+
+Data shapes (bench/shapes.py; --shapes, all three by default): demo (the demo's rows, a shared 38-token prefix),
+chat (distinct system prompts of 1-5 sentences, seeded), text (the shipped general text's articles packed into
+--text-len = 512-token rows, --text-rows 4 a step, the same packed rows for every trainer). The table has one
+block per shape and precision.
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
-demo dataset (instruction format, prompt tokens unsupervised), the same example order, the same effective batch,
+shape's data (demo and chat: prompt tokens unsupervised; text: every token), the same example order, the same effective batch,
 the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no weight decay), gradient clipping at
 1.0, the same LoRA A initialisation.
 
@@ -21,7 +27,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            kernel on CPU for short rows (training.attention=auto; PEFT runs transformers' default SDPA), in
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
            micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
-           the same system prompt and user header, 38 tokens, before every question).
+           the same system prompt and user header, 38 tokens, before every question). Packed rows attend
+           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask).
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -56,6 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import shapes as data_shapes  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 
@@ -73,7 +81,8 @@ VARIANTS = {
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
-    "lf-noprefix": ("lf", {"share_prefix": False}),  # every row computes the prefix all rows share
+    "lf-noprefix": ("lf", {"share_prefix": False}),
+    "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask  # every row computes the prefix all rows share
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
@@ -152,7 +161,7 @@ def worker(args) -> dict:
     import torch
 
     from loraforge.training import data as D
-    from loraforge.studies.demo import asset, demo_config
+    from loraforge.studies.demo import demo_config
     from loraforge.training.report import peak_memory_mb
 
     trainer, opts = VARIANTS[args.variant]
@@ -160,7 +169,8 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     low = args.dtype != "fp32"  # bf16 or fp16: the frozen base is stored in it (lf), matmuls autocast to it
     overrides = [f"training.batch_size={args.micro_batch}", "training.weight_decay=0", "training.max_grad_norm=1.0",
-                 f"data.max_seq_len={args.pack_len}", f"data.packing={str(opts.get('packing', 'auto')).lower()}",
+                 f"data.max_seq_len={args.text_len if args.shape == 'text' else args.pack_len}",
+                 f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
@@ -182,34 +192,34 @@ def worker(args) -> dict:
         from loraforge.training.loop import build_model
 
         model, tok = build_model(cfg, device)
+        if not opts.get("by_sequence", True) and model.config._attn_implementation == "lean":
+            from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
+
+            model.set_attn_implementation(LEAN_MASKED_ATTENTION)
     same_lora_init(model)
     model.train()
     rss_loaded = peak_memory_mb("cpu")  # the resident set, on any device
     window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
-    records = D.read_records(asset("demo_train.jsonl"))
-    examples, _ = D.build_dataset(records, tok, max_seq_len=args.pack_len)
+    steps = args.warmup + args.steps
+    plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.micro_batch, args.text_rows, args.text_len,
+                       args.pack_len)
+    examples = [e for step in plan for _, ex in step for e in ex]  # for the packing rule (demo, chat)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)  # HF Trainer's default
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
-    accum = args.batch // args.micro_batch
-    steps = args.warmup + args.steps
-    if steps * args.batch > len(order):
-        raise SystemExit(f"{steps} steps × batch {args.batch} need more than the {len(order)} demo examples")
     pad_id = tok.pad_token_id
     autocast = precision_autocast(args.dtype, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16: loss scaling, as train() does
 
     if trainer == "lf":
         from loraforge.training.loss import CausalLMLoss, shares_prefix
-        from loraforge.training.loop import make_batch
-
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))
         pack = D.should_pack(cfg.data.packing, D.padding_fraction(examples, args.micro_batch, prefix_of))  # as train()
+        pack = pack and args.shape != "text"  # text rows come packed
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
 
@@ -219,22 +229,22 @@ def worker(args) -> dict:
 
     losses, real_tokens, flops, executed, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0, 0.0
     for step in range(steps):
-        idx = order[step * args.batch:(step + 1) * args.batch]
-        micro = [idx[i:i + args.micro_batch] for i in range(0, len(idx), args.micro_batch)]
+        micro = plan[step]
         sync()
         sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime  # kernel time: page faults of fresh allocations
         t0 = time.perf_counter()
         step_loss, shapes = 0.0, []  # shapes: (rows, width, shared prefix, rows through the head) per micro-batch
         if trainer == "peft":  # the usual loop: mean loss per micro-batch, divided by the accumulation
-            for mb in micro:
-                batch = {k: v.to(device) for k, v in D.collate([examples[i] for i in mb], pad_id).items()}
+            for rows, _ in micro:
+                batch = {k: v.to(device) for k, v in D.collate(rows, pad_id).items()}
                 shapes.append((*batch["input_ids"].shape, 0, batch["input_ids"].numel()))  # logits everywhere
                 with autocast:
-                    loss = model(**batch, use_cache=False).loss / accum
+                    loss = model(**batch, use_cache=False).loss / len(micro)
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
         else:  # loraforge: summed token losses over the step's supervised-token count
-            batches = [{k: v.to(device) for k, v in make_batch(examples, mb, cfg, pad_id, pack).items()} for mb in micro]
+            batches = [{k: v.to(device) for k, v in D.collate(D.pack(rows, cfg.data.max_seq_len) if pack else rows,
+                                                               pad_id).items()} for rows, _ in micro]
             n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             for batch in batches:
                 with autocast:
@@ -250,7 +260,7 @@ def worker(args) -> dict:
         dt = time.perf_counter() - t0
         losses.append(step_loss)
         if step >= args.warmup:
-            chosen = [examples[i] for i in idx]
+            chosen = [e for _, ex in micro for e in ex]
             seconds += dt
             sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
             real_tokens += sum(len(e.input_ids) for e in chosen)
@@ -309,8 +319,9 @@ def matmul_peak(dtype: str, device: str, n: int = 2048, seconds: float = 3.0) ->
     return best
 
 
-def run_worker(variant: str, dtype: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--dtype-one", dtype, "--steps", str(args.steps),
+def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--dtype-one", dtype, "--shape-one", shape,
+           "--text-rows", str(args.text_rows), "--text-len", str(args.text_len), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
            "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads),
            "--model", args.model]
@@ -318,7 +329,7 @@ def run_worker(variant: str, dtype: str, args) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{variant}/{dtype} failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{variant}/{dtype}/{shape} failed:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -328,6 +339,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step (effective batch; the demo's 16)")
     p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
     p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")
+    p.add_argument("--shapes", default=",".join(data_shapes.SHAPES), help="comma-separated data shapes (bench/shapes.py): "
+                   "demo (a shared 38-token prefix), chat (distinct system prompts), text (articles packed into "
+                   "--pack-len rows)")
+    p.add_argument("--text-rows", type=int, default=4, help="text shape: packed rows per optimizer step")
+    p.add_argument("--text-len", type=int, default=512, help="text shape: tokens per packed row")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
     p.add_argument("--dtypes", default="auto", help="comma-separated precisions: auto (what loraforge.precision "
                    "picks on --device: fp32 on a CPU without native bf16), fp32, bf16, fp16")
@@ -339,16 +355,20 @@ def main() -> None:
     p.add_argument("--json", help="also write every measurement here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dtype-one", help=argparse.SUPPRESS)
+    p.add_argument("--shape-one", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     if args.worker:
-        args.variant, args.dtype = args.worker, args.dtype_one
+        args.variant, args.dtype, args.shape = args.worker, args.dtype_one, args.shape_one
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    variants, asked = args.variants.split(","), args.dtypes.split(",")
+    variants, asked, shape_names = args.variants.split(","), args.dtypes.split(","), args.shapes.split(",")
+    for sh in shape_names:
+        if sh not in data_shapes.SHAPES:
+            p.error(f"--shapes: unknown shape {sh!r}; choose from {', '.join(data_shapes.SHAPES)}")
     for v in variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -363,7 +383,7 @@ def main() -> None:
     print(f"device {args.device}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"{args.rounds} rounds × ({args.warmup} warm-up + {args.steps} timed steps) of batch {args.batch} "
           f"(micro-batch {args.micro_batch}) per trainer", flush=True)
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, str, str], list[dict]] = {}
     peaks: dict[str, list[float]] = {d: [] for d in dtypes}
     loads = []
     started = time.perf_counter()
@@ -371,11 +391,11 @@ def main() -> None:
         for dtype in dtypes:
             peaks[dtype].append(matmul_peak(dtype, args.device))
             order = variants if rnd % 2 == 0 else variants[::-1]  # alternate who goes first
-            for v in order:
-                r = run_worker(v, dtype, args)
-                results.setdefault((v, dtype), []).append(r)
+            for shape, v in [(sh, v) for sh in shape_names for v in order]:
+                r = run_worker(v, dtype, shape, args)
+                results.setdefault((shape, v, dtype), []).append(r)
                 loads.append(os.getloadavg()[0])
-                print(f"  round {rnd + 1} {dtype:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
+                print(f"  round {rnd + 1} {dtype:4s} {shape:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
                       f"  loss {r['final_loss']:.4f}  kernel time {100 * r['sys_seconds'] / r['seconds']:.0f}%"
                       f"  (load {loads[-1]:.1f})", flush=True)
 
@@ -383,19 +403,19 @@ def main() -> None:
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
     print(header(hardware))
-    columns = f"| dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
+    columns = f"| data | dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
              f"training-only peak RSS MiB | " \
              f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
     print(columns)
     print("|" + "---|" * (columns.count("|") - 1))
     table = []
-    for dtype in dtypes:
+    for shape, dtype in [(sh, d) for sh in shape_names for d in dtypes]:
         peak = statistics.median(peaks[dtype])
-        base = results[(variants[0], dtype)]
+        base = results[(shape, variants[0], dtype)]
         b_tps = statistics.median(r["tokens_per_s"] for r in base)
         b_mem = statistics.median(r["peak_mb"] for r in base)
         for v in variants:
-            rs = results[(v, dtype)]
+            rs = results[(shape, v, dtype)]
             tps = statistics.median(r["tokens_per_s"] for r in rs)
             mem_mb = statistics.median(r["peak_mb"] for r in rs)
             window = [r["train_peak_mb"] for r in rs if r.get("train_peak_mb")]
@@ -404,13 +424,13 @@ def main() -> None:
             use = statistics.median(r["executed_flops_per_s"] for r in rs) / peak
             dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
             per_round = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base)]  # the same round's baseline
-            row = {"dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
+            row = {"shape": shape, "dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
                    "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
                    "max_loss_diff": dloss, "speedup_per_round": per_round,
                    "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9}
             table.append(row)
             label = f"{dtype} (auto)" if dtype == auto.compute and "auto" in asked else dtype
-            print(f"| {label} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
+            print(f"| {shape} | {label} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
                   f"{mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
                   f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% | {100 * use:.0f}% |")
     for dtype in dtypes:
@@ -418,7 +438,7 @@ def main() -> None:
               f"(2048² torch.matmul, median of rounds)")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware, "dtypes_asked": asked, "dtypes": dtypes,
-                                               "table": table, "raw": {f"{v}/{d}": r for (v, d), r in results.items()},
+                                               "table": table, "raw": {f"{sh}/{v}/{d}": r for (sh, v, d), r in results.items()},
                                                "matmul_peak": peaks, "load": loads}, indent=1))
 
 

@@ -22,7 +22,8 @@ RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistic
 
 Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the probabilities in the
   compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
-  probabilities twice, in fp32 and in the compute dtype).
+  probabilities twice, in fp32 and in the compute dtype). Packed rows (packed_attention) run sequence by sequence:
+  scores and probabilities of Σ Lᵢ² positions per row instead of T², and no (T, T) mask.
 
 Output head + cross-entropy, Σᵢ [logsumexp(hᵢ Wᵀ) − (hᵢ Wᵀ)[yᵢ]] for a frozen W (V, H): row chunks of logits,
   each in one fp32 buffer worked in place (max, exp, sum, softmax); the input gradient (softmax − onehot) W is
@@ -228,6 +229,83 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None and mask.dim() < 4:
         mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
     return _Attention.apply(q, k, v, mask, scaling)
+
+
+def segment_starts(position_ids: torch.Tensor) -> list[list[int]] | None:
+    """Per row of packed position ids (B, T), where each sequence starts, plus T at the end: a new sequence begins
+    wherever a position is not the previous one + 1 (transformers' find_packed_sequence_indices). None when no row
+    restarts (nothing is packed)."""
+    first = position_ids[:, :1] - 1
+    new = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, T)
+    new[:, 0] = True
+    if int(new.sum()) == position_ids.shape[0]:
+        return None
+    length = position_ids.shape[1]
+    return [row.nonzero().flatten().tolist() + [length] for row in new]
+
+
+class _PackedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, starts, scaling: float):
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
+        compute = _compute_dtype(q)
+        longest = max(e - a for row in starts for a, e in zip(row, row[1:]))
+        future = torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu(1)  # (L, L) True: masked
+        with torch.autocast(q.device.type, enabled=False):
+            qc, kc, vc = _cast(compute, q, k, v)
+            out = torch.empty(batch, length, heads, dim, dtype=compute, device=q.device)  # the caller's layout
+            probs = []
+            for i, row in enumerate(starts):
+                for a, e in zip(row, row[1:]):
+                    n = e - a
+                    qs = qc[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
+                    scores = torch.matmul(qs, kc[i, :, a:e].transpose(-1, -2)).mul_(scaling)  # (Hkv, G·L, L)
+                    scores.view(kv_heads, groups, n, n).masked_fill_(future[:n, :n], float("-inf"))
+                    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+                    del scores
+                    out[i, a:e] = torch.matmul(p, vc[i, :, a:e]).view(heads, n, dim).transpose(0, 1)
+                    probs.append(p)
+        ctx.save_for_backward(qc, kc, vc, *probs)
+        ctx.starts, ctx.scaling, ctx.dtypes = starts, scaling, (q.dtype, k.dtype, v.dtype)
+        return out.transpose(1, 2)  # (B, H, T, D), a view of (B, T, H, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, *probs = ctx.saved_tensors
+        heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
+        groups = heads // kv_heads
+        g = g.to(v.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        segments = ((i, a, e) for i, row in enumerate(ctx.starts) for a, e in zip(row, row[1:]))
+        for (i, a, e), p in zip(segments, probs):
+            n = e - a
+            qs = q[i, :, a:e].reshape(kv_heads, groups * n, dim)
+            go = g[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
+            ks, vs = k[i, :, a:e], v[i, :, a:e]
+            dv[i, :, a:e] = p.transpose(-1, -2) @ go  # sums over the query heads that share a key head
+            dp = go @ vs.transpose(-1, -2)
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype).mul_(ctx.scaling)
+            del dp
+            dq[i, :, a:e] = (ds @ ks).view(heads, n, dim)
+            dk[i, :, a:e] = ds.transpose(-1, -2) @ qs
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
+                     scaling: float) -> torch.Tensor:
+    """Causal attention within each sequence of packed rows, the same as attention() with the block-diagonal causal
+    mask, but run sequence by sequence in one autograd node: no (T, T) mask or scores for the whole row, the
+    probabilities kept for the backward are Σ Lᵢ² per row instead of T², and the gradients are written into one
+    tensor each (autograd through slices would add a zero-filled full-size gradient per sequence).
+    q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts. Returns (B, H, T, D)."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("packed_attention: queries and keys must cover the same positions (no cache)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"packed_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value "
+                         f"heads")
+    return _PackedAttention.apply(q, k, v, starts, scaling)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

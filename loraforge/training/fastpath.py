@@ -5,7 +5,10 @@
                                  kernels.swiglu_linear. The module's class is swapped for a subclass that only
                                  overrides forward: weights, names and state dicts are untouched.
     register_attention()         makes "lean" a transformers attention implementation (kernels.attention with
-                                 eager attention's masks): model.set_attn_implementation("lean").
+                                 eager attention's masks): model.set_attn_implementation("lean"). Packed rows
+                                 (position ids that restart, the mask block-diagonal causal) run sequence by
+                                 sequence (kernels.packed_attention); "lean_masked" runs them with the whole (T, T)
+                                 mask instead (what bench/train.py's lf-noseg measures).
 
 Same math as the modules they replace (tests/test_kernels.py); what they save for the backward is smaller:
 bench/train.py measures it.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -23,6 +27,7 @@ from loraforge import kernels as K
 from loraforge.lora.layer import LoraLinear
 
 LEAN_ATTENTION = "lean"
+LEAN_MASKED_ATTENTION = "lean_masked"
 
 
 def _source(fn) -> str | None:
@@ -116,14 +121,19 @@ def _is_silu(act) -> bool:
 
 
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
-    """A transformers attention function (the signature of eager_attention_forward) running kernels.attention."""
+                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                           by_sequence: bool = True, **kwargs):
+    """A transformers attention function (the signature of eager_attention_forward) running kernels.attention;
+    packed rows sequence by sequence (kernels.packed_attention) unless by_sequence is False."""
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]
+    starts = _packed_starts(attention_mask, kwargs.get("position_ids"), length, kv_length) if by_sequence else None
+    if starts is not None:
+        return K.packed_attention(query, key, value, starts, scaling).transpose(1, 2).contiguous(), None
     if attention_mask is None and length > 1 and getattr(module, "is_causal", True):  # True: attend
         attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - length)
     elif attention_mask is not None:
@@ -132,12 +142,39 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
+_last_check: tuple = (None, None, None)  # (mask, position ids) as weak references, and their sequence starts
+
+
+def _packed_starts(mask: torch.Tensor | None, position_ids: torch.Tensor | None, length: int, kv_length: int):
+    """The sequence starts of packed rows (kernels.segment_starts) when the mask is exactly their block-diagonal
+    causal mask (then attention within each sequence is the same math); else None. Every layer gets the same mask
+    and position ids, so the answer is kept for them."""
+    global _last_check
+    if mask is None or position_ids is None or length != kv_length or length < 2 or position_ids.dim() != 2:
+        return None
+    mask_ref, pos_ref, starts = _last_check
+    if mask_ref is not None and mask_ref() is mask and pos_ref() is position_ids:
+        return starts
+    starts = K.segment_starts(position_ids)
+    if starts is not None:
+        allowed = mask[:, 0, :, :kv_length] if mask.dtype == torch.bool else mask[:, 0, :, :kv_length] == 0
+        seq = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)  # (B, T)
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        blocks = (seq[:, :, None] == seq[:, None, :]) & causal  # (B, T, T)
+        if allowed.shape[-2:] != blocks.shape[-2:] or not torch.equal(allowed.expand_as(blocks), blocks):
+            starts = None
+    _last_check = (weakref.ref(mask), weakref.ref(position_ids), starts)
+    return starts
+
+
 @functools.cache
 def register_attention() -> str:
-    """Register the "lean" attention implementation with transformers (once); returns its name."""
+    """Register the "lean" and "lean_masked" attention implementations with transformers (once); returns "lean"."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(LEAN_ATTENTION, lean_attention_forward)
     AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
+    AttentionInterface.register(LEAN_MASKED_ATTENTION, functools.partial(lean_attention_forward, by_sequence=False))
+    AttentionMaskInterface.register(LEAN_MASKED_ATTENTION, eager_mask)
     return LEAN_ATTENTION

@@ -1,0 +1,120 @@
+"""Where a loraforge training step goes: torch.profiler over one optimizer step of bench/train.py's work, by kind.
+
+    python bench/profile_train.py --shape chat             # the step as loraforge trains it (loraforge's defaults)
+    python bench/profile_train.py --shape text --variant lf-noseg --top 25
+
+Prints the self CPU time of the step by kind (matmuls, attention's softmax, norms, elementwise, copies and
+allocation, the optimizer, data/collate), then the heaviest operators. One process, after one untimed step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import shapes as data_shapes  # noqa: E402
+from train import VARIANTS  # noqa: E402
+
+KINDS = [  # (kind, substrings of an operator name), first match wins
+    ("matmul", ("mm", "matmul", "linear", "bmm", "baddbmm")),
+    ("softmax", ("softmax",)),
+    ("norm", ("rsqrt", "pow", "mean")),
+    ("optimizer", ("adam", "foreach", "_fused", "clip", "norm")),
+    ("copy/alloc", ("copy", "to", "empty", "zeros", "cat", "clone", "contiguous", "fill", "index", "gather",
+                    "scatter", "view", "reshape", "transpose", "expand", "slice", "select", "stack", "masked")),
+    ("elementwise", ("mul", "add", "sub", "div", "silu", "exp", "neg", "where", "sum", "max", "amax", "log")),
+]
+
+
+def kind(name: str) -> str:
+    low = name.lower().removeprefix("aten::")
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="chat", choices=data_shapes.SHAPES)
+    p.add_argument("--variant", default="lf", help="a loraforge variant of bench/train.py")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--text-rows", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=512)
+    p.add_argument("--pack-len", type=int, default=256)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraforge.studies.demo import demo_config
+    from loraforge.training import data as D
+    from loraforge.training.loop import build_model
+    from loraforge.training.loss import CausalLMLoss
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    trainer, opts = VARIANTS[args.variant]
+    if trainer != "lf":
+        p.error("profile a loraforge variant (lf, lf-...)")
+    seq = args.text_len if args.shape == "text" else args.pack_len
+    cfg = demo_config("runs/bench-profile", overrides=[
+        f"data.max_seq_len={seq}", f"training.attention={opts.get('attention', 'auto')}",
+        f"training.fused_lora={str(opts.get('fused', True)).lower()}",
+        f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
+        "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear",
+        "model.dtype=fp32", "training.precision=fp32"])
+    device = torch.device("cpu")
+    model, tok = build_model(cfg, device)
+    model.train()
+    if not opts.get("by_sequence", True) and model.config._attn_implementation == "lean":
+        from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
+
+        model.set_attn_implementation(LEAN_MASKED_ATTENTION)
+    plan = data_shapes.plan(args.shape, tok, 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
+    loss_fn = CausalLMLoss(model, share_prefix=opts.get("share_prefix", False))
+
+    def step(micro):
+        with torch.profiler.record_function("data"):
+            batches = [D.collate(rows, tok.pad_token_id) for rows, _ in micro]
+            n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for b in batches:
+            with torch.profiler.record_function("forward"):
+                loss, _ = loss_fn(b)
+            with torch.profiler.record_function("backward"):
+                (loss / n).backward()
+        with torch.profiler.record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step(plan[0])
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(plan[1])
+    wall = time.perf_counter() - t0
+    tokens = sum(len(e.input_ids) for _, ex in plan[1] for e in ex)
+    events = [e for e in prof.key_averages() if not e.key.startswith(("data", "forward", "backward", "optimizer"))]
+    total = sum(e.self_cpu_time_total for e in events)
+    by = defaultdict(float)
+    for e in events:
+        by[kind(e.key)] += e.self_cpu_time_total
+    print(f"{args.shape} / {args.variant}: {tokens} real tokens, {wall:.2f} s under the profiler "
+          f"({tokens / wall:.0f} tok/s)")
+    for k, us in sorted(by.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:12s} {us / 1e6:7.2f} s  {100 * us / total:5.1f}%")
+    for label in ("data", "forward", "backward", "optimizer"):
+        ev = next((e for e in prof.key_averages() if e.key == label), None)
+        if ev is not None:
+            print(f"  [{label}] {ev.cpu_time_total / 1e6:.2f} s inclusive")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Packed rows attended sequence by sequence (kernels.packed_attention, fastpath's "lean" attention): the same
+outputs and gradients as attention over the whole row with transformers' block-diagonal causal mask, and a packed
+forward equals the per-example forwards.
+
+Tolerances: fp32, the same products summed in the same order per sequence (the masked positions of the whole-row
+softmax contribute exact zeros), so torch's default fp32 tolerances.
+"""
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_llama
+
+from loraforge.config import LoraConfig
+from loraforge.kernels import attention, packed_attention, segment_starts
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.training import data as D
+from loraforge.training import fastpath
+from loraforge.training.fastpath import LEAN_MASKED_ATTENTION, install, register_attention
+from loraforge.training.loss import CausalLMLoss
+
+
+def _grads(fn, inputs, target):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    (out * target).sum().backward()
+    return [out.detach()] + [t.grad.clone() for t in inputs]
+
+
+def test_segment_starts_follow_restarting_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert segment_starts(pos) == [[0, 3, 5, 6], [0, 6]]
+    assert segment_starts(torch.arange(6)[None].repeat(2, 1)) is None  # nothing packed
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["MHA", "GQA"])
+def test_packed_attention_equals_the_block_diagonal_mask(heads):
+    torch.manual_seed(0)
+    (h, h_kv), dim = heads, 8
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 0, 1, 2, 3, 4, 5]])
+    batch, length = pos.shape
+    q = torch.randn(batch, h, length, dim, requires_grad=True)
+    k = torch.randn(batch, h_kv, length, dim, requires_grad=True)
+    v = torch.randn(batch, h_kv, length, dim, requires_grad=True)
+    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    keep = (seq[:, :, None] == seq[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
+    target = torch.randn(batch, h, length, dim)
+    expected = _grads(lambda q, k, v: attention(q, k, v, keep[:, None], dim ** -0.5), (q, k, v), target)
+    got = _grads(lambda q, k, v: packed_attention(q, k, v, segment_starts(pos), dim ** -0.5), (q, k, v), target)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def _lean_model(attn: str = "lean"):
+    model = tiny_llama(seed=0)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "default")
+    for _, layer in lora_layers(model):
+        layer.fused = True
+    install(model)
+    register_attention()
+    model.set_attn_implementation(attn)
+    return model.train()
+
+
+def _examples(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        out.append(D.Example(ids, [-100] * 2 + ids[2:]))
+    return out
+
+
+def _loss_and_grads(model, batches):
+    model.zero_grad(set_to_none=True)
+    loss_fn = CausalLMLoss(model, share_prefix=False)
+    total = n = 0
+    for batch in batches:
+        loss, count = loss_fn(batch)
+        total, n = total + loss, n + count
+    (total / n).backward()
+    return (total / n).detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_forward_equals_per_example_forwards(monkeypatch):
+    """Packed rows (several examples, a padding tail) through the lean attention: loss and LoRA gradients equal
+    those of each example on its own, and the sequence-by-sequence path is the one that ran."""
+    examples = _examples([9, 5, 12, 3, 7, 6])
+    packed = D.collate(D.pack(examples, 16), pad_id=0)
+    assert "position_ids" in packed and packed["input_ids"].shape[0] > 1
+    calls = []
+    monkeypatch.setattr(fastpath.K, "packed_attention",
+                        lambda *a, _f=fastpath.K.packed_attention: calls.append(1) or _f(*a))
+    model = _lean_model()
+    loss_packed, grads_packed = _loss_and_grads(model, [packed])
+    assert len(calls) == model.config.num_hidden_layers
+    loss_single, grads_single = _loss_and_grads(model, [D.collate([ex], pad_id=0) for ex in examples])
+    torch.testing.assert_close(loss_packed, loss_single)
+    for name, grad in grads_single.items():
+        torch.testing.assert_close(grads_packed[name], grad, msg=name)
+
+
+def test_packed_rows_same_as_the_whole_row_mask():
+    """The sequence-by-sequence path against lean attention over the whole row with the (T, T) mask."""
+    examples = _examples([9, 5, 12, 3, 7, 6, 2, 10], seed=2)
+    packed = D.collate(D.pack(examples, 20), pad_id=0)
+    loss_seq, grads_seq = _loss_and_grads(_lean_model(), [packed])
+    loss_mask, grads_mask = _loss_and_grads(_lean_model(LEAN_MASKED_ATTENTION), [packed])
+    torch.testing.assert_close(loss_seq, loss_mask)
+    for name, grad in grads_mask.items():
+        torch.testing.assert_close(grads_seq[name], grad, msg=name)
+
+
+def test_a_padding_mask_is_never_replaced_by_sequences():
+    """Position ids that restart but a mask that is not their block-diagonal one (here: padding given as an
+    attention mask): the whole mask is used, so the output equals the masked path's."""
+    model = _lean_model()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        model.set_attn_implementation(LEAN_MASKED_ATTENTION)
+        expected = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, expected)
