@@ -220,21 +220,17 @@ class SVDLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.row_forward is not None:  # a server's batch: its stacked adapters give each row its delta
+        if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, result)
         if self.disabled:
-            return result
-        if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)
-            result = result.clone()
-            for name in set(self.row_adapters) - {None}:
-                if name in self.r:
-                    idx = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
-                    result[idx] = result[idx] + self._lora(name, x[idx]).to(result.dtype)
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = result + self._lora(name, x).to(result.dtype)
         return result
+
+    def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return self._lora(name, x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}"

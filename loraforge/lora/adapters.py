@@ -229,13 +229,13 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     if any(isinstance(m, ModulesToSave) for m in model.modules()):
         raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
     layers = [m for _, m in lora_layers(model)]
-    for layer in layers:
-        layer.row_adapters = names
+    for layer in layers:  # one hook for every per-row forward: the layer's own loop here, a server's stacks there
+        layer.row_adapters, layer.row_forward = names, layer.mixed_rows
     try:
         yield model
     finally:
         for layer in layers:
-            layer.row_adapters = None
+            layer.row_adapters, layer.row_forward = None, None
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

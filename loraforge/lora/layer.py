@@ -58,7 +58,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # a mixed batch: one adapter name (or None) per row
-        self.row_forward = None  # a server's per-row forward (loraforge.serve): fn(x, base_out) -> out, else None
+        self.row_forward = None  # the per-row hook, fn(x, base_out) -> out: mixed_rows, or a server's stacks
 
     @property
     def adapter_names(self) -> list[str]:
@@ -99,6 +99,21 @@ class LoraLayer(nn.Module):
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
         weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def mixed_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """The row hook of a training mixed batch (adapters.mixed_batch): row i gets adapter row_adapters[i]'s
+        delta (None: the base alone). A server plugs its stacked adapters into the same hook, `row_forward`."""
+        if self.disabled:
+            return base_out
+        if self.merged_adapters:
+            raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
+        result = base_out.clone()
+        for name in set(self.row_adapters) - {None}:
+            if name not in self.r:
+                continue  # this layer is not targeted by that adapter
+            idx = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+            result[idx] = result[idx] + self._row_delta(name, x[idx], base_out[idx]).to(result.dtype)
+        return result
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -282,7 +297,7 @@ class LoraLinear(LoraLayer):
         return name if plain else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.row_forward is not None:  # a server's batch: its stacked adapters give each row its delta
+        if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, self.base_layer(x, *args, **kwargs))
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
             return fused_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
@@ -292,21 +307,13 @@ class LoraLinear(LoraLayer):
             return base_out
         out_dtype = base_out.dtype
         result = base_out
-        if self.row_adapters is not None:  # mixed batch: each row gets its own adapter (or none)
-            if self.merged_adapters:
-                raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
-            result = result.clone()
-            for name in set(self.row_adapters) - {None}:
-                if name not in self.r:
-                    continue  # this layer is not targeted by that adapter
-                rows = [i for i, n in enumerate(self.row_adapters) if n == name]
-                idx = torch.tensor(rows, device=x.device)
-                result[idx] = result[idx] + self._lora(name, x[idx], base_out[idx]).to(out_dtype)
-            return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = result + self._lora(name, x, base_out).to(out_dtype)
         return result
+
+    def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        return self._lora(name, x, base_out)
 
     def extra_repr(self) -> str:
         dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
