@@ -9,7 +9,7 @@ server gave alone before the soak; seeded sampling; streams dropped after two ch
 bad input of many kinds (each must be a 4xx with a JSON error); hot load/unload of one adapter.
 Printed: RSS every --every seconds, then the counts by status and kind, every failure (a 5xx, a wrong 200, a
 stream that ended with an error), and RSS growth after warm-up (--warmup seconds).
-tests/test_serve_soak.py runs the same traffic for about half a minute.
+tests/serve/test_serve_soak.py runs the same traffic for about half a minute.
 """
 
 from __future__ import annotations

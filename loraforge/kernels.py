@@ -1,5 +1,5 @@
 """Autograd nodes for training that save only what their backward needs: the LoRA linear, the SwiGLU MLP's
-down projection, RMSNorm and attention. Each is the same math as the plain PyTorch path (tests/test_kernels.py
+down projection, RMSNorm and attention. Each is the same math as the plain PyTorch path (tests/training/test_kernels.py
 compares outputs, losses and gradients); loraforge.training.fastpath installs them into Llama-family models.
 
 LoRA linear, y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen (W, b):

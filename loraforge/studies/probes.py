@@ -54,7 +54,7 @@ def prefix_sharing_logits(model) -> LogitsFn:
     the leading tokens every row shares (a chat template's system prompt: 24 of the 39 tokens of a KL prompt on
     average) once, as one row, and the rest of every row on top of its keys and values. Causal attention makes the
     shared positions' states the same in every row, so the logits are the plain forward's up to float reordering
-    (tests/test_probes.py). A model the split does not cover (or a callable) is called as it is."""
+    (tests/studies/test_probes.py). A model the split does not cover (or a callable) is called as it is."""
     split = _head_split(model)
     if split is None:
         return _logits_fn(model)
@@ -186,7 +186,7 @@ def mc_option_logprobs(model, tokenizer, items: Sequence[dict], batch_size: int 
     values are repeated for its options, and the options' other tokens run on top of them with position ids that
     continue after their own question. Causal attention makes a question's states independent of what follows it,
     so the scores are those of the options as full sequences (continuation_logprobs) up to float reordering
-    (tests/test_probes.py), in about a third of the positions (padding included) on the shipped questions. Any other
+    (tests/studies/test_probes.py), in about a third of the positions (padding included) on the shipped questions. Any other
     model is scored option by option as full sequences.
     """
     _check_items(items)

@@ -10,7 +10,7 @@
                                  sequence (kernels.packed_attention); "lean_masked" runs them with the whole (T, T)
                                  mask instead (what bench/train.py's lf-noseg measures).
 
-Same math as the modules they replace (tests/test_kernels.py); what they save for the backward is smaller:
+Same math as the modules they replace (tests/training/test_kernels.py); what they save for the backward is smaller:
 bench/train.py measures it.
 """
 

@@ -12,7 +12,7 @@ in them (a chat template's system prompt and user header: 38 of the 68 tokens of
 that prefix as one row, repeats its keys and values for the batch (transformers' DynamicCache), and runs only the
 rest of each row on top of them. Causal attention makes the prefix's states the same in every row, and autograd sums
 the rows' gradients through the repeat, so loss and gradients are the plain path's (fp32: equal to ~1e-6;
-tests/test_loss.py) in fewer FLOPs. It is skipped where it would change the math (dropout in training: the rows
+tests/training/test_loss.py) in fewer FLOPs. It is skipped where it would change the math (dropout in training: the rows
 would share one mask on the prefix; sliding-window caches; gradient checkpointing in a transformers too old to
 keep a cache in a checkpointed layer), for packed rows, and under torch.compile.
 """
