@@ -14,7 +14,7 @@ tensor with the same number of threads.
 --heldout: the greedy outputs of the base model on the demo's 100 held-out prompts with bf16 and int8 storage,
 compared with fp32 storage (how many are the same text, and the exact-match accuracy of each).
 
-llama.cpp rows need `pip install 'loraforge[bench-llama]'` (llama-cpp-python); where it is absent the rows say so.
+llama.cpp rows need `pip install 'loraforge[llamacpp]'` (llama-cpp-python); where it is absent the rows say so.
 Its GGUF files at F32, BF16 and Q8_0 are written from the built-in Q4_1 file's own weights (de-quantized, so every
 engine runs the same numbers), with the gguf package, into ~/.cache/loraforge/bench.
 """
@@ -202,7 +202,7 @@ def main() -> None:
         import llama_cpp  # noqa: F401
         missing = None
     except ImportError:
-        missing = "llama-cpp-python is not installed (pip install 'loraforge[bench-llama]')"
+        missing = "llama-cpp-python is not installed (pip install 'loraforge[llamacpp]')"
     if missing is None:
         src = Path(builtin_gguf_path("smollm2-135m"))
         CACHE.mkdir(parents=True, exist_ok=True)
