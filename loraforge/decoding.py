@@ -9,8 +9,8 @@
 per row; on the demo's date prompts this does a third of its work. The KV-cache helpers (`select_rows`,
 `left_pad`) are shared with the serving engine.
 
-Llama-family models in fp32 run the same algorithm on loraforge.inference's static-cache decoder (a lean step
-with no per-op modules, no cache concatenation); other models on transformers' forward, here.
+Here on transformers' forward; with `static=True`, Llama-family models in fp32 run the same algorithm on
+loraforge.inference's static-cache decoder (a lean step with no per-op modules, no cache concatenation).
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import functools
 
 import torch
 
+from loraforge.inference.greedy import MIN_SHARED_PREFIX, shared_prefix_len
 from loraforge.inference.greedy import greedy as static_greedy
 from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
-
-MIN_SHARED_PREFIX = 8
-"""Shorter common prefixes are recomputed per row: a separate forward costs more than it saves."""
 
 
 @functools.cache
@@ -58,16 +56,6 @@ def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim)
-
-
-def shared_prefix_len(prompts: list[list[int]]) -> int:
-    """Length of the leading tokens all prompts share, leaving each at least one token of its own (its last
-    position gives the first new token)."""
-    limit = min(len(p) for p in prompts) - 1
-    n = 0
-    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
-    return n
 
 
 @torch.no_grad()

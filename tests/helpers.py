@@ -33,3 +33,13 @@ def randomize(model, seed=1):
                 for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                     w.copy_(torch.randn(w.shape, generator=g) * 0.3)
     return model
+
+
+def full_forward_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from a full forward per step (no cache, batch 1): the reference for cached decoders."""
+    ids, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
+    return out

@@ -24,7 +24,7 @@ from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, l
 from loraforge.lora.adapters import load_adapter
 from loraforge.models import load_base
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import CachedLogits, _max_new_tokens, _task_split, probe_all, probe_base
+from loraforge.studies.forgetting import CachedLogits, answer_token_budget, task_split, probe_all, probe_base
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
@@ -67,7 +67,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _task_split(cfg, out)
+    cfg = task_split(cfg, out)
     init_adapter_config(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
     precision = run_precision(cfg, torch.device("cpu"))
     print(precision.line(), flush=True)
@@ -80,7 +80,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
 
     base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
     base.eval()
-    max_new, max_old = _max_new_tokens(tokenizer, new_records, fmt_new), _max_new_tokens(tokenizer, old_records,
+    max_new, max_old = answer_token_budget(tokenizer, new_records, fmt_new), answer_token_budget(tokenizer, old_records,
                                                                                          fmt_old)
 
     def score(model, name: str, reference) -> dict:

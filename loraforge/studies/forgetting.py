@@ -107,11 +107,12 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     return {**results, "seconds": seconds}
 
 
-def _max_new_tokens(tokenizer, records: list[dict], fmt: str) -> int:
+def answer_token_budget(tokenizer, records: list[dict], fmt: str) -> int:
+    """New tokens to generate when scoring: the longest reference answer in tokens, plus 4."""
     return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
 
 
-def _task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
+def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
     if cfg.data.eval:
         return cfg
@@ -256,7 +257,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _task_split(cfg, out)
+    cfg = task_split(cfg, out)
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
@@ -268,7 +269,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
 
     base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
     base.eval()
-    max_new = _max_new_tokens(tokenizer, task_records, fmt)
+    max_new = answer_token_budget(tokenizer, task_records, fmt)
     t0 = time.perf_counter()
     scores, cached = probe_base(base, tokenizer, cfg.model.name, task_records, fmt, bf16, probes, max_new, progress)
     rows = [{"name": "base", "method": "base", "seed": None, "lr": None, "r": None, "trainable_params": 0,

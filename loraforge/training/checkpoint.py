@@ -62,7 +62,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
             (tmp / "trainer_state.json").write_text(text)
             if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == str(step):  # test hook: die mid-save, like SIGKILL
                 os.kill(os.getpid(), 9)
-            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                      for name in CHECKPOINT_FILES}
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
             if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
@@ -83,7 +83,7 @@ def _python_rng_state():
     return [version, list(internal), gauss]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -107,16 +107,18 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if (size := file.stat().st_size) != entry.get("bytes"):
             return f"{name} is {size} bytes but was written as {entry.get('bytes')} (truncated or damaged)"
-        if _sha256(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.get("sha256"):
             return f"{name} does not match its SHA-256 in {MANIFEST} (damaged)"
     return None
 
 
-def find_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and the newer ones that do not, each with the reason (newest first)."""
+def find_checkpoint(root: Path, verify=None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that do not, each with the reason (newest first).
+
+    verify(path) -> reason or None: verify_checkpoint by default; FSDP's sharded ones pass dcp.verify_sharded."""
     skipped = []
     for path in sorted(root.glob("step-*"), reverse=True):
-        reason = verify_checkpoint(path)
+        reason = (verify or verify_checkpoint)(path)
         if reason is None:
             return path, skipped
         skipped.append((path, reason))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loraforge.config import TrainConfig, to_dict
-from loraforge.training.checkpoint import MANIFEST, TrainingError, _sha256
+from loraforge.training.checkpoint import MANIFEST, TrainingError, find_checkpoint, sha256_file
 
 FORMAT = "dcp"  # trainer_state.json's "format": what tells a sharded checkpoint from a one-process one
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)
@@ -54,7 +54,7 @@ def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler,
         meta = {"format": FORMAT, "step": step, "world_size": world, "scheduler": scheduler.state_dict(),
                 "python_rng": [version, list(internal), gauss], "config": to_dict(cfg), **state}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
         if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
             shutil.rmtree(final)
@@ -80,20 +80,14 @@ def verify_sharded(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != entry.get("bytes") or _sha256(file) != entry.get("sha256"):
+        if file.stat().st_size != entry.get("bytes") or sha256_file(file) != entry.get("sha256"):
             return f"{name} does not match its size and SHA-256 in {MANIFEST} (truncated or damaged)"
     return None
 
 
 def find_sharded(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest sharded checkpoint that verifies, and the newer ones that do not, each with the reason."""
-    skipped = []
-    for path in sorted(root.glob("step-*"), reverse=True):
-        reason = verify_sharded(path)
-        if reason is None:
-            return path, skipped
-        skipped.append((path, reason))
-    return None, skipped
+    return find_checkpoint(root, verify_sharded)
 
 
 def load_sharded(path: Path, module: nn.Module, optimizer, scheduler) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import full_forward_greedy, tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
@@ -69,13 +69,7 @@ def reference(base, adapters_dir, adapter, prompt, n):
     model = copy.deepcopy(base)
     if adapter is not None:
         load_adapter(model, adapters_dir / adapter, adapter)
-    ids, out = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(n):
-            token = int(model(ids).logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], 1)
-    return out
+    return full_forward_greedy(model, prompt, n)
 
 
 def prompts(vocab, lengths, seed=0):

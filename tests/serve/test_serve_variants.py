@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 
+from helpers import full_forward_greedy
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
@@ -22,14 +23,7 @@ N = 8
 
 
 def peft_greedy(base, path, prompt, n):  # noqa: F811
-    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    ids, out = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(n):
-            token = int(model(ids).logits[0, -1].argmax())
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], 1)
-    return out
+    return full_forward_greedy(peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval(), prompt, n)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +84,7 @@ def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants):  # noqa
 
 
 def peft_greedy_base(base, prompt):  # noqa: F811
-    ids, out = torch.tensor([prompt]), []
-    with torch.no_grad():
-        for _ in range(N):
-            out.append(int(base(ids).logits[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
-    return out
+    return full_forward_greedy(base, prompt, N)
 
 
 @pytest.mark.parametrize("extra, reason", [({"modules_to_save": ("lm_head",)}, "modules_to_save"),

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from loraforge.config import load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting
-from loraforge.studies.forgetting import _task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
+from loraforge.studies.forgetting import task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
 from loraforge.training.loop import build_model, train
 
 
@@ -102,7 +102,7 @@ def test_task_split_is_fixed_for_every_seed(tiny_dir, data_file, tmp_path):
     """Without data.eval the held-out task set is split once and written, so every seed is scored on it."""
     from loraforge.training.data import read_records
 
-    cfg = _task_split(full_config(tiny_dir, data_file, tmp_path), tmp_path / "fg")
+    cfg = task_split(full_config(tiny_dir, data_file, tmp_path), tmp_path / "fg")
     train_rows, held = read_records(cfg.data.train), read_records(cfg.data.eval)
     assert len(train_rows) + len(held) == 40 and len(held) == 4
     assert not {r["instruction"] for r in held} & {r["instruction"] for r in train_rows}
