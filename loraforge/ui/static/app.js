@@ -69,25 +69,32 @@ async function follow(name) {
     const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3`,
                           { headers: headers(), signal: ctrl.signal });
     if (!r.ok) throw new Error((await r.json()).error.message);
-    const reader = r.body.getReader(), dec = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += dec.decode(value, { stream: true });
-      let i;
-      while ((i = buf.indexOf("\n\n")) >= 0) {
-        const chunk = buf.slice(0, i); buf = buf.slice(i + 2);
-        const data = chunk.split("\n").filter(l => l.startsWith("data: ")).map(l => l.slice(6)).join("\n");
-        if (!data) continue;
-        const msg = JSON.parse(data);
-        state.data[name].rows.push(...msg.rows);
-        state.data[name].status = msg.status;
-        draw();
-        if (chunk.startsWith("event: end")) { loadRuns(); showExtras(); }
-      }
+    for await (const { event, data } of serverSentEvents(r)) {
+      const msg = JSON.parse(data);
+      state.data[name].rows.push(...msg.rows);
+      state.data[name].status = msg.status;
+      draw();
+      if (event === "end") { loadRuns(); showExtras(); }
     }
   } catch (e) { if (e.name !== "AbortError") console.error(e); }
+}
+// Server-sent events of a fetch response, one { event, data } per event (data lines joined); events without data
+// are skipped. Both the runs' live metrics and the playground's streamed completions are read through it.
+async function* serverSentEvents(response) {
+  const reader = response.body.getReader(), dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const lines = buf.slice(0, i).split("\n"); buf = buf.slice(i + 2);
+      const data = lines.filter(l => l.startsWith("data: ")).map(l => l.slice(6)).join("\n");
+      const event = (lines.find(l => l.startsWith("event: ")) || "").slice(7);
+      if (data) yield { event, data };
+    }
+  }
 }
 async function stopRun(name) {
   await api(`/ui/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST" });
@@ -226,22 +233,13 @@ async function chat(model, text) {
       body: JSON.stringify({ model, messages: convo, stream: true, stream_options: { include_usage: true },
                              temperature: Number($("#temperature").value), max_tokens: Number($("#max-tokens").value) }) });
     if (!r.ok) throw new Error((await r.json()).error.message);
-    const reader = r.body.getReader(), dec = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += dec.decode(value, { stream: true });
-      let i;
-      while ((i = buf.indexOf("\n\n")) >= 0) {
-        const line = buf.slice(0, i).replace(/^data: /, ""); buf = buf.slice(i + 2);
-        if (line === "[DONE]") continue;
-        const obj = JSON.parse(line);
-        if (obj.error) throw new Error(obj.error.message);
-        if (obj.usage) usage = obj.usage;
-        const delta = obj.choices?.[0]?.delta?.content;
-        if (delta) { first = first ?? performance.now(); reply += delta; out.textContent = reply; }
-      }
+    for await (const { data } of serverSentEvents(r)) {
+      if (data === "[DONE]") continue;
+      const obj = JSON.parse(data);
+      if (obj.error) throw new Error(obj.error.message);
+      if (obj.usage) usage = obj.usage;
+      const delta = obj.choices?.[0]?.delta?.content;
+      if (delta) { first = first ?? performance.now(); reply += delta; out.textContent = reply; }
     }
     convo.push({ role: "assistant", content: reply });
     const ms = performance.now() - t0;
