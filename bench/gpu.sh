@@ -4,6 +4,7 @@
 # and on a ~1.1B Llama, QLoRA NF4 steps, and the FSDP smoke run where it exists. (The server runs on CPU only.)
 #
 #   bash bench/gpu.sh [WHEELS_DIR] [TOKENIZER_DIR]
+#   GPU_STEPS="cuda-tests fsdp" bash bench/gpu.sh ...   # only the steps named
 #
 # WHEELS_DIR: wheels of what the GPU machine lacks (bitsandbytes, fastapi, uvicorn, openai, ...), installed with
 # --no-index into /tmp/site. TOKENIZER_DIR: the built-in model's config and tokenizer files; its weights are
@@ -18,8 +19,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LORAFORGE_CACHE=/tmp/lf-cache
 PY=${PYTHON:-python3}
 SUMMARY=()
+ONLY=${GPU_STEPS:-}  # e.g. GPU_STEPS="cuda-tests fsdp train-shapes": only these steps (default: all)
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, remember PASS/FAIL
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -43,11 +46,14 @@ step cuda-tests 90 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.
 step suite 150 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
 step train-135m 70 $PY bench/train.py --dtypes auto --batch 16 --steps 10 --warmup 2 --rounds 1 --variants peft,lf \
   --json "$OUT/train-135m.json"
+step train-shapes 150 $PY bench/train.py --shapes chat,text --dtypes auto --batch 16 --steps 10 --warmup 2 \
+  --rounds 1 --variants peft,lf --json "$OUT/train-shapes.json"
+[ -z "$ONLY" ] || [[ " $ONLY " == *" train-1b "* ]] && \
 $PY bench/synthetic.py --shape 1b --tokenizer "$TOKDIR" --out /tmp/llama-1b > "$OUT/synth-1b.log" 2>&1
 step train-1b 90 $PY bench/train.py --model /tmp/llama-1b --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
   --variants peft,lf --json "$OUT/train-1b.json"
 step qlora 45 $PY bench/qlora.py --steps 6 --json "$OUT/qlora.json"
-if [ -f scripts/gpu_fsdp_smoke.sh ]; then step fsdp 70 bash scripts/gpu_fsdp_smoke.sh; fi
+if [ -f scripts/gpu_fsdp_smoke.sh ]; then step fsdp 240 bash scripts/gpu_fsdp_smoke.sh; fi
 
 echo; echo "=== summary ($(cat "$OUT/gpu.txt"))"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"

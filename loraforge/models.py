@@ -243,15 +243,16 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
-               device: str | torch.device = "cpu"):
-    """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes."""
+               device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8):
+    """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes; a 4-bit
+    weight's packed codes are held as `quant_storage` (a float dtype lets FSDP shard them like any weight)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
     torch_dtype = parse_dtype(dtype)
     with _downloading(name_or_path, path):
         if quantize is not None:
-            return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device)
+            return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
 

@@ -149,8 +149,10 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # 4-bit base: fp32 adapters
         device = weight.device
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        # Built on the CPU, then moved: nn.Linear's own init draws from its device's generator, and A's init below
+        # draws from the CPU's, so building on a GPU would leave the CPU generator elsewhere (another A per device)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype).to(device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype).to(device)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha

@@ -42,8 +42,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
-                    double_quant: bool = True, device: str | torch.device = "cpu") -> nn.Module:
-    """A bitsandbytes layer holding `linear`'s weight in 4 or 8 bits on `device` (the bias stays in float)."""
+                    double_quant: bool = True, device: str | torch.device = "cpu",
+                    quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight in 4 or 8 bits on `device` (the bias stays in float).
+
+    `quant_storage`: the dtype the packed 4-bit codes are viewed as (bnb's default uint8; a float dtype for FSDP,
+    whose parameters must be floating point, as FSDP-QLoRA does). The same bytes either way.
+    """
     import bitsandbytes as bnb
 
     _check_quantize(quantize)
@@ -62,9 +67,11 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
         layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quantize)
+                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quantize,
+                                  quant_storage=quant_storage)
         layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, blocksize=BLOCKSIZE,
-                                         compress_statistics=double_quant, quant_type=quantize, module=layer)
+                                         compress_statistics=double_quant, quant_type=quantize, module=layer,
+                                         quant_storage=quant_storage)
         layer.support_avx512bf16_for_cpu = False  # keep our stored format (see the module docstring)
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
@@ -72,7 +79,8 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
 
 
 def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
-                   double_quant: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+                   double_quant: bool = True, device: str | torch.device = "cpu",
+                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace every nn.Linear but the output head by a bitsandbytes layer, in place, one layer at a time.
 
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
@@ -85,12 +93,13 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
         if type(module) is nn.Linear and module is not head:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    quantize_linear(module, quantize, compute_dtype, double_quant, device))
+                    quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
     return model.to(device)
 
 
 def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
-                   device: str | torch.device = "cpu", double_quant: bool = True) -> nn.Module:
+                   device: str | torch.device = "cpu", double_quant: bool = True,
+                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Load a transformers checkpoint directory with its linear layers stored by bitsandbytes.
 
     We load in the compute dtype and quantize layer by layer ourselves instead of passing transformers a
@@ -101,7 +110,7 @@ def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.
 
     _check_quantize(quantize)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
-    return quantize_model(model, quantize, compute_dtype, double_quant, device).eval()
+    return quantize_model(model, quantize, compute_dtype, double_quant, device, quant_storage).eval()
 
 
 # --- de-quantization, in plain PyTorch: it documents the stored format, and the tests check it against bnb ---

@@ -7,8 +7,9 @@ fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer
       root (it owns the embeddings, the final norm and the head, tied or not): every parameter, frozen base and
       adapter alike, is split across the processes and all-gathered one layer at a time for its forward and
       backward; gradients are reduce-scattered, so each process keeps (and the optimizer updates) only its shard.
-      A 4-bit (QLoRA) base is split as its packed bytes (bitsandbytes' Params4bit keeps its quantization state on
-      the layer, whole on every process); CPU only so far.
+      A 4-bit (QLoRA) base is split as its packed bytes, viewed as the base's float dtype (bitsandbytes'
+      `quant_storage`, as FSDP-QLoRA does: FSDP shards floating-point parameters; Params4bit keeps its quantization state on
+      the layer, whole on every process, moved to the process' device).
 auto: fsdp when the base's weights take more than half of one process's memory (the training state, activations
       and the runtime need the rest), ddp otherwise.
 
@@ -35,6 +36,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from loraforge.config import TrainConfig
 from loraforge.models import resolve_model
 from loraforge.precision import Precision
+from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError
 
 
@@ -68,10 +70,6 @@ def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
         raise TrainingError("training.distributed: fsdp needs torchrun (even for one process): torchrun "
                             "--nproc_per_node=N -m loraforge train CONFIG")
     refuse_unsupported(cfg)
-    if cfg.quantization and device.type == "cuda":
-        raise TrainingError(f"training.distributed: fsdp with model.quantization: {cfg.quantization} is verified on "
-                            f"CPU only (the 4-bit weights sharded as bytes); on CUDA use training.distributed: ddp "
-                            f"until it is")
     return "fsdp"
 
 
@@ -136,12 +134,15 @@ def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, 
                             f"training.distributed: ddp")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     compute = precision.compute_dtype
-    quantized = any(not p.is_floating_point() for p in model.parameters())  # 4-bit bytes: never cast them
+    quantized = any(is_4bit_param(p) for p in model.parameters())  # 4-bit codes (held as floats): never cast
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 or quantized else compute,
                                   reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(loss_fn, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, head (tied weights stay one)
+    for module in model.modules():  # the 4-bit codes moved with their shards; their (small) statistics follow
+        if is_quantized_linear(module) and getattr(module, "quant_state", None) is not None:
+            module.quant_state.to(device)
     return loss_fn
 
 

@@ -35,7 +35,7 @@ from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.models import load_model, load_tokenizer
-from loraforge.precision import Precision, choose
+from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_checkpoint, load_checkpoint,
@@ -91,7 +91,9 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     """
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
-    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=load_device or device)
+    sharded = load_device is not None  # FSDP: parameters must be floating point, 4-bit codes included
+    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=load_device or device,
+                       quant_storage=TORCH_DTYPES[precision.storage] if sharded else torch.uint8)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
         prepare_for_kbit_training(model, gradient_checkpointing=checkpointing is None or bool(checkpointing))
