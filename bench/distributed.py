@@ -153,6 +153,7 @@ def main() -> None:
           f"steps peak {mean('fsdp', 'steps_peak_mb') / mean('ddp', 'steps_peak_mb'):.3f}, steps peak above the "
           f"runtime {above['fsdp'] / above['ddp']:.3f}, "
           f"life peak {mean('fsdp', 'peak_mb') / mean('ddp', 'peak_mb'):.3f}")
+    print(f"seconds for the {args.steps} steps: ddp {mean('ddp', 'seconds'):.1f}, fsdp {mean('fsdp', 'seconds'):.1f}")
     print(f"final loss ddp {results['ddp'][0]['loss']:.6f}, fsdp {results['fsdp'][0]['loss']:.6f}"
           + (f"; adapters differ by at most {agree:.2e}" if agree is not None else ""))
 

@@ -20,6 +20,7 @@ error naming that setting rather than hanging.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -137,6 +138,8 @@ def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, 
     quantized = any(is_4bit_param(p) for p in model.parameters())  # 4-bit codes (held as floats): never cast
     policy = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 or quantized else compute,
                                   reduce_dtype=torch.float32)
+    if device.type == "cpu":
+        return_large_frees()
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(loss_fn, mesh=mesh, mp_policy=policy)  # root: embeddings, final norm, head (tied weights stay one)
@@ -144,6 +147,21 @@ def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, 
         if is_quantized_linear(module) and getattr(module, "quant_state", None) is not None:
             module.quant_state.to(device)
     return loss_fn
+
+
+def return_large_frees(threshold: int = 128 * 1024) -> bool:
+    """glibc: serve every allocation above `threshold` bytes by mmap, so freeing it returns it to the system.
+
+    By default glibc raises this threshold each time a large block is freed (up to 32 MB), after which large blocks
+    come from the heap and stay with the process when freed. FSDP on CPU gathers and frees every layer's weights
+    each step, and the heap kept them: measured with the built-in model and 2 gloo processes, a step's peak was
+    1.44-1.85× DDP's; with the threshold held at 128 kB (glibc's starting value) it is 0.95×. No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
 
 
 def is_sharded(wrapped: nn.Module) -> bool:
