@@ -1,6 +1,7 @@
 """Serving benchmark: N concurrent clients over K adapters, batched across adapters vs one adapter at a time.
 
     python bench/serve.py [--clients 64] [--requests 1] [--max-tokens 16] [--adapters 1,16,64] [--threads N]
+    python bench/serve.py --shared-prefix [--clients 64] [--system-tokens 200] [--max-tokens 16]
 
 Defaults take about 5 minutes on a busy 2-core CPU. The base is stored, and decodes, in the precision the rule picks
 (loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype overrides it.
@@ -14,12 +15,18 @@ the same engine code:
 Runs, in one process: the base model alone (no adapter), K=1, 16, 64 batched, K=16 switching.
 Printed: throughput in generated tokens/s, p50/p95 request latency, and the goals of issue 19: one adapter
 >= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters.
+
+--shared-prefix runs instead the prefix-cache workload: every client sends one streamed chat completion to one
+adapter, all sharing a system prompt of about --system-tokens tokens, each with its own short question, after one
+warm-up request with that system prompt; the engine with the prefix cache off, then on, then off and on again.
+Printed: time to first token (p50, p95) and generated tokens/s, and the ratios on / off.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import tempfile
@@ -114,6 +121,88 @@ def run_one(model, tokenizer, args, label: str, cls, adapters: dict[str, str], m
     return row
 
 
+def system_prompt(tokenizer, n: int) -> str:
+    """About n tokens of a made-up assistant's instructions."""
+    words, text = [], ""
+    while len(tokenizer(text)["input_ids"]) < n:
+        i = len(words)
+        words.append(WORDS[(i * 7) % len(WORDS)] + ("." if i % 12 == 11 else ""))
+        text = "You are the assistant of a small town's archive. Follow these notes: " + " ".join(words)
+    return text
+
+
+async def run_chats(url: str, model: str, system: str, questions: list[str], max_tokens: int):
+    """One streamed chat completion per question, all at once: (tokens, wall s, times to first token)."""
+    import httpx
+
+    ttfts, tokens = [], 0
+
+    async def client(http, question):
+        nonlocal tokens
+        body = {"model": model, "messages": [{"role": "system", "content": system},
+                                             {"role": "user", "content": question}],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0, first = time.perf_counter(), None
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens += chunk["usage"]["completion_tokens"]
+        ttfts.append(first)
+
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=len(questions) + 4)) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http, q) for q in questions))
+        wall = time.perf_counter() - t0
+    return tokens, wall, [t for t in ttfts if t is not None]
+
+
+def run_shared(model, tokenizer, args, label: str, cache_mb: float, adapter: dict[str, str]) -> dict:
+    """The shared-system-prompt workload on one engine (prefix cache of `cache_mb` MB)."""
+    system = system_prompt(tokenizer, args.system_tokens)
+    questions = [f"Question {i}: where is the {WORDS[i % len(WORDS)]} kept, and since when?"
+                 for i in range(args.clients)]
+    engine = Engine(model, tokenizer, base_name=args.model, adapters=adapter, max_batch=args.clients,
+                    max_queue=4 * args.clients, prefix_cache_mb=cache_mb)
+    name = next(iter(adapter))
+    with ServerThread(create_app(engine)) as url:
+        asyncio.run(run_chats(url, name, system, ["Which year is it?"], 2))  # warm-up: the system prompt once
+        before = dict(engine.stats)
+        tokens, wall, ttft = asyncio.run(run_chats(url, name, system, questions, args.max_tokens))
+        prefilled = engine.stats["prefilled_tokens"] - before.get("prefilled_tokens", 0)
+        cached = engine.stats["cached_tokens"] - before.get("cached_tokens", 0)
+    engine.stop()
+    row = dict(label=label, tps=tokens / wall, ttft50=percentile(ttft, 50), ttft95=percentile(ttft, 95),
+               prefilled=prefilled, cached=cached, wall=wall)
+    print(f"  {label:<14} {row['tps']:7.1f} tok/s  TTFT p50 {row['ttft50']:.2f} s, p95 {row['ttft95']:.2f} s  "
+          f"({tokens} tokens in {wall:.1f} s; prompt tokens: {prefilled} prefilled, {cached} from the cache)",
+          flush=True)
+    return row
+
+
+def shared_prefix(model, tokenizer, args, paths: dict[str, str]) -> None:
+    print(f"shared-prefix workload: {args.clients} streamed chats to one adapter, a system prompt of "
+          f"{args.system_tokens} tokens, {args.max_tokens} tokens each")
+    rows = {"off": [], "on": []}
+    for rep in range(args.repeats):  # interleaved: off, on, off, on ...
+        for mode, mb in (("off", 0), ("on", 256)):
+            rows[mode].append(run_shared(model, tokenizer, args, f"cache {mode} #{rep + 1}", mb, paths))
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("tps", "ttft50", "ttft95")} for m, rs in rows.items()}
+    print("\n| prefix cache | tok/s | TTFT p50 s | TTFT p95 s |")
+    print("|---|---|---|---|")
+    for m in ("off", "on"):
+        print(f"| {m} | {med[m]['tps']:.1f} | {med[m]['ttft50']:.2f} | {med[m]['ttft95']:.2f} |")
+    print(f"\ncache on / off (median of {args.repeats}): tokens/s {med['on']['tps'] / med['off']['tps']:.2f}x, "
+          f"TTFT p50 {med['on']['ttft50'] / med['off']['ttft50']:.2f}x, "
+          f"TTFT p95 {med['on']['ttft95'] / med['off']['ttft95']:.2f}x")
+
+
 GOALS = [  # (what, numerator, denominator, goal)
     ("one adapter vs the base alone", "K=1 batched", "base", 0.85),
     ("64 distinct adapters vs one", "K=64 batched", "K=1 batched", 0.9),
@@ -132,6 +221,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (default: all cores); 1 gives steadier numbers on a shared CPU")
     ap.add_argument("--dtype", default="auto", help="auto (loraforge.precision's choice here), fp32, bf16 or fp16")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="run the shared-system-prompt workload, prefix cache off vs on, instead")
+    ap.add_argument("--system-tokens", type=int, default=200, help="--shared-prefix: system prompt length")
+    ap.add_argument("--repeats", type=int, default=2, help="--shared-prefix: off/on pairs, interleaved")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
@@ -141,6 +234,10 @@ def main() -> None:
     print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
           f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o, torch threads {torch.get_num_threads()}")
     rows = {}
+    if args.shared_prefix:
+        with tempfile.TemporaryDirectory() as tmp:
+            shared_prefix(model, tokenizer, args, make_adapters(model, Path(tmp), 1, args.rank))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, Path(tmp), max(ks), args.rank)
         rows["base"] = run_one(model, tokenizer, args, "base", Engine, {}, [args.model] * args.clients)

@@ -34,29 +34,58 @@ class Batch:
 
     @torch.inference_mode()
     def prefill(self, reqs: list[Request]):
-        """New prompts in one forward, left-padded: (last-position logits (n, V), their cache, their mask)."""
+        """New prompts in one forward: (last-position logits (n, V), their cache, their mask).
+
+        A request's cached prefix (`req.cached`, prefix.Block s) is not recomputed: its keys/values go into the
+        cache first and only the rest of the prompt runs. Row i's columns: [pad][cached prefix] [pad][the rest],
+        the prefixes left-padded to the longest one, the rests to the longest rest; position ids count real tokens.
+        """
         from transformers import DynamicCache
 
-        n, T = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        own = [r.prompt_ids[sum(b.kv.shape[2] for b in r.cached):] for r in reqs]
+        P = max(len(r.prompt_ids) - len(o) for r, o in zip(reqs, own))  # the longest cached prefix
+        n, T = len(reqs), max(len(o) for o in own)
         ids = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.zeros(n, T, dtype=torch.long)
-        for i, req in enumerate(reqs):
-            ids[i, T - len(req.prompt_ids):] = torch.tensor(req.prompt_ids)
-            mask[i, T - len(req.prompt_ids):] = 1
+        mask = torch.zeros(n, P + T, dtype=torch.long)
+        for i, (req, o) in enumerate(zip(reqs, own)):
+            ids[i, T - len(o):] = torch.tensor(o)
+            mask[i, P - (len(req.prompt_ids) - len(o)):P] = 1
+            mask[i, P + T - len(o):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         padded = bool((mask == 0).any())
         self.slots.set([r.slot for r in reqs])
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1,
-                         position_ids=(mask.cumsum(1) - 1).clamp(min=0), **{self.kv: cache})
-        if padded:  # the padding's key/values are never attended; make them zeros, never NaN
-            pad = (mask == 0)[:, None, :, None]
+        if P:  # each distinct chain of cached blocks once, left-padded with zeros: (chains, 2 · layers, heads, P, dim)
+            chains = {tuple(b.id for b in r.cached): r.cached for r in reqs}
+            first = next(c for c in chains.values() if c)[0].kv
+            kv = torch.stack([left_pad(torch.cat([b.kv for b in c], 2), P) if c else
+                              first.new_zeros(first.shape[0], first.shape[1], P, first.shape[3])
+                              for c in chains.values()])
+            row = torch.tensor([list(chains).index(tuple(b.id for b in r.cached)) for r in reqs], device=self.device)
+            for layer in range(kv.shape[1] // 2):  # rows sharing a system prompt share one copy until here
+                k, v = kv[:, 2 * layer], kv[:, 2 * layer + 1]
+                k, v = (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if len(chains) == 1 else (k[row], v[row])
+                cache.update(k, v, layer)
+        # the last position by an index tensor, not logits_to_keep=1: that slice (n, 1, hidden) is not contiguous, so
+        # the lm_head's matmul goes to bmm over the weight expanded per row (in bf16 a copy of it per row)
+        last = torch.tensor([T - 1], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=last,
+                         position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, P:], **{self.kv: cache})
+        if padded:  # the padding's key/values are never attended; make them zeros, never NaN (the prefix's are)
+            pad = (mask[:, P:] == 0)[:, None, :, None]
             for layer in cache.layers:
-                layer.keys.masked_fill_(pad, 0)
-                layer.values.masked_fill_(pad, 0)
+                layer.keys[:, :, P:].masked_fill_(pad, 0)
+                layer.values[:, :, P:].masked_fill_(pad, 0)
         for req in reqs:
             req.length = len(req.prompt_ids)
         return out.logits[:, -1, :], cache, mask
+
+    @staticmethod
+    def row_kv(cache, row: int, start: int, n: int) -> torch.Tensor:
+        """Columns start .. start + n of row `row` of a cache, every layer stacked: (2 · layers, heads, n, dim),
+        keys at even rows, values at odd ones (prefix.Block's layout). `start` may count from the end (< 0)."""
+        stop = start + n if start + n != 0 else None
+        return torch.stack([t[row, :, start:stop] for layer in cache.layers for t in (layer.keys, layer.values)])
 
     def join(self, reqs: list[Request], cache, mask: torch.Tensor) -> None:
         """Append prefilled rows (only the rows `reqs` of cache and mask) to the batch, left-padding the shorter."""

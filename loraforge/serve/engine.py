@@ -2,8 +2,10 @@
 
 A background thread owns the model. Each scheduler iteration
   1. runs queued commands (load / unload an adapter) on the model,
-  2. admits waiting requests: makes each one's adapter resident (residency.py), prefills the new prompts in one
-     forward (left-padded, rows mixing adapters too) and appends their KV caches to the running batch's (batch.py),
+  2. admits waiting requests: makes each one's adapter resident (residency.py), takes the keys/values of each
+     prompt's longest cached prefix (prefix.py, per adapter load), prefills the rest of the new prompts in one
+     forward (left-padded, rows mixing adapters too), caches their prompts' new full blocks and appends their KV
+     caches to the running batch's (batch.py),
   3. runs ONE decode step for every running sequence together, then samples each row's token (sampling.py).
 So new requests join between decode steps, and a batch mixes adapters freely.
 
@@ -31,6 +33,7 @@ from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
 from loraforge.serve.batch import Batch
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
+from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Residency
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
@@ -42,14 +45,18 @@ class Engine:
     The engine owns `model` from now on (it loads and evicts adapters on it): give it a base without adapters.
     `adapters` maps names to adapter directories, loaded (and so checked) at start; every subdirectory of
     `adapters_dir` holding an adapter_config.json is registered under its directory name and loaded on first use.
+    `prefix_cache_mb` bounds the keys/values of shared prompt prefixes kept for reuse (prefix.py; 0 turns it off),
+    matched in blocks of `prefix_block` tokens.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
                  adapters: dict[str, str | Path] | None = None, adapters_dir: str | Path | None = None,
                  max_loaded: int = 8, max_batch: int = 32, max_queue: int = 256, default_max_tokens: int = 256,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16):
         if lora_layers(model):
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         if max_loaded < 1 or max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_loaded ({max_loaded}), max_batch ({max_batch}) and max_queue ({max_queue}) "
                              f"must be at least 1")
@@ -77,9 +84,12 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count(1)
         self.adapters_dir = Path(adapters_dir).expanduser().resolve() if adapters_dir else None
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
         self._residency = Residency(model, self._cv, base_name=base_name, max_loaded=max_loaded,
-                                    allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir)
-        self.stats = self._residency.stats  # steps, decoded tokens, prefills, max_running, loads, evictions
+                                    allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir,
+                                    on_evict=lambda entry: self.prefix_cache.forget(entry.load_id))
+        # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
+        self.stats = self._residency.stats
         self._batch = Batch(model, self._residency.rows)
 
         for name, path in (adapters or {}).items():  # checked now, so a bad adapter stops the start
@@ -277,12 +287,17 @@ class Engine:
             admitted.append(req)
         group: list[Request] = []  # prefill together, up to max_prefill_tokens padded tokens at a time
         for req in admitted + [None]:
-            width = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids) if req else 0])
+            if req is not None:  # matched now: the groups before it have cached their blocks
+                req.cached = self.prefix_cache.match(req.owner, req.prompt_ids) if req.owner is not None else []
+            width = max([self._uncached(r) for r in group] + [self._uncached(req) if req else 0])
             if group and (req is None or width * (len(group) + 1) > self.max_prefill_tokens):
                 self._prefill(group)
                 group = []
             if req is not None:
                 group.append(req)
+
+    def _uncached(self, req: Request) -> int:
+        return len(req.prompt_ids) - len(req.cached) * self.prefix_cache.block
 
     def _prefill(self, reqs: list[Request]) -> None:
         """Prefill `reqs` together; if that forward fails, each alone, so only the request that breaks it fails."""
@@ -296,12 +311,28 @@ class Engine:
             self._finish(reqs[0], "error", error=f"{type(e).__name__}: {e}")
             return
         self.stats["prefills"] += 1
+        for i, req in enumerate(reqs):
+            self._cache_prompt(req, cache, i)
         keep = self._advance(reqs, logits)
         if keep:
             if len(keep) < len(reqs):
                 mask = select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
             self._batch.join([reqs[i] for i in keep], cache, mask)
             self.stats["max_running"] = max(self.stats["max_running"], len(self._batch))
+
+    def _cache_prompt(self, req: Request, cache, row: int) -> None:
+        """Keep the new full blocks of a prefilled prompt (row `row` of `cache`) for the requests to come."""
+        rest = self._uncached(req)
+        self.stats["prefilled_tokens"] += rest
+        self.stats["cached_tokens"] += len(req.prompt_ids) - rest
+        new = len(req.prompt_ids) // self.prefix_cache.block - len(req.cached)
+        if self.prefix_cache.budget and new > 0 and req.owner is not None:
+            try:
+                kv = self._batch.row_kv(cache, row, -rest, new * self.prefix_cache.block)
+                self.prefix_cache.store(req.owner, req.prompt_ids, req.cached, kv)
+            except RuntimeError as e:  # layers of different shapes cannot stack: serve on without the cache
+                self.prefix_cache.turn_off(f"{type(e).__name__}: {e}")
+        req.cached = []  # its blocks are in the batch's cache now
 
     def _decode_step(self) -> None:
         rows = self._batch.rows

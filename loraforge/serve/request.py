@@ -42,6 +42,15 @@ class Request:
     sent: int = 0  # characters of text already sent
     length: int = 0  # tokens of this row in the KV cache (its next position id)
     generator: torch.Generator | None = None
+    cached: list = field(default_factory=list)  # the prefix.Block s of its prompt's longest cached prefix
+
+    @property
+    def owner(self) -> int | None:
+        """Whose cached prefixes its prompt may use: 0 the base model, else its adapter's current load id (None
+        while the adapter is off the model)."""
+        if self.adapter is None:
+            return 0
+        return self.adapter.load_id or None
 
     @property
     def slot(self) -> int:

@@ -28,6 +28,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ class Adapter:
     slot: int | None = None  # index into the stacks while resident
     queued: int = 0  # requests submitted and not finished (an unloaded adapter stays until they finish)
     running: int = 0  # rows in the running batch (a resident adapter in use is never evicted)
+    load_id: int = 0  # unique per load onto the model (0 while not resident): what its cached prefixes belong to
 
 
 class RowSlots:
@@ -162,13 +164,15 @@ class Residency:
     """The registry (any thread, under `lock`) and the model's resident adapters (engine thread only)."""
 
     def __init__(self, model: nn.Module, lock: threading.Condition, *, base_name: str, max_loaded: int,
-                 allowed: list[Path], adapters_dir: Path | None):
+                 allowed: list[Path], adapters_dir: Path | None, on_evict: Callable[[Adapter], None] | None = None):
         self.model, self.lock, self.base_name, self.max_loaded = model, lock, base_name, max_loaded
+        self.on_evict = on_evict  # called with an adapter leaving the model (its prefix cache goes with it)
         self.rows = RowSlots(next(model.parameters()).device)
         self.adapters: dict[str, Adapter] = {}  # registered, by name
         self.resident: collections.OrderedDict[str, Adapter] = collections.OrderedDict()  # uid -> adapter, LRU first
         self.stats = collections.Counter()
         self._uids = itertools.count(1)
+        self._loads = itertools.count(1)
         self._free_slots = list(range(max_loaded, 0, -1))
         self._stacks: dict[LoraLinear, Stack] = {}
         self._allowed = {Path(p).expanduser().resolve() for p in allowed}
@@ -293,13 +297,15 @@ class Residency:
                 stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, A.shape[0], self.rows)
                 layer.row_forward = stack.forward
             stack.put(slot, A, B, scale, g)
-        entry.slot = slot
+        entry.slot, entry.load_id = slot, next(self._loads)
         with self.lock:
             self.resident[entry.uid] = entry
         self.stats["loads"] += 1
         return True
 
     def evict(self, entry: Adapter) -> None:
+        if self.on_evict is not None:
+            self.on_evict(entry)
         for stack in self._stacks.values():
             stack.clear(entry.slot)
         delete_adapter(self.model, entry.uid)  # layers left without adapters go back to plain linears
@@ -308,7 +314,7 @@ class Residency:
             layer.row_forward = None
         self._stacks = {layer: s for layer, s in self._stacks.items() if layer in alive}
         self._free_slots.append(entry.slot)
-        entry.slot = None
+        entry.slot, entry.load_id = None, 0
         with self.lock:
             self.resident.pop(entry.uid, None)
         self.stats["evictions"] += 1
