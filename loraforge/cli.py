@@ -85,7 +85,7 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
         model: base model (transformers dir, hub id, .gguf file or built-in name)
         adapter: a PEFT-format adapter directory to apply
         max_new_tokens: stop after this many tokens
-        temperature: 0 for greedy decoding, above 0 to sample
+        temperature: 0 for greedy decoding (fp32 Llama-family models: on the static-cache decoder), above 0 to sample
         top_p: nucleus sampling threshold when sampling
         seed: random seed for sampling
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
@@ -95,8 +95,10 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     import torch
     from transformers import TextStreamer
 
-    from loraforge.lora.adapters import load_adapter
     from loraforge.decoding import stop_ids
+    from loraforge.inference.greedy import stream as static_stream
+    from loraforge.inference.llama import unsupported
+    from loraforge.lora.adapters import load_adapter
     from loraforge.models import load_base
 
     torch.manual_seed(seed)
@@ -113,10 +115,17 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     sampling = temperature > 0
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if not sampling and chosen.compute == "fp32" and chosen.storage == "fp32" and unsupported(base) is None:
+        streamer.put(enc["input_ids"])  # the prompt, which the streamer skips
+        static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer), max_new_tokens,
+                      lambda token: streamer.put(torch.tensor([token])))
+        streamer.end()
+        return
     with chosen.autocast("cpu"):
         base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                      top_k=None, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                      top_k=None, streamer=streamer,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 

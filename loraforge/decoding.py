@@ -9,8 +9,8 @@
 per row; on the demo's date prompts this does a third of its work. The KV-cache helpers (`select_rows`,
 `left_pad`) are shared with the serving engine.
 
-Here on transformers' forward; with `static=True`, Llama-family models in fp32 run the same algorithm on
-loraforge.inference's static-cache decoder (a lean step with no per-op modules, no cache concatenation).
+Llama-family models in fp32 run the same algorithm on loraforge.inference's static-cache decoder (a lean step
+with no per-op modules, no cache concatenation); other models (and `static=False`) on transformers' forward.
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 32, batch_size: int = 32,
-           precision: str = "fp32", static: bool = False) -> list[list[int]]:
+           precision: str = "fp32", static: bool = True) -> list[list[int]]:
     """Greedy continuations (token ids, the stop token included where one ended the row) of token-id prompts.
 
     static: decode Llama-family fp32 models with loraforge.inference's preallocated-cache decoder (the same
-    tokens, tested); off by default until bench/decode.py shows it faster on a quiet machine (README)."""
+    tokens, tested; faster, bench/decode.py); models it does not run, and False, use transformers' forward."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if batch_size < 1:

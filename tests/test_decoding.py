@@ -28,18 +28,20 @@ def _prompts(shared: int, lengths, seed=0):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("shared", [0, 12], ids=["no-prefix", "shared-prefix"])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_greedy_equals_transformers_generate(make, shared, batch_size):
+@pytest.mark.parametrize("static", [True, False], ids=["static", "transformers"])
+def test_greedy_equals_transformers_generate(make, shared, batch_size, static):
+    """Llama: the static decoder by default, transformers' forward with static=False; GPT-2: transformers' always."""
     model = make()
     prompts = _prompts(shared, [1, 5, 2, 9, 3, 1, 7])
     reference = _reference(model, prompts, [0, 1], 12)
     stop = sorted({t[3] for t in reference if len(t) > 3})[:2]  # tokens that really occur: rows end at different steps
     reference = _reference(model, prompts, stop, 12)
     assert len({len(r) for r in reference}) > 1  # rows do leave the batch early
-    assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=batch_size) == reference
+    assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=batch_size, static=static) == reference
 
 
 def test_shared_prefix_is_computed_once(monkeypatch):
-    model = tiny_gpt2()  # transformers' forward (greedy(static=True) on Llama: tests/inference)
+    model = tiny_gpt2()  # transformers' forward (the static decoder on Llama: tests/inference)
     prompts = _prompts(20, [3, 4, 5])
     widths = []
     forward = type(model).forward

@@ -4,9 +4,13 @@ the models `Decoder` runs).
     per batch of prompts (sorted by length): the shared prefix once in row 0, copied into the other rows' slots ->
     each row's own tokens in one forward (right-padded) -> one token per running row per step, argmax over the
     whole batch in one op; finished rows leave (the rest move to the front of the cache).
+
+`stream`: one prompt, each token handed on as it comes (`loraforge generate`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,6 +47,24 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
         for i, out in zip(chunk, decode_batch(decoder, [prompts[i] for i in chunk], set(stop), max_new_tokens)):
             outputs[i] = out
     return outputs
+
+
+@torch.no_grad()
+def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens: int,
+           on_token: Callable[[int], None]) -> list[int]:
+    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer)."""
+    decoder = Decoder(model, max_batch=1, max_len=len(prompt) + max_new_tokens)
+    logits = decoder.forward(torch.tensor([prompt], device=decoder.device),
+                             torch.zeros(1, dtype=torch.long, device=decoder.device))
+    out: list[int] = []
+    while True:
+        token = int(logits.argmax(-1))
+        out.append(token)
+        on_token(token)
+        if token in stop or len(out) == max_new_tokens:
+            return out
+        logits = decoder.forward(torch.tensor([[token]], device=decoder.device),
+                                 torch.tensor([len(prompt) + len(out) - 1], device=decoder.device))
 
 
 def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max_new_tokens: int) -> list[list[int]]:
