@@ -34,7 +34,7 @@ from loraforge.utils.outputs import check_output
 from loraforge.utils.table import text_table
 
 DEFAULT_SHARES = (0.0, 0.2)
-DEMO_STEPS, DEMO_BATCH = 24, 8  # the times task: as many steps as the dates had, half their batch (half the time)
+DEMO_STEPS = 24
 
 
 def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path) -> TrainConfig:
@@ -185,7 +185,7 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
         replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
         replay_share: shares of each batch drawn from --replay, one arm each; 0: the new task alone (default: 0 0.2)
         out: directory for the runs and continual.json
-        max_steps: optimizer steps of every arm (default: the config's, or 24 of batch 8 for the times task)
+        max_steps: optimizer steps of every arm (default: the config's, or 24 for the times task)
         skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
         limit: keep only the first N examples of each task and of each general probe (quick checks)
         overrides: section.field=value pairs on top of the config
@@ -196,8 +196,7 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
         cfg = load_train_config(config, overrides)
     else:
         cfg = demo_config(out, DEMO_STEPS, [f"data.train={asset('times_train.jsonl')}",
-                                            f"data.eval={asset('times_test.jsonl')}",
-                                            f"training.batch_size={DEMO_BATCH}", *overrides])
+                                            f"data.eval={asset('times_test.jsonl')}", *overrides])
         cfg = dataclasses.replace(cfg, lora=LoraConfig())  # the adapter's own settings decide
         previous = previous or asset("demo_test.jsonl")
         replay = replay or asset("demo_train.jsonl")
