@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config
-from loraforge.lora.adapters import load_adapter
+from loraforge.lora.adapters import delete_adapter, load_adapter
 from loraforge.models import load_base
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import CachedLogits, answer_token_budget, task_split, probe_all, probe_base
+from loraforge.studies.forgetting import CachedLogits, task_split, probe_all, probe_base
+from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
-from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
 from loraforge.utils.outputs import check_output
 from loraforge.utils.table import text_table
@@ -78,50 +78,52 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
 
-    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)
+    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)  # loaded once: each adapter goes on and off
     base.eval()
-    max_new, max_old = answer_token_budget(tokenizer, new_records, fmt_new), answer_token_budget(tokenizer, old_records,
-                                                                                         fmt_old)
+    base_key = model_hash(base, tokenizer)  # scores are cached by weights: the demo's base and adapter ones reused
+    max_new, max_old = (answer_token_budget(tokenizer, new_records, fmt_new),
+                        answer_token_budget(tokenizer, old_records, fmt_old))
 
-    def score(model, name: str, reference) -> dict:
+    def score(name: str, reference) -> dict:
+        """The old and the new task (and the general probes) of `base` with whichever adapter it holds now."""
         t0 = time.perf_counter()
-        old = accuracy(model, tokenizer, old_records, fmt_old, max_old, batch_size=50, precision=precision.compute)
+        key = with_adapter_hash(base_key, base)
+        old = heldout_accuracy(base, tokenizer, old_records, fmt_old, max_old, precision.compute, key,
+                               f"{name}, old task")
         if general:
             if reference is None:
-                scores, _ = probe_base(model, tokenizer, cfg.model.name, new_records, fmt_new, bf16, probes, max_new,
+                scores, _ = probe_base(base, tokenizer, cfg.model.name, new_records, fmt_new, bf16, probes, max_new,
                                        progress)
             else:
-                scores = probe_all(model, tokenizer, reference, new_records, fmt_new, bf16, probes, max_new, name,
+                scores = probe_all(base, tokenizer, reference, new_records, fmt_new, bf16, probes, max_new, name,
                                    progress)
         else:
-            new = accuracy(model, tokenizer, new_records, fmt_new, max_new, batch_size=50,
-                           precision=precision.compute)
-            scores = {"task": new}
+            scores = {"task": heldout_accuracy(base, tokenizer, new_records, fmt_new, max_new, precision.compute, key,
+                                               f"{name}, new task")}
         old.pop("samples", None)
         scores["task"].pop("samples", None)
         return {"name": name, "old": old, "new": scores["task"], **{k: scores[k] for k in ("mc", "ppl", "kl")
                                                                       if k in scores},
                 "probe_seconds": time.perf_counter() - t0}
 
-    rows = [{**score(base, "base", None), "train_seconds": 0.0}]
+    rows = [{**score("base", None), "train_seconds": 0.0}]
     print(row_line(rows[-1]), flush=True)
-    reference = CachedLogits(base) if general else None
-    before, _ = load_base(cfg.model.name, dtype=precision.storage)
-    load_adapter(before, adapter)
-    rows.append({**score(before, "before", reference), "train_seconds": 0.0})
+    reference = CachedLogits(base) if general else None  # the base's logits: computed with the adapters off
+    load_adapter(base, adapter)
+    rows.append({**score("before", reference), "train_seconds": 0.0})
     print(row_line(rows[-1]), flush=True)
-    del before
+    delete_adapter(base, "default")
 
     for share in shares:
         run_cfg = arm_config(cfg, adapter, replay, share, out)
-        print(f"[{arm_name(share)}] training {run_cfg.training.max_steps} steps from {adapter} ...", flush=True)
+        print(f"[{arm_name(share)}] training {run_cfg.training.max_steps} steps × batch "
+              f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
         result = train(run_cfg, progress=progress, overwrite=overwrite)
-        model, _ = load_base(cfg.model.name, dtype=precision.storage)
-        load_adapter(model, Path(run_cfg.output_dir) / "adapter")
-        rows.append({**score(model, arm_name(share), reference), "train_seconds": result.seconds,
+        load_adapter(base, Path(run_cfg.output_dir) / "adapter")
+        rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds,
                      "replay_share": share, "output_dir": run_cfg.output_dir})
         print(row_line(rows[-1]), flush=True)
-        del model
+        delete_adapter(base, "default")
 
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
               "new_train": cfg.data.train, "new_eval": cfg.data.eval, "steps": cfg.training.max_steps,

@@ -16,8 +16,8 @@ import torch
 from loraforge.config import load_train_config
 from loraforge.lora.adapters import load_adapter
 from loraforge.models import load_base
+from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.training import data as D
-from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
 from loraforge.utils.outputs import check_run_output
 
@@ -66,7 +66,11 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     clock = {"load": time.perf_counter() - started}
     print(f"[1/3] base model{f' ({quantize})' if quantize else ''} on {len(test)} held-out dates "
           f"(greedy, exact match) ...", flush=True)
-    before = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, precision=precision.compute)
+    fmt = D.detect_format(test[0])
+    max_new = answer_token_budget(tokenizer, test, fmt)  # the answers are short: generating more is wasted
+    # the scores are cached by weights, so `loraforge continual` reuses them (not for a quantized base)
+    base_key = None if quantize else model_hash(model, tokenizer)
+    before = heldout_accuracy(model, tokenizer, test, fmt, max_new, precision.compute, base_key, "base")
     clock["base eval"] = time.perf_counter() - started - sum(clock.values())
     print(f"      base accuracy: {before['accuracy']:.1%}  e.g. {before['samples'][0]}", flush=True)
 
@@ -78,7 +82,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
     adapter_dir = Path(out) / "adapter"
     load_adapter(model, adapter_dir)
-    after = accuracy(model, tokenizer, test, max_new_tokens=16, batch_size=50, precision=precision.compute)
+    after = heldout_accuracy(model, tokenizer, test, fmt, max_new, precision.compute,
+                             base_key and with_adapter_hash(base_key, model), "adapter")
     clock["adapter eval"] = time.perf_counter() - started - sum(clock.values())
     total = time.perf_counter() - started
     rows = [

@@ -33,6 +33,7 @@ from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, load_base
 from loraforge.precision import autocast
 from loraforge.studies.demo import asset, demo_config
+from loraforge.studies.heldout import answer_token_budget, model_hash
 from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, perplexity, prefix_sharing_logits
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
@@ -107,11 +108,6 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     return {**results, "seconds": seconds}
 
 
-def answer_token_budget(tokenizer, records: list[dict], fmt: str) -> int:
-    """New tokens to generate when scoring: the longest reference answer in tokens, plus 4."""
-    return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
-
-
 def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
     if cfg.data.eval:
@@ -134,26 +130,6 @@ def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
 
 PROBE_CACHE_VERSION = 1
 """Part of the cache key: bump it when a probe's scoring changes, so results of the older scorer are recomputed."""
-
-
-def model_hash(model, tokenizer) -> str:
-    """sha256 of what a model's probe results depend on: its class, config, every weight (name, dtype, shape and
-    bytes; a tied weight once) and the tokenizer. About a second for 135M fp32 weights."""
-    h = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    h.update(json.dumps([type(model).__name__, config], sort_keys=True, default=str).encode())
-    seen = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.numel() and tensor.data_ptr() in seen:  # a tied weight: hashed once, under its first name
-            continue
-        seen.add(tensor.data_ptr())
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    h.update(json.dumps([vocab, getattr(tokenizer, "chat_template", None), tokenizer.pad_token_id,
-                         tokenizer.eos_token_id], default=str).encode())
-    return h.hexdigest()
 
 
 def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tokens: int, bf16: bool,
@@ -230,15 +206,17 @@ def probe_base(base, tokenizer, name: str, task_records: list[dict], fmt: str, b
 
 class CachedLogits:
     """`model` as a logits callable (input_ids, attention_mask) -> (B, T, V) that computes each batch once: every
-    arm's KL compares with the base on the same prompt batches, so the base runs them once per command."""
+    arm's KL compares with the base on the same prompt batches, so the base runs them once per command. Adapters
+    loaded onto `model` later (loraforge continual scores each on that same model) are off while it runs."""
 
     def __init__(self, model):
-        self.logits_fn, self.logits = prefix_sharing_logits(model), {}
+        self.model, self.logits_fn, self.logits = model, prefix_sharing_logits(model), {}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         key = (input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes(), tuple(input_ids.shape))
         if key not in self.logits:
-            self.logits[key] = self.logits_fn(input_ids, attention_mask)
+            with disable_adapters(self.model):  # the base alone, whichever adapter it carries by then
+                self.logits[key] = self.logits_fn(input_ids, attention_mask)
         return self.logits[key]
 
 

@@ -1,0 +1,87 @@
+"""Held-out accuracy cached by weights: a hit returns what training.evaluate.accuracy computed for the same weights
+and examples; other weights (the base, another adapter), examples or settings are scored anew; the base's logits
+for KL stay the base's while an adapter sits on the same model."""
+
+import json
+
+import torch
+
+from loraforge.config import LoraConfig
+from loraforge.lora.adapters import delete_adapter, load_adapter, save_adapter
+from loraforge.lora.inject import inject
+from loraforge.models import load_base
+from loraforge.studies import heldout
+from loraforge.studies.demo import asset
+from loraforge.studies.forgetting import CachedLogits
+from loraforge.studies.heldout import heldout_accuracy, model_hash, with_adapter_hash
+from loraforge.training.data import detect_format, read_records
+from loraforge.training.evaluate import accuracy
+
+
+def random_adapter(tiny_dir, out, seed):
+    model, _ = load_base(str(tiny_dir), dtype="fp32")
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")), "default")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a LoRA_B of zeros would leave the base's outputs
+    save_adapter(model, out)
+    return out
+
+
+def test_scores_are_cached_by_weights_examples_and_settings(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = heldout.accuracy
+    monkeypatch.setattr(heldout, "accuracy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    records = read_records(asset("demo_test.jsonl"))[:4]
+    fmt = detect_format(records[0])
+    base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    key = model_hash(base, tokenizer)
+    assert with_adapter_hash(key, base) == key  # no adapter: the base's key
+
+    first = heldout_accuracy(base, tokenizer, records, fmt, 6, "fp32", key, "base")
+    reference = accuracy(base, tokenizer, records, fmt, 6, batch_size=heldout.BATCH_SIZE, precision="fp32")
+    assert first["cached"] is None and calls == [1]
+    assert (first["correct"], first["samples"]) == (reference["correct"], reference["samples"])
+
+    again, _ = load_base(str(tiny_dir), dtype="fp32")  # the same weights loaded by another command
+    second = heldout_accuracy(again, tokenizer, records, fmt, 6, "fp32", model_hash(again, tokenizer), "base")
+    assert calls == [1] and second["cached"] and "score read from" in capsys.readouterr().out
+    assert {k: v for k, v in second.items() if k != "cached"} == json.loads(json.dumps(
+        {k: v for k, v in first.items() if k != "cached"}))
+
+    heldout_accuracy(base, tokenizer, records[:3], fmt, 6, "fp32", key, "base")  # other examples
+    heldout_accuracy(base, tokenizer, records, fmt, 7, "fp32", key, "base")  # another generation length
+    heldout_accuracy(base, tokenizer, records, fmt, 6, "fp32", None, "base")  # no key: never cached
+    assert calls == [1] * 4
+
+    one, two = random_adapter(tiny_dir, tmp_path / "a1", 0), random_adapter(tiny_dir, tmp_path / "a2", 1)
+    load_adapter(base, one)
+    key_one = with_adapter_hash(key, base)
+    heldout_accuracy(base, tokenizer, records, fmt, 6, "fp32", key_one, "adapter")
+    delete_adapter(base, "default")
+    load_adapter(base, two)
+    assert len({key, key_one, with_adapter_hash(key, base)}) == 3
+    delete_adapter(base, "default")
+    load_adapter(again, one)
+    assert with_adapter_hash(key, again) == key_one  # the same adapter on the same base: the same key
+    assert heldout_accuracy(again, tokenizer, records, fmt, 6, "fp32", key_one, "adapter")["cached"]
+    assert calls == [1] * 5
+
+
+def test_base_logits_ignore_an_adapter_loaded_later_on_the_same_model(tiny_dir, tmp_path):
+    model, _ = load_base(str(tiny_dir), dtype="fp32")
+    ids = torch.tensor([[1, 5, 9, 12, 7], [1, 5, 9, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    reference = CachedLogits(model)
+    load_adapter(model, random_adapter(tiny_dir, tmp_path / "a", 0))
+    with torch.no_grad():
+        tuned = model(input_ids=ids, attention_mask=mask).logits
+        base = reference(ids, mask)
+    valid = mask.bool()
+    assert not torch.allclose(tuned[valid], plain[valid], atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(base[valid], plain[valid], atol=1e-5, rtol=1e-5)
