@@ -119,8 +119,10 @@ def _greedy_batch(model, prompts: list[list[int]], stop: set[int], max_new_token
         mask[row, shared + width - len(own):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
+    # the last position by an index tensor: logits_to_keep=1's slice (n, 1, hidden) is not contiguous and sends the
+    # head's matmul to bmm over its weight expanded per row (in bf16 a copy of the weight per row)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], use_cache=True,
-                   logits_to_keep=1, **{kv: cache}).logits[:, -1]
+                   logits_to_keep=torch.tensor([width - 1], device=device), **{kv: cache}).logits[:, -1]
     pad = (mask[:, shared:] == 0)[:, None, :, None]
     if bool(pad.any()):  # the padding's keys/values are never attended; zeros, never NaN
         for layer in cache.layers:
