@@ -1,20 +1,17 @@
 """The decode step of a Llama-family model over a static KV cache, written as one plain function of tensors.
 
     x = embed(ids)                                                         (B, T, d)
-    per layer:  h = rms(x);  [q k v] = h [Wq; Wk; Wv]ᵀ (+ LoRA)            one product: the three weights stacked
-                rope(q, k) at each row's positions                         q's and k's heads in one op
+    per layer:  h = rms(x);  q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ (+ LoRA);  rope(q, k) at each row's positions
                 k, v -> cache[layer, row, :, start_row + t]                (written in place, no concatenation)
-                x += sdpa(q, K, V, causal mask) Woᵀ (+ LoRA)               grouped heads read their shared K, V
-                h = rms(x);  [g u] = h [Wg; Wu]ᵀ;  x += (silu(g) ⊙ u) Wdᵀ (+ LoRA)
+                x += softmax(q Kᵀ/√D + mask) V Woᵀ (+ LoRA)                 grouped heads read their shared K, V
+                h = rms(x);  x += (silu(h Wgᵀ) ⊙ h Wuᵀ) Wdᵀ (+ LoRA)
     logits = rms(x[row, keep_row]) Wheadᵀ                                  (B, V): one position per row
 
 transformers' forward does the same math through a module per op, a growing (concatenated) cache and a 4-D mask
 built per call; here the cache is allocated once (`max_batch` rows × `max_len` slots per layer), each row's
 tokens sit at their positions from slot 0 (no left padding), and the adapters of the batch's rows are gathered
-once per batch composition (`set_rows`), not per step. The base weights are stored as `StoredWeight`s (fp32:
-the model's own tensors for o, down and the head, a stacked copy for q/k/v and gate/up; bf16 / int8: copies).
-A decode step is memory-bound at batch 1 (it reads every weight once) and, on a small model, bound by the
-number of ops it launches: the stacked weights and one attention op per layer are there to launch fewer.
+once per batch composition (`set_rows`), not per step. The base weights are stored as `StoredWeight`s
+(fp32: the model's own tensors; bf16 / int8: copies).
 
 LoRA on a projection, per row b with adapter a(b):  y_b = W0 x_b + B_a (A_a x_b) · s_a; DoRA multiplies
 (W0 x + s B A x) by m_a / ‖W0 + s B_a A_a‖_row (constant at inference). Several active adapters add up: their A
@@ -32,9 +29,8 @@ from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
 from loraforge.quant.checks import is_quantized
 
 SUPPORTED = ("llama",)
-FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
-"""A layer's linears, grouped by the input they read: each group is one matrix product (`Fused`)."""
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -62,10 +58,10 @@ def unsupported(model: nn.Module) -> str | None:
 class Projection:
     """One linear of the model: its stored base weight and bias, and the LoRA weights of the current rows."""
 
-    def __init__(self, module: nn.Module, weight: StoredWeight):
+    def __init__(self, module: nn.Module, storage: str):
         self.lora = module if isinstance(module, LoraLinear) else None
         base = self.lora.base_layer if self.lora is not None else module
-        self.weight = weight  # the base weight's rows, in a fused weight (see Fused)
+        self.weight = StoredWeight(base.weight, storage)
         self.bias = base.bias.detach() if base.bias is not None else None
         self.A = self.B = self.factor = None  # the rows' LoRA: (R, in) / (out, R) shared, or (B, R, in) / (B, out, R)
 
@@ -124,46 +120,17 @@ class Projection:
         dora = any(g[2] is not None for g in present)
         self.factor = factor[index][:, None, :] if dora else None  # (B, 1, out)
 
-    @property
-    def plain(self) -> bool:
-        """No adapter and no bias: the output is the base product alone."""
-        return self.A is None and self.bias is None
-
-    def finish_(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y (B, T, out) = x W0ᵀ turned into this projection's output in place: + LoRA, × DoRA factor, + bias."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in) -> (B, T, out)."""
+        y = self.weight.linear(x)
         if self.A is not None:
             if self.A.dim() == 2:
-                y.add_((x @ self.A.T) @ self.B.T)
+                y = y + (x @ self.A.T) @ self.B.T
             else:
-                y.add_(torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2)))
+                y = y + torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2))
             if self.factor is not None:
-                y.mul_(self.factor)
-        if self.bias is not None:
-            y.add_(self.bias)
-
-
-class Fused:
-    """Projections that read the same input (q, k, v; gate, up) as one base weight, their rows stacked: one
-    matrix product per step instead of several (fewer, larger products; each projection's LoRA is added to its
-    columns of the output). A stack of several is a copy, in every storage."""
-
-    def __init__(self, modules: list[nn.Module], storage: str):
-        bases = [m.base_layer if isinstance(m, LoraLinear) else m for m in modules]
-        stacked = bases[0].weight if len(bases) == 1 else torch.cat([b.weight.detach() for b in bases])
-        self.weight = StoredWeight(stacked, storage)  # fp32 and one projection: the model's own tensor
-        self.sizes = [b.out_features for b in bases]
-        self.projections, start = [], 0
-        for module, size in zip(modules, self.sizes):
-            self.projections.append(Projection(module, self.weight.part(start, start + size)))
-            start += size
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, in) -> (B, T, Σ out): the projections' outputs side by side."""
-        y = self.weight.linear(x)
-        for p, part in zip(self.projections, y.split(self.sizes, -1)):
-            if not p.plain:
-                p.finish_(x, part)
-        return y
+                y = y * self.factor
+        return y if self.bias is None else y + self.bias
 
 
 class Decoder:
@@ -171,9 +138,9 @@ class Decoder:
 
     `forward(ids, start)` runs tokens ids[b] at positions start[b]... of row b (prefill: T tokens; decode: one)
     and returns each row's logits at one position. `set_rows` picks each row's adapters; `keep_rows` moves the
-    rows still running to the front. The model is read, never changed; the decoder reads the adapters' weights
-    when `set_rows` runs and copies the stacked base weights (q/k/v, gate/up) when it is built: build a new
-    decoder after a training step.
+    rows still running to the front. The model is read, never changed; with storage "fp32" the decoder uses the
+    model's own weights, so a decoder built before a training step sees the new base weights but not new adapter
+    weights (call `set_rows` again).
     """
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, storage: str = "fp32",
@@ -197,9 +164,9 @@ class Decoder:
         self.final_norm = inner.norm.weight.detach()
         self.layers = []
         for block in inner.layers:
-            groups = {g: Fused([block.get_submodule(n) for n in names], storage) for g, names in FUSED.items()}
+            projections = {p.split(".")[1]: Projection(block.get_submodule(p), storage) for p in PROJECTIONS}
             norms = (block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach())
-            self.layers.append((norms, groups))
+            self.layers.append((norms, projections))
         weight = inner.embed_tokens.weight
         self.dtype = weight.dtype if weight.dtype.is_floating_point and storage == "fp32" else torch.float32
         self.device = weight.device
@@ -215,11 +182,10 @@ class Decoder:
     @property
     def nbytes(self) -> int:
         """Bytes of stored weights one decode step reads (the embedding rows aside when the head is tied)."""
-        return self.head.nbytes + sum(g.weight.nbytes for _, groups in self.layers for g in groups.values())
-
-    def projections(self):
-        """Every layer's `Projection`s."""
-        return (p for _, groups in self.layers for g in groups.values() for p in g.projections)
+        total = self.head.nbytes
+        for _, projections in self.layers:
+            total += sum(p.weight.nbytes for p in projections.values())
+        return total
 
     def set_rows(self, adapters: list[str | None] | None) -> None:
         """Each batch row's adapter (None or "base": none); None: every row as the model is set (active adapters,
@@ -228,13 +194,14 @@ class Decoder:
         if adapters is not None:
             rows = [() if a in (None, "base") else (a,) for a in adapters]
         else:
-            mixed = next((p.lora.row_adapters for p in self.projections()
+            mixed = next((p.lora.row_adapters for _, ps in self.layers for p in ps.values()
                           if p.lora is not None and p.lora.row_adapters is not None), None)
             if mixed is not None:
                 rows = [() if a is None else (a,) for a in mixed]
         self.rows = rows
-        for p in self.projections():
-            p.set_rows(rows)
+        for _, projections in self.layers:
+            for p in projections.values():
+                p.set_rows(rows)
 
     def keep_rows(self, index: list[int]) -> None:
         """Rows `index` (in this order) become rows 0..len(index)-1: their cache and their adapters."""
@@ -283,19 +250,20 @@ class Decoder:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D)
         uniform = bool((start == start[0]).all())
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        G = H // Hkv
         mask = None  # one token per row, every row at the same position: every slot up to it is visible
-        if T > 1 or not uniform:  # (B, 1, G·T, L): causal, each row from its slot 0, the same for a group's heads
-            visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L)
-            mask = visible[:, None].expand(B, G, T, L).reshape(B, 1, G * T, L)
+        if T > 1 or not uniform:
+            visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
+            mask = torch.zeros(B, 1, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
+                ~visible[:, None, None], float("-inf"))
         s0 = int(start[0])
         rows = torch.arange(row0, row0 + B, device=self.device)[:, None]
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        G = H // Hkv
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
-            qkv = p["qkv"](h).view(B, T, H + 2 * Hkv, D)
-            qk = self._rope(qkv[:, :, :H + Hkv], cos, sin)  # q's and k's heads in one go
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+            q = self._rope(p["q_proj"](h).view(B, T, H, D), cos, sin)
+            k = self._rope(p["k_proj"](h).view(B, T, Hkv, D), cos, sin)
+            v = p["v_proj"](h).view(B, T, Hkv, D)
             keys, values = self.keys[layer], self.values[layer]  # (max_batch, Hkv, max_len, D)
             if uniform:
                 keys[row0:row0 + B, :, s0:s0 + T] = k.transpose(1, 2)
@@ -304,13 +272,15 @@ class Decoder:
                 keys[rows, :, pos] = k  # (B, T) index pairs -> (B, T, Hkv, D)
                 values[rows, :, pos] = v
             K, V = keys[row0:row0 + B, :, :L], values[row0:row0 + B, :, :L]  # (B, Hkv, L, D)
-            q = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)  # T = 1: a view
-            o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=self.scaling)  # (B, Hkv, G·T, D)
-            o = o.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
-            x = x + p["o"](o)
+            q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+            scores = (q * self.scaling) @ K.transpose(-1, -2)  # (B, Hkv, G·T, L)
+            if mask is not None:
+                scores = scores.view(B, Hkv, G, T, L) + mask
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype).view(B, Hkv, G * T, L)
+            o = (probs @ V).view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+            x = x + p["o_proj"](o)
             h = self._rms(x, norm2)
-            gate, up = p["gate_up"](h).chunk(2, -1)
-            x = x + p["down"](F.silu(gate).mul_(up))
+            x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
         last = torch.full((B,), T - 1, device=self.device) if keep is None else keep
         x = self._rms(x[rows[:, 0] - row0, last], self.final_norm)  # (B, d)
         logits = self.head.linear(x)

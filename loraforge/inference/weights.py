@@ -43,16 +43,6 @@ class StoredWeight:
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
 
-    def part(self, start: int, stop: int) -> StoredWeight:
-        """Output rows start..stop-1 as a StoredWeight sharing this one's storage (no copy): one projection of a
-        fused weight."""
-        part = object.__new__(StoredWeight)
-        part.__dict__.update(self.__dict__)
-        part.data = self.data[start:stop]
-        part.scale = None if self.scale is None else self.scale[start:stop]
-        part.out_features = stop - start
-        return part
-
     @property
     def nbytes(self) -> int:
         extra = self.scale.numel() * 4 if self.scale is not None else 0

@@ -10,7 +10,7 @@ from helpers import VOCAB, randomize, tiny_gpt2, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.decoding import greedy as shared_greedy
 from loraforge.inference.greedy import greedy
-from loraforge.inference.llama import Decoder, Fused, unsupported
+from loraforge.inference.llama import Decoder, unsupported
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.adapters import mixed_batch, set_adapter
 from loraforge.lora.inject import inject
@@ -173,34 +173,6 @@ def test_stored_weight_rounding_bound_and_blocked_product(storage):
     x = torch.randn(3, 5, 64, generator=g)
     torch.testing.assert_close(stored.linear(x), F.linear(x, Wq), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stored.rows(torch.tensor([[3, 999]])), Wq[torch.tensor([[3, 999]])])
-
-
-@pytest.mark.parametrize("kind", [None, "plain", "dora"])
-def test_fused_projections_equal_each_modules_forward(kind):
-    """q, k, v as one stacked weight (each projection's LoRA / DoRA on its own columns): the same outputs as the
-    three modules' own forwards, side by side."""
-    model = tiny_llama() if kind is None else _with_adapter(kind)
-    attn = model.model.layers[0].self_attn
-    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
-    fused = Fused(modules, "fp32")
-    for p in fused.projections:
-        p.set_rows(None)
-    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        expected = torch.cat([m(x) for m in modules], -1)
-    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
-def test_stored_weight_part_equals_the_rows_stored_alone(storage):
-    """A part of a stacked weight is the same stored numbers as those rows stored alone (bf16 and int8 round
-    each row on its own), and shares the stacked storage."""
-    W = torch.randn(300, 64, generator=torch.Generator().manual_seed(10))
-    whole = StoredWeight(W, storage)
-    for start, stop in ((0, 100), (100, 133), (133, 300)):
-        part = whole.part(start, stop)
-        assert torch.equal(part.dequantized(), StoredWeight(W[start:stop], storage).dequantized())
-        assert part.data.data_ptr() == whole.data[start].data_ptr()
 
 
 def test_unsupported_models_fall_back_to_transformers():
