@@ -120,7 +120,8 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
 def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + tokens + 8, n_threads=threads, n_batch=64, verbose=False)
+    ctx = len(prompt) + tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores without logits_all
+    llm = Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, n_batch=ctx, verbose=False)
 
     def run():
         import numpy as np
