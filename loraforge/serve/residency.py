@@ -5,7 +5,7 @@ Per-row LoRA (Punica / S-LoRA's idea, in plain PyTorch): every LoRA layer of the
 the resident adapters' weights, padded to the largest rank, slot 0 all zeros (the base model):
     A: (slots, r_max, in)   sB: (slots, out, r_max), each adapter's B times its scaling (one multiply saved per row)
 and a forward with rows using adapters `idx` (B,) computes
-    h = base(x) + bmm(bmm(x, A[idx]ᵀ), sB[idx]ᵀ)       x: (B, T, in)
+    h = base(x) + (sB[idx] · (A[idx] · xᵀ))ᵀ          x: (B, T, in); A[idx] (B, r, in), sB[idx] (B, out, r)
 so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
 Beyond plain LoRA, in the same stacks and batches: rank/alpha patterns (each layer has its own r and scaling),
 AdaLoRA (A ∘ E stacked as A, scaling/ranknum folded into B) and DoRA, whose per-slot magnitude factor
@@ -88,7 +88,7 @@ class Stack:
         bias = getattr(layer.base_layer, "bias", None)
         self.bias = bias.detach() if bias is not None else None  # W0x = base_out - bias
         self.rows = rows
-        self._gathered: tuple | None = None  # (version, A[idx]ᵀ, (sB)[idx]ᵀ) for the rows' composition
+        self._gathered: tuple | None = None  # (version, A[idx], (sB)[idx], g[idx]) for the rows' composition
 
     def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, g: torch.Tensor | None = None) -> None:
         """Slot `slot` takes A (r, in), B (out, r), its scaling and DoRA's factor g (out,) or None."""
@@ -123,11 +123,14 @@ class Stack:
             return self._add(base_out, delta, None if self.g is None else self.g[s])
         if self._gathered is None or self._gathered[0] != rows.version:
             idx = rows.index
-            self._gathered = (rows.version, self.A.index_select(0, idx).transpose(1, 2),  # (B, in, r)
-                              self.B.index_select(0, idx).transpose(1, 2),  # (B, r, out)
+            self._gathered = (rows.version, self.A.index_select(0, idx),  # (B, r, in)
+                              self.B.index_select(0, idx),  # (B, out, r)
                               None if self.g is None else self.g.index_select(0, idx)[:, None, :])  # (B, 1, out)
         _, A, B, g = self._gathered
-        delta = torch.bmm(torch.bmm(x.to(A.dtype), A), B)  # (B, T, out)
+        # (B·A)·xᵀ with A and B in their stored row-major layout: each row's product is a small matrix times a
+        # vector on contiguous rows. Measured for 32 rows, r=8, 576 wide, one token: 6.6x faster at 2 threads than
+        # x·Aᵀ·Bᵀ through transposed views (MKL's batched GEMM took a slow path for those)
+        delta = torch.bmm(B, torch.bmm(A, x.to(A.dtype).transpose(1, 2))).transpose(1, 2)  # (B, T, out)
         return self._add(base_out, delta, g)
 
     def _add(self, base_out: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
