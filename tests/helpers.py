@@ -3,10 +3,13 @@
 Imported by test modules (`from helpers import tiny_llama`); conftest.py holds only fixtures.
 """
 
+import copy
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from loraforge.lora.inject import lora_layers
+from loraforge.lora.adapters import save_adapter
+from loraforge.lora.inject import inject, lora_layers
 
 VOCAB = 128
 
@@ -43,3 +46,13 @@ def full_forward_greedy(model, prompt: list[int], n: int) -> list[int]:
             out.append(int(model(ids).logits[0, -1].argmax()))
             ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
     return out
+
+
+def save_adapters(base, root, configs: dict, seed: int):
+    """Each config injected into its own copy of `base` (torch seed `seed` + its index) and saved under root/name."""
+    for i, (name, config) in enumerate(configs.items()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(seed + i)
+        inject(model, config, name)
+        save_adapter(model, root / name, name)
+    return root

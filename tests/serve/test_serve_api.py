@@ -13,10 +13,10 @@ import pytest
 
 from loraforge.serve import Engine, SamplingParams
 from loraforge.serve.api import ServerThread, create_app
-from test_serve_engine import adapters_dir, base, one_thread, tokenizer  # noqa: F401 (shared fixtures)
+from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
 
 # no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
-pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
 KEY = "sk-test-key"
 PROMPT = "The quick brown fox"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import full_forward_greedy, tiny_llama
+from helpers import full_forward_greedy, save_adapters
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
@@ -29,39 +29,14 @@ CONFIGS = {
     "c": LoraConfig(r=2, lora_alpha=2, target_modules=("down_proj",), init_lora_weights=False),
 }
 # no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
-pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a thread pool only adds synchronisation (seconds per forward on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return load_tokenizer("smollm2-135m")  # real tokenizer (chat template, decode); the model stays tiny
-
-
-@pytest.fixture(scope="session")
-def base(tokenizer):
-    return tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=96)
-
-
 @pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory, base):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, config) in enumerate(CONFIGS.items()):
-        model = copy.deepcopy(base)
-        torch.manual_seed(100 + i)
-        inject(model, config, name)
-        save_adapter(model, root / name, name)
-    return root
+    return save_adapters(base, tmp_path_factory.mktemp("adapters"), CONFIGS, seed=100)
 
 
 def reference(base, adapters_dir, adapter, prompt, n):

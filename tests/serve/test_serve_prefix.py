@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from helpers import full_forward_greedy, tiny_llama
+from helpers import full_forward_greedy, save_adapters
 from loraforge.config import LoraConfig
 from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.lora.inject import inject
@@ -25,37 +25,13 @@ CONFIGS = {  # "a" on every projection of every layer; "b" on the first layer's 
 }
 BLOCK = 8
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
-pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=96)
 
 
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, base):
-    root = tmp_path_factory.mktemp("adapters")
-    for i, (name, config) in enumerate(CONFIGS.items()):
-        model = copy.deepcopy(base)
-        torch.manual_seed(200 + i)
-        inject(model, config, name)
-        save_adapter(model, root / name, name)
-    return root
+    return save_adapters(base, tmp_path_factory.mktemp("adapters"), CONFIGS, seed=200)
 
 
 @pytest.fixture(scope="module")

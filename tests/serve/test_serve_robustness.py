@@ -18,9 +18,9 @@ import torch
 from loraforge.serve import Engine, SamplingParams, ServeError
 from loraforge.serve.api import ServerThread, create_app
 from loraforge.serve.sampling import sample
-from test_serve_engine import adapters_dir, base, collect, one_thread, prompts, reference, tokenizer  # noqa: F401
+from test_serve_engine import adapters_dir, collect, prompts, reference  # noqa: F401
 
-pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
 
 KEY = "sk-test"

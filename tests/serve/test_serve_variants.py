@@ -16,7 +16,9 @@ from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.serve import Engine, SamplingParams
-from test_serve_engine import base, collect, one_thread, prompts, tokenizer  # noqa: F401 (shared fixtures)
+from test_serve_engine import collect, prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (no warnings-as-errors here: PEFT, the reference, calls transformers' deprecated is_gradient_checkpointing)
 N = 8
