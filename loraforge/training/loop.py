@@ -81,18 +81,19 @@ def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> 
 
 
 def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None,
-                precision: Precision | None = None, load_device: torch.device | None = None):
+                precision: Precision | None = None, sharded: bool = False):
     """(model, tokenizer): the base with the method's trainable parts; trainable weights in fp32.
 
     `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
     method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
     storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
-    `load_device`: where the weights load (FSDP loads on the CPU and moves each process's shards to `device`).
+    `sharded` (FSDP): the weights load on the CPU (each process moves only its shards to `device`), 4-bit codes
+    held as the storage dtype (FSDP shards floating-point parameters only).
     """
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
-    sharded = load_device is not None  # FSDP: parameters must be floating point, 4-bit codes included
-    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization, device=load_device or device,
+    model = load_model(cfg.model.name, dtype=precision.storage, quantize=quantization,
+                       device=torch.device("cpu") if sharded else device,
                        quant_storage=TORCH_DTYPES[precision.storage] if sharded else torch.uint8)
     checkpointing = cfg.training.gradient_checkpointing
     if quantization:
@@ -332,7 +333,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
     mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
-                           load_device=torch.device("cpu") if mode == "fsdp" else None)
+                           sharded=mode == "fsdp")
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
