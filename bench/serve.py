@@ -1,10 +1,12 @@
 """Serving benchmark: N concurrent clients over K adapters, batched across adapters vs one adapter at a time.
 
     python bench/serve.py [--clients 64] [--requests 1] [--max-tokens 16] [--adapters 1,16,64] [--threads N]
+                          [--repeats 3]
     python bench/serve.py --shared-prefix [--clients 64] [--system-tokens 200] [--max-tokens 16]
 
-Defaults take about 5 minutes on a busy 2-core CPU. The base is stored, and decodes, in the precision the rule picks
-(loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype overrides it.
+Defaults take about 15 minutes on a 2-core CPU (three rounds). The base is stored, and decodes, in the precision
+the rule picks (loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype
+overrides it.
 
 Each client sends `--requests` completions one after another through the HTTP API (uvicorn in a thread,
 httpx clients), using adapter (client index mod K); outputs have a fixed length (ignore_eos). Two schedulers on
@@ -12,9 +14,9 @@ the same engine code:
   batched    continuous batching, a batch mixes adapters (per-row gather + bmm of the LoRA weights);
   switching  the naive way: the batch serves one adapter; when it drains, switch to the adapter of the oldest
              waiting request (what one gets by calling set_adapter per batch).
-Runs, in one process: the base model alone (no adapter), K=1, 16, 64 batched, K=16 switching.
+Runs, in one process, --repeats rounds of: the base model alone (no adapter), K=1, 16, 64 batched, K=16 switching.
 Printed: throughput in generated tokens/s, p50/p95 request latency, and the goals of issue 19: one adapter
->= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters.
+>= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters (medians).
 
 --shared-prefix runs instead the prefix-cache workload: every client sends one streamed chat completion to one
 adapter, all sharing a system prompt of about --system-tokens tokens, each with its own short question, after one
@@ -224,7 +226,9 @@ def main() -> None:
     ap.add_argument("--shared-prefix", action="store_true",
                     help="run the shared-system-prompt workload, prefix cache off vs on, instead")
     ap.add_argument("--system-tokens", type=int, default=200, help="--shared-prefix: system prompt length")
-    ap.add_argument("--repeats", type=int, default=2, help="--shared-prefix: off/on pairs, interleaved")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds, interleaved (every run once per round; --shared-prefix: off/on pairs); medians "
+                         "are printed, so that load from other processes falls on every run alike")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
@@ -233,33 +237,38 @@ def main() -> None:
     model, tokenizer = load_base(args.model, dtype=precision.storage)
     print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
           f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o, torch threads {torch.get_num_threads()}")
-    rows = {}
     if args.shared_prefix:
         with tempfile.TemporaryDirectory() as tmp:
             shared_prefix(model, tokenizer, args, make_adapters(model, Path(tmp), 1, args.rank))
         return
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, Path(tmp), max(ks), args.rank)
-        rows["base"] = run_one(model, tokenizer, args, "base", Engine, {}, [args.model] * args.clients)
+        runs = [("base", Engine, {}, [args.model] * args.clients)]
         for k in ks:
             adapters = {f"ad{i}": paths[f"ad{i}"] for i in range(k)}
             models = [f"ad{i % k}" for i in range(args.clients)]
             for mode, cls in (("batched", Engine), ("switching", SwitchingEngine)):
-                if mode == "switching" and k != 16:
-                    continue
-                label = f"K={k} {mode}"
-                rows[label] = run_one(model, tokenizer, args, label, cls, adapters, models)
-    print("\n| run | tok/s | p50 s | p95 s | decode steps |")
+                if mode == "batched" or k == 16:
+                    runs.append((f"K={k} {mode}", cls, adapters, models))
+        rounds = []
+        for rep in range(args.repeats):  # interleaved: every run once per round
+            print(f"round {rep + 1} of {args.repeats}", flush=True)
+            rounds.append({label: run_one(model, tokenizer, args, label, cls, adapters, models)
+                           for label, cls, adapters, models in runs})
+    med = lambda label, key: statistics.median(r[label][key] for r in rounds)  # noqa: E731
+    print(f"\n| run (median of {args.repeats} rounds) | tok/s | p50 s | p95 s | decode steps |")
     print("|---|---|---|---|---|")
-    for r in rows.values():
-        print(f"| {r['label']} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['steps']} |")
-    print("\n| ratio | measured | goal |")
-    print("|---|---|---|")
+    for label, *_ in runs:
+        print(f"| {label} | {med(label, 'tps'):.1f} | {med(label, 'p50'):.2f} | {med(label, 'p95'):.2f} | "
+              f"{med(label, 'steps'):.0f} |")
+    print("\n| ratio (median over rounds of the ratio within a round) | measured | each round | goal |")
+    print("|---|---|---|---|")
     for what, num, den, goal in GOALS:
-        if num in rows and den in rows:
-            ratio = rows[num]["tps"] / rows[den]["tps"]
-            print(f"| {what} ({num} / {den}) | {ratio:.2f}x | >= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
-
+        if num in rounds[0] and den in rounds[0]:
+            each = [r[num]["tps"] / r[den]["tps"] for r in rounds]
+            ratio = statistics.median(each)
+            print(f"| {what} ({num} / {den}) | {ratio:.2f}x | {', '.join(f'{x:.2f}' for x in each)} | "
+                  f">= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
 
 if __name__ == "__main__":
     main()

@@ -3,17 +3,18 @@ used evicted), and the per-layer stacks of their weights that give each row of a
 
 Per-row LoRA (Punica / S-LoRA's idea, in plain PyTorch): every LoRA layer of the engine's model keeps a stack of
 the resident adapters' weights, padded to the largest rank, slot 0 all zeros (the base model):
-    A: (slots, r_max, in)   sB: (slots, out, r_max), each adapter's B times its scaling (one multiply saved per row)
+    Aᵀ: (slots, in, r_max)   (sB)ᵀ: (slots, r_max, out), each adapter's B times its scaling (one multiply saved
+    per row), both in fp32
 and a forward with rows using adapters `idx` (B,) computes
-    h = base(x) + (sB[idx] · (A[idx] · xᵀ))ᵀ          x: (B, T, in); A[idx] (B, r, in), sB[idx] (B, out, r)
+    h = base(x) + x · Aᵀ[idx] · (sB)ᵀ[idx]           x: (B, T, in); Aᵀ[idx] (B, in, r), (sB)ᵀ[idx] (B, r, out)
 so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
 Beyond plain LoRA, in the same stacks and batches: rank/alpha patterns (each layer has its own r and scaling),
 AdaLoRA (A ∘ E stacked as A, scaling/ranknum folded into B) and DoRA, whose per-slot magnitude factor
 g = m / ‖W0 + sBA‖ (out,) — 1 for the base and plain LoRA slots — gives h = base(x) + (g − 1)·W0x + g·delta.
 modules_to_save and bias adapters change weights the rows share: refused, with the reason. So is an AdaLoRA adapter
 on a module a resident LoRA adapter targets (or the reverse): the two layer types cannot wrap one module.
-The gathered A[idx], B[idx] are kept while the batch's composition stays the same (decode steps reuse them), and a
-batch whose rows all use one adapter takes two plain matmuls instead.
+The gathered Aᵀ[idx], (sB)ᵀ[idx] are kept while the batch's composition stays the same (decode steps reuse them),
+and a batch whose rows all use one adapter takes two plain matmuls instead.
 
 The stack plugs into the layer through `LoraLayer.row_forward`, the layer's per-row hook.
 Adapters are PEFT directories loaded with `loraforge.lora.adapters.load_adapter` (every key and shape checked,
@@ -77,37 +78,43 @@ class RowSlots:
 
 
 class Stack:
-    """One layer's resident adapters stacked by slot, rank zero-padded to r_max; slot 0 stays zero (base)."""
+    """One layer's resident adapters stacked by slot, rank zero-padded to r_max; slot 0 stays zero (base).
+
+    Stored transposed, as the matmuls read them: At (slots, in, r) and sBt (slots, r, out), so a row's delta is
+    x·At·sBt, two row-major products with no transposed view and the result already in (B, T, out).
+    """
 
     def __init__(self, layer: LoraLinear | SVDLinear, slots: int, r: int, rows: RowSlots):
         w = layer.base_layer.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.A = torch.zeros(slots, r, layer.in_features, dtype=dtype, device=w.device)
-        self.B = torch.zeros(slots, layer.out_features, r, dtype=dtype, device=w.device)  # scaling · B
+        # fp32 whatever the base's dtype (adapters are trained in fp32; a bf16 base's rows are widened per step):
+        # on a CPU, small bf16 matmuls cost more than the casts (bench/serve.py, bf16 base, 32 rows, r=8: the
+        # per-row LoRA of one layer 129 us in bf16, 64 us in fp32 with both casts)
+        self.At = torch.zeros(slots, layer.in_features, r, dtype=torch.float32, device=w.device)
+        self.Bt = torch.zeros(slots, r, layer.out_features, dtype=torch.float32, device=w.device)  # (scaling · B)ᵀ
         self.g: torch.Tensor | None = None  # (slots, out) DoRA's magnitude factor, once a DoRA adapter is in
         bias = getattr(layer.base_layer, "bias", None)
         self.bias = bias.detach() if bias is not None else None  # W0x = base_out - bias
         self.rows = rows
-        self._gathered: tuple | None = None  # (version, A[idx], (sB)[idx], g[idx]) for the rows' composition
+        self._gathered: tuple | None = None  # (version, At[idx], sBt[idx], g[idx]) for the rows' composition
 
     def put(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, g: torch.Tensor | None = None) -> None:
         """Slot `slot` takes A (r, in), B (out, r), its scaling and DoRA's factor g (out,) or None."""
         r = A.shape[0]
-        if r > self.A.shape[1]:  # grow the padded rank; the zero padding adds nothing
-            grow = r - self.A.shape[1]
-            self.A = torch.cat([self.A, self.A.new_zeros(self.A.shape[0], grow, self.A.shape[2])], 1)
-            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], self.B.shape[1], grow)], 2)
+        if r > self.At.shape[2]:  # grow the padded rank; the zero padding adds nothing
+            grow = r - self.At.shape[2]
+            self.At = torch.cat([self.At, self.At.new_zeros(self.At.shape[0], self.At.shape[1], grow)], 2)
+            self.Bt = torch.cat([self.Bt, self.Bt.new_zeros(self.Bt.shape[0], grow, self.Bt.shape[2])], 1)
         self.clear(slot)
-        self.A[slot, :r] = A
-        self.B[slot, :, :r] = B * scale
+        self.At[slot, :, :r] = A.T
+        self.Bt[slot, :r] = (B * scale).T
         if g is not None:
             if self.g is None:
-                self.g = self.A.new_ones(self.A.shape[0], self.B.shape[1])
+                self.g = self.At.new_ones(self.At.shape[0], self.Bt.shape[2])
             self.g[slot] = g
 
     def clear(self, slot: int) -> None:
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        self.At[slot].zero_()
+        self.Bt[slot].zero_()
         if self.g is not None:
             self.g[slot] = 1
         self._gathered = None
@@ -117,21 +124,19 @@ class Stack:
         rows = self.rows
         if rows.uniform == 0:
             return base_out  # every row is the base model
-        if rows.uniform is not None:  # one adapter for every row: plain matmuls on its (r, in), (out, r)
+        x = x.to(self.At.dtype)
+        if rows.uniform is not None:  # one adapter for every row: plain matmuls on its (in, r), (r, out)
             s = rows.uniform
-            delta = F.linear(F.linear(x.to(self.A.dtype), self.A[s]), self.B[s])
-            return self._add(base_out, delta, None if self.g is None else self.g[s])
+            return self._add(base_out, x @ self.At[s] @ self.Bt[s], None if self.g is None else self.g[s])
         if self._gathered is None or self._gathered[0] != rows.version:
             idx = rows.index
-            self._gathered = (rows.version, self.A.index_select(0, idx),  # (B, r, in)
-                              self.B.index_select(0, idx),  # (B, out, r)
+            self._gathered = (rows.version, self.At.index_select(0, idx),  # (B, in, r)
+                              self.Bt.index_select(0, idx),  # (B, r, out)
                               None if self.g is None else self.g.index_select(0, idx)[:, None, :])  # (B, 1, out)
-        _, A, B, g = self._gathered
-        # (B·A)·xᵀ with A and B in their stored row-major layout: each row's product is a small matrix times a
-        # vector on contiguous rows. Measured for 32 rows, r=8, 576 wide, one token: 6.6x faster at 2 threads than
-        # x·Aᵀ·Bᵀ through transposed views (MKL's batched GEMM took a slow path for those)
-        delta = torch.bmm(B, torch.bmm(A, x.to(A.dtype).transpose(1, 2))).transpose(1, 2)  # (B, T, out)
-        return self._add(base_out, delta, g)
+        _, At, Bt, g = self._gathered
+        # measured for 32 rows, r=8, 576 wide, one token, 120 layers: 13 ms a step this way, 17 ms as
+        # sB·(A·xᵀ) on (r, in) / (out, r) stacks with the result transposed back, 6.6x that through transposed views
+        return self._add(base_out, torch.bmm(torch.bmm(x, At), Bt), g)
 
     def _add(self, base_out: torch.Tensor, delta: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         if g is None:
