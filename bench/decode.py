@@ -117,10 +117,18 @@ def write_gguf(src: Path, dst: Path, qtype: str) -> Path:
     return dst
 
 
+def last_logits(llm):
+    """The logits of the last token llama.cpp evaluated, read from its context (llama-cpp-python 0.3.x no longer
+    copies them into `scores` unless logits_all is set, which would compute every position's)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
     from llama_cpp import Llama
 
-    ctx = len(prompt) + tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores without logits_all
+    ctx = len(prompt) + tokens + 8
     llm = Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, n_batch=ctx, verbose=False)
 
     def run():
@@ -131,7 +139,7 @@ def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
         out = []
         start = time.perf_counter()
         for _ in range(tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits(llm)))
             out.append(token)
             llm.eval([token])
         return time.perf_counter() - start, out
