@@ -37,6 +37,7 @@ from loraforge.inference.greedy import greedy  # noqa: E402
 from loraforge.inference.llama import Decoder  # noqa: E402
 from loraforge.lora.inject import inject, lora_layers  # noqa: E402
 from loraforge.models import builtin_gguf_path, load_base  # noqa: E402
+from loraforge.utils.hf import cache_argument  # noqa: E402
 
 PROMPT = "Write a short poem about rivers and the sea."
 CACHE = Path.home() / ".cache" / "loraforge" / "bench"
@@ -72,16 +73,18 @@ def transformers_engine(model, prompt: list[int], tokens: int):
     """transformers' own greedy loop (DynamicCache, one forward per token): the path before this issue."""
     from transformers import DynamicCache
 
+    kv = cache_argument(type(model)) or "past_key_values"  # "cache" on newer transformers
+
     @torch.no_grad()
     def run():
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=torch.tensor([prompt]), use_cache=True, **{kv: cache}).logits[:, -1]
         out = []
         start = time.perf_counter()
         for _ in range(tokens):
             token = logits.argmax(-1)
             out.append(int(token))
-            logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=token[:, None], use_cache=True, **{kv: cache}).logits[:, -1]
         return time.perf_counter() - start, out
     return run
 
@@ -253,6 +256,9 @@ def main() -> None:
     print(f"greedy tokens, static fp32 decoder vs transformers: {'equal' if same else 'DIFFERENT'}; "
           + "; ".join(f"{s} vs fp32: {sum(a == b for a, b in zip(outputs[f'loraforge {s}'], outputs['loraforge fp32']))}"
                       f"/{n} equal" for s in ("bf16", "int8")))
+    if "llama.cpp F32" in outputs:
+        agree = sum(a == b for a, b in zip(outputs["llama.cpp F32"], outputs["loraforge fp32"]))
+        print(f"llama.cpp F32 vs loraforge fp32: {agree}/{n} greedy tokens equal")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -1,6 +1,8 @@
 """loraforge.decoding against transformers' own greedy generate: the same tokens, with the shared prefix computed
 once and finished rows leaving the batch."""
 
+import functools
+
 import pytest
 import torch
 
@@ -45,8 +47,13 @@ def test_shared_prefix_is_computed_once(monkeypatch):
     prompts = _prompts(20, [3, 4, 5])
     widths = []
     forward = type(model).forward
-    monkeypatch.setattr(type(model), "forward", lambda self, input_ids=None, **kw: widths.append(
-        tuple(input_ids.shape)) or forward(self, input_ids=input_ids, **kw))
+
+    @functools.wraps(forward)  # the signature stays the model's: greedy passes the cache by its current name
+    def recording(self, input_ids=None, **kw):
+        widths.append(tuple(input_ids.shape))
+        return forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(model), "forward", recording)
     greedy(model, prompts, [VOCAB + 1], max_new_tokens=2, batch_size=8)  # a stop id never produced
     assert widths[:2] == [(1, 20), (3, 5)]  # the prefix as one row; then each row's own tokens, padded to 5
     assert widths[2:] == [(3, 1)]  # one decode step for the second token
