@@ -9,7 +9,7 @@ total generated tokens/s of each engine and the ratio, the median of --rounds in
   loraforge   `loraforge.serve.Engine` (what `loraforge serve` runs), every adapter resident, the requests
               submitted at once: continuous batching, one batch mixing all the adapters.
   llama.cpp   llama-cpp-python on the same base (a GGUF at the storage precision loraforge picks here: F32 or
-              BF16) with every adapter loaded once (`loraforge export-gguf-lora` files, llama_adapter_lora_init)
+              BF16) with every adapter loaded once (`loraforge export --to gguf-lora` files, llama_adapter_lora_init)
               and the requests run one after another, each with its adapter set on the context. That is what
               llama.cpp's servers give for these requests: llama-cpp-python's server runs one request at a time,
               and llama-server does not batch requests whose LoRA settings differ.

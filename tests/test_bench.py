@@ -11,7 +11,7 @@ from loraforge.precision import choose
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", ["train", "qlora", "variants", "serve", "soak", "decode"])
+@pytest.mark.parametrize("script", ["train", "qlora", "variants", "serve", "soak", "decode", "adapters_llamacpp"])
 def test_bench_script_prints_its_help(script):
     out = subprocess.run([sys.executable, BENCH / f"{script}.py", "--help"], capture_output=True, text=True,
                          timeout=120)
