@@ -1,0 +1,171 @@
+"""Matrix-vector products on bf16 and int8 weights with fp32 activations, for decoding on x86 CPUs with AVX2.
+
+    y[m, o] = Σᵢ float(W[o, i]) · x[m, i]                     bf16: float(w) is w's 16 bits shifted up by 16
+    y[m, o] = Σ_g scale[o, g] · Σ_{i in g} Q[o, i] · x[m, i]    int8: groups of 32 inputs (llama.cpp's Q8_0 block)
+
+A decode step multiplies each weight by a few activation rows, so it is bound by reading the weights: stored in
+bf16 or int8 it reads half or a quarter of fp32's bytes. PyTorch has no CPU kernel for bf16 or int8 weights times
+fp32 activations that reads only the stored bytes (its bf16 products run emulated on AVX2-only CPUs, and widening
+blocks of rows to fp32 first, `StoredWeight`'s fallback, costs a conversion pass through memory). This kernel
+widens in registers: each output row's weights are read once, converted 8 at a time and fused into the dot
+products of every activation row (at most `MAX_ROWS`; prefills take the fallback's blocked matmul).
+
+Built once per machine with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`) into
+~/.cache/loraforge/kernels and called through ctypes on contiguous tensors; output rows are split over
+`torch.get_num_threads()` OpenMP threads. Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0,
+`available()` is False and StoredWeight multiplies as before. Sums run in another order than torch's: results
+agree to fp32 rounding (tests/inference/test_cpu_gemv.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 16
+"""Activation rows a call takes; more (prefills) go to the blocked matmul, which reuses each weight block better."""
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+#define PREFETCH 2048  /* bytes ahead in the weight stream (past a row's end: the next row's, as rows are contiguous) */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen_bf16(const uint16_t *p) {  /* 8 bf16 -> 8 fp32: the bits shifted up by 16 */
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static inline __m256 widen_i8(const int8_t *p) {  /* 8 int8 -> 8 fp32 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* dot products of one weight row with M activation rows: every accumulator in a register (the row is read from
+   memory for m = 0 and from L1 after) */
+static inline float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {  /* 64 bytes of weights: one cache line, the one PREFETCH ahead asked for */
+        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(widen_bf16(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen_bf16(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(widen_bf16(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(widen_bf16(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+static inline float dot_int8(const int8_t *q, const float *s, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n / 32; g++) {
+        const int8_t *qg = q + g * 32;
+        const float *xg = x + g * 32;
+        _mm_prefetch((const char *)qg + PREFETCH, _MM_HINT_T0);
+        __m256 d0 = _mm256_mul_ps(widen_i8(qg), _mm256_loadu_ps(xg));
+        __m256 d1 = _mm256_mul_ps(widen_i8(qg + 8), _mm256_loadu_ps(xg + 8));
+        d0 = _mm256_fmadd_ps(widen_i8(qg + 16), _mm256_loadu_ps(xg + 16), d0);
+        d1 = _mm256_fmadd_ps(widen_i8(qg + 24), _mm256_loadu_ps(xg + 24), d1);
+        if (g & 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(d0, d1), a1);
+        else a0 = _mm256_fmadd_ps(_mm256_set1_ps(s[g]), _mm256_add_ps(d0, d1), a0);
+    }
+    return hsum(_mm256_add_ps(a0, a1));
+}
+
+/* y (M, out) = x (M, in) W^T; W (out, in) bf16; in % 32 == 0 */
+void gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t M, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_bf16(W + o * in, x + m * in, in);
+}
+
+/* y (M, out) = x (M, in) (Q * scale)^T; Q (out, in) int8, scale (out, in / 32) fp32; in % 32 == 0 */
+void gemv_int8(const int8_t *Q, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t M,
+               int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_int8(Q + o * in, scale + o * (in / 32), x + m * in, in);
+}
+"""
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
+
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile (once per source and flags; the file is written atomically, so processes can race) and load."""
+    key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
+    path = CACHE / f"gemv-{key}.so"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
+            src.write_text(SOURCE)
+            done = subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                return None
+            os.replace(out, path)
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.gemv_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.gemv_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run here (built on first call)."""
+    global _lib
+    if _lib is False:
+        _lib = None
+        if os.environ.get("LORAFORGE_CPU_KERNELS", "1") != "0" and _cpu_has_avx2_fma():
+            try:
+                _lib = _build()
+            except (OSError, subprocess.SubprocessError):
+                _lib = None
+    return _lib is not None
+
+
+def fits(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `linear` takes these: CPU tensors, fp32 activations, at most MAX_ROWS rows, in % 32 == 0."""
+    rows = x.numel() // x.shape[-1]
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= MAX_ROWS
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) fp32 times weight (out, in) bf16, or int8 with group scales (out, in / 32): (..., out) fp32."""
+    out_features, in_features = weight.shape
+    flat = x.reshape(-1, in_features).contiguous()
+    y = flat.new_empty(flat.shape[0], out_features)
+    threads = torch.get_num_threads()
+    if scale is None:
+        _lib.gemv_bf16(weight.data_ptr(), flat.data_ptr(), y.data_ptr(), out_features, in_features, flat.shape[0],
+                       threads)
+    else:
+        _lib.gemv_int8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), y.data_ptr(), out_features,
+                       in_features, flat.shape[0], threads)
+    return y.reshape(*x.shape[:-1], out_features)
