@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.inference import cpu_kernels
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
 from loraforge.quant.checks import is_quantized
@@ -177,6 +178,9 @@ class Decoder:
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.slots = torch.arange(max_len, device=self.device)
+        # decode steps on a CPU in fp32: RMSNorm and rope + cache write + attention as C kernels (fewer, cheaper ops)
+        self.kernels = (self.device.type == "cpu" and self.dtype == torch.float32 and cfg.hidden_size % 8 == 0
+                        and self.head_dim % 8 == 0 and self.head_dim <= 256 and cpu_kernels.available())
         self.rows: list[tuple[str, ...]] | None = None
         self.set_rows(adapters)
 
@@ -220,6 +224,8 @@ class Decoder:
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """transformers' LlamaRMSNorm in one op (fp32 activations: the same arithmetic)."""
+        if self.kernels and weight.dtype == torch.float32:
+            return cpu_kernels.rms_norm(x, weight, self.eps)
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
     @staticmethod
@@ -251,8 +257,9 @@ class Decoder:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D)
         uniform = bool((start == start[0]).all())
+        fused = self.kernels and T == 1  # a decode step: each row's own position, no mask needed
         mask = None  # one token per row, every row at the same position: every slot up to it is visible
-        if T > 1 or not uniform:
+        if not fused and (T > 1 or not uniform):
             visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
             mask = torch.zeros(B, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
                 ~visible[:, None], float("-inf"))
@@ -261,6 +268,13 @@ class Decoder:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
+            if fused:  # rope, cache write and attention in one kernel call
+                o = cpu_kernels.attend(p["q_proj"](h), p["k_proj"](h), p["v_proj"](h), cos, sin, start,
+                                       self.keys[layer], self.values[layer], row0, H, self.scaling)
+                x = x + p["o_proj"](o.view(B, T, H * D))
+                h = self._rms(x, norm2)
+                x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
+                continue
             q = self._rope(p["q_proj"](h).view(B, T, H, D), cos, sin)
             k = self._rope(p["k_proj"](h).view(B, T, Hkv, D), cos, sin)
             v = p["v_proj"](h).view(B, T, Hkv, D)

@@ -6,7 +6,7 @@ the activations' dtype (fp32 here).
     int8  y = x (float(Q) · scale)ᵀ             ~a quarter of the bytes; per group of 32 inputs of a row (as
                                                 llama.cpp's Q8_0): Q = round(W / scale), scale = max|W_group| / 127
 
-A decode step's few rows go to `cpu_gemv` (x86 with AVX2: the stored bytes widened in registers). Otherwise
+A decode step's few rows go to `cpu_kernels` (x86 with AVX2: the stored bytes widened in registers). Otherwise
 widening happens a block of rows at a time into one small fp32 buffer that stays in cache, then a matmul: torch's
 own bf16 and int8 matrix-vector products run emulated on AVX2-only CPUs (see bench/decode.py).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from loraforge.inference import cpu_gemv
+from loraforge.inference import cpu_kernels
 
 STORAGES = ("fp32", "bf16", "int8")
 GROUP = 32
@@ -70,8 +70,8 @@ class StoredWeight:
         if self.storage == "fp32" or x.device.type != "cpu":
             w = self.data if self.storage == "fp32" else self.dequantized().to(x.dtype)
             return torch.nn.functional.linear(x, w)
-        if cpu_gemv.fits(self.data, x):  # decode: the stored bytes read once, widened in registers
-            return cpu_gemv.linear(x, self.data, self.scale)
+        if cpu_kernels.fits(self.data, x):  # decode: the stored bytes read once, widened in registers
+            return cpu_kernels.linear(x, self.data, self.scale)
         flat_t = x.reshape(-1, self.in_features).T  # (in, M)
         out_t = flat_t.new_empty(self.out_features, flat_t.shape[1])  # (out, M): row blocks are contiguous
         buffer = flat_t.new_empty(self.block, self.in_features)

@@ -14,7 +14,7 @@ Built once per machine with the system's C compiler (`cc -O3 -mavx2 -mfma -fopen
 ~/.cache/loraforge/kernels and called through ctypes on contiguous tensors; output rows are split over
 `torch.get_num_threads()` OpenMP threads. Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0,
 `available()` is False and StoredWeight multiplies as before. Sums run in another order than torch's: results
-agree to fp32 rounding (tests/inference/test_cpu_gemv.py).
+agree to fp32 rounding (tests/inference/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ MAX_ROWS = 16
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #define PREFETCH 2048  /* bytes ahead in the weight stream (past a row's end: the next row's, as rows are contiguous) */
@@ -98,8 +99,73 @@ void gemv_int8(const int8_t *Q, const float *scale, const float *x, float *y, in
     for (int64_t o = 0; o < out; o++)
         for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_int8(Q + o * in, scale + o * (in / 32), x + m * in, in);
 }
+
+/* y (rows, d) = x / sqrt(mean(x^2) + eps) * w (Llama's RMSNorm in fp32); d % 8 == 0 */
+void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); a = _mm256_fmadd_ps(v, v, a); }
+        __m256 s = _mm256_set1_ps(1.0f / sqrtf(hsum(a) / (float)d + eps));
+        for (int64_t i = 0; i < d; i += 8)
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s), _mm256_loadu_ps(w + i)));
+    }
+}
+
+static inline void rope(const float *x, const float *cos, const float *sin, float *out, int64_t D) {
+    /* out = x cos + swap_halves(x) sin, sin's first half already negated: rotate_half in one pass */
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < D; i++) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
+}
+
+/* One decode token per row: rope on q and k at the row's position, k and v written into the cache there, then
+   o = softmax(q K^T * scale) V over the row's slots 0..pos (one pass, running max: no scores buffer).
+   q (B, H*D), k, v (B, Hkv*D), cos, sin (B, D), pos (B,), cache (max_batch, Hkv, max_len, D) for this layer,
+   rows row0..row0+B-1; o (B, H*D). D % 8 == 0, D <= 256. */
+void attend(const float *q, const float *k, const float *v, const float *cos, const float *sin, const int64_t *pos,
+            float *keys, float *values, float *o, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t max_len,
+            int64_t row0, float scale, int threads) {
+    for (int64_t b = 0; b < B; b++) {  /* rope k, write k and v: small, before any head reads the cache */
+        for (int64_t g = 0; g < Hkv; g++) {
+            int64_t at = (((row0 + b) * Hkv + g) * max_len + pos[b]) * D;
+            rope(k + (b * Hkv + g) * D, cos + b * D, sin + b * D, keys + at, D);
+            for (int64_t i = 0; i < D; i++) values[at + i] = v[(b * Hkv + g) * D + i];
+        }
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);
+        float qr[256], acc[256];
+        rope(q + (b * H + h) * D, cos + b * D, sin + b * D, qr, D);
+        for (int64_t i = 0; i < D; i++) { qr[i] *= scale; acc[i] = 0.0f; }
+        const float *K = keys + ((row0 + b) * Hkv + g) * max_len * D;
+        const float *V = values + ((row0 + b) * Hkv + g) * max_len * D;
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t j = 0; j <= pos[b]; j++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(K + j * D + i), a);
+            float s = hsum(a);
+            if (s > m) {  /* a new maximum: rescale what is summed so far */
+                float c = expf(m - s);
+                l *= c;
+                __m256 cv = _mm256_set1_ps(c);
+                for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), cv));
+                m = s;
+            }
+            float p = expf(s - m);
+            l += p;
+            __m256 pv = _mm256_set1_ps(p);
+            for (int64_t i = 0; i < D; i += 8)
+                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(V + j * D + i), _mm256_loadu_ps(acc + i)));
+        }
+        float *out = o + (b * H + h) * D;
+        for (int64_t i = 0; i < D; i++) out[i] = acc[i] / l;
+    }
+}
 """
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
@@ -133,6 +199,8 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gemv_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.gemv_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.attend.argtypes = [ptr] * 9 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -169,3 +237,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
         _lib.gemv_int8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), y.data_ptr(), out_features,
                        in_features, flat.shape[0], threads)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm of fp32 rows x (..., d), d % 8 == 0: x / √(mean(x²) + eps) · weight."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty_like(flat)
+    _lib.rms_norm(flat.data_ptr(), weight.data_ptr(), y.data_ptr(), flat.shape[0], flat.shape[1], eps)
+    return y.view(x.shape)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row0: int, heads: int, scale: float
+           ) -> torch.Tensor:
+    """One decode token per row (fp32): rope(q), rope(k) at `pos`, k and v into the layer's cache (max_batch, Hkv,
+    max_len, D) at rows row0.., and softmax(q Kᵀ · scale) V over each row's slots 0..pos. q (B, H·D),
+    k, v (B, Hkv·D), cos, sin (B, D) (sin's first half negated), pos (B,) int64; returns o (B, H·D)."""
+    B = q.shape[0]
+    _, kv_heads, max_len, dim = keys.shape
+    q, k, v, cos, sin = (t.reshape(B, -1).contiguous() for t in (q, k, v, cos, sin))
+    pos = pos.to(torch.int64).contiguous()
+    o = torch.empty_like(q)
+    _lib.attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(),
+                keys.data_ptr(), values.data_ptr(), o.data_ptr(), B, heads, kv_heads, dim, max_len, row0, scale,
+                torch.get_num_threads())
+    return o

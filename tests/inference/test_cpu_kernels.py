@@ -1,0 +1,93 @@
+"""The bf16 / int8 matrix-vector kernel against F.linear on the same rounded weight, and StoredWeight's two paths
+(kernel and blocked widen-then-matmul) against each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraforge.inference import cpu_kernels
+from loraforge.inference.weights import StoredWeight
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA x86 CPU or no C compiler here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (1000, 576), (576, 1536), (193, 96)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_kernel_equals_linear_on_the_stored_weight(storage, out_features, in_features, rows):
+    g = torch.Generator().manual_seed(out_features * 31 + in_features + rows)
+    stored = StoredWeight(torch.randn(out_features, in_features, generator=g), storage)
+    x = torch.randn(2, rows, in_features, generator=g)[:1]  # (1, rows, in): a leading dim, and a view
+    assert cpu_kernels.fits(stored.data, x)
+    got = cpu_kernels.linear(x, stored.data, stored.scale)
+    want = F.linear(x, stored.dequantized())
+    assert got.shape == (1, rows, out_features)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+
+
+@needs_kernel
+def test_what_the_kernel_does_not_take():
+    w = StoredWeight(torch.randn(8, 64), "bf16").data
+    assert not cpu_kernels.fits(w, torch.randn(cpu_kernels.MAX_ROWS + 1, 64))  # a prefill: the blocked matmul
+    assert not cpu_kernels.fits(w, torch.randn(1, 64, dtype=torch.bfloat16))  # fp32 activations only
+    assert not cpu_kernels.fits(StoredWeight(torch.randn(8, 48), "bf16").data, torch.randn(1, 48))  # in % 32
+    assert not cpu_kernels.fits(torch.randn(64, 8).to(torch.bfloat16).T, torch.randn(1, 64))  # not contiguous
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_stored_weight_paths_agree(storage, monkeypatch):
+    """StoredWeight.linear with the kernel (where it runs) and without it (as on a machine without AVX2 or a
+    compiler) gives the same products, for decode-sized and prefill-sized inputs."""
+    g = torch.Generator().manual_seed(3)
+    stored = StoredWeight(torch.randn(300, 128, generator=g), storage)
+    small, big = torch.randn(1, 2, 128, generator=g), torch.randn(4, 9, 128, generator=g)
+    with_kernel = stored.linear(small), stored.linear(big)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    assert not cpu_kernels.available()
+    without = stored.linear(small), stored.linear(big)
+    for a, b in zip(with_kernel, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_rms_norm_equals_torch():
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 4, 576, generator=g) * 3, torch.randn(576, generator=g)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+def test_attend_equals_rope_cache_write_and_sdpa(heads, kv_heads):
+    """Rows at different positions, behind row0 = 1 of the cache: rope as Decoder._rope, k and v written at each
+    row's position, attention over slots 0..pos as scaled_dot_product_attention with grouped heads."""
+    g = torch.Generator().manual_seed(heads)
+    B, D, max_batch, max_len, row0 = 3, 64, 5, 40, 1
+    pos = torch.tensor([0, 17, 39])
+    keys = torch.randn(max_batch, kv_heads, max_len, D, generator=g)
+    values = torch.randn(max_batch, kv_heads, max_len, D, generator=g)
+    q = torch.randn(B, heads * D, generator=g)
+    k, v = torch.randn(B, kv_heads * D, generator=g), torch.randn(B, kv_heads * D, generator=g)
+    angle = pos[:, None] * torch.rand(D // 2, generator=g).repeat(2)[None]  # (B, D), halves alike as Llama's
+    cos, sin = angle.cos(), angle.sin()
+    sin = torch.cat((-sin[:, :D // 2], sin[:, D // 2:]), -1)
+
+    def rope(x):  # x (B, n, D)
+        swapped = x.view(B, -1, 2, D // 2).flip(2).view(B, -1, D)
+        return x * cos[:, None] + swapped * sin[:, None]
+
+    want_keys, want_values = keys.clone(), values.clone()
+    rows = torch.arange(row0, row0 + B)
+    want_keys[rows, :, pos] = rope(k.view(B, kv_heads, D))
+    want_values[rows, :, pos] = v.view(B, kv_heads, D)
+    want = []
+    for b in range(B):
+        K, V = want_keys[row0 + b, :, :pos[b] + 1], want_values[row0 + b, :, :pos[b] + 1]
+        qb = rope(q.view(B, heads, D))[b][:, None]  # (H, 1, D)
+        want.append(F.scaled_dot_product_attention(qb[None], K[None], V[None], scale=D ** -0.5,
+                                                   enable_gqa=heads != kv_heads)[0].reshape(-1))
+    got = cpu_kernels.attend(q, k, v, cos, sin, pos, keys, values, row0, heads, D ** -0.5)
+    torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values, want_values)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
