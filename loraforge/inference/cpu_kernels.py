@@ -1,20 +1,27 @@
-"""Matrix-vector products on bf16 and int8 weights with fp32 activations, for decoding on x86 CPUs with AVX2.
+"""The C kernels of a decode step on x86 CPUs with AVX2: products with bf16 / int8 weights, RMSNorm, attention.
 
     y[m, o] = Σᵢ float(W[o, i]) · x[m, i]                     bf16: float(w) is w's 16 bits shifted up by 16
     y[m, o] = Σ_g scale[o, g] · Σ_{i in g} Q[o, i] · x[m, i]    int8: groups of 32 inputs (llama.cpp's Q8_0 block)
+    rms_norm(x) = x / √(mean(x²) + ε) · w                      Llama's RMSNorm, fp32
+    attend: rope(q), rope(k) at each row's position; k, v written into the static cache there;
+            o = softmax(q Kᵀ · scale) V over the row's slots 0..pos, one pass with a running maximum
 
 A decode step multiplies each weight by a few activation rows, so it is bound by reading the weights: stored in
 bf16 or int8 it reads half or a quarter of fp32's bytes. PyTorch has no CPU kernel for bf16 or int8 weights times
 fp32 activations that reads only the stored bytes (its bf16 products run emulated on AVX2-only CPUs, and widening
-blocks of rows to fp32 first, `StoredWeight`'s fallback, costs a conversion pass through memory). This kernel
-widens in registers: each output row's weights are read once, converted 8 at a time and fused into the dot
-products of every activation row (at most `MAX_ROWS`; prefills take the fallback's blocked matmul).
+blocks of rows to fp32 first, `StoredWeight`'s fallback, costs a conversion pass). These widen in registers, with
+software prefetch: each output row's weights are read once and fused into the dot products of every activation
+row (at most `MAX_ROWS`; prefills take the fallback's blocked matmul). fp32 weights stay with torch (MKL's
+products already run at the memory's speed; a kernel of this kind measured no faster). The rest of a decode step
+is many small ops, each costing more to dispatch than to compute: RMSNorm and the attention block (two ropes, two
+cache writes, the attention, five views) become two calls.
 
 Built once per machine with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`) into
-~/.cache/loraforge/kernels and called through ctypes on contiguous tensors; output rows are split over
-`torch.get_num_threads()` OpenMP threads. Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0,
-`available()` is False and StoredWeight multiplies as before. Sums run in another order than torch's: results
-agree to fp32 rounding (tests/inference/test_cpu_kernels.py).
+~/.cache/loraforge/kernels (written atomically: processes may race) and called through ctypes on contiguous
+tensors; loops over output rows or heads run on `torch.get_num_threads()` OpenMP threads (the process's one
+libgomp). Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0, `available()` is False and the
+torch ops run instead. Sums run in another order than torch's: results agree to fp32 rounding
+(tests/inference/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -184,11 +191,11 @@ def _cpu_has_avx2_fma() -> bool:
 def _build() -> ctypes.CDLL | None:
     """Compile (once per source and flags; the file is written atomically, so processes can race) and load."""
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    path = CACHE / f"gemv-{key}.so"
+    path = CACHE / f"decode-{key}.so"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
+            src, out = Path(tmp) / "decode.c", Path(tmp) / "decode.so"
             src.write_text(SOURCE)
             done = subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)],
                                   capture_output=True, text=True, timeout=120)
