@@ -224,48 +224,55 @@ def available() -> bool:
     return _lib is not None
 
 
+def fits_weight(weight: torch.Tensor) -> bool:
+    """Whether `linear` takes this stored weight: a contiguous CPU (out, in) bf16 or int8 tensor, in % 32 == 0."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.int8) and weight.dim() == 2
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous())
+
+
+def fits_input(x: torch.Tensor, in_features: int) -> bool:
+    """Whether `linear` takes these activations: fp32 on the CPU, at most MAX_ROWS rows; and the kernels run here."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= MAX_ROWS * in_features \
+        and available()
+
+
 def fits(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `linear` takes these: CPU tensors, fp32 activations, at most MAX_ROWS rows, in % 32 == 0."""
-    rows = x.numel() // x.shape[-1]
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= MAX_ROWS
-            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and available())
+    return fits_weight(weight) and fits_input(x, weight.shape[1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) fp32 times weight (out, in) bf16, or int8 with group scales (out, in / 32): (..., out) fp32."""
     out_features, in_features = weight.shape
-    flat = x.reshape(-1, in_features).contiguous()
-    y = flat.new_empty(flat.shape[0], out_features)
-    threads = torch.get_num_threads()
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], out_features)
+    rows, threads = x.numel() // in_features, torch.get_num_threads()
     if scale is None:
-        _lib.gemv_bf16(weight.data_ptr(), flat.data_ptr(), y.data_ptr(), out_features, in_features, flat.shape[0],
-                       threads)
+        _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows, threads)
     else:
-        _lib.gemv_int8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), y.data_ptr(), out_features,
-                       in_features, flat.shape[0], threads)
-    return y.reshape(*x.shape[:-1], out_features)
+        _lib.gemv_int8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features,
+                       rows, threads)
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm of fp32 rows x (..., d), d % 8 == 0: x / √(mean(x²) + eps) · weight."""
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.empty_like(flat)
-    _lib.rms_norm(flat.data_ptr(), weight.data_ptr(), y.data_ptr(), flat.shape[0], flat.shape[1], eps)
-    return y.view(x.shape)
+    """Llama's RMSNorm of fp32 rows x (..., d), d % 8 == 0: x / √(mean(x²) + eps) · weight (contiguous)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return y
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row0: int, heads: int, scale: float
            ) -> torch.Tensor:
     """One decode token per row (fp32): rope(q), rope(k) at `pos`, k and v into the layer's cache (max_batch, Hkv,
-    max_len, D) at rows row0.., and softmax(q Kᵀ · scale) V over each row's slots 0..pos. q (B, H·D),
-    k, v (B, Hkv·D), cos, sin (B, D) (sin's first half negated), pos (B,) int64; returns o (B, H·D)."""
-    B = q.shape[0]
+    max_len, D) at rows row0.., and softmax(q Kᵀ · scale) V over each row's slots 0..pos. q (B, ..., H·D),
+    k, v (B, ..., Hkv·D); cos, sin (B, D) contiguous (sin's first half negated); pos (B,) int64 contiguous.
+    Returns o shaped like q."""
     _, kv_heads, max_len, dim = keys.shape
-    q, k, v, cos, sin = (t.reshape(B, -1).contiguous() for t in (q, k, v, cos, sin))
-    pos = pos.to(torch.int64).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     _lib.attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(),
-                keys.data_ptr(), values.data_ptr(), o.data_ptr(), B, heads, kv_heads, dim, max_len, row0, scale,
-                torch.get_num_threads())
+                keys.data_ptr(), values.data_ptr(), o.data_ptr(), q.shape[0], heads, kv_heads, dim, max_len, row0,
+                scale, torch.get_num_threads())
     return o

@@ -263,15 +263,18 @@ class Decoder:
             visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
             mask = torch.zeros(B, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
                 ~visible[:, None], float("-inf"))
+        if fused:  # the kernel's inputs, once per step: (B, D) and (B,) int64, contiguous
+            cos1, sin1, pos1 = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous(), \
+                start.to(torch.int64).contiguous()
         s0 = int(start[0])
         rows = torch.arange(row0, row0 + B, device=self.device)[:, None]
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
             if fused:  # rope, cache write and attention in one kernel call
-                o = cpu_kernels.attend(p["q_proj"](h), p["k_proj"](h), p["v_proj"](h), cos, sin, start,
+                o = cpu_kernels.attend(p["q_proj"](h), p["k_proj"](h), p["v_proj"](h), cos1, sin1, pos1,
                                        self.keys[layer], self.values[layer], row0, H, self.scaling)
-                x = x + p["o_proj"](o.view(B, T, H * D))
+                x = x + p["o_proj"](o)
                 h = self._rms(x, norm2)
                 x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
                 continue

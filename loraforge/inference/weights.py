@@ -44,6 +44,7 @@ class StoredWeight:
             self.data = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(weight.shape)
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
+        self.kernel = storage != "fp32" and cpu_kernels.fits_weight(self.data)  # the input is checked per call
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +71,7 @@ class StoredWeight:
         if self.storage == "fp32" or x.device.type != "cpu":
             w = self.data if self.storage == "fp32" else self.dequantized().to(x.dtype)
             return torch.nn.functional.linear(x, w)
-        if cpu_kernels.fits(self.data, x):  # decode: the stored bytes read once, widened in registers
+        if self.kernel and cpu_kernels.fits_input(x, self.in_features):  # decode: the stored bytes read once
             return cpu_kernels.linear(x, self.data, self.scale)
         flat_t = x.reshape(-1, self.in_features).T  # (in, M)
         out_t = flat_t.new_empty(self.out_features, flat_t.shape[1])  # (out, M): row blocks are contiguous
