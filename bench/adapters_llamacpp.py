@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import CACHE, last_logits, write_gguf  # noqa: E402
+from decode import CACHE, llama_cpp_greedy, write_gguf  # noqa: E402
 from hardware import describe, header  # noqa: E402
 from serve import make_adapters, prompt  # noqa: E402
 
@@ -92,20 +92,13 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp could not set adapter {i}")
 
     def run(self, prompts: list[list[int]], adapter_of: list[int], tokens: int):
-        import numpy as np
-
         llm, outputs = self.llm, []
         start = time.perf_counter()
         for ids, a in zip(prompts, adapter_of):
             self.use(a)
             llm.reset()
             llm.eval(ids)
-            out = []
-            for _ in range(tokens):
-                token = int(np.argmax(last_logits(llm)))
-                out.append(token)
-                llm.eval([token])
-            outputs.append(out)
+            outputs.append(llama_cpp_greedy(llm, tokens))
         seconds = time.perf_counter() - start
         return seconds, sum(len(o) for o in outputs), outputs
 

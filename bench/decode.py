@@ -128,6 +128,18 @@ def last_logits(llm):
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
+def llama_cpp_greedy(llm, tokens: int) -> list[int]:
+    """`tokens` greedy tokens after what llama.cpp has evaluated, one llm.eval per token."""
+    import numpy as np
+
+    out = []
+    for _ in range(tokens):
+        token = int(np.argmax(last_logits(llm)))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
 def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
     from llama_cpp import Llama
 
@@ -135,16 +147,10 @@ def llama_cpp_engine(path: Path, prompt: list[int], tokens: int, threads: int):
     llm = Llama(model_path=str(path), n_ctx=ctx, n_threads=threads, n_batch=ctx, verbose=False)
 
     def run():
-        import numpy as np
-
         llm.reset()
         llm.eval(prompt)
-        out = []
         start = time.perf_counter()
-        for _ in range(tokens):
-            token = int(np.argmax(last_logits(llm)))
-            out.append(token)
-            llm.eval([token])
+        out = llama_cpp_greedy(llm, tokens)
         return time.perf_counter() - start, out
     return run
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -178,16 +177,6 @@ CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
 
 
-def _cpu_has_avx2_fma() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
-
-
 def _build() -> ctypes.CDLL | None:
     """Compile (once per source and flags; the file is written atomically, so processes can race) and load."""
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
@@ -216,7 +205,8 @@ def available() -> bool:
     global _lib
     if _lib is False:
         _lib = None
-        if os.environ.get("LORAFORGE_CPU_KERNELS", "1") != "0" and _cpu_has_avx2_fma():
+        # torch's cpuinfo, as loraforge.precision asks it (every AVX2 CPU has FMA: Haswell and Zen on)
+        if os.environ.get("LORAFORGE_CPU_KERNELS", "1") != "0" and torch.cpu._is_avx2_supported():
             try:
                 _lib = _build()
             except (OSError, subprocess.SubprocessError):
