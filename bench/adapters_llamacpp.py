@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    for name in ("adapters", "clients", "tokens", "threads", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     precision = choose("auto", "auto", warn=False)
     storage = precision.storage if precision.storage in ("fp32", "bf16") else "fp32"

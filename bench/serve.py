@@ -230,6 +230,8 @@ def main() -> None:
                     help="rounds, interleaved (every run once per round; --shared-prefix: off/on pairs); medians "
                          "are printed, so that load from other processes falls on every run alike")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1 (one round of every run), got {args.repeats}")
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
     precision = choose(args.dtype, "auto")  # the engine decodes in the dtype the base is stored in

@@ -27,6 +27,16 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
     assert out.returncode == 2 and "--dtypes: unknown precision 'fp8'" in out.stderr
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("serve", ["--repeats", "0"], "--repeats must be at least 1 (one round of every run), got 0"),
+    ("adapters_llamacpp", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    ("adapters_llamacpp", ["--clients", "-3"], "--clients must be at least 1, got -3"),
+])
+def test_bench_counts_below_one_are_refused_by_name(script, args, message):
+    out = subprocess.run([sys.executable, BENCH / f"{script}.py", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr
+
+
 def test_qlora_bench_runs_bf16_only_where_the_rule_picks_it(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import qlora
