@@ -170,6 +170,91 @@ void attend(const float *q, const float *k, const float *v, const float *cos, co
         for (int64_t i = 0; i < D; i++) out[i] = acc[i] / l;
     }
 }
+/* Per-row LoRA (Punica's SGMV on a CPU): out[b, t] += (x[b, t] At[idx[b]]) Bt[idx[b]] for every token t of row b,
+   each row's adapter read where it lies in the stacks (no gathered copies; a row's later tokens find it in cache).
+   x (B, T, in), At (slots, in, R), Bt (slots, R, n), idx (B,), out (B, T, n); each of x, the stacks and out fp32
+   or bf16 (XB, WB, OB: the eight combinations are compiled apart below; bf16 is widened in registers and out is
+   rounded to nearest even once). R % 8 == 0, R <= 64, n % 8 == 0. Slot 0 is the base: its rows are left as they are. */
+static inline __m256 load8(const void *p, int64_t i, int bf) {
+    return bf ? widen_bf16((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+
+static inline float load1(const void *p, int64_t i, int bf) {
+    if (!bf) return ((const float *)p)[i];
+    union { uint32_t u; float f; } v = { (uint32_t)((const uint16_t *)p)[i] << 16 };
+    return v.f;
+}
+
+static inline void add8(void *p, int64_t i, __m256 d, int bf) {  /* p[i..i+8] += d */
+    if (!bf) { float *f = (float *)p + i; _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), d)); return; }
+    uint16_t *h = (uint16_t *)p + i;
+    __m256i s = _mm256_castps_si256(_mm256_add_ps(widen_bf16(h), d));
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(s, 16), _mm256_set1_epi32(1));  /* round to nearest even */
+    s = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(s, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    _mm_storeu_si128((__m128i *)h, packed);
+}
+
+static inline void lora_rows(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B,
+                             int64_t T, int64_t in, int64_t R, int64_t n, int threads, int XB, int WB, int OB) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        int64_t s = idx[bt / T];
+        if (s == 0) continue;
+        const int64_t A = s * in * R, Bm = s * R * n, xr = bt * in, orow = bt * n;
+        float u[64];
+        if (R == 8) {  /* the usual rank: the product in one register, four partial sums over i */
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 4 <= in; i += 4) {
+                a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
+                a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 1, XB)), load8(At, A + i * 8 + 8, WB), a1);
+                a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 2, XB)), load8(At, A + i * 8 + 16, WB), a2);
+                a3 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 3, XB)), load8(At, A + i * 8 + 24, WB), a3);
+            }
+            for (; i < in; i++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
+            _mm256_storeu_ps(u, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        } else {
+            for (int64_t j = 0; j < R; j++) u[j] = 0.0f;
+            for (int64_t i = 0; i < in; i++) {
+                __m256 xi = _mm256_set1_ps(load1(x, xr + i, XB));
+                for (int64_t j = 0; j < R; j += 8)
+                    _mm256_storeu_ps(u + j, _mm256_fmadd_ps(xi, load8(At, A + i * R + j, WB), _mm256_loadu_ps(u + j)));
+            }
+        }
+        int64_t o = 0;
+        for (; o + 32 <= n; o += 32) {  /* four independent sums of R products each */
+            __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
+                   c3 = _mm256_setzero_ps();
+            for (int64_t j = 0; j < R; j++) {
+                __m256 uj = _mm256_set1_ps(u[j]);
+                int64_t row = Bm + j * n + o;
+                c0 = _mm256_fmadd_ps(uj, load8(Bt, row, WB), c0);
+                c1 = _mm256_fmadd_ps(uj, load8(Bt, row + 8, WB), c1);
+                c2 = _mm256_fmadd_ps(uj, load8(Bt, row + 16, WB), c2);
+                c3 = _mm256_fmadd_ps(uj, load8(Bt, row + 24, WB), c3);
+            }
+            add8(out, orow + o, c0, OB);
+            add8(out, orow + o + 8, c1, OB);
+            add8(out, orow + o + 16, c2, OB);
+            add8(out, orow + o + 24, c3, OB);
+        }
+        for (; o < n; o += 8) {
+            __m256 c = _mm256_setzero_ps();
+            for (int64_t j = 0; j < R; j++) c = _mm256_fmadd_ps(_mm256_set1_ps(u[j]), load8(Bt, Bm + j * n + o, WB), c);
+            add8(out, orow + o, c, OB);
+        }
+    }
+}
+
+#define LORA_ROWS(name, XB, WB, OB) \
+void name(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B, int64_t T, \
+          int64_t in, int64_t R, int64_t n, int threads) { \
+    lora_rows(x, At, Bt, idx, out, B, T, in, R, n, threads, XB, WB, OB); }
+LORA_ROWS(lora_rows_000, 0, 0, 0) LORA_ROWS(lora_rows_001, 0, 0, 1) LORA_ROWS(lora_rows_010, 0, 1, 0)
+LORA_ROWS(lora_rows_011, 0, 1, 1) LORA_ROWS(lora_rows_100, 1, 0, 0) LORA_ROWS(lora_rows_101, 1, 0, 1)
+LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
 """
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
@@ -197,6 +282,8 @@ def _build() -> ctypes.CDLL | None:
     lib.gemv_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.attend.argtypes = [ptr] * 9 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    for flags in ("000", "001", "010", "011", "100", "101", "110", "111"):
+        getattr(lib, "lora_rows_" + flags).argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_int]
     return lib
 
 
@@ -266,3 +353,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 keys.data_ptr(), values.data_ptr(), o.data_ptr(), q.shape[0], heads, kv_heads, dim, max_len, row0,
                 scale, torch.get_num_threads())
     return o
+
+
+MAX_RANK = 64
+"""The largest rank `lora_rows` takes (a multiple of 8: the server's stacks pad their rank to one)."""
+_HALF = {torch.float32: "0", torch.bfloat16: "1"}
+
+
+def fits_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `lora_rows` takes rows x (B, T, in) against stacks At (slots, in, R), Bt (slots, R, n) into
+    out (B, T, n): all on the CPU, each fp32 or bf16 (the stacks one dtype), the stacks and out contiguous,
+    R % 8 == 0 and at most MAX_RANK, n % 8 == 0; and the kernels run here."""
+    return (x.dim() == 3 and out.shape == (*x.shape[:2], Bt.shape[2]) and x.device.type == "cpu"
+            and At.device.type == "cpu" and out.device.type == "cpu" and x.dtype in _HALF and out.dtype in _HALF
+            and At.dtype in _HALF and Bt.dtype == At.dtype and At.is_contiguous() and Bt.is_contiguous()
+            and out.is_contiguous() and At.shape[2] % 8 == 0 and At.shape[2] <= MAX_RANK and Bt.shape[2] % 8 == 0
+            and available())
+
+
+def lora_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """Add each row's LoRA delta into `out`, in place: out[b, t] += (x[b, t] · At[index[b]]) · Bt[index[b]], rows
+    with index 0 left alone. Shapes and dtypes as `fits_rows` says; index (B,) int64 on the CPU."""
+    _, in_features, rank = At.shape
+    x, index = x.contiguous(), index.contiguous()
+    fn = getattr(_lib, "lora_rows_" + _HALF[x.dtype] + _HALF[At.dtype] + _HALF[out.dtype])
+    fn(x.data_ptr(), At.data_ptr(), Bt.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+       in_features, rank, Bt.shape[2], torch.get_num_threads())

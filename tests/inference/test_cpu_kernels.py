@@ -91,3 +91,45 @@ def test_attend_equals_rope_cache_write_and_sdpa(heads, kv_heads):
     torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(values, want_values)
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtypes", ["fp32 fp32 fp32", "bf16 bf16 bf16", "bf16 fp32 bf16", "fp32 bf16 fp32"])
+@pytest.mark.parametrize("rank", [8, 16, 24, 64])
+@pytest.mark.parametrize("in_features, out_features, tokens", [(576, 576, 1), (576, 192, 3), (70, 200, 2), (3, 8, 1)])
+def test_lora_rows_equals_gathered_bmm(dtypes, rank, in_features, out_features, tokens):
+    """out[b, t] += (x[b, t] · Aᵀ[slot]) · (sB)ᵀ[slot], read in place from the stacks, against fp32 bmm on gathered
+    copies of the same (rounded) values: ranks 8 (its own path) and wider, widths that are not multiples of 32 or 4,
+    several tokens a row, rows on slot 0 (left exactly as they were), repeated slots; x, stacks, out in fp32 or bf16."""
+    x_dtype, w_dtype, out_dtype = ({"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in dtypes.split())
+    g = torch.Generator().manual_seed(rank * 1000 + in_features + out_features)
+    At = torch.randn(7, in_features, rank, generator=g).to(w_dtype)
+    Bt = torch.randn(7, rank, out_features, generator=g).to(w_dtype)
+    index = torch.tensor([3, 0, 6, 3, 1, 0, 5, 2, 6])
+    x = torch.randn(len(index), tokens, in_features, generator=g).to(x_dtype)
+    out = (torch.randn(len(index), tokens, out_features, generator=g) * 30).to(out_dtype)
+    want = out.float() + torch.bmm(torch.bmm(x.float(), At[index].float()), Bt[index].float())
+    want[index == 0] = out[index == 0].float()
+    assert cpu_kernels.fits_rows(x, At, Bt, out)
+    before = out.clone()
+    cpu_kernels.lora_rows(x, At, Bt, index, out)
+    assert torch.equal(out[index == 0], before[index == 0])
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * (in_features * rank) ** 0.5)
+    else:  # one rounding of the fp32 sum: within one bf16 step of the reference's
+        torch.testing.assert_close(out.float(), want, rtol=2 ** -7, atol=1e-5 * (in_features * rank) ** 0.5)
+
+
+@needs_kernel
+def test_what_lora_rows_does_not_take():
+    At, Bt, x, out = torch.randn(3, 64, 8), torch.randn(3, 8, 32), torch.randn(2, 5, 64), torch.zeros(2, 5, 32)
+    assert cpu_kernels.fits_rows(x, At, Bt, out)
+    assert not cpu_kernels.fits_rows(x.half(), At, Bt, out)  # fp32 or bf16 only
+    assert not cpu_kernels.fits_rows(x, At, Bt.bfloat16(), out)  # both stacks one dtype
+    assert not cpu_kernels.fits_rows(x, torch.randn(3, 64, 4), torch.randn(3, 4, 32), out)  # rank % 8
+    assert not cpu_kernels.fits_rows(x, torch.randn(3, 64, 72), torch.randn(3, 72, 32), out)  # above MAX_RANK
+    assert not cpu_kernels.fits_rows(x, At, torch.randn(3, 8, 36), torch.zeros(2, 5, 36))  # out % 8
+    assert not cpu_kernels.fits_rows(x, torch.randn(3, 8, 64).transpose(1, 2), Bt, out)  # stacks contiguous
+    assert not cpu_kernels.fits_rows(x, At, Bt, torch.zeros(2, 32, 5).transpose(1, 2))  # out contiguous
+    assert not cpu_kernels.fits_rows(x, At, Bt, torch.zeros(2, 4, 32))  # out shaped as the rows

@@ -14,6 +14,7 @@ from helpers import full_forward_greedy
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
+from loraforge.inference import cpu_kernels
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.serve import Engine, SamplingParams
 from test_serve_engine import collect, prompts
@@ -59,7 +60,11 @@ def variants(base, tmp_path_factory):  # noqa: F811
     return root
 
 
-def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants):  # noqa: F811
+@pytest.mark.parametrize("kernels", [True, False], ids=["decode-kernel", "bmm"])
+def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants, kernels, monkeypatch):  # noqa: F811
+    """Decode steps through cpu_kernels.lora_rows (where it runs) and through bmm on gathered copies."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
     names = ["plain", "dora", "pattern", "ada", None, "dora", "ada", "pattern"]
     engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: variants / n for n in set(names) - {None}})
     try:

@@ -1,0 +1,60 @@
+"""The server's per-layer adapter stacks against the plain formula base(x) + x·Aᵀ·(s·B)ᵀ per row, in fp32 and for a
+bf16 base (bf16 stacks), through the CPU kernel (where it runs) and through bmm on gathered copies."""
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from loraforge.inference import cpu_kernels
+from loraforge.serve.residency import RowSlots, Stack
+
+
+def layer(in_features: int, out_features: int, dtype: torch.dtype):
+    base = nn.Linear(in_features, out_features, bias=True).to(dtype)
+    return types.SimpleNamespace(base_layer=base, in_features=in_features, out_features=out_features)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slots, tokens", [([1, 0, 2, 1, 3], 1), ([2, 2, 2], 1), ([3, 1, 0], 4)])
+@pytest.mark.parametrize("dora", [False, True])
+def test_stack_equals_the_formula(kernels, dtype, slots, tokens, dora, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+    g = torch.Generator().manual_seed(len(slots) * 10 + tokens)
+    lin = layer(64, 40, dtype)
+    rows = RowSlots(torch.device("cpu"))
+    stack = Stack(lin, 4, 4, rows)
+    assert stack.At.dtype == dtype and stack.At.shape[2] == 8  # the base's dtype; rank padded to 8
+    factors = {}
+    for slot, r in [(1, 4), (2, 2), (3, 12)]:  # rank 12 grows the stack to 16
+        A, B = torch.randn(r, 64, generator=g), torch.randn(40, r, generator=g)
+        m = torch.rand(40, generator=g) + 0.5 if dora and slot != 2 else None
+        stack.put(slot, A, B, 0.5, m)
+        factors[slot] = (A, B, m)
+    assert stack.At.shape[2] == 16
+    x = torch.randn(len(slots), tokens, 64, generator=g).to(dtype)
+    rows.set(slots)
+    with torch.inference_mode():
+        base_out = lin.base_layer(x)
+        want = base_out.float().clone()
+        for i, s in enumerate(slots):
+            if s == 0:
+                continue
+            A, B, m = factors[s]
+            # what the stack holds: A and s·B in its dtype
+            A, sB = A.to(dtype).float(), (B * 0.5).to(dtype).float()
+            delta = x[i].float() @ A.T @ sB.T
+            if m is None:
+                want[i] += delta
+            else:
+                w0x = base_out[i].float() - lin.base_layer.bias.float()
+                want[i] += (m - 1) * w0x + m * delta
+        got = stack.forward(x, base_out.clone())
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # the sum rounded to bf16 (DoRA / bmm paths round the delta first, then the sum)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6)
