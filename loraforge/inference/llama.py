@@ -122,9 +122,17 @@ class Projection:
         dora = any(g[2] is not None for g in present)
         self.factor = factor[index][:, None, :] if dora else None  # (B, 1, out)
 
+    @property
+    def plain(self) -> bool:
+        """Only the base product: no LoRA on the current rows, no DoRA factor, no bias."""
+        return self.A is None and self.factor is None and self.bias is None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, in) -> (B, T, out)."""
-        y = self.weight.linear(x)
+        return self.finish(x, self.weight.linear(x))
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The rest of the projection on its base product y = x W0ᵀ: the rows' LoRA, DoRA's factor, the bias."""
         if self.A is not None:
             if self.A.dim() == 2:
                 y = y + (x @ self.A.T) @ self.B.T
@@ -181,6 +189,7 @@ class Decoder:
         # decode steps on a CPU in fp32: RMSNorm and rope + cache write + attention as C kernels (fewer, cheaper ops)
         self.kernels = (self.device.type == "cpu" and self.dtype == torch.float32 and cfg.hidden_size % 8 == 0
                         and self.head_dim % 8 == 0 and self.head_dim <= 256 and cpu_kernels.available())
+        self.fuse = True  # decode steps: q, k, v in one call, gate and up in one (False: one call each, for A/B)
         self.rows: list[tuple[str, ...]] | None = None
         self.set_rows(adapters)
 
@@ -228,6 +237,23 @@ class Decoder:
             return cpu_kernels.rms_norm(x, weight, self.eps)
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
+    def _qkv(self, p: dict[str, Projection], h: torch.Tensor) -> list[torch.Tensor]:
+        """q, k and v of a decode step: the three base products in one kernel call where they fit, then each
+        projection's LoRA and bias."""
+        ps = [p["q_proj"], p["k_proj"], p["v_proj"]]
+        weights = [q.weight.data for q in ps]
+        if self.fuse and cpu_kernels.fits_many(weights, h):
+            ys = cpu_kernels.linear3(h, weights, [q.weight.scale for q in ps])
+            return [q.finish(h, y) for q, y in zip(ps, ys)]
+        return [q(h) for q in ps]
+
+    def _mlp_in(self, p: dict[str, Projection], h: torch.Tensor) -> torch.Tensor:
+        """silu(gate(h)) · up(h): one kernel call (both products and the silu) where neither has an adapter."""
+        gate, up = p["gate_proj"], p["up_proj"]
+        if self.fuse and gate.plain and up.plain and cpu_kernels.fits_many([gate.weight.data, up.weight.data], h):
+            return cpu_kernels.gate_up(h, gate.weight.data, gate.weight.scale, up.weight.data, up.weight.scale)
+        return F.silu(gate(h)) * up(h)
+
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x·cos + rotate_half(x)·sin with rotate_half(x) = (−x₂, x₁); `sin` comes with the sign of its first half
@@ -271,12 +297,12 @@ class Decoder:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
-            if fused:  # rope, cache write and attention in one kernel call
-                o = cpu_kernels.attend(p["q_proj"](h), p["k_proj"](h), p["v_proj"](h), cos1, sin1, pos1,
-                                       self.keys[layer], self.values[layer], row0, H, self.scaling)
+            if fused:  # q, k, v in one kernel call; rope, cache write and attention in one; gate, up and silu in one
+                o = cpu_kernels.attend(*self._qkv(p, h), cos1, sin1, pos1, self.keys[layer], self.values[layer], row0,
+                                       H, self.scaling)
                 x = x + p["o_proj"](o)
                 h = self._rms(x, norm2)
-                x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
+                x = x + p["down_proj"](self._mlp_in(p, h))
                 continue
             q = self._rope(p["q_proj"](h).view(B, T, H, D), cos, sin)
             k = self._rope(p["k_proj"](h).view(B, T, Hkv, D), cos, sin)

@@ -133,3 +133,33 @@ def test_what_lora_rows_does_not_take():
     assert not cpu_kernels.fits_rows(x, torch.randn(3, 8, 64).transpose(1, 2), Bt, out)  # stacks contiguous
     assert not cpu_kernels.fits_rows(x, At, Bt, torch.zeros(2, 32, 5).transpose(1, 2))  # out contiguous
     assert not cpu_kernels.fits_rows(x, At, Bt, torch.zeros(2, 4, 32))  # out shaped as the rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear3_and_gate_up_equal_torch(storage, rows):
+    """q, k, v in one call and silu(gate)·up in one call, against F.linear / F.silu on the same stored weights;
+    two weights or three, outputs of different widths."""
+    g = torch.Generator().manual_seed(rows)
+    ws = [StoredWeight(torch.randn(n, 96, generator=g), storage) for n in (96, 32, 40)]
+    x = torch.randn(1, rows, 96, generator=g)
+    assert cpu_kernels.fits_many([w.data for w in ws], x)
+    for k in (2, 3):
+        got = cpu_kernels.linear3(x, [w.data for w in ws[:k]], [w.scale for w in ws[:k]])
+        for y, w in zip(got, ws[:k]):
+            torch.testing.assert_close(y, F.linear(x, w.dequantized()), rtol=1e-5, atol=1e-4)
+    gate, up = (StoredWeight(torch.randn(200, 96, generator=g), storage) for _ in range(2))
+    got = cpu_kernels.gate_up(x, gate.data, gate.scale, up.data, up.scale)
+    want = F.silu(F.linear(x, gate.dequantized())) * F.linear(x, up.dequantized())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_what_the_fused_products_do_not_take():
+    bf = StoredWeight(torch.randn(8, 64), "bf16").data
+    x = torch.randn(1, 64)
+    assert not cpu_kernels.fits_many([torch.randn(8, 64)], x)  # fp32 weights stay with MKL
+    assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 64), "int8").data], x)  # one storage
+    assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 96), "bf16").data], x)  # one input width
+    assert not cpu_kernels.fits_many([bf], torch.randn(cpu_kernels.MAX_ROWS + 1, 64))  # a prefill

@@ -152,9 +152,17 @@ def test_stored_precision_logits_equal_the_rounded_model(storage, kind):
     dec = Decoder(model, max_batch=2, max_len=8, storage=storage)  # its own rounded copies of the base weights
     ids = torch.tensor(_prompts(0, [6, 6], seed=6))
     got = dec.forward(ids, torch.zeros(2, dtype=torch.long))
+    rounded = _rounded_like(model, storage)
     with torch.no_grad():
-        theirs = _rounded_like(model, storage)(input_ids=ids).logits[:, -1]
+        theirs = rounded(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-5)
+    # decode steps: the kernels' path (q, k, v in one call; gate, up and silu in one where they have no adapter)
+    for step in range(2):
+        ids = torch.cat([ids, got.argmax(-1, keepdim=True)], 1)
+        got = dec.forward(ids[:, -1:], torch.full((2,), ids.shape[1] - 1))
+        with torch.no_grad():
+            theirs = rounded(input_ids=ids).logits[:, -1]
+        torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("storage", ["bf16", "int8"])
