@@ -109,6 +109,7 @@ def percentile(xs: list[float], q: float) -> float:
 def run_one(model, tokenizer, args, label: str, cls, adapters: dict[str, str], models: list[str]) -> dict:
     """One engine + server, a warm-up, then the clients; the model comes back without adapters."""
     engine = cls(model, tokenizer, base_name=args.model, adapters=adapters, max_loaded=max(1, len(adapters)),
+                 adapter_dtype=args.adapter_dtype,
                  max_batch=args.clients, max_queue=4 * args.clients)
     with ServerThread(create_app(engine)) as url:
         asyncio.run(run_clients(url, sorted(set(models)), 1, 2))  # warm-up: every adapter once
@@ -220,6 +221,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--adapters", default="1,16,64", help="K values (batched; switching at 16 when listed)")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--adapter-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="the served adapters' weights (auto: bf16 for a bf16 base, else fp32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (default: all cores); 1 gives steadier numbers on a shared CPU")
     ap.add_argument("--dtype", default="auto", help="auto (loraforge.precision's choice here), fp32, bf16 or fp16")
@@ -238,7 +241,8 @@ def main() -> None:
     print(precision.line())
     model, tokenizer = load_base(args.model, dtype=precision.storage)
     print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
-          f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o, torch threads {torch.get_num_threads()}")
+          f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o ({args.adapter_dtype} adapter weights), "
+          f"torch threads {torch.get_num_threads()}")
     if args.shared_prefix:
         with tempfile.TemporaryDirectory() as tmp:
             shared_prefix(model, tokenizer, args, make_adapters(model, Path(tmp), 1, args.rank))

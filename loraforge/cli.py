@@ -241,7 +241,7 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
 def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
           max_batch: int = 32, max_queue: int = 256, prefix_cache_mb: float = 256, precision: str = "auto",
-          dtype: str | None = None, ui: bool = False, runs: str = "runs") -> None:
+          dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: str = "runs") -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -257,6 +257,7 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         prefix_cache_mb: MB of keys/values of shared prompt prefixes (a system prompt) kept for reuse; 0 = off
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base, in which it decodes: fp32, bf16 or fp16 (default: the precision's)
+        adapter_dtype: served adapters' weights: auto (bf16 for a bf16 base, else fp32), fp32, or bf16 (half the bytes)
         ui: also serve the web dashboard at /ui/ (see `loraforge ui`; datasets from the current folder)
         runs: the dashboard's runs folder
     """
@@ -266,6 +267,8 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
     _check_precision(precision, dtype)
     if not prefix_cache_mb >= 0:
         raise ConfigError([f"--prefix-cache-mb {prefix_cache_mb}: give the megabytes to keep (0 turns it off)"])
+    if adapter_dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError([f"--adapter-dtype {adapter_dtype!r}: use auto, fp32 or bf16"])
     pairs = {}
     for item in adapter:
         name, sep, path = item.partition("=")
@@ -279,7 +282,7 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         check_host(host, api_key)
         extend = lambda app, engine: mount(app, runs, ".", training_models(model, None), engine, api_key)  # noqa: E731
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
-               precision, extend=extend, prefix_cache_mb=prefix_cache_mb)
+               precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype)
 
 
 def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,

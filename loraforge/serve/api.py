@@ -247,7 +247,7 @@ class ServerThread:
 def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = None, adapters_dir: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
                max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto",
-               extend=None, prefix_cache_mb: float = 256) -> None:
+               extend=None, prefix_cache_mb: float = 256, adapter_dtype: str = "auto") -> None:
     """Serve `model` with LoRA adapters over an OpenAI-compatible HTTP API until interrupted.
 
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
@@ -259,6 +259,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     max_loaded: adapters resident at once (least recently used evicted, reloaded from disk on demand).
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.
     prefix_cache_mb: memory for cached keys/values of shared prompt prefixes (per adapter); 0 turns it off.
+    adapter_dtype: the resident adapters' weights: auto (the base's dtype when bf16, else fp32), fp32 or bf16.
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
@@ -269,7 +270,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     print(chosen.line(), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
-                    max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
+                    max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
+                    adapter_dtype=adapter_dtype)
     app = create_app(engine, api_key=api_key)
     if extend is not None:
         extend(app, engine)

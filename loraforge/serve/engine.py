@@ -35,7 +35,7 @@ from loraforge.serve.batch import Batch
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
-from loraforge.serve.residency import Residency
+from loraforge.serve.residency import ADAPTER_DTYPES, Residency
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
 
 
@@ -52,11 +52,14 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
                  adapters: dict[str, str | Path] | None = None, adapters_dir: str | Path | None = None,
                  max_loaded: int = 8, max_batch: int = 32, max_queue: int = 256, default_max_tokens: int = 256,
-                 max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16):
+                 max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
+                 adapter_dtype: str = "auto"):
         if lora_layers(model):
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
         if max_loaded < 1 or max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_loaded ({max_loaded}), max_batch ({max_batch}) and max_queue ({max_queue}) "
                              f"must be at least 1")
@@ -87,7 +90,8 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
         self._residency = Residency(model, self._cv, base_name=base_name, max_loaded=max_loaded,
                                     allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir,
-                                    on_evict=lambda entry: self.prefix_cache.forget(entry.load_id))
+                                    on_evict=lambda entry: self.prefix_cache.forget(entry.load_id),
+                                    adapter_dtype=adapter_dtype)
         # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
         self.stats = self._residency.stats
         self._batch = Batch(model, self._residency.rows)

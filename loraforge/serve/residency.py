@@ -91,12 +91,13 @@ class Stack:
     bf16 output's own), else fp32; computed in fp32 either way.
     """
 
-    def __init__(self, layer: LoraLinear | SVDLinear, slots: int, r: int, rows: RowSlots):
+    def __init__(self, layer: LoraLinear | SVDLinear, slots: int, r: int, rows: RowSlots,
+                 adapter_dtype: str = "auto"):
         w = layer.base_layer.weight
         r = _padded(r)
         # bf16 stacks for a bf16 base halve what a step reads: 32 rows on 32 adapters, r=8, 120 layers of SmolLM2,
         # the per-row LoRA of a decode step 3.2 ms with bf16 stacks, 7.0 ms with fp32 (lora_rows, this Xeon)
-        dtype = torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float32
+        dtype = stack_dtype(adapter_dtype, w.dtype)
         self.At = torch.zeros(slots, layer.in_features, r, dtype=dtype, device=w.device)
         self.Bt = torch.zeros(slots, r, layer.out_features, dtype=dtype, device=w.device)  # (scaling · B)ᵀ
         self.g: torch.Tensor | None = None  # (slots, out) fp32 DoRA's magnitude factor, once a DoRA adapter is in
@@ -161,6 +162,19 @@ class Stack:
         return base_out + ((g - 1) * w0x + g * delta).to(base_out.dtype)
 
 
+ADAPTER_DTYPES = ("auto", "fp32", "bf16")
+
+
+def stack_dtype(adapter_dtype: str, base_dtype: torch.dtype) -> torch.dtype:
+    """The stacks' dtype: "auto" bf16 for a bf16 base, else fp32; or as asked ("bf16" halves the bytes a step with
+    many adapters reads, at a rounding of A and s·B of 2⁻⁹)."""
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+    if adapter_dtype == "auto":
+        return torch.bfloat16 if base_dtype == torch.bfloat16 else torch.float32
+    return torch.bfloat16 if adapter_dtype == "bf16" else torch.float32
+
+
 def _padded(r: int) -> int:
     """A stack's rank: r rounded up to a multiple of 8 (what `cpu_kernels.lora_rows` reads; the zeros add nothing)."""
     return -(-r // 8) * 8
@@ -193,8 +207,10 @@ class Residency:
     """The registry (any thread, under `lock`) and the model's resident adapters (engine thread only)."""
 
     def __init__(self, model: nn.Module, lock: threading.Condition, *, base_name: str, max_loaded: int,
-                 allowed: list[Path], adapters_dir: Path | None, on_evict: Callable[[Adapter], None] | None = None):
+                 allowed: list[Path], adapters_dir: Path | None, on_evict: Callable[[Adapter], None] | None = None,
+                 adapter_dtype: str = "auto"):
         self.model, self.lock, self.base_name, self.max_loaded = model, lock, base_name, max_loaded
+        self.adapter_dtype = adapter_dtype
         self.on_evict = on_evict  # called with an adapter leaving the model (its prefix cache goes with it)
         self.rows = RowSlots(next(model.parameters()).device)
         self.adapters: dict[str, Adapter] = {}  # registered, by name
@@ -323,7 +339,8 @@ class Residency:
             A, B, scale, g = factors(layer, entry.uid)
             stack = self._stacks.get(layer)
             if stack is None:
-                stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, A.shape[0], self.rows)
+                stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, A.shape[0], self.rows,
+                                                    self.adapter_dtype)
                 layer.row_forward = stack.forward
             stack.put(slot, A, B, scale, g)
         entry.slot, entry.load_id = slot, next(self._loads)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from loraforge.inference import cpu_kernels
-from loraforge.serve.residency import RowSlots, Stack
+from loraforge.serve import Engine
+from loraforge.serve.residency import RowSlots, Stack, stack_dtype
 
 
 def layer(in_features: int, out_features: int, dtype: torch.dtype):
@@ -20,14 +21,17 @@ def layer(in_features: int, out_features: int, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("slots, tokens", [([1, 0, 2, 1, 3], 1), ([2, 2, 2], 1), ([3, 1, 0], 4)])
 @pytest.mark.parametrize("dora", [False, True])
-def test_stack_equals_the_formula(kernels, dtype, slots, tokens, dora, monkeypatch):
+@pytest.mark.parametrize("adapter_dtype", ["auto", "bf16"])
+def test_stack_equals_the_formula(kernels, dtype, slots, tokens, dora, adapter_dtype, monkeypatch):
     if not kernels:
         monkeypatch.setattr(cpu_kernels, "_lib", None)
     g = torch.Generator().manual_seed(len(slots) * 10 + tokens)
     lin = layer(64, 40, dtype)
     rows = RowSlots(torch.device("cpu"))
-    stack = Stack(lin, 4, 4, rows)
-    assert stack.At.dtype == dtype and stack.At.shape[2] == 8  # the base's dtype; rank padded to 8
+    stack = Stack(lin, 4, 4, rows, adapter_dtype)
+    held = stack_dtype(adapter_dtype, dtype)  # auto: the base's dtype
+    assert stack.At.dtype == held == (dtype if adapter_dtype == "auto" else torch.bfloat16)
+    assert stack.At.shape[2] == 8  # rank padded to 8
     factors = {}
     for slot, r in [(1, 4), (2, 2), (3, 12)]:  # rank 12 grows the stack to 16
         A, B = torch.randn(r, 64, generator=g), torch.randn(40, r, generator=g)
@@ -45,7 +49,7 @@ def test_stack_equals_the_formula(kernels, dtype, slots, tokens, dora, monkeypat
                 continue
             A, B, m = factors[s]
             # what the stack holds: A and s·B in its dtype
-            A, sB = A.to(dtype).float(), (B * 0.5).to(dtype).float()
+            A, sB = A.to(held).float(), (B * 0.5).to(held).float()
             delta = x[i].float() @ A.T @ sB.T
             if m is None:
                 want[i] += delta
@@ -58,3 +62,8 @@ def test_stack_equals_the_formula(kernels, dtype, slots, tokens, dora, monkeypat
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     else:  # the sum rounded to bf16 (DoRA / bmm paths round the delta first, then the sum)
         torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6)
+
+
+def test_adapter_dtype_is_checked(base, tokenizer):  # noqa: F811
+    with pytest.raises(ValueError, match="adapter_dtype must be one of auto, fp32, bf16, got 'fp16'"):
+        Engine(base, tokenizer, adapter_dtype="fp16")
