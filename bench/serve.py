@@ -49,6 +49,9 @@ WORDS = ("river stone light garden morning engine window silver forest letter mu
          "mountain paper candle ocean bridge market island").split()
 
 
+STATIC = {"auto": None, "static": True, "forward": False}
+
+
 class SwitchingEngine(Engine):
     """The naive baseline: only requests for one adapter run at a time; switch when the batch drains."""
 
@@ -109,7 +112,7 @@ def percentile(xs: list[float], q: float) -> float:
 def run_one(model, tokenizer, args, label: str, cls, adapters: dict[str, str], models: list[str]) -> dict:
     """One engine + server, a warm-up, then the clients; the model comes back without adapters."""
     engine = cls(model, tokenizer, base_name=args.model, adapters=adapters, max_loaded=max(1, len(adapters)),
-                 adapter_dtype=args.adapter_dtype,
+                 adapter_dtype=args.adapter_dtype, static=STATIC[args.decode],
                  max_batch=args.clients, max_queue=4 * args.clients)
     with ServerThread(create_app(engine)) as url:
         asyncio.run(run_clients(url, sorted(set(models)), 1, 2))  # warm-up: every adapter once
@@ -221,6 +224,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--adapters", default="1,16,64", help="K values (batched; switching at 16 when listed)")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--decode", default="auto", choices=tuple(STATIC),
+                    help="the engine's decode path: auto (the static decoder for Llama-family bases), static, or "
+                         "forward (transformers' forward, a concatenated cache)")
     ap.add_argument("--adapter-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                     help="the served adapters' weights (auto: bf16 for a bf16 base, else fp32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -241,7 +247,7 @@ def main() -> None:
     print(precision.line())
     model, tokenizer = load_base(args.model, dtype=precision.storage)
     print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
-          f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o ({args.adapter_dtype} adapter weights), "
+          f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o ({args.adapter_dtype} adapter weights), decode {args.decode}, "
           f"torch threads {torch.get_num_threads()}")
     if args.shared_prefix:
         with tempfile.TemporaryDirectory() as tmp:

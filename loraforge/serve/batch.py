@@ -87,8 +87,11 @@ class Batch:
         stop = start + n if start + n != 0 else None
         return torch.stack([t[row, :, start:stop] for layer in cache.layers for t in (layer.keys, layer.values)])
 
-    def join(self, reqs: list[Request], cache, mask: torch.Tensor) -> None:
-        """Append prefilled rows (only the rows `reqs` of cache and mask) to the batch, left-padding the shorter."""
+    def join(self, reqs: list[Request], keep: list[int], cache, mask: torch.Tensor) -> None:
+        """Append rows `keep` of the prefilled `reqs` (their cache and mask) to the batch, left-padding the shorter."""
+        if len(keep) < len(reqs):
+            mask = select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
+        reqs = [reqs[i] for i in keep]
         for layer in cache.layers:
             if type(layer).__name__ != "DynamicLayer":
                 raise NotImplementedError(f"the server batches full-attention caches only, not {type(layer).__name__}")

@@ -28,15 +28,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loraforge.decoding import select_rows
 from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
+from loraforge.inference.llama import unsupported
 from loraforge.serve.batch import Batch
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import ADAPTER_DTYPES, Residency
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
+from loraforge.serve.static_batch import StaticBatch
 
 
 class Engine:
@@ -53,7 +54,7 @@ class Engine:
                  adapters: dict[str, str | Path] | None = None, adapters_dir: str | Path | None = None,
                  max_loaded: int = 8, max_batch: int = 32, max_queue: int = 256, default_max_tokens: int = 256,
                  max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
-                 adapter_dtype: str = "auto"):
+                 adapter_dtype: str = "auto", static: bool | None = None):
         if lora_layers(model):
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
         if not prefix_cache_mb >= 0:
@@ -94,7 +95,12 @@ class Engine:
                                     adapter_dtype=adapter_dtype)
         # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
         self.stats = self._residency.stats
-        self._batch = Batch(model, self._residency.rows)
+        # Llama-family bases decode on the static decoder (generate's and eval's path); others on transformers' forward
+        self.static = static if static is not None else unsupported(model) is None
+        if self.static and unsupported(model) is not None:
+            raise ValueError(f"static=True: the static decoder does not run {unsupported(model)}")
+        self._batch = StaticBatch(model, self._residency.rows, max_batch, self.context_length) if self.static \
+            else Batch(model, self._residency.rows)
 
         for name, path in (adapters or {}).items():  # checked now, so a bad adapter stops the start
             entry = self._residency.register(name, path)
@@ -319,9 +325,7 @@ class Engine:
             self._cache_prompt(req, cache, i)
         keep = self._advance(reqs, logits)
         if keep:
-            if len(keep) < len(reqs):
-                mask = select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
-            self._batch.join([reqs[i] for i in keep], cache, mask)
+            self._batch.join(reqs, keep, cache, mask)
             self.stats["max_running"] = max(self.stats["max_running"], len(self._batch))
 
     def _cache_prompt(self, req: Request, cache, row: int) -> None:

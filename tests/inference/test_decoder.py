@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import VOCAB, randomize, tiny_gpt2, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.decoding import greedy as shared_greedy
+from loraforge.inference import cpu_kernels
 from loraforge.inference.greedy import greedy
 from loraforge.inference.llama import Decoder, unsupported
 from loraforge.inference.weights import StoredWeight
@@ -222,3 +223,14 @@ def test_rows_prefilled_behind_running_rows_decode_together():
             set_adapter(model, name)
             torch.testing.assert_close(step[row], model(input_ids=torch.tensor([p + [token]])).logits[0, -1],
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [None, "plain", "dora"])
+def test_greedy_equals_generate_without_the_kernels(kind, monkeypatch):
+    """Decode steps off the C kernels (as on a CPU without AVX2 or a compiler, or in bf16): grouped matmul
+    attention with each row at its own position; the same greedy tokens as transformers' generate."""
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    model = tiny_llama() if kind is None else _with_adapter(kind)
+    prompts = _prompts(0, [1, 5, 2, 9, 3])
+    stop = _stop_tokens(model, prompts)
+    assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=5) == _reference(model, prompts, stop, 12)

@@ -23,7 +23,7 @@ PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def server(base, tokenizer, adapters_dir):  # noqa: F811
+def server(base, tokenizer, adapters_dir, decode_path):  # noqa: F811
     engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters_dir=adapters_dir, max_queue=8,
                     adapters={"a": adapters_dir / "a", "b": adapters_dir / "b"})  # "c": from the directory
     with ServerThread(create_app(engine, api_key=KEY)) as url:

@@ -20,6 +20,7 @@ from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
+from loraforge.serve import static_batch
 
 # Three adapters on different modules with different ranks and scalings; non-zero B (init False) so each one
 # changes the output.
@@ -253,3 +254,40 @@ def test_fresh_adapter_equals_base(make_engine, base, tokenizer, tmp_path):
     engine = make_engine(adapters={"zero": tmp_path / "zero"})
     prompt = prompts(len(tokenizer), [9], seed=6)[0]
     assert engine.generate(prompt, "zero", GREEDY).token_ids == engine.generate(prompt, None, GREEDY).token_ids
+
+
+def test_static_cache_grows_and_rows_move(make_engine, base, adapters_dir, tokenizer, decode_path, monkeypatch):
+    """The static decoder's cache starting at 8 slots × 4 rows: it grows (doubling) while rows of different lengths
+    run, finished rows' places are taken by later rows (copied), rows join behind running ones; every row's greedy
+    tokens equal the full-forward reference; the cache goes back to its first size when the batch empties."""
+    if decode_path != "static":
+        pytest.skip("the static decoder's cache")
+    monkeypatch.setattr(static_batch, "FIRST_LEN", 8)
+    engine = make_engine()
+    decoder = engine._batch.decoder
+    assert engine.static and (decoder.max_batch, decoder.max_len) == (4, 8)
+    sizes, resize = [], decoder.resize
+    monkeypatch.setattr(decoder, "resize", lambda b, n: (sizes.append((b, n)), resize(b, n)))
+    jobs = list(zip(["a", "b", None, "c", "a"], prompts(len(tokenizer), [5, 17, 3, 9, 12], seed=4),
+                    [30, 25, 24, 2, 20]))
+    gate = threading.Event()
+    engine.call(gate.wait)
+    queues = []
+    for adapter, prompt, n in jobs[:3]:
+        queues.append(queue.Queue())
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=n, ignore_eos=True), queues[-1].put)
+    gate.set()
+    first = queues[0].get(timeout=30).token_ids  # decoding: the last two join behind the running rows
+    held = threading.Event()
+    engine.call(held.wait)  # the three are still running (one token each so far) when the two join
+    for adapter, prompt, n in jobs[3:]:
+        queues.append(queue.Queue())
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=n, ignore_eos=True), queues[-1].put)
+    held.set()
+    for i, ((adapter, prompt, n), q) in enumerate(zip(jobs, queues)):
+        got = (first if i == 0 else []) + collect(q)[0]
+        assert got == reference(base, adapters_dir, adapter, prompt, n), adapter
+    assert max(n for _, n in sizes) >= 32  # grown from 8: 5 + 30 positions in row "a"
+    assert max(b for b, _ in sizes) == 8  # five rows at once at most: 4 -> 8
+    engine.call(lambda: None)  # the engine has dropped the finished rows
+    assert (decoder.max_batch, decoder.max_len) == (4, 8)

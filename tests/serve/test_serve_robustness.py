@@ -29,7 +29,7 @@ TINY = 5e-324  # the smallest positive float
 
 
 @pytest.fixture(scope="module")
-def server(base, tokenizer, adapters_dir, tmp_path_factory):  # noqa: F811
+def server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):  # noqa: F811
     root = tmp_path_factory.mktemp("upload")
     for name in ("a", "b"):
         shutil.copytree(adapters_dir / name, root / name)

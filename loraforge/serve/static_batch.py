@@ -1,0 +1,142 @@
+"""The running batch on the static decoder (`loraforge.inference.llama.Decoder`): the decode path `generate`,
+`eval` and the demo take, for Llama-family bases.
+
+The decoder's KV cache holds rows × slots per layer, each doubled when the batch needs more (up to the engine's
+max_batch and the model's context length) and given back when the batch empties: memory follows the high-water
+mark of one burst, not max_batch × context. Row i of the batch is cache row i, its tokens at slots 0.. (no left
+padding, no masks of padding, no concatenation per step). New requests are prefilled into the rows behind the running ones (a cached
+prompt prefix copied into their first slots, only the rest computed); a finished row's place is taken by the last
+running row (one row copied, not the batch). Each row's adapter comes through the layers' `row_forward` hooks:
+the residency's stacks, as in `Batch`. Same interface as `serve.batch.Batch` (the engine takes either).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraforge.inference.llama import Decoder
+from loraforge.serve.request import Request
+from loraforge.serve.residency import RowSlots
+
+FIRST_LEN = 256
+"""Cache slots per row at start (doubled as rows grow, up to the model's context length)."""
+FIRST_ROWS = 4
+"""Cache rows at start (doubled as the batch grows, up to max_batch)."""
+
+
+class Prefilled:
+    """What `StaticBatch.prefill` hands back: its rows start at cache row `row0`; each row's prompt length."""
+
+    def __init__(self, row0: int, lengths: list[int]):
+        self.row0, self.lengths = row0, lengths
+
+
+class StaticBatch:
+    """Rows decoding together on the static decoder (engine thread only)."""
+
+    def __init__(self, model: nn.Module, rows_slots: RowSlots, max_batch: int, context_length: int):
+        self.context_length, self.max_batch = context_length, max_batch
+        self.decoder = Decoder(model, min(FIRST_ROWS, max_batch), min(FIRST_LEN, context_length), hooks=True)
+        self.slots = rows_slots
+        self.device = self.decoder.device
+        self.rows: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _room(self, rows: int, positions: int) -> None:
+        """Cache room for `rows` rows of `positions` slots: each doubled until it fits (never past max_batch rows
+        or the context length)."""
+        dec = self.decoder
+        n, size = dec.max_batch, dec.max_len
+        while n < rows:
+            n *= 2
+        while size < positions:
+            size *= 2
+        dec.resize(min(n, max(self.max_batch, rows)), min(size, max(self.context_length, positions)))
+
+    def _release(self) -> None:
+        """The batch is empty: the cache back to its first size."""
+        self.decoder.resize(min(FIRST_ROWS, self.max_batch), min(FIRST_LEN, self.context_length))
+
+    @torch.inference_mode()
+    def prefill(self, reqs: list[Request]):
+        """New prompts into the cache rows behind the running ones, in one forward: (last-position logits (n, V),
+        a `Prefilled`, None). A request's cached prefix (`req.cached`, prefix.Block s) is copied into its first
+        slots and only the rest of its prompt runs, right-padded to the longest rest."""
+        dec, row0 = self.decoder, len(self.rows)
+        starts = [sum(b.kv.shape[2] for b in r.cached) for r in reqs]
+        own = [r.prompt_ids[s:] for r, s in zip(reqs, starts)]
+        self._room(row0 + len(reqs), max(len(r.prompt_ids) for r in reqs) + 1)
+        for i, req in enumerate(reqs):
+            if req.cached:  # (2 · layers, heads, P, dim): keys at even rows, values at odd ones
+                kv = torch.cat([b.kv for b in req.cached], 2).to(dec.keys.dtype)
+                dec.keys[:, row0 + i, :, :starts[i]] = kv[0::2]
+                dec.values[:, row0 + i, :, :starts[i]] = kv[1::2]
+        T = max(len(o) for o in own)
+        ids = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, o in enumerate(own):
+            ids[i, :len(o)] = torch.tensor(o)
+        self.slots.set([r.slot for r in reqs])
+        dec.attach_hooks()
+        logits = dec.forward(ids.to(self.device), torch.tensor(starts, device=self.device),
+                             keep=torch.tensor([len(o) - 1 for o in own], device=self.device), row0=row0)
+        for req in reqs:
+            req.length = len(req.prompt_ids)
+        return logits, Prefilled(row0, [len(r.prompt_ids) for r in reqs]), None
+
+    def row_kv(self, prefilled: Prefilled, row: int, start: int, n: int) -> torch.Tensor:
+        """Slots start .. start + n of prefilled row `row`, every layer stacked: (2 · layers, heads, n, dim), keys
+        at even rows, values at odd ones (prefix.Block's layout). `start` may count from the prompt's end (< 0)."""
+        dec = self.decoder
+        at = prefilled.row0 + row
+        start = start + prefilled.lengths[row] if start < 0 else start
+        keys, values = dec.keys[:, at, :, start:start + n], dec.values[:, at, :, start:start + n]
+        return torch.stack([keys, values], 1).flatten(0, 1).clone()
+
+    @torch.inference_mode()  # the cache is an inference tensor once grown or written
+    def join(self, reqs: list[Request], keep: list[int], prefilled: Prefilled, mask=None) -> None:
+        """Rows `keep` of the prefilled `reqs` join the batch (moved up to close the gaps of those that ended)."""
+        for j, i in enumerate(keep):
+            at = len(self.rows) + j
+            if prefilled.row0 + i != at:
+                self.decoder.copy_row(prefilled.row0 + i, at, reqs[i].length)
+        self.rows = self.rows + [reqs[i] for i in keep]
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """One decode step for every row (each feeds its last token): the logits (B, V)."""
+        rows = self.rows
+        self._room(len(rows), max(r.length for r in rows) + 1)
+        self.slots.set([r.slot for r in rows])
+        self.decoder.attach_hooks()
+        ids = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        start = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
+        logits = self.decoder.forward(ids, start)
+        for r in rows:
+            r.length += 1
+        return logits
+
+    @torch.inference_mode()
+    def keep(self, keep: list[int]) -> None:
+        """Keep rows `keep` (indices into rows): each gap below the kept count takes a kept row from above it
+        (one cache row copied per gap; the batch's order changes, which nothing relies on)."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        k, kept = len(keep), set(keep)
+        gaps = [i for i in range(k) if i not in kept]
+        movers = [i for i in keep if i >= k]
+        rows = list(self.rows)
+        for gap, mover in zip(gaps, movers):
+            self.decoder.copy_row(mover, gap, rows[mover].length)
+            rows[gap] = rows[mover]
+        self.rows = rows[:k]
+
+    @torch.inference_mode()
+    def clear(self) -> None:
+        self.rows = []
+        self._release()
