@@ -44,6 +44,7 @@ from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve import Engine
 from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.residency import ADAPTER_DTYPES
 
 WORDS = ("river stone light garden morning engine window silver forest letter music winter harbor "
          "mountain paper candle ocean bridge market island").split()
@@ -227,7 +228,7 @@ def main() -> None:
     ap.add_argument("--decode", default="auto", choices=tuple(STATIC),
                     help="the engine's decode path: auto (the static decoder for Llama-family bases), static, or "
                          "forward (transformers' forward, a concatenated cache)")
-    ap.add_argument("--adapter-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+    ap.add_argument("--adapter-dtype", default="auto", choices=ADAPTER_DTYPES,
                     help="the served adapters' weights (auto: bf16 for a bf16 base, else fp32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (default: all cores); 1 gives steadier numbers on a shared CPU")

@@ -28,14 +28,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loraforge.inference.llama import unsupported
 from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
-from loraforge.inference.llama import unsupported
 from loraforge.serve.batch import Batch
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
-from loraforge.serve.residency import ADAPTER_DTYPES, Residency
+from loraforge.serve.residency import Residency, check_adapter_dtype
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
 from loraforge.serve.static_batch import StaticBatch
 
@@ -59,8 +59,7 @@ class Engine:
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
-        if adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+        check_adapter_dtype(adapter_dtype)
         if max_loaded < 1 or max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_loaded ({max_loaded}), max_batch ({max_batch}) and max_queue ({max_queue}) "
                              f"must be at least 1")
@@ -96,10 +95,11 @@ class Engine:
         # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
         self.stats = self._residency.stats
         # Llama-family bases decode on the static decoder (generate's and eval's path); others on transformers' forward
-        self.static = static if static is not None else unsupported(model) is None
-        if self.static and unsupported(model) is not None:
-            raise ValueError(f"static=True: the static decoder does not run {unsupported(model)}")
-        self._batch = StaticBatch(model, self._residency.rows, max_batch, self.context_length) if self.static \
+        why = unsupported(model)
+        self.static = static if static is not None else why is None
+        if self.static and why is not None:
+            raise ValueError(f"static=True: the static decoder does not run {why}")
+        self._batch = StaticBatch(model, self._residency, max_batch, self.context_length) if self.static \
             else Batch(model, self._residency.rows)
 
         for name, path in (adapters or {}).items():  # checked now, so a bad adapter stops the start

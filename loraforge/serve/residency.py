@@ -36,11 +36,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-from loraforge.inference import cpu_kernels
 from torch.nn import functional as F
 
 from loraforge.config import LoraConfig
+from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
 from loraforge.lora.inject import lora_layers
@@ -165,11 +164,15 @@ class Stack:
 ADAPTER_DTYPES = ("auto", "fp32", "bf16")
 
 
+def check_adapter_dtype(adapter_dtype: str) -> None:
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+
+
 def stack_dtype(adapter_dtype: str, base_dtype: torch.dtype) -> torch.dtype:
     """The stacks' dtype: "auto" bf16 for a bf16 base, else fp32; or as asked ("bf16" halves the bytes a step with
     many adapters reads, at a rounding of A and s·B of 2⁻⁹)."""
-    if adapter_dtype not in ADAPTER_DTYPES:
-        raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+    check_adapter_dtype(adapter_dtype)
     if adapter_dtype == "auto":
         return torch.bfloat16 if base_dtype == torch.bfloat16 else torch.float32
     return torch.bfloat16 if adapter_dtype == "bf16" else torch.float32
@@ -222,6 +225,12 @@ class Residency:
         self._stacks: dict[LoraLinear, Stack] = {}
         self._allowed = {Path(p).expanduser().resolve() for p in allowed}
         self.adapters_dir = adapters_dir
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """Changes whenever adapter layers are put on or taken off the model (loads, evictions): what a decoder
+        holding the layers' `row_forward` hooks re-reads them on."""
+        return self.stats["loads"], self.stats["evictions"]
 
     def lookup(self, name: str | None) -> Adapter | None:
         """The registered adapter a request names (under lock); None for the base model."""
