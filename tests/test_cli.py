@@ -49,6 +49,8 @@ def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["serve", "--adapter", "no-equals-sign"]) == 2
     assert "write it as NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--adapter-dtype", "fp16"]) == 2
+    assert "--adapter-dtype 'fp16': use auto, fp32 or bf16" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {train: x.jsonl}\ntraining: {lr: fast}\n")
     assert main(["train", str(bad)]) == 2
