@@ -79,6 +79,19 @@ static inline float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
+static inline float dot_f32(const float *w, const float *x, int64_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {  /* 128 bytes of weights: two cache lines */
+        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH + 64, _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
 static inline float dot_int8(const int8_t *q, const float *s, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (int64_t g = 0; g < n / 32; g++) {
@@ -95,8 +108,9 @@ static inline float dot_int8(const int8_t *q, const float *s, const float *x, in
     return hsum(_mm256_add_ps(a0, a1));
 }
 
-/* row o of W (out, in) stored as kind 1 bf16 or 2 int8 with group scales S (out, in / 32), dotted with x */
+/* row o of W (out, in) stored as kind 0 fp32, 1 bf16 or 2 int8 with group scales S (out, in / 32), dotted with x */
 static inline float dot_row(int kind, const void *W, const float *S, int64_t o, const float *x, int64_t in) {
+    if (kind == 0) return dot_f32((const float *)W + o * in, x, in);
     if (kind == 1) return dot_bf16((const uint16_t *)W + o * in, x, in);
     return dot_int8((const int8_t *)W + o * in, S + o * (in / 32), x, in);
 }
@@ -126,19 +140,12 @@ void gate_up(int kind, const void *Wg, const float *Sg, const void *Wu, const fl
         }
 }
 
-/* y (M, out) = x (M, in) W^T; W (out, in) bf16; in % 32 == 0 */
-void gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t out, int64_t in, int64_t M, int threads) {
+/* y (M, out) = x (M, in) W^T, W (out, in) stored as `kind` (dot_row); in % 32 == 0 */
+void gemv(int kind, const void *W, const float *S, const float *x, float *y, int64_t out, int64_t in, int64_t M,
+          int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++)
-        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_bf16(W + o * in, x + m * in, in);
-}
-
-/* y (M, out) = x (M, in) (Q * scale)^T; Q (out, in) int8, scale (out, in / 32) fp32; in % 32 == 0 */
-void gemv_int8(const int8_t *Q, const float *scale, const float *x, float *y, int64_t out, int64_t in, int64_t M,
-               int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_int8(Q + o * in, scale + o * (in / 32), x + m * in, in);
+        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_row(kind, W, S, o, x + m * in, in);
 }
 
 /* y (rows, d) = x / sqrt(mean(x^2) + eps) * w (Llama's RMSNorm in fp32); d % 8 == 0 */
@@ -313,8 +320,7 @@ def _build() -> ctypes.CDLL | None:
             os.replace(out, path)
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gemv_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.gemv_int8.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.gemv.argtypes = [ctypes.c_int] + [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
     lib.gemv3.argtypes = [ctypes.c_int] + [ptr, ptr, i64] * 3 + [ptr] * 4 + [i64, i64, ctypes.c_int]
     lib.gate_up.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3 + [ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
@@ -338,9 +344,30 @@ def available() -> bool:
     return _lib is not None
 
 
+def _mkl_on_intel() -> bool:
+    """Whether torch's fp32 products are MKL's on an Intel CPU (read from /proc/cpuinfo; False where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        intel = False
+    return intel and torch.backends.mkl.is_available()
+
+
+FP32 = os.environ.get("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1") != "0"
+"""Whether fp32 weights go through these kernels too (decode steps of at most MAX_ROWS rows). MKL's products reach
+the memory's speed on Intel CPUs (Xeon, AVX-512: this file's fp32 dot measured 0.98x of it), but not on AMD's: on
+a 2-core AMD EPYC (Zen, AVX2) MKL's 1-16-row fp32 products read 6-11 GB/s and this file's 15-20 GB/s (2-3x;
+bench/decode.py's fp32 rows). LORAFORGE_FP32_KERNELS=0 or 1 overrides."""
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_KINDS = tuple(_KIND) if FP32 else (torch.bfloat16, torch.int8)
+
+
 def fits_weight(weight: torch.Tensor) -> bool:
-    """Whether `linear` takes this stored weight: a contiguous CPU (out, in) bf16 or int8 tensor, in % 32 == 0."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.int8) and weight.dim() == 2
+    """Whether `linear` takes this stored weight: a contiguous CPU (out, in) bf16 or int8 tensor (or fp32, where
+    FP32), in % 32 == 0."""
+    return (weight.device.type == "cpu" and weight.dtype in _KINDS and weight.dim() == 2
             and weight.shape[1] % 32 == 0 and weight.is_contiguous())
 
 
@@ -355,29 +382,21 @@ def fits(weight: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) fp32 times weight (out, in) bf16, or int8 with group scales (out, in / 32): (..., out) fp32."""
+    """x (..., in) fp32 times weight (out, in) fp32, bf16, or int8 with group scales (out, in / 32): (..., out)
+    fp32."""
     out_features, in_features = weight.shape
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
-    rows, threads = x.numel() // in_features, torch.get_num_threads()
-    if scale is None:
-        _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows, threads)
-    else:
-        _lib.gemv_int8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features,
-                       rows, threads)
+    _lib.gemv(_KIND[weight.dtype], weight.data_ptr(), None if scale is None else scale.data_ptr(), x.data_ptr(),
+              y.data_ptr(), out_features, in_features, x.numel() // in_features, torch.get_num_threads())
     return y
 
 
-_KIND = {torch.bfloat16: 1, torch.int8: 2}
-
-
 def fits_many(weights: list[torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether `linear3` / `gate_up` take these weights (one storage dtype, bf16 or int8; contiguous CPU (out, in),
-    in % 32 == 0) and x (fp32, at most MAX_ROWS rows); and the kernels run here. fp32 weights stay with MKL: its
-    products read faster than this file's fp32 dot (interleaved A/B on SmolLM2's decode, this Xeon: fusing q, k, v
-    and gate, up in fp32 was 0.98x; bf16 1.06x, int8 1.02x)."""
+    """Whether `linear3` / `gate_up` take these weights (one storage dtype, as `fits_weight` takes; contiguous CPU
+    (out, in), in % 32 == 0) and x (fp32, at most MAX_ROWS rows); and the kernels run here."""
     w0 = weights[0]
-    return (w0.dtype in _KIND and all(w.dtype == w0.dtype and w.device.type == "cpu" and w.dim() == 2
+    return (w0.dtype in _KINDS and all(w.dtype == w0.dtype and w.device.type == "cpu" and w.dim() == 2
                                       and w.shape[1] == w0.shape[1] and w.shape[1] % 32 == 0 and w.is_contiguous()
                                       for w in weights) and fits_input(x, w0.shape[1]))
 

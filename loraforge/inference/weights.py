@@ -6,7 +6,8 @@ the activations' dtype (fp32 here).
     int8  y = x (float(Q) · scale)ᵀ             ~a quarter of the bytes; per group of 32 inputs of a row (as
                                                 llama.cpp's Q8_0): Q = round(W / scale), scale = max|W_group| / 127
 
-A decode step's few rows go to `cpu_kernels` (x86 with AVX2: the stored bytes widened in registers). Otherwise
+A decode step's few rows go to `cpu_kernels` (x86 with AVX2: the stored bytes widened in registers; fp32 too
+where MKL's products are slow, `cpu_kernels.FP32`). Otherwise
 widening happens a block of rows at a time into one small fp32 buffer that stays in cache, then a matmul: torch's
 own bf16 and int8 matrix-vector products run emulated on AVX2-only CPUs (see bench/decode.py).
 """
@@ -44,7 +45,7 @@ class StoredWeight:
             self.data = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(weight.shape)
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
-        self.kernel = storage != "fp32" and cpu_kernels.fits_weight(self.data)  # the input is checked per call
+        self.kernel = cpu_kernels.fits_weight(self.data)  # the input is checked per call
 
     @property
     def nbytes(self) -> int:
@@ -68,11 +69,11 @@ class StoredWeight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
+        if self.kernel and cpu_kernels.fits_input(x, self.in_features):  # decode: the stored bytes read once
+            return cpu_kernels.linear(x, self.data, self.scale)
         if self.storage == "fp32" or x.device.type != "cpu":
             w = self.data if self.storage == "fp32" else self.dequantized().to(x.dtype)
             return torch.nn.functional.linear(x, w)
-        if self.kernel and cpu_kernels.fits_input(x, self.in_features):  # decode: the stored bytes read once
-            return cpu_kernels.linear(x, self.data, self.scale)
         flat_t = x.reshape(-1, self.in_features).T  # (in, M)
         out_t = flat_t.new_empty(self.out_features, flat_t.shape[1])  # (out, M): row blocks are contiguous
         buffer = flat_t.new_empty(self.block, self.in_features)

@@ -1,5 +1,9 @@
-"""The bf16 / int8 matrix-vector kernel against F.linear on the same rounded weight, and StoredWeight's two paths
-(kernel and blocked widen-then-matmul) against each other."""
+"""The fp32 / bf16 / int8 matrix-vector kernel against F.linear on the same rounded weight, and StoredWeight's two
+paths (kernel and blocked widen-then-matmul, or MKL for fp32) against each other."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,8 +15,24 @@ from loraforge.inference.weights import StoredWeight
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA x86 CPU or no C compiler here")
 
 
+@pytest.fixture(autouse=True)
+def all_storages(monkeypatch):
+    """fp32 weights through the kernels too, whatever this CPU's default (cpu_kernels.FP32: not on Intel + MKL)."""
+    monkeypatch.setattr(cpu_kernels, "_KINDS", tuple(cpu_kernels._KIND))
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_fp32_kernels_switch(value):
+    """LORAFORGE_FP32_KERNELS=0/1 decides whether fp32 weights take the kernels (default: by CPU vendor)."""
+    code = ("import torch; from loraforge.inference import cpu_kernels as k; "
+            "print(k.FP32, k.fits_weight(torch.zeros(8, 64)), k.fits_weight(torch.zeros(8, 64, dtype=torch.bfloat16)))")
+    env = {**os.environ, "LORAFORGE_FP32_KERNELS": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == (["True", "True", "True"] if value == "1" else ["False", "False", "True"])
+
+
 @needs_kernel
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (1000, 576), (576, 1536), (193, 96)])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_kernel_equals_linear_on_the_stored_weight(storage, out_features, in_features, rows):
@@ -35,7 +55,7 @@ def test_what_the_kernel_does_not_take():
     assert not cpu_kernels.fits(torch.randn(64, 8).to(torch.bfloat16).T, torch.randn(1, 64))  # not contiguous
 
 
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 def test_stored_weight_paths_agree(storage, monkeypatch):
     """StoredWeight.linear with the kernel (where it runs) and without it (as on a machine without AVX2 or a
     compiler) gives the same products, for decode-sized and prefill-sized inputs."""
@@ -136,7 +156,7 @@ def test_what_lora_rows_does_not_take():
 
 
 @needs_kernel
-@pytest.mark.parametrize("storage", ["bf16", "int8"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_linear3_and_gate_up_equal_torch(storage, rows):
     """q, k, v in one call and silu(gate)·up in one call, against F.linear / F.silu on the same stored weights;
@@ -156,10 +176,13 @@ def test_linear3_and_gate_up_equal_torch(storage, rows):
 
 
 @needs_kernel
-def test_what_the_fused_products_do_not_take():
+def test_what_the_fused_products_do_not_take(monkeypatch):
     bf = StoredWeight(torch.randn(8, 64), "bf16").data
     x = torch.randn(1, 64)
-    assert not cpu_kernels.fits_many([torch.randn(8, 64)], x)  # fp32 weights stay with MKL
+    assert cpu_kernels.fits_many([torch.randn(8, 64)], x)  # fp32 where cpu_kernels.FP32 (this test's fixture)
+    monkeypatch.setattr(cpu_kernels, "_KINDS", (torch.bfloat16, torch.int8))  # not: fp32 weights stay with MKL
+    assert not cpu_kernels.fits_many([torch.randn(8, 64)], x)
+    assert not cpu_kernels.fits(torch.randn(8, 64), x)
     assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 64), "int8").data], x)  # one storage
     assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 96), "bf16").data], x)  # one input width
     assert not cpu_kernels.fits_many([bf], torch.randn(cpu_kernels.MAX_ROWS + 1, 64))  # a prefill
