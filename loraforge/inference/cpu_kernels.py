@@ -81,9 +81,7 @@ static inline float dot_bf16(const uint16_t *w, const float *x, int64_t n) {
 
 static inline float dot_f32(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 32) {  /* 128 bytes of weights: two cache lines */
-        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i) + PREFETCH + 64, _MM_HINT_T0);
+    for (int64_t i = 0; i < n; i += 32) {  /* no software prefetch: it measured slower than the hardware's alone */
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -115,12 +113,16 @@ static inline float dot_row(int kind, const void *W, const float *S, int64_t o, 
     return dot_int8((const int8_t *)W + o * in, S + o * (in / 32), x, in);
 }
 
-/* Three products of one input in one parallel region (q, k, v): y_k (M, n_k) = x (M, in) W_k^T, the weights stored
-   alike (kind); a weight with n_k = 0 is skipped. in % 32 == 0. */
-void gemv3(int kind, const void *W0, const float *S0, int64_t n0, const void *W1, const float *S1, int64_t n1,
-           const void *W2, const float *S2, int64_t n2, const float *x, float *y0, float *y1, float *y2, int64_t in,
-           int64_t M, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+/* The bodies below share out their loops with `omp for` (orphaned): called inside a parallel region they split
+   the loop over its threads and end at a barrier; the exported functions wrap each in a region of its own, and
+   `layer` runs a whole decoder layer's decode step in one region (no Python or thread start-up between its parts). */
+
+/* Three products of one input (q, k, v): y_k (M, n_k) = x (M, in) W_k^T, the weights stored alike (kind); a weight
+   with n_k = 0 is skipped. in % 32 == 0. */
+static void gemv3_for(int kind, const void *W0, const float *S0, int64_t n0, const void *W1, const float *S1,
+                      int64_t n1, const void *W2, const float *S2, int64_t n2, const float *x, float *y0, float *y1,
+                      float *y2, int64_t in, int64_t M) {
+    #pragma omp for schedule(static)
     for (int64_t t = 0; t < n0 + n1 + n2; t++) {
         const void *W = W0; const float *S = S0; float *y = y0; int64_t o = t, n = n0;
         if (o >= n0) { o -= n0; W = W1; S = S1; y = y1; n = n1;
@@ -129,10 +131,17 @@ void gemv3(int kind, const void *W0, const float *S0, int64_t n0, const void *W1
     }
 }
 
+void gemv3(int kind, const void *W0, const float *S0, int64_t n0, const void *W1, const float *S1, int64_t n1,
+           const void *W2, const float *S2, int64_t n2, const float *x, float *y0, float *y1, float *y2, int64_t in,
+           int64_t M, int threads) {
+    #pragma omp parallel num_threads(threads)
+    gemv3_for(kind, W0, S0, n0, W1, S1, n1, W2, S2, n2, x, y0, y1, y2, in, M);
+}
+
 /* Llama's MLP input in one pass: y (M, n) = silu(x Wg^T) * (x Wu^T), both weights stored alike; in % 32 == 0 */
-void gate_up(int kind, const void *Wg, const float *Sg, const void *Wu, const float *Su, const float *x, float *y,
-             int64_t n, int64_t in, int64_t M, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+static void gate_up_for(int kind, const void *Wg, const float *Sg, const void *Wu, const float *Su, const float *x,
+                        float *y, int64_t n, int64_t in, int64_t M) {
+    #pragma omp for schedule(static)
     for (int64_t o = 0; o < n; o++)
         for (int64_t m = 0; m < M; m++) {
             float g = dot_row(kind, Wg, Sg, o, x + m * in, in), u = dot_row(kind, Wu, Su, o, x + m * in, in);
@@ -140,12 +149,27 @@ void gate_up(int kind, const void *Wg, const float *Sg, const void *Wu, const fl
         }
 }
 
-/* y (M, out) = x (M, in) W^T, W (out, in) stored as `kind` (dot_row); in % 32 == 0 */
+void gate_up(int kind, const void *Wg, const float *Sg, const void *Wu, const float *Su, const float *x, float *y,
+             int64_t n, int64_t in, int64_t M, int threads) {
+    #pragma omp parallel num_threads(threads)
+    gate_up_for(kind, Wg, Sg, Wu, Su, x, y, n, in, M);
+}
+
+/* y (M, out) = x (M, in) W^T (add: y += it, a residual), W (out, in) stored as `kind` (dot_row); in % 32 == 0 */
+static void gemv_for(int kind, const void *W, const float *S, const float *x, float *y, int64_t out, int64_t in,
+                     int64_t M, int add) {
+    #pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t m = 0; m < M; m++) {
+            float d = dot_row(kind, W, S, o, x + m * in, in);
+            y[m * out + o] = add ? y[m * out + o] + d : d;
+        }
+}
+
 void gemv(int kind, const void *W, const float *S, const float *x, float *y, int64_t out, int64_t in, int64_t M,
           int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t m = 0; m < M; m++) y[m * out + o] = dot_row(kind, W, S, o, x + m * in, in);
+    #pragma omp parallel num_threads(threads)
+    gemv_for(kind, W, S, x, y, out, in, M, 0);
 }
 
 /* y (rows, d) = x / sqrt(mean(x^2) + eps) * w (Llama's RMSNorm in fp32); d % 8 == 0 */
@@ -171,9 +195,10 @@ static inline void rope(const float *x, const float *cos, const float *sin, floa
    o = softmax(q K^T * scale) V over the row's slots 0..pos (one pass, running max: no scores buffer).
    q (B, H*D), k, v (B, Hkv*D), cos, sin (B, D), pos (B,), cache (max_batch, Hkv, max_len, D) for this layer,
    rows row0..row0+B-1; o (B, H*D). D % 8 == 0, D <= 256. */
-void attend(const float *q, const float *k, const float *v, const float *cos, const float *sin, const int64_t *pos,
-            float *keys, float *values, float *o, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t max_len,
-            int64_t row0, float scale, int threads) {
+static void attend_for(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                       const int64_t *pos, float *keys, float *values, float *o, int64_t B, int64_t H, int64_t Hkv,
+                       int64_t D, int64_t max_len, int64_t row0, float scale) {
+    #pragma omp single
     for (int64_t b = 0; b < B; b++) {  /* rope k, write k and v: small, before any head reads the cache */
         for (int64_t g = 0; g < Hkv; g++) {
             int64_t at = (((row0 + b) * Hkv + g) * max_len + pos[b]) * D;
@@ -181,7 +206,7 @@ void attend(const float *q, const float *k, const float *v, const float *cos, co
             for (int64_t i = 0; i < D; i++) values[at + i] = v[(b * Hkv + g) * D + i];
         }
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
         int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);
         float qr[256], acc[256];
@@ -210,6 +235,37 @@ void attend(const float *q, const float *k, const float *v, const float *cos, co
         }
         float *out = o + (b * H + h) * D;
         for (int64_t i = 0; i < D; i++) out[i] = acc[i] / l;
+    }
+}
+
+void attend(const float *q, const float *k, const float *v, const float *cos, const float *sin, const int64_t *pos,
+            float *keys, float *values, float *o, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t max_len,
+            int64_t row0, float scale, int threads) {
+    #pragma omp parallel num_threads(threads)
+    attend_for(q, k, v, cos, sin, pos, keys, values, o, B, H, Hkv, D, max_len, row0, scale);
+}
+
+/* A whole Llama decoder layer's decode step (one token per row), in place on x (B, d):
+       h = rms(x) n1;  q, k, v = h Wq^T, h Wk^T, h Wv^T;  o = attend(q, k, v) (as above)
+       x += o Wo^T;    h = rms(x) n2;  x += (silu(h Wg^T) * (h Wu^T)) Wd^T
+   W[7] = q, k, v, o, gate, up, down (out, in), all stored as `kind`, S[7] their int8 scales (or NULL);
+   work: B * (d + 2 H D + 2 Hkv D + inter) floats. Shapes as `attend` says; d, H D, inter % 32 == 0. */
+void layer(int kind, float *x, const float *n1, const float *n2, float eps, const void **W, const float **S,
+           const float *cos, const float *sin, const int64_t *pos, float *keys, float *values, float *work, int64_t B,
+           int64_t d, int64_t H, int64_t Hkv, int64_t D, int64_t inter, int64_t max_len, int64_t row0, float scale,
+           int threads) {
+    float *h = work, *q = h + B * d, *k = q + B * H * D, *v = k + B * Hkv * D, *o = v + B * Hkv * D, *g = o + B * H * D;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp single
+        rms_norm(x, n1, h, B, d, eps);
+        gemv3_for(kind, W[0], S[0], H * D, W[1], S[1], Hkv * D, W[2], S[2], Hkv * D, h, q, k, v, d, B);
+        attend_for(q, k, v, cos, sin, pos, keys, values, o, B, H, Hkv, D, max_len, row0, scale);
+        gemv_for(kind, W[3], S[3], o, x, d, H * D, B, 1);
+        #pragma omp single
+        rms_norm(x, n2, h, B, d, eps);
+        gate_up_for(kind, W[4], S[4], W[5], S[5], h, g, inter, d, B);
+        gemv_for(kind, W[6], S[6], g, x, d, inter, B, 1);
     }
 }
 /* Per-row LoRA (Punica's SGMV on a CPU): out[b, t] += (x[b, t] At[idx[b]]) Bt[idx[b]] for every token t of row b,
@@ -325,6 +381,8 @@ def _build() -> ctypes.CDLL | None:
     lib.gate_up.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3 + [ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
     lib.attend.argtypes = [ptr] * 9 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.layer.argtypes = [ctypes.c_int, ptr, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] * 8 + [ctypes.c_float,
+                                                                                                  ctypes.c_int]
     for flags in ("000", "001", "010", "011", "100", "101", "110", "111"):
         getattr(lib, "lora_rows_" + flags).argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_int]
     return lib
@@ -451,6 +509,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 keys.data_ptr(), values.data_ptr(), o.data_ptr(), q.shape[0], heads, kv_heads, dim, max_len, row0,
                 scale, torch.get_num_threads())
     return o
+
+
+class LayerWeights:
+    """A decoder layer's seven weights (q, k, v, o, gate, up, down; (out, in) each) for `layer`, or `ok` False where
+    the kernel does not take them (not one storage dtype that `fits_weight` takes). Holds the tensors, so the
+    pointers handed to C stay valid."""
+
+    def __init__(self, weights: list[torch.Tensor], scales: list[torch.Tensor | None]):
+        self.tensors = [*weights, *(s for s in scales if s is not None)]
+        w0 = weights[0]
+        self.ok = len(weights) == 7 and available() and all(fits_weight(w) and w.dtype == w0.dtype for w in weights)
+        if self.ok:
+            self.kind = _KIND[w0.dtype]
+            self.W = (ctypes.c_void_p * 7)(*(w.data_ptr() for w in weights))
+            self.S = (ctypes.c_void_p * 7)(*(None if s is None else s.data_ptr() for s in scales))
+            self.inter = weights[4].shape[0]
+
+
+def layer(x: torch.Tensor, weights: LayerWeights, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
+          cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row0: int,
+          heads: int, scale: float) -> None:
+    """A Llama decoder layer's decode step in one call, in place on x (B, 1, d) fp32 contiguous (B <= MAX_ROWS):
+    x += attention(rms(x)) Woᵀ, then x += mlp(rms(x)), with the cache written as `attend` does; every part as this
+    file's other kernels compute it (same sums, same order)."""
+    _, kv_heads, max_len, dim = keys.shape
+    B, d = x.shape[0], x.shape[-1]
+    work = x.new_empty(B * (d + 2 * heads * dim + 2 * kv_heads * dim + weights.inter))
+    _lib.layer(weights.kind, x.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, weights.W, weights.S,
+               cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), keys.data_ptr(), values.data_ptr(), work.data_ptr(),
+               B, d, heads, kv_heads, dim, weights.inter, max_len, row0, scale, torch.get_num_threads())
 
 
 MAX_RANK = 64

@@ -181,6 +181,10 @@ class Decoder:
             projections = {p.split(".")[1]: Projection(block.get_submodule(p), storage) for p in PROJECTIONS}
             norms = (block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach())
             self.layers.append((norms, projections))
+        # decode steps of plain layers (no adapter, hook or bias on the rows) as one kernel call each
+        self.whole = [cpu_kernels.LayerWeights([p[n.split(".")[1]].weight.data for n in PROJECTIONS],
+                                               [p[n.split(".")[1]].weight.scale for n in PROJECTIONS])
+                      for _, p in self.layers]
         weight = inner.embed_tokens.weight
         self.dtype = weight.dtype if weight.dtype.is_floating_point and storage == "fp32" else torch.float32
         self.device = weight.device
@@ -194,6 +198,7 @@ class Decoder:
         self.kernels = (self.device.type == "cpu" and self.dtype == torch.float32 and cfg.hidden_size % 8 == 0
                         and self.head_dim % 8 == 0 and self.head_dim <= 256 and cpu_kernels.available())
         self.fuse = True  # decode steps: q, k, v in one call, gate and up in one (False: one call each, for A/B)
+        self.layer_kernel = True  # decode steps of plain layers in one call (False: a call per part, for A/B)
         self.rows: list[tuple[str, ...]] | None = None
         if not hooks:
             self.set_rows(adapters)
@@ -342,6 +347,11 @@ class Decoder:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
+            if fused and self.layer_kernel and self.whole[layer].ok and B <= cpu_kernels.MAX_ROWS \
+                    and all(q.plain for q in p.values()):  # the whole layer in one call, in place on x
+                cpu_kernels.layer(x, self.whole[layer], (norm1, norm2), self.eps, cos1, sin1, pos1, self.keys[layer],
+                                  self.values[layer], row0, H, self.scaling)
+                continue
             if fused:  # q, k, v in one kernel call; rope, cache write and attention in one; gate, up and silu in one
                 o = cpu_kernels.attend(*self._qkv(p, h), cos1, sin1, pos1, self.keys[layer], self.values[layer], row0,
                                        H, self.scaling)
