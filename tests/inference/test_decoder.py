@@ -234,3 +234,40 @@ def test_greedy_equals_generate_without_the_kernels(kind, monkeypatch):
     prompts = _prompts(0, [1, 5, 2, 9, 3])
     stop = _stop_tokens(model, prompts)
     assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=5) == _reference(model, prompts, stop, 12)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA x86 CPU or no C compiler here")
+@pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
+def test_whole_layer_kernel_equals_the_per_part_calls(storage, monkeypatch):
+    """A plain layer's decode step in one C call (`cpu_kernels.layer`) against the per-part calls (q/k/v, attend,
+    o, gate/up, down) and, for fp32, the model's own forward: rows at different positions, several steps; a layer
+    with an adapter takes the per-part path in the same step. fp32 weights too, whatever this CPU's default."""
+    monkeypatch.setattr(cpu_kernels, "_KINDS", tuple(cpu_kernels._KIND))
+    model = tiny_llama(num_hidden_layers=3)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=("model.layers.1.self_attn.v_proj",)), "one")
+    randomize(model)
+    prompts = _prompts(0, [6, 3, 9], seed=4)
+    decs = [Decoder(model, max_batch=3, max_len=16, storage=storage) for _ in range(2)]
+    decs[1].layer_kernel = False
+    assert all(w.ok for w in decs[0].whole)
+    taken = []
+    real = cpu_kernels.layer
+    monkeypatch.setattr(cpu_kernels, "layer", lambda *a, **k: taken.append(1) or real(*a, **k))
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    outs = [d.forward(ids, torch.zeros(3, dtype=torch.long), keep=lengths - 1) for d in decs]
+    seqs = [list(p) for p in prompts]
+    for step in range(3):
+        nxt = outs[0].argmax(-1, keepdim=True)
+        for row in range(3):
+            seqs[row].append(int(nxt[row]))
+        outs = [d.forward(nxt, lengths + step) for d in decs]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        if storage == "fp32":
+            with torch.no_grad():
+                for row in range(3):
+                    full = model(input_ids=torch.tensor([seqs[row]])).logits[0, -1]
+                    torch.testing.assert_close(outs[0][row], full, rtol=1e-5, atol=1e-5)
+    assert len(taken) == 3 * 2  # layers 0 and 2 in one call each step; layer 1 (an adapter) per part
