@@ -46,6 +46,7 @@ class StoredWeight:
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
         self.kernel = cpu_kernels.fits_weight(self.data)  # the input is checked per call
+        self.max_rows = cpu_kernels.MAX_TILED_ROWS if storage == "fp32" else cpu_kernels.MAX_ROWS
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +70,7 @@ class StoredWeight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
-        if self.kernel and cpu_kernels.fits_input(x, self.in_features):  # decode: the stored bytes read once
+        if self.kernel and cpu_kernels.fits_input(x, self.in_features, self.max_rows):  # decode: bytes read once
             return cpu_kernels.linear(x, self.data, self.scale)
         if self.storage == "fp32" or x.device.type != "cpu":
             w = self.data if self.storage == "fp32" else self.dequantized().to(x.dtype)

@@ -186,3 +186,22 @@ def test_what_the_fused_products_do_not_take(monkeypatch):
     assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 64), "int8").data], x)  # one storage
     assert not cpu_kernels.fits_many([bf, StoredWeight(torch.randn(8, 96), "bf16").data], x)  # one input width
     assert not cpu_kernels.fits_many([bf], torch.randn(cpu_kernels.MAX_ROWS + 1, 64))  # a prefill
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (193, 96), (576, 1536), (1536, 576)])
+@pytest.mark.parametrize("rows", [17, 20, 32, 64])
+def test_tiled_fp32_product_equals_linear(out_features, in_features, rows):
+    """fp32 weights times 17-64 rows (a server's batch): 3 x 4 tiles, the rows and weight rows left over (rows not
+    a multiple of 3, outputs not of 4) as plain dots; through StoredWeight too, and past MAX_TILED_ROWS to MKL."""
+    g = torch.Generator().manual_seed(out_features + in_features + rows)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(rows, 1, in_features, generator=g)
+    want = F.linear(x, w)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), want, rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+    stored = StoredWeight(w, "fp32")
+    assert stored.kernel and cpu_kernels.fits_input(x, in_features, stored.max_rows)
+    torch.testing.assert_close(stored.linear(x), want, rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+    big = torch.randn(cpu_kernels.MAX_TILED_ROWS + 1, in_features, generator=g)
+    assert not cpu_kernels.fits_input(big, in_features, stored.max_rows)
+    torch.testing.assert_close(stored.linear(big), F.linear(big, w))
