@@ -44,6 +44,9 @@ MAX_ROWS = 16
 MAX_TILED_ROWS = 64
 """fp32 weights: rows `linear` takes through the tiled product (a server's batch); more go to MKL. On the 2-core
 AMD EPYC, SmolLM2's shapes: 17-64 rows 80-124 GFLOP/s against MKL's 42-108; at 128-256 rows about even."""
+TILED_FROM = 8
+"""fp32 weights: more rows than this take the tiled product, fewer one dot product per row (12-16 rows: the tiles
+1.1-1.6x faster; 2-8 rows: even or slower, same machine)."""
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -488,7 +491,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
     rows = x.numel() // in_features
-    if weight.dtype == torch.float32 and rows > MAX_ROWS:  # a server's batch: the tiled product
+    if weight.dtype == torch.float32 and rows > TILED_FROM:  # a server's batch: the tiled product
         _lib.gemm_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), out_features, in_features, rows,
                       torch.get_num_threads())
         return y
@@ -501,9 +504,10 @@ def fits_many(weights: list[torch.Tensor], x: torch.Tensor) -> bool:
     """Whether `linear3` / `gate_up` take these weights (one storage dtype, as `fits_weight` takes; contiguous CPU
     (out, in), in % 32 == 0) and x (fp32, at most MAX_ROWS rows); and the kernels run here."""
     w0 = weights[0]
+    rows = TILED_FROM if w0.dtype == torch.float32 else MAX_ROWS  # more fp32 rows: each product tiled on its own
     return (w0.dtype in _KINDS and all(w.dtype == w0.dtype and w.device.type == "cpu" and w.dim() == 2
                                       and w.shape[1] == w0.shape[1] and w.shape[1] % 32 == 0 and w.is_contiguous()
-                                      for w in weights) and fits_input(x, w0.shape[1]))
+                                      for w in weights) and fits_input(x, w0.shape[1], rows))
 
 
 def linear3(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -572,12 +576,13 @@ class LayerWeights:
             self.W = (ctypes.c_void_p * 7)(*(w.data_ptr() for w in weights))
             self.S = (ctypes.c_void_p * 7)(*(None if s is None else s.data_ptr() for s in scales))
             self.inter = weights[4].shape[0]
+            self.max_rows = TILED_FROM if w0.dtype == torch.float32 else MAX_ROWS  # more fp32 rows: tiled per part
 
 
 def layer(x: torch.Tensor, weights: LayerWeights, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
           cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row0: int,
           heads: int, scale: float) -> None:
-    """A Llama decoder layer's decode step in one call, in place on x (B, 1, d) fp32 contiguous (B <= MAX_ROWS):
+    """A Llama decoder layer's decode step in one call, in place on x (B, 1, d) fp32 contiguous (B <= max_rows):
     x += attention(rms(x)) Woᵀ, then x += mlp(rms(x)), with the cache written as `attend` does; every part as this
     file's other kernels compute it (same sums, same order)."""
     _, kv_heads, max_len, dim = keys.shape

@@ -347,7 +347,7 @@ class Decoder:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
             h = self._rms(x, norm1)
-            if fused and self.layer_kernel and self.whole[layer].ok and B <= cpu_kernels.MAX_ROWS \
+            if fused and self.layer_kernel and self.whole[layer].ok and B <= self.whole[layer].max_rows \
                     and all(q.plain for q in p.values()):  # the whole layer in one call, in place on x
                 cpu_kernels.layer(x, self.whole[layer], (norm1, norm2), self.eps, cos1, sin1, pos1, self.keys[layer],
                                   self.values[layer], row0, H, self.scaling)
