@@ -1,22 +1,24 @@
-"""The C kernels of a decode step on x86 CPUs with AVX2: products with bf16 / int8 weights, RMSNorm, attention,
-and the server's per-row LoRA.
+"""The C kernels of a decode step on x86 CPUs with AVX2: products with fp32 / bf16 / int8 weights, RMSNorm,
+attention, a whole Llama layer in one call, and the server's per-row LoRA.
 
+    y[m, o] = Σᵢ W[o, i] · x[m, i]                            fp32 (3 x 4 register tiles for 9-64 rows)
     y[m, o] = Σᵢ float(W[o, i]) · x[m, i]                     bf16: float(w) is w's 16 bits shifted up by 16
     y[m, o] = Σ_g scale[o, g] · Σ_{i in g} Q[o, i] · x[m, i]    int8: groups of 32 inputs (llama.cpp's Q8_0 block)
     rms_norm(x) = x / √(mean(x²) + ε) · w                      Llama's RMSNorm, fp32
     attend: rope(q), rope(k) at each row's position; k, v written into the static cache there;
             o = softmax(q Kᵀ · scale) V over the row's slots 0..pos, one pass with a running maximum
+    layer:  x += attend(rms(x)) Woᵀ; x += (silu(rms(x) Wgᵀ) · rms(x) Wuᵀ) Wdᵀ   one OpenMP region
     lora_rows: out[b, t] += (x[b, t] · Aᵀ[idx[b]]) · (sB)ᵀ[idx[b]]   each row's adapter read in place in the stacks
 
 A decode step multiplies each weight by a few activation rows, so it is bound by reading the weights: stored in
 bf16 or int8 it reads half or a quarter of fp32's bytes. PyTorch has no CPU kernel for bf16 or int8 weights times
 fp32 activations that reads only the stored bytes (its bf16 products run emulated on AVX2-only CPUs, and widening
-blocks of rows to fp32 first, `StoredWeight`'s fallback, costs a conversion pass). These widen in registers, with
-software prefetch: each output row's weights are read once and fused into the dot products of every activation
-row (at most `MAX_ROWS`; prefills take the fallback's blocked matmul). fp32 weights stay with torch (MKL's
-products already run at the memory's speed; a kernel of this kind measured no faster). The rest of a decode step
-is many small ops, each costing more to dispatch than to compute: RMSNorm and the attention block (two ropes, two
-cache writes, the attention, five views) become two calls. The server's batches give each row its own adapter:
+blocks of rows to fp32 first, `StoredWeight`'s fallback, costs a conversion pass). These widen in registers:
+each output row's weights are read once and fused into the dot products of every activation row (at most
+`MAX_ROWS`; prefills take the fallback's blocked matmul). fp32 weights come here too where torch's products are
+not MKL's on an Intel CPU (`FP32`: MKL reads them at half the memory's speed on AMD). The rest of a decode step is
+many small ops, each costing more to dispatch than to compute: RMSNorm and the attention block become two calls,
+and a layer whose rows have no adapter one call. The server's batches give each row its own adapter:
 `lora_rows` reads every row's A and B where they lie in the stacked weights (Punica's SGMV), with no gathered
 copies, and adds the delta into the base layer's output, in fp32 or bf16, in one call a layer.
 
