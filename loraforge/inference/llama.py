@@ -346,12 +346,12 @@ class Decoder:
         rows = torch.arange(row0, row0 + B, device=self.device)[:, None]
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         for layer, ((norm1, norm2), p) in enumerate(self.layers):
-            h = self._rms(x, norm1)
             if fused and self.layer_kernel and self.whole[layer].ok and B <= self.whole[layer].max_rows \
                     and all(q.plain for q in p.values()):  # the whole layer in one call, in place on x
                 cpu_kernels.layer(x, self.whole[layer], (norm1, norm2), self.eps, cos1, sin1, pos1, self.keys[layer],
                                   self.values[layer], row0, H, self.scaling)
                 continue
+            h = self._rms(x, norm1)
             if fused:  # q, k, v in one kernel call; rope, cache write and attention in one; gate, up and silu in one
                 o = cpu_kernels.attend(*self._qkv(p, h), cos1, sin1, pos1, self.keys[layer], self.values[layer], row0,
                                        H, self.scaling)
