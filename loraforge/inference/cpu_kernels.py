@@ -459,7 +459,7 @@ def _mkl_on_intel() -> bool:
 
 
 FP32 = os.environ.get("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1") != "0"
-"""Whether fp32 weights go through these kernels too (decode steps of at most MAX_ROWS rows). MKL's products reach
+"""Whether fp32 weights go through these kernels too (up to MAX_TILED_ROWS rows). MKL's products reach
 the memory's speed on Intel CPUs (Xeon, AVX-512: this file's fp32 dot measured 0.98x of it), but not on AMD's: on
 a 2-core AMD EPYC (Zen, AVX2) MKL's 1-16-row fp32 products read 6-11 GB/s and this file's 15-20 GB/s (2-3x;
 bench/decode.py's fp32 rows). LORAFORGE_FP32_KERNELS=0 or 1 overrides."""
@@ -473,6 +473,18 @@ def fits_weight(weight: torch.Tensor) -> bool:
     FP32), in % 32 == 0."""
     return (weight.device.type == "cpu" and weight.dtype in _KINDS and weight.dim() == 2
             and weight.shape[1] % 32 == 0 and weight.is_contiguous())
+
+
+def linear_rows(dtype: torch.dtype) -> int:
+    """The most activation rows `linear` takes with weights of this dtype: fp32 up to MAX_TILED_ROWS (tiled past
+    TILED_FROM), bf16 and int8 up to MAX_ROWS."""
+    return MAX_TILED_ROWS if dtype == torch.float32 else MAX_ROWS
+
+
+def dot_rows(dtype: torch.dtype) -> int:
+    """The most activation rows the one-dot-per-row calls (`linear3`, `gate_up`, `layer`) take with weights of this
+    dtype: fp32 up to TILED_FROM (more rows are faster tiled, each product on its own), bf16 and int8 MAX_ROWS."""
+    return TILED_FROM if dtype == torch.float32 else MAX_ROWS
 
 
 def fits_input(x: torch.Tensor, in_features: int, max_rows: int = MAX_ROWS) -> bool:
@@ -504,12 +516,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 
 def fits_many(weights: list[torch.Tensor], x: torch.Tensor) -> bool:
     """Whether `linear3` / `gate_up` take these weights (one storage dtype, as `fits_weight` takes; contiguous CPU
-    (out, in), in % 32 == 0) and x (fp32, at most MAX_ROWS rows); and the kernels run here."""
+    (out, in), in % 32 == 0, one input width) and x (fp32, at most `dot_rows` rows); and the kernels run here."""
     w0 = weights[0]
-    rows = TILED_FROM if w0.dtype == torch.float32 else MAX_ROWS  # more fp32 rows: each product tiled on its own
-    return (w0.dtype in _KINDS and all(w.dtype == w0.dtype and w.device.type == "cpu" and w.dim() == 2
-                                      and w.shape[1] == w0.shape[1] and w.shape[1] % 32 == 0 and w.is_contiguous()
-                                      for w in weights) and fits_input(x, w0.shape[1], rows))
+    return (all(fits_weight(w) and w.dtype == w0.dtype and w.shape[1] == w0.shape[1] for w in weights)
+            and fits_input(x, w0.shape[1], dot_rows(w0.dtype)))
 
 
 def linear3(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -578,7 +588,7 @@ class LayerWeights:
             self.W = (ctypes.c_void_p * 7)(*(w.data_ptr() for w in weights))
             self.S = (ctypes.c_void_p * 7)(*(None if s is None else s.data_ptr() for s in scales))
             self.inter = weights[4].shape[0]
-            self.max_rows = TILED_FROM if w0.dtype == torch.float32 else MAX_ROWS  # more fp32 rows: tiled per part
+            self.max_rows = dot_rows(w0.dtype)
 
 
 def layer(x: torch.Tensor, weights: LayerWeights, norms: tuple[torch.Tensor, torch.Tensor], eps: float,

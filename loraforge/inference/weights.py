@@ -46,7 +46,7 @@ class StoredWeight:
             self.scale = scale
         self.block = max(1, BLOCK_BYTES // (4 * self.in_features))  # rows widened at a time
         self.kernel = cpu_kernels.fits_weight(self.data)  # the input is checked per call
-        self.max_rows = cpu_kernels.MAX_TILED_ROWS if storage == "fp32" else cpu_kernels.MAX_ROWS
+        self.max_rows = cpu_kernels.linear_rows(self.data.dtype)
 
     @property
     def nbytes(self) -> int:
