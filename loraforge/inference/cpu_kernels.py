@@ -458,7 +458,15 @@ def _mkl_on_intel() -> bool:
     return intel and torch.backends.mkl.is_available()
 
 
-FP32 = os.environ.get("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1") != "0"
+def _fp32_kernels() -> bool:
+    value = os.environ.get("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LORAFORGE_FP32_KERNELS must be 0 (fp32 products with torch's BLAS) or 1 (with these "
+                         f"kernels), got {value!r}; unset it for the default by CPU")
+    return value == "1"
+
+
+FP32 = _fp32_kernels()
 """Whether fp32 weights go through these kernels too (up to MAX_TILED_ROWS rows). MKL's products reach
 the memory's speed on Intel CPUs (Xeon, AVX-512: this file's fp32 dot measured 0.98x of it), but not on AMD's: on
 a 2-core AMD EPYC (Zen, AVX2) MKL's 1-16-row fp32 products read 6-11 GB/s and this file's 15-20 GB/s (2-3x;

@@ -31,6 +31,14 @@ def test_fp32_kernels_switch(value):
     assert out.split() == (["True", "True", "True"] if value == "1" else ["False", "False", "True"])
 
 
+def test_fp32_kernels_switch_refuses_other_values():
+    env = {**os.environ, "LORAFORGE_FP32_KERNELS": "yes"}
+    done = subprocess.run([sys.executable, "-c", "import loraforge.inference.cpu_kernels"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "LORAFORGE_FP32_KERNELS must be 0" in done.stderr and "'yes'" in done.stderr
+
+
 @needs_kernel
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (1000, 576), (576, 1536), (193, 96)])
