@@ -54,6 +54,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
 
 #define PREFETCH 2048  /* bytes ahead in the weight stream (past a row's end: the next row's, as rows are contiguous) */
 
@@ -62,6 +63,11 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+}
+
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {  /* the sums of four vectors, as 4 floats */
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d), abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
 static inline __m256 widen_bf16(const uint16_t *p) {  /* 8 bf16 -> 8 fp32: the bits shifted up by 16 */
@@ -199,10 +205,27 @@ static inline void tile34(const float *W, const float *x, float *y, int64_t o, i
         b = _mm256_loadu_ps(w3 + i);
         c03 = _mm256_fmadd_ps(a0, b, c03); c13 = _mm256_fmadd_ps(a1, b, c13); c23 = _mm256_fmadd_ps(a2, b, c23);
     }
-    float *y0 = y + m * out + o, *y1 = y0 + out, *y2 = y1 + out;
-    y0[0] = hsum(c00); y0[1] = hsum(c01); y0[2] = hsum(c02); y0[3] = hsum(c03);
-    y1[0] = hsum(c10); y1[1] = hsum(c11); y1[2] = hsum(c12); y1[3] = hsum(c13);
-    y2[0] = hsum(c20); y2[1] = hsum(c21); y2[2] = hsum(c22); y2[3] = hsum(c23);
+    float *y0 = y + m * out + o;  /* the 12 horizontal sums four at a time */
+    _mm_storeu_ps(y0, hsum4(c00, c01, c02, c03));
+    _mm_storeu_ps(y0 + out, hsum4(c10, c11, c12, c13));
+    _mm_storeu_ps(y0 + 2 * out, hsum4(c20, c21, c22, c23));
+}
+
+/* the one or two rows of x left over by the 3-row tiles, against the same 4 rows of W (8 or 4 sums) */
+static inline void tile_last(const float *W, const float *x, float *y, int64_t o, int64_t m, int64_t out, int64_t in,
+                             int rows) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+    const float *w0 = W + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in, *x0 = x + m * in,
+                *x1 = rows == 2 ? x0 + in : x0;
+    for (int64_t i = 0; i < in; i += 8) {
+        __m256 a0 = _mm256_loadu_ps(x0 + i), a1 = _mm256_loadu_ps(x1 + i), b;
+        b = _mm256_loadu_ps(w0 + i); c00 = _mm256_fmadd_ps(a0, b, c00); c10 = _mm256_fmadd_ps(a1, b, c10);
+        b = _mm256_loadu_ps(w1 + i); c01 = _mm256_fmadd_ps(a0, b, c01); c11 = _mm256_fmadd_ps(a1, b, c11);
+        b = _mm256_loadu_ps(w2 + i); c02 = _mm256_fmadd_ps(a0, b, c02); c12 = _mm256_fmadd_ps(a1, b, c12);
+        b = _mm256_loadu_ps(w3 + i); c03 = _mm256_fmadd_ps(a0, b, c03); c13 = _mm256_fmadd_ps(a1, b, c13);
+    }
+    _mm_storeu_ps(y + m * out + o, hsum4(c00, c01, c02, c03));
+    if (rows == 2) _mm_storeu_ps(y + (m + 1) * out + o, hsum4(c10, c11, c12, c13));
 }
 
 void gemm_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t M, int threads) {
@@ -210,10 +233,13 @@ void gemm_f32(const float *W, const float *x, float *y, int64_t out, int64_t in,
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < (out + 3) / 4; ob++) {
         int64_t o = ob * 4, n = out - o < 4 ? out - o : 4;
-        if (n == 4)
+        if (n == 4) {
             for (int64_t m = 0; m < M3; m += 3) tile34(W, x, y, o, m, out, in);
-        for (int64_t j = o; j < o + n; j++)  /* the rows left over: plain dot products */
-            for (int64_t m = n == 4 ? M3 : 0; m < M; m++) y[m * out + j] = dot_f32(W + j * in, x + m * in, in);
+            if (M > M3) tile_last(W, x, y, o, M3, out, in, (int)(M - M3));
+            continue;
+        }
+        for (int64_t j = o; j < o + n; j++)  /* the last rows of W (out % 4): plain dot products */
+            for (int64_t m = 0; m < M; m++) y[m * out + j] = dot_f32(W + j * in, x + m * in, in);
     }
 }
 
@@ -236,50 +262,119 @@ static inline void rope(const float *x, const float *cos, const float *sin, floa
     for (int64_t i = 0; i < D; i++) out[i] = x[i] * cos[i] + x[i < half ? i + half : i - half] * sin[i];
 }
 
+/* e^x, 8 at a time, for x <= 0 (the softmax's s - max): Cephes' expf, 2^n p(r) with |r| <= ln2/2, within 2 ulp;
+   below -87.3 (and -inf): 0 */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln2, ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+#define CHUNK 64  /* cache slots a pass takes: their keys and values (16 KB each at D = 64) stay in L1 */
+
 /* One decode token per row: rope on q and k at the row's position, k and v written into the cache there, then
-   o = softmax(q K^T * scale) V over the row's slots 0..pos (one pass, running max: no scores buffer).
+   o = softmax(q K^T * scale) V over the row's slots 0..pos. The heads of a group share their K and V: an item of
+   work is one row's group (or one of its heads, where rows x groups are too few to share out among the threads)
+   and reads each slot's key and value once for all its heads. Slots go in chunks of CHUNK: the scores of a chunk
+   (four dot products at a time), one rescale of the running sums by the new maximum, the chunk's e^(s - max) eight
+   at a time (exp8), then its values weighted into the sums.
    q (B, H*D), k, v (B, Hkv*D), cos, sin (B, D), pos (B,), cache (max_batch, Hkv, max_len, D) for this layer,
    rows row0..row0+B-1; o (B, H*D). D % 8 == 0, D <= 256. */
 static void attend_for(const float *q, const float *k, const float *v, const float *cos, const float *sin,
                        const int64_t *pos, float *keys, float *values, float *o, int64_t B, int64_t H, int64_t Hkv,
                        int64_t D, int64_t max_len, int64_t row0, float scale) {
-    #pragma omp single
-    for (int64_t b = 0; b < B; b++) {  /* rope k, write k and v: small, before any head reads the cache */
-        for (int64_t g = 0; g < Hkv; g++) {
-            int64_t at = (((row0 + b) * Hkv + g) * max_len + pos[b]) * D;
-            rope(k + (b * Hkv + g) * D, cos + b * D, sin + b * D, keys + at, D);
-            for (int64_t i = 0; i < D; i++) values[at + i] = v[(b * Hkv + g) * D + i];
-        }
-    }
     #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);
-        float qr[256], acc[256];
-        rope(q + (b * H + h) * D, cos + b * D, sin + b * D, qr, D);
-        for (int64_t i = 0; i < D; i++) { qr[i] *= scale; acc[i] = 0.0f; }
-        const float *K = keys + ((row0 + b) * Hkv + g) * max_len * D;
-        const float *V = values + ((row0 + b) * Hkv + g) * max_len * D;
-        float m = -INFINITY, l = 0.0f;
-        for (int64_t j = 0; j <= pos[b]; j++) {
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t i = 0; i < D; i += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(K + j * D + i), a);
-            float s = hsum(a);
-            if (s > m) {  /* a new maximum: rescale what is summed so far */
-                float c = expf(m - s);
-                l *= c;
-                __m256 cv = _mm256_set1_ps(c);
-                for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(acc + i, _mm256_mul_ps(_mm256_loadu_ps(acc + i), cv));
-                m = s;
-            }
-            float p = expf(s - m);
-            l += p;
-            __m256 pv = _mm256_set1_ps(p);
-            for (int64_t i = 0; i < D; i += 8)
-                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(V + j * D + i), _mm256_loadu_ps(acc + i)));
+    for (int64_t bg = 0; bg < B * Hkv; bg++) {  /* rope k, write k and v, before any head reads the cache */
+        int64_t b = bg / Hkv, g = bg % Hkv, at = (((row0 + b) * Hkv + g) * max_len + pos[b]) * D;
+        rope(k + bg * D, cos + b * D, sin + b * D, keys + at, D);
+        for (int64_t i = 0; i < D; i++) values[at + i] = v[bg * D + i];
+    }  /* the loop's barrier: every row's key and value are in the cache */
+    int64_t G = H / Hkv, split = B * Hkv < 4 * omp_get_num_threads() ? G : 1, per = G / split;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < B * Hkv * split; item++) {
+        int64_t b = item / (Hkv * split), g = item / split % Hkv, h0 = g * G + item % split * per, n = pos[b] + 1;
+        float qr[per * D], acc[per * D], sc[per * CHUNK], m[per], l[per];
+        for (int64_t h = 0; h < per; h++) {
+            rope(q + (b * H + h0 + h) * D, cos + b * D, sin + b * D, qr + h * D, D);
+            for (int64_t i = 0; i < D; i++) { qr[h * D + i] *= scale; acc[h * D + i] = 0.0f; }
+            m[h] = -INFINITY; l[h] = 0.0f;
         }
-        float *out = o + (b * H + h) * D;
-        for (int64_t i = 0; i < D; i++) out[i] = acc[i] / l;
+        const float *K = keys + ((row0 + b) * Hkv + g) * max_len * D, *V = values + ((row0 + b) * Hkv + g) * max_len * D;
+        for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+            int64_t c = n - j0 < CHUNK ? n - j0 : CHUNK, c8 = (c + 7) & ~7;
+            const float *Kc = K + j0 * D, *Vc = V + j0 * D;
+            for (int64_t h = 0; h < per; h++) {
+                const float *qh = qr + h * D;
+                float *s = sc + h * CHUNK, top = m[h];
+                int64_t j = 0;
+                for (; j + 4 <= c; j += 4) {
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t i = 0; i < D; i += 8) {
+                        __m256 qv = _mm256_loadu_ps(qh + i);
+                        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(Kc + j * D + i), a0);
+                        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(Kc + (j + 1) * D + i), a1);
+                        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(Kc + (j + 2) * D + i), a2);
+                        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(Kc + (j + 3) * D + i), a3);
+                    }
+                    _mm_storeu_ps(s + j, hsum4(a0, a1, a2, a3));
+                }
+                for (; j < c; j++) {
+                    __m256 a = _mm256_setzero_ps();
+                    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(Kc + j * D + i), a);
+                    s[j] = hsum(a);
+                }
+                for (j = 0; j < c; j++) top = s[j] > top ? s[j] : top;
+                for (j = c; j < c8; j++) s[j] = -INFINITY;  /* e^-inf = 0: the last vector's padding adds nothing */
+                float shrink = expf(m[h] - top);  /* the sums so far, rescaled to the new maximum (0 at first) */
+                m[h] = top;
+                __m256 mv = _mm256_set1_ps(top), lv = _mm256_setzero_ps();
+                for (j = 0; j < c8; j += 8) {
+                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+                    _mm256_storeu_ps(s + j, p);
+                    lv = _mm256_add_ps(lv, p);
+                }
+                l[h] = l[h] * shrink + hsum(lv);
+                float *ah = acc + h * D;
+                __m256 sv = _mm256_set1_ps(shrink);
+                int64_t i = 0;
+                for (; i + 32 <= D; i += 32) {  /* four vectors of the sums in registers over the chunk */
+                    __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(ah + i), sv), c1 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 8), sv),
+                           c2 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 16), sv), c3 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 24), sv);
+                    for (j = 0; j < c; j++) {
+                        __m256 p = _mm256_set1_ps(s[j]);
+                        const float *vj = Vc + j * D + i;
+                        c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj), c0);
+                        c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8), c1);
+                        c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 16), c2);
+                        c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 24), c3);
+                    }
+                    _mm256_storeu_ps(ah + i, c0); _mm256_storeu_ps(ah + i + 8, c1);
+                    _mm256_storeu_ps(ah + i + 16, c2); _mm256_storeu_ps(ah + i + 24, c3);
+                }
+                for (; i < D; i += 8) {
+                    __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(ah + i), sv);
+                    for (j = 0; j < c; j++) c0 = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(Vc + j * D + i), c0);
+                    _mm256_storeu_ps(ah + i, c0);
+                }
+            }
+        }
+        for (int64_t h = 0; h < per; h++) {
+            float *out = o + (b * H + h0 + h) * D, inv = 1.0f / l[h];
+            for (int64_t i = 0; i < D; i++) out[i] = acc[h * D + i] * inv;
+        }
     }
 }
 

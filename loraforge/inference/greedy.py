@@ -82,7 +82,7 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max
     for row, p in enumerate(prompts):  # each row's own tokens from the left, right-padded
         ids[row, :len(p) - shared] = torch.tensor(p[shared:])
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # positions each row has
-    logits = decoder.forward(ids.to(device), torch.full((n,), shared, device=device), keep=lengths - 1 - shared)
+    logits = decoder.forward(ids.to(device), torch.full((n,), shared, device=device), lengths=lengths - shared)
     outputs: list[list[int]] = [[] for _ in prompts]
     running = list(range(n))  # prompt index of each cache row
     while True:

@@ -55,7 +55,8 @@ class StaticBatch:
             n *= 2
         while size < positions:
             size *= 2
-        dec.resize(min(n, max(self.max_batch, rows)), min(size, max(self.context_length, positions)))
+        dec.resize(min(n, max(self.max_batch, rows)), min(size, max(self.context_length, positions)),
+                   rows=len(self.rows), used=max((r.length for r in self.rows), default=0))
 
     def _hooks(self) -> None:
         """The decoder's hooks re-read only when adapters went on or off the model (reading them costs ~1.4 ms
@@ -66,13 +67,14 @@ class StaticBatch:
 
     def _release(self) -> None:
         """The batch is empty: the cache back to its first size."""
-        self.decoder.resize(min(FIRST_ROWS, self.max_batch), min(FIRST_LEN, self.context_length))
+        self.decoder.resize(min(FIRST_ROWS, self.max_batch), min(FIRST_LEN, self.context_length), rows=0)
 
     @torch.inference_mode()
     def prefill(self, reqs: list[Request]):
         """New prompts into the cache rows behind the running ones, in one forward: (last-position logits (n, V),
         a `Prefilled`, None). A request's cached prefix (`req.cached`, prefix.Block s) is copied into its first
-        slots and only the rest of its prompt runs, right-padded to the longest rest."""
+        slots and only the rest of its prompt runs: its products on its real tokens (packed), its attention
+        right-padded to the longest rest."""
         dec, row0 = self.decoder, len(self.rows)
         starts = [sum(b.kv.shape[2] for b in r.cached) for r in reqs]
         own = [r.prompt_ids[s:] for r, s in zip(reqs, starts)]
@@ -86,10 +88,13 @@ class StaticBatch:
         ids = torch.zeros(len(reqs), T, dtype=torch.long)
         for i, o in enumerate(own):
             ids[i, :len(o)] = torch.tensor(o)
-        self.slots.set([r.slot for r in reqs])
         self._hooks()
-        logits = dec.forward(ids.to(self.device), torch.tensor(starts, device=self.device),
-                             keep=torch.tensor([len(o) - 1 for o in own], device=self.device), row0=row0)
+        # the products run on the real tokens only (the decoder packs them; its hooks see tokens as rows)
+        packed = T > 1 and dec.packs
+        self.slots.set([r.slot for r, o in zip(reqs, own) for _ in o] if packed else [r.slot for r in reqs])
+        lengths = torch.tensor([len(o) for o in own], device=self.device)
+        logits = dec.forward(ids.to(self.device), torch.tensor(starts, device=self.device), keep=lengths - 1,
+                             row0=row0, lengths=lengths if packed else None)
         for req in reqs:
             req.length = len(req.prompt_ids)
         return logits, Prefilled(row0, [len(r.prompt_ids) for r in reqs]), None

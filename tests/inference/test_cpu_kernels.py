@@ -86,16 +86,22 @@ def test_rms_norm_equals_torch():
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
-def test_attend_equals_rope_cache_write_and_sdpa(heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2)])
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("positions", [(0, 17, 39), (200,), (63, 64, 130, 255)])
+def test_attend_equals_rope_cache_write_and_sdpa(heads, kv_heads, D, positions):
     """Rows at different positions, behind row0 = 1 of the cache: rope as Decoder._rope, k and v written at each
-    row's position, attention over slots 0..pos as scaled_dot_product_attention with grouped heads."""
-    g = torch.Generator().manual_seed(heads)
-    B, D, max_batch, max_len, row0 = 3, 64, 5, 40, 1
-    pos = torch.tensor([0, 17, 39])
+    row's position, attention over slots 0..pos as scaled_dot_product_attention with grouped heads. Positions
+    past one chunk of slots (64: the running sums rescaled by a later chunk's maximum), one row alone (a group's
+    heads shared out among the threads), head sizes not a multiple of 32; scores large enough that the maximum
+    matters."""
+    g = torch.Generator().manual_seed(heads + D + len(positions))
+    B, max_len, row0 = len(positions), 256, 1
+    max_batch = B + 2
+    pos = torch.tensor(positions)
     keys = torch.randn(max_batch, kv_heads, max_len, D, generator=g)
     values = torch.randn(max_batch, kv_heads, max_len, D, generator=g)
-    q = torch.randn(B, heads * D, generator=g)
+    q = torch.randn(B, heads * D, generator=g) * 3
     k, v = torch.randn(B, kv_heads * D, generator=g), torch.randn(B, kv_heads * D, generator=g)
     angle = pos[:, None] * torch.rand(D // 2, generator=g).repeat(2)[None]  # (B, D), halves alike as Llama's
     cos, sin = angle.cos(), angle.sin()
@@ -200,8 +206,9 @@ def test_what_the_fused_products_do_not_take(monkeypatch):
 @pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (193, 96), (576, 1536), (1536, 576)])
 @pytest.mark.parametrize("rows", [9, 16, 17, 20, 32, 64])
 def test_tiled_fp32_product_equals_linear(out_features, in_features, rows):
-    """fp32 weights times 9-64 rows (a server's batch): 3 x 4 tiles, the rows and weight rows left over (rows not
-    a multiple of 3, outputs not of 4) as plain dots; through StoredWeight too, and past MAX_TILED_ROWS to MKL."""
+    """fp32 weights times 9-64 rows (a server's batch): 3 x 4 tiles, the one or two rows left over (rows not a
+    multiple of 3) as a narrower tile, the weight rows left over (outputs not a multiple of 4) as plain dots;
+    through StoredWeight too, and past MAX_TILED_ROWS to MKL."""
     g = torch.Generator().manual_seed(out_features + in_features + rows)
     w = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(rows, 1, in_features, generator=g)

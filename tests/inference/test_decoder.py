@@ -68,10 +68,12 @@ def test_greedy_equals_transformers_generate(kind, shared, batch_size):
     assert greedy(model, prompts, stop, max_new_tokens=12, batch_size=batch_size) == reference
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("kind", [None, "plain", "pattern", "dora"])
-def test_prefill_and_step_logits_equal_the_models(kind):
+def test_prefill_and_step_logits_equal_the_models(kind, packed, monkeypatch):
     """Right-padded prefill of rows of different lengths, then one step at different positions: each row's logits
-    equal the model's forward on that row alone."""
+    equal the model's forward on that row alone. Given the lengths, the products run on the 18 real tokens only
+    (not 3 x 9) and the padded slots of the cache hold zeros."""
     model = tiny_llama() if kind is None else _with_adapter(kind)
     prompts = _prompts(0, [6, 3, 9], seed=2)
     dec = Decoder(model, max_batch=3, max_len=16)
@@ -79,7 +81,16 @@ def test_prefill_and_step_logits_equal_the_models(kind):
     for row, p in enumerate(prompts):
         ids[row, :len(p)] = torch.tensor(p)
     lengths = torch.tensor([len(p) for p in prompts])
-    got = dec.forward(ids, torch.zeros(3, dtype=torch.long), keep=lengths - 1)
+    tokens, linear = [], StoredWeight.linear
+    monkeypatch.setattr(StoredWeight, "linear", lambda self, x: tokens.append(x.numel() // x.shape[-1]) or
+                        linear(self, x))
+    if packed:
+        got = dec.forward(ids, torch.zeros(3, dtype=torch.long), lengths=lengths)
+    else:
+        got = dec.forward(ids, torch.zeros(3, dtype=torch.long), keep=lengths - 1)
+    assert set(tokens[:-1]) == {18 if packed else 27}  # every layer's products; the head: one row each
+    if packed:
+        assert dec.keys[:, 1, :, 3:9].abs().sum() == 0 and dec.values[:, 0, :, 6:9].abs().sum() == 0
     nxt = torch.tensor([[7], [11], [13]])
     step = dec.forward(nxt, lengths)
     with torch.no_grad():
@@ -106,6 +117,9 @@ def test_mixed_adapter_batch_equals_each_rows_adapter():
     ids = torch.tensor(prompts)
     dec = Decoder(model, max_batch=5, max_len=8, adapters=names)
     got = dec.forward(ids, torch.zeros(5, dtype=torch.long))
+    assert not dec.packs  # each row's own LoRA weights: lengths leave the rows padded
+    torch.testing.assert_close(dec.forward(ids, torch.zeros(5, dtype=torch.long), lengths=torch.full((5,), 4)), got,
+                               rtol=0, atol=0)
     with mixed_batch(model, names):
         blocked = Decoder(model, max_batch=5, max_len=8).forward(ids, torch.zeros(5, dtype=torch.long))
         with torch.no_grad():
@@ -201,8 +215,8 @@ def test_shared_prefix_is_computed_once(monkeypatch):
     prompts = _prompts(20, [3, 4, 5])
     widths = []
     forward = Decoder.forward
-    monkeypatch.setattr(Decoder, "forward", lambda self, ids, start, keep=None: widths.append(
-        tuple(ids.shape)) or forward(self, ids, start, keep))
+    monkeypatch.setattr(Decoder, "forward", lambda self, ids, start, **kw: widths.append(
+        tuple(ids.shape)) or forward(self, ids, start, **kw))
     shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=3, batch_size=8, static=True)  # stop never produced
     assert widths == [(1, 20), (3, 5), (3, 1), (3, 1)]
 

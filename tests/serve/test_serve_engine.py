@@ -267,7 +267,7 @@ def test_static_cache_grows_and_rows_move(make_engine, base, adapters_dir, token
     decoder = engine._batch.decoder
     assert engine.static and (decoder.max_batch, decoder.max_len) == (4, 8)
     sizes, resize = [], decoder.resize
-    monkeypatch.setattr(decoder, "resize", lambda b, n: (sizes.append((b, n)), resize(b, n)))
+    monkeypatch.setattr(decoder, "resize", lambda b, n, **kw: (sizes.append((b, n)), resize(b, n, **kw)))
     jobs = list(zip(["a", "b", None, "c", "a"], prompts(len(tokenizer), [5, 17, 3, 9, 12], seed=4),
                     [30, 25, 24, 2, 20]))
     gate = threading.Event()
