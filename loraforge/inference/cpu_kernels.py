@@ -6,7 +6,8 @@ attention, a whole Llama layer in one call, and the server's per-row LoRA.
     y[m, o] = Σ_g scale[o, g] · Σ_{i in g} Q[o, i] · x[m, i]    int8: groups of 32 inputs (llama.cpp's Q8_0 block)
     rms_norm(x) = x / √(mean(x²) + ε) · w                      Llama's RMSNorm, fp32
     attend: rope(q), rope(k) at each row's position; k, v written into the static cache there;
-            o = softmax(q Kᵀ · scale) V over the row's slots 0..pos, one pass with a running maximum
+            o = softmax(q Kᵀ · scale) V over the row's slots 0..pos: chunks of 64 slots, a running maximum, each
+            key and value read once for the heads of its group
     layer:  x += attend(rms(x)) Woᵀ; x += (silu(rms(x) Wgᵀ) · rms(x) Wuᵀ) Wdᵀ   one OpenMP region
     lora_rows: out[b, t] += (x[b, t] · Aᵀ[idx[b]]) · (sB)ᵀ[idx[b]]   each row's adapter read in place in the stacks
 

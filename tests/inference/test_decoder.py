@@ -11,7 +11,7 @@ from loraforge.config import LoraConfig
 from loraforge.decoding import greedy as shared_greedy
 from loraforge.inference import cpu_kernels
 from loraforge.inference.greedy import greedy
-from loraforge.inference.llama import Decoder, unsupported
+from loraforge.inference.llama import Decoder, cache_zeros, unsupported
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.adapters import mixed_batch, set_adapter
 from loraforge.lora.inject import inject
@@ -219,6 +219,29 @@ def test_shared_prefix_is_computed_once(monkeypatch):
         tuple(ids.shape)) or forward(self, ids, start, **kw))
     shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=3, batch_size=8, static=True)  # stop never produced
     assert widths == [(1, 20), (3, 5), (3, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_zeros_and_resize_keep_what_rows_hold(dtype):
+    """The cache on fresh pages: zeros, writable, freed with the tensor. A resize keeps the first `rows` rows'
+    first `used` slots (what a server's rows hold) and the rest is zero, growing and shrinking."""
+    z = cache_zeros((2, 3, 5), dtype, torch.device("cpu"))
+    assert z.dtype == dtype and z.is_contiguous() and not z.any()
+    z[1, 2] = 7
+    assert z.sum() == 35 and z[0].sum() == 0
+    dec = Decoder(tiny_llama(), max_batch=2, max_len=8)
+    dec.keys.normal_()
+    dec.values.normal_()
+    keys, values = dec.keys.clone(), dec.values.clone()
+    dec.resize(4, 16, rows=1, used=5)
+    assert dec.keys.shape[1:4:2] == (4, 16)
+    torch.testing.assert_close(dec.keys[:, :1, :, :5], keys[:, :1, :, :5], rtol=0, atol=0)
+    torch.testing.assert_close(dec.values[:, :1, :, :5], values[:, :1, :, :5], rtol=0, atol=0)
+    assert not dec.keys[:, 1:].any() and not dec.keys[:, :, :, 5:].any() and not dec.values[:, :, :, 5:].any()
+    dec.resize(2, 8)  # no rows or used given: everything that fits
+    torch.testing.assert_close(dec.keys[:, :1, :, :5], keys[:, :1, :, :5], rtol=0, atol=0)
+    dec.resize(1, 4, rows=0)
+    assert dec.keys.shape[1:4:2] == (1, 4) and not dec.keys.any() and not dec.values.any()
 
 
 def test_rows_prefilled_behind_running_rows_decode_together():
