@@ -16,7 +16,9 @@ the same engine code:
              waiting request (what one gets by calling set_adapter per batch).
 Runs, in one process, --repeats rounds of: the base model alone (no adapter), K=1, 16, 64 batched, K=16 switching.
 Printed: throughput in generated tokens/s, p50/p95 request latency, and the goals of issue 19: one adapter
->= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters (medians).
+>= 0.85x the base alone, 64 distinct adapters >= 0.9x one, batched >= 5x switching at 16 adapters (medians);
+with K=16, also the base's products alone at 2 rows (switching's steps) and at --clients rows (a batched step):
+what a token costs in each with no other work, the ratio an engine without overhead would reach here.
 
 --shared-prefix runs instead the prefix-cache workload: every client sends one streamed chat completion to one
 adapter, all sharing a system prompt of about --system-tokens tokens, each with its own short question, after one
@@ -210,6 +212,37 @@ def shared_prefix(model, tokenizer, args, paths: dict[str, str]) -> None:
           f"TTFT p95 {med['on']['ttft95'] / med['off']['ttft95']:.2f}x")
 
 
+def products_alone(model, clients: int, rounds: int = 5) -> None:
+    """The base's products alone, as switching's two-row steps and a batched step of `clients` rows run them (the
+    static decoder's stored weights: StoredWeight.linear), interleaved rounds: what one token costs in each with no
+    other work, so the printed ratio is the batched-vs-switching figure an engine with no overhead would reach."""
+    from loraforge.inference.llama import Decoder
+
+    dec = Decoder(model, 1, 8)
+    weights = [p.weight for _, ps in dec.layers for p in ps.values()] + [dec.head]
+
+    def run(rows: int) -> float:
+        xs = {w.in_features: torch.randn(rows, 1, w.in_features, dtype=dec.dtype) for w in weights}
+        t0 = time.perf_counter()
+        for w in weights:
+            w.linear(xs[w.in_features])
+        return time.perf_counter() - t0
+
+    small, big = [], []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            run(2)
+            small.append(run(2))
+            run(clients)
+            big.append(run(clients))
+    t2, tb = statistics.median(small), statistics.median(big)
+    flops = 2 * sum(w.in_features * w.out_features for w in weights)
+    print(f"\nthe products alone (median of {rounds} interleaved rounds): 2 rows {1000 * t2:.1f} ms "
+          f"({dec.nbytes / t2 / 1e9:.1f} GB/s of weights), {1000 * t2 / 2:.2f} ms a token; {clients} rows "
+          f"{1000 * tb:.1f} ms ({clients * flops / tb / 1e9:.1f} GFLOP/s), {1000 * tb / clients:.2f} ms a token: "
+          f"a batched step with no other work would be {(t2 / 2) / (tb / clients):.2f}x switching's per token")
+
+
 GOALS = [  # (what, numerator, denominator, goal)
     ("one adapter vs the base alone", "K=1 batched", "base", 0.85),
     ("64 distinct adapters vs one", "K=64 batched", "K=1 batched", 0.9),
@@ -282,6 +315,8 @@ def main() -> None:
             ratio = statistics.median(each)
             print(f"| {what} ({num} / {den}) | {ratio:.2f}x | {', '.join(f'{x:.2f}' for x in each)} | "
                   f">= {goal}x {'met' if ratio >= goal else 'NOT met'} |")
+    if 16 in ks:
+        products_alone(model, args.clients)
 
 if __name__ == "__main__":
     main()
