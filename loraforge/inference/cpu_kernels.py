@@ -530,13 +530,25 @@ def _build() -> ctypes.CDLL | None:
     return lib
 
 
+def _switch(name: str, default: str, off: str, on: str) -> bool:
+    """An environment switch that takes 0 or 1 only ("false" or "no" must not read as on)."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 ({off}) or 1 ({on}), got {value!r}; unset it for the default")
+    return value == "1"
+
+
+ENABLED = _switch("LORAFORGE_CPU_KERNELS", "1", "torch's ops only", "these kernels where the CPU has AVX2")
+"""LORAFORGE_CPU_KERNELS: 1 (the default) builds and uses the kernels where the CPU has AVX2; 0 never."""
+
+
 def available() -> bool:
     """Whether the kernels run here (built on first call)."""
     global _lib
     if _lib is False:
         _lib = None
         # torch's cpuinfo, as loraforge.precision asks it (every AVX2 CPU has FMA: Haswell and Zen on)
-        if os.environ.get("LORAFORGE_CPU_KERNELS", "1") != "0" and torch.cpu._is_avx2_supported():
+        if ENABLED and torch.cpu._is_avx2_supported():
             try:
                 _lib = _build()
             except (OSError, subprocess.SubprocessError):
@@ -554,15 +566,8 @@ def _mkl_on_intel() -> bool:
     return intel and torch.backends.mkl.is_available()
 
 
-def _fp32_kernels() -> bool:
-    value = os.environ.get("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"LORAFORGE_FP32_KERNELS must be 0 (fp32 products with torch's BLAS) or 1 (with these "
-                         f"kernels), got {value!r}; unset it for the default by CPU")
-    return value == "1"
-
-
-FP32 = _fp32_kernels()
+FP32 = _switch("LORAFORGE_FP32_KERNELS", "0" if _mkl_on_intel() else "1", "fp32 products with torch's BLAS",
+               "with these kernels")
 """Whether fp32 weights go through these kernels too (up to MAX_TILED_ROWS rows). MKL's products reach
 the memory's speed on Intel CPUs (Xeon, AVX-512: this file's fp32 dot measured 0.98x of it), but not on AMD's: on
 a 2-core AMD EPYC (Zen, AVX2) MKL's 1-16-row fp32 products read 6-11 GB/s and this file's 15-20 GB/s (2-3x;

@@ -31,12 +31,21 @@ def test_fp32_kernels_switch(value):
     assert out.split() == (["True", "True", "True"] if value == "1" else ["False", "False", "True"])
 
 
-def test_fp32_kernels_switch_refuses_other_values():
-    env = {**os.environ, "LORAFORGE_FP32_KERNELS": "yes"}
+@pytest.mark.parametrize("name, value", [("LORAFORGE_FP32_KERNELS", "yes"), ("LORAFORGE_CPU_KERNELS", "false")])
+def test_kernel_switches_refuse_other_values(name, value):
+    """0 or 1 only: "false" used to read as on for LORAFORGE_CPU_KERNELS."""
+    env = {**os.environ, name: value}
     done = subprocess.run([sys.executable, "-c", "import loraforge.inference.cpu_kernels"], env=env,
                           capture_output=True, text=True)
     assert done.returncode != 0
-    assert "LORAFORGE_FP32_KERNELS must be 0" in done.stderr and "'yes'" in done.stderr
+    assert f"{name} must be 0" in done.stderr and repr(value) in done.stderr
+
+
+def test_cpu_kernels_switch_off():
+    env = {**os.environ, "LORAFORGE_CPU_KERNELS": "0"}
+    code = "from loraforge.inference import cpu_kernels as k; print(k.ENABLED, k.available())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 @needs_kernel
