@@ -64,9 +64,9 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     """A zero KV cache. On a CPU: fresh pages of an anonymous mapping, zero as the OS hands them out, so there is no
     zeroing pass, and only the pages rows write to become resident (a cache sized for 256 slots a row whose rows
     use 72 costs what 72 do; SmolLM2, 32 rows: 59 against 138 ms to allocate and write 80 slots, 2-core AMD EPYC)."""
-    if device.type != "cpu" or math.prod(shape) == 0:
-        return torch.zeros(shape, dtype=dtype, device=device)
     n = math.prod(shape)
+    if device.type != "cpu" or n == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, n * dtype.itemsize), dtype=dtype, count=n).view(shape)
 
 
@@ -217,12 +217,12 @@ class Decoder:
             self.set_rows(adapters)
         self.attach_hooks()
 
-    @property
-    def packs(self) -> bool:
-        """Whether `forward` packs the real tokens of a prefill given `lengths`: not where rows have their own LoRA
-        weights by name (`set_rows` with several adapters: those are per row, not per token); hooks see tokens."""
-        return not any(q.A is not None and q.A.dim() == 3 or q.factor is not None and q.factor.dim() == 3
-                       for _, ps in self.layers for q in ps.values())
+    def packs(self, T: int) -> bool:
+        """Whether `forward` packs the real tokens of a T-token prefill given `lengths` (a server sets each token's
+        adapter slot then): T > 1, and no rows with their own LoRA weights by name (`set_rows` with several
+        adapters: those are per row, not per token); hooks see tokens."""
+        return T > 1 and not any(q.A is not None and q.A.dim() == 3 or q.factor is not None and q.factor.dim() == 3
+                                 for _, ps in self.layers for q in ps.values())
 
     @property
     def nbytes(self) -> int:
@@ -353,7 +353,7 @@ class Decoder:
         if lengths is not None:
             lengths = lengths.to(self.device)
             keep = lengths - 1 if keep is None else keep
-        packed = lengths is not None and T > 1 and self.packs
+        packed = lengths is not None and self.packs(T)
         if packed:
             valid = self.slots[:T][None, :] < lengths[:, None]  # (B, T)
             keep = torch.cumsum(lengths, 0) - lengths + keep  # each row's kept token in the packed order

@@ -90,7 +90,7 @@ class StaticBatch:
             ids[i, :len(o)] = torch.tensor(o)
         self._hooks()
         # the products run on the real tokens only (the decoder packs them; its hooks see tokens as rows)
-        packed = T > 1 and dec.packs
+        packed = dec.packs(T)
         self.slots.set([r.slot for r, o in zip(reqs, own) for _ in o] if packed else [r.slot for r in reqs])
         lengths = torch.tensor([len(o) for o in own], device=self.device)
         logits = dec.forward(ids.to(self.device), torch.tensor(starts, device=self.device), keep=lengths - 1,

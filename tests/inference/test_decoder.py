@@ -117,7 +117,7 @@ def test_mixed_adapter_batch_equals_each_rows_adapter():
     ids = torch.tensor(prompts)
     dec = Decoder(model, max_batch=5, max_len=8, adapters=names)
     got = dec.forward(ids, torch.zeros(5, dtype=torch.long))
-    assert not dec.packs  # each row's own LoRA weights: lengths leave the rows padded
+    assert not dec.packs(4)  # each row's own LoRA weights: lengths leave the rows padded
     torch.testing.assert_close(dec.forward(ids, torch.zeros(5, dtype=torch.long), lengths=torch.full((5,), 4)), got,
                                rtol=0, atol=0)
     with mixed_batch(model, names):
