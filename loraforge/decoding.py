@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from loraforge.inference.greedy import MIN_SHARED_PREFIX, shared_prefix_len
+from loraforge.inference.greedy import MIN_SHARED_PREFIX, argmax_rows, shared_prefix_len
 from loraforge.inference.greedy import greedy as static_greedy
 from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
@@ -132,7 +132,7 @@ def _greedy_batch(model, prompts: list[list[int]], stop: set[int], max_new_token
     running = list(range(n))  # prompt index of each batch row
     length = mask.sum(1)  # (rows,) positions each row has
     while True:
-        tokens = logits.float().argmax(-1).tolist()
+        tokens = argmax_rows(logits)
         keep = []
         for row, (i, token) in enumerate(zip(running, tokens)):
             outputs[i].append(token)

@@ -1,7 +1,8 @@
 """The C kernels of a decode step on x86 CPUs with AVX2: products with fp32 / bf16 / int8 weights, RMSNorm,
 attention, a whole Llama layer in one call, and the server's per-row LoRA.
 
-    y[m, o] = Σᵢ W[o, i] · x[m, i]                            fp32 (3 x 4 register tiles for 9-64 rows)
+    y[m, o] = Σᵢ W[o, i] · x[m, i]                            fp32 (3 x 4 register tiles for 9-64 rows; q, k, v
+                                                             in one call, gate and up with the silu in one)
     y[m, o] = Σᵢ float(W[o, i]) · x[m, i]                     bf16: float(w) is w's 16 bits shifted up by 16
     y[m, o] = Σ_g scale[o, g] · Σ_{i in g} Q[o, i] · x[m, i]    int8: groups of 32 inputs (llama.cpp's Q8_0 block)
     rms_norm(x) = x / √(mean(x²) + ε) · w                      Llama's RMSNorm, fp32
@@ -9,7 +10,8 @@ attention, a whole Llama layer in one call, and the server's per-row LoRA.
             o = softmax(q Kᵀ · scale) V over the row's slots 0..pos: chunks of 64 slots, a running maximum, each
             key and value read once for the heads of its group
     layer:  x += attend(rms(x)) Woᵀ; x += (silu(rms(x) Wgᵀ) · rms(x) Wuᵀ) Wdᵀ   one OpenMP region
-    lora_rows: out[b, t] += (x[b, t] · Aᵀ[idx[b]]) · (sB)ᵀ[idx[b]]   each row's adapter read in place in the stacks
+    lora_rows: out[b, t] += (x[b, t] · Aᵀ[idx[b]]) · (sB)ᵀ[idx[b]]   each row's adapter read in place in the stacks,
+            rows on one adapter in pairs (its A and B read once for two rows)
 
 A decode step multiplies each weight by a few activation rows, so it is bound by reading the weights: stored in
 bf16 or int8 it reads half or a quarter of fp32's bytes. PyTorch has no CPU kernel for bf16 or int8 weights times
@@ -55,6 +57,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 #define PREFETCH 2048  /* bytes ahead in the weight stream (past a row's end: the next row's, as rows are contiguous) */
@@ -229,9 +232,11 @@ static inline void tile_last(const float *W, const float *x, float *y, int64_t o
     if (rows == 2) _mm_storeu_ps(y + (m + 1) * out + o, hsum4(c10, c11, c12, c13));
 }
 
-void gemm_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t M, int threads) {
+/* the tiled product's loop, shared out over a parallel region's threads (`omp for`, no barrier at its end: the
+   products of gemm3_f32 go one after another without waiting) */
+static void gemm_f32_for(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t M) {
     int64_t M3 = M - M % 3;
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    #pragma omp for schedule(static) nowait
     for (int64_t ob = 0; ob < (out + 3) / 4; ob++) {
         int64_t o = ob * 4, n = out - o < 4 ? out - o : 4;
         if (n == 4) {
@@ -241,6 +246,22 @@ void gemm_f32(const float *W, const float *x, float *y, int64_t out, int64_t in,
         }
         for (int64_t j = o; j < o + n; j++)  /* the last rows of W (out % 4): plain dot products */
             for (int64_t m = 0; m < M; m++) y[m * out + j] = dot_f32(W + j * in, x + m * in, in);
+    }
+}
+
+void gemm_f32(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t M, int threads) {
+    #pragma omp parallel num_threads(threads)
+    gemm_f32_for(W, x, y, out, in, M);
+}
+
+/* q, k and v of a batch's rows (fp32 weights, tiled): three products of one x in one parallel region */
+void gemm3_f32(const float *W0, int64_t n0, const float *W1, int64_t n1, const float *W2, int64_t n2, const float *x,
+               float *y0, float *y1, float *y2, int64_t in, int64_t M, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        gemm_f32_for(W0, x, y0, n0, in, M);
+        if (n1) gemm_f32_for(W1, x, y1, n1, in, M);
+        if (n2) gemm_f32_for(W2, x, y2, n2, in, M);
     }
 }
 
@@ -282,6 +303,47 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* silu(g) * u, 8 at a time (exp8; e^-g capped at e^88: silu(g) of g below -88 is -0 to float precision) */
+static inline __m256 silu_mul8(__m256 g, __m256 u) {
+    __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+/* Llama's MLP input for a batch's rows (fp32 weights, tiled): y (M, n) = silu(x Wg^T) * (x Wu^T), each 4 rows of
+   Wg and of Wu against every 3 rows of x (the same tiles as gemm_f32's) into 3 x 4 buffers, then silu and product */
+void gate_up_f32(const float *Wg, const float *Wu, const float *x, float *y, int64_t n, int64_t in, int64_t M,
+                 int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float g[16] = {0}, u[16] = {0}, r[16];
+        #pragma omp for schedule(static)
+        for (int64_t ob = 0; ob < (n + 3) / 4; ob++) {
+            int64_t o = ob * 4, w = n - o < 4 ? n - o : 4;
+            for (int64_t m = 0; m < M; m += 3) {
+                int rows = M - m < 3 ? (int)(M - m) : 3;
+                const float *xm = x + m * in;
+                if (w < 4) {  /* the last rows of W (n % 4): plain dot products */
+                    for (int k = 0; k < rows; k++)
+                        for (int j = 0; j < w; j++) {
+                            g[k * 4 + j] = dot_f32(Wg + (o + j) * in, xm + k * in, in);
+                            u[k * 4 + j] = dot_f32(Wu + (o + j) * in, xm + k * in, in);
+                        }
+                } else if (rows == 3) {
+                    tile34(Wg + o * in, xm, g, 0, 0, 4, in);
+                    tile34(Wu + o * in, xm, u, 0, 0, 4, in);
+                } else {
+                    tile_last(Wg + o * in, xm, g, 0, 0, 4, in, rows);
+                    tile_last(Wu + o * in, xm, u, 0, 0, 4, in, rows);
+                }
+                _mm256_storeu_ps(r, silu_mul8(_mm256_loadu_ps(g), _mm256_loadu_ps(u)));
+                _mm256_storeu_ps(r + 8, silu_mul8(_mm256_loadu_ps(g + 8), _mm256_loadu_ps(u + 8)));
+                for (int k = 0; k < rows; k++)
+                    for (int j = 0; j < w; j++) y[(m + k) * n + o + j] = r[k * 4 + j];
+            }
+        }
+    }
 }
 
 #define CHUNK 64  /* cache slots a pass takes: their keys and values (16 KB each at D = 64) stay in L1 */
@@ -434,63 +496,146 @@ static inline void add8(void *p, int64_t i, __m256 d, int bf) {  /* p[i..i+8] +=
     _mm_storeu_si128((__m128i *)h, packed);
 }
 
-static inline void lora_rows(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B,
-                             int64_t T, int64_t in, int64_t R, int64_t n, int threads, int XB, int WB, int OB) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t bt = 0; bt < B * T; bt++) {
-        int64_t s = idx[bt / T];
-        if (s == 0) continue;
-        const int64_t A = s * in * R, Bm = s * R * n, xr = bt * in, orow = bt * n;
-        float u[64];
-        if (R == 8) {  /* the usual rank: the product in one register, four partial sums over i */
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-                   a3 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 4 <= in; i += 4) {
-                a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
-                a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 1, XB)), load8(At, A + i * 8 + 8, WB), a1);
-                a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 2, XB)), load8(At, A + i * 8 + 16, WB), a2);
-                a3 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 3, XB)), load8(At, A + i * 8 + 24, WB), a3);
-            }
-            for (; i < in; i++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
-            _mm256_storeu_ps(u, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        } else {
-            for (int64_t j = 0; j < R; j++) u[j] = 0.0f;
-            for (int64_t i = 0; i < in; i++) {
-                __m256 xi = _mm256_set1_ps(load1(x, xr + i, XB));
-                for (int64_t j = 0; j < R; j += 8)
-                    _mm256_storeu_ps(u + j, _mm256_fmadd_ps(xi, load8(At, A + i * R + j, WB), _mm256_loadu_ps(u + j)));
-            }
+/* row bt's delta from slot s: u = x A (R), then out += u (sB) */
+static inline void lora_one(const void *x, const void *At, const void *Bt, void *out, int64_t bt, int64_t s,
+                            int64_t in, int64_t R, int64_t n, int XB, int WB, int OB) {
+    const int64_t A = s * in * R, Bm = s * R * n, xr = bt * in, orow = bt * n;
+    float u[64];
+    if (R == 8) {  /* the usual rank: the product in one register, four partial sums over i */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 4 <= in; i += 4) {
+            a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
+            a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 1, XB)), load8(At, A + i * 8 + 8, WB), a1);
+            a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 2, XB)), load8(At, A + i * 8 + 16, WB), a2);
+            a3 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 3, XB)), load8(At, A + i * 8 + 24, WB), a3);
         }
-        int64_t o = 0;
-        for (; o + 32 <= n; o += 32) {  /* four independent sums of R products each */
-            __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
-                   c3 = _mm256_setzero_ps();
-            for (int64_t j = 0; j < R; j++) {
-                __m256 uj = _mm256_set1_ps(u[j]);
-                int64_t row = Bm + j * n + o;
-                c0 = _mm256_fmadd_ps(uj, load8(Bt, row, WB), c0);
-                c1 = _mm256_fmadd_ps(uj, load8(Bt, row + 8, WB), c1);
-                c2 = _mm256_fmadd_ps(uj, load8(Bt, row + 16, WB), c2);
-                c3 = _mm256_fmadd_ps(uj, load8(Bt, row + 24, WB), c3);
-            }
-            add8(out, orow + o, c0, OB);
-            add8(out, orow + o + 8, c1, OB);
-            add8(out, orow + o + 16, c2, OB);
-            add8(out, orow + o + 24, c3, OB);
+        for (; i < in; i++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
+        _mm256_storeu_ps(u, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    } else {
+        for (int64_t j = 0; j < R; j++) u[j] = 0.0f;
+        for (int64_t i = 0; i < in; i++) {
+            __m256 xi = _mm256_set1_ps(load1(x, xr + i, XB));
+            for (int64_t j = 0; j < R; j += 8)
+                _mm256_storeu_ps(u + j, _mm256_fmadd_ps(xi, load8(At, A + i * R + j, WB), _mm256_loadu_ps(u + j)));
         }
-        for (; o < n; o += 8) {
-            __m256 c = _mm256_setzero_ps();
-            for (int64_t j = 0; j < R; j++) c = _mm256_fmadd_ps(_mm256_set1_ps(u[j]), load8(Bt, Bm + j * n + o, WB), c);
-            add8(out, orow + o, c, OB);
+    }
+    int64_t o = 0;
+    for (; o + 32 <= n; o += 32) {  /* four independent sums of R products each */
+        __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
+               c3 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < R; j++) {
+            __m256 uj = _mm256_set1_ps(u[j]);
+            int64_t row = Bm + j * n + o;
+            c0 = _mm256_fmadd_ps(uj, load8(Bt, row, WB), c0);
+            c1 = _mm256_fmadd_ps(uj, load8(Bt, row + 8, WB), c1);
+            c2 = _mm256_fmadd_ps(uj, load8(Bt, row + 16, WB), c2);
+            c3 = _mm256_fmadd_ps(uj, load8(Bt, row + 24, WB), c3);
         }
+        add8(out, orow + o, c0, OB);
+        add8(out, orow + o + 8, c1, OB);
+        add8(out, orow + o + 16, c2, OB);
+        add8(out, orow + o + 24, c3, OB);
+    }
+    for (; o < n; o += 8) {
+        __m256 c = _mm256_setzero_ps();
+        for (int64_t j = 0; j < R; j++) c = _mm256_fmadd_ps(_mm256_set1_ps(u[j]), load8(Bt, Bm + j * n + o, WB), c);
+        add8(out, orow + o, c, OB);
     }
 }
 
+/* rows p and q on one slot s, rank 8: each reads A and B once for both rows; every sum of each row in the order
+   lora_one takes (a row's delta does not depend on whether it had a partner) */
+static inline void lora_two(const void *x, const void *At, const void *Bt, void *out, int64_t p, int64_t q,
+                            int64_t s, int64_t in, int64_t n, int XB, int WB, int OB) {
+    const int64_t A = s * in * 8, Bm = s * 8 * n, xp = p * in, xq = q * in;
+    float u[8], v[8];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, w;
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+        w = load8(At, A + i * 8, WB);
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i, XB)), w, a0);
+        b0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i, XB)), w, b0);
+        w = load8(At, A + i * 8 + 8, WB);
+        a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i + 1, XB)), w, a1);
+        b1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i + 1, XB)), w, b1);
+        w = load8(At, A + i * 8 + 16, WB);
+        a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i + 2, XB)), w, a2);
+        b2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i + 2, XB)), w, b2);
+        w = load8(At, A + i * 8 + 24, WB);
+        a3 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i + 3, XB)), w, a3);
+        b3 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i + 3, XB)), w, b3);
+    }
+    for (; i < in; i++) {
+        w = load8(At, A + i * 8, WB);
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i, XB)), w, a0);
+        b0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i, XB)), w, b0);
+    }
+    _mm256_storeu_ps(u, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
+    int64_t o = 0;
+    for (; o + 32 <= n; o += 32) {
+        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
+        for (int64_t j = 0; j < 8; j++) {
+            __m256 uj = _mm256_set1_ps(u[j]), vj = _mm256_set1_ps(v[j]);
+            int64_t row = Bm + j * n + o;
+            w = load8(Bt, row, WB); c0 = _mm256_fmadd_ps(uj, w, c0); d0 = _mm256_fmadd_ps(vj, w, d0);
+            w = load8(Bt, row + 8, WB); c1 = _mm256_fmadd_ps(uj, w, c1); d1 = _mm256_fmadd_ps(vj, w, d1);
+            w = load8(Bt, row + 16, WB); c2 = _mm256_fmadd_ps(uj, w, c2); d2 = _mm256_fmadd_ps(vj, w, d2);
+            w = load8(Bt, row + 24, WB); c3 = _mm256_fmadd_ps(uj, w, c3); d3 = _mm256_fmadd_ps(vj, w, d3);
+        }
+        add8(out, p * n + o, c0, OB); add8(out, p * n + o + 8, c1, OB);
+        add8(out, p * n + o + 16, c2, OB); add8(out, p * n + o + 24, c3, OB);
+        add8(out, q * n + o, d0, OB); add8(out, q * n + o + 8, d1, OB);
+        add8(out, q * n + o + 16, d2, OB); add8(out, q * n + o + 24, d3, OB);
+    }
+    for (; o < n; o += 8) {
+        __m256 c = _mm256_setzero_ps(), d = c;
+        for (int64_t j = 0; j < 8; j++) {
+            w = load8(Bt, Bm + j * n + o, WB);
+            c = _mm256_fmadd_ps(_mm256_set1_ps(u[j]), w, c);
+            d = _mm256_fmadd_ps(_mm256_set1_ps(v[j]), w, d);
+        }
+        add8(out, p * n + o, c, OB);
+        add8(out, q * n + o, d, OB);
+    }
+}
+
+/* Every row's delta: the rows (b, t) with a slot sorted by slot (counting sort, in order within a slot) and paired,
+   so that two rows on one adapter read its A and B once (rank 8) and each thread's rows share adapters; slots < S */
+static inline int lora_rows(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B,
+                            int64_t T, int64_t in, int64_t R, int64_t n, int64_t S, int threads, int XB, int WB,
+                             int OB) {
+    for (int64_t b = 0; b < B; b++)
+        if (idx[b] < 0 || idx[b] >= S) return -1;
+    int64_t N = B * T, used = 0, *count = calloc(S + 1, sizeof(int64_t)), *order = malloc((N + 1) * sizeof(int64_t)),
+            *item = malloc((N + 1) * sizeof(int64_t));  /* item: where each one row or pair starts in order */
+    for (int64_t b = 0; b < B; b++) count[idx[b] + 1] += T;
+    for (int64_t k = 1; k <= S; k++) count[k] += count[k - 1];
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) order[count[idx[b]]++] = b * T + t;
+    int64_t first = count[0];  /* the rows of slot 0 (no adapter) come first: skipped */
+    for (int64_t k = first; k < N; ) {
+        int two = R == 8 && k + 1 < N && idx[order[k] / T] == idx[order[k + 1] / T];
+        item[used++] = k;
+        k += two ? 2 : 1;
+    }
+    item[used] = N;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t it = 0; it < used; it++) {
+        int64_t k = item[it], p = order[k], s = idx[p / T];
+        if (item[it + 1] - k == 2) lora_two(x, At, Bt, out, p, order[k + 1], s, in, n, XB, WB, OB);
+        else lora_one(x, At, Bt, out, p, s, in, R, n, XB, WB, OB);
+    }
+    free(count); free(order); free(item);
+    return 0;
+}
+
 #define LORA_ROWS(name, XB, WB, OB) \
-void name(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B, int64_t T, \
-          int64_t in, int64_t R, int64_t n, int threads) { \
-    lora_rows(x, At, Bt, idx, out, B, T, in, R, n, threads, XB, WB, OB); }
+int name(const void *x, const void *At, const void *Bt, const int64_t *idx, void *out, int64_t B, int64_t T, \
+         int64_t in, int64_t R, int64_t n, int64_t S, int threads) { \
+    return lora_rows(x, At, Bt, idx, out, B, T, in, R, n, S, threads, XB, WB, OB); }
 LORA_ROWS(lora_rows_000, 0, 0, 0) LORA_ROWS(lora_rows_001, 0, 0, 1) LORA_ROWS(lora_rows_010, 0, 1, 0)
 LORA_ROWS(lora_rows_011, 0, 1, 1) LORA_ROWS(lora_rows_100, 1, 0, 0) LORA_ROWS(lora_rows_101, 1, 0, 1)
 LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
@@ -519,6 +664,8 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gemv.argtypes = [ctypes.c_int] + [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
     lib.gemm_f32.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_int]
+    lib.gemm3_f32.argtypes = [ptr, i64] * 3 + [ptr] * 4 + [i64, i64, ctypes.c_int]
+    lib.gate_up_f32.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
     lib.gemv3.argtypes = [ctypes.c_int] + [ptr, ptr, i64] * 3 + [ptr] * 4 + [i64, i64, ctypes.c_int]
     lib.gate_up.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3 + [ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
@@ -526,7 +673,8 @@ def _build() -> ctypes.CDLL | None:
     lib.layer.argtypes = [ctypes.c_int, ptr, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] * 8 + [ctypes.c_float,
                                                                                                   ctypes.c_int]
     for flags in ("000", "001", "010", "011", "100", "101", "110", "111"):
-        getattr(lib, "lora_rows_" + flags).argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_int]
+        getattr(lib, "lora_rows_" + flags).argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_int]
+        getattr(lib, "lora_rows_" + flags).restype = ctypes.c_int
     return lib
 
 
@@ -591,8 +739,8 @@ def linear_rows(dtype: torch.dtype) -> int:
 
 
 def dot_rows(dtype: torch.dtype) -> int:
-    """The most activation rows the one-dot-per-row calls (`linear3`, `gate_up`, `layer`) take with weights of this
-    dtype: fp32 up to TILED_FROM (more rows are faster tiled, each product on its own), bf16 and int8 MAX_ROWS."""
+    """The most activation rows the one-dot-per-row `layer` takes with weights of this dtype: fp32 up to TILED_FROM
+    (more rows are faster tiled), bf16 and int8 MAX_ROWS."""
     return TILED_FROM if dtype == torch.float32 else MAX_ROWS
 
 
@@ -625,17 +773,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
 
 def fits_many(weights: list[torch.Tensor], x: torch.Tensor) -> bool:
     """Whether `linear3` / `gate_up` take these weights (one storage dtype, as `fits_weight` takes; contiguous CPU
-    (out, in), in % 32 == 0, one input width) and x (fp32, at most `dot_rows` rows); and the kernels run here."""
+    (out, in), in % 32 == 0, one input width) and x (fp32, at most `linear_rows` rows); and the kernels run here."""
     w0 = weights[0]
     return (all(fits_weight(w) and w.dtype == w0.dtype and w.shape[1] == w0.shape[1] for w in weights)
-            and fits_input(x, w0.shape[1], dot_rows(w0.dtype)))
+            and fits_input(x, w0.shape[1], linear_rows(w0.dtype)))
 
 
 def linear3(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Up to three products of one input in one call (a layer's q, k and v): [x Wₖᵀ], each (..., outₖ) fp32."""
+    """Up to three products of one input in one call (a layer's q, k and v): [x Wₖᵀ], each (..., outₖ) fp32. fp32
+    weights and more than TILED_FROM rows (a server's batch): the tiled products, the same sums as `linear`'s."""
     x = x.contiguous()
     rows, in_features = x.numel() // x.shape[-1], x.shape[-1]
     ys = [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+    if weights[0].dtype == torch.float32 and rows > TILED_FROM:
+        args = [a for w in weights for a in (w.data_ptr(), w.shape[0])] + [None, 0] * (3 - len(weights))
+        outs = [y.data_ptr() for y in ys] + [None] * (3 - len(ys))
+        _lib.gemm3_f32(*args, x.data_ptr(), *outs, in_features, rows, torch.get_num_threads())
+        return ys
     args = []
     for i in range(3):
         if i < len(weights):
@@ -650,9 +804,15 @@ def linear3(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Ten
 
 def gate_up(x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor | None, up: torch.Tensor,
             up_scale: torch.Tensor | None) -> torch.Tensor:
-    """Llama's MLP input in one call: silu(x Wgᵀ) · (x Wuᵀ), (..., n) fp32."""
+    """Llama's MLP input in one call: silu(x Wgᵀ) · (x Wuᵀ), (..., n) fp32 (fp32 weights and more than TILED_FROM
+    rows: the tiled products)."""
     x = x.contiguous()
     y = x.new_empty(*x.shape[:-1], gate.shape[0])
+    rows = x.numel() // x.shape[-1]
+    if gate.dtype == torch.float32 and rows > TILED_FROM:
+        _lib.gate_up_f32(gate.data_ptr(), up.data_ptr(), x.data_ptr(), y.data_ptr(), gate.shape[0], x.shape[-1], rows,
+                         torch.get_num_threads())
+        return y
     _lib.gate_up(_KIND[gate.dtype], gate.data_ptr(), None if gate_scale is None else gate_scale.data_ptr(),
                  up.data_ptr(), None if up_scale is None else up_scale.data_ptr(), x.data_ptr(), y.data_ptr(),
                  gate.shape[0], x.shape[-1], x.numel() // x.shape[-1], torch.get_num_threads())
@@ -732,9 +892,12 @@ def fits_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, out: torch.Te
 
 def lora_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """Add each row's LoRA delta into `out`, in place: out[b, t] += (x[b, t] · At[index[b]]) · Bt[index[b]], rows
-    with index 0 left alone. Shapes and dtypes as `fits_rows` says; index (B,) int64 on the CPU."""
-    _, in_features, rank = At.shape
+    with index 0 left alone. Shapes and dtypes as `fits_rows` says; index (B,) int64 on the CPU, each in
+    0 .. slots - 1 (else ValueError). Rows on one adapter go in pairs, each pair reading the adapter once; a row's
+    delta is the same sums whichever rows share its call."""
+    slots, in_features, rank = At.shape
     x, index = x.contiguous(), index.contiguous()
     fn = getattr(_lib, "lora_rows_" + _HALF[x.dtype] + _HALF[At.dtype] + _HALF[out.dtype])
-    fn(x.data_ptr(), At.data_ptr(), Bt.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-       in_features, rank, Bt.shape[2], torch.get_num_threads())
+    if fn(x.data_ptr(), At.data_ptr(), Bt.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+          in_features, rank, Bt.shape[2], slots, torch.get_num_threads()):
+        raise ValueError(f"lora_rows: an index outside the stacks' {slots} slots: {index.tolist()}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraforge.inference.greedy import argmax_rows
 from loraforge.serve.errors import ServeError
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping or overflow
@@ -91,4 +92,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """argmax per row of (B, V): what greedy rows take, computed for the batch at once."""
-    return logits.argmax(-1).tolist()
+    return argmax_rows(logits)

@@ -165,6 +165,29 @@ def test_lora_rows_equals_gathered_bmm(dtypes, rank, in_features, out_features, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtypes", ["fp32 fp32 fp32", "bf16 bf16 bf16"])
+def test_lora_rows_a_rows_delta_does_not_depend_on_its_batch(dtypes):
+    """Rows on one adapter go through the kernel in pairs (rank 8: A and B read once for both): each row's result
+    is bit for bit what it gets alone, or in any other batch (a request's output does not depend on who shares its
+    step); an index outside the stacks is refused, not read."""
+    x_dtype, w_dtype, out_dtype = ({"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in dtypes.split())
+    g = torch.Generator().manual_seed(5)
+    At, Bt = torch.randn(5, 576, 8, generator=g).to(w_dtype), torch.randn(5, 8, 200, generator=g).to(w_dtype)
+    index = torch.tensor([2, 4, 2, 0, 2, 1, 4, 3, 3, 3])  # three on slot 2 (a pair and one alone), pairs on 4 and 3
+    x = torch.randn(len(index), 1, 576, generator=g).to(x_dtype)
+    base = torch.randn(len(index), 1, 200, generator=g).to(out_dtype)
+    out = base.clone()
+    cpu_kernels.lora_rows(x, At, Bt, index, out)
+    for b in range(len(index)):
+        alone = base[b:b + 1].clone()
+        cpu_kernels.lora_rows(x[b:b + 1], At, Bt, index[b:b + 1], alone)
+        assert torch.equal(out[b:b + 1], alone), b
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match="outside the stacks' 5 slots"):
+            cpu_kernels.lora_rows(x[:2], At, Bt, torch.tensor([1, bad]), out[:2].clone())
+
+
+@needs_kernel
 def test_what_lora_rows_does_not_take():
     At, Bt, x, out = torch.randn(3, 64, 8), torch.randn(3, 8, 32), torch.randn(2, 5, 64), torch.zeros(2, 5, 32)
     assert cpu_kernels.fits_rows(x, At, Bt, out)
@@ -180,22 +203,32 @@ def test_what_lora_rows_does_not_take():
 
 @needs_kernel
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 10, 11, 33])
 def test_linear3_and_gate_up_equal_torch(storage, rows):
     """q, k, v in one call and silu(gate)·up in one call, against F.linear / F.silu on the same stored weights;
-    two weights or three, outputs of different widths."""
+    two weights or three, outputs of different widths (not all multiples of 4). fp32 past TILED_FROM rows (a
+    server's batch: 3-row tiles and the one or two rows left over): the tiled products, the very sums `linear`
+    gives each weight alone."""
     g = torch.Generator().manual_seed(rows)
-    ws = [StoredWeight(torch.randn(n, 96, generator=g), storage) for n in (96, 32, 40)]
+    ws = [StoredWeight(torch.randn(n, 96, generator=g), storage) for n in (96, 32, 42)]
     x = torch.randn(1, rows, 96, generator=g)
+    if storage != "fp32" and rows > cpu_kernels.MAX_ROWS:
+        assert not cpu_kernels.fits_many([w.data for w in ws], x)
+        return
     assert cpu_kernels.fits_many([w.data for w in ws], x)
     for k in (2, 3):
         got = cpu_kernels.linear3(x, [w.data for w in ws[:k]], [w.scale for w in ws[:k]])
         for y, w in zip(got, ws[:k]):
             torch.testing.assert_close(y, F.linear(x, w.dequantized()), rtol=1e-5, atol=1e-4)
-    gate, up = (StoredWeight(torch.randn(200, 96, generator=g), storage) for _ in range(2))
+            if storage == "fp32":
+                assert torch.equal(y, cpu_kernels.linear(x, w.data))
+    gate, up = (StoredWeight(torch.randn(202, 96, generator=g), storage) for _ in range(2))
     got = cpu_kernels.gate_up(x, gate.data, gate.scale, up.data, up.scale)
     want = F.silu(F.linear(x, gate.dequantized())) * F.linear(x, up.dequantized())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    if storage == "fp32":  # the same products as `linear`'s, then silu(g) · u
+        gx, ux = cpu_kernels.linear(x, gate.data), cpu_kernels.linear(x, up.data)
+        torch.testing.assert_close(got, gx / (1 + torch.exp(-gx)) * ux, rtol=1e-6, atol=1e-6)
 
 
 @needs_kernel

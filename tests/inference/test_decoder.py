@@ -10,7 +10,7 @@ from helpers import VOCAB, randomize, tiny_gpt2, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.decoding import greedy as shared_greedy
 from loraforge.inference import cpu_kernels
-from loraforge.inference.greedy import greedy
+from loraforge.inference.greedy import argmax_rows, greedy
 from loraforge.inference.llama import Decoder, cache_zeros, unsupported
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.adapters import mixed_batch, set_adapter
@@ -308,3 +308,22 @@ def test_whole_layer_kernel_equals_the_per_part_calls(storage, monkeypatch):
                     full = model(input_ids=torch.tensor([seqs[row]])).logits[0, -1]
                     torch.testing.assert_close(outs[0][row], full, rtol=1e-5, atol=1e-5)
     assert len(taken) == 3 * 2  # layers 0 and 2 in one call each step; layer 1 (an adapter) per part
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_torchs_argmax(dtype):
+    """Each row's argmax through numpy on a CPU: torch's answer on random rows, ties (the first of equal maxima),
+    NaN (counted above everything), ±inf, a row of one value; fp32 and bf16 logits, inference tensors."""
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        logits = torch.randn(8, 1000, generator=g)
+        logits[1, [10, 500]] = 9.0  # a tie
+        logits[2, [3, 700]] = float("nan")
+        logits[3, 42] = float("inf")
+        logits[4] = float("-inf")
+        logits[4, 999] = -1e30
+        logits[5] = 0.25
+        logits = logits.to(dtype)
+        got = argmax_rows(logits)
+        assert got == logits.argmax(-1).tolist()
+    assert got[1:6] == [10, 3, 42, 999, 0]
