@@ -372,6 +372,14 @@ void gate_up_f32(const float *Wg, const float *Wu, const float *x, float *y, int
     }
 }
 
+/* y = silu(g) * u over n floats (a prefill's MLP input, gate and up computed apart): 8 at a time */
+void silu_mul(const float *g, const float *u, float *y, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n / 8; b++)
+        _mm256_storeu_ps(y + b * 8, silu_mul8(_mm256_loadu_ps(g + b * 8), _mm256_loadu_ps(u + b * 8)));
+    for (int64_t i = n / 8 * 8; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 #define CHUNK 64  /* cache slots a pass takes: their keys and values (16 KB each at D = 64) stay in L1 */
 
 /* One decode token per row: rope on q and k at the row's position, k and v written into the cache there, then
@@ -692,6 +700,7 @@ def _build() -> ctypes.CDLL | None:
     lib.gemm_f32.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_int]
     lib.gemm3_f32.argtypes = [ptr, i64] * 3 + [ptr] * 4 + [i64, i64, ctypes.c_int]
     lib.gate_up_f32.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int]
+    lib.silu_mul.argtypes = [ptr] * 3 + [i64, ctypes.c_int]
     lib.gemv3.argtypes = [ctypes.c_int] + [ptr, ptr, i64] * 3 + [ptr] * 4 + [i64, i64, ctypes.c_int]
     lib.gate_up.argtypes = [ctypes.c_int] + [ptr] * 6 + [i64] * 3 + [ctypes.c_int]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float]
@@ -842,6 +851,15 @@ def gate_up(x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor | None
     _lib.gate_up(_KIND[gate.dtype], gate.data_ptr(), None if gate_scale is None else gate_scale.data_ptr(),
                  up.data_ptr(), None if up_scale is None else up_scale.data_ptr(), x.data_ptr(), y.data_ptr(),
                  gate.shape[0], x.shape[-1], x.numel() // x.shape[-1], torch.get_num_threads())
+    return y
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for fp32 CPU tensors of one shape (a prefill's MLP input): one vectorised pass, where torch's
+    silu and product take two (708 tokens × 1,536: 0.40 against 1.02 ms; 2-core AMD EPYC)."""
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    _lib.silu_mul(gate.data_ptr(), up.data_ptr(), y.data_ptr(), gate.numel(), torch.get_num_threads())
     return y
 
 

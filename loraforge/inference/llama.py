@@ -314,7 +314,11 @@ class Decoder:
         gate, up = p["gate_proj"], p["up_proj"]
         if self.fuse and gate.plain and up.plain and cpu_kernels.fits_many([gate.weight.data, up.weight.data], h):
             return cpu_kernels.gate_up(h, gate.weight.data, gate.weight.scale, up.weight.data, up.weight.scale)
-        return F.silu(gate(h)) * up(h)
+        return self._silu_mul(gate(h), up(h))
+
+    def _silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """silu(g) · u: one C pass with the CPU kernels (fp32 activations), else torch's two ops."""
+        return cpu_kernels.silu_mul(g, u) if self.kernels else F.silu(g) * u
 
     def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
@@ -422,7 +426,7 @@ class Decoder:
                     o = o[valid][:, None]  # (N, 1, H·D)
             x = x + p["o_proj"](o)
             h = self._rms(x, norm2)
-            x = x + p["down_proj"](F.silu(p["gate_proj"](h)) * p["up_proj"](h))
+            x = x + p["down_proj"](self._silu_mul(p["gate_proj"](h), p["up_proj"](h)))
         if packed:
             x = self._rms(x[keep, 0], self.final_norm)  # (B, d)
         else:
