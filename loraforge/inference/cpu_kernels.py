@@ -530,16 +530,25 @@ static inline void add8(void *p, int64_t i, __m256 d, int bf) {  /* p[i..i+8] +=
     _mm_storeu_si128((__m128i *)h, packed);
 }
 
-/* row bt's delta from slot s: u = x A (R), then out += u (sB) */
+static inline const char *at_(const void *p, int64_t i, int bf) {  /* element i's address, fp32 or bf16 */
+    return bf ? (const char *)((const uint16_t *)p + i) : (const char *)((const float *)p + i);
+}
+
+/* row bt's delta from slot s: u = x A (R), then out += u (sB); slot ns >= 0: the next item's, whose A and B lines
+   are prefetched alongside the ones read here (rank 8) */
 static inline void lora_one(const void *x, const void *At, const void *Bt, void *out, int64_t bt, int64_t s,
-                            int64_t in, int64_t R, int64_t n, int XB, int WB, int OB) {
-    const int64_t A = s * in * R, Bm = s * R * n, xr = bt * in, orow = bt * n;
+                            int64_t ns, int64_t in, int64_t R, int64_t n, int XB, int WB, int OB) {
+    const int64_t A = s * in * R, Bm = s * R * n, xr = bt * in, orow = bt * n, NA = ns * in * R, NB = ns * R * n;
     float u[64];
     if (R == 8) {  /* the usual rank: the product in one register, four partial sums over i */
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
                a3 = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 4 <= in; i += 4) {
+            if (ns >= 0) {
+                _mm_prefetch(at_(At, NA + i * 8, WB), _MM_HINT_T0);
+                _mm_prefetch(at_(At, NA + i * 8 + 16, WB), _MM_HINT_T0);
+            }
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
             a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 1, XB)), load8(At, A + i * 8 + 8, WB), a1);
             a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 2, XB)), load8(At, A + i * 8 + 16, WB), a2);
@@ -562,6 +571,10 @@ static inline void lora_one(const void *x, const void *At, const void *Bt, void 
         for (int64_t j = 0; j < R; j++) {
             __m256 uj = _mm256_set1_ps(u[j]);
             int64_t row = Bm + j * n + o;
+            if (ns >= 0 && R == 8) {
+                _mm_prefetch(at_(Bt, NB + j * n + o, WB), _MM_HINT_T0);
+                _mm_prefetch(at_(Bt, NB + j * n + o + 16, WB), _MM_HINT_T0);
+            }
             c0 = _mm256_fmadd_ps(uj, load8(Bt, row, WB), c0);
             c1 = _mm256_fmadd_ps(uj, load8(Bt, row + 8, WB), c1);
             c2 = _mm256_fmadd_ps(uj, load8(Bt, row + 16, WB), c2);
@@ -582,12 +595,16 @@ static inline void lora_one(const void *x, const void *At, const void *Bt, void 
 /* rows p and q on one slot s, rank 8: each reads A and B once for both rows; every sum of each row in the order
    lora_one takes (a row's delta does not depend on whether it had a partner) */
 static inline void lora_two(const void *x, const void *At, const void *Bt, void *out, int64_t p, int64_t q,
-                            int64_t s, int64_t in, int64_t n, int XB, int WB, int OB) {
-    const int64_t A = s * in * 8, Bm = s * 8 * n, xp = p * in, xq = q * in;
+                            int64_t s, int64_t ns, int64_t in, int64_t n, int XB, int WB, int OB) {
+    const int64_t A = s * in * 8, Bm = s * 8 * n, xp = p * in, xq = q * in, NA = ns * in * 8, NB = ns * 8 * n;
     float u[8], v[8];
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, w;
     int64_t i = 0;
     for (; i + 4 <= in; i += 4) {
+        if (ns >= 0) {
+            _mm_prefetch(at_(At, NA + i * 8, WB), _MM_HINT_T0);
+            _mm_prefetch(at_(At, NA + i * 8 + 16, WB), _MM_HINT_T0);
+        }
         w = load8(At, A + i * 8, WB);
         a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i, XB)), w, a0);
         b0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i, XB)), w, b0);
@@ -614,6 +631,10 @@ static inline void lora_two(const void *x, const void *At, const void *Bt, void 
         for (int64_t j = 0; j < 8; j++) {
             __m256 uj = _mm256_set1_ps(u[j]), vj = _mm256_set1_ps(v[j]);
             int64_t row = Bm + j * n + o;
+            if (ns >= 0) {
+                _mm_prefetch(at_(Bt, NB + j * n + o, WB), _MM_HINT_T0);
+                _mm_prefetch(at_(Bt, NB + j * n + o + 16, WB), _MM_HINT_T0);
+            }
             w = load8(Bt, row, WB); c0 = _mm256_fmadd_ps(uj, w, c0); d0 = _mm256_fmadd_ps(vj, w, d0);
             w = load8(Bt, row + 8, WB); c1 = _mm256_fmadd_ps(uj, w, c1); d1 = _mm256_fmadd_ps(vj, w, d1);
             w = load8(Bt, row + 16, WB); c2 = _mm256_fmadd_ps(uj, w, c2); d2 = _mm256_fmadd_ps(vj, w, d2);
@@ -658,9 +679,10 @@ static inline int lora_rows(const void *x, const void *At, const void *Bt, const
     item[used] = N;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t it = 0; it < used; it++) {
-        int64_t k = item[it], p = order[k], s = idx[p / T];
-        if (item[it + 1] - k == 2) lora_two(x, At, Bt, out, p, order[k + 1], s, in, n, XB, WB, OB);
-        else lora_one(x, At, Bt, out, p, s, in, R, n, XB, WB, OB);
+        int64_t k = item[it], p = order[k], s = idx[p / T], ns = it + 1 < used ? idx[order[item[it + 1]] / T] : -1;
+        ns = ns == s ? -1 : ns;  /* the next item's adapter, unless it is this one (in cache already) */
+        if (item[it + 1] - k == 2) lora_two(x, At, Bt, out, p, order[k + 1], s, ns, in, n, XB, WB, OB);
+        else lora_one(x, At, Bt, out, p, s, ns, in, R, n, XB, WB, OB);
     }
     free(count); free(order); free(item);
     return 0;
