@@ -41,6 +41,7 @@ import torch
 
 from loraforge.lora.adapters import delete_adapter, save_adapter
 from loraforge.config import LoraConfig
+from loraforge.inference.llama import Decoder
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.models import load_base
 from loraforge.precision import choose
@@ -216,8 +217,6 @@ def products_alone(model, clients: int, rounds: int = 5) -> None:
     """The base's products alone, as switching's two-row steps and a batched step of `clients` rows run them (the
     static decoder's stored weights: StoredWeight.linear), interleaved rounds: what one token costs in each with no
     other work, so the printed ratio is the batched-vs-switching figure an engine with no overhead would reach."""
-    from loraforge.inference.llama import Decoder
-
     dec = Decoder(model, 1, 8)
     weights = [p.weight for _, ps in dec.layers for p in ps.values()] + [dec.head]
 

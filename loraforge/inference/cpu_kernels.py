@@ -250,24 +250,33 @@ static inline void tile_last(const float *W, const float *x, float *y, int64_t o
     if (rows == 2) _mm_storeu_ps(y + (m + 1) * out + o, hsum4(c10, c11, c12, c13));
 }
 
+/* One block of w <= 4 rows of W (from Wo) against `rows` <= 3 rows of x (from xm), into yo (its rows ys apart):
+   three rows the 3 x 4 tile, prefetching its share (pf, k) of the next block; one or two the narrower tile; a
+   block of fewer than 4 rows (the last, out % 4) plain dot products. */
+static inline void block_tile(const float *Wo, const float *xm, float *yo, int64_t ys, int64_t w, int rows,
+                              int64_t in, const float *pf, int64_t k) {
+    if (w < 4) {
+        for (int r = 0; r < rows; r++)
+            for (int64_t j = 0; j < w; j++) yo[r * ys + j] = dot_f32(Wo + j * in, xm + r * in, in);
+    } else if (rows == 3) {
+        tile34(Wo, xm, yo, 0, 0, ys, in, pf, k);
+    } else {
+        tile_last(Wo, xm, yo, 0, 0, ys, in, rows);
+    }
+}
+
 /* the tiled product's loop, shared out over a parallel region's threads (`omp for`, no barrier at its end: the
    products of gemm3_f32 go one after another without waiting) */
 static void gemm_f32_for(const float *W, const float *x, float *y, int64_t out, int64_t in, int64_t M) {
-    int64_t M3 = M - M % 3, per = per_tile(in, M);
+    int64_t per = per_tile(in, M);
     #pragma omp for schedule(static) nowait
     for (int64_t ob = 0; ob < (out + 3) / 4; ob++) {
-        int64_t o = ob * 4, n = out - o < 4 ? out - o : 4, k;
-        if (n == 4) {
-            const float *next = o + 8 <= out ? W + (o + 4) * in : NULL;
-            for (int64_t m = 0; m < M3; m += 3) {
-                const float *pf = share(next, in, per, m / 3, &k);
-                tile34(W, x, y, o, m, out, in, pf, k);
-            }
-            if (M > M3) tile_last(W, x, y, o, M3, out, in, (int)(M - M3));
-            continue;
+        int64_t o = ob * 4, w = out - o < 4 ? out - o : 4, k;
+        const float *next = o + 8 <= out ? W + (o + 4) * in : NULL;  /* a next block of 4 rows: prefetched */
+        for (int64_t m = 0; m < M; m += 3) {
+            const float *pf = share(next, in, per, m / 3, &k);
+            block_tile(W + o * in, x + m * in, y + m * out + o, out, w, M - m < 3 ? (int)(M - m) : 3, in, pf, k);
         }
-        for (int64_t j = o; j < o + n; j++)  /* the last rows of W (out % 4): plain dot products */
-            for (int64_t m = 0; m < M; m++) y[m * out + j] = dot_f32(W + j * in, x + m * in, in);
     }
 }
 
@@ -347,22 +356,10 @@ void gate_up_f32(const float *Wg, const float *Wu, const float *x, float *y, int
             int more = o + 8 <= n;  /* a next block of 4 rows of each weight: prefetched while this one runs */
             for (int64_t m = 0; m < M; m += 3) {
                 int rows = M - m < 3 ? (int)(M - m) : 3;
-                const float *xm = x + m * in;
-                if (w < 4) {  /* the last rows of W (n % 4): plain dot products */
-                    for (int k = 0; k < rows; k++)
-                        for (int j = 0; j < w; j++) {
-                            g[k * 4 + j] = dot_f32(Wg + (o + j) * in, xm + k * in, in);
-                            u[k * 4 + j] = dot_f32(Wu + (o + j) * in, xm + k * in, in);
-                        }
-                } else if (rows == 3) {
-                    const float *pf = share(more ? Wg + (o + 4) * in : NULL, in, per, m / 3, &k);
-                    tile34(Wg + o * in, xm, g, 0, 0, 4, in, pf, k);
-                    pf = share(more ? Wu + (o + 4) * in : NULL, in, per, m / 3, &k);
-                    tile34(Wu + o * in, xm, u, 0, 0, 4, in, pf, k);
-                } else {
-                    tile_last(Wg + o * in, xm, g, 0, 0, 4, in, rows);
-                    tile_last(Wu + o * in, xm, u, 0, 0, 4, in, rows);
-                }
+                const float *xm = x + m * in, *pf = share(more ? Wg + (o + 4) * in : NULL, in, per, m / 3, &k);
+                block_tile(Wg + o * in, xm, g, 4, w, rows, in, pf, k);
+                pf = share(more ? Wu + (o + 4) * in : NULL, in, per, m / 3, &k);
+                block_tile(Wu + o * in, xm, u, 4, w, rows, in, pf, k);
                 _mm256_storeu_ps(r, silu_mul8(_mm256_loadu_ps(g), _mm256_loadu_ps(u)));
                 _mm256_storeu_ps(r + 8, silu_mul8(_mm256_loadu_ps(g + 8), _mm256_loadu_ps(u + 8)));
                 for (int k = 0; k < rows; k++)
@@ -530,8 +527,11 @@ static inline void add8(void *p, int64_t i, __m256 d, int bf) {  /* p[i..i+8] +=
     _mm_storeu_si128((__m128i *)h, packed);
 }
 
-static inline const char *at_(const void *p, int64_t i, int bf) {  /* element i's address, fp32 or bf16 */
-    return bf ? (const char *)((const uint16_t *)p + i) : (const char *)((const float *)p + i);
+/* elements i and i + 16 of p (fp32 or bf16) into cache: the lines of 32 fp32 elements, or of 32 bf16 ones */
+static inline void prefetch32(const void *p, int64_t i, int bf) {
+    const char *a = bf ? (const char *)((const uint16_t *)p + i) : (const char *)((const float *)p + i);
+    _mm_prefetch(a, _MM_HINT_T0);
+    _mm_prefetch(a + (bf ? 32 : 64), _MM_HINT_T0);
 }
 
 /* row bt's delta from slot s: u = x A (R), then out += u (sB); slot ns >= 0: the next item's, whose A and B lines
@@ -545,10 +545,7 @@ static inline void lora_one(const void *x, const void *At, const void *Bt, void 
                a3 = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 4 <= in; i += 4) {
-            if (ns >= 0) {
-                _mm_prefetch(at_(At, NA + i * 8, WB), _MM_HINT_T0);
-                _mm_prefetch(at_(At, NA + i * 8 + 16, WB), _MM_HINT_T0);
-            }
+            if (ns >= 0) prefetch32(At, NA + i * 8, WB);
             a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i, XB)), load8(At, A + i * 8, WB), a0);
             a1 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 1, XB)), load8(At, A + i * 8 + 8, WB), a1);
             a2 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xr + i + 2, XB)), load8(At, A + i * 8 + 16, WB), a2);
@@ -571,10 +568,7 @@ static inline void lora_one(const void *x, const void *At, const void *Bt, void 
         for (int64_t j = 0; j < R; j++) {
             __m256 uj = _mm256_set1_ps(u[j]);
             int64_t row = Bm + j * n + o;
-            if (ns >= 0 && R == 8) {
-                _mm_prefetch(at_(Bt, NB + j * n + o, WB), _MM_HINT_T0);
-                _mm_prefetch(at_(Bt, NB + j * n + o + 16, WB), _MM_HINT_T0);
-            }
+            if (ns >= 0 && R == 8) prefetch32(Bt, NB + j * n + o, WB);
             c0 = _mm256_fmadd_ps(uj, load8(Bt, row, WB), c0);
             c1 = _mm256_fmadd_ps(uj, load8(Bt, row + 8, WB), c1);
             c2 = _mm256_fmadd_ps(uj, load8(Bt, row + 16, WB), c2);
@@ -601,10 +595,7 @@ static inline void lora_two(const void *x, const void *At, const void *Bt, void 
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, w;
     int64_t i = 0;
     for (; i + 4 <= in; i += 4) {
-        if (ns >= 0) {
-            _mm_prefetch(at_(At, NA + i * 8, WB), _MM_HINT_T0);
-            _mm_prefetch(at_(At, NA + i * 8 + 16, WB), _MM_HINT_T0);
-        }
+        if (ns >= 0) prefetch32(At, NA + i * 8, WB);
         w = load8(At, A + i * 8, WB);
         a0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xp + i, XB)), w, a0);
         b0 = _mm256_fmadd_ps(_mm256_set1_ps(load1(x, xq + i, XB)), w, b0);
@@ -631,10 +622,7 @@ static inline void lora_two(const void *x, const void *At, const void *Bt, void 
         for (int64_t j = 0; j < 8; j++) {
             __m256 uj = _mm256_set1_ps(u[j]), vj = _mm256_set1_ps(v[j]);
             int64_t row = Bm + j * n + o;
-            if (ns >= 0) {
-                _mm_prefetch(at_(Bt, NB + j * n + o, WB), _MM_HINT_T0);
-                _mm_prefetch(at_(Bt, NB + j * n + o + 16, WB), _MM_HINT_T0);
-            }
+            if (ns >= 0) prefetch32(Bt, NB + j * n + o, WB);
             w = load8(Bt, row, WB); c0 = _mm256_fmadd_ps(uj, w, c0); d0 = _mm256_fmadd_ps(vj, w, d0);
             w = load8(Bt, row + 8, WB); c1 = _mm256_fmadd_ps(uj, w, c1); d1 = _mm256_fmadd_ps(vj, w, d1);
             w = load8(Bt, row + 16, WB); c2 = _mm256_fmadd_ps(uj, w, c2); d2 = _mm256_fmadd_ps(vj, w, d2);
@@ -666,6 +654,10 @@ static inline int lora_rows(const void *x, const void *At, const void *Bt, const
         if (idx[b] < 0 || idx[b] >= S) return -1;
     int64_t N = B * T, used = 0, *count = calloc(S + 1, sizeof(int64_t)), *order = malloc((N + 1) * sizeof(int64_t)),
             *item = malloc((N + 1) * sizeof(int64_t));  /* item: where each one row or pair starts in order */
+    if (!count || !order || !item) {
+        free(count); free(order); free(item);
+        return -2;
+    }
     for (int64_t b = 0; b < B; b++) count[idx[b] + 1] += T;
     for (int64_t k = 1; k <= S; k++) count[k] += count[k - 1];
     for (int64_t b = 0; b < B; b++)
@@ -964,6 +956,10 @@ def lora_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.
     slots, in_features, rank = At.shape
     x, index = x.contiguous(), index.contiguous()
     fn = getattr(_lib, "lora_rows_" + _HALF[x.dtype] + _HALF[At.dtype] + _HALF[out.dtype])
-    if fn(x.data_ptr(), At.data_ptr(), Bt.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-          in_features, rank, Bt.shape[2], slots, torch.get_num_threads()):
-        raise ValueError(f"lora_rows: an index outside the stacks' {slots} slots: {index.tolist()}")
+    status = fn(x.data_ptr(), At.data_ptr(), Bt.data_ptr(), index.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                in_features, rank, Bt.shape[2], slots, torch.get_num_threads())
+    if status == -1:
+        bad = index[(index < 0) | (index >= slots)].unique().tolist()
+        raise ValueError(f"lora_rows: index {bad} outside the stacks' {slots} slots (0 .. {slots - 1})")
+    if status:
+        raise MemoryError(f"lora_rows: no memory to order {index.numel()} rows by adapter")
