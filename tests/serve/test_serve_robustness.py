@@ -173,14 +173,23 @@ def test_chat_messages_are_checked(server, messages):
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
+def slow_consumer(q: queue.Queue):
+    """An on_event that takes 10 ms a token (the engine thread waits on it): an 80-token request then holds its slot
+    for about 0.8 s however fast the steps are, while the checks below run between two of them."""
+    def on_event(ev):
+        q.put(ev)
+        time.sleep(0.01)
+    return on_event
+
+
 def test_corrupt_upload_is_refused_while_every_slot_is_busy(server):
     """Defect 4: with every slot in use, a corrupt safetensors file answered 200 "loaded" and its requests got
     500. Now the files are checked before the answer, whether or not a slot is free (max_loaded=1 here)."""
     engine = server[0]
     for busy in (True, False):
         q = queue.Queue()
-        if busy:  # "a" holds the only slot for 60 steps
-            engine.submit([1, 2, 3, 4], "a", SamplingParams(max_tokens=60, ignore_eos=True), q.put)
+        if busy:  # "a" holds the only slot for 80 slow steps
+            engine.submit([1, 2, 3, 4], "a", SamplingParams(max_tokens=80, ignore_eos=True), slow_consumer(q))
             q.get(timeout=30)
         r = post(server, "/v1/adapters", {"name": "broken", "path": "corrupt"})
         if busy:
@@ -191,7 +200,7 @@ def test_corrupt_upload_is_refused_while_every_slot_is_busy(server):
             assert collect(q)[2].finish_reason == "length"
     # a good adapter uploaded while the slot is busy: accepted, checked, served on first use
     q = queue.Queue()
-    engine.submit([1, 2, 3, 4], "a", SamplingParams(max_tokens=60, ignore_eos=True), q.put)
+    engine.submit([1, 2, 3, 4], "a", SamplingParams(max_tokens=80, ignore_eos=True), slow_consumer(q))
     q.get(timeout=30)
     assert post(server, "/v1/adapters", {"name": "b-up", "path": "b"}).status_code == 200
     assert engine.load()["running"] == 1 and "b-up" not in engine.resident_adapters()
