@@ -10,6 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading patches: see there)
+import loraforge.models
+import loraforge.studies.demo  # noqa: F401
+import loraforge.studies.forgetting  # noqa: F401
 from loraforge.lora.adapters import save_adapter
 from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
@@ -40,15 +44,17 @@ def refused(argv, capsys) -> str:
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    """The refusals come before any model is loaded: loading fails the test."""
-    import loraforge.models
-
+    """The refusals come before any model is loaded: loading fails the test. The commands' modules are imported
+    at the top and their own bindings patched too: one first imported while patched would otherwise keep `fail` after
+    the test (merge.py's `from loraforge.models import load_base`), failing later tests that load for real."""
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the output was checked")
 
-    monkeypatch.setattr(loraforge.models, "load_base", fail)
-    monkeypatch.setattr(loraforge.models, "load_model", fail)
-    monkeypatch.setattr(loraforge.models, "load_tokenizer", fail)
+    for name in ("load_base", "load_model", "load_tokenizer"):
+        real = getattr(loraforge.models, name)
+        for module in [m for n, m in sys.modules.items() if n.startswith("loraforge") and m is not None]:
+            if getattr(module, name, None) is real:
+                monkeypatch.setattr(module, name, fail)
 
 
 @pytest.fixture
