@@ -28,7 +28,14 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
            micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
            the same system prompt and user header, 38 tokens, before every question). Packed rows attend
-           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask).
+           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask), the
+           backward recomputing their probabilities (lf-keepprobs: kept from the forward instead).
+
+The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
+and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
+libjemalloc2) and MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless MALLOC_CONF is set: jemalloc reuses
+freed activations where glibc's heap fragments, and keeps them for the next step instead of faulting fresh pages
+in (see the README, "Memory on CPU").
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -66,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 import shapes as data_shapes  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
+from loraforge.utils import allocator  # noqa: E402
 
 # name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
 VARIANTS = {
@@ -73,7 +81,8 @@ VARIANTS = {
     "lf": ("lf", {}),
     "lf-unfused": ("lf", {"fused": False}),
     "lf-noblocks": ("lf", {"blocks": False}),  # RMSNorm and SwiGLU MLP as transformers has them
-    "lf-eager": ("lf", {"attention": "eager"}),  # transformers' eager attention instead of the lean kernel
+    "lf-eager": ("lf", {"attention": "eager"}),
+    "lf-sdpa": ("lf", {"attention": "sdpa"}),  # transformers' SDPA (the previous default for rows over 512)  # transformers' eager attention instead of the lean kernel
     "lf-before": ("lf", {"blocks": False, "attention": "eager"}),  # the defaults of the previous release
     "lf-ckpt": ("lf", {"checkpointing": True}),
     "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
@@ -82,6 +91,10 @@ VARIANTS = {
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
     "lf-noprefix": ("lf", {"share_prefix": False}),
+    "lf-keepprobs": ("lf", {"keep_probs": True}),  # packed rows: keep the probabilities instead of recomputing them
+    "lf-jemalloc": ("lf", {"allocator": "jemalloc"}),  # the worker runs with LD_PRELOAD=libjemalloc
+    "lf-jemalloc-keepprobs": ("lf", {"allocator": "jemalloc", "keep_probs": True}),
+    "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask  # every row computes the prefix all rows share
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -165,6 +178,8 @@ def worker(args) -> dict:
     from loraforge.training.report import peak_memory_mb
 
     trainer, opts = VARIANTS[args.variant]
+    if opts.get("allocator") and opts["allocator"] != allocator.loaded():
+        raise RuntimeError(f"{args.variant}: {opts['allocator']} is not loaded in the worker (LD_PRELOAD refused?)")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     low = args.dtype != "fp32"  # bf16 or fp16: the frozen base is stored in it (lf), matmuls autocast to it
@@ -196,6 +211,10 @@ def worker(args) -> dict:
             from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
 
             model.set_attn_implementation(LEAN_MASKED_ATTENTION)
+        if opts.get("keep_probs") and model.config._attn_implementation == "lean":
+            from loraforge.training.fastpath import LEAN_KEEP_ATTENTION
+
+            model.set_attn_implementation(LEAN_KEEP_ATTENTION)
     same_lora_init(model)
     model.train()
     rss_loaded = peak_memory_mb("cpu")  # the resident set, on any device
@@ -275,7 +294,7 @@ def worker(args) -> dict:
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
             "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds, "peak_mb": peak,
-            "rss_after_load_mb": rss_loaded,
+            "rss_after_load_mb": rss_loaded, "allocator": allocator.loaded(),
             "losses": losses, "final_loss": losses[-1], "seconds": seconds, "sys_seconds": sys_seconds}
 
 
@@ -325,7 +344,13 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
            "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads),
            "--model", args.model]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    env = dict(os.environ)
+    if VARIANTS[variant][1].get("allocator") == "jemalloc":
+        try:
+            env = allocator.preload_env(env)
+        except FileNotFoundError as e:
+            raise SystemExit(f"{variant}: {e}; or leave the *-jemalloc variants out of --variants") from None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])

@@ -440,11 +440,11 @@ class TrainingConfig:
     metrics.jsonl and the loss plot are written either way. Each needs its optional extra, e.g.
     pip install 'loraforge[tensorboard]' (loraforge.trackers)."""
     attention: Literal["auto", "sdpa", "eager", "lean"] = "auto"
-    """The attention kernel while training. auto: lean on CPU when rows are at most 512 tokens (data.max_seq_len),
-    SDPA otherwise. lean: loraforge.kernels.attention, eager attention's math keeping only q, k, v and the
-    probabilities in the compute dtype (keys and values not repeated per query head). PyTorch's CPU
-    flash-attention backward is slow on short rows (bench/train.py compares them); on long rows the T² scores of
-    eager and lean cost memory."""
+    """The attention kernel while training. auto: lean on CPU, SDPA otherwise. lean: loraforge.kernels.attention,
+    eager attention's math keeping only q, k, v and the probabilities in the compute dtype (keys and values not
+    repeated per query head); packed rows sequence by sequence, keeping only q, k, v; rows over 512 tokens go to
+    SDPA unless packed of sequences up to 512. PyTorch's CPU flash-attention backward is slow on short rows
+    (bench/train.py compares them); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
     """torch.compile the model and loss (inductor). Minutes of compiling and a little more peak memory for a modest
     gain on CPU (README, performance); worth trying on GPUs and long runs."""

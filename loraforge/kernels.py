@@ -23,7 +23,9 @@ RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistic
 Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the probabilities in the
   compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
   probabilities twice, in fp32 and in the compute dtype). Packed rows (packed_attention) run sequence by sequence:
-  scores and probabilities of Σ Lᵢ² positions per row instead of T², and no (T, T) mask.
+  scores and probabilities of Σ Lᵢ² positions per row instead of T², and no (T, T) mask; it keeps only q, k and v
+  and recomputes each sequence's probabilities in the backward by the forward's formula (the same bits; one more
+  q kᵀ and softmax per sequence, small beside the linears), so nothing of Σ Lᵢ² size outlives the forward.
 
 Output head + cross-entropy, Σᵢ [logsumexp(hᵢ Wᵀ) − (hᵢ Wᵀ)[yᵢ]] for a frozen W (V, H): row chunks of logits,
   each in one fp32 buffer worked in place (max, exp, sum, softmax); the input gradient (softmax − onehot) W is
@@ -244,15 +246,35 @@ def segment_starts(position_ids: torch.Tensor) -> list[list[int]] | None:
     return [row.nonzero().flatten().tolist() + [length] for row in new]
 
 
+def _segment_probs(qs, ks, future, scaling: float, compute: torch.dtype) -> torch.Tensor:
+    """One packed sequence's causal attention probabilities, (Hkv, G·L, L) in the compute dtype, from its queries
+    qs (Hkv, G·L, D) and keys ks (Hkv, L, D): the forward's and the recomputing backward's one formula, so both get
+    the same bits."""
+    kv_heads, rows, n = qs.shape[0], qs.shape[1], ks.shape[1]
+    scores = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scaling)  # (Hkv, G·L, L)
+    scores.view(kv_heads, rows // n, n, n).masked_fill_(future[:n, :n], float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+
+
+def longest_sequence(starts: list[list[int]]) -> int:
+    """The longest sequence's length in segment_starts' lists."""
+    return max(e - a for row in starts for a, e in zip(row, row[1:]))
+
+
+def _future(starts, device) -> torch.Tensor:
+    """(L, L) True above the diagonal (masked) for the longest sequence in starts."""
+    longest = longest_sequence(starts)
+    return torch.ones(longest, longest, dtype=torch.bool, device=device).triu(1)
+
+
 class _PackedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, starts, scaling: float):
+    def forward(ctx, q, k, v, starts, scaling: float, keep_probs: bool):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         groups = heads // kv_heads
         compute = _compute_dtype(q)
-        longest = max(e - a for row in starts for a, e in zip(row, row[1:]))
-        future = torch.ones(longest, longest, dtype=torch.bool, device=q.device).triu(1)  # (L, L) True: masked
+        future = _future(starts, q.device)
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, vc = _cast(compute, q, k, v)
             out = torch.empty(batch, length, heads, dim, dtype=compute, device=q.device)  # the caller's layout
@@ -261,12 +283,10 @@ class _PackedAttention(torch.autograd.Function):
                 for a, e in zip(row, row[1:]):
                     n = e - a
                     qs = qc[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
-                    scores = torch.matmul(qs, kc[i, :, a:e].transpose(-1, -2)).mul_(scaling)  # (Hkv, G·L, L)
-                    scores.view(kv_heads, groups, n, n).masked_fill_(future[:n, :n], float("-inf"))
-                    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
-                    del scores
+                    p = _segment_probs(qs, kc[i, :, a:e], future, scaling, compute)
                     out[i, a:e] = torch.matmul(p, vc[i, :, a:e]).view(heads, n, dim).transpose(0, 1)
-                    probs.append(p)
+                    if keep_probs:
+                        probs.append(p)
         ctx.save_for_backward(qc, kc, vc, *probs)
         ctx.starts, ctx.scaling, ctx.dtypes = starts, scaling, (q.dtype, k.dtype, v.dtype)
         return out.transpose(1, 2)  # (B, H, T, D), a view of (B, T, H, D)
@@ -276,36 +296,39 @@ class _PackedAttention(torch.autograd.Function):
         q, k, v, *probs = ctx.saved_tensors
         heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
         groups = heads // kv_heads
+        future = None if probs else _future(ctx.starts, q.device)
         g = g.to(v.dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        segments = ((i, a, e) for i, row in enumerate(ctx.starts) for a, e in zip(row, row[1:]))
-        for (i, a, e), p in zip(segments, probs):
+        segments = [(i, a, e) for i, row in enumerate(ctx.starts) for a, e in zip(row, row[1:])]
+        for s, (i, a, e) in enumerate(segments):
             n = e - a
             qs = q[i, :, a:e].reshape(kv_heads, groups * n, dim)
             go = g[i, :, a:e].reshape(kv_heads, groups * n, dim)  # (Hkv, G·L, D)
             ks, vs = k[i, :, a:e], v[i, :, a:e]
+            p = probs[s] if probs else _segment_probs(qs, ks, future, ctx.scaling, v.dtype)
             dv[i, :, a:e] = p.transpose(-1, -2) @ go  # sums over the query heads that share a key head
             dp = go @ vs.transpose(-1, -2)
             ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype).mul_(ctx.scaling)
-            del dp
+            del dp, p
             dq[i, :, a:e] = (ds @ ks).view(heads, n, dim)
             dk[i, :, a:e] = ds.transpose(-1, -2) @ qs
-        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, keep_probs: bool = False) -> torch.Tensor:
     """Causal attention within each sequence of packed rows, the same as attention() with the block-diagonal causal
-    mask, but run sequence by sequence in one autograd node: no (T, T) mask or scores for the whole row, the
-    probabilities kept for the backward are Σ Lᵢ² per row instead of T², and the gradients are written into one
-    tensor each (autograd through slices would add a zero-filled full-size gradient per sequence).
-    q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts. Returns (B, H, T, D)."""
+    mask, but run sequence by sequence in one autograd node: no (T, T) mask or scores for the whole row, and the
+    gradients are written into one tensor each (autograd through slices would add a zero-filled full-size gradient
+    per sequence). The backward recomputes each sequence's probabilities from the saved q and k; keep_probs=True
+    keeps them from the forward instead (Σ Lᵢ² per row and head: the same results, more memory; bench/train.py's
+    lf-keepprobs). q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts. Returns (B, H, T, D)."""
     if q.shape[2] != k.shape[2]:
         raise ValueError("packed_attention: queries and keys must cover the same positions (no cache)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"packed_attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value "
                          f"heads")
-    return _PackedAttention.apply(q, k, v, starts, scaling)
+    return _PackedAttention.apply(q, k, v, starts, scaling, keep_probs)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -8,7 +8,8 @@
                                  eager attention's masks): model.set_attn_implementation("lean"). Packed rows
                                  (position ids that restart, the mask block-diagonal causal) run sequence by
                                  sequence (kernels.packed_attention); "lean_masked" runs them with the whole (T, T)
-                                 mask instead (what bench/train.py's lf-noseg measures).
+                                 mask instead (what bench/train.py's lf-noseg measures), "lean_keep" keeps their
+                                 probabilities for the backward instead of recomputing them (lf-keepprobs).
 
 Same math as the modules they replace (tests/training/test_kernels.py); what they save for the backward is smaller:
 bench/train.py measures it.
@@ -22,12 +23,15 @@ import weakref
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loraforge import kernels as K
 from loraforge.lora.layer import LoraLinear
 
 LEAN_ATTENTION = "lean"
 LEAN_MASKED_ATTENTION = "lean_masked"
+LEAN_KEEP_ATTENTION = "lean_keep"
+LEAN_MAX_LENGTH = 512  # the longest sequence lean attention runs; longer ones (unless packed shorter) go to SDPA
 
 
 def _source(fn) -> str | None:
@@ -122,18 +126,20 @@ def _is_silu(act) -> bool:
 
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                           by_sequence: bool = True, **kwargs):
+                           by_sequence: bool = True, keep_probs: bool = False, **kwargs):
     """A transformers attention function (the signature of eager_attention_forward) running kernels.attention;
-    packed rows sequence by sequence (kernels.packed_attention) unless by_sequence is False."""
+    packed rows sequence by sequence (kernels.packed_attention, keep_probs passed on) unless by_sequence is False.
+    Rows longer than LEAN_MAX_LENGTH go to transformers' SDPA, unless packed of sequences no longer than it (whose
+    attention is Σ Lᵢ², not T²); by_sequence=False (the whole-row-mask ablation) keeps every row here."""
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]
     starts = _packed_starts(attention_mask, kwargs.get("position_ids"), length, kv_length) if by_sequence else None
-    if starts is not None:
-        return K.packed_attention(query, key, value, starts, scaling).transpose(1, 2).contiguous(), None
+    if starts is not None and K.longest_sequence(starts) <= LEAN_MAX_LENGTH:
+        return K.packed_attention(query, key, value, starts, scaling, keep_probs).transpose(1, 2).contiguous(), None
+    if by_sequence and kv_length > LEAN_MAX_LENGTH:  # T² scores at once would cost more than SDPA's tiles
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if attention_mask is None and length > 1 and getattr(module, "is_causal", True):  # True: attend
         attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - length)
     elif attention_mask is not None:
@@ -169,7 +175,8 @@ def _packed_starts(mask: torch.Tensor | None, position_ids: torch.Tensor | None,
 
 @functools.cache
 def register_attention() -> str:
-    """Register the "lean" and "lean_masked" attention implementations with transformers (once); returns "lean"."""
+    """Register the "lean", "lean_masked" and "lean_keep" attention implementations with transformers (once);
+    returns "lean"."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -177,4 +184,6 @@ def register_attention() -> str:
     AttentionMaskInterface.register(LEAN_ATTENTION, eager_mask)
     AttentionInterface.register(LEAN_MASKED_ATTENTION, functools.partial(lean_attention_forward, by_sequence=False))
     AttentionMaskInterface.register(LEAN_MASKED_ATTENTION, eager_mask)
+    AttentionInterface.register(LEAN_KEEP_ATTENTION, functools.partial(lean_attention_forward, keep_probs=True))
+    AttentionMaskInterface.register(LEAN_KEEP_ATTENTION, eager_mask)
     return LEAN_ATTENTION

@@ -52,6 +52,7 @@ from loraforge.training.mixing import Mixture, load_sources, sources_report
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, open_tracker
+from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import check_run_output
 
@@ -173,10 +174,11 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def training_attention(cfg: TrainConfig, device: torch.device) -> str:
-    """training.attention resolved: "auto" is lean on CPU for rows up to 512 tokens, SDPA otherwise."""
+    """training.attention resolved: "auto" is lean on CPU (which hands rows longer than fastpath.LEAN_MAX_LENGTH
+    to SDPA unless they are packed of shorter sequences), SDPA elsewhere."""
     if cfg.training.attention != "auto":
         return cfg.training.attention
-    return "lean" if device.type == "cpu" and cfg.data.max_seq_len <= 512 else "sdpa"
+    return "lean" if device.type == "cpu" else "sdpa"
 
 
 def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing) -> str:
@@ -323,6 +325,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     precision = precision or run_precision(cfg, device)
     if rank == 0:
         print(precision.line(), flush=True)
+        if memory_line := allocator_line(device.type):
+            print(memory_line, flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     per_epoch = len(micro_batches(train_examples, cfg, 0, mixture)) // (t.gradient_accumulation * world)

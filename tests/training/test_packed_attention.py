@@ -124,3 +124,71 @@ def test_a_padding_mask_is_never_replaced_by_sequences():
         model.set_attn_implementation(LEAN_MASKED_ATTENTION)
         expected = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_probabilities_give_the_kept_ones_bits(dtype):
+    """By default the packed node keeps only q, k and v and recomputes each sequence's probabilities in the backward
+    by the forward's own formula: outputs and gradients bit-equal to keeping the probabilities (keep_probs=True),
+    in fp32 and under bf16 autocast, and nothing of Σ Lᵢ² size is saved."""
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    starts = segment_starts(pos)
+    q = torch.randn(2, 6, 12, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(2))
+    target = torch.randn(2, 6, 12, 8)
+    results, saved = {}, {}
+    for keep in (False, True):
+        sizes = []
+
+        def run(q, k, v, keep=keep, sizes=sizes):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+                return packed_attention(q, k, v, starts, 8 ** -0.5, keep_probs=keep)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results[keep] = _grads(run, (q, k, v), target)
+        saved[keep] = sizes
+    for a, b in zip(results[False], results[True]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert sorted(saved[False]) == sorted([q.numel(), k.numel(), v.numel()])  # q, k, v only
+    probs = [6 * n * n for n in (4, 3, 2, 3, 12)]  # (Hkv, G·L, L) per sequence: 2 · 3 · L · L
+    assert sorted(saved[True]) == sorted(saved[False] + probs)
+
+
+@pytest.mark.parametrize("lengths,packed_path", [([3, 4, 2, 4], True), ([3, 9, 2], False)],
+                         ids=["short-sequences", "one-long-sequence"])
+def test_rows_longer_than_the_lean_limit_run_packed_or_on_sdpa(monkeypatch, lengths, packed_path):
+    """With the limit at 5 tokens: a packed row of sequences up to 5 runs sequence by sequence, a row holding a
+    longer sequence goes to SDPA; either way loss and gradients equal transformers' SDPA over the whole row."""
+    monkeypatch.setattr(fastpath, "LEAN_MAX_LENGTH", 5)
+    calls = {"packed": 0, "sdpa": 0}
+    monkeypatch.setattr(fastpath.K, "packed_attention",
+                        lambda *a, _f=fastpath.K.packed_attention: calls.update(packed=calls["packed"] + 1) or _f(*a))
+    monkeypatch.setattr(fastpath, "sdpa_attention_forward", lambda *a, _f=fastpath.sdpa_attention_forward, **k:
+                        calls.update(sdpa=calls["sdpa"] + 1) or _f(*a, **k))
+    packed = D.collate(D.pack(_examples(lengths, seed=3), 16), pad_id=0)
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    loss, grads = _loss_and_grads(_lean_model(), [packed])
+    layers = _lean_model().config.num_hidden_layers
+    assert calls == ({"packed": layers, "sdpa": 0} if packed_path else {"packed": 0, "sdpa": layers})
+    loss_sdpa, grads_sdpa = _loss_and_grads(_lean_model("sdpa"), [packed])
+    torch.testing.assert_close(loss, loss_sdpa)
+    for name, grad in grads_sdpa.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+def test_an_unpacked_row_longer_than_the_lean_limit_goes_to_sdpa(monkeypatch):
+    monkeypatch.setattr(fastpath, "LEAN_MAX_LENGTH", 5)
+    calls = []
+    monkeypatch.setattr(fastpath, "sdpa_attention_forward", lambda *a, _f=fastpath.sdpa_attention_forward, **k:
+                        calls.append(1) or _f(*a, **k))
+    short, long = (D.collate(_examples([n], seed=4), pad_id=0) for n in (5, 8))
+    model = _lean_model()
+    for batch, expected in ((short, 0), (long, model.config.num_hidden_layers)):
+        calls.clear()
+        loss, grads = _loss_and_grads(model, [batch])
+        assert len(calls) == expected
+        loss_sdpa, grads_sdpa = _loss_and_grads(_lean_model("sdpa"), [batch])
+        torch.testing.assert_close(loss, loss_sdpa)
+        for name, grad in grads_sdpa.items():
+            torch.testing.assert_close(grads[name], grad, msg=name)

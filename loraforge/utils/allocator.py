@@ -1,0 +1,63 @@
+"""Which C memory allocator this process runs on, and how to run it on jemalloc.
+
+On CPU, PyTorch's tensors come from the C library's malloc. glibc's heap fragments under training's pattern (each
+layer's kept activations land in the holes its temporaries left, so the next temporaries grow the heap) and keeps
+the holes resident: on packed 512-token rows of the built-in model, 4.3 GB peak RSS for ~2.9 GB of live memory.
+jemalloc, preloaded, reuses them: 2.5 GB, and with its page decay off (JEMALLOC_CONF) no fresh page faults each step
+(README, "Memory on CPU"). The allocator can only be chosen when a process starts (LD_PRELOAD), so loraforge names it
+and says how; it does not re-launch itself.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+from pathlib import Path
+
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages for the next step: no page faults each step
+_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
+                 "/opt/homebrew/lib")
+INSTALL_HINT = "apt-get install libjemalloc2 (Debian/Ubuntu), dnf install jemalloc (Fedora), brew install jemalloc"
+
+
+def loaded() -> str:
+    """"jemalloc", "tcmalloc" or "mimalloc" when one is mapped into this process, else "libc" (also off Linux)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "libc"
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if f"lib{name}" in maps), "libc")
+
+
+def jemalloc_path() -> str | None:
+    """An absolute path of libjemalloc to preload, or None when none is installed where the loader looks."""
+    for d in _LIBRARY_DIRS:
+        found = sorted(Path(d).glob("libjemalloc.so*")) + sorted(Path(d).glob("libjemalloc*.dylib"))
+        if found:
+            return str(found[0])
+    name = ctypes.util.find_library("jemalloc")
+    return name if name and os.path.isabs(name) else None
+
+
+def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of env (default: this process's) that runs a child process on jemalloc with JEMALLOC_CONF (a
+    MALLOC_CONF already set is kept). Raises FileNotFoundError naming how to install it where it is missing."""
+    path = jemalloc_path()
+    if path is None:
+        raise FileNotFoundError(f"libjemalloc is not installed: {INSTALL_HINT}")
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD")]))
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
+def line(device_type: str) -> str | None:
+    """One line for a CPU training run's start: the allocator, and on glibc how to use jemalloc; None elsewhere."""
+    if device_type != "cpu":
+        return None
+    name = loaded()
+    if name != "libc":
+        return f"memory allocator: {name}"
+    path = jemalloc_path()
+    how = (f"run with LD_PRELOAD={path} MALLOC_CONF={JEMALLOC_CONF}" if path else f"install it ({INSTALL_HINT})")
+    return f"memory allocator: the C library's malloc; jemalloc lowers the peak (README, Memory on CPU): {how}"
