@@ -81,8 +81,8 @@ VARIANTS = {
     "lf": ("lf", {}),
     "lf-unfused": ("lf", {"fused": False}),
     "lf-noblocks": ("lf", {"blocks": False}),  # RMSNorm and SwiGLU MLP as transformers has them
-    "lf-eager": ("lf", {"attention": "eager"}),
-    "lf-sdpa": ("lf", {"attention": "sdpa"}),  # transformers' SDPA (the previous default for rows over 512)  # transformers' eager attention instead of the lean kernel
+    "lf-eager": ("lf", {"attention": "eager"}),  # transformers' eager attention instead of the lean kernel
+    "lf-sdpa": ("lf", {"attention": "sdpa"}),  # transformers' SDPA (the previous default for rows over 512)
     "lf-before": ("lf", {"blocks": False, "attention": "eager"}),  # the defaults of the previous release
     "lf-ckpt": ("lf", {"checkpointing": True}),
     "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
@@ -90,12 +90,12 @@ VARIANTS = {
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
-    "lf-noprefix": ("lf", {"share_prefix": False}),
+    "lf-noprefix": ("lf", {"share_prefix": False}),  # every row computes the prefix all rows share
     "lf-keepprobs": ("lf", {"keep_probs": True}),  # packed rows: keep the probabilities instead of recomputing them
     "lf-jemalloc": ("lf", {"allocator": "jemalloc"}),  # the worker runs with LD_PRELOAD=libjemalloc
     "lf-jemalloc-keepprobs": ("lf", {"allocator": "jemalloc", "keep_probs": True}),
     "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),
-    "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask  # every row computes the prefix all rows share
+    "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),

@@ -3,7 +3,7 @@
 On CPU, PyTorch's tensors come from the C library's malloc. glibc's heap fragments under training's pattern (each
 layer's kept activations land in the holes its temporaries left, so the next temporaries grow the heap) and keeps
 the holes resident: on packed 512-token rows of the built-in model, 4.3 GB peak RSS for ~2.5 GB of live memory.
-jemalloc, preloaded, reuses them: 2.5 GB, and with its page decay off (JEMALLOC_CONF) no fresh page faults each step
+jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off (JEMALLOC_CONF) no fresh page faults each step
 (README, "Memory on CPU"). The allocator can only be chosen when a process starts (LD_PRELOAD), so loraforge names it
 and says how; it does not re-launch itself.
 """

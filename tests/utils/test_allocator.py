@@ -1,5 +1,6 @@
 """loraforge.utils.allocator: naming the C allocator and running a child process on jemalloc."""
 
+import os
 import subprocess
 import sys
 
@@ -16,13 +17,13 @@ def _child(env) -> str:
 
 
 def test_a_plain_child_runs_on_the_c_library():
-    env = {k: v for k, v in allocator.os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     assert _child(env) == "libc None"
 
 
 @pytest.mark.skipif(allocator.jemalloc_path() is None, reason="libjemalloc is not installed here")
 def test_preload_env_runs_a_child_on_jemalloc_with_decay_off_unless_malloc_conf_is_set():
-    env = {k: v for k, v in allocator.os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     assert _child(allocator.preload_env(env)) == f"jemalloc {allocator.JEMALLOC_CONF}"
     assert _child(allocator.preload_env({**env, "MALLOC_CONF": "narenas:2"})) == "jemalloc narenas:2"
     assert "LD_PRELOAD" not in env  # the caller's mapping is not changed
