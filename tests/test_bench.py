@@ -11,7 +11,8 @@ from loraforge.precision import choose
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", ["train", "qlora", "variants", "serve", "soak", "decode", "adapters_llamacpp"])
+@pytest.mark.parametrize("script", ["train", "qlora", "variants", "serve", "soak", "decode", "adapters_llamacpp",
+                                    "detokenize"])
 def test_bench_script_prints_its_help(script):
     out = subprocess.run([sys.executable, BENCH / f"{script}.py", "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -31,6 +32,7 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
     ("serve", ["--repeats", "0"], "--repeats must be at least 1 (one round of every run), got 0"),
     ("adapters_llamacpp", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
     ("adapters_llamacpp", ["--clients", "-3"], "--clients must be at least 1, got -3"),
+    ("detokenize", ["--tokens", "100,0"], "--tokens: every length must be a whole number of at least 1, got '0'"),
 ])
 def test_bench_counts_below_one_are_refused_by_name(script, args, message):
     out = subprocess.run([sys.executable, BENCH / f"{script}.py", *args], capture_output=True, text=True, timeout=120)

@@ -32,6 +32,7 @@ from loraforge.inference.llama import unsupported
 from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
 from loraforge.serve.batch import Batch
+from loraforge.serve.detokenize import TextStream
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
@@ -381,12 +382,15 @@ class Engine:
     def _append(self, req: Request, token: int) -> bool:
         """Add a generated token, send the new text; True when the request is finished."""
         req.out_ids.append(token)
+        if req.text is None:
+            req.text = TextStream(self._decoder)
+        req.text.add(token)
         reason = None
         if token in self.eos_ids and not req.params.ignore_eos:
             reason = "stop"
         elif len(req.out_ids) >= req.max_tokens:
             reason = "length"
-        text = self._decoder.decode(req.out_ids, skip_special_tokens=True)
+        text = req.text.text()
         stops = req.params.stop
         if stops:
             start = max(0, req.sent - max(map(len, stops)))
@@ -412,10 +416,7 @@ class Engine:
             return
         req.finished = True
         if text is None:
-            try:
-                text = self._decoder.decode(req.out_ids, skip_special_tokens=True) if req.out_ids else ""
-            except Exception:
-                text = ""
+            text = req.text.text() if req.text is not None else ""
         last = [req.out_ids[-1]] if req.out_ids and reason in ("stop", "length") else []
         with self._cv:
             if req.adapter is not None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from loraforge.serve.detokenize import TextStream
 from loraforge.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:  # for annotations only: residency imports this module
@@ -39,6 +40,7 @@ class Request:
     finished: bool = False
     # decoding state (engine thread only)
     out_ids: list[int] = field(default_factory=list)
+    text: TextStream | None = None  # the generated tokens' text, decoded as they come
     sent: int = 0  # characters of text already sent
     length: int = 0  # tokens of this row in the KV cache (its next position id)
     generator: torch.Generator | None = None

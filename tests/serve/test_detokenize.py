@@ -1,0 +1,64 @@
+"""TextStream: a request's text decoded a window at a time equals decoding all its tokens, at every token."""
+
+import random
+
+import pytest
+
+from loraforge.serve.detokenize import TextStream
+
+TEXT = ("Hello , world . 日本語の文章 🙂🚀 naïve café — \"quotes\"\n\tTabs and   spaces; ümlauts: ÄÖÜ ß. "
+        "Ελληνικά, русский, עברית, हिन्दी, 한국어. The end.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def decode_path():
+    """No engine here: once, not on both of conftest's decode paths."""
+
+
+def full(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def check_stream(tokenizer, ids):
+    stream = TextStream(tokenizer)
+    for n, token in enumerate(ids, 1):
+        stream.add(token)
+        assert stream.text() == full(tokenizer, ids[:n]), f"after {n} tokens"
+    return stream
+
+
+def test_text_equals_whole_decode_at_every_token(tokenizer):
+    ids = tokenizer(TEXT * 3)["input_ids"]
+    assert any(tokenizer.decode([i]).endswith("\ufffd") for i in ids)  # characters split across tokens are in it
+    assert check_stream(tokenizer, ids).text() == TEXT * 3
+
+
+def test_special_tokens_are_skipped_as_whole_decode_does(tokenizer):
+    ids = tokenizer(TEXT)["input_ids"]
+    specials = tokenizer.all_special_ids
+    mixed = [t for i, t in enumerate(ids) for t in ([t, specials[i % len(specials)]] if i % 7 == 3 else [t])]
+    assert check_stream(tokenizer, mixed).text() == TEXT
+    kept = TextStream(tokenizer, skip_special_tokens=False)
+    for t in mixed:
+        kept.add(t)
+    assert kept.text() == tokenizer.decode(mixed, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_tokens_including_broken_bytes(tokenizer, seed):
+    rng = random.Random(seed)
+    ids = [rng.randrange(len(tokenizer)) for _ in range(400)]  # any byte sequence, invalid UTF-8 included
+    check_stream(tokenizer, ids)
+
+
+def test_each_token_decodes_a_short_window(tokenizer, monkeypatch):
+    """The point of it: the tokens decoded per added token do not grow with the text (whole decoding: n at n)."""
+    ids = tokenizer(TEXT * 20)["input_ids"]
+    stream = TextStream(tokenizer)
+    lengths = []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda i, **kw: lengths.append(len(i)) or decode(i, **kw))
+    for t in ids:
+        stream.add(t)
+    assert len(ids) > 1000 and max(lengths) <= 8
+    assert stream.text() == TEXT * 20
