@@ -35,7 +35,8 @@ The memory allocator: every trainer runs with the C library's malloc unless the 
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
 libjemalloc2) and MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless MALLOC_CONF is set: jemalloc reuses
 freed activations where glibc's heap fragments, and keeps them for the next step instead of faulting fresh pages
-in (see the README, "Memory on CPU").
+in (see the README, "Memory on CPU"); lf-jemalloc-decay: jemalloc with its own page decay (MALLOC_CONF empty).
+lf-mmap1m: glibc with MALLOC_MMAP_THRESHOLD_=1 MiB (every larger block returned when freed, faulted in again).
 
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
@@ -95,6 +96,8 @@ VARIANTS = {
     "lf-jemalloc": ("lf", {"allocator": "jemalloc"}),  # the worker runs with LD_PRELOAD=libjemalloc
     "lf-jemalloc-keepprobs": ("lf", {"allocator": "jemalloc", "keep_probs": True}),
     "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),
+    "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
+    "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -345,11 +348,16 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
            "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads),
            "--model", args.model]
     env = dict(os.environ)
-    if VARIANTS[variant][1].get("allocator") == "jemalloc":
+    opts = VARIANTS[variant][1]
+    if opts.get("allocator") == "jemalloc":
+        if "malloc_conf" in opts:
+            env["MALLOC_CONF"] = opts["malloc_conf"]  # "": jemalloc's defaults
         try:
             env = allocator.preload_env(env)
         except FileNotFoundError as e:
             raise SystemExit(f"{variant}: {e}; or leave the *-jemalloc variants out of --variants") from None
+    if opts.get("mmap_threshold"):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(opts["mmap_threshold"])  # glibc's fixed threshold
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

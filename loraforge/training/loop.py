@@ -325,8 +325,6 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     precision = precision or run_precision(cfg, device)
     if rank == 0:
         print(precision.line(), flush=True)
-        if memory_line := allocator_line(device.type):
-            print(memory_line, flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     per_epoch = len(micro_batches(train_examples, cfg, 0, mixture)) // (t.gradient_accumulation * world)
@@ -373,6 +371,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
+        if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing
+            print(memory_line, flush=True)
         if "sources" in data_stats:
             print(sources_report(mixture, data_stats), flush=True)
         first = make_batch(train_examples, micro_batches(train_examples, cfg, 0, mixture)[0], cfg, run.pad_id,

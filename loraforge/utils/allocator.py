@@ -51,13 +51,20 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def line(device_type: str) -> str | None:
-    """One line for a CPU training run's start: the allocator, and on glibc how to use jemalloc; None elsewhere."""
+def line(device_type: str, packed: bool) -> str | None:
+    """One line for a CPU training run's start: the allocator, and on glibc how to use jemalloc; None elsewhere.
+
+    packed: the run packs its rows. Then every step's tensors have the same sizes and jemalloc with its page decay
+    off (JEMALLOC_CONF) is the fastest and keeps ~0.6x glibc's peak; rows of varying width (not packed) leave
+    freed pages of many sizes, which decay-off keeps (the demo: 2.7-3.8 GB against glibc's 2.3), so there the
+    command is jemalloc with its default decay (2.0 GB at glibc's speed). bench/train.py and README, Memory on CPU.
+    """
     if device_type != "cpu":
         return None
     name = loaded()
     if name != "libc":
         return f"memory allocator: {name}"
     path = jemalloc_path()
-    how = (f"run with LD_PRELOAD={path} MALLOC_CONF={JEMALLOC_CONF}" if path else f"install it ({INSTALL_HINT})")
+    conf = f" MALLOC_CONF={JEMALLOC_CONF}" if packed else ""
+    how = f"run with LD_PRELOAD={path}{conf}" if path else f"install it ({INSTALL_HINT})"
     return f"memory allocator: the C library's malloc; jemalloc lowers the peak (README, Memory on CPU): {how}"

@@ -36,14 +36,17 @@ def test_without_jemalloc_the_error_and_the_start_line_say_how_to_install_it(mon
     assert allocator.jemalloc_path() is None
     with pytest.raises(FileNotFoundError, match="apt-get install libjemalloc2"):
         allocator.preload_env({})
-    assert "apt-get install libjemalloc2" in allocator.line("cpu")
-    assert allocator.line("cuda") is None
+    assert "apt-get install libjemalloc2" in allocator.line("cpu", packed=True)
+    assert allocator.line("cuda", packed=True) is None
 
 
 def test_the_start_line_names_a_preloaded_allocator_and_the_command_for_an_installed_one(monkeypatch, tmp_path):
+    """Packed rows: jemalloc with decay off; rows of varying width: jemalloc's default decay (no MALLOC_CONF)."""
     (tmp_path / "libjemalloc.so.2").write_bytes(b"")
     monkeypatch.setattr(allocator, "_LIBRARY_DIRS", (str(tmp_path),))
     monkeypatch.setattr(allocator, "loaded", lambda: "libc")
-    assert f"LD_PRELOAD={tmp_path / 'libjemalloc.so.2'} MALLOC_CONF={allocator.JEMALLOC_CONF}" in allocator.line("cpu")
+    library = tmp_path / "libjemalloc.so.2"
+    assert allocator.line("cpu", packed=True).endswith(f"LD_PRELOAD={library} MALLOC_CONF={allocator.JEMALLOC_CONF}")
+    assert allocator.line("cpu", packed=False).endswith(f"LD_PRELOAD={library}")
     monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
-    assert allocator.line("cpu") == "memory allocator: jemalloc"
+    assert allocator.line("cpu", packed=False) == "memory allocator: jemalloc"
