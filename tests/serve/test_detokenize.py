@@ -62,3 +62,24 @@ def test_each_token_decodes_a_short_window(tokenizer, monkeypatch):
         stream.add(t)
     assert len(ids) > 1000 and max(lengths) <= 8
     assert stream.text() == TEXT * 20
+
+
+class JoiningTokenizer:
+    """A stand-in with two habits real tokenizers have: the first piece's leading space is dropped (SentencePiece),
+    and some neighbours decode together to other text than apart ("a" "b" -> "X")."""
+
+    pieces = [" a", "b", " c", "d", " "]
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(self.pieces[i] for i in ids).replace(" ab", " X").removeprefix(" ")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_token_that_changes_the_text_before_it_redecodes_from_the_start(seed):
+    tok = JoiningTokenizer()
+    rng = random.Random(seed)
+    ids = [0, 1, 2, 0, 1] + [rng.randrange(5) for _ in range(60)]
+    stream = TextStream(tok)
+    for n, token in enumerate(ids, 1):
+        stream.add(token)
+        assert stream.text() == tok.decode(ids[:n]), f"after {n} tokens"
