@@ -20,7 +20,6 @@ error naming that setting rather than hanging.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +38,7 @@ from loraforge.models import resolve_model
 from loraforge.precision import Precision
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError
+from loraforge.utils.allocator import return_large_frees
 
 
 def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
@@ -147,21 +147,6 @@ def wrap(loss_fn: nn.Module, model: nn.Module, mode: str, precision: Precision, 
         if is_quantized_linear(module) and getattr(module, "quant_state", None) is not None:
             module.quant_state.to(device)
     return loss_fn
-
-
-def return_large_frees(threshold: int = 128 * 1024) -> bool:
-    """glibc: serve every allocation above `threshold` bytes by mmap, so freeing it returns it to the system.
-
-    By default glibc raises this threshold each time a large block is freed (up to 32 MB), after which large blocks
-    come from the heap and stay with the process when freed. FSDP on CPU gathers and frees every layer's weights
-    each step, and the heap kept them: measured with the built-in model and 2 gloo processes, a step's peak was
-    1.44-1.85× DDP's; with the threshold held at 128 kB (glibc's starting value) it is 0.95×. No-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
 
 
 def is_sharded(wrapped: nn.Module) -> bool:

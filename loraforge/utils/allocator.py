@@ -5,11 +5,14 @@ layer's kept activations land in the holes its temporaries left, so the next tem
 the holes resident: on packed 512-token rows of the built-in model, 4.3 GB peak RSS for ~2.5 GB of live memory.
 jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off (JEMALLOC_CONF) no fresh page faults each step
 (README, "Memory on CPU"). The allocator can only be chosen when a process starts (LD_PRELOAD), so loraforge names it
-and says how; it does not re-launch itself.
+and says how; it does not re-launch itself. glibc's one knob that helps, its mmap threshold, costs a training step
+its page faults (bench/train.py's lf-mmap1m: 47% kernel time); FSDP on CPU holds it low (return_large_frees), where
+the gathered layers' weights are what the heap kept.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 from pathlib import Path
@@ -68,3 +71,18 @@ def line(device_type: str, packed: bool) -> str | None:
     conf = f" MALLOC_CONF={JEMALLOC_CONF}" if packed else ""
     how = f"run with LD_PRELOAD={path}{conf}" if path else f"install it ({INSTALL_HINT})"
     return f"memory allocator: the C library's malloc; jemalloc lowers the peak (README, Memory on CPU): {how}"
+
+
+def return_large_frees(threshold: int = 128 * 1024) -> bool:
+    """glibc: serve every allocation above `threshold` bytes by mmap, so freeing it returns it to the system.
+
+    By default glibc raises this threshold each time a large block is freed (up to 32 MB), after which large blocks
+    come from the heap and stay with the process when freed. FSDP on CPU gathers and frees every layer's weights
+    each step, and the heap kept them: measured with the built-in model and 2 gloo processes, a step's peak was
+    1.44-1.85× DDP's; with the threshold held at 128 kB (glibc's starting value) it is 0.95×. No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD

@@ -168,7 +168,7 @@ def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):
 
 RSS_AFTER_FREE = """
 import sys, torch
-from loraforge.training.distributed import return_large_frees
+from loraforge.utils.allocator import return_large_frees
 if sys.argv[1] == "held":
     return_large_frees()
 def rss():
