@@ -1,8 +1,8 @@
 """A request's generated text, decoded a few tokens at a time instead of whole at every token.
 
 Decoding all of a request's output again for each new token costs O(n) per token and O(n²) per request, on the
-engine thread every request waits for: with SmolLM2's tokenizer 0.4 ms a token at 1,000 tokens and 1.4 ms at 4,000
-(against 0.06 ms at 100). TextStream decodes a short window at each token: the tokens not yet committed to text, after
+engine thread every request waits for: with SmolLM2's tokenizer 0.2 ms a token at 1,000 tokens and 1.1 ms at 4,000
+(bench/detokenize.py; this way 0.017 ms at any length). TextStream decodes a short window at each token: the tokens not yet committed to text, after
 the ones committed last as context (vLLM's and TGI's prefix and read offsets). A window's new text is committed when
 it decodes to more characters than its context alone and does not end in U+FFFD (the bytes of a character split
 across tokens: its rest is still to come). text() is the committed text plus the window's pending part, so it equals
