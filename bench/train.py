@@ -28,8 +28,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
            micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
            the same system prompt and user header, 38 tokens, before every question). Packed rows attend
-           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask), the
-           backward recomputing their probabilities (lf-keepprobs: kept from the forward instead).
+           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask); the
+           attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
+           (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -92,7 +93,8 @@ VARIANTS = {
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
     "lf-noprefix": ("lf", {"share_prefix": False}),  # every row computes the prefix all rows share
-    "lf-keepprobs": ("lf", {"keep_probs": True}),  # packed rows: keep the probabilities instead of recomputing them
+    "lf-keepprobs": ("lf", {"keep_probs": True}),  # attention keeps its probabilities instead of recomputing them
+    "lf-nopack-keepprobs": ("lf", {"packing": False, "keep_probs": True}),
     "lf-jemalloc": ("lf", {"allocator": "jemalloc"}),  # the worker runs with LD_PRELOAD=libjemalloc
     "lf-jemalloc-keepprobs": ("lf", {"allocator": "jemalloc", "keep_probs": True}),
     "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),

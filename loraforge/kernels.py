@@ -20,8 +20,9 @@ RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistic
   saves y (which the next linear layer keeps anyway) and rstd (one float per row); x · rstd = y / w in the
   backward. Autograd keeps an fp32 copy of x. Where w has a zero entry, x is kept instead.
 
-Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the probabilities in the
-  compute dtype; keys and values are not repeated per query head (eager attention keeps repeated copies and the
+Attention, softmax(q kᵀ · scale + mask) v with grouped key/value heads: saves q, k, v and the mask
+  and recomputes the probabilities in the backward by the forward's formula (keep_probs=True keeps them, in the
+  compute dtype); keys and values are not repeated per query head (eager attention keeps repeated copies and the
   probabilities twice, in fp32 and in the compute dtype). Packed rows (packed_attention) run sequence by sequence:
   scores and probabilities of Σ Lᵢ² positions per row instead of T², and no (T, T) mask; it keeps only q, k and v
   and recomputes each sequence's probabilities in the backward by the forward's formula (the same bits; one more
@@ -186,51 +187,63 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, keep_input: bool
     return _RMSNorm.apply(x, weight, eps, keep_input)
 
 
+def _dense_probs(qg, kc, mask, groups: int, scaling: float, compute: torch.dtype) -> torch.Tensor:
+    """Attention probabilities (B, Hkv, G·L, S) in the compute dtype from stacked queries qg (B, Hkv, G·L, D), keys
+    kc (B, Hkv, S, D) and an additive mask (B|1, 1, L, S) or None: the forward's and the recomputing backward's one
+    formula, so both get the same bits."""
+    batch, kv_heads, rows, kv_length = qg.shape[0], qg.shape[1], qg.shape[2], kc.shape[2]
+    scores = torch.matmul(qg, kc.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G·L, S)
+    if mask is not None:  # the same for every query head; fp32's min would be -inf in bf16
+        view = scores.view(batch, kv_heads, groups, rows // groups, kv_length)
+        view.add_(mask.clamp(min=torch.finfo(compute).min).to(compute)[:, :, None])
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scaling: float):
+    def forward(ctx, q, k, v, mask, scaling: float, keep_probs: bool):
         batch, heads, length, dim = q.shape
-        kv_heads, kv_length = k.shape[1], k.shape[2]
+        kv_heads = k.shape[1]
         groups = heads // kv_heads
         compute = _compute_dtype(q)
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, vc = _cast(compute, q, k, v)
             qg = qc.reshape(batch, kv_heads, groups * length, dim)  # query heads of one key head, stacked
-            scores = torch.matmul(qg, kc.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G·L, S)
-            view = scores.view(batch, kv_heads, groups, length, kv_length)
-            if mask is not None:  # (B|1, 1, 1, L, S): the same for every query head; fp32's min would be -inf in bf16
-                view.add_(mask.clamp(min=torch.finfo(compute).min).to(compute)[:, :, None])
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
-            del scores, view
+            probs = _dense_probs(qg, kc, mask, groups, scaling, compute)
             out = torch.matmul(probs, vc)  # (B, Hkv, G·L, D)
-        ctx.save_for_backward(qg, kc, vc, probs)
-        ctx.scaling, ctx.shape, ctx.dtypes = scaling, q.shape, (q.dtype, k.dtype, v.dtype)
+        ctx.save_for_backward(qg, kc, vc, probs if keep_probs else mask)
+        ctx.keep_probs, ctx.scaling, ctx.groups = keep_probs, scaling, groups
+        ctx.shape, ctx.dtypes = q.shape, (q.dtype, k.dtype, v.dtype)
         return out.view(batch, heads, length, dim)
 
     @staticmethod
     def backward(ctx, g):
-        qg, k, v, probs = ctx.saved_tensors
+        qg, k, v, probs_or_mask = ctx.saved_tensors
+        probs = probs_or_mask if ctx.keep_probs else _dense_probs(qg, k, probs_or_mask, ctx.groups, ctx.scaling,
+                                                                  v.dtype)
         go = g.reshape(qg.shape).to(v.dtype)  # (B, Hkv, G·L, D)
         dv = probs.transpose(-1, -2) @ go  # sums over the query heads that share a key head
         dp = go @ v.transpose(-1, -2)  # (B, Hkv, G·L, S)
         ds = torch.ops.aten._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(ctx.scaling)  # p ⊙ (dp - Σ p dp)
-        del dp
+        del dp, probs
         dq = (ds @ k).view(ctx.shape)
         dk = ds.transpose(-1, -2) @ qg
-        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              scaling: float) -> torch.Tensor:
+              scaling: float, keep_probs: bool = False) -> torch.Tensor:
     """softmax(q kᵀ · scaling + mask) v. q (B, H, L, D); k, v (B, Hkv, S, D) with H a multiple of Hkv (query head
-    h uses key head h // (H / Hkv)); mask additive, broadcastable to (B, 1, L, S), or None. Returns (B, H, L, D)."""
+    h uses key head h // (H / Hkv)); mask additive, broadcastable to (B, 1, L, S), or None. Returns (B, H, L, D).
+    The backward recomputes the probabilities from the saved q and k; keep_probs=True keeps them from the forward
+    (B·H·L·S values a layer: the same results, more memory)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if mask is not None and mask.dtype == torch.bool:  # True: attend
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
     if mask is not None and mask.dim() < 4:
         mask = mask.view(*(1,) * (4 - mask.dim()), *mask.shape)
-    return _Attention.apply(q, k, v, mask, scaling)
+    return _Attention.apply(q, k, v, mask, scaling, keep_probs)
 
 
 def segment_starts(position_ids: torch.Tensor) -> list[list[int]] | None:

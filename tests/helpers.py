@@ -56,3 +56,23 @@ def save_adapters(base, root, configs: dict, seed: int):
         inject(model, config, name)
         save_adapter(model, root / name, name)
     return root
+
+
+def kept_equals_recomputed(grads, attend, inputs, target, dtype) -> dict[bool, list[int]]:
+    """Attention that recomputes its probabilities against the same attention keeping them: grads(run, inputs,
+    target) of attend(*inputs, keep) for keep False and True (under bf16 autocast where dtype is bf16) must be the
+    same bits. Returns, per keep, the numel of every tensor its autograd nodes saved."""
+    results, saved = {}, {}
+    for keep in (False, True):
+        sizes = []
+
+        def run(*args, keep=keep, sizes=sizes):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+                return attend(*args, keep)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            results[keep] = grads(run, inputs, target)
+        saved[keep] = sizes
+    for a, b in zip(results[False], results[True]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    return saved

@@ -8,7 +8,7 @@
                                  eager attention's masks): model.set_attn_implementation("lean"). Packed rows
                                  (position ids that restart, the mask block-diagonal causal) run sequence by
                                  sequence (kernels.packed_attention); "lean_masked" runs them with the whole (T, T)
-                                 mask instead (what bench/train.py's lf-noseg measures), "lean_keep" keeps their
+                                 mask instead (what bench/train.py's lf-noseg measures), "lean_keep" keeps the
                                  probabilities for the backward instead of recomputing them (lf-keepprobs).
 
 Same math as the modules they replace (tests/training/test_kernels.py); what they save for the backward is smaller:
@@ -32,6 +32,13 @@ LEAN_ATTENTION = "lean"
 LEAN_MASKED_ATTENTION = "lean_masked"
 LEAN_KEEP_ATTENTION = "lean_keep"
 LEAN_MAX_LENGTH = 512  # the longest sequence lean attention runs; longer ones (unless packed shorter) go to SDPA
+# Unpacked rows up to this many key positions keep their attention probabilities for the backward; longer ones
+# recompute them. Per token the probabilities take heads × positions × 4 bytes a layer, SmolLM2's other kept
+# activations ~5,800 × 4: at 256 positions they are 40% of those and growing. Recomputing cost the demo's rows
+# (~80 tokens) ~5% of their speed and saved nothing of its peak (2329 against 2322 MiB); on chat rows of ~210
+# tokens, unpacked, 7% for 12% (bench/train.py --variants lf-nopack,lf-nopack-keepprobs). Packed rows always
+# recompute (kernels.packed_attention).
+KEEP_PROBS_MAX_LENGTH = 256
 
 
 def _source(fn) -> str | None:
@@ -128,7 +135,8 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                            by_sequence: bool = True, keep_probs: bool = False, **kwargs):
     """A transformers attention function (the signature of eager_attention_forward) running kernels.attention;
-    packed rows sequence by sequence (kernels.packed_attention, keep_probs passed on) unless by_sequence is False.
+    packed rows sequence by sequence (kernels.packed_attention) unless by_sequence is False. The backward
+    recomputes the probabilities, except for unpacked rows up to KEEP_PROBS_MAX_LENGTH or where keep_probs is True.
     Rows longer than LEAN_MAX_LENGTH go to transformers' SDPA, unless packed of sequences no longer than it (whose
     attention is Σ Lᵢ², not T²); by_sequence=False (the whole-row-mask ablation) keeps every row here."""
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -144,7 +152,8 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         attention_mask = torch.ones(length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - length)
     elif attention_mask is not None:
         attention_mask = attention_mask[..., :kv_length]
-    out = K.attention(query, key, value, attention_mask, scaling)  # (B, H, L, D)
+    keep = keep_probs or kv_length <= KEEP_PROBS_MAX_LENGTH
+    out = K.attention(query, key, value, attention_mask, scaling, keep)  # (B, H, L, D)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -8,11 +8,11 @@ bf16 defaults (rtol 1.6e-2, atol 1e-5) scaled by the magnitude of what is compar
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, kept_equals_recomputed, tiny_llama
 
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
-from loraforge.kernels import fused_lora_linear, linear_cross_entropy
+from loraforge.kernels import attention, fused_lora_linear, linear_cross_entropy
 from loraforge.precision import choose
 
 
@@ -254,6 +254,27 @@ def test_attention_bf16_as_accurate_as_eager():
     for name, r, e, le in zip(["output", "loss", "dq", "dk", "dv"], ref, eager, lean):
         eager_error = ((e.float() - r).norm() / r.norm()).item()
         assert ((le.float() - r).norm() / r.norm()).item() <= 1.5 * eager_error + 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_recomputes_probabilities_with_the_kept_ones_bits(dtype):
+    """Unpacked rows (over fastpath.KEEP_PROBS_MAX_LENGTH): the node keeps q, k, v and the mask, and recomputes the
+    probabilities in the backward by the forward's own formula: outputs and gradients bit-equal to keeping them
+    (keep_probs=True), in fp32 and under bf16 autocast, and nothing of B·H·L·S size is saved."""
+    torch.manual_seed(0)
+    batch, length = 3, 7
+    q = torch.randn(batch, 6, length, 8, requires_grad=True)
+    k, v = (torch.randn(batch, 2, length, 8, requires_grad=True) for _ in range(2))
+    keep = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length).clone()
+    keep[1, :, :, :2] = False  # row 1 left-padded
+    keep[1, :, :2, 0] = True
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    target = torch.randn(batch, 6, length, 8)
+    saved = kept_equals_recomputed(_grads, lambda q, k, v, keep: attention(q, k, v, mask, 8 ** -0.5, keep),
+                                   (q, k, v), target, dtype)
+    assert sorted(saved[False]) == sorted([q.numel(), k.numel(), v.numel(), mask.numel()])  # q, k, v, the mask
+    probs = q.numel() // 8 * length  # (B, Hkv, G·L, S)
+    assert sorted(saved[True]) == sorted([q.numel(), k.numel(), v.numel(), probs])  # the probabilities, no mask
 
 
 # --- the output head fused with the cross-entropy --------------------------------------------------------------

@@ -8,7 +8,7 @@ softmax contribute exact zeros), so torch's default fp32 tolerances.
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_llama
+from helpers import VOCAB, kept_equals_recomputed, tiny_llama
 
 from loraforge.config import LoraConfig
 from loraforge.kernels import attention, packed_attention, segment_starts
@@ -137,19 +137,8 @@ def test_recomputed_probabilities_give_the_kept_ones_bits(dtype):
     q = torch.randn(2, 6, 12, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(2))
     target = torch.randn(2, 6, 12, 8)
-    results, saved = {}, {}
-    for keep in (False, True):
-        sizes = []
-
-        def run(q, k, v, keep=keep, sizes=sizes):
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-                return packed_attention(q, k, v, starts, 8 ** -0.5, keep_probs=keep)
-
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            results[keep] = _grads(run, (q, k, v), target)
-        saved[keep] = sizes
-    for a, b in zip(results[False], results[True]):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    saved = kept_equals_recomputed(_grads, lambda q, k, v, keep: packed_attention(q, k, v, starts, 8 ** -0.5, keep),
+                                   (q, k, v), target, dtype)
     assert sorted(saved[False]) == sorted([q.numel(), k.numel(), v.numel()])  # q, k, v only
     probs = [6 * n * n for n in (4, 3, 2, 3, 12)]  # (Hkv, G·L, L) per sequence: 2 · 3 · L · L
     assert sorted(saved[True]) == sorted(saved[False] + probs)
@@ -192,3 +181,28 @@ def test_an_unpacked_row_longer_than_the_lean_limit_goes_to_sdpa(monkeypatch):
         torch.testing.assert_close(loss, loss_sdpa)
         for name, grad in grads_sdpa.items():
             torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("limit, kept", [(8, True), (6, False)])
+def test_unpacked_rows_keep_probabilities_up_to_the_limit_and_recompute_beyond(monkeypatch, limit, kept):
+    """fastpath.KEEP_PROBS_MAX_LENGTH: an unpacked row of 7 positions keeps its (B, H, L, S) probabilities under a
+    limit of 8 and saves q, k, v and the mask instead under 6; the loss and every gradient are the same bits."""
+    monkeypatch.setattr(fastpath, "KEEP_PROBS_MAX_LENGTH", limit)
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 7, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 7, 8, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(7, 7).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    module, sizes = torch.nn.Module().train(), []
+
+    def run(q, k, v):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            return fastpath.lean_attention_forward(module, q, k, v, mask[None, None], 8 ** -0.5)[0]
+
+    target = torch.randn(2, 7, 6, 8)
+    got = _grads(run, (q, k, v), target)
+    probs = 2 * 6 * 7 * 7
+    assert sorted(sizes) == sorted([q.numel(), k.numel(), v.numel(), probs if kept else 49])  # or the mask
+    reference = _grads(lambda q, k, v: attention(q, k, v, mask[None, None], 8 ** -0.5, keep_probs=not kept).transpose(
+        1, 2), (q, k, v), target)
+    for a, b in zip(got, reference):
+        assert torch.equal(a, b)
