@@ -441,9 +441,10 @@ class TrainingConfig:
     pip install 'loraforge[tensorboard]' (loraforge.trackers)."""
     attention: Literal["auto", "sdpa", "eager", "lean"] = "auto"
     """The attention kernel while training. auto: lean on CPU, SDPA otherwise. lean: loraforge.kernels.attention,
-    eager attention's math keeping only q, k, v and the probabilities in the compute dtype (keys and values not
-    repeated per query head); packed rows sequence by sequence, keeping only q, k, v; rows over 512 tokens go to
-    SDPA unless packed of sequences up to 512. PyTorch's CPU flash-attention backward is slow on short rows
+    eager attention's math keeping q, k, v (keys and values not repeated per query head) and, for unpacked rows up
+    to 256 positions, the probabilities in the compute dtype; longer rows recompute them in the backward; packed
+    rows sequence by sequence, recomputing too; rows over 512 tokens go to SDPA unless packed of sequences up to
+    512. PyTorch's CPU flash-attention backward is slow on short rows
     (bench/train.py compares them); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
     """torch.compile the model and loss (inductor). Minutes of compiling and a little more peak memory for a modest

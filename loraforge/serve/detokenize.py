@@ -2,11 +2,12 @@
 
 Decoding all of a request's output again for each new token costs O(n) per token and O(n²) per request, on the
 engine thread every request waits for: with SmolLM2's tokenizer 0.2 ms a token at 1,000 tokens and 1.1 ms at 4,000
-(bench/detokenize.py; this way 0.017 ms at any length). TextStream decodes a short window at each token: the tokens not yet committed to text, after
-the ones committed last as context (vLLM's and TGI's prefix and read offsets). A window's new text is committed when
-it decodes to more characters than its context alone and does not end in U+FFFD (the bytes of a character split
-across tokens: its rest is still to come). text() is the committed text plus the window's pending part, so it equals
-decoding the whole list (tests/serve/test_detokenize.py checks this token by token).
+(bench/detokenize.py; this way 0.017 ms at any length). TextStream decodes a short window at each token: the
+tokens not yet committed to text, after the ones committed last as context (vLLM's and TGI's prefix and read
+offsets). A window's new text is committed when it decodes to more characters than its context alone and does not
+end in U+FFFD (the bytes of a character split across tokens: its rest is still to come). text() is the committed
+text plus the window's pending part, so it equals decoding the whole list (tests/serve/test_detokenize.py checks
+this token by token).
 
 Decoding runs with clean_up_tokenization_spaces=False: that cleanup (" ." -> ".") is made across the whole text and
 would change characters already sent; the built-in model's tokenizer has it off.

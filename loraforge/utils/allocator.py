@@ -3,11 +3,11 @@
 On CPU, PyTorch's tensors come from the C library's malloc. glibc's heap fragments under training's pattern (each
 layer's kept activations land in the holes its temporaries left, so the next temporaries grow the heap) and keeps
 the holes resident: on packed 512-token rows of the built-in model, 4.3 GB peak RSS for ~2.5 GB of live memory.
-jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off (JEMALLOC_CONF) no fresh page faults each step
-(README, "Memory on CPU"). The allocator can only be chosen when a process starts (LD_PRELOAD), so loraforge names it
-and says how; it does not re-launch itself. glibc's one knob that helps, its mmap threshold, costs a training step
-its page faults (bench/train.py's lf-mmap1m: 47% kernel time); FSDP on CPU holds it low (return_large_frees), where
-the gathered layers' weights are what the heap kept.
+jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off
+(JEMALLOC_CONF) no fresh page faults each step (README, "Memory on CPU"). The allocator can only be chosen when a
+process starts (LD_PRELOAD), so loraforge names it and says how; it does not re-launch itself. glibc's one knob
+that helps, its mmap threshold, costs a training step its page faults (bench/train.py's lf-mmap1m: 47% kernel
+time); FSDP on CPU holds it low (return_large_frees), where the gathered layers' weights are what the heap kept.
 """
 
 from __future__ import annotations
