@@ -19,6 +19,7 @@ in the same run. The FSDP and DDP adapters are compared too (the same global bat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -77,7 +78,8 @@ def worker(args) -> None:
     runtime = rss_mb()
     out = Path(args.out)
     cfg = load_train_config(None, overrides(args, args.worker, out / args.worker))
-    run = setup(cfg, resume=False, overwrite=True, precision=None)
+    lock = contextlib.ExitStack()  # output_dir's lock for this process's run (released when the worker exits)
+    run = setup(cfg, resume=False, overwrite=True, precision=None, held=lock)
     held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in run.model.parameters())
     reset_peak(torch)
     loss, eval_loss, seconds = fit(run, progress=False)

@@ -2,7 +2,8 @@
 
 Parameters without a default are positional (keyword-only ones are required --options); the others are --options
 (underscores become dashes); a `config` or `data` parameter defaulting to None is an optional positional; a bool
-defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one.
+defaulting to False is a flag; a list[str] takes several values. `Args:` lines document each one. An Annotated hint
+(loraforge.argtypes: PositiveInt, Port, ...) or a Literal checks each value as it is parsed, before anything loads.
 KEY=VALUE overrides may come anywhere on the line.
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
+import types
 import typing
+
+from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -40,6 +45,23 @@ def _precision(precision: str, dtype: str | None):
     return choose(precision, dtype or "auto", device="cpu")
 
 
+def _check_folders(**folders: str | None) -> None:
+    """--runs (created when missing) must not be a file; the other folders given must exist; else ConfigError."""
+    from loraforge.config import ConfigError
+
+    problems = []
+    for name, path in folders.items():
+        flag = "--" + name.replace("_", "-")
+        if path is None or os.path.isdir(path):
+            continue
+        if os.path.exists(path):
+            problems.append(f"{flag} {path}: is a file; give a folder")
+        elif name != "runs":
+            problems.append(f"{flag} {path}: no such folder; give an existing one")
+    if problems:
+        raise ConfigError(problems)
+
+
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
           overwrite: bool = False) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
@@ -51,15 +73,18 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
-    from loraforge.config import load_train_config
+    from loraforge.config import ConfigError, load_train_config
     from loraforge.training.loop import train as run
 
+    if os.path.isdir(config):
+        raise ConfigError([f"{config}: is a directory; give the training YAML file in it, e.g. "
+                           f"loraforge train {os.path.join(config, 'config.yaml')}"])
     result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
     print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
 
 
-def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | None = None,
+def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quantize: str | None = None,
          overrides: list[str] = (), overwrite: bool = False) -> None:
     """Fine-tune the built-in SmolLM2-135M-Instruct on the shipped date task and show the accuracy gain.
 
@@ -75,9 +100,9 @@ def demo(out: str = "runs/demo", max_steps: int | None = None, quantize: str | N
     run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize), overwrite=overwrite)
 
 
-def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = None, max_new_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, precision: str = "auto",
-             dtype: str | None = None, system: str | None = None) -> None:
+def generate(prompt: str, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,
+             max_new_tokens: PositiveInt = 256, temperature: Temperature = 0.0, top_p: Probability = 1.0,
+             seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: str | None = None) -> None:
     """Answer a prompt with the model's chat template, streaming tokens to the terminal.
 
     Args:
@@ -85,9 +110,9 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
         model: base model (transformers dir, hub id, .gguf file or built-in name)
         adapter: a PEFT-format adapter directory to apply
         max_new_tokens: stop after this many tokens
-        temperature: 0 for greedy decoding (fp32 Llama-family models: on the static-cache decoder), above 0 to sample
-        top_p: nucleus sampling threshold when sampling
-        seed: random seed for sampling
+        temperature: 0 for greedy decoding (fp32 Llama-family models: on the static-cache decoder), 0.01-100 to sample
+        top_p: nucleus sampling threshold when sampling, in (0, 1]
+        seed: random seed for sampling, 0 .. 2**64 - 1
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         system: an optional system message
@@ -129,29 +154,39 @@ def generate(prompt: str, model: str = "smollm2-135m", adapter: str | None = Non
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 
-def merge(*, base: str, adapter: list[str], out: str, weights: list[str] = (), combination: str = "svd",
+def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: list[str] = (), combination: str = "cat",
           dtype: str = "fp32", quantize: str | None = None, overwrite: bool = False) -> None:
     """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
+
+    Several adapters are combined exactly by default (cat: the sum of each one's weighted ΔW). Only plain LoRA
+    adapters combine; merge a DoRA, modules_to_save or bias-training adapter alone, then use the result as --base.
 
     Args:
         base: the base model the adapter was trained on
         adapter: one adapter directory, or several to combine
         out: output directory (written atomically)
         weights: one weight per adapter when combining (default 1 each)
-        combination: svd (any ranks), cat (exact), or linear (PEFT's, equal ranks)
+        combination: cat (exact), svd (truncated to the largest rank) or linear (PEFT's; equal ranks, not the sum)
         dtype: fp32, bf16 or fp16 for the written weights
         quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on
         overwrite: write into a non-empty --out, replacing only the checkpoint's files (never an --adapter/--base)
     """
+    from loraforge.config import ConfigError
     from loraforge.lora.merge import export_merged
 
-    path = export_merged(base, list(adapter), out, dtype=dtype, weights=[float(w) for w in weights] or None,
+    numbers = []
+    for w in weights:
+        try:
+            numbers.append(float(w))
+        except ValueError:
+            raise ConfigError([f"--weights {w!r}: give a number per adapter, e.g. --weights 0.7 0.3"]) from None
+    path = export_merged(base, list(adapter), out, dtype=dtype, weights=numbers or None,
                          combination_type=combination, quantize=quantize, overwrite=overwrite)
     print(f"merged checkpoint written to {path}")
 
 
-def export(*, to: str, out: str, adapter: str | None = None, base: str = "smollm2-135m", type: str | None = None,  # noqa: A002
-           overwrite: bool = False) -> None:
+def export(*, to: str, out: NonEmpty, adapter: NonEmpty | None = None, base: NonEmpty = "smollm2-135m",
+           type: str | None = None, overwrite: bool = False) -> None:  # noqa: A002
     """Take the result elsewhere: GGUF for llama.cpp / Ollama / LM Studio, or an adapter vLLM serves as is.
 
     Args:
@@ -159,7 +194,7 @@ def export(*, to: str, out: str, adapter: str | None = None, base: str = "smollm
         out: the .gguf file (gguf, gguf-lora) or the adapter directory (vllm)
         adapter: the adapter directory (gguf: optional, without it the base alone is written)
         base: the base model the adapter was trained on (gguf, gguf-lora)
-        type: tensor type: f16 (gguf's default), q8_0 or f32 (gguf-lora's default)
+        type: tensor type: f16 (gguf's default), q8_0 or f32 (gguf-lora's default); not for vllm
         overwrite: replace an existing --out
     """
     from .export.gguf_names import ExportError
@@ -182,15 +217,18 @@ def export(*, to: str, out: str, adapter: str | None = None, base: str = "smollm
 
         if adapter is None:
             raise ExportError("--to vllm needs --adapter DIR")
+        if type is not None:
+            raise ExportError(f"--type {type}: --to vllm keeps the adapter's own weights; leave --type out "
+                              f"(it is for gguf and gguf-lora)")
         path, notes = convert_for_vllm(adapter, out, overwrite=overwrite)
         print(f"vLLM adapter written to {path}" + "".join(f"\n  {n}" for n in notes))
     else:
         raise ExportError(f"--to {to!r}: use gguf, gguf-lora or vllm")
 
 
-def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | None = None,  # noqa: A001
-         max_new_tokens: int = 32, limit: int | None = None, precision: str = "auto", dtype: str | None = None,
-         probe: list[str] = ()) -> None:
+def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,  # noqa: A001
+         max_new_tokens: PositiveInt = 32, limit: PositiveInt | None = None, precision: str = "auto",
+         dtype: str | None = None, probe: list[str] = ()) -> None:
     """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
 
     Args:
@@ -239,8 +277,9 @@ def eval(data: str | None = None, model: str = "smollm2-135m", adapter: str | No
 
 
 def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
-          max_batch: int = 32, max_queue: int = 256, prefix_cache_mb: float = 256, precision: str = "auto",
+          host: str = "127.0.0.1", port: Port = 8000, api_key: str | None = None, max_loaded: PositiveInt = 8,
+          max_batch: PositiveInt = 32, max_queue: PositiveInt = 256, prefix_cache_mb: float = 256,
+          precision: str = "auto",
           dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: str = "runs") -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
@@ -274,9 +313,12 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
+        if not os.path.isdir(path):
+            raise ConfigError([f"--adapter {item!r}: {path} is not a directory; give NAME=DIR of a saved adapter"])
         pairs[name] = path
     extend = None
     if ui:  # the dashboard's routes on the same app (loraforge.ui imports serve, never the other way)
+        _check_folders(runs=runs)
         from .ui.app import check_host, mount, training_models
 
         check_host(host, api_key)
@@ -286,7 +328,7 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
 
 
 def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,
-       models_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+       models_dir: str | None = None, host: str = "127.0.0.1", port: Port = 8000, api_key: str | None = None,
        precision: str = "auto", dtype: str | None = None) -> None:
     """A web dashboard: live run curves, start/stop runs, chat with base and adapters side by side, adapters.
 
@@ -305,6 +347,7 @@ def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", ada
     from .ui.app import run_ui
 
     _check_precision(precision, dtype)
+    _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir)
     run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision)
 
 
@@ -326,6 +369,19 @@ def _arg_docs(doc: str) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
 
 
+def _value_type(tp) -> tuple:
+    """(type=, choices=) for one value of a hint: an Annotated hint's checker, a Literal's values, else the type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: the value is an X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is typing.Annotated:
+        return tp.__metadata__[0], None
+    if typing.get_origin(tp) is typing.Literal:
+        return str, typing.get_args(tp)
+    return tp, None
+
+
 def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
@@ -337,12 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         docs = _arg_docs(doc)
-        hints = typing.get_type_hints(func)
+        hints = typing.get_type_hints(func, include_extras=True)
         for param in inspect.signature(func).parameters.values():
             tp = hints.get(param.name, str)
             kwargs = {"help": docs.get(param.name, "").replace("%", "%%")}  # argparse formats help with %
             is_list = typing.get_origin(tp) is list
-            base_tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if not is_list else str
+            base_tp, choices = _value_type(tp)
+            if choices:
+                kwargs["choices"] = choices
             if param.default is inspect.Parameter.empty and param.kind is inspect.Parameter.KEYWORD_ONLY:
                 extra = {"nargs": "+", "action": "extend"} if is_list else {}  # a required --option
                 p.add_argument("--" + param.name.replace("_", "-"), dest=param.name, type=base_tp, required=True,
@@ -388,13 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     from loraforge.training.data import DataError
     from loraforge.utils.files import DiskError
     from loraforge.models import ModelDownloadError
+    from loraforge.serve.errors import ServeError
     from loraforge.utils.outputs import OutputError
     from loraforge.training.loop import TrainingError
 
     try:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
-            FileNotFoundError, FileExistsError) as e:
+            ServeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

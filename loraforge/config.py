@@ -7,16 +7,34 @@ annotated types, and collects every problem before raising, so a user fixes a co
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 # adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
-PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "layers_pattern", "revision", "library",
+PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "revision", "library",
                      "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+# adapter_config.json fields of PEFT LoRA variants that change the math and that loraforge does not implement: an
+# adapter that sets one is refused by name (loading it as plain LoRA would give other outputs).
+PEFT_UNSUPPORTED_FIELDS = {
+    "alora_invocation_tokens": "aLoRA (the adapter applies only after its invocation tokens)",
+    "lora_bias": "a trained bias on lora_B",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "replicated decoder layers",
+    "target_parameters": "LoRA on nn.Parameter targets (e.g. MoE experts)",
+    "use_qalora": "QALoRA (pooled adapter input)",
+    "arrow_config": "Arrow routing over several LoRA experts",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA (an SVD-modified base weight)",
+}
+# The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
+MAX_RANK = 1 << 16
 
 
 class ConfigError(ValueError):
@@ -55,7 +73,7 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
             return value
         (item_tp, *_) = typing.get_args(tp)
         return tuple(_check_type(v, item_tp, f"{name}[{i}]", problems) for i, v in enumerate(value))
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             problems.append(f"{name}: expected a mapping, got {value!r}")
         return dict(value) if isinstance(value, dict) else value
@@ -129,6 +147,7 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
         if key not in names:
             if not ignore_unknown:
                 close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").lower()]
+                close = close or difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.75)
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
                 problems.append(f"{prefix}{key}: unknown field{hint}")
             continue
@@ -155,6 +174,13 @@ def validate(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def not_finite(name: str, value: float | None, example: str) -> list[str]:
+    """A NaN or infinite number, which passes every `<= 0` test: the problem naming `name`, else none."""
+    if value is None or math.isfinite(value):
+        return []
+    return [f"{name}: must be a finite number, got {value} (e.g. {example})"]
+
+
 def to_dict(obj) -> dict:
     """Plain dict of a (nested) config dataclass, tuples as lists: JSON/YAML ready."""
     def conv(v):
@@ -174,6 +200,61 @@ def is_init_option(value) -> bool:
         isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value) is not None)
 
 
+def unsupported_peft_fields(data: dict, source: str) -> list[str]:
+    """Problems for each set PEFT field that changes an adapter's math and that loraforge does not implement."""
+    return [f"{source}: {key}: this adapter uses {what}, which loraforge does not implement (its outputs would "
+            f"differ from PEFT's); load it with PEFT, or train an adapter without {key}"
+            for key, what in PEFT_UNSUPPORTED_FIELDS.items() if data.get(key) not in (None, False, {}, [], "")]
+
+
+def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
+    """rank_pattern / alpha_pattern: a mapping of regex keys to positive (integer, for ranks) finite values."""
+    if not isinstance(pattern, dict):
+        return [f"{name}: expected a mapping of module regex to value, e.g. {{'q_proj': 16}}, got {pattern!r}"]
+    p = []
+    for key, v in pattern.items():
+        try:
+            re.compile(key)
+            re.compile(rf"(.*\.)?({key})$")  # how pattern_value uses it
+        except (re.error, TypeError) as e:
+            p.append(f"{name}.{key}: the key is not a valid regex ({e}); escape special characters, e.g. "
+                     f"{re.escape(str(key))!r}")
+        if integer and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_RANK):
+            p.append(f"{name}.{key}: must be a positive integer (at most {MAX_RANK}), got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            p.append(f"{name}.{key}: must be a positive finite number, got {v!r}")
+    return p
+
+
+def module_list_problems(name: str, value) -> list[str]:
+    """target_modules-like fields: a regex string must compile; a list must not be empty."""
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as e:
+            return [f"{name}: {value!r} is not a valid regex ({e})"]
+    if isinstance(value, tuple) and not value:
+        other = "'all-linear'" if name == "target_modules" else "null"
+        return [f"{name}: the list is empty; give module names, a regex or {other}"]
+    return []
+
+
+def layer_selection_problems(config) -> list[str]:
+    """PEFT's rules for layers_to_transform / layers_pattern (LoraConfig.__post_init__ there)."""
+    p = []
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        p.append("layers_to_transform: cannot be used when target_modules is a string (a regex or 'all-linear'); "
+                 "give target_modules as a list of names, or select the layers in the regex")
+    if isinstance(config.target_modules, str) and config.layers_pattern:
+        p.append("layers_pattern: cannot be used when target_modules is a string; give target_modules as a list")
+    return p  # (a layers_pattern without layers_to_transform, which PEFT refuses when built, selects nothing)
+
+
+def peft_list(value):
+    """A str-or-list config value as PEFT's JSON holds it."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapter settings. Names and meanings as in Hugging Face PEFT's LoraConfig."""
@@ -188,8 +269,15 @@ class LoraConfig:
     """Which linear layers get adapters: a list of names (a module path equal to or ending in '.'+name), a
     regex that must match the whole module path, or "all-linear" (every linear layer but the output head).
     None: the attention projections of the architecture (q, k, v, o)."""
+    exclude_modules: str | tuple[str, ...] | None = None
+    """Layers that never get an adapter, even when target_modules names them: a regex that must match the whole
+    module path, or a list of names (a module path equal to or ending in '.'+name), as in PEFT."""
     layers_to_transform: tuple[int, ...] | None = None
-    """Only these decoder-layer indices get adapters (None: all)."""
+    """Only these decoder-layer indices get adapters (None: all); needs target_modules as a list (PEFT's rule). The
+    index is the first number segment of the module path (model.layers.3.mlp -> 3), or the one after a
+    `layers_pattern` name."""
+    layers_pattern: str | tuple[str, ...] | None = None
+    """With layers_to_transform: the name(s) of the module list whose index counts (e.g. 'layers', 'h', 'block')."""
     modules_to_save: tuple[str, ...] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -216,10 +304,10 @@ class LoraConfig:
 
     def __post_init__(self):
         p = []
-        if self.r <= 0:
-            p.append(f"r: must be a positive integer, got {self.r} (try 8)")
-        if self.lora_alpha <= 0:
-            p.append(f"lora_alpha: must be positive, got {self.lora_alpha} (try 2*r)")
+        if not 0 < self.r <= MAX_RANK:
+            p.append(f"r: must be a positive integer (at most {MAX_RANK}), got {self.r} (try 8)")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            p.append(f"lora_alpha: must be a positive finite number, got {self.lora_alpha} (try 2*r)")
         if not 0.0 <= self.lora_dropout < 1.0:
             p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -227,17 +315,11 @@ class LoraConfig:
         if not is_init_option(self.init_lora_weights):
             p.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of [true, false, 'gaussian', "
                      f"'pissa', 'pissa_niter_N' (N an integer), 'olora']")
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            try:
-                re.compile(self.target_modules)
-            except re.error as e:
-                p.append(f"target_modules: {self.target_modules!r} is not a valid regex ({e})")
-        if isinstance(self.target_modules, tuple) and not self.target_modules:
-            p.append("target_modules: the list is empty; give module names, a regex or 'all-linear'")
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for k, v in pattern.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                    p.append(f"{name}.{k}: must be a positive number, got {v!r}")
+        p += module_list_problems("target_modules", self.target_modules)
+        p += module_list_problems("exclude_modules", self.exclude_modules)
+        p += layer_selection_problems(self)
+        p += pattern_problems("rank_pattern", self.rank_pattern, integer=True)
+        p += pattern_problems("alpha_pattern", self.alpha_pattern, integer=False)
         validate(p)
 
     # --- PEFT's adapter_config.json -------------------------------------------------------------------------
@@ -251,7 +333,9 @@ class LoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(targets) if isinstance(targets, tuple) else targets,
+            "exclude_modules": peft_list(self.exclude_modules),
             "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "layers_pattern": peft_list(self.layers_pattern),
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
@@ -261,26 +345,29 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "inference_mode": True,
-            "layers_pattern": None,
             "revision": None,
         }
 
     @classmethod
     def from_peft_dict(cls, data: dict, source: str = "adapter_config.json") -> "LoraConfig":
-        """Read PEFT's JSON: only peft_type is required; unknown keys (newer PEFT) are ignored with a warning."""
+        """Read PEFT's JSON: only peft_type is required; unknown keys (newer PEFT) are ignored with a warning,
+        unless they change the math (PEFT_UNSUPPORTED_FIELDS): those are refused by name."""
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
             raise ConfigError([f"{source}: peft_type is {peft_type!r}; this loader reads 'LORA' adapters"])
+        validate(unsupported_peft_fields(data, source))
         known = {f.name for f in dataclasses.fields(cls)}
         ignored = set(data) - known - PEFT_INERT_FIELDS
         values = {k: v for k, v in data.items() if k in known and v is not None}
         if ignored and any(data[k] not in (None, False, {}, [], "") for k in ignored):
-            import warnings
-
             set_ignored = sorted(k for k in ignored if data[k] not in (None, False, {}, [], ""))
             warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)
-        if isinstance(values.get("target_modules"), list):
-            values["target_modules"] = tuple(values["target_modules"])
+        for key in ("exclude_modules", "layers_pattern"):
+            if values.get(key) in ([], ""):  # PEFT: empty means none
+                del values[key]
+        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         if not is_init_option(values.get("init_lora_weights", True)):
             values["init_lora_weights"] = True  # corda/loftq/...: recipes we don't run (pissa/olora do run: they
             # change W0, and PEFT re-runs them on load too)
@@ -325,6 +412,7 @@ class DataSource:
             p.append("path: missing (a dataset file or hub name)")
         if self.weight is not None and self.epochs is not None:
             p.append(f"weight: give weight ({self.weight:g}) or epochs ({self.epochs:g}), not both")
+        p += not_finite("weight", self.weight, "1") + not_finite("epochs", self.epochs, "1")
         if self.weight is not None and self.weight <= 0:
             p.append(f"weight: must be positive, got {self.weight:g} (leave the source out to skip it)")
         if self.epochs is not None and self.epochs <= 0:
@@ -472,6 +560,9 @@ class TrainingConfig:
 
     def __post_init__(self):
         p = []
+        for name, example in (("lr", "2e-4"), ("epochs", "1"), ("weight_decay", "0.01"), ("max_grad_norm", "1.0"),
+                              ("loraplus_lr_ratio", "16"), ("collective_timeout", "600")):
+            p += not_finite(name, getattr(self, name), example)
         if self.lr <= 0:
             p.append(f"lr: must be positive, got {self.lr}")
         for name in ("batch_size", "gradient_accumulation", "keep_checkpoints", "log_every"):
@@ -485,6 +576,15 @@ class TrainingConfig:
             p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
         if self.warmup_steps < 0:
             p.append(f"warmup_steps: must be ≥ 0, got {self.warmup_steps}")
+        elif self.max_steps is not None and self.warmup_steps > self.max_steps > 0:
+            p.append(f"warmup_steps: {self.warmup_steps} is more than max_steps ({self.max_steps}), so the "
+                     f"learning rate would still be rising when training stops; use at most {self.max_steps} "
+                     f"(typically 3-10% of the steps, e.g. {max(1, self.max_steps // 20)})")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay: must be ≥ 0, got {self.weight_decay} (0 for none; e.g. 0.01)")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            p.append(f"loraplus_lr_ratio: must be positive or null (off), got {self.loraplus_lr_ratio}: lora_B "
+                     f"trains at lr × this ratio, so 0 freezes it and a negative value ascends the loss (e.g. 16)")
         ckpt = self.gradient_checkpointing
         if isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt < 0:
             p.append(f"gradient_checkpointing: a number of layers must be ≥ 0, got {ckpt} (or use true/false)")
@@ -541,10 +641,36 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError([f"override {item!r}: the value is not valid YAML ({problem}); close every [ and {{ "
+                               f"(e.g. {key}=[a, b] or {key}={{k: v}}), or quote a string that holds them"]) from None
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
-    return from_dict(TrainConfig, data)
+    problems = method_problems(data)
+    try:
+        cfg = from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(e.problems + problems) from None
+    validate(problems)
+    return cfg
+
+
+def method_problems(data: dict) -> list[str]:
+    """Contradictions between `method` and the lora: fields the user wrote (the raw dict: a field written with its
+    default value counts); method full ignoring lora: fields is a warning."""
+    method, lora = data.get("method", "lora"), data.get("lora")
+    written = sorted(lora) if isinstance(lora, dict) else []
+    if method == "dora" and isinstance(lora, dict) and lora.get("use_dora") is False:
+        return ["lora.use_dora: false contradicts method: dora (which trains DoRA); remove lora.use_dora, or use "
+                "method: lora for plain LoRA"]
+    if method == "full" and written:
+        names = ", ".join(f"lora.{k}" for k in written)
+        warnings.warn(f"{names}: ignored with method: full, which trains every weight and has no adapter; remove "
+                      f"them, or use method: lora", stacklevel=3)
+    return []
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

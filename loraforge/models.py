@@ -11,7 +11,9 @@ import contextlib
 import errno
 import hashlib
 import importlib.util
+import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from loraforge.quant.bnb import load_quantized
-from loraforge.utils.files import disk_error
+from loraforge.utils.files import DiskError, disk_error, fsync_tree, umask
 
 try:
     import fcntl
@@ -93,24 +95,40 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
     """`out`, converted from `gguf` once; safe when several processes (torchrun ranks, two jobs) ask at once.
 
     One process converts while holding a lock beside the cache (`<out>.lock`); the others wait for it and then
-    use its result. The result is written to a temporary directory of its own and renamed into place, so `out`
-    exists only complete; a process killed mid-conversion leaves only its temporary directory. Where file locks
-    are unavailable, every process converts and the first rename wins. `build(gguf, tmp)` writes the checkpoint
-    (tests pass a stand-in)."""
+    use its result. The result is written to a temporary directory of its own, flushed to the disk, and renamed
+    into place, so `out` exists only complete; a process killed mid-conversion leaves only its temporary
+    directory, which the next conversion removes. Where file locks are unavailable, every process converts and the
+    first rename wins. The sizes of the weights files are kept in `out/SIZES`; a cached conversion that no longer
+    has them (cut short, damaged) is refused with the folder to delete. `build(gguf, tmp)` writes the checkpoint
+    (tests pass a stand-in); it runs with its own random state, so the run's seed draws the same numbers whether
+    the cache was cold or warm."""
     if _complete(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+        return _intact(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unusable_cache(out.parent, e) from None
     with _file_lock(out.parent / f"{out.name}.lock", f"another process is converting {gguf.name} into {out}"):
         if _complete(out):  # converted by the process we waited for
-            return out
+            return _intact(out)
         if out.exists():  # not ours to guess about: a directory without a checkpoint in it
             raise FileExistsError(f"{out} exists but holds no complete checkpoint (config.json and *.safetensors); "
                                   f"delete it and run again to convert {gguf.name} anew")
+        if fcntl is not None:  # under the lock no other converter runs: these are left by killed ones
+            for stale in out.parent.glob(f"{out.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         print(f"converting {gguf.name} to safetensors once; cached at {out} (move it with LORAFORGE_CACHE)",
               flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         try:
-            (build or _save_converted)(gguf, tmp)
+            python_rng = random.getstate()
+            with torch.random.fork_rng(devices=[]):  # building models draws random inits: keep the run's seed intact
+                (build or _save_converted)(gguf, tmp)
+            random.setstate(python_rng)
+            sizes = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
+            (tmp / SIZES).write_text(json.dumps(sizes, indent=1))
+            fsync_tree(tmp)
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from other users
             try:
                 os.replace(tmp, out)
             except OSError:
@@ -125,6 +143,33 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
                 raise
             raise error from None
     return out
+
+
+SIZES = "loraforge-sizes.json"  # in a converted model's folder: its weights files' sizes as written
+
+
+def _intact(out: Path) -> Path:
+    """`out`, unless a weights file's size differs from the one written at conversion (FileExistsError then)."""
+    try:
+        sizes = json.loads((out / SIZES).read_text())
+    except (OSError, ValueError):
+        return out  # converted by a loraforge that wrote no sizes
+    for name, size in sizes.items():
+        now = (out / name).stat().st_size if (out / name).is_file() else None
+        if now != size:
+            raise FileExistsError(f"the converted model {out} is damaged ({name} is "
+                                  f"{'missing' if now is None else f'{now} bytes'}, written as {size}); delete {out} "
+                                  f"and run again to convert it anew")
+    return out
+
+
+def _unusable_cache(folder: Path, e: OSError) -> OSError:
+    """The DiskError for a cache folder that refused a write (it names LORAFORGE_CACHE); else `e` itself."""
+    error = disk_error(folder, e)
+    if error is None:
+        return e
+    return DiskError(f"{error}; converted models are cached there: set LORAFORGE_CACHE to a folder this user can "
+                     f"write")
 
 
 def _save_converted(gguf: Path, tmp: Path) -> None:
@@ -144,7 +189,11 @@ def _file_lock(path: Path, waiting: str):
     if fcntl is None:
         yield
         return
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError as e:  # the first file the cache is asked to take
+        raise _unusable_cache(path.parent, e) from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

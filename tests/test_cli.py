@@ -227,3 +227,110 @@ def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, 
     assert loads == ["bf16", "bf16"]
     assert main(["serve", "--precision", "bf17"]) == 2
     assert "--precision 'bf17': use one of" in capsys.readouterr().err
+
+
+def test_merge_and_export_bad_input_is_one_error_line(tiny_dir, tmp_path, capsys):
+    """Each bad option or adapter: exit 2 and `error: ...` naming it as typed (no traceback), nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.lora.adapters import save_adapter
+
+    save_adapter(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4)), tmp_path / "a")
+    save_adapter(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, use_dora=True)),
+                 tmp_path / "dora")
+    (tmp_path / "noB").mkdir()
+    (tmp_path / "noB" / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
+    save_file({k: v for k, v in load_file(tmp_path / "a" / "adapter_model.safetensors").items() if "lora_B" not in k},
+              tmp_path / "noB" / "adapter_model.safetensors")
+    a, dora, out = str(tmp_path / "a"), str(tmp_path / "dora"), str(tmp_path / "out")
+    merge = ["merge", "--base", str(tiny_dir), "--out", out, "--adapter"]
+    cases = [
+        (merge + [a, a, "--weights", "1"], "--weights [1.0]: give one weight per adapter (2), or none for 1 each"),
+        (merge + [a, a, "--weights", "x", "1"], "--weights 'x': give a number per adapter, e.g. --weights 0.7 0.3"),
+        (merge + [a, a, "--weights", "nan", "1"], "--weights [nan, 1.0]: nan is not a finite number"),
+        (merge + [a, a, "--combination", "foo"], "--combination 'foo': use one of cat, svd, linear"),
+        (merge + [a, "--dtype", "fp8"], "--dtype 'fp8': use one of fp32, float32, bf16, bfloat16, fp16, float16"),
+        (merge + [a, "--quantize", "nf5"], "--quantize 'nf5': use one of nf4, fp4, int8, or leave it out"),
+        (merge + [dora, a], f"cannot combine adapters into one LoRA adapter: '{dora}' uses DoRA (use_dora)"),
+        (["export", "--to", "vllm", "--adapter", str(tmp_path / "noB"), "--out", out],
+         f"{tmp_path / 'noB'}: base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight has no "
+         f"base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight beside it"),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error: " in err and message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_help_says_the_default_combination_is_exact(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--combination COMBINATION cat (exact), svd (truncated to the largest rank)" in help_text
+    assert "(default: cat)" in help_text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: '0': give a whole number ≥ 1"),
+    (["generate", "hi", "--top-p", "-1"], "argument --top-p: '-1': give a number in (0, 1]"),
+    (["generate", "hi", "--top-p", "5"], "argument --top-p: '5': give a number in (0, 1]"),
+    (["generate", "hi", "--temperature", "1e-300"], "argument --temperature: '1e-300': give 0 for greedy decoding"),
+    (["generate", "hi", "--temperature", "-1"], "argument --temperature: '-1': give 0 for greedy decoding"),
+    (["generate", "hi", "--temperature", "nan"], "argument --temperature: 'nan': give a finite number"),
+    (["generate", "hi", "--seed", str(2**64)], f"argument --seed: '{2**64}': give a whole number from 0 to 2**64 - 1"),
+    (["eval", "d.jsonl", "--max-new-tokens", "0"], "argument --max-new-tokens: '0': give a whole number ≥ 1"),
+    (["eval", "d.jsonl", "--limit", "-1"], "argument --limit: '-1': give a whole number ≥ 1"),
+    (["continual", "--limit", "0"], "argument --limit: '0': give a whole number ≥ 1"),
+    (["continual", "--replay-share", "abc"], "argument --replay-share: 'abc': give a number"),
+    (["forgetting", "--ranks", "abc"], "argument --ranks: 'abc': give a whole number"),
+    (["forgetting", "--ranks", "8", "0"], "argument --ranks: '0': give a whole number ≥ 1"),
+    (["forgetting", "--seeds", "0"], "argument --seeds: '0': give a whole number ≥ 1"),
+    (["forgetting", "--full-lr", "nan"], "argument --full-lr: 'nan': give a finite number"),
+    (["forgetting", "--lora-lr", "-1"], "argument --lora-lr: '-1': give a number > 0"),
+    (["serve", "--port", "-1"], "argument --port: '-1': give a port from 0 to 65535"),
+    (["serve", "--port", "99999"], "argument --port: '99999': give a port from 0 to 65535"),
+    (["serve", "--max-loaded", "0"], "argument --max-loaded: '0': give a whole number ≥ 1"),
+    (["serve", "--max-batch", "0"], "argument --max-batch: '0': give a whole number ≥ 1"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: '-1': give a whole number ≥ 1"),
+    (["ui", "--port", "65536"], "argument --port: '65536': give a port from 0 to 65535"),
+    (["estimate", "--method", "foo"], "argument --method: invalid choice: 'foo'"),
+    (["estimate", "--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd'"),
+    (["estimate", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
+    (["estimate", "--distributed", "zero"], "argument --distributed: invalid choice: 'zero'"),
+    (["estimate", "--batch-size", "-5"], "argument --batch-size: '-5': give a whole number ≥ 1"),
+    (["estimate", "--r", "0"], "argument --r: '0': give a whole number ≥ 1"),
+    (["estimate", "--gpus", "0"], "argument --gpus: '0': give a whole number ≥ 1"),
+    (["merge", "--base", "b", "--adapter", "a", "--out", ""], "argument --out: '' is empty: give a path"),
+    (["merge", "--base", "", "--adapter", "a", "--out", "o"], "argument --base: '' is empty: give a path"),
+])
+def test_bad_option_values_are_refused_where_the_flag_is_declared(argv, message, capsys):
+    """argparse refuses them (exit 2, the flag and value as typed), before any model or data loads."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
+    a_file = tmp_path / "f.jsonl"
+    a_file.write_text("{}\n")
+    missing = str(tmp_path / "missing")
+    cases = [
+        (["train", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it"),
+        (["estimate", "--model", "3q"], "--model '3q': give a known size (7b, 13b, 65b, 70b), a transformers"),
+        (["estimate", "--model", str(a_file)], f"--model '{a_file}': give a known size"),
+        (["estimate", "--gradient-checkpointing", "--no-gradient-checkpointing"],
+         "--gradient-checkpointing and --no-gradient-checkpointing: give one of them"),
+        (["serve", "--adapter", f"a={missing}"], f"--adapter 'a={missing}': {missing} is not a directory"),
+        (["ui", "--runs", str(a_file)], f"--runs {a_file}: is a file; give a folder"),
+        (["ui", "--models-dir", missing], f"--models-dir {missing}: no such folder"),
+        (["ui", "--data-dir", missing], f"--data-dir {missing}: no such folder"),
+        (["export", "--to", "vllm", "--adapter", missing, "--out", str(tmp_path / "o"), "--type", "q8_0"],
+         "--type q8_0: --to vllm keeps the adapter's own weights; leave --type out"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)

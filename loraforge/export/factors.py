@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.lora.adapters import PREFIX, read_adapter_config, read_adapter_weights
+from loraforge.lora.adapters import PREFIX, AdapterError, read_adapter_config, read_adapter_weights
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import pattern_value
 
@@ -41,7 +41,8 @@ def unsupported(config) -> list[str]:
 
 
 def read_factors(adapter_dir: str | Path):
-    """(config, {module path: Factors}) of a LoRA or AdaLoRA adapter directory, in fp32."""
+    """(config, {module path: Factors}) of a LoRA or AdaLoRA adapter directory, in fp32; AdapterError for a
+    missing factor."""
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     out = {}
@@ -51,7 +52,13 @@ def read_factors(adapter_dir: str | Path):
         stem = key.removesuffix(".weight").removesuffix(".lora_A")
         path = stem.removeprefix(PREFIX)
         suffix = ".weight" if key.endswith(".weight") else ""
-        A, B = A.float(), tensors[f"{stem}.lora_B{suffix}"].float()
+        partners = [f"{stem}.lora_B{suffix}"] + ([] if isinstance(config, LoraConfig) else [f"{stem}.lora_E"])
+        missing = [k for k in partners if k not in tensors]
+        if missing:
+            raise AdapterError(f"{adapter_dir}: {key} has no {missing[0]} beside it (a truncated or hand-edited "
+                               f"file?); save the adapter again")
+        B = tensors[partners[0]]
+        A, B = A.float(), B.float()
         if isinstance(config, LoraConfig):
             r = A.shape[0]
             alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))

@@ -18,7 +18,7 @@ import torch
 from loraforge.export.gguf_names import add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
 from loraforge.export.gguf_vocab import copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
-from loraforge.lora.merge import merge_and_unload
+from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
 from loraforge.utils.outputs import OutputError, check_not_input
 
@@ -92,8 +92,9 @@ def model_writer(model, path: Path, kind: str, name: str, vocab_from: Path | Non
     else:
         write_vocab(writer, tokenizer_dir, tokenizer, config.vocab_size)
     pos_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]
+    tied = embeddings_tied(model)
     for key, tensor in model.state_dict().items():
-        target = gguf_name(key, config, arch)
+        target = gguf_name(key, config, arch, tied)
         if target is None:
             continue
         array, raw = tensor_data(to_gguf_layout(key, tensor, config, arch), kind, keep_f32=target.startswith(pos_embd))

@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraforge.config import LoraConfig
+from loraforge.lora.layer import base_features
 from loraforge.models import resolve_model
 from loraforge.utils.outputs import OutputError
 from loraforge.export.factors import read_factors, unsupported
@@ -23,6 +25,23 @@ from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, wri
 from loraforge.export.gguf_names import ExportError, arch_name, arch_of, gguf_name, lora_b_layout
 
 KINDS = ("f32", "f16", "q8_0")
+
+
+def check_shapes(adapter: str | Path, factors: dict, hf_config) -> None:
+    """ExportError unless every module exists in the base and A is (r, in), B (out, r) of its layer: the base is
+    built on the meta device from its config (shapes only, no weights)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    for module, f in sorted(factors.items()):
+        try:
+            in_f, out_f, _ = base_features(model.get_submodule(module))
+        except (AttributeError, TypeError):
+            raise ExportError(f"{adapter}: module {module} is not a linear layer of this base (an adapter made for "
+                              f"another base? check --base)") from None
+        if f.lora_A.shape[1] != in_f or f.lora_B.shape[0] != out_f:
+            raise ExportError(f"{adapter}: {module} has lora_A {tuple(f.lora_A.shape)} and lora_B "
+                              f"{tuple(f.lora_B.shape)}, this base's layer is {in_f} in, {out_f} out (an adapter made "
+                              f"for another base? check --base)")
 
 
 def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.GGUFWriter:
@@ -34,13 +53,14 @@ def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.G
         raise ExportError(f"{adapter}: llama.cpp's LoRA format cannot express {'; '.join(why)}. Export the merged "
                           f"model instead: loraforge export --to gguf --base BASE --adapter {adapter} --out FILE.gguf")
     arch = arch_of(hf_config)
+    check_shapes(adapter, factors, hf_config)
     alpha = float(config.lora_alpha)
     writer = gguf.GGUFWriter(path, arch_name(arch))
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for module, f in sorted(factors.items()):
-        name = gguf_name(module + ".weight", hf_config, arch)
+        name = gguf_name(module + ".weight", hf_config, arch, bool(getattr(hf_config, "tie_word_embeddings", False)))
         if name is None or name.startswith("token_embd"):
             raise ExportError(f"{adapter}: module {module} has no llama.cpp LoRA tensor (a tied output head or an "
                               f"embedding); export the merged model instead (--to gguf)")

@@ -5,7 +5,8 @@ only what the converter changes by hand is written here:
   Llama  q_proj/k_proj rows permuted per head, (n_head, 2, d/2) -> (n_head, d/2, 2): llama.cpp's rotary embedding
          pairs neighbouring dimensions, transformers' pairs the two halves of each head (k: n_head = n_head_kv)
   GPT-2  Conv1D weights stored (in, out) are transposed to (out, in); the causal-mask buffers are dropped
-  all    a tied lm_head is not written (llama.cpp uses token_embd.weight as the output then)
+  all    a tied lm_head is not written (llama.cpp uses token_embd.weight as the output then); "tied" is what the
+         model holds, not what its config said: a merged modules_to_save head or embedding unties them
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ def add_hparams(writer: gguf.GGUFWriter, config, arch: gguf.MODEL_ARCH) -> None:
         writer.add_rope_dimension_count(head_dim)
 
 
-def gguf_name(hf_name: str, config, arch: gguf.MODEL_ARCH) -> str | None:
-    """llama.cpp's name for a state-dict key, or None for what its converter leaves out."""
+def gguf_name(hf_name: str, config, arch: gguf.MODEL_ARCH, tied: bool) -> str | None:
+    """llama.cpp's name for a state-dict key, or None for what its converter leaves out. `tied`: the model's
+    lm_head is its input embedding (then only token_embd.weight is written)."""
     if hf_name.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's causal-mask buffers
         return None
-    if hf_name == "lm_head.weight" and (arch == gguf.MODEL_ARCH.GPT2 or config.tie_word_embeddings):
+    if hf_name == "lm_head.weight" and tied:
         return None
     n_layer = config.n_layer if arch == gguf.MODEL_ARCH.GPT2 else config.num_hidden_layers
     name = gguf.get_tensor_name_map(arch, n_layer).get_name(hf_name, try_suffixes=(".weight", ".bias"))

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from loraforge.utils.files import fsync_tree
+
 MAX_ROWS = 16
 """Activation rows a call takes; more (prefills) go to the blocked matmul, which reuses each weight block better."""
 MAX_TILED_ROWS = 64
@@ -694,20 +696,37 @@ CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether the cached library is the one built: its SHA-256 is the one written beside it (`.sha256`). A cut
+    short or damaged one would kill the process with SIGBUS when loaded."""
+    try:
+        return path.with_suffix(".sha256").read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def _build() -> ctypes.CDLL | None:
-    """Compile (once per source and flags; the file is written atomically, so processes can race) and load."""
+    """Compile (once per source and flags; the files are flushed and renamed into place, so processes can race)
+    and load. A cached library that does not match its SHA-256 is built again."""
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
     path = CACHE / f"decode-{key}.so"
-    if not path.exists():
+    if not _intact(path):
         CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            src, out = Path(tmp) / "decode.c", Path(tmp) / "decode.so"
+            src, out, digest = Path(tmp) / "decode.c", Path(tmp) / "decode.so", Path(tmp) / "decode.sha256"
             src.write_text(SOURCE)
             done = subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 return None
+            digest.write_text(_digest(out) + "\n")
+            fsync_tree(Path(tmp))
             os.replace(out, path)
+            os.replace(digest, path.with_suffix(".sha256"))  # last: the library is whole before it is vouched for
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gemv.argtypes = [ctypes.c_int] + [ptr] * 4 + [i64] * 3 + [ctypes.c_int]

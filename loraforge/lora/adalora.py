@@ -15,13 +15,16 @@ scale stays lora_alpha / (init_r + 1e-5) after pruning, as in PEFT.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from loraforge.config import ConfigError, LoraConfig, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, from_dict, validate
+from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict,
+                              layer_selection_problems, module_list_problems, peft_list, unsupported_peft_fields,
+                              validate)
 from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
@@ -55,13 +58,18 @@ class AdaLoraConfig:
     """Kept triplets per layer, as PEFT saves it: {"<module path>.lora_E": [true, false, ...] (init_r flags)}.
     Written when saving; on load, each layer gets only its kept triplets."""
     lora_alpha: float = 8
-    """Scale numerator: ΔW is multiplied by lora_alpha / (init_r + 1e-5) (0: init_r is used)."""
+    """Scale numerator: ΔW is multiplied by lora_alpha / (init_r + 1e-5) (0: the layer's rank is used: init_r, or
+    the kept rank of a layer loaded pruned, as PEFT does)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter's input x."""
     target_modules: str | tuple[str, ...] | None = None
     """Which linear layers get adapters, as in LoraConfig (None: the attention projections)."""
+    exclude_modules: str | tuple[str, ...] | None = None
+    """Layers that never get an adapter, as in LoraConfig."""
     layers_to_transform: tuple[int, ...] | None = None
-    """Only these decoder-layer indices get adapters (None: all)."""
+    """Only these decoder-layer indices get adapters (None: all), as in LoraConfig."""
+    layers_pattern: str | tuple[str, ...] | None = None
+    """With layers_to_transform: the module list whose index counts, as in LoraConfig."""
     bias: str = "none"
     """Which biases train: none, all, or lora_only."""
     init_lora_weights: bool = True
@@ -78,8 +86,8 @@ class AdaLoraConfig:
         elif self.tinit >= self.total_step - self.tfinal:
             p.append(f"tinit: {self.tinit} leaves no budget phase before total_step - tfinal = "
                      f"{self.total_step - self.tfinal}; lower tinit/tfinal or raise total_step")
-        if self.init_r <= 0:
-            p.append(f"init_r: must be a positive integer, got {self.init_r} (try 12)")
+        if not 0 < self.init_r <= MAX_RANK:
+            p.append(f"init_r: must be a positive integer (at most {MAX_RANK}), got {self.init_r} (try 12)")
         if not 0 < self.target_r <= self.init_r:
             p.append(f"target_r: must be in 1..init_r ({self.init_r}), got {self.target_r}")
         if self.deltaT < 1:
@@ -89,8 +97,8 @@ class AdaLoraConfig:
                 p.append(f"{name}: must be in (0, 1), got {getattr(self, name)} (try 0.85)")
         if self.orth_reg_weight < 0:
             p.append(f"orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
-        if self.lora_alpha < 0:
-            p.append(f"lora_alpha: must be >= 0, got {self.lora_alpha}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha >= 0):
+            p.append(f"lora_alpha: must be a finite number >= 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -99,6 +107,9 @@ class AdaLoraConfig:
             if not isinstance(flags, (list, tuple)) or not all(isinstance(f, bool) for f in flags) \
                     or len(flags) != self.init_r:
                 p.append(f"rank_pattern.{key}: expected {self.init_r} true/false flags (PEFT's format), got {flags!r}")
+        p += module_list_problems("target_modules", self.target_modules)
+        p += module_list_problems("exclude_modules", self.exclude_modules)
+        p += layer_selection_problems(self)
         validate(p)
 
     def to_peft_dict(self) -> dict:
@@ -120,13 +131,14 @@ class AdaLoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(targets) if isinstance(targets, tuple) else targets,
+            "exclude_modules": peft_list(self.exclude_modules),
             "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "layers_pattern": peft_list(self.layers_pattern),
             "bias": self.bias,
             "init_lora_weights": self.init_lora_weights,
             "fan_in_fan_out": self.fan_in_fan_out,
             "modules_to_save": None,
             "inference_mode": True,
-            "layers_pattern": None,
             "revision": None,
         }
 
@@ -135,7 +147,8 @@ class AdaLoraConfig:
         """A training config's `adalora:` section; targets, lora_alpha, dropout and bias come from its `lora:`
         section unless the `adalora:` section sets them."""
         shared = dict(lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
-                      layers_to_transform=lora.layers_to_transform, bias=lora.bias,
+                      exclude_modules=lora.exclude_modules, layers_to_transform=lora.layers_to_transform,
+                      layers_pattern=lora.layers_pattern, bias=lora.bias,
                       base_model_name_or_path=lora.base_model_name_or_path)
         return from_dict(cls, {**shared, **adalora}, prefix="adalora.")
 
@@ -147,6 +160,7 @@ class AdaLoraConfig:
             raise ConfigError([f"{source}: peft_type is {data.get('peft_type')!r}; this loader reads 'ADALORA'"])
         if data.get("modules_to_save"):
             raise ConfigError([f"{source}: modules_to_save is not supported with AdaLoRA in loraforge"])
+        validate(unsupported_peft_fields(data, source))
         known = {f.name for f in dataclasses.fields(cls)}
         unused_lora = {f.name for f in dataclasses.fields(LoraConfig)} | {"modules_to_save"}
         ignored = sorted(k for k in set(data) - known - unused_lora - PEFT_INERT_FIELDS
@@ -154,8 +168,12 @@ class AdaLoraConfig:
         if ignored:
             warnings.warn(f"{source}: ignoring fields this version does not use: {ignored}", stacklevel=2)
         values = {k: v for k, v in data.items() if k in known and v is not None}
-        if isinstance(values.get("target_modules"), list):
-            values["target_modules"] = tuple(values["target_modules"])
+        for key in ("exclude_modules", "layers_pattern"):
+            if values.get(key) in ([], ""):  # PEFT: empty means none
+                del values[key]
+        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]
         if not isinstance(values.get("init_lora_weights", True), bool):
@@ -197,9 +215,10 @@ class SVDLinear(LoraLayer):
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        # PEFT: scaling = lora_alpha (or init_r if alpha is 0) divided by ranknum + 1e-5, and ranknum = init_r,
-        # also after pruning (it is not saved; the pruned layer copies it back).
-        self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(init_r)) / (init_r + 1e-5)
+        # PEFT: scaling = lora_alpha (or, if alpha is 0, the layer's rank: init_r, or the kept rank of a layer
+        # loaded pruned, as PEFT's resize_modules_by_rank_pattern builds it) divided by ranknum + 1e-5, and
+        # ranknum = init_r, also after pruning (it is not saved; the pruned layer copies it back).
+        self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(r)) / (init_r + 1e-5)
         self.rank_mask[name] = kept
         self.active_adapters.append(name)
 

@@ -36,13 +36,19 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the message names the file or module."""
 
 
+class UnknownAdapterError(AdapterError, KeyError):
+    """No adapter of that name is loaded: an AdapterError (the CLI prints it) that `except KeyError` also catches."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
 def adapter_configs(model: nn.Module) -> dict:
     return getattr(model, "lora_configs", {})
 
 
 def _require(model: nn.Module, name: str) -> None:
     if name not in adapter_configs(model):
-        raise KeyError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
+        raise UnknownAdapterError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -74,9 +80,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], peft_dict: dict) -> Path:
+def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_dict: dict) -> Path:
     """Write an adapter directory's two files; they appear together or not at all, and a write the disk refuses
     raises files.DiskError naming the directory (other files already in `out` stay)."""
+    if not str(out):  # Path("") is ".": the files would land in the working directory unasked
+        raise ValueError("the adapter's output directory is empty; give a directory path, e.g. runs/my-adapter")
+    out = Path(out)
     text = json.dumps(peft_dict, indent=2) + "\n"
     with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text)) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=PROVENANCE)
@@ -87,12 +96,13 @@ def write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], peft_dict: di
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  config: LoraConfig | None = None) -> Path:
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
+    _require(model, name)
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)
-    return write_adapter_dir(Path(out_dir), tensors, config.to_peft_dict())
+    return write_adapter_dir(out_dir, tensors, config.to_peft_dict())
 
 
 def read_adapter_config(adapter_dir: str | Path):
@@ -122,9 +132,14 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
                                f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from None
+    for key, tensor in tensors.items():  # a NaN/inf weight turns every output into NaN: refuse it here, by name
+        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: tensor {key} holds NaN or inf values ({int((~torch.isfinite(tensor)).sum())} "
+                               f"of {tensor.numel()}); the adapter is corrupted or its training diverged")
+    return tensors
 
 
 def _module_of(key: str) -> str:
@@ -145,15 +160,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
+    if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
+        raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     try:
-        if isinstance(config, LoraConfig):
-            inject(model, config, name)
-        else:  # AdaLoRA: its own layer type
-
-            inject_adalora(model, config, name)
-    except ConfigError as e:
-        raise AdapterError(f"{adapter_dir}: this adapter does not fit the model: {e}") from None
-    try:
+        try:
+            if isinstance(config, LoraConfig):
+                inject(model, config, name)
+            else:  # AdaLoRA: its own layer type
+                inject_adalora(model, config, name)
+        except ConfigError as e:
+            raise AdapterError(f"{adapter_dir}: this adapter does not fit the model: {e}") from None
         expected = adapter_state_dict(model, name)
         problems = []
         for key in sorted(set(expected) - set(tensors)):
@@ -170,8 +187,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(tensors[key].to(target.dtype))
-    except BaseException:
+    except BaseException:  # the layers injected so far go again, and every parameter trains as before
         delete_adapter(model, name)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
         raise
     set_adapter(model, name)
     if is_trainable:
@@ -241,9 +260,10 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; layers left without adapters are unwrapped back to their base layer."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer) and name in module.r:
-            module.delete_adapter(name)
-            if not module.r:
+        if isinstance(module, LoraLayer):
+            if name in module.r:
+                module.delete_adapter(name)
+            if not module.r:  # (also a wrapper that a failed injection left empty)
                 set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]

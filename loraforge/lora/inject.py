@@ -2,7 +2,9 @@
 
 Matching follows PEFT exactly, so an adapter config means the same modules in both libraries:
 a string `target_modules` must `re.fullmatch` the module path; a list entry matches when the path equals it or
-ends with "." + entry; "all-linear" takes every linear layer but the output head.
+ends with "." + entry; "all-linear" takes every linear layer but the output head. `exclude_modules` (same two forms)
+removes paths first. `layers_to_transform` filters only paths that a list entry matched by suffix (not an exact
+path): the layer index is the first numbered segment, or the one after a `layers_pattern` name.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ ATTENTION_TARGETS = {
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "falcon": ("query_key_value", "self_attention.dense"),
 }
-LAYER_INDEX = re.compile(r".*\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
+# The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().
+LAYER_INDEX = re.compile(r".*?\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -67,6 +70,19 @@ def target_matches(target_modules, path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
+def layer_index(path: str, layers_pattern=None) -> int | None:
+    """PEFT's layer index of a module path: the first numbered segment after a dot (encoder.block.1.layer.0.x -> 1),
+    or the one after a `layers_pattern` name; None when there is none."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if found is not None:
+                break
+    return int(found.group("idx")) if found else None
+
+
 def pattern_value(pattern: dict, path: str, default):
     """rank_pattern / alpha_pattern lookup: the first key (in order) with (.*\\.)?key$ matching wins."""
     for key, value in pattern.items():
@@ -83,19 +99,23 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     for path, module in model.named_modules():
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
             continue
+        if config.exclude_modules and target_matches(config.exclude_modules, path):
+            continue
         if targets == "all-linear":
             if module is output or path.endswith("lm_head"):
                 continue
         elif not target_matches(targets, path):
             continue
-        if config.layers_to_transform is not None:
-            m = LAYER_INDEX.match(path)
-            if m is None or int(m.group(1)) not in config.layers_to_transform:
+        if config.layers_to_transform and not isinstance(targets, str) and path not in targets:
+            if layer_index(path, config.layers_pattern) not in config.layers_to_transform:
                 continue
         found.append(path)
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
-        raise ConfigError([f"target_modules: {targets!r} matches no linear layer of this model "
+        chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
+        chosen += [f"exclude_modules {config.exclude_modules!r}"] if config.exclude_modules else []
+        also = f" with {' and '.join(chosen)}" if chosen else ""
+        raise ConfigError([f"target_modules: {targets!r}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
     return found
 
@@ -111,6 +131,11 @@ def resolve_targets(model: nn.Module, config, adapter_name: str):
         configs = model.lora_configs = {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    with_bias = [n for n, c in configs.items() if c.bias != "none"]
+    if with_bias and config.bias != "none":  # PEFT's rule: the biases are the base's own, shared by every adapter
+        raise ConfigError([f"bias: only 1 adapter with bias is supported; {with_bias[0]!r} already trains biases "
+                           f"(bias={configs[with_bias[0]].bias!r}). When using multiple adapters, set bias to "
+                           f"'none' for all adapters but one (this one has bias={config.bias!r})"])
     if config.target_modules is None:
         config = dataclasses.replace(config, target_modules=default_targets(model))
     targets = find_targets(model, config)

@@ -246,28 +246,40 @@ class LoraLinear(LoraLayer):
         return (self.lora_magnitude_vector[name] / norm).view(-1, 1)  # (out, 1)
 
     def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
-        """DoRA merge is not additive: W ← m/‖W+ΔW‖ ⊙ (W+ΔW), the norm kept for unmerge (as PEFT)."""
+        """DoRA merge is not additive: W ← m/‖W0+ΔW‖ ⊙ (W+ΔW), the norm kept for unmerge (as PEFT). W holds
+        the adapters merged before this one; the norm is on W0, without them, as the forward computes it."""
         if name not in self.lora_magnitude_vector:
             return super()._merge_one(name, weight, safe)
         W = weight.T if self.fan_in_fan_out else weight  # (out, in) view
         delta = self._scaled_BA(name).to(W.dtype)
-        norm = self._row_norm(W, delta)
+        W0 = W
+        for earlier in reversed(self.merged_adapters):  # a copy of W with the merged adapters taken out again
+            W0 = self._restored(earlier, W0)
+        norm = self._row_norm(W0, delta)
         merged = self._dora_factor(name, norm) * (W + delta)
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
         self._dora_norm_at_merge[name] = norm
         weight.data = (merged.T if self.fan_in_fan_out else merged).to(weight.dtype).contiguous()
 
+    def _restored(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """The (out, in) weight `W` with merged adapter `name` taken out again (a new tensor)."""
+        delta = self._scaled_BA(name).to(W.dtype)
+        if name not in self.lora_magnitude_vector:
+            return W - delta
+        return W / self._dora_factor(name, self._dora_norm_at_merge[name]) - delta
+
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
         if name not in self.lora_magnitude_vector:
             return super()._unmerge_one(name, weight)
         W = weight.T if self.fan_in_fan_out else weight
-        norm = self._dora_norm_at_merge.pop(name)
-        restored = W / self._dora_factor(name, norm) - self._scaled_BA(name).to(W.dtype)
+        restored = self._restored(name, W)
+        self._dora_norm_at_merge.pop(name)
         weight.data = (restored.T if self.fan_in_fan_out else restored).to(weight.dtype).contiguous()
 
     def _lora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """The adapter's addition to base_out = base(x)."""
+        """The adapter's addition to base_out: base(x) plus the adapters applied before this one (PEFT's order;
+        DoRA rescales all of it, which is what merging the adapters one after another gives)."""
         A = self.lora_A[name]
         x = x.to(A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
         if name in self.lora_magnitude_vector:
@@ -275,7 +287,8 @@ class LoraLinear(LoraLayer):
         return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
 
     def _dora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """(m/‖W0+sBA‖ − 1)·W0x + (m/‖W0+sBA‖)·s·B(A(x)); the norm is detached (DoRA §4.3) and uses BA detached."""
+        """(m/‖W0+sBA‖ − 1)·y + (m/‖W0+sBA‖)·s·B(A(x)), y = base_out − bias: W0x plus the earlier adapters'
+        outputs. The norm is detached (DoRA §4.3) and uses BA detached."""
         weight = self._base_out_in()  # (out, in)
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
@@ -311,7 +324,7 @@ class LoraLinear(LoraLayer):
         result = base_out
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x, base_out).to(out_dtype)
+                result = result + self._lora(name, x, result).to(out_dtype)
         return result
 
     def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

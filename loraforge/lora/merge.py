@@ -6,25 +6,29 @@ All merge math goes through each layer's `delta_weight()`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from loraforge.config import LoraConfig
-from loraforge.lora.adapters import load_adapter, set_adapter
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import load_base
+from loraforge.models import DTYPES, load_base
+from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.hf import set_submodule
 from loraforge.utils.outputs import check_output
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                 "pytorch_model*.bin", "pytorch_model.bin.index.json")
+COMBINATIONS = ("cat", "svd", "linear")
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
@@ -70,9 +74,55 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
         if isinstance(module, ModulesToSave):
             chosen = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
             set_submodule(model, path, chosen)
+    config = getattr(model, "config", None)  # a transformers model; a bare nn.Module has nothing to untie
+    if getattr(config, "tie_word_embeddings", False) and not embeddings_tied(model):
+        config.tie_word_embeddings = False  # a saved lm_head or embedding: loaders must read both matrices
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the output head is the input embedding itself (one tensor), as a tied checkpoint stores it."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def check_combination(n_adapters: int, weights: list[float] | None, combination_type: str) -> list[str]:
+    """What is wrong with `weights` and `combination_type` for combining `n_adapters` adapters (empty: nothing)."""
+    problems = []
+    if weights is not None and len(weights) != n_adapters:
+        problems.append(f"weights {list(weights)}: give one weight per adapter ({n_adapters}), or none for 1 each")
+    bad = [w for w in weights or () if not math.isfinite(w)]
+    if bad:
+        problems.append(f"weights {list(weights)}: {bad[0]} is not a finite number")
+    if combination_type not in COMBINATIONS:
+        problems.append(f"combination_type {combination_type!r}: use one of {', '.join(COMBINATIONS)}")
+    return problems
+
+
+def _refuse_uncombinable(configs: dict) -> None:
+    """AdapterError naming every adapter ({name or directory: config}) whose A and B say only part of what it does."""
+    why = [reason for name, config in configs.items() for reason in _uncombinable(name, config)]
+    if why:
+        raise AdapterError(f"cannot combine adapters into one LoRA adapter: {'; '.join(why)}. Merge such an adapter "
+                           f"into the base alone (merge_and_unload, or `loraforge merge` with that one --adapter), "
+                           f"then combine or merge the others on the merged model (as --base)")
+
+
+def _uncombinable(name: str, config) -> list[str]:
+    """Why adapter `name` cannot go into a combined LoRA adapter (its A and B say only part of what it does)."""
+    if not isinstance(config, LoraConfig):
+        return [f"{name!r} is AdaLoRA (its E scales are not in A and B; `loraforge export --to vllm` writes it as "
+                f"plain LoRA)"]
+    why = []
+    if config.use_dora:
+        why.append(f"{name!r} uses DoRA (use_dora): its magnitude vector is not a low-rank update")
+    if config.modules_to_save:
+        why.append(f"{name!r} has modules_to_save {list(config.modules_to_save)}: whole trained modules")
+    if config.bias != "none":
+        why.append(f"{name!r} trains biases (bias {config.bias!r})")
+    return why
 
 
 def _delta_out_in(layer: LoraLayer, name: str) -> torch.Tensor:
@@ -89,21 +139,24 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
       "cat":    exact: ΔW_new = Σ w_i ΔW_i, with rank Σ r_i (A and B stacked).
       "svd":    ΔW_new = the best rank-`svd_rank` approximation of Σ w_i ΔW_i (default: the largest r_i);
                 works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum.
-      "linear": PEFT's "linear": A_new = Σ sqrt(w_i)·s_i·A_i, B_new = Σ sqrt(w_i)·B_i (needs equal ranks; equal to
-                the weighted sum of ΔW only for a single adapter).
+      "linear": PEFT's "linear": with c_i = sqrt(|w_i·s_i|), A_new = Σ sign(w_i·s_i)·c_i·A_i, B_new = Σ c_i·B_i
+                (needs equal ranks; equal to the weighted sum of ΔW only for a single adapter).
+    Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases and AdaLoRA are refused with an
+    AdapterError (A and B do not hold them); merge such an adapter alone, then combine the others on that model.
     """
     configs = model.lora_configs
     missing = [a for a in adapters if a not in configs]
     if missing:
         raise KeyError(f"adapters {missing} are not loaded; loaded: {list(configs)}")
-    if len(weights) != len(adapters):
-        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    if combination_type not in ("cat", "svd", "linear"):
-        raise ValueError(f"combination_type {combination_type!r} is not one of 'cat', 'svd', 'linear'")
+    problems = check_combination(len(adapters), weights, combination_type)
+    if problems:
+        raise ConfigError(problems)
+    _refuse_uncombinable({a: configs[a] for a in adapters})
     layers = [(p, m) for p, m in lora_layers(model) if any(a in m.r for a in adapters)]
     ranks = {m.r[a] for _, m in layers for a in adapters if a in m.r}
     if combination_type == "linear" and len(ranks) > 1:
-        raise ValueError(f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'svd'")
+        raise ConfigError([f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; "
+                           f"use 'cat' (exact) or 'svd'"])
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
@@ -115,12 +168,16 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
                                  layers_to_transform=None, modules_to_save=None, lora_dropout=0.0)
     inject(model, config, new_name)  # scaling = alpha / r = 1: the weights below carry all the scale
-    for _, layer in layers:
+    truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
+    for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
         if combination_type == "svd":
             total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
             U, S, Vh = torch.linalg.svd(total, full_matrices=False)
             k = min(new_r, S.numel())
+            dropped = S[k:].square().sum() / S.square().sum().clamp_min(1e-30)
+            if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
+                truncated.append((path, dropped.item()))
             new_A = torch.zeros_like(A, dtype=torch.float32)
             new_B = torch.zeros_like(B, dtype=torch.float32)
             new_B[:, :k] = U[:, :k] * S[:k]
@@ -140,21 +197,27 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 blocks_A.append(a_w)
                 blocks_B.append(b_w)
             new_A, new_B = torch.cat(blocks_A), torch.cat(blocks_B, dim=1)
-        else:
-            new_A = sum(layer.lora_A[a].weight.float() * (abs(w) ** 0.5 * layer.scaling[a])
-                        for a, w in zip(adapters, weights) if a in layer.r)
-            new_B = sum(layer.lora_B[a].weight.float() * (abs(w) ** 0.5 * (1 if w >= 0 else -1))
-                        for a, w in zip(adapters, weights) if a in layer.r)
+        else:  # PEFT's split: sqrt(|w·s|) on both factors, the sign on A
+            ws = [(a, w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.r]
+            new_A = sum(layer.lora_A[a].weight.float() * math.copysign(abs(c) ** 0.5, c) for a, c in ws)
+            new_B = sum(layer.lora_B[a].weight.float() * abs(c) ** 0.5 for a, c in ws)
         A.copy_(new_A)
         B.copy_(new_B)
+    if truncated:
+        worst = max(truncated, key=lambda t: t[1])
+        warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {len(truncated)} layers: up to "
+                      f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); raise svd_rank or use 'cat' (exact)",
+                      stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
-                  weights: list[float] | None = None, combination_type: str = "svd",
+                  weights: list[float] | None = None, combination_type: str = "cat",
                   quantize: str | None = None, overwrite: bool = False) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
-    Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each).
+    Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each); the default
+    "cat" is exact (Σ w_i ΔW_i): the checkpoint is full rank anyway, so nothing is gained by truncating with "svd".
+    The options are checked before anything loads (ConfigError names each bad one as the CLI spells it).
     `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
     so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
     The directory appears complete or not at all (written to a temporary directory, then renamed).
@@ -162,6 +225,17 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     older export's weight files, which transformers would load instead of the new ones); the other files stay.
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
+    problems = [f"--{p.replace('combination_type', 'combination')}"
+                for p in check_combination(len(adapters), weights, combination_type)]
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANT_TYPES:
+        problems.append(f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)}, or leave it out")
+    if problems:
+        raise ConfigError(problems)
+    combine = len(adapters) > 1 or (weights or [1.0]) != [1.0]  # one adapter with another weight: scaled the same way
+    if combine:
+        _refuse_uncombinable({str(a): read_adapter_config(a) for a in adapters})
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
     model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
     names = []
@@ -169,7 +243,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         name = f"adapter{i}"
         load_adapter(model, adapter_dir, name)
         names.append(name)
-    if len(names) > 1:
+    if combine:
         add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
         names = ["combined"]
     set_adapter(model, names[0])
@@ -197,4 +271,5 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     return out
 
 
-__all__ = ["merge", "unmerge", "merge_and_unload", "add_weighted_adapter", "export_merged", "LoraConfig"]
+__all__ = ["merge", "unmerge", "merge_and_unload", "add_weighted_adapter", "export_merged", "embeddings_tied",
+           "LoraConfig"]

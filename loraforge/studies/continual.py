@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
 from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config
 from loraforge.lora.adapters import delete_adapter, load_adapter
 from loraforge.models import load_base
@@ -169,8 +170,8 @@ def format_report(report: dict) -> str:
 # --- CLI -----------------------------------------------------------------------------------------------------
 
 def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter", previous: str | None = None,
-                  replay: str | None = None, replay_share: list[str] = (), out: str = "runs/continual",
-                  max_steps: int | None = None, skip_general: bool = False, limit: int | None = None,
+                  replay: str | None = None, replay_share: list[FiniteFloat] = (), out: NonEmpty = "runs/continual",
+                  max_steps: PositiveInt | None = None, skip_general: bool = False, limit: PositiveInt | None = None,
                   overrides: list[str] = (), overwrite: bool = False) -> None:
     """Teach an adapter a second task and measure what it cost the first: old and new task accuracy (and the
     general probes) of the base, the adapter, and the adapter trained on with and without replaying old data.
@@ -202,7 +203,7 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
         replay = replay or asset("demo_train.jsonl")
     problems = [] if previous else ["--previous: give the old task's held-out examples (a .jsonl/.json/.csv/"
                                     ".parquet file)"]
-    shares = tuple(float(s) for s in replay_share) or DEFAULT_SHARES
+    shares = tuple(float(s) for s in replay_share) or DEFAULT_SHARES  # numbers from the parser; strings from code
     problems += [f"--replay-share: {s:g} is not in [0, 1) (0: the new task alone; 0.2: a fifth of each batch "
                  f"from --replay)" for s in shares if not 0 <= s < 1]
     if any(shares) and not replay:

@@ -22,7 +22,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from loraforge.argtypes import PositiveInt
+from loraforge.config import ConfigError
 from loraforge.models import BUILTIN_MODELS, resolve_model
 from loraforge.utils.table import text_table
 
@@ -216,9 +219,12 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
-def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, seq_len: int = 512, r: int = 16,
-                 optimizer: str = "adamw", dtype: str = "bf16", gradient_checkpointing: bool = False,
-                 no_gradient_checkpointing: bool = False, gpus: int = 1, distributed: str = "ddp") -> None:
+def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "qlora", batch_size: PositiveInt = 1,
+                 seq_len: PositiveInt = 512, r: PositiveInt = 16,
+                 optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
+                 dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
+                 no_gradient_checkpointing: bool = False, gpus: PositiveInt = 1,
+                 distributed: Literal["ddp", "fsdp"] = "ddp") -> None:
     """Print the expected training memory of a model and method, broken down.
 
     Args:
@@ -234,12 +240,22 @@ def cli_estimate(model: str = "7b", method: str = "qlora", batch_size: int = 1, 
         gpus: processes (devices) training together; batch_size is per device
         distributed: ddp (a whole replica per device) or fsdp (weights, gradients and optimizer state sharded)
     """
+    if gradient_checkpointing and no_gradient_checkpointing:
+        raise ConfigError(["--gradient-checkpointing and --no-gradient-checkpointing: give one of them (or neither "
+                           "for the method's default)"])
+    try:
+        shape = model_shape(model)
+    except ValueError:
+        raise ConfigError([f"--model {model!r}: give a known size ({', '.join(KNOWN_SHAPES)}), a transformers "
+                           f"directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
+    except (OSError, KeyError) as e:  # a directory without a readable Llama-style config.json
+        raise ConfigError([f"--model {model!r}: {e}"]) from None
     ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
-    result = estimate(model, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
+    result = estimate(shape, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
     title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, r={r}, {optimizer}, {dtype}, "
              f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
              f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
     if gpus > 1 or distributed == "fsdp":
-        result = per_device(result, model, method, gpus, distributed, dtype)
+        result = per_device(result, shape, method, gpus, distributed, dtype)
         title += f"; per device with {gpus} × {distributed}"
     print(format_breakdown(result, title))

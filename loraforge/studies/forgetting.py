@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
 from loraforge.config import ConfigError, TrainConfig, load_train_config
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, load_base
@@ -411,9 +412,9 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 # --- CLI -----------------------------------------------------------------------------------------------------
 
-def cli_forgetting(config: str | None = None, out: str = "runs/forgetting", ranks: list[str] = (),
-                   seeds: int = 1, max_steps: int | None = None, lora_lr: float = LORA_LR,
-                   full_lr: float = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
+def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
+                   seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = LORA_LR,
+                   full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
     """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
 
     Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for

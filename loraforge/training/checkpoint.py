@@ -36,6 +36,39 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "trainer_s
 MANIFEST = "manifest.json"  # written last: each file's size and SHA-256, so resume can tell a damaged checkpoint
 
 
+def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict's per-parameter state as flat safetensors keys ("<pid>.<name>", and
+    "<pid>.<name>/<inner>" for one nested mapping, as bitsandbytes' 8-bit optimizers keep their quantized state),
+    and its non-tensor entries (bitsandbytes' integer `step`) as JSON-ready {key: value}."""
+    tensors, scalars = {}, {}
+    for pid, entries in state.items():
+        for name, v in entries.items():
+            inner = v.items() if isinstance(v, dict) else [(None, v)]
+            for sub, value in inner:
+                key = f"{pid}.{name}" if sub is None else f"{pid}.{name}/{sub}"
+                if isinstance(value, torch.Tensor):
+                    tensors[key] = value.cpu().contiguous()
+                else:
+                    scalars[key] = value
+    return tensors, scalars
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
+    """The inverse of optimizer_tensors: {pid: {name: value or {inner: value}}} (rng.* keys skipped)."""
+    state: dict = {}
+    for key, v in [*tensors.items(), *scalars.items()]:
+        if key.startswith("rng."):
+            continue
+        pid, name = key.split(".", 1)
+        entries = state.setdefault(int(pid), {})
+        if "/" in name:
+            name, sub = name.split("/", 1)
+            entries.setdefault(name, {})[sub] = v
+        else:
+            entries[name] = v
+    return state
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
     """Write checkpoints/step-N atomically: its files, then their manifest, in a temporary directory that is
     renamed into place when complete.
@@ -47,12 +80,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
     final = root / f"step-{step:07d}"
     weights = trainable_state(model)
     opt_state = optimizer.state_dict()
-    tensors = {f"{pid}.{k}": v.cpu().contiguous() for pid, s in opt_state["state"].items() for k, v in s.items()}
+    tensors, scalars = optimizer_tensors(opt_state["state"])
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
-            "python_rng": _python_rng_state(), "config": to_dict(cfg), **state}
+            "python_rng": _python_rng_state(), "config": to_dict(cfg), "optimizer_scalars": scalars, **state}
     text = json.dumps(meta, indent=1)
     need = sum(v.nbytes for v in (*weights.values(), *tensors.values())) + len(text)
     try:
@@ -130,24 +163,44 @@ def last_checkpoint(root: Path) -> Path | None:
     return find_checkpoint(root)[0]
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+RUN_SECTIONS = ("model", "method", "lora", "adalora")  # the settings that decide the trainable tensors
+
+
+def config_changes(saved: dict, now: dict, sections=RUN_SECTIONS) -> list[str]:
+    """`key: saved -> now` for each setting under `sections` that differs between two to_dict(cfg) (dotted keys)."""
+    def flat(d, prefix=""):
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before = {k: v for s in sections for k, v in flat(saved.get(s), f"{s}.").items()}
+    after = {k: v for s in sections for k, v in flat(now.get(s), f"{s}.").items()}
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; its trainer_state.json is returned.
+
+    Weights whose names or shapes differ from the model's are refused with TrainingError, naming the settings
+    (`config`: to_dict of the current config) that differ from the ones the checkpoint was written with."""
     meta = json.loads((path / "trainer_state.json").read_text())
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing or set(weights) - set(params):
-        raise TrainingError(f"checkpoint {path} does not match this model/config (missing {missing[:3]}); "
-                            f"resume with the config the run was started with")
+    shapes = [f"{n} {list(w.shape)} in the checkpoint, {list(params[n].shape)} here" for n, w in weights.items()
+              if n in params and w.shape != params[n].shape]  # copy_ would broadcast [1, k] into [r, k]
+    if missing or set(weights) - set(params) or shapes:
+        changed = config_changes(meta.get("config") or {}, config) if config is not None else []
+        why = f"missing {missing[:3]}" if missing or set(weights) - set(params) else shapes[0]
+        raise TrainingError(f"checkpoint {path} does not match this model/config ({why}"
+                            + (f"; changed since it was written: {', '.join(changed)}" if changed else "")
+                            + "); resume with the config the run was started with")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
     tensors = load_file(path / "optimizer.safetensors")
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("rng."):
-            continue
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
+    state = optimizer_state(tensors, meta.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

@@ -16,6 +16,7 @@ It only does so when there is no KV cache, so call the model with `use_cache=Fal
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -115,13 +116,16 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_text(path: Path) -> str:
-    """The file decoded as UTF-8; a byte that is not UTF-8 is reported with its line and column."""
+    """The file decoded as UTF-8 (a leading byte-order mark, as Windows tools write, is skipped); a byte that is not
+    UTF-8 is reported with its line and column."""
     raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
-        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {column} (byte offset {e.start}) "
+        start = e.start + bom
+        line, column = raw.count(b"\n", 0, start) + 1, start - raw.rfind(b"\n", 0, start)
+        raise DataError(f"{path}:{line}: byte 0x{raw[start]:02x} at column {column} (byte offset {start}) "
                         f"is not UTF-8; re-encode the file as UTF-8 (e.g. for Windows-1252/Latin-1 text: "
                         f"iconv -f cp1252 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)})") from None
 
@@ -130,7 +134,11 @@ def _read_parquet(path: Path) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot be read as a Parquet file ({e}); check that it was written completely "
+                        f"(e.g. pandas' df.to_parquet) or give a .jsonl, .json or .csv file") from None
     try:
         return table.to_pylist()
     except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the first one
@@ -337,7 +345,7 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             if (other := detect_format(record)) != fmt:
                 raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but record 0 is in {fmt!r}; "
                                 f"a dataset must use one format")
-    stats, examples = DataStats(n_records=len(records)), []
+    stats, examples, n_too_long = DataStats(n_records=len(records)), [], 0
     for i, record in enumerate(records):
         try:
             ex = encode(record, tokenizer, fmt, train_on_prompt)
@@ -346,6 +354,7 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
         truncated = len(ex.input_ids) > max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1
+            n_too_long += 1
             continue
         ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
         n_sup = sum(label != IGNORE for label in ex.labels[1:])
@@ -358,9 +367,15 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
         stats.n_supervised_tokens += n_sup
     stats.n_examples = len(examples)
     if not examples:
-        raise DataError(f"all {len(records)} records were dropped (longer than max_seq_len={max_seq_len} with "
-                        f"overflow={overflow!r}, or nothing to supervise); raise max_seq_len or use "
-                        f"overflow='truncate'")
+        why = []
+        if n_too_long:
+            why.append(f"{n_too_long} are longer than max_seq_len={max_seq_len} with overflow='drop' (raise "
+                       f"max_seq_len or use overflow='truncate')")
+        if len(records) - n_too_long:
+            why.append(f"{len(records) - n_too_long} have no response token within max_seq_len={max_seq_len}: the "
+                       f"prompt alone fills it, so truncating leaves nothing to train on (raise max_seq_len or "
+                       f"shorten the prompts)")
+        raise DataError(f"all {len(records)} records were dropped: " + "; ".join(why))
     return examples, stats
 
 

@@ -54,7 +54,7 @@ from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, pro
 from loraforge.training.trackers import TrackedLog, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.hf import enable_checkpointing
-from loraforge.utils.outputs import check_run_output
+from loraforge.utils.outputs import check_not_input, check_run_output, hold_output
 
 
 @dataclass
@@ -296,32 +296,41 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
-    run = setup(cfg, resume, overwrite, precision)
-    start_tokens = run.tokens_seen
-    try:
-        with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C: stop after the current step, checkpoint kept
-            loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
-    except RuntimeError as e:  # a peer died or hung: say so rather than a bare backend error
-        if run.world == 1 or not is_collective_failure(e):
-            raise
-        raise collective_error(run.rank, cfg.training.collective_timeout, e) from e
-    return finish(run, loss_value, eval_loss, seconds, start_tokens)
+    with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
+        run = setup(cfg, resume, overwrite, precision, held)
+        start_tokens = run.tokens_seen
+        try:
+            with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
+                loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
+        except RuntimeError as e:  # a peer died or hung: say so rather than a bare backend error
+            if run.world == 1 or not is_collective_failure(e):
+                raise
+            raise collective_error(run.rank, cfg.training.collective_timeout, e) from e
+        return finish(run, loss_value, eval_loss, seconds, start_tokens)
 
 
-def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None) -> Run:
-    """Everything before the first step: processes, output folder, precision, data, model, optimizer, resume."""
+def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None,
+          held: contextlib.ExitStack) -> Run:
+    """Everything before the first step: processes, output folder, precision, data, model, optimizer, resume.
+
+    Rank 0 enters output_dir's lock (outputs.hold_output) into `held`, before output_dir is checked or read."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     out = Path(cfg.output_dir)
-    stale = check_run_output(out, overwrite=overwrite, resume=resume,  # before any loading
-                             inputs=[cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter])
+    inputs = [cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter]
+    init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading or writing
+    if rank == 0:
+        check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
+        held.enter_context(hold_output(out))  # a second run into output_dir is refused here
+        for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
+            remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
+    stale = check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs)  # before any loading
     if rank == 0:
         for d in stale:  # the earlier run's checkpoints: this run's replace them
             shutil.rmtree(d)
 
-    init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading
     precision = precision or run_precision(cfg, device)
     if rank == 0:
         print(precision.line(), flush=True)
@@ -383,6 +392,14 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     return run
 
 
+def remove(path: Path) -> None:
+    """Delete a file or a folder; gone already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def restore(run: Run) -> None:
     """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed)."""
     found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
@@ -392,7 +409,7 @@ def restore(run: Run) -> None:
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
                             f"output_dir")
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler) if run.sharded
-            else load_checkpoint(found, run.model, run.optimizer, run.scheduler))
+            else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     if run.is_main:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
@@ -411,11 +428,12 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         stop: StopRequest | None = None) -> tuple[float, float | None, float]:
     """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds).
 
-    With `stop`: once it is requested (SIGINT), the loop saves a checkpoint at the step it reached and raises
-    KeyboardInterrupt; `--resume` continues from there."""
+    With `stop`: once it is requested (SIGINT, SIGTERM, SIGUSR1), the loop saves a checkpoint at the step it
+    reached and raises KeyboardInterrupt; `--resume` continues from there."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
-    log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log),  # + training.report_to's tracker
-                     open_tracker(t.report_to, run.out, to_dict(cfg))) if run.is_main else None
+    log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log,  # after a resume: from run.step on
+                                until_step=run.step if append_log else None),
+                     open_tracker(t.report_to, run.out, to_dict(cfg))) if run.is_main else None  # + report_to's
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None
@@ -426,7 +444,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             if not (run.ckpt_root / f"step-{run.step:07d}").exists():
                 save_step(run)
             if run.is_main:
-                bar.write(f"stopped at step {run.step}: checkpoint saved; continue with --resume")
+                bar.write(f"stopped at step {run.step} ({stop.name}): checkpoint saved; continue with --resume")
                 bar.close()
                 log.close()
             raise KeyboardInterrupt
@@ -500,26 +518,30 @@ def checkpoint_state(run: Run) -> dict:
 
 
 class StopRequest:
-    """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop) asks the loop to stop after the step it
-    is in rather than interrupting it mid-step; a second one interrupts at once. Only in the main thread of a
-    single process (under torchrun the ranks could see it at different steps: there SIGINT interrupts)."""
+    """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (`kill`, `docker stop`, systemd,
+    Kubernetes, Slurm's pre-emption) or SIGUSR1 (Slurm's `--signal`) asks the loop to stop after the step it is in,
+    with a checkpoint, rather than interrupting it mid-step; a second one interrupts at once. Only in the main
+    thread of a single process (under torchrun the ranks could see it at different steps: there they interrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self._previous = enabled, False, None
+        self.enabled, self.requested, self.name, self._previous = enabled, False, None, {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.name = True, signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
         return False
 
 
@@ -559,6 +581,16 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     grad_norm = (clip_sharded(params, t.max_grad_norm) if run.sharded
                  else torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):  # fp16's scaler skips such steps itself
+        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
+        lora = run.cfg.lora
+        scale = (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
+                 f"lora.lora_alpha if it is unusually large; else " if run.cfg.method in ("lora", "dora", "qlora")
+                 else "")
+        raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
+                            f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
+                            f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
+                            f". {scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2))
     scale = scaler.get_scale()
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
     scaler.update()

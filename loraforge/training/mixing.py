@@ -138,6 +138,13 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     if problems:
         raise D.DataError("\n".join(problems) if len(problems) == 1 else
                           f"{len(problems)} data sources cannot be used:\n  " + "\n  ".join(problems))
+    for i, (source, built) in enumerate(zip(train_sources, examples)):
+        if source.epochs is not None and round(source.epochs * len(built)) == 0:  # epoch_order would draw none
+            problems.append(f"data.train[{i}].epochs: {source.epochs:g} of its {len(built)} examples is none; "
+                            f"use at least {1 / len(built):.2g} (one example per epoch), or leave the source out")
+    if problems:
+        raise D.DataError("\n".join(problems) if len(problems) == 1 else
+                          f"{len(problems)} data sources cannot be used:\n  " + "\n  ".join(problems))
     weights = [s.weight for s in train_sources]
     mixture = Mixture(names=tuple(label("train", i, s, len(train_sources)) for i, s in enumerate(train_sources)),
                       sizes=tuple(len(e) for e in examples),

@@ -14,12 +14,17 @@ from loraforge.utils.files import atomic_file, disk_error
 
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses at most the line being written (and
-    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError."""
+    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError.
 
-    def __init__(self, path: Path, append: bool = False):
+    `until_step` (appending after a resume from that step): rows of later steps, logged before the crash by the run
+    that is resumed, are dropped, so the steps it does again are not in the file twice."""
+
+    def __init__(self, path: Path, append: bool = False, until_step: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         if append and path.is_file():
             _drop_partial_line(path)
+            if until_step is not None:
+                _drop_rows_after(path, until_step)
         self.path = path
         self.file = open(path, "a" if append else "w")
 
@@ -42,6 +47,15 @@ def _drop_partial_line(path: Path) -> None:
         text = f.read()
         if text and not text.endswith(b"\n"):
             f.truncate(text.rfind(b"\n") + 1)
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) without the rows whose "step" is past `step`; untouched when there are none."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not (line.strip() and json.loads(line).get("step", 0) > step)]
+    if len(kept) < len(lines):
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step"):

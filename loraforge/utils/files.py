@@ -1,8 +1,10 @@
 """Writing results so that a failed write leaves nothing half-written where a later command would read it.
 
-atomic_dir(final) yields an empty temporary directory beside `final` to write into. When the block ends, the
-result takes `final`'s place: the whole directory is renamed when `final` does not exist yet, otherwise each new
-file replaces its namesake (other files in `final` stay). On any error the temporary directory is removed, and an
+atomic_dir(final) yields an empty temporary directory beside `final` to write into, its own for each writer. When
+the block ends, the result takes `final`'s place: the whole directory is renamed when `final` does not exist yet;
+otherwise the files of `final` it does not replace are linked into it and the two directories are swapped in one
+step (renameat2; elsewhere two renames, `final` moved aside to `.old-<name>-*` first), so a reader sees the old
+set or the new one, never a mix. On any error the temporary directory is removed, and an
 error that means the disk refused the write (full, quota, file-size limit, permission, read-only, I/O error)
 comes out as DiskError: one line naming the directory, about how much it needed and how much is free.
 atomic_file(path) does the same for one file.
@@ -11,10 +13,12 @@ atomic_file(path) does the same for one file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +30,7 @@ REASONS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "the file system is read-only",
     errno.EIO: "an I/O error (a failing disk or a lost network mount)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
 }
 
 
@@ -78,28 +83,89 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     return error
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` (a file or a folder) and the folders themselves to the disk, so a rename that
+    follows never publishes data still in the page cache only (a power cut would leave it cut short)."""
+    for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)  # the same bytes, no copy: the old set's file is only renamed away afterwards
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system has no such call."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Make the complete set in `tmp` (plus the files of `final` it does not replace) `final`, all at once."""
+    for entry in final.iterdir():  # files of the old set that this write does not replace stay
+        if not os.path.lexists(tmp / entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, tmp / entry.name)
+    if _exchange(tmp, final):  # `final` is the new set, `tmp` the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))  # a crash here keeps it: the old set
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
-    """Yield an empty temporary directory (`.tmp-<name>` beside `final`) that becomes `final` when the block ends.
+    """Yield an empty temporary directory (`.tmp-<name>-<random>` beside `final`, its own for each writer) that
+    becomes `final` when the block ends: the new files and those of an existing `final` they do not replace, as
+    one set (a crash leaves the old set or the new one, never a mix).
 
     `need_bytes`: about how much the block writes, for the message when the disk refuses.
     """
     final = Path(final)
-    tmp = final.parent / f".tmp-{final.name}"
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"cannot write into {final}: it is a file, not a directory; give a directory path "
+                                 f"(or remove the file)")
+    tmp = None
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
-        tmp.mkdir(parents=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         yield tmp
-        if not final.exists():
-            os.replace(tmp, final)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make `final` private, unlike a mkdir'ed folder
+        if final.exists():
+            _replace_dir(tmp, final)
         else:
-            for entry in sorted(tmp.iterdir()):
-                if entry.is_dir() and (final / entry.name).is_dir():
-                    shutil.rmtree(final / entry.name)
-                os.replace(entry, final / entry.name)
-            tmp.rmdir()
+            os.replace(tmp, final)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         error = disk_error(final, e, need_bytes, left=tmp)
         if error is None:
             raise
@@ -108,20 +174,26 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None) -> Iterator[Pat
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path (`.tmp-<name>` beside `path`) that replaces `path` when the block ends."""
+    """Yield a temporary path (`.tmp-<name>-<random>` beside `path`, its own for each writer) that replaces `path`
+    when the block ends."""
     path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}"
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600, as for a file opened for writing
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         error = disk_error(path, e, need_bytes, left=tmp)
         if error is None:
             raise
         raise error from None
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "umask"]

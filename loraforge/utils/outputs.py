@@ -8,15 +8,29 @@
   (merge --out = its --adapter, train output_dir = the folder of its data file, ...).
 - A training output_dir holding an earlier run of its own is continued with --resume, or started over with
   --overwrite (its checkpoints are then replaced); without either it is refused.
+- One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
+  these checks until it ends; a second one is refused, naming the first one's process id.
 
 Atomic writes (temp + rename) protect against crashes, not against a wrong --out: this module is for that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from loraforge.utils.files import DiskError, disk_error
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; nothing stops a second run there
+    fcntl = None
+
+LOCK = ".lock"  # output_dir/.lock, held by the run training there: not counted as content by check_output
 
 
 class OutputError(ValueError):
@@ -56,7 +70,7 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
     if not overwrite and out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass --overwrite to write into "
@@ -97,4 +111,50 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))  # damaged too
 
 
-__all__ = ["OutputError", "check_output", "check_not_input", "check_run_output"]
+@contextlib.contextmanager
+def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
+    """Create `path` (a folder) if needed, check that it takes files, and hold an exclusive lock on `path/.lock`
+    for the block (the file holds this process's id and is removed when the block ends). Another process holding
+    it: OutputError naming its process id. A folder that cannot be created or written (read-only, a part of the
+    path is a file): files.DiskError, one line naming it. Both before anything in `path` is read or written."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    while True:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out, prefix=".tmp-probe-"):  # the folder takes new files
+                pass
+            lock = open(out / LOCK, "a+")
+        except OSError as e:
+            error = disk_error(out, e)
+            if error is None:
+                raise
+            raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "unknown"
+            lock.close()
+            raise OutputError(f"another loraforge process (pid {pid}) is training into {flag} {path}; wait for it "
+                              f"to end, or choose another {flag}") from None
+        with contextlib.suppress(OSError):
+            if os.stat(out / LOCK).st_ino == os.fstat(lock.fileno()).st_ino:
+                break  # else the run before removed the file as we opened it: lock the new one
+        lock.close()
+    with lock:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(out / LOCK)  # while still held: the next run locks a file of its own
+
+
+__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_run_output", "hold_output"]

@@ -2,6 +2,7 @@
 format, vLLM checks and exact conversions loaded in PEFT, adapters PEFT loads without a warning."""
 
 import json
+import re
 import warnings
 
 import gguf
@@ -471,3 +472,46 @@ def test_cli_export_vllm_and_its_refusal(tmp_path, capsys):
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, use_dora=True)), tmp_path / "d")
     assert main(["export", "--to", "vllm", "--adapter", str(tmp_path / "d"), "--out", str(tmp_path / "w")]) == 2
     assert "DoRA" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens", None])
+def test_merged_gguf_writes_the_head_unless_it_is_really_the_embedding(saved, tiny_dir, tmp_path):
+    """A tied base (SmolLM2-like) with a saved head or embedding: after the merge they are two matrices, and
+    llama.cpp must get both (output.weight), each equal to PEFT's merged model; a plain adapter stays tied."""
+    import peft
+
+    from loraforge.lora.layer import ModulesToSave
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    inject(model, LoraConfig(r=2, target_modules=("q_proj", "v_proj"), init_lora_weights=False,
+                             modules_to_save=(saved,) if saved else None))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ModulesToSave):  # a trained copy: different values from the original
+                m.modules_to_save["default"].weight.add_(torch.randn(m.original_module.weight.shape, generator=g))
+    save_adapter(model, tmp_path / "a")
+    tensors, _ = gguf_tensors(export_gguf(str(tiny_dir), str(tmp_path / "a"), tmp_path / "m.gguf", type="f32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on tied layers in modules_to_save
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                                tmp_path / "a").merge_and_unload()
+    np.testing.assert_array_equal(tensors["token_embd.weight"], theirs.model.embed_tokens.weight.detach().numpy())
+    if saved is None:
+        assert "output.weight" not in tensors  # tied: llama.cpp uses token_embd as the output
+    else:
+        np.testing.assert_array_equal(tensors["output.weight"], theirs.lm_head.weight.detach().numpy())
+        assert not np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+
+
+def test_gguf_lora_refuses_an_adapter_for_another_base(tiny_dir, tmp_path):
+    from loraforge.export.gguf_lora import export_gguf_lora
+    from loraforge.export.gguf_names import ExportError
+
+    save_adapter(inject(tiny_llama(hidden_size=48, intermediate_size=96), LoraConfig(r=4, target_modules=("q_proj",))),
+                 tmp_path / "a")  # hidden size 48; tiny_dir's is 32
+    with pytest.raises(ExportError, match=re.escape(
+            f"{tmp_path / 'a'}: model.layers.0.self_attn.q_proj has lora_A (4, 48) and lora_B (48, 4), this base's "
+            f"layer is 32 in, 32 out (an adapter made for another base? check --base)")):
+        export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "Modelfile").exists()

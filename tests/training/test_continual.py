@@ -3,6 +3,7 @@
 The reference is PEFT: its adapter loaded with is_trainable=True and one AdamW step with a fresh optimizer (an
 adapter directory holds no optimizer state, so a continued run starts its optimizer and schedule fresh)."""
 
+import contextlib
 import json
 
 import peft
@@ -44,8 +45,10 @@ def config(tiny_dir, data_file, out, adapter, *extra, **training):
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
 def test_zero_steps_save_the_adapter_it_started_from(tiny_dir, data_file, tmp_path, kind):
     start = peft_adapter(tiny_dir, tmp_path / "start", kind)
-    run = setup(config(tiny_dir, data_file, tmp_path / "out", start), resume=False, overwrite=False, precision=None)
-    finish(run, float("nan"), None, 0.0, 0)  # no fit(): zero steps
+    with contextlib.ExitStack() as held:  # output_dir's lock, as train() holds it
+        run = setup(config(tiny_dir, data_file, tmp_path / "out", start), resume=False, overwrite=False,
+                    precision=None, held=held)
+        finish(run, float("nan"), None, 0.0, 0)  # no fit(): zero steps
     saved, original = load_file(tmp_path / "out/adapter/adapter_model.safetensors"), load_file(
         start / "adapter_model.safetensors")
     assert saved.keys() == original.keys()

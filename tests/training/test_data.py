@@ -154,8 +154,20 @@ def test_mixed_formats_name_the_first_mismatch(tok, tmp_path):
 
 
 def test_all_examples_dropped_is_an_error(tok):
-    with pytest.raises(DataError, match="all 1 records were dropped"):
+    with pytest.raises(DataError) as e:
         build_dataset([{"text": "a long text " * 20}], tok, max_seq_len=8, overflow="drop")
+    assert str(e.value) == ("all 1 records were dropped: 1 are longer than max_seq_len=8 with overflow='drop' "
+                            "(raise max_seq_len or use overflow='truncate')")
+
+
+def test_all_dropped_under_truncate_says_the_prompt_fills_max_seq_len(tok):
+    """overflow is already 'truncate': the advice is about the prompt, not about overflow."""
+    records = [{"instruction": "a " * 50, "output": "b"}] * 3
+    with pytest.raises(DataError) as e:
+        build_dataset(records, tok, max_seq_len=16)
+    assert str(e.value) == ("all 3 records were dropped: 3 have no response token within max_seq_len=16: the prompt "
+                            "alone fills it, so truncating leaves nothing to train on (raise max_seq_len or shorten "
+                            "the prompts)")
 
 
 def test_unknown_extension_and_hub_fallback(tmp_path, monkeypatch):
@@ -193,6 +205,28 @@ def test_csv_parquet_json_round_trip(tmp_path):
         records = read_records(str(tmp_path / name))
         assert strip_source(records) == RECORDS, name
         assert records[1]["_source"].startswith(str(tmp_path / name))
+
+
+def test_jsonl_and_csv_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows tools often save UTF-8 with a BOM (EF BB BF); it is skipped, not part of the first key."""
+    bom = "\ufeff".encode()
+    (tmp_path / "bom.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in RECORDS).encode())
+    (tmp_path / "bom.csv").write_bytes(bom + b"instruction,output\na,b\n")
+    assert strip_source(read_records(str(tmp_path / "bom.jsonl"))) == RECORDS
+    assert strip_source(read_records(str(tmp_path / "bom.csv"))) == [{"instruction": "a", "output": "b"}]
+    (tmp_path / "bad.jsonl").write_bytes(bom + b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: byte 0xff at column 11 \(byte offset 27\)"):
+        read_records(str(tmp_path / "bad.jsonl"))  # positions count the file's bytes, BOM included
+
+
+def test_a_corrupt_parquet_file_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_text('{"instruction": "a", "output": "b"}\n')  # JSON under a .parquet name
+    with pytest.raises(DataError) as e:
+        read_records(str(path))
+    assert str(e.value).startswith(f"{path}: cannot be read as a Parquet file (")
+    assert str(e.value).endswith("); check that it was written completely (e.g. pandas' df.to_parquet) or give a "
+                                 ".jsonl, .json or .csv file")
 
 
 def test_train_test_split_is_deterministic_and_disjoint():

@@ -296,9 +296,11 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
 
 
-def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole):
-    """SIGINT (Ctrl-C, the dashboard's stop) during step 2: the step completes, step-2 is saved, then the run stops;
-    --resume ends with the uninterrupted run's adapter."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole,
+                                                                            signum):
+    """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption) or SIGUSR1 (Slurm's --signal) during step
+    2: the step completes, step-2 is saved, then the run stops; --resume ends with the uninterrupted run's adapter."""
     out = tmp_path / "run"
     args = run_args(tiny_dir, data_file, out) + ["training.save_every=0"]  # no checkpoint but the stop's
     real = T.optimizer_step
@@ -306,16 +308,158 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     def step_then_ctrl_c(run, batches):
         result = real(run, batches)
         if run.step == 1:  # in the middle of the second step, as far as the loop can tell
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return result
 
+    before = signal.getsignal(signum)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(T, "optimizer_step", step_then_ctrl_c)
         with pytest.raises(KeyboardInterrupt):
             train(load_train_config(None, args), progress=False)
+    assert signal.getsignal(signum) is before  # the handler is the caller's again
     ckpts = out / "checkpoints"
     assert [d.name for d in sorted(ckpts.iterdir())] == ["step-0000002"]
     assert verify_checkpoint(ckpts / "step-0000002") is None
     assert not (out / "adapter").exists()
     train(load_train_config(None, args), resume=True, progress=False)
     assert_equal_adapters(adapter(out), whole)
+
+
+# --- one run per output_dir; output folders that cannot be written ----------------------------------------------
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_dir, data_file, tmp_path):
+    """A process holding output_dir (as a live run does) makes a second `train --resume` there exit 2 with one line
+    naming its pid, before it reads a checkpoint; once it is gone, a run there goes ahead and leaves no lock."""
+    out = tmp_path / "run"
+    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = cli(["train", *run_args(tiny_dir, data_file, out), "--resume"], tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert one_error_line(proc.stderr) == (f"error: another loraforge process (pid {holder.pid}) is training into "
+                                           f"output_dir {out}; wait for it to end, or choose another output_dir")
+    assert proc.stdout == ""  # refused before anything was loaded
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's, killed: nothing else written
+    train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)  # a stale lock is no lock
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl"]
+
+
+def test_an_output_dir_below_a_file_is_refused_with_one_line_before_loading(tiny_dir, data_file, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "run"
+    proc = cli(["train", *run_args(tiny_dir, data_file, out)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: output_dir: cannot write {re.escape(str(out))}: a part of the path is a file, not "
+                        rf"a folder \([0-9.]+ [kMGT]?B free there\); fix that, or choose another output_dir",
+                        one_error_line(proc.stderr)), proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv to drop root's CAP_DAC_OVERRIDE")
+@pytest.mark.parametrize("where", ["run", "parent/run"])
+def test_a_read_only_output_dir_is_refused_with_one_line_before_loading(tiny_dir, data_file, tmp_path, where):
+    """output_dir read-only, or to be made in a read-only folder (root without CAP_DAC_OVERRIDE obeys modes)."""
+    out = tmp_path / where
+    read_only = out if where == "run" else out.parent
+    read_only.mkdir(parents=True)
+    read_only.chmod(0o555)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"] if os.geteuid() == 0 else []
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    proc = subprocess.run([*drop, sys.executable, "-m", "loraforge", "train", str(cfg),
+                           *run_args(tiny_dir, data_file, out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: output_dir: cannot write {re.escape(str(out))}: permission denied \([0-9.]+ "
+                        rf"[kMGT]?B free there\); fix that, or choose another output_dir",
+                        one_error_line(proc.stderr)), proc.stderr
+    assert proc.stdout == ""
+
+
+# --- resume: another config; metrics of the steps done again ----------------------------------------------------
+
+@pytest.mark.parametrize("r", [8, 1])  # r=1: [1, k] would broadcast into [4, k] without a shape check
+def test_resume_with_another_lora_r_names_the_setting(tiny_dir, data_file, interrupted, r):
+    ckpt = interrupted / "checkpoints" / "step-0000002"
+    weights = load_file(ckpt / "trainable.safetensors")
+    name = next(iter(weights))
+    was = list(weights[name].shape)
+    now = [r if n == 4 else n for n in was]
+    args = [*run_args(tiny_dir, data_file, interrupted), f"lora.r={r}"]
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert str(e.value) == (f"checkpoint {ckpt} does not match this model/config ({name} {was} in the checkpoint, "
+                            f"{now} here; changed since it was written: lora.r: 4 -> {r}); resume with the config "
+                            f"the run was started with")
+
+
+def test_after_a_resume_metrics_hold_each_step_once(tiny_dir, data_file, interrupted):
+    """The interrupted run logged step 3, then died saving its checkpoint; the resume from step 2 logs step 3 again:
+    the file keeps the new row only, equal to the old one (a resume recomputes exactly)."""
+    from loraforge.training.report import read_metrics
+
+    def rows() -> list[dict]:  # without the timings, which differ from run to run
+        return [{k: v for k, v in row.items() if k not in ("elapsed_s", "tokens_per_s")}
+                for row in read_metrics(interrupted / "metrics.jsonl")]
+
+    before = rows()
+    assert [row["step"] for row in before] == [1, 2, 3]
+    train(load_train_config(None, run_args(tiny_dir, data_file, interrupted)), resume=True, progress=False)
+    after = rows()
+    assert after == before  # steps 1, 2, 3 once each; step 3's loss, lr, grad norm and tokens exactly as logged
+
+
+def test_appending_after_a_resume_drops_the_rows_past_its_step(tmp_path):
+    from loraforge.training.report import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 2, "eval_loss": 1.7}\n'
+                    '{"step": 3, "loss": 1.2}\n{"step": 3, "eval_loss": 1.4}\n{"step": 4, "lo')
+    log = MetricsLog(path, append=True, until_step=2)
+    log.write(step=3, loss=1.25)
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7},
+                                  {"step": 3, "loss": 1.25}]
+
+
+def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tiny_dir, data_file, tmp_path):
+    """lora_alpha 1e30: the loss is finite (B starts at 0) but the gradients' norm overflows fp32. Without a check
+    clipping turned every gradient to 0 and each step updated nothing, and the run still reported success."""
+    cfg = load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "run") + ["lora.lora_alpha=1e30"])
+    with pytest.raises(TrainingError) as e:
+        train(cfg, progress=False)
+    assert str(e.value).startswith("the gradient norm is inf at step 1 (the loss, ")
+    assert ("was finite); stopping before an update that would do nothing or write NaN. The last good checkpoint is "
+            "none (no checkpoint was written yet). The adapter's scale is lora.lora_alpha / lora.r = 1e+30 / 4: lower "
+            "lora.lora_alpha if it is unusually large; else " + nonfinite_advice(1e-2, "fp32", 1.0, step=2)
+            ) in str(e.value)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_an_8bit_optimizer_checkpoints_and_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path):
+    """bitsandbytes' AdamW8bit keeps an int `step` and a nested mapping of quantized state: the checkpoint stores
+    both (trainer_state.json, and flat safetensors keys) and a resume from step 2 ends equal to 3 steps in one go."""
+    pytest.importorskip("bitsandbytes")
+    args = ["training.optimizer=adamw_8bit"]
+    whole_out, cut = tmp_path / "whole", tmp_path / "cut"
+    train(load_train_config(None, run_args(tiny_dir, data_file, whole_out) + args), progress=False)
+    save = T.save_checkpoint
+
+    def save_or_stop(root, step, *rest):
+        if step == 3:
+            raise Interrupt
+        return save(root, step, *rest)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "save_checkpoint", save_or_stop)
+        with pytest.raises(Interrupt):
+            train(load_train_config(None, run_args(tiny_dir, data_file, cut) + args), progress=False)
+    state = (cut / "checkpoints" / "step-0000002" / "trainer_state.json").read_text()
+    assert '"optimizer_scalars"' in state and '.step": 2' in state  # bitsandbytes' int step, per parameter
+    train(load_train_config(None, run_args(tiny_dir, data_file, cut) + args), resume=True, progress=False)
+    assert_equal_adapters(adapter(cut), adapter(whole_out))

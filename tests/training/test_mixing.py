@@ -120,7 +120,7 @@ def test_source_config_problems_are_one_line_each():
     assert e.value.problems == [
         "data.train[1].weight: give weight (1) or epochs (2), not both",
         "data.train[2].weight: must be positive, got 0 (leave the source out to skip it)",
-        "data.train[3].pth: unknown field (known: epochs, format, path, weight)",
+        "data.train[3].pth: unknown field (did you mean 'path'?)",
         "data.train[3].path: missing (a dataset file or hub name)",
         "data.eval[0].epochs: held-out sources are used in full; remove it",
     ]
@@ -128,3 +128,14 @@ def test_source_config_problems_are_one_line_each():
         load_train_config(None, [], base={"data": {"train": [{"path": "a.jsonl", "weight": 1}, "b.jsonl"]}})
     assert e.value.problems == ["data.train[1].weight: missing; give a weight to every source or to none "
                                 "(sources [0] have one)"]
+
+
+def test_a_source_fraction_that_draws_no_example_names_its_epochs(tiny_dir, two_sources, tmp_path):
+    """epochs: 0.001 of 30 examples rounds to none: the error names data.train[0].epochs, not the batch size."""
+    a, b = two_sources
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path / 'o'}"],
+                            base={"data": {"train": [{"path": str(a), "epochs": 0.001}, {"path": str(b)}]}})
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert str(e.value) == ("data.train[0].epochs: 0.001 of its 30 examples is none; use at least 0.033 (one "
+                            "example per epoch), or leave the source out")

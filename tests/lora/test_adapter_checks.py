@@ -1,0 +1,324 @@
+"""Adapter configs and files that must be refused by name, and PEFT's target and multi-adapter rules."""
+
+import copy
+import json
+import math
+import re
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import T5Config, T5ForConditionalGeneration
+
+from helpers import randomize, tiny_llama
+from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
+from loraforge.lora.adalora import AdaLoraConfig
+from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, list_adapters, load_adapter, save_adapter,
+                                     set_adapter)
+from loraforge.lora.inject import find_targets, inject
+from loraforge.lora.layer import LoraLayer
+from loraforge.lora.merge import merge, unmerge
+
+# fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (as in test_adapters.py).
+TOL = dict(rtol=1e-5, atol=1e-5)
+TARGETS = ("q_proj", "v_proj")
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before, grads=None):
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert list_adapters(model) == []
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    if grads is not None:
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def _good(tmp_path):
+    model = randomize(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    return save_adapter(model, tmp_path / "good")
+
+
+def _edit_config(src, dst, **changes):
+    dst.mkdir()
+    config = {**json.loads((src / "adapter_config.json").read_text()), **changes}
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    (dst / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    return dst
+
+
+# --- bug 9: a failed load leaves the model as it was -----------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"modules_to_save": ["classifier"]}, r"modules_to_save: \['classifier'\] match no module of this model"),
+    ({"rank_pattern": {"(q": 2}}, r"rank_pattern\.\(q: the key is not a valid regex \(missing \), unterminated "
+                                  r"subpattern at position 0\); escape special characters, e\.g\. '\\\\\(q'"),
+    ({"alpha_pattern": {"[": 2}}, r"alpha_pattern\.\[: the key is not a valid regex"),
+    ({"r": 10 ** 30}, rf"r: must be a positive integer \(at most {MAX_RANK}\), got 10{'0' * 29} \(try 8\)"),
+])
+def test_failed_load_leaves_the_model_as_it_was(change, message, tmp_path, input_ids):
+    good = _good(tmp_path)
+    bad = _edit_config(good, tmp_path / "bad", **change)
+    model = tiny_llama()
+    model.model.norm.weight.requires_grad_(False)  # a flag of the caller's that a failed load must keep
+    before, grads = _state(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(model, bad)
+    _assert_untouched(model, before, grads)
+    load_adapter(model, good)  # the same name loads afterwards, equal to a load on a fresh model
+    torch.testing.assert_close(model(input_ids).logits, load_adapter(tiny_llama(), good)(input_ids).logits,
+                               rtol=0, atol=0)
+
+
+def test_failed_load_under_a_loaded_name_keeps_the_loaded_adapter(tmp_path, input_ids):
+    good = _good(tmp_path)
+    model = load_adapter(tiny_llama(), good)
+    expected = model(input_ids).logits
+    with pytest.raises(ValueError, match="adapter 'default' is already loaded; delete it or choose another name"):
+        load_adapter(model, good)
+    assert list_adapters(model) == ["default"]
+    torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
+
+
+# --- bug 12: non-finite values ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_alpha_and_pattern_values_are_refused(value):
+    with pytest.raises(ConfigError, match=f"lora_alpha: must be a positive finite number, got {value}"):
+        LoraConfig(lora_alpha=value)
+    with pytest.raises(ConfigError, match=f"alpha_pattern.q_proj: must be a positive finite number, got {value}"):
+        LoraConfig(alpha_pattern={"q_proj": value})
+    with pytest.raises(ConfigError, match=f"lora_alpha: must be a finite number >= 0, got {value}"):
+        AdaLoraConfig(total_step=10, lora_alpha=value)
+
+
+def test_non_finite_weights_are_refused_by_tensor_name(tmp_path):
+    good = _good(tmp_path)
+    tensors = load_file(good / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, good / "adapter_model.safetensors")
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterError, match=rf"adapter_model\.safetensors: tensor {key} holds NaN or inf values "
+                                           rf"\(1 of 64\); the adapter is corrupted or its training diverged"):
+        load_adapter(model, good)
+    _assert_untouched(model, before)
+
+
+# --- bug 14: rank_pattern / alpha_pattern -----------------------------------------------------------------------
+def test_pattern_types_and_values_are_checked_by_name():
+    with pytest.raises(ConfigError, match=r"lora\.rank_pattern: expected a mapping, got \[1, 2\]"):
+        from_dict(LoraConfig, {"rank_pattern": [1, 2]}, prefix="lora.")
+    with pytest.raises(ConfigError, match=r"alpha_pattern: expected a mapping of module regex to value"):
+        LoraConfig(alpha_pattern=[1])
+    with pytest.raises(ConfigError, match=r"rank_pattern\.q_proj: must be a positive integer \(at most 65536\), "
+                                          r"got 2\.5"):
+        LoraConfig(rank_pattern={"q_proj": 2.5})
+    with pytest.raises(ConfigError) as e:
+        LoraConfig(rank_pattern={"q_proj": 0, "v_proj": True, "k_proj": 4})
+    assert e.value.problems == ["rank_pattern.q_proj: must be a positive integer (at most 65536), got 0",
+                                "rank_pattern.v_proj: must be a positive integer (at most 65536), got True"]
+    assert LoraConfig(rank_pattern={r"layers\.0\..*q_proj": 2}, alpha_pattern={"v_proj": 2.5}).alpha_pattern
+
+
+# --- bugs 8 and 18: PEFT fields that change the math are refused by name --------------------------------------
+@pytest.mark.parametrize("field, value", [("alora_invocation_tokens", [5, 6]), ("lora_bias", True),
+                                          ("trainable_token_indices", [1, 2]), ("layer_replication", [[0, 2]]),
+                                          ("target_parameters", ["mlp.experts.gate_up_proj"]), ("use_qalora", True),
+                                          ("arrow_config", {"top_k": 2}), ("use_bdlora", True),
+                                          ("kasa_config", {"beta": 1e-4})])
+def test_unsupported_peft_fields_are_refused_by_name(field, value, tmp_path):
+    bad = _edit_config(_good(tmp_path), tmp_path / "bad", **{field: value})
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(AdapterError, match=rf"{field}: this adapter uses {re.escape(PEFT_UNSUPPORTED_FIELDS[field])}, "
+                                           rf"which loraforge does not implement.*train an adapter without {field}"):
+        load_adapter(model, bad)
+    _assert_untouched(model, before)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    with pytest.raises(ConfigError, match=field):
+        AdaLoraConfig.from_peft_dict({**config, "peft_type": "ADALORA", "total_step": 10})
+
+
+def test_peft_aLoRA_file_is_refused_and_fields_that_do_not_change_the_math_only_warn(tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), alora_invocation_tokens=[5, 6])
+    peft.get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / "alora")
+    with pytest.raises(AdapterError, match="alora_invocation_tokens: this adapter uses aLoRA"):
+        load_adapter(tiny_llama(), tmp_path / "alora")
+    inert = _edit_config(_good(tmp_path), tmp_path / "inert", runtime_config={"ephemeral_gpu_offload": True},
+                         alora_invocation_tokens=None, lora_bias=False, use_qalora=False)
+    with pytest.warns(UserWarning, match=r"ignoring fields this version does not use: \['runtime_config'\]"):
+        load_adapter(tiny_llama(), inert)
+
+
+# --- bug 7: PEFT's rule for adapters with bias ------------------------------------------------------------------
+def test_two_adapters_with_bias_are_refused_like_peft(tmp_path, input_ids):
+    base = tiny_llama(attention_bias=True)
+    for name, bias in (("a", "all"), ("b", "lora_only"), ("c", "none")):
+        save_adapter(randomize(inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=TARGETS, bias=bias))),
+                     tmp_path / name)
+    model = load_adapter(copy.deepcopy(base), tmp_path / "a", "a")
+    expected = model(input_ids).logits
+    with pytest.raises(AdapterError, match=r"bias: only 1 adapter with bias is supported; 'a' already trains biases "
+                                           r"\(bias='all'\)\. When using multiple adapters, set bias to 'none'"):
+        load_adapter(model, tmp_path / "b", "b")
+    torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)  # 'a' kept its biases
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    # one adapter with bias and others without: PEFT accepts it, and so do we, with its logits
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "c", adapter_name="c")
+    theirs.set_adapter("c")
+    load_adapter(model, tmp_path / "c", "c")
+    set_adapter(model, "c")
+    torch.testing.assert_close(model(input_ids).logits, theirs(input_ids).logits, **TOL)
+
+
+# --- bug 17: save_adapter edge cases ------------------------------------------------------------------------------
+def test_save_adapter_refuses_unknown_names_empty_and_file_paths(tmp_path):
+    model = inject(tiny_llama(), LoraConfig(r=2))
+    with pytest.raises(UnknownAdapterError, match=r"^no adapter named 'nope'; loaded adapters: \['default'\]$"):
+        save_adapter(model, tmp_path / "x", name="nope")
+    assert issubclass(UnknownAdapterError, KeyError) and issubclass(UnknownAdapterError, AdapterError)
+    with pytest.raises(ValueError, match="the adapter's output directory is empty; give a directory path"):
+        save_adapter(model, "")
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(NotADirectoryError, match=rf"cannot write into {tmp_path / 'file'}: it is a file, not a "
+                                                 rf"directory; give a directory path \(or remove the file\)"):
+        save_adapter(model, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temporary directory left
+
+
+# --- bug 10: exclude_modules, PEFT's rule ---------------------------------------------------------------------------
+@pytest.mark.parametrize("targets, exclude", [(list(TARGETS), ["model.layers.0.self_attn.q_proj"]),
+                                              (list(TARGETS), ["v_proj"]), ("all-linear", r".*mlp.*")])
+def test_exclude_modules_matches_peft(targets, exclude, tmp_path, input_ids):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, exclude_modules=exclude,
+                          init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    expected_targets = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                              if isinstance(m, peft.tuners.lora.LoraLayer))
+    ours = load_adapter(tiny_llama(), tmp_path / "peft")
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, LoraLayer)) == expected_targets
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["exclude_modules"] == exclude
+    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    torch.testing.assert_close(back(input_ids).logits, theirs(input_ids).logits, **TOL)
+
+
+# --- bug 11: layers_to_transform and layers_pattern, PEFT's rule -----------------------------------------------------
+def _tiny_t5():
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=3, num_heads=2)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("layers_pattern", [None, "block", ["layer"]])
+@pytest.mark.parametrize("layers", [[1], [0, 2]])
+def test_layers_to_transform_picks_peft_layers_on_t5(layers_pattern, layers, tmp_path):
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], layers_to_transform=layers,
+                          layers_pattern=layers_pattern, init_lora_weights=False)
+    theirs = peft.get_peft_model(_tiny_t5(), cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+    ours = load_adapter(_tiny_t5(), tmp_path / "peft")
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, LoraLayer)) == expected
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(input_ids=ids, decoder_input_ids=ids).logits,
+                               theirs(input_ids=ids, decoder_input_ids=ids).logits, **TOL)
+    save_adapter(ours, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (saved["layers_to_transform"], saved["layers_pattern"]) == (layers, layers_pattern)
+
+
+def test_layers_to_transform_first_numbered_segment_and_peft_config_rules():
+    t5 = _tiny_t5()
+    found = find_targets(t5, LoraConfig(target_modules=("q",), layers_to_transform=(2,)))
+    assert found == ["encoder.block.2.layer.0.SelfAttention.q", "decoder.block.2.layer.0.SelfAttention.q",
+                     "decoder.block.2.layer.1.EncDecAttention.q"]  # block 2, not layer.2 (there is none)
+    # an exact path in the list is taken whatever its layer (PEFT checks the index only for suffix matches)
+    exact = ("encoder.block.0.layer.0.SelfAttention.q",)
+    assert find_targets(t5, LoraConfig(target_modules=exact, layers_to_transform=(2,))) == list(exact)
+    with pytest.raises(ConfigError, match="layers_to_transform: cannot be used when target_modules is a string"):
+        LoraConfig(target_modules="all-linear", layers_to_transform=(0,))
+    with pytest.raises(ConfigError, match="layers_pattern: cannot be used when target_modules is a string"):
+        LoraConfig(target_modules=".*q", layers_pattern="block")
+
+
+# --- bug 4: several DoRA adapters active on one layer --------------------------------------------------------------
+@pytest.mark.parametrize("first_dora", [True, False])
+def test_two_active_dora_adapters_match_peft_and_merge_to_the_same_model(first_dora, tmp_path, input_ids):
+    for name, r, dora, seed in (("a", 4, first_dora, 1), ("b", 2, True, 2)):
+        model = randomize(inject(tiny_llama(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
+                                                          use_dora=dora)), seed=seed)
+        with torch.no_grad():
+            for _, layer in model.named_modules():
+                if isinstance(layer, LoraLayer) and "default" in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector["default"].mul_(1.5)  # a magnitude that is not ‖W0 + ΔW‖
+        save_adapter(model, tmp_path / name)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.base_model.set_adapter(["a", "b"])
+    theirs.eval()
+    ours = load_adapter(load_adapter(tiny_llama(), tmp_path / "a", "a"), tmp_path / "b", "b")
+    set_adapter(ours, ["a", "b"])
+    weights = _state(ours)
+    unmerged = ours(input_ids).logits
+    torch.testing.assert_close(unmerged, theirs(input_ids).logits, **TOL)
+    assert not torch.allclose(unmerged, tiny_llama()(input_ids).logits, atol=1e-2)
+    merge(ours)
+    torch.testing.assert_close(ours(input_ids).logits, unmerged, **TOL)
+    unmerge(ours)
+    torch.testing.assert_close(ours(input_ids).logits, unmerged, **TOL)
+    for key, value in ours.state_dict().items():  # W·m/‖·‖ twice and back in fp32: rounding, as for the logits
+        torch.testing.assert_close(value, weights[key], **TOL)
+
+
+# --- bug 16: AdaLoRA, lora_alpha 0, pruned ranks ----------------------------------------------------------------------
+def test_pruned_adalora_with_alpha_zero_matches_peft_reload(tmp_path, input_ids):
+    cfg = peft.AdaLoraConfig(init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8, lora_alpha=0,
+                             target_modules=list(TARGETS))
+    torch.manual_seed(0)
+    trained = peft.get_peft_model(tiny_llama(), cfg)
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.05)
+    for step in range(8):  # PEFT's own allocator prunes the ranks
+        trained(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        trained.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    trained.save_pretrained(tmp_path)
+    kept = [sum(v) for v in json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"].values()]
+    assert any(0 < k < 6 for k in kept)  # the case: some layer really pruned to fewer than init_r triplets
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    ours = load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
+
+
+def test_adalora_exclude_modules_and_layers_to_transform_match_peft(tmp_path, input_ids):
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj", "o_proj"],
+                             exclude_modules=["v_proj"], layers_to_transform=[1], layers_pattern="layers",
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, LoraLayer)) == [
+        "model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
+    saved = ours.lora_configs["default"].to_peft_dict()
+    assert (saved["exclude_modules"], saved["layers_to_transform"], saved["layers_pattern"]) == (["v_proj"], [1],
+                                                                                               "layers")

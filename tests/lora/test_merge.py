@@ -1,0 +1,193 @@
+"""Combining adapters and the merged checkpoint: PEFT's numbers, exact sums by default, clear refusals."""
+
+import copy
+import json
+import math
+import re
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from helpers import randomize, tiny_llama
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter, set_adapter
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora.merge import add_weighted_adapter, embeddings_tied, export_merged, merge_and_unload
+
+# fp32, the same ops in PEFT and here: rounding only (the issue's bound for logits)
+TOL = dict(rtol=1e-5, atol=1e-5)
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _peft_adapters(base, root, configs: dict) -> None:
+    """Each PEFT LoraConfig in its own copy of `base`, every adapter tensor random (B = 0 would test nothing)."""
+    for i, (name, cfg) in enumerate(configs.items()):
+        model = peft.get_peft_model(copy.deepcopy(base), cfg)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                elif p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.save_pretrained(root / name)
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.5], [0.7, -0.5]])
+def test_linear_splits_the_scale_as_peft_does(weights, tmp_path, input_ids):
+    """Scales 8/4 and 32/4 differ, so the cross terms B_i·A_j show whether sqrt(|w·s|) sits on both factors."""
+    base = tiny_llama()
+    _peft_adapters(base, tmp_path, {"x": peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                                    "y": peft.LoraConfig(r=4, lora_alpha=32, target_modules=TARGETS)})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x", adapter_name="x")
+    theirs.load_adapter(tmp_path / "y", adapter_name="y")
+    theirs.add_weighted_adapter(["x", "y"], weights, "lin", combination_type="linear")
+    theirs.set_adapter("lin")
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "x", "x")
+    load_adapter(ours, tmp_path / "y", "y")
+    add_weighted_adapter(ours, ["x", "y"], weights, "lin", combination_type="linear")
+    set_adapter(ours, "lin")
+    with torch.no_grad():
+        want, got = theirs(input_ids).logits, ours(input_ids).logits
+        assert (want - base(input_ids).logits).abs().max() > 0.1  # the combination really moves the logits
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_svd_below_the_rank_of_the_sum_warns_and_cat_is_exact(tmp_path):
+    a = randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=tuple(TARGETS))), seed=1)
+    b = randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=tuple(TARGETS))), seed=2)
+    save_adapter(a, tmp_path / "a")
+    save_adapter(b, tmp_path / "b")
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "a", "a")
+    load_adapter(model, tmp_path / "b", "b")
+    with pytest.warns(UserWarning, match=r"svd_rank 4 is below the rank of the combined ΔW in 4 layers"):
+        add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "svd", combination_type="svd")
+    add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "cat", combination_type="cat")
+    for _, m in lora_layers(model):
+        exact = m.delta_weight("a") + m.delta_weight("b")  # the plain formula s_a·B_a·A_a + s_b·B_b·A_b
+        torch.testing.assert_close(m.delta_weight("cat"), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra,reason", [
+    (dict(use_dora=True), "'odd' uses DoRA (use_dora)"),
+    (dict(modules_to_save=("lm_head",)), "'odd' has modules_to_save ['lm_head']"),
+    (dict(bias="lora_only"), "'odd' trains biases (bias 'lora_only')"),
+])
+def test_combining_refuses_what_a_and_b_do_not_hold(extra, reason, tmp_path):
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=tuple(TARGETS), **extra))),
+                 tmp_path / "odd")
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=tuple(TARGETS)))), tmp_path / "ok")
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "odd", "odd")
+    load_adapter(model, tmp_path / "ok", "ok")
+    for single in (["odd"], ["odd", "ok"]):  # even alone with weight 1: the combined adapter would lose it
+        with pytest.raises(AdapterError, match=r"cannot combine adapters into one LoRA adapter: " + re.escape(reason)):
+            add_weighted_adapter(model, single, [1.0] * len(single), "c", combination_type="cat")
+    assert "c" not in model.lora_configs
+
+
+def test_combining_refuses_adalora(tmp_path):
+    from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
+
+    model = tiny_llama()
+    inject_adalora(model, AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3), "ada")
+    with pytest.raises(AdapterError, match=re.escape("'ada' is AdaLoRA (its E scales are not in A and B; ")):
+        add_weighted_adapter(model, ["ada"], [1.0], "c", combination_type="svd")
+
+
+def test_bad_weights_and_combination_are_config_errors():
+    model = tiny_llama()
+    inject(model, LoraConfig(r=2, target_modules=tuple(TARGETS)), "a")
+    inject(model, LoraConfig(r=2, target_modules=tuple(TARGETS)), "b")
+    with pytest.raises(ConfigError, match=r"weights \[1.0\]: give one weight per adapter \(2\)"):
+        add_weighted_adapter(model, ["a", "b"], [1.0], "c")
+    with pytest.raises(ConfigError, match=r"weights \[nan, 1.0\]: nan is not a finite number"):
+        add_weighted_adapter(model, ["a", "b"], [math.nan, 1.0], "c")
+    with pytest.raises(ConfigError, match=r"combination_type 'foo': use one of cat, svd, linear"):
+        add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "c", combination_type="foo")
+
+
+# --- the merged checkpoint (export_merged, `loraforge merge`) ---------------------------------------------------
+def test_merging_two_adapters_is_exact_by_default(tiny_dir, tmp_path, input_ids):
+    """Two rank-4 adapters whose sum has rank 8: the default gives PEFT's logits with both active (x + y)."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    _peft_adapters(base, tmp_path, {"x": peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                                    "y": peft.LoraConfig(r=4, lora_alpha=32, target_modules=TARGETS,
+                                                         rank_pattern={"q_proj": 2})})
+    export_merged(str(tiny_dir), [str(tmp_path / "x"), str(tmp_path / "y")], tmp_path / "merged")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x", adapter_name="x")
+    theirs.load_adapter(tmp_path / "y", adapter_name="y")
+    theirs.base_model.set_adapter(["x", "y"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        want = theirs(input_ids).logits
+        assert (want - base(input_ids).logits).abs().max() > 0.1
+        torch.testing.assert_close(merged(input_ids).logits, want, **TOL)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_a_saved_head_or_embedding_unties_the_merged_checkpoint(saved, tiny_dir, tmp_path, input_ids):
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    assert base.config.tie_word_embeddings and embeddings_tied(base)
+    _peft_adapters(base, tmp_path, {"a": peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                         modules_to_save=[saved])})
+    out = export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    stored = load_file(out / "model.safetensors")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        want = theirs(input_ids).logits
+        plain = theirs.merge_and_unload()
+        # both matrices stored, each PEFT's: the head that loaders honouring the flag would otherwise skip
+        torch.testing.assert_close(stored["lm_head.weight"], plain.lm_head.weight, rtol=0, atol=0)
+        torch.testing.assert_close(stored["model.embed_tokens.weight"], plain.model.embed_tokens.weight, rtol=0, atol=0)
+        assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(reloaded(input_ids).logits, want, **TOL)
+
+
+def test_merge_and_unload_keeps_a_tied_model_tied(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    merge_and_unload(randomize(inject(model, LoraConfig(r=2, target_modules=tuple(TARGETS)))))
+    assert model.config.tie_word_embeddings and embeddings_tied(model)
+
+
+def test_merge_options_are_checked_before_loading(tmp_path):
+    """A base that does not exist: each error below is raised before anything loads, naming the CLI's option."""
+    nope = str(tmp_path / "no-base")
+    cases = [
+        (dict(adapters=["a", "b"], weights=[1.0]),
+         "--weights [1.0]: give one weight per adapter (2), or none for 1 each"),
+        (dict(adapters=["a", "b"], weights=[math.inf, 1.0]), "--weights [inf, 1.0]: inf is not a finite number"),
+        (dict(adapters=["a", "b"], combination_type="foo"), "--combination 'foo': use one of cat, svd, linear"),
+        (dict(adapters=["a"], dtype="fp8"), "--dtype 'fp8': use one of fp32, float32, bf16, bfloat16, fp16, float16"),
+        (dict(adapters=["a"], quantize="nf5"), "--quantize 'nf5': use one of nf4, fp4, int8, or leave it out"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError) as info:
+            export_merged(nope, out_dir=tmp_path / "out", **kwargs)
+        assert info.value.problems == [message]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_a_dora_adapter_in_a_combination_by_its_directory(tmp_path):
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=2, use_dora=True))), tmp_path / "d")
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=2))), tmp_path / "p")
+    with pytest.raises(AdapterError, match=re.escape(f"'{tmp_path / 'd'}' uses DoRA (use_dora)")):
+        export_merged(str(tmp_path / "no-base"), [str(tmp_path / "d"), str(tmp_path / "p")], tmp_path / "out")
+
+
+def test_merge_refuses_nan_weights_naming_the_directory_and_tensor(tiny_dir, tmp_path):
+    save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2))), tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=re.escape(key) + ".* NaN"):  # named by read_adapter_weights
+        export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

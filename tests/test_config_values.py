@@ -1,0 +1,88 @@
+"""Config values that would crash deep in training or silently train nothing are refused when the config loads,
+each naming the field as the user types it."""
+
+from pathlib import Path
+
+import pytest
+
+from loraforge.config import ConfigError, load_train_config
+
+DATA = "data.train=train.jsonl"
+ROOT = Path(__file__).parent.parent
+
+
+def problems(*overrides, base=None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, [*overrides] if base else [DATA, *overrides], base=base)
+    return e.value.problems
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("training.lr=.nan", "training.lr: must be a finite number, got nan (e.g. 2e-4)"),
+    ("training.lr=.inf", "training.lr: must be a finite number, got inf (e.g. 2e-4)"),
+    ("training.epochs=.nan", "training.epochs: must be a finite number, got nan (e.g. 1)"),
+    ("training.max_grad_norm=.nan", "training.max_grad_norm: must be a finite number, got nan (e.g. 1.0)"),
+    ("training.weight_decay=.inf", "training.weight_decay: must be a finite number, got inf (e.g. 0.01)"),
+    ("training.loraplus_lr_ratio=.nan", "training.loraplus_lr_ratio: must be a finite number, got nan (e.g. 16)"),
+    ("training.collective_timeout=.nan", "training.collective_timeout: must be a finite number, got nan (e.g. 600)"),
+])
+def test_nan_and_inf_training_values_are_refused_by_name(override, problem):
+    assert problems(override) == [problem]
+
+
+def test_nan_and_inf_source_weights_and_epochs_are_refused_by_name():
+    sources = {"data": {"train": [{"path": "a.jsonl", "weight": float("nan")}, {"path": "b.jsonl", "weight": 1},
+                                  {"path": "c.jsonl", "weight": float("inf")}]}}
+    assert problems(base=sources) == ["data.train[0].weight: must be a finite number, got nan (e.g. 1)",
+                                      "data.train[2].weight: must be a finite number, got inf (e.g. 1)"]
+    assert problems("data.train=[{path: a.jsonl, epochs: .nan}]") == [
+        "data.train[0].epochs: must be a finite number, got nan (e.g. 1)"]
+
+
+def test_values_that_train_nothing_or_backwards_are_refused():
+    ratio = "lora_B trains at lr × this ratio, so 0 freezes it and a negative value ascends the loss (e.g. 16)"
+    assert problems("training.loraplus_lr_ratio=-3") == [
+        f"training.loraplus_lr_ratio: must be positive or null (off), got -3.0: {ratio}"]
+    assert problems("training.loraplus_lr_ratio=0") == [
+        f"training.loraplus_lr_ratio: must be positive or null (off), got 0.0: {ratio}"]
+    assert problems("training.weight_decay=-5") == [
+        "training.weight_decay: must be ≥ 0, got -5.0 (0 for none; e.g. 0.01)"]
+    assert problems("training.max_steps=3", "training.warmup_steps=999999999") == [
+        "training.warmup_steps: 999999999 is more than max_steps (3), so the learning rate would still be rising "
+        "when training stops; use at most 3 (typically 3-10% of the steps, e.g. 1)"]
+    # a warmup as long as the run still reaches (nearly) the peak: allowed, as are the usual values
+    cfg = load_train_config(None, [DATA, "training.max_steps=3", "training.warmup_steps=3",
+                                   "training.loraplus_lr_ratio=16", "training.weight_decay=0.01"])
+    assert (cfg.training.warmup_steps, cfg.training.loraplus_lr_ratio, cfg.training.weight_decay) == (3, 16.0, 0.01)
+
+
+def test_method_contradicting_the_lora_fields_written():
+    assert problems("method=dora", "lora.use_dora=false") == [
+        "lora.use_dora: false contradicts method: dora (which trains DoRA); remove lora.use_dora, or use method: "
+        "lora for plain LoRA"]
+    assert load_train_config(None, [DATA, "method=dora", "lora.use_dora=true"]).method == "dora"
+    with pytest.warns(UserWarning) as record:
+        cfg = load_train_config(None, [DATA, "method=full", "lora.r=4", "lora.lora_alpha=8"])
+    assert cfg.method == "full"
+    assert [str(w.message) for w in record] == [
+        "lora.lora_alpha, lora.r: ignored with method: full, which trains every weight and has no adapter; remove "
+        "them, or use method: lora"]
+
+
+def test_an_override_that_is_not_yaml_names_the_override():
+    assert problems("lora.target_modules=[") == [
+        "override 'lora.target_modules=[': the value is not valid YAML (while parsing a flow node); close every [ "
+        "and { (e.g. lora.target_modules=[a, b] or lora.target_modules={k: v}), or quote a string that holds them"]
+    assert problems("adalora={foo:")[0].startswith("override 'adalora={foo:': the value is not valid YAML (")
+
+
+def test_a_misspelled_section_or_field_gets_a_suggestion():
+    assert problems("trainig.lr=1") == ["trainig: unknown field (did you mean 'training'?)"]
+    assert problems("training.wieght_decay=0.1") == ["training.wieght_decay: unknown field (did you mean "
+                                                     "'weight_decay'?)"]
+    assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: attention, batch_size, ")
+
+
+@pytest.mark.parametrize("path", ["examples/demo.yaml", "examples/times.yaml"])
+def test_shipped_configs_still_load(path):
+    assert load_train_config(str(ROOT / path)).data.train

@@ -1,0 +1,158 @@
+"""Crash- and concurrency-safety of what loraforge keeps on disk: directories replaced as one set, temporary names
+of their own per writer, the converted-model cache (seed, damage, unusable folders, leftovers, modes) and the cached
+CPU kernels."""
+
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+import loraforge.models as M
+import loraforge.utils.files as F
+from loraforge.inference import cpu_kernels
+from loraforge.utils.files import DiskError, atomic_dir, atomic_file, umask
+
+
+def files(d) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(d.iterdir())}
+
+
+# --- atomic_dir / atomic_file -------------------------------------------------------------------------------
+
+@pytest.fixture
+def old_adapter(tmp_path):
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "adapter_config.json").write_text("alpha 8")
+        (tmp / "adapter_model.safetensors").write_text("old weights")
+        (tmp / "README.md").write_text("notes")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("exchange", [True, False])  # renameat2's swap, or the two renames where there is none
+def test_replacing_a_directory_gives_the_new_set_with_the_files_it_does_not_replace(old_adapter, monkeypatch,
+                                                                                   exchange):
+    if not exchange:
+        monkeypatch.setattr(F, "_exchange", lambda a, b: False)
+    with atomic_dir(old_adapter) as tmp:
+        (tmp / "adapter_config.json").write_text("alpha 64")
+        (tmp / "adapter_model.safetensors").write_text("new weights")
+    assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 64",
+                                  "adapter_model.safetensors": "new weights"}
+    assert sorted(p.name for p in old_adapter.parent.iterdir()) == ["adapter"]  # no .tmp- or .old- left
+
+
+def test_a_replacement_that_dies_before_its_swap_leaves_the_old_set_whole(old_adapter, monkeypatch):
+    def killed(a, b):
+        raise KeyboardInterrupt  # as a signal landing where the old code had renamed half the files
+
+    monkeypatch.setattr(F, "_exchange", killed)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(old_adapter) as tmp:
+            (tmp / "adapter_config.json").write_text("alpha 64")
+            (tmp / "adapter_model.safetensors").write_text("new weights")
+    assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 8",
+                                  "adapter_model.safetensors": "old weights"}
+    assert sorted(p.name for p in old_adapter.parent.iterdir()) == ["adapter"]
+
+
+def test_the_swap_is_one_step_on_linux(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    if not F._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert files(tmp_path / "b") == {"x": "a"} and files(tmp_path / "a") == {}
+
+
+def test_two_writers_of_one_directory_each_write_their_own_temporary_one(tmp_path):
+    final = tmp_path / "step-0000003"
+    with atomic_dir(final) as first:
+        (first / "trainable.safetensors").write_text("first")
+        with atomic_dir(final) as second:
+            assert first != second
+            (second / "trainable.safetensors").write_text("second")
+        assert files(first) == {"trainable.safetensors": "first"}  # the second did not remove the first's
+    assert files(final) == {"trainable.safetensors": "first"}  # the last to finish wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000003"]
+
+
+def test_written_files_and_folders_get_the_usual_modes(tmp_path):
+    with atomic_dir(tmp_path / "adapter") as tmp:
+        (tmp / "a").write_text("x")
+    with atomic_file(tmp_path / "loss.png") as tmp:
+        tmp.write_text("png")
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask()  # not mkdtemp's 0700
+    assert (tmp_path / "loss.png").stat().st_mode & 0o777 == 0o666 & ~umask()  # not mkstemp's 0600
+
+
+# --- the converted-model cache ------------------------------------------------------------------------------
+
+def stand_in(gguf, tmp):
+    """A conversion that draws random numbers, as building models does."""
+    torch.rand(1000)
+    random.random()
+    (tmp / "config.json").write_text("{}")
+    (tmp / "model.safetensors").write_bytes(b"w" * 100)
+
+
+def test_a_conversion_leaves_the_seeded_random_state_as_it_found_it(tmp_path):
+    """The run seeds, then the cache converts (cold) or not (warm): the adapter's init must draw the same numbers."""
+    torch.manual_seed(3)
+    random.seed(3)
+    warm = torch.rand(5), random.random()
+    torch.manual_seed(3)
+    random.seed(3)
+    assert M.cached_conversion(tmp_path / "m.gguf", tmp_path / "m-1", stand_in) == tmp_path / "m-1"
+    cold = torch.rand(5), random.random()
+    torch.testing.assert_close(cold[0], warm[0], rtol=0, atol=0)
+    assert cold[1] == warm[1]
+
+
+def test_a_damaged_conversion_is_refused_with_the_folder_to_delete(tmp_path):
+    out = M.cached_conversion(tmp_path / "m.gguf", tmp_path / "m-1", stand_in)
+    assert M.cached_conversion(tmp_path / "m.gguf", out, stand_in) == out  # whole: used
+    os.truncate(out / "model.safetensors", 40)
+    with pytest.raises(FileExistsError) as e:
+        M.cached_conversion(tmp_path / "m.gguf", out, stand_in)
+    assert str(e.value) == (f"the converted model {out} is damaged (model.safetensors is 40 bytes, written as 100); "
+                            f"delete {out} and run again to convert it anew")
+
+
+def test_a_conversion_removes_the_leftovers_of_killed_ones_and_is_readable_by_all(tmp_path):
+    left = tmp_path / "m-1.tmp-abc123"  # a converter killed mid-way
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    out = M.cached_conversion(tmp_path / "m.gguf", tmp_path / "m-1", stand_in)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1", "m-1.lock"]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()  # not mkdtemp's 0700: a shared cache stays shared
+
+
+def test_a_cache_below_a_file_is_refused_with_one_line_naming_loraforge_cache(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "afile" / "cache"))
+    with pytest.raises(DiskError) as e:
+        M.cached_conversion(tmp_path / "m.gguf", M.cache_dir() / "m-1", stand_in)
+    text = str(e.value)
+    assert text.startswith(f"cannot write {tmp_path / 'afile' / 'cache'}: a part of the path is a file, not a folder")
+    assert text.endswith("; converted models are cached there: set LORAFORGE_CACHE to a folder this user can write")
+
+
+# --- the cached CPU kernels ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CC", "cc")) and torch.cpu._is_avx2_supported()),
+                    reason="builds the AVX2 kernels with a C compiler")
+def test_a_damaged_cached_kernel_library_is_built_again(tmp_path, monkeypatch):
+    """A truncated .so would kill the process with SIGBUS when loaded: its SHA-256 no longer matches, so it is
+    rebuilt, byte-for-byte the size it was."""
+    monkeypatch.setattr(cpu_kernels, "CACHE", tmp_path)
+    assert cpu_kernels._build() is not None
+    (lib,) = tmp_path.glob("decode-*.so")
+    size = lib.stat().st_size
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(lib.read_bytes()[:size // 2])
+    os.replace(cut, lib)  # a new file: truncating the one this process has mapped would bring SIGBUS here
+    assert not cpu_kernels._intact(lib)
+    assert cpu_kernels._build() is not None
+    assert lib.stat().st_size == size and cpu_kernels._intact(lib)
