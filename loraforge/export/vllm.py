@@ -67,7 +67,8 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
     # the original targeting rule picks the same modules; without one (an architecture's default) their names do
     targets = config.target_modules or tuple(sorted({p.rsplit(".", 1)[-1] for p in factors}))
     plain = LoraConfig(r=R, lora_alpha=R, target_modules=targets,
-                       layers_to_transform=config.layers_to_transform, fan_in_fan_out=config.fan_in_fan_out,
+                       exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+                       layers_pattern=config.layers_pattern, fan_in_fan_out=config.fan_in_fan_out,
                        base_model_name_or_path=config.base_model_name_or_path)
     out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict())
     return out, conversions + [f"serve with vLLM's --max-lora-rank {max_lora_rank(R)} or more (rank {R})"]

@@ -166,7 +166,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     first = configs[adapters[0]]
     config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
                                  alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
-                                 layers_to_transform=None, modules_to_save=None, lora_dropout=0.0)
+                                 exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+                                 modules_to_save=None, lora_dropout=0.0)  # exact paths: no other filter applies
     inject(model, config, new_name)  # scaling = alpha / r = 1: the weights below carry all the scale
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:

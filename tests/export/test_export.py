@@ -515,3 +515,29 @@ def test_gguf_lora_refuses_an_adapter_for_another_base(tiny_dir, tmp_path):
             f"layer is 32 in, 32 out (an adapter made for another base? check --base)")):
         export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "Modelfile").exists()
+
+
+def test_vllm_conversion_keeps_exclude_modules_and_layers_pattern(tmp_path):
+    """The written config selects the same modules as the source: exclusions and the layer rule are kept, so PEFT
+    loads the converted adapter onto exactly the layers it was trained on (logits equal to the source's)."""
+    import peft
+    from loraforge.export.vllm import convert_for_vllm
+
+    model = tiny_llama()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"), exclude_modules=("layers.0.self_attn.q_proj",),
+                        layers_to_transform=(0,), layers_pattern="layers")
+    inject(model, config)
+    randomize(model)
+    save_adapter(model, tmp_path / "a")
+    convert_for_vllm(tmp_path / "a", tmp_path / "v")
+    written = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert (written["exclude_modules"], written["layers_to_transform"], written["layers_pattern"]) == (
+        ["layers.0.self_attn.q_proj"], [0], "layers")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    logits = {}
+    for name in ("a", "v"):
+        p = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / name)
+        assert sorted(n for n, m in p.named_modules() if n.endswith("lora_A")) == [
+            "base_model.model.model.layers.0.self_attn.v_proj.lora_A"]
+        logits[name] = p(ids).logits
+    torch.testing.assert_close(logits["v"], logits["a"], rtol=1e-5, atol=1e-6)
