@@ -114,12 +114,15 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
 @contextlib.contextmanager
 def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
     """Create `path` (a folder) if needed, check that it takes files, and hold an exclusive lock on `path/.lock`
-    for the block (the file holds this process's id and is removed when the block ends). Another process holding
-    it: OutputError naming its process id. A folder that cannot be created or written (read-only, a part of the
-    path is a file): files.DiskError, one line naming it. Both before anything in `path` is read or written."""
+    for the block (the file holds this process's id and is removed when the block ends, and so is the folder if
+    this call made it and nothing was written into it). Another process holding it: OutputError naming its
+    process id. A folder that cannot be created or written (read-only, a part of the path is a file):
+    files.DiskError, one line naming it. Both before anything in `path` is read or written."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    created = not out.exists()  # a run that ends before writing anything leaves no empty folder behind
+    retries = 2  # for the race below
     while True:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +130,9 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                 pass
             lock = open(out / LOCK, "a+")
         except OSError as e:
+            if isinstance(e, FileNotFoundError) and retries > 0:
+                retries -= 1
+                continue  # the run before removed its empty folder as we made it: make it again
             error = disk_error(out, e)
             if error is None:
                 raise
@@ -155,6 +161,8 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(out / LOCK)  # while still held: the next run locks a file of its own
+                if created:
+                    out.rmdir()  # only if still empty (an OSError otherwise)
 
 
 __all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_run_output", "hold_output"]

@@ -463,3 +463,16 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_to_the_uninterrupted_adapter(
     assert '"optimizer_scalars"' in state and '.step": 2' in state  # bitsandbytes' int step, per parameter
     train(load_train_config(None, run_args(tiny_dir, data_file, cut) + args), resume=True, progress=False)
     assert_equal_adapters(adapter(cut), adapter(whole_out))
+
+
+def test_a_run_that_fails_before_writing_leaves_no_output_dir(tiny_dir, data_file, tmp_path):
+    """The lock makes output_dir first; a run refused before it writes anything (here: no trainable layer) takes
+    the folder away again, as before there was a lock. A folder that existed stays."""
+    for out in (tmp_path / "new" / "run", tmp_path / "old"):
+        existed = out == tmp_path / "old"
+        if existed:
+            out.mkdir()
+        cfg = load_train_config(None, run_args(tiny_dir, data_file, out) + ["lora.target_modules=[nothing_here]"])
+        with pytest.raises(Exception, match="matches no linear layer"):
+            train(cfg, progress=False)
+        assert out.exists() == existed and (not existed or list(out.iterdir()) == [])
