@@ -250,6 +250,17 @@ def layer_selection_problems(config) -> list[str]:
     return p  # (a layers_pattern without layers_to_transform, which PEFT refuses when built, selects nothing)
 
 
+def normalize_module_fields(values: dict) -> None:
+    """A PEFT adapter_config's module fields as our configs hold them, in place: an empty exclude_modules or
+    layers_pattern means none (PEFT), and lists become tuples."""
+    for key in ("exclude_modules", "layers_pattern"):
+        if values.get(key) in ([], ""):
+            del values[key]
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+
+
 def peft_list(value):
     """A str-or-list config value as PEFT's JSON holds it."""
     return list(value) if isinstance(value, tuple) else value
@@ -362,12 +373,7 @@ class LoraConfig:
         if ignored and any(data[k] not in (None, False, {}, [], "") for k in ignored):
             set_ignored = sorted(k for k in ignored if data[k] not in (None, False, {}, [], ""))
             warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)
-        for key in ("exclude_modules", "layers_pattern"):
-            if values.get(key) in ([], ""):  # PEFT: empty means none
-                del values[key]
-        for key in ("target_modules", "exclude_modules", "layers_pattern"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
+        normalize_module_fields(values)
         if not is_init_option(values.get("init_lora_weights", True)):
             values["init_lora_weights"] = True  # corda/loftq/...: recipes we don't run (pissa/olora do run: they
             # change W0, and PEFT re-runs them on load too)

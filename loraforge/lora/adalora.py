@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict,
-                              layer_selection_problems, module_list_problems, peft_list, unsupported_peft_fields,
-                              validate)
+                              layer_selection_problems, module_list_problems, normalize_module_fields,
+                              peft_list, unsupported_peft_fields, validate)
 from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
@@ -168,12 +168,7 @@ class AdaLoraConfig:
         if ignored:
             warnings.warn(f"{source}: ignoring fields this version does not use: {ignored}", stacklevel=2)
         values = {k: v for k, v in data.items() if k in known and v is not None}
-        for key in ("exclude_modules", "layers_pattern"):
-            if values.get(key) in ([], ""):  # PEFT: empty means none
-                del values[key]
-        for key in ("target_modules", "exclude_modules", "layers_pattern"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
+        normalize_module_fields(values)
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]
         if not isinstance(values.get("init_lora_weights", True), bool):

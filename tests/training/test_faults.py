@@ -66,10 +66,8 @@ def whole(tiny_dir, data_file, tmp_path_factory) -> dict:
     return adapter(out)
 
 
-@pytest.fixture(scope="module")
-def interrupted_once(tiny_dir, data_file, tmp_path_factory) -> Path:
-    """The same run stopped in its last checkpoint save (like a kill): checkpoints of steps 1 and 2, no adapter."""
-    out = tmp_path_factory.mktemp("interrupted") / "run"
+def stop_in_last_save(cfg) -> None:
+    """Train `cfg` (3 steps) and stop it in its last checkpoint save, like a kill: checkpoints 1 and 2 stay."""
     save = T.save_checkpoint
 
     def save_or_stop(root, step, *args):
@@ -80,7 +78,14 @@ def interrupted_once(tiny_dir, data_file, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as m:
         m.setattr(T, "save_checkpoint", save_or_stop)
         with pytest.raises(Interrupt):
-            train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
+            train(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def interrupted_once(tiny_dir, data_file, tmp_path_factory) -> Path:
+    """The same run stopped in its last checkpoint save (like a kill): checkpoints of steps 1 and 2, no adapter."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    stop_in_last_save(load_train_config(None, run_args(tiny_dir, data_file, out)))
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
     return out
 
@@ -448,17 +453,7 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_to_the_uninterrupted_adapter(
     args = ["training.optimizer=adamw_8bit"]
     whole_out, cut = tmp_path / "whole", tmp_path / "cut"
     train(load_train_config(None, run_args(tiny_dir, data_file, whole_out) + args), progress=False)
-    save = T.save_checkpoint
-
-    def save_or_stop(root, step, *rest):
-        if step == 3:
-            raise Interrupt
-        return save(root, step, *rest)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(T, "save_checkpoint", save_or_stop)
-        with pytest.raises(Interrupt):
-            train(load_train_config(None, run_args(tiny_dir, data_file, cut) + args), progress=False)
+    stop_in_last_save(load_train_config(None, run_args(tiny_dir, data_file, cut) + args))
     state = (cut / "checkpoints" / "step-0000002" / "trainer_state.json").read_text()
     assert '"optimizer_scalars"' in state and '.step": 2' in state  # bitsandbytes' int step, per parameter
     train(load_train_config(None, run_args(tiny_dir, data_file, cut) + args), resume=True, progress=False)
