@@ -42,7 +42,7 @@ def _precision(precision: str, dtype: str | None):
     from loraforge.precision import choose
 
     _check_precision(precision, dtype)
-    return choose(precision, dtype or "auto", device="cpu")
+    return choose(precision, dtype or "auto", device="cpu", names=("--precision", "--dtype"))
 
 
 def _check_folders(**folders: str | None) -> None:
@@ -121,6 +121,7 @@ def generate(prompt: str, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | 
     from transformers import TextStreamer
 
     from loraforge.decoding import stop_ids
+    from loraforge.inference.greedy import check_fits
     from loraforge.inference.greedy import stream as static_stream
     from loraforge.inference.llama import unsupported
     from loraforge.lora.adapters import load_adapter
@@ -139,6 +140,7 @@ def generate(prompt: str, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | 
                                             return_dict=True)
     else:
         enc = tokenizer(prompt, return_tensors="pt")
+    check_fits(base, enc["input_ids"].shape[1], max_new_tokens, flag="--max-new-tokens")  # either path below
     sampling = temperature > 0
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if not sampling and chosen.compute == "fp32" and chosen.storage == "fp32" and unsupported(base) is None:
@@ -259,13 +261,17 @@ def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: Non
     from loraforge.training import data as D
     from loraforge.lora.adapters import load_adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss
-    from loraforge.models import load_base
+    from loraforge.models import context_length, load_base
+    from loraforge.studies.heldout import within_context
 
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
     records = D.read_records(data)[:limit]
-    examples, _ = D.build_dataset(records, tokenizer)
+    # at the model's context: perplexity and accuracy over the same records, and a line says what it cut
+    records, examples, cut = within_context(records, tokenizer, context_length(base.config))
+    if cut:
+        print(cut)
     loss = mean_token_loss(base, examples, tokenizer.pad_token_id, precision=chosen.compute)
     print(f"perplexity: {math.exp(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
     fmt = D.detect_format(records[0])
@@ -322,7 +328,8 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         from .ui.app import check_host, mount, training_models
 
         check_host(host, api_key)
-        extend = lambda app, engine: mount(app, runs, ".", training_models(model, None), engine, api_key)  # noqa: E731
+        extend = lambda app, engine: mount(app, runs, ".", training_models(model, None), engine, api_key,  # noqa: E731
+                                           host)
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
                precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype)
 
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraforge.models import ModelDownloadError
     from loraforge.serve.errors import ServeError
     from loraforge.utils.outputs import OutputError
-    from loraforge.training.loop import TrainingError
+    from loraforge.training.loop import Stopped, TrainingError
 
     try:
         func(**args)
@@ -456,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             ServeError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
+        print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

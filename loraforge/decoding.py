@@ -11,6 +11,8 @@ per row; on the demo's date prompts this does a third of its work. The KV-cache 
 
 Llama-family models in fp32 run the same algorithm on loraforge.inference's static-cache decoder (a lean step
 with no per-op modules, no cache concatenation); other models (and `static=False`) on transformers' forward.
+On every path a prompt and its continuation stay within the model's context: each prompt's max_new_tokens is cut
+to the room its prompt leaves, with one warning (inference.greedy.new_token_limits).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import functools
 
 import torch
 
-from loraforge.inference.greedy import MIN_SHARED_PREFIX, argmax_rows, shared_prefix_len
+from loraforge.inference.greedy import MIN_SHARED_PREFIX, argmax_rows, new_token_limits, shared_prefix_len
 from loraforge.inference.greedy import greedy as static_greedy
 from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
@@ -64,16 +66,19 @@ def greedy(model, prompts: list[list[int]], stop: list[int], max_new_tokens: int
     """Greedy continuations (token ids, the stop token included where one ended the row) of token-id prompts.
 
     static: decode Llama-family fp32 models with loraforge.inference's preallocated-cache decoder (the same
-    tokens, tested; faster, bench/decode.py); models it does not run, and False, use transformers' forward."""
+    tokens, tested; faster, bench/decode.py); models it does not run, and False, use transformers' forward.
+    A prompt's continuation stops where it reaches the model's context (one warning for all the prompts cut so); a
+    prompt that fills the context is refused."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if any(not p for p in prompts):
         raise ValueError("an empty prompt cannot be continued: give every prompt at least one token")
+    limits = new_token_limits(model, prompts, max_new_tokens)
     weight = next(model.parameters())
     if static and precision == "fp32" and weight.dtype == torch.float32 and unsupported(model) is None:
-        return static_greedy(model, prompts, stop, max_new_tokens, batch_size)
+        return static_greedy(model, prompts, stop, limits, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
@@ -84,22 +89,28 @@ def greedy(model, prompts: list[list[int]], stop: list[int], max_new_tokens: int
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 for i, out in zip(chunk, _greedy_batch(model, [prompts[i] for i in chunk], set(stop),
-                                                       max_new_tokens, device)):
+                                                       [limits[i] for i in chunk], device)):
                     outputs[i] = out
     finally:
         model.train(was_training)
     return outputs
 
 
-def _greedy_batch(model, prompts: list[list[int]], stop: set[int], max_new_tokens: int,
+def _greedy_batch(model, prompts: list[list[int]], stop: set[int], limits: list[int],
                   device: torch.device) -> list[list[int]]:
+    """One batch's continuations; row i stops after limits[i] new tokens."""
     from transformers import DynamicCache
 
     n = len(prompts)
     cache = DynamicCache(config=model.config)
     kv = cache_argument(type(model)) or "past_key_values"
     if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):  # sliding windows: theirs
-        return _hf_generate(model, prompts, stop, max_new_tokens, device)
+        results: list[list[int]] = [[] for _ in prompts]
+        for limit in sorted(set(limits)):  # the rows of one limit together: no row runs past the context
+            rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
+            for i, out in zip(rows, _hf_generate(model, [prompts[i] for i in rows], stop, limit, device)):
+                results[i] = out
+        return results
     shared = shared_prefix_len(prompts) if n > 1 else 0
     if shared < MIN_SHARED_PREFIX:
         shared = 0
@@ -136,7 +147,7 @@ def _greedy_batch(model, prompts: list[list[int]], stop: set[int], max_new_token
         keep = []
         for row, (i, token) in enumerate(zip(running, tokens)):
             outputs[i].append(token)
-            if token not in stop and len(outputs[i]) < max_new_tokens:
+            if token not in stop and len(outputs[i]) < limits[i]:
                 keep.append(row)
         if not keep:
             return outputs

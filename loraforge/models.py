@@ -16,10 +16,12 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized
 from loraforge.utils.files import DiskError, disk_error, fsync_tree, umask
 
@@ -291,6 +293,15 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def load_config(name_or_path: str):
+    """The model's transformers config alone, without its weights: to check settings against it before loading."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    with _downloading(name_or_path, path):
+        return AutoConfig.from_pretrained(path)
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
                device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8):
     """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes; a 4-bit
@@ -310,3 +321,79 @@ def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp3
               device: str | torch.device = "cpu"):
     """Model and tokenizer together: `model, tokenizer = load_base("smollm2-135m")`."""
     return load_model(name_or_path, dtype, quantize, device), load_tokenizer(name_or_path)
+
+
+# --- context length --------------------------------------------------------------------------------------------
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length",
+                   "max_seq_len")
+"""Config fields that bound a model's positions, read in this order (GPT-2's n_positions also answers to
+max_position_embeddings, through transformers' attribute_map)."""
+STRETCHING_ROPE = ("yarn", "llama3", "longrope")
+"""RoPE scalings whose config says how far they reach: original_max_position_embeddings × factor, transformers'
+convention (or max_position_embeddings where that is larger). Others (linear, dynamic) stretch positions by an
+amount the config does not pin down: max_position_embeddings is sometimes the length before them, sometimes
+after."""
+
+
+def _scalings(config) -> list[dict]:
+    """The config's RoPE parameters that scale (rope_type other than default): one dict, or one per layer type."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    dicts = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return [d for d in dicts if d and d.get("rope_type", d.get("type", "default")) != "default"]
+
+
+def _context(config) -> tuple[int, str, str | None] | None:
+    """(tokens, the config field they come from, a RoPE scaling that may reach past them by an amount the config
+    does not say, or None); None where the config names no limit (relative positions: T5)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            break
+    else:
+        return None
+    tokens, source, unsure = value, getattr(config, "attribute_map", {}).get(field, field), None
+    for rope in _scalings(config):
+        kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+        original = rope.get("original_max_position_embeddings") or value
+        if kind not in STRETCHING_ROPE:
+            unsure = kind
+        elif factor and int(original * factor) > tokens:
+            tokens = int(original * factor)
+            source = f"rope_scaling {kind}: original_max_position_embeddings {original} × factor {factor}"
+    return tokens, source, unsure
+
+
+def context_length(config) -> int | None:
+    """The tokens one sequence of a model with this transformers config may hold (prompt and generated tokens
+    together): max_position_embeddings, n_positions, ..., or the context a yarn/llama3/longrope RoPE scaling
+    reaches; None where the config names no limit."""
+    found = _context(config)
+    return None if found is None else found[0]
+
+
+def check_fits_context(max_seq_len: int, config, field: str = "data.max_seq_len", longest: int | None = None) -> None:
+    """ConfigError naming `field` when `max_seq_len` is past the model's context. Learned positions (GPT-2) would
+    crash there and RoPE models would run on positions they never saw: refused either way. Where a RoPE scaling
+    (linear, dynamic) stretches the context by an amount the config does not say: a warning instead.
+
+    `longest`: the longest sequence the data actually hold (after truncation to max_seq_len). Packed rows restart
+    their positions per sequence, so it is the sequences that must fit, not the row: a max_seq_len past the context
+    is fine while no sequence reaches past it."""
+    found = _context(config)
+    reach = max_seq_len if longest is None else longest
+    if found is None or reach <= found[0]:
+        return
+    tokens, source, unsure = found
+    if longest is not None:
+        max_seq_len = f"{max_seq_len} lets sequences of {longest} tokens through, which"
+    name = getattr(config, "name_or_path", "")
+    where = f"{source} in the config of {name}" if name else f"{source} in its config"
+    if unsure is not None:
+        warnings.warn(f"{field} {max_seq_len} is past the model's {tokens} positions ({where}); its rope_scaling "
+                      f"{unsure!r} may reach further, by an amount the config does not say: check the model card, "
+                      f"or use at most {tokens}", stacklevel=2)
+        return
+    raise ConfigError([f"{field}: {max_seq_len} is past the model's context of {tokens} tokens ({where}); use at "
+                       f"most {tokens}"])

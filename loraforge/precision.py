@@ -147,39 +147,48 @@ def auto_precision(hw: Hardware, probe=probe_bf16_speedup) -> tuple[str, str]:
 
 
 def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = None,
-           device: torch.device | str = "cpu", probe=probe_bf16_speedup, warn: bool = True) -> Precision:
+           device: torch.device | str = "cpu", probe=probe_bf16_speedup, warn: bool = True,
+           names: tuple[str, str] = ("training.precision", "model.dtype")) -> Precision:
     """The rule: `precision` (training.precision: auto, fp32, bf16, fp16) and `dtype` (model.dtype, the frozen
     base's storage: auto, fp32, bf16, fp16) resolved on `hw` (detected from `device` when not given).
 
     auto storage follows the compute precision. An explicit choice is kept; where it is slow on this hardware
-    (bf16 or fp16 on a CPU without native bf16, bf16 on a GPU without it) a warning names the cost and the fix."""
-    for name, value in (("training.precision", precision), ("model.dtype", dtype)):
+    (bf16 or fp16 on a CPU without native bf16, bf16 on a GPU without it) a warning names the cost and the fix.
+    `names`: the two settings as the user gave them, config fields (the default) or a command's flags
+    (("--precision", "--dtype")); errors, warnings and the reason use them."""
+    for name, value in zip(names, (precision, dtype)):
         if value not in ("auto", *PRECISIONS):
             raise ValueError(f"{name}: {value!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
     hw = hw or detect(device)
     best, why = auto_precision(hw, probe)
     compute = best if precision == "auto" else precision
     if precision != "auto":
-        why = f"training.precision={precision} as asked"
+        why = f"{_setting(names[0], precision)} as asked"
         if warn and precision != best and precision != "fp32":
-            _warn_slow(precision, best, hw, probe)
+            _warn_slow(precision, best, hw, probe, names[0])
     storage = compute if dtype == "auto" else dtype
     if dtype != "auto" and warn and dtype != best and dtype != "fp32" and hw.device_type == "cpu":
-        _warn_slow(dtype, best, hw, probe, field="model.dtype")
+        _warn_slow(dtype, best, hw, probe, names[1])
     return Precision(compute, storage, why)
 
 
-def _warn_slow(asked: str, best: str, hw: Hardware, probe, field: str = "training.precision") -> None:
+def _setting(name: str, value: str) -> str:
+    """A setting as the user writes it: `--precision bf16` for a flag, `training.precision=bf16` for a field."""
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
+
+
+def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str) -> None:
+    given, auto = _setting(name, asked), _setting(name, "auto")
     if hw.device_type == "cuda":
         if asked == "bf16":
-            warnings.warn(f"{field}={asked}: {hw.device_name} has no bf16 (compute capability "
+            warnings.warn(f"{given}: {hw.device_name} has no bf16 (compute capability "
                           f"{'.'.join(map(str, hw.cuda_capability))}); it runs emulated and slowly. "
-                          f"Use {field}=auto (fp16 with loss scaling here)", stacklevel=3)
+                          f"Use {auto} (fp16 with loss scaling here)", stacklevel=3)
         return
     if asked == "fp16":
-        warnings.warn(f"{field}=fp16 on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need "
-                      f"loss scaling. Use {field}=auto ({best} on this machine)", stacklevel=3)
+        warnings.warn(f"{given} on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need "
+                      f"loss scaling. Use {auto} ({best} on this machine)", stacklevel=3)
         return
     _, why = native_cpu_bf16(hw, probe)
-    warnings.warn(f"{field}={asked} on a CPU without native {asked} ({why}): its matmuls are emulated, typically "
-                  f"50-200x slower than fp32. Use {field}=auto (or fp32) on this machine", stacklevel=3)
+    warnings.warn(f"{given} on a CPU without native {asked} ({why}): its matmuls are emulated, typically "
+                  f"50-200x slower than fp32. Use {auto} (or fp32) on this machine", stacklevel=3)

@@ -334,3 +334,34 @@ def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypatch, capsys):
+    """The loop's Stopped reaches main: the exit code a shell gives a process the signal ended (SIGTERM: 143), the
+    loop's line on stderr, and for `train` (which has the flag) that --resume continues; a plain Ctrl-C elsewhere
+    stays 130. The real signals, in a real process, are in tests/training/test_faults.py."""
+    import signal
+
+    import loraforge.studies.demo
+    import loraforge.training.loop as loop
+
+    said = "stopped by SIGTERM after step 2 of 6: checkpoint runs/x/checkpoints/step-0000002 saved"
+
+    def stopped(*args, **kwargs):
+        raise loop.Stopped(signal.SIGTERM, said)
+
+    monkeypatch.setattr(loop, "train", stopped)
+    monkeypatch.setattr(loraforge.studies.demo, "run_demo", stopped)
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {train: x.jsonl}\n")
+    assert main(["train", str(config)]) == 143
+    assert capsys.readouterr().err == said + "; continue with --resume\n"
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 143  # demo has no --resume
+    assert capsys.readouterr().err == said + "\n"
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", ctrl_c)
+    assert main(["train", str(config)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

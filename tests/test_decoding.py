@@ -1,13 +1,20 @@
 """loraforge.decoding against transformers' own greedy generate: the same tokens, with the shared prefix computed
-once and finished rows leaving the batch."""
+once and finished rows leaving the batch; the model's context (models.context_length) checked against
+data.max_seq_len and reached by generation, which stops there."""
 
 import functools
+import re
 
 import pytest
 import torch
+from transformers import LlamaConfig, MistralConfig, MistralForCausalLM, T5Config
 
 from helpers import VOCAB, tiny_gpt2, tiny_llama
+from loraforge.config import ConfigError
+from loraforge import decoding
+from loraforge.decoding import _hf_generate as hf_generate
 from loraforge.decoding import greedy, left_pad, select_rows, shared_prefix_len
+from loraforge.models import check_fits_context, context_length, load_config
 
 
 def _reference(model, prompts, stop, max_new_tokens):
@@ -83,3 +90,99 @@ def test_bad_arguments_are_named():
         greedy(model, [[1]], [0], max_new_tokens=0)
     with pytest.raises(ValueError, match="empty prompt"):
         greedy(model, [[1], []], [0])
+
+
+# --- the model's context: data.max_seq_len checked against it, generation cut at it ------------------------------
+def _yarn(factor):
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": 128}
+
+
+def test_context_length_reads_positions_and_rope_scalings_that_say_their_reach():
+    assert context_length(tiny_llama(max_position_embeddings=128).config) == 128
+    assert context_length(tiny_gpt2().config) == 64  # n_positions
+    assert context_length(LlamaConfig(max_position_embeddings=128, rope_scaling=_yarn(4.0))) == 512  # 128 × 4
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0}  # Llama 3.1's: max_position_embeddings is already the scaled context
+    assert context_length(LlamaConfig(max_position_embeddings=131072, rope_scaling=llama3)) == 131072
+    assert context_length(LlamaConfig(max_position_embeddings=128, rope_scaling={"rope_type": "linear",
+                                                                                  "factor": 4.0})) == 128
+    assert context_length(T5Config()) is None  # relative positions: no limit
+
+
+def test_max_seq_len_past_the_context_is_refused_by_name(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")  # what a training run reads before its data: the config alone
+    config = load_config(str(tmp_path / "gpt2"))
+    check_fits_context(64, config)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.max_seq_len: 65 is past the model's context of 64 tokens (n_positions in the config of "
+            f"{tmp_path / 'gpt2'}); use at most 64")):
+        check_fits_context(65, config)
+    with pytest.raises(IndexError):  # what training would have met: GPT-2 has no 65th position embedding
+        tiny_gpt2()(torch.zeros(1, 65, dtype=torch.long))
+    llama = tiny_llama(max_position_embeddings=128).config
+    check_fits_context(128, llama)
+    with pytest.raises(ConfigError, match=re.escape(  # RoPE runs past it, on positions it never saw: refused too
+            "data.max_seq_len: 512 is past the model's context of 128 tokens (max_position_embeddings in its "
+            "config); use at most 128")):
+        check_fits_context(512, llama)
+
+
+def test_rope_scaling_moves_the_limit_or_only_warns():
+    yarn = LlamaConfig(max_position_embeddings=128, rope_scaling=_yarn(4.0))
+    check_fits_context(512, yarn)
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.max_seq_len: 513 is past the model's context of 512 tokens (rope_scaling yarn: "
+            "original_max_position_embeddings 128 × factor 4.0 in its config); use at most 512")):
+        check_fits_context(513, yarn)
+    dynamic = LlamaConfig(max_position_embeddings=128, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    with pytest.warns(UserWarning, match=re.escape(
+            "data.max_seq_len 300 is past the model's 128 positions (max_position_embeddings in its config); its "
+            "rope_scaling 'dynamic' may reach further, by an amount the config does not say: check the model "
+            "card, or use at most 128")):
+        check_fits_context(300, dynamic)
+
+
+@pytest.mark.parametrize("make, static", [(tiny_llama, True), (tiny_llama, False), (tiny_gpt2, False)],
+                         ids=["llama-static", "llama-transformers", "gpt2"])
+def test_generation_stops_at_the_context_with_one_warning(make, static):
+    """A huge max_new_tokens: each row stops where it reaches the context (the others run to max_new_tokens),
+    the tokens transformers' generate gives for that many; one warning for the batch."""
+    model = make()
+    context = context_length(model.config)
+    prompts = _prompts(0, [context - 6, 3, context - 2])
+    never = [VOCAB + 1]  # a stop token never produced: rows end at their limit
+    with pytest.warns(UserWarning) as caught:
+        out = greedy(model, prompts, never, max_new_tokens=10, batch_size=3, static=static)
+    assert [str(w.message) for w in caught] == [
+        f"max_new_tokens 10: 2 of 3 prompts reach the model's context of {context} tokens first (the longest prompt "
+        f"takes {context - 2}); their continuations stop at the context"]
+    assert [len(o) for o in out] == [6, 10, 2]
+    assert out == [_reference(model, [p], never, n)[0] for p, n in zip(prompts, [6, 10, 2])]
+
+
+def test_sliding_window_models_stop_at_the_context_too(monkeypatch):
+    """transformers' generate (the path for sliding-window caches) runs once per limit, on the rows of that limit:
+    none runs past the context."""
+    calls = []
+    monkeypatch.setattr(decoding, "_hf_generate", lambda model, prompts, stop, n, device: calls.append(
+        ([len(p) for p in prompts], n)) or hf_generate(model, prompts, stop, n, device))
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=48, sliding_window=16)).eval()
+    prompts = _prompts(0, [45, 4])
+    stop = [VOCAB - 1]  # in the vocabulary (generate pads with it), never produced here: rows end at their limit
+    with pytest.warns(UserWarning, match="1 of 2 prompts reach the model's context of 48 tokens first"):
+        out = greedy(model, prompts, stop, max_new_tokens=8, static=False)
+    assert calls == [([45], 3), ([4], 8)] and [len(o) for o in out] == [3, 8]  # 45 + 3 = 48: to the context
+    assert out == [_reference(model, [prompts[0]], stop, 3)[0], _reference(model, [prompts[1]], stop, 8)[0]]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_prompt_that_fills_the_context_is_refused(make):
+    model = make()
+    context = context_length(model.config)
+    with pytest.raises(ValueError, match=re.escape(
+            f"prompt 1 takes {context} tokens and the model's context is {context}: no new token fits after it; "
+            f"shorten it")):
+        greedy(model, _prompts(0, [3, context]), [0], max_new_tokens=1)

@@ -68,6 +68,31 @@ def test_explicit_choices_are_kept_and_slow_ones_warned():
         assert choose("fp16", "auto", hw=V100, probe=never).compute == "fp16"
 
 
+@pytest.mark.parametrize("names, precision, dtype", [
+    (None, "training.precision=", "model.dtype="),  # the default: train's config fields
+    (("--precision", "--dtype"), "--precision ", "--dtype "),  # generate, eval, serve, ui: the flags typed
+])
+def test_warnings_and_reason_name_the_settings_as_the_user_gave_them(names, precision, dtype):
+    """Each caller names its own spelling: config fields (train) or flags (generate / eval / serve / ui)."""
+    spelling = {} if names is None else {"names": names}
+    with pytest.warns(UserWarning) as caught:
+        p = choose("bf16", "fp16", hw=AVX2, probe=never, **spelling)
+    assert [str(w.message) for w in caught] == [
+        f"{precision}bf16 on a CPU without native bf16 (this CPU has no native bf16 (AVX2)): its matmuls are "
+        f"emulated, typically 50-200x slower than fp32. Use {precision}auto (or fp32) on this machine",
+        f"{dtype}fp16 on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need loss scaling. "
+        f"Use {dtype}auto (fp32 on this machine)"]
+    assert p.line() == f"precision bf16, base stored in fp16: {precision}bf16 as asked"
+    with pytest.warns(UserWarning) as caught:
+        choose("bf16", "auto", hw=T4, probe=never, **spelling)
+    assert [str(w.message) for w in caught] == [
+        f"{precision}bf16: Tesla T4 has no bf16 (compute capability 7.5); it runs emulated and slowly. "
+        f"Use {precision}auto (fp16 with loss scaling here)"]
+    with pytest.raises(ValueError) as error:
+        choose("auto", "int4", hw=AVX2, **spelling)
+    assert str(error.value) == f"{dtype.strip(' =')}: 'int4' is not one of ['auto', 'fp32', 'bf16', 'fp16']"
+
+
 def test_storage_follows_compute_unless_given():
     assert choose("auto", "fp32", hw=A100, probe=never).storage == "fp32"
     assert choose("auto", "auto", hw=T4, probe=never).storage == "fp16"
@@ -155,7 +180,9 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, t
     assert [x["skipped_steps"] for x in m] == [0, 1, 1, 1]
     assert [x["loss_scale"] for x in m] == [65536.0, 32768.0, 32768.0, 32768.0]
     lr = [x["lr"] for x in m]
-    assert lr[1] == lr[0] and lr[2] < lr[1]  # the schedule did not move on the skipped step
+    # each row holds the rate its step's update used: step 3 used step 2's, the schedule did not move on the
+    # skipped step
+    assert lr[2] == lr[1] and lr[1] < lr[0] and lr[3] < lr[2]
     assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in capsys.readouterr().out
     from safetensors.torch import load_file
 

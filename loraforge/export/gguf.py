@@ -8,7 +8,6 @@ multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gguf
@@ -20,6 +19,7 @@ from loraforge.export.gguf_vocab import copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
+from loraforge.utils.files import atomic_file, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -46,20 +46,19 @@ def check_gguf_output(out: str | Path, overwrite: bool, inputs: list) -> Path:
 
 
 def write_file(writer_for, out: Path) -> Path:
-    """Build a GGUFWriter on a temporary file beside `out` (`writer_for(path)` adds keys and tensors), write it,
-    then rename it into place: `out` appears whole or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}"
-    try:
+    """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
+    tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
+    exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
+    no temporary file."""
+    with atomic_file(out) as tmp:
         writer = writer_for(tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        fsync_tree(tmp)
     return out
 
 

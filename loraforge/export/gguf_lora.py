@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraforge.config import LoraConfig
 from loraforge.lora.layer import base_features
 from loraforge.models import resolve_model
+from loraforge.utils.files import atomic_file
 from loraforge.utils.outputs import OutputError
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, write_file
@@ -94,5 +95,6 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
         raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
     hf_config = AutoConfig.from_pretrained(resolve_model(base))  # the base's shapes and names; no weights loaded
     write_file(lambda p: lora_writer(p, adapter, hf_config, type), out)
-    model_file.write_text(modelfile(base, out))
+    with atomic_file(model_file) as tmp:  # a failed or concurrent write never leaves a cut Modelfile
+        tmp.write_text(modelfile(base, out))
     return out

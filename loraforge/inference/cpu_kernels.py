@@ -25,11 +25,12 @@ and a layer whose rows have no adapter one call. The server's batches give each 
 `lora_rows` reads every row's A and B where they lie in the stacked weights (Punica's SGMV), with no gathered
 copies, and adds the delta into the base layer's output, in fp32 or bf16, in one call a layer.
 
-Built once per machine with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`) into
-~/.cache/loraforge/kernels (written atomically: processes may race) and called through ctypes on contiguous
-tensors; loops over output rows or heads run on `torch.get_num_threads()` OpenMP threads (the process's one
-libgomp). Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0, `available()` is False and the
-torch ops run instead. Sums run in another order than torch's: results agree to fp32 rounding
+Built once per machine with the system's C compiler (`cc -O3 -mavx2 -mfma -fopenmp`) into `CACHE`,
+$LORAFORGE_CACHE/kernels (default ~/.cache/loraforge/kernels; written atomically: processes may race), and called
+through ctypes on contiguous tensors; loops over output rows or heads run on `torch.get_num_threads()` OpenMP
+threads (the process's one libgomp). Where there is no compiler, no AVX2/FMA, or LORAFORGE_CPU_KERNELS=0,
+`available()` is False and the torch ops run instead; where the cache folder cannot be written, too, after one
+warning line that names the folder and the fix. Sums run in another order than torch's: results agree to fp32 rounding
 (tests/inference/test_cpu_kernels.py).
 """
 
@@ -39,11 +40,13 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from loraforge.models import cache_dir
 from loraforge.utils.files import fsync_tree
 
 MAX_ROWS = 16
@@ -691,7 +694,9 @@ LORA_ROWS(lora_rows_011, 0, 1, 1) LORA_ROWS(lora_rows_100, 1, 0, 0) LORA_ROWS(lo
 LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
 """
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
-CACHE = Path.home() / ".cache" / "loraforge" / "kernels"
+CACHE = cache_dir() / "kernels"
+"""Where the built library lives: under the project's one cache root (loraforge.models.cache_dir, read as the
+process starts: $LORAFORGE_CACHE, else ~/.cache/loraforge)."""
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
 
@@ -709,24 +714,47 @@ def _intact(path: Path) -> bool:
         return False
 
 
+def _compile(path: Path) -> bool:
+    """Compile SOURCE into `path`: the files are flushed and renamed into place, so processes can race. False where
+    the compiler is missing or fails; an OSError where CACHE refuses a write."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        src, out, digest = Path(tmp) / "decode.c", Path(tmp) / "decode.so", Path(tmp) / "decode.sha256"
+        src.write_text(SOURCE)
+        try:
+            done = subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):  # no compiler, or one that hung
+            return False
+        if done.returncode != 0:
+            return False
+        digest.write_text(_digest(out) + "\n")
+        fsync_tree(Path(tmp))
+        os.replace(out, path)
+        os.replace(digest, path.with_suffix(".sha256"))  # last: the library is whole before it is vouched for
+    return True
+
+
+def _unwritable(e: OSError) -> str:
+    """The one warning line for a kernel cache that refused a write."""
+    reason = e.strerror or str(e)  # the errno's text: "Permission denied", "Read-only file system"
+    return (f"warning: cannot write the CPU kernel cache {CACHE} ({reason}): decoding falls back to the slower plain "
+            f"PyTorch path; make {CACHE} writable or set LORAFORGE_CACHE to a folder this user can write")
+
+
 def _build() -> ctypes.CDLL | None:
-    """Compile (once per source and flags; the files are flushed and renamed into place, so processes can race)
-    and load. A cached library that does not match its SHA-256 is built again."""
+    """Compile (once per source and flags) and load. A cached library that does not match its SHA-256 is built
+    again. A cache that cannot be written is said in one line (available() builds once per process)."""
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
     path = CACHE / f"decode-{key}.so"
     if not _intact(path):
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            src, out, digest = Path(tmp) / "decode.c", Path(tmp) / "decode.so", Path(tmp) / "decode.sha256"
-            src.write_text(SOURCE)
-            done = subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(src), "-o", str(out)],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                return None
-            digest.write_text(_digest(out) + "\n")
-            fsync_tree(Path(tmp))
-            os.replace(out, path)
-            os.replace(digest, path.with_suffix(".sha256"))  # last: the library is whole before it is vouched for
+        try:
+            built = _compile(path)
+        except OSError as e:
+            print(_unwritable(e), file=sys.stderr, flush=True)
+            return None
+        if not built:
+            return None
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gemv.argtypes = [ctypes.c_int] + [ptr] * 4 + [i64] * 3 + [ctypes.c_int]

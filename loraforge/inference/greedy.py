@@ -6,16 +6,23 @@ the models `Decoder` runs).
     whole batch in one op; finished rows leave (the rest move to the front of the cache).
 
 `stream`: one prompt, each token handed on as it comes (`loraforge generate`).
+
+A prompt and its continuation fit the model's context (models.context_length): `greedy` cuts each prompt's
+max_new_tokens to the room left (one warning says how many), `stream` refuses a length that does not fit, and
+neither allocates a cache slot past the context.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from loraforge.config import ConfigError
 from loraforge.inference.llama import Decoder
+from loraforge.models import context_length
 
 MIN_SHARED_PREFIX = 8
 """Shorter common prefixes are recomputed per row: a separate forward costs more than it saves."""
@@ -39,21 +46,58 @@ def shared_prefix_len(prompts: list[list[int]]) -> int:
     return n
 
 
+def new_token_limits(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | list[int]) -> list[int]:
+    """Each prompt's budget of new tokens: `max_new_tokens` (one for all, or one per prompt), cut to what the
+    model's context leaves after the prompt; one warning says how many were cut. ValueError for a prompt that
+    leaves no room at all (it would run on positions the model never saw, or past its position table)."""
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    context = context_length(model.config)
+    if context is None:
+        return limits
+    for i, p in enumerate(prompts):
+        if len(p) >= context:
+            raise ValueError(f"prompt {i} takes {len(p)} tokens and the model's context is {context}: no new token "
+                             f"fits after it; shorten it")
+    cut = [min(limit, context - len(p)) for limit, p in zip(limits, prompts)]
+    if short := sum(c < limit for c, limit in zip(cut, limits)):
+        warnings.warn(f"max_new_tokens {max(limits)}: {short} of {len(prompts)} prompts reach the model's context of "
+                      f"{context} tokens first (the longest prompt takes {max(len(p) for p in prompts)}); their "
+                      f"continuations stop at the context", stacklevel=2)
+    return cut
+
+
+def check_fits(model: nn.Module, prompt_len: int, max_new_tokens: int, flag: str = "max_new_tokens") -> None:
+    """ConfigError unless a prompt of `prompt_len` tokens and `max_new_tokens` after it fit the model's context;
+    `flag`: the setting as the user types it (`loraforge generate`: --max-new-tokens)."""
+    context = context_length(model.config)
+    if context is None:
+        return
+    if prompt_len >= context:
+        raise ConfigError([f"the prompt takes {prompt_len} tokens and the model's context is {context}: no new "
+                           f"token fits after it; shorten the prompt"])
+    if prompt_len + max_new_tokens > context:
+        raise ConfigError([f"{flag} {max_new_tokens}: the model's context is {context} tokens and the prompt takes "
+                           f"{prompt_len}; at most {context - prompt_len} new tokens fit"])
+
+
 @torch.no_grad()
-def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 32,
+def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_tokens: int | list[int] = 32,
            batch_size: int = 32, storage: str = "fp32", adapters: list[str | None] | None = None) -> list[list[int]]:
-    """Greedy continuations (token ids, the stop token included where one ended the row). `adapters`: one adapter
+    """Greedy continuations (token ids, the stop token included where one ended the row). `max_new_tokens`: one
+    for all, or one per prompt; each cut to the model's context (new_token_limits). `adapters`: one adapter
     name (or None) per prompt; None: every prompt as the model is set."""
+    limits = new_token_limits(model, prompts, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows = min(batch_size, len(prompts))
-    decoder = Decoder(model, max_batch=rows, max_len=max(len(p) for p in prompts) + max_new_tokens,
+    decoder = Decoder(model, max_batch=rows, max_len=max(len(p) + n for p, n in zip(prompts, limits)),
                       storage=storage, adapters=None if adapters is None else [adapters[i] for i in order[:rows]])
     outputs: list[list[int]] = [[] for _ in prompts]
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         if adapters is not None:
             decoder.set_rows([adapters[i] for i in chunk])
-        for i, out in zip(chunk, decode_batch(decoder, [prompts[i] for i in chunk], set(stop), max_new_tokens)):
+        for i, out in zip(chunk, decode_batch(decoder, [prompts[i] for i in chunk], set(stop),
+                                              [limits[i] for i in chunk])):
             outputs[i] = out
     return outputs
 
@@ -61,7 +105,9 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
 @torch.no_grad()
 def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens: int,
            on_token: Callable[[int], None]) -> list[int]:
-    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer)."""
+    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer).
+    A prompt and max_new_tokens past the model's context are refused (check_fits)."""
+    check_fits(model, len(prompt), max_new_tokens)
     decoder = Decoder(model, max_batch=1, max_len=len(prompt) + max_new_tokens)
     logits = decoder.forward(torch.tensor([prompt], device=decoder.device),
                              torch.zeros(1, dtype=torch.long, device=decoder.device))
@@ -76,8 +122,9 @@ def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens:
                                  torch.tensor([len(prompt) + len(out) - 1], device=decoder.device))
 
 
-def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of a batch that fits the decoder's cache (rows 0..n-1, adapters already set)."""
+def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], limits: list[int]) -> list[list[int]]:
+    """Greedy continuations of a batch that fits the decoder's cache (rows 0..n-1, adapters already set); row i
+    stops after limits[i] new tokens."""
     n, device = len(prompts), decoder.device
     one_adapter = decoder.rows is None or len(set(decoder.rows)) == 1  # else the prefix's keys/values differ
     shared = shared_prefix_len(prompts) if n > 1 and one_adapter else 0
@@ -99,7 +146,7 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], stop: set[int], max
         keep = []
         for row, (i, token) in enumerate(zip(running, tokens)):
             outputs[i].append(token)
-            if token not in stop and len(outputs[i]) < max_new_tokens:
+            if token not in stop and len(outputs[i]) < limits[i]:
                 keep.append(row)
         if not keep:
             return outputs

@@ -31,6 +31,7 @@ from torch import nn
 from loraforge.inference import cpu_kernels
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
+from loraforge.models import context_length
 from loraforge.quant.checks import is_quantized
 
 SUPPORTED = ("llama",)
@@ -174,6 +175,8 @@ class Decoder:
         if why is not None and (adapters is None or "DoRA" not in why):
             raise NotImplementedError(f"the static decoder does not run {why}")
         cfg = model.config
+        self.context = context_length(cfg)
+        self._check_len(max_len)
         inner = model.model
         self.storage = storage
         self.eps = cfg.rms_norm_eps
@@ -216,6 +219,11 @@ class Decoder:
         if not hooks:
             self.set_rows(adapters)
         self.attach_hooks()
+
+    def _check_len(self, max_len: int) -> None:
+        if self.context is not None and max_len > self.context:
+            raise ValueError(f"a cache of max_len={max_len} positions is past the model's context of {self.context} "
+                             f"tokens; cut the prompt and new tokens to fit it")
 
     def packs(self, T: int) -> bool:
         """Whether `forward` packs the real tokens of a T-token prefill given `lengths` (a server sets each token's
@@ -263,6 +271,7 @@ class Decoder:
         first `used` slots where given (the rest is zeros: what a server's rows hold there is never read)."""
         if (max_batch, max_len) == (self.max_batch, self.max_len):
             return
+        self._check_len(max_len)
         b, n = min(max_batch, self.max_batch), min(max_len, self.max_len)
         b, n = b if rows is None else min(b, rows), n if used is None else min(n, used)
         for name in ("keys", "values"):

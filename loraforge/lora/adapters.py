@@ -151,6 +151,36 @@ def _module_of(key: str) -> str:
     return path.rsplit(".", 1)[0]
 
 
+SHOWN = 5
+"""Tensors named when an adapter does not fit (an adapter for another base misfits in hundreds)."""
+
+
+def _other_base(config, model: nn.Module) -> str | None:
+    """'it was trained on BASE (...) and the model given is NAME' where the adapter names another base than the
+    model's; None where it names none or the same. Said only once the tensors misfit: an adapter made on a local
+    copy of a hub model names the hub id, and loads on that copy."""
+    trained_on = getattr(config, "base_model_name_or_path", None)
+    given = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    if not trained_on or not given or trained_on == given:
+        return None
+    return (f"it was trained on {trained_on} (adapter_config.json's base_model_name_or_path) and the model given "
+            f"is {given}")
+
+
+def _misfit(adapter_dir, config, model: nn.Module, problems: list[str], shapes: int, missing: int,
+            unexpected: int) -> str:
+    """The error for an adapter whose tensors do not fit the model: the base it names where that differs from
+    the model's, how many tensors misfit and how, and the first SHOWN of them."""
+    other = _other_base(config, model)
+    if len(problems) <= SHOWN and other is None:
+        return f"cannot load adapter {adapter_dir}:\n  " + "\n  ".join(problems)
+    kinds = [f"{n} {what}" for n, what in ((shapes, "of another shape"), (missing, "missing from the file"),
+                                           (unexpected, "not in this model")) if n]
+    return (f"cannot load adapter {adapter_dir}: {other + '; ' if other else ''}{len(problems)} of its tensors do "
+            f"not fit ({', '.join(kinds)}), the first {min(SHOWN, len(problems))}:\n  "
+            + "\n  ".join(problems[:SHOWN]))
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one.
@@ -163,6 +193,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
+    # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
+    # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
+    tensors_before = {p: p.data for p in model.parameters()}
     try:
         try:
             if isinstance(config, LoraConfig):
@@ -170,26 +203,27 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             else:  # AdaLoRA: its own layer type
                 inject_adalora(model, config, name)
         except ConfigError as e:
-            raise AdapterError(f"{adapter_dir}: this adapter does not fit the model: {e}") from None
+            other = _other_base(config, model)
+            raise AdapterError(f"{adapter_dir}: this adapter does not fit the model{f' ({other})' if other else ''}: "
+                               f"{e}") from None
         expected = adapter_state_dict(model, name)
-        problems = []
-        for key in sorted(set(expected) - set(tensors)):
-            problems.append(f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})")
-        for key in sorted(set(tensors) - set(expected)):
-            problems.append(f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})")
-        for key in sorted(set(tensors) & set(expected)):
-            if tuple(tensors[key].shape) != tuple(expected[key].shape):
-                problems.append(f"{_module_of(key)}: shape {tuple(tensors[key].shape)} in the file, "
-                                f"{tuple(expected[key].shape)} in this model (an adapter made for another base?)")
-        if problems:
-            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-            raise AdapterError(f"cannot load adapter {adapter_dir}:\n  {shown}")
+        missing = [f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})"
+                   for key in sorted(set(expected) - set(tensors))]
+        unexpected = [f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})"
+                      for key in sorted(set(tensors) - set(expected))]
+        shapes = [f"{_module_of(key)}: shape {tuple(tensors[key].shape)} in the file, {tuple(expected[key].shape)} "
+                  f"in this model (an adapter made for another base?)" for key in sorted(set(tensors) & set(expected))
+                  if tuple(tensors[key].shape) != tuple(expected[key].shape)]
+        if problems := shapes + missing + unexpected:  # a shape says most about which base the adapter is for
+            raise AdapterError(_misfit(adapter_dir, config, model, problems, len(shapes), len(missing),
+                                       len(unexpected)))
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(tensors[key].to(target.dtype))
-    except BaseException:  # the layers injected so far go again, and every parameter trains as before
+    except BaseException:  # the layers injected so far go again; every parameter holds and trains as before
         delete_adapter(model, name)
         for p, flag in requires_grad.items():
+            p.data = tensors_before[p]
             p.requires_grad_(flag)
         raise
     set_adapter(model, name)

@@ -212,6 +212,7 @@ class LoraLinear(LoraLayer):
         self.lora_A[name].weight.data = A.contiguous().to(self.lora_A[name].weight.dtype)
         self.lora_B[name].weight.data = B.contiguous().to(self.lora_B[name].weight.dtype)
         residual = W - s * (B @ A)
+        # a new tensor, never written into W0: adapters.load_adapter keeps the old one to undo a failed load
         base.weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(dtype)
 
     def _scaled_BA(self, name: str) -> torch.Tensor:

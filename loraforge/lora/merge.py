@@ -49,24 +49,18 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge the adapters and put plain base layers back: the result is an ordinary transformers model.
 
-    A 4-bit/8-bit base layer is de-quantized, ΔW is added in floating point, and it becomes an nn.Linear in the
-    compute dtype: re-quantizing would change the outputs again (see loraforge.quant.bnb for that, as a choice).
+    A 4-bit/8-bit base layer is de-quantized into an fp32 nn.Linear, merged like an unquantized one (several
+    adapters in order, each DoRA one rescaling the running weight), then cast to the compute dtype: re-quantizing
+    would change the outputs again (see loraforge.quant.bnb for that, as a choice).
     """
     for path, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         base = layer.base_layer
-        if is_quantized(base):
-            weight = dequantized_weight(base).float()
-            for name in names:
-                weight = weight + layer.delta_weight(name).float()
+        if is_quantized(base):  # the one merge path, on the de-quantized weight in fp32
             dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                              device=weight.device, dtype=dtype)
-            with torch.no_grad():
-                plain.weight.copy_(weight)
-                if base.bias is not None:
-                    plain.bias.copy_(base.bias)
-            base = plain
+            layer.base_layer = _dequantized_linear(base)
+            layer.merge(names)
+            base = layer.base_layer.to(dtype)
         else:
             layer.merge(names)
         set_submodule(model, path, base)
@@ -80,6 +74,18 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+@torch.no_grad()
+def _dequantized_linear(base: nn.Module) -> nn.Linear:
+    """A bitsandbytes 4-bit/8-bit layer as an fp32 nn.Linear holding its de-quantized weight (out, in)."""
+    weight = dequantized_weight(base).float()
+    plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device,
+                      dtype=torch.float32)
+    plain.weight.copy_(weight)
+    if base.bias is not None:
+        plain.bias.copy_(base.bias)
+    return plain
 
 
 def embeddings_tied(model: nn.Module) -> bool:

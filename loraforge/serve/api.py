@@ -1,9 +1,15 @@
 """OpenAI-compatible HTTP API over the engine: FastAPI app factory and `run_server` (what `loraforge serve` calls).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not), GET /v1/models,
-POST /v1/adapters {"name", "path"}, DELETE /v1/adapters/{name}, GET /health. The request's `model` names an
-adapter or the base model. Errors use OpenAI's shape {"error": {"message", "type", "code"}}: malformed JSON or
-bad parameters 400, wrong API key 401, unknown model 404 (naming the available ones), queue full 429.
+POST /v1/adapters {"name", "path"}, DELETE /v1/adapters/{name}, GET /health (GET and HEAD on both GETs). The
+request's `model` names an adapter or the base model. Errors use OpenAI's shape {"error": {"message", "type",
+"code"}}: malformed JSON or bad parameters 400, wrong API key 401, unknown model 404 (naming the available ones),
+body too large 413, queue full 429. With an API key, /v1/* and the API docs (/docs, /redoc, /openapi.json) need it.
+
+What a client cannot do to the others: a prompt whose text cannot fit the context (more characters than the context
+times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
+a prompt needs is refused before it is read, so neither holds the tokenizer; a request whose client disconnects is
+aborted, waiting or decoding, streamed or not.
 """
 
 from __future__ import annotations
@@ -19,18 +25,25 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve.engine import Engine
-from loraforge.serve.errors import ServeError
+from loraforge.serve.errors import PromptTooLong, ServeError
 from loraforge.serve.request import Event
 from loraforge.serve.sampling import SamplingParams
-from loraforge.serve.schemas import AdapterLoadRequest, ChatRequest, CompletionRequest, _Params, chat_ids, prompt_ids
+from loraforge.serve.schemas import (AdapterLoadRequest, ChatMessage, ChatRequest, CompletionRequest, _Params,
+                                     chat_ids, prompt_ids)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 429: "rate_limit_error", 500: "server_error"}
+               409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+MIN_CHARS_PER_TOKEN = 64  # the text bound's characters per token, at least (normalizers may merge characters)
+BODY_BYTES_PER_CHAR = 12  # a character of text takes at most 12 bytes of JSON: an escaped surrogate pair
+BODY_OVERHEAD = 2**20  # bytes of a body beyond its prompt text: the other fields, a chat's per-message JSON
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, named here)
 log = logging.getLogger("loraforge.serve")
 
 
@@ -42,6 +55,29 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
 
 def _field(loc) -> str:
     return ".".join(str(x) for x in loc[1:]) or "body"
+
+
+def chars_per_token(tokenizer) -> int:
+    """The most characters of text one token covers: its longest vocabulary entry (a byte-level BPE entry has a
+    character per byte, so at least as many as the text it decodes to; SentencePiece's byte pieces count more),
+    and at least MIN_CHARS_PER_TOKEN."""
+    return max(MIN_CHARS_PER_TOKEN, max(map(len, tokenizer.get_vocab()), default=0))
+
+
+def prompt_chars(prompt: str | list[str] | list[int]) -> int:
+    """Characters of text in a completion prompt (token ids count none)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) for p in prompt if isinstance(p, str))
+
+
+def chat_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in a chat's messages (the template's own text not counted)."""
+    total = 0
+    for m in messages:
+        content = m.content or ""
+        total += len(content) if isinstance(content, str) else sum(len(part.text) for part in content)
+    return total
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -70,28 +106,88 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_auth(app: FastAPI, api_key: str | None) -> None:
-    """With `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
-    if api_key is None:
-        return
+    """With `api_key`, /v1/* and the API docs (/docs, /redoc, /openapi.json) need `Authorization: Bearer <api_key>`."""
+    if api_key is not None:
+        docs = {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url} - {None}
+        app.add_middleware(KeyCheck, api_key=api_key, docs=docs)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                              "invalid_api_key")
-        return await call_next(request)
+
+SHUTDOWN_GRACE_S = 3  # Ctrl-C / SIGTERM: open streams (event streams, generations) are cut after this many seconds
+
+
+def key_ok(header: str, api_key: str) -> bool:
+    """`Authorization: Bearer <api_key>`, the scheme in any case (RFC 7235)."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class KeyCheck:
+    """ASGI middleware: a request to /v1/* or to a path in `docs` without `Authorization: Bearer <api_key>` is
+    answered 401. Plain ASGI (not BaseHTTPMiddleware, under which a route never sees its client disconnect)."""
+
+    def __init__(self, app, api_key: str, docs: set[str]):
+        self.app, self.api_key, self.docs = app, api_key, docs
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] in self.docs):
+            given = Headers(scope=scope).get("authorization", "")
+            if not key_ok(given, self.api_key):
+                response = _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                  "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body on /v1/ over `limit` bytes is answered 413, by its Content-Length before a
+    byte of it is read, else as soon as the bytes read pass `limit`; a body within it is read whole, then handed on.
+    `why` says in the message what the limit leaves room for."""
+
+    def __init__(self, app, limit: int, why: str):
+        self.app, self.limit, self.why = app, limit, why
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(f"{int(declared)} bytes", scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(f"over {self.limit} bytes", scope, receive, send)
+            more = message.get("more_body", False)
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the body once, then the connection's own messages (a disconnect)
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: str, scope, receive, send) -> None:
+        response = _error(413, f"the request body is {size}; this server takes at most {self.limit} bytes "
+                               f"({self.why}); send a shorter prompt", "body_too_large")
+        await response(scope, receive, send)
 
 
 class _Generation:
-    """One request's answer: the whole completion, or its server-sent events as they are generated."""
+    """One request's answer: the whole completion, or its server-sent events as they are generated.
+
+    `http` is the HTTP request: while a non-streaming answer is made, a watcher checks every DISCONNECT_POLL_S that
+    its client is still there and aborts the request once it has gone (uvicorn does not cancel the handler); a
+    streamed answer is aborted when Starlette cancels its stream on the disconnect.
+    """
 
     def __init__(self, engine: Engine, body: _Params, ids: list[int], params: SamplingParams, model: str | None,
-                 chat: bool):
+                 chat: bool, http: Request):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.engine, self.body, self.chat = engine, body, chat
+        self.engine, self.body, self.chat, self.http = engine, body, chat, http
         self.req = engine.submit(ids, model, params, lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
         self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -102,7 +198,14 @@ class _Generation:
         return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
 
+    async def _abort_on_disconnect(self) -> None:
+        """Abort the request, waiting or decoding, once its client has gone (checked every DISCONNECT_POLL_S)."""
+        while not await self.http.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.engine.abort(self.req)
+
     async def whole(self):
+        watcher = asyncio.create_task(self._abort_on_disconnect())
         parts = []
         try:
             while True:
@@ -111,10 +214,12 @@ class _Generation:
                 if ev.finish_reason is not None:
                     break
         finally:
+            watcher.cancel()
             if not self.req.finished:
-                self.engine.abort(self.req)  # the client went away
+                self.engine.abort(self.req)  # the handler itself was cancelled
         if ev.error:
-            return _error(500, f"generation failed: {ev.error}", "generation_error")
+            return _error(ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}",
+                          "generation_error")
         text = "".join(parts)
         choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
@@ -165,24 +270,45 @@ class _Generation:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`. With `api_key`, /v1/* needs `Authorization: Bearer <api_key>`."""
+def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`. With `api_key`, /v1/* and the docs need `Authorization: Bearer <api_key>`.
+
+    A prompt of more characters than the context's tokens times `chars_per_token` cannot fit: refused before it is
+    tokenized. `max_body_bytes` (default: room for such a prompt, BODY_BYTES_PER_CHAR a character, plus
+    BODY_OVERHEAD) bounds a request body on /v1/.
+    """
     app = FastAPI(title="loraforge serve")
     base = model_name or engine.base_name
     tokenizer = engine.tokenizer
     encode_lock = threading.Lock()  # one encode at a time: requests tokenize in worker threads
+    per_token = chars_per_token(tokenizer)
+    max_chars = engine.context_length * per_token
+    if max_body_bytes is None:
+        max_body_bytes = BODY_OVERHEAD + BODY_BYTES_PER_CHAR * max_chars
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=max_body_bytes,  # inside the auth: a request without the key is not read
+                       why=f"room for a prompt of the model's {engine.context_length}-token context")
     add_auth(app, api_key)
 
     def encode(fn, *args):
         with encode_lock:
             return fn(tokenizer, *args)
 
+    def check_fits(field: str, chars: int) -> None:
+        """Refuse, before it is tokenized, text that cannot fit the context whatever its tokens."""
+        if chars > max_chars:
+            raise PromptTooLong(f"{field}: {chars} characters cannot fit the model's context of "
+                                f"{engine.context_length} tokens (a token covers at most {per_token} characters "
+                                f"here, so at most {max_chars} characters fit); shorten the prompt")
+
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # health checkers that send HEAD: the GET's headers, no body
     async def health():
         return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models")
+    @app.head("/v1/models", include_in_schema=False)
     async def models():
         created = int(time.time())
         data = [{"id": base, "object": "model", "created": created, "owned_by": "loraforge", "root": base,
@@ -198,23 +324,25 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
 
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
-        engine.remove_adapter(name)
+        engine.remove_adapter(name)  # an unknown name: 404, the name cut in the message (errors.shown)
         return {"id": name, "object": "model", "deleted": True}
 
     def adapter(body: _Params) -> str | None:
         return None if body.model == base else body.model
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
+        check_fits("prompt", prompt_chars(body.prompt))
         ids = await asyncio.to_thread(encode, prompt_ids, body.prompt)
         params = body.sampling(body.max_tokens)
-        return await _Generation(engine, body, ids, params, adapter(body), chat=False).response()
+        return await _Generation(engine, body, ids, params, adapter(body), chat=False, http=request).response()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_fits("messages", chat_chars(body.messages))
         ids = await asyncio.to_thread(encode, chat_ids, body.messages)
         params = body.sampling(body.max_completion_tokens or body.max_tokens)
-        return await _Generation(engine, body, ids, params, adapter(body), chat=True).response()
+        return await _Generation(engine, body, ids, params, adapter(body), chat=True, http=request).response()
 
     return app
 
@@ -225,7 +353,8 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, name="loraforge-http", daemon=True)
 
     def __enter__(self) -> str:
@@ -266,7 +395,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     import uvicorn
 
 
-    chosen = choose(precision, dtype, device="cpu")  # the engine runs where load_base puts the model
+    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))  # where load_base puts the model
     print(chosen.line(), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
@@ -278,6 +407,12 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     names = ", ".join(engine.adapter_names()) or "none"
     print(f"serving {model} with adapters: {names} on http://{host}:{port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        # uvicorn closes an idle kept-alive connection after KEEP_ALIVE_S; it has no timeout for a request's headers
+        # (a slow client holds its connection open): reachable by others, put a proxy with one in front
+        # (nginx's client_header_timeout)
+        # Ctrl-C / SIGTERM: open streams (the dashboard's event streams, long generations) are cut after
+        # SHUTDOWN_GRACE_S instead of holding the server up until they end
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S,
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         engine.stop()

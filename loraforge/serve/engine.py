@@ -2,10 +2,12 @@
 
 A background thread owns the model. Each scheduler iteration
   1. runs queued commands (load / unload an adapter) on the model,
-  2. admits waiting requests: makes each one's adapter resident (residency.py), takes the keys/values of each
-     prompt's longest cached prefix (prefix.py, per adapter load), prefills the rest of the new prompts in one
-     forward (left-padded, rows mixing adapters too), caches their prompts' new full blocks and appends their KV
-     caches to the running batch's (batch.py),
+  2. admits waiting requests in arrival order: makes each one's adapter resident (residency.py), takes the
+     keys/values of each prompt's longest cached prefix (prefix.py, per adapter load), prefills the rest of the new
+     prompts in one forward (left-padded, rows mixing adapters too), caches their prompts' new full blocks and
+     appends their KV caches to the running batch's (batch.py). A request whose adapter finds every slot in use
+     waits, and until it gets one, the resident adapter whose rows end soonest takes no new rows (`_drain_target`),
+     so steady traffic to the resident adapters cannot keep it waiting for ever,
   3. runs ONE decode step for every running sequence together, then samples each row's token (sampling.py).
 So new requests join between decode steps, and a batch mixes adapters freely.
 
@@ -36,7 +38,7 @@ from loraforge.serve.detokenize import TextStream
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
-from loraforge.serve.residency import Residency, check_adapter_dtype
+from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
 from loraforge.serve.static_batch import StaticBatch
 
@@ -212,7 +214,7 @@ class Engine:
             if isinstance(e, ServeError):
                 raise
             raise ServeError(str(e) if isinstance(e, AdapterError) else
-                             f"cannot load adapter {name!r} from {entry.path}: {type(e).__name__}: {e}") from None
+                             f"cannot load adapter {name!r}: {type(e).__name__}: {e}") from None
 
     def remove_adapter(self, name: str) -> None:
         """Unregister adapter `name`: new requests for it get 404; requests already in flight finish with it."""
@@ -276,19 +278,23 @@ class Engine:
             candidates = self._select(list(self._waiting))
         for req in aborted:
             self._finish(req, "abort")
-        admitted = []
+        admitted: list[Request] = []
+        draining = None  # once a request waits for a slot: the resident adapter that takes no new rows until idle
         for req in candidates:
             if len(self._batch) + len(admitted) >= self.max_batch:
                 break
             if req.adapter is not None:
+                if req.adapter is draining:
+                    continue  # an older request waits for its slot
                 try:
-                    if not self._residency.ensure_resident(req.adapter):
-                        continue  # every slot is in use: it waits for a row to finish
+                    if not self._residency.ensure_resident(req.adapter):  # every slot holds an adapter in use
+                        draining = draining or self._drain_target(admitted)
+                        continue
                 except Exception as e:  # a broken adapter fails its own requests only
                     with self._cv:
                         self._waiting.remove(req)
                     self._finish(req, "error", error=str(e) if isinstance(e, (AdapterError, OSError))
-                                 else f"{type(e).__name__}: {e}")
+                                 else f"{type(e).__name__}: {e}", status=getattr(e, "status", 500))
                     continue
             with self._cv:
                 self._waiting.remove(req)
@@ -306,6 +312,17 @@ class Engine:
                 group = []
             if req is not None:
                 group.append(req)
+
+    def _drain_target(self, admitted: list[Request]) -> Adapter | None:
+        """The resident adapter whose rows (running and `admitted`) end soonest: while a request waits for a slot,
+        that adapter takes no new rows, so it goes idle and its slot frees within that many steps. The soonest end
+        among the busy adapters then drops every step, so a waiting request gets a slot in bounded time however
+        steady the other adapters' traffic is; the other resident adapters keep batching meanwhile."""
+        left: dict[Adapter, int] = {}
+        for req in self._batch.rows + admitted:
+            if req.adapter is not None and req.adapter.slot is not None:
+                left[req.adapter] = max(left.get(req.adapter, 0), req.max_tokens - len(req.out_ids))
+        return min(left, key=left.get, default=None)
 
     def _uncached(self, req: Request) -> int:
         return len(req.prompt_ids) - len(req.cached) * self.prefix_cache.block
@@ -411,7 +428,8 @@ class Engine:
             req.on_event(Event("", [token]))
         return False
 
-    def _finish(self, req: Request, reason: str, text: str | None = None, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, text: str | None = None, error: str | None = None,
+                status: int = 500) -> None:
         if req.finished:
             return
         req.finished = True
@@ -424,7 +442,7 @@ class Engine:
                 if req.admitted:
                     req.adapter.running -= 1
         try:
-            req.on_event(Event(text[req.sent:], last, reason, len(req.prompt_ids), len(req.out_ids), error))
+            req.on_event(Event(text[req.sent:], last, reason, len(req.prompt_ids), len(req.out_ids), error, status))
         except Exception:  # a consumer that went away must not stop the engine
             pass
         req.generator = None  # the request may be kept by its consumer; its random state need not be

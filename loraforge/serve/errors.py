@@ -1,4 +1,12 @@
-"""What the engine refuses, each with the HTTP status the API answers with."""
+"""What the engine refuses, each with the HTTP status the API answers with, and how a refusal shows a bad value."""
+
+import json
+import re
+
+from loraforge.lora.adapters import AdapterError
+
+SHOWN_CHARS = 200  # an echoed value is cut here: a 900 KB stop list must not come back as a 900 KB error
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone one (JSON's "\\ud800"; a valid pair decodes to one character)
 
 
 class ServeError(Exception):
@@ -17,3 +25,30 @@ class QueueFull(ServeError):
 
 class PromptTooLong(ServeError):
     status = 400
+
+
+class BrokenAdapter(ServeError, AdapterError):
+    """An adapter whose files cannot be served (bad config, missing or unreadable weights, another base's shapes,
+    a file outside the adapters directory); the message names the adapter, never a server path."""
+
+    status = 400
+
+
+class AdapterConflict(ServeError, AdapterError):
+    """An adapter that cannot share the model with the adapters resident now (an AdaLoRA and a LoRA layer on one
+    module); it may load once they leave."""
+
+    status = 409
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """`value` for an error message: as JSON (what the client sent, not a Python repr), lone surrogates escaped
+    (the answer must encode as UTF-8), cut to `limit` characters with the full length said."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):  # an int past Python's 4300-digit str limit, a list nested too deep
+        text = f"<a {type(value).__name__} too large to show>"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text):,} characters)"
+    return text

@@ -24,6 +24,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 500  # the HTTP status of an error: 4xx when the request (its adapter) is at fault
 
 
 @dataclass(eq=False)

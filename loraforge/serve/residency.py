@@ -21,33 +21,45 @@ matmuls.
 
 The stack plugs into the layer through `LoraLayer.row_forward`, the layer's per-row hook.
 Adapters are PEFT directories loaded with `loraforge.lora.adapters.load_adapter` (every key and shape checked,
-safetensors only). Only paths given at start or inside `adapters_dir` load.
+safetensors only). Only paths given at start or inside `adapters_dir` load, and an adapter inside `adapters_dir`
+reads no file outside it (a symlinked folder or file leading out is refused, and skipped with a warning at start).
+Each adapter found in `adapters_dir` gets the cheap checks at start (`precheck`: config, files, the weights'
+shapes from the safetensors header against the base), and any adapter that fails a load is marked broken: it is
+not listed, and a request naming it gets the reason (a 400) without its files being read again until they change.
+Messages name an adapter's folder as the client sent it or relative to `adapters_dir`, never by a server path.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn import functional as F
 
 from loraforge.config import LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
-from loraforge.lora.adapters import AdapterError, delete_adapter, load_adapter, read_adapter_config
+from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, delete_adapter, load_adapter,
+                                     read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import lora_layers
 from loraforge.lora.layer import LoraLinear
-from loraforge.serve.errors import ServeError, UnknownAdapter
+from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, ServeError, UnknownAdapter, shown
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
+# the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
+FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
 
 
 @dataclass(eq=False)
@@ -60,6 +72,12 @@ class Adapter:
     queued: int = 0  # requests submitted and not finished (an unloaded adapter stays until they finish)
     running: int = 0  # rows in the running batch (a resident adapter in use is never evicted)
     load_id: int = 0  # unique per load onto the model (0 while not resident): what its cached prefixes belong to
+    given: Path | None = None  # the path as registered, made absolute, before symlinks are followed
+    label: str = ""  # how messages name its folder: as the client sent it, or relative to adapters_dir
+    discovered: bool = False  # found in adapters_dir (a failed load marks it broken, where an upload's is a 400)
+    verified: bool = False  # loaded or checked once
+    problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
+    stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
 
 
 class RowSlots:
@@ -184,7 +202,7 @@ def _padded(r: int) -> int:
 
 
 def check_servable(entry: Adapter) -> None:
-    """Refuse, before touching the model, an adapter the per-row batch cannot serve."""
+    """Refuse, before touching the model, an adapter the per-row batch cannot serve (its config read)."""
     config = read_adapter_config(entry.path)
     if not isinstance(config, (LoraConfig, AdaLoraConfig)):
         raise AdapterError(f"{entry.path}: {type(config).__name__} adapters cannot be served")
@@ -206,6 +224,26 @@ def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, flo
     return A, B, scale, g
 
 
+def _stamp(entry: Adapter) -> tuple:
+    """What changes when an adapter's files do: inode, size, mtime and ctime of its path as given, its folder and
+    files, each as a link and as what it points to."""
+    files = [entry.path / name for name in (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin")]
+    stamp = []
+    for path in [entry.given or entry.path, entry.path, *files]:
+        for stat in (os.lstat, os.stat):
+            try:
+                st = stat(path)
+                stamp.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            except (OSError, ValueError):
+                stamp.append(None)
+    return tuple(stamp)
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+    return f"{names[:LISTED]!r}{more}"
+
+
 class Residency:
     """The registry (any thread, under `lock`) and the model's resident adapters (engine thread only)."""
 
@@ -217,6 +255,7 @@ class Residency:
         self.on_evict = on_evict  # called with an adapter leaving the model (its prefix cache goes with it)
         self.rows = RowSlots(next(model.parameters()).device)
         self.adapters: dict[str, Adapter] = {}  # registered, by name
+        self.broken: dict[str, Adapter] = {}  # registered but not servable (their `problem`), by name
         self.resident: collections.OrderedDict[str, Adapter] = collections.OrderedDict()  # uid -> adapter, LRU first
         self.stats = collections.Counter()
         self._uids = itertools.count(1)
@@ -225,6 +264,10 @@ class Residency:
         self._stacks: dict[LoraLinear, Stack] = {}
         self._allowed = {Path(p).expanduser().resolve() for p in allowed}
         self.adapters_dir = adapters_dir
+        # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
+        self._modules = {name for name, _ in model.named_modules()}
+        self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+                         if isinstance(m, nn.Linear)}
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -233,85 +276,227 @@ class Residency:
         return self.stats["loads"], self.stats["evictions"]
 
     def lookup(self, name: str | None) -> Adapter | None:
-        """The registered adapter a request names (under lock); None for the base model."""
+        """The registered adapter a request names (under lock); None for the base model. A broken adapter raises
+        its problem, unless its files changed since: then it is checked again and served if they pass."""
         if name is None or name in (self.base_name, *BASE_ALIASES):
             return None
         entry = self.adapters.get(name)
+        if entry is not None:
+            return entry
+        entry = self.broken.get(name)
         if entry is None:
-            raise UnknownAdapter(f"model {name!r} does not exist; available: {[self.base_name, *self.adapters]}")
+            raise UnknownAdapter(f"model {shown(name)} does not exist; available: "
+                                 f"{_listed([self.base_name, *self.adapters])}")
+        if _stamp(entry) == entry.stamp:
+            raise BrokenAdapter(entry.problem)
+        return self._retry(entry)
+
+    def _retry(self, entry: Adapter) -> Adapter:
+        """A broken adapter whose files changed: registered again if the cheap checks pass (under lock)."""
+        stamp = _stamp(entry)
+        try:
+            entry.path, _ = self.resolve(entry.given, entry.label)
+            self.precheck(entry)
+        except ServeError as e:
+            entry.problem, entry.stamp = str(e), stamp
+            raise BrokenAdapter(entry.problem) from None
+        del self.broken[entry.name]
+        self.adapters[entry.name] = entry
+        entry.problem, entry.stamp, entry.registered = None, (), True
         return entry
 
-    def register(self, name: str, path: str | Path) -> Adapter:
-        """Add `name` to the registry (under lock): its path checked, its weights not yet read."""
+    def register(self, name: str, path: str | Path, label: str | None = None, discovered: bool = False) -> Adapter:
+        """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
+        messages name its folder (default: the path as given when relative, else relative to adapters_dir)."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise ServeError(f"adapter name {name!r} is not allowed: use letters, digits, '.', '_', '-' "
+            raise ServeError(f"adapter name {shown(name)} is not allowed: use letters, digits, '.', '_', '-' "
                              f"(at most 64, starting with a letter or digit)")
         if name in (self.base_name, *BASE_ALIASES):
-            raise ServeError(f"adapter name {name!r} is the base model's name; pick another")
+            raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
         if name in self.adapters:
-            raise ServeError(f"an adapter named {name!r} is already loaded; "
+            raise ServeError(f"an adapter named {shown(name)} is already loaded; "
                              f"unload it first (DELETE /v1/adapters/{name})")
-        resolved = self.resolve(path)
-        entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}")
+        resolved, given = self.resolve(path, label)
+        entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}", given=given, discovered=discovered,
+                        label=label or self._label(path, resolved))
+        self.broken.pop(name, None)  # a new registration replaces a broken one
         self.adapters[name] = entry
         return entry
 
     def unregister(self, name: str) -> Adapter:
         """Drop `name` from the registry (under lock); the engine evicts it once no request uses it."""
-        entry = self.adapters.pop(name, None)
+        entry = self.adapters.pop(name, None) or self.broken.pop(name, None)
         if entry is None:
-            raise UnknownAdapter(f"adapter {name!r} is not loaded; loaded: {list(self.adapters)}")
+            raise UnknownAdapter(f"adapter {shown(name)} is not loaded; loaded: {_listed(list(self.adapters))}")
         entry.registered = False
         return entry
 
     def register_dir(self) -> None:
-        """Register every subdirectory of adapters_dir holding an adapter_config.json, by its directory name."""
+        """Register every subdirectory of adapters_dir holding an adapter_config.json, by its directory name, after
+        the cheap checks (`precheck`): a broken one is kept out of the list with its problem, a symlink leading out
+        of adapters_dir is skipped; each with a warning saying why."""
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
         for sub in sorted(self.adapters_dir.iterdir()):
-            if (sub / "adapter_config.json").is_file() and NAME_RE.fullmatch(sub.name) \
-                    and sub.name not in self.adapters and sub.name not in (self.base_name, *BASE_ALIASES):
-                self.register(sub.name, sub)
+            if not (sub / CONFIG_NAME).is_file() or not NAME_RE.fullmatch(sub.name) \
+                    or sub.name in self.adapters or sub.name in (self.base_name, *BASE_ALIASES):
+                continue
+            try:
+                real = sub.resolve()
+            except (OSError, RuntimeError) as e:  # a symlink loop
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: {e}", stacklevel=2)
+                continue
+            if not real.is_relative_to(self.adapters_dir):
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: it is a symlink to {real}, "
+                              f"outside the adapters dir (only adapters inside it are served); move or copy the "
+                              f"adapter into {self.adapters_dir} to serve it", stacklevel=2)
+                continue
+            try:
+                entry = self.register(sub.name, sub, label=sub.name, discovered=True)
+            except ServeError as e:  # changed since the listing
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: {e}", stacklevel=2)
+                continue
+            stamp = _stamp(entry)
+            try:
+                self.precheck(entry)
+            except BrokenAdapter as e:
+                self._mark_broken(entry, str(e), stamp)
+                warnings.warn(f"adapters dir {self.adapters_dir}: not serving {sub.name!r}: {e} (requests naming it "
+                              f"get this answer until its files change)", stacklevel=2)
 
-    def resolve(self, path: str | Path) -> Path:
-        """The real adapter directory, refused unless it is a start path or inside adapters_dir (no traversal)."""
+    def resolve(self, path: str | Path, label: str | None = None) -> tuple[Path, Path]:
+        """(the real adapter directory, the path made absolute): refused unless it is a start path or inside
+        adapters_dir (no traversal, no symlink leading out)."""
         if not isinstance(path, (str, Path)):
-            raise ServeError(f"adapter path {path!r} must be a string")
+            raise ServeError(f"adapter path {shown(path)} must be a string")
+        said = shown(label or str(path))
+        if "\x00" in str(path) or SURROGATE.search(str(path)):
+            raise ServeError(f"adapter path {said} contains a NUL character or a lone surrogate; send a plain path")
         p = Path(path).expanduser()
         if not p.is_absolute() and self.adapters_dir is not None:
             p = self.adapters_dir / p
-        resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
+        try:
+            resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
+            is_adapter = (resolved / CONFIG_NAME).is_file()
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (the message would name server paths)
+            why = getattr(e, "strerror", None) or "a symlink loop"
+            raise ServeError(f"adapter path {said} cannot be read: {why}") from None
         inside = self.adapters_dir is not None and resolved != self.adapters_dir \
             and resolved.is_relative_to(self.adapters_dir)
         if resolved not in self._allowed and not inside:
-            where = f"inside the adapters directory {self.adapters_dir}" if self.adapters_dir else \
-                "one of the adapter paths given at start (start the server with --adapters-dir to load others)"
-            raise ServeError(f"adapter path {str(path)!r} is not allowed: it must be {where}")
-        if not (resolved / "adapter_config.json").is_file():
-            raise ServeError(f"adapter path {str(path)!r} is not an adapter directory (no adapter_config.json)")
-        return resolved
+            if self.adapters_dir is None:
+                where = "one of the adapter paths given at start (start the server with --adapters-dir to load others)"
+            else:
+                linked = os.path.normpath(p).startswith(str(self.adapters_dir) + os.sep)
+                where = "inside the adapters directory" + (" (it is a symlink leading out of it)" if linked else "")
+            raise ServeError(f"adapter path {said} is not allowed: it must be {where}")
+        if not is_adapter:
+            raise ServeError(f"adapter path {said} is not an adapter directory (no {CONFIG_NAME})")
+        return resolved, p
+
+    def _label(self, path: str | Path, resolved: Path) -> str:
+        if not Path(path).is_absolute():
+            return str(path)
+        if self.adapters_dir is not None and resolved.is_relative_to(self.adapters_dir):
+            return str(resolved.relative_to(self.adapters_dir))
+        return resolved.name
+
+    # ---- any thread: files only, the model not touched ----
+
+    def precheck(self, entry: Adapter) -> None:
+        """The cheap checks, before any load: an adapter inside adapters_dir reads no file outside it, its config
+        is one the per-row batch serves, and its weights are a readable safetensors file whose LoRA factors fit the
+        base's layers (their shapes read from the header). Raises BrokenAdapter naming the problem."""
+        try:
+            if entry.path not in self._allowed and self.adapters_dir is not None:
+                for name in (CONFIG_NAME, WEIGHTS_NAME):
+                    if not (entry.path / name).resolve().is_relative_to(self.adapters_dir):
+                        raise AdapterError(f"{entry.path / name} is a symlink to a file outside the adapters "
+                                           f"directory, which the server does not read; copy the file in its place")
+            check_servable(entry)
+            self._check_header(entry)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise self._broken(entry, e) from None
+
+    def _check_header(self, entry: Adapter) -> None:
+        weights = entry.path / WEIGHTS_NAME
+        if not weights.is_file():
+            read_adapter_weights(entry.path)  # raises the reason: missing, or a pickle (adapter_model.bin) only
+        try:
+            with safe_open(weights, framework="pt") as f:
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{weights} is not a readable safetensors file (corrupted or truncated?): {e}") from None
+        problems: dict[str, str] = {}  # module -> its first problem
+        for key, shape in shapes.items():
+            path = key.removeprefix(PREFIX)
+            for suffix, dim, side in FACTOR_KEYS:
+                if path.endswith(suffix) and len(shape) == 2:
+                    module = path[:-len(suffix)]
+                    if module not in self._modules:
+                        problems.setdefault(module, f"{module}: in the file but not in this model")
+                    elif module in self._linears and shape[dim] != self._linears[module][side]:
+                        fan_in, fan_out = self._linears[module]
+                        factor = suffix.split(".")[1]  # lora_A or lora_B
+                        problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
+                                                    f"{fan_in} -> {fan_out} here")
+                    break
+        if problems:
+            shown_problems = list(problems.values())
+            more = f"; and {len(shown_problems) - 3} more layers" if len(shown_problems) > 3 else ""
+            raise AdapterError(f"{weights.name} does not fit this base (an adapter made for another base?): "
+                               f"{'; '.join(shown_problems[:3])}{more}")
+
+    def _broken(self, entry: Adapter, e: Exception) -> BrokenAdapter:
+        """`e` as a BrokenAdapter naming the adapter, the server's paths replaced by the adapter's label."""
+        if isinstance(e, BrokenAdapter):
+            return e
+        message = str(e) if isinstance(e, (AdapterError, OSError)) else f"{type(e).__name__}: {e}"
+        message = re.sub(r"\s*\n\s*", " ", self._public(entry, message))  # one line (config errors list lines)
+        return BrokenAdapter(f"adapter {shown(entry.name)} cannot be served: {message}")
+
+    def _public(self, entry: Adapter, message: str) -> str:
+        message = message.replace(str(entry.path), entry.label)
+        if self.adapters_dir is not None:
+            message = message.replace(str(self.adapters_dir) + os.sep, "")
+        return message
+
+    def _mark_broken(self, entry: Adapter, problem: str, stamp: tuple) -> None:
+        """Take a registered adapter off the list: requests naming it get `problem` until its files change."""
+        entry.problem, entry.stamp = problem, stamp
+        with self.lock:
+            if self.adapters.get(entry.name) is entry:
+                del self.adapters[entry.name]
+                self.broken[entry.name] = entry
+                entry.registered = False
 
     # ---- engine thread only ----
 
     def check(self, entry: Adapter) -> None:
         """Load `entry` onto the model and take it off again: its files are readable and fit the base (engine
         thread; used when no slot is free to keep it resident)."""
-        check_servable(entry)
+        self.precheck(entry)
         probe = f"{entry.uid}-check"
         self._load(entry, probe)
         try:
             self._servable_layers(entry, probe)
         finally:
             delete_adapter(self.model, probe)
+        entry.verified = True
 
     def _load(self, entry: Adapter, uid: str) -> None:
-        """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure."""
+        """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure;
+        a problem of the files raises BrokenAdapter, a clash with the resident adapters AdapterConflict."""
         try:
             load_adapter(self.model, entry.path, uid)
         except TypeError as e:  # inject met a layer of the other kind (LoRA vs AdaLoRA) already on this module
             delete_adapter(self.model, uid)
-            raise AdapterError(f"{entry.path}: cannot share a layer with the adapters now resident ({e}); an AdaLoRA "
-                               f"adapter and a LoRA adapter cannot target the same module in one server") from None
+            raise AdapterConflict(f"adapter {shown(entry.name)} cannot share a layer with the adapters now resident "
+                                  f"({self._public(entry, str(e))}); an AdaLoRA adapter and a LoRA adapter cannot "
+                                  f"target the same module in one server") from None
+        except (ValueError, OSError) as e:
+            delete_adapter(self.model, uid)
+            raise self._broken(entry, e) from None
         except BaseException:
             delete_adapter(self.model, uid)
             raise
@@ -320,28 +505,40 @@ class Residency:
         layers = [layer for _, layer in lora_layers(self.model) if uid in layer.r]
         for layer in layers:
             if type(layer) not in (LoraLinear, SVDLinear):
-                raise AdapterError(f"{entry.path}: layer type {type(layer).__name__} cannot be batched per row")
+                raise self._broken(entry, AdapterError(f"layer type {type(layer).__name__} cannot be batched per "
+                                                       f"row"))
         return layers
 
     def ensure_resident(self, entry: Adapter) -> bool:
         """Put `entry` on the model, evicting the least recently used idle adapter if needed.
 
-        False when every slot holds an adapter in use (a request then waits for a row to finish).
+        False when every slot holds an adapter in use (a request then waits for a row to finish). An adapter
+        whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check (that is a 400).
         """
         if entry.slot is not None:
             self.resident.move_to_end(entry.uid)
             return True
+        if entry.problem is not None:
+            raise BrokenAdapter(entry.problem)  # known broken: its files are not read again
+        victim = None
         if not self._free_slots:
             victim = next((a for a in self.resident.values() if a.running == 0), None)
             if victim is None:
                 return False
-            self.evict(victim)
-        check_servable(entry)
-        self._load(entry, entry.uid)
+        stamp = _stamp(entry)
         try:
-            layers = self._servable_layers(entry, entry.uid)
-        except AdapterError:
-            delete_adapter(self.model, entry.uid)
+            self.precheck(entry)  # before an eviction: a broken adapter costs the resident ones nothing
+            if victim is not None:
+                self.evict(victim)
+            self._load(entry, entry.uid)
+            try:
+                layers = self._servable_layers(entry, entry.uid)
+            except AdapterError:
+                delete_adapter(self.model, entry.uid)
+                raise
+        except BrokenAdapter as e:
+            if entry.discovered or entry.verified:
+                self._mark_broken(entry, str(e), stamp)
             raise
         slot = self._free_slots.pop()
         for layer in layers:
@@ -352,7 +549,7 @@ class Residency:
                                                     self.adapter_dtype)
                 layer.row_forward = stack.forward
             stack.put(slot, A, B, scale, g)
-        entry.slot, entry.load_id = slot, next(self._loads)
+        entry.slot, entry.load_id, entry.verified = slot, next(self._loads), True
         with self.lock:
             self.resident[entry.uid] = entry
         self.stats["loads"] += 1

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.inference.greedy import argmax_rows
-from loraforge.serve.errors import ServeError
+from loraforge.serve.errors import ServeError, shown
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping or overflow
+# OpenAI documents up to 4 stop sequences; vLLM takes any number. 8 covers chat templates' several end markers.
+# A stop string's length is what a stream holds back (it may be starting), so it is bounded too.
+MAX_STOPS, MAX_STOP_CHARS = 8, 1000
 
 
 @dataclass(frozen=True)
@@ -34,22 +37,34 @@ class SamplingParams:
     def __post_init__(self):
         problems = []
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            problems.append(f"max_tokens: {self.max_tokens!r} must be a positive integer")
+            problems.append(f"max_tokens: {shown(self.max_tokens)} must be a positive integer")
         if not _is_real(self.temperature) or not 0 <= self.temperature <= 100:
-            problems.append(f"temperature: {self.temperature!r} must be between 0 and 100 (0: greedy)")
+            problems.append(f"temperature: {shown(self.temperature)} must be between 0 and 100 (0: greedy)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(f"top_p: {self.top_p!r} must be in (0, 1]")
+            problems.append(f"top_p: {shown(self.top_p)} must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
-            problems.append(f"top_k: {self.top_k!r} must be a positive integer, or 0 or -1 for every token")
+            problems.append(f"top_k: {shown(self.top_k)} must be a positive integer, or 0 or -1 for every token")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            problems.append(f"seed: {self.seed!r} must be an integer from 0 to 2**64 - 1 ({SEED_RANGE[1]})")
-        if not isinstance(self.stop, (tuple, list)) or len(self.stop) > 8 \
-                or any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append(f"stop: {self.stop!r} must be at most 8 non-empty strings")
+            problems.append(f"seed: {shown(self.seed)} must be an integer from 0 to 2**64 - 1 ({SEED_RANGE[1]})")
+        problems += _stop_problems(self.stop)
         if not isinstance(self.ignore_eos, bool):
-            problems.append(f"ignore_eos: {self.ignore_eos!r} must be true or false")
+            problems.append(f"ignore_eos: {shown(self.ignore_eos)} must be true or false")
         if problems:
             raise ServeError("; ".join(problems))
+
+
+def _stop_problems(stop) -> list[str]:
+    if not isinstance(stop, (tuple, list)) or any(not isinstance(s, str) for s in stop):
+        return [f"stop: {shown(stop)} must be a string or a list of strings"]
+    problems = []
+    if len(stop) > MAX_STOPS:
+        problems.append(f"stop: {len(stop)} strings; send at most {MAX_STOPS}")
+    if any(not s for s in stop):
+        problems.append("stop: an empty string would end every answer at once; remove it")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        problems.append(f"stop: a string of {longest:,} characters; each may have at most {MAX_STOP_CHARS:,}")
+    return problems
 
 
 def _is_int(v) -> bool:

@@ -8,12 +8,15 @@ weights on the same examples twice.
 needs the same two numbers and reads them here instead of generating again. A key covers the weights bit for bit,
 the examples' content, the generation length, the batch size, the compute precision, the device and the torch and
 transformers versions: anything else is scored anew.
+
+`within_context`: the records `loraforge eval` scores, and their perplexity examples, at the model's context.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +125,36 @@ def score(model, tokenizer, records: list[dict], fmt: str, max_new_tokens: int, 
     t0 = time.perf_counter()
     result = accuracy(model, tokenizer, records, fmt, max_new_tokens, batch_size=BATCH_SIZE, precision=precision)
     return {**result, "seconds": time.perf_counter() - t0}
+
+
+def within_context(records: list[dict], tokenizer, context: int | None) -> tuple[list[dict], list[D.Example],
+                                                                                  str | None]:
+    """The records a held-out evaluation scores at the model's context (models.context_length; None: no limit),
+    their perplexity examples, and a line saying what the context cut (None when it cut nothing).
+
+    A record whose prompt alone fills the context has no answer token to score: it is left out of the perplexity
+    and the accuracy alike, so both cover the same records. A longer record is truncated at the context for the
+    perplexity (its answer's first tokens count); its generation stops at the context (decoding.greedy)."""
+    limit = context or sys.maxsize
+    D.build_dataset(records, tokenizer, max_seq_len=sys.maxsize)  # every record readable, one format: its errors
+    fmt = D.detect_format(records[0])
+    lengths = [None if fmt == "text" else len(D.prompt_ids(r, tokenizer, fmt)) for r in records]
+    kept = [r for r, n in zip(records, lengths) if n is None or n < limit]
+    if not kept:
+        which = "its prompt" if len(records) == 1 else f"the shortest of the {len(records)} prompts"
+        raise D.DataError(f"no record fits the model's context of {context} tokens: {which} alone takes "
+                          f"{min(lengths)}, leaving no room for an answer; shorten the prompts, or evaluate a model "
+                          f"with a longer context")
+    examples, stats = D.build_dataset(kept, tokenizer, fmt, max_seq_len=limit)
+    left_out = len(records) - len(kept)
+    parts = []
+    if stats.n_truncated:
+        parts.append(f"{_records(stats.n_truncated)} truncated")
+    if left_out:
+        parts.append(f"{_records(left_out)} left out of the perplexity and the accuracy (the prompt alone fills the "
+                     f"context)")
+    return kept, examples, f"at the model's context of {context} tokens: {', '.join(parts)}" if parts else None
+
+
+def _records(n: int) -> str:
+    return f"{n} record" if n == 1 else f"{n} records"

@@ -2,7 +2,8 @@
 
 Three record formats:
   instruction  {"instruction": ..., "input": ... (optional), "output": ...}
-  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+  chat         {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (content: a string or
+               OpenAI's text parts; the first turn is system or user; tool calls and tool results are refused)
   text         {"text": ...}
 
 Labels follow the Hugging Face convention: `labels` is aligned with `input_ids` and the loss shifts by one, so
@@ -28,6 +29,12 @@ import torch
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TOOL_ROLES = ("tool", "function")  # OpenAI's tool results (and the older function results)
+TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (and the older single call)
+EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
+UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
+                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]  # FF FE starts both
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n"
                  "### Instruction:\n{instruction}\n\n### Response:\n")
@@ -53,6 +60,7 @@ class DataStats:
     n_dropped: int = 0     # too long with overflow="drop", or nothing left to supervise after truncation
     n_tokens: int = 0
     n_supervised_tokens: int = 0
+    n_eos_stripped: int = 0  # the answer ended with the EOS text already: learnt once, not twice
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -62,8 +70,10 @@ def read_records(source: str) -> list[dict]:
 
     Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it.
     """
-    path = Path(source)
+    path = Path(source).expanduser()  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
+        if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
+            raise DataError(f"no such file: {source}")
         return _read_hub(source)
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -73,9 +83,7 @@ def read_records(source: str) -> list[dict]:
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix == ".csv":
-        # Row 1 is the header, so data row i (from 0) is on line i + 2 (for rows without embedded newlines).
-        rows = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-        records = [{**row, "_source": f"{path}:{i + 2}"} for i, row in enumerate(rows)]
+        records = _read_csv(path)
     elif suffix == ".parquet":
         records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(_read_parquet(path))]
     else:
@@ -100,6 +108,26 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _read_csv(path: Path) -> list[dict]:
+    """Rows as {column: value}; header names are stripped ("instruction, output" names "output"). A header naming
+    a column twice, or a row with more fields than the header, is refused (csv.DictReader would keep the last
+    column, or file the extra fields under None)."""
+    rows = csv.reader(io.StringIO(_read_text(path), newline=""))
+    names = [name.strip() for name in next(rows, [])]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise DataError(f"{path}:1: the header names column {twice!r} twice; rename or remove one of them")
+    records, line = [], rows.line_num + 1  # line: where the next row starts (a quoted field may span lines)
+    for row in rows:
+        start, line = line, rows.line_num + 1
+        if not row:  # a blank line
+            continue
+        if len(row) > len(names):
+            raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(names)} columns "
+                            f"({', '.join(names)}); quote a field that holds a comma (\"a, b\")")
+        records.append({**dict(zip(names, row + [None] * (len(names) - len(row)))), "_source": f"{path}:{start}"})
+    return records
+
+
 def _read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(_read_text(path) or "[]")
@@ -117,8 +145,13 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_text(path: Path) -> str:
     """The file decoded as UTF-8 (a leading byte-order mark, as Windows tools write, is skipped); a byte that is not
-    UTF-8 is reported with its line and column."""
+    UTF-8 is reported with its line and column, a UTF-16 or UTF-32 file (by its byte-order mark) by its encoding."""
     raw = path.read_bytes()
+    for mark, encoding in UNICODE_BOMS:
+        if raw.startswith(mark):
+            raise DataError(f"{path}: the file is {encoding} (it starts with a {encoding} byte-order mark), not "
+                            f"UTF-8; re-encode it: iconv -f {encoding} -t UTF-8 {path} > "
+                            f"{path.with_suffix('.utf8' + path.suffix)}")
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[bom:].decode("utf-8")
@@ -159,6 +192,9 @@ def _read_hub(source: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
+        if "/" in name:  # a path (data/trian) as much as a hub name (org/name)
+            raise DataError(f"no such file: {source}; if it is a hub dataset (name[:split]), reading it needs the "
+                            f"`datasets` package: pip install 'loraforge[hub]'") from None
         raise DataError(f"{source!r} is not a local file, and reading it as a hub dataset needs the `datasets` "
                         f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet "
                         f"file)") from None
@@ -173,15 +209,31 @@ def _read_hub(source: str) -> list[dict]:
     return records
 
 
-def train_test_split(records: list[dict], test: float | int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Deterministic split: `test` is a fraction in (0, 1) or a number of records. Order within each part is kept."""
+def train_test_split(records: list[dict], test: float | int, seed: int = 0,
+                     field: str = "test") -> tuple[list[dict], list[dict]]:
+    """Deterministic split: `test` is a fraction in (0, 1) or a number of records. Order within each part is kept.
+    `field`: how the error names `test` (the config field the user set, e.g. "data.eval_fraction")."""
     n = len(records)
     n_test = round(test * n) if isinstance(test, float) else int(test)
     if isinstance(test, float) and not 0 < test < 1 or not 0 < n_test < n:
-        raise DataError(f"test={test!r} leaves {n_test} of {n} records for the test set; "
-                        f"use a fraction in (0, 1) or a count between 1 and {n - 1}")
+        if n < 2:
+            raise DataError(f"{field}={test!r}: {n} record cannot be split; give at least 2")
+        if isinstance(test, float):  # round(test * n) within [1, n - 1]: from 1/n to (n - 1)/n, written exactly
+            digits = len(str(n)) + 1
+            low, high = -(-10**digits // n), 10**digits * (n - 1) // n
+            valid = f"a fraction from {_decimal(low, digits)} to {_decimal(high, digits)}"
+        else:
+            valid = f"a count from 1 to {n - 1}"
+        raise DataError(f"{field}={test!r} holds out {n_test} of the {n} records, leaving {n - n_test} to train on; "
+                        f"use {valid} (at least 1 record on each side)")
     test_idx = set(random.Random(seed).sample(range(n), n_test))
-    return ([r for i, r in enumerate(records) if i not in test_idx], [r for i, r in enumerate(records) if i in test_idx])
+    return ([r for i, r in enumerate(records) if i not in test_idx],
+            [r for i, r in enumerate(records) if i in test_idx])
+
+
+def _decimal(units: int, digits: int) -> str:
+    """units / 10**digits written out: (25, 3) -> "0.025"."""
+    return f"{units / 10**digits:.{digits}f}".rstrip("0").rstrip(".")
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -211,27 +263,86 @@ def _field(record: dict, name: str, required: bool = True) -> str:
         raise DataError(f"{_where(record)}field {name!r} must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataError(f"{_where(record)}field {name!r} is missing or empty")
+    return _encodable(record, name, value)
+
+
+def _encodable(record: dict, name: str, value: str) -> str:
+    """value, refused where it holds half of a surrogate pair (JSON's "\\ud83d" alone: an emoji cut in two by an
+    export that truncates), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{_where(record)}field {name!r} holds an unpaired surrogate {value[e.start]!r} at position "
+                        f"{e.start} (half of a character, e.g. an emoji cut in two); remove it or restore the "
+                        f"whole character") from None
     return value
 
 
 def _messages(record: dict) -> list[dict]:
     messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if messages is not None and not isinstance(messages, list):
+        raise DataError(f"{_where(record)}field 'messages' must be a list of {{role, content}} objects, got "
+                        f"{type(messages).__name__}" + (" (text, as a CSV cell holds: give chats as JSON lists in a "
+                                                        ".jsonl file)" if isinstance(messages, str) else ""))
+    if not messages:
         raise DataError(f"{_where(record)}field 'messages' is missing or empty (expected a list of {{role, content}})")
+    plain = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        if not isinstance(m, dict):
+            raise DataError(f"{_where(record)}field 'messages[{i}]' must be a {{role, content}} object, got "
+                            f"{type(m).__name__}")
+        if m.get("role") in TOOL_ROLES or any(m.get(key) for key in TOOL_KEYS):
+            what = (f"'messages[{i}].role' is {m['role']!r} (a tool result)" if m.get("role") in TOOL_ROLES else
+                    f"'messages[{i}].{next(key for key in TOOL_KEYS if m.get(key))}' holds a tool call")
+            raise DataError(f"{_where(record)}field {what}: tool calls are not supported for training yet; leave "
+                            f"conversations with tool calls out of the training data")
+        if m.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{_where(record)}field 'messages[{i}].role' must be system, user or assistant")
-        if not isinstance(m.get("content"), str) or (m["role"] == "assistant" and not m["content"].strip()):
+        content = _content(record, i, m.get("content"))
+        if content is None or (m["role"] == "assistant" and not content.strip()):
             raise DataError(f"{_where(record)}field 'messages[{i}].content' is missing or empty")
-    if not any(m["role"] == "assistant" for m in messages):
+        plain.append({"role": m["role"], "content": content})
+    if plain[0]["role"] == "assistant":  # the template would render an empty conversation before it
+        raise DataError(f"{_where(record)}field 'messages[0]' is an assistant turn; a conversation must start with a "
+                        f"system or user turn (drop the opening assistant message or put the user's turn before it)")
+    if not any(m["role"] == "assistant" for m in plain):
         raise DataError(f"{_where(record)}field 'messages' has no assistant turn, so nothing to learn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return plain
+
+
+def _content(record: dict, i: int, content) -> str | None:
+    """A message's text: a string, or OpenAI's content parts [{"type": "text", "text": ...}, ...] joined (as the
+    server joins them); None where it is missing. Parts of another type (images, audio) are refused by name."""
+    name = f"messages[{i}].content"
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise DataError(f"{_where(record)}field '{name}[{j}]' must be a {{type, text}} object, got "
+                                f"{type(part).__name__}")
+            if part.get("type") != "text":
+                raise DataError(f"{_where(record)}field '{name}[{j}].type' is {part.get('type')!r}; only text parts "
+                                f"can be trained on (remove the others)")
+            if not isinstance(part.get("text"), str):
+                raise DataError(f"{_where(record)}field '{name}[{j}].text' must be a string, got "
+                                f"{type(part.get('text')).__name__}")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None:
+        return None
+    if not isinstance(content, str):
+        raise DataError(f"{_where(record)}field {name!r} must be a string, got {type(content).__name__}")
+    return _encodable(record, name, content)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """The chat template as text; a plain "### Role:" template for tokenizers that have none."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 -- jinja2's TemplateError ("roles must alternate"), ValueError, ...
+            raise DataError(f"the model's chat template refuses this conversation ({e}); change the conversation to "
+                            f"what the template accepts") from None
     text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
                    + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
     return text + ("### Assistant:\n" if add_generation_prompt else "")
@@ -288,14 +399,14 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
     """
     if fmt == "instruction":
         prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
-        response = _ids(tokenizer, _field(record, "output")) + [tokenizer.eos_token_id]
+        response = _ids(tokenizer, _without_eos(record, "output", tokenizer)[0]) + [tokenizer.eos_token_id]
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
         segments = [(_bos(tokenizer), False)]
         segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(_messages(record), tokenizer)]
     elif fmt == "text":
-        ids = tokenizer(_field(record, "text"))["input_ids"]  # adds BOS when the tokenizer does
-        segments = [(ids + [tokenizer.eos_token_id], True)]
+        ids = tokenizer(_without_eos(record, "text", tokenizer)[0])["input_ids"]  # adds BOS (and EOS) as it does
+        segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
     else:
         raise DataError(f"unknown format {fmt!r}; use one of {FORMATS} or 'auto'")
     input_ids, labels = [], []
@@ -303,6 +414,19 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
         input_ids += ids
         labels += ids if supervised or train_on_prompt else [IGNORE] * len(ids)
     return Example(input_ids, labels)
+
+
+def _without_eos(record: dict, name: str, tokenizer) -> tuple[str, bool]:
+    """The field's text less an EOS text it ends with (users who write "</s>" or "<|im_end|>" themselves), and
+    whether it had one: encode adds the EOS token itself, so it is learnt once, not twice."""
+    value, eos = _field(record, name), tokenizer.eos_token
+    if not eos or not value.rstrip().endswith(eos):
+        return value, False
+    value = value.rstrip()[: -len(eos)]
+    if not value.strip():
+        raise DataError(f"{_where(record)}field {name!r} holds only the end-of-sequence text {eos!r}; give the text "
+                        f"before it")
+    return value, True
 
 
 def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
@@ -343,14 +467,16 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
         fmt = detect_format(records[0])
         for i, record in enumerate(records):
             if (other := detect_format(record)) != fmt:
-                raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but record 0 is in {fmt!r}; "
-                                f"a dataset must use one format")
+                raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but "
+                                f"record 0 is in {fmt!r}; a dataset must use one format")
     stats, examples, n_too_long = DataStats(n_records=len(records)), [], 0
     for i, record in enumerate(records):
         try:
             ex = encode(record, tokenizer, fmt, train_on_prompt)
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
+        if fmt in EOS_FIELD:
+            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
         truncated = len(ex.input_ids) > max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1

@@ -4,13 +4,17 @@
 `__<rank>_0.distcp` file per process and `.metadata`, keyed by parameter name, so a run with another number of
 processes reads them back resharded), each process's RNG (`rng-<rank>.safetensors`), `trainer_state.json`
 (step, scheduler, Python RNG, data position, config, the number of processes) and `manifest.json`, written last
-by rank 0 with every file's size and SHA-256. All processes write into `.tmp-step-N` and rank 0 renames it once
-every process has finished; a kill during the save leaves only the temporary directory, which resume never
-reads. Multi-node runs need output_dir on a filesystem every node sees.
+by rank 0 with every file's size and SHA-256. Rank 0 makes a temporary directory of this save's own
+(`.tmp-step-N-<random>`, files.atomic_dir) and sends its name to every process; all write into it and rank 0 renames
+it once every process has finished. A kill during the save leaves only that directory, which resume never reads and
+the next run removes under output_dir's lock (loop.setup). Resuming with settings that change the trainable
+tensors (lora.r, lora.target_modules, method) is refused, naming what changed. Multi-node runs need output_dir on a
+filesystem every node sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,7 +29,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loraforge.config import TrainConfig, to_dict
-from loraforge.training.checkpoint import MANIFEST, TrainingError, find_checkpoint, sha256_file
+from loraforge.training.checkpoint import MANIFEST, TrainingError, config_changes, find_checkpoint, sha256_file
+from loraforge.utils.files import atomic_dir
 
 FORMAT = "dcp"  # trainer_state.json's "format": what tells a sharded checkpoint from a one-process one
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)
@@ -35,34 +40,39 @@ def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler,
                  state: dict) -> Path:
     """Write checkpoints/step-N from every process (a collective: all must call it); returns its path."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    final = root / f"step-{step:07d}"
+    with (atomic_dir(final) if rank == 0 else contextlib.nullcontext()) as made:  # rank 0: renamed at the end
+        tmp = shared_path(made)
+        model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng-{rank}.safetensors")
+        if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == f"{step}:{rank}":  # test hook: die mid-save (SIGKILL)
+            os.kill(os.getpid(), 9)
+        dist.barrier()  # every process's files are written
+        if rank == 0:
+            version, internal, gauss = random.getstate()
+            meta = {"format": FORMAT, "step": step, "world_size": world, "scheduler": scheduler.state_dict(),
+                    "python_rng": [version, list(internal), gauss], "config": to_dict(cfg), **state}
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+            if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
+                shutil.rmtree(final)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / f"rng-{rank}.safetensors")
-    if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == f"{step}:{rank}":  # test hook: die mid-save (SIGKILL)
-        os.kill(os.getpid(), 9)
-    dist.barrier()
-    if rank == 0:
-        version, internal, gauss = random.getstate()
-        meta = {"format": FORMAT, "step": step, "world_size": world, "scheduler": scheduler.state_dict(),
-                "python_rng": [version, list(internal), gauss], "config": to_dict(cfg), **state}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
-        if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    dist.barrier()  # no process goes on before step-N is in place
     return final
+
+
+def shared_path(path: Path | None) -> Path:
+    """Rank 0's `path`, the same on every process (a collective: broadcast from rank 0)."""
+    sent = [str(path) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(sent, src=0)
+    return Path(sent[0])
 
 
 def verify_sharded(path: Path) -> str | None:
@@ -90,17 +100,21 @@ def find_sharded(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     return find_checkpoint(root, verify_sharded)
 
 
-def load_sharded(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
+def load_sharded(path: Path, module: nn.Module, optimizer, scheduler, config: dict | None = None) -> dict:
     """Read a sharded checkpoint into this run's shards, whatever the number of processes that wrote it (a
-    collective). RNG states come back when the number of processes is the same; returns trainer_state."""
+    collective). RNG states come back when the number of processes is the same; returns trainer_state.
+
+    Trainable tensors whose names or shapes differ from the checkpoint's are refused with TrainingError, naming the
+    settings (`config`: to_dict of the current config) that differ from the ones it was written with."""
     meta = json.loads((path / "trainer_state.json").read_text())
     model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
     state = {"model": model_state, "optim": optim_state}
+    if why := shape_mismatch(path, model_state):  # DCP refuses with a traceback (a BaseException) naming no setting
+        raise mismatch_error(path, why, meta, config)
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP names the missing keys: a checkpoint of another model or method
-        raise TrainingError(f"checkpoint {path} does not match this model/config ({str(e).splitlines()[0][:200]}); "
-                            f"resume with the config the run was started with") from None
+    except Exception as e:  # DCP names what else it could not read
+        raise mismatch_error(path, str(e).splitlines()[0][:200], meta, config) from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=OPTIONS)
     scheduler.load_state_dict(meta["scheduler"])
@@ -116,3 +130,25 @@ def load_sharded(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return meta
+
+
+def shape_mismatch(path: Path, model_state: dict) -> str | None:
+    """What differs between the checkpoint's model tensors (names, global shapes: its .metadata) and this run's;
+    None when they are the same."""
+    saved = {key.removeprefix("model."): entry.size
+             for key, entry in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if key.startswith("model.")}
+    missing = sorted(set(model_state) - set(saved))
+    if missing or set(saved) - set(model_state):
+        return f"missing {missing[:3]}" if missing else f"not in this model {sorted(set(saved) - set(model_state))[:3]}"
+    for name, tensor in model_state.items():  # a DTensor's shape is the whole tensor's, not this process's shard
+        if list(tensor.shape) != list(saved[name]):
+            return f"{name} {list(saved[name])} in the checkpoint, {list(tensor.shape)} here"
+    return None
+
+
+def mismatch_error(path: Path, why: str, meta: dict, config: dict | None) -> TrainingError:
+    changed = config_changes(meta.get("config") or {}, config) if config is not None else []
+    return TrainingError(f"checkpoint {path} does not match this model/config ({why}"
+                         + (f"; changed since it was written: {', '.join(changed)}" if changed else "")
+                         + "); resume with the config the run was started with")

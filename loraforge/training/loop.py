@@ -34,7 +34,7 @@ from loraforge.config import TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
-from loraforge.models import load_model, load_tokenizer
+from loraforge.models import check_fits_context, load_config, load_model, load_tokenizer
 from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
@@ -53,8 +53,9 @@ from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, open_tracker
 from loraforge.utils.allocator import line as allocator_line
+from loraforge.utils.files import DiskError
 from loraforge.utils.hf import enable_checkpointing
-from loraforge.utils.outputs import check_not_input, check_run_output, hold_output
+from loraforge.utils.outputs import OutputError, check_not_input, check_run_output, hold_output
 
 
 @dataclass
@@ -184,8 +185,10 @@ def training_attention(cfg: TrainConfig, device: torch.device) -> str:
 def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing) -> str:
     """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
     shared prefixes save; packed rows compute one position per real token and share nothing)."""
+    eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
+           if stats.get("n_eos_stripped") else "")
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
-            f"dropped), {n_eval} held out; padded batches would be {100 * padding:.1f}% padding")
+            f"dropped{eos}), {n_eval} held out; padded batches would be {100 * padding:.1f}% padding")
     rule = f"{D.PACK_MIN_PADDING:.0%} padding"
     if net < padding:
         text += (f"; computing the prefix their rows share once, they would compute {1 / (1 - net):.2f} positions "
@@ -194,6 +197,18 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if pack:
         return text + ": packed"
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
+
+
+def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: int) -> str:
+    """The error when the data make less than one optimizer step, naming the batch setting in force and its value
+    (`n_batches`: the micro-batches one epoch makes)."""
+    t = cfg.training
+    if t.batch_tokens is None:
+        return (f"{n_examples} training examples are fewer than one optimizer step needs (batch_size {t.batch_size} "
+                f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); lower training.batch_size")
+    return (f"{n_examples} training examples fill {n_batches} batches of training.batch_tokens {t.batch_tokens}, "
+            f"fewer than one optimizer step needs (gradient_accumulation {t.gradient_accumulation} × {world} "
+            f"processes); lower training.batch_tokens (it is {t.batch_tokens})")
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:
@@ -313,7 +328,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
           held: contextlib.ExitStack) -> Run:
     """Everything before the first step: processes, output folder, precision, data, model, optimizer, resume.
 
-    Rank 0 enters output_dir's lock (outputs.hold_output) into `held`, before output_dir is checked or read."""
+    Rank 0 enters output_dir's lock (outputs.hold_output) into `held`, before output_dir is checked or read; when
+    it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     t = cfg.training
     torch.manual_seed(t.seed)
@@ -321,26 +337,35 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     out = Path(cfg.output_dir)
     inputs = [cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter]
     init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading or writing
+    refusal = None
     if rank == 0:
-        check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
-        held.enter_context(hold_output(out))  # a second run into output_dir is refused here
-        for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
-            remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
-    stale = check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs)  # before any loading
-    if rank == 0:
-        for d in stale:  # the earlier run's checkpoints: this run's replace them
-            shutil.rmtree(d)
+        try:
+            check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
+            held.enter_context(hold_output(out))  # a second run into output_dir is refused here
+            for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
+                remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
+            for d in check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs):  # before any loading
+                shutil.rmtree(d)  # the earlier run's checkpoints: this run's replace them
+        except (OutputError, DiskError) as e:
+            refusal = e
+    if world > 1:  # every rank learns rank 0's answer now, rather than at its first collective (after a timeout)
+        answer = [refusal]
+        dist.broadcast_object_list(answer, src=0)  # rank 0's list stays as it was: its own exception
+        refusal = answer[0]
+    if refusal is not None:
+        raise refusal
 
     precision = precision or run_precision(cfg, device)
     if rank == 0:
         print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
-    per_epoch = len(micro_batches(train_examples, cfg, 0, mixture)) // (t.gradient_accumulation * world)
+    longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence
+    check_fits_context(cfg.data.max_seq_len, load_config(cfg.model.name), longest=longest)  # GPT-2 would crash
+    n_batches = len(micro_batches(train_examples, cfg, 0, mixture))
+    per_epoch = n_batches // (t.gradient_accumulation * world)
     if per_epoch == 0:
-        raise TrainingError(f"{len(train_examples)} training examples are fewer than one optimizer step needs "
-                            f"(batch_size {t.batch_size} × gradient_accumulation {t.gradient_accumulation} × "
-                            f"{world} processes); lower training.batch_size")
+        raise TrainingError(too_few_examples(cfg, len(train_examples), n_batches, world))
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
     mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
@@ -408,7 +433,7 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
                             f"output_dir")
-    meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler) if run.sharded
+    meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     if run.is_main:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
@@ -429,7 +454,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds).
 
     With `stop`: once it is requested (SIGINT, SIGTERM, SIGUSR1), the loop saves a checkpoint at the step it
-    reached and raises KeyboardInterrupt; `--resume` continues from there."""
+    reached and raises Stopped (a KeyboardInterrupt naming the signal); `--resume` continues from there. Whatever
+    ends the loop, the progress bar is closed first, so what is printed next starts on a line of its own."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
     log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log,  # after a resume: from run.step on
                                 until_step=run.step if append_log else None),
@@ -439,65 +465,60 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     loss_value, eval_loss = float("nan"), None
     epoch_batches: dict[int, list[list[int]]] = {}
     group = t.gradient_accumulation * run.world
-    while run.step < run.total_steps:
-        if stop is not None and stop.requested:
-            if not (run.ckpt_root / f"step-{run.step:07d}").exists():
-                save_step(run)
-            if run.is_main:
-                bar.write(f"stopped at step {run.step} ({stop.name}): checkpoint saved; continue with --resume")
-                bar.close()
-                log.close()
-            raise KeyboardInterrupt
-        # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r takes r, r+world, ...
-        epoch, within = divmod(run.step, run.per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch, run.mixture)}
-        step_batches = epoch_batches[epoch][within * group:(within + 1) * group]
-        batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
-                   for idx in step_batches[run.rank::run.world]]
+    try:
+        while run.step < run.total_steps:
+            if stop is not None and stop.requested:
+                checkpoint = run.ckpt_root / f"step-{run.step:07d}"
+                if not checkpoint.exists():
+                    save_step(run)
+                raise Stopped(stop.signum, f"stopped by {stop.name} after step {run.step} of {run.total_steps}: "
+                                           f"checkpoint {checkpoint} saved")
+            # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r: r, r+world, ...
+            epoch, within = divmod(run.step, run.per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch, run.mixture)}
+            step_batches = epoch_batches[epoch][within * group:(within + 1) * group]
+            batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
+                       for idx in step_batches[run.rank::run.world]]
 
-        # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step
-        try:
+            # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses: the schedule moves on after it
             loss_value, grad_norm, skipped = optimizer_step(run, batches)
-        except TrainingError:
-            if log is not None:
-                log.close()
-            raise
-        run.step += 1
-        run.tokens_seen += sum(len(run.train_examples[i].input_ids)
-                               for idx in step_batches for i in idx)  # real tokens, no padding
+            run.step += 1
+            run.tokens_seen += sum(len(run.train_examples[i].input_ids)
+                                   for idx in step_batches for i in idx)  # real tokens, no padding
 
-        # 5. log, evaluate, checkpoint
-        elapsed = time.perf_counter() - start
-        tps = (run.tokens_seen - start_tokens) / max(elapsed, 1e-9)
-        if run.is_main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
-                            **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
-            if skipped:
-                bar.write(f"step {run.step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
-                          f"{scaler.get_scale():g} ({run.skipped_steps} skipped so far)")
-            if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
-                extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
-                         if scaler.is_enabled() else {})
-                if run.allocator is not None:
-                    extra["rank_budget"] = run.allocator.budget(run.step)[0]  # AdaLoRA's total rank at this step
-                log.write(step=run.step, loss=loss_value, lr=run.scheduler.get_last_lr()[0],
-                          grad_norm=float(grad_norm), tokens=run.tokens_seen, tokens_per_s=tps, elapsed_s=elapsed,
-                          **extra)
-        if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
-            with unsharded(run.ddp):
-                eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
-                                            cfg.data.max_seq_len, precision=run.precision.compute)
+            # 5. log, evaluate, checkpoint
+            elapsed = time.perf_counter() - start
+            tps = (run.tokens_seen - start_tokens) / max(elapsed, 1e-9)
             if run.is_main:
-                log.write(step=run.step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
-                          f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
-        if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
-            save_step(run)
-    bar.close()
-    if log is not None:
-        log.close()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
+                                **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
+                if skipped:
+                    bar.write(f"step {run.step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
+                              f"{scaler.get_scale():g} ({run.skipped_steps} skipped so far)")
+                if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
+                    extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
+                             if scaler.is_enabled() else {})
+                    if run.allocator is not None:
+                        extra["rank_budget"] = run.allocator.budget(run.step)[0]  # AdaLoRA's total rank at this step
+                    log.write(step=run.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=run.tokens_seen,
+                              tokens_per_s=tps, elapsed_s=elapsed, **extra)
+            if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
+                with unsharded(run.ddp):
+                    eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
+                                                cfg.data.max_seq_len, precision=run.precision.compute)
+                if run.is_main:
+                    log.write(step=run.step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
+                              f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
+            if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
+                save_step(run)
+    finally:
+        bar.close()  # ends the bar's line: an error or the stop's message is printed after it
+        if log is not None:
+            log.close()
     return loss_value, eval_loss, time.perf_counter() - start
 
 
@@ -517,21 +538,40 @@ def checkpoint_state(run: Run) -> dict:
             "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal (StopRequest): `signum` names it, and the CLI exits with `exit_code`, 128 + its
+    number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138 on Linux)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 class StopRequest:
     """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (`kill`, `docker stop`, systemd,
     Kubernetes, Slurm's pre-emption) or SIGUSR1 (Slurm's `--signal`) asks the loop to stop after the step it is in,
-    with a checkpoint, rather than interrupting it mid-step; a second one interrupts at once. Only in the main
-    thread of a single process (under torchrun the ranks could see it at different steps: there they interrupt)."""
+    with a checkpoint, rather than interrupting it mid-step; a second one interrupts at once. Either way Stopped
+    carries the signal. Only in the main thread of a single process (under torchrun the ranks could see it at
+    different steps: there they interrupt)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self.name, self._previous = enabled, False, None, {}
+        self.enabled, self.requested, self.signum, self._previous = enabled, False, None, {}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.name = True, signal.Signals(signum).name
+            raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} after {self.name}, in the middle "
+                                  f"of a step; the last complete checkpoint is kept")
+        self.requested, self.signum = True, signum
 
     def __enter__(self) -> StopRequest:
         if self.enabled and threading.current_thread() is threading.main_thread():

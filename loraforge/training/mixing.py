@@ -108,8 +108,16 @@ def read_sources(c: DataConfig, seed: int) -> tuple[list[list[dict]], list[tuple
     if not eval_sources and c.eval_fraction > 0:
         for i, (source, records) in enumerate(zip(train_sources, train)):
             if len(records) >= 20:
-                train[i], part = D.train_test_split(records, c.eval_fraction, seed=seed)
-                held.append((label("train", i, source, len(train_sources)), source.format or c.format, part))
+                name = label("train", i, source, len(train_sources))
+                try:
+                    train[i], part = D.train_test_split(records, c.eval_fraction, seed=seed, field="data.eval_fraction")
+                except D.DataError as e:
+                    problems.append(f"{name}: {e}")
+                    continue
+                held.append((name, source.format or c.format, part))
+    if problems:
+        raise D.DataError("\n".join(problems) if len(problems) == 1 else
+                          f"{len(problems)} data sources cannot be split:\n  " + "\n  ".join(problems))
     return train, held
 
 
@@ -118,7 +126,7 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     and the mixture that draws epochs from them. Every source's problem is reported in one DataError."""
     train_records, eval_records = read_sources(c, seed)
     train_sources = c.sources("train")
-    problems, examples, per_source = [], [], []
+    problems, examples, per_source, failed = [], [], [], set()
     for i, (source, records) in enumerate(zip(train_sources, train_records)):
         try:
             built, stats = D.build_dataset(records, tokenizer, source.format or c.format, c.max_seq_len,
@@ -126,11 +134,14 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         except D.DataError as e:
             problems.append(f"{label('train', i, source, len(train_sources))}: {e}" if len(train_sources) > 1
                             else str(e))
+            failed.add(label("train", i, source, len(train_sources)))
             continue
         examples.append(built)
         per_source.append(stats)
-    held_out = []
+    held_out, held_from_train = [], not c.sources("eval")  # without data.eval: parts of the train sources, by name
     for name, fmt, records in eval_records:
+        if held_from_train and name in failed:  # the source is reported already: one source, one problem
+            continue
         try:
             held_out += D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow)[0]
         except D.DataError as e:
@@ -170,8 +181,9 @@ def sources_report(mixture: Mixture, stats: dict) -> str:
     for i, (row, count, tok) in enumerate(zip(rows, counts, tokens)):
         rule = (f"weight {mixture.weights[i]:.2f}" if mixture.weights is not None
                 else f"epochs {mixture.epochs[i]:g}")
+        eos = f", {row['n_eos_stripped']} ending in the EOS text (learnt once)" if row["n_eos_stripped"] else ""
         lines.append(f"  {row['name']}: {row['n_records']} records ({row['n_truncated']} truncated, "
-                     f"{row['n_dropped']} dropped), {rule}: {count:.0f} examples, "
+                     f"{row['n_dropped']} dropped{eos}), {rule}: {count:.0f} examples, "
                      f"{100 * tok / max(sum(tokens), 1e-9):.0f}% of the tokens per epoch")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from loraforge.utils.files import atomic_file, disk_error
 
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses at most the line being written (and
-    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError.
+    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError. Strict JSON: a
+    value that is not a finite number (fp16's grad_norm on a skipped step is inf) is written as null, which every
+    JSON reader (the dashboard's browser, jq, pandas) takes, where Python's `Infinity` is refused.
 
     `until_step` (appending after a resume from that step): rows of later steps, logged before the crash by the run
     that is resumed, are dropped, so the steps it does again are not in the file twice."""
@@ -30,7 +33,8 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         try:
-            self.file.write(json.dumps(record) + "\n")
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(row, allow_nan=False) + "\n")
             self.file.flush()
         except OSError as e:
             error = disk_error(self.path, e)

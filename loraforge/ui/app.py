@@ -5,24 +5,27 @@ Page: GET /ui/ (static index.html, app.js, style.css, vendored uPlot). JSON unde
   GET  info                      served model, models and dataset files the form offers
   GET  runs                      every run with its status and config
   GET  runs/{name}/metrics       metrics.jsonl rows from ?offset= on
-  GET  runs/{name}/events        the same as server-sent events while the run is running, then `event: end`
+  GET  runs/{name}/events        the same as server-sent events while the run may still write rows, then `event: end`
   GET  runs/{name}/extras        AdaLoRA ranks, forgetting report, the tail of train.log
   POST runs                      start a run from the form (400 with the CLI's message for a bad value)
   POST runs/{name}/stop          SIGINT: the run stops, keeping its last complete checkpoint
   GET  runs/{name}/adapter.zip   the run's adapter directory as a zip
   GET  adapters                  adapter directories under the server's adapters_dir (for POST /v1/adapters)
 The playground and adapter loading use the OpenAI-compatible /v1 endpoints themselves. Every name or path from
-the browser is resolved inside its folder (runs.inside); nothing from it reaches a shell or eval.
+the browser is resolved inside its folder (runs.inside); nothing from it reaches a shell or eval. RequestGuard
+keeps other web pages out (CSRF, DNS rebinding).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
-import secrets
+import os
 import zipfile
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -31,13 +34,22 @@ from fastapi.staticfiles import StaticFiles
 from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.api import create_app
+from loraforge.serve.api import SHUTDOWN_GRACE_S, create_app, key_ok
 from loraforge.serve.engine import Engine
 from loraforge.ui import runs as R
 from loraforge.ui.launch import METHODS, Launcher, form_config
 
 STATIC = Path(__file__).parent / "static"
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what `loraforge train` reads (training.data.read_records)
+MAX_DATASETS = 500
+MAX_WALKED_DIRS = 2000  # folders the dataset list looks into: a huge --data-dir does not stall each page load
+SKIPPED_DIRS = ("node_modules", "__pycache__")  # never datasets; hidden folders and the runs folder are skipped too
+EVENT_BYTES = 1 << 20  # metrics.jsonl per server-sent event: a 100k-row file goes in pieces, not in one 13 MB event
+FOLLOW_IDLE_S = 60.0  # a run not launched from the page is followed until its metrics.jsonl has rested this long
+LOG_TAIL = 4000  # bytes of train.log the extras show
+CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+ANY_ADDRESS = ("0.0.0.0", "::")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
@@ -50,6 +62,122 @@ class _Denied(Exception):
         self.args = (status, message, code)
 
 
+def _host_port(value: str, scheme: str) -> tuple[str | None, int | None]:
+    """(name, port) of a Host header ('[::1]:8000' -> ('::1', 8000); no port: the scheme's); (None, None) if bad."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return parts.hostname, parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None, None
+
+
+def _loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def same_origin(origin: str, scheme: str, host: str) -> bool:
+    """The Origin header names the server the request reached (scheme, host and port): the page is its own."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return False
+    return parts.scheme == scheme and parts.hostname is not None and (parts.hostname, port) == _host_port(host, scheme)
+
+
+class RequestGuard:
+    """ASGI middleware that refuses, before any route runs, what another web page could make a browser send:
+    - a Host header that is not an address the server listens on (DNS rebinding: a site whose name now points at
+      127.0.0.1 would read every run): 400. Loopback names and `host` (--host) are fine; with --host 0.0.0.0
+      (which needs an API key) any. Mounted without `host`, a server reached on a loopback address takes loopback
+      names only;
+    - a request that changes something (POST, PUT, PATCH, DELETE) from another origin: an Origin header that is not
+      this server, or Sec-Fetch-Site other than same-origin / none (CSRF): 403; a body not declared JSON (a plain
+      HTML form posts text/plain without asking first): 415.
+    The API key is checked after it (/ui/api here, /v1 and the API docs by serve.api.KeyCheck; /health stays open)."""
+
+    def __init__(self, app, host: str | None = None):
+        self.app, self.host = app, host
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (refusal := self.refusal(Request(scope))) is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        scheme, host = request.scope.get("scheme", "http"), request.headers.get("host", "")
+        if not self.host_ok(request, host):
+            port = (request.scope.get("server") or (None, None))[1]
+            return _error(400, f"Host header {host!r}: not an address this server listens on; open "
+                               f"http://127.0.0.1{f':{port}' if port else ''}/ui/ (localhost and [::1] work too), "
+                               f"or start the server with --host set to the name you use", "bad_host")
+        if request.method in CHANGING:
+            origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+            own = f"{scheme}://{host}"
+            if origin is not None and not same_origin(origin, scheme, host):
+                return _error(403, f"Origin {origin!r}: a request that changes something must come from this "
+                                   f"server's own page ({own}/ui/); other sites may not", "cross_origin")
+            if site is not None and site not in ("same-origin", "none"):
+                return _error(403, f"Sec-Fetch-Site {site!r}: a request that changes something must come from "
+                                   f"this server's own page ({own}/ui/); other sites may not", "cross_origin")
+            kind = request.headers.get("content-type", "")
+            if self.has_body(request) and kind.split(";")[0].strip().lower() != "application/json":
+                shown = repr(kind) if kind else "missing"
+                return _error(415, f"Content-Type {shown}: send the body as JSON, with the header "
+                                   f"'Content-Type: application/json'", "unsupported_media_type")
+        return None
+
+    def host_ok(self, request: Request, host: str) -> bool:
+        """A loopback name or --host, with any port (an SSH tunnel's local port too): a rebinding site's name is
+        neither, while the Host a browser sends always names where it connected."""
+        if self.host in ANY_ADDRESS:
+            return True
+        name, _ = _host_port(host, request.scope.get("scheme", "http"))
+        server = (request.scope.get("server") or ("", None))[0] or ""
+        if name is None:
+            return False
+        if self.host is None and not _loopback(server):  # reached beyond loopback: --host needed a key
+            return True
+        return _loopback(name) or (self.host is not None and name == self.host.strip("[]").lower())
+
+    @staticmethod
+    def has_body(request: Request) -> bool:
+        if "transfer-encoding" in request.headers:
+            return True
+        try:
+            return int(request.headers.get("content-length") or 0) != 0
+        except ValueError:
+            return True
+
+
+def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
+    """What the form offers as datasets: the files under `data_dir` that `train` reads (by suffix), sorted, at most
+    MAX_DATASETS. Hidden files and folders, the runs folder (wherever it lies), SKIPPED_DIRS and links out of
+    `data_dir` are left out; at most MAX_WALKED_DIRS folders are looked into."""
+    found = []
+    for walked, (folder, dirs, files) in enumerate(os.walk(data_dir)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
+                         and Path(folder, d).resolve() != runs_dir)
+        found += [Path(folder, f).relative_to(data_dir) for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in DATA_SUFFIXES]
+        if walked + 1 >= MAX_WALKED_DIRS:
+            break
+    return sorted(p.as_posix() for p in found if R.within(data_dir, p) is not None)[:MAX_DATASETS]
+
+
+def attachment(filename: str) -> str:
+    """Content-Disposition of a download named `filename`, whatever its characters: an ASCII fallback, and the name
+    itself in UTF-8 as filename* (RFC 6266 / RFC 5987)."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, str], engine=None,
                   api_key: str | None = None) -> tuple[APIRouter, Launcher]:
     """The /ui routes over `runs_dir` (runs), `data_dir` (dataset files) and `models` (name offered -> model.name)."""
@@ -58,76 +186,89 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
     launcher = Launcher(runs_dir)
 
     def auth(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if api_key is not None and not key_ok(request.headers.get("authorization", ""), api_key):
             raise _Denied(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                           "invalid_api_key")
 
-    def run_path(name: str) -> Path:
+    def run_path(given: str) -> tuple[Path, str]:
+        """The run's directory and its name as the runs folder spells it ('a/../b' is 'b'); 400 or 404 else."""
         try:
-            path = R.inside(runs_dir, name, must_exist=False)
+            path = R.inside(runs_dir, given, must_exist=False)
         except R.PathError as e:
             raise _Denied(400, str(e), "bad_path") from None
-        if name.split("/")[0] == R.UI_DIR or not (path.exists() or (R.meta_dir(runs_dir, name) / "launch.json").is_file()):
-            raise _Denied(404, f"no run {name!r} in {runs_dir}", "not_found")
-        return path
+        name = path.relative_to(runs_dir).as_posix()
+        if R.UI_DIR in Path(name).parts or not (path.exists() or R.meta_file(runs_dir, name, "launch.json")):
+            raise _Denied(404, f"no run {given!r} in {runs_dir}", "not_found")
+        return path, name
+
+    def status(path: Path, name: str) -> str:
+        if name in launcher.running():
+            return "running"
+        launcher.settle(name)
+        return R.status(path, R.read_launch(runs_dir, name))
+
+    def check_offset(path: Path, name: str, offset: int) -> None:
+        size = R.metrics_size(path)
+        if not 0 <= offset <= size:
+            raise _Denied(400, f"offset {offset}: not a position in {name}/metrics.jsonl, which holds {size} bytes; "
+                               f"read it from offset=0", "bad_offset")
 
     api = APIRouter(prefix="/ui/api", dependencies=[Depends(auth)])
 
     @api.get("/info")
     def info():
-        datasets = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
-                          if p.is_file() and p.suffix in DATA_SUFFIXES and R.UI_DIR not in p.parts
-                          and not p.relative_to(data_dir).as_posix().startswith(runs_dir.name + "/"))[:500]
-        return {"model": getattr(engine, "base_name", None), "models": list(models), "datasets": datasets,
-                "methods": list(METHODS), "auth": api_key is not None}
+        return {"model": getattr(engine, "base_name", None), "models": list(models),
+                "datasets": dataset_files(data_dir, runs_dir), "methods": list(METHODS), "auth": api_key is not None}
 
     @api.get("/runs")
     def runs():
-        return {"runs": R.list_runs(runs_dir, launcher.running())}
-
-    def _status(path: Path) -> str:
-        name = path.relative_to(runs_dir).as_posix()
-        if name in launcher.running():
-            return "running"
-        return R.status(path, R._json(R.meta_dir(runs_dir, name) / "launch.json"))
+        launcher.settle_all()
+        return JSONResponse({"runs": R.list_runs(runs_dir, launcher.running())})
 
     @api.get("/runs/{name:path}/metrics")
     def metrics(name: str, offset: int = 0):
-        path = run_path(name)
-        rows, end = R.read_metrics(path, max(0, offset))
-        return {"rows": rows, "offset": end, "status": _status(path)}
+        path, name = run_path(name)
+        check_offset(path, name, offset)
+        rows, end = R.read_metrics(path, offset)
+        return JSONResponse({"rows": rows, "offset": end, "status": status(path, name)})
 
     @api.get("/runs/{name:path}/events")
     async def events(name: str, offset: int = 0, interval: float = 0.5):
-        path = run_path(name)
+        path, name = await asyncio.to_thread(run_path, name)
+        await asyncio.to_thread(check_offset, path, name, offset)
         interval = min(max(interval, 0.1), 5.0)
 
+        def step(pos: int) -> tuple[str, int, bool, bool]:
+            """In a worker thread (files, /proc, JSON): the event's text, the new offset, more to read at once, done.
+            Done when nothing more will come: the run is not running, and, if nothing says how it ended (a run
+            started in a terminal), its metrics.jsonl has not grown for FOLLOW_IDLE_S."""
+            state = status(path, name)
+            rows, end = R.read_metrics(path, pos, EVENT_BYTES)
+            more = end - pos >= EVENT_BYTES
+            done = not more and state != "running" and (state != "unknown" or R.metrics_age(path) >= FOLLOW_IDLE_S)
+            data = json.dumps({"rows": rows, "offset": end, "status": state}, allow_nan=False)
+            return f"event: end\ndata: {data}\n\n" if done else f"data: {data}\n\n" if rows else "", end, more, done
+
         async def stream():
-            pos = max(0, offset)
+            pos = offset
             while True:
-                state = _status(path)
-                rows, pos = R.read_metrics(path, pos)
-                if rows:
-                    yield f"data: {json.dumps({'rows': rows, 'offset': pos, 'status': state})}\n\n"
-                if state != "running":
-                    rows, pos = R.read_metrics(path, pos)  # lines written just before the exit
-                    yield f"event: end\ndata: {json.dumps({'rows': rows, 'offset': pos, 'status': state})}\n\n"
+                text, pos, more, done = await asyncio.to_thread(step, pos)
+                if text:
+                    yield text
+                if done:
                     return
-                yield ": keep-alive\n\n"
-                await asyncio.sleep(interval)
+                if not more:
+                    yield ": keep-alive\n\n"
+                    await asyncio.sleep(interval)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.get("/runs/{name:path}/extras")
     def extras(name: str):
-        path = run_path(name)
-        log = R.meta_dir(runs_dir, name) / "train.log"
-        tail = log.read_bytes()[-4000:].decode(errors="replace") if log.is_file() else None
-        return {"ranks": R.rank_pattern(path), "forgetting": R.forgetting(path), "log": tail}
+        path, name = run_path(name)
+        return {"ranks": R.rank_pattern(path), "forgetting": R.forgetting(path),
+                "log": R.tail(R.meta_file(runs_dir, name, "train.log"), LOG_TAIL)}
 
     @api.post("/runs")
     async def start(request: Request):
@@ -150,24 +291,26 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
 
     @api.post("/runs/{name:path}/stop")
     def stop(name: str):
-        run_path(name)
+        _, name = run_path(name)
+        if not R.read_launch(runs_dir, name):
+            return _error(409, f"run {name!r} was not started from the dashboard: stop it where it runs (Ctrl-C, "
+                               f"or kill its process)", "not_launched")
         if not launcher.stop(name):
-            return _error(409, f"run {name!r} is not running", "not_running")
+            return _error(409, f"run {name!r} is not running (its process ended)", "not_running")
         return {"name": name, "stopping": True}
 
     @api.get("/runs/{name:path}/adapter.zip")
     def adapter_zip(name: str):
-        adapter = run_path(name) / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
+        path, name = run_path(name)
+        files = R.adapter_files(path)
+        if not files:
             return _error(404, f"run {name!r} has no adapter (yet)", "not_found")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(adapter.iterdir()):
-                if f.is_file() and not f.is_symlink():
-                    z.write(f, f"{Path(name).name}/{f.name}")
-        filename = Path(name).name.replace('"', "") + "-adapter.zip"
+            for f in files:
+                z.write(f, f"{path.name}/{f.name}")
         return Response(buf.getvalue(), media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                        headers={"Content-Disposition": attachment(f"{path.name}-adapter.zip")})
 
     @api.get("/adapters")
     def adapters():
@@ -193,8 +336,9 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
 
 
 def mount(app: FastAPI, runs_dir: str | Path, data_dir: str | Path, models: dict[str, str], engine=None,
-          api_key: str | None = None) -> Launcher:
-    """Add the dashboard to a serve app (loraforge.serve.api.create_app)."""
+          api_key: str | None = None, host: str | None = None) -> Launcher:
+    """Add the dashboard to a serve app (loraforge.serve.api.create_app), behind RequestGuard; `host`: the address
+    the server listens on (--host), for the Host check."""
     router, launcher = create_router(runs_dir, data_dir, models, engine, api_key)
 
     @app.exception_handler(_Denied)
@@ -203,6 +347,7 @@ def mount(app: FastAPI, runs_dir: str | Path, data_dir: str | Path, models: dict
 
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+    app.add_middleware(RequestGuard, host=host)
     return launcher
 
 
@@ -235,15 +380,15 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
 
     check_host(host, api_key)
     Path(runs).mkdir(parents=True, exist_ok=True)
-    chosen = choose(precision, dtype, device="cpu")
+    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))
     print(chosen.line(), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters_dir=adapters_dir or runs)
     app = create_app(engine, api_key=api_key)
-    mount(app, runs, data_dir, training_models(model, models_dir), engine, api_key)
+    mount(app, runs, data_dir, training_models(model, models_dir), engine, api_key, host)
     print(f"dashboard on http://{host}:{port}/ui/ (runs: {Path(runs).resolve()}, datasets: "
           f"{Path(data_dir).resolve()}); API on http://{host}:{port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         engine.stop()

@@ -5,9 +5,14 @@ The form's fields become a config dict that goes through the same validation as 
 <runs>/.ui/<name>/config.yaml and the run is `python -m loraforge train that.yaml` (an argv list, never a shell),
 in its own session so that closing the page, or Ctrl-C on the server, does not stop it.
 
-Stop sends SIGINT: train raises KeyboardInterrupt between operations and the CLI exits 130. Checkpoints are
-written to a temporary directory and renamed, so the last complete one is kept whatever the moment; the run
-continues from it with `loraforge train <config.yaml> --resume`. A run that has not exited 10 s later gets SIGTERM.
+Stop sends SIGINT: train finishes the step it is in, saves a checkpoint of it and the CLI exits 130 (128 + the
+signal's number; 143 after the SIGTERM below). Checkpoints are written to a temporary directory and renamed, so the
+last complete one is kept whatever the moment; the run continues from it with `loraforge train <config.yaml>
+--resume`. A run that has not exited 10 s later gets SIGTERM, which interrupts it at once. Only the process
+launched for the run is signalled: one this launcher holds, or, after a server restart, the process launch.json names
+if its command line and start time are still the recorded ones (runs.launched_alive); never a process that reused
+the id. A launched run whose process ended while no launcher waited for it gets its exit recorded from what it left
+(settle), so it reads stopped or finished, not failed.
 """
 
 from __future__ import annotations
@@ -25,17 +30,23 @@ from pathlib import Path
 import yaml
 
 from loraforge.config import load_train_config
-from loraforge.ui.runs import PathError, inside, meta_dir, pid_alive
+from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
+                               read_launch)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
 
 
-def _scalar(value):
-    """A form value as the CLI reads `key=value`: parsed as YAML (so '8' is 8, '2e-4' a float, '' None)."""
+def _scalar(key: str, value):
+    """A form value as the CLI reads `key=value`: parsed as YAML (so '8' is 8, '2e-4' a float, '' None); a value
+    that is not YAML raises the CLI's own ConfigError for the override `key=value`."""
     if not isinstance(value, str):
         return value
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        load_train_config(None, [f"{key}={value}"])  # the CLI's override parser: raises its message for this value
+        raise
     return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
 
 
@@ -54,16 +65,17 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     dataset = inside(data_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
     targets = [t.strip() for t in str(form.get("target_modules") or "").split(",") if t.strip()]
-    lora = {"r": _scalar(form.get("r", "8")), "lora_alpha": _scalar(form.get("lora_alpha", "16"))}
+    lora = {"r": _scalar("lora.r", form.get("r", "8")),
+            "lora_alpha": _scalar("lora.lora_alpha", form.get("lora_alpha", "16"))}
     if targets:
         lora["target_modules"] = targets
     if method == "dora":
         method, lora["use_dora"] = "lora", True
-    training = {"lr": _scalar(form.get("lr", "2e-4")), "max_steps": _scalar(form.get("max_steps", "100")),
-                "save_every": _scalar(form.get("save_every", "10"))}
+    training = {key: _scalar(f"training.{key}", form.get(key, default))
+                for key, default in (("lr", "2e-4"), ("max_steps", "100"), ("save_every", "10"))}
     for key in ("batch_size", "log_every"):
         if str(form.get(key, "")).strip():
-            training[key] = _scalar(form[key])
+            training[key] = _scalar(f"training.{key}", form[key])
     config = {"model": {"name": models[model]}, "method": method, "lora": lora,
               "data": {"train": str(dataset)}, "training": training,
               "output_dir": str(inside(runs_dir, name, must_exist=False))}
@@ -96,8 +108,8 @@ class Launcher:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=self.runs_dir, start_new_session=True)  # survives the page and the server
         record = {"pid": proc.pid, "argv": argv, "started": time.time(), "exit_code": None}
-        self._write(name, record)
-        with self.lock:
+        with self.lock:  # settle() sees the run as this launcher's from its first record on
+            self._write(name, record)
             self.procs[name] = proc
         threading.Thread(target=self._wait, args=(name, proc, record), daemon=True).start()
         return record
@@ -117,36 +129,67 @@ class Launcher:
     def _wait(self, name: str, proc: subprocess.Popen, record: dict) -> None:
         record["exit_code"] = proc.wait()
         record["ended"] = time.time()
-        self._write(name, record)
         with self.lock:
+            self._write(name, record)
             self.procs.pop(name, None)
+
+    def settle(self, name: str) -> None:
+        """Record the exit of a launched run whose process ended while no launcher waited for it (the server was
+        restarted meanwhile), as its log and outputs tell (runs.exit_from_log), marked "exit_code_from": "train.log"."""
+        with self.lock:
+            if name in self.procs:
+                return
+            record = read_launch(self.runs_dir, name)
+            if not record.get("pid") or record.get("exit_code") is not None or launched_alive(record):
+                return
+            code = exit_from_log(self.runs_dir / name, meta_file(self.runs_dir, name, "train.log"))
+            self._write(name, {**record, "exit_code": code, "ended": time.time(), "exit_code_from": "train.log"})
+
+    def settle_all(self) -> None:
+        for meta in sorted((self.runs_dir / UI_DIR).glob("*/launch.json")):
+            self.settle(meta.parent.name)
+
+    def alive(self, name: str) -> bool:
+        """The process launched for the run still runs (never a process that reused its id)."""
+        with self.lock:
+            proc = self.procs.get(name)
+        if proc is not None:  # ours: not reaped while it runs, so its id cannot be reused
+            return proc.poll() is None
+        return launched_alive(read_launch(self.runs_dir, name))
+
+    def _signal(self, name: str, sig: int) -> bool:
+        with self.lock:
+            proc = self.procs.get(name)
+        if proc is not None:
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(sig)
+            return True
+        record = read_launch(self.runs_dir, name)
+        if not launched_alive(record):
+            return False
+        try:
+            os.kill(record["pid"], sig)
+        except ProcessLookupError:
+            return False
+        return True
 
     def stop(self, name: str, grace: float = 10.0) -> bool:
         """SIGINT to a running run (its last complete checkpoint stays); SIGTERM after `grace` seconds.
-        False when the run is not running."""
-        path = meta_dir(self.runs_dir, name) / "launch.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        False when the run's process is not running (ended, or its id now belongs to another process)."""
+        if not self._signal(name, signal.SIGINT):
             return False
-        pid = record.get("pid")
-        if not pid or record.get("exit_code") is not None or not pid_alive(pid):
-            return False
-        os.kill(pid, signal.SIGINT)
 
         def escalate():
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
-                if not pid_alive(pid):
+                if not self.alive(name):
                     return
                 time.sleep(0.1)
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self._signal(name, signal.SIGTERM)
 
         threading.Thread(target=escalate, daemon=True).start()
         return True
 
     def shutdown(self) -> None:
-        """Nothing to do: the runs go on without the server (their exit code is then not recorded)."""
+        """Nothing to do: the runs go on without the server (the next server records their exit: settle)."""

@@ -3,21 +3,41 @@
 A run is a directory under the runs folder holding metrics.jsonl, forgetting.json or checkpoints/, or a name
 that launch.py started from the page: its own files (config.yaml, launch.json, train.log) live apart, in
 <runs>/.ui/<name>/, because `train` refuses a non-empty output_dir. Status, from the files alone:
-- running: launch.json names a process that is alive (and no exit has been recorded);
+- running: launch.json names a process that is alive and is the one launched (its command line is the recorded
+  argv and it started when the record says: a process that reused the id of an ended run is not), no exit recorded;
 - finished: the run wrote its adapter (adapter/adapter_config.json) or its full model (model/), or a complete
   forgetting.json, or the launched process exited 0;
-- stopped: the launched process exited on SIGINT/SIGTERM (exit 130 / -2 / -15), i.e. the page's stop button;
+- stopped: the launched process exited on SIGINT/SIGTERM/SIGUSR1 (the CLI's 128 + signal: 130 / 143 / 138, or
+  killed by one before the loop caught it: -2 / -15 / -10), e.g. the page's stop button;
 - failed: the launched process exited otherwise, or it is gone without an exit record or a finished output;
-- unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that is still going).
+- unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that is still going), or its
+  launch.json is damaged.
+A launched run whose process ended while no server waited for it gets its exit from what it left (exit_from_log).
+
+Every file is read only where it resolves inside its run's directory (the .ui/<name>/ files: inside the runs
+folder): a link out of it, e.g. a forgetting.json pointing at a secret elsewhere, is treated as missing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-STOP_CODES = (130, -2, -15, 143)  # KeyboardInterrupt in the CLI, killed by SIGINT / SIGTERM
+import yaml
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # those the training loop stops on (StopRequest)
+STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the CLI's 128 + signal, or killed by it
+UI_DIR = ".ui"
+PROC = Path("/proc")
+START_SLACK_S = 5.0  # launch.json's `started` is read just after the process started; /proc's boot time is in seconds
+STOPPED_LINE = re.compile(r"stopped by (SIG[A-Z0-9]+) ")  # the CLI's last line after a signal stopped train
 
 
 class PathError(ValueError):
@@ -32,9 +52,85 @@ def inside(root: Path, name: str, must_exist: bool = True) -> Path:
     path = (root / name).resolve()
     if path == root or not path.is_relative_to(root):
         raise PathError(f"{name!r}: outside {root}")
-    if must_exist and not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise PathError(f"{name!r}: {(e.strerror or str(e)).lower()} in {root}") from None
+    if must_exist and not exists:
         raise PathError(f"{name!r}: not found in {root}")
     return path
+
+
+def within(base: Path, name: str | Path) -> Path | None:
+    """`base/name` if it stays inside `base`, links followed; None for a link (or '..') out of it. Cheap when
+    nothing below `base` is a link, as in a run written by train: one lstat per part of `name`."""
+    path = os.fspath(base)
+    for piece in os.fspath(name).split(os.sep):
+        path = os.path.join(path, piece)
+        if piece == ".." or os.path.islink(path):
+            try:
+                real = Path(base, name).resolve()
+            except (OSError, RuntimeError):  # a loop of links
+                return None
+            return real if real.is_relative_to(Path(base).resolve()) else None
+    return Path(path)
+
+
+def _file(base: Path, name: str | Path) -> Path | None:
+    """The regular file `base/name` inside `base` (see within), or None."""
+    path = within(base, name)
+    try:
+        return path if path is not None and path.is_file() else None
+    except OSError:
+        return None
+
+
+def _finite(text: str) -> float | None:
+    """A JSON number as a float; None for one too large for a float (1e999), as for NaN and Infinity (JSON has none)."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _json(path: Path | None) -> dict | None:
+    """The JSON object in `path` (NaN and Infinity read as None); None when it is missing, unreadable, not JSON or
+    not an object."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(), parse_constant=lambda _: None, parse_float=_finite)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def tail(path: Path | None, size: int) -> str | None:
+    """The last `size` bytes of a file, decoded (None when it is missing), without reading the rest."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def meta_dir(root: Path, name: str) -> Path:
+    """Where the page keeps a run's config.yaml, launch.json and train.log."""
+    return Path(root).resolve() / UI_DIR / name
+
+
+def meta_file(root: Path, name: str, filename: str) -> Path | None:
+    """The file <root>/.ui/<name>/<filename> (config.yaml, launch.json, train.log), if it resolves inside `root`."""
+    return _file(root, Path(UI_DIR, name, filename))
+
+
+def read_launch(root: Path, name: str) -> dict:
+    """The run's launch.json ({} when there is none, or it is damaged); a field of the wrong type is left out."""
+    record = _json(meta_file(root, name, "launch.json")) or {}
+    kinds = {"pid": int, "argv": list, "started": (int, float), "exit_code": int, "ended": (int, float)}
+    return {k: v for k, v in record.items()
+            if k not in kinds or (isinstance(v, kinds[k]) and not isinstance(v, bool))}
 
 
 def pid_alive(pid: int) -> bool:
@@ -45,32 +141,47 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # a zombie (exited, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+        return (PROC / str(pid) / "stat").read_text().rsplit(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
 
 
-def _is_train(pid: int) -> bool:
-    """The process is a loraforge run (not another one that reused a dead run's id)."""
+@functools.lru_cache(maxsize=1)
+def _boot_time() -> float:
+    for line in (PROC / "stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError("/proc/stat has no btime")
+
+
+def _start_time(pid: int) -> float:
+    """When process `pid` started (seconds since the epoch): /proc/<pid>/stat's 22nd field is clock ticks after boot."""
+    ticks = int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launched_alive(launch: dict) -> bool:
+    """The process launch.json names still runs and is the one launched: its command line is the recorded argv and
+    (where /proc tells) it started at the recorded time. A process that reused the id of an ended run is not."""
+    pid, argv, started = launch.get("pid"), launch.get("argv"), launch.get("started")
+    if not (isinstance(pid, int) and 0 < pid < 2**31 and isinstance(argv, list) and argv):
+        return False
+    if launch.get("exit_code") is not None or not pid_alive(pid):
+        return False
+    if not PROC.is_dir():  # no /proc (macOS): ps shows the command line, space-separated
+        try:
+            shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                   timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return shown.strip() == " ".join(map(str, argv))
     try:
-        return b"loraforge" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: trust the id
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-UI_DIR = ".ui"
-
-
-def meta_dir(root: Path, name: str) -> Path:
-    """Where the page keeps a run's config.yaml, launch.json and train.log."""
-    return Path(root).resolve() / UI_DIR / name
+        cmdline = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")[:-1]
+        began = _start_time(pid)
+    except (OSError, ValueError, IndexError):
+        return False
+    return (cmdline == [os.fsencode(str(a)) for a in argv] and isinstance(started, (int, float))
+            and abs(began - started) < START_SLACK_S)
 
 
 def is_run(path: Path) -> bool:
@@ -78,73 +189,154 @@ def is_run(path: Path) -> bool:
         any((path / f).is_file() for f in ("metrics.jsonl", "forgetting.json")) or (path / "checkpoints").is_dir())
 
 
+def finished_output(path: Path) -> bool:
+    """The run wrote its adapter or its full model."""
+    return _file(path, "adapter/adapter_config.json") is not None or _file(path, "model/config.json") is not None
+
+
 def status(path: Path, launch: dict | None = None) -> str:
     """running / finished / stopped / failed / unknown, from the run's files (see the module docstring)."""
     launch = launch or {}
     exit_code = launch.get("exit_code")
-    if launch.get("pid") and exit_code is None and pid_alive(int(launch["pid"])) and _is_train(int(launch["pid"])):
+    if launch.get("pid") and exit_code is None and launched_alive(launch):
         return "running"
     if exit_code is not None:
         return "finished" if exit_code == 0 else "stopped" if exit_code in STOP_CODES else "failed"
-    if (path / "adapter" / "adapter_config.json").is_file() or (path / "model" / "config.json").is_file():
+    if finished_output(path):
         return "finished"
-    forgetting = _json(path / "forgetting.json")
+    forgetting = _json(_file(path, "forgetting.json"))
     if forgetting is not None:
         return "finished" if forgetting.get("complete", True) else "unknown"
-    return "failed" if launch else "unknown"
+    return "failed" if launch.get("pid") else "unknown"
 
 
-def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """The complete JSON lines of metrics.jsonl from byte `offset` on, and the offset after the last complete one
-    (a line being written, without its newline yet, is left for the next call)."""
+def exit_from_log(path: Path, log: Path | None) -> int:
+    """The exit code `loraforge train` had, from what it left, for a run whose exit nobody recorded: its log's last
+    line "stopped by SIGINT ..." (128 + the signal's number), "interrupted" (130) or "error: ..." (2), else its
+    adapter or model (0), else 1 (a traceback, or killed outright: failed either way)."""
+    lines = (tail(log, 4000) or "").strip().splitlines()
+    last = lines[-1].strip() if lines else ""
+    if (m := STOPPED_LINE.match(last)) and m[1] in signal.Signals.__members__:
+        return 128 + signal.Signals[m[1]]
+    if last == "interrupted":
+        return 130
+    if last.startswith("error: "):
+        return 2
+    return 0 if finished_output(path) else 1
+
+
+def _usable(row) -> bool:
+    """A row the charts can use: an object with a numeric step."""
+    step = row.get("step") if isinstance(row, dict) else None
+    return isinstance(step, (int, float)) and not isinstance(step, bool)
+
+
+def _rows(lines: list[bytes]) -> list[dict]:
+    """The usable rows of metrics.jsonl lines, non-finite numbers as None (an fp16 overflow logs grad_norm=inf), so
+    each row is valid JSON again. The lines are parsed at once, as one array; if one of them is damaged, one by one."""
+    lines = [line for line in lines if line.strip()]
+    decoder = json.JSONDecoder(parse_constant=lambda _: None, parse_float=_finite)  # one per call: threads share none
     try:
-        with open(path / "metrics.jsonl", "rb") as f:
+        parsed = decoder.decode("[" + b",".join(lines).decode() + "]")
+    except ValueError:
+        parsed = None
+    if parsed is None or len(parsed) != len(lines):  # a damaged line (bad JSON, bad UTF-8): skip it, keep the others
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(decoder.decode(line.decode()))
+            except ValueError:
+                continue
+    return [row for row in parsed if _usable(row)]
+
+
+def metrics_size(path: Path) -> int:
+    """The size of the run's metrics.jsonl in bytes (0 when there is none)."""
+    file = _file(path, "metrics.jsonl")
+    try:
+        return file.stat().st_size if file is not None else 0
+    except OSError:
+        return 0
+
+
+def metrics_age(path: Path) -> float:
+    """Seconds since the run's metrics.jsonl last changed (infinite when there is none)."""
+    file = _file(path, "metrics.jsonl")
+    try:
+        return max(0.0, time.time() - file.stat().st_mtime) if file is not None else math.inf
+    except OSError:
+        return math.inf
+
+
+def read_metrics(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+    """The rows of metrics.jsonl from byte `offset` on, and the offset after the last complete line (a line being
+    written, without its newline yet, is left for the next call). `limit`: read about that many bytes (whole lines).
+    Lines that are not rows the charts can use (see _rows) are skipped; the others are all kept."""
+    file = _file(path, "metrics.jsonl")
+    if file is None:
+        return [], offset
+    try:
+        with open(file, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read() if limit is None else f.read(limit) + f.readline()  # the line the limit cut, whole
     except OSError:
         return [], offset
     end = data.rfind(b"\n") + 1
-    rows = []
-    for line in data[:end].splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows, offset + end
+    return _rows(data[:end].splitlines()), offset + end
 
 
 def rank_pattern(path: Path) -> dict | None:
     """AdaLoRA's kept rank per module, from the saved adapter's config (None for other runs)."""
-    cfg = _json(path / "adapter" / "adapter_config.json") or {}
-    if cfg.get("peft_type") != "ADALORA" or not cfg.get("rank_pattern"):
+    cfg = _json(_file(path, "adapter/adapter_config.json")) or {}
+    pattern = cfg.get("rank_pattern")
+    if cfg.get("peft_type") != "ADALORA" or not isinstance(pattern, dict) or not pattern:
         return None
     return {"init_r": cfg.get("init_r"), "target_r": cfg.get("target_r"),
-            "ranks": {k: (sum(v) if isinstance(v, list) else v) for k, v in cfg["rank_pattern"].items()}}
+            "ranks": {k: (sum(bool(x) for x in v) if isinstance(v, list) else v) for k, v in pattern.items()}}
+
+
+@functools.lru_cache(maxsize=4096)
+def _state_config(file: Path, mtime_ns: int, size: int) -> str | None:
+    """A checkpoint's recorded config as YAML; `mtime_ns` and `size` make the cache forget a rewritten file."""
+    state = _json(file)
+    config = state.get("config") if state else None
+    return yaml.safe_dump(config, sort_keys=False) if isinstance(config, dict) else None
 
 
 def run_config(root: Path, path: Path) -> str | None:
     """The YAML the page launched the run with, or the config the newest checkpoint records."""
-    meta = meta_dir(root, path.relative_to(root).as_posix())
-    if (meta / "config.yaml").is_file():
-        return (meta / "config.yaml").read_text()[:20000]
+    launched = meta_file(root, path.relative_to(root).as_posix(), "config.yaml")
+    if launched is not None:
+        return launched.read_text(errors="replace")[:20000]
     steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json"))
-    if steps and (state := _json(steps[-1])) and "config" in state:
-        import yaml
-
-        return yaml.safe_dump(state["config"], sort_keys=False)
-    return None
+    state = _file(path, steps[-1].relative_to(path)) if steps else None
+    if state is None:
+        return None
+    stat = state.stat()
+    return _state_config(state, stat.st_mtime_ns, stat.st_size)
 
 
 def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
     """`running`: names whose process this server is still waiting for (their exit is being recorded)."""
     name = path.relative_to(root).as_posix()
-    launch = _json(meta_dir(root, name) / "launch.json") or {}
-    files = [p for p in (path.iterdir() if path.is_dir() else ()) if p.exists()]
-    return {"name": name, "status": "running" if name in running else status(path, launch), "config": run_config(root, path),
-            "started": launch.get("started"), "exit_code": launch.get("exit_code"),
-            "has_adapter": (path / "adapter" / "adapter_config.json").is_file(),
-            "has_forgetting": (path / "forgetting.json").is_file(),
-            "mtime": max((p.stat().st_mtime for p in files), default=launch.get("started") or 0)}
+    launch = read_launch(root, name)
+    try:
+        mtimes = [p.lstat().st_mtime for p in (path.iterdir() if path.is_dir() else ())]
+        return {"name": name, "status": "running" if name in running else status(path, launch),
+                "config": run_config(root, path), "started": launch.get("started"),
+                "exit_code": launch.get("exit_code"),
+                "has_adapter": _file(path, "adapter/adapter_config.json") is not None,
+                "has_forgetting": _file(path, "forgetting.json") is not None,
+                "mtime": max(mtimes, default=launch.get("started") or 0)}
+    except OSError:  # a run this user cannot read, or one that is being removed: listed, the others too
+        return {"name": name, "status": "unknown", "config": None, "started": None, "exit_code": None,
+                "has_adapter": False, "has_forgetting": False, "mtime": 0}
+
+
+def _runs_in(root: Path, folder: Path) -> list[Path]:
+    """The runs directly in `folder`; a link to a directory outside `root` is left out."""
+    return [p for p in sorted(folder.iterdir())
+            if p.name != UI_DIR and within(root, p.relative_to(root)) is not None and is_run(p)]
 
 
 def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
@@ -152,14 +344,22 @@ def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     root = Path(root).resolve()
     if not root.is_dir():
         return []
-    found = [root / p.name for p in sorted((root / UI_DIR).glob("*")) if (p / "launch.json").is_file()]
+    found = [root / p.name for p in sorted((root / UI_DIR).glob("*"))
+             if meta_file(root, p.name, "launch.json") is not None and within(root, p.name) is not None]
+    found += _runs_in(root, root)
     for p in sorted(root.iterdir()):
-        if is_run(p):
-            found.append(p)
-        elif p.is_dir() and not p.is_symlink() and p.name != UI_DIR:
-            found += [q for q in sorted(p.iterdir()) if is_run(q)]
+        if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):
+            found += _runs_in(root, p)
     return sorted((summary(root, p, running) for p in dict.fromkeys(found)), key=lambda s: -s["mtime"])
 
 
+def adapter_files(path: Path) -> list[Path]:
+    """The files of the run's adapter directory ([] when it has none, or it lies outside the run); links left out."""
+    adapter = within(path, "adapter")
+    if adapter is None or _file(path, "adapter/adapter_config.json") is None:
+        return []
+    return [f for f in sorted(adapter.iterdir()) if f.is_file() and not f.is_symlink()]
+
+
 def forgetting(path: Path) -> dict | None:
-    return _json(path / "forgetting.json")
+    return _json(_file(path, "forgetting.json"))

@@ -1,8 +1,10 @@
 """Export: merged GGUF read back by transformers' GGUF loader (and llama.cpp where installed), llama.cpp's LoRA GGUF
 format, vLLM checks and exact conversions loaded in PEFT, adapters PEFT loads without a warning."""
 
+import errno
 import json
 import re
+import threading
 import warnings
 
 import gguf
@@ -16,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import LoraConfig
+from loraforge.export import gguf as gguf_export
 from loraforge.export.gguf import export_gguf
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.merge import merge_and_unload
@@ -541,3 +544,59 @@ def test_vllm_conversion_keeps_exclude_modules_and_layers_pattern(tmp_path):
             "base_model.model.model.layers.0.self_attn.v_proj.lora_A"]
         logits[name] = p(ids).logits
     torch.testing.assert_close(logits["v"], logits["a"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("failure", ["crash", "disk full"])
+def test_failed_gguf_export_leaves_the_previous_file_and_no_temporary_file(failure, tiny_dir, tmp_path, monkeypatch):
+    """The writer fails after the header and metadata went out: the earlier export at --out is byte for byte as it
+    was and nothing else is left in the folder; a disk that refuses is named with the file."""
+    out = export_gguf(str(tiny_dir), None, tmp_path / "m.gguf", type="f32")
+    before = out.read_bytes()
+    error = RuntimeError("cut mid-write") if failure == "crash" else OSError(errno.ENOSPC, "No space left on device")
+
+    def fail(self, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    expected = "cut mid-write" if failure == "crash" else f"cannot write {out}: no space left on the device"
+    with pytest.raises((RuntimeError, OSError), match=re.escape(expected)):
+        export_gguf(str(tiny_dir), None, out, type="f32", overwrite=True)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_two_gguf_exports_to_one_path_at_once_end_with_one_whole_file(tiny_dir, tmp_path, monkeypatch):
+    """Two threads export to the same --out, both writing at the same time (a barrier holds each before its
+    header): both succeed, and the file is the one a single export writes, with no temporary file left. The bases
+    load one at a time (transformers' loading is not thread-safe); the writes overlap."""
+    reference = export_gguf(str(tiny_dir), None, tmp_path / "reference" / "m.gguf", type="f32").read_bytes()
+    together, loading = threading.Barrier(2, timeout=120), threading.Lock()
+    write_header, load_base = gguf.GGUFWriter.write_header_to_file, gguf_export.load_base
+
+    def meet_then_write(self, *args, **kwargs):
+        together.wait()
+        return write_header(self, *args, **kwargs)
+
+    def load_alone(*args, **kwargs):
+        with loading:
+            return load_base(*args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", meet_then_write)
+    monkeypatch.setattr(gguf_export, "load_base", load_alone)
+    out, errors = tmp_path / "both" / "m.gguf", []
+
+    def export():
+        try:
+            export_gguf(str(tiny_dir), None, out, type="f32", overwrite=True)
+        except Exception as e:  # reported below: an assert in a thread would not fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=export) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert out.read_bytes() == reference
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]

@@ -48,6 +48,73 @@ def test_cpu_kernels_switch_off():
     assert out.split() == ["False", "False"]
 
 
+BUILD = "from loraforge.inference import cpu_kernels as k; print(k.CACHE, k.available())"
+
+
+@needs_kernel
+def test_the_kernel_cache_follows_loraforge_cache_and_processes_may_race(tmp_path):
+    """LORAFORGE_CACHE moves the kernels as every other cache of the project; two processes building into the same
+    empty folder at once both load the library, and one whole .so with its SHA-256 is left, no temporary folder."""
+    env = {**os.environ, "LORAFORGE_CACHE": str(tmp_path / "cache"), "LORAFORGE_CPU_KERNELS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    folder = tmp_path / "cache" / "kernels"
+    assert [r[0].split() for r in results] == [[str(folder), "True"]] * 2, [r[1] for r in results]
+    (lib,) = folder.glob("decode-*.so")
+    assert sorted(p.name for p in folder.iterdir()) == [lib.stem + ".sha256", lib.name]
+    assert cpu_kernels._intact(lib)
+
+
+DECODE = """
+import sys
+import torch
+from loraforge.inference import cpu_kernels as k
+from loraforge.inference.weights import StoredWeight
+
+g = torch.Generator().manual_seed(3)
+stored = StoredWeight(torch.randn(300, 128, generator=g), "bf16")
+x = torch.randn(1, 2, 128, generator=g)
+print(k.available(), k.available())
+torch.save(stored.linear(x), sys.argv[1])
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("unwritable", ["read-only", "a file in the way"])
+def test_an_unwritable_kernel_cache_is_said_once_and_decoding_runs_plain(unwritable, tmp_path):
+    """A cache folder the process cannot write turns the kernels off with one warning line (the folder, the errno's
+    text, the slower path, the fix); decode-sized products still come out, the plain PyTorch path's."""
+    if unwritable == "read-only":
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        cache.chmod(0o555)
+        if os.access(cache, os.W_OK):
+            cache.chmod(0o755)
+            pytest.skip("this user (root) writes into read-only folders")
+        reason = "Permission denied"
+    else:
+        (tmp_path / "afile").write_text("")
+        cache, reason = tmp_path / "afile" / "cache", "Not a directory"
+    env = {**os.environ, "LORAFORGE_CACHE": str(cache), "LORAFORGE_CPU_KERNELS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", DECODE, str(tmp_path / "y.pt")], env=env, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        if cache.is_dir():
+            cache.chmod(0o755)  # tmp_path can be cleaned up
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+    folder = cache / "kernels"
+    assert [line for line in done.stderr.splitlines() if "warning" in line] == [
+        f"warning: cannot write the CPU kernel cache {folder} ({reason}): decoding falls back to the slower plain "
+        f"PyTorch path; make {folder} writable or set LORAFORGE_CACHE to a folder this user can write"]
+    g = torch.Generator().manual_seed(3)
+    stored = StoredWeight(torch.randn(300, 128, generator=g), "bf16")
+    x = torch.randn(1, 2, 128, generator=g)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), F.linear(x, stored.dequantized()), rtol=1e-5, atol=1e-4)
+
+
 @needs_kernel
 @pytest.mark.parametrize("storage", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("out_features, in_features", [(1, 32), (7, 64), (1000, 576), (576, 1536), (193, 96)])

@@ -1,16 +1,18 @@
 """The static decoder against transformers: the same greedy tokens as `generate` (fp32) and the same logits as the
 model's forward, for no adapter, plain LoRA, rank/alpha patterns, DoRA and mixed-adapter batches; bf16 and int8
-storage against the same model with its weights rounded the same way."""
+storage against the same model with its weights rounded the same way; the cache never past the model's context."""
+
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import VOCAB, randomize, tiny_gpt2, tiny_llama
-from loraforge.config import LoraConfig
+from loraforge.config import ConfigError, LoraConfig
 from loraforge.decoding import greedy as shared_greedy
-from loraforge.inference import cpu_kernels
-from loraforge.inference.greedy import argmax_rows, greedy
+from loraforge.inference import cpu_kernels, llama
+from loraforge.inference.greedy import argmax_rows, check_fits, greedy, stream
 from loraforge.inference.llama import Decoder, cache_zeros, unsupported
 from loraforge.inference.weights import StoredWeight
 from loraforge.lora.adapters import mixed_batch, set_adapter
@@ -327,3 +329,42 @@ def test_argmax_rows_is_torchs_argmax(dtype):
         got = argmax_rows(logits)
         assert got == logits.argmax(-1).tolist()
     assert got[1:6] == [10, 3, 42, 999, 0]
+
+
+# --- the model's context: no cache slot past it, a stream that would pass it refused ------------------------------
+def test_the_cache_is_never_allocated_past_the_context(monkeypatch):
+    """A context of 128: a Decoder or a resize past it is refused; greedy with a huge max_new_tokens allocates at
+    most 128 slots a row and returns the tokens generate gives for the room left."""
+    model = tiny_llama(max_position_embeddings=128)
+    with pytest.raises(ValueError, match=re.escape("a cache of max_len=129 positions is past the model's context of "
+                                                   "128 tokens; cut the prompt and new tokens to fit it")):
+        Decoder(model, max_batch=1, max_len=129)
+    dec = Decoder(model, max_batch=1, max_len=128)
+    with pytest.raises(ValueError, match="max_len=200 positions is past the model's context of 128 tokens"):
+        dec.resize(1, 200)
+    assert dec.keys.shape[3] == 128  # the refused resize kept the cache
+    shapes = []
+    monkeypatch.setattr(llama, "cache_zeros", lambda shape, *a: shapes.append(shape) or cache_zeros(shape, *a))
+    prompts = _prompts(0, [120, 5])
+    with pytest.warns(UserWarning, match=re.escape("max_new_tokens 1000000000000: 2 of 2 prompts reach the model's "
+                                                   "context of 128 tokens first")):
+        out = greedy(model, prompts, [VOCAB + 1], max_new_tokens=10 ** 12)
+    assert {s[3] for s in shapes} == {128}  # keys and values: (layers, rows, kv heads, slots, head dim)
+    assert out == [_reference(model, [prompts[0]], [VOCAB + 1], 8)[0], _reference(model, [prompts[1]], [VOCAB + 1],
+                                                                                  123)[0]]
+
+
+def test_stream_refuses_what_does_not_fit_the_context():
+    model = tiny_llama(max_position_embeddings=128)
+    prompt = _prompts(0, [120])[0]
+    with pytest.raises(ConfigError, match=re.escape("max_new_tokens 9: the model's context is 128 tokens and the "
+                                                    "prompt takes 120; at most 8 new tokens fit")):
+        stream(model, prompt, [VOCAB + 1], 9, lambda token: None)
+    with pytest.raises(ConfigError, match=re.escape("the prompt takes 130 tokens and the model's context is 128: no "
+                                                    "new token fits after it; shorten the prompt")):
+        stream(model, _prompts(0, [130])[0], [VOCAB + 1], 1, lambda token: None)
+    seen = []
+    assert stream(model, prompt, [VOCAB + 1], 8, seen.append) == seen == _reference(model, [prompt], [VOCAB + 1], 8)[0]
+    with pytest.raises(ConfigError, match=re.escape("--max-new-tokens 65: the model's context is 64 tokens and the "
+                                                    "prompt takes 1; at most 63 new tokens fit")):
+        check_fits(tiny_gpt2(), 1, 65, flag="--max-new-tokens")  # loraforge generate, before either path

@@ -85,6 +85,39 @@ def test_failed_load_under_a_loaded_name_keeps_the_loaded_adapter(tmp_path, inpu
     torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
 
 
+# --- a failed PiSSA/OLoRA load puts W0 back (their init replaced it by the residual W0 − s·B A) ------------------
+@pytest.mark.parametrize("corruption", ["missing", "shape", "nan"])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_failed_pissa_or_olora_load_restores_the_base_bit_for_bit(init, corruption, tmp_path, input_ids):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    good = save_adapter(randomize(inject(tiny_llama(), config)), tmp_path / "good")
+    bad = _edit_config(good, tmp_path / "bad")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"  # the last target: all were injected
+    if corruption == "missing":
+        del tensors[key]
+        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: missing from the file "
+                   f"(model.layers.1.self_attn.v_proj.lora_B.weight)")
+    elif corruption == "shape":
+        tensors[key] = tensors[key][:, :2].contiguous()
+        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: shape (16, 2) in the file, "
+                   f"(16, 4) in this model (an adapter made for another base?)")
+    else:
+        tensors[key][0, 0] = math.nan
+        message = (f"{bad / 'adapter_model.safetensors'}: tensor {key} holds NaN or inf values (1 of 64); "
+                   f"the adapter is corrupted or its training diverged")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match=f"^{re.escape(message)}$"):
+        load_adapter(model, bad)
+    fresh = tiny_llama()
+    _assert_untouched(model, _state(fresh))  # W0 itself, not the residual
+    torch.testing.assert_close(model(input_ids).logits, fresh(input_ids).logits, rtol=0, atol=0)
+    load_adapter(model, good)  # the next load takes the SVD/QR of W0 again: equal to a load on a fresh model
+    torch.testing.assert_close(model(input_ids).logits, load_adapter(tiny_llama(), good)(input_ids).logits,
+                               rtol=0, atol=0)
+
+
 # --- bug 12: non-finite values ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_alpha_and_pattern_values_are_refused(value):
@@ -322,3 +355,53 @@ def test_adalora_exclude_modules_and_layers_to_transform_match_peft(tmp_path, in
     saved = ours.lora_configs["default"].to_peft_dict()
     assert (saved["exclude_modules"], saved["layers_to_transform"], saved["layers_pattern"]) == (["v_proj"], [1],
                                                                                                "layers")
+
+
+# --- an adapter for another base: both bases named, the misfits counted, the first five shown --------------------
+def _adapter_on(tmp_path, base_name):
+    return _edit_config(_good(tmp_path), tmp_path / "named", base_model_name_or_path=base_name)
+
+
+def test_adapter_for_another_base_names_both_and_counts_the_misfits(tmp_path):
+    """The adapter: r 4 on q_proj and v_proj of tiny_llama (hidden 32, 2 layers); the model: hidden 64, 3 layers:
+    8 tensors of another shape, 4 missing from the file."""
+    adapter = _adapter_on(tmp_path, "org/small-base")
+    model = tiny_llama(hidden_size=64, num_hidden_layers=3)
+    model.config._name_or_path = "/models/larger-base"
+    before = _state(model)
+    q, v = "model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.v_proj"
+    shapes = [(q.format(0), (4, 32), (4, 64)), (q.format(0), (32, 4), (64, 4)), (v.format(0), (4, 32), (4, 64)),
+              (v.format(0), (16, 4), (32, 4)), (q.format(1), (4, 32), (4, 64))]  # lora_A, lora_B of each
+    message = (f"cannot load adapter {adapter}: it was trained on org/small-base (adapter_config.json's "
+               f"base_model_name_or_path) and the model given is /models/larger-base; 12 of its tensors do not fit "
+               f"(8 of another shape, 4 missing from the file), the first 5:" + "".join(
+                   f"\n  {module}: shape {file} in the file, {ours} in this model (an adapter made for another base?)"
+                   for module, file, ours in shapes))
+    with pytest.raises(AdapterError) as caught:
+        load_adapter(model, adapter)
+    assert str(caught.value) == message
+    _assert_untouched(model, before)
+
+
+def test_adapter_naming_a_hub_id_loads_on_a_local_copy_whose_shapes_fit(tmp_path, input_ids):
+    """PEFT adapters carry the hub name while users load a local copy of the same base: the name alone refuses
+    nothing, and the load equals one on a model of that name."""
+    adapter = _adapter_on(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    local = tiny_llama()
+    local.config._name_or_path = "/home/me/models/smollm2"
+    named = tiny_llama()
+    named.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    torch.testing.assert_close(load_adapter(local, adapter)(input_ids).logits,
+                               load_adapter(named, adapter)(input_ids).logits, rtol=0, atol=0)
+
+
+def test_misfits_under_the_same_base_name_are_counted_without_naming_bases(tmp_path):
+    adapter = _adapter_on(tmp_path, "/models/base")
+    model = tiny_llama(hidden_size=64, num_hidden_layers=3)
+    model.config._name_or_path = "/models/base"  # the same name: the tensors alone tell
+    with pytest.raises(AdapterError) as caught:
+        load_adapter(model, adapter)
+    head, *shown = str(caught.value).split("\n")
+    assert head == (f"cannot load adapter {adapter}: 12 of its tensors do not fit (8 of another shape, 4 missing "
+                    f"from the file), the first 5:")
+    assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: shape (4, 32) in the file")

@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from helpers import randomize, tiny_llama
@@ -16,6 +17,8 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.merge import add_weighted_adapter, embeddings_tied, export_merged, merge_and_unload
+from loraforge.quant.bnb import dequantize, quantize_model
+from loraforge.utils.hf import set_submodule
 
 # fp32, the same ops in PEFT and here: rounding only (the issue's bound for logits)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -110,6 +113,44 @@ def test_bad_weights_and_combination_are_config_errors():
         add_weighted_adapter(model, ["a", "b"], [math.nan, 1.0], "c")
     with pytest.raises(ConfigError, match=r"combination_type 'foo': use one of cat, svd, linear"):
         add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "c", combination_type="foo")
+
+
+# --- merge_and_unload on a 4-bit base -------------------------------------------------------------------------------
+def _dequantized_copy(qmodel):
+    """The same model with every bnb 4-bit layer replaced by an fp32 nn.Linear holding its de-quantized weight."""
+    plain = copy.deepcopy(qmodel)
+    for path, module in list(plain.named_modules()):
+        if type(module).__name__ == "Linear4bit":
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(dequantize(module))
+            set_submodule(plain, path, linear)
+    return plain
+
+
+@pytest.mark.parametrize("first_dora", [True, False])
+def test_4bit_merge_and_unload_of_two_adapters_with_dora_equals_the_unquantized_merge(first_dora, tmp_path,
+                                                                                      input_ids):
+    """A DoRA adapter after another on one layer rescales the running weight (PEFT's order: W ← m/‖W0+ΔW‖ ⊙ (W+ΔW)),
+    on a 4-bit base as on the same base de-quantized; adding each adapter's ΔW on its own gives another model."""
+    base = tiny_llama(hidden_size=64, intermediate_size=128)  # in_features a multiple of bnb's CPU block of 64
+    _peft_adapters(base, tmp_path, {
+        "a": peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=first_dora),
+        "b": peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True)})
+    qmodel = quantize_model(copy.deepcopy(base), "nf4", compute_dtype=torch.float32)
+    plain = _dequantized_copy(qmodel)  # every Linear4bit is targeted ("all-linear"): the same modules once merged
+    for model in (qmodel, plain):
+        load_adapter(load_adapter(model, tmp_path / "a", "a"), tmp_path / "b", "b")
+        set_adapter(model, ["a", "b"])
+    with torch.no_grad():
+        unmerged = qmodel(input_ids).logits
+        merged, reference = merge_and_unload(qmodel), merge_and_unload(plain)
+        assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+        want = reference.state_dict()
+        assert merged.state_dict().keys() == want.keys()
+        for key, value in merged.state_dict().items():  # the same fp32 ops on the same de-quantized weights
+            torch.testing.assert_close(value, want[key], rtol=0, atol=0)
+        torch.testing.assert_close(merged(input_ids).logits, unmerged, **TOL)
 
 
 # --- the merged checkpoint (export_merged, `loraforge merge`) ---------------------------------------------------

@@ -4,15 +4,21 @@ Outputs are compared with `Engine.generate`, which test_serve_engine.py compares
 """
 
 import copy
+import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from loraforge.serve import Engine, SamplingParams
+from helpers import save_adapters, tiny_llama
+from loraforge.config import LoraConfig
+from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
 from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.errors import shown
 from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
 
 # no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
@@ -118,7 +124,7 @@ def test_bad_input_answers_and_the_server_goes_on(client, server, tokenizer):  #
 
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt=PROMPT)
-    assert "'nope'" in str(e.value) and all(f"'{m}'" in str(e.value) for m in ["tiny", "a", "b", "c"])
+    assert e.value.body["message"] == "model \"nope\" does not exist; available: ['tiny', 'a', 'b', 'c']"
 
     too_long = [5] * 96  # the tiny model's context is 96
     with pytest.raises(openai.BadRequestError, match="context"):
@@ -190,3 +196,231 @@ def test_unloading_an_adapter_lets_its_stream_finish(client, server):
     parts += [c.choices[0].text for c in chunks]
     assert "".join(parts) == expected and chunks[-1].choices[0].finish_reason == "length"
     assert client.completions.create(model="b", prompt=PROMPT, max_tokens=2).usage.completion_tokens <= 2
+
+
+# ---- hostile input (stop 38's hunt): unsupported fields, bad text, broken adapter folders, short error bodies ----
+
+@pytest.mark.parametrize("route, field, value", [
+    ("chat", "logprobs", True), ("chat", "top_logprobs", 3), ("completions", "logprobs", 3),
+    ("completions", "echo", True), ("completions", "logit_bias", {"28": 100}),
+    ("chat", "response_format", {"type": "json_object"}), ("chat", "tools", [{"type": "function"}]),
+    ("chat", "tool_choice", "required"), ("chat", "functions", [{"name": "f"}]), ("completions", "best_of", 2),
+    ("completions", "frequency_penalty", 2), ("completions", "presence_penalty", -0.5),
+    ("completions", "suffix", "end"), ("completions", "repetition_penalty", 1.2), ("completions", "min_p", 0.1)])
+def test_unsupported_openai_fields_are_refused(server, route, field, value):
+    """Fields the server does not implement were answered 200 and dropped (logit_bias not applied, no JSON mode,
+    no logprobs): now a 400 naming the field, as n=2 is."""
+    body = {"model": "a", "max_tokens": 2, field: value}
+    body.update({"messages": [{"role": "user", "content": "Hi"}]} if route == "chat" else {"prompt": PROMPT})
+    r = http(server, "POST", f"/v1/{'chat/' if route == 'chat' else ''}completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == \
+        f"{field}: {json.dumps(value)} is not supported by this server; leave {field} out"
+
+
+def test_values_that_mean_off_are_accepted(client, server, tokenizer):
+    """What clients send by default (logprobs false, penalties 0, an empty logit_bias, text format) and fields that
+    change nothing a client reads (user, metadata, store) are accepted, and the answer is the engine's."""
+    off = dict(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, user="u1")
+    kw = dict(model="a", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(prompt=PROMPT, echo=False, best_of=1, logprobs=None, suffix=None, **off, **kw)
+    assert r.choices[0].text == engine_text(server, tokenizer, "a", tokenizer(PROMPT)["input_ids"], 6).text
+    off.update(logprobs=False, store=False, metadata={"k": "v"}, response_format={"type": "text"}, tool_choice="none")
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], top_logprobs=0, **off, **kw)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **kw)
+    assert chat.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/completions", '{"model": "a", "prompt": "abc\\ud800"}',
+     "invalid request: prompt: contains an unpaired surrogate (\\ud800) at character 3; send valid UTF-8 text"),
+    ("/v1/completions", '{"model": "a", "prompt": ["\\udc00"]}',
+     "invalid request: prompt: item 0 contains an unpaired surrogate (\\udc00) at character 0; send valid UTF-8 text"),
+    ("/v1/completions", '{"model": "a", "prompt": "hi", "stop": ["ok", "x\\udfff"]}',
+     "invalid request: stop: string 1 contains an unpaired surrogate (\\udfff) at character 1; send valid UTF-8 text"),
+    ("/v1/chat/completions", '{"model": "a", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+     "invalid request: messages.0.content: contains an unpaired surrogate (\\ud83d) at character 0; send valid UTF-8 "
+     "text"),
+    ("/v1/chat/completions", '{"model": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": "ok"},'
+     ' {"type": "text", "text": "a\\ud800b"}]}]}',
+     "invalid request: messages.0.content: part 1 contains an unpaired surrogate (\\ud800) at character 1; send valid "
+     "UTF-8 text"),
+    ("/v1/adapters", '{"name": "x", "path": "a\\u0000/../../"}',
+     "invalid request: path: contains a NUL character (\\x00) at character 1; send the name or path without it"),
+    ("/v1/adapters", '{"name": "x", "path": "a\\ud800"}',
+     "invalid request: path: contains an unpaired surrogate (\\ud800) at character 1; send valid UTF-8 text"),
+    ("/v1/adapters", '{"name": "x\\u0000", "path": "a"}',
+     "invalid request: name: contains a NUL character (\\x00) at character 1; send the name or path without it")])
+def test_lone_surrogates_and_nul_characters_are_400(server, path, body, message):
+    """Valid JSON escapes that are not valid text (a lone UTF-16 surrogate; NUL in a path) answered 500 from the
+    tokenizer or from Path.resolve: now a 400 naming the field. A valid pair (an emoji) is one character: fine."""
+    r = http(server, "POST", path, content=body.encode(), headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+    ok = http(server, "POST", "/v1/completions", content=b'{"model": "a", "prompt": "hi \\ud83d\\ude00 \\u0000", '
+              b'"max_tokens": 2}', headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200, ok.text  # a NUL in a prompt is text the tokenizer encodes: accepted
+
+
+def test_error_bodies_are_short_and_json_styled(server):
+    """A rejected value came back whole, as a Python repr (a 900 KB body for 9 stop strings of 100 KB, a 70 KB 404
+    for a long name); now values are shown as JSON cut to 200 characters, and stop strings are bounded (8, each
+    1,000 characters)."""
+    big = {"model": "a", "prompt": PROMPT, "max_tokens": 2, "stop": ["x" * 100_000] * 9}
+    r = http(server, "POST", "/v1/completions", json=big)
+    assert (r.status_code, r.json()["error"]["message"]) == \
+        (400, "stop: 9 strings; send at most 8; stop: a string of 100,000 characters; each may have at most 1,000")
+    assert len(r.content) < 400
+    cases = [({"stop": [""]}, "stop: an empty string would end every answer at once; remove it"),
+             ({"stop": "y" * 1001}, "stop: a string of 1,001 characters; each may have at most 1,000"),
+             ({"stream": True, "stream_options": {"include_usage": "no"}},
+              'invalid request: stream_options: include_usage: "no" must be true or false'),
+             ({"n": 3}, "n: 3 is not supported; send n=1 (several requests batch together anyway)")]
+    for extra, message in cases:
+        r = http(server, "POST", "/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2, **extra})
+        assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+    ok = http(server, "POST", "/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2,
+                                                       "stop": ["z" * 1000] * 8})
+    assert ok.status_code == 200
+    name = "n" * 60_000
+    r = http(server, "DELETE", f"/v1/adapters/{name}")
+    assert r.status_code == 404 and len(r.content) < 600
+    with pytest.raises(UnknownAdapter) as e:
+        server[0].remove_adapter(name)
+    assert str(e.value) == f'adapter "{"n" * 199}... (60,002 characters) is not loaded; loaded: [\'a\', \'b\', \'c\']'
+    assert shown(("",)) == '[""]' and shown("a\ud800é") == '"a\\ud800é"'  # JSON, a lone surrogate escaped
+    assert shown(10**5000) == "<a int too large to show>"
+
+
+def broken_dir(root: Path, adapters_dir: Path, outside: Path) -> Path:  # noqa: F811
+    """An adapters directory holding one good adapter and one of each broken kind the hunt found."""
+    good = adapters_dir / "a"
+    config = json.loads((good / "adapter_config.json").read_text())
+    shutil.copytree(good, root / "a")
+    shutil.copytree(good, outside / "a")
+
+    def folder(name, files):
+        (root / name).mkdir()
+        for file, data in files.items():
+            (root / name / file).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    folder("pickleonly", {"adapter_config.json": json.dumps(config), "adapter_model.bin": b"\x80\x04K\x01."})
+    folder("badjson", {"adapter_config.json": "{", "adapter_model.safetensors": weights})
+    folder("r0", {"adapter_config.json": json.dumps({**config, "r": 0}), "adapter_model.safetensors": weights})
+    folder("notarget", {"adapter_config.json": json.dumps({**config, "target_modules": ["nonexistent_proj"]}),
+                        "adapter_model.safetensors": weights})
+    other = tiny_llama(vocab_size=100, hidden_size=64, intermediate_size=128)  # another base's shapes
+    save_adapters(other, root, {"othershape": LoraConfig(r=4, target_modules=("q_proj",))}, seed=1)
+    (root / "cfg_link").mkdir()
+    (root / "cfg_link" / "adapter_config.json").symlink_to(outside / "a" / "adapter_config.json")
+    (root / "cfg_link" / "adapter_model.safetensors").write_bytes(weights)
+    (root / "weights_link").mkdir()
+    shutil.copy(good / "adapter_config.json", root / "weights_link")
+    (root / "weights_link" / "adapter_model.safetensors").symlink_to(outside / "a" / "adapter_model.safetensors")
+    (root / "link_out").symlink_to(outside / "a")  # a folder leading out: skipped, the server still starts
+    (root / "link_in").symlink_to(root / "a")  # a link to an adapter inside: served
+    return root
+
+
+BROKEN = {  # what a request naming each broken adapter gets (400), its folder named as inside the adapters dir
+    "pickleonly": "pickleonly holds adapter_model.bin (a pickle), which loraforge never loads; re-save it as "
+                  "safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))",
+    "badjson": "badjson/adapter_config.json is not valid JSON: Expecting property name enclosed in double quotes: "
+               "line 1 column 2 (char 1)",
+    "r0": "invalid config: r0/adapter_config.json: r: must be a positive integer (at most 65536), got 0 (try 8)",
+    "othershape": "adapter_model.safetensors does not fit this base (an adapter made for another base?): "
+                  "model.layers.0.self_attn.q_proj: lora_A (4, 64) in the file, but the layer is 32 -> 32 here; "
+                  "model.layers.1.self_attn.q_proj: lora_A (4, 64) in the file, but the layer is 32 -> 32 here",
+    "cfg_link": "cfg_link/adapter_config.json is a symlink to a file outside the adapters directory, which the "
+                "server does not read; copy the file in its place",
+    "weights_link": "weights_link/adapter_model.safetensors is a symlink to a file outside the adapters directory, "
+                    "which the server does not read; copy the file in its place",
+}
+
+
+@pytest.fixture(scope="module")
+def broken_server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):  # noqa: F811
+    root = broken_dir(tmp_path_factory.mktemp("broken"), adapters_dir, tmp_path_factory.mktemp("outside"))
+    with pytest.warns(UserWarning) as caught:
+        engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters_dir=root, max_loaded=2)
+    with ServerThread(create_app(engine, api_key=KEY)) as url:
+        yield engine, url, root, [str(w.message) for w in caught]
+    engine.stop()
+
+
+def test_broken_adapters_in_the_directory_are_400s(broken_server, tokenizer):
+    """A broken adapter in --adapters-dir was listed and every request to it was a 500 carrying the server's path;
+    a symlinked folder stopped the server from starting. Now the folder's adapters get the cheap checks at start:
+    the broken ones are not listed, each request naming one is a 400 with its problem (no server path), a symlink
+    leading out is skipped with a warning, and a symlinked file leading out is refused."""
+    engine, url, root, warned = broken_server
+    server = (engine, url)
+    assert {m["id"] for m in http(server, "GET", "/v1/models").json()["data"]} == {"tiny", "a", "link_in", "notarget"}
+    outside = (root / "link_out").resolve()
+    assert f"adapters dir {root}: skipping 'link_out': it is a symlink to {outside}, outside the adapters dir " \
+           f"(only adapters inside it are served); move or copy the adapter into {root} to serve it" in warned
+    for name, problem in BROKEN.items():
+        message = f'adapter "{name}" cannot be served: {problem}'
+        assert f"adapters dir {root}: not serving '{name}': {message} (requests naming it get this answer until " \
+               f"its files change)" in warned
+        for stream in (False, True):
+            r = http(server, "POST", "/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 2,
+                                                              "stream": stream})
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message), r.text
+    # a folder the cheap checks pass but the load refuses: that request and the ones after it are 400s
+    first = http(server, "POST", "/v1/completions", json={"model": "notarget", "prompt": PROMPT, "max_tokens": 2})
+    assert first.status_code == 400 and str(root) not in first.text, first.text
+    assert "notarget" not in {m["id"] for m in http(server, "GET", "/v1/models").json()["data"]}
+    r = http(server, "POST", "/v1/completions", json={"model": "notarget", "prompt": PROMPT, "max_tokens": 2})
+    assert (r.status_code, r.json()["error"]["message"]) == (400, (
+        "adapter \"notarget\" cannot be served: notarget: this adapter does not fit the model: invalid config: "
+        "target_modules: ('nonexistent_proj',) matches no linear layer of this model (LlamaForCausalLM); its linear "
+        "layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"))
+    kw = dict(prompt=PROMPT, max_tokens=4, temperature=0, ignore_eos=True)
+    link = http(server, "POST", "/v1/completions", json={"model": "link_in", **kw})
+    assert link.json()["choices"][0]["text"] == http(server, "POST", "/v1/completions",
+                                                     json={"model": "a", **kw}).json()["choices"][0]["text"]
+
+
+def test_a_broken_adapter_is_not_read_again_until_its_files_change(broken_server, monkeypatch):
+    engine, url, root, _ = broken_server
+    server = (engine, url)
+    reads = []
+    real = residency.read_adapter_config
+    monkeypatch.setattr(residency, "read_adapter_config", lambda path: reads.append(path) or real(path))
+    for _ in range(3):
+        assert http(server, "POST", "/v1/completions", json={"model": "r0", "prompt": PROMPT}).status_code == 400
+    assert reads == []
+    config = json.loads((root / "r0" / "adapter_config.json").read_text())
+    (root / "r0" / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # fixed
+    r = http(server, "POST", "/v1/completions", json={"model": "r0", "prompt": PROMPT, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert "r0" in {m["id"] for m in http(server, "GET", "/v1/models").json()["data"]}
+
+
+def test_adapter_refusals_name_no_server_path(broken_server):
+    """POST /v1/adapters refusals named the server's absolute paths (the adapters directory, the adapter's
+    folder); now the path as the client sent it."""
+    engine, url, root, _ = broken_server
+    server = (engine, url)
+    cases = [
+        ({"name": "x", "path": "../a"}, 'adapter path "../a" is not allowed: it must be inside the adapters directory'),
+        ({"name": "x", "path": "link_out"},
+         'adapter path "link_out" is not allowed: it must be inside the adapters directory (it is a symlink leading '
+         'out of it)'),
+        ({"name": "x", "path": "weights_link"}, f'adapter "x" cannot be served: {BROKEN["weights_link"]}'),
+        ({"name": "x", "path": "pickleonly"}, f'adapter "x" cannot be served: {BROKEN["pickleonly"]}'),
+        ({"name": "x", "path": str(root / "othershape")},
+         f'adapter "x" cannot be served: {BROKEN["othershape"]}'),
+        ({"name": "x" * 65, "path": "a"},
+         f'adapter name "{"x" * 65}" is not allowed: use letters, digits, \'.\', \'_\', \'-\' (at most 64, starting '
+         f'with a letter or digit)')]
+    for body, message in cases:
+        r = http(server, "POST", "/v1/adapters", json=body)
+        assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+        assert str(root) not in r.text  # the absolute path the client sent is named relative to the directory
+    assert "x" not in engine.adapter_names()
+    with pytest.raises(ServeError) as e:  # the engine's own check, for callers other than the API
+        engine.add_adapter("x", "a\x00/../..")
+    assert str(e.value) == 'adapter path "a\\u0000/../.." contains a NUL character or a lone surrogate; send a ' \
+                           'plain path'

@@ -9,6 +9,7 @@ import copy
 import queue
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,56 @@ def test_static_cache_grows_and_rows_move(make_engine, base, adapters_dir, token
     assert max(b for b, _ in sizes) == 8  # five rows at once at most: 4 -> 8
     engine.call(lambda: None)  # the engine has dropped the finished rows
     assert (decoder.max_batch, decoder.max_len) == (4, 8)
+
+
+def test_a_waiting_adapter_gets_a_slot_under_steady_traffic(make_engine, base, adapters_dir, tokenizer):
+    """One slot (--max-loaded 1) and adapter "a" never idle: four "a" requests of staggered lengths, each that ends
+    sending the next, 60 in all. A request for "b" used to wait until the "a" traffic stopped (every pass admitted
+    the "a" requests queued behind it, so the slot never went idle). Now "a" takes no new rows while "b" waits: its
+    rows end within the longest one's steps, "b" gets the slot, answers, and the "a" traffic goes on after it.
+    Every answer is the reference's (greedy: an "a" request of n tokens gives the first n of the longest)."""
+    engine = make_engine(max_loaded=1)
+    prompt = prompts(len(tokenizer), [6], seed=7)[0]
+    longest, total, b_tokens = 16, 60, 4
+    finished_a, sent = [], [0]  # (max_tokens, ids, finish_reason) of each "a" request as it ends; "a" requests sent
+
+    def send_a(n: int) -> None:
+        ids = []
+
+        def on_event(ev):  # the engine thread
+            ids.extend(ev.token_ids)
+            if ev.finish_reason is not None:
+                finished_a.append((n, ids, ev.finish_reason))
+                if sent[0] < total:
+                    sent[0] += 1
+                    send_a(longest - sent[0] % 9)  # 8 to 16 tokens: the rows never all end together
+
+        engine.submit(prompt, "a", SamplingParams(max_tokens=n, ignore_eos=True), on_event)
+
+    first = queue.Queue()
+    for n in (8, 11, 14, longest):
+        sent[0] += 1
+        send_a(n)
+    engine.submit([1, 2], "a", SamplingParams(max_tokens=2, ignore_eos=True), first.put)
+    collect(first)  # the "a" traffic is running
+    b_queue, at_b_end = queue.Queue(), {}
+
+    def on_b(ev):
+        if ev.finish_reason is not None:
+            at_b_end.update(steps=engine.stats["steps"], a_done=len(finished_a))
+        b_queue.put(ev)
+
+    steps = engine.stats["steps"]
+    engine.submit(prompt, "b", SamplingParams(max_tokens=b_tokens, ignore_eos=True), on_b)
+    ids, _, last = collect(b_queue)
+    assert last.finish_reason == "length" and ids == reference(base, adapters_dir, "b", prompt, b_tokens)
+    # the "a" rows drain (at most `longest` steps), then "b" prefills and decodes; one step may have been under way
+    assert at_b_end["steps"] - steps <= longest + b_tokens + 1
+    assert at_b_end["a_done"] < total  # the "a" traffic had not stopped
+    deadline = time.monotonic() + 60
+    while len(finished_a) < total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    expected = reference(base, adapters_dir, "a", prompt, longest)
+    assert len(finished_a) == total
+    assert all(reason == "length" and got == expected[:n] for n, got, reason in finished_a)
+    assert engine.stats["max_running"] >= 4  # "a" rows still batched together

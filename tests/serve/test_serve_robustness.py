@@ -1,4 +1,6 @@
-"""Issue 19's four defects with their exact inputs, per-request isolation, and the API's refusals.
+"""Issue 19's four defects with their exact inputs, per-request isolation, and the API's refusals; what the
+hostile-user hunt found the API let one client do to the others (disconnected requests decoding on, oversized
+prompts tokenized under the one lock) and to the server (open docs, 405 on HEAD, a 60 KB name echoed).
 
 Each answered completion is compared with the engine's greedy output (which test_serve_engine.py compares with a
 plain greedy loop): a temperature or top_p so small that only the best token can be drawn must give exactly the
@@ -6,8 +8,10 @@ greedy text, and greedy requests batched with it must too.
 """
 
 import copy
+import json
 import queue
 import shutil
+import socket
 import threading
 import time
 
@@ -17,6 +21,7 @@ import torch
 
 from loraforge.serve import Engine, SamplingParams, ServeError
 from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.errors import shown
 from loraforge.serve.sampling import sample
 from test_serve_engine import adapters_dir, collect, prompts, reference  # noqa: F401
 
@@ -257,3 +262,137 @@ def test_unexpected_errors_answer_json(server, monkeypatch):
     r = post(server, "/v1/completions", {"model": "a", "prompt": PROMPT, "max_tokens": 2})
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["type"] == "server_error" and "ZeroDivisionError" in r.json()["error"]["message"]
+
+
+def raw_request(url: str, body: dict) -> socket.socket:
+    """A POST /v1/completions sent whole on a raw socket, its answer never read: close it to disconnect."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body)
+    s = socket.create_connection((host, int(port)))
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}".encode())
+    return s
+
+
+def wait_for(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_client_that_disconnects_is_aborted(base, tokenizer, adapters_dir, monkeypatch):  # noqa: F811
+    """Hunt #2: a non-streaming request whose client closed its socket decoded to its max_tokens (uvicorn does not
+    cancel the handler), and one still queued was prefilled later. Now both are aborted within a poll
+    (DISCONNECT_POLL_S) of the disconnect; a streamed one still is too. Steps are slowed to 50 ms, so a 90-token
+    request would decode for 4.5 s: it must stop within half of that."""
+    engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters={"a": adapters_dir / "a"})
+    step = engine._batch.step
+    monkeypatch.setattr(engine._batch, "step", lambda: (time.sleep(0.05), step())[1])
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 90, "ignore_eos": True, "temperature": 0}
+    try:
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            socks = [raw_request(url, {**body, "stream": stream}) for stream in (False, False, False, True)]
+            wait_for(lambda: engine.load()["running"] == 4, "the four requests did not start")
+            steps = engine.stats["steps"]
+            for s in socks:
+                s.close()
+            wait_for(lambda: engine.load()["running"] == 0, "disconnected requests kept decoding")
+            assert engine.stats["steps"] - steps < 45
+            # queued and never started: the engine holds, two requests wait, their clients leave
+            gate = held(engine)
+            prefills = engine.stats["prefills"]
+            socks = [raw_request(url, body) for _ in range(2)]
+            wait_waiting(engine, 2)
+            for s in socks:
+                s.close()
+
+            def aborted():
+                with engine._cv:  # the engine holds: the requests are still in its queue, marked aborted
+                    return all(r.aborted for r in engine._waiting)
+            try:
+                wait_for(aborted, "the queued requests of disconnected clients were not aborted")
+            finally:
+                gate.set()
+            wait_for(lambda: engine.load()["waiting"] == 0, "the aborted requests stayed queued")
+            assert engine.stats["prefills"] == prefills and engine.load()["running"] == 0
+            ok = post((engine, url), "/v1/completions", {**body, "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    finally:
+        engine.stop()
+
+
+def test_oversized_prompts_are_refused_before_tokenizing(server, tokenizer):
+    """Hunts #3/#4: a 1 MB prompt was tokenized whole (2-3 s, under the one tokenizer lock, its memory never given
+    back) before its certain 400, and a small request waited behind every such one. Now text longer than the
+    context (96 tokens) times the most characters a token covers (81: SmolLM2's longest entry, a newline and 80
+    spaces) is refused before tokenizing, in a fraction of the time tokenizing it takes, and a body beyond room for
+    such a prompt is refused before it is read."""
+    big = "word " * 200_000  # 1 MB: 200,001 tokens
+    start = time.perf_counter()
+    tokenizer(big)
+    tokenizing = time.perf_counter() - start
+    start = time.perf_counter()
+    r = post(server, "/v1/completions", {"model": "a", "prompt": big, "max_tokens": 2})
+    refusing = time.perf_counter() - start
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "prompt: 1000000 characters cannot fit the model's context of 96 tokens (a token covers at most 81 "
+        "characters here, so at most 7776 characters fit); shorten the prompt")
+    assert refusing < tokenizing / 4, (refusing, tokenizing)  # here 0.06-0.1 s against 1.1 s
+    chat = post(server, "/v1/chat/completions", {"model": "a", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi " * 50}] * 4000})
+    assert chat.status_code == 400 and chat.json()["error"]["message"].startswith(
+        "messages: 600000 characters cannot fit the model's context of 96 tokens")
+    within = "word " * 1555  # 7775 characters: tokenized, then refused by the engine
+    r = post(server, "/v1/completions", {"model": "a", "prompt": within, "max_tokens": 2})
+    assert r.json()["error"]["message"] == (f"the prompt is {len(tokenizer(within)['input_ids'])} tokens; the "
+                                            f"model's context is 96 tokens (prompt + output); shorten the prompt")
+    small = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+    start = time.perf_counter()
+    assert post(server, "/v1/completions", small).status_code == 200
+    alone = time.perf_counter() - start
+    threads, results = concurrently(server, [{"model": "a", "prompt": big, "max_tokens": 2}] * 4)
+    time.sleep(0.2)  # the big ones are on their way
+    start = time.perf_counter()
+    assert post(server, "/v1/completions", small).status_code == 200
+    beside = time.perf_counter() - start
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [400] * 4
+    # it used to wait for one tokenization or more (the lock); now only for their bodies to be read and parsed, in
+    # this process with the clients: here 0.06 s alone, 0.2-0.4 s beside them, 1.1 s to tokenize one
+    assert beside < tokenizing, (alone, beside, tokenizing)
+
+    limit = 2**20 + 12 * 7776  # room for 7776 characters at 12 bytes each (escaped surrogate pairs), plus 1 MiB
+    body = json.dumps({"model": "a", "prompt": "word " * 250_000, "max_tokens": 2}).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server[1] + "/v1/completions", content=body, headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"] == (
+        f"the request body is {len(body)} bytes; this server takes at most {limit} bytes (room for a prompt of the "
+        f"model's 96-token context); send a shorter prompt")
+    chunked = httpx.post(server[1] + "/v1/completions", content=iter([body[:2**20], body[2**20:]]), headers=headers,
+                         timeout=60)  # no Content-Length: counted as it is read
+    assert chunked.status_code == 413 and chunked.json()["error"]["message"].startswith(
+        f"the request body is over {limit} bytes; this server takes at most {limit} bytes")
+    assert httpx.post(server[1] + "/v1/completions", content=body).status_code == 401  # no key: not read
+
+
+def test_docs_need_the_key_and_head_answers_like_get(server):
+    """Hunt #10: /docs, /redoc and /openapi.json answered without the API key; HEAD on /health and /v1/models was
+    405. Hunt #9: DELETE /v1/adapters/<70,000 characters> echoed the name whole (60,000 here: httpx's URL limit)."""
+    url, auth = server[1], {"Authorization": f"Bearer {KEY}"}
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers=auth).status_code == 200, path
+    for path, headers in (("/health", {}), ("/v1/models", auth)):
+        head, get = httpx.head(url + path, headers=headers), httpx.get(url + path, headers=headers)
+        assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/json")
+        assert get.status_code == 200 and get.json()
+    assert httpx.head(url + "/v1/models").status_code == 401
+    # the scheme in any case (RFC 7235), as the dashboard takes it; a wrong key stays a 401
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"bearer  {KEY}"}).status_code == 200
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
+    name = "x" * 60_000
+    r = httpx.delete(url + "/v1/adapters/" + name, headers=auth)
+    assert r.status_code == 404 and len(r.content) < 1000
+    assert r.json()["error"]["message"].startswith(f"adapter {shown(name)} is not loaded; loaded: ")

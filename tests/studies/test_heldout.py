@@ -1,9 +1,12 @@
 """Held-out accuracy cached by weights: a hit returns what training.evaluate.accuracy computed for the same weights
 and examples; other weights (the base, another adapter), examples or settings are scored anew; the base's logits
-for KL stay the base's while an adapter sits on the same model."""
+for KL stay the base's while an adapter sits on the same model. `loraforge eval`'s records at the model's context:
+the same ones in the perplexity and the accuracy."""
 
 import json
+import re
 
+import pytest
 import torch
 
 from loraforge.config import LoraConfig
@@ -13,8 +16,8 @@ from loraforge.models import load_base
 from loraforge.studies import heldout
 from loraforge.studies.demo import asset
 from loraforge.studies.forgetting import CachedLogits
-from loraforge.studies.heldout import heldout_accuracy, model_hash, with_adapter_hash
-from loraforge.training.data import detect_format, read_records
+from loraforge.studies.heldout import heldout_accuracy, model_hash, with_adapter_hash, within_context
+from loraforge.training.data import DataError, detect_format, encode, prompt_ids, read_records
 from loraforge.training.evaluate import accuracy
 
 
@@ -85,3 +88,41 @@ def test_base_logits_ignore_an_adapter_loaded_later_on_the_same_model(tiny_dir, 
     valid = mask.bool()
     assert not torch.allclose(tuned[valid], plain[valid], atol=1e-3)  # the adapter changes the model
     torch.testing.assert_close(base[valid], plain[valid], atol=1e-5, rtol=1e-5)
+
+
+# --- loraforge eval at the model's context: the same records in the perplexity and the accuracy ------------------
+def test_eval_records_fit_the_context_and_say_what_it_cut(tiny_dir):
+    """A context of 128 tokens: a prompt past it is left out of both scores; a long answer is truncated at it for
+    the perplexity; the line says both."""
+    _, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    short = {"instruction": "Add 1 and 2.", "output": "3"}
+    long_prompt = {"instruction": "word " * 200, "output": "y"}
+    long_answer = {"instruction": "x", "output": "word " * 200}
+    kept, examples, line = within_context([short, long_prompt, long_answer], tokenizer, 128)
+    assert kept == [short, long_answer]
+    reference = [encode(r, tokenizer, "instruction") for r in kept]
+    assert [e.input_ids for e in examples] == [r.input_ids[:128] for r in reference]
+    assert [e.labels for e in examples] == [r.labels[:128] for r in reference]
+    assert len(reference[1].input_ids) > 128  # it was truncated
+    assert line == ("at the model's context of 128 tokens: 1 record truncated, 1 record left out of the perplexity "
+                    "and the accuracy (the prompt alone fills the context)")
+    assert within_context([short], tokenizer, 128) == ([short], [encode(short, tokenizer, "instruction")], None)
+    text = [{"text": "word " * 200}, {"text": "hi"}]  # no prompt: truncated, never left out
+    kept, examples, line = within_context(text, tokenizer, 128)
+    assert kept == text and [len(e.input_ids) for e in examples] == [128, len(encode(text[1], tokenizer,
+                                                                                      "text").input_ids)]
+    assert line == "at the model's context of 128 tokens: 1 record truncated"
+
+
+def test_eval_with_no_record_within_the_context_says_so_in_eval_terms(tiny_dir):
+    _, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    records = [{"instruction": "word " * 200, "output": "y"}, {"instruction": "word " * 150, "output": "y"}]
+    shortest = len(prompt_ids(records[1], tokenizer, "instruction"))
+    with pytest.raises(DataError, match=re.escape(
+            f"no record fits the model's context of 128 tokens: the shortest of the 2 prompts alone takes "
+            f"{shortest}, leaving no room for an answer; shorten the prompts, or evaluate a model with a longer "
+            f"context")):
+        within_context(records, tokenizer, 128)
+    with pytest.raises(DataError, match=re.escape("no record fits the model's context of 128 tokens: its prompt "
+                                                  "alone takes")):
+        within_context(records[:1], tokenizer, 128)

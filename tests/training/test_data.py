@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
@@ -90,6 +92,119 @@ def test_train_on_prompt_and_text_supervise_everything(tok):
     assert ex.labels == ex.input_ids == tok("hello world")["input_ids"] + [tok.eos_token_id]
 
 
+def test_an_answer_that_ends_in_the_eos_text_learns_one_eos(tok):
+    """Users who write the EOS text themselves: it is stripped, encode adds the EOS token once; the data counts it."""
+    plain = encode({"instruction": "Say hi.", "output": "hi"}, tok, "instruction")
+    for output in ["hi<|im_end|>", "hi<|im_end|>\n"]:
+        ex = encode({"instruction": "Say hi.", "output": output}, tok, "instruction")
+        assert (ex.input_ids, ex.labels) == (plain.input_ids, plain.labels)
+        assert spans(ex) == [tok("hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    ex = encode({"text": "hello world<|im_end|>"}, tok, "text")
+    assert ex.input_ids == ex.labels == tok("hello world")["input_ids"] + [tok.eos_token_id]
+    records = [{"instruction": "a", "output": "b<|im_end|>"}, {"instruction": "a", "output": "b"}]
+    assert build_dataset(records, tok)[1].n_eos_stripped == 1
+    assert build_dataset([{"text": "x<|im_end|>"}, {"text": "y<|im_end|>"}], tok)[1].n_eos_stripped == 2
+    with pytest.raises(DataError) as e:
+        build_dataset([{"instruction": "a", "output": " <|im_end|>", "_source": "f.jsonl:4"}], tok)
+    assert str(e.value) == ("record 0: f.jsonl:4: field 'output' holds only the end-of-sequence text '<|im_end|>'; "
+                            "give the text before it")
+
+
+def test_text_eos_is_not_added_twice_when_the_tokenizer_adds_it():
+    """Llama-2 style tokenizers (add_eos_token) end every encoding with EOS themselves: encode adds no second one."""
+    tok = load_tokenizer("smollm2-135m")  # a fresh one: its post-processor is changed below
+    tok.chat_template, tok.bos_token, tok.eos_token = None, "<|im_start|>", "<|endoftext|>"
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A <|endoftext|>", special_tokens=[("<|im_start|>", 1), ("<|endoftext|>", 0)])
+    hello = tok("hello", add_special_tokens=False)["input_ids"]
+    assert tok("hello")["input_ids"] == [1, *hello, 0]
+    for text in ["hello", "hello<|endoftext|>"]:
+        ex = encode({"text": text}, tok, "text")
+        assert ex.input_ids == ex.labels == [1, *hello, 0]
+
+
+def test_openai_content_parts_are_joined_and_other_types_refused(tok):
+    """[{"type": "text", "text": ...}] parts train as their joined text (as serve joins them); an image is named."""
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]
+    plain = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ex, expected = encode({"messages": as_parts}, tok, "chat"), encode({"messages": plain}, tok, "chat")
+    assert (ex.input_ids, ex.labels) == (expected.input_ids, expected.labels)
+    assert reference_output({"messages": as_parts}, "chat") == "4"
+    cases = [([{"type": "image_url", "image_url": {"url": "x.png"}}], "field 'messages[0].content[0].type' is "
+              "'image_url'; only text parts can be trained on (remove the others)"),
+             ([{"type": "text", "text": 4}], "field 'messages[0].content[0].text' must be a string, got int"),
+             (["2+2?"], "field 'messages[0].content[0]' must be a {type, text} object, got str"),
+             (5, "field 'messages[0].content' must be a string, got int"),
+             (None, "field 'messages[0].content' is missing or empty")]
+    for content, error in cases:
+        record = {"messages": [{"role": "user", "content": content}, plain[1]], "_source": "c.jsonl:2"}
+        with pytest.raises(DataError) as e:
+            encode(record, tok, "chat")
+        assert str(e.value) == f"c.jsonl:2: {error}"
+
+
+def test_messages_of_the_wrong_type_say_what_they_must_be(tok):
+    for messages, error in [({"role": "user", "content": "hi"}, "must be a list of {role, content} objects, got dict"),
+                            ('[{"role": "user"}]', "must be a list of {role, content} objects, got str (text, as a "
+                                                   "CSV cell holds: give chats as JSON lists in a .jsonl file)"),
+                            (["hi"], None)]:
+        with pytest.raises(DataError) as e:
+            encode({"messages": messages, "_source": "c.csv:3"}, tok, "chat")
+        assert str(e.value) == (f"c.csv:3: field 'messages' {error}" if error else
+                                "c.csv:3: field 'messages[0]' must be a {role, content} object, got str")
+
+
+def test_tool_calls_and_tool_results_are_refused_not_dropped(tok, tmp_path):
+    """OpenAI tool turns: an assistant turn with tool_calls (with or without text), a legacy function_call and a
+    tool/function result each stop the run naming the file, line and message; null tool_calls are no call."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]
+    user, answer = {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "Sunny."}
+    turns = [({"role": "assistant", "content": "Let me check.", "tool_calls": call}, "'messages[1].tool_calls' holds "
+              "a tool call"),
+             ({"role": "assistant", "content": None, "tool_calls": call}, "'messages[1].tool_calls' holds a tool call"),
+             ({"role": "assistant", "content": None, "function_call": call[0]["function"]},
+              "'messages[1].function_call' holds a tool call"),
+             ({"role": "tool", "tool_call_id": "c1", "content": "12C"}, "'messages[1].role' is 'tool' (a tool result)"),
+             ({"role": "function", "name": "weather", "content": "12C"},
+              "'messages[1].role' is 'function' (a tool result)")]
+    path = write_jsonl(tmp_path / "tools.jsonl", [{"messages": [user, answer]}] +
+                       [{"messages": [user, turn, answer]} for turn, _ in turns])
+    records = read_records(path)
+    for i, (_, what) in enumerate(turns, start=1):
+        with pytest.raises(DataError) as e:
+            build_dataset([records[0], records[i]], tok)
+        assert str(e.value) == (f"record 1: {path}:{i + 1}: field {what}: tool calls are not supported for training "
+                                f"yet; leave conversations with tool calls out of the training data")
+    no_call = {"role": "assistant", "content": "Sunny.", "tool_calls": None, "function_call": None}  # SDK dumps
+    assert encode({"messages": [user, no_call]}, tok, "chat") == encode({"messages": [user, answer]}, tok, "chat")
+
+
+def test_a_chat_that_starts_with_an_assistant_turn_is_refused(tok, tmp_path):
+    """The template would render an empty conversation before it (SmolLM2's raises, others misplace a default
+    system prompt): refused with the file, line and the fix; a system turn first is fine."""
+    greeting, user, answer = ({"role": "assistant", "content": "Hello! How can I help?"},
+                              {"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"})
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [user, answer]}, {"messages": [greeting, user, answer]}])
+    with pytest.raises(DataError) as e:
+        build_dataset(read_records(path), tok)
+    assert str(e.value) == (f"record 1: {path}:2: field 'messages[0]' is an assistant turn; a conversation must start "
+                            f"with a system or user turn (drop the opening assistant message or put the user's turn "
+                            f"before it)")
+    system = {"role": "system", "content": "Be terse."}
+    ex = encode({"messages": [system, answer]}, tok, "chat")
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template([system, answer], tokenize=False)
+    assert spans(ex) == [tok("4<|im_end|>\n", add_special_tokens=False)["input_ids"]]
+
+
+def test_a_template_that_refuses_a_conversation_is_a_data_error(tok, monkeypatch):
+    monkeypatch.setattr(tok, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(DataError) as e:
+        build_dataset([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], tok)
+    assert str(e.value) == ("record 0: the model's chat template refuses this conversation (Conversation roles must "
+                            "alternate); change the conversation to what the template accepts")
+
+
 def test_detect_format_and_source_is_ignored(tok):
     assert detect_format({"instruction": "a", "output": "b", "_source": "f:1"}) == "instruction"
     assert detect_format({"messages": []}) == "chat"
@@ -170,13 +285,83 @@ def test_all_dropped_under_truncate_says_the_prompt_fills_max_seq_len(tok):
                             "the prompts)")
 
 
+def test_a_lone_surrogate_names_the_file_line_field_and_position(tok, tmp_path):
+    """JSON accepts "\\ud83d" alone (half an emoji, cut by a truncating export); no tokenizer can encode it."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "broken emoji \\ud83d", "output": "x"}\n'
+                    '{"messages": [{"role": "user", "content": "q"}, '
+                    '{"role": "assistant", "content": "ok \\udc00"}]}\n')
+    records = read_records(str(path))
+    with pytest.raises(DataError) as e:
+        build_dataset(records[:2], tok)
+    assert str(e.value) == (f"record 1: {path}:2: field 'instruction' holds an unpaired surrogate '\\ud83d' at "
+                            f"position 13 (half of a character, e.g. an emoji cut in two); remove it or restore the "
+                            f"whole character")
+    with pytest.raises(DataError) as e:
+        build_dataset(records[2:], tok)
+    assert str(e.value) == (f"record 0: {path}:3: field 'messages[1].content' holds an unpaired surrogate '\\udc00' "
+                            f"at position 3 (half of a character, e.g. an emoji cut in two); remove it or restore the "
+                            f"whole character")
+
+
+def test_csv_header_spaces_duplicate_columns_and_extra_fields(tok, tmp_path):
+    """Header names are stripped; a column named twice and a row longer than the header are refused by line."""
+    (tmp_path / "space.csv").write_text("instruction, output\nx,y\n")
+    assert strip_source(read_records(str(tmp_path / "space.csv"))) == [{"instruction": "x", "output": "y"}]
+    (tmp_path / "dup.csv").write_text("instruction,output,output\nx,y,z\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "dup.csv"))
+    assert str(e.value) == (f"{tmp_path / 'dup.csv'}:1: the header names column 'output' twice; rename or remove "
+                            f"one of them")
+    (tmp_path / "extra.csv").write_text('instruction,output\n"multi\nline",y\n\nwhat,this,extra\n')
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "extra.csv"))
+    assert str(e.value) == (f"{tmp_path / 'extra.csv'}:5: 3 fields, but the header has 2 columns (instruction, "
+                            f'output); quote a field that holds a comma ("a, b")')
+    (tmp_path / "lines.csv").write_text('instruction,output\n"multi\nline",y\n\nshort\n')
+    records = read_records(str(tmp_path / "lines.csv"))  # each record names the line it starts on
+    assert records == [{"instruction": "multi\nline", "output": "y", "_source": f"{tmp_path / 'lines.csv'}:2"},
+                       {"instruction": "short", "output": None, "_source": f"{tmp_path / 'lines.csv'}:5"}]
+
+
+def test_utf16_and_utf32_files_are_named_with_the_right_iconv(tmp_path):
+    text = '{"instruction": "x", "output": "y"}\n'
+    for encoding, name in [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32-le", "UTF-32"),
+                           ("utf-32-be", "UTF-32")]:  # UTF-32-LE's mark FF FE 00 00 starts like UTF-16-LE's FF FE
+        path, fixed = tmp_path / f"{encoding}.jsonl", tmp_path / f"{encoding}.utf8.jsonl"
+        path.write_bytes(("\ufeff" + text).encode(encoding))  # the byte-order mark Windows tools write first
+        with pytest.raises(DataError) as e:
+            read_records(str(path))
+        assert str(e.value) == (f"{path}: the file is {name} (it starts with a {name} byte-order mark), not UTF-8; "
+                                f"re-encode it: iconv -f {name} -t UTF-8 {path} > {fixed}")
+
+
 def test_unknown_extension_and_hub_fallback(tmp_path, monkeypatch):
     (tmp_path / "data.txt").write_text("hello")
     with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
         read_records(str(tmp_path / "data.txt"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed, so the test never touches the network
-    with pytest.raises(DataError, match=r"not a local file.*needs the `datasets` package"):
-        read_records("some-org/some-dataset:train")
+    with pytest.raises(DataError) as e:
+        read_records("some-dataset:train")
+    assert str(e.value) == ("'some-dataset:train' is not a local file, and reading it as a hub dataset needs the "
+                            "`datasets` package: pip install 'loraforge[hub]' (or give a path to a "
+                            ".jsonl/.json/.csv/.parquet file)")
+
+
+def test_a_missing_local_path_is_no_such_file_not_install_datasets(tmp_path, monkeypatch):
+    """A data-file suffix or a /, ., ~ start is a path, never a hub name; with a separator and no `datasets`, both."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    for source in [str(tmp_path / "trian.jsonl"), "trian.csv", "./train", "~/no-such-dir/train"]:
+        with pytest.raises(DataError) as e:
+            read_records(source)
+        assert str(e.value) == f"no such file: {source}"
+    with pytest.raises(DataError) as e:
+        read_records("data/trian")
+    assert str(e.value) == ("no such file: data/trian; if it is a hub dataset (name[:split]), reading it needs the "
+                            "`datasets` package: pip install 'loraforge[hub]'")
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~/" as a YAML file leaves it: expanded, and read
+    write_jsonl(tmp_path / "home.jsonl", RECORDS)
+    assert strip_source(read_records("~/home.jsonl")) == RECORDS
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -235,8 +420,28 @@ def test_train_test_split_is_deterministic_and_disjoint():
     assert (len(train), len(test)) == (15, 5)
     assert (train, test) == train_test_split(records, 5, seed=1)
     assert sorted(r["text"] for r in train + test) == sorted(r["text"] for r in records)
-    with pytest.raises(DataError, match="test=0"):
+    with pytest.raises(DataError) as e:
         train_test_split(records, 0)
+    assert str(e.value) == ("test=0 holds out 0 of the 20 records, leaving 20 to train on; use a count from 1 to 19 "
+                            "(at least 1 record on each side)")
+
+
+def test_an_eval_fraction_that_empties_a_side_names_the_field_and_the_valid_fractions():
+    records = [{"text": str(i)} for i in range(40)]
+    with pytest.raises(DataError) as e:
+        train_test_split(records, 0.99, field="data.eval_fraction")
+    assert str(e.value) == ("data.eval_fraction=0.99 holds out 40 of the 40 records, leaving 0 to train on; use a "
+                            "fraction from 0.025 to 0.975 (at least 1 record on each side)")
+    with pytest.raises(DataError) as e:
+        train_test_split(records[:20], 0.01, field="data.eval_fraction")
+    assert str(e.value) == ("data.eval_fraction=0.01 holds out 0 of the 20 records, leaving 20 to train on; use a "
+                            "fraction from 0.05 to 0.95 (at least 1 record on each side)")
+    for n in [2, 3, 7, 21, 333, 123457]:  # the bounds the error gives split n records with 1 .. n - 1 held out
+        rows = [{"text": str(i)} for i in range(n)]
+        with pytest.raises(DataError) as e:
+            train_test_split(rows, 1e-9, field="data.eval_fraction")
+        low, high = (float(x) for x in re.search(r"from (\S+) to (\S+) ", str(e.value)).groups())
+        assert [len(train_test_split(rows, f)[1]) for f in (low, high)] == [1, n - 1], (n, low, high)
 
 
 # ---------------------------------------------------------------------------------------------------- packing

@@ -139,7 +139,7 @@ def test_killed_rank_stops_the_other_and_resume_with_one_process_ends_the_same(t
     assert "training.collective_timeout=60 s" in err0
     ckpts = cut / "checkpoints"
     assert (ckpts / "step-0000002").is_dir() and not (ckpts / "step-0000004").exists()
-    assert (ckpts / ".tmp-step-0000004").is_dir()
+    assert not list(ckpts.glob(".tmp-*"))  # rank 0 removed the save's own temporary directory when the barrier failed
     resumed = torchrun(1, cfg_file, [*args, "training.batch_size=8", f"output_dir={cut}", "--resume"], 29544)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step 2/6" in resumed.stdout
@@ -194,3 +194,61 @@ def test_freed_large_blocks_go_back_to_the_system_under_fsdp_on_cpu():
     if plain < 5:
         pytest.skip(f"this C library returned the freed block by itself ({plain:.1f} MB kept): nothing to fix here")
     assert held < 1, f"{held:.1f} MB of a freed 10 MB block stayed resident (without the fix: {plain:.1f} MB)"
+
+
+SAVE_BESIDE_AND_LOAD = """
+import contextlib, sys
+from pathlib import Path
+import torch.distributed as dist
+from loraforge.config import load_train_config, to_dict
+from loraforge.training.checkpoint import TrainingError
+from loraforge.training.dcp import load_sharded, save_sharded, verify_sharded
+from loraforge.training.loop import setup
+saved, others = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = load_train_config(None, sys.argv[3:])
+with contextlib.ExitStack() as held:
+    run = setup(cfg, False, False, None, held)
+    if run.rank == 0:  # another writer's save in flight under the name every save used before
+        (others / "__0_0.distcp").parent.mkdir(parents=True)
+        (others / "__0_0.distcp").write_text("in flight")
+    dist.barrier()
+    path = save_sharded(run.ckpt_root, 7, run.ddp, run.optimizer, run.scheduler, cfg, {"tokens_seen": 0})
+    print(f"rank {run.rank}: saved {path.name}: {verify_sharded(path)}", flush=True)
+    try:
+        load_sharded(saved, run.ddp, run.optimizer, run.scheduler, to_dict(cfg))
+    except TrainingError as e:
+        print(f"rank {run.rank}: {e}", flush=True)
+"""
+
+
+def test_fsdp_resume_with_another_lora_r_is_refused_naming_it(tiny_dir, data_file, tmp_path, cfg_file):
+    """Shards saved at lora.r=4 and read at lora.r=8: every process stops with the one-line error (exit code 2 from
+    the CLI) naming the tensor's two shapes, and with this run's config the changed setting. On the way, a save
+    writes into a temporary directory of its own: another writer's files under the old fixed name stay."""
+    args = [*common(tiny_dir, data_file, steps=2), "training.save_every=2", "training.batch_size=4"]
+    first = torchrun(2, cfg_file, [*args, f"output_dir={tmp_path / 'r4'}"], 29546)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "r4" / "checkpoints" / "step-0000002"
+    lora_a = "model.model.layers.0.self_attn.q_proj.lora_A.default.weight"  # the wrapped loss module's name
+    shapes = f"{lora_a} [4, 32] in the checkpoint, [8, 32] here"
+    resumed = ranks(2, cfg_file, [*args, "training.max_steps=4", "lora.r=8", f"output_dir={tmp_path / 'r4'}",
+                                  "--resume"], 29547)
+    for rank, (rc, _, err) in enumerate(resumed):
+        assert rc == 2, err[-3000:]
+        assert f"error: checkpoint {saved} does not match this model/config ({shapes}" in err, err[-3000:]
+        assert "Traceback" not in err
+
+    others = tmp_path / "r8" / "checkpoints" / ".tmp-step-0000007"
+    script = tmp_path / "save_and_load.py"
+    script.write_text(SAVE_BESIDE_AND_LOAD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29548",
+                           str(script), str(saved), str(others), *args, "lora.r=8", f"output_dir={tmp_path / 'r8'}",
+                           "training.distributed=fsdp"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: saved step-0000007: None" in proc.stdout  # None: its manifest verifies
+        assert (f"rank {rank}: checkpoint {saved} does not match this model/config ({shapes}; changed since it was "
+                f"written: lora.r: 4 -> 8); resume with the config the run was started with") in proc.stdout
+    assert (others / "__0_0.distcp").read_text() == "in flight"
+    assert sorted(p.name for p in (tmp_path / "r8" / "checkpoints").iterdir()) == [".tmp-step-0000007", "step-0000007"]

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ import loraforge.training.loop as T
 from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
-from loraforge.training.loop import nonfinite_advice, train
+from loraforge.training.loop import Stopped, nonfinite_advice, train
+from loraforge.ui.runs import status
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_JSONL = b'{"instruction":"a","output":"b"}\n{"instruction":"m\xe4rz","output":"c"}\n'  # the issue's printf
@@ -267,6 +269,18 @@ def test_appending_to_metrics_drops_a_line_cut_off_by_a_crash(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
 
 
+def test_metrics_are_strict_json_with_nonfinite_values_as_null(tmp_path):
+    """fp16's skipped step logs grad_norm inf: the file stays JSON that strict readers take (no `Infinity`)."""
+    from loraforge.training.report import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.write(step=1, loss=2.0, grad_norm=float("inf"), lr=float("nan"), tokens=7)
+    log.close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0, "grad_norm": null, "lr": null, "tokens": 7}\n'
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0, "grad_norm": None, "lr": None, "tokens": 7}]
+
+
 # --- a non-finite loss ---------------------------------------------------------------------------------------
 
 def test_nonfinite_advice_depends_on_what_the_run_used():
@@ -319,8 +333,9 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     before = signal.getsignal(signum)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(T, "optimizer_step", step_then_ctrl_c)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stopped) as e:  # a KeyboardInterrupt that names the signal
             train(load_train_config(None, args), progress=False)
+    assert e.value.signum == signum and e.value.exit_code == 128 + signum
     assert signal.getsignal(signum) is before  # the handler is the caller's again
     ckpts = out / "checkpoints"
     assert [d.name for d in sorted(ckpts.iterdir())] == ["step-0000002"]
@@ -328,6 +343,42 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert not (out / "adapter").exists()
     train(load_train_config(None, args), resume=True, progress=False)
     assert_equal_adapters(adapter(out), whole)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_signalled_cli_run_exits_128_plus_the_signal_with_its_checkpoint(tiny_dir, data_file, tmp_path, signum,
+                                                                            code):
+    """A real `loraforge train` process, signalled once it has logged a step: it ends that step, saves a checkpoint
+    of it, says which signal stopped it and that --resume continues, and exits 128 + the signal's number as a
+    shell reports a process the signal ended (Linux numbers); the dashboard counts that exit as stopped."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    args = run_args(tiny_dir, data_file, out) + ["training.max_steps=100000", "training.save_every=0",
+                                                 "training.log_every=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    with open(tmp_path / "out.txt", "w") as o, open(tmp_path / "err.txt", "w") as e:  # files: a full pipe blocks
+        proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg), *args], cwd=ROOT, env=env,
+                                stdout=o, stderr=e)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().endswith("\n")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == code, stderr[-3000:]
+    ckpts = out / "checkpoints"
+    (step,) = [d.name for d in ckpts.iterdir()]  # no checkpoint but the stop's (save_every 0)
+    n = int(step.removeprefix("step-"))
+    assert n >= 1 and verify_checkpoint(ckpts / step) is None and not (out / "adapter").exists()
+    assert stderr.splitlines()[-1] == (f"stopped by {signal.Signals(signum).name} after step {n} of 100000: "
+                                       f"checkpoint {ckpts / step} saved; continue with --resume")
+    assert status(out, {"pid": proc.pid, "exit_code": proc.returncode}) == "stopped"
 
 
 # --- one run per output_dir; output folders that cannot be written ----------------------------------------------
@@ -352,6 +403,45 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_di
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the holder's, killed: nothing else written
     train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)  # a stale lock is no lock
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl"]
+
+
+def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file, tmp_path):
+    """Under torchrun only rank 0 takes output_dir's lock; held by another process, rank 0's refusal reaches the
+    other rank at once: both exit 2 with the same one line, long before training.collective_timeout (600 s), and
+    without loading the model (each rank is a plain process with torchrun's environment, as test_distributed's)."""
+    out = tmp_path / "run"
+    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(900)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    procs, logs = [], []
+    try:
+        assert holder.stdout.readline() == "held\n"
+        start = time.monotonic()
+        for rank in range(2):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29551", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+            logs.append((tmp_path / f"rank{rank}.out", tmp_path / f"rank{rank}.err"))
+            with open(logs[-1][0], "w") as o, open(logs[-1][1], "w") as e:  # files: a full pipe would block a rank
+                procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg),
+                                               *run_args(tiny_dir, data_file, out),
+                                               "training.collective_timeout=600"], cwd=ROOT, env=env, stdout=o,
+                                              stderr=e))
+        codes = [p.wait(timeout=590) for p in procs]
+        seconds = time.monotonic() - start
+    finally:
+        for p in [*procs, holder]:
+            p.kill()
+            p.wait()
+    errors = [err.read_text() for _, err in logs]
+    assert codes == [2, 2], errors
+    expected = (f"error: another loraforge process (pid {holder.pid}) is training into output_dir {out}; wait for it "
+                f"to end, or choose another output_dir")
+    assert [one_error_line(err) for err in errors] == [expected, expected]
+    assert [o.read_text() for o, _ in logs] == ["", ""]  # refused before anything was loaded
+    assert seconds < 300, seconds  # the start-up of two processes (75 s on a busy 2-core CPU), not the timeout
 
 
 def test_an_output_dir_below_a_file_is_refused_with_one_line_before_loading(tiny_dir, data_file, tmp_path):
@@ -444,6 +534,22 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
             "lora.lora_alpha if it is unusually large; else " + nonfinite_advice(1e-2, "fp32", 1.0, step=2)
             ) in str(e.value)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_an_error_during_training_starts_on_its_own_line_after_the_progress_bar(tiny_dir, data_file, tmp_path):
+    """The CLI with its progress bar on (stderr, redrawn with \\r) and a TrainingError in step 1 (lora_alpha 1e30,
+    as above): the bar is closed, ending its line, before `error: ...` is printed at column 0 of a line of its own."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg),
+                           *run_args(tiny_dir, data_file, tmp_path / "run"), "lora.lora_alpha=1e30"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train:   0%" in proc.stderr  # the bar was drawn
+    lines = proc.stderr.split("\n")  # not splitlines(): a "\r" of the bar must not pass for a line end
+    errors = [line for line in lines if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("error: the gradient norm is inf at step 1 (the loss, "), lines
 
 
 def test_an_8bit_optimizer_checkpoints_and_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path):

@@ -139,3 +139,40 @@ def test_a_source_fraction_that_draws_no_example_names_its_epochs(tiny_dir, two_
         load_data(cfg, load_tokenizer(str(tiny_dir)))
     assert str(e.value) == ("data.train[0].epochs: 0.001 of its 30 examples is none; use at least 0.033 (one "
                             "example per epoch), or leave the source out")
+
+
+def test_one_bad_source_is_reported_once_not_with_its_held_out_part(tiny_dir, tmp_path):
+    """A source read in the wrong format fails in its train part and its held-out part alike: one problem."""
+    rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(40)]
+    path = write(tmp_path / "train40.jsonl", rows)
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"output_dir={tmp_path / 'o'}"],
+                            base={"data": {"train": [{"path": str(path), "format": "chat"}]}})
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert str(e.value) == (f"record 0: {path}:1: field 'messages' is missing or empty (expected a list of "
+                            f"{{role, content}})")
+
+
+def test_an_eval_fraction_that_holds_out_everything_names_data_eval_fraction(tiny_dir, tmp_path):
+    rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(40)]
+    path = write(tmp_path / "train40.jsonl", rows)
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={path}", "data.eval_fraction=0.99",
+                                   f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert str(e.value) == ("train40.jsonl: data.eval_fraction=0.99 holds out 40 of the 40 records, leaving 0 to train "
+                            "on; use a fraction from 0.025 to 0.975 (at least 1 record on each side)")
+
+
+def test_the_sources_line_counts_answers_that_ended_in_the_eos_text(tiny_dir, two_sources, tmp_path):
+    a, _ = two_sources
+    eos = write(tmp_path / "eos.jsonl", [{"instruction": f"Say {w}.", "output": w + "<|im_end|>"} for w in "xyz"])
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path / 'o'}"],
+                            base={"data": {"train": [str(a), str(eos)]}})
+    _, _, stats, mixture = load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert [s["n_eos_stripped"] for s in stats["sources"]] == [0, 3] and stats["n_eos_stripped"] == 3
+    lines = sources_report(mixture, stats).splitlines()
+    assert lines[1].startswith("  data.train[0] add.jsonl: 30 records (0 truncated, 0 dropped), epochs 1: 30 "
+                               "examples, ")
+    assert lines[2].startswith("  data.train[1] eos.jsonl: 3 records (0 truncated, 0 dropped, 3 ending in the EOS text "
+                               "(learnt once)), epochs 1: 3 examples, ")

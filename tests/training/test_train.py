@@ -3,7 +3,9 @@
 import dataclasses
 import gc
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -19,6 +21,7 @@ from loraforge.config import ConfigError, load_train_config
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training import data as D
 from loraforge.training.loop import TrainingError, build_model, train
+from loraforge.training.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,3 +271,73 @@ def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
         torch.testing.assert_close(results[attention][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
         for k, g in results["sdpa"][1].items():
             torch.testing.assert_close(results[attention][1][k], g, rtol=1e-4, atol=1e-5, msg=f"{attention} {k}")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_metrics_log_the_learning_rate_each_step_updated_with(tiny_dir, data_file, tmp_path, monkeypatch, schedule):
+    """Step k's row holds the rate of step k's own update: the schedule's value at k - 1 (warmup over 2 of the 6
+    steps, then the decay), equal to what AdamW was given; not the rate the next step will use."""
+    used = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    def schedule_at(s: int, lr: float = 1e-2, warmup: int = 2, total: int = 6) -> float:
+        if s < warmup:
+            return lr * (s + 1) / (warmup + 1)
+        progress = (s - warmup) / (total - warmup)
+        return lr * (1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(config(tiny_dir, data_file, tmp_path, schedule=schedule, log_every=1), progress=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["lr"] for row in rows] == used  # what the optimizer used, exactly
+    # the plain formula; LambdaLR multiplies lr by the factor: equal to rounding
+    assert used == pytest.approx([schedule_at(s) for s in range(6)], rel=1e-12, abs=0)
+
+
+def test_too_few_examples_for_one_step_names_the_batch_setting_in_force(tiny_dir, data_file, tmp_path):
+    """The 40 records: one batch of training.batch_tokens 100000 is more than all of them; 64 rows likewise."""
+    with pytest.raises(TrainingError) as e:
+        train(config(tiny_dir, data_file, tmp_path / "tokens", batch_tokens=100000), progress=False)
+    assert str(e.value) == ("40 training examples fill 0 batches of training.batch_tokens 100000, fewer than one "
+                            "optimizer step needs (gradient_accumulation 1 × 1 processes); lower "
+                            "training.batch_tokens (it is 100000)")
+    with pytest.raises(TrainingError) as e:
+        train(config(tiny_dir, data_file, tmp_path / "rows", batch_size=64), progress=False)
+    assert str(e.value) == ("40 training examples are fewer than one optimizer step needs (batch_size 64 × "
+                            "gradient_accumulation 1 × 1 processes); lower training.batch_size")
+
+
+def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
+    from loraforge.training.loop import data_report
+
+    stats = {"n_examples": 40, "n_truncated": 1, "n_dropped": 0, "n_eos_stripped": 3}
+    assert data_report(stats, 4, 0.1, 0.1, False, "auto").startswith(
+        "data: 40 train examples (1 truncated, 0 dropped, 3 ending in the EOS text (learnt once)), 4 held out; ")
+    assert data_report({**stats, "n_eos_stripped": 0}, 4, 0.1, 0.1, False, "auto").startswith(
+        "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
+
+
+def test_sequences_past_the_models_context_are_refused_before_the_model_loads(tiny_dir, data_file, tmp_path):
+    """The tiny Llama has 128 positions: records of ~200 tokens let through by data.max_seq_len=512 are refused
+    by name; the same max_seq_len over short records (packed rows restart positions per sequence) trains."""
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text("".join(json.dumps({"instruction": f"Count {i}.", "output": " ".join(["one two"] * 90)})
+                                 + "\n" for i in range(8)))
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={long_file}", "data.eval_fraction=0",
+                                   f"output_dir={tmp_path / 'out'}", "data.max_seq_len=512", "training.max_steps=1",
+                                   "training.batch_size=2", "training.precision=fp32"])
+    with pytest.raises(ConfigError) as e:
+        train(cfg)
+    assert re.fullmatch(r"data\.max_seq_len: 512 lets sequences of (\d+) tokens through, which is past the model's "
+                        r"context of 128 tokens \(max_position_embeddings in the config of .*\); use at most 128",
+                        str(e.value).splitlines()[-1].strip()), str(e.value)
+    assert not (tmp_path / "out" / "adapter").exists()
+    short = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
+                                     f"output_dir={tmp_path / 'short'}", "data.max_seq_len=512", "data.packing=true",
+                                     "training.max_steps=1", "training.batch_size=4", "training.precision=fp32"])
+    assert train(short).steps == 1 and (tmp_path / "short" / "adapter" / "adapter_model.safetensors").is_file()

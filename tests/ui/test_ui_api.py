@@ -1,5 +1,7 @@
 """The dashboard's HTTP side (loraforge.ui) without a browser: the key on every endpoint the page uses, paths
-confined to their folders, the form's errors equal to the CLI's, and stop keeping the last checkpoint.
+confined to their folders, the form's errors equal to the CLI's, and stop keeping the last checkpoint; other web
+pages kept out (CSRF, DNS rebinding), Stop only for the process launched, files linked out of a run not read, odd
+metrics rows, live following of runs started in a terminal, and Ctrl-C with a stream open.
 
 The server is the real one: the serve app over a tiny random Llama (with SmolLM2's tokenizer) and the /ui router,
 on uvicorn at 127.0.0.1 on a free port.
@@ -8,14 +10,28 @@ on uvicorn at 127.0.0.1 on a free port.
 import io
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+import yaml
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from loraforge import cli
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
+from loraforge.ui import app as ui_app
+from loraforge.ui import runs as R
+from loraforge.ui.launch import form_config
 
 KEY = "sk-ui-test"
 
@@ -43,8 +59,8 @@ def ui(tmp_path_factory, tiny_dir):
     engine.stop()
 
 
-def call(ui, method, path, key=KEY, **kw):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def call(ui, method, path, key=KEY, headers=None, **kw):
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     return httpx.request(method, ui[0] + path, headers=headers, timeout=60, **kw)
 
 
@@ -150,13 +166,9 @@ def test_the_adapter_zip_holds_the_adapter_files(ui):
 @pytest.mark.parametrize("changes", [{"r": "0"}, {"lr": "fast"}, {"method": "lorax"}, {"max_steps": "-3"},
                                      {"r": "0", "lora_alpha": "[1]"}])
 def test_a_bad_form_value_gets_the_clis_message(ui, tmp_path, capsys, changes):
-    from loraforge.ui.launch import form_config
-
     r = call(ui, "POST", "/ui/api/runs", json=form(name="bad", **changes))
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
     # the same values in a YAML file given to `loraforge train`
-    import yaml
-
     _, config = form_config(form(name="bad", **changes), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     capsys.readouterr()
@@ -184,10 +196,12 @@ def test_stop_ends_the_run_and_keeps_its_last_checkpoint(ui):
     status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/long/metrics").json()["status"]) != "running" and s)
     assert status == "stopped"
     launch = json.loads((ui[1] / "runs" / ".ui" / "long" / "launch.json").read_text())
-    assert launch["exit_code"] == 130  # the CLI's KeyboardInterrupt exit: train was interrupted, not killed
+    assert launch["exit_code"] == 130  # the CLI's exit on SIGINT (128 + 2): train stopped itself, not killed
     last = last_checkpoint(run / "checkpoints")
     assert last is not None and verify_checkpoint(last) is None
-    assert "interrupted" in (ui[1] / "runs" / ".ui" / "long" / "train.log").read_text()
+    said = (ui[1] / "runs" / ".ui" / "long" / "train.log").read_text().splitlines()[-1]
+    assert said.startswith(f"stopped by SIGINT after step {int(last.name[5:])} of 100000: checkpoint ")
+    assert said.endswith(f"/checkpoints/{last.name} saved; continue with --resume")  # the newest is the stop's
     assert call(ui, "POST", "/ui/api/runs/long/stop").status_code == 409  # not running any more
     again = call(ui, "POST", "/ui/api/runs", json=form(name="long"))
     assert again.status_code == 409  # a name is never reused over an earlier run
@@ -203,15 +217,14 @@ def test_listening_beyond_loopback_needs_a_key(argv, capsys, tmp_path, monkeypat
 
 
 def test_status_from_the_files_a_run_leaves(tmp_path):
-    from loraforge.ui import runs as R
-
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     assert R.status(run) == "unknown"  # started in a terminal, nothing says how it ended
     assert R.status(run, {"pid": os.getpid(), "exit_code": None}) == "failed"  # this process is not a loraforge run
     assert R.status(run, {"pid": 1, "exit_code": 0}) == "finished"
-    assert R.status(run, {"pid": 1, "exit_code": 130}) == "stopped"
+    for code in (130, 143, 138, -2, -15, -10):  # the CLI stopped by SIGINT, SIGTERM, SIGUSR1 (128 + the signal's
+        assert R.status(run, {"pid": 1, "exit_code": code}) == "stopped"  # number), or killed by one of them
     assert R.status(run, {"pid": 1, "exit_code": 2}) == "failed"
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
@@ -220,16 +233,502 @@ def test_status_from_the_files_a_run_leaves(tmp_path):
 
 @pytest.mark.parametrize("argv", [["ui"], ["serve", "--ui"]])
 def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypatch):
-    import uvicorn
-    from fastapi.testclient import TestClient
-
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))  # start-up only
     monkeypatch.chdir(tmp_path)
     assert cli.main([*argv, "--model", str(tiny_dir), "--runs", "myruns", "--api-key", KEY]) == 0
     (app, kw), = apps
     assert kw["host"] == "127.0.0.1"
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1:8000")  # what a browser on this machine sends as Host
     assert client.get("/ui/api/runs").status_code == 401
     assert client.get("/ui/api/runs", headers={"Authorization": f"Bearer {KEY}"}).json() == {"runs": []}
     assert (tmp_path / "myruns").is_dir() and client.get("/ui/").status_code == 200
+    # both know their --host (any other name in the Host header is refused) and cut open streams on Ctrl-C
+    assert kw["timeout_graceful_shutdown"] == ui_app.SHUTDOWN_GRACE_S
+    assert TestClient(app, base_url="http://attacker.example:8000").get("/ui/").status_code == 400
+
+
+# --- other web pages (CSRF, DNS rebinding) -------------------------------------------------------------------------
+
+def write_launch(root, name, **record):
+    """A page run's launch record, as launch.py writes it."""
+    meta = root / "runs" / ".ui" / name
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "launch.json").write_text(json.dumps({"exit_code": None, **record}))
+    return meta
+
+
+@pytest.fixture
+def victim(ui):
+    """A page run that is running: its launch record names this `sleep`, with its command line and start time."""
+    proc = subprocess.Popen(["sleep", "60"])
+    write_launch(ui[1], "victim", pid=proc.pid, argv=["sleep", "60"], started=time.time())
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+ORIGIN_MESSAGE = "a request that changes something must come from this server's own page ({}/ui/); other sites may not"
+FOREIGN = [("Origin", "http://localhost:19400"), ("Origin", "null"), ("Origin", "http://127.0.0.1:1"),
+           ("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Site", "same-site")]
+CHANGES = [("POST", "/ui/api/runs", {"json": form(name="csrf")}), ("POST", "/ui/api/runs/victim/stop", {}),
+           ("POST", "/v1/adapters", {"json": {"name": "evil", "path": "done/adapter"}}),
+           ("DELETE", "/v1/adapters/x", {})]
+
+
+@pytest.mark.parametrize("header,value", FOREIGN)
+@pytest.mark.parametrize("method,path,body", CHANGES)
+def test_another_site_cannot_start_stop_or_load_anything(ui, victim, header, value, method, path, body):
+    fake_run(ui[1])
+    r = call(ui, method, path, headers={header: value}, **body)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"] == {"message": f"{header} {value!r}: " + ORIGIN_MESSAGE.format(ui[0]),
+                                 "type": "invalid_request_error", "code": "cross_origin"}
+    time.sleep(0.2)
+    assert victim.poll() is None and not (ui[1] / "runs" / ".ui" / "csrf").exists()
+    assert "evil" not in [m["id"] for m in call(ui, "GET", "/v1/models").json()["data"]]
+
+
+def test_the_pages_own_origin_may_stop_a_run(ui, victim):
+    r = call(ui, "POST", "/ui/api/runs/victim/stop", headers={"Origin": ui[0], "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 200 and r.json() == {"name": "victim", "stopping": True}
+    assert victim.wait(10) == -signal.SIGINT
+
+
+@pytest.mark.parametrize("kind,shown", [("text/plain", "'text/plain'"), (None, "missing"),
+                                        ("application/x-www-form-urlencoded", "'application/x-www-form-urlencoded'")])
+@pytest.mark.parametrize("path", ["/ui/api/runs", "/v1/adapters", "/v1/chat/completions"])
+def test_a_body_not_declared_json_is_refused(ui, kind, shown, path):
+    body = json.dumps(form(name="plain") if path == "/ui/api/runs" else {"name": "plain", "path": "done/adapter"})
+    r = call(ui, "POST", path, headers={"Content-Type": kind} if kind else {}, content=body.encode())
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == {"message": f"Content-Type {shown}: send the body as JSON, with the header "
+                                            f"'Content-Type: application/json'",
+                                 "type": "invalid_request_error", "code": "unsupported_media_type"}
+    assert not (ui[1] / "runs" / ".ui" / "plain").exists()
+
+
+@pytest.mark.parametrize("host", ["attacker.example:{port}", "attacker.example", "127.0.0.1.attacker.example",
+                                  "localhost.attacker.example:{port}", "[::1", "", "10.0.0.1:{port}"])
+def test_a_host_header_that_is_not_this_server_is_refused(ui, host):
+    port = int(ui[0].rsplit(":", 1)[1])
+    host = host.format(port=port)
+    for method, path in (("GET", "/ui/api/runs"), ("GET", "/ui/"), ("GET", "/v1/models"), ("GET", "/health")):
+        r = call(ui, method, path, headers={"Host": host})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"] == {"message": f"Host header {host!r}: not an address this server listens on; open "
+                                                f"http://127.0.0.1:{port}/ui/ (localhost and [::1] work too), or start "
+                                                f"the server with --host set to the name you use",
+                                     "type": "invalid_request_error", "code": "bad_host"}
+    for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "localhost:9000",
+                 "127.0.0.2"):  # any port: `ssh -L 9000:127.0.0.1:PORT` makes the browser send localhost:9000
+        assert call(ui, "GET", "/ui/api/runs", headers={"Host": good}).status_code == 200, good
+
+
+@pytest.mark.parametrize("bound,allowed,refused", [
+    ("0.0.0.0", ["attacker.example:8000", "box.lan:8000"], []),  # beyond loopback needs a key: any name then
+    ("box.lan", ["box.lan:8000", "BOX.lan:80", "127.0.0.1:8000"], ["attacker.example:8000", "box.lan.evil:8000"]),
+    ("127.0.0.1", ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost:9"], ["box.lan:8000"])])
+def test_the_host_check_follows_the_address_given_to_host(tmp_path, bound, allowed, refused):
+    app = FastAPI()
+    ui_app.mount(app, tmp_path / "runs", tmp_path, {"tiny": "tiny"}, host=bound)
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    for host in allowed:
+        assert client.get("/ui/api/runs", headers={"Host": host}).status_code == 200, host
+    for host in refused:
+        assert client.get("/ui/api/runs", headers={"Host": host}).json()["error"]["code"] == "bad_host", host
+
+
+# --- Stop, and the status of a run whose server was restarted ------------------------------------------------------
+
+def test_stop_signals_only_the_process_launched_for_the_run(ui):
+    proc = subprocess.Popen(["sleep", "60"])
+    try:  # two ended runs whose process id now belongs to this `sleep`:
+        write_launch(ui[1], "reused", pid=proc.pid, started=time.time(),  # another command line
+                     argv=[sys.executable, "-m", "loraforge", "train", "config.yaml"])
+        write_launch(ui[1], "reused-later", pid=proc.pid, argv=["sleep", "60"],  # the same one, started an hour later
+                     started=time.time() - 3600)
+        listed = {r["name"]: r["status"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+        assert listed["reused"] == listed["reused-later"] == "failed"  # not running: it has no log saying more
+        for name in ("reused", "reused-later"):
+            r = call(ui, "POST", f"/ui/api/runs/{name}/stop")
+            assert r.status_code == 409
+            assert r.json()["error"]["message"] == f"run {name!r} is not running (its process ended)"
+        time.sleep(0.3)
+        assert proc.poll() is None  # untouched
+        write_launch(ui[1], "its-own", pid=proc.pid, argv=["sleep", "60"], started=time.time())
+        listed = {r["name"]: r["status"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+        assert listed["its-own"] == "running"
+        assert call(ui, "POST", "/ui/api/runs/its-own/stop").status_code == 200
+        assert proc.wait(10) == -signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
+    fake_run(ui[1])
+    r = call(ui, "POST", "/ui/api/runs/done/stop")  # started in a terminal
+    assert r.status_code == 409
+    assert r.json()["error"]["message"] == ("run 'done' was not started from the dashboard: stop it where it runs "
+                                            "(Ctrl-C, or kill its process)")
+
+
+@pytest.mark.parametrize("proc_dir", ["/proc", "/no/proc/here"])  # Linux; macOS has no /proc: ps tells
+def test_a_process_is_the_launched_one_by_its_command_line_and_start_time(monkeypatch, proc_dir):
+    monkeypatch.setattr(R, "PROC", Path(proc_dir))
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        record = {"pid": proc.pid, "argv": ["sleep", "60"], "started": time.time(), "exit_code": None}
+        assert R.launched_alive(record)
+        assert not R.launched_alive({**record, "argv": ["sleep", "61"]})
+        assert not R.launched_alive({**record, "exit_code": 0})
+        assert not R.launched_alive({**record, "pid": 2**40}) and not R.launched_alive({**record, "pid": -1})
+        assert R.launched_alive({**record, "started": time.time() - 3600}) == (proc_dir != "/proc")  # /proc only
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not R.launched_alive(record)  # ended
+
+
+STOP_LINE = "stopped by {} after step 7 of 100: checkpoint /r/checkpoints/step-0000007 saved; continue with --resume"
+
+
+@pytest.mark.parametrize("last,adapter,code,listed", [
+    (STOP_LINE.format("SIGINT"), False, 130, "stopped"), (STOP_LINE.format("SIGTERM"), False, 143, "stopped"),
+    (STOP_LINE.format("SIGUSR1"), False, 138, "stopped"), ("interrupted", False, 130, "stopped"),
+    ("error: training.lr: must be positive", False, 2, "failed"), ("RuntimeError: boom", False, 1, "failed"),
+    ("step 100/100 loss 0.1", True, 0, "finished"), ("", False, 1, "failed")])
+def test_a_run_that_ended_while_the_server_was_down_gets_its_exit_from_its_log(ui, last, adapter, code, listed):
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a launched process that exited while no server waited for it: its exit was never recorded
+    name = f"lost-{code}-{listed}-{len(last)}"
+    meta = write_launch(ui[1], name, pid=ended.pid, argv=["true"], started=time.time() - 60)
+    (meta / "train.log").write_text("step 5/100 loss 1.0\n" + last + "\n")
+    if adapter:
+        fake_run(ui[1], name)
+    statuses = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+    assert statuses[name]["status"] == listed and statuses[name]["exit_code"] == code
+    record = json.loads((meta / "launch.json").read_text())
+    assert record["exit_code"] == code and record["exit_code_from"] == "train.log"  # recorded: no null lingers
+    if adapter:
+        assert call(ui, "GET", f"/ui/api/runs/{name}/metrics").json()["status"] == listed
+
+
+# --- files a run links out of the runs folder ----------------------------------------------------------------------
+
+def test_files_a_run_links_out_of_the_runs_folder_are_not_read(ui):
+    root = ui[1]
+    outside = root / "secrets"
+    (outside / "adapter").mkdir(parents=True, exist_ok=True)
+    (outside / "adapter" / "adapter_config.json").write_text(
+        '{"peft_type": "ADALORA", "rank_pattern": {"TOPSECRET": 1}}')
+    (outside / "adapter" / "id_rsa").write_text("TOPSECRET-KEY")
+    (outside / "secret.json").write_text(json.dumps({"rows": [{"secret": "TOPSECRET"}], "config": {"s": "TOPSECRET"}}))
+    (outside / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "secret": "TOPSECRET"}\n')
+    (outside / "train.log").write_text("TOPSECRET log\n")
+    run = root / "runs" / "linked"
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "checkpoints" / "step-0000001").mkdir(parents=True)
+    for link, target in [("adapter", "adapter"), ("forgetting.json", "secret.json"), ("metrics.jsonl", "metrics.jsonl"),
+                         ("checkpoints/step-0000001/trainer_state.json", "secret.json")]:
+        (run / link).symlink_to(outside / target)
+    meta = root / "runs" / ".ui" / "linked-meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    for link, target in [("train.log", "train.log"), ("config.yaml", "secret.json"), ("launch.json", "secret.json")]:
+        if not (meta / link).is_symlink():
+            (meta / link).symlink_to(outside / target)
+    (root / "runs" / "linked-meta").mkdir(exist_ok=True)
+    listed = call(ui, "GET", "/ui/api/runs")
+    assert b"TOPSECRET" not in listed.content
+    runs = {r["name"]: r for r in listed.json()["runs"]}
+    assert {k: runs["linked"][k] for k in ("status", "config", "has_adapter", "has_forgetting")} == \
+        {"status": "unknown", "config": None, "has_adapter": False, "has_forgetting": False}
+    for name in ("linked", "linked-meta"):
+        for suffix in ("metrics", "events", "extras", "adapter.zip"):
+            r = call(ui, "GET", f"/ui/api/runs/{name}/{suffix}")
+            assert b"TOPSECRET" not in r.content, (name, suffix, r.text)
+        assert call(ui, "GET", f"/ui/api/runs/{name}/extras").json() == {"ranks": None, "forgetting": None,
+                                                                           "log": None}
+    assert call(ui, "GET", "/ui/api/runs/linked/metrics").json()["rows"] == []
+    r = call(ui, "GET", "/ui/api/runs/linked/adapter.zip")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "run 'linked' has no adapter (yet)"
+
+
+# --- metrics: odd rows, offsets, live following, long files --------------------------------------------------------
+
+def strict_json(text):
+    """JSON as a browser parses it: NaN and Infinity are errors."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON answer"))
+
+
+def sse(text):
+    """(event, data) of each server-sent event with data."""
+    events = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        data = [line[6:] for line in lines if line.startswith("data: ")]
+        if data:
+            kind = next((line[7:] for line in lines if line.startswith("event: ")), "message")
+            events.append((kind, strict_json("\n".join(data))))
+    return events
+
+
+ODD_LINES = ['{"step": 1, "loss": 2.5, "grad_norm": 1.0}', '{"step": 2, "loss": NaN, "grad_norm": Infinity}',
+             '{"step": 3, "loss": 1e999, "grad_norm": -Infinity}', "null", "[1, 2]", '"str"', "7",
+             '{"step": "4", "loss": 1.0}', '{"loss": 0.5}', '{"step": true, "loss": 1.0}', '{"step": NaN}',
+             "{not json", '{"step": 5, "loss": {"a": Infinity}, "note": "x"}', "\udcff", '{"step": 6.5, "loss": 1.5}']
+ODD_ROWS = [{"step": 1, "loss": 2.5, "grad_norm": 1.0}, {"step": 2, "loss": None, "grad_norm": None},
+            {"step": 3, "loss": None, "grad_norm": None}, {"step": 5, "loss": {"a": None}, "note": "x"},
+            {"step": 6.5, "loss": 1.5}]
+
+
+def test_rows_the_charts_cannot_use_are_skipped_and_non_finite_numbers_become_null(ui):
+    run = fake_run(ui[1], "odd")
+    (run / "metrics.jsonl").write_bytes("\n".join(ODD_LINES).encode(errors="surrogateescape") + b"\n")
+    r = call(ui, "GET", "/ui/api/runs/odd/metrics")
+    assert r.status_code == 200 and strict_json(r.text)["rows"] == ODD_ROWS
+    (kind, data), = sse(call(ui, "GET", "/ui/api/runs/odd/events").text)  # finished: one `end` event
+    assert kind == "end" and data["rows"] == ODD_ROWS and data["offset"] == (run / "metrics.jsonl").stat().st_size
+
+
+@pytest.mark.parametrize("offset", ["99999999999999999999", "-1", "1000000"])
+@pytest.mark.parametrize("suffix", ["metrics", "events"])
+def test_an_offset_out_of_range_is_refused(ui, offset, suffix):
+    run = fake_run(ui[1])
+    size = (run / "metrics.jsonl").stat().st_size
+    r = call(ui, "GET", f"/ui/api/runs/done/{suffix}?offset={offset}")
+    assert r.status_code == 400
+    assert r.json()["error"] == {"message": f"offset {offset}: not a position in done/metrics.jsonl, which holds "
+                                            f"{size} bytes; read it from offset=0",
+                                 "type": "invalid_request_error", "code": "bad_offset"}
+
+
+def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monkeypatch):
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.5)  # the server runs in this process
+    run = ui[1] / "runs" / "term"
+    run.mkdir(exist_ok=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+
+    def train_in_a_terminal():
+        for step in range(2, 21):
+            time.sleep(0.1)
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": 3.0 / step}) + "\n")
+
+    writer = threading.Thread(target=train_in_a_terminal)
+    writer.start()
+    text = call(ui, "GET", "/ui/api/runs/term/events?interval=0.1").text
+    ended = time.time()
+    writer.join()
+    events = sse(text)
+    assert [row["step"] for _, data in events for row in data["rows"]] == list(range(1, 21))
+    assert [kind for kind, _ in events][-1] == "end" and all(kind == "message" for kind, _ in events[:-1])
+    assert {data["status"] for _, data in events} == {"unknown"}
+    assert ended - os.stat(run / "metrics.jsonl").st_mtime >= 1.4  # it ended after the file had rested
+    os.utime(run / "metrics.jsonl", (time.time() - 3600, time.time() - 3600))  # a terminal run that ended long ago
+    (kind, data), = sse(call(ui, "GET", "/ui/api/runs/term/events").text)
+    assert kind == "end" and len(data["rows"]) == 20
+
+
+def test_a_long_metrics_file_streams_in_pieces_that_add_up(ui, monkeypatch):
+    monkeypatch.setattr(ui_app, "EVENT_BYTES", 4096)
+    run = fake_run(ui[1], "long-file")
+    lines = [json.dumps({"step": s, "loss": 1 / s, "tokens": s * 512}) for s in range(1, 2001)]
+    lines[700] = json.dumps({"step": 701, "loss": 0.5, "note": "x" * 10000})  # one line longer than a piece
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    events = sse(call(ui, "GET", "/ui/api/runs/long-file/events").text)
+    assert len(events) > 15 and all(len(json.dumps(data["rows"])) < 4096 + 10200 for _, data in events)
+    assert [row for _, data in events for row in data["rows"]] == [json.loads(line) for line in lines]
+    assert events[-1][0] == "end" and events[-1][1]["offset"] == (run / "metrics.jsonl").stat().st_size
+
+
+def test_the_runs_list_shows_the_newest_checkpoint_config_rewritten_or_not(ui):
+    run = ui[1] / "runs" / "ckpt"
+    for step, lr in ((10, 0.1), (20, 0.2)):
+        (run / "checkpoints" / f"step-{step:07d}").mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").write_text(
+            json.dumps({"step": step, "config": {"training": {"lr": lr}}}))
+    config = lambda: {r["name"]: r["config"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["ckpt"]  # noqa
+    assert yaml.safe_load(config()) == {"training": {"lr": 0.2}}
+    assert yaml.safe_load(config()) == {"training": {"lr": 0.2}}  # from the cache
+    (run / "checkpoints" / "step-0000020" / "trainer_state.json").write_text(
+        json.dumps({"step": 20, "config": {"training": {"lr": 0.25}}}))
+    assert yaml.safe_load(config()) == {"training": {"lr": 0.25}}
+
+
+# --- answers that were 500s ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("r", "[1"), ("r", "a: b: c"), ("lora_alpha", "'"),
+                                         ("r", "!!python/name:os.system"), ("lr", "{a: 1")])
+def test_a_form_value_that_is_not_yaml_gets_the_clis_message(ui, tmp_path, capsys, field, value):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="notyaml", **{field: value}))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
+    key = {"r": "lora.r", "lora_alpha": "lora.lora_alpha", "lr": "training.lr"}[field]
+    _, config = form_config(form(name="notyaml"), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert cli.main(["train", str(tmp_path / "c.yaml"), f"{key}={value}"]) == 2  # the same value as an override
+    assert capsys.readouterr().err == "error: " + r.json()["error"]["message"] + "\n"
+    assert not (ui[1] / "runs" / ".ui" / "notyaml").exists()
+
+
+def test_a_run_with_a_non_ascii_name_downloads_its_adapter(ui):
+    run = fake_run(ui[1], "日本語 \"run\"")
+    r = call(ui, "GET", "/ui/api/runs/日本語 \"run\"/adapter.zip")
+    assert r.status_code == 200
+    assert r.headers["content-disposition"] == ("attachment; filename=\"___ _run_-adapter.zip\"; filename*=UTF-8''"
+                                                "%E6%97%A5%E6%9C%AC%E8%AA%9E%20%22run%22-adapter.zip")
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    assert {n: z.read(n) for n in z.namelist()} == {f"{run.name}/{f.name}": f.read_bytes()
+                                                    for f in (run / "adapter").iterdir()}
+
+
+def test_a_name_too_long_for_the_file_system_is_refused(ui):
+    name = "A" * 300
+    for suffix in ("metrics", "events", "extras", "adapter.zip"):
+        r = call(ui, "GET", f"/ui/api/runs/{name}/{suffix}")
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == f"{name!r}: file name too long in {ui[1] / 'runs'}"
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="longdata", dataset=name))
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": f"{name!r}: file name too long in {ui[1] / 'data'}", "type": "invalid_request_error",
+        "code": "bad_path"}
+
+
+@pytest.mark.parametrize("file,text", [("forgetting.json", "[]"), ("forgetting.json", '"partial"'),
+                                       ("forgetting.json", "null"), ("launch.json", "[1]"),
+                                       ("launch.json", '{"pid": "x", "argv": 3, "started": "y", "exit_code": "z"}'),
+                                       ("launch.json", '{"pid": true, "exit_code": null}'),
+                                       ("adapter/adapter_config.json",
+                                        '{"peft_type": "ADALORA", "rank_pattern": [1]}')])
+def test_one_damaged_run_is_listed_as_unknown_and_the_others_still_are(ui, file, text):
+    fake_run(ui[1])
+    run = ui[1] / "runs" / "damaged"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(ui[1] / "runs" / ".ui" / "damaged", ignore_errors=True)
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    path = (ui[1] / "runs" / ".ui" / "damaged" / file) if file == "launch.json" else run / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    r = call(ui, "GET", "/ui/api/runs")
+    assert r.status_code == 200, r.text
+    statuses = {s["name"]: s["status"] for s in r.json()["runs"]}
+    assert statuses["done"] == "finished"
+    assert statuses["damaged"] == ("finished" if file.startswith("adapter") else "unknown")
+    assert call(ui, "GET", "/ui/api/runs/damaged/extras").status_code == 200
+
+
+# --- the dataset list ----------------------------------------------------------------------------------------------
+
+def test_the_dataset_list_offers_what_train_reads_and_no_hidden_or_run_files(tmp_path):
+    data = tmp_path / "data"
+    files = {".cache/huggingface/hub/blob{:03d}.json": 600, ".venv/lib/entry_points.txt": 1, "notes.txt": 1,
+             "node_modules/pkg/package.json": 1, "train.jsonl": 1, "sub/eval.CSV": 1, "sub/deep/x.parquet": 1,
+             ".hidden.jsonl": 1, "runs/kept.jsonl": 1,  # a data folder that only shares the runs folder's name
+             "out/runs/r1/metrics.jsonl": 1, "out/runs/r1/checkpoints/step-0000010/trainer_state.json": 1}
+    for pattern, count in files.items():
+        for i in range(count):
+            (data / pattern.format(i)).parent.mkdir(parents=True, exist_ok=True)
+            (data / pattern.format(i)).write_text("{}")
+    (tmp_path / "elsewhere.jsonl").write_text("{}")
+    (data / "link.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")  # refused by the form: not offered
+    app = FastAPI()
+    ui_app.mount(app, data / "out" / "runs", data, {"tiny": "tiny"})
+    datasets = TestClient(app).get("/ui/api/info").json()["datasets"]
+    assert datasets == ["runs/kept.jsonl", "sub/deep/x.parquet", "sub/eval.CSV", "train.jsonl"]
+    for i in range(600):  # the cap counts what is offered
+        (data / "many" / f"{i:03d}.jsonl").parent.mkdir(exist_ok=True)
+        (data / "many" / f"{i:03d}.jsonl").write_text("{}")
+    datasets = TestClient(app).get("/ui/api/info").json()["datasets"]
+    assert datasets == sorted([f"many/{i:03d}.jsonl" for i in range(600)] + ["runs/kept.jsonl", "sub/deep/x.parquet",
+                                                                           "sub/eval.CSV", "train.jsonl"])[:500]
+
+
+# --- smaller ones: the .ui folder, runs linked from outside, the key ------------------------------------------------
+
+@pytest.mark.parametrize("name", [".%2F.ui/guarded", "done%2F..%2F.ui%2Fguarded", "%2E/.ui/guarded",
+                                  "done%2F..%2F.ui", ".ui%2F..%2F.ui%2Fguarded"])
+def test_the_ui_folder_is_no_run_however_it_is_spelled(ui, name):
+    fake_run(ui[1])
+    write_launch(ui[1], "guarded", pid=1, argv=["x"], started=0, exit_code=0)
+    given = name.replace("%2F", "/").replace("%2E", ".")
+    for suffix in ("metrics", "extras", "adapter.zip"):
+        r = call(ui, "GET", f"/ui/api/runs/{name}/{suffix}")
+        assert r.status_code == 404, (name, r.text)
+        assert r.json()["error"]["message"] == f"no run {given!r} in {ui[1] / 'runs'}"
+
+
+def test_a_run_linked_from_outside_the_runs_folder_is_not_listed(ui):
+    root = ui[1]
+    fake_run(root, "../outside")
+    fake_run(root, "sweep/a")
+    for link in ("escape", "sweep/escape"):
+        if not (root / "runs" / link).is_symlink():
+            (root / "runs" / link).symlink_to(root / "outside")
+    names = [r["name"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]]
+    assert "sweep/a" in names and "escape" not in names and "sweep/escape" not in names
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR"])
+def test_the_key_scheme_is_case_insensitive(ui, scheme):
+    for key, status in ((KEY, 200), (f"x{KEY}", 401), (f" {KEY}", 200)):
+        assert call(ui, "GET", "/ui/api/runs", key=None, headers={"Authorization": f"{scheme} {key}"}).status_code \
+            == status
+
+
+def test_with_a_key_the_api_docs_need_it_and_health_does_not(ui):
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        r = call(ui, "GET", path, key=None)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["message"] == "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+        assert call(ui, "GET", path).status_code == 200
+    assert httpx.get(ui[0] + "/health").status_code == 200  # open, for load balancers: says only ok and the load
+
+
+# --- Ctrl-C with a page following a run ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])  # as uvicorn ends
+def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, tmp_path, sig, code):
+    run = tmp_path / "runs" / "term"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # just written: followed for a minute
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "loraforge", "ui", "--model", str(tiny_dir), "--runs",
+                               str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.poll() is not None or answers(url), timeout=120, every=0.5)
+        assert server.poll() is None, server.stderr.read().decode()
+        opened = threading.Event()
+
+        def follow():
+            try:
+                with httpx.stream("GET", url + "/ui/api/runs/term/events", timeout=None) as r:
+                    for _ in r.iter_raw():
+                        opened.set()
+            except httpx.RemoteProtocolError:  # cut by the shutdown, as expected
+                pass
+
+        threading.Thread(target=follow, daemon=True).start()
+        assert opened.wait(30)
+        began = time.monotonic()
+        server.send_signal(sig)
+        assert server.wait(ui_app.SHUTDOWN_GRACE_S + 15) == code
+        assert time.monotonic() - began < ui_app.SHUTDOWN_GRACE_S + 15
+    finally:
+        server.kill()
+        server.wait()
+
+
+def answers(url) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.TransportError:
+        return False

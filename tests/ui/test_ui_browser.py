@@ -6,9 +6,14 @@ answered with the CLI's message, a run of a tiny model started from the form who
 it trains, a second run, both compared on one chart, an adapter loaded, base and adapter side by side in the
 playground with the same text the API gives, the adapter unloaded. Screenshots go to $LORAFORGE_SCREENSHOTS
 (default: the test's tmp directory).
+
+Then short checks of the page against damaged files and failing calls, each on a page of its own over fake runs:
+odd metrics rows, extras shown once, a stream that breaks and reconnects, a wrong key, Stop and zip refused.
 """
 
+import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,15 +31,41 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: a
 
 
 @pytest.fixture(scope="module")
-def page(ui):  # noqa: F811
+def browser(ui):  # noqa: F811
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(ui[0] + "/ui/")
-        page.fill("#key", KEY)
-        page.dispatch_event("#key", "change")
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url, errors=None):
+    """The dashboard in a new browser context (its own localStorage), with the key typed in."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    if errors is not None:
+        page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/ui/")
+    set_key(page, KEY)
+    return page
+
+
+def set_key(page, key):
+    page.fill("#key", key)
+    page.dispatch_event("#key", "change")
+
+
+@pytest.fixture(scope="module")
+def page(ui, browser):  # noqa: F811
+    return open_page(browser, ui[0])
+
+
+@pytest.fixture
+def fresh(ui, browser):  # noqa: F811
+    """A page of its own, nothing ticked; an uncaught script error on it (an exception, a rejected promise) fails."""
+    errors = []
+    page = open_page(browser, ui[0], errors)
+    yield page
+    page.close()
+    assert errors == []
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +164,135 @@ def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa:
     page.wait_for_selector("#served tr[data-adapter=first]", state="detached")
     assert "first" not in [m["id"] for m in call(ui, "GET", "/v1/models").json()["data"]]
     page.screenshot(path=shots / "adapters.png")
+
+
+# --- damaged files and failing calls, each on a fresh page ---
+
+def fake_run(ui, name, metrics, finished=True):  # noqa: F811
+    """A run as train leaves it: metrics.jsonl (lines as given) and, when finished, its adapter."""
+    run = ui[1] / "runs" / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    if finished:
+        (run / "adapter").mkdir()
+        (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    return run
+
+
+GOOD = [json.dumps({"step": s, "loss": 3 - s / 2, "lr": 1e-3, "grad_norm": 1.0}) for s in (1, 2, 3, 4)]
+
+
+def tick(page, name):
+    page.click("#refresh")  # the run was written after the page loaded
+    page.check(f'#runs input[data-run="{name}"]')
+
+
+def wait_points(page, metric, n):
+    page.wait_for_function(f"document.querySelector('#chart-{metric}').dataset.points === '{n}'")
+
+
+def chart(page, metric):
+    """uPlot's data of a chart: [steps, then one column per series]."""
+    return page.evaluate(f"state.charts[{json.dumps(metric)}].plot.data")
+
+
+def list_says(page, name, **changes):
+    """Answer the page's runs list with `changes` made to run `name`: the list as it was a moment ago."""
+    def handle(route):
+        response = route.fetch()
+        body = response.json()
+        for run in body["runs"]:
+            if run["name"] == name:
+                run.update(changes)
+        route.fulfill(response=response, json=body)
+    page.route("**/ui/api/runs", handle)
+    page.click("#refresh")
+
+
+def test_odd_metrics_rows_are_skipped_and_the_good_points_drawn(ui, fresh):  # noqa: F811
+    fake_run(ui, "good", GOOD)
+    fake_run(ui, "odd", ["null", "[1, 2]", '"text"', '{"step": "3", "loss": 1.0}', '{"loss": 1.0}',
+                         '{"step": 2, "loss": NaN}', '{"step": 3, "loss": "x", "grad_norm": Infinity}',
+                         '{"step": 4, "loss": {"a": 1}, "grad_norm": -Infinity}',
+                         '{"step": 1, "loss": 2.25, "grad_norm": 0.5}', '{"step": 5, "loss": 1.5}'], finished=False)
+    tick(fresh, "good")
+    tick(fresh, "odd")
+    wait_points(fresh, "loss", 6)  # good: steps 1-4; odd: steps 1 and 5 (NaN, a string, a dict are no points)
+    wait_points(fresh, "grad_norm", 5)  # good: 4; odd: step 1 (+-Infinity are no points)
+    wait_points(fresh, "lr", 4)
+    steps, good, good_eval, odd, odd_eval = chart(fresh, "loss")
+    assert steps == [1, 2, 3, 4, 5]
+    assert good == [2.5, 2.0, 1.5, 1.0, None] and odd == [2.25, None, None, None, 1.5]
+    assert good_eval == odd_eval == [None] * 5
+    assert chart(fresh, "grad_norm") == [[1, 2, 3, 4], [1.0, 1.0, 1.0, 1.0], [0.5, None, None, None]]
+
+
+def test_the_extras_of_a_finished_run_are_shown_once(ui, fresh):  # noqa: F811
+    run = fake_run(ui, "fin", GOOD)
+    (run / "forgetting.json").write_text(json.dumps({"rows": [{"task": "x", "before": 1.0, "after": 1.25}]}))
+    (ui[1] / "runs" / ".ui" / "fin").mkdir(parents=True)
+    (ui[1] / "runs" / ".ui" / "fin" / "config.yaml").write_text("model: tiny\n")
+    tick(fresh, "fin")  # ticking asks for the extras, and so does the stream's end right after
+    fresh.wait_for_function("state.data.fin?.status === 'finished' && document.querySelectorAll('#extras h3').length")
+    fresh.wait_for_timeout(1500)  # time for a second copy to arrive, were one on its way
+    assert fresh.locator("#extras h3").all_inner_texts() == ["fin: forgetting", "fin: config"]
+    assert fresh.locator("#extras table.forgetting td").all_inner_texts() == ['"x"', "1.0000", "1.2500"]
+
+
+def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fresh):  # noqa: F811
+    fake_run(ui, "blip", GOOD)
+    urls = []
+
+    def broken_once(route):  # the first answer stops after one row without `event: end`, as a server restart does
+        urls.append(route.request.url)
+        if len(urls) > 1:
+            return route.continue_()
+        first = {"rows": [json.loads(GOOD[0])], "offset": len(GOOD[0]) + 1, "status": "running"}
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=f"data: {json.dumps(first)}\n\n")
+
+    fresh.route(re.compile(r"/runs/blip/events\?"), broken_once)
+    tick(fresh, "blip")
+    fresh.wait_for_selector('#runs tr[data-run="blip"] .stream-note:text-is("reconnecting…")')
+    wait_points(fresh, "loss", 4)
+    assert chart(fresh, "loss")[:2] == [[1, 2, 3, 4], [2.5, 2.0, 1.5, 1.0]]
+    assert len(urls) == 2 and urls[1].endswith(f"offset={len(GOOD[0]) + 1}"), urls
+    assert fresh.inner_text('#runs tr[data-run="blip"] .stream-note') == ""
+
+
+def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, fresh):  # noqa: F811
+    run = fake_run(ui, "keyed", GOOD)
+    tick(fresh, "keyed")
+    wait_points(fresh, "loss", 4)
+    set_key(fresh, "wrong")
+    refused = call(ui, "GET", "/ui/api/runs/keyed/events", key="wrong")
+    assert refused.status_code == 401
+    fresh.wait_for_selector("#runs-error:not([hidden])")
+    assert fresh.inner_text("#runs-error") == f"error: keyed: {refused.json()['error']['message']}"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 0.5}) + "\n")
+    set_key(fresh, KEY)
+    wait_points(fresh, "loss", 5)  # the stream started again, with the key
+    assert fresh.is_hidden("#runs-error")
+
+
+def test_stop_on_a_run_that_already_ended_shows_the_servers_message(ui, fresh):  # noqa: F811
+    fake_run(ui, "ended", GOOD)
+    list_says(fresh, "ended", status="running")  # it ended after the list was loaded
+    fresh.click('#runs tr[data-run="ended"] button.stop')
+    refused = call(ui, "POST", "/ui/api/runs/ended/stop")
+    assert refused.status_code == 409
+    fresh.wait_for_selector("#runs-error:not([hidden])")
+    assert fresh.inner_text("#runs-error") == f"error: {refused.json()['error']['message']}"
+
+
+def test_a_failed_zip_download_shows_the_message_and_saves_nothing(ui, fresh):  # noqa: F811
+    fake_run(ui, "noadapter", GOOD, finished=False)
+    list_says(fresh, "noadapter", has_adapter=True)  # its adapter was removed after the list was loaded
+    downloads = []
+    fresh.on("download", lambda d: downloads.append(d))
+    fresh.click('#runs tr[data-run="noadapter"] button.zip')
+    refused = call(ui, "GET", "/ui/api/runs/noadapter/adapter.zip")
+    assert refused.status_code == 404
+    fresh.wait_for_selector("#runs-error:not([hidden])")
+    assert fresh.inner_text("#runs-error") == f"error: {refused.json()['error']['message']}"
+    assert downloads == []

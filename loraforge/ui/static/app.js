@@ -3,20 +3,44 @@
 const $ = (sel, el = document) => el.querySelector(sel);
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 const METRICS = ["loss", "lr", "grad_norm", "tokens_per_s"];
-const state = { runs: [], selected: [], data: {}, streams: {}, charts: {}, info: null, base: null, convo: {} };
+const state = { runs: [], selected: [], data: {}, streams: {}, notes: {}, charts: {}, info: null, base: null,
+                convo: {} };
 
+// A new key reloads the page's data and restarts the streams of the runs already ticked (they failed, or used the
+// old key).
 const keyInput = $("#key");
 keyInput.value = localStorage.getItem("loraforge-key") || "";
-keyInput.addEventListener("change", () => { localStorage.setItem("loraforge-key", keyInput.value); init(); });
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("loraforge-key", keyInput.value);
+  runsError("");
+  init();
+  for (const name of state.selected) follow(name);
+});
 function headers(extra = {}) {
   return keyInput.value ? { Authorization: "Bearer " + keyInput.value, ...extra } : extra;
 }
+// The server's one-line message of a failed response ({"error": {"message": ...}}), else the HTTP status.
+async function failure(r) {
+  const body = r.headers.get("content-type")?.includes("json") ? await r.json().catch(() => null) : null;
+  return body?.error?.message || `${r.status} ${r.statusText}`.trim();
+}
 async function api(path, opts = {}) {
   const r = await fetch(path, { ...opts, headers: headers(opts.headers || {}) });
-  const body = r.headers.get("content-type")?.includes("json") ? await r.json() : null;
-  if (!r.ok) throw new Error(body?.error?.message || r.statusText);
-  return body;
+  if (!r.ok) throw new Error(await failure(r));
+  return r.headers.get("content-type")?.includes("json") ? await r.json() : null;
 }
+// Python's json writes NaN and Infinity as bare words, which JSON.parse refuses: read them (outside strings) as null.
+function parseJSON(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return JSON.parse(text.replace(/"(?:[^"\\]|\\.)*"|-?\b(?:NaN|Infinity)\b/g, m => m[0] === '"' ? m : "null"));
+  }
+}
+const sleep = (ms, signal) => new Promise(done => {
+  const t = setTimeout(done, ms);
+  signal.addEventListener("abort", () => { clearTimeout(t); done(); }, { once: true });
+});
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -37,6 +61,18 @@ function showTab(name) {
 }
 
 // --- runs: list, selection, live metrics over server-sent events (read with fetch so the key header goes along) ---
+// Errors of the runs tab's actions (stop, zip, a stream that cannot start), shown above the list.
+function runsError(message) {
+  const box = $("#runs-error");
+  box.textContent = message ? "error: " + message : "";
+  box.hidden = !message;
+}
+// A run's stream state beside its status ("reconnecting…"), kept across the list's reloads.
+function setNote(name, note) {
+  if (note) state.notes[name] = note; else delete state.notes[name];
+  const span = document.querySelector(`#runs tr[data-run="${CSS.escape(name)}"] .stream-note`);
+  if (span) span.textContent = note || "";
+}
 async function loadRuns() {
   const { runs } = await api("/ui/api/runs");
   state.runs = runs;
@@ -47,36 +83,80 @@ async function loadRuns() {
     box.checked = state.selected.includes(run.name);
     box.addEventListener("change", () => toggleRun(run.name, box.checked));
     const actions = el("td");
-    if (run.status === "running") actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name) }, "Stop"));
+    if (run.status === "running") {
+      actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name) }, "Stop"));
+    }
     if (run.has_adapter) actions.append(el("button", { class: "zip", onclick: () => downloadZip(run.name) }, "zip"));
     const row = el("tr", { "data-run": run.name, "data-status": run.status,
                            class: state.selected.includes(run.name) ? "selected" : "" },
-      el("td", {}, box), el("td", {}, run.name), el("td", { class: "status-" + run.status }, run.status), actions);
+      el("td", {}, box), el("td", {}, run.name),
+      el("td", { class: "status-" + run.status }, run.status,
+         el("span", { class: "stream-note" }, state.notes[run.name] || "")),
+      actions);
     body.append(row);
   }
 }
 function toggleRun(name, on) {
   state.selected = on ? [...new Set([...state.selected, name])] : state.selected.filter(n => n !== name);
-  if (on) follow(name); else { state.streams[name]?.abort(); delete state.streams[name]; }
-  loadRuns().then(draw);
-  showExtras();
+  if (on) follow(name); else { state.streams[name]?.abort(); delete state.streams[name]; setNote(name, ""); }
+  loadRuns().then(() => { draw(); showExtras(); }).catch(e => runsError(e.message));
 }
+// A row the charts can use: an object with a numeric step. A damaged or hand-written metrics.jsonl can hold anything
+// (null, arrays, strings, a string step); such rows are skipped here whatever the server sends.
+const isRow = r => r !== null && typeof r === "object" && !Array.isArray(r) && Number.isFinite(r.step);
+
+// Follow a ticked run's metrics until its `end` event. A stream that breaks before it (the server restarted, the
+// network dropped) is reopened from the last offset, 1 s later and then up to 10 s apart, while the run stays ticked;
+// an answer the server refuses (a wrong key, a run that is gone) is shown and not retried until the key changes.
 async function follow(name) {
-  state.data[name] = { rows: [], offset: 0 };
+  state.streams[name]?.abort();
   const ctrl = new AbortController();
   state.streams[name] = ctrl;
-  try {
-    const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3`,
-                          { headers: headers(), signal: ctrl.signal });
-    if (!r.ok) throw new Error((await r.json()).error.message);
-    for await (const { event, data } of serverSentEvents(r)) {
-      const msg = JSON.parse(data);
-      state.data[name].rows.push(...msg.rows);
-      state.data[name].status = msg.status;
-      draw();
-      if (event === "end") { loadRuns(); showExtras(); }
+  const run = state.data[name] = { rows: [], offset: 0 };
+  let delay = 1000;
+  while (!ctrl.signal.aborted) {
+    try {
+      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3&offset=${run.offset}`,
+                            { headers: headers(), signal: ctrl.signal });
+      if (r.status === 400 && run.offset > 0) {  // metrics.jsonl was rewritten meanwhile (shorter): read it anew
+        run.rows = [];
+        run.offset = 0;
+        continue;
+      }
+      if (r.status >= 400 && r.status < 500) {
+        setNote(name, "");
+        runsError(`${name}: ${await failure(r)}`);
+        return;
+      }
+      if (!r.ok) throw new Error(await failure(r));
+      for await (const { event, data } of serverSentEvents(r)) {
+        let msg;
+        try {
+          msg = parseJSON(data);
+        } catch (e) {
+          console.warn(`${name}: an unreadable metrics event skipped`, e);
+          continue;
+        }
+        if (ctrl.signal.aborted) return;
+        for (const row of Array.isArray(msg?.rows) ? msg.rows : []) if (isRow(row)) run.rows.push(row);
+        if (Number.isFinite(msg?.offset)) run.offset = msg.offset;
+        run.status = msg?.status;
+        delay = 1000;
+        setNote(name, "");
+        draw();
+        if (event === "end") {
+          loadRuns().then(showExtras).catch(e => runsError(e.message));
+          return;
+        }
+      }
+    } catch (e) {
+      if (ctrl.signal.aborted) return;
+      console.warn(`${name}: metrics stream broke`, e);
     }
-  } catch (e) { if (e.name !== "AbortError") console.error(e); }
+    setNote(name, "reconnecting…");
+    await sleep(delay, ctrl.signal);
+    delay = Math.min(2 * delay, 10000);
+  }
 }
 // Server-sent events of a fetch response, one { event, data } per event (data lines joined); events without data
 // are skipped. Both the runs' live metrics and the playground's streamed completions are read through it.
@@ -96,17 +176,31 @@ async function* serverSentEvents(response) {
     }
   }
 }
+// Stop answers 409 when the run ended between two reloads of the list: the server's message says so.
 async function stopRun(name) {
-  await api(`/ui/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST" });
-  setTimeout(loadRuns, 500);
+  runsError("");
+  try {
+    await api(`/ui/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST" });
+  } catch (e) {
+    runsError(e.message);
+  }
+  setTimeout(() => loadRuns().catch(() => {}), 500);
 }
 async function downloadZip(name) {
-  const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/adapter.zip`, { headers: headers() });
-  const a = el("a", { href: URL.createObjectURL(await r.blob()), download: name + "-adapter.zip" });
-  a.click();
+  runsError("");
+  try {
+    const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/adapter.zip`, { headers: headers() });
+    if (!r.ok) throw new Error(await failure(r));
+    const url = URL.createObjectURL(await r.blob());
+    el("a", { href: url, download: name.split("/").pop() + "-adapter.zip" }).click();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  } catch (e) {
+    runsError(e.message);
+  }
 }
 
-// --- charts: one uPlot per metric, one series per selected run on a shared step axis ---
+// --- charts: one uPlot per metric, one series per selected run on a shared step axis; a value that is not a finite
+// number (null, NaN, a string) is no point ---
 function draw() {
   for (const metric of METRICS) {
     const box = $("#chart-" + metric);
@@ -116,7 +210,7 @@ function draw() {
       const rows = state.data[name]?.rows || [];
       const keys = metric === "loss" ? ["loss", "eval_loss"] : [metric];
       for (const key of keys) {
-        const m = new Map(rows.filter(r => r[key] != null).map(r => [r.step, r[key]]));
+        const m = new Map(rows.filter(r => Number.isFinite(r[key])).map(r => [r.step, r[key]]));
         m.forEach((_, s) => steps.add(s));
         points += m.size;
         cols.push(m);
@@ -131,19 +225,31 @@ function draw() {
     const key = state.selected.join("|") + ":" + series.length;
     if (state.charts[metric] && state.charts[metric].key === key) { state.charts[metric].plot.setData(data); continue; }
     state.charts[metric]?.plot.destroy();
+    const tick = v => v == null ? "" : String(Number(v.toPrecision(3)));
     const opts = { width: 450, height: 220, series, scales: { x: { time: false } },
-                   axes: [{ label: "step" }, { size: 60, values: (u, vals) => vals.map(v => v == null ? "" : String(Number(v.toPrecision(3)))) }], legend: { show: true } };
+                   axes: [{ label: "step" }, { size: 60, values: (u, vals) => vals.map(tick) }],
+                   legend: { show: true } };
     state.charts[metric] = { key, plot: new uPlot(opts, data, box) };
   }
 }
 
-// --- extras of the last selected run: AdaLoRA rank heat-map, forgetting table, log tail of a failed run ---
+// --- extras of the last selected run: AdaLoRA rank heat-map, forgetting table, log tail of a failed run. Ticking a run
+// and its stream's end both ask for them: only the newest call's answer is shown, once. ---
+let extrasCall = 0;
 async function showExtras() {
+  const call = ++extrasCall;
   const box = $("#extras");
-  box.replaceChildren();
   const name = state.selected[state.selected.length - 1];
-  if (!name) return;
-  const x = await api(`/ui/api/runs/${encodeURIComponent(name)}/extras`);
+  if (!name) { box.replaceChildren(); return; }
+  let x;
+  try {
+    x = await api(`/ui/api/runs/${encodeURIComponent(name)}/extras`);
+  } catch (e) {
+    if (call === extrasCall) box.replaceChildren(el("pre", { class: "error" }, `error: ${name}: ${e.message}`));
+    return;
+  }
+  if (call !== extrasCall) return;  // a newer call is under way
+  const parts = [];
   if (x.ranks) {
     const max = x.ranks.init_r || Math.max(...Object.values(x.ranks.ranks));
     const table = el("table", { class: "heat" });
@@ -151,18 +257,23 @@ async function showExtras() {
       const shade = Math.round(40 + 180 * (1 - r / max));
       table.append(el("tr", {}, el("th", {}, mod), el("td", { style: `background: rgb(${shade},${shade},200)` }, r)));
     }
-    box.append(el("h3", {}, `${name}: AdaLoRA kept rank per module (of ${max})`), table);
+    parts.push(el("h3", {}, `${name}: AdaLoRA kept rank per module (of ${max})`), table);
   }
   if (x.forgetting) {
-    const rows = x.forgetting.rows || [];
-    const keys = rows.length ? Object.keys(rows[0]) : [];
+    const rows = (Array.isArray(x.forgetting.rows) ? x.forgetting.rows : []).filter(r => r && typeof r === "object");
+    const keys = [...new Set(rows.flatMap(r => Object.keys(r)))];
     const table = el("table", { class: "forgetting" }, el("tr", {}, ...keys.map(k => el("th", {}, k))));
-    for (const r of rows) table.append(el("tr", {}, ...keys.map(k => el("td", {}, typeof r[k] === "number" ? r[k].toFixed(4) : JSON.stringify(r[k])))));
-    box.append(el("h3", {}, `${name}: forgetting`), rows.length ? table : el("pre", {}, JSON.stringify(x.forgetting, null, 1)));
+    const cell = v => typeof v === "number" ? v.toFixed(4) : JSON.stringify(v) ?? "";
+    for (const r of rows) table.append(el("tr", {}, ...keys.map(k => el("td", {}, cell(r[k])))));
+    parts.push(el("h3", {}, `${name}: forgetting`),
+               rows.length ? table : el("pre", {}, JSON.stringify(x.forgetting, null, 1)));
   }
   const run = state.runs.find(r => r.name === name);
-  if (run?.config) box.append(el("h3", {}, `${name}: config`), el("pre", {}, run.config));
-  if (x.log && run && run.status !== "finished") box.append(el("h3", {}, `${name}: train.log (end)`), el("pre", {}, x.log));
+  if (run?.config) parts.push(el("h3", {}, `${name}: config`), el("pre", {}, run.config));
+  if (x.log && run && run.status !== "finished") {
+    parts.push(el("h3", {}, `${name}: train.log (end)`), el("pre", {}, x.log));
+  }
+  box.replaceChildren(...parts);
 }
 
 // --- start a run: the server validates with the CLI's rules and answers with the CLI's message ---
@@ -214,7 +325,8 @@ $("#play-form").addEventListener("submit", ev => {
 function column(model) {
   let col = document.querySelector(`.play-col[data-model="${CSS.escape(model)}"]`);
   if (!col) {
-    col = el("div", { class: "play-col", "data-model": model }, el("h3", {}, model === state.base ? model + " (base)" : model));
+    col = el("div", { class: "play-col", "data-model": model },
+             el("h3", {}, model === state.base ? model + " (base)" : model));
     $("#play-cols").append(col);
   }
   return col;
@@ -229,10 +341,12 @@ async function chat(model, text) {
   const t0 = performance.now();
   let first = null, usage = null, reply = "";
   try {
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers({ "Content-Type": "application/json" }),
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify({ model, messages: convo, stream: true, stream_options: { include_usage: true },
-                             temperature: Number($("#temperature").value), max_tokens: Number($("#max-tokens").value) }) });
-    if (!r.ok) throw new Error((await r.json()).error.message);
+                             temperature: Number($("#temperature").value),
+                             max_tokens: Number($("#max-tokens").value) }) });
+    if (!r.ok) throw new Error(await failure(r));
     for await (const { data } of serverSentEvents(r)) {
       if (data === "[DONE]") continue;
       const obj = JSON.parse(data);
@@ -264,7 +378,11 @@ $("#load-form").addEventListener("submit", async ev => {
   loadModels();
 });
 async function unload(name) {
-  await api(`/v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE" });
+  const err = $("#adapter-error");
+  err.hidden = true;
+  try {
+    await api(`/v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE" });
+  } catch (e) { err.textContent = "error: " + e.message; err.hidden = false; }
   loadModels();
 }
 
@@ -277,12 +395,21 @@ async function init() {
     return;
   }
   const form = $("#start-form");
-  const opts = (sel, values) => form.querySelector(sel).replaceChildren(...values.map(v => el("option", { value: v }, v)));
+  const opts = (sel, values) => form.querySelector(sel)
+    .replaceChildren(...values.map(v => el("option", { value: v }, v)));
   opts("[name=model]", state.info.models);
   opts("[name=dataset]", state.info.datasets);
   opts("[name=method]", state.info.methods);
   await loadRuns();
   draw();
+  showExtras();
 }
-setInterval(() => { if (!$("#tab-runs").hidden) loadRuns().catch(() => {}); }, 3000);
+// The list reloads every 3 s while its tab shows; a slow answer is awaited, not overlapped by the next request.
+let reloading = false;
+setInterval(async () => {
+  if (reloading || $("#tab-runs").hidden) return;
+  reloading = true;
+  try { await loadRuns(); } catch { /* the next reload tries again */ } finally { reloading = false; }
+}, 3000);
+$("#refresh").addEventListener("click", () => loadRuns().then(draw).catch(e => runsError(e.message)));
 init();
