@@ -489,7 +489,8 @@ class TrainingConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup: to 0 (linear), along a half cosine to 0, or none."""
     warmup_steps: int = 0
-    """Linear warmup from 0 over this many optimizer steps."""
+    """Linear warmup over this many optimizer steps: step k (from 0) uses lr·(k+1)/(warmup_steps+1), so no update is
+    spent at a learning rate of 0; the full lr from step warmup_steps on."""
     epochs: float = 1
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None

@@ -118,7 +118,7 @@ def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
         raise D.DataError(f"{cfg.data.train} has {len(records)} records and data.eval is unset; the task "
                           f"accuracy needs held-out examples: give 20 or more records, or set data.eval to a file "
                           f"of them")
-    train, held = D.train_test_split(records, max(cfg.data.eval_fraction, 0.1), seed=0)
+    train, held = D.train_test_split(records, max(cfg.data.eval_fraction, 0.1), seed=0, field="data.eval_fraction")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, rows in (("task_train.jsonl", train), ("task_test.jsonl", held)):

@@ -419,7 +419,7 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
 def _without_eos(record: dict, name: str, tokenizer) -> tuple[str, bool]:
     """The field's text less an EOS text it ends with (users who write "</s>" or "<|im_end|>" themselves), and
     whether it had one: encode adds the EOS token itself, so it is learnt once, not twice."""
-    value, eos = _field(record, name), tokenizer.eos_token
+    value, eos = _field(record, name), getattr(tokenizer, "eos_token", None)  # a minimal tokenizer may lack it
     if not eos or not value.rstrip().endswith(eos):
         return value, False
     value = value.rstrip()[: -len(eos)]
