@@ -75,7 +75,7 @@ def with_adapter_hash(base_key: str, model) -> str:
 
 def answer_token_budget(tokenizer, records: list[dict], fmt: str) -> int:
     """New tokens to generate when scoring: the longest reference answer in tokens, plus 4."""
-    return max(len(tokenizer(D.reference_output(r, fmt)).input_ids) for r in records) + 4
+    return max(len(tokenizer(D.reference_output(r, fmt, tokenizer)).input_ids) for r in records) + 4
 
 
 def examples_hash(records: list[dict], fmt: str, max_new_tokens: int, precision: str, device: torch.device) -> str:

@@ -440,13 +440,17 @@ def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
 
-def reference_output(record: dict, fmt: str) -> str:
-    """The expected answer: the output (instruction) or the last assistant message (chat)."""
+def reference_output(record: dict, fmt: str, tokenizer=None) -> str:
+    """The expected answer: the output (instruction) or the last assistant message (chat); with `tokenizer`, less
+    an EOS text it ends with (generations are decoded without special tokens, so it could never match)."""
     if fmt == "instruction":
-        return _field(record, "output")
-    if fmt == "chat":
-        return [m for m in _messages(record) if m["role"] == "assistant"][-1]["content"]
-    raise DataError(f"format {fmt!r} has no reference answer; generation eval needs instruction or chat records")
+        answer = _field(record, "output")
+    elif fmt == "chat":
+        answer = [m for m in _messages(record) if m["role"] == "assistant"][-1]["content"]
+    else:
+        raise DataError(f"format {fmt!r} has no reference answer; generation eval needs instruction or chat records")
+    eos = getattr(tokenizer, "eos_token", None)
+    return answer.rstrip()[: -len(eos)] if eos and answer.rstrip().endswith(eos) else answer
 
 
 # ---------------------------------------------------------------------------------------------------- datasets

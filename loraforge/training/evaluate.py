@@ -60,7 +60,7 @@ def accuracy(model, tokenizer, records: list[dict], fmt: str = "auto", max_new_t
     if fmt == "auto":
         fmt = D.detect_format(records[0])
     prompts = [D.prompt_ids(r, tokenizer, fmt) for r in records]
-    references = [D.reference_output(r, fmt) for r in records]
+    references = [D.reference_output(r, fmt, tokenizer) for r in records]
     predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, precision)
     correct = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
     n = len(records)

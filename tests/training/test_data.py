@@ -110,6 +110,14 @@ def test_an_answer_that_ends_in_the_eos_text_learns_one_eos(tok):
                             "give the text before it")
 
 
+def test_eval_references_ending_in_the_eos_text_can_match(tok):
+    """Generations are decoded without special tokens: a reference ending in the EOS text is compared without it."""
+    assert reference_output({"instruction": "Say hi.", "output": "hi<|im_end|>\n"}, "instruction", tok) == "hi"
+    chat = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi <|im_end|>"}]}
+    assert reference_output(chat, "chat", tok) == "hi "
+    assert reference_output({"instruction": "Say hi.", "output": "hi<|im_end|>"}, "instruction") == "hi<|im_end|>"
+
+
 def test_text_eos_is_not_added_twice_when_the_tokenizer_adds_it():
     """Llama-2 style tokenizers (add_eos_token) end every encoding with EOS themselves: encode adds no second one."""
     tok = load_tokenizer("smollm2-135m")  # a fresh one: its post-processor is changed below
