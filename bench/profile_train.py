@@ -55,7 +55,7 @@ def main() -> None:
     from loraforge.studies.demo import demo_config
     from loraforge.training import data as D
     from loraforge.training.loop import build_model
-    from loraforge.training.loss import CausalLMLoss
+    from loraforge.training.loss import CausalLMLoss, shares_prefix
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     trainer, opts = VARIANTS[args.variant]
@@ -78,11 +78,17 @@ def main() -> None:
     plan = data_shapes.plan(args.shape, tok, 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
-    loss_fn = CausalLMLoss(model, share_prefix=opts.get("share_prefix", False))
+    share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))  # as bench/train.py
+    loss_fn = CausalLMLoss(model, share_prefix=share)
+    examples = [e for step in plan for _, ex in step for e in ex]
+    prefix_of = lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, tok.pad_token_id))  # noqa: E731
+    packing = opts.get("packing", "auto")  # as bench/train.py and train(): the chat rows (34% padding) are packed
+    pack = args.shape != "text" and D.should_pack(packing, D.padding_fraction(examples, args.batch, prefix_of))
+    print(f"{args.shape}: {'packed into ' + str(seq) + '-token rows' if pack else 'rows as they come'}")
 
     def step(micro):
         with torch.profiler.record_function("data"):
-            batches = [D.collate(rows, tok.pad_token_id) for rows, _ in micro]
+            batches = [D.collate(D.pack(rows, seq) if pack else rows, tok.pad_token_id) for rows, _ in micro]
             n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
             with torch.profiler.record_function("forward"):

@@ -347,6 +347,24 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     return app
 
 
+def run_until_signal(app, host: str, port: int, log_level: str) -> None:
+    """Serve `app` with uvicorn until Ctrl-C or SIGTERM, then let the signal through: Ctrl-C raises KeyboardInterrupt
+    (the CLI exits 130), SIGTERM ends the process as SIGTERM does (143). uvicorn.run would swallow the Ctrl-C, so a
+    stopped server exited 0. Open streams are cut after SHUTDOWN_GRACE_S. ServeError when it cannot listen."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot listen
+        if server.started:
+            raise
+    if not server.started:
+        raise ServeError(f"could not listen on {host}:{port} (the line above says why; another server on that port? "
+                         f"choose another with --port)")
+
+
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, benchmarks): `with ServerThread(app) as url: ...`."""
 
@@ -392,9 +410,6 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
-    import uvicorn
-
-
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))  # where load_base puts the model
     print(chosen.line(), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
@@ -410,9 +425,6 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         # uvicorn closes an idle kept-alive connection after KEEP_ALIVE_S; it has no timeout for a request's headers
         # (a slow client holds its connection open): reachable by others, put a proxy with one in front
         # (nginx's client_header_timeout)
-        # Ctrl-C / SIGTERM: open streams (the dashboard's event streams, long generations) are cut after
-        # SHUTDOWN_GRACE_S instead of holding the server up until they end
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S,
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        run_until_signal(app, host, port, log_level="info")
     finally:
         engine.stop()

@@ -33,6 +33,7 @@ from torch import nn
 from loraforge.inference.llama import unsupported
 from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
+from loraforge.models import context_length
 from loraforge.serve.batch import Batch
 from loraforge.serve.detokenize import TextStream
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
@@ -41,6 +42,8 @@ from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
 from loraforge.serve.static_batch import StaticBatch
+
+UNKNOWN_CONTEXT = 2048  # the context served for a config that names none (models.context_length None)
 
 
 class Engine:
@@ -76,7 +79,7 @@ class Engine:
         self.max_loaded, self.max_batch, self.max_queue = max_loaded, max_batch, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.default_max_tokens = default_max_tokens
-        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.context_length = context_length(model.config) or UNKNOWN_CONTEXT  # yarn/llama3 scalings included
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:

@@ -60,7 +60,7 @@ class DataStats:
     n_dropped: int = 0     # too long with overflow="drop", or nothing left to supervise after truncation
     n_tokens: int = 0
     n_supervised_tokens: int = 0
-    n_eos_stripped: int = 0  # the answer ended with the EOS text already: learnt once, not twice
+    n_eos_stripped: int = 0  # answers (chat: assistant turns) that ended with the EOS text: learnt once, not twice
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -403,7 +403,8 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
         segments = [(_bos(tokenizer), False)]
-        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(_messages(record), tokenizer)]
+        messages = _chat_without_eos(record, tokenizer)[0]
+        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(messages, tokenizer)]
     elif fmt == "text":
         ids = tokenizer(_without_eos(record, "text", tokenizer)[0])["input_ids"]  # adds BOS (and EOS) as it does
         segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
@@ -429,12 +430,27 @@ def _without_eos(record: dict, name: str, tokenizer) -> tuple[str, bool]:
     return value, True
 
 
+def _chat_without_eos(record: dict, tokenizer) -> tuple[list[dict], int]:
+    """The conversation with each assistant turn less an EOS text it ends with (the template writes the end of
+    the turn itself, so it is learnt once, not twice), and how many turns had one."""
+    messages, eos, n = _messages(record), getattr(tokenizer, "eos_token", None), 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or not eos or not m["content"].rstrip().endswith(eos):
+            continue
+        m["content"] = m["content"].rstrip()[: -len(eos)]
+        n += 1
+        if not m["content"].strip():
+            raise DataError(f"{_where(record)}field 'messages[{i}].content' holds only the end-of-sequence text "
+                            f"{eos!r}; give the text before it")
+    return messages, n
+
+
 def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     """The prompt to generate from at eval: everything before the (last) response."""
     if fmt == "instruction":
         return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
     if fmt == "chat":
-        messages = _messages(record)
+        messages = _chat_without_eos(record, tokenizer)[0]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return _bos(tokenizer) + _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True))
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
@@ -481,6 +497,8 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             raise DataError(f"record {i}: {e}") from None
         if fmt in EOS_FIELD:
             stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
+        elif fmt == "chat":
+            stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
         truncated = len(ex.input_ids) > max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1

@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.api import SHUTDOWN_GRACE_S, create_app, key_ok
+from loraforge.serve.api import create_app, key_ok, run_until_signal
 from loraforge.serve.engine import Engine
 from loraforge.ui import runs as R
 from loraforge.ui.launch import METHODS, Launcher, form_config
@@ -376,8 +376,6 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
            models_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
            dtype: str = "auto", precision: str = "auto") -> None:
     """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted."""
-    import uvicorn
-
     check_host(host, api_key)
     Path(runs).mkdir(parents=True, exist_ok=True)
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))
@@ -389,6 +387,6 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
     print(f"dashboard on http://{host}:{port}/ui/ (runs: {Path(runs).resolve()}, datasets: "
           f"{Path(data_dir).resolve()}); API on http://{host}:{port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+        run_until_signal(app, host, port, log_level="warning")
     finally:
         engine.stop()

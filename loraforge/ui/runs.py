@@ -45,17 +45,19 @@ class PathError(ValueError):
 
 
 def inside(root: Path, name: str, must_exist: bool = True) -> Path:
-    """`root/name`, resolved, refused unless it lies strictly inside `root` (no '..', no absolute path, no link out)."""
+    """`root/name`, resolved, refused unless it lies strictly inside `root` (no '..', no absolute path, no link out):
+    `within` for a name a user typed, with errors."""
     root = Path(root).resolve()
     if not name or "\x00" in name or Path(name).is_absolute():
         raise PathError(f"{name!r}: give a path relative to {root}")
-    path = (root / name).resolve()
-    if path == root or not path.is_relative_to(root):
-        raise PathError(f"{name!r}: outside {root}")
     try:
-        exists = path.exists()
+        found = within(root, name)
+        path = None if found is None else found.resolve()
+        exists = path is not None and path.exists()
     except OSError as e:  # e.g. a name too long for the file system
         raise PathError(f"{name!r}: {(e.strerror or str(e)).lower()} in {root}") from None
+    if path is None or path == root:
+        raise PathError(f"{name!r}: outside {root}")
     if must_exist and not exists:
         raise PathError(f"{name!r}: not found in {root}")
     return path

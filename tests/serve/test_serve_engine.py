@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import full_forward_greedy, save_adapters
+from helpers import full_forward_greedy, save_adapters, tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
-from loraforge.models import load_tokenizer
+from loraforge.models import context_length, load_tokenizer
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
 from loraforge.serve import static_batch
 
@@ -345,3 +345,21 @@ def test_a_waiting_adapter_gets_a_slot_under_steady_traffic(make_engine, base, a
     assert len(finished_a) == total
     assert all(reason == "length" and got == expected[:n] for n, got, reason in finished_a)
     assert engine.stats["max_running"] >= 4  # "a" rows still batched together
+
+
+def test_context_is_the_models_own(tokenizer, tmp_path):
+    """The served context is models.context_length's: a yarn scaling's reach (original × factor), not the
+    pre-scaling max_position_embeddings."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    model = tiny_llama(max_position_embeddings=32, rope_scaling=rope, rope_parameters=rope)
+    assert context_length(model.config) == 128
+    prompt = prompts(model.config.vocab_size, [100])[0]
+    expected = full_forward_greedy(copy.deepcopy(model), prompt, 28)
+    engine = Engine(model, tokenizer)
+    try:
+        assert engine.context_length == 128
+        done = engine.generate(prompt, None, SamplingParams(ignore_eos=True))
+        assert done.completion_tokens == 28  # the room left at 128, not a refusal at 32
+        assert done.token_ids == expected  # the scaled positions as a full forward runs them
+    finally:
+        engine.stop()

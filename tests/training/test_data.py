@@ -559,3 +559,24 @@ def test_padding_fraction_nets_out_what_a_shared_prefix_saves():
     assert not should_pack("auto", net)
     assert padding_fraction(rows + rows[:1], 2, lambda chunk: 3) == pytest.approx(1 - 16 / 15)  # a 1-row batch shares none
     assert padding_fraction(rows * 3, 2, max_batches=1) == pytest.approx(2 / 12)  # only the first batch is read
+
+
+def test_a_chat_turn_that_ends_in_the_eos_text_learns_one_end_of_turn(tok):
+    """The chat template ends each assistant turn with <|im_end|> itself: a turn that already ends in it is
+    stripped (every assistant turn, earlier ones in an eval prompt too), counted per turn."""
+    def chat(first, last):
+        return {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": first},
+                             {"role": "user", "content": "c"}, {"role": "assistant", "content": last}]}
+
+    plain = encode(chat("b", "d"), tok, "chat")
+    for first, last in [("b<|im_end|>", "d"), ("b", "d<|im_end|>\n"), ("b<|im_end|>", "d<|im_end|>")]:
+        ex = encode(chat(first, last), tok, "chat")
+        assert (ex.input_ids, ex.labels) == (plain.input_ids, plain.labels)
+        assert prompt_ids(chat(first, last), tok, "chat") == prompt_ids(chat("b", "d"), tok, "chat")
+    assert tok.decode(plain.input_ids).count("<|im_end|>") == 5  # one per turn (the default system turn too)
+    records = [chat("b<|im_end|>", "d<|im_end|>"), chat("b", "d<|im_end|>"), chat("b", "d")]
+    assert build_dataset(records, tok)[1].n_eos_stripped == 3
+    with pytest.raises(DataError) as e:
+        build_dataset([{**chat("b", "<|im_end|>"), "_source": "f.jsonl:2"}], tok)
+    assert str(e.value) == ("record 0: f.jsonl:2: field 'messages[3].content' holds only the end-of-sequence text "
+                            "'<|im_end|>'; give the text before it")

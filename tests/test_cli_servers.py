@@ -1,0 +1,63 @@
+"""`loraforge serve` and `loraforge ui` as processes: how they end. A supervisor (systemd, a shell script, the
+dashboard) reads the exit status: Ctrl-C is 130 and SIGTERM is SIGTERM, as for train, never 0; a port that is taken
+is one error line and 2."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], port: int) -> subprocess.Popen:
+    """The CLI as a shell starts it (SIGINT not ignored, as it is for a background job); returns once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", *argv, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("command,sig,code", [("serve", signal.SIGINT, 130), ("serve", signal.SIGTERM, -signal.SIGTERM),
+                                              ("ui", signal.SIGINT, 130)])
+def test_a_stopped_server_exits_with_the_signal(tiny_dir, tmp_path, command, sig, code):
+    """uvicorn.run swallowed the KeyboardInterrupt, so a stopped server exited 0, like one that finished."""
+    argv = [command, "--model", str(tiny_dir)] + (["--runs", str(tmp_path / "runs")] if command == "ui" else [])
+    proc = start(argv, free_port())
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    if sig == signal.SIGINT:
+        assert err.splitlines()[-1] == "interrupted"
+
+
+def test_a_port_in_use_is_one_error_line(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "loraforge", "serve", "--model", str(tiny_dir), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: could not listen on 127.0.0.1:{port} (the line above says why; "
+                                            f"another server on that port? choose another with --port)")
