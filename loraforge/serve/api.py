@@ -8,15 +8,19 @@ body too large 413, queue full 429. With an API key, /v1/* and the API docs (/do
 
 What a client cannot do to the others: a prompt whose text cannot fit the context (more characters than the context
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
-a prompt needs is refused before it is read, so neither holds the tokenizer; a request whose client disconnects is
+a prompt needs is refused before it is read, so neither holds a tokenizer; prompts are tokenized on up to
+TOKENIZER_COPIES copies at once, so a long one does not hold up a short one; a request whose client disconnects is
 aborted, waiting or decoding, streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -270,6 +274,30 @@ class _Generation:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+TOKENIZER_COPIES = min(4, os.cpu_count() or 1)  # prompts tokenized at once (one core each: encoding frees the GIL)
+
+
+class TokenizerPool:
+    """Copies of one tokenizer lent to request threads, at most `size` at once. A Rust tokenizer used by two threads
+    at once may raise "Already borrowed"; one copy under a lock made a short prompt wait behind a long one (1.4 s
+    for a prompt at SmolLM2's bound). Copies are made when first needed, from the original, which is never lent."""
+
+    def __init__(self, tokenizer, size: int = TOKENIZER_COPIES):
+        self._original, self._free, self._lock = tokenizer, [], threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextlib.contextmanager
+    def borrow(self):
+        with self._slots:
+            with self._lock:
+                tok = self._free.pop() if self._free else copy.deepcopy(self._original)
+            try:
+                yield tok
+            finally:
+                with self._lock:
+                    self._free.append(tok)
+
+
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine`. With `api_key`, /v1/* and the docs need `Authorization: Bearer <api_key>`.
@@ -281,7 +309,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     app = FastAPI(title="loraforge serve")
     base = model_name or engine.base_name
     tokenizer = engine.tokenizer
-    encode_lock = threading.Lock()  # one encode at a time: requests tokenize in worker threads
+    tokenizers = TokenizerPool(tokenizer)  # requests tokenize in worker threads, each with a copy of its own
     per_token = chars_per_token(tokenizer)
     max_chars = engine.context_length * per_token
     if max_body_bytes is None:
@@ -292,8 +320,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     add_auth(app, api_key)
 
     def encode(fn, *args):
-        with encode_lock:
-            return fn(tokenizer, *args)
+        with tokenizers.borrow() as tok:
+            return fn(tok, *args)
 
     def check_fits(field: str, chars: int) -> None:
         """Refuse, before it is tokenized, text that cannot fit the context whatever its tokens."""

@@ -17,7 +17,7 @@ import pytest
 from helpers import save_adapters, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
-from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.api import ServerThread, TokenizerPool, create_app
 from loraforge.serve.errors import shown
 from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
 
@@ -424,3 +424,36 @@ def test_adapter_refusals_name_no_server_path(broken_server):
         engine.add_adapter("x", "a\x00/../..")
     assert str(e.value) == 'adapter path "a\\u0000/../.." contains a NUL character or a lone surrogate; send a ' \
                            'plain path'
+
+
+def test_prompts_tokenize_on_copies_of_their_own(tokenizer):
+    """Request threads each borrow a copy (a Rust tokenizer shared by two threads may raise "Already borrowed"), so a
+    short prompt does not wait behind a long one; at most `size` at once; what they encode is the tokenizer's."""
+    pool = TokenizerPool(tokenizer, size=2)
+    third = threading.Event()
+
+    def borrow_one():
+        with pool.borrow():
+            third.set()
+
+    with pool.borrow() as a, pool.borrow() as b:  # two prompts at once, on two copies
+        assert len({id(a), id(b), id(tokenizer)}) == 3
+        waiter = threading.Thread(target=borrow_one)
+        waiter.start()
+        assert not third.wait(0.3)  # a third waits for one of them
+    assert third.wait(10)
+    waiter.join()
+    texts = [f"prompt {i}: " + "lorem ipsum dolor " * (i % 7) for i in range(64)]
+    expected = [tokenizer(t)["input_ids"] for t in texts]
+    got = [None] * len(texts)
+
+    def encode(i):
+        with pool.borrow() as tok:
+            got[i] = tok(texts[i])["input_ids"]
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
