@@ -335,13 +335,14 @@ def _content(record: dict, i: int, content) -> str | None:
     return _encodable(record, name, content)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The chat template as text; a plain "### Role:" template for tokenizers that have none."""
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str = "") -> str:
+    """The chat template as text; a plain "### Role:" template for tokenizers that have none. `where`: the record's
+    file:line prefix for the error (_where)."""
     if getattr(tokenizer, "chat_template", None):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 -- jinja2's TemplateError ("roles must alternate"), ValueError, ...
-            raise DataError(f"the model's chat template refuses this conversation ({e}); change the conversation to "
+            raise DataError(f"{where}the model's chat template refuses this conversation ({e}); change the conversation to "
                             f"what the template accepts") from None
     text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
                    + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
@@ -368,7 +369,7 @@ def _instruction_prompt(record: dict, tokenizer) -> str:
     return ALPACA_PROMPT.format(instruction=user)
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, supervised) pieces; assistant turns are supervised.
 
     An assistant turn's span is render(messages[:i+1]) minus render(messages[:i], generation prompt): its content
@@ -378,14 +379,14 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
         if not (before.startswith(done) and upto.startswith(before)):
-            raise DataError("the chat template does not render conversations prefix by prefix, so assistant "
+            raise DataError(f"{where}the chat template does not render conversations prefix by prefix, so assistant "
                             "turns cannot be located exactly; use a tokenizer with a ChatML/Llama-style template")
         segments += [(before[len(done):], False), (upto[len(before):], True)]
         done = upto
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     if full[len(done):]:
         segments.append((full[len(done):], False))
     return [s for s in segments if s[0]]
@@ -404,7 +405,7 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
     elif fmt == "chat":
         segments = [(_bos(tokenizer), False)]
         messages = _chat_without_eos(record, tokenizer)[0]
-        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(messages, tokenizer)]
+        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(messages, tokenizer, _where(record))]
     elif fmt == "text":
         ids = tokenizer(_without_eos(record, "text", tokenizer)[0])["input_ids"]  # adds BOS (and EOS) as it does
         segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
@@ -452,7 +453,8 @@ def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     if fmt == "chat":
         messages = _chat_without_eos(record, tokenizer)[0]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return _bos(tokenizer) + _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True))
+        return _bos(tokenizer) + _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True,
+                                                                      where=_where(record)))
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
 

@@ -207,10 +207,14 @@ def test_a_chat_that_starts_with_an_assistant_turn_is_refused(tok, tmp_path):
 
 def test_a_template_that_refuses_a_conversation_is_a_data_error(tok, monkeypatch):
     monkeypatch.setattr(tok, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     with pytest.raises(DataError) as e:
-        build_dataset([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}], tok)
+        build_dataset([chat], tok)
     assert str(e.value) == ("record 0: the model's chat template refuses this conversation (Conversation roles must "
                             "alternate); change the conversation to what the template accepts")
+    for call in (lambda r: build_dataset([r], tok), lambda r: prompt_ids(r, tok, "chat")):  # with its file:line
+        with pytest.raises(DataError, match=r"^(record 0: )?chats.jsonl:7: the model's chat template refuses"):
+            call({**chat, "_source": "chats.jsonl:7"})
 
 
 def test_detect_format_and_source_is_ignored(tok):
