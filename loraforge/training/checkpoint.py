@@ -124,14 +124,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHARDED = "dcp"  # manifest.json's "format" of FSDP's sharded checkpoints (training.dcp); none: one process or DDP
+WRITTEN_WITH_FSDP = "it was written with training.distributed=fsdp (sharded)"
+WRITTEN_WITHOUT_FSDP = "it was written without FSDP (training.distributed: ddp or one process)"
+
+
+def checkpoint_format(path: Path) -> str | None:
+    """How checkpoint `path` was written, from its manifest: SHARDED (FSDP), "plain" (one process or DDP), None
+    when the manifest is missing or unreadable (an unfinished save: its files say nothing reliable)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return SHARDED if isinstance(manifest, dict) and manifest.get("format") == SHARDED else "plain"
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None when the checkpoint's files match its manifest (sizes and SHA-256); otherwise what is wrong."""
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
     except FileNotFoundError:
         return f"it has no {MANIFEST} (its save did not finish, or a loraforge without manifests wrote it)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MANIFEST} is unreadable"
+    if manifest.get("format") == SHARDED:
+        return WRITTEN_WITH_FSDP
     for name in CHECKPOINT_FILES:
         entry, file = files.get(name) if isinstance(files, dict) else None, path / name
         if not isinstance(entry, dict):
@@ -166,17 +184,76 @@ def last_checkpoint(root: Path) -> Path | None:
 RUN_SECTIONS = ("model", "method", "lora", "adalora")  # the settings that decide the trainable tensors
 
 
+def flat(d, prefix: str = "") -> dict:
+    """A to_dict(cfg) (or a section of it) as {dotted key: value}, in the config's field order."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+
 def config_changes(saved: dict, now: dict, sections=RUN_SECTIONS) -> list[str]:
     """`key: saved -> now` for each setting under `sections` that differs between two to_dict(cfg) (dotted keys)."""
-    def flat(d, prefix=""):
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-
     before = {k: v for s in sections for k, v in flat(saved.get(s), f"{s}.").items()}
     after = {k: v for s in sections for k, v in flat(now.get(s), f"{s}.").items()}
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)]
+
+
+def global_batch(cfg: TrainConfig, world: int) -> dict:
+    """What a step's place in the data depends on, recorded in every checkpoint: the processes and each one's share
+    of a step (gradient_accumulation micro-batches of batch_size examples, or of up to batch_tokens tokens)."""
+    t = cfg.training
+    return {"processes": world, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
+            "batch_tokens": t.batch_tokens}
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def _describe(b: dict) -> tuple[tuple, str]:
+    """(what must stay equal, how the user reads it) of a global_batch record."""
+    p, g = b["processes"], b["gradient_accumulation"]
+    if b.get("batch_tokens") is None:
+        size = p * b["batch_size"] * g
+        return (None, size), (f"{size} examples ({_processes(p)} × training.batch_size {b['batch_size']} × "
+                              f"training.gradient_accumulation {g})")
+    micro = f"{p * g} micro-batch" + ("es" if p * g != 1 else "")
+    return (b["batch_tokens"], p * g), (f"{micro} of training.batch_tokens {b['batch_tokens']} ({_processes(p)} × "
+                                        f"training.gradient_accumulation {g})")
+
+
+def global_batch_change(path: Path, saved: dict | None, now: dict) -> str | None:
+    """None when checkpoint `path`'s global batch (`saved`: its global_batch record; older checkpoints have none and
+    are not checked) is this run's (`now`), so its data position and learning-rate schedule continue exactly;
+    otherwise the error, naming both with their factors and the settings that keep it with this run's processes."""
+    if not saved:
+        return None
+    (tokens, size), before = _describe(saved)
+    key, after = _describe(now)
+    if key == (tokens, size):
+        return None
+    world, keep = now["processes"], []
+    if now.get("batch_tokens") != tokens:  # examples or micro-batches of up to batch_tokens: the same one first
+        keep.append(f"training.batch_tokens={'null' if tokens is None else tokens}")
+    elif size % world == 0 and tokens is None:
+        share = size // world  # batch_size × gradient_accumulation of each process
+        if share % now["gradient_accumulation"] == 0:
+            keep.append(f"training.batch_size={share // now['gradient_accumulation']}")
+        if share % now["batch_size"] == 0 and share // now["batch_size"] != now["gradient_accumulation"]:
+            keep.append(f"training.gradient_accumulation={share // now['batch_size']}")
+        if not keep:
+            keep.append(f"training.batch_size={share} training.gradient_accumulation=1")
+    elif size % world == 0:
+        keep.append(f"training.gradient_accumulation={size // world}")
+    written = _processes(saved["processes"])
+    if not keep:  # the checkpoint's processes divide its global batch, so they differ from this run's
+        fix = f"{size} is not a multiple of this run's {_processes(world)}: resume with {written}"
+    else:
+        fix = (f"keep it with {keep[0]}" + (f" (or {keep[1]})" if len(keep) > 1 else "")
+               + (f", or resume with {written}" if saved["processes"] != world else ""))
+    return (f"--resume: {path.name} was written with a global batch of {before}, this run's is {after}: the data "
+            f"position and learning-rate schedule continue only with the same global batch; {fix}")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None = None) -> dict:

@@ -29,10 +29,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loraforge.config import TrainConfig, to_dict
-from loraforge.training.checkpoint import MANIFEST, TrainingError, config_changes, find_checkpoint, sha256_file
+from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
+                                           find_checkpoint, sha256_file)
 from loraforge.utils.files import atomic_dir
 
-FORMAT = "dcp"  # trainer_state.json's "format": what tells a sharded checkpoint from a one-process one
+FORMAT = SHARDED  # the manifest's and trainer_state.json's "format": what tells a sharded checkpoint from another
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)
 
 
@@ -84,8 +85,7 @@ def verify_sharded(path: Path) -> str | None:
     except (OSError, ValueError):
         return f"its {MANIFEST} is unreadable"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return ("it was written without FSDP (training.distributed: ddp or one process); resume it with the "
-                "training.distributed it was written with")
+        return WRITTEN_WITHOUT_FSDP
     for name, entry in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():

@@ -20,6 +20,8 @@ error naming that setting rather than hanging.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +39,7 @@ from loraforge.config import TrainConfig
 from loraforge.models import resolve_model
 from loraforge.precision import Precision
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
-from loraforge.training.checkpoint import TrainingError
+from loraforge.training.checkpoint import TrainingError, flat
 from loraforge.utils.allocator import return_large_frees
 
 
@@ -55,6 +57,28 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
+
+
+def check_same_config(config: dict, world: int) -> None:
+    """Every process runs the same config (`config`: to_dict of its resolved settings): a hash of each is gathered
+    (a collective) and, where they differ, every process stops with the first differing setting and both values.
+    A different training.seed would shuffle each process's data differently; a different lora.r fails in DDP."""
+    if world == 1 or not dist.is_initialized():
+        return
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * world
+    dist.all_gather_object(configs, flat(config))  # only now the settings themselves, to name the first that differs
+    first = configs[0]
+    for key in [*first, *(k for c in configs[1:] for k in c if k not in first)]:
+        for rank, other in enumerate(configs[1:], start=1):
+            if first.get(key) != other.get(key):
+                raise TrainingError(f"the processes run different configs: {key} is {first.get(key)!r} on rank 0 and "
+                                    f"{other.get(key)!r} on rank {rank}; give every process the same config file "
+                                    f"and overrides")
 
 
 def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
@@ -224,10 +248,16 @@ def is_collective_failure(error: BaseException) -> bool:
                                                                         "Timed out"))
 
 
-def collective_error(rank: int, timeout_s: float, error: Exception) -> TrainingError:
+STAGES = {"set-up": " during set-up", "training": "", "finish": " after the last step, writing the adapter"}
+
+
+def collective_error(rank: int, timeout_s: float, error: Exception, stage: str = "training") -> TrainingError:
     """What a process says when a collective failed: a peer died (its own error is in its log) or stopped
-    answering for training.collective_timeout seconds."""
+    answering for training.collective_timeout seconds. `stage`: "set-up" (before the first step: nothing to resume
+    from this run yet, unless it was resumed), "training" or "finish"."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return TrainingError(f"rank {rank}: a collective with the other processes failed ({first[:300]}): another "
-                         f"process stopped (its error is in its own output) or did not answer within "
-                         f"training.collective_timeout={timeout_s:g} s; resume from the last checkpoint with --resume")
+    fix = ("fix what stopped it and start the run again (with --resume if it continues from a checkpoint)"
+           if stage == "set-up" else "resume from the last checkpoint with --resume")
+    return TrainingError(f"rank {rank}: a collective with the other processes failed{STAGES[stage]} ({first[:300]}): "
+                         f"another process stopped (its error is in its own output) or did not answer within "
+                         f"training.collective_timeout={timeout_s:g} s; {fix}")

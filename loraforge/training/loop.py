@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import shutil
@@ -38,13 +39,14 @@ from loraforge.models import check_fits_context, load_config, load_model, load_t
 from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
-from loraforge.training.checkpoint import (TrainingError, find_checkpoint, last_checkpoint, load_checkpoint,
-                                           save_checkpoint)
+from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
+                                           checkpoint_format, find_checkpoint, global_batch, global_batch_change,
+                                           last_checkpoint, load_checkpoint, save_checkpoint)
 from loraforge.training.continual import init_adapter_config, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
-from loraforge.training.distributed import (choose_mode, clip_sharded, collective_error, full_state_dict,
-                                            full_trainables, is_collective_failure, no_sync, setup_processes,
-                                            unsharded, wrap)
+from loraforge.training.distributed import (check_same_config, choose_mode, clip_sharded, collective_error,
+                                            full_state_dict, full_trainables, is_collective_failure, no_sync,
+                                            setup_processes, unsharded, wrap)
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -73,6 +75,7 @@ class TrainResult:
     data_stats: dict
     precision: str = "fp32"
     skipped_steps: int = 0
+    rank: int = 0  # under torchrun every process returns one; only rank 0's wrote the adapter
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -203,12 +206,21 @@ def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: i
     """The error when the data make less than one optimizer step, naming the batch setting in force and its value
     (`n_batches`: the micro-batches one epoch makes)."""
     t = cfg.training
+    fixes = ([] if t.batch_tokens is not None else ["lower training.batch_size"] if t.batch_size > 1 else []) + (
+        ["lower training.gradient_accumulation"] if t.gradient_accumulation > 1 else [])
+    if world > 1:  # each process takes a share of every step: fewer of them need fewer examples
+        fixes += [f"run fewer processes (torchrun --nproc_per_node; this run has {world})", "add training examples"]
     if t.batch_tokens is None:
         return (f"{n_examples} training examples are fewer than one optimizer step needs (batch_size {t.batch_size} "
-                f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); lower training.batch_size")
+                f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); " + either(fixes))
     return (f"{n_examples} training examples fill {n_batches} batches of training.batch_tokens {t.batch_tokens}, "
             f"fewer than one optimizer step needs (gradient_accumulation {t.gradient_accumulation} × {world} "
-            f"processes); lower training.batch_tokens (it is {t.batch_tokens})")
+            f"processes); " + either([f"lower training.batch_tokens (it is {t.batch_tokens})", *fixes]))
+
+
+def either(fixes: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:
@@ -312,16 +324,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
     """
     with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
-        run = setup(cfg, resume, overwrite, precision, held)
-        start_tokens = run.tokens_seen
+        stage = "set-up"
         try:
+            run = setup(cfg, resume, overwrite, precision, held)
+            start_tokens, stage = run.tokens_seen, "training"
             with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
                 loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
-        except RuntimeError as e:  # a peer died or hung: say so rather than a bare backend error
-            if run.world == 1 or not is_collective_failure(e):
+            stage = "finish"
+            return finish(run, loss_value, eval_loss, seconds, start_tokens)
+        except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
+            if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
                 raise
-            raise collective_error(run.rank, cfg.training.collective_timeout, e) from e
-        return finish(run, loss_value, eval_loss, seconds, start_tokens)
+            raise collective_error(dist.get_rank(), cfg.training.collective_timeout, e, stage) from e
 
 
 def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None,
@@ -331,6 +345,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     Rank 0 enters output_dir's lock (outputs.hold_output) into `held`, before output_dir is checked or read; when
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
+    check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -428,11 +443,22 @@ def remove(path: Path) -> None:
 def restore(run: Run) -> None:
     """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed)."""
     found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
+    other = [p for p, _ in skipped if checkpoint_format(p) not in (None, SHARDED if run.sharded else "plain")]
+    if other and run.sharded:  # complete, for the other training.distributed: never "damaged", never removed
+        raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITHOUT_FSDP}; resume it with the training.distributed "
+                            f"it was written with (ddp under torchrun, or one process without torchrun)")
+    if other:
+        raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITH_FSDP}; resume it under torchrun with "
+                            f"training.distributed=fsdp (any number of processes, e.g. torchrun --nproc_per_node=1 "
+                            f"-m loraforge train CONFIG training.distributed=fsdp --resume)")
     if found is None:
         why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
                             f"output_dir")
+    saved = json.loads((found / "trainer_state.json").read_text()).get("global_batch")
+    if why := global_batch_change(found, saved, global_batch(run.cfg, run.world)):  # same on every process
+        raise TrainingError(why)
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     if run.is_main:
@@ -534,6 +560,7 @@ def save_step(run: Run) -> None:
 def checkpoint_state(run: Run) -> dict:
     """What a checkpoint keeps beyond weights and optimizer: counters, AdaLoRA's allocator, the loss scaler."""
     return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
+            "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
             "allocator": run.allocator.state() if run.allocator is not None else {},
             "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
 
@@ -602,8 +629,10 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
             with run.precision.autocast(device.type):
                 loss_sum, _ = run.ddp(batch)
                 objective = loss_sum
-                if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total
-                    objective = loss_sum + run.allocator.orth_penalty(model) * n_step / len(batches)
+                if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total: each
+                    # micro-batch of each process adds 1/(len(batches) × world) of it, and DDP's mean over the
+                    # processes (after the × world below) leaves it once, as one process has it
+                    objective = loss_sum + run.allocator.orth_penalty(model) * n_step / (len(batches) * run.world)
             scaler.scale(objective * run.world / n_step).backward()  # DDP averages over processes: × world undoes it
         step_loss += loss_sum.detach()  # the data loss alone is what gets reported
     if run.world > 1:
@@ -675,4 +704,4 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds, 1e-9),
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
-                       skipped_steps=run.skipped_steps)
+                       skipped_steps=run.skipped_steps, rank=run.rank)
