@@ -37,22 +37,35 @@ def _require(module: str, extra: str):
 
 
 class TensorBoardTracker:
-    """Event files under `<output_dir>/tensorboard` (tensorboard --logdir <output_dir>/tensorboard)."""
+    """Event files under `<output_dir>/tensorboard` (tensorboard --logdir <output_dir>/tensorboard).
+
+    The writer opens at the first step logged, so that a run started over (--overwrite: its first step is 1) first
+    removes the event files an earlier run left there, and a resumed one purges what was logged after its
+    checkpoint (SummaryWriter's purge_step): every step shows once, as in metrics.jsonl."""
 
     def __init__(self, out_dir: Path, config: dict):
         _require("tensorboard", "tensorboard")
+        self.dir, self.config, self.writer = Path(out_dir) / "tensorboard", config, None
+
+    def _open(self, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
-        self.writer.add_text("config", f"```\n{config}\n```")
+        if step <= 1:  # a run from the start: an earlier run's events are not this run's
+            for old in self.dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=step)
+        self.writer.add_text("config", f"```\n{self.config}\n```", global_step=step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            self._open(step)
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class WandbTracker:

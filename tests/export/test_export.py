@@ -600,3 +600,30 @@ def test_two_gguf_exports_to_one_path_at_once_end_with_one_whole_file(tiny_dir, 
     assert out.read_bytes() == reference
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+
+
+def test_tensorboard_shows_each_step_once_after_overwrite_and_resume(tmp_path):
+    """A run started over removes the earlier run's events; a resumed one purges the steps after its checkpoint."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loraforge.training.trackers import TensorBoardTracker
+
+    def run(steps, value):
+        tracker = TensorBoardTracker(tmp_path, {"run": value})
+        for step in steps:
+            tracker.log(step, {"train/loss": value + step})
+        tracker.close()
+
+    def read():
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+    run([1, 2, 3], 10.0)
+    run([1], 20.0)  # --overwrite: a 1-step run
+    assert read() == [(1, 21.0)]
+    run([2, 3, 4], 30.0)  # --resume from its step 1, to 4
+    assert read() == [(1, 21.0), (2, 32.0), (3, 33.0), (4, 34.0)]
+    run([3, 4], 40.0)  # killed after 4, resumed from a checkpoint at 2
+    assert read() == [(1, 21.0), (2, 32.0), (3, 43.0), (4, 44.0)]
