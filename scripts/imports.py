@@ -2,6 +2,7 @@
 
     python scripts/imports.py            # Mermaid graph of the subpackages and modules (paste into docs or GitHub)
     python scripts/imports.py --cycles   # the import cycles, if any (exit status 1)
+    python scripts/imports.py --layers   # imports that go up docs/DESIGN.md's layer table, or modules not in it
 
 tests/test_architecture.py runs the same checks.
 """
@@ -9,10 +10,12 @@ tests/test_architecture.py runs the same checks.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "loraforge"
+DESIGN = PACKAGE.parent / "docs" / "DESIGN.md"
 
 
 def module_name(path: Path) -> str:
@@ -96,6 +99,42 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def layers(design: Path = DESIGN) -> dict[str, int]:
+    """module (or folder, as `export/`) -> its layer, from the layout table: rows `| N name | `file`, ... | ... |`,
+    a row without N in the layer above it; a bare file name after `serve/x.py` is in serve/ too."""
+    found, layer = {}, None
+    for line in design.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) < 3:
+            continue
+        number = re.match(r"(\d+) ", cells[0])
+        layer = int(number.group(1)) if number else layer
+        folder = ""
+        for name in re.findall(r"`([^`]+)`", cells[1]) if layer is not None else ():
+            if "/" in name:
+                folder = name[: name.rindex("/") + 1]
+            path = name if "/" in name else folder + name
+            module = "loraforge." + path.removesuffix(".py").removesuffix("__init__").strip("/").replace("/", ".")
+            found[module.rstrip(".")] = layer
+    return found
+
+
+def upward(edges: dict[str, set[str]], layer_of: dict[str, int]) -> list[str]:
+    """Imports from a lower layer to a higher one, and modules (not packages) the table does not place."""
+    def layer(module):
+        parts = module.split(".")
+        return next((layer_of[".".join(parts[:i])] for i in range(len(parts), 0, -1)
+                     if ".".join(parts[:i]) in layer_of), None)
+
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    out = [f"{m}: not in the layer table" for m in sorted(edges) if m not in packages and layer(m) is None]
+    for src in sorted(edges):
+        for dst in sorted(edges[src]):
+            if None not in (layer(src), layer(dst)) and layer(dst) > layer(src):
+                out.append(f"{src} (layer {layer(src)}) imports {dst} (layer {layer(dst)})")
+    return out
+
+
 def mermaid(edges: dict[str, set[str]]) -> str:
     """A left-to-right Mermaid flowchart, one box per module, grouped by subpackage; __init__ re-exports left out."""
     def node(m):
@@ -128,5 +167,9 @@ if __name__ == "__main__":
         found = cycles(g)
         for c in found:
             print("cycle:", " <-> ".join(c))
+        sys.exit(1 if found else 0)
+    if "--layers" in sys.argv:
+        found = upward(g, layers())
+        print("\n".join(found))
         sys.exit(1 if found else 0)
     print(mermaid(g))

@@ -26,6 +26,18 @@ def test_the_cycle_check_finds_a_cycle():
     assert imports["cycles"]({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_imports_go_down_the_layers_of_the_design():
+    """docs/DESIGN.md's layout table places every module in a layer; a module imports only its own layer and
+    those below (lora/merge.py loading a base imported models.py from the layer above it: models moved down)."""
+    assert imports["upward"](imports["graph"](), imports["layers"]()) == []
+
+
+def test_the_layer_check_finds_an_upward_import_and_a_module_left_out():
+    edges = {"loraforge.lora.merge": {"loraforge.models"}, "loraforge.models": set(), "loraforge.new": set()}
+    assert imports["upward"](edges, {"loraforge.lora": 2, "loraforge.models": 3}) == [
+        "loraforge.new: not in the layer table", "loraforge.lora.merge (layer 2) imports loraforge.models (layer 3)"]
+
+
 def test_package_imports_at_top_of_each_file():
     package = imports["PACKAGE"]
     hidden = []
