@@ -94,7 +94,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     clock["adapter eval"] = time.perf_counter() - started - sum(clock.values())
     total = time.perf_counter() - started
     rows = [
-        ("model", f"SmolLM2-135M-Instruct (built-in){f', {quantize} base' if quantize else ''}"),
+        ("model", ("SmolLM2-135M-Instruct (built-in)" if cfg.model.name == "smollm2-135m" else cfg.model.name)
+         + (f", {quantize} base" if quantize else "")),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / result.total_params:.2f}%)"),
         ("adapter size on disk", f"{dir_size(adapter_dir) / 2**20:.1f} MiB ({adapter_dir})"),
@@ -106,7 +107,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
         ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
         ("loss curve", str(Path(out) / "loss.png")),
         ("total time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")"),
-        ("precision", precision.line()),
+        ("precision", precision.line().removeprefix("precision ")),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows), flush=True)
