@@ -23,7 +23,7 @@ import torch
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized
-from loraforge.utils.files import DiskError, disk_error, fsync_tree, umask
+from loraforge.utils.files import DiskError, disk_error, fsync_tree, plain_modes
 
 try:
     import fcntl
@@ -130,7 +130,7 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
             (tmp / SIZES).write_text(json.dumps(sizes, indent=1))
             fsync_tree(tmp)
-            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from other users
+            plain_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 would hide a shared cache from other users
             try:
                 os.replace(tmp, out)
             except OSError:

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from loraforge.config import ConfigError
 from loraforge.quant.checks import is_4bit_param, is_8bit_param, is_quantized_param
 from loraforge.utils.hf import enable_checkpointing
 
@@ -35,6 +36,27 @@ NESTED_BLOCKSIZE = 256  # absmax values per second-level absmax with double quan
 def _check_quantize(quantize: str) -> None:
     if quantize not in QUANT_TYPES:
         raise ValueError(f"quantization {quantize!r} is not supported; use one of {list(QUANT_TYPES)} or null")
+
+
+def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device: str | torch.device) -> None:
+    """Refuse 4 bits on CPU for linear layers whose in_features is not a multiple of 64: ConfigError naming the
+    first such layer (by its path), its width, and what to use instead; before any layer is quantized.
+
+    Blocks of 64 run over the flattened weight, so they cross rows when in_features % 64 != 0; bnb 0.50's CPU
+    dequantize/matmul kernel then applies the wrong absmax to part of each row (measured: its de-quantized weight
+    is further from the original than the flat-block reading that quantize wrote).
+    """
+    if quantize == "int8" or torch.device(device).type != "cpu":
+        return
+    bad = [(path, m.in_features) for path, m in linears if m.in_features % BLOCKSIZE]
+    if not bad:
+        return
+    path, width = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise ConfigError([f"model.quantization: {quantize} on CPU needs every linear layer's in_features to be a "
+                       f"multiple of {BLOCKSIZE} (bitsandbytes' CPU 4-bit kernels), but {path} has "
+                       f"in_features={width}{more}; use --quantize int8 (model.quantization: int8), leave "
+                       f"quantization off, or run on a GPU"])
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -52,12 +74,7 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
     import bitsandbytes as bnb
 
     _check_quantize(quantize)
-    if quantize != "int8" and torch.device(device).type == "cpu" and linear.in_features % BLOCKSIZE:
-        # Blocks of 64 run over the flattened weight, so they cross rows when in_features % 64 != 0; bnb 0.50's
-        # CPU dequantize/matmul kernel then applies the wrong absmax to part of each row (measured: its
-        # de-quantized weight is further from the original than the flat-block reading that quantize wrote).
-        raise ValueError(f"cannot quantize a linear layer with in_features={linear.in_features} to 4 bits on CPU: "
-                         f"bitsandbytes' CPU kernels need a multiple of {BLOCKSIZE}; use quantization int8 or null")
+    check_cpu_widths([("the linear layer", linear)], quantize, device)
     weight = linear.weight.data
     bias = linear.bias.data if linear.bias is not None else None
     if quantize == "int8":
@@ -89,11 +106,13 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
     if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's)
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     head = _output_head(model)
-    for path, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module is not head:
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
+    linears = [(path, module) for path, module in model.named_modules()
+               if type(module) is nn.Linear and module is not head]
+    check_cpu_widths(linears, quantize, device)  # all of them before the first is replaced
+    for path, module in linears:
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
     return model.to(device)
 
 
@@ -239,6 +258,7 @@ def requantize(model: nn.Module, quantize: str = "nf4", input_ids: torch.Tensor 
     linears = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     if not linears:
         raise ValueError("no nn.Linear layers to quantize; is the model merged (merge_and_unload) and not quantized?")
+    check_cpu_widths([(path, m) for path, m in linears if m.weight.device.type == "cpu"], quantize, "cpu")
     dtype = compute_dtype or linears[0][1].weight.dtype
     before = model(input_ids).logits.float() if input_ids is not None else None
     errors = []

@@ -428,8 +428,9 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
         to get the base alone.
     adapters: name -> adapter directory (PEFT format), loaded and checked at start; `model` names them.
-    adapters_dir: a directory whose subdirectories are adapters (registered by directory name, loaded on first
-        use); POST /v1/adapters loads only from here or from the start paths.
+    adapters_dir: a directory of adapters: each subfolder NAME holding adapter_config.json, and each run folder
+        NAME/adapter/ (as train writes it), registered as NAME and loaded on first use; POST /v1/adapters loads only
+        from here or from the start paths.
     host, port: where to listen. api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
     max_loaded: adapters resident at once (least recently used evicted, reloaded from disk on demand).
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.

@@ -50,8 +50,9 @@ class Engine:
     """Continuous batching of generation requests across LoRA adapters on one base model.
 
     The engine owns `model` from now on (it loads and evicts adapters on it): give it a base without adapters.
-    `adapters` maps names to adapter directories, loaded (and so checked) at start; every subdirectory of
-    `adapters_dir` holding an adapter_config.json is registered under its directory name and loaded on first use.
+    `adapters` maps names to adapter directories, loaded (and so checked) at start; every subdirectory NAME of
+    `adapters_dir` holding an adapter_config.json, or whose NAME/adapter/ holds one (a training run's folder), is
+    registered as NAME and loaded on first use.
     `prefix_cache_mb` bounds the keys/values of shared prompt prefixes kept for reuse (prefix.py; 0 turns it off),
     matched in blocks of `prefix_block` tokens.
     """

@@ -23,9 +23,11 @@ The stack plugs into the layer through `LoraLayer.row_forward`, the layer's per-
 Adapters are PEFT directories loaded with `loraforge.lora.adapters.load_adapter` (every key and shape checked,
 safetensors only). Only paths given at start or inside `adapters_dir` load, and an adapter inside `adapters_dir`
 reads no file outside it (a symlinked folder or file leading out is refused, and skipped with a warning at start).
-Each adapter found in `adapters_dir` gets the cheap checks at start (`precheck`: config, files, the weights'
-shapes from the safetensors header against the base), and any adapter that fails a load is marked broken: it is
-not listed, and a request naming it gets the reason (a 400) without its files being read again until they change.
+`adapters_dir`'s adapters are its direct subfolders NAME holding an adapter_config.json and the NAME/adapter/
+folders training runs write, each served as NAME. Each one found there gets the cheap checks at start (`precheck`:
+config, files, the weights' shapes from the safetensors header against the base), and any adapter that fails a
+load is marked broken: it is not listed, and a request naming it gets the reason (a 400) without its files being
+read again until they change.
 Messages name an adapter's folder as the client sent it or relative to `adapters_dir`, never by a server path.
 """
 
@@ -57,6 +59,7 @@ from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, Se
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
 FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
@@ -332,29 +335,39 @@ class Residency:
         return entry
 
     def register_dir(self) -> None:
-        """Register every subdirectory of adapters_dir holding an adapter_config.json, by its directory name, after
-        the cheap checks (`precheck`): a broken one is kept out of the list with its problem, a symlink leading out
-        of adapters_dir is skipped; each with a warning saying why."""
+        """Register the adapters of adapters_dir by folder name, after the cheap checks (`precheck`): each direct
+        subfolder NAME holding an adapter_config.json, and each NAME whose NAME/adapter/ holds one (a training
+        run's folder, as train and demo write it), under NAME. A broken one is kept out of the list with its
+        problem, a symlink leading out of adapters_dir is skipped; each with a warning saying why. A folder that
+        holds an adapter itself and one in its adapter/ is served as itself, with a warning."""
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
         for sub in sorted(self.adapters_dir.iterdir()):
-            if not (sub / CONFIG_NAME).is_file() or not NAME_RE.fullmatch(sub.name) \
-                    or sub.name in self.adapters or sub.name in (self.base_name, *BASE_ALIASES):
+            if not NAME_RE.fullmatch(sub.name) or sub.name in self.adapters \
+                    or sub.name in (self.base_name, *BASE_ALIASES):
                 continue
+            direct, run = (sub / CONFIG_NAME).is_file(), (sub / RUN_ADAPTER / CONFIG_NAME).is_file()
+            if not direct and not run:
+                continue
+            if direct and run:
+                warnings.warn(f"adapters dir {self.adapters_dir}: {sub.name!r} holds an adapter and so does "
+                              f"{sub.name}/{RUN_ADAPTER}; serving {sub.name!r} itself under that name (load the "
+                              f"other with POST /v1/adapters, path {sub.name}/{RUN_ADAPTER})", stacklevel=2)
+            folder, label = (sub, sub.name) if direct else (sub / RUN_ADAPTER, f"{sub.name}/{RUN_ADAPTER}")
             try:
-                real = sub.resolve()
+                real = folder.resolve()
             except (OSError, RuntimeError) as e:  # a symlink loop
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: {e}", stacklevel=2)
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=2)
                 continue
             if not real.is_relative_to(self.adapters_dir):
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: it is a symlink to {real}, "
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: it is a symlink to {real}, "
                               f"outside the adapters dir (only adapters inside it are served); move or copy the "
                               f"adapter into {self.adapters_dir} to serve it", stacklevel=2)
                 continue
             try:
-                entry = self.register(sub.name, sub, label=sub.name, discovered=True)
+                entry = self.register(sub.name, folder, label=label, discovered=True)
             except ServeError as e:  # changed since the listing
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: {e}", stacklevel=2)
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=2)
                 continue
             stamp = _stamp(entry)
             try:
@@ -385,13 +398,17 @@ class Residency:
             and resolved.is_relative_to(self.adapters_dir)
         if resolved not in self._allowed and not inside:
             if self.adapters_dir is None:
-                where = "one of the adapter paths given at start (start the server with --adapters-dir to load others)"
+                where = ("one of the adapter paths given at start; to load others, start the server with "
+                         "--adapters-dir DIR, where DIR is a folder that holds them")
             else:
                 linked = os.path.normpath(p).startswith(str(self.adapters_dir) + os.sep)
                 where = "inside the adapters directory" + (" (it is a symlink leading out of it)" if linked else "")
             raise ServeError(f"adapter path {said} is not allowed: it must be {where}")
         if not is_adapter:
-            raise ServeError(f"adapter path {said} is not an adapter directory (no {CONFIG_NAME})")
+            run = (resolved / RUN_ADAPTER / CONFIG_NAME).is_file()  # a training run's folder: its adapter is below
+            below = shown(str(label or path).rstrip("/") + "/" + RUN_ADAPTER)
+            hint = f"; a training run's adapter is in its {RUN_ADAPTER} folder: send {below}" if run else ""
+            raise ServeError(f"adapter path {said} is not an adapter directory (no {CONFIG_NAME}){hint}")
         return resolved, p
 
     def _label(self, path: str | Path, resolved: Path) -> str:

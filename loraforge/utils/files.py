@@ -7,7 +7,8 @@ step (renameat2; elsewhere two renames, `final` moved aside to `.old-<name>-*` f
 set or the new one, never a mix. On any error the temporary directory is removed, and an
 error that means the disk refused the write (full, quota, file-size limit, permission, read-only, I/O error)
 comes out as DiskError: one line naming the directory, about how much it needed and how much is free.
-atomic_file(path) does the same for one file.
+atomic_file(path) does the same for one file. What either publishes gets the modes a plain open() or mkdir would
+give (files 0o666 & ~umask, folders 0o777 & ~umask), not the temporary files' private 0600 / 0700.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,10 +86,43 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
 
 
 def umask() -> int:
-    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    """The process's file-mode creation mask: read from /proc/self/status where Linux shows it (setting it to read
+    it would leave a moment in which another thread creates files under mask 0), else by setting it and putting it
+    back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def plain_modes(path: str | Path) -> None:
+    """Give `path`, and everything under it when it is a folder, the mode a plain open() or mkdir would: files
+    0o666 & ~umask (0o777 & ~umask for one with an execute bit), folders 0o777 & ~umask.
+
+    What mkstemp, mkdtemp and safetensors' writer create is private (0600 / 0700) whatever the umask, so weights
+    written through them could not be read by another user, or a container under another uid, while the JSON
+    beside them could. Symlinks are left as they are, and so is an entry another user owns (not ours to change).
+    """
+    mask = umask()
+    path = Path(path)
+    entries = [path]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            entries += [Path(root, name) for name in (*dirs, *files)]
+    for entry in entries:
+        st = os.lstat(entry)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+        if stat.S_IMODE(st.st_mode) != full & ~mask:
+            with contextlib.suppress(PermissionError):
+                os.chmod(entry, full & ~mask)
 
 
 def fsync_tree(path: Path) -> None:
@@ -158,7 +193,7 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make `final` private, unlike a mkdir'ed folder
+        plain_modes(tmp)  # mkdtemp's 0700, mkstemp's and safetensors' 0600 would make `final` private
         if final.exists():
             _replace_dir(tmp, final)
         else:
@@ -184,7 +219,7 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600, as for a file opened for writing
+        plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -196,4 +231,4 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         raise error from None
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "umask"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "plain_modes", "umask"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from helpers import tiny_llama
-from loraforge.config import LoraConfig
+from loraforge.config import ConfigError, LoraConfig
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, LoraLinear
@@ -111,8 +111,42 @@ def test_dequantize_int8_matches_bitsandbytes():
 
 
 def test_cpu_refuses_rows_that_split_a_block():
-    with pytest.raises(ValueError, match="multiple of 64"):
+    with pytest.raises(ConfigError, match="multiple of 64"):  # a ValueError, as before
         quantize_linear(nn.Linear(32, 64), "nf4", device="cpu")
+    assert type(quantize_linear(nn.Linear(32, 64), "int8", device="cpu")).__name__ == "Linear8bitLt"
+
+
+def test_a_model_too_narrow_for_4_bits_on_cpu_is_refused_by_layer_before_any_is_quantized():
+    """quant/bnb.py raised a plain ValueError, which the CLI printed as a traceback (exit 1); now a ConfigError
+    naming the field, the first layer, its width and the ways out, before any layer is replaced."""
+    model = tiny_llama()  # hidden 32: q/k/v/o, gate and up read 32 features; down reads 64
+    before = {name: type(m) for name, m in model.named_modules()}
+    message = ("model.quantization: fp4 on CPU needs every linear layer's in_features to be a multiple of 64 "
+               "(bitsandbytes' CPU 4-bit kernels), but model.layers.0.self_attn.q_proj has in_features=32 (and 11 "
+               "more layers); use --quantize int8 (model.quantization: int8), leave quantization off, or run on a GPU")
+    with pytest.raises(ConfigError) as e:
+        quantize_model(model, "fp4", compute_dtype=torch.float32)
+    assert e.value.problems == [message]
+    assert {name: type(m) for name, m in model.named_modules()} == before  # nothing half-quantized
+    with pytest.raises(ConfigError) as e:
+        requantize(model, "nf4")
+    assert e.value.problems == [message.replace("fp4", "nf4")]
+    assert {name: type(m) for name, m in model.named_modules()} == before
+
+
+def test_the_cli_says_it_in_one_error_line_and_exits_2(tiny_dir, data_file, tmp_path, capsys):
+    from loraforge.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data_file}, eval_fraction: 0}}\n"
+                      f"training: {{max_steps: 1, warmup_steps: 0, precision: fp32}}\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["train", str(config), "--quantize", "nf4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.endswith("error: invalid config:\n  model.quantization: nf4 on CPU needs every linear layer's "
+                        "in_features to be a multiple of 64 (bitsandbytes' CPU 4-bit kernels), but "
+                        "model.layers.0.self_attn.q_proj has in_features=32 (and 11 more layers); use --quantize int8 "
+                        "(model.quantization: int8), leave quantization off, or run on a GPU\n"), err
 
 
 def test_cpu_repacking_is_off_and_weights_stay_put():

@@ -87,6 +87,65 @@ def test_written_files_and_folders_get_the_usual_modes(tmp_path):
     assert (tmp_path / "loss.png").stat().st_mode & 0o777 == 0o666 & ~umask()  # not mkstemp's 0600
 
 
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_published_weights_and_folders_get_the_umask_modes_not_the_temporary_files(tmp_path, mask, file_mode,
+                                                                                    dir_mode):
+    """adapter_model.safetensors, checkpoints' safetensors and the merged model were 0600 (safetensors' writer and
+    mkstemp make private files) and a merged folder 0700, while the JSON beside them was 0644: another user or a
+    container under another uid could not read the weights. Now what the atomic writers publish, at any depth, has
+    the modes a plain open() / mkdir give under the umask."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from loraforge.lora.adapters import write_adapter_dir
+
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        with atomic_dir(tmp_path / "ckpt") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "trainable.safetensors")  # 0600 whatever the umask
+            (tmp / "trainer_state.json").write_text("{}")
+            (tmp / "sub").mkdir(mode=0o700)
+            fd, name = tempfile.mkstemp(dir=tmp / "sub")
+            os.close(fd)
+            os.rename(name, tmp / "sub" / "model.safetensors")
+        with atomic_dir(tmp_path / "ckpt") as tmp:  # a replacement: the new files get the modes too
+            save_file({"w": torch.ones(2)}, tmp / "optimizer.safetensors")
+        with atomic_file(tmp_path / "model.gguf") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+        write_adapter_dir(tmp_path / "adapter", {"w": torch.zeros(2)}, {"peft_type": "LORA"})
+    finally:
+        os.umask(old)
+
+    def mode(path):
+        return path.stat().st_mode & 0o777
+
+    ckpt = tmp_path / "ckpt"
+    assert {p.relative_to(tmp_path).as_posix(): oct(mode(p)) for p in [ckpt, *sorted(ckpt.rglob("*"))]} == {
+        "ckpt": oct(dir_mode), "ckpt/sub": oct(dir_mode), "ckpt/sub/model.safetensors": oct(file_mode),
+        "ckpt/trainable.safetensors": oct(file_mode), "ckpt/trainer_state.json": oct(file_mode),
+        "ckpt/optimizer.safetensors": oct(file_mode)}
+    assert mode(tmp_path / "model.gguf") == file_mode
+    adapter = tmp_path / "adapter"
+    assert [oct(mode(p)) for p in (adapter, adapter / "adapter_model.safetensors", adapter / "adapter_config.json")] \
+        == [oct(dir_mode), oct(file_mode), oct(file_mode)]
+
+
+def test_the_umask_is_read_without_changing_it(monkeypatch):
+    """Reading the mask by setting it left a moment in which another thread's new files got mask 0 (world-writable):
+    Linux shows it in /proc/self/status, read from there."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status here")
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was changed to read it"))
+        assert umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
 # --- the converted-model cache ------------------------------------------------------------------------------
 
 def stand_in(gguf, tmp):

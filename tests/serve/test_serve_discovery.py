@@ -1,0 +1,153 @@
+"""What `--adapters-dir` serves: the adapters a runs folder holds as train writes it (NAME/adapter/, served as
+NAME), next to plain adapter folders, with every check of the folder kept; and how a refused path says what to do.
+
+`loraforge serve --adapters-dir runs` served none of the runs' adapters (discovery read only direct subfolders
+holding an adapter_config.json; every run writes runs/NAME/adapter/), while the dashboard listed them.
+"""
+
+import copy
+import json
+import shutil
+import warnings
+
+import httpx
+import pytest
+from transformers import AutoModelForCausalLM
+
+from helpers import full_forward_greedy
+from loraforge.config import load_train_config
+from loraforge.lora.adapters import load_adapter
+from loraforge.serve import Engine, SamplingParams, ServeError
+from loraforge.serve.api import ServerThread, create_app
+from loraforge.training.loop import train
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
+              pytest.mark.filterwarnings("error::DeprecationWarning")]
+KEY = "sk-test-key"
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, data_file, tmp_path_factory):
+    """A runs folder as `loraforge train` leaves it (two runs: adapter/, checkpoints/, metrics, ...), plus a plain
+    adapter folder, a folder holding an adapter both itself and in adapter/, a run whose adapter/ is a symlink
+    leading out, a run with a broken adapter and the dashboard's hidden .ui folder."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("dates", 1), ("sums", 2)):
+        train(load_train_config(None, [
+            f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", f"output_dir={root / name}",
+            "lora.r=4", "training.max_steps=2", "training.warmup_steps=0", "training.lr=0.05",
+            "training.batch_size=4", "training.precision=fp32", f"training.seed={seed}",
+            "training.save_every=1"]), progress=False)
+    assert (root / "dates" / "checkpoints").is_dir()  # what a run holds besides its adapter
+    shutil.copytree(root / "sums" / "adapter", root / "plain")  # a direct adapter folder keeps its name
+    shutil.copytree(root / "sums" / "adapter", root / "both")  # an adapter itself ...
+    shutil.copytree(root / "dates" / "adapter", root / "both" / "adapter")  # ... and one in its adapter/
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(root / "dates" / "adapter", outside / "adapter")
+    (root / "linked").mkdir()
+    (root / "linked" / "adapter").symlink_to(outside / "adapter")  # leads out: skipped
+    shutil.copytree(root / "dates" / "adapter", root / "broken" / "adapter")
+    config = json.loads((root / "broken" / "adapter" / "adapter_config.json").read_text())
+    (root / "broken" / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
+    shutil.copytree(root / "dates" / "adapter", root / ".ui" / "hidden" / "adapter")
+    return root
+
+
+def reference(base, adapter_dir, prompt, n):
+    model = copy.deepcopy(base)
+    load_adapter(model, adapter_dir, "x")
+    return full_forward_greedy(model, prompt, n)
+
+
+def http(url, method, path, **kw):
+    return httpx.request(method, url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, **kw)
+
+
+def test_a_runs_folder_serves_each_runs_adapter_by_the_runs_name(tiny_base, tokenizer, runs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=runs, max_loaded=2)
+    try:
+        warned = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        assert f"adapters dir {runs}: 'both' holds an adapter and so does both/adapter; serving 'both' itself " \
+               f"under that name (load the other with POST /v1/adapters, path both/adapter)" in warned
+        outside = (runs / "linked" / "adapter").resolve()
+        assert f"adapters dir {runs}: skipping 'linked/adapter': it is a symlink to {outside}, outside the adapters " \
+               f"dir (only adapters inside it are served); move or copy the adapter into {runs} to serve it" in warned
+        broken = ("adapter \"broken\" cannot be served: invalid config: broken/adapter/adapter_config.json: r: must "
+                  "be a positive integer (at most 65536), got 0 (try 8)")
+        assert f"adapters dir {runs}: not serving 'broken': {broken} (requests naming it get this answer until " \
+               f"its files change)" in warned
+        assert sorted(engine.adapter_names()) == ["both", "dates", "plain", "sums"]
+
+        prompt = tokenizer("The quick brown fox")["input_ids"]
+        base_tokens = full_forward_greedy(tiny_base, prompt, GREEDY.max_tokens)
+        expected = {"dates": reference(tiny_base, runs / "dates" / "adapter", prompt, GREEDY.max_tokens),
+                    "sums": reference(tiny_base, runs / "sums" / "adapter", prompt, GREEDY.max_tokens)}
+        assert expected["dates"] != base_tokens  # the trained adapter changes the output: the check can fail
+        for name, adapter_dir in [("dates", "dates"), ("sums", "sums"), ("plain", "sums"), ("both", "sums")]:
+            assert engine.generate(prompt, name, GREEDY).token_ids == expected[adapter_dir], name
+
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            models = {m["id"] for m in http(url, "GET", "/v1/models").json()["data"]}
+            assert models == {"tiny", "dates", "sums", "plain", "both"}
+            kw = dict(prompt="The quick brown fox", max_tokens=6, temperature=0, ignore_eos=True)
+            texts = {name: http(url, "POST", "/v1/completions", json={"model": name, **kw}).json()
+                     for name in ("dates", "tiny")}
+            direct = engine.generate(prompt, "dates", SamplingParams(max_tokens=6, ignore_eos=True))
+            assert texts["dates"]["choices"][0]["text"] == direct.text
+            r = http(url, "POST", "/v1/completions", json={"model": "broken", **kw})
+            assert (r.status_code, r.json()["error"]["message"]) == (400, broken)
+            # the other adapter of "both", and a run's folder sent instead of its adapter/: what to send is named
+            r = http(url, "POST", "/v1/adapters", json={"name": "both-run", "path": "both/adapter"})
+            assert r.status_code == 200, r.text
+            assert engine.generate(prompt, "both-run", GREEDY).token_ids == expected["dates"]
+            r = http(url, "POST", "/v1/adapters", json={"name": "x", "path": "dates/checkpoints"})
+            assert r.json()["error"]["message"] == \
+                'adapter path "dates/checkpoints" is not an adapter directory (no adapter_config.json)'
+            r = http(url, "POST", "/v1/adapters", json={"name": "x", "path": "dates"})
+            assert r.json()["error"]["message"] == \
+                'adapter path "dates" is not an adapter directory (no adapter_config.json); a training run\'s ' \
+                'adapter is in its adapter folder: send "dates/adapter"'
+            r = http(url, "POST", "/v1/adapters", json={"name": "x", "path": "linked/adapter"})
+            assert r.json()["error"]["message"] == 'adapter path "linked/adapter" is not allowed: it must be ' \
+                                                   'inside the adapters directory (it is a symlink leading out of it)'
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the folder's odd entries: checked above
+def test_a_start_adapter_keeps_its_name_over_a_run_of_that_name(tiny_base, tokenizer, runs):
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=runs,
+                    adapters={"dates": runs / "sums" / "adapter"})
+    try:
+        prompt = tokenizer("hello")["input_ids"]
+        assert engine.generate(prompt, "dates", GREEDY).token_ids == \
+            reference(tiny_base, runs / "sums" / "adapter", prompt, GREEDY.max_tokens)
+    finally:
+        engine.stop()
+
+
+def test_a_path_not_given_at_start_is_refused_with_how_to_allow_it(tiny_base, tokenizer, runs):
+    """POST /v1/adapters without --adapters-dir loads only the start paths; the refusal says how to load others."""
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny",
+                    adapters={"dates": runs / "dates" / "adapter"})
+    message = (f'adapter path "{runs / "sums" / "adapter"}" is not allowed: it must be one of the adapter paths '
+               f'given at start; to load others, start the server with --adapters-dir DIR, where DIR is a folder '
+               f'that holds them')
+    try:
+        with pytest.raises(ServeError) as e:
+            engine.add_adapter("sums", str(runs / "sums" / "adapter"))
+        assert str(e.value) == message
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            r = http(url, "POST", "/v1/adapters", json={"name": "sums", "path": str(runs / "sums" / "adapter")})
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+            assert {m["id"] for m in http(url, "GET", "/v1/models").json()["data"]} == {"tiny", "dates"}
+    finally:
+        engine.stop()
