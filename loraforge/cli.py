@@ -62,6 +62,16 @@ def _check_folders(**folders: str | None) -> None:
         raise ConfigError(problems)
 
 
+def finished_line(result) -> str:
+    """train's last line: where the result is and what the run measured (a resumed run that had already finished:
+    nothing was trained, so no loss or speed)."""
+    where = f"{result.saved} written to {result.output_dir / result.saved}"
+    if result.train_tokens == 0 or result.final_loss != result.final_loss:  # no step ran in this process
+        return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
+    return (f"{where} after {result.steps} steps: final loss {result.final_loss:.4f}, "
+            f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
+
+
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
           overwrite: bool = False) -> None:
     """Fine-tune a model as a YAML config says; writes the adapter, metrics, loss plot and checkpoints.
@@ -80,8 +90,8 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         raise ConfigError([f"{config}: is a directory; give the training YAML file in it, e.g. "
                            f"loraforge train {os.path.join(config, 'config.yaml')}"])
     result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
-    print(f"adapter written to {result.output_dir} after {result.steps} steps: final loss {result.final_loss:.4f}, "
-          f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
+    if result.rank == 0:  # under torchrun every process returns; only rank 0 wrote the result
+        print(finished_line(result), flush=True)
 
 
 def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quantize: str | None = None,

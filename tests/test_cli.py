@@ -1,5 +1,6 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
+import dataclasses
 import os
 import time
 
@@ -365,3 +366,21 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     monkeypatch.setattr(loop, "train", ctrl_c)
     assert main(["train", str(config)]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_trains_last_line_names_the_folder_it_wrote():
+    from pathlib import Path
+
+    from loraforge.cli import finished_line
+    from loraforge.training.loop import TrainResult
+
+    result = TrainResult(output_dir=Path("runs/x"), steps=4, final_loss=1.23456, eval_loss=None, train_tokens=100,
+                         seconds=2.0, tokens_per_second=50.0, peak_memory_mb=1234.4, trainable_params=1,
+                         total_params=2, data_stats={})
+    assert finished_line(result) == ("adapter written to runs/x/adapter after 4 steps: final loss 1.2346, "
+                                     "50 tokens/s, peak memory 1234 MB")
+    full = dataclasses.replace(result, saved="model")
+    assert finished_line(full).startswith("model written to runs/x/model after 4 steps")
+    again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
+    assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
+                                   "nothing left to resume"

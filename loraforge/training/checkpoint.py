@@ -1,9 +1,10 @@
 """Checkpoints: everything a resumed run needs, written so that a crash never leaves one that resume would read.
 
 A checkpoint `checkpoints/step-N/` holds the trainable weights, the optimizer state (safetensors), and
-trainer_state.json (step, scheduler, RNG, data position, config); `manifest.json`, written last, lists each
-file's size and SHA-256. The directory is written under a temporary name and renamed when complete; resume takes
-the newest checkpoint whose manifest verifies and reports (and removes) damaged newer ones.
+trainer_state.json (step, scheduler, RNG, data position and the global batch it counts in, config);
+`manifest.json`, written last, lists each file's size and SHA-256. The directory is written under a temporary name
+and renamed when complete; resume takes the newest checkpoint whose manifest verifies and reports (and removes)
+damaged newer ones.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, open_tracker
 from loraforge.utils.allocator import line as allocator_line
-from loraforge.utils.files import DiskError
+from loraforge.utils.files import DiskError, plain_modes
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import OutputError, check_not_input, check_run_output, hold_output
 
@@ -76,6 +76,7 @@ class TrainResult:
     precision: str = "fp32"
     skipped_steps: int = 0
     rank: int = 0  # under torchrun every process returns one; only rank 0's wrote the adapter
+    saved: str = "adapter"  # the folder of output_dir holding the result: adapter, or model (method: full)
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -441,7 +442,9 @@ def remove(path: Path) -> None:
 
 
 def restore(run: Run) -> None:
-    """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed)."""
+    """--resume: load the newest complete checkpoint (damaged newer ones are reported and removed). Refused, each
+    with its fix: checkpoints of the other training.distributed (FSDP's sharded ones or not: never removed), and a
+    global batch other than the checkpoint's (its data position and schedule count in it)."""
     found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
     other = [p for p, _ in skipped if checkpoint_format(p) not in (None, SHARDED if run.sharded else "plain")]
     if other and run.sharded:  # complete, for the other training.distributed: never "damaged", never removed
@@ -682,6 +685,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
             if run.is_main:
                 run.model.save_pretrained(run.out / "model", state_dict=state)
                 run.tokenizer.save_pretrained(run.out / "model")
+                plain_modes(run.out / "model")  # safetensors writes 0600: the umask's modes, as for any file
         else:
             with full_trainables(run.model):
                 if run.is_main:
@@ -692,6 +696,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         if run.cfg.method == "full":
             run.model.save_pretrained(run.out / "model")
             run.tokenizer.save_pretrained(run.out / "model")
+            plain_modes(run.out / "model")
         else:
             if run.allocator is not None:
                 run.allocator.finalize(run.model)
@@ -704,4 +709,5 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds, 1e-9),
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
-                       skipped_steps=run.skipped_steps, rank=run.rank)
+                       skipped_steps=run.skipped_steps, rank=run.rank,
+                       saved="model" if run.cfg.method == "full" else "adapter")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
 from loraforge.training.checkpoint import TrainingError
+from loraforge.training.dcp import verify_sharded
 from loraforge.training.distributed import choose_mode, refuse_unsupported
 from loraforge.training.loop import train
 
@@ -202,6 +203,7 @@ from pathlib import Path
 import torch.distributed as dist
 from loraforge.config import load_train_config, to_dict
 from loraforge.training.checkpoint import TrainingError
+from loraforge.training.dcp import verify_sharded
 from loraforge.training.dcp import load_sharded, save_sharded, verify_sharded
 from loraforge.training.loop import setup
 saved, others = Path(sys.argv[1]), Path(sys.argv[2])
@@ -222,13 +224,21 @@ with contextlib.ExitStack() as held:
 
 
 def test_fsdp_resume_with_another_lora_r_is_refused_naming_it(tiny_dir, data_file, tmp_path, cfg_file):
-    """Shards saved at lora.r=4 and read at lora.r=8: every process stops with the one-line error (exit code 2 from
+    """Shards resumed without FSDP are refused as written with it, and left as they are. Shards saved at lora.r=4
+    and read at lora.r=8: every process stops with the one-line error (exit code 2 from
     the CLI) naming the tensor's two shapes, and with this run's config the changed setting. On the way, a save
     writes into a temporary directory of its own: another writer's files under the old fixed name stay."""
     args = [*common(tiny_dir, data_file, steps=2), "training.save_every=2", "training.batch_size=4"]
     first = torchrun(2, cfg_file, [*args, f"output_dir={tmp_path / 'r4'}"], 29546)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = tmp_path / "r4" / "checkpoints" / "step-0000002"
+    with pytest.raises(TrainingError) as e:  # resumed without FSDP: named, not called incomplete (nor deleted)
+        train(load_train_config(None, [*args, "training.max_steps=4", f"output_dir={tmp_path / 'r4'}"]), resume=True,
+              progress=False)
+    assert str(e.value) == (f"--resume: {saved}: it was written with training.distributed=fsdp (sharded); resume it "
+                            f"under torchrun with training.distributed=fsdp (any number of processes, e.g. torchrun "
+                            f"--nproc_per_node=1 -m loraforge train CONFIG training.distributed=fsdp --resume)")
+    assert verify_sharded(saved) is None
     lora_a = "model.model.layers.0.self_attn.q_proj.lora_A.default.weight"  # the wrapped loss module's name
     shapes = f"{lora_a} [4, 32] in the checkpoint, [8, 32] here"
     resumed = ranks(2, cfg_file, [*args, "training.max_steps=4", "lora.r=8", f"output_dir={tmp_path / 'r4'}",
