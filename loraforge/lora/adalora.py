@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig, from_dict,
-                              layer_selection_problems, module_list_problems, normalize_module_fields,
-                              peft_list, unsupported_peft_fields, validate)
-from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets
+from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
+                              adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
+                              normalize_module_fields, peft_list, unsupported_peft_fields, validate)
+from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets, untie_shared
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
 
@@ -145,7 +145,9 @@ class AdaLoraConfig:
     @classmethod
     def from_train_config(cls, lora: LoraConfig, adalora: dict) -> "AdaLoraConfig":
         """A training config's `adalora:` section; targets, lora_alpha, dropout and bias come from its `lora:`
-        section unless the `adalora:` section sets them."""
+        section unless the `adalora:` section sets them. `lora:` settings AdaLoRA has no use for (use_dora,
+        use_rslora, init_lora_weights, modules_to_save, rank/alpha patterns) are refused, not ignored."""
+        validate(adalora_lora_problems(lora))
         shared = dict(lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
                       exclude_modules=lora.exclude_modules, layers_to_transform=lora.layers_to_transform,
                       layers_pattern=lora.layers_pattern, bias=lora.bias,
@@ -254,6 +256,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
     """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern."""
     configs, config, targets = resolve_targets(model, config, adapter_name)
     pattern = config.rank_pattern or {}
+    untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:
         module = model.get_submodule(path)
         if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
@@ -261,6 +264,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
                                f"cannot share a layer (delete the other adapter first)"])
         if not isinstance(module, SVDLinear):
             module = SVDLinear(module)
+            module.untied_from = untied.get(path)  # a tied lm_head: its own weight (delete_adapter ties it again)
             set_submodule(model, path, module)
         module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
                            kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)

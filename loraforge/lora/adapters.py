@@ -292,12 +292,19 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name`; layers left without adapters are unwrapped back to their base layer."""
+    """Remove adapter `name`; layers left without adapters are unwrapped back to their base layer.
+
+    The base is left as it was before the adapter came: a PiSSA/OLoRA adapter puts back the W0 its init replaced
+    by the residual, and a layer untied for it (inject.untie_shared) is tied again once it holds no adapter."""
+    retied = []
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             if name in module.r:
                 module.delete_adapter(name)
             if not module.r:  # (also a wrapper that a failed injection left empty)
+                untied = module.untied_from
+                if untied is not None and _retie(model, module):
+                    retied.append(untied[2])
                 set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
@@ -306,6 +313,20 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not len(module.modules_to_save):
                 set_submodule(model, path, module.original_module)
     adapter_configs(model).pop(name, None)
+    config = getattr(model, "config", None)
+    if retied and retied[0] and not any(m.untied_from is not None for _, m in lora_layers(model)):
+        config.tie_word_embeddings = retied[0]  # the last untied layer is tied again: the flag as it was
+
+
+def _retie(model: nn.Module, layer: LoraLayer) -> bool:
+    """Give `layer`'s base back the weight it shared before inject.untie_shared copied it, if another module
+    still holds that Parameter (True then)."""
+    _, shared, _ = layer.untied_from
+    if not any(p is shared for p in model.parameters()):  # the other module is gone or holds another weight now
+        return False
+    layer.base_layer.weight = shared
+    layer.untied_from = None
+    return True
 
 
 def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: str | Path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 from torch import nn
 
@@ -150,10 +151,12 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
     """
     configs, config, targets = resolve_targets(model, config, adapter_name)
+    untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
             module = LoraLinear(module)
+            module.untied_from = untied.get(path)
             set_submodule(model, path, module)
         module.add_adapter(
             adapter_name,
@@ -163,6 +166,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
             use_dora=config.use_dora,
+            path=path,
         )
     for path in _modules_to_save_paths(model, config):
         module = model.get_submodule(path)
@@ -173,6 +177,45 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     configs[adapter_name] = config
     mark_trainable(model, adapter_name)
     return model
+
+
+def untie_shared(model: nn.Module, paths: list[str]) -> dict[str, tuple[list[str], nn.Parameter, bool | None]]:
+    """Give each layer at `paths` whose weight is also another module's parameter (an lm_head tied to the input
+    embedding) its own copy, so a merge or a PiSSA/OLoRA residual changes that layer alone; one warning names the
+    layers, what they were tied to and the memory it costs. `config.tie_word_embeddings` becomes False (a saved
+    merged model keeps both matrices). Returns {path: (the other parameters' names, the shared Parameter, the
+    flag before)}: the LoraLayer keeps it (untied_from) and adapters.delete_adapter ties the weight again."""
+    owners: dict[tuple, list[str]] = {}  # storage address (or id for a tensor without one) -> parameter names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(_storage_key(p), []).append(name)
+    config = getattr(model, "config", None)
+    flag = getattr(config, "tie_word_embeddings", None)
+    untied, lines = {}, []
+    for path in paths:
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if not isinstance(weight, nn.Parameter) or is_4bit_param(weight):
+            continue
+        others = [n for n in owners.get(_storage_key(weight), []) if n != f"{path}.weight"]
+        if not others:
+            continue
+        model.get_submodule(path).weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        untied[path] = (others, weight, flag)
+        tied_to = ", ".join(n.removesuffix(".weight") for n in others)
+        lines.append(f"{path} (tied to {tied_to}, +{weight.numel() * weight.element_size() / 2**20:.1f} MiB)")
+    if untied:
+        if flag:
+            config.tie_word_embeddings = False
+        warnings.warn(f"LoRA on a weight shared with another module: {'; '.join(lines)}. Each gets its own copy of "
+                      f"the weight, so merging the adapter (or a PiSSA/OLoRA init) leaves the other module unchanged; "
+                      f"the model stays untied (tie_word_embeddings False) until the adapter is deleted",
+                      stacklevel=3)
+    return untied
+
+
+def _storage_key(p) -> tuple:
+    """What two tied parameters share: the address of their storage (the object for a tensor without one: meta)."""
+    ptr = p.untyped_storage().data_ptr() if p.device.type != "meta" else 0
+    return (p.device, ptr) if ptr else ("id", id(p))
 
 
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:

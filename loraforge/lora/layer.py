@@ -12,6 +12,7 @@ train(), eval() or forward().
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,9 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[str | None] | None = None  # a mixed batch: one adapter name (or None) per row
         self.row_forward = None  # the per-row hook, fn(x, base_out) -> out: mixed_rows, or a server's stacks
+        # a base weight that was tied to other parameters (inject.untie_shared): (their names, the shared Parameter,
+        # tie_word_embeddings before), so adapters.delete_adapter can tie it again; None for an untied base
+        self.untied_from: tuple[list[str], nn.Parameter, bool | None] | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -141,9 +145,15 @@ class LoraLinear(LoraLayer):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: name -> m, (out,)
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖_row of a merged DoRA adapter, (out,)
         self.fused = False  # True: plain LoRA on an nn.Linear runs as one autograd node (loraforge.kernels)
+        # PiSSA/OLoRA adapters: their initial (A0 (r, in), B0 (out, r)) in fp32, what the init took out of W0
+        # (W_res = W0 − s·B0 A0); delete_adapter adds s·B0 A0 back. Plain tensors: not in any state dict
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False) -> None:
+                    use_rslora: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False,
+                    path: str = "") -> None:
+        """`path`: this layer's module path in the model; it seeds pissa_niter_N's randomized SVD, so the same
+        adapter on the same base gets the same init at training and at every load (inject passes it)."""
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.base_layer.weight
@@ -157,7 +167,7 @@ class LoraLinear(LoraLayer):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.reset_parameters(name, init_lora_weights)
+        self.reset_parameters(name, init_lora_weights, path)
         if use_dora:  # after the init: PiSSA/OLoRA change W0 first (PEFT's order). m = ‖W0 + s·BA‖_row
             with torch.no_grad():
                 norm = self._row_norm(self._base_out_in(), self._scaled_BA(name))
@@ -165,11 +175,11 @@ class LoraLinear(LoraLayer):
         self.active_adapters.append(name)
 
     @torch.no_grad()
-    def reset_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
+    def reset_parameters(self, name: str, init_lora_weights: bool | str = True, path: str = "") -> None:
         if init_lora_weights is False:  # nn.Linear's default init for both: a non-zero adapter, for tests
             return
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora")):
-            self.init_from_base_weight(name, init_lora_weights)  # these replace W0 by a residual
+            self.init_from_base_weight(name, init_lora_weights, path)  # these replace W0 by a residual
             return
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         init = torch.empty(A.shape, dtype=A.dtype)  # drawn on the CPU: the same A for a seed on any device
@@ -181,13 +191,15 @@ class LoraLinear(LoraLayer):
         nn.init.zeros_(B)  # so a fresh adapter leaves the model unchanged
 
     @torch.no_grad()
-    def init_from_base_weight(self, name: str, method: str) -> None:
+    def init_from_base_weight(self, name: str, method: str, path: str = "") -> None:
         """PiSSA ("pissa", "pissa_niter_N") or OLoRA ("olora") init of adapter `name`; W0 becomes W0 − s·B A.
 
         PiSSA (Meng et al. 2024): A, B start as the top-r singular triplets of W0 and W0 is replaced by the residual,
         so the output is unchanged at step 0 and training moves the principal directions. OLoRA (Büyükakyüz 2024):
-        the same with a QR decomposition. Both change W0, so the saved adapter fits the residual base;
-        loraforge.lora.adapters.save_converted writes the equivalent plain LoRA for the original base.
+        the same with a QR decomposition. Both change W0, so the saved adapter fits the residual base (a load
+        re-runs this init; pissa_niter_N's random test matrix is seeded from `path`, so every load builds the same
+        residual); loraforge.lora.adapters.save_converted writes the equivalent plain LoRA for the original base.
+        The initial factors are kept (initial_factors): delete_adapter puts W0 back.
         """
         base = self.base_layer
         if is_quantized(base) or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -205,15 +217,49 @@ class LoraLinear(LoraLayer):
                 U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # W = U diag(S) Vh
                 U, S, Vh = U[:, :r], S[:r], Vh[:r]
             else:  # pissa_niter_N: randomized SVD, N subspace iterations
-                U, S, V = torch.svd_lowrank(W, q=r, niter=int(method.split("_niter_")[-1]))
+                U, S, V = svd_lowrank(W, q=r, niter=int(method.split("_niter_")[-1]), seed=zlib.crc32(path.encode()))
                 Vh = V.T
             root = torch.sqrt(S / s)  # s·B A = U diag(S) Vh
             B, A = U * root, root[:, None] * Vh  # (out, r), (r, in)
-        self.lora_A[name].weight.data = A.contiguous().to(self.lora_A[name].weight.dtype)
-        self.lora_B[name].weight.data = B.contiguous().to(self.lora_B[name].weight.dtype)
+        A, B = A.contiguous(), B.contiguous()
+        self.lora_A[name].weight.data = A.to(self.lora_A[name].weight.dtype)
+        self.lora_B[name].weight.data = B.to(self.lora_B[name].weight.dtype)
+        self.initial_factors[name] = (A.clone(), B.clone())  # copies: a load writes the file's A, B into the above
         residual = W - s * (B @ A)
         # a new tensor, never written into W0: adapters.load_adapter keeps the old one to undo a failed load
         base.weight.data = (residual.T if self.fan_in_fan_out else residual).contiguous().to(dtype)
+
+    @torch.no_grad()
+    def restore_base(self, name: str) -> None:
+        """Put back the part of W0 that PiSSA/OLoRA adapter `name`'s init took out: W ← W + s·B0 A0, in fp32
+        (W0 to fp32 rounding; to the weight's own rounding for a half-precision base). No-op for other adapters."""
+        if name not in self.initial_factors:
+            return
+        A0, B0 = self.initial_factors.pop(name)
+        base = self.base_layer
+        W = base.weight.float()
+        W = W.T if self.fan_in_fan_out else W  # (out, in)
+        restored = W + self.scaling[name] * (B0.to(W.device) @ A0.to(W.device))
+        # a new tensor, as the init assigns one: never written into a tensor something else may hold
+        base.weight.data = (restored.T if self.fan_in_fan_out else restored).contiguous().to(base.weight.dtype)
+
+    def original_base_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `name` as factors on the original base W0, (A' (r', in), B' (out, r')) with the same scaling: its
+        own A, B for a plain adapter; [A; A0], [B, −B0] (r' = 2r, fp32) for a PiSSA/OLoRA one, since
+        W_res + s·B A = W0 + s·B' A' (save_converted's identity). With restore_base(name), a server batching
+        adapters per row keeps W0 for the other rows."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if name not in self.initial_factors:
+            return A, B
+        A0, B0 = (t.to(A.device) for t in self.initial_factors[name])
+        return torch.cat([A.float(), A0]), torch.cat([B.float(), -B0], dim=1)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`; a PiSSA/OLoRA adapter gives back the W0 its init replaced by the residual."""
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        self.restore_base(name)  # before super() drops its scaling
+        super().delete_adapter(name)
 
     def _scaled_BA(self, name: str) -> torch.Tensor:
         """scaling · B @ A, (out, in), in fp32 for half-precision CPU adapters."""
@@ -334,6 +380,23 @@ class LoraLinear(LoraLayer):
     def extra_repr(self) -> str:
         dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}{dora}"
+
+
+def svd_lowrank(W: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank(W, q, niter) (Halko et al. 2009, alg. 5.1 with 4.4: the same ops, in the same order),
+    its Gaussian test matrix drawn on the CPU from a generator seeded with `seed`: the same (U, S, V) on every
+    call and on every device (to the device's rounding), where torch's draws from the global RNG of W's device."""
+    m, n = W.shape
+    A = W.mH if m < n else W  # tall: (m', n'), m' >= n'
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(A.shape[-1], q, generator=g, dtype=A.dtype).to(A.device)  # (n', q)
+    Q = torch.linalg.qr(A @ R).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.mH @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    U, S, Vh = torch.linalg.svd(Q.mH @ A, full_matrices=False)
+    V, U = Vh.mH, Q @ U
+    return (V, S, U) if m < n else (U, S, V)
 
 
 class ModulesToSave(nn.Module):

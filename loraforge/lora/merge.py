@@ -23,6 +23,7 @@ from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, i
 from loraforge.models import DTYPES, load_base
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.hf import set_submodule
+from loraforge.utils.files import plain_modes
 from loraforge.utils.outputs import check_output
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
@@ -128,6 +129,10 @@ def _uncombinable(name: str, config) -> list[str]:
         why.append(f"{name!r} has modules_to_save {list(config.modules_to_save)}: whole trained modules")
     if config.bias != "none":
         why.append(f"{name!r} trains biases (bias {config.bias!r})")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.startswith(("pissa", "olora")):
+        why.append(f"{name!r} is a {init} adapter (init_lora_weights): its A and B fit the residual base its init "
+                   f"made, not the base (loraforge.lora.adapters.save_converted writes it as plain LoRA for the base)")
     return why
 
 
@@ -147,8 +152,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum.
       "linear": PEFT's "linear": with c_i = sqrt(|w_i·s_i|), A_new = Σ sign(w_i·s_i)·c_i·A_i, B_new = Σ c_i·B_i
                 (needs equal ranks; equal to the weighted sum of ΔW only for a single adapter).
-    Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases and AdaLoRA are refused with an
-    AdapterError (A and B do not hold them); merge such an adapter alone, then combine the others on that model.
+    Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
+    base) and AdaLoRA are refused with an AdapterError (A and B do not hold them); merge such an adapter alone, then
+    combine the others on that model.
     """
     configs = model.lora_configs
     missing = [a for a in adapters if a not in configs]
@@ -173,7 +179,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
                                  alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
                                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
-                                 modules_to_save=None, lora_dropout=0.0)  # exact paths: no other filter applies
+                                 modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
+                                 init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
     inject(model, config, new_name)  # scaling = alpha / r = 1: the weights below carry all the scale
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
@@ -261,6 +268,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        plain_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600: the umask's modes, readable as any file
         if out.is_dir() and any(out.iterdir()):  # --overwrite into a used folder: replace our files only
             written = {f.name for f in tmp.iterdir()}
             for old in WEIGHT_FILES:

@@ -224,6 +224,9 @@ def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, flo
     if uid in layer.lora_magnitude_vector:  # DoRA, as LoraLinear._dora computes it at inference
         norm = layer._row_norm(layer._base_out_in().to(A.dtype), layer._scaled_BA(uid))
         g = layer.lora_magnitude_vector[uid] / norm
+    if uid in layer.initial_factors:  # PiSSA/OLoRA: W0 back for every row, this adapter as [A; A0], [B, −B0] on it
+        A, B = layer.original_base_factors(uid)
+        layer.restore_base(uid)
     return A, B, scale, g
 
 

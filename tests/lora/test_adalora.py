@@ -209,6 +209,14 @@ def test_train_config_section_total_step_override_and_state_round_trip(input_ids
     assert (cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.init_r) == (32, 0.1, ("q_proj", "v_proj"), 4)
     with pytest.raises(ConfigError, match="adalora.init_r"):
         AdaLoraConfig.from_train_config(lora, {"init_r": "x", "total_step": 10})
+    # lora: settings AdaLoRA would ignore are refused here too (a TrainConfig built in code, not from YAML)
+    with pytest.raises(ConfigError) as e:
+        AdaLoraConfig.from_train_config(LoraConfig(use_dora=True, modules_to_save=("lm_head",)), {"total_step": 10})
+    assert e.value.problems == [
+        "lora.use_dora: true is not supported with method: adalora (AdaLoRA trains its own SVD-shaped update, with "
+        "no DoRA magnitude); remove lora.use_dora, or use method: dora",
+        "lora.modules_to_save: ['lm_head'] is not supported with method: adalora (an AdaLoRA adapter trains and "
+        "saves no whole modules); remove lora.modules_to_save, or use method: lora"]
     model = inject_adalora(tiny_llama(), _config(total_step=1, tinit=0, tfinal=0))  # total unknown at build time
     allocator = RankAllocator(model, total_step=10)
     assert allocator.config.total_step == 10 and model.lora_configs["default"].total_step == 10

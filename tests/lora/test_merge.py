@@ -223,6 +223,20 @@ def test_merge_refuses_a_dora_adapter_in_a_combination_by_its_directory(tmp_path
         export_merged(str(tmp_path / "no-base"), [str(tmp_path / "d"), str(tmp_path / "p")], tmp_path / "out")
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_combining_refuses_a_pissa_adapter_and_leaves_the_base(init, tmp_path, input_ids):
+    """Its A and B fit the residual base its init made: a weighted sum of them on another base means nothing, and a
+    combined adapter's own inject must not run the init (that would replace the base by a residual again)."""
+    model = inject(tiny_llama(), LoraConfig(r=2, target_modules=tuple(TARGETS), init_lora_weights=init), "x")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(AdapterError, match=f"'x' is a {init} adapter .*save_converted"):
+        add_weighted_adapter(model, ["x"], [0.5], "c", combination_type="cat")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    save_adapter(model, tmp_path / "a", "x")
+    with pytest.raises(AdapterError, match=f"'{tmp_path / 'a'}' is a {init} adapter"):
+        export_merged(str(tmp_path / "no-base"), [str(tmp_path / "a")], tmp_path / "out", weights=[0.5])
+
+
 def test_merge_refuses_nan_weights_naming_the_directory_and_tensor(tiny_dir, tmp_path):
     save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2))), tmp_path / "a")
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")

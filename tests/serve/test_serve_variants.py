@@ -125,3 +125,35 @@ def test_adalora_and_lora_on_one_module_fail_closed(base, tokenizer, variants): 
         assert engine.resident_adapters() == ["ada"]
     finally:
         engine.stop()
+
+
+def test_pissa_and_olora_adapters_serve_on_the_original_base(base, tokenizer, tmp_path):  # noqa: F811
+    """A PiSSA/OLoRA load writes the residual into the shared base; the server puts W0 back for every row and
+    serves the adapter as [A; A0], [B, −B0] on it: each row equals PEFT's load of that adapter alone, base rows the
+    base (before: the base rows and the plain adapter's rows ran on the residual)."""
+    configs = {"pissa": LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa"),
+               "olora-dora": LoraConfig(r=4, lora_alpha=8, init_lora_weights="olora", use_dora=True,
+                                        target_modules=("q_proj", "v_proj", "down_proj"))}
+    for i, (name, config) in enumerate(configs.items()):
+        model = copy.deepcopy(base)
+        inject(model, config, name)
+        with torch.no_grad():  # trained: A and B moved away from their initial factors
+            g = torch.Generator().manual_seed(300 + i)
+            for _, layer in lora_layers(model):
+                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    w.add_(torch.randn(w.shape, generator=g) * 0.05)
+        save_adapter(model, tmp_path / name, name)
+    names = ["pissa", None, "olora-dora", "pissa", None]
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: tmp_path / n for n in configs})
+    try:
+        ps = prompts(len(tokenizer), [6, 9, 4, 11, 5], seed=31)
+        queues = []
+        for name, p in zip(names, ps):
+            queues.append(queue.Queue())
+            engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
+        got = [collect(q)[0] for q in queues]
+        for name, p, tokens in zip(names, ps, got):
+            want = peft_greedy(base, tmp_path / name, p, N) if name else peft_greedy_base(base, p)
+            assert tokens == want, name
+    finally:
+        engine.stop()
