@@ -302,7 +302,7 @@ class LoraConfig:
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op). "gaussian": A ~ N(0, 1/r), B zeros.
     "pissa" (or "pissa_niter_N", randomized SVD with N iterations): A, B from the top-r singular triplets of W0 and
     W0 replaced by the residual; "olora": A, B from a QR of W0, W0 replaced likewise. Both leave the model's output
-    unchanged at start; see loraforge.lora.variants.save_converted to use the adapter on the original base.
+    unchanged at start; see loraforge.lora.adapters.save_converted to use the adapter on the original base.
     False: both random (tests only)."""
     fan_in_fan_out: bool = False
     """True when the base layer stores its weight as (in, out), like GPT-2's Conv1D. Detected automatically."""
@@ -619,6 +619,9 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output_dir: str = "runs/latest"
 
+    def __post_init__(self):
+        validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
+
     @property
     def quantization(self) -> str | None:
         """How the frozen base is stored: model.quantization, else nf4 for method qlora, else None (unquantized)."""
@@ -665,6 +668,31 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     return cfg
 
 
+def adalora_lora_problems(lora: LoraConfig) -> list[str]:
+    """The lora: settings that would change what trains but that AdaLoRA (its own update, ranks, scale and init)
+    has no use for: each refused by name rather than silently ignored. lora.r is only warned about
+    (method_problems): it changes nothing but the user's expectation."""
+    why = {
+        "use_dora": "AdaLoRA trains its own SVD-shaped update, with no DoRA magnitude",
+        "use_rslora": "AdaLoRA scales every layer by lora_alpha / adalora.init_r",
+        "init_lora_weights": "AdaLoRA starts E at zero and A, B ~ N(0, 0.02)",
+        "modules_to_save": "an AdaLoRA adapter trains and saves no whole modules",
+        "rank_pattern": "AdaLoRA allocates every layer's rank itself, from adalora.init_r down to adalora.target_r",
+        "alpha_pattern": "AdaLoRA scales every layer by lora_alpha / adalora.init_r",
+    }
+    defaults = LoraConfig()
+    problems = []
+    for name, reason in why.items():
+        value = getattr(lora, name)
+        if value != getattr(defaults, name):
+            shown = str(value).lower() if isinstance(value, bool) else repr(
+                list(value) if isinstance(value, tuple) else value)  # as written in YAML: true, 'pissa', ['lm_head']
+            fix = "method: dora" if name == "use_dora" else "method: lora"
+            problems.append(f"lora.{name}: {shown} is not supported with method: adalora ({reason}); remove "
+                            f"lora.{name}, or use {fix}")
+    return problems
+
+
 def method_problems(data: dict) -> list[str]:
     """Contradictions between `method` and the lora: fields the user wrote (the raw dict: a field written with its
     default value counts); method full ignoring lora: fields is a warning."""
@@ -677,6 +705,10 @@ def method_problems(data: dict) -> list[str]:
         names = ", ".join(f"lora.{k}" for k in written)
         warnings.warn(f"{names}: ignored with method: full, which trains every weight and has no adapter; remove "
                       f"them, or use method: lora", stacklevel=3)
+    if method == "adalora" and "r" in written and lora["r"] != LoraConfig.r:
+        warnings.warn(f"lora.r: {lora['r']} is not used with method: adalora, whose ranks are adalora.init_r (every "
+                      f"layer's at the start) and adalora.target_r (the average it prunes to); remove lora.r, or set "
+                      f"those", stacklevel=3)
     return []
 
 

@@ -69,6 +69,43 @@ def test_method_contradicting_the_lora_fields_written():
         "them, or use method: lora"]
 
 
+def test_adalora_refuses_the_lora_fields_it_would_ignore_and_warns_about_lora_r():
+    """method: adalora trains its own update, ranks, scale and init: lora: fields that would change what a LoRA run
+    trains are refused by name; lora.r (AdaLoRA's ranks are adalora.init_r / target_r) gets one warning."""
+    import warnings
+
+    assert problems("method=adalora", "lora.use_dora=true", "lora.use_rslora=true", "lora.init_lora_weights=pissa",
+                    "lora.modules_to_save=[lm_head]", "lora.rank_pattern={q_proj: 4}",
+                    "lora.alpha_pattern={q_proj: 2}") == [
+        "lora.use_dora: true is not supported with method: adalora (AdaLoRA trains its own SVD-shaped update, with "
+        "no DoRA magnitude); remove lora.use_dora, or use method: dora",
+        "lora.use_rslora: true is not supported with method: adalora (AdaLoRA scales every layer by lora_alpha / "
+        "adalora.init_r); remove lora.use_rslora, or use method: lora",
+        "lora.init_lora_weights: 'pissa' is not supported with method: adalora (AdaLoRA starts E at zero and A, B ~ "
+        "N(0, 0.02)); remove lora.init_lora_weights, or use method: lora",
+        "lora.modules_to_save: ['lm_head'] is not supported with method: adalora (an AdaLoRA adapter trains and "
+        "saves no whole modules); remove lora.modules_to_save, or use method: lora",
+        "lora.rank_pattern: {'q_proj': 4} is not supported with method: adalora (AdaLoRA allocates every layer's "
+        "rank itself, from adalora.init_r down to adalora.target_r); remove lora.rank_pattern, or use method: lora",
+        "lora.alpha_pattern: {'q_proj': 2} is not supported with method: adalora (AdaLoRA scales every layer by "
+        "lora_alpha / adalora.init_r); remove lora.alpha_pattern, or use method: lora"]
+    assert problems("method=adalora", "lora.init_lora_weights=false") == [
+        "lora.init_lora_weights: false is not supported with method: adalora (AdaLoRA starts E at zero and A, B ~ "
+        "N(0, 0.02)); remove lora.init_lora_weights, or use method: lora"]
+    with pytest.warns(UserWarning) as record:
+        cfg = load_train_config(None, [DATA, "method=adalora", "lora.r=4", "lora.lora_alpha=32"])
+    assert cfg.method == "adalora" and [str(w.message) for w in record] == [
+        "lora.r: 4 is not used with method: adalora, whose ranks are adalora.init_r (every layer's at the start) "
+        "and adalora.target_r (the average it prunes to); remove lora.r, or set those"]
+    with warnings.catch_warnings():  # the defaults written out, and the lora: fields AdaLoRA does use: silent
+        warnings.simplefilter("error")
+        load_train_config(None, [DATA, "method=adalora", "lora.r=8", "lora.use_dora=false", "lora.use_rslora=false",
+                                 "lora.init_lora_weights=true", "lora.lora_alpha=32", "lora.lora_dropout=0.1",
+                                 "lora.target_modules=[q_proj]", "adalora.init_r=6"])
+    # method lora keeps every one of them
+    assert load_train_config(None, [DATA, "lora.use_rslora=true", "lora.init_lora_weights=pissa"]).lora.use_rslora
+
+
 def test_an_override_that_is_not_yaml_names_the_override():
     assert problems("lora.target_modules=[") == [
         "override 'lora.target_modules=[': the value is not valid YAML (while parsing a flow node); close every [ "

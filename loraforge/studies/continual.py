@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
-from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config
+from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import delete_adapter, load_adapter
 from loraforge.models import load_base
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import CachedLogits, task_split, probe_all, probe_base
+from loraforge.studies.forgetting import CachedLogits, held_out_task, probe_all, probe_base, task_split
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
@@ -73,8 +73,8 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     precision = run_precision(cfg, torch.device("cpu"))
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
-    new_records, old_records = D.read_records(cfg.data.eval)[:limit], D.read_records(previous)[:limit]
-    fmt_new, fmt_old = D.detect_format(new_records[0]), D.detect_format(old_records[0])
+    (new_records, fmt_new), old_records = held_out_task(cfg, limit), D.read_records(previous)[:limit]
+    fmt_old = D.detect_format(old_records[0])
     text = load_probe("text")
     probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
@@ -126,8 +126,9 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
         print(row_line(rows[-1]), flush=True)
         delete_adapter(base, "default")
 
+    data = to_dict(cfg.data)
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
-              "new_train": cfg.data.train, "new_eval": cfg.data.eval, "steps": cfg.training.max_steps,
+              "new_train": data["train"], "new_eval": data["eval"], "steps": cfg.training.max_steps,
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
               "rows": rows, "seconds": time.perf_counter() - started}
     (out / "continual.json").write_text(json.dumps(report, indent=1, default=str))
@@ -149,6 +150,12 @@ def row_line(row: dict) -> str:
             f"{row['probe_seconds']:.0f} s)")
 
 
+def file_names(value: str | list) -> str:
+    """A data field as the report holds it (a path, or a list of paths and {path, ...} sources): its file names."""
+    items = [value] if isinstance(value, str) else value
+    return ", ".join(Path(v if isinstance(v, str) else v["path"]).name for v in items)
+
+
 def format_report(report: dict) -> str:
     rows = report["rows"]
     general = "mc" in rows[0]
@@ -163,7 +170,7 @@ def format_report(report: dict) -> str:
     head = (f"continual on {report['model']}: from {report['adapter']}, {report['steps']} steps × batch "
             f"{report['batch_size']} at lr {report['lr']:g}, {report['precision']} compute; old task = greedy exact "
             f"match on {rows[0]['old']['n']} held-out examples of {Path(report['previous']).name}, new task on "
-            f"{rows[0]['new']['n']} of {Path(str(report['new_eval'])).name}")
+            f"{rows[0]['new']['n']} of {file_names(report['new_eval'])}")
     return "\n".join([head, *text_table(header, lines)])
 
 

@@ -2,14 +2,19 @@
 
 `estimate("7b", "qlora", batch_size=1, seq_len=512)` → {"weights": bytes, "adapter": ..., "gradients": ...,
 "optimizer_states": ..., "activations": ..., "total": ...}. Shapes: well-known Llama sizes ("7b", "13b",
-"70b", and LLaMA-1 "65b"), a local transformers directory or the built-in model (its config.json).
+"70b", and LLaMA-1 "65b"), a local transformers directory or the built-in model (its config.json): a Llama-style
+decoder (llama, mistral, qwen2, qwen3, or any config with their fields; head_dim where the config sets it) or a
+mixture of experts it knows (mixtral, qwen3_moe). A config without those fields (GPT-2's) or another mixture of
+experts is refused in one line naming its model_type. Biases (Qwen2's q/k/v) are not counted.
 
 What each part counts, per the training loop in train.py (trainable weights kept in fp32):
   weights           frozen base in `dtype` (bf16: 2 bytes); QLoRA: linear layers at 4.127 bits (NF4 + double
                     quantization, see quant.py); prepare_for_kbit_training puts embeddings, lm_head and norms
-                    in fp32 (as PEFT does), so QLoRA activations are fp32 too. Full fine-tune:
-                    the trained weights themselves, fp32.
-  adapter           LoRA A and B, fp32: r·(in + out) values per targeted linear layer.
+                    in fp32 (as PEFT does), so QLoRA activations are fp32 too. The experts and routers of a
+                    mixture of experts are 3-D tensors (transformers 5), not linear layers: QLoRA leaves them
+                    unquantized, so in fp32 too. Full fine-tune: the trained weights themselves, fp32.
+  adapter           LoRA A and B, fp32: r·(in + out) values per targeted linear layer ("all-linear" on a mixture
+                    of experts: the attention projections only).
   gradients         one fp32 value per trainable parameter.
   optimizer_states  AdamW: two fp32 moments (8 bytes per trainable parameter); 8-bit AdamW: two uint8
                     moments + an fp32 absmax per 256 values (bnb's blockwise 8-bit state).
@@ -19,6 +24,7 @@ Framework overhead (CUDA context, allocator slack, Python) is not included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,26 +45,52 @@ class ModelShape:
 
     hidden_size: int
     intermediate_size: int
+    """The MLP's width; with experts, each expert's (mixtral's intermediate_size, qwen3_moe's moe_intermediate_size)."""
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    head_dim: int | None = None
+    """Width of one attention head (None: hidden_size // num_attention_heads); Qwen3 and Gemma set it apart."""
+    num_experts: int = 0
+    """Experts per layer, each a gate/up/down MLP, plus a router (hidden → experts); 0: one dense MLP."""
+    experts_per_token: int = 0
+    """Experts each token is routed to (num_experts_per_tok); decides the MLP's activations."""
+    qk_norm: bool = False
+    """An RMSNorm of head_dim on the queries and one on the keys in every layer (Qwen3)."""
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.head_size * self.num_attention_heads
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads * self.num_key_value_heads
+        return self.head_size * self.num_key_value_heads
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer in one decoder layer."""
-        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        """(in, out) of each linear layer in one decoder layer (experts are not linear layers: expert_params)."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
+        attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if self.num_experts:
+            return attention
+        return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @property
     def linear_params(self) -> int:
         """Parameters in the decoder layers' linear layers: what QLoRA quantizes."""
         return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def expert_params(self) -> int:
+        """Every layer's experts (gate, up and down projections) and router: 3-D tensors, neither adapted by
+        "all-linear" nor quantized."""
+        h, i = self.hidden_size, self.intermediate_size
+        return self.num_hidden_layers * self.num_experts * (3 * h * i + h)
 
     @property
     def embedding_params(self) -> int:
@@ -67,11 +99,12 @@ class ModelShape:
 
     @property
     def norm_params(self) -> int:
-        return (2 * self.num_hidden_layers + 1) * self.hidden_size
+        qk = 2 * self.head_size if self.qk_norm else 0
+        return (2 * self.num_hidden_layers + 1) * self.hidden_size + self.num_hidden_layers * qk
 
     @property
     def total_params(self) -> int:
-        return self.linear_params + self.embedding_params + self.norm_params
+        return self.linear_params + self.expert_params + self.embedding_params + self.norm_params
 
 
 # Llama shapes from the papers' tables / the released config.json files.
@@ -88,6 +121,13 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0,
                          "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
 
 
+# The mixtures of experts the estimate knows: model_type -> the config field of each expert's MLP width. The number
+# of experts is num_local_experts (as transformers 5 saves it) or num_experts (Qwen's hub configs).
+MOE_WIDTH = {"mixtral": "intermediate_size", "qwen3_moe": "moe_intermediate_size"}
+QK_NORM = ("qwen3", "qwen3_moe")  # model types with an RMSNorm on q and on k
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def model_shape(model: str | ModelShape) -> ModelShape:
     """A known size name ("7b", ...), a transformers directory, or the built-in model name."""
     if isinstance(model, ModelShape):
@@ -99,11 +139,44 @@ def model_shape(model: str | ModelShape) -> ModelShape:
     if not path.is_dir() and model not in BUILTIN_MODELS:
         raise ValueError(f"model {model!r} is neither a known size ({', '.join(KNOWN_SHAPES)}), "
                          f"a transformers directory, nor a built-in model ({', '.join(BUILTIN_MODELS)})")
-    cfg = json.loads((Path(resolve_model(model)) / "config.json").read_text())
+    file = Path(resolve_model(model)) / "config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{file} is not valid JSON ({e})"]) from None
+    return config_shape(cfg)
+
+
+def config_shape(cfg: dict) -> ModelShape:
+    """The shape of a transformers config.json; ConfigError (one line) for an architecture the estimate can't read."""
+    kind = cfg.get("model_type")
+    reads = (f"the estimate reads Llama-style decoders (llama, mistral, qwen2, qwen3, ...: a config.json with "
+             f"{', '.join(LLAMA_FIELDS)}) and the mixtures of experts {' and '.join(MOE_WIDTH)}")
+    missing = [name for name in LLAMA_FIELDS if name not in cfg]
+    if missing:
+        raise ConfigError([f"model_type {kind!r} is not a Llama-style decoder (its config.json lacks "
+                           f"{', '.join(missing)}); {reads}"])
+    experts = {k: v for k, v in cfg.items() if "expert" in k and type(v) is int and v > 0}
+    if experts and kind not in MOE_WIDTH:
+        raise ConfigError([f"model_type {kind!r} is a mixture of experts ({', '.join(sorted(experts))}) that the "
+                           f"estimate does not know; {reads}"])
     heads = cfg["num_attention_heads"]
-    return ModelShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
-                      cfg.get("num_key_value_heads") or heads, cfg["vocab_size"],
-                      bool(cfg.get("tie_word_embeddings", False)))
+    shape = ModelShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
+                       cfg.get("num_key_value_heads") or heads, cfg["vocab_size"],
+                       bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
+                       qk_norm=kind in QK_NORM)
+    count = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if kind not in MOE_WIDTH or not count:  # (qwen3_moe with 0 experts: dense MLPs)
+        return shape
+    width = MOE_WIDTH[kind]
+    if width not in cfg:
+        raise ConfigError([f"model_type {kind!r}: its config.json lacks {width} (each expert's width)"])
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:  # qwen3_moe: some layers dense
+        raise ConfigError([f"model_type {kind!r} with dense layers among the expert ones (mlp_only_layers "
+                           f"{cfg.get('mlp_only_layers')}, decoder_sparse_step {cfg.get('decoder_sparse_step')}): "
+                           f"the estimate reads {kind} with experts in every layer"])
+    return dataclasses.replace(shape, intermediate_size=cfg[width], num_experts=count,
+                               experts_per_token=cfg.get("num_experts_per_tok", 2))
 
 
 def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
@@ -119,21 +192,29 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
                      gradient_checkpointing: bool) -> dict[str, float]:
     """Bytes autograd keeps for the backward pass of a Llama decoder, for `tokens` = batch × seq_len.
 
-    Per layer per token (h hidden, kv the K/V width, i intermediate, a = bytes of an activation), counting the
-    tensors a Llama block saves for backward:
+    Per layer per token (h hidden, q and kv the query and K/V widths (heads × head_dim), i intermediate, a = bytes
+    of an activation), counting the tensors a Llama block saves for backward:
       attention: RMSNorm's fp32 copy of its input (4h) and its output (a·h, the q/k/v input); q, k, v after
-                 rotary (a·(h + 2kv)) and the attention output (a·h) saved by SDPA; o_proj's input (a·h)
+                 rotary (a·(q + 2kv)) and the attention output (a·q) saved by SDPA; o_proj's input (a·q)
       MLP:       RMSNorm again (4h + a·h); gate output, SiLU output, up output, their product (4·a·i)
       LoRA:      each adapter's A output (4·r, fp32 adapters), summed over targets: 4·Σr
-      → 8h + a·(5h + 2kv + 4i) + 4·Σr bytes.
+      → 8h + a·(2h + 3q + 2kv + 4i) + 4·Σr bytes.
+    Qwen3's RMSNorms on q and k add their fp32 input copies and outputs: (4 + a)·(q + kv). With experts, the MLP
+    term a·4i becomes k·a·(h + 4i) (each of the k experts a token is routed to keeps its copy of the input and
+    the four tensors above) plus the router's fp32 probabilities (4·E).
     With gradient checkpointing only each layer's input stays (a·h per layer per token), plus one layer's full
     set while that layer is recomputed in backward. SDPA's attention needs no (seq × seq) matrix.
     The output head: logits in fp32 (4 bytes × vocab per token), the log-softmax cross-entropy saves
     (another 4·V) and the gradient of the logits (4·V) at the start of backward: 3 × 4·V per token.
     """
-    h, i, kv, L, V = (shape.hidden_size, shape.intermediate_size, shape.kv_dim, shape.num_hidden_layers,
-                      shape.vocab_size)
-    per_layer_token = 8 * h + act_bytes * (5 * h + 2 * kv + 4 * i) + 4 * lora_r_per_layer
+    h, q, kv, i, L, V = (shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size,
+                         shape.num_hidden_layers, shape.vocab_size)
+    if shape.num_experts:
+        mlp = shape.experts_per_token * act_bytes * (h + 4 * i) + 4 * shape.num_experts
+    else:
+        mlp = act_bytes * 4 * i
+    qk_norm = (4 + act_bytes) * (q + kv) if shape.qk_norm else 0
+    per_layer_token = 8 * h + act_bytes * (2 * h + 3 * q + 2 * kv) + mlp + qk_norm + 4 * lora_r_per_layer
     if gradient_checkpointing:
         layers = tokens * (L * act_bytes * h + per_layer_token)
     else:
@@ -163,10 +244,12 @@ def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1
     if method == "full":
         weights, trainable, lora_r = 4.0 * shape.total_params, shape.total_params, 0
     elif method == "lora":
-        weights = float(a * (shape.linear_params + shape.embedding_params) + 4 * shape.norm_params)
+        weights = float(a * (shape.linear_params + shape.expert_params + shape.embedding_params)
+                        + 4 * shape.norm_params)
         trainable = adapter_params(shape, r, targets)
     else:
-        weights = QLORA_BITS / 8 * shape.linear_params + 4 * (shape.embedding_params + shape.norm_params)
+        weights = QLORA_BITS / 8 * shape.linear_params + 4 * (shape.embedding_params + shape.norm_params
+                                                              + shape.expert_params)
         trainable = adapter_params(shape, r, targets)
         a = 4  # fp32 norms and head: the hidden states stay fp32 (the 4-bit matmuls cast in and out)
     adapter = 0.0 if method == "full" else 4.0 * trainable
@@ -202,8 +285,10 @@ def per_device(breakdown: dict[str, float], model: str | ModelShape, method: str
         shape, a = model_shape(model), DTYPE_BYTES[dtype]
         for part in ("weights", "adapter", "gradients", "optimizer_states"):
             out[part] = breakdown[part] / gpus
-        layer_linear = shape.linear_params / shape.num_hidden_layers
-        layer_bytes = (QLORA_BITS / 8 if method == "qlora" else (4 if method == "full" else a)) * layer_linear
+        layer_linear, layer_experts = (shape.linear_params / shape.num_hidden_layers,
+                                       shape.expert_params / shape.num_hidden_layers)
+        layer_bytes = ((QLORA_BITS / 8 if method == "qlora" else (4 if method == "full" else a)) * layer_linear
+                       + (4 if method in ("full", "qlora") else a) * layer_experts)
         root_bytes = (4 if method in ("full", "qlora") else a) * (shape.embedding_params + shape.hidden_size)
         out["buffers"] = (root_bytes + 2 * layer_bytes) if gpus > 1 else 0.0
     out["total"] = sum(out[p] for p in ("weights", "adapter", "gradients", "optimizer_states", "activations",
@@ -245,10 +330,12 @@ def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "
                            "for the method's default)"])
     try:
         shape = model_shape(model)
+    except ConfigError as e:  # an architecture the estimate can't read
+        raise ConfigError([f"--model {model!r}: {p}" for p in e.problems]) from None
     except ValueError:
         raise ConfigError([f"--model {model!r}: give a known size ({', '.join(KNOWN_SHAPES)}), a transformers "
                            f"directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
-    except (OSError, KeyError) as e:  # a directory without a readable Llama-style config.json
+    except OSError as e:  # a directory without a readable config.json
         raise ConfigError([f"--model {model!r}: {e}"]) from None
     ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
     result = estimate(shape, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)

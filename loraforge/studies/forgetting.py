@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 import torch
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
-from loraforge.config import ConfigError, TrainConfig, load_train_config
+from loraforge.config import ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, load_base
 from loraforge.precision import autocast
@@ -39,7 +37,9 @@ from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, per
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
+from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar
+from loraforge.utils.files import atomic_file
 from loraforge.utils.outputs import check_output
 from loraforge.utils.table import text_table
 
@@ -110,21 +110,53 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
 
 
 def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
-    """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split."""
+    """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split.
+
+    Without data.eval, max(eval_fraction, 0.1) of each training source of 20 or more records is held out as
+    train holds it out (loraforge.training.mixing.read_sources, seed 0) and written to task_test.jsonl; the rest of
+    each source goes to its own file (task_train.jsonl; a list: task_train0.jsonl, ...), keeping its weight,
+    epochs and format."""
     if cfg.data.eval:
         return cfg
-    records = D.read_records(cfg.data.train)
-    if len(records) < 20:
-        raise D.DataError(f"{cfg.data.train} has {len(records)} records and data.eval is unset; the task "
-                          f"accuracy needs held-out examples: give 20 or more records, or set data.eval to a file "
-                          f"of them")
-    train, held = D.train_test_split(records, max(cfg.data.eval_fraction, 0.1), seed=0, field="data.eval_fraction")
+    sources = cfg.data.sources("train")
+    train, held = read_sources(dataclasses.replace(cfg.data, eval_fraction=max(cfg.data.eval_fraction, 0.1)),
+                               seed=0)
+    if not held:
+        fix = ("the task accuracy needs held-out examples: give 20 or more records, or set data.eval to a file of "
+               "them")
+        if len(sources) == 1:
+            raise D.DataError(f"{sources[0].path} has {len(train[0])} records and data.eval is unset; {fix}")
+        counts = ", ".join(f"{label('train', i, s, len(sources))}: {len(rows)}"
+                           for i, (s, rows) in enumerate(zip(sources, train)))
+        raise D.DataError(f"data.train: no source has 20 records to hold some out ({counts}) and data.eval is "
+                          f"unset; {fix}")
+    task_format(held, "data.train")
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in (("task_train.jsonl", train), ("task_test.jsonl", held)):
+    names = ["task_train.jsonl"] if len(sources) == 1 else [f"task_train{i}.jsonl" for i in range(len(sources))]
+    for name, rows in zip(names, train):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(str(out / name))
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=paths[0], eval=paths[1]))
+    (out / "task_test.jsonl").write_text("".join(json.dumps(r) + "\n" for _, _, rows in held for r in rows))
+    written = tuple(dataclasses.replace(s, path=str(out / name)) for s, name in zip(sources, names))
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, train=written[0].path if isinstance(cfg.data.train, str) else written,
+        eval=str(out / "task_test.jsonl")))
+
+
+def task_format(parts: list[tuple[str, str, list[dict]]], field: str) -> str:
+    """The one record format of held-out parts (name, format, records) as read_sources gives them; "auto" is
+    detected from a part's first record. The task accuracy scores every example in one format."""
+    formats = {name: fmt if fmt != "auto" else D.detect_format(records[0]) for name, fmt, records in parts}
+    if len(set(formats.values())) > 1:
+        shown = ", ".join(f"{name}: {fmt}" for name, fmt in formats.items())
+        raise ConfigError([f"{field}: the task's held-out examples come in several formats ({shown}); the task "
+                           f"accuracy scores one format: give sources of one format"])
+    return next(iter(formats.values()))
+
+
+def held_out_task(cfg: TrainConfig, limit: int | None = None) -> tuple[list[dict], str]:
+    """The held-out task examples (every source of data.eval, in order; the first `limit`) and their format."""
+    _, parts = read_sources(cfg.data, seed=0)
+    return [r for _, _, rows in parts for r in rows][:limit], task_format(parts, "data.eval")
 
 
 # --- the base's probe results, cached on disk -----------------------------------------------------------------
@@ -170,15 +202,8 @@ def write_probe_cache(path: Path, model_key: str, probe_key: str, model_name: st
     none, never half of one. A cache that cannot be written is reported and skipped."""
     record = {"model_hash": model_key, "probe_hash": probe_key, "model": model_name, "scores": scores}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1, default=str)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str))
     except OSError as e:
         print(f"[base] could not cache the probe results at {path} ({e}); the next run probes the base again",
               flush=True)
@@ -240,8 +265,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
-    task_records = D.read_records(cfg.data.eval)[:limit]
-    fmt = D.detect_format(task_records[0]) if cfg.data.format == "auto" else cfg.data.format
+    task_records, fmt = held_out_task(cfg, limit)
     text = load_probe("text")
     probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
@@ -283,7 +307,8 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
 
     order = {arm.name: i for i, arm in enumerate(arms(ranks, lora_lr, full_lr))}
     rows = rows[:1] + sorted(rows[1:], key=lambda r: (order[r["name"]], r["seed"]))  # by arm, then seed
-    report = {"complete": True, "model": cfg.model.name, "task_train": cfg.data.train, "task_eval": cfg.data.eval,
+    data = to_dict(cfg.data)
+    report = {"complete": True, "model": cfg.model.name, "task_train": data["train"], "task_eval": data["eval"],
               "steps": cfg.training.max_steps, "batch_size": cfg.training.batch_size, "seeds": seeds,
               "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
@@ -437,7 +462,7 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
-    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, cfg.data.train, cfg.data.eval])
+    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths()])
     run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds,
                    overwrite=overwrite)
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.studies.continual import arm_config, cli_continual, format_report, run_continual
@@ -68,3 +69,31 @@ def test_default_study_is_times_after_dates_with_the_adapters_own_settings(tmp_p
     assert (seen["previous"], seen["replay"]) == (asset("demo_test.jsonl"), asset("demo_train.jsonl"))
     assert seen["shares"] == (0.0, 0.2) and seen["general"] is False and cfg.training.max_steps == 24
     assert cfg.lora == LoraConfig()  # nothing set here: the adapter's adapter_config.json decides
+
+
+def test_lists_of_sources_score_as_their_single_files(tiny_dir, tmp_path, monkeypatch):
+    """data.train and data.eval as one-file lists (README, "Keep teaching it"): the same rows, numbers and trained
+    adapters as the files given alone, the replay arm's mixture included."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl")),
+                progress=False)
+    reports = []
+    for name, wrap in (("file", str), ("list", lambda path: f"[{path}]")):
+        monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / name / "cache"))  # each computes its own numbers
+        cfg = task_config(tiny_dir, tmp_path / "unused", wrap(asset("times_train.jsonl")), wrap(asset("times_test.jsonl")))
+        reports.append(run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"),
+                                     asset("demo_train.jsonl"), shares=(0.0, 0.5), out=tmp_path / name, limit=3,
+                                     progress=False))
+    keep = ("name", "old", "new", "mc", "ppl", "kl")
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "cached")} if isinstance(d, dict) else d
+    rows = [[{k: strip(r[k]) for k in keep} for r in report["rows"]] for report in reports]
+    assert rows[1] == rows[0] and all(r["kl"]["kl"] > 0 for r in reports[1]["rows"][1:])
+    for a, b in zip(reports[0]["rows"][2:], reports[1]["rows"][2:]):
+        trained = [load_file(Path(r["output_dir"]) / "adapter" / "adapter_model.safetensors") for r in (a, b)]
+        assert trained[0].keys() == trained[1].keys()
+        for key in trained[0]:
+            assert torch.equal(trained[0][key], trained[1][key]), key
+    assert reports[1]["new_eval"] == [asset("times_test.jsonl")]
+    assert "3 of times_test.jsonl" in format_report(reports[1])

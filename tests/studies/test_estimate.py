@@ -1,8 +1,10 @@
 """The memory estimator: each part against plain arithmetic, and the well-known claims it must reproduce."""
 
 import pytest
+import torch
 
-from loraforge.studies.estimate import KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, estimate, format_breakdown, model_shape, per_device
+from loraforge.studies.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, config_shape,
+                                        estimate, format_breakdown, model_shape, per_device)
 from loraforge.quant.bnb import bits_per_weight_formula
 
 GB = 1e9
@@ -32,6 +34,11 @@ def test_activation_formula_is_the_documented_arithmetic():
     on = activation_bytes(s, T, a, r, gradient_checkpointing=True)
     assert off == {"layers": T * L * per, "logits": T * 3 * 4 * V}
     assert on == {"layers": T * (L * a * h + per), "logits": T * 3 * 4 * V}
+    # wide heads (q = heads × head_dim), norms on q and k, and k = 2 of E = 4 experts per token
+    moe = ModelShape(64, 128, 3, 4, 2, 100, head_dim=32, num_experts=4, experts_per_token=2, qk_norm=True)
+    q, kv = 4 * 32, 2 * 32
+    per = 8 * h + a * (2 * h + 3 * q + 2 * kv) + 2 * a * (h + 4 * i) + 4 * 4 + (4 + a) * (q + kv) + 4 * r
+    assert activation_bytes(moe, T, a, r, gradient_checkpointing=False)["layers"] == T * L * per
 
 
 def test_breakdown_pieces():
@@ -77,7 +84,79 @@ def test_local_config(tmp_path):
     from helpers import tiny_llama
 
     tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
-    assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False)
+    assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False, head_dim=16)
+
+
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen3_moe"])
+def test_parameter_counts_equal_the_real_models(arch, tmp_path):
+    """Model and LoRA (all-linear, r=16) parameters, estimated from config.json, equal those of the model built
+    from it: Qwen3 sets head_dim apart from hidden/heads (and norms q and k), the MoE models hold experts and a
+    router per layer (3-D tensors that "all-linear" does not adapt)."""
+    import transformers
+
+    from loraforge.config import LoraConfig
+    from loraforge.lora.inject import count_parameters, inject
+
+    config, model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    }[arch]
+    extra = {"llama": {}, "qwen3": {"head_dim": 48}, "mixtral": {"num_local_experts": 4},
+             "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 40, "head_dim": 24}}[arch]
+    torch.manual_seed(0)
+    real = model(config(**SIZES, **extra))
+    real.save_pretrained(tmp_path)
+    total = sum(p.numel() for p in real.parameters())
+    inject(real, LoraConfig(r=16, target_modules="all-linear"))
+    trainable = count_parameters(real)[0]
+
+    shape = model_shape(str(tmp_path))
+    assert shape.total_params == total
+    assert estimate(str(tmp_path), "full", 1, 16)["trainable_params"] == total
+    assert estimate(str(tmp_path), "lora", 1, 16, r=16)["trainable_params"] == trainable
+    assert adapter_params(shape, 16) == trainable
+
+
+def test_real_qwen3_config_counts_its_wide_heads():
+    """Qwen3-0.6B (its config.json's sizes): 596,049,920 parameters, 176M of them in the attention projections
+    (head_dim 128 with 16 heads is twice hidden_size 1024)."""
+    shape = config_shape({"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+                          "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                          "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True})
+    assert shape.total_params == 596_049_920
+    attention = {k: v for k, v in shape.linear_shapes().items() if k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert 28 * sum(a * b for a, b in attention.values()) == 176_160_768
+
+
+def test_architectures_it_cannot_read_are_refused_in_one_line(tmp_path):
+    from helpers import tiny_gpt2
+
+    from loraforge.config import ConfigError
+    from loraforge.studies.estimate import cli_estimate
+
+    tiny_gpt2().save_pretrained(tmp_path)
+    reads = ("the estimate reads Llama-style decoders (llama, mistral, qwen2, qwen3, ...: a config.json with "
+             "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size) and the mixtures "
+             "of experts mixtral and qwen3_moe")
+    with pytest.raises(ConfigError) as e:
+        cli_estimate(str(tmp_path))
+    assert e.value.problems == [f"--model {str(tmp_path)!r}: model_type 'gpt2' is not a Llama-style decoder (its "
+                                f"config.json lacks hidden_size, intermediate_size, num_hidden_layers, "
+                                f"num_attention_heads); {reads}"]
+    moe = {"model_type": "qwen2_moe", "num_experts": 60, "num_experts_per_tok": 4, **SIZES}
+    with pytest.raises(ConfigError) as e:
+        config_shape(moe)
+    assert e.value.problems == [f"model_type 'qwen2_moe' is a mixture of experts (num_experts, num_experts_per_tok) "
+                                f"that the estimate does not know; {reads}"]
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        config_shape({**SIZES, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 8,
+                      "mlp_only_layers": [0]})
 
 
 def test_per_device_memory_under_fsdp_and_ddp():
@@ -101,3 +180,10 @@ def test_per_device_memory_under_fsdp_and_ddp():
     assert "buffers" in format_breakdown(fsdp)
     with pytest.raises(ValueError, match="'zero3'"):
         per_device(one, "70b", "lora", 2, "zero3")
+    # experts are gathered with their layer, unquantized: fp32 under QLoRA, the base's dtype under LoRA
+    moe = ModelShape(64, 96, 2, 4, 2, 128, num_experts=4, experts_per_token=2)
+    layer = moe.linear_params / 2, moe.expert_params / 2
+    root = moe.embedding_params + moe.hidden_size
+    assert per_device(estimate(moe, "lora"), moe, "lora", 2, "fsdp")["buffers"] == 2 * root + 2 * 2 * sum(layer)
+    assert per_device(estimate(moe, "qlora"), moe, "qlora", 2, "fsdp")["buffers"] == pytest.approx(
+        4 * root + 2 * (4.127 / 8 * layer[0] + 4 * layer[1]), rel=1e-3)

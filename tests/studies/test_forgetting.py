@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from loraforge.config import load_train_config
+from loraforge.config import ConfigError, load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting
 from loraforge.studies.forgetting import task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
 from loraforge.training.loop import build_model, train
+from loraforge.utils.outputs import OutputError
 
 
 def full_config(tiny_dir, data_file, out, steps=3):
@@ -178,3 +179,69 @@ def test_default_task_is_the_demo_dates_scored_on_their_test_file(tmp_path, monk
     forgetting.cli_forgetting(out=str(tmp_path / "fg"), overrides=["model.dtype=fp32", "training.precision=fp32"])
     assert (seen[0].data.train, seen[0].data.eval) == (asset("demo_train.jsonl"), asset("demo_test.jsonl"))
     assert seen[0].training.max_steps == forgetting.DEMO_STEPS
+
+
+def _numbers(report: dict) -> list[dict]:
+    """Every row's scores and final loss: what a run computes, without its timings and folders."""
+    keep = ("name", "seed", "trainable_params", "final_loss", "task", "mc", "ppl", "kl")
+    return [{k: row.get(k) for k in keep} for row in report["rows"]]
+
+
+def test_a_list_of_sources_runs_as_its_single_file(tiny_dir, data_file, tmp_path, monkeypatch):
+    """data.train (and data.eval) as a list of sources, as train reads them: a one-file list gives the numbers of
+    that file given alone, also through the held-out split made when data.eval is unset; the CLI checks --out
+    against every path of the lists."""
+    over = [f"model.name={tiny_dir}", "model.dtype=fp32", "training.max_steps=2", "training.batch_size=4",
+            "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
+    reports = []
+    for name, train in (("file", str(data_file)), ("list", f"[{data_file}]")):
+        monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / name / "cache"))  # each computes its own numbers
+        cfg = load_train_config(None, [*over, f"data.train={train}"])
+        reports.append(run_forgetting(cfg, tmp_path / name / "fg", ranks=(2,), limit=4, progress=False))
+    assert reports[1]["task_train"] == [{"path": str(tmp_path / "list" / "fg" / "task_train.jsonl"), "format": None,
+                                         "weight": None, "epochs": None}]
+    assert _numbers(reports[1]) == _numbers(reports[0])
+    assert all(row["task"]["n"] == 4 for row in reports[0]["rows"])
+
+    inside = tmp_path / "out" / "held.jsonl"  # an input inside --out, named in a list
+    inside.parent.mkdir()
+    inside.write_text(data_file.read_text())
+    with pytest.raises(OutputError, match=f"contains this command's input {inside}"):
+        forgetting.cli_forgetting(overrides=[f"model.name={tiny_dir}", f"data.train=[{data_file}]",
+                                             f"data.eval=[{inside}]"], out=str(tmp_path / "out"))
+
+
+def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file, tmp_path):
+    """Each source of 20 or more records gives max(eval_fraction, 0.1) of itself to task_test.jsonl; the rest is
+    written per source, keeping its weight; data.eval as a list is scored in full, in order."""
+    from loraforge.studies.forgetting import held_out_task
+    from loraforge.training.data import DataError, read_records
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"instruction": f"Echo {i}.", "output": str(i)}) + "\n" for i in range(5)))
+    base = [f"model.name={tiny_dir}", f"output_dir={tmp_path}"]
+    cfg = load_train_config(None, [*base, f"data.train=[{{path: {data_file}, weight: 3}}, {{path: {small}, weight: 1}}]"])
+    split = task_split(cfg, tmp_path / "fg")
+    (big, rest) = split.data.sources("train")
+    assert (big.weight, rest.weight) == (3, 1) and split.data.eval == str(tmp_path / "fg" / "task_test.jsonl")
+    held = read_records(split.data.eval)
+    assert len(read_records(big.path)) == 36 and len(held) == 4 and len(read_records(rest.path)) == 5  # 5 < 20: kept
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in read_records(big.path)}
+
+    records, fmt = held_out_task(load_train_config(None, [*base, f"data.train={data_file}",
+                                                          f"data.eval=[{small}, {data_file}]"]))
+    assert fmt == "instruction" and [r["instruction"] for r in records] == [
+        r["instruction"] for r in read_records(small) + read_records(data_file)]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi."},
+                                             {"role": "assistant", "content": "Hello."}]}) + "\n")
+    with pytest.raises(ConfigError) as e:  # one format per task: its accuracy prompts every example alike
+        held_out_task(load_train_config(None, [*base, f"data.train={data_file}", f"data.eval=[{small}, {chat}]"]))
+    assert e.value.problems == [
+        "data.eval: the task's held-out examples come in several formats (data.eval[0] small.jsonl: instruction, "
+        "data.eval[1] chat.jsonl: chat); the task accuracy scores one format: give sources of one format"]
+    with pytest.raises(DataError) as e:
+        task_split(load_train_config(None, [*base, f"data.train=[{small}, {small}]"]), tmp_path / "fg2")
+    assert str(e.value) == (f"data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
+                            f"data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
+                            f"examples: give 20 or more records, or set data.eval to a file of them")
