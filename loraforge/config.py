@@ -502,12 +502,17 @@ class TrainingConfig:
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step; the global batch is batch_size × this × processes."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trainable weights (0: none, as PEFT's examples)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """torch's AdamW (fused where the device allows), or bitsandbytes' 8-bit and paged AdamW (QLoRA's memory-spike
+    guard; they need bitsandbytes and a device it supports) (loraforge.training.optim)."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off."""
     seed: int = 0
+    """Seeds the adapter's initialisation, the data's shuffle and held-out split, and dropout: the same config and
+    seed train the same adapter."""
     init_adapter: str | None = None
     """Start from this adapter directory (ours or PEFT's LoRA: rsLoRA, DoRA, rank/alpha patterns) instead of a fresh
     adapter; its adapter_config.json gives the lora: settings (a lora: field set to another value is an error).
@@ -529,11 +534,13 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep on disk."""
     log_every: int = 1
+    """Write a metrics.jsonl row (and the tracker's point) every N optimizer steps; the last step, and a step the
+    fp16 loss scaler skipped, are always written."""
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
     """Also send every logged metric (loss, learning rate, grad norm, tokens/s, eval loss, AdaLoRA's rank budget) to
     TensorBoard (<output_dir>/tensorboard), Weights & Biases or MLflow, as transformers' Trainer names them;
     metrics.jsonl and the loss plot are written either way. Each needs its optional extra, e.g.
-    pip install 'loraforge[tensorboard]' (loraforge.trackers)."""
+    pip install 'loraforge[tensorboard]' (loraforge.training.trackers)."""
     attention: Literal["auto", "sdpa", "eager", "lean"] = "auto"
     """The attention kernel while training. auto: lean on CPU, SDPA otherwise. lean: loraforge.kernels.attention,
     eager attention's math keeping q, k, v (keys and values not repeated per query head) and, for unpacked rows up
