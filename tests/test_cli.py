@@ -216,9 +216,7 @@ def test_generate_says_its_precision_on_stderr(tiny_dir, monkeypatch, loads, cap
 
 
 def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, capsys):
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # start-up only
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, host, port, log_level: None)  # start-up
     monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
     assert main(["serve", "--model", str(tiny_dir)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == ("precision bf16: this CPU has native bf16 (AVX512 with "

@@ -85,7 +85,8 @@ class AdaLoraConfig:
             p.append(f"total_step: AdaLoRA needs the run's number of optimizer steps (> 0), got {self.total_step}")
         elif self.tinit >= self.total_step - self.tfinal:
             p.append(f"tinit: {self.tinit} leaves no budget phase before total_step - tfinal = "
-                     f"{self.total_step - self.tfinal}; lower tinit/tfinal or raise total_step")
+                     f"{self.total_step - self.tfinal}; lower tinit/tfinal or raise total_step (in a training "
+                     f"run: training.max_steps, or training.epochs)")
         if not 0 < self.init_r <= MAX_RANK:
             p.append(f"init_r: must be a positive integer (at most {MAX_RANK}), got {self.init_r} (try 12)")
         if not 0 < self.target_r <= self.init_r:

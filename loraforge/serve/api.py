@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -384,10 +385,15 @@ def run_until_signal(app, host: str, port: int, log_level: str) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     try:
-        server.run()
+        server.run()  # re-raises a signal it caught: Ctrl-C ends in KeyboardInterrupt, SIGTERM ends the process
     except SystemExit:  # uvicorn exits when it cannot listen
         if server.started:
             raise
+    caught = getattr(server, "_captured_signals", [])  # re-raised, but a no-op where the signal was ignored
+    if signal.SIGINT in caught:  # started with SIGINT ignored (a background job, nohup): still a stop, not an end
+        raise KeyboardInterrupt
+    if signal.SIGTERM in caught:
+        raise SystemExit(128 + signal.SIGTERM)
     if not server.started:
         raise ServeError(f"could not listen on {host}:{port} (the line above says why; another server on that port? "
                          f"choose another with --port)")

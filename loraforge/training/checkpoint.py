@@ -200,6 +200,22 @@ def config_changes(saved: dict, now: dict, sections=RUN_SECTIONS) -> list[str]:
             if before.get(k) != after.get(k)]
 
 
+SCHEDULE_FIELDS = ("training.lr", "training.schedule", "training.warmup_steps", "training.loraplus_lr_ratio",
+                   "training.optimizer", "training.weight_decay")  # what a resumed optimizer and schedule continue
+
+
+def schedule_changes(state: dict, now: dict, total_steps: int) -> list[str]:
+    """`key: saved -> now` for the learning-rate settings and the step count (training.max_steps, or epochs × the
+    data's steps per epoch) that a checkpoint's trainer_state.json (`state`) and this run (to_dict(cfg),
+    total_steps) disagree on. A resumed run continues the checkpoint's optimizer and schedule, so another lr or
+    length would mix two schedules (a finished run resumed with a larger max_steps ran a step at lr 0)."""
+    changed = [c for c in config_changes(state["config"], now, sections=("training",))
+               if c.split(":")[0] in SCHEDULE_FIELDS] if state.get("config") else []
+    if state.get("total_steps") not in (None, total_steps):
+        changed.append(f"total steps: {state['total_steps']} -> {total_steps}")
+    return changed
+
+
 def global_batch(cfg: TrainConfig, world: int) -> dict:
     """What a step's place in the data depends on, recorded in every checkpoint: the processes and each one's share
     of a step (gradient_accumulation micro-batches of batch_size examples, or of up to batch_tokens tokens)."""

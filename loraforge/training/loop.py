@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loraforge.config import TrainConfig, to_dict
+from loraforge.config import ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
@@ -41,7 +41,7 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, save_checkpoint)
+                                           last_checkpoint, load_checkpoint, save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (check_same_config, choose_mode, clip_sharded, collective_error,
@@ -80,6 +80,16 @@ class TrainResult:
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def in_section(section: str):
+    """Name the config section in the target errors inject raises ('target_modules: ...' is lora.target_modules or
+    adalora.target_modules to the user who typed it)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError([p if p.startswith(f"{section}.") else f"{section}.{p}" for p in e.problems]) from None
+
 
 def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
     """training.precision and model.dtype resolved on this device (loraforge.precision: auto from the hardware)."""
@@ -123,11 +133,16 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     elif cfg.method == "adalora":
         if total_steps is None:
             raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
-
-        inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
-                       "default")
+        if cfg.adalora.get("total_step") not in (None, total_steps):  # it used to be replaced without a word
+            raise ConfigError([f"adalora.total_step: {cfg.adalora['total_step']} is not this run's {total_steps} "
+                               f"steps; a training run sets it (training.max_steps, or epochs × steps per epoch): "
+                               f"remove adalora.total_step, or set training.max_steps={cfg.adalora['total_step']}"])
+        with in_section("adalora"):
+            inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
+                           "default")
     else:
-        inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
+        with in_section("lora"):
+            inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
     if cfg.training.fused_lora:
         for _, layer in lora_layers(model):
             layer.fused = True  # layers the kernel can't run (dropout, DoRA, 4-bit base) keep the plain path
@@ -322,7 +337,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
 
     An output_dir that is not empty needs `overwrite` (an earlier run there is started over; `resume` continues
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
-    caller's run_precision(cfg, device) where it already resolved it (decided, and warned about, once).
+    caller's run_precision(cfg, device) where it already resolved it (decided, warned about and printed by it).
     """
     with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
         stage = "set-up"
@@ -371,9 +386,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     if refusal is not None:
         raise refusal
 
-    precision = precision or run_precision(cfg, device)
-    if rank == 0:
-        print(precision.line(), flush=True)
+    if precision is None:  # a caller that resolved it (demo) has printed its line already
+        precision = run_precision(cfg, device)
+        if rank == 0:
+            print(precision.line(), flush=True)
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence
@@ -459,9 +475,14 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
                             f"output_dir")
-    saved = json.loads((found / "trainer_state.json").read_text()).get("global_batch")
-    if why := global_batch_change(found, saved, global_batch(run.cfg, run.world)):  # same on every process
-        raise TrainingError(why)
+    state = json.loads((found / "trainer_state.json").read_text())
+    if why := global_batch_change(found, state.get("global_batch"), global_batch(run.cfg, run.world)):
+        raise TrainingError(why)  # the same on every process, as the checks below
+    if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
+        raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
+                            f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
+                            f"as they were; to train on with new ones, start a new run from the finished adapter "
+                            f"(training.init_adapter={run.out / 'adapter'})")
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     if run.is_main:

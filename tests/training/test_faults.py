@@ -577,3 +577,20 @@ def test_a_run_that_fails_before_writing_leaves_no_output_dir(tiny_dir, data_fil
         with pytest.raises(Exception, match="matches no linear layer"):
             train(cfg, progress=False)
         assert out.exists() == existed and (not existed or list(out.iterdir()) == [])
+
+
+@pytest.mark.parametrize("override,change", [
+    ("training.lr=1e-5", "training.lr: 0.01 -> 1e-05"),
+    ("training.max_steps=6", "total steps: 3 -> 6"),  # "train more": a step at lr 0, then another cosine
+    ("training.schedule=constant", "training.schedule: 'cosine' -> 'constant'"),
+])
+def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, interrupted, override, change):
+    """A resumed run continues the checkpoint's optimizer and schedule: another lr or step count mixed two schedules
+    silently (the lr stayed the checkpoint's; a longer run spent a step at lr 0)."""
+    args = [*run_args(tiny_dir, data_file, interrupted), override]
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert str(e.value) == (f"--resume: step-0000002 was written with other training settings ({change}); a resumed "
+                            f"run continues its optimizer and learning-rate schedule, so put them back as they were; "
+                            f"to train on with new ones, start a new run from the finished adapter "
+                            f"(training.init_adapter={interrupted / 'adapter'})")

@@ -341,3 +341,24 @@ def test_sequences_past_the_models_context_are_refused_before_the_model_loads(ti
                                      f"output_dir={tmp_path / 'short'}", "data.max_seq_len=512", "data.packing=true",
                                      "training.max_steps=1", "training.batch_size=4", "training.precision=fp32"])
     assert train(short).steps == 1 and (tmp_path / "short" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_target_errors_name_their_section_and_adalora_total_step_is_the_runs(tiny_dir, data_file, tmp_path):
+    """inject's 'target_modules: ...' is lora.target_modules or adalora.target_modules to the user; an
+    adalora.total_step other than the run's step count was replaced without a word."""
+    cfg = config(tiny_dir, data_file, tmp_path / "a")
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError) as e:
+        build_model(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=("qkv",))), cpu)
+    assert e.value.problems[0].startswith("lora.target_modules: ('qkv',) matches no linear layer")
+    ada = dataclasses.replace(cfg, method="adalora", adalora={"target_modules": ["qkv"], "target_r": 2})
+    with pytest.raises(ConfigError) as e:
+        build_model(ada, cpu, total_steps=6)
+    assert e.value.problems[0].startswith("adalora.target_modules: ('qkv',) matches no linear layer")
+    with pytest.raises(ConfigError) as e:
+        build_model(dataclasses.replace(ada, adalora={"total_step": 100, "target_r": 2}), cpu, total_steps=6)
+    assert e.value.problems == ["adalora.total_step: 100 is not this run's 6 steps; a training run sets it "
+                                "(training.max_steps, or epochs × steps per epoch): remove adalora.total_step, or "
+                                "set training.max_steps=100"]
+    model, _ = build_model(dataclasses.replace(ada, adalora={"total_step": 6, "target_r": 2}), cpu, total_steps=6)
+    assert any(type(m).__name__ == "SVDLinear" for m in model.modules())  # the run's own count is fine

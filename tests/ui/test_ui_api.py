@@ -22,12 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from loraforge import cli
+from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 from loraforge.ui import app as ui_app
 from loraforge.ui import runs as R
@@ -234,7 +234,11 @@ def test_status_from_the_files_a_run_leaves(tmp_path):
 @pytest.mark.parametrize("argv", [["ui"], ["serve", "--ui"]])
 def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypatch):
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))  # start-up only
+    def start(app, host, port, log_level):  # start-up only
+        apps.append((app, {"host": host, "port": port}))
+
+    monkeypatch.setattr(ui_app, "run_until_signal", start)
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal", start)
     monkeypatch.chdir(tmp_path)
     assert cli.main([*argv, "--model", str(tiny_dir), "--runs", "myruns", "--api-key", KEY]) == 0
     (app, kw), = apps
@@ -243,8 +247,7 @@ def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypat
     assert client.get("/ui/api/runs").status_code == 401
     assert client.get("/ui/api/runs", headers={"Authorization": f"Bearer {KEY}"}).json() == {"runs": []}
     assert (tmp_path / "myruns").is_dir() and client.get("/ui/").status_code == 200
-    # both know their --host (any other name in the Host header is refused) and cut open streams on Ctrl-C
-    assert kw["timeout_graceful_shutdown"] == ui_app.SHUTDOWN_GRACE_S
+    # both know their --host (any other name in the Host header is refused)
     assert TestClient(app, base_url="http://attacker.example:8000").get("/ui/").status_code == 400
 
 
@@ -692,7 +695,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])  # as uvicorn ends
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])  # as train ends
 def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, tmp_path, sig, code):
     run = tmp_path / "runs" / "term"
     run.mkdir(parents=True)
@@ -701,7 +704,8 @@ def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, 
     server = subprocess.Popen([sys.executable, "-m", "loraforge", "ui", "--model", str(tiny_dir), "--runs",
                                str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: server.poll() is not None or answers(url), timeout=120, every=0.5)
@@ -720,8 +724,8 @@ def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, 
         assert opened.wait(30)
         began = time.monotonic()
         server.send_signal(sig)
-        assert server.wait(ui_app.SHUTDOWN_GRACE_S + 15) == code
-        assert time.monotonic() - began < ui_app.SHUTDOWN_GRACE_S + 15
+        assert server.wait(SHUTDOWN_GRACE_S + 15) == code
+        assert time.monotonic() - began < SHUTDOWN_GRACE_S + 15
     finally:
         server.kill()
         server.wait()
