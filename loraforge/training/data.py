@@ -342,8 +342,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 -- jinja2's TemplateError ("roles must alternate"), ValueError, ...
-            raise DataError(f"{where}the model's chat template refuses this conversation ({e}); change the conversation to "
-                            f"what the template accepts") from None
+            raise DataError(f"{where}the model's chat template refuses this conversation ({e}); change the "
+                            f"conversation to what the template accepts") from None
     text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
                    + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
     return text + ("### Assistant:\n" if add_generation_prompt else "")

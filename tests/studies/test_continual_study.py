@@ -82,7 +82,8 @@ def test_lists_of_sources_score_as_their_single_files(tiny_dir, tmp_path, monkey
     reports = []
     for name, wrap in (("file", str), ("list", lambda path: f"[{path}]")):
         monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / name / "cache"))  # each computes its own numbers
-        cfg = task_config(tiny_dir, tmp_path / "unused", wrap(asset("times_train.jsonl")), wrap(asset("times_test.jsonl")))
+        cfg = task_config(tiny_dir, tmp_path / "unused", wrap(asset("times_train.jsonl")),
+                          wrap(asset("times_test.jsonl")))
         reports.append(run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"),
                                      asset("demo_train.jsonl"), shares=(0.0, 0.5), out=tmp_path / name, limit=3,
                                      progress=False))

@@ -220,7 +220,8 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"instruction": f"Echo {i}.", "output": str(i)}) + "\n" for i in range(5)))
     base = [f"model.name={tiny_dir}", f"output_dir={tmp_path}"]
-    cfg = load_train_config(None, [*base, f"data.train=[{{path: {data_file}, weight: 3}}, {{path: {small}, weight: 1}}]"])
+    mix = f"data.train=[{{path: {data_file}, weight: 3}}, {{path: {small}, weight: 1}}]"
+    cfg = load_train_config(None, [*base, mix])
     split = task_split(cfg, tmp_path / "fg")
     (big, rest) = split.data.sources("train")
     assert (big.weight, rest.weight) == (3, 1) and split.data.eval == str(tmp_path / "fg" / "task_test.jsonl")
