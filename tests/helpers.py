@@ -27,14 +27,28 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
+def _adapter_weights(model):
+    """Every adapter's lora_A and lora_B weight, layer by layer."""
+    for _, layer in lora_layers(model):
+        for name in layer.r:
+            yield from (layer.lora_A[name].weight, layer.lora_B[name].weight)
+
+
 def randomize(model, seed=1):
     """Give every adapter weight non-zero values (a fresh B is zero, which would hide key mix-ups)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in layer.r:
-                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        for w in _adapter_weights(model):
+            w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    return model
+
+
+def perturb(model, seed=2):
+    """Stand-in for training: move every adapter's A and B away from their initial values (PiSSA/OLoRA's too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in _adapter_weights(model):
+            w.add_(torch.randn(w.shape, generator=g) * 0.05)
     return model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import randomize, tiny_gpt2, tiny_llama
+from helpers import perturb, randomize, tiny_gpt2, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, load_adapter, save_adapter
@@ -25,17 +25,6 @@ TIED = ("lm_head", "q_proj")
 
 def _tied():
     return tiny_llama(tie_word_embeddings=True)
-
-
-def _perturb(model, seed=2):
-    """Stand-in for training: move A and B away from their initial values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in layer.r:
-                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                    w.add_(torch.randn(w.shape, generator=g) * 0.05)
-    return model
 
 
 def test_a_tied_head_gets_its_own_weight_with_one_warning():
@@ -82,7 +71,7 @@ def test_pissa_on_a_tied_head_leaves_the_embedding(init, input_ids):
     with torch.no_grad():
         assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
         torch.testing.assert_close(model(input_ids).logits, base(input_ids).logits, **TOL)  # unchanged at step 0
-        want = _perturb(model)(input_ids).logits
+        want = perturb(model)(input_ids).logits
         torch.testing.assert_close(merge_and_unload(model)(input_ids).logits, want, **TOL)
 
 
@@ -126,7 +115,7 @@ def test_pissa_niter_loads_as_it_trained_whatever_the_global_seed(tmp_path, inpu
     torch.manual_seed(1)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj"),
                         init_lora_weights="pissa_niter_1")
-    model = _perturb(inject(tiny_llama(), config))
+    model = perturb(inject(tiny_llama(), config))
     with torch.no_grad():
         trained = model(input_ids).logits
         save_adapter(model, tmp_path / "a")
@@ -142,7 +131,7 @@ def test_pissa_niter_loads_as_it_trained_whatever_the_global_seed(tmp_path, inpu
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_delete_puts_back_the_base_and_a_second_load_equals_a_fresh_one(arch, init, tmp_path, input_ids):
     build = BUILDERS[arch]
-    save_adapter(_perturb(inject(build(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))), tmp_path / "a")
+    save_adapter(perturb(inject(build(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))), tmp_path / "a")
     base = build()
     model = load_adapter(copy.deepcopy(base), tmp_path / "a")
     delete_adapter(model, "default")
@@ -172,7 +161,7 @@ def test_two_pissa_adapters_deleted_in_either_order_give_w0(input_ids):
 def test_original_base_factors_on_w0_equal_the_adapter_on_its_residual(use_dora):
     """What a per-row server needs: W0 back for the base rows, the adapter as [A; A0], [B, −B0] on it."""
     W0 = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach().clone()
-    model = _perturb(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+    model = perturb(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
                                                      use_dora=use_dora)))
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))

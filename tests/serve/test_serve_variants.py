@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 
-from helpers import full_forward_greedy
+from helpers import full_forward_greedy, perturb
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
@@ -136,12 +136,7 @@ def test_pissa_and_olora_adapters_serve_on_the_original_base(base, tokenizer, tm
                                         target_modules=("q_proj", "v_proj", "down_proj"))}
     for i, (name, config) in enumerate(configs.items()):
         model = copy.deepcopy(base)
-        inject(model, config, name)
-        with torch.no_grad():  # trained: A and B moved away from their initial factors
-            g = torch.Generator().manual_seed(300 + i)
-            for _, layer in lora_layers(model):
-                for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                    w.add_(torch.randn(w.shape, generator=g) * 0.05)
+        perturb(inject(model, config, name), seed=300 + i)  # trained: A and B moved away from their initial factors
         save_adapter(model, tmp_path / name, name)
     names = ["pissa", None, "olora-dora", "pissa", None]
     engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: tmp_path / n for n in configs})
