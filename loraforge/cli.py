@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraforge.serve.errors import ServeError
     from loraforge.utils.outputs import OutputError
     from loraforge.training.loop import Stopped, TrainingError
+    from loraforge.training.distributed import leave_processes
 
     try:
         func(**args)
@@ -479,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        leave_processes()  # under torchrun: before interpreter shutdown, or a rank may exit with SIGABRT
     return 0
 
 

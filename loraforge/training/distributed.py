@@ -59,6 +59,16 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def leave_processes() -> None:
+    """Destroy the process group, where one was joined, while the interpreter is still whole: without this, gloo's
+    worker threads are torn down during interpreter shutdown and a process that is exiting (even with a refusal
+    every rank printed) can die of SIGABRT ("terminate called without an active exception") instead of its exit
+    code. A failure here (a peer already gone) changes nothing about how the command ends."""
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
 def check_same_config(config: dict, world: int) -> None:
     """Every process runs the same config (`config`: to_dict of its resolved settings): a hash of each is gathered
     (a collective) and, where they differ, every process stops with the first differing setting and both values.

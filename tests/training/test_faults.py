@@ -8,6 +8,7 @@ import os
 import signal
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 import loraforge.training.loop as T
+from loraforge.cli import main
 from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
@@ -442,6 +445,23 @@ def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file
     assert [one_error_line(err) for err in errors] == [expected, expected]
     assert [o.read_text() for o, _ in logs] == ["", ""]  # refused before anything was loaded
     assert seconds < 300, seconds  # the start-up of two processes (75 s on a busy 2-core CPU), not the timeout
+
+
+def test_the_cli_leaves_the_process_group_it_joined_before_exiting(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """Under torchrun the command joins a gloo group; it destroys it before returning its exit code, refused or
+    not. A group left to interpreter shutdown tears gloo's threads down late, and a rank could die of SIGABRT
+    ("terminate called without an active exception", exit -6) after printing its refusal: CI saw it once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code = main(["train", str(cfg), *run_args(tiny_dir, data_file, data_file)])  # output_dir is the data: refused
+    assert (code, dist.is_initialized()) == (2, False)
+    assert "output_dir" in capsys.readouterr().err
 
 
 def test_an_output_dir_below_a_file_is_refused_with_one_line_before_loading(tiny_dir, data_file, tmp_path):
