@@ -2,6 +2,7 @@
 
     python bench/profile_train.py --shape chat             # the step as loraforge trains it (loraforge's defaults)
     python bench/profile_train.py --shape text --variant lf-noseg --top 25
+    python bench/profile_train.py --shape text --dtype bf16  # the base in bf16 under autocast, as bench/train.py
 
 Prints the self CPU time of the step by kind (matmuls, attention's softmax, norms, elementwise, copies and
 allocation, the optimizer, data/collate), then the heaviest operators. One process, after one untimed step.
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--pack-len", type=int, default=256)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the frozen base stored in bf16, matmuls under bf16 autocast, as bench/train.py runs it")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = p.parse_args()
 
@@ -67,7 +70,7 @@ def main() -> None:
         f"training.fused_lora={str(opts.get('fused', True)).lower()}",
         f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
         "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0", "lora.target_modules=all-linear",
-        "model.dtype=fp32", "training.precision=fp32"])
+        f"model.dtype={args.dtype}", f"training.precision={args.dtype}"])
     device = torch.device("cpu")
     model, tok = build_model(cfg, device)
     model.train()
@@ -86,12 +89,14 @@ def main() -> None:
     pack = args.shape != "text" and D.should_pack(packing, D.padding_fraction(examples, args.batch, prefix_of))
     print(f"{args.shape}: {'packed into ' + str(seq) + '-token rows' if pack else 'rows as they come'}")
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
     def step(micro):
         with torch.profiler.record_function("data"):
             batches = [D.collate(D.pack(rows, seq) if pack else rows, tok.pad_token_id) for rows, _ in micro]
             n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
-            with torch.profiler.record_function("forward"):
+            with torch.profiler.record_function("forward"), autocast:
                 loss, _ = loss_fn(b)
             with torch.profiler.record_function("backward"):
                 (loss / n).backward()
