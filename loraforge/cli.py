@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
-        print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped at the same step: one line
+            print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

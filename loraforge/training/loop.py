@@ -344,7 +344,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         try:
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
-            with StopRequest(enabled=run.world == 1) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
+            with StopRequest(world=run.world) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
                 loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
             stage = "finish"
             return finish(run, loss_value, eval_loss, seconds, start_tokens)
@@ -515,11 +515,12 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     loss_value, eval_loss = float("nan"), None
     epoch_batches: dict[int, list[list[int]]] = {}
     group = t.gradient_accumulation * run.world
+    saved = run.step if run.step else None  # a resumed run starts at its checkpoint's step
     try:
         while run.step < run.total_steps:
-            if stop is not None and stop.requested:
+            if stop is not None and stop.agreed(run.device):  # under torchrun: every process at the same step
                 checkpoint = run.ckpt_root / f"step-{run.step:07d}"
-                if not checkpoint.exists():
+                if saved != run.step:  # not the file system's word: under torchrun every process decides alike
                     save_step(run)
                 raise Stopped(stop.signum, f"stopped by {stop.name} after step {run.step} of {run.total_steps}: "
                                            f"checkpoint {checkpoint} saved")
@@ -565,6 +566,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                               f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
+                saved = run.step
     finally:
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
@@ -606,23 +608,40 @@ class StopRequest:
     """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (`kill`, `docker stop`, systemd,
     Kubernetes, Slurm's pre-emption) or SIGUSR1 (Slurm's `--signal`) asks the loop to stop after the step it is in,
     with a checkpoint, rather than interrupting it mid-step; a second one interrupts at once. Either way Stopped
-    carries the signal. Only in the main thread of a single process (under torchrun the ranks could see it at
-    different steps: there they interrupt)."""
+    carries the signal. Installed in the main thread only.
+
+    Under torchrun (`world` > 1) the processes agree before every step (`agreed`, one small all-reduce): a signal
+    that reached any of them stops all of them after the same step, so the checkpoint is whole (FSDP: every shard).
+    There a second signal does not interrupt: torchrun's agent forwards the signal it got to every process (Ctrl-C
+    reaches them twice) and kills them itself after its grace period (30 s)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self.signum, self._previous = enabled, False, None, {}
+    def __init__(self, enabled: bool = True, world: int = 1):
+        self.enabled, self.world, self.requested, self.signum, self._previous = enabled, world, False, None, {}
 
     @property
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     def _handle(self, signum, frame):
+        if self.requested and self.world > 1:
+            return  # torchrun forwarded it again, or a second one: this step ends, the agent's grace period rules
         if self.requested:
             raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} after {self.name}, in the middle "
                                   f"of a step; the last complete checkpoint is kept")
         self.requested, self.signum = True, signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """Stop before the next step? This process's request, or under torchrun any process's (then this process
+        takes its signal): every process calls this at the same point of every step."""
+        if self.world == 1 or not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(self.signum or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and not self.requested:
+            self.requested, self.signum = True, int(flag)
+        return self.requested
 
     def __enter__(self) -> StopRequest:
         if self.enabled and threading.current_thread() is threading.main_thread():

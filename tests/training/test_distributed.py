@@ -2,10 +2,13 @@
 a crashed rank stops the others with an error, sharded checkpoints resume with another number of processes,
 and the combinations FSDP does not run yet are refused by name."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
-from loraforge.training.checkpoint import TrainingError
+from loraforge.training.checkpoint import TrainingError, verify_checkpoint
 from loraforge.training.dcp import verify_sharded
 from loraforge.training.distributed import choose_mode, refuse_unsupported
 from loraforge.training.loop import train
@@ -261,3 +264,58 @@ def test_fsdp_resume_with_another_lora_r_is_refused_naming_it(tiny_dir, data_fil
                 f"written: lora.r: 4 -> 8); resume with the config the run was started with") in proc.stdout
     assert (others / "__0_0.distcp").read_text() == "in flight"
     assert sorted(p.name for p in (tmp_path / "r8" / "checkpoints").iterdir()) == [".tmp-step-0000007", "step-0000007"]
+
+
+def signalled_torchrun(cfg_file, args, port, out, signum, whole_group) -> tuple[int, str]:
+    """`torchrun --nproc_per_node=2 -m loraforge train`, signalled once rank 0 has logged a step: `signum` to the
+    agent alone (as `kill`, Slurm or Kubernetes do; the agent forwards it) or to the whole process group (Ctrl-C in a
+    terminal: every process gets it, then again from the agent). (agent's exit code, stderr of all processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    err_file, logged = cfg_file.parent / f"torchrun-{port}.err", metrics_lines(out)  # a resume appends to the log
+    with open(err_file, "w") as err:  # a file: a full pipe would block the processes
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", "-m", "loraforge", "train", str(cfg_file), *args],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while metrics_lines(out) <= logged:
+            assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum) if whole_group else os.kill(proc.pid, signum)
+        code = proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return code, err_file.read_text()
+
+
+def metrics_lines(out) -> int:
+    metrics = out / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.is_file() else 0
+
+
+@pytest.mark.parametrize("mode, signum, whole_group", [("ddp", signal.SIGTERM, False), ("fsdp", signal.SIGINT, True)])
+def test_a_signal_under_torchrun_stops_every_process_after_one_step_with_a_whole_checkpoint(
+        tiny_dir, data_file, tmp_path, cfg_file, mode, signum, whole_group):
+    """Under torchrun a signal stops the run as it does one process: every process finishes the same step, the
+    checkpoint of it is whole (FSDP: every shard, a collective), rank 0 alone says so in one line, and --resume
+    continues from it. Before, torchrun's processes had no handler: a kill lost every step since the last save."""
+    out = tmp_path / "run"
+    args = [*common(tiny_dir, data_file, steps=100000), f"output_dir={out}", "training.batch_size=4",
+            "training.save_every=0", "training.log_every=1", f"training.distributed={mode}"]
+    port = 29561 if mode == "ddp" else 29563
+    code, stderr = signalled_torchrun(cfg_file, args, port, out, signum, whole_group)
+    lines = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    ckpts = out / "checkpoints"
+    (step,) = [d.name for d in ckpts.iterdir()]  # save_every 0: the stop's checkpoint alone
+    n = int(step.removeprefix("step-"))
+    assert code != 0 and lines == [f"stopped by {signal.Signals(signum).name} after step {n} of 100000: checkpoint "
+                                   f"{ckpts / step} saved; continue with --resume"], stderr[-3000:]
+    assert (verify_sharded if mode == "fsdp" else verify_checkpoint)(ckpts / step) is None
+    assert "Traceback" not in stderr.split("stopped by")[0]  # no process died mid-step before the stop
+    if mode == "ddp":  # --resume starts at that step (then is stopped again)
+        code, stderr = signalled_torchrun(cfg_file, [*args, "--resume"], port + 1, out, signum, whole_group)
+        later = sorted(int(d.name.removeprefix("step-")) for d in ckpts.iterdir())
+        assert later[0] == n and len(later) == 2 and later[1] > n, stderr[-3000:]
+        assert f"stopped by SIGTERM after step {later[1]} of 100000" in stderr
