@@ -10,6 +10,7 @@ KEY=VALUE overrides may come anywhere on the line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import re
@@ -476,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped at the same step: one line
-            print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal it would go to may be gone
+                print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -503,7 +503,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         stop: StopRequest | None = None) -> tuple[float, float | None, float]:
     """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds).
 
-    With `stop`: once it is requested (SIGINT, SIGTERM, SIGUSR1), the loop saves a checkpoint at the step it
+    With `stop`: once it is requested (SIGINT, SIGTERM, SIGUSR1, SIGHUP), the loop saves a checkpoint at the step it
     reached and raises Stopped (a KeyboardInterrupt naming the signal); `--resume` continues from there. Whatever
     ends the loop, the progress bar is closed first, so what is printed next starts on a line of its own."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
@@ -593,7 +593,8 @@ def checkpoint_state(run: Run) -> dict:
 
 class Stopped(KeyboardInterrupt):
     """A run stopped by a signal (StopRequest): `signum` names it, and the CLI exits with `exit_code`, 128 + its
-    number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138 on Linux)."""
+    number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138, SIGHUP 129 on
+    Linux)."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
@@ -606,16 +607,17 @@ class Stopped(KeyboardInterrupt):
 
 class StopRequest:
     """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (`kill`, `docker stop`, systemd,
-    Kubernetes, Slurm's pre-emption) or SIGUSR1 (Slurm's `--signal`) asks the loop to stop after the step it is in,
-    with a checkpoint, rather than interrupting it mid-step; a second one interrupts at once. Either way Stopped
-    carries the signal. Installed in the main thread only.
+    Kubernetes, Slurm's pre-emption), SIGUSR1 (Slurm's `--signal`) or SIGHUP (the terminal or SSH session closed)
+    asks the loop to stop after the step it is in, with a checkpoint, rather than interrupting it mid-step; a second
+    one interrupts at once. Either way Stopped carries the signal. Installed in the main thread only, and not for a
+    signal the process was started ignoring (`nohup` ignores SIGHUP: such a run goes on when its terminal closes).
 
     Under torchrun (`world` > 1) the processes agree before every step (`agreed`, one small all-reduce): a signal
     that reached any of them stops all of them after the same step, so the checkpoint is whole (FSDP: every shard).
     There a second signal does not interrupt: torchrun's agent forwards the signal it got to every process (Ctrl-C
     reaches them twice) and kills them itself after its grace period (30 s)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # SIGHUP: its terminal or SSH closed
 
     def __init__(self, enabled: bool = True, world: int = 1):
         self.enabled, self.world, self.requested, self.signum, self._previous = enabled, world, False, None, {}
@@ -645,7 +647,8 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}  # nohup's SIGHUP stays ignored
         return self
 
     def __exit__(self, *exc) -> bool:

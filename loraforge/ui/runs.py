@@ -7,8 +7,8 @@ that launch.py started from the page: its own files (config.yaml, launch.json, t
   argv and it started when the record says: a process that reused the id of an ended run is not), no exit recorded;
 - finished: the run wrote its adapter (adapter/adapter_config.json) or its full model (model/), or a complete
   forgetting.json, or the launched process exited 0;
-- stopped: the launched process exited on SIGINT/SIGTERM/SIGUSR1 (the CLI's 128 + signal: 130 / 143 / 138, or
-  killed by one before the loop caught it: -2 / -15 / -10), e.g. the page's stop button;
+- stopped: the launched process exited on SIGINT/SIGTERM/SIGUSR1/SIGHUP (the CLI's 128 + signal: 130 / 143 / 138 /
+  129, or killed by one before the loop caught it: -2 / -15 / -10 / -1), e.g. the page's stop button;
 - failed: the launched process exited otherwise, or it is gone without an exit record or a finished output;
 - unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that is still going), or its
   launch.json is damaged.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # those the training loop stops on (StopRequest)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # the training loop's (StopRequest)
 STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the CLI's 128 + signal, or killed by it
 UI_DIR = ".ui"
 PROC = Path("/proc")

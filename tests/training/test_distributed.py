@@ -319,3 +319,24 @@ def test_a_signal_under_torchrun_stops_every_process_after_one_step_with_a_whole
         later = sorted(int(d.name.removeprefix("step-")) for d in ckpts.iterdir())
         assert later[0] == n and len(later) == 2 and later[1] > n, stderr[-3000:]
         assert f"stopped by SIGTERM after step {later[1]} of 100000" in stderr
+
+
+def test_processes_whose_torchrun_agent_is_killed_stop_with_a_checkpoint_instead_of_training_on_unseen(
+        tiny_dir, data_file, tmp_path, cfg_file):
+    """torchrun starts every process in a session of its own: `kill -9` of the agent (or the OOM killer) used to
+    leave them training on, holding output_dir, with nobody to see them. Now each gets SIGTERM when the agent dies
+    (prctl PR_SET_PDEATHSIG) and stops as a signalled run does: the same step, a whole checkpoint, none left."""
+    out = tmp_path / "run"
+    args = [*common(tiny_dir, data_file, steps=100000), f"output_dir={out}", "training.batch_size=4",
+            "training.save_every=0", "training.log_every=1"]
+    code, _ = signalled_torchrun(cfg_file, args, 29567, out, signal.SIGKILL, whole_group=False)
+    assert code == -signal.SIGKILL
+    deadline = time.monotonic() + 120
+    while subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the processes trained on after their agent was killed"
+        time.sleep(0.2)
+    ckpts = out / "checkpoints"
+    (step,) = [d.name for d in ckpts.iterdir()]  # save_every 0: the stop's checkpoint alone
+    assert verify_checkpoint(ckpts / step) is None and int(step.removeprefix("step-")) >= 1
+    stderr = (cfg_file.parent / "torchrun-29567.err").read_text()
+    assert f"stopped by SIGTERM after step {int(step.removeprefix('step-'))} of 100000" in stderr, stderr[-3000:]

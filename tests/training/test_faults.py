@@ -318,11 +318,11 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP])
 def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole,
                                                                             signum):
-    """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption) or SIGUSR1 (Slurm's --signal) during step
-    2: the step completes, step-2 is saved, then the run stops; --resume ends with the uninterrupted run's adapter."""
+    """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption), SIGUSR1 (Slurm's --signal) or SIGHUP (the
+    terminal or SSH session closed) during step 2: the step completes, step-2 is saved, then the run stops; --resume ends with the uninterrupted run's adapter."""
     out = tmp_path / "run"
     args = run_args(tiny_dir, data_file, out) + ["training.save_every=0"]  # no checkpoint but the stop's
     real = T.optimizer_step
@@ -348,7 +348,31 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert_equal_adapters(adapter(out), whole)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_run_started_ignoring_sighup_as_nohup_does_trains_on_when_it_comes(tiny_dir, data_file, tmp_path, whole):
+    """`nohup loraforge train` starts with SIGHUP ignored: the loop keeps it ignored, so closing the terminal changes
+    nothing, and the run ends with the uninterrupted run's adapter; the caller's disposition is left as it was."""
+    out = tmp_path / "run"
+    real = T.optimizer_step
+
+    def step_then_hangup(run, batches):
+        result = real(run, batches)
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return result
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(T, "optimizer_step", step_then_hangup)
+            train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert_equal_adapters(adapter(out), whole)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138),
+                                          (signal.SIGHUP, 129)])
 def test_a_signalled_cli_run_exits_128_plus_the_signal_with_its_checkpoint(tiny_dir, data_file, tmp_path, signum,
                                                                             code):
     """A real `loraforge train` process, signalled once it has logged a step: it ends that step, saves a checkpoint

@@ -223,8 +223,8 @@ def test_status_from_the_files_a_run_leaves(tmp_path):
     assert R.status(run) == "unknown"  # started in a terminal, nothing says how it ended
     assert R.status(run, {"pid": os.getpid(), "exit_code": None}) == "failed"  # this process is not a loraforge run
     assert R.status(run, {"pid": 1, "exit_code": 0}) == "finished"
-    for code in (130, 143, 138, -2, -15, -10):  # the CLI stopped by SIGINT, SIGTERM, SIGUSR1 (128 + the signal's
-        assert R.status(run, {"pid": 1, "exit_code": code}) == "stopped"  # number), or killed by one of them
+    for code in (130, 143, 138, 129, -2, -15, -10, -1):  # the CLI stopped by SIGINT, SIGTERM, SIGUSR1, SIGHUP (128 +
+        assert R.status(run, {"pid": 1, "exit_code": code}) == "stopped"  # the signal's number), or killed by one
     assert R.status(run, {"pid": 1, "exit_code": 2}) == "failed"
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
@@ -396,7 +396,8 @@ STOP_LINE = "stopped by {} after step 7 of 100: checkpoint /r/checkpoints/step-0
 
 @pytest.mark.parametrize("last,adapter,code,listed", [
     (STOP_LINE.format("SIGINT"), False, 130, "stopped"), (STOP_LINE.format("SIGTERM"), False, 143, "stopped"),
-    (STOP_LINE.format("SIGUSR1"), False, 138, "stopped"), ("interrupted", False, 130, "stopped"),
+    (STOP_LINE.format("SIGUSR1"), False, 138, "stopped"), (STOP_LINE.format("SIGHUP"), False, 129, "stopped"),
+    ("interrupted", False, 130, "stopped"),
     ("error: training.lr: must be positive", False, 2, "failed"), ("RuntimeError: boom", False, 1, "failed"),
     ("step 100/100 loss 0.1", True, 0, "finished"), ("", False, 1, "failed")])
 def test_a_run_that_ended_while_the_server_was_down_gets_its_exit_from_its_log(ui, last, adapter, code, listed):
