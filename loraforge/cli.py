@@ -19,6 +19,7 @@ import types
 import typing
 
 from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature
+from loraforge.utils.parent import follow_agent
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -457,6 +458,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     func = _commands()[args.pop("command")]
     from loraforge.lora.adapters import AdapterError

@@ -20,12 +20,9 @@ error naming that setting rather than hanging.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
-import signal
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,8 +41,7 @@ from loraforge.precision import Precision
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError, flat
 from loraforge.utils.allocator import return_large_frees
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+from loraforge.utils.parent import follow_agent
 
 
 def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
@@ -59,25 +55,10 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    follow_agent()
+    follow_agent()  # the CLI did already; a script of the user's under torchrun may not have
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
-
-
-def follow_agent() -> None:
-    """Under torchrun's agent (it sets TORCHELASTIC_RUN_ID) on Linux: SIGTERM this process when the agent dies.
-    torchrun starts each process in a session of its own, so an agent killed outright (`kill -9`, the OOM killer)
-    would leave them training on, unseen, holding output_dir; with this they stop after the step they are in, with a
-    checkpoint (StopRequest), as when the agent forwards a signal."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    agent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        return  # not allowed here (a sandbox): the agent's own forwarding still works
-    if os.getppid() != agent:  # it died between the two lines: no signal would come
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def leave_processes() -> None:

@@ -340,3 +340,48 @@ def test_processes_whose_torchrun_agent_is_killed_stop_with_a_checkpoint_instead
     assert verify_checkpoint(ckpts / step) is None and int(step.removeprefix("step-")) >= 1
     stderr = (cfg_file.parent / "torchrun-29567.err").read_text()
     assert f"stopped by SIGTERM after step {int(step.removeprefix('step-'))} of 100000" in stderr, stderr[-3000:]
+
+
+def test_processes_whose_torchrun_agent_is_killed_while_they_start_end_instead_of_waiting_for_its_store(
+        tiny_dir, data_file, tmp_path, cfg_file):
+    """The agent killed while its processes are still importing (0.3 s after they appear): they used to wait for its
+    rendezvous store until training.collective_timeout (600 s) and more; the CLI asks for the agent's death signal
+    before its slow imports (utils.parent.follow_agent), so they end at once."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29569",
+                              "-m", "loraforge", "train", str(cfg_file), *common(tiny_dir, data_file),
+                              f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children(agent.pid)) < 2:
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        workers = children(agent.pid)
+        time.sleep(0.3)
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the processes outlived their killed agent by a minute"
+            time.sleep(0.1)
+    finally:
+        for pid in children(agent.pid) if agent.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert not (out / "adapter").exists()
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended (its parent, the agent, is gone; init reaps it)
