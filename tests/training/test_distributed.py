@@ -349,8 +349,8 @@ def test_processes_whose_torchrun_agent_is_killed_while_they_start_end_instead_o
     before its slow imports (utils.parent.follow_agent), so they end at once."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29569",
-                              "-m", "loraforge", "train", str(cfg_file), *common(tiny_dir, data_file),
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port=29569", "-m", "loraforge", "train", str(cfg_file), *common(tiny_dir, data_file),
                               f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:

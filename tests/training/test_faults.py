@@ -322,7 +322,8 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
 def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole,
                                                                             signum):
     """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption), SIGUSR1 (Slurm's --signal) or SIGHUP (the
-    terminal or SSH session closed) during step 2: the step completes, step-2 is saved, then the run stops; --resume ends with the uninterrupted run's adapter."""
+    terminal or SSH session closed) during step 2: the step completes, step-2 is saved, then the run stops; --resume
+    ends with the uninterrupted run's adapter."""
     out = tmp_path / "run"
     args = run_args(tiny_dir, data_file, out) + ["training.save_every=0"]  # no checkpoint but the stop's
     real = T.optimizer_step
