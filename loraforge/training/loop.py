@@ -651,9 +651,10 @@ class StopRequest:
                               if signal.getsignal(s) is not signal.SIG_IGN}  # nohup's SIGHUP stays ignored
         return self
 
-    def __exit__(self, *exc) -> bool:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
+    def __exit__(self, exc_type, *exc) -> bool:
+        ending = self.world > 1 and exc_type is not None and issubclass(exc_type, Stopped)
+        for s, previous in self._previous.items():  # under torchrun a stopped process ends: torchrun's forwarded
+            signal.signal(s, signal.SIG_IGN if ending else previous)  # copy must not kill it before its line
         self._previous = {}
         return False
 

@@ -24,7 +24,7 @@ from loraforge.cli import main
 from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
-from loraforge.training.loop import Stopped, nonfinite_advice, train
+from loraforge.training.loop import StopRequest, Stopped, nonfinite_advice, train
 from loraforge.ui.runs import status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -347,6 +347,27 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert not (out / "adapter").exists()
     train(load_train_config(None, args), resume=True, progress=False)
     assert_equal_adapters(adapter(out), whole)
+
+
+def test_a_stopped_torchrun_process_ignores_later_copies_of_the_signal_until_it_has_ended():
+    """Under torchrun a signal comes twice (the terminal's Ctrl-C, then torchrun's forwarded copy): the second is
+    ignored during the step, and also after the loop has stopped (the caller's handler would let a late copy kill
+    the process before it prints its stop line); one process gets the caller's handlers back, as before."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Stopped), StopRequest(world=2) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the forwarded copy, mid-step: no interruption
+            assert (stop.requested, stop.signum) == (True, signal.SIGTERM)
+            raise Stopped(signal.SIGTERM, "stopped")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # a late copy: this process lives on to print its line and exit
+        signal.signal(signal.SIGTERM, before)
+        with pytest.raises(Stopped), StopRequest(world=1):
+            raise Stopped(signal.SIGTERM, "stopped")
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_run_started_ignoring_sighup_as_nohup_does_trains_on_when_it_comes(tiny_dir, data_file, tmp_path, whole):
