@@ -353,21 +353,24 @@ def test_a_stopped_torchrun_process_ignores_later_copies_of_the_signal_until_it_
     """Under torchrun a signal comes twice (the terminal's Ctrl-C, then torchrun's forwarded copy): the second is
     ignored during the step, and also after the loop has stopped (the caller's handler would let a late copy kill
     the process before it prints its stop line); one process gets the caller's handlers back, as before."""
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}  # all of them are ignored after the stop below
     try:
         with pytest.raises(Stopped), StopRequest(world=2) as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)  # the forwarded copy, mid-step: no interruption
             assert (stop.requested, stop.signum) == (True, signal.SIGTERM)
             raise Stopped(signal.SIGTERM, "stopped")
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert {s: signal.getsignal(s) for s in StopRequest.SIGNALS} == dict.fromkeys(StopRequest.SIGNALS,
+                                                                                      signal.SIG_IGN)
         os.kill(os.getpid(), signal.SIGTERM)  # a late copy: this process lives on to print its line and exit
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
         with pytest.raises(Stopped), StopRequest(world=1):
             raise Stopped(signal.SIGTERM, "stopped")
-        assert signal.getsignal(signal.SIGTERM) is before
-    finally:
-        signal.signal(signal.SIGTERM, before)
+        assert {s: signal.getsignal(s) for s in StopRequest.SIGNALS} == before
+    finally:  # restored for the tests after this one: their child processes would inherit SIG_IGN
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_a_run_started_ignoring_sighup_as_nohup_does_trains_on_when_it_comes(tiny_dir, data_file, tmp_path, whole):
