@@ -32,7 +32,9 @@ from pathlib import Path
 
 import yaml
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # the training loop's (StopRequest)
+from loraforge.training.loop import StopRequest
+
+STOP_SIGNALS = StopRequest.SIGNALS  # those the training loop stops on
 STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the CLI's 128 + signal, or killed by it
 UI_DIR = ".ui"
 PROC = Path("/proc")
