@@ -11,6 +11,7 @@ allocation, the optimizer, data/collate), then the heaviest operators. One proce
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections import defaultdict
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the frozen base stored in bf16, matmuls under bf16 autocast, as bench/train.py runs it")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--by-shape", action="store_true", help="also the matmuls by operand shapes, with their GFLOP/s")
     args = p.parse_args()
 
     import torch
@@ -107,7 +109,7 @@ def main() -> None:
 
     step(plan[0])
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         step(plan[1])
     wall = time.perf_counter() - t0
     tokens = sum(len(e.input_ids) for _, ex in plan[1] for e in ex)
@@ -125,6 +127,24 @@ def main() -> None:
         if ev is not None:
             print(f"  [{label}] {ev.cpu_time_total / 1e6:.2f} s inclusive")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.by_shape:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.top))
+        print_matmul_shapes(prof, args.top)
+
+
+def print_matmul_shapes(prof, top: int) -> None:
+    """The matmuls (mm, addmm, bmm) grouped by operand shapes: calls, time, GFLOP/s, heaviest first."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
+            continue
+        shapes = e.input_shapes  # mm, bmm: (a, b[, out]); addmm, addmm_, baddbmm: (input, a, b, ...)
+        a, b = shapes[1:3] if "add" in e.key else shapes[:2]
+        flops = 2 * math.prod(a) * b[-1] * e.count
+        rows.append((e.self_cpu_time_total, e.key, a, b, e.count, flops))
+    print(f"{'op':14s} {'a':>18s} {'b':>18s} {'calls':>6s} {'time':>8s} {'GFLOP/s':>8s}")
+    for us, key, a, b, count, flops in sorted(rows, key=lambda r: -r[0])[:top]:
+        print(f"{key:14s} {str(a):>18s} {str(b):>18s} {count:6d} {us / 1e6:7.3f}s {flops / us / 1e3:8.0f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import VOCAB, kept_equals_recomputed, tiny_llama
 
+from loraforge import kernels
 from loraforge.config import LoraConfig
 from loraforge.kernels import attention, packed_attention, segment_starts
 from loraforge.lora.inject import inject, lora_layers
@@ -49,6 +50,24 @@ def test_packed_attention_equals_the_block_diagonal_mask(heads):
     got = _grads(lambda q, k, v: packed_attention(q, k, v, segment_starts(pos), dim ** -0.5), (q, k, v), target)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_segment_probabilities_are_the_masked_softmax(dim, dtype):
+    """One sequence's probabilities (scaling folded into one baddbmm with the additive causal mask) against the
+    plain formula, softmax(masked_fill(q kᵀ · scaling)) in fp32: the same bits at 1/√64, within the dtype's
+    tolerance at 1/√128 (the scale is then rounded once instead of twice)."""
+    torch.manual_seed(0)
+    n, groups, kv_heads = 37, 3, 2
+    qs, ks = torch.randn(kv_heads, groups * n, dim, dtype=dtype), torch.randn(kv_heads, n, dim, dtype=dtype)
+    got = kernels._segment_probs(qs, ks, kernels._causal_bias([[0, n]], dtype, "cpu"), dim ** -0.5, dtype)
+    scores = torch.matmul(qs, ks.transpose(-1, -2)) * dim ** -0.5
+    scores.view(kv_heads, groups, n, n).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    if dim == 64:
+        assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected)
 
 
 def _lean_model(attn: str = "lean"):
