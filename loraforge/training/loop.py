@@ -509,7 +509,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
     log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log,  # after a resume: from run.step on
                                 until_step=run.step if append_log else None),
-                     open_tracker(t.report_to, run.out, to_dict(cfg))) if run.is_main else None  # + report_to's
+                     open_tracker(t.report_to, run.out, to_dict(cfg), resume=append_log)) if run.is_main else None
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None

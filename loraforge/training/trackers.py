@@ -4,14 +4,22 @@ TensorBoard, Weights & Biases or MLflow, under the names transformers' Trainer u
 metrics.jsonl and the loss plot stay the run's own record; a tracker is a copy for the user's dashboards. Each
 tracker's library is an optional extra, imported only when asked for:
     pip install 'loraforge[tensorboard]'   (or wandb, mlflow)
+
+A run continued with --resume goes on in the same tracker run: TensorBoard's event files are in the output_dir;
+the W&B and MLflow run ids are kept in `<output_dir>/trackers.json` (a run started over gets new ones).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Protocol
 
 from loraforge.config import ConfigError
+from loraforge.utils.files import atomic_file
+
+RUN_IDS = "trackers.json"  # {"wandb": run id, "mlflow": run id} of this output_dir's run
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 # metrics.jsonl field -> tracker name
@@ -68,15 +76,39 @@ class TensorBoardTracker:
             self.writer.close()
 
 
+def _run_ids(out_dir: Path) -> dict:
+    try:
+        ids = json.loads((Path(out_dir) / RUN_IDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
+def saved_run_id(out_dir: Path, kind: str) -> str | None:
+    """The run id that trackers.json keeps for `kind` ("wandb", "mlflow"), or None (no file, unreadable, none)."""
+    found = _run_ids(out_dir).get(kind)
+    return found if isinstance(found, str) and found else None
+
+
+def save_run_id(out_dir: Path, kind: str, run_id: str) -> None:
+    """Keep `run_id` for `kind` in trackers.json (written whole or not at all), beside the other trackers' ids."""
+    ids = {**_run_ids(out_dir), kind: run_id}
+    with atomic_file(Path(out_dir) / RUN_IDS) as tmp:
+        tmp.write_text(json.dumps(ids, indent=1) + "\n")
+
+
 class WandbTracker:
-    """A Weights & Biases run (project from WANDB_PROJECT, else "loraforge"), files under the output_dir."""
+    """A Weights & Biases run (project from WANDB_PROJECT, else "loraforge"), files under the output_dir. After
+    --resume, the run that trackers.json names goes on (W&B's resume="allow"; steps W&B already has are dropped)."""
 
-    def __init__(self, out_dir: Path, config: dict):
-        import os
-
+    def __init__(self, out_dir: Path, config: dict, resume: bool = False):
         self.wandb = _require("wandb", "wandb")
+        run_id = saved_run_id(out_dir, "wandb") if resume else None
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "loraforge"), dir=str(out_dir),
-                                   name=Path(out_dir).name, config=config)
+                                   name=Path(out_dir).name, config=config, id=run_id,
+                                   resume="allow" if run_id else None)
+        if run_id is None:
+            save_run_id(out_dir, "wandb", self.run.id)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -86,11 +118,21 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    """An MLflow run in the tracking store MLFLOW_TRACKING_URI names (MLflow's default: ./mlruns)."""
+    """An MLflow run in the tracking store MLFLOW_TRACKING_URI names (else MLflow's default store). After --resume,
+    the run that trackers.json names goes on; where that store has no such run, a new one starts."""
 
-    def __init__(self, out_dir: Path, config: dict):
+    def __init__(self, out_dir: Path, config: dict, resume: bool = False):
         self.mlflow = _require("mlflow", "mlflow")
-        self.mlflow.start_run(run_name=Path(out_dir).name)
+        run_id = saved_run_id(out_dir, "mlflow") if resume else None
+        if run_id is not None:
+            try:
+                self.mlflow.start_run(run_id=run_id)
+                return  # its parameters are logged (MLflow refuses to change one)
+            except self.mlflow.exceptions.MlflowException as e:
+                print(f"training.report_to: mlflow: cannot continue run {run_id} ({str(e).splitlines()[0]}); "
+                      f"logging to a new run")
+        run = self.mlflow.start_run(run_name=Path(out_dir).name)
+        save_run_id(out_dir, "mlflow", run.info.run_id)
         self.mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -110,10 +152,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def open_tracker(kind: str, out_dir: Path, config: dict) -> Tracker | None:
-    """The tracker `kind` names (None for "none"); ConfigError when its package is missing."""
-    trackers = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
-    return trackers[kind](out_dir, config) if kind != "none" else None
+def open_tracker(kind: str, out_dir: Path, config: dict, resume: bool = False) -> Tracker | None:
+    """The tracker `kind` names (None for "none"); ConfigError when its package is missing. resume: the run
+    continues from a checkpoint, so W&B and MLflow continue the tracker run it logged to."""
+    if kind == "none":
+        return None
+    if kind == "tensorboard":
+        return TensorBoardTracker(out_dir, config)  # its event files carry the run on (purge_step)
+    return {"wandb": WandbTracker, "mlflow": MlflowTracker}[kind](out_dir, config, resume)
 
 
 class TrackedLog:

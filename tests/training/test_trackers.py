@@ -1,0 +1,142 @@
+"""W&B and MLflow runs continue across --resume (loraforge.training.trackers): the run id is kept in
+<output_dir>/trackers.json, a resumed run logs into the same tracker run, a run started over gets a new one.
+
+wandb and mlflow are optional extras and not installed for the tests: these fakes keep what their documented APIs
+keep (wandb.init(id=..., resume="allow") continues a run and drops steps it already has; mlflow.start_run(run_id=...)
+continues a run, and raises MlflowException for a run the store lacks).
+"""
+
+import json
+import types
+
+import pytest
+
+import loraforge.training.loop as T
+from loraforge.config import load_train_config
+from loraforge.training.loop import train
+from loraforge.training.trackers import RUN_IDS, open_tracker, saved_run_id
+
+
+class Interrupt(Exception):
+    pass
+
+
+def fake_wandb() -> types.ModuleType:
+    wandb = types.ModuleType("wandb")
+    wandb.runs, wandb.inits = {}, []
+
+    class Run:
+        def __init__(self, run_id):
+            self.id, self.steps = run_id, wandb.runs.setdefault(run_id, [])
+
+        def log(self, metrics, step):
+            if not self.steps or step > self.steps[-1][0]:  # W&B keeps steps increasing: earlier ones are dropped
+                self.steps.append((step, metrics["train/loss"]))
+
+        def finish(self):
+            pass
+
+    def init(project, dir, name, config, id=None, resume=None):
+        wandb.inits.append({"id": id, "resume": resume})
+        assert id is None or resume == "allow"
+        return Run(id or f"w{len(wandb.runs) + 1}")
+
+    wandb.init = init
+    return wandb
+
+
+def fake_mlflow() -> types.ModuleType:
+    mlflow = types.ModuleType("mlflow")
+    mlflow.exceptions = types.SimpleNamespace(MlflowException=type("MlflowException", (Exception,), {}))
+    mlflow.runs, mlflow.params, mlflow.active = {}, {}, None
+
+    def start_run(run_id=None, run_name=None):
+        if run_id is not None and run_id not in mlflow.runs:
+            raise mlflow.exceptions.MlflowException(f"Run '{run_id}' not found")
+        mlflow.active = run_id or f"m{len(mlflow.runs) + 1}"
+        mlflow.runs.setdefault(mlflow.active, [])
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=mlflow.active))
+
+    def log_params(params):
+        assert mlflow.active not in mlflow.params, "MLflow refuses to log a run's parameters again"
+        mlflow.params[mlflow.active] = params
+
+    mlflow.start_run, mlflow.log_params = start_run, log_params
+    mlflow.log_metrics = lambda metrics, step: mlflow.runs[mlflow.active].append((step, metrics["train/loss"]))
+    mlflow.end_run = lambda: setattr(mlflow, "active", None)
+    return mlflow
+
+
+def run_args(tiny_dir, data_file, out, tracker) -> list[str]:
+    return [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", f"output_dir={out}",
+            "lora.r=4", "training.max_steps=3", "training.batch_size=4", "training.precision=fp32", "model.dtype=fp32",
+            "training.save_every=1", "training.seed=3", f"training.report_to={tracker}"]
+
+
+def train_killed_in_last_save(cfg) -> None:
+    """Train cfg (3 steps) and stop it in its last checkpoint save, like a kill: it has logged 3 steps."""
+    save = T.save_checkpoint
+
+    def save_or_stop(root, step, *args):
+        if step == 3:
+            raise Interrupt
+        return save(root, step, *args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "save_checkpoint", save_or_stop)
+        with pytest.raises(Interrupt):
+            train(cfg, progress=False)
+
+
+def metrics_losses(out) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_resumed_run_logs_into_the_same_tracker_run_and_a_new_run_into_a_new_one(tracker, tiny_dir, data_file,
+                                                                                   tmp_path, monkeypatch):
+    module = fake_wandb() if tracker == "wandb" else fake_mlflow()
+    monkeypatch.setitem(__import__("sys").modules, tracker, module)
+    out = tmp_path / "run"
+    cfg = load_train_config(None, run_args(tiny_dir, data_file, out, tracker))
+    train_killed_in_last_save(cfg)
+    first = saved_run_id(out, tracker)
+    assert first is not None and list(module.runs) == [first]
+
+    train(cfg, resume=True, progress=False)  # from the checkpoint of step 2
+    assert saved_run_id(out, tracker) == first and list(module.runs) == [first]
+    logged = module.runs[first]
+    if tracker == "wandb":  # step 3 again is dropped, as W&B does: each step once, as in metrics.jsonl
+        assert module.inits[-1] == {"id": first, "resume": "allow"}
+        assert logged == metrics_losses(out)
+    else:  # MLflow appends step 3 again (the same loss: a resume recomputes exactly)
+        assert [s for s, _ in logged] == [1, 2, 3, 3] and logged[2] == logged[3]
+        assert list(module.params) == [first]  # logged once, by the first run
+    assert [s for s, _ in metrics_losses(out)] == [1, 2, 3]
+
+    train(cfg, overwrite=True, progress=False)  # started over: a tracker run of its own
+    second = saved_run_id(out, tracker)
+    assert second not in (None, first) and [s for s, _ in module.runs[second]] == [1, 2, 3]
+    assert json.loads((out / RUN_IDS).read_text()) == {tracker: second}
+
+
+def test_an_mlflow_run_the_store_lacks_is_named_and_a_new_one_started(tmp_path, monkeypatch, capsys):
+    mlflow = fake_mlflow()
+    monkeypatch.setitem(__import__("sys").modules, "mlflow", mlflow)
+    (tmp_path / RUN_IDS).write_text(json.dumps({"mlflow": "gone", "wandb": "w7"}))
+    tracker = open_tracker("mlflow", tmp_path, {"lora": {"r": 4}}, resume=True)
+    tracker.log(3, {"train/loss": 1.5})
+    assert "cannot continue run gone (Run 'gone' not found); logging to a new run" in capsys.readouterr().out
+    assert mlflow.runs == {"m1": [(3, 1.5)]} and mlflow.params == {"m1": {"lora.r": "4"}}
+    assert json.loads((tmp_path / RUN_IDS).read_text()) == {"mlflow": "m1", "wandb": "w7"}  # the other id kept
+
+
+@pytest.mark.parametrize("content", ["", "{", "[1, 2]", '{"wandb": 5}', '{"wandb": ""}'])
+def test_an_unreadable_trackers_file_means_a_new_tracker_run(content, tmp_path, monkeypatch):
+    wandb = fake_wandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", wandb)
+    (tmp_path / RUN_IDS).write_text(content)
+    open_tracker("wandb", tmp_path, {}, resume=True)
+    assert wandb.inits == [{"id": None, "resume": None}]
+    assert json.loads((tmp_path / RUN_IDS).read_text()) == {"wandb": "w1"}
