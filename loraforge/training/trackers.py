@@ -104,9 +104,12 @@ class WandbTracker:
     def __init__(self, out_dir: Path, config: dict, resume: bool = False):
         self.wandb = _require("wandb", "wandb")
         run_id = saved_run_id(out_dir, "wandb") if resume else None
-        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "loraforge"), dir=str(out_dir),
-                                   name=Path(out_dir).name, config=config, id=run_id,
-                                   resume="allow" if run_id else None)
+        try:
+            self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "loraforge"), dir=str(out_dir),
+                                       name=Path(out_dir).name, config=config, id=run_id,
+                                       resume="allow" if run_id else None)
+        except self.wandb.errors.Error as e:  # not logged in, no network, a bad WANDB_* setting
+            raise _cannot_start("wandb", e, "run `wandb login`, or set WANDB_MODE=offline") from None
         if run_id is None:
             save_run_id(out_dir, "wandb", self.run.id)
 
@@ -131,7 +134,11 @@ class MlflowTracker:
             except self.mlflow.exceptions.MlflowException as e:
                 print(f"training.report_to: mlflow: cannot continue run {run_id} ({str(e).splitlines()[0]}); "
                       f"logging to a new run")
-        run = self.mlflow.start_run(run_name=Path(out_dir).name)
+        try:
+            run = self.mlflow.start_run(run_name=Path(out_dir).name)
+        except self.mlflow.exceptions.MlflowException as e:  # a store it cannot use or reach
+            raise _cannot_start("mlflow", e, "set MLFLOW_TRACKING_URI to a store it can use (MLflow's docs, "
+                                "Backend stores)") from None
         save_run_id(out_dir, "mlflow", run.info.run_id)
         self.mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
 
@@ -140,6 +147,12 @@ class MlflowTracker:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _cannot_start(kind: str, e: Exception, fix: str) -> ConfigError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ConfigError([f"training.report_to: {kind} cannot start a run ({reason}); {fix}, or set "
+                        f"training.report_to: none"])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -12,6 +12,7 @@ import types
 import pytest
 
 import loraforge.training.loop as T
+from loraforge.cli import main
 from loraforge.config import load_train_config
 from loraforge.training.loop import train
 from loraforge.training.trackers import RUN_IDS, open_tracker, saved_run_id
@@ -24,6 +25,7 @@ class Interrupt(Exception):
 def fake_wandb() -> types.ModuleType:
     wandb = types.ModuleType("wandb")
     wandb.runs, wandb.inits = {}, []
+    wandb.errors = types.SimpleNamespace(Error=type("Error", (Exception,), {}))
 
     class Run:
         def __init__(self, run_id):
@@ -140,3 +142,28 @@ def test_an_unreadable_trackers_file_means_a_new_tracker_run(content, tmp_path, 
     open_tracker("wandb", tmp_path, {}, resume=True)
     assert wandb.inits == [{"id": None, "resume": None}]
     assert json.loads((tmp_path / RUN_IDS).read_text()) == {"wandb": "w1"}
+
+
+@pytest.mark.parametrize("tracker,message,fix", [
+    ("wandb", "No API key configured. Use `wandb login` to log in.", "run `wandb login`, or set WANDB_MODE=offline"),
+    ("mlflow", "Model registry functionality is unavailable; got unsupported URI 'sqlite:///mlflow.db'",
+     "set MLFLOW_TRACKING_URI to a store it can use")])
+def test_a_tracker_that_cannot_start_a_run_stops_the_cli_with_one_line(tracker, message, fix, tiny_dir, data_file,
+                                                                     tmp_path, monkeypatch, capsys):
+    """wandb without a login, mlflow-skinny with its default sqlite store (both seen with the real packages): one
+    error line naming training.report_to, the reason and the fix, exit 2, no traceback."""
+    module = fake_wandb() if tracker == "wandb" else fake_mlflow()
+    error = module.errors.Error if tracker == "wandb" else module.exceptions.MlflowException
+
+    def refuse(*args, **kwargs):
+        raise error(message + "\nmore detail")
+
+    monkeypatch.setattr(module, "init" if tracker == "wandb" else "start_run", refuse)
+    monkeypatch.setitem(__import__("sys").modules, tracker, module)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    code = main(["train", str(cfg), *run_args(tiny_dir, data_file, tmp_path / "run", tracker)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"training.report_to: {tracker} cannot start a run ({message}); {fix}" in err
+    assert "more detail" not in err and "training.report_to: none" in err
