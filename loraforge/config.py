@@ -290,7 +290,8 @@ class LoraConfig:
     layers_pattern: str | tuple[str, ...] | None = None
     """With layers_to_transform: the name(s) of the module list whose index counts (e.g. 'layers', 'h', 'block')."""
     modules_to_save: tuple[str, ...] | None = None
-    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    """Modules trained in full and saved with the adapter (e.g. a classifier head). As in PEFT, every module whose
+    name ends with one of these is one: `norm` also takes each layer's `input_layernorm`."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases train: none, all biases of the model, or only those of adapted layers."""
     use_rslora: bool = False

@@ -46,14 +46,15 @@ def adapter_configs(model: nn.Module) -> dict:
     return getattr(model, "lora_configs", {})
 
 
-def _require(model: nn.Module, name: str) -> None:
+def require_adapter(model: nn.Module, name: str) -> None:
+    """UnknownAdapterError naming the loaded ones unless adapter `name` is loaded on `model`."""
     if name not in adapter_configs(model):
         raise UnknownAdapterError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of adapter `name` under PEFT's file keys."""
-    _require(model, name)
+    require_adapter(model, name)
     config = adapter_configs(model)[name]
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
@@ -96,7 +97,7 @@ def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_di
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  config: LoraConfig | None = None) -> Path:
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
-    _require(model, name)
+    require_adapter(model, name)
     config = config or adapter_configs(model)[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
@@ -111,7 +112,10 @@ def read_adapter_config(adapter_dir: str | Path):
     if not path.is_file():
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                           f"save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -135,11 +139,24 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from None
-    for key, tensor in tensors.items():  # a NaN/inf weight turns every output into NaN: refuse it here, by name
-        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
-            raise AdapterError(f"{path}: tensor {key} holds NaN or inf values ({int((~torch.isfinite(tensor)).sum())} "
-                               f"of {tensor.numel()}); the adapter is corrupted or its training diverged")
+    for key, tensor in tensors.items():  # adapter weights are floating point; an integer or bool one is damage
+        if not tensor.dtype.is_floating_point:
+            raise AdapterError(f"{path}: tensor {key} is {_name(tensor.dtype)}, not floating "
+                               f"point; the adapter is corrupted (or not one)")
+        _check_finite(tensor, f"{path}: tensor {key}")
     return tensors
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_finite(tensor: torch.Tensor, what: str, cast: str = "") -> None:
+    """AdapterError naming `what` where `tensor` holds NaN or inf (a NaN/inf weight turns every output into NaN)."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise AdapterError(f"{what} holds NaN or inf values{cast} ({int(bad.sum())} of {tensor.numel()}); the "
+                           f"adapter is corrupted or its training diverged")
 
 
 def _module_of(key: str) -> str:
@@ -181,6 +198,40 @@ def _misfit(adapter_dir, config, model: nn.Module, problems: list[str], shapes: 
             + "\n  ".join(problems[:SHOWN]))
 
 
+BASE_COPY = ".base_layer.weight"
+"""PEFT saves the whole base weight of an embedding or head that it targets (save_embedding_layers, "auto": when
+target_modules names embed_tokens or lm_head) under `<module>.base_layer.weight`."""
+
+
+def _lora_layer_at(model: nn.Module, path: str) -> LoraLayer | None:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, LoraLayer) else None
+
+
+def _without_copies_of_the_base(model: nn.Module, tensors: dict, expected: dict, adapter_dir) -> dict:
+    """`tensors` less the base weights PEFT saved beside the adapter (BASE_COPY) that equal this model's (compared
+    in the lower precision of the two); one that differs (a resized or retrained vocabulary) is refused, since
+    loraforge loads adapters onto the base as it is. Any other key is left for load_adapter's checks."""
+    kept = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix(PREFIX).removesuffix(BASE_COPY)
+        layer = _lora_layer_at(model, path) if key.endswith(BASE_COPY) and key not in expected else None
+        base = getattr(layer.base_layer, "weight", None) if layer is not None else None
+        if base is None or not base.dtype.is_floating_point:
+            kept[key] = tensor
+            continue
+        low = min(tensor.dtype, base.dtype, key=lambda d: torch.finfo(d).bits)
+        if tuple(tensor.shape) != tuple(base.shape) or not torch.equal(tensor.to(low), base.detach().to(low)):
+            raise AdapterError(f"cannot load adapter {adapter_dir}: it holds its own copy of {path}'s base weight "
+                               f"({key.removeprefix(PREFIX)}, shape {tuple(tensor.shape)}: PEFT's "
+                               f"save_embedding_layers) and it differs from this model's {tuple(base.shape)}; load "
+                               f"the base it was trained on (a resized vocabulary?)")
+    return kept
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one.
@@ -192,6 +243,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     tensors = read_adapter_weights(adapter_dir)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
+    if merged := _merged(model):  # the new one becomes the active one: the merged ones would run on under it
+        raise RuntimeError(f"adapters {merged} are merged into the base weights; call "
+                           f"loraforge.lora.merge.unmerge(model) before loading another one")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
     # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
@@ -207,6 +261,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             raise AdapterError(f"{adapter_dir}: this adapter does not fit the model{f' ({other})' if other else ''}: "
                                f"{e}") from None
         expected = adapter_state_dict(model, name)
+        tensors = _without_copies_of_the_base(model, tensors, expected, adapter_dir)
         missing = [f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})"
                    for key in sorted(set(expected) - set(tensors))]
         unexpected = [f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})"
@@ -219,7 +274,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                                        len(unexpected)))
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(tensors[key].to(target.dtype))
+                value = tensors[key].to(target.dtype)
+                if value.dtype != tensors[key].dtype:  # finite in the file's dtype, maybe not in the model's
+                    _check_finite(value, f"{Path(adapter_dir) / WEIGHTS_NAME}: tensor {key}",
+                                  f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
+                target.copy_(value)
     except BaseException:  # the layers injected so far go again; every parameter holds and trains as before
         delete_adapter(model, name)
         for p, flag in requires_grad.items():
@@ -243,7 +302,10 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make `name` (or several names, summed) the active adapter(s) of every layer."""
     names = [name] if isinstance(name, str) else list(name)
     for n in names:
-        _require(model, n)
+        require_adapter(model, n)
+    if (merged := _merged(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
+        raise RuntimeError(f"adapters {merged} are merged into the base weights; call "
+                           f"loraforge.lora.merge.unmerge(model) before switching to {names}")
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.active_adapters = [n for n in names if n in module.r]
@@ -276,7 +338,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
     names = [None if n in (None, "base") else n for n in adapter_names]
     for n in set(names) - {None}:
-        _require(model, n)
+        require_adapter(model, n)
     if _merged(model):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
     if any(isinstance(m, ModulesToSave) for m in model.modules()):
@@ -296,6 +358,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     The base is left as it was before the adapter came: a PiSSA/OLoRA adapter puts back the W0 its init replaced
     by the residual, and a layer untied for it (inject.untie_shared) is tied again once it holds no adapter."""
+    if name in _merged(model):  # before anything goes: a refusal leaves the model as it was
+        raise RuntimeError(f"adapter {name!r} is merged; call loraforge.lora.merge.unmerge(model) before deleting it")
     retied = []
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):

@@ -221,9 +221,11 @@ def _storage_key(p) -> tuple:
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
+    # PEFT's rule (peft.utils.other._set_trainable): a bare suffix match, so that its files and ours name the same
+    # modules ("norm" takes "model.norm" and every "input_layernorm" alike)
     paths = [p for p, _ in model.named_modules() if not _inside_lora(p)
-             and any(p == t or p.endswith("." + t) for t in config.modules_to_save)]
-    missing = [t for t in config.modules_to_save if not any(p == t or p.endswith("." + t) for p in paths)]
+             and any(p.endswith(t) for t in config.modules_to_save)]
+    missing = [t for t in config.modules_to_save if not any(p.endswith(t) for p in paths)]
     if missing:
         raise ConfigError([f"modules_to_save: {missing} match no module of this model"])
     return paths

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, set_adapter
+from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
 from loraforge.models import DTYPES, load_base
@@ -34,6 +34,8 @@ COMBINATIONS = ("cat", "svd", "linear")
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Add ΔW of the named adapters (default: the active ones) into the base weights. Calling it twice is a no-op."""
+    for name in adapter_names or []:
+        require_adapter(model, name)
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         layer.merge(names)
@@ -54,6 +56,8 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     adapters in order, each DoRA one rescaling the running weight), then cast to the compute dtype: re-quantizing
     would change the outputs again (see loraforge.quant.bnb for that, as a choice).
     """
+    for name in adapter_names or []:
+        require_adapter(model, name)
     for path, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         base = layer.base_layer

@@ -405,3 +405,130 @@ def test_misfits_under_the_same_base_name_are_counted_without_naming_bases(tmp_p
     assert head == (f"cannot load adapter {adapter}: 12 of its tensors do not fit (8 of another shape, 4 missing "
                     f"from the file), the first 5:")
     assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: shape (4, 32) in the file")
+
+
+# --- adapters and merging under a hostile user (hunt of stop 41) -------------------------------------------------
+def _two_adapters(**config):
+    model = tiny_llama()
+    inject(model, LoraConfig(r=2, target_modules=TARGETS, **config), "a")
+    inject(model, LoraConfig(r=2, target_modules=TARGETS), "b")
+    return randomize(model).eval()
+
+
+def test_switching_or_loading_while_an_adapter_is_merged_is_refused(tmp_path, input_ids):
+    """Switching to b while a is merged ran a + b (logits 0.14 off b's): refused like disable_adapters, naming
+    unmerge; loading another adapter (it becomes the active one) likewise, before anything is loaded."""
+    model = _two_adapters()
+    path = save_adapter(model, tmp_path / "b", "b")
+    set_adapter(model, "b")
+    expected_b = model(input_ids).logits
+    set_adapter(model, "a")
+    merge(model)
+    with pytest.raises(RuntimeError, match=r"adapters \['a'\] are merged .*unmerge\(model\) before switching to"):
+        set_adapter(model, "b")
+    set_adapter(model, "a")  # the merged one itself: nothing changes
+    with pytest.raises(RuntimeError, match=r"adapters \['a'\] are merged .* before loading another one"):
+        load_adapter(model, path, "c")
+    assert list_adapters(model) == ["a", "b"]
+    unmerge(model)
+    set_adapter(model, "b")
+    torch.testing.assert_close(model(input_ids).logits, expected_b, **TOL)  # unmerge restores W0 to rounding
+
+
+def test_a_refused_delete_of_a_merged_adapter_leaves_everything_in_place(input_ids):
+    """delete_adapter of a merged adapter with modules_to_save had unwrapped embed_tokens before refusing at its
+    first LoRA layer (logits 0.55 off): now it refuses before removing anything."""
+    from loraforge.lora.adapters import delete_adapter
+    from loraforge.lora.layer import ModulesToSave
+
+    model = _two_adapters(modules_to_save=("embed_tokens",))
+    with torch.no_grad():
+        model.model.embed_tokens.modules_to_save["a"].weight.add_(1.0)
+    set_adapter(model, "a")
+    merge(model)
+    before = model(input_ids).logits
+    with pytest.raises(RuntimeError, match=r"adapter 'a' is merged; call .*unmerge\(model\) before deleting it"):
+        delete_adapter(model, "a")
+    assert list_adapters(model) == ["a", "b"] and isinstance(model.model.embed_tokens, ModulesToSave)
+    torch.testing.assert_close(model(input_ids).logits, before, rtol=0, atol=0)
+
+
+def test_merging_an_adapter_that_is_not_loaded_names_the_loaded_ones():
+    from loraforge.lora.merge import merge_and_unload
+
+    model = _two_adapters()
+    weight = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    for fn in (merge, merge_and_unload):
+        with pytest.raises(UnknownAdapterError, match=r"no adapter named 'A'; loaded adapters: \['a', 'b'\]"):
+            fn(model, ["a", "A"])
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)  # nothing merged
+
+
+def test_weights_that_overflow_in_the_model_dtype_or_are_not_float_are_refused(tmp_path):
+    """float64 weights of 1e299 are finite in the file and inf in an fp32 model (every output inf): refused by
+    name once cast; integer and bool tensors are not adapter weights."""
+    good = _good(tmp_path)
+    tensors = load_file(good / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    for tag, value, message in [("huge", tensors[key].double() * 1e299 + 1e299,
+                                 "holds NaN or inf values once cast from float64 to the model's float32"),
+                                ("int", tensors[key].to(torch.int64), "is int64, not floating point"),
+                                ("bool", tensors[key] > 0, "is bool, not floating point")]:
+        bad = tmp_path / tag
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+        save_file({**tensors, key: value}, str(bad / "adapter_model.safetensors"))
+        model = tiny_llama()
+        before = _state(model)
+        with pytest.raises(AdapterError, match=re.escape(key) + ".* " + re.escape(message)):
+            load_adapter(model, bad)
+        _assert_untouched(model, before)
+
+
+def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
+    good = _good(tmp_path)
+    bad = tmp_path / "utf16"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text(), encoding="utf-16")
+    (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"adapter_config.json is not UTF-8 text \(byte 0: b'\\xff'\); save it as "
+                                           r"UTF-8 JSON"):
+        load_adapter(tiny_llama(), bad)
+
+
+def test_peft_lm_head_adapter_with_its_saved_base_weight_loads_and_a_changed_one_is_refused(tmp_path, input_ids):
+    """PEFT saves lm_head's whole base weight when target_modules names it (save_embedding_layers="auto"); the
+    file loads with PEFT's logits. A copy that differs from this base's (another vocabulary) is refused by name."""
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                       init_lora_weights=False))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):
+        theirs.save_pretrained(tmp_path / "peft")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(ours(input_ids).logits, theirs.eval()(input_ids).logits, **TOL)
+    other = tiny_llama(seed=5)
+    before = _state(other)
+    with pytest.raises(AdapterError, match=r"holds its own copy of lm_head's base weight \(lm_head.base_layer.weight"
+                                           r", shape \(\d+, 32\): PEFT's save_embedding_layers\) and it differs"):
+        load_adapter(other, tmp_path / "peft")
+    _assert_untouched(other, before)
+
+
+def test_modules_to_save_match_as_peft_matches_them_both_ways(tmp_path, input_ids):
+    """PEFT takes every module whose name ends with a modules_to_save entry ("norm": model.norm and each
+    input_layernorm and post_attention_layernorm); so do we, so each side loads the other's file with equal logits."""
+    config = LoraConfig(r=2, target_modules=TARGETS, modules_to_save=("norm",))
+    ours = randomize(inject(tiny_llama(), config))
+    wrapped = sorted(p for p, m in ours.named_modules() if type(m).__name__ == "ModulesToSave")
+    assert wrapped == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                       "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]
+    with torch.no_grad():
+        for path in wrapped:
+            ours.get_submodule(path).modules_to_save["default"].weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(input_ids).logits, ours.eval()(input_ids).logits, **TOL)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = load_adapter(tiny_llama(), tmp_path / "theirs")
+    torch.testing.assert_close(again(input_ids).logits, theirs(input_ids).logits, **TOL)
