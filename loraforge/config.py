@@ -597,6 +597,8 @@ class TrainingConfig:
                      f"(typically 3-10% of the steps, e.g. {max(1, self.max_steps // 20)})")
         if self.weight_decay < 0:
             p.append(f"weight_decay: must be ≥ 0, got {self.weight_decay} (0 for none; e.g. 0.01)")
+        if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range
+            p.append(f"seed: must be a whole number from 0 to 2**64 - 1, got {self.seed}")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             p.append(f"loraplus_lr_ratio: must be positive or null (off), got {self.loraplus_lr_ratio}: lora_B "
                      f"trains at lr × this ratio, so 0 freezes it and a negative value ascends the loss (e.g. 16)")

@@ -123,3 +123,31 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
 @pytest.mark.parametrize("path", ["examples/demo.yaml", "examples/times.yaml"])
 def test_shipped_configs_still_load(path):
     assert load_train_config(str(ROOT / path)).data.train
+
+
+@pytest.mark.parametrize("field, problem", [
+    (dict(tfinal=-100), "tfinal: must be ≥ 0 (steps), got -100"),  # trained on, short of target_r
+    (dict(tinit=-3), "tinit: must be ≥ 0 (steps), got -3"),
+    (dict(orth_reg_weight=float("inf")), "orth_reg_weight: must be a finite number >= 0, got inf (try 0.5)"),
+    (dict(orth_reg_weight=float("nan")), "orth_reg_weight: must be a finite number >= 0, got nan (try 0.5)"),
+    (dict(tfinal=10), "tfinal: 10 leaves no budget phase (tinit 0 + tfinal 10 ≥ total_step 6); lower tinit/tfinal "
+                      "or raise total_step (in a training run: training.max_steps, or training.epochs)"),
+    (dict(tinit=6), "tinit: 6 leaves no budget phase (tinit 6 + tfinal 0 ≥ total_step 6); lower tinit/tfinal or "
+                    "raise total_step (in a training run: training.max_steps, or training.epochs)"),
+])
+def test_adalora_schedule_values_are_refused_naming_the_field_set(field, problem):
+    """Found by a hunt (the run prefixes them with adalora.): negative tinit/tfinal trained on with a wrong final
+    rank, an infinite orthogonality weight ended in a NaN gradient blamed on the learning rate, and tfinal's
+    overreach was named tinit's."""
+    from loraforge.lora.adalora import AdaLoraConfig
+
+    with pytest.raises(ConfigError) as e:
+        AdaLoraConfig(target_modules=("q_proj",), total_step=6, **field)
+    assert problem in e.value.problems
+
+
+@pytest.mark.parametrize("seed", [2 ** 64, -1])
+def test_a_seed_outside_torchs_range_is_refused(seed):
+    """2**64 ended in a traceback from torch.manual_seed."""
+    assert problems(f"training.seed={seed}") == [f"training.seed: must be a whole number from 0 to 2**64 - 1, got "
+                                                 f"{seed}"]

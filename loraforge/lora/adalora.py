@@ -81,12 +81,16 @@ class AdaLoraConfig:
 
     def __post_init__(self):
         p = []
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: must be ≥ 0 (steps), got {getattr(self, name)}")
         if self.total_step is None or self.total_step <= 0:
             p.append(f"total_step: AdaLoRA needs the run's number of optimizer steps (> 0), got {self.total_step}")
-        elif self.tinit >= self.total_step - self.tfinal:
-            p.append(f"tinit: {self.tinit} leaves no budget phase before total_step - tfinal = "
-                     f"{self.total_step - self.tfinal}; lower tinit/tfinal or raise total_step (in a training "
-                     f"run: training.max_steps, or training.epochs)")
+        elif self.tinit >= self.total_step - self.tfinal and min(self.tinit, self.tfinal) >= 0:
+            name = "tinit" if self.tinit >= self.total_step or not self.tfinal else "tfinal"  # the one that overreaches
+            p.append(f"{name}: {getattr(self, name)} leaves no budget phase (tinit {self.tinit} + tfinal "
+                     f"{self.tfinal} ≥ total_step {self.total_step}); lower tinit/tfinal or raise total_step (in a "
+                     f"training run: training.max_steps, or training.epochs)")
         if not 0 < self.init_r <= MAX_RANK:
             p.append(f"init_r: must be a positive integer (at most {MAX_RANK}), got {self.init_r} (try 12)")
         if not 0 < self.target_r <= self.init_r:
@@ -96,8 +100,8 @@ class AdaLoraConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
                 p.append(f"{name}: must be in (0, 1), got {getattr(self, name)} (try 0.85)")
-        if self.orth_reg_weight < 0:
-            p.append(f"orth_reg_weight: must be >= 0, got {self.orth_reg_weight}")
+        if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            p.append(f"orth_reg_weight: must be a finite number >= 0, got {self.orth_reg_weight} (try 0.5)")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha >= 0):
             p.append(f"lora_alpha: must be a finite number >= 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:

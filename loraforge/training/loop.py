@@ -50,7 +50,7 @@ from loraforge.training.distributed import (check_same_config, choose_mode, clip
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
-from loraforge.training.mixing import Mixture, load_sources, sources_report
+from loraforge.training.mixing import MIN_TO_SPLIT, Mixture, load_sources, sources_report
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, open_tracker
@@ -201,13 +201,22 @@ def training_attention(cfg: TrainConfig, device: torch.device) -> str:
     return "lean" if device.type == "cpu" else "sdpa"
 
 
+def _not_held_out(stats: dict) -> str:
+    small = stats.get("not_held_out")
+    if not small:
+        return ""
+    return (f" (data.eval_fraction holds out nothing from {', '.join(small)}: under {MIN_TO_SPLIT} records; give "
+            f"data.eval for a held-out loss)")
+
+
 def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing) -> str:
     """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
     shared prefixes save; packed rows compute one position per real token and share nothing)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
-            f"dropped{eos}), {n_eval} held out; padded batches would be {100 * padding:.1f}% padding")
+            f"dropped{eos}), {n_eval} held out{_not_held_out(stats)}; padded batches would be {100 * padding:.1f}% "
+            f"padding")
     rule = f"{D.PACK_MIN_PADDING:.0%} padding"
     if net < padding:
         text += (f"; computing the prefix their rows share once, they would compute {1 / (1 - net):.2f} positions "
@@ -399,6 +408,11 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     if per_epoch == 0:
         raise TrainingError(too_few_examples(cfg, len(train_examples), n_batches, world))
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
+    if t.warmup_steps > total_steps:  # max_steps' own check is the config's; epochs' total is known only here
+        raise ConfigError([f"training.warmup_steps: {t.warmup_steps} is more than the run's {total_steps} steps "
+                           f"(training.epochs {t.epochs} × {per_epoch} steps an epoch), so the learning rate would "
+                           f"still be rising when training stops; use at most {total_steps} (typically 3-10% of "
+                           f"the steps, e.g. {max(1, total_steps // 20)})"])
     mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
                            sharded=mode == "fsdp")

@@ -79,6 +79,10 @@ class Mixture:
         return max(i for i, offset in enumerate(self.offsets) if offset <= index)
 
 
+MIN_TO_SPLIT = 20
+"""Without data.eval, a training source holds out data.eval_fraction of its records only from this many on."""
+
+
 def label(split: str, i: int, source: DataSource, n: int) -> str:
     """How a source is named in messages: its field (data.train[1]) and file, or just the file when alone."""
     return Path(source.path).name if n == 1 else f"data.{split}[{i}] {Path(source.path).name}"
@@ -107,7 +111,7 @@ def read_sources(c: DataConfig, seed: int) -> tuple[list[list[dict]], list[tuple
                           f"{len(problems)} data sources cannot be read:\n  " + "\n  ".join(problems))
     if not eval_sources and c.eval_fraction > 0:
         for i, (source, records) in enumerate(zip(train_sources, train)):
-            if len(records) >= 20:
+            if len(records) >= MIN_TO_SPLIT:
                 name = label("train", i, source, len(train_sources))
                 try:
                     train[i], part = D.train_test_split(records, c.eval_fraction, seed=seed, field="data.eval_fraction")
@@ -166,6 +170,10 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         for f in dataclasses.fields(total):
             setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
     report = dataclasses.asdict(total)
+    small = [label("train", i, s, len(train_sources)) for i, (s, r) in enumerate(zip(train_sources, train_records))
+             if len(r) < MIN_TO_SPLIT]
+    if small and not c.sources("eval") and c.eval_fraction > 0:  # said on the data line: no held-out loss there
+        report["not_held_out"] = small
     if len(per_source) > 1:
         report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
     return [ex for built in examples for ex in built], held_out, report, mixture

@@ -362,3 +362,31 @@ def test_target_errors_name_their_section_and_adalora_total_step_is_the_runs(tin
                                 "set training.max_steps=100"]
     model, _ = build_model(dataclasses.replace(ada, adalora={"total_step": 6, "target_r": 2}), cpu, total_steps=6)
     assert any(type(m).__name__ == "SVDLinear" for m in model.modules())  # the run's own count is fine
+
+
+def test_warmup_longer_than_an_epochs_run_is_refused_once_its_steps_are_known(tiny_dir, data_file, tmp_path):
+    """With max_steps the config refuses warmup_steps above it; with epochs the total is known only once the data
+    is read: a hunt found 10 steps trained at most a fifth of the peak rate, the decay never reached. Refused
+    before the model loads, naming the field and the run's step count."""
+    cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps="null", epochs=1, warmup_steps=50)
+    with pytest.raises(ConfigError) as e:
+        train(cfg, progress=False)
+    (problem,) = e.value.problems
+    assert re.fullmatch(r"training\.warmup_steps: 50 is more than the run's (\d+) steps \(training\.epochs 1\.0 × "
+                        r"\1 steps an epoch\), so the learning rate would still be rising when training stops; use "
+                        r"at most \1 \(typically 3-10% of the steps, e\.g\. 1\)", problem), problem
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_too_small_to_split_says_nothing_is_held_out(tiny_dir, data_file, tmp_path, capsys):
+    """eval_fraction holds out nothing from a source under 20 records (mixing.MIN_TO_SPLIT): the data line says
+    so and how to get a held-out loss, where it used to say only "0 held out"."""
+    small = tmp_path / "n19.jsonl"
+    small.write_text("".join(Path(data_file).read_text().splitlines(keepends=True)[:19]))
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={small}", "data.eval_fraction=0.5",
+                                   f"output_dir={tmp_path / 'run'}", "lora.r=4", "training.max_steps=1",
+                                   "training.batch_size=4", "training.precision=fp32"])
+    result = train(cfg, progress=False)
+    assert result.data_stats["not_held_out"] == ["n19.jsonl"]
+    assert ("19 train examples (0 truncated, 0 dropped), 0 held out (data.eval_fraction holds out nothing from "
+            "n19.jsonl: under 20 records; give data.eval for a held-out loss)") in capsys.readouterr().out
