@@ -23,7 +23,10 @@ SECTIONS = [  # (YAML section, dataclass, a note on the section)
     ("model", C.ModelConfig, ""),
     ("lora", C.LoraConfig, "Names and defaults as in PEFT's LoraConfig; ignored (with a warning) for method: full."),
     ("adalora", AdaLoraConfig, "For method: adalora; names and defaults as in PEFT's AdaLoraConfig. total_step is "
-                               "the run's step count (training.max_steps, or epochs × steps per epoch)."),
+                               "the run's step count (training.max_steps, or epochs × steps per epoch). In a run, "
+                               "lora_alpha, lora_dropout, target_modules, exclude_modules, layers_to_transform, "
+                               "layers_pattern and bias come from the lora: section (its defaults, e.g. lora_alpha "
+                               "16) unless set here; the defaults below are AdaLoraConfig's in Python."),
     ("data", C.DataConfig, ""),
     ("data.train / data.eval entries", C.DataSource, "A list entry of data.train or data.eval: one source."),
     ("training", C.TrainingConfig, ""),
