@@ -5,11 +5,13 @@ Imported by test modules (`from helpers import tiny_llama`); conftest.py holds o
 
 import copy
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject, lora_layers
+from loraforge.training import loop
 
 VOCAB = 128
 
@@ -90,3 +92,23 @@ def kept_equals_recomputed(grads, attend, inputs, target, dtype) -> dict[bool, l
     for a, b in zip(results[False], results[True]):
         assert a.dtype == b.dtype and torch.equal(a, b)
     return saved
+
+
+class Interrupt(Exception):
+    """What stop_in_last_save raises in place of the last checkpoint save."""
+
+
+def stop_in_last_save(cfg) -> None:
+    """Train `cfg` (3 steps) and stop it in its last checkpoint save, like a kill: checkpoints 1 and 2 stay, and
+    every step has been logged."""
+    save = loop.save_checkpoint
+
+    def save_or_stop(root, step, *args):
+        if step == 3:
+            raise Interrupt
+        return save(root, step, *args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "save_checkpoint", save_or_stop)
+        with pytest.raises(Interrupt):
+            loop.train(cfg, progress=False)

@@ -46,10 +46,11 @@ def adapter_configs(model: nn.Module) -> dict:
     return getattr(model, "lora_configs", {})
 
 
-def require_adapter(model: nn.Module, name: str) -> None:
-    """UnknownAdapterError naming the loaded ones unless adapter `name` is loaded on `model`."""
-    if name not in adapter_configs(model):
-        raise UnknownAdapterError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
+def require_adapter(model: nn.Module, *names: str) -> None:
+    """UnknownAdapterError naming the loaded ones unless every adapter in `names` is loaded on `model`."""
+    for name in names:
+        if name not in adapter_configs(model):
+            raise UnknownAdapterError(f"no adapter named {name!r}; loaded adapters: {list(adapter_configs(model))}")
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -244,8 +245,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := _merged(model):  # the new one becomes the active one: the merged ones would run on under it
-        raise RuntimeError(f"adapters {merged} are merged into the base weights; call "
-                           f"loraforge.lora.merge.unmerge(model) before loading another one")
+        raise _merged_error(merged, "loading another one")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
     # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
@@ -301,11 +301,9 @@ def list_adapters(model: nn.Module) -> list[str]:
 def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make `name` (or several names, summed) the active adapter(s) of every layer."""
     names = [name] if isinstance(name, str) else list(name)
-    for n in names:
-        require_adapter(model, n)
+    require_adapter(model, *names)
     if (merged := _merged(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
-        raise RuntimeError(f"adapters {merged} are merged into the base weights; call "
-                           f"loraforge.lora.merge.unmerge(model) before switching to {names}")
+        raise _merged_error(merged, f"switching to {names}")
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.active_adapters = [n for n in names if n in module.r]
@@ -317,12 +315,16 @@ def _merged(model: nn.Module) -> list[str]:
     return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
 
 
+def _merged_error(merged: list[str], doing: str) -> RuntimeError:
+    return RuntimeError(f"adapters {merged} are merged into the base weights; call loraforge.lora.merge.unmerge(model) "
+                        f"before {doing}")
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block. Refuses while adapters are merged (unmerge() first)."""
-    if _merged(model):
-        raise RuntimeError(f"adapters {_merged(model)} are merged into the base weights; "
-                           f"call loraforge.lora.merge.unmerge(model) before disabling them")
+    if merged := _merged(model):
+        raise _merged_error(merged, "disabling them")
     modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     for m in modules:
         m.disabled = True
@@ -337,8 +339,7 @@ def disable_adapters(model: nn.Module):
 def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
     names = [None if n in (None, "base") else n for n in adapter_names]
-    for n in set(names) - {None}:
-        require_adapter(model, n)
+    require_adapter(model, *(set(names) - {None}))
     if _merged(model):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
     if any(isinstance(m, ModulesToSave) for m in model.modules()):

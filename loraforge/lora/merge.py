@@ -34,8 +34,7 @@ COMBINATIONS = ("cat", "svd", "linear")
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Add ΔW of the named adapters (default: the active ones) into the base weights. Calling it twice is a no-op."""
-    for name in adapter_names or []:
-        require_adapter(model, name)
+    require_adapter(model, *(adapter_names or []))
     for _, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         layer.merge(names)
@@ -56,8 +55,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     adapters in order, each DoRA one rescaling the running weight), then cast to the compute dtype: re-quantizing
     would change the outputs again (see loraforge.quant.bnb for that, as a choice).
     """
-    for name in adapter_names or []:
-        require_adapter(model, name)
+    require_adapter(model, *(adapter_names or []))
     for path, layer in lora_layers(model):
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         base = layer.base_layer

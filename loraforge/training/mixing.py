@@ -170,10 +170,10 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         for f in dataclasses.fields(total):
             setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
     report = dataclasses.asdict(total)
-    small = [label("train", i, s, len(train_sources)) for i, (s, r) in enumerate(zip(train_sources, train_records))
-             if len(r) < MIN_TO_SPLIT]
-    if small and not c.sources("eval") and c.eval_fraction > 0:  # said on the data line: no held-out loss there
-        report["not_held_out"] = small
+    if held_from_train and c.eval_fraction > 0:  # sources read_sources did not split (under MIN_TO_SPLIT records)
+        split = {name for name, _, _ in eval_records}
+        if small := [name for name in mixture.names if name not in split]:  # said on the data line
+            report["not_held_out"] = small
     if len(per_source) > 1:
         report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
     return [ex for built in examples for ex in built], held_out, report, mixture

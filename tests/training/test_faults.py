@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from helpers import stop_in_last_save
 
 import loraforge.training.loop as T
 from loraforge.cli import main
@@ -59,31 +60,12 @@ def assert_equal_adapters(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)  # max |Δ| = 0: a resume recomputes exactly
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def whole(tiny_dir, data_file, tmp_path_factory) -> dict:
     """The adapter of the uninterrupted run (3 steps)."""
     out = tmp_path_factory.mktemp("whole")
     train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
     return adapter(out)
-
-
-def stop_in_last_save(cfg) -> None:
-    """Train `cfg` (3 steps) and stop it in its last checkpoint save, like a kill: checkpoints 1 and 2 stay."""
-    save = T.save_checkpoint
-
-    def save_or_stop(root, step, *args):
-        if step == 3:
-            raise Interrupt
-        return save(root, step, *args)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(T, "save_checkpoint", save_or_stop)
-        with pytest.raises(Interrupt):
-            train(cfg, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,12 @@ import json
 import types
 
 import pytest
+from helpers import stop_in_last_save
 
-import loraforge.training.loop as T
 from loraforge.cli import main
 from loraforge.config import load_train_config
 from loraforge.training.loop import train
 from loraforge.training.trackers import RUN_IDS, open_tracker, saved_run_id
-
-
-class Interrupt(Exception):
-    pass
 
 
 def fake_wandb() -> types.ModuleType:
@@ -75,21 +71,6 @@ def run_args(tiny_dir, data_file, out, tracker) -> list[str]:
             "training.save_every=1", "training.seed=3", f"training.report_to={tracker}"]
 
 
-def train_killed_in_last_save(cfg) -> None:
-    """Train cfg (3 steps) and stop it in its last checkpoint save, like a kill: it has logged 3 steps."""
-    save = T.save_checkpoint
-
-    def save_or_stop(root, step, *args):
-        if step == 3:
-            raise Interrupt
-        return save(root, step, *args)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(T, "save_checkpoint", save_or_stop)
-        with pytest.raises(Interrupt):
-            train(cfg, progress=False)
-
-
 def metrics_losses(out) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -102,7 +83,7 @@ def test_a_resumed_run_logs_into_the_same_tracker_run_and_a_new_run_into_a_new_o
     monkeypatch.setitem(__import__("sys").modules, tracker, module)
     out = tmp_path / "run"
     cfg = load_train_config(None, run_args(tiny_dir, data_file, out, tracker))
-    train_killed_in_last_save(cfg)
+    stop_in_last_save(cfg)
     first = saved_run_id(out, tracker)
     assert first is not None and list(module.runs) == [first]
 
