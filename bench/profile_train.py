@@ -3,9 +3,16 @@
     python bench/profile_train.py --shape chat             # the step as loraforge trains it (loraforge's defaults)
     python bench/profile_train.py --shape text --variant lf-noseg --top 25
     python bench/profile_train.py --shape text --dtype bf16  # the base in bf16 under autocast, as bench/train.py
+    python bench/profile_train.py --shape text --floor     # also: the step's matmul floor, timed without the profiler
 
 Prints the self CPU time of the step by kind (matmuls, attention's softmax, norms, elementwise, copies and
 allocation, the optimizer, data/collate), then the heaviest operators. One process, after one untimed step.
+
+--floor times one more step operator by operator with a light dispatch-mode timer (torch.profiler's own overhead
+inflates ms-sized operators on small machines) and prints the matmul floor: the time the frozen linears and the
+head (forward and input gradient) take at the rates they ran at, and the tokens/s the step would reach if nothing
+else (LoRA, attention, norms, elementwise, optimizer, Python) took any time. A trainer that runs the same products
+at the same rates cannot beat that bound.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
-from train import VARIANTS  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from train import VARIANTS, matmul_peak  # noqa: E402
 
 KINDS = [  # (kind, substrings of an operator name), first match wins
     ("matmul", ("mm", "matmul", "linear", "bmm", "baddbmm")),
@@ -52,6 +60,8 @@ def main() -> None:
                    help="bf16: the frozen base stored in bf16, matmuls under bf16 autocast, as bench/train.py runs it")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--by-shape", action="store_true", help="also the matmuls by operand shapes, with their GFLOP/s")
+    p.add_argument("--floor", action="store_true",
+                   help="also time one more step by operator (no profiler) and print its matmul floor")
     args = p.parse_args()
 
     import torch
@@ -80,7 +90,7 @@ def main() -> None:
         from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
 
         model.set_attn_implementation(LEAN_MASKED_ATTENTION)
-    plan = data_shapes.plan(args.shape, tok, 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
+    plan = data_shapes.plan(args.shape, tok, 3 if args.floor else 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
     share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))  # as bench/train.py
@@ -130,6 +140,57 @@ def main() -> None:
     if args.by_shape:
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.top))
         print_matmul_shapes(prof, args.top)
+    if args.floor:
+        timer = OperatorTimer(lora_rank=16)
+        t0 = time.perf_counter()
+        with timer:
+            step(plan[2])
+        print_floor(timer, time.perf_counter() - t0, sum(len(e.input_ids) for _, ex in plan[2] for e in ex),
+                    matmul_peak(args.dtype, "cpu"))
+
+
+MATMULS = ("aten.mm.", "aten.addmm.", "aten.addmm_.", "aten.bmm.", "aten.baddbmm.")
+
+
+class OperatorTimer(TorchDispatchMode):
+    """Wall time of every operator, grouped into the frozen linears and head (2-D products with no side of the LoRA
+    rank), LoRA's products (a side of the rank), attention's batched products, and everything else."""
+
+    def __init__(self, lora_rank: int):
+        super().__init__()
+        self.rank, self.seconds, self.flops = lora_rank, defaultdict(float), defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        tensors = [a for a in args if hasattr(a, "shape")]
+        group = self.group(str(func), tensors)
+        self.seconds[group] += time.perf_counter() - t0
+        if group != "other operators":
+            a, b = tensors[-2].shape, tensors[-1].shape
+            self.flops[group] += 2 * math.prod(a) * b[-1]
+        return out
+
+    def group(self, name: str, tensors: list) -> str:
+        if not name.startswith(MATMULS):
+            return "other operators"
+        if "bmm" in name:
+            return "attention products"
+        a, b = tensors[-2].shape, tensors[-1].shape  # mm: (a, b); addmm: (input, a, b)
+        return "LoRA products" if self.rank in (*a, *b) else "frozen linears + head"
+
+
+def print_floor(timer: OperatorTimer, wall: float, tokens: int, peak: float) -> None:
+    floor, flops = timer.seconds["frozen linears + head"], timer.flops["frozen linears + head"]
+    print(f"one step timed by operator: {wall:.2f} s wall ({tokens / wall:.0f} tok/s; the timer adds a little)")
+    for group, s in sorted(timer.seconds.items(), key=lambda kv: -kv[1]):
+        rate = f"  {timer.flops[group] / s / 1e9:5.0f} GFLOP/s" if timer.flops[group] else ""
+        print(f"  {group:24s} {s:7.2f} s  {100 * s / wall:5.1f}%{rate}")
+    print(f"  {'Python, autograd, rest':24s} {wall - sum(timer.seconds.values()):7.2f} s")
+    print(f"matmul floor: {floor:.2f} s a step = {tokens / floor:.0f} tok/s if nothing but the frozen linears and "
+          f"the head took time")
+    print(f"  at this machine's matmul peak ({peak / 1e9:.0f} GFLOP/s, a 2048² product; the products above ran at "
+          f"{100 * flops / floor / peak:.0f}% of it): {tokens * peak / flops:.0f} tok/s")
 
 
 def print_matmul_shapes(prof, top: int) -> None:
