@@ -90,7 +90,9 @@ def main() -> None:
         from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
 
         model.set_attn_implementation(LEAN_MASKED_ATTENTION)
-    plan = data_shapes.plan(args.shape, tok, 3 if args.floor else 2, args.batch, args.batch, args.text_rows, args.text_len, args.pack_len)
+    steps = 3 if args.floor else 2  # one untimed, one profiled[, one timed by operator]
+    plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.batch, args.text_rows, args.text_len,
+                            args.pack_len)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
     share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))  # as bench/train.py

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraforge.precision import choose
 
@@ -61,3 +62,21 @@ def test_hardware_header_names_the_cpu_and_the_auto_choice(monkeypatch):
     cpu, choice = hardware.header(info).splitlines()
     assert cpu.startswith("CPU ") and f"({info['cpu_capability']}, {info['cores']} cores" in cpu
     assert choice == f"auto: {auto.line()}"
+
+
+def test_profile_floor_timer_groups_products_and_counts_their_flops(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_train
+
+    x, w, a, b = torch.randn(32, 24), torch.randn(40, 24), torch.randn(4, 24), torch.randn(40, 4)
+    q, k = torch.randn(3, 8, 5), torch.randn(3, 5, 8)
+    timer = profile_train.OperatorTimer(lora_rank=4)
+    with timer:
+        y = x @ w.T  # a frozen linear: 2·32·24·40
+        y.addmm_(x @ a.T, b.T)  # LoRA: 2·32·24·4 + 2·32·4·40
+        torch.bmm(q, k)  # attention: 2·3·8·5·8
+        y.relu()
+    assert timer.flops["frozen linears + head"] == 2 * 32 * 24 * 40
+    assert timer.flops["LoRA products"] == 2 * 32 * 24 * 4 + 2 * 32 * 4 * 40
+    assert timer.flops["attention products"] == 2 * 3 * 8 * 5 * 8
+    assert set(timer.seconds) == {"frozen linears + head", "LoRA products", "attention products", "other operators"}
