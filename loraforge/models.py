@@ -23,7 +23,7 @@ import torch
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized
-from loraforge.utils.files import DiskError, disk_error, fsync_tree, plain_modes
+from loraforge.utils.files import DiskError, disk_error, expand_user, fsync_tree, plain_modes
 
 try:
     import fcntl
@@ -216,7 +216,7 @@ def resolve_model(name_or_path: str) -> str:
         gguf = builtin_gguf_path(name_or_path)
         out = _gguf_cache_path(gguf, name_or_path)
         return str(cached_conversion(gguf, out))
-    path = Path(name_or_path).expanduser()
+    path = expand_user(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")

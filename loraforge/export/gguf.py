@@ -19,7 +19,7 @@ from loraforge.export.gguf_vocab import copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
-from loraforge.utils.files import atomic_file, fsync_tree
+from loraforge.utils.files import atomic_file, expand_user, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -31,7 +31,7 @@ def base_gguf(base: str) -> Path | None:
     """The GGUF file a base comes from (a built-in name or a .gguf path), else None."""
     if base in BUILTIN_MODELS:
         return builtin_gguf_path(base)
-    return Path(base).expanduser() if base.endswith(".gguf") else None
+    return expand_user(base) if base.endswith(".gguf") else None
 
 
 def check_gguf_output(out: str | Path, overwrite: bool, inputs: list) -> Path:

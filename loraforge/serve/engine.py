@@ -42,6 +42,7 @@ from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
 from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
 from loraforge.serve.static_batch import StaticBatch
+from loraforge.utils.files import expand_user
 
 UNKNOWN_CONTEXT = 2048  # the context served for a config that names none (models.context_length None)
 
@@ -93,7 +94,7 @@ class Engine:
         self._commands: list[tuple[Callable, Future]] = []
         self._stopping = False
         self._ids = itertools.count(1)
-        self.adapters_dir = Path(adapters_dir).expanduser().resolve() if adapters_dir else None
+        self.adapters_dir = expand_user(adapters_dir).resolve() if adapters_dir else None
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
         self._residency = Residency(model, self._cv, base_name=base_name, max_loaded=max_loaded,
                                     allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir,

@@ -56,6 +56,7 @@ from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterE
 from loraforge.lora.inject import lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, ServeError, UnknownAdapter, shown
+from loraforge.utils.files import expand_user
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -268,7 +269,7 @@ class Residency:
         self._loads = itertools.count(1)
         self._free_slots = list(range(max_loaded, 0, -1))
         self._stacks: dict[LoraLinear, Stack] = {}
-        self._allowed = {Path(p).expanduser().resolve() for p in allowed}
+        self._allowed = {expand_user(p).resolve() for p in allowed}
         self.adapters_dir = adapters_dir
         # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
         self._modules = {name for name, _ in model.named_modules()}
@@ -388,7 +389,7 @@ class Residency:
         said = shown(label or str(path))
         if "\x00" in str(path) or SURROGATE.search(str(path)):
             raise ServeError(f"adapter path {said} contains a NUL character or a lone surrogate; send a plain path")
-        p = Path(path).expanduser()
+        p = expand_user(path)
         if not p.is_absolute() and self.adapters_dir is not None:
             p = self.adapters_dir / p
         try:

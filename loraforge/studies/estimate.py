@@ -33,6 +33,7 @@ from typing import Literal
 from loraforge.argtypes import PositiveInt
 from loraforge.config import ConfigError
 from loraforge.models import BUILTIN_MODELS, resolve_model
+from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
 
 GB = 1e9
@@ -135,7 +136,7 @@ def model_shape(model: str | ModelShape) -> ModelShape:
     if model.lower() in KNOWN_SHAPES:
         return KNOWN_SHAPES[model.lower()]
 
-    path = Path(model).expanduser()
+    path = expand_user(model)
     if not path.is_dir() and model not in BUILTIN_MODELS:
         raise ValueError(f"model {model!r} is neither a known size ({', '.join(KNOWN_SHAPES)}), "
                          f"a transformers directory, nor a built-in model ({', '.join(BUILTIN_MODELS)})")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from loraforge.utils.files import expand_user
+
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -70,7 +72,7 @@ def read_records(source: str) -> list[dict]:
 
     Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it.
     """
-    path = Path(source).expanduser()  # "~/data.jsonl" from a YAML file, where no shell expands it
+    path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
         if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
             raise DataError(f"no such file: {source}")
@@ -98,41 +100,64 @@ def _read_jsonl(path: Path) -> list[dict]:
     for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        record = _json(line, path, lineno)
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         records.append({**record, "_source": f"{path}:{lineno}"})
     return records
 
 
+def _json(text: str, path: Path, lineno: int | None = None) -> object:
+    """json.loads, with every refusal a DataError naming where: bad syntax (line and column), an integer of more
+    than 4,300 digits (Python's limit), nesting deeper than the parser's recursion allows. `lineno`: the line of
+    a .jsonl file that `text` is."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{where}: a number in it is too long to read ({e}); write it as a string") from None
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
+
+
 def _read_csv(path: Path) -> list[dict]:
     """Rows as {column: value}; header names are stripped ("instruction, output" names "output"). A header naming
     a column twice, or a row with more fields than the header, is refused (csv.DictReader would keep the last
-    column, or file the extra fields under None)."""
-    rows = csv.reader(io.StringIO(_read_text(path), newline=""))
-    names = [name.strip() for name in next(rows, [])]
-    if twice := next((name for name in names if names.count(name) > 1), None):
-        raise DataError(f"{path}:1: the header names column {twice!r} twice; rename or remove one of them")
-    records, line = [], rows.line_num + 1  # line: where the next row starts (a quoted field may span lines)
-    for row in rows:
-        start, line = line, rows.line_num + 1
-        if not row:  # a blank line
-            continue
-        if len(row) > len(names):
-            raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(names)} columns "
-                            f"({', '.join(names)}); quote a field that holds a comma (\"a, b\")")
-        records.append({**dict(zip(names, row + [None] * (len(names) - len(row)))), "_source": f"{path}:{start}"})
+    column, or file the extra fields under None). A quote left open is refused with the line it opened on (a
+    lenient reader would swallow every later row into one field); a field may be as long as the file."""
+    text = _read_text(path)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # the default limit is 131,072 characters
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, line = [], 1  # line: where the next row starts (a quoted field may span lines)
+    try:
+        names = [name.strip() for name in next(rows, [])]
+        if twice := next((name for name in names if names.count(name) > 1), None):
+            raise DataError(f"{path}:1: the header names column {twice!r} twice; rename or remove one of them")
+        line = rows.line_num + 1
+        for row in rows:
+            start, line = line, rows.line_num + 1
+            records.extend(_csv_record(path, names, row, start))
+    except csv.Error as e:
+        what = "a quote opened in this row is never closed" if "end of data" in str(e) else f"{e} in this row"
+        raise DataError(f"{path}:{line}: {what}; a field that holds a quote must be quoted as a whole, its quotes "
+                        f"doubled (\"say \"\"hi\"\"\")") from None
     return records
 
 
+def _csv_record(path: Path, names: list[str], row: list[str], start: int) -> list[dict]:
+    """The row as a record ([] for a blank line); missing trailing fields are None."""
+    if not row:  # a blank line
+        return []
+    if len(row) > len(names):
+        raise DataError(f"{path}:{start}: {len(row)} fields, but the header has {len(names)} columns "
+                        f"({', '.join(names)}); quote a field that holds a comma (\"a, b\")")
+    return [{**dict(zip(names, row + [None] * (len(names) - len(row)))), "_source": f"{path}:{start}"}]
+
+
 def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(_read_text(path) or "[]")
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    data = _json(_read_text(path) or "[]", path)
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

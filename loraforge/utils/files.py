@@ -36,6 +36,15 @@ REASONS = {
 }
 
 
+def expand_user(path: str | Path) -> Path:
+    """`path` with a leading ~ or ~user expanded as a shell would; where that fails (no such user, no home
+    directory) the path stays as typed, so the caller's 'no such file' names it instead of a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 class DiskError(OSError):
     """The disk refused a write; the message names the directory, what was needed and what is free."""
 

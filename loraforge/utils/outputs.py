@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error
+from loraforge.utils.files import DiskError, disk_error, expand_user
 
 try:
     import fcntl
@@ -39,12 +39,12 @@ class OutputError(ValueError):
 
 def _as_paths(inputs: Iterable[str | Path | None]) -> list[Path]:
     """The inputs that exist on disk (a hub id or a built-in model name is not a path)."""
-    return [Path(p).expanduser() for p in inputs if p and Path(p).expanduser().exists()]
+    return [expand_user(p) for p in inputs if p and expand_user(p).exists()]
 
 
 def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
     """Refuse an output that is, contains or lies inside one of `inputs` (existing paths only)."""
-    out = Path(path).expanduser().resolve()
+    out = expand_user(path).resolve()
     for given in _as_paths(inputs):
         src = given.resolve()
         if out == src:
@@ -66,7 +66,7 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
     `flag` is how the user named the path (--out, output_dir) so the message points at it.
     """
     check_not_input(path, inputs, flag)
-    out = Path(path).expanduser()
+    out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
     if not overwrite and out.is_dir():
@@ -92,7 +92,7 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     check_not_input(path, inputs, flag)
     if resume:
         return []
-    root = Path(path).expanduser() / "checkpoints"
+    root = expand_user(path) / "checkpoints"
     found = _last_checkpoint(root)
     if found is None:
         check_output(path, overwrite=overwrite, flag=flag)
@@ -118,7 +118,7 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
     this call made it and nothing was written into it). Another process holding it: OutputError naming its
     process id. A folder that cannot be created or written (read-only, a part of the path is a file):
     files.DiskError, one line naming it. Both before anything in `path` is read or written."""
-    out = Path(path).expanduser()
+    out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
     created = not out.exists()  # a run that ends before writing anything leaves no empty folder behind

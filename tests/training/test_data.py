@@ -336,6 +336,46 @@ def test_csv_header_spaces_duplicate_columns_and_extra_fields(tok, tmp_path):
                        {"instruction": "short", "output": None, "_source": f"{tmp_path / 'lines.csv'}:5"}]
 
 
+def test_csv_unclosed_quote_is_refused_by_line_and_long_fields_are_read(tmp_path):
+    """A lenient csv reader folds every row after a stray quote into one field (25 rows read as 3 records); a
+    field longer than csv's default 131,072-character limit is a long document, read whole."""
+    rows = ["instruction,output"] + [f"Double {i},{2 * i}" for i in range(25)]
+    rows[3] = 'Double 2,"4'
+    (tmp_path / "open.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "open.csv"))
+    assert str(e.value) == (f'{tmp_path / "open.csv"}:4: a quote opened in this row is never closed; a field that '
+                            f'holds a quote must be quoted as a whole, its quotes doubled ("say ""hi""")')
+    (tmp_path / "stray.csv").write_text('instruction,output\nx,y\na,"b"c\n')
+    with pytest.raises(DataError, match=r'stray.csv:3: \',\' expected after \'"\' in this row'):
+        read_records(str(tmp_path / "stray.csv"))
+    long = "word " * 30_000
+    (tmp_path / "long.csv").write_text(f"instruction,output\nq,{long}\n")
+    assert strip_source(read_records(str(tmp_path / "long.csv"))) == [{"instruction": "q", "output": long}]
+
+
+def test_json_numbers_too_long_and_nesting_too_deep_are_data_errors(tmp_path):
+    """json.loads refuses these with ValueError / RecursionError, not JSONDecodeError."""
+    (tmp_path / "big.jsonl").write_text('{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"big.jsonl:1: a number in it is too long to read \(Exceeds the limit"):
+        read_records(str(tmp_path / "big.jsonl"))
+    (tmp_path / "deep.json").write_text('[{"x": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "deep.json"))
+    assert str(e.value) == (f"{tmp_path / 'deep.json'}: nested too deeply to read (arrays or objects thousands of "
+                            f"levels deep)")
+    (tmp_path / "bad.json").write_text('[\n{"x": 1,}]')
+    with pytest.raises(DataError, match=r"bad.json:2: invalid JSON \(Expecting property name"):
+        read_records(str(tmp_path / "bad.json"))
+
+
+def test_a_path_under_an_unknown_users_home_is_no_such_file():
+    """Path.expanduser raises RuntimeError for ~nouser; the path stays as typed and is reported missing."""
+    with pytest.raises(DataError) as e:
+        read_records("~no-such-user-here/data.jsonl")
+    assert str(e.value) == "no such file: ~no-such-user-here/data.jsonl"
+
+
 def test_utf16_and_utf32_files_are_named_with_the_right_iconv(tmp_path):
     text = '{"instruction": "x", "output": "y"}\n'
     for encoding, name in [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32-le", "UTF-32"),
