@@ -377,15 +377,14 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     out = Path(cfg.output_dir)
     inputs = [cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter]
     init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading or writing
-    refusal = None
+    refusal, stale = None, []
     if rank == 0:
         try:
             check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
             held.enter_context(hold_output(out))  # a second run into output_dir is refused here
             for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
                 remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
-            for d in check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs):  # before any loading
-                shutil.rmtree(d)  # the earlier run's checkpoints: this run's replace them
+            stale = check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs)  # before any loading
         except (OutputError, DiskError) as e:
             refusal = e
     if world > 1:  # every rank learns rank 0's answer now, rather than at its first collective (after a timeout)
@@ -436,6 +435,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture)
+    for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
+        shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
+    if world > 1:
+        dist.barrier()  # no rank looks for checkpoints before rank 0 has deleted them
     if not resume and (earlier := sorted(run.ckpt_root.glob("step-*"))):  # complete or not: they would mix
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
                             f"--resume, delete {run.ckpt_root} to start over, or choose another output_dir")

@@ -19,6 +19,7 @@ from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject
 from loraforge.utils.outputs import OutputError, check_output
+from loraforge.training.data import DataError
 from loraforge.training.loop import last_checkpoint, train
 from helpers import randomize
 
@@ -215,6 +216,11 @@ def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_d
     with pytest.raises(OutputError, match=r"holds an unfinished run \(checkpoint step-0000003, step 3 of 6\); "
                                           r"continue it with --resume, start it over with --overwrite"):
         train(config(tiny_dir, data_file, out, steps=6), progress=False)
+    assert snapshot(out) == before
+    bad = tmp_path / "bad.jsonl"  # a run started over whose data is refused leaves the earlier run resumable
+    bad.write_text(data_file.read_text() + "{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:\d+: invalid JSON"):
+        train(config(tiny_dir, bad, out, steps=2), progress=False, overwrite=True)
     assert snapshot(out) == before
     assert train(config(tiny_dir, data_file, out, steps=2), progress=False, overwrite=True).steps == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]  # the old run's are gone
