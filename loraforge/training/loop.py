@@ -165,7 +165,8 @@ def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int,
     """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank.
     `mixture` draws the epoch from several sources (None: every example once)."""
     order = (torch.tensor(mixture.epoch_order(epoch)) if mixture is not None
-             else torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.training.seed + epoch)))
+             else torch.randperm(len(examples),
+                                 generator=torch.Generator().manual_seed((cfg.training.seed + epoch) % 2**64)))
     t = cfg.training
     if t.batch_tokens is None:
         return [order[i:i + t.batch_size].tolist() for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]

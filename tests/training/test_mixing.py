@@ -57,6 +57,19 @@ def test_epochs_per_source_and_the_single_source_order_is_unchanged():
     assert len(b) == 10 and len(set(b)) == 10
 
 
+def test_the_largest_seed_wraps_at_the_epoch_boundary_instead_of_overflowing():
+    """training.seed may be 2**64 - 1; seed + epoch used to overflow torch.Generator.manual_seed at epoch 1."""
+    top = 2**64 - 1
+    expected = torch.randperm(37, generator=torch.Generator().manual_seed(0)).tolist()  # (top + 1) % 2**64
+    assert Mixture(names=("a",), sizes=(37,), weights=None, epochs=(1,), seed=top).epoch_order(1) == expected
+    weighted = Mixture(names=("a", "b"), sizes=(10, 20), weights=(0.5, 0.5), epochs=(1, 1), seed=top)
+    order = weighted.epoch_order(1)
+    assert len(order) == 30 and set(order) <= set(range(30))
+    cfg = load_train_config(None, ["data.train=x.jsonl", f"training.seed={top}", "training.batch_size=1"])
+    examples = [D.Example([1, 2], [1, 2])] * 37
+    assert [b[0] for b in micro_batches(examples, cfg, 1)] == expected
+
+
 @pytest.fixture
 def two_sources(tmp_path):
     a = write(tmp_path / "add.jsonl", [{"instruction": f"Add {x} and {y}.", "output": str(x + y)}
