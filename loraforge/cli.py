@@ -382,6 +382,7 @@ def _commands() -> dict:
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value
 OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `loraforge eval [DATA] --probe mc`
+# (and `train`'s CONFIG, which may follow the overrides)
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
@@ -449,11 +450,18 @@ def parse_args(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    for name in OPTIONAL_POSITIONALS:  # `loraforge forgetting lora.r=4`: the optional file was left out
-        value = getattr(args, name, None)
+    for name in OPTIONAL_POSITIONALS:  # argparse took an override for the file: `forgetting lora.r=4` (the
+        value = getattr(args, name, None)  # optional file left out) or `train lora.r=4 base.yaml` (given later)
         if value is not None and hasattr(args, "overrides") and OVERRIDE.match(value):
-            setattr(args, name, None)
-            args.overrides = [value, *args.overrides]
+            rest = [value, *args.overrides]
+            given = next((v for v in rest if not OVERRIDE.match(v)), None)
+            if given is not None:
+                rest.remove(given)
+            elif inspect.signature(_commands()[args.command]).parameters[name].default is inspect.Parameter.empty:
+                parser.error(f"the following arguments are required: {name} (before or after the KEY=VALUE "
+                             f"overrides)")
+            setattr(args, name, given)
+            args.overrides = rest
     return vars(args)
 
 

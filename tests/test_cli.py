@@ -92,6 +92,21 @@ def test_forgetting_takes_its_config_as_a_positional_argument():
         parse_args(["train", "a.yaml", "--no-such-flag"])
 
 
+def test_train_takes_its_config_after_the_overrides_and_says_when_there_is_none(capsys):
+    """The usage says overrides may come anywhere; argparse filed the first one as CONFIG (a TypeError later)."""
+    from loraforge.cli import parse_args
+
+    args = parse_args(["train", "lora.r=4", "base.yaml", "training.lr=1e-4"])
+    assert (args["config"], args["overrides"]) == ("base.yaml", ["lora.r=4", "training.lr=1e-4"])
+    args = parse_args(["forgetting", "lora.r=4", "task.yaml"])
+    assert (args["config"], args["overrides"]) == ("task.yaml", ["lora.r=4"])
+    with pytest.raises(SystemExit) as e:
+        parse_args(["train", "lora.r=4"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: the following arguments are required: config (before "
+                                                    "or after the KEY=VALUE overrides)")
+
+
 def test_every_command_prints_its_help(capsys):
     from loraforge.cli import _commands
 
