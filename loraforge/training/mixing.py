@@ -81,6 +81,8 @@ class Mixture:
 
 MIN_TO_SPLIT = 20
 """Without data.eval, a training source holds out data.eval_fraction of its records only from this many on."""
+MAX_PER_EPOCH = 100_000_000
+"""Examples in one epoch of a mix by epochs: the epoch's order is a list of that many indices."""
 
 
 def label(split: str, i: int, source: DataSource, n: int) -> str:
@@ -157,13 +159,17 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         if source.epochs is not None and round(source.epochs * len(built)) == 0:  # epoch_order would draw none
             problems.append(f"data.train[{i}].epochs: {source.epochs:g} of its {len(built)} examples is none; "
                             f"use at least {1 / len(built):.2g} (one example per epoch), or leave the source out")
+        elif source.epochs is not None and source.epochs * len(built) > MAX_PER_EPOCH:  # held as a list of indices
+            problems.append(f"data.train[{i}].epochs: {source.epochs:g} passes over its {len(built)} examples is "
+                            f"{source.epochs * len(built):.3g} examples an epoch, more than {MAX_PER_EPOCH:,}; use "
+                            f"at most {MAX_PER_EPOCH // len(built):,} (training.epochs repeats the whole mix)")
     if problems:
         raise D.DataError("\n".join(problems) if len(problems) == 1 else
                           f"{len(problems)} data sources cannot be used:\n  " + "\n  ".join(problems))
     weights = [s.weight for s in train_sources]
     mixture = Mixture(names=tuple(label("train", i, s, len(train_sources)) for i, s in enumerate(train_sources)),
                       sizes=tuple(len(e) for e in examples),
-                      weights=tuple(w / sum(weights) for w in weights) if all(weights) else None,
+                      weights=shares(weights) if all(weights) else None,
                       epochs=tuple(1.0 if s.epochs is None else s.epochs for s in train_sources), seed=seed)
     total = D.DataStats()
     for stats in per_source:
@@ -177,6 +183,14 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     if len(per_source) > 1:
         report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
     return [ex for built in examples for ex in built], held_out, report, mixture
+
+
+def shares(weights: list[float]) -> tuple[float, ...]:
+    """Weights as shares that sum to 1; scaled by the largest first, so two weights of 1e308 are 0.5 each (their
+    plain sum is inf, every share 0)."""
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    return tuple(w / sum(scaled) for w in scaled)
 
 
 def sources_report(mixture: Mixture, stats: dict) -> str:

@@ -154,6 +154,22 @@ def test_a_source_fraction_that_draws_no_example_names_its_epochs(tiny_dir, two_
                             "example per epoch), or leave the source out")
 
 
+def test_the_largest_weights_and_epochs_are_shares_or_a_named_error(tiny_dir, two_sources, tmp_path):
+    """Two weights of 1e308 pass the config (finite, positive) but their plain sum is inf: every share was 0 and
+    torch.multinomial raised. epochs 1e12 tried to build a list of 3e13 indices (MemoryError)."""
+    a, b = two_sources
+    base = [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path / 'o'}"]
+    cfg = load_train_config(None, base, base={"data": {"train": [{"path": str(a), "weight": 1e308},
+                                                                 {"path": str(b), "weight": 1e308}]}})
+    _, _, _, mixture = load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert mixture.weights == (0.5, 0.5) and len(mixture.epoch_order(0)) == 38
+    cfg = load_train_config(None, base, base={"data": {"train": [{"path": str(a), "epochs": 1e12}, str(b)]}})
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    assert str(e.value) == ("data.train[0].epochs: 1e+12 passes over its 30 examples is 3e+13 examples an epoch, "
+                            "more than 100,000,000; use at most 3,333,333 (training.epochs repeats the whole mix)")
+
+
 def test_one_bad_source_is_reported_once_not_with_its_held_out_part(tiny_dir, tmp_path):
     """A source read in the wrong format fails in its train part and its held-out part alike: one problem."""
     rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(40)]
