@@ -14,6 +14,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -644,8 +645,12 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
 
     data: dict = dict(base or {})
     if path is not None:
-        try:
-            loaded = yaml.safe_load(open(path)) or {}
+        try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
+            loaded = yaml.safe_load(Path(path).read_bytes()) or {}
+        except yaml.reader.ReaderError as e:  # a byte that is not UTF-8, e.g. a Latin-1 "café" in a comment
+            line = Path(path).read_bytes().count(b"\n", 0, e.position) + 1
+            raise ConfigError([f"{path}:{line}: byte 0x{e.character:02x} is not UTF-8; save the file as UTF-8 "
+                               f"(iconv -f latin1 -t utf-8 {path} > fixed.yaml)"]) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
         if not isinstance(loaded, dict):

@@ -120,6 +120,19 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
     assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: attention, batch_size, ")
 
 
+def test_a_config_file_in_utf16_is_read_and_one_with_a_latin1_byte_is_named(tmp_path):
+    """A UTF-16 file (Windows editors) and a Latin-1 comment were UnicodeDecodeError tracebacks."""
+    text = "# café\ndata: {train: a.jsonl}\nlora: {r: 4}\n"
+    (tmp_path / "utf16.yaml").write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    assert load_train_config(str(tmp_path / "utf16.yaml")).lora.r == 4
+    (tmp_path / "latin1.yaml").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "latin1.yaml"))
+    path = tmp_path / "latin1.yaml"
+    assert e.value.problems == [f"{path}:1: byte 0xe9 is not UTF-8; save the file as UTF-8 (iconv -f latin1 -t "
+                                f"utf-8 {path} > fixed.yaml)"]
+
+
 @pytest.mark.parametrize("path", ["examples/demo.yaml", "examples/times.yaml"])
 def test_shipped_configs_still_load(path):
     assert load_train_config(str(ROOT / path)).data.train
