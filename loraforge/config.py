@@ -99,7 +99,11 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{name}: expected a number, got {value!r}")
             return value
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float's range (~1.8e308), e.g. 1 followed by 400 zeros
+            problems.append(f"{name}: {len(str(value))}-digit number is too large (a float ends near 1.8e308)")
+            return value
     if tp is str:
         if not isinstance(value, str):
             problems.append(f"{name}: expected a string, got {value!r}")
@@ -653,6 +657,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
                                f"(iconv -f latin1 -t utf-8 {path} > fixed.yaml)"]) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+        except ValueError as e:  # PyYAML converts an integer of more than 4,300 digits with int(): Python refuses
+            raise ConfigError([f"{path}: a number in it is too long to read ({e})"]) from None
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, data, training)"])
         data = _deep_merge(data, loaded)
@@ -672,6 +678,9 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             problem = str(e).splitlines()[0]
             raise ConfigError([f"override {item!r}: the value is not valid YAML ({problem}); close every [ and {{ "
                                f"(e.g. {key}=[a, b] or {key}={{k: v}}), or quote a string that holds them"]) from None
+        except ValueError:  # an integer of more than 4,300 digits (Python's int() limit)
+            raise ConfigError([f"override {key}={value[:20]}...: a {len(value)}-character number is too long to "
+                               f"read"]) from None
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
     problems = method_problems(data)

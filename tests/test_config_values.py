@@ -120,6 +120,18 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
     assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: attention, batch_size, ")
 
 
+def test_numbers_past_floats_range_or_pythons_digit_limit_are_refused_by_field(tmp_path):
+    """1 and 400 zeros is a YAML int that float() refuses (OverflowError); 5,000 digits is more than Python's
+    int() reads (ValueError): both were tracebacks (HTTP 500 from the dashboard's form)."""
+    assert problems("training.lr=1" + "0" * 400) == ["training.lr: 401-digit number is too large (a float ends "
+                                                     "near 1.8e308)"]
+    assert problems("training.max_steps=" + "9" * 5000) == ["override training.max_steps=99999999999999999999...: "
+                                                            "a 5000-character number is too long to read"]
+    (tmp_path / "big.yaml").write_text("data: {train: a.jsonl}\ntraining: {max_steps: " + "9" * 5000 + "}\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: a number in it is too long to read \(Exceeds the limit"):
+        load_train_config(str(tmp_path / "big.yaml"))
+
+
 def test_a_config_file_in_utf16_is_read_and_one_with_a_latin1_byte_is_named(tmp_path):
     """A UTF-16 file (Windows editors) and a Latin-1 comment were UnicodeDecodeError tracebacks."""
     text = "# café\ndata: {train: a.jsonl}\nlora: {r: 4}\n"

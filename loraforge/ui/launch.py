@@ -44,7 +44,7 @@ def _scalar(key: str, value):
         return value
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4,300 digits
         load_train_config(None, [f"{key}={value}"])  # the CLI's override parser: raises its message for this value
         raise
     return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
