@@ -359,9 +359,18 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     def adapter(body: _Params) -> str | None:
         return None if body.model == base else body.model
 
+    def check_count(field: str, n: int, what: str) -> None:
+        """Refuse more token ids, or chat messages (each adds a token of the template at least), than the context
+        holds: their text may be short or none, but they are tokens all the same."""
+        if n > engine.context_length:
+            raise PromptTooLong(f"{field}: {n} {what} cannot fit the model's context of {engine.context_length} "
+                                f"tokens; send fewer")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_fits("prompt", prompt_chars(body.prompt))
+        check_count("prompt", sum(isinstance(t, int) for t in body.prompt) if isinstance(body.prompt, list) else 0,
+                    "token ids")
         ids = await asyncio.to_thread(encode, prompt_ids, body.prompt)
         params = body.sampling(body.max_tokens)
         return await _Generation(engine, body, ids, params, adapter(body), chat=False, http=request).response()
@@ -369,6 +378,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_fits("messages", chat_chars(body.messages))
+        check_count("messages", len(body.messages), "messages (each at least one token of the chat template)")
         ids = await asyncio.to_thread(encode, chat_ids, body.messages)
         params = body.sampling(body.max_completion_tokens or body.max_tokens)
         return await _Generation(engine, body, ids, params, adapter(body), chat=True, http=request).response()

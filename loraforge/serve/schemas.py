@@ -73,6 +73,11 @@ class _Params(BaseModel):
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
 
+    @field_validator("temperature", "top_p", "top_k", "stream", "n", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):  # OpenAI's API documents these as nullable; clients send null
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @field_validator("stop")
     @classmethod
     def _stop_text(cls, stop):
@@ -152,8 +157,9 @@ class AdapterLoadRequest(BaseModel):
 def prompt_ids(tokenizer, prompt) -> list[int]:
     """The completion prompt's token ids: given as ids (checked against the vocabulary), or text encoded."""
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        if any(t < 0 or t >= len(tokenizer) for t in prompt):
-            raise ServeError(f"prompt: token ids must be in [0, {len(tokenizer)})")
+        vocab = len(tokenizer)  # once: len() of a transformers tokenizer counts its added tokens each time
+        if max(prompt) >= vocab:
+            raise ServeError(f"prompt: token ids must be in [0, {vocab})")
         return prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:

@@ -157,7 +157,7 @@ def test_non_string_content_part_is_400(server):
 
 
 @pytest.mark.parametrize("body", [
-    {"temperature": "0.5"}, {"temperature": 2.5}, {"temperature": None}, {"top_p": 0}, {"top_p": 1.5},
+    {"temperature": "0.5"}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5},
     {"top_k": -2}, {"top_k": 2.5}, {"max_tokens": 0}, {"max_tokens": "8"}, {"max_tokens": 1.5},
     {"stop": 5}, {"stop": [1, 2]}, {"stop": ["x"] * 9}, {"stop": [""]}, {"stream": "yes"}, {"n": 2},
     {"seed": 1.5}, {"seed": "7"}, {"ignore_eos": "no"}, {"prompt": 5}, {"prompt": [-1]}, {"prompt": [10**9]},
@@ -166,6 +166,30 @@ def test_every_field_is_checked(server, body):
     r = post(server, "/v1/completions", {"model": "a", "prompt": PROMPT, "max_tokens": 2, **body})
     assert r.status_code == 400, (body, r.status_code, r.text)
     assert r.headers["content-type"] == "application/json" and r.json()["error"]["message"]
+
+
+def test_null_for_the_nullable_openai_fields_means_their_default(server):
+    """OpenAI's API documents temperature, top_p, n and stream as nullable; a client that sends null got a 400."""
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "seed": 1}
+    plain = post(server, "/v1/completions", body)
+    for field in ("top_p", "top_k", "n", "stream", "ignore_eos"):
+        r = post(server, "/v1/completions", {**body, field: None})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"], field
+    r = post(server, "/v1/completions", {**body, "temperature": None})  # 1.0, sampled with the seed
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_many_empty_messages_or_token_ids_are_refused_before_tokenizing(server):
+    """Text length alone let 270,000 empty chat messages (each a few tokens of template) and millions of prompt
+    token ids (no text at all) through to the tokenizer; more than the context's 96 tokens cannot fit."""
+    r = post(server, "/v1/chat/completions", {"model": "a", "max_tokens": 2,
+                                              "messages": [{"role": "user", "content": ""}] * 20_000})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "messages: 20000 messages (each at least one token of the chat template) cannot fit the model's context of "
+        "96 tokens; send fewer")
+    r = post(server, "/v1/completions", {"model": "a", "max_tokens": 2, "prompt": [1] * 200_000})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "prompt: 200000 token ids cannot fit the model's context of 96 tokens; send fewer")
 
 
 @pytest.mark.parametrize("messages", [
