@@ -102,7 +102,7 @@ def _json(path: Path | None) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(), parse_constant=lambda _: None, parse_float=_finite)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting too deep for the parser
         return None
     return data if isinstance(data, dict) else None
 
@@ -242,14 +242,14 @@ def _rows(lines: list[bytes]) -> list[dict]:
     decoder = json.JSONDecoder(parse_constant=lambda _: None, parse_float=_finite)  # one per call: threads share none
     try:
         parsed = decoder.decode("[" + b",".join(lines).decode() + "]")
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if parsed is None or len(parsed) != len(lines):  # a damaged line (bad JSON, bad UTF-8): skip it, keep the others
         parsed = []
         for line in lines:
             try:
                 parsed.append(decoder.decode(line.decode()))
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
     return [row for row in parsed if _usable(row)]
 

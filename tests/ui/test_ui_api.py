@@ -146,6 +146,14 @@ def test_adapter_loading_is_confined_to_the_adapters_dir(ui, path):
     assert "evil" not in [m["id"] for m in call(ui, "GET", "/v1/models").json()["data"]]
 
 
+def test_a_metrics_line_nested_too_deep_is_skipped_like_a_damaged_one(ui):
+    run = fake_run(ui[1], "deepline")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n' + "[" * 100_000 + "]" * 100_000 +
+                                       '\n{"step": 2, "loss": 0.5}\n')
+    r = call(ui, "GET", "/ui/api/runs/deepline/metrics")
+    assert r.status_code == 200 and r.json()["rows"] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
 def test_metrics_rows_from_an_offset_leave_a_cut_off_line(ui):
     fake_run(ui[1])
     first = call(ui, "GET", "/ui/api/runs/done/metrics").json()
@@ -603,8 +611,11 @@ def test_a_name_too_long_for_the_file_system_is_refused(ui):
                                        ("launch.json", '{"pid": "x", "argv": 3, "started": "y", "exit_code": "z"}'),
                                        ("launch.json", '{"pid": true, "exit_code": null}'),
                                        ("adapter/adapter_config.json",
-                                        '{"peft_type": "ADALORA", "rank_pattern": [1]}')])
+                                        '{"peft_type": "ADALORA", "rank_pattern": [1]}'),
+                                       ("forgetting.json", '{"rows": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+                                       ("launch.json", '{"pid": ' + "[" * 100_000 + "]" * 100_000 + "}")])
 def test_one_damaged_run_is_listed_as_unknown_and_the_others_still_are(ui, file, text):
+    """Nesting too deep (100,000 levels) is a RecursionError in json, not a ValueError: it was a 500 for the list."""
     fake_run(ui[1])
     run = ui[1] / "runs" / "damaged"
     shutil.rmtree(run, ignore_errors=True)
