@@ -233,20 +233,28 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         return JSONResponse({"rows": rows, "offset": end, "status": status(path, name)})
 
     @api.get("/runs/{name:path}/events")
-    async def events(name: str, offset: int = 0, interval: float = 0.5):
+    async def events(name: str, offset: int = 0, interval: float = 0.5, file: str | None = None):
         path, name = await asyncio.to_thread(run_path, name)
         await asyncio.to_thread(check_offset, path, name, offset)
         interval = min(max(interval, 0.1), 5.0)
+        following = file or await asyncio.to_thread(R.metrics_file_id, path)  # `file`: a reconnect's, from events
 
         def step(pos: int) -> tuple[str, int, bool, bool]:
             """In a worker thread (files, /proc, JSON): the event's text, the new offset, more to read at once, done.
             Done when nothing more will come: the run is not running, and, if nothing says how it ended (a run
-            started in a terminal), its metrics.jsonl has not grown for FOLLOW_IDLE_S."""
-            state = status(path, name)
+            started in a terminal), its metrics.jsonl has not grown for FOLLOW_IDLE_S. When the file was replaced
+            or cut shorter than `pos` (a run started over in the folder), a `reset` event: read it from 0 again."""
+            nonlocal following
+            state, now = status(path, name), R.metrics_file_id(path)
+            if pos and (now != following or R.metrics_size(path) < pos):
+                following = now
+                data = json.dumps({"rows": [], "offset": 0, "file": now, "status": state})
+                return f"event: reset\ndata: {data}\n\n", 0, True, False
+            following = now
             rows, end = R.read_metrics(path, pos, EVENT_BYTES)
             more = end - pos >= EVENT_BYTES
             done = not more and state != "running" and (state != "unknown" or R.metrics_age(path) >= FOLLOW_IDLE_S)
-            data = json.dumps({"rows": rows, "offset": end, "status": state}, allow_nan=False)
+            data = json.dumps({"rows": rows, "offset": end, "file": now, "status": state}, allow_nan=False)
             return f"event: end\ndata: {data}\n\n" if done else f"data: {data}\n\n" if rows else "", end, more, done
 
         async def stream():

@@ -263,6 +263,17 @@ def metrics_size(path: Path) -> int:
         return 0
 
 
+def metrics_file_id(path: Path) -> str | None:
+    """Which file the run's metrics.jsonl is ("device:inode"; None when there is none): a run started over in the
+    same folder may delete and write it anew, and a follower's offset then points into another file."""
+    file = _file(path, "metrics.jsonl")
+    try:
+        st = file.stat() if file is not None else None
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}" if st is not None else None
+
+
 def metrics_age(path: Path) -> float:
     """Seconds since the run's metrics.jsonl last changed (infinite when there is none)."""
     file = _file(path, "metrics.jsonl")

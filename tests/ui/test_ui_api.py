@@ -540,6 +540,37 @@ def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monk
     assert kind == "end" and len(data["rows"]) == 20
 
 
+def test_a_followed_run_whose_metrics_are_replaced_is_read_again_from_the_start(ui, monkeypatch):
+    """train --overwrite into a followed run's folder: the stream went on from the old offset in the new file (the
+    new run's first rows lost, the old run's kept on one chart). Now a `reset` event, then the new file from 0; a
+    reconnect naming the old file gets the reset too."""
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.0)
+    run = ui[1] / "runs" / "replaced"
+    run.mkdir(exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 10.0 + i}) + "\n" for i in range(20)))
+    old_id = f"{os.stat(run / 'metrics.jsonl').st_dev}:{os.stat(run / 'metrics.jsonl').st_ino}"
+
+    def start_over():
+        time.sleep(0.5)
+        os.replace(run / "metrics.jsonl", run / "old.jsonl")  # the old file is kept: its inode is not reused
+        with open(run / "metrics.jsonl", "w") as f:
+            for i in range(30):  # grows past the old offset between two polls
+                f.write(json.dumps({"step": i, "loss": 0.001 * i, "pad": "x" * 40}) + "\n")
+
+    writer = threading.Thread(target=start_over)
+    writer.start()
+    events = sse(call(ui, "GET", "/ui/api/runs/replaced/events?interval=1").text)
+    writer.join()
+    kinds = [kind for kind, _ in events]
+    assert kinds[:2] == ["message", "reset"] and kinds[-1] == "end" and set(kinds[2:-1]) <= {"message"}
+    assert [r["loss"] for r in events[0][1]["rows"]] == [10.0 + i for i in range(20)]
+    assert events[1][1]["offset"] == 0 and events[1][1]["file"] != old_id
+    assert [r["loss"] for _, data in events[2:] for r in data["rows"]] == [0.001 * i for i in range(30)]
+    offset = events[0][1]["offset"]  # a page reconnecting with the old file's offset
+    events = sse(call(ui, "GET", f"/ui/api/runs/replaced/events?offset={offset}&file={old_id}").text)
+    assert events[0][0] == "reset" and [r["step"] for _, data in events for r in data["rows"]] == list(range(30))
+
+
 def test_a_long_metrics_file_streams_in_pieces_that_add_up(ui, monkeypatch):
     monkeypatch.setattr(ui_app, "EVENT_BYTES", 4096)
     run = fake_run(ui[1], "long-file")

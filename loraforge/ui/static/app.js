@@ -116,11 +116,13 @@ async function follow(name) {
   let delay = 1000;
   while (!ctrl.signal.aborted) {
     try {
-      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3&offset=${run.offset}`,
+      const file = run.file ? `&file=${encodeURIComponent(run.file)}` : "";  // which file run.offset is in
+      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3&offset=${run.offset}${file}`,
                             { headers: headers(), signal: ctrl.signal });
       if (r.status === 400 && run.offset > 0) {  // metrics.jsonl was rewritten meanwhile (shorter): read it anew
         run.rows = [];
         run.offset = 0;
+        run.file = null;
         continue;
       }
       if (r.status >= 400 && r.status < 500) {
@@ -138,6 +140,8 @@ async function follow(name) {
           continue;
         }
         if (ctrl.signal.aborted) return;
+        if (event === "reset") run.rows = [];  // metrics.jsonl was replaced (a run started over): from its start
+        if (typeof msg?.file === "string") run.file = msg.file;
         for (const row of Array.isArray(msg?.rows) ? msg.rows : []) if (isRow(row)) run.rows.push(row);
         if (Number.isFinite(msg?.offset)) run.offset = msg.offset;
         run.status = msg?.status;
