@@ -243,6 +243,31 @@ def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, 
     assert "--precision 'bf17': use one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host,allowed,refused", [
+    ("127.0.0.1", ["127.0.0.1:8000", "localhost:9000", "[::1]:8000"], ["attacker.example:8000", "box.lan"]),
+    ("0.0.0.0", ["attacker.example:8000", "box.lan"], []),
+    ("10.0.0.5", ["gpu-box:8000", "10.0.0.5:8000"], [])])  # a network address: reachable by any name there
+def test_plain_serve_refuses_a_rebinding_hosts_name_on_loopback_only(tiny_dir, monkeypatch, host, allowed, refused):
+    """`loraforge serve` without --ui answered any Host: a page whose name is made to point at 127.0.0.1 (DNS
+    rebinding) could list, run, load and unload adapters."""
+    from fastapi.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, *a, **k: apps.append(app))
+    assert main(["serve", "--model", str(tiny_dir), "--host", host, "--precision", "fp32"]
+                + ([] if host == "127.0.0.1" else ["--api-key", "k"])) == 0
+    client = TestClient(apps[0], base_url="http://127.0.0.1:8000", headers={"Authorization": "Bearer k"})
+    for name in allowed:
+        assert client.get("/v1/models", headers={"Host": name}).status_code == 200, name
+    for name in refused:
+        r = client.get("/v1/models", headers={"Host": name})
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            f"Host header {name!r}: not an address this server listens on; open http://127.0.0.1:8000/ (localhost "
+            f"and [::1] work too), or start the server with --host set to the name you use"), name
+    r = client.delete("/v1/adapters/none", headers={"Origin": "http://localhost:3000"})  # origins: the clients'
+    assert r.status_code == 404, r.text
+
+
 def test_merge_and_export_bad_input_is_one_error_line(tiny_dir, tmp_path, capsys):
     """Each bad option or adapter: exit 2 and `error: ...` naming it as typed (no traceback), nothing written."""
     from safetensors.torch import load_file, save_file

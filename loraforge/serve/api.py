@@ -37,6 +37,7 @@ from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve.engine import Engine
 from loraforge.serve.errors import PromptTooLong, ServeError
+from loraforge.serve.guard import RequestGuard
 from loraforge.serve.request import Event
 from loraforge.serve.sampling import SamplingParams
 from loraforge.serve.schemas import (AdapterLoadRequest, ChatMessage, ChatRequest, CompletionRequest, _Params,
@@ -144,15 +145,15 @@ class KeyCheck:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body on /v1/ over `limit` bytes is answered 413, by its Content-Length before a
-    byte of it is read, else as soon as the bytes read pass `limit`; a body within it is read whole, then handed on.
-    `why` says in the message what the limit leaves room for."""
+    """ASGI middleware: a request body under `prefix` over `limit` bytes is answered 413, by its Content-Length
+    before a byte of it is read, else as soon as the bytes read pass `limit`; a body within it is read whole, then
+    handed on. `why` says in the message what the limit leaves room for, `fix` what to send instead."""
 
-    def __init__(self, app, limit: int, why: str):
-        self.app, self.limit, self.why = app, limit, why
+    def __init__(self, app, limit: int, why: str, prefix: str = "/v1/", fix: str = "send a shorter prompt"):
+        self.app, self.limit, self.why, self.prefix, self.fix = app, limit, why, prefix, fix
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
@@ -176,7 +177,7 @@ class BodyLimit:
 
     async def _refuse(self, size: str, scope, receive, send) -> None:
         response = _error(413, f"the request body is {size}; this server takes at most {self.limit} bytes "
-                               f"({self.why}); send a shorter prompt", "body_too_large")
+                               f"({self.why}); {self.fix}", "body_too_large")
         await response(scope, receive, send)
 
 
@@ -462,8 +463,10 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
                     adapter_dtype=adapter_dtype)
     app = create_app(engine, api_key=api_key)
-    if extend is not None:
+    if extend is not None:  # the dashboard: its own RequestGuard, with the cross-site checks
         extend(app, engine)
+    else:
+        app.add_middleware(RequestGuard, host=host, cross_site=False)  # a page rebinding its name to this machine
     names = ", ".join(engine.adapter_names()) or "none"
     print(f"serving {model} with adapters: {names} on http://{host}:{port}/v1", flush=True)
     try:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import ipaddress
 import json
 import os
 import zipfile
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -34,8 +33,9 @@ from fastapi.staticfiles import StaticFiles
 from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.api import create_app, key_ok, run_until_signal
+from loraforge.serve.api import BodyLimit, create_app, key_ok, run_until_signal
 from loraforge.serve.engine import Engine
+from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
 from loraforge.ui.launch import METHODS, Launcher, form_config
 
@@ -47,113 +47,12 @@ SKIPPED_DIRS = ("node_modules", "__pycache__")  # never datasets; hidden folders
 EVENT_BYTES = 1 << 20  # metrics.jsonl per server-sent event: a 100k-row file goes in pieces, not in one 13 MB event
 FOLLOW_IDLE_S = 60.0  # a run not launched from the page is followed until its metrics.jsonl has rested this long
 LOG_TAIL = 4000  # bytes of train.log the extras show
-CHANGING = ("POST", "PUT", "PATCH", "DELETE")
-ANY_ADDRESS = ("0.0.0.0", "::")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                        status_code=status)
-
+FORM_BYTES = 1 << 16  # a request body on /ui/api (the start-run form: a few short fields)
+METRICS_BYTES = 4 << 20  # metrics.jsonl per /metrics answer: a longer file is read in pieces, by offset
 
 class _Denied(Exception):
     def __init__(self, status: int, message: str, code: str):
         self.args = (status, message, code)
-
-
-def _host_port(value: str, scheme: str) -> tuple[str | None, int | None]:
-    """(name, port) of a Host header ('[::1]:8000' -> ('::1', 8000); no port: the scheme's); (None, None) if bad."""
-    try:
-        parts = urlsplit(f"//{value}")
-        return parts.hostname, parts.port or DEFAULT_PORTS.get(scheme)
-    except ValueError:
-        return None, None
-
-
-def _loopback(name: str) -> bool:
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def same_origin(origin: str, scheme: str, host: str) -> bool:
-    """The Origin header names the server the request reached (scheme, host and port): the page is its own."""
-    try:
-        parts = urlsplit(origin)
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        return False
-    return parts.scheme == scheme and parts.hostname is not None and (parts.hostname, port) == _host_port(host, scheme)
-
-
-class RequestGuard:
-    """ASGI middleware that refuses, before any route runs, what another web page could make a browser send:
-    - a Host header that is not an address the server listens on (DNS rebinding: a site whose name now points at
-      127.0.0.1 would read every run): 400. Loopback names and `host` (--host) are fine; with --host 0.0.0.0
-      (which needs an API key) any. Mounted without `host`, a server reached on a loopback address takes loopback
-      names only;
-    - a request that changes something (POST, PUT, PATCH, DELETE) from another origin: an Origin header that is not
-      this server, or Sec-Fetch-Site other than same-origin / none (CSRF): 403; a body not declared JSON (a plain
-      HTML form posts text/plain without asking first): 415.
-    The API key is checked after it (/ui/api here, /v1 and the API docs by serve.api.KeyCheck; /health stays open)."""
-
-    def __init__(self, app, host: str | None = None):
-        self.app, self.host = app, host
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (refusal := self.refusal(Request(scope))) is not None:
-            await refusal(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def refusal(self, request: Request) -> JSONResponse | None:
-        scheme, host = request.scope.get("scheme", "http"), request.headers.get("host", "")
-        if not self.host_ok(request, host):
-            port = (request.scope.get("server") or (None, None))[1]
-            return _error(400, f"Host header {host!r}: not an address this server listens on; open "
-                               f"http://127.0.0.1{f':{port}' if port else ''}/ui/ (localhost and [::1] work too), "
-                               f"or start the server with --host set to the name you use", "bad_host")
-        if request.method in CHANGING:
-            origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
-            own = f"{scheme}://{host}"
-            if origin is not None and not same_origin(origin, scheme, host):
-                return _error(403, f"Origin {origin!r}: a request that changes something must come from this "
-                                   f"server's own page ({own}/ui/); other sites may not", "cross_origin")
-            if site is not None and site not in ("same-origin", "none"):
-                return _error(403, f"Sec-Fetch-Site {site!r}: a request that changes something must come from "
-                                   f"this server's own page ({own}/ui/); other sites may not", "cross_origin")
-            kind = request.headers.get("content-type", "")
-            if self.has_body(request) and kind.split(";")[0].strip().lower() != "application/json":
-                shown = repr(kind) if kind else "missing"
-                return _error(415, f"Content-Type {shown}: send the body as JSON, with the header "
-                                   f"'Content-Type: application/json'", "unsupported_media_type")
-        return None
-
-    def host_ok(self, request: Request, host: str) -> bool:
-        """A loopback name or --host, with any port (an SSH tunnel's local port too): a rebinding site's name is
-        neither, while the Host a browser sends always names where it connected."""
-        if self.host in ANY_ADDRESS:
-            return True
-        name, _ = _host_port(host, request.scope.get("scheme", "http"))
-        server = (request.scope.get("server") or ("", None))[0] or ""
-        if name is None:
-            return False
-        if self.host is None and not _loopback(server):  # reached beyond loopback: --host needed a key
-            return True
-        return _loopback(name) or (self.host is not None and name == self.host.strip("[]").lower())
-
-    @staticmethod
-    def has_body(request: Request) -> bool:
-        if "transfer-encoding" in request.headers:
-            return True
-        try:
-            return int(request.headers.get("content-length") or 0) != 0
-        except ValueError:
-            return True
 
 
 def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
@@ -229,7 +128,7 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
     def metrics(name: str, offset: int = 0):
         path, name = run_path(name)
         check_offset(path, name, offset)
-        rows, end = R.read_metrics(path, offset)
+        rows, end = R.read_metrics(path, offset, METRICS_BYTES)  # more: call again from `offset`
         return JSONResponse({"rows": rows, "offset": end, "status": status(path, name)})
 
     @api.get("/runs/{name:path}/events")
@@ -355,6 +254,8 @@ def mount(app: FastAPI, runs_dir: str | Path, data_dir: str | Path, models: dict
 
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+    app.add_middleware(BodyLimit, limit=FORM_BYTES, why="a run's form", prefix="/ui/api/",
+                       fix="the form's fields are short")  # a body is read whole before a route sees it
     app.add_middleware(RequestGuard, host=host)
     return launcher
 

@@ -39,6 +39,7 @@ STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the 
 UI_DIR = ".ui"
 PROC = Path("/proc")
 START_SLACK_S = 5.0  # launch.json's `started` is read just after the process started; /proc's boot time is in seconds
+MAX_LINE = 1 << 20  # a metrics.jsonl line longer than this is no row (rows are a few hundred bytes): passed over
 STOPPED_LINE = re.compile(r"stopped by (SIG[A-Z0-9]+) ")  # the CLI's last line after a signal stopped train
 
 
@@ -283,9 +284,10 @@ def metrics_age(path: Path) -> float:
         return math.inf
 
 
-def read_metrics(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+def read_metrics(path: Path, offset: int, limit: int) -> tuple[list[dict], int]:
     """The rows of metrics.jsonl from byte `offset` on, and the offset after the last complete line (a line being
-    written, without its newline yet, is left for the next call). `limit`: read about that many bytes (whole lines).
+    written, without its newline yet, is left for the next call). About `limit` bytes are read, in whole lines; a
+    line longer than MAX_LINE is no row (a row is a few hundred bytes): it is passed over in pieces, never held.
     Lines that are not rows the charts can use (see _rows) are skipped; the others are all kept."""
     file = _file(path, "metrics.jsonl")
     if file is None:
@@ -293,10 +295,16 @@ def read_metrics(path: Path, offset: int = 0, limit: int | None = None) -> tuple
     try:
         with open(file, "rb") as f:
             f.seek(offset)
-            data = f.read() if limit is None else f.read(limit) + f.readline()  # the line the limit cut, whole
+            data = f.read(limit)
+            data += f.readline(MAX_LINE) if data and not data.endswith(b"\n") else b""  # the line the limit cut
+            end = data.rfind(b"\n") + 1
+            if end == 0 and len(data) >= limit + MAX_LINE:  # a line longer than MAX_LINE: damage, passed over
+                while chunk := f.readline(MAX_LINE):
+                    if chunk.endswith(b"\n"):
+                        return [], f.tell()
+                return [], offset  # no newline yet: a line still being written (or cut off for good)
     except OSError:
         return [], offset
-    end = data.rfind(b"\n") + 1
     return _rows(data[:end].splitlines()), offset + end
 
 

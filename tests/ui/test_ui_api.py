@@ -154,6 +154,38 @@ def test_a_metrics_line_nested_too_deep_is_skipped_like_a_damaged_one(ui):
     assert r.status_code == 200 and r.json()["rows"] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
 
 
+def test_metrics_come_in_bounded_pieces_and_a_giant_line_is_passed_over(ui, monkeypatch):
+    """/metrics read the whole file at once (a 300 MB file: 300 MB and more of server memory per call), and the
+    events re-read an unterminated giant last line whole at every poll. Now both read pieces of a bounded size."""
+    monkeypatch.setattr(ui_app, "METRICS_BYTES", 1000)
+    monkeypatch.setattr(ui_app, "EVENT_BYTES", 1000)
+    monkeypatch.setattr(ui_app.R, "MAX_LINE", 20_000)
+    run = fake_run(ui[1], "giant")
+    rows = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(200)]
+    giant = '{"step": 999, "pad": "' + "y" * 50_000 + '"}\n'
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:100]) + giant
+                                       + "".join(json.dumps(r) + "\n" for r in rows[100:]))
+    got, offset, calls = [], 0, 0
+    while True:
+        r = call(ui, "GET", f"/ui/api/runs/giant/metrics?offset={offset}").json()
+        calls += 1
+        if r["offset"] == offset:
+            break
+        got += r["rows"]
+        offset = r["offset"]
+    assert got == rows and offset == (run / "metrics.jsonl").stat().st_size and calls > 10
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1000, "pad": "' + "z" * 50_000)  # a giant line still being written: left for later
+    assert call(ui, "GET", f"/ui/api/runs/giant/metrics?offset={offset}").json()["offset"] == offset
+
+
+def test_a_ui_api_body_past_the_forms_size_is_refused_before_it_is_read(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="x" * 100_000))
+    assert r.status_code == 413 and r.json()["error"]["message"] == (
+        f"the request body is {len(r.request.content)} bytes; this server takes at most 65536 bytes (a run's form); "
+        f"the form's fields are short")
+
+
 def test_metrics_rows_from_an_offset_leave_a_cut_off_line(ui):
     fake_run(ui[1])
     first = call(ui, "GET", "/ui/api/runs/done/metrics").json()
