@@ -37,6 +37,10 @@ def unsupported(config) -> list[str]:
         why.append(f"modules_to_save {list(config.modules_to_save)}: whole trained modules, not low-rank updates")
     if config.bias != "none":
         why.append(f"bias {config.bias!r}: trained biases are not low-rank updates")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(("pissa", "olora")):
+        why.append(f"init_lora_weights {init!r}: its A and B fit the residual base its init made, not the base "
+                   f"(loraforge.lora.adapters.save_converted writes it as plain LoRA for the base)")
     return why
 
 
@@ -45,6 +49,13 @@ def read_factors(adapter_dir: str | Path):
     missing factor."""
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
+    if embedding := next((k for k in tensors if ".lora_embedding_" in k), None):
+        raise AdapterError(f"{adapter_dir}: {embedding} is LoRA on an embedding layer; loraforge reads LoRA on "
+                           f"linear layers only (merge it with PEFT's merge_and_unload, then use the merged model)")
+    if orphan := next((k for k in tensors if ".lora_B" in k and k.replace(".lora_B", ".lora_A") not in tensors),
+                      None):
+        raise AdapterError(f"{adapter_dir}: {orphan} has no {orphan.replace('.lora_B', '.lora_A')} beside it (a "
+                           f"truncated or hand-edited file?); save the adapter again")
     out = {}
     for key, A in tensors.items():
         if not key.endswith((".lora_A.weight", ".lora_A")):
@@ -58,6 +69,10 @@ def read_factors(adapter_dir: str | Path):
             raise AdapterError(f"{adapter_dir}: {key} has no {missing[0]} beside it (a truncated or hand-edited "
                                f"file?); save the adapter again")
         B = tensors[partners[0]]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or 0 in A.shape or 0 in B.shape:
+            raise AdapterError(f"{adapter_dir}: {key} has shape {tuple(A.shape)} and {partners[0]} "
+                               f"{tuple(B.shape)}; they must be (r, in) and (out, r) with the same r ≥ 1 (a truncated "
+                               f"or hand-edited file?)")
         A, B = A.float(), B.float()
         if isinstance(config, LoraConfig):
             r = A.shape[0]
@@ -68,4 +83,7 @@ def read_factors(adapter_dir: str | Path):
             alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.init_r)
             scale = alpha / (config.init_r + 1e-5)
         out[path] = Factors(A, B, scale)
+    if not out:
+        raise AdapterError(f"{adapter_dir}: no lora_A / lora_B factors in {adapter_dir}/adapter_model.safetensors "
+                           f"(an empty or truncated file?); save the adapter again")
     return config, out

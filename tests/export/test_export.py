@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen
 from transformers.pytorch_utils import Conv1D
 
 from conftest import tiny_gpt2, tiny_llama
-from loraforge.lora.adapters import load_adapter, save_adapter
+from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.export import gguf as gguf_export
 from loraforge.export.gguf import export_gguf
@@ -191,7 +191,7 @@ def test_gguf_lora_file_names_metadata_and_delta_equal_the_merged_export(tiny_pa
     assert "ADAPTER ./adapter.gguf" in text and "FROM ./base.gguf" in text
 
 
-@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "bias", "adalora"])
+@pytest.mark.parametrize("variant", ["dora", "modules_to_save", "bias", "adalora", "pissa", "olora"])
 def test_gguf_lora_refuses_what_llama_cpp_cannot_express(variant, tiny_dir, tmp_path):
     from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
     from loraforge.export.gguf_lora import export_gguf_lora
@@ -202,7 +202,8 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_express(variant, tiny_dir, tmp_
         inject_adalora(model, AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3))
     else:
         extra = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=("lm_head",)),
-                 "bias": dict(bias="lora_only")}[variant]
+                 "bias": dict(bias="lora_only"), "pissa": dict(init_lora_weights="pissa"),
+                 "olora": dict(init_lora_weights="olora")}[variant]  # pissa/olora: A, B fit a residual base
         inject(model, LoraConfig(r=2, **extra))
     save_adapter(model, tmp_path / "a")
     with pytest.raises(ExportError, match="--to gguf"):
@@ -261,19 +262,57 @@ def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path
 
 
 @pytest.mark.parametrize("variant,reason", [("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
-                                            ("bias", "bias")])
-def test_vllm_refuses_dora_modules_to_save_and_bias(variant, reason, tmp_path):
+                                            ("bias", "bias"), ("pissa", "init_lora_weights 'pissa'"),
+                                            ("olora", "init_lora_weights 'olora'")])
+def test_vllm_refuses_dora_modules_to_save_bias_and_residual_inits(variant, reason, tmp_path):
+    """PiSSA / OLoRA adapters were converted as plain LoRA: vLLM would add s·B·A to W0, not to the residual base
+    their init made (merge and --to gguf reproduce it, as PEFT does)."""
     from loraforge.export.gguf_names import ExportError
     from loraforge.export.vllm import check_vllm, convert_for_vllm
 
     extra = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=("lm_head",)),
-             "bias": dict(bias="all")}[variant]
+             "bias": dict(bias="all"), "pissa": dict(init_lora_weights="pissa"),
+             "olora": dict(init_lora_weights="olora")}[variant]
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, **extra)), tmp_path / "a")
     refusals, _ = check_vllm(tmp_path / "a")
     assert len(refusals) == 1 and reason in refusals[0]
     with pytest.raises(ExportError, match=f"{reason}.*loraforge merge"):
         convert_for_vllm(tmp_path / "a", tmp_path / "v")
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("empty", "no lora_A / lora_B factors in"), ("only_B", "has no base_model.model.model.layers.0"),
+    ("rank", "they must be (r, in) and (out, r) with the same r ≥ 1"),
+    ("embedding", "is LoRA on an embedding layer; loraforge reads LoRA on linear layers only")])
+def test_vllm_and_gguf_lora_refuse_factors_that_do_not_pair(damage, message, tiny_dir, tmp_path):
+    """merge refused these files; --to vllm and --to gguf-lora wrote them (no tensors, B without A, A of rank 4
+    with B of rank 2, PEFT's LoRA on embeddings dropped silently)."""
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.export.gguf_lora import export_gguf_lora
+    from loraforge.export.vllm import convert_for_vllm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    save_adapter(inject(model, LoraConfig(r=4, init_lora_weights=False)), tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    if damage == "empty":
+        tensors = {}
+    elif damage == "only_B":
+        tensors = {k: v for k, v in tensors.items() if ".lora_A." not in k}
+    elif damage == "rank":
+        first = sorted(k for k in tensors if ".lora_B." in k)[0]
+        tensors[first] = tensors[first][:, :2].contiguous()
+    else:  # as PEFT saves LoRA on embed_tokens
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 128)
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(32, 4)
+    save_file(tensors, file)
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        convert_for_vllm(tmp_path / "a", tmp_path / "v")
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
+    assert not (tmp_path / "v").exists() and not (tmp_path / "out.gguf").exists()
 
 
 # --- PEFT loads our adapters silently ---------------------------------------------------------------------------
