@@ -31,6 +31,8 @@ def check_vllm(adapter_dir: str | Path) -> tuple[list[str], list[str]]:
     refusals = unsupported(config)
     conversions = []
     ranks = sorted({f.lora_A.shape[0] for f in factors.values()})
+    if ranks[-1] > VLLM_MAX_LORA_RANKS[-1]:
+        refusals.append(f"rank {ranks[-1]}: vLLM's --max-lora-rank goes up to {VLLM_MAX_LORA_RANKS[-1]}")
     if not isinstance(config, LoraConfig):
         conversions.append("AdaLoRA -> plain LoRA: E folded into lora_A, ranks padded, scale folded into lora_B")
     else:
@@ -44,7 +46,8 @@ def check_vllm(adapter_dir: str | Path) -> tuple[list[str], list[str]]:
 
 
 def max_lora_rank(r: int) -> int:
-    return next((v for v in VLLM_MAX_LORA_RANKS if v >= r), r)
+    """The smallest --max-lora-rank vLLM accepts that serves rank `r` (check_vllm refuses a rank past the last)."""
+    return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
 
 
 def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> tuple[Path, list[str]]:

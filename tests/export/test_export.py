@@ -263,7 +263,8 @@ def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path
 
 @pytest.mark.parametrize("variant,reason", [("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
                                             ("bias", "bias"), ("pissa", "init_lora_weights 'pissa'"),
-                                            ("olora", "init_lora_weights 'olora'")])
+                                            ("olora", "init_lora_weights 'olora'"),
+                                            ("rank", "rank 520: vLLM's --max-lora-rank goes up to 512")])
 def test_vllm_refuses_dora_modules_to_save_bias_and_residual_inits(variant, reason, tmp_path):
     """PiSSA / OLoRA adapters were converted as plain LoRA: vLLM would add s·B·A to W0, not to the residual base
     their init made (merge and --to gguf reproduce it, as PEFT does)."""
@@ -272,8 +273,8 @@ def test_vllm_refuses_dora_modules_to_save_bias_and_residual_inits(variant, reas
 
     extra = {"dora": dict(use_dora=True), "modules_to_save": dict(modules_to_save=("lm_head",)),
              "bias": dict(bias="all"), "pissa": dict(init_lora_weights="pissa"),
-             "olora": dict(init_lora_weights="olora")}[variant]
-    save_adapter(inject(tiny_llama(), LoraConfig(r=2, **extra)), tmp_path / "a")
+             "olora": dict(init_lora_weights="olora"), "rank": dict(r=520)}[variant]
+    save_adapter(inject(tiny_llama(), LoraConfig(**{"r": 2, **extra})), tmp_path / "a")
     refusals, _ = check_vllm(tmp_path / "a")
     assert len(refusals) == 1 and reason in refusals[0]
     with pytest.raises(ExportError, match=f"{reason}.*loraforge merge"):
