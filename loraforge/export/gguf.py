@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import torch
 
-from loraforge.export.gguf_names import add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
+from loraforge.export.gguf_names import ExportError, add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
 from loraforge.export.gguf_vocab import copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
@@ -62,11 +62,18 @@ def write_file(writer_for, out: Path) -> Path:
     return out
 
 
-def tensor_data(tensor: torch.Tensor, kind: str, keep_f32: bool = False):
-    """(array, raw_dtype) of a tensor in GGUF type `kind` ("f32", "f16", "q8_0"); 1-D tensors stay F32."""
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: q8_0 keeps each block's scale in f16 too
+
+
+def tensor_data(tensor: torch.Tensor, kind: str, keep_f32: bool = False, name: str = "a tensor"):
+    """(array, raw_dtype) of a tensor in GGUF type `kind` ("f32", "f16", "q8_0"); 1-D tensors stay F32. A value
+    past f16's range is an ExportError naming `name` (it would be written as inf)."""
     array = tensor.detach().float().contiguous().numpy()
     if kind == "f32" or array.ndim == 1 or keep_f32:
         return array, None
+    if (top := float(np.abs(array).max(initial=0))) > F16_MAX:
+        raise ExportError(f"{name} holds {top:.4g}, past {kind}'s range (±{F16_MAX:g}): it would be written as inf; "
+                          f"export with --type f32")
     if kind == "q8_0":
         try:
             return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -96,7 +103,8 @@ def model_writer(model, path: Path, kind: str, name: str, vocab_from: Path | Non
         target = gguf_name(key, config, arch, tied)
         if target is None:
             continue
-        array, raw = tensor_data(to_gguf_layout(key, tensor, config, arch), kind, keep_f32=target.startswith(pos_embd))
+        array, raw = tensor_data(to_gguf_layout(key, tensor, config, arch), kind, keep_f32=target.startswith(pos_embd),
+                                 name=key)
         writer.add_tensor(target, array, raw_dtype=raw)
     return writer
 

@@ -68,7 +68,7 @@ def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.G
         r = f.lora_A.shape[0]
         B = lora_b_layout(module, f.lora_B, hf_config, arch) * (f.scale / (alpha / r))  # llama.cpp: alpha / r
         for suffix, tensor in ((".lora_a", f.lora_A), (".lora_b", B)):
-            array, raw = tensor_data(tensor, kind)
+            array, raw = tensor_data(tensor, kind, name=f"{module}{suffix}")
             writer.add_tensor(name + suffix, array, raw_dtype=raw)
     return writer
 

@@ -23,6 +23,21 @@ from loraforge.quant.bnb import dequantize
 from loraforge.quant.checks import is_quantized
 
 
+class MergeError(ValueError):
+    """A merge that would put NaN or inf into the base weight: the adapter's own, or past the weight dtype's range."""
+
+
+def _check_merged(name: str, delta: torch.Tensor, merged: torch.Tensor) -> None:
+    """MergeError naming adapter `name` when `merged` is not finite: ΔW (in fp32) already was, or the sum passed
+    the range of its dtype (fp16: ±65504)."""
+    if torch.isfinite(merged).all():
+        return
+    if not torch.isfinite(delta).all():
+        raise MergeError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
+    raise MergeError(f"adapter {name!r}: the merged weight passes {str(merged.dtype).removeprefix('torch.')}'s range "
+                     f"(|ΔW| up to {delta.abs().max().item():.4g}); merge in fp32 or bf16")
+
+
 def base_features(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like layer."""
     if isinstance(base, nn.Linear) or hasattr(base, "in_features"):  # nn.Linear, bnb Linear4bit / Linear8bitLt
@@ -96,10 +111,13 @@ class LoraLayer(nn.Module):
 
     def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
         """Plain LoRA merges additively: W += ΔW."""
-        delta = self.delta_weight(name).to(weight.dtype)
-        if safe and not torch.isfinite(delta).all():
-            raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
-        weight.data += delta
+        delta = self.delta_weight(name)
+        if not safe:
+            weight.data += delta.to(weight.dtype)
+            return
+        merged = weight + delta.to(weight.dtype)
+        _check_merged(name, delta, merged)
+        weight.data.copy_(merged)
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
         weight.data -= self.delta_weight(name).to(weight.dtype)
@@ -304,8 +322,8 @@ class LoraLinear(LoraLayer):
             W0 = self._restored(earlier, W0)
         norm = self._row_norm(W0, delta)
         merged = self._dora_factor(name, norm) * (W + delta)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError(f"adapter {name!r} has NaN/inf weights; refusing to merge it")
+        if safe:
+            _check_merged(name, self._scaled_BA(name).float(), merged)
         self._dora_norm_at_merge[name] = norm
         weight.data = (merged.T if self.fan_in_fan_out else merged).to(weight.dtype).contiguous()
 

@@ -19,7 +19,7 @@ from torch import nn
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
-from loraforge.lora.layer import LoraLayer, ModulesToSave, dequantized_weight, is_quantized
+from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
 from loraforge.models import DTYPES, load_base
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.hf import set_submodule
@@ -263,7 +263,13 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
         names = ["combined"]
     set_adapter(model, names[0])
-    merge_and_unload(model)
+    try:
+        merge_and_unload(model)
+    except MergeError as e:  # adapter0, ... as the user gave them
+        message = str(e)
+        for name, adapter_dir in zip(names, adapters):
+            message = message.replace(repr(name), str(adapter_dir))
+        raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))

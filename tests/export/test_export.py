@@ -672,3 +672,21 @@ def test_tensorboard_shows_each_step_once_after_overwrite_and_resume(tmp_path):
     assert read() == [(1, 21.0), (2, 32.0), (3, 33.0), (4, 34.0)]
     run([3, 4], 40.0)  # killed after 4, resumed from a checkpoint at 2
     assert read() == [(1, 21.0), (2, 32.0), (3, 43.0), (4, 44.0)]
+
+
+def test_a_weight_past_f16s_range_is_refused_for_f16_and_q8_0_not_written_as_inf():
+    """A merged weight of 1.7e7 was written as inf by --type f16 / q8_0 (q8_0's block scales are f16), and the
+    export reported success."""
+    from loraforge.export.gguf import tensor_data
+    from loraforge.export.gguf_names import ExportError
+
+    big = torch.full((2, 32), 1e5)
+    for kind in ("f16", "q8_0"):
+        with pytest.raises(ExportError) as e:
+            tensor_data(big, kind, name="model.layers.0.self_attn.q_proj.weight")
+        assert str(e.value) == (f"model.layers.0.self_attn.q_proj.weight holds 1e+05, past {kind}'s range (±65504): "
+                                f"it would be written as inf; export with --type f32")
+    array, _ = tensor_data(big, "f32")
+    assert np.array_equal(array, big.numpy())
+    array, raw = tensor_data(torch.full((2, 32), 65504.0), "f16")  # the largest f16 itself is fine
+    assert raw is None and np.isfinite(array).all() and array.dtype == np.float16

@@ -246,3 +246,23 @@ def test_merge_refuses_nan_weights_naming_the_directory_and_tensor(tiny_dir, tmp
     with pytest.raises(AdapterError, match=re.escape(key) + ".* NaN"):  # named by read_adapter_weights
         export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_merge_past_fp16s_range_names_the_adapter_and_the_dtype(dora, tiny_dir, tmp_path):
+    """Finite adapter weights whose merge passes ±65504 in fp16: the error blamed "NaN/inf weights" in the adapter
+    (a traceback from the CLI). fp32 merges the same adapter."""
+    model = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, use_dora=dora))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A["default"].weight.fill_(200.0)
+            layer.lora_B["default"].weight.fill_(200.0)  # ΔW = lora_alpha / r · (B·A) = 4 · 200 · 200 · 2 = 320,000
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out", dtype="fp16")
+    assert re.fullmatch(rf"cannot merge into --dtype fp16: adapter {re.escape(str(tmp_path / 'a'))}: the merged "
+                        r"weight passes float16's range \(\|ΔW\| up to [0-9.e+]+\); merge in fp32 or bf16",
+                        str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()
+    if not dora:  # DoRA rescales each row to its magnitude: in fp32 the merge is finite
+        assert export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out32").is_dir()
