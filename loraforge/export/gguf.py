@@ -34,10 +34,15 @@ def base_gguf(base: str) -> Path | None:
     return expand_user(base) if base.endswith(".gguf") else None
 
 
-def check_gguf_output(out: str | Path, overwrite: bool, inputs: list) -> Path:
-    """An output file that may be written: a new one, or an existing file with `overwrite`; never an input."""
+def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
+    """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
+    base, its GGUF file when it is a built-in name, the adapter)."""
     out = Path(out)
-    check_not_input(out, inputs)
+    try:
+        source = base_gguf(base)
+    except FileNotFoundError:  # a built-in model whose package is missing: loading it says so
+        source = None
+    check_not_input(out, [base, source, adapter])
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")
     if out.exists() and not overwrite:
@@ -114,7 +119,7 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     """Merge `adapter` into `base` (fp32) and write one GGUF file; without an adapter, the base alone."""
     if type not in TYPES:
         raise OutputError(f"--type {type!r}: use one of {', '.join(TYPES)}")
-    out = check_gguf_output(out, overwrite, [base, adapter])
+    out = check_gguf_output(out, overwrite, base, adapter)
     source = base_gguf(base)
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} does not exist")

@@ -89,7 +89,7 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
     """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama `Modelfile` beside it."""
     if type not in KINDS:
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
-    out = check_gguf_output(out, overwrite, [base, adapter])
+    out = check_gguf_output(out, overwrite, base, adapter)
     model_file = out.parent / "Modelfile"
     if model_file.exists() and not overwrite:
         raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")

