@@ -69,10 +69,10 @@ def read_factors(adapter_dir: str | Path):
             raise AdapterError(f"{adapter_dir}: {key} has no {missing[0]} beside it (a truncated or hand-edited "
                                f"file?); save the adapter again")
         B = tensors[partners[0]]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or 0 in A.shape or 0 in B.shape:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or 0 in (A.shape[1], B.shape[0]):
             raise AdapterError(f"{adapter_dir}: {key} has shape {tuple(A.shape)} and {partners[0]} "
-                               f"{tuple(B.shape)}; they must be (r, in) and (out, r) with the same r ≥ 1 (a truncated "
-                               f"or hand-edited file?)")
+                               f"{tuple(B.shape)}; they must be (r, in) and (out, r) with the same r (a truncated or "
+                               f"hand-edited file?)")  # r may be 0: a module AdaLoRA pruned to nothing
         A, B = A.float(), B.float()
         if isinstance(config, LoraConfig):
             r = A.shape[0]

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,8 +19,8 @@ from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
 from loraforge.models import DTYPES, load_base
 from loraforge.quant.bnb import QUANT_TYPES
+from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
-from loraforge.utils.files import plain_modes
 from loraforge.utils.outputs import check_output
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
@@ -236,9 +233,11 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     The options are checked before anything loads (ConfigError names each bad one as the CLI spells it).
     `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
     so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
-    The directory appears complete or not at all (written to a temporary directory, then renamed).
-    A non-empty `out_dir` needs `overwrite`; then only the files the export writes are replaced there (plus an
-    older export's weight files, which transformers would load instead of the new ones); the other files stay.
+    The directory appears complete or not at all, and an overwritten one is the old set or the new one, never a
+    mix (utils.files.atomic_dir); a full disk is a DiskError. A non-empty `out_dir` needs `overwrite`; then only
+    the files the export writes are replaced there (plus an older export's weight files, which transformers would
+    load instead of the new ones); the other files stay. Without `overwrite`, an `out_dir` another command filled
+    meanwhile is left to it (FileExistsError).
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
     problems = [f"--{p.replace('combination_type', 'combination')}"
@@ -271,26 +270,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
             message = message.replace(repr(name), str(adapter_dir))
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    # --overwrite into a used folder replaces our files only (and an older export's weight files, which
+    # transformers would load instead of the new ones); the folder is the old set or the new one, never a mix
+    with atomic_dir(out, need_bytes=need, drop=WEIGHT_FILES, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        plain_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600: the umask's modes, readable as any file
-        if out.is_dir() and any(out.iterdir()):  # --overwrite into a used folder: replace our files only
-            written = {f.name for f in tmp.iterdir()}
-            for old in WEIGHT_FILES:
-                for f in out.glob(old):
-                    if f.name not in written and f.is_file():
-                        f.unlink()
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-            tmp.rmdir()
-        else:
-            os.replace(tmp, out)  # a missing or empty folder: renamed into place whole
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -35,6 +35,9 @@ REASONS = {
     errno.ENOTDIR: "a part of the path is a file, not a folder",
 }
 
+SHORT_WRITE = ("the disk took only part of a write (it is full, over a quota, or the file passed the largest size "
+               "allowed: `ulimit -f`)")  # numpy's tofile: "N requested and M written", an OSError with no errno
+
 
 def expand_user(path: str | Path) -> Path:
     """`path` with a leading ~ or ~user expanded as a shell would; where that fails (no such user, no home
@@ -81,12 +84,14 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     `left`: a temporary path of the write that could not be removed; the message names it.
     """
     code = _errno(e)
-    if code not in REASONS:
+    reason = REASONS.get(code) or (SHORT_WRITE if code is None and isinstance(e, OSError)
+                                   and re.search(r"\d+ requested and \d+ written", str(e)) else None)
+    if reason is None:
         return None
     sizes = [f"about {_size(need_bytes)} needed"] if need_bytes is not None else []
     if (free := _free(target)) is not None:
         sizes.append(f"{_size(free)} free there")
-    text = f"cannot write {target}: {REASONS[code]}" + (f" ({', '.join(sizes)})" if sizes else "")
+    text = f"cannot write {target}: {reason}" + (f" ({', '.join(sizes)})" if sizes else "")
     if left is not None and left.exists():
         text += f"; the partial {left} could not be removed: delete it"
     error = DiskError(text)
@@ -168,10 +173,11 @@ def _exchange(a: Path, b: Path) -> bool:
 AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Make the complete set in `tmp` (plus the files of `final` it does not replace) `final`, all at once."""
+def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
+    """Make the complete set in `tmp` (plus the files of `final` it does not replace, but for those matching a
+    pattern in `drop`) `final`, all at once."""
     for entry in final.iterdir():  # files of the old set that this write does not replace stay
-        if not os.path.lexists(tmp / entry.name):
+        if not os.path.lexists(tmp / entry.name) and not any(entry.match(pattern) for pattern in drop):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
             else:
@@ -186,12 +192,16 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
+def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str, ...] = (),
+               replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary directory (`.tmp-<name>-<random>` beside `final`, its own for each writer) that
     becomes `final` when the block ends: the new files and those of an existing `final` they do not replace, as
     one set (a crash leaves the old set or the new one, never a mix).
 
-    `need_bytes`: about how much the block writes, for the message when the disk refuses.
+    `need_bytes`: about how much the block writes, for the message when the disk refuses. `drop`: name patterns of
+    files of the old set not to keep (an older export's weight files). `replace=False`: a `final` that another
+    writer filled meanwhile is not replaced: FileExistsError (the rename of a directory onto one that is not empty
+    fails, so two writers racing to a new `final` cannot both win).
     """
     final = Path(final)
     if final.exists() and not final.is_dir():
@@ -203,10 +213,17 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         yield tmp
         plain_modes(tmp)  # mkdtemp's 0700, mkstemp's and safetensors' 0600 would make `final` private
-        if final.exists():
-            _replace_dir(tmp, final)
+        if final.exists() and replace:
+            _replace_dir(tmp, final, drop)
         else:
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)  # onto an empty folder too
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FileExistsError(f"{final} was written by another command while this one worked; nothing "
+                                      f"of this one was kept: pass --overwrite to replace it, or choose another "
+                                      f"output") from None
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -266,3 +266,21 @@ def test_a_merge_past_fp16s_range_names_the_adapter_and_the_dtype(dora, tiny_dir
     assert not (tmp_path / "out").exists()
     if not dora:  # DoRA rescales each row to its magnitude: in fp32 the merge is finite
         assert export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out32").is_dir()
+
+
+def test_merge_overwrite_interrupted_leaves_the_earlier_export_whole(tiny_dir, tmp_path, monkeypatch):
+    """--overwrite replaced an earlier export file by file: a Ctrl-C between two renames left a mix of both."""
+    import loraforge.utils.files as F
+
+    save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2))), tmp_path / "a")
+    out = export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(a, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(F, "_exchange", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_merged(str(tiny_dir), [str(tmp_path / "a")], out, dtype="bf16", overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]  # no temporary folder left

@@ -78,6 +78,40 @@ def test_two_writers_of_one_directory_each_write_their_own_temporary_one(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000003"]
 
 
+def test_a_writer_that_may_not_replace_leaves_a_directory_another_filled_meanwhile(tmp_path):
+    """Two `merge` runs to one new --out without --overwrite both succeeded (the later one replaced the other's)."""
+    final = tmp_path / "merged"
+    with pytest.raises(FileExistsError, match=f"{final} was written by another command while this one worked"):
+        with atomic_dir(final, replace=False) as mine:
+            (mine / "model.safetensors").write_text("mine")
+            with atomic_dir(final, replace=False) as theirs:
+                (theirs / "model.safetensors").write_text("theirs")
+    assert files(final) == {"model.safetensors": "theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    (tmp_path / "empty").mkdir()  # an empty folder is no one's work: it is taken
+    with atomic_dir(tmp_path / "empty", replace=False) as tmp:
+        (tmp / "x").write_text("x")
+    assert files(tmp_path / "empty") == {"x": "x"}
+
+
+def test_dropped_patterns_of_the_old_set_are_not_kept(old_adapter):
+    (old_adapter / "model-00001-of-00002.safetensors").write_text("an older export's shard")
+    with atomic_dir(old_adapter, drop=("model-*-of-*.safetensors",)) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 8",
+                                  "adapter_model.safetensors": "old weights", "model.safetensors": "new"}
+
+
+def test_numpys_short_write_is_a_disk_error(tmp_path):
+    """numpy's tofile (GGUF tensors) reports a full disk or `ulimit -f` as "N requested and M written", an OSError
+    without errno: it was a traceback, not the DiskError line."""
+    error = F.disk_error(tmp_path / "x.gguf", OSError("2000 requested and 0 written"), need_bytes=4000)
+    assert isinstance(error, DiskError) and str(error).startswith(
+        f"cannot write {tmp_path / 'x.gguf'}: the disk took only part of a write (it is full, over a quota, or the "
+        f"file passed the largest size allowed: `ulimit -f`) (about 4.0 kB needed, ")
+    assert F.disk_error(tmp_path, OSError("something else")) is None
+
+
 def test_written_files_and_folders_get_the_usual_modes(tmp_path):
     with atomic_dir(tmp_path / "adapter") as tmp:
         (tmp / "a").write_text("x")
