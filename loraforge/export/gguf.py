@@ -20,7 +20,7 @@ from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
 from loraforge.utils.files import atomic_file, expand_user, fsync_tree
-from loraforge.utils.outputs import OutputError, check_not_input
+from loraforge.utils.outputs import OutputError, check_not_input, check_parents
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -43,6 +43,7 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
     except FileNotFoundError:  # a built-in model whose package is missing: loading it says so
         source = None
     check_not_input(out, [base, source, adapter])
+    check_parents(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")
     if out.exists() and not overwrite:

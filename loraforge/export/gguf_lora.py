@@ -91,6 +91,9 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
     out = check_gguf_output(out, overwrite, base, adapter)
     model_file = out.parent / "Modelfile"
+    if model_file.is_dir():  # found now, not after the .gguf is written
+        raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
+                          f"folder, or choose another folder for --out")
     if model_file.exists() and not overwrite:
         raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
     hf_config = AutoConfig.from_pretrained(resolve_model(base))  # the base's shapes and names; no weights loaded

@@ -59,6 +59,15 @@ def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag:
                           f"(--overwrite never allows that); choose another {flag}")
 
 
+def check_parents(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output below a file (`mkdir` would say only "File exists", naming the file, not the flag)."""
+    for parent in expand_user(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+            return
+
+
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
                  flag: str = "--out") -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
@@ -66,6 +75,7 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
     `flag` is how the user named the path (--out, output_dir) so the message points at it.
     """
     check_not_input(path, inputs, flag)
+    check_parents(path, flag)
     out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")

@@ -239,3 +239,23 @@ def test_demo_and_forgetting_refuse_a_used_out_before_loading(tmp_path, capsys, 
     err = refused(["forgetting", "--out", str(out)], capsys)
     assert f"--out {out} exists and is not empty (paper.tex); pass --overwrite" in err
     assert snapshot(out) == before
+
+
+def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_writing(tmp_path):
+    """mkdir said only "[Errno 17] File exists: 'afile'"; a folder named Modelfile was found after the .gguf had
+    been published (a traceback, half the export written)."""
+    from loraforge.export.gguf import export_gguf
+    from loraforge.export.gguf_lora import export_gguf_lora
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(OutputError) as e:
+        check_output(tmp_path / "afile" / "m", overwrite=False)
+    assert str(e.value) == f"--out {tmp_path / 'afile' / 'm'}: {tmp_path / 'afile'} is a file, not a folder; choose " \
+                           f"another --out"
+    with pytest.raises(OutputError, match="afile is a file, not a folder"):
+        export_gguf("smollm2-135m", None, tmp_path / "afile" / "x.gguf")
+    (tmp_path / "Modelfile").mkdir()
+    with pytest.raises(OutputError) as e:
+        export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "a.gguf", overwrite=True)
+    assert str(e.value).startswith(f"{tmp_path / 'Modelfile'} is a folder; the Modelfile is written beside --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "afile"]
