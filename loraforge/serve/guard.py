@@ -1,6 +1,7 @@
 """RequestGuard: what another web page could make a browser send to a server on this machine is refused before
-any route runs. `loraforge serve` checks the Host header (DNS rebinding); with the dashboard (--ui, `loraforge ui`),
-which starts processes and reads files, requests that change something must also come from its own page.
+any route runs. `loraforge serve` on loopback checks the Host header (DNS rebinding); with the dashboard (--ui,
+`loraforge ui`), which starts processes and reads files, requests that change something must also come from its
+own page.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class RequestGuard:
       origin: an Origin header that is not this server, or Sec-Fetch-Site other than same-origin / none (CSRF):
       403; a body not declared JSON (a plain HTML form posts text/plain without asking first): 415. The API alone
       leaves these to its clients (`curl -d` sends no JSON content type).
-    The API key is checked after it (/ui/api by the dashboard, /v1 and the API docs by serve.api.KeyCheck; /health stays open)."""
+    The API key is checked after it (/ui/api by the dashboard, /v1 and the API docs by serve.api.KeyCheck; /health
+    stays open)."""
 
     def __init__(self, app, host: str | None = None, cross_site: bool = True):
         self.app, self.host, self.cross_site = app, host, cross_site

@@ -47,7 +47,7 @@ class Mixture:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This epoch's example indices (into the concatenated examples), the same on every process."""
-        shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wrap, not overflow
+        shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wraps
         if self.weights is None:
             pool = []
             for i, (n, e, offset) in enumerate(zip(self.sizes, self.epochs, self.offsets)):

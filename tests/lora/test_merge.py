@@ -256,7 +256,7 @@ def test_a_merge_past_fp16s_range_names_the_adapter_and_the_dtype(dora, tiny_dir
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_A["default"].weight.fill_(200.0)
-            layer.lora_B["default"].weight.fill_(200.0)  # ΔW = lora_alpha / r · (B·A) = 4 · 200 · 200 · 2 = 320,000
+            layer.lora_B["default"].weight.fill_(200.0)  # ΔW = lora_alpha / r · B·A = 4 · 200 · 200 · 2 = 320,000
     save_adapter(model, tmp_path / "a")
     with pytest.raises(AdapterError) as e:
         export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out", dtype="fp16")

@@ -637,7 +637,8 @@ def test_the_runs_list_shows_the_newest_checkpoint_config_rewritten_or_not(ui):
 def test_a_form_value_that_is_not_yaml_gets_the_clis_message(ui, tmp_path, capsys, field, value):
     r = call(ui, "POST", "/ui/api/runs", json=form(name="notyaml", **{field: value}))
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
-    key = {"r": "lora.r", "lora_alpha": "lora.lora_alpha", "lr": "training.lr", "max_steps": "training.max_steps"}[field]
+    key = {"r": "lora.r", "lora_alpha": "lora.lora_alpha", "lr": "training.lr",
+           "max_steps": "training.max_steps"}[field]
     _, config = form_config(form(name="notyaml"), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     capsys.readouterr()
