@@ -6,7 +6,8 @@
             together. One source at epochs 1 is exactly the single-file order (a permutation by seed + epoch).
     weights: an epoch holds as many examples as the sources together; each draws its source with probability
             weight / sum(weights) (seeded, per epoch), and takes that source's next example in a seeded order
-            (every example once before any repeats, reshuffled when the source runs out).
+            (every example once before any repeats, reshuffled when the source runs out; the order goes on from
+            one epoch into the next, so a source drawn less than its size an epoch is not restarted each epoch).
 
 The examples of all sources are concatenated (source 0 first); the mixture returns indices into that list, so
 micro-batching, packing (examples of a packed row stay isolated whatever their source) and the shared-prefix
@@ -16,6 +17,7 @@ forward (the prefix is what the rows of a batch really share) work on a mixed ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +49,8 @@ class Mixture:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """This epoch's example indices (into the concatenated examples), the same on every process."""
-        shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wraps
         if self.weights is None:
+            shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wraps
             pool = []
             for i, (n, e, offset) in enumerate(zip(self.sizes, self.epochs, self.offsets)):
                 whole, part = int(e), round((e - int(e)) * n)
@@ -57,21 +59,32 @@ class Mixture:
                     pick = torch.randperm(n, generator=self._generator(epoch, i, -1))[:part]
                     pool += (pick + offset).tolist()
             return [pool[j] for j in torch.randperm(len(pool), generator=shuffle).tolist()]
-        draws = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), sum(self.sizes),
-                                  replacement=True, generator=shuffle).tolist()
-        streams: list[list[int]] = [[] for _ in self.sizes]
-        passes = [0] * len(self.sizes)
+        draws = self._draws(epoch)
+        position = [sum(n) for n in zip(*(self._counts(k) for k in range(epoch)))] or [0] * len(self.sizes)
+        streams: list[tuple[int, list[int]]] = [(-1, [])] * len(self.sizes)  # (pass, its order) per source
         order = []
-        for i in draws:
-            if not streams[i]:  # every example of the source once, then a new seeded order
-                streams[i] = torch.randperm(self.sizes[i], generator=self._generator(epoch, i, passes[i])).tolist()
-                streams[i].reverse()
-                passes[i] += 1
-            order.append(self.offsets[i] + streams[i].pop())
+        for i in draws:  # a source's stream goes on across epochs: every example once before any repeats
+            n_pass, k = divmod(position[i], self.sizes[i])
+            if streams[i][0] != n_pass:
+                streams[i] = (n_pass, torch.randperm(self.sizes[i], generator=self._generator(0, i, n_pass)).tolist())
+            order.append(self.offsets[i] + streams[i][1][k])
+            position[i] += 1
         return order
 
+    def _draws(self, epoch: int) -> list[int]:
+        """The source of each example of a weighted epoch (seeded by seed + epoch)."""
+        shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wraps
+        return torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), sum(self.sizes),
+                                 replacement=True, generator=shuffle).tolist()
+
+    @functools.lru_cache(maxsize=None)  # epoch e needs the counts of every epoch before it (a few ints each)
+    def _counts(self, epoch: int) -> tuple[int, ...]:
+        """How many examples each source gave to weighted epoch `epoch`."""
+        return tuple(torch.bincount(torch.tensor(self._draws(epoch)), minlength=len(self.sizes)).tolist())
+
     def _generator(self, epoch: int, source: int, n_pass: int) -> torch.Generator:
-        """A seed per (epoch, source, pass), apart from the epoch's own shuffle (seed + epoch)."""
+        """A seed per (epoch, source, pass), apart from the epoch's own shuffle (seed + epoch); a weighted source's
+        passes are counted across epochs (epoch 0 for all)."""
         return torch.Generator().manual_seed((((self.seed * 7919 + epoch) * 7919 + source) * 7919 + n_pass + 1)
                                              % 2**62 + 2**40)
 

@@ -45,6 +45,20 @@ def test_weighted_source_is_used_once_before_repeats_and_draws_are_seeded():
     assert order == mixture.epoch_order(0) and order != mixture.epoch_order(1)
 
 
+def test_a_weighted_sources_order_goes_on_across_epochs():
+    """A source drawn less than its size an epoch restarted a fresh order every epoch: over 5 epochs 84 draws from
+    100 examples repeated some before others were ever drawn. Now every window of 100 of its draws, across epoch
+    boundaries, is each example once; epoch 0 is drawn as before."""
+    mixture = Mixture(names=("a", "b"), sizes=(100, 100), weights=(0.1, 0.9), epochs=(1, 1), seed=0)
+    small = [i for epoch in range(30) for i in mixture.epoch_order(epoch) if i < 100]
+    assert len(small) > 500
+    for start in range(0, len(small) - 99, 100):
+        assert sorted(small[start:start + 100]) == list(range(100))
+    first = torch.randperm(100, generator=mixture._generator(0, 0, 0)).tolist()
+    assert [i for i in mixture.epoch_order(0) if i < 100] == first[:len([i for i in mixture.epoch_order(0)
+                                                                         if i < 100])]
+
+
 def test_epochs_per_source_and_the_single_source_order_is_unchanged():
     one = Mixture(names=("a",), sizes=(37,), weights=None, epochs=(1,), seed=5)
     expected = torch.randperm(37, generator=torch.Generator().manual_seed(5 + 2)).tolist()
