@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,13 +395,14 @@ def _instruction_prompt(record: dict, tokenizer) -> str:
     return ALPACA_PROMPT.format(instruction=user)
 
 
-def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, supervised) pieces; assistant turns are supervised.
+def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> Iterator[tuple[str, bool]]:
+    """Split the rendered conversation into (text, supervised) pieces, in order; assistant turns are supervised.
 
     An assistant turn's span is render(messages[:i+1]) minus render(messages[:i], generation prompt): its content
-    plus whatever end-of-turn text the template emits. Needs each rendering to be a prefix of the next.
+    plus whatever end-of-turn text the template emits. Needs each rendering to be a prefix of the next. Each turn
+    renders the conversation up to it (quadratic in the turns), so a caller that has enough stops iterating.
     """
-    segments, done = [], ""
+    done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -409,19 +411,19 @@ def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> list[tup
         if not (before.startswith(done) and upto.startswith(before)):
             raise DataError(f"{where}the chat template does not render conversations prefix by prefix, so assistant "
                             "turns cannot be located exactly; use a tokenizer with a ChatML/Llama-style template")
-        segments += [(before[len(done):], False), (upto[len(before):], True)]
+        yield from ((text, sup) for text, sup in ((before[len(done):], False), (upto[len(before):], True)) if text)
         done = upto
     full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     if full[len(done):]:
-        segments.append((full[len(done):], False))
-    return [s for s in segments if s[0]]
+        yield full[len(done):], False
 
 
-def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> Example:
+def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, limit: int | None = None) -> Example:
     """Tokenize one record; labels are -100 on the prompt (unless train_on_prompt) and equal the ids elsewhere.
 
     Prompt and response are tokenized separately and concatenated, so the label boundary is exact and the prompt
-    ids are the ones generation starts from.
+    ids are the ones generation starts from. `limit`: a conversation stops being rendered once it holds more than
+    that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s.
     """
     if fmt == "instruction":
         prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
@@ -429,8 +431,12 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False) -> 
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
         segments = [(_bos(tokenizer), False)]
-        messages = _chat_without_eos(record, tokenizer)[0]
-        segments += [(_ids(tokenizer, text), sup) for text, sup in _chat_segments(messages, tokenizer, _where(record))]
+        messages, n = _chat_without_eos(record, tokenizer)[0], len(segments[0][0])
+        for text, sup in _chat_segments(messages, tokenizer, _where(record)):
+            segments.append((_ids(tokenizer, text), sup))
+            n += len(segments[-1][0])
+            if limit is not None and n > limit:
+                break
     elif fmt == "text":
         ids = tokenizer(_without_eos(record, "text", tokenizer)[0])["input_ids"]  # adds BOS (and EOS) as it does
         segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
@@ -519,7 +525,7 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
     stats, examples, n_too_long = DataStats(n_records=len(records)), [], 0
     for i, record in enumerate(records):
         try:
-            ex = encode(record, tokenizer, fmt, train_on_prompt)
+            ex = encode(record, tokenizer, fmt, train_on_prompt, limit=max_seq_len)
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
         if fmt in EOS_FIELD:

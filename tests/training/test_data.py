@@ -376,6 +376,24 @@ def test_a_path_under_an_unknown_users_home_is_no_such_file():
     assert str(e.value) == "no such file: ~no-such-user-here/data.jsonl"
 
 
+def test_a_long_conversation_stops_rendering_past_max_seq_len_with_the_same_first_tokens(tok, monkeypatch):
+    """Each assistant turn renders the conversation up to it: 800 turns took 8 s for 64 kept tokens. With the
+    limit build_dataset passes, rendering stops once the example holds more than max_seq_len tokens; the tokens
+    kept are the ones the whole conversation gives."""
+    messages = [m for i in range(300) for m in ({"role": "user", "content": f"question {i}"},
+                                                 {"role": "assistant", "content": f"answer {i}"})]
+    whole = encode({"messages": messages}, tok, "chat")
+    renders = []
+    original = type(tok).apply_chat_template
+    monkeypatch.setattr(type(tok), "apply_chat_template",
+                        lambda self, *a, **k: renders.append(1) or original(self, *a, **k))
+    cut = encode({"messages": messages}, tok, "chat", limit=64)
+    assert 64 < len(cut.input_ids) < len(whole.input_ids) and len(renders) < 20
+    assert cut.input_ids[:64] == whole.input_ids[:64] and cut.labels[:64] == whole.labels[:64]
+    examples, stats = build_dataset([{"messages": messages}], tok, max_seq_len=64)
+    assert examples[0].input_ids == whole.input_ids[:64] and stats.n_truncated == 1
+
+
 def test_utf16_and_utf32_files_are_named_with_the_right_iconv(tmp_path):
     text = '{"instruction": "x", "output": "y"}\n'
     for encoding, name in [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32-le", "UTF-32"),
