@@ -213,7 +213,8 @@ def unsupported_peft_fields(data: dict, source: str) -> list[str]:
 
 
 def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
-    """rank_pattern / alpha_pattern: a mapping of regex keys to positive (integer, for ranks) finite values."""
+    """rank_pattern / alpha_pattern: a mapping of regex keys to positive integers (ranks) or finite numbers
+    (alphas: 0 or negative too, as PEFT reads them; training refuses those, TrainConfig)."""
     if not isinstance(pattern, dict):
         return [f"{name}: expected a mapping of module regex to value, e.g. {{'q_proj': 16}}, got {pattern!r}"]
     p = []
@@ -226,8 +227,8 @@ def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
                      f"{re.escape(str(key))!r}")
         if integer and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_RANK):
             p.append(f"{name}.{key}: must be a positive integer (at most {MAX_RANK}), got {v!r}")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-            p.append(f"{name}.{key}: must be a positive finite number, got {v!r}")
+        elif not integer and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            p.append(f"{name}.{key}: must be a finite number, got {v!r}")
     return p
 
 
@@ -323,8 +324,8 @@ class LoraConfig:
         p = []
         if not 0 < self.r <= MAX_RANK:
             p.append(f"r: must be a positive integer (at most {MAX_RANK}), got {self.r} (try 8)")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            p.append(f"lora_alpha: must be a positive finite number, got {self.lora_alpha} (try 2*r)")
+        if not math.isfinite(self.lora_alpha):  # 0 or negative: PEFT saves and loads them (a negated adapter)
+            p.append(f"lora_alpha: must be a finite number, got {self.lora_alpha} (try 2*r)")
         if not 0.0 <= self.lora_dropout < 1.0:
             p.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -636,6 +637,11 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
+        if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
+            alphas = {"lora.lora_alpha": self.lora.lora_alpha,
+                      **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
+            validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
+                      f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
 
     @property
     def quantization(self) -> str | None:

@@ -132,6 +132,15 @@ def test_numbers_past_floats_range_or_pythons_digit_limit_are_refused_by_field(t
         load_train_config(str(tmp_path / "big.yaml"))
 
 
+def test_training_refuses_an_alpha_that_trains_nothing_or_backwards():
+    """Adapter files may hold lora_alpha 0 or negative (PEFT reads them); a run is refused them by name."""
+    assert problems("lora.lora_alpha=0", "lora.alpha_pattern={v_proj: -2}") == [
+        "lora.lora_alpha: must be positive to train, got 0.0 (try 2*r; 0 trains nothing, a negative alpha only flips "
+        "the sign B learns)",
+        "lora.alpha_pattern.v_proj: must be positive to train, got -2 (try 2*r; 0 trains nothing, a negative alpha "
+        "only flips the sign B learns)"]
+
+
 def test_a_config_file_in_utf16_is_read_and_one_with_a_latin1_byte_is_named(tmp_path):
     """A UTF-16 file (Windows editors) and a Latin-1 comment were UnicodeDecodeError tracebacks."""
     text = "# café\ndata: {train: a.jsonl}\nlora: {r: 4}\n"

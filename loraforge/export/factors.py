@@ -49,9 +49,6 @@ def read_factors(adapter_dir: str | Path):
     missing factor."""
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
-    if embedding := next((k for k in tensors if ".lora_embedding_" in k), None):
-        raise AdapterError(f"{adapter_dir}: {embedding} is LoRA on an embedding layer; loraforge reads LoRA on "
-                           f"linear layers only (merge it with PEFT's merge_and_unload, then use the merged model)")
     if orphan := next((k for k in tensors if ".lora_B" in k and k.replace(".lora_B", ".lora_A") not in tensors),
                       None):
         raise AdapterError(f"{adapter_dir}: {orphan} has no {orphan.replace('.lora_B', '.lora_A')} beside it (a "

@@ -55,7 +55,7 @@ def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.G
                           f"model instead: loraforge export --to gguf --base BASE --adapter {adapter} --out FILE.gguf")
     arch = arch_of(hf_config)
     check_shapes(adapter, factors, hf_config)
-    alpha = float(config.lora_alpha)
+    alpha = float(config.lora_alpha) or 1.0  # llama.cpp reads alpha 0 as scale 1: write 1, fold the 0 into lora_b
     writer = gguf.GGUFWriter(path, arch_name(arch))
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

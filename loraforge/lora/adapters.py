@@ -144,8 +144,17 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         if not tensor.dtype.is_floating_point:
             raise AdapterError(f"{path}: tensor {key} is {_name(tensor.dtype)}, not floating "
                                f"point; the adapter is corrupted (or not one)")
+        if tensor.dtype not in COMPUTE_DTYPES:  # float8: stored small, computed (and checked) in fp32
+            tensors[key] = tensor = tensor.float()
         _check_finite(tensor, f"{path}: tensor {key}")
+    if embedding := next((k for k in tensors if ".lora_embedding_" in k), None):  # PEFT's LoRA on nn.Embedding
+        raise AdapterError(f"{path}: {embedding} is LoRA on an embedding layer ({_module_of(embedding)}); loraforge "
+                           f"reads LoRA on linear layers only (merge it with PEFT's merge_and_unload, then use the "
+                           f"merged model)")
     return tensors
+
+
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _name(dtype: torch.dtype) -> str:

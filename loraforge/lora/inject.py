@@ -102,6 +102,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude_modules and target_matches(config.exclude_modules, path):
             continue
+        saved = getattr(config, "modules_to_save", None) or ()  # AdaLoraConfig has none
+        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in saved):
+            continue  # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict)
         if targets == "all-linear":
             if module is output or path.endswith("lm_head"):
                 continue

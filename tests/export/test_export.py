@@ -285,7 +285,7 @@ def test_vllm_refuses_dora_modules_to_save_bias_and_residual_inits(variant, reas
 @pytest.mark.parametrize("damage,message", [
     ("empty", "no lora_A / lora_B factors in"), ("only_B", "has no base_model.model.model.layers.0"),
     ("rank", "they must be (r, in) and (out, r) with the same r"),
-    ("embedding", "is LoRA on an embedding layer; loraforge reads LoRA on linear layers only")])
+    ("embedding", "is LoRA on an embedding layer (model.embed_tokens); loraforge reads LoRA on linear layers only")])
 def test_vllm_and_gguf_lora_refuse_factors_that_do_not_pair(damage, message, tiny_dir, tmp_path):
     """merge refused these files; --to vllm and --to gguf-lora wrote them (no tensors, B without A, A of rank 4
     with B of rank 2, PEFT's LoRA on embeddings dropped silently)."""

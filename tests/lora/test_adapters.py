@@ -57,6 +57,54 @@ def test_modules_to_save_round_trip_with_peft(tmp_path, input_ids):
     torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, ours, **TOL)
 
 
+@pytest.mark.parametrize("targets,saved", [("all-linear", ["o_proj"]), (["q_proj", "gate_proj"], ["mlp"])])
+def test_a_module_saved_whole_gets_no_adapter_as_in_peft(targets, saved, tmp_path, input_ids):
+    """PEFT puts no LoRA on a module in modules_to_save or inside one; we wrapped both: PEFT's adapter failed to
+    load (and the failed load's cleanup crashed), training crashed, saving crashed on shared tensors."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=targets, modules_to_save=saved, init_lora_weights=False)))
+    theirs = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "peft")(input_ids).logits, theirs, **TOL)
+    ours = randomize(inject(tiny_llama(), LoraConfig(r=4, target_modules=targets if isinstance(targets, str)
+                                                     else tuple(targets), modules_to_save=tuple(saved))))
+    paths = [p for p, _ in lora_layers(ours)]
+    saved_whole = (lambda p: p.endswith(".o_proj")) if saved == ["o_proj"] else (lambda p: ".mlp." in p)
+    assert paths and not any(saved_whole(p) for p in paths)
+    save_adapter(ours, tmp_path / "ours")
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")(input_ids).logits,
+                               ours(input_ids).logits, **TOL)
+
+
+def test_float8_adapter_tensors_load_as_fp32_and_lora_on_embeddings_is_named(tmp_path, input_ids):
+    """float8 tensors passed the floating-point test, then isfinite raised NotImplementedError; PEFT's LoRA on an
+    embedding was reported as tensors "not in this model" for a model that has embed_tokens."""
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+                        ).save_pretrained(tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(file).items()}, file)
+    upcast = {k: v.float() for k, v in load_file(file).items()}
+    ours = load_adapter(tiny_llama(), tmp_path / "a")
+    layer = dict(lora_layers(ours))["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(layer.lora_A["default"].weight, upcast["base_model.model.model.layers.0.self_attn.q_proj."
+                                                             "lora_A.weight"])
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])
+                        ).save_pretrained(tmp_path / "emb")
+    with pytest.raises(AdapterError, match=r"lora_embedding_A is LoRA on an embedding layer \(model.embed_tokens\); "
+                                           r"loraforge reads LoRA on linear layers only"):
+        load_adapter(tiny_llama(), tmp_path / "emb")
+
+
+@pytest.mark.parametrize("alpha", [-16, 0])
+def test_peft_adapters_with_zero_or_negative_alpha_load_with_equal_logits(alpha, tmp_path, input_ids):
+    """PEFT saves and loads them (a negative alpha negates an adapter); we refused them. Training still refuses."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    theirs = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path)
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
+
+
 def test_saved_files_use_peft_names(tmp_path):
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, target_modules=("q_proj",))), tmp_path)
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
