@@ -466,6 +466,14 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(argv: list[str] | None = None) -> int:
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     func = _commands()[args.pop("command")]

@@ -405,6 +405,12 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     assert main(["train", str(config)]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
+    import loraforge.training.distributed as distributed  # a second Ctrl-C during the clean-up: no traceback
+    monkeypatch.setattr(loop, "train", stopped)
+    monkeypatch.setattr(distributed, "leave_processes", ctrl_c)
+    assert main(["train", str(config)]) == 130
+    assert capsys.readouterr().err == said + "; continue with --resume\ninterrupted\n"
+
 
 def test_trains_last_line_names_the_folder_it_wrote():
     from pathlib import Path

@@ -378,6 +378,8 @@ class RankAllocator:
                 self.mask_to_budget(model, budget)
             return budget
         if global_step == end:
+            if not self.exp_avg_ipt:  # a schedule whose first step is its last: rank by this step's gradients
+                self.update_importance(model)
             self.finalize(model)
         else:
             self.apply_masks(model)
@@ -392,6 +394,11 @@ class RankAllocator:
             self.mask_to_budget(model, self.target_budget)
         self.reset_importance()
         self.finalized = True
+
+    def kept_rank(self) -> int:
+        """Triplets kept now, summed over the layers: what the masks so far left (`budget()` is what the schedule
+        asks of the next mask; ties at a threshold can leave fewer)."""
+        return sum(sum(layer.rank_mask[self.name]) for _, layer in svd_layers(self.model, self.name))
 
     def orth_penalty(self, model: nn.Module) -> torch.Tensor:
         return orth_regularization(model, self.name)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraforge.argtypes import PositiveInt
-from loraforge.config import ConfigError
+from loraforge.config import MAX_RANK, ConfigError
 from loraforge.models import BUILTIN_MODELS, resolve_model
 from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
@@ -326,6 +326,8 @@ def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "
         gpus: processes (devices) training together; batch_size is per device
         distributed: ddp (a whole replica per device) or fsdp (weights, gradients and optimizer state sharded)
     """
+    if r > MAX_RANK:  # as lora.r in a run
+        raise ConfigError([f"--r: {r} is more than the largest rank a run takes ({MAX_RANK}); typical ranks are 4-64"])
     if gradient_checkpointing and no_gradient_checkpointing:
         raise ConfigError(["--gradient-checkpointing and --no-gradient-checkpointing: give one of them (or neither "
                            "for the method's default)"])

@@ -9,6 +9,9 @@ value is used without a word). Only the weights
 carry over: the optimizer and the learning-rate schedule start fresh (an adapter directory holds no optimizer
 state), as PEFT's `PeftModel.from_pretrained(..., is_trainable=True)` followed by a new optimizer does.
 
+A run keeps a copy of the adapter it started from beside its checkpoints (checkpoints/init-adapter): --resume
+rebuilds the adapter from that copy, so the folder training.init_adapter names may change or go meanwhile.
+
 AdaLoRA adapters are refused: the saved file keeps only the pruned triplets and not the rank allocator's
 importance averages or where its budget schedule stood, so a continued run could not be the run it continues.
 """
@@ -16,11 +19,16 @@ importance averages or where its budget schedule stood, so a continued run could
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig, TrainConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config
+from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
+from loraforge.utils.files import atomic_dir
+
+INIT_COPY = "init-adapter"  # under a run's checkpoints/: the adapter it started from, as it was then
 
 # Fields that describe the adapter's provenance, not its math: never a conflict.
 INFORMATIONAL = {"base_model_name_or_path"}
@@ -32,12 +40,34 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def init_adapter_config(cfg: TrainConfig) -> LoraConfig | None:
-    """training.init_adapter's LoRA config, or None when the run starts a fresh adapter. Raises ConfigError with one
-    line per conflict (method, or a lora: field) or AdapterError for a directory that holds no usable adapter."""
-    path = cfg.training.init_adapter
-    if not path:
+def init_adapter_source(cfg: TrainConfig, ckpt_root: Path, resume: bool) -> Path | None:
+    """Where training.init_adapter is read from: on --resume, the copy the run kept when it started (keep_copy);
+    otherwise (or for checkpoints written before copies were kept) the folder the config names. None: no
+    init_adapter."""
+    if not cfg.training.init_adapter:
         return None
+    copy = ckpt_root / INIT_COPY
+    return copy if resume and (copy / CONFIG_NAME).is_file() else Path(cfg.training.init_adapter)
+
+
+def keep_copy(source: Path, ckpt_root: Path) -> None:
+    """Copy the adapter a run starts from to checkpoints/init-adapter (a few MB; atomically), unless it is that copy."""
+    copy = ckpt_root / INIT_COPY
+    if source.resolve() == copy.resolve():
+        return
+    files = [source / CONFIG_NAME, source / WEIGHTS_NAME]
+    with atomic_dir(copy, sum(f.stat().st_size for f in files)) as tmp:
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)
+
+
+def init_adapter_config(cfg: TrainConfig, source: Path | None = None) -> LoraConfig | None:
+    """training.init_adapter's LoRA config, or None when the run starts a fresh adapter. Raises ConfigError with one
+    line per conflict (method, or a lora: field) or AdapterError for a directory that holds no usable adapter.
+    `source`: where to read it (init_adapter_source); the folder the config names by default."""
+    if not cfg.training.init_adapter:
+        return None
+    path = source or cfg.training.init_adapter
     if cfg.method == "full":
         raise ConfigError([f"training.init_adapter: method full trains every weight and has no adapter to start "
                            f"from; use method lora (or merge {path} into the base first: loraforge merge)"])
@@ -71,8 +101,10 @@ def init_adapter_config(cfg: TrainConfig) -> LoraConfig | None:
     return config
 
 
-def start_from_adapter(model: nn.Module, cfg: TrainConfig, name: str = "default") -> LoraConfig:
-    """Load training.init_adapter onto `model` as adapter `name`, trainable (everything else frozen)."""
-    config = init_adapter_config(cfg)
-    load_adapter(model, cfg.training.init_adapter, name, is_trainable=True)
+def start_from_adapter(model: nn.Module, cfg: TrainConfig, name: str = "default",
+                       source: Path | None = None) -> LoraConfig:
+    """Load training.init_adapter (or `source`, its copy) onto `model` as adapter `name`, trainable (everything
+    else frozen)."""
+    config = init_adapter_config(cfg, source)
+    load_adapter(model, source or cfg.training.init_adapter, name, is_trainable=True)
     return config

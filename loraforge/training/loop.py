@@ -42,7 +42,7 @@ from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
                                            last_checkpoint, load_checkpoint, save_checkpoint, schedule_changes)
-from loraforge.training.continual import init_adapter_config, start_from_adapter
+from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (check_same_config, choose_mode, clip_sharded, collective_error,
                                             full_state_dict, full_trainables, is_collective_failure, no_sync,
@@ -97,14 +97,15 @@ def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> 
 
 
 def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None = None, tokenizer=None,
-                precision: Precision | None = None, sharded: bool = False):
+                precision: Precision | None = None, sharded: bool = False, init_source: Path | None = None):
     """(model, tokenizer): the base with the method's trainable parts; trainable weights in fp32.
 
     `total_steps` sets AdaLoRA's rank schedule (budget from init_r to target_r over the run; needed for
     method adalora). A tokenizer already loaded can be passed in. The frozen base is stored in the precision's
     storage dtype (a 4-bit base computes in it too); `precision` defaults to run_precision(cfg, device).
     `sharded` (FSDP): the weights load on the CPU (each process moves only its shards to `device`), 4-bit codes
-    held as the storage dtype (FSDP shards floating-point parameters only).
+    held as the storage dtype (FSDP shards floating-point parameters only). `init_source`: where
+    training.init_adapter is read from (a resumed run's copy of it; the folder it names by default).
     """
     quantization = cfg.quantization
     precision = precision or run_precision(cfg, device)
@@ -129,7 +130,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     if cfg.method == "full":
         model.requires_grad_(True)
     elif cfg.training.init_adapter:  # its own settings; conflicts were refused by init_adapter_config
-        start_from_adapter(model, cfg, "default")
+        start_from_adapter(model, cfg, "default", init_source)
     elif cfg.method == "adalora":
         if total_steps is None:
             raise ValueError("build_model: method adalora needs total_steps (its rank schedule spans the run)")
@@ -377,7 +378,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     random.seed(t.seed)
     out = Path(cfg.output_dir)
     inputs = [cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter]
-    init_adapter_config(cfg)  # a conflict with training.init_adapter: before any loading or writing
+    init_source = init_adapter_source(cfg, out / "checkpoints", resume)  # resumed: the copy the run kept
+    init_adapter_config(cfg, init_source)  # a conflict with training.init_adapter: before any loading or writing
     refusal, stale = None, []
     if rank == 0:
         try:
@@ -415,7 +417,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                            f"the steps, e.g. {max(1, total_steps // 20)})"])
     mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
-                           sharded=mode == "fsdp")
+                           sharded=mode == "fsdp", init_source=init_source)
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
@@ -438,6 +440,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture)
     for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
         shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
+    if init_source is not None and rank == 0:
+        keep_copy(init_source, run.ckpt_root)  # --resume rebuilds the adapter from it, whatever becomes of the source
     if world > 1:
         dist.barrier()  # no rank looks for checkpoints before rank 0 has deleted them
     if not resume and (earlier := sorted(run.ckpt_root.glob("step-*"))):  # complete or not: they would mix
@@ -571,7 +575,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                     extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
                              if scaler.is_enabled() else {})
                     if run.allocator is not None:
-                        extra["rank_budget"] = run.allocator.budget(run.step)[0]  # AdaLoRA's total rank at this step
+                        extra["rank_budget"] = run.allocator.kept_rank()  # AdaLoRA's total rank kept after this step
                     log.write(step=run.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=run.tokens_seen,
                               tokens_per_s=tps, elapsed_s=elapsed, **extra)
             if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):

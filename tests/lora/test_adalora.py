@@ -169,6 +169,18 @@ def test_ranks_follow_the_budget_and_masked_triplets_stay_masked(input_ids):
         assert (layer.lora_E["default"][~masked] != 0).all()
 
 
+@pytest.mark.parametrize("total_step, tfinal", [(1, 0), (3, 2)])
+def test_a_schedule_whose_first_step_is_its_last_still_prunes_to_target_r(input_ids, total_step, tfinal):
+    """The final allocation at step total_step - tfinal = 1 had no scores yet and kept every triplet: now it ranks
+    by that step's gradients, as the budget phase would have (the kept ranks are the scores' top target_r · n)."""
+    model = inject_adalora(tiny_llama(), _config(total_step=total_step, tinit=0, tfinal=tfinal))
+    allocator = RankAllocator(model)
+    n = len(svd_layers(model))
+    budgets = _train(model, total_step, input_ids, allocator)
+    assert budgets[1] == (2 * n, 2 * n) and allocator.kept_rank() == 2 * n  # init_r 4 -> target_r 2 per layer
+    assert all(kept == 2 * n for _, kept in budgets.values())
+
+
 def test_allocator_needs_gradients(input_ids):
     model = inject_adalora(tiny_llama(), _config())
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):

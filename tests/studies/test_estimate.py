@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from loraforge.studies.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, config_shape,
-                                        estimate, format_breakdown, model_shape, per_device)
+from loraforge.config import ConfigError
+from loraforge.studies.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, cli_estimate,
+                                        config_shape, estimate, format_breakdown, model_shape, per_device)
 from loraforge.quant.bnb import bits_per_weight_formula
 
 GB = 1e9
@@ -78,6 +79,8 @@ def test_checkpointing_cuts_activations_and_errors_name_the_value():
     with pytest.raises(ValueError, match="'3b'"):
         estimate("3b", "lora")
     assert "total" in format_breakdown(estimate("7b", "qlora"))
+    with pytest.raises(ConfigError, match=r"--r: 65537 is more than the largest rank a run takes \(65536\)"):
+        cli_estimate("7b", r=65537)  # as lora.r: a run would refuse it
 
 
 def test_local_config(tmp_path):

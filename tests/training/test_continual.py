@@ -5,6 +5,7 @@ adapter directory holds no optimizer state, so a continued run starts its optimi
 
 import contextlib
 import json
+import shutil
 
 import peft
 import pytest
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraforge.config import ConfigError, load_train_config
+from helpers import stop_in_last_save
+
 from loraforge.models import load_tokenizer
 from loraforge.training.loop import finish, load_data, make_batch, micro_batches, setup, train
 
@@ -59,6 +62,27 @@ def test_zero_steps_save_the_adapter_it_started_from(tiny_dir, data_file, tmp_pa
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         assert ours[key] == theirs[key], key
     assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+
+
+@pytest.mark.parametrize("gone", ["deleted", "replaced"])
+def test_resume_rebuilds_the_adapter_from_the_copy_the_run_kept(tiny_dir, data_file, tmp_path, gone):
+    """The folder init_adapter names deleted, or replaced by another adapter (rank 2, not 4), between the kill and
+    --resume: the resumed run still ends with the uninterrupted run's adapter, bit for bit."""
+    start = peft_adapter(tiny_dir, tmp_path / "start", "rslora+patterns")
+    whole = config(tiny_dir, data_file, tmp_path / "whole", start, max_steps=3)
+    train(whole, progress=False)
+    cfg = config(tiny_dir, data_file, tmp_path / "out", start, max_steps=3, save_every=1)
+    stop_in_last_save(cfg)  # checkpoints 1 and 2 written
+    shutil.rmtree(start)
+    if gone == "replaced":
+        torch.manual_seed(1)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(start)
+    train(cfg, resume=True, progress=False)
+    ours, theirs = (load_file(tmp_path / d / "adapter/adapter_model.safetensors") for d in ("out", "whole"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
