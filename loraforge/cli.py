@@ -17,6 +17,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 
 from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature
 from loraforge.utils.parent import follow_agent
@@ -473,7 +474,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def one_line_warnings() -> None:
+    """Our own warnings (a config field ignored, a slow precision asked for) as one `warning: ...` line, instead of
+    Python's `path/to/loraforge/x.py:94: UserWarning: ...` and a source line; other libraries' keep Python's form."""
+    if getattr(warnings.formatwarning, "ours", False):
+        return
+    default, package = warnings.formatwarning, os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.ours = True
+    warnings.formatwarning = formatwarning
+
+
 def run_command(argv: list[str] | None = None) -> int:
+    one_line_warnings()
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     func = _commands()[args.pop("command")]

@@ -120,6 +120,8 @@ def test_every_command_prints_its_help(capsys):
 def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--probe", "mmlu"]) == 2
     assert "--probe: unknown probe(s) ['mmlu']; use mc, text and/or kl" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "absent"), "--probe", "kl"]) == 2  # before loading any model
+    assert "--probe kl: needs --adapter (KL compares the model with and without it" in capsys.readouterr().err
     small = tmp_path / "small.jsonl"
     small.write_text('{"instruction": "Say hi.", "output": "hi"}\n' * 5)
     task = tmp_path / "task.yaml"
@@ -232,6 +234,7 @@ def test_generate_says_its_precision_on_stderr(tiny_dir, monkeypatch, loads, cap
 
 def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, capsys):
     monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, host, port, log_level: None)  # start-up
+    monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)  # port 8000 may be another's here
     monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
     assert main(["serve", "--model", str(tiny_dir)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == ("precision bf16: this CPU has native bf16 (AVX512 with "
@@ -254,6 +257,7 @@ def test_plain_serve_refuses_a_rebinding_hosts_name_on_loopback_only(tiny_dir, m
 
     apps = []
     monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, *a, **k: apps.append(app))
+    monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)  # 10.0.0.5 is not this machine's
     assert main(["serve", "--model", str(tiny_dir), "--host", host, "--precision", "fp32"]
                 + ([] if host == "127.0.0.1" else ["--api-key", "k"])) == 0
     client = TestClient(apps[0], base_url="http://127.0.0.1:8000", headers={"Authorization": "Bearer k"})
@@ -428,3 +432,19 @@ def test_trains_last_line_names_the_folder_it_wrote():
     again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"
+
+
+def test_our_warnings_are_one_line_and_others_keep_pythons_form():
+    """`loraforge train examples/demo.yaml method=full lora.r=4` printed '/path/loraforge/cli.py:94: UserWarning:
+    ...' and a line of our source before the message."""
+    import warnings
+
+    import loraforge.config
+    from loraforge.cli import one_line_warnings
+
+    one_line_warnings()
+    one_line_warnings()  # once is enough: not wrapped twice
+    assert warnings.formatwarning("lora.r: ignored", UserWarning, loraforge.config.__file__, 94,
+                                  "warnings.warn(...)") == "warning: lora.r: ignored\n"
+    theirs = warnings.formatwarning("deprecated", FutureWarning, "/site-packages/lib.py", 3, "x = 1")
+    assert theirs == "/site-packages/lib.py:3: FutureWarning: deprecated\n  x = 1\n"

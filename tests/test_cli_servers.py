@@ -51,13 +51,18 @@ def test_a_stopped_server_exits_with_the_signal(tiny_dir, tmp_path, command, sig
         assert err.splitlines()[-1] == "interrupted"
 
 
-def test_a_port_in_use_is_one_error_line(tiny_dir):
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_a_port_in_use_is_one_error_line(tiny_dir, tmp_path, command):
+    """Said before the model loads (it loaded first, uvicorn's log lines and 'serving ... on' the port came before
+    the error)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "loraforge", "serve", "--model", str(tiny_dir), "--port",
-                               str(port)], capture_output=True, text=True, timeout=120, env=ENV)
+        done = subprocess.run([sys.executable, "-m", "loraforge", command, "--model", str(tiny_dir), "--port",
+                               str(port), *(["--runs", str(tmp_path / "runs")] if command == "ui" else [])],
+                              capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines()[-1] == (f"error: could not listen on 127.0.0.1:{port} (the line above says why; "
-                                            f"another server on that port? choose another with --port)")
+    assert done.stderr == (f"error: could not listen on 127.0.0.1:{port}: Address already in use (another server on "
+                           f"that port? choose another with --port)\n")
+    assert done.stdout == ""

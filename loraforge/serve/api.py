@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -387,6 +388,22 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """ServeError now, before a model loads for seconds, when host:port cannot be listened on (taken, a privileged
+    port, an address not of this machine); uvicorn's own failure stays caught in run_until_signal (a race)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as e:
+        raise ServeError(f"could not listen on {host}:{port}: {e.strerror or e} (another server on that port? "
+                         f"choose another with --port)") from None
+
+
 def run_until_signal(app, host: str, port: int, log_level: str) -> None:
     """Serve `app` with uvicorn until Ctrl-C or SIGTERM, then let the signal through: Ctrl-C raises KeyboardInterrupt
     (the CLI exits 130), SIGTERM ends the process as SIGTERM does (143). uvicorn.run would swallow the Ctrl-C, so a
@@ -457,6 +474,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))  # where load_base puts the model
+    check_port(host, port)  # a port already taken: one line, before the model loads
     print(chosen.line(), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,

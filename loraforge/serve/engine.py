@@ -111,7 +111,8 @@ class Engine:
             else Batch(model, self._residency.rows)
 
         for name, path in (adapters or {}).items():  # checked now, so a bad adapter stops the start
-            entry = self._residency.register(name, path)
+            # a relative start path is the working directory's, as `allowed` reads it (not adapters_dir's)
+            entry = self._residency.register(name, expand_user(path).absolute(), label=str(path))
             self._residency.ensure_resident(entry)
         if self.adapters_dir is not None:
             self._residency.register_dir()

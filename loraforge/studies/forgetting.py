@@ -484,6 +484,9 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
     unknown = set(probe) - {"mc", "text", "kl"}
     if unknown:
         raise ConfigError([f"--probe: unknown probe(s) {sorted(unknown)}; use mc, text and/or kl"])
+    if set(probe) == {"kl"} and not adapter:  # before the model loads: there would be nothing to measure
+        raise ConfigError(["--probe kl: needs --adapter (KL compares the model with and without it; without one "
+                           "the model is the base and KL is 0)"])
     base, tokenizer = load_base(model, dtype=dtype)
     if adapter:
         load_adapter(base, adapter)

@@ -33,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.api import BodyLimit, create_app, key_ok, run_until_signal
+from loraforge.serve.api import BodyLimit, check_port, create_app, key_ok, run_until_signal
 from loraforge.serve.engine import Engine
 from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
@@ -286,6 +286,7 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
            dtype: str = "auto", precision: str = "auto") -> None:
     """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted."""
     check_host(host, api_key)
+    check_port(host, port)  # a port already taken: one line, before the model loads
     Path(runs).mkdir(parents=True, exist_ok=True)
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))
     print(chosen.line(), flush=True)

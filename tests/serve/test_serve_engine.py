@@ -165,6 +165,23 @@ def test_adapter_paths_are_confined(make_engine, adapters_dir, tmp_path):
     engine2.add_adapter("a-again", str(adapters_dir / "a"))
 
 
+def test_a_relative_start_path_is_the_working_directorys_beside_an_adapters_dir(make_engine, base, adapters_dir,
+                                                                                 tmp_path, monkeypatch):
+    """--adapter a=adapters/a with --adapters-dir DIR read DIR/adapters/a: another adapter served as `a` when DIR
+    held one there (silently), a refusal naming a folder that is an adapter when not."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(adapters_dir, tmp_path / "adapters")
+    other = tmp_path / "other"
+    shutil.copytree(adapters_dir / "b", other / "adapters" / "a")  # DIR/adapters/a holds b's weights
+    prompt = prompts(base.config.vocab_size, [5])[0]
+    for folders in (other, tmp_path / "empty"):
+        folders.mkdir(exist_ok=True)
+        engine = make_engine(adapters={"a": "adapters/a"}, adapters_dir=folders)
+        q = queue.Queue()
+        engine.submit(prompt, "a", GREEDY, q.put)
+        assert collect(q)[0] == reference(base, adapters_dir, "a", prompt, GREEDY.max_tokens)
+
+
 def test_bad_adapters_are_refused(make_engine, base, adapters_dir, tmp_path):
     torch.manual_seed(0)
     mts = copy.deepcopy(base)

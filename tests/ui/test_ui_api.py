@@ -279,6 +279,8 @@ def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(ui_app, "run_until_signal", start)
     monkeypatch.setattr("loraforge.serve.api.run_until_signal", start)
+    monkeypatch.setattr(ui_app, "check_port", lambda *a: None)  # port 8000 may be another's here
+    monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     assert cli.main([*argv, "--model", str(tiny_dir), "--runs", "myruns", "--api-key", KEY]) == 0
     (app, kw), = apps
