@@ -642,6 +642,11 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
+        init = self.lora.init_lora_weights
+        if self.quantization and isinstance(init, str) and init.startswith(("pissa", "olora")):
+            validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "
+                      f"{self.quantization} base (method {self.method}) holds quantized; use the default init (true), "
+                      f"or train without quantization"])
 
     @property
     def quantization(self) -> str | None:

@@ -185,3 +185,12 @@ def test_a_seed_outside_torchs_range_is_refused(seed):
     """2**64 ended in a traceback from torch.manual_seed."""
     assert problems(f"training.seed={seed}") == [f"training.seed: must be a whole number from 0 to 2**64 - 1, got "
                                                  f"{seed}"]
+
+
+def test_pissa_and_olora_on_a_quantized_base_are_refused_before_loading():
+    """They ended in a 13-frame TypeError after the 4-bit model loaded, advising a step train cannot take."""
+    assert problems("method=qlora", "lora.init_lora_weights=olora") == [
+        "lora.init_lora_weights: olora starts from the base's own weights, which the nf4 base (method qlora) holds "
+        "quantized; use the default init (true), or train without quantization"]
+    assert problems("model.quantization=int8", "lora.init_lora_weights=pissa_niter_4")[0].startswith(
+        "lora.init_lora_weights: pissa_niter_4 starts from the base's own weights, which the int8 base")

@@ -57,13 +57,16 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
         names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.r]
         base = layer.base_layer
         if is_quantized(base):  # the one merge path, on the de-quantized weight in fp32
-            dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
+            dtype = _compute_dtype(model, base)
             layer.base_layer = _dequantized_linear(base)
             layer.merge(names)
             base = layer.base_layer.to(dtype)
         else:
             layer.merge(names)
         set_submodule(model, path, base)
+    for path, module in list(model.named_modules()):  # layers no adapter covers: plain too (a loadable checkpoint)
+        if is_quantized(module):
+            set_submodule(model, path, _dequantized_linear(module).to(_compute_dtype(model, module)))
     for path, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             chosen = module.modules_to_save[module.active_adapter] if module.active_adapter else module.original_module
@@ -74,6 +77,16 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+def _compute_dtype(model: nn.Module, base: nn.Module) -> torch.dtype:
+    """The dtype a de-quantized layer is cast to: a 4-bit layer's compute dtype; for an 8-bit one (it has none),
+    that of the model's other floating-point weights (the embedding's), as a plain layer there would hold."""
+    dtype = getattr(base, "compute_dtype", None)
+    if dtype is not None:
+        return dtype
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embedding.weight.dtype if embedding is not None else torch.float32
 
 
 @torch.no_grad()

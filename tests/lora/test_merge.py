@@ -153,6 +153,31 @@ def test_4bit_merge_and_unload_of_two_adapters_with_dora_equals_the_unquantized_
         torch.testing.assert_close(merged(input_ids).logits, unmerged, **TOL)
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_merge_and_unload_leaves_no_quantized_layer_and_one_dtype(quantize, tmp_path, input_ids):
+    """An adapter on q_proj and v_proj only: the MLP's 4-/8-bit layers stayed bitsandbytes layers (a checkpoint no
+    loader reads), and int8's merged layers became bf16 in an fp32 model (forward: a dtype mismatch)."""
+    base = tiny_llama(hidden_size=64, intermediate_size=128)
+    qmodel = quantize_model(copy.deepcopy(base), quantize, compute_dtype=torch.float32)
+    reference = _dequantized_copy(qmodel)  # every layer de-quantized, in fp32
+    for model in (qmodel, reference):
+        randomize(inject(model, LoraConfig(r=4, target_modules=tuple(TARGETS))))
+    with torch.no_grad():
+        unmerged = qmodel(input_ids).logits
+        merged, want = merge_and_unload(qmodel), merge_and_unload(reference)
+        assert {p.dtype for p in merged.parameters()} == {torch.float32}
+        assert merged.state_dict().keys() == want.state_dict().keys()
+        for key, value in merged.state_dict().items():
+            torch.testing.assert_close(value, want.state_dict()[key], rtol=0, atol=0)
+        # int8's own matmul rounds its input to fp16 (bitsandbytes): the merged fp32 model differs by that much
+        torch.testing.assert_close(merged(input_ids).logits, unmerged, **(TOL if quantize == "nf4" else
+                                                                           dict(rtol=0, atol=0.05)))
+    merged.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, merged(input_ids).logits, rtol=0, atol=0)
+
+
 # --- the merged checkpoint (export_merged, `loraforge merge`) ---------------------------------------------------
 def test_merging_two_adapters_is_exact_by_default(tiny_dir, tmp_path, input_ids):
     """Two rank-4 adapters whose sum has rank 8: the default gives PEFT's logits with both active (x + y)."""
