@@ -96,15 +96,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths that get an adapter; raises naming the model's linear layers when nothing matches."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict); AdaLoraConfig has none
+    saved = _saved_paths(model, getattr(config, "modules_to_save", None) or ())
+    inside = tuple(p + "." for p in saved)
     found = []
     for path, module in model.named_modules():
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
             continue
         if config.exclude_modules and target_matches(config.exclude_modules, path):
             continue
-        saved = getattr(config, "modules_to_save", None) or ()  # AdaLoraConfig has none
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in saved):
-            continue  # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict)
+        if path in saved or path.startswith(inside):
+            continue
         if targets == "all-linear":
             if module is output or path.endswith("lm_head"):
                 continue
@@ -221,13 +223,17 @@ def _storage_key(p) -> tuple:
     return (p.device, ptr) if ptr else ("id", id(p))
 
 
+def _saved_paths(model: nn.Module, names) -> list[str]:
+    """The modules that modules_to_save `names` take. PEFT's rule (peft.utils.other._set_trainable): a bare suffix
+    match, so that its files and ours name the same modules ("norm" takes "model.norm" and every "input_layernorm"
+    alike)."""
+    return [p for p, _ in model.named_modules() if not _inside_lora(p) and any(p.endswith(t) for t in names)]
+
+
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    # PEFT's rule (peft.utils.other._set_trainable): a bare suffix match, so that its files and ours name the same
-    # modules ("norm" takes "model.norm" and every "input_layernorm" alike)
-    paths = [p for p, _ in model.named_modules() if not _inside_lora(p)
-             and any(p.endswith(t) for t in config.modules_to_save)]
+    paths = _saved_paths(model, config.modules_to_save)
     missing = [t for t in config.modules_to_save if not any(p.endswith(t) for p in paths)]
     if missing:
         raise ConfigError([f"modules_to_save: {missing} match no module of this model"])
