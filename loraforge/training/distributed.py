@@ -93,6 +93,24 @@ def check_same_config(config: dict, world: int) -> None:
                                     f"and overrides")
 
 
+def check_same_precision(precision: Precision, world: int) -> None:
+    """Every process computes and stores the base in the same dtypes. `precision: auto` is decided per process from
+    its own hardware (a node without native bf16, a timing probe on a loaded machine): processes that decide
+    differently would wait for each other at their first collective until training.collective_timeout, then
+    blame "another process". Gathered here (a collective), a difference stops every process naming the setting."""
+    if world == 1 or not dist.is_initialized():
+        return
+    mine = (precision.compute, precision.storage, precision.reason)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    for rank, (compute, storage, reason) in enumerate(every[1:], start=1):
+        if (compute, storage) != every[0][:2]:
+            raise TrainingError(f"the processes chose different precisions: compute {every[0][0]}, base stored in "
+                                f"{every[0][1]} on rank 0 ({every[0][2]}) and compute {compute}, base stored in "
+                                f"{storage} on rank {rank} ({reason}); set training.precision (and model.dtype) "
+                                f"explicitly, e.g. training.precision=fp32, so that every process runs the same")
+
+
 def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
     """training.distributed resolved: 'none' (one process, no group), 'ddp' or 'fsdp'; unsupported combinations
     are refused here, before the model loads, with the combination named."""

@@ -44,9 +44,9 @@ from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_W
                                            last_checkpoint, load_checkpoint, save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
-from loraforge.training.distributed import (check_same_config, choose_mode, clip_sharded, collective_error,
-                                            full_state_dict, full_trainables, is_collective_failure, no_sync,
-                                            setup_processes, unsharded, wrap)
+from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
+                                            collective_error, full_state_dict, full_trainables,
+                                            is_collective_failure, no_sync, setup_processes, unsharded, wrap)
 from loraforge.training.evaluate import mean_token_loss
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -401,6 +401,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         precision = run_precision(cfg, device)
         if rank == 0:
             print(precision.line(), flush=True)
+    check_same_precision(precision, world)  # before any loading: auto decides per process, from its own hardware
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence

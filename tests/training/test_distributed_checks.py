@@ -151,6 +151,28 @@ def test_configs_that_differ_between_processes_stop_every_process_naming_the_set
     assert not (tmp_path / "out").exists()
 
 
+def auto_as(compute: str, reason: str) -> str:
+    """A process whose `precision: auto` decides `compute` (as a node without native bf16 would)."""
+    return ("import sys; import loraforge.precision as P\n"
+            f"P.auto_precision = lambda hw, probe: ({compute!r}, {reason!r})\n"
+            "from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_processes_whose_auto_precision_differs_stop_naming_the_setting(tiny_dir, data_file, tmp_path):
+    """precision auto decides bf16 on rank 0 and fp32 on rank 1 (a node without native bf16): both stop at once,
+    naming training.precision, rather than waiting at their first collective until training.collective_timeout
+    and blaming "another process" (the bug: 60 s here, then that message)."""
+    args = [*common(tiny_dir, data_file, steps=2), "training.batch_size=4", "training.precision=auto",
+            "training.collective_timeout=60", f"output_dir={tmp_path / 'out'}"]
+    code = {0: auto_as("bf16", "native bf16"), 1: auto_as("fp32", "no native bf16 (AVX2)")}
+    for rc, _, err in ranks(tmp_path, [args, args], 29565, code=code):
+        assert rc == 2, err[-3000:]
+        assert error_line(err) == (
+            "error: the processes chose different precisions: compute bf16, base stored in bf16 on rank 0 (native "
+            "bf16) and compute fp32, base stored in fp32 on rank 1 (no native bf16 (AVX2)); set training.precision "
+            "(and model.dtype) explicitly, e.g. training.precision=fp32, so that every process runs the same")
+
+
 def test_too_few_examples_for_the_processes_names_them(tiny_dir, data_file):
     one = load_train_config(None, [*common(tiny_dir, data_file), "training.batch_size=1"])
     assert too_few_examples(one, 1, 1, 2) == (
