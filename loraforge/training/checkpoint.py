@@ -102,14 +102,19 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
             if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
                 shutil.rmtree(final)
     except DiskError as e:
-        last = last_checkpoint(root)
-        kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
-                f"with --resume" if last else "no checkpoint was completed before this one")
-        raise TrainingError(f"{e}; training stopped after step {step}, {kept}") from None
+        raise disk_stop(root, step, e) from None
     old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
     for d in old:
         shutil.rmtree(d, ignore_errors=True)
     return final
+
+
+def disk_stop(root: Path, step: int, error: DiskError) -> TrainingError:
+    """What a run says when the disk refused checkpoint step-N: the refusal, and the checkpoint to resume from."""
+    last = last_checkpoint(root)
+    kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
+            f"with --resume" if last else "no checkpoint was completed before this one")
+    return TrainingError(f"{error}; training stopped after step {step}, {kept}")
 
 
 def _python_rng_state():

@@ -26,12 +26,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from loraforge.config import TrainConfig, to_dict
 from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
-                                           find_checkpoint, sha256_file)
-from loraforge.utils.files import atomic_dir
+                                           disk_stop, find_checkpoint, sha256_file)
+from loraforge.utils.files import atomic_dir, disk_error
 
 FORMAT = SHARDED  # the manifest's and trainer_state.json's "format": what tells a sharded checkpoint from another
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)
@@ -40,8 +41,32 @@ OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what
 def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler, cfg: TrainConfig,
                  state: dict) -> Path:
     """Write checkpoints/step-N from every process (a collective: all must call it); returns its path."""
-    rank, world = dist.get_rank(), dist.get_world_size()
     final = root / f"step-{step:07d}"
+    try:
+        _save_sharded(final, step, module, optimizer, scheduler, cfg, state)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException holding every rank's error
+        error = disk_error(final, written_error(e))
+        if error is None:
+            raise
+        raise disk_stop(root, step, error) from None  # one line on every rank, not DCP's traceback per rank
+    if dist.get_rank() == 0:
+        for old in sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # no process goes on before step-N is in place
+    return final
+
+
+def written_error(e: BaseException) -> BaseException:
+    """The error behind a failed save: where DCP reports every rank's, the first OSError, else the first error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        errors = [exc for exc, _ in e.failures.values()]
+        return next((exc for exc in errors if isinstance(exc, OSError)), errors[0])
+    return e
+
+
+def _save_sharded(final: Path, step: int, module: nn.Module, optimizer, scheduler, cfg: TrainConfig,
+                  state: dict) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     with (atomic_dir(final) if rank == 0 else contextlib.nullcontext()) as made:  # rank 0: renamed at the end
         tmp = shared_path(made)
         model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
@@ -62,11 +87,6 @@ def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler,
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
             if final.exists():  # the same step written again (after resume skipped a damaged one): the new one wins
                 shutil.rmtree(final)
-    if rank == 0:
-        for old in sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()  # no process goes on before step-N is in place
-    return final
 
 
 def shared_path(path: Path | None) -> Path:

@@ -36,7 +36,11 @@ REASONS = {
 }
 
 SHORT_WRITE = ("the disk took only part of a write (it is full, over a quota, or the file passed the largest size "
-               "allowed: `ulimit -f`)")  # numpy's tofile: "N requested and M written", an OSError with no errno
+               "allowed: `ulimit -f`)")
+# numpy's tofile: "N requested and M written", an OSError with no errno; torch.save's zip writer (DCP writes
+# non-tensor items with it) loses the OSError and raises RuntimeError "... unexpected pos N vs M"
+SHORT_WRITES = [(OSError, re.compile(r"\d+ requested and \d+ written")),
+                (RuntimeError, re.compile(r"inline_container\.cc:\d+\]? *\. unexpected pos \d+ vs \d+"))]
 
 
 def expand_user(path: str | Path) -> Path:
@@ -84,8 +88,8 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     `left`: a temporary path of the write that could not be removed; the message names it.
     """
     code = _errno(e)
-    reason = REASONS.get(code) or (SHORT_WRITE if code is None and isinstance(e, OSError)
-                                   and re.search(r"\d+ requested and \d+ written", str(e)) else None)
+    short = code is None and any(isinstance(e, kind) and text.search(str(e)) for kind, text in SHORT_WRITES)
+    reason = REASONS.get(code) or (SHORT_WRITE if short else None)
     if reason is None:
         return None
     sizes = [f"about {_size(need_bytes)} needed"] if need_bytes is not None else []

@@ -5,6 +5,8 @@ and the combinations FSDP does not run yet are refused by name."""
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -111,9 +113,11 @@ def test_fsdp_qlora_two_processes_train_like_one(tmp_path, cfg_file, data_file, 
     assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
 
 
-def ranks(n, cfg_file, args, port, env=None):
+def ranks(n, cfg_file, args, port, env=None, limit_bytes=None):
     """n processes with torchrun's environment but no torchrun agent (which would SIGTERM the survivors of a
-    crash itself): what each process does on its own when a peer dies. [(returncode, stdout, stderr)] by rank."""
+    crash itself): what each process does on its own when a peer dies. [(returncode, stdout, stderr)] by rank.
+    `limit_bytes`: each process's file-size limit (`ulimit -f`: the kernel refuses a longer write, EFBIG)."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))) if limit_bytes else None
     procs, logs = [], []
     for rank in range(n):
         e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
@@ -123,7 +127,8 @@ def ranks(n, cfg_file, args, port, env=None):
         logs.append((out, err))
         with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
             procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file), *args,
-                                           "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=o, stderr=r))
+                                           "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=o, stderr=r,
+                                          preexec_fn=limit))
     return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
 
@@ -149,6 +154,25 @@ def test_killed_rank_stops_the_other_and_resume_with_one_process_ends_the_same(t
     assert "resuming from" in resumed.stdout and "step 2/6" in resumed.stdout
     assert "written by 2 processes, this run has 1" in resumed.stdout
     assert_same(adapter(tmp_path / "whole"), adapter(cut), atol=1e-5)
+
+
+def test_a_sharded_checkpoint_the_disk_refuses_stops_every_process_with_one_line(tiny_dir, data_file, tmp_path,
+                                                                                  cfg_file):
+    """Each process's file-size limit (1 MB) is below its shard of the step-1 checkpoint (~3 MB): every process
+    stops with the one line a one-process run gives (it was DCP's CheckpointException, ~80 lines a process), and
+    the save's temporary directory is gone."""
+    out = tmp_path / "out"
+    args = [*common(tiny_dir, data_file, steps=2), "training.save_every=1", "training.batch_size=4",
+            f"output_dir={out}"]
+    ckpt = re.escape(str(out / "checkpoints" / "step-0000001"))
+    for rc, _, err in ranks(2, cfg_file, args, 29549, limit_bytes=1_000_000):
+        assert rc == 2 and "Traceback" not in err, err[-3000:]
+        # the first write past the limit is torch.save's (DCP's non-tensor items), which loses the errno
+        assert re.fullmatch(rf"error: cannot write {ckpt}: the disk took only part of a write \(it is full, over a "
+                            rf"quota, or the file passed the largest size allowed: `ulimit -f`\) \([0-9.]+ [kMGT]?B "
+                            rf"free there\); training stopped after step 1, no checkpoint was completed before this one",
+                            err.strip().splitlines()[-1]), err[-3000:]
+    assert list((out / "checkpoints").iterdir()) == []
 
 
 def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):
