@@ -514,7 +514,8 @@ def run_command(argv: list[str] | None = None) -> int:
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped at the same step: one line
             with contextlib.suppress(OSError):  # SIGHUP: the terminal it would go to may be gone
-                print(f"{e}" + ("; continue with --resume" if func is train else ""), file=sys.stderr)
+                print(f"{e}" + ("; continue with --resume" if func is train and e.resumable else ""),
+                      file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -402,6 +402,15 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 143  # demo has no --resume
     assert capsys.readouterr().err == said + "\n"
 
+    finished = "stopped by SIGTERM at the end of the run (step 6 of 6); it had finished: adapter written to runs/x"
+
+    def stopped_at_the_end(*args, **kwargs):
+        raise loop.Stopped(signal.SIGTERM, finished, resumable=False)
+
+    monkeypatch.setattr(loop, "train", stopped_at_the_end)
+    assert main(["train", str(config)]) == 143
+    assert capsys.readouterr().err == finished + "\n"  # nothing to resume
+
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 

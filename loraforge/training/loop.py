@@ -357,8 +357,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             start_tokens, stage = run.tokens_seen, "training"
             with StopRequest(world=run.world) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
                 loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
-            stage = "finish"
-            return finish(run, loss_value, eval_loss, seconds, start_tokens)
+                stage = "finish"
+                result = finish(run, loss_value, eval_loss, seconds, start_tokens)
+                if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
+                    raise Stopped(stop.signum, f"stopped by {stop.name} at the end of the run (step {run.step} of "
+                                               f"{run.total_steps}); it had finished: {result.saved} written to "
+                                               f"{run.out / result.saved}", resumable=False)
+            return result
         except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
             if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
                 raise
@@ -619,9 +624,9 @@ class Stopped(KeyboardInterrupt):
     number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138, SIGHUP 129 on
     Linux)."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int, message: str, resumable: bool = True):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.resumable = signum, resumable  # resumable: --resume continues it (not a finished run)
 
     @property
     def exit_code(self) -> int:

@@ -331,6 +331,30 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert_equal_adapters(adapter(out), whole)
 
 
+def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_dir, data_file, tmp_path, whole):
+    """SIGTERM during the last step (3 of 3): the run finishes (its checkpoint, the adapter of the uninterrupted
+    run) and then stops, so a caller such as `demo` ends with 143 instead of going on (the bug: the signal was
+    dropped, train returned as if none had come). `train` says the run had finished, not to --resume."""
+    out = tmp_path / "run"
+    real = T.optimizer_step
+
+    def last_step_then_sigterm(run, batches):
+        result = real(run, batches)
+        if run.step == 2:  # in the middle of the third and last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", last_step_then_sigterm)
+        with pytest.raises(Stopped) as e:
+            train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
+    assert e.value.signum == signal.SIGTERM and not e.value.resumable
+    assert str(e.value) == (f"stopped by SIGTERM at the end of the run (step 3 of 3); it had finished: adapter "
+                            f"written to {out / 'adapter'}")
+    assert verify_checkpoint(out / "checkpoints" / "step-0000003") is None
+    assert_equal_adapters(adapter(out), whole)
+
+
 def test_a_stopped_torchrun_process_ignores_later_copies_of_the_signal_until_it_has_ended():
     """Under torchrun a signal comes twice (the terminal's Ctrl-C, then torchrun's forwarded copy): the second is
     ignored during the step, and also after the loop has stopped (the caller's handler would let a late copy kill
