@@ -29,6 +29,12 @@ from loraforge.quant.checks import is_4bit_param, is_8bit_param, is_quantized_pa
 from loraforge.utils.hf import enable_checkpointing
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
+QUANTIZED_FROM = torch.bfloat16
+"""What every weight is rounded to before it is quantized, whatever the compute dtype: a base quantized for a bf16
+run, an fp32 run, `merge --quantize` (fp32) and `serve` is the same codes (it differed by the rounding: a bf16
+run's adapter merged into a base re-quantized from fp32 gave logits 0.025 off), and the one transformers and PEFT
+build for QLoRA's usual torch_dtype=bfloat16. bf16's rounding (2^-9) is far below a 4-bit step (~1/8 of a block's
+absmax) or an 8-bit one."""
 BLOCKSIZE = 64  # weights per absmax (QLoRA's choice; bnb's default)
 NESTED_BLOCKSIZE = 256  # absmax values per second-level absmax with double quantization
 
@@ -75,24 +81,27 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
 
     _check_quantize(quantize)
     check_cpu_widths([("the linear layer", linear)], quantize, device)
-    weight = linear.weight.data
+    weight = linear.weight.data.to(QUANTIZED_FROM)  # the same codes whatever the compute dtype
     bias = linear.bias.data if linear.bias is not None else None
     if quantize == "int8":
         # LLM.int8(): per-row absmax int8 weights; outlier input features (|x| > 6) go through fp16 (its default).
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
                                     has_fp16_weights=False, threshold=6.0)
-        layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quantize,
                                   quant_storage=quant_storage)
-        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, blocksize=BLOCKSIZE,
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=BLOCKSIZE,
                                          compress_statistics=double_quant, quant_type=quantize, module=layer,
                                          quant_storage=quant_storage)
         layer.support_avx512bf16_for_cpu = False  # keep our stored format (see the module docstring)
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
-    return layer.to(device)  # moving a bnb parameter to a device is what quantizes it
+    layer = layer.to(device)  # moving a bnb parameter to a device is what quantizes it
+    if quantize != "int8":
+        layer.weight.quant_state.dtype = compute_dtype  # what de-quantizing gives, as if quantized from it
+    return layer
 
 
 def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
@@ -121,9 +130,10 @@ def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.
                    quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Load a transformers checkpoint directory with its linear layers stored by bitsandbytes.
 
-    We load in the compute dtype and quantize layer by layer ourselves instead of passing transformers a
-    BitsAndBytesConfig: that works on CPU too with bnb 0.50 but was an order of magnitude slower for the built-in
-    model, and both give the same bnb layers. Embeddings, norms and lm_head stay in `compute_dtype`.
+    We load in the compute dtype and quantize layer by layer ourselves (each weight rounded to QUANTIZED_FROM
+    first) instead of passing transformers a BitsAndBytesConfig: that works on CPU too with bnb 0.50 but was an
+    order of magnitude slower for the built-in model, and both give the same bnb layers (with torch_dtype bf16).
+    Embeddings, norms and lm_head stay in `compute_dtype`.
     """
     from transformers import AutoModelForCausalLM
 
