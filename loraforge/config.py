@@ -43,7 +43,8 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+        flags = bool(problems) and all(p.startswith("--") for p in problems)  # a command's flags, not config fields
+        super().__init__(f"invalid {'arguments' if flags else 'config'}:\n  " + "\n  ".join(problems))
 
 
 def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
