@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import random
@@ -375,9 +376,26 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
     return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _ids(tokenizer, text: str, limit: int | None = None) -> list[int]:
     # Rendered templates already carry their special tokens, so never add BOS/EOS here.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(_head(text, tokenizer, limit), add_special_tokens=False)["input_ids"]
+
+
+def _head(text: str, tokenizer, limit: int | None) -> str:
+    """The start of `text` that holds its first `limit` tokens and more: a record is cut to `limit` tokens anyway,
+    and tokenizing a 20 MB one whole took 58 s. No token covers more characters than the vocabulary's longest
+    entry, so twice (limit + 1) of them hold more than `limit` tokens; the cut changes only the last word's."""
+    if limit is None:
+        return text
+    bound = 2 * (limit + 1) * _longest_token(tokenizer)
+    return text if len(text) <= bound else text[:bound]
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer) -> int:
+    """Characters in the vocabulary's longest entry as stored (byte-level 'Ġ' and SentencePiece '▁' are one
+    character each, as the space they stand for)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def _bos(tokenizer) -> list[int]:
@@ -423,22 +441,24 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, lim
 
     Prompt and response are tokenized separately and concatenated, so the label boundary is exact and the prompt
     ids are the ones generation starts from. `limit`: a conversation stops being rendered once it holds more than
-    that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s.
+    that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s; and a
+    field's text is tokenized only as far as `limit` tokens reach (_head).
     """
     if fmt == "instruction":
-        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
-        response = _ids(tokenizer, _without_eos(record, "output", tokenizer)[0]) + [tokenizer.eos_token_id]
+        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer), limit)
+        response = _ids(tokenizer, _without_eos(record, "output", tokenizer)[0], limit) + [tokenizer.eos_token_id]
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
         segments = [(_bos(tokenizer), False)]
         messages, n = _chat_without_eos(record, tokenizer)[0], len(segments[0][0])
         for text, sup in _chat_segments(messages, tokenizer, _where(record)):
-            segments.append((_ids(tokenizer, text), sup))
+            segments.append((_ids(tokenizer, text, limit), sup))
             n += len(segments[-1][0])
             if limit is not None and n > limit:
                 break
     elif fmt == "text":
-        ids = tokenizer(_without_eos(record, "text", tokenizer)[0])["input_ids"]  # adds BOS (and EOS) as it does
+        text = _head(_without_eos(record, "text", tokenizer)[0], tokenizer, limit)
+        ids = tokenizer(text)["input_ids"]  # adds BOS (and EOS) as it does
         segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
     else:
         raise DataError(f"unknown format {fmt!r}; use one of {FORMATS} or 'auto'")
