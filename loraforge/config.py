@@ -36,6 +36,7 @@ PEFT_UNSUPPORTED_FIELDS = {
 }
 # The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
 MAX_RANK = 1 << 16
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
 
 
 class ConfigError(ValueError):
@@ -643,6 +644,10 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
+            r = math.sqrt(self.lora.r) if self.lora.use_rslora else self.lora.r
+            validate([f"{name}: {v} makes the scale lora_alpha / {'sqrt(r)' if self.lora.use_rslora else 'r'} "
+                      f"({v / r:.3g}) overflow fp32, so every update is inf (try 2*r)"
+                      for name, v in alphas.items() if v / r > FP32_MAX])
         init = self.lora.init_lora_weights
         if self.quantization and isinstance(init, str) and init.startswith(("pissa", "olora")):
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "

@@ -141,6 +141,18 @@ def test_training_refuses_an_alpha_that_trains_nothing_or_backwards():
         "only flips the sign B learns)"]
 
 
+def test_training_refuses_an_alpha_whose_scale_overflows_fp32():
+    """lora_alpha 1e300 gave the scale inf (as PEFT's does): every update inf, a NaN loss at step 1. The largest
+    alpha whose scale fp32 holds still trains; with use_rslora the scale is alpha / sqrt(r)."""
+    assert problems("lora.lora_alpha=1e300", "lora.r=8") == [
+        "lora.lora_alpha: 1e+300 makes the scale lora_alpha / r (1.25e+299) overflow fp32, so every update is inf "
+        "(try 2*r)"]
+    assert problems("lora.lora_alpha=2e39", "lora.r=4", "lora.use_rslora=true") == [
+        "lora.lora_alpha: 2e+39 makes the scale lora_alpha / sqrt(r) (1e+39) overflow fp32, so every update is inf "
+        "(try 2*r)"]
+    assert load_train_config(None, [DATA, "lora.lora_alpha=3e39", "lora.r=16"]).lora.lora_alpha == 3e39  # 1.9e38
+
+
 def test_a_config_file_in_utf16_is_read_and_one_with_a_latin1_byte_is_named(tmp_path):
     """A UTF-16 file (Windows editors) and a Latin-1 comment were UnicodeDecodeError tracebacks."""
     text = "# café\ndata: {train: a.jsonl}\nlora: {r: 4}\n"
