@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
@@ -158,21 +159,64 @@ def test_killed_rank_stops_the_other_and_resume_with_one_process_ends_the_same(t
 
 def test_a_sharded_checkpoint_the_disk_refuses_stops_every_process_with_one_line(tiny_dir, data_file, tmp_path,
                                                                                   cfg_file):
-    """Each process's file-size limit (1 MB) is below its shard of the step-1 checkpoint (~3 MB): every process
+    """Each process's file-size limit (50 kB) is below its shard of the step-1 checkpoint (~90-150 kB): every process
     stops with the one line a one-process run gives (it was DCP's CheckpointException, ~80 lines a process), and
     the save's temporary directory is gone."""
     out = tmp_path / "out"
     args = [*common(tiny_dir, data_file, steps=2), "training.save_every=1", "training.batch_size=4",
             f"output_dir={out}"]
     ckpt = re.escape(str(out / "checkpoints" / "step-0000001"))
-    for rc, _, err in ranks(2, cfg_file, args, 29549, limit_bytes=1_000_000):
+    for rc, _, err in ranks(2, cfg_file, args, 29549, limit_bytes=50_000):
         assert rc == 2 and "Traceback" not in err, err[-3000:]
-        # the first write past the limit is torch.save's (DCP's non-tensor items), which loses the errno
-        assert re.fullmatch(rf"error: cannot write {ckpt}: the disk took only part of a write \(it is full, over a "
-                            rf"quota, or the file passed the largest size allowed: `ulimit -f`\) \([0-9.]+ [kMGT]?B "
-                            rf"free there\); training stopped after step 1, no checkpoint was completed before this one",
+        # a tensor's write past the limit (EFBIG), or torch.save's for DCP's other items, which loses the errno
+        reason = (r"(a file would pass the largest file size allowed \(`ulimit -f`, or the file system's limit\)|"
+                  r"the disk took only part of a write \(it is full, over a quota, or the file passed the largest "
+                  r"size allowed: `ulimit -f`\))")
+        assert re.fullmatch(rf"error: cannot write {ckpt}: {reason} \([0-9.]+ [kMGT]?B free there\); training "
+                            rf"stopped after step 1, no checkpoint was completed before this one",
                             err.strip().splitlines()[-1]), err[-3000:]
     assert list((out / "checkpoints").iterdir()) == []
+
+
+OLD_SAVE = """
+import sys
+import loraforge.training.dcp as dcp_module
+from torch.distributed.checkpoint.state_dict import get_state_dict
+# as versions before this one saved: DCP's ignore_frozen_params alone, which kept the tied head (lm_head)
+dcp_module.trained_state = lambda module, optimizer: get_state_dict(module, optimizer, options=dcp_module.OPTIONS)
+from loraforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sharded_checkpoints_hold_only_what_trains_and_older_ones_still_resume(tiny_dir, data_file, tmp_path,
+                                                                              cfg_file):
+    """A sharded checkpoint held the tied head (the embedding's other name, frozen) whole: 6.3 MB for the tiny
+    model's 18 kB of adapter, 113 MB for the built-in model. Now its tensors are the trainable ones. A checkpoint
+    saved the old way (the run killed while saving step 2) resumes and ends with the uninterrupted adapter."""
+    args = [*common(tiny_dir, data_file, steps=3), "training.save_every=1", "training.batch_size=4"]
+    whole = torchrun(1, cfg_file, [*args, f"output_dir={tmp_path / 'whole'}"], 29550)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ckpt = tmp_path / "whole" / "checkpoints" / "step-0000003"
+    saved = set(dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+    model_keys = {k for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), sorted(model_keys)[:5]
+
+    old = tmp_path / "old"
+    script = tmp_path / "old_save.py"
+    script.write_text(OLD_SAVE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFORGE_TEST_CRASH_IN_SAVE": "2:0"}
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                             "--master_port=29551", str(script), "train", str(cfg_file), *args, f"output_dir={old}",
+                             "training.distributed=fsdp"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode != 0
+    step1 = old / "checkpoints" / "step-0000001"
+    assert "model.model.lm_head.weight" in dcp.FileSystemReader(step1).read_metadata().state_dict_metadata
+    resumed = torchrun(1, cfg_file, [*args, f"output_dir={old}", "--resume"], 29552)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 1/3" in resumed.stdout
+    assert_same(adapter(tmp_path / "whole"), adapter(old), atol=1e-6)
 
 
 def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):

@@ -112,6 +112,24 @@ def test_numpys_short_write_is_a_disk_error(tmp_path):
     assert F.disk_error(tmp_path, OSError("something else")) is None
 
 
+def test_torch_saves_lost_errno_is_a_disk_error_and_dcp_names_a_ranks_os_error(tmp_path):
+    """torch.save's zip writer (DCP writes its non-tensor items with it) turns a refused write into RuntimeError
+    "unexpected pos N vs M"; DCP's CheckpointException (a BaseException) carries every rank's error: the first
+    OSError is the one named, else the first error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from loraforge.training.dcp import written_error
+
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert str(F.disk_error(tmp_path, lost)).startswith(f"cannot write {tmp_path}: the disk took only part of a write")
+    assert F.disk_error(tmp_path, RuntimeError("unexpected pos 704 vs 598 elsewhere")) is None
+    full = OSError(28, "No space left on device")
+    both = CheckpointException("save failed", {0: (lost, None), 1: (full, None)})
+    assert written_error(both) is full and written_error(CheckpointException("x", {0: (lost, None)})) is lost
+    assert str(F.disk_error(tmp_path, written_error(both))).startswith(
+        f"cannot write {tmp_path}: no space left on the device")
+
+
 def test_written_files_and_folders_get_the_usual_modes(tmp_path):
     with atomic_dir(tmp_path / "adapter") as tmp:
         (tmp / "a").write_text("x")
