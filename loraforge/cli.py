@@ -509,7 +509,9 @@ def run_command(argv: list[str] | None = None) -> int:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
             ServeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun a node's processes share its command line and files: a config error once per node
+        if not (isinstance(e, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped at the same step: one line
