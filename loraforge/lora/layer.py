@@ -368,9 +368,13 @@ class LoraLinear(LoraLayer):
         return (scale - 1) * w0x + scale * lora
 
     def _fusable(self) -> str | None:
-        """The adapter the fused kernel can run: one active, unmerged, plain-LoRA adapter without dropout."""
+        """The adapter the fused kernel can run: one active, unmerged, plain-LoRA adapter without dropout, over a
+        frozen base (bias lora_only / all trains the base's bias: the plain path)."""
         if (not self.fused or self.disabled or self.row_adapters is not None or len(self.active_adapters) != 1
                 or self.merged_adapters or type(self.base_layer) is not nn.Linear):
+            return None
+        base = self.base_layer
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return None
         name = self.active_adapters[0]
         plain = name not in self.lora_magnitude_vector and isinstance(self.lora_dropout[name], nn.Identity)

@@ -140,3 +140,25 @@ def test_config_from_dict_collects_every_problem():
     text = str(e.value)
     assert "lora.r: expected an integer, got 'eight'" in text
     assert "lora.alpha: unknown field" in text
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_training_the_base_bias_keeps_the_plain_path_under_fused_lora(bias):
+    """bias lora_only / all trains the base layer's bias, which the fused kernel refuses (it trains only the
+    adapter): with training.fused_lora on (the default) every run on a model with biases (Qwen2's q/k/v) stopped
+    with its ValueError. Such layers take the plain path: the same loss and gradients as fused_lora off."""
+    grads = []
+    for fused in (False, True):
+        model = inject(tiny_llama(attention_bias=True),
+                       LoraConfig(r=4, lora_alpha=8, bias=bias, init_lora_weights="gaussian"))
+        for _, layer in lora_layers(model):
+            layer.fused = fused
+        ids = torch.arange(12)[None] % 50
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss0, g0), (loss1, g1) = grads
+    assert any(n.endswith("q_proj.base_layer.bias") for n in g1)  # the bias trains
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0)
