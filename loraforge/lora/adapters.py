@@ -403,6 +403,11 @@ def _retie(model: nn.Module, layer: LoraLayer) -> bool:
     return True
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` with zero rows appended up to `n` rows."""
+    return t if t.shape[0] >= n else torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+
+
 def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: str | Path,
                    name: str = "default") -> Path:
     """Save a PiSSA/OLoRA adapter as a plain LoRA for the *original* base W0 (before the residual replaced it).
@@ -417,12 +422,17 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
                          "depends on the residual base); merge it instead")
     initial = read_adapter_weights(initial_adapter_dir)
     tensors = {k: v.detach().cpu() for k, v in adapter_state_dict(model, name).items()}
+    ranks = {f"{PREFIX}{path}.lora_A.weight": module.r[name] for path, module in model.named_modules()
+             if isinstance(module, LoraLayer) and name in module.r}  # as declared: what a loader builds
     for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
         key_b = key.replace(".lora_A.weight", ".lora_B.weight")
         if key not in initial or key_b not in initial:
             raise ValueError(f"{initial_adapter_dir} has no {key}: is it the initial save of this adapter?")
-        tensors[key] = torch.cat([tensors[key], initial[key].to(tensors[key].dtype)], dim=0)  # (2r, in)
-        tensors[key_b] = torch.cat([tensors[key_b], -initial[key_b].to(tensors[key_b].dtype)], dim=1)  # (out, 2r)
+        # A layer narrower than r got only min(out, in) singular directions: zero rows / columns make up the rank
+        a, a0 = (_rows(t.to(tensors[key].dtype), ranks[key]) for t in (tensors[key], initial[key]))
+        b, b0 = (_rows(t.to(tensors[key_b].dtype).T, ranks[key]).T for t in (tensors[key_b], initial[key_b]))
+        tensors[key] = torch.cat([a, a0], dim=0)  # (2r, in)
+        tensors[key_b] = torch.cat([b, -b0], dim=1)  # (out, 2r)
     alpha_factor = 2 ** 0.5 if config.use_rslora else 2.0  # alpha/r or alpha/sqrt(r) unchanged at 2r
     converted = dataclasses.replace(
         config, r=2 * config.r, lora_alpha=config.lora_alpha * alpha_factor, init_lora_weights=True,

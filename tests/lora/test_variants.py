@@ -52,16 +52,18 @@ def test_olora_B_has_orthonormal_columns():
     torch.testing.assert_close(B.T @ B, torch.eye(4), **TOL)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch, r", [("llama", 4), ("gpt2", 4), ("llama", 20)])
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_converted_export_loads_on_the_original_base(arch, use_rslora, tmp_path, input_ids):
+def test_converted_export_loads_on_the_original_base(arch, r, use_rslora, tmp_path, input_ids):
+    """r 20 is wider than k_proj and v_proj (32 → 16): their SVD gives 16 directions, and the converted adapter
+    makes up the declared rank with zeros (it wrote a (32, 32) lora_A for r 40: neither library loaded it)."""
     build = BUILDERS[arch]
-    model = inject(build(), LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", use_rslora=use_rslora))
+    model = inject(build(), LoraConfig(r=r, lora_alpha=8, init_lora_weights="pissa", use_rslora=use_rslora))
     save_adapter(model, tmp_path / "initial")  # A0, B0: saved right after injection
     trained = _perturb(model)(input_ids).logits
     save_converted(model, tmp_path / "lora", tmp_path / "initial")
     theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "lora")
-    assert theirs.peft_config["default"].r == 8 and theirs.peft_config["default"].init_lora_weights is True
+    assert theirs.peft_config["default"].r == 2 * r and theirs.peft_config["default"].init_lora_weights is True
     torch.testing.assert_close(theirs(input_ids).logits, trained, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(load_adapter(build(), tmp_path / "lora")(input_ids).logits, trained,
                                rtol=1e-4, atol=1e-5)
