@@ -116,6 +116,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             if layer_index(path, config.layers_pattern) not in config.layers_to_transform:
                 continue
         found.append(path)
+    if not isinstance(targets, str) and config.target_modules is not None:
+        _refuse_non_linear(model, targets, found)
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
@@ -124,6 +126,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ConfigError([f"target_modules: {targets!r}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
     return found
+
+
+def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:
+    """A target_modules entry that names only modules other than linear layers (an embedding, an attention block)
+    is refused by name: it was dropped silently, while PEFT puts LoRA on an embedding and refuses the rest."""
+    for entry in targets:
+        if any(target_matches([entry], path) for path in found):
+            continue
+        other = next(((path, m) for path, m in model.named_modules() if path and not _inside_lora(path)
+                      and target_matches([entry], path) and not is_linear(m)), None)
+        if other is not None:
+            path, module = other
+            raise ConfigError([f"target_modules: {entry!r} names {path} ({type(module).__name__}), not a linear "
+                               f"layer; loraforge puts LoRA on linear layers only (not on embeddings or whole "
+                               f"blocks): remove it, or name the linear layers inside it"])
 
 
 def resolve_targets(model: nn.Module, config, adapter_name: str):

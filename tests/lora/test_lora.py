@@ -162,3 +162,16 @@ def test_training_the_base_bias_keeps_the_plain_path_under_fused_lora(bias):
     torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry, path, kind", [("embed_tokens", "model.embed_tokens", "Embedding"),
+                                               ("self_attn", "model.layers.0.self_attn", "LlamaAttention")])
+def test_a_target_that_names_no_linear_layer_is_refused_by_name(entry, path, kind):
+    """('q_proj', 'embed_tokens') adapted q_proj alone and saved embed_tokens in the config: silently not what was
+    asked (PEFT puts LoRA on the embedding). The default targets and regexes are unchanged."""
+    with pytest.raises(ConfigError) as e:
+        inject(tiny_llama(), LoraConfig(target_modules=("q_proj", entry)))
+    assert e.value.problems == [f"target_modules: {entry!r} names {path} ({kind}), not a linear layer; loraforge "
+                                f"puts LoRA on linear layers only (not on embeddings or whole blocks): remove it, or "
+                                f"name the linear layers inside it"]
+    assert len(lora_layers(inject(tiny_llama(), LoraConfig(target_modules=r".*(q_proj|embed_tokens)")))) == 2
