@@ -256,13 +256,13 @@ def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: Non
         dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         probe: general-ability probes: mc (200 4-option questions), text (perplexity), kl (KL vs base; needs --adapter)
     """
-    import math
-
     from loraforge.config import ConfigError
+    from loraforge.training import data as D
 
     if data is None and not probe:
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
     chosen = _precision(precision, dtype)
+    records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
     print(chosen.line(), flush=True)
     if probe:
         from loraforge.studies.forgetting import cli_probe
@@ -271,22 +271,20 @@ def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: Non
         if data is None:
             return
 
-    from loraforge.training import data as D
     from loraforge.lora.adapters import load_adapter
-    from loraforge.training.evaluate import accuracy, mean_token_loss
+    from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
     from loraforge.models import context_length, load_base
     from loraforge.studies.heldout import within_context
 
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
-    records = D.read_records(data)[:limit]
     # at the model's context: perplexity and accuracy over the same records, and a line says what it cut
     records, examples, cut = within_context(records, tokenizer, context_length(base.config))
     if cut:
         print(cut)
     loss = mean_token_loss(base, examples, tokenizer.pad_token_id, precision=chosen.compute)
-    print(f"perplexity: {math.exp(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
+    print(f"perplexity: {perplexity_of(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
     fmt = D.detect_format(records[0])
     if fmt in ("instruction", "chat"):
         result = accuracy(base, tokenizer, records, fmt, max_new_tokens, precision=chosen.compute)

@@ -458,3 +458,17 @@ def test_our_warnings_are_one_line_and_others_keep_pythons_form():
                                   "warnings.warn(...)") == "warning: lora.r: ignored\n"
     theirs = warnings.formatwarning("deprecated", FutureWarning, "/site-packages/lib.py", 3, "x = 1")
     assert theirs == "/site-packages/lib.py:3: FutureWarning: deprecated\n  x = 1\n"
+
+
+def test_eval_reads_its_data_before_any_probe_and_a_diverged_loss_is_inf_perplexity(tiny_dir, tmp_path, capsys):
+    """A missing DATA file was found only after every --probe had run (a minute on the built-in model); a mean
+    token loss past ~709.78 made math.exp raise OverflowError (a traceback) where the perplexity is inf."""
+    import math
+
+    from loraforge.training.evaluate import perplexity_of
+
+    assert main(["eval", str(tmp_path / "nope.jsonl"), "--probe", "text", "--model", str(tiny_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: no such file: {tmp_path / 'nope.jsonl'}\n" and "perplexity" not in out
+    assert perplexity_of(2.0) == math.exp(2.0) and perplexity_of(709.0) == math.exp(709.0)
+    assert perplexity_of(709.79) == perplexity_of(1e9) == math.inf

@@ -14,7 +14,6 @@ as both base and tuned model, e.g. a LoRA model with its adapters switched off i
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from importlib import resources
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.utils.hf import cache_argument
-from loraforge.training.evaluate import wilson_interval
+from loraforge.training.evaluate import perplexity_of, wilson_interval
 from loraforge.training.loss import prefix_cache, split_head
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -300,7 +299,7 @@ def perplexity(model, tokenizer, text: str, max_len: int = 512, stride: int | No
             for logprobs in _span_logprobs(model, split, ids, mask, spans):
                 nll -= logprobs.sum().item()
                 n_tokens += logprobs.numel()
-    return {"ppl": math.exp(nll / n_tokens), "nll": nll / n_tokens, "n_tokens": n_tokens}
+    return {"ppl": perplexity_of(nll / n_tokens), "nll": nll / n_tokens, "n_tokens": n_tokens}
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool | None = None) -> list[list[int]]:

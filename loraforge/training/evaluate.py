@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -13,6 +14,11 @@ from loraforge.precision import autocast
 
 
 @torch.no_grad()
+def perplexity_of(loss: float) -> float:
+    """exp(mean token loss); inf past a float's range (a diverged model's loss above ~709), not OverflowError."""
+    return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
+
+
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (95% by default)."""
     if n == 0:

@@ -47,7 +47,7 @@ from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
                                             collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
-from loraforge.training.evaluate import mean_token_loss
+from loraforge.training.evaluate import mean_token_loss, perplexity_of
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import MIN_TO_SPLIT, Mixture, load_sources, sources_report
@@ -589,9 +589,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                     eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
                                                 cfg.data.max_seq_len, precision=run.precision.compute)
                 if run.is_main:
-                    log.write(step=run.step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, "
-                              f"perplexity {math.exp(min(eval_loss, 50)):.2f}")
+                    log.write(step=run.step, eval_loss=eval_loss, eval_ppl=perplexity_of(eval_loss))
+                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {perplexity_of(eval_loss):.2f}")
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
                 saved = run.step

@@ -11,8 +11,10 @@ the W&B and MLflow run ids are kept in `<output_dir>/trackers.json` (a run start
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -34,31 +36,43 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
-def _require(module: str, extra: str):
-    import importlib
+def _missing(extra: str) -> ConfigError:
+    return ConfigError([f"training.report_to: {extra} needs the {extra} package: pip install "
+                        f"'loraforge[{extra}]' (or set training.report_to: none)"])
 
+
+def _require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError([f"training.report_to: {extra} needs the {extra} package: pip install "
-                           f"'loraforge[{extra}]' (or set training.report_to: none)"]) from None
+        raise _missing(extra) from None
+
+
+def check_tracker(kind: str) -> None:
+    """ConfigError when the package of tracker `kind` is not installed. Called before the model and data load
+    (open_tracker would find it only when the first step is logged, minutes later); nothing is imported."""
+    if kind in ("none", None):
+        return
+    if kind not in sys.modules and importlib.util.find_spec(kind) is None:  # each tracker's package is its name
+        raise _missing(kind)
 
 
 class TensorBoardTracker:
     """Event files under `<output_dir>/tensorboard` (tensorboard --logdir <output_dir>/tensorboard).
 
-    The writer opens at the first step logged, so that a run started over (--overwrite: its first step is 1) first
-    removes the event files an earlier run left there, and a resumed one purges what was logged after its
-    checkpoint (SummaryWriter's purge_step): every step shows once, as in metrics.jsonl."""
+    The writer opens at the first step logged. A run that is not resumed (a new one, or one started over with
+    --overwrite, whatever step it logs first: training.log_every may skip step 1) first removes the event files an
+    earlier run left there; a resumed one purges what was logged after its checkpoint (SummaryWriter's
+    purge_step): every step shows once, as in metrics.jsonl."""
 
-    def __init__(self, out_dir: Path, config: dict):
+    def __init__(self, out_dir: Path, config: dict, resume: bool = False):
         _require("tensorboard", "tensorboard")
-        self.dir, self.config, self.writer = Path(out_dir) / "tensorboard", config, None
+        self.dir, self.config, self.resume, self.writer = Path(out_dir) / "tensorboard", config, resume, None
 
     def _open(self, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        if step <= 1:  # a run from the start: an earlier run's events are not this run's
+        if not self.resume:  # a run from the start: an earlier run's events are not this run's
             for old in self.dir.glob("events.out.tfevents.*"):
                 old.unlink()
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=step)
@@ -171,7 +185,7 @@ def open_tracker(kind: str, out_dir: Path, config: dict, resume: bool = False) -
     if kind == "none":
         return None
     if kind == "tensorboard":
-        return TensorBoardTracker(out_dir, config)  # its event files carry the run on (purge_step)
+        return TensorBoardTracker(out_dir, config, resume)  # its event files carry the run on (purge_step)
     return {"wandb": WandbTracker, "mlflow": MlflowTracker}[kind](out_dir, config, resume)
 
 
