@@ -85,6 +85,20 @@ def nonempty(text: str) -> str:
     return text
 
 
+def text(value: str) -> str:
+    """Text for the tokenizer: UTF-8. A byte the terminal's encoding could not decode (a Latin-1 file read with
+    $(cat ...)) reaches Python as a lone surrogate, which no tokenizer encodes (a traceback after the model loaded)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"half a character (U+{code:04X})"
+        raise argparse.ArgumentTypeError(f"it holds {what} at position {e.start}, which is not UTF-8 text; "
+                                         f"re-encode it (e.g. iconv -f latin1 -t utf-8) or use a UTF-8 "
+                                         f"terminal") from None
+    return value
+
+
 PositiveInt = Annotated[int, positive_int]
 Port = Annotated[int, port]
 Seed = Annotated[int, seed]
@@ -93,3 +107,4 @@ PositiveFloat = Annotated[float, positive_float]
 Probability = Annotated[float, probability]
 Temperature = Annotated[float, temperature]
 NonEmpty = Annotated[str, nonempty]
+Text = Annotated[str, text]

@@ -19,7 +19,7 @@ import types
 import typing
 import warnings
 
-from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature
+from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
 
 
@@ -113,9 +113,9 @@ def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quan
     run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize), overwrite=overwrite)
 
 
-def generate(prompt: str, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,
+def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,
              max_new_tokens: PositiveInt = 256, temperature: Temperature = 0.0, top_p: Probability = 1.0,
-             seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: str | None = None) -> None:
+             seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: Text | None = None) -> None:
     """Answer a prompt with the model's chat template, streaming tokens to the terminal.
 
     Args:

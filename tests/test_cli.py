@@ -472,3 +472,17 @@ def test_eval_reads_its_data_before_any_probe_and_a_diverged_loss_is_inf_perplex
     assert err == f"error: no such file: {tmp_path / 'nope.jsonl'}\n" and "perplexity" not in out
     assert perplexity_of(2.0) == math.exp(2.0) and perplexity_of(709.0) == math.exp(709.0)
     assert perplexity_of(709.79) == perplexity_of(1e9) == math.inf
+
+
+def test_generate_refuses_text_that_is_not_utf8_before_loading(capsys):
+    """A Latin-1 byte in a prompt ($(cat latin1.txt)) reaches Python as a lone surrogate, which the tokenizer
+    refused with a transformers traceback after the model loaded: argparse refuses it, naming the byte."""
+    for argv, flag, what in [(["generate", "caf\udce9 au lait"], "prompt", "the byte 0xe9 at position 3"),
+                             (["generate", "hi", "--system", "\ud83d!"], "--system", "half a character (U+D83D) at "
+                                                                                     "position 0")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"loraforge generate: error: argument {flag}: it holds {what}, which is not UTF-8 text; re-encode it "
+            f"(e.g. iconv -f latin1 -t utf-8) or use a UTF-8 terminal")

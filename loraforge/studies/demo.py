@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from loraforge.config import load_train_config
+from loraforge.config import ConfigError, load_train_config
 from loraforge.lora.adapters import load_adapter
 from loraforge.models import load_base
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.training import data as D
 from loraforge.training.loop import run_precision, train
+from loraforge.training.trackers import check_tracker
+from loraforge.utils.files import expand_user
 from loraforge.utils.outputs import check_run_output
 
 
@@ -58,12 +60,23 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
+def check_demo_out(out: str, cfg) -> None:
+    """Refuse an output_dir override other than --out: train() would write there while the demo scores, sizes and
+    reports --out's adapter (an earlier run's, or none)."""
+    if expand_user(cfg.output_dir).resolve() != expand_user(out).resolve():
+        raise ConfigError([f"output_dir: demo writes to --out ({out}); use --out {cfg.output_dir} instead of "
+                           f"output_dir={cfg.output_dir}"])
+
+
 def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: list[str] = (),
              overwrite: bool = False) -> dict:
     started = time.perf_counter()
     cfg = demo_config(out, max_steps, overrides)
+    check_demo_out(out, cfg)
+    check_tracker(cfg.training.report_to)  # the base loads and is scored before train() would find it missing
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
-                     inputs=[cfg.model.name, cfg.data.train, TEST_DATA], flag="--out")
+                     inputs=[cfg.model.name, cfg.data.train, TEST_DATA], flag="--out",
+                     resume_hint=None)  # demo takes no --resume
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
     precision = run_precision(cfg, device)
     print(precision.line(), flush=True)
@@ -87,7 +100,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     clock["train"] = time.perf_counter() - started - sum(clock.values())
 
     print("[3/3] the saved adapter on the same held-out dates ...", flush=True)
-    adapter_dir = Path(out) / "adapter"
+    adapter_dir = Path(cfg.output_dir) / "adapter"
     load_adapter(model, adapter_dir)
     after = heldout_accuracy(model, tokenizer, test, fmt, max_new, precision.compute,
                              base_key and with_adapter_hash(base_key, model), "adapter")
@@ -105,7 +118,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
         ("held-out accuracy", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
                               f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
         ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
-        ("loss curve", str(Path(out) / "loss.png")),
+        ("loss curve", str(Path(cfg.output_dir) / "loss.png")),
         ("total time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")"),
         ("precision", precision.line().removeprefix("precision ")),
     ]

@@ -39,6 +39,7 @@ from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
 from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar
+from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file
 from loraforge.utils.outputs import check_output
 from loraforge.utils.table import text_table
@@ -73,6 +74,39 @@ def arm_config(cfg: TrainConfig, arm: Arm, seed: int, out: Path) -> TrainConfig:
     slug = arm.name.replace(" ", "").replace("=", "")
     return dataclasses.replace(cfg, method=arm.method, lora=lora, training=training, data=data,
                                output_dir=str(out / f"{slug}-seed{seed}"))
+
+
+def run_length(training) -> str:
+    """How long each arm trains, as the config says it (training.max_steps, or training.epochs: the steps that
+    make are known only once train() has read the data)."""
+    if training.max_steps:
+        return f"{training.max_steps} steps"
+    return f"{training.epochs:g} epoch{'' if training.epochs == 1 else 's'}"
+
+
+def trained_steps(rows: list[dict]) -> int | list[int] | None:
+    """The steps the trained rows ran (their TrainResult's, also under training.epochs): one number when all
+    ran the same, else each distinct one; None before any arm trained."""
+    steps = sorted({r["steps"] for r in rows if r.get("steps") is not None})
+    return steps[0] if len(steps) == 1 else steps or None
+
+
+def check_ranks(ranks) -> None:
+    """Each rank once: two arms of one rank would write the same folder, and the second be refused after the
+    first had trained and been probed."""
+    twice = sorted({r for r in ranks if list(ranks).count(r) > 1})
+    if twice:
+        raise ConfigError([f"--ranks: {', '.join(map(str, twice))} given more than once (each rank is one arm, "
+                           f"in a folder of its own); give each rank once"])
+
+
+def check_from_base(cfg: TrainConfig) -> None:
+    """Every arm trains from the base model: training.init_adapter would make the LoRA arms train on from that
+    adapter (at its rank, not the arm's; another rank fails minutes later) while full fine-tuning ignores it."""
+    if cfg.training.init_adapter:
+        raise ConfigError([f"training.init_adapter: forgetting trains every arm from the base model, not on from "
+                           f"an adapter ({cfg.training.init_adapter}); remove training.init_adapter (to measure "
+                           f"training on from an adapter, use `loraforge continual --adapter`)"])
 
 
 # --- probing one model ---------------------------------------------------------------------------------------
@@ -259,6 +293,9 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     checks, not a report).
     """
     started = time.perf_counter()
+    check_from_base(cfg)
+    check_ranks(ranks)
+    check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = task_split(cfg, out)
@@ -283,7 +320,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     for seed in range(seeds):
         for arm in arms(ranks, lora_lr, full_lr):
             run_cfg = arm_config(cfg, arm, seed, out)
-            print(f"[{arm.name} seed {seed}] training {run_cfg.training.max_steps} steps at lr {arm.lr:g} ...",
+            print(f"[{arm.name} seed {seed}] training {run_length(run_cfg.training)} at lr {arm.lr:g} ...",
                   flush=True)
             result = train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: an earlier run there starts over
             t0 = time.perf_counter()
@@ -298,6 +335,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
                                f"{arm.name} seed {seed}", progress)
             rows.append({"name": arm.name, "method": arm.method, "seed": seed, "lr": arm.lr, "r": arm.r,
                          "trainable_params": result.trainable_params, "train_seconds": result.seconds,
+                         "steps": result.steps,
                          "final_loss": result.final_loss, "output_dir": str(run_cfg.output_dir), **scores,
                          "load_seconds": load_seconds, "probe_seconds": time.perf_counter() - t0})
             print(_row_line(rows[-1]), flush=True)
@@ -309,7 +347,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     rows = rows[:1] + sorted(rows[1:], key=lambda r: (order[r["name"]], r["seed"]))  # by arm, then seed
     data = to_dict(cfg.data)
     report = {"complete": True, "model": cfg.model.name, "task_train": data["train"], "task_eval": data["eval"],
-              "steps": cfg.training.max_steps, "batch_size": cfg.training.batch_size, "seeds": seeds,
+              "steps": trained_steps(rows), "batch_size": cfg.training.batch_size, "seeds": seeds,
               "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
@@ -369,6 +407,11 @@ def _row_line(row: dict) -> str:
             f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, {probes})")
 
 
+def steps_text(steps: int | list[int] | None) -> str:
+    """trained_steps as a report's header says it: 24, or 23/24 where the arms ran different numbers."""
+    return "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
+
+
 def format_report(report: dict) -> str:
     """One row per run, then one per arm (mean and min-max over seeds); the header states every n."""
     rows, base = report["rows"], report["rows"][0]
@@ -385,8 +428,8 @@ def format_report(report: dict) -> str:
                       f"{100 * t['accuracy']:.0f} {_ci(t)}",
                       f"{100 * mc['accuracy']:.1f} {_ci(mc)}", f"{100 * mc['acc_norm']:.1f} {_ci(mc, 'ci95_norm')}",
                       f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"])
-    out = [f"forgetting on {report['model']}: {report['steps']} steps × batch {report['batch_size']}, "
-           f"{report['seeds']} seed(s) per arm, {report['precision']} compute",
+    out = [f"forgetting on {report['model']}: {steps_text(report['steps'])} steps × batch "
+           f"{report['batch_size']}, {report['seeds']} seed(s) per arm, {report['precision']} compute",
            f"learned: task = greedy exact match on {n_task} held-out task examples.  kept: MC = {n_mc} 4-option "
            f"questions scored by log-likelihood; ppl over {n_tok} tokens of general text; KL(base||tuned) mean "
            f"over {n_kl} next-token positions of {report['n_kl_prompts']} general prompts (nats)",
@@ -462,9 +505,12 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
+    ranks = [int(r) for r in ranks] or DEFAULT_RANKS
+    check_ranks(ranks)
+    check_from_base(cfg)
+    check_tracker(cfg.training.report_to)
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths()])
-    run_forgetting(cfg, out, [int(r) for r in ranks] or DEFAULT_RANKS, lora_lr, full_lr, seeds,
-                   overwrite=overwrite)
+    run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 
 
 DEMO_STEPS = 30

@@ -53,7 +53,7 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import MIN_TO_SPLIT, Mixture, load_sources, sources_report
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
-from loraforge.training.trackers import TrackedLog, open_tracker
+from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, plain_modes
 from loraforge.utils.hf import enable_checkpointing
@@ -378,6 +378,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
+    check_tracker(cfg.training.report_to)  # a missing tracker package: before anything loads
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -535,9 +536,10 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     reached and raises Stopped (a KeyboardInterrupt naming the signal); `--resume` continues from there. Whatever
     ends the loop, the progress bar is closed first, so what is printed next starts on a line of its own."""
     cfg, t, model, scaler = run.cfg, run.cfg.training, run.model, run.scaler
+    # the tracker first: one that cannot start leaves no metrics.jsonl behind (a rerun would need --overwrite)
+    tracker = open_tracker(t.report_to, run.out, to_dict(cfg), resume=append_log) if run.is_main else None
     log = TrackedLog(MetricsLog(run.out / "metrics.jsonl", append=append_log,  # after a resume: from run.step on
-                                until_step=run.step if append_log else None),
-                     open_tracker(t.report_to, run.out, to_dict(cfg), resume=append_log)) if run.is_main else None
+                                until_step=run.step if append_log else None), tracker) if run.is_main else None
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None

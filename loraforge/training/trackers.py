@@ -51,7 +51,7 @@ def _require(module: str, extra: str):
 def check_tracker(kind: str) -> None:
     """ConfigError when the package of tracker `kind` is not installed. Called before the model and data load
     (open_tracker would find it only when the first step is logged, minutes later); nothing is imported."""
-    if kind in ("none", None):
+    if kind not in TRACKERS[1:]:  # "none"; an unknown name is the config's to refuse
         return
     if kind not in sys.modules and importlib.util.find_spec(kind) is None:  # each tracker's package is its name
         raise _missing(kind)

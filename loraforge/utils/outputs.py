@@ -93,11 +93,13 @@ def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
 
 
 def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
-                     inputs: Iterable[str | Path | None] = (), flag: str = "output_dir") -> list[Path]:
+                     inputs: Iterable[str | Path | None] = (), flag: str = "output_dir",
+                     resume_hint: str | None = "continue it with --resume") -> list[Path]:
     """The rule for a training output_dir; returns the checkpoints of an earlier run that a new run started
     with --overwrite replaces (the caller deletes them before writing; nothing else is deleted).
 
-    --resume needs no permission (train itself says when there is nothing to resume).
+    --resume needs no permission (train itself says when there is nothing to resume). `resume_hint`: how the
+    refusal of an unfinished run says to continue it; None for a command that cannot (demo takes no --resume).
     """
     check_not_input(path, inputs, flag)
     if resume:
@@ -114,8 +116,8 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
                               f"there again (replaces its adapter, metrics and checkpoints), or choose another "
                               f"{flag}")
         where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
-        raise OutputError(f"{flag} {path} holds an unfinished run ({where}); continue it with --resume, start "
-                          f"it over with --overwrite, or choose another {flag}")
+        ways = ", ".join([*([resume_hint] if resume_hint else []), "start it over with --overwrite"])
+        raise OutputError(f"{flag} {path} holds an unfinished run ({where}); {ways}, or choose another {flag}")
     if not overwrite:
         return []
     return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))  # damaged too
