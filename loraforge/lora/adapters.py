@@ -22,7 +22,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
 from loraforge.lora.inject import inject, lora_layers, mark_trainable
 from loraforge.lora.layer import LoraLayer, ModulesToSave
-from loraforge.utils.files import atomic_dir
+from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -108,8 +108,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
 
 
 def read_adapter_config(adapter_dir: str | Path):
-    """Parse adapter_config.json into our config class for its peft_type."""
-    path = Path(adapter_dir) / CONFIG_NAME
+    """Parse adapter_config.json into our config class for its peft_type. `~` is expanded as in a shell (an
+    --adapter=~/x or a quoted path keeps it)."""
+    folder = expand_user(adapter_dir)
+    if not folder.exists():
+        raise AdapterError(f"no such adapter folder: {adapter_dir}")
+    path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing")
     try:
@@ -130,9 +134,9 @@ def read_adapter_config(adapter_dir: str | Path):
 
 
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(adapter_dir) / WEIGHTS_NAME
+    path = expand_user(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
-        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+        if (path.parent / "adapter_model.bin").is_file():
             raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle), which loraforge never loads; "
                                f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")

@@ -532,3 +532,15 @@ def test_modules_to_save_match_as_peft_matches_them_both_ways(tmp_path, input_id
     theirs.save_pretrained(tmp_path / "theirs")
     again = load_adapter(tiny_llama(), tmp_path / "theirs")
     torch.testing.assert_close(again(input_ids).logits, theirs(input_ids).logits, **TOL)
+
+
+def test_an_adapter_path_with_a_tilde_is_the_home_folders_and_a_missing_one_says_so(tmp_path, monkeypatch, input_ids):
+    """--adapter=~/x (bash leaves that ~ alone) was read as a folder named '~' ('adapter_config.json is missing'),
+    while --model=~/x and data paths expanded it; a folder that does not exist is named as such."""
+    model = inject(tiny_llama(), LoraConfig(r=4, init_lora_weights="gaussian"))
+    save_adapter(model, tmp_path / "home" / "ad")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    loaded = load_adapter(tiny_llama(), "~/ad")
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+    with pytest.raises(AdapterError, match=r"^no such adapter folder: ~/nothing$"):
+        load_adapter(tiny_llama(), "~/nothing")
