@@ -25,12 +25,15 @@ from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, l
 from loraforge.lora.adapters import delete_adapter, load_adapter
 from loraforge.models import load_base
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import CachedLogits, held_out_task, probe_all, probe_base, task_split
+from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
+                                          steps_text, task_split, trained_steps)
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
 from loraforge.training.loop import run_precision, train
+from loraforge.training.trackers import check_tracker
+from loraforge.utils.files import expand_user
 from loraforge.utils.outputs import check_output
 from loraforge.utils.table import text_table
 
@@ -52,12 +55,34 @@ def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float,
     return dataclasses.replace(cfg, data=data, training=training, output_dir=str(out / arm_slug(share)))
 
 
+def percent(share: float) -> str:
+    """The share in percent with the digits that tell shares apart (0.2: 20, 0.001: 0.1, 0.004: 0.4)."""
+    return f"{100 * share:.12g}"
+
+
 def arm_name(share: float) -> str:
-    return "new task" if share == 0 else f"new + {share:.0%} replay"
+    return "new task" if share == 0 else f"new + {percent(share)}% replay"
 
 
 def arm_slug(share: float) -> str:
-    return "new" if share == 0 else f"replay{round(100 * share)}"
+    """The arm's folder under --out: one per share (check_shares refuses two shares that would share one)."""
+    return "new" if share == 0 else f"replay{percent(share)}"
+
+
+def check_shares(shares) -> list[str]:
+    """Each share once: two arms of one folder would have the second refused after the first trained."""
+    slugs = [arm_slug(s) for s in shares]
+    return [f"--replay-share: {' and '.join(f'{s:g}' for s in shares if arm_slug(s) == slug)} give one arm "
+            f"(folder {slug}); give each share once" for slug in dict.fromkeys(slugs) if slugs.count(slug) > 1]
+
+
+def check_init_adapter(cfg: TrainConfig, adapter: str) -> None:
+    """Every arm trains on from --adapter: a training.init_adapter naming another adapter would be replaced
+    without a word (and its settings not be the ones trained)."""
+    given = cfg.training.init_adapter
+    if given and expand_user(given).resolve() != expand_user(adapter).resolve():
+        raise ConfigError([f"training.init_adapter: continual trains every arm on from --adapter ({adapter}), not "
+                           f"from {given}; remove training.init_adapter, or pass --adapter {given}"])
 
 
 def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | None = None,
@@ -66,6 +91,10 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     """Probe base and adapter, train each replay share from the adapter on `cfg`'s task, probe each; print the
     table and write continual.json. `previous`: the old task's held-out examples; `replay`: its training data."""
     started = time.perf_counter()
+    check_init_adapter(cfg, adapter)
+    if problems := check_shares(shares):
+        raise ConfigError(problems)
+    check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = task_split(cfg, out)
@@ -117,18 +146,18 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
 
     for share in shares:
         run_cfg = arm_config(cfg, adapter, replay, share, out)
-        print(f"[{arm_name(share)}] training {run_cfg.training.max_steps} steps × batch "
+        print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
         result = train(run_cfg, progress=progress, overwrite=overwrite)
         load_adapter(base, Path(run_cfg.output_dir) / "adapter")
-        rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds,
+        rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds, "steps": result.steps,
                      "replay_share": share, "output_dir": run_cfg.output_dir})
         print(row_line(rows[-1]), flush=True)
         delete_adapter(base, "default")
 
     data = to_dict(cfg.data)
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
-              "new_train": data["train"], "new_eval": data["eval"], "steps": cfg.training.max_steps,
+              "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
               "rows": rows, "seconds": time.perf_counter() - started}
     (out / "continual.json").write_text(json.dumps(report, indent=1, default=str))
@@ -167,7 +196,7 @@ def format_report(report: dict) -> str:
         if general:
             cells += [f"{100 * r['mc']['accuracy']:.1f}", f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"]
         lines.append(cells + [f"{r['train_seconds']:.0f}"])
-    head = (f"continual on {report['model']}: from {report['adapter']}, {report['steps']} steps × batch "
+    head = (f"continual on {report['model']}: from {report['adapter']}, {steps_text(report['steps'])} steps × batch "
             f"{report['batch_size']} at lr {report['lr']:g}, {report['precision']} compute; old task = greedy exact "
             f"match on {rows[0]['old']['n']} held-out examples of {Path(report['previous']).name}, new task on "
             f"{rows[0]['new']['n']} of {file_names(report['new_eval'])}")
@@ -213,11 +242,14 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
     shares = tuple(float(s) for s in replay_share) or DEFAULT_SHARES  # numbers from the parser; strings from code
     problems += [f"--replay-share: {s:g} is not in [0, 1) (0: the new task alone; 0.2: a fifth of each batch "
                  f"from --replay)" for s in shares if not 0 <= s < 1]
+    problems += check_shares(shares)
     if any(shares) and not replay:
         problems.append("--replay: the replay arms need the old task's training data; give --replay FILE or "
                         "--replay-share 0")
     if problems:
         raise ConfigError(problems)
+    check_init_adapter(cfg, adapter)
+    check_tracker(cfg.training.report_to)
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,
                                                    replay])
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

@@ -189,8 +189,11 @@ def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "
     return shape.num_hidden_layers * sum(r * sum(names[t]) for t in chosen)
 
 
+HEAD_CHUNK = 1024  # rows of logits the training loss computes at once (training.loss.CausalLMLoss.chunk_size)
+
+
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_layer: int,
-                     gradient_checkpointing: bool) -> dict[str, float]:
+                     gradient_checkpointing: bool, fused_head: bool = False) -> dict[str, float]:
     """Bytes autograd keeps for the backward pass of a Llama decoder, for `tokens` = batch × seq_len.
 
     Per layer per token (h hidden, q and kv the query and K/V widths (heads × head_dim), i intermediate, a = bytes
@@ -205,8 +208,11 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
     the four tensors above) plus the router's fp32 probabilities (4·E).
     With gradient checkpointing only each layer's input stays (a·h per layer per token), plus one layer's full
     set while that layer is recomputed in backward. SDPA's attention needs no (seq × seq) matrix.
-    The output head: logits in fp32 (4 bytes × vocab per token), the log-softmax cross-entropy saves
-    (another 4·V) and the gradient of the logits (4·V) at the start of backward: 3 × 4·V per token.
+    The output head, trained (`fused_head` False: method full): logits in fp32 (4 bytes × vocab per token), the
+    log-softmax cross-entropy saves (another 4·V) and the gradient of the logits (4·V) at the start of backward:
+    3 × 4·V per token. Frozen (LoRA, QLoRA: `fused_head`), the loss runs the head HEAD_CHUNK rows at a time and
+    keeps only the gradient of its input (a·h per token): one chunk's logits (a·V, plus an fp32 copy where a < 4)
+    are alive at once, whatever the number of tokens.
     """
     h, q, kv, i, L, V = (shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size,
                          shape.num_hidden_layers, shape.vocab_size)
@@ -220,7 +226,10 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
         layers = tokens * (L * act_bytes * h + per_layer_token)
     else:
         layers = tokens * L * per_layer_token
-    logits = tokens * 3 * 4 * V
+    if fused_head:
+        logits = min(tokens, HEAD_CHUNK) * V * (act_bytes + (4 if act_bytes < 4 else 0)) + tokens * act_bytes * h
+    else:
+        logits = tokens * 3 * 4 * V
     return {"layers": float(layers), "logits": float(logits)}
 
 
@@ -256,7 +265,8 @@ def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1
     adapter = 0.0 if method == "full" else 4.0 * trainable
     if method != "full":  # Σr over one layer's targets: the A outputs saved for backward
         lora_r = r * sum(1 for t in shape.linear_shapes() if targets == "all-linear" or t in targets)
-    acts = activation_bytes(shape, batch_size * seq_len, a, lora_r, gradient_checkpointing)
+    acts = activation_bytes(shape, batch_size * seq_len, a, lora_r, gradient_checkpointing,
+                            fused_head=method != "full")  # a frozen head: the loss's chunked, fused path
     out = {"weights": weights, "adapter": adapter, "gradients": 4.0 * trainable,
            "optimizer_states": OPTIMIZER_STATE_BYTES[optimizer] * trainable,
            "activations": acts["layers"] + acts["logits"]}

@@ -53,7 +53,7 @@ def check_tracker(kind: str) -> None:
     (open_tracker would find it only when the first step is logged, minutes later); nothing is imported."""
     if kind not in TRACKERS[1:]:  # "none"; an unknown name is the config's to refuse
         return
-    if kind not in sys.modules and importlib.util.find_spec(kind) is None:  # each tracker's package is its name
+    if sys.modules.get(kind) is None and importlib.util.find_spec(kind) is None:  # each one's package: its name
         raise _missing(kind)
 
 

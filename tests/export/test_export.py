@@ -655,7 +655,7 @@ def test_tensorboard_shows_each_step_once_after_overwrite_and_resume(tmp_path):
     from loraforge.training.trackers import TensorBoardTracker
 
     def run(steps, value):
-        tracker = TensorBoardTracker(tmp_path, {"run": value})
+        tracker = TensorBoardTracker(tmp_path, {"run": value}, resume=steps[0] > 1)  # these resumed runs start past 1
         for step in steps:
             tracker.log(step, {"train/loss": value + step})
         tracker.close()
