@@ -145,8 +145,8 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
-    print(chosen.line(), file=sys.stderr, flush=True)  # once the model is there (a failed load is one line); stdout
-    # is the answer alone
+    # once the model is there (a failed load is one line); stdout is the answer alone
+    print(chosen.line(training=False), file=sys.stderr, flush=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -263,7 +263,7 @@ def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: Non
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
     chosen = _precision(precision, dtype)
     records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
-    print(chosen.line(), flush=True)
+    print(chosen.line(training=False), flush=True)
     if probe:
         from loraforge.studies.forgetting import cli_probe
 

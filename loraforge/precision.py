@@ -69,10 +69,11 @@ class Precision:
         """The autocast context of this precision (a no-op for fp32)."""
         return autocast(self.compute, device_type)
 
-    def line(self) -> str:
-        """The first line of train and demo: 'precision fp32: this CPU has no native bf16 (AVX2)'."""
+    def line(self, training: bool = True) -> str:
+        """The first line of train and demo: 'precision fp32: this CPU has no native bf16 (AVX2)'. `training`
+        False (eval, generate, serve): no loss is scaled, so fp16 does not say so."""
         storage = "" if self.storage == self.compute else f", base stored in {self.storage}"
-        scaler = " + loss scaling" if self.needs_scaler else ""
+        scaler = " + loss scaling" if self.needs_scaler and training else ""
         return f"precision {self.compute}{scaler}{storage}: {self.reason}"
 
 

@@ -98,6 +98,7 @@ def test_storage_follows_compute_unless_given():
     assert choose("auto", "auto", hw=T4, probe=never).storage == "fp16"
     p = choose("auto", "fp32", hw=T4, probe=never)
     assert p.line().startswith("precision fp16 + loss scaling, base stored in fp32: ")
+    assert p.line(training=False).startswith("precision fp16, base stored in fp32: ")  # eval, generate, serve
 
 
 def test_bad_values_are_named():

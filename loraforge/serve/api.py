@@ -475,7 +475,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     """
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))  # where load_base puts the model
     check_port(host, port)  # a port already taken: one line, before the model loads
-    print(chosen.line(), flush=True)
+    print(chosen.line(training=False), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
