@@ -323,6 +323,11 @@ class LoraConfig:
     """The base the adapter was trained on (informational, saved in adapter_config.json)."""
 
     def __post_init__(self):
+        layers = self.layers_to_transform  # PEFT takes one index or a list (the Python API, not the YAML's checks)
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            object.__setattr__(self, "layers_to_transform", (layers,))
+        elif isinstance(layers, list):
+            object.__setattr__(self, "layers_to_transform", tuple(layers))
         p = []
         if not 0 < self.r <= MAX_RANK:
             p.append(f"r: must be a positive integer (at most {MAX_RANK}), got {self.r} (try 8)")

@@ -175,3 +175,11 @@ def test_a_target_that_names_no_linear_layer_is_refused_by_name(entry, path, kin
                                 f"puts LoRA on linear layers only (not on embeddings or whole blocks): remove it, or "
                                 f"name the linear layers inside it"]
     assert len(lora_layers(inject(tiny_llama(), LoraConfig(target_modules=r".*(q_proj|embed_tokens)")))) == 2
+
+
+def test_layers_to_transform_takes_one_index_as_peft_does():
+    """LoraConfig(layers_to_transform=1) from Python (PEFT's form) was a TypeError inside inject."""
+    one, listed = LoraConfig(layers_to_transform=1), LoraConfig(layers_to_transform=[1])
+    assert one.layers_to_transform == listed.layers_to_transform == (1,)
+    adapted = [p for p, _ in lora_layers(inject(tiny_llama(), one))]
+    assert adapted and all(p.startswith("model.layers.1.") for p in adapted)
