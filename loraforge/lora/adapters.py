@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,11 +101,27 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
     require_adapter(model, name)
     config = config or adapter_configs(model)[name]
+    _warn_residual_on_tied(model, name, config)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)
     return write_adapter_dir(out_dir, tensors, config.to_peft_dict())
+
+
+def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
+    """PiSSA/OLoRA on a layer tied to the input embedding (a tied lm_head): loraforge unties it before writing the
+    residual; PEFT writes the residual into the shared weight, so the embedding changes too and PEFT's logits for
+    this adapter differ (1.7 on a tiny model). Said when it is saved, with the form both load alike."""
+    init = getattr(config, "init_lora_weights", True)
+    if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
+        return
+    tied = [path for path, m in lora_layers(model) if name in m.r and m.untied_from is not None]
+    if tied:
+        warnings.warn(f"{init} on {tied[0]}, whose weight is tied to the input embedding: PEFT loads this adapter "
+                      f"with other logits (it writes the residual into the shared weight, changing the embedding "
+                      f"too); loraforge.lora.adapters.save_converted writes a plain LoRA both load alike",
+                      stacklevel=3)
 
 
 def read_adapter_config(adapter_dir: str | Path):

@@ -110,3 +110,23 @@ def test_loraplus_groups_have_the_right_lrs():
     assert {id(p) for g in groups for p in g["params"]} == trainable  # every trainable parameter, once
     optimizer = torch.optim.AdamW(groups)
     assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1.6e-3, 1.6e-3]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_residual_init_on_a_tied_head_warns_when_saved_and_converts_to_one_both_load_alike(init, tmp_path,
+                                                                                              input_ids):
+    """PiSSA/OLoRA on a tied lm_head: loraforge unties it before writing the residual, PEFT writes the residual
+    into the shared weight (its embedding changes too), so PEFT's logits for the saved adapter differ (1.7 on a
+    tiny model): saving says so, and save_converted's plain LoRA loads with the trained logits in both."""
+    build = lambda: tiny_llama(tie_word_embeddings=True)  # noqa: E731
+    model = inject(build(), LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"),
+                                       init_lora_weights=init))
+    save_adapter(model, tmp_path / "initial")  # right after injection: the warning is for any save
+    trained = _perturb(model)(input_ids).logits
+    with pytest.warns(UserWarning, match=f"^{init} on lm_head, whose weight is tied to the input embedding: PEFT "):
+        save_adapter(model, tmp_path / "plain")
+    save_converted(model, tmp_path / "lora", tmp_path / "initial")
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "lora")
+    torch.testing.assert_close(theirs(input_ids).logits, trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_adapter(build(), tmp_path / "lora")(input_ids).logits, trained,
+                               rtol=1e-4, atol=1e-5)
