@@ -21,7 +21,8 @@ from loraforge.lora.adalora import AdaLoraConfig
 WIDTH = 100  # the --help texts are wrapped at this width whatever the terminal
 SECTIONS = [  # (YAML section, dataclass, a note on the section)
     ("model", C.ModelConfig, ""),
-    ("lora", C.LoraConfig, "Names and defaults as in PEFT's LoraConfig; ignored (with a warning) for method: full."),
+    ("lora", C.LoraConfig, "Names and defaults as in PEFT's LoraConfig, except lora_alpha (16 here, 8 in PEFT: "
+              "the usual 2·r at the default r 8); ignored (with a warning) for method: full."),
     ("adalora", AdaLoraConfig, "For method: adalora; names and defaults as in PEFT's AdaLoraConfig. total_step is "
                                "the run's step count (training.max_steps, or epochs × steps per epoch). In a run, "
                                "lora_alpha, lora_dropout, target_modules, exclude_modules, layers_to_transform, "
