@@ -1,6 +1,7 @@
 """The continual study end to end on a tiny model: base, the old adapter, and arms trained on from it (with and
 without replay), each scored on the old and the new task; the replay arm's data really mixes the two."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from loraforge.config import ConfigError, LoraConfig, load_train_config
-from loraforge.studies.continual import arm_config, cli_continual, format_report, run_continual
+from loraforge.studies.continual import arm_config, arm_name, arm_slug, cli_continual, format_report, run_continual
 from loraforge.studies.demo import asset
+from loraforge.training.data import read_records
 from loraforge.training.loop import train
 
 
@@ -98,3 +100,50 @@ def test_lists_of_sources_score_as_their_single_files(tiny_dir, tmp_path, monkey
             assert torch.equal(trained[0][key], trained[1][key]), key
     assert reports[1]["new_eval"] == [asset("times_test.jsonl")]
     assert "3 of times_test.jsonl" in format_report(reports[1])
+
+
+@pytest.mark.parametrize("shares,given,slug", [(["0.2", "0.2"], "0.2 and 0.2", "replay20"),
+                                               (["0", "0.3", "0"], "0 and 0", "new")])
+def test_a_share_given_twice_is_refused_up_front(shares, given, slug, tmp_path):
+    """Two arms of one share wrote one folder: the second was refused after the first trained and was scored."""
+    with pytest.raises(ConfigError) as e:
+        cli_continual(out=str(tmp_path / "o"), replay_share=shares, adapter=str(tmp_path))
+    assert e.value.problems == [f"--replay-share: {given} give one arm (folder {slug}); give each share once"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_distinct_shares_get_distinct_names_and_folders():
+    """0.001 and 0.004 were both "new + 0% replay" in folder replay0."""
+    shares = (0.0, 0.001, 0.004, 0.2, 0.07, 0.5)
+    assert [arm_name(s) for s in shares] == ["new task", "new + 0.1% replay", "new + 0.4% replay",
+                                             "new + 20% replay", "new + 7% replay", "new + 50% replay"]
+    assert [arm_slug(s) for s in shares] == ["new", "replay0.1", "replay0.4", "replay20", "replay7", "replay50"]
+
+
+def test_an_init_adapter_other_than_adapter_is_refused(tiny_dir, tmp_path):
+    """Every arm trains on from --adapter: a config's training.init_adapter was replaced without a word."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {asset('times_train.jsonl')}}}\n"
+                      f"training: {{init_adapter: {tmp_path / 'other'}}}\n")
+    with pytest.raises(ConfigError) as e:
+        cli_continual(str(config), adapter=str(tmp_path / "old"), previous=asset("demo_test.jsonl"),
+                      replay_share=["0"], out=str(tmp_path / "o"))
+    assert e.value.problems == [f"training.init_adapter: continual trains every arm on from --adapter "
+                                f"({tmp_path / 'old'}), not from {tmp_path / 'other'}; remove training.init_adapter, "
+                                f"or pass --adapter {tmp_path / 'other'}"]
+
+
+def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """training.epochs instead of max_steps: "training None steps" was printed and "steps": null written."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", data_file, data_file), progress=False)
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"))
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=None, epochs=1))
+    n = len(read_records(asset("times_train.jsonl")))
+    report = run_continual(cfg, str(old.output_dir / "adapter"), str(data_file), shares=(0.0,),
+                           out=tmp_path / "study", general=False, limit=2, progress=False)
+    out = capsys.readouterr().out
+    assert report["steps"] == report["rows"][2]["steps"] == n // 4  # batches of 4: one epoch
+    assert json.loads((tmp_path / "study" / "continual.json").read_text())["steps"] == n // 4
+    assert "[new task] training 1 epoch × batch 4" in out and f", {n // 4} steps × batch 4" in out
+    assert "None" not in out

@@ -246,3 +246,48 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
     assert str(e.value) == (f"data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
                             f"data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
                             f"examples: give 20 or more records, or set data.eval to a file of them")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Refusals come before the base model loads: loading it fails the test."""
+    def load_base(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the refusal")
+
+    monkeypatch.setattr(forgetting, "load_base", load_base)
+
+
+def test_a_rank_given_twice_is_refused_before_anything_loads(tmp_path, no_loading):
+    """`--ranks 2 2`: both arms wrote lorar2-seed0; the second was refused after the first trained and was probed."""
+    with pytest.raises(ConfigError) as e:
+        forgetting.cli_forgetting(out=str(tmp_path / "fg"), ranks=[2, 4, 2])
+    assert e.value.problems == ["--ranks: 2 given more than once (each rank is one arm, in a folder of its own); "
+                                "give each rank once"]
+    assert not (tmp_path / "fg").exists()
+
+
+def test_an_init_adapter_is_refused_before_anything_loads(tiny_dir, data_file, tmp_path, no_loading):
+    """Every arm trains from the base: an init_adapter made the LoRA arms train on from it, and crashed a later arm."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data_file}}}\n"
+                      f"training: {{init_adapter: {tmp_path / 'old'}}}\n")
+    with pytest.raises(ConfigError) as e:
+        forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"))
+    assert e.value.problems == [f"training.init_adapter: forgetting trains every arm from the base model, not on "
+                                f"from an adapter ({tmp_path / 'old'}); remove training.init_adapter (to measure "
+                                f"training on from an adapter, use `loraforge continual --adapter`)"]
+    assert not (tmp_path / "fg").exists()
+
+
+def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """training.epochs instead of max_steps: "training None steps" was printed and "steps": null written."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={data_file}", "training.max_steps=null",
+            "training.epochs=1", "training.batch_size=4", "training.precision=fp32", "training.warmup_steps=0",
+            "training.save_every=0", f"output_dir={tmp_path}"]
+    report = run_forgetting(load_train_config(None, over), tmp_path / "fg", ranks=(2,), limit=2, progress=False)
+    out = capsys.readouterr().out
+    assert report["steps"] == 9  # 36 training records (4 held out) in batches of 4: one epoch
+    assert [r["steps"] for r in report["rows"][1:]] == [9, 9]
+    assert json.loads((tmp_path / "fg" / "forgetting.json").read_text())["steps"] == 9
+    assert "[lora r=2 seed 0] training 1 epoch at lr" in out and ": 9 steps × batch 4" in out and "None" not in out

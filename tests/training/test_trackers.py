@@ -7,13 +7,15 @@ continues a run, and raises MlflowException for a run the store lacks).
 """
 
 import json
+import sys
 import types
 
 import pytest
 from helpers import stop_in_last_save
 
 from loraforge.cli import main
-from loraforge.config import load_train_config
+from loraforge.config import ConfigError, load_train_config
+from loraforge.training import loop
 from loraforge.training.loop import train
 from loraforge.training.trackers import RUN_IDS, open_tracker, saved_run_id
 
@@ -148,3 +150,59 @@ def test_a_tracker_that_cannot_start_a_run_stops_the_cli_with_one_line(tracker, 
     assert code == 2 and "Traceback" not in err
     assert f"training.report_to: {tracker} cannot start a run ({message}); {fix}" in err
     assert "more detail" not in err and "training.report_to: none" in err
+
+
+def tensorboard_steps(out) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")]
+
+
+def test_a_run_started_over_drops_the_earlier_runs_tensorboard_events_whatever_its_first_step(tiny_dir, data_file,
+                                                                                              tmp_path):
+    """--overwrite with training.log_every=2: the new run's first logged step is 2, and the earlier run's step 1
+    (deleted only when the first step was 1) stayed beside it."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = [*run_args(tiny_dir, data_file, out, "tensorboard"), "training.save_every=0"]
+    train(load_train_config(None, args), progress=False)
+    assert tensorboard_steps(out) == [1, 2, 3]
+    train(load_train_config(None, [*args, "training.log_every=2", "training.max_steps=4"]), overwrite=True,
+          progress=False)
+    assert tensorboard_steps(out) == [2, 4] == [s for s, _ in metrics_losses(out)]
+
+
+def test_a_missing_tracker_package_is_refused_before_anything_loads_or_is_written(tiny_dir, data_file, tmp_path,
+                                                                                  monkeypatch):
+    """Found after the model and the data had loaded, it left an empty metrics.jsonl that refused the rerun."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+
+    def load_tokenizer(*args, **kwargs):
+        raise AssertionError("loaded before the refusal")
+
+    monkeypatch.setattr(loop, "load_tokenizer", load_tokenizer)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        train(load_train_config(None, run_args(tiny_dir, data_file, out, "wandb")), progress=False)
+    assert e.value.problems == ["training.report_to: wandb needs the wandb package: pip install 'loraforge[wandb]' "
+                                "(or set training.report_to: none)"]
+    assert not out.exists()
+
+
+def test_a_tracker_that_cannot_start_leaves_no_metrics_file(tiny_dir, data_file, tmp_path, monkeypatch):
+    """The empty metrics.jsonl it left made the rerun (with the tracker fixed) need --overwrite."""
+    wandb = fake_wandb()
+
+    def refuse(*args, **kwargs):
+        raise wandb.errors.Error("No API key configured.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        train(load_train_config(None, run_args(tiny_dir, data_file, out, "wandb")), progress=False)
+    assert not (out / "metrics.jsonl").exists()
+    train(load_train_config(None, run_args(tiny_dir, data_file, out, "none")), progress=False)  # no --overwrite
+    assert [s for s, _ in metrics_losses(out)] == [1, 2, 3]
