@@ -129,7 +129,8 @@ def load_sharded(path: Path, module: nn.Module, optimizer, scheduler, config: di
     meta = json.loads((path / "trainer_state.json").read_text())
     model_state, optim_state = trained_state(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    if why := shape_mismatch(path, model_state, frozen_names(module)):  # DCP refuses with a traceback (a BaseException) naming no setting
+    # DCP would refuse a mismatch with a traceback (a BaseException) naming no setting
+    if why := shape_mismatch(path, model_state, frozen_names(module)):
         raise mismatch_error(path, why, meta, config)
     try:
         dcp.load(state, checkpoint_id=path)

@@ -412,7 +412,8 @@ def test_a_huge_record_is_tokenized_only_as_far_as_max_seq_len_reaches(tok, kind
     text, limit = HUGE[kind], 256
     seen = []
     original = type(tok).__call__
-    monkeypatch.setattr(type(tok), "__call__", lambda self, t, *a, **k: seen.append(len(t)) or original(self, t, *a, **k))
+    monkeypatch.setattr(type(tok), "__call__",
+                        lambda self, t, *a, **k: seen.append(len(t)) or original(self, t, *a, **k))
     for record, fmt in [({"text": text}, "text"), ({"instruction": text, "output": "y"}, "instruction"),
                         ({"instruction": "x", "output": text}, "instruction"),
                         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": text}]},
