@@ -385,17 +385,19 @@ def _head(text: str, tokenizer, limit: int | None) -> str:
     """The start of `text` that holds its first `limit` tokens and more: a record is cut to `limit` tokens anyway,
     and tokenizing a 20 MB one whole took 58 s. No token covers more characters than the vocabulary's longest
     entry, so twice (limit + 1) of them hold more than `limit` tokens; the cut changes only the last word's."""
-    if limit is None:
+    longest = _longest_token(tokenizer) if limit is not None else None
+    if longest is None:
         return text
-    bound = 2 * (limit + 1) * _longest_token(tokenizer)
+    bound = 2 * (limit + 1) * longest
     return text if len(text) <= bound else text[:bound]
 
 
 @functools.lru_cache(maxsize=8)
-def _longest_token(tokenizer) -> int:
+def _longest_token(tokenizer) -> int | None:
     """Characters in the vocabulary's longest entry as stored (byte-level 'Ġ' and SentencePiece '▁' are one
-    character each, as the space they stand for)."""
-    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+    character each, as the space they stand for); None for a tokenizer that shows no vocabulary (no cut)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    return max((len(token) for token in vocab), default=1) if vocab else None
 
 
 def _bos(tokenizer) -> list[int]:
