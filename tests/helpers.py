@@ -112,3 +112,11 @@ def stop_in_last_save(cfg) -> None:
         m.setattr(loop, "save_checkpoint", save_or_stop)
         with pytest.raises(Interrupt):
             loop.train(cfg, progress=False)
+
+
+def forbid_loading(monkeypatch, module) -> None:
+    """`module`'s load_base fails the test: its refusals must come before the base model loads."""
+    def load_base(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the refusal")
+
+    monkeypatch.setattr(module, "load_base", load_base)

@@ -248,8 +248,6 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
                         "--replay-share 0")
     if problems:
         raise ConfigError(problems)
-    check_init_adapter(cfg, adapter)
-    check_tracker(cfg.training.report_to)
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,
                                                    replay])
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

@@ -505,10 +505,7 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
-    ranks = [int(r) for r in ranks] or DEFAULT_RANKS
-    check_ranks(ranks)
-    check_from_base(cfg)
-    check_tracker(cfg.training.report_to)
+    ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths()])
     run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 

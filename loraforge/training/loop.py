@@ -591,8 +591,9 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                     eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
                                                 cfg.data.max_seq_len, precision=run.precision.compute)
                 if run.is_main:
-                    log.write(step=run.step, eval_loss=eval_loss, eval_ppl=perplexity_of(eval_loss))
-                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {perplexity_of(eval_loss):.2f}")
+                    ppl = perplexity_of(eval_loss)
+                    log.write(step=run.step, eval_loss=eval_loss, eval_ppl=ppl)
+                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
                 saved = run.step

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from helpers import forbid_loading
 from loraforge.config import ConfigError
 from loraforge.studies import demo
 from loraforge.studies.demo import check_demo_out, demo_config, run_demo
@@ -26,10 +27,7 @@ def test_a_short_run_shortens_the_built_in_warmup(max_steps, overrides, steps, w
 @pytest.fixture
 def no_loading(monkeypatch):
     """The demo's refusals come before the base model loads: loading it fails the test."""
-    def load_base(*args, **kwargs):
-        raise AssertionError("the base model was loaded before the refusal")
-
-    monkeypatch.setattr(demo, "load_base", load_base)
+    forbid_loading(monkeypatch, demo)
 
 
 def test_an_output_dir_other_than_out_is_refused(tmp_path, no_loading):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import forbid_loading
 from loraforge.config import ConfigError, load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting
@@ -251,10 +252,7 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
 @pytest.fixture
 def no_loading(monkeypatch):
     """Refusals come before the base model loads: loading it fails the test."""
-    def load_base(*args, **kwargs):
-        raise AssertionError("the base model was loaded before the refusal")
-
-    monkeypatch.setattr(forgetting, "load_base", load_base)
+    forbid_loading(monkeypatch, forgetting)
 
 
 def test_a_rank_given_twice_is_refused_before_anything_loads(tmp_path, no_loading):
