@@ -42,10 +42,13 @@ FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainabl
 class ConfigError(ValueError):
     """One or more invalid config fields; `problems` lists each as 'field: what is wrong (fix)'."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], arguments: bool | None = None):
+        """arguments: head the message `invalid arguments:` (a command's flags and arguments, not config fields);
+        None: where every problem names a --flag."""
         self.problems = problems
-        flags = bool(problems) and all(p.startswith("--") for p in problems)  # a command's flags, not config fields
-        super().__init__(f"invalid {'arguments' if flags else 'config'}:\n  " + "\n  ".join(problems))
+        if arguments is None:
+            arguments = bool(problems) and all(p.startswith("--") for p in problems)
+        super().__init__(f"invalid {'arguments' if arguments else 'config'}:\n  " + "\n  ".join(problems))
 
 
 def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:

@@ -45,6 +45,16 @@ def test_generate_streams_the_greedy_answer(tiny_dir, capsys):
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
+def test_generate_past_the_context_is_an_argument_error(tiny_dir, capsys):
+    """The prompt and --max-new-tokens are the command's arguments: `invalid arguments:`, not `invalid config:`."""
+    assert main(["generate", "hi", "--model", str(tiny_dir), "--max-new-tokens", "200", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: invalid arguments:\n  --max-new-tokens 200: the model's context is 128 tokens" in err
+    assert main(["generate", "hi " * 200, "--model", str(tiny_dir), "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: invalid arguments:\n  the prompt takes " in err and "shorten the prompt" in err
+
+
 def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err

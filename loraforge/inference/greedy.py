@@ -68,16 +68,18 @@ def new_token_limits(model: nn.Module, prompts: list[list[int]], max_new_tokens:
 
 def check_fits(model: nn.Module, prompt_len: int, max_new_tokens: int, flag: str = "max_new_tokens") -> None:
     """ConfigError unless a prompt of `prompt_len` tokens and `max_new_tokens` after it fit the model's context;
-    `flag`: the setting as the user types it (`loraforge generate`: --max-new-tokens)."""
+    `flag`: the setting as the user types it (`loraforge generate`: --max-new-tokens, and the message is headed
+    `invalid arguments:`)."""
     context = context_length(model.config)
     if context is None:
         return
+    arguments = flag.startswith("--")
     if prompt_len >= context:
         raise ConfigError([f"the prompt takes {prompt_len} tokens and the model's context is {context}: no new "
-                           f"token fits after it; shorten the prompt"])
+                           f"token fits after it; shorten the prompt"], arguments=arguments)
     if prompt_len + max_new_tokens > context:
         raise ConfigError([f"{flag} {max_new_tokens}: the model's context is {context} tokens and the prompt takes "
-                           f"{prompt_len}; at most {context - prompt_len} new tokens fit"])
+                           f"{prompt_len}; at most {context - prompt_len} new tokens fit"], arguments=arguments)
 
 
 @torch.no_grad()
