@@ -356,6 +356,7 @@ def test_merge_help_says_the_default_combination_is_exact(capsys):
     (["estimate", "--batch-size", "-5"], "argument --batch-size: '-5': give a whole number ≥ 1"),
     (["estimate", "--r", "0"], "argument --r: '0': give a whole number ≥ 1"),
     (["estimate", "--gpus", "0"], "argument --gpus: '0': give a whole number ≥ 1"),
+    (["estimate", "--model", ""], "argument --model: '' is empty: give a path"),
     (["merge", "--base", "b", "--adapter", "a", "--out", ""], "argument --out: '' is empty: give a path"),
     (["merge", "--base", "", "--adapter", "a", "--out", "o"], "argument --base: '' is empty: give a path"),
 ])

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from loraforge.argtypes import PositiveInt
+from loraforge.argtypes import NonEmpty, PositiveInt
 from loraforge.config import MAX_RANK, ConfigError
-from loraforge.models import BUILTIN_MODELS, resolve_model
+from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, resolve_model
 from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
 
@@ -315,7 +315,7 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
-def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "qlora", batch_size: PositiveInt = 1,
+def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora", batch_size: PositiveInt = 1,
                  seq_len: PositiveInt = 512, r: PositiveInt = 16,
                  optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
                  dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
@@ -327,7 +327,7 @@ def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "
         model: a known size (7b, 13b, 65b, 70b), a transformers directory, or a built-in model name
         method: full, lora or qlora
         batch_size: sequences per micro-batch
-        seq_len: tokens per sequence
+        seq_len: tokens per sequence (at most the model's context, for a directory or a built-in model)
         r: LoRA rank (all linear layers of each block are targeted)
         optimizer: adamw, adamw_8bit, paged_adamw or paged_adamw_8bit
         dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
@@ -350,9 +350,12 @@ def cli_estimate(model: str = "7b", method: Literal["full", "lora", "qlora"] = "
                            f"directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
     except OSError as e:  # a directory without a readable config.json
         raise ConfigError([f"--model {model!r}: {e}"]) from None
+    if model.lower() not in KNOWN_SHAPES:  # as data.max_seq_len in a run (a known size names no context)
+        check_fits_context(seq_len, load_config(model), field="--seq-len")
     ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
     result = estimate(shape, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
-    title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, r={r}, {optimizer}, {dtype}, "
+    rank = "" if method == "full" else f"r={r}, "
+    title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, {rank}{optimizer}, {dtype}, "
              f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
              f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
     if gpus > 1 or distributed == "fsdp":

@@ -94,6 +94,23 @@ def test_local_config(tmp_path):
     assert model_shape(str(tmp_path)) == ModelShape(64, 128, 2, 4, 2, 128, False, head_dim=16)
 
 
+def test_cli_refuses_a_sequence_past_the_context_and_shows_no_rank_for_full(tmp_path, capsys):
+    """--seq-len as data.max_seq_len in a run: past the model's 128 positions it is refused by name; full
+    fine-tuning has no rank, so its title shows none."""
+    from helpers import tiny_llama
+
+    tiny_llama(max_position_embeddings=128).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"^invalid arguments:\n  --seq-len: 129 is past the model's context of 128 "
+                                          r"tokens \(max_position_embeddings in the config of .*\); use at most 128$"):
+        cli_estimate(str(tmp_path), seq_len=129)
+    cli_estimate(str(tmp_path), seq_len=128, method="full")
+    cli_estimate(str(tmp_path), seq_len=128, method="lora", r=4)
+    full, lora = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert full == (f"{tmp_path} full: batch 1 × 128 tokens, adamw, bf16, gradient checkpointing off, "
+                    f"{full.split(', ')[-1]}")
+    assert lora.startswith(f"{tmp_path} lora: batch 1 × 128 tokens, r=4, adamw, bf16, ")
+
+
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 
