@@ -14,7 +14,6 @@ continual.json (every number, with n) and each arm's run folder under --out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
 from loraforge.training.loop import run_precision, train
+from loraforge.training.report import strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
 from loraforge.utils.outputs import check_output
@@ -160,7 +160,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
               "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
               "rows": rows, "seconds": time.perf_counter() - started}
-    (out / "continual.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "continual.json").write_text(strict_json(report, indent=1, default=str))
     print(format_report(report), flush=True)
     print(f"wrote {out / 'continual.json'}; total {report['seconds']:.0f} s", flush=True)
     return report

@@ -38,7 +38,7 @@ from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
 from loraforge.training.mixing import label, read_sources
-from loraforge.training.report import progress_bar
+from loraforge.training.report import progress_bar, strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file
 from loraforge.utils.outputs import check_output
@@ -340,7 +340,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
                          "load_seconds": load_seconds, "probe_seconds": time.perf_counter() - t0})
             print(_row_line(rows[-1]), flush=True)
             partial = {"complete": False, "rows": rows}
-            (out / "forgetting.json").write_text(json.dumps(partial, indent=1, default=str))
+            (out / "forgetting.json").write_text(strict_json(partial, indent=1, default=str))
             del model
 
     order = {arm.name: i for i, arm in enumerate(arms(ranks, lora_lr, full_lr))}
@@ -350,7 +350,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
               "steps": trained_steps(rows), "batch_size": cfg.training.batch_size, "seeds": seeds,
               "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
-    (out / "forgetting.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "forgetting.json").write_text(strict_json(report, indent=1, default=str))
     plot(rows, out / "forgetting.png")
     print(format_report(report), flush=True)
     split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())

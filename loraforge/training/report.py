@@ -13,6 +13,23 @@ import torch
 from loraforge.utils.files import atomic_file, disk_error
 
 
+def finite_or_none(value):
+    """`value` with every float that is not finite (inf, nan) replaced by None, through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """json.dumps of `value` as strict JSON, which every reader takes: an inf or nan (a perplexity past exp(709),
+    fp16's grad_norm on a skipped step) is written as null, not Python's `Infinity`/`NaN`. kwargs: json.dumps's."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses at most the line being written (and
     appending drops such a cut-off line first). A write the disk refuses raises files.DiskError. Strict JSON: a
@@ -33,8 +50,7 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         try:
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self.file.write(json.dumps(row, allow_nan=False) + "\n")
+            self.file.write(strict_json(record) + "\n")
             self.file.flush()
         except OSError as e:
             error = disk_error(self.path, e)

@@ -266,6 +266,18 @@ def test_metrics_are_strict_json_with_nonfinite_values_as_null(tmp_path):
     assert read_metrics(path) == [{"step": 1, "loss": 2.0, "grad_norm": None, "lr": None, "tokens": 7}]
 
 
+
+def test_study_reports_are_strict_json_through_nested_rows(tmp_path):
+    """forgetting.json and continual.json: a perplexity past exp(709) is inf; written as null, not `Infinity`."""
+    import json
+
+    from loraforge.training.report import strict_json
+
+    report = {"rows": [{"ppl": float("inf"), "kl": float("nan"), "acc": 0.5, "out": tmp_path}], "pair": (1.0, -1e999)}
+    text = strict_json(report, indent=1, default=str)
+    assert json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not JSON")) == {
+        "rows": [{"ppl": None, "kl": None, "acc": 0.5, "out": str(tmp_path)}], "pair": [1.0, None]}
+
 # --- a non-finite loss ---------------------------------------------------------------------------------------
 
 def test_nonfinite_advice_depends_on_what_the_run_used():
