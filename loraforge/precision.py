@@ -140,7 +140,7 @@ def auto_precision(hw: Hardware, probe=probe_bf16_speedup) -> tuple[str, str]:
         major, minor = hw.cuda_capability
         if major >= 8:
             return "bf16", f"{hw.device_name} (compute capability {major}.{minor}) has bf16"
-        return "fp16", f"{hw.device_name} (compute capability {major}.{minor}) has no bf16: fp16 with loss scaling"
+        return "fp16", f"{hw.device_name} (compute capability {major}.{minor}) has no bf16: fp16"
     if hw.device_type != "cpu":
         return "fp32", f"{hw.device_type}: fp32"
     native, why = native_cpu_bf16(hw, probe)

@@ -24,8 +24,8 @@ def never(*_):
 
 @pytest.mark.parametrize("hw,compute,reason", [
     (A100, "bf16", "NVIDIA A100 (compute capability 8.0) has bf16"),
-    (T4, "fp16", "Tesla T4 (compute capability 7.5) has no bf16: fp16 with loss scaling"),
-    (V100, "fp16", "Tesla V100 (compute capability 7.0) has no bf16: fp16 with loss scaling"),
+    (T4, "fp16", "Tesla T4 (compute capability 7.5) has no bf16: fp16"),
+    (V100, "fp16", "Tesla V100 (compute capability 7.0) has no bf16: fp16"),
     (SAPPHIRE, "bf16", "this CPU has native bf16 (AVX512 with AVX-512 BF16/AMX)"),
     (AVX2, "fp32", "this CPU has no native bf16 (AVX2)"),
     (AVX512, "fp32", "this CPU has no native bf16 (AVX512)"),  # oneDNN emulates bf16 with AVX-512 F
@@ -38,6 +38,7 @@ def test_auto_follows_the_hardware_facts(hw, compute, reason):
     assert p.needs_scaler == (compute == "fp16")
     scaler = " + loss scaling" if compute == "fp16" else ""
     assert p.line() == f"precision {compute}{scaler}: {reason}"
+    assert p.line(training=False) == f"precision {compute}: {reason}"  # eval, generate, serve: no loss is scaled
 
 
 @pytest.mark.parametrize("hw", [ARM, Hardware("cpu", "CPU", None, "AVX512", True, True, "AVX2")],
