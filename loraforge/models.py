@@ -2,7 +2,8 @@
 
 GGUF files are de-quantized by transformers + gguf, which is slow (tens of seconds for the built-in model) and
 gives a model that refuses `save_pretrained`. So we convert once into a plain safetensors checkpoint under the
-cache directory (`$LORAFORGE_CACHE`, default `~/.cache/loraforge`) and load that afterwards.
+cache directory (`$LORAFORGE_CACHE`, default `$XDG_CACHE_HOME/loraforge` or `~/.cache/loraforge`) and load that
+afterwards.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints live: `$LORAFORGE_CACHE`, else `~/.cache/loraforge`."""
-    return Path(os.environ.get("LORAFORGE_CACHE") or Path.home() / ".cache" / "loraforge")
+    """Where converted checkpoints live: `$LORAFORGE_CACHE`, else `$XDG_CACHE_HOME/loraforge`, else
+    `~/.cache/loraforge`. A relative XDG_CACHE_HOME is ignored, as the XDG base directory spec says."""
+    if os.environ.get("LORAFORGE_CACHE"):
+        return Path(os.environ["LORAFORGE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "loraforge"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -696,7 +696,7 @@ LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CACHE = cache_dir() / "kernels"
 """Where the built library lives: under the project's one cache root (loraforge.models.cache_dir, read as the
-process starts: $LORAFORGE_CACHE, else ~/.cache/loraforge)."""
+process starts: $LORAFORGE_CACHE, else $XDG_CACHE_HOME/loraforge, else ~/.cache/loraforge)."""
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
 

@@ -250,6 +250,19 @@ def test_a_cache_below_a_file_is_refused_with_one_line_naming_loraforge_cache(tm
     assert text.endswith("; converted models are cached there: set LORAFORGE_CACHE to a folder this user can write")
 
 
+
+def test_the_cache_follows_loraforge_cache_then_xdg_cache_home_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LORAFORGE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert M.cache_dir() == tmp_path / "home" / ".cache" / "loraforge"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    assert M.cache_dir() == tmp_path / "home" / ".cache" / "loraforge"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert M.cache_dir() == tmp_path / "xdg" / "loraforge"
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "mine"))
+    assert M.cache_dir() == tmp_path / "mine"
+
 # --- the cached CPU kernels ---------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (shutil.which(os.environ.get("CC", "cc")) and torch.cpu._is_avx2_supported()),
