@@ -39,6 +39,7 @@ STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the 
 UI_DIR = ".ui"
 PROC = Path("/proc")
 START_SLACK_S = 5.0  # launch.json's `started` is read just after the process started; /proc's boot time is in seconds
+EXEC_WAIT_S = 1.0  # how long a just-launched process may show an empty command line (caught in exec)
 MAX_LINE = 1 << 20  # a metrics.jsonl line longer than this is no row (rows are a few hundred bytes): passed over
 STOPPED_LINE = re.compile(r"stopped by (SIG[A-Z0-9]+) ")  # the CLI's last line after a signal stopped train
 
@@ -165,6 +166,18 @@ def _start_time(pid: int) -> float:
     return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _cmdline(pid: int) -> list[bytes]:
+    """Process `pid`'s command line from /proc. A process caught in exec shows an empty one: the kernel wakes the
+    launching parent (and closes its close-on-exec pipes) before the new program's arguments are mapped. So an
+    empty command line is read again, for up to EXEC_WAIT_S: a launched process is never a kernel thread."""
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while True:
+        args = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")[:-1]
+        if args or time.monotonic() > deadline:
+            return args
+        time.sleep(0.005)
+
+
 def launched_alive(launch: dict) -> bool:
     """The process launch.json names still runs and is the one launched: its command line is the recorded argv and
     (where /proc tells) it started at the recorded time. A process that reused the id of an ended run is not."""
@@ -181,7 +194,7 @@ def launched_alive(launch: dict) -> bool:
             return False
         return shown.strip() == " ".join(map(str, argv))
     try:
-        cmdline = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")[:-1]
+        cmdline = _cmdline(pid)
         began = _start_time(pid)
     except (OSError, ValueError, IndexError):
         return False
