@@ -22,6 +22,7 @@ import asyncio
 import io
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import quote
@@ -132,7 +133,11 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         return JSONResponse({"rows": rows, "offset": end, "status": status(path, name)})
 
     @api.get("/runs/{name:path}/events")
-    async def events(name: str, offset: int = 0, interval: float = 0.5, file: str | None = None):
+    async def events(name: str, offset: int = 0, interval: float = 0.5, file: str | None = None,
+                     budget: float = 0.0):
+        """budget > 0: after that many seconds an unfinished stream closes with a `pause` event (its offset) for
+        the page to reconnect from. A browser holds 6 connections per host: the page shares a few among any
+        number of ticked runs, each for a slice, and keeps the rest for its other requests."""
         path, name = await asyncio.to_thread(run_path, name)
         await asyncio.to_thread(check_offset, path, name, offset)
         interval = min(max(interval, 0.1), 5.0)
@@ -157,12 +162,17 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
             return f"event: end\ndata: {data}\n\n" if done else f"data: {data}\n\n" if rows else "", end, more, done
 
         async def stream():
-            pos = offset
+            pos, until = offset, time.monotonic() + budget
             while True:
                 text, pos, more, done = await asyncio.to_thread(step, pos)
                 if text:
                     yield text
                 if done:
+                    return
+                if budget > 0 and time.monotonic() >= until:
+                    state = await asyncio.to_thread(status, path, name)
+                    data = json.dumps({"rows": [], "offset": pos, "file": following, "status": state})
+                    yield f"event: pause\ndata: {data}\n\n"
                     return
                 if not more:
                     yield ": keep-alive\n\n"

@@ -592,6 +592,40 @@ def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monk
     assert kind == "end" and len(data["rows"]) == 20
 
 
+def test_a_stream_with_a_budget_pauses_at_its_offset_and_goes_on_from_there(ui):
+    """The page shares a few connections among its ticked runs: a stream asked for a budget closes after it with a
+    `pause` event at the offset it reached; from there the next slice reads on, nothing lost or repeated."""
+    run = ui[1] / "runs" / "sliced"
+    run.mkdir(exist_ok=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    stop = threading.Event()
+
+    def train_in_a_terminal():
+        step = 1
+        while not stop.wait(0.05):
+            step += 1
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": 3.0 / step}) + "\n")
+
+    writer = threading.Thread(target=train_in_a_terminal)
+    writer.start()
+    try:
+        steps, offset, slices = [], 0, []
+        for _ in range(3):
+            started = time.monotonic()
+            events = sse(call(ui, "GET", f"/ui/api/runs/sliced/events?interval=0.1&budget=0.5&offset={offset}").text)
+            slices.append(time.monotonic() - started)
+            assert [kind for kind, _ in events][-1] == "pause" and events[-1][1]["rows"] == []
+            steps += [row["step"] for _, data in events for row in data["rows"]]
+            offset = events[-1][1]["offset"]
+    finally:
+        stop.set()
+        writer.join()
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 5  # in order, each once
+    assert offset == len("".join(json.dumps({"step": s, "loss": 3.0 / s if s > 1 else 3.0}) + "\n"
+                                 for s in steps).encode())
+    assert all(0.5 <= t < 5 for t in slices), slices
+
 def test_a_followed_run_whose_metrics_are_replaced_is_read_again_from_the_start(ui, monkeypatch):
     """train --overwrite into a followed run's folder: the stream went on from the old offset in the new file (the
     new run's first rows lost, the old run's kept on one chart). Now a `reset` event, then the new file from 0; a

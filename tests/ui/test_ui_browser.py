@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -258,6 +259,41 @@ def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fres
     assert len(urls) == 2 and urls[1].endswith(f"offset={len(GOOD[0]) + 1}"), urls
     assert fresh.inner_text('#runs tr[data-run="blip"] .stream-note') == ""
 
+
+def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh):  # noqa: F811
+    """A browser holds 6 connections per host and each ticked run's stream held one while its run lived: with a
+    seventh, the list, Stop, extras and the playground waited forever. Now the streams share a few connections in
+    turn: every run's curve fills, and the page's other requests are answered at once."""
+    names = [f"live{i}" for i in range(7)]
+    for name in names:
+        fake_run(ui, name, GOOD[:1], finished=False)
+    stop = threading.Event()
+
+    def train_in_terminals():
+        step = 1
+        while not stop.wait(0.3):
+            step += 1
+            for name in names:
+                with open(ui[1] / "runs" / name / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": 1 / step}) + "\n")
+
+    writer = threading.Thread(target=train_in_terminals)
+    writer.start()
+    try:
+        fresh.click("#refresh")
+        for name in names:
+            fresh.check(f'#runs input[data-run="{name}"]')
+        fresh.wait_for_function(f"{json.dumps(names)}.every(n => (state.data[n]?.rows.length || 0) >= 3)",
+                                timeout=60_000)
+        started = time.monotonic()
+        assert fresh.evaluate("api('/ui/api/info').then(info => typeof info)") == "object"
+        answered = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.join()
+    assert answered < 5, answered  # before: no answer at all
+    rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
+    assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
 
 def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, fresh):  # noqa: F811
     run = fake_run(ui, "keyed", GOOD)

@@ -105,9 +105,35 @@ function toggleRun(name, on) {
 // (null, arrays, strings, a string step); such rows are skipped here whatever the server sends.
 const isRow = r => r !== null && typeof r === "object" && !Array.isArray(r) && Number.isFinite(r.step);
 
-// Follow a ticked run's metrics until its `end` event. A stream that breaks before it (the server restarted, the
-// network dropped) is reopened from the last offset, 1 s later and then up to 10 s apart, while the run stays ticked;
-// an answer the server refuses (a wrong key, a run that is gone) is shown and not retried until the key changes.
+// A browser holds 6 connections per host (HTTP/1.1) and a stream holds one while it lasts: seven ticked live runs
+// left Stop, the list, extras and the playground waiting forever. The runs' streams share STREAM_SLOTS connections,
+// each for a slice of at most SLICE_S seconds (the server then sends `pause`), queued in turn; the rest stay free.
+const STREAM_SLOTS = 3, SLICE_S = 5;
+const slots = { free: STREAM_SLOTS, waiting: [] };
+// Resolves true once a slot is this stream's, false if the stream was aborted while it waited.
+function takeSlot(signal) {
+  if (signal.aborted) return Promise.resolve(false);
+  if (slots.free > 0) {
+    slots.free--;
+    return Promise.resolve(true);
+  }
+  return new Promise(done => {
+    const waiter = () => done(true);
+    slots.waiting.push(waiter);
+    signal.addEventListener("abort", () => {
+      const i = slots.waiting.indexOf(waiter);
+      if (i >= 0) { slots.waiting.splice(i, 1); done(false); }
+    }, { once: true });
+  });
+}
+function giveSlot() {
+  const next = slots.waiting.shift();
+  if (next) next(); else slots.free++;
+}
+// Follow a ticked run's metrics until its `end` event, in slices (`pause`: back in the queue for a slot, from the
+// offset reached). A stream that breaks before its end (the server restarted, the network dropped) is reopened from
+// the last offset, 1 s later and then up to 10 s apart, while the run stays ticked; an answer the server refuses (a
+// wrong key, a run that is gone) is shown and not retried until the key changes.
 async function follow(name) {
   state.streams[name]?.abort();
   const ctrl = new AbortController();
@@ -115,9 +141,12 @@ async function follow(name) {
   const run = state.data[name] = { rows: [], offset: 0 };
   let delay = 1000;
   while (!ctrl.signal.aborted) {
+    if (!await takeSlot(ctrl.signal)) return;
+    let paused = false;
     try {
       const file = run.file ? `&file=${encodeURIComponent(run.file)}` : "";  // which file run.offset is in
-      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?interval=0.3&offset=${run.offset}${file}`,
+      const query = `interval=0.3&budget=${SLICE_S}&offset=${run.offset}${file}`;
+      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?${query}`,
                             { headers: headers(), signal: ctrl.signal });
       if (r.status === 400 && run.offset > 0) {  // metrics.jsonl was rewritten meanwhile (shorter): read it anew
         run.rows = [];
@@ -152,11 +181,18 @@ async function follow(name) {
           loadRuns().then(showExtras).catch(e => runsError(e.message));
           return;
         }
+        if (event === "pause") {
+          paused = true;
+          break;
+        }
       }
     } catch (e) {
       if (ctrl.signal.aborted) return;
       console.warn(`${name}: metrics stream broke`, e);
+    } finally {
+      giveSlot();
     }
+    if (paused) continue;
     setNote(name, "reconnecting…");
     await sleep(delay, ctrl.signal);
     delay = Math.min(2 * delay, 10000);
