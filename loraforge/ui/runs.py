@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -375,8 +376,30 @@ def _runs_in(root: Path, folder: Path) -> list[Path]:
             if p.name != UI_DIR and within(root, p.relative_to(root)) is not None and is_run(p)]
 
 
+_PASSED_OVER: set[str] = set()  # names already reported by shown()
+
+
+def shown(names, where: str) -> list:
+    """The names (str or Path) that JSON can carry: one whose bytes are not UTF-8 (a folder copied from a Latin-1
+    system) is read by Python with lone surrogates, which no answer can encode; it is left out, said once in the
+    server's log, instead of failing the whole list."""
+    kept = []
+    for name in names:
+        try:
+            str(name).encode("utf-8")
+        except UnicodeEncodeError:
+            if str(name) not in _PASSED_OVER:
+                _PASSED_OVER.add(str(name))
+                print(f"ui: {where}: {os.fsencode(str(name))!r} is left out: its name is not UTF-8; rename it",
+                      file=sys.stderr, flush=True)
+            continue
+        kept.append(name)
+    return kept
+
+
 def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
-    """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first."""
+    """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first; a run whose path is
+    not UTF-8 is left out (shown)."""
     root = Path(root).resolve()
     if not root.is_dir():
         return []
@@ -386,7 +409,8 @@ def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):
             found += _runs_in(root, p)
-    return sorted((summary(root, p, running) for p in dict.fromkeys(found)), key=lambda s: -s["mtime"])
+    found = shown(dict.fromkeys(found), "runs")
+    return sorted((summary(root, p, running) for p in found), key=lambda s: -s["mtime"])
 
 
 def adapter_files(path: Path) -> list[Path]:

@@ -592,6 +592,30 @@ def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monk
     assert kind == "end" and len(data["rows"]) == 20
 
 
+def test_a_name_that_is_not_utf8_is_left_out_and_the_rest_listed(ui, capfd):
+    """One folder or file copied from a Latin-1 system (b'run\\xff') made /ui/api/runs, /info and /adapters answer
+    500 UnicodeEncodeError: every other run and dataset hidden. Now it is left out, said once in the log."""
+    bad_run = Path(os.fsdecode(bytes(ui[1] / "runs") + b"/latin\xff"))
+    (bad_run / "adapter").mkdir(parents=True)
+    (bad_run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (bad_run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    bad_data = Path(os.fsdecode(bytes(ui[1] / "data") + b"/caf\xe9.jsonl"))
+    bad_data.write_text("")
+    fake_run(ui[1], "fine")
+    try:
+        for _ in range(2):  # the log says it once
+            runs, info, adapters = (call(ui, "GET", f"/ui/api/{p}") for p in ("runs", "info", "adapters"))
+            assert [r.status_code for r in (runs, info, adapters)] == [200, 200, 200]
+            assert "fine" in [run["name"] for run in runs.json()["runs"]]
+            assert "add.jsonl" in info.json()["datasets"] and "fine/adapter" in adapters.json()["available"]
+            assert not any("\ufffd" in r.text or "latin" in r.text or "caf" in r.text for r in (runs, info, adapters))
+        log = capfd.readouterr().err
+        assert log.count("ui: runs: b'") == 1 and "latin\\xff' is left out: its name is not UTF-8; rename it" in log
+        assert log.count("ui: datasets: b'caf\\xe9.jsonl' is left out") == 1
+    finally:
+        shutil.rmtree(bad_run)
+        bad_data.unlink()
+
 def test_a_stream_with_a_budget_pauses_at_its_offset_and_goes_on_from_there(ui):
     """The page shares a few connections among its ticked runs: a stream asked for a budget closes after it with a
     `pause` event at the offset it reached; from there the next slice reads on, nothing lost or repeated."""
