@@ -271,6 +271,7 @@ class Residency:
         self._stacks: dict[LoraLinear, Stack] = {}
         self._allowed = {expand_user(p).resolve() for p in allowed}
         self.adapters_dir = adapters_dir
+        self.unloaded: set[str] = set()  # names DELETE /v1/adapters took out: not found in adapters_dir again
         # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
@@ -291,6 +292,10 @@ class Residency:
         if entry is not None:
             return entry
         entry = self.broken.get(name)
+        if entry is None and self.adapters_dir is not None and NAME_RE.fullmatch(name) and name not in self.unloaded:
+            entry = self._register_found(self.adapters_dir / name)  # a folder added since the server started
+            if entry is not None and entry.name in self.adapters:
+                return entry
         if entry is None:
             raise UnknownAdapter(f"model {shown(name)} does not exist; available: "
                                  f"{_listed([self.base_name, *self.adapters])}")
@@ -327,6 +332,7 @@ class Residency:
         entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}", given=given, discovered=discovered,
                         label=label or self._label(path, resolved))
         self.broken.pop(name, None)  # a new registration replaces a broken one
+        self.unloaded.discard(name)
         self.adapters[name] = entry
         return entry
 
@@ -336,6 +342,7 @@ class Residency:
         if entry is None:
             raise UnknownAdapter(f"adapter {shown(name)} is not loaded; loaded: {_listed(list(self.adapters))}")
         entry.registered = False
+        self.unloaded.add(name)
         return entry
 
     def register_dir(self) -> None:
@@ -347,39 +354,45 @@ class Residency:
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
         for sub in sorted(self.adapters_dir.iterdir()):
-            if not NAME_RE.fullmatch(sub.name) or sub.name in self.adapters \
-                    or sub.name in (self.base_name, *BASE_ALIASES):
-                continue
-            direct, run = (sub / CONFIG_NAME).is_file(), (sub / RUN_ADAPTER / CONFIG_NAME).is_file()
-            if not direct and not run:
-                continue
-            if direct and run:
-                warnings.warn(f"adapters dir {self.adapters_dir}: {sub.name!r} holds an adapter and so does "
-                              f"{sub.name}/{RUN_ADAPTER}; serving {sub.name!r} itself under that name (load the "
-                              f"other with POST /v1/adapters, path {sub.name}/{RUN_ADAPTER})", stacklevel=2)
-            folder, label = (sub, sub.name) if direct else (sub / RUN_ADAPTER, f"{sub.name}/{RUN_ADAPTER}")
-            try:
-                real = folder.resolve()
-            except (OSError, RuntimeError) as e:  # a symlink loop
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=2)
-                continue
-            if not real.is_relative_to(self.adapters_dir):
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: it is a symlink to {real}, "
-                              f"outside the adapters dir (only adapters inside it are served); move or copy the "
-                              f"adapter into {self.adapters_dir} to serve it", stacklevel=2)
-                continue
-            try:
-                entry = self.register(sub.name, folder, label=label, discovered=True)
-            except ServeError as e:  # changed since the listing
-                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=2)
-                continue
-            stamp = _stamp(entry)
-            try:
-                self.precheck(entry)
-            except BrokenAdapter as e:
-                self._mark_broken(entry, str(e), stamp)
-                warnings.warn(f"adapters dir {self.adapters_dir}: not serving {sub.name!r}: {e} (requests naming it "
-                              f"get this answer until its files change)", stacklevel=2)
+            self._register_found(sub)
+
+    def _register_found(self, sub: Path) -> Adapter | None:
+        """register_dir's work for one folder of adapters_dir: its adapter registered (or kept out as broken, with
+        a warning), or None where it holds none or is not to be served."""
+        if not NAME_RE.fullmatch(sub.name) or sub.name in self.adapters or sub.name in (self.base_name,
+                                                                                         *BASE_ALIASES):
+            return None
+        direct, run = (sub / CONFIG_NAME).is_file(), (sub / RUN_ADAPTER / CONFIG_NAME).is_file()
+        if not direct and not run:
+            return None
+        if direct and run:
+            warnings.warn(f"adapters dir {self.adapters_dir}: {sub.name!r} holds an adapter and so does "
+                          f"{sub.name}/{RUN_ADAPTER}; serving {sub.name!r} itself under that name (load the "
+                          f"other with POST /v1/adapters, path {sub.name}/{RUN_ADAPTER})", stacklevel=3)
+        folder, label = (sub, sub.name) if direct else (sub / RUN_ADAPTER, f"{sub.name}/{RUN_ADAPTER}")
+        try:
+            real = folder.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=3)
+            return None
+        if not real.is_relative_to(self.adapters_dir):
+            warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: it is a symlink to {real}, "
+                          f"outside the adapters dir (only adapters inside it are served); move or copy the "
+                          f"adapter into {self.adapters_dir} to serve it", stacklevel=3)
+            return None
+        try:
+            entry = self.register(sub.name, folder, label=label, discovered=True)
+        except ServeError as e:  # changed since the listing
+            warnings.warn(f"adapters dir {self.adapters_dir}: skipping {label!r}: {e}", stacklevel=3)
+            return None
+        stamp = _stamp(entry)
+        try:
+            self.precheck(entry)
+        except BrokenAdapter as e:
+            self._mark_broken(entry, str(e), stamp)
+            warnings.warn(f"adapters dir {self.adapters_dir}: not serving {sub.name!r}: {e} (requests naming it "
+                          f"get this answer until its files change)", stacklevel=3)
+        return entry
 
     def resolve(self, path: str | Path, label: str | None = None) -> tuple[Path, Path]:
         """(the real adapter directory, the path made absolute): refused unless it is a start path or inside

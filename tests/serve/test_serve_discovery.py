@@ -151,3 +151,36 @@ def test_a_path_not_given_at_start_is_refused_with_how_to_allow_it(tiny_base, to
             assert {m["id"] for m in http(url, "GET", "/v1/models").json()["data"]} == {"tiny", "dates"}
     finally:
         engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the folder's odd entries: checked above
+def test_a_folder_added_after_start_is_served_by_name_and_an_unloaded_one_stays_unloaded(tiny_base, tokenizer, runs,
+                                                                                         tmp_path):
+    """`--adapters-dir`: "loaded by name on first use". A folder copied in while the server ran got 404 until it
+    was POSTed; now a request naming it finds it, with the same checks as at start. DELETE /v1/adapters keeps a
+    name out although its folder is still there."""
+    folder = tmp_path / "dir"
+    shutil.copytree(runs / "dates", folder / "dates")
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    try:
+        prompt = tokenizer("The quick brown fox")["input_ids"]
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            kw = dict(prompt="The quick brown fox", max_tokens=8, temperature=0, ignore_eos=True)
+            assert http(url, "POST", "/v1/completions", json={"model": "late", **kw}).status_code == 404
+            shutil.copytree(runs / "sums", folder / "late")  # a run copied in while serving
+            shutil.copytree(runs / "broken", folder / "late-broken")
+            r = http(url, "POST", "/v1/completions", json={"model": "late", **kw})
+            assert r.status_code == 200, r.text
+            assert engine.generate(prompt, "late", GREEDY).token_ids == \
+                reference(tiny_base, runs / "sums" / "adapter", prompt, GREEDY.max_tokens)
+            assert "late" in {m["id"] for m in http(url, "GET", "/v1/models").json()["data"]}
+            r = http(url, "POST", "/v1/completions", json={"model": "late-broken", **kw})
+            assert r.status_code == 400 and "r: must be a positive integer" in r.json()["error"]["message"]
+            assert http(url, "DELETE", "/v1/adapters/dates").status_code == 200
+            r = http(url, "POST", "/v1/completions", json={"model": "dates", **kw})
+            assert r.status_code == 404 and r.json()["error"]["message"].startswith('model "dates" does not exist')
+            r = http(url, "POST", "/v1/adapters", json={"name": "dates", "path": "dates/adapter"})
+            assert r.status_code == 200, r.text
+            assert http(url, "POST", "/v1/completions", json={"model": "dates", **kw}).status_code == 200
+    finally:
+        engine.stop()
