@@ -532,7 +532,8 @@ class TrainingConfig:
     seed train the same adapter."""
     init_adapter: str | None = None
     """Start from this adapter directory (ours or PEFT's LoRA: rsLoRA, DoRA, rank/alpha patterns) instead of a fresh
-    adapter; its adapter_config.json gives the lora: settings (a lora: field set to another value is an error).
+    adapter; its adapter_config.json gives the lora: settings (a lora: field written with another value, even the
+    default, is an error).
     Only the weights carry over: the optimizer starts fresh (loraforge.training.continual)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision of matmuls (autocast); trainable weights stay fp32 master weights. auto, from what the
@@ -714,7 +715,16 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     except ConfigError as e:
         raise ConfigError(e.problems + problems) from None
     validate(problems)
+    lora = data.get("lora")
+    object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
+
+
+def lora_written(cfg: TrainConfig) -> frozenset[str] | None:
+    """The lora: fields the user wrote (in the YAML or as lora.* overrides), whatever their values, for a config
+    load_train_config read; None for one built in code or by dataclasses.replace, where a field set to its default
+    cannot be told from one left out."""
+    return getattr(cfg, "_lora_written", None)
 
 
 def adalora_lora_problems(lora: LoraConfig) -> list[str]:

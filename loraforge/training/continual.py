@@ -2,10 +2,10 @@
 weights as the starting point.
 
 The adapter's adapter_config.json decides the adapter (r, lora_alpha, target_modules, use_rslora, use_dora,
-rank_pattern, alpha_pattern, ...), whether we or PEFT wrote it. A `lora:` field the user set to a value other than
-its default and other than the adapter's is a conflict, reported by name before any model work (a field written
-with its default value, e.g. `lora: {r: 8}` on an r=4 adapter, cannot be told from one left out: the adapter's
-value is used without a word). Only the weights
+rank_pattern, alpha_pattern, ...), whether we or PEFT wrote it. A `lora:` field the user wrote (in the YAML or as
+an override, whatever its value: `lora.r=8` on an r=4 adapter too) other than the adapter's is a conflict, reported
+by name before any model work. For a config built in code, where a field set to its default cannot be told from one
+left out, only values other than the default are checked. Only the weights
 carry over: the optimizer and the learning-rate schedule start fresh (an adapter directory holds no optimizer
 state), as PEFT's `PeftModel.from_pretrained(..., is_trainable=True)` followed by a new optimizer does.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from loraforge.config import ConfigError, LoraConfig, TrainConfig
+from loraforge.config import ConfigError, LoraConfig, TrainConfig, lora_written
 from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
 from loraforge.utils.files import atomic_dir
 
@@ -88,10 +88,11 @@ def init_adapter_config(cfg: TrainConfig, source: Path | None = None) -> LoraCon
     if cfg.method == "dora" and not config.use_dora:
         problems.append(f"method: dora conflicts with training.init_adapter ({source} has use_dora false); "
                         f"use method lora")
-    default = LoraConfig()
+    default, written = LoraConfig(), lora_written(cfg)
     for f in dataclasses.fields(LoraConfig):
         ours, theirs = getattr(cfg.lora, f.name), getattr(config, f.name)
-        if f.name in INFORMATIONAL or _same(ours, getattr(default, f.name)) or _same(ours, theirs):
+        left_out = f.name not in written if written is not None else _same(ours, getattr(default, f.name))
+        if f.name in INFORMATIONAL or left_out or _same(ours, theirs):
             continue
         problems.append(f"lora.{f.name}: {ours!r} here, {theirs!r} in {source}; the adapter's settings are used "
                         f"when training on from it: remove lora.{f.name}, or leave out training.init_adapter to "

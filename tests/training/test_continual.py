@@ -134,11 +134,19 @@ def test_conflicts_are_one_line_each(tiny_dir, data_file, tmp_path):
     with pytest.raises(ConfigError) as e:
         train(config(tiny_dir, data_file, out, start, "lora.r=16", "lora.use_rslora=false", "method=dora"))
     source = f"{start}/adapter_config.json"
+    fix = "the adapter's settings are used when training on from it: remove lora.{}, or leave out " \
+          "training.init_adapter to start a fresh adapter"
     assert e.value.problems == [
         f"method: dora conflicts with training.init_adapter ({source} has use_dora false); use method lora",
-        f"lora.r: 16 here, 4 in {source}; the adapter's settings are used when training on from it: remove "
-        f"lora.r, or leave out training.init_adapter to start a fresh adapter",
+        f"lora.r: 16 here, 4 in {source}; {fix.format('r')}",
+        f"lora.use_rslora: False here, True in {source}; {fix.format('use_rslora')}",
     ]
+    # a field written with its default value is the user's choice too: it was used without a word (r=4 trained)
+    with pytest.raises(ConfigError) as e:
+        train(config(tiny_dir, data_file, out, start, "lora.r=8", "lora.lora_alpha=16"))
+    alpha = json.loads((start / "adapter_config.json").read_text())["lora_alpha"]
+    assert e.value.problems == [f"lora.r: 8 here, 4 in {source}; {fix.format('r')}",
+                                f"lora.lora_alpha: 16.0 here, {float(alpha)!r} in {source}; {fix.format('lora_alpha')}"]
     assert not out.exists()  # refused before any work
     # a lora: field equal to the adapter's is no conflict, nor is a field left at its default
     cfg = config(tiny_dir, data_file, out, start, "lora.r=4", "lora.use_rslora=true")
