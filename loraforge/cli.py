@@ -14,7 +14,9 @@ import contextlib
 import inspect
 import os
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
@@ -464,12 +466,35 @@ def parse_args(argv: list[str] | None = None) -> dict:
     return vars(args)
 
 
+_INTERRUPTED: list[int] = []  # the Ctrl-Cs that reached _interrupt
+
+
+def _interrupt(signum, frame):
+    """Python's own Ctrl-C (KeyboardInterrupt), remembered: one that lands inside an import (torch, numpy) can leave
+    a half-initialised module whose next use fails with another error (a 900-line RecursionError from numpy)."""
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    _INTERRUPTED.clear()
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
+        signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return run_command(argv)
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # what an interrupted import left behind: the Ctrl-C is the cause, not this error
+        if not _INTERRUPTED:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def one_line_warnings() -> None:

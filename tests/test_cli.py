@@ -430,6 +430,25 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     assert main(["train", str(config)]) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
+    def interrupted_import(*args, **kwargs):  # Ctrl-C inside an import: the half-made module fails later
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise RecursionError("maximum recursion depth exceeded")  # numpy's __getattr__, 900 lines deep
+
+    monkeypatch.setattr(loop, "train", interrupted_import)
+    assert main(["train", str(config)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+    def broken(*args, **kwargs):  # the same error without a Ctrl-C is a bug to show, not an interruption
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(loop, "train", broken)
+    with pytest.raises(RecursionError):
+        main(["train", str(config)])
+
     import loraforge.training.distributed as distributed  # a second Ctrl-C during the clean-up: no traceback
     monkeypatch.setattr(loop, "train", stopped)
     monkeypatch.setattr(distributed, "leave_processes", ctrl_c)
