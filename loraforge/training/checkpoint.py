@@ -221,6 +221,35 @@ def schedule_changes(state: dict, now: dict, total_steps: int) -> list[str]:
     return changed
 
 
+# What may differ on --resume without changing what trains: how often the run evaluates, saves and logs, where it
+# reports, which kernels run the same math, and the settings checked on their own (the learning-rate schedule and
+# step count: schedule_changes; the global batch: global_batch_change). Any other setting must be as the run started.
+RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_checkpoints", "training.log_every",
+               "training.report_to", "training.attention", "training.compile", "training.fused_blocks",
+               "training.fused_lora", "training.share_prefix", "training.gradient_checkpointing",
+               "training.distributed", "training.collective_timeout", "training.init_adapter", "data.eval",
+               "lora.base_model_name_or_path", "training.epochs", "training.max_steps", "training.batch_size",
+               "training.batch_tokens", "training.gradient_accumulation", *SCHEDULE_FIELDS}
+# Allowed with a warning: a model folder that moved, and another precision (a run resumed on another machine).
+RESUME_WARNED = ("model.name", "model.dtype", "training.precision")
+RESUME_SECTIONS = ("model", "method", "lora", "adalora", "data", "training")
+
+
+def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, warned): `key: saved -> now` for the settings a checkpoint's config (`saved`, to_dict) and this
+    run's (`now`) disagree on, past RESUME_FREE. A resumed run continues the checkpoint's adapter, optimizer and place
+    in the data: another lora_alpha would save a scale the weights were not trained with, another seed or dataset
+    would repeat or skip examples of the epoch. A setting the checkpoint's config lacks (written by an older version)
+    is not compared; adalora's settings are (an empty section means PEFT's defaults)."""
+    before = {k: v for s in RESUME_SECTIONS for k, v in flat(saved.get(s), f"{s}.").items()}
+    after = {k: v for s in RESUME_SECTIONS for k, v in flat(now.get(s), f"{s}.").items()}
+    keys = [k for k in after if k in before or k.startswith("adalora.")]
+    keys += [k for k in before if k not in after and k.startswith("adalora.")]
+    changed = [(k, f"{k}: {before.get(k)!r} -> {after.get(k)!r}") for k in keys
+               if k not in RESUME_FREE and before.get(k) != after.get(k)]
+    return ([c for k, c in changed if k not in RESUME_WARNED], [c for k, c in changed if k in RESUME_WARNED])
+
+
 def global_batch(cfg: TrainConfig, world: int) -> dict:
     """What a step's place in the data depends on, recorded in every checkpoint: the processes and each one's share
     of a step (gradient_accumulation micro-batches of batch_size examples, or of up to batch_tokens tokens)."""
@@ -291,7 +320,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
               if n in params and w.shape != params[n].shape]  # copy_ would broadcast [1, k] into [r, k]
     if missing or set(weights) - set(params) or shapes:
         changed = config_changes(meta.get("config") or {}, config) if config is not None else []
-        why = f"missing {missing[:3]}" if missing or set(weights) - set(params) else shapes[0]
+        extra = sorted(set(weights) - set(params))
+        why = f"missing {missing[:3]}" if missing else f"not in this model {extra[:3]}" if extra else shapes[0]
         raise TrainingError(f"checkpoint {path} does not match this model/config ({why}"
                             + (f"; changed since it was written: {', '.join(changed)}" if changed else "")
                             + "); resume with the config the run was started with")

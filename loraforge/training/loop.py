@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, save_checkpoint, schedule_changes)
+                                           last_checkpoint, load_checkpoint, resume_changes, save_checkpoint,
+                                           schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
@@ -514,6 +516,16 @@ def restore(run: Run) -> None:
                             f"(training.init_adapter={run.out / 'adapter'})")
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
+    # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely
+    refused, warned = resume_changes(state.get("config") or {}, to_dict(run.cfg))
+    if refused:
+        raise TrainingError(f"--resume: {found.name} was written with other settings ({'; '.join(refused)}); a "
+                            f"resumed run trains on the adapter, optimizer and place in the data it saved, so put "
+                            f"them back as they were; to train with new ones, start a new run (training.init_adapter "
+                            f"starts it from an adapter)")
+    if warned and run.is_main:
+        warnings.warn(f"--resume: changed since {found.name} was written: {'; '.join(warned)}; resuming with the "
+                      f"new setting (the steps from here on follow it)", stacklevel=2)
     if run.is_main:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)

@@ -4,6 +4,7 @@ Each case uses real files and, where the CLI decides what the user sees, a real 
 exit code 2, no traceback. Training is fp32 on the tiny model (conftest.tiny_dir), a few steps.
 """
 
+import json
 import os
 import signal
 import re
@@ -269,8 +270,6 @@ def test_metrics_are_strict_json_with_nonfinite_values_as_null(tmp_path):
 
 def test_study_reports_are_strict_json_through_nested_rows(tmp_path):
     """forgetting.json and continual.json: a perplexity past exp(709) is inf; written as null, not `Infinity`."""
-    import json
-
     from loraforge.training.report import strict_json
 
     report = {"rows": [{"ppl": float("inf"), "kl": float("nan"), "acc": 0.5, "out": tmp_path}], "pair": (1.0, -1e999)}
@@ -681,3 +680,44 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
                             f"run continues its optimizer and learning-rate schedule, so put them back as they were; "
                             f"to train on with new ones, start a new run from the finished adapter "
                             f"(training.init_adapter={interrupted / 'adapter'})")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("lora.lora_alpha", 4.0),  # the saved scale would not be the one the weights were trained with
+    ("training.seed", 5),  # another order of the epoch: examples repeated or skipped
+    ("data.max_seq_len", 48),
+    ("training.max_grad_norm", 0.1),
+])
+def test_resume_with_another_setting_that_changes_the_result_is_refused(tiny_dir, data_file, interrupted, key, value):
+    """Only the schedule was compared: another lora_alpha, seed, dataset or clipping resumed without a word and
+    ended elsewhere than the run would have (a lora_alpha saved over weights trained with another)."""
+    saved = json.loads((interrupted / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())["config"]
+    section, field = key.split(".")
+    assert saved[section][field] != value
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, [*run_args(tiny_dir, data_file, interrupted), f"{key}={value}"]), resume=True,
+              progress=False)
+    assert str(e.value) == (f"--resume: step-0000002 was written with other settings ({key}: "
+                            f"{saved[section][field]!r} -> {value!r}); a resumed run trains on the adapter, optimizer "
+                            f"and place in the data it saved, so put them back as they were; to train with new ones, "
+                            f"start a new run (training.init_adapter starts it from an adapter)")
+    assert not (interrupted / "adapter").exists()
+
+
+def test_resume_with_settings_that_only_change_speed_or_reporting_ends_with_the_uninterrupted_adapter(
+        tiny_dir, data_file, interrupted, tmp_path):
+    """How often it evaluates, saves and logs and which kernels run the same math may change on --resume; a moved
+    model folder is resumed with a warning naming it."""
+    moved = Path(shutil.copytree(tiny_dir, tmp_path / "moved"))
+    args = [*run_args(tiny_dir, data_file, interrupted)]
+    args = [a.replace(str(tiny_dir), str(moved)) for a in args] + [
+        "training.log_every=2", "training.keep_checkpoints=5", "training.fused_lora=false",
+        "training.gradient_checkpointing=true"]
+    with pytest.warns(UserWarning, match=re.escape(f"--resume: changed since step-0000002 was written: model.name: "
+                                                   f"{str(tiny_dir)!r} -> {str(moved)!r}; resuming with the new")):
+        train(load_train_config(None, args), resume=True, progress=False)
+    straight = tmp_path / "straight"
+    train(load_train_config(None, run_args(tiny_dir, data_file, straight)), progress=False)
+    ours, theirs = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (interrupted, straight))
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
