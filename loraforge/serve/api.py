@@ -4,7 +4,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not
 POST /v1/adapters {"name", "path"}, DELETE /v1/adapters/{name}, GET /health (GET and HEAD on both GETs). The
 request's `model` names an adapter or the base model. Errors use OpenAI's shape {"error": {"message", "type",
 "code"}}: malformed JSON or bad parameters 400, wrong API key 401, unknown model 404 (naming the available ones),
-body too large 413, queue full 429. With an API key, /v1/* and the API docs (/docs, /redoc, /openapi.json) need it.
+body too large 413, queue full 429, the server stopping 503. With an API key, /v1/* and the API docs (/docs, /redoc,
+/openapi.json) need it.
 
 What a client cannot do to the others: a prompt whose text cannot fit the context (more characters than the context
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
@@ -28,6 +29,7 @@ import threading
 import time
 import uuid
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve.engine import Engine
-from loraforge.serve.errors import PromptTooLong, ServeError
+from loraforge.serve.errors import PromptTooLong, ServeError, shown
 from loraforge.serve.guard import RequestGuard
 from loraforge.serve.request import Event
 from loraforge.serve.sampling import SamplingParams
@@ -54,9 +56,12 @@ KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn'
 log = logging.getLogger("loraforge.serve")
 
 
+def _kind(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+    return JSONResponse({"error": {"message": message, "type": _kind(status), "param": None, "code": code}},
                         status_code=status)
 
 
@@ -88,18 +93,28 @@ def chat_chars(messages: list[ChatMessage]) -> int:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every 4xx and 5xx answers OpenAI's JSON error shape, unexpected errors included (never plain text)."""
+    """Every 4xx and 5xx answers OpenAI's JSON error shape, unexpected errors included (never plain text), and says
+    what to fix: FastAPI's own words for a body it could not read ("There was an error parsing the body", "body:
+    Input should be a valid dictionary") do not."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "the request body is not valid JSON", "invalid_json")
-        shown = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
-        return _error(400, f"invalid request: {shown}", "invalid_request")
+        if isinstance(exc.body, bytes):  # FastAPI reads a body as JSON only under a JSON Content-Type
+            given = request.headers.get("content-type")
+            sent = f"Content-Type {shown(given)} is not JSON" if given else "no Content-Type was sent"
+            return _error(400, f"{sent}; send Content-Type: application/json", "invalid_content_type")
+        listed = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
+        return _error(400, f"invalid request: {listed}", "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, UnicodeError):  # FastAPI's "error parsing the body" over bytes json cannot read
+            return _error(400, "the request body is not valid UTF-8 JSON", "invalid_json")
+        if isinstance(exc.__cause__, RecursionError):  # the same over arrays or objects nested thousands deep
+            return _error(400, "the request body's JSON is nested too deeply to read", "invalid_json")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(ServeError)
@@ -120,6 +135,8 @@ def add_auth(app: FastAPI, api_key: str | None) -> None:
 
 
 SHUTDOWN_GRACE_S = 3  # Ctrl-C / SIGTERM: open streams (event streams, generations) are cut after this many seconds
+SHUTDOWN_MARGIN_S = 2  # then uvicorn cancels the handlers still open: time for the cut ones to answer
+SHUTTING_DOWN = "the server is shutting down; retry the request"
 
 
 def key_ok(header: str, api_key: str) -> bool:
@@ -211,6 +228,17 @@ class _Generation:
             await asyncio.sleep(DISCONNECT_POLL_S)
         self.engine.abort(self.req)
 
+    @staticmethod
+    def failure(ev: Event) -> tuple[int, str, str] | None:
+        """(status, message, code) of a final event that is no answer, else None; streamed or not, the same. An
+        abort reaches a client only when the server stops (one that left reads nothing): 503, which clients retry.
+        A 4xx (its adapter cannot be served) reads as the refusal it is, not as a failed generation."""
+        if ev.error:
+            return ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}", "generation_error"
+        if ev.finish_reason == "abort":
+            return 503, SHUTTING_DOWN, "shutting_down"
+        return None
+
     async def whole(self):
         watcher = asyncio.create_task(self._abort_on_disconnect())
         parts = []
@@ -220,13 +248,15 @@ class _Generation:
                 parts.append(ev.text)
                 if ev.finish_reason is not None:
                     break
+        except asyncio.CancelledError:  # uvicorn's stop cancels what the engine's stop did not end in time
+            return _error(503, SHUTTING_DOWN, "shutting_down")  # not a plain-text 500
         finally:
             watcher.cancel()
             if not self.req.finished:
                 self.engine.abort(self.req)  # the handler itself was cancelled
-        if ev.error:
-            return _error(ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}",
-                          "generation_error")
+        failed = self.failure(ev)
+        if failed is not None:
+            return _error(*failed)
         text = "".join(parts)
         choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
@@ -253,9 +283,10 @@ class _Generation:
                 yield self._chunk(None, None, first=True)
             while True:
                 ev = await self.events.get()
-                if ev.error:
-                    err = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                     "param": None, "code": "generation_error"}}
+                failed = self.failure(ev)
+                if failed is not None:  # the 200 has gone: the error is the stream's last event
+                    status, message, code = failed
+                    err = {"error": {"message": message, "type": _kind(status), "param": None, "code": code}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 if ev.text:
@@ -317,6 +348,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     max_chars = engine.context_length * per_token
     if max_body_bytes is None:
         max_body_bytes = BODY_OVERHEAD + BODY_BYTES_PER_CHAR * max_chars
+    app.state.cut = lambda: engine.stop(timeout=0)  # what run_until_signal ends the open requests with
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes,  # inside the auth: a request without the key is not read
                        why=f"room for a prompt of the model's {engine.context_length}-token context")
@@ -404,14 +436,30 @@ def check_port(host: str, port: int) -> None:
                          f"choose another with --port)") from None
 
 
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's server that, SHUTDOWN_GRACE_S after it begins to stop, calls `cut` (create_app's: the engine
+    stops, every request still open gets its abort), so each handler answers (a JSON 503; a stream, its error
+    event and [DONE]) before uvicorn cancels what is left. Cancelled waiting, a non-streamed request answered a
+    plain-text 500: its handler never woke, the engine stopping only once uvicorn had returned."""
+
+    def __init__(self, config: uvicorn.Config, cut=None):
+        super().__init__(config)
+        self.cut = cut
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.cut is not None:  # not called if every connection closes first: the loop ends before it
+            asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self.cut)
+        await super().shutdown(sockets)
+
+
 def run_until_signal(app, host: str, port: int, log_level: str) -> None:
     """Serve `app` with uvicorn until Ctrl-C or SIGTERM, then let the signal through: Ctrl-C raises KeyboardInterrupt
     (the CLI exits 130), SIGTERM ends the process as SIGTERM does (143). uvicorn.run would swallow the Ctrl-C, so a
-    stopped server exited 0. Open streams are cut after SHUTDOWN_GRACE_S. ServeError when it cannot listen."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    stopped server exited 0. Open requests are cut after SHUTDOWN_GRACE_S (create_app's `app.state.cut`): a
+    non-streamed one answers a JSON 503, a stream ends with an error event. ServeError when it cannot listen."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
+    server = _GracefulServer(config, cut=getattr(getattr(app, "state", None), "cut", None))
     try:
         server.run()  # re-raises a signal it caught: Ctrl-C ends in KeyboardInterrupt, SIGTERM ends the process
     except SystemExit:  # uvicorn exits when it cannot listen
@@ -431,8 +479,6 @@ class ServerThread:
     """Run an app with uvicorn in a background thread (tests, benchmarks): `with ServerThread(app) as url: ...`."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                                     timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, name="loraforge-http", daemon=True)

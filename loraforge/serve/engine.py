@@ -36,7 +36,7 @@ from loraforge.lora.inject import lora_layers
 from loraforge.models import context_length
 from loraforge.serve.batch import Batch
 from loraforge.serve.detokenize import TextStream
-from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError
+from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError, ShuttingDown
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
@@ -153,7 +153,7 @@ class Engine:
         gen = generator(params)
         with self._cv:
             if self._stopping:
-                raise ServeError("the engine is shutting down")
+                raise ShuttingDown("the engine is shutting down")
             entry = self._residency.lookup(adapter)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
@@ -191,7 +191,7 @@ class Engine:
         fut: Future = Future()
         with self._cv:
             if self._stopping:
-                raise ServeError("the engine is shutting down")
+                raise ShuttingDown("the engine is shutting down")
             self._commands.append((fn, fut))
             self._cv.notify_all()
         return fut
@@ -229,7 +229,9 @@ class Engine:
             self._cv.notify_all()  # the loop evicts it once idle
 
     def stop(self, timeout: float | None = 10) -> None:
-        """Finish nothing more: pending requests get an "abort" event, adapters leave the model, the thread exits."""
+        """Finish nothing more: pending requests get an "abort" event, adapters leave the model, the thread exits.
+        Waits up to `timeout` seconds for that; 0 returns at once (the HTTP server's stop calls it from its event
+        loop, which must go on to deliver the abort events)."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()

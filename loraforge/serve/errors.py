@@ -27,6 +27,12 @@ class PromptTooLong(ServeError):
     status = 400
 
 
+class ShuttingDown(ServeError):
+    """The engine has stopped taking work (the server is stopping): a 503, which clients retry."""
+
+    status = 503
+
+
 class BrokenAdapter(ServeError, AdapterError):
     """An adapter whose files cannot be served (bad config, missing or unreadable weights, another base's shapes,
     a file outside the adapters directory); the message names the adapter, never a server path."""

@@ -73,9 +73,10 @@ class _Params(BaseModel):
     n: int = 1
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
 
-    @field_validator("temperature", "top_p", "top_k", "stream", "n", "ignore_eos", mode="before")
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "stream", "n", "ignore_eos", mode="before")
     @classmethod
     def _null_is_the_default(cls, value, info):  # OpenAI's API documents these as nullable; clients send null
+        # the class's own default: max_tokens null is 16 on a completion (as omitted), the engine's on a chat
         return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stop")

@@ -261,6 +261,32 @@ def test_lone_surrogates_and_nul_characters_are_400(server, path, body, message)
     assert ok.status_code == 200, ok.text  # a NUL in a prompt is text the tokenizer encodes: accepted
 
 
+def test_a_body_not_read_as_json_says_why(server):
+    """Hunt: bytes that are not UTF-8 got FastAPI's "There was an error parsing the body" (code null), and a JSON
+    body sent as text/plain (or with no Content-Type) "body: Input should be a valid dictionary..."; now each is one
+    line saying what to fix."""
+    json_type = {"Content-Type": "application/json"}
+    for raw in (b'{"model": "a", "prompt": "caf\xe9"}', b'{"model": "a", "prompt": "\xff\xfe"}'):
+        r = http(server, "POST", "/v1/completions", content=raw, headers=json_type)
+        assert (r.status_code, r.json()["error"]["message"], r.json()["error"]["code"]) == \
+            (400, "the request body is not valid UTF-8 JSON", "invalid_json"), r.text
+    r = http(server, "POST", "/v1/completions", content=b"[" * 100_000, headers=json_type)
+    assert (r.status_code, r.json()["error"]["message"]) == \
+        (400, "the request body's JSON is nested too deeply to read")
+    body = json.dumps({"model": "a", "prompt": PROMPT, "max_tokens": 2}).encode()
+    for given, said in (("text/plain", 'Content-Type "text/plain" is not JSON'),
+                        ("application/x-www-form-urlencoded",
+                         'Content-Type "application/x-www-form-urlencoded" is not JSON'),
+                        (None, "no Content-Type was sent")):
+        r = http(server, "POST", "/v1/completions", content=body, headers={"Content-Type": given} if given else {})
+        assert (r.status_code, r.json()["error"]["message"], r.json()["error"]["code"]) == \
+            (400, f"{said}; send Content-Type: application/json", "invalid_content_type"), r.text
+    for given in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        assert http(server, "POST", "/v1/completions", content=body, headers={"Content-Type": given}).status_code == 200
+    r = http(server, "POST", "/v1/completions", content=b"[]", headers=json_type)  # JSON, not an object: as before
+    assert r.json()["error"]["message"].startswith("invalid request: body: Input should be a valid dictionary")
+
+
 def test_error_bodies_are_short_and_json_styled(server):
     """A rejected value came back whole, as a Python repr (a 900 KB body for 9 stop strings of 100 KB, a 70 KB 404
     for a long name); now values are shown as JSON cut to 200 characters, and stop strings are bounded (8, each
@@ -380,6 +406,29 @@ def test_broken_adapters_in_the_directory_are_400s(broken_server, tokenizer):
     link = http(server, "POST", "/v1/completions", json={"model": "link_in", **kw})
     assert link.json()["choices"][0]["text"] == http(server, "POST", "/v1/completions",
                                                      json={"model": "a", **kw}).json()["choices"][0]["text"]
+
+
+def test_an_adapter_that_fails_to_load_is_the_same_error_streamed(broken_server):
+    """Hunt: an adapter that passed the cheap checks but failed to load answered a non-streamed request 400
+    invalid_request_error 'adapter "f" cannot be served: ...', a streamed one a server_error event "generation
+    failed: adapter ...". A stream's 200 has gone when the adapter loads: its error event now carries the same
+    type and message."""
+    engine, url, root, _ = broken_server
+    server = (engine, url)
+    for name in ("late_whole", "late_stream"):  # found by the first request naming them; fail as they load
+        shutil.copytree(root / "notarget", root / name)
+    whole = http(server, "POST", "/v1/completions", json={"model": "late_whole", "prompt": PROMPT, "max_tokens": 2})
+    assert whole.status_code == 400, whole.text
+    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "late_stream", "prompt": PROMPT, "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and len(events) == 2, events
+    error = json.loads(events[0].removeprefix("data: "))["error"]
+    assert error == {**whole.json()["error"], "message": whole.json()["error"]["message"].replace("late_whole",
+                                                                                                   "late_stream")}
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(
+        'adapter "late_stream" cannot be served: late_stream: this adapter does not fit the model')
 
 
 def test_a_broken_adapter_is_not_read_again_until_its_files_change(broken_server, monkeypatch):

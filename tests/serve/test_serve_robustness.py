@@ -9,18 +9,23 @@ greedy text, and greedy requests batched with it must too.
 
 import copy
 import json
+import os
 import queue
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 from loraforge.serve import Engine, SamplingParams, ServeError
-from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.api import SHUTTING_DOWN, ServerThread, create_app
 from loraforge.serve.errors import shown
 from loraforge.serve.sampling import sample
 from test_serve_engine import adapters_dir, collect, prompts, reference  # noqa: F401
@@ -177,6 +182,22 @@ def test_null_for_the_nullable_openai_fields_means_their_default(server):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"], field
     r = post(server, "/v1/completions", {**body, "temperature": None})  # 1.0, sampled with the seed
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_max_tokens_null_means_omitted(server):
+    """Hunt: a completion's max_tokens null gave up to 256 tokens (the engine's default), omitted 16 (OpenAI's
+    default, as documented: nullable). Null is now what omitting it gives; on a chat too, where both mean the
+    engine's default (up to 256, cut to the context)."""
+    body = {"model": "a", "prompt": PROMPT, "temperature": 0, "ignore_eos": True}
+    for extra in ({}, {"max_tokens": None}):
+        r = post(server, "/v1/completions", {**body, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, (extra, r.text)
+    chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "ignore_eos": True}
+    omitted = post(server, "/v1/chat/completions", chat).json()
+    assert omitted["usage"]["completion_tokens"] > 16
+    for extra in ({"max_tokens": None}, {"max_completion_tokens": None}):
+        r = post(server, "/v1/chat/completions", {**chat, **extra})
+        assert r.json()["choices"] == omitted["choices"] and r.json()["usage"] == omitted["usage"], extra
 
 
 def test_many_empty_messages_or_token_ids_are_refused_before_tokenizing(server):
@@ -420,3 +441,80 @@ def test_docs_need_the_key_and_head_answers_like_get(server):
     r = httpx.delete(url + "/v1/adapters/" + name, headers=auth)
     assert r.status_code == 404 and len(r.content) < 1000
     assert r.json()["error"]["message"].startswith(f"adapter {shown(name)} is not loaded; loaded: ")
+
+
+SLOW_SERVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])  # tests/: helpers
+from helpers import tiny_llama
+from loraforge.models import load_tokenizer
+from loraforge.serve import Engine
+from loraforge.serve.api import create_app, run_until_signal
+
+tokenizer = load_tokenizer("smollm2-135m")
+engine = Engine(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=4096), tokenizer, base_name="tiny")
+step, pause = engine._batch.step, float(sys.argv[3])
+engine._batch.step = lambda: (time.sleep(pause), step())[1]
+try:
+    run_until_signal(create_app(engine), "127.0.0.1", int(sys.argv[2]), log_level="info")
+finally:
+    engine.stop()
+"""
+
+
+@pytest.mark.parametrize("pause", [0.05, 8.0])
+def test_sigterm_answers_open_requests_as_json(decode_path, pause):
+    """Hunt: SIGTERM while a non-streamed request decoded gave its client a plain-text 500 and logged a
+    CancelledError traceback (the engine stopped only after uvicorn returned, so the waiting handler never woke and
+    uvicorn cancelled it). Now, SHUTDOWN_GRACE_S after the signal, the engine's stop aborts what is open: the
+    non-streamed request answers a JSON 503 and a stream ends with an error event and [DONE]. With an 8 s step the
+    engine cannot stop in time: uvicorn's cancel (SHUTDOWN_MARGIN_S later) is answered with the same 503."""
+    if decode_path == "forward":
+        pytest.skip("the server's stop is the same on both decode paths")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(Path(__file__).parents[1]), str(port),
+                             str(pause)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+        got = {}
+
+        def whole():
+            got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                got["stream"] = [line for line in r.iter_lines() if line]
+
+        threads = [threading.Thread(target=go) for go in ((whole, stream) if pause < 1 else (whole,))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "Traceback" not in err and "Internal Server Error" not in err, err
+    r = got["whole"]
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"] == {"message": SHUTTING_DOWN, "type": "server_error", "param": None,
+                                 "code": "shutting_down"}
+    if pause < 1:
+        *_, last, done = got["stream"]
+        assert json.loads(last.removeprefix("data: "))["error"] == r.json()["error"] and done == "data: [DONE]"
+
+
+def _answers(url: str, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, proc.communicate()
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
