@@ -721,3 +721,15 @@ def test_resume_with_settings_that_only_change_speed_or_reporting_ends_with_the_
     ours, theirs = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (interrupted, straight))
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
+
+
+def test_resume_with_fewer_target_modules_names_the_weights_not_in_this_model(tiny_dir, data_file, interrupted):
+    """The checkpoint holds weights the model has no place for: it said 'missing []'."""
+    weights = sorted(load_file(interrupted / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+    extra = [n for n in weights if "q_proj" not in n]
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, [*run_args(tiny_dir, data_file, interrupted), "lora.target_modules=[q_proj]"]),
+              resume=True, progress=False)
+    assert str(e.value).startswith(f"checkpoint {interrupted / 'checkpoints' / 'step-0000002'} does not match this "
+                                   f"model/config (not in this model {extra[:3]}; changed since it was written: "
+                                   f"lora.target_modules: ")
