@@ -608,10 +608,12 @@ class TrainingConfig:
             p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
         if self.warmup_steps < 0:
             p.append(f"warmup_steps: must be ≥ 0, got {self.warmup_steps}")
-        elif self.max_steps is not None and self.warmup_steps > self.max_steps > 0:
-            p.append(f"warmup_steps: {self.warmup_steps} is more than max_steps ({self.max_steps}), so the "
-                     f"learning rate would still be rising when training stops; use at most {self.max_steps} "
-                     f"(typically 3-10% of the steps, e.g. {max(1, self.max_steps // 20)})")
+        elif self.max_steps is not None and self.warmup_steps >= self.max_steps > 0:
+            # step k (from 0) runs at lr·(k+1)/(warmup_steps+1) below warmup_steps: the last, max_steps - 1, reaches
+            # the peak only if warmup_steps <= max_steps - 1
+            p.append(f"warmup_steps: {self.warmup_steps} is not less than max_steps ({self.max_steps}), so the "
+                     f"learning rate would still be rising when training stops; use at most {self.max_steps - 1} "
+                     f"(typically 3-10% of the steps, e.g. {min(self.max_steps - 1, max(1, self.max_steps // 20))})")
         if self.weight_decay < 0:
             p.append(f"weight_decay: must be ≥ 0, got {self.weight_decay} (0 for none; e.g. 0.01)")
         if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range
@@ -685,6 +687,9 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
         except ValueError as e:  # PyYAML converts an integer of more than 4,300 digits with int(): Python refuses
             raise ConfigError([f"{path}: a number in it is too long to read ({e})"]) from None
+        except RecursionError:  # PyYAML composes a node per [ or { level, recursively: ~1,000 levels reach the limit
+            raise ConfigError([f"{path}: a value in it is nested too deeply to read (hundreds of [ or {{ levels); "
+                               f"write it with fewer levels of brackets"]) from None
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, data, training)"])
         data = _deep_merge(data, loaded)
@@ -707,6 +712,9 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         except ValueError:  # an integer of more than 4,300 digits (Python's int() limit)
             raise ConfigError([f"override {key}={value[:20]}...: a {len(value)}-character number is too long to "
                                f"read"]) from None
+        except RecursionError:  # PyYAML composes a node per [ or { level, recursively: ~1,000 levels reach the limit
+            raise ConfigError([f"override {key}={value[:20]}...: the value is nested too deeply to read (hundreds "
+                               f"of [ or {{ levels); write it with fewer levels of brackets"]) from None
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
     problems = method_problems(data)

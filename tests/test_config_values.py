@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.config import ConfigError, load_train_config
+from loraforge.training.loop import lr_lambda
 
 DATA = "data.train=train.jsonl"
 ROOT = Path(__file__).parent.parent
@@ -48,12 +49,12 @@ def test_values_that_train_nothing_or_backwards_are_refused():
     assert problems("training.weight_decay=-5") == [
         "training.weight_decay: must be ≥ 0, got -5.0 (0 for none; e.g. 0.01)"]
     assert problems("training.max_steps=3", "training.warmup_steps=999999999") == [
-        "training.warmup_steps: 999999999 is more than max_steps (3), so the learning rate would still be rising "
-        "when training stops; use at most 3 (typically 3-10% of the steps, e.g. 1)"]
-    # a warmup as long as the run still reaches (nearly) the peak: allowed, as are the usual values
-    cfg = load_train_config(None, [DATA, "training.max_steps=3", "training.warmup_steps=3",
+        "training.warmup_steps: 999999999 is not less than max_steps (3), so the learning rate would still be "
+        "rising when training stops; use at most 2 (typically 3-10% of the steps, e.g. 1)"]
+    # a warmup whose last step runs at the peak (max_steps - 1): allowed, as are the usual values
+    cfg = load_train_config(None, [DATA, "training.max_steps=3", "training.warmup_steps=2",
                                    "training.loraplus_lr_ratio=16", "training.weight_decay=0.01"])
-    assert (cfg.training.warmup_steps, cfg.training.loraplus_lr_ratio, cfg.training.weight_decay) == (3, 16.0, 0.01)
+    assert (cfg.training.warmup_steps, cfg.training.loraplus_lr_ratio, cfg.training.weight_decay) == (2, 16.0, 0.01)
 
 
 def test_method_contradicting_the_lora_fields_written():
@@ -130,6 +131,31 @@ def test_numbers_past_floats_range_or_pythons_digit_limit_are_refused_by_field(t
     (tmp_path / "big.yaml").write_text("data: {train: a.jsonl}\ntraining: {max_steps: " + "9" * 5000 + "}\n")
     with pytest.raises(ConfigError, match=r"big.yaml: a number in it is too long to read \(Exceeds the limit"):
         load_train_config(str(tmp_path / "big.yaml"))
+
+
+def test_a_value_nested_too_deeply_is_refused_by_field_not_a_recursion_error(tmp_path):
+    """3,000 [ in an override or a file was a RecursionError traceback from PyYAML (HTTP 500 from the form)."""
+    assert problems("training.batch_size=" + "[" * 3000) == [
+        "override training.batch_size=[[[[[[[[[[[[[[[[[[[[...: the value is nested too deeply to read (hundreds of [ "
+        "or { levels); write it with fewer levels of brackets"]
+    (tmp_path / "deep.yaml").write_text("data: {train: a.jsonl}\ntraining: {batch_size: " + "[" * 3000 + "]" * 3000
+                                        + "}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "deep.yaml"))
+    assert e.value.problems == [f"{tmp_path / 'deep.yaml'}: a value in it is nested too deeply to read (hundreds of "
+                                f"[ or {{ levels); write it with fewer levels of brackets"]
+
+
+@pytest.mark.parametrize("max_steps, bound, example", [(100, 99, 5), (2, 1, 1), (1, 0, 0)])
+def test_warmup_steps_must_leave_the_last_step_at_the_peak_rate(max_steps, bound, example):
+    """Step k (from 0) runs at lr·(k+1)/(warmup_steps+1) below warmup_steps, so warmup_steps = max_steps left the
+    last step below the peak (a hunt's metrics never reached it); max_steps - 1 is the largest that reaches it."""
+    assert problems(f"training.max_steps={max_steps}", f"training.warmup_steps={max_steps}") == [
+        f"training.warmup_steps: {max_steps} is not less than max_steps ({max_steps}), so the learning rate would "
+        f"still be rising when training stops; use at most {bound} (typically 3-10% of the steps, e.g. {example})"]
+    assert load_train_config(None, [DATA, f"training.max_steps={max_steps}", f"training.warmup_steps={bound}"])
+    last = max_steps - 1  # the schedule's factor at the last step: below 1 with the refused value, 1 with the bound
+    assert lr_lambda("constant", max_steps, max_steps)(last) < 1 == lr_lambda("constant", bound, max_steps)(last)
 
 
 def test_training_refuses_an_alpha_that_trains_nothing_or_backwards():

@@ -99,7 +99,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict); AdaLoraConfig has none
     saved = _saved_paths(model, getattr(config, "modules_to_save", None) or ())
     inside = tuple(p + "." for p in saved)
-    found = []
+    matched, found = [], []  # matched: before the layers_to_transform filter
     for path, module in model.named_modules():
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
             continue
@@ -112,12 +112,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 continue
         elif not target_matches(targets, path):
             continue
+        matched.append(path)
         if config.layers_to_transform and not isinstance(targets, str) and path not in targets:
             if layer_index(path, config.layers_pattern) not in config.layers_to_transform:
                 continue
         found.append(path)
     if not isinstance(targets, str) and config.target_modules is not None:
         _refuse_non_linear(model, targets, found)
+    if not found and matched:  # the targets match, the layer selection drops them all: name the layer field
+        _refuse_layer_selection(model, config, matched)
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
@@ -126,6 +129,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ConfigError([f"target_modules: {targets!r}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
     return found
+
+
+def _refuse_layer_selection(model: nn.Module, config, matched: list[str]) -> None:
+    """Targets that match layers which layers_to_transform then drops, every one: a layers_pattern that names no
+    layer list of the model, or indices outside its layers, is refused naming that field and what the model has."""
+    ltt, pattern = list(config.layers_to_transform), config.layers_pattern
+    lists = sorted({m["name"] for p in matched if (m := re.match(r".*?\.(?P<name>[^.]*)\.\d+\.", p))})
+    indices = [i for p in matched if (i := layer_index(p, pattern)) is not None]
+    model_name = type(model).__name__
+    if pattern and not indices:
+        where = f"whose targeted layers sit in {lists}; use layers_pattern: {lists[0]!r}, or" if lists else \
+            "whose targeted layers sit in no numbered list;"
+        raise ConfigError([f"layers_pattern: {pattern!r} names no layer list of this model ({model_name}), {where} "
+                           f"remove layers_pattern"])
+    if indices:
+        under = f" in {pattern!r}" if pattern else (f" in {lists[0]!r}" if len(lists) == 1 else "")
+        raise ConfigError([f"layers_to_transform: {ltt} selects no layer: this model ({model_name}) has layers "
+                           f"0..{max(indices)}{under} (counted from 0; a negative index does not count from the end); "
+                           f"use indices from 0 to {max(indices)}"])
 
 
 def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:

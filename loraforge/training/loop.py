@@ -419,11 +419,11 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     if per_epoch == 0:
         raise TrainingError(too_few_examples(cfg, len(train_examples), n_batches, world))
     total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
-    if t.warmup_steps > total_steps:  # max_steps' own check is the config's; epochs' total is known only here
-        raise ConfigError([f"training.warmup_steps: {t.warmup_steps} is more than the run's {total_steps} steps "
+    if t.warmup_steps >= total_steps:  # max_steps' own check is the config's; epochs' total is known only here
+        raise ConfigError([f"training.warmup_steps: {t.warmup_steps} is not less than the run's {total_steps} steps "
                            f"(training.epochs {t.epochs} × {per_epoch} steps an epoch), so the learning rate would "
-                           f"still be rising when training stops; use at most {total_steps} (typically 3-10% of "
-                           f"the steps, e.g. {max(1, total_steps // 20)})"])
+                           f"still be rising when training stops; use at most {total_steps - 1} (typically 3-10% "
+                           f"of the steps, e.g. {min(total_steps - 1, max(1, total_steps // 20))})"])
     mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
                            sharded=mode == "fsdp", init_source=init_source)

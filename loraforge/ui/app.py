@@ -194,6 +194,9 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
             form = await request.json()
         except ValueError:
             return _error(400, "the request body is not valid JSON", "invalid_json")
+        except RecursionError:  # json parses [ and { recursively: ~1,000 levels reach Python's limit
+            return _error(400, "the request body is nested too deeply (hundreds of [ or { levels); send the form as "
+                               "a JSON object of plain values", "invalid_json")
         if not isinstance(form, dict):
             return _error(400, "send the form as a JSON object", "invalid_request")
         try:

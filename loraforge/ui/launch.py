@@ -29,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from loraforge.config import load_train_config
+from loraforge.config import MAX_RANK, ConfigError, load_train_config
+from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
-                               read_launch)
+                               read_launch, tail)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
@@ -44,17 +45,28 @@ def _scalar(key: str, value):
         return value
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except (yaml.YAMLError, ValueError):  # ValueError: an integer of more than 4,300 digits
+    except (yaml.YAMLError, ValueError, RecursionError):  # an integer of more than 4,300 digits; [ nested 1,000 deep
         load_train_config(None, [f"{key}={value}"])  # the CLI's override parser: raises its message for this value
         raise
     return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
+
+
+def adalora_ranks(r) -> dict:
+    """The adalora: section for the form's r with method adalora: target_r r, init_r the larger of AdaLoRA's
+    default 12 and 1.5 r. r 8 gives PEFT's defaults (init_r 12, target_r 8); a larger r keeps their ratio, each
+    layer starting with half as many ranks again as the average it is pruned to."""
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= MAX_RANK:
+        raise ConfigError([f"adalora.target_r: the form's r is the rank AdaLoRA prunes to with method adalora; use a "
+                           f"whole number from 1 to {MAX_RANK} (e.g. 8), got {r!r}"])
+    return {"init_r": max(AdaLoraConfig.init_r, min(MAX_RANK, r * 3 // 2)), "target_r": r}
 
 
 def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, str]) -> tuple[str, dict]:
     """The run name and the config dict for a form; raises PathError for a name or path outside its folder.
 
     `models` maps the names the page offers to what model.name gets (a directory or built-in name). The method
-    `dora` is LoRA with lora.use_dora, as in the CLI's configs.
+    `dora` is LoRA with lora.use_dora, as in the CLI's configs; with `adalora` the form's r sets adalora.target_r
+    and adalora.init_r (adalora_ranks), not lora.r.
     """
     name = str(form.get("name", ""))
     if not NAME.match(name):
@@ -65,8 +77,10 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     dataset = inside(data_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
     targets = [t.strip() for t in str(form.get("target_modules") or "").split(",") if t.strip()]
-    lora = {"r": _scalar("lora.r", form.get("r", "8")),
-            "lora_alpha": _scalar("lora.lora_alpha", form.get("lora_alpha", "16"))}
+    # AdaLoRA has no use for lora.r (warned about, unused): the form's r sets its ranks instead
+    ranks = {"adalora": adalora_ranks(_scalar("adalora.target_r", form.get("r", "8")))} if method == "adalora" else {}
+    lora = {} if ranks else {"r": _scalar("lora.r", form.get("r", "8"))}
+    lora["lora_alpha"] = _scalar("lora.lora_alpha", form.get("lora_alpha", "16"))
     if targets:
         lora["target_modules"] = targets
     if method == "dora":
@@ -76,7 +90,7 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     for key in ("batch_size", "log_every"):
         if str(form.get(key, "")).strip():
             training[key] = _scalar(f"training.{key}", form[key])
-    config = {"model": {"name": models[model]}, "method": method, "lora": lora,
+    config = {"model": {"name": models[model]}, "method": method, "lora": lora, **ranks,
               "data": {"train": str(dataset)}, "training": training,
               "output_dir": str(inside(runs_dir, name, must_exist=False))}
     return name, config
@@ -94,25 +108,43 @@ class Launcher:
         self.runs_dir = Path(runs_dir).resolve()
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
+        self.starting = threading.Lock()  # one start at a time: a name is checked and taken at once
 
     def start(self, name: str, config: dict) -> dict:
         validate(config)
         out, meta = Path(config["output_dir"]), meta_dir(self.runs_dir, name)
-        if out.exists() or meta.exists():
-            raise FileExistsError(f"run {name!r} exists already in {self.runs_dir}; choose another name")
-        meta.mkdir(parents=True)
-        (meta / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        argv = [sys.executable, "-m", "loraforge", "train", str(meta / "config.yaml")]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(meta / "train.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    cwd=self.runs_dir, start_new_session=True)  # survives the page and the server
-        record = {"pid": proc.pid, "argv": argv, "started": time.time(), "exit_code": None}
-        with self.lock:  # settle() sees the run as this launcher's from its first record on
-            self._write(name, record)
-            self.procs[name] = proc
+        with self.starting:
+            if out.exists() or meta.exists():
+                raise FileExistsError(self._taken(name, out, meta))
+            try:
+                meta.mkdir(parents=True)
+            except FileExistsError:  # taken meanwhile by another process (a second dashboard on these runs)
+                raise FileExistsError(f"run {name!r} exists already in {self.runs_dir}; choose another name") from None
+            (meta / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            argv = [sys.executable, "-m", "loraforge", "train", str(meta / "config.yaml")]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            with open(meta / "train.log", "wb") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=self.runs_dir, start_new_session=True)  # survives the page and the server
+            record = {"pid": proc.pid, "argv": argv, "started": time.time(), "exit_code": None}
+            with self.lock:  # settle() sees the run as this launcher's from its first record on
+                self._write(name, record)
+                self.procs[name] = proc
         threading.Thread(target=self._wait, args=(name, proc, record), daemon=True).start()
         return record
+
+    def _taken(self, name: str, out: Path, meta: Path) -> str:
+        """Why a run name cannot be started again, naming what holds it and what to do instead."""
+        if self.alive(name):
+            return f"run {name!r} exists already in {self.runs_dir} and is running; choose another name"
+        if out.exists():
+            last = ((tail(meta_file(self.runs_dir, name, "train.log"), 4000) or "").strip().splitlines() or [""])[-1]
+            if last.endswith("continue with --resume"):  # the CLI's last line after a stop that kept a checkpoint
+                return (f"run {name!r} exists already in {self.runs_dir}, stopped with a checkpoint; choose another "
+                        f"name, or continue it with: loraforge train {meta / 'config.yaml'} --resume")
+            return f"run {name!r} exists already in {self.runs_dir}; choose another name"
+        return (f"run {name!r}: {meta} exists already, from a start on the page that ended before writing {out} "
+                f"(see its train.log); choose another name, or delete {meta}")
 
     def running(self) -> frozenset:
         """Runs this launcher started whose exit is not recorded yet (a process that just ended counts until its

@@ -103,6 +103,29 @@ def test_target_matching_nothing_lists_linear_names():
         inject(tiny_llama(), LoraConfig(target_modules=("qkv",)))
 
 
+@pytest.mark.parametrize("model, changes, problem", [
+    ("llama", {"layers_pattern": "blocks"}, "layers_pattern: 'blocks' names no layer list of this model "
+     "(LlamaForCausalLM), whose targeted layers sit in ['layers']; use layers_pattern: 'layers', or remove "
+     "layers_pattern"),
+    ("llama", {"layers_to_transform": (99,)}, "layers_to_transform: [99] selects no layer: this model "
+     "(LlamaForCausalLM) has layers 0..1 in 'layers' (counted from 0; a negative index does not count from the end); "
+     "use indices from 0 to 1"),
+    ("llama", {"layers_to_transform": (-1,), "layers_pattern": "layers"}, "layers_to_transform: [-1] selects no "
+     "layer: this model (LlamaForCausalLM) has layers 0..1 in 'layers' (counted from 0; a negative index does not "
+     "count from the end); use indices from 0 to 1"),
+    ("gpt2", {"layers_to_transform": (2, 3)}, "layers_to_transform: [2, 3] selects no layer: this model "
+     "(GPT2LMHeadModel) has layers 0..1 in 'h' (counted from 0; a negative index does not count from the end); use "
+     "indices from 0 to 1"),
+])
+def test_a_layer_selection_that_drops_every_target_names_its_own_field(model, changes, problem):
+    """A wrong layers_pattern or an index past the model's layers was blamed on target_modules ("matches no linear
+    layer"), though the targets match: the field that dropped them is named, with what the model has."""
+    build, targets = {"llama": (tiny_llama, ("q_proj",)), "gpt2": (tiny_gpt2, ("c_attn",))}[model]
+    with pytest.raises(ConfigError) as e:
+        find_targets(build(), LoraConfig(target_modules=targets, **{"layers_to_transform": (0,), **changes}))
+    assert e.value.problems == [problem]
+
+
 def test_only_adapter_trains_and_bias_options():
     model = inject(tiny_gpt2(), LoraConfig(target_modules=("c_attn",)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -182,11 +182,11 @@ def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file
 def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir, data_file, tmp_path):
     from loraforge.utils.outputs import OutputError
 
-    cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=2)
+    cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=3)
     train(cfg, progress=False)
-    with pytest.raises(OutputError, match=r"holds a finished run \(2 steps\); pass --overwrite"):
+    with pytest.raises(OutputError, match=r"holds a finished run \(3 steps\); pass --overwrite"):
         train(cfg, progress=False)
-    assert train(cfg, resume=True, progress=False).steps == 2  # nothing left to do: it ends at once
+    assert train(cfg, resume=True, progress=False).steps == 3  # nothing left to do: it ends at once
 
 
 def test_adalora_method_prunes_to_the_target_budget(tiny_dir, data_file, tmp_path):
@@ -372,9 +372,10 @@ def test_warmup_longer_than_an_epochs_run_is_refused_once_its_steps_are_known(ti
     with pytest.raises(ConfigError) as e:
         train(cfg, progress=False)
     (problem,) = e.value.problems
-    assert re.fullmatch(r"training\.warmup_steps: 50 is more than the run's (\d+) steps \(training\.epochs 1\.0 × "
-                        r"\1 steps an epoch\), so the learning rate would still be rising when training stops; use "
-                        r"at most \1 \(typically 3-10% of the steps, e\.g\. 1\)", problem), problem
+    said = re.fullmatch(r"training\.warmup_steps: 50 is not less than the run's (\d+) steps \(training\.epochs 1\.0 "
+                        r"× \1 steps an epoch\), so the learning rate would still be rising when training stops; "
+                        r"use at most (\d+) \(typically 3-10% of the steps, e\.g\. 1\)", problem)
+    assert said and int(said[2]) == int(said[1]) - 1, problem  # step k runs at lr·(k+1)/(w+1): the last at the peak
     assert not (tmp_path / "run").exists()
 
 

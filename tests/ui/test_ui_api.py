@@ -30,6 +30,7 @@ from loraforge import cli
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 from loraforge.ui import app as ui_app
+from loraforge.ui import launch
 from loraforge.ui import runs as R
 from loraforge.ui.launch import form_config
 
@@ -244,7 +245,10 @@ def test_stop_ends_the_run_and_keeps_its_last_checkpoint(ui):
     assert said.endswith(f"/checkpoints/{last.name} saved; continue with --resume")  # the newest is the stop's
     assert call(ui, "POST", "/ui/api/runs/long/stop").status_code == 409  # not running any more
     again = call(ui, "POST", "/ui/api/runs", json=form(name="long"))
-    assert again.status_code == 409  # a name is never reused over an earlier run
+    assert again.status_code == 409  # a name is never reused over an earlier run; the message says how to go on
+    assert again.json()["error"]["message"].endswith(
+        f"stopped with a checkpoint; choose another name, or continue it with: loraforge train "
+        f"{ui[1] / 'runs' / '.ui' / 'long' / 'config.yaml'} --resume")
 
 
 @pytest.mark.parametrize("argv", [["ui", "--host", "0.0.0.0"], ["serve", "--ui", "--host", "0.0.0.0"],
@@ -711,18 +715,104 @@ def test_the_runs_list_shows_the_newest_checkpoint_config_rewritten_or_not(ui):
 
 @pytest.mark.parametrize("field,value", [("r", "[1"), ("r", "a: b: c"), ("lora_alpha", "'"),
                                          ("r", "!!python/name:os.system"), ("lr", "{a: 1"),
-                                         ("max_steps", "9" * 5000), ("lr", "1" + "0" * 400)])  # int()/float() limits
+                                         ("max_steps", "9" * 5000), ("lr", "1" + "0" * 400),  # int()/float() limits
+                                         ("batch_size", "[" * 3000)])  # past PyYAML's recursion: was RecursionError
 def test_a_form_value_that_is_not_yaml_gets_the_clis_message(ui, tmp_path, capsys, field, value):
     r = call(ui, "POST", "/ui/api/runs", json=form(name="notyaml", **{field: value}))
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
     key = {"r": "lora.r", "lora_alpha": "lora.lora_alpha", "lr": "training.lr",
-           "max_steps": "training.max_steps"}[field]
+           "max_steps": "training.max_steps", "batch_size": "training.batch_size"}[field]
     _, config = form_config(form(name="notyaml"), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     capsys.readouterr()
     assert cli.main(["train", str(tmp_path / "c.yaml"), f"{key}={value}"]) == 2  # the same value as an override
     assert capsys.readouterr().err == "error: " + r.json()["error"]["message"] + "\n"
     assert not (ui[1] / "runs" / ".ui" / "notyaml").exists()
+
+
+def test_a_form_body_nested_too_deeply_is_refused_not_a_500(ui):
+    """A JSON body 3,000 levels deep is a RecursionError in json (not a ValueError): it was a 500."""
+    body = '{"name": ' + "[" * 3000 + "]" * 3000 + "}"
+    r = call(ui, "POST", "/ui/api/runs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "the request body is nested too deeply (hundreds of [ or { levels); send the form as a JSON "
+                   "object of plain values", "type": "invalid_request_error", "code": "invalid_json"}
+
+
+def test_the_forms_r_sets_adaloras_ranks_not_lora_r(ui):
+    """With method adalora the form's r was written as lora.r, which AdaLoRA does not use (train.log warned): the run
+    trained with init_r 12 / target_r 8 whatever r said. r is now the rank it prunes to (target_r), init_r the larger
+    of AdaLoRA's default 12 and 1.5 r (r 8: PEFT's defaults)."""
+    ranks = {}
+    for r in ("4", "8", "9", "16"):
+        _, config = form_config(form(method="adalora", r=r), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+        assert "r" not in config["lora"] and config["lora"]["lora_alpha"] == 8
+        ranks[int(r)] = (config["adalora"]["init_r"], config["adalora"]["target_r"])
+    assert ranks == {4: (12, 4), 8: (12, 8), 9: (13, 9), 16: (24, 16)}
+    bad = call(ui, "POST", "/ui/api/runs", json=form(name="ada0", method="adalora", r="0"))
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == (
+        "invalid config:\n  adalora.target_r: the form's r is the rank AdaLoRA prunes to with method adalora; use a "
+        "whole number from 1 to 65536 (e.g. 8), got 0")
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="ada", method="adalora", r="16", max_steps="2"))
+    assert r.status_code == 200, r.text
+    status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/ada/metrics").json()["status"]) != "running" and s)
+    log = (ui[1] / "runs" / ".ui" / "ada" / "train.log").read_text()
+    assert status == "finished", log
+    assert "lora.r" not in log  # no "lora.r: ... is not used with method: adalora" warning
+    saved = json.loads((ui[1] / "runs" / "ada" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["init_r"], saved["target_r"]) == ("ADALORA", 24, 16)
+
+
+def test_starts_of_one_name_at_once_get_the_usual_message(ui, monkeypatch):
+    """Two POSTs of one name at the same moment: the losers got 409 "[Errno 17] File exists: '.../runs/.ui/same'"
+    (both passed the check, one lost the mkdir); the check and the mkdir are now one step. The window is held open:
+    each start's check of runs/.ui/same waits (up to 3 s) until all four have made it."""
+    barrier = threading.Barrier(4)
+
+    class Meeting(type(Path())):
+        def exists(self, *args, **kwargs):
+            found = super().exists(*args, **kwargs)
+            try:
+                barrier.wait(3)
+            except threading.BrokenBarrierError:  # the starts come one at a time: no one else arrives
+                pass
+            return found
+
+    monkeypatch.setattr(launch, "meta_dir", lambda root, name: Meeting(R.meta_dir(root, name)))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(call(ui, "POST", "/ui/api/runs",
+                                                                  json=form(name="same", max_steps="2"))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(a.status_code for a in answers) == [200, 409, 409, 409], [a.text for a in answers]
+    for a in answers:
+        if a.status_code == 409:
+            assert a.json()["error"]["message"] in (
+                f"run 'same' exists already in {ui[1] / 'runs'} and is running; choose another name",
+                f"run 'same' exists already in {ui[1] / 'runs'}; choose another name"), a.text
+    wait_for(lambda: call(ui, "GET", "/ui/api/runs/same/metrics").json()["status"] != "running")
+
+
+def test_a_taken_name_is_explained_by_what_holds_it(ui):
+    """A page run that failed before writing runs/NAME is held by runs/.ui/NAME, which the message named as runs/;
+    a stopped run can be continued, and the message now says how."""
+    runs = ui[1] / "runs"
+    failed = write_launch(ui[1], "early", pid=1, argv=["x"], started=time.time() - 60, exit_code=2)
+    (failed / "train.log").write_text("error: data.train: no examples\n")
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="early"))
+    assert r.status_code == 409 and r.json()["error"]["message"] == (
+        f"run 'early': {failed} exists already, from a start on the page that ended before writing {runs / 'early'} "
+        f"(see its train.log); choose another name, or delete {failed}")
+    stopped = write_launch(ui[1], "halted", pid=1, argv=["x"], started=time.time() - 60, exit_code=130)
+    (stopped / "train.log").write_text("step 7/100 loss 1.0\n" + STOP_LINE.format("SIGINT") + "\n")
+    fake_run(ui[1], "halted")
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="halted"))
+    assert r.status_code == 409 and r.json()["error"]["message"] == (
+        f"run 'halted' exists already in {runs}, stopped with a checkpoint; choose another name, or continue it "
+        f"with: loraforge train {stopped / 'config.yaml'} --resume")
 
 
 def test_a_run_with_a_non_ascii_name_downloads_its_adapter(ui):
