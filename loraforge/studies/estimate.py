@@ -315,8 +315,8 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
-def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora", batch_size: PositiveInt = 1,
-                 seq_len: PositiveInt = 512, r: PositiveInt = 16,
+def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora",
+                 batch_size: PositiveInt = 1, seq_len: PositiveInt = 512, r: PositiveInt = 16,
                  optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
                  dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
                  no_gradient_checkpointing: bool = False, gpus: PositiveInt = 1,
