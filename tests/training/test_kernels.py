@@ -300,6 +300,18 @@ def test_linear_cross_entropy_matches_plain_fp32(chunk_size):
     torch.testing.assert_close(dh, dh_expected)
 
 
+def test_linear_cross_entropy_on_a_real_vocabulary_width_matches_plain_fp32():
+    """The log-softmax runs in place over each chunk: on rows as wide as SmolLM2's vocabulary (49,152; the kernel's
+    vectorised path for long rows) the loss and gradient are still F.cross_entropy's."""
+    h, w, y = _head_case(n=6, hidden=16, vocab=49152)
+    total = linear_cross_entropy(h, w, y, chunk_size=4)
+    (dh,) = torch.autograd.grad(total, h)
+    expected = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum")
+    (dh_expected,) = torch.autograd.grad(expected, h)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(dh, dh_expected)
+
+
 def test_linear_cross_entropy_bf16_as_accurate_as_plain():
     """Under bf16 autocast the plain path (F.linear, then cross-entropy on fp32 logits) and the fused one round
     differently; the fused loss and gradient must stay as close to the fp64 computation: within 1.5× the plain
