@@ -231,6 +231,24 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
 
 
+def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_epoch: int,
+                  world: int) -> str | None:
+    """The line saying how many of an epoch's `n_epoch` examples no step trains on, or None when every one is: an
+    epoch is whole optimizer steps, so a last partial batch and the micro-batches short of a step are left out (a
+    shuffled other set each epoch). `batches`: epoch 0's micro-batches."""
+    t = cfg.training
+    used = sum(len(b) for b in batches[:per_epoch * t.gradient_accumulation * world])
+    if used >= n_epoch:
+        return None
+    share = (f"batch_size {t.batch_size}" if t.batch_tokens is None else f"batches of up to {t.batch_tokens} tokens")
+    step = f"{share} × gradient_accumulation {t.gradient_accumulation}" + (f" × {world} processes" if world > 1
+                                                                           else "")
+    fix = (f"a batch_size × gradient_accumulation{' × processes' if world > 1 else ''} that divides {n_epoch}"
+           if t.batch_tokens is None else "another batch_tokens or gradient_accumulation")
+    return (f"data: each epoch trains on {used} of its {n_epoch} examples: {per_epoch} whole steps of {step}; the "
+            f"other {n_epoch - used} (shuffled anew each epoch) are left out; to train on every one, use {fix}")
+
+
 def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: int) -> str:
     """The error when the data make less than one optimizer step, naming the batch setting in force and its value
     (`n_batches`: the micro-batches one epoch makes)."""
@@ -414,7 +432,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence
     check_fits_context(cfg.data.max_seq_len, load_config(cfg.model.name), longest=longest)  # GPT-2 would crash
-    n_batches = len(micro_batches(train_examples, cfg, 0, mixture))
+    first_epoch = micro_batches(train_examples, cfg, 0, mixture)
+    n_batches = len(first_epoch)
     per_epoch = n_batches // (t.gradient_accumulation * world)
     if per_epoch == 0:
         raise TrainingError(too_few_examples(cfg, len(train_examples), n_batches, world))
@@ -460,7 +479,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         restore(run)
 
     prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, run.pad_id))
-    drawn = train_examples if "sources" not in data_stats else [train_examples[i] for i in mixture.epoch_order(0)]
+    drawn = [train_examples[i] for batch in first_epoch for i in batch]  # in the order the steps take them
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
@@ -468,12 +487,14 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
+        n_epoch = len(train_examples) if mixture is None else len(mixture.epoch_order(0))
+        if left_out := left_out_line(cfg, first_epoch, n_epoch, per_epoch, world):
+            print(left_out, flush=True)
         if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing
             print(memory_line, flush=True)
         if "sources" in data_stats:
             print(sources_report(mixture, data_stats), flush=True)
-        first = make_batch(train_examples, micro_batches(train_examples, cfg, 0, mixture)[0], cfg, run.pad_id,
-                           run.pack)
+        first = make_batch(train_examples, first_epoch[0], cfg, run.pad_id, run.pack)
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
                   f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)

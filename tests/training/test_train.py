@@ -322,6 +322,33 @@ def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
         "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
 
 
+def test_the_examples_an_epoch_leaves_out_are_said_and_padding_is_measured_in_the_steps_order(tiny_dir, tmp_path,
+                                                                                             capsys):
+    """An epoch is whole optimizer steps: 30 examples in steps of 4 × 2 train on 24, silently before. And packing
+    auto judged padding in the file's order (here 15 short records, then 15 long: no padding in a batch of 4),
+    while the steps take the shuffled order (much padding): the line said 0.0% and did not pack."""
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Hi.", "output": "ok"}] * 15 + [{"instruction": "Say " + "one two " * 30,
+                                                             "output": "x"}] * 15
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tiny_dir, data, tmp_path / "run", max_steps="null", epochs=1, batch_size=4,
+                 gradient_accumulation=2, warmup_steps=0)
+    train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert ("data: each epoch trains on 24 of its 30 examples: 3 whole steps of batch_size 4 × gradient_accumulation "
+            "2; the other 6 (shuffled anew each epoch) are left out; to train on every one, use a batch_size × "
+            "gradient_accumulation that divides 30\n") in out
+    from loraforge.models import load_tokenizer
+    from loraforge.training.loop import load_data, micro_batches
+
+    examples = load_data(cfg, load_tokenizer(str(tiny_dir)))[0]
+    in_order = [examples[i] for batch in micro_batches(examples, cfg, 0) for i in batch]
+    said = float(out.split("padded batches would be ")[1].split("%")[0])
+    assert said == round(100 * D.padding_fraction(in_order, 4), 1) > 20 > 100 * D.padding_fraction(examples, 4)
+    train(config(tiny_dir, data, tmp_path / "whole", max_steps="null", epochs=1, batch_size=5,
+                 gradient_accumulation=2, warmup_steps=0), progress=False)
+    assert "each epoch trains on" not in capsys.readouterr().out  # 30 = 3 steps of 5 × 2
+
 def test_sequences_past_the_models_context_are_refused_before_the_model_loads(tiny_dir, data_file, tmp_path):
     """The tiny Llama has 128 positions: records of ~200 tokens let through by data.max_seq_len=512 are refused
     by name; the same max_seq_len over short records (packed rows restart positions per sequence) trains."""
