@@ -218,9 +218,11 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     shared prefixes save; packed rows compute one position per real token and share nothing)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
+    held = stats.get("held_out_overflow")
+    held = f" ({held['n_truncated']} truncated, {held['n_dropped']} dropped)" if held else ""
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
-            f"dropped{eos}), {n_eval} held out{_not_held_out(stats)}; padded batches would be {100 * padding:.1f}% "
-            f"padding")
+            f"dropped{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
+            f"{100 * padding:.1f}% padding")
     rule = f"{D.PACK_MIN_PADDING:.0%} padding"
     if net < padding:
         text += (f"; computing the prefix their rows share once, they would compute {1 / (1 - net):.2f} positions "

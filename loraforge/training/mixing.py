@@ -158,11 +158,14 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         examples.append(built)
         per_source.append(stats)
     held_out, held_from_train = [], not c.sources("eval")  # without data.eval: parts of the train sources, by name
+    held_truncated = held_dropped = 0  # data.overflow applies to them too: counted and said as for training
     for name, fmt, records in eval_records:
         if held_from_train and name in failed:  # the source is reported already: one source, one problem
             continue
         try:
-            held_out += D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow)[0]
+            built, stats = D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow)
+            held_out += built
+            held_truncated, held_dropped = held_truncated + stats.n_truncated, held_dropped + stats.n_dropped
         except D.DataError as e:
             problems.append(f"{name} (held out): {e}")
     if problems:
@@ -189,6 +192,8 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         for f in dataclasses.fields(total):
             setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
     report = dataclasses.asdict(total)
+    if held_truncated or held_dropped:
+        report["held_out_overflow"] = {"n_truncated": held_truncated, "n_dropped": held_dropped}
     if held_from_train and c.eval_fraction > 0:  # sources read_sources did not split (under MIN_TO_SPLIT records)
         split = {name for name, _, _ in eval_records}
         if small := [name for name in mixture.names if name not in split]:  # said on the data line

@@ -322,6 +322,22 @@ def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
         "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
 
 
+def test_held_out_examples_cut_or_dropped_by_overflow_are_counted(tiny_dir, data_file, tmp_path, capsys):
+    """data.overflow applies to data.eval too: 3 of its 8 records past max_seq_len were dropped (or cut) without a
+    word; the data line now counts them as it does for training."""
+    held = tmp_path / "eval.jsonl"
+    rows = [{"instruction": f"Add {i}.", "output": "ok"} for i in range(5)]
+    rows += [{"instruction": "Say it.", "output": "one two " * 40}] * 3  # the answer is cut, or the record dropped
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for overflow, kept, counts in [("drop", 5, "0 truncated, 3 dropped"), ("truncate", 8, "3 truncated, 0 dropped")]:
+        cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"data.eval={held}",
+                                       "data.max_seq_len=48", f"data.overflow={overflow}", "training.max_steps=1",
+                                       "training.batch_size=4", "training.precision=fp32", "lora.r=4",
+                                       f"output_dir={tmp_path / overflow}"])
+        train(cfg, progress=False)
+        assert f", {kept} held out ({counts}); padded batches" in capsys.readouterr().out
+
+
 def test_the_examples_an_epoch_leaves_out_are_said_and_padding_is_measured_in_the_steps_order(tiny_dir, tmp_path,
                                                                                              capsys):
     """An epoch is whole optimizer steps: 30 examples in steps of 4 × 2 train on 24, silently before. And packing
