@@ -329,11 +329,18 @@ def _messages(record: dict) -> list[dict]:
         if content is None or (m["role"] == "assistant" and not content.strip()):
             raise DataError(f"{_where(record)}field 'messages[{i}].content' is missing or empty")
         plain.append({"role": m["role"], "content": content})
+        if "weight" in m:  # OpenAI's fine-tuning format: an assistant turn of weight 0 is context, not learnt
+            if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise DataError(f"{_where(record)}field 'messages[{i}].weight' must be 0 (not learnt) or 1 (learnt) "
+                                f"on an assistant turn, got {m['weight']!r} on a {m['role']!r} turn")
+            plain[-1]["weight"] = m["weight"]
     if plain[0]["role"] == "assistant":  # the template would render an empty conversation before it
         raise DataError(f"{_where(record)}field 'messages[0]' is an assistant turn; a conversation must start with a "
                         f"system or user turn (drop the opening assistant message or put the user's turn before it)")
     if not any(m["role"] == "assistant" for m in plain):
         raise DataError(f"{_where(record)}field 'messages' has no assistant turn, so nothing to learn")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in plain):
+        raise DataError(f"{_where(record)}field 'messages': every assistant turn has weight 0, so nothing to learn")
     return plain
 
 
@@ -365,6 +372,7 @@ def _content(record: dict, i: int, content) -> str | None:
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str = "") -> str:
     """The chat template as text; a plain "### Role:" template for tokenizers that have none. `where`: the record's
     file:line prefix for the error (_where)."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # a turn's weight is ours alone
     if getattr(tokenizer, "chat_template", None):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -415,8 +423,9 @@ def _instruction_prompt(record: dict, tokenizer) -> str:
     return ALPACA_PROMPT.format(instruction=user)
 
 
-def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> Iterator[tuple[str, bool]]:
-    """Split the rendered conversation into (text, supervised) pieces, in order; assistant turns are supervised.
+def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> Iterator[tuple[str, bool | None]]:
+    """Split the rendered conversation into (text, supervised) pieces, in order; assistant turns are supervised,
+    but one of weight 0 is None: never learnt, not even with train_on_prompt.
 
     An assistant turn's span is render(messages[:i+1]) minus render(messages[:i], generation prompt): its content
     plus whatever end-of-turn text the template emits. Needs each rendering to be a prefix of the next. Each turn
@@ -431,7 +440,8 @@ def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> Iterator
         if not (before.startswith(done) and upto.startswith(before)):
             raise DataError(f"{where}the chat template does not render conversations prefix by prefix, so assistant "
                             "turns cannot be located exactly; use a tokenizer with a ChatML/Llama-style template")
-        yield from ((text, sup) for text, sup in ((before[len(done):], False), (upto[len(before):], True)) if text)
+        learnt = True if m.get("weight", 1) else None
+        yield from ((text, sup) for text, sup in ((before[len(done):], False), (upto[len(before):], learnt)) if text)
         done = upto
     full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
     if full[len(done):]:
@@ -467,7 +477,7 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, lim
     input_ids, labels = [], []
     for ids, supervised in segments:
         input_ids += ids
-        labels += ids if supervised or train_on_prompt else [IGNORE] * len(ids)
+        labels += ids if supervised or (train_on_prompt and supervised is not None) else [IGNORE] * len(ids)
     return Example(input_ids, labels)
 
 

@@ -72,6 +72,29 @@ def test_chat_supervises_only_assistant_turns(tok):
     assert reference_output({"messages": messages}, "chat") == "6, of course"
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
+    """OpenAI's fine-tuning format marks turns not to learn with "weight": 0; they were learnt like the others."""
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "BAD ANSWER", "weight": 0},
+                {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "4", "weight": 1}]
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for train_on_prompt in (False, True):
+        ex = encode({"messages": messages}, tok, "chat", train_on_prompt=train_on_prompt)
+        assert tok.decode(ex.input_ids) == tok.apply_chat_template(plain, tokenize=False)  # the same tokens
+        learnt = tok.decode([i for i, label in zip(ex.input_ids, ex.labels) if label != -100])
+        assert "BAD ANSWER" not in learnt and "4<|im_end|>" in learnt
+    assert spans(encode({"messages": messages}, tok, "chat")) == [tok("4<|im_end|>\n",
+                                                                      add_special_tokens=False)["input_ids"]]
+    for bad, said in [({**messages[1], "weight": 0.5}, "got 0.5 on a 'assistant' turn"),
+                      ({**messages[1], "weight": True}, "got True on a 'assistant' turn")]:
+        with pytest.raises(DataError, match=re.escape(f"field 'messages[1].weight' must be 0 (not learnt) or 1 "
+                                                      f"(learnt) on an assistant turn, {said}")):
+            encode({"messages": [messages[0], bad, *messages[2:]]}, tok, "chat")
+    with pytest.raises(DataError, match=re.escape("field 'messages[0].weight' must be 0 (not learnt) or 1 (learnt) "
+                                                  "on an assistant turn, got 0 on a 'user' turn")):
+        encode({"messages": [{**messages[0], "weight": 0}, *messages[1:]]}, tok, "chat")
+    with pytest.raises(DataError, match="every assistant turn has weight 0, so nothing to learn"):
+        encode({"messages": [*messages[:3], {**messages[3], "weight": 0}]}, tok, "chat")
+
 def test_tokenizer_without_chat_template_falls_back_to_plain_templates(tok, monkeypatch):
     monkeypatch.setattr(tok, "chat_template", None)
     ex = encode({"instruction": "Add.", "input": "2 3", "output": "5"}, tok, "instruction")
