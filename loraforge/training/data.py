@@ -560,10 +560,6 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             ex = encode(record, tokenizer, fmt, train_on_prompt, limit=max_seq_len)
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
-        if fmt in EOS_FIELD:
-            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
-        elif fmt == "chat":
-            stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
         truncated = len(ex.input_ids) > max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1
@@ -575,6 +571,10 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             stats.n_dropped += 1
             continue
         stats.n_truncated += truncated
+        if fmt in EOS_FIELD:  # counted among the examples kept, as the data line reports them
+            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
+        elif fmt == "chat":
+            stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
         examples.append(ex)
         stats.n_tokens += len(ex.input_ids)
         stats.n_supervised_tokens += n_sup

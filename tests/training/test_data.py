@@ -128,6 +128,9 @@ def test_an_answer_that_ends_in_the_eos_text_learns_one_eos(tok):
     records = [{"instruction": "a", "output": "b<|im_end|>"}, {"instruction": "a", "output": "b"}]
     assert build_dataset(records, tok)[1].n_eos_stripped == 1
     assert build_dataset([{"text": "x<|im_end|>"}, {"text": "y<|im_end|>"}], tok)[1].n_eos_stripped == 2
+    long = {"instruction": "a", "output": "b " * 200 + "<|im_end|>"}  # dropped: not among the examples counted
+    stats = build_dataset([*records, long], tok, max_seq_len=64, overflow="drop")[1]
+    assert (stats.n_dropped, stats.n_eos_stripped) == (1, 1)
     with pytest.raises(DataError) as e:
         build_dataset([{"instruction": "a", "output": " <|im_end|>", "_source": "f.jsonl:4"}], tok)
     assert str(e.value) == ("record 0: f.jsonl:4: field 'output' holds only the end-of-sequence text '<|im_end|>'; "
