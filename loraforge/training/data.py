@@ -104,9 +104,27 @@ def _read_jsonl(path: Path) -> list[dict]:
             continue
         record = _json(line, path, lineno)
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
         records.append({**record, "_source": f"{path}:{lineno}"})
     return records
+
+
+def json_type(value) -> str:
+    """A value's type as JSON names it (the user wrote JSON, a CSV or a parquet, not Python): null, true/false,
+    number, string, array, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__  # a parquet cell: bytes, a timestamp, ...
 
 
 def _json(text: str, path: Path, lineno: int | None = None) -> object:
@@ -117,7 +135,14 @@ def _json(text: str, path: Path, lineno: int | None = None) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        msg = e.msg.removesuffix(" at")  # "Invalid control character at": the position follows
+        hint = ""
+        if lineno is None and e.msg == "Extra data":  # one object per line in a .json file
+            hint = f"; one JSON object per line is JSON Lines: name the file {Path(path).with_suffix('.jsonl').name}"
+        elif lineno is not None and text.strip() in ("[", "{", "]", "}", "},", "],"):  # a pretty-printed JSON file
+            hint = (f"; a .jsonl file holds one whole JSON object per line: a JSON array or pretty-printed JSON "
+                    f"belongs in {Path(path).with_suffix('.json').name}")
+        raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({msg} at column {e.colno}){hint}") from None
     except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
         raise DataError(f"{where}: a number in it is too long to read ({e}); write it as a string") from None
     except RecursionError:
@@ -163,10 +188,10 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {json_type(data)}")
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path}[{i}]: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}[{i}]: expected a JSON object, got {json_type(record)}")
     return [{**record, "_source": f"{path}[{i}]"} for i, record in enumerate(data)]
 
 
@@ -287,7 +312,7 @@ def _field(record: dict, name: str, required: bool = True) -> str:
     if value is None or (isinstance(value, float) and value != value):  # None, or NaN from a CSV/Parquet gap
         value = ""
     if not isinstance(value, str):
-        raise DataError(f"{_where(record)}field {name!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"{_where(record)}field {name!r} must be a string, got {json_type(value)}")
     if required and not value.strip():
         raise DataError(f"{_where(record)}field {name!r} is missing or empty")
     return _encodable(record, name, value)
@@ -309,15 +334,16 @@ def _messages(record: dict) -> list[dict]:
     messages = record.get("messages")
     if messages is not None and not isinstance(messages, list):
         raise DataError(f"{_where(record)}field 'messages' must be a list of {{role, content}} objects, got "
-                        f"{type(messages).__name__}" + (" (text, as a CSV cell holds: give chats as JSON lists in a "
-                                                        ".jsonl file)" if isinstance(messages, str) else ""))
+                        f"{json_type(messages)}" + (" (text, as a CSV cell or a parquet string column holds: give "
+                                                        "chats as JSON lists in a .jsonl file)"
+                                                        if isinstance(messages, str) else ""))
     if not messages:
         raise DataError(f"{_where(record)}field 'messages' is missing or empty (expected a list of {{role, content}})")
     plain = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(f"{_where(record)}field 'messages[{i}]' must be a {{role, content}} object, got "
-                            f"{type(m).__name__}")
+                            f"{json_type(m)}")
         if m.get("role") in TOOL_ROLES or any(m.get(key) for key in TOOL_KEYS):
             what = (f"'messages[{i}].role' is {m['role']!r} (a tool result)" if m.get("role") in TOOL_ROLES else
                     f"'messages[{i}].{next(key for key in TOOL_KEYS if m.get(key))}' holds a tool call")
@@ -353,19 +379,19 @@ def _content(record: dict, i: int, content) -> str | None:
         for j, part in enumerate(content):
             if not isinstance(part, dict):
                 raise DataError(f"{_where(record)}field '{name}[{j}]' must be a {{type, text}} object, got "
-                                f"{type(part).__name__}")
+                                f"{json_type(part)}")
             if part.get("type") != "text":
                 raise DataError(f"{_where(record)}field '{name}[{j}].type' is {part.get('type')!r}; only text parts "
                                 f"can be trained on (remove the others)")
             if not isinstance(part.get("text"), str):
                 raise DataError(f"{_where(record)}field '{name}[{j}].text' must be a string, got "
-                                f"{type(part.get('text')).__name__}")
+                                f"{json_type(part.get('text'))}")
             texts.append(part["text"])
         content = "".join(texts)
     if content is None:
         return None
     if not isinstance(content, str):
-        raise DataError(f"{_where(record)}field {name!r} must be a string, got {type(content).__name__}")
+        raise DataError(f"{_where(record)}field {name!r} must be a string, got {json_type(content)}")
     return _encodable(record, name, content)
 
 

@@ -168,9 +168,9 @@ def test_openai_content_parts_are_joined_and_other_types_refused(tok):
     assert reference_output({"messages": as_parts}, "chat") == "4"
     cases = [([{"type": "image_url", "image_url": {"url": "x.png"}}], "field 'messages[0].content[0].type' is "
               "'image_url'; only text parts can be trained on (remove the others)"),
-             ([{"type": "text", "text": 4}], "field 'messages[0].content[0].text' must be a string, got int"),
-             (["2+2?"], "field 'messages[0].content[0]' must be a {type, text} object, got str"),
-             (5, "field 'messages[0].content' must be a string, got int"),
+             ([{"type": "text", "text": 4}], "field 'messages[0].content[0].text' must be a string, got a number"),
+             (["2+2?"], "field 'messages[0].content[0]' must be a {type, text} object, got a string"),
+             (5, "field 'messages[0].content' must be a string, got a number"),
              (None, "field 'messages[0].content' is missing or empty")]
     for content, error in cases:
         record = {"messages": [{"role": "user", "content": content}, plain[1]], "_source": "c.jsonl:2"}
@@ -180,14 +180,16 @@ def test_openai_content_parts_are_joined_and_other_types_refused(tok):
 
 
 def test_messages_of_the_wrong_type_say_what_they_must_be(tok):
-    for messages, error in [({"role": "user", "content": "hi"}, "must be a list of {role, content} objects, got dict"),
-                            ('[{"role": "user"}]', "must be a list of {role, content} objects, got str (text, as a "
-                                                   "CSV cell holds: give chats as JSON lists in a .jsonl file)"),
+    for messages, error in [({"role": "user", "content": "hi"}, "must be a list of {role, content} objects, got an "
+                                                                "object"),
+                            ('[{"role": "user"}]', "must be a list of {role, content} objects, got a string (text, as "
+                                                   "a CSV cell or a parquet string column holds: give chats as JSON "
+                                                   "lists in a .jsonl file)"),
                             (["hi"], None)]:
         with pytest.raises(DataError) as e:
             encode({"messages": messages, "_source": "c.csv:3"}, tok, "chat")
         assert str(e.value) == (f"c.csv:3: field 'messages' {error}" if error else
-                                "c.csv:3: field 'messages[0]' must be a {role, content} object, got str")
+                                "c.csv:3: field 'messages[0]' must be a {role, content} object, got a string")
 
 
 def test_tool_calls_and_tool_results_are_refused_not_dropped(tok, tmp_path):
