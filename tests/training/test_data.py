@@ -702,3 +702,22 @@ def test_a_chat_turn_that_ends_in_the_eos_text_learns_one_end_of_turn(tok):
         build_dataset([{**chat("b", "<|im_end|>"), "_source": "f.jsonl:2"}], tok)
     assert str(e.value) == ("record 0: f.jsonl:2: field 'messages[3].content' holds only the end-of-sequence text "
                             "'<|im_end|>'; give the text before it")
+
+
+def test_json_lines_in_a_json_file_and_pretty_json_in_a_jsonl_file_say_which_extension_fits(tmp_path):
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{lines}:2: invalid JSON (Extra data at column 1); one JSON object "
+                                                  f"per line is JSON Lines: name the file lines.jsonl")):
+        read_records(str(lines))
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text('[\n  {"text": "a"}\n]\n')
+    with pytest.raises(DataError, match=re.escape(f"{pretty}:1: invalid JSON (Expecting value at column 2); a .jsonl "
+                                                  f"file holds one whole JSON object per line: a JSON array or "
+                                                  f"pretty-printed JSON belongs in pretty.json")):
+        read_records(str(pretty))
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"text": "a\tb"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{control}:1: invalid JSON (Invalid control character at column "
+                                                  f"12)")):
+        read_records(str(control))
