@@ -47,7 +47,7 @@ def _precision(precision: str, dtype: str | None):
     from loraforge.precision import choose
 
     _check_precision(precision, dtype)
-    return choose(precision, dtype or "auto", device="cpu", names=("--precision", "--dtype"))
+    return choose(precision, dtype or "auto", device="cpu", names=("--precision", "--dtype"), training=False)
 
 
 def _check_folders(**folders: str | None) -> None:

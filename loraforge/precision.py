@@ -149,14 +149,15 @@ def auto_precision(hw: Hardware, probe=probe_bf16_speedup) -> tuple[str, str]:
 
 def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = None,
            device: torch.device | str = "cpu", probe=probe_bf16_speedup, warn: bool = True,
-           names: tuple[str, str] = ("training.precision", "model.dtype")) -> Precision:
+           names: tuple[str, str] = ("training.precision", "model.dtype"), training: bool = True) -> Precision:
     """The rule: `precision` (training.precision: auto, fp32, bf16, fp16) and `dtype` (model.dtype, the frozen
     base's storage: auto, fp32, bf16, fp16) resolved on `hw` (detected from `device` when not given).
 
     auto storage follows the compute precision. An explicit choice is kept; where it is slow on this hardware
     (bf16 or fp16 on a CPU without native bf16, bf16 on a GPU without it) a warning names the cost and the fix.
     `names`: the two settings as the user gave them, config fields (the default) or a command's flags
-    (("--precision", "--dtype")); errors, warnings and the reason use them."""
+    (("--precision", "--dtype")); errors, warnings and the reason use them. `training` False (eval, generate,
+    serve): the warnings leave out loss scaling, which only a training run needs."""
     for name, value in zip(names, (precision, dtype)):
         if value not in ("auto", *PRECISIONS):
             raise ValueError(f"{name}: {value!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
@@ -166,10 +167,10 @@ def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = N
     if precision != "auto":
         why = f"{_setting(names[0], precision)} as asked"
         if warn and precision != best and precision != "fp32":
-            _warn_slow(precision, best, hw, probe, names[0])
+            _warn_slow(precision, best, hw, probe, names[0], training)
     storage = compute if dtype == "auto" else dtype
     if dtype != "auto" and warn and dtype != best and dtype != "fp32" and hw.device_type == "cpu":
-        _warn_slow(dtype, best, hw, probe, names[1])
+        _warn_slow(dtype, best, hw, probe, names[1], training)
     return Precision(compute, storage, why)
 
 
@@ -178,17 +179,19 @@ def _setting(name: str, value: str) -> str:
     return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
 
 
-def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str) -> None:
+def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str, training: bool = True) -> None:
+    """`training` False (eval, generate, serve): no loss is scaled, so the warnings do not speak of it."""
     given, auto = _setting(name, asked), _setting(name, "auto")
     if hw.device_type == "cuda":
         if asked == "bf16":
             warnings.warn(f"{given}: {hw.device_name} has no bf16 (compute capability "
                           f"{'.'.join(map(str, hw.cuda_capability))}); it runs emulated and slowly. "
-                          f"Use {auto} (fp16 with loss scaling here)", stacklevel=3)
+                          f"Use {auto} (fp16{' with loss scaling' if training else ''} here)", stacklevel=3)
         return
     if asked == "fp16":
-        warnings.warn(f"{given} on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need "
-                      f"loss scaling. Use {auto} ({best} on this machine)", stacklevel=3)
+        scaling = " and need loss scaling" if training else ""
+        warnings.warn(f"{given} on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32){scaling}. "
+                      f"Use {auto} ({best} on this machine)", stacklevel=3)
         return
     _, why = native_cpu_bf16(hw, probe)
     warnings.warn(f"{given} on a CPU without native {asked} ({why}): its matmuls are emulated, typically "

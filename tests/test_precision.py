@@ -89,6 +89,14 @@ def test_warnings_and_reason_name_the_settings_as_the_user_gave_them(names, prec
     assert [str(w.message) for w in caught] == [
         f"{precision}bf16: Tesla T4 has no bf16 (compute capability 7.5); it runs emulated and slowly. "
         f"Use {precision}auto (fp16 with loss scaling here)"]
+    with pytest.warns(UserWarning) as caught:  # eval, generate, serve: they scale no loss
+        choose("fp16", "auto", hw=AVX2, probe=never, training=False, **spelling)
+        choose("bf16", "auto", hw=T4, probe=never, training=False, **spelling)
+    assert [str(w.message) for w in caught] == [
+        f"{precision}fp16 on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32). Use {precision}auto "
+        f"(fp32 on this machine)",
+        f"{precision}bf16: Tesla T4 has no bf16 (compute capability 7.5); it runs emulated and slowly. "
+        f"Use {precision}auto (fp16 here)"]
     with pytest.raises(ValueError) as error:
         choose("auto", "int4", hw=AVX2, **spelling)
     assert str(error.value) == f"{dtype.strip(' =')}: 'int4' is not one of ['auto', 'fp32', 'bf16', 'fp16']"

@@ -519,7 +519,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
-    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))  # where load_base puts the model
+    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"),
+                    training=False)  # where load_base puts the model
     check_port(host, port)  # a port already taken: one line, before the model loads
     print(chosen.line(training=False), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)

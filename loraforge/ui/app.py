@@ -302,7 +302,7 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
     check_host(host, api_key)
     check_port(host, port)  # a port already taken: one line, before the model loads
     Path(runs).mkdir(parents=True, exist_ok=True)
-    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"))
+    chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"), training=False)
     print(chosen.line(training=False), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters_dir=adapters_dir or runs)
