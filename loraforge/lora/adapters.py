@@ -132,7 +132,10 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(f"no such adapter folder: {adapter_dir}")
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing")
+        run = folder / "adapter" / CONFIG_NAME  # a training run's folder: its adapter is in adapter/
+        hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}" \
+            if run.is_file() else ""
+        raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

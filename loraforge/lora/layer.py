@@ -112,11 +112,9 @@ class LoraLayer(nn.Module):
     def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
         """Plain LoRA merges additively: W += ΔW."""
         delta = self.delta_weight(name)
-        if not safe:
-            weight.data += delta.to(weight.dtype)
-            return
-        merged = weight + delta.to(weight.dtype)
-        _check_merged(name, delta, merged)
+        merged = (weight.float() + delta.float()).to(weight.dtype)  # one rounding of W + ΔW, not two (bf16, fp16)
+        if safe:
+            _check_merged(name, delta, merged)
         weight.data.copy_(merged)
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, load_base
+from loraforge.models import DTYPES, load_base, load_config
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -232,8 +232,21 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if truncated:
         worst = max(truncated, key=lambda t: t[1])
         warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {len(truncated)} layers: up to "
-                      f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); raise svd_rank or use 'cat' (exact)",
+                      f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' (loraforge "
+                      f"merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
+
+
+def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
+    """The dtype to load `base` in for an export in `dtype`: its own stored dtype where that is `dtype` (the merge
+    then rounds once, W0 exact), else fp32, cast to `dtype` after the merge: a bf16 export of an fp32 checkpoint
+    loaded in bf16 rounded W0, then W0 + ΔW again (half the adapted weights off round(W0 + ΔW), by up to 2.5× a
+    rounding). A quantized base is de-quantized in `dtype` as its training ran."""
+    if quantize is not None or dtype == "fp32":
+        return dtype
+    config = load_config(base)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return dtype if stored == DTYPES[dtype] else "fp32"
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
@@ -265,7 +278,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     if combine:
         _refuse_uncombinable({str(a): read_adapter_config(a) for a in adapters})
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
-    model, tokenizer = load_base(base, dtype=dtype, quantize=quantize)
+    loaded = _load_dtype(base, dtype, quantize)
+    model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
@@ -275,13 +289,24 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
         names = ["combined"]
     set_adapter(model, names[0])
+    given = ", ".join(map(str, adapters)) + (f" with --weights {' '.join(f'{w:g}' for w in weights)}" if weights
+                                               else "")
     try:
         merge_and_unload(model)
-    except MergeError as e:  # adapter0, ... as the user gave them
-        message = str(e)
+    except MergeError as e:  # adapter0, ... as the user gave them; "combined": all of them, as weighted
+        message = str(e).replace(repr("combined"), given)
         for name, adapter_dir in zip(names, adapters):
             message = message.replace(repr(name), str(adapter_dir))
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
+    if loaded != dtype:  # merged in fp32: one rounding to --dtype, of W0 + ΔW
+        for pname, param in model.named_parameters():
+            cast = param.data.to(DTYPES[dtype])
+            if not torch.isfinite(cast).all() and torch.isfinite(param.data).all():
+                raise AdapterError(f"cannot merge into --dtype {dtype}: adapter {given}: the merged weight {pname} "
+                                   f"passes {str(DTYPES[dtype]).removeprefix('torch.')}'s range (|W| up to "
+                                   f"{param.data.abs().max().item():.4g}); merge in fp32 or bf16"
+                                   + (", or with smaller --weights" if weights else ""))
+            param.data = cast
     out = Path(out_dir)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     # --overwrite into a used folder replaces our files only (and an older export's weight files, which

@@ -14,8 +14,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 from helpers import randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
 from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, list_adapters, load_adapter, save_adapter,
-                                     set_adapter)
+from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, list_adapters, load_adapter,
+                                     read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora.inject import find_targets, inject
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import merge, unmerge
@@ -544,3 +544,16 @@ def test_an_adapter_path_with_a_tilde_is_the_home_folders_and_a_missing_one_says
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
     with pytest.raises(AdapterError, match=r"^no such adapter folder: ~/nothing$"):
         load_adapter(tiny_llama(), "~/nothing")
+
+
+def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tmp_path):
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterError) as e:
+        read_adapter_config(tmp_path / "run")
+    assert str(e.value) == (f"{tmp_path / 'run'} is not an adapter directory: adapter_config.json is missing; a "
+                            f"training run's adapter is in its adapter folder: give {tmp_path / 'run' / 'adapter'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError) as e:
+        read_adapter_config(tmp_path / "empty")
+    assert str(e.value) == f"{tmp_path / 'empty'} is not an adapter directory: adapter_config.json is missing"
