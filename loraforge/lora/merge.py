@@ -232,8 +232,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if truncated:
         worst = max(truncated, key=lambda t: t[1])
         warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {len(truncated)} layers: up to "
-                      f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' (loraforge "
-                      f"merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
+                      f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
+                      f"(loraforge merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
