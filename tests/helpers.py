@@ -3,7 +3,9 @@
 Imported by test modules (`from helpers import tiny_llama`); conftest.py holds only fixtures.
 """
 
+import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -120,3 +122,16 @@ def forbid_loading(monkeypatch, module) -> None:
         raise AssertionError("the base model was loaded before the refusal")
 
     monkeypatch.setattr(module, "load_base", load_base)
+
+
+@contextlib.contextmanager
+def default_recursion_limit():
+    """Python's default recursion limit (1,000) for the block: a test of input nested too deeply to parse must not
+    depend on what earlier tests left (a library that raised the limit made 3,000 levels parse: a random order
+    of the suite failed). The limit is the process's: a server thread of the test runs under it too."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import default_recursion_limit
 from loraforge.config import ConfigError, load_train_config
 from loraforge.training.loop import lr_lambda
 
@@ -135,12 +136,14 @@ def test_numbers_past_floats_range_or_pythons_digit_limit_are_refused_by_field(t
 
 def test_a_value_nested_too_deeply_is_refused_by_field_not_a_recursion_error(tmp_path):
     """3,000 [ in an override or a file was a RecursionError traceback from PyYAML (HTTP 500 from the form)."""
-    assert problems("training.batch_size=" + "[" * 3000) == [
+    with default_recursion_limit():
+        said = problems("training.batch_size=" + "[" * 3000)
+    assert said == [
         "override training.batch_size=[[[[[[[[[[[[[[[[[[[[...: the value is nested too deeply to read (hundreds of [ "
         "or { levels); write it with fewer levels of brackets"]
     (tmp_path / "deep.yaml").write_text("data: {train: a.jsonl}\ntraining: {batch_size: " + "[" * 3000 + "]" * 3000
                                         + "}\n")
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e, default_recursion_limit():
         load_train_config(str(tmp_path / "deep.yaml"))
     assert e.value.problems == [f"{tmp_path / 'deep.yaml'}: a value in it is nested too deeply to read (hundreds of "
                                 f"[ or {{ levels); write it with fewer levels of brackets"]
