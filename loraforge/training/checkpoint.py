@@ -197,10 +197,14 @@ def flat(d, prefix: str = "") -> dict:
     return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
 
 
+def flat_sections(config: dict, sections) -> dict:
+    """The settings under `sections` of a to_dict(cfg), as {dotted key: value}."""
+    return {k: v for s in sections for k, v in flat(config.get(s), f"{s}.").items()}
+
+
 def config_changes(saved: dict, now: dict, sections=RUN_SECTIONS) -> list[str]:
     """`key: saved -> now` for each setting under `sections` that differs between two to_dict(cfg) (dotted keys)."""
-    before = {k: v for s in sections for k, v in flat(saved.get(s), f"{s}.").items()}
-    after = {k: v for s in sections for k, v in flat(now.get(s), f"{s}.").items()}
+    before, after = flat_sections(saved, sections), flat_sections(now, sections)
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)]
 
@@ -241,8 +245,7 @@ def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     in the data: another lora_alpha would save a scale the weights were not trained with, another seed or dataset
     would repeat or skip examples of the epoch. A setting the checkpoint's config lacks (written by an older version)
     is not compared; adalora's settings are (an empty section means PEFT's defaults)."""
-    before = {k: v for s in RESUME_SECTIONS for k, v in flat(saved.get(s), f"{s}.").items()}
-    after = {k: v for s in RESUME_SECTIONS for k, v in flat(now.get(s), f"{s}.").items()}
+    before, after = flat_sections(saved, RESUME_SECTIONS), flat_sections(now, RESUME_SECTIONS)
     keys = [k for k in after if k in before or k.startswith("adalora.")]
     keys += [k for k in before if k not in after and k.startswith("adalora.")]
     changed = [(k, f"{k}: {before.get(k)!r} -> {after.get(k)!r}") for k in keys

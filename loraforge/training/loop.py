@@ -218,8 +218,8 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     shared prefixes save; packed rows compute one position per real token and share nothing)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
-    held = stats.get("held_out_overflow")
-    held = f" ({held['n_truncated']} truncated, {held['n_dropped']} dropped)" if held else ""
+    overflow = stats.get("held_out_overflow")
+    held = f" ({overflow['n_truncated']} truncated, {overflow['n_dropped']} dropped)" if overflow else ""
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
             f"dropped{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
             f"{100 * padding:.1f}% padding")
@@ -489,8 +489,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
         print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
-        n_epoch = len(train_examples) if mixture is None else len(mixture.epoch_order(0))
-        if left_out := left_out_line(cfg, first_epoch, n_epoch, per_epoch, world):
+        if left_out := left_out_line(cfg, first_epoch, len(mixture.epoch_order(0)), per_epoch, world):
             print(left_out, flush=True)
         if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing
             print(memory_line, flush=True)

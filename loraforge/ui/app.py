@@ -68,8 +68,8 @@ def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
                   if not f.startswith(".") and Path(f).suffix.lower() in DATA_SUFFIXES]
         if walked + 1 >= MAX_WALKED_DIRS:
             break
-    return sorted(R.shown((p.as_posix() for p in found if R.within(data_dir, p) is not None), "datasets"))[
-        :MAX_DATASETS]
+    kept = R.listable((p.as_posix() for p in found if R.within(data_dir, p) is not None), "datasets")
+    return sorted(kept)[:MAX_DATASETS]
 
 
 def attachment(filename: str) -> str:
@@ -236,7 +236,7 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
     @api.get("/adapters")
     def adapters():
         root = getattr(engine, "adapters_dir", None)
-        found = [] if root is None else sorted(R.shown((
+        found = [] if root is None else sorted(R.listable((
             p.parent.relative_to(root).as_posix() for p in Path(root).glob("**/adapter_config.json")
             if R.UI_DIR not in p.parts and len(p.relative_to(root).parts) <= 4), "adapters"))
         served = engine.adapter_names() if engine is not None else []

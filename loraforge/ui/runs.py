@@ -376,10 +376,10 @@ def _runs_in(root: Path, folder: Path) -> list[Path]:
             if p.name != UI_DIR and within(root, p.relative_to(root)) is not None and is_run(p)]
 
 
-_PASSED_OVER: set[str] = set()  # names already reported by shown()
+_PASSED_OVER: set[str] = set()  # names already reported by listable()
 
 
-def shown(names, where: str) -> list:
+def listable(names, where: str) -> list:
     """The names (str or Path) that JSON can carry: one whose bytes are not UTF-8 (a folder copied from a Latin-1
     system) is read by Python with lone surrogates, which no answer can encode; it is left out, said once in the
     server's log, instead of failing the whole list."""
@@ -399,7 +399,7 @@ def shown(names, where: str) -> list:
 
 def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first; a run whose path is
-    not UTF-8 is left out (shown)."""
+    not UTF-8 is left out (listable)."""
     root = Path(root).resolve()
     if not root.is_dir():
         return []
@@ -409,7 +409,7 @@ def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):
             found += _runs_in(root, p)
-    found = shown(dict.fromkeys(found), "runs")
+    found = listable(dict.fromkeys(found), "runs")
     return sorted((summary(root, p, running) for p in found), key=lambda s: -s["mtime"])
 
 
