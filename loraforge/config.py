@@ -721,11 +721,25 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     try:
         cfg = from_dict(TrainConfig, data)
     except ConfigError as e:
-        raise ConfigError(e.problems + problems) from None
+        raise ConfigError([_section_hint(p) for p in e.problems] + problems) from None
     validate(problems)
     lora = data.get("lora")
     object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
+
+
+def _section_hint(problem: str) -> str:
+    """An unknown field that another section of a run has (training.r for lora.r): the problem points there."""
+    found = re.match(r"(?:(\w+)\.)?(\w+): unknown field", problem)
+    if not found:
+        return problem
+    section, key = found.groups()
+    homes = [name for name, tp in typing.get_type_hints(TrainConfig).items() if name != section
+             and dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp) if f.init}]
+    if not homes:
+        return problem
+    written = f"{section}.{key}" if section else key
+    return f"{written}: unknown field; {key} belongs in the {homes[0]}: section (write {homes[0]}.{key})"
 
 
 def lora_written(cfg: TrainConfig) -> frozenset[str] | None:

@@ -122,6 +122,14 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
     assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: attention, batch_size, ")
 
 
+def test_a_field_written_in_the_wrong_section_names_the_section_it_belongs_in():
+    assert problems("training.r=4") == ["training.r: unknown field; r belongs in the lora: section (write lora.r)"]
+    assert problems("lora.lr=1e-4") == ["lora.lr: unknown field; lr belongs in the training: section "
+                                        "(write training.lr)"]
+    assert problems("max_seq_len=64") == ["max_seq_len: unknown field; max_seq_len belongs in the data: section "
+                                          "(write data.max_seq_len)"]
+
+
 def test_numbers_past_floats_range_or_pythons_digit_limit_are_refused_by_field(tmp_path):
     """1 and 400 zeros is a YAML int that float() refuses (OverflowError); 5,000 digits is more than Python's
     int() reads (ValueError): both were tracebacks (HTTP 500 from the dashboard's form)."""
