@@ -92,6 +92,20 @@ def pattern_value(pattern: dict, path: str, default):
     return default
 
 
+def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
+    """A rank_pattern / alpha_pattern key that matches none of the layers getting an adapter changes nothing (PEFT
+    ignores it silently): one warning names the keys and a few of the layers they could have named."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, field_name)
+        unmatched = [key for key in pattern if not any(re.match(rf"(.*\.)?({key})$", path) for path in targets)]
+        if unmatched:
+            shown = ", ".join(repr(k[:60] + ("..." if len(k) > 60 else "")) for k in unmatched[:5])
+            warnings.warn(f"{field_name}: {shown} match{'es' if len(unmatched) == 1 else ''} none of the "
+                          f"{len(targets)} layers that get an adapter (e.g. {', '.join(targets[:2])}), so "
+                          f"{'r' if field_name == 'rank_pattern' else 'lora_alpha'} applies there; a key matches "
+                          f"the end of a layer's path, e.g. q_proj or layers.0.self_attn.q_proj", stacklevel=3)
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths that get an adapter; raises naming the model's linear layers when nothing matches."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
@@ -195,6 +209,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
     """
     configs, config, targets = resolve_targets(model, config, adapter_name)
+    _warn_unmatched_patterns(config, targets)
     untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:
         module = model.get_submodule(path)

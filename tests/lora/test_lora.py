@@ -148,6 +148,20 @@ def test_rank_and_alpha_patterns():
     assert layers["model.layers.0.self_attn.o_proj"].scaling["default"] == 3 / 4
 
 
+def test_a_pattern_key_that_matches_no_adapted_layer_is_named_in_a_warning():
+    """PEFT ignores such a key silently: a typo (q_prj) or a layer outside target_modules trained at r."""
+    with pytest.warns(UserWarning) as caught:
+        model = inject(tiny_llama(), LoraConfig(r=4, target_modules=("q_proj", "v_proj"),
+                                                rank_pattern={"q_prj": 2, "v_proj": 6}, alpha_pattern={"o_proj": 3}))
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("rank_pattern: 'q_prj' matches none of the 4 layers that get an adapter (e.g. "
+                            "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj), so r applies there")
+               for m in messages), messages
+    assert any(m.startswith("alpha_pattern: 'o_proj' matches none of the 4 layers") for m in messages), messages
+    assert not any("'v_proj'" in m for m in messages)
+    assert dict(lora_layers(model))["model.layers.0.self_attn.q_proj"].r["default"] == 4
+
+
 @pytest.mark.parametrize("bad,field", [({"r": 0}, "r:"), ({"lora_dropout": 1.5}, "lora_dropout:"),
                                         ({"bias": "some"}, "bias:"), ({"target_modules": "("}, "target_modules:")])
 def test_config_errors_name_the_field(bad, field):
