@@ -67,33 +67,33 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
             trials.append((option, trial))
         # a list or mapping meant for the one option of that shape: its own problems, by field
         shaped = [trial for option, trial in trials if _same_shape(value, option)]
-        problems.extend(shaped[0] if len(shaped) == 1 else [f"{name}: expected {_type_name(tp)}, got {value!r}"])
+        problems.extend(shaped[0] if len(shaped) == 1 else [f"{name}: expected {_type_name(tp)}, got {clipped(value)}"])
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
-            problems.append(f"{name}: {value!r} is not one of {list(typing.get_args(tp))}")
+            problems.append(f"{name}: {clipped(value)} is not one of {list(typing.get_args(tp))}")
         return value
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            problems.append(f"{name}: expected a list, got {value!r}")
+            problems.append(f"{name}: expected a list, got {clipped(value)}")
             return value
         (item_tp, *_) = typing.get_args(tp)
         return tuple(_check_type(v, item_tp, f"{name}[{i}]", problems) for i, v in enumerate(value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            problems.append(f"{name}: expected a mapping, got {value!r}")
+            problems.append(f"{name}: expected a mapping, got {clipped(value)}")
         return dict(value) if isinstance(value, dict) else value
     if tp is type(None):
         if value is not None:
-            problems.append(f"{name}: expected null, got {value!r}")
+            problems.append(f"{name}: expected null, got {clipped(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{name}: expected true or false, got {value!r}")
+            problems.append(f"{name}: expected true or false, got {clipped(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{name}: expected an integer, got {value!r}")
+            problems.append(f"{name}: expected an integer, got {clipped(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-4 as a string
@@ -102,7 +102,7 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{name}: expected a number, got {value!r}")
+            problems.append(f"{name}: expected a number, got {clipped(value)}")
             return value
         try:
             return float(value)
@@ -111,11 +111,11 @@ def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
             return value
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"{name}: expected a string, got {value!r}")
+            problems.append(f"{name}: expected a string, got {clipped(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            problems.append(f"{name}: expected a mapping of {tp.__name__} fields, got {clipped(value)}")
             return value
         try:
             return from_dict(tp, value, prefix=name + ".")
@@ -145,6 +145,16 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return f"a mapping of {tp.__name__} fields"
     return words.get(tp, str(tp).replace("typing.", ""))
+
+
+def clipped(value: Any, limit: int = 100) -> str:
+    """repr(value) for a message, cut to `limit` characters with the full length said (a 5,000-character
+    target_modules is not echoed back whole)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's 4,300-digit str limit, a list nested too deep
+        return f"<a {type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
@@ -243,7 +253,7 @@ def module_list_problems(name: str, value) -> list[str]:
         try:
             re.compile(value)
         except re.error as e:
-            return [f"{name}: {value!r} is not a valid regex ({e})"]
+            return [f"{name}: {clipped(value)} is not a valid regex ({e})"]
     if isinstance(value, tuple) and not value:
         other = "'all-linear'" if name == "target_modules" else "null"
         return [f"{name}: the list is empty; give module names, a regex or {other}"]

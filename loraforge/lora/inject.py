@@ -15,7 +15,7 @@ import warnings
 
 from torch import nn
 
-from loraforge.config import ConfigError, LoraConfig
+from loraforge.config import ConfigError, LoraConfig, clipped
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
@@ -99,7 +99,7 @@ def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
         pattern = getattr(config, field_name)
         unmatched = [key for key in pattern if not any(re.match(rf"(.*\.)?({key})$", path) for path in targets)]
         if unmatched:
-            shown = ", ".join(repr(k[:60] + ("..." if len(k) > 60 else "")) for k in unmatched[:5])
+            shown = ", ".join(clipped(k, 60) for k in unmatched[:5])
             warnings.warn(f"{field_name}: {shown} match{'es' if len(unmatched) == 1 else ''} none of the "
                           f"{len(targets)} layers that get an adapter (e.g. {', '.join(targets[:2])}), so "
                           f"{'r' if field_name == 'rank_pattern' else 'lora_alpha'} applies there; a key matches "
@@ -140,7 +140,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
         chosen += [f"exclude_modules {config.exclude_modules!r}"] if config.exclude_modules else []
         also = f" with {' and '.join(chosen)}" if chosen else ""
-        raise ConfigError([f"target_modules: {targets!r}{also} matches no linear layer of this model "
+        raise ConfigError([f"target_modules: {clipped(targets)}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
     return found
 

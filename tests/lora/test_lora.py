@@ -148,6 +148,16 @@ def test_rank_and_alpha_patterns():
     assert layers["model.layers.0.self_attn.o_proj"].scaling["default"] == 3 / 4
 
 
+def test_a_huge_target_list_is_not_echoed_back_whole():
+    with pytest.raises(ConfigError) as caught:
+        inject(tiny_llama(), LoraConfig(target_modules=("x" * 5000,)))
+    text = str(caught.value)
+    assert text.startswith("invalid config:\n  target_modules: ('xxxx") and "... (5,005 characters) matches no linear layer" in text
+    assert len(text) < 400, text
+    with pytest.raises(ConfigError, match=r"target_modules: 'x{99}\.\.\. \(5,002 characters\)"):
+        LoraConfig(target_modules="x" * 4999 + "(")
+
+
 def test_a_pattern_key_that_matches_no_adapted_layer_is_named_in_a_warning():
     """PEFT ignores such a key silently: a typo (q_prj) or a layer outside target_modules trained at r."""
     with pytest.warns(UserWarning) as caught:
