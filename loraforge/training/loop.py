@@ -46,6 +46,7 @@ from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_W
                                            schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
+from loraforge.training.epochs import EpochPlan, left_out_line
 from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
                                             collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
@@ -163,27 +164,6 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Exam
     return load_sources(cfg.data, tokenizer, cfg.training.seed)
 
 
-def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int,
-                  mixture: Mixture | None = None) -> list[list[int]]:
-    """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank.
-    `mixture` draws the epoch from several sources (None: every example once)."""
-    order = (torch.tensor(mixture.epoch_order(epoch)) if mixture is not None
-             else torch.randperm(len(examples),
-                                 generator=torch.Generator().manual_seed((cfg.training.seed + epoch) % 2**64)))
-    t = cfg.training
-    if t.batch_tokens is None:
-        return [order[i:i + t.batch_size].tolist() for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]
-    batches, current, tokens = [], [], 0
-    for i in order.tolist():
-        n = len(examples[i].input_ids)
-        if current and tokens + n > t.batch_tokens:
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += n
-    return batches  # the last, partial batch is dropped like a partial batch_size batch
-
-
 def lr_lambda(schedule: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -231,45 +211,6 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if pack:
         return text + ": packed"
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
-
-
-def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_epoch: int,
-                  world: int) -> str | None:
-    """The line saying how many of an epoch's `n_epoch` examples no step trains on, or None when every one is: an
-    epoch is whole optimizer steps, so a last partial batch and the micro-batches short of a step are left out (a
-    shuffled other set each epoch). `batches`: epoch 0's micro-batches."""
-    t = cfg.training
-    used = sum(len(b) for b in batches[:per_epoch * t.gradient_accumulation * world])
-    if used >= n_epoch:
-        return None
-    share = (f"batch_size {t.batch_size}" if t.batch_tokens is None else f"batches of up to {t.batch_tokens} tokens")
-    step = f"{share} × gradient_accumulation {t.gradient_accumulation}" + (f" × {world} processes" if world > 1
-                                                                           else "")
-    fix = (f"a batch_size × gradient_accumulation{' × processes' if world > 1 else ''} that divides {n_epoch}"
-           if t.batch_tokens is None else "another batch_tokens or gradient_accumulation")
-    return (f"data: each epoch trains on {used} of its {n_epoch} examples: {per_epoch} whole steps of {step}; the "
-            f"other {n_epoch - used} (shuffled anew each epoch) are left out; to train on every one, use {fix}")
-
-
-def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: int) -> str:
-    """The error when the data make less than one optimizer step, naming the batch setting in force and its value
-    (`n_batches`: the micro-batches one epoch makes)."""
-    t = cfg.training
-    fixes = ([] if t.batch_tokens is not None else ["lower training.batch_size"] if t.batch_size > 1 else []) + (
-        ["lower training.gradient_accumulation"] if t.gradient_accumulation > 1 else [])
-    if world > 1:  # each process takes a share of every step: fewer of them need fewer examples
-        fixes += [f"run fewer processes (torchrun --nproc_per_node; this run has {world})", "add training examples"]
-    if t.batch_tokens is None:
-        return (f"{n_examples} training examples are fewer than one optimizer step needs (batch_size {t.batch_size} "
-                f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); " + either(fixes))
-    return (f"{n_examples} training examples fill {n_batches} batches of training.batch_tokens {t.batch_tokens}, "
-            f"fewer than one optimizer step needs (gradient_accumulation {t.gradient_accumulation} × {world} "
-            f"processes); " + either([f"lower training.batch_tokens (it is {t.batch_tokens})", *fixes]))
-
-
-def either(fixes: list[str]) -> str:
-    """'a', 'a or b', 'a, b or c'."""
-    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
 
 
 def checkpoint_only(model: nn.Module, n: int) -> list[int]:
@@ -333,7 +274,7 @@ class Run:
     train_examples: list
     eval_examples: list
     data_stats: dict
-    per_epoch: int
+    epochs: EpochPlan
     total_steps: int
     model: nn.Module
     trainable: int
@@ -434,12 +375,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence
     check_fits_context(cfg.data.max_seq_len, load_config(cfg.model.name), longest=longest)  # GPT-2 would crash
-    first_epoch = micro_batches(train_examples, cfg, 0, mixture)
-    n_batches = len(first_epoch)
-    per_epoch = n_batches // (t.gradient_accumulation * world)
-    if per_epoch == 0:
-        raise TrainingError(too_few_examples(cfg, len(train_examples), n_batches, world))
-    total_steps = t.max_steps or max(1, int(per_epoch * t.epochs))
+    epochs = EpochPlan(train_examples, cfg, mixture, t.gradient_accumulation * world)  # too few for a step: refused
+    first_epoch, per_epoch = epochs.first, epochs.steps(0)
+    total_steps = t.max_steps or epochs.total(t.epochs)
     if t.warmup_steps >= total_steps:  # max_steps' own check is the config's; epochs' total is known only here
         raise ConfigError([f"training.warmup_steps: {t.warmup_steps} is not less than the run's {total_steps} steps "
                            f"(training.epochs {t.epochs} × {per_epoch} steps an epoch), so the learning rate would "
@@ -461,7 +399,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     optimizer = make_optimizer(model, t)
     run = Run(cfg=cfg, rank=rank, world=world, device=device, out=out, precision=precision, tokenizer=tokenizer,
               train_examples=train_examples, eval_examples=eval_examples, data_stats=data_stats,
-              per_epoch=per_epoch, total_steps=total_steps, model=model, trainable=trainable,
+              epochs=epochs, total_steps=total_steps, model=model, trainable=trainable,
               total_params=total_params, allocator=allocator, loss_fn=loss_fn,
               ddp=wrapped, sharded=mode == "fsdp", optimizer=optimizer,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
@@ -577,7 +515,6 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
     loss_value, eval_loss = float("nan"), None
-    epoch_batches: dict[int, list[list[int]]] = {}
     group = t.gradient_accumulation * run.world
     saved = run.step if run.step else None  # a resumed run starts at its checkpoint's step
     try:
@@ -589,10 +526,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 raise Stopped(stop.signum, f"stopped by {stop.name} after step {run.step} of {run.total_steps}: "
                                            f"checkpoint {checkpoint} saved")
             # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r: r, r+world, ...
-            epoch, within = divmod(run.step, run.per_epoch)
-            if epoch not in epoch_batches:
-                epoch_batches = {epoch: micro_batches(run.train_examples, cfg, epoch, run.mixture)}
-            step_batches = epoch_batches[epoch][within * group:(within + 1) * group]
+            epoch, within = run.epochs.locate(run.step)
+            step_batches = run.epochs.batches(epoch)[within * group:(within + 1) * group]
             batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
                        for idx in step_batches[run.rank::run.world]]
 

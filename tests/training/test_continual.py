@@ -18,7 +18,8 @@ from loraforge.config import ConfigError, load_train_config
 from helpers import stop_in_last_save
 
 from loraforge.models import load_tokenizer
-from loraforge.training.loop import finish, load_data, make_batch, micro_batches, setup, train
+from loraforge.training.epochs import micro_batches
+from loraforge.training.loop import finish, load_data, make_batch, setup, train
 
 PEFT_CONFIGS = {
     "rslora+patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,

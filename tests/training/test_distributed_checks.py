@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
-from loraforge.training.loop import too_few_examples, train
+from loraforge.training.epochs import too_few_examples
+from loraforge.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 # rank 1's data file is missing on its node: its own one-line error during set-up, while rank 0 goes on

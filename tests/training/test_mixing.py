@@ -9,7 +9,8 @@ import torch
 from loraforge.config import ConfigError, load_train_config
 from loraforge.models import load_tokenizer
 from loraforge.training import data as D
-from loraforge.training.loop import load_data, make_batch, micro_batches
+from loraforge.training.epochs import micro_batches
+from loraforge.training.loop import load_data, make_batch
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training.mixing import Mixture, check_share, sources_report
 from helpers import tiny_llama

@@ -355,7 +355,8 @@ def test_the_examples_an_epoch_leaves_out_are_said_and_padding_is_measured_in_th
             "2; the other 6 (shuffled anew each epoch) are left out; to train on every one, use a batch_size × "
             "gradient_accumulation that divides 30\n") in out
     from loraforge.models import load_tokenizer
-    from loraforge.training.loop import load_data, micro_batches
+    from loraforge.training.epochs import micro_batches
+    from loraforge.training.loop import load_data
 
     examples = load_data(cfg, load_tokenizer(str(tiny_dir)))[0]
     in_order = [examples[i] for batch in micro_batches(examples, cfg, 0) for i in batch]

@@ -1,0 +1,137 @@
+"""How an epoch's examples become micro-batches, and the micro-batches optimizer steps.
+
+    micro_batches(examples, cfg, epoch)   one epoch's shuffled micro-batches (lists of example indices): rows of
+                                          training.batch_size, or filled up to training.batch_tokens tokens
+    EpochPlan                             the steps each epoch makes (its micro-batches // gradient_accumulation ×
+                                          processes) and where step s finds its micro-batches. With batch_size
+                                          every epoch makes as many; with batch_tokens the count follows each
+                                          epoch's shuffle (short and long rows fill a batch differently), so
+                                          every epoch is counted from its own micro-batches
+    left_out_line, too_few_examples       what a run says about examples no step takes, or too few for one step
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from loraforge.config import TrainConfig
+from loraforge.training import data as D
+from loraforge.training.checkpoint import TrainingError
+from loraforge.training.mixing import Mixture
+
+
+def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int,
+                  mixture: Mixture | None = None) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices), shuffled by (seed, epoch): the same on every rank.
+    `mixture` draws the epoch from several sources (None: every example once)."""
+    order = (torch.tensor(mixture.epoch_order(epoch)) if mixture is not None
+             else torch.randperm(len(examples),
+                                 generator=torch.Generator().manual_seed((cfg.training.seed + epoch) % 2**64)))
+    t = cfg.training
+    if t.batch_tokens is None:
+        return [order[i:i + t.batch_size].tolist() for i in range(0, len(order) - t.batch_size + 1, t.batch_size)]
+    batches, current, tokens = [], [], 0
+    for i in order.tolist():
+        n = len(examples[i].input_ids)
+        if current and tokens + n > t.batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    return batches  # the last, partial batch is dropped like a partial batch_size batch
+
+
+class EpochPlan:
+    """Steps per epoch and, for a step (counted from 0 over the whole run), its epoch and its place in it. The
+    same on every process: each epoch's micro-batches depend on (seed, epoch) alone. `group`: micro-batches per
+    optimizer step, gradient_accumulation × processes."""
+
+    def __init__(self, examples: list[D.Example], cfg: TrainConfig, mixture: Mixture | None, group: int):
+        self.examples, self.cfg, self.mixture, self.group = examples, cfg, mixture, group
+        self._cached: tuple[int, list[list[int]]] | None = None
+        self._starts = [0]  # _starts[e]: the run's step at which epoch e begins
+        self.first = self.batches(0)
+        if len(self.first) < group:
+            raise TrainingError(too_few_examples(cfg, len(examples), len(self.first), group // cfg.training.
+                                                 gradient_accumulation))
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Epoch `epoch`'s micro-batches (the last epoch asked for is kept)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, micro_batches(self.examples, self.cfg, epoch, self.mixture))
+        return self._cached[1]
+
+    def steps(self, epoch: int) -> int:
+        """Optimizer steps epoch `epoch` makes; its micro-batches short of one more step are left out."""
+        if epoch == 0 or self.cfg.training.batch_tokens is None:
+            return len(self.first) // self.group
+        return len(self.batches(epoch)) // self.group
+
+    def _count_to(self, epoch: int) -> None:
+        while len(self._starts) <= epoch:
+            self._starts.append(self._starts[-1] + self.steps(len(self._starts) - 1))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, steps already taken in it) of run step `step`."""
+        if self.cfg.training.batch_tokens is None:
+            return divmod(step, self.steps(0))
+        while self._starts[-1] <= step:  # an epoch of no step (fewer micro-batches than a step) is passed over
+            self._count_to(len(self._starts))
+            if len(self._starts) > 100 and self._starts[-1] == self._starts[-101]:
+                raise TrainingError(too_few_examples(self.cfg, len(self.examples), len(self.batches(
+                    len(self._starts) - 2)), self.group // self.cfg.training.gradient_accumulation))
+        epoch = bisect.bisect_right(self._starts, step) - 1
+        return epoch, step - self._starts[epoch]
+
+    def total(self, epochs: float) -> int:
+        """The run's steps for training.epochs `epochs` (a fraction takes that share of the next epoch's steps)."""
+        if self.cfg.training.batch_tokens is None:
+            return max(1, int(self.steps(0) * epochs))
+        whole = int(epochs)
+        self._count_to(whole)
+        return max(1, self._starts[whole] + int((epochs - whole) * self.steps(whole)))
+
+
+def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_epoch: int,
+                  world: int) -> str | None:
+    """The line saying how many of an epoch's `n_epoch` examples no step trains on, or None when every one is: an
+    epoch is whole optimizer steps, so a last partial batch and the micro-batches short of a step are left out (a
+    shuffled other set each epoch). `batches`: epoch 0's micro-batches."""
+    t = cfg.training
+    used = sum(len(b) for b in batches[:per_epoch * t.gradient_accumulation * world])
+    if used >= n_epoch:
+        return None
+    share = (f"batch_size {t.batch_size}" if t.batch_tokens is None else f"batches of up to {t.batch_tokens} tokens")
+    step = f"{share} × gradient_accumulation {t.gradient_accumulation}" + (f" × {world} processes" if world > 1
+                                                                           else "")
+    fix = (f"a batch_size × gradient_accumulation{' × processes' if world > 1 else ''} that divides {n_epoch}"
+           if t.batch_tokens is None else "another batch_tokens or gradient_accumulation")
+    if t.batch_tokens is not None:  # another shuffle fills another number of batches
+        return (f"data: the first epoch trains on {used} of its {n_epoch} examples: {per_epoch} whole steps of "
+                f"{step}; the other {n_epoch - used} are left out (each epoch's shuffle makes its own number of "
+                f"steps and leaves out others); to train on every one, use {fix}")
+    return (f"data: each epoch trains on {used} of its {n_epoch} examples: {per_epoch} whole steps of {step}; the "
+            f"other {n_epoch - used} (shuffled anew each epoch) are left out; to train on every one, use {fix}")
+
+
+def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: int) -> str:
+    """The error when the data make less than one optimizer step, naming the batch setting in force and its value
+    (`n_batches`: the micro-batches one epoch makes)."""
+    t = cfg.training
+    fixes = ([] if t.batch_tokens is not None else ["lower training.batch_size"] if t.batch_size > 1 else []) + (
+        ["lower training.gradient_accumulation"] if t.gradient_accumulation > 1 else [])
+    if world > 1:  # each process takes a share of every step: fewer of them need fewer examples
+        fixes += [f"run fewer processes (torchrun --nproc_per_node; this run has {world})", "add training examples"]
+    if t.batch_tokens is None:
+        return (f"{n_examples} training examples are fewer than one optimizer step needs (batch_size {t.batch_size} "
+                f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); " + either(fixes))
+    return (f"{n_examples} training examples fill {n_batches} batches of training.batch_tokens {t.batch_tokens}, "
+            f"fewer than one optimizer step needs (gradient_accumulation {t.gradient_accumulation} × {world} "
+            f"processes); " + either([f"lower training.batch_tokens (it is {t.batch_tokens})", *fixes]))
+
+
+def either(fixes: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
