@@ -635,14 +635,19 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """Stop before the next step? This process's request, or under torchrun any process's (then this process
-        takes its signal): every process calls this at the same point of every step."""
+        takes its signal): every process calls this at the same point of every step.
+
+        Under torchrun the answer is the all-reduced flag alone, never this process's own `requested`: a signal
+        that lands here after this process sent its flag (0) would otherwise stop it alone while the others, who
+        agreed to go on, wait for it in the next step's collectives. Its flag stops every process at the next call."""
         if self.world == 1 or not dist.is_initialized():
             return self.requested
         flag = torch.tensor(self.signum or 0, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag) and not self.requested:
-            self.requested, self.signum = True, int(flag)
-        return self.requested
+        agreed = int(flag)
+        if agreed and not self.requested:
+            self.requested, self.signum = True, agreed
+        return agreed != 0
 
     def __enter__(self) -> StopRequest:
         if self.enabled and threading.current_thread() is threading.main_thread():

@@ -453,3 +453,44 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has ended (its parent, the agent, is gone; init reaps it)
+
+
+SIGNAL_AFTER_AGREEING = """
+import os, signal, sys
+import torch.distributed as dist
+real, seen = dist.all_reduce, []
+def all_reduce(tensor, op=dist.ReduceOp.SUM, *args, **kwargs):
+    work = real(tensor, op, *args, **kwargs)
+    if op == dist.ReduceOp.MAX and dist.get_rank() == 1:  # the stop agreement (StopRequest.agreed) on rank 1
+        seen.append(1)
+        if len(seen) == 3:  # before step 3: the signal lands after rank 1 sent its flag (0), before agreed returns
+            os.kill(os.getpid(), signal.SIGTERM)
+    return work
+dist.all_reduce = all_reduce
+from loraforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_that_lands_on_one_process_during_the_stop_agreement_stops_every_process_at_the_same_step(
+        tiny_dir, data_file, tmp_path, cfg_file):
+    """torchrun delivers a signal to each process at its own moment: rank 1's arrives while its agreement all-reduce
+    is under way (it sent "no signal", rank 0 agreed to go on). Rank 1 used to stop on its own late flag and exit,
+    while rank 0 waited in the next step's all-reduce: "Connection closed by peer", no checkpoint. Now both go by
+    the agreed value: rank 1's flag stops both one step later, with a whole checkpoint."""
+    out = tmp_path / "run"
+    script = tmp_path / "signal_after_agreeing.py"
+    script.write_text(SIGNAL_AFTER_AGREEING)
+    args = [*common(tiny_dir, data_file, steps=6), f"output_dir={out}", "training.batch_size=4",
+            "training.save_every=0", "training.distributed=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                           str(script), "train", str(cfg_file), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    ckpts = out / "checkpoints"
+    assert ckpts.is_dir() and [d.name for d in ckpts.iterdir()] == ["step-0000003"], proc.stderr[-3000:]
+    assert verify_checkpoint(ckpts / "step-0000003") is None
+    assert proc.returncode != 0 and "a collective with the other processes failed" not in proc.stderr, \
+        proc.stderr[-3000:]
+    assert f"stopped by SIGTERM after step 3 of 6: checkpoint {ckpts / 'step-0000003'} saved" in proc.stderr
+    assert not (out / "adapter").exists()
