@@ -42,9 +42,9 @@ class Mixture:
         return [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
     def expected_counts(self) -> list[float]:
-        """Examples per epoch expected from each source."""
+        """Examples per epoch expected from each source (by epochs: exactly the number epoch_order draws)."""
         if self.weights is None:
-            return [e * n for e, n in zip(self.epochs, self.sizes)]
+            return [float(self._per_epoch(e, n)) for e, n in zip(self.epochs, self.sizes)]
         return [w * sum(self.sizes) for w in self.weights]
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -53,7 +53,7 @@ class Mixture:
             shuffle = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # seed 2**64 - 1 is legal: wraps
             pool = []
             for i, (n, e, offset) in enumerate(zip(self.sizes, self.epochs, self.offsets)):
-                whole, part = int(e), round((e - int(e)) * n)
+                whole, part = int(e), self._per_epoch(e, n) - int(e) * n
                 pool += list(range(offset, offset + n)) * whole
                 if part:  # a seeded subset for the fraction of a pass
                     pick = torch.randperm(n, generator=self._generator(epoch, i, -1))[:part]
@@ -70,6 +70,12 @@ class Mixture:
             order.append(self.offsets[i] + streams[i][1][k])
             position[i] += 1
         return order
+
+    @staticmethod
+    def _per_epoch(epochs: float, n: int) -> int:
+        """Examples a source of n examples gives an epoch at `epochs` passes: the whole passes, then a share of one
+        pass rounded to whole examples."""
+        return int(epochs) * n + round((epochs - int(epochs)) * n)
 
     def _draws(self, epoch: int) -> list[int]:
         """The source of each example of a weighted epoch (seeded by seed + epoch)."""

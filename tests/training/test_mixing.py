@@ -72,6 +72,17 @@ def test_epochs_per_source_and_the_single_source_order_is_unchanged():
     assert len(b) == 10 and len(set(b)) == 10
 
 
+@pytest.mark.parametrize("sizes, epochs", [((7, 7), (0.5, 0.5)), ((5,), (1.5,)), ((5, 3), (1.5, 2.5))])
+def test_the_counts_reported_per_source_are_the_examples_an_epoch_draws(sizes, epochs):
+    """The report said e × n (3.5 for half of 7 examples, printed 4) while the epoch drew a whole number (4 or 3)."""
+    mixture = Mixture(names=tuple("ab"[:len(sizes)]), sizes=sizes, weights=None, epochs=epochs, seed=0)
+    for epoch in range(3):
+        drawn = [0] * len(sizes)
+        for index in mixture.epoch_order(epoch):
+            drawn[mixture.source_of(index)] += 1
+        assert mixture.expected_counts() == drawn
+
+
 def test_the_largest_seed_wraps_at_the_epoch_boundary_instead_of_overflowing():
     """training.seed may be 2**64 - 1; seed + epoch used to overflow torch.Generator.manual_seed at epoch 1."""
     top = 2**64 - 1
