@@ -23,6 +23,7 @@ import functools
 import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (an
 EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
 UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]  # FF FE starts both
+# a well-formed 2-4 byte UTF-8 sequence (a lead byte and its continuation bytes): a file with one is UTF-8 text
+UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n"
                  "### Instruction:\n{instruction}\n\n### Response:\n")
@@ -133,7 +136,7 @@ def _json(text: str, path: Path, lineno: int | None = None) -> object:
     a .jsonl file that `text` is."""
     where = f"{path}:{lineno}" if lineno else str(path)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=functools.partial(_one_value_per_key, where))
     except json.JSONDecodeError as e:
         msg = e.msg.removesuffix(" at")  # "Invalid control character at": the position follows
         hint = ""
@@ -143,10 +146,24 @@ def _json(text: str, path: Path, lineno: int | None = None) -> object:
             hint = (f"; a .jsonl file holds one whole JSON object per line: a JSON array or pretty-printed JSON "
                     f"belongs in {Path(path).with_suffix('.json').name}")
         raise DataError(f"{path}:{lineno or e.lineno}: invalid JSON ({msg} at column {e.colno}){hint}") from None
+    except DataError:  # a key written twice (_one_value_per_key)
+        raise
     except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
         raise DataError(f"{where}: a number in it is too long to read ({e}); write it as a string") from None
     except RecursionError:
         raise DataError(f"{where}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
+
+
+def _one_value_per_key(where: str, pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict; a key written twice in one object is refused (json.loads keeps the last value and
+    drops the first without a word)."""
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise DataError(f"{where}: the key {twice!r} appears twice in one object, and only its last value would be "
+                        f"read; remove or rename one of them")
+    return record
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -160,11 +177,16 @@ def _read_csv(path: Path) -> list[dict]:
     records, line = [], 1  # line: where the next row starts (a quoted field may span lines)
     try:
         names = [name.strip() for name in next(rows, [])]
-        if twice := next((name for name in names if names.count(name) > 1), None):
-            raise DataError(f"{path}:1: the header names column {twice!r} twice; rename or remove one of them")
+        if twice := [name for name in names if names.count(name) > 1]:
+            empty = " (an empty name: a comma too many at the header's end?)" if twice[0] == "" else ""
+            raise DataError(f"{path}:1: the header names column {twice[0]!r} twice{empty}; rename or remove one of "
+                            f"them")
         line = rows.line_num + 1
         for row in rows:
             start, line = line, rows.line_num + 1
+            if len(names) > 1 and [field.strip() for field in row] == names:
+                raise DataError(f"{path}:{start}: this row repeats the header ({', '.join(names)}), as where two "
+                                f"CSV files with headers were joined (cat a.csv b.csv); delete the line")
             records.extend(_csv_record(path, names, row, start))
     except csv.Error as e:
         what = "a quote opened in this row is never closed" if "end of data" in str(e) else f"{e} in this row"
@@ -209,10 +231,15 @@ def _read_text(path: Path) -> str:
         return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         start = e.start + bom
-        line, column = raw.count(b"\n", 0, start) + 1, start - raw.rfind(b"\n", 0, start)
+        line_start = max(raw.rfind(b"\n", 0, start) + 1, bom)
+        line, column = raw.count(b"\n", 0, start) + 1, len(raw[line_start:start].decode("utf-8", "replace")) + 1
+        if UTF8_MULTIBYTE.search(raw, bom):  # the rest is UTF-8: re-encoding it all from cp1252 would garble it
+            fix = "the rest of the file is UTF-8 (it holds non-ASCII UTF-8 text), so fix or delete this byte"
+        else:
+            fix = (f"re-encode the file as UTF-8 (e.g. for Windows-1252/Latin-1 text: iconv -f cp1252 -t utf-8 "
+                   f"{path} > {path.with_suffix('.utf8' + path.suffix)})")
         raise DataError(f"{path}:{line}: byte 0x{raw[start]:02x} at column {column} (byte offset {start}) "
-                        f"is not UTF-8; re-encode the file as UTF-8 (e.g. for Windows-1252/Latin-1 text: "
-                        f"iconv -f cp1252 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)})") from None
+                        f"is not UTF-8; {fix}") from None
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -350,12 +377,19 @@ def _messages(record: dict) -> list[dict]:
             raise DataError(f"{_where(record)}field {what}: tool calls are not supported for training yet; leave "
                             f"conversations with tool calls out of the training data")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{_where(record)}field 'messages[{i}].role' must be system, user or assistant")
+            role = m.get("role")
+            hint = ""
+            if isinstance(role, str) and role.strip().lower() in ("system", "user", "assistant"):
+                hint = f" (write {role.strip().lower()!r})"
+            elif role == "developer":
+                hint = " (OpenAI's newer name for the system turn: write 'system')"
+            raise DataError(f"{_where(record)}field 'messages[{i}].role' must be system, user or assistant, got "
+                            f"{'nothing' if 'role' not in m else repr(role)[:60]}{hint}")
         content = _content(record, i, m.get("content"))
         if content is None or (m["role"] == "assistant" and not content.strip()):
             raise DataError(f"{_where(record)}field 'messages[{i}].content' is missing or empty")
         plain.append({"role": m["role"], "content": content})
-        if "weight" in m:  # OpenAI's fine-tuning format: an assistant turn of weight 0 is context, not learnt
+        if m.get("weight") is not None:  # OpenAI's format: an assistant turn of weight 0 is context, not learnt
             if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise DataError(f"{_where(record)}field 'messages[{i}].weight' must be 0 (not learnt) or 1 (learnt) "
                                 f"on an assistant turn, got {m['weight']!r} on a {m['role']!r} turn")

@@ -95,6 +95,34 @@ def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
     with pytest.raises(DataError, match="every assistant turn has weight 0, so nothing to learn"):
         encode({"messages": [*messages[:3], {**messages[3], "weight": 0}]}, tok, "chat")
 
+
+
+def test_a_null_weight_is_no_weight_as_parquet_and_hub_datasets_give_every_turn_one(tok, tmp_path):
+    """Arrow gives every message of a column the fields of all of them: the user turn's "weight" is None there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 1}]},
+            {"messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "w.parquet")
+    write_jsonl(tmp_path / "w.jsonl", rows)
+    from_parquet, from_jsonl = read_records(str(tmp_path / "w.parquet")), read_records(str(tmp_path / "w.jsonl"))
+    assert from_parquet[0]["messages"][0]["weight"] is None  # what Arrow does
+    for a, b in zip(from_parquet, from_jsonl):
+        assert encode(a, tok, "chat") == encode(b, tok, "chat")
+
+
+@pytest.mark.parametrize("role, said", [("developer", "got 'developer' (OpenAI's newer name for the system turn: "
+                                                      "write 'system')"),
+                                        ("User", "got 'User' (write 'user')"), (None, "got nothing"),
+                                        (7, "got 7")])
+def test_an_unknown_role_is_named(tok, role, said):
+    message = {"content": "Be brief."} if role is None else {"role": role, "content": "Be brief."}
+    with pytest.raises(DataError) as e:
+        encode({"messages": [message, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+               tok, "chat")
+    assert str(e.value) == f"field 'messages[0].role' must be system, user or assistant, {said}"
+
 def test_tokenizer_without_chat_template_falls_back_to_plain_templates(tok, monkeypatch):
     monkeypatch.setattr(tok, "chat_template", None)
     ex = encode({"instruction": "Add.", "input": "2 3", "output": "5"}, tok, "instruction")
@@ -532,6 +560,50 @@ def test_jsonl_and_csv_with_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(bom + b'{"text": "a"}\n{"text": "\xff"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: byte 0xff at column 11 \(byte offset 27\)"):
         read_records(str(tmp_path / "bad.jsonl"))  # positions count the file's bytes, BOM included
+
+
+def test_a_stray_byte_is_placed_by_character_and_cp1252_advised_only_for_a_file_that_is_not_utf8(tmp_path):
+    """The column counted bytes (a BOM and each é as two); iconv -f cp1252 was advised for a UTF-8 file with one
+    damaged byte, which would garble every é in it."""
+    (tmp_path / "utf8.jsonl").write_bytes('\ufeff{"text": "ok"}\n{"text": "éé '.encode() + b'\xff"}\n')
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "utf8.jsonl"))
+    assert str(e.value) == (f"{tmp_path / 'utf8.jsonl'}:2: byte 0xff at column 14 (byte offset 33) is not UTF-8; the "
+                            f"rest of the file is UTF-8 (it holds non-ASCII UTF-8 text), so fix or delete this byte")
+    (tmp_path / "latin1.jsonl").write_bytes('\ufeff{"text": "café"}\n'.encode("utf-8")[:3] + '{"text": "café"}\n'
+                                            .encode("cp1252"))
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "latin1.jsonl"))
+    assert str(e.value).startswith(f"{tmp_path / 'latin1.jsonl'}:1: byte 0xe9 at column 14 (byte offset 16) is not "
+                                   f"UTF-8; re-encode the file as UTF-8 (e.g. for Windows-1252/Latin-1 text: iconv "
+                                   f"-f cp1252")
+
+
+def test_a_json_key_written_twice_in_one_object_is_refused(tmp_path):
+    """json.loads keeps the last value and drops the first silently."""
+    (tmp_path / "twice.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"output": "1", "output": "2", '
+                                          '"instruction": "x"}\n')
+    (tmp_path / "twice.json").write_text('[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]')
+    for name, where in [("twice.jsonl", "twice.jsonl:2"), ("twice.json", "twice.json")]:
+        with pytest.raises(DataError) as e:
+            read_records(str(tmp_path / name))
+        key = "output" if name.endswith("l") else "role"
+        assert str(e.value) == (f"{tmp_path / where}: the key {key!r} appears twice in one object, and only its last "
+                                f"value would be read; remove or rename one of them")
+
+
+def test_a_csv_header_repeated_mid_file_or_naming_an_empty_column_twice_is_refused(tmp_path):
+    """cat a.csv b.csv leaves b's header as a row, which trained as an example ('instruction' -> 'output')."""
+    (tmp_path / "ab.csv").write_text("instruction,output\na,b\ninstruction, output\nc,d\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "ab.csv"))
+    assert str(e.value) == (f"{tmp_path / 'ab.csv'}:3: this row repeats the header (instruction, output), as where "
+                            f"two CSV files with headers were joined (cat a.csv b.csv); delete the line")
+    (tmp_path / "commas.csv").write_text("instruction,output,,\na,b,,\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "commas.csv"))
+    assert str(e.value) == (f"{tmp_path / 'commas.csv'}:1: the header names column '' twice (an empty name: a comma "
+                            f"too many at the header's end?); rename or remove one of them")
 
 
 def test_a_corrupt_parquet_file_is_a_data_error_naming_it(tmp_path):
