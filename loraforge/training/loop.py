@@ -200,6 +200,9 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
            if stats.get("n_eos_stripped") else "")
     overflow = stats.get("held_out_overflow")
     held = f" ({overflow['n_truncated']} truncated, {overflow['n_dropped']} dropped)" if overflow else ""
+    if also := stats.get("held_out_in_train"):
+        held += (f" ({also} of them also training examples, token for token: their loss measures recall, not "
+                 f"generalisation)")
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
             f"dropped{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
             f"{100 * padding:.1f}% padding")

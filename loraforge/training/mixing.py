@@ -200,6 +200,10 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     report = dataclasses.asdict(total)
     if held_truncated or held_dropped:
         report["held_out_overflow"] = {"n_truncated": held_truncated, "n_dropped": held_dropped}
+    if held_out:  # the same tokens in both (data.eval naming a train file, repeated records): said on the data line
+        trained = {hash(tuple(ex.input_ids)) for built in examples for ex in built}
+        if also := sum(hash(tuple(ex.input_ids)) in trained for ex in held_out):
+            report["held_out_in_train"] = also
     if held_from_train and c.eval_fraction > 0:  # sources read_sources did not split (under MIN_TO_SPLIT records)
         split = {name for name, _, _ in eval_records}
         if small := [name for name in mixture.names if name not in split]:  # said on the data line

@@ -10,7 +10,7 @@ from loraforge.config import ConfigError, load_train_config
 from loraforge.models import load_tokenizer
 from loraforge.training import data as D
 from loraforge.training.epochs import micro_batches
-from loraforge.training.loop import load_data, make_batch
+from loraforge.training.loop import data_report, load_data, make_batch
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training.mixing import Mixture, check_share, sources_report
 from helpers import tiny_llama
@@ -231,3 +231,26 @@ def test_the_sources_line_counts_answers_that_ended_in_the_eos_text(tiny_dir, tw
                                "examples, ")
     assert lines[2].startswith("  data.train[1] eos.jsonl: 3 records (0 truncated, 0 dropped, 3 ending in the EOS text "
                                "(learnt once)), epochs 1: 3 examples, ")
+
+
+def test_held_out_examples_that_are_also_training_examples_are_counted_on_the_data_line(tiny_dir, tmp_path):
+    """data.eval naming the train file, or a record repeated in a file that eval_fraction splits, gave a held-out
+    loss on examples the run trains on, without a word."""
+    rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(30)]
+    path = write(tmp_path / "train.jsonl", rows)
+    same = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"data.eval={path}",
+                                    f"output_dir={tmp_path / 'o'}"])
+    repeated = write(tmp_path / "repeated.jsonl", rows + rows[:10])  # 40 records, 10 of them twice
+    split = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={repeated}", "data.eval_fraction=0.25",
+                                     f"output_dir={tmp_path / 'o'}"])
+    apart = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={path}", "data.eval_fraction=0.25",
+                                     f"output_dir={tmp_path / 'o'}"])
+    tok = load_tokenizer(str(tiny_dir))
+    train, held, stats, _ = load_data(same, tok)
+    assert stats["held_out_in_train"] == 30 == len(held)
+    assert ("30 held out (30 of them also training examples, token for token: their loss measures recall, not "
+            "generalisation)" in data_report(stats, len(held), 0.0, 0.0, False, "auto"))
+    train, held, stats, _ = load_data(split, tok)
+    ids = [tuple(ex.input_ids) for ex in train]
+    assert stats["held_out_in_train"] == sum(tuple(ex.input_ids) in ids for ex in held) > 0
+    assert "held_out_in_train" not in load_data(apart, tok)[2]
