@@ -25,7 +25,8 @@ from torch import nn
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
                               adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
                               normalize_module_fields, peft_list, unsupported_peft_fields, validate)
-from loraforge.lora.inject import LAYER_INDEX, lora_layers, mark_trainable, resolve_targets, untie_shared
+from loraforge.lora.inject import (LAYER_INDEX, keep_base_biases, lora_layers, mark_trainable, resolve_targets,
+                                   untie_shared)
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
 
@@ -274,6 +275,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
         module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
                            kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)
     configs[adapter_name] = config
+    keep_base_biases(model, config, adapter_name)
     mark_trainable(model, adapter_name)
     return model
 

@@ -355,17 +355,26 @@ def _merged_error(merged: list[str], doing: str) -> RuntimeError:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model alone inside the block. Refuses while adapters are merged (unmerge() first)."""
+    """Run the base model alone inside the block (the biases a bias adapter trains as they were before it came).
+    Refuses while adapters are merged (unmerge() first)."""
     if merged := _merged(model):
         raise _merged_error(merged, "disabling them")
     modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    biases = [pair for pairs in (getattr(model, "lora_base_biases", None) or {}).values() for pair in pairs]
+    trained = [p.detach().clone() for p, _ in biases]  # a bias adapter's biases are the base's: swapped out
     for m in modules:
         m.disabled = True
+    with torch.no_grad():
+        for p, before in biases:
+            p.copy_(before)
     try:
         yield model
     finally:
         for m in modules:
             m.disabled = False
+        with torch.no_grad():
+            for (p, _), value in zip(biases, trained):
+                p.copy_(value)
 
 
 @contextlib.contextmanager
@@ -411,6 +420,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not len(module.modules_to_save):
                 set_submodule(model, path, module.original_module)
     adapter_configs(model).pop(name, None)
+    with torch.no_grad():  # the base's biases a bias adapter trained or loaded: their values before it came
+        for p, before in (getattr(model, "lora_base_biases", None) or {}).pop(name, []):
+            p.copy_(before)
     config = getattr(model, "config", None)
     if retied and retied[0] and not any(m.untied_from is not None for _, m in lora_layers(model)):
         config.tie_word_embeddings = retied[0]  # the last untied layer is tied again: the flag as it was

@@ -234,8 +234,25 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             set_submodule(model, path, module)
         module.add_adapter(adapter_name)
     configs[adapter_name] = config
+    keep_base_biases(model, config, adapter_name)
     mark_trainable(model, adapter_name)
     return model
+
+
+def keep_base_biases(model: nn.Module, config, name: str) -> None:
+    """An adapter with bias lora_only (its layers' biases) or all (every bias) trains the base's own bias tensors:
+    training and loading change them in place (PEFT's rule, one such adapter at a time). Their values before are
+    kept, model.lora_base_biases[name], so adapters.delete_adapter and disable_adapters give the base back."""
+    if getattr(config, "bias", "none") == "none":
+        return
+    if config.bias == "lora_only":
+        params = [m.base_layer.bias for _, m in lora_layers(model)
+                  if name in m.r and getattr(m.base_layer, "bias", None) is not None]
+    else:
+        params = [p for key, p in model.named_parameters()
+                  if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key]
+    kept = getattr(model, "lora_base_biases", None) or {}
+    model.lora_base_biases = {**kept, name: [(p, p.detach().clone()) for p in params]}
 
 
 def untie_shared(model: nn.Module, paths: list[str]) -> dict[str, tuple[list[str], nn.Parameter, bool | None]]:

@@ -285,3 +285,55 @@ def test_linear_combination_matches_peft(tmp_path, input_ids):
     add_weighted_adapter(model, ["x", "y"], [0.6, 0.3], "lin", combination_type="linear")
     set_adapter(model, "lin")
     torch.testing.assert_close(model(input_ids).logits, theirs, **TOL)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_bias_adapter_gives_the_base_its_biases_back_when_disabled_deleted_or_refused(bias, tmp_path, input_ids):
+    """PEFT's bias adapters train the base's own bias tensors. Loading one copied its biases into the base, and
+    disable_adapters, delete_adapter and a refused load all left them there: the "base" a study compared against
+    carried the adapter's biases."""
+    base = tiny_llama(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        reference = base(input_ids).logits
+    peft_model = peft.get_peft_model(tiny_llama(attention_bias=True, mlp_bias=True),
+                                     peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], bias=bias))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # trained A, B and biases
+    peft_model.save_pretrained(tmp_path / "a")
+    model = load_adapter(tiny_llama(attention_bias=True, mlp_bias=True), str(tmp_path / "a"))
+    with torch.no_grad():
+        loaded = model(input_ids).logits
+        assert not torch.allclose(loaded, reference)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids).logits, loaded, rtol=0, atol=0)  # and back again
+    delete_adapter(model, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    last = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[last][0, 0] = 1e5  # past fp16's range: refused while copying, after the biases before it came in
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    half = tiny_llama(attention_bias=True, mlp_bias=True).half()
+    biases = {k: p.clone() for k, p in half.named_parameters() if k.endswith(".bias")}
+    with pytest.raises(AdapterError, match="once cast from float32 to the model's float16"):
+        load_adapter(half, str(tmp_path / "a"))
+    assert all(torch.equal(p, biases[k]) for k, p in half.named_parameters() if k.endswith(".bias"))
+
+
+def test_biases_trained_in_place_are_the_base_again_once_the_adapter_goes(input_ids):
+    model = inject(tiny_llama(attention_bias=True), LoraConfig(r=4, target_modules=("q_proj",), bias="all"))
+    with torch.no_grad():
+        reference = model(input_ids).logits  # B = 0: the base
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(input_ids, labels=input_ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids).logits, reference)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
+    delete_adapter(model, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
