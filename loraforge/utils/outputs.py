@@ -31,6 +31,9 @@ except ImportError:  # Windows: no advisory locks; nothing stops a second run th
     fcntl = None
 
 LOCK = ".lock"  # output_dir/.lock, held by the run training there: not counted as content by check_output
+# what a training run writes into output_dir, and whether each is a folder: one of the other kind there (a file
+# named adapter) is refused before any work, not met as a traceback when the run writes it after its last step
+RUN_ENTRIES = {"adapter": True, "model": True, "checkpoints": True, "metrics.jsonl": False, "loss.png": False}
 
 
 class OutputError(ValueError):
@@ -102,6 +105,13 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     refusal of an unfinished run says to continue it; None for a command that cannot (demo takes no --resume).
     """
     check_not_input(path, inputs, flag)
+    for name, folder in RUN_ENTRIES.items():
+        entry = expand_user(path) / name
+        if entry.exists() and entry.is_dir() != folder:
+            what = "a folder" if entry.is_dir() else "a file"
+            raise OutputError(f"{flag} {path}: {name} is {what}, where a run writes its {name} "
+                              f"{'folder' if folder else 'file'} (--overwrite replaces only what a run wrote); "
+                              f"move or delete it, or choose another {flag}")
     if resume:
         return []
     root = expand_user(path) / "checkpoints"

@@ -171,6 +171,31 @@ def test_train_into_a_users_folder_needs_overwrite(tiny_dir, data_file, tmp_path
     assert (out / "notes.txt").read_bytes() == before["notes.txt"]
 
 
+@pytest.mark.parametrize("name, folder", [("adapter", False), ("checkpoints", False), ("metrics.jsonl", True),
+                                          ("loss.png", True), ("model", False)])
+def test_an_entry_a_run_writes_of_the_other_kind_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
+                                                                              monkeypatch, name, folder):
+    """A file named adapter trained every step and ended in a traceback; a file named checkpoints lost the run at
+    its first save ("File exists"); a folder named metrics.jsonl, a traceback once the model had loaded."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if folder:
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("x\n")
+    before = snapshot(out)
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+        for overwrite, resume in [(True, False), (False, True), (False, False)]:
+            with pytest.raises(OutputError) as e:
+                train(config(tiny_dir, data_file, out), progress=False, overwrite=overwrite, resume=resume)
+            kind = ("a folder, where a run writes its {} file" if folder else "a file, where a run writes its {} "
+                    "folder").format(name)
+            assert str(e.value) == (f"output_dir {out}: {name} is {kind} (--overwrite replaces only what a run "
+                                    f"wrote); move or delete it, or choose another output_dir")
+    assert snapshot(out) == before and (out / name).is_dir() == folder
+
+
 def test_train_never_writes_over_its_data_or_model(tiny_dir, data_file, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
