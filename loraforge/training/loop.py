@@ -473,10 +473,13 @@ def restore(run: Run) -> None:
     if why := global_batch_change(found, state.get("global_batch"), global_batch(run.cfg, run.world)):
         raise TrainingError(why)  # the same on every process, as the checks below
     if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
+        adapter = run.out / "adapter"
+        then = ("start a new run from the finished adapter" if (adapter / "adapter_config.json").is_file() else
+                "finish this run first (--resume with them as they were), then start a new run from the adapter it "
+                "writes")  # a stopped or killed run has written no adapter yet
         raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
-                            f"as they were; to train on with new ones, start a new run from the finished adapter "
-                            f"(training.init_adapter={run.out / 'adapter'})")
+                            f"as they were; to train on with new ones, {then} (training.init_adapter={adapter})")
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely

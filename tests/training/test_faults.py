@@ -676,10 +676,17 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
     args = [*run_args(tiny_dir, data_file, interrupted), override]
     with pytest.raises(TrainingError) as e:
         train(load_train_config(None, args), resume=True, progress=False)
-    assert str(e.value) == (f"--resume: step-0000002 was written with other training settings ({change}); a resumed "
-                            f"run continues its optimizer and learning-rate schedule, so put them back as they were; "
-                            f"to train on with new ones, start a new run from the finished adapter "
-                            f"(training.init_adapter={interrupted / 'adapter'})")
+    said = (f"--resume: step-0000002 was written with other training settings ({change}); a resumed run continues "
+            f"its optimizer and learning-rate schedule, so put them back as they were; to train on with new ones, ")
+    # the run was killed: it has no adapter to start from yet (the advice named a folder that did not exist)
+    assert str(e.value) == said + (f"finish this run first (--resume with them as they were), then start a new run "
+                                   f"from the adapter it writes (training.init_adapter={interrupted / 'adapter'})")
+    (interrupted / "adapter").mkdir()
+    (interrupted / "adapter" / "adapter_config.json").write_text("{}")  # as a run that went on to its end
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert str(e.value) == said + (f"start a new run from the finished adapter (training.init_adapter="
+                                   f"{interrupted / 'adapter'})")
 
 
 @pytest.mark.parametrize("key,value", [
