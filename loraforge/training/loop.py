@@ -53,7 +53,8 @@ from loraforge.training.distributed import (check_same_config, check_same_precis
 from loraforge.training.evaluate import mean_token_loss, perplexity_of
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
-from loraforge.training.mixing import MIN_TO_SPLIT, Mixture, load_sources, sources_report
+from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
+                                      sources_report)
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
@@ -289,6 +290,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     mixture: Mixture | None = None
+    data_fingerprint: list = dataclasses.field(default_factory=list)  # mixing.fingerprint: kept in checkpoints
     pack: bool = False
     sharded: bool = False  # FSDP: parameters are shards; checkpoints, evaluation and the final save gather
     step: int = 0
@@ -408,7 +410,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
-              scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture)
+              scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
+              data_fingerprint=fingerprint(train_examples, mixture))
     for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
         shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
     if init_source is not None and rank == 0:
@@ -480,6 +483,11 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
                             f"as they were; to train on with new ones, {then} (training.init_adapter={adapter})")
+    if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
+        raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
+                            f"); its place in the data would now repeat or skip examples, so put the data back as "
+                            f"it was; to train on the new data, start a new run (training.init_adapter starts it "
+                            f"from an adapter)")
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely
@@ -593,7 +601,7 @@ def checkpoint_state(run: Run) -> dict:
     return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
             "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
             "allocator": run.allocator.state() if run.allocator is not None else {},
-            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
+            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint}
 
 
 class Stopped(KeyboardInterrupt):

@@ -16,8 +16,10 @@ forward (the prefix is what the rows of a batch really share) work on a mixed ba
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +213,29 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     if len(per_source) > 1:
         report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
     return [ex for built in examples for ex in built], held_out, report, mixture
+
+
+def fingerprint(examples: list[D.Example], mixture: Mixture) -> list[dict]:
+    """Per training source: its name, its number of examples and a SHA-256 of their tokens and labels. A checkpoint
+    keeps it, so --resume onto data that changed under the same path (another place in another epoch) is caught."""
+    found = []
+    for name, size, offset in zip(mixture.names, mixture.sizes, mixture.offsets):
+        digest = hashlib.sha256()
+        for ex in examples[offset:offset + size]:
+            digest.update(len(ex.input_ids).to_bytes(8, "little"))  # where one example ends and the next begins
+            digest.update(array.array("q", ex.input_ids).tobytes())
+            digest.update(array.array("q", ex.labels).tobytes())
+        found.append({"name": name, "examples": size, "sha256": digest.hexdigest()})
+    return found
+
+
+def fingerprint_changes(saved: list[dict], now: list[dict]) -> list[str]:
+    """The sources whose examples differ between a checkpoint's fingerprint and this run's, each as a phrase."""
+    if len(saved) != len(now):
+        return [f"{len(saved)} training sources then, {len(now)} now"]
+    return [f"{b['name']}: {a['examples']} examples then, {b['examples']} now" if a["examples"] != b["examples"] else
+            f"{b['name']}: as many examples ({b['examples']}), other tokens" for a, b in zip(saved, now)
+            if a["sha256"] != b["sha256"]]
 
 
 def shares(weights: list[float]) -> tuple[float, ...]:

@@ -689,6 +689,27 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
                                    f"{interrupted / 'adapter'})")
 
 
+def test_resume_onto_data_that_changed_under_the_same_path_is_refused(tiny_dir, data_file, tmp_path):
+    """Only the path was compared: a file rewritten with other rows resumed at the checkpoint's place in other
+    data, silently (the final loss was another run's)."""
+    data = tmp_path / "train.jsonl"
+    shutil.copy(data_file, data)
+    out = tmp_path / "run"
+    stop_in_last_save(load_train_config(None, run_args(tiny_dir, data, out)))
+    rows = data.read_text().splitlines(keepends=True)
+    for changed, said in [(rows[:-1], "40 examples then, 39 now"), (rows[1:] + rows[:1], "as many examples (40), "
+                                                                                          "other tokens")]:
+        data.write_text("".join(changed))  # one row fewer; the same rows in another order
+        with pytest.raises(TrainingError) as e:
+            train(load_train_config(None, run_args(tiny_dir, data, out)), resume=True, progress=False)
+        assert str(e.value) == (f"--resume: the training data changed since step-0000002 was written (train.jsonl: "
+                                f"{said}); its place in the data "
+                                f"would now repeat or skip examples, so put the data back as it was; to train on the "
+                                f"new data, start a new run (training.init_adapter starts it from an adapter)")
+    data.write_text("".join(rows))
+    assert train(load_train_config(None, run_args(tiny_dir, data, out)), resume=True, progress=False).steps == 3
+
+
 @pytest.mark.parametrize("key,value", [
     ("lora.lora_alpha", 4.0),  # the saved scale would not be the one the weights were trained with
     ("training.seed", 5),  # another order of the epoch: examples repeated or skipped
