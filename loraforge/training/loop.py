@@ -61,7 +61,7 @@ from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, plain_modes
 from loraforge.utils.hf import enable_checkpointing
-from loraforge.utils.outputs import OutputError, check_not_input, check_run_output, hold_output
+from loraforge.utils.outputs import LOCK, OutputError, check_not_input, check_run_output, hold_output
 
 
 @dataclass
@@ -467,6 +467,11 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITH_FSDP}; resume it under torchrun with "
                             f"training.distributed=fsdp (any number of processes, e.g. torchrun --nproc_per_node=1 "
                             f"-m loraforge train CONFIG training.distributed=fsdp --resume)")
+    if found is None and not skipped and not any(run.ckpt_root.glob("step-*")):
+        others = [p.name for p in run.out.iterdir() if p.name != LOCK] if run.out.is_dir() else []
+        raise TrainingError(f"--resume: {run.out} holds no checkpoint (a run stopped before its first save, or none "
+                            f"ran there); run without --resume to start it"
+                            + (f" (with --overwrite: it holds {', '.join(sorted(others)[:3])})" if others else ""))
     if found is None:
         why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "

@@ -189,6 +189,22 @@ def test_resume_with_no_intact_checkpoint_says_so_and_how_to_start_over(tiny_dir
     assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # nothing deleted
 
 
+def test_resume_where_no_run_saved_a_checkpoint_says_to_start_it(tiny_dir, data_file, tmp_path):
+    """A run killed before its first save leaves output_dir with nothing but its lock file: the refusal said to
+    start over "with --overwrite (or delete .../checkpoints)", a folder that did not exist and a flag not needed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("12345")  # what a killed run leaves
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, run_args(tiny_dir, data_file, out)), resume=True, progress=False)
+    assert str(e.value) == (f"--resume: {out} holds no checkpoint (a run stopped before its first save, or none ran "
+                            f"there); run without --resume to start it")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match=r"run without --resume to start it \(with --overwrite: it holds "
+                                            r"notes.txt\)$"):
+        train(load_train_config(None, run_args(tiny_dir, data_file, out)), resume=True, progress=False)
+
+
 # --- a full disk ---------------------------------------------------------------------------------------------
 
 def test_a_checkpoint_save_past_the_file_size_limit_stops_with_one_line(tiny_dir, data_file, tmp_path, interrupted):
