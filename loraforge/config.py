@@ -20,7 +20,8 @@ from typing import Any, Literal
 PEFT_TASK_TYPE = "CAUSAL_LM"
 # adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
 PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "revision", "library",
-                     "auto_mapping", "peft_version", "megatron_core", "qalora_group_size"}
+                     "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
+                     "ensure_weight_tying"}  # refused where it has an effect (unsupported_peft_fields)
 # adapter_config.json fields of PEFT LoRA variants that change the math and that loraforge does not implement: an
 # adapter that sets one is refused by name (loading it as plain LoRA would give other outputs).
 PEFT_UNSUPPORTED_FIELDS = {
@@ -222,9 +223,12 @@ def is_init_option(value) -> bool:
 
 def unsupported_peft_fields(data: dict, source: str) -> list[str]:
     """Problems for each set PEFT field that changes an adapter's math and that loraforge does not implement."""
+    fields = dict(PEFT_UNSUPPORTED_FIELDS)
+    if data.get("modules_to_save"):  # PEFT 0.18+: a saved embedding and a tied head trained as one copy
+        fields["ensure_weight_tying"] = "one trained copy for a tied input embedding and output head"
     return [f"{source}: {key}: this adapter uses {what}, which loraforge does not implement (its outputs would "
             f"differ from PEFT's); load it with PEFT, or train an adapter without {key}"
-            for key, what in PEFT_UNSUPPORTED_FIELDS.items() if data.get(key) not in (None, False, {}, [], "")]
+            for key, what in fields.items() if data.get(key) not in (None, False, {}, [], "")]
 
 
 def pattern_problems(name: str, pattern, integer: bool) -> list[str]:

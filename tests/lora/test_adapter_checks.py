@@ -189,6 +189,22 @@ def test_peft_aLoRA_file_is_refused_and_fields_that_do_not_change_the_math_only_
         load_adapter(tiny_llama(), inert)
 
 
+def test_a_peft_adapter_that_ties_its_saved_embedding_and_head_is_refused_by_name(tmp_path):
+    """ensure_weight_tying turns modules_to_save [lm_head] into the tied embedding and saves both: loading said
+    "lm_head: in the file but not in this model", as if the adapter were for another base."""
+    base = tiny_llama(tie_word_embeddings=True)
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True)
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(tmp_path / "tied")
+    model = copy.deepcopy(base)
+    before = _state(model)
+    with pytest.raises(AdapterError, match=r"ensure_weight_tying: this adapter uses one trained copy for a tied input "
+                                           r"embedding and output head, which loraforge does not implement"):
+        load_adapter(model, tmp_path / "tied")
+    _assert_untouched(model, before)
+    plain = _edit_config(_good(tmp_path), tmp_path / "plain", ensure_weight_tying=True)  # nothing saved: no effect
+    load_adapter(tiny_llama(), plain)
+
+
 # --- bug 7: PEFT's rule for adapters with bias ------------------------------------------------------------------
 def test_two_adapters_with_bias_are_refused_like_peft(tmp_path, input_ids):
     base = tiny_llama(attention_bias=True)
