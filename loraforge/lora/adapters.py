@@ -122,6 +122,12 @@ def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
                       f"with other logits (it writes the residual into the shared weight, changing the embedding "
                       f"too); loraforge.lora.adapters.save_converted writes a plain LoRA both load alike",
                       stacklevel=3)
+    conv1d = [path for path, m in lora_layers(model) if name in m.r and m.fan_in_fan_out]
+    if init == "olora" and conv1d:  # PEFT's olora_init ignores fan_in_fan_out: A and B come out transposed
+        warnings.warn(f"olora on {conv1d[0]}, a Conv1D layer (GPT-2 style, fan_in_fan_out): PEFT cannot load this "
+                      f"adapter (its OLoRA init re-draws A and B with the layer's dimensions swapped: a size "
+                      f"mismatch); loraforge.lora.adapters.save_converted writes a plain LoRA both load alike",
+                      stacklevel=3)
 
 
 def read_adapter_config(adapter_dir: str | Path):

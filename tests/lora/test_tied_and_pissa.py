@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from helpers import perturb, randomize, tiny_gpt2, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
-from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, load_adapter, save_adapter
+from loraforge.lora.adapters import (AdapterError, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                                     save_converted)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import svd_lowrank
 from loraforge.lora.merge import embeddings_tied, merge, merge_and_unload, unmerge
@@ -207,3 +208,20 @@ def test_adalora_on_a_tied_head_merges_without_touching_the_embedding(input_ids)
         unmerge(model)
     delete_adapter(model, "default")
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings is True
+
+
+def test_olora_on_conv1d_says_peft_cannot_load_it_and_the_converted_form_loads_equal(tmp_path, input_ids):
+    """PEFT's olora_init ignores fan_in_fan_out: its A and B for a GPT-2 Conv1D come out transposed, so loading our
+    (right) adapter fails with a size mismatch. Saving says so; save_converted's plain LoRA loads equal in PEFT."""
+    base = tiny_gpt2()
+    model = inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=("c_attn",), init_lora_weights="olora"))
+    with pytest.warns(UserWarning, match=r"olora on transformer\.h\.0\.attn\.c_attn, a Conv1D layer \(GPT-2 style, "
+                                         r"fan_in_fan_out\): PEFT cannot load this adapter"):
+        save_adapter(model, tmp_path / "initial")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "initial")
+    perturb(model)  # as if trained
+    save_converted(model, tmp_path / "lora", tmp_path / "initial")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora")(input_ids).logits
+        torch.testing.assert_close(theirs, model(input_ids).logits, rtol=0, atol=1e-5)
