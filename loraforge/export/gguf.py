@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from loraforge.export.gguf_names import ExportError, add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
-from loraforge.export.gguf_vocab import copy_vocab, write_vocab
+from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
@@ -124,6 +124,9 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     source = base_gguf(base)
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} does not exist")
+    tokenizer_dir = None if source is not None else Path(resolve_model(base))
+    if tokenizer_dir is not None:
+        check_tokenizer(tokenizer_dir)  # before loading and merging the model
     model, tokenizer = load_base(base, dtype="fp32")
     arch_of(model.config)  # refuse an architecture before merging
     if adapter is not None:
@@ -131,5 +134,4 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
         merge_and_unload(model)
     name = Path(base).stem if source is None else source.stem
     name += f" + {Path(adapter).name}" if adapter else ""
-    tokenizer_dir = None if source is not None else Path(resolve_model(base))
     return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out)

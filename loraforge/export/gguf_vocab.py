@@ -27,15 +27,20 @@ def copy_vocab(writer: gguf.GGUFWriter, source: Path) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub)
 
 
-def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer, n_vocab: int) -> None:
-    """A byte-level BPE tokenizer of a transformers directory as llama.cpp's `gpt2` tokenizer model, `n_vocab`
-    entries (the embedding's rows; ids the tokenizer lacks become unused [PADn] tokens, as llama.cpp's converter
-    writes them)."""
+def check_tokenizer(tokenizer_dir: Path) -> None:
+    """Refuse a tokenizer write_vocab cannot write (before the model is loaded and merged)."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     model = json.loads(path.read_text()).get("model", {}) if path.is_file() else {}
     if model.get("type") != "BPE":
         raise ExportError(f"{tokenizer_dir}: only byte-level BPE tokenizers (tokenizer.json) are written into GGUF "
                           f"here; convert the merged model (`loraforge merge`) with llama.cpp's convert_hf_to_gguf.py")
+
+
+def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer, n_vocab: int) -> None:
+    """A byte-level BPE tokenizer of a transformers directory as llama.cpp's `gpt2` tokenizer model, `n_vocab`
+    entries (the embedding's rows; ids the tokenizer lacks become unused [PADn] tokens, as llama.cpp's converter
+    writes them)."""
+    check_tokenizer(tokenizer_dir)
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}

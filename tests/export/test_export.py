@@ -707,3 +707,18 @@ def test_overwrite_never_replaces_the_built_in_models_own_gguf_file(tmp_path, mo
         with pytest.raises(OutputError, match=f"--out {re.escape(str(shipped))} is this command's input"):
             export()
     assert shipped.read_bytes() == b"GGUF the shipped model"
+
+
+def test_a_tokenizer_gguf_cannot_hold_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A WordLevel (not byte-level BPE) tokenizer was refused only after the base was loaded and merged."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    vocab = {f"w{i}": i for i in range(128)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0"))).save_pretrained(
+        tmp_path / "base")
+    monkeypatch.setattr(gguf_export, "load_base", lambda *a, **k: pytest.fail("loaded before the tokenizer check"))
+    with pytest.raises(gguf_export.ExportError, match=r"only byte-level BPE tokenizers \(tokenizer\.json\) are "
+                                                      r"written into GGUF here"):
+        export_gguf(str(tmp_path / "base"), None, tmp_path / "out.gguf")
