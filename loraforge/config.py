@@ -533,7 +533,7 @@ class TrainingConfig:
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step; the global batch is batch_size × this × processes."""
     weight_decay: float = 0.0
-    """AdamW's decoupled weight decay on the trainable matrices, not biases or norms (0: none)."""
+    """AdamW's decoupled weight decay on the trainable parameters but biases and norms (0: none)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"

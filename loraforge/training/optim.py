@@ -1,7 +1,7 @@
 """Optimizers: the one builder the loop, the benches and the tests use.
 
 `make_optimizer(model, t)` turns the training section of the config into an optimizer over the model's trainable
-parameters: weight decay on matrices only, LoRA+ groups when asked, and AdamW from torch (fused on CPU and CUDA)
+parameters: weight decay on all but biases and norms (HF Trainer's rule), LoRA+ groups when asked, and AdamW from torch (fused on CPU and CUDA)
 or one of bitsandbytes' 8-bit / paged AdamWs. `optimizer_by_name` is the same choice for a list of parameters.
 """
 
@@ -16,24 +16,31 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 _warned_paging = False
 
 
+def decayed(model: nn.Module) -> set[int]:
+    """ids of the trainable parameters weight decay applies to: all but biases and norms' weights (HF Trainer's
+    rule, which PEFT's LoRA+ optimizer follows): DoRA magnitudes decay, as they do there."""
+    norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)}
+    return {id(p) for name, p in model.named_parameters()
+            if p.requires_grad and "bias" not in name.rsplit(".", 1)[-1] and id(p) not in norms}
+
+
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
                           weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): B learns `ratio` times faster than A.
 
-    As PEFT's create_loraplus_optimizer: lora_B matrices get lr·ratio with weight decay; 1-D trainable parameters
-    (DoRA magnitudes, biases) get lr·ratio without weight decay; every other trainable parameter (lora_A, AdaLoRA's
-    lora_E, modules_to_save) gets lr. Pass the result to any torch optimizer: torch.optim.AdamW(groups).
+    As PEFT's create_loraplus_optimizer: lora_B matrices and 1-D trainable parameters get lr·ratio, with weight
+    decay but for biases and norms (`decayed`: DoRA magnitudes decay); every other trainable parameter (lora_A,
+    AdaLoRA's lora_E, modules_to_save) gets lr. Pass the result to any torch optimizer: torch.optim.AdamW(groups).
     """
     b_params = {id(p) for m in model.modules() if isinstance(m, LoraLayer)
                 for p in m.lora_B.parameters()}  # found by type, not by name
+    decays = decayed(model)
     groups = {"lora_A": [], "lora_B": [], "no_decay": []}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if id(p) in b_params:
-            groups["lora_B"].append(p)
-        elif p.ndim == 1:
-            groups["no_decay"].append(p)
+        if id(p) in b_params or p.ndim == 1:
+            groups["lora_B" if id(p) in decays else "no_decay"].append(p)
         else:
             groups["lora_A"].append(p)
     return [
@@ -74,8 +81,9 @@ def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
     if t.loraplus_lr_ratio:
         groups = loraplus_param_groups(model, t.lr, t.loraplus_lr_ratio, t.weight_decay)
     else:
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decays = decayed(model)
+        decay = [p for p in params if id(p) in decays]
+        no_decay = [p for p in params if id(p) not in decays]
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer != "adamw":
         return optimizer_by_name(t.optimizer, groups, lr=t.lr)

@@ -1,5 +1,7 @@
 """PiSSA / OLoRA init (output unchanged, export for the original base), LoRA+ parameter groups."""
 
+from types import SimpleNamespace
+
 import peft
 import pytest
 import torch
@@ -9,7 +11,7 @@ from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.adapters import save_converted
-from loraforge.training.optim import loraplus_param_groups
+from loraforge.training.optim import loraplus_param_groups, make_optimizer
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the SVD and the residual round at ~1e-7 relative
@@ -95,15 +97,21 @@ def test_init_option_validation():
 
 
 def test_loraplus_groups_have_the_right_lrs():
-    model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_dora=True, bias="lora_only"))
+    """As PEFT's create_loraplus_optimizer: B and the 1-D parameters at lr·ratio, decayed but for biases and norms
+    (DoRA magnitudes decay there; they were left undecayed here, 0.27 apart from PEFT after 3 steps)."""
+    model = inject(tiny_llama(attention_bias=True), LoraConfig(r=4, lora_alpha=8, use_dora=True, bias="lora_only",
+                                                               modules_to_save=["norm"]))
     groups = loraplus_param_groups(model, lr=1e-4, ratio=16, weight_decay=0.1)
     by_name = {g["name"]: g for g in groups}
     a_ids = {id(layer.lora_A["default"].weight) for _, layer in lora_layers(model)}
     b_ids = {id(layer.lora_B["default"].weight) for _, layer in lora_layers(model)}
     m_ids = {id(layer.lora_magnitude_vector["default"]) for _, layer in lora_layers(model)}
+    bias_ids = {id(layer.base_layer.bias) for _, layer in lora_layers(model) if layer.base_layer.bias is not None}
+    norm_ids = {id(p) for n, p in model.named_parameters() if "modules_to_save" in n}
+    assert bias_ids and norm_ids
     assert {id(p) for p in by_name["lora_A"]["params"]} == a_ids
-    assert {id(p) for p in by_name["lora_B"]["params"]} == b_ids
-    assert m_ids <= {id(p) for p in by_name["no_decay"]["params"]}  # 1-D: magnitudes (and biases), as PEFT
+    assert {id(p) for p in by_name["lora_B"]["params"]} == b_ids | m_ids
+    assert {id(p) for p in by_name["no_decay"]["params"]} == bias_ids | norm_ids
     assert (by_name["lora_A"]["lr"], by_name["lora_B"]["lr"], by_name["no_decay"]["lr"]) == (1e-4, 1.6e-3, 1.6e-3)
     assert (by_name["lora_B"]["weight_decay"], by_name["no_decay"]["weight_decay"]) == (0.1, 0.0)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -130,3 +138,18 @@ def test_a_residual_init_on_a_tied_head_warns_when_saved_and_converts_to_one_bot
     torch.testing.assert_close(theirs(input_ids).logits, trained, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(load_adapter(build(), tmp_path / "lora")(input_ids).logits, trained,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_skips_biases_and_norms_and_decays_dora_magnitudes():
+    """HF Trainer's rule (what PEFT users train with): every trainable parameter but biases and norms' weights."""
+    model = inject(tiny_llama(attention_bias=True), LoraConfig(r=4, use_dora=True, bias="lora_only",
+                                                               modules_to_save=["norm"]))
+    t = SimpleNamespace(lr=1e-3, weight_decay=0.1, loraplus_lr_ratio=None, optimizer="adamw")
+    decay, no_decay = make_optimizer(model, t).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    kinds = ("lora_A", "lora_B", "lora_magnitude_vector")
+    assert sorted({next(k for k in kinds if f".{k}." in names[id(p)]) for p in decay["params"]}) == list(kinds)
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        *(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")),
+        *(n for n, p in model.named_parameters() if ".modules_to_save." in n)}  # norm: every layer's norms
