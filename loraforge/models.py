@@ -225,6 +225,12 @@ def resolve_model(name_or_path: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":  # before the conversion and its lock: transformers' ValueError was a traceback
+            what = "an empty file" if not magic else f"not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+            raise ModelDownloadError(f"model {name_or_path}: {what}; give a llama.cpp .gguf file, a transformers "
+                                     f"directory, a hub id or a built-in name ({', '.join(BUILTIN_MODELS)})")
         out = _gguf_cache_path(path, None)
         return str(cached_conversion(path, out))
     if path.is_dir():

@@ -114,3 +114,19 @@ def test_offline_without_a_cached_copy_through_the_command_line(tmp_path, data_f
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines() == [f"error: {OFFLINE}"], done.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("content, said", [(b"notgguf\n", "not a GGUF file (it starts with b'notg', not b'GGUF')"),
+                                           (b"", "an empty file")])
+def test_a_gguf_path_that_holds_no_gguf_is_one_line_before_any_conversion(tmp_path, capsys, monkeypatch, content,
+                                                                          said):
+    """transformers' 'does not start with the GGUF magic bytes' (or mmap's 'cannot mmap an empty file') was a
+    traceback, after a conversion lock was taken in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    assert main(["generate", "hi", "--model", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model {path}: {said}; give a llama.cpp .gguf file, a transformers directory, a hub id or a "
+        f"built-in name (smollm2-135m)")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.lock"))
