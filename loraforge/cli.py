@@ -88,12 +88,9 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
-    from loraforge.config import ConfigError, load_train_config
+    from loraforge.config import load_train_config
     from loraforge.training.loop import train as run
 
-    if os.path.isdir(config):
-        raise ConfigError([f"{config}: is a directory; give the training YAML file in it, e.g. "
-                           f"loraforge train {os.path.join(config, 'config.yaml')}"])
     result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
     if result.rank == 0:  # under torchrun every process returns; only rank 0 wrote the result
         print(finished_line(result), flush=True)

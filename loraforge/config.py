@@ -690,6 +690,11 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     import yaml
 
     data: dict = dict(base or {})
+    if path is not None and Path(path).is_dir():  # every command that reads a run's YAML (train, forgetting, ...)
+        raise ConfigError([f"{path}: is a directory; give the training YAML file in it, e.g. "
+                           f"{Path(path) / 'config.yaml'}"])
+    if path is not None and not Path(path).is_file():
+        raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
     if path is not None:
         try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
             loaded = yaml.safe_load(Path(path).read_bytes()) or {}

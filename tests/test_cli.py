@@ -374,6 +374,10 @@ def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
     missing = str(tmp_path / "missing")
     cases = [
         (["train", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it"),
+        (["forgetting", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it, e.g. "
+                                        f"{tmp_path / 'config.yaml'}"),  # a traceback (IsADirectoryError)
+        (["continual", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it"),
+        (["forgetting", missing], f"{missing}: no such config file; give the path of a training YAML file"),
         (["estimate", "--model", "3q"], "--model '3q': give a known size (7b, 13b, 65b, 70b), a transformers"),
         (["estimate", "--model", str(a_file)], f"--model '{a_file}': give a known size"),
         (["estimate", "--gradient-checkpointing", "--no-gradient-checkpointing"],
