@@ -21,7 +21,8 @@ import torch
 
 from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
 from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, to_dict
-from loraforge.lora.adapters import delete_adapter, load_adapter
+from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
+                                     read_adapter_weights)
 from loraforge.models import load_base
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
@@ -39,6 +40,7 @@ from loraforge.utils.table import text_table
 
 DEFAULT_SHARES = (0.0, 0.2)
 DEMO_STEPS = 24
+DEFAULT_ADAPTER = "runs/demo/adapter"  # what `loraforge demo` writes
 
 
 def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path) -> TrainConfig:
@@ -205,7 +207,22 @@ def format_report(report: dict) -> str:
 
 # --- CLI -----------------------------------------------------------------------------------------------------
 
-def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter", previous: str | None = None,
+def adapter_problems(adapter: str) -> list[str]:
+    """--adapter checked before any probe runs (the base's probes take minutes): a folder with a readable PEFT
+    config and weights; the default, missing, means `loraforge demo` has not run yet."""
+    if not expand_user(adapter).is_dir():
+        fix = ("run `loraforge demo` first (it trains the adapter this study starts from), or give --adapter DIR"
+               if adapter == DEFAULT_ADAPTER else "give the folder an adapter was saved in")
+        return [f"--adapter {adapter}: no such folder; {fix}"]
+    try:
+        read_adapter_config(adapter)
+        read_adapter_weights(adapter)
+    except (AdapterError, ConfigError, ValueError) as e:
+        return [f"--adapter {adapter}: {e}"]
+    return []
+
+
+def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, previous: str | None = None,
                   replay: str | None = None, replay_share: list[FiniteFloat] = (), out: NonEmpty = "runs/continual",
                   max_steps: PositiveInt | None = None, skip_general: bool = False, limit: PositiveInt | None = None,
                   overrides: list[str] = (), overwrite: bool = False) -> None:
@@ -246,6 +263,7 @@ def cli_continual(config: str | None = None, adapter: str = "runs/demo/adapter",
     if any(shares) and not replay:
         problems.append("--replay: the replay arms need the old task's training data; give --replay FILE or "
                         "--replay-share 0")
+    problems += adapter_problems(adapter)
     if problems:
         raise ConfigError(problems)
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,

@@ -13,6 +13,15 @@ from loraforge.studies.continual import arm_config, arm_name, arm_slug, cli_cont
 from loraforge.studies.demo import asset
 from loraforge.training.data import read_records
 from loraforge.training.loop import train
+from loraforge.lora.adapters import save_adapter
+from loraforge.lora.inject import inject
+from helpers import tiny_llama
+
+
+@pytest.fixture
+def old_adapter(tmp_path) -> str:
+    """An adapter folder --adapter can name (the checks up front read its config and weights)."""
+    return str(save_adapter(inject(tiny_llama(), LoraConfig(r=2)), tmp_path / "old"))
 
 
 def task_config(tiny_dir, out, train_file, eval_file, steps=2):
@@ -53,19 +62,19 @@ def test_study_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "study" / "continual.json").read_text())["rows"][3]["replay_share"] == 0.5
 
 
-def test_cli_problems_are_one_line_each(tmp_path):
+def test_cli_problems_are_one_line_each(tmp_path, old_adapter):
     with pytest.raises(ConfigError) as e:
-        cli_continual(out=str(tmp_path / "o"), replay_share=["0.2", "1.5"], adapter=str(tmp_path))
+        cli_continual(out=str(tmp_path / "o"), replay_share=["0.2", "1.5"], adapter=old_adapter)
     assert e.value.problems == ["--replay-share: 1.5 is not in [0, 1) (0: the new task alone; 0.2: a fifth of each "
                                 "batch from --replay)"]
 
 
-def test_default_study_is_times_after_dates_with_the_adapters_own_settings(tmp_path, monkeypatch):
+def test_default_study_is_times_after_dates_with_the_adapters_own_settings(tmp_path, monkeypatch, old_adapter):
     seen = {}
     monkeypatch.setattr("loraforge.studies.continual.run_continual",
                         lambda cfg, adapter, previous, replay, shares, out, general, limit, overwrite:
                         seen.update(cfg=cfg, previous=previous, replay=replay, shares=shares, general=general))
-    cli_continual(adapter="runs/dates/adapter", out=str(tmp_path / "o"), skip_general=True)
+    cli_continual(adapter=old_adapter, out=str(tmp_path / "o"), skip_general=True)
     cfg = seen["cfg"]
     assert (cfg.data.train, cfg.data.eval) == (asset("times_train.jsonl"), asset("times_test.jsonl"))
     assert (seen["previous"], seen["replay"]) == (asset("demo_test.jsonl"), asset("demo_train.jsonl"))
@@ -104,10 +113,10 @@ def test_lists_of_sources_score_as_their_single_files(tiny_dir, tmp_path, monkey
 
 @pytest.mark.parametrize("shares,given,slug", [(["0.2", "0.2"], "0.2 and 0.2", "replay20"),
                                                (["0", "0.3", "0"], "0 and 0", "new")])
-def test_a_share_given_twice_is_refused_up_front(shares, given, slug, tmp_path):
+def test_a_share_given_twice_is_refused_up_front(shares, given, slug, tmp_path, old_adapter):
     """Two arms of one share wrote one folder: the second was refused after the first trained and was scored."""
     with pytest.raises(ConfigError) as e:
-        cli_continual(out=str(tmp_path / "o"), replay_share=shares, adapter=str(tmp_path))
+        cli_continual(out=str(tmp_path / "o"), replay_share=shares, adapter=old_adapter)
     assert e.value.problems == [f"--replay-share: {given} give one arm (folder {slug}); give each share once"]
     assert not (tmp_path / "o").exists()
 
@@ -120,13 +129,13 @@ def test_distinct_shares_get_distinct_names_and_folders():
     assert [arm_slug(s) for s in shares] == ["new", "replay0.1", "replay0.4", "replay20", "replay7", "replay50"]
 
 
-def test_an_init_adapter_other_than_adapter_is_refused(tiny_dir, tmp_path):
+def test_an_init_adapter_other_than_adapter_is_refused(tiny_dir, tmp_path, old_adapter):
     """Every arm trains on from --adapter: a config's training.init_adapter was replaced without a word."""
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {asset('times_train.jsonl')}}}\n"
                       f"training: {{init_adapter: {tmp_path / 'other'}}}\n")
     with pytest.raises(ConfigError) as e:
-        cli_continual(str(config), adapter=str(tmp_path / "old"), previous=asset("demo_test.jsonl"),
+        cli_continual(str(config), adapter=old_adapter, previous=asset("demo_test.jsonl"),
                       replay_share=["0"], out=str(tmp_path / "o"))
     assert e.value.problems == [f"training.init_adapter: continual trains every arm on from --adapter "
                                 f"({tmp_path / 'old'}), not from {tmp_path / 'other'}; remove training.init_adapter, "
@@ -147,3 +156,19 @@ def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_p
     assert json.loads((tmp_path / "study" / "continual.json").read_text())["steps"] == n // 4
     assert "[new task] training 1 epoch × batch 4" in out and f", {n // 4} steps × batch 4" in out
     assert "None" not in out
+
+
+def test_an_adapter_that_cannot_be_read_is_refused_before_any_probe(tmp_path, monkeypatch, old_adapter):
+    """A truncated --adapter was found after the base's probes (75 s on 2 cores); the missing default named
+    training.init_adapter, not --adapter, and not `loraforge demo`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("loraforge.studies.continual.run_continual", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(ConfigError) as e:
+        cli_continual(out=str(tmp_path / "o"))
+    assert e.value.problems == ["--adapter runs/demo/adapter: no such folder; run `loraforge demo` first (it trains "
+                                "the adapter this study starts from), or give --adapter DIR"]
+    weights = Path(old_adapter) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError) as e:
+        cli_continual(out=str(tmp_path / "o"), adapter=old_adapter)
+    assert e.value.problems[0].startswith(f"--adapter {old_adapter}: {weights} is not a readable safetensors file")
