@@ -240,7 +240,7 @@ def export(*, to: str, out: NonEmpty, adapter: NonEmpty | None = None, base: Non
         raise ExportError(f"--to {to!r}: use gguf, gguf-lora or vllm")
 
 
-def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,  # noqa: A001
+def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,  # noqa: A001
          max_new_tokens: PositiveInt = 32, limit: PositiveInt | None = None, precision: str = "auto",
          dtype: str | None = None, probe: list[str] = ()) -> None:
     """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
@@ -292,11 +292,11 @@ def eval(data: str | None = None, model: NonEmpty = "smollm2-135m", adapter: Non
               f"95% CI {lo:.1%}-{hi:.1%})")
 
 
-def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: str | None = None,
+def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_dir: NonEmpty | None = None,
           host: str = "127.0.0.1", port: Port = 8000, api_key: str | None = None, max_loaded: PositiveInt = 8,
           max_batch: PositiveInt = 32, max_queue: PositiveInt = 256, prefix_cache_mb: float = 256,
           precision: str = "auto",
-          dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: str = "runs") -> None:
+          dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: NonEmpty = "runs") -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -332,6 +332,7 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
         if not os.path.isdir(path):
             raise ConfigError([f"--adapter {item!r}: {path} is not a directory; give NAME=DIR of a saved adapter"])
         pairs[name] = path
+    _check_folders(adapters_dir=adapters_dir)
     extend = None
     if ui:  # the dashboard's routes on the same app (loraforge.ui imports serve, never the other way)
         _check_folders(runs=runs)
@@ -344,9 +345,9 @@ def serve(model: str = "smollm2-135m", adapter: list[str] = (), adapters_dir: st
                precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype)
 
 
-def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,
-       models_dir: str | None = None, host: str = "127.0.0.1", port: Port = 8000, api_key: str | None = None,
-       precision: str = "auto", dtype: str | None = None) -> None:
+def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonEmpty = ".",
+       adapters_dir: NonEmpty | None = None, models_dir: NonEmpty | None = None, host: str = "127.0.0.1",
+       port: Port = 8000, api_key: str | None = None, precision: str = "auto", dtype: str | None = None) -> None:
     """A web dashboard: live run curves, start/stop runs, chat with base and adapters side by side, adapters.
 
     Args:
@@ -364,7 +365,7 @@ def ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", ada
     from .ui.app import run_ui
 
     _check_precision(precision, dtype)
-    _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir)
+    _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir, adapters_dir=adapters_dir)
     run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision)
 
 

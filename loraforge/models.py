@@ -237,6 +237,9 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
         return str(path)
+    if path.is_file():  # e.g. the config.json of a model folder
+        raise FileNotFoundError(f"model {name_or_path!r} is a file, not a transformers directory or a .gguf file; "
+                                f"give the folder that holds it ({path.parent}) if that is the model's")
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"model {name_or_path!r} not found: give a transformers directory, a .gguf file, "

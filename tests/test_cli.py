@@ -359,6 +359,10 @@ def test_merge_help_says_the_default_combination_is_exact(capsys):
     (["estimate", "--model", ""], "argument --model: '' is empty: give a path"),
     (["merge", "--base", "b", "--adapter", "a", "--out", ""], "argument --out: '' is empty: give a path"),
     (["merge", "--base", "", "--adapter", "a", "--out", "o"], "argument --base: '' is empty: give a path"),
+    (["eval", ""], "argument data: '' is empty: give a path"),  # was "error:  is a directory"
+    (["ui", "--model", ""], "argument --model: '' is empty: give a path"),
+    (["ui", "--runs", ""], "argument --runs: '' is empty: give a path"),  # was this folder, silently
+    (["serve", "--model", ""], "argument --model: '' is empty: give a path"),
 ])
 def test_bad_option_values_are_refused_where_the_flag_is_declared(argv, message, capsys):
     """argparse refuses them (exit 2, the flag and value as typed), before any model or data loads."""
@@ -386,6 +390,10 @@ def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
         (["ui", "--runs", str(a_file)], f"--runs {a_file}: is a file; give a folder"),
         (["ui", "--models-dir", missing], f"--models-dir {missing}: no such folder"),
         (["ui", "--data-dir", missing], f"--data-dir {missing}: no such folder"),
+        (["ui", "--adapters-dir", missing], f"--adapters-dir {missing}: no such folder"),  # was after loading
+        (["serve", "--adapters-dir", str(a_file)], f"--adapters-dir {a_file}: is a file; give a folder"),
+        (["generate", "hi", "--model", str(a_file)], f"model '{a_file}' is a file, not a transformers directory or "
+                                                     f"a .gguf file; give the folder that holds it ({tmp_path})"),
         (["export", "--to", "vllm", "--adapter", missing, "--out", str(tmp_path / "o"), "--type", "q8_0"],
          "--type q8_0: --to vllm keeps the adapter's own weights; leave --type out"),
     ]

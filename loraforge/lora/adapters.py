@@ -208,6 +208,12 @@ def _module_of(key: str) -> str:
     return path.rsplit(".", 1)[0]
 
 
+def _tensor_of(key: str) -> str:
+    """Which of its module's tensors a file key is (lora_A, lora_B, lora_magnitude_vector, ...), for messages."""
+    rest = key.removeprefix(PREFIX)[len(_module_of(key)) + 1:]
+    return rest.removesuffix(".weight").removesuffix(".default") or key
+
+
 SHOWN = 5
 """Tensors named when an adapter does not fit (an adapter for another base misfits in hundreds)."""
 
@@ -305,8 +311,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                    for key in sorted(set(expected) - set(tensors))]
         unexpected = [f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})"
                       for key in sorted(set(tensors) - set(expected))]
-        shapes = [f"{_module_of(key)}: shape {tuple(tensors[key].shape)} in the file, {tuple(expected[key].shape)} "
-                  f"in this model (an adapter made for another base?)" for key in sorted(set(tensors) & set(expected))
+        shapes = [f"{_module_of(key)}: {_tensor_of(key)} of shape {tuple(tensors[key].shape)} in the file, "
+                  f"{tuple(expected[key].shape)} in this model (an adapter made for another base?)"
+                  for key in sorted(set(tensors) & set(expected))
                   if tuple(tensors[key].shape) != tuple(expected[key].shape)]
         if problems := shapes + missing + unexpected:  # a shape says most about which base the adapter is for
             raise AdapterError(_misfit(adapter_dir, config, model, problems, len(shapes), len(missing),

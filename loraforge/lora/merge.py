@@ -286,7 +286,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         load_adapter(model, adapter_dir, name)
         names.append(name)
     if combine:
-        add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
+        try:
+            add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
+        except ConfigError as e:  # the library's argument as the command's flag
+            raise ConfigError([p.replace(f"combination_type {combination_type!r}", f"--combination {combination_type}")
+                               .replace("use 'cat' (exact) or 'svd'", "use --combination cat (exact) or svd")
+                               for p in e.problems]) from None
         names = ["combined"]
     set_adapter(model, names[0])
     given = ", ".join(map(str, adapters)) + (f" with --weights {' '.join(f'{w:g}' for w in weights)}" if weights

@@ -100,7 +100,7 @@ def test_failed_pissa_or_olora_load_restores_the_base_bit_for_bit(init, corrupti
                    f"(model.layers.1.self_attn.v_proj.lora_B.weight)")
     elif corruption == "shape":
         tensors[key] = tensors[key][:, :2].contiguous()
-        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: shape (16, 2) in the file, "
+        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: lora_B of shape (16, 2) in the file, "
                    f"(16, 4) in this model (an adapter made for another base?)")
     else:
         tensors[key][0, 0] = math.nan
@@ -386,13 +386,14 @@ def test_adapter_for_another_base_names_both_and_counts_the_misfits(tmp_path):
     model.config._name_or_path = "/models/larger-base"
     before = _state(model)
     q, v = "model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.v_proj"
-    shapes = [(q.format(0), (4, 32), (4, 64)), (q.format(0), (32, 4), (64, 4)), (v.format(0), (4, 32), (4, 64)),
-              (v.format(0), (16, 4), (32, 4)), (q.format(1), (4, 32), (4, 64))]  # lora_A, lora_B of each
+    shapes = [(q.format(0), "lora_A", (4, 32), (4, 64)), (q.format(0), "lora_B", (32, 4), (64, 4)),
+              (v.format(0), "lora_A", (4, 32), (4, 64)), (v.format(0), "lora_B", (16, 4), (32, 4)),
+              (q.format(1), "lora_A", (4, 32), (4, 64))]  # each module's two: named, not the module twice
     message = (f"cannot load adapter {adapter}: it was trained on org/small-base (adapter_config.json's "
                f"base_model_name_or_path) and the model given is /models/larger-base; 12 of its tensors do not fit "
                f"(8 of another shape, 4 missing from the file), the first 5:" + "".join(
-                   f"\n  {module}: shape {file} in the file, {ours} in this model (an adapter made for another base?)"
-                   for module, file, ours in shapes))
+                   f"\n  {module}: {tensor} of shape {file} in the file, {ours} in this model (an adapter made for "
+                   f"another base?)" for module, tensor, file, ours in shapes))
     with pytest.raises(AdapterError) as caught:
         load_adapter(model, adapter)
     assert str(caught.value) == message
@@ -420,7 +421,7 @@ def test_misfits_under_the_same_base_name_are_counted_without_naming_bases(tmp_p
     head, *shown = str(caught.value).split("\n")
     assert head == (f"cannot load adapter {adapter}: 12 of its tensors do not fit (8 of another shape, 4 missing "
                     f"from the file), the first 5:")
-    assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: shape (4, 32) in the file")
+    assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: lora_A of shape (4, 32) in the file")
 
 
 # --- adapters and merging under a hostile user (hunt of stop 41) -------------------------------------------------

@@ -196,6 +196,18 @@ def test_merging_two_adapters_is_exact_by_default(tiny_dir, tmp_path, input_ids)
         torch.testing.assert_close(merged(input_ids).logits, want, **TOL)
 
 
+def test_linear_on_adapters_of_two_ranks_names_the_commands_flag(tiny_dir, tmp_path):
+    """`loraforge merge --combination linear` was told about combination_type, the library's argument."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    _peft_adapters(base, tmp_path, {"x": peft.LoraConfig(r=4, target_modules=TARGETS),
+                                    "y": peft.LoraConfig(r=2, target_modules=TARGETS)})
+    with pytest.raises(ConfigError) as e:
+        export_merged(str(tiny_dir), [str(tmp_path / "x"), str(tmp_path / "y")], tmp_path / "merged",
+                      combination_type="linear")
+    assert e.value.problems == ["--combination linear needs adapters of one rank, got ranks [2, 4]; use "
+                                "--combination cat (exact) or svd"]
+
+
 @pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
 def test_a_saved_head_or_embedding_unties_the_merged_checkpoint(saved, tiny_dir, tmp_path, input_ids):
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
