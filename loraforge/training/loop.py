@@ -482,12 +482,17 @@ def restore(run: Run) -> None:
         raise TrainingError(why)  # the same on every process, as the checks below
     if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
         adapter = run.out / "adapter"
-        then = ("start a new run from the finished adapter" if (adapter / "adapter_config.json").is_file() else
-                "finish this run first (--resume with them as they were), then start a new run from the adapter it "
-                "writes")  # a stopped or killed run has written no adapter yet
+        finished = (adapter / "adapter_config.json").is_file()  # a stopped or killed run has written none yet
+        first = "" if finished else "finish this run first (--resume with them as they were), then "
+        if run.cfg.method == "adalora":  # an AdaLoRA adapter is not trained on (training.init_adapter refuses it)
+            then = (f"{first}merge its adapter into the base (loraforge merge --adapter {adapter}) and train a new "
+                    f"adapter on the merged model")
+        else:
+            then = (f"{first}start a new run from {'the finished adapter' if finished else 'the adapter it writes'} "
+                    f"(training.init_adapter={adapter})")
         raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
-                            f"as they were; to train on with new ones, {then} (training.init_adapter={adapter})")
+                            f"as they were; to train on with new ones, {then}")
     if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
                             f"); its place in the data would now repeat or skip examples, so put the data back as "

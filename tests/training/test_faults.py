@@ -705,6 +705,19 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
                                    f"{interrupted / 'adapter'})")
 
 
+def test_resume_of_adalora_with_another_step_count_says_to_merge_not_to_train_on(tiny_dir, data_file, tmp_path):
+    """The advice was training.init_adapter, which refuses an AdaLoRA adapter."""
+    out = tmp_path / "run"
+    args = [a for a in run_args(tiny_dir, data_file, out) if not a.startswith("lora.")] + [
+        "method=adalora", "adalora.init_r=4", "adalora.target_r=2", "adalora.tinit=0", "adalora.tfinal=1"]
+    stop_in_last_save(load_train_config(None, args))
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, [*args, "training.max_steps=6"]), resume=True, progress=False)
+    assert str(e.value).endswith(f"to train on with new ones, finish this run first (--resume with them as they "
+                                 f"were), then merge its adapter into the base (loraforge merge --adapter "
+                                 f"{out / 'adapter'}) and train a new adapter on the merged model")
+
+
 def test_resume_onto_data_that_changed_under_the_same_path_is_refused(tiny_dir, data_file, tmp_path):
     """Only the path was compared: a file rewritten with other rows resumed at the checkpoint's place in other
     data, silently (the final loss was another run's)."""
