@@ -61,12 +61,17 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+left_a_group = False  # set by leave_processes: this process joined a process group and has left it
+
+
 def leave_processes() -> None:
     """Destroy the process group, where one was joined, while the interpreter is still whole: without this, gloo's
     worker threads are torn down during interpreter shutdown and a process that is exiting (even with a refusal
     every rank printed) can die of SIGABRT ("terminate called without an active exception") instead of its exit
     code. A failure here (a peer already gone) changes nothing about how the command ends."""
+    global left_a_group
     if dist.is_initialized():
+        left_a_group = True  # python -m loraforge then exits without the interpreter's teardown (__main__.py)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -281,13 +286,19 @@ def is_collective_failure(error: BaseException) -> bool:
 STAGES = {"set-up": " during set-up", "training": "", "finish": " after the last step, writing the adapter"}
 
 
-def collective_error(rank: int, timeout_s: float, error: Exception, stage: str = "training") -> TrainingError:
+def collective_error(rank: int, timeout_s: float, error: Exception, stage: str = "training",
+                     saved: bool = True) -> TrainingError:
     """What a process says when a collective failed: a peer died (its own error is in its log) or stopped
     answering for training.collective_timeout seconds. `stage`: "set-up" (before the first step: nothing to resume
-    from this run yet, unless it was resumed), "training" or "finish"."""
+    from this run yet, unless it was resumed), "training" or "finish". `saved`: output_dir holds a checkpoint (where
+    none does, --resume would be refused)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    fix = ("fix what stopped it and start the run again (with --resume if it continues from a checkpoint)"
-           if stage == "set-up" else "resume from the last checkpoint with --resume")
+    if stage == "set-up":
+        fix = "fix what stopped it and start the run again (with --resume if it continues from a checkpoint)"
+    elif saved:
+        fix = "resume from the last checkpoint with --resume"
+    else:
+        fix = "no checkpoint was saved yet (training.save_every), so fix what stopped it and start the run again"
     return TrainingError(f"rank {rank}: a collective with the other processes failed{STAGES[stage]} ({first[:300]}): "
                          f"another process stopped (its error is in its own output) or did not answer within "
                          f"training.collective_timeout={timeout_s:g} s; {fix}")

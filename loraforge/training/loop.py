@@ -335,7 +335,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
             if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
                 raise
-            raise collective_error(dist.get_rank(), cfg.training.collective_timeout, e, stage) from e
+            saved = any((Path(cfg.output_dir) / "checkpoints").glob("step-*"))  # as rank 0's file system has it
+            raise collective_error(dist.get_rank(), cfg.training.collective_timeout, e, stage, saved) from e
 
 
 def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision | None,

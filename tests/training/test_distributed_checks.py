@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
+from loraforge.training.distributed import collective_error
 from loraforge.training.epochs import too_few_examples
 from loraforge.training.loop import train
 
@@ -195,3 +196,14 @@ def test_too_few_examples_for_the_processes_names_them(tiny_dir, data_file):
         "5 training examples are fewer than one optimizer step needs (batch_size 4 × gradient_accumulation 2 × 2 "
         "processes); lower training.batch_size, lower training.gradient_accumulation, run fewer processes (torchrun "
         "--nproc_per_node; this run has 2) or add training examples")
+
+
+def test_a_failed_collective_advises_resume_only_where_a_checkpoint_is():
+    """A peer killed before the first save: the advice was --resume, which then said there is no checkpoint."""
+    error = RuntimeError("[gloo] Connection reset by peer")
+    head = ("rank 0: a collective with the other processes failed ([gloo] Connection reset by peer): another process "
+            "stopped (its error is in its own output) or did not answer within training.collective_timeout=60 s; ")
+    assert str(collective_error(0, 60, error, "training", saved=True)) == (
+        head + "resume from the last checkpoint with --resume")
+    assert str(collective_error(0, 60, error, "training", saved=False)) == (
+        head + "no checkpoint was saved yet (training.save_every), so fix what stopped it and start the run again")
