@@ -182,8 +182,7 @@ def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: li
         weights: one weight per adapter when combining (default 1 each)
         combination: cat (exact), svd (truncated to the largest rank) or linear (PEFT's; equal ranks, not the sum)
         dtype: fp32, bf16 or fp16 for the written weights
-        quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on (nf4/fp4: the
-            unmerged model's outputs; int8: ~1e-2 apart, as bitsandbytes' int8 product also rounds activations)
+        quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on (int8: ~1e-2 off)
         overwrite: write into a non-empty --out, replacing only the checkpoint's files (never an --adapter/--base)
     """
     from loraforge.config import ConfigError
