@@ -742,7 +742,11 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     except ConfigError as e:
         raise ConfigError([_section_hint(p) for p in e.problems] + problems) from None
     validate(problems)
-    lora = data.get("lora")
+    lora, training = data.get("lora"), data.get("training")
+    if isinstance(training, dict) and "batch_size" in training and cfg.training.batch_tokens is not None:
+        warnings.warn(f"training.batch_size {cfg.training.batch_size} is not used: training.batch_tokens "
+                      f"{cfg.training.batch_tokens} fills each micro-batch with examples up to that many tokens "
+                      f"(remove one of the two)", stacklevel=2)
     object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
 

@@ -1,6 +1,7 @@
 """Config values that would crash deep in training or silently train nothing are refused when the config loads,
 each naming the field as the user types it."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,13 @@ def test_pissa_and_olora_on_a_quantized_base_are_refused_before_loading():
         "quantized; use the default init (true), or train without quantization"]
     assert problems("model.quantization=int8", "lora.init_lora_weights=pissa_niter_4")[0].startswith(
         "lora.init_lora_weights: pissa_niter_4 starts from the base's own weights, which the int8 base")
+
+
+def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
+    """batch_tokens decides each micro-batch: a batch_size written with it was dropped without a word."""
+    with pytest.warns(UserWarning, match=r"^training\.batch_size 4 is not used: training\.batch_tokens 120 fills each "
+                                         r"micro-batch with examples up to that many tokens \(remove one of the two\)$"):
+        load_train_config(None, [DATA, "training.batch_size=4", "training.batch_tokens=120"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_train_config(None, [DATA, "training.batch_tokens=120"])  # the default batch_size: nothing to say
