@@ -75,8 +75,6 @@ def test_method_contradicting_the_lora_fields_written():
 def test_adalora_refuses_the_lora_fields_it_would_ignore_and_warns_about_lora_r():
     """method: adalora trains its own update, ranks, scale and init: lora: fields that would change what a LoRA run
     trains are refused by name; lora.r (AdaLoRA's ranks are adalora.init_r / target_r) gets one warning."""
-    import warnings
-
     assert problems("method=adalora", "lora.use_dora=true", "lora.use_rslora=true", "lora.init_lora_weights=pissa",
                     "lora.modules_to_save=[lm_head]", "lora.rank_pattern={q_proj: 4}",
                     "lora.alpha_pattern={q_proj: 2}") == [
