@@ -246,8 +246,9 @@ def test_pissa_and_olora_on_a_quantized_base_are_refused_before_loading():
 
 def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
     """batch_tokens decides each micro-batch: a batch_size written with it was dropped without a word."""
-    with pytest.warns(UserWarning, match=r"^training\.batch_size 4 is not used: training\.batch_tokens 120 fills each "
-                                         r"micro-batch with examples up to that many tokens \(remove one of the two\)$"):
+    said = (r"^training\.batch_size 4 is not used: training\.batch_tokens 120 fills each micro-batch with examples up "
+            r"to that many tokens \(remove one of the two\)$")
+    with pytest.warns(UserWarning, match=said):
         load_train_config(None, [DATA, "training.batch_size=4", "training.batch_tokens=120"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")

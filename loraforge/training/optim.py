@@ -1,8 +1,9 @@
 """Optimizers: the one builder the loop, the benches and the tests use.
 
 `make_optimizer(model, t)` turns the training section of the config into an optimizer over the model's trainable
-parameters: weight decay on all but biases and norms (HF Trainer's rule), LoRA+ groups when asked, and AdamW from torch (fused on CPU and CUDA)
-or one of bitsandbytes' 8-bit / paged AdamWs. `optimizer_by_name` is the same choice for a list of parameters.
+parameters: weight decay on all but biases and norms (HF Trainer's rule), LoRA+ groups when asked, and AdamW from
+torch (fused on CPU and CUDA) or one of bitsandbytes' 8-bit / paged AdamWs. `optimizer_by_name` is the same choice
+for a list of parameters.
 """
 
 from __future__ import annotations

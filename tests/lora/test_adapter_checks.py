@@ -100,8 +100,8 @@ def test_failed_pissa_or_olora_load_restores_the_base_bit_for_bit(init, corrupti
                    f"(model.layers.1.self_attn.v_proj.lora_B.weight)")
     elif corruption == "shape":
         tensors[key] = tensors[key][:, :2].contiguous()
-        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: lora_B of shape (16, 2) in the file, "
-                   f"(16, 4) in this model (an adapter made for another base?)")
+        message = (f"cannot load adapter {bad}:\n  model.layers.1.self_attn.v_proj: lora_B of shape (16, 2) in the "
+                   f"file, (16, 4) in this model (an adapter made for another base?)")
     else:
         tensors[key][0, 0] = math.nan
         message = (f"{bad / 'adapter_model.safetensors'}: tensor {key} holds NaN or inf values (1 of 64); "
@@ -421,7 +421,8 @@ def test_misfits_under_the_same_base_name_are_counted_without_naming_bases(tmp_p
     head, *shown = str(caught.value).split("\n")
     assert head == (f"cannot load adapter {adapter}: 12 of its tensors do not fit (8 of another shape, 4 missing "
                     f"from the file), the first 5:")
-    assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: lora_A of shape (4, 32) in the file")
+    assert len(shown) == 5 and shown[-1].startswith("  model.layers.1.self_attn.q_proj: lora_A of shape (4, 32) in the "
+                                                    "file")
 
 
 # --- adapters and merging under a hostile user (hunt of stop 41) -------------------------------------------------

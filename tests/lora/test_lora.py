@@ -152,7 +152,8 @@ def test_a_huge_target_list_is_not_echoed_back_whole():
     with pytest.raises(ConfigError) as caught:
         inject(tiny_llama(), LoraConfig(target_modules=("x" * 5000,)))
     text = str(caught.value)
-    assert text.startswith("invalid config:\n  target_modules: ('xxxx") and "... (5,005 characters) matches no linear layer" in text
+    assert text.startswith("invalid config:\n  target_modules: ('xxxx")
+    assert "... (5,005 characters) matches no linear layer" in text
     assert len(text) < 400, text
     with pytest.raises(ConfigError, match=r"target_modules: 'x{99}\.\.\. \(5,002 characters\)"):
         LoraConfig(target_modules="x" * 4999 + "(")
