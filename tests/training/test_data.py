@@ -373,20 +373,23 @@ def test_a_lone_surrogate_names_the_file_line_field_and_position(tok, tmp_path):
                             f"whole character")
 
 
+def refusal(path, text: str) -> str:
+    """The DataError reading `text`, written to `path`, raises."""
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        read_records(str(path))
+    return str(e.value)
+
+
 def test_csv_header_spaces_duplicate_columns_and_extra_fields(tok, tmp_path):
     """Header names are stripped; a column named twice and a row longer than the header are refused by line."""
     (tmp_path / "space.csv").write_text("instruction, output\nx,y\n")
     assert strip_source(read_records(str(tmp_path / "space.csv"))) == [{"instruction": "x", "output": "y"}]
-    (tmp_path / "dup.csv").write_text("instruction,output,output\nx,y,z\n")
-    with pytest.raises(DataError) as e:
-        read_records(str(tmp_path / "dup.csv"))
-    assert str(e.value) == (f"{tmp_path / 'dup.csv'}:1: the header names column 'output' twice; rename or remove "
-                            f"one of them")
-    (tmp_path / "extra.csv").write_text('instruction,output\n"multi\nline",y\n\nwhat,this,extra\n')
-    with pytest.raises(DataError) as e:
-        read_records(str(tmp_path / "extra.csv"))
-    assert str(e.value) == (f"{tmp_path / 'extra.csv'}:5: 3 fields, but the header has 2 columns (instruction, "
-                            f'output); quote a field that holds a comma ("a, b")')
+    assert refusal(tmp_path / "dup.csv", "instruction,output,output\nx,y,z\n") == (
+        f"{tmp_path / 'dup.csv'}:1: the header names column 'output' twice; rename or remove one of them")
+    assert refusal(tmp_path / "extra.csv", 'instruction,output\n"multi\nline",y\n\nwhat,this,extra\n') == (
+        f"{tmp_path / 'extra.csv'}:5: 3 fields, but the header has 2 columns (instruction, output); quote a field "
+        f'that holds a comma ("a, b")')
     (tmp_path / "lines.csv").write_text('instruction,output\n"multi\nline",y\n\nshort\n')
     records = read_records(str(tmp_path / "lines.csv"))  # each record names the line it starts on
     assert records == [{"instruction": "multi\nline", "output": "y", "_source": f"{tmp_path / 'lines.csv'}:2"},
@@ -594,16 +597,12 @@ def test_a_json_key_written_twice_in_one_object_is_refused(tmp_path):
 
 def test_a_csv_header_repeated_mid_file_or_naming_an_empty_column_twice_is_refused(tmp_path):
     """cat a.csv b.csv leaves b's header as a row, which trained as an example ('instruction' -> 'output')."""
-    (tmp_path / "ab.csv").write_text("instruction,output\na,b\ninstruction, output\nc,d\n")
-    with pytest.raises(DataError) as e:
-        read_records(str(tmp_path / "ab.csv"))
-    assert str(e.value) == (f"{tmp_path / 'ab.csv'}:3: this row repeats the header (instruction, output), as where "
-                            f"two CSV files with headers were joined (cat a.csv b.csv); delete the line")
-    (tmp_path / "commas.csv").write_text("instruction,output,,\na,b,,\n")
-    with pytest.raises(DataError) as e:
-        read_records(str(tmp_path / "commas.csv"))
-    assert str(e.value) == (f"{tmp_path / 'commas.csv'}:1: the header names column '' twice (an empty name: a comma "
-                            f"too many at the header's end?); rename or remove one of them")
+    assert refusal(tmp_path / "ab.csv", "instruction,output\na,b\ninstruction, output\nc,d\n") == (
+        f"{tmp_path / 'ab.csv'}:3: this row repeats the header (instruction, output), as where two CSV files with "
+        f"headers were joined (cat a.csv b.csv); delete the line")
+    assert refusal(tmp_path / "commas.csv", "instruction,output,,\na,b,,\n") == (
+        f"{tmp_path / 'commas.csv'}:1: the header names column '' twice (an empty name: a comma too many at the "
+        f"header's end?); rename or remove one of them")
 
 
 def test_a_corrupt_parquet_file_is_a_data_error_naming_it(tmp_path):
