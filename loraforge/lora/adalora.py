@@ -98,9 +98,10 @@ class AdaLoraConfig:
             p.append(f"target_r: must be in 1..init_r ({self.init_r}), got {self.target_r}")
         if self.deltaT < 1:
             p.append(f"deltaT: must be at least 1, got {self.deltaT}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                p.append(f"{name}: must be in (0, 1), got {getattr(self, name)} (try 0.85)")
+        if not 0.0 < self.beta1 < 1.0:  # 0: the smoothed sensitivity is the last one, every uncertainty 0: no scores
+            p.append(f"beta1: must be in (0, 1), got {self.beta1} (try 0.85)")
+        if not 0.0 <= self.beta2 < 1.0:  # 0 (as PEFT takes it): the uncertainty is the last step's alone
+            p.append(f"beta2: must be in [0, 1), got {self.beta2} (try 0.85)")
         if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
             p.append(f"orth_reg_weight: must be a finite number >= 0, got {self.orth_reg_weight} (try 0.5)")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha >= 0):

@@ -66,6 +66,12 @@ def test_config_validation_and_peft_names():
         AdaLoraConfig(total_step=10, tinit=8, tfinal=2)
     with pytest.raises(ConfigError, match="target_r"):
         AdaLoraConfig(total_step=10, init_r=4, target_r=6)
+    # beta2 0 (PEFT takes it): the uncertainty is the last step's; beta1 0 would make every uncertainty, so score, 0
+    assert AdaLoraConfig(total_step=10, beta2=0.0).beta2 == 0.0
+    with pytest.raises(ConfigError, match=r"beta1: must be in \(0, 1\), got 0\.0"):
+        AdaLoraConfig(total_step=10, beta1=0.0)
+    with pytest.raises(ConfigError, match=r"beta2: must be in \[0, 1\), got 1\.0"):
+        AdaLoraConfig(total_step=10, beta2=1.0)
     theirs = peft.AdaLoraConfig(total_step=10, target_modules=["q_proj"]).to_dict()
     ours = AdaLoraConfig.from_peft_dict(json.loads(json.dumps(theirs, default=list)))
     assert (ours.init_r, ours.target_r, ours.beta1, ours.beta2, ours.orth_reg_weight, ours.lora_alpha) == \
