@@ -155,7 +155,8 @@ def test_adapter_for_another_base_is_a_shape_error(tmp_path):
     save_adapter(inject(tiny_llama(hidden_size=48), LoraConfig(r=2)), tmp_path)
     model = tiny_llama()
     before = _state(model)
-    with pytest.raises(AdapterError, match=r"self_attn\.q_proj: shape \(2, 48\) in the file, \(2, 32\) in this model"):
+    with pytest.raises(AdapterError, match=r"self_attn\.q_proj: lora_A of shape \(2, 48\) in the file, \(2, 32\) in "
+                                           r"this model"):
         load_adapter(model, tmp_path)
     _assert_untouched(model, before)
 
