@@ -240,7 +240,7 @@ def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
     for key, v in pattern.items():
         try:
             re.compile(key)
-            re.compile(rf"(.*\.)?({key})$")  # how pattern_value uses it
+            re.compile(rf"(.*\.)?({key})$")  # how inject.pattern_matches uses it
         except (re.error, TypeError) as e:
             p.append(f"{name}.{key}: the key is not a valid regex ({e}); escape special characters, e.g. "
                      f"{re.escape(str(key))!r}")
@@ -690,12 +690,12 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
     import yaml
 
     data: dict = dict(base or {})
-    if path is not None and Path(path).is_dir():  # every command that reads a run's YAML (train, forgetting, ...)
-        raise ConfigError([f"{path}: is a directory; give the training YAML file in it, e.g. "
-                           f"{Path(path) / 'config.yaml'}"])
-    if path is not None and not Path(path).is_file():
-        raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
     if path is not None:
+        if Path(path).is_dir():  # every command that reads a run's YAML (train, forgetting, ...)
+            raise ConfigError([f"{path}: is a directory; give the training YAML file in it, e.g. "
+                               f"{Path(path) / 'config.yaml'}"])
+        if not Path(path).is_file():
+            raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
         try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
             loaded = yaml.safe_load(Path(path).read_bytes()) or {}
         except yaml.reader.ReaderError as e:  # a byte that is not UTF-8, e.g. a Latin-1 "café" in a comment

@@ -21,7 +21,7 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import inject, lora_layers, mark_trainable
+from loraforge.lora.inject import inject, is_base_bias, lora_layers, mark_trainable
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
@@ -78,7 +78,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
                 out[f"{PREFIX}{path}.{key}"] = tensor
     if config.bias == "all":
         for key, p in model.named_parameters():
-            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key:
+            if is_base_bias(key):
                 out[f"{PREFIX}{key}"] = p
     return out
 

@@ -84,10 +84,15 @@ def layer_index(path: str, layers_pattern=None) -> int | None:
     return int(found.group("idx")) if found else None
 
 
+def pattern_matches(key: str, path: str) -> bool:
+    """A rank_pattern / alpha_pattern key names the layer at `path`: (.*\\.)?key$ matches it (PEFT's rule)."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
 def pattern_value(pattern: dict, path: str, default):
-    """rank_pattern / alpha_pattern lookup: the first key (in order) with (.*\\.)?key$ matching wins."""
+    """rank_pattern / alpha_pattern lookup: the first key (in order) that pattern_matches wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if pattern_matches(key, path):
             return value
     return default
 
@@ -97,7 +102,7 @@ def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
     ignores it silently): one warning names the keys and a few of the layers they could have named."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         pattern = getattr(config, field_name)
-        unmatched = [key for key in pattern if not any(re.match(rf"(.*\.)?({key})$", path) for path in targets)]
+        unmatched = [key for key in pattern if not any(pattern_matches(key, path) for path in targets)]
         if unmatched:
             shown = ", ".join(clipped(k, 60) for k in unmatched[:5])
             warnings.warn(f"{field_name}: {shown} match{'es' if len(unmatched) == 1 else ''} none of the "
@@ -239,6 +244,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     return model
 
 
+def is_base_bias(key: str) -> bool:
+    """A parameter name of a base bias, which bias="all" trains (not a modules_to_save copy's, nor its original's)."""
+    return key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key
+
+
 def keep_base_biases(model: nn.Module, config, name: str) -> None:
     """An adapter with bias lora_only (its layers' biases) or all (every bias) trains the base's own bias tensors:
     training and loading change them in place (PEFT's rule, one such adapter at a time). Their values before are
@@ -249,8 +259,7 @@ def keep_base_biases(model: nn.Module, config, name: str) -> None:
         params = [m.base_layer.bias for _, m in lora_layers(model)
                   if name in m.r and getattr(m.base_layer, "bias", None) is not None]
     else:
-        params = [p for key, p in model.named_parameters()
-                  if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key]
+        params = [p for key, p in model.named_parameters() if is_base_bias(key)]
     kept = getattr(model, "lora_base_biases", None) or {}
     model.lora_base_biases = {**kept, name: [(p, p.detach().clone()) for p in params]}
 

@@ -50,12 +50,12 @@ class EpochPlan:
 
     def __init__(self, examples: list[D.Example], cfg: TrainConfig, mixture: Mixture | None, group: int):
         self.examples, self.cfg, self.mixture, self.group = examples, cfg, mixture, group
+        self.world = group // cfg.training.gradient_accumulation
         self._cached: tuple[int, list[list[int]]] | None = None
         self._starts = [0]  # _starts[e]: the run's step at which epoch e begins
         self.first = self.batches(0)
         if len(self.first) < group:
-            raise TrainingError(too_few_examples(cfg, len(examples), len(self.first), group // cfg.training.
-                                                 gradient_accumulation))
+            raise TrainingError(too_few_examples(cfg, len(examples), len(self.first), self.world))
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Epoch `epoch`'s micro-batches (the last epoch asked for is kept)."""
@@ -80,8 +80,8 @@ class EpochPlan:
         while self._starts[-1] <= step:  # an epoch of no step (fewer micro-batches than a step) is passed over
             self._count_to(len(self._starts))
             if len(self._starts) > 100 and self._starts[-1] == self._starts[-101]:
-                raise TrainingError(too_few_examples(self.cfg, len(self.examples), len(self.batches(
-                    len(self._starts) - 2)), self.group // self.cfg.training.gradient_accumulation))
+                raise TrainingError(too_few_examples(self.cfg, len(self.examples),
+                                                     len(self.batches(len(self._starts) - 2)), self.world))
         epoch = bisect.bisect_right(self._starts, step) - 1
         return epoch, step - self._starts[epoch]
 
