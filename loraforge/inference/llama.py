@@ -47,6 +47,8 @@ def unsupported(model: nn.Module) -> str | None:
         return f"model type {kind!r} (the static decoder runs {', '.join(SUPPORTED)})"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act {cfg.hidden_act!r}"
+    if isinstance(getattr(model, "lm_head", None), LoraLayer):  # the decoder reads the head's weight as stored
+        return "an adapter on lm_head"
     for module in model.modules():
         if isinstance(module, ModulesToSave):
             return "modules_to_save"

@@ -210,6 +210,15 @@ def test_unsupported_models_fall_back_to_transformers():
     assert shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=4) == _reference(model, prompts, [VOCAB + 1], 4)
 
 
+def test_an_adapter_on_the_head_falls_back_to_transformers():
+    model = tiny_llama()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"), init_lora_weights=False), "h")
+    randomize(model, seed=1)
+    assert unsupported(model) == "an adapter on lm_head"  # it crashed reading lm_head.weight
+    prompts = _prompts(0, [3, 5])
+    assert shared_greedy(model, prompts, [VOCAB + 1], max_new_tokens=4) == _reference(model, prompts, [VOCAB + 1], 4)
+
+
 def test_shared_prefix_is_computed_once(monkeypatch):
     """loraforge.decoding.greedy(static=True) runs Llama models here: the shared prefix as one row, then each
     row's own tokens, then one token per running row per step."""
