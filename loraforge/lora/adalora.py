@@ -25,7 +25,7 @@ from torch import nn
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
                               adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
                               normalize_module_fields, peft_list, unsupported_peft_fields, validate)
-from loraforge.lora.inject import (LAYER_INDEX, keep_base_biases, lora_layers, mark_trainable, resolve_targets,
+from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable, resolve_targets,
                                    untie_shared)
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
@@ -267,7 +267,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
     for path in targets:
         module = model.get_submodule(path)
         if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
-            raise ConfigError([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA adapters "
+            raise LayerKindConflict([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA adapters "
                                f"cannot share a layer (delete the other adapter first)"])
         if not isinstance(module, SVDLinear):
             module = SVDLinear(module)

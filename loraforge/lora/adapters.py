@@ -21,7 +21,7 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import inject, is_base_bias, lora_layers, mark_trainable
+from loraforge.lora.inject import LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
@@ -301,6 +301,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                 inject(model, config, name)
             else:  # AdaLoRA: its own layer type
                 inject_adalora(model, config, name)
+        except LayerKindConflict:
+            raise  # the model's other adapters are in the way, not the adapter
         except ConfigError as e:
             other = _other_base(config, model)
             raise AdapterError(f"{adapter_dir}: this adapter does not fit the model{f' ({other})' if other else ''}: "

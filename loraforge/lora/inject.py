@@ -208,6 +208,10 @@ def resolve_targets(model: nn.Module, config, adapter_name: str):
     return configs, config, targets
 
 
+class LayerKindConflict(ConfigError):
+    """A LoRA adapter for a layer that holds an AdaLoRA one, or the other way round: one module holds one kind."""
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
 
@@ -222,6 +226,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             module = LoraLinear(module)
             module.untied_from = untied.get(path)
             set_submodule(model, path, module)
+        elif not isinstance(module, LoraLinear):  # AdaLoRA's SVDLinear
+            raise LayerKindConflict([f"target_modules: {path} already holds an AdaLoRA adapter; AdaLoRA and LoRA "
+                                     f"adapters cannot share a layer (delete the other adapter first)"])
         module.add_adapter(
             adapter_name,
             r=int(pattern_value(config.rank_pattern, path, config.r)),

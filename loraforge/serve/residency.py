@@ -53,7 +53,7 @@ from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, delete_adapter, load_adapter,
                                      read_adapter_config, read_adapter_weights)
-from loraforge.lora.inject import lora_layers
+from loraforge.lora.inject import LayerKindConflict, lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
@@ -523,11 +523,10 @@ class Residency:
         a problem of the files raises BrokenAdapter, a clash with the resident adapters AdapterConflict."""
         try:
             load_adapter(self.model, entry.path, uid)
-        except TypeError as e:  # inject met a layer of the other kind (LoRA vs AdaLoRA) already on this module
+        except LayerKindConflict as e:  # a module holds a layer of the other kind (LoRA vs AdaLoRA) already
             delete_adapter(self.model, uid)
-            raise AdapterConflict(f"adapter {shown(entry.name)} cannot share a layer with the adapters now resident "
-                                  f"({self._public(entry, str(e))}); an AdaLoRA adapter and a LoRA adapter cannot "
-                                  f"target the same module in one server") from None
+            raise AdapterConflict(f"adapter {shown(entry.name)} cannot be loaded beside the adapters now resident: "
+                                  f"{e.problems[0].removeprefix('target_modules: ')}") from None
         except (ValueError, OSError) as e:
             delete_adapter(self.model, uid)
             raise self._broken(entry, e) from None

@@ -112,17 +112,24 @@ def test_unservable_adapters_fail_closed(base, tokenizer, tmp_path, extra, reaso
         engine.stop()
 
 
-def test_adalora_and_lora_on_one_module_fail_closed(base, tokenizer, variants):  # noqa: F811
+@pytest.mark.parametrize("first,second", [("ada", "other-ada-layer"), ("other-ada-layer", "ada")],
+                         ids=["adalora-first", "lora-first"])
+def test_adalora_and_lora_on_one_module_fail_closed(base, tokenizer, variants, first, second):  # noqa: F811
     """An AdaLoRA layer and a LoRA layer cannot wrap the same module: the second one's requests fail with the
-    reason, the first keeps serving, and nothing half-loaded stays on the model."""
-    engine = Engine(copy.deepcopy(base), tokenizer, adapters={"ada": variants / "ada"}, adapters_dir=variants)
+    reason (in either order; AdaLoRA second was blamed on another base, LoRA second on a TypeError), the first keeps
+    serving, and nothing half-loaded stays on the model."""
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={first: variants / first}, adapters_dir=variants)
     try:
-        before = engine.generate([1, 2, 3], "ada", SamplingParams(max_tokens=4, ignore_eos=True)).token_ids
-        with pytest.raises(RuntimeError, match="cannot target the same module"):
-            engine.generate([1, 2, 3], "other-ada-layer", SamplingParams(max_tokens=2))
-        assert engine.generate([1, 2, 3], "ada", SamplingParams(max_tokens=4, ignore_eos=True)).token_ids == before
+        before = engine.generate([1, 2, 3], first, SamplingParams(max_tokens=4, ignore_eos=True)).token_ids
+        kinds = "an AdaLoRA adapter" if first == "ada" else "a LoRA adapter"
+        with pytest.raises(RuntimeError, match=f"cannot be loaded beside the adapters now resident: .*gate_proj "
+                                               f"already holds {kinds}; AdaLoRA and LoRA adapters cannot share a "
+                                               r"layer \(delete the other adapter first\)$") as e:
+            engine.generate([1, 2, 3], second, SamplingParams(max_tokens=2))
+        assert "base" not in str(e.value) and "TypeError" not in str(e.value)
+        assert engine.generate([1, 2, 3], first, SamplingParams(max_tokens=4, ignore_eos=True)).token_ids == before
         assert all("serve" in n and "check" not in n for _, layer in lora_layers(engine.model) for n in layer.r)
-        assert engine.resident_adapters() == ["ada"]
+        assert engine.resident_adapters() == [first]
     finally:
         engine.stop()
 
