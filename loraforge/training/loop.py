@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from loraforge.config import ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
@@ -740,6 +741,13 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
     scaler.update()
     skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+    if not skipped and not all_finite(params, run.world):  # the loss and gradients were finite: the update was not
+        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
+        raise TrainingError(f"the update of step {run.step + 1} made trainable weights inf or NaN (the loss, "
+                            f"{loss_value:.4g}, and the gradient norm, {float(grad_norm):.4g}, were finite); stopping "
+                            f"before they are saved. The last good checkpoint is "
+                            f"{last or 'none (no checkpoint was written yet)'}. Lower training.lr (it is {t.lr:g}; "
+                            f"try {t.lr / 10:g})")
     if run.allocator is not None and not skipped:
         run.allocator.step(model, run.step + 1)  # AdaLoRA (steps from 1, as PEFT): importance, re-mask to budget
     run.optimizer.zero_grad(set_to_none=True)
@@ -748,6 +756,16 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     else:
         run.scheduler.step()
     return loss_value, grad_norm, skipped
+
+
+def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:
+    """Whether every parameter is finite, agreed by every process (FSDP: each checks its own shards)."""
+    local = [t for p in params if (t := p.to_local() if isinstance(p, DTensor) else p).numel()]
+    bad = (torch.stack([~torch.isfinite(t).all() for t in local]).any() if local
+           else torch.zeros((), dtype=torch.bool, device=params[0].device)).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
 
 
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int) -> TrainResult:

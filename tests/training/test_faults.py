@@ -638,6 +638,19 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_an_update_that_makes_the_weights_infinite_stops_before_they_are_saved(tiny_dir, data_file, tmp_path):
+    """lr 1e308: step 1's loss and gradients are finite, and its AdamW update (about lr per weight) overflows fp32.
+    The run had finished and written an adapter of NaN and inf ("final loss 10.8"), which serving then refused."""
+    cfg = load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "run") + ["training.lr=1e308",
+                                                                                     "training.max_steps=1"])
+    with pytest.raises(TrainingError) as e:
+        train(cfg, progress=False)
+    assert str(e.value).startswith("the update of step 1 made trainable weights inf or NaN (the loss, ")
+    assert str(e.value).endswith("The last good checkpoint is none (no checkpoint was written yet). Lower "
+                                 "training.lr (it is 1e+308; try 1e+307)")
+    assert not (tmp_path / "run" / "adapter").exists() and not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
 def test_an_error_during_training_starts_on_its_own_line_after_the_progress_bar(tiny_dir, data_file, tmp_path):
     """The CLI with its progress bar on (stderr, redrawn with \\r) and a TrainingError in step 1 (lora_alpha 1e30,
     as above): the bar is closed, ending its line, before `error: ...` is printed at column 0 of a line of its own."""
