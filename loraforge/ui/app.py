@@ -8,7 +8,8 @@ Page: GET /ui/ (static index.html, app.js, style.css, vendored uPlot). JSON unde
   GET  runs/{name}/events        the same as server-sent events while the run may still write rows, then `event: end`
   GET  runs/{name}/extras        AdaLoRA ranks, forgetting report, the tail of train.log
   POST runs                      start a run from the form (400 with the CLI's message for a bad value)
-  POST runs/{name}/stop          SIGINT: the run stops, keeping its last complete checkpoint
+  POST runs/{name}/stop          SIGINT: the run finishes its step, checkpoints it and stops; ?force=true, for a run
+                                 already asked to stop: SIGTERM, which interrupts the step ("Stop now")
   GET  runs/{name}/adapter.zip   the run's adapter directory as a zip
   GET  adapters                  adapter directories under the server's adapters_dir (for POST /v1/adapters)
 The playground and adapter loading use the OpenAI-compatible /v1 endpoints themselves. Every name or path from
@@ -211,12 +212,20 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         return {"name": name, "pid": record["pid"], "status": "running"}
 
     @api.post("/runs/{name:path}/stop")
-    def stop(name: str):
-        _, name = run_path(name)
-        if not R.read_launch(runs_dir, name):
+    def stop(name: str, force: bool = False):
+        path, name = run_path(name)
+        launch = R.read_launch(runs_dir, name)
+        if not launch:
             return _error(409, f"run {name!r} was not started from the dashboard: stop it where it runs (Ctrl-C, "
                                f"or kill its process)", "not_launched")
-        if not launcher.stop(name):
+        try:
+            stopping = launcher.stop(name, force=force)
+        except ValueError as e:
+            return _error(409, str(e), "not_stopping")
+        if not stopping:
+            if R.continued(path, launch) and (pid := R.writer_pid(path)) is not None:
+                return _error(409, f"run {name!r} was continued outside the dashboard (process {pid}): stop it where "
+                                   f"it runs (Ctrl-C, or kill {pid})", "not_launched")
             return _error(409, f"run {name!r} is not running (its process ended)", "not_running")
         return {"name": name, "stopping": True}
 

@@ -5,14 +5,16 @@ The form's fields become a config dict that goes through the same validation as 
 <runs>/.ui/<name>/config.yaml and the run is `python -m loraforge train that.yaml` (an argv list, never a shell),
 in its own session so that closing the page, or Ctrl-C on the server, does not stop it.
 
-Stop sends SIGINT: train finishes the step it is in, saves a checkpoint of it and the CLI exits 130 (128 + the
-signal's number; 143 after the SIGTERM below). Checkpoints are written to a temporary directory and renamed, so the
-last complete one is kept whatever the moment; the run continues from it with `loraforge train <config.yaml>
---resume`. A run that has not exited 10 s later gets SIGTERM, which interrupts it at once. Only the process
-launched for the run is signalled: one this launcher holds, or, after a server restart, the process launch.json names
-if its command line and start time are still the recorded ones (runs.launched_alive); never a process that reused
-the id. A launched run whose process ended while no launcher waited for it gets its exit recorded from what it left
-(settle), so it reads stopped or finished, not failed.
+Stop sends SIGINT, once: train finishes the step it is in, saves a checkpoint of it and the CLI exits 130 (128 + the
+signal's number), however long that step and its checkpoint take; a second Stop sends nothing, because train takes a
+second signal as "interrupt at once". Only "Stop now" (stop with force, for a run already asked to stop) sends
+SIGTERM, which interrupts the step: the CLI exits 143 and the last complete checkpoint is kept (checkpoints are
+written to a temporary directory and renamed). Either way the run continues with `loraforge train <config.yaml>
+--resume`; launch.json records the first request ("stop_requested"), so a restarted server knows it too. Only the
+process launched for the run is signalled: one this launcher holds, or, after a server restart, the process
+launch.json names if its command line and start time are still the recorded ones (runs.launched_alive); never a
+process that reused the id. A launched run whose process ended while no launcher waited for it gets its exit
+recorded from what it left (settle), so it reads stopped or finished, not failed.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Launcher:
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.starting = threading.Lock()  # one start at a time: a name is checked and taken at once
+        self.stopping = threading.Lock()  # one stop at a time: a run asked once is never sent a second SIGINT
 
     def start(self, name: str, config: dict) -> dict:
         validate(config)
@@ -162,7 +165,8 @@ class Launcher:
         record["exit_code"] = proc.wait()
         record["ended"] = time.time()
         with self.lock:
-            self._write(name, record)
+            asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
+            self._write(name, {**record, **({"stop_requested": asked} if asked is not None else {})})
             self.procs.pop(name, None)
 
     def settle(self, name: str) -> None:
@@ -206,22 +210,27 @@ class Launcher:
             return False
         return True
 
-    def stop(self, name: str, grace: float = 10.0) -> bool:
-        """SIGINT to a running run (its last complete checkpoint stays); SIGTERM after `grace` seconds.
-        False when the run's process is not running (ended, or its id now belongs to another process)."""
-        if not self._signal(name, signal.SIGINT):
-            return False
+    def stop_requested(self, name: str) -> bool:
+        """The run was asked to stop (SIGINT sent) by this launcher or an earlier server's."""
+        return "stop_requested" in read_launch(self.runs_dir, name)
 
-        def escalate():
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if not self.alive(name):
-                    return
-                time.sleep(0.1)
-            self._signal(name, signal.SIGTERM)
-
-        threading.Thread(target=escalate, daemon=True).start()
-        return True
+    def stop(self, name: str, force: bool = False) -> bool:
+        """SIGINT to a running run, the first time: it finishes its step, checkpoints it and exits 130, however long
+        that takes. Never a timed SIGTERM: train takes a second signal as "interrupt at once", which loses the step.
+        Asked again, it sends nothing, unless `force`: then SIGTERM, which interrupts the step (the last complete
+        checkpoint stays). False when the run's process is not running (ended, or its id now belongs to another
+        process); ValueError for `force` on a run not asked to stop yet (the page offers "Stop now" only then)."""
+        with self.stopping:  # two Stops at once send one SIGINT, not two (which would interrupt the step)
+            if not self.stop_requested(name):
+                if force:
+                    raise ValueError(f"run {name!r} has not been asked to stop: stop it first (it finishes its step "
+                                     f"and keeps a checkpoint of it); force is for a run whose stop takes too long")
+                if not self._signal(name, signal.SIGINT):
+                    return False
+                with self.lock:
+                    self._write(name, {**read_launch(self.runs_dir, name), "stop_requested": time.time()})
+                return True
+            return self._signal(name, signal.SIGTERM) if force else self.alive(name)
 
     def shutdown(self) -> None:
         """Nothing to do: the runs go on without the server (the next server records their exit: settle)."""

@@ -13,6 +13,10 @@ that launch.py started from the page: its own files (config.yaml, launch.json, t
 - unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that is still going), or its
   launch.json is damaged.
 A launched run whose process ended while no server waited for it gets its exit from what it left (exit_from_log).
+A launched run whose metrics.jsonl, adapter or model changed after launch.json's recorded end was continued
+elsewhere (the `loraforge train <config.yaml> --resume` the page suggests for a stopped run): the record no longer
+says how it stands, the files do (continued): finished when its adapter or model is newer than that end, running
+while a process holds its output_dir (the lock `train` keeps there), else unknown, as a run started in a terminal.
 
 Every file is read only where it resolves inside its run's directory (the .ui/<name>/ files: inside the runs
 folder): a link out of it, e.g. a forgetting.json pointing at a secret elsewhere, is treated as missing.
@@ -34,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from loraforge.training.loop import StopRequest
+from loraforge.utils.outputs import LOCK
 
 STOP_SIGNALS = StopRequest.SIGNALS  # those the training loop stops on
 STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the CLI's 128 + signal, or killed by it
@@ -43,6 +48,8 @@ START_SLACK_S = 5.0  # launch.json's `started` is read just after the process st
 EXEC_WAIT_S = 1.0  # how long a just-launched process may show an empty command line (caught in exec)
 MAX_LINE = 1 << 20  # a metrics.jsonl line longer than this is no row (rows are a few hundred bytes): passed over
 STOPPED_LINE = re.compile(r"stopped by (SIG[A-Z0-9]+) ")  # the CLI's last line after a signal stopped train
+# ... and after a second signal interrupted the step the first one asked to finish (StopRequest): 128 + the second's
+INTERRUPTED_LINE = re.compile(r"interrupted by (SIG[A-Z0-9]+) after SIG[A-Z0-9]+,")
 
 
 class PathError(ValueError):
@@ -135,7 +142,8 @@ def meta_file(root: Path, name: str, filename: str) -> Path | None:
 def read_launch(root: Path, name: str) -> dict:
     """The run's launch.json ({} when there is none, or it is damaged); a field of the wrong type is left out."""
     record = _json(meta_file(root, name, "launch.json")) or {}
-    kinds = {"pid": int, "argv": list, "started": (int, float), "exit_code": int, "ended": (int, float)}
+    kinds = {"pid": int, "argv": list, "started": (int, float), "exit_code": int, "ended": (int, float),
+             "stop_requested": (int, float)}
     return {k: v for k, v in record.items()
             if k not in kinds or (isinstance(v, kinds[k]) and not isinstance(v, bool))}
 
@@ -213,12 +221,54 @@ def finished_output(path: Path) -> bool:
     return _file(path, "adapter/adapter_config.json") is not None or _file(path, "model/config.json") is not None
 
 
+def _mtime(path: Path, name: str) -> float:
+    file = _file(path, name)
+    try:
+        return file.stat().st_mtime if file is not None else -math.inf
+    except OSError:
+        return -math.inf
+
+
+def continued(path: Path, launch: dict) -> bool:
+    """The launched process ended, and the run's metrics.jsonl, adapter or model changed after that end was
+    recorded: the run went on without the page (a `--resume` from the command line), so launch.json's exit code no
+    longer says how it stands. The launched process writes its last row before it exits, and `ended` is taken after."""
+    ended = launch.get("ended")
+    if launch.get("exit_code") is None or not isinstance(ended, (int, float)):
+        return False
+    newest = max(_mtime(path, f) for f in ("metrics.jsonl", "adapter/adapter_config.json", "model/config.json"))
+    return newest > ended
+
+
+def writer_pid(path: Path) -> int | None:
+    """The process training into the run's folder now: the one `train` names in output_dir/.lock, which it holds
+    while it runs and removes when it ends (None when there is none, it has ended, or its id is another program's)."""
+    lock = _file(path, LOCK)
+    try:
+        pid = int(lock.read_text().strip()) if lock is not None else 0
+    except (OSError, ValueError):
+        return None
+    if not 0 < pid < 2**31 or not pid_alive(pid):
+        return None
+    if PROC.is_dir():  # a killed run leaves its .lock behind, and its id may be reused: the process must be loraforge
+        try:
+            if b"loraforge" not in (PROC / str(pid) / "cmdline").read_bytes():
+                return None
+        except OSError:
+            return None
+    return pid
+
+
 def status(path: Path, launch: dict | None = None) -> str:
     """running / finished / stopped / failed / unknown, from the run's files (see the module docstring)."""
     launch = launch or {}
     exit_code = launch.get("exit_code")
     if launch.get("pid") and exit_code is None and launched_alive(launch):
         return "running"
+    if continued(path, launch):  # resumed elsewhere: the files say, not the page's ended process
+        if max(_mtime(path, "adapter/adapter_config.json"), _mtime(path, "model/config.json")) > launch["ended"]:
+            return "finished"
+        return "running" if writer_pid(path) is not None else "unknown"
     if exit_code is not None:
         return "finished" if exit_code == 0 else "stopped" if exit_code in STOP_CODES else "failed"
     if finished_output(path):
@@ -231,11 +281,12 @@ def status(path: Path, launch: dict | None = None) -> str:
 
 def exit_from_log(path: Path, log: Path | None) -> int:
     """The exit code `loraforge train` had, from what it left, for a run whose exit nobody recorded: its log's last
-    line "stopped by SIGINT ..." (128 + the signal's number), "interrupted" (130) or "error: ..." (2), else its
-    adapter or model (0), else 1 (a traceback, or killed outright: failed either way)."""
+    line "stopped by SIGINT ..." or "interrupted by SIGTERM after SIGINT, ..." (128 + the number of the signal that
+    ended it), "interrupted" (130) or "error: ..." (2), else its adapter or model (0), else 1 (a traceback, or killed
+    outright: failed either way)."""
     lines = (tail(log, 4000) or "").strip().splitlines()
     last = lines[-1].strip() if lines else ""
-    if (m := STOPPED_LINE.match(last)) and m[1] in signal.Signals.__members__:
+    if (m := STOPPED_LINE.match(last) or INTERRUPTED_LINE.match(last)) and m[1] in signal.Signals.__members__:
         return 128 + signal.Signals[m[1]]
     if last == "interrupted":
         return 130
@@ -359,15 +410,17 @@ def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
     launch = read_launch(root, name)
     try:
         mtimes = [p.lstat().st_mtime for p in (path.iterdir() if path.is_dir() else ())]
-        return {"name": name, "status": "running" if name in running else status(path, launch),
-                "config": run_config(root, path), "started": launch.get("started"),
+        state = "running" if name in running else status(path, launch)
+        return {"name": name, "status": state, "config": run_config(root, path), "started": launch.get("started"),
+                # asked to stop (SIGINT), still finishing its step: the page offers "Stop now" (SIGTERM) instead
+                "stopping": state == "running" and "stop_requested" in launch and not continued(path, launch),
                 "exit_code": launch.get("exit_code"),
                 "has_adapter": _file(path, "adapter/adapter_config.json") is not None,
                 "has_forgetting": _file(path, "forgetting.json") is not None,
                 "mtime": max(mtimes, default=launch.get("started") or 0)}
     except OSError:  # a run this user cannot read, or one that is being removed: listed, the others too
         return {"name": name, "status": "unknown", "config": None, "started": None, "exit_code": None,
-                "has_adapter": False, "has_forgetting": False, "mtime": 0}
+                "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
 
 
 def _runs_in(root: Path, folder: Path) -> list[Path]:

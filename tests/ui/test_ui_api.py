@@ -457,12 +457,15 @@ def test_a_process_caught_in_exec_is_still_the_launched_one():
     assert wrong == []
 
 STOP_LINE = "stopped by {} after step 7 of 100: checkpoint /r/checkpoints/step-0000007 saved; continue with --resume"
+INTERRUPTED_LINE = ("interrupted by SIGTERM after SIGINT, in the middle of a step; the last complete checkpoint is "
+                    "kept; continue with --resume")  # StopRequest's second signal, as the CLI prints it
 
 
 @pytest.mark.parametrize("last,adapter,code,listed", [
     (STOP_LINE.format("SIGINT"), False, 130, "stopped"), (STOP_LINE.format("SIGTERM"), False, 143, "stopped"),
     (STOP_LINE.format("SIGUSR1"), False, 138, "stopped"), (STOP_LINE.format("SIGHUP"), False, 129, "stopped"),
     ("interrupted", False, 130, "stopped"),
+    (INTERRUPTED_LINE, False, 143, "stopped"),  # "Stop now" after Stop: SIGTERM interrupted the step
     ("error: training.lr: must be positive", False, 2, "failed"), ("RuntimeError: boom", False, 1, "failed"),
     ("step 100/100 loss 0.1", True, 0, "finished"), ("", False, 1, "failed")])
 def test_a_run_that_ended_while_the_server_was_down_gets_its_exit_from_its_log(ui, last, adapter, code, listed):
@@ -983,3 +986,101 @@ def answers(url) -> bool:
         return httpx.get(url + "/health").status_code == 200
     except httpx.TransportError:
         return False
+
+
+# --- Stop, Stop now, and a stopped run continued from the command line ---------------------------------------------
+
+SLOW_STEP = """
+import sys, time
+from loraforge.training.loop import StopRequest, Stopped
+try:
+    with StopRequest() as stop:
+        print("step 1/100", flush=True)
+        while not stop.requested:
+            time.sleep(0.05)
+        print("finishing step 2/100", flush=True)
+        time.sleep(60)  # a step (and its checkpoint) slower than any grace a server could give it
+        raise Stopped(stop.signum, "stopped by SIGINT after step 2 of 100: checkpoint saved")
+except Stopped as e:
+    print(f"{e}; continue with --resume", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_stop_waits_for_a_slow_step_and_only_stop_now_interrupts_it(ui):
+    """Stop used to send SIGTERM 10 s after its SIGINT, and train takes a second signal as "interrupt at once": a
+    run whose step took longer lost it. Now Stop sends SIGINT once, a second Stop nothing, and only Stop now (force)
+    sends SIGTERM. The process is the training loop's own StopRequest, with a step of a minute."""
+    meta = ui[1] / "runs" / ".ui" / "slow"
+    meta.mkdir(parents=True)
+    argv = [sys.executable, "-c", SLOW_STEP]
+    with open(meta / "train.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        write_launch(ui[1], "slow", pid=proc.pid, argv=argv, started=time.time())
+        wait_for(lambda: "step 1/100" in (meta / "train.log").read_text())  # StopRequest is in place
+        r = call(ui, "POST", "/ui/api/runs/slow/stop", params={"force": "true"})  # not asked to stop yet
+        assert r.status_code == 409 and r.json()["error"]["message"] == (
+            "run 'slow' has not been asked to stop: stop it first (it finishes its step and keeps a checkpoint of "
+            "it); force is for a run whose stop takes too long")
+        assert call(ui, "POST", "/ui/api/runs/slow/stop").json() == {"name": "slow", "stopping": True}
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["slow"]
+        assert (listed["status"], listed["stopping"]) == ("running", True)  # the page offers Stop now
+        assert call(ui, "POST", "/ui/api/runs/slow/stop").status_code == 200  # again: no second SIGINT
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(11)  # past the old 10 s escalation: still finishing its step
+        assert (meta / "train.log").read_text().splitlines()[-1] == "finishing step 2/100"
+        assert call(ui, "POST", "/ui/api/runs/slow/stop", params={"force": "true"}).status_code == 200
+        assert proc.wait(30) == 143  # SIGTERM after SIGINT: interrupted mid-step, 128 + 15
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (meta / "train.log").read_text().splitlines()[-1] == INTERRUPTED_LINE
+    listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["slow"]  # settled from the log
+    assert (listed["status"], listed["exit_code"], listed["stopping"]) == ("stopped", 143, False)
+    record = json.loads((meta / "launch.json").read_text())
+    assert record["exit_code_from"] == "train.log" and record["stop_requested"] > record["started"]
+
+
+def test_a_stopped_run_continued_from_the_command_line_is_shown_by_its_files(ui):
+    """The page suggests `loraforge train <config.yaml> --resume` for a stopped run; continued so, it read "stopped"
+    for ever (launch.json's exit code) and its stream ended at once. Files changed after the recorded end say more."""
+    run = ui[1] / "runs" / "resumed"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    ended = time.time() - 60
+    meta = write_launch(ui[1], "resumed", pid=1, argv=["x"], started=ended - 60, exit_code=130, ended=ended,
+                        stop_requested=ended - 1)
+    (meta / "train.log").write_text(STOP_LINE.format("SIGINT") + "\n")
+    os.utime(run / "metrics.jsonl", (ended - 1, ended - 1))  # written before the launched process ended
+
+    def shown():
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["resumed"]
+        assert call(ui, "GET", "/ui/api/runs/resumed/metrics").json()["status"] == listed["status"]
+        return listed["status"]
+
+    assert shown() == "stopped"
+    # resumed in a terminal: train holds output_dir/.lock, naming its process, and appends rows
+    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "--resume"])
+    try:
+        (run / ".lock").write_text(str(train.pid))
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 8, "loss": 0.5}) + "\n")
+        assert shown() == "running"
+        assert {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["resumed"]["stopping"] is False
+        size = (run / "metrics.jsonl").stat().st_size
+        events = sse(call(ui, "GET", f"/ui/api/runs/resumed/events?offset={size}&budget=1&interval=0.1").text)
+        assert [e for e, _ in events] == ["pause"]  # followed, not ended at once
+        r = call(ui, "POST", "/ui/api/runs/resumed/stop")  # not the page's process: say whose it is
+        assert r.status_code == 409 and r.json()["error"]["message"] == (
+            f"run 'resumed' was continued outside the dashboard (process {train.pid}): stop it where it runs "
+            f"(Ctrl-C, or kill {train.pid})")
+    finally:
+        train.kill()
+        train.wait()
+    assert shown() == "unknown"  # its process ended, and nothing says how: as a run from a terminal
+    (run / ".lock").unlink()
+    assert shown() == "unknown"
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    assert shown() == "finished"

@@ -65,6 +65,7 @@ def fresh(ui, browser):  # noqa: F811
     errors = []
     page = open_page(browser, ui[0], errors)
     yield page
+    page.unroute_all(behavior="ignoreErrors")  # a route's answer still on its way must not fail the next page
     page.close()
     assert errors == []
 
@@ -332,3 +333,115 @@ def test_a_failed_zip_download_shows_the_message_and_saves_nothing(ui, fresh):  
     fresh.wait_for_selector("#runs-error:not([hidden])")
     assert fresh.inner_text("#runs-error") == f"error: {refused.json()['error']['message']}"
     assert downloads == []
+
+
+def wait_until(page, fn, timeout=10):
+    """Until fn() is true; the page's event loop runs meanwhile (route handlers answer only inside its calls)."""
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, "timed out"
+        page.wait_for_timeout(50)
+
+
+def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):  # noqa: F811
+    """Stop sends SIGINT (the step finishes, however long); the list then says "stopping…" and Stop now, whose
+    request carries force=true (SIGTERM: the step is interrupted). Answered here, to see what the page asks."""
+    fake_run(ui, "asked", GOOD, finished=False)
+    asked = []
+
+    def answer(route):
+        asked.append(route.request.url.split("/ui/api/runs/", 1)[1])
+        route.fulfill(status=200, json={"name": "asked", "stopping": True})
+
+    fresh.route(re.compile(r"/ui/api/runs/asked/stop"), answer)
+    list_says(fresh, "asked", status="running", stopping=False)
+    row = '#runs tr[data-run="asked"]'
+    assert fresh.get_attribute(f"{row} button.stop", "title") == ("finish the current step, save a checkpoint of it, "
+                                                                  "then stop")
+    fresh.click(f"{row} button.stop")
+    wait_until(fresh, lambda: asked)
+    list_says(fresh, "asked", status="running", stopping=True)
+    fresh.wait_for_selector(f"{row} button.stop-now")
+    assert fresh.locator(f"{row} button.stop").count() == 0  # no second plain Stop: it would interrupt the step
+    assert fresh.inner_text(f"{row} .stopping").strip() == "stopping…"
+    fresh.click(f"{row} button.stop-now")
+    wait_until(fresh, lambda: len(asked) == 2)
+    assert fresh.is_hidden("#runs-error")
+    assert asked == ["asked/stop", "asked/stop?force=true"]
+
+
+def test_a_ticked_run_whose_folder_is_deleted_leaves_the_charts(ui, fresh):  # noqa: F811
+    fake_run(ui, "delme", GOOD)
+    fake_run(ui, "kept", GOOD[:2])
+    tick(fresh, "delme")
+    tick(fresh, "kept")
+    wait_points(fresh, "loss", 6)
+    shutil.rmtree(ui[1] / "runs" / "delme")
+    fresh.click("#refresh")
+    wait_points(fresh, "loss", 2)  # the kept run's
+    assert fresh.evaluate("[state.selected, 'delme' in state.data, 'delme' in state.streams]") == [["kept"], False,
+                                                                                                  False]
+    assert fresh.locator('#runs tr[data-run="delme"]').count() == 0
+    assert chart(fresh, "loss")[0] == [1, 2]
+
+
+def open_playground(page):
+    page.click("nav button[data-tab=play]")
+    page.wait_for_selector("#play-models input[data-model=tiny]")
+    page.evaluate("document.querySelectorAll('#play-models input').forEach(i => i.checked = i.value === 'tiny')")
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions")
+            else None)
+    return sent
+
+
+def say(page, text):
+    """Send `text` and wait until every reply on the page is done."""
+    page.fill("#prompt", text)
+    page.click("#play-form button[type=submit]")
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].every(m => m.dataset.done === 'true')")
+
+
+def test_a_playground_value_that_is_not_a_number_is_refused_and_an_empty_one_left_out(ui, fresh):  # noqa: F811
+    """Number("0,5") is NaN, which JSON sends as null: the server used its default, silently; an empty max tokens
+    was sent as 0. Now a bad value is named and nothing sent; an empty field is left to the server."""
+    sent = open_playground(fresh)
+    fresh.fill("#max-tokens", "4")
+    for field, typed, shown in [("#temperature", "0,5", 'temperature "0,5" is not a number: type one such as 0.7 '
+                                                         '(with a dot, not a comma)'),
+                                ("#temperature", "abc", 'temperature "abc" is not a number: type one such as 0.7 '
+                                                        '(with a dot, not a comma)'),
+                                ("#max-tokens", "4.5", 'max tokens "4.5" is not a whole number: type one such as 64')]:
+        fresh.fill(field, typed)
+        fresh.fill("#prompt", "hello")
+        fresh.click("#play-form button[type=submit]")
+        fresh.wait_for_selector("#play-error:not([hidden])")
+        assert fresh.inner_text("#play-error") == f"error: {shown}, or leave it empty for the server's default"
+        assert fresh.input_value("#prompt") == "hello"  # kept, to send once the field is fixed
+        fresh.fill(field, "0" if field == "#temperature" else "4")
+    fresh.wait_for_timeout(300)
+    assert sent == [] and fresh.locator(".msg").count() == 0
+    fresh.fill("#temperature", " 0.5 ")
+    say(fresh, "hello")
+    assert fresh.is_hidden("#play-error")
+    assert (sent[-1]["temperature"], sent[-1]["max_tokens"]) == (0.5, 4)
+    fresh.fill("#temperature", "")
+    fresh.fill("#max-tokens", "")
+    say(fresh, "again")
+    assert "temperature" not in sent[-1] and "max_tokens" not in sent[-1]  # the server's defaults
+    assert fresh.locator(".msg.assistant.error").count() == 0
+
+
+def test_a_failed_turn_is_left_out_of_the_conversation(ui, fresh):  # noqa: F811
+    """A prompt too long for the model failed, and stayed in the conversation: every later turn failed with it."""
+    sent = open_playground(fresh)
+    fresh.fill("#max-tokens", "4")
+    say(fresh, "word " * 300)  # past the tiny model's 128-token context
+    assert fresh.inner_text(".msg.assistant.error").startswith("error: the prompt is ")
+    say(fresh, "hello")
+    assert fresh.locator(".msg.assistant.error").count() == 1  # the long prompt's only
+    say(fresh, "and again")
+    assert fresh.locator(".msg.assistant.error").count() == 1
+    assert [[m["role"] for m in body["messages"]] for body in sent] == [
+        ["user"], ["user"], ["user", "assistant", "user"]]
+    assert [m["content"] for m in sent[-1]["messages"] if m["role"] == "user"] == ["hello", "and again"]

@@ -73,9 +73,25 @@ function setNote(name, note) {
   const span = document.querySelector(`#runs tr[data-run="${CSS.escape(name)}"] .stream-note`);
   if (span) span.textContent = note || "";
 }
+// A ticked run that is no longer listed (its folder was deleted) is unticked: its stream closed, its curves and data
+// dropped. Only runs ticked before the list was asked for: one ticked meanwhile (just started) is not in it yet.
 async function loadRuns() {
+  const asked = new Set(state.selected);
   const { runs } = await api("/ui/api/runs");
   state.runs = runs;
+  const listed = new Set(runs.map(r => r.name));
+  const gone = state.selected.filter(n => asked.has(n) && !listed.has(n));
+  for (const name of gone) {
+    state.streams[name]?.abort();
+    delete state.streams[name];
+    delete state.data[name];
+    delete state.notes[name];
+  }
+  if (gone.length) {
+    state.selected = state.selected.filter(n => !gone.includes(n));
+    draw();
+    showExtras();
+  }
   const body = $("#runs tbody");
   body.replaceChildren();
   for (const run of runs) {
@@ -83,8 +99,16 @@ async function loadRuns() {
     box.checked = state.selected.includes(run.name);
     box.addEventListener("change", () => toggleRun(run.name, box.checked));
     const actions = el("td");
-    if (run.status === "running") {
-      actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name) }, "Stop"));
+    // Stop: SIGINT, the run finishes its step and checkpoints it, however long that takes. Once asked, "Stop now"
+    // (SIGTERM) interrupts the step instead; the last complete checkpoint is kept.
+    if (run.status === "running" && run.stopping) {
+      actions.append(el("span", { class: "stopping" }, "stopping… "),
+                     el("button", { class: "stop-now", onclick: () => stopRun(run.name, true),
+                                    title: "interrupt the step now: it is lost, the last complete checkpoint is kept" },
+                        "Stop now"));
+    } else if (run.status === "running") {
+      actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name),
+                                    title: "finish the current step, save a checkpoint of it, then stop" }, "Stop"));
     }
     if (run.has_adapter) actions.append(el("button", { class: "zip", onclick: () => downloadZip(run.name) }, "zip"));
     const row = el("tr", { "data-run": run.name, "data-status": run.status,
@@ -216,11 +240,12 @@ async function* serverSentEvents(response) {
     }
   }
 }
-// Stop answers 409 when the run ended between two reloads of the list: the server's message says so.
-async function stopRun(name) {
+// Stop answers 409 when the run ended between two reloads of the list: the server's message says so. `force`: "Stop
+// now", for a run already asked to stop.
+async function stopRun(name, force = false) {
   runsError("");
   try {
-    await api(`/ui/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST" });
+    await api(`/ui/api/runs/${encodeURIComponent(name)}/stop${force ? "?force=true" : ""}`, { method: "POST" });
   } catch (e) {
     runsError(e.message);
   }
@@ -354,13 +379,41 @@ async function loadModels() {
   $("#load-form select").replaceChildren(...avail.available.map(p => el("option", { value: p }, p)));
 }
 $("#play-reset").addEventListener("click", () => { state.convo = {}; $("#play-cols").replaceChildren(); });
+// The sampling fields as typed: an empty one is left out of the request (the server's default); any other must be a
+// number (max tokens a whole one), or nothing is sent and the error names the field. Number() alone made "0,5" NaN,
+// which JSON sends as null, so the server quietly used its default; an empty max tokens became 0.
+function sampling() {
+  const fields = [["#temperature", "temperature", "temperature", "a number", "0.7 (with a dot, not a comma)",
+                   Number.isFinite],
+                  ["#max-tokens", "max tokens", "max_tokens", "a whole number", "64", Number.isSafeInteger]];
+  const params = {};
+  for (const [sel, label, key, kind, example, ok] of fields) {
+    const text = $(sel).value.trim();
+    if (!text) continue;
+    const value = Number(text);
+    if (!ok(value)) throw new Error(`${label} ${JSON.stringify(text)} is not ${kind}: type one such as ${example}, ` +
+                                    `or leave it empty for the server's default`);
+    params[key] = value;
+  }
+  return params;
+}
 $("#play-form").addEventListener("submit", ev => {
   ev.preventDefault();
   const text = $("#prompt").value.trim();
   if (!text) return;
+  const err = $("#play-error");
+  let params;
+  try {
+    params = sampling();
+  } catch (e) {
+    err.textContent = "error: " + e.message;
+    err.hidden = false;
+    return;  // the prompt stays, to send once the field is fixed
+  }
+  err.hidden = true;
   $("#prompt").value = "";
   const models = [...document.querySelectorAll("#play-models input:checked")].map(i => i.value);
-  for (const m of models) chat(m, text);
+  for (const m of models) chat(m, text, params);
 });
 function column(model) {
   let col = document.querySelector(`.play-col[data-model="${CSS.escape(model)}"]`);
@@ -371,9 +424,11 @@ function column(model) {
   }
   return col;
 }
-async function chat(model, text) {
+// The turn joins the model's conversation only once answered: a failed one (a prompt too long) is shown with its error
+// and left out of the next requests, which it would otherwise make fail too.
+async function chat(model, text, params) {
   const convo = state.convo[model] = state.convo[model] || [];
-  convo.push({ role: "user", content: text });
+  const turn = { role: "user", content: text };
   const col = column(model);
   col.append(el("div", { class: "msg user" }, text));
   const out = el("div", { class: "msg assistant", "data-done": "false" }), stats = el("div", { class: "stats" });
@@ -383,9 +438,8 @@ async function chat(model, text) {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ model, messages: convo, stream: true, stream_options: { include_usage: true },
-                             temperature: Number($("#temperature").value),
-                             max_tokens: Number($("#max-tokens").value) }) });
+      body: JSON.stringify({ model, messages: [...convo, turn], stream: true, stream_options: { include_usage: true },
+                             ...params }) });
     if (!r.ok) throw new Error(await failure(r));
     for await (const { data } of serverSentEvents(r)) {
       if (data === "[DONE]") continue;
@@ -395,7 +449,7 @@ async function chat(model, text) {
       const delta = obj.choices?.[0]?.delta?.content;
       if (delta) { first = first ?? performance.now(); reply += delta; out.textContent = reply; }
     }
-    convo.push({ role: "assistant", content: reply });
+    convo.push(turn, { role: "assistant", content: reply });
     const ms = performance.now() - t0;
     stats.textContent = `${usage?.completion_tokens ?? "?"} tokens (prompt ${usage?.prompt_tokens ?? "?"}), ` +
       `first token ${first ? Math.round(first - t0) : "-"} ms, total ${Math.round(ms)} ms`;
