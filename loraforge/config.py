@@ -396,7 +396,8 @@ class LoraConfig:
         unless they change the math (PEFT_UNSUPPORTED_FIELDS): those are refused by name."""
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
-            raise ConfigError([f"{source}: peft_type is {peft_type!r}; this loader reads 'LORA' adapters"])
+            raise ConfigError([f"{source}: peft_type is {peft_type!r}; loraforge reads PEFT's 'LORA' and 'ADALORA' "
+                               f"adapters"])
         validate(unsupported_peft_fields(data, source))
         known = {f.name for f in dataclasses.fields(cls)}
         ignored = set(data) - known - PEFT_INERT_FIELDS
@@ -590,6 +591,12 @@ class TrainingConfig:
     fused_lora: bool = True
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
     the same math, saving only x and A·x for the backward (faster and leaner than the plain path: bench/train.py)."""
+    activation_buffer: bool | Literal["auto"] = "auto"
+    """Copy the activations a step keeps for its backward into one buffer that lives for the whole run
+    (loraforge.training.slab), so the C library's heap holds only one layer's temporaries. The same loss and
+    gradients bit for bit. auto: on a CPU on glibc's malloc, whose heap otherwise fragments (README, "Memory on
+    CPU"); off under jemalloc (which reuses the holes itself). Never on GPUs, under FSDP or training.compile.
+    bench/train.py's lf and lf-nobuffer variants compare them."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
     values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and

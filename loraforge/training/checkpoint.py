@@ -145,8 +145,9 @@ def checkpoint_format(path: Path) -> str | None:
     return SHARDED if isinstance(manifest, dict) and manifest.get("format") == SHARDED else "plain"
 
 
-def verify_checkpoint(path: Path) -> str | None:
+def verify_checkpoint(path: Path | str) -> str | None:
     """None when the checkpoint's files match its manifest (sizes and SHA-256); otherwise what is wrong."""
+    path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -230,7 +231,7 @@ def schedule_changes(state: dict, now: dict, total_steps: int) -> list[str]:
 # step count: schedule_changes; the global batch: global_batch_change). Any other setting must be as the run started.
 RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_checkpoints", "training.log_every",
                "training.report_to", "training.attention", "training.compile", "training.fused_blocks",
-               "training.fused_lora", "training.share_prefix", "training.gradient_checkpointing",
+               "training.fused_lora", "training.activation_buffer", "training.share_prefix", "training.gradient_checkpointing",
                "training.distributed", "training.collective_timeout", "training.init_adapter", "data.eval",
                "lora.base_model_name_or_path", "training.epochs", "training.max_steps", "training.batch_size",
                "training.batch_tokens", "training.gradient_accumulation", *SCHEDULE_FIELDS}

@@ -189,6 +189,15 @@ def test_peft_aLoRA_file_is_refused_and_fields_that_do_not_change_the_math_only_
         load_adapter(tiny_llama(), inert)
 
 
+@pytest.mark.parametrize("peft_type", [None, "IA3"])
+def test_an_adapter_of_another_kind_is_told_which_kinds_load(peft_type, tmp_path):
+    """A config without peft_type (`{}`) or of another kind was told only 'LORA' loads, though AdaLoRA does too."""
+    other = _edit_config(_good(tmp_path), tmp_path / "other", peft_type=peft_type)
+    with pytest.raises(AdapterError, match=f"peft_type is {peft_type!r}; loraforge reads PEFT's 'LORA' and "
+                                           f"'ADALORA' adapters"):
+        load_adapter(tiny_llama(), other)
+
+
 def test_a_peft_adapter_that_ties_its_saved_embedding_and_head_is_refused_by_name(tmp_path):
     """ensure_weight_tying turns modules_to_save [lm_head] into the tied embedding and saves both: loading said
     "lm_head: in the file but not in this model", as if the adapter were for another base."""

@@ -148,6 +148,7 @@ def test_resume_skips_a_truncated_checkpoint_and_ends_with_the_uninterrupted_ada
     assert_equal_adapters(adapter(interrupted), whole)
     assert find_checkpoint(ckpts) == (ckpts / "step-0000003", [])
     assert [verify_checkpoint(d) for d in sorted(ckpts.iterdir())] == [None, None, None]  # steps 1, 2 (again), 3
+    assert verify_checkpoint(str(sorted(ckpts.iterdir())[0])) is None  # a str path too (it said 'unreadable')
 
 
 def test_each_kind_of_damage_is_named(interrupted):
