@@ -132,6 +132,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     import torch
     from transformers import TextStreamer
 
+    from loraforge.config import ConfigError
     from loraforge.decoding import stop_ids
     from loraforge.inference.greedy import check_fits
     from loraforge.inference.greedy import stream as static_stream
@@ -150,8 +151,13 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     if tokenizer.chat_template:
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
+    else:  # a base model's plain text: the system message, if any, goes first
+        if system:
+            print("no chat template: --system is put before the prompt as plain text", file=sys.stderr, flush=True)
+        enc = tokenizer(f"{system}\n\n{prompt}" if system else prompt, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            raise ConfigError(["PROMPT: empty, and the model has no chat template to begin the text; give a prompt "
+                               "for it to continue"], arguments=True)
     check_fits(base, enc["input_ids"].shape[1], max_new_tokens, flag="--max-new-tokens")  # either path below
     sampling = temperature > 0
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

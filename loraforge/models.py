@@ -324,11 +324,27 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
 
     path = resolve_model(name_or_path)
     torch_dtype = parse_dtype(dtype)
+    _check_weights(name_or_path, path)
     with _downloading(name_or_path, path):
         if quantize is not None:
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     return model.to(device)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.h5", "*.msgpack", "*.ckpt.index")
+"""Files from_pretrained takes a model's weights from (shards and their index included)."""
+
+
+def _check_weights(name_or_path: str, path: str) -> None:
+    """FileNotFoundError (one line) for a local model folder that holds config.json but no weights (a config copied
+    alone, a download cut short): transformers' OSError about pytorch_model.bin, model.safetensors, tf_model.h5,
+    model.ckpt and flax_model.msgpack came as a traceback."""
+    folder = Path(path)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise FileNotFoundError(f"model folder {folder} has a config.json but no weights (model.safetensors or "
+                                f"pytorch_model.bin); give the folder save_pretrained wrote, or copy the weights "
+                                f"files into it")
 
 
 def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", quantize: str | None = None,

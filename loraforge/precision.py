@@ -170,7 +170,8 @@ def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = N
             _warn_slow(precision, best, hw, probe, names[0], training)
     storage = compute if dtype == "auto" else dtype
     if dtype != "auto" and warn and dtype != best and dtype != "fp32" and hw.device_type == "cpu":
-        _warn_slow(dtype, best, hw, probe, names[1], training)
+        _warn_slow(dtype, best, hw, probe, names[1], training, resolved=compute,
+                   via="" if precision == "auto" else _setting(names[0], precision))
     return Precision(compute, storage, why)
 
 
@@ -179,9 +180,16 @@ def _setting(name: str, value: str) -> str:
     return f"{name} {value}" if name.startswith("--") else f"{name}={value}"
 
 
-def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str, training: bool = True) -> None:
-    """`training` False (eval, generate, serve): no loss is scaled, so the warnings do not speak of it."""
+def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str, training: bool = True,
+               resolved: str | None = None, via: str = "") -> None:
+    """`training` False (eval, generate, serve): no loss is scaled, so the warnings do not speak of it.
+
+    `resolved`: what `auto` means for this setting (None: `best`, the hardware's choice); `via`: the other setting
+    that decides it, as the user gave it (the dtype's auto follows an explicit --precision). The fix names what auto
+    would give with that setting: "Use --dtype auto (bf16 on this machine)" under --precision fp32, where auto is
+    fp32, sent users to the wrong dtype; where auto would be slow too, it names the hardware's choice instead."""
     given, auto = _setting(name, asked), _setting(name, "auto")
+    resolved = resolved or best
     if hw.device_type == "cuda":
         if asked == "bf16":
             warnings.warn(f"{given}: {hw.device_name} has no bf16 (compute capability "
@@ -190,9 +198,23 @@ def _warn_slow(asked: str, best: str, hw: Hardware, probe, name: str, training: 
         return
     if asked == "fp16":
         scaling = " and need loss scaling" if training else ""
+        fix = f"{auto} ({resolved} {f'with {via}' if via else 'on this machine'})"
         warnings.warn(f"{given} on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32){scaling}. "
-                      f"Use {auto} ({best} on this machine)", stacklevel=3)
+                      f"Use {fix if resolved in (best, 'fp32') else _best_instead(name, auto, best, resolved, via)}",
+                      stacklevel=3)
         return
     _, why = native_cpu_bf16(hw, probe)
+    if not via:
+        fix = f"{auto} (or fp32) on this machine"
+    elif resolved in (best, "fp32"):
+        fix = f"{auto} ({resolved} with {via})"
+    else:
+        fix = _best_instead(name, auto, best, resolved, via)
     warnings.warn(f"{given} on a CPU without native {asked} ({why}): its matmuls are emulated, typically "
-                  f"50-200x slower than fp32. Use {auto} (or fp32) on this machine", stacklevel=3)
+                  f"50-200x slower than fp32. Use {fix}", stacklevel=3)
+
+
+def _best_instead(name: str, auto: str, best: str, resolved: str, via: str) -> str:
+    """The fix where this setting's auto follows another one (`via`) to a precision as slow as the one asked: the
+    hardware's own choice, `best`."""
+    return f"{_setting(name, best)} on this machine ({auto} follows {via}: {resolved}, emulated here too)"

@@ -1,7 +1,9 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 
 import pytest
@@ -53,6 +55,32 @@ def test_generate_past_the_context_is_an_argument_error(tiny_dir, capsys):
     assert main(["generate", "hi " * 200, "--model", str(tiny_dir), "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "\nerror: invalid arguments:\n  the prompt takes " in err and "shorten the prompt" in err
+
+
+def test_generate_without_a_chat_template_puts_the_system_message_first_and_refuses_an_empty_prompt(
+        tiny_dir, tmp_path, capsys):
+    """A base model's tokenizer with no chat template: --system was dropped without a word, and an empty prompt (no
+    token to continue from) ended in a RuntimeError from the decoder."""
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    tok_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(str(plain))
+    assert not tok.chat_template
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    enc = tok("Be brief.\n\nhi", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    args = ["--model", str(plain), "--max-new-tokens", "6", "--precision", "fp32"]
+    assert main(["generate", "hi", "--system", "Be brief.", *args]) == 0
+    got = capsys.readouterr()
+    assert got.out.strip() == expected.strip()
+    assert "no chat template: --system is put before the prompt as plain text" in got.err
+    assert main(["generate", "", *args]) == 2
+    assert ("error: invalid arguments:\n  PROMPT: empty, and the model has no chat template to begin the text; give "
+            "a prompt for it to continue") in capsys.readouterr().err
 
 
 def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
@@ -528,3 +556,20 @@ def test_generate_refuses_text_that_is_not_utf8_before_loading(capsys):
         assert capsys.readouterr().err.splitlines()[-1] == (
             f"loraforge generate: error: argument {flag}: it holds {what}, which is not UTF-8 text; re-encode it "
             f"(e.g. iconv -f latin1 -t utf-8) or use a UTF-8 terminal")
+
+
+def test_a_model_folder_without_weights_is_one_line(tiny_dir, tmp_path, capsys):
+    """A folder holding config.json alone (copied without its weights, a download cut short): generate and eval
+    raised transformers' OSError as a traceback; the loader says which folder lacks what."""
+    import shutil
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder / "config.json")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "Add 1 and 2.", "output": "3"}\n')
+    line = (f"error: model folder {folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+            f"give the folder save_pretrained wrote, or copy the weights files into it")
+    for argv in (["generate", "hi", "--model", str(folder)], ["eval", str(data), "--model", str(folder)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == line

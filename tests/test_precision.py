@@ -82,7 +82,7 @@ def test_warnings_and_reason_name_the_settings_as_the_user_gave_them(names, prec
         f"{precision}bf16 on a CPU without native bf16 (this CPU has no native bf16 (AVX2)): its matmuls are "
         f"emulated, typically 50-200x slower than fp32. Use {precision}auto (or fp32) on this machine",
         f"{dtype}fp16 on a CPU: fp16 matmuls are emulated on most CPUs (slower than fp32) and need loss scaling. "
-        f"Use {dtype}auto (fp32 on this machine)"]
+        f"Use {dtype}fp32 on this machine ({dtype}auto follows {precision}bf16: bf16, emulated here too)"]
     assert p.line() == f"precision bf16, base stored in fp16: {precision}bf16 as asked"
     with pytest.warns(UserWarning) as caught:
         choose("bf16", "auto", hw=T4, probe=never, **spelling)
@@ -285,3 +285,25 @@ def test_a_conversion_the_disk_refuses_leaves_nothing_and_says_so(tmp_path):
     with pytest.raises(DiskError, match=r"cannot write .*m-1: no space left on the device \(about 7.0 kB needed"):
         M.cached_conversion(gguf, tmp_path / "m-1", build)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.lock", "m.gguf"]
+
+
+def test_the_dtype_fix_names_what_auto_gives_with_the_precision_given():
+    """Under --precision fp32 on a bf16 CPU the --dtype fp16 warning said "Use --dtype auto (bf16 on this machine)",
+    but auto storage follows the compute precision: fp32 there. The fix says what auto gives with that
+    --precision, and names the hardware's choice where auto would follow it to an emulated precision."""
+    names = {"names": ("--precision", "--dtype"), "training": False}
+    cases = [
+        (("fp32", "fp16", SAPPHIRE), "fp32", "--dtype auto (fp32 with --precision fp32)"),
+        (("auto", "fp16", SAPPHIRE), "bf16", "--dtype auto (bf16 on this machine)"),
+        (("bf16", "fp16", SAPPHIRE), "bf16", "--dtype auto (bf16 with --precision bf16)"),
+        (("fp16", "fp16", SAPPHIRE), "fp16", "--dtype bf16 on this machine (--dtype auto follows --precision fp16: "
+                                             "fp16, emulated here too)"),
+        (("fp32", "bf16", AVX2), "fp32", "--dtype auto (fp32 with --precision fp32)"),
+        (("auto", "bf16", AVX2), "fp32", "--dtype auto (or fp32) on this machine"),
+    ]
+    for (precision, dtype, hw), auto_storage, fix in cases:
+        assert choose(precision, "auto", hw=hw, probe=never, warn=False).storage == auto_storage  # what auto gives
+        with pytest.warns(UserWarning) as caught:
+            choose(precision, dtype, hw=hw, probe=never, **names)
+        assert str(caught[-1].message).startswith(f"--dtype {dtype} on a CPU")
+        assert str(caught[-1].message).endswith(f". Use {fix}"), (precision, dtype)

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
 from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
                                      read_adapter_weights)
-from loraforge.models import load_base
+from loraforge.models import load_base, load_config
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
                                           steps_text, task_split, trained_steps)
@@ -94,7 +95,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     table and write continual.json. `previous`: the old task's held-out examples; `replay`: its training data."""
     started = time.perf_counter()
     check_init_adapter(cfg, adapter)
-    if problems := check_shares(shares):
+    if problems := check_shares(shares) + replay_problems(replay, shares):  # (cli_continual checks them too)
         raise ConfigError(problems)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
     out = Path(out)
@@ -207,9 +208,10 @@ def format_report(report: dict) -> str:
 
 # --- CLI -----------------------------------------------------------------------------------------------------
 
-def adapter_problems(adapter: str) -> list[str]:
+def adapter_problems(adapter: str, model: str | None = None) -> list[str]:
     """--adapter checked before any probe runs (the base's probes take minutes): a folder with a readable PEFT
-    config and weights; the default, missing, means `loraforge demo` has not run yet."""
+    config and weights; the default, missing, means `loraforge demo` has not run yet. With `model`, the adapter's
+    tensors are also checked against that base (adapter_fits)."""
     if not expand_user(adapter).is_dir():
         fix = ("run `loraforge demo` first (it trains the adapter this study starts from), or give --adapter DIR"
                if adapter == DEFAULT_ADAPTER else "give the folder an adapter was saved in")
@@ -217,8 +219,45 @@ def adapter_problems(adapter: str) -> list[str]:
     try:
         read_adapter_config(adapter)
         read_adapter_weights(adapter)
+        if model is not None:
+            adapter_fits(adapter, model)
     except (AdapterError, ConfigError, ValueError) as e:
         return [f"--adapter {adapter}: {e}"]
+    return []
+
+
+def adapter_fits(adapter: str, model: str) -> None:
+    """AdapterError where `adapter`'s tensors do not fit `model` (an adapter made for another base), found before
+    the model loads: load_adapter's own checks of every key and shape, run on the model built from its config on
+    the meta device (shapes without weights: no memory, a fraction of a second). Such an adapter was refused only
+    once the base had been probed. Whatever the meta device cannot run (a check that compares weights, PEFT's copy
+    of a targeted head) or a model that cannot be built here is left to the real load, which reports it."""
+    try:
+        with torch.device("meta"):
+            shapes = AutoModelForCausalLM.from_config(load_config(model))
+    except Exception:  # noqa: BLE001 -- a model that fails here fails, and is reported, where it loads
+        return
+    try:
+        load_adapter(shapes, adapter)
+    except AdapterError:
+        raise
+    except Exception:  # noqa: BLE001 -- an operation without a meta kernel: the real load checks this adapter
+        return
+
+
+def replay_problems(replay: str | None, shares) -> list[str]:
+    """--replay checked before the model loads when a replay arm will draw from it: the records are read (an empty
+    file, a folder or records of no known format were found by the first replay arm's train(), after the probes
+    and the arm without replay had run, and that work was lost)."""
+    if not any(shares):
+        return []
+    if not replay:
+        return ["--replay: the replay arms need the old task's training data; give --replay FILE or --replay-share 0"]
+    try:
+        records = D.read_records(replay)
+        D.detect_format(records[0])
+    except D.DataError as e:
+        return [f"--replay {replay}: {e}"]
     return []
 
 
@@ -260,10 +299,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     problems += [f"--replay-share: {s:g} is not in [0, 1) (0: the new task alone; 0.2: a fifth of each batch "
                  f"from --replay)" for s in shares if not 0 <= s < 1]
     problems += check_shares(shares)
-    if any(shares) and not replay:
-        problems.append("--replay: the replay arms need the old task's training data; give --replay FILE or "
-                        "--replay-share 0")
-    problems += adapter_problems(adapter)
+    problems += replay_problems(replay, shares)
+    problems += adapter_problems(adapter, cfg.model.name)
     if problems:
         raise ConfigError(problems)
     check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,

@@ -145,7 +145,49 @@ def model_shape(model: str | ModelShape) -> ModelShape:
         cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError([f"{file} is not valid JSON ({e})"]) from None
-    return config_shape(cfg)
+    check_config_values(cfg, file)
+    return config_shape({**class_defaults(model), **cfg})
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+              float: "a number", type(None): "null"}
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", *dict.fromkeys(MOE_WIDTH.values()))
+"""Sizes a config.json may leave out or set to null (the class's default, or hidden_size // heads, applies)."""
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "num_experts_per_tok")
+
+
+def check_config_values(cfg, file: Path) -> None:
+    """ConfigError (one line naming the field and `file`) for a config.json whose sizes are no positive whole
+    numbers: 0 heads divided by zero, a null vocab_size or a "64" string failed deep in the arithmetic (or in
+    transformers' own config class) as tracebacks. Fields that are absent are left to config_shape."""
+    if not isinstance(cfg, dict):
+        raise ConfigError([f"{file} holds {JSON_TYPES.get(type(cfg), type(cfg).__name__)}, not an object of config "
+                           f"fields: not a transformers config"])
+    for field in (*LLAMA_FIELDS, *OPTIONAL_SIZES, *EXPERT_COUNTS):
+        value = cfg.get(field)
+        if field not in cfg or (value is None and field not in LLAMA_FIELDS):
+            continue
+        least = 0 if field in EXPERT_COUNTS else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = (f"{value}" if isinstance(value, int) and not isinstance(value, bool) else "null" if value is None
+                    else f"{JSON_TYPES.get(type(value), type(value).__name__)} ({json.dumps(value)})")
+            need = "a positive whole number" if least else "a whole number (0 or more)"
+            raise ConfigError([f"{field} in {file} is {what}; it must be {need}: fix the config.json"])
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise ConfigError([f"tie_word_embeddings in {file} is {JSON_TYPES.get(type(tie), type(tie).__name__)} "
+                           f"({json.dumps(tie)}); it must be true or false: fix the config.json"])
+
+
+def class_defaults(model: str) -> dict:
+    """Every field of the model's transformers config class, the defaults of those config.json leaves out
+    included: Gemma ties its output head to the embedding unless told otherwise (tie_word_embeddings, True in
+    GemmaConfig, False in LlamaConfig) and its head_dim is 256, not hidden_size // heads. Empty where transformers
+    does not know the model_type (config_shape then reads config.json alone)."""
+    try:
+        return load_config(model).to_dict()
+    except Exception:  # noqa: BLE001 -- an unknown model_type (ValueError), a field transformers validates, ...
+        return {}
 
 
 def config_shape(cfg: dict) -> ModelShape:
@@ -307,6 +349,14 @@ def per_device(breakdown: dict[str, float], model: str | ModelShape, method: str
     return out
 
 
+def count_text(n: float) -> str:
+    """A parameter count as a title says it: 6.74B, 40.0M, or every digit below a million (a tiny model's
+    197,952 read "0.2M", and a LoRA of a few thousand "0.0M")."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
+
+
 def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     """The breakdown as a small table in GB."""
     parts = ["weights", "adapter", "gradients", "optimizer_states", "activations",
@@ -351,13 +401,18 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
     except OSError as e:  # a directory without a readable config.json
         raise ConfigError([f"--model {model!r}: {e}"]) from None
     if model.lower() not in KNOWN_SHAPES:  # as data.max_seq_len in a run (a known size names no context)
-        check_fits_context(seq_len, load_config(model), field="--seq-len")
+        try:
+            config = load_config(model)
+        except Exception as e:  # noqa: BLE001 -- an unknown model_type, a field its config class refuses, ...
+            reason = " ".join(line.strip() for line in str(e).splitlines()).split(". ")[0]  # not the upgrade advice
+            raise ConfigError([f"--model {model!r}: transformers cannot read its config.json ({reason})"]) from None
+        check_fits_context(seq_len, config, field="--seq-len")
     ckpt = True if gradient_checkpointing else (False if no_gradient_checkpointing else None)
     result = estimate(shape, method, batch_size, seq_len, r, "all-linear", optimizer, dtype, ckpt)
     rank = "" if method == "full" else f"r={r}, "
     title = (f"{model} {method}: batch {batch_size} × {seq_len} tokens, {rank}{optimizer}, {dtype}, "
              f"gradient checkpointing {'on' if result['gradient_checkpointing'] else 'off'}, "
-             f"{result['trainable_params'] / 1e6:.1f}M trainable parameters")
+             f"{count_text(result['trainable_params'])} trainable parameters")
     if gpus > 1 or distributed == "fsdp":
         result = per_device(result, shape, method, gpus, distributed, dtype)
         title += f"; per device with {gpus} × {distributed}"

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
-from loraforge.config import ConfigError, TrainConfig, load_train_config, to_dict
+from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, load_base
 from loraforge.precision import autocast
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
-from loraforge.studies.probes import kl_divergence, load_probe, mc_accuracy, perplexity, prefix_sharing_logits
+from loraforge.studies.probes import (PPL_WINDOW, kl_divergence, load_probe, mc_accuracy, perplexity,
+                                      prefix_sharing_logits, probe_window)
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision, train
@@ -92,12 +93,24 @@ def trained_steps(rows: list[dict]) -> int | list[int] | None:
 
 
 def check_ranks(ranks) -> None:
-    """Each rank once: two arms of one rank would write the same folder, and the second be refused after the
-    first had trained and been probed."""
+    """Each rank once and each one a rank a run takes (1 to MAX_RANK, as lora.r): two arms of one rank would write
+    the same folder, and a rank out of range would be refused by the first arm's config, each only after the base
+    had been probed (and the first arm trained)."""
+    problems = [_rank_problem(r) for r in dict.fromkeys(ranks) if _rank_problem(r)]
     twice = sorted({r for r in ranks if list(ranks).count(r) > 1})
     if twice:
-        raise ConfigError([f"--ranks: {', '.join(map(str, twice))} given more than once (each rank is one arm, "
-                           f"in a folder of its own); give each rank once"])
+        problems.append(f"--ranks: {', '.join(map(str, twice))} given more than once (each rank is one arm, in a "
+                        f"folder of its own); give each rank once")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _rank_problem(r) -> str | None:
+    if isinstance(r, int) and not isinstance(r, bool) and r > MAX_RANK:
+        return f"--ranks: {r} is more than the largest rank a run takes ({MAX_RANK}); typical ranks are 4-64"
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        return f"--ranks: {r!r} is not a rank: give whole numbers from 1 to {MAX_RANK} (typical ranks are 4-64)"
+    return None
 
 
 def check_from_base(cfg: TrainConfig) -> None:
@@ -125,7 +138,7 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
         "task": lambda: accuracy(model, tokenizer, task_records, fmt, max_new_tokens, batch_size=50,
                                  precision="bf16" if bf16 else "fp32"),
         "mc": lambda: mc_accuracy(model, tokenizer, probes["mc"]),
-        "ppl": lambda: perplexity(model, tokenizer, probes["text"], max_len=512),
+        "ppl": lambda: perplexity(model, tokenizer, probes["text"]),  # windows of probe_window(model)
         "kl": lambda: ({"kl": 0.0, "n_positions": 0} if base is None
                        else kl_divergence(base, model, tokenizer, probes["kl"])),
     }
@@ -200,14 +213,15 @@ PROBE_CACHE_VERSION = 1
 
 
 def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tokens: int, bf16: bool,
-                   device: torch.device) -> str:
+                   device: torch.device, ppl_window: int = PPL_WINDOW) -> str:
     """sha256 of the probe data (task examples, MC questions, text, KL prompts) and of the settings that change
-    their numbers: format, generation length, autocast, device, torch and transformers versions."""
+    their numbers: format, generation length, autocast, device, the perplexity's window (probe_window: it depends
+    on the config's context, which model_hash does not read), torch and transformers versions."""
     import transformers
 
     task = [{k: v for k, v in r.items() if k != "_source"} for r in task_records]  # content, not where it was read
     payload = {"version": PROBE_CACHE_VERSION, "task": task, "fmt": fmt, "max_new_tokens": max_new_tokens,
-               "mc": probes["mc"], "text": probes["text"], "kl": probes["kl"], "bf16": bf16,
+               "mc": probes["mc"], "text": probes["text"], "kl": probes["kl"], "bf16": bf16, "ppl_window": ppl_window,
                "device": device.type, "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -250,7 +264,8 @@ def probe_base(base, tokenizer, name: str, task_records: list[dict], fmt: str, b
     They depend only on the base's weights, the probes and their settings, so they are cached on disk under
     loraforge.models.cache_dir(), keyed by model_hash and probe_set_hash: an unchanged base is probed once."""
     keys = (model_hash(base, tokenizer),
-            probe_set_hash(probes, task_records, fmt, max_new_tokens, bf16, next(base.parameters()).device))
+            probe_set_hash(probes, task_records, fmt, max_new_tokens, bf16, next(base.parameters()).device,
+                           probe_window(base)))
     path = probe_cache_path(*keys)
     cached = read_probe_cache(path, *keys)
     if cached:

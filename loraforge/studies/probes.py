@@ -20,6 +20,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from loraforge.models import context_length
 from loraforge.utils.hf import cache_argument
 from loraforge.training.evaluate import perplexity_of, wilson_interval
 from loraforge.training.loss import prefix_cache, split_head
@@ -264,15 +265,30 @@ def mc_accuracy(model, tokenizer, items: Sequence[dict], batch_size: int = 16) -
             "acc_norm": correct_norm / n, "correct_norm": correct_norm, "ci95_norm": wilson_interval(correct_norm, n)}
 
 
-def perplexity(model, tokenizer, text: str, max_len: int = 512, stride: int | None = None,
+PPL_WINDOW = 512
+"""Tokens per window of the general perplexity probe, where the model's context holds them (probe_window)."""
+
+
+def probe_window(model) -> int:
+    """The perplexity probe's window for `model`: PPL_WINDOW tokens, or the model's context where that is shorter
+    (a GPT-2 of 128 positions crashed on 512-token windows; a 256-context RoPE model ran on positions it never saw).
+    A logits callable, or a config that names no context, gets PPL_WINDOW."""
+    config = getattr(model, "config", None)
+    context = context_length(config) if config is not None else None
+    return min(PPL_WINDOW, context) if context else PPL_WINDOW
+
+
+def perplexity(model, tokenizer, text: str, max_len: int | None = None, stride: int | None = None,
                batch_size: int = 4) -> dict:
-    """Token-level perplexity: exp(sum of NLL / number of predicted tokens) over windows of `max_len` tokens.
+    """Token-level perplexity: exp(sum of NLL / number of predicted tokens) over windows of `max_len` tokens
+    (None: probe_window's, PPL_WINDOW or the model's context where that is shorter).
 
     Window k holds tokens [k*stride, k*stride + max_len). With `stride=None` (= max_len) windows do not overlap
     and each window's first token is context only. With a smaller stride each window scores only the tokens no
     earlier window scored, so every token but the first is predicted exactly once, with at least
     max_len - stride tokens of context.
     """
+    max_len = probe_window(model) if max_len is None else max_len
     stride = max_len if stride is None else stride
     if not 0 < stride <= max_len:
         raise ValueError(f"stride {stride} must be in 1..max_len ({max_len})")

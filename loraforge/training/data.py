@@ -217,9 +217,40 @@ def _read_json(path: Path) -> list[dict]:
     return [{**record, "_source": f"{path}[{i}]"} for i, record in enumerate(data)]
 
 
+COMPRESSED = [(b"\x1f\x8b", "gzip", "gunzip -c"), (b"BZh", "bzip2", "bunzip2 -c"), (b"\xfd7zXZ\x00", "xz", "unxz -c"),
+              (b"\x28\xb5\x2f\xfd", "zstd", "unzstd -c"), (b"PK\x03\x04", "zip", "unzip -p")]
+"""(magic bytes, format, the command that writes the file decompressed to stdout)."""
+RECORD_FILES = "give a file of records (.jsonl, .json, .csv or .parquet)"
+BINARY_SAMPLE = 8192
+"""Bytes looked at to tell a binary file from text that is not UTF-8 (git looks at the first 8000 for a NUL)."""
+
+
+def _binary_kind(path: Path, raw: bytes) -> str | None:
+    """The DataError message for a file that is binary, not text in some other encoding (None for text): a
+    compressed file (by its magic bytes), a safetensors or Parquet file, or any file with a NUL byte or more than 5%
+    control bytes in its first BINARY_SAMPLE bytes (text in a legacy encoding such as cp1252 has neither). Such a
+    file was reported as UTF-8 text with one bad byte to fix."""
+    for magic, kind, command in COMPRESSED:
+        if raw.startswith(magic):
+            out = path.with_suffix(".unpacked" + path.suffix)
+            return f"{path}: a binary file ({kind}-compressed), not text; decompress it: {command} {path} > {out}"
+    if raw.startswith(b"PAR1"):
+        return f"{path}: a binary file (Parquet), not text; give it a .parquet name, which is read as Parquet"
+    if len(raw) > 10 and raw[8:10] == b'{"' and int.from_bytes(raw[:8], "little") < len(raw):  # header length, JSON
+        return f"{path}: a binary file (safetensors: model weights?), not text; {RECORD_FILES}"
+    sample = raw[:BINARY_SAMPLE]
+    control = sum(b < 0x20 and b not in b"\t\n\r\f\x1b" or b == 0x7f for b in sample)
+    if b"\x00" in sample or control > 0.05 * len(sample):
+        what = (f"a NUL byte at byte offset {sample.index(0)}" if b"\x00" in sample
+                else f"{control} control bytes in its first {len(sample)}")
+        return f"{path}: a binary file ({what}), not text; {RECORD_FILES}"
+    return None
+
+
 def _read_text(path: Path) -> str:
     """The file decoded as UTF-8 (a leading byte-order mark, as Windows tools write, is skipped); a byte that is not
-    UTF-8 is reported with its line and column, a UTF-16 or UTF-32 file (by its byte-order mark) by its encoding."""
+    UTF-8 is reported with its line and column, a UTF-16 or UTF-32 file (by its byte-order mark) by its encoding, a
+    binary file (compressed, model weights, ...) as one (_binary_kind)."""
     raw = path.read_bytes()
     for mark, encoding in UNICODE_BOMS:
         if raw.startswith(mark):
@@ -230,6 +261,8 @@ def _read_text(path: Path) -> str:
     try:
         return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
+        if binary := _binary_kind(path, raw):
+            raise DataError(binary) from None
         start = e.start + bom
         line_start = max(raw.rfind(b"\n", 0, start) + 1, bom)
         line, column = raw.count(b"\n", 0, start) + 1, len(raw[line_start:start].decode("utf-8", "replace")) + 1

@@ -18,10 +18,23 @@ from loraforge.lora.inject import inject
 from helpers import tiny_llama
 
 
+def adapter_for(config, out: Path) -> str:
+    """A rank-2 adapter saved in `out` for the model of that transformers config: its base weights are left
+    uninitialized (only the adapter's tensors are saved, and only their shapes are checked up front)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return str(save_adapter(inject(model.to_empty(device="cpu"), LoraConfig(r=2)), out))
+
+
 @pytest.fixture
 def old_adapter(tmp_path) -> str:
-    """An adapter folder --adapter can name (the checks up front read its config and weights)."""
-    return str(save_adapter(inject(tiny_llama(), LoraConfig(r=2)), tmp_path / "old"))
+    """An adapter folder --adapter can name for the built-in model, the default study's (the checks up front read
+    its config and weights and compare its shapes with the base's)."""
+    from loraforge.models import load_config
+
+    return adapter_for(load_config("smollm2-135m"), tmp_path / "old")
 
 
 def task_config(tiny_dir, out, train_file, eval_file, steps=2):
@@ -129,8 +142,11 @@ def test_distinct_shares_get_distinct_names_and_folders():
     assert [arm_slug(s) for s in shares] == ["new", "replay0.1", "replay0.4", "replay20", "replay7", "replay50"]
 
 
-def test_an_init_adapter_other_than_adapter_is_refused(tiny_dir, tmp_path, old_adapter):
+def test_an_init_adapter_other_than_adapter_is_refused(tiny_dir, tmp_path):
     """Every arm trains on from --adapter: a config's training.init_adapter was replaced without a word."""
+    from loraforge.models import load_config
+
+    old_adapter = adapter_for(load_config(str(tiny_dir)), tmp_path / "old")
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {asset('times_train.jsonl')}}}\n"
                       f"training: {{init_adapter: {tmp_path / 'other'}}}\n")
@@ -172,3 +188,46 @@ def test_an_adapter_that_cannot_be_read_is_refused_before_any_probe(tmp_path, mo
     with pytest.raises(ConfigError) as e:
         cli_continual(out=str(tmp_path / "o"), adapter=old_adapter)
     assert e.value.problems[0].startswith(f"--adapter {old_adapter}: {weights} is not a readable safetensors file")
+
+
+def test_replay_and_an_adapter_for_another_base_are_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    """An empty --replay (or a folder) was refused by the first replay arm's train(), after the probes and the arm
+    without replay had trained; an --adapter made for another base passed the checks up front and was refused
+    once the base had been probed. Both are found before the model loads, by what a real load would say."""
+    from loraforge.lora.adapters import AdapterError, load_adapter
+    from loraforge.models import load_base, load_config
+    import loraforge.studies.continual as continual
+
+    monkeypatch.setattr(continual, "load_base", lambda *a, **k: pytest.fail("the base model loaded"))
+    monkeypatch.setattr(continual, "run_continual", lambda *a, **k: pytest.fail("the study ran"))
+    fits = adapter_for(load_config(str(tiny_dir)), tmp_path / "fits")
+    wider = load_config(str(tiny_dir))
+    wider.hidden_size = 48  # another base: every projection's input is wider
+    other = adapter_for(wider, tmp_path / "other")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "keys.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {asset('times_train.jsonl')}}}\n")
+
+    def problems(adapter, replay, shares=("0", "0.2")):
+        with pytest.raises(ConfigError) as e:
+            cli_continual(str(config), adapter=adapter, previous=asset("demo_test.jsonl"), replay=replay,
+                          replay_share=list(shares), out=str(tmp_path / "o"))
+        return e.value.problems
+
+    assert problems(fits, str(tmp_path / "empty.jsonl")) == [
+        f"--replay {tmp_path / 'empty.jsonl'}: {tmp_path / 'empty.jsonl'}: no records (the file is empty)"]
+    assert problems(fits, str(tmp_path)) == [
+        f"--replay {tmp_path}: {tmp_path} is a directory; give a .jsonl, .json, .csv or .parquet file"]
+    assert problems(fits, str(tmp_path / "keys.jsonl"))[0].startswith(
+        f"--replay {tmp_path / 'keys.jsonl'}: {tmp_path / 'keys.jsonl'}:1: cannot tell the format")
+    # What the real load says of the other base's adapter, on the real model, is what is said up front.
+    base, _ = load_base(str(tiny_dir))
+    with pytest.raises(AdapterError) as real:
+        load_adapter(base, other)
+    assert problems(other, None, shares=["0"]) == [f"--adapter {other}: {real.value}"]
+    assert "of shape (2, 48) in the file, (2, 32) in this model" in str(real.value)
+    # share 0 reads no --replay; an adapter that fits passes (the study would run)
+    monkeypatch.setattr(continual, "run_continual", lambda *a, **k: None)
+    cli_continual(str(config), adapter=fits, previous=asset("demo_test.jsonl"), replay=str(tmp_path / "empty.jsonl"),
+                  replay_share=["0"], out=str(tmp_path / "o2"))

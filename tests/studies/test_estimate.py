@@ -1,5 +1,7 @@
 """The memory estimator: each part against plain arithmetic, and the well-known claims it must reproduce."""
 
+import json
+
 import pytest
 import torch
 
@@ -211,3 +213,75 @@ def test_per_device_memory_under_fsdp_and_ddp():
     assert per_device(estimate(moe, "lora"), moe, "lora", 2, "fsdp")["buffers"] == 2 * root + 2 * 2 * sum(layer)
     assert per_device(estimate(moe, "qlora"), moe, "qlora", 2, "fsdp")["buffers"] == pytest.approx(
         4 * root + 2 * (4.127 / 8 * layer[0] + 4 * layer[1]), rel=1e-3)
+
+
+def test_class_defaults_apply_where_config_json_is_silent(tmp_path):
+    """A Gemma config.json without tie_word_embeddings (GemmaConfig's default: tied) or head_dim (default 256)
+    was counted with a separate output head and hidden_size // heads: 197,952 parameters where transformers
+    builds 133,952. The counts now equal those of the model transformers builds from that file."""
+    import transformers
+
+    from loraforge.config import LoraConfig
+    from loraforge.lora.inject import count_parameters, inject
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 1000,
+        "max_position_embeddings": 512}))
+    torch.manual_seed(0)
+    real = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    total = sum(p.numel() for p in real.parameters())
+    inject(real, LoraConfig(r=4, target_modules="all-linear"))
+    shape = model_shape(str(tmp_path))
+    assert (shape.tie_word_embeddings, shape.head_size) == (True, 256)
+    assert estimate(str(tmp_path), "full", 1, 8)["trainable_params"] == total
+    assert estimate(str(tmp_path), "lora", 1, 8, r=4)["trainable_params"] == count_parameters(real)[0]
+
+
+@pytest.mark.parametrize("config,line", [
+    ({"num_attention_heads": 0}, "num_attention_heads in {file} is 0; it must be a positive whole number"),
+    ({"vocab_size": None}, "vocab_size in {file} is null; it must be a positive whole number"),
+    ({"hidden_size": "64"}, 'hidden_size in {file} is a string ("64"); it must be a positive whole number'),
+    ({"num_key_value_heads": 2.5}, "num_key_value_heads in {file} is a number (2.5); it must be a positive whole "
+                                   "number"),
+    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings in {file} is a string ("false"); it must be true or '
+                                       'false'),
+    ([1, 2], "{file} holds an array, not an object of config fields: not a transformers config"),
+])
+def test_malformed_config_values_are_refused_in_one_line(config, line, tmp_path):
+    """0 heads, a null vocab_size, a size given as a string or a config.json holding an array were tracebacks
+    (ZeroDivisionError, TypeError, AttributeError): one line naming the field and the file."""
+    fields = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps({**fields, **config} if isinstance(config, dict) else config))
+    with pytest.raises(ConfigError) as e:
+        cli_estimate(str(tmp_path), seq_len=8)
+    fix = "" if isinstance(config, list) else ": fix the config.json"
+    assert e.value.problems == [f"--model {str(tmp_path)!r}: " + line.format(file=tmp_path / "config.json") + fix]
+
+
+def test_trainable_counts_read_at_every_size(tmp_path, capsys):
+    """A tiny model's count read "0.0M trainable parameters": below a million it is given digit by digit."""
+    from helpers import tiny_llama
+
+    from loraforge.studies.estimate import count_text
+
+    assert [count_text(n) for n in (0, 8192, 999_999, 1_000_000, 40_370_176, 6_738_415_616)] == [
+        "0", "8,192", "999,999", "1.0M", "40.4M", "6.74B"]
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    cli_estimate(str(tmp_path), seq_len=8, method="lora", r=4)
+    trainable = estimate(str(tmp_path), "lora", 1, 8, r=4)["trainable_params"]
+    assert capsys.readouterr().out.splitlines()[0].endswith(f", {int(trainable):,} trainable parameters")
+
+
+def test_a_config_transformers_cannot_read_is_one_line(tmp_path):
+    """Llama fields under a model_type transformers does not know passed the shape and then crashed the context
+    check (load_config's ValueError, with pip advice over several sentences): one line, its first sentence."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "no_such_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "vocab_size": 10, "max_position_embeddings": 64}))
+    with pytest.raises(ConfigError) as e:
+        cli_estimate(str(tmp_path), seq_len=8)
+    [line] = e.value.problems
+    assert line.startswith(f"--model {str(tmp_path)!r}: transformers cannot read its config.json (")
+    assert "no_such_model" in line and "\n" not in line and "pip install" not in line

@@ -289,3 +289,22 @@ def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_p
     assert [r["steps"] for r in report["rows"][1:]] == [9, 9]
     assert json.loads((tmp_path / "fg" / "forgetting.json").read_text())["steps"] == 9
     assert "[lora r=2 seed 0] training 1 epoch at lr" in out and ": 9 steps × batch 4" in out and "None" not in out
+
+
+def test_a_rank_past_the_largest_is_refused_by_its_flag_before_anything_loads(tmp_path, no_loading):
+    """`--ranks 70000` was refused by the first arm's config ("invalid config: r: must be a positive integer"),
+    after the base's probes, and without naming --ranks."""
+    from loraforge.config import MAX_RANK
+
+    with pytest.raises(ConfigError) as e:
+        forgetting.cli_forgetting(out=str(tmp_path / "fg"), ranks=[8, 70000, MAX_RANK])
+    assert e.value.problems == [f"--ranks: 70000 is more than the largest rank a run takes ({MAX_RANK}); typical "
+                                f"ranks are 4-64"]
+    with pytest.raises(ConfigError) as e:
+        forgetting.check_ranks([0, 4, 4, -2])
+    assert e.value.problems == [f"--ranks: 0 is not a rank: give whole numbers from 1 to {MAX_RANK} (typical ranks "
+                                f"are 4-64)", f"--ranks: -2 is not a rank: give whole numbers from 1 to {MAX_RANK} "
+                                f"(typical ranks are 4-64)",
+                                "--ranks: 4 given more than once (each rank is one arm, in a folder of its own); "
+                                "give each rank once"]
+    assert not (tmp_path / "fg").exists()

@@ -337,3 +337,30 @@ def test_scorers_run_in_bf16(tokenizer):
 def test_load_probe_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown probe 'mmlu'"):
         probes.load_probe("mmlu")
+
+
+def test_perplexity_windows_fit_the_models_context(model, tokenizer):
+    """The probe's 512-token windows crashed a GPT-2 of 128 positions (IndexError in its position embedding) and
+    ran a 256-context Llama on positions it never saw: the default window is the context where that is shorter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    text = probes.load_probe("text")[:3000]
+    tokens = tokenizer(text).input_ids
+    assert len(tokens) > 512
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=128)).eval()
+    for net, window in ((gpt2, 128), (model, 256)):  # the tiny Llama: max_position_embeddings 256
+        assert probes.probe_window(net) == window
+        nll, count = plain_perplexity(net, tokens, window, window)
+        result = probes.perplexity(net, tokenizer, text)
+        assert result["n_tokens"] == count == len(tokens) - math.ceil(len(tokens) / window)
+        torch.testing.assert_close(torch.tensor(result["nll"], dtype=torch.float64),
+                                   torch.tensor(nll, dtype=torch.float64), **TOL)
+    # A logits callable names no context; a context past 512 keeps 512-token windows.
+    assert probes.probe_window(lambda ids, mask: model(input_ids=ids).logits) == probes.PPL_WINDOW == 512
+    model.config.max_position_embeddings = 8192
+    try:
+        assert probes.probe_window(model) == 512
+    finally:
+        model.config.max_position_embeddings = 256

@@ -792,3 +792,42 @@ def test_json_lines_in_a_json_file_and_pretty_json_in_a_jsonl_file_say_which_ext
     with pytest.raises(DataError, match=re.escape(f"{control}:1: invalid JSON (Invalid control character at column "
                                                   f"12)")):
         read_records(str(control))
+
+
+def test_a_binary_file_is_named_binary_not_utf8_with_one_bad_byte(tmp_path):
+    """A gzip file or model weights renamed .jsonl was "UTF-8 text" whose first bad byte was to be fixed or deleted:
+    compressed files are named by their magic bytes with the command that unpacks them, other binary files by
+    their NUL or control bytes. Text in a legacy encoding is still advised to be re-encoded."""
+    import gzip
+    import struct
+
+    text = "".join(f'{{"instruction": "Add {a} and 2.", "output": "{a + 2}"}}\n' for a in range(50)).encode()
+    weights = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+    files = {
+        "gz.jsonl": (gzip.compress(text), "a binary file (gzip-compressed), not text; decompress it: gunzip -c "
+                                          "{path} > {unpacked}"),
+        "bz.csv": (__import__("bz2").compress(text), "a binary file (bzip2-compressed), not text; decompress it: "
+                                                     "bunzip2 -c {path} > {unpacked}"),
+        "st.jsonl": (struct.pack("<Q", len(weights)) + weights + bytes(range(200, 216)),
+                     "a binary file (safetensors: model weights?), not text; give a file of records (.jsonl, .json, "
+                     ".csv or .parquet)"),
+        "pq.json": (b"PAR1\x15\x04\xff\xfe", "a binary file (Parquet), not text; give it a .parquet name, which is "
+                                             "read as Parquet"),
+        "nul.jsonl": (b'{"text": "a\xff\x00b"}\n', "a binary file (a NUL byte at byte offset 12), not text; give a "
+                                                  "file of records (.jsonl, .json, .csv or .parquet)"),
+        "ctl.jsonl": (bytes([0xff, 1, 2, 3, 4, 5]) + b"abcdefghijklmnopqrst", "a binary file (5 control bytes in "
+                                                                             "its first 26), not text; give a file of "
+                                                                             "records (.jsonl, .json, .csv or "
+                                                                             ".parquet)"),
+    }
+    for name, (content, message) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            read_records(str(path))
+        assert str(e.value) == f"{path}: " + message.format(path=path, unpacked=path.with_suffix(
+            ".unpacked" + path.suffix)), name
+    assert gzip.decompress((tmp_path / "gz.jsonl").read_bytes()) == text  # the command's output is the records
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "déjà vu, façade, naïve"}\n'.encode("cp1252"))
+    with pytest.raises(DataError, match=r"byte 0xe9 at column 12 .* re-encode the file as UTF-8"):
+        read_records(str(tmp_path / "latin1.jsonl"))
