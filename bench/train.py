@@ -30,7 +30,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            the same system prompt and user header, 38 tokens, before every question). Packed rows attend
            sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask); the
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
-           (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead).
+           (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). On a CPU on glibc's malloc the
+           activations kept for the backward are copied into chunks that live for the run
+           (training.activation_buffer; lf-nobuffer: left in glibc's heap, which fragments).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -58,6 +60,7 @@ to, cores), as does the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -100,6 +103,7 @@ VARIANTS = {
     "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),
     "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
     "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
+    "lf-nobuffer": ("lf", {"buffer": False}),  # kept activations where they were made (glibc's heap), not copied
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -193,6 +197,7 @@ def worker(args) -> dict:
                  f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
+                 f"training.activation_buffer={str(opts.get('buffer', 'auto')).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
                  f"model.dtype={args.dtype if low and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
@@ -237,6 +242,7 @@ def worker(args) -> dict:
 
     if trainer == "lf":
         from loraforge.training.loss import CausalLMLoss, shares_prefix
+        from loraforge.training.slab import ActivationSlab, uses_buffer
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("full_head"):
@@ -246,6 +252,8 @@ def worker(args) -> dict:
         pack = pack and args.shape != "text"  # text rows come packed
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
+        slab = ActivationSlab(model) if uses_buffer(cfg.training.activation_buffer, device,
+                                                    compiled=opts.get("compile", False)) else None
 
     def sync():
         if device.type == "cuda":
@@ -271,7 +279,7 @@ def worker(args) -> dict:
                                                                pad_id).items()} for rows, _ in micro]
             n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             for batch in batches:
-                with autocast:
+                with autocast, (slab.saving() if slab else contextlib.nullcontext()):
                     loss_sum, _ = loss_fn(batch)
                 scaler.scale(loss_sum / n_step).backward()
                 step_loss += loss_sum.item() / n_step

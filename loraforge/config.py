@@ -592,11 +592,11 @@ class TrainingConfig:
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
     the same math, saving only x and A·x for the backward (faster and leaner than the plain path: bench/train.py)."""
     activation_buffer: bool | Literal["auto"] = "auto"
-    """Copy the activations a step keeps for its backward into one buffer that lives for the whole run
-    (loraforge.training.slab), so the C library's heap holds only one layer's temporaries. The same loss and
-    gradients bit for bit. auto: on a CPU on glibc's malloc, whose heap otherwise fragments (README, "Memory on
-    CPU"); off under jemalloc (which reuses the holes itself). Never on GPUs, under FSDP or training.compile.
-    bench/train.py's lf and lf-nobuffer variants compare them."""
+    """Copy the activations a step keeps for its backward into a buffer that lives for the whole run, and hand the
+    free holes of the C library's heap back to the system now and then (loraforge.training.slab): the heap holds
+    the temporaries of a few layers only. The same loss and gradients bit for bit. auto: on a CPU on glibc's malloc,
+    whose heap otherwise fragments (README, "Memory on CPU"); off under jemalloc (which reuses the holes itself).
+    Never on GPUs, under FSDP or training.compile. bench/train.py's lf and lf-nobuffer variants compare them."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
     values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and

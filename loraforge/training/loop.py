@@ -58,6 +58,7 @@ from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, finge
                                       sources_report)
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+from loraforge.training.slab import ActivationSlab, uses_buffer
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, plain_modes
@@ -287,6 +288,7 @@ class Run:
     allocator: object | None
     loss_fn: nn.Module
     ddp: nn.Module
+    slab: ActivationSlab | None  # training.activation_buffer: the forward's kept activations go there
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -409,6 +411,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               epochs=epochs, total_steps=total_steps, model=model, trainable=trainable,
               total_params=total_params, allocator=allocator, loss_fn=loss_fn,
               ddp=wrapped, sharded=mode == "fsdp", optimizer=optimizer,
+              slab=ActivationSlab(model) if uses_buffer(t.activation_buffer, device, mode == "fsdp", t.compile)
+              else None,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
@@ -703,7 +707,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         sync = i == len(batches) - 1
         context = no_sync(run.ddp) if not sync else contextlib.nullcontext()
         with context:
-            with run.precision.autocast(device.type):
+            with run.precision.autocast(device.type), run.slab.saving() if run.slab else contextlib.nullcontext():
                 loss_sum, _ = run.ddp(batch)
                 objective = loss_sum
                 if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step in total: each

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from pathlib import Path
 
@@ -81,8 +82,23 @@ def return_large_frees(threshold: int = 128 * 1024) -> bool:
     each step, and the heap kept them: measured with the built-in model and 2 gloo processes, a step's peak was
     1.44-1.85× DDP's; with the threshold held at 128 kB (glibc's starting value) it is 0.95×. No-op without glibc.
     """
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+
+
+
+def trim_heap() -> bool:
+    """glibc: hand the free pages inside the heap back to the system (malloc_trim(0), which since glibc 2.8 also
+    releases free holes below the heap's top). The holes a training step's temporaries leave would otherwise stay
+    resident (loraforge.training.slab). False without glibc."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
+
+
+@functools.cache
+def _glibc():
+    """ctypes' handle on glibc, or None where the C library is another."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+        return None

@@ -1,0 +1,136 @@
+"""loraforge.training.slab: the kept activations copied into one buffer give the plain path's loss, gradients and
+adapter bit for bit (fp32 and bf16, packed rows, accumulation, checkpointing), whatever the chunking; a tensor is
+copied once however often it is saved, and never confused with a later tensor at the same address."""
+
+import contextlib
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_llama
+from safetensors.torch import load_file
+
+from loraforge.config import LoraConfig, load_train_config
+from loraforge.lora.inject import inject, lora_layers
+from loraforge.training import slab as slab_module
+from loraforge.training.fastpath import install, register_attention
+from loraforge.training.loop import train
+from loraforge.training.slab import ActivationSlab, uses_buffer
+from loraforge.utils import allocator
+
+
+@pytest.fixture
+def every_tensor(monkeypatch):
+    """The tiny model's activations are all under SMALLEST: copy every one."""
+    monkeypatch.setattr(slab_module, "SMALLEST", 0)
+
+
+def _model(checkpointing=False):
+    model = tiny_llama(seed=0)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "default")
+    for _, layer in lora_layers(model):
+        layer.fused = True
+    install(model)
+    model.set_attn_implementation(register_attention())
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def _steps(slab_of, dtype=torch.float32, checkpointing=False, steps=3, micro=2):
+    """Losses and the final LoRA weights after `steps` AdamW steps of `micro` micro-batches each."""
+    model = _model(checkpointing)
+    slab = slab_of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        for _ in range(micro):
+            ids = torch.randint(0, VOCAB, (3, 24), generator=g)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), \
+                    slab.saving() if slab else contextlib.nullcontext():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss / micro).backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, [p.detach().clone() for p in params], slab
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [1 << 12, 1 << 26], ids=["many-chunks", "one-chunk"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "checkpointed"])
+def test_the_buffer_gives_the_plain_paths_numbers_bit_for_bit(every_tensor, dtype, chunk, checkpointing):
+    plain_losses, plain_params, _ = _steps(lambda m: None, dtype, checkpointing)
+    losses, params, slab = _steps(lambda m: ActivationSlab(m, chunk=chunk), dtype, checkpointing)
+    assert losses == plain_losses
+    for got, want in zip(params, plain_params):
+        assert torch.equal(got, want)
+    if not checkpointing:  # (checkpointed layers keep only their inputs: the buffer holds little)
+        assert slab.nbytes > 0 and (len(slab.chunks) > 1) == (chunk < 1 << 20)
+
+
+def test_a_tensor_saved_twice_is_copied_once_and_a_later_one_at_its_address_is_not_taken_for_it(every_tensor):
+    slab = ActivationSlab(torch.nn.Linear(2, 2))
+    with slab.saving():
+        x = torch.randn(64, 64)
+        first, again = slab._pack(x), slab._pack(x.view(64, 64))
+        assert again is first and torch.equal(first, x) and first.data_ptr() != x.data_ptr()
+        x.add_(1)  # changed in place after it was saved: a new version, a new copy
+        assert torch.equal(slab._pack(x), x) and not torch.equal(first, x)
+        address = x.data_ptr()
+        del x
+        y = torch.full((64, 64), 7.0)  # the allocator often hands the freed block straight back
+        assert torch.equal(slab._pack(y), y), address == y.data_ptr()
+
+
+def test_weights_are_saved_by_reference_not_copied(every_tensor):
+    model = torch.nn.Linear(64, 64)
+    slab = ActivationSlab(model)
+    with slab.saving():
+        assert slab._pack(model.weight) is model.weight
+    assert slab.nbytes == 0
+
+
+def test_auto_is_on_for_a_cpu_on_glibc_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(allocator, "loaded", lambda: "libc")
+    assert uses_buffer("auto", cpu) and uses_buffer(True, cpu) and not uses_buffer(False, cpu)
+    assert not uses_buffer("auto", cuda) and not uses_buffer(True, cuda)
+    assert not uses_buffer("auto", cpu, sharded=True) and not uses_buffer("auto", cpu, compiled=True)
+    monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
+    assert not uses_buffer("auto", cpu) and uses_buffer(True, cpu)
+
+
+def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path):
+    adapters = {}
+    for on in (True, False):
+        cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
+                                       f"output_dir={tmp_path / str(on)}", "lora.r=4", "training.lr=1e-2",
+                                       "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
+                                       "model.dtype=fp32", "training.gradient_accumulation=2", "data.packing=true",
+                                       f"training.activation_buffer={str(on).lower()}"])
+        train(cfg, progress=False)
+        adapters[on] = load_file(tmp_path / str(on) / "adapter" / "adapter_model.safetensors")
+    assert adapters[True].keys() == adapters[False].keys()
+    for key, tensor in adapters[False].items():
+        assert torch.equal(adapters[True][key], tensor), key
+
+
+@pytest.mark.parametrize("every", [1 << 14, 1 << 40])
+def test_the_heap_is_trimmed_as_activations_are_kept_and_read_back(every_tensor, monkeypatch, every):
+    """Every TRIM_EVERY bytes packed (forward) or unpacked (backward), the heap's free holes are handed back."""
+    trims = []
+    monkeypatch.setattr(allocator, "trim_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(slab_module, "TRIM_EVERY", every)
+    model = _model()
+    slab = ActivationSlab(model)
+    with slab.saving():
+        loss = model(input_ids=torch.randint(0, VOCAB, (3, 24)), use_cache=False).logits.sum()
+    after_forward = len(trims)
+    loss.backward()
+    kept = slab._at[1]  # bytes the forward copied (one chunk, aligned)
+    if every > kept:
+        assert trims == []
+    else:
+        assert 0 < after_forward <= kept // every and after_forward < len(trims)  # and on the way back
