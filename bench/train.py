@@ -32,7 +32,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
            (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). On a CPU on glibc's malloc the
            activations kept for the backward are copied into chunks that live for the run
-           (training.activation_buffer; lf-nobuffer: left in glibc's heap, which fragments).
+           (training.activation_buffer; lf-nobuffer: left in glibc's heap, which fragments; lf-trim: the heap's
+           free pages also handed back every 256 MiB of them, the lowest peak at some speed).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -104,6 +105,7 @@ VARIANTS = {
     "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
     "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
     "lf-nobuffer": ("lf", {"buffer": False}),  # kept activations where they were made (glibc's heap), not copied
+    "lf-trim": ("lf", {"buffer": "trim"}),  # the copies, and glibc's heap trimmed every 256 MiB of them
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -252,8 +254,8 @@ def worker(args) -> dict:
         pack = pack and args.shape != "text"  # text rows come packed
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
-        slab = ActivationSlab(model) if uses_buffer(cfg.training.activation_buffer, device,
-                                                    compiled=opts.get("compile", False)) else None
+        slab = ActivationSlab(model, trim=cfg.training.activation_buffer == "trim") \
+            if uses_buffer(cfg.training.activation_buffer, device, compiled=opts.get("compile", False)) else None
 
     def sync():
         if device.type == "cuda":

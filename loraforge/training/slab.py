@@ -3,10 +3,12 @@
 glibc's heap fragments under training's pattern: each layer's kept activations land in holes that its temporaries
 left, the next temporaries grow the heap, and the holes stay resident (README, "Memory on CPU": 4.1-4.3 GB resident
 for 2.5 GB of live tensors on 4 packed 512-token rows). Copying every kept activation into a buffer that lives for
-the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the temporaries only,
-and handing the heap's free holes back to the system every 256 MiB of activations (malloc_trim) keeps those from
-piling up: 4 packed 512-token rows of the built-in model in fp32 peak at 2.9 GB resident instead of 3.8 GB (copies
-alone) or 4.2 GB (neither), at the same step time (a one-off script of 4 steps; bench/train.py's lf-nobuffer).
+the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the temporaries only.
+Their holes still pile up (small long-lived allocations, autograd's nodes among them, split them), unless the heap's
+free pages are handed back to the system every 256 MiB of activations (malloc_trim; `trim`), which costs page
+faults when they are used again. bench/train.py on 4 packed 512-token rows of the built-in model, 2 rounds (README,
+"Memory on CPU"): fp32 peak 4243 MiB as glibc leaves it, about 3.8 GB with the copies, 2954 MiB with the trims
+too; bf16 2473 and 2048 MiB with both; the trims cost 15-20% of the speed (kernel time 3% -> 12-15%).
 
     slab = ActivationSlab(model)
     with slab.saving():                 # around the forward; the backward reads the copies
@@ -42,19 +44,20 @@ def uses_buffer(setting: bool | str, device: torch.device, sharded: bool = False
     (its gathers take the heap's holes) or torch.compile (which traces the saved tensors itself); auto: on glibc."""
     if device.type != "cpu" or sharded or compiled:
         return False
-    return allocator.loaded() == "libc" if setting == "auto" else bool(setting)
+    return allocator.loaded() == "libc" if setting == "auto" else bool(setting)  # "trim" too
 
 
 class ActivationSlab:
     """Copies of the tensors autograd saves (saved_tensors_hooks), in chunks of one buffer; see the module docstring."""
 
-    def __init__(self, model: nn.Module, chunk: int = CHUNK):
+    def __init__(self, model: nn.Module, chunk: int = CHUNK, trim: bool = False):
         # weights and buffers are saved by reference, never copied (they outlive the step anyway)
         self._kept = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers())}
         self.chunk = chunk
         self.chunks: list[torch.Tensor] = []  # uint8; each is mmapped by the C library (over its mmap threshold)
         self._at = (0, 0)  # (chunk, byte offset) where the next copy goes
         self._copies: dict = {}  # storage pointer, offset, shape, stride, dtype -> (storage weakref, version, copy)
+        self.trim = trim  # hand the heap's free pages back every TRIM_EVERY bytes of activations
         self._moved = 0  # bytes packed or unpacked since the heap was last trimmed
 
     @property
@@ -106,6 +109,6 @@ class ActivationSlab:
         """Every TRIM_EVERY bytes the layers keep (forward) or read back (backward): the heap's free holes go back
         to the system, so the temporaries of the layers since then are all the heap keeps resident."""
         self._moved += nbytes
-        if self._moved >= TRIM_EVERY:
+        if self.trim and self._moved >= TRIM_EVERY:
             self._moved = 0
             allocator.trim_heap()

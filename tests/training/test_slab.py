@@ -104,7 +104,7 @@ def test_auto_is_on_for_a_cpu_on_glibc_only(monkeypatch):
 
 def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path):
     adapters = {}
-    for on in (True, False):
+    for on in ("trim", True, False):
         cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
                                        f"output_dir={tmp_path / str(on)}", "lora.r=4", "training.lr=1e-2",
                                        "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
@@ -112,25 +112,27 @@ def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor,
                                        f"training.activation_buffer={str(on).lower()}"])
         train(cfg, progress=False)
         adapters[on] = load_file(tmp_path / str(on) / "adapter" / "adapter_model.safetensors")
-    assert adapters[True].keys() == adapters[False].keys()
-    for key, tensor in adapters[False].items():
-        assert torch.equal(adapters[True][key], tensor), key
+    for on in ("trim", True):
+        assert adapters[on].keys() == adapters[False].keys()
+        for key, tensor in adapters[False].items():
+            assert torch.equal(adapters[on][key], tensor), key
 
 
-@pytest.mark.parametrize("every", [1 << 14, 1 << 40])
-def test_the_heap_is_trimmed_as_activations_are_kept_and_read_back(every_tensor, monkeypatch, every):
-    """Every TRIM_EVERY bytes packed (forward) or unpacked (backward), the heap's free holes are handed back."""
+@pytest.mark.parametrize("trim,every", [(True, 1 << 14), (True, 1 << 40), (False, 1 << 14)])
+def test_the_heap_is_trimmed_as_activations_are_kept_and_read_back(every_tensor, monkeypatch, trim, every):
+    """With trim, every TRIM_EVERY bytes packed (forward) or unpacked (backward) the heap's free holes are handed
+    back; without, never."""
     trims = []
     monkeypatch.setattr(allocator, "trim_heap", lambda: trims.append(1) or True)
     monkeypatch.setattr(slab_module, "TRIM_EVERY", every)
     model = _model()
-    slab = ActivationSlab(model)
+    slab = ActivationSlab(model, trim=trim)
     with slab.saving():
         loss = model(input_ids=torch.randint(0, VOCAB, (3, 24)), use_cache=False).logits.sum()
     after_forward = len(trims)
     loss.backward()
     kept = slab._at[1]  # bytes the forward copied (one chunk, aligned)
-    if every > kept:
+    if every > kept or not trim:
         assert trims == []
     else:
         assert 0 < after_forward <= kept // every and after_forward < len(trims)  # and on the way back
