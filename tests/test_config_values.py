@@ -118,7 +118,8 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
     assert problems("trainig.lr=1") == ["trainig: unknown field (did you mean 'training'?)"]
     assert problems("training.wieght_decay=0.1") == ["training.wieght_decay: unknown field (did you mean "
                                                      "'weight_decay'?)"]
-    assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: activation_buffer, attention, ")
+    assert problems("training.xyz=1")[0].startswith("training.xyz: unknown field (known: activation_buffer, "
+                                                    "attention, ")
 
 
 def test_a_field_written_in_the_wrong_section_names_the_section_it_belongs_in():

@@ -25,8 +25,8 @@ from torch import nn
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
                               adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
                               normalize_module_fields, peft_list, unsupported_peft_fields, validate)
-from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable, resolve_targets,
-                                   untie_shared)
+from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
+                                   resolve_targets, untie_shared)
 from loraforge.lora.layer import LoraLayer
 from loraforge.utils.hf import set_submodule
 
