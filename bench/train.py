@@ -30,10 +30,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            the same system prompt and user header, 38 tokens, before every question). Packed rows attend
            sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask); the
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
-           (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). On a CPU on glibc's malloc the
-           activations kept for the backward are copied into chunks that live for the run
-           (training.activation_buffer; lf-nobuffer: left in glibc's heap, which fragments; lf-trim: the heap's
-           free pages also handed back every 256 MiB of them, the lowest peak at some speed).
+           (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). lf-buffer: the activations kept
+           for the backward copied into a buffer that lives for the run and glibc's heap trimmed every 256 MiB of
+           them (training.activation_buffer): a lower peak at some speed.
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -104,8 +103,7 @@ VARIANTS = {
     "peft-jemalloc": ("peft", {"allocator": "jemalloc"}),
     "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
     "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
-    "lf-nobuffer": ("lf", {"buffer": False}),  # kept activations where they were made (glibc's heap), not copied
-    "lf-trim": ("lf", {"buffer": "trim"}),  # the copies, and glibc's heap trimmed every 256 MiB of them
+    "lf-buffer": ("lf", {"buffer": True}),  # kept activations copied to a run-long buffer, glibc's heap trimmed
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -199,7 +197,7 @@ def worker(args) -> dict:
                  f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
-                 f"training.activation_buffer={str(opts.get('buffer', 'auto')).lower()}",
+                 f"training.activation_buffer={str(opts.get('buffer', False)).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
                  f"model.dtype={args.dtype if low and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
@@ -254,8 +252,8 @@ def worker(args) -> dict:
         pack = pack and args.shape != "text"  # text rows come packed
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
-        slab = ActivationSlab(model, trim=cfg.training.activation_buffer == "trim") \
-            if uses_buffer(cfg.training.activation_buffer, device, compiled=opts.get("compile", False)) else None
+        slab = ActivationSlab(model) if uses_buffer(cfg.training.activation_buffer, device,
+                                                    compiled=opts.get("compile", False)) else None
 
     def sync():
         if device.type == "cuda":

@@ -591,13 +591,12 @@ class TrainingConfig:
     fused_lora: bool = True
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
     the same math, saving only x and A·x for the backward (faster and leaner than the plain path: bench/train.py)."""
-    activation_buffer: bool | Literal["auto", "trim"] = "auto"
-    """Copy the activations a step keeps for its backward into a buffer that lives for the whole run
-    (loraforge.training.slab), so that the C library's heap holds temporaries only: the same loss and gradients bit
-    for bit, a lower peak at the same speed. trim: also hand the heap's free pages back to the system every 256 MiB
-    of activations, the lowest peak (fp32 0.42x PEFT's against 0.60x without either) at 15-20% of the speed (README,
-    "Memory on CPU"). auto: on a CPU on glibc's malloc, whose heap fragments; off under jemalloc (which reuses the
-    holes itself). Never on GPUs, under FSDP or training.compile (bench/train.py: lf, lf-trim, lf-nobuffer)."""
+    activation_buffer: bool = False
+    """CPU: copy the activations a step keeps for its backward into a buffer that lives for the whole run, and hand
+    the free pages of glibc's heap back to the system every 256 MiB of them (loraforge.training.slab). The same loss
+    and gradients bit for bit; a lower peak (packed 512-token rows of the built-in model: fp32 0.41x PEFT's against
+    0.59x, bf16 0.39x against 0.47x) at 8-10% less speed (README, "Memory on CPU"; bench/train.py's lf-buffer).
+    Not on GPUs, under FSDP or training.compile; under jemalloc (which reuses its holes itself) it only copies."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
     values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and

@@ -411,8 +411,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               epochs=epochs, total_steps=total_steps, model=model, trainable=trainable,
               total_params=total_params, allocator=allocator, loss_fn=loss_fn,
               ddp=wrapped, sharded=mode == "fsdp", optimizer=optimizer,
-              slab=ActivationSlab(model, trim=t.activation_buffer == "trim")
-              if uses_buffer(t.activation_buffer, device, mode == "fsdp", t.compile) else None,
+              slab=ActivationSlab(model) if uses_buffer(t.activation_buffer, device, mode == "fsdp", t.compile)
+              else None,
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped

@@ -1,14 +1,14 @@
-"""One buffer for the activations a CPU training step keeps for its backward, reused step after step.
+"""training.activation_buffer: a CPU step's kept activations in one buffer for the run, and glibc's heap trimmed.
 
 glibc's heap fragments under training's pattern: each layer's kept activations land in holes that its temporaries
 left, the next temporaries grow the heap, and the holes stay resident (README, "Memory on CPU": 4.1-4.3 GB resident
 for 2.5 GB of live tensors on 4 packed 512-token rows). Copying every kept activation into a buffer that lives for
-the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the temporaries only.
-Their holes still pile up (small long-lived allocations, autograd's nodes among them, split them), unless the heap's
-free pages are handed back to the system every 256 MiB of activations (malloc_trim; `trim`), which costs page
-faults when they are used again. bench/train.py on 4 packed 512-token rows of the built-in model, 2 rounds (README,
-"Memory on CPU"): fp32 peak 4243 MiB as glibc leaves it, about 3.8 GB with the copies, 2954 MiB with the trims
-too; bf16 2473 and 2048 MiB with both; the trims cost 15-20% of the speed (kernel time 3% -> 12-15%).
+the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the temporaries only,
+and handing the heap's free pages back to the system every 256 MiB of activations (malloc_trim) keeps their holes
+from staying resident; the pages are faulted in again when used, which costs speed. bench/train.py on 4 packed
+512-token rows of the built-in model, 2 rounds (README, "Memory on CPU"): fp32 peak 0.41x PEFT's against 0.59x,
+bf16 0.39x against 0.47x, at 8-10% less speed. The copies alone lowered the peak a little (0.54x, 0.46x) at the
+same cost, and the trims alone further (2596 against 2973 MiB) at more (kernel time 22% against 13%).
 
     slab = ActivationSlab(model)
     with slab.saving():                 # around the forward; the backward reads the copies
@@ -39,18 +39,16 @@ SMALLEST = 1 << 16  # bytes: smaller tensors stay where they are (they fit the h
 TRIM_EVERY = 256 << 20  # bytes packed or unpacked between two trims of the heap (about 6 a step of the built-in model)
 
 
-def uses_buffer(setting: bool | str, device: torch.device, sharded: bool = False, compiled: bool = False) -> bool:
-    """training.activation_buffer resolved. Never on a GPU (its caching allocator does not fragment so), under FSDP
-    (its gathers take the heap's holes) or torch.compile (which traces the saved tensors itself); auto: on glibc."""
-    if device.type != "cpu" or sharded or compiled:
-        return False
-    return allocator.loaded() == "libc" if setting == "auto" else bool(setting)  # "trim" too
+def uses_buffer(setting: bool, device: torch.device, sharded: bool = False, compiled: bool = False) -> bool:
+    """training.activation_buffer resolved: never on a GPU (its caching allocator does not fragment so), under FSDP
+    (its gathers take the heap's holes) or torch.compile (which traces the saved tensors itself)."""
+    return setting and device.type == "cpu" and not sharded and not compiled
 
 
 class ActivationSlab:
     """Copies of the tensors autograd saves (saved_tensors_hooks), in chunks of one buffer; see the module docstring."""
 
-    def __init__(self, model: nn.Module, chunk: int = CHUNK, trim: bool = False):
+    def __init__(self, model: nn.Module, chunk: int = CHUNK, trim: bool = True):
         # weights and buffers are saved by reference, never copied (they outlive the step anyway)
         self._kept = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers())}
         self.chunk = chunk

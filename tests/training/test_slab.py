@@ -92,19 +92,15 @@ def test_weights_are_saved_by_reference_not_copied(every_tensor):
     assert slab.nbytes == 0
 
 
-def test_auto_is_on_for_a_cpu_on_glibc_only(monkeypatch):
+def test_the_buffer_is_for_cpu_training_outside_fsdp_and_compile():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(allocator, "loaded", lambda: "libc")
-    assert uses_buffer("auto", cpu) and uses_buffer(True, cpu) and not uses_buffer(False, cpu)
-    assert not uses_buffer("auto", cuda) and not uses_buffer(True, cuda)
-    assert not uses_buffer("auto", cpu, sharded=True) and not uses_buffer("auto", cpu, compiled=True)
-    monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
-    assert not uses_buffer("auto", cpu) and uses_buffer(True, cpu)
+    assert uses_buffer(True, cpu) and not uses_buffer(False, cpu) and not uses_buffer(True, cuda)
+    assert not uses_buffer(True, cpu, sharded=True) and not uses_buffer(True, cpu, compiled=True)
 
 
 def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path):
     adapters = {}
-    for on in ("trim", True, False):
+    for on in (True, False):
         cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
                                        f"output_dir={tmp_path / str(on)}", "lora.r=4", "training.lr=1e-2",
                                        "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
@@ -112,10 +108,9 @@ def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor,
                                        f"training.activation_buffer={str(on).lower()}"])
         train(cfg, progress=False)
         adapters[on] = load_file(tmp_path / str(on) / "adapter" / "adapter_model.safetensors")
-    for on in ("trim", True):
-        assert adapters[on].keys() == adapters[False].keys()
-        for key, tensor in adapters[False].items():
-            assert torch.equal(adapters[on][key], tensor), key
+    assert adapters[True].keys() == adapters[False].keys()
+    for key, tensor in adapters[False].items():
+        assert torch.equal(adapters[True][key], tensor), key
 
 
 @pytest.mark.parametrize("trim,every", [(True, 1 << 14), (True, 1 << 40), (False, 1 << 14)])
