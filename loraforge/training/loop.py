@@ -768,7 +768,7 @@ def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:
     bad = (torch.stack([~torch.isfinite(t).all() for t in local]).any() if local
            else torch.zeros((), dtype=torch.bool, device=params[0].device)).to(torch.int32)
     if world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        dist.all_reduce(bad)  # a sum: how many processes found one (MAX stays the stop agreement's alone)
     return not bool(bad)
 
 
