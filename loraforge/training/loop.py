@@ -720,7 +720,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         dist.all_reduce(step_loss)
     loss_value = step_loss.item() / n_step.item()
     if not math.isfinite(loss_value):
-        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
+        last = last_good_checkpoint(run)
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
                             f"{last or 'none (no checkpoint was written yet)'}. "
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1))
@@ -732,7 +732,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
                  else torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):  # fp16's scaler skips such steps itself
-        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
+        last = last_good_checkpoint(run)
         lora = run.cfg.lora
         scale = (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
                  f"lora.lora_alpha if it is unusually large; else " if run.cfg.method in ("lora", "dora", "qlora")
@@ -746,7 +746,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     scaler.update()
     skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
     if not skipped and not all_finite(params, run.world):  # the loss and gradients were finite: the update was not
-        last = find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
+        last = last_good_checkpoint(run)
         raise TrainingError(f"the update of step {run.step + 1} made trainable weights inf or NaN (the loss, "
                             f"{loss_value:.4g}, and the gradient norm, {float(grad_norm):.4g}, were finite); stopping "
                             f"before they are saved. The last good checkpoint is "
@@ -760,6 +760,11 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     else:
         run.scheduler.step()
     return loss_value, grad_norm, skipped
+
+
+def last_good_checkpoint(run: Run) -> Path | None:
+    """The newest complete checkpoint of this run (FSDP: sharded), for the message of a step that went wrong."""
+    return find_sharded(run.ckpt_root)[0] if run.sharded else last_checkpoint(run.ckpt_root)
 
 
 def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:

@@ -86,7 +86,6 @@ def return_large_frees(threshold: int = 128 * 1024) -> bool:
     return libc is not None and bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
 
 
-
 def trim_heap() -> bool:
     """glibc: hand the free pages inside the heap back to the system (malloc_trim(0), which since glibc 2.8 also
     releases free holes below the heap's top). The holes a training step's temporaries leave would otherwise stay
