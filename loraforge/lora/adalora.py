@@ -267,8 +267,8 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
     for path in targets:
         module = model.get_submodule(path)
         if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
-            raise LayerKindConflict([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA adapters "
-                               f"cannot share a layer (delete the other adapter first)"])
+            raise LayerKindConflict([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA "
+                                     f"adapters cannot share a layer (delete the other adapter first)"])
         if not isinstance(module, SVDLinear):
             module = SVDLinear(module)
             module.untied_from = untied.get(path)  # a tied lm_head: its own weight (delete_adapter ties it again)

@@ -96,7 +96,7 @@ def check_ranks(ranks) -> None:
     """Each rank once and each one a rank a run takes (1 to MAX_RANK, as lora.r): two arms of one rank would write
     the same folder, and a rank out of range would be refused by the first arm's config, each only after the base
     had been probed (and the first arm trained)."""
-    problems = [_rank_problem(r) for r in dict.fromkeys(ranks) if _rank_problem(r)]
+    problems = [problem for r in dict.fromkeys(ranks) if (problem := _rank_problem(r))]
     twice = sorted({r for r in ranks if list(ranks).count(r) > 1})
     if twice:
         problems.append(f"--ranks: {', '.join(map(str, twice))} given more than once (each rank is one arm, in a "
