@@ -254,3 +254,9 @@ def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_train_config(None, [DATA, "training.batch_tokens=120"])  # the default batch_size: nothing to say
+
+
+def test_activation_buffer_takes_true_or_false_only():
+    """training.activation_buffer was "auto" in a development version; anything but a boolean is named."""
+    assert problems("training.activation_buffer=auto") == [
+        "training.activation_buffer: expected true or false, got 'auto'"]
