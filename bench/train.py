@@ -32,7 +32,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
            (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). lf-buffer: the activations kept
            for the backward copied into a buffer that lives for the run and glibc's heap trimmed every 256 MiB of
-           them (training.activation_buffer): a lower peak at some speed.
+           them (training.activation_buffer): a lower peak at some speed. On glibc the steps run with large blocks
+           served from the heap and the heap untrimmed where rows are packed (training.reuse_memory=auto, as
+           train() runs); lf-noreuse: off, peft-reuse: PEFT's loop with the same setting.
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -104,6 +106,8 @@ VARIANTS = {
     "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
     "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
     "lf-buffer": ("lf", {"buffer": True}),  # kept activations copied to a run-long buffer, glibc's heap trimmed
+    "lf-noreuse": ("lf", {"reuse": False}),  # training.reuse_memory off: glibc maps, faults in and unmaps big blocks
+    "peft-reuse": ("peft", {"reuse": True}),  # PEFT's loop with glibc held as training.reuse_memory holds it
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -198,6 +202,7 @@ def worker(args) -> dict:
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
                  f"training.activation_buffer={str(opts.get('buffer', False)).lower()}",
+                 f"training.reuse_memory={str(opts.get('reuse', 'auto')).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
                  f"model.dtype={args.dtype if low and not opts.get('fp32_base') else 'fp32'}",
                  f"training.precision={args.dtype}",
@@ -255,6 +260,13 @@ def worker(args) -> dict:
         slab = ActivationSlab(model) if uses_buffer(cfg.training.activation_buffer, device,
                                                     compiled=opts.get("compile", False)) else None
 
+    held = contextlib.ExitStack()  # kept until the worker returns: a context manager collected early would exit
+    buffered = trainer == "lf" and slab is not None
+    packed = args.shape == "text" or (trainer == "lf" and pack)  # PEFT's rows are padded, the text shape packed
+    setting = opts.get("reuse", cfg.training.reuse_memory if trainer == "lf" else False)
+    if allocator.reuses_memory(setting, device.type, packed, buffered=buffered):
+        held.enter_context(allocator.reuse_freed_memory())  # for the steps, as train() holds it for the run
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -304,6 +316,7 @@ def worker(args) -> dict:
             executed += sum(executed_flops(*shape, model.config, lora_params) for shape in shapes)
     peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU
     train_peak = window_peak_rss_mb() if window else None
+    held.close()
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
             "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds, "peak_mb": peak,

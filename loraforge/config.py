@@ -252,7 +252,12 @@ def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
 
 
 def module_list_problems(name: str, value) -> list[str]:
-    """target_modules-like fields: a regex string must compile; a list must not be empty."""
+    """target_modules-like fields: a regex string must compile; a list must not be empty; no control character (a
+    newline pasted into a YAML string: module names never hold one, so the field would match nothing)."""
+    names = value if isinstance(value, tuple) else (value,) if isinstance(value, str) else ()
+    if bad := next((n for n in names if isinstance(n, str) and any(ord(c) < 32 or ord(c) == 127 for c in n)), None):
+        return [f"{name}: {clipped(bad)} holds a control character (a line break or tab?); module names never do, "
+                f"so it would match no layer: remove it"]
     if isinstance(value, str) and value != "all-linear":
         try:
             re.compile(value)
@@ -597,6 +602,13 @@ class TrainingConfig:
     and gradients bit for bit; a lower peak (packed 512-token rows of the built-in model: fp32 0.41x PEFT's against
     0.59x, bf16 0.39x against 0.47x) at 8-10% less speed (README, "Memory on CPU"; bench/train.py's lf-buffer).
     Not on GPUs, under FSDP or training.compile; under jemalloc (which reuses its holes itself) it only copies."""
+    reuse_memory: bool | Literal["auto"] = "auto"
+    """CPU on glibc: for the run, large blocks come from the C library's heap and the heap is not trimmed, so the
+    memory a step frees is reused by the next step instead of being handed back to the system and faulted in again
+    (loraforge.utils.allocator.reuse_freed_memory). The same math. auto: when the run packs its rows (every step's
+    tensors the same sizes): on 4 packed 512-token rows of the built-in model bf16 ran 1.16x as fast at the same
+    peak, fp32 1.02x; rows of varying width gained nothing (README, "Memory on CPU"; bench/train.py's lf-noreuse).
+    Handed back when the run ends. Not under FSDP, with training.activation_buffer, on GPUs or another allocator."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
     values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and

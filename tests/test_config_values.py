@@ -260,3 +260,13 @@ def test_activation_buffer_takes_true_or_false_only():
     """training.activation_buffer was "auto" in a development version; anything but a boolean is named."""
     assert problems("training.activation_buffer=auto") == [
         "training.activation_buffer: expected true or false, got 'auto'"]
+    assert problems("training.reuse_memory=2") == ["training.reuse_memory: expected true, false or 'auto', got 2"]
+
+
+@pytest.mark.parametrize("override", ['lora.target_modules="q_proj|v_proj\\n"',
+                                      'lora.target_modules=["q_proj", "v\\tproj"]'])
+def test_a_target_module_with_a_control_character_is_refused_before_any_model_loads(override):
+    """A newline pasted into the YAML string: a valid regex that matches no layer, found only once the model loaded."""
+    (problem,) = problems(override)
+    assert problem.startswith("lora.target_modules: ") and "holds a control character" in problem
+    assert ("'q_proj|v_proj\\n'" in problem) != ("'v\\tproj'" in problem)

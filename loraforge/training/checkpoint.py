@@ -231,7 +231,7 @@ def schedule_changes(state: dict, now: dict, total_steps: int) -> list[str]:
 # step count: schedule_changes; the global batch: global_batch_change). Any other setting must be as the run started.
 RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_checkpoints", "training.log_every",
                "training.report_to", "training.attention", "training.compile", "training.fused_blocks",
-               "training.fused_lora", "training.activation_buffer", "training.share_prefix",
+               "training.fused_lora", "training.activation_buffer", "training.reuse_memory", "training.share_prefix",
                "training.gradient_checkpointing", "training.distributed", "training.collective_timeout",
                "training.init_adapter", "data.eval", "lora.base_model_name_or_path", "training.epochs",
                "training.max_steps", "training.batch_size", "training.batch_tokens", "training.gradient_accumulation",

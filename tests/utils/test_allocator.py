@@ -50,3 +50,70 @@ def test_the_start_line_names_a_preloaded_allocator_and_the_command_for_an_insta
     assert allocator.line("cpu", packed=False).endswith(f"LD_PRELOAD={library}")
     monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
     assert allocator.line("cpu", packed=False) == "memory allocator: jemalloc"
+
+
+_HEAP = """
+import ctypes, torch
+from loraforge.utils import allocator
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+)
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+MB = 1 << 20
+
+def where():  # a live 64 MiB block (over glibc's 32 MiB threshold): mapped on its own, or from the heap
+    before = libc.mallinfo2()
+    block = torch.ones(1 << 24)
+    during = libc.mallinfo2()
+    del block
+    after = libc.mallinfo2()
+    mapped = during.hblkhd - before.hblkhd >= 64 * MB
+    kept = after.arena - before.arena >= 64 * MB or after.fordblks - before.fordblks >= 64 * MB
+    return "mapped" if mapped else "heap, kept" if kept else "heap, handed back"
+
+outside = where()
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+with allocator.reuse_freed_memory() as took:
+    inside = where()
+    held = resident()
+handed_back = resident() < held - 32 * MB  # malloc_trim on the way out
+print(took, outside, "|", inside, "|", where(), "|", handed_back)
+"""
+
+
+@pytest.mark.skipif(allocator._glibc() is None or allocator.loaded() != "libc", reason="needs glibc's malloc")
+def test_reuse_freed_memory_keeps_a_large_block_in_the_heap_for_the_next_then_hands_it_back():
+    """Outside, glibc maps a 64 MiB block on its own and unmaps it when freed (the next one is faulted in afresh).
+    Inside, it comes from the heap and stays there when freed; on the way out the heap is trimmed and blocks are
+    mapped again. Measured with glibc's mallinfo2 in a child process (the thresholds are process-wide)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _HEAP], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("|") == ["True mapped ", " heap, kept ", " mapped ", " True\n"]
+
+
+def test_reuse_is_for_cpu_training_on_glibc_outside_fsdp_and_the_activation_buffer(monkeypatch):
+    """auto: when the rows are packed (every step's blocks the same sizes)."""
+    monkeypatch.setattr(allocator, "loaded", lambda: "libc")
+    monkeypatch.setattr(allocator, "_glibc", lambda: object())
+    assert allocator.reuses_memory("auto", "cpu", packed=True) and not allocator.reuses_memory("auto", "cpu", False)
+    assert allocator.reuses_memory(True, "cpu", packed=False) and not allocator.reuses_memory(False, "cpu", True)
+    assert not allocator.reuses_memory(True, "cuda", True)
+    assert not allocator.reuses_memory(True, "cpu", True, sharded=True)
+    assert not allocator.reuses_memory(True, "cpu", True, buffered=True)
+    monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
+    assert not allocator.reuses_memory(True, "cpu", True)
+    monkeypatch.setattr(allocator, "loaded", lambda: "libc")
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert not allocator.reuses_memory(True, "cpu", True)
+
+
+def test_without_glibc_reuse_freed_memory_does_nothing(monkeypatch):
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    with allocator.reuse_freed_memory() as took:
+        assert took is False
