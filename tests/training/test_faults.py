@@ -328,9 +328,21 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
 
 
+@pytest.fixture
+def not_ignored(signum):
+    """The test's signal at its default disposition: a suite run under nohup starts with SIGHUP ignored, which the
+    loop keeps ignored (as it should) and child processes inherit; restored afterwards."""
+    ignored = signal.getsignal(signum) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signum, signal.SIG_DFL)
+    yield
+    if ignored:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP])
 def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole,
-                                                                            signum):
+                                                                            signum, not_ignored):
     """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption), SIGUSR1 (Slurm's --signal) or SIGHUP (the
     terminal or SSH session closed) during step 2: the step completes, step-2 is saved, then the run stops; --resume
     ends with the uninterrupted run's adapter."""
@@ -433,7 +445,7 @@ def test_a_run_started_ignoring_sighup_as_nohup_does_trains_on_when_it_comes(tin
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138),
                                           (signal.SIGHUP, 129)])
 def test_a_signalled_cli_run_exits_128_plus_the_signal_with_its_checkpoint(tiny_dir, data_file, tmp_path, signum,
-                                                                            code):
+                                                                            code, not_ignored):
     """A real `loraforge train` process, signalled once it has logged a step: it ends that step, saves a checkpoint
     of it, says which signal stopped it and that --resume continues, and exits 128 + the signal's number as a
     shell reports a process the signal ended (Linux numbers); the dashboard counts that exit as stopped."""
