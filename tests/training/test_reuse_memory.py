@@ -12,6 +12,8 @@ from loraforge.training import loop
 from loraforge.training.loop import train
 from loraforge.utils import allocator
 
+needs_glibc = pytest.mark.skipif(not allocator.reuses_memory(True, "cpu", True), reason="needs glibc's malloc")
+
 
 @pytest.fixture
 def held(monkeypatch):
@@ -38,7 +40,7 @@ def _config(tiny_dir, data_file, out, *extra):
                                     "data.packing=true", *extra])
 
 
-@pytest.mark.skipif(not allocator.reuses_memory(True, "cpu", True), reason="needs glibc's malloc")
+@needs_glibc
 def test_a_run_reusing_memory_writes_the_adapter_of_a_run_without(held, tiny_dir, data_file, tmp_path):
     """auto (the default) reuses where the rows are packed (data.packing=true here)."""
     adapters = {}
@@ -52,7 +54,7 @@ def test_a_run_reusing_memory_writes_the_adapter_of_a_run_without(held, tiny_dir
         assert torch.equal(adapters["auto"][key], tensor), key
 
 
-@pytest.mark.skipif(not allocator.reuses_memory(True, "cpu", True), reason="needs glibc's malloc")
+@needs_glibc
 def test_auto_leaves_rows_of_varying_width_to_glibc_and_true_reuses_for_them(held, tiny_dir, data_file, tmp_path):
     for setting, entered in (("auto", []), ("true", ["enter", "exit"])):
         held.clear()
@@ -61,7 +63,7 @@ def test_auto_leaves_rows_of_varying_width_to_glibc_and_true_reuses_for_them(hel
         assert held == entered, setting
 
 
-@pytest.mark.skipif(not allocator.reuses_memory(True, "cpu", True), reason="needs glibc's malloc")
+@needs_glibc
 def test_a_failing_run_hands_the_heap_back_and_the_activation_buffer_runs_without_it(held, tiny_dir, data_file,
                                                                                       tmp_path, monkeypatch):
     def boom(run, batches):

@@ -74,11 +74,11 @@ def where():  # a live 64 MiB block (over glibc's 32 MiB threshold): mapped on i
     kept = after.arena - before.arena >= 64 * MB or after.fordblks - before.fordblks >= 64 * MB
     return "mapped" if mapped else "heap, kept" if kept else "heap, handed back"
 
-outside = where()
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
+outside = where()
 with allocator.reuse_freed_memory() as took:
     inside = where()
     held = resident()
