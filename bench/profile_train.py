@@ -6,7 +6,7 @@
     python bench/profile_train.py --shape text --floor     # also: the step's matmul floor, timed without the profiler
 
 Prints the self CPU time of the step by kind (matmuls, attention's softmax, norms, elementwise, copies and
-allocation, the optimizer, data/collate), then the heaviest operators. One process, after one untimed step.
+allocation, the optimizer, data/collate), then the heaviest operators. One process, after two untimed steps.
 
 --floor times one more step operator by operator with a light dispatch-mode timer (torch.profiler's own overhead
 inflates ms-sized operators on small machines) and prints the matmul floor: the time the frozen linears and the
@@ -18,6 +18,7 @@ at the same rates cannot beat that bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 import shapes as data_shapes  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from train import VARIANTS, matmul_peak  # noqa: E402
+
+from loraforge.utils import allocator  # noqa: E402
 
 KINDS = [  # (kind, substrings of an operator name), first match wins
     ("matmul", ("mm", "matmul", "linear", "bmm", "baddbmm")),
@@ -90,7 +93,7 @@ def main() -> None:
         from loraforge.training.fastpath import LEAN_MASKED_ATTENTION
 
         model.set_attn_implementation(LEAN_MASKED_ATTENTION)
-    steps = 3 if args.floor else 2  # one untimed, one profiled[, one timed by operator]
+    steps = 4 if args.floor else 3  # two untimed (the heap grows to its size), one profiled[, one timed by operator]
     plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.batch, args.text_rows, args.text_len,
                             args.pack_len)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -104,6 +107,9 @@ def main() -> None:
     print(f"{args.shape}: {'packed into ' + str(seq) + '-token rows' if pack else 'rows as they come'}")
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    held = contextlib.ExitStack()  # training.reuse_memory as train() resolves it (packed rows: glibc's heap kept)
+    if allocator.reuses_memory(opts.get("reuse", cfg.training.reuse_memory), "cpu", pack or args.shape == "text"):
+        held.enter_context(allocator.reuse_freed_memory())
 
     def step(micro):
         with torch.profiler.record_function("data"):
@@ -120,11 +126,12 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
     step(plan[0])
+    step(plan[1])
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
-        step(plan[1])
+        step(plan[2])
     wall = time.perf_counter() - t0
-    tokens = sum(len(e.input_ids) for _, ex in plan[1] for e in ex)
+    tokens = sum(len(e.input_ids) for _, ex in plan[2] for e in ex)
     events = [e for e in prof.key_averages() if not e.key.startswith(("data", "forward", "backward", "optimizer"))]
     total = sum(e.self_cpu_time_total for e in events)
     by = defaultdict(float)
@@ -146,8 +153,8 @@ def main() -> None:
         timer = OperatorTimer(lora_rank=16)
         t0 = time.perf_counter()
         with timer:
-            step(plan[2])
-        print_floor(timer, time.perf_counter() - t0, sum(len(e.input_ids) for _, ex in plan[2] for e in ex),
+            step(plan[3])
+        print_floor(timer, time.perf_counter() - t0, sum(len(e.input_ids) for _, ex in plan[3] for e in ex),
                     matmul_peak(args.dtype, "cpu"))
 
 

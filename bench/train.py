@@ -34,7 +34,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            for the backward copied into a buffer that lives for the run and glibc's heap trimmed every 256 MiB of
            them (training.activation_buffer): a lower peak at some speed. On glibc the steps run with large blocks
            served from the heap and the heap untrimmed where rows are packed (training.reuse_memory=auto, as
-           train() runs); lf-noreuse: off, peft-reuse: PEFT's loop with the same setting.
+           train() runs); lf-noreuse: off, peft-reuse: PEFT's loop with the same setting. The fused head keeps its
+           chunk of logits from step to step (kernels.HeadBuffers; lf-freshhead: allocated afresh every step).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
@@ -108,6 +109,7 @@ VARIANTS = {
     "lf-buffer": ("lf", {"buffer": True}),  # kept activations copied to a run-long buffer, glibc's heap trimmed
     "lf-noreuse": ("lf", {"reuse": False}),  # training.reuse_memory off: glibc maps, faults in and unmaps big blocks
     "peft-reuse": ("peft", {"reuse": True}),  # PEFT's loop with glibc held as training.reuse_memory holds it
+    "lf-freshhead": ("lf", {"fresh_head": True}),  # the fused head's logits buffers allocated afresh every call
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
@@ -250,6 +252,8 @@ def worker(args) -> dict:
         from loraforge.training.slab import ActivationSlab, uses_buffer
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
+        if opts.get("fresh_head"):
+            loss_fn.head_buffers = None  # every call allocates its own
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))
@@ -391,7 +395,8 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trainer and round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (same data for every trainer)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (same data for every trainer; two: the C "
+                   "library's heap has grown to its size by then, so the timed steps measure a long run's)")
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step (effective batch; the demo's 16)")
     p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
     p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")

@@ -348,18 +348,41 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
     return _PackedAttention.apply(q, k, v, starts, scaling, keep_probs)
 
 
+class HeadBuffers:
+    """The fused head's chunk of logits (rows × vocabulary, ~200 MB for 1,024 rows of a 49k vocabulary in fp32),
+    held from one call of linear_cross_entropy to the next. glibc maps a block that large on its own (over its
+    largest mmap threshold, 32 MiB, which training.reuse_memory cannot raise further) and unmaps it when freed, so a
+    fresh buffer is faulted in page by page at every step; a held one is not. The buffers live as long as this
+    object (CausalLMLoss holds one for a run); they only ever hold one chunk's scratch values, never a result."""
+
+    def __init__(self):
+        self._held: dict[tuple, torch.Tensor] = {}
+
+    def take(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised (rows, vocab) buffer of this dtype and device, the held one when it is large enough."""
+        key = (dtype, torch.device(device), vocab)
+        held = self._held.get(key)
+        if held is None or held.shape[0] < rows:
+            self._held.pop(key, None)  # the smaller one goes before the larger one is allocated
+            held = self._held[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
+        return held[:rows]
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, need_grad: bool):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, need_grad: bool, buffers: HeadBuffers | None):
         compute = _compute_dtype(hidden)
         n, vocab = hidden.shape[0], weight.shape[0]
+        buffers = buffers or HeadBuffers()  # none held from call to call: this call's own
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = _cast(compute, hidden, weight)
             grad = torch.empty_like(h) if need_grad else None
             rows = max(1, min(chunk_size, n))  # n = 0 (no supervised token): a zero loss, zero gradients
-            logits = torch.empty(rows, vocab, dtype=compute, device=h.device)  # reused by every chunk
-            work = logits if compute == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32,
-                                                                       device=h.device)
+            logits = buffers.take(rows, vocab, compute, h.device)  # reused by every chunk
+            work = logits if compute == torch.float32 else buffers.take(rows, vocab, torch.float32, h.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, n, rows):
                 m = min(rows, n - start)
@@ -385,16 +408,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (grad * g.to(grad.dtype)).to(ctx.dtype), None, None, None, None
+        return (grad * g.to(grad.dtype)).to(ctx.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+                         chunk_size: int = 1024, buffers: HeadBuffers | None = None) -> torch.Tensor:
     """Σ cross_entropy(hidden Wᵀ, targets) (fp32 statistics) for a frozen bias-free head W (V, H); hidden (N, H),
-    every target a class index (select supervised rows first). Gradient for hidden only."""
+    every target a class index (select supervised rows first). Gradient for hidden only. buffers: the chunk's
+    logits buffers held from call to call (HeadBuffers); None: this call allocates its own."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy: the head weight trains; use F.cross_entropy on its logits instead")
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be ≥ 1, got {chunk_size}")
     need_grad = torch.is_grad_enabled() and hidden.requires_grad  # evaluation: the loss alone
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, need_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, need_grad, buffers)

@@ -62,7 +62,7 @@ def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device
     raise ConfigError([f"model.quantization: {quantize} on CPU needs every linear layer's in_features to be a "
                        f"multiple of {BLOCKSIZE} (bitsandbytes' CPU 4-bit kernels), but {path} has "
                        f"in_features={width}{more}; use --quantize int8 (model.quantization: int8), leave "
-                       f"quantization off, or run on a GPU"])
+                       f"quantization off (method lora), or run on a GPU"])
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

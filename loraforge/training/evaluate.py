@@ -9,6 +9,7 @@ import torch
 
 from loraforge.training import data as D
 from loraforge.decoding import greedy, stop_ids
+from loraforge.kernels import HeadBuffers
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.precision import autocast
 
@@ -30,10 +31,11 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
 
 
 def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: int = 8, packing: bool = True,
-                    max_seq_len: int = 2048, precision: str = "fp32") -> float:
-    """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it)."""
+                    max_seq_len: int = 2048, precision: str = "fp32", head_buffers: HeadBuffers | None = None) -> float:
+    """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it). head_buffers: the
+    training loss's (CausalLMLoss.head_buffers), so that evaluation between steps allocates no second set."""
     device = next(model.parameters()).device
-    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix("auto", device))
+    loss_fn = CausalLMLoss(model, share_prefix=shares_prefix("auto", device), head_buffers=head_buffers)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

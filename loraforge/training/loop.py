@@ -403,6 +403,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     share = shares_prefix(t.share_prefix, device) and mode != "fsdp"  # FSDP: its second pass' K/V escape the hooks
     loss_fn = CausalLMLoss(model, share_prefix=share).train()
     if t.compile:
+        loss_fn.head_buffers = None  # dynamo traces the head's chunks itself: no Python object across calls
         loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
     wrapped = wrap(loss_fn, model, mode, precision, device)  # FSDP: parameters become shards, before the optimizer
     optimizer = make_optimizer(model, t)
@@ -590,7 +591,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
                 with unsharded(run.ddp):
                     eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
-                                                cfg.data.max_seq_len, precision=run.precision.compute)
+                                                cfg.data.max_seq_len, precision=run.precision.compute,
+                                                head_buffers=getattr(run.loss_fn, "head_buffers", None))
                 if run.is_main:
                     ppl = perplexity_of(eval_loss)
                     log.write(step=run.step, eval_loss=eval_loss, eval_ppl=ppl)

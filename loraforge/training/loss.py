@@ -3,7 +3,9 @@
 The output head runs only on positions that have a target (label ≠ -100 after the shift): prompt tokens and
 padding never become full-vocabulary logits (49,152 × tokens for SmolLM2), which saves the head's compute and
 its fp32 logits memory. A frozen plain linear head (LoRA's case) runs fused with the cross-entropy in row chunks
-(loraforge.kernels.linear_cross_entropy): no full-vocabulary tensor is kept for the backward pass.
+(loraforge.kernels.linear_cross_entropy): no full-vocabulary tensor is kept for the backward pass, and the chunk's
+buffer (~200 MB for SmolLM2 in fp32) is held from step to step (kernels.HeadBuffers) instead of being mapped and
+faulted in afresh each time; evaluation during training uses the same one.
 The sum (not the mean) is returned with the token count, so the loop can divide by the
 number of supervised tokens in the whole optimizer step (all micro-batches, all processes).
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.utils.hf import cache_argument
-from loraforge.kernels import linear_cross_entropy
+from loraforge.kernels import HeadBuffers, linear_cross_entropy
 
 IGNORE = -100
 MIN_SHARED_TOKENS = 64
@@ -36,7 +38,8 @@ MIN_SHARED_TOKENS = 64
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (sum of token losses, number of supervised tokens). Wrap this module in DDP."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True, share_prefix: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True, share_prefix: bool = True,
+                 head_buffers: HeadBuffers | None = None):
         super().__init__()
         if chunk_size < 1:  # both head paths step through the rows by it
             raise ValueError(f"CausalLMLoss: chunk_size must be ≥ 1, got {chunk_size}")
@@ -44,6 +47,9 @@ class CausalLMLoss(nn.Module):
         self.chunk_size = chunk_size  # rows of logits computed at once: bounds the logits memory
         self.fused_head = fused_head  # False: the head under autograd (what bench/train.py's lf-plainhead measures)
         self.share_prefix = share_prefix  # False: every row computes its whole prefix (bench/train.py's lf-noprefix)
+        # the fused head's logits chunk, held from step to step (given: shared, as evaluation shares training's);
+        # set to None, every call allocates its own (bench/train.py's lf-freshhead; under torch.compile)
+        self.head_buffers: HeadBuffers | None = HeadBuffers() if head_buffers is None else head_buffers
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
@@ -64,7 +70,7 @@ class CausalLMLoss(nn.Module):
         hidden = states[:, :-1][keep]  # (N, H)
         y = targets[keep]  # (N,)
         if self.fused_head and type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-            return linear_cross_entropy(hidden, head.weight, y, self.chunk_size), n_tokens
+            return linear_cross_entropy(hidden, head.weight, y, self.chunk_size, self.head_buffers), n_tokens
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_size):
             logits = head(hidden[start:start + self.chunk_size]).float()  # (n, V)

@@ -123,7 +123,8 @@ def test_a_model_too_narrow_for_4_bits_on_cpu_is_refused_by_layer_before_any_is_
     before = {name: type(m) for name, m in model.named_modules()}
     message = ("model.quantization: fp4 on CPU needs every linear layer's in_features to be a multiple of 64 "
                "(bitsandbytes' CPU 4-bit kernels), but model.layers.0.self_attn.q_proj has in_features=32 (and 11 "
-               "more layers); use --quantize int8 (model.quantization: int8), leave quantization off, or run on a GPU")
+               "more layers); use --quantize int8 (model.quantization: int8), leave quantization off (method lora), "
+               "or run on a GPU")
     with pytest.raises(ConfigError) as e:
         quantize_model(model, "fp4", compute_dtype=torch.float32)
     assert e.value.problems == [message]
@@ -146,7 +147,7 @@ def test_the_cli_says_it_in_one_error_line_and_exits_2(tiny_dir, data_file, tmp_
     assert err.endswith("error: invalid config:\n  model.quantization: nf4 on CPU needs every linear layer's "
                         "in_features to be a multiple of 64 (bitsandbytes' CPU 4-bit kernels), but "
                         "model.layers.0.self_attn.q_proj has in_features=32 (and 11 more layers); use --quantize int8 "
-                        "(model.quantization: int8), leave quantization off, or run on a GPU\n"), err
+                        "(model.quantization: int8), leave quantization off (method lora), or run on a GPU\n"), err
 
 
 def test_cpu_repacking_is_off_and_weights_stay_put():

@@ -403,3 +403,31 @@ def test_linear_cross_entropy_without_targets_or_gradients():
         total = linear_cross_entropy(h, w, y, chunk_size=2)
     assert not total.requires_grad
     torch.testing.assert_close(total, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum").detach())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_with_held_buffers_is_the_fresh_path(autocast):
+    """HeadBuffers keeps the chunk's logits buffers from call to call (no fresh ~200 MB block each step): the loss and
+    gradient of every call are bit for bit those of a call with its own buffers, in fp32 and under bf16 autocast,
+    whether the next call has fewer rows (a slice of the held buffer) or more (a larger one replaces it), and the
+    buffer really is the same memory from one call to the next."""
+    from loraforge.kernels import HeadBuffers
+
+    h, w, y = _head_case(n=40, hidden=16, vocab=300)
+    buffers = HeadBuffers()
+    pointers = []
+    for n, chunk in [(40, 16), (9, 16), (40, 16), (40, 64)]:  # full chunks; fewer rows; again; a larger chunk
+        results = []
+        for held in (buffers, None):
+            x = h[:n].detach().clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                total = linear_cross_entropy(x, w, y[:n], chunk, held)
+            (dx,) = torch.autograd.grad(total * 0.37, x)
+            results.append((total, dx))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), (n, chunk)
+        pointers.append({k: t.data_ptr() for k, t in buffers._held.items()})
+    assert pointers[0] == pointers[1] == pointers[2]  # fewer rows and the same again: the held memory
+    assert len(pointers[3]) == len(pointers[0]) == (2 if autocast else 1)  # bf16 logits + fp32 work; fp32: one
+    assert all(t.shape[0] == 40 for t in buffers._held.values())  # grown to the larger chunk (all 40 rows)
+    buffers.clear()
+    assert not buffers._held

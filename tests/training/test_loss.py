@@ -185,3 +185,24 @@ def test_shared_prefix_on_a_qlora_model():
     batch = _batch()
     assert CausalLMLoss(model).prefix_to_share(batch) == 24
     _assert_same(_loss_and_grads(model, batch, True), _loss_and_grads(model, batch, False))
+
+
+def test_evaluation_uses_the_training_loss_head_buffers():
+    """mean_token_loss with the training loss's HeadBuffers (as train() evaluates between steps) gives the loss of
+    one with its own buffers and allocates no second set: the held buffer is the same memory afterwards."""
+    from loraforge.training.evaluate import mean_token_loss
+
+    model = tiny_llama(seed=3)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), "default")
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 6)]
+    examples = [D.Example(input_ids=ids, labels=list(ids)) for ids in rows]
+    train_loss = CausalLMLoss(model)
+    batch = D.collate(examples, 0)
+    train_loss(batch)[0].backward()
+    before = {k: t.data_ptr() for k, t in train_loss.head_buffers._held.items()}
+    assert before  # the training call holds its chunk
+    shared = mean_token_loss(model, examples, 0, batch_size=8, head_buffers=train_loss.head_buffers)
+    own = mean_token_loss(model, examples, 0, batch_size=8)
+    assert shared == own
+    assert {k: t.data_ptr() for k, t in train_loss.head_buffers._held.items()} == before
