@@ -536,8 +536,10 @@ def run_command(argv: list[str] | None = None) -> int:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
             ServeError, FileNotFoundError, FileExistsError) as e:
-        # under torchrun a node's processes share its command line and files: a config error once per node
-        if not (isinstance(e, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0"):
+        # under torchrun a node's processes share its command line and files: a config error once per node, and
+        # a training error every process raises alike (--resume's refusals, a non-finite loss) the same
+        once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)
+        if not (once and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it

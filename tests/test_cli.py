@@ -573,3 +573,22 @@ def test_a_model_folder_without_weights_is_one_line(tiny_dir, tmp_path, capsys):
     for argv in (["generate", "hi", "--model", str(folder)], ["eval", str(data), "--model", str(folder)]):
         assert main(argv) == 2
         assert capsys.readouterr().err.splitlines()[-1] == line
+
+
+@pytest.mark.parametrize("everywhere, local_rank, printed", [(True, "1", False), (True, "0", True),
+                                                              (False, "1", True), (False, "0", True)])
+def test_a_training_error_every_process_raises_is_said_once_per_node(monkeypatch, capsys, everywhere, local_rank,
+                                                                     printed):
+    """Under torchrun, a TrainingError that every process raises alike (--resume's refusals, a non-finite loss) was
+    printed by each of them: 8 identical lines at 8 processes. Now local rank 0 says it, as a config error; one only
+    some processes raise (a peer that failed) is said by each; every process exits 2."""
+    from loraforge import cli
+    from loraforge.training.checkpoint import TrainingError
+
+    def refuse(**_):
+        raise TrainingError("--resume: refused", everywhere=everywhere)
+
+    monkeypatch.setattr(cli, "_commands", lambda: {"train": refuse})
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert cli.run_command(["train", "run.yaml"]) == 2
+    assert capsys.readouterr().err == ("error: --resume: refused\n" if printed else "")

@@ -11,7 +11,8 @@ What a client cannot do to the others: a prompt whose text cannot fit the contex
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
 a prompt needs is refused before it is read, so neither holds a tokenizer; prompts are tokenized on up to
 TOKENIZER_COPIES copies at once, so a long one does not hold up a short one; a request whose client disconnects is
-aborted, waiting or decoding, streamed or not.
+aborted, waiting or decoding, streamed or not. A stream with nothing to send for STREAM_IDLE_S sends an SSE comment
+line, so that a proxy's read timeout does not cut a request that waits for its turn.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ MIN_CHARS_PER_TOKEN = 64  # the text bound's characters per token, at least (nor
 BODY_BYTES_PER_CHAR = 12  # a character of text takes at most 12 bytes of JSON: an escaped surrogate pair
 BODY_OVERHEAD = 2**20  # bytes of a body beyond its prompt text: the other fields, a chat's per-message JSON
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, named here)
+STREAM_IDLE_S = 10.0  # a stream with nothing to send for this long (its request waits in the queue or for an
+# adapter slot) sends an SSE comment line, which clients skip, so that proxies and read timeouts see it alive
 log = logging.getLogger("loraforge.serve")
 
 
@@ -278,11 +281,18 @@ class _Generation:
 
     async def stream(self):
         include_usage = bool((self.body.stream_options or {}).get("include_usage"))
+        getter = None  # the pending get of the next event, kept across idle comments so that none is lost
         try:
             if self.chat:
                 yield self._chunk(None, None, first=True)
             while True:
-                ev = await self.events.get()
+                if self.events.empty():  # waiting (in the queue, for an adapter slot, a slow step): say so
+                    getter = asyncio.ensure_future(self.events.get())
+                    while not (await asyncio.wait({getter}, timeout=STREAM_IDLE_S))[0]:
+                        yield ": waiting\n\n"  # an SSE comment: clients skip it, proxies see bytes
+                    ev, getter = getter.result(), None
+                else:
+                    ev = self.events.get_nowait()
                 failed = self.failure(ev)
                 if failed is not None:  # the 200 has gone: the error is the stream's last event
                     status, message, code = failed
@@ -298,6 +308,8 @@ class _Generation:
                     break
             yield "data: [DONE]\n\n"
         finally:
+            if getter is not None:
+                getter.cancel()
             if not self.req.finished:
                 self.engine.abort(self.req)  # the client disconnected mid-stream
 

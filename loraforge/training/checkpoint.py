@@ -25,7 +25,14 @@ from loraforge.utils.files import DiskError, atomic_dir
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (NaN loss, nothing to train on); the message says what to change."""
+    """The run cannot go on (NaN loss, nothing to train on); the message says what to change.
+
+    everywhere: every process of a torchrun run raises this same error (it comes from all-reduced values or from
+    the run's shared files, as --resume's refusals do), so the CLI says it once per node, as a config error."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 

@@ -471,24 +471,26 @@ def restore(run: Run) -> None:
     other = [p for p, _ in skipped if checkpoint_format(p) not in (None, SHARDED if run.sharded else "plain")]
     if other and run.sharded:  # complete, for the other training.distributed: never "damaged", never removed
         raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITHOUT_FSDP}; resume it with the training.distributed "
-                            f"it was written with (ddp under torchrun, or one process without torchrun)")
+                            f"it was written with (ddp under torchrun, or one process without torchrun)",
+                            everywhere=True)
     if other:
         raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITH_FSDP}; resume it under torchrun with "
                             f"training.distributed=fsdp (any number of processes, e.g. torchrun --nproc_per_node=1 "
-                            f"-m loraforge train CONFIG training.distributed=fsdp --resume)")
+                            f"-m loraforge train CONFIG training.distributed=fsdp --resume)", everywhere=True)
     if found is None and not skipped and not any(run.ckpt_root.glob("step-*")):
         others = [p.name for p in run.out.iterdir() if p.name != LOCK] if run.out.is_dir() else []
         raise TrainingError(f"--resume: {run.out} holds no checkpoint (a run stopped before its first save, or none "
                             f"ran there); run without --resume to start it"
-                            + (f" (with --overwrite: it holds {', '.join(sorted(others)[:3])})" if others else ""))
+                            + (f" (with --overwrite: it holds {', '.join(sorted(others)[:3])})" if others else ""),
+                            everywhere=True)
     if found is None:
         why = " (" + "; ".join(f"{p.name}: {reason}" for p, reason in skipped) + ")" if skipped else ""
         raise TrainingError(f"--resume: no complete checkpoint under {run.ckpt_root}{why}; to start over, run "
                             f"without --resume and with --overwrite (or delete {run.ckpt_root}), or choose another "
-                            f"output_dir")
+                            f"output_dir", everywhere=True)
     state = json.loads((found / "trainer_state.json").read_text())
     if why := global_batch_change(found, state.get("global_batch"), global_batch(run.cfg, run.world)):
-        raise TrainingError(why)  # the same on every process, as the checks below
+        raise TrainingError(why, everywhere=True)  # the same on every process, as the checks below
     if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
         adapter = run.out / "adapter"
         finished = (adapter / "adapter_config.json").is_file()  # a stopped or killed run has written none yet
@@ -501,12 +503,12 @@ def restore(run: Run) -> None:
                     f"(training.init_adapter={adapter})")
         raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
-                            f"as they were; to train on with new ones, {then}")
+                            f"as they were; to train on with new ones, {then}", everywhere=True)
     if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
                             f"); its place in the data would now repeat or skip examples, so put the data back as "
                             f"it was; to train on the new data, start a new run (training.init_adapter starts it "
-                            f"from an adapter)")
+                            f"from an adapter)", everywhere=True)
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely
@@ -515,7 +517,7 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: {found.name} was written with other settings ({'; '.join(refused)}); a "
                             f"resumed run trains on the adapter, optimizer and place in the data it saved, so put "
                             f"them back as they were; to train with new ones, start a new run (training.init_adapter "
-                            f"starts it from an adapter)")
+                            f"starts it from an adapter)", everywhere=True)
     if warned and run.is_main:
         warnings.warn(f"--resume: changed since {found.name} was written: {'; '.join(warned)}; resuming with the "
                       f"new setting (the steps from here on follow it)", stacklevel=2)
@@ -727,7 +729,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         last = last_good_checkpoint(run)
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
                             f"{last or 'none (no checkpoint was written yet)'}. "
-                            + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1))
+                            + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
+                            everywhere=True)
 
     # 4. clip, step, explicit hooks, schedule
     params = [p for p in model.parameters() if p.requires_grad]
@@ -744,7 +747,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
                             f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
-                            f". {scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2))
+                            f". {scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
+                            everywhere=True)
     scale = scaler.get_scale()
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
     scaler.update()
@@ -755,7 +759,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
                             f"{loss_value:.4g}, and the gradient norm, {float(grad_norm):.4g}, were finite); stopping "
                             f"before they are saved. The last good checkpoint is "
                             f"{last or 'none (no checkpoint was written yet)'}. Lower training.lr (it is {t.lr:g}; "
-                            f"try {t.lr / 10:g})")
+                            f"try {t.lr / 10:g})", everywhere=True)
     if run.allocator is not None and not skipped:
         run.allocator.step(model, run.step + 1)  # AdaLoRA (steps from 1, as PEFT): importance, re-mask to budget
     run.optimizer.zero_grad(set_to_none=True)

@@ -520,3 +520,51 @@ def _answers(url: str, proc: subprocess.Popen) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_waiting_stream_sends_comment_lines_and_then_the_same_text(server, monkeypatch):
+    """A streamed completion whose request waits (here: the engine held between two steps, as when it waits in the
+    queue or for an adapter slot) used to send no byte until its first token, so a proxy's or client's read timeout
+    cut it. Now it sends an SSE comment (": waiting") every STREAM_IDLE_S with nothing else to send; a raw reader
+    sees them, and the openai client, which skips comment lines, gets exactly the greedy text."""
+    import openai
+
+    from loraforge.serve import api
+
+    monkeypatch.setattr(api, "STREAM_IDLE_S", 0.1)
+    expected = greedy_text(server, "a", 6)
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+    gate = held(server[0])
+    lines: list[str] = []
+    seen_comments = threading.Event()
+
+    def read():
+        with httpx.stream("POST", server[1] + "/v1/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                lines.extend([line] if line else [])  # events and comments end with an empty line
+                if sum(x == ": waiting" for x in lines) >= 2:
+                    seen_comments.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert seen_comments.wait(30), lines  # two comments while held, before any token
+        assert not any(x.startswith("data:") for x in lines)
+    finally:
+        gate.set()
+    reader.join(60)
+    data = [json.loads(x[6:]) for x in lines if x.startswith("data: ") and x != "data: [DONE]"]
+    assert "".join(d["choices"][0]["text"] for d in data) == expected and lines[-1] == "data: [DONE]"
+
+    client = openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    gate = held(server[0])
+    chunks = []
+    fields = {k: v for k, v in body.items() if k != "ignore_eos"}
+    reader = threading.Thread(target=lambda: chunks.extend(
+        client.completions.create(**fields, extra_body={"ignore_eos": True})))
+    reader.start()
+    time.sleep(0.5)  # several comment lines go out while held
+    gate.set()
+    reader.join(60)
+    assert "".join(c.choices[0].text for c in chunks) == expected

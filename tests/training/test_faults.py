@@ -200,6 +200,7 @@ def test_resume_where_no_run_saved_a_checkpoint_says_to_start_it(tiny_dir, data_
         train(load_train_config(None, run_args(tiny_dir, data_file, out)), resume=True, progress=False)
     assert str(e.value) == (f"--resume: {out} holds no checkpoint (a run stopped before its first save, or none ran "
                             f"there); run without --resume to start it")
+    assert e.value.everywhere  # every process of a torchrun run finds the same: said once per node
     (out / "notes.txt").write_text("mine")
     with pytest.raises(TrainingError, match=r"run without --resume to start it \(with --overwrite: it holds "
                                             r"notes.txt\)$"):
@@ -325,6 +326,7 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
         train(cfg, progress=False)
     assert str(e.value) == ("loss is inf at step 1; stopping. The last good checkpoint is none (no checkpoint was "
                             "written yet). " + nonfinite_advice(1e-2, "fp32", 1.0, step=1))
+    assert e.value.everywhere  # the all-reduced loss: every process stops on it alike
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
 
 
