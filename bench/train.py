@@ -32,9 +32,11 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
            (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). lf-buffer: the activations kept
            for the backward copied into a buffer that lives for the run and glibc's heap trimmed every 256 MiB of
-           them (training.activation_buffer): a lower peak at some speed. On glibc the steps run with large blocks
-           served from the heap and the heap untrimmed where rows are packed (training.reuse_memory=auto, as
-           train() runs); lf-noreuse: off, peft-reuse: PEFT's loop with the same setting. The fused head keeps its
+           them (training.activation_buffer=true): a lower peak at some speed. On glibc the steps run with large
+           blocks served from the heap and the heap untrimmed where rows are packed (training.reuse_memory=auto, as
+           train() runs), and then the kept activations copied into that buffer without trims
+           (training.activation_buffer=auto); lf-noreuse: neither, lf-nobuffer: no copies, peft-reuse: PEFT's loop
+           with the heap kept. The fused head keeps its
            chunk of logits from step to step (kernels.HeadBuffers; lf-freshhead: allocated afresh every step).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
@@ -107,6 +109,7 @@ VARIANTS = {
     "lf-jemalloc-decay": ("lf", {"allocator": "jemalloc", "malloc_conf": ""}),  # jemalloc with its own page decay
     "lf-mmap1m": ("lf", {"mmap_threshold": 1 << 20}),  # glibc: every block over 1 MiB mmapped, returned when freed
     "lf-buffer": ("lf", {"buffer": True}),  # kept activations copied to a run-long buffer, glibc's heap trimmed
+    "lf-nobuffer": ("lf", {"buffer": False}),  # not copied (auto copies them where the heap is kept: packed rows)
     "lf-noreuse": ("lf", {"reuse": False}),  # training.reuse_memory off: glibc maps, faults in and unmaps big blocks
     "peft-reuse": ("peft", {"reuse": True}),  # PEFT's loop with glibc held as training.reuse_memory holds it
     "lf-freshhead": ("lf", {"fresh_head": True}),  # the fused head's logits buffers allocated afresh every call
@@ -203,7 +206,7 @@ def worker(args) -> dict:
                  f"data.packing={str(opts.get('packing', 'auto')).lower()}",
                  f"training.fused_lora={str(opts.get('fused', True)).lower()}",
                  f"training.fused_blocks={str(opts.get('blocks', True)).lower()}",
-                 f"training.activation_buffer={str(opts.get('buffer', False)).lower()}",
+                 f"training.activation_buffer={str(opts.get('buffer', 'auto')).lower()}",
                  f"training.reuse_memory={str(opts.get('reuse', 'auto')).lower()}",
                  f"training.attention={opts.get('attention', 'auto')}",
                  f"model.dtype={args.dtype if low and not opts.get('fp32_base') else 'fp32'}",
@@ -261,15 +264,17 @@ def worker(args) -> dict:
         pack = pack and args.shape != "text"  # text rows come packed
         if opts.get("compile"):
             loss_fn = torch.compile(loss_fn, dynamic=True)
-        slab = ActivationSlab(model) if uses_buffer(cfg.training.activation_buffer, device,
-                                                    compiled=opts.get("compile", False)) else None
 
     held = contextlib.ExitStack()  # kept until the worker returns: a context manager collected early would exit
-    buffered = trainer == "lf" and slab is not None
+    buffer = cfg.training.activation_buffer if trainer == "lf" else False
     packed = args.shape == "text" or (trainer == "lf" and pack)  # PEFT's rows are padded, the text shape packed
     setting = opts.get("reuse", cfg.training.reuse_memory if trainer == "lf" else False)
-    if allocator.reuses_memory(setting, device.type, packed, buffered=buffered):
+    reuse = allocator.reuses_memory(setting, device.type, packed, buffered=buffer is True)
+    if reuse:
         held.enter_context(allocator.reuse_freed_memory())  # for the steps, as train() holds it for the run
+    slab = None  # as train() decides it: true with trims; auto the copies alone where the heap is kept
+    if trainer == "lf" and uses_buffer(buffer, device, compiled=opts.get("compile", False), reuses=reuse):
+        slab = ActivationSlab(model, trim=buffer is True)
 
     def sync():
         if device.type == "cuda":

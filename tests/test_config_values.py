@@ -256,10 +256,11 @@ def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
         load_train_config(None, [DATA, "training.batch_tokens=120"])  # the default batch_size: nothing to say
 
 
-def test_activation_buffer_takes_true_or_false_only():
-    """training.activation_buffer was "auto" in a development version; anything but a boolean is named."""
-    assert problems("training.activation_buffer=auto") == [
-        "training.activation_buffer: expected true or false, got 'auto'"]
+def test_activation_buffer_and_reuse_memory_take_true_false_or_auto():
+    """Anything but a boolean or 'auto' is named, with what the field takes."""
+    assert load_train_config(None, [DATA, "training.activation_buffer=auto"]).training.activation_buffer == "auto"
+    assert problems("training.activation_buffer=yes") == [
+        "training.activation_buffer: expected true, false or 'auto', got 'yes'"]
     assert problems("training.reuse_memory=2") == ["training.reuse_memory: expected true, false or 'auto', got 2"]
 
 

@@ -412,8 +412,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               epochs=epochs, total_steps=total_steps, model=model, trainable=trainable,
               total_params=total_params, allocator=allocator, loss_fn=loss_fn,
               ddp=wrapped, sharded=mode == "fsdp", optimizer=optimizer,
-              slab=ActivationSlab(model) if uses_buffer(t.activation_buffer, device, mode == "fsdp", t.compile)
-              else None,
+              slab=None,  # decided with packing, below
               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
@@ -436,8 +435,11 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
-    if reuses_memory(t.reuse_memory, device.type, run.pack, run.sharded, run.slab is not None):
+    reuse = reuses_memory(t.reuse_memory, device.type, run.pack, run.sharded, t.activation_buffer is True)
+    if reuse:
         held.enter_context(reuse_freed_memory())  # handed back when train() returns or raises
+    if uses_buffer(t.activation_buffer, device, run.sharded, t.compile, reuse):  # auto: with the heap kept
+        run.slab = ActivationSlab(model, trim=t.activation_buffer is True)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)

@@ -1,4 +1,4 @@
-"""training.activation_buffer: a CPU step's kept activations in one buffer for the run, and glibc's heap trimmed.
+"""training.activation_buffer: a CPU step's kept activations in one buffer for the run (and glibc's heap trimmed).
 
 glibc's heap fragments under training's pattern: each layer's kept activations land in holes that its temporaries
 left, the next temporaries grow the heap, and the holes stay resident (README, "Memory on CPU": 4.1-4.3 GB resident
@@ -9,6 +9,11 @@ from staying resident; the pages are faulted in again when used, which costs spe
 512-token rows of the built-in model, 2 rounds (README, "Memory on CPU"): fp32 peak 0.41x PEFT's against 0.59x,
 bf16 0.39x against 0.47x, at 8-10% less speed. The copies alone lowered the peak a little (0.54x, 0.46x) at the
 same cost, and the trims alone further (2596 against 2973 MiB) at more (kernel time 22% against 13%).
+
+With training.reuse_memory holding glibc's heap for the run (packed rows), the copies alone (trim=False, what
+activation_buffer=auto does there) cost nothing: the heap keeps what the temporaries freed for the next step, and
+without the kept activations among them it stays smaller. bench/train.py, 4 packed 512-token rows, 2 rounds: fp32
+3706 against 4178 MiB at 1.01x the speed (rounds 0.96-1.06), bf16 2457 against 2486 at 1.01x.
 
     slab = ActivationSlab(model)
     with slab.saving():                 # around the forward; the backward reads the copies
@@ -39,10 +44,14 @@ SMALLEST = 1 << 16  # bytes: smaller tensors stay where they are (they fit the h
 TRIM_EVERY = 256 << 20  # bytes packed or unpacked between two trims of the heap (about 6 a step of the built-in model)
 
 
-def uses_buffer(setting: bool, device: torch.device, sharded: bool = False, compiled: bool = False) -> bool:
-    """training.activation_buffer resolved: never on a GPU (its caching allocator does not fragment so), under FSDP
-    (its gathers take the heap's holes) or torch.compile (which traces the saved tensors itself)."""
-    return setting and device.type == "cpu" and not sharded and not compiled
+def uses_buffer(setting: bool | str, device: torch.device, sharded: bool = False, compiled: bool = False,
+                reuses: bool = False) -> bool:
+    """training.activation_buffer resolved (auto: where the run reuses glibc's heap, `reuses`, as
+    training.reuse_memory decided); never on a GPU (its caching allocator does not fragment so), under FSDP (its
+    gathers take the heap's holes) or torch.compile (which traces the saved tensors itself). The buffer trims the
+    heap only for true (ActivationSlab's trim)."""
+    wanted = reuses if setting == "auto" else setting is True
+    return wanted and device.type == "cpu" and not sharded and not compiled
 
 
 class ActivationSlab:

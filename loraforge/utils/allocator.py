@@ -102,7 +102,7 @@ def reuses_memory(setting: bool | str, device_type: str, packed: bool, sharded: 
                   buffered: bool = False) -> bool:
     """training.reuse_memory resolved (auto: when the rows are packed, so every step's blocks have the same sizes):
     CPU runs on glibc only, and not under FSDP (which holds the threshold low, return_large_frees) or with
-    training.activation_buffer (whose chunks must stay outside the heap it trims)."""
+    training.activation_buffer=true (whose chunks must stay outside the heap it trims; `buffered`)."""
     wanted = packed if setting == "auto" else setting
     return bool(wanted) and device_type == "cpu" and not sharded and not buffered and loaded() == "libc" and \
         _glibc() is not None

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject, lora_layers
+from loraforge.training import loop
 from loraforge.training import slab as slab_module
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loop import train
@@ -93,24 +94,42 @@ def test_weights_are_saved_by_reference_not_copied(every_tensor):
 
 
 def test_the_buffer_is_for_cpu_training_outside_fsdp_and_compile():
+    """true: always there; auto: where the run keeps glibc's heap (training.reuse_memory); false: never."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert uses_buffer(True, cpu) and not uses_buffer(False, cpu) and not uses_buffer(True, cuda)
     assert not uses_buffer(True, cpu, sharded=True) and not uses_buffer(True, cpu, compiled=True)
+    assert uses_buffer("auto", cpu, reuses=True) and not uses_buffer("auto", cpu, reuses=False)
+    assert not uses_buffer("auto", cuda, reuses=True) and not uses_buffer(False, cpu, reuses=True)
+    assert not uses_buffer("auto", cpu, sharded=True, reuses=True)
+    assert not uses_buffer("auto", cpu, compiled=True, reuses=True)
 
 
-def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path):
+def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path,
+                                                                   monkeypatch):
+    """true (copies and trims), auto (packed rows on glibc: the copies alone) and false train the same adapter, bit
+    for bit; the run makes its buffer as each says."""
+    made = []
+    def recorded(model, trim=True):
+        made.append(trim)
+        return ActivationSlab(model, trim=trim)
+
+    monkeypatch.setattr(loop, "ActivationSlab", recorded)
     adapters = {}
-    for on in (True, False):
+    for on in ("true", "auto", "false"):
+        made.clear()
         cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
-                                       f"output_dir={tmp_path / str(on)}", "lora.r=4", "training.lr=1e-2",
+                                       f"output_dir={tmp_path / on}", "lora.r=4", "training.lr=1e-2",
                                        "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
                                        "model.dtype=fp32", "training.gradient_accumulation=2", "data.packing=true",
-                                       f"training.activation_buffer={str(on).lower()}"])
+                                       f"training.activation_buffer={on}"])
         train(cfg, progress=False)
-        adapters[on] = load_file(tmp_path / str(on) / "adapter" / "adapter_model.safetensors")
-    assert adapters[True].keys() == adapters[False].keys()
-    for key, tensor in adapters[False].items():
-        assert torch.equal(adapters[True][key], tensor), key
+        glibc = allocator.reuses_memory("auto", "cpu", True)  # auto's buffer comes with the heap kept
+        assert made == {"true": [True], "auto": [False] if glibc else [], "false": []}[on], on
+        adapters[on] = load_file(tmp_path / on / "adapter" / "adapter_model.safetensors")
+    for on in ("true", "auto"):
+        assert adapters[on].keys() == adapters["false"].keys()
+        for key, tensor in adapters["false"].items():
+            assert torch.equal(adapters[on][key], tensor), (on, key)
 
 
 @pytest.mark.parametrize("trim,every", [(True, 1 << 14), (True, 1 << 40), (False, 1 << 14)])
