@@ -36,8 +36,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            blocks served from the heap and the heap untrimmed where rows are packed (training.reuse_memory=auto, as
            train() runs), and then the kept activations copied into that buffer without trims
            (training.activation_buffer=auto); lf-noreuse: neither, lf-nobuffer: no copies, peft-reuse: PEFT's loop
-           with the heap kept. The fused head keeps its
-           chunk of logits from step to step (kernels.HeadBuffers; lf-freshhead: allocated afresh every step).
+           with the heap kept. The fused head keeps its chunk of logits from step to step (kernels.HeadBuffers;
+           lf-freshhead: allocated afresh every step).
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install

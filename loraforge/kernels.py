@@ -350,10 +350,12 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
 
 class HeadBuffers:
     """The fused head's chunk of logits (rows × vocabulary, ~200 MB for 1,024 rows of a 49k vocabulary in fp32),
-    held from one call of linear_cross_entropy to the next. glibc maps a block that large on its own (over its
-    largest mmap threshold, 32 MiB, which training.reuse_memory cannot raise further) and unmaps it when freed, so a
-    fresh buffer is faulted in page by page at every step; a held one is not. The buffers live as long as this
-    object (CausalLMLoss holds one for a run); they only ever hold one chunk's scratch values, never a result."""
+    held from one call of linear_cross_entropy to the next. A fresh block that large was faulted in page by page at
+    every step (glibc maps it on its own by default; with training.reuse_memory the heap still had no free run that
+    long at the head's turn): one profiled bf16 step of packed rows (bench/profile_train.py --by-shape) had the first
+    chunk's product at 310 ms and its two conversions at 296 ms, the second chunk, reusing them, 158 ms and too
+    little to list; held, 171 ms and ~20 ms. The buffers live as long as this object (CausalLMLoss holds one for a
+    run); they only ever hold one chunk's scratch values, never a result."""
 
     def __init__(self):
         self._held: dict[tuple, torch.Tensor] = {}

@@ -1,9 +1,19 @@
 """Shared fixtures (tiny models, a tiny model saved to disk, a small dataset); the builders are in helpers.py."""
 
+import signal
+
 import pytest
 import torch
 
 from helpers import VOCAB, tiny_gpt2, tiny_llama
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &` in a script) inherits SIGINT
+# ignored, and so would the processes it starts. The tests that stop something with SIGINT (the CLI's Ctrl-C, the
+# dashboard's Stop, whose uvicorn runs in a thread here and installs no handler) need it as Python sets it in a
+# foreground process. `loraforge ui` itself serves in its main thread, where uvicorn handles SIGINT, so the runs it
+# launches never inherit it ignored.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
