@@ -32,7 +32,7 @@ import shapes as data_shapes  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from train import VARIANTS, matmul_peak  # noqa: E402
 
-from loraforge.utils import allocator  # noqa: E402
+from loraforge.training.slab import hold_memory  # noqa: E402
 
 KINDS = [  # (kind, substrings of an operator name), first match wins
     ("matmul", ("mm", "matmul", "linear", "bmm", "baddbmm")),
@@ -107,16 +107,17 @@ def main() -> None:
     print(f"{args.shape}: {'packed into ' + str(seq) + '-token rows' if pack else 'rows as they come'}")
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    held = contextlib.ExitStack()  # training.reuse_memory as train() resolves it (packed rows: glibc's heap kept)
-    if allocator.reuses_memory(opts.get("reuse", cfg.training.reuse_memory), "cpu", pack or args.shape == "text"):
-        held.enter_context(allocator.reuse_freed_memory())
+    held = contextlib.ExitStack()  # training.reuse_memory and activation_buffer as train() resolves them
+    reuse, buffer = opts.get("reuse", cfg.training.reuse_memory), opts.get("buffer", cfg.training.activation_buffer)
+    slab = hold_memory(held, model, reuse, buffer, device, pack or args.shape == "text")
+    saving = slab.saving if slab else contextlib.nullcontext
 
     def step(micro):
         with torch.profiler.record_function("data"):
             batches = [D.collate(D.pack(rows, seq) if pack else rows, tok.pad_token_id) for rows, _ in micro]
             n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
-            with torch.profiler.record_function("forward"), autocast:
+            with torch.profiler.record_function("forward"), autocast, saving():
                 loss, _ = loss_fn(b)
             with torch.profiler.record_function("backward"):
                 (loss / n).backward()

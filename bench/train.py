@@ -252,7 +252,7 @@ def worker(args) -> dict:
 
     if trainer == "lf":
         from loraforge.training.loss import CausalLMLoss, shares_prefix
-        from loraforge.training.slab import ActivationSlab, uses_buffer
+        from loraforge.training.slab import hold_memory
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("fresh_head"):
@@ -269,12 +269,7 @@ def worker(args) -> dict:
     buffer = cfg.training.activation_buffer if trainer == "lf" else False
     packed = args.shape == "text" or (trainer == "lf" and pack)  # PEFT's rows are padded, the text shape packed
     setting = opts.get("reuse", cfg.training.reuse_memory if trainer == "lf" else False)
-    reuse = allocator.reuses_memory(setting, device.type, packed, buffered=buffer is True)
-    if reuse:
-        held.enter_context(allocator.reuse_freed_memory())  # for the steps, as train() holds it for the run
-    slab = None  # as train() decides it: true with trims; auto the copies alone where the heap is kept
-    if trainer == "lf" and uses_buffer(buffer, device, compiled=opts.get("compile", False), reuses=reuse):
-        slab = ActivationSlab(model, trim=buffer is True)
+    slab = hold_memory(held, model, setting, buffer, device, packed, compiled=opts.get("compile", False))  # as train()
 
     def sync():
         if device.type == "cuda":

@@ -369,9 +369,6 @@ class HeadBuffers:
             held = self._held[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
         return held[:rows]
 
-    def clear(self) -> None:
-        self._held.clear()
-
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod

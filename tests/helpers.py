@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from loraforge.lora.adapters import save_adapter
@@ -135,3 +136,11 @@ def default_recursion_limit():
         yield
     finally:
         sys.setrecursionlimit(before)
+
+
+def assert_same_adapter(run, reference) -> None:
+    """The adapters two training runs wrote (each output_dir's adapter/) hold the same tensors, bit for bit."""
+    got, want = (load_file(f"{out}/adapter/adapter_model.safetensors") for out in (run, reference))
+    assert got.keys() == want.keys(), run
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), (run, key)

@@ -58,9 +58,9 @@ from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, finge
                                       sources_report)
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
-from loraforge.training.slab import ActivationSlab, uses_buffer
+from loraforge.training.slab import ActivationSlab, hold_memory
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
-from loraforge.utils.allocator import line as allocator_line, reuse_freed_memory, reuses_memory
+from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, plain_modes
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, OutputError, check_not_input, check_run_output, hold_output
@@ -435,11 +435,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
-    reuse = reuses_memory(t.reuse_memory, device.type, run.pack, run.sharded, t.activation_buffer is True)
-    if reuse:
-        held.enter_context(reuse_freed_memory())  # handed back when train() returns or raises
-    if uses_buffer(t.activation_buffer, device, run.sharded, t.compile, reuse):  # auto: with the heap kept
-        run.slab = ActivationSlab(model, trim=t.activation_buffer is True)
+    # glibc's heap handed back when train() returns or raises
+    run.slab = hold_memory(held, model, t.reuse_memory, t.activation_buffer, device, run.pack, run.sharded, t.compile)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)

@@ -54,6 +54,20 @@ def uses_buffer(setting: bool | str, device: torch.device, sharded: bool = False
     return wanted and device.type == "cpu" and not sharded and not compiled
 
 
+def hold_memory(held: contextlib.ExitStack, model: nn.Module, reuse: bool | str, buffer: bool | str,
+                device: torch.device, packed: bool, sharded: bool = False,
+                compiled: bool = False) -> ActivationSlab | None:
+    """training.reuse_memory and training.activation_buffer as a run resolves them, for train() and the benches:
+    glibc's heap held for the run in `held` where reuse_memory resolves on, and the buffer returned where
+    activation_buffer does (None: the plain path)."""
+    reuses = allocator.reuses_memory(reuse, device.type, packed, sharded, buffered=buffer is True)
+    if reuses:
+        held.enter_context(allocator.reuse_freed_memory())
+    if uses_buffer(buffer, device, sharded, compiled, reuses):  # auto: the copies alone, where the heap is kept
+        return ActivationSlab(model, trim=buffer is True)
+    return None
+
+
 class ActivationSlab:
     """Copies of the tensors autograd saves (saved_tensors_hooks), in chunks of one buffer; see the module docstring."""
 

@@ -4,8 +4,7 @@ hands it back when it ends, and trains the same adapter bit for bit as a run wit
 import contextlib
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from helpers import assert_same_adapter
 
 from loraforge.config import load_train_config
 from loraforge.training import loop
@@ -18,18 +17,18 @@ needs_glibc = pytest.mark.skipif(not allocator.reuses_memory(True, "cpu", True),
 @pytest.fixture
 def held(monkeypatch):
     """Records the run's entering and leaving reuse_freed_memory (and still enters the real one)."""
-    events = []
+    events, real = [], allocator.reuse_freed_memory
 
     @contextlib.contextmanager
     def recorded():
         events.append("enter")
         try:
-            with allocator.reuse_freed_memory() as took:
+            with real() as took:
                 yield took
         finally:
             events.append("exit")
 
-    monkeypatch.setattr(loop, "reuse_freed_memory", recorded)
+    monkeypatch.setattr(allocator, "reuse_freed_memory", recorded)
     return events
 
 
@@ -43,15 +42,11 @@ def _config(tiny_dir, data_file, out, *extra):
 @needs_glibc
 def test_a_run_reusing_memory_writes_the_adapter_of_a_run_without(held, tiny_dir, data_file, tmp_path):
     """auto (the default) reuses where the rows are packed (data.packing=true here)."""
-    adapters = {}
     for on in ("auto", "false"):
         held.clear()
         train(_config(tiny_dir, data_file, tmp_path / on, f"training.reuse_memory={on}"), progress=False)
         assert held == (["enter", "exit"] if on == "auto" else [])  # handed back once the run returned
-        adapters[on] = load_file(tmp_path / on / "adapter" / "adapter_model.safetensors")
-    assert adapters["auto"].keys() == adapters["false"].keys()
-    for key, tensor in adapters["false"].items():
-        assert torch.equal(adapters["auto"][key], tensor), key
+    assert_same_adapter(tmp_path / "auto", tmp_path / "false")
 
 
 @needs_glibc

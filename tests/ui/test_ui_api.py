@@ -7,6 +7,7 @@ The server is the real one: the serve app over a tiny random Llama (with SmolLM2
 on uvicorn at 127.0.0.1 on a free port.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -55,10 +56,14 @@ def ui(tmp_path_factory, tiny_dir):
     base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
     engine = Engine(base, tokenizer, base_name="tiny", adapters_dir=root / "runs")
     app = create_app(engine, api_key=KEY)
-    mount(app, root / "runs", root / "data", {"tiny": str(tiny_dir)}, engine, KEY)
+    launcher = mount(app, root / "runs", root / "data", {"tiny": str(tiny_dir)}, engine, KEY)
     with ServerThread(app) as url:
         yield url, root
     engine.stop()
+    for proc in list(launcher.procs.values()):  # runs a failed test left going (one of 100000 steps would go on)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def call(ui, method, path, key=KEY, headers=None, **kw):
