@@ -212,6 +212,22 @@ class LayerKindConflict(ConfigError):
     """A LoRA adapter for a layer that holds an AdaLoRA one, or the other way round: one module holds one kind."""
 
 
+def _warn_rank_over_layers(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """r above min(in, out) of a layer buys nothing (B·A cannot have a higher rank than that) and trains more
+    parameters than the frozen layer holds: one warning names the first such layer, how many there are, and the
+    largest r that all targeted layers can use in full."""
+    ranks = {path: int(pattern_value(config.rank_pattern, path, config.r)) for path in targets}
+    sizes = {path: (model.get_submodule(path).in_features, model.get_submodule(path).out_features) for path in targets}
+    over = [path for path in targets if ranks[path] > min(sizes[path])]
+    if over:
+        path, (i, o) = over[0], sizes[over[0]]
+        fits = min(min(size) for size in sizes.values())
+        warnings.warn(f"r={ranks[path]} on {path} ({i} → {o}) is more than the rank its update can have "
+                      f"({min(i, o)}): the adapter trains {ranks[path] * (i + o):,} parameters there, the frozen layer "
+                      f"holds {i * o:,}; {len(over)} of the {len(targets)} targeted layers are so (use r ≤ {fits}; "
+                      f"8 is the usual start)", stacklevel=3)
+
+
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
 
@@ -239,6 +255,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             use_dora=config.use_dora,
             path=path,
         )
+    _warn_rank_over_layers(model, config, targets)
     for path in _modules_to_save_paths(model, config):
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):

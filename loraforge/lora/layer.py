@@ -11,6 +11,7 @@ train(), eval() or forward().
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 
@@ -430,8 +431,6 @@ class ModulesToSave(nn.Module):
         self.disabled = False
 
     def add_adapter(self, name: str) -> None:
-        import copy
-
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.modules_to_save[name].requires_grad_(True)
         self.active_adapter = name

@@ -1,6 +1,7 @@
 """The LoRA layer and injection, against plain PyTorch formulas."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -231,3 +232,19 @@ def test_layers_to_transform_takes_one_index_as_peft_does():
     assert one.layers_to_transform == listed.layers_to_transform == (1,)
     adapted = [p for p, _ in lora_layers(inject(tiny_llama(), one))]
     assert adapted and all(p.startswith("model.layers.1.") for p in adapted)
+
+
+def test_a_rank_above_a_layers_dimensions_is_warned_about_once():
+    """r=48 on the tiny model (hidden 32, key/value 16, MLP 64): B·A cannot exceed min(in, out), so the adapter
+    trains more than the layer holds; one warning names the first such layer, the count, and the r that fits."""
+    model = tiny_llama()
+    with pytest.warns(UserWarning) as caught:
+        inject(model, LoraConfig(r=48, target_modules=["q_proj", "v_proj"]))
+    assert len(caught) == 1
+    said = str(caught[0].message)
+    assert said.startswith("r=48 on model.layers.0.self_attn.q_proj (32 → 32) is more than the rank its update can "
+                           "have (32): the adapter trains 3,072 parameters there, the frozen layer holds 1,024;")
+    assert "4 of the 4 targeted layers are so (use r ≤ 16;" in said  # v_proj: 32 → 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(tiny_llama(), LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # r = min(in, out): no warning
