@@ -298,7 +298,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     try:
         try:
             if isinstance(config, LoraConfig):
-                inject(model, config, name)
+                inject(model, config, name, warn_rank=False)
             else:  # AdaLoRA: its own layer type
                 inject_adalora(model, config, name)
         except LayerKindConflict:

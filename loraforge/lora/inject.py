@@ -228,10 +228,12 @@ def _warn_rank_over_layers(model: nn.Module, config: LoraConfig, targets: list[s
                       f"8 is the usual start)", stacklevel=3)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", warn_rank: bool = True) -> nn.Module:
     """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
+    warn_rank: warn when r is above a targeted layer's min(in, out), advice for a new adapter (loading a trained
+    one, or building a merge's combined one, passes False).
     """
     configs, config, targets = resolve_targets(model, config, adapter_name)
     _warn_unmatched_patterns(config, targets)
@@ -255,7 +257,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             use_dora=config.use_dora,
             path=path,
         )
-    _warn_rank_over_layers(model, config, targets)
+    if warn_rank:
+        _warn_rank_over_layers(model, config, targets)
     for path in _modules_to_save_paths(model, config):
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):

@@ -248,3 +248,4 @@ def test_a_rank_above_a_layers_dimensions_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject(tiny_llama(), LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # r = min(in, out): no warning
+        inject(tiny_llama(), LoraConfig(r=48), warn_rank=False)  # a trained adapter's load, a merge's combination
