@@ -83,6 +83,7 @@ sys.path.insert(0, str(ROOT))
 import shapes as data_shapes  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
+from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
 # name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
@@ -252,7 +253,6 @@ def worker(args) -> dict:
 
     if trainer == "lf":
         from loraforge.training.loss import CausalLMLoss, shares_prefix
-        from loraforge.training.slab import hold_memory
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("fresh_head"):

@@ -301,7 +301,8 @@ class LoraConfig:
     """LoRA adapter settings. Names and meanings as in Hugging Face PEFT's LoraConfig."""
 
     r: int = 8
-    """Rank of the update ΔW = B·A (A: r×in, B: out×r). 8 is the usual start (Hu et al. 2021, §7.2)."""
+    """Rank of the update ΔW = B·A (A: r×in, B: out×r). 8 is the usual start (Hu et al. 2021, §7.2). Above a
+    targeted layer's min(in, out) a new adapter is warned about: its update cannot reach that rank."""
     lora_alpha: float = 16
     """Scale: ΔW is multiplied by lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora)."""
     lora_dropout: float = 0.0

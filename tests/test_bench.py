@@ -1,5 +1,6 @@
 """The benchmark scripts import, parse their arguments and follow the precision rule (their runs are not tests)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,20 @@ def test_profile_floor_timer_groups_products_and_counts_their_flops(monkeypatch)
     assert timer.flops["LoRA products"] == 2 * 32 * 24 * 4 + 2 * 32 * 4 * 40
     assert timer.flops["attention products"] == 2 * 3 * 8 * 5 * 8
     assert set(timer.seconds) == {"frozen linears + head", "LoRA products", "attention products", "other operators"}
+
+
+def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_dir, tmp_path):
+    """One short round of bench/train.py on the tiny model, PEFT as the baseline and loraforge, on the shared-prefix
+    and packed-text shapes: both workers run (each its own process, with the memory settings train() would use) and
+    every step's fp32 loss agrees with PEFT's."""
+    out = tmp_path / "bench.json"
+    args = ["--model", str(tiny_dir), "--shapes", "demo,text", "--variants", "peft,lf", "--dtypes", "fp32",
+            "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch", "4", "--text-rows", "2", "--text-len", "64",
+            "--pack-len", "64", "--json", str(out)]
+    proc = subprocess.run([sys.executable, BENCH / "train.py", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads(out.read_text())["raw"]
+    for shape in ("demo", "text"):
+        (peft,), (ours,) = raw[f"{shape}/peft/fp32"], raw[f"{shape}/lf/fp32"]  # one round each
+        assert len(peft["losses"]) == len(ours["losses"]) == 3  # the warm-up step and the two timed
+        assert ours["losses"] == pytest.approx(peft["losses"], rel=1e-4), shape
