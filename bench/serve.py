@@ -3,6 +3,7 @@
     python bench/serve.py [--clients 64] [--requests 1] [--max-tokens 16] [--adapters 1,16,64] [--threads N]
                           [--repeats 3]
     python bench/serve.py --shared-prefix [--clients 64] [--system-tokens 200] [--max-tokens 16]
+    python bench/serve.py --device cuda ...      # the engine on a GPU (bench/gpu.sh)
 
 Defaults take about 15 minutes on a 2-core CPU (three rounds). The base is stored, and decodes, in the precision
 the rule picks (loraforge.precision: auto is fp32 on a CPU without native bf16, bf16 where it is native); --dtype
@@ -218,13 +219,16 @@ def products_alone(model, clients: int, rounds: int = 5) -> None:
     static decoder's stored weights: StoredWeight.linear), interleaved rounds: what one token costs in each with no
     other work, so the printed ratio is the batched-vs-switching figure an engine with no overhead would reach."""
     dec = Decoder(model, 1, 8)
+    sync = torch.cuda.synchronize if dec.device.type == "cuda" else lambda: None
     weights = [p.weight for _, ps in dec.layers for p in ps.values()] + [dec.head]
 
     def run(rows: int) -> float:
-        xs = {w.in_features: torch.randn(rows, 1, w.in_features, dtype=dec.dtype) for w in weights}
+        xs = {w.in_features: torch.randn(rows, 1, w.in_features, dtype=dec.dtype, device=dec.device) for w in weights}
+        sync()
         t0 = time.perf_counter()
         for w in weights:
             w.linear(xs[w.in_features])
+        sync()
         return time.perf_counter() - t0
 
     small, big = [], []
@@ -265,6 +269,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (default: all cores); 1 gives steadier numbers on a shared CPU")
     ap.add_argument("--dtype", default="auto", help="auto (loraforge.precision's choice here), fp32, bf16 or fp16")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the engine runs: cpu (what `loraforge serve` does in this version) or cuda")
     ap.add_argument("--shared-prefix", action="store_true",
                     help="run the shared-system-prompt workload, prefix cache off vs on, instead")
     ap.add_argument("--system-tokens", type=int, default=200, help="--shared-prefix: system prompt length")
@@ -274,14 +280,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1 (one round of every run), got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); leave --device "
+                 "out to run the engine on the CPU")
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.adapters.split(",")]
-    precision = choose(args.dtype, "auto")  # the engine decodes in the dtype the base is stored in
+    # the engine decodes in the dtype the base is stored in
+    precision = choose(args.dtype, "auto", device=args.device, training=False)
     print(precision.line())
-    model, tokenizer = load_base(args.model, dtype=precision.storage)
-    print(f"model {args.model} ({precision.storage}), {args.clients} clients x {args.requests} requests x "
-          f"{args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o ({args.adapter_dtype} adapter weights), decode {args.decode}, "
-          f"torch threads {torch.get_num_threads()}")
+    model, tokenizer = load_base(args.model, dtype=precision.storage, device=args.device)
+    print(f"model {args.model} ({precision.storage} on {args.device}), {args.clients} clients x {args.requests} "
+          f"requests x {args.max_tokens} tokens, LoRA r={args.rank} on q,k,v,o ({args.adapter_dtype} adapter "
+          f"weights), decode {args.decode}, torch threads {torch.get_num_threads()}")
     if args.shared_prefix:
         with tempfile.TemporaryDirectory() as tmp:
             shared_prefix(model, tokenizer, args, make_adapters(model, Path(tmp), 1, args.rank))

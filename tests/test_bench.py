@@ -32,11 +32,13 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
 
 @pytest.mark.parametrize("script, args, message", [
     ("serve", ["--repeats", "0"], "--repeats must be at least 1 (one round of every run), got 0"),
+    pytest.param("serve", ["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ("adapters_llamacpp", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
     ("adapters_llamacpp", ["--clients", "-3"], "--clients must be at least 1, got -3"),
     ("detokenize", ["--tokens", "100,0"], "--tokens: every length must be a whole number of at least 1, got '0'"),
 ])
-def test_bench_counts_below_one_are_refused_by_name(script, args, message):
+def test_bench_counts_below_one_and_a_missing_device_are_refused_by_name(script, args, message):
     out = subprocess.run([sys.executable, BENCH / f"{script}.py", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr
 
@@ -87,7 +89,7 @@ def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_d
     """One short round of bench/train.py on the tiny model, PEFT as the baseline and loraforge, on the shared-prefix
     and packed-text shapes: both workers run (each its own process, with the memory settings train() would use) and
     every step's fp32 loss agrees with PEFT's."""
-    out = tmp_path / "bench.json"
+    out = tmp_path / "train-tiny.json"
     args = ["--model", str(tiny_dir), "--shapes", "demo,text", "--variants", "peft,lf", "--dtypes", "fp32",
             "--rounds", "1", "--steps", "2", "--warmup", "1", "--batch", "4", "--text-rows", "2", "--text-len", "64",
             "--pack-len", "64", "--json", str(out)]
@@ -98,3 +100,22 @@ def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_d
         (peft,), (ours,) = raw[f"{shape}/peft/fp32"], raw[f"{shape}/lf/fp32"]  # one round each
         assert len(peft["losses"]) == len(ours["losses"]) == 3  # the warm-up step and the two timed
         assert ours["losses"] == pytest.approx(peft["losses"], rel=1e-4), shape
+
+    # bench/gpu.sh's one table (bench/gpu_summary.py) gives every row of that JSON, with its numbers
+    (tmp_path / "summary.txt").write_text("train-tiny     PASS    12s  rc=0\n")
+    (tmp_path / "serve.log").write_text("warm-up\n| run (median of 1 rounds) | tok/s |\n|---|---|\n| base | 55.9 |\n")
+    proc = subprocess.run([sys.executable, BENCH / "gpu_summary.py", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "train-tiny     PASS    12s  rc=0" and lines[-1] == "| base | 55.9 |" and "warm-up" not in lines
+    table = json.loads(out.read_text())["table"]
+    rows = [line for line in lines if line.startswith("| train-tiny |")]
+    assert len(rows) == len(table) == 4
+    for line, r in zip(rows, table):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1:4] == [r["shape"], r["dtype"], r["variant"]]
+        assert float(cells[4]) == pytest.approx(r["tokens_per_s"], abs=0.5)
+        assert float(cells[5]) == pytest.approx(r["speedup"], abs=0.005)
+        assert float(cells[7]) == pytest.approx(r["memory_ratio"], abs=0.005)
+        assert float(cells[9]) == pytest.approx(r["final_loss"], abs=5e-5)
