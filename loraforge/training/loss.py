@@ -174,16 +174,19 @@ def _shared_forward(backbone: nn.Module, inputs: dict, start: int, cache) -> tor
     (_can_checkpoint_with_cache)."""
     name, ids = cache_argument(type(backbone)), inputs["input_ids"]
     checkpointed = [m for m in backbone.modules() if _checkpointed_layer(m)]
+    # the cache is passed in, so the layers use it either way; a checkpointing model turns use_cache=True off itself,
+    # with a warning that would tell the user caching was dropped: ask for what it would do
+    use_cache = not (checkpointed and getattr(backbone, "gradient_checkpointing", False))
     try:
         for m in checkpointed:
             m.gradient_checkpointing = False
-        backbone(input_ids=ids[:1, :start], use_cache=True, **{name: cache})
+        backbone(input_ids=ids[:1, :start], use_cache=use_cache, **{name: cache})
         for m in checkpointed:
             m.gradient_checkpointing, m._can_checkpoint_with_cache = True, True
         cache.batch_repeat_interleave(ids.shape[0])  # autograd sums the rows' gradients back into the one prefix
         for layer in cache.layers:
             layer.__class__ = _read_only_layer()
-        rest = backbone(input_ids=ids[:, start:], attention_mask=inputs.get("attention_mask"), use_cache=True,
+        rest = backbone(input_ids=ids[:, start:], attention_mask=inputs.get("attention_mask"), use_cache=use_cache,
                         **{name: cache})
     finally:
         for m in checkpointed:

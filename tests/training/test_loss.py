@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers.utils import generic as transformers_generic
 
 from helpers import VOCAB, tiny_llama
 from loraforge.training import data as D
@@ -81,12 +82,16 @@ def test_shared_prefix_gives_the_plain_loss_and_gradients(attention):
 
 
 @pytest.mark.parametrize("layers", ["all", "one"])
-def test_shared_prefix_under_gradient_checkpointing(layers):
+def test_shared_prefix_under_gradient_checkpointing(layers, monkeypatch):
     """Checkpointed layers recompute their forward in the backward pass: the prefix runs without checkpointing and
     the rest reads its keys and values from a cache that no recomputation can grow. Same loss and gradients as the
-    plain path without checkpointing; the layers' checkpointing flags are as they were afterwards."""
+    plain path without checkpointing; the layers' checkpointing flags are as they were afterwards; and transformers
+    is not left to warn that it turned caching off (a checkpointing model drops use_cache=True: a training run
+    printed "`use_cache=True` is incompatible with gradient checkpointing" though the prefix's cache was used)."""
     from loraforge.training.loop import checkpoint_only
 
+    warned = []
+    monkeypatch.setattr(transformers_generic.logger, "warning_once", lambda *a, **k: warned.append(a))
     model = _lora(tiny_llama(seed=5, num_hidden_layers=3))
     batch = _batch()
     plain = _loss_and_grads(model, batch, False)
@@ -98,6 +103,7 @@ def test_shared_prefix_under_gradient_checkpointing(layers):
     _assert_same(_loss_and_grads(model, batch, True), plain)
     assert [getattr(m, "gradient_checkpointing", None) for m in model.modules()] == flags
     assert not any("_can_checkpoint_with_cache" in vars(m) for m in model.modules())
+    assert warned == []
 
 
 def test_shared_prefix_with_learned_positions():
