@@ -540,7 +540,8 @@ class TrainingConfig:
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step; the global batch is batch_size × this × processes."""
     weight_decay: float = 0.0
-    """AdamW's decoupled weight decay on the trainable parameters but biases and norms (0: none)."""
+    """AdamW's decoupled weight decay on the trainable parameters but biases and norms (0: none). lr × weight_decay
+    (× loraplus_lr_ratio, lora_B's rate) must stay below 1: each step multiplies a weight by 1 − their product."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
@@ -564,8 +565,8 @@ class TrainingConfig:
     times slower (README, "What runs where")."""
     gradient_checkpointing: bool | int | None = None
     """Recompute activations in the backward pass: less memory, more compute. true: every decoder layer; an
-    integer N: only N decoder layers, evenly spread (a point between speed and memory); null: on for a
-    quantized (QLoRA) base, off otherwise. Trades speed for memory: bench/train.py measures both."""
+    integer N: only N decoder layers, evenly spread (a point between speed and memory; N above the model's layer
+    count: all of them, with a warning); null: on for a quantized (QLoRA) base, off otherwise. Trades speed for memory: bench/train.py measures both."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     save_every: int = 0
@@ -654,6 +655,14 @@ class TrainingConfig:
                      f"(typically 3-10% of the steps, e.g. {min(self.max_steps - 1, max(1, self.max_steps // 20))})")
         if self.weight_decay < 0:
             p.append(f"weight_decay: must be ≥ 0, got {self.weight_decay} (0 for none; e.g. 0.01)")
+        ratio = self.loraplus_lr_ratio if self.loraplus_lr_ratio and self.loraplus_lr_ratio > 1 else 1
+        fastest = self.lr * ratio  # the largest rate a decayed weight trains at (lora_B's under LoRA+)
+        if math.isfinite(fastest * self.weight_decay) and fastest * self.weight_decay >= 1:
+            rate = f"lr × loraplus_lr_ratio = {fastest:g}" if ratio > 1 else f"lr {fastest:g}"
+            p.append(f"weight_decay: {self.weight_decay:g} at {rate} is too large: AdamW multiplies each decayed "
+                     f"weight by 1 − rate × weight_decay = {1 - fastest * self.weight_decay:g} every step, so each "
+                     f"step would zero the weights or flip their sign; use a weight_decay below {1 / fastest:g} (typically 0 "
+                     f"to 0.1)")
         if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range
             p.append(f"seed: must be a whole number from 0 to 2**64 - 1, got {self.seed}")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import default_recursion_limit
 from loraforge.config import ConfigError, load_train_config
@@ -57,6 +58,27 @@ def test_values_that_train_nothing_or_backwards_are_refused():
     cfg = load_train_config(None, [DATA, "training.max_steps=3", "training.warmup_steps=2",
                                    "training.loraplus_lr_ratio=16", "training.weight_decay=0.01"])
     assert (cfg.training.warmup_steps, cfg.training.loraplus_lr_ratio, cfg.training.weight_decay) == (2, 16.0, 0.01)
+
+
+@pytest.mark.parametrize("ratio", [None, 100])
+def test_a_weight_decay_that_would_zero_or_flip_the_weights_each_step_is_refused(ratio):
+    """AdamW multiplies a decayed weight by 1 − rate × weight_decay each step (torch's own AdamW, checked on a
+    weight with no gradient): at rate × weight_decay ≥ 1 that zeroes it or flips its sign, and a run ended with a NaN
+    loss whose advice (lower lr, fp32, check the records) missed the cause. lora_B's rate under LoRA+ is
+    lr × loraplus_lr_ratio."""
+    plus = [f"training.loraplus_lr_ratio={ratio}"] if ratio else []
+    rate = 2e-4 * (ratio or 1)
+    w = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    w.grad = torch.zeros_like(w)
+    torch.optim.AdamW([w], lr=rate, weight_decay=1e9).step()
+    (problem,) = problems("training.lr=2e-4", "training.weight_decay=1e9", *plus)
+    named = f"lr × loraplus_lr_ratio = {rate:g}" if ratio else f"lr {rate:g}"
+    assert problem == (f"training.weight_decay: 1e+09 at {named} is too large: AdamW multiplies each decayed weight "
+                       f"by 1 − rate × weight_decay = {w.item():g} every step, so each step would zero the weights or "
+                       f"flip their sign; use a weight_decay below {1 / rate:g} (typically 0 to 0.1)")
+    assert problems("training.lr=2e-4", f"training.weight_decay={1 / rate}", *plus)  # exactly zeroed: refused
+    cfg = load_train_config(None, [DATA, "training.lr=2e-4", f"training.weight_decay={0.99 / rate}", *plus])
+    assert cfg.training.weight_decay == pytest.approx(0.99 / rate)
 
 
 def test_method_contradicting_the_lora_fields_written():

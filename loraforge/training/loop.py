@@ -230,7 +230,11 @@ def checkpoint_only(model: nn.Module, n: int) -> list[int]:
     if not layers:
         raise TrainingError(f"training.gradient_checkpointing: {n} layers needs a model whose decoder layers "
                             f"checkpoint one by one ({type(model).__name__} does not); use true or false")
-    chosen = {round(i * len(layers) / n) for i in range(min(n, len(layers)))}
+    if n > len(layers):
+        warnings.warn(f"training.gradient_checkpointing: {n} layers asked of a model with {len(layers)}: all of them "
+                      f"recompute, as with true (at most {len(layers)} for some of them)", stacklevel=2)
+        n = len(layers)  # the spread below would skip layers: round(i·L/n) repeats for n > L
+    chosen = {round(i * len(layers) / n) for i in range(n)}
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen
     return sorted(chosen)

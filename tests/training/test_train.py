@@ -221,26 +221,33 @@ def test_compiled_training_ends_with_the_same_adapter(tiny_dir, data_file, tmp_p
 
 
 def test_checkpointing_some_layers_changes_memory_not_math(tiny_dir, data_file, tmp_path):
-    """gradient_checkpointing: N recomputes N evenly spread decoder layers; loss and gradients stay exact (fp32)."""
+    """gradient_checkpointing: N recomputes N evenly spread decoder layers; loss and gradients stay exact (fp32).
+    N above the model's layer count checkpoints them all, with a warning that says so."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from loraforge.training.loop import make_batch
 
     grads = {}
-    for ckpt in ("false", "true", "1"):
+    for ckpt in ("false", "true", "1", "1000"):
         cfg = config(tiny_dir, data_file, tmp_path / ckpt, gradient_checkpointing=ckpt)
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, lora_dropout=0.0))
         torch.manual_seed(0)
-        model, tok = build_model(cfg, torch.device("cpu"))
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            model, tok = build_model(cfg, torch.device("cpu"))
+        assert [str(w.message) for w in warned if "gradient_checkpointing" in str(w.message)] == (
+            ["training.gradient_checkpointing: 1000 layers asked of a model with 2: all of them recompute, as with "
+             "true (at most 2 for some of them)"] if ckpt == "1000" else [])
         flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        assert flags == {"false": [False, False], "true": [True, True], "1": [True, False]}[ckpt]
+        assert flags == {"false": [False, False], "true": [True, True], "1": [True, False],
+                         "1000": [True, True]}[ckpt]
         examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
         model.train()
         loss_fn = CausalLMLoss(model, share_prefix=False)  # checkpointing turns it off: compare like with like
         loss, _ = loss_fn(make_batch(examples, list(range(8)), cfg, tok.pad_token_id, False))
         loss.backward()
         grads[ckpt] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for ckpt in ("true", "1"):
+    for ckpt in ("true", "1", "1000"):
         for n, g in grads["false"].items():
             torch.testing.assert_close(grads[ckpt][n], g, rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="gradient_checkpointing: a number of layers must be ≥ 0, got -1"):
