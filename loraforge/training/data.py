@@ -25,6 +25,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class DataStats:
     n_tokens: int = 0
     n_supervised_tokens: int = 0
     n_eos_stripped: int = 0  # answers (chat: assistant turns) that ended with the EOS text: learnt once, not twice
+    dropped: list[str] = dataclasses.field(default_factory=list)  # the first few dropped records: "file.jsonl:41 (why)"
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -657,11 +659,13 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1
             n_too_long += 1
+            _note_dropped(stats, record, i, f"longer than max_seq_len={max_seq_len}, data.overflow: drop")
             continue
         ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
         n_sup = sum(label != IGNORE for label in ex.labels[1:])
         if n_sup == 0:  # the response was cut off entirely
             stats.n_dropped += 1
+            _note_dropped(stats, record, i, f"its prompt alone fills max_seq_len={max_seq_len}")
             continue
         stats.n_truncated += truncated
         if fmt in EOS_FIELD:  # counted among the examples kept, as the data line reports them
@@ -683,6 +687,12 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
                        f"shorten the prompts)")
         raise DataError(f"all {len(records)} records were dropped: " + "; ".join(why))
     return examples, stats
+
+
+def _note_dropped(stats: DataStats, record: dict, index: int, why: str, keep: int = 3) -> None:
+    """Remember where a dropped record came from and why (the first `keep` of a source), for the data line."""
+    if len(stats.dropped) < keep:
+        stats.dropped.append(f"{record.get('_source', f'record {index}')} ({why})")
 
 
 def pack(examples: list[Example], max_seq_len: int) -> list[dict]:

@@ -206,8 +206,12 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if also := stats.get("held_out_in_train"):
         held += (f" ({also} of them also training examples, token for token: their loss measures recall, not "
                  f"generalisation)")
+    where = ""
+    if first := stats.get("dropped"):  # where the first dropped record came from, and why
+        more = stats["n_dropped"] - 1
+        where = f": {first[0]}" + (f" and {more} more" if more else "")
     text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
-            f"dropped{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
+            f"dropped{where}{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
             f"{100 * padding:.1f}% padding")
     rule = f"{D.PACK_MIN_PADDING:.0%} padding"
     if net < padding:

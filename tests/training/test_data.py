@@ -302,8 +302,14 @@ def test_build_dataset_drops_examples_with_nothing_supervised(tok):
     n_short = len(encode(records[0], tok, "instruction").input_ids)
     examples, stats = build_dataset(records, tok, max_seq_len=n_short)
     assert (stats.n_examples, stats.n_truncated, stats.n_dropped) == (1, 0, 1)
+    assert stats.dropped == [f"record 1 (its prompt alone fills max_seq_len={n_short})"]  # the data line names it
     examples, stats = build_dataset(records, tok, max_seq_len=n_short, overflow="drop")
     assert (stats.n_examples, stats.n_truncated, stats.n_dropped) == (1, 0, 1)
+    assert stats.dropped == [f"record 1 (longer than max_seq_len={n_short}, data.overflow: drop)"]
+    many = [{**records[1], "_source": f"long.jsonl:{i + 1}"} for i in range(5)]
+    examples, stats = build_dataset(records[:1] + many, tok, max_seq_len=n_short)
+    assert stats.n_dropped == 5 and stats.dropped == [
+        f"long.jsonl:{i} (its prompt alone fills max_seq_len={n_short})" for i in (1, 2, 3)]  # the first few only
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

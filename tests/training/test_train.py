@@ -329,6 +329,24 @@ def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
         "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
 
 
+def test_the_data_line_names_where_a_dropped_record_came_from_and_why(tiny_dir, data_file, tmp_path, capsys):
+    """A record whose prompt alone fills max_seq_len is dropped: the line said "1 dropped" and nothing of which one
+    or why. Two sources (the mix adds their counts and lists): the first dropped record's file:line and reason."""
+    long = tmp_path / "long.jsonl"
+    rows = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(6)]
+    rows[3] = {"instruction": "long " * 200, "output": "ok"}
+    rows[5] = {"instruction": "longer " * 300, "output": "ok"}
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train=[{data_file}, {long}]",
+                                   "data.max_seq_len=48", "data.eval_fraction=0", "training.max_steps=1",
+                                   "training.batch_size=4", "training.precision=fp32", "lora.r=4",
+                                   f"output_dir={tmp_path / 'run'}"])
+    train(cfg, progress=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data: "))
+    assert line.startswith(f"data: 44 train examples (0 truncated, 2 dropped: {long}:4 (its prompt alone fills "
+                           f"max_seq_len=48) and 1 more), 0 held out")
+
+
 def test_held_out_examples_cut_or_dropped_by_overflow_are_counted(tiny_dir, data_file, tmp_path, capsys):
     """data.overflow applies to data.eval too: 3 of its 8 records past max_seq_len were dropped (or cut) without a
     word; the data line now counts them as it does for training."""
