@@ -9,7 +9,8 @@
 #   GPU_STEPS="cuda-tests fsdp" bash bench/gpu.sh ...   # only the steps named
 #
 # WHEELS_DIR: wheels of what the GPU machine lacks (bitsandbytes, fastapi, uvicorn, openai, ...), installed with
-# --no-index into /tmp/site; bench/gpu_wheels.sh gathers them and TOKENIZER_DIR on a machine with internet. TOKENIZER_DIR: the built-in model's config and tokenizer files; its weights are
+# --no-index into /tmp/site; bench/gpu_wheels.sh gathers them and TOKENIZER_DIR on a machine with internet.
+# TOKENIZER_DIR: the built-in model's config and tokenizer files; its weights are
 # replaced by random ones of the same shape (bench/synthetic.py), as speed does not depend on their values.
 # Writes every log under $OUT (or ./gpu-out) and prints one summary table at the end.
 set -u

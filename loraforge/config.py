@@ -566,7 +566,8 @@ class TrainingConfig:
     gradient_checkpointing: bool | int | None = None
     """Recompute activations in the backward pass: less memory, more compute. true: every decoder layer; an
     integer N: only N decoder layers, evenly spread (a point between speed and memory; N above the model's layer
-    count: all of them, with a warning); null: on for a quantized (QLoRA) base, off otherwise. Trades speed for memory: bench/train.py measures both."""
+    count: all of them, with a warning); null: on for a quantized (QLoRA) base, off otherwise. Trades speed for
+    memory: bench/train.py measures both."""
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     save_every: int = 0
@@ -661,8 +662,8 @@ class TrainingConfig:
             rate = f"lr × loraplus_lr_ratio = {fastest:g}" if ratio > 1 else f"lr {fastest:g}"
             p.append(f"weight_decay: {self.weight_decay:g} at {rate} is too large: AdamW multiplies each decayed "
                      f"weight by 1 − rate × weight_decay = {1 - fastest * self.weight_decay:g} every step, so each "
-                     f"step would zero the weights or flip their sign; use a weight_decay below {1 / fastest:g} (typically 0 "
-                     f"to 0.1)")
+                     f"step would zero the weights or flip their sign; use a weight_decay below {1 / fastest:g} "
+                     f"(typically 0 to 0.1)")
         if not 0 <= self.seed < 2 ** 64:  # torch.manual_seed's range
             p.append(f"seed: must be a whole number from 0 to 2**64 - 1, got {self.seed}")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:

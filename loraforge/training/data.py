@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import functools
 import io
 import json
 import random
 import re
 from collections.abc import Iterator
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
