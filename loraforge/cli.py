@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import inspect
 import os
 import re
@@ -517,6 +518,15 @@ def one_line_warnings() -> None:
     warnings.formatwarning = formatwarning
 
 
+def too_long(path) -> str:
+    """Why the file system refused `path` as too long, and the fix."""
+    longest = max((len(part.encode(errors="surrogateescape")) for part in str(path).split(os.sep)), default=0)
+    if longest > 255:
+        return (f"the name is too long for the file system (a part of the path is {longest} bytes, most allow 255); "
+                f"shorten it")
+    return f"the path is too long for the file system ({len(str(path))} characters); shorten it"
+
+
 def run_command(argv: list[str] | None = None) -> int:
     one_line_warnings()
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
@@ -541,6 +551,11 @@ def run_command(argv: list[str] | None = None) -> int:
         once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)
         if not (once and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the file system refuses by its length, wherever the command first touches it
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"error: {e.filename or 'a path'}: {too_long(e.filename or '')}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal stopped the training loop: exit 128 + its number, as the shell would report it
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process stopped at the same step: one line

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,31 @@ def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
     bad.write_text("data: {train: x.jsonl}\ntraining: {lr: fast}\n")
     assert main(["train", str(bad)]) == 2
     assert "training.lr: expected a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, data_file, tmp_path, capsys):
+    """A folder name over 255 bytes (or a path over 4,096) was an OSError traceback from wherever a command first
+    touched it: output_dir, a data file, a model, --out."""
+    name = "b" * 300
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data_file}}}\ntraining: {{max_steps: 1}}\n")
+    config = [str(yaml)]
+    for argv, path in [
+        (["train", *config, f"output_dir={tmp_path / name}"], tmp_path / name),
+        (["train", *config, f"data.train={tmp_path / name}.jsonl", f"output_dir={tmp_path / 'run'}"],
+         f"{tmp_path / name}.jsonl"),
+        (["generate", "hi", "--model", str(tmp_path / name)], tmp_path / name),
+        (["merge", "--base", str(tiny_dir), "--adapter", str(tmp_path / name), "--out", str(tmp_path / "m")],
+         tmp_path / name),
+    ]:
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: {path}: the name is too long for the file system (a part of the path is "
+            f"{len(Path(path).name)} bytes, most allow 255); shorten it")
+    deep = tmp_path.joinpath(*["c" * 200] * 25)  # every part allowed, the whole past PATH_MAX
+    assert main(["train", *config, f"output_dir={deep}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": the path is too long for the file system ({len(str(deep))} characters); shorten it")
 
 
 @pytest.mark.slow
