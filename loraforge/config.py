@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -719,6 +720,38 @@ class TrainConfig:
         return self.model.quantization or ("nf4" if self.method == "qlora" else None)
 
 
+class DuplicateKey(Exception):
+    """A key written twice in one YAML mapping, which PyYAML would read as the last one alone."""
+
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"{key} is written twice (first on line {first}); YAML keeps only the last, so the first "
+                         f"one's settings would be dropped without a word: write it once")
+        self.line = line
+
+
+@functools.cache
+def yaml_loader():
+    """yaml.SafeLoader that refuses a key written twice in one mapping (DuplicateKey)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may appear more than once
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    if not isinstance(key, typing.Hashable):
+                        continue  # SafeLoader's own error names it
+                    if key in first:
+                        raise DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+                    first[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_train_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate everything."""
     import yaml
@@ -731,7 +764,9 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         if not Path(path).is_file():
             raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
         try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
-            loaded = yaml.safe_load(Path(path).read_bytes()) or {}
+            loaded = yaml.load(Path(path).read_bytes(), Loader=yaml_loader()) or {}
+        except DuplicateKey as e:
+            raise ConfigError([f"{path}:{e.line}: {e}"]) from None
         except yaml.reader.ReaderError as e:  # a byte that is not UTF-8, e.g. a Latin-1 "café" in a comment
             line = Path(path).read_bytes().count(b"\n", 0, e.position) + 1
             raise ConfigError([f"{path}:{line}: byte 0x{e.character:02x} is not UTF-8; save the file as UTF-8 "
@@ -757,7 +792,9 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = yaml.load(value, Loader=yaml_loader())
+        except DuplicateKey as e:
+            raise ConfigError([f"override {item!r}: {e}"]) from None
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
             raise ConfigError([f"override {item!r}: the value is not valid YAML ({problem}); close every [ and {{ "

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import default_recursion_limit
-from loraforge.config import ConfigError, load_train_config
+from loraforge.config import ConfigError, load_train_config, yaml_loader
 from loraforge.training.loop import lr_lambda
 
 DATA = "data.train=train.jsonl"
@@ -79,6 +80,26 @@ def test_a_weight_decay_that_would_zero_or_flip_the_weights_each_step_is_refused
     assert problems("training.lr=2e-4", f"training.weight_decay={1 / rate}", *plus)  # exactly zeroed: refused
     cfg = load_train_config(None, [DATA, "training.lr=2e-4", f"training.weight_decay={0.99 / rate}", *plus])
     assert cfg.training.weight_decay == pytest.approx(0.99 / rate)
+
+
+def test_a_key_written_twice_is_refused_with_both_lines_not_read_as_the_last(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `training:` section silently replaced the first one's lr
+    and max_steps. Refused, naming the key and both lines; a YAML merge key (<<) may repeat, as YAML allows."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("training:\n  lr: 1.0e-4\n  max_steps: 5\ndata: {train: train.jsonl}\ntraining:\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(twice))
+    assert e.value.problems == [f"{twice}:5: training is written twice (first on line 1); YAML keeps only the last, "
+                                f"so the first one's settings would be dropped without a word: write it once"]
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("data: {train: train.jsonl}\nlora:\n  r: 4\n  lora_alpha: 8\n  r: 16\n")
+    with pytest.raises(ConfigError, match=r"nested.yaml:5: r is written twice \(first on line 3\)"):
+        load_train_config(str(nested))
+    assert problems("lora.rank_pattern={q: 4, q: 8}") == [
+        "override 'lora.rank_pattern={q: 4, q: 8}': q is written twice (first on line 1); YAML keeps only the last, "
+        "so the first one's settings would be dropped without a word: write it once"]
+    merged = "base: &b {lr: 1.0e-4}\nmore: &m {max_steps: 3}\ntraining:\n  <<: *b\n  <<: *m\n"
+    assert yaml.load(merged, Loader=yaml_loader())["training"] == {"lr": 1e-4, "max_steps": 3}
 
 
 def test_method_contradicting_the_lora_fields_written():
