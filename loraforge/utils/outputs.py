@@ -17,6 +17,7 @@ Atomic writes (temp + rename) protect against crashes, not against a wrong --out
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -156,8 +157,11 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                 retries -= 1
                 continue  # the run before removed its empty folder as we made it: make it again
             error = disk_error(out, e)
-            if error is None:
-                raise
+            if error is None and (e.errno == errno.ENAMETOOLONG or not e.strerror):
+                raise  # the command's own line names a path too long for the file system
+            if error is None:  # the file system refuses it otherwise: /proc, a name it does not take
+                raise OutputError(f"{flag}: cannot create or write {path}: {e.strerror} (the file system's answer); "
+                                  f"choose another {flag}") from None
             raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
         if fcntl is None:
             break

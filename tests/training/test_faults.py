@@ -572,6 +572,17 @@ def test_an_output_dir_below_a_file_is_refused_with_one_line_before_loading(tiny
     assert proc.stdout == ""
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_dir_the_file_system_will_not_create_is_one_line(tiny_dir, data_file, tmp_path):
+    """/proc takes no new folders (mkdir answers ENOENT though /proc exists): the line was Python's own
+    "[Errno 2] No such file or directory: '/proc/...'", not naming output_dir."""
+    out = Path("/proc/loraforge-run")
+    proc = cli(["train", *run_args(tiny_dir, data_file, out)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert one_error_line(proc.stderr) == (f"error: output_dir: cannot create or write {out}: No such file or "
+                                           f"directory (the file system's answer); choose another output_dir")
+
+
 @pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv to drop root's CAP_DAC_OVERRIDE")
 @pytest.mark.parametrize("where", ["run", "parent/run"])
 def test_a_read_only_output_dir_is_refused_with_one_line_before_loading(tiny_dir, data_file, tmp_path, where):
