@@ -103,6 +103,17 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     return error
 
 
+def refused(target: Path, e: BaseException) -> DiskError | None:
+    """The DiskError for a file system that will not create `target`'s temporary beside it for a reason other than
+    the disk's (/proc, a path it does not take); None for other errors and for a path too long, which the command
+    line names itself."""
+    if not isinstance(e, OSError) or not e.strerror or e.errno == errno.ENAMETOOLONG:
+        return None
+    error = DiskError(f"cannot write {target}: {e.strerror} (the file system's answer); choose another path")
+    error.errno = e.errno
+    return error
+
+
 def umask() -> int:
     """The process's file-mode creation mask: read from /proc/self/status where Linux shows it (setting it to read
     it would leave a moment in which another thread creates files under mask 0), else by setting it and putting it
@@ -231,7 +242,7 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        error = disk_error(final, e, need_bytes, left=tmp)
+        error = disk_error(final, e, need_bytes, left=tmp) or (refused(final, e) if tmp is None else None)
         if error is None:
             raise
         raise error from None
@@ -255,7 +266,7 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        error = disk_error(path, e, need_bytes, left=tmp)
+        error = disk_error(path, e, need_bytes, left=tmp) or (refused(path, e) if tmp is None else None)
         if error is None:
             raise
         raise error from None

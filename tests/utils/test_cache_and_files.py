@@ -5,6 +5,7 @@ CPU kernels."""
 import os
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,6 +250,19 @@ def test_a_cache_below_a_file_is_refused_with_one_line_naming_loraforge_cache(tm
     assert text.startswith(f"cannot write {tmp_path / 'afile' / 'cache'}: a part of the path is a file, not a folder")
     assert text.endswith("; converted models are cached there: set LORAFORGE_CACHE to a folder this user can write")
 
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("writer", [atomic_dir, atomic_file])
+def test_a_path_the_file_system_will_not_create_is_one_line_naming_it(writer):
+    """/proc takes no new files (ENOENT though it exists): merge and export printed Python's "[Errno 2] No such
+    file or directory: '/proc/.tmp-m-itp0dt0_'", naming a temporary the user never chose."""
+    target = Path("/proc/loraforge-out")
+    with pytest.raises(DiskError) as e:
+        with writer(target):
+            pass
+    assert str(e.value) == (f"cannot write {target}: No such file or directory (the file system's answer); choose "
+                            f"another path")
 
 
 def test_the_cache_follows_loraforge_cache_then_xdg_cache_home_then_home(tmp_path, monkeypatch):
