@@ -36,7 +36,7 @@ from loraforge.training.loop import run_precision, train
 from loraforge.training.report import strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
-from loraforge.utils.outputs import check_output
+from loraforge.utils.outputs import check_output, make_output
 from loraforge.utils.table import text_table
 
 DEFAULT_SHARES = (0.0, 0.2)
@@ -98,8 +98,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     if problems := check_shares(shares) + replay_problems(replay, shares):  # (cli_continual checks them too)
         raise ConfigError(problems)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output(out)
     cfg = task_split(cfg, out)
     init_adapter_config(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
     precision = run_precision(cfg, torch.device("cpu"))

@@ -42,7 +42,7 @@ from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar, strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file
-from loraforge.utils.outputs import check_output
+from loraforge.utils.outputs import check_output, make_output
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
@@ -311,8 +311,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_from_base(cfg)
     check_ranks(ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output(out)
     cfg = task_split(cfg, out)
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)

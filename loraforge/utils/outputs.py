@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error, expand_user
+from loraforge.utils.files import DiskError, disk_error, expand_user, refused
 
 try:
     import fcntl
@@ -70,6 +70,20 @@ def check_parents(path: str | Path, flag: str = "--out") -> None:
             if not parent.is_dir():
                 raise OutputError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
             return
+
+
+def make_output(path: str | Path, flag: str = "--out") -> Path:
+    """Create a command's output folder (and its parents); a refusal (the disk's, or a file system that takes no
+    new folders there, as /proc) is one DiskError line naming `flag`."""
+    out = expand_user(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = disk_error(out, e) or refused(out, e)
+        if error is None:
+            raise
+        raise DiskError(f"{flag}: {error}") from None
+    return out
 
 
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),

@@ -14,6 +14,7 @@ import loraforge.models as M
 import loraforge.utils.files as F
 from loraforge.inference import cpu_kernels
 from loraforge.utils.files import DiskError, atomic_dir, atomic_file, umask
+from loraforge.utils.outputs import make_output
 
 
 def files(d) -> dict[str, str]:
@@ -263,6 +264,16 @@ def test_a_path_the_file_system_will_not_create_is_one_line_naming_it(writer):
             pass
     assert str(e.value) == (f"cannot write {target}: No such file or directory (the file system's answer); choose "
                             f"another path")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_study_output_folder_the_file_system_will_not_create_names_the_flag(tmp_path):
+    """forgetting and continual make --out with make_output: /proc's refusal was Python's "[Errno 2] ..."."""
+    with pytest.raises(DiskError) as e:
+        make_output("/proc/loraforge-study")
+    assert str(e.value) == ("--out: cannot write /proc/loraforge-study: No such file or directory (the file "
+                            "system's answer); choose another path")
+    assert make_output(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
 
 
 def test_the_cache_follows_loraforge_cache_then_xdg_cache_home_then_home(tmp_path, monkeypatch):
