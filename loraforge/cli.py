@@ -536,7 +536,7 @@ def run_command(argv: list[str] | None = None) -> int:
     from loraforge.config import ConfigError
     from loraforge.training.data import DataError
     from loraforge.utils.files import DiskError
-    from loraforge.models import ModelDownloadError
+    from loraforge.models import ModelDownloadError, ModelFilesError
     from loraforge.serve.errors import ServeError
     from loraforge.utils.outputs import OutputError
     from loraforge.training.loop import Stopped, TrainingError
@@ -544,8 +544,8 @@ def run_command(argv: list[str] | None = None) -> int:
 
     try:
         func(**args)
-    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, DiskError,
-            ServeError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, ModelFilesError,
+            DiskError, ServeError, FileNotFoundError, FileExistsError) as e:
         # under torchrun a node's processes share its command line and files: a config error once per node, and
         # a training error every process raises alike (--resume's refusals, a non-finite loss) the same
         once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)

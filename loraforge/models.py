@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized
@@ -236,6 +237,12 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
+        try:  # before the tokenizer or the weights, whose loaders would name themselves as what failed
+            json.loads((path / "config.json").read_bytes())
+        except ValueError as e:
+            where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+            raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} is not valid JSON{where}; save or "
+                                  f"copy the model again") from None
         return str(path)
     if path.is_file():  # e.g. the config.json of a model folder
         raise FileNotFoundError(f"model {name_or_path!r} is a file, not a transformers directory or a .gguf file; "
@@ -296,11 +303,42 @@ def _downloading(name_or_path: str, path: str):
         raise ModelDownloadError(line) from e
 
 
+class ModelFilesError(OSError):
+    """A local model folder whose files cannot be read: a damaged weights file, a config.json that is not JSON, no
+    tokenizer. One line naming the folder and the file's problem."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+"""Files one of which a saved tokenizer leaves in its folder (transformers' fast, sentencepiece, BPE and WordPiece)."""
+
+
+@contextlib.contextmanager
+def _reading(name_or_path: str, path: str, what: str):
+    """Turn a local folder's unreadable files (transformers' and safetensors' errors, raised deep in their loaders
+    as tracebacks) into one ModelFilesError naming the folder, what was read (`what`) and the first line of the
+    cause; a folder without tokenizer files is said before transformers' ValueError about sentencepiece."""
+    folder = Path(path)
+    if what == "tokenizer" and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFilesError(f"model {name_or_path}: its tokenizer cannot be read from {folder}: it holds no "
+                              f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): save the tokenizer beside the "
+                              f"weights (tokenizer.save_pretrained(folder))")
+    try:
+        yield
+    except (OSError, SafetensorError) as e:  # not ValueError: our own checks (ConfigError) raise it with their line
+        if not folder.is_dir() or isinstance(e, (ModelDownloadError, ModelFilesError, DiskError)):
+            raise
+        cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if isinstance(e, SafetensorError):
+            cause += ": a weights file is damaged or cut short; save or copy the model again"
+        raise ModelFilesError(f"model {name_or_path}: its {what} cannot be read from {folder}: {cause}") from e
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
-    with _downloading(name_or_path, path):
+    with _downloading(name_or_path, path), _reading(name_or_path, path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -312,7 +350,7 @@ def load_config(name_or_path: str):
     from transformers import AutoConfig
 
     path = resolve_model(name_or_path)
-    with _downloading(name_or_path, path):
+    with _downloading(name_or_path, path), _reading(name_or_path, path, "config"):
         return AutoConfig.from_pretrained(path)
 
 
@@ -325,7 +363,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
     path = resolve_model(name_or_path)
     torch_dtype = parse_dtype(dtype)
     _check_weights(name_or_path, path)
-    with _downloading(name_or_path, path):
+    with _downloading(name_or_path, path), _reading(name_or_path, path, "weights"):
         if quantize is not None:
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -122,6 +122,35 @@ def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, dat
         f": the path is too long for the file system ({len(str(deep))} characters); shorten it")
 
 
+def test_a_model_folder_with_unreadable_files_is_one_line_naming_the_file(tiny_dir, tmp_path, capsys):
+    """A folder saved without its tokenizer, a weights file cut short, a config.json that is not JSON: each was a
+    transformers or safetensors traceback from deep in its loader."""
+    broken = {}
+    for case in ("no-tokenizer", "cut-weights", "bad-config"):
+        broken[case] = tmp_path / case
+        shutil.copytree(tiny_dir, broken[case])
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (broken["no-tokenizer"] / name).unlink(missing_ok=True)
+    weights = broken["cut-weights"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (broken["bad-config"] / "config.json").write_text('{"model_type": "llama",\n  oops}\n')
+    expected = {
+        "no-tokenizer": f"error: model {broken['no-tokenizer']}: its tokenizer cannot be read from "
+                        f"{broken['no-tokenizer']}: it holds no tokenizer files (tokenizer.json, "
+                        f"tokenizer_config.json): save the tokenizer beside the weights "
+                        f"(tokenizer.save_pretrained(folder))",
+        "cut-weights": f"error: model {broken['cut-weights']}: its weights cannot be read from "
+                       f"{broken['cut-weights']}: Error while deserializing header: invalid header length: a weights "
+                       f"file is damaged or cut short; save or copy the model again",
+        "bad-config": f"error: model {broken['bad-config']}: {broken['bad-config'] / 'config.json'} is not valid JSON "
+                      f"(line 2, column 3: Expecting property name enclosed in double quotes); save or copy the "
+                      f"model again",
+    }
+    for case, folder in broken.items():
+        assert main(["generate", "hi", "--model", str(folder)]) == 2, case
+        assert capsys.readouterr().err.splitlines()[-1] == expected[case]
+
+
 @pytest.mark.slow
 def test_builtin_model_loads_from_cache_and_answers(smollm2, capsys):
     model, tok = smollm2
