@@ -584,3 +584,16 @@ def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tm
     with pytest.raises(AdapterError) as e:
         read_adapter_config(tmp_path / "empty")
     assert str(e.value) == f"{tmp_path / 'empty'} is not an adapter directory: adapter_config.json is missing"
+    # a whole model (merge's output, a method: full run's model/) or a full run's folder: said, with what to do
+    (tmp_path / "full" / "model").mkdir(parents=True)
+    (tmp_path / "full" / "model" / "config.json").write_text("{}")
+    with pytest.raises(AdapterError) as e:
+        read_adapter_config(tmp_path / "full" / "model")
+    assert str(e.value) == (f"{tmp_path / 'full' / 'model'} is not an adapter directory: adapter_config.json is "
+                            f"missing; it holds a whole model (config.json): give it as the base model (--model, "
+                            f"--base, model.name)")
+    with pytest.raises(AdapterError) as e:
+        read_adapter_config(tmp_path / "full")
+    assert str(e.value) == (f"{tmp_path / 'full'} is not an adapter directory: adapter_config.json is missing; a "
+                            f"full fine-tuning run writes a whole model, not an adapter: give "
+                            f"{tmp_path / 'full' / 'model'} as the base model (--model, --base, model.name)")
