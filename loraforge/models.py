@@ -317,12 +317,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def _reading(name_or_path: str, path: str, what: str):
     """Turn a local folder's unreadable files (transformers' and safetensors' errors, raised deep in their loaders
     as tracebacks) into one ModelFilesError naming the folder, what was read (`what`) and the first line of the
-    cause; a folder without tokenizer files is said before transformers' ValueError about sentencepiece."""
+    cause."""
     folder = Path(path)
-    if what == "tokenizer" and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelFilesError(f"model {name_or_path}: its tokenizer cannot be read from {folder}: it holds no "
-                              f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): save the tokenizer beside the "
-                              f"weights (tokenizer.save_pretrained(folder))")
     try:
         yield
     except (OSError, SafetensorError) as e:  # not ValueError: our own checks (ConfigError) raise it with their line
@@ -338,6 +334,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
+    _check_tokenizer(name_or_path, path)
     with _downloading(name_or_path, path), _reading(name_or_path, path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -383,6 +380,16 @@ def _check_weights(name_or_path: str, path: str) -> None:
         raise FileNotFoundError(f"model folder {folder} has a config.json but no weights (model.safetensors or "
                                 f"pytorch_model.bin); give the folder save_pretrained wrote, or copy the weights "
                                 f"files into it")
+
+
+def _check_tokenizer(name_or_path: str, path: str) -> None:
+    """ModelFilesError (one line) for a local model folder saved without its tokenizer: transformers' ValueError
+    about sentencepiece and tiktoken came as a traceback."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFilesError(f"model {name_or_path}: its tokenizer cannot be read from {folder}: it holds no "
+                              f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): save the tokenizer beside the "
+                              f"weights (tokenizer.save_pretrained(folder))")
 
 
 def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", quantize: str | None = None,

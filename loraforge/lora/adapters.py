@@ -138,14 +138,15 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(f"no such adapter folder: {adapter_dir}")
     path = folder / CONFIG_NAME
     if not path.is_file():
-        run = folder / "adapter" / CONFIG_NAME  # a training run's folder: its adapter is in adapter/
-        hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}" \
-            if run.is_file() else ""
-        if not hint and (folder / "config.json").is_file():  # a whole model: merge's output, method: full's model/
+        if (folder / "adapter" / CONFIG_NAME).is_file():  # a training run's folder: its adapter is in adapter/
+            hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}"
+        elif (folder / "config.json").is_file():  # a whole model: merge's output, method: full's model/
             hint = "; it holds a whole model (config.json): give it as the base model (--model, --base, model.name)"
-        elif not hint and (folder / "model" / "config.json").is_file():  # a method: full run's folder
+        elif (folder / "model" / "config.json").is_file():  # a method: full run's folder
             hint = (f"; a full fine-tuning run writes a whole model, not an adapter: give {Path(adapter_dir) / 'model'}"
                     f" as the base model (--model, --base, model.name)")
+        else:
+            hint = ""
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
