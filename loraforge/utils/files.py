@@ -103,13 +103,13 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     return error
 
 
-def refused(target: Path, e: BaseException) -> DiskError | None:
-    """The DiskError for a file system that will not create `target`'s temporary beside it for a reason other than
-    the disk's (/proc, a path it does not take); None for other errors and for a path too long, which the command
-    line names itself."""
+def refused(target: Path, e: BaseException, fix: str = "choose another path") -> DiskError | None:
+    """The DiskError for a file system that will not create `target` (or its temporary beside it) for a reason other
+    than the disk's (/proc, a path it does not take), ending with `fix`; None for other errors and for a path too
+    long, which the command line names itself."""
     if not isinstance(e, OSError) or not e.strerror or e.errno == errno.ENAMETOOLONG:
         return None
-    error = DiskError(f"cannot write {target}: {e.strerror} (the file system's answer); choose another path")
+    error = DiskError(f"cannot write {target}: {e.strerror} (the file system's answer); {fix}")
     error.errno = e.errno
     return error
 

@@ -17,7 +17,6 @@ Atomic writes (temp + rename) protect against crashes, not against a wrong --out
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import tempfile
@@ -79,7 +78,7 @@ def make_output(path: str | Path, flag: str = "--out") -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        error = disk_error(out, e) or refused(out, e)
+        error = disk_error(out, e) or refused(out, e, f"choose another {flag}")
         if error is None:
             raise
         raise DiskError(f"{flag}: {error}") from None
@@ -170,13 +169,11 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
             if isinstance(e, FileNotFoundError) and retries > 0:
                 retries -= 1
                 continue  # the run before removed its empty folder as we made it: make it again
-            error = disk_error(out, e)
-            if error is None and (e.errno == errno.ENAMETOOLONG or not e.strerror):
-                raise  # the command's own line names a path too long for the file system
-            if error is None:  # the file system refuses it otherwise: /proc, a name it does not take
-                raise OutputError(f"{flag}: cannot create or write {path}: {e.strerror} (the file system's answer); "
-                                  f"choose another {flag}") from None
-            raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
+            if error := disk_error(out, e):
+                raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
+            if error := refused(out, e, f"choose another {flag}"):  # /proc, a name the file system does not take
+                raise DiskError(f"{flag}: {error}") from None
+            raise  # a path too long: the command's own line names it
         if fcntl is None:
             break
         try:

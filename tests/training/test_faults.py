@@ -579,7 +579,7 @@ def test_an_output_dir_the_file_system_will_not_create_is_one_line(tiny_dir, dat
     out = Path("/proc/loraforge-run")
     proc = cli(["train", *run_args(tiny_dir, data_file, out)], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert one_error_line(proc.stderr) == (f"error: output_dir: cannot create or write {out}: No such file or "
+    assert one_error_line(proc.stderr) == (f"error: output_dir: cannot write {out}: No such file or "
                                            f"directory (the file system's answer); choose another output_dir")
 
 

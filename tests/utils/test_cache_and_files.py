@@ -272,7 +272,7 @@ def test_a_study_output_folder_the_file_system_will_not_create_names_the_flag(tm
     with pytest.raises(DiskError) as e:
         make_output("/proc/loraforge-study")
     assert str(e.value) == ("--out: cannot write /proc/loraforge-study: No such file or directory (the file "
-                            "system's answer); choose another path")
+                            "system's answer); choose another --out")
     assert make_output(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
 
 
