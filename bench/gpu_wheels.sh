@@ -28,15 +28,17 @@ for whl in "$WHEELS"/bitsandbytes-*.whl; do
     'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*' > /dev/null 2>&1 || true
 done
 "$PY" - "$TOKDIR" <<'PY'
-import shutil, sys
+import filecmp, shutil, sys
 from pathlib import Path
 from loraforge.models import load_tokenizer, resolve_model
 
 src, out = Path(resolve_model("smollm2-135m")), Path(sys.argv[1])
-for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "generation_config.json", "special_tokens_map.json"):
-    if (src / name).is_file():
-        shutil.copy(src / name, out / name)
+names = [name for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                           "generation_config.json", "special_tokens_map.json") if (src / name).is_file()]
+if other := [name for name in names if (out / name).exists() and not filecmp.cmp(src / name, out / name, False)]:
+    sys.exit(f"error: TOKENIZER_DIR {out} holds another {', '.join(other)}; give a new folder (nothing was copied)")
+for name in names:
+    shutil.copy(src / name, out / name)
 print(f"{out}: the built-in model's config and tokenizer ({len(load_tokenizer(str(out)))} tokens)")
 PY
 du -sh "$WHEELS" "$TOKDIR"
