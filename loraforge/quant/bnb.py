@@ -14,12 +14,16 @@ bitsandbytes ≥ 0.48 runs 4-bit on CPU too. One CPU detail: on CPUs with AVX512
 into a CPU-only layout the first time it runs in eval mode without gradients, casting absmax to bf16 (a lossy,
 silent change of the stored weights and of their format). We switch that off per layer, so the stored weights
 stay what we quantized, `dequantize` stays exact and a model gives the same logits in train and eval mode.
+On the same CPUs, importing bitsandbytes (0.49+) tries to fetch that layout's matmul from the Hugging Face Hub
+("kernels-community") and logs a warning when it cannot (offline, or the hub's trust check): we never run that
+kernel, so `import_bitsandbytes` drops that one line.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 import torch
 from torch import nn
@@ -65,6 +69,26 @@ def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device
                        f"quantization off (method lora), or run on a GPU"])
 
 
+class _NoKernelHubNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning (see the module
+    docstring): it names a kernel loraforge never calls and asks for a `pip install kernels` that does not help."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """The bitsandbytes module (an optional dependency: the `quant` extra), imported without the notice above."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet = _NoKernelHubNotice()
+    logger.addFilter(quiet)
+    try:
+        import bitsandbytes
+    finally:
+        logger.removeFilter(quiet)
+    return bitsandbytes
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
@@ -77,8 +101,7 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
     `quant_storage`: the dtype the packed 4-bit codes are viewed as (bnb's default uint8; a float dtype for FSDP,
     whose parameters must be floating point, as FSDP-QLoRA does). The same bytes either way.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     _check_quantize(quantize)
     check_cpu_widths([("the linear layer", linear)], quantize, device)
     weight = linear.weight.data.to(QUANTIZED_FROM)  # the same codes whatever the compute dtype

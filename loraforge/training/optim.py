@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from loraforge.lora.layer import LoraLayer
+from loraforge.quant.bnb import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 _warned_paging = False
@@ -69,8 +70,7 @@ def optimizer_by_name(name: str, params, lr: float, weight_decay: float = 0.0,
         name = name.removeprefix("paged_")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    import bitsandbytes as bnb  # optional dependency (the `quant` extra)
-
+    bnb = import_bitsandbytes()
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)

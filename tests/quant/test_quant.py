@@ -339,3 +339,35 @@ def test_prepare_bf16_4bit_model_trains(input_ids):
     inject(model, _lora_config())
     _loss(model.train(), input_ids).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_importing_bitsandbytes_keeps_its_kernel_hub_notice_out():
+    """On a CPU with AVX-512 BF16, bitsandbytes' first import tries to fetch a matmul kernel from the Hugging Face
+    Hub and logs 'Failed to load CPU gemm_4bit_forward from kernels-community ...' when it cannot (every `train
+    --quantize nf4` printed it). A fresh interpreter that quantizes a layer and builds an 8-bit optimizer through
+    loraforge writes nothing about it; its own filter, applied to a record of that text, drops it, and passes
+    others (the same check on CPUs where bitsandbytes never logs it)."""
+    import logging
+    import subprocess
+    import sys
+
+    from loraforge.quant.bnb import _NoKernelHubNotice
+
+    code = ("import torch\n"
+            "from loraforge.quant.bnb import quantize_linear\n"
+            "from loraforge.training.optim import optimizer_by_name\n"
+            "layer = quantize_linear(torch.nn.Linear(64, 64), 'nf4')\n"
+            "optimizer_by_name('adamw_8bit', [torch.nn.Parameter(torch.zeros(64, 64))], 1e-3, 0.0, (0.9, 0.999))\n"
+            "print('quantized', type(layer).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "quantized Linear4bit"
+    assert "kernels-community" not in proc.stderr and "gemm_4bit_forward" not in proc.stderr, proc.stderr[-2000:]
+
+    def record(msg):
+        return logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, __file__, 1, msg, None, None)
+
+    notice = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+              "`pip install kernels`")
+    assert not _NoKernelHubNotice().filter(record(notice % "offline"))
+    assert _NoKernelHubNotice().filter(record("some other warning"))
