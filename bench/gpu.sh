@@ -6,7 +6,7 @@
 # FSDP smoke run; then one table of it all (bench/gpu_summary.py).
 #
 #   bash bench/gpu.sh [WHEELS_DIR] [TOKENIZER_DIR]      # issue 17's set: ~8 min on an H200 (estimate)
-#   GPU_STEPS=all bash bench/gpu.sh ...                  # also the fast suite and the FSDP smoke run (+6 min)
+#   GPU_STEPS=all bash bench/gpu.sh ...                  # also the fast suite, compile, FSDP (+11 min)
 #   GPU_STEPS="cuda-tests serve" bash bench/gpu.sh ...   # only the steps named
 #
 # Each step's limit comes from an H200 run (stop 52): a bench/train.py worker there spends ~15 s starting (imports,
@@ -67,6 +67,10 @@ step train-1b-text 90 $PY bench/train.py --model /tmp/llama-1b --shapes text --t
 # LoRA and QLoRA in the precision the rule picks on a GPU (bf16); bench/qlora.py alone also runs the fp32 ones
 step qlora 90 $PY bench/qlora.py --steps 6 --runs lora-bf16 qlora-bf16 --json "$OUT/qlora.json"
 step serve 90 $PY bench/serve.py --device cuda --clients 32 --adapters 1,16 --max-tokens 16 --repeats 1
+# training.compile on chat rows (GPU_STEPS=all or named): does compiling lift the CPU-side bound the eager step has
+# on a GPU (stop 52: ~10k dispatched ops a step for loraforge, ~15k for PEFT, at ~2,100 tokens a step)?
+step train-compile 300 $PY bench/train.py --shapes chat --dtypes auto --batch 16 --steps 6 --warmup 3 --rounds 1 \
+  --variants peft,lf,lf-compile --json "$OUT/train-compile.json"
 if [ -f scripts/gpu_fsdp_smoke.sh ]; then step fsdp 240 bash scripts/gpu_fsdp_smoke.sh; fi
 
 echo; echo "=== summary"
