@@ -5,7 +5,9 @@
 Each run is its own process, so peak memory is that run's alone: on CPU the peak resident set since the model
 was loaded (Linux: /proc/self/clear_refs resets VmHWM) minus the resident set before loading; on CUDA
 torch.cuda.max_memory_allocated. The training loop here is deliberately minimal (forward, loss, backward,
-AdamW on the trainable parameters) so the numbers are the method's, not the trainer's. Runs:
+AdamW on the trainable parameters) so the numbers are the method's, not the trainer's; the loss is
+`loraforge train`'s (training.loss.CausalLMLoss: the head in row chunks, no full-vocabulary logits kept), which
+is what the estimator counts. Runs:
   lora-fp32          fp32 base, fp32 adapters (as estimate(dtype="fp32"))
   qlora-fp32         NF4 base, fp32 compute, gradient checkpointing (what `loraforge train --quantize nf4` does)
   qlora-fp32-nockpt  NF4 base, fp32 compute, no checkpointing: lora-fp32's work plus de-quantization
@@ -105,6 +107,7 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
     from loraforge.models import load_base
     from loraforge.quant.bnb import prepare_for_kbit_training
     from loraforge.quant.checks import is_4bit_param
+    from loraforge.training.loss import CausalLMLoss
     from loraforge.training.optim import optimizer_by_name
 
     method, dtype, quantize, ckpt, _ = RUNS[name]
@@ -128,6 +131,9 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 trainable weights, as train.py keeps them
     model.train()
+    # the loss as `loraforge train` computes it (and as the estimator counts it): the head and cross-entropy in row
+    # chunks, no full-vocabulary logits kept; rows share no prefix here
+    loss_fn = CausalLMLoss(model, share_prefix=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_by_name("adamw", params, lr=2e-4)
     if device == "cuda":
@@ -140,7 +146,8 @@ def run_one(name: str, steps: int, batch_size: int, seq_len: int, device: str) -
         if step == 1:  # the first step pays one-off costs (allocations, lazy init): time from the second
             t0, tokens = time.perf_counter(), 0
         batch = batch.to(device)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss_sum, n = loss_fn({"input_ids": batch, "labels": batch})
+        loss = loss_sum / n
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
