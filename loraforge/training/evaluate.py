@@ -14,7 +14,6 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.precision import autocast
 
 
-@torch.no_grad()
 def perplexity_of(loss: float) -> float:
     """exp(mean token loss); inf past a float's range (a diverged model's loss above ~709), not OverflowError."""
     return math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf
@@ -30,6 +29,7 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+@torch.no_grad()  # no graph: a model with trainable weights saved every layer's activations here
 def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: int = 8, packing: bool = True,
                     max_seq_len: int = 2048, precision: str = "fp32", head_buffers: HeadBuffers | None = None) -> float:
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it). head_buffers: the
