@@ -394,3 +394,27 @@ def test_a_quantized_load_keeps_no_mapping_of_the_checkpoint_file(tmp_path):
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_the_int8_matmul_cast_warning_is_said_once_per_dtype():
+    """bitsandbytes' int8 matmul logs 'MatMul8bitLt: inputs will be cast from <dtype> to float16 during
+    quantization' on every call in eval mode: `train --quantize int8` printed 2,940 such lines in the demo's 6 steps
+    (its held-out pass). Once
+    loraforge has imported bitsandbytes, each distinct line is said once: 10 calls with fp32 inputs and 10 with bf16
+    give the 2 lines, as many as the distinct input dtypes."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from loraforge.quant.bnb import quantize_linear\n"
+            "layer = quantize_linear(torch.nn.Linear(64, 64), 'int8').eval()  # as in held-out evaluation\n"
+            "with torch.no_grad():\n"
+            "    for dtype in (torch.float32, torch.bfloat16):\n"
+            "        for _ in range(10):\n"
+            "            layer(torch.randn(3, 64, dtype=dtype))\n"
+            "print('ran')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("MatMul8bitLt:")]
+    assert lines == ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+                     "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization"]
