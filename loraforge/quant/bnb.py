@@ -95,14 +95,20 @@ class _Once(logging.Filter):
         return True
 
 
-def import_bitsandbytes():
+def import_bitsandbytes(needed_by: str = "4-bit and 8-bit layers"):
     """The bitsandbytes module (an optional dependency: the `quant` extra), imported without the notice above;
-    its int8 matmul's per-call warning is said once per input dtype from then on."""
+    its int8 matmul's per-call warning is said once per input dtype from then on. Not installed: a ConfigError
+    naming `needed_by` (the setting that asked for it, e.g. "model.quantization: nf4") and the install."""
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     quiet = _NoKernelHubNotice()
     logger.addFilter(quiet)
     try:
         import bitsandbytes
+    except ModuleNotFoundError as e:
+        if e.name != "bitsandbytes":
+            raise  # one of its own imports: its message names what
+        raise ConfigError([f"{needed_by} needs bitsandbytes, which is not installed here: pip install "
+                           f"'loraforge[quant]' (or pip install bitsandbytes)"]) from None
     finally:
         logger.removeFilter(quiet)
     matmul_logger = logging.getLogger("bitsandbytes.autograd._functions")
@@ -123,8 +129,8 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
     `quant_storage`: the dtype the packed 4-bit codes are viewed as (bnb's default uint8; a float dtype for FSDP,
     whose parameters must be floating point, as FSDP-QLoRA does). The same bytes either way.
     """
-    bnb = import_bitsandbytes()
     _check_quantize(quantize)
+    bnb = import_bitsandbytes(f"model.quantization: {quantize}")
     check_cpu_widths([("the linear layer", linear)], quantize, device)
     weight = linear.weight.data.to(QUANTIZED_FROM)  # the same codes whatever the compute dtype
     bias = linear.bias.data if linear.bias is not None else None

@@ -70,7 +70,7 @@ def optimizer_by_name(name: str, params, lr: float, weight_decay: float = 0.0,
         name = name.removeprefix("paged_")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    bnb = import_bitsandbytes()
+    bnb = import_bitsandbytes(f"training.optimizer: {name}")
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay, betas=betas)

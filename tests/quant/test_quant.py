@@ -418,3 +418,34 @@ def test_the_int8_matmul_cast_warning_is_said_once_per_dtype():
     lines = [line for line in proc.stderr.splitlines() if line.startswith("MatMul8bitLt:")]
     assert lines == ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
                      "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization"]
+
+
+def test_without_bitsandbytes_the_setting_that_needs_it_is_named(tmp_path):
+    """bitsandbytes is the optional `quant` extra: without it, `train --quantize nf4` and training.optimizer
+    adamw_8bit ended in a ModuleNotFoundError traceback. In an interpreter where importing bitsandbytes fails as a
+    missing package does, each is a ConfigError naming its setting and the install line."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "bitsandbytes"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'bitsandbytes'\", name='bitsandbytes')\n")
+    code = ("import torch\n"
+            "from loraforge.config import ConfigError\n"
+            "from loraforge.quant.bnb import quantize_linear\n"
+            "from loraforge.training.optim import optimizer_by_name\n"
+            "for call in (lambda: quantize_linear(torch.nn.Linear(64, 64), 'nf4'),\n"
+            "             lambda: optimizer_by_name('adamw_8bit', [torch.nn.Parameter(torch.zeros(2))], 1e-3)):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ConfigError as e:\n"
+            "        print(e.problems[0])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    install = ("needs bitsandbytes, which is not installed here: pip install 'loraforge[quant]' "
+               "(or pip install bitsandbytes)")
+    assert proc.stdout.splitlines() == [f"model.quantization: nf4 {install}",
+                                        f"training.optimizer: adamw_8bit {install}"]
