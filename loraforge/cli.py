@@ -527,11 +527,26 @@ def too_long(path) -> str:
     return f"the path is too long for the file system ({len(str(path))} characters); shorten it"
 
 
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
+"""Packages of the optional extras whose absence only a command's import finds: package -> extra that installs it.
+(bitsandbytes, the trackers and `datasets` name their setting where they are needed.)"""
+
+
+def missing_extra(command: str, e: ModuleNotFoundError) -> str | None:
+    """The line for an optional package `command` imported and did not find, or None (not one of EXTRAS)."""
+    package = (e.name or "").partition(".")[0]
+    if package not in EXTRAS:
+        return None
+    return (f"loraforge {command} needs {package}, which is not installed here: pip install "
+            f"'loraforge[{EXTRAS[package]}]'")
+
+
 def run_command(argv: list[str] | None = None) -> int:
     one_line_warnings()
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
-    func = _commands()[args.pop("command")]
+    command = args.pop("command")
+    func = _commands()[command]
     from loraforge.lora.adapters import AdapterError
     from loraforge.config import ConfigError
     from loraforge.training.data import DataError
@@ -551,6 +566,11 @@ def run_command(argv: list[str] | None = None) -> int:
         once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)
         if not (once and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional extra's package (serve, ui): the install line, not a traceback
+        if (line := missing_extra(command, e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the file system refuses by its length, wherever the command first touches it
         if e.errno != errno.ENAMETOOLONG:

@@ -647,3 +647,27 @@ def test_a_training_error_every_process_raises_is_said_once_per_node(monkeypatch
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert cli.run_command(["train", "run.yaml"]) == 2
     assert capsys.readouterr().err == ("error: --resume: refused\n" if printed else "")
+
+
+@pytest.mark.parametrize("command,package", [("serve", "fastapi"), ("ui", "fastapi"), ("serve", "uvicorn")])
+def test_serve_and_ui_without_the_serve_extra_say_what_to_install(command, package, tmp_path):
+    """fastapi and uvicorn are the optional `serve` extra: without them `loraforge serve` and `loraforge ui` ended
+    in a ModuleNotFoundError traceback. Where importing the package fails as a missing one does, the command exits
+    2 with one line naming the command, the package and the install; any other missing module is still raised."""
+    import subprocess
+    import sys
+
+    from loraforge.cli import missing_extra
+
+    blocker = tmp_path / package
+    blocker.mkdir()
+    missing = f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n"
+    (blocker / "__init__.py").write_text(missing)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "loraforge.cli", command], capture_output=True, text=True,
+                          env=env, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: loraforge {command} needs {package}, which is not "
+                                                     f"installed here: pip install 'loraforge[serve]'")
+    assert "Traceback" not in proc.stderr
+    assert missing_extra("serve", ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")) is None
