@@ -6,7 +6,7 @@
 # FSDP smoke run; then one table of it all (bench/gpu_summary.py).
 #
 #   bash bench/gpu.sh [WHEELS_DIR] [TOKENIZER_DIR]      # issue 17's set: ~8 min on an H200 (estimate)
-#   GPU_STEPS=all bash bench/gpu.sh ...                  # also the fast suite, compile, FSDP (+11 min)
+#   GPU_STEPS=all bash bench/gpu.sh ...                  # + suite, 1.1B demo rows, compile, FSDP (+12 min)
 #   GPU_STEPS="cuda-tests serve" bash bench/gpu.sh ...   # only the steps named
 #
 # Each step's limit comes from an H200 run (stop 52): a bench/train.py worker there spends ~15 s starting (imports,
@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LORAFORGE_CACHE=/tmp/lf-cache
 PY=${PYTHON:-python3}
 SUMMARY=()
-DEFAULT="cuda-tests train-135m train-1b train-1b-text qlora serve"
+DEFAULT="cuda-tests train-135m train-1b-text qlora serve"  # train-1b (demo rows): GPU_STEPS=all or named
 ONLY=${GPU_STEPS:-$DEFAULT}  # the steps to run; "all": every step
 [ "$ONLY" = all ] && ONLY=""
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, remember PASS/FAIL
@@ -52,9 +52,10 @@ $PY -c "from loraforge.precision import choose, detect; print(choose('auto', 'au
 
 step cuda-tests 75 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step suite 150 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
-# the built-in model's shape on the bench's three data shapes (demo, chat, packed text: 4 rows of 512), 6 workers;
+# the built-in model's shape on the bench's three data shapes (demo, chat, packed text: 4 rows of 512), 6 workers
+# (~31 s each on the H200's host with these steps);
 # the shared prefix (lf-prefix) is off on GPUs by default: stop 52 measured it slower there (2093 against 3849 tok/s)
-step train-135m 170 $PY bench/train.py --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
+step train-135m 200 $PY bench/train.py --dtypes auto --batch 16 --steps 6 --warmup 2 --rounds 1 \
   --variants peft,lf --json "$OUT/train-135m.json"
 { [ -z "$ONLY" ] || [[ " $ONLY " == *" train-1b"* ]]; } && [ ! -d /tmp/llama-1b ] && \
 $PY bench/synthetic.py --shape 1b --tokenizer "$TOKDIR" --out /tmp/llama-1b > "$OUT/synth-1b.log" 2>&1
@@ -62,7 +63,7 @@ step train-1b 80 $PY bench/train.py --model /tmp/llama-1b --dtypes auto --batch 
   --variants peft,lf --json "$OUT/train-1b.json"
 # the same 1.1B on packed text, 16 rows of 512 a step (--text-rows; --batch counts demo and chat examples only):
 # 8,192 tokens a step, enough work to keep the GPU busy
-step train-1b-text 90 $PY bench/train.py --model /tmp/llama-1b --shapes text --text-rows 16 --dtypes auto \
+step train-1b-text 110 $PY bench/train.py --model /tmp/llama-1b --shapes text --text-rows 16 --dtypes auto \
   --steps 6 --warmup 2 --rounds 1 --variants peft,lf --json "$OUT/train-1b-text.json"
 # LoRA and QLoRA in the precision the rule picks on a GPU (bf16); bench/qlora.py alone also runs the fp32 ones
 step qlora 90 $PY bench/qlora.py --steps 6 --runs lora-bf16 qlora-bf16 --json "$OUT/qlora.json"
