@@ -54,7 +54,10 @@ positions only; the same count for every trainer) per second, over the peak torc
 that dtype, measured in the same run: a speed in the units of the machine's peak. Matmul use: the FLOPs each
 trainer actually ran per second over the same peak: its padding and its head on every position (PEFT), less a
 prefix it ran once for all rows (loraforge). Where a trainer skips work the count includes (a shared prefix), its
-roofline can pass 100%; matmul use cannot.
+roofline can pass 100%; matmul use cannot. Ceiling (a line per data shape and precision under the table): the
+tokens/s of a step whose only cost were the frozen linears and the head (forward + input gradient: the part of the
+count that every trainer runs as large products) at that peak, and its ratio to the baseline. No trainer that runs
+those products passes it, except by skipping counted work (a shared prefix).
 
 Precision: --dtypes auto (the default) is what loraforge.precision.choose picks on this device, resolved once
 (bf16 on CUDA >= 8.0 and on CPUs with AVX-512 BF16/AMX, fp16 with a gradient scaler on older GPUs, fp32 on a CPU
@@ -179,14 +182,27 @@ def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_con
     return decoder + head_rows * 4 * model_config.hidden_size * model_config.vocab_size
 
 
+def frozen_params(c) -> int:
+    """The weights of the decoder's linear layers: q, o, k, v, gate, up, down in every layer."""
+    h, inter = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    return c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+
+
 def row_flops(n: int, model_config, lora_params: int) -> float:
     """The decoder's FLOPs for the first n tokens of a row (no head): linears and causal attention."""
     c = model_config
-    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    kv = c.num_key_value_heads * (h // c.num_attention_heads)
-    frozen = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o, k, v, gate, up, down
-    linears = n * (4 * frozen + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
-    return linears + 3 * layers * 4 * h * n * (n + 1) / 2  # QKᵀ and AV over the causal triangle, fwd + 2× bwd
+    linears = n * (4 * frozen_params(c) + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
+    return linears + 3 * c.num_hidden_layers * 4 * c.hidden_size * n * (n + 1) / 2  # QKᵀ, AV: fwd + 2× bwd
+
+
+def frozen_flops(examples, model_config) -> float:
+    """The part of useful_flops that any trainer of these LoRA layers runs as large products: the frozen linears
+    (forward + dx) and the head (forward + dx, supervised positions). At the matmul peak, with nothing else taking
+    any time, no trainer's step could be faster: the table's ceiling."""
+    c = model_config
+    return sum(len(ex.input_ids) * 4 * frozen_params(c)
+               + sum(label != -100 for label in ex.labels[1:]) * 4 * c.hidden_size * c.vocab_size for ex in examples)
 
 
 def worker(args) -> dict:
@@ -275,7 +291,7 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    losses, real_tokens, flops, executed, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0, 0.0
+    losses, real_tokens, flops, executed, floor, seconds, sys_seconds = [], 0, 0.0, 0.0, 0.0, 0.0, 0.0
     for step in range(steps):
         micro = plan[step]
         sync()
@@ -313,6 +329,7 @@ def worker(args) -> dict:
             sys_seconds += resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
             real_tokens += sum(len(e.input_ids) for e in chosen)
             flops += useful_flops(chosen, model.config, lora_params)  # every trainable parameter is LoRA's
+            floor += frozen_flops(chosen, model.config)
             if trainer == "lf":
                 shapes = [(*b["input_ids"].shape, loss_fn.prefix_to_share(b),
                            b["labels"].numel() if opts.get("full_head") else int((b["labels"][:, 1:] != -100).sum()))
@@ -323,7 +340,8 @@ def worker(args) -> dict:
     held.close()
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,
             "train_peak_mb": train_peak,
-            "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds, "peak_mb": peak,
+            "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds,
+            "frozen_flops_per_s": floor / seconds, "peak_mb": peak,
             "rss_after_load_mb": rss_loaded, "allocator": allocator.loaded(),
             "losses": losses, "final_loss": losses[-1], "seconds": seconds, "sys_seconds": sys_seconds}
 
@@ -482,13 +500,15 @@ def main() -> None:
             window = [r["train_peak_mb"] for r in rs if r.get("train_peak_mb")]
             train_mb = f"{statistics.median(window):.0f}" if window else "-"
             roof = statistics.median(r["flops_per_s"] for r in rs) / peak
+            ceiling = statistics.median(r["tokens_per_s"] * peak / r["frozen_flops_per_s"] for r in rs)
             use = statistics.median(r["executed_flops_per_s"] for r in rs) / peak
             dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
             per_round = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base)]  # the same round's baseline
             row = {"shape": shape, "dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
                    "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
                    "max_loss_diff": dloss, "speedup_per_round": per_round,
-                   "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9}
+                   "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9,
+                   "ceiling_tokens_per_s": ceiling, "ceiling_speedup": ceiling / b_tps}
             table.append(row)
             label = f"{dtype} (auto)" if dtype == auto.compute and "auto" in asked else dtype
             print(f"| {shape} | {label} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
@@ -497,6 +517,10 @@ def main() -> None:
     for dtype in dtypes:
         print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
               f"(2048² torch.matmul, median of rounds)")
+    for row in (r for r in table if r["variant"] == variants[0]):
+        print(f"ceiling {row['shape']} {row['dtype']}: {row['ceiling_tokens_per_s']:.0f} tok/s = "
+              f"{row['ceiling_tokens_per_s'] / row['tokens_per_s']:.2f}× {variants[0]}, where nothing but the frozen "
+              f"linears and the head took time, at the matmul peak")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware, "dtypes_asked": asked, "dtypes": dtypes,
                                                "table": table, "raw": {f"{sh}/{v}/{d}": r for (sh, v, d), r in results.items()},

@@ -85,6 +85,26 @@ def test_profile_floor_timer_groups_products_and_counts_their_flops(monkeypatch)
     assert set(timer.seconds) == {"frozen linears + head", "LoRA products", "attention products", "other operators"}
 
 
+def test_train_bench_ceiling_counts_the_models_frozen_linears_and_head(monkeypatch):
+    """bench/train.py's ceiling FLOPs: forward + input gradient (4 per weight and token) of every decoder linear for
+    every token and of the head for the supervised ones, counted here from the model's own nn.Linear weights."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_llama
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train
+
+    model = tiny_llama(num_key_value_heads=1, intermediate_size=48)
+    linears = sum(m.weight.numel() for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    rows = [SimpleNamespace(input_ids=[0] * 7, labels=[-100] * 4 + [1] * 3),  # 3 supervised of the 6 shifted
+            SimpleNamespace(input_ids=[0] * 5, labels=[-100] + [1] * 4)]
+    expected = 4 * (12 * linears + 7 * model.lm_head.weight.numel())
+    assert train.frozen_flops(rows, model.config) == expected
+    assert train.frozen_flops(rows, model.config) < train.useful_flops(rows, model.config, lora_params=0)
+
+
 def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_dir, tmp_path):
     """One short round of bench/train.py on the tiny model, PEFT as the baseline and loraforge, on the shared-prefix
     and packed-text shapes: both workers run (each its own process, with the memory settings train() would use) and
@@ -100,6 +120,10 @@ def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_d
         (peft,), (ours,) = raw[f"{shape}/peft/fp32"], raw[f"{shape}/lf/fp32"]  # one round each
         assert len(peft["losses"]) == len(ours["losses"]) == 3  # the warm-up step and the two timed
         assert ours["losses"] == pytest.approx(peft["losses"], rel=1e-4), shape
+        for run in (peft, ours):  # the same ceiling for both: their step's frozen work over the same tokens
+            assert run["frozen_flops_per_s"] / run["tokens_per_s"] == pytest.approx(
+                peft["frozen_flops_per_s"] / peft["tokens_per_s"], rel=1e-9)
+    assert "ceiling demo fp32: " in proc.stdout and "ceiling text fp32: " in proc.stdout
 
     # bench/gpu.sh's one table (bench/gpu_summary.py) gives every row of that JSON, with its numbers
     (tmp_path / "summary.txt").write_text("train-tiny     PASS    12s  rc=0\n")

@@ -98,7 +98,7 @@ class _Once(logging.Filter):
 def import_bitsandbytes(needed_by: str = "4-bit and 8-bit layers"):
     """The bitsandbytes module (an optional dependency: the `quant` extra), imported without the notice above;
     its int8 matmul's per-call warning is said once per input dtype from then on. Not installed: a ConfigError
-    naming `needed_by` (the setting that asked for it, e.g. "model.quantization: nf4") and the install."""
+    naming `needed_by` (the setting that asked for it, e.g. "training.optimizer: adamw_8bit") and the install."""
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     quiet = _NoKernelHubNotice()
     logger.addFilter(quiet)
@@ -130,7 +130,7 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
     whose parameters must be floating point, as FSDP-QLoRA does). The same bytes either way.
     """
     _check_quantize(quantize)
-    bnb = import_bitsandbytes(f"model.quantization: {quantize}")
+    bnb = import_bitsandbytes(f"model.quantization (--quantize): {quantize}")
     check_cpu_widths([("the linear layer", linear)], quantize, device)
     weight = linear.weight.data.to(QUANTIZED_FROM)  # the same codes whatever the compute dtype
     bias = linear.bias.data if linear.bias is not None else None

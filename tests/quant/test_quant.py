@@ -447,5 +447,5 @@ def test_without_bitsandbytes_the_setting_that_needs_it_is_named(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     install = ("needs bitsandbytes, which is not installed here: pip install 'loraforge[quant]' "
                "(or pip install bitsandbytes)")
-    assert proc.stdout.splitlines() == [f"model.quantization: nf4 {install}",
+    assert proc.stdout.splitlines() == [f"model.quantization (--quantize): nf4 {install}",
                                         f"training.optimizer: adamw_8bit {install}"]
