@@ -21,7 +21,6 @@ cd "$(dirname "$0")/.."
 WHEELS=${1:-.gpu/whl}
 TOKDIR=${2:-.gpu/smollm2}
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 LORAFORGE_CACHE=/tmp/lf-cache
 PY=${PYTHON:-python3}
 SUMMARY=()
@@ -39,6 +38,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   SUMMARY+=("$(printf '%-14s %-5s %4ds  rc=%s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" $((SECONDS - t0)) $rc)")
 }
 
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
+  echo "bench/gpu.sh: torch ($PY) sees no CUDA GPU here; run it on a GPU machine (on a CPU: python bench/train.py," \
+       "bench/qlora.py and bench/serve.py)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
 if [ -d "$WHEELS" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }

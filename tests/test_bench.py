@@ -1,6 +1,7 @@
 """The benchmark scripts import, parse their arguments and follow the precision rule (their runs are not tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,19 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
 def test_bench_counts_below_one_and_a_missing_device_are_refused_by_name(script, args, message):
     out = subprocess.run([sys.executable, BENCH / f"{script}.py", *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_refuses_a_machine_without_cuda_at_once(tmp_path):
+    """bench/gpu.sh without a CUDA GPU used to run every step to a traceback and print a table of FAILs: now one line
+    and exit 2, before it installs or writes anything."""
+    out = tmp_path / "gpu-out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    proc = subprocess.run(["bash", BENCH / "gpu.sh", str(tmp_path / "no-wheels"), str(tmp_path / "no-tokenizer")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("bench/gpu.sh: torch (") and "sees no CUDA GPU here" in proc.stderr
+    assert not out.exists()
 
 
 def test_qlora_bench_runs_bf16_only_where_the_rule_picks_it(monkeypatch):
