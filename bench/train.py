@@ -85,6 +85,7 @@ sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
+from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
@@ -407,7 +408,8 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{variant}/{dtype}/{shape} failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"bench/train.py: the {variant} worker ({dtype}, {shape} data) failed (exit {proc.returncode}); "
+                     f"the end of its output:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -436,6 +438,12 @@ def main() -> None:
     p.add_argument("--dtype-one", help=argparse.SUPPRESS)
     p.add_argument("--shape-one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name, least in (("steps", 1), ("batch", 1), ("rounds", 1), ("text_rows", 1), ("warmup", 0), ("threads", 0),
+                        ("text_len", 8), ("pack_len", 8)):  # 8: data.max_seq_len's least
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.error(f"--micro-batch must be at least 1, got {args.micro_batch}")
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
@@ -444,6 +452,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
+    try:  # a missing folder or file: said here, not after the matmul peak inside the first worker
+        resolve_model(args.model)
+    except (FileNotFoundError, ModelFilesError, ModelDownloadError) as e:
+        p.error(f"--model: {e}")
     variants, asked, shape_names = args.variants.split(","), args.dtypes.split(","), args.shapes.split(",")
     for sh in shape_names:
         if sh not in data_shapes.SHAPES:

@@ -36,6 +36,10 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
     pytest.param("serve", ["--device", "cuda"], "--device cuda: torch sees no CUDA device here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     ("adapters_llamacpp", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    ("train", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("train", ["--text-len", "1"], "--text-len must be at least 8, got 1"),
+    ("train", ["--micro-batch", "0"], "--micro-batch must be at least 1, got 0"),
+    ("train", ["--model", "/nonexistent/model"], "--model: model '/nonexistent/model' not found: give a"),
     ("adapters_llamacpp", ["--clients", "-3"], "--clients must be at least 1, got -3"),
     ("detokenize", ["--tokens", "100,0"], "--tokens: every length must be a whole number of at least 1, got '0'"),
 ])
@@ -117,6 +121,23 @@ def test_train_bench_ceiling_counts_the_models_frozen_linears_and_head(monkeypat
     expected = 4 * (12 * linears + 7 * model.lm_head.weight.numel())
     assert train.frozen_flops(rows, model.config) == expected
     assert train.frozen_flops(rows, model.config) < train.useful_flops(rows, model.config, lora_params=0)
+
+
+def test_train_bench_names_the_worker_that_failed(tiny_dir, tmp_path):
+    """A worker that fails (here: a model folder whose weights are gone) ends the bench with one message naming the
+    trainer, precision and data and the end of the worker's output, not a traceback of the bench's own."""
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_dir, broken)
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    args = ["--model", str(broken), "--shapes", "demo", "--variants", "peft,lf", "--dtypes", "fp32", "--rounds", "1",
+            "--steps", "1", "--warmup", "0", "--batch", "2"]
+    proc = subprocess.run([sys.executable, BENCH / "train.py", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "bench/train.py: the peft worker (fp32, demo data) failed (exit 1); the end of its output:" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("the end of its output:")[0]
 
 
 def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_dir, tmp_path):
