@@ -39,6 +39,7 @@ from serve import make_adapters, prompt  # noqa: E402
 
 from loraforge.export.gguf_lora import export_gguf_lora  # noqa: E402
 from loraforge.models import builtin_gguf_path, load_base  # noqa: E402
+from flags import at_least  # noqa: E402
 from loraforge.precision import choose  # noqa: E402
 from loraforge.serve import Engine  # noqa: E402
 from loraforge.serve.sampling import SamplingParams  # noqa: E402
@@ -116,9 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    for name in ("adapters", "clients", "tokens", "threads", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    at_least(parser, args, adapters=1, clients=1, tokens=1, threads=1, rounds=1)
     torch.set_num_threads(args.threads)
     precision = choose("auto", "auto", warn=False)
     storage = precision.storage if precision.storage in ("fp32", "bf16") else "fp32"

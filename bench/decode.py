@@ -35,6 +35,7 @@ from hardware import describe, header  # noqa: E402
 from loraforge.config import LoraConfig  # noqa: E402
 from loraforge.inference.greedy import greedy  # noqa: E402
 from loraforge.inference.llama import Decoder  # noqa: E402
+from flags import at_least  # noqa: E402
 from loraforge.lora.inject import inject, lora_layers  # noqa: E402
 from loraforge.models import builtin_gguf_path, load_base  # noqa: E402
 from loraforge.utils.hf import cache_argument  # noqa: E402
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where one fp32 decode step goes, per op")
     parser.add_argument("--heldout", action="store_true", help="only compare storages on the demo's held-out set")
     args = parser.parse_args()
+    at_least(parser, args, rounds=1, tokens=1, threads=1)
     torch.set_num_threads(args.threads)
     model, tok = load_base("smollm2-135m", dtype="fp32")
     model.eval()

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from flags import at_least  # noqa: E402
+
 
 def rss_mb() -> float:
     """Resident memory now (CPU), from /proc."""
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    at_least(p, args, nproc=1, steps=1, batch=1)
     if args.worker:
         return worker(args)
 

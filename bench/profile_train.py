@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from train import VARIANTS, matmul_peak  # noqa: E402
+from train import VARIANTS, check_counts, matmul_peak  # noqa: E402
 
 from loraforge.training.slab import hold_memory  # noqa: E402
 
@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--floor", action="store_true",
                    help="also time one more step by operator (no profiler) and print its matmul floor")
     args = p.parse_args()
+    check_counts(p, args, batch=1, text_rows=1, top=0, threads=0)
+    if args.variant not in VARIANTS:
+        p.error(f"--variant: unknown variant {args.variant!r}; choose from {', '.join(VARIANTS)}")
 
     import torch
     from torch.profiler import ProfilerActivity, profile

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 
+from flags import at_least
 from hardware import auto_precision, describe, header
 
 RUNS = {  # name: (method, base/compute dtype, quantization, gradient checkpointing, estimator dtype)
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write every measurement and the hardware here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this one and print JSON
     args = parser.parse_args()
+    at_least(parser, args, steps=2, batch_size=1, seq_len=2)  # the first step is not timed; a token and its next
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from flags import at_least
 
 from loraforge.lora.adapters import delete_adapter, save_adapter
 from loraforge.config import LoraConfig
@@ -282,6 +283,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1 (one round of every run), got {args.repeats}")
+    at_least(ap, args, clients=1, requests=1, max_tokens=1, rank=1, threads=1, system_tokens=1)
+    if not all(k.strip().isdigit() and int(k) >= 1 for k in args.adapters.split(",")):
+        ap.error(f"--adapters: every K must be a whole number of at least 1, got {args.adapters!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); leave --device "
                  "out to run the engine on the CPU")

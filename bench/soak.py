@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from flags import at_least
+
 KEY = "sk-soak"
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning there was", "Tell me about rivers",
            "Numbers: 1, 2, 3,", "A list of fruits:"]
@@ -266,6 +268,7 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=30, help="seconds between RSS samples")
     ap.add_argument("--warmup", type=float, default=120, help="seconds of traffic before growth is measured")
     args = ap.parse_args()
+    at_least(ap, args, minutes=0.01, clients=1, adapters=1, max_loaded=1, max_queue=1, threads=1, every=0.1, warmup=0)
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         ready = ctx.Queue()

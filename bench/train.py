@@ -84,6 +84,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
+from flags import at_least  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
@@ -412,6 +413,11 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
                      f"the end of its output:\n{proc.stderr[-3000:]}")
 
 
+def check_counts(parser: argparse.ArgumentParser, args, **least: int) -> None:
+    """flags.at_least for these counts, and row lengths (--text-len, --pack-len) of data.max_seq_len's least, 8."""
+    at_least(parser, args, **least, text_len=8, pack_len=8)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trainer and round")
@@ -438,12 +444,7 @@ def main() -> None:
     p.add_argument("--dtype-one", help=argparse.SUPPRESS)
     p.add_argument("--shape-one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    for name, least in (("steps", 1), ("batch", 1), ("rounds", 1), ("text_rows", 1), ("warmup", 0), ("threads", 0),
-                        ("text_len", 8), ("pack_len", 8)):  # 8: data.max_seq_len's least
-        if getattr(args, name) < least:
-            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    if args.micro_batch is not None and args.micro_batch < 1:
-        p.error(f"--micro-batch must be at least 1, got {args.micro_batch}")
+    check_counts(p, args, steps=1, batch=1, micro_batch=1, rounds=1, text_rows=1, warmup=0, threads=0)
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")

@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flags import at_least  # noqa: E402
 from loraforge.lora.adapters import load_adapter  # noqa: E402
 from loraforge.config import load_train_config  # noqa: E402
 from loraforge.training.evaluate import accuracy  # noqa: E402
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-variants")
     parser.add_argument("--override", action="append", default=[], help="section.field=value, e.g. lora.r=8")
     args = parser.parse_args()
+    at_least(parser, args, max_steps=1, eval_limit=1)
 
     rows = []
     start = time.perf_counter()
