@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hardware  # noqa: E402
+from flags import whole_numbers  # noqa: E402
 from loraforge.models import load_tokenizer  # noqa: E402
 from loraforge.serve.detokenize import TextStream  # noqa: E402
 
@@ -26,11 +27,7 @@ def main() -> None:
     p.add_argument("--tokens", default="100,1000,4000", help="comma-separated output lengths")
     p.add_argument("--model", default="smollm2-135m", help="whose tokenizer")
     args = p.parse_args()
-    lengths = []
-    for n in args.tokens.split(","):
-        if not n.strip().isdigit() or int(n) < 1:
-            p.error(f"--tokens: every length must be a whole number of at least 1, got {n!r}")
-        lengths.append(int(n))
+    lengths = whole_numbers(p, "tokens", args.tokens, "length")
     tok = load_tokenizer(args.model)
     ids = tok((ROOT / "loraforge" / "assets" / "general_text.txt").read_text())["input_ids"]
     print(f"CPU {hardware.cpu_model() or 'unknown model'}; the tokenizer of {args.model} (tokenizers, in Python's thread)")

@@ -13,3 +13,14 @@ def at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, **least:
         value = getattr(args, name)
         if value is not None and value < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def whole_numbers(parser: argparse.ArgumentParser, flag: str, text: str, what: str) -> list[int]:
+    """The comma-separated whole numbers of at least 1 in `text` (the value of --flag); parser.error naming the first
+    that is not one, as "every <what> must be ..."."""
+    numbers = []
+    for item in text.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            parser.error(f"--{flag}: every {what} must be a whole number of at least 1, got {item!r}")
+        numbers.append(int(item))
+    return numbers

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from flags import at_least
+from flags import at_least, whole_numbers
 
 from loraforge.lora.adapters import delete_adapter, save_adapter
 from loraforge.config import LoraConfig
@@ -284,13 +284,11 @@ def main() -> None:
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1 (one round of every run), got {args.repeats}")
     at_least(ap, args, clients=1, requests=1, max_tokens=1, rank=1, threads=1, system_tokens=1)
-    if not all(k.strip().isdigit() and int(k) >= 1 for k in args.adapters.split(",")):
-        ap.error(f"--adapters: every K must be a whole number of at least 1, got {args.adapters!r}")
+    ks = whole_numbers(ap, "adapters", args.adapters, "K")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); leave --device "
                  "out to run the engine on the CPU")
     torch.set_num_threads(args.threads)
-    ks = [int(k) for k in args.adapters.split(",")]
     # the engine decodes in the dtype the base is stored in
     precision = choose(args.dtype, "auto", device=args.device, training=False)
     print(precision.line())

@@ -45,7 +45,7 @@ def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
     ("distributed", ["--nproc", "0"], "--nproc must be at least 1, got 0"),
     ("variants", ["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
     ("serve", ["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
-    ("serve", ["--adapters", "1,0"], "--adapters: every K must be a whole number of at least 1, got '1,0'"),
+    ("serve", ["--adapters", "1,0"], "--adapters: every K must be a whole number of at least 1, got '0'"),
     ("soak", ["--clients", "0"], "--clients must be at least 1, got 0"),
     ("train", ["--text-len", "1"], "--text-len must be at least 8, got 1"),
     ("train", ["--micro-batch", "0"], "--micro-batch must be at least 1, got 0"),
