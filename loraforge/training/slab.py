@@ -70,6 +70,12 @@ def hold_memory(held: contextlib.ExitStack, model: nn.Module, reuse: bool | str,
     return None
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The storage elements [first, last) that a strided tensor with at least one element reads."""
+    first = t.storage_offset()
+    return first, first + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
 class ActivationSlab:
     """Copies of the tensors autograd saves (saved_tensors_hooks), in chunks of one buffer; see the module docstring."""
 
@@ -78,8 +84,10 @@ class ActivationSlab:
         self._kept = {t.untyped_storage().data_ptr() for t in chain(model.parameters(), model.buffers())}
         self.chunk = chunk
         self.chunks: list[torch.Tensor] = []  # uint8; each is mmapped by the C library (over its mmap threshold)
-        self._at = (0, 0)  # (chunk, byte offset) where the next copy goes
+        self._used: list[int] = []  # bytes taken in each chunk by this forward's copies
         self._copies: dict = {}  # storage pointer, offset, shape, stride, dtype -> (storage weakref, version, copy)
+        # storage pointer, dtype -> (storage weakref, version, first element, flat copy of the elements from there)
+        self._spans: dict = {}
         self.trim = trim  # hand the heap's free pages back every TRIM_EVERY bytes of activations
         self._moved = 0  # bytes packed or unpacked since the heap was last trimmed
 
@@ -90,37 +98,57 @@ class ActivationSlab:
     @contextlib.contextmanager
     def saving(self):
         """Pack the saved tensors of the forward run inside into the chunks, from the first one on."""
-        self._at = (0, 0)
+        self._used = [0] * len(self.chunks)
         self._copies.clear()
+        self._spans.clear()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
             self._copies.clear()  # the bookkeeping only; the copies live on in the graph
+            self._spans.clear()
+
+    @property
+    def used(self) -> int:
+        """Bytes the copies of the forward under saving() take (each rounded up to ALIGN)."""
+        return sum(self._used)
 
     def _place(self, nbytes: int) -> torch.Tensor:
-        """nbytes of the chunks, after the last copy (a chunk is added when none has room)."""
-        i, offset = self._at
-        while i < len(self.chunks) and offset + nbytes > self.chunks[i].numel():
-            i, offset = i + 1, 0
+        """nbytes of the chunks: in the first chunk with room, so that a chunk's end that a large copy did not fit
+        takes later small ones (SmolLM2, fp32, 4 packed 512-token rows: 1,302 MB of copies in 21 chunks instead of 23);
+        a chunk is added when none has room."""
+        i = next((i for i, c in enumerate(self.chunks) if self._used[i] + nbytes <= c.numel()), len(self.chunks))
         if i == len(self.chunks):
             self.chunks.append(torch.empty(max(self.chunk, nbytes), dtype=torch.uint8))
-        self._at = (i, offset + -(-nbytes // ALIGN) * ALIGN)
+            self._used.append(0)
+        offset = self._used[i]
+        self._used[i] = offset + -(-nbytes // ALIGN) * ALIGN
         return self.chunks[i][offset:offset + nbytes]
 
     def _pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
         if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided or nbytes < SMALLEST
-                or t.untyped_storage().data_ptr() in self._kept):
+                or t.numel() == 0 or t.untyped_storage().data_ptr() in self._kept):
             return t
         storage = t.untyped_storage()
+        first, last = _span(t)
+        spans = self._spans.get((storage.data_ptr(), t.dtype))  # a contiguous tensor copied before, its layout kept
+        if spans is not None and spans[0]() is storage and spans[1] == t._version and \
+                spans[2] <= first and last <= spans[2] + spans[3].numel():
+            # another view of those values (a norm's output (B, T, H) and the next linear's input (B·T, H), or the
+            # same tensor saved by q, k and v): a view of the same copy, not a second one
+            flat = spans[3]
+            return flat.as_strided(t.shape, t.stride(), flat.storage_offset() + first - spans[2])
         key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        seen = self._copies.get(key)  # the same tensor saved twice (q, k and v read one input): one copy
+        seen = self._copies.get(key)  # a strided tensor saved twice: one copy
         if seen is not None and seen[0]() is storage and seen[1] == t._version:
             return seen[2]
         copy = self._place(nbytes).view(t.dtype).view(t.shape)
         copy.copy_(t)
-        self._copies[key] = (weakref.ref(storage), t._version, copy)
+        if t.is_contiguous():  # its copy has the storage's layout from `first` on: views within it can share it
+            self._spans[(storage.data_ptr(), t.dtype)] = (weakref.ref(storage), t._version, first, copy.view(-1))
+        else:
+            self._copies[key] = (weakref.ref(storage), t._version, copy)
         self._trim_now_and_then(nbytes)
         return copy
 
