@@ -606,8 +606,8 @@ class TrainingConfig:
     bit for bit. true: also hand the heap's free pages back to the system every 256 MiB of activations: the lowest
     peak (packed 512-token rows of the built-in model: fp32 0.41x PEFT's against 0.59x, bf16 0.39x against 0.47x)
     at 8-10% less speed (bench/train.py's lf-buffer), without training.reuse_memory. auto: the copies alone where
-    training.reuse_memory keeps the heap for the run (packed rows): the same speed at a lower peak (fp32 0.89x,
-    bf16 0.99x of the peak without; lf-nobuffer); elsewhere off. README, "Memory on CPU". Not on GPUs, under FSDP
+    training.reuse_memory keeps the heap for the run (packed rows): the same speed at a lower peak (fp32 0.79x,
+    bf16 0.93x of the peak without; lf-nobuffer); elsewhere off. README, "Memory on CPU". Not on GPUs, under FSDP
     or training.compile; under jemalloc (which reuses its holes itself) true only copies."""
     reuse_memory: bool | Literal["auto"] = "auto"
     """CPU on glibc: for the run, large blocks come from the C library's heap and the heap is not trimmed, so the
