@@ -70,6 +70,17 @@ def hold_memory(held: contextlib.ExitStack, model: nn.Module, reuse: bool | str,
     return None
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill [first, first + numel) of its storage once each: its strides, smallest first, are
+    those of a contiguous tensor (a transpose is; a slice with gaps or an expanded dimension is not)."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The storage elements [first, last) that a strided tensor with at least one element reads."""
     first = t.storage_offset()
@@ -132,7 +143,7 @@ class ActivationSlab:
             return t
         storage = t.untyped_storage()
         first, last = _span(t)
-        spans = self._spans.get((storage.data_ptr(), t.dtype))  # a contiguous tensor copied before, its layout kept
+        spans = self._spans.get((storage.data_ptr(), t.dtype))  # a dense tensor copied before, its layout kept
         if spans is not None and spans[0]() is storage and spans[1] == t._version and \
                 spans[2] <= first and last <= spans[2] + spans[3].numel():
             # another view of those values (a norm's output (B, T, H) and the next linear's input (B·T, H), or the
@@ -140,14 +151,17 @@ class ActivationSlab:
             flat = spans[3]
             return flat.as_strided(t.shape, t.stride(), flat.storage_offset() + first - spans[2])
         key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        seen = self._copies.get(key)  # a strided tensor saved twice: one copy
+        seen = self._copies.get(key)  # a tensor with gaps saved twice: one copy
         if seen is not None and seen[0]() is storage and seen[1] == t._version:
             return seen[2]
-        copy = self._place(nbytes).view(t.dtype).view(t.shape)
-        copy.copy_(t)
-        if t.is_contiguous():  # its copy has the storage's layout from `first` on: views within it can share it
-            self._spans[(storage.data_ptr(), t.dtype)] = (weakref.ref(storage), t._version, first, copy.view(-1))
-        else:
+        flat = self._place(nbytes).view(t.dtype)
+        if _dense(t):  # contiguous or a permutation of it: the copy keeps its strides, so
+            # the backward's kernels see the layout they would have seen (a transposed operand given contiguous
+            # takes another product path: other roundings), and its views can share the copy
+            copy = flat.as_strided(t.shape, t.stride(), flat.storage_offset()).copy_(t)
+            self._spans[(storage.data_ptr(), t.dtype)] = (weakref.ref(storage), t._version, first, flat)
+        else:  # gaps between its elements (a slice): copied compactly
+            copy = flat.view(t.shape).copy_(t)
             self._copies[key] = (weakref.ref(storage), t._version, copy)
         self._trim_now_and_then(nbytes)
         return copy

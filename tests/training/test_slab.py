@@ -23,21 +23,27 @@ def every_tensor(monkeypatch):
     monkeypatch.setattr(slab_module, "SMALLEST", 0)
 
 
-def _model(checkpointing=False):
+def _model(checkpointing=False, kind="fused"):
+    """The tiny model with LoRA on every linear. kind: fused (loraforge's kernels and lean attention, as training
+    runs on CPU), plain (LoRA through autograd, transformers' modules and eager attention), dora (use_dora, plain)."""
     model = tiny_llama(seed=0)
-    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "default")
-    for _, layer in lora_layers(model):
-        layer.fused = True
-    install(model)
-    model.set_attn_implementation(register_attention())
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                             use_dora=kind == "dora"), "default")
+    if kind == "fused":
+        for _, layer in lora_layers(model):
+            layer.fused = True
+        install(model)
+        model.set_attn_implementation(register_attention())
+    else:
+        model.set_attn_implementation("eager")
     if checkpointing:
         model.gradient_checkpointing_enable()
     return model.train()
 
 
-def _steps(slab_of, dtype=torch.float32, checkpointing=False, steps=3, micro=2):
+def _steps(slab_of, dtype=torch.float32, checkpointing=False, steps=3, micro=2, kind="fused"):
     """Losses and the final LoRA weights after `steps` AdamW steps of `micro` micro-batches each."""
-    model = _model(checkpointing)
+    model = _model(checkpointing, kind)
     slab = slab_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -67,6 +73,18 @@ def test_the_buffer_gives_the_plain_paths_numbers_bit_for_bit(every_tensor, dtyp
         assert torch.equal(got, want)
     if not checkpointing:  # (checkpointed layers keep only their inputs: the buffer holds little)
         assert slab.nbytes > 0 and (len(slab.chunks) > 1) == (chunk < 1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["plain", "dora"])
+def test_the_buffer_gives_the_plain_paths_numbers_through_autograds_own_layers(every_tensor, dtype, kind):
+    """Without loraforge's kernels autograd saves many views (transposes, reshapes, slices of q, k and v): the
+    buffer, sharing one copy among them, still gives the same losses and adapters bit for bit, with DoRA too."""
+    plain_losses, plain_params, _ = _steps(lambda m: None, dtype, kind=kind)
+    losses, params, slab = _steps(lambda m: ActivationSlab(m, chunk=1 << 14), dtype, kind=kind)
+    assert losses == plain_losses and slab.nbytes > 0
+    for got, want in zip(params, plain_params):
+        assert torch.equal(got, want)
 
 
 def test_a_tensor_saved_twice_is_copied_once_and_a_later_one_at_its_address_is_not_taken_for_it(every_tensor):
@@ -106,6 +124,19 @@ def test_views_of_a_saved_tensor_share_its_copy(every_tensor):
         again = slab._pack(x.reshape(-1, 8))
         assert torch.equal(again, x.reshape(-1, 8)) and slab.used != used
         assert not torch.equal(packed[0], again)  # the first copy kept the values the graph saved
+
+
+def test_a_copy_keeps_the_layout_of_a_dense_tensor_and_packs_one_with_gaps(every_tensor):
+    """A transposed operand given to the backward contiguous would take another product path (other roundings): a
+    dense tensor's copy keeps its strides; a slice with gaps, or an expanded one, is copied compactly."""
+    slab = ActivationSlab(torch.nn.Linear(2, 2))
+    with slab.saving():
+        cases = [(lambda x: x.transpose(0, 2), (1, 4, 32)), (lambda x: x.permute(1, 2, 0), (4, 1, 32)),
+                 (lambda x: x[:, ::2], (16, 4, 1)), (lambda x: x[0, :, :1].expand(8, 5), (5, 1))]
+        for view, strides in cases:
+            t = view(torch.randn(6, 8, 4))  # a tensor of its own each: nothing copied before to share
+            copy = slab._pack(t)
+            assert torch.equal(copy, t) and copy.stride() == strides and copy.data_ptr() != t.data_ptr()
 
 
 def test_a_small_copy_takes_the_room_a_large_one_left_in_an_earlier_chunk(every_tensor):
