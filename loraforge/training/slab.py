@@ -22,7 +22,7 @@ without the kept activations among them it stays smaller. bench/train.py, 4 pack
 
 The copies are exact (same dtype, same values, and a dense tensor's strides, so the backward's kernels take the
 paths they would have taken), so losses and gradients equal the plain path's bit for bit. A tensor saved again, or
-any view of a copied one (a norm's output and the next linear's reshaped input), shares its copy. A
+any view inside a dense one copied (a norm's output and the next linear's reshaped input), shares its copy. A
 forward that keeps more than the chunks hold adds one; every forward fills them from the first. So a forward must be
 followed by its backward before the next forward under saving(): a graph kept with retain_graph across forwards
 would read overwritten activations. Weights and buffers, tensors under 64 kB, and any tensor not a plain strided
