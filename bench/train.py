@@ -53,11 +53,12 @@ gradient, LoRA forward + both gradients, causal attention, the head forward + in
 positions only; the same count for every trainer) per second, over the peak torch.matmul rate of this machine in
 that dtype, measured in the same run: a speed in the units of the machine's peak. Matmul use: the FLOPs each
 trainer actually ran per second over the same peak: its padding and its head on every position (PEFT), less a
-prefix it ran once for all rows (loraforge). Where a trainer skips work the count includes (a shared prefix), its
-roofline can pass 100%; matmul use cannot. Ceiling (a line per data shape and precision under the table): the
-tokens/s of a step whose only cost were the frozen linears and the head (forward + input gradient: the part of the
-count that every trainer runs as large products) at that peak, and its ratio to the baseline. No trainer that runs
-those products passes it, except by skipping counted work (a shared prefix).
+prefix it ran once for all rows and with packed rows' attention sequence by sequence (loraforge). Where a trainer
+skips work the count includes (a shared prefix), its roofline can pass 100%; matmul use cannot. Ceiling (a line
+per data shape and precision under the table): the tokens/s of a step whose only cost were the frozen linears and
+the head (forward + input gradient: the part of the count that every trainer runs as large products) at that peak,
+and its ratio to the baseline. No trainer that runs those products passes it, except by skipping counted work (a
+shared prefix).
 
 Precision: --dtypes auto (the default) is what loraforge.precision.choose picks on this device, resolved once
 (bf16 on CUDA >= 8.0 and on CPUs with AVX-512 BF16/AMX, fp16 with a gradient scaler on older GPUs, fp32 on a CPU
@@ -88,6 +89,8 @@ from flags import at_least  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
+from loraforge import kernels as K  # noqa: E402
+from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_MAX_LENGTH  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
@@ -176,12 +179,29 @@ def useful_flops(examples, model_config, lora_params: int) -> float:
     return total
 
 
-def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_config, lora_params: int) -> float:
+def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_config, lora_params: int,
+                   sequences: list[int] | None = None) -> float:
     """The FLOPs a micro-batch of `rows` × `width` (padding included) runs when a `prefix` runs once for all rows
-    and the head runs on `head_rows` positions (gradient-checkpointing recomputation not counted)."""
+    and the head runs on `head_rows` positions (gradient-checkpointing recomputation not counted). `sequences`: the
+    lengths of the packed sequences where attention runs each on its own (loraforge's lean attention on packed rows),
+    whose causal attention replaces the whole rows'."""
     decoder = rows * row_flops(width, model_config, lora_params) - (rows - 1) * row_flops(prefix, model_config,
                                                                                           lora_params)
+    if sequences is not None:
+        decoder += sum(attention_flops(n, model_config) for n in sequences) - rows * attention_flops(width,
+                                                                                                  model_config)
     return decoder + head_rows * 4 * model_config.hidden_size * model_config.vocab_size
+
+
+def by_sequence(batch: dict, model) -> list[int] | None:
+    """The lengths of the sequences that loraforge's lean attention runs one by one in this batch (packed rows of
+    sequences up to fastpath.LEAN_MAX_LENGTH), as lean_attention_forward decides; None where it runs whole rows."""
+    if model.config._attn_implementation != LEAN_ATTENTION or "position_ids" not in batch:
+        return None
+    starts = K.segment_starts(batch["position_ids"])
+    if starts is None or K.longest_sequence(starts) > LEAN_MAX_LENGTH:
+        return None
+    return [end - start for row in starts for start, end in zip(row, row[1:])]
 
 
 def frozen_params(c) -> int:
@@ -193,9 +213,13 @@ def frozen_params(c) -> int:
 
 def row_flops(n: int, model_config, lora_params: int) -> float:
     """The decoder's FLOPs for the first n tokens of a row (no head): linears and causal attention."""
-    c = model_config
-    linears = n * (4 * frozen_params(c) + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
-    return linears + 3 * c.num_hidden_layers * 4 * c.hidden_size * n * (n + 1) / 2  # QKᵀ, AV: fwd + 2× bwd
+    linears = n * (4 * frozen_params(model_config) + 6 * lora_params)  # frozen: forward + dx; LoRA: forward + dx + dW
+    return linears + attention_flops(n, model_config)
+
+
+def attention_flops(n: int, c) -> float:
+    """Causal attention over n positions in every layer: QKᵀ and AV, forward and twice that backward."""
+    return 3 * c.num_hidden_layers * 4 * c.hidden_size * n * (n + 1) / 2
 
 
 def frozen_flops(examples, model_config) -> float:
@@ -299,11 +323,12 @@ def worker(args) -> dict:
         sync()
         sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime  # kernel time: page faults of fresh allocations
         t0 = time.perf_counter()
-        step_loss, shapes = 0.0, []  # shapes: (rows, width, shared prefix, rows through the head) per micro-batch
+        # shapes: (rows, width, shared prefix, rows through the head, sequences attended one by one) per micro-batch
+        step_loss, shapes = 0.0, []
         if trainer == "peft":  # the usual loop: mean loss per micro-batch, divided by the accumulation
             for rows, _ in micro:
                 batch = {k: v.to(device) for k, v in D.collate(rows, pad_id).items()}
-                shapes.append((*batch["input_ids"].shape, 0, batch["input_ids"].numel()))  # logits everywhere
+                shapes.append((*batch["input_ids"].shape, 0, batch["input_ids"].numel(), None))  # logits everywhere
                 with autocast:
                     loss = model(**batch, use_cache=False).loss / len(micro)
                 scaler.scale(loss).backward()
@@ -334,9 +359,10 @@ def worker(args) -> dict:
             floor += frozen_flops(chosen, model.config)
             if trainer == "lf":
                 shapes = [(*b["input_ids"].shape, loss_fn.prefix_to_share(b),
-                           b["labels"].numel() if opts.get("full_head") else int((b["labels"][:, 1:] != -100).sum()))
-                          for b in batches]
-            executed += sum(executed_flops(*shape, model.config, lora_params) for shape in shapes)
+                           b["labels"].numel() if opts.get("full_head") else int((b["labels"][:, 1:] != -100).sum()),
+                           by_sequence(b, model)) for b in batches]
+            executed += sum(executed_flops(rows, width, prefix, head, model.config, lora_params, sequences)
+                            for rows, width, prefix, head, sequences in shapes)
     peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU
     train_peak = window_peak_rss_mb() if window else None
     held.close()
