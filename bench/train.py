@@ -90,7 +90,7 @@ from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
-from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_MAX_LENGTH  # noqa: E402
+from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_MAX_LENGTH  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
@@ -195,8 +195,9 @@ def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_con
 
 def by_sequence(batch: dict, model) -> list[int] | None:
     """The lengths of the sequences that loraforge's lean attention runs one by one in this batch (packed rows of
-    sequences up to fastpath.LEAN_MAX_LENGTH), as lean_attention_forward decides; None where it runs whole rows."""
-    if model.config._attn_implementation != LEAN_ATTENTION or "position_ids" not in batch:
+    sequences up to fastpath.LEAN_MAX_LENGTH), as lean_attention_forward decides; None where it runs whole rows
+    (lean_masked, bench/train.py's lf-noseg, or another attention). lean_keep (lf-keepprobs) runs them one by one."""
+    if model.config._attn_implementation not in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION) or "position_ids" not in batch:
         return None
     starts = K.segment_starts(batch["position_ids"])
     if starts is None or K.longest_sequence(starts) > LEAN_MAX_LENGTH:

@@ -143,7 +143,7 @@ def test_packed_rows_count_the_attention_that_runs_sequence_by_sequence(monkeypa
     from helpers import tiny_llama
 
     from loraforge.training import data as D
-    from loraforge.training.fastpath import register_attention
+    from loraforge.training.fastpath import LEAN_KEEP_ATTENTION, LEAN_MASKED_ATTENTION, register_attention
 
     examples = [D.Example([1] * n, [1] * n) for n in (5, 3, 4, 6)]
     batch = D.collate(D.pack(examples, 9), pad_id=0)
@@ -153,6 +153,10 @@ def test_packed_rows_count_the_attention_that_runs_sequence_by_sequence(monkeypa
     model.set_attn_implementation(register_attention())
     sequences = train.by_sequence(batch, model)
     assert sorted(sequences) == [3, 4, 5, 6]
+    model.set_attn_implementation(LEAN_KEEP_ATTENTION)  # lf-keepprobs: one by one too
+    assert train.by_sequence(batch, model) == sequences
+    model.set_attn_implementation(LEAN_MASKED_ATTENTION)  # lf-noseg: whole rows with their mask
+    assert train.by_sequence(batch, model) is None
     head = sum(n - 1 for n in (5, 3, 4, 6))
     useful = train.useful_flops(examples, model.config, lora_params=10)
     assert train.executed_flops(2, 9, 0, head, model.config, 10, sequences) == pytest.approx(useful, rel=1e-12)
