@@ -84,7 +84,9 @@ class CausalLMLoss(nn.Module):
 
     def _sharing(self, batch: dict[str, torch.Tensor], backbone: nn.Module):
         """(prefix length, the empty cache its keys and values go into), or (0, None): every row runs in full."""
-        prefix = shared_prefix(batch) if self.share_prefix else 0
+        if not self.share_prefix or torch.compiler.is_compiling():  # compiled: reading P is a graph break
+            return 0, None
+        prefix = shared_prefix(batch)
         if (batch["input_ids"].shape[0] - 1) * prefix < MIN_SHARED_TOKENS or not _can_share(self.model, batch):
             return 0, None
         cache = prefix_cache(backbone)
@@ -123,8 +125,6 @@ def shared_prefix(batch: dict[str, torch.Tensor]) -> int:
 def _can_share(model: nn.Module, batch: dict) -> bool:
     """False where sharing the prefix would change the math (see the module docstring)."""
     if set(batch) - {"input_ids", "attention_mask", "labels"}:
-        return False
-    if torch.compiler.is_compiling():  # dynamo fails on the cache's bookkeeping
         return False
     if model.training and torch.is_grad_enabled():
         config = getattr(model, "config", None)
