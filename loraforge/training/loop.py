@@ -58,7 +58,7 @@ from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, finge
                                       sources_report)
 from loraforge.training.optim import make_optimizer
 from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
-from loraforge.training.slab import ActivationSlab, hold_memory
+from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, plain_modes
@@ -453,6 +453,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
             print(left_out, flush=True)
         if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing
             print(memory_line, flush=True)
+        for line in unused_settings(t.reuse_memory, t.activation_buffer, device, run.pack, run.sharded, t.compile):
+            print(f"note: {line}", flush=True)
         if "sources" in data_stats:
             print(sources_report(mixture, data_stats), flush=True)
         first = make_batch(train_examples, first_epoch[0], cfg, run.pad_id, run.pack)

@@ -58,6 +58,25 @@ def uses_buffer(setting: bool | str, device: torch.device, sharded: bool = False
     return wanted and device.type == "cpu" and not sharded and not compiled
 
 
+def unused_settings(reuse: bool | str, buffer: bool | str, device: torch.device, packed: bool,
+                    sharded: bool = False, compiled: bool = False) -> list[str]:
+    """One line for each of training.reuse_memory and training.activation_buffer set to true that this run leaves
+    off, with why (hold_memory resolves them silently: auto is off there by design, a true was asked for)."""
+    lines = []
+    if buffer is True and not uses_buffer(buffer, device, sharded, compiled):
+        why = ("on a GPU (its caching allocator does not fragment so)" if device.type != "cpu" else
+               "under FSDP (its gathers take the heap's holes)" if sharded else
+               "under training.compile (which traces the saved tensors itself)")
+        lines.append(f"training.activation_buffer: true is off {why}; set it to auto to drop this line")
+    if reuse is True and not allocator.reuses_memory(reuse, device.type, packed, sharded, buffered=buffer is True):
+        name = allocator.loaded()
+        why = ("on a GPU" if device.type != "cpu" else "under FSDP (it holds the heap's threshold low)" if sharded
+               else "with training.activation_buffer: true (which trims the heap)" if buffer is True else
+               f"under {name}, which reuses freed memory itself" if name != "libc" else "without glibc")
+        lines.append(f"training.reuse_memory: true is off {why}; set it to auto to drop this line")
+    return lines
+
+
 def hold_memory(held: contextlib.ExitStack, model: nn.Module, reuse: bool | str, buffer: bool | str,
                 device: torch.device, packed: bool, sharded: bool = False,
                 compiled: bool = False) -> ActivationSlab | None:

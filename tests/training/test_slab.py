@@ -13,7 +13,7 @@ from loraforge.lora.inject import inject, lora_layers
 from loraforge.training import slab as slab_module
 from loraforge.training.fastpath import install, register_attention
 from loraforge.training.loop import train
-from loraforge.training.slab import ActivationSlab, uses_buffer
+from loraforge.training.slab import ActivationSlab, unused_settings, uses_buffer
 from loraforge.utils import allocator
 
 
@@ -167,6 +167,33 @@ def test_the_buffer_is_for_cpu_training_outside_fsdp_and_compile():
     assert not uses_buffer("auto", cuda, reuses=True) and not uses_buffer(False, cpu, reuses=True)
     assert not uses_buffer("auto", cpu, sharded=True, reuses=True)
     assert not uses_buffer("auto", cpu, compiled=True, reuses=True)
+
+
+def test_a_true_the_run_leaves_off_is_said(tiny_dir, data_file, tmp_path, capsys, monkeypatch):
+    """training.activation_buffer or training.reuse_memory set to true where the run resolves it off (a GPU, FSDP,
+    training.compile, another allocator) was silently off: one line each says so and why; auto and false say
+    nothing."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert unused_settings("auto", "auto", cuda, True) == [] and unused_settings(False, False, cpu, True) == []
+    assert unused_settings(True, "auto", cpu, packed=False) == []  # true on glibc: on
+    assert unused_settings("auto", True, cpu, True) == []
+    on_gpu = unused_settings(True, True, cuda, True)
+    assert [line.split(":")[0] for line in on_gpu] == ["training.activation_buffer", "training.reuse_memory"]
+    assert all("is off on a GPU" in line for line in on_gpu), on_gpu
+    assert "under FSDP" in unused_settings("auto", True, cpu, True, sharded=True)[0]
+    assert "under training.compile" in unused_settings("auto", True, cpu, True, compiled=True)[0]
+    monkeypatch.setattr(allocator, "loaded", lambda: "jemalloc")
+    assert unused_settings(True, "auto", cpu, True) == ["training.reuse_memory: true is off under jemalloc, which "
+                                                        "reuses freed memory itself; set it to auto to drop this line"]
+    monkeypatch.undo()
+    # a run: activation_buffer true (it trims the heap) turns reuse_memory off, and the run says so
+    train(load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
+                                   f"output_dir={tmp_path / 'run'}", "lora.r=4", "training.max_steps=1",
+                                   "training.precision=fp32", "training.activation_buffer=true",
+                                   "training.reuse_memory=true"]), progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: training.")]
+    assert notes == ["note: training.reuse_memory: true is off with training.activation_buffer: true (which trims "
+                     "the heap); set it to auto to drop this line"], notes
 
 
 def test_a_run_with_the_buffer_writes_the_adapter_of_a_run_without(every_tensor, tiny_dir, data_file, tmp_path,
