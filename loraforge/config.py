@@ -591,8 +591,9 @@ class TrainingConfig:
     512. PyTorch's CPU flash-attention backward is slow on short rows
     (bench/train.py compares them); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
-    """torch.compile the model and loss (inductor). Lean attention runs as it is; the loss shares no prompt prefix.
-    On CPU it did not pay (0.44-0.96x of the eager step's speed in bench/train.py, README, performance); worth
+    """torch.compile the model and loss (inductor). Lean attention runs eagerly, outside the compiled graph; the
+    loss shares no prompt prefix.
+    On CPU it did not pay (0.44-0.96x of the eager step's speed in bench/train.py; README, performance); worth
     trying on GPUs and long runs."""
     fused_blocks: bool = True
     """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes

@@ -131,7 +131,7 @@ def _is_silu(act) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
-@torch.compiler.disable  # under training.compile it runs as it is: its loop over a batch's sequence starts (read
+@torch.compiler.disable  # under training.compile it runs eagerly: its loop over a batch's sequence starts (read
 # from the position ids) would be a graph break with dynamo's warning and a recompile for each batch's starts
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,

@@ -228,7 +228,7 @@ def test_compiled_training_ends_with_the_same_adapter(tiny_dir, data_file, tmp_p
         assert "Graph break" not in said.err
     # fp32; inductor fuses and reorders reductions, so equal to rounding (3 Adam steps amplify it a little)
     assert_same_adapter(runs[True], runs[False], atol=1e-4)
-    # the breaks left: selecting the supervised rows (a data-dependent shape) and lean attention, run as it is
+    # the breaks left: selecting the supervised rows (a data-dependent shape) and lean attention, run eagerly
     expected = ("aten.nonzero", "function `<function lean_attention_forward")
     assert all(any(e in reason for e in expected) for reason in counters["graph_break"]), counters["graph_break"]
 
