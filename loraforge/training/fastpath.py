@@ -131,8 +131,6 @@ def _is_silu(act) -> bool:
     return isinstance(act, (nn.SiLU, SiLUActivation))
 
 
-@torch.compiler.disable  # under training.compile it runs eagerly: its loop over a batch's sequence starts (read
-# from the position ids) would be a graph break with dynamo's warning and a recompile for each batch's starts
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                            by_sequence: bool = True, keep_probs: bool = False, **kwargs):
@@ -141,6 +139,9 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     recomputes the probabilities, except for unpacked rows up to KEEP_PROBS_MAX_LENGTH or where keep_probs is True.
     Rows longer than LEAN_MAX_LENGTH go to transformers' SDPA, unless packed of sequences no longer than it (whose
     attention is Σ Lᵢ², not T²); by_sequence=False (the whole-row-mask ablation) keeps every row here."""
+    if torch.compiler.is_compiling():  # training.compile: run eagerly (_uncompiled), outside the graph
+        return _uncompiled(module, query, key, value, attention_mask, scaling, dropout, by_sequence, keep_probs,
+                           **kwargs)
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
@@ -158,6 +159,11 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     out = K.attention(query, key, value, attention_mask, scaling, keep)  # (B, H, L, D)
     return out.transpose(1, 2).contiguous(), None
 
+
+# Under training.compile lean attention runs eagerly: its loop over a batch's sequence starts (read from the position
+# ids) would be a graph break with dynamo's warning and a compile for each batch's starts. Eager calls skip the
+# wrapper.
+_uncompiled = torch.compiler.disable(lean_attention_forward)
 
 _last_check: tuple = (None, None, None)  # (mask, position ids) as weak references, and their sequence starts
 
