@@ -90,7 +90,7 @@ from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
-from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_MAX_LENGTH  # noqa: E402
+from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, runs_by_sequence  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
@@ -200,7 +200,7 @@ def by_sequence(batch: dict, model) -> list[int] | None:
     if model.config._attn_implementation not in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION) or "position_ids" not in batch:
         return None
     starts = K.segment_starts(batch["position_ids"])
-    if starts is None or K.longest_sequence(starts) > LEAN_MAX_LENGTH:
+    if not runs_by_sequence(starts):
         return None
     return [end - start for row in starts for start, end in zip(row, row[1:])]
 

@@ -147,7 +147,7 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]
     starts = _packed_starts(attention_mask, kwargs.get("position_ids"), length, kv_length) if by_sequence else None
-    if starts is not None and K.longest_sequence(starts) <= LEAN_MAX_LENGTH:
+    if runs_by_sequence(starts):
         return K.packed_attention(query, key, value, starts, scaling, keep_probs).transpose(1, 2).contiguous(), None
     if by_sequence and kv_length > LEAN_MAX_LENGTH:  # T² scores at once would cost more than SDPA's tiles
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -158,6 +158,12 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     keep = keep_probs or kv_length <= KEEP_PROBS_MAX_LENGTH
     out = K.attention(query, key, value, attention_mask, scaling, keep)  # (B, H, L, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def runs_by_sequence(starts: list[list[int]] | None) -> bool:
+    """Whether lean attention runs packed rows with these sequence starts (kernels.segment_starts) sequence by
+    sequence: packed of sequences up to LEAN_MAX_LENGTH (bench/train.py counts its FLOPs by the same rule)."""
+    return starts is not None and K.longest_sequence(starts) <= LEAN_MAX_LENGTH
 
 
 # Under training.compile lean attention runs eagerly: its loop over a batch's sequence starts (read from the position
