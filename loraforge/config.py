@@ -441,7 +441,8 @@ class DataSource:
     """One dataset of a list in data.train or data.eval: {path, format, weight | epochs}."""
 
     path: str = ""
-    """A .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists."""
+    """A .jsonl/.json/.csv/.parquet file, a .txt file (one text record per paragraph), or a hub dataset name where
+    a network exists."""
     format: Literal["auto", "instruction", "chat", "text"] | None = None
     """This source's record format (null: data.format)."""
     weight: float | None = None
@@ -468,8 +469,9 @@ class DataSource:
 @dataclass(frozen=True)
 class DataConfig:
     train: str | tuple[DataSource | str, ...] = ""
-    """Training data: a .jsonl/.json/.csv/.parquet file, or a hub dataset name where a network exists; or a list of
-    sources, each a path or {path, format, weight | epochs} (loraforge.training.mixing draws from them)."""
+    """Training data: a .jsonl/.json/.csv/.parquet file, a .txt file (one text record per paragraph), or a hub
+    dataset name where a network exists; or a list of sources, each a path or {path, format, weight | epochs}
+    (loraforge.training.mixing draws from them)."""
     eval: str | tuple[DataSource | str, ...] | None = None
     """Held-out data (a path or a list of sources, used in full); when empty, `eval_fraction` of each training
     source is held out."""
@@ -479,8 +481,10 @@ class DataConfig:
     """instruction (instruction/input/output), chat (messages), text; auto detects from the first record."""
     max_seq_len: int = 512
     """Longest example in tokens; longer ones are handled per `overflow`."""
-    overflow: Literal["truncate", "drop"] = "truncate"
-    """What happens to examples longer than max_seq_len (counted and reported either way)."""
+    overflow: Literal["truncate", "drop", "split"] = "truncate"
+    """What happens to examples longer than max_seq_len (counted and reported either way): truncate keeps their
+    first max_seq_len tokens, drop leaves them out, split (text records only) cuts a text into windows of
+    max_seq_len tokens, each window's first token the previous one's last, so every token is trained."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on the response)."""
     packing: bool | Literal["auto"] = "auto"
@@ -506,6 +510,14 @@ class DataConfig:
             p.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.max_seq_len < 8:
             p.append(f"max_seq_len: must be at least 8, got {self.max_seq_len}")
+        if self.overflow == "split":
+            formats = [("format", self.format)] + [(f"{split}[{i}].format", s.format) for split in ("train", "eval")
+                                                   for i, s in enumerate(self.sources(split))]
+            for name, fmt in formats:
+                if fmt in ("instruction", "chat"):
+                    p.append(f"overflow: split cuts text records into windows; {name} is {fmt}, whose prompt must "
+                             f"come before its answer: use overflow: truncate or drop, or format: text")
+                    break
         validate(p)
 
     def sources(self, split: Literal["train", "eval"] = "train") -> tuple[DataSource, ...]:

@@ -35,7 +35,8 @@ from loraforge.utils.files import expand_user
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+OVERFLOWS = ("truncate", "drop", "split")
 TOOL_ROLES = ("tool", "function")  # OpenAI's tool results (and the older function results)
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (and the older single call)
 EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
@@ -65,6 +66,7 @@ class DataStats:
     n_records: int = 0
     n_examples: int = 0
     n_truncated: int = 0   # kept, but cut to max_seq_len
+    n_split: int = 0       # text documents longer than max_seq_len cut into windows (overflow="split")
     n_dropped: int = 0     # too long with overflow="drop", or nothing left to supervise after truncation
     n_tokens: int = 0
     n_supervised_tokens: int = 0
@@ -75,9 +77,10 @@ class DataStats:
 # ---------------------------------------------------------------------------------------------------- reading
 
 def read_records(source: str) -> list[dict]:
-    """Read records from a local .jsonl/.json/.csv/.parquet file, or else a hub dataset "name[:split]".
+    """Read records from a local .jsonl/.json/.csv/.parquet/.txt file, or else a hub dataset "name[:split]".
 
-    Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it.
+    Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it. A .txt
+    file is plain text: one text record {"text"} per paragraph (lines up to a blank line, as written).
     """
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
@@ -85,7 +88,7 @@ def read_records(source: str) -> list[dict]:
             raise DataError(f"no such file: {source}")
         return _read_hub(source)
     if path.is_dir():
-        raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv or .parquet file")
+        raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = _read_jsonl(path)
@@ -95,10 +98,27 @@ def read_records(source: str) -> list[dict]:
         records = _read_csv(path)
     elif suffix == ".parquet":
         records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(_read_parquet(path))]
+    elif suffix == ".txt":
+        records = _read_paragraphs(path)
     else:
-        raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
     if not records:
         raise DataError(f"{source}: no records (the file is empty)")
+    return records
+
+
+def _read_paragraphs(path: Path) -> list[dict]:
+    """A plain-text file as text records, one per paragraph: its lines (as written, line ends as "\\n") up to a
+    blank or whitespace-only line; "_source" is the paragraph's first line. Long paragraphs are handled per
+    data.overflow (split: every token trained, in windows of max_seq_len)."""
+    records, lines, first = [], [], 0
+    for number, line in enumerate([*_read_text(path).splitlines(), ""], start=1):
+        if line.strip():
+            first = first or number
+            lines.append(line)
+        elif lines:
+            records.append({"text": "\n".join(lines), "_source": f"{path}:{first}"})
+            lines, first = [], 0
     return records
 
 
@@ -222,7 +242,7 @@ def _read_json(path: Path) -> list[dict]:
 COMPRESSED = [(b"\x1f\x8b", "gzip", "gunzip -c"), (b"BZh", "bzip2", "bunzip2 -c"), (b"\xfd7zXZ\x00", "xz", "unxz -c"),
               (b"\x28\xb5\x2f\xfd", "zstd", "unzstd -c"), (b"PK\x03\x04", "zip", "unzip -p")]
 """(magic bytes, format, the command that writes the file decompressed to stdout)."""
-RECORD_FILES = "give a file of records (.jsonl, .json, .csv or .parquet)"
+RECORD_FILES = "give a file of records (.jsonl, .json, .csv or .parquet) or of plain text (.txt)"
 BINARY_SAMPLE = 8192
 """Bytes looked at to tell a binary file from text that is not UTF-8 (git looks at the first 8000 for a NUL)."""
 
@@ -310,8 +330,8 @@ def _read_hub(source: str) -> list[dict]:
             raise DataError(f"no such file: {source}; if it is a hub dataset (name[:split]), reading it needs the "
                             f"`datasets` package: pip install 'loraforge[hub]'") from None
         raise DataError(f"{source!r} is not a local file, and reading it as a hub dataset needs the `datasets` "
-                        f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet "
-                        f"file)") from None
+                        f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet/"
+                        f".txt file)") from None
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 -- offline, unknown name, bad split: all end here with the reason
@@ -633,12 +653,13 @@ def reference_output(record: dict, fmt: str, tokenizer=None) -> str:
 
 def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len: int = 512,
                   train_on_prompt: bool = False, overflow: str = "truncate") -> tuple[list[Example], DataStats]:
-    """Encode every record. overflow="truncate" cuts to max_seq_len, "drop" skips longer examples.
+    """Encode every record. overflow="truncate" cuts to max_seq_len, "drop" skips longer examples, "split" cuts a
+    longer text document into windows of max_seq_len tokens (see windows) and keeps them all.
 
     Examples left with no supervised token are dropped. Raises DataError when nothing is left.
     """
-    if overflow not in ("truncate", "drop"):
-        raise DataError(f"overflow={overflow!r}; use 'truncate' or 'drop'")
+    if overflow not in OVERFLOWS:
+        raise DataError(f"overflow={overflow!r}; use {', '.join(map(repr, OVERFLOWS))}")
     if max_seq_len < 2:
         raise DataError(f"max_seq_len={max_seq_len} is too small; use at least 2 (typically 512-4096)")
     if not records:
@@ -649,12 +670,24 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             if (other := detect_format(record)) != fmt:
                 raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but "
                                 f"record 0 is in {fmt!r}; a dataset must use one format")
+    if overflow == "split" and fmt != "text":
+        raise DataError(f"data.overflow: split cuts text documents into windows; {fmt} records keep their prompt "
+                        f"before their answer, so a window could hold an answer without its question: use "
+                        f"truncate or drop")
     stats, examples, n_too_long = DataStats(n_records=len(records)), [], 0
     for i, record in enumerate(records):
         try:
-            ex = encode(record, tokenizer, fmt, train_on_prompt, limit=max_seq_len)
+            ex = encode(record, tokenizer, fmt, train_on_prompt, limit=None if overflow == "split" else max_seq_len)
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
+        if overflow == "split" and len(ex.input_ids) > max_seq_len:
+            cut = windows(ex, max_seq_len)
+            stats.n_split += 1
+            examples += cut
+            stats.n_tokens += sum(len(w.input_ids) for w in cut)
+            stats.n_supervised_tokens += sum(label != IGNORE for w in cut for label in w.labels[1:])
+            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
+            continue
         truncated = len(ex.input_ids) > max_seq_len
         if truncated and overflow == "drop":
             stats.n_dropped += 1
@@ -687,6 +720,14 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
                        f"shorten the prompts)")
         raise DataError(f"all {len(records)} records were dropped: " + "; ".join(why))
     return examples, stats
+
+
+def windows(example: Example, max_seq_len: int) -> list[Example]:
+    """A long example cut into windows of max_seq_len tokens that overlap by one: each window's first token is the
+    previous window's last, so every token but the very first is a target once (a window's first token is only
+    context) and no window is shorter than two tokens (one target)."""
+    ids, labels, step = example.input_ids, example.labels, max_seq_len - 1
+    return [Example(ids[s:s + max_seq_len], labels[s:s + max_seq_len]) for s in range(0, len(ids) - 1, step)]
 
 
 def _note_dropped(stats: DataStats, record: dict, index: int, why: str, keep: int = 3) -> None:

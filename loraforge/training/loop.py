@@ -210,9 +210,10 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if first := stats.get("dropped"):  # where the first dropped record came from, and why
         more = stats["n_dropped"] - 1
         where = f": {first[0]}" + (f" and {more} more" if more else "")
-    text = (f"data: {stats['n_examples']} train examples ({stats['n_truncated']} truncated, {stats['n_dropped']} "
-            f"dropped{where}{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded batches would be "
-            f"{100 * padding:.1f}% padding")
+    split = f"{stats['n_split']} longer documents cut into windows, " if stats.get("n_split") else ""
+    text = (f"data: {stats['n_examples']} train examples ({split}{stats['n_truncated']} truncated, "
+            f"{stats['n_dropped']} dropped{where}{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded "
+            f"batches would be {100 * padding:.1f}% padding")
     rule = f"{D.PACK_MIN_PADDING:.0%} padding"
     if net < padding:
         text += (f"; computing the prefix their rows share once, they would compute {1 / (1 - net):.2f} positions "

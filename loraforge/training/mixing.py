@@ -257,7 +257,8 @@ def sources_report(mixture: Mixture, stats: dict) -> str:
         rule = (f"weight {mixture.weights[i]:.2f}" if mixture.weights is not None
                 else f"epochs {mixture.epochs[i]:g}")
         eos = f", {row['n_eos_stripped']} ending in the EOS text (learnt once)" if row["n_eos_stripped"] else ""
-        lines.append(f"  {row['name']}: {row['n_records']} records ({row['n_truncated']} truncated, "
+        split = f"{row['n_split']} cut into windows, " if row.get("n_split") else ""
+        lines.append(f"  {row['name']}: {row['n_records']} records ({split}{row['n_truncated']} truncated, "
                      f"{row['n_dropped']} dropped{eos}), {rule}: {count:.0f} examples, "
                      f"{100 * tok / max(sum(tokens), 1e-9):.0f}% of the tokens per epoch")
     return "\n".join(lines)

@@ -42,7 +42,9 @@ from loraforge.ui import runs as R
 from loraforge.ui.launch import METHODS, Launcher, form_config
 
 STATIC = Path(__file__).parent / "static"
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what `loraforge train` reads (training.data.read_records)
+# the record files `loraforge train` reads (training.data.read_records); not .txt, which it also reads, since a data
+# folder's .txt files are mostly notes, licences and requirements, not training text
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_DATASETS = 500
 MAX_WALKED_DIRS = 2000  # folders the dataset list looks into: a huge --data-dir does not stall each page load
 SKIPPED_DIRS = ("node_modules", "__pycache__")  # never datasets; hidden folders and the runs folder are skipped too

@@ -343,6 +343,40 @@ def test_mixed_formats_name_the_first_mismatch(tok, tmp_path):
         build_dataset(read_records(path), tok)
 
 
+def test_a_txt_file_is_one_text_record_per_paragraph(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("\ufeffTitle\r\n\r\nFirst line\n  indented second\n \t \n\n\nLast\n".encode())
+    assert read_records(str(path)) == [
+        {"text": "Title", "_source": f"{path}:1"},  # a byte-order mark skipped, \r\n line ends read as \n
+        {"text": "First line\n  indented second", "_source": f"{path}:3"},  # lines as written, up to a blank one
+        {"text": "Last", "_source": f"{path}:8"}]
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(DataError, match="blank.txt: no records"):
+        read_records(str(tmp_path / "blank.txt"))
+
+
+def test_overflow_split_trains_every_token_of_a_long_text_in_windows(tok):
+    text = {"text": " ".join(f"word{i}" for i in range(300))}
+    whole = encode(text, tok, "text")
+    n = len(whole.input_ids)
+    for size in (8, 64, n - 1, n):
+        examples, stats = build_dataset([text, {"text": "short"}], tok, max_seq_len=size, overflow="split")
+        windows = examples[:-1]
+        assert all(len(w.input_ids) <= size and len(w.input_ids) >= 2 for w in windows)
+        # each window starts where the previous one ended: together they are the document, token for token
+        joined = windows[0].input_ids + [t for w in windows[1:] for t in w.input_ids[1:]]
+        assert joined == whole.input_ids and [w.labels for w in windows] == [w.input_ids for w in windows]
+        # every token but the first is a target exactly once (a window's first label is context only)
+        short = encode({"text": "short"}, tok, "text")
+        assert sum(len(w.input_ids) - 1 for w in windows) == n - 1
+        assert stats.n_supervised_tokens == n - 1 + len(short.input_ids) - 1
+        assert (stats.n_split, stats.n_truncated, stats.n_examples) == (int(n > size), 0, len(windows) + 1)
+        assert examples[-1] == short and stats.n_tokens == sum(len(e.input_ids) for e in examples)
+    assert len(build_dataset([text], tok, max_seq_len=n - 1, overflow="split")[0]) == 2  # n - 1 + 1 more token
+    with pytest.raises(DataError, match="data.overflow: split cuts text documents into windows; instruction "):
+        build_dataset([{"instruction": "a", "output": "b"}], tok, overflow="split")
+
+
 def test_all_examples_dropped_is_an_error(tok):
     with pytest.raises(DataError) as e:
         build_dataset([{"text": "a long text " * 20}], tok, max_seq_len=8, overflow="drop")
@@ -504,15 +538,15 @@ def test_utf16_and_utf32_files_are_named_with_the_right_iconv(tmp_path):
 
 
 def test_unknown_extension_and_hub_fallback(tmp_path, monkeypatch):
-    (tmp_path / "data.txt").write_text("hello")
-    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
-        read_records(str(tmp_path / "data.txt"))
+    (tmp_path / "data.md").write_text("hello")
+    with pytest.raises(DataError, match=r"unknown file type '\.md'; use \.jsonl, \.json, \.csv, \.parquet or \.txt"):
+        read_records(str(tmp_path / "data.md"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed, so the test never touches the network
     with pytest.raises(DataError) as e:
         read_records("some-dataset:train")
     assert str(e.value) == ("'some-dataset:train' is not a local file, and reading it as a hub dataset needs the "
                             "`datasets` package: pip install 'loraforge[hub]' (or give a path to a "
-                            ".jsonl/.json/.csv/.parquet file)")
+                            ".jsonl/.json/.csv/.parquet/.txt file)")
 
 
 def test_a_missing_local_path_is_no_such_file_not_install_datasets(tmp_path, monkeypatch):
@@ -809,22 +843,20 @@ def test_a_binary_file_is_named_binary_not_utf8_with_one_bad_byte(tmp_path):
 
     text = "".join(f'{{"instruction": "Add {a} and 2.", "output": "{a + 2}"}}\n' for a in range(50)).encode()
     weights = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
+    RECORDS = "give a file of records (.jsonl, .json, .csv or .parquet) or of plain text (.txt)"
     files = {
         "gz.jsonl": (gzip.compress(text), "a binary file (gzip-compressed), not text; decompress it: gunzip -c "
                                           "{path} > {unpacked}"),
         "bz.csv": (__import__("bz2").compress(text), "a binary file (bzip2-compressed), not text; decompress it: "
                                                      "bunzip2 -c {path} > {unpacked}"),
         "st.jsonl": (struct.pack("<Q", len(weights)) + weights + bytes(range(200, 216)),
-                     "a binary file (safetensors: model weights?), not text; give a file of records (.jsonl, .json, "
-                     ".csv or .parquet)"),
+                     "a binary file (safetensors: model weights?), not text; " + RECORDS),
         "pq.json": (b"PAR1\x15\x04\xff\xfe", "a binary file (Parquet), not text; give it a .parquet name, which is "
                                              "read as Parquet"),
-        "nul.jsonl": (b'{"text": "a\xff\x00b"}\n', "a binary file (a NUL byte at byte offset 12), not text; give a "
-                                                  "file of records (.jsonl, .json, .csv or .parquet)"),
+        "nul.jsonl": (b'{"text": "a\xff\x00b"}\n', "a binary file (a NUL byte at byte offset 12), not text; "
+                                                  + RECORDS),
         "ctl.jsonl": (bytes([0xff, 1, 2, 3, 4, 5]) + b"abcdefghijklmnopqrst", "a binary file (5 control bytes in "
-                                                                             "its first 26), not text; give a file of "
-                                                                             "records (.jsonl, .json, .csv or "
-                                                                             ".parquet)"),
+                                                                             "its first 26), not text; " + RECORDS),
     }
     for name, (content, message) in files.items():
         path = tmp_path / name
