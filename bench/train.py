@@ -143,8 +143,17 @@ def reset_peak_rss() -> bool:
 
 def window_peak_rss_mb() -> float | None:
     """VmHWM: the peak RSS since reset_peak_rss() (or since the start), in MiB; None off Linux."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float | None:
+    """VmRSS: the resident set now, in MiB; None off Linux."""
+    return _status_mb("VmRSS")
+
+
+def _status_mb(key: str) -> float | None:
     try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
     except (OSError, StopIteration):
         return None
     return int(line.split()[1]) / 1024
@@ -281,7 +290,7 @@ def worker(args) -> dict:
             model.set_attn_implementation(LEAN_KEEP_ATTENTION)
     same_lora_init(model)
     model.train()
-    rss_loaded = peak_memory_mb("cpu")  # the resident set, on any device
+    load_peak, rss_loaded = peak_memory_mb("cpu"), rss_mb()  # the resident set's peak so far and now, any device
     window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
     steps = args.warmup + args.steps
     plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.micro_batch, args.text_rows, args.text_len,
@@ -371,7 +380,7 @@ def worker(args) -> dict:
             "train_peak_mb": train_peak,
             "flops_per_s": flops / seconds, "executed_flops_per_s": executed / seconds,
             "frozen_flops_per_s": floor / seconds, "peak_mb": peak,
-            "rss_after_load_mb": rss_loaded, "allocator": allocator.loaded(),
+            "rss_after_load_mb": rss_loaded, "rss_peak_loading_mb": load_peak, "allocator": allocator.loaded(),
             "losses": losses, "final_loss": losses[-1], "seconds": seconds, "sys_seconds": sys_seconds}
 
 

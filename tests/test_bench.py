@@ -195,6 +195,8 @@ def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_d
         (peft,), (ours,) = raw[f"{shape}/peft/fp32"], raw[f"{shape}/lf/fp32"]  # one round each
         assert len(peft["losses"]) == len(ours["losses"]) == 3  # the warm-up step and the two timed
         assert ours["losses"] == pytest.approx(peft["losses"], rel=1e-4), shape
+        for run in (peft, ours):  # the resident set after loading (VmRSS), at most loading's peak (ru_maxrss)
+            assert 0 < run["rss_after_load_mb"] <= run["rss_peak_loading_mb"] <= run["peak_mb"]
         for run in (peft, ours):  # the same ceiling for both: their step's frozen work over the same tokens
             assert run["frozen_flops_per_s"] / run["tokens_per_s"] == pytest.approx(
                 peft["frozen_flops_per_s"] / peft["tokens_per_s"], rel=1e-9)
