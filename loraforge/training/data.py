@@ -111,14 +111,16 @@ def _read_paragraphs(path: Path) -> list[dict]:
     """A plain-text file as text records, one per paragraph: its lines (as written, line ends as "\\n") up to a
     blank or whitespace-only line; "_source" is the paragraph's first line. Long paragraphs are handled per
     data.overflow (split: every token trained, in windows of max_seq_len)."""
-    records, lines, first = [], [], 0
-    for number, line in enumerate([*_read_text(path).splitlines(), ""], start=1):
+    records, lines, first, text = [], [], 0, _read_text(path, plain=True)
+    for number, line in enumerate([*text.splitlines(), ""], start=1):
         if line.strip():
             first = first or number
             lines.append(line)
         elif lines:
             records.append({"text": "\n".join(lines), "_source": f"{path}:{first}"})
             lines, first = [], 0
+    if text and not records:
+        raise DataError(f"{path}: no text (the file holds only blank lines)")
     return records
 
 
@@ -269,11 +271,15 @@ def _binary_kind(path: Path, raw: bytes) -> str | None:
     return None
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, plain: bool = False) -> str:
     """The file decoded as UTF-8 (a leading byte-order mark, as Windows tools write, is skipped); a byte that is not
     UTF-8 is reported with its line and column, a UTF-16 or UTF-32 file (by its byte-order mark) by its encoding, a
-    binary file (compressed, model weights, ...) as one (_binary_kind)."""
+    binary file (compressed, model weights, ...) as one (_binary_kind). plain: a plain-text file, refused as binary
+    even where its bytes decode (NULs and control bytes are ASCII): JSON and CSV parsing would catch them, plain
+    text would train on them."""
     raw = path.read_bytes()
+    if plain and (binary := _binary_kind(path, raw)):
+        raise DataError(binary)
     for mark, encoding in UNICODE_BOMS:
         if raw.startswith(mark):
             raise DataError(f"{path}: the file is {encoding} (it starts with a {encoding} byte-order mark), not "

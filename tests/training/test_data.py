@@ -351,8 +351,16 @@ def test_a_txt_file_is_one_text_record_per_paragraph(tmp_path):
         {"text": "First line\n  indented second", "_source": f"{path}:3"},  # lines as written, up to a blank one
         {"text": "Last", "_source": f"{path}:8"}]
     (tmp_path / "blank.txt").write_text("\n \n")
-    with pytest.raises(DataError, match="blank.txt: no records"):
+    with pytest.raises(DataError, match="blank.txt: no text \\(the file holds only blank lines\\)"):
         read_records(str(tmp_path / "blank.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty.txt: no records \\(the file is empty\\)"):
+        read_records(str(tmp_path / "empty.txt"))
+    (tmp_path / "data.txt").write_bytes(b"abc\x00\x01\x02" * 100)  # valid UTF-8, yet no text to train on
+    with pytest.raises(DataError) as e:
+        read_records(str(tmp_path / "data.txt"))
+    assert str(e.value) == (f"{tmp_path / 'data.txt'}: a binary file (a NUL byte at byte offset 3), not text; give a "
+                            f"file of records (.jsonl, .json, .csv or .parquet) or of plain text (.txt)")
 
 
 def test_overflow_split_trains_every_token_of_a_long_text_in_windows(tok):
