@@ -210,7 +210,8 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if first := stats.get("dropped"):  # where the first dropped record came from, and why
         more = stats["n_dropped"] - 1
         where = f": {first[0]}" + (f" and {more} more" if more else "")
-    split = f"{stats['n_split']} longer documents cut into windows, " if stats.get("n_split") else ""
+    n = stats.get("n_split", 0)
+    split = f"{n} text{'s' * (n != 1)} longer than max_seq_len cut into windows, " if n else ""
     text = (f"data: {stats['n_examples']} train examples ({split}{stats['n_truncated']} truncated, "
             f"{stats['n_dropped']} dropped{where}{eos}), {n_eval} held out{held}{_not_held_out(stats)}; padded "
             f"batches would be {100 * padding:.1f}% padding")

@@ -153,8 +153,8 @@ def test_a_txt_source_split_into_windows_is_trained_whole_and_said(tiny_dir, two
     windows = -(-(n_long - 1) // 63)  # 63 new targets a window of 64
     assert (stats["n_records"], stats["n_split"], stats["n_truncated"]) == (3, 1, 0)
     assert len(train) == 2 + windows and stats["n_supervised_tokens"] == sum(len(e.input_ids) - 1 for e in train)
-    assert "(1 longer documents cut into windows, 0 truncated, 0 dropped)" in data_report(stats, 0, 0.0, 0.0, True,
-                                                                                          "auto")
+    line = data_report(stats, 0, 0.0, 0.0, True, "auto")
+    assert "(1 text longer than max_seq_len cut into windows, 0 truncated, 0 dropped)" in line
     mixed = load_train_config(None, args, base={"data": {"train": [{"path": str(text), "weight": 1},
                                                                    {"path": str(text), "weight": 1}]}})
     train, held, stats, mixture = load_data(mixed, tok)
