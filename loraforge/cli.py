@@ -253,7 +253,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
 
     Args:
-        data: a dataset file (jsonl/json/csv/parquet, or txt: a text record per paragraph); optional with --probe
+        data: a dataset file (jsonl/json/csv/parquet, or txt: one text); optional with --probe
         model: base model
         adapter: adapter directory to apply
         max_new_tokens: generation length for the accuracy check

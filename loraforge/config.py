@@ -441,7 +441,7 @@ class DataSource:
     """One dataset of a list in data.train or data.eval: {path, format, weight | epochs}."""
 
     path: str = ""
-    """A .jsonl/.json/.csv/.parquet file, a .txt file (one text record per paragraph), or a hub dataset name where
+    """A .jsonl/.json/.csv/.parquet file, a .txt file (its whole text one text record), or a hub dataset name where
     a network exists."""
     format: Literal["auto", "instruction", "chat", "text"] | None = None
     """This source's record format (null: data.format)."""
@@ -469,7 +469,7 @@ class DataSource:
 @dataclass(frozen=True)
 class DataConfig:
     train: str | tuple[DataSource | str, ...] = ""
-    """Training data: a .jsonl/.json/.csv/.parquet file, a .txt file (one text record per paragraph), or a hub
+    """Training data: a .jsonl/.json/.csv/.parquet file, a .txt file (its whole text one text record), or a hub
     dataset name where a network exists; or a list of sources, each a path or {path, format, weight | epochs}
     (loraforge.training.mixing draws from them)."""
     eval: str | tuple[DataSource | str, ...] | None = None
@@ -481,10 +481,11 @@ class DataConfig:
     """instruction (instruction/input/output), chat (messages), text; auto detects from the first record."""
     max_seq_len: int = 512
     """Longest example in tokens; longer ones are handled per `overflow`."""
-    overflow: Literal["truncate", "drop", "split"] = "truncate"
+    overflow: Literal["auto", "truncate", "drop", "split"] = "auto"
     """What happens to examples longer than max_seq_len (counted and reported either way): truncate keeps their
     first max_seq_len tokens, drop leaves them out, split (text records only) cuts a text into windows of
-    max_seq_len tokens, each window's first token the previous one's last, so every token is trained."""
+    max_seq_len tokens, each window's first token the previous one's last, so every token is trained. auto: split
+    for text records, truncate for instruction and chat records."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on the response)."""
     packing: bool | Literal["auto"] = "auto"

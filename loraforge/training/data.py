@@ -36,7 +36,7 @@ from loraforge.utils.files import expand_user
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
-OVERFLOWS = ("truncate", "drop", "split")
+OVERFLOWS = ("auto", "truncate", "drop", "split")
 TOOL_ROLES = ("tool", "function")  # OpenAI's tool results (and the older function results)
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (and the older single call)
 EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
@@ -80,7 +80,7 @@ def read_records(source: str) -> list[dict]:
     """Read records from a local .jsonl/.json/.csv/.parquet/.txt file, or else a hub dataset "name[:split]".
 
     Each record gets a "_source" key ("file.jsonl:12", "file.csv:3", ...) so later errors can point at it. A .txt
-    file is plain text: one text record {"text"} per paragraph (lines up to a blank line, as written).
+    file is plain text: one text record {"text"}, the whole file (_read_plain).
     """
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
@@ -99,7 +99,7 @@ def read_records(source: str) -> list[dict]:
     elif suffix == ".parquet":
         records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(_read_parquet(path))]
     elif suffix == ".txt":
-        records = _read_paragraphs(path)
+        records = _read_plain(path)
     else:
         raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
     if not records:
@@ -107,21 +107,14 @@ def read_records(source: str) -> list[dict]:
     return records
 
 
-def _read_paragraphs(path: Path) -> list[dict]:
-    """A plain-text file as text records, one per paragraph: its lines (as written, line ends as "\\n") up to a
-    blank or whitespace-only line; "_source" is the paragraph's first line. Long paragraphs are handled per
-    data.overflow (split: every token trained, in windows of max_seq_len)."""
-    records, lines, first, text = [], [], 0, _read_text(path, plain=True)
-    for number, line in enumerate([*text.splitlines(), ""], start=1):
-        if line.strip():
-            first = first or number
-            lines.append(line)
-        elif lines:
-            records.append({"text": "\n".join(lines), "_source": f"{path}:{first}"})
-            lines, first = [], 0
-    if text and not records:
-        raise DataError(f"{path}: no text (the file holds only blank lines)")
-    return records
+def _read_plain(path: Path) -> list[dict]:
+    """A plain-text file as one text record: the whole file, line ends as "\\n", without the blank space around it.
+    One text, not a record per line or paragraph: a record ends with the EOS token, which the model would learn to
+    write after every heading. data.overflow's default cuts it into windows of max_seq_len (every token trained)."""
+    text = "\n".join(_read_text(path, plain=True).splitlines()).strip()
+    if not text and path.stat().st_size:
+        raise DataError(f"{path}: no text (the file holds only blank space)")
+    return [{"text": text, "_source": str(path)}] if text else []
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -658,9 +651,10 @@ def reference_output(record: dict, fmt: str, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------------- datasets
 
 def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len: int = 512,
-                  train_on_prompt: bool = False, overflow: str = "truncate") -> tuple[list[Example], DataStats]:
+                  train_on_prompt: bool = False, overflow: str = "auto") -> tuple[list[Example], DataStats]:
     """Encode every record. overflow="truncate" cuts to max_seq_len, "drop" skips longer examples, "split" cuts a
-    longer text document into windows of max_seq_len tokens (see windows) and keeps them all.
+    longer text record into windows of max_seq_len tokens (see windows) and keeps them all; "auto" splits text
+    records and truncates instruction and chat records.
 
     Examples left with no supervised token are dropped. Raises DataError when nothing is left.
     """
@@ -676,6 +670,8 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
             if (other := detect_format(record)) != fmt:
                 raise DataError(f"record {i} ({record.get('_source', 'no source')}) is in {other!r} format but "
                                 f"record 0 is in {fmt!r}; a dataset must use one format")
+    if overflow == "auto":
+        overflow = "split" if fmt == "text" else "truncate"
     if overflow == "split" and fmt != "text":
         raise DataError(f"data.overflow: split cuts text documents into windows; {fmt} records keep their prompt "
                         f"before their answer, so a window could hold an answer without its question: use "

@@ -343,15 +343,15 @@ def test_mixed_formats_name_the_first_mismatch(tok, tmp_path):
         build_dataset(read_records(path), tok)
 
 
-def test_a_txt_file_is_one_text_record_per_paragraph(tmp_path):
+def test_a_txt_file_is_one_text_record(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_bytes("\ufeffTitle\r\n\r\nFirst line\n  indented second\n \t \n\n\nLast\n".encode())
+    path.write_bytes("\ufeff\n\nTitle\r\n\r\nFirst line\n  indented second\n \t \n\n\nLast\n\n".encode())
+    # the whole text (not a record per paragraph, each of which would end with EOS), as written: a byte-order mark
+    # skipped, \r\n line ends read as \n, the blank space around the text left out
     assert read_records(str(path)) == [
-        {"text": "Title", "_source": f"{path}:1"},  # a byte-order mark skipped, \r\n line ends read as \n
-        {"text": "First line\n  indented second", "_source": f"{path}:3"},  # lines as written, up to a blank one
-        {"text": "Last", "_source": f"{path}:8"}]
+        {"text": "Title\n\nFirst line\n  indented second\n \t \n\n\nLast", "_source": str(path)}]
     (tmp_path / "blank.txt").write_text("\n \n")
-    with pytest.raises(DataError, match="blank.txt: no text \\(the file holds only blank lines\\)"):
+    with pytest.raises(DataError, match="blank.txt: no text \\(the file holds only blank space\\)"):
         read_records(str(tmp_path / "blank.txt"))
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty.txt: no records \\(the file is empty\\)"):
@@ -381,6 +381,11 @@ def test_overflow_split_trains_every_token_of_a_long_text_in_windows(tok):
         assert (stats.n_split, stats.n_truncated, stats.n_examples) == (int(n > size), 0, len(windows) + 1)
         assert examples[-1] == short and stats.n_tokens == sum(len(e.input_ids) for e in examples)
     assert len(build_dataset([text], tok, max_seq_len=n - 1, overflow="split")[0]) == 2  # n - 1 + 1 more token
+    # the default, auto: text records split, instruction and chat records truncated
+    assert build_dataset([text], tok, max_seq_len=64) == build_dataset([text], tok, max_seq_len=64, overflow="split")
+    long = [{"instruction": "a", "output": text["text"]}]
+    assert build_dataset(long, tok, max_seq_len=64) == build_dataset(long, tok, max_seq_len=64, overflow="truncate")
+    assert build_dataset(long, tok, max_seq_len=64)[1].n_truncated == 1
     with pytest.raises(DataError, match="data.overflow: split cuts text documents into windows; instruction "):
         build_dataset([{"instruction": "a", "output": "b"}], tok, overflow="split")
 

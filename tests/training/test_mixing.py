@@ -132,35 +132,32 @@ def test_sources_with_their_own_formats_and_the_data_line(tiny_dir, two_sources,
     assert n == sum(p[1] for p in parts)
 
 
-def test_a_txt_source_split_into_windows_is_trained_whole_and_said(tiny_dir, two_sources, tmp_path):
-    """A plain-text file is read a paragraph a record; data.overflow: split cuts a paragraph longer than
-    max_seq_len into windows (every token a target once) and the data lines say how many were cut."""
+def test_a_txt_source_is_trained_whole_in_windows_and_said(tiny_dir, two_sources, tmp_path):
+    """A plain-text file is one text record; data.overflow's default (auto) cuts a text longer than max_seq_len
+    into windows (every token a target once), and the data lines say how many texts were cut."""
     long = " ".join(f"fact {i} is true." for i in range(120))
     text = tmp_path / "book.txt"
     text.write_text(f"A short title\n\n{long}\n\n\nAnother short paragraph.\n")
     tok = load_tokenizer(str(tiny_dir))
-    n_long = len(D.encode({"text": long}, tok, "text").input_ids)
-    assert n_long > 200
-    args = [f"model.name={tiny_dir}", "data.eval_fraction=0", "data.max_seq_len=64", "data.overflow=split",
-            f"output_dir={tmp_path / 'o'}"]
-    cfg = load_train_config(None, args, base={"data": {"train": [str(text), {"path": str(two_sources[0]),
-                                                                            "format": "text"}]}})
-    # the add.jsonl records are instruction records: format text refuses them by their keys, not the split
-    with pytest.raises(D.DataError, match="field 'text' is missing"):
-        load_data(cfg, tok)
+    n = len(D.encode(D.read_records(str(text))[0], tok, "text").input_ids)
+    assert n > 200
+    args = [f"model.name={tiny_dir}", "data.eval_fraction=0", "data.max_seq_len=64", f"output_dir={tmp_path / 'o'}"]
     cfg = load_train_config(None, args, base={"data": {"train": str(text)}})
     train, held, stats, mixture = load_data(cfg, tok)
-    windows = -(-(n_long - 1) // 63)  # 63 new targets a window of 64
-    assert (stats["n_records"], stats["n_split"], stats["n_truncated"]) == (3, 1, 0)
-    assert len(train) == 2 + windows and stats["n_supervised_tokens"] == sum(len(e.input_ids) - 1 for e in train)
+    assert (stats["n_records"], stats["n_split"], stats["n_truncated"]) == (1, 1, 0)
+    assert len(train) == -(-(n - 1) // 63)  # 63 new targets a window of 64
+    assert stats["n_supervised_tokens"] == sum(len(e.input_ids) - 1 for e in train) == n - 1
     line = data_report(stats, 0, 0.0, 0.0, True, "auto")
     assert "(1 text longer than max_seq_len cut into windows, 0 truncated, 0 dropped)" in line
     mixed = load_train_config(None, args, base={"data": {"train": [{"path": str(text), "weight": 1},
-                                                                   {"path": str(text), "weight": 1}]}})
-    train, held, stats, mixture = load_data(mixed, tok)
-    assert "book.txt: 3 records (1 cut into windows, 0 truncated, 0 dropped)" in sources_report(mixture, stats)
+                                                                   {"path": str(two_sources[0]), "weight": 1}]}})
+    train, held, stats, mixture = load_data(mixed, tok)  # the instruction records are not cut
+    line = sources_report(mixture, stats)
+    assert "book.txt: 1 records (1 cut into windows, 0 truncated, 0 dropped)" in line
+    assert "add.jsonl: 30 records (0 truncated, 0 dropped)" in line
     with pytest.raises(ConfigError) as e:  # a format whose records cannot be cut, named as the user wrote it
-        load_train_config(None, args, base={"data": {"train": [str(text), {"path": "c.jsonl", "format": "chat"}]}})
+        load_train_config(None, args + ["data.overflow=split"],
+                          base={"data": {"train": [str(text), {"path": "c.jsonl", "format": "chat"}]}})
     assert e.value.problems == ["data.overflow: split cuts text records into windows; train[1].format is chat, whose "
                                 "prompt must come before its answer: use overflow: truncate or drop, or format: text"]
 
