@@ -134,7 +134,8 @@ def within_context(records: list[dict], tokenizer, context: int | None) -> tuple
 
     A record whose prompt alone fills the context has no answer token to score: it is left out of the perplexity
     and the accuracy alike, so both cover the same records. A longer record is truncated at the context for the
-    perplexity (its answer's first tokens count); its generation stops at the context (decoding.greedy)."""
+    perplexity (its answer's first tokens count), a longer text record cut into windows of the context (every token
+    counts); its generation stops at the context (decoding.greedy)."""
     limit = context or sys.maxsize
     D.build_dataset(records, tokenizer, max_seq_len=sys.maxsize)  # every record readable, one format: its errors
     fmt = D.detect_format(records[0])
@@ -148,6 +149,8 @@ def within_context(records: list[dict], tokenizer, context: int | None) -> tuple
     examples, stats = D.build_dataset(kept, tokenizer, fmt, max_seq_len=limit)
     left_out = len(records) - len(kept)
     parts = []
+    if stats.n_split:  # text records: scored whole, window by window (data.overflow's auto)
+        parts.append(f"{_records(stats.n_split)} cut into windows of the context")
     if stats.n_truncated:
         parts.append(f"{_records(stats.n_truncated)} truncated")
     if left_out:

@@ -93,7 +93,7 @@ def test_base_logits_ignore_an_adapter_loaded_later_on_the_same_model(tiny_dir, 
 # --- loraforge eval at the model's context: the same records in the perplexity and the accuracy ------------------
 def test_eval_records_fit_the_context_and_say_what_it_cut(tiny_dir):
     """A context of 128 tokens: a prompt past it is left out of both scores; a long answer is truncated at it for
-    the perplexity; the line says both."""
+    the perplexity, a long text cut into windows of it; the line says each."""
     _, tokenizer = load_base(str(tiny_dir), dtype="fp32")
     short = {"instruction": "Add 1 and 2.", "output": "3"}
     long_prompt = {"instruction": "word " * 200, "output": "y"}
@@ -107,11 +107,12 @@ def test_eval_records_fit_the_context_and_say_what_it_cut(tiny_dir):
     assert line == ("at the model's context of 128 tokens: 1 record truncated, 1 record left out of the perplexity "
                     "and the accuracy (the prompt alone fills the context)")
     assert within_context([short], tokenizer, 128) == ([short], [encode(short, tokenizer, "instruction")], None)
-    text = [{"text": "word " * 200}, {"text": "hi"}]  # no prompt: truncated, never left out
+    text = [{"text": "word " * 200}, {"text": "hi"}]  # no prompt: cut into windows, every token scored
     kept, examples, line = within_context(text, tokenizer, 128)
-    assert kept == text and [len(e.input_ids) for e in examples] == [128, len(encode(text[1], tokenizer,
-                                                                                      "text").input_ids)]
-    assert line == "at the model's context of 128 tokens: 1 record truncated"
+    whole = encode(text[0], tokenizer, "text").input_ids
+    assert kept == text and [e.input_ids for e in examples] == [whole[:128], whole[127:]] + [
+        encode(text[1], tokenizer, "text").input_ids]
+    assert line == "at the model's context of 128 tokens: 1 record cut into windows of the context"
 
 
 def test_eval_with_no_record_within_the_context_says_so_in_eval_terms(tiny_dir):
