@@ -218,7 +218,7 @@ def test_replay_and_an_adapter_for_another_base_are_refused_before_the_model_loa
     assert problems(fits, str(tmp_path / "empty.jsonl")) == [
         f"--replay {tmp_path / 'empty.jsonl'}: {tmp_path / 'empty.jsonl'}: no records (the file is empty)"]
     assert problems(fits, str(tmp_path)) == [
-        f"--replay {tmp_path}: {tmp_path} is a directory; give a .jsonl, .json, .csv or .parquet file"]
+        f"--replay {tmp_path}: {tmp_path} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file"]
     assert problems(fits, str(tmp_path / "keys.jsonl"))[0].startswith(
         f"--replay {tmp_path / 'keys.jsonl'}: {tmp_path / 'keys.jsonl'}:1: cannot tell the format")
     # What the real load says of the other base's adapter, on the real model, is what is said up front.
