@@ -66,7 +66,7 @@ class DataStats:
     n_records: int = 0
     n_examples: int = 0
     n_truncated: int = 0   # kept, but cut to max_seq_len
-    n_split: int = 0       # text documents longer than max_seq_len cut into windows (overflow="split")
+    n_split: int = 0       # text records longer than max_seq_len cut into windows (overflow "split"; "auto" on text)
     n_dropped: int = 0     # too long with overflow="drop", or nothing left to supervise after truncation
     n_tokens: int = 0
     n_supervised_tokens: int = 0
@@ -111,7 +111,7 @@ def _read_plain(path: Path) -> list[dict]:
     """A plain-text file as one text record: the whole file, line ends as "\\n", without the blank space around it.
     One text, not a record per line or paragraph: a record ends with the EOS token, which the model would learn to
     write after every heading. data.overflow's default cuts it into windows of max_seq_len (every token trained)."""
-    text = "\n".join(_read_text(path, plain=True).splitlines()).strip()
+    text = _read_text(path, plain=True).replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text and path.stat().st_size:
         raise DataError(f"{path}: no text (the file holds only blank space)")
     return [{"text": text, "_source": str(path)}] if text else []

@@ -345,11 +345,11 @@ def test_mixed_formats_name_the_first_mismatch(tok, tmp_path):
 
 def test_a_txt_file_is_one_text_record(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_bytes("\ufeff\n\nTitle\r\n\r\nFirst line\n  indented second\n \t \n\n\nLast\n\n".encode())
+    path.write_bytes("\ufeff\n\nTitle\r\n\r\nFirst line\n  indented\fsecond\n \t \n\n\rLast\n\n".encode())
     # the whole text (not a record per paragraph, each of which would end with EOS), as written: a byte-order mark
-    # skipped, \r\n line ends read as \n, the blank space around the text left out
+    # skipped, \r\n and \r line ends read as \n (a form feed kept), the blank space around the text left out
     assert read_records(str(path)) == [
-        {"text": "Title\n\nFirst line\n  indented second\n \t \n\n\nLast", "_source": str(path)}]
+        {"text": "Title\n\nFirst line\n  indented\fsecond\n \t \n\n\nLast", "_source": str(path)}]
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(DataError, match="blank.txt: no text \\(the file holds only blank space\\)"):
         read_records(str(tmp_path / "blank.txt"))
