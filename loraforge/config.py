@@ -476,7 +476,8 @@ class DataConfig:
     """Held-out data (a path or a list of sources, used in full); when empty, `eval_fraction` of each training
     source is held out."""
     eval_fraction: float = 0.05
-    """Share of `train` held out for evaluation when `eval` is not given (0 disables evaluation)."""
+    """Share of `train` held out for evaluation when `eval` is not given (0 disables evaluation): of each source's
+    records, or, for a source under 20 records whose texts were cut into windows (a .txt), of its windows."""
     format: Literal["auto", "instruction", "chat", "text"] = "auto"
     """instruction (instruction/input/output), chat (messages), text; auto detects from the first record."""
     max_seq_len: int = 512

@@ -154,18 +154,23 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     train_records, eval_records = read_sources(c, seed)
     train_sources = c.sources("train")
     problems, examples, per_source, failed = [], [], [], set()
+    held_out, held_from_train = [], not c.sources("eval")  # without data.eval: parts of the train sources, by name
+    split = {name for name, _, _ in eval_records}  # the train sources read_sources held a share of, by record
     for i, (source, records) in enumerate(zip(train_sources, train_records)):
+        name = label("train", i, source, len(train_sources))
         try:
             built, stats = D.build_dataset(records, tokenizer, source.format or c.format, c.max_seq_len,
                                            c.train_on_prompt, c.overflow)
+            if held_from_train and c.eval_fraction > 0 and name not in split and stats.n_split:
+                built, part = hold_out_windows(built, stats, c.eval_fraction, seed)
+                held_out += part
+                split |= {name} if part else set()
         except D.DataError as e:
-            problems.append(f"{label('train', i, source, len(train_sources))}: {e}" if len(train_sources) > 1
-                            else str(e))
-            failed.add(label("train", i, source, len(train_sources)))
+            problems.append(f"{name}: {e}" if len(train_sources) > 1 else str(e))
+            failed.add(name)
             continue
         examples.append(built)
         per_source.append(stats)
-    held_out, held_from_train = [], not c.sources("eval")  # without data.eval: parts of the train sources, by name
     held_truncated = held_dropped = 0  # data.overflow applies to them too: counted and said as for training
     for name, fmt, records in eval_records:
         if held_from_train and name in failed:  # the source is reported already: one source, one problem
@@ -206,13 +211,27 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         trained = {hash(tuple(ex.input_ids)) for built in examples for ex in built}
         if also := sum(hash(tuple(ex.input_ids)) in trained for ex in held_out):
             report["held_out_in_train"] = also
-    if held_from_train and c.eval_fraction > 0:  # sources read_sources did not split (under MIN_TO_SPLIT records)
-        split = {name for name, _, _ in eval_records}
+    if held_from_train and c.eval_fraction > 0:  # sources split neither by record nor by window
         if small := [name for name in mixture.names if name not in split]:  # said on the data line
             report["not_held_out"] = small
     if len(per_source) > 1:
         report["sources"] = [{"name": name, **dataclasses.asdict(s)} for name, s in zip(mixture.names, per_source)]
     return [ex for built in examples for ex in built], held_out, report, mixture
+
+
+def hold_out_windows(built: list[D.Example], stats: D.DataStats, fraction: float,
+                     seed: int) -> tuple[list[D.Example], list[D.Example]]:
+    """(train, held out) of a source too small to split by record (one .txt is one record) whose texts were cut
+    into windows: data.eval_fraction of its windows, seeded, when it has MIN_TO_SPLIT of them; its counts then
+    cover the windows it trains on. Neighbouring windows share one token, a target in one and context in the
+    other, so no held-out target is ever trained on."""
+    if len(built) < MIN_TO_SPLIT:
+        return built, []
+    train, held = D.train_test_split(built, fraction, seed=seed, field="data.eval_fraction")
+    stats.n_examples -= len(held)
+    stats.n_tokens -= sum(len(e.input_ids) for e in held)
+    stats.n_supervised_tokens -= sum(t != D.IGNORE for e in held for t in e.labels[1:])
+    return train, held
 
 
 def fingerprint(examples: list[D.Example], mixture: Mixture) -> list[dict]:

@@ -162,6 +162,29 @@ def test_a_txt_source_is_trained_whole_in_windows_and_said(tiny_dir, two_sources
                                 "prompt must come before its answer: use overflow: truncate or drop, or format: text"]
 
 
+def test_a_single_txt_holds_out_a_share_of_its_windows(tiny_dir, tmp_path):
+    """One .txt is one record, too few to hold any out by record: data.eval_fraction holds out a seeded share of
+    its windows instead (at least MIN_TO_SPLIT of them), and the counts cover the windows it trains on."""
+    text = tmp_path / "book.txt"
+    text.write_text(" ".join(f"fact {i} is true." for i in range(400)))
+    tok = load_tokenizer(str(tiny_dir))
+    every = D.build_dataset(D.read_records(str(text)), tok, "text", 64)[0]
+    assert len(every) >= 40
+    args = [f"model.name={tiny_dir}", "data.max_seq_len=64", "data.eval_fraction=0.1", f"output_dir={tmp_path / 'o'}"]
+    cfg = load_train_config(None, args, base={"data": {"train": str(text)}})
+    train, held, stats, mixture = load_data(cfg, tok)
+    assert len(held) == round(0.1 * len(every)) and len(train) + len(held) == len(every)
+    assert sorted(map(str, train + held)) == sorted(map(str, every))  # each window on one side only
+    assert (stats["n_examples"], stats["n_tokens"]) == (len(train), sum(len(e.input_ids) for e in train))
+    assert stats["n_supervised_tokens"] == sum(len(e.input_ids) - 1 for e in train)
+    assert "not_held_out" not in stats and "holds out nothing" not in data_report(stats, len(held), 0, 0, 1, "auto")
+    assert load_data(cfg, tok)[:2] == (train, held)  # seeded: a resumed run trains on the same windows
+    few = load_train_config(None, args[:1] + ["data.max_seq_len=4096"] + args[2:],
+                            base={"data": {"train": str(text)}})  # it fits whole: nothing cut or held out, said
+    train, held, stats, mixture = load_data(few, tok)
+    assert held == [] and stats["not_held_out"] == [mixture.names[0]]
+
+
 def test_bad_sources_are_reported_together_by_name(tiny_dir, two_sources, tmp_path):
     a, _ = two_sources
     empty = tmp_path / "empty.jsonl"
