@@ -277,7 +277,8 @@ def sources_report(mixture: Mixture, stats: dict) -> str:
                 else f"epochs {mixture.epochs[i]:g}")
         eos = f", {row['n_eos_stripped']} ending in the EOS text (learnt once)" if row["n_eos_stripped"] else ""
         split = f"{row['n_split']} cut into windows, " if row.get("n_split") else ""
-        lines.append(f"  {row['name']}: {row['n_records']} records ({split}{row['n_truncated']} truncated, "
+        records = f"{row['n_records']} record" + "s" * (row["n_records"] != 1)
+        lines.append(f"  {row['name']}: {records} ({split}{row['n_truncated']} truncated, "
                      f"{row['n_dropped']} dropped{eos}), {rule}: {count:.0f} examples, "
                      f"{100 * tok / max(sum(tokens), 1e-9):.0f}% of the tokens per epoch")
     return "\n".join(lines)

@@ -153,7 +153,7 @@ def test_a_txt_source_is_trained_whole_in_windows_and_said(tiny_dir, two_sources
                                                                    {"path": str(two_sources[0]), "weight": 1}]}})
     train, held, stats, mixture = load_data(mixed, tok)  # the instruction records are not cut
     line = sources_report(mixture, stats)
-    assert "book.txt: 1 records (1 cut into windows, 0 truncated, 0 dropped)" in line
+    assert "book.txt: 1 record (1 cut into windows, 0 truncated, 0 dropped)" in line
     assert "add.jsonl: 30 records (0 truncated, 0 dropped)" in line
     with pytest.raises(ConfigError) as e:  # a format whose records cannot be cut, named as the user wrote it
         load_train_config(None, args + ["data.overflow=split"],
