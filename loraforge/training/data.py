@@ -342,23 +342,24 @@ def _read_hub(source: str) -> list[dict]:
     return records
 
 
-def train_test_split(records: list[dict], test: float | int, seed: int = 0,
-                     field: str = "test") -> tuple[list[dict], list[dict]]:
+def train_test_split(records: list, test: float | int, seed: int = 0, field: str = "test",
+                     unit: str = "record") -> tuple[list, list]:
     """Deterministic split: `test` is a fraction in (0, 1) or a number of records. Order within each part is kept.
-    `field`: how the error names `test` (the config field the user set, e.g. "data.eval_fraction")."""
+    `field`: how the error names `test` (the config field the user set, e.g. "data.eval_fraction"); `unit`: what
+    the error calls the items split (records; windows of a text)."""
     n = len(records)
     n_test = round(test * n) if isinstance(test, float) else int(test)
     if isinstance(test, float) and not 0 < test < 1 or not 0 < n_test < n:
         if n < 2:
-            raise DataError(f"{field}={test!r}: {n} record cannot be split; give at least 2")
+            raise DataError(f"{field}={test!r}: {n} {unit} cannot be split; give at least 2")
         if isinstance(test, float):  # round(test * n) within [1, n - 1]: from 1/n to (n - 1)/n, written exactly
             digits = len(str(n)) + 1
             low, high = -(-10**digits // n), 10**digits * (n - 1) // n
             valid = f"a fraction from {_decimal(low, digits)} to {_decimal(high, digits)}"
         else:
             valid = f"a count from 1 to {n - 1}"
-        raise DataError(f"{field}={test!r} holds out {n_test} of the {n} records, leaving {n - n_test} to train on; "
-                        f"use {valid} (at least 1 record on each side)")
+        raise DataError(f"{field}={test!r} holds out {n_test} of the {n} {unit}s, leaving {n - n_test} to train on; "
+                        f"use {valid} (at least 1 {unit} on each side)")
     test_idx = set(random.Random(seed).sample(range(n), n_test))
     return ([r for i, r in enumerate(records) if i not in test_idx],
             [r for i, r in enumerate(records) if i in test_idx])

@@ -227,7 +227,7 @@ def hold_out_windows(built: list[D.Example], stats: D.DataStats, fraction: float
     other, so no held-out target is ever trained on."""
     if len(built) < MIN_TO_SPLIT:
         return built, []
-    train, held = D.train_test_split(built, fraction, seed=seed, field="data.eval_fraction")
+    train, held = D.train_test_split(built, fraction, seed=seed, field="data.eval_fraction", unit="window")
     stats.n_examples -= len(held)
     stats.n_tokens -= sum(len(e.input_ids) for e in held)
     stats.n_supervised_tokens -= sum(t != D.IGNORE for e in held for t in e.labels[1:])

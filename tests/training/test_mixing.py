@@ -179,6 +179,12 @@ def test_a_single_txt_holds_out_a_share_of_its_windows(tiny_dir, tmp_path):
     assert stats["n_supervised_tokens"] == sum(len(e.input_ids) - 1 for e in train)
     assert "not_held_out" not in stats and "holds out nothing" not in data_report(stats, len(held), 0, 0, 1, "auto")
     assert load_data(cfg, tok)[:2] == (train, held)  # seeded: a resumed run trains on the same windows
+    with pytest.raises(D.DataError) as e:  # a share that leaves nothing to train on, in windows
+        load_data(load_train_config(None, args[:2] + ["data.eval_fraction=0.999", args[3]],
+                                    base={"data": {"train": str(text)}}), tok)
+    assert str(e.value).startswith(f"data.eval_fraction=0.999 holds out {len(every)} of the {len(every)} windows, "
+                                   f"leaving 0 to train on; use a fraction from ")
+    assert str(e.value).endswith("(at least 1 window on each side)")
     few = load_train_config(None, args[:1] + ["data.max_seq_len=4096"] + args[2:],
                             base={"data": {"train": str(text)}})  # it fits whole: nothing cut or held out, said
     train, held, stats, mixture = load_data(few, tok)
