@@ -516,10 +516,14 @@ def restore(run: Run) -> None:
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
                             f"as they were; to train on with new ones, {then}", everywhere=True)
     if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
+        # the same files read another way (data.max_seq_len, data.overflow: its default changed once) are named
+        settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg))[0] if c.startswith("data.")]
+        also = f", as the settings that read it did ({'; '.join(settings)})" if settings else ""
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
-                            f"); its place in the data would now repeat or skip examples, so put the data back as "
-                            f"it was; to train on the new data, start a new run (training.init_adapter starts it "
-                            f"from an adapter)", everywhere=True)
+                            f"){also}; its place in the data would now repeat or skip examples, so put the data "
+                            f"{'and those settings back as they were' if settings else 'back as it was'}; to train "
+                            f"on the new data, start a new run (training.init_adapter starts it from an adapter)",
+                            everywhere=True)
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
             else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
     # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely

@@ -757,6 +757,25 @@ def test_resume_of_adalora_with_another_step_count_says_to_merge_not_to_train_on
                                  f"{out / 'adapter'}) and train a new adapter on the merged model")
 
 
+def test_resume_after_data_overflow_changed_names_the_setting(tiny_dir, tmp_path):
+    """A checkpoint of long text records truncated (data.overflow's default before `auto`), resumed with them cut
+    into windows: the same file read another way. The refusal named only the file ("40 examples then, 104 now"),
+    as if it had been edited; it now names the setting too."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{i}-{j}" for j in range(60))}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, data, out) + ["data.max_seq_len=32"]
+    stop_in_last_save(load_train_config(None, args + ["data.overflow=truncate"]))
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), resume=True, progress=False)  # overflow: auto, windows
+    said = str(e.value)
+    assert said.startswith("--resume: the training data changed since step-0000002 was written (docs.jsonl: 8 "
+                           "examples then, ")
+    assert ("as the settings that read it did (data.overflow: 'truncate' -> 'auto'); its place in the data would "
+            "now repeat or skip examples, so put the data and those settings back as they were") in said
+    assert train(load_train_config(None, args + ["data.overflow=truncate"]), resume=True, progress=False).steps == 3
+
+
 def test_resume_onto_data_that_changed_under_the_same_path_is_refused(tiny_dir, data_file, tmp_path):
     """Only the path was compared: a file rewritten with other rows resumed at the checkpoint's place in other
     data, silently (the final loss was another run's)."""
