@@ -91,6 +91,7 @@ from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model 
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
 from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, runs_by_sequence  # noqa: E402
+from loraforge.training.data import targets  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
@@ -182,9 +183,8 @@ def useful_flops(examples, model_config, lora_params: int) -> float:
     """FLOPs a LoRA step has to do for these examples (see the module docstring); the same for every trainer."""
     total = 0.0
     for ex in examples:
-        sup = sum(label != -100 for label in ex.labels[1:])
         total += row_flops(len(ex.input_ids), model_config, lora_params)
-        total += sup * 4 * model_config.hidden_size * model_config.vocab_size  # head forward + dx, supervised only
+        total += targets(ex) * 4 * model_config.hidden_size * model_config.vocab_size  # head forward + dx, supervised
     return total
 
 
@@ -238,7 +238,7 @@ def frozen_flops(examples, model_config) -> float:
     any time, no trainer's step could be faster: the table's ceiling."""
     c = model_config
     return sum(len(ex.input_ids) * 4 * frozen_params(c)
-               + sum(label != -100 for label in ex.labels[1:]) * 4 * c.hidden_size * c.vocab_size for ex in examples)
+               + targets(ex) * 4 * c.hidden_size * c.vocab_size for ex in examples)
 
 
 def worker(args) -> dict:

@@ -684,32 +684,29 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
         if overflow == "split" and len(ex.input_ids) > max_seq_len:
-            cut = windows(ex, max_seq_len)
+            kept = windows(ex, max_seq_len)  # a text's: every token of every window is supervised
+            n_sup = sum(map(targets, kept))
             stats.n_split += 1
-            examples += cut
-            stats.n_tokens += sum(len(w.input_ids) for w in cut)
-            stats.n_supervised_tokens += sum(label != IGNORE for w in cut for label in w.labels[1:])
-            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
-            continue
-        truncated = len(ex.input_ids) > max_seq_len
-        if truncated and overflow == "drop":
-            stats.n_dropped += 1
-            n_too_long += 1
-            _note_dropped(stats, record, i, f"longer than max_seq_len={max_seq_len}, data.overflow: drop")
-            continue
-        ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
-        n_sup = sum(label != IGNORE for label in ex.labels[1:])
-        if n_sup == 0:  # the response was cut off entirely
-            stats.n_dropped += 1
-            _note_dropped(stats, record, i, f"its prompt alone fills max_seq_len={max_seq_len}")
-            continue
-        stats.n_truncated += truncated
+        else:
+            truncated = len(ex.input_ids) > max_seq_len
+            if truncated and overflow == "drop":
+                stats.n_dropped += 1
+                n_too_long += 1
+                _note_dropped(stats, record, i, f"longer than max_seq_len={max_seq_len}, data.overflow: drop")
+                continue
+            kept = [Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])]
+            n_sup = targets(kept[0])
+            if n_sup == 0:  # the response was cut off entirely
+                stats.n_dropped += 1
+                _note_dropped(stats, record, i, f"its prompt alone fills max_seq_len={max_seq_len}")
+                continue
+            stats.n_truncated += truncated
         if fmt in EOS_FIELD:  # counted among the examples kept, as the data line reports them
             stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
         elif fmt == "chat":
             stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
-        examples.append(ex)
-        stats.n_tokens += len(ex.input_ids)
+        examples += kept
+        stats.n_tokens += sum(len(e.input_ids) for e in kept)
         stats.n_supervised_tokens += n_sup
     stats.n_examples = len(examples)
     if not examples:
@@ -723,6 +720,11 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
                        f"shorten the prompts)")
         raise DataError(f"all {len(records)} records were dropped: " + "; ".join(why))
     return examples, stats
+
+
+def targets(example: Example) -> int:
+    """The example's loss targets: its labels after the first that are not IGNORE (DataStats.n_supervised_tokens)."""
+    return sum(label != IGNORE for label in example.labels[1:])
 
 
 def windows(example: Example, max_seq_len: int) -> list[Example]:

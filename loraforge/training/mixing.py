@@ -230,7 +230,7 @@ def hold_out_windows(built: list[D.Example], stats: D.DataStats, fraction: float
     train, held = D.train_test_split(built, fraction, seed=seed, field="data.eval_fraction", unit="window")
     stats.n_examples -= len(held)
     stats.n_tokens -= sum(len(e.input_ids) for e in held)
-    stats.n_supervised_tokens -= sum(t != D.IGNORE for e in held for t in e.labels[1:])
+    stats.n_supervised_tokens -= sum(map(D.targets, held))
     return train, held
 
 
