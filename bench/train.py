@@ -46,6 +46,10 @@ freed activations where glibc's heap fragments, and keeps them for the next step
 in (see the README, "Memory on CPU"); lf-jemalloc-decay: jemalloc with its own page decay (MALLOC_CONF empty).
 lf-mmap1m: glibc with MALLOC_MMAP_THRESHOLD_=1 MiB (every larger block returned when freed, faulted in again).
 
+What a part of the step costs (bench/free_parts.py, timing only): lf-free-attention, -softmax, -lora, -mlp-act,
+-norm and -attention-lora run loraforge's step with that part made almost free (its math wrong, its losses not the
+model's), an upper bound of what making the part faster could give.
+
 Each trainer runs in its own subprocess (peak RSS is a process-lifetime maximum); the trainers alternate in short
 rounds so that load from other processes on a shared machine falls on all of them alike, and medians are reported.
 Tokens/s counts real (non-pad) tokens only. Roofline: the useful FLOPs of a step (frozen linears forward + input
@@ -85,6 +89,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
+import free_parts  # noqa: E402
 from flags import at_least  # noqa: E402
 from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
@@ -128,6 +133,9 @@ VARIANTS = {
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
     "lf-compile-ckpt10": ("lf", {"compile": True, "checkpointing": 10}),
+    # timing only, wrong math (bench/free_parts.py): the step with one part of loraforge's made free
+    **{f"lf-free-{part}": ("lf", {"free": (part,)}) for part in free_parts.PARTS},
+    "lf-free-attention-lora": ("lf", {"free": ("attention", "lora")}),
 }
 
 
@@ -288,6 +296,7 @@ def worker(args) -> dict:
             from loraforge.training.fastpath import LEAN_KEEP_ATTENTION
 
             model.set_attn_implementation(LEAN_KEEP_ATTENTION)
+        free_parts.apply(opts.get("free", ()))  # lf-free-*: timing only, this process's kernels patched
     same_lora_init(model)
     model.train()
     load_peak, rss_loaded = peak_memory_mb("cpu"), rss_mb()  # the resident set's peak so far and now, any device

@@ -220,3 +220,46 @@ def test_train_bench_runs_peft_and_loraforge_end_to_end_with_equal_losses(tiny_d
         assert float(cells[5]) == pytest.approx(r["speedup"], abs=0.005)
         assert float(cells[7]) == pytest.approx(r["memory_ratio"], abs=0.005)
         assert float(cells[9]) == pytest.approx(r["final_loss"], abs=5e-5)
+
+
+def test_free_part_variants_each_remove_their_part_and_nothing_else(tiny_dir, tmp_path):
+    """bench/train.py's lf-free-* variants (bench/free_parts.py, timing only) run loraforge's step on packed text
+    with one part made free: with LoRA free the first step's loss is loraforge's own (B = 0 at the start, so the
+    adapters add nothing yet: the frozen path is untouched) and later ones differ (nothing trains); every other
+    part changes the first step's loss already (its math is gone)."""
+    out = tmp_path / "free.json"
+    variants = ["lf"] + [f"lf-free-{part}" for part in ("attention", "softmax", "lora", "mlp-act", "norm")]
+    args = ["--model", str(tiny_dir), "--shapes", "text", "--variants", ",".join(variants), "--dtypes", "fp32",
+            "--rounds", "1", "--steps", "2", "--warmup", "1", "--text-rows", "2", "--text-len", "64", "--json",
+            str(out)]
+    proc = subprocess.run([sys.executable, BENCH / "train.py", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = json.loads(out.read_text())["raw"]
+    (ours,) = raw["text/lf/fp32"]
+    for variant in variants[1:]:
+        (free,) = raw[f"text/{variant}/fp32"]
+        assert len(free["losses"]) == len(ours["losses"]) == 3
+        if variant == "lf-free-lora":
+            assert free["losses"][0] == pytest.approx(ours["losses"][0], rel=1e-6)
+            assert free["losses"][2] != pytest.approx(ours["losses"][2], rel=1e-4)
+        else:
+            assert free["losses"][0] != pytest.approx(ours["losses"][0], rel=1e-4), variant
+
+
+def test_free_parts_restore_the_kernels_they_replaced(monkeypatch):
+    """apply() replaces names in loraforge.kernels and returns the originals; restore() puts every one back, and an
+    unknown part is refused by name before anything is replaced."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import free_parts
+
+    from loraforge import kernels as K
+
+    names = [name for patch in free_parts.PATCHES.values() for name in patch]
+    before = {name: getattr(K, name) for name in names}
+    originals = free_parts.apply(free_parts.PARTS)
+    assert all(getattr(K, name) is not before[name] for name in names)
+    free_parts.restore(originals)
+    assert all(getattr(K, name) is before[name] for name in names)
+    with pytest.raises(ValueError, match="unknown part.s. mlp; choose from attention, softmax"):
+        free_parts.apply(("attention", "mlp"))
+    assert all(getattr(K, name) is before[name] for name in names)
