@@ -12,7 +12,8 @@ outputs get fresh pages that the training heap reuses); here the part is removed
     softmax     its softmax only: the probabilities are the raw scores (products and the loop remain)
     lora        LoRA's products, forward and backward, in every fused LoRA node (and so the optimizer's work:
                 the adapters get no gradients)
-    mlp-act     the SwiGLU activation silu(gate) * up in the fused MLP node, forward and backward (h = gate)
+    mlp-act     the SwiGLU activation silu(gate) * up in the fused MLP node, forward and backward (h = gate; the
+                node keeps gate and up as before)
     norm        the fused RMSNorm nodes (y = x)
 
 The patches replace names in loraforge.kernels in the worker's process only; the library is unchanged.
@@ -62,30 +63,12 @@ def _frozen_backward(g2, x2, xa, w, a, b, scaling, need_x, need_a, need_b):
     return (g2 @ w if need_x else None), None, None
 
 
-class _FreeSwiGLU(torch.autograd.Function):
-    """The down projection (and its adapter) of h = gate instead of silu(gate) * up; gate and up both get dh."""
+def _gate_as_product(g, u):
+    return g, None
 
-    @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scaling: float):
-        compute = K._compute_dtype(gate)
-        with torch.autocast(gate.device.type, enabled=False):
-            h, w, bias_c, a, b = K._cast(compute, gate, weight, bias, lora_A, lora_B)
-            h = h.reshape(-1, h.shape[-1])
-            y, xa = K._linear_forward(h, w, bias_c, a, b, scaling)
-        ctx.save_for_backward(h, xa, w, a, b)
-        ctx.scaling, ctx.shape, ctx.dtypes = scaling, gate.shape, (gate.dtype, up.dtype)
-        ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
-        return y.view(*gate.shape[:-1], y.shape[-1])
 
-    @staticmethod
-    def backward(ctx, grad):
-        h, xa, w, a, b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        dh, dA, dB = K._linear_backward(g2, h, xa, w, a, b, ctx.scaling, True, need[4], need[5])
-        dh = dh.view(ctx.shape)
-        return (dh.to(ctx.dtypes[0]), dh.to(ctx.dtypes[1]), None, None, K._opt_to(dA, ctx.param_dtypes[0]),
-                K._opt_to(dB, ctx.param_dtypes[1]), None)
+def _product_grads_as_given(dh, g, u, s, need_gate, need_up):
+    return (dh if need_gate else None), (dh if need_up else None)
 
 
 class _FreeRMSNorm(torch.autograd.Function):
@@ -102,7 +85,7 @@ PATCHES = {
     "attention": {"attention": _free_attention, "packed_attention": _free_attention},
     "softmax": {"_segment_probs": _raw_segment_scores, "_dense_probs": _raw_dense_scores},
     "lora": {"_linear_forward": _frozen_forward, "_linear_backward": _frozen_backward},
-    "mlp-act": {"_SwiGLULinear": _FreeSwiGLU},
+    "mlp-act": {"_swiglu": _gate_as_product, "_swiglu_grads": _product_grads_as_given},
     "norm": {"_RMSNorm": _FreeRMSNorm},
 }
 

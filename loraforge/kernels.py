@@ -113,13 +113,27 @@ def _check_frozen(weight, bias):
         raise ValueError("the fused kernels train only the adapter: freeze the base weight and bias first")
 
 
+def _swiglu(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(silu(g) ⊙ u, silu(g)): the SwiGLU activation, in the forward and in the backward's recompute."""
+    s = F.silu(g)
+    return s * u, s
+
+
+def _swiglu_grads(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, need_gate: bool,
+                  need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d gate, d up) of _swiglu's product for its gradient dh, s its silu(g); None where not needed."""
+    du = dh * s if need_up else None
+    dg = torch.ops.aten.silu_backward(dh * u, g) if need_gate else None
+    return dg, du
+
+
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scaling: float):
         compute = _compute_dtype(gate)
         with torch.autocast(gate.device.type, enabled=False):
             g, u, w, bias_c, a, b = _cast(compute, gate, up, weight, bias, lora_A, lora_B)
-            h = (F.silu(g) * u).reshape(-1, g.shape[-1])  # (N, intermediate): used here, recomputed in backward
+            h = _swiglu(g, u)[0].reshape(-1, g.shape[-1])  # (N, intermediate): used here, recomputed in backward
             y, xa = _linear_forward(h, w, bias_c, a, b, scaling)
         ctx.save_for_backward(g, u, xa, w, a, b)
         ctx.scaling, ctx.dtypes = scaling, (gate.dtype, up.dtype)
@@ -130,15 +144,14 @@ class _SwiGLULinear(torch.autograd.Function):
     def backward(ctx, grad):
         g, u, xa, w, a, b = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        s = F.silu(g)
-        h = (s * u).reshape(-1, g.shape[-1])
+        h, s = _swiglu(g, u)
+        h = h.reshape(-1, g.shape[-1])
         need = ctx.needs_input_grad
         dh, dA, dB = _linear_backward(g2, h, xa, w, a, b, ctx.scaling, True, need[4], need[5])
         del h
-        dh = dh.view(g.shape)
-        du = (dh * s).to(ctx.dtypes[1]) if need[1] else None
-        dg = torch.ops.aten.silu_backward(dh * u, g).to(ctx.dtypes[0]) if need[0] else None
-        return dg, du, None, None, _opt_to(dA, ctx.param_dtypes[0]), _opt_to(dB, ctx.param_dtypes[1]), None
+        dg, du = _swiglu_grads(dh.view(g.shape), g, u, s, need[0], need[1])
+        return (_opt_to(dg, ctx.dtypes[0]), _opt_to(du, ctx.dtypes[1]), None, None, _opt_to(dA, ctx.param_dtypes[0]),
+                _opt_to(dB, ctx.param_dtypes[1]), None)
 
 
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
