@@ -498,10 +498,6 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    try:  # a missing folder or file: said here, not after the matmul peak inside the first worker
-        resolve_model(args.model)
-    except (FileNotFoundError, ModelFilesError, ModelDownloadError) as e:
-        p.error(f"--model: {e}")
     variants, asked, shape_names = args.variants.split(","), args.dtypes.split(","), args.shapes.split(",")
     for sh in shape_names:
         if sh not in data_shapes.SHAPES:
@@ -512,6 +508,11 @@ def main() -> None:
     for d in asked:
         if d not in ("auto", *PRECISIONS):
             p.error(f"--dtypes: unknown precision {d!r}; choose from auto, {', '.join(PRECISIONS)}")
+    try:  # a missing folder or file: said here, not after the matmul peak inside the first worker (and converted
+        # here, not inside the first worker's measured memory)
+        resolve_model(args.model)
+    except (FileNotFoundError, ModelFilesError, ModelDownloadError) as e:
+        p.error(f"--model: {e}")
     auto = auto_precision(args.device)  # resolved once, for every round and worker
     dtypes = list(dict.fromkeys(auto.compute if d == "auto" else d for d in asked))
     hardware = describe(args.device)

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 
 from loraforge.config import ConfigError
-from loraforge.quant.bnb import load_quantized
-from loraforge.utils.files import DiskError, disk_error, expand_user, fsync_tree, plain_modes
+from loraforge.quant.bnb import load_quantized, quantize_loaded
+from loraforge.utils.files import DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes
 
 try:
     import fcntl
@@ -72,34 +72,80 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
+_KEYS: dict[tuple, str] = {}
+
+
 def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
+    """Where `gguf`'s conversion is cached, named by the file's content (sha1 of its bytes): the same file installed
+    in many places (a virtual environment per clone) shares one conversion. Hashed once a process per path, size and
+    modification time."""
+    stat = gguf.stat()
+    seen = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    if seen not in _KEYS:
+        digest = hashlib.sha1()
+        with open(gguf, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _KEYS[seen] = digest.hexdigest()[:10]
+    return cache_dir() / f"{name or gguf.stem}-{_KEYS[seen]}"
+
+
+def _path_keyed(gguf: Path, name: str | None) -> Path:
+    """Where loraforge before content keys cached `gguf`'s conversion (a new one for every path the file had)."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     return cache_dir() / f"{name or gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path):
-    """(model, tokenizer) of a GGUF file de-quantized into a plain fp32 transformers model that can be saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _no_weights(out: Path) -> Path:
+    """Beside a conversion: its config and tokenizer alone (a few MB), for callers that need no weights."""
+    return out.with_name(out.name + "-no-weights")
 
-    src, fname = str(gguf.parent), gguf.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-    # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild a plain one from its config.
-    config = AutoConfig.from_pretrained(src, gguf_file=fname)
+
+def converted_bytes(gguf: Path) -> int:
+    """The bytes a conversion of `gguf` writes: every tensor in fp32, and a tokenizer's few MB."""
+    import gguf as gguf_lib
+
+    return 4 * sum(int(t.n_elements) for t in gguf_lib.GGUFReader(gguf).tensors) + (16 << 20)
+
+
+def gguf_config(gguf: Path, dtype: torch.dtype = torch.float32):
+    """The transformers config of a GGUF file, as a plain checkpoint of its model in `dtype` saves it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    config.dtype = dtype
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    return config
+
+
+def gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
+    """A GGUF file's model de-quantized into a plain transformers model in `dtype` (one that can be saved): the
+    weights de-quantized in fp32, then rounded once to `dtype`, as loading its fp32 conversion in `dtype` does."""
+    from transformers import AutoModelForCausalLM
+
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild a plain one from its config.
+    config = gguf_config(gguf, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(from_gguf.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf} lost weights: missing={missing} unexpected={unexpected}")
-    model.generation_config = gguf_model.generation_config
-    return model, tokenizer
+    model.generation_config = from_gguf.generation_config
+    return model
 
 
-def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
+def convert_gguf(gguf: Path):
+    """(model, tokenizer) of a GGUF file de-quantized into a plain fp32 transformers model that can be saved."""
+    from transformers import AutoTokenizer
+
+    return gguf_model(gguf), AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def cached_conversion(gguf: Path, out: Path, build=None, weights: bool = True, legacy: Path | None = None) -> Path:
     """`out`, converted from `gguf` once; safe when several processes (torchrun ranks, two jobs) ask at once.
 
     One process converts while holding a lock beside the cache (`<out>.lock`); the others wait for it and then
@@ -109,30 +155,43 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
     first rename wins. The sizes of the weights files are kept in `out/SIZES`; a cached conversion that no longer
     has them (cut short, damaged) is refused with the folder to delete. `build(gguf, tmp)` writes the checkpoint
     (tests pass a stand-in); it runs with its own random state, so the run's seed draws the same numbers whether
-    the cache was cold or warm."""
-    if _complete(out):
+    the cache was cold or warm.
+
+    `weights=False`: the config and tokenizer alone. `legacy`: where an older loraforge cached the same conversion; a
+    complete one there is moved to `out` instead of converting anew. With less disk free beside `out` than the
+    weights' conversion writes (`converted_bytes`), it is refused before anything is written (DiskError): a full disk
+    is not filled to its last byte for a conversion that cannot finish."""
+    if _complete(out, weights):
         return _intact(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _unusable_cache(out.parent, e) from None
     with _file_lock(out.parent / f"{out.name}.lock", f"another process is converting {gguf.name} into {out}"):
-        if _complete(out):  # converted by the process we waited for
+        if _complete(out, weights):  # converted by the process we waited for
+            return _intact(out)
+        if legacy is not None and _complete(legacy):
+            os.replace(legacy, out)
             return _intact(out)
         if out.exists():  # not ours to guess about: a directory without a checkpoint in it
-            raise FileExistsError(f"{out} exists but holds no complete checkpoint (config.json and *.safetensors); "
-                                  f"delete it and run again to convert {gguf.name} anew")
+            what = "checkpoint (config.json and *.safetensors)" if weights else "config.json and tokenizer_config.json"
+            raise FileExistsError(f"{out} exists but holds no complete {what}; delete it and run again to convert "
+                                  f"{gguf.name} anew")
         if fcntl is not None:  # under the lock no other converter runs: these are left by killed ones
             for stale in out.parent.glob(f"{out.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        print(f"converting {gguf.name} to safetensors once; cached at {out} (move it with LORAFORGE_CACHE)",
-              flush=True)
+        need = converted_bytes(gguf) if weights and build is None else None
+        if need is not None and (free_bytes(out.parent) or need) < need:
+            error = disk_error(out, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), need_bytes=need)
+            error.args = (f"{error}; converted models are cached there: free space, or set LORAFORGE_CACHE to a "
+                          f"folder with room",)
+            raise error
+        what = "to safetensors" if weights else "(its config and tokenizer)"
+        print(f"converting {gguf.name} {what} once; cached at {out} (move it with LORAFORGE_CACHE)", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
         try:
-            python_rng = random.getstate()
-            with torch.random.fork_rng(devices=[]):  # building models draws random inits: keep the run's seed intact
-                (build or _save_converted)(gguf, tmp)
-            random.setstate(python_rng)
+            with own_random_state():
+                (build or (_save_converted if weights else _save_config_and_tokenizer))(gguf, tmp)
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
             (tmp / SIZES).write_text(json.dumps(sizes, indent=1))
             fsync_tree(tmp)
@@ -140,17 +199,26 @@ def cached_conversion(gguf: Path, out: Path, build=None) -> Path:
             try:
                 os.replace(tmp, out)
             except OSError:
-                if not _complete(out):  # no lock here and another process's rename came first: use theirs
+                if not _complete(out, weights):  # no lock here and another process's rename came first: use theirs
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            # fp32 safetensors from ~4.5-bit GGUF weights: about 7x the file (more for 8-bit files; a hint only)
-            error = disk_error(out, e, need_bytes=7 * gguf.stat().st_size)
+            error = disk_error(out, e, need_bytes=need)
             if error is None:
                 raise
             raise error from None
     return out
+
+
+@contextlib.contextmanager
+def own_random_state():
+    """Building a model draws random inits that loading then overwrites: inside this block they draw from a state of
+    their own, so the run's seed gives the same numbers after it whether a model was built or not."""
+    python_rng = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python_rng)
 
 
 SIZES = "loraforge-sizes.json"  # in a converted model's folder: its weights files' sizes as written
@@ -186,8 +254,17 @@ def _save_converted(gguf: Path, tmp: Path) -> None:
     tokenizer.save_pretrained(tmp)
 
 
-def _complete(out: Path) -> bool:
-    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+def _save_config_and_tokenizer(gguf: Path, tmp: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf_config(gguf).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+
+def _complete(out: Path, weights: bool = True) -> bool:
+    return (out / "config.json").is_file() and (any(out.glob("*.safetensors")) if weights else
+                                                (out / "tokenizer_config.json").is_file())
+
 
 
 @contextlib.contextmanager
@@ -213,27 +290,37 @@ def _file_lock(path: Path, waiting: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def resolve_model(name_or_path: str) -> str:
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file a built-in name or a .gguf path stands for (checked to be one); None for other models."""
+    if name_or_path in BUILTIN_MODELS:
+        return builtin_gguf_path(name_or_path)
+    path = expand_user(name_or_path)
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":  # before the conversion and its lock: transformers' ValueError was a traceback
+        what = "an empty file" if not magic else f"not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+        raise ModelDownloadError(f"model {name_or_path}: {what}; give a llama.cpp .gguf file, a transformers "
+                                 f"directory, a hub id or a built-in name ({', '.join(BUILTIN_MODELS)})")
+    return path
+
+
+def resolve_model(name_or_path: str, weights: bool = True) -> str:
     """Turn a model argument into something `from_pretrained` accepts: a local directory or a hub id.
 
-    Built-in names and .gguf files are converted once and cached.
+    Built-in names and .gguf files are converted once and cached; `weights=False` (for the tokenizer or the config
+    alone) converts only those where the weights are not converted yet.
     """
-    if name_or_path in BUILTIN_MODELS:
-        gguf = builtin_gguf_path(name_or_path)
-        out = _gguf_cache_path(gguf, name_or_path)
-        return str(cached_conversion(gguf, out))
+    if (gguf := gguf_source(name_or_path)) is not None:
+        out = _gguf_cache_path(gguf, name_or_path if name_or_path in BUILTIN_MODELS else None)
+        legacy = _path_keyed(gguf, name_or_path if name_or_path in BUILTIN_MODELS else None)
+        if weights or _complete(out) or _complete(legacy):
+            return str(cached_conversion(gguf, out, legacy=legacy))
+        return str(cached_conversion(gguf, _no_weights(out), weights=False))
     path = expand_user(name_or_path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":  # before the conversion and its lock: transformers' ValueError was a traceback
-            what = "an empty file" if not magic else f"not a GGUF file (it starts with {magic!r}, not b'GGUF')"
-            raise ModelDownloadError(f"model {name_or_path}: {what}; give a llama.cpp .gguf file, a transformers "
-                                     f"directory, a hub id or a built-in name ({', '.join(BUILTIN_MODELS)})")
-        out = _gguf_cache_path(path, None)
-        return str(cached_conversion(path, out))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
@@ -333,7 +420,7 @@ def _reading(name_or_path: str, path: str, what: str):
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, weights=False)
     _check_tokenizer(name_or_path, path)
     with _downloading(name_or_path, path), _reading(name_or_path, path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -346,7 +433,7 @@ def load_config(name_or_path: str):
     """The model's transformers config alone, without its weights: to check settings against it before loading."""
     from transformers import AutoConfig
 
-    path = resolve_model(name_or_path)
+    path = resolve_model(name_or_path, weights=False)
     with _downloading(name_or_path, path), _reading(name_or_path, path, "config"):
         return AutoConfig.from_pretrained(path)
 
@@ -354,11 +441,24 @@ def load_config(name_or_path: str):
 def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
                device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8):
     """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes; a 4-bit
-    weight's packed codes are held as `quant_storage` (a float dtype lets FSDP shard them like any weight)."""
+    weight's packed codes are held as `quant_storage` (a float dtype lets FSDP shard them like any weight).
+
+    A GGUF model whose conversion the cache's disk has no room for is de-quantized in memory instead, this run only
+    (the same weights, slower to start), with a line that says so."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name_or_path)
     torch_dtype = parse_dtype(dtype)
+    try:
+        path = resolve_model(name_or_path)
+    except DiskError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or (gguf := gguf_source(name_or_path)) is None:
+            raise
+        print(f"{e}\nreading the weights from {gguf} in memory instead, this run only", flush=True)
+        with own_random_state():
+            model = gguf_model(gguf, torch_dtype)
+        if quantize is not None:
+            return quantize_loaded(model, quantize, torch_dtype, device, quant_storage=quant_storage)
+        return model.to(device)
     _check_weights(name_or_path, path)
     with _downloading(name_or_path, path), _reading(name_or_path, path, "weights"):
         if quantize is not None:

@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The dashboard's browser tests drive Debian's chromium through Playwright (no browser download); as root with
-# apt-get it is installed here, elsewhere tests/ui/test_ui_browser.py is skipped and says why.
+# apt-get it is installed here (its downloaded packages removed after: a machine's disk can be short), elsewhere
+# tests/ui/test_ui_browser.py is skipped and says why.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && apt-get clean) \
     || echo "chromium could not be installed: the browser tests will be skipped" >&2
 fi
 PY=${PYTHON:-python3}

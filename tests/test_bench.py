@@ -23,12 +23,13 @@ def test_bench_script_prints_its_help(script):
     assert out.stdout.startswith("usage:")
 
 
-def test_train_bench_defaults_to_auto_and_names_a_bad_precision():
+def test_train_bench_defaults_to_auto_and_names_a_bad_precision(tmp_path):
     out = subprocess.run([sys.executable, BENCH / "train.py", "--help"], capture_output=True, text=True, timeout=120)
     assert "--dtypes DTYPES" in out.stdout and "auto (what" in out.stdout
     out = subprocess.run([sys.executable, BENCH / "train.py", "--dtypes", "auto,fp8"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env={**os.environ, "LORAFORGE_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 2 and "--dtypes: unknown precision 'fp8'" in out.stderr
+    assert not (tmp_path / "cache").exists()  # named before the model is converted (a 538 MB cache)
 
 
 @pytest.mark.parametrize("script, args, message", [

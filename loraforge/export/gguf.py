@@ -124,7 +124,7 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     source = base_gguf(base)
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} does not exist")
-    tokenizer_dir = None if source is not None else Path(resolve_model(base))
+    tokenizer_dir = None if source is not None else Path(resolve_model(base, weights=False))
     if tokenizer_dir is not None:
         check_tokenizer(tokenizer_dir)  # before loading and merging the model
     model, tokenizer = load_base(base, dtype="fp32")

@@ -96,7 +96,8 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
                           f"folder, or choose another folder for --out")
     if model_file.exists() and not overwrite:
         raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
-    hf_config = AutoConfig.from_pretrained(resolve_model(base))  # the base's shapes and names; no weights loaded
+    # the base's shapes and names; no weights loaded (nor converted)
+    hf_config = AutoConfig.from_pretrained(resolve_model(base, weights=False))
     write_file(lambda p: lora_writer(p, adapter, hf_config, type), out)
     with atomic_file(model_file) as tmp:  # a failed or concurrent write never leaves a cut Modelfile
         tmp.write_text(modelfile(base, out))

@@ -190,6 +190,15 @@ def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.
 
     _check_quantize(quantize)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
+    return quantize_loaded(model, quantize, compute_dtype, device, double_quant, quant_storage)
+
+
+def quantize_loaded(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cpu", double_quant: bool = True,
+                    quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """A model loaded in `compute_dtype` (from a checkpoint, or de-quantized from GGUF in memory) with its linear
+    layers stored by bitsandbytes, as `load_quantized` gives it."""
+    _check_quantize(quantize)
     model = quantize_model(model, quantize, compute_dtype, double_quant, device, quant_storage).eval()
     _own_memory(model)
     return model

@@ -140,7 +140,7 @@ def model_shape(model: str | ModelShape) -> ModelShape:
     if not path.is_dir() and model not in BUILTIN_MODELS:
         raise ValueError(f"model {model!r} is neither a known size ({', '.join(KNOWN_SHAPES)}), "
                          f"a transformers directory, nor a built-in model ({', '.join(BUILTIN_MODELS)})")
-    file = Path(resolve_model(model)) / "config.json"
+    file = Path(resolve_model(model, weights=False)) / "config.json"
     try:
         cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:

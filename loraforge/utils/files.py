@@ -71,7 +71,9 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _free(path: Path) -> int | None:
+def free_bytes(path: Path) -> int | None:
+    """Bytes free to this user on the file system that holds `path` (or its nearest existing parent); None where
+    that cannot be read."""
     for p in (path, *path.parents):
         if p.exists():
             try:
@@ -93,7 +95,7 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     if reason is None:
         return None
     sizes = [f"about {_size(need_bytes)} needed"] if need_bytes is not None else []
-    if (free := _free(target)) is not None:
+    if (free := free_bytes(target)) is not None:
         sizes.append(f"{_size(free)} free there")
     text = f"cannot write {target}: {reason}" + (f" ({', '.join(sizes)})" if sizes else "")
     if left is not None and left.exists():
