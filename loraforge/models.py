@@ -9,6 +9,7 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import importlib.util
@@ -73,14 +74,20 @@ def builtin_gguf_path(name: str) -> Path:
 
 
 _KEYS: dict[tuple, str] = {}
+_NEEDS: dict[tuple, int] = {}
+
+
+def _seen(gguf: Path) -> tuple:
+    """What a file's memos here are kept under: its path, size and modification time."""
+    stat = gguf.stat()
+    return str(gguf.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
     """Where `gguf`'s conversion is cached, named by the file's content (sha1 of its bytes): the same file installed
     in many places (a virtual environment per clone) shares one conversion. Hashed once a process per path, size and
     modification time."""
-    stat = gguf.stat()
-    seen = (str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    seen = _seen(gguf)
     if seen not in _KEYS:
         digest = hashlib.sha1()
         with open(gguf, "rb") as f:
@@ -103,22 +110,38 @@ def _no_weights(out: Path) -> Path:
 
 
 def converted_bytes(gguf: Path) -> int:
-    """The bytes a conversion of `gguf` writes: every tensor in fp32, and a tokenizer's few MB."""
+    """The bytes a conversion of `gguf` writes: every tensor in fp32, and a tokenizer's few MB. Read from the file's
+    tensor table (about 2 s for the built-in model) once a process."""
     import gguf as gguf_lib
 
-    return 4 * sum(int(t.n_elements) for t in gguf_lib.GGUFReader(gguf).tensors) + (16 << 20)
+    seen = _seen(gguf)
+    if seen not in _NEEDS:
+        _NEEDS[seen] = 4 * sum(int(t.n_elements) for t in gguf_lib.GGUFReader(gguf).tensors) + (16 << 20)
+    return _NEEDS[seen]
 
 
 def gguf_config(gguf: Path, dtype: torch.dtype = torch.float32):
     """The transformers config of a GGUF file, as a plain checkpoint of its model in `dtype` saves it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _plain_config(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), dtype)
+
+
+def _plain_config(config, dtype: torch.dtype):
+    """A GGUF model's config without its quantizer, in `dtype`, naming its model class (as save_pretrained does)."""
+    from transformers import AutoModelForCausalLM
+
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
     config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     return config
+
+
+def gguf_tokenizer(gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
@@ -127,8 +150,9 @@ def gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild a plain one from its config.
-    config = gguf_config(gguf, dtype)
+    # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild a plain one from its config (a
+    # copy: reading the file's metadata again took 2.5-4 s for the built-in model).
+    config = _plain_config(copy.deepcopy(from_gguf.config), dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(from_gguf.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -140,9 +164,7 @@ def gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
 
 def convert_gguf(gguf: Path):
     """(model, tokenizer) of a GGUF file de-quantized into a plain fp32 transformers model that can be saved."""
-    from transformers import AutoTokenizer
-
-    return gguf_model(gguf), AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return gguf_model(gguf), gguf_tokenizer(gguf)
 
 
 def cached_conversion(gguf: Path, out: Path, build=None, weights: bool = True, legacy: Path | None = None) -> Path:
@@ -181,10 +203,12 @@ def cached_conversion(gguf: Path, out: Path, build=None, weights: bool = True, l
             for stale in out.parent.glob(f"{out.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         need = converted_bytes(gguf) if weights and build is None else None
-        if need is not None and (free_bytes(out.parent) or need) < need:
-            error = disk_error(out, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), need_bytes=need)
-            error.args = (f"{error}; converted models are cached there: free space, or set LORAFORGE_CACHE to a "
-                          f"folder with room",)
+        free = free_bytes(out.parent)
+        if need is not None and free is not None and free < need:
+            said = disk_error(out, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), need_bytes=need)
+            error = DiskError(f"{said}; converted models are cached there: free space, or set LORAFORGE_CACHE to a "
+                              f"folder with room")
+            error.errno = errno.ENOSPC
             raise error
         what = "to safetensors" if weights else "(its config and tokenizer)"
         print(f"converting {gguf.name} {what} once; cached at {out} (move it with LORAFORGE_CACHE)", flush=True)
@@ -255,16 +279,13 @@ def _save_converted(gguf: Path, tmp: Path) -> None:
 
 
 def _save_config_and_tokenizer(gguf: Path, tmp: Path) -> None:
-    from transformers import AutoTokenizer
-
     gguf_config(gguf).save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    gguf_tokenizer(gguf).save_pretrained(tmp)
 
 
 def _complete(out: Path, weights: bool = True) -> bool:
     return (out / "config.json").is_file() and (any(out.glob("*.safetensors")) if weights else
                                                 (out / "tokenizer_config.json").is_file())
-
 
 
 @contextlib.contextmanager
@@ -315,8 +336,8 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
     alone) converts only those where the weights are not converted yet.
     """
     if (gguf := gguf_source(name_or_path)) is not None:
-        out = _gguf_cache_path(gguf, name_or_path if name_or_path in BUILTIN_MODELS else None)
-        legacy = _path_keyed(gguf, name_or_path if name_or_path in BUILTIN_MODELS else None)
+        name = name_or_path if name_or_path in BUILTIN_MODELS else None
+        out, legacy = _gguf_cache_path(gguf, name), _path_keyed(gguf, name)
         if weights or _complete(out) or _complete(legacy):
             return str(cached_conversion(gguf, out, legacy=legacy))
         return str(cached_conversion(gguf, _no_weights(out), weights=False))

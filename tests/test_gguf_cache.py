@@ -33,10 +33,10 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def no_room(m):
-    """The cache's disk as 1 kB free (what the check reads, and what the error message says)."""
-    m.setattr(M, "free_bytes", lambda folder: 1000)
-    m.setattr(F, "free_bytes", lambda folder: 1000)
+def no_room(m, free=1000):
+    """The cache's disk with `free` bytes free (what the check reads, and what the error message says)."""
+    m.setattr(M, "free_bytes", lambda folder: free)
+    m.setattr(F, "free_bytes", lambda folder: free)
 
 
 def tensors(model):
@@ -81,11 +81,13 @@ def test_the_tokenizer_and_config_alone_convert_no_weights(tiny_gguf, cache):
     assert {**config.to_dict(), "_name_or_path": None} == {**again, "_name_or_path": None}
 
 
-def test_a_conversion_the_disk_has_no_room_for_is_refused_before_anything_is_written(tiny_gguf, cache, monkeypatch):
-    no_room(monkeypatch)
+@pytest.mark.parametrize("free, said", [(1000, "1.0 kB"), (0, "0 B")])  # 0: a full disk (the check read 0 as none)
+def test_a_conversion_the_disk_has_no_room_for_is_refused_before_anything_is_written(tiny_gguf, cache, monkeypatch,
+                                                                                      free, said):
+    no_room(monkeypatch, free)
     out = M._gguf_cache_path(tiny_gguf, None)
     with pytest.raises(DiskError, match=rf"cannot write {re.escape(str(out))}: no space left on the device \(about "
-                                        rf"{M.converted_bytes(tiny_gguf) / 1e6:.1f} MB needed, 1.0 kB free there\); "
+                                        rf"{M.converted_bytes(tiny_gguf) / 1e6:.1f} MB needed, {said} free there\); "
                                         rf"converted models are cached there: free space, or set LORAFORGE_CACHE"):
         M.resolve_model(str(tiny_gguf))
     assert sorted(p.name for p in cache.iterdir()) == [f"{out.name}.lock"]
