@@ -47,7 +47,7 @@ def _free_attention(q, k, v, *args, **kwargs):
     return _FreeAttention.apply(q, k, v)
 
 
-def _raw_segment_scores(qs, ks, bias, scaling, compute):
+def _raw_segment_scores(qs, ks, bias, start, scaling):
     return torch.bmm(qs, ks.transpose(-1, -2))
 
 

@@ -10,6 +10,8 @@
            article, which never attends to another), `--text-rows` rows a step; every trainer gets these rows
            (PEFT + transformers builds the block-diagonal mask from the position ids, as with HF's
            DataCollatorWithFlattening). Articles repeat in a new seeded order when a run needs more rows.
+           `--text-docs N`: the articles joined end to end and cut into documents of N tokens instead (long
+           documents: with N = 512 and `--text-len 2048`, four sequences of 512 a row).
 
 A step is a list of micro-batches; a micro-batch is (rows, examples): rows go to the trainer (Example objects, or
 packed dicts with position_ids), examples are the real sequences in them (tokens and FLOPs are counted on these).
@@ -65,11 +67,16 @@ def articles() -> list[dict]:
     return [{"text": d} for d in docs if d]
 
 
-def text_rows(tokenizer, pack_len: int, n_rows: int, seed: int = 0) -> list[tuple[dict, list[D.Example]]]:
+def text_rows(tokenizer, pack_len: int, n_rows: int, seed: int = 0,
+              doc_len: int = 0) -> list[tuple[dict, list[D.Example]]]:
     """n_rows packed rows of at most pack_len tokens: (row dict for collate, the articles in it). A shuffled pass
     over the articles packs its leftovers into one more row; one under half of pack_len is dropped, so that every
-    row measured is about pack_len long (the shipped text fills one 4,096-token row and 419 tokens of a second)."""
+    row measured is about pack_len long (the shipped text fills one 4,096-token row and 419 tokens of a second).
+    doc_len > 0: the articles' tokens joined and cut into documents of doc_len tokens (the last part dropped)."""
     docs, _ = D.build_dataset(articles(), tokenizer, fmt="text", max_seq_len=pack_len)
+    if doc_len:
+        ids = [t for doc in docs for t in doc.input_ids]
+        docs = [D.Example(ids[i:i + doc_len], ids[i:i + doc_len]) for i in range(0, len(ids) - doc_len + 1, doc_len)]
     rng, rows = random.Random(seed), []
     while len(rows) < n_rows:
         order = docs[:]
@@ -86,10 +93,10 @@ def text_rows(tokenizer, pack_len: int, n_rows: int, seed: int = 0) -> list[tupl
 
 
 def plan(shape: str, tokenizer, steps: int, batch: int, micro_batch: int, text_rows_per_step: int, pack_len: int,
-         max_seq_len: int) -> list[list[tuple[list, list[D.Example]]]]:
+         max_seq_len: int, doc_len: int = 0) -> list[list[tuple[list, list[D.Example]]]]:
     """Every step's micro-batches for this shape (see the module docstring); the same for every trainer."""
     if shape == "text":
-        rows = text_rows(tokenizer, pack_len, steps * text_rows_per_step)
+        rows = text_rows(tokenizer, pack_len, steps * text_rows_per_step, doc_len=doc_len)
         out = []
         for s in range(steps):
             chunk = rows[s * text_rows_per_step:(s + 1) * text_rows_per_step]

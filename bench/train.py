@@ -9,8 +9,8 @@
 
 Data shapes (bench/shapes.py; --shapes, all three by default): demo (the demo's rows, a shared 38-token prefix),
 chat (distinct system prompts of 1-5 sentences, seeded), text (the shipped general text's articles packed into
---text-len = 512-token rows, --text-rows 4 a step, the same packed rows for every trainer). The table has one
-block per shape and precision.
+--text-len = 512-token rows, --text-rows 4 a step, the same packed rows for every trainer; --text-docs N: the
+articles joined and cut into documents of N tokens instead). The table has one block per shape and precision.
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
 shape's data (demo and chat: prompt tokens unsupervised; text: every token), the same example order, the same effective batch,
@@ -28,7 +28,8 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
            bf16/fp16 the frozen base stored in that dtype with fp32 adapters, and the prefix that all rows of a
            micro-batch share computed once (training.share_prefix; on the demo data SmolLM2's chat template puts
            the same system prompt and user header, 38 tokens, before every question). Packed rows attend
-           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask); the
+           sequence by sequence (kernels.packed_attention; lf-noseg: the whole row with its (T, T) mask), the
+           queries of a sequence over 256 positions in blocks of 128 (lf-wholeseq: all at once); the
            attention backward recomputes the probabilities of packed rows and of unpacked rows over 256 positions
            (lf-keepprobs, lf-nopack-keepprobs: kept from the forward instead). lf-buffer: the activations kept
            for the backward copied into a buffer that lives for the run and glibc's heap trimmed every 256 MiB of
@@ -95,10 +96,13 @@ from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
-from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, runs_by_sequence  # noqa: E402
+from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION  # noqa: E402
+from loraforge.training.fastpath import runs_by_sequence  # noqa: E402
 from loraforge.training.data import targets  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
+
+LEAN_BY_SEQUENCE = (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION)  # run packed sequences one by one
 
 # name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
 VARIANTS = {
@@ -129,6 +133,7 @@ VARIANTS = {
     "peft-reuse": ("peft", {"reuse": True}),  # PEFT's loop with glibc held as training.reuse_memory holds it
     "lf-freshhead": ("lf", {"fresh_head": True}),  # the fused head's logits buffers allocated afresh every call
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
+    "lf-wholeseq": ("lf", {"query_blocks": False}),  # packed sequences' queries at once (over 256: blocks of 128)
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
@@ -214,7 +219,7 @@ def by_sequence(batch: dict, model) -> list[int] | None:
     """The lengths of the sequences that loraforge's lean attention runs one by one in this batch (packed rows of
     sequences up to fastpath.LEAN_MAX_LENGTH), as lean_attention_forward decides; None where it runs whole rows
     (lean_masked, bench/train.py's lf-noseg, or another attention). lean_keep (lf-keepprobs) runs them one by one."""
-    if model.config._attn_implementation not in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION) or "position_ids" not in batch:
+    if model.config._attn_implementation not in LEAN_BY_SEQUENCE or "position_ids" not in batch:
         return None
     starts = K.segment_starts(batch["position_ids"])
     if not runs_by_sequence(starts):
@@ -296,6 +301,8 @@ def worker(args) -> dict:
             from loraforge.training.fastpath import LEAN_KEEP_ATTENTION
 
             model.set_attn_implementation(LEAN_KEEP_ATTENTION)
+        if opts.get("query_blocks") is False and model.config._attn_implementation == "lean":
+            model.set_attn_implementation(LEAN_WHOLE_ATTENTION)
         free_parts.apply(opts.get("free", ()))  # lf-free-*: timing only, this process's kernels patched
     same_lora_init(model)
     model.train()
@@ -303,7 +310,7 @@ def worker(args) -> dict:
     window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
     steps = args.warmup + args.steps
     plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.micro_batch, args.text_rows, args.text_len,
-                       args.pack_len)
+                            args.pack_len, args.text_docs)
     examples = [e for step in plan for _, ex in step for e in ex]  # for the packing rule (demo, chat)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
@@ -435,7 +442,8 @@ def matmul_peak(dtype: str, device: str, n: int = 2048, seconds: float = 3.0) ->
 
 def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--dtype-one", dtype, "--shape-one", shape,
-           "--text-rows", str(args.text_rows), "--text-len", str(args.text_len), "--steps", str(args.steps),
+           "--text-rows", str(args.text_rows), "--text-len", str(args.text_len), "--text-docs", str(args.text_docs),
+           "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
            "--pack-len", str(args.pack_len), "--device", args.device, "--threads", str(args.threads),
            "--model", args.model]
@@ -476,6 +484,8 @@ def main() -> None:
                    "--pack-len rows)")
     p.add_argument("--text-rows", type=int, default=4, help="text shape: packed rows per optimizer step")
     p.add_argument("--text-len", type=int, default=512, help="text shape: tokens per packed row")
+    p.add_argument("--text-docs", type=int, default=0, help="text shape: the articles joined and cut into documents "
+                   "of this many tokens (0: each article its own document, ~230 tokens)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
     p.add_argument("--dtypes", default="auto", help="comma-separated precisions: auto (what loraforge.precision "
                    "picks on --device: fp32 on a CPU without native bf16), fp32, bf16, fp16")
@@ -489,7 +499,10 @@ def main() -> None:
     p.add_argument("--dtype-one", help=argparse.SUPPRESS)
     p.add_argument("--shape-one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    check_counts(p, args, steps=1, batch=1, micro_batch=1, rounds=1, text_rows=1, warmup=0, threads=0)
+    check_counts(p, args, steps=1, batch=1, micro_batch=1, rounds=1, text_rows=1, warmup=0, threads=0, text_docs=0)
+    if args.text_docs > args.text_len:
+        p.error(f"--text-docs {args.text_docs} is longer than a row (--text-len {args.text_len}); choose at most "
+                f"{args.text_len}")
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
         p.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")

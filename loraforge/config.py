@@ -601,8 +601,9 @@ class TrainingConfig:
     """The attention kernel while training. auto: lean on CPU, SDPA otherwise. lean: loraforge.kernels.attention,
     eager attention's math keeping q, k, v (keys and values not repeated per query head) and, for unpacked rows up
     to 256 positions, the probabilities in the compute dtype; longer rows recompute them in the backward; packed
-    rows sequence by sequence, recomputing too; rows over 512 tokens go to SDPA unless packed of sequences up to
-    512. PyTorch's CPU flash-attention backward is slow on short rows
+    rows sequence by sequence (a sequence over 256 positions with its queries in blocks of 128, each against the
+    keys up to the block's end: the scores above the diagonal skipped), recomputing too; rows over 512 tokens go
+    to SDPA unless packed of sequences up to 512. PyTorch's CPU flash-attention backward is slow on short rows
     (bench/train.py compares them); on long rows the T² scores of eager and lean cost memory."""
     compile: bool = False
     """torch.compile the model and loss (inductor). Lean attention runs eagerly, outside the compiled graph; the

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from loraforge.training import data as D
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -53,3 +55,30 @@ def test_train_bench_names_a_bad_shape():
     out = subprocess.run([sys.executable, BENCH / "train.py", "--shapes", "demo,poems"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "--shapes: unknown shape 'poems'" in out.stderr
+
+
+def test_text_docs_cut_the_joined_articles_into_long_documents(shapes):
+    """--text-docs N: the articles' tokens end to end, cut into documents of exactly N tokens, packed N-token
+    sequences to a row (position ids restart every N); the tokens are the articles' own, in order."""
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [1 + len(w) for w in text.split()]}
+
+    docs, _ = D.build_dataset(shapes.articles(), Tok(), fmt="text", max_seq_len=400)
+    ids = [t for doc in docs for t in doc.input_ids]
+    windows = {tuple(ids[i:i + 100]) for i in range(0, len(ids) - 99, 100)}
+    rows = shapes.text_rows(Tok(), 400, 10, doc_len=100)
+    assert len(rows) == 10 and len(windows) == 37
+    for row, members in rows:
+        assert [len(e.input_ids) for e in members] == [100] * 4
+        assert row["position_ids"] == list(range(100)) * 4
+    got = {tuple(e.input_ids) for _, members in rows for e in members}
+    assert got <= windows and len(got) >= len(windows) - 3  # a pass's leftover row of under 2 documents is dropped
+
+def test_train_bench_refuses_documents_longer_than_a_row():
+    out = subprocess.run([sys.executable, BENCH / "train.py", "--text-docs", "600", "--text-len", "512"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--text-docs 600 is longer than a row (--text-len 512)" in out.stderr

@@ -9,7 +9,9 @@
                                  (position ids that restart, the mask block-diagonal causal) run sequence by
                                  sequence (kernels.packed_attention); "lean_masked" runs them with the whole (T, T)
                                  mask instead (what bench/train.py's lf-noseg measures), "lean_keep" keeps the
-                                 probabilities for the backward instead of recomputing them (lf-keepprobs).
+                                 probabilities for the backward instead of recomputing them (lf-keepprobs),
+                                 "lean_whole" runs each packed sequence's queries at once instead of in blocks
+                                 (kernels.QUERY_BLOCK; lf-wholeseq).
 
 Same math as the modules they replace (tests/training/test_kernels.py); what they save for the backward is smaller:
 bench/train.py measures it.
@@ -31,6 +33,7 @@ from loraforge.lora.layer import LoraLinear
 LEAN_ATTENTION = "lean"
 LEAN_MASKED_ATTENTION = "lean_masked"
 LEAN_KEEP_ATTENTION = "lean_keep"
+LEAN_WHOLE_ATTENTION = "lean_whole"
 LEAN_MAX_LENGTH = 512  # the longest sequence lean attention runs; longer ones (unless packed shorter) go to SDPA
 # Unpacked rows up to this many key positions keep their attention probabilities for the backward; longer ones
 # recompute them. Per token the probabilities take heads × positions × 4 bytes a layer, SmolLM2's other kept
@@ -133,22 +136,25 @@ def _is_silu(act) -> bool:
 
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                           by_sequence: bool = True, keep_probs: bool = False, **kwargs):
+                           by_sequence: bool = True, keep_probs: bool = False, block: int | None = K.QUERY_BLOCK,
+                           **kwargs):
     """A transformers attention function (the signature of eager_attention_forward) running kernels.attention;
-    packed rows sequence by sequence (kernels.packed_attention) unless by_sequence is False. The backward
+    packed rows sequence by sequence (kernels.packed_attention, queries in blocks of `block`) unless by_sequence is
+    False. The backward
     recomputes the probabilities, except for unpacked rows up to KEEP_PROBS_MAX_LENGTH or where keep_probs is True.
     Rows longer than LEAN_MAX_LENGTH go to transformers' SDPA, unless packed of sequences no longer than it (whose
     attention is Σ Lᵢ², not T²); by_sequence=False (the whole-row-mask ablation) keeps every row here."""
     if torch.compiler.is_compiling():  # training.compile: run eagerly (_uncompiled), outside the graph
         return _uncompiled(module, query, key, value, attention_mask, scaling, dropout, by_sequence, keep_probs,
-                           **kwargs)
+                           block, **kwargs)
     if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]
     starts = _packed_starts(attention_mask, kwargs.get("position_ids"), length, kv_length) if by_sequence else None
     if runs_by_sequence(starts):
-        return K.packed_attention(query, key, value, starts, scaling, keep_probs).transpose(1, 2).contiguous(), None
+        out = K.packed_attention(query, key, value, starts, scaling, keep_probs, block)
+        return out.transpose(1, 2).contiguous(), None
     if by_sequence and kv_length > LEAN_MAX_LENGTH:  # T² scores at once would cost more than SDPA's tiles
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if attention_mask is None and length > 1 and getattr(module, "is_causal", True):  # True: attend
@@ -198,7 +204,8 @@ def _packed_starts(mask: torch.Tensor | None, position_ids: torch.Tensor | None,
 
 @functools.cache
 def register_attention() -> str:
-    """Register the "lean", "lean_masked" and "lean_keep" attention implementations with transformers (once);
+    """Register the "lean", "lean_masked", "lean_keep" and "lean_whole" attention implementations with transformers
+    (once);
     returns "lean"."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -209,4 +216,6 @@ def register_attention() -> str:
     AttentionMaskInterface.register(LEAN_MASKED_ATTENTION, eager_mask)
     AttentionInterface.register(LEAN_KEEP_ATTENTION, functools.partial(lean_attention_forward, keep_probs=True))
     AttentionMaskInterface.register(LEAN_KEEP_ATTENTION, eager_mask)
+    AttentionInterface.register(LEAN_WHOLE_ATTENTION, functools.partial(lean_attention_forward, block=None))
+    AttentionMaskInterface.register(LEAN_WHOLE_ATTENTION, eager_mask)
     return LEAN_ATTENTION

@@ -52,19 +52,22 @@ def test_packed_attention_equals_the_block_diagonal_mask(heads):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("start", [0, 16], ids=["first-block", "later-block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_segment_probabilities_are_the_masked_softmax(dim, dtype):
-    """One sequence's probabilities (scaling folded into one baddbmm with the additive causal mask) against the
-    plain formula, softmax(masked_fill(q kᵀ · scaling)) in fp32: the same bits at 1/√64, within the dtype's
-    tolerance at 1/√128 (the scale is then rounded once instead of twice)."""
+def test_segment_probabilities_are_the_masked_softmax(dim, dtype, start):
+    """The last block of a sequence's queries (positions start..37, against the keys up to 37; scaling folded into
+    one baddbmm with the additive causal mask) against the plain formula over the whole sequence,
+    softmax(masked_fill(q kᵀ · scaling)) in fp32 rounded to the dtype, its rows start..37: the same bits at 1/√64,
+    within the dtype's tolerance at 1/√128 (the scale is then rounded once instead of twice)."""
     torch.manual_seed(0)
     n, groups, kv_heads = 37, 3, 2
-    qs, ks = torch.randn(kv_heads, groups * n, dim, dtype=dtype), torch.randn(kv_heads, n, dim, dtype=dtype)
-    got = kernels._segment_probs(qs, ks, kernels._causal_bias([[0, n]], dtype, "cpu"), dim ** -0.5, dtype)
-    scores = torch.matmul(qs, ks.transpose(-1, -2)) * dim ** -0.5
-    scores.view(kv_heads, groups, n, n).masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    expected = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    qs, ks = torch.randn(kv_heads, groups, n, dim).to(dtype), torch.randn(kv_heads, n, dim).to(dtype)
+    block = qs[:, :, start:].reshape(kv_heads, groups * (n - start), dim)
+    got = kernels._segment_probs(block, ks, kernels._causal_bias([[0, n]], dtype, "cpu"), start, dim ** -0.5)
+    scores = torch.matmul(qs, ks[:, None].transpose(-1, -2)) * dim ** -0.5  # (Hkv, G, n, n)
+    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    expected = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)[:, :, start:].flatten(1, 2)
     if dim == 64:
         assert torch.equal(got, expected)
     torch.testing.assert_close(got, expected)
