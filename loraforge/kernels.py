@@ -303,9 +303,18 @@ def _blocks(n: int, block: int | None) -> list[tuple[int, int]]:
     return [(c, min(c + block, n)) for c in range(0, n, block)]
 
 
-def _segments(starts: list[list[int]]) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every sequence in segment_starts' lists."""
-    return [(i, a, e) for i, row in enumerate(starts) for a, e in zip(row, row[1:])]
+def _stacked(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """One row's positions of queries or their gradients, (H, l, D), as (Hkv, G·l, D): each key head's G query
+    heads stacked."""
+    return t.unflatten(0, (kv_heads, -1)).reshape(kv_heads, -1, t.shape[-1])
+
+
+def _pieces(starts: list[list[int]], block: int | None) -> list[tuple[int, int, int, int, int]]:
+    """(row, sequence start, sequence end, block start, block end) of every query block of every sequence in
+    segment_starts' lists, block positions counted within the sequence: the order in which the forward runs (and
+    keeps) them."""
+    return [(i, a, e, c, d) for i, row in enumerate(starts) for a, e in zip(row, row[1:])
+            for c, d in _blocks(e - a, block)]
 
 
 def longest_sequence(starts: list[list[int]]) -> int:
@@ -325,21 +334,17 @@ class _PackedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, starts, scaling: float, keep_probs: bool, block: int | None):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
-        groups = heads // kv_heads
         compute = _compute_dtype(q)
         bias = _causal_bias(starts, compute, q.device)
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, vc = _cast(compute, q, k, v)
             out = torch.empty(batch, length, heads, dim, dtype=compute, device=q.device)  # the caller's layout
             probs = []
-            for i, a, e in _segments(starts):
-                qv = qc[i, :, a:e].unflatten(0, (kv_heads, groups))  # (Hkv, G, L, D)
-                for c, d in _blocks(e - a, block):
-                    qs = qv[:, :, c:d].reshape(kv_heads, groups * (d - c), dim)  # (Hkv, G·l, D)
-                    p = _segment_probs(qs, kc[i, :, a:a + d], bias, c, scaling)
-                    out[i, a + c:a + d] = torch.matmul(p, vc[i, :, a:a + d]).view(heads, d - c, dim).transpose(0, 1)
-                    if keep_probs:
-                        probs.append(p)
+            for i, a, e, c, d in _pieces(starts, block):
+                p = _segment_probs(_stacked(qc[i, :, a + c:a + d], kv_heads), kc[i, :, a:a + d], bias, c, scaling)
+                out[i, a + c:a + d] = torch.matmul(p, vc[i, :, a:a + d]).view(heads, d - c, dim).transpose(0, 1)
+                if keep_probs:
+                    probs.append(p)
         ctx.save_for_backward(qc, kc, vc, *probs)
         ctx.starts, ctx.scaling, ctx.block, ctx.dtypes = starts, scaling, block, (q.dtype, k.dtype, v.dtype)
         return out.transpose(1, 2)  # (B, H, T, D), a view of (B, T, H, D)
@@ -354,15 +359,14 @@ class _PackedAttention(torch.autograd.Function):
         # A sequence's last block attends to all its keys and writes dk and dv; its earlier blocks add their parts
         # to the first keys, in fp32 where the compute dtype is narrower, so that they round once at the end, as a
         # sequence's queries at once do. Without blocks, nothing is added: the node's previous bits.
-        blocked = ctx.block is not None and longest_sequence(ctx.starts) > 2 * ctx.block
+        pieces = _pieces(ctx.starts, ctx.block)
+        blocked = any(c > 0 for *_, c, _ in pieces)
         wide = torch.float32 if blocked and v.dtype in (torch.bfloat16, torch.float16) else v.dtype
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k, dtype=wide), torch.empty_like(v, dtype=wide)
-        pieces = [(i, a, e, c, d) for i, a, e in _segments(ctx.starts) for c, d in _blocks(e - a, ctx.block)]
         for s in reversed(range(len(pieces))):
             i, a, e, c, d = pieces[s]
             n = d - c
-            qs = q[i, :, a + c:a + d].unflatten(0, (kv_heads, groups)).reshape(kv_heads, groups * n, dim)
-            go = g[i, :, a + c:a + d].unflatten(0, (kv_heads, groups)).reshape(kv_heads, groups * n, dim)
+            qs, go = _stacked(q[i, :, a + c:a + d], kv_heads), _stacked(g[i, :, a + c:a + d], kv_heads)
             ks, vs = k[i, :, a:a + d], v[i, :, a:a + d]
             p = probs[s] if probs else _segment_probs(qs, ks, bias, c, ctx.scaling)
             put = torch.Tensor.copy_ if d == e - a else torch.Tensor.add_
