@@ -77,6 +77,24 @@ def save_adapters(base, root, configs: dict, seed: int):
     return root
 
 
+def output_and_grads(fn, inputs, target) -> list[torch.Tensor]:
+    """[fn(*inputs), each input's gradient] of the loss Σ fn(*inputs) · target, summed in fp32 (bf16 outputs
+    included); the inputs' earlier gradients are cleared first."""
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    (out.float() * target.float()).sum().backward()
+    return [out.detach()] + [t.grad.clone() for t in inputs]
+
+
+def packed_causal_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool for packed rows' position ids (B, T): query i may attend to key j where both lie in the same
+    sequence (a sequence starts wherever a position is not the previous one + 1) and j ≤ i."""
+    seq = (torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool).tril()
+    return (seq[:, :, None] == seq[:, None, :]) & causal
+
+
 def kept_equals_recomputed(grads, attend, inputs, target, dtype) -> dict[bool, list[int]]:
     """Attention that recomputes its probabilities against the same attention keeping them: grads(run, inputs,
     target) of attend(*inputs, keep) for keep False and True (under bf16 autocast where dtype is bf16) must be the

@@ -8,7 +8,7 @@ softmax contribute exact zeros), so torch's default fp32 tolerances.
 
 import pytest
 import torch
-from helpers import VOCAB, kept_equals_recomputed, tiny_llama
+from helpers import VOCAB, kept_equals_recomputed, output_and_grads, packed_causal_mask, tiny_llama
 
 from loraforge import kernels
 from loraforge.config import LoraConfig
@@ -18,14 +18,6 @@ from loraforge.training import data as D
 from loraforge.training import fastpath
 from loraforge.training.fastpath import LEAN_MASKED_ATTENTION, install, register_attention
 from loraforge.training.loss import CausalLMLoss
-
-
-def _grads(fn, inputs, target):
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    (out * target).sum().backward()
-    return [out.detach()] + [t.grad.clone() for t in inputs]
 
 
 def test_segment_starts_follow_restarting_positions():
@@ -43,11 +35,11 @@ def test_packed_attention_equals_the_block_diagonal_mask(heads):
     q = torch.randn(batch, h, length, dim, requires_grad=True)
     k = torch.randn(batch, h_kv, length, dim, requires_grad=True)
     v = torch.randn(batch, h_kv, length, dim, requires_grad=True)
-    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-    keep = (seq[:, :, None] == seq[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
+    keep = packed_causal_mask(pos)
     target = torch.randn(batch, h, length, dim)
-    expected = _grads(lambda q, k, v: attention(q, k, v, keep[:, None], dim ** -0.5), (q, k, v), target)
-    got = _grads(lambda q, k, v: packed_attention(q, k, v, segment_starts(pos), dim ** -0.5), (q, k, v), target)
+    expected = output_and_grads(lambda q, k, v: attention(q, k, v, keep[:, None], dim ** -0.5), (q, k, v), target)
+    got = output_and_grads(lambda q, k, v: packed_attention(q, k, v, segment_starts(pos), dim ** -0.5), (q, k, v),
+                           target)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
 
@@ -159,8 +151,8 @@ def test_recomputed_probabilities_give_the_kept_ones_bits(dtype):
     q = torch.randn(2, 6, 12, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(2))
     target = torch.randn(2, 6, 12, 8)
-    saved = kept_equals_recomputed(_grads, lambda q, k, v, keep: packed_attention(q, k, v, starts, 8 ** -0.5, keep),
-                                   (q, k, v), target, dtype)
+    attend = lambda q, k, v, keep: packed_attention(q, k, v, starts, 8 ** -0.5, keep)  # noqa: E731
+    saved = kept_equals_recomputed(output_and_grads, attend, (q, k, v), target, dtype)
     assert sorted(saved[False]) == sorted([q.numel(), k.numel(), v.numel()])  # q, k, v only
     probs = [6 * n * n for n in (4, 3, 2, 3, 12)]  # (Hkv, G·L, L) per sequence: 2 · 3 · L · L
     assert sorted(saved[True]) == sorted(saved[False] + probs)
@@ -221,10 +213,11 @@ def test_unpacked_rows_keep_probabilities_up_to_the_limit_and_recompute_beyond(m
             return fastpath.lean_attention_forward(module, q, k, v, mask[None, None], 8 ** -0.5)[0]
 
     target = torch.randn(2, 7, 6, 8)
-    got = _grads(run, (q, k, v), target)
+    got = output_and_grads(run, (q, k, v), target)
     probs = 2 * 6 * 7 * 7
     assert sorted(sizes) == sorted([q.numel(), k.numel(), v.numel(), probs if kept else 49])  # or the mask
-    reference = _grads(lambda q, k, v: attention(q, k, v, mask[None, None], 8 ** -0.5, keep_probs=not kept).transpose(
-        1, 2), (q, k, v), target)
+    reference = output_and_grads(
+        lambda q, k, v: attention(q, k, v, mask[None, None], 8 ** -0.5, keep_probs=not kept).transpose(1, 2),
+        (q, k, v), target)
     for a, b in zip(got, reference):
         assert torch.equal(a, b)

@@ -12,7 +12,7 @@ block, 300 parts, stays within it too).
 
 import pytest
 import torch
-from helpers import kept_equals_recomputed
+from helpers import kept_equals_recomputed, output_and_grads, packed_causal_mask
 from transformers import AttentionInterface
 
 from loraforge.kernels import QUERY_BLOCK, attention, packed_attention, segment_starts
@@ -23,6 +23,7 @@ HEADS, KV_HEADS, DIM = 6, 2, 64
 POSITIONS = [list(range(300)) + list(range(1)) + list(range(211)),
              list(range(512)),
              list(range(37)) + list(range(100)) + list(range(375))]
+MASK = packed_causal_mask(torch.tensor(POSITIONS))[:, None]  # (B, 1, T, T): the block-diagonal causal mask
 
 
 def _inputs(dtype, seed=0):
@@ -35,24 +36,10 @@ def _inputs(dtype, seed=0):
     return [t.to(dtype).requires_grad_() for t in (q, k, v)], target.to(dtype)
 
 
-def _grads(fn, inputs, target):
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    (out.float() * target.float()).sum().backward()
-    return [out.detach()] + [t.grad.clone() for t in inputs]
-
-
-def _mask():
-    pos = torch.tensor(POSITIONS)
-    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
-    return (seq[:, :, None] == seq[:, None, :]) & torch.ones(pos.shape[1], pos.shape[1], dtype=torch.bool).tril()
-
-
 def _reference(inputs, target):
     """Attention over the whole row with the block-diagonal causal mask, in float64."""
     wide = [t.detach().double().requires_grad_() for t in inputs]
-    return _grads(lambda q, k, v: attention(q, k, v, _mask()[:, None], DIM ** -0.5), wide, target.double())
+    return output_and_grads(lambda q, k, v: attention(q, k, v, MASK, DIM ** -0.5), wide, target.double())
 
 
 @pytest.mark.parametrize("block", [QUERY_BLOCK, 1, 77], ids=["default", "one-position", "77"])
@@ -61,8 +48,10 @@ def test_query_blocks_equal_whole_sequences_and_the_float64_mask(dtype, block):
     inputs, target = _inputs(dtype)
     starts = segment_starts(torch.tensor(POSITIONS))
     assert starts[0] == [0, 300, 301, 512] and QUERY_BLOCK == 128
-    blocked = _grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5, block=block), inputs, target)
-    whole = _grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5, block=None), inputs, target)
+    blocked = output_and_grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5, block=block), inputs,
+                               target)
+    whole = output_and_grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5, block=None), inputs,
+                             target)
     reference = _reference(inputs, target)
     for name, b, w, r in zip(("out", "dq", "dk", "dv"), blocked, whole, reference):
         assert b.dtype == w.dtype == dtype and b.shape == w.shape == r.shape, name
@@ -79,11 +68,11 @@ def test_sequences_are_isolated():
     other rows (outputs and gradients)."""
     (q, k, v), target = _inputs(torch.float32)
     starts = segment_starts(torch.tensor(POSITIONS))
-    before = _grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5), (q, k, v), target)
+    before = output_and_grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5), (q, k, v), target)
     with torch.no_grad():
         for t in (q, k, v):
             t[0, :, :300] += 1.0  # row 0's first sequence
-    after = _grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5), (q, k, v), target)
+    after = output_and_grads(lambda q, k, v: packed_attention(q, k, v, starts, DIM ** -0.5), (q, k, v), target)
     for a, b in zip(before, after):
         assert torch.equal(a[0, :, 300:], b[0, :, 300:]) and torch.equal(a[1:], b[1:])
         assert not torch.equal(a[0, :, :300], b[0, :, :300])
@@ -96,8 +85,8 @@ def test_kept_block_probabilities_give_the_recomputed_bits(dtype):
     is one block: L²); recomputing keeps q, k and v only."""
     inputs, target = _inputs(torch.float32)
     starts = segment_starts(torch.tensor(POSITIONS))
-    saved = kept_equals_recomputed(_grads, lambda q, k, v, keep: packed_attention(q, k, v, starts, DIM ** -0.5, keep),
-                                   inputs, target, dtype)
+    attend = lambda q, k, v, keep: packed_attention(q, k, v, starts, DIM ** -0.5, keep)  # noqa: E731
+    saved = kept_equals_recomputed(output_and_grads, attend, inputs, target, dtype)
     q, k, v = inputs
     assert sorted(saved[False]) == sorted([q.numel(), k.numel(), v.numel()])
     lengths = [e - a for row in starts for a, e in zip(row, row[1:])]
@@ -123,7 +112,7 @@ def test_lean_attention_blocks_unless_lean_whole(monkeypatch):
     monkeypatch.setattr(fastpath.K, "packed_attention", lambda *a: calls.append(a[-1]) or original(*a))
     fastpath.register_attention()
     (q, k, v), _ = _inputs(torch.float32)
-    outs = [AttentionInterface()[name](torch.nn.Module(), q, k, v, _mask()[:, None], DIM ** -0.5,
+    outs = [AttentionInterface()[name](torch.nn.Module(), q, k, v, MASK, DIM ** -0.5,
                                        position_ids=torch.tensor(POSITIONS))[0]
             for name in ("lean", LEAN_WHOLE_ATTENTION)]
     assert calls == [QUERY_BLOCK, None]
