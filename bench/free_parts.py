@@ -63,24 +63,12 @@ def _frozen_backward(g2, x2, xa, w, a, b, scaling, need_x, need_a, need_b):
     return (g2 @ w if need_x else None), None, None
 
 
-def _frozen_input_grad(g2, w, a, b, scaling):
-    return g2 @ w, None
+def _gate_as_product(g, u):
+    return g, None
 
 
-class _GateAsProduct:
-    """h = g; the gradient dh goes to the gate and to up as it is."""
-
-    @staticmethod
-    def forward(g, u):
-        return g
-
-    @staticmethod
-    def backward(dh, g, u, need_h, need_gate, need_up):
-        return (g if need_h else None), (dh if need_gate else None), (dh if need_up else None)
-
-
-def _free_activation(activation, g, u):
-    return _GateAsProduct
+def _product_grads_as_given(dh, g, u, s, need_gate, need_up):
+    return (dh if need_gate else None), (dh if need_up else None)
 
 
 class _FreeRMSNorm(torch.autograd.Function):
@@ -96,9 +84,8 @@ class _FreeRMSNorm(torch.autograd.Function):
 PATCHES = {
     "attention": {"attention": _free_attention, "packed_attention": _free_attention},
     "softmax": {"_segment_probs": _raw_segment_scores, "_dense_probs": _raw_dense_scores},
-    "lora": {"_linear_forward": _frozen_forward, "_linear_backward": _frozen_backward,
-             "_input_grad": _frozen_input_grad},
-    "mlp-act": {"_activation": _free_activation},
+    "lora": {"_linear_forward": _frozen_forward, "_linear_backward": _frozen_backward},
+    "mlp-act": {"_swiglu": _gate_as_product, "_swiglu_grads": _product_grads_as_given},
     "norm": {"_RMSNorm": _FreeRMSNorm},
 }
 

@@ -46,8 +46,6 @@ libjemalloc2) and MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless MALLOC_
 freed activations where glibc's heap fragments, and keeps them for the next step instead of faulting fresh pages
 in (see the README, "Memory on CPU"); lf-jemalloc-decay: jemalloc with its own page decay (MALLOC_CONF empty).
 lf-mmap1m: glibc with MALLOC_MMAP_THRESHOLD_=1 MiB (every larger block returned when freed, faulted in again).
-lf-torchact: the SwiGLU activation (silu(gate) · up, forward and backward) in torch's ops instead of one C pass each
-way (loraforge.inference.cpu_kernels.SwiGLU; the worker runs with LORAFORGE_CPU_KERNELS=0).
 
 What a part of the step costs (bench/free_parts.py, timing only): lf-free-attention, -softmax, -lora, -mlp-act,
 -norm and -attention-lora run loraforge's step with that part made almost free (its math wrong, its losses not the
@@ -136,7 +134,6 @@ VARIANTS = {
     "lf-freshhead": ("lf", {"fresh_head": True}),  # the fused head's logits buffers allocated afresh every call
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-wholeseq": ("lf", {"query_blocks": False}),  # packed sequences' queries at once (over 256: blocks of 128)
-    "lf-torchact": ("lf", {"c_kernels": False}),  # the SwiGLU activation in torch's ops, not the C pass (CPU)
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
@@ -461,8 +458,6 @@ def run_worker(variant: str, dtype: str, shape: str, args) -> dict:
             raise SystemExit(f"{variant}: {e}; or leave the *-jemalloc variants out of --variants") from None
     if opts.get("mmap_threshold"):
         env["MALLOC_MMAP_THRESHOLD_"] = str(opts["mmap_threshold"])  # glibc's fixed threshold
-    if opts.get("c_kernels") is False:
-        env["LORAFORGE_CPU_KERNELS"] = "0"  # loraforge.inference.cpu_kernels off: torch's ops
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -14,8 +14,7 @@ LoRA linear, y = x Wᵀ + b + s · (x Aᵀ) Bᵀ for a frozen (W, b):
 
 SwiGLU down projection, y = lora_linear(silu(g) ⊙ u): saves g and u only; h = silu(g) ⊙ u (the down projection's
   input, as wide as g) is recomputed in the backward instead of kept, and silu(g) is never kept (autograd keeps
-  g, silu(g), u and h: four (N, intermediate) tensors, here two). The backward takes dh = g W + s · (g B) A first,
-  then h (for dA) and the gate's and up's gradients together: in one C pass on CPUs (`activation`).
+  g, silu(g), u and h: four (N, intermediate) tensors, here two).
 
 RMSNorm, y = w ⊙ (x · rstd), rstd = 1/√(mean(x²) + ε) (Llama's: statistics in fp32, the product in x's dtype):
   saves y (which the next linear layer keeps anyway) and rstd (one float per row); x · rstd = y / w in the
@@ -59,29 +58,15 @@ def _linear_forward(x2, w, bias, a, b, scaling):
     return y, xa
 
 
-def _input_grad(g2, w, a, b, scaling):
-    """(dx, gb) of _linear_forward for the output gradient g2 (N, out): dx = g W + s · gb A (N, in), gb = g B
-    (N, r; None without an adapter)."""
-    if a is None:
-        return g2 @ w, None
-    gb = g2 @ b
-    return (g2 @ w).addmm_(gb, a, alpha=scaling), gb
-
-
-def _adapter_grads(g2, gb, x2, xa, scaling, need_a: bool, need_b: bool):
-    """(dA, dB) = (s · gbᵀ x (r, in), s · gᵀ xa (out, r)); None where not needed or without an adapter (gb None)."""
-    dA = (gb.T @ x2).mul_(scaling) if need_a and gb is not None else None
-    dB = (g2.T @ xa).mul_(scaling) if need_b and gb is not None else None
-    return dA, dB
-
-
 def _linear_backward(g2, x2, xa, w, a, b, scaling, need_x: bool, need_a: bool, need_b: bool):
     """(dx, dA, dB) of _linear_forward for the output gradient g2 (N, out); None where not needed."""
-    if need_x:
-        dx, gb = _input_grad(g2, w, a, b, scaling)
-    else:
-        dx, gb = None, None if a is None else g2 @ b
-    return (dx, *_adapter_grads(g2, gb, x2, xa, scaling, need_a, need_b))
+    if a is None:
+        return (g2 @ w if need_x else None), None, None
+    gb = g2 @ b  # (N, r)
+    dx = (g2 @ w).addmm_(gb, a, alpha=scaling) if need_x else None  # (N, in)
+    dA = (gb.T @ x2).mul_(scaling) if need_a else None  # (r, in)
+    dB = (g2.T @ xa).mul_(scaling) if need_b else None  # (out, r)
+    return dx, dA, dB
 
 
 def _cast(compute, *tensors):
@@ -128,46 +113,30 @@ def _check_frozen(weight, bias):
         raise ValueError("the fused kernels train only the adapter: freeze the base weight and bias first")
 
 
-class TorchSwiGLU:
-    """The SwiGLU activation h = silu(g) ⊙ u in torch's ops, forward and backward: swiglu_linear's default. Another
-    `activation` (loraforge.inference.cpu_kernels.SwiGLU: one C pass each way) has these three methods and gives
-    the same results."""
-
-    @staticmethod
-    def fits(g: torch.Tensor, u: torch.Tensor) -> bool:
-        return True
-
-    @staticmethod
-    def forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, need_h: bool, need_gate: bool,
-                 need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(h where need_h, d gate, d up) for the gradient dh of h; None where not needed."""
-        s = F.silu(g)
-        h = s * u if need_h else None
-        du = dh * s if need_up else None
-        dg = torch.ops.aten.silu_backward(dh * u, g) if need_gate else None
-        return h, dg, du
+def _swiglu(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(silu(g) ⊙ u, silu(g)): the SwiGLU activation, in the forward and in the backward's recompute."""
+    s = F.silu(g)
+    return s * u, s
 
 
-def _activation(activation, g: torch.Tensor, u: torch.Tensor):
-    """The SwiGLU activation a node runs: `activation` where it takes g and u, else torch's ops."""
-    return activation if activation is not None and activation.fits(g, u) else TorchSwiGLU
+def _swiglu_grads(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, s: torch.Tensor | None, need_gate: bool,
+                  need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d gate, d up) of _swiglu's product for its gradient dh, s its silu(g); None where not needed."""
+    du = dh * s if need_up else None
+    dg = torch.ops.aten.silu_backward(dh * u, g) if need_gate else None
+    return dg, du
 
 
 class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scaling: float, activation):
+    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scaling: float):
         compute = _compute_dtype(gate)
         with torch.autocast(gate.device.type, enabled=False):
             g, u, w, bias_c, a, b = _cast(compute, gate, up, weight, bias, lora_A, lora_B)
-            act = _activation(activation, g, u)
-            h = act.forward(g, u).reshape(-1, g.shape[-1])  # (N, intermediate): used here, recomputed in backward
+            h = _swiglu(g, u)[0].reshape(-1, g.shape[-1])  # (N, intermediate): used here, recomputed in backward
             y, xa = _linear_forward(h, w, bias_c, a, b, scaling)
         ctx.save_for_backward(g, u, xa, w, a, b)
-        ctx.act, ctx.scaling, ctx.dtypes = act, scaling, (gate.dtype, up.dtype)
+        ctx.scaling, ctx.dtypes = scaling, (gate.dtype, up.dtype)
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
         return y.view(*gate.shape[:-1], y.shape[-1])
 
@@ -175,26 +144,25 @@ class _SwiGLULinear(torch.autograd.Function):
     def backward(ctx, grad):
         g, u, xa, w, a, b = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        h, s = _swiglu(g, u)
+        h = h.reshape(-1, g.shape[-1])
         need = ctx.needs_input_grad
-        dh, gb = _input_grad(g2, w, a, b, ctx.scaling)  # h is needed only for dA: recomputed with the gradients
-        h, dg, du = ctx.act.backward(dh.view(g.shape), g, u, gb is not None and need[4], need[0], need[1])
-        del dh
-        dA, dB = _adapter_grads(g2, gb, None if h is None else h.view(-1, g.shape[-1]), xa, ctx.scaling, need[4],
-                                need[5])
+        dh, dA, dB = _linear_backward(g2, h, xa, w, a, b, ctx.scaling, True, need[4], need[5])
+        del h
+        dg, du = _swiglu_grads(dh.view(g.shape), g, u, s, need[0], need[1])
         return (_opt_to(dg, ctx.dtypes[0]), _opt_to(du, ctx.dtypes[1]), None, None, _opt_to(dA, ctx.param_dtypes[0]),
-                _opt_to(dB, ctx.param_dtypes[1]), None, None)
+                _opt_to(dB, ctx.param_dtypes[1]), None)
 
 
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
-                  scaling: float = 1.0, activation=None) -> torch.Tensor:
+                  scaling: float = 1.0) -> torch.Tensor:
     """(silu(gate) ⊙ up) Wᵀ + b [+ scaling · ((silu(gate) ⊙ up) Aᵀ) Bᵀ] for a frozen (W, b): a SwiGLU MLP's down
-    projection, with or without a LoRA adapter. Gradients for gate, up, A, B. activation: what computes silu(g) ⊙ u
-    and its gradients where it takes the (compute-dtype) gate and up (TorchSwiGLU's methods), else torch's ops."""
+    projection, with or without a LoRA adapter. Gradients for gate, up, A, B."""
     _check_frozen(weight, bias)
     if (lora_A is None) != (lora_B is None):
         raise ValueError("swiglu_linear: give both lora_A and lora_B, or neither")
-    return _SwiGLULinear.apply(gate, up, weight, bias, lora_A, lora_B, scaling, activation)
+    return _SwiGLULinear.apply(gate, up, weight, bias, lora_A, lora_B, scaling)
 
 
 class _RMSNorm(torch.autograd.Function):

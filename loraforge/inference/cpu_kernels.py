@@ -1,5 +1,5 @@
 """The C kernels of a decode step on x86 CPUs with AVX2: products with fp32 / bf16 / int8 weights, RMSNorm,
-attention, a whole Llama layer in one call, and the server's per-row LoRA; and training's SwiGLU activation.
+attention, a whole Llama layer in one call, and the server's per-row LoRA.
 
     y[m, o] = Σᵢ W[o, i] · x[m, i]                            fp32 (3 x 4 register tiles for 9-64 rows; q, k, v
                                                              in one call, gate and up with the silu in one)
@@ -12,7 +12,6 @@ attention, a whole Llama layer in one call, and the server's per-row LoRA; and t
     layer:  x += attend(rms(x)) Woᵀ; x += (silu(rms(x) Wgᵀ) · rms(x) Wuᵀ) Wdᵀ   one OpenMP region
     lora_rows: out[b, t] += (x[b, t] · Aᵀ[idx[b]]) · (sB)ᵀ[idx[b]]   each row's adapter read in place in the stacks,
             rows on one adapter in pairs (its A and B read once for two rows)
-    swiglu: h = silu(g) · u; dg, du (and h) from dh     training's SwiGLU activation, fp32 or bf16, one pass each way
 
 A decode step multiplies each weight by a few activation rows, so it is bound by reading the weights: stored in
 bf16 or int8 it reads half or a quarter of fp32's bytes. PyTorch has no CPU kernel for bf16 or int8 weights times
@@ -64,7 +63,6 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
 #define PREFETCH 2048  /* bytes ahead in the weight stream (past a row's end: the next row's, as rows are contiguous) */
@@ -694,53 +692,6 @@ int name(const void *x, const void *At, const void *Bt, const int64_t *idx, void
 LORA_ROWS(lora_rows_000, 0, 0, 0) LORA_ROWS(lora_rows_001, 0, 0, 1) LORA_ROWS(lora_rows_010, 0, 1, 0)
 LORA_ROWS(lora_rows_011, 0, 1, 1) LORA_ROWS(lora_rows_100, 1, 0, 0) LORA_ROWS(lora_rows_101, 1, 0, 1)
 LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
-
-/* Training's SwiGLU activation (loraforge.kernels' SwiGLU node) over n fp32 or bf16 (bf) elements, each op's fp32
-   result rounded to bf16 where torch's ops round it (bf16's NaN kept a NaN): s = silu(g) = g sigma(g), h = s u;
-   backward: du = dh s, dg = (dh u) sigma(g) (1 + g (1 - sigma(g))). dh NULL: the forward (h only); h NULL: the
-   backward without h. One pass over g, u (and dh) where torch's ops make two forward and five backward. */
-static inline __m256 round_bf16(__m256 x, int bf) {
-    if (!bf) return x;
-    __m256i i = _mm256_castps_si256(x), top = _mm256_set1_epi32((int)0xFFFF0000u);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));  /* round to nearest even */
-    __m256i r = _mm256_and_si256(_mm256_add_epi32(i, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), top);
-    __m256i nan = _mm256_and_si256(_mm256_or_si256(i, _mm256_set1_epi32(0x400000)), top);  /* quiet, not inf */
-    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-static inline void put8(void *p, int64_t i, __m256 x, int bf) {  /* x already rounded where bf */
-    if (!bf) { _mm256_storeu_ps((float *)p + i, x); return; }
-    __m256i s = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
-    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm_packus_epi32(_mm256_castsi256_si128(s),
-                                                                       _mm256_extracti128_si256(s, 1)));
-}
-static inline void swiglu8(const void *g, const void *u, const void *dh, void *h, void *dg, void *du, int64_t i,
-                           int bf) {
-    __m256 gv = load8(g, i, bf), uv = load8(u, i, bf), one = _mm256_set1_ps(1.0f), cap = _mm256_set1_ps(88.0f);
-    __m256 minus = _mm256_sub_ps(_mm256_setzero_ps(), gv), e = exp8(_mm256_min_ps(minus, cap));
-    __m256 sig = _mm256_andnot_ps(_mm256_cmp_ps(minus, cap, _CMP_GT_OQ),  /* g < -88: sigma(g) 0, silu(g) -0 */
-                                  _mm256_div_ps(one, _mm256_add_ps(one, e)));
-    __m256 s = round_bf16(_mm256_mul_ps(gv, sig), bf);
-    if (h) put8(h, i, round_bf16(_mm256_mul_ps(s, uv), bf), bf);
-    if (!dh) return;
-    __m256 d = load8(dh, i, bf), dhu = round_bf16(_mm256_mul_ps(d, uv), bf);
-    put8(du, i, round_bf16(_mm256_mul_ps(d, s), bf), bf);
-    __m256 slope = _mm256_fmadd_ps(gv, _mm256_sub_ps(one, sig), one);
-    put8(dg, i, round_bf16(_mm256_mul_ps(_mm256_mul_ps(dhu, sig), slope), bf), bf);
-}
-void swiglu(const void *g, const void *u, const void *dh, void *h, void *dg, void *du, int64_t n, int bf,
-            int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n / 8; b++) swiglu8(g, u, dh, h, dg, du, b * 8, bf);
-    int64_t t = n % 8, i = n - t, size = bf ? 2 : 4;
-    if (!t) return;
-    float in[3][8] = {{0}}, out[3][8];  /* the last n % 8 elements through zero-padded buffers */
-    memcpy(in[0], (const char *)g + i * size, t * size);
-    memcpy(in[1], (const char *)u + i * size, t * size);
-    if (dh) memcpy(in[2], (const char *)dh + i * size, t * size);
-    swiglu8(in[0], in[1], dh ? in[2] : NULL, out[0], out[1], out[2], 0, bf);
-    if (h) memcpy((char *)h + i * size, out[0], t * size);
-    if (dh) { memcpy((char *)dg + i * size, out[1], t * size); memcpy((char *)du + i * size, out[2], t * size); }
-}
 """
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CACHE = cache_dir() / "kernels"
@@ -817,7 +768,6 @@ def _build() -> ctypes.CDLL | None:
     lib.attend.argtypes = [ptr] * 9 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.layer.argtypes = [ctypes.c_int, ptr, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] * 8 + [ctypes.c_float,
                                                                                                   ctypes.c_int]
-    lib.swiglu.argtypes = [ptr] * 6 + [i64, ctypes.c_int, ctypes.c_int]
     for flags in ("000", "001", "010", "011", "100", "101", "110", "111"):
         getattr(lib, "lora_rows_" + flags).argtypes = [ptr] * 5 + [i64] * 6 + [ctypes.c_int]
         getattr(lib, "lora_rows_" + flags).restype = ctypes.c_int
@@ -1060,35 +1010,3 @@ def lora_rows(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.
         raise ValueError(f"lora_rows: index {bad} outside the stacks' {slots} slots (0 .. {slots - 1})")
     if status:
         raise MemoryError(f"lora_rows: no memory to order {index.numel()} rows by adapter")
-
-
-class SwiGLU:
-    """Training's SwiGLU activation in one C pass each way: what loraforge.kernels.swiglu_linear takes as its
-    `activation` (the same methods as kernels.TorchSwiGLU, the same roundings: every op's fp32 result rounded to
-    bf16 where torch's rounds it; exp is Cephes' here and Sleef's in torch, so a value may differ in its last bit).
-    loraforge.training.fastpath passes it where the kernels run."""
-
-    @staticmethod
-    def fits(g: torch.Tensor, u: torch.Tensor) -> bool:
-        """CPU tensors of one shape, both fp32 or both bf16, contiguous; and the kernels run here."""
-        return (g.device.type == "cpu" and u.device.type == "cpu" and g.dtype in _HALF and u.dtype == g.dtype
-                and g.shape == u.shape and g.is_contiguous() and u.is_contiguous() and available())
-
-    @staticmethod
-    def forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """h = silu(g) · u."""
-        h = torch.empty_like(g)
-        _lib.swiglu(g.data_ptr(), u.data_ptr(), None, h.data_ptr(), None, None, g.numel(), g.dtype == torch.bfloat16,
-                    torch.get_num_threads())
-        return h
-
-    @staticmethod
-    def backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, need_h: bool, need_gate: bool,
-                 need_up: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(h where need_h, d gate, d up) for the gradient dh of h: one pass (both gradients always)."""
-        dh = dh.to(g.dtype).contiguous()
-        h = torch.empty_like(g) if need_h else None
-        dg, du = torch.empty_like(g), torch.empty_like(g)
-        _lib.swiglu(g.data_ptr(), u.data_ptr(), dh.data_ptr(), None if h is None else h.data_ptr(), dg.data_ptr(),
-                    du.data_ptr(), g.numel(), g.dtype == torch.bfloat16, torch.get_num_threads())
-        return h, dg, du

@@ -2,8 +2,7 @@
 
     install(model)               RMSNorm and the SwiGLU MLP of Llama-family models (Llama, Mistral, Qwen2, ... : any
                                  class whose forward is Llama's, line for line) run as kernels.rms_norm and
-                                 kernels.swiglu_linear (its activation in one C pass on CPUs:
-                                 inference.cpu_kernels.SwiGLU). The module's class is swapped for a subclass that only
+                                 kernels.swiglu_linear. The module's class is swapped for a subclass that only
                                  overrides forward: weights, names and state dicts are untouched.
     register_attention()         makes "lean" a transformers attention implementation (kernels.attention with
                                  eager attention's masks): model.set_attn_implementation("lean"). Packed rows
@@ -29,7 +28,6 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from loraforge import kernels as K
-from loraforge.inference import cpu_kernels
 from loraforge.lora.layer import LoraLinear
 
 LEAN_ATTENTION = "lean"
@@ -72,7 +70,7 @@ class _LeanMLP:
         down = _frozen_linear(self.down_proj)
         if down is None:  # a down projection the kernel does not run (4-bit, DoRA, dropout, trainable)
             return self.down_proj(self.act_fn(gate) * up)
-        return K.swiglu_linear(gate, up, *down, activation=cpu_kernels.SwiGLU)
+        return K.swiglu_linear(gate, up, *down)
 
 
 def _frozen_linear(module: nn.Module):
