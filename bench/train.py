@@ -132,6 +132,7 @@ VARIANTS = {
     "lf-noreuse": ("lf", {"reuse": False}),  # training.reuse_memory off: glibc maps, faults in and unmaps big blocks
     "peft-reuse": ("peft", {"reuse": True}),  # PEFT's loop with glibc held as training.reuse_memory holds it
     "lf-freshhead": ("lf", {"fresh_head": True}),  # the fused head's logits buffers allocated afresh every call
+    "lf-head1024": ("lf", {"head_chunk": 1024}),  # the fused head's logits in chunks of 1,024 rows (default 512)
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-wholeseq": ("lf", {"query_blocks": False}),  # packed sequences' queries at once (over 256: blocks of 128)
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
@@ -325,6 +326,8 @@ def worker(args) -> dict:
         loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("fresh_head"):
             loss_fn.head_buffers = None  # every call allocates its own
+        if opts.get("head_chunk"):
+            loss_fn.chunk_size = opts["head_chunk"]
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))

@@ -401,7 +401,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
 
 
 class HeadBuffers:
-    """The fused head's chunk of logits (rows × vocabulary, ~200 MB for 1,024 rows of a 49k vocabulary in fp32),
+    """The fused head's chunk of logits (rows × vocabulary, ~100 MB for 512 rows of a 49k vocabulary in fp32),
     held from one call of linear_cross_entropy to the next. A fresh block that large was faulted in page by page at
     every step (glibc maps it on its own by default; with training.reuse_memory the heap still had no free run that
     long at the head's turn): one profiled bf16 step of packed rows (bench/profile_train.py --by-shape) had the first

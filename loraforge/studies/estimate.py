@@ -33,6 +33,7 @@ from typing import Literal
 from loraforge.argtypes import NonEmpty, PositiveInt
 from loraforge.config import MAX_RANK, ConfigError
 from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, resolve_model
+from loraforge.training.loss import HEAD_CHUNK
 from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
 
@@ -231,7 +232,6 @@ def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "
     return shape.num_hidden_layers * sum(r * sum(names[t]) for t in chosen)
 
 
-HEAD_CHUNK = 1024  # rows of logits the training loss computes at once (training.loss.CausalLMLoss.chunk_size)
 
 
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_layer: int,

@@ -31,6 +31,11 @@ from loraforge.utils.hf import cache_argument
 from loraforge.kernels import HeadBuffers, linear_cross_entropy
 
 IGNORE = -100
+HEAD_CHUNK = 512
+"""Rows of logits the loss computes at once (CausalLMLoss.chunk_size): the fused head holds one chunk's logits from
+step to step (512 × SmolLM2's 49,152-token vocabulary: 100 MB in fp32). Against 1,024 rows, packed 512-token text
+in bench/train.py (--variants peft,lf,lf-head1024 --dtypes fp32,bf16 --rounds 3, a 2-core Zen 5 EPYC) peaked
+lower at the same speed: README, "Memory on CPU"."""
 MIN_SHARED_TOKENS = 64
 """(rows − 1) × prefix length below which the prefix is not shared: its own pass costs about as much as that."""
 
@@ -38,8 +43,8 @@ MIN_SHARED_TOKENS = 64
 class CausalLMLoss(nn.Module):
     """forward(batch) -> (sum of token losses, number of supervised tokens). Wrap this module in DDP."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True, share_prefix: bool = True,
-                 head_buffers: HeadBuffers | None = None):
+    def __init__(self, model: nn.Module, chunk_size: int = HEAD_CHUNK, fused_head: bool = True,
+                 share_prefix: bool = True, head_buffers: HeadBuffers | None = None):
         super().__init__()
         if chunk_size < 1:  # both head paths step through the rows by it
             raise ValueError(f"CausalLMLoss: chunk_size must be ≥ 1, got {chunk_size}")

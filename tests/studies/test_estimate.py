@@ -9,6 +9,7 @@ from loraforge.config import ConfigError
 from loraforge.studies.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, cli_estimate,
                                         config_shape, estimate, format_breakdown, model_shape, per_device)
 from loraforge.quant.bnb import bits_per_weight_formula
+from loraforge.training.loss import HEAD_CHUNK
 
 GB = 1e9
 LLAMA7B = KNOWN_SHAPES["7b"]
@@ -37,10 +38,11 @@ def test_activation_formula_is_the_documented_arithmetic():
     on = activation_bytes(s, T, a, r, gradient_checkpointing=True)
     assert off == {"layers": T * L * per, "logits": T * 3 * 4 * V}
     assert on == {"layers": T * (L * a * h + per), "logits": T * 3 * 4 * V}
-    # a frozen head (LoRA, QLoRA): one chunk of at most 1024 rows of logits (bf16 + its fp32 copy) at a time, and
+    # a frozen head (LoRA, QLoRA): one chunk of at most HEAD_CHUNK rows of logits (bf16 + its fp32 copy) at a time, and
     # the saved gradient of the head's input; it was 3 × 4·V per token (1.2 GB where 18.6 MB were kept)
     assert activation_bytes(s, T, a, r, False, fused_head=True)["logits"] == T * V * (2 + 4) + T * a * h
-    assert activation_bytes(s, 5000, 4, r, False, fused_head=True)["logits"] == 1024 * V * 4 + 5000 * 4 * h
+    assert HEAD_CHUNK == 512
+    assert activation_bytes(s, 5000, 4, r, False, fused_head=True)["logits"] == 512 * V * 4 + 5000 * 4 * h
     # wide heads (q = heads × head_dim), norms on q and k, and k = 2 of E = 4 experts per token
     moe = ModelShape(64, 128, 3, 4, 2, 100, head_dim=32, num_experts=4, experts_per_token=2, qk_norm=True)
     q, kv = 4 * 32, 2 * 32
