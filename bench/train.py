@@ -321,13 +321,12 @@ def worker(args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")  # fp16: loss scaling, as train() does
 
     if trainer == "lf":
-        from loraforge.training.loss import CausalLMLoss, shares_prefix
+        from loraforge.training.loss import HEAD_CHUNK, CausalLMLoss, shares_prefix
         share = opts.get("share_prefix", shares_prefix(cfg.training.share_prefix, device))
-        loss_fn = CausalLMLoss(model, fused_head=not opts.get("plain_head"), share_prefix=share)
+        rows = opts.get("head_chunk", HEAD_CHUNK)  # lf-head1024: the previous chunk
+        loss_fn = CausalLMLoss(model, chunk_size=rows, fused_head=not opts.get("plain_head"), share_prefix=share)
         if opts.get("fresh_head"):
             loss_fn.head_buffers = None  # every call allocates its own
-        if opts.get("head_chunk"):
-            loss_fn.chunk_size = opts["head_chunk"]
         if opts.get("full_head"):
             loss_fn = _FullHead(model)
         prefix_of = None if opts.get("compile") else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, pad_id))

@@ -232,8 +232,6 @@ def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "
     return shape.num_hidden_layers * sum(r * sum(names[t]) for t in chosen)
 
 
-
-
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_layer: int,
                      gradient_checkpointing: bool, fused_head: bool = False) -> dict[str, float]:
     """Bytes autograd keeps for the backward pass of a Llama decoder, for `tokens` = batch × seq_len.
