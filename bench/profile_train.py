@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import shapes as data_shapes  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from train import VARIANTS, check_counts, matmul_peak  # noqa: E402
+from train import VARIANTS, check_counts, lf_batch, matmul_peak  # noqa: E402
 
 from loraforge.training.slab import hold_memory  # noqa: E402
 
@@ -117,7 +117,7 @@ def main() -> None:
 
     def step(micro):
         with torch.profiler.record_function("data"):
-            batches = [D.collate(D.pack(rows, seq) if pack else rows, tok.pad_token_id) for rows, _ in micro]
+            batches = [lf_batch(rows, pack, seq, model, opts, tok.pad_token_id) for rows, _ in micro]
             n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
             with torch.profiler.record_function("forward"), autocast, saving():

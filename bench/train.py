@@ -97,7 +97,8 @@ from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model 
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
 from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION  # noqa: E402
-from loraforge.training.fastpath import runs_by_sequence  # noqa: E402
+from loraforge.training.fastpath import joins_rows, runs_by_sequence  # noqa: E402
+from loraforge.training import data as D  # noqa: E402
 from loraforge.training.data import targets  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
@@ -116,6 +117,8 @@ VARIANTS = {
     "lf-ckpt": ("lf", {"checkpointing": True}),
     "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
     "lf-pack": ("lf", {"packing": True}),
+    "lf-padded": ("lf", {"join": False}),  # packed rows padded to the longest, not joined into one (data.join_rows)
+    "lf-joinany": ("lf", {"join_multiple": 1}),  # joined rows not padded to a multiple of data.JOIN_MULTIPLE
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
     "lf-plainhead": ("lf", {"plain_head": True}),  # head + cross-entropy under autograd, not the fused node
@@ -216,6 +219,17 @@ def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_con
     return decoder + head_rows * 4 * model_config.hidden_size * model_config.vocab_size
 
 
+def lf_batch(rows: list, pack: bool, max_seq_len: int, model, opts: dict, pad_id: int) -> dict:
+    """A micro-batch collated as loraforge's loop collates it (loop.make_batch): packed where it packs, and packed
+    rows joined into one, to a multiple of data.JOIN_MULTIPLE positions, where its attention runs packed sequences
+    one by one (fastpath.joins_rows; lf-padded: not joined; lf-joinany: joined, not padded to the multiple)."""
+    rows = D.pack(rows, max_seq_len) if pack else rows
+    packed = bool(rows) and isinstance(rows[0], dict) and "position_ids" in rows[0]
+    if packed and opts.get("join", True) and joins_rows(model.config._attn_implementation, max_seq_len):
+        return D.collate(D.join_rows(rows), pad_id, opts.get("join_multiple", D.JOIN_MULTIPLE))
+    return D.collate(rows, pad_id)
+
+
 def by_sequence(batch: dict, model) -> list[int] | None:
     """The lengths of the sequences that loraforge's lean attention runs one by one in this batch (packed rows of
     sequences up to fastpath.LEAN_MAX_LENGTH), as lean_attention_forward decides; None where it runs whole rows
@@ -258,7 +272,6 @@ def frozen_flops(examples, model_config) -> float:
 def worker(args) -> dict:
     import torch
 
-    from loraforge.training import data as D
     from loraforge.studies.demo import demo_config
     from loraforge.training.report import peak_memory_mb
 
@@ -362,8 +375,8 @@ def worker(args) -> dict:
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
         else:  # loraforge: summed token losses over the step's supervised-token count
-            batches = [{k: v.to(device) for k, v in D.collate(D.pack(rows, cfg.data.max_seq_len) if pack else rows,
-                                                               pad_id).items()} for rows, _ in micro]
+            batches = [{k: v.to(device) for k, v in lf_batch(rows, pack, cfg.data.max_seq_len, model, opts,
+                                                             pad_id).items()} for rows, _ in micro]
             n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             for batch in batches:
                 with autocast, (slab.saving() if slab else contextlib.nullcontext()):

@@ -490,10 +490,12 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: only on the response)."""
     packing: bool | Literal["auto"] = "auto"
-    """Pack the examples of a micro-batch into shared rows of max_seq_len (no compute on padding; examples stay
-    isolated). auto: pack when plain padded micro-batches would be at least 20% padding (below that, padded rows
-    train faster than packed ones: bench/train.py measures both), counted net of the prefix their rows share where
-    training.share_prefix computes it once (packed rows share none)."""
+    """Pack the examples of a micro-batch into shared rows of max_seq_len (examples stay isolated). auto: pack when
+    plain padded micro-batches would be at least 20% padding (below that, padded rows train faster than packed ones:
+    bench/train.py measures both), counted net of the prefix their rows share where training.share_prefix computes
+    it once (packed rows share none). Where the lean attention runs (training.attention auto on CPU, or lean) and
+    max_seq_len is at most 512, a micro-batch's packed rows are then joined into one row of up to 2,048 tokens,
+    padded to a multiple of 16 only: no padding between them (packed text, bf16: 1.06x the speed of padded rows)."""
 
     def __post_init__(self):
         p = []

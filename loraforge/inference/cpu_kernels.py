@@ -341,10 +341,13 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
-/* silu(g) * u, 8 at a time (exp8; e^-g capped at e^88: silu(g) of g below -88 is -0 to float precision) */
+/* silu(g) * u, 8 at a time (exp8, e^-g capped at e^88; below g = -88 silu(g) is -0 in float, as torch gives it:
+   g / (1 + e^88) would leave g * 6e-39, e.g. -6e-9 for g = -1e30) */
 static inline __m256 silu_mul8(__m256 g, __m256 u) {
     __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
-    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+    __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    s = _mm256_blendv_ps(s, _mm256_set1_ps(-0.0f), _mm256_cmp_ps(g, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
+    return _mm256_mul_ps(s, u);
 }
 
 /* Llama's MLP input for a batch's rows (fp32 weights, tiled): y (M, n) = silu(x Wg^T) * (x Wu^T), each 4 rows of

@@ -52,7 +52,7 @@ from loraforge.training.distributed import (check_same_config, check_same_precis
                                             collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
 from loraforge.training.evaluate import mean_token_loss, perplexity_of
-from loraforge.training.fastpath import install, register_attention
+from loraforge.training.fastpath import install, joins_rows, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
                                       sources_report)
@@ -196,9 +196,10 @@ def _not_held_out(stats: dict) -> str:
             f"data.eval for a held-out loss)")
 
 
-def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing) -> str:
+def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing, join: bool = False) -> str:
     """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
-    shared prefixes save; packed rows compute one position per real token and share nothing)."""
+    shared prefixes save; packed rows compute one position per real token and share nothing); join: the packed
+    rows are joined into one (data.join_rows)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
     overflow = stats.get("held_out_overflow")
@@ -221,7 +222,8 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
                  f"per real token")
         rule = f"{1 / (1 - D.PACK_MIN_PADDING):.2f} positions per real token"
     if pack:
-        return text + ": packed"
+        return text + (f": packed, a batch's rows joined into rows of up to {D.JOIN_MAX_TOKENS} tokens (no padding "
+                       f"between them)" if join else ": packed")
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
 
 
@@ -250,9 +252,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int, pack: bool) -> dict:
+def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int, pack: bool,
+               join: bool = False) -> dict:
+    """The collated batch of examples[idx]: packed into rows of data.max_seq_len where pack is True, and those rows
+    joined into one (data.join_rows: no padding between them, padded to a multiple of data.JOIN_MULTIPLE positions)
+    where join is True too."""
     chosen = [examples[i] for i in idx]
     rows = D.pack(chosen, cfg.data.max_seq_len) if pack else chosen
+    if pack and join:
+        return D.collate(D.join_rows(rows), pad_id, D.JOIN_MULTIPLE)
     return D.collate(rows, pad_id)
 
 
@@ -305,6 +313,7 @@ class Run:
     mixture: Mixture | None = None
     data_fingerprint: list = dataclasses.field(default_factory=list)  # mixing.fingerprint: kept in checkpoints
     pack: bool = False
+    join: bool = False  # packed rows joined into one before collating (data.join_rows; fastpath.joins_rows)
     sharded: bool = False  # FSDP: parameters are shards; checkpoints, evaluation and the final save gather
     step: int = 0
     tokens_seen: int = 0
@@ -445,12 +454,14 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
+    run.join = run.pack and joins_rows(training_attention(cfg, device), cfg.data.max_seq_len)
     # glibc's heap handed back when train() returns or raises
     run.slab = hold_memory(held, model, t.reuse_memory, t.activation_buffer, device, run.pack, run.sharded, t.compile)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
-        print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing), flush=True)
+        print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing, run.join),
+              flush=True)
         if left_out := left_out_line(cfg, first_epoch, len(mixture.epoch_order(0)), per_epoch, world):
             print(left_out, flush=True)
         if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing
@@ -459,7 +470,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
             print(f"note: {line}", flush=True)
         if "sources" in data_stats:
             print(sources_report(mixture, data_stats), flush=True)
-        first = make_batch(train_examples, first_epoch[0], cfg, run.pad_id, run.pack)
+        first = make_batch(train_examples, first_epoch[0], cfg, run.pad_id, run.pack, run.join)
         if not t.compile and (shared := loss_fn.prefix_to_share(first)):  # compiled, the loss shares none
             print(f"the first batch's {len(first['input_ids'])} rows share their first {shared} tokens (of up to "
                   f"{first['input_ids'].shape[1]}): computed once per batch (training.share_prefix)", flush=True)
@@ -578,7 +589,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             # 1. this step's micro-batches: global position step*G .. +G in the epoch order; rank r: r, r+world, ...
             epoch, within = run.epochs.locate(run.step)
             step_batches = run.epochs.batches(epoch)[within * group:(within + 1) * group]
-            batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack), run.device)
+            batches = [to_device(make_batch(run.train_examples, idx, cfg, run.pad_id, run.pack, run.join), run.device)
                        for idx in step_batches[run.rank::run.world]]
 
             # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step

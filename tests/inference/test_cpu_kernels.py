@@ -335,12 +335,15 @@ def test_tiled_fp32_product_equals_linear(out_features, in_features, rows):
 @pytest.mark.parametrize("shape", [(708, 1536), (3, 5, 7)])
 def test_silu_mul_equals_torch(shape):
     """silu(g) · u in one pass (8 at a time, the rest one by one: 105 elements leave 1) against F.silu(g) · u,
-    with the extremes: large negative g (e^-g capped, silu → -0), large positive, 0, denormal."""
+    with the extremes: large negative g (e^-g capped, silu → -0), large positive, 0, denormal. Gates far below -88
+    give -0 as torch does (the cap alone left g · e⁻⁸⁸: -6e-9 for -1e30)."""
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 4
     u = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     flat = g.view(-1)
-    flat[:6] = torch.tensor([-100.0, 100.0, 0.0, -88.5, 1e-40, -1e-3])
-    u.view(-1)[:6] = 1.0
+    flat[:8] = torch.tensor([-100.0, 100.0, 0.0, -88.5, 1e-40, -1e-3, -1e30, -3e38])
+    u.view(-1)[:8] = 1.0
     got = cpu_kernels.silu_mul(g, u)
     torch.testing.assert_close(got, F.silu(g) * u, rtol=1e-6, atol=1e-7)
     assert abs(got.view(-1)[0].item()) < 1e-30 and got.view(-1)[1].item() == 100.0
+    assert got.view(-1)[6].item() == 0.0 == (F.silu(g) * u).view(-1)[6].item()
+    assert got.view(-1)[7].item() == 0.0 and torch.signbit(got.view(-1)[6:8]).all()

@@ -12,7 +12,7 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
+from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, join_rows, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
 from loraforge.models import load_tokenizer
 
 
@@ -764,6 +764,38 @@ def test_packed_loss_equals_unpacked_loss(tiny_llama):
     n_supervised = sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
     assert int((packed["labels"][:, 1:] != IGNORE).sum()) == n_supervised
     torch.testing.assert_close(loss_packed, loss_unpacked)
+
+
+def test_join_rows_joins_packed_rows_in_order_up_to_the_limit():
+    """Rows of 3, 2, 4 and 7 tokens under a limit of 6: the first two join (5), the third cannot take the fourth
+    (11) and the fourth stays alone, longer than the limit. Every token, label and position id stays, in order, and
+    the input rows are not changed."""
+    def row(n, first):
+        return {"input_ids": list(range(first, first + n)), "labels": [IGNORE] + list(range(first + 1, first + n)),
+                "position_ids": list(range(n))}
+
+    rows = [row(3, 10), row(2, 20), row(4, 30), row(7, 40)]
+    before = json.dumps(rows)
+    joined = join_rows(rows, max_tokens=6)
+    assert [len(r["input_ids"]) for r in joined] == [5, 4, 7]
+    assert joined[0] == {"input_ids": [10, 11, 12, 20, 21], "labels": [IGNORE, 11, 12, IGNORE, 21],
+                         "position_ids": [0, 1, 2, 0, 1]}
+    for key in ("input_ids", "labels", "position_ids"):
+        assert sum((r[key] for r in joined), []) == sum((r[key] for r in rows), [])
+    assert json.dumps(rows) == before
+    # under the default limit a batch of packed rows becomes one row: collate pads nothing
+    examples = random_examples(20, 128, seed=4)
+    packed = pack(examples, max_seq_len=24)
+    one = collate(join_rows(packed), pad_id=0)
+    assert len(packed) > 1 and one["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    assert int((one["labels"] != IGNORE).sum()) == int((collate(packed, pad_id=0)["labels"] != IGNORE).sum())
+    # collate's multiple: 1 row of 5 tokens to 16 positions, the padding its own sequence; 3 rows of up to 5 to 16
+    padded = collate(join_rows(rows[:2]), pad_id=9, multiple=16)
+    assert padded["input_ids"].tolist() == [[10, 11, 12, 20, 21] + [9] * 11]
+    assert padded["position_ids"].tolist() == [[0, 1, 2, 0, 1] + list(range(11))]
+    assert padded["labels"].tolist() == [[IGNORE, 11, 12, IGNORE, 21] + [IGNORE] * 11]
+    assert collate(rows[:3], pad_id=9, multiple=16)["input_ids"].shape == (3, 16)
+    assert collate(rows[:3], pad_id=9)["input_ids"].shape == (3, 4)
 
 
 def test_collate_pads_and_padding_fraction():

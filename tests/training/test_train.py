@@ -293,6 +293,50 @@ def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
             torch.testing.assert_close(results[attention][1][k], g, rtol=1e-4, atol=1e-5, msg=f"{attention} {k}")
 
 
+def test_joined_rows_train_as_padded_rows(tiny_dir, data_file, tmp_path):
+    """Where lean attention runs packed sequences one by one, a batch's packed rows are joined into one
+    (data.join_rows): no padding between them, and the padded rows' loss and gradients (fp32). Other attention kernels
+    attend over whole rows, so their rows are not joined, nor are rows whose sequences may pass LEAN_MAX_LENGTH."""
+    from loraforge.training.fastpath import LEAN_MAX_LENGTH, joins_rows
+    from loraforge.training.loop import make_batch
+
+    assert joins_rows("lean", LEAN_MAX_LENGTH) and joins_rows("lean_whole", 128)
+    assert not joins_rows("sdpa", 128) and not joins_rows("eager", 128) and not joins_rows("lean_masked", 128)
+    assert not joins_rows("lean", LEAN_MAX_LENGTH + 1)
+    cfg = config(tiny_dir, data_file, tmp_path, attention="lean")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=100),
+                              lora=dataclasses.replace(cfg.lora, lora_dropout=0.0, init_lora_weights=False))
+    torch.manual_seed(0)
+    model, tok = build_model(cfg, torch.device("cpu"))
+    examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
+    idx = [0, 5, 17, 33, 2, 9, 21, 38]
+    results = {}
+    for join, bf16 in ((False, False), (True, False), (False, True), (True, True)):
+        batch = make_batch(examples, idx, cfg, tok.pad_token_id, True, join)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, n = CausalLMLoss(model.train())(batch)
+        (loss / n).backward()
+        results[join, bf16] = (batch["input_ids"].shape, loss, {k: p.grad for k, p in model.named_parameters()
+                                                                if p.requires_grad})
+    (padded, loss, grads), (joined, joined_loss, joined_grads) = results[False, False], results[True, False]
+    real = sum(len(examples[i].input_ids) for i in idx)  # joined: to the least multiple of 16 (data.JOIN_MULTIPLE)
+    assert padded[0] > 1 and joined == (1, -(-real // 16) * 16)
+    torch.testing.assert_close(joined_loss, loss, rtol=1e-6, atol=1e-6)
+    for k, g in grads.items():
+        torch.testing.assert_close(joined_grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
+    # bf16 autocast: joined rows err from fp32 no more than padded rows do (each within its own rounding)
+    def error(join):
+        _, bf_loss, bf_grads = results[join, True]
+        flat = torch.cat([(bf_grads[k] - g).flatten() for k, g in grads.items()])
+        return abs(bf_loss.item() - loss.item()) / loss.item(), float(flat.norm() / torch.cat(
+            [g.flatten() for g in grads.values()]).norm())
+
+    (loss_padded, grad_padded), (loss_joined, grad_joined) = error(False), error(True)
+    assert 0 < grad_padded < 0.1 and loss_joined < 2 * loss_padded + 1e-3 and grad_joined < 2 * grad_padded, (
+        (loss_padded, grad_padded), (loss_joined, grad_joined))
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_metrics_log_the_learning_rate_each_step_updated_with(tiny_dir, data_file, tmp_path, monkeypatch, schedule):
     """Step k's row holds the rate of step k's own update: the schedule's value at k - 1 (warmup over 2 of the 6
@@ -340,6 +384,8 @@ def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
         "data: 40 train examples (1 truncated, 0 dropped, 3 ending in the EOS text (learnt once)), 4 held out; ")
     assert data_report({**stats, "n_eos_stripped": 0}, 4, 0.1, 0.1, False, "auto").startswith(
         "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
+    assert data_report(stats, 4, 0.3, 0.3, True, "auto", join=True).endswith(
+        ": packed, a batch's rows joined into rows of up to 2048 tokens (no padding between them)")
 
 
 def test_the_data_line_names_where_a_dropped_record_came_from_and_why(tiny_dir, data_file, tmp_path, capsys):
