@@ -789,8 +789,8 @@ def padding_fraction(examples: list[Example], batch_size: int, shared_prefix=Non
     return 1 - real / total if total else 0.0
 
 
-# Packed rows joined into one row up to this many tokens (join_rows): the block-diagonal causal mask transformers
-# builds for a row is T × T, so a longer join would cost more in the mask than its padding did.
+# Packed rows are joined into rows of about this many tokens (join_rows): the block-diagonal causal mask
+# transformers builds for a row is T × T, so much longer joins would cost more in the mask than their padding did.
 JOIN_MAX_TOKENS = 2048
 # Joined rows are padded to a multiple of this many positions (collate's `multiple`): a CPU's bf16 matrix kernels
 # (AMX tiles: 16 rows) run the linear layers' products at full speed only on a multiple of 16 rows. Measured on a
@@ -800,20 +800,19 @@ JOIN_MULTIPLE = 16
 
 
 def join_rows(rows: list[dict], max_tokens: int = JOIN_MAX_TOKENS) -> list[dict]:
-    """Packed rows (pack's dicts) joined end to end, in order, into as few rows of at most max_tokens tokens as that
-    allows (a row already longer stays alone): collate then pads only the joined rows, so a batch of packed rows
-    computes no padding at all where it joins into one (padding-free batches, as HF's DataCollatorWithFlattening).
-    The position ids still restart at every example, so attention that runs each packed sequence on its own
-    (fastpath's lean attention) does the same work; attention over whole rows would do more (T² of the joined row)."""
-    joined: list[dict] = []
-    for r in rows:
-        last = joined[-1] if joined else None
-        if last is None or len(last["input_ids"]) + len(r["input_ids"]) > max_tokens:
-            joined.append({k: list(r[k]) for k in ("input_ids", "labels", "position_ids")})
-        else:
-            for k in ("input_ids", "labels", "position_ids"):
-                last[k] += r[k]
-    return joined
+    """Packed rows (pack's dicts) joined end to end into ⌈tokens / max_tokens⌉ rows of near-equal length (longest
+    row first into the shortest join, so joins differ by at most one row's length; a join may pass max_tokens by
+    less than that): collate then pads only the joins, so a batch of packed rows computes no padding at all where it
+    joins into one (padding-free batches, as HF's DataCollatorWithFlattening). The position ids still restart at
+    every example, so attention that runs each packed sequence on its own (fastpath's lean attention) does the same
+    work; attention over whole rows would do more (T² of the joined row)."""
+    total = sum(len(r["input_ids"]) for r in rows)
+    joins = [{"input_ids": [], "labels": [], "position_ids": []} for _ in range(max(1, -(-total // max_tokens)))]
+    for r in sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True):  # stable: ties keep their order
+        shortest = min(joins, key=lambda j: len(j["input_ids"]))
+        for k in shortest:
+            shortest[k] += r[k]
+    return joins
 
 
 PACK_MIN_PADDING = 0.2  # packing="auto" packs from this padding fraction on
@@ -832,6 +831,12 @@ def should_pack(packing: bool | str, padding: float) -> bool:
     return bool(packing)
 
 
+# A packed row's padding goes in as sequences of up to this many positions (collate): attention that runs each packed
+# sequence on its own (fastpath's lean attention, up to its LEAN_MAX_LENGTH) then runs the padding in pieces as cheap
+# as a sequence's query blocks, however long the padding.
+PAD_RUN = 128
+
+
 def _restarts(position_ids: list[int]) -> bool:
     return any(b != a + 1 for a, b in zip(position_ids, position_ids[1:]))
 
@@ -841,8 +846,9 @@ def collate(rows: list[dict | Example], pad_id: int, multiple: int = 1) -> dict[
     to the least width at which rows × width is a multiple of it (data.JOIN_MULTIPLE for joined rows).
 
     The rule: if any row's position_ids restart (a packed row), the batch is packed: it gets position_ids (the
-    padding continues as one more "sequence" 0, 1, ...) and NO attention_mask, so transformers builds the
-    block-diagonal causal mask. Otherwise it gets an attention_mask (1 real, 0 padding) and no position_ids.
+    padding continues as more "sequences" 0, 1, ..., of up to PAD_RUN positions each) and NO attention_mask, so
+    transformers builds the block-diagonal causal mask. Otherwise it gets an attention_mask (1 real, 0 padding) and
+    no position_ids.
     Either way call the model with use_cache=False (see the module docstring).
     """
     rows = [{"input_ids": r.input_ids, "labels": r.labels} if isinstance(r, Example) else r for r in rows]
@@ -855,8 +861,8 @@ def collate(rows: list[dict | Example], pad_id: int, multiple: int = 1) -> dict[
         n, pad = len(r["input_ids"]), width - len(r["input_ids"])
         batch["input_ids"].append(r["input_ids"] + [pad_id] * pad)
         batch["labels"].append(r["labels"] + [IGNORE] * pad)
-        if packed:
-            batch["position_ids"].append(r.get("position_ids", list(range(n))) + list(range(pad)))
+        if packed:  # the padding as sequences of up to PAD_RUN positions: each attends within itself, cheaply
+            batch["position_ids"].append(r.get("position_ids", list(range(n))) + [i % PAD_RUN for i in range(pad)])
         else:
             batch["attention_mask"].append([1] * n + [0] * pad)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}

@@ -13,7 +13,9 @@ from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, join_rows, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
+from loraforge.kernels import segment_starts
 from loraforge.models import load_tokenizer
+from loraforge.training.fastpath import runs_by_sequence
 
 
 @pytest.fixture(scope="module")
@@ -767,9 +769,9 @@ def test_packed_loss_equals_unpacked_loss(tiny_llama):
 
 
 def test_join_rows_joins_packed_rows_in_order_up_to_the_limit():
-    """Rows of 3, 2, 4 and 7 tokens under a limit of 6: the first two join (5), the third cannot take the fourth
-    (11) and the fourth stays alone, longer than the limit. Every token, label and position id stays, in order, and
-    the input rows are not changed."""
+    """Rows of 3, 2, 4 and 7 tokens (16) under a limit of 6: ⌈16 / 6⌉ = 3 joins, the longest row first into the
+    shortest join: 7, 4, then 3 + 2. Every token, label and position id stays, each row's in its order, and the
+    input rows are not changed."""
     def row(n, first):
         return {"input_ids": list(range(first, first + n)), "labels": [IGNORE] + list(range(first + 1, first + n)),
                 "position_ids": list(range(n))}
@@ -777,11 +779,13 @@ def test_join_rows_joins_packed_rows_in_order_up_to_the_limit():
     rows = [row(3, 10), row(2, 20), row(4, 30), row(7, 40)]
     before = json.dumps(rows)
     joined = join_rows(rows, max_tokens=6)
-    assert [len(r["input_ids"]) for r in joined] == [5, 4, 7]
-    assert joined[0] == {"input_ids": [10, 11, 12, 20, 21], "labels": [IGNORE, 11, 12, IGNORE, 21],
+    assert [len(r["input_ids"]) for r in joined] == [7, 4, 5]
+    assert joined[2] == {"input_ids": [10, 11, 12, 20, 21], "labels": [IGNORE, 11, 12, IGNORE, 21],
                          "position_ids": [0, 1, 2, 0, 1]}
     for key in ("input_ids", "labels", "position_ids"):
-        assert sum((r[key] for r in joined), []) == sum((r[key] for r in rows), [])
+        assert sorted(sum((r[key] for r in joined), [])) == sorted(sum((r[key] for r in rows), []))
+    # joins differ by at most one row's length: 3 rows of 10 and 2 of 1 under 12 join as 10 + 1, 10 + 1, 10
+    assert [len(r["input_ids"]) for r in join_rows([row(10, 0)] * 3 + [row(1, 50)] * 2, max_tokens=12)] == [11, 11, 10]
     assert json.dumps(rows) == before
     # under the default limit a batch of packed rows becomes one row: collate pads nothing
     examples = random_examples(20, 128, seed=4)
@@ -796,6 +800,10 @@ def test_join_rows_joins_packed_rows_in_order_up_to_the_limit():
     assert padded["labels"].tolist() == [[IGNORE, 11, 12, IGNORE, 21] + [IGNORE] * 11]
     assert collate(rows[:3], pad_id=9, multiple=16)["input_ids"].shape == (3, 16)
     assert collate(rows[:3], pad_id=9)["input_ids"].shape == (3, 4)
+    # a long padding goes in as sequences of up to PAD_RUN positions, so lean attention still runs it by sequence
+    long = collate([join_rows(rows[:2])[0], row(300, 100)], pad_id=9)
+    assert long["position_ids"][0].tolist() == [0, 1, 2, 0, 1] + list(range(128)) * 2 + list(range(39))
+    assert runs_by_sequence(segment_starts(long["position_ids"]))
 
 
 def test_collate_pads_and_padding_fraction():
