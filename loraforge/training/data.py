@@ -794,8 +794,9 @@ def padding_fraction(examples: list[Example], batch_size: int, shared_prefix=Non
 JOIN_MAX_TOKENS = 2048
 # Joined rows are padded to a multiple of this many positions (collate's `multiple`): a CPU's bf16 matrix kernels
 # (AMX tiles: 16 rows) run the linear layers' products at full speed only on a multiple of 16 rows. Measured on a
-# 2-core Zen 5 EPYC (AMX), torch.nn.functional.linear in bf16 over 1,700-2,000 rows: (rows, 576) × (576, 1536)
-# 346-433 GFLOP/s at any row count, 424-433 at multiples of 16 (1,798 rows: 392, 1,808: 432); fp32 alike at any.
+# 2-core Zen 5 EPYC (AMX), torch.nn.functional.linear in bf16 over 1,700-2,000 rows: (rows, 576) × (576, 1536) at a
+# median 418 GFLOP/s (lowest 346) at any row count, 433 (lowest 424) at multiples of 16 (1,798 rows: 392, 1,808:
+# 432); fp32 alike at any.
 JOIN_MULTIPLE = 16
 
 

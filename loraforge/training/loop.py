@@ -222,7 +222,7 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
                  f"per real token")
         rule = f"{1 / (1 - D.PACK_MIN_PADDING):.2f} positions per real token"
     if pack:
-        return text + (f": packed, a batch's rows joined into rows of up to {D.JOIN_MAX_TOKENS} tokens (no padding "
+        return text + (f": packed, a batch's rows joined into rows of about {D.JOIN_MAX_TOKENS} tokens (no padding "
                        f"between them)" if join else ": packed")
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
 

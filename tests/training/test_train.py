@@ -385,7 +385,7 @@ def test_the_data_line_counts_answers_that_ended_in_the_eos_text():
     assert data_report({**stats, "n_eos_stripped": 0}, 4, 0.1, 0.1, False, "auto").startswith(
         "data: 40 train examples (1 truncated, 0 dropped), 4 held out; ")
     assert data_report(stats, 4, 0.3, 0.3, True, "auto", join=True).endswith(
-        ": packed, a batch's rows joined into rows of up to 2048 tokens (no padding between them)")
+        ": packed, a batch's rows joined into rows of about 2048 tokens (no padding between them)")
 
 
 def test_the_data_line_names_where_a_dropped_record_came_from_and_why(tiny_dir, data_file, tmp_path, capsys):
