@@ -117,7 +117,7 @@ VARIANTS = {
     "lf-ckpt": ("lf", {"checkpointing": True}),
     "lf-ckpt10": ("lf", {"checkpointing": 10}),  # 10 of the 30 decoder layers recompute
     "lf-pack": ("lf", {"packing": True}),
-    "lf-padded": ("lf", {"join": False}),  # packed rows padded to the longest, not joined into one (data.join_rows)
+    "lf-padded": ("lf", {"join": False}),  # packed rows padded to the longest, not joined (data.join_rows)
     "lf-joinany": ("lf", {"join_multiple": 1}),  # joined rows not padded to a multiple of data.JOIN_MULTIPLE
     "lf-nopack": ("lf", {"packing": False}),
     "lf-fullhead": ("lf", {"full_head": True}),
@@ -221,8 +221,8 @@ def executed_flops(rows: int, width: int, prefix: int, head_rows: int, model_con
 
 def lf_batch(rows: list, pack: bool, max_seq_len: int, model, opts: dict, pad_id: int) -> dict:
     """A micro-batch collated as loraforge's loop collates it (loop.make_batch): packed where it packs, and packed
-    rows joined into one, to a multiple of data.JOIN_MULTIPLE positions, where its attention runs packed sequences
-    one by one (fastpath.joins_rows; lf-padded: not joined; lf-joinany: joined, not padded to the multiple)."""
+    rows joined (data.join_rows), to a multiple of data.JOIN_MULTIPLE positions, where its attention runs packed
+    sequences one by one (fastpath.joins_rows; lf-padded: not joined; lf-joinany: joined, not to the multiple)."""
     rows = D.pack(rows, max_seq_len) if pack else rows
     packed = bool(rows) and isinstance(rows[0], dict) and "position_ids" in rows[0]
     if packed and opts.get("join", True) and joins_rows(model.config._attn_implementation, max_seq_len):

@@ -173,10 +173,10 @@ def runs_by_sequence(starts: list[list[int]] | None) -> bool:
 
 
 def joins_rows(attention: str, max_seq_len: int) -> bool:
-    """Whether a run's packed rows are joined into one before collating (data.join_rows: no padding between them):
-    where its attention ("lean", "lean_keep" or "lean_whole") runs every packed sequence on its own, as all of them
-    are up to LEAN_MAX_LENGTH, so a joined row costs attention no more than its rows did. Others attend over whole
-    rows: T² of the joined row."""
+    """Whether a run's packed rows are joined before collating (data.join_rows: no padding between them): where
+    its attention ("lean", "lean_keep" or "lean_whole") runs every packed sequence on its own, as all of them are up
+    to LEAN_MAX_LENGTH, so a joined row costs attention no more than its rows did. Others attend over whole rows:
+    T² of the joined row."""
     return attention in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION) and max_seq_len <= LEAN_MAX_LENGTH
 
 

@@ -199,7 +199,7 @@ def _not_held_out(stats: dict) -> str:
 def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing, join: bool = False) -> str:
     """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
     shared prefixes save; packed rows compute one position per real token and share nothing); join: the packed
-    rows are joined into one (data.join_rows)."""
+    rows are joined (data.join_rows)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
     overflow = stats.get("held_out_overflow")
@@ -255,8 +255,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_id: int, pack: bool,
                join: bool = False) -> dict:
     """The collated batch of examples[idx]: packed into rows of data.max_seq_len where pack is True, and those rows
-    joined into one (data.join_rows: no padding between them, padded to a multiple of data.JOIN_MULTIPLE positions)
-    where join is True too."""
+    joined (data.join_rows: rows of about data.JOIN_MAX_TOKENS, no padding between them, padded to a multiple of
+    data.JOIN_MULTIPLE positions) where join is True too."""
     chosen = [examples[i] for i in idx]
     rows = D.pack(chosen, cfg.data.max_seq_len) if pack else chosen
     if pack and join:
@@ -313,7 +313,7 @@ class Run:
     mixture: Mixture | None = None
     data_fingerprint: list = dataclasses.field(default_factory=list)  # mixing.fingerprint: kept in checkpoints
     pack: bool = False
-    join: bool = False  # packed rows joined into one before collating (data.join_rows; fastpath.joins_rows)
+    join: bool = False  # packed rows joined before collating (data.join_rows; fastpath.joins_rows)
     sharded: bool = False  # FSDP: parameters are shards; checkpoints, evaluation and the final save gather
     step: int = 0
     tokens_seen: int = 0
