@@ -226,7 +226,7 @@ def lf_batch(rows: list, pack: bool, max_seq_len: int, model, opts: dict, pad_id
     rows = D.pack(rows, max_seq_len) if pack else rows
     packed = bool(rows) and isinstance(rows[0], dict) and "position_ids" in rows[0]
     if packed and opts.get("join", True) and joins_rows(model.config._attn_implementation, max_seq_len):
-        return D.collate(D.join_rows(rows), pad_id, opts.get("join_multiple", D.JOIN_MULTIPLE))
+        return D.collate_joined(rows, pad_id, opts.get("join_multiple", D.JOIN_MULTIPLE))
     return D.collate(rows, pad_id)
 
 

@@ -816,6 +816,12 @@ def join_rows(rows: list[dict], max_tokens: int = JOIN_MAX_TOKENS) -> list[dict]
     return joins
 
 
+def collate_joined(rows: list[dict], pad_id: int, multiple: int = JOIN_MULTIPLE) -> dict[str, torch.Tensor]:
+    """Packed rows joined (join_rows) and collated, to a multiple of JOIN_MULTIPLE positions: the batch a run whose
+    packed rows are joined trains on (loop.make_batch; bench/train.py, whose lf-joinany passes multiple=1)."""
+    return collate(join_rows(rows), pad_id, multiple)
+
+
 PACK_MIN_PADDING = 0.2  # packing="auto" packs from this padding fraction on
 
 

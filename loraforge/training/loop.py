@@ -260,7 +260,7 @@ def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_
     chosen = [examples[i] for i in idx]
     rows = D.pack(chosen, cfg.data.max_seq_len) if pack else chosen
     if pack and join:
-        return D.collate(D.join_rows(rows), pad_id, D.JOIN_MULTIPLE)
+        return D.collate_joined(rows, pad_id)
     return D.collate(rows, pad_id)
 
 

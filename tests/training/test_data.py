@@ -768,7 +768,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_llama):
     torch.testing.assert_close(loss_packed, loss_unpacked)
 
 
-def test_join_rows_joins_packed_rows_in_order_up_to_the_limit():
+def test_join_rows_balances_packed_rows_into_joins_near_the_limit():
     """Rows of 3, 2, 4 and 7 tokens (16) under a limit of 6: ⌈16 / 6⌉ = 3 joins, the longest row first into the
     shortest join: 7, 4, then 3 + 2. Every token, label and position id stays, each row's in its order, and the
     input rows are not changed."""

@@ -294,8 +294,8 @@ def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
 
 
 def test_joined_rows_train_as_padded_rows(tiny_dir, data_file, tmp_path):
-    """Where lean attention runs packed sequences one by one, a batch's packed rows are joined into one
-    (data.join_rows): no padding between them, and the padded rows' loss and gradients (fp32). Other attention kernels
+    """Where lean attention runs packed sequences one by one, a batch's packed rows are joined (data.join_rows):
+    no padding between them, and the padded rows' loss and gradients (fp32). Other attention kernels
     attend over whole rows, so their rows are not joined, nor are rows whose sequences may pass LEAN_MAX_LENGTH."""
     from loraforge.training.fastpath import LEAN_MAX_LENGTH, joins_rows
     from loraforge.training.loop import make_batch
