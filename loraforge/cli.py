@@ -74,8 +74,11 @@ def finished_line(result) -> str:
     where = f"{result.saved} written to {result.output_dir / result.saved}"
     if result.train_tokens == 0 or result.final_loss != result.final_loss:  # no step ran in this process
         return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
+    aside = (f" (evaluating and saving took {result.aside_seconds:.0f} s more)"
+             if result.aside_seconds >= 0.5 else "")
     return (f"{where} after {result.steps} steps: final loss {result.final_loss:.4f}, "
-            f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MB")
+            f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak memory "
+            f"{result.peak_memory_mb:.0f} MB")
 
 
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,

@@ -561,7 +561,10 @@ def test_trains_last_line_names_the_folder_it_wrote():
                          seconds=2.0, tokens_per_second=50.0, peak_memory_mb=1234.4, trainable_params=1,
                          total_params=2, data_stats={})
     assert finished_line(result) == ("adapter written to runs/x/adapter after 4 steps: final loss 1.2346, "
-                                     "50 tokens/s, peak memory 1234 MB")
+                                     "50 tokens/s while training, peak memory 1234 MB")
+    slow = dataclasses.replace(result, aside_seconds=9.2)  # a held-out evaluation's 9 s: not in tokens/s
+    assert finished_line(slow).endswith("50 tokens/s while training (evaluating and saving took 9 s more), peak "
+                                        "memory 1234 MB")
     full = dataclasses.replace(result, saved="model")
     assert finished_line(full).startswith("model written to runs/x/model after 4 steps")
     again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run

@@ -106,14 +106,15 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
                              base_key and with_adapter_hash(base_key, model), "adapter")
     clock["adapter eval"] = time.perf_counter() - started - sum(clock.values())
     total = time.perf_counter() - started
+    aside = f" ({result.aside_seconds:.0f} s of it evaluating and saving)" if result.aside_seconds >= 0.5 else ""
     rows = [
         ("model", ("SmolLM2-135M-Instruct (built-in)" if cfg.model.name == "smollm2-135m" else cfg.model.name)
          + (f", {quantize} base" if quantize else "")),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} "
                                  f"({100 * result.trainable_params / result.total_params:.2f}%)"),
         ("adapter size on disk", f"{dir_size(adapter_dir) / 2**20:.1f} MiB ({adapter_dir})"),
-        ("training", f"{result.steps} steps, {result.seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s, "
-                     f"final loss {result.final_loss:.3f}"),
+        ("training", f"{result.steps} steps, {result.seconds:.0f} s{aside}, {result.tokens_per_second:.0f} tokens/s "
+                     f"while training, final loss {result.final_loss:.3f}"),
         ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MiB"),
         ("held-out accuracy", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
                               f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),

@@ -83,6 +83,7 @@ class TrainResult:
     skipped_steps: int = 0
     rank: int = 0  # under torchrun every process returns one; only rank 0's wrote the adapter
     saved: str = "adapter"  # the folder of output_dir holding the result: adapter, or model (method: full)
+    aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -346,9 +347,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
             with StopRequest(world=run.world) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
-                loss_value, eval_loss, seconds = fit(run, progress, append_log=resume, stop=stop)
+                loss_value, eval_loss, seconds, aside = fit(run, progress, append_log=resume, stop=stop)
                 stage = "finish"
-                result = finish(run, loss_value, eval_loss, seconds, start_tokens)
+                result = finish(run, loss_value, eval_loss, seconds, start_tokens, aside)
                 if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
                     raise Stopped(stop.signum, f"stopped by {stop.name} at the end of the run (step {run.step} of "
                                                f"{run.total_steps}); it had finished: {result.saved} written to "
@@ -562,8 +563,11 @@ def restore(run: Run) -> None:
 
 
 def fit(run: Run, progress: bool = True, append_log: bool = False,
-        stop: StopRequest | None = None) -> tuple[float, float | None, float]:
-    """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds).
+        stop: StopRequest | None = None) -> tuple[float, float | None, float, float]:
+    """The loop, step after step until total_steps: (last training loss, last held-out loss, seconds, seconds of
+    them spent evaluating and saving checkpoints). Tokens/s (the progress bar's, metrics.jsonl's tokens_per_s) count
+    the training steps' time only: a held-out evaluation or a checkpoint is not training (a 2-step run of the demo
+    with batch_size 1 read 14 tokens/s with its final evaluation's 9 s counted, against 148 while it trained).
 
     With `stop`: once it is requested (SIGINT, SIGTERM, SIGUSR1, SIGHUP), the loop saves a checkpoint at the step it
     reached and raises Stopped (a KeyboardInterrupt naming the signal); `--resume` continues from there. Whatever
@@ -575,6 +579,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                                 until_step=run.step if append_log else None), tracker) if run.is_main else None
     bar = progress_bar(run.total_steps, initial=run.step, enabled=run.is_main and progress)
     start, start_tokens = time.perf_counter(), run.tokens_seen
+    aside = 0.0  # seconds spent evaluating and saving
     loss_value, eval_loss = float("nan"), None
     group = t.gradient_accumulation * run.world
     saved = run.step if run.step else None  # a resumed run starts at its checkpoint's step
@@ -601,7 +606,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
 
             # 5. log, evaluate, checkpoint
             elapsed = time.perf_counter() - start
-            tps = (run.tokens_seen - start_tokens) / max(elapsed, 1e-9)
+            tps = (run.tokens_seen - start_tokens) / max(elapsed - aside, 1e-9)
             if run.is_main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
@@ -616,6 +621,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                         extra["rank_budget"] = run.allocator.kept_rank()  # AdaLoRA's total rank kept after this step
                     log.write(step=run.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=run.tokens_seen,
                               tokens_per_s=tps, elapsed_s=elapsed, **extra)
+            began = time.perf_counter()
             if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
                 with unsharded(run.ddp):
                     eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
@@ -628,11 +634,12 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
                 saved = run.step
+            aside += time.perf_counter() - began
     finally:
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
-    return loss_value, eval_loss, time.perf_counter() - start
+    return loss_value, eval_loss, time.perf_counter() - start, aside
 
 
 def save_step(run: Run) -> None:
@@ -811,7 +818,8 @@ def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:
     return not bool(bad)
 
 
-def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int) -> TrainResult:
+def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int,
+           aside: float = 0.0) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
     if run.sharded:  # every process takes part in gathering the shards; rank 0 writes what the one-process run does
         if run.cfg.method == "full":
@@ -840,7 +848,8 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         dist.barrier()
     return TrainResult(output_dir=run.out, steps=run.step, final_loss=loss_value, eval_loss=eval_loss,
                        train_tokens=run.tokens_seen, seconds=seconds,
-                       tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds, 1e-9),
+                       tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds - aside, 1e-9),
+                       aside_seconds=aside,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,

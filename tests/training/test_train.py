@@ -363,6 +363,35 @@ def test_metrics_log_the_learning_rate_each_step_updated_with(tiny_dir, data_fil
     assert used == pytest.approx([schedule_at(s) for s in range(6)], rel=1e-12, abs=0)
 
 
+def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_file, tmp_path, monkeypatch):
+    """A held-out evaluation after every step (made to take 0.3 s) and a checkpoint every 2 steps: the result's and
+    metrics.jsonl's tokens/s divide the tokens by the training steps' time alone, the result says how long the rest
+    took; its wall time still counts everything. (A 2-step demo run with batch_size 1 read 14 tokens/s with its 9 s
+    evaluation counted, 148 while it trained.)"""
+    import time
+
+    from loraforge.training import loop
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(0.3)
+        return 1.0
+
+    monkeypatch.setattr(loop, "mean_token_loss", slow_eval)
+    saves = []
+    monkeypatch.setattr(loop, "save_step", lambda run, _f=loop.save_step: saves.append(time.sleep(0.2)) or _f(run))
+    cfg = config(tiny_dir, data_file, tmp_path, eval_every=1, save_every=2, log_every=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.1))
+    result = train(cfg, progress=False)
+    assert len(saves) == 3 and result.eval_loss == 1.0
+    assert 6 * 0.3 + 3 * 0.2 <= result.aside_seconds < result.seconds
+    assert result.tokens_per_second == pytest.approx(result.train_tokens / (result.seconds - result.aside_seconds))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "tokens_per_s" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows[1:]:  # step k's row: the evaluations and saves of steps 1..k-1 are left out of its rate
+        k = r["step"] - 1
+        assert r["tokens"] / r["tokens_per_s"] <= r["elapsed_s"] - k * 0.3 - (k // 2) * 0.2 + 1e-6, r
+
+
 def test_too_few_examples_for_one_step_names_the_batch_setting_in_force(tiny_dir, data_file, tmp_path):
     """The 40 records: one batch of training.batch_tokens 100000 is more than all of them; 64 rows likewise."""
     with pytest.raises(TrainingError) as e:
