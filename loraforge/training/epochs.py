@@ -55,7 +55,7 @@ class EpochPlan:
         self._starts = [0]  # _starts[e]: the run's step at which epoch e begins
         self.first = self.batches(0)
         if len(self.first) < group:
-            raise TrainingError(too_few_examples(cfg, len(examples), len(self.first), self.world))
+            raise TrainingError(too_few_examples(cfg, examples, len(self.first), self.world))
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Epoch `epoch`'s micro-batches (the last epoch asked for is kept)."""
@@ -80,7 +80,7 @@ class EpochPlan:
         while self._starts[-1] <= step:  # an epoch of no step (fewer micro-batches than a step) is passed over
             self._count_to(len(self._starts))
             if len(self._starts) > 100 and self._starts[-1] == self._starts[-101]:
-                raise TrainingError(too_few_examples(self.cfg, len(self.examples),
+                raise TrainingError(too_few_examples(self.cfg, self.examples,
                                                      len(self.batches(len(self._starts) - 2)), self.world))
         epoch = bisect.bisect_right(self._starts, step) - 1
         return epoch, step - self._starts[epoch]
@@ -116,9 +116,10 @@ def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_
             f"other {n_epoch - used} (shuffled anew each epoch) are left out; to train on every one, use {fix}")
 
 
-def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: int) -> str:
+def too_few_examples(cfg: TrainConfig, examples: list[D.Example], n_batches: int, world: int) -> str:
     """The error when the data make less than one optimizer step, naming the batch setting in force and its value
-    (`n_batches`: the micro-batches one epoch makes)."""
+    (`n_batches`: the micro-batches one epoch makes); with batch_tokens, how many tokens the examples hold."""
+    n_examples = len(examples)
     t = cfg.training
     fixes = ([] if t.batch_tokens is not None else ["lower training.batch_size"] if t.batch_size > 1 else []) + (
         ["lower training.gradient_accumulation"] if t.gradient_accumulation > 1 else [])
@@ -127,7 +128,9 @@ def too_few_examples(cfg: TrainConfig, n_examples: int, n_batches: int, world: i
     if t.batch_tokens is None:
         return (f"{n_examples} training examples are fewer than one optimizer step needs (batch_size {t.batch_size} "
                 f"× gradient_accumulation {t.gradient_accumulation} × {world} processes); " + either(fixes))
-    return (f"{n_examples} training examples fill {n_batches} batches of training.batch_tokens {t.batch_tokens}, "
+    tokens = sum(len(e.input_ids) for e in examples)
+    return (f"{n_examples} training examples ({tokens:,} tokens in all) fill {n_batches} batches of "
+            f"training.batch_tokens {t.batch_tokens}, "
             f"fewer than one optimizer step needs (gradient_accumulation {t.gradient_accumulation} × {world} "
             f"processes); " + either([f"lower training.batch_tokens (it is {t.batch_tokens})", *fixes]))
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
+from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
 from loraforge.training.distributed import collective_error
 from loraforge.training.epochs import too_few_examples
@@ -187,12 +188,12 @@ def test_a_config_error_under_torchrun_is_printed_once_per_node(tiny_dir, data_f
 
 def test_too_few_examples_for_the_processes_names_them(tiny_dir, data_file):
     one = load_train_config(None, [*common(tiny_dir, data_file), "training.batch_size=1"])
-    assert too_few_examples(one, 1, 1, 2) == (
+    assert too_few_examples(one, [D.Example([1, 2], [-100, 2])], 1, 2) == (
         "1 training examples are fewer than one optimizer step needs (batch_size 1 × gradient_accumulation 1 × 2 "
         "processes); run fewer processes (torchrun --nproc_per_node; this run has 2) or add training examples")
     four = load_train_config(None, [*common(tiny_dir, data_file), "training.batch_size=4",
                                     "training.gradient_accumulation=2"])
-    assert too_few_examples(four, 5, 1, 2) == (
+    assert too_few_examples(four, [D.Example([1, 2], [-100, 2])] * 5, 1, 2) == (
         "5 training examples are fewer than one optimizer step needs (batch_size 4 × gradient_accumulation 2 × 2 "
         "processes); lower training.batch_size, lower training.gradient_accumulation, run fewer processes (torchrun "
         "--nproc_per_node; this run has 2) or add training examples")

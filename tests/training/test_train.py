@@ -393,12 +393,16 @@ def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_f
 
 
 def test_too_few_examples_for_one_step_names_the_batch_setting_in_force(tiny_dir, data_file, tmp_path):
-    """The 40 records: one batch of training.batch_tokens 100000 is more than all of them; 64 rows likewise."""
+    """The 40 records: one batch of training.batch_tokens 100000 is more than all of them (the error says how many
+    tokens they hold); 64 rows likewise."""
     with pytest.raises(TrainingError) as e:
         train(config(tiny_dir, data_file, tmp_path / "tokens", batch_tokens=100000), progress=False)
-    assert str(e.value) == ("40 training examples fill 0 batches of training.batch_tokens 100000, fewer than one "
-                            "optimizer step needs (gradient_accumulation 1 × 1 processes); lower "
-                            "training.batch_tokens (it is 100000)")
+    said = re.fullmatch(r"40 training examples \(([\d,]+) tokens in all\) fill 0 batches of training\.batch_tokens "
+                        r"100000, fewer than one optimizer step needs \(gradient_accumulation 1 × 1 processes\); "
+                        r"lower training\.batch_tokens \(it is 100000\)", str(e.value))
+    model, tok = build_model(config(tiny_dir, data_file, tmp_path / "count"), torch.device("cpu"))
+    examples, _ = D.build_dataset(D.read_records(str(data_file)), tok)
+    assert said and int(said[1].replace(",", "")) == sum(len(x.input_ids) for x in examples) < 100000, str(e.value)
     with pytest.raises(TrainingError) as e:
         train(config(tiny_dir, data_file, tmp_path / "rows", batch_size=64), progress=False)
     assert str(e.value) == ("40 training examples are fewer than one optimizer step needs (batch_size 64 × "
