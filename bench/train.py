@@ -42,9 +42,9 @@ the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no wei
 
 The memory allocator: every trainer runs with the C library's malloc unless the variant says otherwise. lf-jemalloc
 and peft-jemalloc run the same trainer with jemalloc preloaded (LD_PRELOAD; Debian/Ubuntu: apt-get install
-libjemalloc2) and MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless MALLOC_CONF is set: jemalloc reuses
-freed activations where glibc's heap fragments, and keeps them for the next step instead of faulting fresh pages
-in (see the README, "Memory on CPU"); lf-jemalloc-decay: jemalloc with its own page decay (MALLOC_CONF empty).
+libjemalloc2) and MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless MALLOC_CONF is set: jemalloc reuses freed
+activations where glibc's heap fragments, and keeps them for the next step instead of faulting fresh pages in
+(docs/PERFORMANCE.md, "Memory on CPU"); lf-jemalloc-decay: jemalloc with its own page decay (MALLOC_CONF empty).
 lf-mmap1m: glibc with MALLOC_MMAP_THRESHOLD_=1 MiB (every larger block returned when freed, faulted in again).
 
 What a part of the step costs (bench/free_parts.py, timing only): lf-free-attention, -softmax, -lora, -mlp-act,

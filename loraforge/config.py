@@ -624,20 +624,20 @@ class TrainingConfig:
     """CPU: copy the activations a step keeps for its backward into a buffer that lives for the whole run
     (loraforge.training.slab), so that glibc's heap holds the step's temporaries only. The same loss and gradients
     bit for bit. true: also hand the heap's free pages back to the system every 256 MiB of activations: the lowest
-    peak (packed 512-token rows of the built-in model: fp32 0.41x PEFT's against 0.59x, bf16 0.39x against 0.47x)
-    at 8-10% less speed (bench/train.py's lf-buffer), without training.reuse_memory. auto: the copies alone where
-    training.reuse_memory keeps the heap for the run (packed rows): the same speed at a lower peak (fp32 0.79x,
-    bf16 0.93x of the peak without; lf-nobuffer); elsewhere off. README, "Memory on CPU". Not on GPUs, under FSDP
-    or training.compile (a true there is off, and the run says so in one line); under jemalloc (which reuses its
-    holes itself) true only copies."""
+    peak (packed 512-token rows of the built-in model: fp32 0.41x PEFT's against 0.59x, bf16 0.39x against 0.47x) at
+    8-10% less speed (bench/train.py's lf-buffer), without training.reuse_memory. auto: the copies alone where
+    training.reuse_memory keeps the heap for the run (packed rows): the same speed at a lower peak (fp32 0.79x, bf16
+    0.93x of the peak without; lf-nobuffer); elsewhere off. docs/PERFORMANCE.md, "Memory on CPU". Not on GPUs, under
+    FSDP or training.compile (a true there is off, and the run says so in one line); under jemalloc (which reuses
+    its holes itself) true only copies."""
     reuse_memory: bool | Literal["auto"] = "auto"
     """CPU on glibc: for the run, large blocks come from the C library's heap and the heap is not trimmed, so the
     memory a step frees is reused by the next step instead of being handed back to the system and faulted in again
     (loraforge.utils.allocator.reuse_freed_memory). The same math. auto: when the run packs its rows (every step's
     tensors the same sizes): on 4 packed 512-token rows of the built-in model bf16 ran 1.16x as fast at the same
-    peak, fp32 1.02x; rows of varying width gained nothing (README, "Memory on CPU"; bench/train.py's lf-noreuse).
-    Handed back when the run ends. Not under FSDP, with training.activation_buffer=true, on GPUs or another
-    allocator (a true there is off, and the run says so in one line)."""
+    peak, fp32 1.02x; rows of varying width gained nothing (docs/PERFORMANCE.md, "Memory on CPU"; bench/train.py's
+    lf-noreuse). Handed back when the run ends. Not under FSDP, with training.activation_buffer=true, on GPUs or
+    another allocator (a true there is off, and the run says so in one line)."""
     share_prefix: bool | Literal["auto"] = "auto"
     """Compute the prefix that every row of a padded micro-batch shares once, the rows attending to its keys and
     values (loraforge.training.loss; e.g. a chat template's system prompt and user header). The same loss and

@@ -35,7 +35,7 @@ HEAD_CHUNK = 512
 """Rows of logits the loss computes at once (CausalLMLoss.chunk_size): the fused head holds one chunk's logits from
 step to step (512 × SmolLM2's 49,152-token vocabulary: 100 MB in fp32). Against 1,024 rows, packed 512-token text
 in bench/train.py (--variants peft,lf,lf-head1024 --dtypes fp32,bf16 --rounds 3, a 2-core Zen 5 EPYC) peaked
-lower at the same speed: README, "Memory on CPU"."""
+lower at the same speed: docs/PERFORMANCE.md, "Memory on CPU"."""
 MIN_SHARED_TOKENS = 64
 """(rows − 1) × prefix length below which the prefix is not shared: its own pass costs about as much as that."""
 

@@ -1,14 +1,15 @@
 """training.activation_buffer: a CPU step's kept activations in one buffer for the run (and glibc's heap trimmed).
 
 glibc's heap fragments under training's pattern: each layer's kept activations land in holes that its temporaries
-left, the next temporaries grow the heap, and the holes stay resident (README, "Memory on CPU": 4.1-4.3 GB resident
-for 2.5 GB of live tensors on 4 packed 512-token rows). Copying every kept activation into a buffer that lives for
-the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the temporaries only,
-and handing the heap's free pages back to the system every 256 MiB of activations (malloc_trim) keeps their holes
-from staying resident; the pages are faulted in again when used, which costs speed. bench/train.py on 4 packed
-512-token rows of the built-in model, 2 rounds (README, "Memory on CPU"): fp32 peak 0.41x PEFT's against 0.59x,
-bf16 0.39x against 0.47x, at 8-10% less speed. The copies alone lowered the peak a little (0.54x, 0.46x) at the
-same cost, and the trims alone further (2596 against 2973 MiB) at more (kernel time 22% against 13%).
+left, the next temporaries grow the heap, and the holes stay resident (docs/PERFORMANCE.md, "Memory on CPU": 4.1-4.3
+GB resident for 2.5 GB of live tensors on 4 packed 512-token rows). Copying every kept activation into a buffer that
+lives for the whole run (chunks of 64 MiB, which the C library maps outside its heap) leaves the heap the
+temporaries only, and handing the heap's free pages back to the system every 256 MiB of activations (malloc_trim)
+keeps their holes from staying resident; the pages are faulted in again when used, which costs speed. bench/train.py
+on 4 packed 512-token rows of the built-in model, 2 rounds (docs/PERFORMANCE.md, "Memory on CPU"): fp32 peak 0.41x
+PEFT's against 0.59x, bf16 0.39x against 0.47x, at 8-10% less speed. The copies alone lowered the peak a little
+(0.54x, 0.46x) at the same cost, and the trims alone further (2596 against 2973 MiB) at more (kernel time 22%
+against 13%).
 
 With training.reuse_memory holding glibc's heap for the run (packed rows), the copies alone (trim=False, what
 activation_buffer=auto does there) cost nothing: the heap keeps what the temporaries freed for the next step, and

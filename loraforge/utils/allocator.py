@@ -3,17 +3,18 @@
 On CPU, PyTorch's tensors come from the C library's malloc. glibc's heap fragments under training's pattern (each
 layer's kept activations land in the holes its temporaries left, so the next temporaries grow the heap) and keeps
 the holes resident: on packed 512-token rows of the built-in model, 4.3 GB peak RSS for ~2.5 GB of live memory.
-jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off
-(JEMALLOC_CONF) no fresh page faults each step (README, "Memory on CPU"). The allocator can only be chosen when a
-process starts (LD_PRELOAD), so loraforge names it and says how; it does not re-launch itself. glibc's one knob
-that helps the peak, a low mmap threshold, costs a training step its page faults (bench/train.py's lf-mmap1m: 47%
-kernel time); FSDP on CPU holds it low (return_large_frees), where the gathered layers' weights are what the heap kept.
+jemalloc, preloaded, reuses them: 2.6 GB (bench/train.py's lf-jemalloc), and with its page decay off (JEMALLOC_CONF)
+no fresh page faults each step (docs/PERFORMANCE.md, "Memory on CPU"). The allocator can only be chosen when a
+process starts (LD_PRELOAD), so loraforge names it and says how; it does not re-launch itself. glibc's one knob that
+helps the peak, a low mmap threshold, costs a training step its page faults (bench/train.py's lf-mmap1m: 47% kernel
+time); FSDP on CPU holds it low (return_large_frees), where the gathered layers' weights are what the heap kept.
 
 The other way round, reuse_freed_memory() (training.reuse_memory) holds the threshold high for a training run, so
 that a step's large blocks (the head's logits, the MLP's activations) come from the heap and are reused by the next
-step instead of being mapped, faulted in and unmapped every time: on 4 packed 512-token rows of the built-in model in
-bf16 a step's minor page faults fell from ~74,000 to ~200 and it ran 1.16x as fast at the same peak (bench/train.py's
-lf against lf-noreuse; README, "Memory on CPU"). Rows of varying width (not packed) gained nothing.
+step instead of being mapped, faulted in and unmapped every time: on 4 packed 512-token rows of the built-in model
+in bf16 a step's minor page faults fell from ~74,000 to ~200 and it ran 1.16x as fast at the same peak
+(bench/train.py's lf against lf-noreuse; docs/PERFORMANCE.md, "Memory on CPU"). Rows of varying width (not packed)
+gained nothing.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def line(device_type: str, packed: bool) -> str | None:
     """One line for a CPU training run's start: the allocator, and on glibc how to use jemalloc; None elsewhere.
 
     packed: the run packs its rows. Then every step's tensors have the same sizes and jemalloc with its page decay
-    off (JEMALLOC_CONF) is the fastest and keeps ~0.6x glibc's peak; rows of varying width (not packed) leave
-    freed pages of many sizes, which decay-off keeps (the demo: 2.7-3.8 GB against glibc's 2.3), so there the
-    command is jemalloc with its default decay (2.0 GB at glibc's speed). bench/train.py and README, Memory on CPU.
+    off (JEMALLOC_CONF) is the fastest and keeps ~0.6x glibc's peak; rows of varying width (not packed) leave freed
+    pages of many sizes, which decay-off keeps (the demo: 2.7-3.8 GB against glibc's 2.3), so there the command is
+    jemalloc with its default decay (2.0 GB at glibc's speed). bench/train.py and docs/PERFORMANCE.md, Memory on
+    CPU.
     """
     if device_type != "cpu":
         return None
@@ -83,7 +85,8 @@ def line(device_type: str, packed: bool) -> str | None:
     path = jemalloc_path()
     conf = f" MALLOC_CONF={JEMALLOC_CONF}" if packed else ""
     how = f"run with LD_PRELOAD={path}{conf}" if path else f"install it ({INSTALL_HINT})"
-    return f"memory allocator: the C library's malloc; jemalloc lowers the peak (README, Memory on CPU): {how}"
+    return (f"memory allocator: the C library's malloc; jemalloc lowers the peak (docs/PERFORMANCE.md, Memory on CPU): "
+            f"{how}")
 
 
 def return_large_frees(threshold: int = 128 * 1024) -> bool:
