@@ -51,7 +51,7 @@ from loraforge.training.epochs import EpochPlan, left_out_line
 from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
                                             collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
-from loraforge.training.evaluate import mean_token_loss, perplexity_of
+from loraforge.training.evaluate import eval_batch_size, mean_token_loss, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
@@ -624,13 +624,15 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             began = time.perf_counter()
             if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
                 with unsharded(run.ddp):
-                    eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, max(t.batch_size, 8), run.pack,
+                    eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id,
+                                                eval_batch_size(run.eval_examples, t.batch_size), run.pack,
                                                 cfg.data.max_seq_len, precision=run.precision.compute,
                                                 head_buffers=getattr(run.loss_fn, "head_buffers", None))
                 if run.is_main:
                     ppl = perplexity_of(eval_loss)
                     log.write(step=run.step, eval_loss=eval_loss, eval_ppl=ppl)
-                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}")
+                    bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f} "
+                              f"({time.perf_counter() - began:.1f} s, not counted in tokens/s)")
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
                 saved = run.step

@@ -363,11 +363,11 @@ def test_metrics_log_the_learning_rate_each_step_updated_with(tiny_dir, data_fil
     assert used == pytest.approx([schedule_at(s) for s in range(6)], rel=1e-12, abs=0)
 
 
-def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_file, tmp_path, monkeypatch):
+def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
     """A held-out evaluation after every step (made to take 0.3 s) and a checkpoint every 2 steps: the result's and
     metrics.jsonl's tokens/s divide the tokens by the training steps' time alone, the result says how long the rest
-    took; its wall time still counts everything. (A 2-step demo run with batch_size 1 read 14 tokens/s with its 9 s
-    evaluation counted, 148 while it trained.)"""
+    took; its wall time still counts everything, and each evaluation's line its own time. (A 2-step demo run with
+    batch_size 1 read 14 tokens/s with its 9 s evaluation counted, 148 while it trained.)"""
     import time
 
     from loraforge.training import loop
@@ -390,6 +390,9 @@ def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_f
     for r in rows[1:]:  # step k's row: the evaluations and saves of steps 1..k-1 are left out of its rate
         k = r["step"] - 1
         assert r["tokens"] / r["tokens_per_s"] <= r["elapsed_s"] - k * 0.3 - (k // 2) * 0.2 + 1e-6, r
+    said = re.findall(r"step (\d): eval loss 1\.0000, perplexity 2\.72 \((\d+\.\d) s, not counted in tokens/s\)",
+                      capsys.readouterr().out)
+    assert [int(step) for step, _ in said] == [1, 2, 3, 4, 5, 6] and all(float(s) >= 0.3 for _, s in said), said
 
 
 def test_too_few_examples_for_one_step_names_the_batch_setting_in_force(tiny_dir, data_file, tmp_path):
