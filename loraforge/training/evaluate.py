@@ -29,19 +29,27 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-# Positions a held-out forward takes at most (up to EVAL_MAX_BATCH examples): it keeps no graph, so it holds more than
-# a training micro-batch in less memory. The demo's 100 held-out examples (6,489 tokens, bf16, the built-in model, a
-# 2-core Zen 5 EPYC) took 5.6 s in forwards of 8 examples and 3.1 s of 64 (sharing their prompt prefix; packed:
-# 8.3-9.8 s against 7.3-7.5).
-EVAL_TOKENS = 16384
+# The widest activation a held-out forward makes at once, positions × the model's MLP width: 16,384 positions of the
+# built-in model (width 1,536), fewer of a wider one. It keeps no graph, so it holds more than a training micro-batch
+# in less memory. The demo's 100 held-out examples (6,489 tokens, bf16, the built-in model, a 2-core Zen 5 EPYC)
+# took 5.6 s in forwards of 8 examples and 3.1 s of 64 (sharing their prompt prefix; packed: 8.3-9.8 s against
+# 7.3-7.5).
+EVAL_ACTIVATIONS = 16384 * 1536
 EVAL_MAX_BATCH = 64
 
 
-def eval_batch_size(examples: list[D.Example], at_least: int = 8) -> int:
-    """Examples per held-out forward: as many as EVAL_TOKENS positions hold at the longest example's length (at
-    most EVAL_MAX_BATCH), and never fewer than `at_least` (a run's training micro-batch)."""
+def mlp_width(model) -> int:
+    """The model's widest per-position activation: its MLP's intermediate size (4 × hidden where it has none)."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "intermediate_size", None) or 4 * getattr(config, "hidden_size", 384))
+
+
+def eval_batch_size(examples: list[D.Example], width: int, at_least: int = 8) -> int:
+    """Examples per held-out forward: as many as EVAL_ACTIVATIONS hold at the longest example's length and this MLP
+    width (at most EVAL_MAX_BATCH), and never fewer than `at_least` (8, or a run's larger training micro-batch: what
+    evaluation took before, so a wide model gets no more than it did)."""
     longest = max((len(e.input_ids) for e in examples), default=1)
-    return max(at_least, min(EVAL_MAX_BATCH, EVAL_TOKENS // max(longest, 1)))
+    return max(at_least, min(EVAL_MAX_BATCH, EVAL_ACTIVATIONS // max(width, 1) // max(longest, 1)))
 
 
 @torch.no_grad()  # no graph: a model with trainable weights saved every layer's activations here
@@ -51,7 +59,7 @@ def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: i
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it), `batch_size` examples a
     forward (None: eval_batch_size's). head_buffers: the training loss's (CausalLMLoss.head_buffers), so that
     evaluation between steps allocates no second set."""
-    batch_size = batch_size or eval_batch_size(examples)
+    batch_size = batch_size or eval_batch_size(examples, mlp_width(model))
     device = next(model.parameters()).device
     loss_fn = CausalLMLoss(model, share_prefix=shares_prefix("auto", device), head_buffers=head_buffers)
     was_training = model.training

@@ -51,7 +51,7 @@ from loraforge.training.epochs import EpochPlan, left_out_line
 from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
                                             collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
-from loraforge.training.evaluate import eval_batch_size, mean_token_loss, perplexity_of
+from loraforge.training.evaluate import eval_batch_size, mean_token_loss, mlp_width, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
@@ -623,9 +623,9 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                               tokens_per_s=tps, elapsed_s=elapsed, **extra)
             began = time.perf_counter()
             if run.eval_examples and ((t.eval_every and run.step % t.eval_every == 0) or run.step == run.total_steps):
+                per_forward = eval_batch_size(run.eval_examples, mlp_width(model), max(t.batch_size, 8))
                 with unsharded(run.ddp):
-                    eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id,
-                                                eval_batch_size(run.eval_examples, t.batch_size), run.pack,
+                    eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, per_forward, run.pack,
                                                 cfg.data.max_seq_len, precision=run.precision.compute,
                                                 head_buffers=getattr(run.loss_fn, "head_buffers", None))
                 if run.is_main:

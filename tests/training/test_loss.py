@@ -224,21 +224,24 @@ def test_evaluation_builds_no_autograd_graph():
 
 
 def test_evaluation_batches_by_tokens_and_gives_the_same_loss():
-    """Held-out examples go EVAL_TOKENS positions a forward (at most EVAL_MAX_BATCH examples, at least the training
-    micro-batch), where they went max(batch_size, 8) at a time: the demo's 100 took 3.1 s instead of 5.6. The mean
-    token loss does not depend on the grouping (fp32)."""
-    from loraforge.training.evaluate import EVAL_MAX_BATCH, EVAL_TOKENS, eval_batch_size, mean_token_loss
+    """Held-out examples go EVAL_ACTIVATIONS (positions × MLP width) a forward, at most EVAL_MAX_BATCH examples and
+    at least max(batch_size, 8), where they went max(batch_size, 8) at a time: the demo's 100 took 3.1 s instead
+    of 5.6, and a wide model gets no more than before. The mean token loss does not depend on the grouping (fp32)."""
+    from loraforge.training.evaluate import (EVAL_ACTIVATIONS, EVAL_MAX_BATCH, eval_batch_size, mean_token_loss,
+                                             mlp_width)
 
     def examples(*lengths):
         return [D.Example(input_ids=[5] * n, labels=[5] * n) for n in lengths]
 
-    assert EVAL_TOKENS == 16384 and EVAL_MAX_BATCH == 64
-    assert eval_batch_size(examples(80, 68)) == 64  # short rows: the most examples
-    assert eval_batch_size(examples(80, 600)) == 27  # 16384 // 600
-    assert eval_batch_size(examples(4096), at_least=1) == 4 and eval_batch_size(examples(4096)) == 8
-    assert eval_batch_size(examples(100000)) == 8 and eval_batch_size(examples(80), at_least=100) == 100
-    assert eval_batch_size([], at_least=2) == 64
+    assert EVAL_ACTIVATIONS == 16384 * 1536 and EVAL_MAX_BATCH == 64
+    assert eval_batch_size(examples(80, 68), 1536) == 64  # the built-in model's short rows: the most examples
+    assert eval_batch_size(examples(80, 600), 1536) == 27  # 16384 // 600
+    assert eval_batch_size(examples(4096), 1536, at_least=1) == 4 and eval_batch_size(examples(4096), 1536) == 8
+    assert eval_batch_size(examples(512), 11008) == 8  # a 7B Llama's MLP: 2,286 positions, so the old 8 examples
+    assert eval_batch_size(examples(100000), 1536) == 8 and eval_batch_size(examples(80), 1536, at_least=100) == 100
+    assert eval_batch_size([], 1536, at_least=2) == 64
     model = tiny_llama(seed=5)
+    assert mlp_width(model) == model.config.intermediate_size and mlp_width(torch.nn.Linear(2, 2)) == 1536
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 6, 11, 3, 8, 12, 7, 10, 5)]
     held = [D.Example(input_ids=ids, labels=[-100] * 2 + list(ids[2:])) for ids in rows]
