@@ -47,7 +47,9 @@ def mlp_width(model) -> int:
 def eval_batch_size(examples: list[D.Example], width: int, at_least: int = 8) -> int:
     """Examples per held-out forward: as many as EVAL_ACTIVATIONS hold at the longest example's length and this MLP
     width (at most EVAL_MAX_BATCH), and never fewer than `at_least` (8, or a run's larger training micro-batch: what
-    evaluation took before, so a wide model gets no more than it did)."""
+    evaluation took before). So the widest tensor a forward makes is ~25M values (100 MB in fp32) whatever the model,
+    unless `at_least` examples alone make more, as they did before (a 7B Llama's 11,008-wide MLP: 8 examples of 512
+    tokens, as before; 28 of 80 tokens instead of 8)."""
     longest = max((len(e.input_ids) for e in examples), default=1)
     return max(at_least, min(EVAL_MAX_BATCH, EVAL_ACTIVATIONS // max(width, 1) // max(longest, 1)))
 
