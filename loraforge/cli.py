@@ -563,7 +563,7 @@ def run_command(argv: list[str] | None = None) -> int:
     try:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, ModelFilesError,
-            DiskError, ServeError, FileNotFoundError, FileExistsError) as e:
+            DiskError, ServeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # under torchrun a node's processes share its command line and files: a config error once per node, and
         # a training error every process raises alike (--resume's refusals, a non-finite loss) the same
         once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)

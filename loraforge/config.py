@@ -369,7 +369,19 @@ class LoraConfig:
         p += layer_selection_problems(self)
         p += pattern_problems("rank_pattern", self.rank_pattern, integer=True)
         p += pattern_problems("alpha_pattern", self.alpha_pattern, integer=False)
+        if not p:
+            p += self._scale_problems()
         validate(p)
+
+    def _scale_problems(self) -> list[str]:
+        """An alpha whose scale (alpha / r, or / sqrt(r) with use_rslora; the smallest r of rank_pattern too) fp32
+        cannot hold: every update in training, every output when loaded, inf or NaN (soak: a loaded adapter with
+        lora_alpha 1e300 answered NaN without a word, and its exports held inf)."""
+        r = min([self.r, *self.rank_pattern.values()])
+        r, rule = (math.sqrt(r), "sqrt(r)") if self.use_rslora else (r, "r")
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern.{k}": v for k, v in self.alpha_pattern.items()}}
+        return [f"{name}: {v} makes the scale lora_alpha / {rule} ({v / r:.3g}) overflow fp32, so every update and "
+                f"every output of the adapter is inf (try 2*r)" for name, v in alphas.items() if abs(v) / r > FP32_MAX]
 
     # --- PEFT's adapter_config.json -------------------------------------------------------------------------
     def to_peft_dict(self) -> dict:
@@ -725,10 +737,6 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
-            r = math.sqrt(self.lora.r) if self.lora.use_rslora else self.lora.r
-            validate([f"{name}: {v} makes the scale lora_alpha / {'sqrt(r)' if self.lora.use_rslora else 'r'} "
-                      f"({v / r:.3g}) overflow fp32, so every update is inf (try 2*r)"
-                      for name, v in alphas.items() if v / r > FP32_MAX])
         init = self.lora.init_lora_weights
         if self.quantization and isinstance(init, str) and init.startswith(("pissa", "olora")):
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "

@@ -225,11 +225,11 @@ def test_training_refuses_an_alpha_whose_scale_overflows_fp32():
     """lora_alpha 1e300 gave the scale inf (as PEFT's does): every update inf, a NaN loss at step 1. The largest
     alpha whose scale fp32 holds still trains; with use_rslora the scale is alpha / sqrt(r)."""
     assert problems("lora.lora_alpha=1e300", "lora.r=8") == [
-        "lora.lora_alpha: 1e+300 makes the scale lora_alpha / r (1.25e+299) overflow fp32, so every update is inf "
-        "(try 2*r)"]
+        "lora.lora_alpha: 1e+300 makes the scale lora_alpha / r (1.25e+299) overflow fp32, so every update and every "
+        "output of the adapter is inf (try 2*r)"]
     assert problems("lora.lora_alpha=2e39", "lora.r=4", "lora.use_rslora=true") == [
-        "lora.lora_alpha: 2e+39 makes the scale lora_alpha / sqrt(r) (1e+39) overflow fp32, so every update is inf "
-        "(try 2*r)"]
+        "lora.lora_alpha: 2e+39 makes the scale lora_alpha / sqrt(r) (1e+39) overflow fp32, so every update and every "
+        "output of the adapter is inf (try 2*r)"]
     assert load_train_config(None, [DATA, "lora.lora_alpha=3e39", "lora.r=16"]).lora.lora_alpha == 3e39  # 1.9e38
 
 

@@ -14,6 +14,7 @@ neither allocates a cache slot past the context.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -116,6 +117,10 @@ def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens:
     out: list[int] = []
     while True:
         token = argmax_rows(logits)[0]
+        if not math.isfinite(float(logits[0, token])):  # soak: an adapter with lora_alpha 1e39 printed "" and exit 0
+            raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is "
+                                     f"{float(logits[0, token])}) after {len(out)} tokens: the forward overflowed, in "
+                                     f"the base or the adapter (an adapter's huge lora_alpha or weights?)")
         out.append(token)
         on_token(token)
         if token in stop or len(out) == max_new_tokens:

@@ -92,8 +92,22 @@ def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_di
     text = json.dumps(peft_dict, indent=2) + "\n"
     with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text)) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=PROVENANCE)
+        _provenance_in_order(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(text)
     return out
+
+
+def _provenance_in_order(path: Path) -> None:
+    """PROVENANCE's keys in the file in one order: safetensors writes metadata in hash order, which varies between
+    saves, so the same tensors gave files of different bytes (a soak compared checksums). The two orders have
+    the same length: the header is rewritten in place."""
+    swapped, ordered = (json.dumps({"__metadata__": dict(items)}, separators=(",", ":"))[1:-1].encode()
+                        for items in (reversed(PROVENANCE.items()), PROVENANCE.items()))
+    with open(path, "r+b") as f:
+        header = f.read(int.from_bytes(f.read(8), "little"))  # after the 8-byte length
+        if (at := header.find(swapped)) >= 0:
+            f.seek(8 + at)
+            f.write(ordered)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
@@ -140,6 +154,13 @@ def read_adapter_config(adapter_dir: str | Path):
     if not path.is_file():
         if (folder / "adapter" / CONFIG_NAME).is_file():  # a training run's folder: its adapter is in adapter/
             hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}"
+        elif (folder / "checkpoints").is_dir() or (folder / "trainer_state.json").is_file():  # soak: no hint
+            run = Path(adapter_dir) if (folder / "checkpoints").is_dir() else Path(adapter_dir).parent.parent
+            hint = (f"; it is a training run's checkpoint: its adapter is {run / 'adapter'}"
+                    if (expand_user(run) / "adapter" / CONFIG_NAME).is_file() else
+                    f"; it is {'a checkpoint of ' if run != Path(adapter_dir) else ''}a training run that has not "
+                    f"written its adapter yet (stopped or still running): `loraforge train CONFIG --resume` with "
+                    f"output_dir {run} finishes it and writes {run / 'adapter'}")
         elif (folder / "config.json").is_file():  # a whole model: merge's output, method: full's model/
             hint = "; it holds a whole model (config.json): give it as the base model (--model, --base, model.name)"
         elif (folder / "model" / "config.json").is_file():  # a method: full run's folder
@@ -155,6 +176,10 @@ def read_adapter_config(adapter_dir: str | Path):
                            f"save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise AdapterError(f"{path}: a number in it is too long to read ({e})") from None
+    except RecursionError:  # soak: a traceback from generate, eval, merge and export
+        raise AdapterError(f"{path}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
     try:

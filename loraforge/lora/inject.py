@@ -147,6 +147,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         also = f" with {' and '.join(chosen)}" if chosen else ""
         raise ConfigError([f"target_modules: {clipped(targets)}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
+    if not isinstance(targets, str) and (unused := [t for t in targets if not any(target_matches((t,), p)
+                                                                                  for p in matched)]):
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})  # soak: a typo went unsaid
+        warnings.warn(f"target_modules: {', '.join(clipped(t, 60) for t in unused[:5])} match"
+                      f"{'es' if len(unused) == 1 else ''} no layer of this model that gets an adapter "
+                      f"({type(model).__name__}; its linear layers are named {suffixes}): check the spelling",
+                      stacklevel=3)
     return found
 
 

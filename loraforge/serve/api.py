@@ -118,6 +118,9 @@ def add_error_handlers(app: FastAPI) -> None:
             return _error(400, "the request body is not valid UTF-8 JSON", "invalid_json")
         if isinstance(exc.__cause__, RecursionError):  # the same over arrays or objects nested thousands deep
             return _error(400, "the request body's JSON is nested too deeply to read", "invalid_json")
+        if isinstance(exc.__cause__, ValueError):  # Python's int() limit: "Exceeds the limit (4300 digits) ..."
+            return _error(400, "the request body's JSON has a number too long to read (over 4,300 digits); no field "
+                          "takes one that long", "invalid_json")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(ServeError)
@@ -306,12 +309,17 @@ class _Generation:
                     if include_usage:
                         yield self._data({"choices": [], "usage": self.usage(ev)})
                     break
-            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:  # uvicorn's stop cancels what the engine's stop did not end in time (a long
+            # prefill holds the engine): the stream still ends as the README says, with the error event and [DONE]
+            # (it used to be cut mid-body); after a disconnect the cancelled send drops these two lines
+            err = {"error": {"message": SHUTTING_DOWN, "type": _kind(503), "param": None, "code": "shutting_down"}}
+            yield f"data: {json.dumps(err)}\n\n"
         finally:
             if getter is not None:
                 getter.cancel()
             if not self.req.finished:
                 self.engine.abort(self.req)  # the client disconnected mid-stream
+        yield "data: [DONE]\n\n"
 
     async def response(self):
         if not self.body.stream:

@@ -40,7 +40,7 @@ from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError, Shuttin
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
-from loraforge.serve.sampling import SamplingParams, generator, greedy_tokens, sample
+from loraforge.serve.sampling import SamplingParams, generator, greedy_token, greedy_tokens, sample
 from loraforge.serve.static_batch import StaticBatch
 from loraforge.utils.files import expand_user
 
@@ -56,18 +56,23 @@ class Engine:
     registered as NAME and loaded on first use.
     `prefix_cache_mb` bounds the keys/values of shared prompt prefixes kept for reuse (prefix.py; 0 turns it off),
     matched in blocks of `prefix_block` tokens.
+    A prompt with more than `prefill_chunk` tokens to compute is prefilled `prefill_chunk` tokens a pass, into the
+    prefix cache (`_chunk`), the running rows decoding a step between passes, and a client that leaves stops it
+    after the pass: in one pass, a soak's 3,000-token prompt held every stream for 30 s, after its client had gone.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
                  adapters: dict[str, str | Path] | None = None, adapters_dir: str | Path | None = None,
                  max_loaded: int = 8, max_batch: int = 32, max_queue: int = 256, default_max_tokens: int = 256,
                  max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
-                 adapter_dtype: str = "auto", static: bool | None = None):
+                 adapter_dtype: str = "auto", static: bool | None = None, prefill_chunk: int = 512):
         if lora_layers(model):
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         check_adapter_dtype(adapter_dtype)
+        if prefill_chunk < prefix_block:
+            raise ValueError(f"prefill_chunk ({prefill_chunk}) must be at least prefix_block ({prefix_block})")
         if max_loaded < 1 or max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_loaded ({max_loaded}), max_batch ({max_batch}) and max_queue ({max_queue}) "
                              f"must be at least 1")
@@ -79,7 +84,7 @@ class Engine:
         self._decoder = copy.deepcopy(tokenizer)
         self.base_name = base_name
         self.max_loaded, self.max_batch, self.max_queue = max_loaded, max_batch, max_queue
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.prefill_chunk = max_prefill_tokens, prefill_chunk
         self.default_max_tokens = default_max_tokens
         self.context_length = context_length(model.config) or UNKNOWN_CONTEXT  # yarn/llama3 scalings included
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
@@ -288,6 +293,7 @@ class Engine:
             self._finish(req, "abort")
         admitted: list[Request] = []
         draining = None  # once a request waits for a slot: the resident adapter that takes no new rows until idle
+        chunked = False  # one pass of one long prompt per call: the running rows take a step between passes
         for req in candidates:
             if len(self._batch) + len(admitted) >= self.max_batch:
                 break
@@ -304,6 +310,9 @@ class Engine:
                     self._finish(req, "error", error=str(e) if isinstance(e, (AdapterError, OSError))
                                  else f"{type(e).__name__}: {e}", status=getattr(e, "status", 500))
                     continue
+            if not chunked and self._chunk(req):  # it waits on, its prompt's next pass cached
+                chunked = True
+                continue
             with self._cv:
                 self._waiting.remove(req)
             req.admitted = True
@@ -331,6 +340,34 @@ class Engine:
             if req.adapter is not None and req.adapter.slot is not None:
                 left[req.adapter] = max(left.get(req.adapter, 0), req.max_tokens - len(req.out_ids))
         return min(left, key=left.get, default=None)
+
+    def _chunk(self, req: Request) -> bool:
+        """One pass of a long prompt: where more than `prefill_chunk` of its tokens are not cached, the next
+        `prefill_chunk` (whole blocks) are prefilled alone and their keys/values kept in the prefix cache, as any
+        prompt's are; the request itself is admitted once the rest fits one pass, its prefix matched then. False
+        (prefilled whole, as before) where the cache cannot hold the passes: off, the adapter off the model, or a
+        pass's blocks evicted before the next (a budget smaller than the prompt), so every request progresses."""
+        cache, owner = self.prefix_cache, req.owner
+        if not cache.budget or owner is None or req.chunked_to < 0:
+            return False
+        cached = cache.match(owner, req.prompt_ids)
+        done = len(cached) * cache.block
+        if done < req.chunked_to:  # its earlier passes were evicted: one pass then
+            req.chunked_to = -1
+            return False
+        end = done + self.prefill_chunk // cache.block * cache.block
+        if len(req.prompt_ids) - done <= self.prefill_chunk or end >= len(req.prompt_ids):
+            return False
+        part = Request(req.prompt_ids[:end], req.adapter, req.params, 1, lambda ev: None, cached=cached)
+        try:
+            _, prefilled, _ = self._batch.prefill([part])
+        except Exception:  # the request's own prefill says what fails, as for any other
+            req.chunked_to = -1
+            return False
+        self._cache_prompt(part, prefilled, 0)
+        self.stats["prefill_passes"] += 1
+        req.chunked_to = end
+        return True
 
     def _uncached(self, req: Request) -> int:
         return len(req.prompt_ids) - len(req.cached) * self.prefix_cache.block
@@ -384,7 +421,8 @@ class Engine:
         keep = []
         for i, req in enumerate(rows):
             try:
-                token = greedy[i] if req.params.temperature == 0 else sample(logits[i], req.params, req.generator)
+                token = greedy_token(logits[i], greedy[i]) if req.params.temperature == 0 else \
+                    sample(logits[i], req.params, req.generator)
                 done = self._append(req, token)
             except Exception as e:
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")

@@ -46,6 +46,7 @@ class Request:
     length: int = 0  # tokens of this row in the KV cache (its next position id)
     generator: torch.Generator | None = None
     cached: list = field(default_factory=list)  # the prefix.Block s of its prompt's longest cached prefix
+    chunked_to: int = 0  # prompt tokens its passes have prefilled into the prefix cache (-1: no more passes)
 
     @property
     def owner(self) -> int | None:

@@ -53,7 +53,7 @@ from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, delete_adapter, load_adapter,
                                      read_adapter_config, read_adapter_weights)
-from loraforge.lora.inject import LayerKindConflict, lora_layers
+from loraforge.lora.inject import LayerKindConflict, lora_layers, pattern_value
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
@@ -205,8 +205,8 @@ def _padded(r: int) -> int:
     return -(-r // 8) * 8
 
 
-def check_servable(entry: Adapter) -> None:
-    """Refuse, before touching the model, an adapter the per-row batch cannot serve (its config read)."""
+def check_servable(entry: Adapter) -> LoraConfig | AdaLoraConfig:
+    """Refuse, before touching the model, an adapter the per-row batch cannot serve; its config, read."""
     config = read_adapter_config(entry.path)
     if not isinstance(config, (LoraConfig, AdaLoraConfig)):
         raise AdapterError(f"{entry.path}: {type(config).__name__} adapters cannot be served")
@@ -214,6 +214,7 @@ def check_servable(entry: Adapter) -> None:
         what = "modules_to_save" if getattr(config, "modules_to_save", None) else f"bias={config.bias!r}"
         raise AdapterError(f"{entry.path}: the server cannot batch an adapter with {what} (it replaces weights "
                            f"every row shares); merge it into the base (loraforge merge) and serve that instead")
+    return config
 
 
 def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
@@ -447,12 +448,11 @@ class Residency:
                     if not (entry.path / name).resolve().is_relative_to(self.adapters_dir):
                         raise AdapterError(f"{entry.path / name} is a symlink to a file outside the adapters "
                                            f"directory, which the server does not read; copy the file in its place")
-            check_servable(entry)
-            self._check_header(entry)
+            self._check_header(entry, check_servable(entry))
         except (ValueError, OSError, RuntimeError) as e:
             raise self._broken(entry, e) from None
 
-    def _check_header(self, entry: Adapter) -> None:
+    def _check_header(self, entry: Adapter, config: LoraConfig | AdaLoraConfig) -> None:
         weights = entry.path / WEIGHTS_NAME
         if not weights.is_file():
             read_adapter_weights(entry.path)  # raises the reason: missing, or a pickle (adapter_model.bin) only
@@ -474,6 +474,12 @@ class Residency:
                         factor = suffix.split(".")[1]  # lora_A or lora_B
                         problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
                                                     f"{fan_in} -> {fan_out} here")
+                    elif isinstance(config, LoraConfig) and shape[-1 - dim] != (r := int(pattern_value(
+                            config.rank_pattern, module, config.r))):  # soak: listed, then refused as "another base?"
+                        factor = suffix.split(".")[1]
+                        raise AdapterError(f"{weights.name}: {module}.{factor} {shape} has rank {shape[-1 - dim]}, "
+                                           f"but {CONFIG_NAME} gives that layer r={r}: the two files are not of "
+                                           f"one adapter")
                     break
         if problems:
             shown_problems = list(problems.values())
@@ -491,6 +497,9 @@ class Residency:
 
     def _public(self, entry: Adapter, message: str) -> str:
         message = message.replace(str(entry.path), entry.label)
+        local = getattr(getattr(self.model, "config", None), "name_or_path", "") or ""
+        if os.sep in local:  # the base's folder on this machine (e.g. its cache): clients know it by its served name
+            message = message.replace(local, self.base_name)
         if self.adapters_dir is not None:
             message = message.replace(str(self.adapters_dir) + os.sep, "")
         return message

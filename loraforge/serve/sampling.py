@@ -106,5 +106,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """argmax per row of (B, V): what greedy rows take, computed for the batch at once."""
+    """argmax per row of (B, V): what greedy rows take, computed for the batch at once (`greedy_token` checks each)."""
     return argmax_rows(logits)
+
+
+def greedy_token(logits: torch.Tensor, token: int) -> int:
+    """`token`, row (V,)'s argmax from `greedy_tokens`, if its logit is finite; else FloatingPointError, as `sample`
+    raises: a NaN anywhere in the row is the argmax (counted above everything), and a NaN or an infinity there means
+    the forward overflowed (an adapter's huge weights, say) and the token means nothing."""
+    value = float(logits[token])
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}): the forward "
+                                 f"overflowed, in the base or the adapter")
+    return token

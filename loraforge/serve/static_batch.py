@@ -42,6 +42,7 @@ class StaticBatch:
         self._layout = residency.layout  # the adapter layers the decoder's hooks were read from
         self.device = self.decoder.device
         self.rows: list[Request] = []
+        self._written: dict[int, int] = {}  # cache row -> slots written there since it was last found finite
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,8 +56,10 @@ class StaticBatch:
             n *= 2
         while size < positions:
             size *= 2
+        old = dec.keys
         dec.resize(min(n, max(self.max_batch, rows)), min(size, max(self.context_length, positions)),
                    rows=len(self.rows), used=max((r.length for r in self.rows), default=0))
+        self._reallocated(old, len(self.rows))
 
     def _hooks(self) -> None:
         """The decoder's hooks re-read only when adapters went on or off the model (reading them costs ~1.4 ms
@@ -67,7 +70,36 @@ class StaticBatch:
 
     def _release(self) -> None:
         """The batch is empty: the cache back to its first size."""
+        old = self.decoder.keys
         self.decoder.resize(min(FIRST_ROWS, self.max_batch), min(FIRST_LEN, self.context_length), rows=0)
+        self._reallocated(old, 0)
+
+    def _reallocated(self, old: torch.Tensor, rows: int) -> None:
+        """After a resize: if the cache is new, rows past the first `rows` are zeros (nothing written there)."""
+        if self.decoder.keys is not old:
+            self._written = {row: n for row, n in self._written.items() if row < rows}
+
+    def _wrote(self, row: int, upto: int) -> None:
+        self._written[row] = max(self._written.get(row, 0), upto)
+
+    def _take(self, row: int) -> None:
+        """Cache row `row` takes a new request: the slots earlier requests wrote there zeroed if any of them is not
+        finite. Slots past a row's length are masked, not skipped: attention still multiplies them (by a
+        probability of 0, or a score plus -inf), and 0 · NaN is NaN, so a request whose adapter overflowed would
+        hand NaN to the next request in its row (found by a soak: a base-model request answered '' after one).
+        The check is one sum per cache (a NaN or infinity anywhere makes it non-finite; a finite sum that
+        overflows only zeroes a row that needed none)."""
+        n = self._written.pop(row, 0)
+        dec = self.decoder
+        if n and not all(bool(torch.isfinite(c[:, row, :, :n].sum())) for c in (dec.keys, dec.values)):
+            dec.keys[:, row, :, :n] = 0
+            dec.values[:, row, :, :n] = 0
+
+    def _move(self, src: int, dst: int, length: int) -> None:
+        """A running request's first `length` slots from cache row `src` into row `dst` (whose request ended)."""
+        self._take(dst)
+        self.decoder.copy_row(src, dst, length)
+        self._wrote(dst, length)
 
     @torch.inference_mode()
     def prefill(self, reqs: list[Request]):
@@ -79,12 +111,14 @@ class StaticBatch:
         starts = [sum(b.kv.shape[2] for b in r.cached) for r in reqs]
         own = [r.prompt_ids[s:] for r, s in zip(reqs, starts)]
         self._room(row0 + len(reqs), max(len(r.prompt_ids) for r in reqs) + 1)
+        T = max(len(o) for o in own)
         for i, req in enumerate(reqs):
+            self._take(row0 + i)
+            self._wrote(row0 + i, starts[i] + T)  # right padding included (and noted before a forward that may fail)
             if req.cached:  # (2 · layers, heads, P, dim): keys at even rows, values at odd ones
                 kv = torch.cat([b.kv for b in req.cached], 2).to(dec.keys.dtype)
                 dec.keys[:, row0 + i, :, :starts[i]] = kv[0::2]
                 dec.values[:, row0 + i, :, :starts[i]] = kv[1::2]
-        T = max(len(o) for o in own)
         ids = torch.zeros(len(reqs), T, dtype=torch.long)
         for i, o in enumerate(own):
             ids[i, :len(o)] = torch.tensor(o)
@@ -114,7 +148,7 @@ class StaticBatch:
         for j, i in enumerate(keep):
             at = len(self.rows) + j
             if prefilled.row0 + i != at:
-                self.decoder.copy_row(prefilled.row0 + i, at, reqs[i].length)
+                self._move(prefilled.row0 + i, at, reqs[i].length)
         self.rows = self.rows + [reqs[i] for i in keep]
 
     @torch.inference_mode()
@@ -126,6 +160,8 @@ class StaticBatch:
         self._hooks()
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
         start = torch.tensor([r.length for r in rows], dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            self._wrote(i, r.length + 1)
         logits = self.decoder.forward(ids, start)
         for r in rows:
             r.length += 1
@@ -145,7 +181,7 @@ class StaticBatch:
         movers = [i for i in keep if i >= k]
         rows = list(self.rows)
         for gap, mover in zip(gaps, movers):
-            self.decoder.copy_row(mover, gap, rows[mover].length)
+            self._move(mover, gap, rows[mover].length)
             rows[gap] = rows[mover]
         self.rows = rows[:k]
 

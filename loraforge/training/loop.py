@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -703,6 +704,13 @@ class StopRequest:
             raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} after {self.name}, in the middle "
                                   f"of a step; the last complete checkpoint is kept")
         self.requested, self.signum = True, signum
+        key = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        again = "" if self.world > 1 else f"; {key} again stops at once"
+        try:  # at once (a soak's Ctrl-C during a long evaluation showed nothing for 28 s); os.write, as a progress
+            # bar may be halfway through its own write to stderr (print here could raise "reentrant call")
+            os.write(2, f"\n{self.name}: stopping after this step, with a checkpoint{again}\n".encode())
+        except OSError:  # SIGHUP: the terminal is gone
+            pass
 
     def agreed(self, device: torch.device) -> bool:
         """Stop before the next step? This process's request, or under torchrun any process's (then this process
@@ -777,7 +785,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         last = last_good_checkpoint(run)
         lora = run.cfg.lora
         scale = (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
-                 f"lora.lora_alpha if it is unusually large; else " if run.cfg.method in ("lora", "dora", "qlora")
+                 f"lora.lora_alpha if it is unusually large. Else: " if run.cfg.method in ("lora", "dora", "qlora")
                  else "")
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "

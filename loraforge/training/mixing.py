@@ -153,7 +153,7 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
     and the mixture that draws epochs from them. Every source's problem is reported in one DataError."""
     train_records, eval_records = read_sources(c, seed)
     train_sources = c.sources("train")
-    problems, examples, per_source, failed = [], [], [], set()
+    problems, examples, per_source, failed, alone = [], [], [], set(), None
     held_out, held_from_train = [], not c.sources("eval")  # without data.eval: parts of the train sources, by name
     split = {name for name, _, _ in eval_records}  # the train sources read_sources held a share of, by record
     for i, (source, records) in enumerate(zip(train_sources, train_records)):
@@ -166,7 +166,8 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
                 held_out += part
                 split |= {name} if part else set()
         except D.DataError as e:
-            problems.append(f"{name}: {e}" if len(train_sources) > 1 else str(e))
+            problems.append(f"{name}: {e}")  # named beside other problems (soak: only the held-out file was)
+            alone = str(e) if len(train_sources) == 1 else None
             failed.add(name)
             continue
         examples.append(built)
@@ -182,7 +183,7 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         except D.DataError as e:
             problems.append(f"{name} (held out): {e}")
     if problems:
-        raise D.DataError("\n".join(problems) if len(problems) == 1 else
+        raise D.DataError((alone or problems[0]) if len(problems) == 1 else
                           f"{len(problems)} data sources cannot be used:\n  " + "\n  ".join(problems))
     for i, (source, built) in enumerate(zip(train_sources, examples)):
         if source.epochs is not None and round(source.epochs * len(built)) == 0:  # epoch_order would draw none

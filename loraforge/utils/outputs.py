@@ -118,6 +118,9 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     --resume needs no permission (train itself says when there is nothing to resume). `resume_hint`: how the
     refusal of an unfinished run says to continue it; None for a command that cannot (demo takes no --resume).
     """
+    if resume and overwrite:  # soak: the pair resumed, --overwrite silently ignored
+        raise OutputError(f"--resume and --overwrite together: --resume continues the run in {flag} {path}, "
+                          f"--overwrite starts it over; give one of them")
     check_not_input(path, inputs, flag)
     for name, folder in RUN_ENTRIES.items():
         entry = expand_user(path) / name

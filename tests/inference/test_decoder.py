@@ -363,6 +363,17 @@ def test_the_cache_is_never_allocated_past_the_context(monkeypatch):
                                                                                   123)[0]]
 
 
+def test_stream_refuses_logits_that_are_not_finite():
+    """Soak: an adapter whose lora_alpha (1e39: its scale 1.25e38 still finite) overflows the forward gave NaN logits,
+    and `loraforge generate` printed an empty answer and exited 0."""
+    model = inject(tiny_llama(), LoraConfig(r=8, lora_alpha=1e39, init_lora_weights=False))
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"the model's logits are not finite \(the greedy choice's is nan\) "
+                                                 r"after 0 tokens: the forward overflowed"):
+        stream(model, _prompts(0, [5])[0], [VOCAB + 1], 4, seen.append)
+    assert seen == []
+
+
 def test_stream_refuses_what_does_not_fit_the_context():
     model = tiny_llama(max_position_embeddings=128)
     prompt = _prompts(0, [120])[0]

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+import shutil
 
 import peft
 import pytest
@@ -14,8 +15,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 from helpers import randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
 from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, list_adapters, load_adapter,
-                                     read_adapter_config, save_adapter, set_adapter)
+from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, list_adapters,
+                                     load_adapter, read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora.inject import find_targets, inject
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import merge, unmerge
@@ -521,6 +522,55 @@ def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
     with pytest.raises(AdapterError, match=r"adapter_config.json is not UTF-8 text \(byte 0: b'\\xff'\); save it as "
                                            r"UTF-8 JSON"):
         load_adapter(tiny_llama(), bad)
+
+
+def test_an_adapter_config_too_deep_too_long_or_with_an_overflowing_scale_is_named(tmp_path):
+    """Soak: a config nested 100,000 deep was a RecursionError traceback from generate, eval, merge and export;
+    lora_alpha 1e300 (its scale inf in fp32, as training refuses) loaded, and every logit was NaN."""
+    good = _good(tmp_path)
+    config = json.loads((good / "adapter_config.json").read_text())
+    for name, text, message in (
+            ("deep", "[" * 100_000 + "]" * 100_000, "nested too deeply to read"),
+            ("long", json.dumps(config)[:-1] + ', "x": 1' + "0" * 5000 + "}", "a number in it is too long to read"),
+            ("alpha", json.dumps({**config, "lora_alpha": 1e300}), "lora_alpha: 1e+300 makes the scale lora_alpha / "
+             f"r ({1e300 / config['r']:.3g}) overflow fp32, so every update and every output of the adapter is inf"),
+            ("pattern", json.dumps({**config, "alpha_pattern": {"q_proj": -1e39}, "rank_pattern": {"v_proj": 1}}),
+             "alpha_pattern.q_proj: -1e+39 makes the scale lora_alpha / r (-1e+39) overflow fp32")):
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text(text)
+        (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+        with pytest.raises(AdapterError, match=re.escape(str(bad / "adapter_config.json")) + ".*" + re.escape(message)):
+            load_adapter(tiny_llama(), bad)
+
+
+def test_the_same_adapter_saved_again_is_the_same_bytes(tmp_path):
+    """Soak: two runs with one seed wrote equal tensors in files of different checksums: safetensors writes its
+    metadata (format, library) in hash order, which varies from save to save (2 orders in 20 saves here)."""
+    model = randomize(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    files = {save_adapter(model, tmp_path / str(i)).joinpath("adapter_model.safetensors").read_bytes()
+             for i in range(20)}
+    assert len(files) == 1
+    assert load_file(tmp_path / "0" / "adapter_model.safetensors").keys() == adapter_state_dict(model).keys()
+
+
+def test_a_training_runs_folder_or_checkpoint_given_as_an_adapter_says_where_its_adapter_is(tmp_path):
+    """Soak: a stopped run (checkpoints, no adapter/ yet) or its checkpoint given as --adapter said only that
+    adapter_config.json is missing."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000002" / "trainer_state.json").write_text("{}")
+    finish = (f"a training run that has not written its adapter yet (stopped or still running): `loraforge train "
+              f"CONFIG --resume` with output_dir {run} finishes it and writes {run / 'adapter'}")
+    ckpt = run / "checkpoints" / "step-0000002"
+    for given, hint in ((run, f"it is {finish}"), (ckpt, f"it is a checkpoint of {finish}")):
+        with pytest.raises(AdapterError) as e:
+            load_adapter(tiny_llama(), given)
+        assert str(e.value) == f"{given} is not an adapter directory: adapter_config.json is missing; {hint}"
+    shutil.copytree(_good(tmp_path), run / "adapter")
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), run / "checkpoints" / "step-0000002")
+    assert str(e.value).endswith(f"is missing; it is a training run's checkpoint: its adapter is {run / 'adapter'}")
 
 
 def test_peft_lm_head_adapter_with_its_saved_base_weight_loads_and_a_changed_one_is_refused(tmp_path, input_ids):

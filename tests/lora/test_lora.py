@@ -102,6 +102,13 @@ def test_target_modules_list_regex_all_linear_and_layers():
 def test_target_matching_nothing_lists_linear_names():
     with pytest.raises(ConfigError, match=r"target_modules: \('qkv',\) matches no linear layer.*'down_proj'.*'q_proj'"):
         inject(tiny_llama(), LoraConfig(target_modules=("qkv",)))
+    with pytest.warns(UserWarning) as caught:  # soak: one typo among good names trained the rest without a word
+        model = inject(tiny_llama(), LoraConfig(target_modules=("q_proj", "nonexistent_proj")))
+    assert [str(w.message) for w in caught] == [
+        "target_modules: 'nonexistent_proj' matches no layer of this model that gets an adapter (LlamaForCausalLM; its "
+        "linear layers are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', "
+        "'v_proj']): check the spelling"]
+    assert sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}) == ["q_proj"]
 
 
 @pytest.mark.parametrize("model, changes, problem", [

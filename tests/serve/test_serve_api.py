@@ -273,6 +273,12 @@ def test_a_body_not_read_as_json_says_why(server):
     r = http(server, "POST", "/v1/completions", content=b"[" * 100_000, headers=json_type)
     assert (r.status_code, r.json()["error"]["message"]) == \
         (400, "the request body's JSON is nested too deeply to read")
+    for raw in (b'{"model": "a", "prompt": "hi", "max_tokens": 9' + b"9" * 5000 + b"}",  # soak: 400, code null
+                b'{"model": "a", "prompt": [1' + b"0" * 5000 + b"]}"):
+        r = http(server, "POST", "/v1/completions", content=raw, headers=json_type)
+        assert (r.status_code, r.json()["error"]["message"], r.json()["error"]["code"]) == (400, "the request "
+            "body's JSON has a number too long to read (over 4,300 digits); no field takes one that long",
+            "invalid_json"), r.text
     body = json.dumps({"model": "a", "prompt": PROMPT, "max_tokens": 2}).encode()
     for given, said in (("text/plain", 'Content-Type "text/plain" is not JSON'),
                         ("application/x-www-form-urlencoded",

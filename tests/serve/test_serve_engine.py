@@ -6,6 +6,7 @@ between steps must not change one token (fp32, greedy).
 """
 
 import copy
+import json
 import queue
 import shutil
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import full_forward_greedy, save_adapters, tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
@@ -201,6 +203,31 @@ def test_bad_adapters_are_refused(make_engine, base, adapters_dir, tmp_path):
     assert engine.generate([1, 2, 3], None, GREEDY).finish_reason == "length"  # still serving
 
 
+def test_an_adapter_whose_ranks_are_not_its_configs_is_refused_at_start(make_engine, base, adapters_dir, tokenizer,
+                                                                         tmp_path):
+    """Soak: an adapter whose tensors are rank 2 and whose config says r=4 passed the start check (listed, served),
+    then its first request was refused as "an adapter made for another base?", naming the base's folder on the
+    server (its cache). Now the start check reads the ranks, and a refusal names the base by its served name."""
+    weights = load_file(adapters_dir / "a" / "adapter_model.safetensors")
+    (tmp_path / "cut").mkdir()
+    shutil.copy(adapters_dir / "a" / "adapter_config.json", tmp_path / "cut")
+    save_file({k: (v[:2] if ".lora_A." in k else v[:, :2]).contiguous() for k, v in weights.items()},
+              tmp_path / "cut" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"k_proj.lora_A \(2, 32\) has rank 2, but adapter_config.json gives that "
+                                           r"layer r=4: the two files are not of one adapter"):
+        make_engine(adapters={"cut": tmp_path / "cut"})
+    (tmp_path / "other").mkdir()  # tensors missing from the file, another base named: load_adapter's misfit message
+    config = json.loads((adapters_dir / "a" / "adapter_config.json").read_text())
+    (tmp_path / "other" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "x/y"}))
+    save_file({k: v for k, v in weights.items() if ".layers.0." not in k},
+              tmp_path / "other" / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    model.config.name_or_path = str(tmp_path / "cache" / "the-base")
+    with pytest.raises(AdapterError) as e:
+        Engine(model, tokenizer, base_name="tiny", adapters={"other": tmp_path / "other"})
+    assert "the model given is tiny" in str(e.value) and str(tmp_path / "cache") not in str(e.value)
+
+
 def test_unload_while_running_lets_requests_finish(make_engine, base, adapters_dir, tokenizer):
     engine = make_engine()
     prompt = prompts(len(tokenizer), [8], seed=4)[0]
@@ -272,6 +299,65 @@ def test_fresh_adapter_equals_base(make_engine, base, tokenizer, tmp_path):
     engine = make_engine(adapters={"zero": tmp_path / "zero"})
     prompt = prompts(len(tokenizer), [9], seed=6)[0]
     assert engine.generate(prompt, "zero", GREEDY).token_ids == engine.generate(prompt, None, GREEDY).token_ids
+
+
+def test_an_overflowing_request_leaves_nothing_for_the_next_in_its_row(make_engine, base, adapters_dir, tokenizer,
+                                                                          tmp_path):
+    """An adapter whose finite weights overflow (every LoRA weight 1e30) fails its own greedy request with a clear
+    error (it used to answer 200 with empty text), and the NaN keys/values its request left in its cache row do not
+    reach the next request there. Found by a soak: a base-model request prefilled beside a prefix-cached one read
+    the stale slots under its mask (0 · NaN = NaN) and answered ''. Here: "big" in row 0 (70 prompt tokens), then
+    "a" caches a 32-token prefix in row 0, then a base request (row 0, start 0) and an "a" request (row 1, start 32
+    at its cached prefix) are prefilled together: the base row's attention spans slots past its 20 tokens."""
+    model = copy.deepcopy(base)
+    inject(model, LoraConfig(r=4, init_lora_weights=False), "big")
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data.fill_(1e30)
+    save_adapter(model, tmp_path / "big", "big")
+    engine = make_engine(adapters={"big": tmp_path / "big", "a": adapters_dir / "a"})
+    victim, prefix, big = prompts(len(tokenizer), [20, 32, 70], seed=9)
+    later = prefix + prompts(len(tokenizer), [30], seed=10)[0]
+    alone = [engine.generate(victim, None, GREEDY).token_ids, engine.generate(later, "a", GREEDY).token_ids]
+    assert alone[0] == reference(base, adapters_dir, None, victim, GREEDY.max_tokens)
+    with pytest.raises(RuntimeError, match="logits are not finite"):
+        engine.generate(big, "big", GREEDY)
+    engine.generate(prefix, "a", SamplingParams(max_tokens=1))  # caches its two blocks
+    gate, queues = threading.Event(), [queue.Queue(), queue.Queue()]
+    engine.call(gate.wait)
+    engine.submit(victim, None, GREEDY, queues[0].put)
+    engine.submit(later, "a", GREEDY, queues[1].put)
+    gate.set()
+    assert [collect(q)[0] for q in queues] == alone
+
+
+def test_a_long_prompt_is_prefilled_in_passes_with_decode_steps_between(make_engine, base, adapters_dir, tokenizer):
+    """Soak: one long prompt was one prefill, every stream stalled for its length (30 s for 3,000 tokens on SmolLM2)
+    and it ran on after its client left. With prefill_chunk=16 an 80-token prompt goes in four 16-token passes into
+    the prefix cache, a running row decoding a step between passes, then the request with 16 tokens of its own;
+    both answers equal the reference. Aborted after its first pass, it makes no other."""
+    engine = make_engine(prefill_chunk=16)
+    order, prefill, step = [], engine._batch.prefill, engine._batch.step
+    engine._batch.prefill = lambda reqs: (order.append(len(reqs[0].prompt_ids)), prefill(reqs))[1]
+    engine._batch.step = lambda: (order.append("step"), step())[1]
+    long_prompt, short = prompts(len(tokenizer), [80, 5], seed=11)
+    running = queue.Queue()
+    engine.submit(short, "a", SamplingParams(max_tokens=40, ignore_eos=True), running.put)
+    first = running.get(timeout=30).token_ids
+    assert engine.generate(long_prompt, "b", GREEDY).token_ids == \
+        reference(base, adapters_dir, "b", long_prompt, GREEDY.max_tokens)
+    assert first + collect(running)[0] == reference(base, adapters_dir, "a", short, 40)
+    assert engine.stats["prefill_passes"] == 4
+    passes = [i for i, o in enumerate(order) if o in (16, 32, 48, 64, 80)]
+    assert [order[i] for i in passes] == [16, 32, 48, 64, 80]  # 80: the request itself, 64 of it cached
+    assert all("step" in order[a:b] for a, b in zip(passes, passes[1:]))
+    engine._batch.prefill = lambda reqs: (engine.abort(req), prefill(reqs))[1]
+    gate = threading.Event()
+    engine.call(gate.wait)  # `req` is set before the engine's first pass
+    req = engine.submit(prompts(len(tokenizer), [80], seed=12)[0], "c", GREEDY, (done := queue.Queue()).put)
+    gate.set()
+    assert collect(done)[2].finish_reason == "abort"
+    assert engine.stats["prefill_passes"] == 5
 
 
 def test_static_cache_grows_and_rows_move(make_engine, base, adapters_dir, tokenizer, decode_path, monkeypatch):

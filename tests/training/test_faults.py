@@ -344,7 +344,7 @@ def not_ignored(signum):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP])
 def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tiny_dir, data_file, tmp_path, whole,
-                                                                            signum, not_ignored):
+                                                                            signum, not_ignored, capfd):
     """SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (kill, pre-emption), SIGUSR1 (Slurm's --signal) or SIGHUP (the
     terminal or SSH session closed) during step 2: the step completes, step-2 is saved, then the run stops; --resume
     ends with the uninterrupted run's adapter."""
@@ -364,6 +364,9 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
         with pytest.raises(Stopped) as e:  # a KeyboardInterrupt that names the signal
             train(load_train_config(None, args), progress=False)
     assert e.value.signum == signum and e.value.exit_code == 128 + signum
+    again = "Ctrl-C" if signum == signal.SIGINT else "the signal"  # said at once (soak: nothing for 28 s)
+    assert (f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint; {again} again stops at "
+            f"once\n") in capfd.readouterr().err
     assert signal.getsignal(signum) is before  # the handler is the caller's again
     ckpts = out / "checkpoints"
     assert [d.name for d in sorted(ckpts.iterdir())] == ["step-0000002"]
@@ -659,7 +662,7 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
     assert str(e.value).startswith("the gradient norm is inf at step 1 (the loss, ")
     assert ("was finite); stopping before an update that would do nothing or write NaN. The last good checkpoint is "
             "none (no checkpoint was written yet). The adapter's scale is lora.lora_alpha / lora.r = 1e+30 / 4: lower "
-            "lora.lora_alpha if it is unusually large; else " + nonfinite_advice(1e-2, "fp32", 1.0, step=2)
+            "lora.lora_alpha if it is unusually large. Else: " + nonfinite_advice(1e-2, "fp32", 1.0, step=2)
             ) in str(e.value)
     assert not (tmp_path / "run" / "adapter").exists()
 

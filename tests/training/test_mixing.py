@@ -267,6 +267,20 @@ def test_one_bad_source_is_reported_once_not_with_its_held_out_part(tiny_dir, tm
                             f"{{role, content}})")
 
 
+def test_a_train_and_an_eval_file_that_both_fail_are_both_named(tiny_dir, tmp_path):
+    """Soak: with data.eval failing too, the list named the held-out file and not the training one."""
+    rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(8)]
+    train, held = write(tmp_path / "t.jsonl", rows), write(tmp_path / "e.jsonl", rows)
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"output_dir={tmp_path / 'o'}", "data.max_seq_len=8"],
+                            base={"data": {"train": str(train), "eval": str(held)}})
+    with pytest.raises(D.DataError) as e:
+        load_data(cfg, load_tokenizer(str(tiny_dir)))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "2 data sources cannot be used:" and len(lines) == 3
+    assert lines[1].startswith("  t.jsonl: all 8 records were dropped: ")
+    assert lines[2].startswith("  e.jsonl (held out): all 8 records were dropped: ")
+
+
 def test_an_eval_fraction_that_holds_out_everything_names_data_eval_fraction(tiny_dir, tmp_path):
     rows = [{"instruction": f"Add {x} and 1.", "output": str(x + 1)} for x in range(40)]
     path = write(tmp_path / "train40.jsonl", rows)

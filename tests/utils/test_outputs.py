@@ -242,6 +242,11 @@ def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_d
                                           r"continue it with --resume, start it over with --overwrite"):
         train(config(tiny_dir, data_file, out, steps=6), progress=False)
     assert snapshot(out) == before
+    with pytest.raises(OutputError) as e:  # soak: the pair resumed, --overwrite silently ignored
+        train(config(tiny_dir, data_file, out, steps=6), progress=False, resume=True, overwrite=True)
+    assert str(e.value) == (f"--resume and --overwrite together: --resume continues the run in output_dir {out}, "
+                            f"--overwrite starts it over; give one of them")
+    assert snapshot(out) == before
     bad = tmp_path / "bad.jsonl"  # a run started over whose data is refused leaves the earlier run resumable
     bad.write_text(data_file.read_text() + "{oops\n")
     with pytest.raises(DataError, match=r"bad.jsonl:\d+: invalid JSON"):
@@ -284,3 +289,10 @@ def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_w
         export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "a.gguf", overwrite=True)
     assert str(e.value).startswith(f"{tmp_path / 'Modelfile'} is a folder; the Modelfile is written beside --out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "afile"]
+    (tmp_path / "o").mkdir()  # soak: --out .../Modelfile held the adapter, then the Modelfile over it, exit 0
+    with pytest.raises(OutputError) as e:
+        export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "o" / "Modelfile", overwrite=True)
+    assert str(e.value) == (f"--out {tmp_path / 'o' / 'Modelfile'}: the Ollama Modelfile is written beside --out "
+                            f"under that name; name the adapter's file otherwise, e.g. "
+                            f"{tmp_path / 'o' / 'adapter.gguf'}")
+    assert not any((tmp_path / "o").iterdir())
