@@ -38,6 +38,7 @@ PEFT_UNSUPPORTED_FIELDS = {
 }
 # The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
 MAX_RANK = 1 << 16
+MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
 
 
@@ -678,6 +679,10 @@ class TrainingConfig:
             p.append(f"batch_tokens: must be at least 8, got {self.batch_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"max_steps: must be at least 1, got {self.max_steps}")
+        elif self.max_steps is not None and self.max_steps > MAX_STEPS:  # soak: 10**400 crashed the progress bar
+            digits = len(str(self.max_steps))
+            p.append(f"max_steps: at most {MAX_STEPS:.0e} (at a step a microsecond, 30 years), got "
+                     f"{self.max_steps if digits <= 30 else f'a number of {digits} digits'}")
         if self.max_steps is None and self.epochs <= 0:
             p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
         if self.warmup_steps < 0:

@@ -221,6 +221,16 @@ def test_training_refuses_an_alpha_that_trains_nothing_or_backwards():
         "only flips the sign B learns)"]
 
 
+def test_max_steps_past_any_run_is_refused():
+    """Soak (the dashboard's form): max_steps 10**400 passed and the run crashed in its progress bar (int too large
+    to convert to float); 10**15 steps is the most a run takes."""
+    assert problems("training.max_steps=1" + "0" * 400) == [
+        "training.max_steps: at most 1e+15 (at a step a microsecond, 30 years), got a number of 401 digits"]
+    assert problems("training.max_steps=1" + "0" * 16) == [
+        "training.max_steps: at most 1e+15 (at a step a microsecond, 30 years), got 10000000000000000"]
+    assert load_train_config(None, [DATA, "training.max_steps=1" + "0" * 15]).training.max_steps == 10**15
+
+
 def test_training_refuses_an_alpha_whose_scale_overflows_fp32():
     """lora_alpha 1e300 gave the scale inf (as PEFT's does): every update inf, a NaN loss at step 1. The largest
     alpha whose scale fp32 holds still trains; with use_rslora the scale is alpha / sqrt(r)."""

@@ -38,6 +38,8 @@ from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
 
 GB = 1e9
+MAX_TOKENS = 10**12  # --batch-size × --seq-len: past any device's memory, and far within a float's range
+MAX_GPUS = 10**9
 QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double quantization (quant.bits_per_weight_formula)
 
 
@@ -363,6 +365,11 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
+def _shown(n: int) -> str:
+    """An integer flag's value in a message: as given, or its length where it is a wall of digits."""
+    return str(n) if len(str(n)) <= 30 else f"a number of {len(str(n))} digits"
+
+
 def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora",
                  batch_size: PositiveInt = 1, seq_len: PositiveInt = 512, r: PositiveInt = 16,
                  optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
@@ -386,6 +393,12 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
     """
     if r > MAX_RANK:  # as lora.r in a run
         raise ConfigError([f"--r: {r} is more than the largest rank a run takes ({MAX_RANK}); typical ranks are 4-64"])
+    if batch_size * seq_len > MAX_TOKENS:  # soak: past a float's range the sums below were an OverflowError
+        raise ConfigError([f"--batch-size {_shown(batch_size)} × --seq-len {_shown(seq_len)}: more than "
+                           f"{MAX_TOKENS:.0e} tokens a micro-batch, past any device's memory; typical is 1-64 × "
+                           f"512-8192"])
+    if gpus > MAX_GPUS:
+        raise ConfigError([f"--gpus {_shown(gpus)}: more than {MAX_GPUS:.0e} devices, past any cluster"])
     if gradient_checkpointing and no_gradient_checkpointing:
         raise ConfigError(["--gradient-checkpointing and --no-gradient-checkpointing: give one of them (or neither "
                            "for the method's default)"])

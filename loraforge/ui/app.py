@@ -195,8 +195,11 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
     async def start(request: Request):
         try:
             form = await request.json()
-        except ValueError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the request body is not valid JSON", "invalid_json")
+        except ValueError:  # Python's int() limit: "Exceeds the limit (4300 digits) ..." (valid JSON)
+            return _error(400, "the request body has a number too long to read (over 4,300 digits); send the form's "
+                               "numbers as short numbers or strings", "invalid_json")
         except RecursionError:  # json parses [ and { recursively: ~1,000 levels reach Python's limit
             return _error(400, "the request body is nested too deeply (hundreds of [ or { levels); send the form as "
                                "a JSON object of plain values", "invalid_json")

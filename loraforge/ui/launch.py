@@ -70,8 +70,9 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     `dora` is LoRA with lora.use_dora, as in the CLI's configs; with `adalora` the form's r sets adalora.target_r
     and adalora.init_r (adalora_ranks), not lora.r.
     """
-    name = str(form.get("name", ""))
-    if not NAME.match(name):
+    name = form.get("name", "")
+    if not isinstance(name, str) or not NAME.fullmatch(name):  # soak: "nl\n" and null (as "None") were runs
+        name = name if isinstance(name, str) else json.dumps(name)
         raise PathError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (up to 64, not starting with '.')")
     model = str(form.get("model", ""))
     if model not in models:

@@ -68,6 +68,8 @@ def inside(root: Path, name: str, must_exist: bool = True) -> Path:
         exists = path is not None and path.exists()
     except OSError as e:  # e.g. a name too long for the file system
         raise PathError(f"{name!r}: {(e.strerror or str(e)).lower()} in {root}") from None
+    except UnicodeError:  # soak: a lone surrogate (valid JSON as \ud800) was a 500 with two tracebacks
+        raise PathError(f"{name!r}: contains an unpaired surrogate, which no file name holds") from None
     if path is None or path == root:
         raise PathError(f"{name!r}: outside {root}")
     if must_exist and not exists:

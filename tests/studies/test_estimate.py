@@ -89,6 +89,14 @@ def test_checkpointing_cuts_activations_and_errors_name_the_value():
     assert "total" in format_breakdown(estimate("7b", "qlora"))
     with pytest.raises(ConfigError, match=r"--r: 65537 is more than the largest rank a run takes \(65536\)"):
         cli_estimate("7b", r=65537)  # as lora.r: a run would refuse it
+    for kw, message in (({"batch_size": 10**309}, "--batch-size a number of 310 digits × --seq-len 512: more than "
+                         "1e+12 tokens a micro-batch"),  # soak: OverflowError tracebacks past a float's range
+                        ({"batch_size": 10**6, "seq_len": 10**7}, "--batch-size 1000000 × --seq-len 10000000: more"),
+                        ({"gpus": 10**309, "distributed": "fsdp"}, "--gpus a number of 310 digits: more than 1e+09 "
+                         "devices, past any cluster")):
+        with pytest.raises(ConfigError) as e:
+            cli_estimate("7b", **kw)
+        assert e.value.problems[0].startswith(message)
 
 
 def test_local_config(tmp_path):

@@ -138,10 +138,12 @@ def test_run_names_cannot_leave_the_runs_folder(ui, suffix):
 @pytest.mark.parametrize("field,value", [("dataset", "../secret.jsonl"), ("dataset", "/etc/passwd"),
                                          ("dataset", "sub/../../secret.jsonl"), ("model", "/etc"),
                                          ("model", "../tiny"), ("name", "../escape"), ("name", ".ui"),
-                                         ("name", "a/b")])
+                                         ("name", "a/b"), ("name", "nl\n"), ("name", None), ("name", 5),
+                                         ("dataset", "\ud800.jsonl")])  # soak: the last four were runs, or a 500
 def test_the_form_refuses_paths_outside_its_folders(ui, field, value):
     before = sorted(ui[1].rglob("*"))
-    r = call(ui, "POST", "/ui/api/runs", json=form(**{field: value}))
+    r = call(ui, "POST", "/ui/api/runs", content=json.dumps(form(**{field: value})).encode(),  # \ud800 escaped
+             headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_path", r.text
     assert sorted(ui[1].rglob("*")) == before  # nothing written anywhere
 
@@ -747,6 +749,14 @@ def test_a_form_body_nested_too_deeply_is_refused_not_a_500(ui):
     assert r.status_code == 400 and r.json()["error"] == {
         "message": "the request body is nested too deeply (hundreds of [ or { levels); send the form as a JSON "
                    "object of plain values", "type": "invalid_request_error", "code": "invalid_json"}
+    r = call(ui, "POST", "/ui/api/runs", content='{"name": "a", "r": 1' + "0" * 5000 + "}",  # soak: "not valid JSON"
+             headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "the request body has a number too long to read (over 4,300 digits); send the form's numbers as short "
+        "numbers or strings")
+    for raw in (b'{"name": ', b'{"name": "caf\xe9"}'):
+        r = call(ui, "POST", "/ui/api/runs", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the request body is not valid JSON"
 
 
 def test_the_forms_r_sets_adaloras_ranks_not_lora_r(ui):
