@@ -150,6 +150,11 @@ def _type_name(tp: Any) -> str:
     return words.get(tp, str(tp).replace("typing.", ""))
 
 
+def digits_shown(n: int) -> str:
+    """An integer in a message: as given, or its length where it is a wall of digits (10**400)."""
+    return str(n) if len(str(n)) <= 30 else f"a number of {len(str(n))} digits"
+
+
 def clipped(value: Any, limit: int = 100) -> str:
     """repr(value) for a message, cut to `limit` characters with the full length said (a 5,000-character
     target_modules is not echoed back whole)."""
@@ -680,9 +685,8 @@ class TrainingConfig:
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"max_steps: must be at least 1, got {self.max_steps}")
         elif self.max_steps is not None and self.max_steps > MAX_STEPS:  # soak: 10**400 crashed the progress bar
-            digits = len(str(self.max_steps))
             p.append(f"max_steps: at most {MAX_STEPS:.0e} (at a step a microsecond, 30 years), got "
-                     f"{self.max_steps if digits <= 30 else f'a number of {digits} digits'}")
+                     f"{digits_shown(self.max_steps)}")
         if self.max_steps is None and self.epochs <= 0:
             p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
         if self.warmup_steps < 0:

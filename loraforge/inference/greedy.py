@@ -38,6 +38,18 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+def finite_choice(logits: torch.Tensor, token: int, when: str = "") -> int:
+    """`token`, row (V,)'s argmax, if its logit is finite; else FloatingPointError: a NaN anywhere in the row is
+    the argmax (counted above everything), and a NaN or an infinity there means the forward overflowed (an
+    adapter's huge lora_alpha or weights, say) and the token means nothing. `when`: where, for the message."""
+    value = float(logits[token])
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}){when}: the "
+                                 f"forward overflowed, in the base or the adapter (an adapter's huge lora_alpha or "
+                                 f"weights?)")
+    return token
+
+
 def shared_prefix_len(prompts: list[list[int]]) -> int:
     """Leading tokens all prompts share, leaving each at least one token of its own."""
     limit = min(len(p) for p in prompts) - 1
@@ -116,11 +128,7 @@ def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens:
                              torch.zeros(1, dtype=torch.long, device=decoder.device))
     out: list[int] = []
     while True:
-        token = argmax_rows(logits)[0]
-        if not math.isfinite(float(logits[0, token])):  # soak: an adapter with lora_alpha 1e39 printed "" and exit 0
-            raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is "
-                                     f"{float(logits[0, token])}) after {len(out)} tokens: the forward overflowed, in "
-                                     f"the base or the adapter (an adapter's huge lora_alpha or weights?)")
+        token = finite_choice(logits[0], argmax_rows(logits)[0], f" after {len(out)} tokens")  # soak: "" and exit 0
         out.append(token)
         on_token(token)
         if token in stop or len(out) == max_new_tokens:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraforge.inference.greedy import argmax_rows
+from loraforge.inference.greedy import argmax_rows, finite_choice
 from loraforge.serve.errors import ServeError, shown
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping or overflow
@@ -111,11 +111,6 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
 
 
 def greedy_token(logits: torch.Tensor, token: int) -> int:
-    """`token`, row (V,)'s argmax from `greedy_tokens`, if its logit is finite; else FloatingPointError, as `sample`
-    raises: a NaN anywhere in the row is the argmax (counted above everything), and a NaN or an infinity there means
-    the forward overflowed (an adapter's huge weights, say) and the token means nothing."""
-    value = float(logits[token])
-    if not math.isfinite(value):
-        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}): the forward "
-                                 f"overflowed, in the base or the adapter")
-    return token
+    """`token`, row (V,)'s argmax from `greedy_tokens`, if its logit is finite (`finite_choice`); else
+    FloatingPointError, as `sample` raises."""
+    return finite_choice(logits, token)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraforge.argtypes import NonEmpty, PositiveInt
-from loraforge.config import MAX_RANK, ConfigError
+from loraforge.config import MAX_RANK, ConfigError, digits_shown
 from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, resolve_model
 from loraforge.training.loss import HEAD_CHUNK
 from loraforge.utils.files import expand_user
@@ -365,11 +365,6 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
-def _shown(n: int) -> str:
-    """An integer flag's value in a message: as given, or its length where it is a wall of digits."""
-    return str(n) if len(str(n)) <= 30 else f"a number of {len(str(n))} digits"
-
-
 def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora",
                  batch_size: PositiveInt = 1, seq_len: PositiveInt = 512, r: PositiveInt = 16,
                  optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
@@ -394,11 +389,11 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
     if r > MAX_RANK:  # as lora.r in a run
         raise ConfigError([f"--r: {r} is more than the largest rank a run takes ({MAX_RANK}); typical ranks are 4-64"])
     if batch_size * seq_len > MAX_TOKENS:  # soak: past a float's range the sums below were an OverflowError
-        raise ConfigError([f"--batch-size {_shown(batch_size)} × --seq-len {_shown(seq_len)}: more than "
+        raise ConfigError([f"--batch-size {digits_shown(batch_size)} × --seq-len {digits_shown(seq_len)}: more than "
                            f"{MAX_TOKENS:.0e} tokens a micro-batch, past any device's memory; typical is 1-64 × "
                            f"512-8192"])
     if gpus > MAX_GPUS:
-        raise ConfigError([f"--gpus {_shown(gpus)}: more than {MAX_GPUS:.0e} devices, past any cluster"])
+        raise ConfigError([f"--gpus {digits_shown(gpus)}: more than {MAX_GPUS:.0e} devices, past any cluster"])
     if gradient_checkpointing and no_gradient_checkpointing:
         raise ConfigError(["--gradient-checkpointing and --no-gradient-checkpointing: give one of them (or neither "
                            "for the method's default)"])
