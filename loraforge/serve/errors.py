@@ -40,6 +40,12 @@ class BrokenAdapter(ServeError, AdapterError):
     status = 400
 
 
+class NameTaken(ServeError):
+    """A name already in use (an adapter loaded under it): HTTP's conflict, not a bad request."""
+
+    status = 409
+
+
 class AdapterConflict(ServeError, AdapterError):
     """An adapter that cannot share the model with the adapters resident now (an AdaLoRA and a LoRA layer on one
     module); it may load once they leave."""

@@ -55,7 +55,7 @@ from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterE
                                      read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import LayerKindConflict, lora_layers, pattern_value
 from loraforge.lora.layer import LoraLinear
-from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, ServeError, UnknownAdapter, shown
+from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
 
 BASE_ALIASES = ("base",)
@@ -327,7 +327,7 @@ class Residency:
         if name in (self.base_name, *BASE_ALIASES):
             raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
         if name in self.adapters:
-            raise ServeError(f"an adapter named {shown(name)} is already loaded; "
+            raise NameTaken(f"an adapter named {shown(name)} is already loaded; "
                              f"unload it first (DELETE /v1/adapters/{name})")
         resolved, given = self.resolve(path, label)
         entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}", given=given, discovered=discovered,
