@@ -564,9 +564,9 @@ def run_command(argv: list[str] | None = None) -> int:
         func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, ModelFilesError,
             DiskError, ServeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        # under torchrun a node's processes share its command line and files: a config error once per node, and
+        # under torchrun a node's processes share its command line and files: a config or data error once per node, and
         # a training error every process raises alike (--resume's refusals, a non-finite loss) the same
-        once = isinstance(e, ConfigError) or getattr(e, "everywhere", False)
+        once = isinstance(e, (ConfigError, DataError)) or getattr(e, "everywhere", False)
         if not (once and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
         return 2

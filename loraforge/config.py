@@ -39,6 +39,7 @@ PEFT_UNSUPPORTED_FIELDS = {
 # The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
 MAX_RANK = 1 << 16
 MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
+MAX_COLLECTIVE_TIMEOUT = 1e9  # seconds: datetime.timedelta, which the process group takes, overflows from ~8.6e13
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
 
 
@@ -720,8 +721,9 @@ class TrainingConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be ≥ 0, got {getattr(self, name)}")
-        if self.collective_timeout <= 0:
-            p.append(f"collective_timeout: must be positive (seconds), got {self.collective_timeout}")
+        if self.collective_timeout <= 0 or self.collective_timeout > MAX_COLLECTIVE_TIMEOUT:  # nan: named above
+            p.append(f"collective_timeout: must be positive (seconds) and at most {MAX_COLLECTIVE_TIMEOUT:.0e} (31 "
+                     f"years), got {self.collective_timeout}")
         validate(p)
 
 

@@ -30,6 +30,9 @@ def problems(*overrides, base=None) -> list[str]:
     ("training.weight_decay=.inf", "training.weight_decay: must be a finite number, got inf (e.g. 0.01)"),
     ("training.loraplus_lr_ratio=.nan", "training.loraplus_lr_ratio: must be a finite number, got nan (e.g. 16)"),
     ("training.collective_timeout=.nan", "training.collective_timeout: must be a finite number, got nan (e.g. 600)"),
+    # the process group's timedelta overflowed: a traceback from every process (1e9 starts a group: tried)
+    ("training.collective_timeout=1e15", "training.collective_timeout: must be positive (seconds) and at most 1e+09 "
+                                         "(31 years), got 1000000000000000.0"),
 ])
 def test_nan_and_inf_training_values_are_refused_by_name(override, problem):
     assert problems(override) == [problem]

@@ -77,9 +77,17 @@ def optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
     return state
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> Path:
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU, and CUDA where there is one): what dropout draws from."""
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available()
+                                               else {})}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict,
+                    rngs: list[dict] | None = None) -> Path:
     """Write checkpoints/step-N atomically: its files, then their manifest, in a temporary directory that is
-    renamed into place when complete.
+    renamed into place when complete. `rngs`: every process's rng_state() in rank order (DDP: gathered; default
+    this process's alone), kept as `rng.torch` (rank 0) and `rng.torch.<rank>`, so each continues its own draws.
 
     A write the disk refuses (full, file-size limit, permission, I/O error) raises TrainingError naming the
     directory, about how much it needed, and the last complete checkpoint, which is left intact; the temporary
@@ -89,10 +97,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
     weights = trainable_state(model)
     opt_state = optimizer.state_dict()
     tensors, scalars = optimizer_tensors(opt_state["state"])
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": scheduler.state_dict(),
+    for rank, rng in enumerate(rngs or [rng_state()]):
+        tensors.update({f"rng.{kind}" + (f".{rank}" if rank else ""): value for kind, value in rng.items()})
+    meta = {"step": step, "world_size": len(rngs or [None]), "param_groups": opt_state["param_groups"],
+            "scheduler": scheduler.state_dict(),
             "python_rng": _python_rng_state(), "config": to_dict(cfg), "optimizer_scalars": scalars, **state}
     text = json.dumps(meta, indent=1)
     need = sum(v.nbytes for v in (*weights.values(), *tensors.values())) + len(text)
@@ -122,6 +130,12 @@ def disk_stop(root: Path, step: int, error: DiskError) -> TrainingError:
     kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
             f"with --resume" if last else "no checkpoint was completed before this one")
     return TrainingError(f"{error}; training stopped after step {step}, {kept}")
+
+
+def world_change(path: Path, then: int, now: int, draws: str) -> str:
+    """What a resume onto another number of processes says: what continues exactly, and where dropout `draws`."""
+    return (f"{path.name} was written by {then} processes, this run has {now}: weights, optimizer and data position "
+            f"continue exactly; random draws (dropout) {draws}")
 
 
 def _python_rng_state():
@@ -319,8 +333,10 @@ def global_batch_change(path: Path, saved: dict | None, now: dict) -> str | None
             f"position and learning-rate schedule continue only with the same global batch; {fix}")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None = None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None = None, rank: int = 0,
+                    world: int = 1) -> dict:
     """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; its trainer_state.json is returned.
+    Process `rank` takes its own RNG state where as many processes wrote it, else rank 0's.
 
     Weights whose names or shapes differ from the model's are refused with TrainingError, naming the settings
     (`config`: to_dict of the current config) that differ from the ones the checkpoint was written with."""
@@ -344,9 +360,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
     state = optimizer_state(tensors, meta.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    own = f".{rank}" if rank and meta.get("world_size") == world else ""  # older checkpoints kept rank 0's alone
+    torch.set_rng_state(tensors[f"rng.torch{own}"])
+    if f"rng.cuda{own}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{own}"])
+    if rank == 0 and meta.get("world_size", world) != world:
+        print(world_change(path, meta["world_size"], world, "start from rank 0's"), flush=True)
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return meta

@@ -31,7 +31,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from loraforge.config import TrainConfig, to_dict
 from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
-                                           disk_stop, find_checkpoint, sha256_file)
+                                           disk_stop, find_checkpoint, sha256_file, world_change)
+from loraforge.training.distributed import is_collective_failure
 from loraforge.utils.files import atomic_dir, disk_error
 
 FORMAT = SHARDED  # the manifest's and trainer_state.json's "format": what tells a sharded checkpoint from another
@@ -78,6 +79,12 @@ def _save_sharded(final: Path, step: int, module: nn.Module, optimizer, schedule
         if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == f"{step}:{rank}":  # test hook: die mid-save (SIGKILL)
             os.kill(os.getpid(), 9)
         dist.barrier()  # every process's files are written
+        unseen = [r for r in range(world) if not (tmp / f"rng-{r}.safetensors").is_file()] if rank == 0 else None
+        if unseen := shared_value(unseen):  # the manifest rank 0 writes would leave their shards out
+            raise TrainingError(f"checkpoint {final.name}: rank 0 does not see the files process(es) {unseen} wrote "
+                                f"into {tmp}: output_dir is not one folder for every process (a relative path on "
+                                f"nodes started in different folders, or a disk one node sees); give output_dir as "
+                                f"an absolute path on a file system every node sees", everywhere=True)
         if rank == 0:
             version, internal, gauss = random.getstate()
             meta = {"format": FORMAT, "step": step, "world_size": world, "scheduler": scheduler.state_dict(),
@@ -91,9 +98,14 @@ def _save_sharded(final: Path, step: int, module: nn.Module, optimizer, schedule
 
 def shared_path(path: Path | None) -> Path:
     """Rank 0's `path`, the same on every process (a collective: broadcast from rank 0)."""
-    sent = [str(path) if dist.get_rank() == 0 else None]
+    return Path(shared_value(str(path) if dist.get_rank() == 0 else None))
+
+
+def shared_value(value):
+    """Rank 0's `value` (a picklable one), the same on every process (a collective: broadcast from rank 0)."""
+    sent = [value]
     dist.broadcast_object_list(sent, src=0)
-    return Path(sent[0])
+    return sent[0]
 
 
 def verify_sharded(path: Path) -> str | None:
@@ -134,8 +146,10 @@ def load_sharded(path: Path, module: nn.Module, optimizer, scheduler, config: di
         raise mismatch_error(path, why, meta, config)
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP names what else it could not read
-        raise mismatch_error(path, str(e).splitlines()[0][:200], meta, config) from None
+    except (Exception, CheckpointException) as e:  # DCP names what else it could not read
+        if (error := read_failure(path, e, meta, config)) is None:
+            raise
+        raise error from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=OPTIONS)
     scheduler.load_state_dict(meta["scheduler"])
@@ -146,11 +160,24 @@ def load_sharded(path: Path, module: nn.Module, optimizer, scheduler, config: di
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     elif rank == 0:
-        print(f"{path.name} was written by {meta['world_size']} processes, this run has {world}: weights, optimizer "
-              f"and data position continue exactly; random draws (dropout) start from the seed", flush=True)
+        print(world_change(path, meta["world_size"], world, "start from the seed"), flush=True)
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return meta
+
+
+def read_failure(path: Path, error: BaseException, meta: dict, config: dict | None) -> TrainingError | None:
+    """What a failed dcp.load of checkpoint `path` says: None where a peer is gone (the run's own message for a
+    failed collective says that; it was blamed on the config), a file of it that cannot be read, else what does
+    not match this run (`config`: to_dict of the current config)."""
+    cause = written_error(error)
+    if is_collective_failure(cause):
+        return None
+    first = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+    if isinstance(cause, OSError):
+        return TrainingError(f"checkpoint {path}: a file of it cannot be read ({first}); delete it to resume from "
+                             f"the one before, or start over with --overwrite", everywhere=True)
+    return mismatch_error(path, first, meta, config)
 
 
 def trained_state(module: nn.Module, optimizer) -> tuple[dict, dict]:

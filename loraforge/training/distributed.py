@@ -57,6 +57,13 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     follow_agent()  # the CLI did already; a script of the user's under torchrun may not have
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
+        if missing := [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
+            raise TrainingError(f"RANK is set ({rank}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                f"not: start several processes with torchrun (torchrun --nproc_per_node=N -m "
+                                f"loraforge train CONFIG), or unset RANK to train in one process")
+        if world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand, not by torchrun: say so
+            print(f"rank {rank}: waiting for the other {world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
+                  f"{os.environ['MASTER_PORT']} (up to training.collective_timeout, {timeout_s:g} s)", flush=True)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
 
@@ -96,6 +103,24 @@ def check_same_config(config: dict, world: int) -> None:
                 raise TrainingError(f"the processes run different configs: {key} is {first.get(key)!r} on rank 0 and "
                                     f"{other.get(key)!r} on rank {rank}; give every process the same config file "
                                     f"and overrides")
+
+
+def check_same_data(fingerprint: list[dict], world: int) -> None:
+    """Every process read the same training examples (`fingerprint`: mixing.fingerprint, a collective). Nodes
+    started from different folders resolve a relative data.train to different files: each would train on its own
+    data without a word, or run a different number of steps and wait for the others until the timeout."""
+    if world == 1 or not dist.is_initialized():
+        return
+    every = [None] * world
+    dist.all_gather_object(every, fingerprint)
+    for rank, other in enumerate(every[1:], start=1):
+        if other != every[0]:
+            differ = [f"{a['name']}: {a['examples']} examples on rank 0, {b['examples']} on rank {rank}"
+                      if a["examples"] != b["examples"] else f"{a['name']}: as many examples, other tokens on rank "
+                      f"{rank}" for a, b in zip(every[0], other) if a != b] or ["another number of sources"]
+            raise TrainingError(f"the processes read different training data ({'; '.join(differ)}); give every "
+                                f"process the same files, e.g. absolute paths on a file system every node sees "
+                                f"(a relative path is read from the folder each node was started in)", everywhere=True)
 
 
 def check_same_precision(precision: Precision, world: int) -> None:
@@ -152,7 +177,8 @@ def refuse_unsupported(cfg: TrainConfig) -> None:
     if t.compile:
         problems.append("training.compile: true (not tested with FSDP; set it false)")
     if problems:
-        raise TrainingError("training.distributed: fsdp does not support " + "; ".join(problems) + " yet")
+        raise TrainingError("training.distributed: fsdp does not support " + "; ".join(problems) + " yet",
+                            everywhere=True)
 
 
 def base_bytes(name: str) -> int:

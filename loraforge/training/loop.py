@@ -44,13 +44,13 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, resume_changes, save_checkpoint,
-                                           schedule_changes)
+                                           last_checkpoint, load_checkpoint, resume_changes, rng_state,
+                                           save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
-from loraforge.training.distributed import (check_same_config, check_same_precision, choose_mode, clip_sharded,
-                                            collective_error, full_state_dict, full_trainables,
+from loraforge.training.distributed import (check_same_config, check_same_data, check_same_precision, choose_mode,
+                                            clip_sharded, collective_error, full_state_dict, full_trainables,
                                             is_collective_failure, no_sync, setup_processes, unsharded, wrap)
 from loraforge.training.evaluate import eval_batch_size, mean_token_loss, mlp_width, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
@@ -394,6 +394,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         dist.broadcast_object_list(answer, src=0)  # rank 0's list stays as it was: its own exception
         refusal = answer[0]
     if refusal is not None:
+        refusal.everywhere = True  # every process raises rank 0's: the CLI says it once per node
         raise refusal
 
     if precision is None:  # a caller that resolved it (demo) has printed its line already
@@ -403,6 +404,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     check_same_precision(precision, world)  # before any loading: auto decides per process, from its own hardware
     tokenizer = load_tokenizer(cfg.model.name)
     train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
+    data_fingerprint = fingerprint(train_examples, mixture)
+    check_same_data(data_fingerprint, world)  # nodes that read a relative path from different folders
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence
     check_fits_context(cfg.data.max_seq_len, load_config(cfg.model.name), longest=longest)  # GPT-2 would crash
     epochs = EpochPlan(train_examples, cfg, mixture, t.gradient_accumulation * world)  # too few for a step: refused
@@ -438,7 +441,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                                                           lr_lambda(t.schedule, t.warmup_steps, total_steps)),
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
-              data_fingerprint=fingerprint(train_examples, mixture))
+              data_fingerprint=data_fingerprint)
     for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
         shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
     if init_source is not None and rank == 0:
@@ -538,7 +541,7 @@ def restore(run: Run) -> None:
                             f"on the new data, start a new run (training.init_adapter starts it from an adapter)",
                             everywhere=True)
     meta = (load_sharded(found, run.ddp, run.optimizer, run.scheduler, to_dict(run.cfg)) if run.sharded
-            else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg)))
+            else load_checkpoint(found, run.model, run.optimizer, run.scheduler, to_dict(run.cfg), run.rank, run.world))
     # after the weights' own check, which names a shape that changed (lora.r, target_modules) more precisely
     refused, warned = resume_changes(state.get("config") or {}, to_dict(run.cfg))
     if refused:
@@ -649,9 +652,14 @@ def save_step(run: Run) -> None:
     """A checkpoint of the step reached: rank 0 writes it, or under FSDP every process writes its shards."""
     if run.sharded:
         save_sharded(run.ckpt_root, run.step, run.ddp, run.optimizer, run.scheduler, run.cfg, checkpoint_state(run))
-    elif run.is_main:
+        return
+    rngs = [rng_state()]
+    if run.world > 1:  # DDP: each process's dropout draws its own, so each keeps its own state
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng_state())
+    if run.is_main:
         save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, run.scheduler, run.cfg,
-                        checkpoint_state(run))
+                        checkpoint_state(run), rngs)
 
 
 def checkpoint_state(run: Run) -> dict:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
-from loraforge.training.dcp import verify_sharded
+from loraforge.training.dcp import read_failure, verify_sharded
 from loraforge.training.distributed import choose_mode, refuse_unsupported
 from loraforge.training.loop import train
 
@@ -114,10 +114,11 @@ def test_fsdp_qlora_two_processes_train_like_one(tmp_path, cfg_file, data_file, 
     assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
 
 
-def ranks(n, cfg_file, args, port, env=None, limit_bytes=None):
+def ranks(n, cfg_file, args, port, env=None, limit_bytes=None, code: dict | None = None):
     """n processes with torchrun's environment but no torchrun agent (which would SIGTERM the survivors of a
     crash itself): what each process does on its own when a peer dies. [(returncode, stdout, stderr)] by rank.
-    `limit_bytes`: each process's file-size limit (`ulimit -f`: the kernel refuses a longer write, EFBIG)."""
+    `limit_bytes`: each process's file-size limit (`ulimit -f`: the kernel refuses a longer write, EFBIG);
+    `code`: {rank: python -c source} run instead of `-m loraforge`."""
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))) if limit_bytes else None
     procs, logs = [], []
     for rank in range(n):
@@ -127,7 +128,8 @@ def ranks(n, cfg_file, args, port, env=None, limit_bytes=None):
         out, err = (cfg_file.parent / f"rank{rank}.{s}" for s in ("out", "err"))
         logs.append((out, err))
         with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
-            procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg_file), *args,
+            start = ["-c", code[rank]] if code and rank in code else ["-m", "loraforge"]
+            procs.append(subprocess.Popen([sys.executable, *start, "train", str(cfg_file), *args,
                                            "training.distributed=fsdp"], cwd=ROOT, env=e, stdout=o, stderr=r,
                                           preexec_fn=limit))
     return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
@@ -176,6 +178,57 @@ def test_a_sharded_checkpoint_the_disk_refuses_stops_every_process_with_one_line
                             rf"stopped after step 1, no checkpoint was completed before this one",
                             err.strip().splitlines()[-1]), err[-3000:]
     assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_sharded_checkpoint_that_cannot_be_read_is_not_blamed_on_the_config(tmp_path):
+    """Every failure of DCP's load was "does not match this model/config ...; resume with the config the run was
+    started with", a peer gone (gloo's connection reset) and a missing file alike."""
+    meta = {"config": {"lora": {"r": 4}}}
+    peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:1: Connection "
+                        "reset by peer")
+    assert read_failure(tmp_path, peer, meta, {"lora": {"r": 4}}) is None  # the run's collective message says it
+    missing = FileNotFoundError(2, "No such file or directory", str(tmp_path / "__1_0.distcp"))
+    assert str(read_failure(tmp_path, missing, meta, {"lora": {"r": 4}})) == (
+        f"checkpoint {tmp_path}: a file of it cannot be read ([Errno 2] No such file or directory: "
+        f"'{tmp_path / '__1_0.distcp'}'); delete it to resume from the one before, or start over with --overwrite")
+    other = read_failure(tmp_path, KeyError("model.x"), meta, {"lora": {"r": 8}})
+    assert str(other) == (f"checkpoint {tmp_path} does not match this model/config ('model.x'; changed since it was "
+                          f"written: lora.r: 4 -> 8); resume with the config the run was started with")
+
+
+ELSEWHERE = """
+import sys
+from pathlib import Path
+import loraforge.training.dcp as dcp_module
+shared = dcp_module.shared_path
+def elsewhere(path):  # rank 1 on a node whose output_dir is another folder (a relative path, a node's own disk)
+    mine = Path(str(shared(path)) + "-elsewhere")
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
+dcp_module.shared_path = elsewhere
+from loraforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sharded_checkpoint_whose_processes_wrote_into_different_folders_is_refused(tiny_dir, data_file,
+                                                                                       tmp_path, cfg_file):
+    """Rank 1 writes its shard into another folder than rank 0's (nodes given a relative output_dir, started in
+    different folders): rank 0 would have written a manifest of its own files alone, a checkpoint that verifies
+    and cannot resume (the bug, found at --resume after the run). Every process stops at that save, naming it."""
+    out = tmp_path / "out"
+    args = [*common(tiny_dir, data_file, steps=2), "training.save_every=1", "training.batch_size=4",
+            f"output_dir={out}"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(2, cfg_file, args, 29547, code={1: ELSEWHERE})
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    line = err0.strip().splitlines()[-1]
+    assert line.startswith("error: checkpoint step-0000001: rank 0 does not see the files process(es) [1] wrote "
+                           f"into {out / 'checkpoints'}/.tmp-step-0000001-"), err0[-3000:]
+    assert line.endswith("output_dir is not one folder for every process (a relative path on nodes started in "
+                         "different folders, or a disk one node sees); give output_dir as an absolute path on a file "
+                         "system every node sees")
+    assert "error" not in err1, err1  # said once per node
+    assert list((out / "checkpoints").glob("step-*")) == []
 
 
 OLD_SAVE = """

@@ -21,8 +21,10 @@ from loraforge.training.epochs import too_few_examples
 from loraforge.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
-# rank 1's data file is missing on its node: its own one-line error during set-up, while rank 0 goes on
-MISSING_DATA = ("import sys; import loraforge.training.loop as L; from loraforge.training.data import DataError\n"
+# rank 1's data file is missing on its node (where it is local rank 0, which says a node's data errors): its own
+# one-line error during set-up, while rank 0 goes on
+MISSING_DATA = ("import os, sys; os.environ['LOCAL_RANK'] = '0'\n"
+                "import loraforge.training.loop as L; from loraforge.training.data import DataError\n"
                 "def missing(*a): raise DataError('no such file: /node1/train.jsonl')\n"
                 "L.load_data = missing; from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
 
@@ -32,10 +34,10 @@ def common(tiny_dir, data_file, steps=4):
             "training.lr=1e-2", f"training.max_steps={steps}", "training.precision=fp32", "training.seed=3"]
 
 
-def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None):
-    """One process per rank (args per rank; `code`: {rank: python -c source} run instead of `-m loraforge`) with
-    torchrun's environment but no agent (which would SIGTERM the survivors itself): what each process does on its
-    own. [(returncode, stdout, stderr)] by rank."""
+def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None, cwds=None):
+    """One process per rank (args per rank; `code`: {rank: python -c source} run instead of `-m loraforge`;
+    `cwds`: each one's folder) with torchrun's environment but no agent (which would SIGTERM the survivors
+    itself): what each process does on its own. [(returncode, stdout, stderr)] by rank."""
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("{}\n")
     procs, logs = [], []
@@ -48,7 +50,8 @@ def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict |
         start = ["-c", code[rank]] if code and rank in code else ["-m", "loraforge"]
         with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
             procs.append(subprocess.Popen([sys.executable, *start, "train", str(cfg_file), *args,
-                                           "training.distributed=ddp"], cwd=ROOT, env=e, stdout=o, stderr=r))
+                                           "training.distributed=ddp"], cwd=cwds[rank] if cwds else ROOT, env=e,
+                                          stdout=o, stderr=r))
     return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
 
@@ -152,6 +155,56 @@ def test_configs_that_differ_between_processes_stop_every_process_naming_the_set
         assert error_line(err) == ("error: the processes run different configs: training.seed is 3 on rank 0 and 4 "
                                    "on rank 1; give every process the same config file and overrides")
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_that_read_different_data_under_one_path_stop_naming_it(tiny_dir, data_file, tmp_path):
+    """data.train=train.jsonl on two nodes started in different folders: the config is the same text, the files
+    are not (48 rows on one, 64 on the other). Each process trained on its own data without a word, or waited
+    for the others until the timeout (the bug); now both stop before the model loads, naming the counts."""
+    rows = Path(data_file).read_text().splitlines(keepends=True)
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node, n in zip(nodes, (len(rows), len(rows) * 3 // 4)):
+        node.mkdir()
+        (node / "train.jsonl").write_text("".join(rows[:n]))
+    args = [*common(tiny_dir, "train.jsonl", steps=2), "training.batch_size=4", "training.collective_timeout=60",
+            f"output_dir={tmp_path / 'out'}"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [args, args], 29567, cwds=nodes)
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert error_line(err0) == (
+        f"error: the processes read different training data (train.jsonl: {len(rows)} examples on rank 0, "
+        f"{len(rows) * 3 // 4} on rank 1); give every process the same files, e.g. absolute paths on a file system "
+        f"every node sees (a relative path is read from the folder each node was started in)"), err0[-3000:]
+    assert "error" not in err1, err1  # said once per node
+
+
+def test_a_ddp_run_with_dropout_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path):
+    """Dropout draws from each process's own RNG: a DDP checkpoint kept rank 0's alone, so after --resume rank 1
+    drew rank 0's masks (4e-3 off the uninterrupted adapter in the soak). Each process's state is kept now."""
+    args = [*common(tiny_dir, data_file, steps=4), "lora.lora_dropout=0.3", "training.save_every=2",
+            "training.batch_size=4", "training.collective_timeout=60"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for rc, _, err in ranks(tmp_path, [[*args, f"output_dir={whole}"]] * 2, 29568):
+        assert rc == 0, err[-3000:]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [[*args, f"output_dir={cut}"]] * 2, 29569,
+                                           env={"LORAFORGE_TEST_CRASH_IN_SAVE": "4"})  # only rank 0 saves
+    assert rc0 == -9 and rc1 == 2, err0[-3000:] + err1[-3000:]
+    for rc, _, err in ranks(tmp_path, [[*args, f"output_dir={cut}", "--resume"]] * 2, 29570):
+        assert rc == 0, err[-3000:]
+    assert_same(adapter(whole), adapter(cut), atol=1e-7)
+
+
+def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tiny_dir, data_file, tmp_path):
+    """RANK without MASTER_ADDR and MASTER_PORT (a launcher script, a leftover export) was a ValueError traceback
+    from the process group; one line now, naming what is missing and the launcher."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, data_file),
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "RANK": "0", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 2 and error_line(run.stderr) == (
+        "error: RANK is set (0) but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start several processes with "
+        "torchrun (torchrun --nproc_per_node=N -m loraforge train CONFIG), or unset RANK to train in one process"), \
+        run.stderr[-3000:]
 
 
 def auto_as(compute: str, reason: str) -> str:
