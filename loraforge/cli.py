@@ -389,7 +389,7 @@ def _commands() -> dict:
             "continual": cli_continual}
 
 
-OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.field=value
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # section.field=value, or a run's own field (method=qlora)
 OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `loraforge eval [DATA] --probe mc`
 # (and `train`'s CONFIG, which may follow the overrides)
 

@@ -748,6 +748,10 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
+        if self.method == "full" and self.model.quantization:  # bitsandbytes' traceback: "only Tensors of floating…"
+            validate([f"model.quantization: {self.model.quantization} stores the base in a few bits, which method: "
+                      f"full cannot train (every weight trains); remove model.quantization, or train an adapter on "
+                      f"the quantized base (method: qlora or lora)"])
         init = self.lora.init_lora_weights
         if self.quantization and isinstance(init, str) and init.startswith(("pissa", "olora")):
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "
@@ -874,6 +878,14 @@ def _section_hint(problem: str) -> str:
         return problem
     written = f"{section}.{key}" if section else key
     return f"{written}: unknown field; {key} belongs in the {homes[0]}: section (write {homes[0]}.{key})"
+
+
+def replace_run(cfg: TrainConfig, **changes) -> TrainConfig:
+    """dataclasses.replace for a run's config that keeps lora_written (which lora: fields the user wrote)."""
+    new = dataclasses.replace(cfg, **changes)
+    if (written := lora_written(cfg)) is not None:
+        object.__setattr__(new, "_lora_written", written)
+    return new
 
 
 def lora_written(cfg: TrainConfig) -> frozenset[str] | None:

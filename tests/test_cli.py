@@ -181,6 +181,9 @@ def test_forgetting_takes_its_config_as_a_positional_argument():
     args = parse_args(["forgetting", "training.lr=1e-4", "lora.r=4"])  # no CONFIG: the demo task
     assert (args["config"], args["overrides"]) == (None, ["training.lr=1e-4", "lora.r=4"])
     assert parse_args(["train", "a.yaml", "--resume", "lora.r=4"])["overrides"] == ["lora.r=4"]
+    # a run's own field, without a section: it was read as the config file ("method=qlora: no such config file")
+    args = parse_args(["continual", "--adapter", "a", "method=qlora", "output_dir=o"])
+    assert (args["config"], args["overrides"]) == (None, ["method=qlora", "output_dir=o"])
     with pytest.raises(SystemExit):
         parse_args(["train", "a.yaml", "--no-such-flag"])
 

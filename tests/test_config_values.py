@@ -38,6 +38,13 @@ def test_nan_and_inf_training_values_are_refused_by_name(override, problem):
     assert problems(override) == [problem]
 
 
+def test_full_fine_tuning_of_a_quantized_base_is_refused_by_name():
+    """bitsandbytes' "only Tensors of floating point dtype can require gradients" traceback, at the model's load."""
+    assert problems("method=full", "model.quantization=nf4") == [
+        "model.quantization: nf4 stores the base in a few bits, which method: full cannot train (every weight "
+        "trains); remove model.quantization, or train an adapter on the quantized base (method: qlora or lora)"]
+
+
 def test_nan_and_inf_source_weights_and_epochs_are_refused_by_name():
     sources = {"data": {"train": [{"path": "a.jsonl", "weight": float("nan")}, {"path": "b.jsonl", "weight": 1},
                                   {"path": "c.jsonl", "weight": float("inf")}]}}

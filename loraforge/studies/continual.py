@@ -21,14 +21,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
-from loraforge.config import ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, to_dict
+from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, replace_run,
+                              to_dict)
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
                                      read_adapter_weights)
 from loraforge.models import load_base, load_config
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
-                                          steps_text, task_split, trained_steps)
-from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
+                                          start_over, steps_text, task_split, trained_steps, write_report)
+from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
@@ -44,13 +45,15 @@ DEMO_STEPS = 24
 DEFAULT_ADAPTER = "runs/demo/adapter"  # what `loraforge demo` writes
 
 
-def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path) -> TrainConfig:
-    """`cfg` training on from `adapter`; with share > 0 a share of the examples drawn from `replay` (the new task's
-    sources keep their relative weights, equal ones where they have none, in the remaining 1 - share)."""
+def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float, out: Path,
+               sizes: list[int] | None = None) -> TrainConfig:
+    """`cfg` training on from `adapter`; with share > 0 a share of the examples drawn from `replay`, the new task's
+    sources keeping the shares they have without replay in the remaining 1 - share: their weights, or where they
+    have none their records (`sizes`, each source's) × epochs, as an epoch of them draws."""
     new = cfg.data.sources("train")
     sources = new
     if share > 0:
-        weights = [s.weight or 1.0 for s in new]
+        weights = [s.weight if s.weight is not None else n * (s.epochs or 1.0) for s, n in zip(new, sizes)]
         sources = tuple(dataclasses.replace(s, weight=(1 - share) * w / sum(weights), epochs=None)
                         for s, w in zip(new, weights)) + (DataSource(path=replay, weight=share),)
     data = dataclasses.replace(cfg.data, train=sources, eval=None, eval_fraction=0.0)
@@ -98,9 +101,12 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     if problems := check_shares(shares) + replay_problems(replay, shares):  # (cli_continual checks them too)
         raise ConfigError(problems)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
+    # before anything is written into --out; replace_run keeps which lora: fields were written (r: 8 is checked)
+    init_adapter_config(replace_run(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
     out = make_output(out)
+    start_over(out, ("continual.json",))
     cfg = task_split(cfg, out)
-    init_adapter_config(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
+    sizes = [len(D.read_records(s.path)) for s in cfg.data.sources("train")]  # the replay arms' shares
     precision = run_precision(cfg, torch.device("cpu"))
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
@@ -110,8 +116,11 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     probes = {"mc": load_probe("mc")[:limit], "kl": load_probe("kl")[:limit],
               "text": "\n".join(text.splitlines()[:limit]) if limit else text}
 
-    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage)  # loaded once: each adapter goes on and off
+    # loaded once, each adapter going on and off; quantized as the arms train on it (method qlora)
+    base, tokenizer = load_base(cfg.model.name, dtype=precision.storage, quantize=cfg.quantization)
     base.eval()
+    new_records = fitting(new_records, tokenizer, base, "new task")
+    old_records = fitting(old_records, tokenizer, base, "old task (--previous)")
     base_key = model_hash(base, tokenizer)  # scores are cached by weights: the demo's base and adapter ones reused
     max_new, max_old = (answer_token_budget(tokenizer, new_records, fmt_new),
                         answer_token_budget(tokenizer, old_records, fmt_old))
@@ -147,7 +156,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     delete_adapter(base, "default")
 
     for share in shares:
-        run_cfg = arm_config(cfg, adapter, replay, share, out)
+        run_cfg = arm_config(cfg, adapter, replay, share, out, sizes)
         print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
         result = train(run_cfg, progress=progress, overwrite=overwrite)
@@ -161,8 +170,9 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
               "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
-              "rows": rows, "seconds": time.perf_counter() - started}
-    (out / "continual.json").write_text(strict_json(report, indent=1, default=str))
+              "method": cfg.method, "quantization": cfg.quantization, "rows": rows,
+              "seconds": time.perf_counter() - started}
+    write_report(out / "continual.json", report)
     print(format_report(report), flush=True)
     print(f"wrote {out / 'continual.json'}; total {report['seconds']:.0f} s", flush=True)
     return report
@@ -244,6 +254,24 @@ def adapter_fits(adapter: str, model: str) -> None:
         return
 
 
+def previous_problems(previous: str | None) -> list[str]:
+    """--previous checked before the model loads: records of one format with reference answers (a text file, a
+    missing field were found after --out was made and the model loaded)."""
+    if not previous:
+        return []
+    try:
+        records = D.read_records(previous)
+        fmt = D.detect_format(records[0])
+        for i, record in enumerate(records):
+            if (this := D.detect_format(record)) != fmt:
+                raise D.DataError(f"record {i} is in {this!r} format but record 0 is in {fmt!r}; a dataset must use "
+                                  f"one format")
+            D.reference_output(record, fmt)
+    except D.DataError as e:
+        return [f"--previous {previous}: {e}"]
+    return []
+
+
 def replay_problems(replay: str | None, shares) -> list[str]:
     """--replay checked before the model loads when a replay arm will draw from it: the records are read (an empty
     file, a folder or records of no known format were found by the first replay arm's train(), after the probes
@@ -298,7 +326,7 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     problems += [f"--replay-share: {s:g} is not in [0, 1) (0: the new task alone; 0.2: a fifth of each batch "
                  f"from --replay)" for s in shares if not 0 <= s < 1]
     problems += check_shares(shares)
-    problems += replay_problems(replay, shares)
+    problems += previous_problems(previous) + replay_problems(replay, shares)
     problems += adapter_problems(adapter, cfg.model.name)
     if problems:
         raise ConfigError(problems)

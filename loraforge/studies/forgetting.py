@@ -113,6 +113,28 @@ def _rank_problem(r) -> str | None:
     return None
 
 
+def check_unquantized(cfg: TrainConfig) -> None:
+    """Full fine-tuning, one of the arms, trains every weight of an unquantized base: a quantized one was refused
+    by bitsandbytes' traceback at that arm, after the base's probes and the LoRA arms had run."""
+    if cfg.model.quantization:
+        raise ConfigError([f"model.quantization: {cfg.model.quantization}: forgetting compares LoRA with full "
+                           f"fine-tuning, which trains every weight of an unquantized base; remove "
+                           f"model.quantization (the LoRA arms train as method lora)"])
+
+
+def start_over(out: Path, names: tuple[str, ...]) -> None:
+    """Remove an earlier study's results (`names` in `out`) before this one runs into `out` (--overwrite): killed
+    before its first write, it left the earlier JSON describing runs it had begun to replace."""
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """A study's JSON, written atomically: a kill leaves the earlier file or none, never half of one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(strict_json(report, indent=1, default=str))
+
+
 def check_from_base(cfg: TrainConfig) -> None:
     """Every arm trains from the base model: training.init_adapter would make the LoRA arms train on from that
     adapter (at its rank, not the arm's; another rank fails minutes later) while full fine-tuning ignores it."""
@@ -309,9 +331,11 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     """
     started = time.perf_counter()
     check_from_base(cfg)
+    check_unquantized(cfg)
     check_ranks(ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
     out = make_output(out)
+    start_over(out, ("forgetting.json", "forgetting.png"))
     cfg = task_split(cfg, out)
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)
@@ -354,7 +378,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
                          "load_seconds": load_seconds, "probe_seconds": time.perf_counter() - t0})
             print(_row_line(rows[-1]), flush=True)
             partial = {"complete": False, "rows": rows}
-            (out / "forgetting.json").write_text(strict_json(partial, indent=1, default=str))
+            write_report(out / "forgetting.json", partial)
             del model
 
     order = {arm.name: i for i, arm in enumerate(arms(ranks, lora_lr, full_lr))}
@@ -364,7 +388,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
               "steps": trained_steps(rows), "batch_size": cfg.training.batch_size, "seeds": seeds,
               "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
-    (out / "forgetting.json").write_text(strict_json(report, indent=1, default=str))
+    write_report(out / "forgetting.json", report)
     plot(rows, out / "forgetting.png")
     print(format_report(report), flush=True)
     split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from loraforge.lora.adapters import adapter_configs, adapter_state_dict, list_adapters
-from loraforge.models import cache_dir
+from loraforge.models import cache_dir, context_length
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
 from loraforge.utils.files import atomic_file
@@ -157,6 +157,15 @@ def within_context(records: list[dict], tokenizer, context: int | None) -> tuple
         parts.append(f"{_records(left_out)} left out of the perplexity and the accuracy (the prompt alone fills the "
                      f"context)")
     return kept, examples, f"at the model's context of {context} tokens: {', '.join(parts)}" if parts else None
+
+
+def fitting(records: list[dict], tokenizer, model, what: str) -> list[dict]:
+    """The `records` a held-out score of `model` can take at its context (within_context), a line saying what the
+    context left out: a prompt longer than the context was a traceback from the greedy decoder."""
+    kept, _, cut = within_context(records, tokenizer, context_length(model.config))
+    if cut:
+        print(f"{what}: {cut}", flush=True)
+    return kept
 
 
 def _records(n: int) -> str:

@@ -46,13 +46,70 @@ def task_config(tiny_dir, out, train_file, eval_file, steps=2):
 
 def test_replay_arm_mixes_old_data_into_the_new_task(tiny_dir, tmp_path):
     cfg = task_config(tiny_dir, tmp_path, asset("times_train.jsonl"), asset("times_test.jsonl"))
-    arm = arm_config(cfg, "runs/old/adapter", asset("demo_train.jsonl"), 0.25, tmp_path)
+    arm = arm_config(cfg, "runs/old/adapter", asset("demo_train.jsonl"), 0.25, tmp_path, sizes=[50])
     (new, old) = arm.data.sources("train")
     assert (new.path, new.weight, old.path, old.weight) == (asset("times_train.jsonl"), 0.75,
                                                             asset("demo_train.jsonl"), 0.25)
     assert arm.training.init_adapter == "runs/old/adapter" and arm.data.eval is None
     plain = arm_config(cfg, "runs/old/adapter", asset("demo_train.jsonl"), 0.0, tmp_path)
     assert plain.data.sources("train") == cfg.data.sources("train") and plain.output_dir != arm.output_dir
+
+
+def test_replay_arms_keep_the_shares_the_new_tasks_sources_have_without_replay(tiny_dir, tmp_path):
+    """Sources without weights are drawn by their records × epochs (750 and 50 × 2 rows: 750/850, 100/850); the
+    replay arm gave them equal weights (the 50-row file drawn 0.45 of the time: 14 times over an epoch), so it
+    changed the new task's own mix as well as adding replay. Weighted sources keep their weights."""
+    cfg = task_config(tiny_dir, tmp_path, "[a.jsonl, {path: b.jsonl, epochs: 2}]", asset("times_test.jsonl"))
+    arm = arm_config(cfg, "old", asset("demo_train.jsonl"), 0.2, tmp_path, sizes=[750, 50])
+    assert [s.weight for s in arm.data.sources("train")] == pytest.approx([0.8 * 750 / 850, 0.8 * 100 / 850, 0.2])
+    weighted = task_config(tiny_dir, tmp_path, "[{path: a.jsonl, weight: 3}, {path: b.jsonl, weight: 1}]",
+                           asset("times_test.jsonl"))
+    arm = arm_config(weighted, "old", asset("demo_train.jsonl"), 0.2, tmp_path, sizes=[750, 50])
+    assert [s.weight for s in arm.data.sources("train")] == pytest.approx([0.6, 0.2, 0.2])
+
+
+def test_a_rerun_that_is_stopped_leaves_no_earlier_result_in_out(tiny_dir, tmp_path, monkeypatch):
+    """--overwrite: a study killed in its first arm left the earlier continual.json, naming adapters it had begun
+    to replace, as if it were this study's result."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl")),
+                progress=False)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "continual.json").write_text('{"rows": []}')
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("loraforge.studies.continual.train", killed)
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"))
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), shares=(0.0,),
+                      out=tmp_path / "study", general=False, limit=2, progress=False, overwrite=True)
+    assert not (tmp_path / "study" / "continual.json").exists()
+
+
+def test_a_lora_setting_at_its_default_that_the_adapter_contradicts_is_refused_before_out_is_written(tiny_dir,
+                                                                                                     tmp_path):
+    """lora.r: 8 (the default) against an r=2 adapter trained r=2 without a word (only values other than the
+    default were compared), and a refusal came after the task's files were written into --out, so the corrected
+    command was refused for a non-empty --out. --previous of text records was found after the model loaded."""
+    from loraforge.models import load_config
+
+    old_adapter = adapter_for(load_config(str(tiny_dir)), tmp_path / "old")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {asset('times_train.jsonl')}}}\nlora: {{r: 8}}\n")
+    with pytest.raises(ConfigError) as e:
+        cli_continual(str(config), adapter=old_adapter, previous=asset("demo_test.jsonl"), replay_share=["0"],
+                      out=str(tmp_path / "o"))
+    assert e.value.problems[0].startswith(f"lora.r: 8 here, 2 in {tmp_path / 'old' / 'adapter_config.json'}")
+    assert not (tmp_path / "o").exists()
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "just text"}\n')
+    with pytest.raises(ConfigError) as e:
+        cli_continual(str(config), adapter=old_adapter, previous=str(text), replay_share=["0"],
+                      out=str(tmp_path / "o"))
+    assert e.value.problems == [f"--previous {text}: format 'text' has no reference answer; generation eval needs "
+                                f"instruction or chat records"]
 
 
 def test_study_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):

@@ -57,6 +57,18 @@ def test_full_trains_every_parameter_and_saves_a_loadable_checkpoint(tiny_dir, d
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
+def test_a_quantized_base_is_refused_before_anything_runs(tiny_dir, data_file, tmp_path):
+    """The full fine-tuning arm cannot train a quantized base: bitsandbytes' traceback came at that arm, after the
+    base's probes and the LoRA arms had run."""
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "model.quantization=nf4"])
+    with pytest.raises(ConfigError) as e:
+        run_forgetting(cfg, out=tmp_path / "f", progress=False)
+    assert e.value.problems == ["model.quantization: nf4: forgetting compares LoRA with full fine-tuning, which "
+                                "trains every weight of an unquantized base; remove model.quantization (the LoRA "
+                                "arms train as method lora)"]
+    assert not (tmp_path / "f").exists()
+
+
 def test_arm_configs_change_only_method_rank_lr_seed(tiny_dir, data_file, tmp_path):
     cfg = full_config(tiny_dir, data_file, tmp_path)
     lora8, lora64, full = arms((8, 64), lora_lr=1e-3, full_lr=2e-5)

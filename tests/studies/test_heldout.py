@@ -127,3 +127,13 @@ def test_eval_with_no_record_within_the_context_says_so_in_eval_terms(tiny_dir):
     with pytest.raises(DataError, match=re.escape("no record fits the model's context of 128 tokens: its prompt "
                                                   "alone takes")):
         within_context(records[:1], tokenizer, 128)
+
+
+def test_a_study_leaves_out_the_records_past_the_context_with_a_line(tiny_dir, capsys):
+    """continual's --previous with a 27,000-token prompt was a ValueError traceback from the greedy decoder, after
+    the model loaded and the probes began; `eval` left such records out. The studies now do as eval does."""
+    model, tokenizer = load_base(str(tiny_dir))
+    records = [{"instruction": "word " * 300, "output": "x"}, {"instruction": "hi", "output": "there"}]
+    assert heldout.fitting(records, tokenizer, model, "old task (--previous)") == records[1:]
+    assert capsys.readouterr().out == ("old task (--previous): at the model's context of 128 tokens: 1 record left "
+                                       "out of the perplexity and the accuracy (the prompt alone fills the context)\n")
