@@ -618,6 +618,17 @@ def test_the_y_axis_labels_are_distinct_and_fit(ui, fresh):  # noqa: F811
     assert size > needed
 
 
+def test_a_far_outlier_is_left_above_the_chart_and_said(ui, fresh):  # noqa: F811
+    """A single 1e308 loss flattened every curve to a line at the bottom of the chart."""
+    losses = [2.5, 2.25, 1e308, 2.0, 1.75, 1.5]
+    fake_run(ui, "outlier", [json.dumps({"step": s, "loss": v}) for s, v in enumerate(losses, 1)])
+    tick(fresh, "outlier")
+    wait_points(fresh, "loss", 6)
+    assert 2.5 <= fresh.evaluate("state.charts.loss.plot.scales.y.max") < 3
+    assert fresh.inner_text("#chart-loss .clipped") == " — 1 point above the chart, up to 1.00e+308"
+    assert fresh.inner_text("#chart-lr .clipped") == ""
+
+
 def test_long_unbroken_text_wraps_and_the_columns_keep_their_width(ui, fresh):  # noqa: F811
     """A 50,000-character prompt or reply made the page 472,393 px wide, the second column off-screen."""
     fresh.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [

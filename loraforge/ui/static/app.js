@@ -362,14 +362,39 @@ function draw() {
     const xs = [...steps].sort((a, b) => a - b);
     const data = [xs, ...cols.map(m => xs.map(s => m.has(s) ? m.get(s) : null))];
     box.dataset.points = points;
+    const clip = clipOf(cols);
+    box.querySelector(".clipped").textContent = clip.above ? ` — ${clip.above} point${clip.above > 1 ? "s" : ""} ` +
+      `above the chart, up to ${clip.max.toPrecision(3)}` : "";
     const key = state.selected.join("|") + ":" + series.length;
-    if (state.charts[metric] && state.charts[metric].key === key) { state.charts[metric].plot.setData(data); continue; }
-    state.charts[metric]?.plot.destroy();
-    const opts = { width: chartWidth(), height: 220, series, scales: { x: { time: false } },
+    const chart = state.charts[metric];
+    if (chart && chart.key === key) {
+      chart.clip = clip;
+      chart.plot.setData(data);
+      continue;
+    }
+    chart?.plot.destroy();
+    const made = state.charts[metric] = { key, clip };
+    const range = (u, min, max) => uPlot.rangeNum(min, Math.min(max, made.clip.top), 0.1, true);
+    const opts = { width: chartWidth(), height: 220, series, scales: { x: { time: false }, y: { range } },
                    axes: [{ label: "step" }, { size: axisSize, values: (u, vals) => tickLabels(vals) }],
                    legend: { show: true } };
-    state.charts[metric] = { key, plot: new uPlot(opts, data, box) };
+    made.plot = new uPlot(opts, data, box);
   }
+}
+// A value far above the others (one 1e308 loss flattened every curve) is left above the chart, whose title says so:
+// past q3 + 1000 × the interquartile range of the values (quartiles of a sample of about 2,000). `top`: the highest
+// value kept, where the y range ends.
+function clipOf(cols) {
+  const values = cols.flatMap(m => [...m.values()]);
+  const stride = Math.ceil(values.length / 2000) || 1;
+  const sample = values.filter((_, i) => i % stride === 0).sort((a, b) => a - b);
+  const q = p => sample[Math.floor(p * (sample.length - 1))];
+  const spread = sample.length >= 4 ? Math.max(q(0.75) - q(0.25), Math.abs(q(0.75)) * 1e-3) : 0;
+  const fence = spread > 0 ? q(0.75) + 1000 * spread : Infinity;
+  const highest = vs => vs.reduce((a, v) => Math.max(a, v), -Infinity);
+  const above = values.filter(v => v > fence);
+  return { top: above.length ? highest(values.filter(v => v <= fence)) : Infinity, above: above.length,
+           max: highest(above) };
 }
 // 450 px, less on a narrow screen (a phone's 400 px)
 const chartWidth = () => Math.min(450, document.documentElement.clientWidth - 48);
