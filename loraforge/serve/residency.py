@@ -327,8 +327,9 @@ class Residency:
         if name in (self.base_name, *BASE_ALIASES):
             raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
         if name in self.adapters:
-            raise NameTaken(f"an adapter named {shown(name)} is already loaded; "
-                             f"unload it first (DELETE /v1/adapters/{name})")
+            # said without HTTP's words: the dashboard shows it as it is
+            raise NameTaken(f"an adapter named {shown(name)} is already loaded; unload it first, or choose another "
+                            "name")
         resolved, given = self.resolve(path, label)
         entry = Adapter(name, resolved, uid=f"serve{next(self._uids)}", given=given, discovered=discovered,
                         label=label or self._label(path, resolved))

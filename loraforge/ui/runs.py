@@ -5,12 +5,13 @@ that launch.py started from the page: its own files (config.yaml, launch.json, t
 <runs>/.ui/<name>/, because `train` refuses a non-empty output_dir. Status, from the files alone:
 - running: launch.json names a process that is alive and is the one launched (its command line is the recorded
   argv and it started when the record says: a process that reused the id of an ended run is not), no exit recorded;
+  or, with no exit recorded, a live loraforge process holds the run's output_dir lock (a run started in a terminal);
 - finished: the run wrote its adapter (adapter/adapter_config.json) or its full model (model/), or a complete
   forgetting.json, or the launched process exited 0;
 - stopped: the launched process exited on SIGINT/SIGTERM/SIGUSR1/SIGHUP (the CLI's 128 + signal: 130 / 143 / 138 /
   129, or killed by one before the loop caught it: -2 / -15 / -10 / -1), e.g. the page's stop button;
 - failed: the launched process exited otherwise, or it is gone without an exit record or a finished output;
-- unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that is still going), or its
+- unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that was killed), or its
   launch.json is damaged.
 A launched run whose process ended while no server waited for it gets its exit from what it left (exit_from_log).
 A launched run whose metrics.jsonl, adapter or model changed after launch.json's recorded end was continued
@@ -273,6 +274,8 @@ def status(path: Path, launch: dict | None = None) -> str:
         return "running" if writer_pid(path) is not None else "unknown"
     if exit_code is not None:
         return "finished" if exit_code == 0 else "stopped" if exit_code in STOP_CODES else "failed"
+    if writer_pid(path) is not None:  # started in a terminal: `train` holds output_dir/.lock while it runs
+        return "running"
     if finished_output(path):
         return "finished"
     forgetting = _json(_file(path, "forgetting.json"))
@@ -434,27 +437,32 @@ def _runs_in(root: Path, folder: Path) -> list[Path]:
 _PASSED_OVER: set[str] = set()  # names already reported by listable()
 
 
-def listable(names, where: str) -> list:
+def listable(names, where: str, addressed: bool = False) -> list:
     """The names (str or Path) that JSON can carry: one whose bytes are not UTF-8 (a folder copied from a Latin-1
     system) is read by Python with lone surrogates, which no answer can encode; it is left out, said once in the
-    server's log, instead of failing the whole list."""
+    server's log, instead of failing the whole list. `addressed`: names that go into the page's addresses
+    (runs/NAME/events), whose route pattern stops at a line break: a name holding one is left out too."""
     kept = []
     for name in names:
+        text = str(name)
         try:
-            str(name).encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:
-            if str(name) not in _PASSED_OVER:
-                _PASSED_OVER.add(str(name))
-                print(f"ui: {where}: {os.fsencode(str(name))!r} is left out: its name is not UTF-8; rename it",
-                      file=sys.stderr, flush=True)
-            continue
-        kept.append(name)
+            why = "its name is not UTF-8"
+        else:
+            breaks = addressed and "\n" in text
+            why = "its name has a line break, which the page's addresses cannot carry" if breaks else None
+        if why is None:
+            kept.append(name)
+        elif text not in _PASSED_OVER:
+            _PASSED_OVER.add(text)
+            print(f"ui: {where}: {os.fsencode(text)!r} is left out: {why}; rename it", file=sys.stderr, flush=True)
     return kept
 
 
 def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first; a run whose path is
-    not UTF-8 is left out (listable)."""
+    not UTF-8 or holds a line break is left out (listable)."""
     root = Path(root).resolve()
     if not root.is_dir():
         return []
@@ -464,7 +472,7 @@ def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):
             found += _runs_in(root, p)
-    found = listable(dict.fromkeys(found), "runs")
+    found = listable(dict.fromkeys(found), "runs", addressed=True)
     return sorted((summary(root, p, running) for p in found), key=lambda s: -s["mtime"])
 
 

@@ -169,6 +169,8 @@ def test_load_and_unload_adapters_at_run_time(client, server):
     assert "c2" in {m.id for m in client.models.list().data}
     again = http(server, "POST", "/v1/adapters", json={"name": "c2", "path": "c"})
     assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error", again.text
+    assert again.json()["error"]["message"] == ('an adapter named "c2" is already loaded; unload it first, or choose '
+                                                'another name')  # no "DELETE /v1/adapters/c2": the page shows it
     kw = dict(prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     assert client.completions.create(model="c2", **kw).choices[0].text == \
         client.completions.create(model="c", **kw).choices[0].text

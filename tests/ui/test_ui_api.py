@@ -1099,3 +1099,40 @@ def test_a_stopped_run_continued_from_the_command_line_is_shown_by_its_files(ui)
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
     assert shown() == "finished"
+
+
+def test_a_run_started_in_a_terminal_reads_running_while_its_process_holds_the_lock(ui):
+    """A run started with `loraforge train` in a terminal read "unknown" for its whole training, then "finished":
+    now "running" while a live loraforge process holds its output_dir lock (hold_output, as train does)."""
+    run = ui[1] / "runs" / "termlock"
+    hold = ("import sys, time; from loraforge.utils.outputs import hold_output\n"
+            "with hold_output(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    train = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(ui_app.__file__).parents[2])})
+    try:
+        assert train.stdout.readline() == "held\n"
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["termlock"]
+        assert listed["status"] == "running"
+        assert call(ui, "GET", "/ui/api/runs/termlock/metrics").json()["status"] == "running"
+    finally:
+        train.kill()
+        train.wait()
+    (run / ".lock").write_text(str(train.pid))  # killed: its lock file stays, naming a process that ended
+    listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["termlock"]
+    assert listed["status"] == "unknown"
+
+
+def test_a_run_whose_name_has_a_line_break_is_left_out_of_the_list(ui, capfd):
+    """A folder named "new\\nline" was listed, but no route could serve it (their pattern stops at a line break):
+    ticking it showed "error: new\\nline: Not Found". Now it is left out, said once in the log."""
+    fake_run(ui[1], "new\nline")
+    fake_run(ui[1], "fine2")
+    try:
+        names = [run["name"] for run in call(ui, "GET", "/ui/api/runs").json()["runs"]]
+        assert "fine2" in names and not any("\n" in n for n in names)
+        log = capfd.readouterr().err
+        assert log.count("ui: runs: ") == 1 and (
+            "line' is left out: its name has a line break, which the page's addresses cannot carry; rename it" in log)
+    finally:
+        shutil.rmtree(ui[1] / "runs" / "new\nline")

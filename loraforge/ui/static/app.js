@@ -3,8 +3,22 @@
 const $ = (sel, el = document) => el.querySelector(sel);
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 const METRICS = ["loss", "lr", "grad_norm", "tokens_per_s"];
-const state = { runs: [], selected: [], data: {}, streams: {}, notes: {}, charts: {}, info: null, base: null,
-                convo: {} };
+// The ticked runs are kept in this browser's storage: a reload of the page ticks them again (those still listed).
+const TICKED = "loraforge-ticked";
+function storedTicks() {
+  try {
+    const names = JSON.parse(localStorage.getItem(TICKED));
+    return Array.isArray(names) ? names.filter(n => typeof n === "string") : [];
+  } catch {
+    return [];
+  }
+}
+const state = { runs: [], selected: storedTicks(), data: {}, streams: {}, notes: {}, charts: {}, info: null,
+                base: null, convo: {}, sending: null };
+function select(names) {
+  state.selected = names;
+  localStorage.setItem(TICKED, JSON.stringify(names));
+}
 
 // A new key reloads the page's data and restarts the streams of the runs already ticked (they failed, or used the
 // old key).
@@ -13,7 +27,7 @@ keyInput.value = localStorage.getItem("loraforge-key") || "";
 keyInput.addEventListener("change", () => {
   localStorage.setItem("loraforge-key", keyInput.value);
   runsError("");
-  init();
+  init().catch(runsError);
   for (const name of state.selected) follow(name);
 });
 function headers(extra = {}) {
@@ -24,10 +38,41 @@ async function failure(r) {
   const body = r.headers.get("content-type")?.includes("json") ? await r.json().catch(() => null) : null;
   return body?.error?.message || `${r.status} ${r.statusText}`.trim();
 }
+// The server does not answer, or refuses the key: said once for the whole page, in the banner under the header (not
+// in each tab's box, nor as an uncaught "Failed to fetch"); the next answer clears it.
+class Trouble extends Error {}
+const DOWN = "the dashboard's server does not answer; retrying", NO_KEY = "API key missing or wrong: enter it above";
+const keyRefused = e => e instanceof Trouble && e.message === NO_KEY;
+function banner(message) {
+  const box = $("#banner");
+  box.textContent = message;
+  box.hidden = !message;
+  document.body.classList.toggle("trouble", Boolean(message));
+}
+// fetch with the key; no answer, or 401, is Trouble (in the banner)
+async function request(path, opts = {}) {
+  let r;
+  try {
+    r = await fetch(path, { ...opts, headers: headers(opts.headers || {}) });
+  } catch (e) {
+    if (opts.signal?.aborted) throw e;
+    banner(DOWN);
+    throw new Trouble(DOWN);
+  }
+  banner(r.status === 401 ? NO_KEY : "");
+  if (r.status === 401) throw new Trouble(NO_KEY);
+  return r;
+}
 async function api(path, opts = {}) {
-  const r = await fetch(path, { ...opts, headers: headers(opts.headers || {}) });
+  const r = await request(path, opts);
   if (!r.ok) throw new Error(await failure(r));
   return r.headers.get("content-type")?.includes("json") ? await r.json() : null;
+}
+// An error in its tab's box (`e` empty: the box hidden); Trouble is the banner's alone.
+function showError(box, e, prefix = "") {
+  const message = e && !(e instanceof Trouble) ? `error: ${prefix}${e.message}` : "";
+  box.textContent = message;
+  box.hidden = !message;
 }
 // Python's json writes NaN and Infinity as bare words, which JSON.parse refuses: read them (outside strings) as null.
 function parseJSON(text) {
@@ -57,15 +102,15 @@ for (const b of document.querySelectorAll("nav button")) {
 function showTab(name) {
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== "tab-" + name;
-  if (name === "play" || name === "adapters") loadModels();
+  if (name === "play" || name === "adapters") {
+    loadModels().catch(e => showError($(name === "play" ? "#play-error" : "#adapter-error"), e));
+  }
 }
 
 // --- runs: list, selection, live metrics over server-sent events (read with fetch so the key header goes along) ---
 // Errors of the runs tab's actions (stop, zip, a stream that cannot start), shown above the list.
-function runsError(message) {
-  const box = $("#runs-error");
-  box.textContent = message ? "error: " + message : "";
-  box.hidden = !message;
+function runsError(e, prefix = "") {
+  showError($("#runs-error"), e, prefix);
 }
 // A run's stream state beside its status ("reconnecting…"), kept across the list's reloads.
 function setNote(name, note) {
@@ -88,42 +133,68 @@ async function loadRuns() {
     delete state.notes[name];
   }
   if (gone.length) {
-    state.selected = state.selected.filter(n => !gone.includes(n));
+    select(state.selected.filter(n => !gone.includes(n)));
     draw();
     showExtras();
   }
+  showRuns(runs);
+}
+// The list is updated in place: a row keeps its place, its checkbox and its buttons (and so the keyboard focus)
+// across reloads; a run not shown before goes on top, a gone one's row is removed. Rebuilt every 3 s in the server's
+// order (newest files first), rows moved under the mouse and the focus fell to the page.
+function showRuns(runs) {
   const body = $("#runs tbody");
-  body.replaceChildren();
+  const rows = new Map([...body.children].map(r => [r.dataset.run, r]));
+  const listed = new Set(runs.map(r => r.name));
+  for (const [name, row] of rows) if (!listed.has(name)) row.remove();
+  const top = body.firstElementChild;
   for (const run of runs) {
-    const box = el("input", { type: "checkbox", "data-run": run.name });
-    box.checked = state.selected.includes(run.name);
-    box.addEventListener("change", () => toggleRun(run.name, box.checked));
-    const actions = el("td");
-    // Stop: SIGINT, the run finishes its step and checkpoints it, however long that takes. Once asked, "Stop now"
-    // (SIGTERM) interrupts the step instead; the last complete checkpoint is kept.
-    if (run.status === "running" && run.stopping) {
-      actions.append(el("span", { class: "stopping" }, "stopping… "),
-                     el("button", { class: "stop-now", onclick: () => stopRun(run.name, true),
-                                    title: "interrupt the step now: it is lost, the last complete checkpoint is kept" },
-                        "Stop now"));
-    } else if (run.status === "running") {
-      actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name),
-                                    title: "finish the current step, save a checkpoint of it, then stop" }, "Stop"));
+    let row = rows.get(run.name);
+    if (!row) {
+      row = runRow(run.name);
+      body.insertBefore(row, top);
     }
-    if (run.has_adapter) actions.append(el("button", { class: "zip", onclick: () => downloadZip(run.name) }, "zip"));
-    const row = el("tr", { "data-run": run.name, "data-status": run.status,
-                           class: state.selected.includes(run.name) ? "selected" : "" },
-      el("td", {}, box), el("td", {}, run.name),
-      el("td", { class: "status-" + run.status }, run.status,
-         el("span", { class: "stream-note" }, state.notes[run.name] || "")),
-      actions);
-    body.append(row);
+    updateRow(row, run);
   }
 }
+function runRow(name) {
+  const box = el("input", { type: "checkbox", "data-run": name, "aria-label": name });
+  box.addEventListener("change", () => toggleRun(name, box.checked));
+  return el("tr", { "data-run": name }, el("td", {}, box), el("td", {}, name),
+            el("td", {}, el("span", { class: "state" }), el("span", { class: "stream-note" }, state.notes[name] || "")),
+            el("td"));
+}
+function updateRow(row, run) {
+  const [boxCell, , statusCell, actions] = row.cells;
+  const on = state.selected.includes(run.name);
+  row.classList.toggle("selected", on);
+  boxCell.firstChild.checked = on;
+  row.dataset.status = run.status;
+  statusCell.className = "status-" + run.status;
+  statusCell.firstChild.textContent = run.status;
+  // the buttons are made anew only when they change: one that stays keeps the keyboard focus
+  const buttons = JSON.stringify([run.status === "running" && (run.stopping ? "stop-now" : "stop"), run.has_adapter]);
+  if (row.dataset.buttons === buttons) return;
+  row.dataset.buttons = buttons;
+  actions.replaceChildren();
+  // Stop: SIGINT, the run finishes its step and checkpoints it, however long that takes. Once asked, "Stop now"
+  // (SIGTERM) interrupts the step instead; the last complete checkpoint is kept.
+  if (run.status === "running" && run.stopping) {
+    actions.append(el("span", { class: "stopping" }, "stopping… "),
+                   el("button", { class: "stop-now", onclick: () => stopRun(run.name, true),
+                                  title: "interrupt the step now: it is lost, the last complete checkpoint is kept" },
+                      "Stop now"));
+  } else if (run.status === "running") {
+    actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name),
+                                  title: "finish the current step, save a checkpoint of it, then stop" }, "Stop"));
+  }
+  if (run.has_adapter) actions.append(el("button", { class: "zip", onclick: () => downloadZip(run.name) }, "zip"));
+}
 function toggleRun(name, on) {
-  state.selected = on ? [...new Set([...state.selected, name])] : state.selected.filter(n => n !== name);
+  select(on ? [...new Set([...state.selected, name])] : state.selected.filter(n => n !== name));
+  runsError("");  // an error of another run's stream (or an action) is old news
   if (on) follow(name); else { state.streams[name]?.abort(); delete state.streams[name]; setNote(name, ""); }
-  loadRuns().then(() => { draw(); showExtras(); }).catch(e => runsError(e.message));
+  loadRuns().then(() => { draw(); showExtras(); }).catch(runsError);
 }
 // A row the charts can use: an object with a numeric step. A damaged or hand-written metrics.jsonl can hold anything
 // (null, arrays, strings, a string step); such rows are skipped here whatever the server sends.
@@ -170,8 +241,7 @@ async function follow(name) {
     try {
       const file = run.file ? `&file=${encodeURIComponent(run.file)}` : "";  // which file run.offset is in
       const query = `interval=0.3&budget=${SLICE_S}&offset=${run.offset}${file}`;
-      const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/events?${query}`,
-                            { headers: headers(), signal: ctrl.signal });
+      const r = await request(`/ui/api/runs/${encodeURIComponent(name)}/events?${query}`, { signal: ctrl.signal });
       if (r.status === 400 && run.offset > 0) {  // metrics.jsonl was rewritten meanwhile (shorter): read it anew
         run.rows = [];
         run.offset = 0;
@@ -180,7 +250,7 @@ async function follow(name) {
       }
       if (r.status >= 400 && r.status < 500) {
         setNote(name, "");
-        runsError(`${name}: ${await failure(r)}`);
+        runsError(new Error(await failure(r)), `${name}: `);
         return;
       }
       if (!r.ok) throw new Error(await failure(r));
@@ -202,7 +272,7 @@ async function follow(name) {
         setNote(name, "");
         draw();
         if (event === "end") {
-          loadRuns().then(showExtras).catch(e => runsError(e.message));
+          loadRuns().then(showExtras).catch(runsError);
           return;
         }
         if (event === "pause") {
@@ -212,6 +282,10 @@ async function follow(name) {
       }
     } catch (e) {
       if (ctrl.signal.aborted) return;
+      if (keyRefused(e)) {  // the banner says so; the key's change starts the stream again
+        setNote(name, "");
+        return;
+      }
       console.warn(`${name}: metrics stream broke`, e);
     } finally {
       giveSlot();
@@ -247,20 +321,20 @@ async function stopRun(name, force = false) {
   try {
     await api(`/ui/api/runs/${encodeURIComponent(name)}/stop${force ? "?force=true" : ""}`, { method: "POST" });
   } catch (e) {
-    runsError(e.message);
+    runsError(e);
   }
   setTimeout(() => loadRuns().catch(() => {}), 500);
 }
 async function downloadZip(name) {
   runsError("");
   try {
-    const r = await fetch(`/ui/api/runs/${encodeURIComponent(name)}/adapter.zip`, { headers: headers() });
+    const r = await request(`/ui/api/runs/${encodeURIComponent(name)}/adapter.zip`);
     if (!r.ok) throw new Error(await failure(r));
     const url = URL.createObjectURL(await r.blob());
     el("a", { href: url, download: name.split("/").pop() + "-adapter.zip" }).click();
     setTimeout(() => URL.revokeObjectURL(url), 60000);
   } catch (e) {
-    runsError(e.message);
+    runsError(e);
   }
 }
 
@@ -276,6 +350,7 @@ function draw() {
       const keys = metric === "loss" ? ["loss", "eval_loss"] : [metric];
       for (const key of keys) {
         const m = new Map(rows.filter(r => Number.isFinite(r[key])).map(r => [r.step, r[key]]));
+        if (key === "eval_loss" && !m.size) continue;  // a held-out legend entry only for a run with held-out loss
         m.forEach((_, s) => steps.add(s));
         points += m.size;
         cols.push(m);
@@ -287,15 +362,70 @@ function draw() {
     const xs = [...steps].sort((a, b) => a - b);
     const data = [xs, ...cols.map(m => xs.map(s => m.has(s) ? m.get(s) : null))];
     box.dataset.points = points;
+    const clip = clipOf(cols);
+    box.querySelector(".clipped").textContent = clip.above ? ` — ${clip.above} point${clip.above > 1 ? "s" : ""} ` +
+      `above the chart, up to ${clip.max.toPrecision(3)}` : "";
     const key = state.selected.join("|") + ":" + series.length;
-    if (state.charts[metric] && state.charts[metric].key === key) { state.charts[metric].plot.setData(data); continue; }
-    state.charts[metric]?.plot.destroy();
-    const tick = v => v == null ? "" : String(Number(v.toPrecision(3)));
-    const opts = { width: 450, height: 220, series, scales: { x: { time: false } },
-                   axes: [{ label: "step" }, { size: 60, values: (u, vals) => vals.map(tick) }],
+    const chart = state.charts[metric];
+    if (chart && chart.key === key) {
+      chart.clip = clip;
+      chart.plot.setData(data);
+      continue;
+    }
+    chart?.plot.destroy();
+    const made = state.charts[metric] = { key, clip };
+    const range = (u, min, max) => uPlot.rangeNum(min, Math.min(max, made.clip.top), 0.1, true);
+    const opts = { width: chartWidth(), height: 220, series, scales: { x: { time: false }, y: { range } },
+                   axes: [{ label: "step" }, { size: axisSize, values: (u, vals) => tickLabels(vals) }],
                    legend: { show: true } };
-    state.charts[metric] = { key, plot: new uPlot(opts, data, box) };
+    made.plot = new uPlot(opts, data, box);
   }
+}
+// A value far above the others (one 1e308 loss flattened every curve) is left above the chart, whose title says so:
+// past q3 + 1000 × the interquartile range of the values (quartiles of a sample of about 2,000). `top`: the highest
+// value kept, where the y range ends.
+function clipOf(cols) {
+  const values = cols.flatMap(m => [...m.values()]);
+  const stride = Math.ceil(values.length / 2000) || 1;
+  const sample = values.filter((_, i) => i % stride === 0).sort((a, b) => a - b);
+  const q = p => sample[Math.floor(p * (sample.length - 1))];
+  const spread = sample.length >= 4 ? Math.max(q(0.75) - q(0.25), Math.abs(q(0.75)) * 1e-3) : 0;
+  const fence = spread > 0 ? q(0.75) + 1000 * spread : Infinity;
+  const highest = vs => vs.reduce((a, v) => Math.max(a, v), -Infinity);
+  const above = values.filter(v => v > fence);
+  return { top: above.length ? highest(values.filter(v => v <= fence)) : Infinity, above: above.length,
+           max: highest(above) };
+}
+// 450 px, less on a narrow screen (a phone's 400 px)
+const chartWidth = () => Math.min(450, document.documentElement.clientWidth - 48);
+addEventListener("resize", () => {
+  for (const { plot } of Object.values(state.charts)) plot.setSize({ width: chartWidth(), height: 220 });
+});
+// The decimals `x` needs (0.25: 2, 20: 0; at most 15); float noise (0.30000000000000004) needs none.
+function decimals(x) {
+  let d = 0;
+  while (d < 15 && Math.abs(Math.round(x * 10 ** d) - x * 10 ** d) > 1e-6) d++;
+  return d;
+}
+// A chart's y labels for uPlot's ticks (evenly spaced, at nice steps): each with the decimals the step between them
+// needs, so no two read the same (toPrecision(3) read 2.3, 2.31, 2.31); at 1e5 and past, or under 1e-3, as 1.2346e6
+// (1,234,600 was cut to "234600" by the axis).
+function tickLabels(vals) {
+  const finite = vals.filter(Number.isFinite);
+  const step = finite.length > 1 ? Math.abs(finite[1] - finite[0]) : finite[0] || 0;
+  const big = Math.max(0, ...finite.map(Math.abs));
+  const exponent = big >= 1e5 || (big > 0 && big < 1e-3);
+  const d = decimals(step / (exponent ? 10 ** Math.floor(Math.log10(big)) : 1));
+  const label = v => v === 0 ? "0" : exponent ? v.toExponential(d).replace("e+", "e") : v.toFixed(d);
+  return vals.map(v => Number.isFinite(v) ? label(v) : "");
+}
+// The y axis as wide as its longest label (uPlot's axis-autosize recipe): a fixed 60 px cut long ones.
+function axisSize(u, values, i, cycle) {
+  const axis = u.axes[i];
+  if (cycle > 1) return axis._size;
+  const longest = (values || []).reduce((a, v) => v.length > a.length ? v : a, "");
+  u.ctx.font = axis.font[0];
+  return Math.max(40, Math.ceil(axis.ticks.size + axis.gap + u.ctx.measureText(longest).width / devicePixelRatio));
 }
 
 // --- extras of the last selected run: AdaLoRA rank heat-map, forgetting table, log tail of a failed run. Ticking a run
@@ -310,7 +440,8 @@ async function showExtras() {
   try {
     x = await api(`/ui/api/runs/${encodeURIComponent(name)}/extras`);
   } catch (e) {
-    if (call === extrasCall) box.replaceChildren(el("pre", { class: "error" }, `error: ${name}: ${e.message}`));
+    if (call !== extrasCall) return;
+    box.replaceChildren(...e instanceof Trouble ? [] : [el("pre", { class: "error" }, `error: ${name}: ${e.message}`)]);
     return;
   }
   if (call !== extrasCall) return;  // a newer call is under way
@@ -341,23 +472,28 @@ async function showExtras() {
   box.replaceChildren(...parts);
 }
 
-// --- start a run: the server validates with the CLI's rules and answers with the CLI's message ---
+// --- start a run: the server validates with the CLI's rules and answers with the CLI's message. Start is off while
+// its request is on its way: a double click started the run and showed the second request's 409 here. ---
 $("#start-form").addEventListener("submit", async ev => {
   ev.preventDefault();
+  const button = $("#start-form button[type=submit]");
+  if (button.disabled) return;
   const form = Object.fromEntries(new FormData(ev.target).entries());
   const err = $("#form-error");
-  err.hidden = true;
+  showError(err, null);
+  button.disabled = true;
   try {
     const r = await api("/ui/api/runs", { method: "POST", body: JSON.stringify(form),
                                           headers: { "Content-Type": "application/json" } });
     showTab("runs");
-    state.selected = [...new Set([...state.selected, r.name])];
+    select([...new Set([...state.selected, r.name])]);
     follow(r.name);
     await loadRuns();
     showExtras();
   } catch (e) {
-    err.textContent = "error: " + e.message;  // what `loraforge train` prints for the same config
-    err.hidden = false;
+    showError(err, e);  // what `loraforge train` prints for the same config
+  } finally {
+    button.disabled = false;
   }
 });
 
@@ -378,7 +514,31 @@ async function loadModels() {
   const avail = await api("/ui/api/adapters");
   $("#load-form select").replaceChildren(...avail.available.map(p => el("option", { value: p }, p)));
 }
-$("#play-reset").addEventListener("click", () => { state.convo = {}; $("#play-cols").replaceChildren(); });
+// New conversation stops the answers still streaming; their turns stay out of the new one.
+$("#play-reset").addEventListener("click", () => {
+  stopAnswers();
+  state.convo = {};
+  $("#play-cols").replaceChildren();
+});
+$("#play-stop").addEventListener("click", stopAnswers);
+function stopAnswers() {
+  state.sending?.abort();
+  state.sending = null;
+  sendable();
+}
+// Send is off while answers stream (Stop is on): a turn joins the conversation when its answer ends, and a second
+// send meanwhile put the history out of order ([SECOND, reply, FIRST, reply]).
+function sendable() {
+  $("#play-send").disabled = Boolean(state.sending);
+  $("#play-stop").disabled = !state.sending;
+}
+// Ctrl+Enter (Cmd+Enter on a Mac) sends; Enter is a new line
+$("#prompt").addEventListener("keydown", ev => {
+  if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+    ev.preventDefault();
+    $("#play-form").requestSubmit();
+  }
+});
 // The sampling fields as typed: an empty one is left out of the request (the server's default); any other must be a
 // number (max tokens a whole one), or nothing is sent and the error names the field. Number() alone made "0,5" NaN,
 // which JSON sends as null, so the server quietly used its default; an empty max tokens became 0.
@@ -397,23 +557,29 @@ function sampling() {
   }
   return params;
 }
-$("#play-form").addEventListener("submit", ev => {
+$("#play-form").addEventListener("submit", async ev => {
   ev.preventDefault();
   const text = $("#prompt").value.trim();
-  if (!text) return;
+  if (!text || state.sending) return;
   const err = $("#play-error");
+  const models = [...document.querySelectorAll("#play-models input:checked")].map(i => i.value);
   let params;
   try {
+    if (!models.length) throw new Error("tick a model above to send the message to");
     params = sampling();
   } catch (e) {
-    err.textContent = "error: " + e.message;
-    err.hidden = false;
+    showError(err, e);
     return;  // the prompt stays, to send once the field is fixed
   }
-  err.hidden = true;
+  showError(err, null);
   $("#prompt").value = "";
-  const models = [...document.querySelectorAll("#play-models input:checked")].map(i => i.value);
-  for (const m of models) chat(m, text, params);
+  const sending = state.sending = new AbortController();
+  sendable();
+  await Promise.all(models.map(m => chat(m, text, params, sending.signal)));
+  if (state.sending === sending) {  // answered (not stopped meanwhile)
+    state.sending = null;
+    sendable();
+  }
 });
 function column(model) {
   let col = document.querySelector(`.play-col[data-model="${CSS.escape(model)}"]`);
@@ -426,7 +592,7 @@ function column(model) {
 }
 // The turn joins the model's conversation only once answered: a failed one (a prompt too long) is shown with its error
 // and left out of the next requests, which it would otherwise make fail too.
-async function chat(model, text, params) {
+async function chat(model, text, params, signal) {
   const convo = state.convo[model] = state.convo[model] || [];
   const turn = { role: "user", content: text };
   const col = column(model);
@@ -436,8 +602,8 @@ async function chat(model, text, params) {
   const t0 = performance.now();
   let first = null, usage = null, reply = "";
   try {
-    const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers({ "Content-Type": "application/json" }),
+    const r = await request("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, signal,
       body: JSON.stringify({ model, messages: [...convo, turn], stream: true, stream_options: { include_usage: true },
                              ...params }) });
     if (!r.ok) throw new Error(await failure(r));
@@ -454,7 +620,12 @@ async function chat(model, text, params) {
     stats.textContent = `${usage?.completion_tokens ?? "?"} tokens (prompt ${usage?.prompt_tokens ?? "?"}), ` +
       `first token ${first ? Math.round(first - t0) : "-"} ms, total ${Math.round(ms)} ms`;
   } catch (e) {
-    out.classList.add("error"); out.textContent = "error: " + e.message;
+    if (signal.aborted) {
+      out.classList.add("stopped");
+      stats.textContent = "stopped: left out of the conversation";
+    } else {
+      out.classList.add("error"); out.textContent = "error: " + e.message;
+    }
   }
   out.dataset.done = "true";
 }
@@ -468,26 +639,21 @@ $("#load-form").addEventListener("submit", async ev => {
   try {
     await api("/v1/adapters", { method: "POST", headers: { "Content-Type": "application/json" },
                                 body: JSON.stringify({ name: f.name, path: f.path }) });
-  } catch (e) { err.textContent = "error: " + e.message; err.hidden = false; }
-  loadModels();
+  } catch (e) { showError(err, e); }
+  loadModels().catch(e => showError(err, e));
 });
 async function unload(name) {
   const err = $("#adapter-error");
   err.hidden = true;
   try {
     await api(`/v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE" });
-  } catch (e) { err.textContent = "error: " + e.message; err.hidden = false; }
-  loadModels();
+  } catch (e) { showError(err, e); }
+  loadModels().catch(e => showError(err, e));
 }
 
 // --- start ---
 async function init() {
-  try {
-    state.info = await api("/ui/api/info");
-  } catch (e) {
-    $("#runs tbody").replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "error" }, "error: " + e.message)));
-    return;
-  }
+  state.info = await api("/ui/api/info");
   const form = $("#start-form");
   const opts = (sel, values) => form.querySelector(sel)
     .replaceChildren(...values.map(v => el("option", { value: v }, v)));
@@ -495,15 +661,22 @@ async function init() {
   opts("[name=dataset]", state.info.datasets);
   opts("[name=method]", state.info.methods);
   await loadRuns();
+  for (const name of state.selected) if (!state.streams[name]) follow(name);  // ticked before the page was reloaded
   draw();
   showExtras();
 }
-// The list reloads every 3 s while its tab shows; a slow answer is awaited, not overlapped by the next request.
+// The list reloads every 3 s while its tab shows, and so does the page while the banner shows (the server did not
+// answer, or refused the key): once answered, the open tab's models too. A slow answer is awaited, not overlapped.
 let reloading = false;
 setInterval(async () => {
-  if (reloading || $("#tab-runs").hidden) return;
+  const troubled = !$("#banner").hidden;
+  if (reloading || ($("#tab-runs").hidden && !troubled)) return;
   reloading = true;
-  try { await loadRuns(); } catch { /* the next reload tries again */ } finally { reloading = false; }
+  try {
+    await (state.info ? loadRuns() : init());
+    const tab = $("nav button.active").dataset.tab;
+    if (troubled && (tab === "play" || tab === "adapters")) showTab(tab);
+  } catch { /* the next reload tries again */ } finally { reloading = false; }
 }, 3000);
-$("#refresh").addEventListener("click", () => loadRuns().then(draw).catch(e => runsError(e.message)));
-init();
+$("#refresh").addEventListener("click", () => loadRuns().then(draw).catch(runsError));
+init().catch(runsError);
