@@ -37,7 +37,7 @@ from loraforge.training.loop import run_precision, train
 from loraforge.training.report import strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
-from loraforge.utils.outputs import check_output, make_output
+from loraforge.utils.outputs import check_output, hold_output
 from loraforge.utils.table import text_table
 
 DEFAULT_SHARES = (0.0, 0.2)
@@ -103,7 +103,13 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
     # before anything is written into --out; replace_run keeps which lora: fields were written (r: 8 is checked)
     init_adapter_config(replace_run(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
-    out = make_output(out)
+    with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
+        return _study(cfg, adapter, previous, replay, shares, expand_user(out), general, limit, progress, overwrite,
+                      started)
+
+
+def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, shares, out: Path, general: bool,
+           limit: int | None, progress: bool, overwrite: bool, started: float) -> dict:
     start_over(out, ("continual.json",))
     cfg = task_split(cfg, out)
     sizes = [len(D.read_records(s.path)) for s in cfg.data.sources("train")]  # the replay arms' shares

@@ -41,8 +41,8 @@ from loraforge.training.loop import run_precision, train
 from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar, strict_json
 from loraforge.training.trackers import check_tracker
-from loraforge.utils.files import atomic_file
-from loraforge.utils.outputs import check_output, make_output
+from loraforge.utils.files import atomic_file, expand_user
+from loraforge.utils.outputs import check_output, hold_output
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
@@ -334,7 +334,12 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_unquantized(cfg)
     check_ranks(ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
-    out = make_output(out)
+    with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
+        return _study(cfg, expand_user(out), ranks, lora_lr, full_lr, seeds, limit, progress, overwrite, started)
+
+
+def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, seeds: int, limit: int | None,
+           progress: bool, overwrite: bool, started: float) -> dict:
     start_over(out, ("forgetting.json", "forgetting.png"))
     cfg = task_split(cfg, out)
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU

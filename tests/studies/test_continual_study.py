@@ -288,3 +288,17 @@ def test_replay_and_an_adapter_for_another_base_are_refused_before_the_model_loa
     monkeypatch.setattr(continual, "run_continual", lambda *a, **k: None)
     cli_continual(str(config), adapter=fits, previous=asset("demo_test.jsonl"), replay=str(tmp_path / "empty.jsonl"),
                   replay_share=["0"], out=str(tmp_path / "o2"))
+
+
+def test_a_second_study_into_one_out_is_refused_while_the_first_runs(tiny_dir, tmp_path):
+    """Two studies into one --out both ran and both printed "wrote continual.json": the first one's table
+    described files the second had replaced. The study holds --out's lock as a training run holds its folder."""
+    from loraforge.utils.outputs import OutputError, hold_output
+
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl")),
+                progress=False)
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"))
+    with hold_output(tmp_path / "study", "--out"):  # the first study, running
+        with pytest.raises(OutputError, match=r"another loraforge process \(pid \d+\) is training into --out "):
+            run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), shares=(0.0,),
+                          out=tmp_path / "study", general=False, limit=2, progress=False)
