@@ -510,7 +510,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_di
 
 def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file, tmp_path):
     """Under torchrun only rank 0 takes output_dir's lock; held by another process, rank 0's refusal reaches the
-    other rank at once: both exit 2 with the same one line, long before training.collective_timeout (600 s), and
+    other rank at once: both exit 2, the line said once (by the node), long before training.collective_timeout, and
     without loading the model (each rank is a plain process with torchrun's environment, as test_distributed's)."""
     out = tmp_path / "run"
     hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
@@ -542,8 +542,10 @@ def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file
     assert codes == [2, 2], errors
     expected = (f"error: another loraforge process (pid {holder.pid}) is training into output_dir {out}; wait for it "
                 f"to end, or choose another output_dir")
-    assert [one_error_line(err) for err in errors] == [expected, expected]
-    assert [o.read_text() for o, _ in logs] == ["", ""]  # refused before anything was loaded
+    assert one_error_line(errors[0]) == expected and errors[1] == ""  # one node: said once, by its local rank 0
+    # refused before anything was loaded; started without torchrun's agent, each says what it waits for
+    assert [o.read_text() for o, _ in logs] == [f"rank {r}: waiting for the other 1 process(es) at 127.0.0.1:29551 "
+                                                f"(up to training.collective_timeout, 600 s)\n" for r in range(2)]
     assert seconds < 300, seconds  # the start-up of two processes (75 s on a busy 2-core CPU), not the timeout
 
 
