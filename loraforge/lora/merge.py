@@ -296,8 +296,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     mix (utils.files.atomic_dir); a full disk is a DiskError. A non-empty `out_dir` needs `overwrite`; then only
     the files the export writes are replaced there (plus an older export's weight files, which transformers would
     load instead of the new ones, and an adapter's files, which it would attach to them); the other files stay.
-    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i). Without `overwrite`, an `out_dir` another command filled
-    meanwhile is left to it (FileExistsError).
+    Without `overwrite`, an `out_dir` another command filled meanwhile is left to it (FileExistsError).
+    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i).
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
     if not adapters:

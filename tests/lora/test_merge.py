@@ -435,5 +435,6 @@ def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, use_dora=True)), tmp_path / "dora")
     with pytest.raises(AdapterError) as e:
         export_merged("unused", [str(tmp_path / "dora")], tmp_path / "out", weights=[0.5])
-    assert str(e.value) == (f"--weights 0.5: cannot scale the adapter: '{tmp_path / 'dora'}' uses DoRA (use_dora): "
-                            f"its magnitude vector is not a low-rank update. Leave --weights out to merge it as trained")
+    assert str(e.value) == (f"--weights 0.5: cannot scale the adapter: '{tmp_path / 'dora'}' uses DoRA "
+                            f"(use_dora): its magnitude vector is not a low-rank update. Leave --weights out to merge "
+                            f"it as trained")
