@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -198,7 +199,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise KeyError(f"adapters {missing} are not loaded; loaded: {list(configs)}")
     weights = as_weights(weights, len(adapters))
     problems = check_combination(len(adapters), weights, combination_type)
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, Integral) or svd_rank < 1):
         problems.append(f"svd_rank {svd_rank!r}: give a positive whole number, or None for the largest adapter rank")
     if problems:
         raise ConfigError(problems)
@@ -211,7 +212,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
-        new_r = svd_rank or max(ranks)
+        new_r = int(svd_rank) if svd_rank is not None else max(ranks)
     else:
         new_r = ranks.pop()
     first = configs[adapters[0]]
