@@ -390,6 +390,11 @@ def _commands() -> dict:
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # section.field=value, or a run's own field (method=qlora)
+# A value that starts with "-" but spells a number: argparse's own matcher takes only plain decimals (-0.5), so
+# `--weights 1 -1e-3` was "unrecognized arguments: -1e-3"; -2E1, -.5e3, -inf, -Infinity, -nan are numbers too
+DIGITS = r"\d(?:_?\d)*"  # float() takes 1_000 too
+NEGATIVE_NUMBER = re.compile(rf"^-(?:{DIGITS}\.?(?:{DIGITS})?|\.{DIGITS})(?:e[+-]?{DIGITS})?$|^-(?:inf|infinity|nan)$",
+                             re.IGNORECASE)
 OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `loraforge eval [DATA] --probe mc`
 # (and `train`'s CONFIG, which may follow the overrides)
 
@@ -421,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"),
                            description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p._negative_number_matcher = NEGATIVE_NUMBER  # no option of ours looks like a number: a value, not an option
         docs = _arg_docs(doc)
         hints = typing.get_type_hints(func, include_extras=True)
         for param in inspect.signature(func).parameters.values():

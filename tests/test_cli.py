@@ -677,3 +677,15 @@ def test_serve_and_ui_without_the_serve_extra_say_what_to_install(command, packa
                                                      f"installed here: pip install 'loraforge[serve]'")
     assert "Traceback" not in proc.stderr
     assert missing_extra("serve", ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")) is None
+
+
+@pytest.mark.parametrize("weights", [["1", "-1e-3"], ["-1e-3", "1"], ["-2E1", "-.5"], ["-inf", "-1_000.5e-2"],
+                                     ["-Infinity", "-nan"], ["-0.5", "-3"]])
+def test_merge_takes_negative_weights_in_any_float_spelling(weights):
+    """argparse reads only plain decimals (-0.5) as negative numbers: `--weights 1 -1e-3` was "unrecognized
+    arguments: -1e-3"."""
+    from loraforge.cli import parse_args
+
+    args = parse_args(["merge", "--base", "b", "--adapter", "a", "a", "--weights", *weights, "--out", "o"])
+    assert args["weights"] == weights
+    assert args["out"] == "o"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, load_base, load_config
+from loraforge.models import DTYPES, load_base
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -26,6 +27,8 @@ from loraforge.utils.outputs import check_output
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                 "pytorch_model*.bin", "pytorch_model.bin.index.json")
+# An adapter's files: left beside merged weights, transformers' from_pretrained would attach the adapter again.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 COMBINATIONS = ("cat", "svd", "linear")
 
 
@@ -107,6 +110,17 @@ def embeddings_tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
+def as_weights(weights, n_adapters: int) -> list[float]:
+    """`weights` as a list of floats (a tuple, a tensor or a numpy array too); None: 1 for each adapter."""
+    if weights is None:
+        return [1.0] * n_adapters
+    try:
+        return [float(w) for w in weights]
+    except (TypeError, ValueError, RuntimeError):  # not iterable, not a number, a tensor of more than one value
+        shown = weights.tolist() if hasattr(weights, "tolist") else weights  # a tensor's values, on one line
+        raise ConfigError([f"weights {shown!r}: give one number per adapter, e.g. [0.7, 0.3]"]) from None
+
+
 def check_combination(n_adapters: int, weights: list[float] | None, combination_type: str) -> list[str]:
     """What is wrong with `weights` and `combination_type` for combining `n_adapters` adapters (empty: nothing)."""
     problems = []
@@ -127,6 +141,14 @@ def _refuse_uncombinable(configs: dict) -> None:
         raise AdapterError(f"cannot combine adapters into one LoRA adapter: {'; '.join(why)}. Merge such an adapter "
                            f"into the base alone (merge_and_unload, or `loraforge merge` with that one --adapter), "
                            f"then combine or merge the others on the merged model (as --base)")
+
+
+def _refuse_unscalable(name: str, config, weights: list[float]) -> None:
+    """AdapterError for one adapter given a weight (scaled as a combination of one) that A and B cannot carry."""
+    why = _uncombinable(name, config)
+    if why:
+        raise AdapterError(f"--weights {' '.join(f'{w:g}' for w in weights)}: cannot scale the adapter: "
+                           f"{'; '.join(why)}. Leave --weights out to merge it as trained")
 
 
 def _uncombinable(name: str, config) -> list[str]:
@@ -154,10 +176,11 @@ def _delta_out_in(layer: LoraLayer, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float] | None, new_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None) -> None:
     """Make a new adapter from a weighted combination of loaded ones.
 
+    weights: one number per adapter (a list, tuple or 1-D tensor); None: 1 each.
     combination_type:
       "cat":    exact: ΔW_new = Σ w_i ΔW_i, with rank Σ r_i (A and B stacked).
       "svd":    ΔW_new = the best rank-`svd_rank` approximation of Σ w_i ΔW_i (default: the largest r_i);
@@ -169,10 +192,15 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     combine the others on that model.
     """
     configs = model.lora_configs
+    if not adapters:
+        raise ConfigError([f"adapters []: give the names of the loaded adapters to combine (loaded: {list(configs)})"])
     missing = [a for a in adapters if a not in configs]
     if missing:
         raise KeyError(f"adapters {missing} are not loaded; loaded: {list(configs)}")
+    weights = as_weights(weights, len(adapters))
     problems = check_combination(len(adapters), weights, combination_type)
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, Integral) or svd_rank < 1):
+        problems.append(f"svd_rank {svd_rank!r}: give a positive whole number, or None for the largest adapter rank")
     if problems:
         raise ConfigError(problems)
     _refuse_uncombinable({a: configs[a] for a in adapters})
@@ -184,7 +212,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
-        new_r = svd_rank or max(ranks)
+        new_r = int(svd_rank) if svd_rank is not None else max(ranks)
     else:
         new_r = ranks.pop()
     first = configs[adapters[0]]
@@ -201,9 +229,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
             total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
             U, S, Vh = torch.linalg.svd(total, full_matrices=False)
             k = min(new_r, S.numel())
-            dropped = S[k:].square().sum() / S.square().sum().clamp_min(1e-30)
+            dropped = _dropped_energy(S, k)
             if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
-                truncated.append((path, dropped.item()))
+                truncated.append((path, dropped))
             new_A = torch.zeros_like(A, dtype=torch.float32)
             new_B = torch.zeros_like(B, dtype=torch.float32)
             new_B[:, :k] = U[:, :k] * S[:k]
@@ -231,22 +259,28 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         B.copy_(new_B)
     if truncated:
         worst = max(truncated, key=lambda t: t[1])
-        warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {len(truncated)} layers: up to "
+        layers_text = "1 layer" if len(truncated) == 1 else f"{len(truncated)} layers"
+        warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {layers_text}: up to "
                       f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
                       f"(loraforge merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
-def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
-    """The dtype to load `base` in for an export in `dtype`: its own stored dtype where that is `dtype` (the merge
-    then rounds once, W0 exact), else fp32, cast to `dtype` after the merge: a bf16 export of an fp32 checkpoint
-    loaded in bf16 rounded W0, then W0 + ΔW again (half the adapted weights off round(W0 + ΔW), by up to 2.5× a
-    rounding). A quantized base is de-quantized in `dtype` as its training ran."""
-    if quantize is not None or dtype == "fp32":
-        return dtype
-    config = load_config(base)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return dtype if stored == DTYPES[dtype] else "fp32"
+def _dropped_energy(S: torch.Tensor, k: int) -> float:
+    """The fraction of Σσ² (ΔW's energy) in the singular values `S` (descending) past the first `k`. S is divided
+    by its largest value first: squared as they are, σ of 1e20 overflow fp32 and σ of 1e-20 underflow to 0."""
+    if S.numel() == 0 or S[0] == 0:
+        return 0.0
+    energy = (S / S[0]).square()
+    return (energy[k:].sum() / energy.sum()).item()
+
+
+def _load_dtype(dtype: str, quantize: str | None) -> str:
+    """The dtype to load the base in for an export in `dtype`: fp32, cast to `dtype` after the merge, so the export
+    is round(W0 + ΔW), rounded once. W0 stored in bf16/fp16 is exact in fp32; loaded in its own dtype, the adapters'
+    A and B were cast to it too and ΔW built from rounded factors (half the elements of a bf16 merge off). A
+    quantized base is de-quantized in `dtype` as its training ran."""
+    return dtype if quantize is not None else "fp32"
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
@@ -262,10 +296,15 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     The directory appears complete or not at all, and an overwritten one is the old set or the new one, never a
     mix (utils.files.atomic_dir); a full disk is a DiskError. A non-empty `out_dir` needs `overwrite`; then only
     the files the export writes are replaced there (plus an older export's weight files, which transformers would
-    load instead of the new ones); the other files stay. Without `overwrite`, an `out_dir` another command filled
-    meanwhile is left to it (FileExistsError).
+    load instead of the new ones, and an adapter's files, which it would attach to them); the other files stay.
+    Without `overwrite`, an `out_dir` another command filled meanwhile is left to it (FileExistsError).
+    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i).
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
+    if not adapters:
+        raise ConfigError(["adapters []: give at least one adapter directory to merge (the command's --adapter)"])
+    if weights is not None:
+        weights = as_weights(weights, len(adapters))
     problems = [f"--{p.replace('combination_type', 'combination')}"
                 for p in check_combination(len(adapters), weights, combination_type)]
     if dtype not in DTYPES:
@@ -275,10 +314,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     if problems:
         raise ConfigError(problems)
     combine = len(adapters) > 1 or (weights or [1.0]) != [1.0]  # one adapter with another weight: scaled the same way
-    if combine:
+    if combine and len(adapters) == 1:
+        _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
+    elif combine:
         _refuse_uncombinable({str(a): read_adapter_config(a) for a in adapters})
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
-    loaded = _load_dtype(base, dtype, quantize)
+    loaded = _load_dtype(dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
@@ -315,8 +356,9 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     out = Path(out_dir)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     # --overwrite into a used folder replaces our files only (and an older export's weight files, which
-    # transformers would load instead of the new ones); the folder is the old set or the new one, never a mix
-    with atomic_dir(out, need_bytes=need, drop=WEIGHT_FILES, replace=overwrite) as tmp:
+    # transformers would load instead of the new ones, and an adapter's, which it would attach to them); the
+    # folder is the old set or the new one, never a mix
+    with atomic_dir(out, need_bytes=need, drop=WEIGHT_FILES + ADAPTER_FILES, replace=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

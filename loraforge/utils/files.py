@@ -4,7 +4,9 @@ atomic_dir(final) yields an empty temporary directory beside `final` to write in
 the block ends, the result takes `final`'s place: the whole directory is renamed when `final` does not exist yet;
 otherwise the files of `final` it does not replace are linked into it and the two directories are swapped in one
 step (renameat2; elsewhere two renames, `final` moved aside to `.old-<name>-*` first), so a reader sees the old
-set or the new one, never a mix. On any error the temporary directory is removed, and an
+set or the new one, never a mix. The writer holds a lock on its temporary directory (flock) while it works, so
+one killed meanwhile (its lock gone with it) leaves a folder the next atomic_dir of the same `final` removes. On
+any error the temporary directory is removed, and an
 error that means the disk refused the write (full, quota, file-size limit, permission, read-only, I/O error)
 comes out as DiskError: one line naming the directory, about how much it needed and how much is free.
 atomic_file(path) does the same for one file. What either publishes gets the modes a plain open() or mkdir would
@@ -21,8 +23,14 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a killed writer's temporary folder is left to the user
+    fcntl = None
 
 REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -208,6 +216,57 @@ def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# How long nothing in a temporary folder must have changed before a sweep may take it for a killed writer's: a
+# writer that holds no lock (an older loraforge) is still writing into it as long as its files change.
+STALE_AFTER_S = 60.0
+
+
+def _lock_dir(path: Path) -> int | None:
+    """An open descriptor of folder `path` holding an exclusive flock on it, None where the lock is taken or the
+    file system has none; the lock goes when the descriptor closes, or the process dies."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:  # held by a live writer (EWOULDBLOCK), or no flock on this file system
+        os.close(fd)
+        return None
+
+
+def _quiet_for(path: Path, seconds: float) -> bool:
+    """Whether nothing in folder `path` (it, or any entry under it) changed in the last `seconds`."""
+    newest = max((os.lstat(p).st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+    return time.time() - newest > seconds
+
+
+def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
+    """Remove the temporary folders (`.tmp-<name>-<8 characters>`) that killed writers of `final` left beside it:
+    those whose lock can be taken (no live writer holds it) and in which nothing changed for STALE_AFTER_S."""
+    own = re.compile(rf"\.tmp-{re.escape(final.name)}-[a-z0-9_]{{8}}")  # mkdtemp's suffix: not `.tmp-<name>-2-...`
+    try:
+        entries = list(final.parent.iterdir()) if fcntl is not None else []
+    except OSError:  # a folder we may write into but not list: nothing to sweep, the write goes on
+        return
+    for entry in entries:
+        if not own.fullmatch(entry.name) or entry == keep or entry.is_symlink() or not entry.is_dir():
+            continue
+        fd = _lock_dir(entry)
+        if fd is None:
+            continue
+        try:
+            if _quiet_for(entry, STALE_AFTER_S):
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # gone meanwhile, or unreadable: not ours to judge
+            pass
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str, ...] = (),
                replace: bool = True) -> Iterator[Path]:
@@ -218,16 +277,19 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     `need_bytes`: about how much the block writes, for the message when the disk refuses. `drop`: name patterns of
     files of the old set not to keep (an older export's weight files). `replace=False`: a `final` that another
     writer filled meanwhile is not replaced: FileExistsError (the rename of a directory onto one that is not empty
-    fails, so two writers racing to a new `final` cannot both win).
+    fails, so two writers racing to a new `final` cannot both win). Temporary folders of `final` that killed
+    writers left are removed first (remove_stale_temporaries).
     """
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"cannot write into {final}: it is a file, not a directory; give a directory path "
                                  f"(or remove the file)")
-    tmp = None
+    tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        lock = _lock_dir(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
+        remove_stale_temporaries(final, keep=tmp)
         yield tmp
         plain_modes(tmp)  # mkdtemp's 0700, mkstemp's and safetensors' 0600 would make `final` private
         if final.exists() and replace:
@@ -248,6 +310,9 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
         if error is None:
             raise
         raise error from None
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 @contextlib.contextmanager

@@ -355,3 +355,86 @@ def test_a_weighted_combination_past_fp16s_range_names_the_adapters_and_weights(
     assert str(e.value).startswith(f"cannot merge into --dtype fp16: adapter {tmp_path / 'a'}, {tmp_path / 'b'} with "
                                    f"--weights 1 1e+06: the merged weight ")
     assert str(e.value).endswith("; merge in fp32 or bf16, or with smaller --weights")
+
+
+def test_merge_overwrite_drops_an_adapter_left_in_out_and_keeps_other_files(tiny_dir, tmp_path, input_ids):
+    """--overwrite into a folder that held an adapter kept its adapter_config.json and weights beside the merged
+    model: from_pretrained attached that adapter to the merged weights again (logits 0.24 off)."""
+    for name, seed in (("a", 1), ("stale", 2)):
+        save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), seed=seed),
+                     tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (tmp_path / "stale").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    (out / "adapter_model.bin").write_bytes(b"an older adapter")
+    (out / "notes.txt").write_text("mine")
+    export_merged(str(tiny_dir), [str(tmp_path / "a")], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("adapter")) == []
+    assert (out / "notes.txt").read_text() == "mine"
+    want = AutoModelForCausalLM.from_pretrained(tiny_dir)  # W0 + s·B·A, the plain formula on the saved adapter
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    scale = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_alpha"] / 2
+    with torch.no_grad():
+        for key in (k for k in tensors if k.endswith("lora_A.weight")):
+            module = want.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+            module.weight += scale * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+        got = AutoModelForCausalLM.from_pretrained(out)(input_ids).logits
+        assert (want(input_ids).logits - AutoModelForCausalLM.from_pretrained(tiny_dir)(input_ids).logits
+                ).abs().max() > 0.1  # the adapter moves the logits
+        torch.testing.assert_close(got, want(input_ids).logits, rtol=1e-5, atol=1e-5)  # fp32 sums in two orders
+
+
+def _two_adapters(tmp_path):
+    model = tiny_llama()
+    for name, seed in (("a", 1), ("b", 2)):
+        save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules=tuple(TARGETS))), seed=seed),
+                     tmp_path / name)
+        load_adapter(model, tmp_path / name, name)
+    return model
+
+
+@pytest.mark.parametrize("weights,want", [(None, [1.0, 1.0]), (torch.tensor([0.5, -2.0]), [0.5, -2.0]),
+                                          ((1, 2), [1.0, 2.0])])
+def test_weights_may_be_none_a_tuple_or_a_tensor(weights, want, tmp_path):
+    """weights=None was a TypeError (export_merged defaults it to 1 each), a tensor "Boolean value of Tensor ...
+    is ambiguous"; each is the weighted sum Σ w·s·B·A now."""
+    model = _two_adapters(tmp_path)
+    add_weighted_adapter(model, ["a", "b"], weights, "c", combination_type="cat")
+    for _, m in lora_layers(model):
+        exact = sum(w * m.scaling[n] * m.lora_B[n].weight @ m.lora_A[n].weight for n, w in zip("ab", want))
+        torch.testing.assert_close(m.delta_weight("c"), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: add_weighted_adapter(m, [], [], "x", "cat"),
+     "adapters []: give the names of the loaded adapters to combine (loaded: ['a', 'b'])"),
+    (lambda m: add_weighted_adapter(m, [], [], "x", "svd"),
+     "adapters []: give the names of the loaded adapters to combine (loaded: ['a', 'b'])"),
+    (lambda m: add_weighted_adapter(m, ["a", "b"], [1, 1], "x", "svd", svd_rank=0),
+     "svd_rank 0: give a positive whole number, or None for the largest adapter rank"),
+    (lambda m: add_weighted_adapter(m, ["a", "b"], [1, 1], "x", "svd", svd_rank=-3),
+     "svd_rank -3: give a positive whole number, or None for the largest adapter rank"),
+    (lambda m: add_weighted_adapter(m, ["a", "b"], torch.ones(2, 2), "x", "cat"),
+     "weights [[1.0, 1.0], [1.0, 1.0]]: give one number per adapter, e.g. [0.7, 0.3]"),
+    (lambda m: export_merged("unused", [], "unused"),
+     "adapters []: give at least one adapter directory to merge (the command's --adapter)"),
+], ids=["empty-cat", "empty-svd", "svd_rank-0", "svd_rank-negative", "weights-2d", "export-empty"])
+def test_empty_adapters_a_zero_svd_rank_and_odd_weights_are_value_errors(call, message, tmp_path):
+    """[] was an IndexError (cat, export_merged) or "max() arg is an empty sequence" (svd); svd_rank 0 silently
+    meant the default."""
+    model = _two_adapters(tmp_path)
+    with pytest.raises(ConfigError) as e:  # a ValueError
+        call(model)
+    assert e.value.problems == [message]
+    assert list(model.lora_configs) == ["a", "b"]  # nothing made
+
+
+def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
+    """`merge --adapter DORA --weights 0.5` said to merge "with that one --adapter", which the user had done."""
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2, use_dora=True)), tmp_path / "dora")
+    with pytest.raises(AdapterError) as e:
+        export_merged("unused", [str(tmp_path / "dora")], tmp_path / "out", weights=[0.5])
+    assert str(e.value) == (f"--weights 0.5: cannot scale the adapter: '{tmp_path / 'dora'}' uses DoRA "
+                            f"(use_dora): its magnitude vector is not a low-rank update. Leave --weights out to merge "
+                            f"it as trained")

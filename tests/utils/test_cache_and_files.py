@@ -5,6 +5,10 @@ CPU kernels."""
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +47,59 @@ def test_replacing_a_directory_gives_the_new_set_with_the_files_it_does_not_repl
     assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 64",
                                   "adapter_model.safetensors": "new weights"}
     assert sorted(p.name for p in old_adapter.parent.iterdir()) == ["adapter"]  # no .tmp- or .old- left
+
+
+WRITER = """
+import os, signal, sys, time
+from loraforge.utils.files import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"part of a merge")
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()  # a live writer: works until the test closes its stdin
+"""
+
+
+def _writer(final, how):
+    """A process writing `final` through atomic_dir; returns it and the temporary folder it writes into."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final), how], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # this checkout's loraforge
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def _age(path, seconds):
+    for p in (path, *path.rglob("*")):
+        os.utime(p, (time.time() - seconds,) * 2)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
+def test_a_killed_writers_temporary_folder_goes_at_the_next_write_and_a_live_ones_stays(tmp_path):
+    """A merge killed mid-write left `.tmp-<out>-*` beside --out for good (5 kills: 513 MB). The next write of the
+    same folder removes it; a live writer's (it holds its folder's flock), another folder's and one still changing
+    (a writer without the lock) stay."""
+    final = tmp_path / "out"
+    killed, left = _writer(final, "kill")
+    killed.wait()
+    live, working = _writer(final, "live")
+    other = tmp_path / ".tmp-out-2-abcd1234"  # the temporary folder of a folder named out-2
+    recent = tmp_path / ".tmp-out-abcd1234"  # unlocked, but written into a moment ago
+    for d in (other, recent):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    for d in (left, working, other):
+        _age(d, 3600)  # an hour untouched
+    try:
+        assert killed.returncode == -signal.SIGKILL and left.is_dir()
+        with atomic_dir(final) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"the new merge")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, other.name, recent.name, "out"])
+        assert files(working) == {"model.safetensors": "part of a merge"}
+        assert files(final) == {"model.safetensors": "the new merge"}
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and files(final) == {"model.safetensors": "part of a merge"}  # its rename, last
 
 
 def test_a_replacement_that_dies_before_its_swap_leaves_the_old_set_whole(old_adapter, monkeypatch):
