@@ -28,12 +28,13 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
 from loraforge.models import load_base, load_config
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
-                                          start_over, steps_text, task_split, trained_steps, write_report)
+                                          start_over, steps_text, task_split, train_arm, trained_steps,
+                                          write_report)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
-from loraforge.training.loop import run_precision, train
+from loraforge.training.loop import run_precision
 from loraforge.training.report import strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
@@ -165,7 +166,7 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
         run_cfg = arm_config(cfg, adapter, replay, share, out, sizes)
         print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
-        result = train(run_cfg, progress=progress, overwrite=overwrite)
+        result = train_arm(run_cfg, progress, overwrite, "continual")
         load_adapter(base, Path(run_cfg.output_dir) / "adapter")
         rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds, "steps": result.steps,
                      "replay_share": share, "output_dir": run_cfg.output_dir})

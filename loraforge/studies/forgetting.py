@@ -37,7 +37,7 @@ from loraforge.studies.probes import (PPL_WINDOW, kl_divergence, load_probe, mc_
                                       prefix_sharing_logits, probe_window)
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
-from loraforge.training.loop import run_precision, train
+from loraforge.training.loop import Stopped, run_precision, train
 from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar, strict_json
 from loraforge.training.trackers import check_tracker
@@ -127,6 +127,16 @@ def start_over(out: Path, names: tuple[str, ...]) -> None:
     before its first write, it left the earlier JSON describing runs it had begun to replace."""
     for name in names:
         (out / name).unlink(missing_ok=True)
+
+
+def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: str):
+    """train() for one arm of a study: a signal's stop says how to go on, as train's says --resume (a study has
+    none: the arm's checkpoint is of no use to a rerun, which trains its arms again)."""
+    try:
+        return train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: an earlier run there starts over
+    except Stopped as e:
+        raise Stopped(e.signum, f"{e}; `loraforge {command}` has no --resume: run it again with --overwrite (its "
+                                f"arms train again)", resumable=False) from None
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -365,7 +375,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
             run_cfg = arm_config(cfg, arm, seed, out)
             print(f"[{arm.name} seed {seed}] training {run_length(run_cfg.training)} at lr {arm.lr:g} ...",
                   flush=True)
-            result = train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: an earlier run there starts over
+            result = train_arm(run_cfg, progress, overwrite, "forgetting")
             t0 = time.perf_counter()
             if arm.method == "full":
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).

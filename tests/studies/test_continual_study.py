@@ -12,7 +12,7 @@ from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.studies.continual import arm_config, arm_name, arm_slug, cli_continual, format_report, run_continual
 from loraforge.studies.demo import asset
 from loraforge.training.data import read_records
-from loraforge.training.loop import train
+from loraforge.training.loop import Stopped, train
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject
 from helpers import tiny_llama
@@ -77,15 +77,18 @@ def test_a_rerun_that_is_stopped_leaves_no_earlier_result_in_out(tiny_dir, tmp_p
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "continual.json").write_text('{"rows": []}')
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    def stopped(*args, **kwargs):  # Ctrl-C in the first arm
+        raise Stopped(2, "stopped by SIGINT after step 1 of 2: checkpoint study/new/checkpoints/step-0000001 saved")
 
-    monkeypatch.setattr("loraforge.studies.continual.train", killed)
+    monkeypatch.setattr("loraforge.studies.forgetting.train", stopped)
     cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stopped) as e:
         run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), shares=(0.0,),
                       out=tmp_path / "study", general=False, limit=2, progress=False, overwrite=True)
     assert not (tmp_path / "study" / "continual.json").exists()
+    # train's stop said a checkpoint was saved, and nothing of how to go on: a study has no --resume
+    assert str(e.value).endswith("step-0000001 saved; `loraforge continual` has no --resume: run it again with "
+                                 "--overwrite (its arms train again)") and not e.value.resumable
 
 
 def test_a_lora_setting_at_its_default_that_the_adapter_contradicts_is_refused_before_out_is_written(tiny_dir,
