@@ -132,6 +132,13 @@ def disk_stop(root: Path, step: int, error: DiskError) -> TrainingError:
     return TrainingError(f"{error}; training stopped after step {step}, {kept}")
 
 
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    """Put back the states rng_state() gave (CUDA's only where this process has a GPU)."""
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
 def world_change(path: Path, then: int, now: int, draws: str) -> str:
     """What a resume onto another number of processes says: what continues exactly, and where dropout `draws`."""
     return (f"{path.name} was written by {then} processes, this run has {now}: weights, optimizer and data position "
@@ -361,9 +368,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     own = f".{rank}" if rank and meta.get("world_size") == world else ""  # older checkpoints kept rank 0's alone
-    torch.set_rng_state(tensors[f"rng.torch{own}"])
-    if f"rng.cuda{own}" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors[f"rng.cuda{own}"])
+    restore_rng({kind: tensors[f"rng.{kind}{own}"] for kind in ("torch", "cuda") if f"rng.{kind}{own}" in tensors})
     if rank == 0 and meta.get("world_size", world) != world:
         print(world_change(path, meta["world_size"], world, "start from rank 0's"), flush=True)
     version, internal, gauss = meta["python_rng"]

@@ -21,7 +21,6 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
@@ -31,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from loraforge.config import TrainConfig, to_dict
 from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
-                                           disk_stop, find_checkpoint, sha256_file, world_change)
+                                           disk_stop, find_checkpoint, restore_rng, rng_state, sha256_file,
+                                           world_change)
 from loraforge.training.distributed import is_collective_failure
 from loraforge.utils.files import atomic_dir, disk_error
 
@@ -72,10 +72,7 @@ def _save_sharded(final: Path, step: int, module: nn.Module, optimizer, schedule
         tmp = shared_path(made)
         model_state, optim_state = trained_state(module, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, tmp / f"rng-{rank}.safetensors")
+        save_file(rng_state(), tmp / f"rng-{rank}.safetensors")
         if os.environ.get("LORAFORGE_TEST_CRASH_IN_SAVE") == f"{step}:{rank}":  # test hook: die mid-save (SIGKILL)
             os.kill(os.getpid(), 9)
         dist.barrier()  # every process's files are written
@@ -155,10 +152,7 @@ def load_sharded(path: Path, module: nn.Module, optimizer, scheduler, config: di
     scheduler.load_state_dict(meta["scheduler"])
     rank, world = dist.get_rank(), dist.get_world_size()
     if meta["world_size"] == world:
-        rng = load_file(path / f"rng-{rank}.safetensors")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        restore_rng(load_file(path / f"rng-{rank}.safetensors"))
     elif rank == 0:
         print(world_change(path, meta["world_size"], world, "start from the seed"), flush=True)
     version, internal, gauss = meta["python_rng"]

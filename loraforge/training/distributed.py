@@ -40,6 +40,7 @@ from loraforge.models import resolve_model
 from loraforge.precision import Precision
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError, flat
+from loraforge.training.mixing import fingerprint_changes
 from loraforge.utils.allocator import return_large_frees
 from loraforge.utils.parent import follow_agent
 
@@ -114,10 +115,7 @@ def check_same_data(fingerprint: list[dict], world: int) -> None:
     every = [None] * world
     dist.all_gather_object(every, fingerprint)
     for rank, other in enumerate(every[1:], start=1):
-        if other != every[0]:
-            differ = [f"{a['name']}: {a['examples']} examples on rank 0, {b['examples']} on rank {rank}"
-                      if a["examples"] != b["examples"] else f"{a['name']}: as many examples, other tokens on rank "
-                      f"{rank}" for a, b in zip(every[0], other) if a != b] or ["another number of sources"]
+        if differ := fingerprint_changes(every[0], other, "on rank 0", f"on rank {rank}"):
             raise TrainingError(f"the processes read different training data ({'; '.join(differ)}); give every "
                                 f"process the same files, e.g. absolute paths on a file system every node sees "
                                 f"(a relative path is read from the folder each node was started in)", everywhere=True)

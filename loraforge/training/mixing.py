@@ -249,12 +249,13 @@ def fingerprint(examples: list[D.Example], mixture: Mixture) -> list[dict]:
     return found
 
 
-def fingerprint_changes(saved: list[dict], now: list[dict]) -> list[str]:
-    """The sources whose examples differ between a checkpoint's fingerprint and this run's, each as a phrase."""
+def fingerprint_changes(saved: list[dict], now: list[dict], then_: str = "then", now_: str = "now") -> list[str]:
+    """The sources whose examples differ between two fingerprints (a checkpoint's and this run's; `then_`, `now_`
+    name them: rank 0's and another process's), each as a phrase."""
     if len(saved) != len(now):
-        return [f"{len(saved)} training sources then, {len(now)} now"]
-    return [f"{b['name']}: {a['examples']} examples then, {b['examples']} now" if a["examples"] != b["examples"] else
-            f"{b['name']}: as many examples ({b['examples']}), other tokens" for a, b in zip(saved, now)
+        return [f"{len(saved)} training sources {then_}, {len(now)} {now_}"]
+    return [f"{b['name']}: {a['examples']} examples {then_}, {b['examples']} {now_}" if a["examples"] != b["examples"]
+            else f"{b['name']}: as many examples ({b['examples']}), other tokens" for a, b in zip(saved, now)
             if a["sha256"] != b["sha256"]]
 
 
