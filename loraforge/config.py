@@ -246,6 +246,11 @@ def pattern_problems(name: str, pattern, integer: bool) -> list[str]:
         return [f"{name}: expected a mapping of module regex to value, e.g. {{'q_proj': 16}}, got {pattern!r}"]
     p = []
     for key, v in pattern.items():
+        if v is None and isinstance(key, str) and re.fullmatch(r"[^:]+:[-+.\w]+", key):  # YAML's {q_proj:64}
+            left, right = key.rsplit(":", 1)
+            p.append(f"{name}: {{{key}}} reads as the key {key!r} with no value (YAML needs a space after the "
+                     f"colon): write {{{left}: {right}}} (in quotes on a command line)")
+            continue
         try:
             re.compile(key)
             re.compile(rf"(.*\.)?({key})$")  # how inject.pattern_matches uses it

@@ -38,6 +38,16 @@ def test_nan_and_inf_training_values_are_refused_by_name(override, problem):
     assert problems(override) == [problem]
 
 
+def test_a_pattern_written_without_the_space_yaml_needs_says_so():
+    """Soak: `lora.rank_pattern={q_proj:64}` is YAML's key 'q_proj:64' with no value; the message said
+    "lora.rank_pattern.q_proj:64: must be a positive integer …, got None"."""
+    assert problems("lora.rank_pattern={q_proj:64}", "lora.alpha_pattern={v_proj:-0.5}") == [
+        "lora.rank_pattern: {q_proj:64} reads as the key 'q_proj:64' with no value (YAML needs a space after the "
+        "colon): write {q_proj: 64} (in quotes on a command line)",
+        "lora.alpha_pattern: {v_proj:-0.5} reads as the key 'v_proj:-0.5' with no value (YAML needs a space after "
+        "the colon): write {v_proj: -0.5} (in quotes on a command line)"]
+
+
 def test_full_fine_tuning_of_a_quantized_base_is_refused_by_name():
     """bitsandbytes' "only Tensors of floating point dtype can require gradients" traceback, at the model's load."""
     assert problems("method=full", "model.quantization=nf4") == [

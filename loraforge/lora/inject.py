@@ -119,17 +119,20 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = _saved_paths(model, getattr(config, "modules_to_save", None) or ())
     inside = tuple(p + "." for p in saved)
     matched, found = [], []  # matched: before the layers_to_transform filter
+    dropped = {"exclude_modules": [], "modules_to_save": []}  # matched targets these fields take away (soak)
     for path, module in model.named_modules():
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
-            continue
-        if config.exclude_modules and target_matches(config.exclude_modules, path):
-            continue
-        if path in saved or path.startswith(inside):
             continue
         if targets == "all-linear":
             if module is output or path.endswith("lm_head"):
                 continue
         elif not target_matches(targets, path):
+            continue
+        if config.exclude_modules and target_matches(config.exclude_modules, path):
+            dropped["exclude_modules"].append(path)
+            continue
+        if path in saved or path.startswith(inside):
+            dropped["modules_to_save"].append(path)
             continue
         matched.append(path)
         if config.layers_to_transform and not isinstance(targets, str) and path not in targets:
@@ -140,21 +143,31 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         _refuse_non_linear(model, targets, found)
     if not found and matched:  # the targets match, the layer selection drops them all: name the layer field
         _refuse_layer_selection(model, config, matched)
+    if not found and (taken := [f"{field} takes all {len(paths)} ({_saved_why(field)})"
+                                for field, paths in dropped.items() if paths]):
+        raise ConfigError([f"target_modules: {clipped(targets)} matches {sum(map(len, dropped.values()))} layer(s) "
+                           f"of this model, but {' and '.join(taken)}, so no layer is left for an adapter: remove "
+                           f"them from {' / '.join(f for f, p in dropped.items() if p)}, or target other layers"])
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
-        chosen += [f"exclude_modules {config.exclude_modules!r}"] if config.exclude_modules else []
         also = f" with {' and '.join(chosen)}" if chosen else ""
         raise ConfigError([f"target_modules: {clipped(targets)}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}"])
+    taken_away = matched + dropped["exclude_modules"] + dropped["modules_to_save"]
     if not isinstance(targets, str) and (unused := [t for t in targets if not any(target_matches((t,), p)
-                                                                                  for p in matched)]):
+                                                                                  for p in taken_away)]):
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})  # soak: a typo went unsaid
         warnings.warn(f"target_modules: {', '.join(clipped(t, 60) for t in unused[:5])} match"
                       f"{'es' if len(unused) == 1 else ''} no layer of this model that gets an adapter "
                       f"({type(model).__name__}; its linear layers are named {suffixes}): check the spelling",
                       stacklevel=3)
     return found
+
+
+def _saved_why(field: str) -> str:
+    return ("it trains them in full; a layer cannot be both saved whole and adapted" if field == "modules_to_save"
+            else "it removes them from target_modules")
 
 
 def _refuse_layer_selection(model: nn.Module, config, matched: list[str]) -> None:

@@ -82,6 +82,7 @@ class Adapter:
     verified: bool = False  # loaded or checked once
     problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
     stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
+    loaded_stamp: tuple = ()  # its files' stat when it was loaded: files changed since are loaded again when idle
 
 
 class RowSlots:
@@ -559,8 +560,10 @@ class Residency:
         whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check (that is a 400).
         """
         if entry.slot is not None:
-            self.resident.move_to_end(entry.uid)
-            return True
+            if entry.running or _stamp(entry) == entry.loaded_stamp:
+                self.resident.move_to_end(entry.uid)
+                return True
+            self.evict(entry)  # soak: files rewritten since (a run retrained into it) were served or not by LRU luck
         if entry.problem is not None:
             raise BrokenAdapter(entry.problem)  # known broken: its files are not read again
         victim = None
@@ -592,7 +595,7 @@ class Residency:
                                                     self.adapter_dtype)
                 layer.row_forward = stack.forward
             stack.put(slot, A, B, scale, g)
-        entry.slot, entry.load_id, entry.verified = slot, next(self._loads), True
+        entry.slot, entry.load_id, entry.verified, entry.loaded_stamp = slot, next(self._loads), True, stamp
         with self.lock:
             self.resident[entry.uid] = entry
         self.stats["loads"] += 1

@@ -285,6 +285,16 @@ def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = No
     return "; ".join(advice)
 
 
+def unusual_settings(cfg: TrainConfig) -> str:
+    """Fields far past their usual values that can make the loss or the gradients overflow, named first in a
+    non-finite stop's advice (soak: 1e30 in either was blamed on training.lr)."""
+    ratio = cfg.training.loraplus_lr_ratio
+    orth = float(cfg.adalora.get("orth_reg_weight", 0)) if cfg.method == "adalora" else 0  # YAML: "1e30" a str
+    said = [f"training.loraplus_lr_ratio is {ratio:g} (16 is usual)"] if ratio and ratio > 1000 else []
+    said += [f"adalora.orth_reg_weight is {orth:g} (0.5 is usual)"] if orth > 100 else []
+    return f"{'; '.join(said)}: lower {'it' if len(said) == 1 else 'them'}. Else: " if said else ""
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -779,7 +789,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     if not math.isfinite(loss_value):
         last = last_good_checkpoint(run)
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
-                            f"{last or 'none (no checkpoint was written yet)'}. "
+                            f"{last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
                             everywhere=True)
 
@@ -798,7 +808,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
                             f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
-                            f". {scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
+                            f". {unusual_settings(run.cfg)}{scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
                             everywhere=True)
     scale = scaler.get_scale()
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan

@@ -5,6 +5,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 
 import peft
 import pytest
@@ -647,3 +649,18 @@ def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tm
     assert str(e.value) == (f"{tmp_path / 'full'} is not an adapter directory: adapter_config.json is missing; a "
                             f"full fine-tuning run writes a whole model, not an adapter: give "
                             f"{tmp_path / 'full' / 'model'} as the base model (--model, --base, model.name)")
+
+
+def test_adapter_weights_are_read_into_memory_not_mapped_from_the_file(tmp_path):
+    """Soak: `serve` died of SIGBUS (no traceback, every client dropped) when a tool rewrote an adapter's weights in
+    place (cp, rsync --inplace) while it loaded: the tensors were a memory map of the file. A child process reads
+    the weights, the file is truncated under it, and it then sums the tensors."""
+    weights = {"base_model.model.x.lora_A.weight": torch.randn(64, 4096), "base_model.model.x.lora_B.weight":
+               torch.randn(4096, 64)}
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    script = ("import os, sys; from loraforge.lora.adapters import read_adapter_weights; "
+              "t = read_adapter_weights(sys.argv[1]); os.truncate(sys.argv[1] + '/adapter_model.safetensors', 0); "
+              "print(sum(float(v.double().sum()) for v in t.values()))")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    assert float(done.stdout) == pytest.approx(sum(float(v.double().sum()) for v in weights.values()), rel=1e-9)

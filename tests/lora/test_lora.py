@@ -111,6 +111,25 @@ def test_target_matching_nothing_lists_linear_names():
     assert sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}) == ["q_proj"]
 
 
+def test_targets_taken_by_modules_to_save_or_exclude_modules_name_that_field():
+    """Soak: `target_modules=[q_proj]` with `modules_to_save=[q_proj]` said q_proj "matches no linear layer" (the
+    message then listed q_proj among the layer names); with the default targets, "check the spelling"."""
+    with pytest.raises(ConfigError) as e:
+        inject(tiny_llama(), LoraConfig(target_modules=("q_proj",), modules_to_save=("q_proj",)))
+    assert e.value.problems == [
+        "target_modules: ('q_proj',) matches 2 layer(s) of this model, but modules_to_save takes all 2 (it trains "
+        "them in full; a layer cannot be both saved whole and adapted), so no layer is left for an adapter: remove "
+        "them from modules_to_save, or target other layers"]
+    with pytest.raises(ConfigError, match=r"but exclude_modules takes all 2 \(it removes them from target_modules"):
+        inject(tiny_llama(), LoraConfig(target_modules=("q_proj",), exclude_modules=("q_proj",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # taken on purpose (PEFT's rule): no "check the spelling"
+        model = inject(tiny_llama(), LoraConfig(target_modules=("q_proj", "v_proj"), modules_to_save=("q_proj",)))
+        assert sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}) == ["v_proj"]
+        inject(tiny_llama(), LoraConfig(target_modules=("q_proj", "v_proj"), exclude_modules=("q_proj",)))
+        inject(tiny_llama(), LoraConfig(modules_to_save=("q_proj",)))  # the default targets: nothing was named
+
+
 @pytest.mark.parametrize("model, changes, problem", [
     ("llama", {"layers_pattern": "blocks"}, "layers_pattern: 'blocks' names no layer list of this model "
      "(LlamaForCausalLM), whose targeted layers sit in ['layers']; use layers_pattern: 'layers', or remove "

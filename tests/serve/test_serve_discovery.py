@@ -184,3 +184,28 @@ def test_a_folder_added_after_start_is_served_by_name_and_an_unloaded_one_stays_
             assert http(url, "POST", "/v1/completions", json={"model": "dates", **kw}).status_code == 200
     finally:
         engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
+def test_an_adapter_whose_files_change_while_resident_is_served_from_the_new_files(tiny_base, tokenizer, runs,
+                                                                                   tmp_path):
+    """Soak: a run retrained into a served folder was answered with the old weights while its adapter stayed
+    resident, with the new ones once other traffic evicted it: which one a client got was LRU luck."""
+    folder = tmp_path / "dir"
+    shutil.copytree(runs / "dates", folder / "x")
+    prompt = tokenizer("The quick brown fox")["input_ids"]
+    old, new = (reference(tiny_base, runs / name / "adapter", prompt, GREEDY.max_tokens) for name in ("dates", "sums"))
+    assert old != new
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    try:
+        assert engine.generate(prompt, "x", GREEDY).token_ids == old
+        weights = folder / "x" / "adapter" / "adapter_model.safetensors"
+        shutil.copyfile(runs / "sums" / "adapter" / "adapter_model.safetensors", weights)  # in place, as cp does
+        assert engine.generate(prompt, "x", GREEDY).token_ids == new
+        (tmp_path / "tmp.safetensors").write_bytes((runs / "dates" / "adapter" / "adapter_model.safetensors")
+                                                   .read_bytes())
+        (tmp_path / "tmp.safetensors").replace(weights)  # atomically, as loraforge writes
+        assert engine.generate(prompt, "x", GREEDY).token_ids == old
+        assert engine.stats["loads"] == 3
+    finally:
+        engine.stop()

@@ -669,6 +669,19 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+@pytest.mark.parametrize("override, named", [
+    (["training.loraplus_lr_ratio=1e30"], "training.loraplus_lr_ratio is 1e+30 (16 is usual): lower it. Else: "),
+    (["method=adalora", "adalora.orth_reg_weight=1e30", "adalora.tinit=0", "adalora.tfinal=0"],
+     "adalora.orth_reg_weight is 1e+30 (0.5 is usual): lower it. Else: "),
+])
+def test_a_non_finite_stop_names_an_unusually_large_setting_first(tiny_dir, data_file, tmp_path, override, named):
+    """Soak: 1e30 in either field stopped the run with advice naming training.lr only."""
+    cfg = load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "run") + override)
+    with pytest.raises(TrainingError) as e:
+        train(cfg, progress=False)
+    assert ". " + named + "Lower training.lr" in str(e.value), str(e.value)
+
+
 def test_an_update_that_makes_the_weights_infinite_stops_before_they_are_saved(tiny_dir, data_file, tmp_path):
     """lr 1e308: step 1's loss and gradients are finite, and its AdamW update (about lr per weight) overflows fp32.
     The run had finished and written an adapter of NaN and inf ("final loss 10.8"), which serving then refused."""
