@@ -808,7 +808,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
                             f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
-                            f". {unusual_settings(run.cfg)}{scale}" + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
+                            f". {unusual_settings(run.cfg)}{scale}"
+                            + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
                             everywhere=True)
     scale = scaler.get_scale()
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
