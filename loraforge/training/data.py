@@ -90,20 +90,21 @@ def read_records(source: str) -> list[dict]:
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = _read_jsonl(path)
-    elif suffix == ".json":
-        records = _read_json(path)
-    elif suffix == ".csv":
-        records = _read_csv(path)
-    elif suffix == ".parquet":
-        records = [{**row, "_source": f"{path}[row {i}]"} for i, row in enumerate(_read_parquet(path))]
-    elif suffix == ".txt":
-        records = _read_plain(path)
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_plain,
+               ".parquet": lambda p: [{**row, "_source": f"{p}[row {i}]"} for i, row in enumerate(_read_parquet(p))]}
+    if suffix not in readers:
         raise DataError(f"{source}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .parquet or .txt")
+    try:
+        path.open("rb").close()  # soak: an unreadable file was a PermissionError traceback (parquet: "not Parquet")
+    except OSError as e:
+        raise DataError(f"{source}: cannot be read ({e.strerror or e}); make it readable (e.g. chmod a+r "
+                        f"{source}) or run as a user who may read it") from None
+    records = readers[suffix](path)
     if not records:
-        raise DataError(f"{source}: no records (the file is empty)")
+        size = path.stat().st_size
+        why = "the file is empty" if not size else {".csv": "only a header line", ".parquet": "0 rows"}.get(
+            suffix, "only blank lines")  # soak: "the file is empty" was said of files that were not
+        raise DataError(f"{source}: no records ({why})")
     return records
 
 
@@ -119,7 +120,10 @@ def _read_plain(path: Path) -> list[dict]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    text = _read_text(path)
+    if "\r" in text and "\n" not in text:  # old Mac line ends (CR only); JSON holds no raw CR inside a string
+        text = text.replace("\r", "\n")
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         record = _json(line, path, lineno)
@@ -373,12 +377,14 @@ def _decimal(units: int, digits: int) -> str:
 # ---------------------------------------------------------------------------------------------------- formats
 
 def detect_format(record: dict) -> str:
-    """"chat" (messages), "instruction" (instruction + output) or "text" (text), from the record's keys."""
-    if "messages" in record:
+    """"chat" (messages), "instruction" (instruction + output) or "text" (text), from the record's keys; a key
+    whose value is null counts as absent (a Parquet file written from mixed records has every column in every row)."""
+    given = {key for key, value in record.items() if value is not None}
+    if "messages" in given:
         return "chat"
-    if "instruction" in record or "output" in record:
+    if "instruction" in given or "output" in given:
         return "instruction"
-    if "text" in record:
+    if "text" in given:
         return "text"
     keys = sorted(k for k in record if not k.startswith("_"))
     raise DataError(f"{_where(record)}cannot tell the format from the keys {keys}; expected "
@@ -396,7 +402,9 @@ def _field(record: dict, name: str, required: bool = True) -> str:
     if not isinstance(value, str):
         raise DataError(f"{_where(record)}field {name!r} must be a string, got {json_type(value)}")
     if required and not value.strip():
-        raise DataError(f"{_where(record)}field {name!r} is missing or empty")
+        keys = sorted(k for k in record if not k.startswith("_"))  # soak: a Dolly-style "response" went unsaid
+        found = "empty" if name in record and record[name] is not None else f"missing (the record's keys: {keys})"
+        raise DataError(f"{_where(record)}field {name!r} is {found}")
     return _encodable(record, name, value)
 
 

@@ -332,8 +332,48 @@ def test_empty_file_is_an_error(tmp_path):
 
 def test_missing_field_names_field_record_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": ""}])
-    with pytest.raises(DataError, match=rf"record 1: {path}:2: field 'output' is missing or empty"):
+    with pytest.raises(DataError, match=rf"record 1: {path}:2: field 'output' is empty$"):
         build_dataset(read_records(path), tok)
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "a", "context": "c", "response": "b"}])
+    with pytest.raises(DataError) as e:  # soak: the keys it has went unsaid (rename response, and context is lost)
+        build_dataset(read_records(dolly), tok)
+    assert str(e.value) == (f"record 0: {dolly}:1: field 'output' is missing (the record's keys: ['context', "
+                            f"'instruction', 'response'])")
+
+
+def test_files_with_no_records_say_what_they_hold_and_unreadable_files_are_named(tmp_path):
+    """Soak: "(the file is empty)" was said of files of blank lines, a CSV header or a 0-row Parquet file; a file
+    the user may not read was a PermissionError traceback (a Parquet one: "cannot be read as a Parquet file")."""
+    pd = pytest.importorskip("pandas")
+    (tmp_path / "blank.jsonl").write_text("\n\n  \n")
+    (tmp_path / "header.csv").write_text("instruction,output\n")
+    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "none.parquet")
+    for name, why in [("blank.jsonl", "only blank lines"), ("header.csv", "only a header line"),
+                      ("none.parquet", "0 rows")]:
+        with pytest.raises(DataError) as e:
+            read_records(str(tmp_path / name))
+        assert str(e.value) == f"{tmp_path / name}: no records ({why})"
+    (tmp_path / "d.parquet").write_bytes((tmp_path / "none.parquet").read_bytes())
+    for name in ("d.jsonl", "d.parquet"):
+        (tmp_path / name).touch()
+        def refuse(*args, **kw):
+            raise PermissionError(13, "Permission denied")
+        with pytest.MonkeyPatch.context() as mp:  # root reads any file: the open is refused as for another user
+            mp.setattr(Path, "open", refuse)
+            with pytest.raises(DataError) as e:
+                read_records(str(tmp_path / name))
+        assert str(e.value) == (f"{tmp_path / name}: cannot be read (Permission denied); make it readable (e.g. "
+                                f"chmod a+r {tmp_path / name}) or run as a user who may read it")
+
+
+def test_null_keys_do_not_decide_the_format_and_cr_only_line_ends_read(tok, tmp_path):
+    """Soak: a Parquet file written from mixed records (every column in every row, null where absent) was refused:
+    `messages: null` made an instruction record a chat one. And a JSONL file with old Mac line ends (CR only) was
+    "invalid JSON (Extra data)" at line 1."""
+    records = [{"messages": None, "instruction": "a", "output": "b"}, {"messages": None, "text": "abc"}]
+    assert [detect_format(r) for r in records] == ["instruction", "text"]
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "one"}\r{"text": "two"}\r')
+    assert [r["text"] for r in read_records(str(tmp_path / "cr.jsonl"))] == ["one", "two"]
     bad_chat = {"messages": [{"role": "user", "content": "hi"}]}
     with pytest.raises(DataError, match="record 0: field 'messages' has no assistant turn"):
         build_dataset([bad_chat], tok)
