@@ -135,11 +135,14 @@ class Engine:
         with self._cv:
             return [a.name for a in self._residency.resident.values()]
 
-    def load(self) -> dict[str, int]:
-        """Requests waiting and running now, and adapters resident."""
+    def load(self) -> dict[str, int | float]:
+        """Requests waiting and running now, adapters resident, and what the prefix cache holds of its budget (it
+        fills up to it and stays there: a soak read its growth as a leak, with nothing that said otherwise)."""
         with self._cv:
             return {"waiting": len(self._waiting), "running": len(self._batch),
-                    "resident": len(self._residency.resident)}
+                    "resident": len(self._residency.resident),
+                    "prefix_cache_mb": round(self.prefix_cache.bytes / 2**20, 2),
+                    "prefix_cache_budget_mb": round(self.prefix_cache.budget / 2**20, 2)}
 
     def submit(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams,
                on_event: Callable[[Event], None]) -> Request:

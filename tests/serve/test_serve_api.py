@@ -110,7 +110,11 @@ def test_bad_input_answers_and_the_server_goes_on(client, server, tokenizer):  #
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model="a", prompt=PROMPT, max_tokens=2)
     assert httpx.get(server[1] + "/v1/models").status_code == 401  # no key at all
-    assert httpx.get(server[1] + "/health").status_code == 200  # health needs no key
+    health = httpx.get(server[1] + "/health")  # health needs no key
+    assert health.status_code == 200
+    cache = server[0].prefix_cache  # what it holds, against the cache's own count (earlier tests filled it)
+    assert health.json()["prefix_cache_mb"] == round(cache.bytes / 2**20, 2) and cache.bytes <= cache.budget
+    assert health.json()["prefix_cache_budget_mb"] == round(cache.budget / 2**20, 2) > 0
 
     r = http(server, "POST", "/v1/completions", content=b'{"model": "a", "prompt": ',
              headers={"Content-Type": "application/json"})
