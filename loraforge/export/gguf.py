@@ -8,6 +8,7 @@ multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gguf
@@ -34,6 +35,9 @@ def base_gguf(base: str) -> Path | None:
     return expand_user(base) if base.endswith(".gguf") else None
 
 
+QUANT_SUFFIX = re.compile(r"[.-](?:[IB]?Q\d\w*|B?F16|F32)$", re.IGNORECASE)  # a GGUF file name's type: .Q4_1, -f16
+
+
 def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
     base, its GGUF file when it is a built-in name, the adapter)."""
@@ -46,6 +50,9 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
     check_parents(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")
+    if out.suffix.lower() != ".gguf":  # soak: written as given; llama.cpp, Ollama and LM Studio look for .gguf
+        raise OutputError(f"--out {out}: a GGUF file's name ends in .gguf (the tools that read it look for that); "
+                          f"use --out {out.with_name(out.name + '.gguf') if out.suffix else out.with_suffix('.gguf')}")
     if out.exists() and not overwrite:
         raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
     return out
@@ -132,6 +139,6 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     if adapter is not None:
         load_adapter(model, adapter)
         merge_and_unload(model)
-    name = Path(base).stem if source is None else source.stem
+    name = Path(base).stem if source is None else re.sub(QUANT_SUFFIX, "", source.stem)  # not "….Q4_1 + lora"
     name += f" + {Path(adapter).name}" if adapter else ""
     return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out)

@@ -16,11 +16,17 @@ import gguf
 from loraforge.export.gguf_names import ExportError
 
 
+LINEAGE_KEYS = ("general.organization", "general.basename", "general.size_label", "general.license",
+                "general.languages")
+"""What a GGUF base says of where it comes from, kept in a merged export (LM Studio and Ollama show license and
+size from them; soak: they were dropped). general.name and general.finetune describe the export itself."""
+
+
 def copy_vocab(writer: gguf.GGUFWriter, source: Path) -> None:
-    """Every `tokenizer.*` key of GGUF file `source`, with its value type."""
+    """Every `tokenizer.*` key of GGUF file `source`, and its LINEAGE_KEYS, with their value types."""
     reader = gguf.GGUFReader(source)
     for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") and key not in LINEAGE_KEYS:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -42,7 +48,9 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer, n_vocab
     writes them)."""
     check_tokenizer(tokenizer_dir)
     vocab = tokenizer.get_vocab()
-    special = set(tokenizer.all_special_ids)
+    # llama.cpp's converter: an added token marked special is CONTROL (not printed, not parsed from text), any
+    # other added token USER_DEFINED (soak: SmolLM2's <repo_name>, <file_sep>, ... were USER_DEFINED here)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
     by_id = {i: t for t, i in vocab.items()}
     tokens, types = [], []
@@ -57,4 +65,7 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer_dir: Path, tokenizer, n_vocab
     writer.add_tokenizer_pre("default")  # llama.cpp names its pre-tokenizers by hash; "default" is its generic one
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+    vocab = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
+    bos = tokenizer.bos_token_id  # what the tokenizer does, said: llama.cpp's own default may differ (soak)
+    vocab.add_special_token.setdefault("bos", bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    vocab.add_to_gguf(writer)

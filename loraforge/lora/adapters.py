@@ -198,7 +198,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
                                f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
     try:  # read into memory first: tensors mapped from a file that another tool rewrites in place die of SIGBUS
-        tensors = load(path.read_bytes())
+        tensors = dict(sorted(load(path.read_bytes()).items()))  # by name, as load_file gives them
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from None
     for key, tensor in tensors.items():  # adapter weights are floating point; an integer or bool one is damage
@@ -208,7 +208,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         if tensor.dtype not in COMPUTE_DTYPES:  # float8: stored small, computed (and checked) in fp32
             tensors[key] = tensor = tensor.float()
         _check_finite(tensor, f"{path}: tensor {key}")
-    if embedding := next((k for k in sorted(tensors) if ".lora_embedding_" in k), None):  # PEFT's LoRA on nn.Embedding
+    if embedding := next((k for k in tensors if ".lora_embedding_" in k), None):  # PEFT's LoRA on nn.Embedding
         raise AdapterError(f"{path}: {embedding} is LoRA on an embedding layer ({_module_of(embedding)}); loraforge "
                            f"reads LoRA on linear layers only (merge it with PEFT's merge_and_unload, then use the "
                            f"merged model)")

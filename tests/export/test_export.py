@@ -20,10 +20,12 @@ from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.export import gguf as gguf_export
 from loraforge.export.gguf import export_gguf
+from loraforge.export.gguf_vocab import LINEAGE_KEYS, write_vocab
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.merge import merge_and_unload
-from loraforge.models import load_base, load_tokenizer
+from loraforge.models import builtin_gguf_path, load_base, load_tokenizer
 from loraforge.utils.files import free_bytes
+from loraforge.utils.outputs import OutputError
 
 try:
     import llama_cpp
@@ -154,6 +156,34 @@ def test_merged_gguf_loads_in_transformers_with_equal_logits(tiny_pair, kind, tm
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert len(tokens) == want.shape[-1] and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
+
+
+def test_the_vocabulary_written_for_a_transformers_base_equals_llama_cpps_converter(tokenizer, tmp_path):
+    """The shipped SmolLM2 GGUF was written by llama.cpp's convert_hf_to_gguf.py: the same tokenizer written from a
+    transformers folder gives the same tokens, token types (soak: the 14 special added tokens after <|im_end|> were
+    USER_DEFINED, llama.cpp's converter makes them CONTROL) and add_bos_token (soak: not written)."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    write_vocab(writer, tmp_path / "tok", tokenizer, len(tokenizer))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours = gguf.GGUFReader(tmp_path / "v.gguf").fields
+    theirs = gguf.GGUFReader(builtin_gguf_path("smollm2-135m")).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours[key].contents() == theirs[key].contents(), key
+    assert ours["tokenizer.ggml.token_type"].contents()[3:17] == [gguf.TokenType.CONTROL] * 14
+
+
+def test_a_gguf_out_without_the_gguf_suffix_is_refused_with_the_name_to_use(tiny_dir, tmp_path):
+    """Soak: `--out "tiny noext"` was written as given, though llama.cpp, Ollama and LM Studio look for .gguf."""
+    for name, use in (("tiny noext", "tiny noext.gguf"), ("m.q8", "m.q8.gguf")):
+        with pytest.raises(OutputError) as e:
+            gguf_export.check_gguf_output(tmp_path / name, False, str(tiny_dir), None)
+        assert str(e.value) == (f"--out {tmp_path / name}: a GGUF file's name ends in .gguf (the tools that read it "
+                                f"look for that); use --out {tmp_path / use}")
+    assert gguf_export.check_gguf_output(tmp_path / "m.GGUF", False, str(tiny_dir), None) == tmp_path / "m.GGUF"
 
 
 # --- llama.cpp's LoRA GGUF -------------------------------------------------------------------------------------
@@ -422,6 +452,9 @@ def test_merged_builtin_model_round_trips_through_gguf(smol_adapter, smol_models
 
     model, merged, tokenizer = smol_models
     path = merged_gguf(smol_adapter, kind, tmp_path, merged)
+    fields, source = gguf.GGUFReader(path).fields, gguf.GGUFReader(builtin_gguf_path("smollm2-135m")).fields
+    assert {k: fields[k].contents() for k in LINEAGE_KEYS} == {k: source[k].contents() for k in LINEAGE_KEYS}
+    assert fields["general.name"].contents() == "SmolLM2-135M-Instruct + adapter"  # soak: "….Q4_1 + adapter"
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     back_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompts = ten_dates(tokenizer)
@@ -453,7 +486,6 @@ def test_llama_cpp_gives_loraforge_greedy_answers(smol_adapter, smol_models, tmp
     """llama.cpp itself: the merged f32 file, and the built-in GGUF + the adapter file (--lora)."""
     from loraforge.training.evaluate import generate
     from loraforge.export.gguf_lora import export_gguf_lora
-    from loraforge.models import builtin_gguf_path
 
     adapter = smol_adapter
     model, merged, tokenizer = smol_models
