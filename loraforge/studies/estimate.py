@@ -1,4 +1,4 @@
-"""Memory estimator: how much memory a full fine-tune, LoRA or QLoRA run needs, broken down.
+"""Memory estimator: how much memory a full fine-tune, LoRA, QLoRA, DoRA or AdaLoRA run needs, broken down.
 
 `estimate("7b", "qlora", batch_size=1, seq_len=512)` → {"weights": bytes, "adapter": ..., "gradients": ...,
 "optimizer_states": ..., "activations": ..., "total": ...}. Shapes: well-known Llama sizes ("7b", "13b",
@@ -14,12 +14,16 @@ What each part counts, per the training loop in train.py (trainable weights kept
                     mixture of experts are 3-D tensors (transformers 5), not linear layers: QLoRA leaves them
                     unquantized, so in fp32 too. Full fine-tune: the trained weights themselves, fp32.
   adapter           LoRA A and B, fp32: r·(in + out) values per targeted linear layer ("all-linear" on a mixture
-                    of experts: the attention projections only).
+                    of experts: the attention projections only); DoRA adds its magnitude (out values), AdaLoRA
+                    its singular values (r values; r is its init_r: pruning zeroes them, the tensors stay).
   gradients         one fp32 value per trainable parameter.
   optimizer_states  AdamW: two fp32 moments (8 bytes per trainable parameter); 8-bit AdamW: two uint8
-                    moments + an fp32 absmax per 256 values (bnb's blockwise 8-bit state).
-  activations       what autograd saves for the backward pass; see `activation_bytes` for the formula.
-Framework overhead (CUDA context, allocator slack, Python) is not included.
+                    moments + an fp32 absmax per 256 values (bnb's blockwise 8-bit state). AdaLoRA adds its
+                    rank allocator's two fp32 averages per adapter value (8 bytes).
+  activations       what autograd saves for the backward pass, and one layer's working room in backward; see
+                    `activation_bytes` for the formula.
+Framework overhead (CUDA context, allocator slack, Python) is not included: on CPU, glibc's heap keeps freed
+blocks resident, so the resident peak runs above the live tensors (docs/PERFORMANCE.md, "Memory on CPU").
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 from loraforge.argtypes import NonEmpty, PositiveInt
@@ -118,8 +123,16 @@ KNOWN_SHAPES = {
     "65b": ModelShape(8192, 22016, 80, 64, 64, 32000),  # LLaMA-1 65B (the QLoRA paper's 48 GB example)
     "70b": ModelShape(8192, 28672, 80, 64, 8, 32000),  # Llama 2 70B (grouped-query attention, 8 KV heads)
 }
+# Their context, as their released config.json files say it (max_position_embeddings): --seq-len is checked against
+# it as a directory's or the built-in model's is against theirs (models.check_fits_context).
+KNOWN_CONFIGS = {
+    "7b": SimpleNamespace(max_position_embeddings=4096, name_or_path="Llama 2 7B"),
+    "13b": SimpleNamespace(max_position_embeddings=4096, name_or_path="Llama 2 13B"),
+    "65b": SimpleNamespace(max_position_embeddings=2048, name_or_path="LLaMA-1 65B"),
+    "70b": SimpleNamespace(max_position_embeddings=4096, name_or_path="Llama 2 70B"),
+}
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "dora", "adalora")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0,
                          "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
@@ -225,17 +238,29 @@ def config_shape(cfg: dict) -> ModelShape:
                                experts_per_token=cfg.get("num_experts_per_tok", 2))
 
 
-def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
-    """LoRA parameters: r·(in + out) per targeted linear layer of every decoder layer."""
+def target_shapes(shape: ModelShape, targets: str | tuple[str, ...] = "all-linear") -> list[tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer that `targets` adapts."""
     names = shape.linear_shapes()
     chosen = names if targets == "all-linear" else [t for t in targets if t in names]
     if not chosen:
         raise ValueError(f"targets {targets!r} name no linear layer of a Llama block; use any of {list(names)}")
-    return shape.num_hidden_layers * sum(r * sum(names[t]) for t in chosen)
+    return [names[t] for t in chosen]
+
+
+def adapter_params(shape: ModelShape, r: int, targets: str | tuple[str, ...] = "all-linear",
+                   method: str = "lora") -> int:
+    """Adapter parameters of every decoder layer: r·(in + out) per targeted linear layer (A and B), plus DoRA's
+    magnitude m (out values) or AdaLoRA's singular values E (r values); AdaLoRA's r is its init_r, whose tensors
+    stay whole while the allocator prunes (it zeroes E, RankAllocator.mask_to_budget)."""
+    per_layer = 0
+    for i, o in target_shapes(shape, targets):
+        per_layer += r * (i + o) + (o if method == "dora" else r if method == "adalora" else 0)
+    return shape.num_hidden_layers * per_layer
 
 
 def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_layer: int,
-                     gradient_checkpointing: bool, fused_head: bool = False) -> dict[str, float]:
+                     gradient_checkpointing: bool, method: str = "full",
+                     targets: str | tuple[str, ...] = "all-linear") -> dict[str, float]:
     """Bytes autograd keeps for the backward pass of a Llama decoder, for `tokens` = batch × seq_len.
 
     Per layer per token (h hidden, q and kv the query and K/V widths (heads × head_dim), i intermediate, a = bytes
@@ -248,30 +273,49 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
     Qwen3's RMSNorms on q and k add their fp32 input copies and outputs: (4 + a)·(q + kv). With experts, the MLP
     term a·4i becomes k·a·(h + 4i) (each of the k experts a token is routed to keeps its copy of the input and
     the four tensors above) plus the router's fp32 probabilities (4·E).
+    DoRA (LoraLinear._dora) multiplies m/‖W0 + sBA‖ into two per-token tensors, and a product keeps what it
+    multiplies: the base output W0x (a·out) and the adapter's output s·B(A(x)) (4·out, fp32 adapters), per target
+    layer: (a + 4)·Σout. Neither is any other op's tensor (the block's ops take base_out + that sum). DoRA and
+    AdaLoRA (SVDLinear) run the plain path, which casts x to the fp32 adapters' dtype in every target layer: with
+    a < 4 that copy (4·in) is what A keeps, Σ 4·in over the targets (the fused LoRA kernel keeps x as it is).
+    The backward of a layer needs room besides what it reads: while the MLP's backward runs, the gradients of its
+    product, gate and up outputs and SiLU's recomputed output (4·a·i) live beside the residual stream's gradient and
+    the block output's (2·a·h): a·(4i + 2h) per token (with experts k·4·a·i + 2·a·h), once (one layer at a time),
+    on top of the saved tensors.
     With gradient checkpointing only each layer's input stays (a·h per layer per token), plus one layer's full
-    set while that layer is recomputed in backward. SDPA's attention needs no (seq × seq) matrix.
-    The output head, trained (`fused_head` False: method full): logits in fp32 (4 bytes × vocab per token), the
-    log-softmax cross-entropy saves (another 4·V) and the gradient of the logits (4·V) at the start of backward:
-    3 × 4·V per token. Frozen (LoRA, QLoRA: `fused_head`), the loss runs the head HEAD_CHUNK rows at a time and
-    keeps only the gradient of its input (a·h per token): one chunk's logits (a·V, plus an fp32 copy where a < 4)
-    are alive at once, whatever the number of tokens.
+    set while that layer is recomputed in backward, plus that working room. SDPA's attention needs no (seq × seq)
+    matrix.
+    The output head, trained (method full), runs in HEAD_CHUNK-row chunks too (loss.CausalLMLoss, not fused): each
+    chunk's log-softmax output (4·V per token, fp32) stays for backward, for every token, and backward holds one
+    chunk's two fp32 gradients (of the log-softmax output and of the logits: 8·V per row) at a time, more than the
+    forward's one chunk of logits (a·V, plus an fp32 copy where a < 4). Frozen (the adapter methods),
+    the loss runs the head fused, HEAD_CHUNK rows at a time, and keeps only the gradient of its input (a·h per
+    token): one chunk's logits (a·V, plus an fp32 copy where a < 4) are alive at once, whatever the number of tokens.
     """
     h, q, kv, i, L, V = (shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size,
                          shape.num_hidden_layers, shape.vocab_size)
     if shape.num_experts:
         mlp = shape.experts_per_token * act_bytes * (h + 4 * i) + 4 * shape.num_experts
+        mlp_backward = shape.experts_per_token * act_bytes * 4 * i
     else:
         mlp = act_bytes * 4 * i
+        mlp_backward = act_bytes * 4 * i
     qk_norm = (4 + act_bytes) * (q + kv) if shape.qk_norm else 0
-    per_layer_token = 8 * h + act_bytes * (2 * h + 3 * q + 2 * kv) + mlp + qk_norm + 4 * lora_r_per_layer
+    adapted = target_shapes(shape, targets) if method in ("dora", "adalora") else []
+    dora = (act_bytes + 4) * sum(out for _, out in adapted) if method == "dora" else 0  # W0x and s·B(A(x))
+    cast = 4 * sum(fan_in for fan_in, _ in adapted) if act_bytes < 4 else 0  # each target's fp32 copy of its input
+    per_layer_token = (8 * h + act_bytes * (2 * h + 3 * q + 2 * kv) + mlp + qk_norm + 4 * lora_r_per_layer
+                       + dora + cast)
+    backward = mlp_backward + 2 * act_bytes * h  # one layer's working room in its backward
     if gradient_checkpointing:
-        layers = tokens * (L * act_bytes * h + per_layer_token)
+        layers = tokens * (L * act_bytes * h + per_layer_token + backward)
     else:
-        layers = tokens * L * per_layer_token
-    if fused_head:
-        logits = min(tokens, HEAD_CHUNK) * V * (act_bytes + (4 if act_bytes < 4 else 0)) + tokens * act_bytes * h
-    else:
-        logits = tokens * 3 * 4 * V
+        layers = tokens * (L * per_layer_token + backward)
+    chunk = min(tokens, HEAD_CHUNK)
+    if method == "full":  # every chunk's log-softmax output, and one chunk's two gradients in backward
+        logits = tokens * 4 * V + chunk * 8 * V
+    else:  # the fused head's chunk (plus its fp32 copy where a < 4) and the gradient of its input
+        logits = chunk * V * (act_bytes + (4 if act_bytes < 4 else 0)) + tokens * act_bytes * h
     return {"layers": float(layers), "logits": float(logits)}
 
 
@@ -295,22 +339,23 @@ def estimate(model: str | ModelShape, method: str = "qlora", batch_size: int = 1
     a = DTYPE_BYTES[dtype]
     if method == "full":
         weights, trainable, lora_r = 4.0 * shape.total_params, shape.total_params, 0
-    elif method == "lora":
+    elif method != "qlora":  # lora, dora, adalora: the frozen base in `dtype`
         weights = float(a * (shape.linear_params + shape.expert_params + shape.embedding_params)
                         + 4 * shape.norm_params)
-        trainable = adapter_params(shape, r, targets)
+        trainable = adapter_params(shape, r, targets, method)
     else:
         weights = QLORA_BITS / 8 * shape.linear_params + 4 * (shape.embedding_params + shape.norm_params
                                                               + shape.expert_params)
         trainable = adapter_params(shape, r, targets)
         a = 4  # fp32 norms and head: the hidden states stay fp32 (the 4-bit matmuls cast in and out)
     adapter = 0.0 if method == "full" else 4.0 * trainable
-    if method != "full":  # Σr over one layer's targets: the A outputs saved for backward
-        lora_r = r * sum(1 for t in shape.linear_shapes() if targets == "all-linear" or t in targets)
-    acts = activation_bytes(shape, batch_size * seq_len, a, lora_r, gradient_checkpointing,
-                            fused_head=method != "full")  # a frozen head: the loss's chunked, fused path
-    out = {"weights": weights, "adapter": adapter, "gradients": 4.0 * trainable,
-           "optimizer_states": OPTIMIZER_STATE_BYTES[optimizer] * trainable,
+    if method != "full":  # Σr over one layer's targets: the A outputs (AdaLoRA: x(A∘E)ᵀ) saved for backward
+        lora_r = r * len(target_shapes(shape, targets))
+    acts = activation_bytes(shape, batch_size * seq_len, a, lora_r, gradient_checkpointing, method, targets)
+    states = OPTIMIZER_STATE_BYTES[optimizer] * trainable
+    if method == "adalora":  # RankAllocator's two fp32 EMAs (sensitivity, uncertainty) per adapter value
+        states += 8.0 * trainable
+    out = {"weights": weights, "adapter": adapter, "gradients": 4.0 * trainable, "optimizer_states": states,
            "activations": acts["layers"] + acts["logits"]}
     out["total"] = sum(out.values())
     out["trainable_params"] = float(trainable)
@@ -365,7 +410,7 @@ def format_breakdown(breakdown: dict[str, float], title: str = "") -> str:
     return "\n".join(([title] if title else []) + lines)
 
 
-def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"] = "qlora",
+def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora", "dora", "adalora"] = "qlora",
                  batch_size: PositiveInt = 1, seq_len: PositiveInt = 512, r: PositiveInt = 16,
                  optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
                  dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
@@ -375,10 +420,10 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
 
     Args:
         model: a known size (7b, 13b, 65b, 70b), a transformers directory, or a built-in model name
-        method: full, lora or qlora
+        method: full, lora, qlora, dora or adalora
         batch_size: sequences per micro-batch
-        seq_len: tokens per sequence (at most the model's context, for a directory or a built-in model)
-        r: LoRA rank (all linear layers of each block are targeted)
+        seq_len: tokens per sequence (at most the model's context)
+        r: LoRA rank (adalora: its init_r; all linear layers of each block are targeted)
         optimizer: adamw, adamw_8bit, paged_adamw or paged_adamw_8bit
         dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
         gradient_checkpointing: force gradient checkpointing on (default: on for qlora only)
@@ -406,7 +451,9 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
                            f"directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
     except OSError as e:  # a directory without a readable config.json
         raise ConfigError([f"--model {model!r}: {e}"]) from None
-    if model.lower() not in KNOWN_SHAPES:  # as data.max_seq_len in a run (a known size names no context)
+    if model.lower() in KNOWN_CONFIGS:  # as data.max_seq_len in a run
+        check_fits_context(seq_len, KNOWN_CONFIGS[model.lower()], field="--seq-len")
+    else:
         try:
             config = load_config(model)
         except Exception as e:  # noqa: BLE001 -- an unknown model_type, a field its config class refuses, ...

@@ -5,11 +5,15 @@ import json
 import pytest
 import torch
 
-from loraforge.config import ConfigError
+from loraforge import cli
+from loraforge.config import METHODS as RUN_METHODS, ConfigError, LoraConfig
+from loraforge.lora.adalora import AdaLoraConfig, SVDLinear, inject_adalora
+from loraforge.lora.inject import inject
+from loraforge.lora.layer import LoraLinear
 from loraforge.studies.estimate import (KNOWN_SHAPES, ModelShape, activation_bytes, adapter_params, cli_estimate,
                                         config_shape, estimate, format_breakdown, model_shape, per_device)
 from loraforge.quant.bnb import bits_per_weight_formula
-from loraforge.training.loss import HEAD_CHUNK
+from loraforge.training.loss import HEAD_CHUNK, CausalLMLoss
 
 GB = 1e9
 LLAMA7B = KNOWN_SHAPES["7b"]
@@ -34,20 +38,133 @@ def test_activation_formula_is_the_documented_arithmetic():
     s = ModelShape(64, 128, 3, 4, 2, 100)
     h, kv, i, L, V, T, a, r = 64, 32, 128, 3, 100, 10, 2, 7 * 4
     per = 8 * h + a * (5 * h + 2 * kv + 4 * i) + 4 * r
+    back = a * (4 * i + 2 * h)  # one layer's backward: the MLP's gradients beside the residual stream's
     off = activation_bytes(s, T, a, r, gradient_checkpointing=False)
     on = activation_bytes(s, T, a, r, gradient_checkpointing=True)
-    assert off == {"layers": T * L * per, "logits": T * 3 * 4 * V}
-    assert on == {"layers": T * (L * a * h + per), "logits": T * 3 * 4 * V}
+    # a trained head (full): every token's fp32 log-softmax output, and one chunk's two fp32 gradients in backward;
+    # it was 3 × 4·V per token for every token (soak: full fine-tuning estimated at 1.93× its measured growth)
+    assert off == {"layers": T * (L * per + back), "logits": T * 4 * V + T * 8 * V}
+    assert on == {"layers": T * (L * a * h + per + back), "logits": T * 4 * V + T * 8 * V}
+    assert HEAD_CHUNK == 512
+    assert activation_bytes(s, 5000, 4, r, False)["logits"] == 5000 * 4 * V + 512 * 8 * V
     # a frozen head (LoRA, QLoRA): one chunk of at most HEAD_CHUNK rows of logits (bf16 + its fp32 copy) at a time, and
     # the saved gradient of the head's input; it was 3 × 4·V per token (1.2 GB where 18.6 MB were kept)
-    assert activation_bytes(s, T, a, r, False, fused_head=True)["logits"] == T * V * (2 + 4) + T * a * h
-    assert HEAD_CHUNK == 512
-    assert activation_bytes(s, 5000, 4, r, False, fused_head=True)["logits"] == 512 * V * 4 + 5000 * 4 * h
+    assert activation_bytes(s, T, a, r, False, "lora")["logits"] == T * V * (2 + 4) + T * a * h
+    assert activation_bytes(s, 5000, 4, r, False, "qlora")["logits"] == 512 * V * 4 + 5000 * 4 * h
+    # DoRA: W0x (a·out) and the fp32 adapter output (4·out) per target; DoRA and AdaLoRA in bf16: each target's fp32
+    # copy of its input (4·in)
+    outs, ins = 2 * h + 2 * kv + 2 * i + h, 6 * h + i  # q, o, k, v, gate, up, down
+    assert activation_bytes(s, T, a, r, False, "dora")["layers"] == T * (L * (per + (a + 4) * outs + 4 * ins) + back)
+    assert activation_bytes(s, T, a, r, False, "adalora")["layers"] == T * (L * (per + 4 * ins) + back)
+    assert activation_bytes(s, T, 4, r, False, "adalora") == activation_bytes(s, T, 4, r, False, "lora")
     # wide heads (q = heads × head_dim), norms on q and k, and k = 2 of E = 4 experts per token
     moe = ModelShape(64, 128, 3, 4, 2, 100, head_dim=32, num_experts=4, experts_per_token=2, qk_norm=True)
     q, kv = 4 * 32, 2 * 32
     per = 8 * h + a * (2 * h + 3 * q + 2 * kv) + 2 * a * (h + 4 * i) + 4 * 4 + (4 + a) * (q + kv) + 4 * r
-    assert activation_bytes(moe, T, a, r, gradient_checkpointing=False)["layers"] == T * L * per
+    back = 2 * a * 4 * i + 2 * a * h
+    assert activation_bytes(moe, T, a, r, gradient_checkpointing=False)["layers"] == T * (L * per + back)
+
+
+def _saved_per_token(run, lengths=(8, 16), wide: int | None = None) -> float:
+    """Bytes per token that autograd saves during `run(T, skip)` (unique storages; those in `skip` excluded: the
+    parameters), `wide`: only tensors of that last dimension. The difference between two lengths, so that what does
+    not grow with the tokens (parameter-sized products) cancels."""
+    totals = []
+    for T in lengths:
+        seen, skip = {}, set()
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip and (wide is None or t.shape[-1:] == (wide,)):
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(T, skip)
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / (lengths[1] - lengths[0])
+
+
+def _layer_run(layer, dtype):
+    def run(T, skip):
+        skip.update(p.untyped_storage().data_ptr() for p in layer.parameters())
+        x = torch.randn(1, T, layer.in_features, dtype=dtype, requires_grad=True)
+        skip.add(x.untyped_storage().data_ptr())  # the layer's input is the block's tensor, counted there
+        layer(x)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dora", "adalora"])
+def test_dora_and_adalora_layers_keep_what_the_estimate_counts(method, dtype):
+    """One target layer's saved tensors per token (autograd's saved_tensors_hooks) against the estimate's terms for
+    it: DoRA's W0x and adapter output, the bf16 run's fp32 copy of the input, and the r-wide A output (4·r) that
+    LoRA's term already counts. Exact: the same bytes, no tolerance."""
+
+    h, r, a = 32, 4, 4 if dtype == torch.float32 else 2
+    torch.manual_seed(0)
+    layer = (SVDLinear if method == "adalora" else LoraLinear)(torch.nn.Linear(h, h, bias=False, dtype=dtype))
+    layer.base_layer.requires_grad_(False)
+    if method == "adalora":
+        layer.add_adapter("default", init_r=r, lora_alpha=8)
+    else:
+        layer.add_adapter("default", r=r, lora_alpha=8, use_dora=True)
+    for p in layer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 adapters, as build_model keeps them
+    shape = ModelShape(h, 64, 1, 4, 4, 100)  # targets q_proj alone: in = out = h
+    one = dict(tokens=10, act_bytes=a, lora_r_per_layer=r, gradient_checkpointing=False, targets=("q_proj",))
+    extra = (activation_bytes(shape, method=method, **one)["layers"]
+             - activation_bytes(shape, method="lora", **one)["layers"]) / 10
+    assert _saved_per_token(_layer_run(layer, dtype)) == extra + 4 * r
+
+
+def test_dora_keeps_no_tensor_another_op_keeps_in_a_llama_block():
+    """Whole tiny Llama, every linear layer adapted: what DoRA keeps per token beyond plain LoRA is exactly the
+    estimate's DoRA term (so W0x and the adapter output are no other op's tensors); AdaLoRA keeps what LoRA keeps."""
+    from helpers import tiny_llama
+
+    def run_of(method):
+        model = tiny_llama()
+        if method == "adalora":
+            inject_adalora(model, AdaLoraConfig(total_step=10, init_r=4, target_r=2, target_modules="all-linear"))
+        else:
+            inject(model, LoraConfig(r=4, target_modules="all-linear", use_dora=method == "dora"))
+        model.train()
+
+        def run(T, skip):
+            skip.update(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
+            model(torch.randint(0, 100, (1, T)))
+        return run
+
+    shape = ModelShape(32, 64, 2, 4, 2, 128)  # tiny_llama's: 2 layers, K/V 16 wide
+    one = dict(tokens=10, act_bytes=4, lora_r_per_layer=4 * 7, gradient_checkpointing=False)
+    per = {m: activation_bytes(shape, method=m, **one)["layers"] / 10 for m in ("lora", "dora", "adalora")}
+    saved = {m: _saved_per_token(run_of(m)) for m in ("lora", "dora", "adalora")}
+    # W0x and s·B(A(x)), fp32 (8 bytes) per output of q, k, v, o, gate, up, down, in each of the 2 layers
+    assert saved["dora"] - saved["lora"] == per["dora"] - per["lora"] == 2 * 8 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
+    assert saved["adalora"] == saved["lora"] and per["adalora"] == per["lora"]
+
+
+def test_a_trained_head_keeps_its_log_softmax_for_every_token():
+    """Method full: the loss runs the trained head in HEAD_CHUNK-row chunks, and each chunk's fp32 log-softmax
+    output (V wide) stays for backward: 4·V bytes per token, past the first chunk too, as the estimate counts."""
+    from helpers import tiny_llama
+
+    model = tiny_llama().train()
+    loss = CausalLMLoss(model, share_prefix=False)
+    V = model.config.vocab_size
+
+    def run(T, skip):
+        skip.update(p.untyped_storage().data_ptr() for p in model.parameters())
+        ids = torch.randint(0, V, (1, T))
+        loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+    lengths = (HEAD_CHUNK + 100, HEAD_CHUNK + 300)  # past one chunk: the part that grows with every token
+    shape = ModelShape(32, 64, 2, 4, 2, V)
+    logits = [activation_bytes(shape, T, 4, 0, False)["logits"] for T in lengths]
+    head = _saved_per_token(run, lengths, wide=V)
+    assert head == (logits[1] - logits[0]) / (lengths[1] - lengths[0]) == 4 * V
 
 
 def test_breakdown_pieces():
@@ -66,6 +183,38 @@ def test_breakdown_pieces():
     for b in (full, lora, q):
         assert b["total"] == pytest.approx(sum(b[k] for k in ("weights", "adapter", "gradients",
                                                               "optimizer_states", "activations")))
+
+
+def test_dora_and_adalora_breakdowns():
+    """DoRA: LoRA's A and B plus a magnitude per output row; AdaLoRA: A, B and r singular values per layer (its r is
+    init_r), with the rank allocator's two fp32 averages per adapter value beside AdamW's two moments."""
+    t = adapter_params(LLAMA7B, 16)
+    outs = sum(out for _, out in LLAMA7B.linear_shapes().values()) * LLAMA7B.num_hidden_layers
+    assert adapter_params(LLAMA7B, 16, method="dora") == t + outs
+    assert adapter_params(LLAMA7B, 16, method="adalora") == t + 16 * 7 * LLAMA7B.num_hidden_layers
+    lora, dora, ada = (estimate("7b", m, 2, 512, r=16) for m in ("lora", "dora", "adalora"))
+    assert dora["weights"] == ada["weights"] == lora["weights"]
+    assert dora["activations"] > lora["activations"] and dora["gradient_checkpointing"] == 0
+    n = adapter_params(LLAMA7B, 16, method="adalora")
+    assert (ada["adapter"], ada["optimizer_states"]) == (4 * n, (8 + 8) * n)
+
+
+def test_every_method_a_run_takes_has_an_estimate(capsys):
+    for method in RUN_METHODS:  # soak: --method dora was argparse's "invalid choice" though train takes it
+        assert cli.main(["estimate", "--method", method]) == 0
+        assert capsys.readouterr().out.startswith(f"7b {method}: ")
+
+
+def test_named_sizes_are_checked_against_their_context(capsys):
+    """--seq-len past a named size's context is refused as a directory's is (soak: 7b at 10M tokens gave 8652 GB)."""
+    with pytest.raises(ConfigError, match=r"^invalid arguments:\n  --seq-len: 10000000 is past the model's context of "
+                                          r"4096 tokens \(max_position_embeddings in the config of Llama 2 7B\); use "
+                                          r"at most 4096$"):
+        cli_estimate("7b", seq_len=10**7)
+    with pytest.raises(ConfigError, match="context of 2048 tokens .* LLaMA-1 65B"):
+        cli_estimate("65B", seq_len=2049)
+    cli_estimate("70b", seq_len=4096, method="dora")
+    assert capsys.readouterr().out.startswith("70b dora: batch 1 × 4096 tokens, r=16, ")
 
 
 def test_well_known_claims():
@@ -134,7 +283,6 @@ def test_parameter_counts_equal_the_real_models(arch, tmp_path):
     router per layer (3-D tensors that "all-linear" does not adapt)."""
     import transformers
 
-    from loraforge.config import LoraConfig
     from loraforge.lora.inject import count_parameters, inject
 
     config, model = {
@@ -231,7 +379,6 @@ def test_class_defaults_apply_where_config_json_is_silent(tmp_path):
     builds 133,952. The counts now equal those of the model transformers builds from that file."""
     import transformers
 
-    from loraforge.config import LoraConfig
     from loraforge.lora.inject import count_parameters, inject
 
     (tmp_path / "config.json").write_text(json.dumps({
