@@ -282,10 +282,12 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
     from loraforge.lora.adapters import load_adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
-    from loraforge.models import context_length, load_base
+    from loraforge.models import context_length, load_model, load_tokenizer
     from loraforge.studies.heldout import within_context
 
-    base, tokenizer = load_base(model, dtype=chosen.storage)
+    tokenizer = load_tokenizer(model)
+    D.build_dataset(records, tokenizer, max_seq_len=sys.maxsize)  # soak: a bad record was said after the model load
+    base = load_model(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
     # at the model's context: perplexity and accuracy over the same records, and a line says what it cut

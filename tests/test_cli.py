@@ -234,21 +234,22 @@ SAPPHIRE = Hardware("cpu", "CPU", None, "AVX512", True, True)  # AVX-512 BF16 + 
 
 @pytest.fixture
 def loads(monkeypatch):
-    """The storage dtype of every load_base call (the real load still runs), wherever it is imported."""
+    """The storage dtype of every model load (the real load still runs), wherever load_model is imported (load_base
+    calls it)."""
     import sys
 
     import loraforge.models
     import loraforge.serve.api  # noqa: F401  (imports load_base at its top)
 
-    seen, real = [], loraforge.models.load_base
+    seen, real = [], loraforge.models.load_model
 
-    def load_base(*args, dtype="fp32", **kwargs):
+    def load_model(name, dtype="fp32", *args, **kwargs):
         seen.append(dtype)
-        return real(*args, dtype=dtype, **kwargs)
+        return real(name, dtype, *args, **kwargs)
 
     for name, module in list(sys.modules.items()):
-        if name.startswith("loraforge") and getattr(module, "load_base", None) is real:
-            monkeypatch.setattr(module, "load_base", load_base)
+        if name.startswith("loraforge") and getattr(module, "load_model", None) is real:
+            monkeypatch.setattr(module, "load_model", load_model)
     return seen
 
 
@@ -603,6 +604,17 @@ def test_eval_reads_its_data_before_any_probe_and_a_diverged_loss_is_inf_perplex
     assert err == f"error: no such file: {tmp_path / 'nope.jsonl'}\n" and "perplexity" not in out
     assert perplexity_of(2.0) == math.exp(2.0) and perplexity_of(709.0) == math.exp(709.0)
     assert perplexity_of(709.79) == perplexity_of(1e9) == math.inf
+
+
+def test_eval_refuses_a_bad_record_before_the_model_loads(tiny_dir, tmp_path, loads, capsys):
+    """Soak: a record without an answer was refused after the base model loaded (minutes for a 7B base)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert main(["eval", str(path), "--model", str(tiny_dir)]) == 2
+    assert capsys.readouterr().err == (f"error: record 1: {path}:2: field 'messages' has no assistant turn: nothing "
+                                       f"to learn or score\n")
+    assert loads == []
 
 
 def test_generate_refuses_text_that_is_not_utf8_before_loading(capsys):

@@ -461,9 +461,9 @@ def _messages(record: dict) -> list[dict]:
         raise DataError(f"{_where(record)}field 'messages[0]' is an assistant turn; a conversation must start with a "
                         f"system or user turn (drop the opening assistant message or put the user's turn before it)")
     if not any(m["role"] == "assistant" for m in plain):
-        raise DataError(f"{_where(record)}field 'messages' has no assistant turn, so nothing to learn")
+        raise DataError(f"{_where(record)}field 'messages' has no assistant turn: nothing to learn or score")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in plain):
-        raise DataError(f"{_where(record)}field 'messages': every assistant turn has weight 0, so nothing to learn")
+        raise DataError(f"{_where(record)}field 'messages': every assistant turn has weight 0: nothing to learn or score")
     return plain
 
 

@@ -94,7 +94,7 @@ def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
     with pytest.raises(DataError, match=re.escape("field 'messages[0].weight' must be 0 (not learnt) or 1 (learnt) "
                                                   "on an assistant turn, got 0 on a 'user' turn")):
         encode({"messages": [{**messages[0], "weight": 0}, *messages[1:]]}, tok, "chat")
-    with pytest.raises(DataError, match="every assistant turn has weight 0, so nothing to learn"):
+    with pytest.raises(DataError, match="every assistant turn has weight 0: nothing to learn or score"):
         encode({"messages": [*messages[:3], {**messages[3], "weight": 0}]}, tok, "chat")
 
 
