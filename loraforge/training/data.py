@@ -636,11 +636,11 @@ def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     """The prompt to generate from at eval: everything before the (last) response."""
     if fmt == "instruction":
         return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
-    if fmt == "chat":
-        messages = _chat_without_eos(record, tokenizer)[0]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return _bos(tokenizer) + _ids(tokenizer, _render(tokenizer, messages[:last], add_generation_prompt=True,
-                                                                      where=_where(record)))
+    if fmt == "chat":  # the pieces encode tokenizes, up to the last answer (soak: the text rendered whole could
+        # tokenize otherwise where pieces meet, "\n" + "\n" against "\n\n", so eval began from ids never trained on)
+        pieces = list(_chat_segments(_chat_without_eos(record, tokenizer)[0], tokenizer, _where(record)))
+        last = max(i for i, (_, supervised) in enumerate(pieces) if supervised is not False)
+        return _bos(tokenizer) + [token for text, _ in pieces[:last] for token in _ids(tokenizer, text)]
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -72,6 +73,22 @@ def test_chat_supervises_only_assistant_turns(tok):
         tok.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True),
         add_special_tokens=False)["input_ids"]
     assert reference_output({"messages": messages}, "chat") == "6, of course"
+
+
+def test_the_eval_prompt_of_a_conversation_is_what_training_read_before_its_last_answer(tok):
+    """Soak: without a chat template, prompt_ids tokenized the rendered text whole ("\n\n" one token where two
+    pieces meet) while encode tokenized it piece by piece ("\n", "\n"): eval started from ids never trained on."""
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    for tokenizer in (tok, plain):
+        ex, prompt = encode({"messages": messages}, tokenizer, "chat"), prompt_ids({"messages": messages}, tokenizer,
+                                                                                  "chat")
+        last = max(i for i, label in enumerate(ex.labels) if label == IGNORE) + 1  # where the last answer starts
+        assert prompt == ex.input_ids[:last]
+    whole = plain(plain.decode(prompt), add_special_tokens=False)["input_ids"]
+    assert whole != prompt  # the case the soak found: rendered whole, the prompt tokenizes otherwise
 
 
 def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
