@@ -287,6 +287,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
         module.add_adapter(adapter_name)
     configs[adapter_name] = config
     keep_base_biases(model, config, adapter_name)
+    if warn_rank and config.bias != "none" and not model.lora_base_biases[adapter_name]:  # soak: said nothing
+        which = "the targeted layers have" if config.bias == "lora_only" else "this model has"
+        warnings.warn(f"bias: {config.bias!r} trains no bias: {which} none ({type(model).__name__}), so it trains "
+                      f"as bias: 'none' does", stacklevel=2)
     mark_trainable(model, adapter_name)
     return model
 

@@ -130,6 +130,18 @@ def test_targets_taken_by_modules_to_save_or_exclude_modules_name_that_field():
         inject(tiny_llama(), LoraConfig(modules_to_save=("q_proj",)))  # the default targets: nothing was named
 
 
+def test_a_bias_setting_on_a_model_without_biases_says_it_trains_none():
+    """Soak: `bias: all` on a Llama (no biases) trained exactly as `none`, without a word."""
+    for bias, which in (("all", "this model has"), ("lora_only", "the targeted layers have")):
+        with pytest.warns(UserWarning) as caught:
+            inject(tiny_llama(), LoraConfig(target_modules=("q_proj",), bias=bias))
+        assert [str(w.message) for w in caught] == [f"bias: {bias!r} trains no bias: {which} none "
+                                                    f"(LlamaForCausalLM), so it trains as bias: 'none' does"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(tiny_gpt2(), LoraConfig(target_modules=("c_attn",), bias="all"))  # GPT-2's layers have biases
+
+
 @pytest.mark.parametrize("model, changes, problem", [
     ("llama", {"layers_pattern": "blocks"}, "layers_pattern: 'blocks' names no layer list of this model "
      "(LlamaForCausalLM), whose targeted layers sit in ['layers']; use layers_pattern: 'layers', or remove "
