@@ -275,13 +275,14 @@ def sources_report(mixture: Mixture, stats: dict) -> str:
     how = "weights" if mixture.weights is not None else "epochs"
     lines = [f"data: {len(rows)} sources mixed by {how}, {round(sum(counts))} examples per epoch:"]
     for i, (row, count, tok) in enumerate(zip(rows, counts, tokens)):
-        rule = (f"weight {mixture.weights[i]:.2f}" if mixture.weights is not None
+        rule = (f"weight {mixture.weights[i]:.3g}" if mixture.weights is not None
                 else f"epochs {mixture.epochs[i]:g}")
+        none = " (not one per epoch: raise its weight, or remove the source)" if count < 0.5 else ""  # soak
         eos = f", {row['n_eos_stripped']} ending in the EOS text (learnt once)" if row["n_eos_stripped"] else ""
         split = f"{row['n_split']} cut into windows, " if row.get("n_split") else ""
         records = f"{row['n_records']} record" + "s" * (row["n_records"] != 1)
         lines.append(f"  {row['name']}: {records} ({split}{row['n_truncated']} truncated, "
-                     f"{row['n_dropped']} dropped{eos}), {rule}: {count:.0f} examples, "
+                     f"{row['n_dropped']} dropped{eos}), {rule}: {count:.0f} examples{none}, "
                      f"{100 * tok / max(sum(tokens), 1e-9):.0f}% of the tokens per epoch")
     return "\n".join(lines)
 

@@ -118,6 +118,11 @@ def test_sources_with_their_own_formats_and_the_data_line(tiny_dir, two_sources,
     line = sources_report(mixture, stats)
     assert "data.train[0] add.jsonl: 30 records (0 truncated, 0 dropped), weight 0.75: 28 examples" in line
     assert "data.train[1] chat.jsonl: 8 records (0 truncated, 0 dropped), weight 0.25: 10 examples" in line
+    tiny = load_train_config(None, [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path}"],
+                             base={"data": {"train": [{"path": str(a), "weight": 1e-9}, {"path": str(b), "weight": 1}]}})
+    _, _, tiny_stats, tiny_mixture = load_data(tiny, tok)  # soak: "weight 0.00: 0 examples", nothing more
+    assert "add.jsonl: 30 records (0 truncated, 0 dropped), weight 1e-09: 0 examples (not one per epoch: raise its " \
+           "weight, or remove the source), 0% of the tokens" in sources_report(tiny_mixture, tiny_stats)
     # a mixed, packed micro-batch still equals the per-example losses (rows from both sources stay isolated)
     model = tiny_llama(vocab_size=len(tok), tie_word_embeddings=True)
     idx = micro_batches(train, cfg, 0, mixture)[0]
