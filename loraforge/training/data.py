@@ -25,6 +25,7 @@ import io
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,8 @@ def _read_hub(source: str) -> list[dict]:
         raise DataError(f"{source!r} is not a local file, and reading it as a hub dataset needs the `datasets` "
                         f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet/"
                         f".txt file)") from None
+    print(f"{source!r} is not a local file: loading it as a hub dataset (a typo? offline, this retries for about "
+          f"half a minute; HF_DATASETS_OFFLINE=1 fails at once)", file=sys.stderr, flush=True)  # soak: 34 s unsaid
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 -- offline, unknown name, bad split: all end here with the reason

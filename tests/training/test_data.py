@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -979,3 +980,17 @@ def test_a_binary_file_is_named_binary_not_utf8_with_one_bad_byte(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "déjà vu, façade, naïve"}\n'.encode("cp1252"))
     with pytest.raises(DataError, match=r"byte 0xe9 at column 12 .* re-encode the file as UTF-8"):
         read_records(str(tmp_path / "latin1.jsonl"))
+
+
+def test_a_hub_dataset_name_says_it_goes_to_the_hub_and_reads_its_rows(monkeypatch, capsys):
+    """The hub path with a stand-in `datasets` (no network here): rows become records named by split and index,
+    and a line says a name that is not a local file goes to the hub (soak: a typo sat through ~34 s of retries
+    without a word)."""
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: [{"text": f"{name} {split} {i}"} for i in range(2)]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert read_records("org/name:test") == [{"text": "org/name test 0", "_source": "org/name:test[0]"},
+                                             {"text": "org/name test 1", "_source": "org/name:test[1]"}]
+    assert capsys.readouterr().err == ("'org/name:test' is not a local file: loading it as a hub dataset (a typo? "
+                                       "offline, this retries for about half a minute; HF_DATASETS_OFFLINE=1 fails "
+                                       "at once)\n")
