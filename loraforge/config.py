@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraforge.utils.files import expand_user
+
 PEFT_TASK_TYPE = "CAUSAL_LM"
 # adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
 PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "revision", "library",
@@ -747,6 +749,11 @@ class TrainConfig:
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
+        if isinstance(self.output_dir, str) and self.output_dir.startswith("~"):  # soak: a folder named ~ was made
+            object.__setattr__(self, "output_dir", str(expand_user(self.output_dir)))
+        if isinstance(self.output_dir, str) and "$" in self.output_dir:
+            validate([f"output_dir: {clipped(self.output_dir)} holds a '$': a config expands ~ but no environment "
+                      f"variable; write the path itself"])
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
         if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
             alphas = {"lora.lora_alpha": self.lora.lora_alpha,
@@ -801,6 +808,33 @@ def yaml_loader():
     return UniqueKeyLoader
 
 
+MAX_CONFIG_VALUES = 1_000_000
+
+
+def expanded_size(value, memo: dict | None = None) -> int:
+    """How many values `value` holds as a reader walks it: an object YAML aliases n times counts n times (counted
+    once per object, so an alias bomb is measured without being expanded); a self-reference counts once."""
+    memo = {} if memo is None else memo
+    if id(value) in memo:
+        return memo[id(value)]
+    memo[id(value)] = 1
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    memo[id(value)] = size = 1 + sum(expanded_size(child, memo) for child in children)
+    return size
+
+
+def _refuse_alias_bomb(value, where: str) -> None:
+    """Soak: nine nested aliases (a "billion laughs") reaching a checked field hung `train` in the first message's
+    repr, or died of MemoryError."""
+    try:
+        n = expanded_size(value)
+    except RecursionError:
+        n = MAX_CONFIG_VALUES + 1
+    if n > MAX_CONFIG_VALUES:
+        raise ConfigError([f"{where}: its YAML aliases expand to {n:,} values (more than {MAX_CONFIG_VALUES:,}: "
+                           f"aliases nested inside aliases?); write the values out, or nest fewer aliases"])
+
+
 def load_train_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate everything."""
     import yaml
@@ -829,6 +863,7 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
                                f"write it with fewer levels of brackets"]) from None
         if not isinstance(loaded, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, data, training)"])
+        _refuse_alias_bomb(loaded, path)
         data = _deep_merge(data, loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -854,6 +889,7 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         except RecursionError:  # PyYAML composes a node per [ or { level, recursively: ~1,000 levels reach the limit
             raise ConfigError([f"override {key}={value[:20]}...: the value is nested too deeply to read (hundreds "
                                f"of [ or {{ levels); write it with fewer levels of brackets"]) from None
+        _refuse_alias_bomb(node[leaf], f"override {key}")
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
     problems = method_problems(data)

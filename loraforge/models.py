@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -355,11 +356,17 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
     if path.is_file():  # e.g. the config.json of a model folder
         raise FileNotFoundError(f"model {name_or_path!r} is a file, not a transformers directory or a .gguf file; "
                                 f"give the folder that holds it ({path.parent}) if that is the model's")
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"model {name_or_path!r} not found: give a transformers directory, a .gguf file, "
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or not is_hub_id(name_or_path):
+        why = " (a config expands ~ but no environment variable)" if "$" in name_or_path else ""
+        raise FileNotFoundError(  # soak: "$HOME/m", "a b", "x/y/z" were transformers' repo-id traceback
+            f"model {name_or_path!r} not found{why}: give a transformers directory, a .gguf file, "
             f"a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})")
     return name_or_path  # a hub id: transformers downloads it where a network exists
+
+
+def is_hub_id(name: str) -> bool:
+    """The hub's repo id form: name or namespace/name, of letters, digits, '-', '_' and '.' (no '--' or '..')."""
+    return bool(re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name)) and "--" not in name and ".." not in name
 
 
 class ModelDownloadError(OSError):

@@ -643,9 +643,17 @@ def test_a_model_folder_without_weights_is_one_line(tiny_dir, tmp_path, capsys):
     data.write_text('{"instruction": "Add 1 and 2.", "output": "3"}\n')
     line = (f"error: model folder {folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
             f"give the folder save_pretrained wrote, or copy the weights files into it")
-    for argv in (["generate", "hi", "--model", str(folder)], ["eval", str(data), "--model", str(folder)]):
-        assert main(argv) == 2
-        assert capsys.readouterr().err.splitlines()[-1] == line
+    assert main(["generate", "hi", "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == line
+    assert main(["eval", str(data), "--model", str(folder)]) == 2  # eval reads the tokenizer first, for the records
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: model {folder}: its tokenizer cannot be read from {folder}: it holds no tokenizer files "
+        f"(tokenizer.json, tokenizer_config.json): save the tokenizer beside the weights (tokenizer.save_pretrained("
+        f"folder))")
+    shutil.copy(tiny_dir / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(tiny_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    assert main(["eval", str(data), "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == line
 
 
 @pytest.mark.parametrize("everywhere, local_rank, printed", [(True, "1", False), (True, "0", True),

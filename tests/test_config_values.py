@@ -9,7 +9,9 @@ import torch
 import yaml
 
 from helpers import default_recursion_limit
-from loraforge.config import ConfigError, load_train_config, yaml_loader
+from loraforge.config import ConfigError, expanded_size, load_train_config, yaml_loader
+from loraforge.models import resolve_model
+from loraforge.training.data import DataError, read_records
 from loraforge.training.loop import lr_lambda
 
 DATA = "data.train=train.jsonl"
@@ -344,3 +346,45 @@ def test_a_target_module_with_a_control_character_is_refused_before_any_model_lo
     (problem,) = problems(override)
     assert problem.startswith("lora.target_modules: ") and "holds a control character" in problem
     assert ("'q_proj|v_proj\\n'" in problem) != ("'v\\tproj'" in problem)
+
+
+def test_an_alias_bomb_is_refused_before_any_check_walks_it(tmp_path):
+    """Soak: nine nested aliases reaching lora.r hung `train` past 120 s at 2.5 GB (the message's repr expanded
+    9^9 values), or died of MemoryError; the expansion is counted once per object now."""
+    lines = ["zz:", "  x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines + ["lora: {r: *a8}", "data: {train: t.jsonl}", ""]))
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "bomb.yaml"))
+    x = [10]  # x0: a list of 9 strings; each x_i a list of 9 x_(i-1): as many values as a reader would walk
+    for _ in range(8):
+        x.append(1 + 9 * x[-1])
+    total = 1 + (1 + sum(x)) + (1 + x[-1]) + 2  # the top mapping, zz, lora (r: x8) and data
+    assert total == 926_177_109
+    assert e.value.problems == [f"{tmp_path / 'bomb.yaml'}: its YAML aliases expand to {total:,} values (more than "
+                                f"1,000,000: aliases nested inside aliases?); write the values out, or nest fewer "
+                                f"aliases"]
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in
+                                                                zip("abcdefg", "bcdefgh")]) + ", *h]"
+    assert problems(f"lora.r={bomb}")[0].startswith("override lora.r: its YAML aliases expand to ")
+    shared = "zz: {a: &a [1, 2, 3]}\nlora: {target_modules: [q_proj]}\nx: [*a, *a, *a]\n"  # a few aliases: as before
+    assert expanded_size(yaml.load(shared, Loader=yaml_loader())) == 1 + (1 + 4) + (1 + 2) + (1 + 3 * 4)
+
+
+def test_output_dir_expands_a_tilde_and_refuses_an_environment_variable(tmp_path, monkeypatch):
+    """Soak: `output_dir=~/run` made a folder named ~ in the working directory (and `rm -rf ~` cleans that up),
+    `$HOME/x` one named $HOME; a model or data path with $ was a traceback or a bare "no such file"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_train_config(None, [DATA, "output_dir=~/run"]).output_dir == str(tmp_path / "run")
+    assert problems("output_dir=$HOME/x") == ["output_dir: '$HOME/x' holds a '$': a config expands ~ but no "
+                                              "environment variable; write the path itself"]
+    with pytest.raises(FileNotFoundError, match=r"^model '\$HOME/m' not found \(a config expands ~ but no environment "
+                                                r"variable\): give a transformers directory"):
+        resolve_model("$HOME/m")
+    for name in ("a b", "x/y/z", "x--y"):  # not a hub id: transformers' repo-id validation error, as a traceback
+        with pytest.raises(FileNotFoundError, match=f"^model '{name}' not found: give a transformers directory"):
+            resolve_model(name)
+    assert resolve_model("org/name") == "org/name"
+    with pytest.raises(DataError, match=r"^no such file: \$HOME/t.jsonl \(a config expands ~ but no environment "
+                                        r"variable\)$"):
+        read_records("$HOME/t.jsonl")

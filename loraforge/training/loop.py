@@ -543,7 +543,8 @@ def restore(run: Run) -> None:
                             f"as they were; to train on with new ones, {then}", everywhere=True)
     if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
         # the same files read another way (data.max_seq_len, data.overflow: its default changed once) are named
-        settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg))[0] if c.startswith("data.")]
+        settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg))[0]
+                    if c.startswith(("data.", "training.seed"))]  # the seed draws the held-out split (soak: unsaid)
         also = f", as the settings that read it did ({'; '.join(settings)})" if settings else ""
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
                             f"){also}; its place in the data would now repeat or skip examples, so put the data "

@@ -815,6 +815,17 @@ def test_resume_onto_data_that_changed_under_the_same_path_is_refused(tiny_dir, 
     assert train(load_train_config(None, run_args(tiny_dir, data, out)), resume=True, progress=False).steps == 3
 
 
+def test_resume_with_another_seed_that_draws_another_held_out_split_names_the_seed(tiny_dir, data_file, tmp_path):
+    """Soak: the seed draws the held-out split, so the training data changed with it, and the refusal said only
+    that the data changed ("put the data back as it was"), never training.seed."""
+    args = run_args(tiny_dir, data_file, tmp_path / "run") + ["data.eval_fraction=0.25"]
+    stop_in_last_save(load_train_config(None, args))
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args + ["training.seed=4"]), resume=True, progress=False)
+    assert "), as the settings that read it did (training.seed: 3 -> 4); its place in the data would now repeat or " \
+           "skip examples, so put the data and those settings back as they were;" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("key,value", [
     ("lora.lora_alpha", 4.0),  # the saved scale would not be the one the weights were trained with
     ("training.seed", 5),  # another order of the epoch: examples repeated or skipped
