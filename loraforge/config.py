@@ -805,6 +805,16 @@ def yaml_loader():
                     first[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep)
 
+        def construct_yaml_int(self, node):
+            """YAML 1.2's integers (soak: YAML 1.1 read r: 010 as 8, and r: 1:30 as 90, without a word)."""
+            text = self.construct_scalar(node).replace("_", "")
+            if ":" in text:
+                return self.construct_scalar(node)  # YAML 1.1's base 60: a string, as YAML 1.2 reads it
+            if re.fullmatch(r"[-+]?0[0-7]+", text):
+                return int(text, 10)  # YAML 1.1's octal: 010 is ten in YAML 1.2, as people read it
+            return super().construct_yaml_int(node)
+
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
     return UniqueKeyLoader
 
 
@@ -855,7 +865,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             raise ConfigError([f"{path}:{line}: byte 0x{e.character:02x} is not UTF-8; save the file as UTF-8 "
                                f"(iconv -f latin1 -t utf-8 {path} > fixed.yaml)"]) from None
         except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+            tabs = " (indent with spaces: YAML does not allow tabs there)" if "'\\t'" in str(e) else ""
+            raise ConfigError([f"{path}: not valid YAML{tabs}: {str(e).replace('<byte string>', path)}"]) from None
         except ValueError as e:  # PyYAML converts an integer of more than 4,300 digits with int(): Python refuses
             raise ConfigError([f"{path}: a number in it is too long to read ({e})"]) from None
         except RecursionError:  # PyYAML composes a node per [ or { level, recursively: ~1,000 levels reach the limit

@@ -388,3 +388,17 @@ def test_output_dir_expands_a_tilde_and_refuses_an_environment_variable(tmp_path
     with pytest.raises(DataError, match=r"^no such file: \$HOME/t.jsonl \(a config expands ~ but no environment "
                                         r"variable\)$"):
         read_records("$HOME/t.jsonl")
+
+
+def test_yaml_integers_read_as_yaml_1_2_and_people_read_them(tmp_path):
+    """Soak: PyYAML's YAML 1.1 read `r: 010` as 8 and `r: 1:30` as 90 (base 60), and trained on that silently."""
+    read = lambda text: yaml.load(text, Loader=yaml_loader())  # noqa: E731
+    assert [read(f"r: {v}")["r"] for v in ("010", "-010", "00", "0x8", "1_000", "8")] == [10, -10, 0, 8, 1000, 8]
+    assert read("r: 1:30")["r"] == "1:30"
+    assert problems("lora.r=1:30") == ["lora.r: expected an integer, got '1:30'"]
+    (tmp_path / "tab.yaml").write_text("lora:\n\tr: 4\ndata: {train: t.jsonl}\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "tab.yaml"))
+    assert e.value.problems[0].startswith(f"{tmp_path / 'tab.yaml'}: not valid YAML (indent with spaces: YAML does "
+                                          f"not allow tabs there): ")
+    assert f'in "{tmp_path / "tab.yaml"}", line 2, column 1' in e.value.problems[0]
