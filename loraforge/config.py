@@ -878,7 +878,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         data = _deep_merge(data, loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        key = key.strip()  # soak: 'lora.r = 8' was "lora.r : unknown field"
+        if not sep or not key or "" in key.split("."):
             raise ConfigError([f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"])
         node = data
         *parents, leaf = key.split(".")

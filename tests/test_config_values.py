@@ -402,3 +402,10 @@ def test_yaml_integers_read_as_yaml_1_2_and_people_read_them(tmp_path):
     assert e.value.problems[0].startswith(f"{tmp_path / 'tab.yaml'}: not valid YAML (indent with spaces: YAML does "
                                           f"not allow tabs there): ")
     assert f'in "{tmp_path / "tab.yaml"}", line 2, column 1' in e.value.problems[0]
+
+
+def test_override_keys_with_spaces_read_and_empty_names_are_refused():
+    """Soak: 'lora.r = 8' was "lora.r : unknown field"; lora..r=4 and lora.=4 were "lora.: unknown field"."""
+    assert load_train_config(None, [DATA, "lora.r = 16"]).lora.r == 16
+    for item in ("lora..r=4", "lora.=4", ".r=4"):
+        assert problems(item) == [f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"]
