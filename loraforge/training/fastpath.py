@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 
 import torch
@@ -147,7 +148,11 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if torch.compiler.is_compiling():  # training.compile: run eagerly (_uncompiled), outside the graph
         return _uncompiled(module, query, key, value, attention_mask, scaling, dropout, by_sequence, keep_probs,
                            block, **kwargs)
-    if (dropout and module.training) or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+    if kwargs.get("softcap") is not None:  # SDPA refuses soft-capped scores: the model's own eager attention
+        eager = next(f for c in type(module).__mro__  # the modeling file of its transformers class
+                     if (f := getattr(sys.modules.get(c.__module__), "eager_attention_forward", None)))
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if (dropout and module.training) or kwargs.get("s_aux") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     length, kv_length = query.shape[2], key.shape[2]

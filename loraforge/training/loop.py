@@ -129,7 +129,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             model.enable_input_require_grads()
     if type(checkpointing) is int and checkpointing > 0:  # N layers, not every one
         checkpoint_only(model, checkpointing)
-    attention = training_attention(cfg, device)
+    attention = training_attention(cfg, device, model.config)
     if attention == "lean":
         register_attention()
     if getattr(model.config, "_attn_implementation", attention) != attention:
@@ -182,11 +182,14 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def training_attention(cfg: TrainConfig, device: torch.device) -> str:
+def training_attention(cfg: TrainConfig, device: torch.device, config=None) -> str:
     """training.attention resolved: "auto" is lean on CPU (which hands rows longer than fastpath.LEAN_MAX_LENGTH
-    to SDPA unless they are packed of shorter sequences), SDPA elsewhere."""
+    to SDPA unless they are packed of shorter sequences), SDPA elsewhere; eager for a model (`config`) whose
+    attention scores are soft-capped (Gemma 2), which SDPA refuses (soak: every Gemma 2 run was its traceback)."""
     if cfg.training.attention != "auto":
         return cfg.training.attention
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"
     return "lean" if device.type == "cpu" else "sdpa"
 
 
@@ -469,7 +472,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
-    run.join = run.pack and joins_rows(training_attention(cfg, device), cfg.data.max_seq_len)
+    run.join = run.pack and joins_rows(training_attention(cfg, device, model.config), cfg.data.max_seq_len)
     # glibc's heap handed back when train() returns or raises
     run.slab = hold_memory(held, model, t.reuse_memory, t.activation_buffer, device, run.pack, run.sharded, t.compile)
     if run.is_main:

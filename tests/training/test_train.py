@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from helpers import tiny_llama
 from loraforge.config import ConfigError, load_train_config
+from loraforge.models import load_tokenizer
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training import data as D
 from loraforge.training.loop import TrainingError, build_model, train
@@ -291,6 +293,26 @@ def test_attention_kernels_train_alike(tiny_dir, data_file, tmp_path, packed):
         torch.testing.assert_close(results[attention][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
         for k, g in results["sdpa"][1].items():
             torch.testing.assert_close(results[attention][1][k], g, rtol=1e-4, atol=1e-5, msg=f"{attention} {k}")
+
+
+def test_a_soft_capped_model_trains_with_auto_attention_as_with_eager(data_file, tmp_path):
+    """Soak: every Gemma 2 run died of SDPA's "does not support softcap" (auto picked lean, which handed
+    soft-capped scores to SDPA). auto now picks eager for such a model, and lean runs the model's own eager
+    attention there: the same losses as training.attention=eager (fp32)."""
+    tok = load_tokenizer("smollm2-135m")
+    base = tmp_path / "gemma2"
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                   query_pre_attn_scalar=16)).save_pretrained(base)
+    tok.save_pretrained(base)
+    losses = {}
+    for attention in ("auto", "eager", "lean"):
+        cfg = config(base, data_file, tmp_path / attention, attention=attention, max_steps=2, warmup_steps=0)
+        train(cfg, progress=False)
+        losses[attention] = [m["loss"] for m in read_metrics(tmp_path / attention / "metrics.jsonl") if "loss" in m]
+    assert len(losses["eager"]) == 2 and losses["auto"] == losses["eager"]
+    torch.testing.assert_close(losses["lean"], losses["eager"], rtol=1e-5, atol=1e-5)
 
 
 def test_joined_rows_train_as_padded_rows(tiny_dir, data_file, tmp_path):
