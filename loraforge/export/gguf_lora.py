@@ -90,10 +90,7 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
     if type not in KINDS:
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
     out = check_gguf_output(out, overwrite, base, adapter)
-    model_file = out.parent / "Modelfile"
-    if out == model_file:  # soak: the adapter was written there, then the Modelfile over it (exit 0, adapter lost)
-        raise OutputError(f"--out {out}: the Ollama Modelfile is written beside --out under that name; name the "
-                          f"adapter's file otherwise, e.g. {out.with_name('adapter.gguf')}")
+    model_file = out.parent / "Modelfile"  # never `out` itself: that ends in .gguf (check_gguf_output)
     if model_file.is_dir():  # found now, not after the .gguf is written
         raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
                           f"folder, or choose another folder for --out")

@@ -292,7 +292,6 @@ def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_w
     (tmp_path / "o").mkdir()  # soak: --out .../Modelfile held the adapter, then the Modelfile over it, exit 0
     with pytest.raises(OutputError) as e:
         export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "o" / "Modelfile", overwrite=True)
-    assert str(e.value) == (f"--out {tmp_path / 'o' / 'Modelfile'}: the Ollama Modelfile is written beside --out "
-                            f"under that name; name the adapter's file otherwise, e.g. "
-                            f"{tmp_path / 'o' / 'adapter.gguf'}")
+    assert str(e.value) == (f"--out {tmp_path / 'o' / 'Modelfile'}: a GGUF file's name ends in .gguf (the tools "
+                            f"that read it look for that); use --out {tmp_path / 'o' / 'Modelfile.gguf'}")
     assert not any((tmp_path / "o").iterdir())
