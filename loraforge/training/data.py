@@ -104,8 +104,8 @@ def read_records(source: str) -> list[dict]:
     records = readers[suffix](path)
     if not records:
         size = path.stat().st_size
-        why = "the file is empty" if not size else {".csv": "only a header line", ".parquet": "0 rows"}.get(
-            suffix, "only blank lines")  # soak: "the file is empty" was said of files that were not
+        why = "the file is empty" if not size else {".csv": "only a header line", ".parquet": "0 rows",
+                                                    ".json": "an empty list"}.get(suffix, "only blank lines")
         raise DataError(f"{source}: no records ({why})")
     return records
 

@@ -9,6 +9,8 @@ import sys
 import types
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
@@ -362,12 +364,12 @@ def test_missing_field_names_field_record_and_line(tok, tmp_path):
 def test_files_with_no_records_say_what_they_hold_and_unreadable_files_are_named(tmp_path):
     """Soak: "(the file is empty)" was said of files of blank lines, a CSV header or a 0-row Parquet file; a file
     the user may not read was a PermissionError traceback (a Parquet one: "cannot be read as a Parquet file")."""
-    pd = pytest.importorskip("pandas")
     (tmp_path / "blank.jsonl").write_text("\n\n  \n")
     (tmp_path / "header.csv").write_text("instruction,output\n")
-    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "none.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    (tmp_path / "list.json").write_text("[]\n")
     for name, why in [("blank.jsonl", "only blank lines"), ("header.csv", "only a header line"),
-                      ("none.parquet", "0 rows")]:
+                      ("none.parquet", "0 rows"), ("list.json", "an empty list")]:
         with pytest.raises(DataError) as e:
             read_records(str(tmp_path / name))
         assert str(e.value) == f"{tmp_path / name}: no records ({why})"
