@@ -206,8 +206,8 @@ def elsewhere(path):  # rank 1 on a node whose output_dir is another folder (a r
     mine.mkdir(parents=True, exist_ok=True)
     return mine
 dcp_module.shared_path = elsewhere
-from loraforge.cli import main
-sys.exit(main(sys.argv[1:]))
+import runpy  # as python -m loraforge: its exit after a process group skips the teardown
+runpy.run_module("loraforge", run_name="__main__", alter_sys=True)
 """
 
 
@@ -237,8 +237,8 @@ import loraforge.training.dcp as dcp_module
 from torch.distributed.checkpoint.state_dict import get_state_dict
 # as versions before this one saved: DCP's ignore_frozen_params alone, which kept the tied head (lm_head)
 dcp_module.trained_state = lambda module, optimizer: get_state_dict(module, optimizer, options=dcp_module.OPTIONS)
-from loraforge.cli import main
-sys.exit(main(sys.argv[1:]))
+import runpy  # as python -m loraforge: its exit after a process group skips the teardown
+runpy.run_module("loraforge", run_name="__main__", alter_sys=True)
 """
 
 
@@ -520,8 +520,8 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
     return work
 dist.all_reduce = all_reduce
-from loraforge.cli import main
-sys.exit(main(sys.argv[1:]))
+import runpy  # as python -m loraforge: its exit after a process group skips the teardown
+runpy.run_module("loraforge", run_name="__main__", alter_sys=True)
 """
 
 

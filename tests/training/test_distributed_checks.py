@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MISSING_DATA = ("import os, sys; os.environ['LOCAL_RANK'] = '0'\n"
                 "import loraforge.training.loop as L; from loraforge.training.data import DataError\n"
                 "def missing(*a): raise DataError('no such file: /node1/train.jsonl')\n"
-                "L.load_data = missing; from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
+                "L.load_data = missing; import runpy\n"
+                "runpy.run_module('loraforge', run_name='__main__', alter_sys=True)")
 
 
 def common(tiny_dir, data_file, steps=4):
@@ -211,7 +212,7 @@ def auto_as(compute: str, reason: str) -> str:
     """A process whose `precision: auto` decides `compute` (as a node without native bf16 would)."""
     return ("import sys; import loraforge.precision as P\n"
             f"P.auto_precision = lambda hw, probe: ({compute!r}, {reason!r})\n"
-            "from loraforge.cli import main; sys.exit(main(sys.argv[1:]))")
+            "import runpy; runpy.run_module('loraforge', run_name='__main__', alter_sys=True)")
 
 
 def test_processes_whose_auto_precision_differs_stop_naming_the_setting(tiny_dir, data_file, tmp_path):
