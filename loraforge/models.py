@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
-from loraforge.utils.files import DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes
+from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes,
+                                   unexpanded_note)
 
 try:
     import fcntl
@@ -357,10 +358,9 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
         raise FileNotFoundError(f"model {name_or_path!r} is a file, not a transformers directory or a .gguf file; "
                                 f"give the folder that holds it ({path.parent}) if that is the model's")
     if path.exists() or name_or_path.startswith((".", "/", "~")) or not is_hub_id(name_or_path):
-        why = " (a config expands ~ but no environment variable)" if "$" in name_or_path else ""
         raise FileNotFoundError(  # soak: "$HOME/m", "a b", "x/y/z" were transformers' repo-id traceback
-            f"model {name_or_path!r} not found{why}: give a transformers directory, a .gguf file, "
-            f"a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})")
+            f"model {name_or_path!r} not found{unexpanded_note(name_or_path)}: give a transformers directory, a .gguf "
+            f"file, a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})")
     return name_or_path  # a hub id: transformers downloads it where a network exists
 
 

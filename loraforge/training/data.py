@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.utils.files import expand_user
+from loraforge.utils.files import expand_user, unexpanded_note
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
@@ -86,8 +86,7 @@ def read_records(source: str) -> list[dict]:
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
         if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
-            why = " (a config expands ~ but no environment variable)" if "$" in source else ""
-            raise DataError(f"no such file: {source}{why}")
+            raise DataError(f"no such file: {source}{unexpanded_note(source)}")
         return _read_hub(source)
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")

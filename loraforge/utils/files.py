@@ -51,6 +51,11 @@ SHORT_WRITES = [(OSError, re.compile(r"\d+ requested and \d+ written")),
                 (RuntimeError, re.compile(r"inline_container\.cc:\d+\]? *\. unexpected pos \d+ vs \d+"))]
 
 
+def unexpanded_note(path: str) -> str:
+    """What a missing path's message adds when it holds a '$': expand_user expands ~, never a variable."""
+    return " (a config expands ~ but no environment variable)" if "$" in path else ""
+
+
 def expand_user(path: str | Path) -> Path:
     """`path` with a leading ~ or ~user expanded as a shell would; where that fails (no such user, no home
     directory) the path stays as typed, so the caller's 'no such file' names it instead of a RuntimeError."""
