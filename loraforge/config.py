@@ -168,6 +168,27 @@ def clipped(value: Any, limit: int = 100) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+# Names users bring from transformers' TrainingArguments, PEFT and other trainers' configs, and the field they mean here
+KNOWN_AS = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+            "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+            "gradient_accumulation_steps": "gradient_accumulation", "lr_scheduler_type": "schedule",
+            "lr_scheduler": "schedule", "optim": "optimizer", "warmup": "warmup_steps",
+            "max_length": "max_seq_len", "sequence_len": "max_seq_len", "max_seq_length": "max_seq_len",
+            "rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+            "target_layers": "target_modules", "model_name_or_path": "name", "base_model": "name"}
+
+
+def _close_field(key: str, names: set[str]) -> list[str]:
+    """The field a misspelt or borrowed key most likely means: the same letters without underscores, a close spelling
+    of a field, or a close spelling of a name another trainer uses for it (`lerning_rate` -> learning_rate -> lr)."""
+    close = [n for n in names if n.replace("_", "") == key.replace("_", "").lower()]
+    if close:
+        return close
+    known = {alias: ours for alias, ours in KNOWN_AS.items() if ours in names}
+    close = difflib.get_close_matches(key.lower(), sorted(names | known.keys()), n=1, cutoff=0.75)
+    return [known.get(name, name) for name in close]
+
+
 def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
     """Build dataclass `cls` from a plain dict; every problem is collected, fields named `prefix + key`."""
     problems: list[str] = []
@@ -177,8 +198,7 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
     for key, value in data.items():
         if key not in names:
             if not ignore_unknown:
-                close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").lower()]
-                close = close or difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.75)
+                close = _close_field(str(key), names)
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
                 problems.append(f"{prefix}{key}: unknown field{hint}")
             continue

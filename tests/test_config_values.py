@@ -187,6 +187,16 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
                                                     "attention, ")
 
 
+def test_a_name_from_another_trainer_or_its_misspelling_points_to_our_field():
+    # soak: training.lerning_rate listed all 30 fields; transformers' and PEFT's names map to ours
+    assert problems("training.lerning_rate=1") == ["training.lerning_rate: unknown field (did you mean 'lr'?)"]
+    assert problems("training.learning_rate=1") == ["training.learning_rate: unknown field (did you mean 'lr'?)"]
+    assert problems("training.num_train_epochs=1") == ["training.num_train_epochs: unknown field (did you mean "
+                                                       "'epochs'?)"]
+    assert problems("lora.rank=4") == ["lora.rank: unknown field (did you mean 'r'?)"]
+    assert problems("data.max_length=64") == ["data.max_length: unknown field (did you mean 'max_seq_len'?)"]
+
+
 def test_a_field_written_in_the_wrong_section_names_the_section_it_belongs_in():
     assert problems("training.r=4") == ["training.r: unknown field; r belongs in the lora: section (write lora.r)"]
     assert problems("lora.lr=1e-4") == ["lora.lr: unknown field; lr belongs in the training: section "
