@@ -87,7 +87,7 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
 
     Args:
         config: the YAML file (sections: model, method, lora, data, training, output_dir)
-        overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16
+        overrides: section.field=value pairs applied on top, e.g. training.lr=1e-4 lora.r=16 or lora={r: 16}
         resume: continue from the last complete checkpoint in output_dir
         quantize: nf4, fp4 or int8: store the frozen base with bitsandbytes (QLoRA); same as model.quantization=
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)

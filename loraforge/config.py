@@ -908,7 +908,10 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
         try:
-            node[leaf] = yaml.load(value, Loader=yaml_loader())
+            parsed = yaml.load(value, Loader=yaml_loader())
+            if not parents and isinstance(parsed, dict) and isinstance(node.get(leaf), dict):
+                parsed = {**node[leaf], **parsed}  # lora={r: 2} sets r: the file's and earlier lora fields stay
+            node[leaf] = parsed
         except DuplicateKey as e:
             raise ConfigError([f"override {item!r}: {e}"]) from None
         except yaml.YAMLError as e:

@@ -187,6 +187,17 @@ def test_a_misspelled_section_or_field_gets_a_suggestion():
                                                     "attention, ")
 
 
+def test_a_whole_section_override_sets_the_fields_it_names_and_keeps_the_others(tmp_path):
+    # soak: lora={r: 2} after lora.lora_alpha=8 trained at alpha 16 (the default), and dropped the file's lora fields
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: train.jsonl}\nlora: {target_modules: [v_proj], lora_dropout: 0.1}\n")
+    cfg = load_train_config(str(config), ["lora.lora_alpha=8", "lora={r: 2}"])
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules, cfg.lora.lora_dropout) == (2, 8, ("v_proj",), 0.1)
+    # a field whose value is a mapping is still replaced whole
+    cfg = load_train_config(None, [DATA, "lora.rank_pattern={q_proj: 4}", "lora.rank_pattern={v_proj: 2}"])
+    assert cfg.lora.rank_pattern == {"v_proj": 2}
+
+
 def test_a_name_from_another_trainer_or_its_misspelling_points_to_our_field():
     # soak: training.lerning_rate listed all 30 fields; transformers' and PEFT's names map to ours
     assert problems("training.lerning_rate=1") == ["training.lerning_rate: unknown field (did you mean 'lr'?)"]
