@@ -148,12 +148,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ConfigError([f"target_modules: {clipped(targets)} matches {sum(map(len, dropped.values()))} layer(s) "
                            f"of this model, but {' and '.join(taken)}, so no layer is left for an adapter: remove "
                            f"them from {' / '.join(f for f, p in dropped.items() if p)}, or target other layers"])
+    experts = _expert_weights(model)
     if not found:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})
         chosen = [f"layers_to_transform {list(config.layers_to_transform)}"] if config.layers_to_transform else []
         also = f" with {' and '.join(chosen)}" if chosen else ""
+        moe = f" ({_experts_note(experts)})" if experts else ""
         raise ConfigError([f"target_modules: {clipped(targets)}{also} matches no linear layer of this model "
-                           f"({type(model).__name__}); its linear layers are named {suffixes}"])
+                           f"({type(model).__name__}); its linear layers are named {suffixes}{moe}"])
+    if targets == "all-linear" and experts:  # soak: all-linear on Mixtral/Qwen2-MoE was attention-only, unsaid
+        warnings.warn(f"target_modules: all-linear takes the {len(found)} linear layers of this model "
+                      f"({type(model).__name__}), not its experts: {_experts_note(experts)}", stacklevel=3)
     taken_away = matched + dropped["exclude_modules"] + dropped["modules_to_save"]
     if not isinstance(targets, str) and (unused := [t for t in targets if not any(target_matches((t,), p)
                                                                                   for p in taken_away)]):
@@ -163,6 +168,17 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                       f"({type(model).__name__}; its linear layers are named {suffixes}): check the spelling",
                       stacklevel=3)
     return found
+
+
+def _expert_weights(model: nn.Module) -> list[str]:
+    """Parameters that hold a mixture-of-experts layer's experts stacked (transformers 5: experts.gate_up_proj of
+    shape experts x out x in): linear maps, but not linear layers, so no adapter wraps them."""
+    return [path for path, p in model.named_parameters() if p.ndim == 3 and "expert" in path and not _inside_lora(path)]
+
+
+def _experts_note(experts: list[str]) -> str:
+    return (f"its {len(experts)} mixture-of-experts weights, e.g. {experts[0]}, are 3-D parameters that loraforge "
+            f"does not adapt (PEFT's target_parameters does)")
 
 
 def _saved_why(field: str) -> str:

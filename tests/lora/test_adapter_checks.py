@@ -7,12 +7,13 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import MixtralConfig, MixtralForCausalLM, T5Config, T5ForConditionalGeneration
 
 from helpers import randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
@@ -664,3 +665,21 @@ def test_adapter_weights_are_read_into_memory_not_mapped_from_the_file(tmp_path)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-500:])
     assert float(done.stdout) == pytest.approx(sum(float(v.double().sum()) for v in weights.values()), rel=1e-9)
+
+
+def test_all_linear_on_a_mixture_of_experts_model_says_its_experts_get_no_adapter():
+    # soak: all-linear on Mixtral / Qwen2-MoE adapted the attention only, unsaid (transformers 5 stacks the experts
+    # in 3-D parameters, which are not linear layers)
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+    with pytest.warns(UserWarning, match=r"all-linear takes the 4 linear layers of this model \(MixtralForCausalLM\),"
+                                         r" not its experts: its 2 mixture-of-experts weights, e.g. model.layers.0.mlp"
+                                         r".experts.gate_up_proj, are 3-D parameters"):
+        found = find_targets(model, LoraConfig(target_modules="all-linear"))
+    assert [p.rsplit(".", 1)[-1] for p in found] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with pytest.raises(ConfigError, match=r"its linear layers are named \['k_proj', 'lm_head', 'o_proj', 'q_proj', "
+                                          r"'v_proj'\] \(its 2 mixture-of-experts weights"):
+        find_targets(model, LoraConfig(target_modules=["gate_up_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dense model: no such warning
+        find_targets(tiny_llama(), LoraConfig(target_modules="all-linear"))
