@@ -251,6 +251,29 @@ def is_init_option(value) -> bool:
         isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value) is not None)
 
 
+PEFT_INITS_OF_A_B = ("eva", "orthogonal", "mica")  # set the starting A and B only: the file holds the trained ones
+PEFT_INITS_OF_W0 = ("corda", "loftq", "lora_ga")  # also change the base's weights, which PEFT redoes at every load
+
+
+def peft_init(value, source: str):
+    """The init_lora_weights a PEFT adapter file loads with. pissa and olora change W0 and run here as in PEFT;
+    PEFT's recipes that only start A and B load as true; those that change W0 and unknown strings are refused (an
+    unknown string PEFT refuses too; loading them as plain LoRA gave other outputs than PEFT's, unsaid)."""
+    if not isinstance(value, str) or is_init_option(value):
+        return value
+    if value.lower() in ("olora", "gaussian", "mica"):  # PEFT compares these three case-insensitively
+        value = value.lower()
+    if is_init_option(value) or value in PEFT_INITS_OF_A_B:
+        return value if is_init_option(value) else True
+    if value.startswith(PEFT_INITS_OF_W0):
+        raise ConfigError([f"{source}: init_lora_weights: {value!r} changes the base model's weights as the adapter "
+                           f"loads, which loraforge does not implement; load it with PEFT, or save it from PEFT as a "
+                           f"plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))"])
+    raise ConfigError([f"{source}: init_lora_weights: {clipped(value)} is not an initialisation PEFT knows (it "
+                       f"refuses to load it too); use true, or one of gaussian, pissa, olora, "
+                       f"{', '.join(PEFT_INITS_OF_A_B + PEFT_INITS_OF_W0)}"])
+
+
 def unsupported_peft_fields(data: dict, source: str) -> list[str]:
     """Problems for each set PEFT field that changes an adapter's math and that loraforge does not implement."""
     fields = dict(PEFT_UNSUPPORTED_FIELDS)
@@ -459,9 +482,7 @@ class LoraConfig:
             set_ignored = sorted(k for k in ignored if data[k] not in (None, False, {}, [], ""))
             warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)
         normalize_module_fields(values)
-        if not is_init_option(values.get("init_lora_weights", True)):
-            values["init_lora_weights"] = True  # corda/loftq/...: recipes we don't run (pissa/olora do run: they
-            # change W0, and PEFT re-runs them on load too)
+        values["init_lora_weights"] = peft_init(values.get("init_lora_weights", True), source)
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]
         return from_dict(cls, values, prefix=f"{source}: ")

@@ -683,3 +683,27 @@ def test_all_linear_on_a_mixture_of_experts_model_says_its_experts_get_no_adapte
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a dense model: no such warning
         find_targets(tiny_llama(), LoraConfig(target_modules="all-linear"))
+
+
+def test_peft_init_names_load_as_peft_loads_them_or_are_refused(tmp_path, input_ids):
+    # soak: an init_lora_weights loraforge does not run loaded as plain LoRA: "OLoRA" (PEFT reads it as olora and
+    # changes W0) gave other logits than PEFT's, and a misspelling PEFT refuses loaded silently
+    olora = save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                  init_lora_weights="olora"))), tmp_path / "olora")
+    spelt = _edit_config(olora, tmp_path / "OLoRA", init_lora_weights="OLoRA")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(spelt))(input_ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), spelt)(input_ids).logits, theirs, **TOL)
+    for starts_a_and_b in ("eva", "orthogonal", "MiCA"):  # the file holds the trained A and B: W0 as it is
+        other = _edit_config(_good(tmp_path / starts_a_and_b), tmp_path / f"{starts_a_and_b}.ad",
+                             init_lora_weights=starts_a_and_b)
+        torch.testing.assert_close(load_adapter(tiny_llama(), other)(input_ids).logits,
+                                   load_adapter(tiny_llama(), tmp_path / starts_a_and_b / "good")(input_ids).logits,
+                                   rtol=0, atol=0)
+    for init, message in [("corda", "'corda' changes the base model's weights as the adapter loads"),
+                          ("loftq", "'loftq' changes the base model's weights"),
+                          ("pisa", "'pisa' is not an initialisation PEFT knows (it refuses to load it too)")]:
+        model = tiny_llama()
+        before = _state(model)
+        with pytest.raises(AdapterError, match=re.escape(message)):
+            load_adapter(model, _edit_config(olora, tmp_path / init, init_lora_weights=init))
+        _assert_untouched(model, before)
