@@ -93,8 +93,11 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     for key in ("batch_size", "log_every"):
         if str(form.get(key, "")).strip():
             training[key] = _scalar(f"training.{key}", form[key])
+    data = {"train": str(dataset)}
+    if str(form.get("max_seq_len", "")).strip():  # soak: long examples could only be truncated at 512 tokens
+        data["max_seq_len"] = _scalar("data.max_seq_len", form["max_seq_len"])
     config = {"model": {"name": models[model]}, "method": method, "lora": lora, **ranks,
-              "data": {"train": str(dataset)}, "training": training,
+              "data": data, "training": training,
               "output_dir": str(inside(runs_dir, name, must_exist=False))}
     return name, config
 

@@ -213,7 +213,7 @@ def test_the_adapter_zip_holds_the_adapter_files(ui):
 
 
 @pytest.mark.parametrize("changes", [{"r": "0"}, {"lr": "fast"}, {"method": "lorax"}, {"max_steps": "-3"},
-                                     {"r": "0", "lora_alpha": "[1]"}])
+                                     {"r": "0", "lora_alpha": "[1]"}, {"max_seq_len": "4"}])
 def test_a_bad_form_value_gets_the_clis_message(ui, tmp_path, capsys, changes):
     r = call(ui, "POST", "/ui/api/runs", json=form(name="bad", **changes))
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
@@ -224,6 +224,14 @@ def test_a_bad_form_value_gets_the_clis_message(ui, tmp_path, capsys, changes):
     assert cli.main(["train", str(tmp_path / "c.yaml")]) == 2
     assert capsys.readouterr().err == "error: " + r.json()["error"]["message"] + "\n"
     assert not (ui[1] / "runs" / "bad").exists() and not (ui[1] / "runs" / ".ui" / "bad").exists()
+
+
+def test_the_forms_max_seq_len_sets_data_max_seq_len(ui):
+    # the form could not set it: examples over 512 tokens were cut at 512, whatever the data
+    _, config = form_config(form(name="long", max_seq_len="2048"), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+    assert config["data"]["max_seq_len"] == 2048
+    _, config = form_config(form(name="default", max_seq_len=" "), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+    assert "max_seq_len" not in config["data"]
 
 
 def wait_for(fn, timeout=90, every=0.2):

@@ -112,8 +112,9 @@ def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa:
     start_run(page, name="first", r="4", lr="1e-3", max_steps="60", batch_size="4", save_every="30",
               target_modules="q_proj, v_proj")
     page.wait_for_selector("#runs tr[data-run=first]")
-    start_run(page, name="second", r="8", lr="3e-3", max_steps="30", batch_size="4", save_every="30")
+    start_run(page, name="second", r="8", lr="3e-3", max_steps="30", batch_size="4", save_every="30", max_seq_len="96")
     page.wait_for_selector("#runs tr[data-run=second]")
+    assert yaml.safe_load((ui[1] / "runs" / ".ui" / "second" / "config.yaml").read_text())["data"]["max_seq_len"] == 96
     total = 61 + 31  # log_every 1: one point per step, and each run's held-out loss at its end
     seen, deadline = [], time.monotonic() + 300  # they finish in about a minute on 2 idle cores
     while time.monotonic() < deadline:
