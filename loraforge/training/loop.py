@@ -384,7 +384,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
-    check_tracker(cfg.training.report_to)  # a missing tracker package: before anything loads
+    check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)

@@ -43,18 +43,40 @@ def _missing(extra: str) -> ConfigError:
 
 def _require(module: str, extra: str):
     try:
-        return importlib.import_module(module)
+        found = importlib.import_module(module)
     except ImportError:
         raise _missing(extra) from None
+    if _namespace(found.__spec__):  # a folder of that name, e.g. the working directory's ./wandb (_installed)
+        raise _missing(extra)
+    return found
 
 
-def check_tracker(kind: str) -> None:
-    """ConfigError when the package of tracker `kind` is not installed. Called before the model and data load
-    (open_tracker would find it only when the first step is logged, minutes later); nothing is imported."""
+def _namespace(spec) -> bool:
+    return spec is not None and spec.origin is None and spec.submodule_search_locations is not None
+
+
+def _installed(package: str) -> bool:
+    """Whether `package` is importable as a package, not as a namespace package: under `python -m` the working
+    directory is on sys.path, and a folder there named like the tracker (./wandb, which wandb itself makes in a
+    project) imports as an empty module (soak: AttributeError "module 'wandb' has no attribute 'init'")."""
+    if package in sys.modules:  # imported already (or None: blocked)
+        return sys.modules[package] is not None and not _namespace(sys.modules[package].__spec__)
+    spec = importlib.util.find_spec(package)
+    return spec is not None and not _namespace(spec)
+
+
+def check_tracker(kind: str, out_dir: str | Path | None = None) -> None:
+    """ConfigError when the package of tracker `kind` is not installed, or TensorBoard's folder in `out_dir` is a
+    file. Called before the model and data load (open_tracker would find either only when the first step is logged,
+    minutes later); nothing is imported."""
     if kind not in TRACKERS[1:]:  # "none"; an unknown name is the config's to refuse
         return
-    if sys.modules.get(kind) is None and importlib.util.find_spec(kind) is None:  # each one's package: its name
+    if not _installed(kind):  # each one's package: its name
         raise _missing(kind)
+    events = Path(out_dir) / "tensorboard" if out_dir is not None and kind == "tensorboard" else None
+    if events is not None and events.exists() and not events.is_dir():
+        raise ConfigError([f"training.report_to: tensorboard writes its event files in {events}, which is a file: "
+                           f"move that file away, or set training.report_to: none"])
 
 
 class TensorBoardTracker:

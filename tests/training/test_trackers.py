@@ -6,6 +6,8 @@ keep (wandb.init(id=..., resume="allow") continues a run and drops steps it alre
 continues a run, and raises MlflowException for a run the store lacks).
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import sys
 import types
@@ -17,7 +19,7 @@ from loraforge.cli import main
 from loraforge.config import ConfigError, load_train_config
 from loraforge.training import loop
 from loraforge.training.loop import train
-from loraforge.training.trackers import RUN_IDS, open_tracker, saved_run_id
+from loraforge.training.trackers import RUN_IDS, check_tracker, open_tracker, saved_run_id
 
 
 def fake_wandb() -> types.ModuleType:
@@ -206,3 +208,36 @@ def test_a_tracker_that_cannot_start_leaves_no_metrics_file(tiny_dir, data_file,
     assert not (out / "metrics.jsonl").exists()
     train(load_train_config(None, run_args(tiny_dir, data_file, out, "none")), progress=False)  # no --overwrite
     assert [s for s, _ in metrics_losses(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["wandb", "mlflow", "tensorboard"])
+def test_a_folder_named_like_the_tracker_is_not_taken_for_its_package(kind, tiny_dir, data_file, tmp_path,
+                                                                      monkeypatch):
+    """Under `python -m loraforge` (how the dashboard starts runs) the working directory is on sys.path: a ./wandb
+    folder (wandb makes one in a project) imported as an empty namespace package, and the run failed after the model
+    loaded with AttributeError: module 'wandb' has no attribute 'init'."""
+    (tmp_path / "cwd" / kind).mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "cwd"))
+    monkeypatch.delitem(sys.modules, kind, raising=False)
+    real = importlib.util.find_spec(kind)
+    if real is not None and not real.submodule_search_locations[0].startswith(str(tmp_path)):
+        # the package is installed: it wins over the folder (a namespace package is the last resort); hide it
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: importlib.machinery.PathFinder.find_spec(name, [str(tmp_path / "cwd")]))
+    with pytest.raises(ConfigError) as e:
+        check_tracker(kind)
+    assert e.value.problems == [f"training.report_to: {kind} needs the {kind} package: pip install "
+                                f"'loraforge[{kind}]' (or set training.report_to: none)"]
+
+
+def test_a_file_where_tensorboard_writes_its_events_is_refused_before_anything_loads(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch):
+    """It failed after the first steps trained: [Errno 17] File exists: '<output_dir>/tensorboard'."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tensorboard").write_text("notes")
+    monkeypatch.setattr(loop, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the refusal"))
+    with pytest.raises(ConfigError, match=rf"training.report_to: tensorboard writes its event files in "
+                                          rf"{out / 'tensorboard'}, which is a file: move that file away"):
+        train(load_train_config(None, run_args(tiny_dir, data_file, out, "tensorboard")), overwrite=True,
+              progress=False)
