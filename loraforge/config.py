@@ -935,6 +935,10 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             node[leaf] = parsed
         except DuplicateKey as e:
             raise ConfigError([f"override {item!r}: {e}"]) from None
+        except yaml.constructor.ConstructorError as e:  # a tag: !!python/object:..., !!binary of bad base64
+            problem = str(e).splitlines()[0]
+            raise ConfigError([f"override {item!r}: the value's YAML tag cannot be read ({problem}); write a plain "
+                               f"number, string, list or mapping, or quote a string that starts with !"]) from None
         except yaml.YAMLError as e:
             problem = str(e).splitlines()[0]
             raise ConfigError([f"override {item!r}: the value is not valid YAML ({problem}); close every [ and {{ "

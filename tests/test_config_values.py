@@ -179,6 +179,14 @@ def test_an_override_that_is_not_yaml_names_the_override():
     assert problems("adalora={foo:")[0].startswith("override 'adalora={foo:': the value is not valid YAML (")
 
 
+def test_an_override_with_a_yaml_tag_is_told_to_write_a_plain_value():
+    # soak (a form value from the dashboard): the hint about closing [ and { did not apply to a tag
+    assert problems("training.lr=!!python/object:os.system") == [
+        "override 'training.lr=!!python/object:os.system': the value's YAML tag cannot be read (could not determine "
+        "a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'); write a plain number, string, list "
+        "or mapping, or quote a string that starts with !"]
+
+
 def test_a_misspelled_section_or_field_gets_a_suggestion():
     assert problems("trainig.lr=1") == ["trainig: unknown field (did you mean 'training'?)"]
     assert problems("training.wieght_decay=0.1") == ["training.wieght_decay: unknown field (did you mean "
