@@ -1,20 +1,31 @@
 """The running batch: its rows, one left-padded KV cache, prefill of new prompts and one decode step for all.
 
 The batch's KV cache is one transformers DynamicCache, left-padded: row i's real tokens sit at the right end of
-its row, `attention_mask` zeroes the padding, `position_ids` carry each row's real position. Padded key/values
-are zeros (never NaN), and decode queries are always real tokens, so no attention row is fully masked.
+its row, contiguous, `attention_mask` zeroes the padding, `position_ids` carry each row's real position. Padded
+key/values are zeros (never NaN), and decode queries are always real tokens, so no attention row is fully masked.
 Which adapter each row uses is set on the residency's RowSlots before every forward.
+
+Sliding-window layers (Gemma 2 and 3, Mistral, Qwen 2/3 with use_sliding_window) keep every key/value here, as full
+ones do: transformers' sliding mask then drops those a window back. It measures that window in cache columns, so
+the columns of a row's real tokens must be contiguous (one column a position, no padding between them): a prompt
+runs its last T tokens (T: the longest uncached rest of the batch), recomputing the end of its cached prefix where
+its own rest is shorter, in place of the padding that would otherwise sit between them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from loraforge.decoding import left_pad, select_rows
-from loraforge.utils.hf import cache_argument
+from loraforge.serve.errors import ServeError
 from loraforge.serve.request import Request
 from loraforge.serve.residency import RowSlots
+from loraforge.utils.hf import cache_argument
+
+BATCHED_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+"""The transformers cache layers whose keys/values this batch can hold (as full layers: module docstring)."""
 
 
 class Batch:
@@ -25,6 +36,11 @@ class Batch:
         self.slots = rows_slots
         self.device = next(model.parameters()).device
         self.kv = cache_argument(type(model)) or "past_key_values"  # "cache" on transformers 5
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - set(BATCHED_LAYERS)
+        if kinds:  # at start: found at a request's join, it was lost there and its client waited for ever
+            raise ServeError(f"the server cannot batch {model.config.model_type}: its {', '.join(sorted(kinds))} "
+                             f"cache layers hold no keys/values per token; `loraforge generate` runs it, one prompt "
+                             f"at a time")
         self.rows: list[Request] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # (B, L) 1 = real token
@@ -36,35 +52,36 @@ class Batch:
     def prefill(self, reqs: list[Request]):
         """New prompts in one forward: (last-position logits (n, V), their cache, their mask).
 
-        A request's cached prefix (`req.cached`, prefix.Block s) is not recomputed: its keys/values go into the
-        cache first and only the rest of the prompt runs. Row i's columns: [pad][cached prefix] [pad][the rest],
-        the prefixes left-padded to the longest one, the rests to the longest rest; position ids count real tokens.
+        A request's cached prefix (`req.cached`, prefix.Block s) is not recomputed where the batch's width allows:
+        row i runs the last T of its tokens (T: the longest uncached rest), left-padded, and reads the keys/values
+        of the prompt before them from its cached blocks, left-padded to the longest such part (P): row i's columns
+        are [pad][its cached part][its last T tokens], no padding between its tokens (module docstring).
         """
-        from transformers import DynamicCache
-
-        own = [r.prompt_ids[sum(b.kv.shape[2] for b in r.cached):] for r in reqs]
-        P = max(len(r.prompt_ids) - len(o) for r, o in zip(reqs, own))  # the longest cached prefix
-        n, T = len(reqs), max(len(o) for o in own)
+        lengths = [len(r.prompt_ids) for r in reqs]
+        T = max(length - sum(b.kv.shape[2] for b in r.cached) for r, length in zip(reqs, lengths))
+        cached = [max(0, length - T) for length in lengths]  # (at most what each row has cached) read from its blocks
+        n, P = len(reqs), max(cached)
         ids = torch.zeros(n, T, dtype=torch.long)
         mask = torch.zeros(n, P + T, dtype=torch.long)
-        for i, (req, o) in enumerate(zip(reqs, own)):
-            ids[i, T - len(o):] = torch.tensor(o)
-            mask[i, P - (len(req.prompt_ids) - len(o)):P] = 1
-            mask[i, P + T - len(o):] = 1
+        for i, (req, length) in enumerate(zip(reqs, lengths)):
+            run = req.prompt_ids[cached[i]:]
+            ids[i, T - len(run):] = torch.tensor(run)
+            mask[i, P + T - length:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         padded = bool((mask == 0).any())
         self.slots.set([r.slot for r in reqs])
-        cache = DynamicCache(config=self.model.config)
-        if P:  # each distinct chain of cached blocks once, left-padded with zeros: (chains, 2 · layers, heads, P, dim)
-            chains = {tuple(b.id for b in r.cached): r.cached for r in reqs}
-            first = next(c for c in chains.values() if c)[0].kv
-            kv = torch.stack([left_pad(torch.cat([b.kv for b in c], 2), P) if c else
+        cache = DynamicCache()  # full layers, sliding ones too: the mask drops what lies outside a window
+        if P:  # each distinct (blocks, part read) once, left-padded with zeros: (parts, 2 · layers, heads, P, dim)
+            parts = {(tuple(b.id for b in r.cached), m): (r.cached, m) for r, m in zip(reqs, cached)}
+            first = next(c for c, m in parts.values() if m)[0].kv
+            kv = torch.stack([left_pad(torch.cat([b.kv for b in c], 2)[:, :, :m], P) if m else
                               first.new_zeros(first.shape[0], first.shape[1], P, first.shape[3])
-                              for c in chains.values()])
-            row = torch.tensor([list(chains).index(tuple(b.id for b in r.cached)) for r in reqs], device=self.device)
+                              for c, m in parts.values()])
+            row = torch.tensor([list(parts).index((tuple(b.id for b in r.cached), m)) for r, m in zip(reqs, cached)],
+                               device=self.device)
             for layer in range(kv.shape[1] // 2):  # rows sharing a system prompt share one copy until here
                 k, v = kv[:, 2 * layer], kv[:, 2 * layer + 1]
-                k, v = (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if len(chains) == 1 else (k[row], v[row])
+                k, v = (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if len(parts) == 1 else (k[row], v[row])
                 cache.update(k, v, layer)
         # the last position by an index tensor, not logits_to_keep=1: that slice (n, 1, hidden) is not contiguous, so
         # the lm_head's matmul goes to bmm over the weight expanded per row (in bf16 a copy of it per row)
@@ -92,9 +109,6 @@ class Batch:
         if len(keep) < len(reqs):
             mask = select_rows(cache, mask, torch.tensor(keep, dtype=torch.long, device=self.device))
         reqs = [reqs[i] for i in keep]
-        for layer in cache.layers:
-            if type(layer).__name__ != "DynamicLayer":
-                raise NotImplementedError(f"the server batches full-attention caches only, not {type(layer).__name__}")
         if not self.rows:
             self.rows, self.cache, self.mask = list(reqs), cache, mask
             return

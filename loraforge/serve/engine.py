@@ -323,15 +323,20 @@ class Engine:
                 req.adapter.running += 1
             admitted.append(req)
         group: list[Request] = []  # prefill together, up to max_prefill_tokens padded tokens at a time
-        for req in admitted + [None]:
-            if req is not None:  # matched now: the groups before it have cached their blocks
-                req.cached = self.prefix_cache.match(req.owner, req.prompt_ids) if req.owner is not None else []
-            width = max([self._uncached(r) for r in group] + [self._uncached(req) if req else 0])
-            if group and (req is None or width * (len(group) + 1) > self.max_prefill_tokens):
-                self._prefill(group)
-                group = []
-            if req is not None:
-                group.append(req)
+        try:
+            for req in admitted + [None]:
+                if req is not None:  # matched now: the groups before it have cached their blocks
+                    req.cached = self.prefix_cache.match(req.owner, req.prompt_ids) if req.owner is not None else []
+                width = max([self._uncached(r) for r in group] + [self._uncached(req) if req else 0])
+                if group and (req is None or width * (len(group) + 1) > self.max_prefill_tokens):
+                    self._prefill(group)
+                    group = []
+                if req is not None:
+                    group.append(req)
+        except Exception as e:  # out of the queue, maybe not in the batch: ended here, or none would end them (a
+            for req in admitted:  # Gemma 2 join's error lost its requests, and their clients waited for ever)
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            raise  # the loop fails the batch
 
     def _drain_target(self, admitted: list[Request]) -> Adapter | None:
         """The resident adapter whose rows (running and `admitted`) end soonest: while a request waits for a slot,
