@@ -166,12 +166,24 @@ class Launcher:
         tmp.replace(path)
 
     def _wait(self, name: str, proc: subprocess.Popen, record: dict) -> None:
-        record["exit_code"] = proc.wait()
-        record["ended"] = time.time()
-        with self.lock:
-            asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
-            self._write(name, {**record, **({"stop_requested": asked} if asked is not None else {})})
-            self.procs.pop(name, None)
+        """Record the run's exit, then let it go (procs): always, or the run would read "running" until the server
+        restarts. Its .ui/<name>/ folder deleted meanwhile is made again while the run's output folder exists (the
+        exit record says how it ended); deleted with the run, nothing is written."""
+        try:
+            record["exit_code"] = proc.wait()
+            record["ended"] = time.time()
+            with self.lock:
+                asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
+                if (self.runs_dir / name).is_dir():
+                    meta_dir(self.runs_dir, name).mkdir(parents=True, exist_ok=True)
+                if meta_dir(self.runs_dir, name).is_dir():
+                    self._write(name, {**record, **({"stop_requested": asked} if asked is not None else {})})
+        except OSError as e:  # e.g. the folder deleted again between the check and the write
+            print(f"ui: run {name!r} ended with exit code {record.get('exit_code')}, unrecorded: {e}",
+                  file=sys.stderr, flush=True)
+        finally:
+            with self.lock:
+                self.procs.pop(name, None)
 
     def settle(self, name: str) -> None:
         """Record the exit of a launched run whose process ended while no launcher waited for it (the server was

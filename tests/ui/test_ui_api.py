@@ -1144,3 +1144,41 @@ def test_a_run_whose_name_has_a_line_break_is_left_out_of_the_list(ui, capfd):
             "line' is left out: its name has a line break, which the page's addresses cannot carry; rename it" in log)
     finally:
         shutil.rmtree(ui[1] / "runs" / "new\nline")
+
+
+# --- a page run's folders deleted while it trains --------------------------------------------------------------------
+
+@pytest.mark.parametrize("deleted", [[".ui/gone"], ["gone", ".ui/gone"]])
+def test_a_run_whose_folders_are_deleted_while_it_trains_is_let_go_when_it_ends(tmp_path, deleted):
+    """The wait thread died on the missing .ui/<name>/ (FileNotFoundError on launch.tmp) before it let the run go:
+    listed "running" with no exit until a restart, its stream never ended, Stop said "not started from the
+    dashboard"."""
+    launcher = launch.Launcher(tmp_path)
+    (tmp_path / "gone" / "adapter").mkdir(parents=True)
+    (tmp_path / "gone" / "adapter" / "adapter_config.json").write_text("{}")
+    launch.meta_dir(tmp_path, "gone").mkdir(parents=True)
+    proc = subprocess.Popen(["true"])
+    launcher.procs["gone"] = proc
+    for folder in deleted:
+        shutil.rmtree(tmp_path / folder)
+    launcher._wait("gone", proc, {"pid": proc.pid, "argv": ["true"], "started": time.time(), "exit_code": None})
+    assert launcher.running() == frozenset()
+    if "gone" in deleted:  # the whole run: nothing is made again, nothing listed
+        assert not (tmp_path / ".ui" / "gone").exists() and R.list_runs(tmp_path) == []
+    else:  # the output folder remains: the exit is recorded, and the run reads finished
+        assert R.read_launch(tmp_path, "gone")["exit_code"] == 0
+        assert [(r["name"], r["status"], r["exit_code"]) for r in R.list_runs(tmp_path)] == [("gone", "finished", 0)]
+
+
+def test_a_page_run_whose_ui_folder_is_deleted_while_it_trains_reads_finished(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="unmeta", max_steps="30", save_every="100"))
+    assert r.status_code == 200, r.text
+    wait_for(lambda: R.metrics_size(ui[1] / "runs" / "unmeta"))  # training: config.yaml was read
+    shutil.rmtree(ui[1] / "runs" / ".ui" / "unmeta")
+    status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/unmeta/metrics").json()["status"]) != "running" and s)
+    assert status == "finished"
+    listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["unmeta"]
+    assert (listed["status"], listed["exit_code"]) == ("finished", 0)
+    assert sse(call(ui, "GET", "/ui/api/runs/unmeta/events?interval=0.1").text)[-1][0] == "end"
+    r = call(ui, "POST", "/ui/api/runs/unmeta/stop")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_running"
