@@ -20,17 +20,18 @@ keeps other web pages out (CSRF, DNS rebinding).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 
 from loraforge.config import ConfigError
 from loraforge.models import load_base
@@ -240,12 +241,18 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         files = R.adapter_files(path)
         if not files:
             return _error(404, f"run {name!r} has no adapter (yet)", "not_found")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in files:
-                z.write(f, f"{path.name}/{f.name}")
-        return Response(buf.getvalue(), media_type="application/zip",
-                        headers={"Content-Disposition": attachment(f"{path.name}-adapter.zip")})
+        # written to a temporary file, not memory (an adapter can be GBs), deleted once sent; stored, not deflated:
+        # safetensors weights barely compress, and deflating 400 MB held the first byte back for 20 s
+        fd, tmp = tempfile.mkstemp(prefix="loraforge-adapter-", suffix=".zip")
+        try:
+            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+                for f in files:
+                    z.write(f, f"{path.name}/{f.name}")
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return FileResponse(tmp, media_type="application/zip", background=BackgroundTask(os.unlink, tmp),
+                            headers={"Content-Disposition": attachment(f"{path.name}-adapter.zip")})
 
     @api.get("/adapters")
     def adapters():
