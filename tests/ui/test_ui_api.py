@@ -27,9 +27,11 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
 
-from helpers import default_recursion_limit
+from helpers import default_recursion_limit, save_adapters
 from loraforge import cli
+from loraforge.config import LoraConfig
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 from loraforge.ui import app as ui_app
@@ -1196,3 +1198,25 @@ def test_a_page_run_whose_ui_folder_is_deleted_while_it_trains_reads_finished(ui
     assert sse(call(ui, "GET", "/ui/api/runs/unmeta/events?interval=0.1").text)[-1][0] == "end"
     r = call(ui, "POST", "/ui/api/runs/unmeta/stop")
     assert r.status_code == 409 and r.json()["error"]["code"] == "not_running"
+
+
+# --- the playground's models ------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the other tests' fake runs: adapters that do not load
+def test_a_run_that_saves_its_adapter_while_serving_is_in_the_playgrounds_models(ui, tiny_dir, tmp_path):
+    """A run trained from the page was missing from /v1/models (the playground's list) until a restart: the
+    adapters_dir was read at start only. Now the list looks for adapters added since, once each."""
+    def models():
+        return {m["id"] for m in call(ui, "GET", "/v1/models").json()["data"]}
+
+    run = ui[1] / "runs" / "late"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert "late" not in models()  # training: no adapter yet
+    save_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path,
+                  {"late": LoraConfig(r=4, target_modules=("q_proj", "v_proj"))}, seed=3)
+    (tmp_path / "late").rename(run / "adapter")  # as train writes it: the folder with both files at once
+    assert "late" in models()
+    assert "late" in call(ui, "GET", "/ui/api/adapters").json()["served"]
+    r = call(ui, "POST", "/v1/completions", json={"model": "late", "prompt": "Add 1 and 2.", "max_tokens": 2})
+    assert r.status_code == 200, r.text
