@@ -38,6 +38,7 @@ from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launche
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
+REGEX_CHARS = frozenset("*+?()[]{}|^$\\")  # a target_modules value holding one is a regex, not names
 
 
 def _scalar(key: str, value):
@@ -51,6 +52,19 @@ def _scalar(key: str, value):
         load_train_config(None, [f"{key}={value}"])  # the CLI's override parser: raises its message for this value
         raise
     return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
+
+
+def form_targets(value) -> str | list[str] | None:
+    """The form's target_modules as lora.target_modules takes it (docs/REFERENCE.md): "all-linear", or a regex
+    that must match the whole module path (a value holding one of * + ? ( ) [ ] { } | ^ $ \\, kept whole, commas
+    included), as a string; otherwise module names separated by commas, as a list; None when empty (the
+    architecture's default)."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    if text == "all-linear" or REGEX_CHARS.intersection(text):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def adalora_ranks(r) -> dict:
@@ -79,7 +93,7 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
         raise PathError(f"model {model!r}: choose one of {', '.join(models)}")
     dataset = inside(data_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
-    targets = [t.strip() for t in str(form.get("target_modules") or "").split(",") if t.strip()]
+    targets = form_targets(form.get("target_modules"))  # soak: "all-linear" became ['all-linear'], a name
     # AdaLoRA has no use for lora.r (warned about, unused): the form's r sets its ranks instead
     ranks = {"adalora": adalora_ranks(_scalar("adalora.target_r", form.get("r", "8")))} if method == "adalora" else {}
     lora = {} if ranks else {"r": _scalar("lora.r", form.get("r", "8"))}

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from helpers import default_recursion_limit, save_adapters
@@ -1220,3 +1221,34 @@ def test_a_run_that_saves_its_adapter_while_serving_is_in_the_playgrounds_models
     assert "late" in call(ui, "GET", "/ui/api/adapters").json()["served"]
     r = call(ui, "POST", "/v1/completions", json={"model": "late", "prompt": "Add 1 and 2.", "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+# --- the form's target_modules --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given,taken", [
+    ("q_proj, v_proj", ["q_proj", "v_proj"]), ("q_proj", ["q_proj"]), ("self_attn.o_proj", ["self_attn.o_proj"]),
+    ("all-linear", "all-linear"), (" all-linear ", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+    (r".*layers\.[0-9]{1,2}\.self_attn\.q_proj", r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"), ("", None)])
+def test_the_forms_target_modules_takes_names_all_linear_or_a_regex(ui, given, taken):
+    """The form split every value on commas into a list: "all-linear" became ['all-linear'], a module name that
+    matched no layer, and the run failed after its model loaded; a regex could not be said at all."""
+    _, config = form_config(form(target_modules=given), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+    assert config["lora"].get("target_modules") == taken
+    launch.validate(config)
+
+
+def test_a_target_modules_regex_that_does_not_compile_is_refused_when_posted(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="badregex", target_modules="(q_proj"))
+    assert r.status_code == 400 and "target_modules: '(q_proj' is not a valid regex" in r.json()["error"]["message"]
+
+
+def test_a_run_with_all_linear_from_the_form_trains_every_linear_layer(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="alllin", target_modules="all-linear", max_steps="2"))
+    assert r.status_code == 200, r.text
+    status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/alllin/metrics").json()["status"]) != "running" and s)
+    assert status == "finished", (ui[1] / "runs" / ".ui" / "alllin" / "train.log").read_text()[-2000:]
+    adapter = ui[1] / "runs" / "alllin" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in f.keys()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
