@@ -3,7 +3,7 @@
 Page: GET /ui/ (static index.html, app.js, style.css, vendored uPlot). JSON under /ui/api/, each needing
 `Authorization: Bearer <key>` when the server has an API key:
   GET  info                      served model, models and dataset files the form offers
-  GET  runs                      every run with its status and config
+  GET  runs                      every run with its status, config and whether Stop applies (stoppable)
   GET  runs/{name}/metrics       metrics.jsonl rows from ?offset= on
   GET  runs/{name}/events        the same as server-sent events while the run may still write rows, then `event: end`
   GET  runs/{name}/extras        AdaLoRA ranks, forgetting report, the tail of train.log
@@ -222,6 +222,9 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         path, name = run_path(name)
         launch = R.read_launch(runs_dir, name)
         if not launch:
+            if (pid := R.writer_pid(path)) is not None:
+                return _error(409, f"run {name!r} was not started from the dashboard (process {pid}): stop it where "
+                                   f"it runs (Ctrl-C, or kill {pid})", "not_launched")
             return _error(409, f"run {name!r} was not started from the dashboard: stop it where it runs (Ctrl-C, "
                                f"or kill its process)", "not_launched")
         try:

@@ -416,16 +416,19 @@ def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
     try:
         mtimes = [p.lstat().st_mtime for p in (path.iterdir() if path.is_dir() else ())]
         state = "running" if name in running else status(path, launch)
+        # Stop is for the process launched from the page, alive: not a run from a terminal, nor one continued there
+        ours = state == "running" and (name in running or launched_alive(launch))
         return {"name": name, "status": state, "config": run_config(root, path), "started": launch.get("started"),
+                "stoppable": ours,
                 # asked to stop (SIGINT), still finishing its step: the page offers "Stop now" (SIGTERM) instead
-                "stopping": state == "running" and "stop_requested" in launch and not continued(path, launch),
+                "stopping": ours and "stop_requested" in launch,
                 "exit_code": launch.get("exit_code"),
                 "has_adapter": _file(path, "adapter/adapter_config.json") is not None,
                 "has_forgetting": _file(path, "forgetting.json") is not None,
                 "mtime": max(mtimes, default=launch.get("started") or 0)}
     except OSError:  # a run this user cannot read, or one that is being removed: listed, the others too
         return {"name": name, "status": "unknown", "config": None, "started": None, "exit_code": None,
-                "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
+                "stoppable": False, "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
 
 
 def _runs_in(root: Path, folder: Path) -> list[Path]:

@@ -1252,3 +1252,27 @@ def test_a_run_with_all_linear_from_the_form_trains_every_linear_layer(ui):
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in f.keys()}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# --- Stop where the server takes it ---------------------------------------------------------------------------------
+
+def test_the_list_says_which_running_runs_stop_takes_and_a_terminal_runs_409_names_its_process(ui, victim):
+    """The page offered Stop on every running row, and the server answered 409 for a run it did not launch; for a
+    run started in a terminal without naming the process to stop, as it does for one continued there."""
+    run = ui[1] / "runs" / "interm"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "t.yaml"])
+    try:
+        (run / ".lock").write_text(str(train.pid))
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+        assert (listed["victim"]["status"], listed["victim"]["stoppable"]) == ("running", True)
+        assert (listed["interm"]["status"], listed["interm"]["stoppable"]) == ("running", False)
+        r = call(ui, "POST", "/ui/api/runs/interm/stop")
+        assert r.status_code == 409 and r.json()["error"]["message"] == (
+            f"run 'interm' was not started from the dashboard (process {train.pid}): stop it where it runs "
+            f"(Ctrl-C, or kill {train.pid})")
+    finally:
+        train.kill()
+        train.wait()
+    assert {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["interm"]["stoppable"] is False
