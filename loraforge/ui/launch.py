@@ -34,7 +34,7 @@ import yaml
 from loraforge.config import MAX_RANK, ConfigError, load_train_config
 from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
-                               read_launch, tail)
+                               output_deleted, read_launch, tail)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
@@ -164,6 +164,9 @@ class Launcher:
                 return (f"run {name!r} exists already in {self.runs_dir}, stopped with a checkpoint; choose another "
                         f"name, or continue it with: loraforge train {meta / 'config.yaml'} --resume")
             return f"run {name!r} exists already in {self.runs_dir}; choose another name"
+        if output_deleted(out, read_launch(self.runs_dir, name)):  # soak: said "ended before writing" of it
+            return (f"run {name!r}: {out} was deleted, but its launch record {meta} remains; delete {meta} to use "
+                    f"the name again, or choose another name")
         return (f"run {name!r}: {meta} exists already, from a start on the page that ended before writing {out} "
                 f"(see its train.log); choose another name, or delete {meta}")
 
@@ -190,8 +193,9 @@ class Launcher:
                 asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
                 if (self.runs_dir / name).is_dir():
                     meta_dir(self.runs_dir, name).mkdir(parents=True, exist_ok=True)
-                if meta_dir(self.runs_dir, name).is_dir():
-                    self._write(name, {**record, **({"stop_requested": asked} if asked is not None else {})})
+                if meta_dir(self.runs_dir, name).is_dir():  # output_written: see runs.output_deleted
+                    self._write(name, {**record, "output_written": (self.runs_dir / name).is_dir(),
+                                       **({"stop_requested": asked} if asked is not None else {})})
         except OSError as e:  # e.g. the folder deleted again between the check and the write
             print(f"ui: run {name!r} ended with exit code {record.get('exit_code')}, unrecorded: {e}",
                   file=sys.stderr, flush=True)
@@ -209,7 +213,8 @@ class Launcher:
             if not record.get("pid") or record.get("exit_code") is not None or launched_alive(record):
                 return
             code = exit_from_log(self.runs_dir / name, meta_file(self.runs_dir, name, "train.log"))
-            self._write(name, {**record, "exit_code": code, "ended": time.time(), "exit_code_from": "train.log"})
+            self._write(name, {**record, "exit_code": code, "ended": time.time(), "exit_code_from": "train.log",
+                               "output_written": (self.runs_dir / name).is_dir()})
 
     def settle_all(self) -> None:
         for meta in sorted((self.runs_dir / UI_DIR).glob("*/launch.json")):

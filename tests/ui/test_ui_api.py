@@ -1276,3 +1276,42 @@ def test_the_list_says_which_running_runs_stop_takes_and_a_terminal_runs_409_nam
         train.kill()
         train.wait()
     assert {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["interm"]["stoppable"] is False
+
+
+# --- a page run whose folder was deleted ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", [{"exit_code": 130, "output_written": True}, {"exit_code": 130},  # older record
+                                    {"exit_code": 0}, {"exit_code": 1, "output_written": True}])
+def test_a_page_run_whose_folder_was_deleted_is_not_listed_and_its_name_is_explained(ui, record):
+    """`rm -rf runs/s1` of a stopped page run: it stayed listed with its old curve, and starting s1 again said
+    ".ui/s1 exists already, from a start on the page that ended before writing runs/s1", which was not true."""
+    ended = time.time() - 60
+    meta = write_launch(ui[1], "wiped", pid=1, argv=["x"], started=ended - 60, ended=ended, **record)
+    assert "wiped" not in {r["name"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="wiped"))
+    assert r.status_code == 409 and r.json()["error"]["message"] == (
+        f"run 'wiped': {ui[1] / 'runs' / 'wiped'} was deleted, but its launch record {meta} remains; delete {meta} "
+        f"to use the name again, or choose another name")
+    shutil.rmtree(meta)
+
+
+@pytest.mark.parametrize("record", [{"exit_code": 2, "output_written": False}, {"exit_code": 1}])  # 1: older record
+def test_a_page_run_that_failed_before_writing_its_folder_stays_listed(ui, record):
+    ended = time.time() - 60
+    meta = write_launch(ui[1], "early", pid=1, argv=["x"], started=ended - 60, ended=ended, **record)
+    assert {r["name"]: r["status"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["early"] == "failed"
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="early"))
+    assert r.status_code == 409 and "from a start on the page that ended before writing" in r.json()["error"]["message"]
+    shutil.rmtree(meta)
+
+
+@pytest.mark.parametrize("wrote", [True, False])
+def test_the_exit_record_says_whether_the_run_wrote_its_folder(tmp_path, wrote):
+    launcher = launch.Launcher(tmp_path)
+    launch.meta_dir(tmp_path, "w").mkdir(parents=True)
+    if wrote:
+        (tmp_path / "w").mkdir()
+    proc = subprocess.Popen(["true"])
+    launcher.procs["w"] = proc
+    launcher._wait("w", proc, {"pid": proc.pid, "argv": ["true"], "started": time.time(), "exit_code": None})
+    assert R.read_launch(tmp_path, "w")["output_written"] is wrote
