@@ -127,7 +127,9 @@ class Engine:
     # ---- public API (any thread) ----
 
     def adapter_names(self) -> list[str]:
+        """The adapters served, those added to adapters_dir since the start included (Residency.discover)."""
         with self._cv:
+            self._residency.discover()
             return list(self._residency.adapters)
 
     def resident_adapters(self) -> list[str]:

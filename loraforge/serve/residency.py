@@ -25,7 +25,8 @@ safetensors only). Only paths given at start or inside `adapters_dir` load, and 
 reads no file outside it (a symlinked folder or file leading out is refused, and skipped with a warning at start).
 `adapters_dir`'s adapters are its direct subfolders NAME holding an adapter_config.json and the NAME/adapter/
 folders training runs write, each served as NAME. Each one found there gets the cheap checks at start (`precheck`:
-config, files, the weights' shapes from the safetensors header against the base), and any adapter that fails a
+config, files, the weights' shapes from the safetensors header against the base); one added while serving gets
+them when a request names it or the list of models is read (`discover`). Any adapter that fails a
 load is marked broken: it is not listed, and a request naming it gets the reason (a 400) without its files being
 read again until they change.
 Messages name an adapter's folder as the client sent it or relative to `adapters_dir`, never by a server path.
@@ -34,6 +35,7 @@ Messages name an adapter's folder as the client sent it or relative to `adapters
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import re
@@ -248,6 +250,18 @@ def _stamp(entry: Adapter) -> tuple:
     return tuple(stamp)
 
 
+def _folder_stamp(sub: Path) -> tuple:
+    """What changes when an adapter appears in a folder of adapters_dir: its mtime and its adapter/'s (a run's
+    adapter folder is renamed in whole, both files at once)."""
+    stamp = []
+    for path in (sub, sub / RUN_ADAPTER):
+        try:
+            stamp.append(os.stat(path).st_mtime_ns)
+        except (OSError, ValueError):
+            stamp.append(None)
+    return tuple(stamp)
+
+
 def _listed(names: list[str]) -> str:
     more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
     return f"{names[:LISTED]!r}{more}"
@@ -274,6 +288,7 @@ class Residency:
         self._allowed = {expand_user(p).resolve() for p in allowed}
         self.adapters_dir = adapters_dir
         self.unloaded: set[str] = set()  # names DELETE /v1/adapters took out: not found in adapters_dir again
+        self._looked: dict[str, tuple] = {}  # folders of adapters_dir discover() found no adapter in: their stamp
         # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
@@ -358,6 +373,31 @@ class Residency:
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
         for sub in sorted(self.adapters_dir.iterdir()):
             self._register_found(sub)
+
+    def discover(self) -> None:
+        """Register the adapters that appeared in adapters_dir since the start (under lock), as register_dir does,
+        so that listing shows them (a run trained while serving); and check a broken one again whose files changed.
+        Cheap: a folder holding no adapter is looked into again only when it changes (its mtime or its adapter/'s),
+        and an adapter's files are read once (precheck) when it is found."""
+        if self.adapters_dir is None:
+            return
+        try:
+            subs = sorted(self.adapters_dir.iterdir())
+        except OSError:  # adapters_dir removed while serving: nothing new to list
+            return
+        for sub in subs:
+            name = sub.name
+            if name in self.adapters or name in self.unloaded or not NAME_RE.fullmatch(name):
+                continue
+            if name in self.broken:
+                entry = self.broken[name]
+                if entry.discovered and _stamp(entry) != entry.stamp:
+                    with contextlib.suppress(BrokenAdapter):
+                        self._retry(entry)
+                continue
+            stamp = _folder_stamp(sub)
+            if self._looked.get(name) != stamp and self._register_found(sub) is None:
+                self._looked[name] = stamp
 
     def _register_found(self, sub: Path) -> Adapter | None:
         """register_dir's work for one folder of adapters_dir: its adapter registered (or kept out as broken, with

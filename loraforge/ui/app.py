@@ -3,7 +3,7 @@
 Page: GET /ui/ (static index.html, app.js, style.css, vendored uPlot). JSON under /ui/api/, each needing
 `Authorization: Bearer <key>` when the server has an API key:
   GET  info                      served model, models and dataset files the form offers
-  GET  runs                      every run with its status and config
+  GET  runs                      every run with its status, config and whether Stop applies (stoppable)
   GET  runs/{name}/metrics       metrics.jsonl rows from ?offset= on
   GET  runs/{name}/events        the same as server-sent events while the run may still write rows, then `event: end`
   GET  runs/{name}/extras        AdaLoRA ranks, forgetting report, the tail of train.log
@@ -20,17 +20,18 @@ keeps other web pages out (CSRF, DNS rebinding).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
+import tempfile
 import time
 import zipfile
 from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 
 from loraforge.config import ConfigError
 from loraforge.models import load_base
@@ -221,6 +222,9 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         path, name = run_path(name)
         launch = R.read_launch(runs_dir, name)
         if not launch:
+            if (pid := R.writer_pid(path)) is not None:
+                return _error(409, f"run {name!r} was not started from the dashboard (process {pid}): stop it where "
+                                   f"it runs (Ctrl-C, or kill {pid})", "not_launched")
             return _error(409, f"run {name!r} was not started from the dashboard: stop it where it runs (Ctrl-C, "
                                f"or kill its process)", "not_launched")
         try:
@@ -240,12 +244,18 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         files = R.adapter_files(path)
         if not files:
             return _error(404, f"run {name!r} has no adapter (yet)", "not_found")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in files:
-                z.write(f, f"{path.name}/{f.name}")
-        return Response(buf.getvalue(), media_type="application/zip",
-                        headers={"Content-Disposition": attachment(f"{path.name}-adapter.zip")})
+        # written to a temporary file, not memory (an adapter can be GBs), deleted once sent; stored, not deflated:
+        # safetensors weights barely compress, and deflating 400 MB held the first byte back for 20 s
+        fd, tmp = tempfile.mkstemp(prefix="loraforge-adapter-", suffix=".zip")
+        try:
+            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+                for f in files:
+                    z.write(f, f"{path.name}/{f.name}")
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return FileResponse(tmp, media_type="application/zip", background=BackgroundTask(os.unlink, tmp),
+                            headers={"Content-Disposition": attachment(f"{path.name}-adapter.zip")})
 
     @api.get("/adapters")
     def adapters():

@@ -34,10 +34,11 @@ import yaml
 from loraforge.config import MAX_RANK, ConfigError, load_train_config
 from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
-                               read_launch, tail)
+                               output_deleted, read_launch, tail)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
+REGEX_CHARS = frozenset("*+?()[]{}|^$\\")  # a target_modules value holding one is a regex, not names
 
 
 def _scalar(key: str, value):
@@ -51,6 +52,19 @@ def _scalar(key: str, value):
         load_train_config(None, [f"{key}={value}"])  # the CLI's override parser: raises its message for this value
         raise
     return parsed if isinstance(parsed, (int, float, str, bool)) or parsed is None else value
+
+
+def form_targets(value) -> str | list[str] | None:
+    """The form's target_modules as lora.target_modules takes it (docs/REFERENCE.md): "all-linear", or a regex
+    that must match the whole module path (a value holding one of * + ? ( ) [ ] { } | ^ $ \\, kept whole, commas
+    included), as a string; otherwise module names separated by commas, as a list; None when empty (the
+    architecture's default)."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    if text == "all-linear" or REGEX_CHARS.intersection(text):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def adalora_ranks(r) -> dict:
@@ -79,7 +93,7 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
         raise PathError(f"model {model!r}: choose one of {', '.join(models)}")
     dataset = inside(data_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
-    targets = [t.strip() for t in str(form.get("target_modules") or "").split(",") if t.strip()]
+    targets = form_targets(form.get("target_modules"))  # soak: "all-linear" became ['all-linear'], a name
     # AdaLoRA has no use for lora.r (warned about, unused): the form's r sets its ranks instead
     ranks = {"adalora": adalora_ranks(_scalar("adalora.target_r", form.get("r", "8")))} if method == "adalora" else {}
     lora = {} if ranks else {"r": _scalar("lora.r", form.get("r", "8"))}
@@ -150,6 +164,9 @@ class Launcher:
                 return (f"run {name!r} exists already in {self.runs_dir}, stopped with a checkpoint; choose another "
                         f"name, or continue it with: loraforge train {meta / 'config.yaml'} --resume")
             return f"run {name!r} exists already in {self.runs_dir}; choose another name"
+        if output_deleted(out, read_launch(self.runs_dir, name)):  # soak: said "ended before writing" of it
+            return (f"run {name!r}: {out} was deleted, but its launch record {meta} remains; delete {meta} to use "
+                    f"the name again, or choose another name")
         return (f"run {name!r}: {meta} exists already, from a start on the page that ended before writing {out} "
                 f"(see its train.log); choose another name, or delete {meta}")
 
@@ -166,12 +183,25 @@ class Launcher:
         tmp.replace(path)
 
     def _wait(self, name: str, proc: subprocess.Popen, record: dict) -> None:
-        record["exit_code"] = proc.wait()
-        record["ended"] = time.time()
-        with self.lock:
-            asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
-            self._write(name, {**record, **({"stop_requested": asked} if asked is not None else {})})
-            self.procs.pop(name, None)
+        """Record the run's exit, then let it go (procs): always, or the run would read "running" until the server
+        restarts. Its .ui/<name>/ folder deleted meanwhile is made again while the run's output folder exists (the
+        exit record says how it ended); deleted with the run, nothing is written."""
+        try:
+            record["exit_code"] = proc.wait()
+            record["ended"] = time.time()
+            with self.lock:
+                asked = read_launch(self.runs_dir, name).get("stop_requested")  # written by stop() meanwhile: kept
+                if (self.runs_dir / name).is_dir():
+                    meta_dir(self.runs_dir, name).mkdir(parents=True, exist_ok=True)
+                if meta_dir(self.runs_dir, name).is_dir():  # output_written: see runs.output_deleted
+                    self._write(name, {**record, "output_written": (self.runs_dir / name).is_dir(),
+                                       **({"stop_requested": asked} if asked is not None else {})})
+        except OSError as e:  # e.g. the folder deleted again between the check and the write
+            print(f"ui: run {name!r} ended with exit code {record.get('exit_code')}, unrecorded: {e}",
+                  file=sys.stderr, flush=True)
+        finally:
+            with self.lock:
+                self.procs.pop(name, None)
 
     def settle(self, name: str) -> None:
         """Record the exit of a launched run whose process ended while no launcher waited for it (the server was
@@ -183,7 +213,8 @@ class Launcher:
             if not record.get("pid") or record.get("exit_code") is not None or launched_alive(record):
                 return
             code = exit_from_log(self.runs_dir / name, meta_file(self.runs_dir, name, "train.log"))
-            self._write(name, {**record, "exit_code": code, "ended": time.time(), "exit_code_from": "train.log"})
+            self._write(name, {**record, "exit_code": code, "ended": time.time(), "exit_code_from": "train.log",
+                               "output_written": (self.runs_dir / name).is_dir()})
 
     def settle_all(self) -> None:
         for meta in sorted((self.runs_dir / UI_DIR).glob("*/launch.json")):

@@ -14,6 +14,7 @@ that launch.py started from the page: its own files (config.yaml, launch.json, t
 - unknown: only metrics, nothing says how it ended (e.g. a run started in a terminal that was killed), or its
   launch.json is damaged.
 A launched run whose process ended while no server waited for it gets its exit from what it left (exit_from_log).
+A launched run whose folder was deleted after it wrote it (output_deleted) is no longer listed.
 A launched run whose metrics.jsonl, adapter or model changed after launch.json's recorded end was continued
 elsewhere (the `loraforge train <config.yaml> --resume` the page suggests for a stopped run): the record no longer
 says how it stands, the files do (continued): finished when its adapter or model is newer than that end, running
@@ -212,6 +213,17 @@ def launched_alive(launch: dict) -> bool:
         return False
     return (cmdline == [os.fsencode(str(a)) for a in argv] and isinstance(started, (int, float))
             and abs(began - started) < START_SLACK_S)
+
+
+def output_deleted(path: Path, launch: dict) -> bool:
+    """A launched run that ended after writing its folder, which is gone now (deleted): its launch record is all
+    that remains. `output_written` is recorded at its exit; an older record without it counts a run that finished or
+    was stopped (it wrote its folder before either), not one that failed (it may have ended before writing it)."""
+    code = launch.get("exit_code")
+    if code is None or path.exists():
+        return False
+    written = launch.get("output_written")
+    return written is True or (written is None and (code == 0 or code in STOP_CODES))
 
 
 def is_run(path: Path) -> bool:
@@ -416,16 +428,19 @@ def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
     try:
         mtimes = [p.lstat().st_mtime for p in (path.iterdir() if path.is_dir() else ())]
         state = "running" if name in running else status(path, launch)
+        # Stop is for the process launched from the page, alive: not a run from a terminal, nor one continued there
+        ours = state == "running" and (name in running or launched_alive(launch))
         return {"name": name, "status": state, "config": run_config(root, path), "started": launch.get("started"),
+                "stoppable": ours,
                 # asked to stop (SIGINT), still finishing its step: the page offers "Stop now" (SIGTERM) instead
-                "stopping": state == "running" and "stop_requested" in launch and not continued(path, launch),
+                "stopping": ours and "stop_requested" in launch,
                 "exit_code": launch.get("exit_code"),
                 "has_adapter": _file(path, "adapter/adapter_config.json") is not None,
                 "has_forgetting": _file(path, "forgetting.json") is not None,
                 "mtime": max(mtimes, default=launch.get("started") or 0)}
     except OSError:  # a run this user cannot read, or one that is being removed: listed, the others too
         return {"name": name, "status": "unknown", "config": None, "started": None, "exit_code": None,
-                "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
+                "stoppable": False, "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
 
 
 def _runs_in(root: Path, folder: Path) -> list[Path]:
@@ -466,8 +481,9 @@ def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     root = Path(root).resolve()
     if not root.is_dir():
         return []
-    found = [root / p.name for p in sorted((root / UI_DIR).glob("*"))
-             if meta_file(root, p.name, "launch.json") is not None and within(root, p.name) is not None]
+    found = [root / p.name for p in sorted((root / UI_DIR).glob("*"))  # page runs that failed before their folder
+             if meta_file(root, p.name, "launch.json") is not None and within(root, p.name) is not None
+             and not output_deleted(root / p.name, read_launch(root, p.name))]
     found += _runs_in(root, root)
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -26,9 +27,12 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
-from helpers import default_recursion_limit
+from helpers import default_recursion_limit, save_adapters
 from loraforge import cli
+from loraforge.config import LoraConfig
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 from loraforge.ui import app as ui_app
@@ -210,6 +214,19 @@ def test_the_adapter_zip_holds_the_adapter_files(ui):
     z = zipfile.ZipFile(io.BytesIO(r.content))
     assert {n: z.read(n) for n in z.namelist()} == {f"done/{f.name}": f.read_bytes()
                                                     for f in (run / "adapter").iterdir()}
+
+
+def test_the_adapter_zip_is_stored_and_sent_from_a_file_not_built_in_memory(ui, tmp_path, monkeypatch):
+    """A 400 MB adapter was deflated into memory (RSS +1.2 GB, first byte after 22 s): now stored (safetensors
+    barely compress) into a temporary file, sent with its length and deleted once sent."""
+    run = fake_run(ui[1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the server (a thread here) writes the zip
+    r = call(ui, "GET", "/ui/api/runs/done/adapter.zip")
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    assert {i.filename: i.compress_type for i in z.infolist()} == {
+        f"done/{f.name}": zipfile.ZIP_STORED for f in (run / "adapter").iterdir()}
+    assert int(r.headers["content-length"]) == len(r.content)  # a file response: its length known before sending
+    wait_for(lambda: not any(tmp_path.iterdir()), timeout=10)  # the temporary zip is gone
 
 
 @pytest.mark.parametrize("changes", [{"r": "0"}, {"lr": "fast"}, {"method": "lorax"}, {"max_steps": "-3"},
@@ -1144,3 +1161,157 @@ def test_a_run_whose_name_has_a_line_break_is_left_out_of_the_list(ui, capfd):
             "line' is left out: its name has a line break, which the page's addresses cannot carry; rename it" in log)
     finally:
         shutil.rmtree(ui[1] / "runs" / "new\nline")
+
+
+# --- a page run's folders deleted while it trains --------------------------------------------------------------------
+
+@pytest.mark.parametrize("deleted", [[".ui/gone"], ["gone", ".ui/gone"]])
+def test_a_run_whose_folders_are_deleted_while_it_trains_is_let_go_when_it_ends(tmp_path, deleted):
+    """The wait thread died on the missing .ui/<name>/ (FileNotFoundError on launch.tmp) before it let the run go:
+    listed "running" with no exit until a restart, its stream never ended, Stop said "not started from the
+    dashboard"."""
+    launcher = launch.Launcher(tmp_path)
+    (tmp_path / "gone" / "adapter").mkdir(parents=True)
+    (tmp_path / "gone" / "adapter" / "adapter_config.json").write_text("{}")
+    launch.meta_dir(tmp_path, "gone").mkdir(parents=True)
+    proc = subprocess.Popen(["true"])
+    launcher.procs["gone"] = proc
+    for folder in deleted:
+        shutil.rmtree(tmp_path / folder)
+    launcher._wait("gone", proc, {"pid": proc.pid, "argv": ["true"], "started": time.time(), "exit_code": None})
+    assert launcher.running() == frozenset()
+    if "gone" in deleted:  # the whole run: nothing is made again, nothing listed
+        assert not (tmp_path / ".ui" / "gone").exists() and R.list_runs(tmp_path) == []
+    else:  # the output folder remains: the exit is recorded, and the run reads finished
+        assert R.read_launch(tmp_path, "gone")["exit_code"] == 0
+        assert [(r["name"], r["status"], r["exit_code"]) for r in R.list_runs(tmp_path)] == [("gone", "finished", 0)]
+
+
+def test_a_page_run_whose_ui_folder_is_deleted_while_it_trains_reads_finished(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="unmeta", max_steps="30", save_every="100"))
+    assert r.status_code == 200, r.text
+    wait_for(lambda: R.metrics_size(ui[1] / "runs" / "unmeta"))  # training: config.yaml was read
+    shutil.rmtree(ui[1] / "runs" / ".ui" / "unmeta")
+    status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/unmeta/metrics").json()["status"]) != "running" and s)
+    assert status == "finished"
+    listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["unmeta"]
+    assert (listed["status"], listed["exit_code"]) == ("finished", 0)
+    assert sse(call(ui, "GET", "/ui/api/runs/unmeta/events?interval=0.1").text)[-1][0] == "end"
+    r = call(ui, "POST", "/ui/api/runs/unmeta/stop")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_running"
+
+
+# --- the playground's models ------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the other tests' fake runs: adapters that do not load
+def test_a_run_that_saves_its_adapter_while_serving_is_in_the_playgrounds_models(ui, tiny_dir, tmp_path):
+    """A run trained from the page was missing from /v1/models (the playground's list) until a restart: the
+    adapters_dir was read at start only. Now the list looks for adapters added since, once each."""
+    def models():
+        return {m["id"] for m in call(ui, "GET", "/v1/models").json()["data"]}
+
+    run = ui[1] / "runs" / "late"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert "late" not in models()  # training: no adapter yet
+    save_adapters(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path,
+                  {"late": LoraConfig(r=4, target_modules=("q_proj", "v_proj"))}, seed=3)
+    (tmp_path / "late").rename(run / "adapter")  # as train writes it: the folder with both files at once
+    assert "late" in models()
+    assert "late" in call(ui, "GET", "/ui/api/adapters").json()["served"]
+    r = call(ui, "POST", "/v1/completions", json={"model": "late", "prompt": "Add 1 and 2.", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+# --- the form's target_modules --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given,taken", [
+    ("q_proj, v_proj", ["q_proj", "v_proj"]), ("q_proj", ["q_proj"]), ("self_attn.o_proj", ["self_attn.o_proj"]),
+    ("all-linear", "all-linear"), (" all-linear ", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj"),
+    (r".*layers\.[0-9]{1,2}\.self_attn\.q_proj", r".*layers\.[0-9]{1,2}\.self_attn\.q_proj"), ("", None)])
+def test_the_forms_target_modules_takes_names_all_linear_or_a_regex(ui, given, taken):
+    """The form split every value on commas into a list: "all-linear" became ['all-linear'], a module name that
+    matched no layer, and the run failed after its model loaded; a regex could not be said at all."""
+    _, config = form_config(form(target_modules=given), ui[1] / "runs", ui[1] / "data", {"tiny": "tiny"})
+    assert config["lora"].get("target_modules") == taken
+    launch.validate(config)
+
+
+def test_a_target_modules_regex_that_does_not_compile_is_refused_when_posted(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="badregex", target_modules="(q_proj"))
+    assert r.status_code == 400 and "target_modules: '(q_proj' is not a valid regex" in r.json()["error"]["message"]
+
+
+def test_a_run_with_all_linear_from_the_form_trains_every_linear_layer(ui):
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="alllin", target_modules="all-linear", max_steps="2"))
+    assert r.status_code == 200, r.text
+    status = wait_for(lambda: (s := call(ui, "GET", "/ui/api/runs/alllin/metrics").json()["status"]) != "running" and s)
+    assert status == "finished", (ui[1] / "runs" / ".ui" / "alllin" / "train.log").read_text()[-2000:]
+    adapter = ui[1] / "runs" / "alllin" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in f.keys()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# --- Stop where the server takes it ---------------------------------------------------------------------------------
+
+def test_the_list_says_which_running_runs_stop_takes_and_a_terminal_runs_409_names_its_process(ui, victim):
+    """The page offered Stop on every running row, and the server answered 409 for a run it did not launch; for a
+    run started in a terminal without naming the process to stop, as it does for one continued there."""
+    run = ui[1] / "runs" / "interm"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "t.yaml"])
+    try:
+        (run / ".lock").write_text(str(train.pid))
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+        assert (listed["victim"]["status"], listed["victim"]["stoppable"]) == ("running", True)
+        assert (listed["interm"]["status"], listed["interm"]["stoppable"]) == ("running", False)
+        r = call(ui, "POST", "/ui/api/runs/interm/stop")
+        assert r.status_code == 409 and r.json()["error"]["message"] == (
+            f"run 'interm' was not started from the dashboard (process {train.pid}): stop it where it runs "
+            f"(Ctrl-C, or kill {train.pid})")
+    finally:
+        train.kill()
+        train.wait()
+    assert {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["interm"]["stoppable"] is False
+
+
+# --- a page run whose folder was deleted ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("record", [{"exit_code": 130, "output_written": True}, {"exit_code": 130},  # older record
+                                    {"exit_code": 0}, {"exit_code": 1, "output_written": True}])
+def test_a_page_run_whose_folder_was_deleted_is_not_listed_and_its_name_is_explained(ui, record):
+    """`rm -rf runs/s1` of a stopped page run: it stayed listed with its old curve, and starting s1 again said
+    ".ui/s1 exists already, from a start on the page that ended before writing runs/s1", which was not true."""
+    ended = time.time() - 60
+    meta = write_launch(ui[1], "wiped", pid=1, argv=["x"], started=ended - 60, ended=ended, **record)
+    assert "wiped" not in {r["name"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="wiped"))
+    assert r.status_code == 409 and r.json()["error"]["message"] == (
+        f"run 'wiped': {ui[1] / 'runs' / 'wiped'} was deleted, but its launch record {meta} remains; delete {meta} "
+        f"to use the name again, or choose another name")
+    shutil.rmtree(meta)
+
+
+@pytest.mark.parametrize("record", [{"exit_code": 2, "output_written": False}, {"exit_code": 1}])  # 1: older record
+def test_a_page_run_that_failed_before_writing_its_folder_stays_listed(ui, record):
+    ended = time.time() - 60
+    meta = write_launch(ui[1], "early", pid=1, argv=["x"], started=ended - 60, ended=ended, **record)
+    assert {r["name"]: r["status"] for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["early"] == "failed"
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="early"))
+    assert r.status_code == 409 and "from a start on the page that ended before writing" in r.json()["error"]["message"]
+    shutil.rmtree(meta)
+
+
+@pytest.mark.parametrize("wrote", [True, False])
+def test_the_exit_record_says_whether_the_run_wrote_its_folder(tmp_path, wrote):
+    launcher = launch.Launcher(tmp_path)
+    launch.meta_dir(tmp_path, "w").mkdir(parents=True)
+    if wrote:
+        (tmp_path / "w").mkdir()
+    proc = subprocess.Popen(["true"])
+    launcher.procs["w"] = proc
+    launcher._wait("w", proc, {"pid": proc.pid, "argv": ["true"], "started": time.time(), "exit_code": None})
+    assert R.read_launch(tmp_path, "w")["output_written"] is wrote

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest
 import yaml
 
 from loraforge import cli
-from test_ui_api import KEY, call, form, ui  # noqa: F401 (the shared server fixture)
+from test_ui_api import KEY, call, form, ui, write_launch  # noqa: F401 (the shared server fixture)
 
 CHROMIUM = os.environ.get("LORAFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -313,7 +315,7 @@ def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, 
 
 def test_stop_on_a_run_that_already_ended_shows_the_servers_message(ui, fresh):  # noqa: F811
     fake_run(ui, "ended", GOOD)
-    list_says(fresh, "ended", status="running")  # it ended after the list was loaded
+    list_says(fresh, "ended", status="running", stoppable=True)  # it ended after the list was loaded
     fresh.click('#runs tr[data-run="ended"] button.stop')
     refused = call(ui, "POST", "/ui/api/runs/ended/stop")
     assert refused.status_code == 409
@@ -353,13 +355,13 @@ def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):  # n
         route.fulfill(status=200, json={"name": "asked", "stopping": True})
 
     fresh.route(re.compile(r"/ui/api/runs/asked/stop"), answer)
-    list_says(fresh, "asked", status="running", stopping=False)
+    list_says(fresh, "asked", status="running", stoppable=True, stopping=False)
     row = '#runs tr[data-run="asked"]'
     assert fresh.get_attribute(f"{row} button.stop", "title") == ("finish the current step, save a checkpoint of it, "
                                                                   "then stop")
     fresh.click(f"{row} button.stop")
     wait_until(fresh, lambda: asked)
-    list_says(fresh, "asked", status="running", stopping=True)
+    list_says(fresh, "asked", status="running", stoppable=True, stopping=True)
     fresh.wait_for_selector(f"{row} button.stop-now")
     assert fresh.locator(f"{row} button.stop").count() == 0  # no second plain Stop: it would interrupt the step
     assert fresh.inner_text(f"{row} .stopping").strip() == "stopping…"
@@ -367,6 +369,36 @@ def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):  # n
     wait_until(fresh, lambda: len(asked) == 2)
     assert fresh.is_hidden("#runs-error")
     assert asked == ["asked/stop", "asked/stop?force=true"]
+
+
+def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_stop(ui, fresh):  # noqa: F811
+    """The page followed a ticked run until its `end`, for good: a stopped run continued with `--resume` from a
+    terminal kept a frozen curve until a reload. And Stop was offered on every running row, though the server
+    refuses it (409) for a run continued outside the dashboard."""
+    run = fake_run(ui, "again", GOOD[:2], finished=False)
+    ended = time.time() - 60  # stopped from the page a minute ago, after writing its rows
+    write_launch(ui[1], "again", pid=1, argv=["x"], started=ended - 60, exit_code=130, ended=ended,
+                 stop_requested=ended - 1)
+    os.utime(run / "metrics.jsonl", (ended - 1, ended - 1))
+    tick(fresh, "again")
+    wait_points(fresh, "loss", 2)
+    fresh.wait_for_function("!('again' in state.streams)")  # its stream ended: the run is stopped
+    # `loraforge train .../config.yaml --resume` in a terminal: it holds the run's lock and appends rows
+    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "--resume"])
+    try:
+        (run / ".lock").write_text(str(train.pid))
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write("".join(line + "\n" for line in GOOD[2:]))
+        fresh.click("#refresh")
+        wait_points(fresh, "loss", 4)  # followed again, from where its curve stopped
+        assert chart(fresh, "loss")[0] == [1, 2, 3, 4]
+        row = '#runs tr[data-run="again"]'
+        fresh.wait_for_function("row => document.querySelector(row + ' .state').textContent === 'running'", arg=row)
+        assert fresh.locator(f"{row} button.stop").count() == 0
+        assert call(ui, "POST", "/ui/api/runs/again/stop").status_code == 409
+    finally:
+        train.kill()
+        train.wait()
 
 
 def test_a_ticked_run_whose_folder_is_deleted_leaves_the_charts(ui, fresh):  # noqa: F811
@@ -536,7 +568,7 @@ def test_the_run_list_keeps_its_order_and_the_focus_across_reloads(ui, fresh):  
     for age, name in [(300, "ord1"), (200, "ord2"), (100, "ord3")]:
         run = fake_run(ui, name, GOOD, finished=False)
         os.utime(run / "metrics.jsonl", (now - age, now - age))
-    list_says(fresh, "ord2", status="running")
+    list_says(fresh, "ord2", status="running", stoppable=True)
     fresh.wait_for_selector('#runs tr[data-run="ord2"] button.stop')
 
     def order():

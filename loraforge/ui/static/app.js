@@ -120,6 +120,8 @@ function setNote(name, note) {
 }
 // A ticked run that is no longer listed (its folder was deleted) is unticked: its stream closed, its curves and data
 // dropped. Only runs ticked before the list was asked for: one ticked meanwhile (just started) is not in it yet.
+// A ticked run whose stream ended and that reads running again (continued with --resume from a terminal) is
+// followed again from where its curve stopped: its curve stayed frozen until a reload.
 async function loadRuns() {
   const asked = new Set(state.selected);
   const { runs } = await api("/ui/api/runs");
@@ -138,6 +140,11 @@ async function loadRuns() {
     showExtras();
   }
   showRuns(runs);
+  for (const run of runs) {
+    if (run.status === "running" && state.selected.includes(run.name) && !state.streams[run.name]) {
+      follow(run.name, true);
+    }
+  }
 }
 // The list is updated in place: a row keeps its place, its checkbox and its buttons (and so the keyboard focus)
 // across reloads; a run not shown before goes on top, a gone one's row is removed. Rebuilt every 3 s in the server's
@@ -173,18 +180,21 @@ function updateRow(row, run) {
   statusCell.className = "status-" + run.status;
   statusCell.firstChild.textContent = run.status;
   // the buttons are made anew only when they change: one that stays keeps the keyboard focus
-  const buttons = JSON.stringify([run.status === "running" && (run.stopping ? "stop-now" : "stop"), run.has_adapter]);
+  // Stop only where the server takes it (stoppable): a run launched from this page's server, still running; not a
+  // run from a terminal, nor one continued there (the server refuses those, naming their process)
+  const stop = run.status === "running" && run.stoppable && (run.stopping ? "stop-now" : "stop");
+  const buttons = JSON.stringify([stop, run.has_adapter]);
   if (row.dataset.buttons === buttons) return;
   row.dataset.buttons = buttons;
   actions.replaceChildren();
   // Stop: SIGINT, the run finishes its step and checkpoints it, however long that takes. Once asked, "Stop now"
   // (SIGTERM) interrupts the step instead; the last complete checkpoint is kept.
-  if (run.status === "running" && run.stopping) {
+  if (stop === "stop-now") {
     actions.append(el("span", { class: "stopping" }, "stopping… "),
                    el("button", { class: "stop-now", onclick: () => stopRun(run.name, true),
                                   title: "interrupt the step now: it is lost, the last complete checkpoint is kept" },
                       "Stop now"));
-  } else if (run.status === "running") {
+  } else if (stop === "stop") {
     actions.append(el("button", { class: "stop", onclick: () => stopRun(run.name),
                                   title: "finish the current step, save a checkpoint of it, then stop" }, "Stop"));
   }
@@ -228,12 +238,13 @@ function giveSlot() {
 // Follow a ticked run's metrics until its `end` event, in slices (`pause`: back in the queue for a slot, from the
 // offset reached). A stream that breaks before its end (the server restarted, the network dropped) is reopened from
 // the last offset, 1 s later and then up to 10 s apart, while the run stays ticked; an answer the server refuses (a
-// wrong key, a run that is gone) is shown and not retried until the key changes.
-async function follow(name) {
+// wrong key, a run that is gone) is shown and not retried until the key changes. After `end` the run has no stream;
+// the list's reload follows it again (`resume`: from the rows and offset it has) if it reads running again.
+async function follow(name, resume = false) {
   state.streams[name]?.abort();
   const ctrl = new AbortController();
   state.streams[name] = ctrl;
-  const run = state.data[name] = { rows: [], offset: 0 };
+  const run = resume && state.data[name] || (state.data[name] = { rows: [], offset: 0 });
   let delay = 1000;
   while (!ctrl.signal.aborted) {
     if (!await takeSlot(ctrl.signal)) return;
@@ -272,6 +283,7 @@ async function follow(name) {
         setNote(name, "");
         draw();
         if (event === "end") {
+          if (state.streams[name] === ctrl) delete state.streams[name];
           loadRuns().then(showExtras).catch(runsError);
           return;
         }
