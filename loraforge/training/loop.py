@@ -38,6 +38,7 @@ from loraforge.config import ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
+from loraforge.lora.merge import WEIGHT_FILES
 from loraforge.models import check_fits_context, load_config, load_model, load_tokenizer
 from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
@@ -62,7 +63,7 @@ from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, pro
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
-from loraforge.utils.files import DiskError, plain_modes
+from loraforge.utils.files import DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, OutputError, check_not_input, check_run_output, hold_output
 
@@ -851,6 +852,18 @@ def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:
     return not bool(bad)
 
 
+def save_model(model: nn.Module, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """method full's result: weights, config and tokenizer written as one set (files.atomic_dir), as an adapter is:
+    a full disk is one DiskError line, a kill leaves the earlier `out` or none, never a mix of the two (soak: a
+    plain save_pretrained left config.json alone, or beside the earlier run's weights). `state_dict`: the gathered
+    weights of a sharded model."""
+    weights = state_dict if state_dict is not None else model.state_dict()
+    need = sum(t.numel() * t.element_size() for t in weights.values())
+    with atomic_dir(out, need, drop=WEIGHT_FILES) as tmp:  # an earlier layout's shards would load instead
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int,
            aside: float = 0.0) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
@@ -858,9 +871,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         if run.cfg.method == "full":
             state = full_state_dict(run.model)
             if run.is_main:
-                run.model.save_pretrained(run.out / "model", state_dict=state)
-                run.tokenizer.save_pretrained(run.out / "model")
-                plain_modes(run.out / "model")  # safetensors writes 0600: the umask's modes, as for any file
+                save_model(run.model, run.tokenizer, run.out / "model", state)
         else:
             with full_trainables(run.model):
                 if run.is_main:
@@ -869,9 +880,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
             plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     elif run.is_main:
         if run.cfg.method == "full":
-            run.model.save_pretrained(run.out / "model")
-            run.tokenizer.save_pretrained(run.out / "model")
-            plain_modes(run.out / "model")
+            save_model(run.model, run.tokenizer, run.out / "model")
         else:
             if run.allocator is not None:
                 run.allocator.finalize(run.model)
