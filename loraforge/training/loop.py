@@ -398,7 +398,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         try:
             check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
             held.enter_context(hold_output(out))  # a second run into output_dir is refused here
-            for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
+            for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*"),
+                        *out.glob("checkpoints/.old-*")]:
                 remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
             stale = check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs)  # before any loading
         except (OutputError, DiskError) as e:
@@ -456,8 +457,12 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
               data_fingerprint=data_fingerprint)
-    for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
-        shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
+    for d in stale:  # the earlier run's results and checkpoints, deleted once data, model and settings have all
+        # been accepted (a run refused for its data leaves the earlier run resumable); each renamed aside first, so
+        # a kill leaves it whole or not at all (the next run sweeps `.old-*`)
+        aside = d.parent / f".old-{d.name}"
+        os.replace(d, aside)
+        remove(aside)
     if init_source is not None and rank == 0:
         keep_copy(init_source, run.ckpt_root)  # --resume rebuilds the adapter from it, whatever becomes of the source
     if world > 1:
