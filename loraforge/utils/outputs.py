@@ -6,7 +6,8 @@
   checkpoints/step-*) and leaves every other file there alone.
 - Never, not even with --overwrite: an output that is, contains or lies inside one of the command's inputs
   (merge --out = its --adapter, train output_dir = the folder of its data file, ...).
-- A training output_dir holding an earlier run of its own is continued with --resume, or started over with
+- A training output_dir holding an earlier run of its own is continued with --resume (one that finished its steps
+  but not the writing of its adapter or model too: it writes it without training), or started over with
   --overwrite (its results and checkpoints are removed before the new run trains, so one stopped or killed
   leaves none of the earlier run's beside its own); without either it is refused.
 - One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
@@ -140,9 +141,19 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     elif not overwrite:
         ckpt, state = found
         step, total = state.get("step"), state.get("total_steps")
-        if step is not None and total is not None and step >= total:
+        finished = step is not None and total is not None and step >= total
+        result = "model" if (state.get("config") or {}).get("method") == "full" else "adapter"
+        if finished and not (expand_user(path) / result).is_dir():
+            # stopped or killed after its last checkpoint, before its result was written: --resume writes it
+            # without training, as the uninterrupted run would have (soak: told to --overwrite, training again)
+            ways = ", ".join([*(["write it with --resume (it trains no more)"] if resume_hint else []),
+                              "start it over with --overwrite"])
+            raise OutputError(f"{flag} {path} holds a run that finished its {step} steps but not the writing of its "
+                              f"{result} (it was stopped after its last checkpoint); {ways}, or choose another "
+                              f"{flag}")
+        if finished:
             raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass --overwrite to train "
-                              f"there again (replaces its adapter, metrics and checkpoints), or choose another "
+                              f"there again (replaces its {result}, metrics and checkpoints), or choose another "
                               f"{flag}")
         where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
         ways = ", ".join([*([resume_hint] if resume_hint else []), "start it over with --overwrite"])

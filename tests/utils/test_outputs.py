@@ -258,6 +258,11 @@ def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_d
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def killed(*args, **kwargs):
+    """Stands in for a step of train() killed mid-way (a KeyboardInterrupt, as the CLI's Ctrl-C)."""
+    raise KeyboardInterrupt
+
+
 def test_overwrite_removes_the_earlier_runs_results_before_it_trains(tiny_dir, data_file, tmp_path, monkeypatch):
     """soak: a `train --overwrite` stopped while it trained left the earlier run's model/ (or adapter/, loss.png)
     beside its own metrics, taken for its result (dashboard, serve, merge); a LoRA run over a full one finished
@@ -270,11 +275,8 @@ def test_overwrite_removes_the_earlier_runs_results_before_it_trains(tiny_dir, d
     (out / "notes.txt").write_text("mine")
     assert {"model", "loss.png", "metrics.jsonl", "checkpoints"} <= {p.name for p in out.iterdir()}
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as a kill during the first step
-
     with monkeypatch.context() as m:
-        m.setattr(loraforge.training.loop, "fit", killed)
+        m.setattr(loraforge.training.loop, "fit", killed)  # as a kill during the first step
         with pytest.raises(KeyboardInterrupt):
             train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "notes.txt"]
@@ -282,6 +284,25 @@ def test_overwrite_removes_the_earlier_runs_results_before_it_trains(tiny_dir, d
     train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl",
                                                       "notes.txt"]
+
+
+def test_a_run_killed_before_writing_its_adapter_points_at_resume(tiny_dir, data_file, tmp_path, monkeypatch):
+    """soak: a kill between the last checkpoint and the adapter's write was "a finished run; pass --overwrite"
+    (training again), though --resume writes the adapter without training, as the uninterrupted run does."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.training.loop, "save_adapter", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    assert last_checkpoint(out / "checkpoints").name == "step-0000003" and not (out / "adapter").exists()
+    with pytest.raises(OutputError) as e:
+        train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    assert str(e.value) == (f"output_dir {out} holds a run that finished its 3 steps but not the writing of its "
+                            f"adapter (it was stopped after its last checkpoint); write it with --resume (it trains "
+                            f"no more), start it over with --overwrite, or choose another output_dir")
+    assert train(config(tiny_dir, data_file, out, steps=3), progress=False, resume=True).steps == 3
+    train(config(tiny_dir, data_file, tmp_path / "whole", steps=3), progress=False)
+    assert snapshot(out / "adapter") == snapshot(tmp_path / "whole" / "adapter")
 
 
 # --- demo and forgetting --------------------------------------------------------------------------------------
