@@ -38,6 +38,7 @@ from loraforge.config import ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
+from loraforge.lora.merge import WEIGHT_FILES
 from loraforge.models import check_fits_context, load_config, load_model, load_tokenizer
 from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
@@ -62,7 +63,7 @@ from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, pro
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
-from loraforge.utils.files import DiskError, plain_modes
+from loraforge.utils.files import DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, OutputError, check_not_input, check_run_output, hold_output
 
@@ -397,7 +398,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         try:
             check_not_input(out, inputs, "output_dir")  # before the lock writes into output_dir
             held.enter_context(hold_output(out))  # a second run into output_dir is refused here
-            for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*")]:
+            for tmp in [*out.glob(".tmp-*"), *out.glob(".old-*"), *out.glob("checkpoints/.tmp-*"),
+                        *out.glob("checkpoints/.old-*")]:
                 remove(tmp)  # left by a writer that was killed; under the lock no other one is writing
             stale = check_run_output(out, overwrite=overwrite, resume=resume, inputs=inputs)  # before any loading
         except (OutputError, DiskError) as e:
@@ -455,8 +457,12 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
               data_fingerprint=data_fingerprint)
-    for d in stale:  # the earlier run's checkpoints, deleted once data, model and settings have all been accepted
-        shutil.rmtree(d)  # (a run refused for its data leaves the earlier run resumable)
+    for d in stale:  # the earlier run's results and checkpoints, deleted once data, model and settings have all
+        # been accepted (a run refused for its data leaves the earlier run resumable); each renamed aside first, so
+        # a kill leaves it whole or not at all (the next run sweeps `.old-*`)
+        aside = d.parent / f".old-{d.name}"
+        os.replace(d, aside)
+        remove(aside)
     if init_source is not None and rank == 0:
         keep_copy(init_source, run.ckpt_root)  # --resume rebuilds the adapter from it, whatever becomes of the source
     if world > 1:
@@ -851,6 +857,18 @@ def all_finite(params: list[torch.Tensor], world: int = 1) -> bool:
     return not bool(bad)
 
 
+def save_model(model: nn.Module, tokenizer, out: Path, state_dict: dict | None = None) -> None:
+    """method full's result: weights, config and tokenizer written as one set (files.atomic_dir), as an adapter is:
+    a full disk is one DiskError line, a kill leaves the earlier `out` or none, never a mix of the two (soak: a
+    plain save_pretrained left config.json alone, or beside the earlier run's weights). `state_dict`: the gathered
+    weights of a sharded model."""
+    weights = state_dict if state_dict is not None else model.state_dict()
+    need = sum(t.numel() * t.element_size() for t in weights.values())
+    with atomic_dir(out, need, drop=WEIGHT_FILES) as tmp:  # an earlier layout's shards would load instead
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int,
            aside: float = 0.0) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
@@ -858,9 +876,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         if run.cfg.method == "full":
             state = full_state_dict(run.model)
             if run.is_main:
-                run.model.save_pretrained(run.out / "model", state_dict=state)
-                run.tokenizer.save_pretrained(run.out / "model")
-                plain_modes(run.out / "model")  # safetensors writes 0600: the umask's modes, as for any file
+                save_model(run.model, run.tokenizer, run.out / "model", state)
         else:
             with full_trainables(run.model):
                 if run.is_main:
@@ -869,9 +885,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
             plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     elif run.is_main:
         if run.cfg.method == "full":
-            run.model.save_pretrained(run.out / "model")
-            run.tokenizer.save_pretrained(run.out / "model")
-            plain_modes(run.out / "model")
+            save_model(run.model, run.tokenizer, run.out / "model")
         else:
             if run.allocator is not None:
                 run.allocator.finalize(run.model)

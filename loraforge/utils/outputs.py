@@ -3,11 +3,13 @@
 - A missing or empty output folder is fine.
 - A non-empty one is refused unless the user passes --overwrite; with it, the command replaces only the files
   it writes itself (merge: the checkpoint's files; train: adapter/, model/, metrics.jsonl, loss.png,
-  checkpoints/) and leaves every other file there alone.
+  checkpoints/step-*) and leaves every other file there alone.
 - Never, not even with --overwrite: an output that is, contains or lies inside one of the command's inputs
   (merge --out = its --adapter, train output_dir = the folder of its data file, ...).
-- A training output_dir holding an earlier run of its own is continued with --resume, or started over with
-  --overwrite (its checkpoints are then replaced); without either it is refused.
+- A training output_dir holding an earlier run of its own is continued with --resume (one that finished its steps
+  but not the writing of its adapter or model too: it writes it without training), or started over with
+  --overwrite (its results and checkpoints are removed before the new run trains, so one stopped or killed
+  leaves none of the earlier run's beside its own); without either it is refused.
 - One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
   these checks until it ends; a second one is refused, naming the first one's process id.
 
@@ -112,8 +114,9 @@ def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
 def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
                      inputs: Iterable[str | Path | None] = (), flag: str = "output_dir",
                      resume_hint: str | None = "continue it with --resume") -> list[Path]:
-    """The rule for a training output_dir; returns the checkpoints of an earlier run that a new run started
-    with --overwrite replaces (the caller deletes them before writing; nothing else is deleted).
+    """The rule for a training output_dir; returns what of an earlier run a new run started with --overwrite
+    replaces: its results (adapter/, model/, metrics.jsonl, loss.png), then its checkpoints. The caller deletes
+    them, in that order, before training; nothing else is deleted.
 
     --resume needs no permission (train itself says when there is nothing to resume). `resume_hint`: how the
     refusal of an unfinished run says to continue it; None for a command that cannot (demo takes no --resume).
@@ -138,16 +141,30 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     elif not overwrite:
         ckpt, state = found
         step, total = state.get("step"), state.get("total_steps")
-        if step is not None and total is not None and step >= total:
+        finished = step is not None and total is not None and step >= total
+        result = "model" if (state.get("config") or {}).get("method") == "full" else "adapter"
+        if finished and not (expand_user(path) / result).is_dir():
+            # stopped or killed after its last checkpoint, before its result was written: --resume writes it
+            # without training, as the uninterrupted run would have (soak: told to --overwrite, training again)
+            ways = ", ".join([*(["write it with --resume (it trains no more)"] if resume_hint else []),
+                              "start it over with --overwrite"])
+            raise OutputError(f"{flag} {path} holds a run that finished its {step} steps but not the writing of its "
+                              f"{result} (it was stopped after its last checkpoint); {ways}, or choose another "
+                              f"{flag}")
+        if finished:
             raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass --overwrite to train "
-                              f"there again (replaces its adapter, metrics and checkpoints), or choose another "
+                              f"there again (replaces its {result}, metrics and checkpoints), or choose another "
                               f"{flag}")
         where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
         ways = ", ".join([*([resume_hint] if resume_hint else []), "start it over with --overwrite"])
         raise OutputError(f"{flag} {path} holds an unfinished run ({where}); {ways}, or choose another {flag}")
     if not overwrite:
         return []
-    return sorted(d for d in root.glob("step-*") if d.is_dir()) + sorted(root.glob(".tmp-step-*"))  # damaged too
+    # results first: a kill between the two leaves a run that --resume finishes again, not a result without its run
+    # (soak: a stopped --overwrite left the earlier adapter/ beside its own metrics, taken for its result)
+    results = [expand_user(path) / name for name in RUN_ENTRIES if name != "checkpoints"]
+    return ([p for p in results if p.exists()] + sorted(d for d in root.glob("step-*") if d.is_dir())
+            + sorted(root.glob(".tmp-step-*")))  # damaged too
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from helpers import stop_in_last_save
 
@@ -27,6 +29,7 @@ from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
 from loraforge.training.loop import StopRequest, Stopped, nonfinite_advice, train
+from loraforge.utils.files import DiskError
 from loraforge.ui.runs import status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,6 +263,31 @@ for write in (lambda: save_adapter(model, out / "adapter"), lambda: plot_loss(ou
     assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path / 'loss.png'))}: {reason} \([0-9.]+ [kMGT]?B free "
                         rf"there\)", plot_line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_full_model_the_disk_refuses_is_one_line_and_leaves_the_earlier_model_or_none(tiny_dir, data_file, tmp_path,
+                                                                                        monkeypatch):
+    """method full wrote model/ with a plain save_pretrained: a full disk was safetensors' traceback and left
+    model/ with config.json alone (taken for a finished run), or the new config.json beside the earlier weights."""
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # cut short where the disk filled
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    args = [a for a in run_args(tiny_dir, data_file, tmp_path / "run") if not a.startswith("lora.")]
+    args += ["method=full", "training.lr=1e-4", "training.max_steps=2"]
+    done = tmp_path / "done"
+    train(load_train_config(None, args + [f"output_dir={done}"]), progress=False)
+    before = {p.name: p.read_bytes() for p in (done / "model").iterdir()}
+    assert "model.safetensors" in before
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    for out, resume in [(tmp_path / "run", False), (done, True)]:  # a new run; a finished one written again
+        with pytest.raises(DiskError) as e:
+            train(load_train_config(None, args + [f"output_dir={out}"]), progress=False, resume=resume)
+        assert re.fullmatch(rf"cannot write {re.escape(str(out / 'model'))}: no space left on the device \(about "
+                            rf"[0-9.]+ MB needed, [0-9.]+ [kMGT]?B free there\)", str(e.value))
+        assert not list(out.glob(".tmp-*"))
+    assert not (tmp_path / "run" / "model").exists() and status(tmp_path / "run") != "finished"
+    assert {p.name: p.read_bytes() for p in (done / "model").iterdir()} == before  # the earlier set, whole
 
 
 def test_appending_to_metrics_drops_a_line_cut_off_by_a_crash(tmp_path):

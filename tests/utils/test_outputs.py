@@ -14,6 +14,7 @@ import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading pat
 import loraforge.models
 import loraforge.studies.demo  # noqa: F401
 import loraforge.studies.forgetting  # noqa: F401
+import loraforge.training.loop
 from loraforge.lora.adapters import save_adapter
 from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
@@ -255,6 +256,53 @@ def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_d
     assert train(config(tiny_dir, data_file, out, steps=2), progress=False, overwrite=True).steps == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]  # the old run's are gone
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def killed(*args, **kwargs):
+    """Stands in for a step of train() killed mid-way (a KeyboardInterrupt, as the CLI's Ctrl-C)."""
+    raise KeyboardInterrupt
+
+
+def test_overwrite_removes_the_earlier_runs_results_before_it_trains(tiny_dir, data_file, tmp_path, monkeypatch):
+    """soak: a `train --overwrite` stopped while it trained left the earlier run's model/ (or adapter/, loss.png)
+    beside its own metrics, taken for its result (dashboard, serve, merge); a LoRA run over a full one finished
+    with both adapter/ and the earlier model/."""
+    out = tmp_path / "run"
+    full = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0",
+                                    f"output_dir={out}", "method=full", "training.lr=1e-4", "training.max_steps=2",
+                                    "training.batch_size=4", "training.precision=fp32", "training.warmup_steps=0"])
+    train(full, progress=False)
+    (out / "notes.txt").write_text("mine")
+    assert {"model", "loss.png", "metrics.jsonl", "checkpoints"} <= {p.name for p in out.iterdir()}
+
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.training.loop, "fit", killed)  # as a kill during the first step
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "notes.txt"]
+    assert not any((out / "checkpoints").iterdir())
+    train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "loss.png", "metrics.jsonl",
+                                                      "notes.txt"]
+
+
+def test_a_run_killed_before_writing_its_adapter_points_at_resume(tiny_dir, data_file, tmp_path, monkeypatch):
+    """soak: a kill between the last checkpoint and the adapter's write was "a finished run; pass --overwrite"
+    (training again), though --resume writes the adapter without training, as the uninterrupted run does."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.training.loop, "save_adapter", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    assert last_checkpoint(out / "checkpoints").name == "step-0000003" and not (out / "adapter").exists()
+    with pytest.raises(OutputError) as e:
+        train(config(tiny_dir, data_file, out, steps=3), progress=False)
+    assert str(e.value) == (f"output_dir {out} holds a run that finished its 3 steps but not the writing of its "
+                            f"adapter (it was stopped after its last checkpoint); write it with --resume (it trains "
+                            f"no more), start it over with --overwrite, or choose another output_dir")
+    assert train(config(tiny_dir, data_file, out, steps=3), progress=False, resume=True).steps == 3
+    train(config(tiny_dir, data_file, tmp_path / "whole", steps=3), progress=False)
+    assert snapshot(out / "adapter") == snapshot(tmp_path / "whole" / "adapter")
 
 
 # --- demo and forgetting --------------------------------------------------------------------------------------
