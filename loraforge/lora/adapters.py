@@ -261,6 +261,22 @@ def _other_base(config, model: nn.Module) -> str | None:
             f"is {given}")
 
 
+def _warn_other_class(adapter_dir, model: nn.Module) -> None:
+    """A warning where PEFT's adapter_config.json names the class of its base (auto_mapping, written for a
+    task_type of null) and it is not the model's: shapes can fit across architectures (Mistral-7B and Llama-3-8B
+    do), and such an adapter loaded silently (soak: a Qwen2 adapter merged into a Llama base)."""
+    try:
+        mapping = json.loads((expand_user(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8")).get("auto_mapping")
+    except (OSError, ValueError):
+        return  # read_adapter_config read it already: gone since, nothing to compare
+    trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    given = type(getattr(model, "module", model)).__name__
+    if isinstance(trained_on, str) and trained_on != given:
+        warnings.warn(f"{adapter_dir}: this adapter was trained on a {trained_on} (adapter_config.json's "
+                      f"auto_mapping) and the model given is a {given}: its shapes fit, but it was not made for this "
+                      f"model; give the base it was trained on", stacklevel=3)
+
+
 def _misfit(adapter_dir, config, model: nn.Module, problems: list[str], shapes: int, missing: int,
             unexpected: int) -> str:
     """The error for an adapter whose tensors do not fit the model: the base it names where that differs from
@@ -364,6 +380,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             p.data = tensors_before[p]
             p.requires_grad_(flag)
         raise
+    _warn_other_class(adapter_dir, model)
     set_adapter(model, name)
     if is_trainable:
         mark_trainable(model, name)

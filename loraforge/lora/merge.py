@@ -143,6 +143,17 @@ def _refuse_uncombinable(configs: dict) -> None:
                            f"then combine or merge the others on the merged model (as --base)")
 
 
+def _warn_other_bases(configs: dict) -> None:
+    """A warning where the adapters to combine name different bases (base_model_name_or_path): their sum is
+    neither's model when they were trained on different ones (soak: a Llama and a Qwen3 adapter summed silently);
+    one base under two paths (a hub id and its local copy) is told apart by the user, not here."""
+    bases = {name: config.base_model_name_or_path for name, config in configs.items() if config.base_model_name_or_path}
+    if len(set(bases.values())) > 1:
+        named = "; ".join(f"{name}: {base}" for name, base in bases.items())
+        warnings.warn(f"the adapters to combine name different bases ({named}): adapters trained on different bases "
+                      f"do not add up to a model; combine adapters of one base", stacklevel=3)
+
+
 def _refuse_unscalable(name: str, config, weights: list[float]) -> None:
     """AdapterError for one adapter given a weight (scaled as a combination of one) that A and B cannot carry."""
     why = _uncombinable(name, config)
@@ -317,7 +328,9 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     if combine and len(adapters) == 1:
         _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
     elif combine:
-        _refuse_uncombinable({str(a): read_adapter_config(a) for a in adapters})
+        configs = {str(a): read_adapter_config(a) for a in adapters}
+        _refuse_uncombinable(configs)
+        _warn_other_bases(configs)
     check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
     loaded = _load_dtype(dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)

@@ -56,7 +56,9 @@ def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float,
     if share > 0:
         weights = [s.weight if s.weight is not None else n * (s.epochs or 1.0) for s, n in zip(new, sizes)]
         sources = tuple(dataclasses.replace(s, weight=(1 - share) * w / sum(weights), epochs=None)
-                        for s, w in zip(new, weights)) + (DataSource(path=replay, weight=share),)
+                        for s, w in zip(new, weights)) + (DataSource(path=replay, format="auto", weight=share),)
+        # the old task's data in its own format, not the new task's data.format (soak: chat-format new task data
+        # read the instruction replay as chat, and the replay arm failed after the probes and the first arm ran)
     data = dataclasses.replace(cfg.data, train=sources, eval=None, eval_fraction=0.0)
     training = dataclasses.replace(cfg.training, init_adapter=str(adapter), eval_every=0, save_every=0)
     return dataclasses.replace(cfg, data=data, training=training, output_dir=str(out / arm_slug(share)))

@@ -460,6 +460,11 @@ def _row_line(row: dict) -> str:
             f"ppl {ppl['ppl']:.3f}  KL {kl['kl']:.4g}  (train {row['train_seconds']:.0f} s, {probes})")
 
 
+def _count(n: int) -> str:
+    """A parameter count in the table: 1.23M, or the number itself under 10,000 (896 read 0.00M)."""
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
 def steps_text(steps: int | list[int] | None) -> str:
     """trained_steps as a report's header says it: 24, or 23/24 where the arms ran different numbers."""
     return "/".join(map(str, steps)) if isinstance(steps, list) else str(steps)
@@ -477,7 +482,7 @@ def format_report(report: dict) -> str:
         t, mc = r["task"], r["mc"]
         lines.append([r["name"] + ("" if r["seed"] is None else f" s{r['seed']}"),
                       "-" if r["lr"] is None else f"{r['lr']:g}",
-                      f"{r['trainable_params'] / 1e6:.2f}M", f"{r['train_seconds']:.0f}",
+                      _count(r["trainable_params"]), f"{r['train_seconds']:.0f}",
                       f"{100 * t['accuracy']:.0f} {_ci(t)}",
                       f"{100 * mc['accuracy']:.1f} {_ci(mc)}", f"{100 * mc['acc_norm']:.1f} {_ci(mc, 'ci95_norm')}",
                       f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"])
@@ -491,13 +496,13 @@ def format_report(report: dict) -> str:
     head2 = ["arm", "task acc %", "MC acc %", "MC drop pts", "acc_norm %", "ppl", "KL vs base"]
     rows2 = []
     for s in report["summary"]:
-        def f(key, scale=100, digits=1):
+        def f(key, scale=100, spec=".1f"):
             d = s[key]
             if s["n_seeds"] <= 1:
-                return f"{scale * d['mean']:.{digits}f}"
-            return f"{scale * d['mean']:.{digits}f} [{scale * d['min']:.{digits}f}, {scale * d['max']:.{digits}f}]"
-        rows2.append([s["name"], f("task_accuracy", digits=0), f("mc_accuracy"), f("mc_drop"), f("mc_acc_norm"),
-                      f("ppl", 1, 3), f("kl", 1, 4)])
+                return f"{scale * d['mean']:{spec}}"
+            return f"{scale * d['mean']:{spec}} [{scale * d['min']:{spec}}, {scale * d['max']:{spec}}]"
+        rows2.append([s["name"], f("task_accuracy", spec=".0f"), f("mc_accuracy"), f("mc_drop"), f("mc_acc_norm"),
+                      f("ppl", 1, ".3f"), f("kl", 1, ".4g")])  # soak: KL 1.4e-05 read 0.0000 here as .4f
     out += text_table(head2, rows2)
     return "\n".join(out)
 
@@ -603,4 +608,4 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
                     with disable_adapters(base):
                         return base(input_ids=ids, attention_mask=mask).logits
                 r = kl_divergence(base_fn, base, tokenizer, load_probe("kl"))
-                print(f"KL(base || adapter): {r['kl']:.4f} nats per token over {r['n_positions']} positions")
+                print(f"KL(base || adapter): {r['kl']:.4g} nats per token over {r['n_positions']} positions")

@@ -108,4 +108,8 @@ def start_from_adapter(model: nn.Module, cfg: TrainConfig, name: str = "default"
     else frozen)."""
     config = init_adapter_config(cfg, source)
     load_adapter(model, source or cfg.training.init_adapter, name, is_trainable=True)
+    # the adapter this run writes is trained on this run's base, whatever base the one it starts from names (soak:
+    # it kept that one's, so PEFT's AutoPeftModelForCausalLM loaded another base than it was trained on)
+    config = dataclasses.replace(config, base_model_name_or_path=cfg.model.name)
+    model.lora_configs[name] = config
     return config

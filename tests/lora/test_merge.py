@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+import warnings
 
 import peft
 import pytest
@@ -194,6 +195,31 @@ def test_merging_two_adapters_is_exact_by_default(tiny_dir, tmp_path, input_ids)
         want = theirs(input_ids).logits
         assert (want - base(input_ids).logits).abs().max() > 0.1
         torch.testing.assert_close(merged(input_ids).logits, want, **TOL)
+
+
+def test_an_adapter_of_another_architecture_or_adapters_of_two_bases_are_warned_about(tiny_dir, tmp_path):
+    # soak: a Qwen2 adapter whose shapes fit merged into a Llama base, and a Llama and a Qwen3 adapter summed,
+    # silently (PEFT writes the base's class in auto_mapping where task_type is null)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    _peft_adapters(base, tmp_path, {"x": peft.LoraConfig(r=4, target_modules=TARGETS),
+                                    "y": peft.LoraConfig(r=4, target_modules=TARGETS)})
+    written = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert written["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own class, one base: no warning
+        export_merged(str(tiny_dir), [str(tmp_path / "x"), str(tmp_path / "y")], tmp_path / "same")
+    (tmp_path / "x" / "adapter_config.json").write_text(json.dumps({
+        **written, "auto_mapping": {**written["auto_mapping"], "base_model_class": "Qwen2ForCausalLM"},
+        "base_model_name_or_path": "models/qwen2"}))
+    with pytest.warns(UserWarning) as seen:
+        export_merged(str(tiny_dir), [str(tmp_path / "x"), str(tmp_path / "y")], tmp_path / "other")
+    messages = [str(w.message) for w in seen]
+    assert (f"the adapters to combine name different bases ({tmp_path / 'x'}: models/qwen2; {tmp_path / 'y'}: "
+            f"{tiny_dir}): adapters trained on different bases do not add up to a model; combine adapters of one "
+            f"base") in messages
+    assert (f"{tmp_path / 'x'}: this adapter was trained on a Qwen2ForCausalLM (adapter_config.json's auto_mapping) "
+            f"and the model given is a LlamaForCausalLM: its shapes fit, but it was not made for this model; give "
+            f"the base it was trained on") in messages
 
 
 def test_linear_on_adapters_of_two_ranks_names_the_commands_flag(tiny_dir, tmp_path):

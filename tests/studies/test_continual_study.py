@@ -11,8 +11,9 @@ import torch
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.studies.continual import arm_config, arm_name, arm_slug, cli_continual, format_report, run_continual
 from loraforge.studies.demo import asset
-from loraforge.training.data import read_records
-from loraforge.training.loop import Stopped, train
+from loraforge.models import load_tokenizer
+from loraforge.training.data import build_dataset, read_records
+from loraforge.training.loop import Stopped, load_data, train
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject
 from helpers import tiny_llama
@@ -53,6 +54,21 @@ def test_replay_arm_mixes_old_data_into_the_new_task(tiny_dir, tmp_path):
     assert arm.training.init_adapter == "runs/old/adapter" and arm.data.eval is None
     plain = arm_config(cfg, "runs/old/adapter", asset("demo_train.jsonl"), 0.0, tmp_path)
     assert plain.data.sources("train") == cfg.data.sources("train") and plain.output_dir != arm.output_dir
+
+
+def test_replay_is_read_in_its_own_format_not_the_new_tasks(tiny_dir, tmp_path):
+    # soak: a chat-format new task (data.format: chat) read the instruction-format replay as chat, and the replay
+    # arm failed ("field 'messages' is missing") after the probes and the arm without replay had run
+    chat = tmp_path / "times_chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                     {"role": "assistant", "content": r["output"]}]}) + "\n"
+                            for r in map(json.loads, Path(asset("times_train.jsonl")).read_text().splitlines())))
+    cfg = task_config(tiny_dir, tmp_path, str(chat), str(chat))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format="chat"))
+    arm = arm_config(cfg, "old", asset("demo_train.jsonl"), 0.5, tmp_path, sizes=[50])
+    train, _, counts, _ = load_data(arm, load_tokenizer(tiny_dir))
+    replay = build_dataset(read_records(asset("demo_train.jsonl")), load_tokenizer(tiny_dir), "instruction")[0]
+    assert {tuple(e.input_ids) for e in replay} <= {tuple(e.input_ids) for e in train}
 
 
 def test_replay_arms_keep_the_shares_the_new_tasks_sources_have_without_replay(tiny_dir, tmp_path):

@@ -105,6 +105,11 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_dir, tmp_path, monkeypatch):
     for text in ("base", "lora r=2 s0", "lora r=4 s1", "full FT s1", "task acc", "MC acc", "acc_norm", "ppl",
                  "KL vs base", "MC drop", "4 held-out"):
         assert text in table, text
+    # soak: a tiny KL read 0.0000 per arm and an 896-parameter adapter 0.00M trainable
+    for arm in report["summary"][1:]:
+        assert f"{arm['kl']['mean']:.4g} [{arm['kl']['min']:.4g}, {arm['kl']['max']:.4g}]" in table
+    lora = report["rows"][1]["trainable_params"]
+    assert lora < 10_000 and f" {lora:,} " in table
     saved = json.loads((tmp_path / "fg" / "forgetting.json").read_text())
     assert saved["complete"] and saved["rows"][0]["name"] == "base" and len(saved["rows"]) == 7
     assert (tmp_path / "fg" / "forgetting.png").stat().st_size > 0

@@ -49,6 +49,8 @@ def config(tiny_dir, data_file, out, adapter, *extra, **training):
 @pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
 def test_zero_steps_save_the_adapter_it_started_from(tiny_dir, data_file, tmp_path, kind):
     start = peft_adapter(tiny_dir, tmp_path / "start", kind)
+    written = json.loads((start / "adapter_config.json").read_text())  # trained on another base, or that base moved
+    (start / "adapter_config.json").write_text(json.dumps({**written, "base_model_name_or_path": "/elsewhere/llama"}))
     with contextlib.ExitStack() as held:  # output_dir's lock, as train() holds it
         run = setup(config(tiny_dir, data_file, tmp_path / "out", start), resume=False, overwrite=False,
                     precision=None, held=held)
@@ -63,6 +65,8 @@ def test_zero_steps_save_the_adapter_it_started_from(tiny_dir, data_file, tmp_pa
     for key in ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         assert ours[key] == theirs[key], key
     assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+    # soak: the written adapter named the base of the adapter it started from, not the one it was trained on
+    assert ours["base_model_name_or_path"] == str(tiny_dir)
 
 
 @pytest.mark.parametrize("gone", ["deleted", "replaced"])

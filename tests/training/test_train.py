@@ -155,7 +155,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
                                  "training.share_prefix=maybe", "training.batch_tokens=lots"])
     text = str(e.value)
     assert "training.lr: must be positive, got -1" in text
-    assert "training.warmup: unknown field (known:" in text
+    assert "training.warmup: unknown field (did you mean 'warmup_steps'?)" in text
     assert "model.dtype: 'fp8' is not one of ['auto', 'fp32', 'bf16', 'fp16']" in text
     assert "training.share_prefix: expected true, false or 'auto', got 'maybe'" in text  # as the user writes values
     assert "training.batch_tokens: expected an integer or null, got 'lots'" in text
