@@ -331,6 +331,21 @@ def gguf_source(name_or_path: str) -> Path | None:
     return path
 
 
+def conversion_paths(name_or_path: str) -> list[Path]:
+    """For a built-in name or a .gguf file: the GGUF file and the cache folders its conversion has or will have, made
+    yet or not; [] for other models. An output there would replace the model every later command loads under that
+    name (outputs.check_not_input refuses it). Hashes the file as loading does (once a process), converts nothing."""
+    try:
+        gguf = gguf_source(name_or_path)
+    except OSError:  # a missing or broken file, a built-in model's package not installed: loading says which
+        return []
+    if gguf is None:
+        return []
+    name = name_or_path if name_or_path in BUILTIN_MODELS else None
+    out = _gguf_cache_path(gguf, name)
+    return [gguf, out, _no_weights(out), _path_keyed(gguf, name)]
+
+
 def resolve_model(name_or_path: str, weights: bool = True) -> str:
     """Turn a model argument into something `from_pretrained` accepts: a local directory or a hub id.
 

@@ -19,7 +19,7 @@ from loraforge.export.gguf_names import ExportError, add_hparams, arch_name, arc
 from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
-from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
+from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
 from loraforge.utils.files import atomic_file, expand_user, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input, check_parents
 
@@ -40,13 +40,13 @@ QUANT_SUFFIX = re.compile(r"[.-](?:[IB]?Q\d\w*|B?F16|F32)$", re.IGNORECASE)  # a
 
 def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
-    base, its GGUF file when it is a built-in name, the adapter)."""
+    base, its GGUF file when it is a built-in name, its cached conversion, the adapter)."""
     out = Path(out)
     try:
         source = base_gguf(base)
     except FileNotFoundError:  # a built-in model whose package is missing: loading it says so
         source = None
-    check_not_input(out, [base, source, adapter])
+    check_not_input(out, [base, source, *conversion_paths(base), adapter])
     check_parents(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")

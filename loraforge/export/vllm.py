@@ -17,6 +17,7 @@ import torch
 
 from loraforge.lora.adapters import PREFIX, write_adapter_dir
 from loraforge.config import LoraConfig
+from loraforge.models import conversion_paths
 from loraforge.utils.outputs import check_output
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf_names import ExportError
@@ -57,8 +58,9 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
     if refusals:
         raise ExportError(f"vLLM cannot serve {adapter_dir}: {'; '.join(refusals)}. Merge it into the base instead "
                           f"and serve the merged model: loraforge merge --base BASE --adapter {adapter_dir} --out DIR")
-    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir])
     config, factors = read_factors(adapter_dir)
+    base = config.base_model_name_or_path  # its cached conversion (a built-in base) is no place for an adapter
+    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir, *(conversion_paths(base) if base else [])])
     R = max(f.lora_A.shape[0] for f in factors.values())
     tensors = {}
     for path, f in factors.items():

@@ -18,7 +18,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, load_base
+from loraforge.models import DTYPES, conversion_paths, load_base
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -318,7 +318,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
     elif combine:
         _refuse_uncombinable({str(a): read_adapter_config(a) for a in adapters})
-    check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
+    # before loading anything; a built-in or .gguf base's cached conversion is an input too (the name is no path)
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
     loaded = _load_dtype(dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []

@@ -41,8 +41,9 @@ class OutputError(ValueError):
 
 
 def _as_paths(inputs: Iterable[str | Path | None]) -> list[Path]:
-    """The inputs that exist on disk (a hub id or a built-in model name is not a path)."""
-    return [expand_user(p) for p in inputs if p and expand_user(p).exists()]
+    """The inputs that are paths: a string that exists on disk (a hub id or a built-in model name is not a path),
+    and a Path even before it exists (the cache folder a model's conversion is about to be written to)."""
+    return [expand_user(p) for p in inputs if p and (isinstance(p, Path) or expand_user(p).exists())]
 
 
 def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:

