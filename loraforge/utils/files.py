@@ -10,7 +10,9 @@ any error the temporary directory is removed, and an
 error that means the disk refused the write (full, quota, file-size limit, permission, read-only, I/O error)
 comes out as DiskError: one line naming the directory, about how much it needed and how much is free.
 atomic_file(path) does the same for one file. What either publishes gets the modes a plain open() or mkdir would
-give (files 0o666 & ~umask, folders 0o777 & ~umask), not the temporary files' private 0600 / 0700.
+give (files 0o666 & ~umask, folders 0o777 & ~umask), not the temporary files' private 0600 / 0700. Both write
+through a link (to its target, the link stays) and resolve '.' and '..' first (real_path): a rename onto a link
+replaces the link, and '.' has no name to rename onto.
 """
 
 from __future__ import annotations
@@ -258,7 +260,13 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
     except OSError:  # a folder we may write into but not list: nothing to sweep, the write goes on
         return
     for entry in entries:
-        if not own.fullmatch(entry.name) or entry == keep or entry.is_symlink() or not entry.is_dir():
+        if not own.fullmatch(entry.name) or entry == keep:
+            continue
+        if entry.is_symlink():  # a link to `final`'s old target that an exchange with a link left (before real_path)
+            with contextlib.suppress(OSError):
+                entry.unlink()
+            continue
+        if not entry.is_dir():
             continue
         fd = _lock_dir(entry)
         if fd is None:
@@ -270,6 +278,12 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def real_path(path: str | Path) -> Path:
+    """`path` as a rename must name it: absolute, its links followed ('.', 'x/..' and a link to a folder become the
+    folder itself: a link's target is written, the link stays), ~ expanded."""
+    return Path(os.path.realpath(expand_user(path)))
 
 
 @contextlib.contextmanager
@@ -285,16 +299,17 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     fails, so two writers racing to a new `final` cannot both win). Temporary folders of `final` that killed
     writers left are removed first (remove_stale_temporaries).
     """
-    final = Path(final)
+    given, final = Path(final), real_path(final)  # the messages name the path as given
     if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"cannot write into {final}: it is a file, not a directory; give a directory path "
+        raise NotADirectoryError(f"cannot write into {given}: it is a file, not a directory; give a directory path "
                                  f"(or remove the file)")
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         lock = _lock_dir(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
-        remove_stale_temporaries(final, keep=tmp)
+        for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
+            remove_stale_temporaries(name, keep=tmp)
         yield tmp
         plain_modes(tmp)  # mkdtemp's 0700, mkstemp's and safetensors' 0600 would make `final` private
         if final.exists() and replace:
@@ -305,13 +320,13 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                raise FileExistsError(f"{final} was written by another command while this one worked; nothing "
+                raise FileExistsError(f"{given} was written by another command while this one worked; nothing "
                                       f"of this one was kept: pass --overwrite to replace it, or choose another "
                                       f"output") from None
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        error = disk_error(final, e, need_bytes, left=tmp) or (refused(final, e) if tmp is None else None)
+        error = disk_error(given, e, need_bytes, left=tmp) or (refused(given, e) if tmp is None else None)
         if error is None:
             raise
         raise error from None
@@ -324,16 +339,16 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
 def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path (`.tmp-<name>-<random>` beside `path`, its own for each writer) that replaces `path`
     when the block ends."""
-    path = Path(path)
+    path, real = Path(path), real_path(path)  # a link is written through, as open() would: the link stays
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{real.name}-", dir=real.parent)
         os.close(fd)
         tmp = Path(name)
         yield tmp
         plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -344,4 +359,4 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         raise error from None
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "plain_modes", "umask"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "plain_modes", "real_path", "umask"]

@@ -153,6 +153,39 @@ def test_a_writer_that_may_not_replace_leaves_a_directory_another_filled_meanwhi
     assert files(tmp_path / "empty") == {"x": "x"}
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_link_to_a_folder_is_written_through_and_stays_a_link(old_adapter, monkeypatch, exchange):
+    """Soak: `merge --out linkout --overwrite` (linkout -> realout) replaced the link with a folder, left realout with
+    the old model and a `.tmp-linkout-*` link no run swept; into a link to an empty folder, without --overwrite, it
+    failed after the merge ("a part of the path is a file")."""
+    if not exchange:
+        monkeypatch.setattr(F, "_exchange", lambda a, b: False)
+    root = old_adapter.parent
+    (root / "link").symlink_to(old_adapter)
+    stray = root / ".tmp-link-abcd1234"  # what the exchange with a link left before
+    stray.symlink_to(old_adapter)
+    with atomic_dir(root / "link") as tmp:
+        (tmp / "adapter_model.safetensors").write_text("new weights")
+    assert (root / "link").is_symlink() and os.readlink(root / "link") == str(old_adapter)
+    assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 8",
+                                  "adapter_model.safetensors": "new weights"}
+    (root / "empty").mkdir()
+    (root / "to-empty").symlink_to("empty")  # a relative link, and a writer that may not replace
+    with atomic_dir(root / "to-empty", replace=False) as tmp:
+        (tmp / "x").write_text("x")
+    assert (root / "to-empty").is_symlink() and files(root / "empty") == {"x": "x"}
+    assert sorted(p.name for p in root.iterdir()) == ["adapter", "empty", "link", "to-empty"]  # the stray link swept
+
+
+def test_a_link_to_a_file_is_written_through_and_stays_a_link(tmp_path):
+    (tmp_path / "model.gguf").write_text("old")
+    (tmp_path / "link.gguf").symlink_to("model.gguf")
+    with atomic_file(tmp_path / "link.gguf") as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "link.gguf").is_symlink() and (tmp_path / "model.gguf").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.gguf", "model.gguf"]
+
+
 def test_dropped_patterns_of_the_old_set_are_not_kept(old_adapter):
     (old_adapter / "model-00001-of-00002.safetensors").write_text("an older export's shard")
     with atomic_dir(old_adapter, drop=("model-*-of-*.safetensors",)) as tmp:

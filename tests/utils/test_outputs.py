@@ -328,3 +328,15 @@ def test_an_output_in_a_built_in_or_gguf_bases_cached_conversion_is_refused_befo
                        "--overwrite"], capsys)
         assert f"is this command's input {converted}" in err, err
         assert snapshot(tmp_path / "cache") == before
+
+
+def test_merge_into_a_link_to_a_folder_writes_the_folder_and_keeps_the_link(tiny_dir, adapter_dir, tmp_path):
+    """Soak: into a link to an empty folder, merge failed after the merge ("a part of the path is a file"); with
+    --overwrite into a link to a used one it replaced the link with a folder and left its target's old model."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "link"),
+                     *extra]) == 0
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "link", "real"]  # no temporary left
