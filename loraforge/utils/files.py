@@ -286,6 +286,18 @@ def real_path(path: str | Path) -> Path:
     return Path(os.path.realpath(expand_user(path)))
 
 
+def holds_cwd(path: str | Path) -> str | None:
+    """"is" or "holds" where the folder `path` names is, or holds, the current directory, else None: a finished
+    atomic_dir renames its set onto the folder, which would leave this process, and a shell in it, in a deleted one
+    ('.' itself cannot be renamed onto)."""
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the current directory is gone already
+        return None
+    real = real_path(path)
+    return "is" if real == cwd else "holds" if real in cwd.parents else None
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str, ...] = (),
                replace: bool = True) -> Iterator[Path]:
@@ -303,6 +315,9 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"cannot write into {given}: it is a file, not a directory; give a directory path "
                                  f"(or remove the file)")
+    if how := holds_cwd(final):
+        raise DiskError(f"cannot write {given}: it {how} the current directory, which the finished write replaces as "
+                        f"a whole; give a folder inside it, e.g. {given / 'out'}")
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -359,4 +374,5 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         raise error from None
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "plain_modes", "real_path", "umask"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes", "real_path",
+           "umask"]

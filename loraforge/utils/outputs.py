@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error, expand_user, refused
+from loraforge.utils.files import DiskError, disk_error, expand_user, holds_cwd, refused
 
 try:
     import fcntl
@@ -103,6 +103,15 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass --overwrite to write into "
                               f"it (only the files this command writes are replaced), or choose another {flag}")
+
+
+def check_replaceable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that a command publishes as a whole (files.atomic_dir: merge,
+    export --to vllm) where the current directory is it or lies inside it ('.', 'x/..'): the rename at the end fails,
+    or leaves the shell in a deleted folder. Train and the studies write into theirs: '.' is fine there."""
+    if how := holds_cwd(path):
+        raise OutputError(f"{flag} {path} {how} the current directory, which the finished write replaces as a "
+                          f"whole; give a folder inside it, e.g. {flag} {Path(path) / 'out'}")
 
 
 def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
@@ -206,4 +215,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_run_output", "hold_output"]
+__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_replaceable", "check_run_output",
+           "hold_output"]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading patches: see there)
 import loraforge.models
+import loraforge.utils.files
 import loraforge.studies.demo  # noqa: F401
 import loraforge.studies.forgetting  # noqa: F401
 from loraforge.lora.adapters import save_adapter
@@ -340,3 +341,33 @@ def test_merge_into_a_link_to_a_folder_writes_the_folder_and_keeps_the_link(tiny
                      *extra]) == 0
         assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "link", "real"]  # no temporary left
+
+
+def test_merge_into_the_current_directory_is_refused_before_loading_and_dot_dot_paths_work(
+        tiny_dir, adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading):
+    """Soak: `--out .` and `--out x/..` (merge, export --to vllm) were an OSError traceback (EBUSY) after the whole
+    merge; `--out dd/sub/.. --overwrite` made its temporary folder in dd/sub and copied dd/sub into itself."""
+    here = tmp_path / "up" / "here"  # .. holds no input
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for out, how in ((".", "is"), ("x/..", "is"), ("..", "holds")):
+        for command in (["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)],
+                        ["export", "--to", "vllm", "--adapter", str(adapter_dir)]):
+            err = refused([*command, "--out", out, "--overwrite"], capsys)
+            assert err == (f"error: --out {out} {how} the current directory, which the finished write replaces as "
+                           f"a whole; give a folder inside it, e.g. --out {Path(out) / 'out'}"), err
+    assert list(here.iterdir()) == []
+    with pytest.raises(OSError, match=r"^cannot write \.: it is the current directory"):
+        with loraforge.utils.files.atomic_dir("."):
+            pytest.fail("a temporary folder was made")
+
+
+def test_an_out_with_dot_dot_is_the_folder_it_names(adapter_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dd" / "sub").mkdir(parents=True)
+    (tmp_path / "dd" / "sub" / "notes.txt").write_text("x")
+    assert main(["export", "--to", "vllm", "--adapter", "adapter", "--out", "dd/sub/..", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "sub"]
+    assert [p.name for p in (tmp_path / "dd" / "sub").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "dd"]
