@@ -21,7 +21,7 @@ from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
 from loraforge.utils.files import atomic_file, expand_user, fsync_tree
-from loraforge.utils.outputs import OutputError, check_not_input, check_parents
+from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -55,6 +55,7 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
                           f"use --out {out.with_name(out.name + '.gguf') if out.suffix else out.with_suffix('.gguf')}")
     if out.exists() and not overwrite:
         raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    check_writable(out)
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 from loraforge.lora.adapters import PREFIX, write_adapter_dir
 from loraforge.config import LoraConfig
 from loraforge.models import conversion_paths
-from loraforge.utils.outputs import check_output, check_replaceable
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf_names import ExportError
 
@@ -62,6 +62,7 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
     base = config.base_model_name_or_path  # its cached conversion (a built-in base) is no place for an adapter
     check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir, *(conversion_paths(base) if base else [])])
     check_replaceable(out_dir)
+    check_writable(out_dir)
     R = max(f.lora_A.shape[0] for f in factors.values())
     tensors = {}
     for path, f in factors.items():

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error, expand_user, holds_cwd, refused
+from loraforge.utils.files import DiskError, disk_error, expand_user, holds_cwd, real_path, refused
 
 try:
     import fcntl
@@ -112,6 +112,25 @@ def check_replaceable(path: str | Path, flag: str = "--out") -> None:
     if how := holds_cwd(path):
         raise OutputError(f"{flag} {path} {how} the current directory, which the finished write replaces as a "
                           f"whole; give a folder inside it, e.g. {flag} {Path(path) / 'out'}")
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output (a folder or a file) whose folder takes no new file: read-only, no
+    permission, a full disk. A byte is written into a temporary file where the write's own temporary goes (beside
+    the output, or in the nearest folder that exists) and removed; a refusal is one DiskError line naming `flag`.
+    Merge and export found out only after loading and merging the model (train's hold_output checks its own)."""
+    real = real_path(path)
+    where = next(p for p in real.parents if p.is_dir())  # check_parents refused a file on the way
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".tmp-probe-") as probe:
+            probe.write(b"\0")
+            probe.flush()  # a full disk refuses the write itself
+    except OSError as e:
+        if error := disk_error(expand_user(path), e):
+            raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
+        if error := refused(expand_user(path), e, f"choose another {flag}"):
+            raise DiskError(f"{flag}: {error}") from None
+        raise
 
 
 def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
@@ -216,4 +235,4 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 
 __all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_replaceable", "check_run_output",
-           "hold_output"]
+           "check_writable", "hold_output"]

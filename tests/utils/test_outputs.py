@@ -1,5 +1,6 @@
 """Commands never destroy a user's files: each refusal leaves the user's files as they were, byte for byte."""
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading patches: see there)
 import loraforge.models
 import loraforge.utils.files
+import loraforge.utils.outputs
 import loraforge.studies.demo  # noqa: F401
 import loraforge.studies.forgetting  # noqa: F401
 from loraforge.lora.adapters import save_adapter
@@ -371,3 +373,22 @@ def test_an_out_with_dot_dot_is_the_folder_it_names(adapter_dir, tmp_path, monke
                                                                   "sub"]
     assert [p.name for p in (tmp_path / "dd" / "sub").iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "dd"]
+
+
+@pytest.mark.parametrize("code, says", [(errno.EROFS, "the file system is read-only"),
+                                        (errno.ENOSPC, "no space left on the device")])
+def test_merge_and_export_into_a_folder_that_takes_no_files_are_refused_before_loading(
+        tiny_dir, adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading, code, says):
+    """Soak: into a read-only or full folder, merge and export loaded and merged the whole model before the write
+    failed (minutes on a big one). A mount cannot be made here: the file system's answer is stood in for."""
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(loraforge.utils.outputs.tempfile, "TemporaryFile", refuse)
+    for out, command in ((tmp_path / "m", ["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)]),
+                         (tmp_path / "v", ["export", "--to", "vllm", "--adapter", str(adapter_dir)]),
+                         (tmp_path / "new" / "x.gguf", ["export", "--to", "gguf", "--base", str(tiny_dir)])):
+        err = refused([*command, "--out", str(out)], capsys)
+        assert err.startswith(f"error: --out: cannot write {out}: {says} (") and err.endswith(
+            "free there); fix that, or choose another --out"), err
+        assert not out.exists()
