@@ -59,12 +59,12 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
     return out
 
 
-def write_file(writer_for, out: Path) -> Path:
+def write_file(writer_for, out: Path, overwrite: bool) -> Path:
     """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
     tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
     exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
-    no temporary file."""
-    with atomic_file(out) as tmp:
+    no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError)."""
+    with atomic_file(out, replace=overwrite) as tmp:
         writer = writer_for(tmp)
         try:
             writer.write_header_to_file()
@@ -142,4 +142,4 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
         merge_and_unload(model)
     name = Path(base).stem if source is None else re.sub(QUANT_SUFFIX, "", source.stem)  # not "….Q4_1 + lora"
     name += f" + {Path(adapter).name}" if adapter else ""
-    return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out)
+    return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out, overwrite)

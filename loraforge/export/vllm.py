@@ -77,5 +77,5 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
                        exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
                        layers_pattern=config.layers_pattern, fan_in_fan_out=config.fan_in_fan_out,
                        base_model_name_or_path=config.base_model_name_or_path)
-    out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict())
+    out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict(), replace=overwrite)  # as merge
     return out, conversions + [f"serve with vLLM's --max-lora-rank {max_lora_rank(R)} or more (rank {R})"]

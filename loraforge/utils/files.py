@@ -189,12 +189,12 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system has no such call."""
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
+    """Linux renameat2 with `flag`; False where the system or the file system has no such call."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flag) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a file system without it
@@ -202,7 +202,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-AT_FDCWD, RENAME_EXCHANGE = -100, 2
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (RENAME_EXCHANGE); False where the system has no such call."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
+
+
+AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+
+
+def _another_wrote(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} was written by another command while this one worked; nothing of this one was "
+                           f"kept: pass --overwrite to replace it, or choose another output")
 
 
 def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
@@ -335,9 +345,7 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                raise FileExistsError(f"{given} was written by another command while this one worked; nothing "
-                                      f"of this one was kept: pass --overwrite to replace it, or choose another "
-                                      f"output") from None
+                raise _another_wrote(given) from None
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -351,9 +359,10 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
+def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path (`.tmp-<name>-<random>` beside `path`, its own for each writer) that replaces `path`
-    when the block ends."""
+    when the block ends. `replace=False`: a `path` another writer made meanwhile is left to it (FileExistsError), as
+    atomic_dir's."""
     path, real = Path(path), real_path(path)  # a link is written through, as open() would: the link stays
     tmp = None
     try:
@@ -363,7 +372,16 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         tmp = Path(name)
         yield tmp
         plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing
-        os.replace(tmp, real)
+        if replace:
+            os.replace(tmp, real)
+        else:
+            try:  # in one step where renameat2 has it; elsewhere a moment remains between the look and the rename
+                if not _renameat2(tmp, real, RENAME_NOREPLACE):
+                    if os.path.lexists(real):
+                        raise FileExistsError(errno.EEXIST, "exists")
+                    os.replace(tmp, real)
+            except FileExistsError:
+                raise _another_wrote(path) from None
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -374,5 +392,5 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         raise error from None
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes", "real_path",
-           "umask"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes",
+           "real_path", "umask"]

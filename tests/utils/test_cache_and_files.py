@@ -395,3 +395,18 @@ def test_a_damaged_cached_kernel_library_is_built_again(tmp_path, monkeypatch):
     assert not cpu_kernels._intact(lib)
     assert cpu_kernels._build() is not None
     assert lib.stat().st_size == size and cpu_kernels._intact(lib)
+
+
+@pytest.mark.parametrize("noreplace", [True, False])  # renameat2's RENAME_NOREPLACE, or a look before the rename
+def test_a_file_writer_that_may_not_replace_leaves_a_file_another_wrote_meanwhile(tmp_path, monkeypatch, noreplace):
+    if not noreplace:
+        monkeypatch.setattr(F, "_renameat2", lambda a, b, flag: False)
+    final = tmp_path / "x.gguf"
+    with pytest.raises(FileExistsError, match=f"{final} was written by another command while this one worked"):
+        with atomic_file(final, replace=False) as mine:
+            mine.write_text("mine")
+            final.write_text("theirs")
+    assert final.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+    with atomic_file(tmp_path / "new.gguf", replace=False) as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "new.gguf").read_text() == "new"

@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import loraforge.export.gguf as gguf_export
+import loraforge.export.vllm as vllm_export
 import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading patches: see there)
 import loraforge.models
 import loraforge.utils.files
@@ -392,3 +394,30 @@ def test_merge_and_export_into_a_folder_that_takes_no_files_are_refused_before_l
         assert err.startswith(f"error: --out: cannot write {out}: {says} (") and err.endswith(
             "free there); fix that, or choose another --out"), err
         assert not out.exists()
+
+
+def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one(tiny_dir, adapter_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Soak: two `export --to vllm` (or --to gguf) into one new --out without --overwrite both succeeded, the second
+    silently replacing the first's; merge refused the second. Another export's write is stood in for by a file
+    written while this one builds its own."""
+    def meanwhile(real, out, make):
+        def wrapped(*args, **kwargs):
+            make(out)
+            return real(*args, **kwargs)
+        return wrapped
+
+    vllm_out, gguf_out = tmp_path / "v", tmp_path / "x.gguf"
+    monkeypatch.setattr(vllm_export, "write_adapter_dir", meanwhile(
+        vllm_export.write_adapter_dir, vllm_out, lambda p: (p.mkdir(), (p / "theirs.txt").write_text("theirs"))))
+    monkeypatch.setattr(gguf_export, "model_writer", meanwhile(
+        gguf_export.model_writer, gguf_out, lambda p: p.write_text("theirs")))
+    for out, command in ((vllm_out, ["export", "--to", "vllm", "--adapter", str(adapter_dir)]),
+                         (gguf_out, ["export", "--to", "gguf", "--base", str(tiny_dir), "--adapter", str(adapter_dir)])):
+        capsys.readouterr()
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # after the loading's progress bars
+        assert err == (f"error: {out} was written by another command while this one worked; nothing of this one "
+                       f"was kept: pass --overwrite to replace it, or choose another output")
+    assert [p.name for p in vllm_out.iterdir()] == ["theirs.txt"] and gguf_out.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v", "x.gguf"]  # no temporary left
