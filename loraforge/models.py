@@ -233,7 +233,10 @@ def cached_conversion(gguf: Path, out: Path, build=None, weights: bool = True, l
             error = disk_error(out, e, need_bytes=need)
             if error is None:
                 raise
-            raise error from None
+            cache = DiskError(f"{error}; converted models are cached there: free space, or set LORAFORGE_CACHE to a "
+                              f"folder with room")  # the tokenizer alone too, not only the weights checked above
+            cache.errno = error.errno
+            raise cache from None
     return out
 
 
@@ -266,9 +269,10 @@ def _intact(out: Path) -> Path:
 
 
 def _unusable_cache(folder: Path, e: OSError) -> OSError:
-    """The DiskError for a cache folder that refused a write (it names LORAFORGE_CACHE); else `e` itself."""
-    error = disk_error(folder, e)
-    if error is None:
+    """The DiskError for a cache folder that refused a write, or is a file (it names LORAFORGE_CACHE); else `e`."""
+    if isinstance(e, FileExistsError):  # mkdir of a folder that is a file: "[Errno 17] File exists"
+        error = f"cannot write {folder}: it is a file, not a folder"
+    elif (error := disk_error(folder, e)) is None:
         return e
     return DiskError(f"{error}; converted models are cached there: set LORAFORGE_CACHE to a folder this user can "
                      f"write")

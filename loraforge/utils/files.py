@@ -238,13 +238,16 @@ def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
 STALE_AFTER_S = 60.0
 
 
-def _lock_dir(path: Path) -> int | None:
-    """An open descriptor of folder `path` holding an exclusive flock on it, None where the lock is taken or the
-    file system has none; the lock goes when the descriptor closes, or the process dies."""
+def _lock(path: Path, fd: int | None = None) -> int | None:
+    """An open descriptor of `path` (a folder or a file; `fd` if given) holding an exclusive flock on it, None where
+    the lock is taken or the file system has none (a given `fd` is closed then); the lock goes when the descriptor
+    closes, or the process dies."""
     if fcntl is None:
+        if fd is not None:
+            os.close(fd)
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY) if fd is None else fd
     except OSError:
         return None
     try:
@@ -256,14 +259,16 @@ def _lock_dir(path: Path) -> int | None:
 
 
 def _quiet_for(path: Path, seconds: float) -> bool:
-    """Whether nothing in folder `path` (it, or any entry under it) changed in the last `seconds`."""
-    newest = max((os.lstat(p).st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+    """Whether nothing in `path` (it, or any entry under it when a folder) changed in the last `seconds`."""
+    entries = (path, *path.rglob("*")) if path.is_dir() else (path,)
+    newest = max((os.lstat(p).st_mtime for p in entries), default=0.0)
     return time.time() - newest > seconds
 
 
 def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
-    """Remove the temporary folders (`.tmp-<name>-<8 characters>`) that killed writers of `final` left beside it:
-    those whose lock can be taken (no live writer holds it) and in which nothing changed for STALE_AFTER_S."""
+    """Remove the temporary folders and files (`.tmp-<name>-<8 characters>`: atomic_dir's, atomic_file's) that
+    killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and in which
+    nothing changed for STALE_AFTER_S."""
     own = re.compile(rf"\.tmp-{re.escape(final.name)}-[a-z0-9_]{{8}}")  # mkdtemp's suffix: not `.tmp-<name>-2-...`
     try:
         entries = list(final.parent.iterdir()) if fcntl is not None else []
@@ -276,14 +281,14 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
             with contextlib.suppress(OSError):
                 entry.unlink()
             continue
-        if not entry.is_dir():
+        if not entry.is_dir() and not entry.is_file():
             continue
-        fd = _lock_dir(entry)
+        fd = _lock(entry)
         if fd is None:
             continue
         try:
             if _quiet_for(entry, STALE_AFTER_S):
-                shutil.rmtree(entry, ignore_errors=True)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         except OSError:  # gone meanwhile, or unreadable: not ours to judge
             pass
         finally:
@@ -332,7 +337,7 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        lock = _lock_dir(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
+        lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
         for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
             remove_stale_temporaries(name, keep=tmp)
         yield tmp
@@ -364,12 +369,13 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
     when the block ends. `replace=False`: a `path` another writer made meanwhile is left to it (FileExistsError), as
     atomic_dir's."""
     path, real = Path(path), real_path(path)  # a link is written through, as open() would: the link stays
-    tmp = None
+    tmp = lock = None
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".tmp-{real.name}-", dir=real.parent)
-        os.close(fd)
         tmp = Path(name)
+        lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
+        remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
         yield tmp
         plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing
         if replace:
@@ -390,6 +396,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
         if error is None:
             raise
         raise error from None
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 __all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes",
