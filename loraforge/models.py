@@ -233,7 +233,10 @@ def cached_conversion(gguf: Path, out: Path, build=None, weights: bool = True, l
             error = disk_error(out, e, need_bytes=need)
             if error is None:
                 raise
-            raise error from None
+            cache = DiskError(f"{error}; converted models are cached there: free space, or set LORAFORGE_CACHE to a "
+                              f"folder with room")  # the tokenizer alone too, not only the weights checked above
+            cache.errno = error.errno
+            raise cache from None
     return out
 
 
@@ -266,9 +269,10 @@ def _intact(out: Path) -> Path:
 
 
 def _unusable_cache(folder: Path, e: OSError) -> OSError:
-    """The DiskError for a cache folder that refused a write (it names LORAFORGE_CACHE); else `e` itself."""
-    error = disk_error(folder, e)
-    if error is None:
+    """The DiskError for a cache folder that refused a write, or is a file (it names LORAFORGE_CACHE); else `e`."""
+    if isinstance(e, FileExistsError):  # mkdir of a folder that is a file: "[Errno 17] File exists"
+        error = f"cannot write {folder}: it is a file, not a folder"
+    elif (error := disk_error(folder, e)) is None:
         return e
     return DiskError(f"{error}; converted models are cached there: set LORAFORGE_CACHE to a folder this user can "
                      f"write")
@@ -329,6 +333,21 @@ def gguf_source(name_or_path: str) -> Path | None:
         raise ModelDownloadError(f"model {name_or_path}: {what}; give a llama.cpp .gguf file, a transformers "
                                  f"directory, a hub id or a built-in name ({', '.join(BUILTIN_MODELS)})")
     return path
+
+
+def conversion_paths(name_or_path: str) -> list[Path]:
+    """For a built-in name or a .gguf file: the GGUF file and the cache folders its conversion has or will have, made
+    yet or not; [] for other models. An output there would replace the model every later command loads under that
+    name (outputs.check_not_input refuses it). Hashes the file as loading does (once a process), converts nothing."""
+    try:
+        gguf = gguf_source(name_or_path)
+    except OSError:  # a missing or broken file, a built-in model's package not installed: loading says which
+        return []
+    if gguf is None:
+        return []
+    name = name_or_path if name_or_path in BUILTIN_MODELS else None
+    out = _gguf_cache_path(gguf, name)
+    return [gguf, out, _no_weights(out), _path_keyed(gguf, name)]
 
 
 def resolve_model(name_or_path: str, weights: bool = True) -> str:

@@ -19,9 +19,9 @@ from loraforge.export.gguf_names import ExportError, add_hparams, arch_name, arc
 from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
-from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, load_base, resolve_model
+from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
 from loraforge.utils.files import atomic_file, expand_user, fsync_tree
-from loraforge.utils.outputs import OutputError, check_not_input, check_parents
+from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -40,13 +40,13 @@ QUANT_SUFFIX = re.compile(r"[.-](?:[IB]?Q\d\w*|B?F16|F32)$", re.IGNORECASE)  # a
 
 def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
-    base, its GGUF file when it is a built-in name, the adapter)."""
+    base, its GGUF file when it is a built-in name, its cached conversion, the adapter)."""
     out = Path(out)
     try:
         source = base_gguf(base)
     except FileNotFoundError:  # a built-in model whose package is missing: loading it says so
         source = None
-    check_not_input(out, [base, source, adapter])
+    check_not_input(out, [base, source, *conversion_paths(base), adapter])
     check_parents(out)
     if out.is_dir():
         raise OutputError(f"--out {out} is a directory; give a file name ending in .gguf")
@@ -55,15 +55,16 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
                           f"use --out {out.with_name(out.name + '.gguf') if out.suffix else out.with_suffix('.gguf')}")
     if out.exists() and not overwrite:
         raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    check_writable(out)
     return out
 
 
-def write_file(writer_for, out: Path) -> Path:
+def write_file(writer_for, out: Path, overwrite: bool) -> Path:
     """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
     tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
     exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
-    no temporary file."""
-    with atomic_file(out) as tmp:
+    no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError)."""
+    with atomic_file(out, replace=overwrite) as tmp:
         writer = writer_for(tmp)
         try:
             writer.write_header_to_file()
@@ -141,4 +142,4 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
         merge_and_unload(model)
     name = Path(base).stem if source is None else re.sub(QUANT_SUFFIX, "", source.stem)  # not "….Q4_1 + lora"
     name += f" + {Path(adapter).name}" if adapter else ""
-    return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out)
+    return write_file(lambda p: model_writer(model, p, type, name, source, tokenizer_dir, tokenizer), out, overwrite)

@@ -98,7 +98,7 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
         raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
     # the base's shapes and names; no weights loaded (nor converted)
     hf_config = AutoConfig.from_pretrained(resolve_model(base, weights=False))
-    write_file(lambda p: lora_writer(p, adapter, hf_config, type), out)
+    write_file(lambda p: lora_writer(p, adapter, hf_config, type), out, overwrite)
     with atomic_file(model_file) as tmp:  # a failed or concurrent write never leaves a cut Modelfile
         tmp.write_text(modelfile(base, out))
     return out

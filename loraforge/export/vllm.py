@@ -17,7 +17,8 @@ import torch
 
 from loraforge.lora.adapters import PREFIX, write_adapter_dir
 from loraforge.config import LoraConfig
-from loraforge.utils.outputs import check_output
+from loraforge.models import conversion_paths
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf_names import ExportError
 
@@ -57,8 +58,11 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
     if refusals:
         raise ExportError(f"vLLM cannot serve {adapter_dir}: {'; '.join(refusals)}. Merge it into the base instead "
                           f"and serve the merged model: loraforge merge --base BASE --adapter {adapter_dir} --out DIR")
-    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir])
     config, factors = read_factors(adapter_dir)
+    base = config.base_model_name_or_path  # its cached conversion (a built-in base) is no place for an adapter
+    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir, *(conversion_paths(base) if base else [])])
+    check_replaceable(out_dir)
+    check_writable(out_dir)
     R = max(f.lora_A.shape[0] for f in factors.values())
     tensors = {}
     for path, f in factors.items():
@@ -73,5 +77,5 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
                        exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
                        layers_pattern=config.layers_pattern, fan_in_fan_out=config.fan_in_fan_out,
                        base_model_name_or_path=config.base_model_name_or_path)
-    out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict())
+    out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict(), replace=overwrite)  # as merge
     return out, conversions + [f"serve with vLLM's --max-lora-rank {max_lora_rank(R)} or more (rank {R})"]

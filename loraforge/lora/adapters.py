@@ -83,14 +83,16 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_dict: dict) -> Path:
+def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_dict: dict,
+                      replace: bool = True) -> Path:
     """Write an adapter directory's two files; they appear together or not at all, and a write the disk refuses
-    raises files.DiskError naming the directory (other files already in `out` stay)."""
+    raises files.DiskError naming the directory (other files already in `out` stay). `replace=False`: an `out`
+    another command filled meanwhile is left to it (FileExistsError; files.atomic_dir)."""
     if not str(out):  # Path("") is ".": the files would land in the working directory unasked
         raise ValueError("the adapter's output directory is empty; give a directory path, e.g. runs/my-adapter")
     out = Path(out)
     text = json.dumps(peft_dict, indent=2) + "\n"
-    with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text)) as tmp:
+    with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text), replace=replace) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=PROVENANCE)
         _provenance_in_order(tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(text)

@@ -18,11 +18,11 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, load_base
+from loraforge.models import DTYPES, conversion_paths, load_base
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
-from loraforge.utils.outputs import check_output
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
@@ -331,7 +331,10 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         configs = {str(a): read_adapter_config(a) for a in adapters}
         _refuse_uncombinable(configs)
         _warn_other_bases(configs)
-    check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])  # before loading anything
+    # before loading anything; a built-in or .gguf base's cached conversion is an input too (the name is no path)
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
+    check_replaceable(out_dir)
+    check_writable(out_dir)
     loaded = _load_dtype(dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []

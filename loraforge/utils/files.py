@@ -10,7 +10,9 @@ any error the temporary directory is removed, and an
 error that means the disk refused the write (full, quota, file-size limit, permission, read-only, I/O error)
 comes out as DiskError: one line naming the directory, about how much it needed and how much is free.
 atomic_file(path) does the same for one file. What either publishes gets the modes a plain open() or mkdir would
-give (files 0o666 & ~umask, folders 0o777 & ~umask), not the temporary files' private 0600 / 0700.
+give (files 0o666 & ~umask, folders 0o777 & ~umask), not the temporary files' private 0600 / 0700. Both write
+through a link (to its target, the link stays) and resolve '.' and '..' first (real_path): a rename onto a link
+replaces the link, and '.' has no name to rename onto.
 """
 
 from __future__ import annotations
@@ -187,12 +189,12 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system has no such call."""
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
+    """Linux renameat2 with `flag`; False where the system or the file system has no such call."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flag) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL):  # an old kernel, or a file system without it
@@ -200,7 +202,17 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-AT_FDCWD, RENAME_EXCHANGE = -100, 2
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (RENAME_EXCHANGE); False where the system has no such call."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
+
+
+AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+
+
+def _another_wrote(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} was written by another command while this one worked; nothing of this one was "
+                           f"kept: pass --overwrite to replace it, or choose another output")
 
 
 def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
@@ -226,13 +238,16 @@ def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
 STALE_AFTER_S = 60.0
 
 
-def _lock_dir(path: Path) -> int | None:
-    """An open descriptor of folder `path` holding an exclusive flock on it, None where the lock is taken or the
-    file system has none; the lock goes when the descriptor closes, or the process dies."""
+def _lock(path: Path, fd: int | None = None) -> int | None:
+    """An open descriptor of `path` (a folder or a file; `fd` if given) holding an exclusive flock on it, None where
+    the lock is taken or the file system has none (a given `fd` is closed then); the lock goes when the descriptor
+    closes, or the process dies."""
     if fcntl is None:
+        if fd is not None:
+            os.close(fd)
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY) if fd is None else fd
     except OSError:
         return None
     try:
@@ -244,32 +259,58 @@ def _lock_dir(path: Path) -> int | None:
 
 
 def _quiet_for(path: Path, seconds: float) -> bool:
-    """Whether nothing in folder `path` (it, or any entry under it) changed in the last `seconds`."""
-    newest = max((os.lstat(p).st_mtime for p in (path, *path.rglob("*"))), default=0.0)
+    """Whether nothing in `path` (it, or any entry under it when a folder) changed in the last `seconds`."""
+    entries = (path, *path.rglob("*")) if path.is_dir() else (path,)
+    newest = max((os.lstat(p).st_mtime for p in entries), default=0.0)
     return time.time() - newest > seconds
 
 
 def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
-    """Remove the temporary folders (`.tmp-<name>-<8 characters>`) that killed writers of `final` left beside it:
-    those whose lock can be taken (no live writer holds it) and in which nothing changed for STALE_AFTER_S."""
+    """Remove the temporary folders and files (`.tmp-<name>-<8 characters>`: atomic_dir's, atomic_file's) that
+    killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and in which
+    nothing changed for STALE_AFTER_S."""
     own = re.compile(rf"\.tmp-{re.escape(final.name)}-[a-z0-9_]{{8}}")  # mkdtemp's suffix: not `.tmp-<name>-2-...`
     try:
         entries = list(final.parent.iterdir()) if fcntl is not None else []
     except OSError:  # a folder we may write into but not list: nothing to sweep, the write goes on
         return
     for entry in entries:
-        if not own.fullmatch(entry.name) or entry == keep or entry.is_symlink() or not entry.is_dir():
+        if not own.fullmatch(entry.name) or entry == keep:
             continue
-        fd = _lock_dir(entry)
+        if entry.is_symlink():  # a link to `final`'s old target that an exchange with a link left (before real_path)
+            with contextlib.suppress(OSError):
+                entry.unlink()
+            continue
+        if not entry.is_dir() and not entry.is_file():
+            continue
+        fd = _lock(entry)
         if fd is None:
             continue
         try:
             if _quiet_for(entry, STALE_AFTER_S):
-                shutil.rmtree(entry, ignore_errors=True)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         except OSError:  # gone meanwhile, or unreadable: not ours to judge
             pass
         finally:
             os.close(fd)
+
+
+def real_path(path: str | Path) -> Path:
+    """`path` as a rename must name it: absolute, its links followed ('.', 'x/..' and a link to a folder become the
+    folder itself: a link's target is written, the link stays), ~ expanded."""
+    return Path(os.path.realpath(expand_user(path)))
+
+
+def holds_cwd(path: str | Path) -> str | None:
+    """"is" or "holds" where the folder `path` names is, or holds, the current directory, else None: a finished
+    atomic_dir renames its set onto the folder, which would leave this process, and a shell in it, in a deleted one
+    ('.' itself cannot be renamed onto)."""
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the current directory is gone already
+        return None
+    real = real_path(path)
+    return "is" if real == cwd else "holds" if real in cwd.parents else None
 
 
 @contextlib.contextmanager
@@ -285,16 +326,20 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     fails, so two writers racing to a new `final` cannot both win). Temporary folders of `final` that killed
     writers left are removed first (remove_stale_temporaries).
     """
-    final = Path(final)
+    given, final = Path(final), real_path(final)  # the messages name the path as given
     if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"cannot write into {final}: it is a file, not a directory; give a directory path "
+        raise NotADirectoryError(f"cannot write into {given}: it is a file, not a directory; give a directory path "
                                  f"(or remove the file)")
+    if how := holds_cwd(final):
+        raise DiskError(f"cannot write {given}: it {how} the current directory, which the finished write replaces as "
+                        f"a whole; give a folder inside it, e.g. {given / 'out'}")
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        lock = _lock_dir(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
-        remove_stale_temporaries(final, keep=tmp)
+        lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
+        for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
+            remove_stale_temporaries(name, keep=tmp)
         yield tmp
         plain_modes(tmp)  # mkdtemp's 0700, mkstemp's and safetensors' 0600 would make `final` private
         if final.exists() and replace:
@@ -305,13 +350,11 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                raise FileExistsError(f"{final} was written by another command while this one worked; nothing "
-                                      f"of this one was kept: pass --overwrite to replace it, or choose another "
-                                      f"output") from None
+                raise _another_wrote(given) from None
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        error = disk_error(final, e, need_bytes, left=tmp) or (refused(final, e) if tmp is None else None)
+        error = disk_error(given, e, need_bytes, left=tmp) or (refused(given, e) if tmp is None else None)
         if error is None:
             raise
         raise error from None
@@ -321,19 +364,30 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
+def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path (`.tmp-<name>-<random>` beside `path`, its own for each writer) that replaces `path`
-    when the block ends."""
-    path = Path(path)
-    tmp = None
+    when the block ends. `replace=False`: a `path` another writer made meanwhile is left to it (FileExistsError), as
+    atomic_dir's."""
+    path, real = Path(path), real_path(path)  # a link is written through, as open() would: the link stays
+    tmp = lock = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-        os.close(fd)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{real.name}-", dir=real.parent)
         tmp = Path(name)
+        lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
+        remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
         yield tmp
         plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, real)
+        else:
+            try:  # in one step where renameat2 has it; elsewhere a moment remains between the look and the rename
+                if not _renameat2(tmp, real, RENAME_NOREPLACE):
+                    if os.path.lexists(real):
+                        raise FileExistsError(errno.EEXIST, "exists")
+                    os.replace(tmp, real)
+            except FileExistsError:
+                raise _another_wrote(path) from None
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -342,6 +396,10 @@ def atomic_file(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         if error is None:
             raise
         raise error from None
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
-__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "plain_modes", "umask"]
+__all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes",
+           "real_path", "umask"]

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error, expand_user, refused
+from loraforge.utils.files import DiskError, disk_error, expand_user, holds_cwd, real_path, refused
 
 try:
     import fcntl
@@ -43,8 +43,9 @@ class OutputError(ValueError):
 
 
 def _as_paths(inputs: Iterable[str | Path | None]) -> list[Path]:
-    """The inputs that exist on disk (a hub id or a built-in model name is not a path)."""
-    return [expand_user(p) for p in inputs if p and expand_user(p).exists()]
+    """The inputs that are paths: a string that exists on disk (a hub id or a built-in model name is not a path),
+    and a Path even before it exists (the cache folder a model's conversion is about to be written to)."""
+    return [expand_user(p) for p in inputs if p and (isinstance(p, Path) or expand_user(p).exists())]
 
 
 def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
@@ -104,6 +105,34 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass --overwrite to write into "
                               f"it (only the files this command writes are replaced), or choose another {flag}")
+
+
+def check_replaceable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that a command publishes as a whole (files.atomic_dir: merge,
+    export --to vllm) where the current directory is it or lies inside it ('.', 'x/..'): the rename at the end fails,
+    or leaves the shell in a deleted folder. Train and the studies write into theirs: '.' is fine there."""
+    if how := holds_cwd(path):
+        raise OutputError(f"{flag} {path} {how} the current directory, which the finished write replaces as a "
+                          f"whole; give a folder inside it, e.g. {flag} {Path(path) / 'out'}")
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output (a folder or a file) whose folder takes no new file: read-only, no
+    permission, a full disk. A byte is written into a temporary file where the write's own temporary goes (beside
+    the output, or in the nearest folder that exists) and removed; a refusal is one DiskError line naming `flag`.
+    Merge and export found out only after loading and merging the model (train's hold_output checks its own)."""
+    real = real_path(path)
+    where = next(p for p in real.parents if p.is_dir())  # check_parents refused a file on the way
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".tmp-probe-") as probe:
+            probe.write(b"\0")
+            probe.flush()  # a full disk refuses the write itself
+    except OSError as e:
+        if error := disk_error(expand_user(path), e):
+            raise DiskError(f"{flag}: {error}; fix that, or choose another {flag}") from None
+        if error := refused(expand_user(path), e, f"choose another {flag}"):
+            raise DiskError(f"{flag}: {error}") from None
+        raise
 
 
 def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
@@ -222,4 +251,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_run_output", "hold_output"]
+__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_replaceable", "check_run_output",
+           "check_writable", "hold_output"]

@@ -2,6 +2,7 @@
 of their own per writer, the converted-model cache (seed, damage, unusable folders, leftovers, modes) and the cached
 CPU kernels."""
 
+import errno
 import os
 import random
 import shutil
@@ -151,6 +152,39 @@ def test_a_writer_that_may_not_replace_leaves_a_directory_another_filled_meanwhi
     with atomic_dir(tmp_path / "empty", replace=False) as tmp:
         (tmp / "x").write_text("x")
     assert files(tmp_path / "empty") == {"x": "x"}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_link_to_a_folder_is_written_through_and_stays_a_link(old_adapter, monkeypatch, exchange):
+    """Soak: `merge --out linkout --overwrite` (linkout -> realout) replaced the link with a folder, left realout with
+    the old model and a `.tmp-linkout-*` link no run swept; into a link to an empty folder, without --overwrite, it
+    failed after the merge ("a part of the path is a file")."""
+    if not exchange:
+        monkeypatch.setattr(F, "_exchange", lambda a, b: False)
+    root = old_adapter.parent
+    (root / "link").symlink_to(old_adapter)
+    stray = root / ".tmp-link-abcd1234"  # what the exchange with a link left before
+    stray.symlink_to(old_adapter)
+    with atomic_dir(root / "link") as tmp:
+        (tmp / "adapter_model.safetensors").write_text("new weights")
+    assert (root / "link").is_symlink() and os.readlink(root / "link") == str(old_adapter)
+    assert files(old_adapter) == {"README.md": "notes", "adapter_config.json": "alpha 8",
+                                  "adapter_model.safetensors": "new weights"}
+    (root / "empty").mkdir()
+    (root / "to-empty").symlink_to("empty")  # a relative link, and a writer that may not replace
+    with atomic_dir(root / "to-empty", replace=False) as tmp:
+        (tmp / "x").write_text("x")
+    assert (root / "to-empty").is_symlink() and files(root / "empty") == {"x": "x"}
+    assert sorted(p.name for p in root.iterdir()) == ["adapter", "empty", "link", "to-empty"]  # the stray link swept
+
+
+def test_a_link_to_a_file_is_written_through_and_stays_a_link(tmp_path):
+    (tmp_path / "model.gguf").write_text("old")
+    (tmp_path / "link.gguf").symlink_to("model.gguf")
+    with atomic_file(tmp_path / "link.gguf") as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "link.gguf").is_symlink() and (tmp_path / "model.gguf").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.gguf", "model.gguf"]
 
 
 def test_dropped_patterns_of_the_old_set_are_not_kept(old_adapter):
@@ -362,3 +396,78 @@ def test_a_damaged_cached_kernel_library_is_built_again(tmp_path, monkeypatch):
     assert not cpu_kernels._intact(lib)
     assert cpu_kernels._build() is not None
     assert lib.stat().st_size == size and cpu_kernels._intact(lib)
+
+
+@pytest.mark.parametrize("noreplace", [True, False])  # renameat2's RENAME_NOREPLACE, or a look before the rename
+def test_a_file_writer_that_may_not_replace_leaves_a_file_another_wrote_meanwhile(tmp_path, monkeypatch, noreplace):
+    if not noreplace:
+        monkeypatch.setattr(F, "_renameat2", lambda a, b, flag: False)
+    final = tmp_path / "x.gguf"
+    with pytest.raises(FileExistsError, match=f"{final} was written by another command while this one worked"):
+        with atomic_file(final, replace=False) as mine:
+            mine.write_text("mine")
+            final.write_text("theirs")
+    assert final.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+    with atomic_file(tmp_path / "new.gguf", replace=False) as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "new.gguf").read_text() == "new"
+
+
+def test_a_cache_that_is_a_file_is_one_line_naming_loraforge_cache(tmp_path, monkeypatch):
+    """Soak: LORAFORGE_CACHE set to a file gave "error: [Errno 17] File exists: '...'", naming neither."""
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cachefile"))
+    with pytest.raises(DiskError) as e:
+        M.cached_conversion(tmp_path / "m.gguf", M.cache_dir() / "m-1", stand_in)
+    assert str(e.value) == (f"cannot write {tmp_path / 'cachefile'}: it is a file, not a folder; converted models are "
+                            f"cached there: set LORAFORGE_CACHE to a folder this user can write")
+
+
+def test_a_tokenizer_conversion_the_disk_refuses_names_the_cache_and_loraforge_cache(tmp_path, monkeypatch):
+    """Soak: the weights' conversion on a nearly full cache said where converted models go and LORAFORGE_CACHE;
+    the tokenizer's alone (weights=False, whose size is not checked first) said only "no space left"."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+
+    def full(gguf, tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = M.cache_dir() / "m-1-no-weights"
+    with pytest.raises(DiskError) as e:
+        M.cached_conversion(tmp_path / "m.gguf", out, full, weights=False)
+    assert str(e.value).startswith(f"cannot write {out}: no space left on the device")
+    assert str(e.value).endswith("; converted models are cached there: free space, or set LORAFORGE_CACHE to a folder "
+                                 "with room") and e.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m-1-no-weights.lock"]
+
+
+FILE_WRITER = """
+import os, signal, sys
+from loraforge.utils.files import atomic_file
+with atomic_file(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"part of a GGUF file")
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
+def test_a_killed_file_writers_temporary_file_goes_at_the_next_write_and_a_live_ones_stays(tmp_path):
+    """Soak: a SIGKILL during export --to gguf left `.tmp-x.gguf-*` for good."""
+    final = tmp_path / "x.gguf"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's loraforge
+    procs = [subprocess.Popen([sys.executable, "-c", FILE_WRITER, str(final), how], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env) for how in ("kill", "live")]
+    (killed, left), (live, working) = [(p, Path(p.stdout.readline().strip())) for p in procs]
+    killed.wait()
+    try:
+        assert killed.returncode == -signal.SIGKILL and left.is_file()
+        for p in (left, working):
+            _age(p, 3600)
+        with atomic_file(final) as tmp:
+            tmp.write_bytes(b"the new export")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, "x.gguf"])
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and final.read_bytes() == b"part of a GGUF file"

