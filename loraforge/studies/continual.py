@@ -25,7 +25,7 @@ from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, 
                               to_dict)
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
                                      read_adapter_weights)
-from loraforge.models import load_base, load_config
+from loraforge.models import conversion_paths, load_base, load_config
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
                                           start_over, steps_text, task_split, train_arm, trained_steps,
@@ -339,6 +339,6 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     problems += adapter_problems(adapter, cfg.model.name)
     if problems:
         raise ConfigError(problems)
-    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths(), adapter, previous,
-                                                   replay])
+    inputs = [config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths(), adapter, previous, replay]
+    check_output(out, overwrite=overwrite, inputs=inputs)
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

@@ -15,7 +15,7 @@ import torch
 
 from loraforge.config import ConfigError, load_train_config
 from loraforge.lora.adapters import load_adapter
-from loraforge.models import load_base
+from loraforge.models import conversion_paths, load_base
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.training import data as D
 from loraforge.training.loop import run_precision, train
@@ -75,8 +75,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     check_demo_out(out, cfg)
     check_tracker(cfg.training.report_to)  # the base loads and is scored before train() would find it missing
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
-                     inputs=[cfg.model.name, cfg.data.train, TEST_DATA], flag="--out",
-                     resume_hint=None)  # demo takes no --resume
+                     inputs=[cfg.model.name, *conversion_paths(cfg.model.name), cfg.data.train, TEST_DATA],
+                     flag="--out", resume_hint=None)  # demo takes no --resume
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train() runs
     precision = run_precision(cfg, device)
     print(precision.line(), flush=True)

@@ -29,7 +29,7 @@ import torch
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
 from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
-from loraforge.models import cache_dir, load_base
+from loraforge.models import cache_dir, conversion_paths, load_base
 from loraforge.precision import autocast
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
@@ -564,7 +564,8 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
     ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
-    check_output(out, overwrite=overwrite, inputs=[config, cfg.model.name, *cfg.data.paths()])
+    check_output(out, overwrite=overwrite,
+                 inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()])
     run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 
 

@@ -39,7 +39,7 @@ from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.lora.merge import WEIGHT_FILES
-from loraforge.models import check_fits_context, load_config, load_model, load_tokenizer
+from loraforge.models import check_fits_context, conversion_paths, load_config, load_model, load_tokenizer
 from loraforge.precision import TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
@@ -390,7 +390,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     out = Path(cfg.output_dir)
-    inputs = [cfg.model.name, *cfg.data.paths(), cfg.training.init_adapter]
+    inputs = [cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths(), cfg.training.init_adapter]
     init_source = init_adapter_source(cfg, out / "checkpoints", resume)  # resumed: the copy the run kept
     init_adapter_config(cfg, init_source)  # a conflict with training.init_adapter: before any loading or writing
     refusal, stale = None, []

@@ -380,6 +380,12 @@ def test_an_output_in_a_built_in_or_gguf_bases_cached_conversion_is_refused_befo
         err = refused(["export", "--to", "vllm", "--adapter", str(adapter_dir), "--out", str(converted),
                        "--overwrite"], capsys)
         assert f"is this command's input {converted}" in err, err
+        (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+        (tmp_path / "run.yaml").write_text(f"model: {{name: {base}}}\ndata: {{train: {tmp_path / 'data.jsonl'}}}\n")
+        run = converted / "run"  # train and the studies too: their output folders below the converted model
+        for argv in (["train", f"output_dir={run}"], ["forgetting", "--out", str(run)]):
+            err = refused([*argv, str(tmp_path / "run.yaml"), "--overwrite"], capsys)
+            assert f"{run} is inside this command's input {converted}" in err, err
         assert snapshot(tmp_path / "cache") == before
 
 
