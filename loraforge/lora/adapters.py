@@ -117,6 +117,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
     require_adapter(model, name)
     config = config or adapter_configs(model)[name]
+    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        # soak: the README's Python API wrote null (train names its model.name), and AutoPeftModelForCausalLM, which
+        # reads the base from the file, found none; the folder the base was loaded from says where it is
+        config = dataclasses.replace(config, base_model_name_or_path=str(model.name_or_path))
     _warn_residual_on_tied(model, name, config)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets

@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from helpers import randomize, tiny_gpt2, tiny_llama
 from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter, mixed_batch, save_adapter, set_adapter
@@ -338,3 +339,18 @@ def test_biases_trained_in_place_are_the_base_again_once_the_adapter_goes(input_
     delete_adapter(model, "default")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
+
+
+def test_an_adapter_saved_from_python_names_the_folder_its_base_was_loaded_from(tiny_dir, tmp_path, input_ids):
+    # soak (the README's Python API): save_adapter wrote base_model_name_or_path null, and PEFT's
+    # AutoPeftModelForCausalLM, which reads the base from the file, could not load the adapter
+    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, lora_alpha=8)))
+    save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids).logits, model(input_ids).logits, rtol=1e-5, atol=1e-5)
+    # a name the config gives is kept
+    named = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, base_model_name_or_path="x/y"))
+    save_adapter(named, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "x/y"
