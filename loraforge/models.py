@@ -18,7 +18,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -395,7 +397,7 @@ class ModelDownloadError(OSError):
 ALTERNATIVES = "a local transformers directory, a .gguf file, or the built-in name smollm2-135m"
 
 
-def download_failure(name: str, error: BaseException) -> str | None:
+def download_failure(name: str, error: BaseException, unreachable: bool = False) -> str | None:
     """One line saying why hub model `name` could not be downloaded and what to pass instead; None when `error`
     (or what it was raised from: transformers wraps huggingface_hub's errors in OSError) is no download failure."""
     from huggingface_hub import constants
@@ -420,21 +422,45 @@ def download_failure(name: str, error: BaseException) -> str | None:
             return (f"no disk space left to download model {name!r} into the Hugging Face cache "
                     f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk){instead}")
     if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain):
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection to the Hugging Face Hub"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE and not unreachable else
+               "no connection to the Hugging Face Hub")
         return f"model {name!r} could not be downloaded ({why}) and no cached copy exists{instead}"
     return None
 
 
+def hub_resolves() -> bool:
+    """Whether the Hugging Face Hub's host name resolves: without a network, huggingface_hub retries each request
+    for about 85 s (soak: five "Name or service not known ... Retrying in 8s" blocks before the one-line error)."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _downloading(name_or_path: str, path: str):
-    """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError."""
+    """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError.
+    Where the Hub's host does not resolve, the hub is read as if HF_HUB_OFFLINE were set: a cached copy loads, and
+    a missing one fails at once instead of after a minute and a half of retries."""
+    from huggingface_hub import constants
+
+    local = Path(path).exists()
+    unreachable = not local and not constants.HF_HUB_OFFLINE and not hub_resolves()
     try:
+        if unreachable:
+            constants.HF_HUB_OFFLINE = True  # read at each request (constants.is_offline_mode)
         yield
     except Exception as e:
-        line = download_failure(name_or_path, e) if not Path(path).exists() else None
+        line = download_failure(name_or_path, e, unreachable) if not local else None
         if line is None:
             raise
         raise ModelDownloadError(line) from e
+    finally:
+        if unreachable:
+            constants.HF_HUB_OFFLINE = False
 
 
 class ModelFilesError(OSError):

@@ -7,6 +7,7 @@ functions replaced by ones that raise what the hub raises (gated, unknown reposi
 import errno
 import importlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,27 @@ def test_other_errors_are_not_disguised_as_download_failures(hub_raises, tiny_di
     assert {str(x) for x in chain if isinstance(x, RuntimeError)} == {"a bug, not a download failure"}
     model, tokenizer = load_base(str(tiny_dir))  # a local directory never reaches the hub
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_a_hub_whose_host_does_not_resolve_is_read_offline_at_once(hub_raises, monkeypatch):
+    """Soak: without a network huggingface_hub retried each request for about 85 s before the one-line error; where
+    the Hub's host does not resolve, the cache is read as under HF_HUB_OFFLINE (a cached copy loads), only then."""
+    offline_when_asked = []
+    hub_raises(lambda: LocalEntryNotFoundError("not in the cache, and offline"))
+
+    def download(repo_id, filename=None, **kwargs):
+        offline_when_asked.append(constants.is_offline_mode())
+        raise LocalEntryNotFoundError("not in the cache, and offline")
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", download)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ModelDownloadError) as e:
+        load_tokenizer(HUB_ID)
+    assert str(e.value) == OFFLINE.replace("HF_HUB_OFFLINE is set", "no connection to the Hugging Face Hub")
+    assert offline_when_asked and all(offline_when_asked) and not constants.HF_HUB_OFFLINE  # set for the load only
 
 
 def test_offline_without_a_cached_copy_through_the_command_line(tmp_path, data_file):
