@@ -86,7 +86,7 @@ def read_records(source: str) -> list[dict]:
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
         if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
-            raise DataError(f"no such file: {source}{unexpanded_note(source)}")
+            raise DataError(f"no such file: {source}{unexpanded_note(source) or _relative_note(path)}")
         return _read_hub(source)
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")
@@ -107,6 +107,18 @@ def read_records(source: str) -> list[dict]:
                                                     ".json": "an empty list"}.get(suffix, "only blank lines")
         raise DataError(f"{source}: no records ({why})")
     return records
+
+
+def _relative_note(path: Path) -> str:
+    """Where a relative path was looked for: a config's paths are read from the current directory, not the config's
+    folder (soak: the README's `loraforge train examples/demo.yaml`, run outside the repository, said only "no such
+    file: loraforge/assets/demo_train.jsonl")."""
+    if path.is_absolute() or str(path).startswith("~"):  # ~user that does not exist: said as typed
+        return ""
+    try:
+        return f" (relative paths are read from the current directory, {Path.cwd()})"
+    except OSError:  # the current directory was removed
+        return " (relative paths are read from the current directory, which no longer exists)"
 
 
 def _read_plain(path: Path) -> list[dict]:

@@ -627,10 +627,14 @@ def test_unknown_extension_and_hub_fallback(tmp_path, monkeypatch):
 def test_a_missing_local_path_is_no_such_file_not_install_datasets(tmp_path, monkeypatch):
     """A data-file suffix or a /, ., ~ start is a path, never a hub name; with a separator and no `datasets`, both."""
     monkeypatch.setitem(sys.modules, "datasets", None)
+    monkeypatch.chdir(tmp_path)
     for source in [str(tmp_path / "trian.jsonl"), "trian.csv", "./train", "~/no-such-dir/train"]:
         with pytest.raises(DataError) as e:
             read_records(source)
-        assert str(e.value) == f"no such file: {source}"
+        # soak: a config's relative path run from another folder (the README's examples/demo.yaml) said only this
+        relative = "" if source.startswith(("/", "~")) else f" (relative paths are read from the current directory, " \
+                                                             f"{tmp_path})"
+        assert str(e.value) == f"no such file: {source}{relative}"
     with pytest.raises(DataError) as e:
         read_records("data/trian")
     assert str(e.value) == ("no such file: data/trian; if it is a hub dataset (name[:split]), reading it needs the "
