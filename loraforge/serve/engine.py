@@ -306,9 +306,10 @@ class Engine:
                 if req.adapter is draining:
                     continue  # an older request waits for its slot
                 try:
-                    if not self._residency.ensure_resident(req.adapter):  # every slot holds an adapter in use
-                        draining = draining or self._drain_target(admitted)
-                        continue
+                    if not self._residency.ensure_resident(req.adapter):
+                        if req.adapter.slot is None:  # every slot holds an adapter in use
+                            draining = draining or self._drain_target(admitted)
+                        continue  # else its files changed: it reloads once its rows on the old weights end
                 except Exception as e:  # a broken adapter fails its own requests only
                     with self._cv:
                         self._waiting.remove(req)

@@ -84,7 +84,7 @@ class Adapter:
     verified: bool = False  # loaded or checked once
     problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
     stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
-    loaded_stamp: tuple = ()  # its files' stat when it was loaded: files changed since are loaded again when idle
+    loaded_stamp: tuple = ()  # its files' stat when loaded: once they change, new rows wait till it reloads
 
 
 class RowSlots:
@@ -596,13 +596,17 @@ class Residency:
     def ensure_resident(self, entry: Adapter) -> bool:
         """Put `entry` on the model, evicting the least recently used idle adapter if needed.
 
-        False when every slot holds an adapter in use (a request then waits for a row to finish). An adapter
-        whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check (that is a 400).
+        False when every slot holds an adapter in use, or when its files changed while rows still use the old
+        weights: a request then waits for rows to finish (one arriving after a change is answered from the new
+        files). An adapter whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check
+        (that is a 400).
         """
         if entry.slot is not None:
-            if entry.running or _stamp(entry) == entry.loaded_stamp:
+            if _stamp(entry) == entry.loaded_stamp:
                 self.resident.move_to_end(entry.uid)
                 return True
+            if entry.running:  # soak: steady overlapping traffic kept a retrained run on its old weights for ever
+                return False  # files changed: new rows wait until the rows on the old weights end, then it reloads
             self.evict(entry)  # soak: files rewritten since (a run retrained into it) were served or not by LRU luck
         if entry.problem is not None:
             raise BrokenAdapter(entry.problem)  # known broken: its files are not read again

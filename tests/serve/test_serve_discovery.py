@@ -7,7 +7,9 @@ holding an adapter_config.json; every run writes runs/NAME/adapter/), while the 
 
 import copy
 import json
+import queue
 import shutil
+import threading
 import warnings
 
 import httpx
@@ -207,5 +209,48 @@ def test_an_adapter_whose_files_change_while_resident_is_served_from_the_new_fil
         (tmp_path / "tmp.safetensors").replace(weights)  # atomically, as loraforge writes
         assert engine.generate(prompt, "x", GREEDY).token_ids == old
         assert engine.stats["loads"] == 3
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
+def test_a_request_after_the_files_change_is_served_from_them_while_older_rows_still_run(tiny_base, tokenizer, runs,
+                                                                                        tmp_path):
+    """Soak: while requests for a rewritten adapter overlapped, its rows never all ended, and every new request
+    (8 of 8 over 24 s) got the old weights. Now a request arriving after the change waits for the rows on the old
+    weights to end, and is answered from the new files."""
+    folder = tmp_path / "dir"
+    shutil.copytree(runs / "dates", folder / "x")
+    prompt = tokenizer("The quick brown fox")["input_ids"]
+    old, new = (reference(tiny_base, runs / name / "adapter", prompt, GREEDY.max_tokens) for name in ("dates", "sums"))
+    assert old != new
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    try:
+        assert engine.generate(prompt, "x", GREEDY).token_ids == old
+        started, rewritten, events = threading.Event(), threading.Event(), queue.Queue()
+
+        def on_event(ev):  # the engine thread: it waits, the first row running, until the files have changed
+            if not started.is_set():
+                started.set()
+                rewritten.wait(60)
+            events.put(ev)
+
+        engine.submit(prompt, "x", SamplingParams(max_tokens=40, ignore_eos=True), on_event)
+        assert started.wait(60)
+        weights = folder / "x" / "adapter" / "adapter_model.safetensors"
+        (tmp_path / "tmp.safetensors").write_bytes((runs / "sums" / "adapter" / "adapter_model.safetensors")
+                                                   .read_bytes())
+        (tmp_path / "tmp.safetensors").replace(weights)  # a retrained run, written atomically
+        later: queue.Queue = queue.Queue()
+        engine.submit(prompt, "x", GREEDY, later.put)  # arrives after the change, while the first row runs
+        rewritten.set()
+        ids = []
+        while (ev := later.get(timeout=60)).finish_reason is None:
+            ids += ev.token_ids
+        assert ids + ev.token_ids == new
+        ids = []
+        while (ev := events.get(timeout=60)).finish_reason is None:
+            ids += ev.token_ids
+        assert ev.finish_reason == "length" and (ids + ev.token_ids)[:GREEDY.max_tokens] == old  # ended on the old
     finally:
         engine.stop()
