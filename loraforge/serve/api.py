@@ -240,7 +240,8 @@ class _Generation:
         abort reaches a client only when the server stops (one that left reads nothing): 503, which clients retry.
         A 4xx (its adapter cannot be served) reads as the refusal it is, not as a failed generation."""
         if ev.error:
-            return ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}", "generation_error"
+            return ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}", \
+                ev.code or "generation_error"
         if ev.finish_reason == "abort":
             return 503, SHUTTING_DOWN, "shutting_down"
         return None

@@ -313,8 +313,9 @@ class Engine:
                 except Exception as e:  # a broken adapter fails its own requests only
                     with self._cv:
                         self._waiting.remove(req)
-                    self._finish(req, "error", error=str(e) if isinstance(e, (AdapterError, OSError))
-                                 else f"{type(e).__name__}: {e}", status=getattr(e, "status", 500))
+                    self._finish(req, "error", error=str(e) if isinstance(e, (AdapterError, OSError, ServeError))
+                                 else f"{type(e).__name__}: {e}", status=getattr(e, "status", 500),
+                                 code=type(e).__name__ if isinstance(e, ServeError) else None)
                     continue
             if not chunked and self._chunk(req):  # it waits on, its prompt's next pass cached
                 chunked = True
@@ -486,7 +487,7 @@ class Engine:
         return False
 
     def _finish(self, req: Request, reason: str, text: str | None = None, error: str | None = None,
-                status: int = 500) -> None:
+                status: int = 500, code: str | None = None) -> None:
         if req.finished:
             return
         req.finished = True
@@ -499,7 +500,8 @@ class Engine:
                 if req.admitted:
                     req.adapter.running -= 1
         try:
-            req.on_event(Event(text[req.sent:], last, reason, len(req.prompt_ids), len(req.out_ids), error, status))
+            req.on_event(Event(text[req.sent:], last, reason, len(req.prompt_ids), len(req.out_ids), error, status,
+                               code))
         except Exception:  # a consumer that went away must not stop the engine
             pass
         req.generator = None  # the request may be kept by its consumer; its random state need not be

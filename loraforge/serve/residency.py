@@ -262,6 +262,15 @@ def _folder_stamp(sub: Path) -> tuple:
     return tuple(stamp)
 
 
+def _found_in(sub: Path) -> Path | None:
+    """Where a folder of adapters_dir holds its adapter: itself (NAME/adapter_config.json), else a training run's
+    NAME/adapter/, else None."""
+    for folder in (sub, sub / RUN_ADAPTER):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
+
+
 def _listed(names: list[str]) -> str:
     more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
     return f"{names[:LISTED]!r}{more}"
@@ -305,10 +314,12 @@ class Residency:
         its problem, unless its files changed since: then it is checked again and served if they pass."""
         if name is None or name in (self.base_name, *BASE_ALIASES):
             return None
-        entry = self.adapters.get(name)
-        if entry is not None:
+        entry = self.adapters.get(name) or self.broken.get(name)
+        if entry is not None and self._moved(entry):
+            self._forget(entry)  # soak: a removed folder stayed listed, and then was a 400, not unknown
+            entry = None
+        if entry is not None and entry.problem is None:
             return entry
-        entry = self.broken.get(name)
         if entry is None and self.adapters_dir is not None and NAME_RE.fullmatch(name) and name not in self.unloaded:
             entry = self._register_found(self.adapters_dir / name)  # a folder added since the server started
             if entry is not None and entry.name in self.adapters:
@@ -333,6 +344,22 @@ class Residency:
         self.adapters[entry.name] = entry
         entry.problem, entry.stamp, entry.registered = None, (), True
         return entry
+
+    def _moved(self, entry: Adapter) -> bool:
+        """Whether a discovered adapter's folder no longer holds it where it was found: removed, renamed, or its
+        adapter moved between NAME/ and NAME/adapter/."""
+        return entry.discovered and _found_in(self.adapters_dir / entry.name) != entry.given
+
+    def _forget(self, entry: Adapter) -> None:
+        """Take a discovered adapter whose folder moved out of the registry (under lock): requests naming it get
+        what the folder holds now, those in flight finish, and the engine evicts it once idle."""
+        if self.adapters.get(entry.name) is entry:
+            del self.adapters[entry.name]
+        if self.broken.get(entry.name) is entry:
+            del self.broken[entry.name]
+        entry.registered = False
+        self._looked.pop(entry.name, None)
+        self.lock.notify_all()  # the engine loop evicts unregistered idle adapters
 
     def register(self, name: str, path: str | Path, label: str | None = None, discovered: bool = False) -> Adapter:
         """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
@@ -376,11 +403,14 @@ class Residency:
 
     def discover(self) -> None:
         """Register the adapters that appeared in adapters_dir since the start (under lock), as register_dir does,
-        so that listing shows them (a run trained while serving); and check a broken one again whose files changed.
-        Cheap: a folder holding no adapter is looked into again only when it changes (its mtime or its adapter/'s),
-        and an adapter's files are read once (precheck) when it is found."""
+        so that listing shows them (a run trained while serving); check a broken one again whose files changed; and
+        drop one whose folder was removed, renamed, or moved its adapter between NAME/ and NAME/adapter/ (then
+        found again as it is now). Cheap: a folder holding no adapter is looked into again only when it changes (its
+        mtime or its adapter/'s), and an adapter's files are read once (precheck) when it is found."""
         if self.adapters_dir is None:
             return
+        for entry in [e for e in (*self.adapters.values(), *self.broken.values()) if self._moved(e)]:
+            self._forget(entry)
         try:
             subs = sorted(self.adapters_dir.iterdir())
         except OSError:  # adapters_dir removed while serving: nothing new to list
@@ -608,6 +638,11 @@ class Residency:
             if entry.running:  # soak: steady overlapping traffic kept a retrained run on its old weights for ever
                 return False  # files changed: new rows wait until the rows on the old weights end, then it reloads
             self.evict(entry)  # soak: files rewritten since (a run retrained into it) were served or not by LRU luck
+        if self._moved(entry):  # its folder was removed or moved while the request waited
+            with self.lock:
+                self._forget(entry)
+            raise UnknownAdapter(f"model {shown(entry.name)} does not exist any more: its folder in the adapters "
+                                 f"directory was removed or moved while the request waited; send it again")
         if entry.problem is not None:
             raise BrokenAdapter(entry.problem)  # known broken: its files are not read again
         victim = None

@@ -10,6 +10,7 @@ import json
 import queue
 import shutil
 import threading
+import time
 import warnings
 
 import httpx
@@ -252,5 +253,46 @@ def test_a_request_after_the_files_change_is_served_from_them_while_older_rows_s
         while (ev := events.get(timeout=60)).finish_reason is None:
             ids += ev.token_ids
         assert ev.finish_reason == "length" and (ids + ev.token_ids)[:GREEDY.max_tokens] == old  # ended on the old
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
+def test_a_removed_or_renamed_folder_leaves_the_list_and_is_an_unknown_model(tiny_base, tokenizer, runs, tmp_path):
+    """Soak: a folder removed (or renamed) while serving stayed in /v1/models, and a request naming it got a 400
+    "generation_error" (no such adapter folder) where any unknown name gets a 404 UnknownAdapter."""
+    folder = tmp_path / "dir"
+    for name in ("gone", "old", "stays", "late"):
+        shutil.copytree(runs / "dates", folder / name)
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    try:
+        prompt = tokenizer("The quick brown fox")["input_ids"]
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            kw = dict(prompt="The quick brown fox", max_tokens=4, temperature=0, ignore_eos=True)
+            for name in ("gone", "late"):
+                assert http(url, "POST", "/v1/completions", json={"model": name, **kw}).status_code == 200
+            shutil.rmtree(folder / "gone")
+            (folder / "old").rename(folder / "new")
+            assert {m["id"] for m in http(url, "GET", "/v1/models").json()["data"]} == {"tiny", "new", "stays",
+                                                                                         "late"}
+            for name in ("gone", "old"):
+                r = http(url, "POST", "/v1/completions", json={"model": name, **kw})
+                assert (r.status_code, r.json()["error"]["code"]) == (404, "UnknownAdapter"), r.text
+                assert r.json()["error"]["message"].startswith(f'model "{name}" does not exist')
+            shutil.rmtree(folder / "late")  # not listed since: the request finds it gone
+            r = http(url, "POST", "/v1/completions", json={"model": "late", **kw})
+            assert (r.status_code, r.json()["error"]["code"]) == (404, "UnknownAdapter"), r.text
+            assert engine.generate(prompt, "new", GREEDY).token_ids == \
+                reference(tiny_base, runs / "dates" / "adapter", prompt, GREEDY.max_tokens)
+            # an adapter broken since it was found: its first request and the next get the same refusal
+            (folder / "stays" / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+            answers = [http(url, "POST", "/v1/completions", json={"model": "stays", **kw}) for _ in range(2)]
+            assert [(r.status_code, r.json()["error"]["code"]) for r in answers] == [(400, "BrokenAdapter")] * 2
+            assert answers[0].json()["error"]["message"] == answers[1].json()["error"]["message"]
+        for _ in range(100):  # the dropped adapters leave the model once idle
+            if not {"gone", "late"} & set(engine.resident_adapters()):
+                break
+            time.sleep(0.05)
+        assert not {"gone", "late"} & set(engine.resident_adapters())
     finally:
         engine.stop()
