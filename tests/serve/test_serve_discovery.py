@@ -296,3 +296,34 @@ def test_a_removed_or_renamed_folder_leaves_the_list_and_is_an_unknown_model(tin
         assert not {"gone", "late"} & set(engine.resident_adapters())
     finally:
         engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
+def test_a_folder_switching_between_an_adapter_and_a_runs_layout_is_served_as_it_is_now(tiny_base, tokenizer, runs,
+                                                                                      tmp_path):
+    """Soak: a folder that went from a run's layout (NAME/adapter/) to an adapter in itself was refused until a
+    restart ("not an adapter directory ... send "sw/adapter""), and the reverse stayed "no such adapter folder":
+    the path found first was looked at again, not the folder."""
+    folder = tmp_path / "dir"
+    shutil.copytree(runs / "dates", folder / "sw")  # a run: sw/adapter/
+    shutil.copytree(runs / "sums" / "adapter", folder / "r2")  # an adapter in itself
+    prompt = tokenizer("The quick brown fox")["input_ids"]
+    dates, sums = (reference(tiny_base, runs / run / "adapter", prompt, GREEDY.max_tokens) for run in ("dates", "sums"))
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    try:
+        assert engine.generate(prompt, "sw", GREEDY).token_ids == dates
+        assert engine.generate(prompt, "r2", GREEDY).token_ids == sums
+        shutil.rmtree(folder / "sw")
+        (folder / "sw").mkdir()  # half-way: no adapter in it
+        with pytest.raises(ServeError, match='model "sw" does not exist'):
+            engine.generate(prompt, "sw", GREEDY)
+        for file in (runs / "sums" / "adapter").iterdir():
+            shutil.copy(file, folder / "sw")
+        assert engine.generate(prompt, "sw", GREEDY).token_ids == sums
+        for file in list((folder / "r2").iterdir()):
+            file.unlink()
+        shutil.copytree(runs / "dates" / "adapter", folder / "r2" / "adapter")
+        assert "r2" in engine.adapter_names()  # the listing finds it too, in its new place
+        assert engine.generate(prompt, "r2", GREEDY).token_ids == dates
+    finally:
+        engine.stop()
