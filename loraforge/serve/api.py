@@ -395,10 +395,11 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     @app.head("/v1/models", include_in_schema=False)
     async def models():
         created = int(time.time())
+        names = await asyncio.to_thread(engine.adapter_names)  # it reads adapters_dir: off the event loop
         data = [{"id": base, "object": "model", "created": created, "owned_by": "loraforge", "root": base,
                  "parent": None}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": base,
-                  "parent": base} for name in engine.adapter_names()]
+                  "parent": base} for name in names]
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters")

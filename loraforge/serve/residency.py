@@ -40,6 +40,7 @@ import itertools
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
+# an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
+RACY_NS = 2 * 10**9
 FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
 
 
@@ -298,6 +301,8 @@ class Residency:
         self.adapters_dir = adapters_dir
         self.unloaded: set[str] = set()  # names DELETE /v1/adapters took out: not found in adapters_dir again
         self._looked: dict[str, tuple] = {}  # folders of adapters_dir discover() found no adapter in: their stamp
+        self._listing: tuple[int, int, list[str]] | None = None  # adapters_dir's (mtime, when read, sorted names)
+        self._discovering = threading.Lock()  # one discover() at a time, its scan outside `lock`
         # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
@@ -398,36 +403,51 @@ class Residency:
         holds an adapter itself and one in its adapter/ is served as itself, with a warning."""
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
-        for sub in sorted(self.adapters_dir.iterdir()):
-            self._register_found(sub)
+        for name in self._names():
+            self._register_found(self.adapters_dir / name)
+
+    def _names(self) -> list[str]:
+        """adapters_dir's entries, sorted as strings (as Paths, sorting 400 of them took most of a listing's 0.26 s),
+        read again only when its mtime changes or was too close to the last read to tell (RACY_NS)."""
+        mtime = os.stat(self.adapters_dir).st_mtime_ns
+        if self._listing is None or self._listing[0] != mtime or self._listing[1] - mtime < RACY_NS:
+            now = time.time_ns()
+            self._listing = (mtime, now, sorted(os.listdir(self.adapters_dir)))
+        return self._listing[2]
 
     def discover(self) -> None:
-        """Register the adapters that appeared in adapters_dir since the start (under lock), as register_dir does,
-        so that listing shows them (a run trained while serving); check a broken one again whose files changed; and
+        """Register the adapters that appeared in adapters_dir since the start, as register_dir does, so that
+        listing shows them (a run trained while serving); check a broken one again whose files changed; and
         drop one whose folder was removed, renamed, or moved its adapter between NAME/ and NAME/adapter/ (then
-        found again as it is now). Cheap: a folder holding no adapter is looked into again only when it changes (its
-        mtime or its adapter/'s), and an adapter's files are read once (precheck) when it is found."""
+        found again as it is now). Cheap, and the folder is read outside `lock` (taken only to register), so that
+        listings do not hold up decoding: adapters_dir is listed again only when its mtime changes, a folder holding
+        no adapter is looked into again only when it changes (its mtime or its adapter/'s), and an adapter's files
+        are read once (precheck) when it is found."""
         if self.adapters_dir is None:
             return
-        for entry in [e for e in (*self.adapters.values(), *self.broken.values()) if self._moved(e)]:
-            self._forget(entry)
-        try:
-            subs = sorted(self.adapters_dir.iterdir())
-        except OSError:  # adapters_dir removed while serving: nothing new to list
-            return
-        for sub in subs:
-            name = sub.name
-            if name in self.adapters or name in self.unloaded or not NAME_RE.fullmatch(name):
-                continue
-            if name in self.broken:
-                entry = self.broken[name]
-                if entry.discovered and _stamp(entry) != entry.stamp:
-                    with contextlib.suppress(BrokenAdapter):
-                        self._retry(entry)
-                continue
-            stamp = _folder_stamp(sub)
-            if self._looked.get(name) != stamp and self._register_found(sub) is None:
-                self._looked[name] = stamp
+        with self._discovering:
+            try:
+                names = self._names()
+            except OSError:  # adapters_dir removed while serving: nothing new to list
+                return
+            with self.lock:
+                known = [e for e in (*self.adapters.values(), *self.broken.values()) if e.discovered]
+                registered = set(self.adapters) | set(self.broken) | self.unloaded
+            moved = [e for e in known if self._moved(e)]
+            changed = [e for e in known if e.problem is not None and e not in moved and _stamp(e) != e.stamp]
+            registered -= {e.name for e in moved}
+            new = [(name, stamp) for name in names if name not in registered and NAME_RE.fullmatch(name)
+                   and self._looked.get(name) != (stamp := _folder_stamp(self.adapters_dir / name))]
+            with self.lock:
+                for entry in moved:
+                    self._forget(entry)
+                for entry in changed:
+                    if self.broken.get(entry.name) is entry:
+                        with contextlib.suppress(BrokenAdapter):
+                            self._retry(entry)
+                for name, stamp in new:
+                    if name not in self.adapters and self._register_found(self.adapters_dir / name) is None:
+                        self._looked[name] = stamp
 
     def _register_found(self, sub: Path) -> Adapter | None:
         """register_dir's work for one folder of adapters_dir: its adapter registered (or kept out as broken, with
