@@ -399,12 +399,15 @@ class Residency:
         """Register the adapters of adapters_dir by folder name, after the cheap checks (`precheck`): each direct
         subfolder NAME holding an adapter_config.json, and each NAME whose NAME/adapter/ holds one (a training
         run's folder, as train and demo write it), under NAME. A broken one is kept out of the list with its
-        problem, a symlink leading out of adapters_dir is skipped; each with a warning saying why. A folder that
+        problem, a symlink leading out of adapters_dir or a folder whose name cannot be a model name (hidden ones
+        silently) is skipped; each with a warning saying why. A folder that
         holds an adapter itself and one in its adapter/ is served as itself, with a warning."""
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
         for name in self._names():
-            self._register_found(self.adapters_dir / name)
+            stamp = _folder_stamp(self.adapters_dir / name)
+            if self._register_found(self.adapters_dir / name) is None:
+                self._looked[name] = stamp  # discover looks at it again once it changes, not before: one warning
 
     def _names(self) -> list[str]:
         """adapters_dir's entries, sorted as strings (as Paths, sorting 400 of them took most of a listing's 0.26 s),
@@ -436,7 +439,7 @@ class Residency:
             moved = [e for e in known if self._moved(e)]
             changed = [e for e in known if e.problem is not None and e not in moved and _stamp(e) != e.stamp]
             registered -= {e.name for e in moved}
-            new = [(name, stamp) for name in names if name not in registered and NAME_RE.fullmatch(name)
+            new = [(name, stamp) for name in names if name not in registered
                    and self._looked.get(name) != (stamp := _folder_stamp(self.adapters_dir / name))]
             with self.lock:
                 for entry in moved:
@@ -452,11 +455,17 @@ class Residency:
     def _register_found(self, sub: Path) -> Adapter | None:
         """register_dir's work for one folder of adapters_dir: its adapter registered (or kept out as broken, with
         a warning), or None where it holds none or is not to be served."""
-        if not NAME_RE.fullmatch(sub.name) or sub.name in self.adapters or sub.name in (self.base_name,
-                                                                                         *BASE_ALIASES):
+        if sub.name in self.adapters:
             return None
         direct, run = (sub / CONFIG_NAME).is_file(), (sub / RUN_ADAPTER / CONFIG_NAME).is_file()
         if not direct and not run:
+            return None
+        if sub.name in (self.base_name, *BASE_ALIASES) or not NAME_RE.fullmatch(sub.name):
+            if not sub.name.startswith("."):  # soak: skipped silently; a hidden folder (the dashboard's .ui) may be
+                why = "the base model's name" if NAME_RE.fullmatch(sub.name) else \
+                    "not a model name: letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: its folder's name is {why}; "
+                              f"rename the folder to serve it", stacklevel=3)
             return None
         if direct and run:
             warnings.warn(f"adapters dir {self.adapters_dir}: {sub.name!r} holds an adapter and so does "

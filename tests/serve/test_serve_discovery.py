@@ -390,3 +390,33 @@ def test_listing_models_reads_an_unchanged_adapters_dir_once_outside_the_engines
             assert len(listings) == 1 and held == [False]
     finally:
         engine.stop()
+
+
+def test_a_folder_whose_name_cannot_be_a_model_name_is_skipped_with_a_warning_saying_so(tiny_base, tokenizer, runs,
+                                                                                        tmp_path):
+    """Soak: adapters in folders named "my run", "ünï", 65 characters or the base's name were skipped silently
+    (not listed, no warning; a request got "does not exist"). Each now gets one warning, at start or when the
+    listing finds it; a hidden folder stays silent."""
+    folder = tmp_path / "dir"
+    bad = ["my run", "ünï", "x" * 65, "tiny", "base"]
+    for name in [*bad, ".hid", "ok"]:
+        shutil.copytree(runs / "sums" / "adapter", folder / name)
+    rule = "not a model name: letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+
+    def said(name):
+        why = "the base model's name" if name in ("tiny", "base") else rule
+        return f"adapters dir {folder}: skipping {name!r}: its folder's name is {why}; rename the folder to serve it"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder)
+    try:
+        assert sorted(str(w.message) for w in caught) == sorted(said(name) for name in bad)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shutil.copytree(runs / "sums", folder / "late run")
+            for _ in range(3):
+                assert engine.adapter_names() == ["ok"]
+        assert [str(w.message) for w in caught] == [said("late run")]
+    finally:
+        engine.stop()
