@@ -240,7 +240,8 @@ class _Generation:
         abort reaches a client only when the server stops (one that left reads nothing): 503, which clients retry.
         A 4xx (its adapter cannot be served) reads as the refusal it is, not as a failed generation."""
         if ev.error:
-            return ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}", "generation_error"
+            return ev.status, ev.error if ev.status < 500 else f"generation failed: {ev.error}", \
+                ev.code or "generation_error"
         if ev.finish_reason == "abort":
             return 503, SHUTTING_DOWN, "shutting_down"
         return None
@@ -394,10 +395,11 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     @app.head("/v1/models", include_in_schema=False)
     async def models():
         created = int(time.time())
+        names = await asyncio.to_thread(engine.adapter_names)  # it reads adapters_dir: off the event loop
         data = [{"id": base, "object": "model", "created": created, "owned_by": "loraforge", "root": base,
                  "parent": None}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "loraforge", "root": base,
-                  "parent": base} for name in engine.adapter_names()]
+                  "parent": base} for name in names]
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters")

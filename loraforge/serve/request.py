@@ -25,6 +25,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     status: int = 500  # the HTTP status of an error: 4xx when the request (its adapter) is at fault
+    code: str | None = None  # a refusal's code (BrokenAdapter, UnknownAdapter), as when submit itself refuses
 
 
 @dataclass(eq=False)

@@ -40,6 +40,7 @@ import itertools
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
+# an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
+RACY_NS = 2 * 10**9
 FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
 
 
@@ -84,7 +87,7 @@ class Adapter:
     verified: bool = False  # loaded or checked once
     problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
     stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
-    loaded_stamp: tuple = ()  # its files' stat when it was loaded: files changed since are loaded again when idle
+    loaded_stamp: tuple = ()  # its files' stat when loaded: once they change, new rows wait till it reloads
 
 
 class RowSlots:
@@ -262,6 +265,15 @@ def _folder_stamp(sub: Path) -> tuple:
     return tuple(stamp)
 
 
+def _found_in(sub: Path) -> Path | None:
+    """Where a folder of adapters_dir holds its adapter: itself (NAME/adapter_config.json), else a training run's
+    NAME/adapter/, else None."""
+    for folder in (sub, sub / RUN_ADAPTER):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
+
+
 def _listed(names: list[str]) -> str:
     more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
     return f"{names[:LISTED]!r}{more}"
@@ -289,6 +301,8 @@ class Residency:
         self.adapters_dir = adapters_dir
         self.unloaded: set[str] = set()  # names DELETE /v1/adapters took out: not found in adapters_dir again
         self._looked: dict[str, tuple] = {}  # folders of adapters_dir discover() found no adapter in: their stamp
+        self._listing: tuple[int, int, list[str]] | None = None  # adapters_dir's (mtime, when read, sorted names)
+        self._discovering = threading.Lock()  # one discover() at a time, its scan outside `lock`
         # the bare base's modules and linear layers (in, out), for the header check of adapters' shapes
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
@@ -305,10 +319,12 @@ class Residency:
         its problem, unless its files changed since: then it is checked again and served if they pass."""
         if name is None or name in (self.base_name, *BASE_ALIASES):
             return None
-        entry = self.adapters.get(name)
-        if entry is not None:
+        entry = self.adapters.get(name) or self.broken.get(name)
+        if entry is not None and self._moved(entry):
+            self._forget(entry)  # soak: a removed folder stayed listed, and then was a 400, not unknown
+            entry = None
+        if entry is not None and entry.problem is None:
             return entry
-        entry = self.broken.get(name)
         if entry is None and self.adapters_dir is not None and NAME_RE.fullmatch(name) and name not in self.unloaded:
             entry = self._register_found(self.adapters_dir / name)  # a folder added since the server started
             if entry is not None and entry.name in self.adapters:
@@ -333,6 +349,22 @@ class Residency:
         self.adapters[entry.name] = entry
         entry.problem, entry.stamp, entry.registered = None, (), True
         return entry
+
+    def _moved(self, entry: Adapter) -> bool:
+        """Whether a discovered adapter's folder no longer holds it where it was found: removed, renamed, or its
+        adapter moved between NAME/ and NAME/adapter/."""
+        return entry.discovered and _found_in(self.adapters_dir / entry.name) != entry.given
+
+    def _forget(self, entry: Adapter) -> None:
+        """Take a discovered adapter whose folder moved out of the registry (under lock): requests naming it get
+        what the folder holds now, those in flight finish, and the engine evicts it once idle."""
+        if self.adapters.get(entry.name) is entry:
+            del self.adapters[entry.name]
+        if self.broken.get(entry.name) is entry:
+            del self.broken[entry.name]
+        entry.registered = False
+        self._looked.pop(entry.name, None)
+        self.lock.notify_all()  # the engine loop evicts unregistered idle adapters
 
     def register(self, name: str, path: str | Path, label: str | None = None, discovered: bool = False) -> Adapter:
         """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
@@ -367,46 +399,73 @@ class Residency:
         """Register the adapters of adapters_dir by folder name, after the cheap checks (`precheck`): each direct
         subfolder NAME holding an adapter_config.json, and each NAME whose NAME/adapter/ holds one (a training
         run's folder, as train and demo write it), under NAME. A broken one is kept out of the list with its
-        problem, a symlink leading out of adapters_dir is skipped; each with a warning saying why. A folder that
+        problem, a symlink leading out of adapters_dir or a folder whose name cannot be a model name (hidden ones
+        silently) is skipped; each with a warning saying why. A folder that
         holds an adapter itself and one in its adapter/ is served as itself, with a warning."""
         if not self.adapters_dir.is_dir():
             raise FileNotFoundError(f"adapters_dir {self.adapters_dir} is not a directory")
-        for sub in sorted(self.adapters_dir.iterdir()):
-            self._register_found(sub)
+        for name in self._names():
+            stamp = _folder_stamp(self.adapters_dir / name)
+            if self._register_found(self.adapters_dir / name) is None:
+                self._looked[name] = stamp  # discover looks at it again once it changes, not before: one warning
+
+    def _names(self) -> list[str]:
+        """adapters_dir's entries, sorted as strings (as Paths, sorting 400 of them took most of a listing's 0.26 s),
+        read again only when its mtime changes or was too close to the last read to tell (RACY_NS)."""
+        mtime = os.stat(self.adapters_dir).st_mtime_ns
+        if self._listing is None or self._listing[0] != mtime or self._listing[1] - mtime < RACY_NS:
+            now = time.time_ns()
+            self._listing = (mtime, now, sorted(os.listdir(self.adapters_dir)))
+        return self._listing[2]
 
     def discover(self) -> None:
-        """Register the adapters that appeared in adapters_dir since the start (under lock), as register_dir does,
-        so that listing shows them (a run trained while serving); and check a broken one again whose files changed.
-        Cheap: a folder holding no adapter is looked into again only when it changes (its mtime or its adapter/'s),
-        and an adapter's files are read once (precheck) when it is found."""
+        """Register the adapters that appeared in adapters_dir since the start, as register_dir does, so that
+        listing shows them (a run trained while serving); check a broken one again whose files changed; and
+        drop one whose folder was removed, renamed, or moved its adapter between NAME/ and NAME/adapter/ (then
+        found again as it is now). Cheap, and the folder is read outside `lock` (taken only to register), so that
+        listings do not hold up decoding: adapters_dir is listed again only when its mtime changes, a folder holding
+        no adapter is looked into again only when it changes (its mtime or its adapter/'s), and an adapter's files
+        are read once (precheck) when it is found."""
         if self.adapters_dir is None:
             return
-        try:
-            subs = sorted(self.adapters_dir.iterdir())
-        except OSError:  # adapters_dir removed while serving: nothing new to list
-            return
-        for sub in subs:
-            name = sub.name
-            if name in self.adapters or name in self.unloaded or not NAME_RE.fullmatch(name):
-                continue
-            if name in self.broken:
-                entry = self.broken[name]
-                if entry.discovered and _stamp(entry) != entry.stamp:
-                    with contextlib.suppress(BrokenAdapter):
-                        self._retry(entry)
-                continue
-            stamp = _folder_stamp(sub)
-            if self._looked.get(name) != stamp and self._register_found(sub) is None:
-                self._looked[name] = stamp
+        with self._discovering:
+            try:
+                names = self._names()
+            except OSError:  # adapters_dir removed while serving: nothing new to list
+                return
+            with self.lock:
+                known = [e for e in (*self.adapters.values(), *self.broken.values()) if e.discovered]
+                registered = set(self.adapters) | set(self.broken) | self.unloaded
+            moved = [e for e in known if self._moved(e)]
+            changed = [e for e in known if e.problem is not None and e not in moved and _stamp(e) != e.stamp]
+            registered -= {e.name for e in moved}
+            new = [(name, stamp) for name in names if name not in registered
+                   and self._looked.get(name) != (stamp := _folder_stamp(self.adapters_dir / name))]
+            with self.lock:
+                for entry in moved:
+                    self._forget(entry)
+                for entry in changed:
+                    if self.broken.get(entry.name) is entry:
+                        with contextlib.suppress(BrokenAdapter):
+                            self._retry(entry)
+                for name, stamp in new:
+                    if name not in self.adapters and self._register_found(self.adapters_dir / name) is None:
+                        self._looked[name] = stamp
 
     def _register_found(self, sub: Path) -> Adapter | None:
         """register_dir's work for one folder of adapters_dir: its adapter registered (or kept out as broken, with
         a warning), or None where it holds none or is not to be served."""
-        if not NAME_RE.fullmatch(sub.name) or sub.name in self.adapters or sub.name in (self.base_name,
-                                                                                         *BASE_ALIASES):
+        if sub.name in self.adapters:
             return None
         direct, run = (sub / CONFIG_NAME).is_file(), (sub / RUN_ADAPTER / CONFIG_NAME).is_file()
         if not direct and not run:
+            return None
+        if sub.name in (self.base_name, *BASE_ALIASES) or not NAME_RE.fullmatch(sub.name):
+            if not sub.name.startswith("."):  # soak: skipped silently; a hidden folder (the dashboard's .ui) may be
+                why = "the base model's name" if NAME_RE.fullmatch(sub.name) else \
+                    "not a model name: letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+                warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: its folder's name is {why}; "
+                              f"rename the folder to serve it", stacklevel=3)
             return None
         if direct and run:
             warnings.warn(f"adapters dir {self.adapters_dir}: {sub.name!r} holds an adapter and so does "
@@ -596,14 +655,23 @@ class Residency:
     def ensure_resident(self, entry: Adapter) -> bool:
         """Put `entry` on the model, evicting the least recently used idle adapter if needed.
 
-        False when every slot holds an adapter in use (a request then waits for a row to finish). An adapter
-        whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check (that is a 400).
+        False when every slot holds an adapter in use, or when its files changed while rows still use the old
+        weights: a request then waits for rows to finish (one arriving after a change is answered from the new
+        files). An adapter whose files fail (BrokenAdapter) is marked broken unless it is an upload's first check
+        (that is a 400).
         """
         if entry.slot is not None:
-            if entry.running or _stamp(entry) == entry.loaded_stamp:
+            if _stamp(entry) == entry.loaded_stamp:
                 self.resident.move_to_end(entry.uid)
                 return True
+            if entry.running:  # soak: steady overlapping traffic kept a retrained run on its old weights for ever
+                return False  # files changed: new rows wait until the rows on the old weights end, then it reloads
             self.evict(entry)  # soak: files rewritten since (a run retrained into it) were served or not by LRU luck
+        if self._moved(entry):  # its folder was removed or moved while the request waited
+            with self.lock:
+                self._forget(entry)
+            raise UnknownAdapter(f"model {shown(entry.name)} does not exist any more: its folder in the adapters "
+                                 f"directory was removed or moved while the request waited; send it again")
         if entry.problem is not None:
             raise BrokenAdapter(entry.problem)  # known broken: its files are not read again
         victim = None
