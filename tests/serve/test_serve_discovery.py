@@ -192,17 +192,24 @@ def test_a_folder_added_after_start_is_served_by_name_and_an_unloaded_one_stays_
         engine.stop()
 
 
-@pytest.mark.filterwarnings("ignore:adapters dir")
-def test_an_adapter_whose_files_change_while_resident_is_served_from_the_new_files(tiny_base, tokenizer, runs,
-                                                                                   tmp_path):
-    """Soak: a run retrained into a served folder was answered with the old weights while its adapter stayed
-    resident, with the new ones once other traffic evicted it: which one a client got was LRU luck."""
+def _served_run(tiny_base, tokenizer, runs, tmp_path):
+    """adapters_dir holding the run `dates` as x: (that folder, a prompt, its greedy tokens under dates' adapter and
+    under sums', an engine serving the folder)."""
     folder = tmp_path / "dir"
     shutil.copytree(runs / "dates", folder / "x")
     prompt = tokenizer("The quick brown fox")["input_ids"]
     old, new = (reference(tiny_base, runs / name / "adapter", prompt, GREEDY.max_tokens) for name in ("dates", "sums"))
     assert old != new
     engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    return folder, prompt, old, new, engine
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
+def test_an_adapter_whose_files_change_while_resident_is_served_from_the_new_files(tiny_base, tokenizer, runs,
+                                                                                   tmp_path):
+    """Soak: a run retrained into a served folder was answered with the old weights while its adapter stayed
+    resident, with the new ones once other traffic evicted it: which one a client got was LRU luck."""
+    folder, prompt, old, new, engine = _served_run(tiny_base, tokenizer, runs, tmp_path)
     try:
         assert engine.generate(prompt, "x", GREEDY).token_ids == old
         weights = folder / "x" / "adapter" / "adapter_model.safetensors"
@@ -223,12 +230,7 @@ def test_a_request_after_the_files_change_is_served_from_them_while_older_rows_s
     """Soak: while requests for a rewritten adapter overlapped, its rows never all ended, and every new request
     (8 of 8 over 24 s) got the old weights. Now a request arriving after the change waits for the rows on the old
     weights to end, and is answered from the new files."""
-    folder = tmp_path / "dir"
-    shutil.copytree(runs / "dates", folder / "x")
-    prompt = tokenizer("The quick brown fox")["input_ids"]
-    old, new = (reference(tiny_base, runs / name / "adapter", prompt, GREEDY.max_tokens) for name in ("dates", "sums"))
-    assert old != new
-    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    folder, prompt, old, new, engine = _served_run(tiny_base, tokenizer, runs, tmp_path)
     try:
         assert engine.generate(prompt, "x", GREEDY).token_ids == old
         started, rewritten, events = threading.Event(), threading.Event(), queue.Queue()
