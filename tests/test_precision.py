@@ -282,8 +282,10 @@ def test_a_conversion_the_disk_refuses_leaves_nothing_and_says_so(tmp_path):
         (tmp / "config.json").write_text("{}")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    free = r"\([0-9.]+ [kMGT]?B free there\)$"  # a stand-in build: no size needed is known
-    with pytest.raises(DiskError, match=r"cannot write .*m-1: no space left on the device " + free):
+    free = r"\([0-9.]+ [kMGT]?B free there\)"  # a stand-in build: no size needed is known
+    with pytest.raises(DiskError, match=r"cannot write .*m-1: no space left on the device " + free + r"; converted "
+                                        r"models are cached there: free space, or set LORAFORGE_CACHE to a folder "
+                                        r"with room$"):
         M.cached_conversion(gguf, tmp_path / "m-1", build)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.lock", "m.gguf"]
 
