@@ -11,8 +11,11 @@ What a client cannot do to the others: a prompt whose text cannot fit the contex
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
 a prompt needs is refused before it is read, so neither holds a tokenizer; prompts are tokenized on up to
 TOKENIZER_COPIES copies at once, so a long one does not hold up a short one; a request whose client disconnects is
-aborted, waiting or decoding, streamed or not. A stream with nothing to send for STREAM_IDLE_S sends an SSE comment
-line, so that a proxy's read timeout does not cut a request that waits for its turn.
+aborted, waiting or decoding, streamed or not. A stream's 200 waits for its first event, up to STREAM_IDLE_S: a
+request refused before that (its adapter removed or broken when its turn came) answers the status and JSON error a
+non-streamed one gets; a later failure is the stream's last event, the 200 having gone. A stream with nothing to
+send for STREAM_IDLE_S sends an SSE comment line, so that a proxy's read timeout does not cut a request that waits
+for its turn.
 """
 
 from __future__ import annotations
@@ -283,15 +286,38 @@ class _Generation:
                "model": self.body.model, **fields}
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream(self):
+    async def first_event(self) -> tuple[Event | None, asyncio.Future]:
+        """A stream's first event, waited for up to STREAM_IDLE_S before the 200 goes out, so that a request refused
+        before it starts (its adapter removed or broken when its turn came, the server stopping) answers the status
+        a non-streamed one gets, not a 200 with an error event. (None, the pending get) if none came in time (the
+        request waits its turn): the 200 goes then, with comment lines while it waits (STREAM_IDLE_S)."""
+        getter = asyncio.ensure_future(self.events.get())
+        watcher = asyncio.create_task(self._abort_on_disconnect())
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=STREAM_IDLE_S)
+        except asyncio.CancelledError:  # uvicorn's stop cancels what the engine's stop did not end in time
+            getter.cancel()
+            if not self.req.finished:
+                self.engine.abort(self.req)
+            raise
+        finally:
+            watcher.cancel()
+        return (getter.result(), getter) if done else (None, getter)
+
+    async def stream(self, first: Event | None = None, getter: asyncio.Future | None = None):
+        """The events as SSE lines: `first` (taken by `first_event`) first, or `getter`'s event, then the rest."""
         include_usage = bool((self.body.stream_options or {}).get("include_usage"))
-        getter = None  # the pending get of the next event, kept across idle comments so that none is lost
+        # getter: the pending get of the next event, kept across idle comments so that none is lost
         try:
             if self.chat:
                 yield self._chunk(None, None, first=True)
+            elif getter is not None:
+                yield ": waiting\n\n"  # nothing sent for STREAM_IDLE_S already (first_event)
             while True:
-                if self.events.empty():  # waiting (in the queue, for an adapter slot, a slow step): say so
-                    getter = asyncio.ensure_future(self.events.get())
+                if first is not None:
+                    ev, first = first, None
+                elif getter is not None or self.events.empty():  # waiting (in the queue, for an adapter slot, a
+                    getter = getter or asyncio.ensure_future(self.events.get())  # slow step): say so
                     while not (await asyncio.wait({getter}, timeout=STREAM_IDLE_S))[0]:
                         yield ": waiting\n\n"  # an SSE comment: clients skip it, proxies see bytes
                     ev, getter = getter.result(), None
@@ -325,7 +351,15 @@ class _Generation:
     async def response(self):
         if not self.body.stream:
             return await self.whole()
-        return StreamingResponse(self.stream(), media_type="text/event-stream",
+        try:
+            first, getter = await self.first_event()
+        except asyncio.CancelledError:
+            return _error(503, SHUTTING_DOWN, "shutting_down")  # not a plain-text 500
+        failed = self.failure(first) if first is not None else None
+        if failed is not None:  # nothing sent yet: the status a non-streamed request gets
+            return _error(*failed)
+        return StreamingResponse(self.stream(first, None if first is not None else getter),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
