@@ -22,7 +22,7 @@ import types
 import typing
 import warnings
 
-from loraforge.argtypes import NonEmpty, PositiveInt, Port, Probability, Seed, Temperature, Text
+from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
 
 
@@ -308,7 +308,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
           host: str = "127.0.0.1", port: Port = 8000, api_key: str | None = None, max_loaded: PositiveInt = 8,
           max_batch: PositiveInt = 32, max_queue: PositiveInt = 256, prefix_cache_mb: float = 256,
           precision: str = "auto",
-          dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: NonEmpty = "runs") -> None:
+          dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: NonEmpty = "runs",
+          header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512) -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -327,6 +328,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         adapter_dtype: served adapters' weights: auto (bf16 for a bf16 base, else fp32), fp32, or bf16 (half the bytes)
         ui: also serve the web dashboard at /ui/ (see `loraforge ui`; datasets from the current folder)
         runs: the dashboard's runs folder
+        header_timeout: seconds a request's headers may take to arrive; then 408 and the connection is closed
+        max_connections: connections open at once; a request on one beyond them is answered 503
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
@@ -354,7 +357,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         extend = lambda app, engine: mount(app, runs, ".", training_models(model, None), engine, api_key,  # noqa: E731
                                            host)
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
-               precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype)
+               precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype,
+               header_timeout=header_timeout, max_connections=max_connections)
 
 
 def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonEmpty = ".",

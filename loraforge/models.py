@@ -18,9 +18,7 @@ import os
 import random
 import re
 import shutil
-import socket
 import tempfile
-import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
 from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes,
                                    unexpanded_note)
+from loraforge.utils.hub import hub_resolves, offline_hub
 
 try:
     import fcntl
@@ -428,18 +427,6 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
     return None
 
 
-def hub_resolves() -> bool:
-    """Whether the Hugging Face Hub's host name resolves: without a network, huggingface_hub retries each request
-    for about 85 s (soak: five "Name or service not known ... Retrying in 8s" blocks before the one-line error)."""
-    from huggingface_hub import constants
-
-    try:
-        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
-    except (OSError, UnicodeError):
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _downloading(name_or_path: str, path: str):
     """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError.
@@ -450,17 +437,13 @@ def _downloading(name_or_path: str, path: str):
     local = Path(path).exists()
     unreachable = not local and not constants.HF_HUB_OFFLINE and not hub_resolves()
     try:
-        if unreachable:
-            constants.HF_HUB_OFFLINE = True  # read at each request (constants.is_offline_mode)
-        yield
+        with offline_hub(unreachable):
+            yield
     except Exception as e:
         line = download_failure(name_or_path, e, unreachable) if not local else None
         if line is None:
             raise
         raise ModelDownloadError(line) from e
-    finally:
-        if unreachable:
-            constants.HF_HUB_OFFLINE = False
 
 
 class ModelFilesError(OSError):

@@ -16,6 +16,16 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads of tiny matmuls spin against other processes (a
+    tiny Gemma 2's greedy decode took 7.5 s on 2 threads under load, 0.14 s on one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)

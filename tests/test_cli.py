@@ -331,7 +331,9 @@ def test_generate_says_its_precision_on_stderr(tiny_dir, monkeypatch, loads, cap
 
 
 def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, capsys):
-    monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, host, port, log_level: None)  # start-up
+    limits = []  # start-up only
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal",
+                        lambda app, host, port, log_level, **kw: limits.append(kw))
     monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)  # port 8000 may be another's here
     monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
     assert main(["serve", "--model", str(tiny_dir)]) == 0
@@ -340,6 +342,9 @@ def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, 
     assert main(["serve", "--model", str(tiny_dir), "--precision", "fp32", "--dtype", "bf16"]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("precision fp32, base stored in bf16: ")
     assert loads == ["bf16", "bf16"]
+    assert limits == [{"header_timeout": 30, "max_connections": 512}] * 2  # the slowloris bounds, on by default
+    assert main(["serve", "--model", str(tiny_dir), "--header-timeout", "2.5", "--max-connections", "9"]) == 0
+    assert limits[-1] == {"header_timeout": 2.5, "max_connections": 9}
     assert main(["serve", "--precision", "bf17"]) == 2
     assert "--precision 'bf17': use one of" in capsys.readouterr().err
 

@@ -11,8 +11,12 @@ What a client cannot do to the others: a prompt whose text cannot fit the contex
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
 a prompt needs is refused before it is read, so neither holds a tokenizer; prompts are tokenized on up to
 TOKENIZER_COPIES copies at once, so a long one does not hold up a short one; a request whose client disconnects is
-aborted, waiting or decoding, streamed or not. A stream with nothing to send for STREAM_IDLE_S sends an SSE comment
-line, so that a proxy's read timeout does not cut a request that waits for its turn.
+aborted, waiting or decoding, streamed or not. A stream's 200 waits for its first event, up to STREAM_IDLE_S: a
+request refused before that (its adapter removed or broken when its turn came) answers the status and JSON error a
+non-streamed one gets; a later failure is the stream's last event, the 200 having gone. A stream with nothing to
+send for STREAM_IDLE_S sends an SSE comment line, so that a proxy's read timeout does not cut a request that waits
+for its turn. A connection whose request's headers do not arrive within the header timeout is closed, and one beyond
+the connection cap is answered 503 (connections.py; uvicorn bounds neither).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.models import load_base
 from loraforge.precision import choose
+from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS, GuardedH11Protocol
 from loraforge.serve.engine import Engine
 from loraforge.serve.errors import PromptTooLong, ServeError, shown
 from loraforge.serve.guard import RequestGuard
@@ -283,15 +289,38 @@ class _Generation:
                "model": self.body.model, **fields}
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream(self):
+    async def first_event(self) -> tuple[Event | None, asyncio.Future]:
+        """A stream's first event, waited for up to STREAM_IDLE_S before the 200 goes out, so that a request refused
+        before it starts (its adapter removed or broken when its turn came, the server stopping) answers the status
+        a non-streamed one gets, not a 200 with an error event. (None, the pending get) if none came in time (the
+        request waits its turn): the 200 goes then, with comment lines while it waits (STREAM_IDLE_S)."""
+        getter = asyncio.ensure_future(self.events.get())
+        watcher = asyncio.create_task(self._abort_on_disconnect())
+        try:
+            done, _ = await asyncio.wait({getter}, timeout=STREAM_IDLE_S)
+        except asyncio.CancelledError:  # uvicorn's stop cancels what the engine's stop did not end in time
+            getter.cancel()
+            if not self.req.finished:
+                self.engine.abort(self.req)
+            raise
+        finally:
+            watcher.cancel()
+        return (getter.result(), getter) if done else (None, getter)
+
+    async def stream(self, first: Event | None = None, getter: asyncio.Future | None = None):
+        """The events as SSE lines: `first` (taken by `first_event`) first, or `getter`'s event, then the rest."""
         include_usage = bool((self.body.stream_options or {}).get("include_usage"))
-        getter = None  # the pending get of the next event, kept across idle comments so that none is lost
+        # getter: the pending get of the next event, kept across idle comments so that none is lost
         try:
             if self.chat:
                 yield self._chunk(None, None, first=True)
+            elif getter is not None:
+                yield ": waiting\n\n"  # nothing sent for STREAM_IDLE_S already (first_event)
             while True:
-                if self.events.empty():  # waiting (in the queue, for an adapter slot, a slow step): say so
-                    getter = asyncio.ensure_future(self.events.get())
+                if first is not None:
+                    ev, first = first, None
+                elif getter is not None or self.events.empty():  # waiting (in the queue, for an adapter slot, a
+                    getter = getter or asyncio.ensure_future(self.events.get())  # slow step): say so
                     while not (await asyncio.wait({getter}, timeout=STREAM_IDLE_S))[0]:
                         yield ": waiting\n\n"  # an SSE comment: clients skip it, proxies see bytes
                     ev, getter = getter.result(), None
@@ -325,7 +354,15 @@ class _Generation:
     async def response(self):
         if not self.body.stream:
             return await self.whole()
-        return StreamingResponse(self.stream(), media_type="text/event-stream",
+        try:
+            first, getter = await self.first_event()
+        except asyncio.CancelledError:
+            return _error(503, SHUTTING_DOWN, "shutting_down")  # not a plain-text 500
+        failed = self.failure(first) if first is not None else None
+        if failed is not None:  # nothing sent yet: the status a non-streamed request gets
+            return _error(*failed)
+        return StreamingResponse(self.stream(first, None if first is not None else getter),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -474,13 +511,31 @@ class _GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_until_signal(app, host: str, port: int, log_level: str) -> None:
+def server_config(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,
+                  max_connections: int = MAX_CONNECTIONS, **kwargs) -> uvicorn.Config:
+    """uvicorn's config for `app`, on GuardedH11Protocol (connections.py): a request's headers must come within
+    `header_timeout` seconds (else 408, or closed), and a connection beyond `max_connections` open is answered a JSON
+    503; an idle kept-alive connection is closed after KEEP_ALIVE_S."""
+    refuse = _error(503, f"the server has {max_connections} connections open, the most it serves at once "
+                         f"(--max-connections); retry later", "too_many_connections")
+    refuse.headers["connection"] = "close"
+    too_slow = _error(408, f"the request's headers did not arrive within {header_timeout:g} s (--header-timeout); "
+                           f"send the request again", "request_timeout").body
+    http = functools.partial(GuardedH11Protocol, header_timeout=header_timeout, max_connections=max_connections,
+                             refuse=refuse, too_slow=too_slow)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, timeout_keep_alive=KEEP_ALIVE_S,
+                          **kwargs)
+
+
+def run_until_signal(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,
+                     max_connections: int = MAX_CONNECTIONS) -> None:
     """Serve `app` with uvicorn until Ctrl-C or SIGTERM, then let the signal through: Ctrl-C raises KeyboardInterrupt
     (the CLI exits 130), SIGTERM ends the process as SIGTERM does (143). uvicorn.run would swallow the Ctrl-C, so a
     stopped server exited 0. Open requests are cut after SHUTDOWN_GRACE_S (create_app's `app.state.cut`): a
-    non-streamed one answers a JSON 503, a stream ends with an error event. ServeError when it cannot listen."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
+    non-streamed one answers a JSON 503, a stream ends with an error event. ServeError when it cannot listen.
+    header_timeout, max_connections: server_config's."""
+    config = server_config(app, host, port, log_level, header_timeout, max_connections,
+                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
     server = _GracefulServer(config, cut=getattr(getattr(app, "state", None), "cut", None))
     try:
         server.run()  # re-raises a signal it caught: Ctrl-C ends in KeyboardInterrupt, SIGTERM ends the process
@@ -500,9 +555,10 @@ def run_until_signal(app, host: str, port: int, log_level: str) -> None:
 class ServerThread:
     """Run an app with uvicorn in a background thread (tests, benchmarks): `with ServerThread(app) as url: ...`."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                                    timeout_keep_alive=KEEP_ALIVE_S))
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS):
+        self.server = uvicorn.Server(server_config(app, host, port, "warning", header_timeout, max_connections,
+                                                   access_log=False))
         self.thread = threading.Thread(target=self.server.run, name="loraforge-http", daemon=True)
 
     def __enter__(self) -> str:
@@ -524,7 +580,8 @@ class ServerThread:
 def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = None, adapters_dir: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
                max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto",
-               extend=None, prefix_cache_mb: float = 256, adapter_dtype: str = "auto") -> None:
+               extend=None, prefix_cache_mb: float = 256, adapter_dtype: str = "auto",
+               header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> None:
     """Serve `model` with LoRA adapters over an OpenAI-compatible HTTP API until interrupted.
 
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
@@ -538,6 +595,9 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     max_batch: sequences decoded together. max_queue: waiting requests before answering 429.
     prefix_cache_mb: memory for cached keys/values of shared prompt prefixes (per adapter); 0 turns it off.
     adapter_dtype: the resident adapters' weights: auto (the base's dtype when bf16, else fp32), fp32 or bf16.
+    header_timeout: seconds a request's headers may take to arrive (from the connection's start, or the end of the
+        previous response on a kept-alive one); then 408 and the connection closed (a slowloris client holds none).
+    max_connections: connections open at once; a request on one beyond them is answered 503 (retry later).
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
@@ -557,9 +617,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     names = ", ".join(engine.adapter_names()) or "none"
     print(f"serving {model} with adapters: {names} on http://{host}:{port}/v1", flush=True)
     try:
-        # uvicorn closes an idle kept-alive connection after KEEP_ALIVE_S; it has no timeout for a request's headers
-        # (a slow client holds its connection open): reachable by others, put a proxy with one in front
-        # (nginx's client_header_timeout)
-        run_until_signal(app, host, port, log_level="info")
+        run_until_signal(app, host, port, log_level="info", header_timeout=header_timeout,
+                         max_connections=max_connections)
     finally:
         engine.stop()

@@ -9,6 +9,12 @@ end in U+FFFD (the bytes of a character split across tokens: its rest is still t
 text plus the window's pending part, so it equals decoding the whole list (tests/serve/test_detokenize.py checks
 this token by token).
 
+Output that stops inside a character (max_tokens, a stop token or an abort after the first of its bytes) ends in
+bytes that are no text: `complete()` drops them (vLLM's detokenizers never emit text ending in U+FFFD either, so
+its final text lacks them too), and the engine sends that text, streamed or not, never a trailing U+FFFD. A U+FFFD
+the model writes as a character of its own is dropped too when it is the last character (the bytes cannot tell it
+from an unfinished one there); within the text it stays.
+
 Decoding runs with clean_up_tokenization_spaces=False: that cleanup (" ." -> ".") is made across the whole text and
 would change characters already sent; the built-in model's tokenizer has it off.
 """
@@ -47,3 +53,14 @@ class TextStream:
         if len(self._committed) > 1:
             self._committed = ["".join(self._committed)]
         return (self._committed[0] if self._committed else "") + self._pending
+
+    @property
+    def incomplete(self) -> int:
+        """Characters at the end of text() that stand for the bytes of an unfinished character (U+FFFD s): what a
+        stream holds back until the rest comes, and what `complete()` drops."""
+        return len(self._pending) - len(self._pending.rstrip("\ufffd"))
+
+    def complete(self) -> str:
+        """text() less the U+FFFD s of a last character the tokens never finished: the text once output ends."""
+        text = self.text()
+        return text[:len(text) - self.incomplete]

@@ -473,13 +473,11 @@ class Engine:
             hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
             if hits:
                 text, reason = text[:min(hits)], "stop"
-        if reason is not None:
-            self._finish(req, reason, text=text)
+        if reason is not None:  # a character cut off at the end (max_tokens inside it) is dropped, not a U+FFFD
+            self._finish(req, reason, text=text[:len(req.text.complete())])
             return True
         hold = max(map(len, stops)) - 1 if stops else 0  # a stop string may be starting
-        upto = len(text) - hold
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-            upto = min(upto, len(text) - 1)
+        upto = min(len(text) - hold, len(text) - req.text.incomplete)  # an incomplete character: wait for the rest
         if upto > req.sent:
             req.on_event(Event(text[req.sent:upto], [token]))
             req.sent = upto
@@ -493,7 +491,7 @@ class Engine:
             return
         req.finished = True
         if text is None:
-            text = req.text.text() if req.text is not None else ""
+            text = req.text.complete() if req.text is not None else ""
         last = [req.out_ids[-1]] if req.out_ids and reason in ("stop", "length") else []
         with self._cv:
             if req.adapter is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from loraforge.utils.files import expand_user, unexpanded_note
+from loraforge.utils.hub import hub_resolves, offline_hub
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
@@ -348,11 +349,24 @@ def _read_hub(source: str) -> list[dict]:
         raise DataError(f"{source!r} is not a local file, and reading it as a hub dataset needs the `datasets` "
                         f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet/"
                         f".txt file)") from None
-    print(f"{source!r} is not a local file: loading it as a hub dataset (a typo? offline, this retries for about "
-          f"half a minute; HF_DATASETS_OFFLINE=1 fails at once)", file=sys.stderr, flush=True)  # soak: 34 s unsaid
+    config = getattr(datasets, "config", None)  # its copy of HF_HUB_OFFLINE, taken at its import
+    unreachable = not getattr(config, "HF_HUB_OFFLINE", False) and not hub_resolves()
+    if unreachable:  # soak: it retried for about half a minute before saying so: read the cache only, at once
+        print(f"{source!r} is not a local file: loading it as a hub dataset from the cache (no connection to the "
+              f"Hugging Face Hub)", file=sys.stderr, flush=True)
+    else:
+        print(f"{source!r} is not a local file: loading it as a hub dataset (a typo? offline, this retries for "
+              f"about half a minute; HF_DATASETS_OFFLINE=1 fails at once)", file=sys.stderr, flush=True)
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        with offline_hub(unreachable, *[config] if config is not None else []):
+            ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 -- offline, unknown name, bad split: all end here with the reason
+        if unreachable:
+            first = (str(e).splitlines() or [""])[0]
+            raise DataError(f"{source!r} is not a local file and could not be loaded as a hub dataset from the cache "
+                            f"(no connection to the Hugging Face Hub; a dataset loaded once online is read from the "
+                            f"cache): {type(e).__name__}: {first}; give a path to a .jsonl/.json/.csv/.parquet/.txt "
+                            f"file instead") from e
         raise DataError(f"{source!r} is not a local file and could not be loaded as a hub dataset "
                         f"(name[:split]; needs network access): {type(e).__name__}: {e}") from e
     records = [{**row, "_source": f"{name}:{split or 'train'}[{i}]"} for i, row in enumerate(ds)]

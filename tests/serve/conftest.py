@@ -1,19 +1,10 @@
 """What the engine tests share: one torch thread, the real tokenizer, a tiny Llama base, adapters saved from it."""
 
 import pytest
-import torch
 
 from helpers import tiny_llama
 from loraforge.models import load_tokenizer
 from loraforge.serve import Engine
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import pytest
 from helpers import save_adapters, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
+from loraforge.serve import engine as engine_module
 from loraforge.serve.api import ServerThread, TokenizerPool, create_app
 from loraforge.serve.errors import shown
 from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
@@ -84,6 +85,26 @@ def test_streaming_equals_non_streaming(client):
                                                  stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
     assert stream[-1].usage.completion_tokens == 12 and stream[-2].choices[0].finish_reason == "length"
+
+
+def test_a_character_cut_by_max_tokens_is_dropped_streamed_or_not(client, tokenizer, monkeypatch):
+    """Output that stops inside a multi-byte character (byte-level BPE: "日" is 3 tokens) ended in U+FFFD, the
+    non-streamed text and the stream's last chunk alike. The unfinished character's bytes are now dropped, as
+    vLLM's detokenizer does; the model's tokens are scripted (greedy's pick replaced) so that the cut falls there."""
+    script = tokenizer("Hi 日本語")["input_ids"]  # Hi, 3 bytes of 日, 本, 2 of 3 bytes of 語, the last byte
+    assert tokenizer.decode(script[:2]) == "Hi \ufffd" and tokenizer.decode(script[:6]) == "Hi 日本\ufffd"
+    for n, expected in ((2, "Hi "), (3, "Hi "), (4, "Hi 日"), (6, "Hi 日本"), (7, "Hi 日本"), (8, "Hi 日本語")):
+        for stream in (False, True):
+            picks = iter(script)
+            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token: next(picks))
+            kw = dict(model="tiny", prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+            if stream:
+                chunks = list(client.completions.create(stream=True, **kw))
+                text = "".join(c.choices[0].text for c in chunks)
+                assert all("\ufffd" not in c.choices[0].text for c in chunks)
+            else:
+                text = client.completions.create(**kw).choices[0].text
+            assert text == expected, (n, stream)
 
 
 def test_concurrent_requests_over_adapters(client, server):
@@ -425,20 +446,18 @@ def test_broken_adapters_in_the_directory_are_400s(broken_server, tokenizer):
 def test_an_adapter_that_fails_to_load_is_the_same_error_streamed(broken_server):
     """Hunt: an adapter that passed the cheap checks but failed to load answered a non-streamed request 400
     invalid_request_error 'adapter "f" cannot be served: ...', a streamed one a server_error event "generation
-    failed: adapter ...". A stream's 200 has gone when the adapter loads: its error event now carries the same
-    type and message."""
+    failed: adapter ...". Then the stream's 200 had gone when the adapter loaded: a 200 whose one event was the error.
+    Now a stream's 200 waits for its first event: the stream is answered the same 400 and JSON error."""
     engine, url, root, _ = broken_server
     server = (engine, url)
     for name in ("late_whole", "late_stream"):  # found by the first request naming them; fail as they load
         shutil.copytree(root / "notarget", root / name)
     whole = http(server, "POST", "/v1/completions", json={"model": "late_whole", "prompt": PROMPT, "max_tokens": 2})
     assert whole.status_code == 400, whole.text
-    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                      json={"model": "late_stream", "prompt": PROMPT, "max_tokens": 2, "stream": True}) as r:
-        assert r.status_code == 200
-        events = [line for line in r.iter_lines() if line]
-    assert events[-1] == "data: [DONE]" and len(events) == 2, events
-    error = json.loads(events[0].removeprefix("data: "))["error"]
+    stream = http(server, "POST", "/v1/completions",
+                  json={"model": "late_stream", "prompt": PROMPT, "max_tokens": 2, "stream": True})
+    assert (stream.status_code, stream.headers["content-type"]) == (400, "application/json"), stream.text
+    error = stream.json()["error"]
     assert error == {**whole.json()["error"], "message": whole.json()["error"]["message"].replace("late_whole",
                                                                                                    "late_stream")}
     assert error["type"] == "invalid_request_error" and error["message"].startswith(

@@ -304,6 +304,52 @@ def test_a_removed_or_renamed_folder_leaves_the_list_and_is_an_unknown_model(tin
 
 
 @pytest.mark.filterwarnings("ignore:adapters dir")
+def test_a_folder_removed_while_its_requests_wait_is_a_404_streamed_or_not(tiny_base, tokenizer, runs, tmp_path):
+    """Requests queued behind others for an adapter whose folder is removed before their turn: each is a 404
+    UnknownAdapter, as a request arriving after the removal is; a stream too (its 200 used to go out at once, so it
+    got a 200 whose one event was the error), whether the adapter was on the model (evicted then) or not yet."""
+    folder = tmp_path / "dir"
+    for name in ("gone", "late", "stays"):
+        shutil.copytree(runs / "dates", folder / name)
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=folder, max_loaded=2)
+    kw = dict(prompt="The quick brown fox", max_tokens=4, temperature=0, ignore_eos=True)
+    try:
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            assert http(url, "POST", "/v1/completions", json={"model": "gone", **kw}).status_code == 200  # resident
+            gate, holding = threading.Event(), threading.Event()
+            engine.call(lambda: (holding.set(), gate.wait(60)))  # the engine held between two steps
+            assert holding.wait(30)
+            bodies = [{"model": name, "stream": stream, **kw} for name in ("gone", "late") for stream in (False, True)]
+            bodies.append({"model": "stays", **kw})
+            answers = [None] * len(bodies)
+
+            def send(i):
+                answers[i] = http(url, "POST", "/v1/completions", json=bodies[i])
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while engine.load()["waiting"] < len(bodies) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.load()["waiting"] == len(bodies)
+            shutil.rmtree(folder / "gone")
+            shutil.rmtree(folder / "late")
+            gate.set()
+            for t in threads:
+                t.join(60)
+        for body, r in zip(bodies[:4], answers):
+            assert (r.status_code, r.headers["content-type"], r.json()["error"]["code"]) == \
+                (404, "application/json", "UnknownAdapter"), (body, r.text)
+            assert r.json()["error"]["message"] == (
+                f'model "{body["model"]}" does not exist any more: its folder in the adapters directory was removed '
+                f'or moved while the request waited; send it again')
+        assert answers[4].status_code == 200 and answers[4].json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")
 def test_a_folder_switching_between_an_adapter_and_a_runs_layout_is_served_as_it_is_now(tiny_base, tokenizer, runs,
                                                                                       tmp_path):
     """Soak: a folder that went from a run's layout (NAME/adapter/) to an adapter in itself was refused until a

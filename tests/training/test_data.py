@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
 import sys
 import types
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from huggingface_hub import constants
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -988,6 +990,45 @@ def test_a_binary_file_is_named_binary_not_utf8_with_one_bad_byte(tmp_path):
         read_records(str(tmp_path / "latin1.jsonl"))
 
 
+def test_a_hub_dataset_whose_host_does_not_resolve_is_read_from_the_cache_at_once(monkeypatch, capsys):
+    """Soak: without a network a hub dataset name retried for about half a minute before its error (models were
+    fixed by reading the Hub offline when its host does not resolve; datasets was not). Now the same: `datasets`
+    (a stand-in, as offline as the real one with HF_HUB_OFFLINE set) loads under its offline flags, which are set
+    back after; a cached copy loads, a missing one is one line at once."""
+    fake = types.ModuleType("datasets")
+    fake.config = types.SimpleNamespace(HF_HUB_OFFLINE=False, HF_DATASETS_OFFLINE=False)
+    cached = {"org/cached": [{"text": "kept"}]}
+    offline_when_asked = []
+
+    def load_dataset(name, split):
+        offline_when_asked.append((constants.HF_HUB_OFFLINE, fake.config.HF_HUB_OFFLINE,
+                                   fake.config.HF_DATASETS_OFFLINE))
+        if name in cached:
+            return cached[name]
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (offline mode is enabled)\nmore lines")
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert read_records("org/cached") == [{"text": "kept", "_source": "org/cached:train[0]"}]
+    with pytest.raises(DataError) as e:
+        read_records("org/name:test")
+    assert str(e.value) == ("'org/name:test' is not a local file and could not be loaded as a hub dataset from the "
+                            "cache (no connection to the Hugging Face Hub; a dataset loaded once online is read from "
+                            "the cache): ConnectionError: Couldn't reach 'org/name' on the Hub (offline mode is "
+                            "enabled); give a path to a .jsonl/.json/.csv/.parquet/.txt file instead")
+    assert offline_when_asked == [(True, True, True)] * 2  # offline for the loads only
+    assert (constants.HF_HUB_OFFLINE, fake.config.HF_HUB_OFFLINE, fake.config.HF_DATASETS_OFFLINE) == (False,) * 3
+    assert capsys.readouterr().err == ("'org/cached' is not a local file: loading it as a hub dataset from the cache "
+                                       "(no connection to the Hugging Face Hub)\n") + \
+        "'org/name:test' is not a local file: loading it as a hub dataset from the cache (no connection to the " \
+        "Hugging Face Hub)\n"
+
+
 def test_a_hub_dataset_name_says_it_goes_to_the_hub_and_reads_its_rows(monkeypatch, capsys):
     """The hub path with a stand-in `datasets` (no network here): rows become records named by split and index,
     and a line says a name that is not a local file goes to the hub (soak: a typo sat through ~34 s of retries
@@ -995,6 +1036,7 @@ def test_a_hub_dataset_name_says_it_goes_to_the_hub_and_reads_its_rows(monkeypat
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, split: [{"text": f"{name} {split} {i}"} for i in range(2)]
     monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: [])  # the Hub's host resolves
     assert read_records("org/name:test") == [{"text": "org/name test 0", "_source": "org/name:test[0]"},
                                              {"text": "org/name test 1", "_source": "org/name:test[1]"}]
     assert capsys.readouterr().err == ("'org/name:test' is not a local file: loading it as a hub dataset (a typo? "

@@ -311,7 +311,7 @@ def test_status_from_the_files_a_run_leaves(tmp_path):
 @pytest.mark.parametrize("argv", [["ui"], ["serve", "--ui"]])
 def test_ui_and_serve_ui_mount_the_dashboard(argv, tiny_dir, tmp_path, monkeypatch):
     apps = []
-    def start(app, host, port, log_level):  # start-up only
+    def start(app, host, port, log_level, **limits):  # start-up only
         apps.append((app, {"host": host, "port": port}))
 
     monkeypatch.setattr(ui_app, "run_until_signal", start)

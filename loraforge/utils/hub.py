@@ -1,0 +1,44 @@
+"""Reading the Hugging Face Hub without a network: whether its host resolves, and its offline mode for one load.
+
+Without a network, huggingface_hub and datasets retry each request for about half a minute to a minute and a half
+(soak: five "Name or service not known ... Retrying in 8s" blocks before the one-line error). Where the Hub's host
+name does not resolve, a load is run as under HF_HUB_OFFLINE: a cached copy loads, a missing one fails at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import urllib.parse
+
+
+def hub_resolves() -> bool:
+    """Whether the Hugging Face Hub's host name resolves."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def offline_hub(on: bool, *configs):
+    """Inside, with `on`, huggingface_hub reads the Hub as under HF_HUB_OFFLINE (its flag is read at each request),
+    and so does each of `configs`: another library's copy of the flag, taken when it was imported (datasets.config
+    holds HF_HUB_OFFLINE and the older HF_DATASETS_OFFLINE). Everything is set back on the way out."""
+    from huggingface_hub import constants
+
+    if not on:
+        yield
+        return
+    saved = [(obj, name, getattr(obj, name)) for obj in (constants, *configs)
+             for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(obj, name)]
+    try:
+        for obj, name, _ in saved:
+            setattr(obj, name, True)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)

@@ -1,0 +1,116 @@
+"""What a client cannot hold: a connection whose request's headers come a byte at a time (slowloris) or not at all
+is closed after the header deadline, and connections beyond the cap are answered a JSON 503 (serve/connections.py).
+
+uvicorn closed only idle kept-alive connections: each slowloris connection stayed open for ever.
+"""
+
+import contextlib
+import socket
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from loraforge.serve.api import ServerThread
+
+TIMEOUT = 0.6  # the test's header deadline (serve's default: 30 s)
+MARGIN = 3  # seconds past it by which a cut is seen, on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def decode_path():
+    """No engine here: once, not on both of conftest's decode paths."""
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a Content-Length body), however it is split across reads."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            data.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0):
+        data += sock.recv(4096)
+    return data
+
+
+def read_all(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until it closes, and when it closed (time.monotonic)."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data, time.monotonic()
+
+
+def test_a_request_whose_headers_trickle_in_is_cut_at_the_deadline_while_others_are_served(app):
+    with ServerThread(app, header_timeout=TIMEOUT) as url, contextlib.ExitStack() as sockets:
+        slow, idle = (sockets.enter_context(connect(url)) for _ in range(2))
+        start = time.monotonic()
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+        slow.settimeout(0.05)
+        answer, closed = b"", None
+        for byte in request:  # a byte every 50 ms or so, never the headers' end
+            try:
+                slow.send(bytes([byte]))
+                answer = slow.recv(4096)  # the 408, or b"" once closed; TimeoutError while open
+            except TimeoutError:
+                assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}  # others are served
+                continue
+            except OSError:  # the send after the server closed
+                pass
+            closed = time.monotonic()
+            break
+        slow.settimeout(10)
+        answer += read_all(slow)[0]
+        assert closed is not None and TIMEOUT - 0.1 <= closed - start < TIMEOUT + MARGIN, closed and closed - start
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head, answer
+        assert httpx.Response(408, content=body).json()["error"] == {
+            "message": f"the request's headers did not arrive within {TIMEOUT:g} s (--header-timeout); send the "
+                       f"request again", "type": "invalid_request_error", "param": None, "code": "request_timeout"}
+        idle_answer, idle_closed = read_all(idle)  # one that sent nothing: closed too, nothing said
+        assert idle_answer == b"" and idle_closed - start < TIMEOUT + MARGIN
+        # a kept-alive connection: the next request's headers have the same deadline from the previous answer
+        kept = sockets.enter_context(connect(url))
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = read_response(kept)
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b'{"status":"ok"}'), first
+        answered = time.monotonic()
+        kept.sendall(b"GET /health HTTP/1.1\r\n")  # stops uvicorn's keep-alive timer; ours goes on
+        answer, closed = read_all(kept)
+        assert answer.startswith(b"HTTP/1.1 408 ") and TIMEOUT - 0.1 <= closed - answered < TIMEOUT + MARGIN
+
+
+def test_connections_beyond_the_cap_are_answered_503_then_served_again(app):
+    server = ServerThread(app, max_connections=3)
+    with server as url, contextlib.ExitStack() as sockets:
+        held = [sockets.enter_context(connect(url)) for _ in range(3)]
+        state = server.server.server_state
+        deadline = time.monotonic() + 10
+        while len(state.connections) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = httpx.get(url + "/health", timeout=5)
+        assert (r.status_code, r.headers["connection"]) == (503, "close")
+        assert r.json()["error"] == {"message": "the server has 3 connections open, the most it serves at once "
+                                                "(--max-connections); retry later", "type": "server_error",
+                                     "param": None, "code": "too_many_connections"}
+        for sock in held:
+            sock.close()
+        while len(state.connections) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}
