@@ -270,6 +270,10 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
     if data is None and not probe:
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
+    if probe:  # --probe kl alone without --adapter: refused before the precision line and any loading
+        from loraforge.studies.probes import check_probes
+
+        check_probes(list(probe), adapter)
     chosen = _precision(precision, dtype)
     records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
     print(chosen.line(training=False), flush=True)
