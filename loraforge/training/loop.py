@@ -45,8 +45,8 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, resume_changes, rng_state,
-                                           save_checkpoint, schedule_changes)
+                                           last_checkpoint, load_checkpoint, prune_checkpoints, resume_changes,
+                                           rng_state, save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
@@ -576,6 +576,7 @@ def restore(run: Run) -> None:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
             shutil.rmtree(path, ignore_errors=True)
+        prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found)  # a kill left one more
     run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
     if run.scaler.is_enabled() and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])

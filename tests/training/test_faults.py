@@ -404,6 +404,45 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert_equal_adapters(adapter(out), whole)
 
 
+class Killed(BaseException):
+    """A kill at a chosen point: nothing in the run catches it."""
+
+
+def test_a_kill_between_a_save_and_its_pruning_leaves_an_extra_checkpoint_that_resume_prunes(tiny_dir, data_file,
+                                                                                               tmp_path, whole):
+    """training.keep_checkpoints 1, killed after step 2's checkpoint was renamed into place but before step 1's was
+    pruned: two checkpoints stayed until the next save. Now --resume prunes to keep_checkpoints before the first step
+    (keeping the one it continues from), and the run ends with the uninterrupted run's adapter."""
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, data_file, out) + ["training.keep_checkpoints=1"]
+    real = shutil.rmtree
+
+    def killed_in_pruning(path, *a, **k):
+        if Path(path).name == "step-0000001":
+            raise Killed
+        return real(path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shutil, "rmtree", killed_in_pruning)
+        with pytest.raises(Killed):
+            train(load_train_config(None, args), progress=False)
+    ckpts = out / "checkpoints"
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # one more than kept
+    step = T.optimizer_step
+    seen = []
+
+    def first_step_sees(run, batches):
+        seen.append(sorted(d.name for d in ckpts.iterdir()))
+        return step(run, batches)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", first_step_sees)
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert seen == [["step-0000002"]]  # pruned at resume, the checkpoint it resumed from kept
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000003"]
+    assert_equal_adapters(adapter(out), whole)
+
+
 def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_dir, data_file, tmp_path, whole):
     """SIGTERM during the last step (3 of 3): the run finishes (its checkpoint, the adapter of the uninterrupted
     run) and then stops, so a caller such as `demo` ends with 143 instead of going on (the bug: the signal was
