@@ -93,11 +93,24 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
     from loraforge.config import load_train_config
+    from loraforge.training.loop import Stopped
     from loraforge.training.loop import train as run
 
-    result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
+    try:
+        result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume,
+                     overwrite=overwrite)
+    except Stopped as e:
+        if e.result is None:  # stopped before the end: its checkpoint, and --resume (run_command says so)
+            raise
+        result = e.result  # the signal came during the last step: the run finished whole, nothing to resume
+        if result.rank == 0:
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                print(f"{signal.Signals(e.signum).name} came during the last step (step {result.steps}); the run "
+                      f"finished whole first, so it ends as finished, with nothing to resume", file=sys.stderr,
+                      flush=True)
     if result.rank == 0:  # under torchrun every process returns; only rank 0 wrote the result
-        print(finished_line(result), flush=True)
+        with contextlib.suppress(OSError):
+            print(finished_line(result), flush=True)
 
 
 def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quantize: str | None = None,

@@ -368,7 +368,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
                     raise Stopped(stop.signum, f"stopped by {stop.name} at the end of the run (step {run.step} of "
                                                f"{run.total_steps}); it had finished: {result.saved} written to "
-                                               f"{run.out / result.saved}", resumable=False)
+                                               f"{run.out / result.saved}", resumable=False, result=result)
             return result
         except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
             if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
@@ -694,11 +694,13 @@ def checkpoint_state(run: Run) -> dict:
 class Stopped(KeyboardInterrupt):
     """A run stopped by a signal (StopRequest): `signum` names it, and the CLI exits with `exit_code`, 128 + its
     number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138, SIGHUP 129 on
-    Linux)."""
+    Linux). `result`: the TrainResult of a run the signal reached during its last step, which finished whole (its
+    adapter and metrics written); a caller with more to do (demo, a study) stops, `loraforge train` has ended."""
 
-    def __init__(self, signum: int, message: str, resumable: bool = True):
+    def __init__(self, signum: int, message: str, resumable: bool = True, result: TrainResult | None = None):
         super().__init__(message)
         self.signum, self.resumable = signum, resumable  # resumable: --resume continues it (not a finished run)
+        self.result = result
 
     @property
     def exit_code(self) -> int:

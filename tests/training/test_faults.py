@@ -460,11 +460,40 @@ def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_d
         m.setattr(T, "optimizer_step", last_step_then_sigterm)
         with pytest.raises(Stopped) as e:
             train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
-    assert e.value.signum == signal.SIGTERM and not e.value.resumable
+    assert e.value.signum == signal.SIGTERM and not e.value.resumable and e.value.result.steps == 3
     assert str(e.value) == (f"stopped by SIGTERM at the end of the run (step 3 of 3); it had finished: adapter "
                             f"written to {out / 'adapter'}")
     assert verify_checkpoint(out / "checkpoints" / "step-0000003") is None
     assert_equal_adapters(adapter(out), whole)
+
+
+def test_the_cli_run_a_signal_reached_in_its_last_step_ends_as_finished(tiny_dir, data_file, tmp_path, whole, capfd):
+    """`loraforge train` whose SIGTERM came during the last step (3 of 3) used to exit 143 although its adapter,
+    metrics and last checkpoint were complete (the dashboard listed it as stopped). The run had finished: the CLI
+    exits 0 with its finished line, after one line saying when the signal came and that nothing is left to resume."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    real = T.optimizer_step
+
+    def last_step_then_sigterm(run, batches):
+        result = real(run, batches)
+        if run.step == 2:  # in the middle of the third and last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", last_step_then_sigterm)
+        m.setenv("TQDM_DISABLE", "1")
+        assert main(["train", str(cfg), *run_args(tiny_dir, data_file, out)]) == 0
+    said = capfd.readouterr()
+    assert said.err.splitlines()[-1] == ("SIGTERM came during the last step (step 3); the run finished whole first, so "
+                                         "it ends as finished, with nothing to resume")
+    assert said.out.splitlines()[-1].startswith(f"adapter written to {out / 'adapter'} after 3 steps: final loss ")
+    assert verify_checkpoint(out / "checkpoints" / "step-0000003") is None
+    assert_equal_adapters(adapter(out), whole)
+    assert status(out, {"pid": 1, "exit_code": 0}) == "finished"
 
 
 def test_a_stopped_torchrun_process_ignores_later_copies_of_the_signal_until_it_has_ended():
