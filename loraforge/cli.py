@@ -509,7 +509,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _ended(signum, frame):
+    """Ctrl-C once the command has ended, while the interpreter tears down (torch's part alone takes a second or
+    more): exit 130 at once, rather than with a KeyboardInterrupt traceback from an atexit callback or a thread join."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a write the signal interrupted: "reentrant call"
+            stream.flush()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
+    command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
+    program) gets its SIGINT handler back as it was."""
     _INTERRUPTED.clear()
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
@@ -527,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler if argv is not None else _ended)
 
 
 def one_line_warnings() -> None:

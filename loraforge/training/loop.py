@@ -357,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     caller's run_precision(cfg, device) where it already resolved it (decided, warned about and printed by it).
     """
     with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
-        stage = "set-up"
+        stage, run = "set-up", None
         try:
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
@@ -370,6 +370,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                                                f"{run.total_steps}); it had finished: {result.saved} written to "
                                                f"{run.out / result.saved}", resumable=False, result=result)
             return result
+        except Interrupted as e:  # a second signal: say what is left to continue from (StopRequest cannot know)
+            raise interrupted_again(e, last_good_checkpoint(run) if run is not None else None, stage) from None
         except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
             if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
                 raise
@@ -707,6 +709,30 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum
 
 
+class Interrupted(Stopped):
+    """A second signal (`signum`) interrupted the step, or the final save, that the `first` one asked the run to
+    finish: it stops at once, without a checkpoint of that step."""
+
+    def __init__(self, signum: int, first: int, message: str | None = None, resumable: bool = True):
+        super().__init__(signum, message or f"interrupted by {signal.Signals(signum).name} after "
+                                            f"{signal.Signals(first).name}, in the middle of a step; the last "
+                                            f"complete checkpoint is kept", resumable)
+        self.first = first
+
+
+def interrupted_again(e: Interrupted, last: Path | None, stage: str) -> Interrupted:
+    """The line a run interrupted by a second signal ends with: the checkpoint --resume continues from, or that there
+    is none (a run stopped before its first save said "the last complete checkpoint is kept" and to --resume, which
+    then refused: no checkpoint)."""
+    head = (f"interrupted by {signal.Signals(e.signum).name} after {signal.Signals(e.first).name}, "
+            f"{'while writing the result' if stage == 'finish' else 'in the middle of a step'}: stopping without "
+            f"a checkpoint")
+    if last is None:
+        return Interrupted(e.signum, e.first, f"{head} (none was written yet, so there is nothing to resume: start "
+                                              f"the run again with --overwrite)", resumable=False)
+    return Interrupted(e.signum, e.first, f"{head} of it; the last complete checkpoint, {last}, is kept")
+
+
 class StopRequest:
     """Inside the block, the first SIGINT (Ctrl-C, the dashboard's stop), SIGTERM (`kill`, `docker stop`, systemd,
     Kubernetes, Slurm's pre-emption), SIGUSR1 (Slurm's `--signal`) or SIGHUP (the terminal or SSH session closed)
@@ -732,8 +758,7 @@ class StopRequest:
         if self.requested and self.world > 1:
             return  # torchrun forwarded it again, or a second one: this step ends, the agent's grace period rules
         if self.requested:
-            raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} after {self.name}, in the middle "
-                                  f"of a step; the last complete checkpoint is kept")
+            raise Interrupted(signum, self.signum)
         self.requested, self.signum = True, signum
         key = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         again = "" if self.world > 1 else f"; {key} again stops at once"

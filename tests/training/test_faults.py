@@ -580,6 +580,85 @@ def test_a_signalled_cli_run_exits_128_plus_the_signal_with_its_checkpoint(tiny_
     assert status(out, {"pid": proc.pid, "exit_code": proc.returncode}) == "stopped"
 
 
+@pytest.mark.parametrize("save_every", [1, 0])
+def test_a_second_ctrl_c_in_a_step_stops_at_once_naming_the_checkpoint_left_or_none(tiny_dir, data_file, tmp_path,
+                                                                                       save_every, capfd):
+    """Ctrl-C twice in step 2: the second interrupts the step. Its line said "the last complete checkpoint is kept;
+    continue with --resume" also where none had been written (save_every 0), and --resume then refused. Now it
+    names the checkpoint --resume continues from, or says there is none and how to start again; exit 130."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    real = T.optimizer_step
+
+    def ctrl_c_twice(run, batches):
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish this step, then stop with a checkpoint
+            os.kill(os.getpid(), signal.SIGINT)  # the second, before the step's work: at once
+        return real(run, batches)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", ctrl_c_twice)
+        m.setenv("TQDM_DISABLE", "1")
+        code = main(["train", str(cfg), *run_args(tiny_dir, data_file, out), f"training.save_every={save_every}"])
+    assert code == 130
+    last = capfd.readouterr().err.splitlines()[-1]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    head = "interrupted by SIGINT after SIGINT, in the middle of a step: stopping without a checkpoint"
+    if save_every:
+        assert ckpts == [out / "checkpoints" / "step-0000001"]
+        assert last == f"{head} of it; the last complete checkpoint, {ckpts[0]}, is kept; continue with --resume"
+    else:
+        assert ckpts == []
+        assert last == (f"{head} (none was written yet, so there is nothing to resume: start the run again with "
+                        f"--overwrite)")
+
+
+def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(tiny_dir, data_file, tmp_path):
+    """A real `loraforge train` (slow steps: 8 micro-batches each) given Ctrl-C twice, 0.05 s apart, once it has
+    logged a step: one line saying the step was interrupted, exit 130, no traceback."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    args = run_args(tiny_dir, data_file, out) + ["training.max_steps=1000", "training.save_every=0",
+                                                 "training.log_every=1", "training.gradient_accumulation=8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    with open(tmp_path / "err.txt", "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=e,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell does
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().endswith("\n")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1].startswith("interrupted by SIGINT after SIGINT, in the middle of a step: stopping "
+                                              "without a checkpoint"), stderr[-3000:]
+
+
+def test_ctrl_c_after_the_command_has_ended_exits_130_at_once_without_a_traceback(tmp_path):
+    """The process's own command line (main() without argv): a Ctrl-C after the command's last line, while the
+    interpreter tears down, raised KeyboardInterrupt outside main, a traceback (or, later, death by SIGINT). Now it
+    exits 130 at once; the command's output is flushed first."""
+    script = ("import os, signal, sys, time\nfrom loraforge.cli import main\nsys.argv = ['loraforge', 'eval']\n"
+              "code = main()\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\nsys.exit(code)\n")
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (proc.returncode, proc.stderr) == (130, "error: invalid config:\n  eval: give a DATA file, or --probe mc "
+                                                   "text kl (or both)\n")
+    assert time.monotonic() - began < 25  # not the 30 s sleep
+
+
 # --- one run per output_dir; output folders that cannot be written ----------------------------------------------
 
 def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_dir, data_file, tmp_path):
