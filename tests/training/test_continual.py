@@ -179,8 +179,9 @@ def test_all_linear_and_the_names_peft_expanded_it_to_select_the_same_layers(tin
     tensors are PEFT's), and a list selecting other layers is still refused."""
     start, out = tmp_path / "start", tmp_path / "out"
     torch.manual_seed(0)
-    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
-                        peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(start)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(start)
     saved = json.loads((start / "adapter_config.json").read_text())["target_modules"]
     assert len(saved) == 14 and "model.layers.1.mlp.down_proj" in saved  # 2 layers × 7 linear layers, by path
     assert train(config(tiny_dir, data_file, out, start, "lora.target_modules=all-linear", "lora.r=4"),
