@@ -93,11 +93,24 @@ def train(config: str, overrides: list[str] = (), resume: bool = False, quantize
         overwrite: write into a non-empty output_dir (an earlier run there is started over; never the data's folder)
     """
     from loraforge.config import load_train_config
+    from loraforge.training.loop import Stopped
     from loraforge.training.loop import train as run
 
-    result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume, overwrite=overwrite)
+    try:
+        result = run(load_train_config(config, _with_quantize(overrides, quantize)), resume=resume,
+                     overwrite=overwrite)
+    except Stopped as e:
+        if e.result is None:  # stopped before the end: its checkpoint, and --resume (run_command says so)
+            raise
+        result = e.result  # the signal came during the last step: the run finished whole, nothing to resume
+        if result.rank == 0:
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                print(f"{signal.Signals(e.signum).name} came during the last step (step {result.steps}); the run "
+                      f"finished whole first, so it ends as finished, with nothing to resume", file=sys.stderr,
+                      flush=True)
     if result.rank == 0:  # under torchrun every process returns; only rank 0 wrote the result
-        print(finished_line(result), flush=True)
+        with contextlib.suppress(OSError):
+            print(finished_line(result), flush=True)
 
 
 def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quantize: str | None = None,
@@ -270,6 +283,10 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
     if data is None and not probe:
         raise ConfigError(["eval: give a DATA file, or --probe mc text kl (or both)"])
+    if probe:  # --probe kl alone without --adapter: refused before the precision line and any loading
+        from loraforge.studies.probes import check_probes
+
+        check_probes(list(probe), adapter)
     chosen = _precision(precision, dtype)
     records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
     print(chosen.line(training=False), flush=True)
@@ -496,7 +513,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _ended(signum, frame):
+    """Ctrl-C once the command has ended, while the interpreter tears down (torch's part alone takes a second or
+    more): exit 130 at once, rather than with a KeyboardInterrupt traceback from an atexit callback or a thread join."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a write the signal interrupted: "reentrant call"
+            stream.flush()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
+    command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
+    program) gets its SIGINT handler back as it was."""
     _INTERRUPTED.clear()
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
@@ -514,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, signal.default_int_handler if argv is not None else _ended)
 
 
 def one_line_warnings() -> None:

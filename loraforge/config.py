@@ -43,6 +43,7 @@ MAX_RANK = 1 << 16
 MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
 MAX_COLLECTIVE_TIMEOUT = 1e9  # seconds: datetime.timedelta, which the process group takes, overflows from ~8.6e13
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
+USUAL_SCALE = (1e-4, 1e3)  # lora_alpha / r (or / sqrt(r)) outside this is legal but almost surely a typo: warned about
 
 
 class ConfigError(ValueError):
@@ -801,6 +802,8 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
+        if self.method in ("lora", "qlora", "dora"):
+            scale_warning(self.lora)
         if self.method == "full" and self.model.quantization:  # bitsandbytes' traceback: "only Tensors of floating…"
             validate([f"model.quantization: {self.model.quantization} stores the base in a few bits, which method: "
                       f"full cannot train (every weight trains); remove model.quantization, or train an adapter on "
@@ -815,6 +818,20 @@ class TrainConfig:
     def quantization(self) -> str | None:
         """How the frozen base is stored: model.quantization, else nf4 for method qlora, else None (unquantized)."""
         return self.model.quantization or ("nf4" if self.method == "qlora" else None)
+
+
+def scale_warning(lora: LoraConfig) -> None:
+    """Warn about a legal lora.lora_alpha whose scale (lora_alpha / r, or / sqrt(r) with use_rslora) is far outside
+    USUAL_SCALE: with lora_alpha 1e6 a run trained without a word, each update a million times too large."""
+    r, rule = (math.sqrt(lora.r), "sqrt(r)") if lora.use_rslora else (lora.r, "r")
+    scale = lora.lora_alpha / r
+    low, high = USUAL_SCALE
+    if low <= scale <= high:
+        return
+    effect = "updates that large usually diverge" if scale > high else "updates that small barely train"
+    warnings.warn(f"lora.lora_alpha: {lora.lora_alpha:g} makes the adapter's scale lora_alpha / {rule} = "
+                  f"{lora.lora_alpha:g} / {r:g} = {scale:.3g}, outside the usual {low:g} to {high:g} (most runs use "
+                  f"1 to 2); {effect}: try lora.lora_alpha: {round(2 * r)} (2*{rule})", stacklevel=4)
 
 
 class DuplicateKey(Exception):

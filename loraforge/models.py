@@ -494,6 +494,16 @@ def load_config(name_or_path: str):
         return AutoConfig.from_pretrained(path)
 
 
+def model_skeleton(name_or_path: str):
+    """The model's modules built from its config on the meta device: no weights read, no memory for them; to check
+    settings that depend on its layers (which ones target_modules selects) before the model loads."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: str | None = None,
                device: str | torch.device = "cpu", quant_storage: torch.dtype = torch.uint8):
     """Load a causal LM. `quantize` ("nf4", "fp4", "int8") stores its linear layers with bitsandbytes; a 4-bit

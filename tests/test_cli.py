@@ -16,7 +16,7 @@ from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
-from helpers import randomize
+from helpers import forbid_loading, randomize
 
 
 def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path):
@@ -224,6 +224,28 @@ def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
     task.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {small}}}\n")  # no data.eval: split from train
     assert main(["forgetting", str(task), "--out", str(tmp_path / "fg")]) == 2
     assert f"{small} has 5 records and data.eval is unset" in capsys.readouterr().err
+
+
+def test_eval_probe_kl_without_adapter_is_refused_before_the_precision_line_or_any_loading(tiny_dir, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """Soak: `eval --probe kl` without --adapter printed the precision line and read DATA before its refusal. Now the
+    refusal is the one line the command prints (DATA, absent here, is not read, nor the model loaded); with mc and
+    text too, those run as before and kl's line says it needs an adapter."""
+    import loraforge.studies.forgetting as forgetting
+    from loraforge.studies.probes import load_probe
+
+    forbid_loading(monkeypatch, forgetting)
+    assert main(["eval", str(tmp_path / "absent.jsonl"), "--model", str(tiny_dir), "--probe", "kl"]) == 2
+    assert capsys.readouterr() == ("", "error: invalid arguments:\n  --probe kl: needs --adapter (KL compares the "
+                                       "model with and without it; without one the model is the base and KL is 0)\n")
+    monkeypatch.undo()
+    short = {"mc": lambda: load_probe("mc")[:8], "text": lambda: load_probe("text")[:300]}  # seconds, not 13
+    monkeypatch.setattr(forgetting, "load_probe", lambda name: short[name]())
+    assert main(["eval", "--model", str(tiny_dir), "--probe", "mc", "text", "kl", "--precision", "fp32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["precision fp32", "MC accuracy", "perplexity on general text",
+                                                      "KL vs base"]
+    assert lines[-1] == "KL vs base: needs --adapter (without one the model is the base: KL = 0)"
 
 
 # ------------------------------------------------------------------ precision: eval, generate, serve follow the rule

@@ -438,3 +438,25 @@ def test_override_keys_with_spaces_read_and_empty_names_are_refused():
     assert load_train_config(None, [DATA, "lora.r = 16"]).lora.r == 16
     for item in ("lora..r=4", "lora.=4", ".r=4"):
         assert problems(item) == [f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"]
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["lora.lora_alpha=1e6"], "lora.lora_alpha: 1e+06 makes the adapter's scale lora_alpha / r = 1e+06 / 8 = "
+     "1.25e+05, outside the usual 0.0001 to 1000 (most runs use 1 to 2); updates that large usually diverge: try "
+     "lora.lora_alpha: 16 (2*r)"),
+    (["lora.lora_alpha=1e-4", "lora.use_rslora=true", "lora.r=64"], "lora.lora_alpha: 0.0001 makes the adapter's "
+     "scale lora_alpha / sqrt(r) = 0.0001 / 8 = 1.25e-05, outside the usual 0.0001 to 1000 (most runs use 1 to 2); "
+     "updates that small barely train: try lora.lora_alpha: 16 (2*sqrt(r))"),
+])
+def test_a_lora_alpha_of_an_extreme_scale_is_warned_about_and_still_trains(overrides, said):
+    """Soak: lora_alpha 1e6 (a scale of 125,000) trained without a word. Such a scale is legal (PEFT saves and loads
+    it), so the config loads with the value as written, and one warning names the field, the scale and the usual
+    range; a usual alpha warns nothing."""
+    with pytest.warns(UserWarning) as record:
+        cfg = load_train_config(None, [DATA, *overrides])
+    assert [str(w.message) for w in record] == [said]
+    assert cfg.lora.lora_alpha == float(overrides[0].split("=")[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_train_config(None, [DATA, "lora.lora_alpha=8000"])  # scale 1000: the edge of the usual range
+        load_train_config(None, [DATA, "lora.lora_alpha=16", "lora.use_rslora=true", "lora.r=64"])

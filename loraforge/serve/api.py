@@ -148,6 +148,7 @@ def add_auth(app: FastAPI, api_key: str | None) -> None:
 
 SHUTDOWN_GRACE_S = 3  # Ctrl-C / SIGTERM: open streams (event streams, generations) are cut after this many seconds
 SHUTDOWN_MARGIN_S = 2  # then uvicorn cancels the handlers still open: time for the cut ones to answer
+FORCED_S = 1  # a second Ctrl-C: the open requests are cut at once, and those not answered after this are cancelled
 SHUTTING_DOWN = "the server is shutting down; retry the request"
 
 
@@ -407,6 +408,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     if max_body_bytes is None:
         max_body_bytes = BODY_OVERHEAD + BODY_BYTES_PER_CHAR * max_chars
     app.state.cut = lambda: engine.stop(timeout=0)  # what run_until_signal ends the open requests with
+    app.state.forced = False  # set by run_until_signal after a second Ctrl-C: nothing more is waited for
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes,  # inside the auth: a request without the key is not read
                        why=f"room for a prompt of the model's {engine.context_length}-token context")
@@ -509,6 +511,37 @@ class _GracefulServer(uvicorn.Server):
         if self.cut is not None:  # not called if every connection closes first: the loop ends before it
             asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, self.cut)
         await super().shutdown(sockets)
+        if self.force_exit:
+            await self.end_forced()
+
+    async def end_forced(self) -> None:
+        """After a second Ctrl-C uvicorn returns at once, skipping the app's lifespan shutdown and leaving requests
+        open; asyncio.run then cancelled them all, and starlette and uvicorn logged each CancelledError as a
+        traceback. Here the engine stops now (each open request gets its abort and answers), the lifespan ends, and
+        a request still open after FORCED_S (a step that long) is cancelled without its traceback."""
+        if self.cut is not None:
+            self.cut()
+        await self.lifespan.shutdown()
+        late = set(self.server_state.tasks)
+        if late:
+            _, late = await asyncio.wait(late, timeout=FORCED_S)
+        if late:
+            quiet = _DropCancelled()
+            logging.getLogger("uvicorn.error").addFilter(quiet)  # run_asgi logs a cancelled handler as an error
+            try:
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
+            finally:
+                logging.getLogger("uvicorn.error").removeFilter(quiet)
+
+
+class _DropCancelled(logging.Filter):
+    """Drops the log records of a cancelled handler (uvicorn's "Exception in ASGI application" for its CancelledError):
+    after a second Ctrl-C that cancel is the stop asked for, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def server_config(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,
@@ -536,12 +569,16 @@ def run_until_signal(app, host: str, port: int, log_level: str, header_timeout: 
     header_timeout, max_connections: server_config's."""
     config = server_config(app, host, port, log_level, header_timeout, max_connections,
                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
-    server = _GracefulServer(config, cut=getattr(getattr(app, "state", None), "cut", None))
+    state = getattr(app, "state", None)
+    server = _GracefulServer(config, cut=getattr(state, "cut", None))
     try:
         server.run()  # re-raises a signal it caught: Ctrl-C ends in KeyboardInterrupt, SIGTERM ends the process
     except SystemExit:  # uvicorn exits when it cannot listen
         if server.started:
             raise
+    finally:
+        if server.force_exit and state is not None:
+            state.forced = True
     caught = getattr(server, "_captured_signals", [])  # re-raised, but a no-op where the signal was ignored
     if signal.SIGINT in caught:  # started with SIGINT ignored (a background job, nohup): still a stop, not an end
         raise KeyboardInterrupt
@@ -620,4 +657,4 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         run_until_signal(app, host, port, log_level="info", header_timeout=header_timeout,
                          max_connections=max_connections)
     finally:
-        engine.stop()
+        engine.stop(timeout=0 if app.state.forced else 10)  # a second Ctrl-C waits for no step to end

@@ -33,7 +33,7 @@ from loraforge.models import cache_dir, conversion_paths, load_base
 from loraforge.precision import autocast
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
-from loraforge.studies.probes import (PPL_WINDOW, kl_divergence, load_probe, mc_accuracy, perplexity,
+from loraforge.studies.probes import (PPL_WINDOW, check_probes, kl_divergence, load_probe, mc_accuracy, perplexity,
                                       prefix_sharing_logits, probe_window)
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
@@ -583,12 +583,7 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
         dtype: fp32, bf16 or fp16 storage of the base
         precision: the compute precision matmuls autocast to (fp32, bf16, fp16; loraforge.precision)
     """
-    unknown = set(probe) - {"mc", "text", "kl"}
-    if unknown:
-        raise ConfigError([f"--probe: unknown probe(s) {sorted(unknown)}; use mc, text and/or kl"])
-    if set(probe) == {"kl"} and not adapter:  # before the model loads: there would be nothing to measure
-        raise ConfigError(["--probe kl: needs --adapter (KL compares the model with and without it; without one "
-                           "the model is the base and KL is 0)"])
+    check_probes(probe, adapter)  # before the model loads
     base, tokenizer = load_base(model, dtype=dtype)
     if adapter:
         load_adapter(base, adapter)

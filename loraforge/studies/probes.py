@@ -20,6 +20,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
+from loraforge.config import ConfigError
 from loraforge.models import context_length
 from loraforge.utils.hf import cache_argument
 from loraforge.training.evaluate import perplexity_of, wilson_interval
@@ -28,6 +29,18 @@ from loraforge.training.loss import prefix_cache, split_head
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 PROBE_FILES = {"mc": "general_mc.jsonl", "text": "general_text.txt", "kl": "general_prompts.jsonl"}
+
+
+def check_probes(probe: Sequence[str], adapter: str | None) -> None:
+    """ConfigError, before any model or data loads, for an unknown probe name, or for kl asked alone without an
+    adapter (KL compares the model with and without it: without one there is nothing to measure). kl among others
+    without an adapter is no error: those run, and kl's line says it needs one."""
+    unknown = set(probe) - set(PROBE_FILES)
+    if unknown:
+        raise ConfigError([f"--probe: unknown probe(s) {sorted(unknown)}; use mc, text and/or kl"])
+    if set(probe) == {"kl"} and not adapter:
+        raise ConfigError(["--probe kl: needs --adapter (KL compares the model with and without it; without one "
+                           "the model is the base and KL is 0)"])
 
 
 def load_probe(name: str):

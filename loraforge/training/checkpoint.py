@@ -118,10 +118,17 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
                 shutil.rmtree(final)
     except DiskError as e:
         raise disk_stop(root, step, e) from None
-    old = sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]
-    for d in old:
-        shutil.rmtree(d, ignore_errors=True)
+    prune_checkpoints(root, cfg.training.keep_checkpoints)
     return final
+
+
+def prune_checkpoints(root: Path, keep: int, resumed: Path | None = None) -> None:
+    """Delete all but the `keep` newest checkpoints (training.keep_checkpoints), never `resumed` (the one a run
+    continues from). After every save, and when a run resumes: a kill between a save's rename and this pruning
+    left one checkpoint more than `keep` until the next save."""
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        if old != resumed:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def disk_stop(root: Path, step: int, error: DiskError) -> TrainingError:

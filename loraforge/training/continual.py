@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig, TrainConfig, lora_written
 from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
+from loraforge.lora.inject import find_targets
+from loraforge.models import model_skeleton
 from loraforge.utils.files import atomic_dir
 
 INIT_COPY = "init-adapter"  # under a run's checkpoints/: the adapter it started from, as it was then
@@ -38,6 +41,22 @@ def _same(a, b) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):  # target_modules: PEFT saves a set as a list, any order
         return set(a) == set(b)
     return a == b
+
+
+def same_layers(model_name: str, targets, config: LoraConfig) -> bool:
+    """Whether target_modules `targets` (this run's lora.target_modules) selects on the model the layers the adapter's
+    `config` does, the adapter's other settings (exclude_modules, layers_to_transform, ...) applying to both: PEFT
+    saves all-linear as the list of module names it expanded to, so the spellings differ for the same layers. The
+    model's structure only (models.model_skeleton); where it cannot be built, or a side selects nothing, the
+    spellings decide (not the same)."""
+    try:
+        model = model_skeleton(model_name)
+        with warnings.catch_warnings():  # find_targets' notes come again when the adapter is loaded onto the model
+            warnings.simplefilter("ignore")
+            ours = find_targets(model, dataclasses.replace(config, target_modules=targets))
+            return sorted(ours) == sorted(find_targets(model, config))
+    except Exception:  # noqa: BLE001 (a model that cannot be read is said by the load that follows; a refusal here)
+        return False
 
 
 def init_adapter_source(cfg: TrainConfig, ckpt_root: Path, resume: bool) -> Path | None:
@@ -93,6 +112,8 @@ def init_adapter_config(cfg: TrainConfig, source: Path | None = None) -> LoraCon
         ours, theirs = getattr(cfg.lora, f.name), getattr(config, f.name)
         left_out = f.name not in written if written is not None else _same(ours, getattr(default, f.name))
         if f.name in INFORMATIONAL or left_out or _same(ours, theirs):
+            continue
+        if f.name == "target_modules" and same_layers(cfg.model.name, ours, config):  # all-linear, and its expansion
             continue
         problems.append(f"lora.{f.name}: {ours!r} here, {theirs!r} in {source}; the adapter's settings are used "
                         f"when training on from it: remove lora.{f.name}, or leave out training.init_adapter to "

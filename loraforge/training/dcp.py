@@ -30,8 +30,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from loraforge.config import TrainConfig, to_dict
 from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
-                                           disk_stop, find_checkpoint, restore_rng, rng_state, sha256_file,
-                                           world_change)
+                                           disk_stop, find_checkpoint, prune_checkpoints, restore_rng, rng_state,
+                                           sha256_file, world_change)
 from loraforge.training.distributed import is_collective_failure
 from loraforge.utils.files import atomic_dir, disk_error
 
@@ -51,8 +51,7 @@ def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler,
             raise
         raise disk_stop(root, step, error) from None  # one line on every rank, not DCP's traceback per rank
     if dist.get_rank() == 0:
-        for old in sorted(root.glob("step-*"))[:-cfg.training.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, cfg.training.keep_checkpoints)
     dist.barrier()  # no process goes on before step-N is in place
     return final
 

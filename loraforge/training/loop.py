@@ -45,8 +45,8 @@ from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, resume_changes, rng_state,
-                                           save_checkpoint, schedule_changes)
+                                           last_checkpoint, load_checkpoint, prune_checkpoints, resume_changes,
+                                           rng_state, save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
@@ -357,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     caller's run_precision(cfg, device) where it already resolved it (decided, warned about and printed by it).
     """
     with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
-        stage = "set-up"
+        stage, run = "set-up", None
         try:
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
@@ -368,8 +368,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
                 if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
                     raise Stopped(stop.signum, f"stopped by {stop.name} at the end of the run (step {run.step} of "
                                                f"{run.total_steps}); it had finished: {result.saved} written to "
-                                               f"{run.out / result.saved}", resumable=False)
+                                               f"{run.out / result.saved}", resumable=False, result=result)
             return result
+        except Interrupted as e:  # a second signal: say what is left to continue from (StopRequest cannot know)
+            raise interrupted_again(e, last_good_checkpoint(run) if run is not None else None, stage) from None
         except RuntimeError as e:  # a peer died or hung: say so, and when, rather than a bare backend error
             if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
                 raise
@@ -576,6 +578,7 @@ def restore(run: Run) -> None:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
             shutil.rmtree(path, ignore_errors=True)
+        prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found)  # a kill left one more
     run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
     if run.scaler.is_enabled() and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
@@ -693,15 +696,41 @@ def checkpoint_state(run: Run) -> dict:
 class Stopped(KeyboardInterrupt):
     """A run stopped by a signal (StopRequest): `signum` names it, and the CLI exits with `exit_code`, 128 + its
     number, as a shell reports a process that signal ended (SIGINT 130, SIGTERM 143, SIGUSR1 138, SIGHUP 129 on
-    Linux)."""
+    Linux). `result`: the TrainResult of a run the signal reached during its last step, which finished whole (its
+    adapter and metrics written); a caller with more to do (demo, a study) stops, `loraforge train` has ended."""
 
-    def __init__(self, signum: int, message: str, resumable: bool = True):
+    def __init__(self, signum: int, message: str, resumable: bool = True, result: TrainResult | None = None):
         super().__init__(message)
         self.signum, self.resumable = signum, resumable  # resumable: --resume continues it (not a finished run)
+        self.result = result
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class Interrupted(Stopped):
+    """A second signal (`signum`) interrupted the step, or the final save, that the `first` one asked the run to
+    finish: it stops at once, without a checkpoint of that step."""
+
+    def __init__(self, signum: int, first: int, message: str | None = None, resumable: bool = True):
+        super().__init__(signum, message or f"interrupted by {signal.Signals(signum).name} after "
+                                            f"{signal.Signals(first).name}, in the middle of a step; the last "
+                                            f"complete checkpoint is kept", resumable)
+        self.first = first
+
+
+def interrupted_again(e: Interrupted, last: Path | None, stage: str) -> Interrupted:
+    """The line a run interrupted by a second signal ends with: the checkpoint --resume continues from, or that there
+    is none (a run stopped before its first save said "the last complete checkpoint is kept" and to --resume, which
+    then refused: no checkpoint)."""
+    head = (f"interrupted by {signal.Signals(e.signum).name} after {signal.Signals(e.first).name}, "
+            f"{'while writing the result' if stage == 'finish' else 'in the middle of a step'}: stopping without "
+            f"a checkpoint")
+    if last is None:
+        return Interrupted(e.signum, e.first, f"{head} (none was written yet, so there is nothing to resume: start "
+                                              f"the run again with --overwrite)", resumable=False)
+    return Interrupted(e.signum, e.first, f"{head} of it; the last complete checkpoint, {last}, is kept")
 
 
 class StopRequest:
@@ -729,8 +758,7 @@ class StopRequest:
         if self.requested and self.world > 1:
             return  # torchrun forwarded it again, or a second one: this step ends, the agent's grace period rules
         if self.requested:
-            raise Stopped(signum, f"interrupted by {signal.Signals(signum).name} after {self.name}, in the middle "
-                                  f"of a step; the last complete checkpoint is kept")
+            raise Interrupted(signum, self.signum)
         self.requested, self.signum = True, signum
         key = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         again = "" if self.world > 1 else f"; {key} again stops at once"

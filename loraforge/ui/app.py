@@ -337,4 +337,4 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
     try:
         run_until_signal(app, host, port, log_level="warning")
     finally:
-        engine.stop()
+        engine.stop(timeout=0 if app.state.forced else 10)  # a second Ctrl-C waits for no step to end

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from loraforge.serve import Engine, SamplingParams, ServeError
-from loraforge.serve.api import SHUTTING_DOWN, ServerThread, create_app
+from loraforge.serve.api import FORCED_S, SHUTTING_DOWN, ServerThread, create_app
 from loraforge.serve.errors import shown
 from loraforge.serve.sampling import sample
 from test_serve_engine import adapters_dir, collect, prompts, reference  # noqa: F401
@@ -512,6 +512,83 @@ def test_sigterm_answers_open_requests_as_json(decode_path, pause):
                                  "code": "shutting_down"}
     *_, last, done = got["stream"]  # with the 8 s step too (soak: it was cut mid-body, no error event, no [DONE])
     assert json.loads(last.removeprefix("data: "))["error"] == r.json()["error"] and done == "data: [DONE]"
+
+
+SLOW_CLI_SERVER = """
+import sys, time
+import loraforge.serve.api as api
+from loraforge.cli import main
+
+
+class SlowEngine(api.Engine):  # each decode step takes argv[3] seconds: the requests are open at the second Ctrl-C
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        step, pause = self._batch.step, float(sys.argv[3])
+        self._batch.step = lambda: (time.sleep(pause), step())[1]
+
+
+api.Engine = SlowEngine
+sys.exit(main(["serve", "--model", sys.argv[1], "--port", sys.argv[2], "--precision", "fp32"]))
+"""
+
+
+@pytest.mark.parametrize("pause", [0.05, 8.0])
+def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_path, pause):
+    """Hunt: Ctrl-C twice (uvicorn's force exit) left the app's lifespan and the open requests to asyncio.run's
+    cancel, and starlette and uvicorn logged a CancelledError traceback for each. Now the second Ctrl-C cuts the open
+    requests at once (the non-streamed one answers its JSON 503), ends the lifespan, cancels without a traceback what
+    a long step still holds after FORCED_S, and `serve` exits 130 with its one line, waiting for no step to end."""
+    if decode_path == "forward":
+        pytest.skip("the server's stop is the same on both decode paths")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI_SERVER, str(tiny_dir), str(port), str(pause)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
+        body = {"model": str(tiny_dir), "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+        got = {}
+
+        def whole():
+            got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                got["stream"] = [line for line in r.iter_lines() if line]
+
+        lines = []  # stderr's lines, each with the time it came
+
+        def read():
+            lines.extend((time.monotonic(), line) for line in proc.stderr)
+
+        threads = [threading.Thread(target=go) for go in (whole, stream)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+        reader = threading.Thread(target=read)
+        reader.start()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        again = time.monotonic()
+        for t in (*threads, reader):
+            t.join(60)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(line for _, line in lines)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "ERROR" not in err and "CancelledError" not in err, err
+    said, last = lines[-1]
+    assert last == "interrupted\n"
+    assert said - again < FORCED_S + 2  # the 8 s step is not waited for (it was, up to engine.stop's 10 s)
+    r = got["whole"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
 
 
 def _answers(url: str, proc: subprocess.Popen) -> bool:

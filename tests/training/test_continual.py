@@ -170,3 +170,24 @@ def test_adalora_and_missing_adapters_are_refused_clearly(tiny_dir, data_file, t
     with pytest.raises(ConfigError) as e:
         train(config(tiny_dir, data_file, tmp_path / "o2", tmp_path / "nothing"))
     assert e.value.problems == [f"training.init_adapter: no such adapter folder: {tmp_path / 'nothing'}"]
+
+
+def test_all_linear_and_the_names_peft_expanded_it_to_select_the_same_layers(tiny_dir, data_file, tmp_path):
+    """PEFT saves target_modules all-linear as the list of module names it expanded to; a run's own
+    lora.target_modules: all-linear was refused as a conflict with that list, though both select the same layers.
+    Now the two are compared by the layers they select on the model: the run trains on from the adapter (its
+    tensors are PEFT's), and a list selecting other layers is still refused."""
+    start, out = tmp_path / "start", tmp_path / "out"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(start)
+    saved = json.loads((start / "adapter_config.json").read_text())["target_modules"]
+    assert len(saved) == 14 and "model.layers.1.mlp.down_proj" in saved  # 2 layers × 7 linear layers, by path
+    assert train(config(tiny_dir, data_file, out, start, "lora.target_modules=all-linear", "lora.r=4"),
+                 progress=False).steps == 1
+    assert load_file(out / "adapter" / "adapter_model.safetensors").keys() == \
+        load_file(start / "adapter_model.safetensors").keys()
+    with pytest.raises(ConfigError) as e:
+        train(config(tiny_dir, data_file, tmp_path / "other", start, "lora.target_modules=[q_proj, v_proj]"))
+    assert e.value.problems[0].startswith("lora.target_modules: ('q_proj', 'v_proj') here, (")

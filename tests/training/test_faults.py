@@ -404,6 +404,45 @@ def test_ctrl_c_stops_after_its_step_with_a_checkpoint_and_resume_ends_alike(tin
     assert_equal_adapters(adapter(out), whole)
 
 
+class Killed(BaseException):
+    """A kill at a chosen point: nothing in the run catches it."""
+
+
+def test_a_kill_between_a_save_and_its_pruning_leaves_an_extra_checkpoint_that_resume_prunes(tiny_dir, data_file,
+                                                                                               tmp_path, whole):
+    """training.keep_checkpoints 1, killed after step 2's checkpoint was renamed into place but before step 1's was
+    pruned: two checkpoints stayed until the next save. Now --resume prunes to keep_checkpoints before the first step
+    (keeping the one it continues from), and the run ends with the uninterrupted run's adapter."""
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, data_file, out) + ["training.keep_checkpoints=1"]
+    real = shutil.rmtree
+
+    def killed_in_pruning(path, *a, **k):
+        if Path(path).name == "step-0000001":
+            raise Killed
+        return real(path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shutil, "rmtree", killed_in_pruning)
+        with pytest.raises(Killed):
+            train(load_train_config(None, args), progress=False)
+    ckpts = out / "checkpoints"
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # one more than kept
+    step = T.optimizer_step
+    seen = []
+
+    def first_step_sees(run, batches):
+        seen.append(sorted(d.name for d in ckpts.iterdir()))
+        return step(run, batches)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", first_step_sees)
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert seen == [["step-0000002"]]  # pruned at resume, the checkpoint it resumed from kept
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step-0000003"]
+    assert_equal_adapters(adapter(out), whole)
+
+
 def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_dir, data_file, tmp_path, whole):
     """SIGTERM during the last step (3 of 3): the run finishes (its checkpoint, the adapter of the uninterrupted
     run) and then stops, so a caller such as `demo` ends with 143 instead of going on (the bug: the signal was
@@ -421,11 +460,40 @@ def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_d
         m.setattr(T, "optimizer_step", last_step_then_sigterm)
         with pytest.raises(Stopped) as e:
             train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
-    assert e.value.signum == signal.SIGTERM and not e.value.resumable
+    assert e.value.signum == signal.SIGTERM and not e.value.resumable and e.value.result.steps == 3
     assert str(e.value) == (f"stopped by SIGTERM at the end of the run (step 3 of 3); it had finished: adapter "
                             f"written to {out / 'adapter'}")
     assert verify_checkpoint(out / "checkpoints" / "step-0000003") is None
     assert_equal_adapters(adapter(out), whole)
+
+
+def test_the_cli_run_a_signal_reached_in_its_last_step_ends_as_finished(tiny_dir, data_file, tmp_path, whole, capfd):
+    """`loraforge train` whose SIGTERM came during the last step (3 of 3) used to exit 143 although its adapter,
+    metrics and last checkpoint were complete (the dashboard listed it as stopped). The run had finished: the CLI
+    exits 0 with its finished line, after one line saying when the signal came and that nothing is left to resume."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    real = T.optimizer_step
+
+    def last_step_then_sigterm(run, batches):
+        result = real(run, batches)
+        if run.step == 2:  # in the middle of the third and last step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", last_step_then_sigterm)
+        m.setenv("TQDM_DISABLE", "1")
+        assert main(["train", str(cfg), *run_args(tiny_dir, data_file, out)]) == 0
+    said = capfd.readouterr()
+    assert said.err.splitlines()[-1] == ("SIGTERM came during the last step (step 3); the run finished whole first, so "
+                                         "it ends as finished, with nothing to resume")
+    assert said.out.splitlines()[-1].startswith(f"adapter written to {out / 'adapter'} after 3 steps: final loss ")
+    assert verify_checkpoint(out / "checkpoints" / "step-0000003") is None
+    assert_equal_adapters(adapter(out), whole)
+    assert status(out, {"pid": 1, "exit_code": 0}) == "finished"
 
 
 def test_a_stopped_torchrun_process_ignores_later_copies_of_the_signal_until_it_has_ended():
@@ -510,6 +578,85 @@ def test_a_signalled_cli_run_exits_128_plus_the_signal_with_its_checkpoint(tiny_
     assert stderr.splitlines()[-1] == (f"stopped by {signal.Signals(signum).name} after step {n} of 100000: "
                                        f"checkpoint {ckpts / step} saved; continue with --resume")
     assert status(out, {"pid": proc.pid, "exit_code": proc.returncode}) == "stopped"
+
+
+@pytest.mark.parametrize("save_every", [1, 0])
+def test_a_second_ctrl_c_in_a_step_stops_at_once_naming_the_checkpoint_left_or_none(tiny_dir, data_file, tmp_path,
+                                                                                       save_every, capfd):
+    """Ctrl-C twice in step 2: the second interrupts the step. Its line said "the last complete checkpoint is kept;
+    continue with --resume" also where none had been written (save_every 0), and --resume then refused. Now it
+    names the checkpoint --resume continues from, or says there is none and how to start again; exit 130."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    real = T.optimizer_step
+
+    def ctrl_c_twice(run, batches):
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish this step, then stop with a checkpoint
+            os.kill(os.getpid(), signal.SIGINT)  # the second, before the step's work: at once
+        return real(run, batches)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "optimizer_step", ctrl_c_twice)
+        m.setenv("TQDM_DISABLE", "1")
+        code = main(["train", str(cfg), *run_args(tiny_dir, data_file, out), f"training.save_every={save_every}"])
+    assert code == 130
+    last = capfd.readouterr().err.splitlines()[-1]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    head = "interrupted by SIGINT after SIGINT, in the middle of a step: stopping without a checkpoint"
+    if save_every:
+        assert ckpts == [out / "checkpoints" / "step-0000001"]
+        assert last == f"{head} of it; the last complete checkpoint, {ckpts[0]}, is kept; continue with --resume"
+    else:
+        assert ckpts == []
+        assert last == (f"{head} (none was written yet, so there is nothing to resume: start the run again with "
+                        f"--overwrite)")
+
+
+def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(tiny_dir, data_file, tmp_path):
+    """A real `loraforge train` (slow steps: 8 micro-batches each) given Ctrl-C twice, 0.05 s apart, once it has
+    logged a step: one line saying the step was interrupted, exit 130, no traceback."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    args = run_args(tiny_dir, data_file, out) + ["training.max_steps=1000", "training.save_every=0",
+                                                 "training.log_every=1", "training.gradient_accumulation=8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    with open(tmp_path / "err.txt", "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=e,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell does
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().endswith("\n")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1].startswith("interrupted by SIGINT after SIGINT, in the middle of a step: stopping "
+                                              "without a checkpoint"), stderr[-3000:]
+
+
+def test_ctrl_c_after_the_command_has_ended_exits_130_at_once_without_a_traceback(tmp_path):
+    """The process's own command line (main() without argv): a Ctrl-C after the command's last line, while the
+    interpreter tears down, raised KeyboardInterrupt outside main, a traceback (or, later, death by SIGINT). Now it
+    exits 130 at once; the command's output is flushed first."""
+    script = ("import os, signal, sys, time\nfrom loraforge.cli import main\nsys.argv = ['loraforge', 'eval']\n"
+              "code = main()\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\nsys.exit(code)\n")
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (proc.returncode, proc.stderr) == (130, "error: invalid config:\n  eval: give a DATA file, or --probe mc "
+                                                   "text kl (or both)\n")
+    assert time.monotonic() - began < 25  # not the 30 s sleep
 
 
 # --- one run per output_dir; output folders that cannot be written ----------------------------------------------
