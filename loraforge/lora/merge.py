@@ -195,7 +195,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     combination_type:
       "cat":    exact: ΔW_new = Σ w_i ΔW_i, with rank Σ r_i (A and B stacked).
       "svd":    ΔW_new = the best rank-`svd_rank` approximation of Σ w_i ΔW_i (default: the largest r_i);
-                works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum.
+                works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum. A layer keeps at
+                most the rank its sum can have (min(out, in), Σ r_i), in rank_pattern where that is below r (a
+                warning when an svd_rank given is above it), never zero rows.
       "linear": PEFT's "linear": with c_i = sqrt(|w_i·s_i|), A_new = Σ sign(w_i·s_i)·c_i·A_i, B_new = Σ c_i·B_i
                 (needs equal ranks; equal to the weighted sum of ΔW only for a single adapter).
     Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
@@ -220,15 +222,29 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if combination_type == "linear" and len(ranks) > 1:
         raise ConfigError([f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; "
                            f"use 'cat' (exact) or 'svd'"])
+    layer_r = {}  # svd: per layer, the rank its ΔW can have (rank_pattern where it differs from r)
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
         new_r = int(svd_rank) if svd_rank is not None else max(ranks)
+        layer_r = {p: min(new_r, _svd_rank_cap(m, adapters)) for p, m in layers}
+        capped = [p for p, m in layers if new_r > _svd_rank_cap(m, adapters)]
+        new_r = max(layer_r.values())  # no layer holds zero rows past what its ΔW can have
+        if svd_rank is not None and capped:
+            used = sorted({layer_r[p] for p in capped})
+            shown = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
+            layers_text = "1 layer" if len(capped) == 1 else f"{len(capped)} layers"
+            warnings.warn(f"svd_rank {svd_rank} is above the rank the combined ΔW can have in {layers_text} "
+                          f"(min(out, in) of the layer, or the sum of the adapters' ranks there; e.g. {capped[0]}): "
+                          f"rank {shown} is used there (adapter r {new_r}"
+                          + (", the others in rank_pattern)" if len(set(layer_r.values())) > 1 else ")"),
+                          stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
     else:
         new_r = ranks.pop()
+    pattern = {p: k for p, k in layer_r.items() if k != new_r}  # exact paths; alpha = r keeps every scaling 1
     first = configs[adapters[0]]
-    config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
-                                 alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
+    config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern=pattern,
+                                 alpha_pattern=dict(pattern), target_modules=tuple(sorted(p for p, _ in layers)),
                                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
@@ -239,7 +255,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         if combination_type == "svd":
             total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
             U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-            k = min(new_r, S.numel())
+            k = A.shape[0]  # this layer's rank: min(svd_rank, what its ΔW can have)
             dropped = _dropped_energy(S, k)
             if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
                 truncated.append((path, dropped))
@@ -275,6 +291,18 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                       f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
                       f"(loraforge merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
+
+
+def _svd_rank_cap(layer: LoraLayer, adapters: list[str]) -> int:
+    """The largest rank Σ w_i ΔW_i can have in `layer`: min(out, in), and at most the sum of the adapters' ranks."""
+    out_features, in_features = _delta_shape(layer)
+    return min(out_features, in_features, sum(layer.r[a] for a in adapters if a in layer.r))
+
+
+def _delta_shape(layer: LoraLayer) -> tuple[int, int]:
+    """ΔW's (out, in) of `layer`: B's rows by A's columns, whatever the base layer's weight layout."""
+    name = next(iter(layer.r))
+    return layer.lora_B[name].weight.shape[0], layer.lora_A[name].weight.shape[1]
 
 
 def _dropped_energy(S: torch.Tensor, k: int) -> float:
