@@ -314,6 +314,19 @@ def _dropped_energy(S: torch.Tensor, k: int) -> float:
     return (energy[k:].sum() / energy.sum()).item()
 
 
+@torch.no_grad()
+def _check_forward(model: nn.Module, what: str) -> None:
+    """AdapterError starting with `what` when the merged model's logits on a probe of 8 tokens are NaN or inf: the
+    weights are finite, yet scaled this far the activations pass float32's range (`what` names --weights)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    probe = torch.arange(8, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
+    if torch.isfinite(model(probe).logits).all():
+        return
+    name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
+    raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
+                       f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+
+
 def _load_dtype(dtype: str, quantize: str | None) -> str:
     """The dtype to load the base in for an export in `dtype`: fp32, cast to `dtype` after the merge, so the export
     is round(W0 + ΔW), rounded once. W0 stored in bf16/fp16 is exact in fp32; loaded in its own dtype, the adapters'
@@ -387,7 +400,11 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         message = str(e).replace(repr("combined"), given)
         for name, adapter_dir in zip(names, adapters):
             message = message.replace(repr(name), str(adapter_dir))
+        if weights is not None and "NaN/inf weights" in message:  # the files held finite weights (load checked)
+            message = f"adapter {given}: the weighted ΔW passes float32's range (inf); use smaller --weights"
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
+    if weights is not None:  # finite weights of 1e35 still overflow the forward (gate·up of 1e37 each: inf)
+        _check_forward(model, f"cannot merge into --dtype {dtype}: adapter {given}")
     if loaded != dtype:  # merged in fp32: one rounding to --dtype, of W0 + ΔW
         for pname, param in model.named_parameters():
             cast = param.data.to(DTYPES[dtype])

@@ -502,3 +502,29 @@ def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
     assert str(e.value) == (f"--weights 0.5: cannot scale the adapter: '{tmp_path / 'dora'}' uses DoRA "
                             f"(use_dora): its magnitude vector is not a low-rank update. Leave --weights out to merge "
                             f"it as trained")
+
+
+@pytest.mark.parametrize("small_b", [True, False], ids=["finite-weights-nan-forward", "delta-overflows"])
+def test_weights_of_1e38_are_refused_naming_weights_and_the_value(small_b, tiny_dir, tmp_path):
+    """--weights 1e38 1: with B of 0.01 and scaling 1 the merged weights stay finite (|W| ~1e36), but SiLU(gate)·up
+    of such weights passes float32's range, and the checkpoint written gave NaN logits; with scaling 8 and B of 0.3
+    the weighted ΔW itself overflows, and the error blamed the adapters for "NaN/inf weights" they do not hold."""
+    config = LoraConfig(r=2, lora_alpha=2, target_modules="all-linear") if small_b else LoraConfig(r=2)
+    for name in ("a", "b"):
+        model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), config))
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B["default"].weight.mul_(0.01 if small_b else 1.0)
+        save_adapter(model, tmp_path / name)
+    adapters = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e38, 1.0])
+    start = f"cannot merge into --dtype fp32: adapter {adapters[0]}, {adapters[1]} with --weights 1e+38 1: "
+    if small_b:
+        assert re.fullmatch(re.escape(start) + r"the merged model's logits are NaN/inf \(its largest weight: "
+                            r"[0-9.]+e\+3[5-7] in model\.layers\.\d\.[a-z_.]+\); use smaller --weights", str(e.value))
+    else:
+        assert str(e.value) == start + "the weighted ΔW passes float32's range (inf); use smaller --weights"
+    assert not (tmp_path / "out").exists()
+    export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e3, 1.0])  # large, yet a working model
+    assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.tensor([[1, 2]])).logits).all()
