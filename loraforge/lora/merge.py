@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
+from loraforge.lora.adapters import (AdapterError, cast_adapter, load_adapter, read_adapter_config, require_adapter,
+                                     set_adapter)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, load_base
+from loraforge.models import DTYPES, conversion_paths, load_base, load_config
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -64,6 +65,11 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             layer.base_layer = _dequantized_linear(base)
             layer.merge(names)
             base = layer.base_layer.to(dtype)
+        elif base.weight.dtype in (torch.bfloat16, torch.float16):  # this layer alone in fp32: rounded once
+            dtype = base.weight.dtype
+            layer.base_layer = base.float()
+            layer.merge(names)
+            base = _cast_merged(layer.base_layer, dtype, names, path)
         else:
             layer.merge(names)
         set_submodule(model, path, base)
@@ -80,6 +86,17 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+def _cast_merged(base: nn.Module, dtype: torch.dtype, names: list[str], path: str) -> nn.Module:
+    """`base`, merged in fp32, cast back to `dtype`; MergeError naming the adapters when that passes its range."""
+    largest = base.weight.abs().max().item()
+    base.to(dtype)
+    if not torch.isfinite(base.weight).all():
+        named = ", ".join(map(repr, names))
+        raise MergeError(f"adapter {named}: the merged weight {path}.weight passes {str(dtype).removeprefix('torch.')}"
+                         f"'s range (|W| up to {largest:.4g}); merge in fp32 or bf16")
+    return base
 
 
 def _compute_dtype(model: nn.Module, base: nn.Module) -> torch.dtype:
@@ -249,6 +266,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
     inject(model, config, new_name, warn_rank=False)  # scaling = alpha / r = 1: the weights below carry all the scale
+    # in the combined adapters' dtype, not the base's: fp32 adapters on a bf16 base stay fp32 (export_merged)
+    cast_adapter(model, new_name, layers[0][1].lora_A[next(a for a in adapters if a in layers[0][1].r)].weight.dtype)
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
@@ -327,12 +346,22 @@ def _check_forward(model: nn.Module, what: str) -> None:
                        f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
 
 
-def _load_dtype(dtype: str, quantize: str | None) -> str:
-    """The dtype to load the base in for an export in `dtype`: fp32, cast to `dtype` after the merge, so the export
-    is round(W0 + ΔW), rounded once. W0 stored in bf16/fp16 is exact in fp32; loaded in its own dtype, the adapters'
-    A and B were cast to it too and ΔW built from rounded factors (half the elements of a bf16 merge off). A
-    quantized base is de-quantized in `dtype` as its training ran."""
-    return dtype if quantize is not None else "fp32"
+def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
+    """The dtype to load the base in for an export in `dtype`, so the export is round(W0 + ΔW), rounded once: a
+    base stored in `dtype` (bf16, fp16: its config's dtype) in it, each layer merged in fp32 and cast back
+    (merge_and_unload), with fp32 adapters (export_merged loads them so: their factors cast to bf16 built ΔW from
+    rounded values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
+    base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in `dtype` as its training ran."""
+    if quantize is not None:
+        return dtype
+    return dtype if dtype != "fp32" and _stored_dtype(base) == DTYPES[dtype] else "fp32"
+
+
+def _stored_dtype(base: str) -> torch.dtype | None:
+    """The dtype the base's config says its weights are stored in (None where it says none)."""
+    config = load_config(base)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
@@ -350,7 +379,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     the files the export writes are replaced there (plus an older export's weight files, which transformers would
     load instead of the new ones, and an adapter's files, which it would attach to them); the other files stay.
     Without `overwrite`, an `out_dir` another command filled meanwhile is left to it (FileExistsError).
-    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i).
+    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i); a base
+    stored in `dtype` (bf16, fp16) is loaded in it and merged a layer at a time (the model never whole in fp32).
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
     if not adapters:
@@ -376,12 +406,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
     check_replaceable(out_dir)
     check_writable(out_dir)
-    loaded = _load_dtype(dtype, quantize)
+    loaded = _load_dtype(base, dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
-        load_adapter(model, adapter_dir, name)
+        load_adapter(model, adapter_dir, name, dtype=torch.float32)  # ΔW from the file's values, on any base
         names.append(name)
     if combine:
         try:
@@ -402,6 +432,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
             message = message.replace(repr(name), str(adapter_dir))
         if weights is not None and "NaN/inf weights" in message:  # the files held finite weights (load checked)
             message = f"adapter {given}: the weighted ΔW passes float32's range (inf); use smaller --weights"
+        elif weights is not None:  # past fp16's range, merged a layer at a time (a base stored in fp16)
+            message += ", or with smaller --weights"
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
     if weights is not None:  # finite weights of 1e35 still overflow the forward (gate·up of 1e37 each: inf)
         _check_forward(model, f"cannot merge into --dtype {dtype}: adapter {given}")
