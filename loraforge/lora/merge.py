@@ -19,7 +19,7 @@ from loraforge.lora.adapters import (AdapterError, cast_adapter, load_adapter, r
                                      set_adapter)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, load_base, load_config
+from loraforge.models import DTYPES, conversion_paths, gguf_source, load_base, load_config
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -358,7 +358,10 @@ def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
 
 
 def _stored_dtype(base: str) -> torch.dtype | None:
-    """The dtype the base's config says its weights are stored in (None where it says none)."""
+    """The dtype the base's config says its weights are stored in (None where it says none); a GGUF base (the
+    built-in one too) is de-quantized into fp32 (models.convert_gguf), without reading its metadata here."""
+    if gguf_source(base) is not None:
+        return torch.float32
     config = load_config(base)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
