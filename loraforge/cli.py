@@ -227,7 +227,7 @@ def export(*, to: str, out: NonEmpty, adapter: NonEmpty | None = None, base: Non
     """Take the result elsewhere: GGUF for llama.cpp / Ollama / LM Studio, or an adapter vLLM serves as is.
 
     Args:
-        to: gguf (merged, one file), gguf-lora (the adapter alone + an Ollama Modelfile) or vllm (checked, converted)
+        to: gguf (merged, one file), gguf-lora (the adapter + an Ollama OUT.Modelfile) or vllm (checked, converted)
         out: the .gguf file (gguf, gguf-lora) or the adapter directory (vllm)
         adapter: the adapter directory (gguf: optional, without it the base alone is written)
         base: the base model the adapter was trained on (gguf, gguf-lora)
@@ -242,13 +242,13 @@ def export(*, to: str, out: NonEmpty, adapter: NonEmpty | None = None, base: Non
         print(f"GGUF written to {export_gguf(base, adapter, out, type=type or 'f16', overwrite=overwrite)} "
               f"(llama-cli -m FILE, or Ollama: FROM FILE)")
     elif to == "gguf-lora":
-        from .export.gguf_lora import export_gguf_lora
+        from .export.gguf_lora import export_gguf_lora, modelfile_path
 
         if adapter is None:
             raise ExportError("--to gguf-lora needs --adapter DIR")
         path = export_gguf_lora(base, adapter, out, type=type or "f32", overwrite=overwrite)
         print(f"llama.cpp LoRA adapter written to {path} (llama-cli -m BASE.gguf --lora {path}); "
-              f"Ollama: ollama create NAME -f {path.parent / 'Modelfile'}")
+              f"Ollama: ollama create NAME -f {modelfile_path(path)}")
     elif to == "vllm":
         from .export.vllm import convert_for_vllm
 

@@ -73,6 +73,12 @@ def lora_writer(path: Path, adapter: str | Path, hf_config, kind: str) -> gguf.G
     return writer
 
 
+def modelfile_path(out: Path) -> Path:
+    """The Ollama Modelfile written beside adapter file `out`, named after it (dates.gguf: dates.Modelfile), so two
+    adapters exported into one folder each keep their own."""
+    return Path(out).with_suffix(".Modelfile")
+
+
 def modelfile(base: str, adapter_file: Path) -> str:
     source = base_gguf(base)
     if source is not None:
@@ -80,17 +86,17 @@ def modelfile(base: str, adapter_file: Path) -> str:
     else:
         from_line = (f"# the base as GGUF first: loraforge export --to gguf --base {base} --out base.gguf\n"
                      f"FROM ./base.gguf")
-    return (f"# Ollama: ollama create NAME -f {adapter_file.parent / 'Modelfile'} && ollama run NAME\n"
+    return (f"# Ollama: ollama create NAME -f {modelfile_path(adapter_file)} && ollama run NAME\n"
             f"# The adapter applies on the exact base it was trained on.\n{from_line}\nADAPTER ./{adapter_file.name}\n")
 
 
 def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32",  # noqa: A002 (the CLI's name)
                      overwrite: bool = False) -> Path:
-    """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama `Modelfile` beside it."""
+    """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama Modelfile beside it (modelfile_path)."""
     if type not in KINDS:
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
     out = check_gguf_output(out, overwrite, base, adapter)
-    model_file = out.parent / "Modelfile"  # never `out` itself: that ends in .gguf (check_gguf_output)
+    model_file = modelfile_path(out)  # never `out` itself: that ends in .gguf (check_gguf_output)
     if model_file.is_dir():  # found now, not after the .gguf is written
         raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
                           f"folder, or choose another folder for --out")

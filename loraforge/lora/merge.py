@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
+from loraforge.lora.adapters import (AdapterError, cast_adapter, load_adapter, read_adapter_config, require_adapter,
+                                     set_adapter)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, load_base
+from loraforge.models import DTYPES, conversion_paths, gguf_source, load_base, load_config
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -64,6 +65,11 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             layer.base_layer = _dequantized_linear(base)
             layer.merge(names)
             base = layer.base_layer.to(dtype)
+        elif base.weight.dtype in (torch.bfloat16, torch.float16):  # this layer alone in fp32: rounded once
+            dtype = base.weight.dtype
+            layer.base_layer = base.float()
+            layer.merge(names)
+            base = _cast_merged(layer.base_layer, dtype, names, path)
         else:
             layer.merge(names)
         set_submodule(model, path, base)
@@ -80,6 +86,17 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
+
+
+def _cast_merged(base: nn.Module, dtype: torch.dtype, names: list[str], path: str) -> nn.Module:
+    """`base`, merged in fp32, cast back to `dtype`; MergeError naming the adapters when that passes its range."""
+    largest = base.weight.abs().max().item()
+    base.to(dtype)
+    if not torch.isfinite(base.weight).all():
+        named = ", ".join(map(repr, names))
+        raise MergeError(f"adapter {named}: the merged weight {path}.weight passes {str(dtype).removeprefix('torch.')}"
+                         f"'s range (|W| up to {largest:.4g}); merge in fp32 or bf16")
+    return base
 
 
 def _compute_dtype(model: nn.Module, base: nn.Module) -> torch.dtype:
@@ -195,7 +212,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     combination_type:
       "cat":    exact: ΔW_new = Σ w_i ΔW_i, with rank Σ r_i (A and B stacked).
       "svd":    ΔW_new = the best rank-`svd_rank` approximation of Σ w_i ΔW_i (default: the largest r_i);
-                works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum.
+                works for adapters of different ranks; exact when svd_rank ≥ the rank of the sum. A layer keeps at
+                most the rank its sum can have (min(out, in), Σ r_i), in rank_pattern where that is below r (a
+                warning when an svd_rank given is above it), never zero rows.
       "linear": PEFT's "linear": with c_i = sqrt(|w_i·s_i|), A_new = Σ sign(w_i·s_i)·c_i·A_i, B_new = Σ c_i·B_i
                 (needs equal ranks; equal to the weighted sum of ΔW only for a single adapter).
     Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
@@ -220,26 +239,42 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if combination_type == "linear" and len(ranks) > 1:
         raise ConfigError([f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; "
                            f"use 'cat' (exact) or 'svd'"])
+    layer_r = {}  # svd: per layer, the rank its ΔW can have (rank_pattern where it differs from r)
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
         new_r = int(svd_rank) if svd_rank is not None else max(ranks)
+        layer_r = {p: min(new_r, _svd_rank_cap(m, adapters)) for p, m in layers}
+        capped = [p for p, m in layers if new_r > _svd_rank_cap(m, adapters)]
+        new_r = max(layer_r.values())  # no layer holds zero rows past what its ΔW can have
+        if svd_rank is not None and capped:
+            used = sorted({layer_r[p] for p in capped})
+            shown = str(used[0]) if len(used) == 1 else f"{used[0]} to {used[-1]}"
+            layers_text = "1 layer" if len(capped) == 1 else f"{len(capped)} layers"
+            warnings.warn(f"svd_rank {svd_rank} is above the rank the combined ΔW can have in {layers_text} "
+                          f"(min(out, in) of the layer, or the sum of the adapters' ranks there; e.g. {capped[0]}): "
+                          f"rank {shown} is used there (adapter r {new_r}"
+                          + (", the others in rank_pattern)" if len(set(layer_r.values())) > 1 else ")"),
+                          stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
     else:
         new_r = ranks.pop()
+    pattern = {p: k for p, k in layer_r.items() if k != new_r}  # exact paths; alpha = r keeps every scaling 1
     first = configs[adapters[0]]
-    config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern={},
-                                 alpha_pattern={}, target_modules=tuple(sorted(p for p, _ in layers)),
+    config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern=pattern,
+                                 alpha_pattern=dict(pattern), target_modules=tuple(sorted(p for p, _ in layers)),
                                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
     inject(model, config, new_name, warn_rank=False)  # scaling = alpha / r = 1: the weights below carry all the scale
+    # in the combined adapters' dtype, not the base's: fp32 adapters on a bf16 base stay fp32 (export_merged)
+    cast_adapter(model, new_name, layers[0][1].lora_A[next(a for a in adapters if a in layers[0][1].r)].weight.dtype)
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
         if combination_type == "svd":
             total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
             U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-            k = min(new_r, S.numel())
+            k = A.shape[0]  # this layer's rank: min(svd_rank, what its ΔW can have)
             dropped = _dropped_energy(S, k)
             if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
                 truncated.append((path, dropped))
@@ -277,6 +312,18 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
+def _svd_rank_cap(layer: LoraLayer, adapters: list[str]) -> int:
+    """The largest rank Σ w_i ΔW_i can have in `layer`: min(out, in), and at most the sum of the adapters' ranks."""
+    out_features, in_features = _delta_shape(layer)
+    return min(out_features, in_features, sum(layer.r[a] for a in adapters if a in layer.r))
+
+
+def _delta_shape(layer: LoraLayer) -> tuple[int, int]:
+    """ΔW's (out, in) of `layer`: B's rows by A's columns, whatever the base layer's weight layout."""
+    name = next(iter(layer.r))
+    return layer.lora_B[name].weight.shape[0], layer.lora_A[name].weight.shape[1]
+
+
 def _dropped_energy(S: torch.Tensor, k: int) -> float:
     """The fraction of Σσ² (ΔW's energy) in the singular values `S` (descending) past the first `k`. S is divided
     by its largest value first: squared as they are, σ of 1e20 overflow fp32 and σ of 1e-20 underflow to 0."""
@@ -286,12 +333,38 @@ def _dropped_energy(S: torch.Tensor, k: int) -> float:
     return (energy[k:].sum() / energy.sum()).item()
 
 
-def _load_dtype(dtype: str, quantize: str | None) -> str:
-    """The dtype to load the base in for an export in `dtype`: fp32, cast to `dtype` after the merge, so the export
-    is round(W0 + ΔW), rounded once. W0 stored in bf16/fp16 is exact in fp32; loaded in its own dtype, the adapters'
-    A and B were cast to it too and ΔW built from rounded factors (half the elements of a bf16 merge off). A
-    quantized base is de-quantized in `dtype` as its training ran."""
-    return dtype if quantize is not None else "fp32"
+@torch.no_grad()
+def _check_forward(model: nn.Module, what: str) -> None:
+    """AdapterError starting with `what` when the merged model's logits on a probe of 8 tokens are NaN or inf: the
+    weights are finite, yet scaled this far the activations pass float32's range (`what` names --weights)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    probe = torch.arange(8, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
+    if torch.isfinite(model(probe).logits).all():
+        return
+    name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
+    raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
+                       f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+
+
+def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
+    """The dtype to load the base in for an export in `dtype`, so the export is round(W0 + ΔW), rounded once: a
+    base stored in `dtype` (bf16, fp16: its config's dtype) in it, each layer merged in fp32 and cast back
+    (merge_and_unload), with fp32 adapters (export_merged loads them so: their factors cast to bf16 built ΔW from
+    rounded values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
+    base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in `dtype` as its training ran."""
+    if quantize is not None:
+        return dtype
+    return dtype if dtype != "fp32" and _stored_dtype(base) == DTYPES[dtype] else "fp32"
+
+
+def _stored_dtype(base: str) -> torch.dtype | None:
+    """The dtype the base's config says its weights are stored in (None where it says none); a GGUF base (the
+    built-in one too) is de-quantized into fp32 (models.convert_gguf), without reading its metadata here."""
+    if gguf_source(base) is not None:
+        return torch.float32
+    config = load_config(base)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
@@ -309,7 +382,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     the files the export writes are replaced there (plus an older export's weight files, which transformers would
     load instead of the new ones, and an adapter's files, which it would attach to them); the other files stay.
     Without `overwrite`, an `out_dir` another command filled meanwhile is left to it (FileExistsError).
-    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i).
+    The merge runs in fp32 (unless `quantize`) and is rounded once to `dtype`: round(W0 + Σ w_i ΔW_i); a base
+    stored in `dtype` (bf16, fp16) is loaded in it and merged a layer at a time (the model never whole in fp32).
     An `out_dir` that is, holds or lies inside the base or an adapter is refused (loraforge.utils.outputs).
     """
     if not adapters:
@@ -335,12 +409,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
     check_replaceable(out_dir)
     check_writable(out_dir)
-    loaded = _load_dtype(dtype, quantize)
+    loaded = _load_dtype(base, dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
-        load_adapter(model, adapter_dir, name)
+        load_adapter(model, adapter_dir, name, dtype=torch.float32)  # ΔW from the file's values, on any base
         names.append(name)
     if combine:
         try:
@@ -359,7 +433,13 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         message = str(e).replace(repr("combined"), given)
         for name, adapter_dir in zip(names, adapters):
             message = message.replace(repr(name), str(adapter_dir))
+        if weights is not None and "NaN/inf weights" in message:  # the files held finite weights (load checked)
+            message = f"adapter {given}: the weighted ΔW passes float32's range (inf); use smaller --weights"
+        elif weights is not None:  # past fp16's range, merged a layer at a time (a base stored in fp16)
+            message += ", or with smaller --weights"
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
+    if weights is not None:  # finite weights of 1e35 still overflow the forward (gate·up of 1e37 each: inf)
+        _check_forward(model, f"cannot merge into --dtype {dtype}: adapter {given}")
     if loaded != dtype:  # merged in fp32: one rounding to --dtype, of W0 + ΔW
         for pname, param in model.named_parameters():
             cast = param.data.to(DTYPES[dtype])

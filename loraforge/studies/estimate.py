@@ -3,9 +3,10 @@
 `estimate("7b", "qlora", batch_size=1, seq_len=512)` → {"weights": bytes, "adapter": ..., "gradients": ...,
 "optimizer_states": ..., "activations": ..., "total": ...}. Shapes: well-known Llama sizes ("7b", "13b",
 "70b", and LLaMA-1 "65b"), a local transformers directory or the built-in model (its config.json): a Llama-style
-decoder (llama, mistral, qwen2, qwen3, or any config with their fields; head_dim where the config sets it) or a
-mixture of experts it knows (mixtral, qwen3_moe). A config without those fields (GPT-2's) or another mixture of
-experts is refused in one line naming its model_type. Biases (Qwen2's q/k/v) are not counted.
+decoder (llama, mistral, qwen2, qwen3, or any config with their fields; head_dim where the config sets it), GPT-2
+(Conv1D layers, learned positions, biases everywhere) or a mixture of experts it knows (mixtral, qwen2_moe with its
+shared expert, qwen3_moe). Another config, or another mixture of experts, is refused in one short line naming its
+model_type. Parameter counts are exact for these (biases included: Qwen2's q/k/v, Llama's attention_bias).
 
 What each part counts, per the training loop in train.py (trainable weights kept in fp32):
   weights           frozen base in `dtype` (bf16: 2 bytes); QLoRA: linear layers at 4.127 bits (NF4 + double
@@ -68,6 +69,16 @@ class ModelShape:
     """Experts each token is routed to (num_experts_per_tok); decides the MLP's activations."""
     qk_norm: bool = False
     """An RMSNorm of head_dim on the queries and one on the keys in every layer (Qwen3)."""
+    biased: tuple[str, ...] = ()
+    """The linear layers of linear_shapes that hold a bias (out values): Qwen2's q/k/v, all of GPT-2's."""
+    shared_expert_size: int = 0
+    """Qwen2-MoE: the width of the shared expert, a gate/up/down MLP of linear layers beside the experts, scaled by
+    a linear gate (hidden → 1); 0: none."""
+    gpt2: bool = False
+    """GPT-2's block: fused c_attn (hidden → 3·hidden), c_proj, a GELU MLP c_fc/c_proj (no gate), LayerNorms with a
+    bias, learned position embeddings (positions × hidden)."""
+    positions: int = 0
+    """Learned position embeddings (GPT-2's n_positions); 0: rotary, no parameters."""
 
     @property
     def head_size(self) -> int:
@@ -83,16 +94,22 @@ class ModelShape:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer in one decoder layer (experts are not linear layers: expert_params)."""
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
+        h, i, q, kv, s = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim, self.shared_expert_size
+        if self.gpt2:
+            return {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, i), "mlp.c_proj": (i, h)}
         attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         if self.num_experts:
-            return attention
+            shared = {"shared_expert.gate_proj": (h, s), "shared_expert.up_proj": (h, s),
+                      "shared_expert.down_proj": (s, h), "shared_expert_gate": (h, 1)} if s else {}
+            return {**attention, **shared}
         return {**attention, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @property
     def linear_params(self) -> int:
-        """Parameters in the decoder layers' linear layers: what QLoRA quantizes."""
-        return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes().values())
+        """Parameters in the decoder layers' linear layers, their biases included: what QLoRA quantizes."""
+        shapes = self.linear_shapes()
+        bias = sum(shapes[name][1] for name in self.biased)
+        return self.num_hidden_layers * (sum(a * b for a, b in shapes.values()) + bias)
 
     @property
     def expert_params(self) -> int:
@@ -103,13 +120,15 @@ class ModelShape:
 
     @property
     def embedding_params(self) -> int:
-        """Input embedding plus the output head (once when tied)."""
-        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        """Input embedding plus the output head (once when tied), and learned positions (GPT-2)."""
+        return (self.vocab_size * (1 if self.tie_word_embeddings else 2) + self.positions) * self.hidden_size
 
     @property
     def norm_params(self) -> int:
+        """Two norms a layer and a final one (weight; LayerNorm's bias too), and Qwen3's q/k norms."""
         qk = 2 * self.head_size if self.qk_norm else 0
-        return (2 * self.num_hidden_layers + 1) * self.hidden_size + self.num_hidden_layers * qk
+        per_norm = 2 * self.hidden_size if self.gpt2 else self.hidden_size
+        return (2 * self.num_hidden_layers + 1) * per_norm + self.num_hidden_layers * qk
 
     @property
     def total_params(self) -> int:
@@ -140,9 +159,14 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0,
 
 # The mixtures of experts the estimate knows: model_type -> the config field of each expert's MLP width. The number
 # of experts is num_local_experts (as transformers 5 saves it) or num_experts (Qwen's hub configs).
-MOE_WIDTH = {"mixtral": "intermediate_size", "qwen3_moe": "moe_intermediate_size"}
+MOE_WIDTH = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size",
+             "qwen3_moe": "moe_intermediate_size"}
 QK_NORM = ("qwen3", "qwen3_moe")  # model types with an RMSNorm on q and on k
+QKV_BIAS = ("qwen2", "qwen2_moe")  # q/k/v with a bias (qwen2_moe: unless its qkv_bias says false)
 LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+GPT2_FIELDS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+               "vocab_size": "vocab_size", "n_positions": "n_positions"}
+"""GPT-2's config.json names (its n_inner, null by default, is the MLP's width: 4 × n_embd when null)."""
 
 
 def model_shape(model: str | ModelShape) -> ModelShape:
@@ -167,7 +191,8 @@ def model_shape(model: str | ModelShape) -> ModelShape:
 
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
               float: "a number", type(None): "null"}
-OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", *dict.fromkeys(MOE_WIDTH.values()))
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", *dict.fromkeys(MOE_WIDTH.values()),
+                  "shared_expert_intermediate_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner")
 """Sizes a config.json may leave out or set to null (the class's default, or hidden_size // heads, applies)."""
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "num_experts_per_tok")
 
@@ -209,21 +234,27 @@ def class_defaults(model: str) -> dict:
 def config_shape(cfg: dict) -> ModelShape:
     """The shape of a transformers config.json; ConfigError (one line) for an architecture the estimate can't read."""
     kind = cfg.get("model_type")
-    reads = (f"the estimate reads Llama-style decoders (llama, mistral, qwen2, qwen3, ...: a config.json with "
-             f"{', '.join(LLAMA_FIELDS)}) and the mixtures of experts {' and '.join(MOE_WIDTH)}")
-    missing = [name for name in LLAMA_FIELDS if name not in cfg]
-    if missing:
-        raise ConfigError([f"model_type {kind!r} is not a Llama-style decoder (its config.json lacks "
-                           f"{', '.join(missing)}); {reads}"])
+    if kind == "gpt2":
+        return gpt2_shape(cfg)
     experts = {k: v for k, v in cfg.items() if "expert" in k and type(v) is int and v > 0}
     if experts and kind not in MOE_WIDTH:
-        raise ConfigError([f"model_type {kind!r} is a mixture of experts ({', '.join(sorted(experts))}) that the "
-                           f"estimate does not know; {reads}"])
+        raise ConfigError([f"model_type {kind!r} is a mixture of experts the estimate does not know (it knows "
+                           f"{', '.join(MOE_WIDTH)})"])
+    missing = [name for name in LLAMA_FIELDS if name not in cfg]
+    if missing:
+        raise ConfigError([f"model_type {kind!r}: its config.json lacks {', '.join(missing)}; the estimate reads "
+                           f"Llama-style decoders, gpt2 and {', '.join(MOE_WIDTH)}"])
     heads = cfg["num_attention_heads"]
+    if kind in QKV_BIAS and cfg.get("qkv_bias", True):
+        biased = ("q_proj", "k_proj", "v_proj")
+    else:  # Llama's attention_bias: all four projections (mlp_bias: the MLP's three)
+        biased = ("q_proj", "k_proj", "v_proj", "o_proj") if cfg.get("attention_bias") else ()
+    if cfg.get("mlp_bias") and not (cfg.get("num_local_experts") or cfg.get("num_experts")):
+        biased += ("gate_proj", "up_proj", "down_proj")
     shape = ModelShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
                        cfg.get("num_key_value_heads") or heads, cfg["vocab_size"],
                        bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
-                       qk_norm=kind in QK_NORM)
+                       qk_norm=kind in QK_NORM, biased=biased)
     count = cfg.get("num_local_experts") or cfg.get("num_experts")
     if kind not in MOE_WIDTH or not count:  # (qwen3_moe with 0 experts: dense MLPs)
         return shape
@@ -235,7 +266,21 @@ def config_shape(cfg: dict) -> ModelShape:
                            f"{cfg.get('mlp_only_layers')}, decoder_sparse_step {cfg.get('decoder_sparse_step')}): "
                            f"the estimate reads {kind} with experts in every layer"])
     return dataclasses.replace(shape, intermediate_size=cfg[width], num_experts=count,
-                               experts_per_token=cfg.get("num_experts_per_tok", 2))
+                               experts_per_token=cfg.get("num_experts_per_tok", 2),
+                               shared_expert_size=cfg.get("shared_expert_intermediate_size") or 0
+                               if kind == "qwen2_moe" else 0)
+
+
+def gpt2_shape(cfg: dict) -> ModelShape:
+    """GPT-2's shape from its config.json names (n_embd, n_layer, n_head, vocab_size, n_positions, n_inner)."""
+    missing = [name for name in GPT2_FIELDS if cfg.get(name) is None]
+    if missing:
+        raise ConfigError([f"model_type 'gpt2': its config.json lacks {', '.join(missing)}"])
+    h, heads = cfg["n_embd"], cfg["n_head"]
+    return ModelShape(h, cfg.get("n_inner") or 4 * h, cfg["n_layer"], heads, heads, cfg["vocab_size"],
+                      bool(cfg.get("tie_word_embeddings", True)), biased=("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                           "mlp.c_proj"),
+                      gpt2=True, positions=cfg["n_positions"])
 
 
 def target_shapes(shape: ModelShape, targets: str | tuple[str, ...] = "all-linear") -> list[tuple[int, int]]:
@@ -272,7 +317,8 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
       → 8h + a·(2h + 3q + 2kv + 4i) + 4·Σr bytes.
     Qwen3's RMSNorms on q and k add their fp32 input copies and outputs: (4 + a)·(q + kv). With experts, the MLP
     term a·4i becomes k·a·(h + 4i) (each of the k experts a token is routed to keeps its copy of the input and
-    the four tensors above) plus the router's fp32 probabilities (4·E).
+    the four tensors above) plus the router's fp32 probabilities (4·E), plus a·4s for Qwen2-MoE's shared expert
+    of width s. GPT-2 is read with the same formula (q = kv = h), its ungated GELU MLP keeping a·2i.
     DoRA (LoraLinear._dora) multiplies m/‖W0 + sBA‖ into two per-token tensors, and a product keeps what it
     multiplies: the base output W0x (a·out) and the adapter's output s·B(A(x)) (4·out, fp32 adapters), per target
     layer: (a + 4)·Σout. Neither is any other op's tensor (the block's ops take base_out + that sum). DoRA and
@@ -295,11 +341,12 @@ def activation_bytes(shape: ModelShape, tokens: int, act_bytes: int, lora_r_per_
     h, q, kv, i, L, V = (shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size,
                          shape.num_hidden_layers, shape.vocab_size)
     if shape.num_experts:
-        mlp = shape.experts_per_token * act_bytes * (h + 4 * i) + 4 * shape.num_experts
-        mlp_backward = shape.experts_per_token * act_bytes * 4 * i
+        shared = act_bytes * 4 * shape.shared_expert_size  # Qwen2-MoE's shared expert: every token, like a dense MLP
+        mlp = shape.experts_per_token * act_bytes * (h + 4 * i) + 4 * shape.num_experts + shared
+        mlp_backward = shape.experts_per_token * act_bytes * 4 * i + shared
     else:
-        mlp = act_bytes * 4 * i
-        mlp_backward = act_bytes * 4 * i
+        mlp = act_bytes * (2 if shape.gpt2 else 4) * i  # GPT-2: c_fc's output and GELU's, no gate
+        mlp_backward = mlp
     qk_norm = (4 + act_bytes) * (q + kv) if shape.qk_norm else 0
     adapted = target_shapes(shape, targets) if method in ("dora", "adalora") else []
     dora = (act_bytes + 4) * sum(out for _, out in adapted) if method == "dora" else 0  # W0x and s·B(A(x))

@@ -218,8 +218,31 @@ def test_gguf_lora_file_names_metadata_and_delta_equal_the_merged_export(tiny_pa
         assert name.startswith("blk.") and a.shape[1] == merged[name].shape[1] and b.shape[0] == merged[name].shape[0]
         delta = (8.0 / a.shape[0]) * (b @ a)
         np.testing.assert_allclose(plain[name] + delta, merged[name], atol=1e-5, rtol=1e-5)
-    text = (out.parent / "Modelfile").read_text()
+    text = (out.parent / "adapter.Modelfile").read_text()
     assert "ADAPTER ./adapter.gguf" in text and "FROM ./base.gguf" in text
+
+
+def test_two_gguf_lora_exports_in_one_folder_each_keep_their_modelfile(tiny_dir, tmp_path, capsys):
+    """Both wrote `Modelfile`: the second export needed --overwrite and replaced the first's (whose ADAPTER line
+    then named the other adapter). Each is now named after its adapter file, and the command's line names it."""
+    from loraforge.cli import main
+
+    for i, name in enumerate(("dates", "times")):
+        torch.manual_seed(i)
+        save_adapter(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), tmp_path / name)
+        out = tmp_path / "ollama" / f"{name}.gguf"
+        assert main(["export", "--to", "gguf-lora", "--base", str(tiny_dir), "--adapter", str(tmp_path / name),
+                     "--out", str(out)]) == 0
+        modelfile = tmp_path / "ollama" / f"{name}.Modelfile"
+        assert capsys.readouterr().out.endswith(f"Ollama: ollama create NAME -f {modelfile}\n")
+    assert sorted(p.name for p in (tmp_path / "ollama").iterdir()) == ["dates.Modelfile", "dates.gguf",
+                                                                        "times.Modelfile", "times.gguf"]
+    for name in ("dates", "times"):
+        text = (tmp_path / "ollama" / f"{name}.Modelfile").read_text()
+        assert text == (f"# Ollama: ollama create NAME -f {tmp_path / 'ollama' / name}.Modelfile && ollama run NAME\n"
+                        f"# The adapter applies on the exact base it was trained on.\n"
+                        f"# the base as GGUF first: loraforge export --to gguf --base {tiny_dir} --out base.gguf\n"
+                        f"FROM ./base.gguf\nADAPTER ./{name}.gguf\n")
 
 
 @pytest.mark.parametrize("variant", ["dora", "modules_to_save", "bias", "adalora", "pissa", "olora"])
@@ -606,7 +629,7 @@ def test_gguf_lora_refuses_an_adapter_for_another_base(tiny_dir, tmp_path):
             f"{tmp_path / 'a'}: model.layers.0.self_attn.q_proj has lora_A (4, 48) and lora_B (48, 4), this base's "
             f"layer is 32 in, 32 out (an adapter made for another base? check --base)")):
         export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
-    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "Modelfile").exists()
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.Modelfile").exists()
 
 
 def test_vllm_conversion_keeps_exclude_modules_and_layers_pattern(tmp_path):

@@ -77,6 +77,44 @@ def test_svd_below_the_rank_of_the_sum_warns_and_cat_is_exact(tmp_path):
         torch.testing.assert_close(m.delta_weight("cat"), exact, rtol=1e-5, atol=1e-6)
 
 
+def test_an_svd_rank_above_what_a_layer_can_hold_is_capped_per_layer_as_peft_keeps_it(tmp_path, input_ids):
+    """svd_rank 1000 wrote A (1000, in) and B (out, 1000), mostly zero rows. Now each layer keeps what its ΔW can
+    have: q_proj (32×32) 32 = 16 + 16, v_proj (16×32) 16 = min(out, in), in rank_pattern; PEFT's own svd keeps the
+    same ranks in its tensors (full_matrices=False) but writes r 1000 beside them: our file loads in PEFT."""
+    base = tiny_llama()
+    _peft_adapters(base, tmp_path, {n: peft.LoraConfig(r=16, lora_alpha=a, target_modules=TARGETS)
+                                    for n, a in (("x", 8), ("y", 32))})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x", adapter_name="x")
+    theirs.load_adapter(tmp_path / "y", adapter_name="y")
+    theirs.add_weighted_adapter(["x", "y"], [0.7, -0.5], "s", combination_type="svd", svd_rank=1000,
+                                svd_full_matrices=False)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "x", "x")
+    load_adapter(ours, tmp_path / "y", "y")
+    with pytest.warns(UserWarning, match=re.escape("svd_rank 1000 is above the rank the combined ΔW can have in 4 "
+                                                   "layers (min(out, in) of the layer, or the sum of the adapters' "
+                                                   "ranks there; e.g. model.layers.0.self_attn.q_proj): rank 16 to "
+                                                   "32 is used there (adapter r 32, the others in rank_pattern)")):
+        add_weighted_adapter(ours, ["x", "y"], [0.7, -0.5], "s", combination_type="svd", svd_rank=1000)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    for path, layer in lora_layers(ours):
+        want_r = 16 if "v_proj" in path else 32
+        assert layer.lora_A["s"].weight.shape[0] == layer.lora_B["s"].weight.shape[1] == want_r
+        assert peft_layers[path].lora_A["s"].weight.shape[0] == want_r  # PEFT's tensors: the same rank
+        exact = 0.7 * layer.delta_weight("x") - 0.5 * layer.delta_weight("y")  # full rank here: svd is exact
+        torch.testing.assert_close(layer.delta_weight("s"), exact, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.delta_weight("s"), peft_layers[path].get_delta_weight("s"), **TOL)
+    save_adapter(ours, tmp_path / "s", "s")
+    saved = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
+    v_paths = sorted(p for p, _ in lora_layers(ours) if "v_proj" in p)
+    assert (saved["r"], saved["rank_pattern"], saved["alpha_pattern"]) == (32, dict.fromkeys(v_paths, 16),
+                                                                           dict.fromkeys(v_paths, 16))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "s")
+    set_adapter(ours, "s")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, ours(input_ids).logits, **TOL)
+
+
 @pytest.mark.parametrize("extra,reason", [
     (dict(use_dora=True), "'odd' uses DoRA (use_dora)"),
     (dict(modules_to_save=("lm_head",)), "'odd' has modules_to_save ['lm_head']"),
@@ -464,3 +502,29 @@ def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
     assert str(e.value) == (f"--weights 0.5: cannot scale the adapter: '{tmp_path / 'dora'}' uses DoRA "
                             f"(use_dora): its magnitude vector is not a low-rank update. Leave --weights out to merge "
                             f"it as trained")
+
+
+@pytest.mark.parametrize("small_b", [True, False], ids=["finite-weights-nan-forward", "delta-overflows"])
+def test_weights_of_1e38_are_refused_naming_weights_and_the_value(small_b, tiny_dir, tmp_path):
+    """--weights 1e38 1: with B of 0.01 and scaling 1 the merged weights stay finite (|W| ~1e36), but SiLU(gate)·up
+    of such weights passes float32's range, and the checkpoint written gave NaN logits; with scaling 8 and B of 0.3
+    the weighted ΔW itself overflows, and the error blamed the adapters for "NaN/inf weights" they do not hold."""
+    config = LoraConfig(r=2, lora_alpha=2, target_modules="all-linear") if small_b else LoraConfig(r=2)
+    for name in ("a", "b"):
+        model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), config))
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B["default"].weight.mul_(0.01 if small_b else 1.0)
+        save_adapter(model, tmp_path / name)
+    adapters = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e38, 1.0])
+    start = f"cannot merge into --dtype fp32: adapter {adapters[0]}, {adapters[1]} with --weights 1e+38 1: "
+    if small_b:
+        assert re.fullmatch(re.escape(start) + r"the merged model's logits are NaN/inf \(its largest weight: "
+                            r"[0-9.]+e\+3[5-7] in model\.layers\.\d\.[a-z_.]+\); use smaller --weights", str(e.value))
+    else:
+        assert str(e.value) == start + "the weighted ΔW passes float32's range (inf); use smaller --weights"
+    assert not (tmp_path / "out").exists()
+    export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e3, 1.0])  # large, yet a working model
+    assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.tensor([[1, 2]])).logits).all()

@@ -16,6 +16,7 @@ from helpers import tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora import merge
 from loraforge.lora.merge import add_weighted_adapter, export_merged
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,3 +140,38 @@ def _plain_merge_delta(root, weights) -> torch.Tensor:
         B = next(v for k, v in tensors.items() if k.endswith("lora_B.weight")).double()
         total = total + w * 2.0 * (B @ A)  # lora_alpha 8 / r 4
     return total
+
+
+@pytest.mark.parametrize("case", ["one", "two-weighted", "dora"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_base_loads_in_its_dtype_and_merges_a_layer_at_a_time_bit_equal(case, dtype, half_bases, tmp_path,
+                                                                                 monkeypatch):
+    """A base stored in bf16 was loaded whole in fp32 for the merge (2× its size in memory). It loads in bf16 now,
+    each layer merged in fp32 and cast back: the export is bit for bit the whole-fp32 path's (random adapters, so
+    any other order of the sums or a rounding of A or B would show), DoRA's rescaled rows included."""
+    base = half_bases / dtype
+    adapters = []
+    for i in range(2 if case == "two-weighted" else 1):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        inject(model, LoraConfig(r=4, lora_alpha=7, use_dora=case == "dora", target_modules="all-linear"))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        save_adapter(model, tmp_path / f"a{i}")
+        adapters.append(str(tmp_path / f"a{i}"))
+    weights = [0.7, -0.3] if case == "two-weighted" else None
+    loads = []
+    load_base = merge.load_base
+    monkeypatch.setattr(merge, "load_base", lambda *a, **kw: loads.append(kw["dtype"]) or load_base(*a, **kw))
+    ours = load_file(export_merged(str(base), adapters, tmp_path / "ours", dtype=dtype, weights=weights)
+                     / "model.safetensors")
+    monkeypatch.setattr(merge, "_load_dtype", lambda *a: "fp32")  # the whole model in fp32, cast at the end
+    want = load_file(export_merged(str(base), adapters, tmp_path / "want", dtype=dtype, weights=weights)
+                     / "model.safetensors")
+    assert loads == [dtype, "fp32"]
+    assert ours.keys() == want.keys()
+    for key in want:
+        assert ours[key].dtype == want[key].dtype == HALF[dtype]
+        assert torch.equal(ours[key], want[key]), key

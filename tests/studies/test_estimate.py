@@ -1,6 +1,7 @@
 """The memory estimator: each part against plain arithmetic, and the well-known claims it must reproduce."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -318,29 +319,64 @@ def test_real_qwen3_config_counts_its_wide_heads():
     assert 28 * sum(a * b for a, b in attention.values()) == 176_160_768
 
 
-def test_architectures_it_cannot_read_are_refused_in_one_line(tmp_path):
-    from helpers import tiny_gpt2
+GPT2_AND_MOE = {  # each config as a real folder holds it; the estimate reads config.json alone
+    "gpt2": lambda t: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2-n_inner-untied": lambda t: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4,
+                                                                     n_positions=48, n_inner=80,
+                                                                     tie_word_embeddings=False)),
+    "qwen2": lambda t: t.Qwen2ForCausalLM(t.Qwen2Config(**SIZES)),
+    "llama-biases": lambda t: t.LlamaForCausalLM(t.LlamaConfig(**SIZES, attention_bias=True, mlp_bias=True)),
+    "qwen2_moe": lambda t: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(**SIZES, num_experts=4, moe_intermediate_size=40,
+                                                                  shared_expert_intermediate_size=56)),
+    "qwen2_moe-no-qkv-bias": lambda t: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(
+        **SIZES, num_experts=4, moe_intermediate_size=40, shared_expert_intermediate_size=56, qkv_bias=False)),
+}
 
-    from loraforge.config import ConfigError
-    from loraforge.studies.estimate import cli_estimate
 
-    tiny_gpt2().save_pretrained(tmp_path)
-    reads = ("the estimate reads Llama-style decoders (llama, mistral, qwen2, qwen3, ...: a config.json with "
-             "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size) and the mixtures "
-             "of experts mixtral and qwen3_moe")
+@pytest.mark.parametrize("arch", list(GPT2_AND_MOE))
+def test_gpt2_qwen2_moe_and_biases_count_exactly_as_the_real_models(arch, tmp_path, capsys):
+    """GPT-2 and Qwen2-MoE folders were refused ("not a Llama-style decoder", "a mixture of experts that the estimate
+    does not know", 300+ characters); Qwen2's q/k/v biases were left out. Now the frozen parameters (the model's,
+    biases, positions and LayerNorm biases included) and the trainable ones (all-linear LoRA, r=16: GPT-2's Conv1D
+    layers; Qwen2-MoE's attention, shared expert and its gate, not the experts) equal the real model's."""
+    import transformers
+
+    from loraforge.lora.inject import count_parameters
+
+    torch.manual_seed(0)
+    real = GPT2_AND_MOE[arch](transformers)
+    real.save_pretrained(tmp_path)
+    frozen = sum(p.numel() for p in real.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-linear on a mixture of experts: its experts get no adapter (said)
+        inject(real, LoraConfig(r=16, target_modules="all-linear"))
+    trainable, _ = count_parameters(real)
+    shape = model_shape(str(tmp_path))
+    assert shape.total_params == frozen
+    assert estimate(str(tmp_path), "full", 1, 16)["trainable_params"] == frozen
+    assert estimate(str(tmp_path), "lora", 1, 16, r=16)["trainable_params"] == trainable
+    cli_estimate(str(tmp_path), "lora", seq_len=16, r=16)
+    assert f"{trainable:,} trainable parameters" in capsys.readouterr().out
+
+
+def test_architectures_it_cannot_read_are_refused_in_one_short_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 64, "vocab_size": 100}))
     with pytest.raises(ConfigError) as e:
         cli_estimate(str(tmp_path))
-    assert e.value.problems == [f"--model {str(tmp_path)!r}: model_type 'gpt2' is not a Llama-style decoder (its "
-                                f"config.json lacks hidden_size, intermediate_size, num_hidden_layers, "
-                                f"num_attention_heads); {reads}"]
-    moe = {"model_type": "qwen2_moe", "num_experts": 60, "num_experts_per_tok": 4, **SIZES}
+    assert e.value.problems == [f"--model {str(tmp_path)!r}: model_type 't5': its config.json lacks hidden_size, "
+                                f"intermediate_size, num_hidden_layers, num_attention_heads; the estimate reads "
+                                f"Llama-style decoders, gpt2 and mixtral, qwen2_moe, qwen3_moe"]
+    moe = {"model_type": "olmoe", "num_experts": 64, "num_experts_per_tok": 8, **SIZES}
     with pytest.raises(ConfigError) as e:
         config_shape(moe)
-    assert e.value.problems == [f"model_type 'qwen2_moe' is a mixture of experts (num_experts, num_experts_per_tok) "
-                                f"that the estimate does not know; {reads}"]
+    assert e.value.problems == ["model_type 'olmoe' is a mixture of experts the estimate does not know (it knows "
+                                "mixtral, qwen2_moe, qwen3_moe)"]
     with pytest.raises(ConfigError, match="mlp_only_layers"):
         config_shape({**SIZES, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 8,
                       "mlp_only_layers": [0]})
+    with pytest.raises(ConfigError) as e:
+        config_shape({"model_type": "gpt2", "n_layer": 2, "n_head": 4, "vocab_size": 10, "n_positions": 8})
+    assert e.value.problems == ["model_type 'gpt2': its config.json lacks n_embd"]
 
 
 def test_per_device_memory_under_fsdp_and_ddp():

@@ -338,11 +338,11 @@ def test_an_output_below_a_file_or_beside_a_modelfile_folder_is_refused_before_w
                            f"another --out"
     with pytest.raises(OutputError, match="afile is a file, not a folder"):
         export_gguf("smollm2-135m", None, tmp_path / "afile" / "x.gguf")
-    (tmp_path / "Modelfile").mkdir()
+    (tmp_path / "a.Modelfile").mkdir()
     with pytest.raises(OutputError) as e:
         export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "a.gguf", overwrite=True)
-    assert str(e.value).startswith(f"{tmp_path / 'Modelfile'} is a folder; the Modelfile is written beside --out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "afile"]
+    assert str(e.value).startswith(f"{tmp_path / 'a.Modelfile'} is a folder; the Modelfile is written beside --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.Modelfile", "afile"]
     (tmp_path / "o").mkdir()  # soak: --out .../Modelfile held the adapter, then the Modelfile over it, exit 0
     with pytest.raises(OutputError) as e:
         export_gguf_lora("smollm2-135m", str(tmp_path / "adapter"), tmp_path / "o" / "Modelfile", overwrite=True)
