@@ -224,6 +224,7 @@ class SVDLinear(LoraLayer):
         # ranknum = init_r, also after pruning (it is not saved; the pruned layer copies it back).
         self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(r)) / (init_r + 1e-5)
         self.rank_mask[name] = kept
+        self.train(self.training)  # the new Dropout takes the layer's mode (LoraLinear.add_adapter)
         self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:

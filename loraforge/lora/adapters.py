@@ -337,6 +337,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
 
     Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
     made for another base raises AdapterError naming the module, and the model is left as it was.
+    is_trainable=False (inference, PEFT's default) freezes every parameter and puts the model in eval() (PEFT's
+    from_pretrained does both: no adapter dropout); True makes the adapter trainable and leaves the mode as it is.
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
@@ -393,6 +395,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     else:
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()
     return model
 
 

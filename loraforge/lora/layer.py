@@ -79,6 +79,7 @@ class LoraLayer(nn.Module):
         # a base weight that was tied to other parameters (inject.untie_shared): (their names, the shared Parameter,
         # tie_word_embeddings before), so adapters.delete_adapter can tie it again; None for an untied base
         self.untied_from: tuple[list[str], nn.Parameter, bool | None] | None = None
+        self.train(base_layer.training)  # the mode of the layer it wraps: an eval() model stays in eval (PEFT)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -189,6 +190,7 @@ class LoraLinear(LoraLayer):
             with torch.no_grad():
                 norm = self._row_norm(self._base_out_in(), self._scaled_BA(name))
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+        self.train(self.training)  # the new modules (a Dropout) take the layer's mode: no dropout in an eval() model
         self.active_adapters.append(name)
 
     @torch.no_grad()
@@ -429,6 +431,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.train(original_module.training)  # the mode of the module it wraps, as LoraLayer
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
