@@ -27,7 +27,7 @@ from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, Confi
                               normalize_module_fields, peft_list, unsupported_peft_fields, validate)
 from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
                                    resolve_targets, untie_shared)
-from loraforge.lora.layer import LoraLayer
+from loraforge.lora.layer import LoraLayer, adapter_dtype
 from loraforge.utils.hf import set_submodule
 
 PREFIX = "base_model.model."
@@ -206,8 +206,7 @@ class SVDLinear(LoraLayer):
         kept = list(kept) if kept is not None else [True] * init_r
         r = sum(kept)
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        kw = dict(device=weight.device, dtype=dtype)
+        kw = dict(device=weight.device, dtype=adapter_dtype(weight))
         self.lora_A[name] = nn.Parameter(torch.randn(r, self.in_features, **kw))
         self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
         self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, r, **kw))
@@ -250,7 +249,7 @@ class SVDLinear(LoraLayer):
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x).to(result.dtype)
+                result = (result + self._lora(name, x)).to(result.dtype)  # one rounding, as PEFT's in-place +=
         return result
 
     def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,13 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype new adapter weights get: the base's where it is fp32 or fp64, else fp32 (a bf16/fp16 base: PEFT's
+    autocast_adapter_dtype; a quantized one). fp32 masters keep small updates that bf16 rounds away; the forward
+    casts x to the adapter's dtype and its output back to the base's."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by every adapter layer: names, active set, merged set, per-row adapters.
 
@@ -175,7 +182,7 @@ class LoraLinear(LoraLayer):
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # 4-bit base: fp32 adapters
+        dtype = adapter_dtype(weight)
         device = weight.device
         # Built on the CPU, then moved: nn.Linear's own init draws from its device's generator, and A's init below
         # draws from the CPU's, so building on a GPU would leave the CPU generator elsewhere (another A per device)
@@ -390,12 +397,12 @@ class LoraLinear(LoraLayer):
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
-        out_dtype = base_out.dtype
+        # summed in the promoted dtype (fp32 adapters on a bf16 base: fp32) and rounded to the base's once (PEFT)
         result = base_out
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x, result).to(out_dtype)
-        return result
+                result = result + self._lora(name, x, result)
+        return result.to(base_out.dtype)
 
     def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return self._lora(name, x, base_out)
