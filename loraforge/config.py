@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -790,6 +791,7 @@ class TrainConfig:
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
+        self._check_fields()
         if isinstance(self.output_dir, str) and self.output_dir.startswith("~"):  # soak: a folder named ~ was made
             object.__setattr__(self, "output_dir", str(expand_user(self.output_dir)))
         if isinstance(self.output_dir, str) and "$" in self.output_dir:
@@ -810,6 +812,33 @@ class TrainConfig:
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "
                       f"{self.quantization} base (method {self.method}) holds quantized; use the default init (true), "
                       f"or train without quantization"])
+
+    def _check_fields(self) -> None:
+        """A TrainConfig built in Python (load_train_config checks a YAML's types before it gets here): a section
+        given as a mapping becomes its dataclass (from_dict, its fields checked as a YAML's are), and a method or
+        section of another kind is refused by name (soak: method="qlora2" trained plain LoRA without a word, and
+        model={...} died later of AttributeError)."""
+        p = []
+        for name, cls in (("data", DataConfig), ("model", ModelConfig), ("lora", LoraConfig),
+                          ("training", TrainingConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                try:
+                    object.__setattr__(self, name, from_dict(cls, value, prefix=f"{name}."))
+                except ConfigError as e:
+                    p += e.problems
+            elif not isinstance(value, cls):
+                p.append(f"{name}: expected a {cls.__name__} or a mapping of its fields, got {clipped(value)}")
+        if self.method not in METHODS:
+            p.append(f"method: {clipped(self.method)} is not one of {list(METHODS)}")
+        if not isinstance(self.adalora, dict):
+            p.append(f"adalora: expected a mapping of AdaLoRA settings (e.g. {{'init_r': 12}}), got "
+                     f"{clipped(self.adalora)}")
+        if isinstance(self.output_dir, os.PathLike):
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        if not isinstance(self.output_dir, str):
+            p.append(f"output_dir: expected a folder path, got {clipped(self.output_dir)}")
+        validate(p)
 
     @property
     def quantization(self) -> str | None:

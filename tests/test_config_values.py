@@ -438,3 +438,25 @@ def test_override_keys_with_spaces_read_and_empty_names_are_refused():
     assert load_train_config(None, [DATA, "lora.r = 16"]).lora.r == 16
     for item in ("lora..r=4", "lora.=4", ".r=4"):
         assert problems(item) == [f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"]
+
+
+def test_a_train_config_built_in_python_takes_mappings_and_is_checked_as_a_yaml_is(tmp_path):
+    """soak: TrainConfig(method="qlora2") trained plain LoRA without a word, and sections given as dicts died later
+    with AttributeError. Mappings become their sections (the same config load_train_config reads from them); a
+    method, section or value that a YAML would be refused for is refused, every problem named."""
+    from loraforge.config import TrainConfig, TrainingConfig
+
+    sections = dict(data={"train": "train.jsonl"}, model={"name": "tiny", "dtype": "fp32"}, lora={"r": 2},
+                    training={"max_steps": 2, "batch_size": 4}, output_dir=str(tmp_path / "run"))
+    assert TrainConfig(**sections) == load_train_config(base=sections)
+    assert TrainConfig(data={"train": "x.jsonl"}, output_dir=tmp_path / "run").output_dir == str(tmp_path / "run")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(data={"train": "x.jsonl"}, method="qlora2", model=3, lora={"r": 0, "rnak": 2},
+                    training=TrainingConfig(max_steps=2), adalora=None, output_dir=None)
+    assert e.value.problems == [
+        "model: expected a ModelConfig or a mapping of its fields, got 3",
+        "lora.rnak: unknown field (did you mean 'r'?)",
+        "lora.r: must be a positive integer (at most 65536), got 0 (try 8)",
+        "method: 'qlora2' is not one of ['lora', 'qlora', 'dora', 'adalora', 'full']",
+        "adalora: expected a mapping of AdaLoRA settings (e.g. {'init_r': 12}), got None",
+        "output_dir: expected a folder path, got None"]
