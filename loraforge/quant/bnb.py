@@ -290,9 +290,14 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     Freezes the base; puts every non-quantized float parameter (norms, embeddings, lm_head) in fp32, as PEFT
     does: fp32 norms alone would hand fp32 hidden states to a bf16 lm_head, which fails ("expected m1 and m2
     to have the same dtype"); makes the embedding output require grad (so checkpointed blocks see a graph);
-    and turns on gradient checkpointing (non-reentrant) unless told not to. Call it before inject().
-    The 4-bit layers cast their input to the compute dtype and their output back, so activations are fp32.
+    and turns on gradient checkpointing (non-reentrant) unless told not to. Call it before inject(); a model with
+    LoRA layers is refused (it would freeze the adapters). The 4-bit layers cast their input to the compute dtype
+    and their output back, so activations are fp32.
     """
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's), as quantize_model
+        raise ValueError("the model has LoRA layers: prepare_for_kbit_training freezes every parameter, the adapters' "
+                         "too, leaving nothing to train; call it before inject(): quantize_model(model, ...), then "
+                         "prepare_for_kbit_training(model), then inject(model, config)")
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(p):

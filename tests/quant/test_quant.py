@@ -341,6 +341,17 @@ def test_prepare_bf16_4bit_model_trains(input_ids):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_prepare_after_inject_is_refused_naming_the_order():
+    """soak: prepare_for_kbit_training after inject froze the adapter without a word (trainable 1,792 -> 0)."""
+    model = inject(quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32), _lora_config())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"^the model has LoRA layers: prepare_for_kbit_training freezes every "
+                                         r"parameter.*quantize_model\(model, \.\.\.\), then "
+                                         r"prepare_for_kbit_training\(model\), then inject\(model, config\)$"):
+        prepare_for_kbit_training(model, gradient_checkpointing=False)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable != set()
+
+
 def test_importing_bitsandbytes_keeps_its_kernel_hub_notice_out():
     """On a CPU with AVX-512 BF16, bitsandbytes' first import tries to fetch a matmul kernel from the Hugging Face
     Hub and logs 'Failed to load CPU gemm_4bit_forward from kernels-community ...' when it cannot (every `train
