@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import numbers
 import os
 import re
 import types
@@ -226,6 +227,23 @@ def validate(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def integer_problems(config, fields: dict[str, str], optional: tuple[str, ...] = ()) -> list[str]:
+    """Whole-number fields of a config built in Python (a YAML's values are checked by from_dict first): a float,
+    string or bool is named with what the field takes (soak: LoraConfig(r=2.5) built rank-2 layers and saved
+    r 2.5, which PEFT cannot load; r=True gave rank 1). Other integers (numpy's) become int. `fields`: name ->
+    what it must be ("a positive integer"); `optional`: those that may be None. Checked before the ranges."""
+    p = []
+    for name, what in fields.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            p.append(f"{name}: must be {what}, got {clipped(value)}")
+        else:
+            object.__setattr__(config, name, int(value))
+    return p
+
+
 def not_finite(name: str, value: float | None, example: str) -> list[str]:
     """A NaN or infinite number, which passes every `<= 0` test: the problem naming `name`, else none."""
     if value is None or math.isfinite(value):
@@ -328,6 +346,14 @@ def module_list_problems(name: str, value) -> list[str]:
     return []
 
 
+def index_list_problems(name: str, value) -> list[str]:
+    """layers_to_transform built in Python: layer indices are integers (a YAML's are checked by from_dict)."""
+    if value is None or (isinstance(value, tuple) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in value)):
+        return []
+    return [f"{name}: must be a list of layer indices (integers), e.g. [0, 1], got {clipped(value)}"]
+
+
 def layer_selection_problems(config) -> list[str]:
     """PEFT's rules for layers_to_transform / layers_pattern (LoraConfig.__post_init__ there)."""
     p = []
@@ -410,9 +436,10 @@ class LoraConfig:
             object.__setattr__(self, "layers_to_transform", (layers,))
         elif isinstance(layers, list):
             object.__setattr__(self, "layers_to_transform", tuple(layers))
-        p = []
-        if not 0 < self.r <= MAX_RANK:
+        p = integer_problems(self, {"r": f"a positive integer (at most {MAX_RANK})"})
+        if not p and not 0 < self.r <= MAX_RANK:
             p.append(f"r: must be a positive integer (at most {MAX_RANK}), got {self.r} (try 8)")
+        p += index_list_problems("layers_to_transform", self.layers_to_transform)
         if not math.isfinite(self.lora_alpha):  # 0 or negative: PEFT saves and loads them (a negated adapter)
             p.append(f"lora_alpha: must be a finite number, got {self.lora_alpha} (try 2*r)")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -581,7 +608,9 @@ class DataConfig:
                     p.append(f"eval[{i}].{name}: held-out sources are used in full; remove it")
         if not 0 <= self.eval_fraction < 1:
             p.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if self.max_seq_len < 8:
+        if bad := integer_problems(self, {"max_seq_len": "an integer (tokens, at least 8)"}):
+            p += bad
+        elif self.max_seq_len < 8:
             p.append(f"max_seq_len: must be at least 8, got {self.max_seq_len}")
         if self.overflow == "split":
             formats = [("format", self.format)] + [(f"{split}[{i}].format", s.format) for split in ("train", "eval")
@@ -721,6 +750,12 @@ class TrainingConfig:
     stops the others with an error instead of a hang."""
 
     def __post_init__(self):
+        validate(integer_problems(self, {
+            **{name: "an integer" for name in ("warmup_steps", "max_steps", "batch_tokens", "eval_every",
+                                                  "save_every")},
+            **{name: "a positive integer" for name in ("batch_size", "gradient_accumulation", "keep_checkpoints",
+                                                        "log_every")},
+            "seed": "a whole number from 0 to 2**64 - 1"}, optional=("max_steps", "batch_tokens")))
         p = []
         for name, example in (("lr", "2e-4"), ("epochs", "1"), ("weight_decay", "0.01"), ("max_grad_norm", "1.0"),
                               ("loraplus_lr_ratio", "16"), ("collective_timeout", "600")):

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
-                              adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
-                              normalize_module_fields, peft_list, unsupported_peft_fields, validate)
+                              adalora_lora_problems, from_dict, integer_problems, layer_selection_problems,
+                              module_list_problems, normalize_module_fields, peft_list, unsupported_peft_fields,
+                              validate)
 from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
                                    resolve_targets, untie_shared)
 from loraforge.lora.layer import LoraLayer, adapter_dtype
@@ -81,6 +82,10 @@ class AdaLoraConfig:
     """The base the adapter was trained on (informational)."""
 
     def __post_init__(self):
+        validate(integer_problems(self, {"total_step": "the run's number of optimizer steps (a positive integer)",
+                                         "init_r": "a positive integer", "target_r": "a positive integer",
+                                         "tinit": "an integer ≥ 0 (steps)", "tfinal": "an integer ≥ 0 (steps)",
+                                         "deltaT": "a positive integer (steps)"}, optional=("total_step",)))
         p = []
         for name in ("tinit", "tfinal"):
             if getattr(self, name) < 0:
