@@ -440,6 +440,21 @@ class ModulesToSave(nn.Module):
         self.disabled = False
         self.train(original_module.training)  # the mode of the module it wraps, as LoraLayer
 
+    def __getattr__(self, name: str):
+        """An attribute the wrapper lacks is the module's that runs now (PEFT's ModulesToSaveWrapper): the active
+        adapter's copy, or the original while disabled or with none active (soak: model.lm_head.weight and
+        get_output_embeddings().weight raised AttributeError)."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the wrapper itself
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name.startswith("__"):  # half-built (copy, pickle): no recursion
+                raise
+        modules = self.__dict__["_modules"]
+        active = self.__dict__.get("active_adapter")
+        if self.__dict__.get("disabled") or active is None or active not in modules["modules_to_save"]:
+            return getattr(modules["original_module"], name)
+        return getattr(modules["modules_to_save"][active], name)
+
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.modules_to_save[name].requires_grad_(True)

@@ -17,9 +17,9 @@ from transformers import MixtralConfig, MixtralForCausalLM, T5Config, T5ForCondi
 
 from helpers import randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
-from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, list_adapters,
-                                     load_adapter, read_adapter_config, save_adapter, set_adapter)
+from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
+from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
+                                     list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora.inject import find_targets, inject
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import merge, unmerge
@@ -707,3 +707,21 @@ def test_peft_init_names_load_as_peft_loads_them_or_are_refused(tmp_path, input_
         with pytest.raises(AdapterError, match=re.escape(message)):
             load_adapter(model, _edit_config(olora, tmp_path / init, init_lora_weights=init))
         _assert_untouched(model, before)
+
+
+def test_a_saved_module_passes_attribute_access_to_the_module_that_runs_as_peft_does(tmp_path):
+    """soak: model.lm_head.weight and get_output_embeddings().weight raised AttributeError once lm_head was in
+    modules_to_save; PEFT's wrapper hands them to the active adapter's copy (the original while disabled)."""
+    ours = inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS, modules_to_save=("lm_head",)))
+    with torch.no_grad():
+        ours.lm_head.modules_to_save["default"].weight.add_(0.5)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for model in (ours, theirs):
+        head = model.get_output_embeddings()
+        assert head.weight is head.modules_to_save["default"].weight and head.out_features == 128
+        torch.testing.assert_close(head.weight, theirs.base_model.model.lm_head.weight, rtol=0, atol=0)
+    with disable_adapters(ours):
+        assert ours.lm_head.weight is ours.lm_head.original_module.weight
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ours.lm_head.nothing
