@@ -220,12 +220,30 @@ def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:
                                f"blocks): remove it, or name the linear layers inside it"])
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """TypeError for a model PEFT already wrapped (a PeftModel) or put its own adapter layers into (get_base_model()
+    of one, transformers' load_adapter): loraforge's layers would wrap PEFT's, or its matching fail with an error
+    that contradicts itself (soak: "q_proj names ...q_proj (Linear), not a linear layer")."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # PeftModel, PeftMixedModel
+        raise TypeError(f"the model is already a PEFT model ({type(model).__name__}): call merge_and_unload() (its "
+                        f"adapters merged into the weights) or unload() (the base without them) first and pass the "
+                        f"model that returns; get_base_model() keeps PEFT's layers in it")
+    layer = next(((path, m) for path, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if layer is not None:
+        path, module = layer
+        raise TypeError(f"the model holds PEFT's own adapter layers ({path}: {type(module).__module__}."
+                        f"{type(module).__name__}): remove them with PEFT first (merge_and_unload() or unload() of "
+                        f"the PeftModel), or load the base afresh")
+
+
 def resolve_targets(model: nn.Module, config, adapter_name: str):
     """(model.lora_configs, config with explicit targets and fan_in_fan_out, the module paths to wrap).
 
     Refuses a name already loaded; `target_modules=None` becomes the architecture's default list, saved as such
-    so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out.
+    so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out. A model PEFT
+    already wrapped is refused (refuse_peft_model).
     """
+    refuse_peft_model(model)
     configs = getattr(model, "lora_configs", None)
     if configs is None:
         configs = model.lora_configs = {}

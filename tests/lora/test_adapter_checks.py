@@ -725,3 +725,24 @@ def test_a_saved_module_passes_attribute_access_to_the_module_that_runs_as_peft_
         assert ours.lm_head.weight is ours.lm_head.original_module.weight
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         ours.lm_head.nothing
+
+
+def test_a_model_peft_already_wrapped_is_refused_naming_the_way_out(tmp_path):
+    """soak: inject on a PeftModel said "'q_proj' names ...q_proj (Linear), not a linear layer". get_base_model()
+    keeps PEFT's layers, so the way out named is merge_and_unload() or unload(), whose model injects as any other."""
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2)), tmp_path)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    wrapped = ("the model is already a PEFT model (PeftModel): call merge_and_unload() (its adapters merged into "
+               "the weights) or unload() (the base without them) first and pass the model that returns; "
+               "get_base_model() keeps PEFT's layers in it")
+    inside = ("the model holds PEFT's own adapter layers (model.layers.0.self_attn.q_proj: peft.tuners.lora.layer."
+              "Linear): remove them with PEFT first (merge_and_unload() or unload() of the PeftModel), or load the "
+              "base afresh")
+    for model, message in ((peft_model, wrapped), (peft_model.get_base_model(), inside)):
+        for attach in (lambda m: inject(m, LoraConfig(r=2)), lambda m: load_adapter(m, tmp_path),
+                       lambda m: inject_adalora(m, AdaLoraConfig(total_step=4))):
+            with pytest.raises(TypeError) as e:
+                attach(model)
+            assert str(e.value) == message
+    unloaded = peft_model.unload()
+    assert load_adapter(unloaded, tmp_path).lora_configs["default"].r == 2
