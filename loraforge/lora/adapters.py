@@ -122,7 +122,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
         # reads the base from the file, found none; the folder the base was loaded from says where it is
         config = dataclasses.replace(config, base_model_name_or_path=str(model.name_or_path))
     _warn_residual_on_tied(model, name, config)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    state = adapter_state_dict(model, name)
+    # soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"
+    if meta := next((k for k, v in state.items() if v.device.type == "meta"), None):
+        raise ValueError(f"adapter {name!r} is on the meta device ({meta.removeprefix(PREFIX)}): meta tensors have "
+                         f"shapes but no values, so there is nothing to save; give the model real weights first "
+                         f"(model.to_empty(device='cpu') and load its weights, or load it without device='meta')")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)

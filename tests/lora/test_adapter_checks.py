@@ -746,3 +746,15 @@ def test_a_model_peft_already_wrapped_is_refused_naming_the_way_out(tmp_path):
             assert str(e.value) == message
     unloaded = peft_model.unload()
     assert load_adapter(unloaded, tmp_path).lora_configs["default"].r == 2
+
+
+def test_saving_an_adapter_on_the_meta_device_names_it(tmp_path):
+    """soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"."""
+    model = inject(tiny_llama().to("meta"), LoraConfig(r=2))
+    with pytest.raises(ValueError) as e:
+        save_adapter(model, tmp_path / "out")
+    assert str(e.value) == ("adapter 'default' is on the meta device (model.layers.0.self_attn.q_proj.lora_A.weight): "
+                            "meta tensors have shapes but no values, so there is nothing to save; give the model real "
+                            "weights first (model.to_empty(device='cpu') and load its weights, or load it without "
+                            "device='meta')")
+    assert not (tmp_path / "out").exists()
