@@ -247,6 +247,8 @@ class SVDLinear(LoraLayer):
         return (x @ (A * E).T @ B.T) * self.scaling[name]  # (..., in) -> (..., r) -> (..., out)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self.refuse_training_merged()
         result = self.base_layer(x, *args, **kwargs)
         if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, result)

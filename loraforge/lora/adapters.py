@@ -21,7 +21,8 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable
+from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
+                                   merged_adapters, merged_error)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
@@ -350,8 +351,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     tensors = read_adapter_weights(adapter_dir)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
-    if merged := _merged(model):  # the new one becomes the active one: the merged ones would run on under it
-        raise _merged_error(merged, "loading another one")
+    if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
+        raise merged_error(merged, "loading another one")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
     # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
@@ -413,8 +414,8 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make `name` (or several names, summed) the active adapter(s) of every layer."""
     names = [name] if isinstance(name, str) else list(name)
     require_adapter(model, *names)
-    if (merged := _merged(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
-        raise _merged_error(merged, f"switching to {names}")
+    if (merged := merged_adapters(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
+        raise merged_error(merged, f"switching to {names}")
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.active_adapters = [n for n in names if n in module.r]
@@ -422,21 +423,12 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
             module.active_adapter = next((n for n in names if n in module.modules_to_save), None)
 
 
-def _merged(model: nn.Module) -> list[str]:
-    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
-
-
-def _merged_error(merged: list[str], doing: str) -> RuntimeError:
-    return RuntimeError(f"adapters {merged} are merged into the base weights; call loraforge.lora.merge.unmerge(model) "
-                        f"before {doing}")
-
-
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block (the biases a bias adapter trains as they were before it came).
     Refuses while adapters are merged (unmerge() first)."""
-    if merged := _merged(model):
-        raise _merged_error(merged, "disabling them")
+    if merged := merged_adapters(model):
+        raise merged_error(merged, "disabling them")
     modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     biases = [pair for pairs in (getattr(model, "lora_base_biases", None) or {}).values() for pair in pairs]
     trained = [p.detach().clone() for p, _ in biases]  # a bias adapter's biases are the base's: swapped out
@@ -460,7 +452,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
     names = [None if n in (None, "base") else n for n in adapter_names]
     require_adapter(model, *(set(names) - {None}))
-    if _merged(model):
+    if merged_adapters(model):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
     if any(isinstance(m, ModulesToSave) for m in model.modules()):
         raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
@@ -479,7 +471,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     The base is left as it was before the adapter came: a PiSSA/OLoRA adapter puts back the W0 its init replaced
     by the residual, and a layer untied for it (inject.untie_shared) is tied again once it holds no adapter."""
-    if name in _merged(model):  # before anything goes: a refusal leaves the model as it was
+    if name in merged_adapters(model):  # before anything goes: a refusal leaves the model as it was
         raise RuntimeError(f"adapter {name!r} is merged; call loraforge.lora.merge.unmerge(model) before deleting it")
     retied = []
     for path, module in list(model.named_modules()):

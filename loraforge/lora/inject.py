@@ -249,6 +249,8 @@ def resolve_targets(model: nn.Module, config, adapter_name: str):
         configs = model.lora_configs = {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    if merged := merged_adapters(model):  # the new one would run on top of them (load_adapter refuses it too)
+        raise merged_error(merged, "adding another one")
     with_bias = [n for n, c in configs.items() if c.bias != "none"]
     if with_bias and config.bias != "none":  # PEFT's rule: the biases are the base's own, shared by every adapter
         raise ConfigError([f"bias: only 1 adapter with bias is supported; {with_bias[0]!r} already trains biases "
@@ -446,3 +448,14 @@ def parameter_report(model: nn.Module) -> str:
 def lora_layers(model: nn.Module):
     """(path, layer) of every adapter layer, found by type."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """The adapters merged into the base weights (merge()), sorted."""
+    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
+
+
+def merged_error(merged: list[str], doing: str) -> RuntimeError:
+    """The refusal of something the merged adapters would spoil: add, load, switch, disable."""
+    return RuntimeError(f"adapters {merged} are merged into the base weights; call loraforge.lora.merge.unmerge(model) "
+                        f"before {doing}")

@@ -63,6 +63,11 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _parameters(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    """An adapter's entry of a ModuleDict (a Linear) or a ParameterDict (a tensor) as its parameters."""
+    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by every adapter layer: names, active set, merged set, per-row adapters.
 
@@ -128,6 +133,19 @@ class LoraLayer(nn.Module):
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
         weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def refuse_training_merged(self) -> None:
+        """A training forward (train() mode, gradients on) while an adapter that trains is merged: its weights are
+        not in the graph (no gradients reach them), and unmerge() after an update would subtract another ΔW than
+        merge() added, changing the base for good (soak)."""
+        trains = [name for name in self.merged_adapters
+                  if any(p.requires_grad for attr in self.adapter_modules if name in getattr(self, attr)
+                         for p in _parameters(getattr(self, attr)[name]))]
+        if trains:
+            raise RuntimeError(f"adapters {trains} are merged into the base weights, so training would not reach "
+                               f"them (and unmerge() would then subtract another ΔW from the base); call "
+                               f"loraforge.lora.merge.unmerge(model) before training, or run the merged model in "
+                               f"eval() or under torch.no_grad()")
 
     def mixed_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The row hook of a training mixed batch (adapters.mixed_batch): row i gets adapter row_adapters[i]'s
@@ -389,6 +407,8 @@ class LoraLinear(LoraLayer):
         return name if plain else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self.refuse_training_merged()
         if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, self.base_layer(x, *args, **kwargs))
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node

@@ -466,6 +466,36 @@ def test_switching_or_loading_while_an_adapter_is_merged_is_refused(tmp_path, in
     torch.testing.assert_close(model(input_ids).logits, expected_b, **TOL)  # unmerge restores W0 to rounding
 
 
+def test_training_or_adding_an_adapter_while_one_is_merged_is_refused(input_ids):
+    """soak: a training forward while merged reached no adapter weight (0 of 8 with gradients) and, after an update,
+    unmerge() left the base changed; inject of another adapter was allowed (load_adapter and set_adapter refuse)."""
+    model = randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS), "a"))
+    merge(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with pytest.raises(RuntimeError) as e:
+        model(input_ids, labels=input_ids)
+    assert str(e.value) == ("adapters ['a'] are merged into the base weights, so training would not reach them (and "
+                            "unmerge() would then subtract another ΔW from the base); call "
+                            "loraforge.lora.merge.unmerge(model) before training, or run the merged model in eval() "
+                            "or under torch.no_grad()")
+    with torch.no_grad():
+        merged_logits = model(input_ids).logits  # the merged model runs, in train() mode too, without gradients
+    for add in (lambda: inject(model, LoraConfig(r=2, target_modules=TARGETS), "c"),
+                lambda: inject_adalora(model, AdaLoraConfig(total_step=4, target_modules=("k_proj",)), "c")):
+        with pytest.raises(RuntimeError, match=r"^adapters \['a'\] are merged into the base weights; call "
+                                               r"loraforge\.lora\.merge\.unmerge\(model\) before adding another one$"):
+            add()
+    assert list_adapters(model) == ["a"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    unmerge(model)
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()  # unmerged: trains
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, merged_logits, **TOL)
+
+
 def test_a_refused_delete_of_a_merged_adapter_leaves_everything_in_place(input_ids):
     """delete_adapter of a merged adapter with modules_to_save had unwrapped embed_tokens before refusing at its
     first LoRA layer (logits 0.55 off): now it refuses before removing anything."""
