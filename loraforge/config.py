@@ -561,6 +561,20 @@ class DataSource:
         validate(p)
 
 
+def records_problem(name: str, value) -> list[str]:
+    """data.train / data.eval given the records themselves (a list of dicts without a path, built in Python): one
+    line saying to write them to a file, not a problem per record and key (soak: 121 lines for 40 records)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, dict) for v in value):
+        return []
+    fields = {f.name for f in dataclasses.fields(DataSource)}
+    if any("path" in v for v in value) or all(set(v) <= fields for v in value):
+        return []  # sources, each checked on its own
+    keys = sorted({str(k) for v in value for k in v if k not in fields})
+    shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+    return [f"{name}: a list of {len(value)} record{'s' if len(value) != 1 else ''} ({shown}); it takes dataset "
+            f"files: write the records to a .jsonl file (one JSON object per line) and give its path"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train: str | tuple[DataSource | str, ...] = ""
@@ -594,6 +608,7 @@ class DataConfig:
     1.22x on chat rows; bench/train.py's lf-padded)."""
 
     def __post_init__(self):
+        validate(self._sources_given())
         p = []
         if not self.train:
             p.append("train: no training data given (a file path or hub dataset name)")
@@ -621,6 +636,30 @@ class DataConfig:
                              f"come before its answer: use overflow: truncate or drop, or format: text")
                     break
         validate(p)
+
+    def _sources_given(self) -> list[str]:
+        """train / eval built in Python: a list becomes a tuple, a mapping in it a DataSource (from_dict, as a
+        YAML's); records given in place of files, or items of another kind, are refused by name."""
+        p = []
+        for split in ("train", "eval"):
+            value = getattr(self, split)
+            if not isinstance(value, (list, tuple)):
+                continue
+            if problem := records_problem(split, value):
+                p += problem
+                continue
+            items = []
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    try:
+                        item = from_dict(DataSource, item, prefix=f"{split}[{i}].")
+                    except ConfigError as e:
+                        p += e.problems
+                elif not isinstance(item, (str, DataSource)):
+                    p.append(f"{split}[{i}]: expected a path or a mapping of DataSource fields, got {clipped(item)}")
+                items.append(item)
+            object.__setattr__(self, split, tuple(items))
+        return p
 
     def sources(self, split: Literal["train", "eval"] = "train") -> tuple[DataSource, ...]:
         """data.train or data.eval as a tuple of sources (a single path is one source; none: empty)."""
@@ -857,7 +896,10 @@ class TrainConfig:
         for name, cls in (("data", DataConfig), ("model", ModelConfig), ("lora", LoraConfig),
                           ("training", TrainingConfig)):
             value = getattr(self, name)
-            if isinstance(value, dict):
+            if isinstance(value, dict) and name == "data" and (records := records_problem("data.train", value.get(
+                    "train")) + records_problem("data.eval", value.get("eval"))):
+                p += records
+            elif isinstance(value, dict):
                 try:
                     object.__setattr__(self, name, from_dict(cls, value, prefix=f"{name}."))
                 except ConfigError as e:
@@ -1016,6 +1058,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         _refuse_alias_bomb(node[leaf], f"override {key}")
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
+    section = data["data"] if isinstance(data["data"], dict) else {}
+    validate(records_problem("data.train", section.get("train")) + records_problem("data.eval", section.get("eval")))
     problems = method_problems(data)
     try:
         cfg = from_dict(TrainConfig, data)

@@ -460,3 +460,26 @@ def test_a_train_config_built_in_python_takes_mappings_and_is_checked_as_a_yaml_
         "method: 'qlora2' is not one of ['lora', 'qlora', 'dora', 'adalora', 'full']",
         "adalora: expected a mapping of AdaLoRA settings (e.g. {'init_r': 12}), got None",
         "output_dir: expected a folder path, got None"]
+
+
+def test_records_given_in_place_of_a_file_are_one_line_and_sources_given_in_python_are_checked():
+    """soak: data.train given the 40 record dicts themselves was a ConfigError of 121 lines (three per record)."""
+    from loraforge.config import DataConfig, DataSource, TrainConfig
+
+    records = [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(40)]
+    line = ("data.train: a list of 40 records (instruction, output); it takes dataset files: write the records to a "
+            ".jsonl file (one JSON object per line) and give its path")
+    assert problems(base={"data": {"train": records}}) == [line]
+    for build, expected in ((lambda: TrainConfig(data={"train": records}), line),
+                            (lambda: DataConfig(train=records), line.removeprefix("data.")),
+                            (lambda: DataConfig(train="a.jsonl", eval=[{"text": "x"}]),
+                             "eval: a list of 1 record (text); it takes dataset files: write the records to a .jsonl "
+                             "file (one JSON object per line) and give its path"),
+                            (lambda: DataConfig(train=[3]), "train[0]: expected a path or a mapping of DataSource "
+                                                            "fields, got 3")):
+        with pytest.raises(ConfigError) as e:
+            build()
+        assert e.value.problems == [expected]
+    sources = [{"path": "a.jsonl", "epochs": 2}, "b.jsonl"]  # as a YAML list: the same config
+    assert DataConfig(train=sources) == load_train_config(base={"data": {"train": sources}}).data
+    assert DataConfig(train=sources).sources() == (DataSource("a.jsonl", epochs=2), DataSource("b.jsonl"))
