@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -297,8 +298,9 @@ class RankAllocator:
     """Budget schedule and importance-based masking of AdaLoRA triplets (PEFT's RankAllocator, explicit step)."""
 
     def __init__(self, model: nn.Module, adapter_name: str = "default", total_step: int | None = None):
-        """`total_step`: the run's real number of optimizer steps, if the config was written without it; it is
-        also stored in the model's adapter config, so the saved adapter_config.json says it."""
+        """`total_step`: replaces the config's total_step (which AdaLoraConfig requires) with the run's real number
+        of optimizer steps, e.g. where epochs decide it; it is stored in the model's adapter config too, so the saved
+        adapter_config.json says it."""
         self.name = adapter_name
         configs = getattr(model, "module", model).lora_configs
         if total_step is not None and total_step != configs[adapter_name].total_step:
@@ -323,6 +325,7 @@ class RankAllocator:
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank budget at `step`, whether to mask at this step): PEFT's cubic schedule."""
+        _check_step(step)
         c = self.config
         if step <= c.tinit:
             return self.init_budget, False
@@ -378,9 +381,14 @@ class RankAllocator:
         """Call after each optimizer step, before zero_grad. Returns the budget at `global_step`.
 
         Budget phase (step < total_step − tfinal): update the scores, mask every deltaT steps. At total_step −
-        tfinal: the final allocation to target_r·n. After it: re-apply that pattern, so masked E stay zero.
+        tfinal: the final allocation to target_r·n. After it, whatever step comes (a later one, or an earlier one
+        given again): re-apply that pattern, so masked E stay zero. A negative step is refused.
         """
+        _check_step(global_step)
         end = self.config.total_step - self.config.tfinal
+        if self.finalized:  # soak: step 1 after the final allocation reopened the schedule (kept rank 16 -> 25)
+            self.apply_masks(model)
+            return self.target_budget
         if global_step < end:
             self.update_importance(model)
             budget, mask_now = self.budget(global_step)
@@ -433,6 +441,12 @@ class RankAllocator:
                     if f"{path}.{attr}" in state.get(kind, {}):
                         value = torch.tensor(state[kind][f"{path}.{attr}"], dtype=p.dtype, device=p.device)
                         getattr(self, kind)[f"{path}.{attr}"] = value
+
+
+def _check_step(step: int) -> None:
+    """Steps count from 0 (soak: a negative step answered with the full budget)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"global_step: must be an integer ≥ 0 (the optimizer steps taken so far), got {step!r}")
 
 
 def orth_regularization(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
