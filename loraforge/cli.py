@@ -162,6 +162,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     base, tokenizer = load_base(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
+    base.eval()  # inference: no dropout, whatever mode the loaders left (soak: a dropout adapter's text varied by seed)
     # once the model is there (a failed load is one line); stdout is the answer alone
     print(chosen.line(training=False), file=sys.stderr, flush=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -307,6 +308,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     base = load_model(model, dtype=chosen.storage)
     if adapter:
         load_adapter(base, adapter)
+    base.eval()  # inference: no dropout
     # at the model's context: perplexity and accuracy over the same records, and a line says what it cut
     records, examples, cut = within_context(records, tokenizer, context_length(base.config))
     if cut:

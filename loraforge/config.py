@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import functools
 import math
+import numbers
+import os
 import re
 import types
 import typing
@@ -226,6 +228,23 @@ def validate(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def integer_problems(config, fields: dict[str, str], optional: tuple[str, ...] = ()) -> list[str]:
+    """Whole-number fields of a config built in Python (a YAML's values are checked by from_dict first): a float,
+    string or bool is named with what the field takes (soak: LoraConfig(r=2.5) built rank-2 layers and saved
+    r 2.5, which PEFT cannot load; r=True gave rank 1). Other integers (numpy's) become int. `fields`: name ->
+    what it must be ("a positive integer"); `optional`: those that may be None. Checked before the ranges."""
+    p = []
+    for name, what in fields.items():
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            p.append(f"{name}: must be {what}, got {clipped(value)}")
+        else:
+            object.__setattr__(config, name, int(value))
+    return p
+
+
 def not_finite(name: str, value: float | None, example: str) -> list[str]:
     """A NaN or infinite number, which passes every `<= 0` test: the problem naming `name`, else none."""
     if value is None or math.isfinite(value):
@@ -328,6 +347,14 @@ def module_list_problems(name: str, value) -> list[str]:
     return []
 
 
+def index_list_problems(name: str, value) -> list[str]:
+    """layers_to_transform built in Python: layer indices are integers (a YAML's are checked by from_dict)."""
+    if value is None or (isinstance(value, tuple) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in value)):
+        return []
+    return [f"{name}: must be a list of layer indices (integers), e.g. [0, 1], got {clipped(value)}"]
+
+
 def layer_selection_problems(config) -> list[str]:
     """PEFT's rules for layers_to_transform / layers_pattern (LoraConfig.__post_init__ there)."""
     p = []
@@ -410,9 +437,10 @@ class LoraConfig:
             object.__setattr__(self, "layers_to_transform", (layers,))
         elif isinstance(layers, list):
             object.__setattr__(self, "layers_to_transform", tuple(layers))
-        p = []
-        if not 0 < self.r <= MAX_RANK:
+        p = integer_problems(self, {"r": f"a positive integer (at most {MAX_RANK})"})
+        if not p and not 0 < self.r <= MAX_RANK:
             p.append(f"r: must be a positive integer (at most {MAX_RANK}), got {self.r} (try 8)")
+        p += index_list_problems("layers_to_transform", self.layers_to_transform)
         if not math.isfinite(self.lora_alpha):  # 0 or negative: PEFT saves and loads them (a negated adapter)
             p.append(f"lora_alpha: must be a finite number, got {self.lora_alpha} (try 2*r)")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -534,6 +562,20 @@ class DataSource:
         validate(p)
 
 
+def records_problem(name: str, value) -> list[str]:
+    """data.train / data.eval given the records themselves (a list of dicts without a path, built in Python): one
+    line saying to write them to a file, not a problem per record and key (soak: 121 lines for 40 records)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, dict) for v in value):
+        return []
+    fields = {f.name for f in dataclasses.fields(DataSource)}
+    if any("path" in v for v in value) or all(set(v) <= fields for v in value):
+        return []  # sources, each checked on its own
+    keys = sorted({str(k) for v in value for k in v if k not in fields})
+    shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+    return [f"{name}: a list of {len(value)} record{'s' if len(value) != 1 else ''} ({shown}); it takes dataset "
+            f"files: write the records to a .jsonl file (one JSON object per line) and give its path"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     train: str | tuple[DataSource | str, ...] = ""
@@ -567,6 +609,7 @@ class DataConfig:
     1.22x on chat rows; bench/train.py's lf-padded)."""
 
     def __post_init__(self):
+        validate(self._sources_given())
         p = []
         if not self.train:
             p.append("train: no training data given (a file path or hub dataset name)")
@@ -581,7 +624,9 @@ class DataConfig:
                     p.append(f"eval[{i}].{name}: held-out sources are used in full; remove it")
         if not 0 <= self.eval_fraction < 1:
             p.append(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if self.max_seq_len < 8:
+        if bad := integer_problems(self, {"max_seq_len": "an integer (tokens, at least 8)"}):
+            p += bad
+        elif self.max_seq_len < 8:
             p.append(f"max_seq_len: must be at least 8, got {self.max_seq_len}")
         if self.overflow == "split":
             formats = [("format", self.format)] + [(f"{split}[{i}].format", s.format) for split in ("train", "eval")
@@ -592,6 +637,30 @@ class DataConfig:
                              f"come before its answer: use overflow: truncate or drop, or format: text")
                     break
         validate(p)
+
+    def _sources_given(self) -> list[str]:
+        """train / eval built in Python: a list becomes a tuple, a mapping in it a DataSource (from_dict, as a
+        YAML's); records given in place of files, or items of another kind, are refused by name."""
+        p = []
+        for split in ("train", "eval"):
+            value = getattr(self, split)
+            if not isinstance(value, (list, tuple)):
+                continue
+            if problem := records_problem(split, value):
+                p += problem
+                continue
+            items = []
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    try:
+                        item = from_dict(DataSource, item, prefix=f"{split}[{i}].")
+                    except ConfigError as e:
+                        p += e.problems
+                elif not isinstance(item, (str, DataSource)):
+                    p.append(f"{split}[{i}]: expected a path or a mapping of DataSource fields, got {clipped(item)}")
+                items.append(item)
+            object.__setattr__(self, split, tuple(items))
+        return p
 
     def sources(self, split: Literal["train", "eval"] = "train") -> tuple[DataSource, ...]:
         """data.train or data.eval as a tuple of sources (a single path is one source; none: empty)."""
@@ -721,6 +790,12 @@ class TrainingConfig:
     stops the others with an error instead of a hang."""
 
     def __post_init__(self):
+        validate(integer_problems(self, {
+            **{name: "an integer" for name in ("warmup_steps", "max_steps", "batch_tokens", "eval_every",
+                                                  "save_every")},
+            **{name: "a positive integer" for name in ("batch_size", "gradient_accumulation", "keep_checkpoints",
+                                                        "log_every")},
+            "seed": "a whole number from 0 to 2**64 - 1"}, optional=("max_steps", "batch_tokens")))
         p = []
         for name, example in (("lr", "2e-4"), ("epochs", "1"), ("weight_decay", "0.01"), ("max_grad_norm", "1.0"),
                               ("loraplus_lr_ratio", "16"), ("collective_timeout", "600")):
@@ -791,6 +866,7 @@ class TrainConfig:
     output_dir: str = "runs/latest"
 
     def __post_init__(self):
+        self._check_fields()
         if isinstance(self.output_dir, str) and self.output_dir.startswith("~"):  # soak: a folder named ~ was made
             object.__setattr__(self, "output_dir", str(expand_user(self.output_dir)))
         if isinstance(self.output_dir, str) and "$" in self.output_dir:
@@ -813,6 +889,36 @@ class TrainConfig:
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "
                       f"{self.quantization} base (method {self.method}) holds quantized; use the default init (true), "
                       f"or train without quantization"])
+
+    def _check_fields(self) -> None:
+        """A TrainConfig built in Python (load_train_config checks a YAML's types before it gets here): a section
+        given as a mapping becomes its dataclass (from_dict, its fields checked as a YAML's are), and a method or
+        section of another kind is refused by name (soak: method="qlora2" trained plain LoRA without a word, and
+        model={...} died later of AttributeError)."""
+        p = []
+        for name, cls in (("data", DataConfig), ("model", ModelConfig), ("lora", LoraConfig),
+                          ("training", TrainingConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict) and name == "data" and (records := records_problem("data.train", value.get(
+                    "train")) + records_problem("data.eval", value.get("eval"))):
+                p += records
+            elif isinstance(value, dict):
+                try:
+                    object.__setattr__(self, name, from_dict(cls, value, prefix=f"{name}."))
+                except ConfigError as e:
+                    p += e.problems
+            elif not isinstance(value, cls):
+                p.append(f"{name}: expected a {cls.__name__} or a mapping of its fields, got {clipped(value)}")
+        if self.method not in METHODS:
+            p.append(f"method: {clipped(self.method)} is not one of {list(METHODS)}")
+        if not isinstance(self.adalora, dict):
+            p.append(f"adalora: expected a mapping of AdaLoRA settings (e.g. {{'init_r': 12}}), got "
+                     f"{clipped(self.adalora)}")
+        if isinstance(self.output_dir, os.PathLike):
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        if not isinstance(self.output_dir, str):
+            p.append(f"output_dir: expected a folder path, got {clipped(self.output_dir)}")
+        validate(p)
 
     @property
     def quantization(self) -> str | None:
@@ -969,6 +1075,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         _refuse_alias_bomb(node[leaf], f"override {key}")
     if "data" not in data:
         raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
+    section = data["data"] if isinstance(data["data"], dict) else {}
+    validate(records_problem("data.train", section.get("train")) + records_problem("data.eval", section.get("eval")))
     problems = method_problems(data)
     try:
         cfg = from_dict(TrainConfig, data)

@@ -460,3 +460,48 @@ def test_a_lora_alpha_of_an_extreme_scale_is_warned_about_and_still_trains(overr
         warnings.simplefilter("error")
         load_train_config(None, [DATA, "lora.lora_alpha=8000"])  # scale 1000: the edge of the usual range
         load_train_config(None, [DATA, "lora.lora_alpha=16", "lora.use_rslora=true", "lora.r=64"])
+
+
+def test_a_train_config_built_in_python_takes_mappings_and_is_checked_as_a_yaml_is(tmp_path):
+    """soak: TrainConfig(method="qlora2") trained plain LoRA without a word, and sections given as dicts died later
+    with AttributeError. Mappings become their sections (the same config load_train_config reads from them); a
+    method, section or value that a YAML would be refused for is refused, every problem named."""
+    from loraforge.config import TrainConfig, TrainingConfig
+
+    sections = dict(data={"train": "train.jsonl"}, model={"name": "tiny", "dtype": "fp32"}, lora={"r": 2},
+                    training={"max_steps": 2, "batch_size": 4}, output_dir=str(tmp_path / "run"))
+    assert TrainConfig(**sections) == load_train_config(base=sections)
+    assert TrainConfig(data={"train": "x.jsonl"}, output_dir=tmp_path / "run").output_dir == str(tmp_path / "run")
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(data={"train": "x.jsonl"}, method="qlora2", model=3, lora={"r": 0, "rnak": 2},
+                    training=TrainingConfig(max_steps=2), adalora=None, output_dir=None)
+    assert e.value.problems == [
+        "model: expected a ModelConfig or a mapping of its fields, got 3",
+        "lora.rnak: unknown field (did you mean 'r'?)",
+        "lora.r: must be a positive integer (at most 65536), got 0 (try 8)",
+        "method: 'qlora2' is not one of ['lora', 'qlora', 'dora', 'adalora', 'full']",
+        "adalora: expected a mapping of AdaLoRA settings (e.g. {'init_r': 12}), got None",
+        "output_dir: expected a folder path, got None"]
+
+
+def test_records_given_in_place_of_a_file_are_one_line_and_sources_given_in_python_are_checked():
+    """soak: data.train given the 40 record dicts themselves was a ConfigError of 121 lines (three per record)."""
+    from loraforge.config import DataConfig, DataSource, TrainConfig
+
+    records = [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(40)]
+    line = ("data.train: a list of 40 records (instruction, output); it takes dataset files: write the records to a "
+            ".jsonl file (one JSON object per line) and give its path")
+    assert problems(base={"data": {"train": records}}) == [line]
+    for build, expected in ((lambda: TrainConfig(data={"train": records}), line),
+                            (lambda: DataConfig(train=records), line.removeprefix("data.")),
+                            (lambda: DataConfig(train="a.jsonl", eval=[{"text": "x"}]),
+                             "eval: a list of 1 record (text); it takes dataset files: write the records to a .jsonl "
+                             "file (one JSON object per line) and give its path"),
+                            (lambda: DataConfig(train=[3]), "train[0]: expected a path or a mapping of DataSource "
+                                                            "fields, got 3")):
+        with pytest.raises(ConfigError) as e:
+            build()
+        assert e.value.problems == [expected]
+    sources = [{"path": "a.jsonl", "epochs": 2}, "b.jsonl"]  # as a YAML list: the same config
+    assert DataConfig(train=sources) == load_train_config(base={"data": {"train": sources}}).data
+    assert DataConfig(train=sources).sources() == (DataSource("a.jsonl", epochs=2), DataSource("b.jsonl"))

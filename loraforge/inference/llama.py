@@ -150,13 +150,15 @@ class Projection:
 
     def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The rest of the projection on its base product y = x W0ᵀ: the rows' LoRA, DoRA's factor, the bias."""
-        if self.A is not None:
+        if self.A is not None:  # fp32 adapters on a bf16 base (LoraLinear's dtypes): x in A's dtype, y back in its own
+            dtype, xa = y.dtype, x.to(self.A.dtype)
             if self.A.dim() == 2:
-                y = y + (x @ self.A.T) @ self.B.T
+                y = y + (xa @ self.A.T) @ self.B.T
             else:
-                y = y + torch.bmm(torch.bmm(x, self.A.transpose(1, 2)), self.B.transpose(1, 2))
+                y = y + torch.bmm(torch.bmm(xa, self.A.transpose(1, 2)), self.B.transpose(1, 2))
             if self.factor is not None:
                 y = y * self.factor
+            y = y.to(dtype)
         y = y if self.bias is None else y + self.bias
         return y if self.hook is None else self.hook(x, y)
 

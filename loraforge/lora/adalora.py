@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -23,11 +24,12 @@ import torch
 from torch import nn
 
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
-                              adalora_lora_problems, from_dict, layer_selection_problems, module_list_problems,
-                              normalize_module_fields, peft_list, unsupported_peft_fields, validate)
+                              adalora_lora_problems, from_dict, integer_problems, layer_selection_problems,
+                              module_list_problems, normalize_module_fields, peft_list, unsupported_peft_fields,
+                              validate)
 from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
                                    resolve_targets, untie_shared)
-from loraforge.lora.layer import LoraLayer
+from loraforge.lora.layer import LoraLayer, adapter_dtype
 from loraforge.utils.hf import set_submodule
 
 PREFIX = "base_model.model."
@@ -81,6 +83,10 @@ class AdaLoraConfig:
     """The base the adapter was trained on (informational)."""
 
     def __post_init__(self):
+        validate(integer_problems(self, {"total_step": "the run's number of optimizer steps (a positive integer)",
+                                         "init_r": "a positive integer", "target_r": "a positive integer",
+                                         "tinit": "an integer ≥ 0 (steps)", "tfinal": "an integer ≥ 0 (steps)",
+                                         "deltaT": "a positive integer (steps)"}, optional=("total_step",)))
         p = []
         for name in ("tinit", "tfinal"):
             if getattr(self, name) < 0:
@@ -206,8 +212,7 @@ class SVDLinear(LoraLayer):
         kept = list(kept) if kept is not None else [True] * init_r
         r = sum(kept)
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        kw = dict(device=weight.device, dtype=dtype)
+        kw = dict(device=weight.device, dtype=adapter_dtype(weight))
         self.lora_A[name] = nn.Parameter(torch.randn(r, self.in_features, **kw))
         self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
         self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, r, **kw))
@@ -224,6 +229,7 @@ class SVDLinear(LoraLayer):
         # ranknum = init_r, also after pruning (it is not saved; the pruned layer copies it back).
         self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(r)) / (init_r + 1e-5)
         self.rank_mask[name] = kept
+        self.train(self.training)  # the new Dropout takes the layer's mode (LoraLinear.add_adapter)
         self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -242,6 +248,8 @@ class SVDLinear(LoraLayer):
         return (x @ (A * E).T @ B.T) * self.scaling[name]  # (..., in) -> (..., r) -> (..., out)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self.refuse_training_merged()
         result = self.base_layer(x, *args, **kwargs)
         if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, result)
@@ -249,7 +257,7 @@ class SVDLinear(LoraLayer):
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x).to(result.dtype)
+                result = (result + self._lora(name, x)).to(result.dtype)  # one rounding, as PEFT's in-place +=
         return result
 
     def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -290,8 +298,9 @@ class RankAllocator:
     """Budget schedule and importance-based masking of AdaLoRA triplets (PEFT's RankAllocator, explicit step)."""
 
     def __init__(self, model: nn.Module, adapter_name: str = "default", total_step: int | None = None):
-        """`total_step`: the run's real number of optimizer steps, if the config was written without it; it is
-        also stored in the model's adapter config, so the saved adapter_config.json says it."""
+        """`total_step`: replaces the config's total_step (which AdaLoraConfig requires) with the run's real number
+        of optimizer steps, e.g. where epochs decide it; it is stored in the model's adapter config too, so the saved
+        adapter_config.json says it."""
         self.name = adapter_name
         configs = getattr(model, "module", model).lora_configs
         if total_step is not None and total_step != configs[adapter_name].total_step:
@@ -316,6 +325,7 @@ class RankAllocator:
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank budget at `step`, whether to mask at this step): PEFT's cubic schedule."""
+        _check_step(step)
         c = self.config
         if step <= c.tinit:
             return self.init_budget, False
@@ -371,9 +381,14 @@ class RankAllocator:
         """Call after each optimizer step, before zero_grad. Returns the budget at `global_step`.
 
         Budget phase (step < total_step − tfinal): update the scores, mask every deltaT steps. At total_step −
-        tfinal: the final allocation to target_r·n. After it: re-apply that pattern, so masked E stay zero.
+        tfinal: the final allocation to target_r·n. After it, whatever step comes (a later one, or an earlier one
+        given again): re-apply that pattern, so masked E stay zero. A negative step is refused.
         """
+        _check_step(global_step)
         end = self.config.total_step - self.config.tfinal
+        if self.finalized:  # soak: step 1 after the final allocation reopened the schedule (kept rank 16 -> 25)
+            self.apply_masks(model)
+            return self.target_budget
         if global_step < end:
             self.update_importance(model)
             budget, mask_now = self.budget(global_step)
@@ -426,6 +441,12 @@ class RankAllocator:
                     if f"{path}.{attr}" in state.get(kind, {}):
                         value = torch.tensor(state[kind][f"{path}.{attr}"], dtype=p.dtype, device=p.device)
                         getattr(self, kind)[f"{path}.{attr}"] = value
+
+
+def _check_step(step: int) -> None:
+    """Steps count from 0 (soak: a negative step answered with the full budget)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"global_step: must be an integer ≥ 0 (the optimizer steps taken so far), got {step!r}")
 
 
 def orth_regularization(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:

@@ -21,7 +21,8 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable
+from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
+                                   merged_adapters, merged_error)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
@@ -122,7 +123,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
         # reads the base from the file, found none; the folder the base was loaded from says where it is
         config = dataclasses.replace(config, base_model_name_or_path=str(model.name_or_path))
     _warn_residual_on_tied(model, name, config)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    state = adapter_state_dict(model, name)
+    # soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"
+    if meta := next((k for k, v in state.items() if v.device.type == "meta"), None):
+        raise ValueError(f"adapter {name!r} is on the meta device ({meta.removeprefix(PREFIX)}): meta tensors have "
+                         f"shapes but no values, so there is nothing to save; give the model real weights first "
+                         f"(model.to_empty(device='cpu') and load its weights, or load it without device='meta')")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)
@@ -350,13 +357,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
 
     Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
     made for another base raises AdapterError naming the module, and the model is left as it was.
+    is_trainable=False (inference, PEFT's default) freezes every parameter and puts the model in eval() (PEFT's
+    from_pretrained does both: no adapter dropout); True makes the adapter trainable and leaves the mode as it is.
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
-    if merged := _merged(model):  # the new one becomes the active one: the merged ones would run on under it
-        raise _merged_error(merged, "loading another one")
+    if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
+        raise merged_error(merged, "loading another one")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
     # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
@@ -408,6 +417,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     else:
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()
     return model
 
 
@@ -419,8 +429,8 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make `name` (or several names, summed) the active adapter(s) of every layer."""
     names = [name] if isinstance(name, str) else list(name)
     require_adapter(model, *names)
-    if (merged := _merged(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
-        raise _merged_error(merged, f"switching to {names}")
+    if (merged := merged_adapters(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
+        raise merged_error(merged, f"switching to {names}")
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.active_adapters = [n for n in names if n in module.r]
@@ -428,21 +438,12 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
             module.active_adapter = next((n for n in names if n in module.modules_to_save), None)
 
 
-def _merged(model: nn.Module) -> list[str]:
-    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
-
-
-def _merged_error(merged: list[str], doing: str) -> RuntimeError:
-    return RuntimeError(f"adapters {merged} are merged into the base weights; call loraforge.lora.merge.unmerge(model) "
-                        f"before {doing}")
-
-
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block (the biases a bias adapter trains as they were before it came).
     Refuses while adapters are merged (unmerge() first)."""
-    if merged := _merged(model):
-        raise _merged_error(merged, "disabling them")
+    if merged := merged_adapters(model):
+        raise merged_error(merged, "disabling them")
     modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     biases = [pair for pairs in (getattr(model, "lora_base_biases", None) or {}).values() for pair in pairs]
     trained = [p.detach().clone() for p, _ in biases]  # a bias adapter's biases are the base's: swapped out
@@ -466,7 +467,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
     """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
     names = [None if n in (None, "base") else n for n in adapter_names]
     require_adapter(model, *(set(names) - {None}))
-    if _merged(model):
+    if merged_adapters(model):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
     if any(isinstance(m, ModulesToSave) for m in model.modules()):
         raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
@@ -485,7 +486,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     The base is left as it was before the adapter came: a PiSSA/OLoRA adapter puts back the W0 its init replaced
     by the residual, and a layer untied for it (inject.untie_shared) is tied again once it holds no adapter."""
-    if name in _merged(model):  # before anything goes: a refusal leaves the model as it was
+    if name in merged_adapters(model):  # before anything goes: a refusal leaves the model as it was
         raise RuntimeError(f"adapter {name!r} is merged; call loraforge.lora.merge.unmerge(model) before deleting it")
     retied = []
     for path, module in list(model.named_modules()):

@@ -220,17 +220,37 @@ def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:
                                f"blocks): remove it, or name the linear layers inside it"])
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """TypeError for a model PEFT already wrapped (a PeftModel) or put its own adapter layers into (get_base_model()
+    of one, transformers' load_adapter): loraforge's layers would wrap PEFT's, or its matching fail with an error
+    that contradicts itself (soak: "q_proj names ...q_proj (Linear), not a linear layer")."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):  # PeftModel, PeftMixedModel
+        raise TypeError(f"the model is already a PEFT model ({type(model).__name__}): call merge_and_unload() (its "
+                        f"adapters merged into the weights) or unload() (the base without them) first and pass the "
+                        f"model that returns; get_base_model() keeps PEFT's layers in it")
+    layer = next(((path, m) for path, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if layer is not None:
+        path, module = layer
+        raise TypeError(f"the model holds PEFT's own adapter layers ({path}: {type(module).__module__}."
+                        f"{type(module).__name__}): remove them with PEFT first (merge_and_unload() or unload() of "
+                        f"the PeftModel), or load the base afresh")
+
+
 def resolve_targets(model: nn.Module, config, adapter_name: str):
     """(model.lora_configs, config with explicit targets and fan_in_fan_out, the module paths to wrap).
 
     Refuses a name already loaded; `target_modules=None` becomes the architecture's default list, saved as such
-    so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out.
+    so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out. A model PEFT
+    already wrapped is refused (refuse_peft_model).
     """
+    refuse_peft_model(model)
     configs = getattr(model, "lora_configs", None)
     if configs is None:
         configs = model.lora_configs = {}
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+    if merged := merged_adapters(model):  # the new one would run on top of them (load_adapter refuses it too)
+        raise merged_error(merged, "adding another one")
     with_bias = [n for n, c in configs.items() if c.bias != "none"]
     if with_bias and config.bias != "none":  # PEFT's rule: the biases are the base's own, shared by every adapter
         raise ConfigError([f"bias: only 1 adapter with bias is supported; {with_bias[0]!r} already trains biases "
@@ -428,3 +448,14 @@ def parameter_report(model: nn.Module) -> str:
 def lora_layers(model: nn.Module):
     """(path, layer) of every adapter layer, found by type."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """The adapters merged into the base weights (merge()), sorted."""
+    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
+
+
+def merged_error(merged: list[str], doing: str) -> RuntimeError:
+    """The refusal of something the merged adapters would spoil: add, load, switch, disable."""
+    return RuntimeError(f"adapters {merged} are merged into the base weights; call loraforge.lora.merge.unmerge(model) "
+                        f"before {doing}")

@@ -56,6 +56,18 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype new adapter weights get: the base's where it is fp32 or fp64, else fp32 (a bf16/fp16 base: PEFT's
+    autocast_adapter_dtype; a quantized one). fp32 masters keep small updates that bf16 rounds away; the forward
+    casts x to the adapter's dtype and its output back to the base's."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _parameters(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    """An adapter's entry of a ModuleDict (a Linear) or a ParameterDict (a tensor) as its parameters."""
+    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+
+
 class LoraLayer(nn.Module):
     """Bookkeeping shared by every adapter layer: names, active set, merged set, per-row adapters.
 
@@ -79,6 +91,7 @@ class LoraLayer(nn.Module):
         # a base weight that was tied to other parameters (inject.untie_shared): (their names, the shared Parameter,
         # tie_word_embeddings before), so adapters.delete_adapter can tie it again; None for an untied base
         self.untied_from: tuple[list[str], nn.Parameter, bool | None] | None = None
+        self.train(base_layer.training)  # the mode of the layer it wraps: an eval() model stays in eval (PEFT)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -120,6 +133,19 @@ class LoraLayer(nn.Module):
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
         weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def refuse_training_merged(self) -> None:
+        """A training forward (train() mode, gradients on) while an adapter that trains is merged: its weights are
+        not in the graph (no gradients reach them), and unmerge() after an update would subtract another ΔW than
+        merge() added, changing the base for good (soak)."""
+        trains = [name for name in self.merged_adapters
+                  if any(p.requires_grad for attr in self.adapter_modules if name in getattr(self, attr)
+                         for p in _parameters(getattr(self, attr)[name]))]
+        if trains:
+            raise RuntimeError(f"adapters {trains} are merged into the base weights, so training would not reach "
+                               f"them (and unmerge() would then subtract another ΔW from the base); call "
+                               f"loraforge.lora.merge.unmerge(model) before training, or run the merged model in "
+                               f"eval() or under torch.no_grad()")
 
     def mixed_rows(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The row hook of a training mixed batch (adapters.mixed_batch): row i gets adapter row_adapters[i]'s
@@ -174,7 +200,7 @@ class LoraLinear(LoraLayer):
         if name in self.r:
             raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # 4-bit base: fp32 adapters
+        dtype = adapter_dtype(weight)
         device = weight.device
         # Built on the CPU, then moved: nn.Linear's own init draws from its device's generator, and A's init below
         # draws from the CPU's, so building on a GPU would leave the CPU generator elsewhere (another A per device)
@@ -189,6 +215,7 @@ class LoraLinear(LoraLayer):
             with torch.no_grad():
                 norm = self._row_norm(self._base_out_in(), self._scaled_BA(name))
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+        self.train(self.training)  # the new modules (a Dropout) take the layer's mode: no dropout in an eval() model
         self.active_adapters.append(name)
 
     @torch.no_grad()
@@ -380,6 +407,8 @@ class LoraLinear(LoraLayer):
         return name if plain else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged_adapters and self.training and torch.is_grad_enabled():
+            self.refuse_training_merged()
         if self.row_forward is not None:  # a batch with one adapter per row (mixed_rows, or a server's stacks)
             return self.row_forward(x, self.base_layer(x, *args, **kwargs))
         if not args and not kwargs and (name := self._fusable()) is not None:  # the same math, one autograd node
@@ -388,12 +417,12 @@ class LoraLinear(LoraLayer):
         base_out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return base_out
-        out_dtype = base_out.dtype
+        # summed in the promoted dtype (fp32 adapters on a bf16 base: fp32) and rounded to the base's once (PEFT)
         result = base_out
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self._lora(name, x, result).to(out_dtype)
-        return result
+                result = result + self._lora(name, x, result)
+        return result.to(base_out.dtype)
 
     def _row_delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return self._lora(name, x, base_out)
@@ -429,6 +458,22 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.train(original_module.training)  # the mode of the module it wraps, as LoraLayer
+
+    def __getattr__(self, name: str):
+        """An attribute the wrapper lacks is the module's that runs now (PEFT's ModulesToSaveWrapper): the active
+        adapter's copy, or the original while disabled or with none active (soak: model.lm_head.weight and
+        get_output_embeddings().weight raised AttributeError)."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of the wrapper itself
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name.startswith("__"):  # half-built (copy, pickle): no recursion
+                raise
+        modules = self.__dict__["_modules"]
+        active = self.__dict__.get("active_adapter")
+        if self.__dict__.get("disabled") or active is None or active not in modules["modules_to_save"]:
+            return getattr(modules["original_module"], name)
+        return getattr(modules["modules_to_save"][active], name)
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)

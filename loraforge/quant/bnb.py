@@ -49,9 +49,20 @@ def _check_quantize(quantize: str) -> None:
         raise ValueError(f"quantization {quantize!r} is not supported; use one of {list(QUANT_TYPES)} or null")
 
 
-def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device: str | torch.device) -> None:
-    """Refuse 4 bits on CPU for linear layers whose in_features is not a multiple of 64: ConfigError naming the
-    first such layer (by its path), its width, and what to use instead; before any layer is quantized.
+def check_device(device: str | torch.device) -> None:
+    """A CUDA device where torch has none: one line naming the argument (torch's own is a bare AssertionError,
+    "Torch not compiled with CUDA enabled", from deep inside bitsandbytes' move)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device={str(device)!r}: {why} (torch {torch.__version__}); use device='cpu'")
+
+
+def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device: str | torch.device,
+                     python: bool = True) -> None:
+    """Refuse 4 bits on CPU for linear layers whose in_features is not a multiple of 64, naming the first such
+    layer (by its path), its width, and what to use instead; before any layer is quantized. `python`: worded for
+    the Python API (quantize_model(model, 'nf4'): a ValueError) or, False, for a run's setting (model.quantization,
+    --quantize: a ConfigError).
 
     Blocks of 64 run over the flattened weight, so they cross rows when in_features % 64 != 0; bnb 0.50's CPU
     dequantize/matmul kernel then applies the wrong absmax to part of each row (measured: its de-quantized weight
@@ -64,10 +75,13 @@ def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device
         return
     path, width = bad[0]
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
-    raise ConfigError([f"model.quantization: {quantize} on CPU needs every linear layer's in_features to be a "
-                       f"multiple of {BLOCKSIZE} (bitsandbytes' CPU 4-bit kernels), but {path} has "
-                       f"in_features={width}{more}; use --quantize int8 (model.quantization: int8), leave "
-                       f"quantization off (method lora), or run on a GPU"])
+    why = (f"on CPU needs every linear layer's in_features to be a multiple of {BLOCKSIZE} (bitsandbytes' CPU 4-bit "
+           f"kernels), but {path} has in_features={width}{more}")
+    if python:
+        raise ValueError(f"quantize {quantize!r} {why}; use 'int8', leave the model unquantized, or quantize on a GPU "
+                         f"(device='cuda')")
+    raise ConfigError([f"model.quantization: {quantize} {why}; use --quantize int8 (model.quantization: int8), "
+                       f"leave quantization off (method lora), or run on a GPU"])
 
 
 class _NoKernelHubNotice(logging.Filter):
@@ -130,6 +144,7 @@ def quantize_linear(linear: nn.Linear, quantize: str, compute_dtype: torch.dtype
     whose parameters must be floating point, as FSDP-QLoRA does). The same bytes either way.
     """
     _check_quantize(quantize)
+    check_device(device)
     bnb = import_bitsandbytes(f"model.quantization (--quantize): {quantize}")
     check_cpu_widths([("the linear layer", linear)], quantize, device)
     weight = linear.weight.data.to(QUANTIZED_FROM)  # the same codes whatever the compute dtype
@@ -165,15 +180,21 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
     _check_quantize(quantize)
     if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's)
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
-    head = _output_head(model)
-    linears = [(path, module) for path, module in model.named_modules()
-               if type(module) is nn.Linear and module is not head]
+    check_device(device)
+    linears = _quantizable(model)
     check_cpu_widths(linears, quantize, device)  # all of them before the first is replaced
     for path, module in linears:
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
     return model.to(device)
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(path, layer) of the linear layers quantize_model replaces: every nn.Linear but the output head."""
+    head = _output_head(model)
+    return [(path, module) for path, module in model.named_modules()
+            if type(module) is nn.Linear and module is not head]
 
 
 def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
@@ -197,8 +218,10 @@ def quantize_loaded(model: nn.Module, quantize: str, compute_dtype: torch.dtype 
                     device: str | torch.device = "cpu", double_quant: bool = True,
                     quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """A model loaded in `compute_dtype` (from a checkpoint, or de-quantized from GGUF in memory) with its linear
-    layers stored by bitsandbytes, as `load_quantized` gives it."""
+    layers stored by bitsandbytes, as `load_quantized` gives it. Its refusals are worded for a run's settings
+    (model.quantization, --quantize): load_model is how train, merge and serve load a quantized base."""
     _check_quantize(quantize)
+    check_cpu_widths(_quantizable(model), quantize, device, python=False)
     model = quantize_model(model, quantize, compute_dtype, double_quant, device, quant_storage).eval()
     _own_memory(model)
     return model
@@ -290,9 +313,14 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     Freezes the base; puts every non-quantized float parameter (norms, embeddings, lm_head) in fp32, as PEFT
     does: fp32 norms alone would hand fp32 hidden states to a bf16 lm_head, which fails ("expected m1 and m2
     to have the same dtype"); makes the embedding output require grad (so checkpointed blocks see a graph);
-    and turns on gradient checkpointing (non-reentrant) unless told not to. Call it before inject().
-    The 4-bit layers cast their input to the compute dtype and their output back, so activations are fp32.
+    and turns on gradient checkpointing (non-reentrant) unless told not to. Call it before inject(); a model with
+    LoRA layers is refused (it would freeze the adapters). The 4-bit layers cast their input to the compute dtype
+    and their output back, so activations are fp32.
     """
+    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's), as quantize_model
+        raise ValueError("the model has LoRA layers: prepare_for_kbit_training freezes every parameter, the adapters' "
+                         "too, leaving nothing to train; call it before inject(): quantize_model(model, ...), then "
+                         "prepare_for_kbit_training(model), then inject(model, config)")
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not is_quantized_param(p):

@@ -65,7 +65,7 @@ from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
-from loraforge.utils.outputs import LOCK, OutputError, check_not_input, check_run_output, hold_output
+from loraforge.utils.outputs import LOCK, RESUME, OutputError, check_not_input, check_run_output, hold_output
 
 
 @dataclass
@@ -471,7 +471,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         dist.barrier()  # no rank looks for checkpoints before rank 0 has deleted them
     if not resume and (earlier := sorted(run.ckpt_root.glob("step-*"))):  # complete or not: they would mix
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
-                            f"--resume, delete {run.ckpt_root} to start over, or choose another output_dir")
+                            f"{RESUME}, delete {run.ckpt_root} to start over, or choose another output_dir")
     if resume:
         restore(run)
 

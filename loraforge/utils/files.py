@@ -212,7 +212,7 @@ AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
 
 def _another_wrote(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} was written by another command while this one worked; nothing of this one was "
-                           f"kept: pass --overwrite to replace it, or choose another output")
+                           f"kept: pass --overwrite (overwrite=True) to replace it, or choose another output")
 
 
 def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:

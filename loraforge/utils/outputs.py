@@ -38,6 +38,12 @@ LOCK = ".lock"  # output_dir/.lock, held by the run training there: not counted 
 RUN_ENTRIES = {"adapter": True, "model": True, "checkpoints": True, "metrics.jsonl": False, "loss.png": False}
 
 
+# How a refusal names the two permissions: the flag and the Python argument of the same function (train, merge,
+# demo, the studies are called both ways; soak: train(cfg) from Python was told to "pass --overwrite")
+OVERWRITE = "--overwrite (overwrite=True)"
+RESUME = "--resume (resume=True)"
+
+
 class OutputError(ValueError):
     """An output location the command must not write to; the message names it and the way out."""
 
@@ -103,8 +109,8 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-            raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass --overwrite to write into "
-                              f"it (only the files this command writes are replaced), or choose another {flag}")
+            raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass {OVERWRITE} to write "
+                              f"into it (only the files this command writes are replaced), or choose another {flag}")
 
 
 def check_replaceable(path: str | Path, flag: str = "--out") -> None:
@@ -142,7 +148,7 @@ def _last_checkpoint(root: Path) -> tuple[Path, dict] | None:
 
 def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
                      inputs: Iterable[str | Path | None] = (), flag: str = "output_dir",
-                     resume_hint: str | None = "continue it with --resume") -> list[Path]:
+                     resume_hint: str | None = f"continue it with {RESUME}") -> list[Path]:
     """The rule for a training output_dir; returns what of an earlier run a new run started with --overwrite
     replaces: its results (adapter/, model/, metrics.jsonl, loss.png), then its checkpoints. The caller deletes
     them, in that order, before training; nothing else is deleted.
@@ -175,17 +181,17 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
         if finished and not (expand_user(path) / result).is_dir():
             # stopped or killed after its last checkpoint, before its result was written: --resume writes it
             # without training, as the uninterrupted run would have (soak: told to --overwrite, training again)
-            ways = ", ".join([*(["write it with --resume (it trains no more)"] if resume_hint else []),
-                              "start it over with --overwrite"])
+            ways = ", ".join([*(["write it with --resume (resume=True; it trains no more)"] if resume_hint else []),
+                              f"start it over with {OVERWRITE}"])
             raise OutputError(f"{flag} {path} holds a run that finished its {step} steps but not the writing of its "
                               f"{result} (it was stopped after its last checkpoint); {ways}, or choose another "
                               f"{flag}")
         if finished:
-            raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass --overwrite to train "
-                              f"there again (replaces its {result}, metrics and checkpoints), or choose another "
+            raise OutputError(f"{flag} {path} holds a finished run ({step} steps); pass {OVERWRITE} to "
+                              f"train there again (replaces its {result}, metrics and checkpoints), or choose another "
                               f"{flag}")
         where = f"checkpoint {ckpt.name}" + (f", step {step} of {total}" if total is not None else "")
-        ways = ", ".join([*([resume_hint] if resume_hint else []), "start it over with --overwrite"])
+        ways = ", ".join([*([resume_hint] if resume_hint else []), f"start it over with {OVERWRITE}"])
         raise OutputError(f"{flag} {path} holds an unfinished run ({where}); {ways}, or choose another {flag}")
     if not overwrite:
         return []

@@ -187,6 +187,25 @@ def test_a_schedule_whose_first_step_is_its_last_still_prunes_to_target_r(input_
     assert all(kept == 2 * n for _, kept in budgets.values())
 
 
+def test_a_step_after_the_final_allocation_keeps_it_and_a_negative_step_is_refused(input_ids):
+    """soak: step 1 given again after the final step reopened the schedule (budget 25, kept rank 16 -> 25 of
+    target 16); a negative step answered with the full budget. After the final allocation every step keeps it."""
+    model = inject_adalora(tiny_llama(), _config(total_step=6, tinit=0, tfinal=0))
+    allocator = RankAllocator(model)
+    n = len(svd_layers(model))
+    _train(model, 6, input_ids, allocator)  # steps 1..6: the final allocation at 6
+    pattern = {p: list(layer.rank_mask["default"]) for p, layer in svd_layers(model)}
+    again = _train(model, 2, input_ids, allocator, first=1)  # steps 1, 2 given again
+    assert again == {1: (2 * n, 2 * n), 2: (2 * n, 2 * n)}
+    assert {p: list(layer.rank_mask["default"]) for p, layer in svd_layers(model)} == pattern
+    for step in (-1, 2.5, True):
+        with pytest.raises(ValueError) as e:
+            allocator.step(model, step)
+        assert str(e.value) == f"global_step: must be an integer ≥ 0 (the optimizer steps taken so far), got {step!r}"
+    with pytest.raises(ValueError, match=r"got -5$"):
+        allocator.budget(-5)
+
+
 def test_allocator_needs_gradients(input_ids):
     model = inject_adalora(tiny_llama(), _config())
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):

@@ -17,9 +17,9 @@ from transformers import MixtralConfig, MixtralForCausalLM, T5Config, T5ForCondi
 
 from helpers import randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
-from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, list_adapters,
-                                     load_adapter, read_adapter_config, save_adapter, set_adapter)
+from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
+from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
+                                     list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora.inject import find_targets, inject
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import merge, unmerge
@@ -466,6 +466,36 @@ def test_switching_or_loading_while_an_adapter_is_merged_is_refused(tmp_path, in
     torch.testing.assert_close(model(input_ids).logits, expected_b, **TOL)  # unmerge restores W0 to rounding
 
 
+def test_training_or_adding_an_adapter_while_one_is_merged_is_refused(input_ids):
+    """soak: a training forward while merged reached no adapter weight (0 of 8 with gradients) and, after an update,
+    unmerge() left the base changed; inject of another adapter was allowed (load_adapter and set_adapter refuse)."""
+    model = randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS), "a"))
+    merge(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with pytest.raises(RuntimeError) as e:
+        model(input_ids, labels=input_ids)
+    assert str(e.value) == ("adapters ['a'] are merged into the base weights, so training would not reach them (and "
+                            "unmerge() would then subtract another ΔW from the base); call "
+                            "loraforge.lora.merge.unmerge(model) before training, or run the merged model in eval() "
+                            "or under torch.no_grad()")
+    with torch.no_grad():
+        merged_logits = model(input_ids).logits  # the merged model runs, in train() mode too, without gradients
+    for add in (lambda: inject(model, LoraConfig(r=2, target_modules=TARGETS), "c"),
+                lambda: inject_adalora(model, AdaLoraConfig(total_step=4, target_modules=("k_proj",)), "c")):
+        with pytest.raises(RuntimeError, match=r"^adapters \['a'\] are merged into the base weights; call "
+                                               r"loraforge\.lora\.merge\.unmerge\(model\) before adding another one$"):
+            add()
+    assert list_adapters(model) == ["a"]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    unmerge(model)
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()  # unmerged: trains
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, merged_logits, **TOL)
+
+
 def test_a_refused_delete_of_a_merged_adapter_leaves_everything_in_place(input_ids):
     """delete_adapter of a merged adapter with modules_to_save had unwrapped embed_tokens before refusing at its
     first LoRA layer (logits 0.55 off): now it refuses before removing anything."""
@@ -707,3 +737,54 @@ def test_peft_init_names_load_as_peft_loads_them_or_are_refused(tmp_path, input_
         with pytest.raises(AdapterError, match=re.escape(message)):
             load_adapter(model, _edit_config(olora, tmp_path / init, init_lora_weights=init))
         _assert_untouched(model, before)
+
+
+def test_a_saved_module_passes_attribute_access_to_the_module_that_runs_as_peft_does(tmp_path):
+    """soak: model.lm_head.weight and get_output_embeddings().weight raised AttributeError once lm_head was in
+    modules_to_save; PEFT's wrapper hands them to the active adapter's copy (the original while disabled)."""
+    ours = inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS, modules_to_save=("lm_head",)))
+    with torch.no_grad():
+        ours.lm_head.modules_to_save["default"].weight.add_(0.5)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for model in (ours, theirs):
+        head = model.get_output_embeddings()
+        assert head.weight is head.modules_to_save["default"].weight and head.out_features == 128
+        torch.testing.assert_close(head.weight, theirs.base_model.model.lm_head.weight, rtol=0, atol=0)
+    with disable_adapters(ours):
+        assert ours.lm_head.weight is ours.lm_head.original_module.weight
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ours.lm_head.nothing
+
+
+def test_a_model_peft_already_wrapped_is_refused_naming_the_way_out(tmp_path):
+    """soak: inject on a PeftModel said "'q_proj' names ...q_proj (Linear), not a linear layer". get_base_model()
+    keeps PEFT's layers, so the way out named is merge_and_unload() or unload(), whose model injects as any other."""
+    save_adapter(inject(tiny_llama(), LoraConfig(r=2)), tmp_path)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    wrapped = ("the model is already a PEFT model (PeftModel): call merge_and_unload() (its adapters merged into "
+               "the weights) or unload() (the base without them) first and pass the model that returns; "
+               "get_base_model() keeps PEFT's layers in it")
+    inside = ("the model holds PEFT's own adapter layers (model.layers.0.self_attn.q_proj: peft.tuners.lora.layer."
+              "Linear): remove them with PEFT first (merge_and_unload() or unload() of the PeftModel), or load the "
+              "base afresh")
+    for model, message in ((peft_model, wrapped), (peft_model.get_base_model(), inside)):
+        for attach in (lambda m: inject(m, LoraConfig(r=2)), lambda m: load_adapter(m, tmp_path),
+                       lambda m: inject_adalora(m, AdaLoraConfig(total_step=4))):
+            with pytest.raises(TypeError) as e:
+                attach(model)
+            assert str(e.value) == message
+    unloaded = peft_model.unload()
+    assert load_adapter(unloaded, tmp_path).lora_configs["default"].r == 2
+
+
+def test_saving_an_adapter_on_the_meta_device_names_it(tmp_path):
+    """soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"."""
+    model = inject(tiny_llama().to("meta"), LoraConfig(r=2))
+    with pytest.raises(ValueError) as e:
+        save_adapter(model, tmp_path / "out")
+    assert str(e.value) == ("adapter 'default' is on the meta device (model.layers.0.self_attn.q_proj.lora_A.weight): "
+                            "meta tensors have shapes but no values, so there is nothing to save; give the model real "
+                            "weights first (model.to_empty(device='cpu') and load its weights, or load it without "
+                            "device='meta')")
+    assert not (tmp_path / "out").exists()

@@ -3,13 +3,15 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from helpers import tiny_gpt2, tiny_llama
-from loraforge.config import ConfigError, LoraConfig
+from loraforge.config import ConfigError, DataConfig, LoraConfig, TrainingConfig
+from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
 from loraforge.lora.layer import LoraLinear
 
@@ -217,6 +219,34 @@ def test_a_pattern_key_that_matches_no_adapted_layer_is_named_in_a_warning():
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):
         LoraConfig(**bad)
+
+
+@pytest.mark.parametrize("build, problem", [
+    (lambda: LoraConfig(r=2.5), "r: must be a positive integer (at most 65536), got 2.5"),
+    (lambda: LoraConfig(r=True), "r: must be a positive integer (at most 65536), got True"),
+    (lambda: LoraConfig(r="8"), "r: must be a positive integer (at most 65536), got '8'"),
+    (lambda: LoraConfig(rank_pattern={"q_proj": 2.5}), "rank_pattern.q_proj: must be a positive integer (at most "
+                                                        "65536), got 2.5"),
+    (lambda: LoraConfig(layers_to_transform=[0.5]), "layers_to_transform: must be a list of layer indices "
+                                                    "(integers), e.g. [0, 1], got (0.5,)"),
+    (lambda: AdaLoraConfig(total_step=10, init_r=4.0), "init_r: must be a positive integer, got 4.0"),
+    (lambda: AdaLoraConfig(total_step=9.5), "total_step: must be the run's number of optimizer steps (a positive "
+                                            "integer), got 9.5"),
+    (lambda: TrainingConfig(batch_size=2.0), "batch_size: must be a positive integer, got 2.0"),
+    (lambda: DataConfig(train="x.jsonl", max_seq_len=512.0), "max_seq_len: must be an integer (tokens, at least 8), "
+                                                             "got 512.0"),
+])
+def test_integer_fields_built_in_python_refuse_other_numbers(build, problem):
+    """soak: LoraConfig(r=2.5) gave rank-2 layers, saved r 2.5 in adapter_config.json (PEFT cannot load it);
+    r=True gave rank 1; r='8' a TypeError. A YAML's values were already checked (from_dict)."""
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert e.value.problems == [problem]
+
+
+def test_numpy_integers_are_whole_numbers():
+    config = LoraConfig(r=np.int64(4))
+    assert type(config.r) is int and config.to_peft_dict()["r"] == 4
 
 
 def test_config_from_dict_collects_every_problem():

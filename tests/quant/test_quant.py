@@ -18,6 +18,7 @@ from loraforge.utils.hf import set_submodule
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, LoraLinear
 from loraforge.lora.merge import merge_and_unload
+from loraforge.models import load_model
 from loraforge.training.optim import optimizer_by_name
 from loraforge.quant.bnb import bits_per_weight_formula, dequantize, prepare_for_kbit_training, quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes
 
@@ -111,28 +112,46 @@ def test_dequantize_int8_matches_bitsandbytes():
 
 
 def test_cpu_refuses_rows_that_split_a_block():
-    with pytest.raises(ConfigError, match="multiple of 64"):  # a ValueError, as before
+    with pytest.raises(ValueError, match="multiple of 64"):
         quantize_linear(nn.Linear(32, 64), "nf4", device="cpu")
     assert type(quantize_linear(nn.Linear(32, 64), "int8", device="cpu")).__name__ == "Linear8bitLt"
 
 
-def test_a_model_too_narrow_for_4_bits_on_cpu_is_refused_by_layer_before_any_is_quantized():
-    """quant/bnb.py raised a plain ValueError, which the CLI printed as a traceback (exit 1); now a ConfigError
-    naming the field, the first layer, its width and the ways out, before any layer is replaced."""
+def test_a_model_too_narrow_for_4_bits_on_cpu_is_refused_by_layer_before_any_is_quantized(tiny_dir):
+    """The first layer, its width and the ways out, before any layer is replaced: worded for the Python call
+    (soak: quantize_model(m, "nf4") was told "use --quantize int8 (model.quantization: int8)") or, loading a run's
+    base (load_model, as train does), for its setting: a ConfigError, which the CLI prints in one line."""
     model = tiny_llama()  # hidden 32: q/k/v/o, gate and up read 32 features; down reads 64
     before = {name: type(m) for name, m in model.named_modules()}
-    message = ("model.quantization: fp4 on CPU needs every linear layer's in_features to be a multiple of 64 "
-               "(bitsandbytes' CPU 4-bit kernels), but model.layers.0.self_attn.q_proj has in_features=32 (and 11 "
-               "more layers); use --quantize int8 (model.quantization: int8), leave quantization off (method lora), "
-               "or run on a GPU")
-    with pytest.raises(ConfigError) as e:
+    message = ("quantize 'fp4' on CPU needs every linear layer's in_features to be a multiple of 64 (bitsandbytes' "
+               "CPU 4-bit kernels), but model.layers.0.self_attn.q_proj has in_features=32 (and 11 more layers); use "
+               "'int8', leave the model unquantized, or quantize on a GPU (device='cuda')")
+    with pytest.raises(ValueError) as e:
         quantize_model(model, "fp4", compute_dtype=torch.float32)
-    assert e.value.problems == [message]
+    assert str(e.value) == message
     assert {name: type(m) for name, m in model.named_modules()} == before  # nothing half-quantized
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ValueError) as e:
         requantize(model, "nf4")
-    assert e.value.problems == [message.replace("fp4", "nf4")]
+    assert str(e.value) == message.replace("fp4", "nf4")
     assert {name: type(m) for name, m in model.named_modules()} == before
+    with pytest.raises(ConfigError) as e:
+        load_model(str(tiny_dir), dtype="fp32", quantize="nf4")
+    assert e.value.problems == [
+        "model.quantization: nf4 on CPU needs every linear layer's in_features to be a multiple of 64 (bitsandbytes' "
+        "CPU 4-bit kernels), but model.layers.0.self_attn.q_proj has in_features=32 (and 11 more layers); use "
+        "--quantize int8 (model.quantization: int8), leave quantization off (method lora), or run on a GPU"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_quantizing_onto_cuda_without_it_names_the_device():
+    """soak: quantize_model(device="cuda") without CUDA was torch's bare AssertionError."""
+    model = tiny_llama64()
+    for call in (lambda: quantize_model(model, "nf4", device="cuda"), lambda: quantize_linear(_linear(), "nf4",
+                                                                                             device="cuda:0")):
+        with pytest.raises(ValueError, match=r"^device='cuda(:0)?': (this torch is built without CUDA|no CUDA GPU "
+                                             r"is visible) \(torch [^)]+\); use device='cpu'$"):
+            call()
+    assert all(type(m) is not bnb.nn.Linear4bit for m in model.modules())
 
 
 def test_the_cli_says_it_in_one_error_line_and_exits_2(tiny_dir, data_file, tmp_path, capsys):
@@ -339,6 +358,17 @@ def test_prepare_bf16_4bit_model_trains(input_ids):
     inject(model, _lora_config())
     _loss(model.train(), input_ids).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_prepare_after_inject_is_refused_naming_the_order():
+    """soak: prepare_for_kbit_training after inject froze the adapter without a word (trainable 1,792 -> 0)."""
+    model = inject(quantize_model(tiny_llama64(), "nf4", compute_dtype=torch.float32), _lora_config())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=r"^the model has LoRA layers: prepare_for_kbit_training freezes every "
+                                         r"parameter.*quantize_model\(model, \.\.\.\), then "
+                                         r"prepare_for_kbit_training\(model\), then inject\(model, config\)$"):
+        prepare_for_kbit_training(model, gradient_checkpointing=False)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable != set()
 
 
 def test_importing_bitsandbytes_keeps_its_kernel_hub_notice_out():

@@ -48,7 +48,7 @@ def test_an_unfinished_run_is_refused_without_advising_resume(tmp_path, no_loadi
     with pytest.raises(OutputError) as e:
         run_demo(str(tmp_path / "d"), max_steps=40)
     assert str(e.value) == (f"--out {tmp_path / 'd'} holds an unfinished run (checkpoint step-00000003, step 3 of 40); "
-                            f"start it over with --overwrite, or choose another --out")
+                            f"start it over with --overwrite (overwrite=True), or choose another --out")
 
 
 def test_a_missing_tracker_package_is_refused_before_the_base_loads(tmp_path, no_loading, monkeypatch):

@@ -107,7 +107,8 @@ def test_merge_into_a_users_folder_needs_overwrite_and_keeps_the_users_files(tin
     before = snapshot(notes)
     err = refused(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(notes)], capsys)
     assert err == (f"error: --out {notes} exists and is not empty (model-00001-of-00002.safetensors, notes.txt); "
-                   f"pass --overwrite to write into it (only the files this command writes are replaced), "
+                   f"pass --overwrite (overwrite=True) to write into it (only the files this command writes are "
+                   f"replaced), "
                    f"or choose another --out")
     assert snapshot(notes) == before
 
@@ -228,8 +229,8 @@ def test_a_finished_run_is_trained_again_only_with_overwrite(tiny_dir, data_file
                         f"output_dir: {out}\nlora: {{r: 4}}\n"
                         "training: {max_steps: 2, batch_size: 4, precision: fp32, warmup_steps: 0}\n")
     err = refused(["train", str(cfg_file)], capsys)
-    assert err == (f"error: output_dir {out} holds a finished run (3 steps); pass --overwrite to train there again "
-                   f"(replaces its adapter, metrics and checkpoints), or choose another output_dir")
+    assert err == (f"error: output_dir {out} holds a finished run (3 steps); pass --overwrite (overwrite=True) to "
+                   f"train there again (replaces its adapter, metrics and checkpoints), or choose another output_dir")
     assert snapshot(out) == before
     assert main(["train", str(cfg_file), "--overwrite"]) == 0
     # the new, shorter run's checkpoints replaced the old ones: a later --resume continues the new run
@@ -246,7 +247,8 @@ def test_an_unfinished_run_points_at_resume_or_starts_over_with_overwrite(tiny_d
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     with pytest.raises(OutputError, match=r"holds an unfinished run \(checkpoint step-0000003, step 3 of 6\); "
-                                          r"continue it with --resume, start it over with --overwrite"):
+                                          r"continue it with --resume \(resume=True\), start it over with "
+                                          r"--overwrite \(overwrite=True\)"):
         train(config(tiny_dir, data_file, out, steps=6), progress=False)
     assert snapshot(out) == before
     with pytest.raises(OutputError) as e:  # soak: the pair resumed, --overwrite silently ignored
@@ -304,8 +306,9 @@ def test_a_run_killed_before_writing_its_adapter_points_at_resume(tiny_dir, data
     with pytest.raises(OutputError) as e:
         train(config(tiny_dir, data_file, out, steps=3), progress=False)
     assert str(e.value) == (f"output_dir {out} holds a run that finished its 3 steps but not the writing of its "
-                            f"adapter (it was stopped after its last checkpoint); write it with --resume (it trains "
-                            f"no more), start it over with --overwrite, or choose another output_dir")
+                            f"adapter (it was stopped after its last checkpoint); write it with --resume "
+                            f"(resume=True; it trains no more), start it over with --overwrite (overwrite=True), or "
+                            f"choose another output_dir")
     assert train(config(tiny_dir, data_file, out, steps=3), progress=False, resume=True).steps == 3
     train(config(tiny_dir, data_file, tmp_path / "whole", steps=3), progress=False)
     assert snapshot(out / "adapter") == snapshot(tmp_path / "whole" / "adapter")
@@ -472,6 +475,6 @@ def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one
         assert main([*command, "--out", str(out)]) == 2
         err = capsys.readouterr().err.splitlines()[-1]  # after the loading's progress bars
         assert err == (f"error: {out} was written by another command while this one worked; nothing of this one "
-                       f"was kept: pass --overwrite to replace it, or choose another output")
+                       f"was kept: pass --overwrite (overwrite=True) to replace it, or choose another output")
     assert [p.name for p in vllm_out.iterdir()] == ["theirs.txt"] and gguf_out.read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v", "x.gguf"]  # no temporary left
