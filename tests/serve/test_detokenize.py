@@ -83,3 +83,18 @@ def test_a_token_that_changes_the_text_before_it_redecodes_from_the_start(seed):
     for n, token in enumerate(ids, 1):
         stream.add(token)
         assert stream.text() == tok.decode(ids[:n]), f"after {n} tokens"
+
+
+def test_complete_drops_only_an_unfinished_characters_bytes_not_a_u_fffd_the_model_wrote(tokenizer):
+    """A token that is U+FFFD's three bytes (EF BF BD) is a character the model wrote: complete() keeps it, last or
+    not; only the bytes of a character cut off (the first tokens of an emoji's four bytes) are dropped. It dropped
+    every trailing U+FFFD: "ok \ufffd\ufffd\ufffd" ended "ok "."""
+    fffd = tokenizer.encode("\ufffd", add_special_tokens=False)
+    emoji = tokenizer.encode("😀", add_special_tokens=False)
+    assert len(fffd) == 1 and len(emoji) == 3  # SmolLM2: one token of EF BF BD; the emoji's F0 9F 98 80 in three
+    ok = tokenizer.encode("ok ", add_special_tokens=False)
+    cases = [(ok + fffd * 3, "ok \ufffd\ufffd\ufffd", 0), (ok + fffd + emoji[:1], "ok \ufffd", 1),
+             (ok + fffd + emoji[:2], "ok \ufffd", 1), (ok + fffd + emoji, "ok \ufffd😀", 0)]
+    for ids, expected, held in cases:
+        stream = check_stream(tokenizer, ids)
+        assert (stream.complete(), stream.incomplete) == (expected, held), ids
