@@ -345,8 +345,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         adapter_dtype: served adapters' weights: auto (bf16 for a bf16 base, else fp32), fp32, or bf16 (half the bytes)
         ui: also serve the web dashboard at /ui/ (see `loraforge ui`; datasets from the current folder)
         runs: the dashboard's runs folder
-        header_timeout: seconds a request's headers may take to arrive; then 408 and the connection is closed
-        max_connections: connections open at once; a request on one beyond them is answered 503
+        header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
+        max_connections: connections open at once; one beyond them closes idle kept-alive ones, else is answered 503
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
