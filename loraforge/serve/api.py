@@ -179,7 +179,8 @@ class KeyCheck:
 class BodyLimit:
     """ASGI middleware: a request body under `prefix` over `limit` bytes is answered 413, by its Content-Length
     before a byte of it is read, else as soon as the bytes read pass `limit`; a body within it is read whole, then
-    handed on. `why` says in the message what the limit leaves room for, `fix` what to send instead."""
+    handed on. `why` says in the message what the limit leaves room for, `fix` what to send instead. A body still
+    coming when the server stops answers 503 shutting_down."""
 
     def __init__(self, app, limit: int, why: str, prefix: str = "/v1/", fix: str = "send a shorter prompt"):
         self.app, self.limit, self.why, self.prefix, self.fix = app, limit, why, prefix, fix
@@ -192,7 +193,11 @@ class BodyLimit:
             return await self._refuse(f"{int(declared)} bytes", scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # uvicorn's stop cancels a request whose body has not all come by then:
+                # the 503 a request cut at shutdown gets, not uvicorn's plain-text 500 and a logged traceback
+                return await _error(503, SHUTTING_DOWN, "shutting_down")(scope, receive, send)
             if message["type"] != "http.request":  # the client left while sending: no one to answer
                 return
             chunks.append(message.get("body", b""))

@@ -6,14 +6,17 @@ uvicorn closed only idle kept-alive connections: each slowloris connection staye
 """
 
 import contextlib
+import logging
 import socket
+import threading
 import time
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI, Request
 
-from loraforge.serve.api import ServerThread
+from loraforge.serve.api import BodyLimit, ServerThread, add_error_handlers, server_config
 
 TIMEOUT = 0.6  # the test's header deadline (serve's default: 30 s)
 MARGIN = 3  # seconds past it by which a cut is seen, on a loaded 2-core machine
@@ -164,3 +167,44 @@ def test_idle_kept_alive_connections_make_room_for_a_new_one_at_the_cap(app):
         assert statuses == [200] * 9
         busy.sendall(b"cd")
         assert read_response(busy).endswith(b'{"bytes":4}')
+
+
+def test_a_request_whose_body_is_still_coming_at_shutdown_answers_503_not_a_plain_500():
+    """Stopping (SIGTERM, Ctrl-C), uvicorn cancels the requests still open after its grace: one waiting for the rest
+    of its body was cancelled in BodyLimit's receive, answered uvicorn's plain-text 500, and the log had an
+    "Exception in ASGI application" traceback. It answers the JSON 503 a request cut at shutdown gets."""
+    app = FastAPI()
+    add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=10**6, why="a test")
+
+    @app.post("/v1/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, "warning", access_log=False,
+                                          timeout_graceful_shutdown=0.3))
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        with connect(f"http://{host}:{port}") as sock:
+            sock.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+            server.should_exit = True
+            answer = read_all(sock)[0]
+        thread.join(10)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert httpx.Response(503, content=body).json()["error"] == {
+        "message": "the server is shutting down; retry the request", "type": "server_error", "param": None,
+        "code": "shutting_down"}
+    assert [e for e in errors if "Exception in ASGI application" in e] == [], errors
