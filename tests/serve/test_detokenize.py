@@ -3,6 +3,8 @@
 import random
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 from loraforge.serve.detokenize import TextStream
 
@@ -98,3 +100,19 @@ def test_complete_drops_only_an_unfinished_characters_bytes_not_a_u_fffd_the_mod
     for ids, expected, held in cases:
         stream = check_stream(tokenizer, ids)
         assert (stream.complete(), stream.incomplete) == (expected, held), ids
+
+
+def test_sentencepiece_byte_tokens_drop_one_u_fffd_per_unfinished_byte_and_keep_a_written_one():
+    """SentencePiece's byte fallback (<0xF0> tokens; a decoder that writes a U+FFFD per byte it cannot finish): the
+    bytes of a cut character are dropped, each of its U+FFFD s, and a U+FFFD the model wrote stays, as a piece of its
+    own or as its three byte tokens."""
+    vocab = {"<unk>": 0, "\u2581ok": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "\ufffd": 258}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    emoji = [2 + b for b in "😀".encode()]
+    written = [2 + b for b in "\ufffd".encode()]
+    cases = [([1, 258, 258], " ok\ufffd\ufffd"), ([1, 258, *emoji[:1]], " ok\ufffd"),
+             ([1, 258, *emoji[:3]], " ok\ufffd"), ([1, *written], " ok\ufffd"), ([1, *emoji], " ok😀")]
+    for ids, expected in cases:
+        assert check_stream(tokenizer, ids).complete() == expected, ids
