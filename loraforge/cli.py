@@ -347,8 +347,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         adapter_dtype: served adapters' weights: auto (bf16 for a bf16 base, else fp32), fp32, or bf16 (half the bytes)
         ui: also serve the web dashboard at /ui/ (see `loraforge ui`; datasets from the current folder)
         runs: the dashboard's runs folder
-        header_timeout: seconds a request's headers may take to arrive; then 408 and the connection is closed
-        max_connections: connections open at once; a request on one beyond them is answered 503
+        header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
+        max_connections: connections open at once; one beyond them closes idle kept-alive ones, else is answered 503
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
@@ -382,7 +382,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
 
 def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonEmpty = ".",
        adapters_dir: NonEmpty | None = None, models_dir: NonEmpty | None = None, host: str = "127.0.0.1",
-       port: Port = 8000, api_key: str | None = None, precision: str = "auto", dtype: str | None = None) -> None:
+       port: Port = 8000, api_key: str | None = None, precision: str = "auto", dtype: str | None = None,
+       header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512) -> None:
     """A web dashboard: live run curves, start/stop runs, chat with base and adapters side by side, adapters.
 
     Args:
@@ -396,12 +397,15 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
         api_key: when set, the page and the API need it
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the served base: fp32, bf16 or fp16 (default: the precision's)
+        header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
+        max_connections: connections open at once; one beyond them closes idle kept-alive ones, else is answered 503
     """
     from .ui.app import run_ui
 
     _check_precision(precision, dtype)
     _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir, adapters_dir=adapters_dir)
-    run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision)
+    run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision,
+           header_timeout=header_timeout, max_connections=max_connections)
 
 
 def _commands() -> dict:

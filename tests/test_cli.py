@@ -371,6 +371,21 @@ def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, 
     assert "--precision 'bf17': use one of" in capsys.readouterr().err
 
 
+def test_ui_takes_the_connection_guards_serve_does(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`loraforge ui` serves the same API: --header-timeout and --max-connections reach its server as serve's do (it
+    had neither flag, always 30 s and 512)."""
+    limits = []  # start-up only
+    monkeypatch.setattr("loraforge.ui.app.run_until_signal", lambda app, host, port, log_level, **kw: limits.append(kw))
+    monkeypatch.setattr("loraforge.ui.app.check_port", lambda *a: None)  # port 8000 may be another's here
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui", "--model", str(tiny_dir)]) == 0
+    assert main(["ui", "--model", str(tiny_dir), "--header-timeout", "2.5", "--max-connections", "9"]) == 0
+    assert limits == [{"header_timeout": 30, "max_connections": 512}, {"header_timeout": 2.5, "max_connections": 9}]
+    with pytest.raises(SystemExit):
+        main(["ui", "--max-connections", "0"])
+    assert "argument --max-connections: '0': give a whole number ≥ 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("host,allowed,refused", [
     ("127.0.0.1", ["127.0.0.1:8000", "localhost:9000", "[::1]:8000"], ["attacker.example:8000", "box.lan"]),
     ("0.0.0.0", ["attacker.example:8000", "box.lan"], []),

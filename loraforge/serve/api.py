@@ -15,8 +15,9 @@ aborted, waiting or decoding, streamed or not. A stream's 200 waits for its firs
 request refused before that (its adapter removed or broken when its turn came) answers the status and JSON error a
 non-streamed one gets; a later failure is the stream's last event, the 200 having gone. A stream with nothing to
 send for STREAM_IDLE_S sends an SSE comment line, so that a proxy's read timeout does not cut a request that waits
-for its turn. A connection whose request's headers do not arrive within the header timeout is closed, and one beyond
-the connection cap is answered 503 (connections.py; uvicorn bounds neither).
+for its turn. A connection whose request's headers do not arrive within the header timeout, or whose body pauses that
+long, is closed, and one beyond the connection cap closes idle kept-alive ones or is answered 503 (connections.py;
+uvicorn bounds neither).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class KeyCheck:
 class BodyLimit:
     """ASGI middleware: a request body under `prefix` over `limit` bytes is answered 413, by its Content-Length
     before a byte of it is read, else as soon as the bytes read pass `limit`; a body within it is read whole, then
-    handed on. `why` says in the message what the limit leaves room for, `fix` what to send instead."""
+    handed on. `why` says in the message what the limit leaves room for, `fix` what to send instead. A body still
+    coming when the server stops answers 503 shutting_down."""
 
     def __init__(self, app, limit: int, why: str, prefix: str = "/v1/", fix: str = "send a shorter prompt"):
         self.app, self.limit, self.why, self.prefix, self.fix = app, limit, why, prefix, fix
@@ -191,7 +193,11 @@ class BodyLimit:
             return await self._refuse(f"{int(declared)} bytes", scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # uvicorn's stop cancels a request whose body has not all come by then:
+                # the 503 a request cut at shutdown gets, not uvicorn's plain-text 500 and a logged traceback
+                return await _error(503, SHUTTING_DOWN, "shutting_down")(scope, receive, send)
             if message["type"] != "http.request":  # the client left while sending: no one to answer
                 return
             chunks.append(message.get("body", b""))
@@ -547,15 +553,18 @@ class _DropCancelled(logging.Filter):
 def server_config(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,
                   max_connections: int = MAX_CONNECTIONS, **kwargs) -> uvicorn.Config:
     """uvicorn's config for `app`, on GuardedH11Protocol (connections.py): a request's headers must come within
-    `header_timeout` seconds (else 408, or closed), and a connection beyond `max_connections` open is answered a JSON
-    503; an idle kept-alive connection is closed after KEEP_ALIVE_S."""
+    `header_timeout` seconds, and its body without a pause that long (else 408, or closed); a connection beyond
+    `max_connections` open first closes idle kept-alive ones, else is answered a JSON 503 (Retry-After: 1); an idle
+    kept-alive connection is closed after KEEP_ALIVE_S."""
     refuse = _error(503, f"the server has {max_connections} connections open, the most it serves at once "
                          f"(--max-connections); retry later", "too_many_connections")
-    refuse.headers["connection"] = "close"
+    refuse.headers.update({"connection": "close", "retry-after": "1"})
     too_slow = _error(408, f"the request's headers did not arrive within {header_timeout:g} s (--header-timeout); "
                            f"send the request again", "request_timeout").body
+    body_too_slow = _error(408, f"the request's body stopped: no byte of it for {header_timeout:g} s "
+                                f"(--header-timeout); send the request again", "request_timeout").body
     http = functools.partial(GuardedH11Protocol, header_timeout=header_timeout, max_connections=max_connections,
-                             refuse=refuse, too_slow=too_slow)
+                             refuse=refuse, too_slow=too_slow, body_too_slow=body_too_slow)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, timeout_keep_alive=KEEP_ALIVE_S,
                           **kwargs)
 
@@ -633,8 +642,10 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     prefix_cache_mb: memory for cached keys/values of shared prompt prefixes (per adapter); 0 turns it off.
     adapter_dtype: the resident adapters' weights: auto (the base's dtype when bf16, else fp32), fp32 or bf16.
     header_timeout: seconds a request's headers may take to arrive (from the connection's start, or the end of the
-        previous response on a kept-alive one); then 408 and the connection closed (a slowloris client holds none).
-    max_connections: connections open at once; a request on one beyond them is answered 503 (retry later).
+        previous response on a kept-alive one), and each pause in its body may last; then 408 and the connection
+        closed (a slowloris client holds none).
+    max_connections: connections open at once; one beyond them closes idle kept-alive ones, else its request is
+        answered 503 (retry later).
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """

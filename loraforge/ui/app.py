@@ -36,7 +36,8 @@ from starlette.background import BackgroundTask
 from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.api import BodyLimit, check_port, create_app, key_ok, run_until_signal
+from loraforge.serve.api import (HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyLimit, check_port, create_app, key_ok,
+                                 run_until_signal)
 from loraforge.serve.engine import Engine
 from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
@@ -321,8 +322,10 @@ def training_models(model: str, models_dir: str | None) -> dict[str, str]:
 
 def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,
            models_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-           dtype: str = "auto", precision: str = "auto") -> None:
-    """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted."""
+           dtype: str = "auto", precision: str = "auto", header_timeout: float = HEADER_TIMEOUT_S,
+           max_connections: int = MAX_CONNECTIONS) -> None:
+    """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted. header_timeout,
+    max_connections: run_server's (a request's headers and each pause in its body; connections open at once)."""
     check_host(host, api_key)
     check_port(host, port)  # a port already taken: one line, before the model loads
     Path(runs).mkdir(parents=True, exist_ok=True)
@@ -335,6 +338,7 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
     print(f"dashboard on http://{host}:{port}/ui/ (runs: {Path(runs).resolve()}, datasets: "
           f"{Path(data_dir).resolve()}); API on http://{host}:{port}/v1", flush=True)
     try:
-        run_until_signal(app, host, port, log_level="warning")
+        run_until_signal(app, host, port, log_level="warning", header_timeout=header_timeout,
+                         max_connections=max_connections)
     finally:
         engine.stop(timeout=0 if app.state.forced else 10)  # a second Ctrl-C waits for no step to end

@@ -3,6 +3,8 @@
 import random
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 from loraforge.serve.detokenize import TextStream
 
@@ -83,3 +85,34 @@ def test_a_token_that_changes_the_text_before_it_redecodes_from_the_start(seed):
     for n, token in enumerate(ids, 1):
         stream.add(token)
         assert stream.text() == tok.decode(ids[:n]), f"after {n} tokens"
+
+
+def test_complete_drops_only_an_unfinished_characters_bytes_not_a_u_fffd_the_model_wrote(tokenizer):
+    """A token that is U+FFFD's three bytes (EF BF BD) is a character the model wrote: complete() keeps it, last or
+    not; only the bytes of a character cut off (the first tokens of an emoji's four bytes) are dropped. It dropped
+    every trailing U+FFFD: "ok \ufffd\ufffd\ufffd" ended "ok "."""
+    fffd = tokenizer.encode("\ufffd", add_special_tokens=False)
+    emoji = tokenizer.encode("😀", add_special_tokens=False)
+    assert len(fffd) == 1 and len(emoji) == 3  # SmolLM2: one token of EF BF BD; the emoji's F0 9F 98 80 in three
+    ok = tokenizer.encode("ok ", add_special_tokens=False)
+    cases = [(ok + fffd * 3, "ok \ufffd\ufffd\ufffd", 0), (ok + fffd + emoji[:1], "ok \ufffd", 1),
+             (ok + fffd + emoji[:2], "ok \ufffd", 1), (ok + fffd + emoji, "ok \ufffd😀", 0)]
+    for ids, expected, held in cases:
+        stream = check_stream(tokenizer, ids)
+        assert (stream.complete(), stream.incomplete) == (expected, held), ids
+
+
+def test_sentencepiece_byte_tokens_drop_one_u_fffd_per_unfinished_byte_and_keep_a_written_one():
+    """SentencePiece's byte fallback (<0xF0> tokens; a decoder that writes a U+FFFD per byte it cannot finish): the
+    bytes of a cut character are dropped, each of its U+FFFD s, and a U+FFFD the model wrote stays, as a piece of its
+    own or as its three byte tokens."""
+    vocab = {"<unk>": 0, "\u2581ok": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "\ufffd": 258}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    emoji = [2 + b for b in "😀".encode()]
+    written = [2 + b for b in "\ufffd".encode()]
+    cases = [([1, 258, 258], " ok\ufffd\ufffd"), ([1, 258, *emoji[:1]], " ok\ufffd"),
+             ([1, 258, *emoji[:3]], " ok\ufffd"), ([1, *written], " ok\ufffd"), ([1, *emoji], " ok😀")]
+    for ids, expected in cases:
+        assert check_stream(tokenizer, ids).complete() == expected, ids

@@ -107,6 +107,25 @@ def test_a_character_cut_by_max_tokens_is_dropped_streamed_or_not(client, tokeni
             assert text == expected, (n, stream)
 
 
+def test_a_u_fffd_the_model_writes_is_kept_at_the_end_streamed_or_not(client, tokenizer, monkeypatch):
+    """A token that is U+FFFD's own three bytes is a character the model wrote, not a cut one: the text keeps it at
+    the end too (every trailing U+FFFD was dropped: "Hi \ufffd\ufffd" came back "Hi "); only the bytes of an
+    unfinished character after it (the emoji's first tokens) are dropped, streamed and not alike."""
+    script = tokenizer("Hi \ufffd\ufffd😀")["input_ids"]  # Hi, space, U+FFFD twice, the emoji's 4 bytes in 3 tokens
+    assert len(script) == 7 and tokenizer.decode(script[:5]) == "Hi \ufffd\ufffd\ufffd"
+    for n, expected in ((3, "Hi \ufffd"), (4, "Hi \ufffd\ufffd"), (5, "Hi \ufffd\ufffd"), (6, "Hi \ufffd\ufffd"),
+                        (7, "Hi \ufffd\ufffd😀")):
+        for stream in (False, True):
+            picks = iter(script)
+            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token: next(picks))
+            kw = dict(model="tiny", prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
+            if stream:
+                text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+            else:
+                text = client.completions.create(**kw).choices[0].text
+            assert text == expected, (n, stream)
+
+
 def test_concurrent_requests_over_adapters(client, server):
     models = ["a", "b", "c", "tiny", "a", "c", "b", "b"]
     kw = dict(prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})

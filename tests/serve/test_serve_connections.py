@@ -1,18 +1,22 @@
 """What a client cannot hold: a connection whose request's headers come a byte at a time (slowloris) or not at all
-is closed after the header deadline, and connections beyond the cap are answered a JSON 503 (serve/connections.py).
+is closed after the header deadline, so is one whose body pauses that long, idle kept-alive connections make room
+for a new one at the cap, and connections beyond it are answered a JSON 503 (serve/connections.py).
 
 uvicorn closed only idle kept-alive connections: each slowloris connection stayed open for ever.
 """
 
 import contextlib
+import logging
 import socket
+import threading
 import time
 
 import httpx
 import pytest
-from fastapi import FastAPI
+import uvicorn
+from fastapi import FastAPI, Request
 
-from loraforge.serve.api import ServerThread
+from loraforge.serve.api import BodyLimit, ServerThread, add_error_handlers, server_config
 
 TIMEOUT = 0.6  # the test's header deadline (serve's default: 30 s)
 MARGIN = 3  # seconds past it by which a cut is seen, on a loaded 2-core machine
@@ -30,6 +34,10 @@ def app():
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
 
     return app
 
@@ -105,7 +113,7 @@ def test_connections_beyond_the_cap_are_answered_503_then_served_again(app):
         while len(state.connections) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = httpx.get(url + "/health", timeout=5)
-        assert (r.status_code, r.headers["connection"]) == (503, "close")
+        assert (r.status_code, r.headers["connection"], r.headers["retry-after"]) == (503, "close", "1")
         assert r.json()["error"] == {"message": "the server has 3 connections open, the most it serves at once "
                                                 "(--max-connections); retry later", "type": "server_error",
                                      "param": None, "code": "too_many_connections"}
@@ -114,3 +122,89 @@ def test_connections_beyond_the_cap_are_answered_503_then_served_again(app):
         while len(state.connections) > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert httpx.get(url + "/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_a_request_body_that_stalls_is_cut_after_a_pause_of_the_header_timeout(app):
+    """Headers complete, then a byte of the body now and then: bytes closer than the deadline keep it going (the
+    deadline is per pause, not for the whole body); a pause that long is a JSON 408 and the connection closed. It
+    was held for ever, a slot of --max-connections with it (8 such sockets locked a server of 8 out)."""
+    with ServerThread(app, header_timeout=TIMEOUT) as url, connect(url) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        sock.settimeout(TIMEOUT / 3)
+        start = time.monotonic()
+        while time.monotonic() - start < 3 * TIMEOUT:  # past the deadline, with pauses shorter than it
+            with pytest.raises(TimeoutError):
+                sock.recv(4096)  # nothing back: still open
+            sock.send(b" ")
+        last = time.monotonic()
+        sock.settimeout(10)
+        answer, closed = read_all(sock)
+        assert TIMEOUT - 0.1 <= closed - last < TIMEOUT + MARGIN, closed - last
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head, answer
+        assert httpx.Response(408, content=body).json()["error"] == {
+            "message": f"the request's body stopped: no byte of it for {TIMEOUT:g} s (--header-timeout); send the "
+                       f"request again", "type": "invalid_request_error", "param": None, "code": "request_timeout"}
+        # a body that keeps coming is read whole
+        assert httpx.post(url + "/echo", content=b"x" * 1000, timeout=5).json() == {"bytes": 1000}
+
+
+def test_idle_kept_alive_connections_make_room_for_a_new_one_at_the_cap(app):
+    """Clients that keep their connection in a pool after an answer fill the cap: a new client got 503 until
+    uvicorn's keep-alive (5 s) closed them. Now the longest idle ones are closed for it, and their clients
+    reconnect without an error; a connection with a request under way is not closed."""
+    server = ServerThread(app, max_connections=3)
+    with server as url, contextlib.ExitStack() as stack:
+        busy = stack.enter_context(connect(url))  # a request under way: its body not all sent
+        busy.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        pooled = [stack.enter_context(httpx.Client(base_url=url, timeout=5)) for _ in range(2)]
+        assert [c.get("/health").status_code for c in pooled] == [200, 200]  # 3 open now, 2 of them idle
+        statuses = []
+        for _ in range(3):  # each new client closes the longest idle one; each pooled one reconnects in turn
+            fresh = stack.enter_context(httpx.Client(base_url=url, timeout=5))
+            statuses.append(fresh.get("/health").status_code)
+            statuses += [c.get("/health").status_code for c in pooled]
+        assert statuses == [200] * 9
+        busy.sendall(b"cd")
+        assert read_response(busy).endswith(b'{"bytes":4}')
+
+
+def test_a_request_whose_body_is_still_coming_at_shutdown_answers_503_not_a_plain_500():
+    """Stopping (SIGTERM, Ctrl-C), uvicorn cancels the requests still open after its grace: one waiting for the rest
+    of its body was cancelled in BodyLimit's receive, answered uvicorn's plain-text 500, and the log had an
+    "Exception in ASGI application" traceback. It answers the JSON 503 a request cut at shutdown gets."""
+    app = FastAPI()
+    add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=10**6, why="a test")
+
+    @app.post("/v1/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
+
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, "warning", access_log=False,
+                                          timeout_graceful_shutdown=0.3))
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.01)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        with connect(f"http://{host}:{port}") as sock:
+            sock.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)
+            server.should_exit = True
+            answer = read_all(sock)[0]
+        thread.join(10)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert httpx.Response(503, content=body).json()["error"] == {
+        "message": "the server is shutting down; retry the request", "type": "server_error", "param": None,
+        "code": "shutting_down"}
+    assert [e for e in errors if "Exception in ASGI application" in e] == [], errors
