@@ -485,18 +485,7 @@ def test_sigterm_answers_open_requests_as_json(decode_path, pause):
         wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
         got = {}
-
-        def whole():
-            got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
-
-        def stream():
-            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-                got["stream"] = [line for line in r.iter_lines() if line]
-
-        threads = [threading.Thread(target=go) for go in (whole, stream)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+        threads = _whole_and_streamed(url, body, got)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
@@ -552,23 +541,12 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
         wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
         body = {"model": str(tiny_dir), "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "temperature": 0}
         got = {}
-
-        def whole():
-            got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
-
-        def stream():
-            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-                got["stream"] = [line for line in r.iter_lines() if line]
-
         lines = []  # stderr's lines, each with the time it came
 
         def read():
             lines.extend((time.monotonic(), line) for line in proc.stderr)
 
-        threads = [threading.Thread(target=go) for go in (whole, stream)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+        threads = _whole_and_streamed(url, body, got)
         reader = threading.Thread(target=read)
         reader.start()
         proc.send_signal(signal.SIGINT)
@@ -589,6 +567,23 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
     assert said - again < FORCED_S + 2  # the 8 s step is not waited for (it was, up to engine.stop's 10 s)
     r = got["whole"]
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+
+
+def _whole_and_streamed(url: str, body: dict, got: dict) -> list[threading.Thread]:
+    """`body` posted twice to /v1/completions, whole and streamed, each in a thread (its response in got["whole"],
+    its non-empty lines in got["stream"]); returned once the server runs both."""
+    def whole():
+        got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+    def stream():
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            got["stream"] = [line for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=go) for go in (whole, stream)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+    return threads
 
 
 def _answers(url: str, proc: subprocess.Popen) -> bool:

@@ -443,21 +443,26 @@ def test_a_kill_between_a_save_and_its_pruning_leaves_an_extra_checkpoint_that_r
     assert_equal_adapters(adapter(out), whole)
 
 
+def sigterm_in_step(last: int):
+    """T.optimizer_step that sends this process SIGTERM in the middle of step `last` (after its update)."""
+    real = T.optimizer_step
+
+    def step_then_sigterm(run, batches):
+        result = real(run, batches)
+        if run.step == last - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    return step_then_sigterm
+
+
 def test_a_signal_during_the_last_step_stops_after_the_adapter_is_written(tiny_dir, data_file, tmp_path, whole):
     """SIGTERM during the last step (3 of 3): the run finishes (its checkpoint, the adapter of the uninterrupted
     run) and then stops, so a caller such as `demo` ends with 143 instead of going on (the bug: the signal was
     dropped, train returned as if none had come). `train` says the run had finished, not to --resume."""
     out = tmp_path / "run"
-    real = T.optimizer_step
-
-    def last_step_then_sigterm(run, batches):
-        result = real(run, batches)
-        if run.step == 2:  # in the middle of the third and last step
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(T, "optimizer_step", last_step_then_sigterm)
+        m.setattr(T, "optimizer_step", sigterm_in_step(3))  # the last step of 3
         with pytest.raises(Stopped) as e:
             train(load_train_config(None, run_args(tiny_dir, data_file, out)), progress=False)
     assert e.value.signum == signal.SIGTERM and not e.value.resumable and e.value.result.steps == 3
@@ -474,17 +479,9 @@ def test_the_cli_run_a_signal_reached_in_its_last_step_ends_as_finished(tiny_dir
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    real = T.optimizer_step
-
-    def last_step_then_sigterm(run, batches):
-        result = real(run, batches)
-        if run.step == 2:  # in the middle of the third and last step
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
     capfd.readouterr()
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(T, "optimizer_step", last_step_then_sigterm)
+        m.setattr(T, "optimizer_step", sigterm_in_step(3))  # the last step of 3
         m.setenv("TQDM_DISABLE", "1")
         assert main(["train", str(cfg), *run_args(tiny_dir, data_file, out)]) == 0
     said = capfd.readouterr()
