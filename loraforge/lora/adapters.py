@@ -338,22 +338,10 @@ def _without_copies_of_the_base(model: nn.Module, tensors: dict, expected: dict,
     return kept
 
 
-def cast_adapter(model: nn.Module, name: str, dtype: torch.dtype) -> None:
-    """Hold adapter `name`'s A, B (E, magnitude) in `dtype`, whatever the base layers' dtype: e.g. fp32 factors on
-    a bf16 base, so a merge builds ΔW from the file's values, not from factors rounded to bf16."""
-    for _, layer in lora_layers(model):
-        for container in (getattr(layer, attr) for attr in layer.adapter_modules):
-            item = container[name] if name in container else None
-            if isinstance(item, nn.Parameter):  # ParameterDict entries (lora_E, lora_magnitude_vector)
-                item.data = item.data.to(dtype)
-            elif item is not None:
-                item.to(dtype)
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 is_trainable: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in `dtype`
-    (default: each base layer's dtype, fp32 on a quantized base).
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in fp32 on a
+    bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype.
 
     Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
     made for another base raises AdapterError naming the module, and the model is left as it was.
@@ -382,8 +370,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             other = _other_base(config, model)
             raise AdapterError(f"{adapter_dir}: this adapter does not fit the model{f' ({other})' if other else ''}: "
                                f"{e}") from None
-        if dtype is not None:
-            cast_adapter(model, name, dtype)
         expected = adapter_state_dict(model, name)
         tensors = _without_copies_of_the_base(model, tensors, expected, adapter_dir)
         missing = [f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})"

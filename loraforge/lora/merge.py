@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import (AdapterError, cast_adapter, load_adapter, read_adapter_config, require_adapter,
-                                     set_adapter)
+from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
 from loraforge.models import DTYPES, conversion_paths, gguf_source, load_base, load_config
@@ -245,7 +244,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     elif combination_type == "svd":
         new_r = int(svd_rank) if svd_rank is not None else max(ranks)
         layer_r = {p: min(new_r, _svd_rank_cap(m, adapters)) for p, m in layers}
-        capped = [p for p, m in layers if new_r > _svd_rank_cap(m, adapters)]
+        capped = [p for p, k in layer_r.items() if k < new_r]
         new_r = max(layer_r.values())  # no layer holds zero rows past what its ΔW can have
         if svd_rank is not None and capped:
             used = sorted({layer_r[p] for p in capped})
@@ -266,8 +265,6 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
     inject(model, config, new_name, warn_rank=False)  # scaling = alpha / r = 1: the weights below carry all the scale
-    # in the combined adapters' dtype, not the base's: fp32 adapters on a bf16 base stay fp32 (export_merged)
-    cast_adapter(model, new_name, layers[0][1].lora_A[next(a for a in adapters if a in layers[0][1].r)].weight.dtype)
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
@@ -349,8 +346,8 @@ def _check_forward(model: nn.Module, what: str) -> None:
 def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
     """The dtype to load the base in for an export in `dtype`, so the export is round(W0 + ΔW), rounded once: a
     base stored in `dtype` (bf16, fp16: its config's dtype) in it, each layer merged in fp32 and cast back
-    (merge_and_unload), with fp32 adapters (export_merged loads them so: their factors cast to bf16 built ΔW from
-    rounded values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
+    (merge_and_unload), with fp32 adapters (layer.adapter_dtype: factors cast to bf16 built ΔW from rounded
+    values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
     base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in `dtype` as its training ran."""
     if quantize is not None:
         return dtype
@@ -414,7 +411,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
-        load_adapter(model, adapter_dir, name, dtype=torch.float32)  # ΔW from the file's values, on any base
+        load_adapter(model, adapter_dir, name)  # fp32 on any base (layer.adapter_dtype): ΔW from the file's values
         names.append(name)
     if combine:
         try:
