@@ -178,7 +178,7 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
     """
     _check_quantize(quantize)
-    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's)
+    if has_lora_layers(model):
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     check_device(device)
     linears = _quantizable(model)
@@ -188,6 +188,12 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
         setattr(model.get_submodule(parent) if parent else model, child,
                 quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
     return model.to(device)
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether `model` holds LoRA layers (loraforge's or PEFT's: a module with lora_A), which quantize_model and
+    prepare_for_kbit_training refuse: they belong before inject()."""
+    return any(hasattr(m, "lora_A") for m in model.modules())
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -317,7 +323,7 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = T
     LoRA layers is refused (it would freeze the adapters). The 4-bit layers cast their input to the compute dtype
     and their output back, so activations are fp32.
     """
-    if any(hasattr(m, "lora_A") for m in model.modules()):  # a LoRA layer (loraforge's or PEFT's), as quantize_model
+    if has_lora_layers(model):
         raise ValueError("the model has LoRA layers: prepare_for_kbit_training freezes every parameter, the adapters' "
                          "too, leaving nothing to train; call it before inject(): quantize_model(model, ...), then "
                          "prepare_for_kbit_training(model), then inject(model, config)")

@@ -78,9 +78,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def _idle(self) -> bool:
@@ -128,7 +126,11 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             if self._body_timer is None:
                 self._body_timer = self.loop.call_later(self.header_timeout, self._body_too_slow)
-        elif self._body_timer is not None:
+        else:
+            self._cancel_body_timer()
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
 

@@ -208,11 +208,14 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+# How a refusal names the permission to replace an output: the flag and the Python argument of the same function
+# (train, merge, demo, the studies are called both ways; soak: train(cfg) from Python was told to "pass --overwrite")
+OVERWRITE = "--overwrite (overwrite=True)"
 
 
 def _another_wrote(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} was written by another command while this one worked; nothing of this one was "
-                           f"kept: pass --overwrite (overwrite=True) to replace it, or choose another output")
+                           f"kept: pass {OVERWRITE} to replace it, or choose another output")
 
 
 def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:

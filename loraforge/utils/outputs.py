@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import DiskError, disk_error, expand_user, holds_cwd, real_path, refused
+from loraforge.utils.files import OVERWRITE, DiskError, disk_error, expand_user, holds_cwd, real_path, refused
 
 try:
     import fcntl
@@ -38,10 +38,7 @@ LOCK = ".lock"  # output_dir/.lock, held by the run training there: not counted 
 RUN_ENTRIES = {"adapter": True, "model": True, "checkpoints": True, "metrics.jsonl": False, "loss.png": False}
 
 
-# How a refusal names the two permissions: the flag and the Python argument of the same function (train, merge,
-# demo, the studies are called both ways; soak: train(cfg) from Python was told to "pass --overwrite")
-OVERWRITE = "--overwrite (overwrite=True)"
-RESUME = "--resume (resume=True)"
+RESUME = "--resume (resume=True)"  # as utils.files.OVERWRITE names --overwrite: the flag and the Python argument
 
 
 class OutputError(ValueError):
