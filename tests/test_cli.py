@@ -1,6 +1,7 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -11,11 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from loraforge import cli
 from loraforge.cli import main
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
+from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 from helpers import forbid_loading, randomize
 
 
@@ -381,6 +384,11 @@ def test_ui_takes_the_connection_guards_serve_does(tiny_dir, tmp_path, monkeypat
     assert main(["ui", "--model", str(tiny_dir)]) == 0
     assert main(["ui", "--model", str(tiny_dir), "--header-timeout", "2.5", "--max-connections", "9"]) == 0
     assert limits == [{"header_timeout": 30, "max_connections": 512}, {"header_timeout": 2.5, "max_connections": 9}]
+    # the CLI writes the defaults as literals (it imports no server at start-up): the server's own, for serve too
+    assert (HEADER_TIMEOUT_S, MAX_CONNECTIONS) == (30, 512)
+    for command in (cli.serve, cli.ui):
+        params = inspect.signature(command).parameters
+        assert (params["header_timeout"].default, params["max_connections"].default) == (30, 512)
     with pytest.raises(SystemExit):
         main(["ui", "--max-connections", "0"])
     assert "argument --max-connections: '0': give a whole number ≥ 1" in capsys.readouterr().err
