@@ -305,7 +305,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         layers_text = "1 layer" if len(truncated) == 1 else f"{len(truncated)} layers"
         warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {layers_text}: up to "
                       f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
-                      f"(loraforge merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
+                      f"(loraforge merge --combination cat), or raise svd_rank (loraforge merge --svd-rank)",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
@@ -365,12 +365,14 @@ def _stored_dtype(base: str) -> torch.dtype | None:
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
-                  weights: list[float] | None = None, combination_type: str = "cat",
+                  weights: list[float] | None = None, combination_type: str = "cat", svd_rank: int | None = None,
                   quantize: str | None = None, overwrite: bool = False) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
     Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each); the default
     "cat" is exact (Σ w_i ΔW_i): the checkpoint is full rank anyway, so nothing is gained by truncating with "svd".
+    `svd_rank` (only with combination_type "svd", one adapter too): the rank "svd" truncates to, as in
+    add_weighted_adapter (default: the largest adapter's r).
     The options are checked before anything loads (ConfigError names each bad one as the CLI spells it).
     `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
     so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
@@ -389,14 +391,22 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         weights = as_weights(weights, len(adapters))
     problems = [f"--{p.replace('combination_type', 'combination')}"
                 for p in check_combination(len(adapters), weights, combination_type)]
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, Integral) or svd_rank < 1):
+        problems.append(f"--svd-rank {svd_rank!r}: give a whole number ≥ 1, or leave it out for the largest adapter "
+                        f"rank")
+    elif svd_rank is not None and combination_type != "svd":
+        problems.append(f"--svd-rank {svd_rank}: only with --combination svd (the rank it truncates to; "
+                        f"--combination {combination_type} keeps every rank): add --combination svd or leave "
+                        f"--svd-rank out")
     if dtype not in DTYPES:
         problems.append(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANT_TYPES:
         problems.append(f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)}, or leave it out")
     if problems:
         raise ConfigError(problems)
-    combine = len(adapters) > 1 or (weights or [1.0]) != [1.0]  # one adapter with another weight: scaled the same way
-    if combine and len(adapters) == 1:
+    # one adapter with another weight (or truncated by --svd-rank): combined alone, the same way
+    combine = len(adapters) > 1 or (weights or [1.0]) != [1.0] or svd_rank is not None
+    if combine and len(adapters) == 1 and svd_rank is None:
         _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
     elif combine:
         configs = {str(a): read_adapter_config(a) for a in adapters}
@@ -415,7 +425,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         names.append(name)
     if combine:
         try:
-            add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
+            add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type,
+                                 svd_rank=svd_rank)
         except ConfigError as e:  # the library's argument as the command's flag
             raise ConfigError([p.replace(f"combination_type {combination_type!r}", f"--combination {combination_type}")
                                .replace("use 'cat' (exact) or 'svd'", "use --combination cat (exact) or svd")
