@@ -63,7 +63,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             dtype = _compute_dtype(model, base)
             layer.base_layer = _dequantized_linear(base)
             layer.merge(names)
-            base = layer.base_layer.to(dtype)
+            base = _cast_merged(layer.base_layer, dtype, names, path)  # fp16: int8's ±127·scale + ΔW may pass 65504
         elif base.weight.dtype in (torch.bfloat16, torch.float16):  # this layer alone in fp32: rounded once
             dtype = base.weight.dtype
             layer.base_layer = base.float()
@@ -330,17 +330,68 @@ def _dropped_energy(S: torch.Tensor, k: int) -> float:
     return (energy[k:].sum() / energy.sum()).item()
 
 
+PROBE_TOKENS = 8
+LOGIT_GROWTH = 1e3  # merged logits beyond this × the base's (at least 1): weights no adapter was trained for
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What one forward of the probe tokens showed: the largest |logit|, and per normalization layer (its path)
+    the largest |value| entering it and whether the mean of squares it takes of a row stays finite in float32."""
+    logits: float
+    finite: bool
+    norms: dict[str, tuple[float, bool]]
+
+
 @torch.no_grad()
-def _check_forward(model: nn.Module, what: str) -> None:
-    """AdapterError starting with `what` when the merged model's logits on a probe of 8 tokens are NaN or inf: the
-    weights are finite, yet scaled this far the activations pass float32's range (`what` names --weights)."""
-    vocab = model.get_input_embeddings().num_embeddings
-    probe = torch.arange(8, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
-    if torch.isfinite(model(probe).logits).all():
-        return
-    name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
-    raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
-                       f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+def _probe(model: nn.Module) -> Probe:
+    """One forward of tokens 0..7, watching each normalization layer's input (RMSNorm, LayerNorm: any module whose
+    class name ends in Norm): an input whose x² overflows float32 makes RMSNorm divide by inf, so the hidden state
+    becomes 0 and the logits finite garbage (--weights 1e30)."""
+    norms = {}
+
+    def watch(path):
+        def hook(module, args):
+            x = args[0].float()
+            largest, finite = norms.get(path, (0.0, True))
+            norms[path] = (max(largest, x.abs().max().item()), finite and bool(x.square().mean(-1).isfinite().all()))
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(p)) for p, m in model.named_modules()
+               if type(m).__name__.endswith("Norm")]
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+        probe = torch.arange(PROBE_TOKENS, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
+        logits = model(probe).logits.float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    finite = bool(torch.isfinite(logits).all())
+    return Probe(logits.abs().max().item() if finite else math.inf, finite, norms)
+
+
+def _check_forward(model: nn.Module, base: Probe, what: str) -> None:
+    """AdapterError starting with `what` (it names --weights) when the merged model's forward on the probe tokens is
+    broken: NaN/inf logits (the weights are finite, yet scaled this far the activations pass float32's range), a
+    hidden state whose square a normalization layer cannot take in float32 (it zeroes the state: finite, meaningless
+    logits), or logits beyond LOGIT_GROWTH × the base's. A trained adapter at weights 1 or 2 is far from each."""
+    merged = _probe(model)
+    if not merged.finite:
+        name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
+        raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
+                           f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+    overflowed = [(path, largest) for path, (largest, finite) in merged.norms.items() if not finite]
+    if overflowed:
+        path, largest = overflowed[0]
+        was = base.norms.get(path, (math.nan, True))[0]
+        raise AdapterError(f"{what}: the merged model's hidden state entering {path} reaches |h| {largest:.3g} (the "
+                           f"base's: {was:.3g}), too large to square in float32: the layer zeroes it and the logits "
+                           f"mean nothing; use smaller --weights")
+    bound = LOGIT_GROWTH * max(base.logits, 1.0)
+    if merged.logits > bound:
+        raise AdapterError(f"{what}: the merged model's largest |logit| is {merged.logits:.3g}, over "
+                           f"{LOGIT_GROWTH:g} × the base's ({base.logits:.3g}, counted as at least 1); use smaller "
+                           f"--weights")
 
 
 def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
@@ -418,6 +469,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     check_writable(out_dir)
     loaded = _load_dtype(base, dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
+    probed = _probe(model) if weights is not None else None  # the base's forward, for _check_forward to compare
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
@@ -447,7 +499,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
             message += ", or with smaller --weights"
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
     if weights is not None:  # finite weights of 1e35 still overflow the forward (gate·up of 1e37 each: inf)
-        _check_forward(model, f"cannot merge into --dtype {dtype}: adapter {given}")
+        _check_forward(model, probed, f"cannot merge into --dtype {dtype}: adapter {given}")
     if loaded != dtype:  # merged in fp32: one rounding to --dtype, of W0 + ΔW
         for pname, param in model.named_parameters():
             cast = param.data.to(DTYPES[dtype])
@@ -457,6 +509,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
                                    f"{param.data.abs().max().item():.4g}); merge in fp32 or bf16"
                                    + (", or with smaller --weights" if weights else ""))
             param.data = cast
+    for pname, param in model.named_parameters():  # whichever path merged and cast it: no NaN/inf is written
+        bad = (~torch.isfinite(param.data)).sum().item()
+        if bad:
+            raise AdapterError(f"cannot merge into --dtype {dtype}: adapter {given}: the merged weight {pname} holds "
+                               f"{bad} NaN/inf of {param.numel()} values in {str(param.dtype).removeprefix('torch.')}; "
+                               f"merge in fp32" + (", or with smaller --weights" if weights else ""))
     out = Path(out_dir)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     # --overwrite into a used folder replaces our files only (and an older export's weight files, which
