@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraforge import cli
 from loraforge.cli import main
 from loraforge.config import LoraConfig
+from loraforge.lora.adapters import load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject
+from loraforge.lora.merge import add_weighted_adapter, merge_and_unload
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
 from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS
@@ -43,11 +46,6 @@ def test_merge_svd_rank_truncates_as_add_weighted_adapter_does(tiny_dir, tmp_pat
     """`merge --combination svd` always truncated to the largest rank: the Python API's svd_rank had no flag. Now
     --svd-rank 3 writes the weights add_weighted_adapter(svd_rank=3) merges; without --combination svd it is refused
     in one line naming both flags, before anything loads."""
-    from safetensors.torch import load_file
-
-    from loraforge.lora.adapters import load_adapter, save_adapter, set_adapter
-    from loraforge.lora.merge import add_weighted_adapter, merge_and_unload
-
     adapters = []
     for name, seed in (("a", 1), ("b", 2)):
         model = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, target_modules="all-linear"))

@@ -264,7 +264,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
-    inject(model, config, new_name, warn_rank=False)  # scaling = alpha / r = 1: the weights below carry all the scale
+    inject(model, config, new_name, advise=False)  # scaling = alpha / r = 1: the weights below carry all the scale
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)

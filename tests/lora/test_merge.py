@@ -17,6 +17,7 @@ from helpers import randomize, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora import merge as M
 from loraforge.lora.merge import add_weighted_adapter, embeddings_tied, export_merged, merge_and_unload
 from loraforge.quant.bnb import dequantize, quantize_model
 from loraforge.utils.hf import set_submodule
@@ -582,7 +583,6 @@ def test_an_int8_merge_past_fp16s_range_is_refused_not_written_as_inf(tiny_dir, 
     """--quantize int8 --dtype fp16: the de-quantized layer merged in fp32 was cast to fp16 unchecked, and a ΔW of
     640,000 was written as inf (8 weights). Now the one refusal the unquantized merge gives; and whatever path
     casts unchecked, the last check before writing refuses NaN/inf in any weight."""
-    from loraforge.lora import merge as M
 
     model = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2))
     with torch.no_grad():
