@@ -18,7 +18,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, gguf_source, load_base, load_config
+from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -396,23 +396,14 @@ def _check_forward(model: nn.Module, base: Probe, what: str) -> None:
 
 def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
     """The dtype to load the base in for an export in `dtype`, so the export is round(W0 + ΔW), rounded once: a
-    base stored in `dtype` (bf16, fp16: its config's dtype) in it, each layer merged in fp32 and cast back
-    (merge_and_unload), with fp32 adapters (layer.adapter_dtype: factors cast to bf16 built ΔW from rounded
-    values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
-    base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in `dtype` as its training ran."""
+    base stored in `dtype` (bf16, fp16: what its safetensors hold, models.stored_dtype, not what its config says)
+    in it, each layer merged in fp32 and cast back (merge_and_unload), with fp32 adapters (layer.adapter_dtype:
+    factors cast to bf16 built ΔW from rounded values, half the elements of a bf16 merge off), so the whole model is
+    never held in fp32; any other base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in
+    `dtype` as its training ran."""
     if quantize is not None:
         return dtype
-    return dtype if dtype != "fp32" and _stored_dtype(base) == DTYPES[dtype] else "fp32"
-
-
-def _stored_dtype(base: str) -> torch.dtype | None:
-    """The dtype the base's config says its weights are stored in (None where it says none); a GGUF base (the
-    built-in one too) is de-quantized into fp32 (models.convert_gguf), without reading its metadata here."""
-    if gguf_source(base) is not None:
-        return torch.float32
-    config = load_config(base)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
+    return dtype if dtype != "fp32" and stored_dtype(base) == DTYPES[dtype] else "fp32"
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
