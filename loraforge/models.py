@@ -29,7 +29,7 @@ from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
 from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes,
                                    unexpanded_note)
-from loraforge.utils.hub import hub_resolves, offline_hub
+from loraforge.utils.hub import hub_unreachable, offline_hub
 
 try:
     import fcntl
@@ -432,10 +432,8 @@ def _downloading(name_or_path: str, path: str):
     """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError.
     Where the Hub's host does not resolve, the hub is read as if HF_HUB_OFFLINE were set: a cached copy loads, and
     a missing one fails at once instead of after a minute and a half of retries."""
-    from huggingface_hub import constants
-
     local = Path(path).exists()
-    unreachable = not local and not constants.HF_HUB_OFFLINE and not hub_resolves()
+    unreachable = not local and hub_unreachable()
     try:
         with offline_hub(unreachable):
             yield
