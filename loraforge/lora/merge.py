@@ -407,8 +407,8 @@ def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
-                  weights: list[float] | None = None, combination_type: str = "cat", svd_rank: int | None = None,
-                  quantize: str | None = None, overwrite: bool = False) -> Path:
+                  weights: list[float] | None = None, combination_type: str = "cat",
+                  quantize: str | None = None, overwrite: bool = False, svd_rank: int | None = None) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
     Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each); the default
