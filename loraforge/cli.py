@@ -193,7 +193,8 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
 
 
 def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: list[str] = (), combination: str = "cat",
-          dtype: str = "fp32", quantize: str | None = None, overwrite: bool = False) -> None:
+          svd_rank: PositiveInt | None = None, dtype: str = "fp32", quantize: str | None = None,
+          overwrite: bool = False) -> None:
     """Merge adapter(s) into the base and write a standard transformers checkpoint (config, safetensors, tokenizer).
 
     Several adapters are combined exactly by default (cat: the sum of each one's weighted ΔW). Only plain LoRA
@@ -205,6 +206,7 @@ def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: li
         out: output directory (written atomically)
         weights: one weight per adapter when combining (default 1 each)
         combination: cat (exact), svd (truncated to the largest rank) or linear (PEFT's; equal ranks, not the sum)
+        svd_rank: the rank --combination svd truncates to (default: the largest adapter's r)
         dtype: fp32, bf16 or fp16 for the written weights
         quantize: nf4/fp4/int8: merge into the quantized base a QLoRA adapter was trained on (int8: ~1e-2 off)
         overwrite: write into a non-empty --out, replacing only the checkpoint's files (never an --adapter/--base)
@@ -219,7 +221,7 @@ def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: li
         except ValueError:
             raise ConfigError([f"--weights {w!r}: give a number per adapter, e.g. --weights 0.7 0.3"]) from None
     path = export_merged(base, list(adapter), out, dtype=dtype, weights=numbers or None,
-                         combination_type=combination, quantize=quantize, overwrite=overwrite)
+                         combination_type=combination, svd_rank=svd_rank, quantize=quantize, overwrite=overwrite)
     print(f"merged checkpoint written to {path}")
 
 

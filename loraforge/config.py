@@ -878,8 +878,6 @@ class TrainConfig:
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
                       f"only flips the sign B learns)" for name, v in alphas.items() if not v > 0])
-        if self.method in ("lora", "qlora", "dora"):
-            scale_warning(self.lora)
         if self.method == "full" and self.model.quantization:  # bitsandbytes' traceback: "only Tensors of floating…"
             validate([f"model.quantization: {self.model.quantization} stores the base in a few bits, which method: "
                       f"full cannot train (every weight trains); remove model.quantization, or train an adapter on "
@@ -926,18 +924,20 @@ class TrainConfig:
         return self.model.quantization or ("nf4" if self.method == "qlora" else None)
 
 
-def scale_warning(lora: LoraConfig) -> None:
-    """Warn about a legal lora.lora_alpha whose scale (lora_alpha / r, or / sqrt(r) with use_rslora) is far outside
-    USUAL_SCALE: with lora_alpha 1e6 a run trained without a word, each update a million times too large."""
-    r, rule = (math.sqrt(lora.r), "sqrt(r)") if lora.use_rslora else (lora.r, "r")
-    scale = lora.lora_alpha / r
+def scale_warning(lora_alpha: float, r: int, use_rslora: bool = False, rank: str = "r") -> None:
+    """Warn about a new adapter's legal lora_alpha whose scale (lora_alpha / r, or / sqrt(r) with use_rslora; AdaLoRA:
+    / init_r, named by `rank`) is far outside USUAL_SCALE: with lora_alpha 1e6 a run trained without a word, each
+    update a million times too large. Called where adapters are made (inject, inject_adalora), so a run and a
+    Python caller are told once; the warning points at the caller of that function (stacklevel 3)."""
+    root, rule = (math.sqrt(r), f"sqrt({rank})") if use_rslora else (r, rank)
+    scale = lora_alpha / root
     low, high = USUAL_SCALE
-    if low <= scale <= high:
+    if low <= abs(scale) <= high:  # a negative alpha (a negated adapter) is as usual as its size
         return
-    effect = "updates that large usually diverge" if scale > high else "updates that small barely train"
-    warnings.warn(f"lora.lora_alpha: {lora.lora_alpha:g} makes the adapter's scale lora_alpha / {rule} = "
-                  f"{lora.lora_alpha:g} / {r:g} = {scale:.3g}, outside the usual {low:g} to {high:g} (most runs use "
-                  f"1 to 2); {effect}: try lora.lora_alpha: {round(2 * r)} (2*{rule})", stacklevel=4)
+    effect = "updates that large usually diverge" if abs(scale) > high else "updates that small barely train"
+    warnings.warn(f"lora_alpha: {lora_alpha:g} makes the adapter's scale lora_alpha / {rule} = {lora_alpha:g} / "
+                  f"{root:g} = {scale:.3g}, outside the usual {low:g} to {high:g} (most runs use 1 to 2); {effect}: "
+                  f"try lora_alpha {round(2 * root)} (2*{rule})", stacklevel=3)
 
 
 class DuplicateKey(Exception):

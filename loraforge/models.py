@@ -23,13 +23,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
 from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes,
                                    unexpanded_note)
-from loraforge.utils.hub import hub_resolves, offline_hub
+from loraforge.utils.hub import hub_unreachable, offline_hub
 
 try:
     import fcntl
@@ -432,10 +432,8 @@ def _downloading(name_or_path: str, path: str):
     """Turn a failed hub download of `path` (a hub id; local paths pass through) into one ModelDownloadError.
     Where the Hub's host does not resolve, the hub is read as if HF_HUB_OFFLINE were set: a cached copy loads, and
     a missing one fails at once instead of after a minute and a half of retries."""
-    from huggingface_hub import constants
-
     local = Path(path).exists()
-    unreachable = not local and not constants.HF_HUB_OFFLINE and not hub_resolves()
+    unreachable = not local and hub_unreachable()
     try:
         with offline_hub(unreachable):
             yield
@@ -556,6 +554,60 @@ def _check_tokenizer(name_or_path: str, path: str) -> None:
         raise ModelFilesError(f"model {name_or_path}: its tokenizer cannot be read from {folder}: it holds no "
                               f"tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): save the tokenizer beside the "
                               f"weights (tokenizer.save_pretrained(folder))")
+
+
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+"""The floating-point dtypes a safetensors header names, as torch's."""
+
+
+def stored_dtype(name_or_path: str) -> torch.dtype | None:
+    """The dtype a base's weights are stored in, read from its safetensors headers: the one dtype of its
+    floating-point tensors; None where they hold several, or a file cannot be read. A config.json's dtype is not
+    trusted: a config saying bf16 over fp32 weights made a merge load (and so round) them in bf16. A GGUF base (the
+    built-in one too) is de-quantized into fp32 (convert_gguf). A folder of .bin weights only, or a hub model whose
+    files are not in the local cache yet: its config's dtype (None where it names none)."""
+    if gguf_source(name_or_path) is not None:
+        return torch.float32
+    files = _safetensors_files(name_or_path)
+    if not files:
+        config = load_config(name_or_path)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
+    found = set()
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as weights:  # the header alone: no tensor is read
+                found |= {weights.get_slice(key).get_dtype() for key in weights.keys()}
+    except (OSError, SafetensorError):  # a damaged file: loading names it
+        return None
+    floats = {SAFETENSORS_FLOATS[d] for d in found if d in SAFETENSORS_FLOATS}
+    return floats.pop() if len(floats) == 1 else None
+
+
+def _safetensors_files(name_or_path: str) -> list[Path]:
+    """The safetensors files that hold a local folder's (or a hub model's cached) weights: its shards' index's
+    files, else model.safetensors; [] where there are none (or a hub model is not fully in the cache)."""
+    path = expand_user(name_or_path)
+    if path.is_dir():
+        def find(name):
+            return path / name if (path / name).is_file() else None
+    elif is_hub_id(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        def find(name):
+            found = try_to_load_from_cache(name_or_path, name)
+            return Path(found) if isinstance(found, str) else None
+    else:
+        return []
+    if (index := find("model.safetensors.index.json")) is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # loading names a broken index
+            return []
+        files = [find(name) for name in shards]
+        return files if all(files) else []
+    single = find("model.safetensors")
+    return [single] if single is not None else []
 
 
 def load_base(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", quantize: str | None = None,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import VOCAB, tiny_gpt2, tiny_llama
+from loraforge.utils.hub import hub_resolves
 
 # A suite started in the background by a non-interactive shell (`bash .ci/run &` in a script) inherits SIGINT
 # ignored, and so would the processes it starts. The tests that stop something with SIGINT (the CLI's Ctrl-C, the
@@ -14,6 +15,13 @@ from helpers import VOCAB, tiny_gpt2, tiny_llama
 # launches never inherit it ignored.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def fresh_hub_lookup():
+    """Each test looks the Hub's host up anew: the answer is kept for the process (utils.hub.hub_resolves), and
+    tests stand in for the resolver (socket.getaddrinfo) one way or the other."""
+    hub_resolves.cache_clear()
 
 
 @pytest.fixture(scope="module")

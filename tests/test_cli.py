@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraforge import cli
 from loraforge.cli import main
 from loraforge.config import LoraConfig
+from loraforge.lora.adapters import load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject
+from loraforge.lora.merge import add_weighted_adapter, merge_and_unload
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
 from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS
@@ -37,6 +40,43 @@ def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path
     assert not any("lora" in n for n, _ in plain.named_parameters())
     # merged W0 + ΔW in fp32 vs the unmerged two-path forward: rounding only
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_svd_rank_truncates_as_add_weighted_adapter_does(tiny_dir, tmp_path, capsys):
+    """`merge --combination svd` always truncated to the largest rank: the Python API's svd_rank had no flag. Now
+    --svd-rank 3 writes the weights add_weighted_adapter(svd_rank=3) merges; without --combination svd it is refused
+    in one line naming both flags, before anything loads."""
+    adapters = []
+    for name, seed in (("a", 1), ("b", 2)):
+        model = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2, target_modules="all-linear"))
+        save_adapter(randomize(model, seed=seed), tmp_path / name)
+        adapters.append(str(tmp_path / name))
+    want = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for name, path in zip("ab", adapters):
+        load_adapter(want, path, name)
+    with pytest.warns(UserWarning, match="svd_rank [23] is below the rank of the combined ΔW"):
+        add_weighted_adapter(want, ["a", "b"], [0.7, 0.5], "c", "svd", svd_rank=3)
+        set_adapter(want, "c")
+        for rank in ("3", None):  # None: the default, the largest adapter rank (2)
+            assert main(["merge", "--base", str(tiny_dir), "--adapter", *adapters, "--weights", "0.7", "0.5",
+                         "--combination", "svd", "--out", str(tmp_path / f"m{rank}")]
+                        + (["--svd-rank", rank] if rank else [])) == 0
+    want = merge_and_unload(want).state_dict()
+    got, rank2 = load_file(tmp_path / "m3" / "model.safetensors"), load_file(tmp_path / "mNone" / "model.safetensors")
+    assert got.keys() <= want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert any(not torch.equal(got[k], rank2[k]) for k in got)  # rank 3, not the default 2
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", *adapters, "--svd-rank", "3", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == ("error: invalid arguments:\n  --svd-rank 3: only with --combination svd (the "
+                                       "rank it truncates to; --combination cat keeps every rank): add --combination "
+                                       "svd or leave --svd-rank out\n")
+    with pytest.raises(SystemExit):
+        main(["merge", "--base", str(tiny_dir), "--adapter", *adapters, "--combination", "svd", "--svd-rank", "0",
+              "--out", str(tmp_path / "x")])
+    assert "argument --svd-rank: '0': give a whole number ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_generate_streams_the_greedy_answer(tiny_dir, capsys):

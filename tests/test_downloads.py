@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 
 from loraforge.cli import main
 from loraforge.models import ModelDownloadError, load_base, load_model, load_tokenizer
+from loraforge.training.data import read_records
+from loraforge.utils.hub import hub_resolves, hub_unreachable
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "meta-llama/Llama-3.2-1B"
@@ -120,6 +123,35 @@ def test_a_hub_whose_host_does_not_resolve_is_read_offline_at_once(hub_raises, m
         load_tokenizer(HUB_ID)
     assert str(e.value) == OFFLINE.replace("HF_HUB_OFFLINE is set", "no connection to the Hugging Face Hub")
     assert offline_when_asked and all(offline_when_asked) and not constants.HF_HUB_OFFLINE  # set for the load only
+
+
+def test_the_hub_is_looked_up_once_a_process_and_decided_in_one_place(hub_raises, monkeypatch, capsys):
+    """A model load asked the resolver three times (config, weights, tokenizer) and a hub dataset once more, each
+    deciding offline-or-not from its own library's copy of HF_HUB_OFFLINE. One lookup now, for all of them; and
+    HF_HUB_OFFLINE set (in huggingface_hub or the datasets copy) asks none."""
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    hub_raises(lambda: LocalEntryNotFoundError("not in the cache, and offline"))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for load in (load_base, load_model, load_tokenizer):
+        with pytest.raises(ModelDownloadError):
+            load(HUB_ID)
+    fake = types.ModuleType("datasets")
+    fake.config = types.SimpleNamespace(HF_HUB_OFFLINE=False)
+    fake.load_dataset = lambda name, split: [{"text": "cached"}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert read_records("org/name") == [{"text": "cached", "_source": "org/name:train[0]"}]
+    assert "from the cache (no connection to the Hugging Face Hub)" in capsys.readouterr().err
+    assert lookups == ["huggingface.co"]
+    assert hub_unreachable() and not hub_unreachable(types.SimpleNamespace(HF_HUB_OFFLINE=True))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not hub_unreachable()
+    hub_resolves.cache_clear()
+    assert not hub_unreachable() and lookups == ["huggingface.co"]  # offline asked for: no lookup
 
 
 def test_offline_without_a_cached_copy_through_the_command_line(tmp_path, data_file):

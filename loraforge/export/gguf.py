@@ -20,7 +20,7 @@ from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
-from loraforge.utils.files import atomic_file, expand_user, fsync_tree
+from loraforge.utils.files import OVERWRITE, atomic_file, expand_user, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -54,7 +54,7 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
         raise OutputError(f"--out {out}: a GGUF file's name ends in .gguf (the tools that read it look for that); "
                           f"use --out {out.with_name(out.name + '.gguf') if out.suffix else out.with_suffix('.gguf')}")
     if out.exists() and not overwrite:
-        raise OutputError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+        raise OutputError(f"--out {out} exists; pass {OVERWRITE} to replace it, or choose another file")
     check_writable(out)
     return out
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraforge.config import LoraConfig
 from loraforge.lora.layer import base_features
 from loraforge.models import resolve_model
-from loraforge.utils.files import atomic_file
+from loraforge.utils.files import OVERWRITE, atomic_file
 from loraforge.utils.outputs import OutputError
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, write_file
@@ -101,7 +101,7 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
         raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
                           f"folder, or choose another folder for --out")
     if model_file.exists() and not overwrite:
-        raise OutputError(f"{model_file} exists; pass --overwrite to replace it, or choose another folder for --out")
+        raise OutputError(f"{model_file} exists; pass {OVERWRITE} to replace it, or choose another folder for --out")
     # the base's shapes and names; no weights loaded (nor converted)
     hf_config = AutoConfig.from_pretrained(resolve_model(base, weights=False))
     write_file(lambda p: lora_writer(p, adapter, hf_config, type), out, overwrite)

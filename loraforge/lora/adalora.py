@@ -25,8 +25,8 @@ from torch import nn
 
 from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, ConfigError, LoraConfig,
                               adalora_lora_problems, from_dict, integer_problems, layer_selection_problems,
-                              module_list_problems, normalize_module_fields, peft_list, unsupported_peft_fields,
-                              validate)
+                              module_list_problems, normalize_module_fields, peft_list, scale_warning,
+                              unsupported_peft_fields, validate)
 from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
                                    resolve_targets, untie_shared)
 from loraforge.lora.layer import LoraLayer, adapter_dtype
@@ -267,9 +267,13 @@ class SVDLinear(LoraLayer):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}"
 
 
-def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern."""
+def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
+                   advise: bool = True) -> nn.Module:
+    """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern.
+    advise: warn about a lora_alpha scale (lora_alpha / init_r) outside config.USUAL_SCALE (loading passes False)."""
     configs, config, targets = resolve_targets(model, config, adapter_name)
+    if advise and config.lora_alpha != 0:  # 0 means the layer's rank: scale 1 (SVDLinear.add_adapter)
+        scale_warning(config.lora_alpha, config.init_r, rank="init_r")
     pattern = config.rank_pattern or {}
     untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:

@@ -361,9 +361,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     try:
         try:
             if isinstance(config, LoraConfig):
-                inject(model, config, name, warn_rank=False)
+                inject(model, config, name, advise=False)
             else:  # AdaLoRA: its own layer type
-                inject_adalora(model, config, name)
+                inject_adalora(model, config, name, advise=False)
         except LayerKindConflict:
             raise  # the model's other adapters are in the way, not the adapter
         except ConfigError as e:

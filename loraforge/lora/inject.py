@@ -15,7 +15,7 @@ import warnings
 
 from torch import nn
 
-from loraforge.config import ConfigError, LoraConfig, clipped
+from loraforge.config import ConfigError, LoraConfig, clipped, scale_warning
 from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.layer import LoraLayer, LoraLinear, ModulesToSave
@@ -284,14 +284,17 @@ def _warn_rank_over_layers(model: nn.Module, config: LoraConfig, targets: list[s
                       f"8 is the usual start)", stacklevel=3)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", warn_rank: bool = True) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", advise: bool = True) -> nn.Module:
     """Add adapter `adapter_name` to `model` in place, make only it trainable, and remember its config.
 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
-    warn_rank: warn when r is above a targeted layer's min(in, out), advice for a new adapter (loading a trained
-    one, or building a merge's combined one, passes False).
+    advise: warn about what is legal but unusual in a new adapter: r above a targeted layer's min(in, out), a bias
+    setting that trains no bias, a lora_alpha scale outside config.USUAL_SCALE (loading a trained adapter, or
+    building a merge's combined one, passes False).
     """
     configs, config, targets = resolve_targets(model, config, adapter_name)
+    if advise:
+        scale_warning(config.lora_alpha, config.r, config.use_rslora)
     _warn_unmatched_patterns(config, targets)
     untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:
@@ -313,7 +316,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
             use_dora=config.use_dora,
             path=path,
         )
-    if warn_rank:
+    if advise:
         _warn_rank_over_layers(model, config, targets)
     for path in _modules_to_save_paths(model, config):
         module = model.get_submodule(path)
@@ -323,7 +326,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
         module.add_adapter(adapter_name)
     configs[adapter_name] = config
     keep_base_biases(model, config, adapter_name)
-    if warn_rank and config.bias != "none" and not model.lora_base_biases[adapter_name]:  # soak: said nothing
+    if advise and config.bias != "none" and not model.lora_base_biases[adapter_name]:  # soak: said nothing
         which = "the targeted layers have" if config.bias == "lora_only" else "this model has"
         warnings.warn(f"bias: {config.bias!r} trains no bias: {which} none ({type(model).__name__}), so it trains "
                       f"as bias: 'none' does", stacklevel=2)

@@ -18,7 +18,7 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, gguf_source, load_base, load_config
+from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir
 from loraforge.utils.hf import set_submodule
@@ -63,7 +63,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
             dtype = _compute_dtype(model, base)
             layer.base_layer = _dequantized_linear(base)
             layer.merge(names)
-            base = layer.base_layer.to(dtype)
+            base = _cast_merged(layer.base_layer, dtype, names, path)  # fp16: int8's ±127·scale + ΔW may pass 65504
         elif base.weight.dtype in (torch.bfloat16, torch.float16):  # this layer alone in fp32: rounded once
             dtype = base.weight.dtype
             layer.base_layer = base.float()
@@ -264,7 +264,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  exclude_modules=None, layers_to_transform=None, layers_pattern=None,
                                  modules_to_save=None, lora_dropout=0.0,  # exact paths: no other filter applies
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
-    inject(model, config, new_name, warn_rank=False)  # scaling = alpha / r = 1: the weights below carry all the scale
+    inject(model, config, new_name, advise=False)  # scaling = alpha / r = 1: the weights below carry all the scale
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
     for path, layer in layers:
         A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
@@ -305,7 +305,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         layers_text = "1 layer" if len(truncated) == 1 else f"{len(truncated)} layers"
         warnings.warn(f"svd_rank {new_r} is below the rank of the combined ΔW in {layers_text}: up to "
                       f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
-                      f"(loraforge merge --combination cat), or from Python raise add_weighted_adapter's svd_rank",
+                      f"(loraforge merge --combination cat), or raise svd_rank (loraforge merge --svd-rank)",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
 
 
@@ -330,47 +330,91 @@ def _dropped_energy(S: torch.Tensor, k: int) -> float:
     return (energy[k:].sum() / energy.sum()).item()
 
 
+PROBE_TOKENS = 8
+LOGIT_GROWTH = 1e3  # merged logits beyond this × the base's (at least 1): weights no adapter was trained for
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What one forward of the probe tokens showed: the largest |logit|, and per normalization layer (its path)
+    the largest |value| entering it and whether the mean of squares it takes of a row stays finite in float32."""
+    logits: float
+    finite: bool
+    norms: dict[str, tuple[float, bool]]
+
+
 @torch.no_grad()
-def _check_forward(model: nn.Module, what: str) -> None:
-    """AdapterError starting with `what` when the merged model's logits on a probe of 8 tokens are NaN or inf: the
-    weights are finite, yet scaled this far the activations pass float32's range (`what` names --weights)."""
-    vocab = model.get_input_embeddings().num_embeddings
-    probe = torch.arange(8, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
-    if torch.isfinite(model(probe).logits).all():
-        return
-    name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
-    raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
-                       f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+def _probe(model: nn.Module) -> Probe:
+    """One forward of tokens 0..7, watching each normalization layer's input (RMSNorm, LayerNorm: any module whose
+    class name ends in Norm): an input whose x² overflows float32 makes RMSNorm divide by inf, so the hidden state
+    becomes 0 and the logits finite garbage (--weights 1e30)."""
+    norms = {}
+
+    def watch(path):
+        def hook(module, args):
+            x = args[0].float()
+            largest, finite = norms.get(path, (0.0, True))
+            norms[path] = (max(largest, x.abs().max().item()), finite and bool(x.square().mean(-1).isfinite().all()))
+        return hook
+
+    handles = [m.register_forward_pre_hook(watch(p)) for p, m in model.named_modules()
+               if type(m).__name__.endswith("Norm")]
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+        probe = torch.arange(PROBE_TOKENS, device=model.device).remainder(vocab).unsqueeze(0)  # (1, 8) token ids
+        logits = model(probe).logits.float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    finite = bool(torch.isfinite(logits).all())
+    return Probe(logits.abs().max().item() if finite else math.inf, finite, norms)
+
+
+def _check_forward(model: nn.Module, base: Probe, what: str) -> None:
+    """AdapterError starting with `what` (it names --weights) when the merged model's forward on the probe tokens is
+    broken: NaN/inf logits (the weights are finite, yet scaled this far the activations pass float32's range), a
+    hidden state whose square a normalization layer cannot take in float32 (it zeroes the state: finite, meaningless
+    logits), or logits beyond LOGIT_GROWTH × the base's. A trained adapter at weights 1 or 2 is far from each."""
+    merged = _probe(model)
+    if not merged.finite:
+        name, param = max(model.named_parameters(), key=lambda item: item[1].abs().max().item())
+        raise AdapterError(f"{what}: the merged model's logits are NaN/inf (its largest weight: "
+                           f"{param.abs().max().item():.3g} in {name}); use smaller --weights")
+    overflowed = [(path, largest) for path, (largest, finite) in merged.norms.items() if not finite]
+    if overflowed:
+        path, largest = overflowed[0]
+        was = base.norms.get(path, (math.nan, True))[0]
+        raise AdapterError(f"{what}: the merged model's hidden state entering {path} reaches |h| {largest:.3g} (the "
+                           f"base's: {was:.3g}), too large to square in float32: the layer zeroes it and the logits "
+                           f"mean nothing; use smaller --weights")
+    bound = LOGIT_GROWTH * max(base.logits, 1.0)
+    if merged.logits > bound:
+        raise AdapterError(f"{what}: the merged model's largest |logit| is {merged.logits:.3g}, over "
+                           f"{LOGIT_GROWTH:g} × the base's ({base.logits:.3g}, counted as at least 1); use smaller "
+                           f"--weights")
 
 
 def _load_dtype(base: str, dtype: str, quantize: str | None) -> str:
     """The dtype to load the base in for an export in `dtype`, so the export is round(W0 + ΔW), rounded once: a
-    base stored in `dtype` (bf16, fp16: its config's dtype) in it, each layer merged in fp32 and cast back
-    (merge_and_unload), with fp32 adapters (layer.adapter_dtype: factors cast to bf16 built ΔW from rounded
-    values, half the elements of a bf16 merge off), so the whole model is never held in fp32; any other
-    base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in `dtype` as its training ran."""
+    base stored in `dtype` (bf16, fp16: what its safetensors hold, models.stored_dtype, not what its config says)
+    in it, each layer merged in fp32 and cast back (merge_and_unload), with fp32 adapters (layer.adapter_dtype:
+    factors cast to bf16 built ΔW from rounded values, half the elements of a bf16 merge off), so the whole model is
+    never held in fp32; any other base in fp32, cast to `dtype` after the merge. A quantized base is de-quantized in
+    `dtype` as its training ran."""
     if quantize is not None:
         return dtype
-    return dtype if dtype != "fp32" and _stored_dtype(base) == DTYPES[dtype] else "fp32"
-
-
-def _stored_dtype(base: str) -> torch.dtype | None:
-    """The dtype the base's config says its weights are stored in (None where it says none); a GGUF base (the
-    built-in one too) is de-quantized into fp32 (models.convert_gguf), without reading its metadata here."""
-    if gguf_source(base) is not None:
-        return torch.float32
-    config = load_config(base)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return DTYPES.get(stored.removeprefix("torch.")) if isinstance(stored, str) else stored
+    return dtype if dtype != "fp32" and stored_dtype(base) == DTYPES[dtype] else "fp32"
 
 
 def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: str = "fp32",
                   weights: list[float] | None = None, combination_type: str = "cat",
-                  quantize: str | None = None, overwrite: bool = False) -> Path:
+                  quantize: str | None = None, overwrite: bool = False, svd_rank: int | None = None) -> Path:
     """Load `base`, load each adapter directory, merge, and write a standard transformers checkpoint.
 
     Several adapters are combined first with `add_weighted_adapter` (weights default to 1 each); the default
     "cat" is exact (Σ w_i ΔW_i): the checkpoint is full rank anyway, so nothing is gained by truncating with "svd".
+    `svd_rank` (only with combination_type "svd", one adapter too): the rank "svd" truncates to, as in
+    add_weighted_adapter (default: the largest adapter's r).
     The options are checked before anything loads (ConfigError names each bad one as the CLI spells it).
     `quantize` ("nf4", ...): merge into the same 4-bit base the adapter was trained on (QLoRA), de-quantized,
     so the export reproduces 4-bit base + adapter; without it the adapter is added to the full-precision base.
@@ -389,14 +433,22 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         weights = as_weights(weights, len(adapters))
     problems = [f"--{p.replace('combination_type', 'combination')}"
                 for p in check_combination(len(adapters), weights, combination_type)]
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, Integral) or svd_rank < 1):
+        problems.append(f"--svd-rank {svd_rank!r}: give a whole number ≥ 1, or leave it out for the largest adapter "
+                        f"rank")
+    elif svd_rank is not None and combination_type != "svd":
+        problems.append(f"--svd-rank {svd_rank}: only with --combination svd (the rank it truncates to; "
+                        f"--combination {combination_type} keeps every rank): add --combination svd or leave "
+                        f"--svd-rank out")
     if dtype not in DTYPES:
         problems.append(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANT_TYPES:
         problems.append(f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)}, or leave it out")
     if problems:
         raise ConfigError(problems)
-    combine = len(adapters) > 1 or (weights or [1.0]) != [1.0]  # one adapter with another weight: scaled the same way
-    if combine and len(adapters) == 1:
+    # one adapter with another weight (or truncated by --svd-rank): combined alone, the same way
+    combine = len(adapters) > 1 or (weights or [1.0]) != [1.0] or svd_rank is not None
+    if combine and len(adapters) == 1 and svd_rank is None:
         _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
     elif combine:
         configs = {str(a): read_adapter_config(a) for a in adapters}
@@ -408,6 +460,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     check_writable(out_dir)
     loaded = _load_dtype(base, dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
+    probed = _probe(model) if weights is not None else None  # the base's forward, for _check_forward to compare
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
@@ -415,7 +468,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         names.append(name)
     if combine:
         try:
-            add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type)
+            add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type,
+                                 svd_rank=svd_rank)
         except ConfigError as e:  # the library's argument as the command's flag
             raise ConfigError([p.replace(f"combination_type {combination_type!r}", f"--combination {combination_type}")
                                .replace("use 'cat' (exact) or 'svd'", "use --combination cat (exact) or svd")
@@ -436,7 +490,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
             message += ", or with smaller --weights"
         raise AdapterError(f"cannot merge into --dtype {dtype}: {message}") from None
     if weights is not None:  # finite weights of 1e35 still overflow the forward (gate·up of 1e37 each: inf)
-        _check_forward(model, f"cannot merge into --dtype {dtype}: adapter {given}")
+        _check_forward(model, probed, f"cannot merge into --dtype {dtype}: adapter {given}")
     if loaded != dtype:  # merged in fp32: one rounding to --dtype, of W0 + ΔW
         for pname, param in model.named_parameters():
             cast = param.data.to(DTYPES[dtype])
@@ -446,6 +500,12 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
                                    f"{param.data.abs().max().item():.4g}); merge in fp32 or bf16"
                                    + (", or with smaller --weights" if weights else ""))
             param.data = cast
+    for pname, param in model.named_parameters():  # whichever path merged and cast it: no NaN/inf is written
+        bad = (~torch.isfinite(param.data)).sum().item()
+        if bad:
+            raise AdapterError(f"cannot merge into --dtype {dtype}: adapter {given}: the merged weight {pname} holds "
+                               f"{bad} NaN/inf of {param.numel()} values in {str(param.dtype).removeprefix('torch.')}; "
+                               f"merge in fp32" + (", or with smaller --weights" if weights else ""))
     out = Path(out_dir)
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     # --overwrite into a used folder replaces our files only (and an older export's weight files, which

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from loraforge.utils.files import expand_user, unexpanded_note
-from loraforge.utils.hub import hub_resolves, offline_hub
+from loraforge.utils.hub import hub_unreachable, offline_hub
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
@@ -350,7 +350,7 @@ def _read_hub(source: str) -> list[dict]:
                         f"package: pip install 'loraforge[hub]' (or give a path to a .jsonl/.json/.csv/.parquet/"
                         f".txt file)") from None
     config = getattr(datasets, "config", None)  # its copy of HF_HUB_OFFLINE, taken at its import
-    unreachable = not getattr(config, "HF_HUB_OFFLINE", False) and not hub_resolves()
+    unreachable = hub_unreachable(*[config] if config is not None else [])
     if unreachable:  # soak: it retried for about half a minute before saying so: read the cache only, at once
         print(f"{source!r} is not a local file: loading it as a hub dataset from the cache (no connection to the "
               f"Hugging Face Hub)", file=sys.stderr, flush=True)

@@ -8,12 +8,26 @@ name does not resolve, a load is run as under HF_HUB_OFFLINE: a cached copy load
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import urllib.parse
 
 
+def hub_unreachable(*configs) -> bool:
+    """Whether a hub load must read the Hub as offline, the one place that decides it: HF_HUB_OFFLINE is not set
+    (huggingface_hub's flag, nor the copy of it another library took at its import: `configs`, e.g. datasets.config)
+    and the Hub's host name does not resolve. Where the flag is set, the libraries are offline already."""
+    from huggingface_hub import constants
+
+    if any(getattr(obj, "HF_HUB_OFFLINE", False) for obj in (constants, *configs)):
+        return False
+    return not hub_resolves()
+
+
+@functools.cache
 def hub_resolves() -> bool:
-    """Whether the Hugging Face Hub's host name resolves."""
+    """Whether the Hugging Face Hub's host name resolves, looked up once a process: a load reads a config, weights
+    and a tokenizer, and without a network each lookup may wait the resolver's timeout."""
     from huggingface_hub import constants
 
     try:

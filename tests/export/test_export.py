@@ -20,6 +20,7 @@ from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.export import gguf as gguf_export
 from loraforge.export.gguf import export_gguf
+from loraforge.export.gguf_lora import export_gguf_lora
 from loraforge.export.gguf_vocab import LINEAGE_KEYS, write_vocab
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.merge import merge_and_unload
@@ -789,3 +790,23 @@ def test_a_tokenizer_gguf_cannot_hold_is_refused_before_the_model_loads(tmp_path
     with pytest.raises(gguf_export.ExportError, match=r"only byte-level BPE tokenizers \(tokenizer\.json\) are "
                                                       r"written into GGUF here"):
         export_gguf(str(tmp_path / "base"), None, tmp_path / "out.gguf")
+
+
+def test_gguf_lora_refuses_an_existing_file_naming_overwrite_as_python_spells_it_too(tiny_dir, tmp_path):
+    """The refusals of an existing Modelfile or .gguf said only `--overwrite`, which a Python caller of
+    export_gguf_lora (or export_gguf) cannot pass; the other refusals of an output say `--overwrite
+    (overwrite=True)` (utils.files.OVERWRITE)."""
+    save_adapter(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), tmp_path / "a")
+    (tmp_path / "out.Modelfile").write_text("FROM mine\n")
+    with pytest.raises(OutputError) as e:
+        export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
+    assert str(e.value) == (f"{tmp_path / 'out.Modelfile'} exists; pass --overwrite (overwrite=True) to replace it, "
+                            f"or choose another folder for --out")
+    assert (tmp_path / "out.Modelfile").read_text() == "FROM mine\n" and not (tmp_path / "out.gguf").exists()
+    (tmp_path / "out.gguf").write_bytes(b"mine")  # the adapter file itself: the same spelling
+    with pytest.raises(OutputError) as e:
+        export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf")
+    assert str(e.value) == (f"--out {tmp_path / 'out.gguf'} exists; pass --overwrite (overwrite=True) to replace it, "
+                            f"or choose another file")
+    export_gguf_lora(str(tiny_dir), str(tmp_path / "a"), tmp_path / "out.gguf", overwrite=True)
+    assert "ADAPTER" in (tmp_path / "out.Modelfile").read_text()

@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from helpers import tiny_gpt2, tiny_llama
 from loraforge.config import ConfigError, DataConfig, LoraConfig, TrainingConfig
-from loraforge.lora.adalora import AdaLoraConfig
+from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
+from loraforge.lora.adapters import load_adapter, save_adapter
 from loraforge.lora.inject import count_parameters, find_targets, inject, lora_layers, parameter_report
 from loraforge.lora.layer import LoraLinear
 
@@ -316,4 +317,25 @@ def test_a_rank_above_a_layers_dimensions_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject(tiny_llama(), LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # r = min(in, out): no warning
-        inject(tiny_llama(), LoraConfig(r=48), warn_rank=False)  # a trained adapter's load, a merge's combination
+        inject(tiny_llama(), LoraConfig(r=48), advise=False)  # a trained adapter's load, a merge's combination
+
+
+def test_a_new_adapter_of_an_extreme_scale_is_warned_about_once_from_python_and_a_loaded_one_is_not(tmp_path):
+    """lora_alpha 1e30 through inject (or inject_adalora) alone said nothing: only a training config warned. Now
+    the one place new adapters are made warns, at the caller's line; loading the saved adapter does not."""
+    said = ("lora_alpha: 1e+30 makes the adapter's scale lora_alpha / {rule} = 1e+30 / {r} = {scale}, outside the "
+            "usual 0.0001 to 1000 (most runs use 1 to 2); updates that large usually diverge: try lora_alpha {fix} "
+            "(2*{rule})")
+    with pytest.warns(UserWarning) as record:
+        model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=1e30))
+    assert [(str(w.message), w.filename) for w in record] == [
+        (said.format(rule="r", r=4, scale="2.5e+29", fix=8), __file__)]
+    with pytest.warns(UserWarning) as record:
+        inject_adalora(tiny_llama(), AdaLoraConfig(init_r=4, target_r=2, lora_alpha=1e30, total_step=10))
+    assert [(str(w.message), w.filename) for w in record] == [
+        (said.format(rule="init_r", r=4, scale="2.5e+29", fix=8), __file__)]
+    save_adapter(model, tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(tiny_llama(), tmp_path / "a")
+        inject(tiny_llama(), LoraConfig(r=4, lora_alpha=-8))  # a negated adapter: a usual size

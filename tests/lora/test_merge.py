@@ -17,6 +17,7 @@ from helpers import randomize, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
+from loraforge.lora import merge as M
 from loraforge.lora.merge import add_weighted_adapter, embeddings_tied, export_merged, merge_and_unload
 from loraforge.quant.bnb import dequantize, quantize_model
 from loraforge.utils.hf import set_submodule
@@ -528,3 +529,77 @@ def test_weights_of_1e38_are_refused_naming_weights_and_the_value(small_b, tiny_
     assert not (tmp_path / "out").exists()
     export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e3, 1.0])  # large, yet a working model
     assert torch.isfinite(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.tensor([[1, 2]])).logits).all()
+
+
+def _trained_adapter(base_dir, path, target_modules, seed: int) -> None:
+    """A real-ish adapter: 5 AdamW steps of next-token loss on random tokens from B = 0 (lr 1e-2)."""
+    model = inject(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules=target_modules))
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 1000, (4, 16))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_adapter(model, path)
+
+
+def test_weights_that_break_the_forward_with_finite_logits_are_refused_and_trained_ones_at_1_and_2_pass(
+        tiny_dir, tmp_path):
+    """--weights 1e10: the merged weights and logits are finite, yet the residual stream (|h| ~1e21) squared passes
+    float32's range in RMSNorm, which zeroes it: the checkpoint's logits were finite garbage. An adapter on lm_head
+    at --weights 1e5 gave logits 1e5 × the base's. Both are refused now; trained adapters at 1 and 2 are far from
+    either bound (their logits within 3 × the base's; the bound is 1e3 ×)."""
+    _trained_adapter(tiny_dir, tmp_path / "a", "all-linear", seed=1)
+    _trained_adapter(tiny_dir, tmp_path / "b", ("q_proj", "v_proj"), seed=2)
+    adapters = [str(tmp_path / "a"), str(tmp_path / "b")]
+    ids = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits.abs().max()
+        for weights in ([1.0, 2.0], [2.0, 2.0]):
+            out = export_merged(str(tiny_dir), adapters, tmp_path / f"ok{weights[0]:g}", weights=weights)
+            merged = AutoModelForCausalLM.from_pretrained(out)(ids).logits.abs().max()
+            assert 0.3 < merged / base < 3  # the adapters move the logits, nowhere near the bound (1e3 ×)
+    start = f"cannot merge into --dtype fp32: adapter {adapters[0]}, {adapters[1]} with --weights "
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e10, 1.0])
+    assert re.fullmatch(re.escape(start + "1e+10 1: the merged model's hidden state entering model.layers.") +
+                        r"\d\.[a-z_]+layernorm reaches \|h\| [0-9.]+e\+(19|[2-9]\d) \(the base's: [0-9.]+\), too large "
+                        r"to square in float32: the layer zeroes it and the logits mean nothing; use smaller --weights",
+                        str(e.value)), str(e.value)
+    with pytest.raises(AdapterError, match=re.escape(start + "1e+30 1: the merged model's ")):
+        export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e30, 1.0])
+    with pytest.warns(UserWarning, match="lm_head"):  # the tied head gets its own copy
+        _trained_adapter(tiny_dir, tmp_path / "head", ("lm_head",), seed=3)
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), [str(tmp_path / "head")], tmp_path / "out", weights=[1e5])
+    assert re.fullmatch(re.escape(f"cannot merge into --dtype fp32: adapter {tmp_path / 'head'} with --weights 100000: "
+                                  f"the merged model's largest |logit| is ") + r"[0-9.]+e\+0[4-5], over 1000 × the "
+                        r"base's \([0-9.]+, counted as at least 1\); use smaller --weights", str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_int8_merge_past_fp16s_range_is_refused_not_written_as_inf(tiny_dir, tmp_path, monkeypatch):
+    """--quantize int8 --dtype fp16: the de-quantized layer merged in fp32 was cast to fp16 unchecked, and a ΔW of
+    640,000 was written as inf (8 weights). Now the one refusal the unquantized merge gives; and whatever path
+    casts unchecked, the last check before writing refuses NaN/inf in any weight."""
+
+    model = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A["default"].weight.fill_(200.0)
+            layer.lora_B["default"].weight.fill_(200.0)  # ΔW = lora_alpha / r · B·A = 8 · 200 · 200 · 2 = 640,000
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out", dtype="fp16", quantize="int8")
+    assert re.fullmatch(rf"cannot merge into --dtype fp16: adapter {re.escape(str(tmp_path / 'a'))}: the merged "
+                        r"weight model\.layers\.0\.self_attn\.q_proj\.weight passes float16's range \(\|W\| up to "
+                        r"6\.4e\+05\); merge in fp32 or bf16", str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(M, "_cast_merged", lambda base, dtype, names, path: base.to(dtype))  # unchecked
+    with pytest.raises(AdapterError) as e:
+        export_merged(str(tiny_dir), [str(tmp_path / "a")], tmp_path / "out", dtype="fp16", quantize="int8")
+    assert re.fullmatch(rf"cannot merge into --dtype fp16: adapter {re.escape(str(tmp_path / 'a'))}: the merged "
+                        r"weight model\.layers\.0\.self_attn\.q_proj\.weight holds 1024 NaN/inf of 1024 values in "
+                        r"float16; merge in fp32", str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()

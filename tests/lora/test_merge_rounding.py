@@ -175,3 +175,31 @@ def test_a_half_base_loads_in_its_dtype_and_merges_a_layer_at_a_time_bit_equal(c
     for key in want:
         assert ours[key].dtype == want[key].dtype == HALF[dtype]
         assert torch.equal(ours[key], want[key]), key
+
+
+@pytest.mark.parametrize("says, holds", [("bfloat16", "fp32"), ("float32", "bf16")])
+def test_a_base_whose_config_misstates_its_dtype_loads_in_the_stored_one(says, holds, tiny_dir, half_bases, tmp_path,
+                                                                          monkeypatch):
+    """config.json saying bfloat16 over fp32 weights: merge --dtype bf16 loaded the base in bf16 (its config's
+    dtype), rounding W0 before the merge, so 8 of 20 tensors were round(round(W0) + ΔW). The safetensors header
+    decides now: fp32 weights load in fp32 (rounded once, at the end); bf16 weights under a float32 config load in
+    bf16 (a layer at a time, never the whole model in fp32), both the plain merge rounded once."""
+    source = tiny_dir if holds == "fp32" else half_bases / "bf16"
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in source.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config["dtype"] = says
+    (base / "config.json").write_text(json.dumps(config))
+    _dyadic_adapter(base, tmp_path / "a", seed=0, r=2)
+    loads = []
+    load_base = merge.load_base
+    monkeypatch.setattr(merge, "load_base", lambda *a, **kw: loads.append(kw["dtype"]) or load_base(*a, **kw))
+    ours = load_file(export_merged(str(base), [str(tmp_path / "a")], tmp_path / "out", dtype="bf16")
+                     / "model.safetensors")
+    assert loads == [holds]
+    want = _plain_merge(base, [tmp_path / "a"], [1.0])
+    assert ours.keys() == want.keys()
+    for key in want:
+        assert torch.equal(ours[key], want[key].to(torch.bfloat16)), key
