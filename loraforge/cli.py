@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import errno
 import inspect
+import math
 import os
 import re
 import signal
@@ -150,12 +151,13 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     from transformers import TextStreamer
 
     from loraforge.config import ConfigError
-    from loraforge.decoding import stop_ids
+    from loraforge.decoding import FiniteLogits, stop_ids
     from loraforge.inference.greedy import check_fits
     from loraforge.inference.greedy import stream as static_stream
     from loraforge.inference.llama import unsupported
     from loraforge.lora.adapters import load_adapter
     from loraforge.models import load_base
+    from loraforge.precision import overflow_fix
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
@@ -188,7 +190,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     with chosen.autocast("cpu"):
         base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                      top_k=None, streamer=streamer,
+                      top_k=None, streamer=streamer, logits_processor=[FiniteLogits(overflow_fix(chosen))],
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 
@@ -301,6 +303,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     from loraforge.lora.adapters import load_adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
     from loraforge.models import context_length, load_model, load_tokenizer
+    from loraforge.precision import overflow_fix
     from loraforge.studies.heldout import within_context
 
     tokenizer = load_tokenizer(model)
@@ -314,6 +317,9 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     if cut:
         print(cut)
     loss = mean_token_loss(base, examples, tokenizer.pad_token_id, precision=chosen.compute)
+    if math.isnan(loss):  # soak: "perplexity: inf (mean token loss nan)", exit 0, where fp16 had overflowed
+        raise FloatingPointError(f"the mean token loss over {len(examples)} examples is nan (the model's logits are "
+                                 f"not finite): {overflow_fix(chosen)}")
     print(f"perplexity: {perplexity_of(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
     fmt = D.detect_format(records[0])
     if fmt in ("instruction", "chat"):

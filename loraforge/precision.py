@@ -175,6 +175,24 @@ def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = N
     return Precision(compute, storage, why)
 
 
+FP16_MAX = float(torch.finfo(torch.float16).max)
+"""65504: fp16's largest value; a weight or activation past it becomes inf."""
+
+
+def overflow_fix(chosen: Precision, names: tuple[str, str] = ("--precision", "--dtype")) -> str:
+    """What to change where a forward in `chosen` gave inf or NaN: computed or stored in fp16, the usual cause is
+    fp16's range (a forward fine in fp32 or bf16 overflows it); in bf16 or fp32 the model or adapter itself
+    overflows. `names`: the two settings as the user gives them (flags, or config fields)."""
+    compute, dtype = names
+    if "fp16" not in (chosen.compute, chosen.storage):
+        return (f"in {chosen.compute} too, so the model or the adapter itself overflows (an adapter's huge "
+                f"lora_alpha or weights?)")
+    fix = (f"{_setting(compute, 'fp32')} (or bf16 where the hardware has it)" if chosen.compute == "fp16"
+           else f"{_setting(dtype, 'fp32')} (or bf16)")
+    also = f", with {_setting(dtype, 'auto')} or fp32" if chosen.compute == chosen.storage == "fp16" else ""
+    return f"fp16 holds values only up to ±{FP16_MAX:g}, which this forward passed; use {fix}{also}"
+
+
 def _setting(name: str, value: str) -> str:
     """A setting as the user writes it: `--precision bf16` for a flag, `training.precision=bf16` for a field."""
     return f"{name} {value}" if name.startswith("--") else f"{name}={value}"

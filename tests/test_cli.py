@@ -656,6 +656,51 @@ def test_eval_reads_its_data_before_any_probe_and_a_diverged_loss_is_inf_perplex
     assert perplexity_of(709.79) == perplexity_of(1e9) == math.inf
 
 
+def _overflowing_in_fp16(tiny_dir, out: Path) -> Path:
+    """tiny_dir's model with MLP weights that keep every value within fp16's range (|W| < 65504) but make its
+    activations pass it: finite logits in fp32 and bf16, inf/NaN computed in fp16 (T5 and large models do this)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(50)
+            layer.mlp.down_proj.weight.mul_(5e5).clamp_(-6e4, 6e4)
+    model.save_pretrained(out)
+    load_tokenizer(str(tiny_dir)).save_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not torch.isfinite(model(ids).logits).all()
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:--precision fp16 on a CPU", "ignore:--dtype fp16 on a CPU")
+def test_generate_and_eval_refuse_an_fp16_forward_that_overflowed(tiny_dir, data_file, tmp_path, capsys):
+    """Soak: in fp16 (transformers' generate, not the fp32 static decoder) greedy `generate` printed an empty answer
+    and exited 0 (a NaN logit is the argmax: token 0, the end of text), sampling ended in torch.multinomial's
+    traceback, and `eval` printed "perplexity: inf (mean token loss nan)" and exited 0; each now says fp16
+    overflowed and what to use instead."""
+    model = str(_overflowing_in_fp16(tiny_dir, tmp_path / "model"))
+    fix = "fp16 holds values only up to ±65504, which this forward passed; use "
+    fp16 = f"{fix}--precision fp32 (or bf16 where the hardware has it), with --dtype auto or fp32\n"
+    for flags, said in [(["--precision", "fp16"], fp16), (["--precision", "fp16", "--temperature", "0.7"], fp16),
+                        (["--precision", "fp32", "--dtype", "fp16"], f"{fix}--dtype fp32 (or bf16)\n")]:
+        assert main(["generate", "hi", "--model", model, "--max-new-tokens", "4", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out.strip() == "" and err.endswith(f"error: the model's logits are not finite after 0 tokens: {said}")
+    assert main(["eval", str(data_file), "--model", model, "--limit", "2", "--precision", "fp16"]) == 2
+    out, err = capsys.readouterr()
+    assert "perplexity" not in out
+    said = f"error: the mean token loss over 2 examples is nan (the model's logits are not finite): {fp16}"
+    assert err.endswith(f"\n{said}")
+    # the same model in fp32 answers and evaluates: the overflow is fp16's
+    assert main(["generate", "hi", "--model", model, "--max-new-tokens", "4", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["eval", str(data_file), "--model", model, "--limit", "2", "--precision", "fp32",
+                 "--max-new-tokens", "2"]) == 0
+    assert "perplexity: " in capsys.readouterr().out
+
+
 def test_eval_refuses_a_bad_record_before_the_model_loads(tiny_dir, tmp_path, loads, capsys):
     """Soak: a record without an answer was refused after the base model loaded (minutes for a 7B base)."""
     path = tmp_path / "d.jsonl"

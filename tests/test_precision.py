@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect
+from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect, overflow_fix
 
 AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # AMD Zen 2/3, most laptops: oneDNN has no bf16 at all
 AVX512 = Hardware("cpu", "CPU", None, "AVX512", False, True)  # Skylake-X: AVX-512 without its BF16 extension
@@ -108,6 +108,20 @@ def test_storage_follows_compute_unless_given():
     p = choose("auto", "fp32", hw=T4, probe=never)
     assert p.line().startswith("precision fp16 + loss scaling, base stored in fp32: ")
     assert p.line(training=False).startswith("precision fp16, base stored in fp32: ")  # eval, generate, serve
+
+
+def test_an_overflow_s_fix_names_the_fp16_setting_or_the_model():
+    """overflow_fix: fp16 computed or stored is fp16's range (the fix names the setting that holds it); in bf16 or
+    fp32 the model or adapter itself overflows."""
+    assert overflow_fix(choose("fp16", "auto", hw=T4, probe=never)) == (
+        "fp16 holds values only up to ±65504, which this forward passed; use --precision fp32 (or bf16 where the "
+        "hardware has it), with --dtype auto or fp32")
+    assert overflow_fix(choose("auto", "fp32", hw=T4, probe=never), ("training.precision", "model.dtype")) == (
+        "fp16 holds values only up to ±65504, which this forward passed; use training.precision=fp32 (or bf16 "
+        "where the hardware has it)")
+    assert overflow_fix(choose("fp32", "fp16", hw=T4, probe=never, warn=False)).endswith("use --dtype fp32 (or bf16)")
+    assert overflow_fix(choose("auto", "auto", hw=A100, probe=never)) == (
+        "in bf16 too, so the model or the adapter itself overflows (an adapter's huge lora_alpha or weights?)")
 
 
 def test_bad_values_are_named():
