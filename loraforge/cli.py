@@ -77,7 +77,12 @@ def finished_line(result) -> str:
         return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
     aside = (f" (evaluating and saving took {result.aside_seconds:.0f} s more)"
              if result.aside_seconds >= 0.5 else "")
-    return (f"{where} after {result.steps} steps: final loss {result.final_loss:.4f}, "
+    skipped = ""  # fp16: steps the loss scaler skipped made no update (soak: 6 of 6, an untrained adapter, unsaid)
+    if result.skipped_steps:
+        none = ": the weights were never updated" if result.skipped_steps >= result.steps else ""
+        skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
+                   f"skipped_steps in metrics.jsonl)")
+    return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak memory "
             f"{result.peak_memory_mb:.0f} MB")
 

@@ -621,6 +621,13 @@ def test_trains_last_line_names_the_folder_it_wrote():
                                         "memory 1234 MB")
     full = dataclasses.replace(result, saved="model")
     assert finished_line(full).startswith("model written to runs/x/model after 4 steps")
+    some = dataclasses.replace(result, skipped_steps=1)  # fp16: a step the loss scaler skipped made no update
+    assert finished_line(some).startswith("adapter written to runs/x/adapter after 4 steps (1 of them skipped, their "
+                                          "fp16 gradients overflowed; skipped_steps in metrics.jsonl): final loss ")
+    every = dataclasses.replace(result, skipped_steps=4)
+    assert finished_line(every).startswith("adapter written to runs/x/adapter after 4 steps (4 of them skipped, their "
+                                           "fp16 gradients overflowed: the weights were never updated; skipped_steps "
+                                           "in metrics.jsonl): final loss ")
     again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"

@@ -2,6 +2,8 @@
 loss scaling on CPU autocast, including a step whose gradients overflow."""
 
 import json
+import math
+import re
 import warnings
 
 import pytest
@@ -211,6 +213,42 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, t
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU", "ignore:lora.lora_alpha")
+def test_fp16_stops_where_even_an_unscaled_step_overflows(tiny_dir, data_file, tmp_path):
+    """Soak: lora_alpha 1e9 overflowed every fp16 step; the scaler halved on (23 steps, to 0.0078) until its first
+    update made the loss NaN, and a 6-step run ended 'adapter written' with 6 skipped, unsaid. A step that overflows
+    with the loss scaled by 1 (the true gradients pass 65504) now stops the run, after the steps torch's GradScaler
+    takes from its initial scale to get there."""
+    from loraforge.training.checkpoint import TrainingError
+    from loraforge.training.loop import train
+
+    reference = torch.amp.GradScaler("cpu")
+    p = torch.nn.Parameter(torch.ones(1))
+    opt, scales = torch.optim.SGD([p], lr=0.1), []
+    while reference.get_scale() >= 1:  # every step overflows: the scale each used, until the next is below 1
+        scales.append(reference.get_scale())
+        (reference.scale(p.sum()) * float("inf")).backward()
+        reference.step(opt)
+        reference.update()
+        opt.zero_grad()
+    assert scales[0] == 65536.0 and scales[-1] == 1.0 and len(scales) == 17
+    with pytest.raises(TrainingError) as stop:
+        train(_cfg(tiny_dir, data_file, tmp_path, "training.precision=fp16", "lora.lora_alpha=1e9",
+                   "training.max_steps=30", "training.batch_size=1"), progress=False)
+    loss = re.search(r"the loss was ([^)]+)\)", str(stop.value)).group(1)
+    assert math.isfinite(float(loss))  # the forward was fine: the gradients overflowed
+    assert str(stop.value) == (
+        "fp16 gradients overflowed at step 17 with the loss scaled by 1: the gradients themselves pass fp16's "
+        f"±65504, which no loss scale can fix (17 steps skipped so far; the loss was {loss}); stopping. The last "
+        "good checkpoint is none (no checkpoint was "
+        "written yet). Check the adapter's scale, lora.lora_alpha / lora.r = 1e+09 / 8 (lower lora.lora_alpha if "
+        "it is unusually large), the learning rate (training.lr 0.01) and the data; or use training.precision=bf16 "
+        "where the hardware has it, or fp32")
+    m = _metrics(tmp_path)  # the 16 skipped steps before it, each with the scale after its back-off
+    assert [x["loss_scale"] for x in m] == scales[1:] and [x["skipped_steps"] for x in m] == list(range(1, 17))
+    assert not (tmp_path / "adapter").exists()
 
 
 # --- the built-in model's cache under concurrency ----------------------------------------------------------------

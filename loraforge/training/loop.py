@@ -40,7 +40,7 @@ from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.lora.merge import WEIGHT_FILES
 from loraforge.models import check_fits_context, conversion_paths, load_config, load_model, load_tokenizer
-from loraforge.precision import TORCH_DTYPES, Precision, choose
+from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
@@ -853,6 +853,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
     scaler.update()
     skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+    if skipped and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise TrainingError(scale_floor_error(run, scale, loss_value), everywhere=True)
     if not skipped and not all_finite(params, run.world):  # the loss and gradients were finite: the update was not
         last = last_good_checkpoint(run)
         raise TrainingError(f"the update of step {run.step + 1} made trainable weights inf or NaN (the loss, "
@@ -868,6 +870,27 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     else:
         run.scheduler.step()
     return loss_value, grad_norm, skipped
+
+
+MIN_LOSS_SCALE = 1.0
+"""fp16: a step that overflows at this loss scale overflowed in the true gradients, which no scale can fix; the run
+stops there (DeepSpeed's min_loss_scale). torch's GradScaler halves on without end: soak, lora_alpha 1e9 skipped
+23 steps in a row, down to a scale of 0.0078, then its first update made the loss NaN (blamed on training.lr)."""
+
+
+def scale_floor_error(run: Run, scale: float, loss_value: float) -> str:
+    """The message of an fp16 step that overflowed at a loss scale of `scale` (≤ MIN_LOSS_SCALE): the gradients
+    themselves pass fp16's range."""
+    last = last_good_checkpoint(run)
+    lora = run.cfg.lora
+    adapter = (f"the adapter's scale, lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r} (lower "
+               f"lora.lora_alpha if it is unusually large), " if run.cfg.method in ("lora", "dora", "qlora") else "")
+    return (f"fp16 gradients overflowed at step {run.step + 1} with the loss scaled by {scale:g}: the gradients "
+            f"themselves pass fp16's ±{FP16_MAX:g}, which no loss scale can fix ({run.skipped_steps + 1} steps "
+            f"skipped so far; the loss was {loss_value:.4g}); stopping. The last good checkpoint is "
+            f"{last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}Check {adapter}the "
+            f"learning rate (training.lr {run.cfg.training.lr:g}) and the data; or use training.precision=bf16 "
+            f"where the hardware has it, or fp32")
 
 
 def last_good_checkpoint(run: Run) -> Path | None:
