@@ -708,6 +708,38 @@ def test_generate_and_eval_refuse_an_fp16_forward_that_overflowed(tiny_dir, data
     assert "perplexity: " in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:--dtype fp16 on a CPU")
+def test_a_base_past_fp16_s_range_is_refused_in_fp16_not_loaded_as_inf(tiny_dir, tmp_path, capsys):
+    """Soak: a weight of 1e5 (past fp16's 65504) became inf when the base loaded in fp16, without a word: NaN logits
+    everywhere, and `merge --dtype fp16` of a base whose config says float16 (so it loads in fp16) wrote the inf
+    into the merged checkpoint, in a layer no adapter covers (merge checks the layers it merges)."""
+    from loraforge.lora.adapters import save_adapter
+    from loraforge.models import load_model
+
+    base = tmp_path / "base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = -1e5
+    model.save_pretrained(base)
+    load_tokenizer(str(tiny_dir)).save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))  # fp32 values, config says fp16
+    save_adapter(randomize(inject(model, LoraConfig(r=4, target_modules=["q_proj"]))), tmp_path / "adapter")
+    said = (f"model {base}: model.layers.1.mlp.down_proj.weight holds values up to 1e+05, past fp16's ±65504, which "
+            f"stored in fp16 are inf; load the base in bf16 or fp32 (train: model.dtype, which follows "
+            f"training.precision; eval, generate, serve, merge: --dtype, which follows --precision)")
+    with pytest.raises(FloatingPointError) as error:
+        load_model(str(base), dtype="fp16")
+    assert str(error.value) == said
+    held = load_model(str(base), dtype="bf16").model.layers[1].mlp.down_proj.weight[3, 5]  # bf16 has fp32's range
+    assert torch.equal(held, torch.tensor(-1e5).to(torch.bfloat16)) and held.isfinite()
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "merged"), "--dtype", "fp16"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {said}\n") and not (tmp_path / "merged").exists()
+    assert main(["generate", "hi", "--model", str(base), "--dtype", "fp16", "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {said}\n")
+
+
 def test_eval_refuses_a_bad_record_before_the_model_loads(tiny_dir, tmp_path, loads, capsys):
     """Soak: a record without an answer was refused after the base model loaded (minutes for a 7B base)."""
     path = tmp_path / "d.jsonl"
