@@ -121,14 +121,16 @@ def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
 def native_cpu_bf16(hw: Hardware, probe=probe_bf16_speedup) -> tuple[bool, str]:
     """(has native bf16, why) for a CPU: from the reported facts, the probe where they are unsure."""
     isa = hw.cpu_capability or "unknown ISA"
+    cap = f", ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap}" if hw.onednn_isa_cap else ""
     # oneDNN without bf16, x86 without AVX-512 BF16/AMX, or torch dispatching below AVX-512 (ATEN_CPU_CAPABILITY)
     if not hw.onednn_bf16 or hw.cpu_bf16_instructions is False or (
             hw.cpu_bf16_instructions and not isa.startswith("AVX512")):
-        return False, f"this CPU has no native bf16 ({isa})"
+        # capped, the CPU may well have it: the cap is the reason (soak: "this CPU has no native bf16 (AVX512)" on
+        # a CPU with AVX-512 BF16 under ONEDNN_MAX_CPU_ISA=AVX2)
+        return False, f"{'bf16 is not native here' if cap else 'this CPU has no native bf16'} ({isa}{cap})"
     if hw.cpu_bf16_instructions and not hw.onednn_isa_cap:
         return True, f"this CPU has native bf16 ({isa} with AVX-512 BF16/AMX)"
     speedup = probe()  # ARM, or a cap on oneDNN's instructions: measure
-    cap = f", ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap}" if hw.onednn_isa_cap else ""
     if speedup >= PROBE_MIN_SPEEDUP:
         return True, f"bf16 matmuls ran {speedup:.1f}x fp32's on this CPU ({isa}{cap})"
     return False, f"bf16 matmuls ran {speedup:.2f}x fp32's on this CPU ({isa}{cap}): no native bf16"

@@ -3,7 +3,10 @@ loss scaling on CPU autocast, including a step whose gradients overflow."""
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -41,6 +44,25 @@ def test_auto_follows_the_hardware_facts(hw, compute, reason):
     scaler = " + loss scaling" if compute == "fp16" else ""
     assert p.line() == f"precision {compute}{scaler}: {reason}"
     assert p.line(training=False) == f"precision {compute}: {reason}"  # eval, generate, serve: no loss is scaled
+
+
+def test_avx2_emulation_by_environment_chooses_fp32_and_says_why():
+    """ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is emulated on a newer one, where bf16
+    matmuls ran 0.4 against fp32's 43 GFLOP/s at 1024²): auto is fp32, the reason names the cap (it said "this CPU
+    has no native bf16 (AVX512)" on a CPU with AVX-512 BF16, for the oneDNN cap alone), and bf16 asked for warns."""
+    code = ("import warnings; from loraforge.precision import choose; warnings.simplefilter('error'); "
+            "print(choose('auto', 'auto').line())\n"
+            "try:\n    choose('bf16', 'auto')\nexcept UserWarning as w:\n    print(w)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    auto, warned = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True).stdout.splitlines()
+    reason = "bf16 is not native here (AVX2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    assert auto == f"precision fp32: {reason}"
+    assert warned == (f"training.precision=bf16 on a CPU without native bf16 ({reason}): its matmuls are emulated, "
+                      f"typically 50-200x slower than fp32. Use training.precision=auto (or fp32) on this machine")
+    capped = Hardware("cpu", "CPU", None, "AVX512", True, False, "AVX2")  # the oneDNN cap alone
+    assert choose("auto", "auto", hw=capped, probe=never).reason == "bf16 is not native here (AVX512, " \
+                                                                     "ONEDNN_MAX_CPU_ISA=AVX2)"
 
 
 @pytest.mark.parametrize("hw", [ARM, Hardware("cpu", "CPU", None, "AVX512", True, True, "AVX2")],
