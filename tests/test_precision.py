@@ -273,6 +273,32 @@ def test_fp16_stops_where_even_an_unscaled_step_overflows(tiny_dir, data_file, t
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
+def test_metrics_say_the_precision_and_a_resume_in_another_warns(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: the precision auto chose was printed and nowhere kept: not in metrics.jsonl, nor in a checkpoint, so a
+    checkpoint of a T4's fp16 resumed where auto means something else went on in it without a word. The run's first
+    metrics row now holds the precision line, and a resume where it changed warns and writes it again (a resume in
+    the same precision writes rows equal to the stopped run's: test_faults)."""
+    from helpers import stop_in_last_save
+    from loraforge.training.loop import train
+
+    cfg = _cfg(tiny_dir, data_file, tmp_path, "training.max_steps=3", "training.save_every=1")  # auto; base fp32
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": T4)
+    stop_in_last_save(cfg)  # fp16 + loss scaling; checkpoints 1 and 2 written
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": AVX2)
+    with pytest.warns(UserWarning) as caught:
+        train(cfg, resume=True, progress=False)
+    said = [str(w.message) for w in caught if "--resume" in str(w.message)]
+    assert said == ["--resume: step-0000002 was trained in fp16 (base stored in fp32), and this run goes on in fp32 "
+                    "(this CPU has no native bf16 (AVX2)): the steps from here on round differently; its fp16 loss "
+                    "scale is not carried over; to continue as it was, set training.precision=fp16 model.dtype=fp32"]
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("precision") for r in rows] == [
+        "precision fp16 + loss scaling, base stored in fp32: Tesla T4 (compute capability 7.5) has no bf16: fp16",
+        None, "precision fp32: this CPU has no native bf16 (AVX2)"]
+
+
 # --- the built-in model's cache under concurrency ----------------------------------------------------------------
 
 CONVERT = """

@@ -334,6 +334,7 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
 
     @property
     def is_main(self) -> bool:
@@ -579,6 +580,10 @@ def restore(run: Run) -> None:
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
             shutil.rmtree(path, ignore_errors=True)
         prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found)  # a kill left one more
+    changed = precision_change(meta.get("precision"), run.precision)
+    run.log_precision = changed is not None  # rows of the same precision as before the stop: none says it again
+    if run.is_main and changed:
+        warnings.warn(f"--resume: {found.name} was trained {changed}", stacklevel=2)
     run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
     if run.scaler.is_enabled() and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
@@ -587,6 +592,22 @@ def restore(run: Run) -> None:
         run.allocator.load_state(meta.get("allocator", {}))
     if run.is_main:
         print(f"resuming from {found} (step {run.step}/{run.total_steps})", flush=True)
+
+
+def precision_change(saved: dict | None, now: Precision) -> str | None:
+    """What a resumed run computes or stores in other than its checkpoint did (auto decides on the hardware that
+    resumes: a checkpoint of a T4's fp16 resumed on an A100 goes on in bf16, without its loss scaler), or None;
+    a checkpoint that did not record it (an older version) is not compared."""
+    if not saved or (saved.get("compute"), saved.get("storage")) == (now.compute, now.storage):
+        return None
+    def described(compute: str, storage: str) -> str:
+        return compute + (f" (base stored in {storage})" if storage != compute else "")
+
+    dropped = "; its fp16 loss scale is not carried over" if saved["compute"] == "fp16" != now.compute else ""
+    return (f"in {described(saved['compute'], saved['storage'])}, and this run goes on in "
+            f"{described(now.compute, now.storage)} ({now.reason}): the steps from here on round differently"
+            f"{dropped}; to continue as it was, set training.precision={saved['compute']} "
+            f"model.dtype={saved['storage']}")
 
 
 def fit(run: Run, progress: bool = True, append_log: bool = False,
@@ -644,6 +665,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
                     extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
                              if scaler.is_enabled() else {})
+                    if run.log_precision:  # the run's first row, and a resume's in another precision: which, why
+                        extra["precision"], run.log_precision = run.precision.line(), False
                     if run.allocator is not None:
                         extra["rank_budget"] = run.allocator.kept_rank()  # AdaLoRA's total rank kept after this step
                     log.write(step=run.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=run.tokens_seen,
@@ -690,7 +713,8 @@ def checkpoint_state(run: Run) -> dict:
     return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
             "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
             "allocator": run.allocator.state() if run.allocator is not None else {},
-            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint}
+            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint,
+            "precision": {"compute": run.precision.compute, "storage": run.precision.storage}}
 
 
 class Stopped(KeyboardInterrupt):
