@@ -299,6 +299,67 @@ def test_metrics_say_the_precision_and_a_resume_in_another_warns(tiny_dir, data_
         None, "precision fp32: this CPU has no native bf16 (AVX2)"]
 
 
+def _overflow_at(monkeypatch, steps: set[int], where: str):
+    """Make fp16 overflow at these steps (from 1): `where` "forward" (an MLP's output inf: the loss is NaN, as for a
+    batch whose activations pass 65504) or "gradients" (a trainable weight's gradient inf, the loss finite)."""
+    import loraforge.training.loop as T
+
+    build, step, now = T.build_model, T.optimizer_step, [0]
+
+    def stepping(run, batches):
+        now[:] = [run.step + 1]
+        return step(run, batches)
+
+    def build_overflowing(*args, **kwargs):
+        model, tok = build(*args, **kwargs)
+        if where == "forward":
+            model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * float("inf") if now[0] in steps else o)
+        else:
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.register_hook(lambda g: g * float("inf") if now[0] in steps else g)
+        return model, tok
+
+    monkeypatch.setattr(T, "build_model", build_overflowing)
+    monkeypatch.setattr(T, "optimizer_step", stepping)
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
+def test_an_fp16_loss_the_forward_overflowed_is_a_skipped_step_once_and_stops_twice(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Soak: one batch whose fp16 forward overflowed (loss NaN) stopped the run, and --resume replayed it into the same
+    stop. As in torch's AMP it is now an overflowing step: skipped, counted, the scale lowered, exactly as a step
+    whose gradients overflowed (the same metrics and adapter after it); a second in a row stops the run."""
+    from safetensors.torch import load_file
+
+    from loraforge.training.checkpoint import TrainingError
+    from loraforge.training.loop import train
+
+    results = {}
+    for where in ("forward", "gradients"):
+        with monkeypatch.context() as m:
+            _overflow_at(m, {3}, where)
+            out = tmp_path / where
+            results[where] = train(_cfg(tiny_dir, data_file, out, "training.precision=fp16"), progress=False)
+    said = capsys.readouterr().out
+    assert "step 3: fp16 forward overflowed (loss nan), update skipped and loss scale lowered to 32768" in said
+    assert "step 3: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in said
+    forward, gradients = (_metrics(tmp_path / w) for w in ("forward", "gradients"))
+    assert [r["loss"] for r in forward] == [r["loss"] if r["step"] != 3 else None for r in gradients]
+    for key in ("loss_scale", "skipped_steps", "lr"):
+        assert [r[key] for r in forward] == [r[key] for r in gradients]
+    assert results["forward"].skipped_steps == 1 and results["forward"].final_loss == gradients[-1]["loss"]
+    a, b = (load_file(tmp_path / w / "adapter" / "adapter_model.safetensors") for w in ("forward", "gradients"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _overflow_at(monkeypatch, {3, 4}, "forward")
+    with pytest.raises(TrainingError) as stop:
+        train(_cfg(tiny_dir, data_file, tmp_path / "twice", "training.precision=fp16"), progress=False)
+    assert str(stop.value) == (
+        "loss is nan at step 4 (and was at step 3, whose update fp16's loss scaler skipped); stopping. The last good "
+        "checkpoint is none (no checkpoint was written yet). Lower training.lr (it is 0.01; try 0.001); fp16 "
+        "overflows past 65504: use training.precision: bf16 where the hardware has it, or fp32; check the records "
+        "of this step for unusual text (very long, repeated or garbled)")
+
+
 # --- the built-in model's cache under concurrency ----------------------------------------------------------------
 
 CONVERT = """

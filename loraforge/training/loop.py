@@ -335,6 +335,7 @@ class Run:
     tokens_seen: int = 0
     skipped_steps: int = 0
     log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
+    nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
 
     @property
     def is_main(self) -> bool:
@@ -629,6 +630,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     start, start_tokens = time.perf_counter(), run.tokens_seen
     aside = 0.0  # seconds spent evaluating and saving
     loss_value, eval_loss = float("nan"), None
+    final_loss = loss_value  # the last finite training loss: nan where no step ran
     group = t.gradient_accumulation * run.world
     saved = run.step if run.step else None  # a resumed run starts at its checkpoint's step
     try:
@@ -648,6 +650,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step
             lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses: the schedule moves on after it
             loss_value, grad_norm, skipped = optimizer_step(run, batches)
+            final_loss = loss_value if math.isfinite(loss_value) else final_loss  # fp16: a skipped step's may be NaN
             run.step += 1
             run.tokens_seen += sum(len(run.train_examples[i].input_ids)
                                    for idx in step_batches for i in idx)  # real tokens, no padding
@@ -660,7 +663,9 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
                                 **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
                 if skipped:
-                    bar.write(f"step {run.step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
+                    cause = ("gradients overflowed" if math.isfinite(loss_value)
+                             else f"forward overflowed (loss {loss_value})")
+                    bar.write(f"step {run.step}: fp16 {cause}, update skipped and loss scale lowered to "
                               f"{scaler.get_scale():g} ({run.skipped_steps} skipped so far)")
                 if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
                     extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
@@ -691,7 +696,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
-    return loss_value, eval_loss, time.perf_counter() - start, aside
+    return final_loss, eval_loss, time.perf_counter() - start, aside
 
 
 def save_step(run: Run) -> None:
@@ -848,12 +853,18 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     if run.world > 1:
         dist.all_reduce(step_loss)
     loss_value = step_loss.item() / n_step.item()
-    if not math.isfinite(loss_value):
+    # fp16: a loss its forward overflowed is an overflowing step (NaN gradients: the scaler skips it), as in torch's
+    # AMP (soak: one such batch stopped the run, and --resume replayed it into the same stop); before any update, or
+    # twice in a row, it is the model or the run rather than a batch: stop
+    if not math.isfinite(loss_value) and (not scaler.is_enabled() or run.step == 0 or run.nonfinite_loss):
         last = last_good_checkpoint(run)
-        raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
-                            f"{last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
+        again = (f" (and was at step {run.step}, whose update fp16's loss scaler skipped)" if run.nonfinite_loss
+                 else "")
+        raise TrainingError(f"loss is {loss_value} at step {run.step + 1}{again}; stopping. The last good checkpoint "
+                            f"is {last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
                             everywhere=True)
+    run.nonfinite_loss = not math.isfinite(loss_value)
 
     # 4. clip, step, explicit hooks, schedule
     params = [p for p in model.parameters() if p.requires_grad]
