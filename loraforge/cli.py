@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import errno
 import inspect
+import math
 import os
 import re
 import signal
@@ -76,7 +77,12 @@ def finished_line(result) -> str:
         return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
     aside = (f" (evaluating and saving took {result.aside_seconds:.0f} s more)"
              if result.aside_seconds >= 0.5 else "")
-    return (f"{where} after {result.steps} steps: final loss {result.final_loss:.4f}, "
+    skipped = ""  # fp16: steps the loss scaler skipped made no update (soak: 6 of 6, an untrained adapter, unsaid)
+    if result.skipped_steps:
+        none = ": the weights were never updated" if result.skipped_steps >= result.steps else ""
+        skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
+                   f"skipped_steps in metrics.jsonl)")
+    return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak memory "
             f"{result.peak_memory_mb:.0f} MB")
 
@@ -150,12 +156,13 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     from transformers import TextStreamer
 
     from loraforge.config import ConfigError
-    from loraforge.decoding import stop_ids
+    from loraforge.decoding import FiniteLogits, stop_ids
     from loraforge.inference.greedy import check_fits
     from loraforge.inference.greedy import stream as static_stream
     from loraforge.inference.llama import unsupported
     from loraforge.lora.adapters import load_adapter
     from loraforge.models import load_base
+    from loraforge.precision import overflow_fix
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
@@ -188,7 +195,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     with chosen.autocast("cpu"):
         base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                      top_k=None, streamer=streamer,
+                      top_k=None, streamer=streamer, logits_processor=[FiniteLogits(overflow_fix(chosen))],
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 
@@ -303,6 +310,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     from loraforge.lora.adapters import load_adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
     from loraforge.models import context_length, load_model, load_tokenizer
+    from loraforge.precision import overflow_fix
     from loraforge.studies.heldout import within_context
 
     tokenizer = load_tokenizer(model)
@@ -316,6 +324,9 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     if cut:
         print(cut)
     loss = mean_token_loss(base, examples, tokenizer.pad_token_id, precision=chosen.compute)
+    if math.isnan(loss):  # soak: "perplexity: inf (mean token loss nan)", exit 0, where fp16 had overflowed
+        raise FloatingPointError(f"the mean token loss over {len(examples)} examples is nan (the model's logits are "
+                                 f"not finite): {overflow_fix(chosen)}")
     print(f"perplexity: {perplexity_of(loss):.3f} (mean token loss {loss:.4f} over {len(examples)} examples)")
     fmt = D.detect_format(records[0])
     if fmt in ("instruction", "chat"):

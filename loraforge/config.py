@@ -715,9 +715,9 @@ class TrainingConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision of matmuls (autocast); trainable weights stay fp32 master weights. auto, from what the
     hardware reports (loraforge.precision): bf16 on GPUs with compute capability ≥ 8.0 and on CPUs with native
-    bf16 (AVX-512 BF16 or AMX); fp16 with loss scaling (GradScaler; overflowing steps skipped and counted) on
-    older GPUs (T4, V100); fp32 on CPUs without native bf16 (AVX2), where bf16 matmuls are emulated and run many
-    times slower (README, "What runs where")."""
+    bf16 (AVX-512 BF16 or AMX); fp16 with loss scaling (GradScaler; overflowing steps skipped and counted, and
+    one that overflows with the loss scaled by 1 stops the run) on older GPUs (T4, V100); fp32 on CPUs without
+    native bf16 (AVX2), where bf16 matmuls are emulated and run many times slower (README, "What runs where")."""
     gradient_checkpointing: bool | int | None = None
     """Recompute activations in the backward pass: less memory, more compute. true: every decoder layer; an
     integer N: only N decoder layers, evenly spread (a point between speed and memory; N above the model's layer

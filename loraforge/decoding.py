@@ -39,6 +39,24 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class FiniteLogits:
+    """A transformers logits processor (generate's `logits_processor=[...]`) that raises FloatingPointError where
+    a row's logits hold no finite value or a NaN: an overflowed forward, whose greedy token (NaN counts above
+    everything: token 0, often the end of text) or sampled one means nothing. `fix`: what to change, for the
+    message (precision.overflow_fix). Soak: fp16 generate printed an empty answer and exited 0, or sampled into
+    torch.multinomial's traceback."""
+
+    def __init__(self, fix: str):
+        self.fix, self.steps = fix, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = scores.isnan().any(-1) | ~torch.isfinite(scores).any(-1)  # (B,): a row whose choice means nothing
+        if bool(bad.any()):
+            raise FloatingPointError(f"the model's logits are not finite after {self.steps} tokens: {self.fix}")
+        self.steps += 1
+        return scores
+
+
 def select_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Keep rows `index` of a left-padded cache (in place) and of its mask, dropping the columns that are padding
     in every row left; returns the new mask."""

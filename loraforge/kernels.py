@@ -206,9 +206,11 @@ def _dense_probs(qg, kc, mask, groups: int, scaling: float, compute: torch.dtype
     formula, so both get the same bits."""
     batch, kv_heads, rows, kv_length = qg.shape[0], qg.shape[1], qg.shape[2], kc.shape[2]
     scores = torch.matmul(qg, kc.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G·L, S)
-    if mask is not None:  # the same for every query head; fp32's min would be -inf in bf16
+    if mask is not None:  # the same for every query head; fp32's min would be -inf in bf16, and bf16's min is past
+        # an fp16 mask's range (an fp16 base under bf16 autocast: clamp raised "cannot be converted to c10::Half")
         view = scores.view(batch, kv_heads, groups, rows // groups, kv_length)
-        view.add_(mask.clamp(min=torch.finfo(compute).min).to(compute)[:, :, None])
+        floor = max(torch.finfo(compute).min, torch.finfo(mask.dtype).min)
+        view.add_(mask.clamp(min=floor).to(compute)[:, :, None])
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
 
 

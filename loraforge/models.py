@@ -528,7 +528,36 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
         if quantize is not None:
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if torch_dtype == torch.float16:
+        check_fp16_range(model, name_or_path, path)
     return model.to(device)
+
+
+def check_fp16_range(model, name_or_path: str, path: str) -> None:
+    """FloatingPointError naming the first weight a base loaded in fp16 holds as inf or NaN: values past fp16's
+    ±65504 in its files (their largest, read back from its safetensors) became inf. Soak: such a base loaded in fp16
+    without a word: NaN logits in train, eval, generate and serve, and `merge --dtype fp16` of a base whose config
+    says float16 wrote the inf into the merged checkpoint."""
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or bool(torch.isfinite(param).all()):
+            continue
+        largest = _largest_in_files(Path(path), name)
+        held = (f"holds values up to {largest:.4g}, past fp16's ±65504, which stored in fp16 are inf"
+                if largest is not None and largest == largest and largest != float("inf") else "is not finite in fp16")
+        raise FloatingPointError(f"model {name_or_path}: {name} {held}; load the base in bf16 or fp32 (train: "
+                                 f"model.dtype, which follows training.precision; eval, generate, serve, merge: "
+                                 f"--dtype, which follows --precision)")
+
+
+def _largest_in_files(folder: Path, name: str) -> float | None:
+    """The largest |value| of parameter `name` in the model's safetensors files (a key equal to it, or one with or
+    without the model's prefix: `model.` for a bare base); None where no such file or key is found."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key == name or key.endswith(f".{name}") or name.endswith(f".{key}"):
+                    return float(f.get_tensor(key).float().abs().max())
+    return None
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.h5", "*.msgpack", "*.ckpt.index")

@@ -121,14 +121,16 @@ def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
 def native_cpu_bf16(hw: Hardware, probe=probe_bf16_speedup) -> tuple[bool, str]:
     """(has native bf16, why) for a CPU: from the reported facts, the probe where they are unsure."""
     isa = hw.cpu_capability or "unknown ISA"
+    cap = f", ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap}" if hw.onednn_isa_cap else ""
     # oneDNN without bf16, x86 without AVX-512 BF16/AMX, or torch dispatching below AVX-512 (ATEN_CPU_CAPABILITY)
     if not hw.onednn_bf16 or hw.cpu_bf16_instructions is False or (
             hw.cpu_bf16_instructions and not isa.startswith("AVX512")):
-        return False, f"this CPU has no native bf16 ({isa})"
+        # capped, the CPU may well have it: the cap is the reason (soak: "this CPU has no native bf16 (AVX512)" on
+        # a CPU with AVX-512 BF16 under ONEDNN_MAX_CPU_ISA=AVX2)
+        return False, f"{'bf16 is not native here' if cap else 'this CPU has no native bf16'} ({isa}{cap})"
     if hw.cpu_bf16_instructions and not hw.onednn_isa_cap:
         return True, f"this CPU has native bf16 ({isa} with AVX-512 BF16/AMX)"
     speedup = probe()  # ARM, or a cap on oneDNN's instructions: measure
-    cap = f", ONEDNN_MAX_CPU_ISA={hw.onednn_isa_cap}" if hw.onednn_isa_cap else ""
     if speedup >= PROBE_MIN_SPEEDUP:
         return True, f"bf16 matmuls ran {speedup:.1f}x fp32's on this CPU ({isa}{cap})"
     return False, f"bf16 matmuls ran {speedup:.2f}x fp32's on this CPU ({isa}{cap}): no native bf16"
@@ -173,6 +175,24 @@ def choose(precision: str = "auto", dtype: str = "auto", hw: Hardware | None = N
         _warn_slow(dtype, best, hw, probe, names[1], training, resolved=compute,
                    via="" if precision == "auto" else _setting(names[0], precision))
     return Precision(compute, storage, why)
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+"""65504: fp16's largest value; a weight or activation past it becomes inf."""
+
+
+def overflow_fix(chosen: Precision, names: tuple[str, str] = ("--precision", "--dtype")) -> str:
+    """What to change where a forward in `chosen` gave inf or NaN: computed or stored in fp16, the usual cause is
+    fp16's range (a forward fine in fp32 or bf16 overflows it); in bf16 or fp32 the model or adapter itself
+    overflows. `names`: the two settings as the user gives them (flags, or config fields)."""
+    compute, dtype = names
+    if "fp16" not in (chosen.compute, chosen.storage):
+        return (f"in {chosen.compute} too, so the model or the adapter itself overflows (an adapter's huge "
+                f"lora_alpha or weights?)")
+    fix = (f"{_setting(compute, 'fp32')} (or bf16 where the hardware has it)" if chosen.compute == "fp16"
+           else f"{_setting(dtype, 'fp32')} (or bf16)")
+    also = f", with {_setting(dtype, 'auto')} or fp32" if chosen.compute == chosen.storage == "fp16" else ""
+    return f"fp16 holds values only up to ±{FP16_MAX:g}, which this forward passed; use {fix}{also}"
 
 
 def _setting(name: str, value: str) -> str:

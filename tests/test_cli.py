@@ -661,6 +661,13 @@ def test_trains_last_line_names_the_folder_it_wrote():
                                         "memory 1234 MB")
     full = dataclasses.replace(result, saved="model")
     assert finished_line(full).startswith("model written to runs/x/model after 4 steps")
+    some = dataclasses.replace(result, skipped_steps=1)  # fp16: a step the loss scaler skipped made no update
+    assert finished_line(some).startswith("adapter written to runs/x/adapter after 4 steps (1 of them skipped, their "
+                                          "fp16 gradients overflowed; skipped_steps in metrics.jsonl): final loss ")
+    every = dataclasses.replace(result, skipped_steps=4)
+    assert finished_line(every).startswith("adapter written to runs/x/adapter after 4 steps (4 of them skipped, their "
+                                           "fp16 gradients overflowed: the weights were never updated; skipped_steps "
+                                           "in metrics.jsonl): final loss ")
     again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"
@@ -694,6 +701,83 @@ def test_eval_reads_its_data_before_any_probe_and_a_diverged_loss_is_inf_perplex
     assert err == f"error: no such file: {tmp_path / 'nope.jsonl'}\n" and "perplexity" not in out
     assert perplexity_of(2.0) == math.exp(2.0) and perplexity_of(709.0) == math.exp(709.0)
     assert perplexity_of(709.79) == perplexity_of(1e9) == math.inf
+
+
+def _overflowing_in_fp16(tiny_dir, out: Path) -> Path:
+    """tiny_dir's model with MLP weights that keep every value within fp16's range (|W| < 65504) but make its
+    activations pass it: finite logits in fp32 and bf16, inf/NaN computed in fp16 (T5 and large models do this)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(50)
+            layer.mlp.down_proj.weight.mul_(5e5).clamp_(-6e4, 6e4)
+    model.save_pretrained(out)
+    load_tokenizer(str(tiny_dir)).save_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not torch.isfinite(model(ids).logits).all()
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:--precision fp16 on a CPU", "ignore:--dtype fp16 on a CPU")
+def test_generate_and_eval_refuse_an_fp16_forward_that_overflowed(tiny_dir, data_file, tmp_path, capsys):
+    """Soak: in fp16 (transformers' generate, not the fp32 static decoder) greedy `generate` printed an empty answer
+    and exited 0 (a NaN logit is the argmax: token 0, the end of text), sampling ended in torch.multinomial's
+    traceback, and `eval` printed "perplexity: inf (mean token loss nan)" and exited 0; each now says fp16
+    overflowed and what to use instead."""
+    model = str(_overflowing_in_fp16(tiny_dir, tmp_path / "model"))
+    fix = "fp16 holds values only up to ±65504, which this forward passed; use "
+    fp16 = f"{fix}--precision fp32 (or bf16 where the hardware has it), with --dtype auto or fp32\n"
+    for flags, said in [(["--precision", "fp16"], fp16), (["--precision", "fp16", "--temperature", "0.7"], fp16),
+                        (["--precision", "fp32", "--dtype", "fp16"], f"{fix}--dtype fp32 (or bf16)\n")]:
+        assert main(["generate", "hi", "--model", model, "--max-new-tokens", "4", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out.strip() == "" and err.endswith(f"error: the model's logits are not finite after 0 tokens: {said}")
+    assert main(["eval", str(data_file), "--model", model, "--limit", "2", "--precision", "fp16"]) == 2
+    out, err = capsys.readouterr()
+    assert "perplexity" not in out
+    said = f"error: the mean token loss over 2 examples is nan (the model's logits are not finite): {fp16}"
+    assert err.endswith(f"\n{said}")
+    # the same model in fp32 answers and evaluates: the overflow is fp16's
+    assert main(["generate", "hi", "--model", model, "--max-new-tokens", "4", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["eval", str(data_file), "--model", model, "--limit", "2", "--precision", "fp32",
+                 "--max-new-tokens", "2"]) == 0
+    assert "perplexity: " in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:--dtype fp16 on a CPU")
+def test_a_base_past_fp16_s_range_is_refused_in_fp16_not_loaded_as_inf(tiny_dir, tmp_path, capsys):
+    """Soak: a weight of 1e5 (past fp16's 65504) became inf when the base loaded in fp16, without a word: NaN logits
+    everywhere, and `merge --dtype fp16` of a base whose config says float16 (so it loads in fp16) wrote the inf
+    into the merged checkpoint, in a layer no adapter covers (merge checks the layers it merges)."""
+    from loraforge.lora.adapters import save_adapter
+    from loraforge.models import load_model
+
+    base = tmp_path / "base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = -1e5
+    model.save_pretrained(base)
+    load_tokenizer(str(tiny_dir)).save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))  # fp32 values, config says fp16
+    save_adapter(randomize(inject(model, LoraConfig(r=4, target_modules=["q_proj"]))), tmp_path / "adapter")
+    said = (f"model {base}: model.layers.1.mlp.down_proj.weight holds values up to 1e+05, past fp16's ±65504, which "
+            f"stored in fp16 are inf; load the base in bf16 or fp32 (train: model.dtype, which follows "
+            f"training.precision; eval, generate, serve, merge: --dtype, which follows --precision)")
+    with pytest.raises(FloatingPointError) as error:
+        load_model(str(base), dtype="fp16")
+    assert str(error.value) == said
+    held = load_model(str(base), dtype="bf16").model.layers[1].mlp.down_proj.weight[3, 5]  # bf16 has fp32's range
+    assert torch.equal(held, torch.tensor(-1e5).to(torch.bfloat16)) and held.isfinite()
+    assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "merged"), "--dtype", "fp16"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {said}\n") and not (tmp_path / "merged").exists()
+    assert main(["generate", "hi", "--model", str(base), "--dtype", "fp16", "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {said}\n")
 
 
 def test_eval_refuses_a_bad_record_before_the_model_loads(tiny_dir, tmp_path, loads, capsys):

@@ -2,12 +2,17 @@
 loss scaling on CPU autocast, including a step whose gradients overflow."""
 
 import json
+import math
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
-from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect
+from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect, overflow_fix
 
 AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # AMD Zen 2/3, most laptops: oneDNN has no bf16 at all
 AVX512 = Hardware("cpu", "CPU", None, "AVX512", False, True)  # Skylake-X: AVX-512 without its BF16 extension
@@ -39,6 +44,25 @@ def test_auto_follows_the_hardware_facts(hw, compute, reason):
     scaler = " + loss scaling" if compute == "fp16" else ""
     assert p.line() == f"precision {compute}{scaler}: {reason}"
     assert p.line(training=False) == f"precision {compute}: {reason}"  # eval, generate, serve: no loss is scaled
+
+
+def test_avx2_emulation_by_environment_chooses_fp32_and_says_why():
+    """ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (how an AVX2-only CPU is emulated on a newer one, where bf16
+    matmuls ran 0.4 against fp32's 43 GFLOP/s at 1024²): auto is fp32, the reason names the cap (it said "this CPU
+    has no native bf16 (AVX512)" on a CPU with AVX-512 BF16, for the oneDNN cap alone), and bf16 asked for warns."""
+    code = ("import warnings; from loraforge.precision import choose; warnings.simplefilter('error'); "
+            "print(choose('auto', 'auto').line())\n"
+            "try:\n    choose('bf16', 'auto')\nexcept UserWarning as w:\n    print(w)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    auto, warned = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True).stdout.splitlines()
+    reason = "bf16 is not native here (AVX2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    assert auto == f"precision fp32: {reason}"
+    assert warned == (f"training.precision=bf16 on a CPU without native bf16 ({reason}): its matmuls are emulated, "
+                      f"typically 50-200x slower than fp32. Use training.precision=auto (or fp32) on this machine")
+    capped = Hardware("cpu", "CPU", None, "AVX512", True, False, "AVX2")  # the oneDNN cap alone
+    assert choose("auto", "auto", hw=capped, probe=never).reason == "bf16 is not native here (AVX512, " \
+                                                                     "ONEDNN_MAX_CPU_ISA=AVX2)"
 
 
 @pytest.mark.parametrize("hw", [ARM, Hardware("cpu", "CPU", None, "AVX512", True, True, "AVX2")],
@@ -108,6 +132,20 @@ def test_storage_follows_compute_unless_given():
     p = choose("auto", "fp32", hw=T4, probe=never)
     assert p.line().startswith("precision fp16 + loss scaling, base stored in fp32: ")
     assert p.line(training=False).startswith("precision fp16, base stored in fp32: ")  # eval, generate, serve
+
+
+def test_an_overflow_s_fix_names_the_fp16_setting_or_the_model():
+    """overflow_fix: fp16 computed or stored is fp16's range (the fix names the setting that holds it); in bf16 or
+    fp32 the model or adapter itself overflows."""
+    assert overflow_fix(choose("fp16", "auto", hw=T4, probe=never)) == (
+        "fp16 holds values only up to ±65504, which this forward passed; use --precision fp32 (or bf16 where the "
+        "hardware has it), with --dtype auto or fp32")
+    assert overflow_fix(choose("auto", "fp32", hw=T4, probe=never), ("training.precision", "model.dtype")) == (
+        "fp16 holds values only up to ±65504, which this forward passed; use training.precision=fp32 (or bf16 "
+        "where the hardware has it)")
+    assert overflow_fix(choose("fp32", "fp16", hw=T4, probe=never, warn=False)).endswith("use --dtype fp32 (or bf16)")
+    assert overflow_fix(choose("auto", "auto", hw=A100, probe=never)) == (
+        "in bf16 too, so the model or the adapter itself overflows (an adapter's huge lora_alpha or weights?)")
 
 
 def test_bad_values_are_named():
@@ -197,6 +235,129 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, t
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU", "ignore:lora.lora_alpha")
+def test_fp16_stops_where_even_an_unscaled_step_overflows(tiny_dir, data_file, tmp_path):
+    """Soak: lora_alpha 1e9 overflowed every fp16 step; the scaler halved on (23 steps, to 0.0078) until its first
+    update made the loss NaN, and a 6-step run ended 'adapter written' with 6 skipped, unsaid. A step that overflows
+    with the loss scaled by 1 (the true gradients pass 65504) now stops the run, after the steps torch's GradScaler
+    takes from its initial scale to get there."""
+    from loraforge.training.checkpoint import TrainingError
+    from loraforge.training.loop import train
+
+    reference = torch.amp.GradScaler("cpu")
+    p = torch.nn.Parameter(torch.ones(1))
+    opt, scales = torch.optim.SGD([p], lr=0.1), []
+    while reference.get_scale() >= 1:  # every step overflows: the scale each used, until the next is below 1
+        scales.append(reference.get_scale())
+        (reference.scale(p.sum()) * float("inf")).backward()
+        reference.step(opt)
+        reference.update()
+        opt.zero_grad()
+    assert scales[0] == 65536.0 and scales[-1] == 1.0 and len(scales) == 17
+    with pytest.raises(TrainingError) as stop:
+        train(_cfg(tiny_dir, data_file, tmp_path, "training.precision=fp16", "lora.lora_alpha=1e9",
+                   "training.max_steps=30", "training.batch_size=1"), progress=False)
+    loss = re.search(r"the loss was ([^)]+)\)", str(stop.value)).group(1)
+    assert math.isfinite(float(loss))  # the forward was fine: the gradients overflowed
+    assert str(stop.value) == (
+        "fp16 gradients overflowed at step 17 with the loss scaled by 1: the gradients themselves pass fp16's "
+        f"±65504, which no loss scale can fix (17 steps skipped so far; the loss was {loss}); stopping. The last "
+        "good checkpoint is none (no checkpoint was "
+        "written yet). Check the adapter's scale, lora.lora_alpha / lora.r = 1e+09 / 8 (lower lora.lora_alpha if "
+        "it is unusually large), the learning rate (training.lr 0.01) and the data; or use training.precision=bf16 "
+        "where the hardware has it, or fp32")
+    m = _metrics(tmp_path)  # the 16 skipped steps before it, each with the scale after its back-off
+    assert [x["loss_scale"] for x in m] == scales[1:] and [x["skipped_steps"] for x in m] == list(range(1, 17))
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
+def test_metrics_say_the_precision_and_a_resume_in_another_warns(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: the precision auto chose was printed and nowhere kept: not in metrics.jsonl, nor in a checkpoint, so a
+    checkpoint of a T4's fp16 resumed where auto means something else went on in it without a word. The run's first
+    metrics row now holds the precision line, and a resume where it changed warns and writes it again (a resume in
+    the same precision writes rows equal to the stopped run's: test_faults)."""
+    from helpers import stop_in_last_save
+    from loraforge.training.loop import train
+
+    cfg = _cfg(tiny_dir, data_file, tmp_path, "training.max_steps=3", "training.save_every=1")  # auto; base fp32
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": T4)
+    stop_in_last_save(cfg)  # fp16 + loss scaling; checkpoints 1 and 2 written
+    monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": AVX2)
+    with pytest.warns(UserWarning) as caught:
+        train(cfg, resume=True, progress=False)
+    said = [str(w.message) for w in caught if "--resume" in str(w.message)]
+    assert said == ["--resume: step-0000002 was trained in fp16 (base stored in fp32), and this run goes on in fp32 "
+                    "(this CPU has no native bf16 (AVX2)): the steps from here on round differently; its fp16 loss "
+                    "scale is not carried over; to continue as it was, set training.precision=fp16 model.dtype=fp32"]
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("precision") for r in rows] == [
+        "precision fp16 + loss scaling, base stored in fp32: Tesla T4 (compute capability 7.5) has no bf16: fp16",
+        None, "precision fp32: this CPU has no native bf16 (AVX2)"]
+
+
+def _overflow_at(monkeypatch, steps: set[int], where: str):
+    """Make fp16 overflow at these steps (from 1): `where` "forward" (an MLP's output inf: the loss is NaN, as for a
+    batch whose activations pass 65504) or "gradients" (a trainable weight's gradient inf, the loss finite)."""
+    import loraforge.training.loop as T
+
+    build, step, now = T.build_model, T.optimizer_step, [0]
+
+    def stepping(run, batches):
+        now[:] = [run.step + 1]
+        return step(run, batches)
+
+    def build_overflowing(*args, **kwargs):
+        model, tok = build(*args, **kwargs)
+        if where == "forward":
+            model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * float("inf") if now[0] in steps else o)
+        else:
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.register_hook(lambda g: g * float("inf") if now[0] in steps else g)
+        return model, tok
+
+    monkeypatch.setattr(T, "build_model", build_overflowing)
+    monkeypatch.setattr(T, "optimizer_step", stepping)
+
+
+@pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
+def test_an_fp16_loss_the_forward_overflowed_is_a_skipped_step_once_and_stops_twice(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Soak: one batch whose fp16 forward overflowed (loss NaN) stopped the run, and --resume replayed it into the same
+    stop. As in torch's AMP it is now an overflowing step: skipped, counted, the scale lowered, exactly as a step
+    whose gradients overflowed (the same metrics and adapter after it); a second in a row stops the run."""
+    from safetensors.torch import load_file
+
+    from loraforge.training.checkpoint import TrainingError
+    from loraforge.training.loop import train
+
+    results = {}
+    for where in ("forward", "gradients"):
+        with monkeypatch.context() as m:
+            _overflow_at(m, {3}, where)
+            out = tmp_path / where
+            results[where] = train(_cfg(tiny_dir, data_file, out, "training.precision=fp16"), progress=False)
+    said = capsys.readouterr().out
+    assert "step 3: fp16 forward overflowed (loss nan), update skipped and loss scale lowered to 32768" in said
+    assert "step 3: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in said
+    forward, gradients = (_metrics(tmp_path / w) for w in ("forward", "gradients"))
+    assert [r["loss"] for r in forward] == [r["loss"] if r["step"] != 3 else None for r in gradients]
+    for key in ("loss_scale", "skipped_steps", "lr"):
+        assert [r[key] for r in forward] == [r[key] for r in gradients]
+    assert results["forward"].skipped_steps == 1 and results["forward"].final_loss == gradients[-1]["loss"]
+    a, b = (load_file(tmp_path / w / "adapter" / "adapter_model.safetensors") for w in ("forward", "gradients"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _overflow_at(monkeypatch, {3, 4}, "forward")
+    with pytest.raises(TrainingError) as stop:
+        train(_cfg(tiny_dir, data_file, tmp_path / "twice", "training.precision=fp16"), progress=False)
+    assert str(stop.value) == (
+        "loss is nan at step 4 (and was at step 3, whose update fp16's loss scaler skipped); stopping. The last good "
+        "checkpoint is none (no checkpoint was written yet). Lower training.lr (it is 0.01; try 0.001); fp16 "
+        "overflows past 65504: use training.precision: bf16 where the hardware has it, or fp32; check the records "
+        "of this step for unusual text (very long, repeated or garbled)")
 
 
 # --- the built-in model's cache under concurrency ----------------------------------------------------------------

@@ -40,7 +40,7 @@ from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.lora.merge import WEIGHT_FILES
 from loraforge.models import check_fits_context, conversion_paths, load_config, load_model, load_tokenizer
-from loraforge.precision import TORCH_DTYPES, Precision, choose
+from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
@@ -334,6 +334,8 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
+    nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
 
     @property
     def is_main(self) -> bool:
@@ -579,6 +581,10 @@ def restore(run: Run) -> None:
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
             shutil.rmtree(path, ignore_errors=True)
         prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found)  # a kill left one more
+    changed = precision_change(meta.get("precision"), run.precision)
+    run.log_precision = changed is not None  # rows of the same precision as before the stop: none says it again
+    if run.is_main and changed:
+        warnings.warn(f"--resume: {found.name} was trained {changed}", stacklevel=2)
     run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
     if run.scaler.is_enabled() and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
@@ -587,6 +593,22 @@ def restore(run: Run) -> None:
         run.allocator.load_state(meta.get("allocator", {}))
     if run.is_main:
         print(f"resuming from {found} (step {run.step}/{run.total_steps})", flush=True)
+
+
+def precision_change(saved: dict | None, now: Precision) -> str | None:
+    """What a resumed run computes or stores in other than its checkpoint did (auto decides on the hardware that
+    resumes: a checkpoint of a T4's fp16 resumed on an A100 goes on in bf16, without its loss scaler), or None;
+    a checkpoint that did not record it (an older version) is not compared."""
+    if not saved or (saved.get("compute"), saved.get("storage")) == (now.compute, now.storage):
+        return None
+    def described(compute: str, storage: str) -> str:
+        return compute + (f" (base stored in {storage})" if storage != compute else "")
+
+    dropped = "; its fp16 loss scale is not carried over" if saved["compute"] == "fp16" != now.compute else ""
+    return (f"in {described(saved['compute'], saved['storage'])}, and this run goes on in "
+            f"{described(now.compute, now.storage)} ({now.reason}): the steps from here on round differently"
+            f"{dropped}; to continue as it was, set training.precision={saved['compute']} "
+            f"model.dtype={saved['storage']}")
 
 
 def fit(run: Run, progress: bool = True, append_log: bool = False,
@@ -608,6 +630,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
     start, start_tokens = time.perf_counter(), run.tokens_seen
     aside = 0.0  # seconds spent evaluating and saving
     loss_value, eval_loss = float("nan"), None
+    final_loss = loss_value  # the last finite training loss: nan where no step ran
     group = t.gradient_accumulation * run.world
     saved = run.step if run.step else None  # a resumed run starts at its checkpoint's step
     try:
@@ -627,6 +650,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             # 2.-4. forward / backward over the step's micro-batches, clip, optimizer step
             lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses: the schedule moves on after it
             loss_value, grad_norm, skipped = optimizer_step(run, batches)
+            final_loss = loss_value if math.isfinite(loss_value) else final_loss  # fp16: a skipped step's may be NaN
             run.step += 1
             run.tokens_seen += sum(len(run.train_examples[i].input_ids)
                                    for idx in step_batches for i in idx)  # real tokens, no padding
@@ -639,11 +663,15 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
                                 **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
                 if skipped:
-                    bar.write(f"step {run.step}: fp16 gradients overflowed, update skipped and loss scale lowered to "
+                    cause = ("gradients overflowed" if math.isfinite(loss_value)
+                             else f"forward overflowed (loss {loss_value})")
+                    bar.write(f"step {run.step}: fp16 {cause}, update skipped and loss scale lowered to "
                               f"{scaler.get_scale():g} ({run.skipped_steps} skipped so far)")
                 if run.step % t.log_every == 0 or run.step == run.total_steps or skipped:
                     extra = ({"loss_scale": scaler.get_scale(), "skipped_steps": run.skipped_steps}
                              if scaler.is_enabled() else {})
+                    if run.log_precision:  # the run's first row, and a resume's in another precision: which, why
+                        extra["precision"], run.log_precision = run.precision.line(), False
                     if run.allocator is not None:
                         extra["rank_budget"] = run.allocator.kept_rank()  # AdaLoRA's total rank kept after this step
                     log.write(step=run.step, loss=loss_value, lr=lr, grad_norm=float(grad_norm), tokens=run.tokens_seen,
@@ -668,7 +696,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
-    return loss_value, eval_loss, time.perf_counter() - start, aside
+    return final_loss, eval_loss, time.perf_counter() - start, aside
 
 
 def save_step(run: Run) -> None:
@@ -690,7 +718,8 @@ def checkpoint_state(run: Run) -> dict:
     return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
             "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
             "allocator": run.allocator.state() if run.allocator is not None else {},
-            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint}
+            "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint,
+            "precision": {"compute": run.precision.compute, "storage": run.precision.storage}}
 
 
 class Stopped(KeyboardInterrupt):
@@ -824,12 +853,18 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     if run.world > 1:
         dist.all_reduce(step_loss)
     loss_value = step_loss.item() / n_step.item()
-    if not math.isfinite(loss_value):
+    # fp16: a loss its forward overflowed is an overflowing step (NaN gradients: the scaler skips it), as in torch's
+    # AMP (soak: one such batch stopped the run, and --resume replayed it into the same stop); before any update, or
+    # twice in a row, it is the model or the run rather than a batch: stop
+    if not math.isfinite(loss_value) and (not scaler.is_enabled() or run.step == 0 or run.nonfinite_loss):
         last = last_good_checkpoint(run)
-        raise TrainingError(f"loss is {loss_value} at step {run.step + 1}; stopping. The last good checkpoint is "
-                            f"{last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
+        again = (f" (and was at step {run.step}, whose update fp16's loss scaler skipped)" if run.nonfinite_loss
+                 else "")
+        raise TrainingError(f"loss is {loss_value} at step {run.step + 1}{again}; stopping. The last good checkpoint "
+                            f"is {last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
                             everywhere=True)
+    run.nonfinite_loss = not math.isfinite(loss_value)
 
     # 4. clip, step, explicit hooks, schedule
     params = [p for p in model.parameters() if p.requires_grad]
@@ -853,6 +888,8 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     scaler.step(run.optimizer)  # skips the update when (fp16) gradients hold inf/nan
     scaler.update()
     skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+    if skipped and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise TrainingError(scale_floor_error(run, scale, loss_value), everywhere=True)
     if not skipped and not all_finite(params, run.world):  # the loss and gradients were finite: the update was not
         last = last_good_checkpoint(run)
         raise TrainingError(f"the update of step {run.step + 1} made trainable weights inf or NaN (the loss, "
@@ -868,6 +905,27 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
     else:
         run.scheduler.step()
     return loss_value, grad_norm, skipped
+
+
+MIN_LOSS_SCALE = 1.0
+"""fp16: a step that overflows at this loss scale overflowed in the true gradients, which no scale can fix; the run
+stops there (DeepSpeed's min_loss_scale). torch's GradScaler halves on without end: soak, lora_alpha 1e9 skipped
+23 steps in a row, down to a scale of 0.0078, then its first update made the loss NaN (blamed on training.lr)."""
+
+
+def scale_floor_error(run: Run, scale: float, loss_value: float) -> str:
+    """The message of an fp16 step that overflowed at a loss scale of `scale` (≤ MIN_LOSS_SCALE): the gradients
+    themselves pass fp16's range."""
+    last = last_good_checkpoint(run)
+    lora = run.cfg.lora
+    adapter = (f"the adapter's scale, lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r} (lower "
+               f"lora.lora_alpha if it is unusually large), " if run.cfg.method in ("lora", "dora", "qlora") else "")
+    return (f"fp16 gradients overflowed at step {run.step + 1} with the loss scaled by {scale:g}: the gradients "
+            f"themselves pass fp16's ±{FP16_MAX:g}, which no loss scale can fix ({run.skipped_steps + 1} steps "
+            f"skipped so far; the loss was {loss_value:.4g}); stopping. The last good checkpoint is "
+            f"{last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}Check {adapter}the "
+            f"learning rate (training.lr {run.cfg.training.lr:g}) and the data; or use training.precision=bf16 "
+            f"where the hardware has it, or fp32")
 
 
 def last_good_checkpoint(run: Run) -> Path | None:

@@ -256,6 +256,24 @@ def test_attention_bf16_as_accurate_as_eager():
         assert ((le.float() - r).norm() / r.norm()).item() <= 1.5 * eager_error + 1e-4, name
 
 
+def test_attention_takes_an_fp16_mask_under_bf16_autocast():
+    """Soak: training.precision=bf16 with model.dtype=fp16 (an fp16 base, bf16 matmuls) raised "value cannot be
+    converted to type c10::Half without overflow" at the first step: the fp16 mask was clamped to bf16's minimum,
+    past fp16's range. Its masked positions are -65504, as far below any score as bf16's minimum: the same
+    probabilities, so the output and gradients equal those of the mask in fp32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 9, 16).half().requires_grad_() for n in (6, 2, 2))
+    hidden = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    masks = {dtype: torch.zeros(9, 9, dtype=dtype).masked_fill(hidden, torch.finfo(dtype).min)
+             for dtype in (torch.float16, torch.float32)}
+    target = torch.randn(2, 6, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = (_grads(lambda q, k, v, mask=mask: attention(q, k, v, mask, 0.25), (q, k, v), target)
+                         for mask in (masks[torch.float16], masks[torch.float32]))
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_recomputes_probabilities_with_the_kept_ones_bits(dtype):
     """Unpacked rows (over fastpath.KEEP_PROBS_MAX_LENGTH): the node keeps q, k, v and the mask, and recomputes the
