@@ -24,6 +24,7 @@ import warnings
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
+from loraforge.utils.streams import guard_streams
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -531,8 +532,12 @@ def _ended(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
     command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
-    program) gets its SIGINT handler back as it was."""
+    program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
+    (utils.streams): a reader that leaves, a full disk under a log file or an encoding without a character ends no
+    command."""
     _INTERRUPTED.clear()
+    if argv is None:
+        guard_streams()
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
     if ours:
