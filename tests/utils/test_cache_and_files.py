@@ -471,3 +471,22 @@ def test_a_killed_file_writers_temporary_file_goes_at_the_next_write_and_a_live_
     finally:
         live.communicate("")
     assert live.returncode == 0 and final.read_bytes() == b"part of a GGUF file"
+
+
+@pytest.mark.parametrize("name,cut", [("m" * 255, "m" * 241), ("日" * 85, "日" * 80),
+                                      ("m" * 240 + ".gguf", "m" * 240 + ".")], ids=["ascii", "japanese", "gguf"])
+def test_a_name_as_long_as_the_file_system_takes_is_written_and_its_leftovers_swept(tmp_path, name, cut):
+    """Soak: `merge --out` or `export --out` named 242-255 bytes (the file system takes up to 255) was refused as too
+    long after the whole merge had run: its temporary `.tmp-<name>-<8>` was 14 bytes longer. The name in the
+    temporary's is cut to 241 bytes (at a character: 80 × '日' is 240), and a killed writer's cut temporary is
+    still swept."""
+    left = tmp_path / f".tmp-{cut}-abcd1234"  # a killed writer's, an hour untouched
+    left.mkdir()
+    _age(left, 3600)
+    with atomic_dir(tmp_path / name) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"the merge")
+    with atomic_file(tmp_path / "x" / name) as tmp:
+        tmp.write_bytes(b"the export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "x"])
+    assert files(tmp_path / name) == {"model.safetensors": "the merge"}
+    assert (tmp_path / "x" / name).read_bytes() == b"the export"
