@@ -414,6 +414,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+        if lock is not None:  # the partial file's space is freed when its last descriptor closes: before the message
+            os.close(lock)    # measures what is free (a full disk read "0 B free there" after an export)
+            lock = None
         error = disk_error(path, e, need_bytes, left=tmp) or (refused(path, e) if tmp is None else None)
         if error is None:
             raise

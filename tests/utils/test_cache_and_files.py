@@ -2,6 +2,7 @@
 of their own per writer, the converted-model cache (seed, damage, unusable folders, leftovers, modes) and the cached
 CPU kernels."""
 
+import contextlib
 import errno
 import os
 import random
@@ -203,6 +204,27 @@ def test_numpys_short_write_is_a_disk_error(tmp_path):
         f"cannot write {tmp_path / 'x.gguf'}: the disk took only part of a write (it is full, over a quota, or the "
         f"file passed the largest size allowed: `ulimit -f`) (about 4.0 kB needed, ")
     assert F.disk_error(tmp_path, OSError("something else")) is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd to see open files in")
+def test_a_full_disk_under_a_file_is_measured_once_the_partial_file_is_gone(tmp_path, monkeypatch):
+    """Soak: `export --to gguf` onto a full 3 MB tmpfs said "(0 B free there)": the partial file was unlinked, but
+    its descriptor (the writer's lock) was still open, so its space was not free yet. The free space is now read
+    with no descriptor of the partial file open: what the user has once the command has ended."""
+    def free_bytes(path):
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return 0 if any(".tmp-x.gguf-" in target for target in held) else 3_100_000
+
+    monkeypatch.setattr(F, "free_bytes", free_bytes)
+    with pytest.raises(DiskError) as e:
+        with atomic_file(tmp_path / "x.gguf") as tmp:
+            tmp.write_bytes(b"part of a GGUF file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value) == f"cannot write {tmp_path / 'x.gguf'}: no space left on the device (3.1 MB free there)"
+    assert os.listdir(tmp_path) == []
 
 
 def test_torch_saves_lost_errno_is_a_disk_error_and_dcp_names_a_ranks_os_error(tmp_path):
