@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraforge.argtypes import name_problem
 from loraforge.utils.files import expand_user
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -1051,6 +1052,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
+        if (problem := name_problem(value)) is not None:  # YAML's "unacceptable character #xdce9" named no fix
+            raise ConfigError([f"override {key}: {problem}"])
         try:
             parsed = yaml.load(value, Loader=yaml_loader())
             if not parents and isinstance(parsed, dict) and isinstance(node.get(leaf), dict):
