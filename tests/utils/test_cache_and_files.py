@@ -379,6 +379,35 @@ def test_a_path_the_file_system_will_not_create_is_one_line_naming_it(writer):
                             f"another path")
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no user ids here")
+def test_no_home_directory_is_one_line_naming_loraforge_cache(tmp_path, monkeypatch):
+    """Soak: HOME unset for a user id the password database lacks (`env -i`, a container run as an arbitrary
+    user): every command, on a local model too, ended in pathlib's "RuntimeError: Could not determine home
+    directory." (the kernels' cache path is read at import). XDG_CACHE_HOME and LORAFORGE_CACHE still serve."""
+    for name in ("HOME", "LORAFORGE_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")  # pathlib's, as on such a system
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    with pytest.raises(DiskError) as e:
+        M.cache_dir()
+    assert str(e.value) == (f"loraforge has no folder to cache in: HOME is not set and user id {os.getuid()} has no "
+                            f"home directory; set LORAFORGE_CACHE (or HOME) to a folder this user can write")
+    # the kernels' cache, read at import (a command's parse imports it): no kernels, said when they would be built
+    code = ("import pathlib, sys\n"
+            "def no_home(cls):\n    raise RuntimeError('Could not determine home directory.')\n"
+            "pathlib.Path.home = classmethod(no_home)\n"
+            "from loraforge.inference import cpu_kernels as k\n"
+            "print(k.CACHE, k._build())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (proc.returncode, proc.stdout) == (0, "None None\n"), proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == f"warning: {e.value}; decoding falls back to the slower plain PyTorch path"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert M.cache_dir() == tmp_path / "loraforge"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_a_study_output_folder_the_file_system_will_not_create_names_the_flag(tmp_path):
     """forgetting and continual make --out with make_output: /proc's refusal was Python's "[Errno 2] ..."."""
