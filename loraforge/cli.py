@@ -598,6 +598,12 @@ def missing_extra(command: str, e: ModuleNotFoundError) -> str | None:
 
 def run_command(argv: list[str] | None = None) -> int:
     one_line_warnings()
+    try:  # before the imports: torch's in a deleted folder ends the process ("Intel oneMKL FATAL ERROR: Cannot load")
+        os.getcwd()
+    except FileNotFoundError:
+        print("error: the current directory no longer exists (deleted or moved away); cd into one that does and run "
+              "the command again", file=sys.stderr)
+        return 2
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     command = args.pop("command")

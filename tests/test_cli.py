@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -714,6 +715,21 @@ def test_utf8_typed_under_an_ascii_locale_is_read_and_a_latin1_name_is_refused(c
     assert str(e.value).splitlines()[-1].strip() == (
         "override output_dir: it holds the byte 0xe9 at position 8, which is not UTF-8; use a UTF-8 name (rename a "
         "Latin-1 one: convmv -f latin1 -t utf-8 --notest NAME)")
+
+
+def test_a_command_run_from_a_deleted_folder_says_so_in_one_line(tmp_path):
+    """Soak: run from a folder deleted meanwhile (`rm -rf` of the run folder the shell was in), every command ended
+    with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so" as torch was imported. Now one line says why,
+    before any import, exit 2."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (f"import os, sys\nos.chdir({str(gone)!r})\nos.rmdir({str(gone)!r})\n"
+              f"from loraforge.cli import main\nsys.exit(main(['eval', 'data.jsonl']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: the current directory no longer exists "
+                                                                  "(deleted or moved away); cd into one that does "
+                                                                  "and run the command again\n")
 
 
 def test_a_model_folder_without_weights_is_one_line(tiny_dir, tmp_path, capsys):
