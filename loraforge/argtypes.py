@@ -101,15 +101,27 @@ def as_typed(value: str) -> str | None:
     return None
 
 
+def locale_problem(path: str) -> str | None:
+    """Why `path` cannot be opened in this locale: under an ASCII one (LC_ALL=C with PYTHONUTF8=0) Python cannot
+    name a file with other characters (a config's `output_dir: runs/出力` was a UnicodeEncodeError traceback, a data
+    file there "no such file"); None where it can."""
+    encoding = sys.getfilesystemencoding()
+    try:
+        path.encode(encoding, "surrogateescape")  # as os.fsencode does
+        return None
+    except UnicodeEncodeError:
+        return (f"the locale's encoding ({encoding}: LC_ALL=C or LANG=C with PYTHONUTF8=0) cannot read its "
+                f"non-ASCII characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+
+
 def name_problem(value: str) -> str | None:
     """Why a path or name cannot be used as typed, where it is not UTF-8 text (the model and tokenizer libraries
     open only UTF-8 paths: a Latin-1 folder name was a tokenizers traceback, or 'no such adapter folder' for one that
     is there), with the fix; None where it is."""
     if (where := not_utf8(value)) is None:
         return None
-    if as_typed(value) is not None:
-        return (f"the locale's encoding ({sys.getfilesystemencoding()}: LC_ALL=C or LANG=C with PYTHONUTF8=0) "
-                f"cannot read its non-ASCII characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+    if (typed := as_typed(value)) is not None:
+        return locale_problem(typed)
     return (f"it holds {where}, which is not UTF-8; use a UTF-8 name (rename a Latin-1 one: convmv -f latin1 -t "
             f"utf-8 --notest NAME)")
 

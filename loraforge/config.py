@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loraforge.argtypes import name_problem
+from loraforge.argtypes import locale_problem, name_problem
 from loraforge.utils.files import expand_user
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -873,6 +873,10 @@ class TrainConfig:
         if isinstance(self.output_dir, str) and "$" in self.output_dir:
             validate([f"output_dir: {clipped(self.output_dir)} holds a '$': a config expands ~ but no environment "
                       f"variable; write the path itself"])
+        paths = [("output_dir", self.output_dir), ("model.name", self.model.name),
+                 ("training.init_adapter", self.training.init_adapter), *(("data", p) for p in self.data.paths())]
+        validate([f"{name}: {clipped(value)}: {problem}" for name, value in paths
+                  if isinstance(value, str) and (problem := locale_problem(value))])
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
         if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
             alphas = {"lora.lora_alpha": self.lora.lora_alpha,

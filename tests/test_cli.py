@@ -710,6 +710,13 @@ def test_utf8_typed_under_an_ascii_locale_is_read_and_a_latin1_name_is_refused(c
     assert capsys.readouterr().err.splitlines()[-1] == (
         "loraforge merge: error: argument --out: the locale's encoding (ascii: LC_ALL=C or LANG=C with PYTHONUTF8=0) "
         "cannot read its non-ASCII characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+    # a config's own paths in that locale: output_dir was a UnicodeEncodeError traceback, a data file "no such file"
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["output_dir=runs/出力", "data.train=データ/学習.jsonl"])
+    locale = ("the locale's encoding (ascii: LC_ALL=C or LANG=C with PYTHONUTF8=0) cannot read its non-ASCII "
+              "characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+    assert str(e.value).splitlines()[1:] == [f"  output_dir: 'runs/出力': {locale}", f"  data: 'データ/学習.jsonl': {locale}"]
+    monkeypatch.undo()
     with pytest.raises(ConfigError) as e:
         load_train_config(None, ["output_dir=runs/caf\udce9"])
     assert str(e.value).splitlines()[-1].strip() == (
