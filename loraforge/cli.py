@@ -24,7 +24,7 @@ import warnings
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
-from loraforge.utils.streams import guard_streams
+from loraforge.utils.streams import guard_streams, output_failed
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
     program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
     (utils.streams): a reader that leaves, a full disk under a log file or an encoding without a character ends no
-    command."""
+    command (one whose stdout was lost to a full disk exits 1)."""
     _INTERRUPTED.clear()
     if argv is None:
         guard_streams()
@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     if ours:
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        return run_command(argv)
+        code = run_command(argv)
+        return 1 if code == 0 and argv is None and output_failed() else code
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130

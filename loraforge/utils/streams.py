@@ -5,7 +5,8 @@ disk that fills (`> train.log` on a full disk) makes a write raise BrokenPipeErr
 training run ended it with a traceback before it trained or saved anything. A guarded stream that a write fails on
 is pointed at /dev/null (its descriptor too, so what C code and the interpreter's last flush write goes there): the
 command goes on and ends as it would have (a training run saves its adapter), and says once on the other stream
-why its output stopped (not for a closed pipe: its reader left on purpose).
+why its output stopped (not for a closed pipe: its reader left on purpose); a command whose stdout was lost so
+exits 1 (output_failed), as coreutils' programs do.
 
 A character the stream's encoding cannot write (PYTHONIOENCODING=ascii, a C locale without Python's UTF-8 mode, a
 Latin-1 terminal) was a UnicodeEncodeError: the '×' of train's data line, a Japanese answer of `generate`. It is
@@ -46,6 +47,7 @@ class GuardedStream:
     def __init__(self, stream, name: str):
         self._stream, self._name, self._lost = stream, name, False
         self.other: GuardedStream | None = None  # where the note goes when this stream is lost
+        self.failed = False  # lost to anything but a closed pipe: a full disk, an I/O error
 
     def write(self, text: str) -> int:
         if not self._lost:
@@ -75,13 +77,25 @@ class GuardedStream:
             finally:
                 os.close(devnull)
             self._stream.flush()  # what the failed write left buffered goes to /dev/null: no error at exit
-        if error.errno != errno.EPIPE and self.other is not None:
+        self.failed = error.errno != errno.EPIPE
+        if self.failed and self.other is not None:
             reason = REASONS.get(error.errno) or error.strerror or str(error)
-            print(f"warning: cannot write to {self._name} ({reason}); the command goes on without its output there",
-                  file=self.other, flush=True)
+            code = ", and it ends with exit code 1" if self._name == "stdout" else ""
+            print(f"warning: cannot write to {self._name} ({reason}); the command goes on without its output there"
+                  f"{code}", file=self.other, flush=True)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def output_failed() -> bool:
+    """Whether the guarded stdout, flushed now, was lost to anything but a closed pipe: the command's output (an
+    eval's scores, `> results.txt` on a full disk) did not all arrive, which its exit code must say (1, as a
+    coreutils program's), though the command went on. A reader that left (`| head`) is no failure."""
+    if not isinstance(sys.stdout, GuardedStream):
+        return False
+    sys.stdout.flush()
+    return sys.stdout.failed
 
 
 def guard_streams() -> None:
@@ -100,4 +114,4 @@ def guard_streams() -> None:
         sys.stdout.other, sys.stderr.other = sys.stderr, sys.stdout
 
 
-__all__ = ["ESCAPE", "GuardedStream", "guard_streams"]
+__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed"]
