@@ -6,7 +6,10 @@ argparse reports a refusal as `error: argument --FLAG: 'VALUE': the fix` and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import sys
 from typing import Annotated
 
 SEED_MAX = 2**64 - 1  # what torch.manual_seed takes without overflow (the server's range too)
@@ -78,25 +81,71 @@ def temperature(text: str) -> float:
     return value
 
 
+def not_utf8(value: str) -> str | None:
+    """Where `value` holds what is not UTF-8 text, e.g. "the byte 0xe9 at position 3"; None where it is all text.
+    A byte the locale's encoding could not decode (a Latin-1 name or file) reaches Python as a lone surrogate."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"half a character (U+{code:04X})"
+        return f"{what} at position {e.start}"
+
+
+def as_typed(value: str) -> str | None:
+    """The UTF-8 text the user typed, where Python decoded the command line with an ASCII locale (LC_ALL=C with
+    PYTHONUTF8=0): every byte past ASCII reached it as a lone surrogate. None where the bytes are not UTF-8."""
+    with contextlib.suppress(UnicodeError):
+        return os.fsencode(value).decode("utf-8")
+    return None
+
+
+def locale_problem(path: str) -> str | None:
+    """Why `path` cannot be opened in this locale: under an ASCII one (LC_ALL=C with PYTHONUTF8=0) Python cannot
+    name a file with other characters (a config's `output_dir: runs/出力` was a UnicodeEncodeError traceback, a data
+    file there "no such file"); None where it can."""
+    encoding = sys.getfilesystemencoding()
+    try:
+        path.encode(encoding, "surrogateescape")  # as os.fsencode does
+        return None
+    except UnicodeEncodeError:
+        return (f"the locale's encoding ({encoding}: LC_ALL=C or LANG=C with PYTHONUTF8=0) cannot read its "
+                f"non-ASCII characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+
+
+def name_problem(value: str) -> str | None:
+    """Why a path or name cannot be used as typed, where it is not UTF-8 text (the model and tokenizer libraries
+    open only UTF-8 paths: a Latin-1 folder name was a tokenizers traceback, or 'no such adapter folder' for one that
+    is there), with the fix; None where it is."""
+    if (where := not_utf8(value)) is None:
+        return None
+    if (typed := as_typed(value)) is not None:
+        return locale_problem(typed)
+    return (f"it holds {where}, which is not UTF-8; use a UTF-8 name (rename a Latin-1 one: convmv -f latin1 -t "
+            f"utf-8 --notest NAME)")
+
+
 def nonempty(text: str) -> str:
-    """A path or name that is not the empty string."""
+    """A path or name that is not the empty string, and UTF-8 text (name_problem)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is empty: give a path")
+    if (problem := name_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
 def text(value: str) -> str:
     """Text for the tokenizer: UTF-8. A byte the terminal's encoding could not decode (a Latin-1 file read with
-    $(cat ...)) reaches Python as a lone surrogate, which no tokenizer encodes (a traceback after the model loaded)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(value[e.start])
-        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"half a character (U+{code:04X})"
-        raise argparse.ArgumentTypeError(f"it holds {what} at position {e.start}, which is not UTF-8 text; "
-                                         f"re-encode it (e.g. iconv -f latin1 -t utf-8) or use a UTF-8 "
-                                         f"terminal") from None
-    return value
+    $(cat ...)) reaches Python as a lone surrogate, which no tokenizer encodes (a traceback after the model loaded).
+    UTF-8 typed under an ASCII locale (LC_ALL=C with PYTHONUTF8=0) is read as the text it is (it was refused as
+    'not UTF-8 text')."""
+    if (where := not_utf8(value)) is None:
+        return value
+    if (typed := as_typed(value)) is not None:
+        return typed
+    raise argparse.ArgumentTypeError(f"it holds {where}, which is not UTF-8 text; re-encode it (e.g. iconv -f latin1 "
+                                     f"-t utf-8) or use a UTF-8 terminal")
 
 
 PositiveInt = Annotated[int, positive_int]

@@ -25,6 +25,7 @@ import warnings
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
+from loraforge.utils.streams import guard_streams, output_failed
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -544,14 +545,19 @@ def _ended(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
     command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
-    program) gets its SIGINT handler back as it was."""
+    program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
+    (utils.streams): a reader that leaves, a full disk under a log file or an encoding without a character ends no
+    command (one whose stdout was lost to a full disk exits 1)."""
     _INTERRUPTED.clear()
+    if argv is None:
+        guard_streams()
     ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
     if ours:
         signal.signal(signal.SIGINT, _interrupt)
     try:
-        return run_command(argv)
+        code = run_command(argv)
+        return 1 if code == 0 and argv is None and output_failed() else code
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130
@@ -606,6 +612,12 @@ def missing_extra(command: str, e: ModuleNotFoundError) -> str | None:
 
 def run_command(argv: list[str] | None = None) -> int:
     one_line_warnings()
+    try:  # before the imports: torch's in a deleted folder ends the process ("Intel oneMKL FATAL ERROR: Cannot load")
+        os.getcwd()
+    except FileNotFoundError:
+        print("error: the current directory no longer exists (deleted or moved away); cd into one that does and run "
+              "the command again", file=sys.stderr)
+        return 2
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     command = args.pop("command")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraforge.argtypes import locale_problem, name_problem
 from loraforge.utils.files import expand_user
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -872,6 +873,10 @@ class TrainConfig:
         if isinstance(self.output_dir, str) and "$" in self.output_dir:
             validate([f"output_dir: {clipped(self.output_dir)} holds a '$': a config expands ~ but no environment "
                       f"variable; write the path itself"])
+        paths = [("output_dir", self.output_dir), ("model.name", self.model.name),
+                 ("training.init_adapter", self.training.init_adapter), *(("data", p) for p in self.data.paths())]
+        validate([f"{name}: {clipped(value)}: {problem}" for name, value in paths
+                  if isinstance(value, str) and (problem := locale_problem(value))])
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
         if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
             alphas = {"lora.lora_alpha": self.lora.lora_alpha,
@@ -1051,6 +1056,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {part} is not a section"])
+        if (problem := name_problem(value)) is not None:  # YAML's "unacceptable character #xdce9" named no fix
+            raise ConfigError([f"override {key}: {problem}"])
         try:
             parsed = yaml.load(value, Loader=yaml_loader())
             if not parents and isinstance(parsed, dict) and isinstance(node.get(leaf), dict):

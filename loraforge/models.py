@@ -48,11 +48,19 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def cache_dir() -> Path:
     """Where converted checkpoints live: `$LORAFORGE_CACHE`, else `$XDG_CACHE_HOME/loraforge`, else
-    `~/.cache/loraforge`. A relative XDG_CACHE_HOME is ignored, as the XDG base directory spec says."""
+    `~/.cache/loraforge`. A relative XDG_CACHE_HOME is ignored, as the XDG base directory spec says. Without a home
+    (HOME unset, a user id the password database lacks: `env -i` in a container run as an arbitrary user) it is a
+    DiskError naming LORAFORGE_CACHE (it was pathlib's RuntimeError traceback, for a local model too)."""
     if os.environ.get("LORAFORGE_CACHE"):
         return Path(os.environ["LORAFORGE_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "loraforge"
+    if os.path.isabs(xdg):
+        return Path(xdg) / "loraforge"
+    try:
+        return Path.home() / ".cache" / "loraforge"
+    except RuntimeError:  # "Could not determine home directory."
+        raise DiskError(f"loraforge has no folder to cache in: HOME is not set and user id {os.getuid()} has no home "
+                        f"directory; set LORAFORGE_CACHE (or HOME) to a folder this user can write") from None
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

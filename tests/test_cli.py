@@ -5,6 +5,8 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -803,6 +805,62 @@ def test_generate_refuses_text_that_is_not_utf8_before_loading(capsys):
         assert capsys.readouterr().err.splitlines()[-1] == (
             f"loraforge generate: error: argument {flag}: it holds {what}, which is not UTF-8 text; re-encode it "
             f"(e.g. iconv -f latin1 -t utf-8) or use a UTF-8 terminal")
+
+
+def ascii_locale(text: str) -> str:
+    """`text` as Python reads it from the command line in a C locale without its UTF-8 mode (LC_ALL=C with
+    PYTHONUTF8=0): every byte past ASCII a lone surrogate."""
+    return text.encode().decode("ascii", "surrogateescape")
+
+
+def test_utf8_typed_under_an_ascii_locale_is_read_and_a_latin1_name_is_refused(capsys, monkeypatch):
+    """Soak, LC_ALL=C PYTHONUTF8=0: `generate "日本語"` was refused as "the byte 0xe6 ... is not UTF-8 text" (it is);
+    a path holding a Latin-1 byte (`--model tin$'\\xe9'`) was a tokenizers traceback and `--adapter` one "no such
+    adapter folder" for a folder that is there; an override with one "not valid YAML ... quote a string". The prompt
+    is now read as typed; a path or override that is not UTF-8 is refused naming the byte or the locale, and the fix."""
+    from loraforge.cli import parse_args
+    from loraforge.config import ConfigError, load_train_config
+
+    assert parse_args(["generate", ascii_locale("日本語で 1 と 2 🎉")])["prompt"] == "日本語で 1 と 2 🎉"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "tin\udce9"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "loraforge eval: error: argument --model: it holds the byte 0xe9 at position 3, which is not UTF-8; use a "
+        "UTF-8 name (rename a Latin-1 one: convmv -f latin1 -t utf-8 --notest NAME)")
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    with pytest.raises(SystemExit):
+        main(["merge", "--base", "b", "--adapter", "a", "--out", ascii_locale("runs/マージ")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "loraforge merge: error: argument --out: the locale's encoding (ascii: LC_ALL=C or LANG=C with PYTHONUTF8=0) "
+        "cannot read its non-ASCII characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+    # a config's own paths in that locale: output_dir was a UnicodeEncodeError traceback, a data file "no such file"
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["output_dir=runs/出力", "data.train=データ/学習.jsonl"])
+    locale = ("the locale's encoding (ascii: LC_ALL=C or LANG=C with PYTHONUTF8=0) cannot read its non-ASCII "
+              "characters; run with PYTHONUTF8=1 or LC_ALL=C.UTF-8")
+    assert str(e.value).splitlines()[1:] == [f"  output_dir: 'runs/出力': {locale}", f"  data: 'データ/学習.jsonl': {locale}"]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError) as e:
+        load_train_config(None, ["output_dir=runs/caf\udce9"])
+    assert str(e.value).splitlines()[-1].strip() == (
+        "override output_dir: it holds the byte 0xe9 at position 8, which is not UTF-8; use a UTF-8 name (rename a "
+        "Latin-1 one: convmv -f latin1 -t utf-8 --notest NAME)")
+
+
+def test_a_command_run_from_a_deleted_folder_says_so_in_one_line(tmp_path):
+    """Soak: run from a folder deleted meanwhile (`rm -rf` of the run folder the shell was in), every command ended
+    with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so" as torch was imported. Now one line says why,
+    before any import, exit 2."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (f"import os, sys\nos.chdir({str(gone)!r})\nos.rmdir({str(gone)!r})\n"
+              f"from loraforge.cli import main\nsys.exit(main(['eval', 'data.jsonl']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: the current directory no longer exists "
+                                                                  "(deleted or moved away); cd into one that does "
+                                                                  "and run the command again\n")
 
 
 def test_a_model_folder_without_weights_is_one_line(tiny_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter 
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
-from loraforge.utils.files import OVERWRITE, atomic_file, expand_user, fsync_tree
+from loraforge.utils.files import OVERWRITE, DiskError, atomic_file, disk_error, expand_user, free_bytes, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -63,16 +64,28 @@ def write_file(writer_for, out: Path, overwrite: bool) -> Path:
     """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
     tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
     exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
-    no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError)."""
-    with atomic_file(out, replace=overwrite) as tmp:
-        writer = writer_for(tmp)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        fsync_tree(tmp)
+    no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError).
+    Where the disk has less room left than the tensors take, it is refused before they are written, and the
+    DiskError says how large the file would be: a full disk said only "(3.1 MB free there)"."""
+    need = None
+    try:
+        with atomic_file(out, replace=overwrite) as tmp:
+            writer = writer_for(tmp)
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()  # the vocabulary: megabytes, known once written
+                tensors = sum(info.nbytes for shard in writer.tensors for info in shard.values())
+                need = sum(f.tell() for f in writer.fout or []) + tensors
+                if (free := free_bytes(tmp)) is not None and free < tensors:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+            fsync_tree(tmp)
+    except DiskError as e:
+        if need is None or e.errno != errno.ENOSPC:
+            raise
+        raise disk_error(out, e, need) from None  # what is free now, with the partial file gone
     return out
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from loraforge.models import cache_dir
-from loraforge.utils.files import fsync_tree
+from loraforge.utils.files import DiskError, fsync_tree
 
 MAX_ROWS = 16
 """Activation rows a call takes; more (prefills) go to the blocked matmul, which reuses each weight block better."""
@@ -697,9 +697,14 @@ LORA_ROWS(lora_rows_011, 0, 1, 1) LORA_ROWS(lora_rows_100, 1, 0, 0) LORA_ROWS(lo
 LORA_ROWS(lora_rows_110, 1, 1, 0) LORA_ROWS(lora_rows_111, 1, 1, 1)
 """
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
-CACHE = cache_dir() / "kernels"
+NO_CACHE: DiskError | None = None
+try:
+    CACHE: Path | None = cache_dir() / "kernels"
+except DiskError as e:  # no home directory: every command, on a local model too, ended here (at parse time)
+    CACHE, NO_CACHE = None, e
 """Where the built library lives: under the project's one cache root (loraforge.models.cache_dir, read as the
-process starts: $LORAFORGE_CACHE, else $XDG_CACHE_HOME/loraforge, else ~/.cache/loraforge)."""
+process starts: $LORAFORGE_CACHE, else $XDG_CACHE_HOME/loraforge, else ~/.cache/loraforge); None where there is
+none (NO_CACHE says why), and decoding runs without the kernels."""
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: not available here
 
@@ -748,6 +753,10 @@ def _unwritable(e: OSError) -> str:
 def _build() -> ctypes.CDLL | None:
     """Compile (once per source and flags) and load. A cached library that does not match its SHA-256 is built
     again. A cache that cannot be written is said in one line (available() builds once per process)."""
+    if CACHE is None:
+        print(f"warning: {NO_CACHE}; decoding falls back to the slower plain PyTorch path", file=sys.stderr,
+              flush=True)
+        return None
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
     path = CACHE / f"decode-{key}.so"
     if not _intact(path):

@@ -230,10 +230,28 @@ def _replace_dir(tmp: Path, final: Path, drop: tuple[str, ...] = ()) -> None:
     if _exchange(tmp, final):  # `final` is the new set, `tmp` the old one
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))  # a crash here keeps it: the old set
+    # a crash here keeps it: the old set
+    old = Path(tempfile.mkdtemp(prefix=temporary_prefix("old", final.name), dir=final.parent))
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+NAME_MAX = 255
+"""The longest file name most file systems take, in bytes (ext4, xfs, btrfs, tmpfs; NAME_MAX on Linux)."""
+SUFFIX = 8
+"""Characters mkdtemp and mkstemp add after the prefix."""
+
+
+def temporary_prefix(kind: str, name: str) -> str:
+    """`.<kind>-<name>-`: the prefix of a temporary name beside `name`, `name` cut (at a character) so that the
+    temporary name, suffix included, is no longer than NAME_MAX bytes: a name the file system takes (up to 255
+    bytes) was refused for its temporary's 14 more, after the whole merge or export had run. Two names alike in
+    their first 241 bytes share the prefix: a sweep for one may take the other's killed writer's leftovers."""
+    room = NAME_MAX - len(f".{kind}--".encode()) - SUFFIX
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{kind}-{name}-"
 
 
 # How long nothing in a temporary folder must have changed before a sweep may take it for a killed writer's: a
@@ -272,7 +290,8 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
     """Remove the temporary folders and files (`.tmp-<name>-<8 characters>`: atomic_dir's, atomic_file's) that
     killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and in which
     nothing changed for STALE_AFTER_S."""
-    own = re.compile(rf"\.tmp-{re.escape(final.name)}-[a-z0-9_]{{8}}")  # mkdtemp's suffix: not `.tmp-<name>-2-...`
+    # mkdtemp's suffix: not `.tmp-<name>-2-...`
+    own = re.compile(re.escape(temporary_prefix("tmp", final.name)) + rf"[a-z0-9_]{{{SUFFIX}}}")
     try:
         entries = list(final.parent.iterdir()) if fcntl is not None else []
     except OSError:  # a folder we may write into but not list: nothing to sweep, the write goes on
@@ -339,7 +358,7 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
         lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
         for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
             remove_stale_temporaries(name, keep=tmp)
@@ -375,7 +394,7 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
     tmp = lock = None
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".tmp-{real.name}-", dir=real.parent)
+        fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
         tmp = Path(name)
         lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
         remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
@@ -395,6 +414,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+        if lock is not None:  # the partial file's space is freed when its last descriptor closes: before the message
+            os.close(lock)    # measures what is free (a full disk read "0 B free there" after an export)
+            lock = None
         error = disk_error(path, e, need_bytes, left=tmp) or (refused(path, e) if tmp is None else None)
         if error is None:
             raise

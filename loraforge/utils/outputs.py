@@ -11,7 +11,8 @@
   --overwrite (its results and checkpoints are removed before the new run trains, so one stopped or killed
   leaves none of the earlier run's beside its own); without either it is refused.
 - One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
-  these checks until it ends; a second one is refused, naming the first one's process id.
+  these checks until it ends; a second one is refused, naming the first one's process id, and so is a merge or
+  export into it (check_output), which would swap the folder under the run.
 
 Atomic writes (temp + rename) protect against crashes, not against a wrong --out: this module is for that.
 """
@@ -102,12 +103,37 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
     out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    if out.is_dir() and (pid := _training_into(out)) is not None:  # soak: merge --overwrite swapped the folder
+        raise OutputError(f"another loraforge process (pid {pid}) is training into {flag} {path}; wait for it to "
+                          f"end, or choose another {flag}")
     if not overwrite and out.is_dir():
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass {OVERWRITE} to write "
                               f"into it (only the files this command writes are replaced), or choose another {flag}")
+
+
+def _training_into(out: Path) -> str | None:
+    """The process id a training run holding `out`'s lock (hold_output) wrote there, or None where none (or this
+    process) holds it: a merge or export publishing `out` as a whole (files.atomic_dir) under a live run would swap
+    the folder its next checkpoint is written into. Tried with a shared lock, let go at once."""
+    if fcntl is None:
+        return None
+    try:
+        lock = open(out / LOCK)
+    except OSError:  # no run has held it, or it is gone: none holds it now
+        return None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = lock.read().strip() or "unknown"
+            return None if pid == str(os.getpid()) else pid  # a run's own check (check_run_output) under its lock
+        except OSError:  # a file system without flock: as hold_output, nothing to go by
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
 
 
 def check_replaceable(path: str | Path, flag: str = "--out") -> None:

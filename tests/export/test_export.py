@@ -25,6 +25,7 @@ from loraforge.export.gguf_vocab import LINEAGE_KEYS, write_vocab
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.merge import merge_and_unload
 from loraforge.models import builtin_gguf_path, load_base, load_tokenizer
+from loraforge.utils import files
 from loraforge.utils.files import free_bytes
 from loraforge.utils.outputs import OutputError
 
@@ -676,6 +677,24 @@ def test_failed_gguf_export_leaves_the_previous_file_and_no_temporary_file(failu
         export_gguf(str(tiny_dir), None, out, type="f32", overwrite=True)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_gguf_export_larger_than_the_free_space_is_refused_naming_its_size(tiny_dir, tmp_path, monkeypatch):
+    """Soak: `export --to gguf` onto a 3 MB tmpfs filled it to its last byte, then said "(0 B free there)" and not
+    how large the file is. Where the disk has less room than the tensors, the export is refused before they are
+    written, naming the file's size (the reference: the same export's file where it fits; the header and
+    vocabulary are measured, the tensor table and alignment padding, under 2 kB here, are not) and what is free."""
+    size = export_gguf(str(tiny_dir), None, tmp_path / "fits" / "m.gguf", type="f32").stat().st_size
+    monkeypatch.setattr(files, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(gguf_export, "free_bytes", files.free_bytes, raising=False)
+    written = []
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", lambda self, **kwargs: written.append(self))
+    out = tmp_path / "full" / "m.gguf"
+    with pytest.raises(files.DiskError) as e:
+        export_gguf(str(tiny_dir), None, out, type="f32")
+    assert str(e.value) == f"cannot write {out}: no space left on the device (about {files._size(size)} needed, " \
+                           f"1.0 kB free there)"
+    assert written == [] and list(out.parent.iterdir()) == []
 
 
 def test_two_gguf_exports_to_one_path_at_once_end_with_one_whole_file(tiny_dir, tmp_path, monkeypatch):

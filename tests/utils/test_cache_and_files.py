@@ -2,6 +2,7 @@
 of their own per writer, the converted-model cache (seed, damage, unusable folders, leftovers, modes) and the cached
 CPU kernels."""
 
+import contextlib
 import errno
 import os
 import random
@@ -205,6 +206,27 @@ def test_numpys_short_write_is_a_disk_error(tmp_path):
     assert F.disk_error(tmp_path, OSError("something else")) is None
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd to see open files in")
+def test_a_full_disk_under_a_file_is_measured_once_the_partial_file_is_gone(tmp_path, monkeypatch):
+    """Soak: `export --to gguf` onto a full 3 MB tmpfs said "(0 B free there)": the partial file was unlinked, but
+    its descriptor (the writer's lock) was still open, so its space was not free yet. The free space is now read
+    with no descriptor of the partial file open: what the user has once the command has ended."""
+    def free_bytes(path):
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return 0 if any(".tmp-x.gguf-" in target for target in held) else 3_100_000
+
+    monkeypatch.setattr(F, "free_bytes", free_bytes)
+    with pytest.raises(DiskError) as e:
+        with atomic_file(tmp_path / "x.gguf") as tmp:
+            tmp.write_bytes(b"part of a GGUF file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value) == f"cannot write {tmp_path / 'x.gguf'}: no space left on the device (3.1 MB free there)"
+    assert os.listdir(tmp_path) == []
+
+
 def test_torch_saves_lost_errno_is_a_disk_error_and_dcp_names_a_ranks_os_error(tmp_path):
     """torch.save's zip writer (DCP writes its non-tensor items with it) turns a refused write into RuntimeError
     "unexpected pos N vs M"; DCP's CheckpointException (a BaseException) carries every rank's error: the first
@@ -357,6 +379,35 @@ def test_a_path_the_file_system_will_not_create_is_one_line_naming_it(writer):
                             f"another path")
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no user ids here")
+def test_no_home_directory_is_one_line_naming_loraforge_cache(tmp_path, monkeypatch):
+    """Soak: HOME unset for a user id the password database lacks (`env -i`, a container run as an arbitrary
+    user): every command, on a local model too, ended in pathlib's "RuntimeError: Could not determine home
+    directory." (the kernels' cache path is read at import). XDG_CACHE_HOME and LORAFORGE_CACHE still serve."""
+    for name in ("HOME", "LORAFORGE_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")  # pathlib's, as on such a system
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    with pytest.raises(DiskError) as e:
+        M.cache_dir()
+    assert str(e.value) == (f"loraforge has no folder to cache in: HOME is not set and user id {os.getuid()} has no "
+                            f"home directory; set LORAFORGE_CACHE (or HOME) to a folder this user can write")
+    # the kernels' cache, read at import (a command's parse imports it): no kernels, said when they would be built
+    code = ("import pathlib, sys\n"
+            "def no_home(cls):\n    raise RuntimeError('Could not determine home directory.')\n"
+            "pathlib.Path.home = classmethod(no_home)\n"
+            "from loraforge.inference import cpu_kernels as k\n"
+            "print(k.CACHE, k._build())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (proc.returncode, proc.stdout) == (0, "None None\n"), proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == f"warning: {e.value}; decoding falls back to the slower plain PyTorch path"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert M.cache_dir() == tmp_path / "loraforge"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_a_study_output_folder_the_file_system_will_not_create_names_the_flag(tmp_path):
     """forgetting and continual make --out with make_output: /proc's refusal was Python's "[Errno 2] ..."."""
@@ -471,3 +522,22 @@ def test_a_killed_file_writers_temporary_file_goes_at_the_next_write_and_a_live_
     finally:
         live.communicate("")
     assert live.returncode == 0 and final.read_bytes() == b"part of a GGUF file"
+
+
+@pytest.mark.parametrize("name,cut", [("m" * 255, "m" * 241), ("日" * 85, "日" * 80),
+                                      ("m" * 240 + ".gguf", "m" * 240 + ".")], ids=["ascii", "japanese", "gguf"])
+def test_a_name_as_long_as_the_file_system_takes_is_written_and_its_leftovers_swept(tmp_path, name, cut):
+    """Soak: `merge --out` or `export --out` named 242-255 bytes (the file system takes up to 255) was refused as too
+    long after the whole merge had run: its temporary `.tmp-<name>-<8>` was 14 bytes longer. The name in the
+    temporary's is cut to 241 bytes (at a character: 80 × '日' is 240), and a killed writer's cut temporary is
+    still swept."""
+    left = tmp_path / f".tmp-{cut}-abcd1234"  # a killed writer's, an hour untouched
+    left.mkdir()
+    _age(left, 3600)
+    with atomic_dir(tmp_path / name) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"the merge")
+    with atomic_file(tmp_path / "x" / name) as tmp:
+        tmp.write_bytes(b"the export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "x"])
+    assert files(tmp_path / name) == {"model.safetensors": "the merge"}
+    assert (tmp_path / "x" / name).read_bytes() == b"the export"

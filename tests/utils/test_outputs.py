@@ -139,6 +139,30 @@ def test_an_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: nothing tells a live run")
+def test_merge_and_export_into_a_live_runs_output_dir_are_refused_even_with_overwrite(tmp_path):
+    """Soak: `merge --out RUN --overwrite` (or `export --to vllm`) while a run trained into RUN was let through: its
+    finished write swaps the whole folder, so a checkpoint the run writes meanwhile could land in the old one and
+    be deleted with it. Refused naming the run's pid; the run's own check under its lock (check_run_output) and a
+    folder whose run has ended (a stale .lock) are not."""
+    out = tmp_path / "run"
+    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(OutputError) as e:
+            check_output(out, overwrite=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(e.value) == (f"another loraforge process (pid {holder.pid}) is training into --out {out}; wait for it "
+                            f"to end, or choose another --out")
+    check_output(out, overwrite=True)  # the holder was killed: its lock went with it
+    with loraforge.utils.outputs.hold_output(out):
+        check_output(out, overwrite=True)  # this process's own run
+
+
 def test_merge_refusal_through_the_command_line(tiny_dir, adapter_dir):
     """The real entry point: exit 2, one line on stderr, no traceback, the adapter intact."""
     before = snapshot(adapter_dir)

@@ -1,0 +1,117 @@
+"""The command line's standard output and error, made so that what becomes of them cannot end a command.
+
+A reader that goes away (`loraforge train ... | head -3`, a `less` quit early, a closed ssh session) or a log file's
+disk that fills (`> train.log` on a full disk) makes a write raise BrokenPipeError or OSError: the first print of a
+training run ended it with a traceback before it trained or saved anything. A guarded stream that a write fails on
+is pointed at /dev/null (its descriptor too, so what C code and the interpreter's last flush write goes there): the
+command goes on and ends as it would have (a training run saves its adapter), and says once on the other stream
+why its output stopped (not for a closed pipe: its reader left on purpose); a command whose stdout was lost so
+exits 1 (output_failed), as coreutils' programs do.
+
+A character the stream's encoding cannot write (PYTHONIOENCODING=ascii, a C locale without Python's UTF-8 mode, a
+Latin-1 terminal) was a UnicodeEncodeError: the '×' of train's data line, a Japanese answer of `generate`. It is
+written as a backslash escape (`\\xd7`), as Python's own stderr does; a file name's byte that is not UTF-8 (read by
+Python as a lone surrogate) as the byte itself, as `ls` would show it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import errno
+import os
+import sys
+
+from loraforge.utils.files import REASONS
+
+ESCAPE = "loraforge-escape"
+"""The error handler guarded streams encode with: a file name's undecodable byte as itself, anything else the
+encoding lacks as a backslash escape."""
+
+
+def _escape(error: UnicodeError) -> tuple[str | bytes, int]:
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:  # not (only) bytes a file name carried: text the encoding has no character for
+        return codecs.backslashreplace_errors(error)
+
+
+codecs.register_error(ESCAPE, _escape)
+
+
+class GuardedStream:
+    """`stream` (a text stream of the process: stdout or stderr) whose writes and flushes never raise OSError; the
+    first that fails points its descriptor at /dev/null and, unless the reader closed a pipe, says so on `other`.
+    Everything else (fileno, isatty, encoding, buffer) is the stream's own."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name, self._lost = stream, name, False
+        self.other: GuardedStream | None = None  # where the note goes when this stream is lost
+        self.failed = False  # lost to anything but a closed pipe: a full disk, an I/O error
+
+    def write(self, text: str) -> int:
+        if not self._lost:
+            try:
+                return self._stream.write(text)
+            except OSError as e:
+                self._lose(e)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self._lost:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self._lose(e)
+
+    def _lose(self, error: OSError) -> None:
+        self._lost = True
+        with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor: its writes just stop
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+            self._stream.flush()  # what the failed write left buffered goes to /dev/null: no error at exit
+        self.failed = error.errno != errno.EPIPE
+        if self.failed and self.other is not None:
+            reason = REASONS.get(error.errno) or error.strerror or str(error)
+            code = ", and it ends with exit code 1" if self._name == "stdout" else ""
+            print(f"warning: cannot write to {self._name} ({reason}); the command goes on without its output there"
+                  f"{code}", file=self.other, flush=True)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def output_failed() -> bool:
+    """Whether the guarded stdout, flushed now, was lost to anything but a closed pipe: the command's output (an
+    eval's scores, `> results.txt` on a full disk) did not all arrive, which its exit code must say (1, as a
+    coreutils program's), though the command went on. A reader that left (`| head`) is no failure."""
+    if not isinstance(sys.stdout, GuardedStream):
+        return False
+    sys.stdout.flush()
+    return sys.stdout.failed
+
+
+def guard_streams() -> None:
+    """Guard sys.stdout and sys.stderr (those that are open) for the rest of the process: see the module's
+    docstring. Called once, by the command line for the process's own arguments."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, GuardedStream):
+            continue
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # not a TextIOWrapper: its own errors stay
+            stream.reconfigure(errors=ESCAPE)
+    for name in ("stdout", "stderr"):
+        if (stream := getattr(sys, name)) is not None and not isinstance(stream, GuardedStream):
+            setattr(sys, name, GuardedStream(stream, name))
+    if isinstance(sys.stdout, GuardedStream) and isinstance(sys.stderr, GuardedStream):
+        sys.stdout.other, sys.stderr.other = sys.stderr, sys.stdout
+
+
+__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed"]

@@ -1,0 +1,68 @@
+"""The command line's standard streams (utils.streams): a reader that leaves, a full disk under the output, an
+encoding without a character end no command."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge.utils.streams import ESCAPE, GuardedStream
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_text_an_encoding_lacks_is_escaped_and_a_file_names_byte_is_kept():
+    """'×' and a Japanese character as backslash escapes (as Python's stderr writes them); the lone surrogate that
+    stands for a file name's byte 0xe9 (not UTF-8) as that byte, as `ls` shows the name."""
+    assert "1 × 2 日 caf\udce9".encode("ascii", ESCAPE) == b"1 \\xd7 2 \\u65e5 caf\xe9"
+    assert "caf\udce9 \ud83d".encode("utf-8", ESCAPE) == b"caf\xe9 \\ud83d"  # half an emoji: escaped, not dropped
+
+
+def test_a_stream_whose_reader_left_writes_to_dev_null_from_then_on():
+    read, write = os.pipe()
+    os.close(read)  # the reader leaves (`| head -3` after three lines)
+    note = io.StringIO()
+    stream = GuardedStream(io.TextIOWrapper(io.FileIO(write, "w"), encoding="utf-8"), "stdout")
+    stream.other = note
+    try:
+        assert stream.write("step 1\n") == 7
+        stream.flush()  # the write reaches the pipe here: EPIPE
+        print("step 2", file=stream, flush=True)
+        assert os.readlink(f"/proc/self/fd/{write}") == os.devnull
+    finally:
+        stream.close()
+    assert note.getvalue() == ""  # a closed pipe is the reader's choice: nothing to say
+
+
+@pytest.mark.parametrize("stdout", ["closed pipe", "full disk", "ascii"])
+def test_train_ends_and_saves_whatever_becomes_of_its_output(stdout, tiny_dir, data_file, tmp_path):
+    """`loraforge train ... | head -3` ended with a BrokenPipeError traceback at its fourth line, before training;
+    `> log` on a full disk with an OSError; PYTHONIOENCODING=ascii with a UnicodeEncodeError at the '×' of its data
+    line. Now each run trains and writes its adapter; the full disk is said once on stderr and in the exit code (its
+    output did not all arrive), the '×' escaped."""
+    if stdout == "full disk" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    argv = [sys.executable, "-m", "loraforge", "train", str(config), f"model.name={tiny_dir}",
+            f"data.train={data_file}", "data.eval_fraction=0", "lora.r=4", "training.max_steps=2",
+            "training.batch_size=3", "training.precision=fp32", f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"} if stdout == "ascii" else None
+    log = tmp_path / "stdout.txt"
+    with open("/dev/full" if stdout == "full disk" else log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE if stdout == "closed pipe" else out,
+                                stderr=subprocess.PIPE, text=True)
+        if stdout == "closed pipe":
+            proc.stdout.close()
+        err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == (1 if stdout == "full disk" else 0), err[-3000:]  # its output lost: as coreutils'
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    note = ("warning: cannot write to stdout (no space left on the device); the command goes on without its output "
+            "there, and it ends with exit code 1")
+    assert (note in err.splitlines()) == (stdout == "full disk")
+    if stdout == "ascii":
+        assert "13 whole steps of batch_size 3 \\xd7 gradient_accumulation 1" in log.read_text()
