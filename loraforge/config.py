@@ -607,7 +607,8 @@ class DataConfig:
     it once (packed rows share none). Where the lean attention runs (training.attention auto on CPU, or lean) and
     max_seq_len is at most 512, a micro-batch's packed rows are then joined into rows of about 2,048 tokens, padded
     to a multiple of 16 only: no padding between them (bf16 on a CPU: 1.06x the speed of padded rows on packed text,
-    1.22x on chat rows; bench/train.py's lf-padded)."""
+    1.22x on chat rows; bench/train.py's lf-padded). A model that does not keep packed examples apart (its attention
+    mask ignores position_ids: OPT, BLOOM) is never packed: auto pads its rows, true is refused."""
 
     def __post_init__(self):
         validate(self._sources_given())

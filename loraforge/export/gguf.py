@@ -16,11 +16,12 @@ import gguf
 import numpy as np
 import torch
 
-from loraforge.export.gguf_names import ExportError, add_hparams, arch_name, arch_of, gguf_name, to_gguf_layout
+from loraforge.export.gguf_names import (ExportError, add_hparams, arch_name, arch_of, check_exportable, gguf_name,
+                                         to_gguf_layout)
 from loraforge.export.gguf_vocab import check_tokenizer, copy_vocab, write_vocab
 from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
-from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, resolve_model
+from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, load_config, resolve_model
 from loraforge.utils.files import OVERWRITE, DiskError, atomic_file, disk_error, expand_user, free_bytes, fsync_tree
 from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
 
@@ -148,8 +149,8 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     tokenizer_dir = None if source is not None else Path(resolve_model(base, weights=False))
     if tokenizer_dir is not None:
         check_tokenizer(tokenizer_dir)  # before loading and merging the model
+    check_exportable(load_config(base))  # an architecture or rope scaling it cannot write: before loading too
     model, tokenizer = load_base(base, dtype="fp32")
-    arch_of(model.config)  # refuse an architecture before merging
     if adapter is not None:
         load_adapter(model, adapter)
         merge_and_unload(model)

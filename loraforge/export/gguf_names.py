@@ -37,6 +37,16 @@ def arch_of(config) -> gguf.MODEL_ARCH:
     return ARCHS[name]
 
 
+def check_exportable(config) -> gguf.MODEL_ARCH:
+    """arch_of(config), and ExportError for what add_hparams cannot write (a rope scaling): read from the config
+    alone, so a base is refused before it loads and merges (a Llama 3.1 base's rope scaling was refused after its
+    weights had loaded in fp32 and the adapter had merged)."""
+    arch = arch_of(config)
+    if arch != gguf.MODEL_ARCH.GPT2:
+        _rope_theta(config)
+    return arch
+
+
 def arch_name(arch: gguf.MODEL_ARCH) -> str:
     return gguf.MODEL_ARCH_NAMES[arch]
 

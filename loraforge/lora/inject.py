@@ -33,6 +33,7 @@ ATTENTION_TARGETS = {
     "gpt2": ("attn.c_attn", "attn.c_proj"),
     "gpt_neox": ("query_key_value", "attention.dense"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "falcon": ("query_key_value", "self_attention.dense"),
 }
 # The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().

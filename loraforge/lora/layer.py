@@ -154,6 +154,10 @@ class LoraLayer(nn.Module):
             return base_out
         if self.merged_adapters:
             raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call unmerge() first")
+        if x.dim() == 2:  # OPT's MLP takes its input flattened to (B·T, in): the rows are B runs of T tokens
+            n = len(self.row_adapters)
+            return self.mixed_rows(x.view(n, -1, x.shape[-1]), base_out.view(n, -1, base_out.shape[-1])).view(
+                base_out.shape)
         result = base_out.clone()
         for name in set(self.row_adapters) - {None}:
             if name not in self.r:

@@ -156,10 +156,15 @@ class Stack:
         self._gathered = None
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """base_out + each row's delta: the layer's `row_forward`. x: (B, T, in), base_out: (B, T, out)."""
+        """base_out + each row's delta: the layer's `row_forward`. x: (B, T, in), base_out: (B, T, out); or both
+        flattened to (B·T, ...), as OPT's MLP takes them (a mixed batch's bmm failed on them: every row of it a 500)."""
         rows = self.rows
         if rows.uniform == 0:
             return base_out  # every row is the base model
+        if x.dim() == 2:
+            n = len(rows.slots)
+            return self.forward(x.view(n, -1, x.shape[-1]), base_out.view(n, -1, base_out.shape[-1])).view(
+                base_out.shape)
         if self.g is None and cpu_kernels.fits_rows(x, self.At, self.Bt, base_out):
             # on a CPU, one adapter or many, any T: 32 rows, r=8, 120 layers of SmolLM2, bf16 stacks, a decode step's
             # per-row LoRA 3.2 ms (32 adapters) / 2.3 ms (one), against 12.8 ms for bmm on gathered copies / 3.9 ms

@@ -3,10 +3,13 @@
 `estimate("7b", "qlora", batch_size=1, seq_len=512)` → {"weights": bytes, "adapter": ..., "gradients": ...,
 "optimizer_states": ..., "activations": ..., "total": ...}. Shapes: well-known Llama sizes ("7b", "13b",
 "70b", and LLaMA-1 "65b"), a local transformers directory or the built-in model (its config.json): a Llama-style
-decoder (llama, mistral, qwen2, qwen3, or any config with their fields; head_dim where the config sets it), GPT-2
-(Conv1D layers, learned positions, biases everywhere) or a mixture of experts it knows (mixtral, qwen2_moe with its
-shared expert, qwen3_moe). Another config, or another mixture of experts, is refused in one short line naming its
-model_type. Parameter counts are exact for these (biases included: Qwen2's q/k/v, Llama's attention_bias).
+decoder (llama, mistral, qwen2, qwen3, gemma 1-3, or any config with their fields and their block; head_dim where
+the config sets it), Phi-3 (the same block with fused qkv_proj and gate_up_proj), GPT-2 (Conv1D layers, learned
+positions, biases everywhere) or a mixture of experts it knows (mixtral, qwen2_moe with its shared expert,
+qwen3_moe). Another config, or another mixture of experts, is refused in one short line naming its model_type; so is
+a config with Llama's fields whose model holds other layers (GPT-NeoX, OLMo 2, Cohere, StableLM: the
+model transformers builds from the config, on the meta device, is counted against the reading). Parameter counts are
+exact for these (biases included: Qwen2's q/k/v, Llama's attention_bias).
 
 What each part counts, per the training loop in train.py (trainable weights kept in fp32):
   weights           frozen base in `dtype` (bf16: 2 bytes); QLoRA: linear layers at 4.127 bits (NF4 + double
@@ -31,14 +34,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
 from loraforge.argtypes import NonEmpty, PositiveInt
-from loraforge.config import MAX_RANK, ConfigError, digits_shown
-from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, resolve_model
+from loraforge.config import MAX_RANK, ConfigError, LoraConfig, digits_shown
+from loraforge.lora.inject import find_targets
+from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, model_skeleton, resolve_model
 from loraforge.training.loss import HEAD_CHUNK
 from loraforge.utils.files import expand_user
 from loraforge.utils.table import text_table
@@ -68,7 +73,10 @@ class ModelShape:
     experts_per_token: int = 0
     """Experts each token is routed to (num_experts_per_tok); decides the MLP's activations."""
     qk_norm: bool = False
-    """An RMSNorm of head_dim on the queries and one on the keys in every layer (Qwen3)."""
+    """An RMSNorm of head_dim on the queries and one on the keys in every layer (Qwen3, Gemma 3)."""
+    layer_norms: int = 2
+    """Norms in each decoder layer: 2 (before attention and before the MLP), 4 where Gemma 2 and 3 also norm each
+    sublayer's output."""
     biased: tuple[str, ...] = ()
     """The linear layers of linear_shapes that hold a bias (out values): Qwen2's q/k/v, all of GPT-2's."""
     shared_expert_size: int = 0
@@ -79,6 +87,9 @@ class ModelShape:
     bias, learned position embeddings (positions × hidden)."""
     positions: int = 0
     """Learned position embeddings (GPT-2's n_positions); 0: rotary, no parameters."""
+    fused: bool = False
+    """Phi-3's block: q, k and v in one linear (qkv_proj: hidden → q + 2·kv), gate and up in one (gate_up_proj:
+    hidden → 2·intermediate); the same weights as Llama's, fewer LoRA factors."""
 
     @property
     def head_size(self) -> int:
@@ -97,6 +108,8 @@ class ModelShape:
         h, i, q, kv, s = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim, self.shared_expert_size
         if self.gpt2:
             return {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, i), "mlp.c_proj": (i, h)}
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         if self.num_experts:
             shared = {"shared_expert.gate_proj": (h, s), "shared_expert.up_proj": (h, s),
@@ -125,10 +138,10 @@ class ModelShape:
 
     @property
     def norm_params(self) -> int:
-        """Two norms a layer and a final one (weight; LayerNorm's bias too), and Qwen3's q/k norms."""
+        """The layers' norms and a final one (weight; LayerNorm's bias too), and Qwen3's q/k norms."""
         qk = 2 * self.head_size if self.qk_norm else 0
         per_norm = 2 * self.hidden_size if self.gpt2 else self.hidden_size
-        return (2 * self.num_hidden_layers + 1) * per_norm + self.num_hidden_layers * qk
+        return (self.layer_norms * self.num_hidden_layers + 1) * per_norm + self.num_hidden_layers * qk
 
     @property
     def total_params(self) -> int:
@@ -161,7 +174,8 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "paged_adamw": 8.0,
 # of experts is num_local_experts (as transformers 5 saves it) or num_experts (Qwen's hub configs).
 MOE_WIDTH = {"mixtral": "intermediate_size", "qwen2_moe": "moe_intermediate_size",
              "qwen3_moe": "moe_intermediate_size"}
-QK_NORM = ("qwen3", "qwen3_moe")  # model types with an RMSNorm on q and on k
+QK_NORM = ("qwen3", "qwen3_moe", "gemma3_text")  # model types with an RMSNorm on q and on k
+SANDWICH_NORMS = ("gemma2", "gemma3_text")  # model types with 4 norms a layer (each sublayer's input and output)
 QKV_BIAS = ("qwen2", "qwen2_moe")  # q/k/v with a bias (qwen2_moe: unless its qkv_bias says false)
 LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 GPT2_FIELDS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
@@ -186,7 +200,46 @@ def model_shape(model: str | ModelShape) -> ModelShape:
     except json.JSONDecodeError as e:
         raise ConfigError([f"{file} is not valid JSON ({e})"]) from None
     check_config_values(cfg, file)
-    return config_shape({**class_defaults(model), **cfg})
+    cfg = {**class_defaults(model), **cfg}
+    shape = config_shape(cfg)
+    check_against_model(shape, model, cfg.get("model_type"))
+    return shape
+
+
+READS = ("llama, mistral, qwen2, qwen3, gemma (1-3), phi3, gpt2 and the mixtures of experts mixtral, qwen2_moe, "
+         "qwen3_moe")
+"""What the estimate reads, as its refusals name it."""
+
+
+def _in_out(module) -> tuple[int, int]:
+    """(in, out) of a linear layer: GPT-2's Conv1D stores its weight (in, out), nn.Linear (out, in)."""
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def check_against_model(shape: ModelShape, model: str, kind) -> None:
+    """ConfigError (one line naming the model_type) where the model transformers builds from the config, on the
+    meta device (no weights read or held), has other parameters or other linear layers than `shape` reads: a config
+    with Llama's fields is not always Llama's block (GPT-NeoX's biased LayerNorms and ungated MLP, OLMo 2's extra
+    norms, Phi-3's fused layers were counted as Llama's, silently). A model_type transformers cannot build is not
+    checked (config.json alone is read)."""
+    try:
+        skeleton = model_skeleton(model)
+    except Exception:  # noqa: BLE001 -- an unknown model_type, a config its class refuses: read as it says
+        return
+    total = sum(p.numel() for p in skeleton.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-linear on a mixture of experts: its experts get no adapter (said)
+        paths = find_targets(skeleton, LoraConfig(target_modules="all-linear"))
+    linear = sorted(_in_out(skeleton.get_submodule(p)) for p in paths)
+    read = sorted(shape.linear_shapes().values()) * shape.num_hidden_layers
+    if total == shape.total_params and linear == sorted(read):
+        return
+    sizes = "a Llama-style decoder of its config.json's sizes"
+    differs = (f"holds {total:,} parameters where {sizes} holds {shape.total_params:,}" if total != shape.total_params
+               else f"has other linear layers (so other LoRA factors) than {sizes}")
+    raise ConfigError([f"model_type {kind!r}: its model {differs}; the estimate reads {READS}"])
 
 
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
@@ -254,7 +307,8 @@ def config_shape(cfg: dict) -> ModelShape:
     shape = ModelShape(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], heads,
                        cfg.get("num_key_value_heads") or heads, cfg["vocab_size"],
                        bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
-                       qk_norm=kind in QK_NORM, biased=biased)
+                       qk_norm=kind in QK_NORM, biased=biased, fused=kind == "phi3",
+                       layer_norms=4 if kind in SANDWICH_NORMS else 2)
     count = cfg.get("num_local_experts") or cfg.get("num_experts")
     if kind not in MOE_WIDTH or not count:  # (qwen3_moe with 0 experts: dense MLPs)
         return shape

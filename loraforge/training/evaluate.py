@@ -56,12 +56,16 @@ def eval_batch_size(examples: list[D.Example], width: int, at_least: int = 8) ->
 
 @torch.no_grad()  # no graph: a model with trainable weights saved every layer's activations here
 def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: int | None = None,
-                    packing: bool = True, max_seq_len: int = 2048, precision: str = "fp32",
+                    packing: bool | str = "auto", max_seq_len: int = 2048, precision: str = "fp32",
                     head_buffers: HeadBuffers | None = None) -> float:
     """Mean cross-entropy per supervised token over `examples` (perplexity = exp of it), `batch_size` examples a
     forward (None: eval_batch_size's). head_buffers: the training loss's (CausalLMLoss.head_buffers), so that
-    evaluation between steps allocates no second set."""
+    evaluation between steps allocates no second set. packing: True/False as given (a run's, resolved with its
+    model); "auto" packs where the model keeps packed examples apart (data.keeps_packed_apart: OPT's and BLOOM's
+    perplexities were of examples attending to each other)."""
     batch_size = batch_size or eval_batch_size(examples, mlp_width(model))
+    if packing == "auto":
+        packing = D.keeps_packed_apart(model)
     device = next(model.parameters()).device
     loss_fn = CausalLMLoss(model, share_prefix=shares_prefix("auto", device), head_buffers=head_buffers)
     was_training = model.training

@@ -202,10 +202,12 @@ def _not_held_out(stats: dict) -> str:
             f"data.eval for a held-out loss)")
 
 
-def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing, join: bool = False) -> str:
+def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool, packing, join: bool = False,
+                mixes: str | None = None) -> str:
     """The data line of a run: examples, and why its batches are packed or not (net: padding_fraction less what
     shared prefixes save; packed rows compute one position per real token and share nothing); join: the packed
-    rows are joined (data.join_rows)."""
+    rows are joined (data.join_rows); mixes: the model class that would have been packed but does not keep packed
+    examples apart (data.keeps_packed_apart)."""
     eos = (f", {stats['n_eos_stripped']} ending in the EOS text (learnt once)"
            if stats.get("n_eos_stripped") else "")
     overflow = stats.get("held_out_overflow")
@@ -230,6 +232,8 @@ def data_report(stats: dict, n_eval: int, padding: float, net: float, pack: bool
     if pack:
         return text + (f": packed, a batch's rows joined into rows of about {D.JOIN_MAX_TOKENS} tokens (no padding "
                        f"between them)" if join else ": packed")
+    if mixes:
+        return text + f": not packed ({mixes} does not keep packed examples apart)"
     return text + f": not packed (data.packing={packing}" + (f"; auto packs from {rule})" if packing == "auto" else ")")
 
 
@@ -461,6 +465,13 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
               data_fingerprint=data_fingerprint)
+    # FSDP: the model's layers are shards whose root is the loss module; its packing is not probed
+    probe = mode != "fsdp"
+    if probe and cfg.data.packing is True and not D.keeps_packed_apart(model):  # before an earlier run is deleted
+        raise ConfigError([f"data.packing: true, but {type(model).__name__} does not keep packed examples apart (its "
+                           f"attention mask ignores position_ids), so each would attend to the ones before it in "
+                           f"its row; use data.packing: false (or auto, which packs only models that keep them "
+                           f"apart)"])
     for d in stale:  # the earlier run's results and checkpoints, deleted once data, model and settings have all
         # been accepted (a run refused for its data leaves the earlier run resumable); each renamed aside first, so
         # a kill leaves it whole or not at all (the next run sweeps `.old-*`)
@@ -482,14 +493,17 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     padding = D.padding_fraction(drawn, t.batch_size)
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
+    # auto: packed only where the model keeps packed examples apart (true was checked above); every rank asks
+    apart = not probe or cfg.data.packing is True or not run.pack or D.keeps_packed_apart(model)
+    run.pack = run.pack and apart
     run.join = run.pack and joins_rows(training_attention(cfg, device, model.config), cfg.data.max_seq_len)
     # glibc's heap handed back when train() returns or raises
     run.slab = hold_memory(held, model, t.reuse_memory, t.activation_buffer, device, run.pack, run.sharded, t.compile)
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(parameter_report(model), flush=True)
-        print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing, run.join),
-              flush=True)
+        print(data_report(data_stats, len(eval_examples), padding, net, run.pack, cfg.data.packing, run.join,
+                          None if apart else type(model).__name__), flush=True)
         if left_out := left_out_line(cfg, first_epoch, len(mixture.epoch_order(0)), per_epoch, world):
             print(left_out, flush=True)
         if memory_line := allocator_line(device.type, run.pack):  # what to preload depends on packing

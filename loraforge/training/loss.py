@@ -150,7 +150,10 @@ def _checkpointed_layer(m: nn.Module) -> bool:
 
 
 _DROPOUT_CONFIG = ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
-                   "hidden_dropout_prob", "attention_probs_dropout_prob")
+                   "hidden_dropout_prob", "attention_probs_dropout_prob",
+                   # functional dropout and LayerDrop that no nn.Dropout module shows: OPT's (0.1 in its released
+                   # configs), XGLM's, GPT-Neo's, MPT's
+                   "dropout", "activation_dropout", "layerdrop", "embed_dropout", "resid_dropout", "emb_pdrop")
 
 
 def prefix_cache(backbone: nn.Module):

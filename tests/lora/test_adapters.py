@@ -229,6 +229,31 @@ def test_mixed_batch_rows_equal_single_adapter_runs(tmp_path, input_ids):
         torch.testing.assert_close(mixed[row], refs[name][row])
 
 
+def test_mixed_batch_rows_equal_single_adapter_runs_on_a_base_that_flattens_its_rows(input_ids):
+    """OPT's MLP takes its input flattened to (B·T, in): mixed_rows indexed those tokens as if they were rows (the
+    first B tokens got the rows' adapters, fc1's and fc2's deltas of every other token were lost)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).eval()
+    for name, r in (("a", 4), ("b", 2)):
+        inject(model, LoraConfig(r=r, target_modules=("fc1", "fc2")), name)
+    randomize(model)
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        with mixed_batch(model, names):
+            mixed = model(input_ids).logits
+        refs = {}
+        for name in ("a", "b"):
+            set_adapter(model, name)
+            refs[name] = model(input_ids).logits
+        with disable_adapters(model):
+            refs[None] = model(input_ids).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], refs[name][row])
+
+
 def test_merge_is_explicit_idempotent_and_exact(input_ids):
     model = randomize(inject(tiny_gpt2(), LoraConfig(r=4, target_modules="all-linear")))
     weights_before = {p: m.base_layer.weight.clone() for p, m in lora_layers(model)}

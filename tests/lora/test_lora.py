@@ -90,6 +90,33 @@ def test_default_targets_are_attention_projections():
                                                        for n in ("c_attn", "c_proj")]
 
 
+TINY = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+ATTENTION_OF = {  # a tiny model of each architecture whose attention projections are not q/k/v/o_proj
+    "gptj": (lambda t: t.GPTJForCausalLM(t.GPTJConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)),
+             "transformer.h.{}.attn.", ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "opt": (lambda t: t.OPTForCausalLM(t.OPTConfig(**TINY, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32)),
+            "model.decoder.layers.{}.self_attn.", ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "phi3": (lambda t: t.Phi3ForCausalLM(t.Phi3Config(**TINY, hidden_size=32, intermediate_size=64, pad_token_id=0)),
+             "model.layers.{}.self_attn.", ("qkv_proj", "o_proj")),
+    "gpt_neox": (lambda t: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**TINY, hidden_size=32, intermediate_size=64)),
+                 "gpt_neox.layers.{}.attention.", ("query_key_value", "dense")),
+    "falcon": (lambda t: t.FalconForCausalLM(t.FalconConfig(**TINY, hidden_size=32)),
+               "transformer.h.{}.self_attention.", ("query_key_value", "dense")),
+}
+
+
+@pytest.mark.parametrize("arch", list(ATTENTION_OF))
+def test_default_targets_are_each_architectures_attention_projections(arch):
+    """The default (target_modules None) is every layer's attention projections, fused ones included, under each
+    architecture's names: GPT-J's out_proj was left out (its q, k and v alone, found by the q/k/v/o_proj names)."""
+    import transformers
+
+    build, prefix, names = ATTENTION_OF[arch]
+    torch.manual_seed(0)
+    assert sorted(find_targets(build(transformers), LoraConfig())) == sorted(
+        prefix.format(i) + n for i in (0, 1) for n in names)
+
+
 def test_target_modules_list_regex_all_linear_and_layers():
     model = tiny_llama()
     names = lambda cfg: sorted(find_targets(model, cfg))  # noqa: E731

@@ -159,3 +159,41 @@ def test_pissa_and_olora_adapters_serve_on_the_original_base(base, tokenizer, tm
             assert tokens == want, name
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["decode-kernel", "bmm"])
+def test_a_mixed_batch_on_a_base_that_flattens_its_rows_equals_peft(tokenizer, tmp_path, kernels, monkeypatch):
+    """OPT's MLP takes its input flattened to (B·T, in): a mixed batch with adapters on fc1/fc2 failed in its bmm
+    ("batch1 must be a 3D tensor"), every request of the batch a 500, base rows too (a soak's 4 of 6 concurrent
+    requests); the library's mixed_batch indexed tokens as rows. Each row's greedy tokens now equal PEFT's."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                                   dropout=0.0)).eval()
+    for i, name in enumerate(("a", "b")):
+        model = copy.deepcopy(opt)
+        torch.manual_seed(300 + i)
+        inject(model, LoraConfig(r=2 + 2 * i, target_modules="all-linear", init_lora_weights=False), name)
+        save_adapter(model, tmp_path / name, name)
+    names = ["a", None, "b", "a", "b"]
+    engine = Engine(copy.deepcopy(opt), tokenizer, adapters={"a": tmp_path / "a", "b": tmp_path / "b"})
+    try:
+        ps = prompts(len(tokenizer), [5, 9, 3, 7, 4], seed=22)
+        gate, holding = threading.Event(), threading.Event()
+        engine.call(lambda: (holding.set(), gate.wait(60)))
+        assert holding.wait(30)
+        queues = []
+        for name, p in zip(names, ps):
+            queues.append(queue.Queue())
+            engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
+        gate.set()
+        got = [collect(q)[0] for q in queues]
+        assert engine.stats["max_running"] == len(names)  # one batch
+        for name, p, tokens in zip(names, ps, got):
+            assert tokens == (peft_greedy(opt, tmp_path / name, p, N) if name else full_forward_greedy(opt, p, N))
+    finally:
+        engine.stop()

@@ -277,11 +277,13 @@ SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "gemma2", "gemma3_text"])
 def test_parameter_counts_equal_the_real_models(arch, tmp_path):
     """Model and LoRA (all-linear, r=16) parameters, estimated from config.json, equal those of the model built
     from it: Qwen3 sets head_dim apart from hidden/heads (and norms q and k), the MoE models hold experts and a
-    router per layer (3-D tensors that "all-linear" does not adapt)."""
+    router per layer (3-D tensors that "all-linear" does not adapt). Phi-3's fused qkv_proj and gate_up_proj were
+    counted as seven LoRA layers (26,624 adapter parameters read as 32,768 in a soak), Gemma 2's and 3's four norms
+    a layer (and Gemma 3's q/k norms) as Llama's two."""
     import transformers
 
     from loraforge.lora.inject import count_parameters, inject
@@ -291,9 +293,13 @@ def test_parameter_counts_equal_the_real_models(arch, tmp_path):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[arch]
     extra = {"llama": {}, "qwen3": {"head_dim": 48}, "mixtral": {"num_local_experts": 4},
-             "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 40, "head_dim": 24}}[arch]
+             "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 40, "head_dim": 24}, "phi3": {"pad_token_id": 0},
+             "gemma2": {"head_dim": 24}, "gemma3_text": {"head_dim": 24}}[arch]
     torch.manual_seed(0)
     real = model(config(**SIZES, **extra))
     real.save_pretrained(tmp_path)
@@ -377,6 +383,35 @@ def test_architectures_it_cannot_read_are_refused_in_one_short_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         config_shape({"model_type": "gpt2", "n_layer": 2, "n_head": 4, "vocab_size": 10, "n_positions": 8})
     assert e.value.problems == ["model_type 'gpt2': its config.json lacks n_embd"]
+
+
+OTHER_BLOCKS = {  # configs with Llama's fields whose models hold other layers
+    "gpt_neox": lambda t: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SIZES)),
+    "olmo2": lambda t: t.Olmo2ForCausalLM(t.Olmo2Config(**SIZES, pad_token_id=0)),
+    "cohere": lambda t: t.CohereForCausalLM(t.CohereConfig(**SIZES, pad_token_id=0)),
+    "stablelm": lambda t: t.StableLmForCausalLM(t.StableLmConfig(**SIZES)),
+}
+
+
+@pytest.mark.parametrize("arch", list(OTHER_BLOCKS))
+def test_configs_with_llama_fields_and_another_block_are_refused_in_one_line(arch, tmp_path):
+    """A soak's GPT-NeoX, OLMo 2, Cohere and StableLM folders were read as Llama blocks: wrong totals (GPT-NeoX's
+    LayerNorm biases and ungated MLP; OLMo 2's q/k norms; Cohere's one norm a layer) and GPT-NeoX's LoRA count 42%
+    high, printed as if exact. Now the model transformers builds from the config (on the meta device) is counted
+    against the reading, and a difference is one line naming the model_type and what the estimate reads."""
+    import transformers
+
+    torch.manual_seed(0)
+    real = OTHER_BLOCKS[arch](transformers)
+    real.save_pretrained(tmp_path)
+    total = sum(p.numel() for p in real.parameters())
+    with pytest.raises(ConfigError) as e:
+        cli_estimate(str(tmp_path), "lora", seq_len=16)
+    read = config_shape(real.config.to_dict()).total_params
+    assert e.value.problems == [
+        f"--model {str(tmp_path)!r}: model_type {arch!r}: its model holds {total:,} parameters where a Llama-style "
+        f"decoder of its config.json's sizes holds {read:,}; the estimate reads llama, mistral, qwen2, qwen3, gemma "
+        f"(1-3), phi3, gpt2 and the mixtures of experts mixtral, qwen2_moe, qwen3_moe"]
 
 
 def test_per_device_memory_under_fsdp_and_ddp():

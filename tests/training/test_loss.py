@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
 from transformers.utils import generic as transformers_generic
 
 from helpers import VOCAB, tiny_llama
@@ -146,6 +146,13 @@ def test_shared_prefix_is_skipped_where_it_would_change_the_math():
     assert loss_fn.prefix_to_share(batch) == 24  # evaluation: dropout is off
     model = _lora(tiny_llama(seed=4, attention_dropout=0.1))
     assert CausalLMLoss(model).prefix_to_share(batch) == 0
+    for drop in ("dropout", "layerdrop"):  # OPT's (a soak's OPT run shared its prefix with dropout 0.1 on)
+        torch.manual_seed(0)
+        opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                       num_attention_heads=4, word_embed_proj_dim=32, **{"dropout": 0.0, drop: 0.1}))
+        assert CausalLMLoss(_lora(opt)).prefix_to_share(batch) == 0
+        opt.config.update({drop: 0.0})
+        assert CausalLMLoss(opt).prefix_to_share(batch) == 24  # no dropout: shared
     torch.manual_seed(0)
     mistral = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -577,3 +577,46 @@ def test_a_source_too_small_to_split_says_nothing_is_held_out(tiny_dir, data_fil
     assert result.data_stats["not_held_out"] == ["n19.jsonl"]
     assert ("19 train examples (0 truncated, 0 dropped), 0 held out (data.eval_fraction holds out nothing from "
             "n19.jsonl: under 20 records; give data.eval for a held-out loss)") in capsys.readouterr().out
+
+
+def test_packing_is_refused_or_skipped_for_a_model_that_mixes_packed_examples(tiny_dir, tmp_path, capsys):
+    """OPT builds a plain causal mask whatever the position_ids say, so each packed example attended to the ones
+    before it: a soak's OPT run packed (data.packing auto or true) trained on a loss 1e-3 off the padded run's, and
+    `loraforge eval` packed its examples for perplexity. Now true is refused in one line, auto pads (the data line
+    says why), and evaluation pads: the same losses as data.packing=false."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from loraforge.training.evaluate import mean_token_loss
+
+    tok = load_tokenizer(str(tiny_dir))
+    base = tmp_path / "opt"
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "varied.jsonl"  # answers of 1 to 100 words: padded batches would be mostly padding
+    data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
+                                        "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
+    losses = {}
+    for packing in ("false", "auto", "true"):
+        cfg = load_train_config(None, [f"model.name={base}", f"data.train={data}", "data.eval_fraction=0",
+                                       f"output_dir={tmp_path / packing}", f"data.packing={packing}", "lora.r=4",
+                                       "training.max_steps=2", "training.batch_size=4", "training.precision=fp32",
+                                       "training.warmup_steps=0"])
+        if packing == "true":
+            with pytest.raises(ConfigError) as e:
+                train(cfg, progress=False)
+            assert e.value.problems == [
+                "data.packing: true, but OPTForCausalLM does not keep packed examples apart (its attention mask "
+                "ignores position_ids), so each would attend to the ones before it in its row; use data.packing: "
+                "false (or auto, which packs only models that keep them apart)"]
+            continue
+        train(cfg, progress=False)
+        losses[packing] = [m["loss"] for m in read_metrics(tmp_path / packing / "metrics.jsonl") if "loss" in m]
+    assert len(losses["false"]) == 2 and losses["auto"] == losses["false"]
+    assert "not packed (OPTForCausalLM does not keep packed examples apart)" in capsys.readouterr().out
+    model = OPTForCausalLM.from_pretrained(base)
+    examples = D.build_dataset(D.read_records(str(data)), tok)[0]
+    assert D.keeps_packed_apart(model) is False and D.keeps_packed_apart(tiny_llama()) is True
+    assert mean_token_loss(model, examples, tok.pad_token_id) == pytest.approx(  # auto: `loraforge eval`'s
+        mean_token_loss(model, examples, tok.pad_token_id, packing=False), rel=1e-6)
