@@ -5,7 +5,9 @@ Imported by test modules (`from helpers import tiny_llama`); conftest.py holds o
 
 import contextlib
 import copy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +164,18 @@ def assert_same_adapter(run, reference) -> None:
     assert got.keys() == want.keys(), run
     for key, tensor in want.items():
         assert torch.equal(got[key], tensor), (run, key)
+
+
+@contextlib.contextmanager
+def output_held_elsewhere(out: Path):
+    """Another process holding `out` as a live run does (outputs.hold_output): yields its Popen, killed at the end."""
+    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
+           f"    print('held', flush=True)\n    time.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

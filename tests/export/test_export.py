@@ -641,8 +641,9 @@ def test_vllm_conversion_keeps_exclude_modules_and_layers_pattern(tmp_path):
     from loraforge.export.vllm import convert_for_vllm
 
     model = tiny_llama()
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"), exclude_modules=("layers.0.self_attn.q_proj",),
-                        layers_to_transform=(0,), layers_pattern="layers")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"),
+                        exclude_modules=("layers.0.self_attn.q_proj",), layers_to_transform=(0,),
+                        layers_pattern="layers")
     inject(model, config)
     randomize(model)
     save_adapter(model, tmp_path / "a")

@@ -60,6 +60,19 @@ def variants(base, tmp_path_factory):  # noqa: F811
     return root
 
 
+def greedy_in_one_batch(engine, names, ps):
+    """Each prompt's N greedy tokens, all submitted while the engine is held so that they start in one batch."""
+    gate, holding = threading.Event(), threading.Event()
+    engine.call(lambda: (holding.set(), gate.wait(60)))
+    assert holding.wait(30)
+    queues = []
+    for name, p in zip(names, ps):
+        queues.append(queue.Queue())
+        engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
+    gate.set()
+    return [collect(q)[0] for q in queues]
+
+
 @pytest.mark.parametrize("kernels", [True, False], ids=["decode-kernel", "bmm"])
 def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants, kernels, monkeypatch):  # noqa: F811
     """Decode steps through cpu_kernels.lora_rows (where it runs) and through bmm on gathered copies."""
@@ -69,15 +82,7 @@ def test_mixed_batch_of_variants_equals_peft(base, tokenizer, variants, kernels,
     engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: variants / n for n in set(names) - {None}})
     try:
         ps = prompts(len(tokenizer), [5, 9, 3, 12, 7, 4, 10, 6], seed=21)
-        gate, holding = threading.Event(), threading.Event()
-        engine.call(lambda: (holding.set(), gate.wait(60)))
-        assert holding.wait(30)
-        queues = []
-        for name, p in zip(names, ps):
-            queues.append(queue.Queue())
-            engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
-        gate.set()
-        got = [collect(q)[0] for q in queues]
+        got = greedy_in_one_batch(engine, names, ps)
         assert engine.stats["max_running"] == len(names)  # one batch mixing every kind
         for name, p, tokens in zip(names, ps, got):
             want = peft_greedy(base, variants / name, p, N) if name else peft_greedy_base(base, p)
@@ -183,15 +188,7 @@ def test_a_mixed_batch_on_a_base_that_flattens_its_rows_equals_peft(tokenizer, t
     engine = Engine(copy.deepcopy(opt), tokenizer, adapters={"a": tmp_path / "a", "b": tmp_path / "b"})
     try:
         ps = prompts(len(tokenizer), [5, 9, 3, 7, 4], seed=22)
-        gate, holding = threading.Event(), threading.Event()
-        engine.call(lambda: (holding.set(), gate.wait(60)))
-        assert holding.wait(30)
-        queues = []
-        for name, p in zip(names, ps):
-            queues.append(queue.Queue())
-            engine.submit(p, name, SamplingParams(max_tokens=N, ignore_eos=True), queues[-1].put)
-        gate.set()
-        got = [collect(q)[0] for q in queues]
+        got = greedy_in_one_batch(engine, names, ps)
         assert engine.stats["max_running"] == len(names)  # one batch
         for name, p, tokens in zip(names, ps, got):
             assert tokens == (peft_greedy(opt, tmp_path / name, p, N) if name else full_forward_greedy(opt, p, N))

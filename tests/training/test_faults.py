@@ -21,7 +21,7 @@ import torch.distributed as dist
 import transformers.modeling_utils
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from helpers import stop_in_last_save
+from helpers import output_held_elsewhere, stop_in_last_save
 
 import loraforge.training.loop as T
 from loraforge.cli import main
@@ -662,15 +662,8 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_first(tiny_di
     """A process holding output_dir (as a live run does) makes a second `train --resume` there exit 2 with one line
     naming its pid, before it reads a checkpoint; once it is gone, a run there goes ahead and leaves no lock."""
     out = tmp_path / "run"
-    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
-           f"    print('held', flush=True)\n    time.sleep(120)\n"
-    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with output_held_elsewhere(out) as holder:
         proc = cli(["train", *run_args(tiny_dir, data_file, out), "--resume"], tmp_path)
-    finally:
-        holder.kill()
-        holder.wait()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert one_error_line(proc.stderr) == (f"error: another loraforge process (pid {holder.pid}) is training into "
                                            f"output_dir {out}; wait for it to end, or choose another output_dir")

@@ -28,7 +28,7 @@ from loraforge.lora.inject import inject
 from loraforge.utils.outputs import OutputError, check_output
 from loraforge.training.data import DataError
 from loraforge.training.loop import last_checkpoint, train
-from helpers import randomize
+from helpers import output_held_elsewhere, randomize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,16 +146,8 @@ def test_merge_and_export_into_a_live_runs_output_dir_are_refused_even_with_over
     be deleted with it. Refused naming the run's pid; the run's own check under its lock (check_run_output) and a
     folder whose run has ended (a stale .lock) are not."""
     out = tmp_path / "run"
-    hold = f"import time\nfrom loraforge.utils.outputs import hold_output\nwith hold_output({str(out)!r}):\n" \
-           f"    print('held', flush=True)\n    time.sleep(120)\n"
-    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(OutputError) as e:
-            check_output(out, overwrite=True)
-    finally:
-        holder.kill()
-        holder.wait()
+    with output_held_elsewhere(out) as holder, pytest.raises(OutputError) as e:
+        check_output(out, overwrite=True)
     assert str(e.value) == (f"another loraforge process (pid {holder.pid}) is training into --out {out}; wait for it "
                             f"to end, or choose another --out")
     check_output(out, overwrite=True)  # the holder was killed: its lock went with it
