@@ -38,15 +38,18 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-def finite_choice(logits: torch.Tensor, token: int, when: str = "") -> int:
+OVERFLOWED = "the forward overflowed, in the base or the adapter (an adapter's huge lora_alpha or weights?)"
+"""Why logits are not finite where nothing narrower is known (in fp16: precision.overflow_fix)."""
+
+
+def finite_choice(logits: torch.Tensor, token: int, when: str = "", fix: str = OVERFLOWED) -> int:
     """`token`, row (V,)'s argmax, if its logit is finite; else FloatingPointError: a NaN anywhere in the row is
     the argmax (counted above everything), and a NaN or an infinity there means the forward overflowed (an
-    adapter's huge lora_alpha or weights, say) and the token means nothing. `when`: where, for the message."""
+    adapter's huge lora_alpha or weights, say) and the token means nothing. `when`: where, for the message;
+    `fix`: why and what to change."""
     value = float(logits[token])
     if not math.isfinite(value):
-        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}){when}: the "
-                                 f"forward overflowed, in the base or the adapter (an adapter's huge lora_alpha or "
-                                 f"weights?)")
+        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}){when}: {fix}")
     return token
 
 
