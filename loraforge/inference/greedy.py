@@ -122,9 +122,10 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
 
 @torch.no_grad()
 def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens: int,
-           on_token: Callable[[int], None]) -> list[int]:
-    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer).
-    A prompt and max_new_tokens past the model's context are refused (check_fits)."""
+           on_token: Callable[[int], None], until: Callable[[], bool] = lambda: False) -> list[int]:
+    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer);
+    `until()`, asked after each, True ends it there (generate: its reader left). A prompt and max_new_tokens past
+    the model's context are refused (check_fits)."""
     check_fits(model, len(prompt), max_new_tokens)
     decoder = Decoder(model, max_batch=1, max_len=len(prompt) + max_new_tokens)
     logits = decoder.forward(torch.tensor([prompt], device=decoder.device),
@@ -134,7 +135,7 @@ def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens:
         token = finite_choice(logits[0], argmax_rows(logits)[0], f" after {len(out)} tokens")  # soak: "" and exit 0
         out.append(token)
         on_token(token)
-        if token in stop or len(out) == max_new_tokens:
+        if token in stop or len(out) == max_new_tokens or until():
             return out
         logits = decoder.forward(torch.tensor([[token]], device=decoder.device),
                                  torch.tensor([len(prompt) + len(out) - 1], device=decoder.device))
