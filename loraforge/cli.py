@@ -25,7 +25,7 @@ import warnings
 
 from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
 from loraforge.utils.parent import follow_agent
-from loraforge.utils.streams import guard_streams, output_failed
+from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
@@ -157,7 +157,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     from transformers import TextStreamer
 
     from loraforge.config import ConfigError
-    from loraforge.decoding import FiniteLogits, stop_ids
+    from loraforge.decoding import FiniteLogits, Until, stop_ids
     from loraforge.inference.greedy import check_fits
     from loraforge.inference.greedy import stream as static_stream
     from loraforge.inference.llama import unsupported
@@ -190,13 +190,14 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     if not sampling and chosen.compute == "fp32" and chosen.storage == "fp32" and unsupported(base) is None:
         streamer.put(enc["input_ids"])  # the prompt, which the streamer skips
         static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer), max_new_tokens,
-                      lambda token: streamer.put(torch.tensor([token])))
+                      lambda token: streamer.put(torch.tensor([token])), until=stdout_lost)  # `| head -c 10`
         streamer.end()
         return
     with chosen.autocast("cpu"):
         base.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sampling,
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                       top_k=None, streamer=streamer, logits_processor=[FiniteLogits(overflow_fix(chosen))],
+                      stopping_criteria=[Until(stdout_lost)],
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
 
 

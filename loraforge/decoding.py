@@ -57,6 +57,17 @@ class FiniteLogits:
         return scores
 
 
+class Until:
+    """A transformers stopping criterion (generate's `stopping_criteria=[...]`) that ends every row once `done()`
+    is True: `loraforge generate ... | head -c 10` generated on to --max-new-tokens after its reader had left."""
+
+    def __init__(self, done):
+        self.done = done
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.done()), dtype=torch.bool, device=input_ids.device)
+
+
 def select_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Keep rows `index` of a left-padded cache (in place) and of its mask, dropping the columns that are padding
     in every row left; returns the new mask."""

@@ -38,15 +38,18 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-def finite_choice(logits: torch.Tensor, token: int, when: str = "") -> int:
+OVERFLOWED = "the forward overflowed, in the base or the adapter (an adapter's huge lora_alpha or weights?)"
+"""Why logits are not finite where nothing narrower is known (in fp16: precision.overflow_fix)."""
+
+
+def finite_choice(logits: torch.Tensor, token: int, when: str = "", fix: str = OVERFLOWED) -> int:
     """`token`, row (V,)'s argmax, if its logit is finite; else FloatingPointError: a NaN anywhere in the row is
     the argmax (counted above everything), and a NaN or an infinity there means the forward overflowed (an
-    adapter's huge lora_alpha or weights, say) and the token means nothing. `when`: where, for the message."""
+    adapter's huge lora_alpha or weights, say) and the token means nothing. `when`: where, for the message;
+    `fix`: why and what to change."""
     value = float(logits[token])
     if not math.isfinite(value):
-        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}){when}: the "
-                                 f"forward overflowed, in the base or the adapter (an adapter's huge lora_alpha or "
-                                 f"weights?)")
+        raise FloatingPointError(f"the model's logits are not finite (the greedy choice's is {value}){when}: {fix}")
     return token
 
 
@@ -119,9 +122,10 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop: list[int], max_new_
 
 @torch.no_grad()
 def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens: int,
-           on_token: Callable[[int], None]) -> list[int]:
-    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer).
-    A prompt and max_new_tokens past the model's context are refused (check_fits)."""
+           on_token: Callable[[int], None], until: Callable[[], bool] = lambda: False) -> list[int]:
+    """One prompt's greedy continuation, `on_token(token)` called as each token comes (a terminal's streamer);
+    `until()`, asked after each, True ends it there (generate: its reader left). A prompt and max_new_tokens past
+    the model's context are refused (check_fits)."""
     check_fits(model, len(prompt), max_new_tokens)
     decoder = Decoder(model, max_batch=1, max_len=len(prompt) + max_new_tokens)
     logits = decoder.forward(torch.tensor([prompt], device=decoder.device),
@@ -131,7 +135,7 @@ def stream(model: nn.Module, prompt: list[int], stop: list[int], max_new_tokens:
         token = finite_choice(logits[0], argmax_rows(logits)[0], f" after {len(out)} tokens")  # soak: "" and exit 0
         out.append(token)
         on_token(token)
-        if token in stop or len(out) == max_new_tokens:
+        if token in stop or len(out) == max_new_tokens or until():
             return out
         logits = decoder.forward(torch.tensor([[token]], device=decoder.device),
                                  torch.tensor([len(prompt) + len(out) - 1], device=decoder.device))

@@ -270,8 +270,9 @@ class SVDLinear(LoraLayer):
 def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
                    advise: bool = True) -> nn.Module:
     """Add AdaLoRA adapter `adapter_name` to `model` in place (only it trains); layers pruned per config.rank_pattern.
-    advise: warn about a lora_alpha scale (lora_alpha / init_r) outside config.USUAL_SCALE (loading passes False)."""
-    configs, config, targets = resolve_targets(model, config, adapter_name)
+    advise: warn about a lora_alpha scale (lora_alpha / init_r) outside config.USUAL_SCALE, and all-linear without a
+    mixture of experts' experts (loading passes False)."""
+    configs, config, targets = resolve_targets(model, config, adapter_name, advise)
     if advise and config.lora_alpha != 0:  # 0 means the layer's rank: scale 1 (SVDLinear.add_adapter)
         scale_warning(config.lora_alpha, config.init_r, rank="init_r")
     pattern = config.rank_pattern or {}

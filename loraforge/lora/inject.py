@@ -112,8 +112,9 @@ def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
                           f"the end of a layer's path, e.g. q_proj or layers.0.self_attn.q_proj", stacklevel=3)
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Module paths that get an adapter; raises naming the model's linear layers when nothing matches."""
+def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> list[str]:
+    """Module paths that get an adapter; raises naming the model's linear layers when nothing matches. `advise`:
+    say that all-linear leaves a mixture-of-experts model's experts out (a new adapter's; loading passes False)."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict); AdaLoraConfig has none
@@ -157,7 +158,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         moe = f" ({_experts_note(experts)})" if experts else ""
         raise ConfigError([f"target_modules: {clipped(targets)}{also} matches no linear layer of this model "
                            f"({type(model).__name__}); its linear layers are named {suffixes}{moe}"])
-    if targets == "all-linear" and experts:  # soak: all-linear on Mixtral/Qwen2-MoE was attention-only, unsaid
+    if advise and targets == "all-linear" and experts:  # soak: all-linear on Mixtral/Qwen2-MoE was attention-only
         warnings.warn(f"target_modules: all-linear takes the {len(found)} linear layers of this model "
                       f"({type(model).__name__}), not its experts: {_experts_note(experts)}", stacklevel=3)
     taken_away = matched + dropped["exclude_modules"] + dropped["modules_to_save"]
@@ -237,12 +238,12 @@ def refuse_peft_model(model: nn.Module) -> None:
                         f"the PeftModel), or load the base afresh")
 
 
-def resolve_targets(model: nn.Module, config, adapter_name: str):
+def resolve_targets(model: nn.Module, config, adapter_name: str, advise: bool = True):
     """(model.lora_configs, config with explicit targets and fan_in_fan_out, the module paths to wrap).
 
     Refuses a name already loaded; `target_modules=None` becomes the architecture's default list, saved as such
     so PEFT (whose defaults differ) reads the same; GPT-2's Conv1D targets turn on fan_in_fan_out. A model PEFT
-    already wrapped is refused (refuse_peft_model).
+    already wrapped is refused (refuse_peft_model). `advise`: find_targets'.
     """
     refuse_peft_model(model)
     configs = getattr(model, "lora_configs", None)
@@ -259,7 +260,7 @@ def resolve_targets(model: nn.Module, config, adapter_name: str):
                            f"'none' for all adapters but one (this one has bias={config.bias!r})"])
     if config.target_modules is None:
         config = dataclasses.replace(config, target_modules=default_targets(model))
-    targets = find_targets(model, config)
+    targets = find_targets(model, config, advise)
     if any(type(model.get_submodule(p)).__name__ == "Conv1D" for p in targets) and not config.fan_in_fan_out:
         config = dataclasses.replace(config, fan_in_fan_out=True)
     return configs, config, targets
@@ -290,10 +291,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
 
     The model keeps its class (a transformers model stays one); `model.lora_configs[name]` holds the config.
     advise: warn about what is legal but unusual in a new adapter: r above a targeted layer's min(in, out), a bias
-    setting that trains no bias, a lora_alpha scale outside config.USUAL_SCALE (loading a trained adapter, or
-    building a merge's combined one, passes False).
+    setting that trains no bias, a lora_alpha scale outside config.USUAL_SCALE, all-linear without a mixture of
+    experts' experts (loading a trained adapter, or building a merge's combined one, passes False: soak, the experts
+    warning came again on every merge, eval, generate and serve of an all-linear Qwen3-MoE adapter).
     """
-    configs, config, targets = resolve_targets(model, config, adapter_name)
+    configs, config, targets = resolve_targets(model, config, adapter_name, advise)
     if advise:
         scale_warning(config.lora_alpha, config.r, config.use_rslora)
     _warn_unmatched_patterns(config, targets)

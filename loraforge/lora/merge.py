@@ -98,6 +98,18 @@ def _cast_merged(base: nn.Module, dtype: torch.dtype, names: list[str], path: st
     return base
 
 
+def _check_base_range(model: nn.Module, base: str, dtype: str) -> None:
+    """FloatingPointError naming the first weight of `base` (loaded in fp32) that `dtype` cannot hold, before any
+    adapter is added: soak, `merge --dtype fp16` of a base holding a weight past ±65504 (one no adapter touches
+    too) blamed "adapter X: the merged weight ...". As models.check_fp16_range says of a base loaded in fp16."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.data.to(DTYPES[dtype])).all()):
+            largest = param.data.abs().max().item()
+            raise FloatingPointError(f"cannot merge into --dtype {dtype}: the base {base}'s own weight {name} "
+                                     f"passes {str(DTYPES[dtype]).removeprefix('torch.')}'s range (|W| up to "
+                                     f"{largest:.4g}) before any adapter is added; merge in fp32 or bf16")
+
+
 def _compute_dtype(model: nn.Module, base: nn.Module) -> torch.dtype:
     """The dtype a de-quantized layer is cast to: a 4-bit layer's compute dtype; for an 8-bit one (it has none),
     that of the model's other floating-point weights (the embedding's), as a plain layer there would hold."""
@@ -460,6 +472,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     check_writable(out_dir)
     loaded = _load_dtype(base, dtype, quantize)
     model, tokenizer = load_base(base, dtype=loaded, quantize=quantize)
+    if loaded != dtype:
+        _check_base_range(model, base, dtype)
     probed = _probe(model) if weights is not None else None  # the base's forward, for _check_forward to compare
     names = []
     for i, adapter_dir in enumerate(adapters):

@@ -656,7 +656,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
-                    adapter_dtype=adapter_dtype)
+                    adapter_dtype=adapter_dtype, precision=chosen)
     app = create_app(engine, api_key=api_key)
     if extend is not None:  # the dashboard: its own RequestGuard, with the cross-site checks
         extend(app, engine)

@@ -30,10 +30,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loraforge.inference.greedy import OVERFLOWED
 from loraforge.inference.llama import unsupported
 from loraforge.lora.adapters import AdapterError
 from loraforge.lora.inject import lora_layers
 from loraforge.models import context_length
+from loraforge.precision import TORCH_DTYPES, Precision, overflow_fix
 from loraforge.serve.batch import Batch
 from loraforge.serve.detokenize import TextStream
 from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError, ShuttingDown
@@ -59,13 +61,16 @@ class Engine:
     A prompt with more than `prefill_chunk` tokens to compute is prefilled `prefill_chunk` tokens a pass, into the
     prefix cache (`_chunk`), the running rows decoding a step between passes, and a client that leaves stops it
     after the pass: in one pass, a soak's 3,000-token prompt held every stream for 30 s, after its client had gone.
+    `precision`: what the server chose (serve's --precision and --dtype; default: the model's dtype for both), so
+    a forward that overflows fp16 says so and names the fix (precision.overflow_fix) in its request's error.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
                  adapters: dict[str, str | Path] | None = None, adapters_dir: str | Path | None = None,
                  max_loaded: int = 8, max_batch: int = 32, max_queue: int = 256, default_max_tokens: int = 256,
                  max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
-                 adapter_dtype: str = "auto", static: bool | None = None, prefill_chunk: int = 512):
+                 adapter_dtype: str = "auto", static: bool | None = None, prefill_chunk: int = 512,
+                 precision: Precision | None = None):
         if lora_layers(model):
             raise ValueError("the engine needs a base model without adapters; it loads them itself")
         if not prefix_cache_mb >= 0:
@@ -93,6 +98,11 @@ class Engine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = set(eos)
         self.device = next(model.parameters()).device
+        if precision is None:
+            stored = next((k for k, v in TORCH_DTYPES.items() if v == next(model.parameters()).dtype), "fp32")
+            precision = Precision(stored, stored, "the model's dtype")
+        # soak: fp16's overflow answered a bare "the model's logits have no finite value"
+        self._overflow = overflow_fix(precision) if "fp16" in (precision.compute, precision.storage) else OVERFLOWED
 
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -434,8 +444,8 @@ class Engine:
         keep = []
         for i, req in enumerate(rows):
             try:
-                token = greedy_token(logits[i], greedy[i]) if req.params.temperature == 0 else \
-                    sample(logits[i], req.params, req.generator)
+                token = greedy_token(logits[i], greedy[i], self._overflow) if req.params.temperature == 0 else \
+                    sample(logits[i], req.params, req.generator, self._overflow)
                 done = self._append(req, token)
             except Exception as e:
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")

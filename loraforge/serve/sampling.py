@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraforge.inference.greedy import argmax_rows, finite_choice
+from loraforge.inference.greedy import OVERFLOWED, argmax_rows, finite_choice
 from loraforge.serve.errors import ServeError, shown
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without wrapping or overflow
@@ -84,11 +84,12 @@ def generator(params: SamplingParams) -> torch.Generator | None:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """The next token for one row from its logits (V,)."""
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None, fix: str = OVERFLOWED) -> int:
+    """The next token for one row from its logits (V,). `fix`: why logits without a finite value, and what to
+    change (the engine's precision: precision.overflow_fix in fp16)."""
     logits = logits.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(logits).any()):
-        raise FloatingPointError("the model's logits have no finite value")
+        raise FloatingPointError(f"the model's logits have no finite value: {fix}")
     if params.temperature == 0:
         return int(logits.argmax())
     z = (logits - logits.max()) / params.temperature  # (V,), <= 0; the best token(s) exactly 0
@@ -110,7 +111,7 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
     return argmax_rows(logits)
 
 
-def greedy_token(logits: torch.Tensor, token: int) -> int:
+def greedy_token(logits: torch.Tensor, token: int, fix: str = OVERFLOWED) -> int:
     """`token`, row (V,)'s argmax from `greedy_tokens`, if its logit is finite (`finite_choice`); else
     FloatingPointError, as `sample` raises."""
-    return finite_choice(logits, token)
+    return finite_choice(logits, token, fix=fix)

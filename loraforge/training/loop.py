@@ -673,9 +673,9 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
             elapsed = time.perf_counter() - start
             tps = (run.tokens_seen - start_tokens) / max(elapsed - aside, 1e-9)
             if run.is_main:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}",
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", refresh=False,  # drawn by update
                                 **({"skipped": run.skipped_steps} if scaler.is_enabled() else {}))
+                bar.update(1)
                 if skipped:
                     cause = ("gradients overflowed" if math.isfinite(loss_value)
                              else f"forward overflowed (loss {loss_value})")

@@ -78,11 +78,27 @@ def _drop_rows_after(path: Path, step: int) -> None:
             tmp.write_text("".join(kept))
 
 
+LOG_INTERVAL_S = 30.0
+"""Seconds between two redraws of a progress bar whose stderr is no terminal (a log file, a pipe): every redraw
+is kept there, where a terminal overwrites it."""
+
+
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step"):
+    """tqdm on stderr. Redrawn at most every 0.1 s on a terminal; elsewhere every LOG_INTERVAL_S (and at its end):
+    soak, `train ... 2> train.log` kept a `\r` redraw of every step (metrics.jsonl keeps each step's numbers).
+    Callers set the postfix with refresh=False, or each step would redraw past the interval."""
     from tqdm.auto import tqdm
 
+    interval = {} if _isatty(sys.stderr) else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
-                file=sys.stderr)
+                file=sys.stderr, **interval)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no such method, or closed
+        return False
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

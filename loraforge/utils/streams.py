@@ -57,6 +57,11 @@ class GuardedStream:
                 self._lose(e)
         return len(text)
 
+    @property
+    def lost(self) -> bool:
+        """Whether a write or flush failed (a reader that left, a full disk): what comes now goes to /dev/null."""
+        return self._lost
+
     def writelines(self, lines) -> None:
         for line in lines:
             self.write(line)
@@ -98,6 +103,12 @@ def output_failed() -> bool:
     return sys.stdout.failed
 
 
+def stdout_lost() -> bool:
+    """Whether the guarded stdout has lost its output (`generate ... | head -c 10` once head has left): a command
+    producing only that output (generate's tokens) may stop there; one with other work (train) goes on."""
+    return isinstance(sys.stdout, GuardedStream) and sys.stdout.lost
+
+
 def guard_streams() -> None:
     """Guard sys.stdout and sys.stderr (those that are open) for the rest of the process: see the module's
     docstring. Called once, by the command line for the process's own arguments."""
@@ -114,4 +125,4 @@ def guard_streams() -> None:
         sys.stdout.other, sys.stderr.other = sys.stderr, sys.stdout
 
 
-__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed"]
+__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed", "stdout_lost"]

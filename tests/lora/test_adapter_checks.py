@@ -22,7 +22,7 @@ from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_
                                      list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora.inject import find_targets, inject
 from loraforge.lora.layer import LoraLayer
-from loraforge.lora.merge import merge, unmerge
+from loraforge.lora.merge import add_weighted_adapter, merge, unmerge
 
 # fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (as in test_adapters.py).
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -713,6 +713,32 @@ def test_all_linear_on_a_mixture_of_experts_model_says_its_experts_get_no_adapte
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a dense model: no such warning
         find_targets(tiny_llama(), LoraConfig(target_modules="all-linear"))
+
+
+def test_the_experts_warning_comes_when_an_adapter_is_made_not_when_it_is_loaded(tmp_path):
+    """Soak: the all-linear "not its experts" warning on a Qwen3-MoE adapter came again at every merge, eval,
+    generate and serve, which load the adapter (its saved config says all-linear). It is said where the adapter is
+    made (inject, inject_adalora); loading (load_adapter) and a merge's combined adapter say nothing."""
+    def moe():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                vocab_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4))
+    said = r"target_modules: all-linear takes the 4 linear layers of this model \(MixtralForCausalLM\), not its experts"
+    for make, config, name in [(inject, LoraConfig(r=2, target_modules="all-linear"), "lora"),
+                               (inject_adalora, AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                              target_modules="all-linear"), "adalora")]:
+        with pytest.warns(UserWarning, match=said) as caught:
+            model = make(moe(), config)
+        assert sum("not its experts" in str(w.message) for w in caught) == 1
+        save_adapter(randomize(model) if name == "lora" else model, tmp_path / name)  # AdaLoRA: A, B are random
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = load_adapter(moe(), tmp_path / name, "a")
+            load_adapter(loaded, tmp_path / name, "b")
+            if name == "lora":
+                add_weighted_adapter(loaded, ["a", "b"], [0.5, 0.5], "both")
 
 
 def test_peft_init_names_load_as_peft_loads_them_or_are_refused(tmp_path, input_ids):

@@ -375,6 +375,26 @@ def test_a_merge_past_fp16s_range_names_the_adapter_and_the_dtype(dora, tiny_dir
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weight", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_a_base_weight_past_fp16s_range_is_the_base_s_not_the_adapter_s(weight, tiny_dir, tmp_path):
+    """Soak: `merge --dtype fp16` of an fp32 base holding a weight past ±65504 said "adapter X: the merged weight
+    ... passes float16's range", though no adapter touched it (down_proj here; the adapter takes q_proj only) or the
+    base alone passed it (q_proj). It now names the base and its weight, before any adapter loads."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.get_parameter(weight)[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").write_bytes((tiny_dir / "tokenizer.json").read_bytes())
+    save_adapter(randomize(inject(model, LoraConfig(r=2, target_modules=["q_proj"]))), tmp_path / "a")
+    with pytest.raises(FloatingPointError) as e:
+        export_merged(str(tmp_path / "base"), [str(tmp_path / "a")], tmp_path / "out", dtype="fp16")
+    assert str(e.value) == (f"cannot merge into --dtype fp16: the base {tmp_path / 'base'}'s own weight {weight} "
+                            f"passes float16's range (|W| up to 1e+05) before any adapter is added; merge in fp32 or "
+                            f"bf16")
+    assert not (tmp_path / "out").exists()
+    export_merged(str(tmp_path / "base"), [str(tmp_path / "a")], tmp_path / "out", dtype="bf16")  # as it says
+
+
 def test_merge_overwrite_interrupted_leaves_the_earlier_export_whole(tiny_dir, tmp_path, monkeypatch):
     """--overwrite replaced an earlier export file by file: a Ctrl-C between two renames left a mix of both."""
     import loraforge.utils.files as F

@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from helpers import save_adapters, tiny_llama
 from loraforge.config import LoraConfig
+from loraforge.precision import Precision
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
 from loraforge.serve import engine as engine_module
 from loraforge.serve.api import ServerThread, TokenizerPool, create_app
@@ -558,3 +560,30 @@ def test_prompts_tokenize_on_copies_of_their_own(tokenizer):
     for t in threads:
         t.join()
     assert got == expected
+
+
+def test_a_forward_that_overflows_fp16_is_a_500_naming_fp16_s_range(base, tokenizer):  # noqa: F811
+    """Soak: `serve --precision fp16` on a base whose activations pass 65504 (its weights within fp16's range)
+    answered 500 "generation failed: FloatingPointError: the model's logits have no finite value" and no more. The
+    500 stays (the server's setting, not the request, is wrong), its message now says fp16 overflowed and what to
+    use instead, as generate and eval say (precision.overflow_fix); greedy and sampled alike."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(50)
+            layer.mlp.down_proj.weight.mul_(5e5).clamp_(-6e4, 6e4)
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()  # fine in fp32
+    model.half()
+    fix = "fp16 holds values only up to ±65504, which this forward passed; use "
+    for precision, said in [(None, "--precision fp32 (or bf16 where the hardware has it), with --dtype auto or fp32"),
+                            (Precision("fp32", "fp16", "asked"), "--dtype fp32 (or bf16)")]:
+        engine = Engine(model, tokenizer, base_name="tiny", precision=precision)
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            for temperature, logits in [(0, "are not finite (the greedy choice's is nan)"),
+                                        (0.7, "have no finite value")]:
+                r = http((engine, url), "POST", "/v1/completions",
+                         json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": temperature})
+                message = f"generation failed: FloatingPointError: the model's logits {logits}: {fix}{said}"
+                assert (r.status_code, r.json()["error"]) == (500, {"message": message, "type": "server_error",
+                                                                    "param": None, "code": "generation_error"})
+        engine.stop()

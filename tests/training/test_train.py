@@ -620,3 +620,17 @@ def test_packing_is_refused_or_skipped_for_a_model_that_mixes_packed_examples(ti
     assert D.keeps_packed_apart(model) is False and D.keeps_packed_apart(tiny_llama()) is True
     assert mean_token_loss(model, examples, tok.pad_token_id) == pytest.approx(  # auto: `loraforge eval`'s
         mean_token_loss(model, examples, tok.pad_token_id, packing=False), rel=1e-6)
+
+
+def test_a_progress_bar_into_a_log_file_is_not_redrawn_every_step(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: `train ... 2> train.log` kept a `\\r` redraw of the bar for every step (tqdm redraws at most every
+    0.1 s, but set_postfix redrew each step). Where stderr is no terminal, the bar is now redrawn every
+    report.LOG_INTERVAL_S at most: its first and last state in a run shorter than that; metrics.jsonl has each step."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with open(tmp_path / "train.log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        train(config(tiny_dir, data_file, tmp_path / "run", max_steps=40, log_every=1, batch_size=1), progress=True)
+    text = (tmp_path / "train.log").read_text()
+    draws = [d for d in re.split("[\r\n]", text) if d.startswith("train:")]  # tqdm redraws with \r, or \n
+    assert [d.split("|")[0].strip() for d in draws] == ["train:   0%", "train: 100%"], draws
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == list(range(1, 41))

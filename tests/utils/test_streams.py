@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_llama
+from loraforge.models import load_tokenizer
 from loraforge.utils.streams import ESCAPE, GuardedStream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,3 +68,43 @@ def test_train_ends_and_saves_whatever_becomes_of_its_output(stdout, tiny_dir, d
     assert (note in err.splitlines()) == (stdout == "full disk")
     if stdout == "ascii":
         assert "13 whole steps of batch_size 3 \\xd7 gradient_accumulation 1" in log.read_text()
+
+
+# `loraforge generate`, its tokens counted as the streamer takes them (the first put is the prompt)
+COUNTING = """
+import os, sys, transformers
+from loraforge.cli import main
+count, put = [0], transformers.TextStreamer.put
+def counted(self, value):
+    count[0] += 1
+    return put(self, value)
+transformers.TextStreamer.put = counted
+sys.argv[0] = "loraforge"
+code = main()
+with open(os.environ["TOKENS_TO"], "w") as f:
+    f.write(str(count[0] - 1))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("flags", [[], ["--temperature", "0.7"]], ids=["static decoder", "transformers"])
+def test_generate_stops_once_its_reader_has_left(flags, tmp_path):
+    """`loraforge generate ... | head -c 10` went on to --max-new-tokens after head had left, its tokens written to
+    /dev/null. It now ends at the first token after a write failed, exit 0 as before; on both decoding paths."""
+    tokenizer = load_tokenizer("smollm2-135m")
+    tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    argv = [sys.executable, "-c", COUNTING, "generate", "hi", "--model", str(tmp_path / "model"), "--max-new-tokens",
+            "900", "--precision", "fp32", *flags]
+    counts = []
+    for reader_leaves in (True, False) if not flags else (True,):  # the reference once: sampling takes 0.1 s a token
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "TOKENS_TO": str(tmp_path / "count")},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if reader_leaves:
+            assert proc.stdout.read(1)  # `head -c 1`: the first byte, then the reader leaves
+            proc.stdout.close()
+        err = proc.communicate(timeout=300)[1].decode()
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+        counts.append(int((tmp_path / "count").read_text()))
+    assert counts[0] < 50, counts  # ended at once, but for the tokens written before the pipe closed
+    assert counts[1:] in ([], [900])  # the reference: every token, the reader there (this random model never ends)
