@@ -657,6 +657,9 @@ def test_a_far_outlier_is_left_above_the_chart_and_said(ui, fresh):  # noqa: F81
     fake_run(ui, "outlier", [json.dumps({"step": s, "loss": v}) for s, v in enumerate(losses, 1)])
     tick(fresh, "outlier")
     wait_points(fresh, "loss", 6)
+    # uPlot ranges its scales when it next commits (a frame later on a loaded machine: a full run once read an
+    # unranged plot's default 0-100): wait for the range to end below 3 (a chart ranged up to the outlier never does)
+    fresh.wait_for_function("state.charts.loss.plot.scales.y.max < 3", timeout=15_000)
     assert 2.5 <= fresh.evaluate("state.charts.loss.plot.scales.y.max") < 3
     assert fresh.inner_text("#chart-loss .clipped") == " — 1 point above the chart, up to 1.00e+308"
     assert fresh.inner_text("#chart-lr .clipped") == ""
