@@ -98,7 +98,7 @@ def test_a_character_cut_by_max_tokens_is_dropped_streamed_or_not(client, tokeni
     for n, expected in ((2, "Hi "), (3, "Hi "), (4, "Hi 日"), (6, "Hi 日本"), (7, "Hi 日本"), (8, "Hi 日本語")):
         for stream in (False, True):
             picks = iter(script)
-            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token: next(picks))
+            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token, fix: next(picks))
             kw = dict(model="tiny", prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
             if stream:
                 chunks = list(client.completions.create(stream=True, **kw))
@@ -119,7 +119,7 @@ def test_a_u_fffd_the_model_writes_is_kept_at_the_end_streamed_or_not(client, to
                         (7, "Hi \ufffd\ufffd😀")):
         for stream in (False, True):
             picks = iter(script)
-            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token: next(picks))
+            monkeypatch.setattr(engine_module, "greedy_token", lambda logits, token, fix: next(picks))
             kw = dict(model="tiny", prompt=PROMPT, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
             if stream:
                 text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))

@@ -612,13 +612,14 @@ def test_a_second_ctrl_c_in_a_step_stops_at_once_naming_the_checkpoint_left_or_n
 
 
 def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(tiny_dir, data_file, tmp_path):
-    """A real `loraforge train` (slow steps: 8 micro-batches each) given Ctrl-C twice, 0.05 s apart, once it has
+    """A real `loraforge train` (slow steps: 40 micro-batches of one row) given Ctrl-C twice, 0.05 s apart, once it has
     logged a step: one line saying the step was interrupted, exit 130, no traceback."""
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
     args = run_args(tiny_dir, data_file, out) + ["training.max_steps=1000", "training.save_every=0",
-                                                 "training.log_every=1", "training.gradient_accumulation=8"]
+                                                 "training.log_every=1", "training.batch_size=1",
+                                                 "training.gradient_accumulation=40"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     with open(tmp_path / "err.txt", "w") as e:
         proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg), *args], cwd=ROOT, env=env,
