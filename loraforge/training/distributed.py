@@ -180,8 +180,10 @@ def refuse_unsupported(cfg: TrainConfig, precision: Precision | None = None) -> 
                         "backward after FSDP has freed its gathered weights; use auto, which is off under FSDP)")
     if t.compile:
         problems.append("training.compile: true (not tested with FSDP; set it false)")
-    if problems:
-        raise TrainingError("training.distributed: fsdp does not support " + "; ".join(problems) + " yet",
+    if problems:  # called where the run goes sharded: under auto, because auto chose it
+        head = ("auto chose fsdp (the base's weights take more than half of one process's memory), which"
+                if t.distributed == "auto" else "fsdp")
+        raise TrainingError(f"training.distributed: {head} does not support " + "; ".join(problems) + " yet",
                             everywhere=True)
 
 
