@@ -705,7 +705,7 @@ class TrainingConfig:
     """torch's AdamW (fused where the device allows), or bitsandbytes' 8-bit and paged AdamW (QLoRA's memory-spike
     guard; they need bitsandbytes and a device it supports) (loraforge.training.optim)."""
     loraplus_lr_ratio: float | None = None
-    """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off."""
+    """LoRA+: learning rate of lora_B = lr × this ratio (e.g. 16); null: off. Not with method full (no lora_B)."""
     seed: int = 0
     """Seeds the adapter's initialisation, the data's shuffle and held-out split, and dropout: the same config and
     seed train the same adapter."""
@@ -888,6 +888,12 @@ class TrainConfig:
             validate([f"model.quantization: {self.model.quantization} stores the base in a few bits, which method: "
                       f"full cannot train (every weight trains); remove model.quantization, or train an adapter on "
                       f"the quantized base (method: qlora or lora)"])
+        ratio = self.training.loraplus_lr_ratio
+        if self.method == "full" and ratio is not None:  # soak: the norms and biases trained at lr × ratio instead
+            validate([f"training.loraplus_lr_ratio: {ratio:g} is LoRA+ (lora_B trains at lr × this ratio), but method: "
+                      f"full has no adapter and no lora_B: its norms and biases would train at {ratio:g} × "
+                      f"training.lr and every other weight at training.lr; remove training.loraplus_lr_ratio, or use "
+                      f"method: lora"])
         init = self.lora.init_lora_weights
         if self.quantization and isinstance(init, str) and init.startswith(("pissa", "olora")):
             validate([f"lora.init_lora_weights: {init} starts from the base's own weights, which the "

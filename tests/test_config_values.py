@@ -8,11 +8,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import default_recursion_limit
+from helpers import default_recursion_limit, tiny_llama
 from loraforge.config import ConfigError, expanded_size, load_train_config, yaml_loader
 from loraforge.models import resolve_model
 from loraforge.training.data import DataError, read_records
 from loraforge.training.loop import build_model, lr_lambda
+from loraforge.training.optim import loraplus_param_groups
 
 DATA = "data.train=train.jsonl"
 ROOT = Path(__file__).parent.parent
@@ -55,6 +56,21 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused_by_name():
     assert problems("method=full", "model.quantization=nf4") == [
         "model.quantization: nf4 stores the base in a few bits, which method: full cannot train (every weight "
         "trains); remove model.quantization, or train an adapter on the quantized base (method: qlora or lora)"]
+
+
+def test_lora_plus_with_full_fine_tuning_is_refused_by_name():
+    """LoRA+ speeds up lora_B, which method full has none of: its groups (optim.loraplus_param_groups) put every 1-D
+    weight, the RMSNorms' of a tiny Llama, at lr × ratio and the rest at lr, and the run trained so without a word
+    (soak)."""
+    model = tiny_llama().requires_grad_(True)
+    groups = {g["name"]: g for g in loraplus_param_groups(model, lr=1e-3, ratio=16)}
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    assert groups["no_decay"]["lr"] == pytest.approx(16e-3) and groups["lora_B"]["params"] == []
+    assert [id(p) for p in groups["no_decay"]["params"]] == [id(p) for p in norms]
+    assert problems("method=full", "training.loraplus_lr_ratio=16") == [
+        "training.loraplus_lr_ratio: 16 is LoRA+ (lora_B trains at lr × this ratio), but method: full has no adapter "
+        "and no lora_B: its norms and biases would train at 16 × training.lr and every other weight at training.lr; "
+        "remove training.loraplus_lr_ratio, or use method: lora"]
 
 
 def test_nan_and_inf_source_weights_and_epochs_are_refused_by_name():

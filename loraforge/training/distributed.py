@@ -139,9 +139,10 @@ def check_same_precision(precision: Precision, world: int) -> None:
                                 f"explicitly, e.g. training.precision=fp32, so that every process runs the same")
 
 
-def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
+def choose_mode(cfg: TrainConfig, world: int, device: torch.device, precision: Precision | None = None) -> str:
     """training.distributed resolved: 'none' (one process, no group), 'ddp' or 'fsdp'; unsupported combinations
-    are refused here, before the model loads, with the combination named."""
+    are refused here, before the model loads, with the combination named. `precision`: the run's, resolved
+    (training.precision auto is fp16 on GPUs without bf16)."""
     mode = cfg.training.distributed
     if mode == "auto":
         if world == 1 or not dist.is_initialized():
@@ -152,20 +153,25 @@ def choose_mode(cfg: TrainConfig, world: int, device: torch.device) -> str:
     if not dist.is_initialized():
         raise TrainingError("training.distributed: fsdp needs torchrun (even for one process): torchrun "
                             "--nproc_per_node=N -m loraforge train CONFIG")
-    refuse_unsupported(cfg)
+    refuse_unsupported(cfg, precision)
     return "fsdp"
 
 
-def refuse_unsupported(cfg: TrainConfig) -> None:
-    """What FSDP does not run yet in loraforge, each named as the user writes it."""
+def refuse_unsupported(cfg: TrainConfig, precision: Precision | None = None) -> None:
+    """What FSDP does not run yet in loraforge, each named as the user writes it; `precision`: the run's, resolved
+    (auto's fp16 is refused as a written fp16 is)."""
     t, problems = cfg.training, []
     if cfg.method == "adalora":
         problems.append("method: adalora (its rank allocator scores whole A, E, B matrices; FSDP holds shards)")
     if cfg.quantization == "int8":
         problems.append("model.quantization: int8 (its row statistics live beside the int8 weight, which FSDP "
                         "would split; use nf4 or training.distributed: ddp)")
-    if t.precision == "fp16" or cfg.model.dtype == "fp16":
-        problems.append("fp16 (loss scaling over sharded gradients is not wired up; use bf16 or fp32)")
+    fp16 = ("training.precision: fp16" if t.precision == "fp16" else "model.dtype: fp16" if cfg.model.dtype == "fp16"
+            else f"training.precision: {t.precision}, which is fp16 here ({precision.reason})"
+            if precision is not None and "fp16" in (precision.compute, precision.storage) else None)
+    if fp16:  # soak: auto's fp16 (a T4, a V100) was not refused, and the message named neither field
+        problems.append(f"{fp16} (loss scaling over sharded gradients is not wired up; use training.precision: "
+                        f"fp32, bf16 where the hardware has it, or training.distributed: ddp)")
     if t.optimizer != "adamw":
         problems.append(f"training.optimizer: {t.optimizer} (bitsandbytes' optimizers do not take sharded "
                         f"parameters; use adamw)")
@@ -174,8 +180,10 @@ def refuse_unsupported(cfg: TrainConfig) -> None:
                         "backward after FSDP has freed its gathered weights; use auto, which is off under FSDP)")
     if t.compile:
         problems.append("training.compile: true (not tested with FSDP; set it false)")
-    if problems:
-        raise TrainingError("training.distributed: fsdp does not support " + "; ".join(problems) + " yet",
+    if problems:  # called where the run goes sharded: under auto, because auto chose it
+        head = ("auto chose fsdp (the base's weights take more than half of one process's memory), which"
+                if t.distributed == "auto" else "fsdp")
+        raise TrainingError(f"training.distributed: {head} does not support " + "; ".join(problems) + " yet",
                             everywhere=True)
 
 

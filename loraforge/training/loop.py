@@ -439,7 +439,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                            f"(training.epochs {t.epochs} × {per_epoch} steps an epoch), so the learning rate would "
                            f"still be rising when training stops; use at most {total_steps - 1} (typically 3-10% "
                            f"of the steps, e.g. {min(total_steps - 1, max(1, total_steps // 20))})"])
-    mode = choose_mode(cfg, world, device)  # unsupported FSDP combinations are refused before the model loads
+    mode = choose_mode(cfg, world, device, precision)  # unsupported FSDP combinations: refused before the model loads
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
                            sharded=mode == "fsdp", init_source=init_source)
     trainable, total_params = count_parameters(model)

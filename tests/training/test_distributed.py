@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from loraforge.config import load_train_config
+from loraforge.precision import Precision
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
 from loraforge.training.dcp import read_failure, verify_sharded
 from loraforge.training.distributed import choose_mode, refuse_unsupported
@@ -279,8 +280,8 @@ def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):
     with pytest.raises(TrainingError) as e:
         refuse_unsupported(cfg)
     text = str(e.value)
-    for named in ("method: adalora", "fp16", "training.compile: true", "training.share_prefix: true",
-                  "training.optimizer: adamw_8bit"):
+    for named in ("method: adalora", "training.precision: fp16", "training.compile: true",
+                  "training.share_prefix: true", "training.optimizer: adamw_8bit"):
         assert named in text
     int8 = load_train_config(None, [*common(tiny_dir, data_file), "model.quantization=int8"])
     with pytest.raises(TrainingError, match="model.quantization: int8"):
@@ -289,6 +290,27 @@ def test_unsupported_combinations_are_refused_by_name(tiny_dir, data_file):
     with pytest.raises(TrainingError, match="fsdp needs torchrun"):  # no process group outside torchrun
         choose_mode(plain, 1, torch.device("cpu"))
     assert choose_mode(load_train_config(None, common(tiny_dir, data_file)), 1, torch.device("cpu")) == "none"
+
+
+def test_fsdp_refuses_the_fp16_that_auto_precision_resolves_to_naming_the_field(tiny_dir, data_file):
+    """Soak: only a written fp16 was refused under FSDP; training.precision auto resolves to fp16 on a GPU without
+    bf16 (T4, V100), where FSDP is what auto picks for a base too big for one GPU, and that run went on with loss
+    scaling over sharded gradients, which is not wired up. The message named no field either ("fp16 (...)")."""
+    cfg = load_train_config(None, [*common(tiny_dir, data_file), "training.distributed=fsdp", "training.precision=auto",
+                                   "model.dtype=auto"])
+    t4 = Precision("fp16", "fp16", "the GPU (sm_75) has no native bf16")
+    with pytest.raises(TrainingError) as e:
+        refuse_unsupported(cfg, t4)
+    assert str(e.value) == (
+        "training.distributed: fsdp does not support training.precision: auto, which is fp16 here (the GPU (sm_75) "
+        "has no native bf16) (loss scaling over sharded gradients is not wired up; use training.precision: fp32, "
+        "bf16 where the hardware has it, or training.distributed: ddp) yet")
+    refuse_unsupported(cfg, Precision("bf16", "bf16", "the GPU has bf16"))  # accepted
+    stored = load_train_config(None, [*common(tiny_dir, data_file), "model.dtype=fp16"])
+    with pytest.raises(TrainingError) as e:  # training.distributed auto: the run went sharded because auto chose it
+        refuse_unsupported(stored)
+    assert str(e.value).startswith("training.distributed: auto chose fsdp (the base's weights take more than half of "
+                                   "one process's memory), which does not support model.dtype: fp16 (loss scaling")
 
 
 RSS_AFTER_FREE = """
