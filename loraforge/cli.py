@@ -189,7 +189,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if not sampling and chosen.compute == "fp32" and chosen.storage == "fp32" and unsupported(base) is None:
         streamer.put(enc["input_ids"])  # the prompt, which the streamer skips
-        static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer), max_new_tokens,
+        static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer, base), max_new_tokens,
                       lambda token: streamer.put(torch.tensor([token])), until=stdout_lost)  # `| head -c 10`
         streamer.end()
         return
@@ -198,7 +198,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                       top_k=None, streamer=streamer, logits_processor=[FiniteLogits(overflow_fix(chosen))],
                       stopping_criteria=[Until(stdout_lost)],
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer, base))
 
 
 def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: list[str] = (), combination: str = "cat",

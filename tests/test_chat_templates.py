@@ -1,0 +1,94 @@
+"""Models that are not SmolLM2: tokenizers built in code with the chat templates of other model families (their
+logic copied: Gemma, Cohere's Command-R, Mistral, Phi-3), and what generate, eval and serve do with them."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraforge.decoding import greedy, stop_ids
+from loraforge.serve import Engine
+from loraforge.serve.sampling import SamplingParams
+from loraforge.training.evaluate import accuracy
+
+CORPUS = ["Hello there, how are you today? I am fine, thank you.", "What is 2 plus 3? It is 5.",
+          "Paris is the capital of France. Answer briefly: yes or no."] * 10
+# Gemma's template (system role refused, roles alternate, "model" for the assistant, content trimmed)
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+         "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+         "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+# Cohere Command-R's turn markers: an end of turn that no other family uses
+COMMAND_R = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+             "{{ '<|START_OF_TURN_TOKEN|><|USER_TOKEN|>' + message['content'] + '<|END_OF_TURN_TOKEN|>' }}"
+             "{% elif message['role'] == 'assistant' %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' + "
+             "message['content'] + '<|END_OF_TURN_TOKEN|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}")
+
+
+def byte_level(specials: list[str], bos: str, eos: str, pad: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2, Llama 3, Qwen style) of ~300 tokens trained on CORPUS, with `specials` first."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad or eos)
+
+
+def chain_model(tokenizer, chain: list[str], eos=None) -> LlamaForCausalLM:
+    """A tiny Llama whose greedy next token after chain[i] is chain[i + 1] (and chain[-1] after itself), whatever
+    came before: the attention and MLP outputs are zero, so the last hidden state is the token's embedding."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, tie_word_embeddings=False)).eval()
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    ids = tokenizer.convert_tokens_to_ids(chain)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        unit = model.model.embed_tokens.weight / model.model.embed_tokens.weight.norm(dim=1, keepdim=True)
+        model.lm_head.weight.zero_()
+        for a, b in zip(ids, ids[1:] + ids[-1:]):
+            model.lm_head.weight[b] += 40 * unit[a]
+    return model
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """Gemma's tokens: <eos> ends a text, <end_of_turn> a chat turn; generation_config lists both ([1, 107])."""
+    tok = byte_level(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>")
+    tok.chat_template = GEMMA
+    return tok
+
+
+def test_generate_eval_and_serve_stop_at_every_end_of_turn_the_model_or_template_names(gemma):
+    """Soak: eval (and generate) stopped at the tokenizer's eos and three end-of-turn names only: Gemma's
+    <end_of_turn>, in its generation_config, ran on ("Hi yes yes yes"), so exact match was 0%; serve stopped at the
+    generation_config's ids only: a ChatML model whose generation_config names <|endoftext|> ran past <|im_end|>."""
+    hi, yes = gemma.tokenize("Paris"), gemma.tokenize(" yes")
+    model = chain_model(gemma, ["Ċ", *hi, "<end_of_turn>", *yes], eos=[gemma.eos_token_id, 4])
+    assert stop_ids(gemma, model) == [1, 4]
+    record = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Paris"}]}
+    assert accuracy(model, gemma, [record], "chat", max_new_tokens=6)["samples"] == [
+        {"reference": "Paris", "prediction": "Paris"}]
+
+    cohere = byte_level(["<PAD>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>",
+                         "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<EOS_TOKEN>"], "<BOS_TOKEN>", "<EOS_TOKEN>", "<PAD>")
+    cohere.chat_template = COMMAND_R
+    end = cohere.convert_tokens_to_ids("<|END_OF_TURN_TOKEN|>")
+    model = chain_model(cohere, ["<|CHATBOT_TOKEN|>", *hi, "<|END_OF_TURN_TOKEN|>", *yes], eos=cohere.eos_token_id)
+    assert stop_ids(cohere, model) == sorted([end, cohere.eos_token_id])  # from the template alone
+    prompt = cohere.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                        return_dict=False)
+    assert greedy(model, [prompt], stop_ids(cohere, model), 6) == [cohere.convert_tokens_to_ids(hi) + [end]]
+    engine = Engine(model, cohere)
+    try:
+        done = engine.generate(prompt, None, SamplingParams(max_tokens=6))
+    finally:
+        engine.stop()
+    assert (done.text, done.finish_reason, done.token_ids) == ("Paris", "stop", cohere.convert_tokens_to_ids(hi) + [end])
