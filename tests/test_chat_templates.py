@@ -6,9 +6,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from loraforge.cli import main
 from loraforge.decoding import greedy, stop_ids
 from loraforge.serve import Engine
+from loraforge.serve.errors import ServeError
 from loraforge.serve.sampling import SamplingParams
+from loraforge.serve.schemas import ChatMessage, chat_ids
 from loraforge.training.evaluate import accuracy
 
 CORPUS = ["Hello there, how are you today? I am fine, thank you.", "What is 2 plus 3? It is 5.",
@@ -92,3 +95,21 @@ def test_generate_eval_and_serve_stop_at_every_end_of_turn_the_model_or_template
     finally:
         engine.stop()
     assert (done.text, done.finish_reason, done.token_ids) == ("Paris", "stop", cohere.convert_tokens_to_ids(hi) + [end])
+
+
+def test_a_template_that_refuses_a_system_message_is_an_argument_error_in_generate_and_a_400_in_serve(
+        gemma, tmp_path, capsys):
+    """Soak: Gemma's template raises on a system turn: `generate --system` ended in a jinja2 traceback, and serve
+    answered a chat request with one 500 internal error (the traceback in its log)."""
+    gemma.save_pretrained(tmp_path)
+    chain_model(gemma, ["Ċ"]).save_pretrained(tmp_path)
+    args = ["--model", str(tmp_path), "--max-new-tokens", "2", "--precision", "fp32"]
+    assert main(["generate", "hi", "--system", "Be brief.", *args]) == 2
+    assert ("error: invalid arguments:\n  --system: the model's chat template refuses it (System role not "
+            "supported); leave --system out and put the instructions in PROMPT") in capsys.readouterr().err
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hi")]
+    with pytest.raises(ServeError) as e:
+        chat_ids(gemma, messages)
+    assert e.value.status == 400 and str(e.value) == (
+        "messages: the model's chat template refuses this conversation (System role not supported); send what it "
+        "accepts (Gemma and Mistral templates take no system message, and user and assistant turns must alternate)")
