@@ -94,7 +94,8 @@ def test_generate_eval_and_serve_stop_at_every_end_of_turn_the_model_or_template
         done = engine.generate(prompt, None, SamplingParams(max_tokens=6))
     finally:
         engine.stop()
-    assert (done.text, done.finish_reason, done.token_ids) == ("Paris", "stop", cohere.convert_tokens_to_ids(hi) + [end])
+    assert (done.text, done.finish_reason) == ("Paris", "stop")
+    assert done.token_ids == cohere.convert_tokens_to_ids(hi) + [end]
 
 
 def test_a_template_that_refuses_a_system_message_is_an_argument_error_in_generate_and_a_400_in_serve(
