@@ -12,10 +12,11 @@ from loraforge.serve import Engine
 from loraforge.serve.errors import ServeError
 from loraforge.serve.sampling import SamplingParams
 from loraforge.serve.schemas import ChatMessage, chat_ids
+from loraforge.training.data import IGNORE, encode, prompt_ids
 from loraforge.training.evaluate import accuracy
 
 CORPUS = ["Hello there, how are you today? I am fine, thank you.", "What is 2 plus 3? It is 5.",
-          "Paris is the capital of France. Answer briefly: yes or no."] * 10
+          "Paris is the capital of France. Answer briefly: yes or no.", "[INST] [/INST]\n"] * 10
 # Gemma's template (system role refused, roles alternate, "model" for the assistant, content trimmed)
 GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
          "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -29,6 +30,18 @@ COMMAND_R = ("{{ bos_token }}{% for message in messages %}{% if message['role'] 
              "{% elif message['role'] == 'assistant' %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' + "
              "message['content'] + '<|END_OF_TURN_TOKEN|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
              "{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}")
+# Mistral-7B-Instruct-v0.1's: the answer follows "[/INST]" with no space between
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+# Phi-3-mini's: the conversation (without a generation prompt) ends with the EOS after its last turn
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+CHAT = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "Paris, of course."}]
 
 
 def byte_level(specials: list[str], bos: str, eos: str, pad: str | None = None) -> PreTrainedTokenizerFast:
@@ -39,6 +52,18 @@ def byte_level(specials: list[str], bos: str, eos: str, pad: str | None = None) 
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad or eos)
+
+
+def sentencepiece(specials: list[str], bos: str, eos: str) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE as transformers converts Llama 2's, Mistral's and Phi-3's: "▁" for a space, one
+    written before the text's start (prepend_scheme "first"), no split at spaces, bytes for unknown characters."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)  # pieces never cross a space
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials + [
+        f"<0x{i:02X}>" for i in range(256)]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos)
 
 
 def chain_model(tokenizer, chain: list[str], eos=None) -> LlamaForCausalLM:
@@ -114,3 +139,41 @@ def test_a_template_that_refuses_a_system_message_is_an_argument_error_in_genera
     assert e.value.status == 400 and str(e.value) == (
         "messages: the model's chat template refuses this conversation (System role not supported); send what it "
         "accepts (Gemma and Mistral templates take no system message, and user and assistant turns must alternate)")
+
+
+def test_a_conversation_is_learnt_as_its_chat_templates_tokens_with_sentencepiece_and_a_trailing_eos():
+    """Soak: assistant turns were tokenized apart from the text before them, and a SentencePiece tokenizer writes
+    "▁" before the start of a text: Mistral's and Phi-3's answers were learnt as "▁It" where the template's tokens
+    (and every prompt generate and serve build) have "It", and "▁[INST]" after each "</s>". Phi-3's template, which
+    ends a conversation with its EOS, was refused for every conversation of more than one turn."""
+    for template, specials, (bos, eos) in [
+            (MISTRAL, ["<unk>", "<s>", "</s>"], ("<s>", "</s>")),
+            (PHI3, ["<unk>", "<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"],
+             ("<s>", "<|endoftext|>"))]:
+        tok = sentencepiece(specials, bos, eos)
+        tok.chat_template = template
+        full = tok.apply_chat_template(CHAT, return_dict=False)
+        ex = encode({"messages": CHAT}, tok, "chat")
+        assert ex.input_ids == full
+        # each answer from where its generation prompt ends to the start of the next user turn (or the end)
+        first = len(tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, return_dict=False))
+        second = len(tok.apply_chat_template(CHAT[:3], add_generation_prompt=True, return_dict=False))
+        next_user = (len(tok.apply_chat_template(CHAT[:2], return_dict=False)) if template == MISTRAL
+                     else full.index(tok.convert_tokens_to_ids("<|user|>"), first))  # Phi-3: CHAT[:2] ends in EOS
+        assert tok.convert_ids_to_tokens(full[first]) == "I"  # no "▁" before the answer
+        assert spans(ex) == [full[first:next_user], full[second:]]
+        assert prompt_ids({"messages": CHAT}, tok, "chat") == full[:second] == tok.apply_chat_template(
+            CHAT[:3], add_generation_prompt=True, return_dict=False)
+    assert tok.decode(spans(ex)[0]) == "It is 5.<|end|>\n"
+    assert tok.decode(spans(ex)[1]).endswith("<|end|>\n<|endoftext|>")
+
+
+def spans(ex) -> list[list[int]]:
+    """The runs of supervised tokens, in order."""
+    out, run = [], []
+    for token, label in zip(ex.input_ids, ex.labels):
+        if label == IGNORE:
+            out, run = (out + [run] if run else out), []
+        else:
+            run.append(token)
+    return out + [run] if run else out

@@ -93,7 +93,7 @@ def test_the_eval_prompt_of_a_conversation_is_what_training_read_before_its_last
         last = max(i for i, label in enumerate(ex.labels) if label == IGNORE) + 1  # where the last answer starts
         assert prompt == ex.input_ids[:last]
     whole = plain(plain.decode(prompt), add_special_tokens=False)["input_ids"]
-    assert whole != prompt  # the case the soak found: rendered whole, the prompt tokenizes otherwise
+    assert whole == prompt  # training, too, tokenizes the rendered conversation whole ("\n\n" two tokens there)
 
 
 def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
