@@ -3,7 +3,7 @@ logic copied: Gemma, Cohere's Command-R, Mistral, Phi-3), and what generate, eva
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraforge.cli import main
@@ -12,7 +12,7 @@ from loraforge.serve import Engine
 from loraforge.serve.errors import ServeError
 from loraforge.serve.sampling import SamplingParams
 from loraforge.serve.schemas import ChatMessage, chat_ids
-from loraforge.training.data import IGNORE, encode, prompt_ids
+from loraforge.training.data import IGNORE, DataError, encode, prompt_ids
 from loraforge.training.evaluate import accuracy
 
 CORPUS = ["Hello there, how are you today? I am fine, thank you.", "What is 2 plus 3? It is 5.",
@@ -40,6 +40,18 @@ PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|s
         "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
         "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+# Llama 3's: <|begin_of_text|> written by the template (the tokenizer adds it too), turns end with <|eot_id|>
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+          "\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + "
+          "content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# Qwen3's logic: an assistant turn after the last user turn carries a <think> block, earlier ones lose it
+QWEN3 = ("{%- set ns = namespace(last=messages|length - 1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+         "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}{%- for m in messages %}"
+         "{%- if m.role == 'assistant' and loop.index0 > ns.last %}"
+         "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+         "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 CHAT = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "It is 5."},
         {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "Paris, of course."}]
 
@@ -177,3 +189,46 @@ def spans(ex) -> list[list[int]]:
         else:
             run.append(token)
     return out + [run] if run else out
+
+
+def test_an_instruction_record_ends_with_the_templates_end_of_turn_not_the_tokenizers_eos():
+    """Soak: an instruction record's answer ended with the tokenizer's EOS whatever the template writes: Llama 3
+    learnt <|end_of_text|> where its chats (and the template) end a turn with <|eot_id|>. It is now the conversation
+    [user, assistant] as the template renders it; its tokens are apply_chat_template's, with one <|begin_of_text|>
+    (the template writes it; the tokenizer, which adds one too, adds none here)."""
+    tok = byte_level(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>")
+    tok.chat_template = LLAMA3
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_token_id)])
+    assert tok("It")["input_ids"][0] == tok.bos_token_id
+    record = {"instruction": "What is 2 plus 3?", "input": "Answer briefly.", "output": "It is 5.<|end_of_text|>"}
+    messages = [{"role": "user", "content": "What is 2 plus 3?\n\nAnswer briefly."},
+                {"role": "assistant", "content": "It is 5."}]
+    full = tok.apply_chat_template(messages, return_dict=False)
+    prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=False)
+    ex = encode(record, tok, "instruction")
+    assert ex.input_ids == full and full.count(tok.bos_token_id) == 1
+    assert ex.labels == [IGNORE] * len(prompt) + full[len(prompt):]
+    assert tok.convert_ids_to_tokens(full[-1]) == "<|eot_id|>" and tok.eos_token_id not in full
+    assert prompt_ids(record, tok, "instruction") == prompt
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_by_turn_and_a_single_turn_is_learnt():
+    """Qwen3's template drops the <think> block of turns before the last user turn: the conversation up to a turn
+    renders otherwise than the whole one, so the turn cannot be located. Refused, naming the turn and what to do,
+    never trained on everything or nothing; a conversation of one answer (its <think> block included) is learnt."""
+    tok = byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>")
+    tok.chat_template = QWEN3
+    with pytest.raises(DataError) as e:
+        encode({"messages": CHAT, "_source": "chat.jsonl:3"}, tok, "chat")
+    assert str(e.value) == (
+        "chat.jsonl:3: the chat template renders messages[1] (an assistant turn) otherwise once later turns follow, "
+        "so its tokens cannot be located in the conversation (templates that rewrite earlier turns, e.g. Qwen3 "
+        "dropping their reasoning, or Mistral's moving the system prompt to the last user turn); give each such "
+        "conversation as records that end at one assistant turn each")
+    ex = encode({"messages": CHAT[:2]}, tok, "chat")
+    full = tok.apply_chat_template(CHAT[:2], return_dict=False)
+    prompt = tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, return_dict=False)
+    assert ex.input_ids == full and ex.labels == [IGNORE] * len(prompt) + full[len(prompt):]
+    assert tok.decode(full[len(prompt):]) == "<think>\n\n</think>\n\nIt is 5.<|im_end|>\n"

@@ -568,12 +568,24 @@ def _bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else []
 
 
-def _instruction_prompt(record: dict, tokenizer) -> str:
+def _instruction_prompt(record: dict) -> str:
+    """The Alpaca prompt, for a tokenizer with no chat template."""
+    return ALPACA_PROMPT.format(instruction=_instruction_user(record))
+
+
+def _instruction_user(record: dict) -> str:
     instruction, extra = _field(record, "instruction"), _field(record, "input", required=False)
-    user = instruction + ("\n\n" + extra if extra.strip() else "")
-    if getattr(tokenizer, "chat_template", None):
-        return _render(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
-    return ALPACA_PROMPT.format(instruction=user)
+    return instruction + ("\n\n" + extra if extra.strip() else "")
+
+
+def _as_chat(record: dict, tokenizer) -> dict:
+    """An instruction record as the conversation a chat template renders: the instruction (and input) as the user's
+    turn, the output (less an EOS text it ends with) as the assistant's, which ends with the template's own end of
+    turn (soak: it ended with the tokenizer's EOS, so Llama 3 learnt <|end_of_text|> where its chats end with
+    <|eot_id|>, Gemma <eos> for <end_of_turn>, Phi-3 <|endoftext|> for <|end|>)."""
+    answer = _without_eos(record, "output", tokenizer)[0]
+    messages = [{"role": "user", "content": _instruction_user(record)}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, **{k: v for k, v in record.items() if k == "_source"}}
 
 
 def _chat_layout(messages: list[dict], tokenizer, where: str = "",
@@ -653,14 +665,16 @@ def _tokens_at(text: str, tokenizer, cuts: list[int]) -> tuple[list[int], list[t
 def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, limit: int | None = None) -> Example:
     """Tokenize one record; labels are -100 on the prompt (unless train_on_prompt) and equal the ids elsewhere.
 
-    An instruction's prompt and response are tokenized separately and concatenated, so the label boundary is exact
-    and the prompt ids are the ones generation starts from; a conversation is tokenized whole, as the chat template
-    gives it (_chat_tokens). `limit`: a conversation stops being rendered once it holds more than
+    A conversation is tokenized whole, as the chat template gives it (_chat_tokens), and so is an instruction
+    record where the tokenizer has a chat template (as a user turn and the answer: _as_chat). Without one, an
+    instruction's Alpaca prompt and its response are tokenized separately and concatenated. `limit`: a conversation stops being rendered once it holds more than
     that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s; and a
     field's text is tokenized only as far as `limit` tokens reach (_head).
     """
+    if fmt == "instruction" and getattr(tokenizer, "chat_template", None):
+        return _chat_tokens(_as_chat(record, tokenizer), tokenizer, train_on_prompt, limit)[0]
     if fmt == "instruction":
-        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer), limit)
+        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record), limit)
         response = _ids(tokenizer, _without_eos(record, "output", tokenizer)[0], limit) + [tokenizer.eos_token_id]
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
@@ -708,10 +722,11 @@ def _chat_without_eos(record: dict, tokenizer) -> tuple[list[dict], int]:
 
 def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     """The prompt to generate from at eval: everything before the (last) response."""
-    if fmt == "instruction":
-        return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
-    if fmt == "chat":  # what training read before the last answer (soak: tokenized apart, it could differ)
-        example, start = _chat_tokens(record, tokenizer)
+    if fmt == "instruction" and not getattr(tokenizer, "chat_template", None):
+        return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record))
+    if fmt in ("instruction", "chat"):  # what training read before the last answer (soak: tokenized apart, it
+        # could differ)
+        example, start = _chat_tokens(_as_chat(record, tokenizer) if fmt == "instruction" else record, tokenizer)
         return example.input_ids[:start]
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
