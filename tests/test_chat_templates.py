@@ -52,6 +52,15 @@ QWEN3 = ("{%- set ns = namespace(last=messages|length - 1) %}{%- for m in messag
          "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
          "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# Mistral v0.3's logic: the system prompt goes into the last user turn
+MISTRAL_V3 = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+              "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+              "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+              "{%- if loop.last and system_message is defined %}"
+              "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+              "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+              "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token}}{%- endif %}"
+              "{%- endfor %}")
 CHAT = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "It is 5."},
         {"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "Paris, of course."}]
 
@@ -214,21 +223,33 @@ def test_an_instruction_record_ends_with_the_templates_end_of_turn_not_the_token
     assert prompt_ids(record, tok, "instruction") == prompt
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_by_turn_and_a_single_turn_is_learnt():
-    """Qwen3's template drops the <think> block of turns before the last user turn: the conversation up to a turn
-    renders otherwise than the whole one, so the turn cannot be located. Refused, naming the turn and what to do,
-    never trained on everything or nothing; a conversation of one answer (its <think> block included) is learnt."""
+def test_a_template_that_rewrites_earlier_turns_learns_them_as_the_whole_conversation_writes_them():
+    """Qwen3's template drops the <think> block of the turns before the last user turn, so the conversation up to
+    such a turn renders otherwise than the whole one: every conversation of two answers was refused. Each turn is
+    now its content and end of turn as the whole conversation writes them (apply_chat_template's tokens)."""
     tok = byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>")
     tok.chat_template = QWEN3
+    ex = encode({"messages": CHAT}, tok, "chat")
+    full = tok.apply_chat_template(CHAT, return_dict=False)
+    assert ex.input_ids == full
+    assert [tok.decode(run) for run in spans(ex)] == [
+        "It is 5.<|im_end|>\n", "<think>\n\n</think>\n\nParis, of course.<|im_end|>\n"]
+    assert prompt_ids({"messages": CHAT}, tok, "chat") == tok.apply_chat_template(
+        CHAT[:3], add_generation_prompt=True, return_dict=False)
+
+
+def test_a_template_that_moves_the_system_prompt_to_the_last_user_turn_is_refused_by_turn():
+    """Mistral v0.3's template writes the system prompt into the last user turn: the prompt of an earlier answer
+    is not where the whole conversation has it, so that answer cannot be located. Refused by record and turn, with
+    what to do, never trained on everything or nothing."""
+    tok = sentencepiece(["<unk>", "<s>", "</s>"], "<s>", "</s>")
+    tok.chat_template = MISTRAL_V3
     with pytest.raises(DataError) as e:
-        encode({"messages": CHAT, "_source": "chat.jsonl:3"}, tok, "chat")
+        encode({"messages": [{"role": "system", "content": "Answer briefly."}, *CHAT], "_source": "chat.jsonl:3"}, tok,
+               "chat")
     assert str(e.value) == (
-        "chat.jsonl:3: the chat template renders messages[1] (an assistant turn) otherwise once later turns follow, "
-        "so its tokens cannot be located in the conversation (templates that rewrite earlier turns, e.g. Qwen3 "
-        "dropping their reasoning, or Mistral's moving the system prompt to the last user turn); give each such "
-        "conversation as records that end at one assistant turn each")
-    ex = encode({"messages": CHAT[:2]}, tok, "chat")
-    full = tok.apply_chat_template(CHAT[:2], return_dict=False)
-    prompt = tok.apply_chat_template(CHAT[:1], add_generation_prompt=True, return_dict=False)
-    assert ex.input_ids == full and ex.labels == [IGNORE] * len(prompt) + full[len(prompt):]
-    assert tok.decode(full[len(prompt):]) == "<think>\n\n</think>\n\nIt is 5.<|im_end|>\n"
+        "chat.jsonl:3: the chat template renders the conversation before messages[2] (an assistant turn) otherwise "
+        "once later turns follow, so the turn cannot be located in it (a template that moves the system prompt to "
+        "the last user turn, as Mistral's newer ones do); give each such conversation as records that end at one "
+        "assistant turn each")
+    assert encode({"messages": CHAT}, tok, "chat").input_ids == tok.apply_chat_template(CHAT, return_dict=False)

@@ -594,10 +594,11 @@ def _chat_layout(messages: list[dict], tokenizer, where: str = "",
     learnt, exact). learnt: None for a turn of weight 0 (never learnt, not even with train_on_prompt).
 
     A turn starts where render(messages[:i], generation prompt) ends: the prompt generate and serve give the model.
-    It ends where render(messages[:i+1]) ends (exact), or, for a template that writes more after the last turn only
-    (Phi-3 ends a conversation with its EOS), where that rendering and the whole one part (not exact: a token that
-    runs past that point is not the turn's). A template that renders earlier turns otherwise once later ones follow
-    leaves no such place: DataError. Each turn renders the conversation up to it (quadratic in the turns), so with
+    It ends where render(messages[:i+1]) ends (exact), or, for a template that writes a turn otherwise once later
+    ones follow (Phi-3 ends a conversation with its EOS, Qwen3 drops earlier turns' reasoning), after its content and
+    the end of turn the template writes (_end_in; not exact: a token that runs past that point is not the turn's).
+    A template that renders the conversation before a turn otherwise once later ones follow: DataError. Each turn
+    renders the conversation up to it (quadratic in the turns), so with
     `limit` the text stops after the turn that takes it past `limit` tokens.
     """
     full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
@@ -607,13 +608,12 @@ def _chat_layout(messages: list[dict], tokenizer, where: str = "",
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
-        end = len(upto) if full.startswith(upto) else len(os.path.commonprefix([upto, full]))
+        end = len(upto) if full.startswith(upto) else _end_in(full, messages, i, tokenizer, where)
         if not (full.startswith(before) and upto.startswith(before) and done <= len(before) < end):
-            raise DataError(f"{where}the chat template renders messages[{i}] (an assistant turn) otherwise once "
-                            f"later turns follow, so its tokens cannot be located in the conversation (templates "
-                            f"that rewrite earlier turns, e.g. Qwen3 dropping their reasoning, or Mistral's moving "
-                            f"the system prompt to the last user turn); give each such conversation as records that "
-                            f"end at one assistant turn each")
+            raise DataError(f"{where}the chat template renders the conversation before messages[{i}] (an assistant "
+                            f"turn) otherwise once later turns follow, so the turn cannot be located in it (a "
+                            f"template that moves the system prompt to the last user turn, as Mistral's newer ones "
+                            f"do); give each such conversation as records that end at one assistant turn each")
         turns.append((len(before), end, True if m.get("weight", 1) else None, end == len(upto)))
         done = end
         # the tokens so far, counted a piece at a time (linear in the turns; the whole text tokenizes otherwise only
@@ -624,6 +624,26 @@ def _chat_layout(messages: list[dict], tokenizer, where: str = "",
             if n > limit + 2 * len(turns):
                 return full[:end], turns
     return full, turns
+
+
+TURN_MARK = "\ue000"  # a private-use character, as an assistant turn's content: no template trims or rewrites it
+
+
+def _end_in(full: str, messages: list[dict], i: int, tokenizer, where: str) -> int:
+    """Where assistant turn i ends in `full`, the whole conversation, for a template that writes the turn otherwise
+    once later turns follow (Qwen3 drops an earlier turn's <think> block; Phi-3 writes its EOS after the last turn
+    only): after its content, found by rendering the conversation with TURN_MARK as the turn's content, as much of
+    the text the template writes after a last turn as follows it there; -1 where the content is not found."""
+    marked = [*messages[:i], {**messages[i], "content": TURN_MARK}, *messages[i + 1:]]
+    whole = _render(tokenizer, marked, add_generation_prompt=False, where=where)
+    alone = _render(tokenizer, marked[: i + 1], add_generation_prompt=False, where=where)
+    if whole.count(TURN_MARK) != 1 or alone.count(TURN_MARK) != 1:
+        return -1
+    rest = whole[whole.index(TURN_MARK) + 1:]  # what follows the turn's content in the whole conversation
+    after = alone[alone.index(TURN_MARK) + 1:]  # what the template writes after a last turn's content
+    if not full.endswith(rest):
+        return -1
+    return len(full) - len(rest) + len(os.path.commonprefix([after, rest]))
 
 
 def _chat_tokens(record: dict, tokenizer, train_on_prompt: bool = False,
@@ -667,9 +687,9 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, lim
 
     A conversation is tokenized whole, as the chat template gives it (_chat_tokens), and so is an instruction
     record where the tokenizer has a chat template (as a user turn and the answer: _as_chat). Without one, an
-    instruction's Alpaca prompt and its response are tokenized separately and concatenated. `limit`: a conversation stops being rendered once it holds more than
-    that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s; and a
-    field's text is tokenized only as far as `limit` tokens reach (_head).
+    instruction's Alpaca prompt and its response are tokenized separately and concatenated. `limit`: a conversation
+    stops being rendered once it holds more than that many tokens (the caller keeps at most `limit`; the first ones
+    are the same): 800 turns took 8 s; and a field's text is tokenized only as far as `limit` tokens reach (_head).
     """
     if fmt == "instruction" and getattr(tokenizer, "chat_template", None):
         return _chat_tokens(_as_chat(record, tokenizer), tokenizer, train_on_prompt, limit)[0]
