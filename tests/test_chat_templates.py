@@ -253,3 +253,23 @@ def test_a_template_that_moves_the_system_prompt_to_the_last_user_turn_is_refuse
         "the last user turn, as Mistral's newer ones do); give each such conversation as records that end at one "
         "assistant turn each")
     assert encode({"messages": CHAT}, tok, "chat").input_ids == tok.apply_chat_template(CHAT, return_dict=False)
+
+
+def test_a_tokenizer_without_offsets_tokenizes_the_pieces_between_turns_apart(monkeypatch):
+    """A Python tokenizer has no offset mapping (NotImplementedError): the text between turn boundaries is then
+    tokenized piece by piece, each token labelled by its piece; for a byte-level BPE that splits there anyway, the
+    same tokens and labels as the offsets give."""
+    tok = byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>")
+    tok.chat_template = QWEN3
+    with_offsets = encode({"messages": CHAT}, tok, "chat")
+    original = type(tok).__call__
+
+    def no_offsets(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", no_offsets)
+    pieces = encode({"messages": CHAT}, tok, "chat")
+    assert (pieces.input_ids, pieces.labels) == (with_offsets.input_ids, with_offsets.labels)
+    assert pieces.input_ids == tok.apply_chat_template(CHAT, return_dict=False)
