@@ -154,6 +154,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
         system: an optional system message
     """
     import torch
+    from jinja2 import TemplateError
     from transformers import TextStreamer
 
     from loraforge.config import ConfigError
@@ -175,8 +176,14 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     print(chosen.line(training=False), file=sys.stderr, flush=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if tokenizer.chat_template:
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        try:
+            enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+        except TemplateError as e:  # soak: Gemma's template refusing --system was a jinja2 traceback
+            flag = "--system" if system else "PROMPT"
+            raise ConfigError([f"{flag}: the model's chat template refuses it ({e})"
+                               + ("; leave --system out and put the instructions in PROMPT" if system else "")],
+                              arguments=True) from None
     else:  # a base model's plain text: the system message, if any, goes first
         if system:
             print("no chat template: --system is put before the prompt as plain text", file=sys.stderr, flush=True)
@@ -189,7 +196,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if not sampling and chosen.compute == "fp32" and chosen.storage == "fp32" and unsupported(base) is None:
         streamer.put(enc["input_ids"])  # the prompt, which the streamer skips
-        static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer), max_new_tokens,
+        static_stream(base, enc["input_ids"][0].tolist(), stop_ids(tokenizer, base), max_new_tokens,
                       lambda token: streamer.put(torch.tensor([token])), until=stdout_lost)  # `| head -c 10`
         streamer.end()
         return
@@ -198,7 +205,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
                       temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                       top_k=None, streamer=streamer, logits_processor=[FiniteLogits(overflow_fix(chosen))],
                       stopping_criteria=[Until(stdout_lost)],
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer))
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids(tokenizer, base))
 
 
 def merge(*, base: NonEmpty, adapter: list[NonEmpty], out: NonEmpty, weights: list[str] = (), combination: str = "cat",

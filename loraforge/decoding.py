@@ -28,15 +28,47 @@ from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
 
 
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi-3, Gemma
+TURN_PROBE = "Fine, thanks."  # an assistant turn rendered to find the text its template writes after it
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """The token ids that end a reply: the tokenizer's eos, the model's generation_config eos_token_id (an int or a
+    list: Llama 3's [128001, 128009], Gemma's [1, 107]), the token the chat template ends an assistant turn with,
+    and the end-of-turn tokens the tokenizer knows by name. generate, eval and serve stop at the same set (soak:
+    generate and eval ran past Gemma's <end_of_turn>, listed only in its generation_config; serve ran past
+    <|im_end|> where the generation_config named only <|endoftext|>)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    return sorted(set(_tokenizer_stops(tokenizer)) | set([eos] if isinstance(eos, int) else eos or []))
+
+
 @functools.cache
-def stop_ids(tokenizer) -> list[int]:
-    """The token ids that end a reply: eos and the chat end-of-turn tokens the tokenizer knows."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+def _tokenizer_stops(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, _turn_end(tokenizer)}
+    for token in TURN_ENDS:
         tid = tokenizer.convert_tokens_to_ids(token)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def _turn_end(tokenizer) -> int | None:
+    """The special or added token the chat template writes right after an assistant turn's text (Gemma's
+    <end_of_turn>, Phi-3's <|end|>, Llama 2's </s>); None without a template or where it writes none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # noqa: BLE001 -- a template that refuses this conversation: no end of turn learnt from it
+        return None
+    if TURN_PROBE not in text:
+        return None
+    after = text[text.rindex(TURN_PROBE) + len(TURN_PROBE):].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    added = set(getattr(tokenizer, "all_special_ids", ()) or ()) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in added else None
 
 
 class FiniteLogits:

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loraforge.decoding import stop_ids
 from loraforge.inference.greedy import OVERFLOWED
 from loraforge.inference.llama import unsupported
 from loraforge.lora.adapters import AdapterError
@@ -92,11 +93,7 @@ class Engine:
         self.max_prefill_tokens, self.prefill_chunk = max_prefill_tokens, prefill_chunk
         self.default_max_tokens = default_max_tokens
         self.context_length = context_length(model.config) or UNKNOWN_CONTEXT  # yarn/llama3 scalings included
-        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = set(eos)
+        self.eos_ids = set(stop_ids(tokenizer, model))  # generate's and eval's: the chat template's end of turn too
         self.device = next(model.parameters()).device
         if precision is None:
             stored = next((k for k, v in TORCH_DTYPES.items() if v == next(model.parameters()).dtype), "fp32")

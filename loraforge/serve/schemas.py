@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -179,5 +180,10 @@ def chat_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             content = "".join(part.text for part in content)
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:  # soak: Gemma's "System role not supported" was a 500 internal error and a traceback
+        raise ServeError(f"messages: the model's chat template refuses this conversation ({e}); send what it "
+                         f"accepts (Gemma and Mistral templates take no system message, and user and assistant "
+                         f"turns must alternate)") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

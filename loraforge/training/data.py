@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -567,59 +568,137 @@ def _bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else []
 
 
-def _instruction_prompt(record: dict, tokenizer) -> str:
+def _instruction_prompt(record: dict) -> str:
+    """The Alpaca prompt, for a tokenizer with no chat template."""
+    return ALPACA_PROMPT.format(instruction=_instruction_user(record))
+
+
+def _instruction_user(record: dict) -> str:
     instruction, extra = _field(record, "instruction"), _field(record, "input", required=False)
-    user = instruction + ("\n\n" + extra if extra.strip() else "")
-    if getattr(tokenizer, "chat_template", None):
-        return _render(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
-    return ALPACA_PROMPT.format(instruction=user)
+    return instruction + ("\n\n" + extra if extra.strip() else "")
 
 
-def _chat_segments(messages: list[dict], tokenizer, where: str = "") -> Iterator[tuple[str, bool | None]]:
-    """Split the rendered conversation into (text, supervised) pieces, in order; assistant turns are supervised,
-    but one of weight 0 is None: never learnt, not even with train_on_prompt.
+def _as_chat(record: dict, tokenizer) -> dict:
+    """An instruction record as the conversation a chat template renders: the instruction (and input) as the user's
+    turn, the output (less an EOS text it ends with) as the assistant's, which ends with the template's own end of
+    turn (soak: it ended with the tokenizer's EOS, so Llama 3 learnt <|end_of_text|> where its chats end with
+    <|eot_id|>, Gemma <eos> for <end_of_turn>, Phi-3 <|endoftext|> for <|end|>)."""
+    answer = _without_eos(record, "output", tokenizer)[0]
+    messages = [{"role": "user", "content": _instruction_user(record)}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, **{k: v for k, v in record.items() if k == "_source"}}
 
-    An assistant turn's span is render(messages[:i+1]) minus render(messages[:i], generation prompt): its content
-    plus whatever end-of-turn text the template emits. Needs each rendering to be a prefix of the next. Each turn
-    renders the conversation up to it (quadratic in the turns), so a caller that has enough stops iterating.
+
+def _chat_layout(messages: list[dict], tokenizer, where: str = "",
+                 limit: int | None = None) -> tuple[str, list[tuple[int, int, bool | None, bool]]]:
+    """The conversation as the template renders it whole, and each assistant turn's characters in it: (start, end,
+    learnt, exact). learnt: None for a turn of weight 0 (never learnt, not even with train_on_prompt).
+
+    A turn starts where render(messages[:i], generation prompt) ends: the prompt generate and serve give the model.
+    It ends where render(messages[:i+1]) ends (exact), or, for a template that writes a turn otherwise once later
+    ones follow (Phi-3 ends a conversation with its EOS, Qwen3 drops earlier turns' reasoning), after its content and
+    the end of turn the template writes (_end_in; not exact: a token that runs past that point is not the turn's).
+    A template that renders the conversation before a turn otherwise once later ones follow: DataError. Each turn
+    renders the conversation up to it (quadratic in the turns), so with
+    `limit` the text stops after the turn that takes it past `limit` tokens.
     """
-    done = ""
+    full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
+    turns, done, counted, n = [], 0, 0, 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True, where=where)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, where=where)
-        if not (before.startswith(done) and upto.startswith(before)):
-            raise DataError(f"{where}the chat template does not render conversations prefix by prefix, so assistant "
-                            "turns cannot be located exactly; use a tokenizer with a ChatML/Llama-style template")
-        learnt = True if m.get("weight", 1) else None
-        yield from ((text, sup) for text, sup in ((before[len(done):], False), (upto[len(before):], learnt)) if text)
-        done = upto
-    full = _render(tokenizer, messages, add_generation_prompt=False, where=where)
-    if full[len(done):]:
-        yield full[len(done):], False
+        end = len(upto) if full.startswith(upto) else _end_in(full, messages, i, tokenizer, where)
+        if not (full.startswith(before) and upto.startswith(before) and done <= len(before) < end):
+            raise DataError(f"{where}the chat template renders the conversation before messages[{i}] (an assistant "
+                            f"turn) otherwise once later turns follow, so the turn cannot be located in it (a "
+                            f"template that moves the system prompt to the last user turn, as Mistral's newer ones "
+                            f"do); give each such conversation as records that end at one assistant turn each")
+        turns.append((len(before), end, True if m.get("weight", 1) else None, end == len(upto)))
+        done = end
+        # the tokens so far, counted a piece at a time (linear in the turns; the whole text tokenizes otherwise only
+        # where pieces meet: a margin of two tokens each), once the text has more UTF-8 bytes than `limit` (no token
+        # holds less than a byte, a prepended "▁" aside)
+        if limit is not None and len(full[:end].encode("utf-8", "surrogatepass")) + len(turns) > limit:
+            n, counted = n + len(_ids(tokenizer, full[counted:end], limit)), end
+            if n > limit + 2 * len(turns):
+                return full[:end], turns
+    return full, turns
+
+
+TURN_MARK = "\ue000"  # a private-use character, as an assistant turn's content: no template trims or rewrites it
+
+
+def _end_in(full: str, messages: list[dict], i: int, tokenizer, where: str) -> int:
+    """Where assistant turn i ends in `full`, the whole conversation, for a template that writes the turn otherwise
+    once later turns follow (Qwen3 drops an earlier turn's <think> block; Phi-3 writes its EOS after the last turn
+    only): after its content, found by rendering the conversation with TURN_MARK as the turn's content, as much of
+    the text the template writes after a last turn as follows it there; -1 where the content is not found."""
+    marked = [*messages[:i], {**messages[i], "content": TURN_MARK}, *messages[i + 1:]]
+    whole = _render(tokenizer, marked, add_generation_prompt=False, where=where)
+    alone = _render(tokenizer, marked[: i + 1], add_generation_prompt=False, where=where)
+    if whole.count(TURN_MARK) != 1 or alone.count(TURN_MARK) != 1:
+        return -1
+    rest = whole[whole.index(TURN_MARK) + 1:]  # what follows the turn's content in the whole conversation
+    after = alone[alone.index(TURN_MARK) + 1:]  # what the template writes after a last turn's content
+    if not full.endswith(rest):
+        return -1
+    return len(full) - len(rest) + len(os.path.commonprefix([after, rest]))
+
+
+def _chat_tokens(record: dict, tokenizer, train_on_prompt: bool = False,
+                 limit: int | None = None) -> tuple[Example, int]:
+    """The conversation's tokens as tokenizer.apply_chat_template(messages) gives them: the rendered text tokenized
+    whole, never piece by piece (soak: a SentencePiece tokenizer, Mistral's and Phi-3's, writes "▁" before the start
+    of every piece, so each answer was learnt as "▁It" after "[/INST]", where the chat template's own tokens, and
+    the prompts generate gives, have "It"); labels from each token's characters (its offsets); and where the last
+    assistant turn's tokens start (the eval prompt)."""
+    text, turns = _chat_layout(_chat_without_eos(record, tokenizer)[0], tokenizer, _where(record), limit)
+    ids, offsets = _tokens_at(_head(text, tokenizer, limit), tokenizer, [c for t in turns for c in t[:2]])
+    bos = _bos(tokenizer)
+    labels, k, last = [IGNORE] * len(bos), 0, None
+    for token, (first, after) in zip(ids, offsets):
+        while k < len(turns) and first >= turns[k][1]:
+            k += 1
+        start, end, learnt, exact = turns[k] if k < len(turns) else (len(text), len(text), False, True)
+        supervised = learnt if start <= first and (exact or after <= end) else False
+        labels.append(token if supervised or (train_on_prompt and supervised is not None) else IGNORE)
+        if last is None and first >= turns[-1][0]:
+            last = len(labels) - 1
+    return Example(bos + ids, labels), len(bos + ids) if last is None else last
+
+
+def _tokens_at(text: str, tokenizer, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """text's token ids and each token's (start, end) characters; a tokenizer with no offsets (a Python one) tokenizes
+    the pieces between `cuts` apart, each token spanning its piece."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    except NotImplementedError:
+        ids, offsets = [], []
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"] if b > a else []
+            ids, offsets = ids + piece, offsets + [(a, b)] * len(piece)
+        return ids, offsets
 
 
 def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, limit: int | None = None) -> Example:
     """Tokenize one record; labels are -100 on the prompt (unless train_on_prompt) and equal the ids elsewhere.
 
-    Prompt and response are tokenized separately and concatenated, so the label boundary is exact and the prompt
-    ids are the ones generation starts from. `limit`: a conversation stops being rendered once it holds more than
-    that many tokens (the caller keeps at most `limit`; the first ones are the same): 800 turns took 8 s; and a
-    field's text is tokenized only as far as `limit` tokens reach (_head).
+    A conversation is tokenized whole, as the chat template gives it (_chat_tokens), and so is an instruction
+    record where the tokenizer has a chat template (as a user turn and the answer: _as_chat). Without one, an
+    instruction's Alpaca prompt and its response are tokenized separately and concatenated. `limit`: a conversation
+    stops being rendered once it holds more than that many tokens (the caller keeps at most `limit`; the first ones
+    are the same): 800 turns took 8 s; and a field's text is tokenized only as far as `limit` tokens reach (_head).
     """
+    if fmt == "instruction" and getattr(tokenizer, "chat_template", None):
+        return _chat_tokens(_as_chat(record, tokenizer), tokenizer, train_on_prompt, limit)[0]
     if fmt == "instruction":
-        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer), limit)
+        prompt = _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record), limit)
         response = _ids(tokenizer, _without_eos(record, "output", tokenizer)[0], limit) + [tokenizer.eos_token_id]
         segments = [(prompt, False), (response, True)]
     elif fmt == "chat":
-        segments = [(_bos(tokenizer), False)]
-        messages, n = _chat_without_eos(record, tokenizer)[0], len(segments[0][0])
-        for text, sup in _chat_segments(messages, tokenizer, _where(record)):
-            segments.append((_ids(tokenizer, text, limit), sup))
-            n += len(segments[-1][0])
-            if limit is not None and n > limit:
-                break
+        return _chat_tokens(record, tokenizer, train_on_prompt, limit)[0]
     elif fmt == "text":
         text = _head(_without_eos(record, "text", tokenizer)[0], tokenizer, limit)
         ids = tokenizer(text)["input_ids"]  # adds BOS (and EOS) as it does
@@ -663,13 +742,12 @@ def _chat_without_eos(record: dict, tokenizer) -> tuple[list[dict], int]:
 
 def prompt_ids(record: dict, tokenizer, fmt: str) -> list[int]:
     """The prompt to generate from at eval: everything before the (last) response."""
-    if fmt == "instruction":
-        return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record, tokenizer))
-    if fmt == "chat":  # the pieces encode tokenizes, up to the last answer (soak: the text rendered whole could
-        # tokenize otherwise where pieces meet, "\n" + "\n" against "\n\n", so eval began from ids never trained on)
-        pieces = list(_chat_segments(_chat_without_eos(record, tokenizer)[0], tokenizer, _where(record)))
-        last = max(i for i, (_, supervised) in enumerate(pieces) if supervised is not False)
-        return _bos(tokenizer) + [token for text, _ in pieces[:last] for token in _ids(tokenizer, text)]
+    if fmt == "instruction" and not getattr(tokenizer, "chat_template", None):
+        return _bos(tokenizer) + _ids(tokenizer, _instruction_prompt(record))
+    if fmt in ("instruction", "chat"):  # what training read before the last answer (soak: tokenized apart, it
+        # could differ)
+        example, start = _chat_tokens(_as_chat(record, tokenizer) if fmt == "instruction" else record, tokenizer)
+        return example.input_ids[:start]
     raise DataError(f"format {fmt!r} has no prompt/answer split; generation eval needs instruction or chat records")
 
 

@@ -86,7 +86,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 3
              precision: str = "fp32") -> list[str]:
     """Greedy continuations of token-id prompts (loraforge.decoding: shared prefix once, rows leave when they
     end); decoded, special tokens dropped."""
-    outputs = greedy(model, prompts, stop_ids(tokenizer), max_new_tokens, batch_size, precision)
+    outputs = greedy(model, prompts, stop_ids(tokenizer, model), max_new_tokens, batch_size, precision)
     return tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
 

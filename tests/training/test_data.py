@@ -54,7 +54,7 @@ def test_instruction_masks_exactly_the_prompt(tok):
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write this date as YYYY-MM-DD.\n\nMarch 5, 2021"}],
                                      tokenize=False, add_generation_prompt=True)
     prompt = tok(prompt, add_special_tokens=False)["input_ids"]
-    response = tok("2021-03-05", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    response = tok("2021-03-05<|im_end|>\n", add_special_tokens=False)["input_ids"]  # the template's end of turn
     assert prompt_ids(record, tok, "instruction") == prompt
     assert ex.input_ids == prompt + response
     assert ex.labels == [IGNORE] * len(prompt) + response
@@ -93,7 +93,7 @@ def test_the_eval_prompt_of_a_conversation_is_what_training_read_before_its_last
         last = max(i for i, label in enumerate(ex.labels) if label == IGNORE) + 1  # where the last answer starts
         assert prompt == ex.input_ids[:last]
     whole = plain(plain.decode(prompt), add_special_tokens=False)["input_ids"]
-    assert whole != prompt  # the case the soak found: rendered whole, the prompt tokenizes otherwise
+    assert whole == prompt  # training, too, tokenizes the rendered conversation whole ("\n\n" two tokens there)
 
 
 def test_an_assistant_turn_of_weight_0_is_context_not_learnt(tok):
@@ -174,7 +174,7 @@ def test_an_answer_that_ends_in_the_eos_text_learns_one_eos(tok):
     for output in ["hi<|im_end|>", "hi<|im_end|>\n"]:
         ex = encode({"instruction": "Say hi.", "output": output}, tok, "instruction")
         assert (ex.input_ids, ex.labels) == (plain.input_ids, plain.labels)
-        assert spans(ex) == [tok("hi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+        assert spans(ex) == [tok("hi<|im_end|>\n", add_special_tokens=False)["input_ids"]]
     ex = encode({"text": "hello world<|im_end|>"}, tok, "text")
     assert ex.input_ids == ex.labels == tok("hello world")["input_ids"] + [tok.eos_token_id]
     records = [{"instruction": "a", "output": "b<|im_end|>"}, {"instruction": "a", "output": "b"}]
@@ -313,10 +313,10 @@ def test_detect_format_and_source_is_ignored(tok):
 def test_build_dataset_truncates_and_drops(tok):
     records = [{"instruction": "a", "output": "one two three four five six"}, {"instruction": "a", "output": "c"}]
     n_prompt = encode(records[0], tok, "instruction").labels.count(IGNORE)
-    examples, stats = build_dataset(records, tok, max_seq_len=n_prompt + 2)  # record 1 is exactly n_prompt + 2
-    assert [len(e.input_ids) for e in examples] == [n_prompt + 2, n_prompt + 2]
+    examples, stats = build_dataset(records, tok, max_seq_len=n_prompt + 3)  # record 1: "c", <|im_end|>, "\n"
+    assert [len(e.input_ids) for e in examples] == [n_prompt + 3, n_prompt + 3]
     assert (stats.n_records, stats.n_examples, stats.n_truncated, stats.n_dropped) == (2, 2, 1, 0)
-    assert stats.n_tokens == 2 * (n_prompt + 2) and stats.n_supervised_tokens == 4
+    assert stats.n_tokens == 2 * (n_prompt + 3) and stats.n_supervised_tokens == 6
     with pytest.raises(DataError, match="all 2 records were dropped"):  # only prompt tokens left
         build_dataset(records, tok, max_seq_len=n_prompt)
 
