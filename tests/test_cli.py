@@ -258,6 +258,37 @@ def test_every_command_prints_its_help(capsys):
         assert f"usage: loraforge {name or ''}" in capsys.readouterr().out
 
 
+def test_help_and_a_mistyped_command_import_no_torch():
+    """Soak (packaging): `loraforge --help`, every `loraforge COMMAND --help` and a mistyped command took 7-11 s on
+    2 cores: the parser imported the study modules (estimate, forgetting, continual) for their signatures, and they
+    import torch and transformers. Now those three are declared in cli.py too; the parser needs no heavy module."""
+    script = ("import sys\nfrom loraforge.cli import _commands, main\n"
+              "for argv in [['--help'], ['trian'], *([c, '--help'] for c in _commands())]:\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print([m for m in ('torch', 'transformers', 'numpy', 'fastapi') if m in sys.modules], file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stderr.splitlines()[-1] == "[]", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command,module,function", [("estimate", "estimate", "cli_estimate"),
+                                                     ("forgetting", "forgetting", "cli_forgetting"),
+                                                     ("continual", "continual", "cli_continual")])
+def test_the_studies_commands_pass_every_argument_on(command, module, function, monkeypatch):
+    """cli.estimate/forgetting/continual declare the arguments their study's cli_* function takes (the help is built
+    from them without importing the study): the same signature, defaults included, and each value arrives."""
+    import importlib
+
+    study = importlib.import_module(f"loraforge.studies.{module}")
+    ours = inspect.signature(getattr(cli, command))
+    assert ours == inspect.signature(getattr(study, function))
+    seen = {}
+    monkeypatch.setattr(study, function, lambda *args: seen.update(zip(ours.parameters, args)))
+    given = {name: f"<{name}>" for name in ours.parameters}
+    getattr(cli, command)(**given)
+    assert seen == given
+
+
 def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--probe", "mmlu"]) == 2
     assert "--probe: unknown probe(s) ['mmlu']; use mc, text and/or kl" in capsys.readouterr().err

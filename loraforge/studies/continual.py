@@ -301,25 +301,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
                   replay: str | None = None, replay_share: list[FiniteFloat] = (), out: NonEmpty = "runs/continual",
                   max_steps: PositiveInt | None = None, skip_general: bool = False, limit: PositiveInt | None = None,
                   overrides: list[str] = (), overwrite: bool = False) -> None:
-    """Teach an adapter a second task and measure what it cost the first: old and new task accuracy (and the
-    general probes) of the base, the adapter, and the adapter trained on with and without replaying old data.
-
-    Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
-    ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
-
-    Args:
-        config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
-        adapter: the adapter trained on the old task (ours or PEFT's LoRA)
-        previous: the old task's held-out examples (default, without CONFIG: the demo's held-out dates)
-        replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
-        replay_share: shares of each batch drawn from --replay, one arm each; 0: the new task alone (default: 0 0.2)
-        out: directory for the runs and continual.json
-        max_steps: optimizer steps of every arm (default: the config's, or 24 for the times task)
-        skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
-        limit: keep only the first N examples of each task and of each general probe (quick checks)
-        overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier study there is run again)
-    """
+    """`loraforge continual`: cli.continual's docstring is its help (it is defined there, where the CLI's
+    help is built without importing torch)."""
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     if config:
         cfg = load_train_config(config, overrides)

@@ -541,23 +541,8 @@ def plot(rows: list[dict], path: Path) -> Path:
 def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
                    seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = LORA_LR,
                    full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
-    """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
-
-    Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
-    task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
-    general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
-
-    Args:
-        config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
-        out: directory for the runs, forgetting.json and forgetting.png
-        ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
-        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
-        max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
-        lora_lr: learning rate of the LoRA runs
-        full_lr: learning rate of the full fine-tuning runs
-        overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier comparison there is run again)
-    """
+    """`loraforge forgetting`: cli.forgetting's docstring is its help (it is defined there, where the CLI's
+    help is built without importing torch)."""
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.
