@@ -24,6 +24,7 @@ import typing
 import warnings
 from typing import Literal
 
+from loraforge import __version__
 from loraforge.argtypes import (FiniteFloat, NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed,
                                 Temperature, Text)
 from loraforge.utils.parent import follow_agent
@@ -546,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
                                      "PEFT-compatible adapters, merging and serving.")
+    parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
