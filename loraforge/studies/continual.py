@@ -26,6 +26,7 @@ from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, 
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
                                      read_adapter_weights)
 from loraforge.models import conversion_paths, load_base, load_config
+from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
                                           start_over, steps_text, task_split, train_arm, trained_steps,
@@ -104,6 +105,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     if problems := check_shares(shares) + replay_problems(replay, shares):  # (cli_continual checks them too)
         raise ConfigError(problems)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
+    check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     # before anything is written into --out; replace_run keeps which lora: fields were written (r: 8 is checked)
     init_adapter_config(replace_run(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)

@@ -31,6 +31,7 @@ from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_conf
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, conversion_paths, load_base
 from loraforge.precision import autocast
+from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
 from loraforge.studies.probes import (PPL_WINDOW, check_probes, kl_divergence, load_probe, mc_accuracy, perplexity,
@@ -344,6 +345,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_unquantized(cfg)
     check_ranks(ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
+    check_bitsandbytes(None, cfg.training.optimizer)  # an 8-bit optimizer (the base is never quantized here)
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
         return _study(cfg, expand_user(out), ranks, lora_lr, full_lr, seeds, limit, progress, overwrite, started)
 
