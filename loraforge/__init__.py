@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import importlib
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it from here
+
 _API = {
     # configs
     "LoraConfig": "loraforge.config", "TrainConfig": "loraforge.config", "ConfigError": "loraforge.config",

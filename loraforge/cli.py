@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.util
 import inspect
 import math
 import os
@@ -22,8 +23,11 @@ import threading
 import types
 import typing
 import warnings
+from typing import Literal
 
-from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed, Temperature, Text
+from loraforge import __version__
+from loraforge.argtypes import (FiniteFloat, NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed,
+                                Temperature, Text)
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
 
@@ -430,14 +434,94 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
            header_timeout=header_timeout, max_connections=max_connections)
 
 
-def _commands() -> dict:
-    from loraforge.studies.continual import cli_continual
+# The studies' commands are declared here, as the others are, so that the parser (and so `--help`, a mistyped command)
+# is built without importing the modules that run them: those import torch and transformers (7-11 s on 2 cores).
+# Each passes its arguments on to the study's own cli_* function (tests/test_cli.py: the same signature).
+
+def estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora", "dora", "adalora"] = "qlora",
+             batch_size: PositiveInt = 1, seq_len: PositiveInt = 512, r: PositiveInt = 16,
+             optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw",
+             dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
+             no_gradient_checkpointing: bool = False, gpus: PositiveInt = 1,
+             distributed: Literal["ddp", "fsdp"] = "ddp") -> None:
+    """Print the expected training memory of a model and method, broken down.
+
+    Args:
+        model: a known size (7b, 13b, 65b, 70b), a transformers directory, or a built-in model name
+        method: full, lora, qlora, dora or adalora
+        batch_size: sequences per micro-batch
+        seq_len: tokens per sequence (at most the model's context)
+        r: LoRA rank (adalora: its init_r; all linear layers of each block are targeted)
+        optimizer: adamw, adamw_8bit, paged_adamw or paged_adamw_8bit
+        dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
+        gradient_checkpointing: force gradient checkpointing on (default: on for qlora only)
+        no_gradient_checkpointing: force it off
+        gpus: processes (devices) training together; batch_size is per device
+        distributed: ddp (a whole replica per device) or fsdp (weights, gradients and optimizer state sharded)
+    """
     from loraforge.studies.estimate import cli_estimate
+
+    cli_estimate(model, method, batch_size, seq_len, r, optimizer, dtype, gradient_checkpointing,
+                 no_gradient_checkpointing, gpus, distributed)
+
+
+def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
+               seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = 1e-3,
+               full_lr: PositiveFloat = 5e-5, overrides: list[str] = (), overwrite: bool = False) -> None:
+    """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
+
+    Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
+    task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
+    general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
+
+    Args:
+        config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
+        out: directory for the runs, forgetting.json and forgetting.png
+        ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
+        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
+        max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
+        lora_lr: learning rate of the LoRA runs
+        full_lr: learning rate of the full fine-tuning runs
+        overrides: section.field=value pairs on top of the config
+        overwrite: write into a non-empty --out (an earlier comparison there is run again)
+    """
     from loraforge.studies.forgetting import cli_forgetting
 
+    cli_forgetting(config, out, ranks, seeds, max_steps, lora_lr, full_lr, overrides, overwrite)
+
+
+def continual(config: str | None = None, adapter: str = "runs/demo/adapter", previous: str | None = None,
+              replay: str | None = None, replay_share: list[FiniteFloat] = (), out: NonEmpty = "runs/continual",
+              max_steps: PositiveInt | None = None, skip_general: bool = False, limit: PositiveInt | None = None,
+              overrides: list[str] = (), overwrite: bool = False) -> None:
+    """Teach an adapter a second task and measure what it cost the first: old and new task accuracy (and the
+    general probes) of the base, the adapter, and the adapter trained on with and without replaying old data.
+
+    Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
+    ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
+
+    Args:
+        config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
+        adapter: the adapter trained on the old task (ours or PEFT's LoRA)
+        previous: the old task's held-out examples (default, without CONFIG: the demo's held-out dates)
+        replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
+        replay_share: shares of each batch drawn from --replay, one arm each; 0: the new task alone (default: 0 0.2)
+        out: directory for the runs and continual.json
+        max_steps: optimizer steps of every arm (default: the config's, or 24 for the times task)
+        skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
+        limit: keep only the first N examples of each task and of each general probe (quick checks)
+        overrides: section.field=value pairs on top of the config
+        overwrite: write into a non-empty --out (an earlier study there is run again)
+    """
+    from loraforge.studies.continual import cli_continual
+
+    cli_continual(config, adapter, previous, replay, replay_share, out, max_steps, skip_general, limit, overrides,
+                  overwrite)
+
+
+def _commands() -> dict:
     return {"demo": demo, "train": train, "generate": generate, "merge": merge, "eval": eval, "serve": serve,
-            "estimate": cli_estimate, "forgetting": cli_forgetting, "ui": ui, "export": export,
-            "continual": cli_continual}
+            "estimate": estimate, "forgetting": forgetting, "ui": ui, "export": export, "continual": continual}
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # section.field=value, or a run's own field (method=qlora)
@@ -471,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
                                      "PEFT-compatible adapters, merging and serving.")
+    parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
@@ -609,6 +694,11 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve"}
 (bitsandbytes, the trackers and `datasets` name their setting where they are needed.)"""
 
 
+NEEDS = {"serve": ("fastapi", "uvicorn"), "ui": ("fastapi", "uvicorn")}
+"""The optional packages a command cannot start without: looked for (not imported) before torch is, so their absence
+is said at once (it came after torch's import, 7-13 s on 2 cores)."""
+
+
 def missing_extra(command: str, e: ModuleNotFoundError) -> str | None:
     """The line for an optional package `command` imported and did not find, or None (not one of EXTRAS)."""
     package = (e.name or "").partition(".")[0]
@@ -630,6 +720,10 @@ def run_command(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = args.pop("command")
     func = _commands()[command]
+    for package in NEEDS.get(command, ()):
+        if importlib.util.find_spec(package) is None:
+            print(f"error: {missing_extra(command, ModuleNotFoundError(name=package))}", file=sys.stderr)
+            return 2
     from loraforge.lora.adapters import AdapterError
     from loraforge.config import ConfigError
     from loraforge.training.data import DataError

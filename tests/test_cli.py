@@ -258,6 +258,38 @@ def test_every_command_prints_its_help(capsys):
         assert f"usage: loraforge {name or ''}" in capsys.readouterr().out
 
 
+def test_help_and_a_mistyped_command_import_no_torch():
+    """Soak (packaging): `loraforge --help`, every `loraforge COMMAND --help` and a mistyped command took 7-11 s on
+    2 cores: the parser imported the study modules (estimate, forgetting, continual) for their signatures, and they
+    import torch and transformers. Now those three are declared in cli.py too; the parser needs no heavy module."""
+    script = ("import sys\nfrom loraforge.cli import _commands, main\n"
+              "for argv in [['--help'], ['trian'], *([c, '--help'] for c in _commands())]:\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "heavy = [m for m in ('torch', 'transformers', 'numpy', 'fastapi') if m in sys.modules]\n"
+              "print(heavy, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.stderr.splitlines()[-1] == "[]", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command,module,function", [("estimate", "estimate", "cli_estimate"),
+                                                     ("forgetting", "forgetting", "cli_forgetting"),
+                                                     ("continual", "continual", "cli_continual")])
+def test_the_studies_commands_pass_every_argument_on(command, module, function, monkeypatch):
+    """cli.estimate/forgetting/continual declare the arguments their study's cli_* function takes (the help is built
+    from them without importing the study): the same signature, defaults included, and each value arrives."""
+    import importlib
+
+    study = importlib.import_module(f"loraforge.studies.{module}")
+    ours = inspect.signature(getattr(cli, command))
+    assert ours == inspect.signature(getattr(study, function))
+    seen = {}
+    monkeypatch.setattr(study, function, lambda *args: seen.update(zip(ours.parameters, args)))
+    given = {name: f"<{name}>" for name in ours.parameters}
+    getattr(cli, command)(**given)
+    assert seen == given
+
+
 def test_bad_probe_and_tiny_task_are_clear_errors(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_dir), "--probe", "mmlu"]) == 2
     assert "--probe: unknown probe(s) ['mmlu']; use mc, text and/or kl" in capsys.readouterr().err
@@ -934,6 +966,19 @@ def test_serve_and_ui_without_the_serve_extra_say_what_to_install(command, packa
                                                      f"installed here: pip install 'loraforge[serve]'")
     assert "Traceback" not in proc.stderr
     assert missing_extra("serve", ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")) is None
+
+
+@pytest.mark.parametrize("command,package", [("serve", "fastapi"), ("ui", "uvicorn")])
+def test_a_missing_serve_extra_is_said_before_torch_is_imported(command, package):
+    """Soak (packaging, a wheel installed without the serve extra): `loraforge serve` said what to install only
+    after importing torch, 13 s on 2 cores. The packages a command needs are looked for first (a None in
+    sys.modules hides an installed one from importlib.util.find_spec, as an absent one is)."""
+    script = (f"import sys\nsys.modules[{package!r}] = None\nfrom loraforge.cli import main\n"
+              f"code = main([{command!r}])\nprint(code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (proc.stdout, proc.stderr) == ("2 False\n", f"error: loraforge {command} needs {package}, which is not "
+                                                       f"installed here: pip install 'loraforge[serve]'\n")
 
 
 @pytest.mark.parametrize("weights", [["1", "-1e-3"], ["-1e-3", "1"], ["-2E1", "-.5"], ["-inf", "-1_000.5e-2"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import logging
 
 import torch
@@ -109,6 +110,22 @@ class _Once(logging.Filter):
         return True
 
 
+def _missing(needed_by: list[str]) -> ConfigError:
+    return ConfigError([f"{setting} needs bitsandbytes, which is not installed here: pip install 'loraforge[quant]' "
+                        f"(or pip install bitsandbytes)" for setting in needed_by])
+
+
+def check_bitsandbytes(quantization: str | None, optimizer: str) -> None:
+    """ConfigError when a run's settings need bitsandbytes (a 4/8-bit base, an 8-bit or, on CUDA, paged optimizer)
+    and it is not installed. Called before anything loads: import_bitsandbytes found it missing only once the base
+    was loaded (15 s for the built-in model; a hub model's whole download). Nothing is imported."""
+    paged_here = optimizer.startswith("paged_") and torch.cuda.is_available()  # elsewhere it runs unpaged
+    needed_by = [f"model.quantization (--quantize): {quantization}"] if quantization else []
+    needed_by += [f"training.optimizer: {optimizer}"] if optimizer.endswith("_8bit") or paged_here else []
+    if needed_by and importlib.util.find_spec("bitsandbytes") is None:
+        raise _missing(needed_by)
+
+
 def import_bitsandbytes(needed_by: str = "4-bit and 8-bit layers"):
     """The bitsandbytes module (an optional dependency: the `quant` extra), imported without the notice above;
     its int8 matmul's per-call warning is said once per input dtype from then on. Not installed: a ConfigError
@@ -121,8 +138,7 @@ def import_bitsandbytes(needed_by: str = "4-bit and 8-bit layers"):
     except ModuleNotFoundError as e:
         if e.name != "bitsandbytes":
             raise  # one of its own imports: its message names what
-        raise ConfigError([f"{needed_by} needs bitsandbytes, which is not installed here: pip install "
-                           f"'loraforge[quant]' (or pip install bitsandbytes)"]) from None
+        raise _missing([needed_by]) from None
     finally:
         logger.removeFilter(quiet)
     matmul_logger = logging.getLogger("bitsandbytes.autograd._functions")

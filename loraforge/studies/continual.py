@@ -26,6 +26,7 @@ from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, 
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
                                      read_adapter_weights)
 from loraforge.models import conversion_paths, load_base, load_config
+from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
                                           start_over, steps_text, task_split, train_arm, trained_steps,
@@ -104,6 +105,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
     if problems := check_shares(shares) + replay_problems(replay, shares):  # (cli_continual checks them too)
         raise ConfigError(problems)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the probes
+    check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     # before anything is written into --out; replace_run keeps which lora: fields were written (r: 8 is checked)
     init_adapter_config(replace_run(cfg, training=dataclasses.replace(cfg.training, init_adapter=adapter)))
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
@@ -301,25 +303,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
                   replay: str | None = None, replay_share: list[FiniteFloat] = (), out: NonEmpty = "runs/continual",
                   max_steps: PositiveInt | None = None, skip_general: bool = False, limit: PositiveInt | None = None,
                   overrides: list[str] = (), overwrite: bool = False) -> None:
-    """Teach an adapter a second task and measure what it cost the first: old and new task accuracy (and the
-    general probes) of the base, the adapter, and the adapter trained on with and without replaying old data.
-
-    Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
-    ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
-
-    Args:
-        config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
-        adapter: the adapter trained on the old task (ours or PEFT's LoRA)
-        previous: the old task's held-out examples (default, without CONFIG: the demo's held-out dates)
-        replay: the old task's training data, drawn from in the replay arms (default, without CONFIG: the demo's)
-        replay_share: shares of each batch drawn from --replay, one arm each; 0: the new task alone (default: 0 0.2)
-        out: directory for the runs and continual.json
-        max_steps: optimizer steps of every arm (default: the config's, or 24 for the times task)
-        skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
-        limit: keep only the first N examples of each task and of each general probe (quick checks)
-        overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier study there is run again)
-    """
+    """`loraforge continual`: cli.continual's docstring is its help (it is defined there, where the CLI's
+    help is built without importing torch)."""
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     if config:
         cfg = load_train_config(config, overrides)

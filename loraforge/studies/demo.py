@@ -16,6 +16,7 @@ import torch
 from loraforge.config import ConfigError, load_train_config
 from loraforge.lora.adapters import load_adapter
 from loraforge.models import conversion_paths, load_base
+from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.training import data as D
 from loraforge.training.loop import run_precision, train
@@ -74,6 +75,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
     cfg = demo_config(out, max_steps, overrides)
     check_demo_out(out, cfg)
     check_tracker(cfg.training.report_to)  # the base loads and is scored before train() would find it missing
+    check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for --quantize
     check_run_output(cfg.output_dir, overwrite=overwrite, resume=False,  # refused before the base is loaded
                      inputs=[cfg.model.name, *conversion_paths(cfg.model.name), cfg.data.train, TEST_DATA],
                      flag="--out", resume_hint=None)  # demo takes no --resume

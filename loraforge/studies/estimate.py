@@ -517,21 +517,8 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
                  dtype: Literal["bf16", "fp16", "fp32"] = "bf16", gradient_checkpointing: bool = False,
                  no_gradient_checkpointing: bool = False, gpus: PositiveInt = 1,
                  distributed: Literal["ddp", "fsdp"] = "ddp") -> None:
-    """Print the expected training memory of a model and method, broken down.
-
-    Args:
-        model: a known size (7b, 13b, 65b, 70b), a transformers directory, or a built-in model name
-        method: full, lora, qlora, dora or adalora
-        batch_size: sequences per micro-batch
-        seq_len: tokens per sequence (at most the model's context)
-        r: LoRA rank (adalora: its init_r; all linear layers of each block are targeted)
-        optimizer: adamw, adamw_8bit, paged_adamw or paged_adamw_8bit
-        dtype: the frozen base's and activations' dtype (bf16, fp16, fp32)
-        gradient_checkpointing: force gradient checkpointing on (default: on for qlora only)
-        no_gradient_checkpointing: force it off
-        gpus: processes (devices) training together; batch_size is per device
-        distributed: ddp (a whole replica per device) or fsdp (weights, gradients and optimizer state sharded)
-    """
+    """`loraforge estimate`: cli.estimate's docstring is its help (it is defined there, where the CLI's help
+    is built without importing torch)."""
     if r > MAX_RANK:  # as lora.r in a run
         raise ConfigError([f"--r: {r} is more than the largest rank a run takes ({MAX_RANK}); typical ranks are 4-64"])
     if batch_size * seq_len > MAX_TOKENS:  # soak: past a float's range the sums below were an OverflowError

@@ -31,6 +31,7 @@ from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_conf
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, conversion_paths, load_base
 from loraforge.precision import autocast
+from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
 from loraforge.studies.probes import (PPL_WINDOW, check_probes, kl_divergence, load_probe, mc_accuracy, perplexity,
@@ -344,6 +345,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_unquantized(cfg)
     check_ranks(ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
+    check_bitsandbytes(None, cfg.training.optimizer)  # an 8-bit optimizer (the base is never quantized here)
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
         return _study(cfg, expand_user(out), ranks, lora_lr, full_lr, seeds, limit, progress, overwrite, started)
 
@@ -541,23 +543,8 @@ def plot(rows: list[dict], path: Path) -> Path:
 def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
                    seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = LORA_LR,
                    full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
-    """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
-
-    Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
-    task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
-    general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
-
-    Args:
-        config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
-        out: directory for the runs, forgetting.json and forgetting.png
-        ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
-        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
-        max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
-        lora_lr: learning rate of the LoRA runs
-        full_lr: learning rate of the full fine-tuning runs
-        overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier comparison there is run again)
-    """
+    """`loraforge forgetting`: cli.forgetting's docstring is its help (it is defined there, where the CLI's
+    help is built without importing torch)."""
     overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.

@@ -41,7 +41,7 @@ from loraforge.lora.inject import count_parameters, inject, lora_layers, paramet
 from loraforge.lora.merge import WEIGHT_FILES
 from loraforge.models import check_fits_context, conversion_paths, load_config, load_model, load_tokenizer
 from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
-from loraforge.quant.bnb import prepare_for_kbit_training
+from loraforge.quant.bnb import check_bitsandbytes, prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
                                            checkpoint_format, find_checkpoint, global_batch, global_batch_change,
@@ -394,6 +394,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
     check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
+    check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     t = cfg.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)

@@ -6,6 +6,7 @@ difference left is floating-point summation order.
 """
 
 import copy
+import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -479,3 +480,28 @@ def test_without_bitsandbytes_the_setting_that_needs_it_is_named(tmp_path):
                "(or pip install bitsandbytes)")
     assert proc.stdout.splitlines() == [f"model.quantization (--quantize): nf4 {install}",
                                         f"training.optimizer: adamw_8bit {install}"]
+
+
+def test_a_run_that_needs_bitsandbytes_without_it_is_refused_before_anything_loads(tiny_dir, data_file, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Soak (packaging, a wheel installed without the quant extra): `loraforge train` of a QLoRA config and
+    `loraforge demo --quantize nf4` printed the precision line and loaded the whole base (the built-in model 15 s; a
+    hub model its download) before saying bitsandbytes was missing. Now the settings that need it are checked first
+    (a None in sys.modules hides the installed package from importlib.util.find_spec, as an absent one is)."""
+    from loraforge.cli import main
+    from loraforge.studies import demo
+    from loraforge.training import loop
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for module, name in ((loop, "load_model"), (loop, "load_tokenizer"), (demo, "load_base")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a model or tokenizer loaded before the refusal"))
+    config = tmp_path / "qlora.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}}}\nmethod: qlora\ndata: {{train: {data_file}}}\n"
+                      f"training: {{optimizer: adamw_8bit}}\noutput_dir: {tmp_path / 'out'}\n")
+    install = ("needs bitsandbytes, which is not installed here: pip install 'loraforge[quant]' "
+               "(or pip install bitsandbytes)")
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr() == ("", f"error: invalid config:\n  model.quantization (--quantize): nf4 {install}\n"
+                                       f"  training.optimizer: adamw_8bit {install}\n")
+    assert main(["demo", "--quantize", "int8", "--out", str(tmp_path / "demo")]) == 2
+    assert capsys.readouterr() == ("", f"error: invalid config:\n  model.quantization (--quantize): int8 {install}\n")

@@ -321,3 +321,28 @@ def test_a_second_study_into_one_out_is_refused_while_the_first_runs(tiny_dir, t
         with pytest.raises(OutputError, match=r"another loraforge process \(pid \d+\) is training into --out "):
             run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), shares=(0.0,),
                           out=tmp_path / "study", general=False, limit=2, progress=False)
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_before_the_base_loads(old_adapter, tiny_dir, data_file,
+                                                                                 tmp_path, monkeypatch):
+    """Soak (packaging, no quant extra): continual and forgetting with training.optimizer adamw_8bit loaded and
+    probed the base before the first arm's train() found bitsandbytes missing. Both check first now (a None in
+    sys.modules hides an installed bitsandbytes from importlib.util.find_spec)."""
+    import sys
+
+    from loraforge.studies import continual, forgetting
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for module in (continual, forgetting):
+        monkeypatch.setattr(module, "load_base", lambda *a, **k: pytest.fail("the base loaded before the refusal"))
+    line = ("training.optimizer: adamw_8bit needs bitsandbytes, which is not installed here: pip install "
+            "'loraforge[quant]' (or pip install bitsandbytes)")
+    with pytest.raises(ConfigError) as e:
+        cli_continual(out=str(tmp_path / "c"), adapter=old_adapter, overrides=["training.optimizer=adamw_8bit"])
+    assert e.value.problems == [line]
+    task = tmp_path / "task.yaml"
+    task.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data_file}, eval: {data_file}}}\n"
+                    f"training: {{optimizer: adamw_8bit}}\n")
+    with pytest.raises(ConfigError) as e:
+        forgetting.cli_forgetting(str(task), out=str(tmp_path / "f"))
+    assert e.value.problems == [line]
