@@ -17,7 +17,6 @@ to the room its prompt leaves, with one warning (inference.greedy.new_token_limi
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -26,9 +25,10 @@ from loraforge.inference.greedy import greedy as static_greedy
 from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
+from loraforge.utils.weakcache import per_object
 
 
-@functools.cache
+@per_object
 def stop_ids(tokenizer) -> list[int]:
     """The token ids that end a reply: eos and the chat end-of-turn tokens the tokenizer knows."""
     ids = {tokenizer.eos_token_id}
