@@ -17,7 +17,6 @@ to the room its prompt leaves, with one warning (inference.greedy.new_token_limi
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -26,6 +25,7 @@ from loraforge.inference.greedy import greedy as static_greedy
 from loraforge.inference.llama import unsupported
 from loraforge.precision import autocast
 from loraforge.utils.hf import cache_argument
+from loraforge.utils.weakcache import per_object
 
 
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi-3, Gemma
@@ -43,7 +43,7 @@ def stop_ids(tokenizer, model=None) -> list[int]:
     return sorted(set(_tokenizer_stops(tokenizer)) | set([eos] if isinstance(eos, int) else eos or []))
 
 
-@functools.cache
+@per_object
 def _tokenizer_stops(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id, _turn_end(tokenizer)}
     for token in TURN_ENDS:

@@ -102,10 +102,11 @@ def detect(device: torch.device | str = "cpu") -> Hardware:
 @functools.lru_cache(maxsize=None)
 def probe_bf16_speedup(n: int = 256, seconds: float = 0.05) -> float:
     """bf16 matmul rate / fp32 matmul rate on this CPU, from an n×n matmul timed for about `seconds` each
-    (emulated bf16 keeps the bf16 side to tens of milliseconds). Cached for the process."""
-    rates = {}
+    (emulated bf16 keeps the bf16 side to tens of milliseconds). Cached for the process. Its operands come from a
+    generator of its own: torch's global one is the user's (soak: choosing a precision moved the user's draws)."""
+    rates, g = {}, torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
         a @ b  # warm-up: oneDNN picks and JITs its kernel
         count, start = 0, time.perf_counter()
         while True:

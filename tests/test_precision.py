@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect, overflow_fix
+from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect, overflow_fix, probe_bf16_speedup
 
 AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # AMD Zen 2/3, most laptops: oneDNN has no bf16 at all
 AVX512 = Hardware("cpu", "CPU", None, "AVX512", False, True)  # Skylake-X: AVX-512 without its BF16 extension
@@ -74,6 +74,16 @@ def test_unsure_facts_are_decided_by_the_matmul_probe(hw, speedup, compute):
     p = choose("auto", "auto", hw=hw, probe=lambda: calls.append(1) or speedup)
     assert p.compute == compute and calls == [1]
     assert f"bf16 matmuls ran {speedup:.{1 if compute == 'bf16' else 2}f}x fp32's" in p.reason
+
+
+def test_the_matmul_probe_leaves_the_users_random_draws_alone():
+    """soak: the probe drew its operands from torch's global generator, so choosing a precision (auto on ARM or a
+    capped oneDNN) moved the user's next draws."""
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    assert probe_bf16_speedup.__wrapped__(n=8, seconds=0.001) > 0  # uncached: the probe itself runs
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_explicit_choices_are_kept_and_slow_ones_warned():

@@ -35,6 +35,7 @@ import torch
 
 from loraforge.utils.files import expand_user, unexpanded_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
+from loraforge.utils.weakcache import per_object
 
 IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
@@ -553,7 +554,7 @@ def _head(text: str, tokenizer, limit: int | None) -> str:
     return text if len(text) <= bound else text[:bound]
 
 
-@functools.lru_cache(maxsize=8)
+@per_object
 def _longest_token(tokenizer) -> int | None:
     """Characters in the vocabulary's longest entry as stored (byte-level 'Ġ' and SentencePiece '▁' are one
     character each, as the space they stand for); None for a tokenizer that shows no vocabulary (no cut)."""

@@ -66,6 +66,7 @@ from loraforge.utils.allocator import line as allocator_line
 from loraforge.utils.files import DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, RESUME, OutputError, check_not_input, check_run_output, hold_output
+from loraforge.utils.rng import kept_random_state
 
 
 @dataclass
@@ -361,8 +362,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     An output_dir that is not empty needs `overwrite` (an earlier run there is started over; `resume` continues
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, warned about and printed by it).
+    The run seeds torch's and Python's generators with training.seed; the caller's states are back when it returns
+    or raises (utils.rng).
     """
-    with contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
+    with kept_random_state(), contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
         stage, run = "set-up", None
         try:
             run = setup(cfg, resume, overwrite, precision, held)

@@ -6,6 +6,7 @@ exit code 2, no traceback. Training is fp32 on the tiny model (conftest.tiny_dir
 
 import json
 import os
+import random
 import signal
 import re
 import shutil
@@ -94,6 +95,33 @@ def one_error_line(stderr: str) -> str:
 
 
 # --- data ----------------------------------------------------------------------------------------------------
+
+def test_train_leaves_the_callers_random_state_as_it_was_whether_it_returns_or_raises(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch):
+    """soak (a notebook in one process): train() seeded torch's and Python's generators with training.seed and left
+    them so: every draw after it was the seed's, the same after each run, whatever the user had seeded before."""
+    def draws():
+        return torch.rand(4).tolist(), random.random()
+
+    def seeded():
+        torch.manual_seed(1234)
+        random.seed(1234)
+
+    seeded()
+    expected = draws()  # the user's next draws, without a run in between
+    seeded()
+    train(load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "returned")), progress=False)
+    assert draws() == expected
+
+    def interrupted(run, batches):
+        raise KeyboardInterrupt  # Ctrl-C in a notebook's cell, mid-step
+
+    monkeypatch.setattr(T, "optimizer_step", interrupted)
+    seeded()
+    with pytest.raises(KeyboardInterrupt):
+        train(load_train_config(None, run_args(tiny_dir, data_file, tmp_path / "raised")), progress=False)
+    assert draws() == expected
+
 
 def test_an_undecodable_byte_stops_train_with_its_file_line_and_the_fix(tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
