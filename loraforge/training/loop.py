@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -465,9 +466,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
               data_fingerprint=data_fingerprint)
-    # FSDP: the model's layers are shards whose root is the loss module; its packing is not probed
-    probe = mode != "fsdp"
-    if probe and cfg.data.packing is True and not D.keeps_packed_apart(model):  # before an earlier run is deleted
+    # FSDP: probed through the sharded loss module, its root (every process; soak: an FSDP run was not probed and
+    # OPT packed its examples)
+    probe = functools.partial(D.keeps_packed_apart, model, wrapped if mode == "fsdp" else None)
+    if cfg.data.packing is True and not probe():  # before an earlier run is deleted
         raise ConfigError([f"data.packing: true, but {type(model).__name__} does not keep packed examples apart (its "
                            f"attention mask ignores position_ids), so each would attend to the ones before it in "
                            f"its row; use data.packing: false (or auto, which packs only models that keep them "
@@ -494,7 +496,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
     # auto: packed only where the model keeps packed examples apart (true was checked above); every rank asks
-    apart = not probe or cfg.data.packing is True or not run.pack or D.keeps_packed_apart(model)
+    apart = cfg.data.packing is True or not run.pack or probe()
     run.pack = run.pack and apart
     run.join = run.pack and joins_rows(training_attention(cfg, device, model.config), cfg.data.max_seq_len)
     # glibc's heap handed back when train() returns or raises
