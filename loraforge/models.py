@@ -423,15 +423,17 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
             return (f"model {name!r} is gated on the Hugging Face Hub: request access at https://huggingface.co/{name} "
                     f"and log in (hf auth login, or set HF_TOKEN){instead}")
         if isinstance(e, RepositoryNotFoundError):
-            return (f"model {name!r} is neither a local path nor a repository on the Hugging Face Hub (a private one "
-                    f"needs hf auth login){instead}")
+            return (f"model {name!r} is neither a folder in {Path.cwd()} (the current directory) nor a repository "
+                    f"on the Hugging Face Hub (a private one needs hf auth login){instead}")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return (f"no disk space left to download model {name!r} into the Hugging Face cache "
                     f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk){instead}")
     if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain):
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE and not unreachable else
                "no connection to the Hugging Face Hub")
-        return f"model {name!r} could not be downloaded ({why}) and no cached copy exists{instead}"
+        # soak: `--model tiny` run from another folder than tiny's said only "could not be downloaded"
+        return (f"model {name!r}: no folder {name!r} exists in {Path.cwd()} (the current directory), so it was tried "
+                f"as a Hugging Face Hub name, which could not be downloaded ({why}) and has no cached copy{instead}")
     return None
 
 
