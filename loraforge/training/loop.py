@@ -44,10 +44,11 @@ from loraforge.models import check_fits_context, conversion_paths, load_config, 
 from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import prepare_for_kbit_training
 from loraforge.training import data as D
-from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
-                                           checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, prune_checkpoints, resume_changes,
-                                           rng_state, save_checkpoint, schedule_changes)
+from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, DiskStop,
+                                           TrainingError, checkpoint_format, disk_stop, find_checkpoint,
+                                           global_batch, global_batch_change, last_checkpoint, load_checkpoint,
+                                           prune_checkpoints, resume_changes, rng_state, save_checkpoint,
+                                           schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
@@ -708,11 +709,31 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 save_step(run)
                 saved = run.step
             aside += time.perf_counter() - began
+    except (DiskError, DiskStop) as e:  # a metrics line (rank 0's) or a checkpoint the disk refused
+        stop_line = e if isinstance(e, DiskStop) else disk_stop(run.ckpt_root, run.step, e, checkpoint=False)
+        raise keep_adapter(run, stop_line) from None
     finally:
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
     return final_loss, eval_loss, time.perf_counter() - start, aside
+
+
+def keep_adapter(run: Run, error: DiskStop) -> DiskStop:
+    """A run that the disk stopped before any checkpoint was complete kept nothing of its training (soak): rank 0
+    writes the adapter of the step reached to output_dir/adapter where it fits (a checkpoint holds the optimizer's
+    two moments besides it: about 3x its size), and the message says so, or what the adapter would need. LoRA and
+    AdaLoRA of one process or DDP; not FSDP's shards, which only every process together can gather."""
+    if (not run.is_main or run.sharded or run.cfg.method == "full" or run.step == 0
+            or last_checkpoint(run.ckpt_root) is not None):
+        return error
+    if run.allocator is not None:  # as finish does: the run ends here
+        run.allocator.finalize(run.model)
+    try:
+        saved = save_adapter(run.model, run.out / "adapter")
+    except DiskError as e:
+        return DiskStop(f"{error}; nor did the adapter of step {run.step} fit: {e}", error.everywhere)
+    return DiskStop(f"{error}; the adapter of step {run.step} fitted: written to {saved}", error.everywhere)
 
 
 def save_step(run: Run) -> None:
