@@ -305,6 +305,14 @@ def unusual_settings(cfg: TrainConfig) -> str:
     return f"{'; '.join(said)}: lower {'it' if len(said) == 1 else 'them'}. Else: " if said else ""
 
 
+def scale_note(cfg: TrainConfig) -> str:
+    """The adapter's scale, named as the config has it, in a non-finite stop's advice (LoRA methods; soak: the NaN
+    loss of an fp32 run with lora_alpha 1e20 blamed training.lr alone)."""
+    lora = cfg.lora
+    return (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
+            f"lora.lora_alpha if it is unusually large. Else: " if cfg.method in ("lora", "dora", "qlora") else "")
+
+
 # --- the loop ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -897,8 +905,10 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         last = last_good_checkpoint(run)
         again = (f" (and was at step {run.step}, whose update fp16's loss scaler skipped)" if run.nonfinite_loss
                  else "")
+        # before any update B is 0: the adapter adds nothing, whatever its scale
+        scale = scale_note(run.cfg) if run.step else ""
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}{again}; stopping. The last good checkpoint "
-                            f"is {last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
+                            f"is {last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}{scale}"
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
                             everywhere=True)
     run.nonfinite_loss = not math.isfinite(loss_value)
@@ -911,14 +921,10 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):  # fp16's scaler skips such steps itself
         last = last_good_checkpoint(run)
-        lora = run.cfg.lora
-        scale = (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
-                 f"lora.lora_alpha if it is unusually large. Else: " if run.cfg.method in ("lora", "dora", "qlora")
-                 else "")
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
                             f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
-                            f". {unusual_settings(run.cfg)}{scale}"
+                            f". {unusual_settings(run.cfg)}{scale_note(run.cfg)}"
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
                             everywhere=True)
     scale = scaler.get_scale()

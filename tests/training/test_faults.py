@@ -874,6 +874,30 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nonfinite_loss_after_an_update_names_the_adapters_scale(tiny_dir, data_file, tmp_path, monkeypatch,
+                                                                  precision):
+    """Carried over: the gradient-norm stop and fp16's named lora.lora_alpha, the NaN-loss stop of an fp32 or bf16
+    run did not (an adapter scaled far too high was blamed on training.lr). Step 1 (B still 0) does not name it."""
+    from loraforge.training.loss import CausalLMLoss
+
+    original, calls = CausalLMLoss.forward, []
+
+    def poisoned(self, batch):
+        total, n = original(self, batch)
+        calls.append(self.training)
+        return (total * float("nan") if calls.count(True) == 2 and self.training else total), n
+
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
+    args = run_args(tiny_dir, data_file, tmp_path / "run") + ["lora.lora_alpha=1e20", f"training.precision={precision}"]
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), progress=False)
+    last = tmp_path / "run" / "checkpoints" / "step-0000001"
+    assert str(e.value) == (
+        f"loss is nan at step 2; stopping. The last good checkpoint is {last}. The adapter's scale is lora.lora_alpha / lora.r = 1e+20 / 4: lower lora.lora_alpha if it is unusually "
+        f"large. Else: " + nonfinite_advice(1e-2, precision, 1.0, step=2))
+
+
 @pytest.mark.parametrize("override, named", [
     (["training.loraplus_lr_ratio=1e30"], "training.loraplus_lr_ratio is 1e+30 (16 is usual): lower it. Else: "),
     (["method=adalora", "adalora.orth_reg_weight=1e30", "adalora.tinit=0", "adalora.tfinal=0"],
