@@ -22,11 +22,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import threading
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from loraforge.config import ConfigError, TrainConfig, to_dict
-from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
+from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.lora.merge import WEIGHT_FILES
@@ -93,13 +95,27 @@ class TrainResult:
 # --- set-up --------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def in_section(section: str):
-    """Name the config section in the target errors inject raises ('target_modules: ...' is lora.target_modules or
-    adalora.target_modules to the user who typed it)."""
-    try:
-        yield
-    except ConfigError as e:
-        raise ConfigError([p if p.startswith(f"{section}.") else f"{section}.{p}" for p in e.problems]) from None
+def in_section(section: str, from_lora: Collection[str] = ()):
+    """Name the config section in the errors and the field warnings inject raises ('target_modules: ...' is
+    lora.target_modules or adalora.target_modules to the user who typed it; `from_lora`: the fields an adalora:
+    section took from the lora: section). Soak: a run's extreme-scale warning named lora_alpha, not lora.lora_alpha."""
+    def named(text: str) -> str:
+        field = re.match(r"(\w+): ", text)
+        return text if text.startswith(f"{section}.") else \
+            f"{'lora' if field and field.group(1) in from_lora else section}.{text}"
+
+    with warnings.catch_warnings(record=True) as caught:  # said again below, each named
+        warnings.simplefilter("always")
+        try:
+            yield
+            error = None
+        except ConfigError as e:
+            error = ConfigError([named(p) for p in e.problems])
+    for w in caught:  # a warning that opens with a field's name ("lora_alpha: ...", not "r=64 on ...")
+        text = str(w.message)
+        warnings.warn_explicit(named(text) if re.match(r"\w+: ", text) else text, w.category, w.filename, w.lineno)
+    if error is not None:
+        raise error
 
 
 def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
@@ -149,7 +165,7 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             raise ConfigError([f"adalora.total_step: {cfg.adalora['total_step']} is not this run's {total_steps} "
                                f"steps; a training run sets it (training.max_steps, or epochs × steps per epoch): "
                                f"remove adalora.total_step, or set training.max_steps={cfg.adalora['total_step']}"])
-        with in_section("adalora"):
+        with in_section("adalora", from_lora=set(FROM_LORA) - set(cfg.adalora)):
             inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                            "default")
     else:
