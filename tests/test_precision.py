@@ -355,8 +355,7 @@ def test_an_fp16_loss_the_forward_overflowed_is_a_skipped_step_once_and_stops_tw
         train(_cfg(tiny_dir, data_file, tmp_path / "twice", "training.precision=fp16"), progress=False)
     assert str(stop.value) == (
         "loss is nan at step 4 (and was at step 3, whose update fp16's loss scaler skipped); stopping. The last good "
-        "checkpoint is none (no checkpoint was written yet). The adapter's scale is lora.lora_alpha / lora.r = 16 / 8: "
-        "lower lora.lora_alpha if it is unusually large. Else: Lower training.lr (it is 0.01; try 0.001); fp16 "
+        "checkpoint is none (no checkpoint was written yet). Lower training.lr (it is 0.01; try 0.001); fp16 "
         "overflows past 65504: use training.precision: bf16 where the hardware has it, or fp32; check the records "
         "of this step for unusual text (very long, repeated or garbled)")
 

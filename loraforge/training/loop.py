@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from loraforge.config import ConfigError, TrainConfig, to_dict
+from loraforge.config import USUAL_SCALE, ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
@@ -321,12 +321,16 @@ def unusual_settings(cfg: TrainConfig) -> str:
     return f"{'; '.join(said)}: lower {'it' if len(said) == 1 else 'them'}. Else: " if said else ""
 
 
-def scale_note(cfg: TrainConfig) -> str:
-    """The adapter's scale, named as the config has it, in a non-finite stop's advice (LoRA methods; soak: the NaN
-    loss of an fp32 run with lora_alpha 1e20 blamed training.lr alone)."""
+def scale_note(cfg: TrainConfig, always: bool = True) -> str:
+    """The adapter's scale, named as the config has it, in a non-finite stop's advice (LoRA methods); `always`
+    False: only a scale outside config.USUAL_SCALE (soak: the NaN loss of an fp32 run with lora_alpha 1e20 blamed
+    training.lr alone)."""
     lora = cfg.lora
+    scale = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+    if cfg.method not in ("lora", "dora", "qlora") or (not always and USUAL_SCALE[0] <= abs(scale) <= USUAL_SCALE[1]):
+        return ""
     return (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
-            f"lora.lora_alpha if it is unusually large. Else: " if cfg.method in ("lora", "dora", "qlora") else "")
+            f"lora.lora_alpha if it is unusually large. Else: ")
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -922,7 +926,7 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         again = (f" (and was at step {run.step}, whose update fp16's loss scaler skipped)" if run.nonfinite_loss
                  else "")
         # before any update B is 0: the adapter adds nothing, whatever its scale
-        scale = scale_note(run.cfg) if run.step else ""
+        scale = scale_note(run.cfg, always=False) if run.step else ""
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}{again}; stopping. The last good checkpoint "
                             f"is {last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}{scale}"
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),

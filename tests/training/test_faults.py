@@ -878,7 +878,9 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
 def test_a_nonfinite_loss_after_an_update_names_the_adapters_scale(tiny_dir, data_file, tmp_path, monkeypatch,
                                                                   precision):
     """Carried over: the gradient-norm stop and fp16's named lora.lora_alpha, the NaN-loss stop of an fp32 or bf16
-    run did not (an adapter scaled far too high was blamed on training.lr). Step 1 (B still 0) does not name it."""
+    run did not (an adapter scaled far too high was blamed on training.lr). It names a scale outside the usual
+    range (a usual one is not a suspect: test_a_non_finite_stop_names_an_unusually_large_setting_first); step 1 (B
+    still 0) names none."""
     from loraforge.training.loss import CausalLMLoss
 
     original, calls = CausalLMLoss.forward, []
