@@ -896,8 +896,9 @@ def test_a_nonfinite_loss_after_an_update_names_the_adapters_scale(tiny_dir, dat
         train(load_train_config(None, args), progress=False)
     last = tmp_path / "run" / "checkpoints" / "step-0000001"
     assert str(e.value) == (
-        f"loss is nan at step 2; stopping. The last good checkpoint is {last}. The adapter's scale is lora.lora_alpha / lora.r = 1e+20 / 4: lower lora.lora_alpha if it is unusually "
-        f"large. Else: " + nonfinite_advice(1e-2, precision, 1.0, step=2))
+        f"loss is nan at step 2; stopping. The last good checkpoint is {last}. The adapter's scale is "
+        f"lora.lora_alpha / lora.r = 1e+20 / 4: lower lora.lora_alpha if it is unusually large. Else: "
+        + nonfinite_advice(1e-2, precision, 1.0, step=2))
 
 
 @pytest.mark.parametrize("override, named", [
