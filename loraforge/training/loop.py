@@ -94,28 +94,39 @@ class TrainResult:
 
 # --- set-up --------------------------------------------------------------------------------------------------
 
+def section_named(text: str, section: str, from_lora: Collection[str] = ()) -> str:
+    """A problem or warning about a field ('target_modules: ...') named as the config has it: lora.target_modules or
+    adalora.target_modules (`from_lora`: the fields an adalora: section took from the lora: section)."""
+    if text.startswith(f"{section}."):
+        return text
+    field = re.match(r"(\w+): ", text)
+    return f"{'lora' if field and field.group(1) in from_lora else section}.{text}"
+
+
 @contextlib.contextmanager
 def in_section(section: str, from_lora: Collection[str] = ()):
-    """Name the config section in the errors and the field warnings inject raises ('target_modules: ...' is
-    lora.target_modules or adalora.target_modules to the user who typed it; `from_lora`: the fields an adalora:
-    section took from the lora: section). Soak: a run's extreme-scale warning named lora_alpha, not lora.lora_alpha."""
-    def named(text: str) -> str:
-        field = re.match(r"(\w+): ", text)
-        return text if text.startswith(f"{section}.") else \
-            f"{'lora' if field and field.group(1) in from_lora else section}.{text}"
+    """Name the config section in the errors inject raises (section_named)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError([section_named(p, section, from_lora) for p in e.problems]) from None
 
-    with warnings.catch_warnings(record=True) as caught:  # said again below, each named
-        warnings.simplefilter("always")
-        try:
+
+@contextlib.contextmanager
+def section_warnings(section: str, from_lora: Collection[str] = ()):
+    """Name the config section in the field warnings inject gives ("lora_alpha: ...", not "r=64 on ..."), each
+    said again once the block ends (soak: a run's extreme-scale warning named lora_alpha, not lora.lora_alpha). It
+    takes the warnings of every thread meanwhile: for the one that builds a run's model, not a server's."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
-            error = None
-        except ConfigError as e:
-            error = ConfigError([named(p) for p in e.problems])
-    for w in caught:  # a warning that opens with a field's name ("lora_alpha: ...", not "r=64 on ...")
-        text = str(w.message)
-        warnings.warn_explicit(named(text) if re.match(r"\w+: ", text) else text, w.category, w.filename, w.lineno)
-    if error is not None:
-        raise error
+    finally:  # an error too: what was said before it is said
+        for w in caught:
+            text = str(w.message)
+            named = section_named(text, section, from_lora) if re.match(r"\w+: ", text) else text
+            warnings.warn_explicit(named, w.category, w.filename, w.lineno)
 
 
 def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
@@ -165,11 +176,12 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             raise ConfigError([f"adalora.total_step: {cfg.adalora['total_step']} is not this run's {total_steps} "
                                f"steps; a training run sets it (training.max_steps, or epochs × steps per epoch): "
                                f"remove adalora.total_step, or set training.max_steps={cfg.adalora['total_step']}"])
-        with in_section("adalora", from_lora=set(FROM_LORA) - set(cfg.adalora)):
+        taken = set(FROM_LORA) - set(cfg.adalora)
+        with in_section("adalora", taken), section_warnings("adalora", taken):
             inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                            "default")
     else:
-        with in_section("lora"):
+        with in_section("lora"), section_warnings("lora"):
             inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
     if cfg.training.fused_lora:
         for _, layer in lora_layers(model):

@@ -140,7 +140,7 @@ def check_targets(cfg: TrainConfig) -> None:
         return
     if cfg.method == "adalora":  # the run's own total_step comes with its step count; any will do for the targets
         config = AdaLoraConfig.from_train_config(cfg.lora, {**cfg.adalora, "total_step": 10**9})
-        with in_section("adalora", from_lora=set(FROM_LORA) - set(cfg.adalora)):
+        with in_section("adalora", set(FROM_LORA) - set(cfg.adalora)):
             find_targets(skeleton, config, advise=False)
     else:
         with in_section("lora"):
