@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -373,14 +374,17 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
         return str(cached_conversion(gguf, _no_weights(out), weights=False))
     path = expand_user(name_or_path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
         try:  # before the tokenizer or the weights, whose loaders would name themselves as what failed
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
             json.loads((path / "config.json").read_bytes())
         except ValueError as e:
             where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
             raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} is not valid JSON{where}; save or "
                                   f"copy the model again") from None
+        except PermissionError as e:  # soak: a traceback
+            raise ModelFilesError(f"model {name_or_path}: its config cannot be read from {path}: "
+                                  f"{unreadable(path, e) or e}") from None
         return str(path)
     if path.is_file():  # e.g. the config.json of a model folder
         raise FileNotFoundError(f"model {name_or_path!r} is a file, not a transformers directory or a .gguf file; "
@@ -423,15 +427,17 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
             return (f"model {name!r} is gated on the Hugging Face Hub: request access at https://huggingface.co/{name} "
                     f"and log in (hf auth login, or set HF_TOKEN){instead}")
         if isinstance(e, RepositoryNotFoundError):
-            return (f"model {name!r} is neither a local path nor a repository on the Hugging Face Hub (a private one "
-                    f"needs hf auth login){instead}")
+            return (f"model {name!r} is neither a folder in {Path.cwd()} (the current directory) nor a repository "
+                    f"on the Hugging Face Hub (a private one needs hf auth login){instead}")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return (f"no disk space left to download model {name!r} into the Hugging Face cache "
                     f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk){instead}")
     if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain):
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE and not unreachable else
                "no connection to the Hugging Face Hub")
-        return f"model {name!r} could not be downloaded ({why}) and no cached copy exists{instead}"
+        # soak: `--model tiny` run from another folder than tiny's said only "could not be downloaded"
+        return (f"model {name!r}: no folder {name!r} exists in {Path.cwd()} (the current directory), so it was tried "
+                f"as a Hugging Face Hub name, which could not be downloaded ({why}) and has no cached copy{instead}")
     return None
 
 
@@ -462,6 +468,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 """Files one of which a saved tokenizer leaves in its folder (transformers' fast, sentencepiece, BPE and WordPiece)."""
 
 
+def unreadable(folder: Path, error: OSError) -> str | None:
+    """'permission denied: ...' naming a file of `folder` that this user may not read (the one `error` names, else
+    the first), its mode and owner, and the fix; None where every file is readable. Soak: safetensors reported a
+    weights file of mode 0600 and another owner as "No such file or directory"."""
+    try:
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+    except OSError:  # the folder itself cannot be listed
+        files = [folder]
+    named = next((f for f in files if str(f) in str(error)), files[0] if files else None)
+    if named is None:
+        return None
+    st = named.stat()
+    return (f"permission denied: this user may not read {named} ({stat.filemode(st.st_mode)}, owner uid "
+            f"{st.st_uid}); make it readable (chmod a+r{'x' if named.is_dir() else ''} {named}) or run as its owner")
+
+
 @contextlib.contextmanager
 def _reading(name_or_path: str, path: str, what: str):
     """Turn a local folder's unreadable files (transformers' and safetensors' errors, raised deep in their loaders
@@ -473,7 +495,8 @@ def _reading(name_or_path: str, path: str, what: str):
     except (OSError, SafetensorError) as e:  # not ValueError: our own checks (ConfigError) raise it with their line
         if not folder.is_dir() or isinstance(e, (ModelDownloadError, ModelFilesError, DiskError)):
             raise
-        cause = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        cause = (isinstance(e, OSError) and unreadable(folder, e)) or next(
+            (line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         if isinstance(e, SafetensorError):
             cause += ": a weights file is damaged or cut short; save or copy the model again"
         raise ModelFilesError(f"model {name_or_path}: its {what} cannot be read from {folder}: {cause}") from e

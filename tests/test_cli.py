@@ -1,6 +1,7 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
 import dataclasses
+import errno
 import inspect
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, modeling_utils
 
 from loraforge import cli
 from loraforge.cli import main
@@ -194,6 +195,42 @@ def test_a_model_folder_with_unreadable_files_is_one_line_naming_the_file(tiny_d
     for case, folder in broken.items():
         assert main(["generate", "hi", "--model", str(folder)]) == 2, case
         assert capsys.readouterr().err.splitlines()[-1] == expected[case]
+
+
+def test_a_model_file_this_user_may_not_read_is_named_as_permission_denied(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Carried over: a model.safetensors of mode 0600 and another owner was "No such file or directory" (what
+    safetensors says, passed through), and such a config.json a PermissionError traceback. A user who may not read
+    them is simulated (tests may run as root, who may): os.access says no, the loaders fail as they do then."""
+    folder = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    for f in (weights, config):
+        f.chmod(0o600)
+    denied, access, read_bytes = {weights}, os.access, Path.read_bytes
+
+    def may_read(path, mode, **kwargs):
+        return Path(path) not in denied and access(path, mode, **kwargs)
+
+    def read_denied(path):
+        if path in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_bytes(path)
+
+    def no_such_file(file, *args, **kwargs):  # safetensors' (Rust) answer to EACCES, as transformers passes it on
+        raise FileNotFoundError(f"No such file or directory: {file}")
+
+    monkeypatch.setattr(os, "access", may_read)
+    monkeypatch.setattr(Path, "read_bytes", read_denied)
+    monkeypatch.setattr(modeling_utils, "safe_open", no_such_file)
+    said = f"permission denied: this user may not read {{0}} (-rw-------, owner uid {weights.stat().st_uid}); make it "
+    assert main(["generate", "hi", "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: model {folder}: its weights cannot be read from {folder}: {said.format(weights)}readable (chmod a+r "
+        f"{weights}) or run as its owner")
+    denied.add(config)
+    assert main(["generate", "hi", "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: model {folder}: its config cannot be read from {folder}: {said.format(config)}readable (chmod a+r "
+        f"{config}) or run as its owner")
 
 
 @pytest.mark.slow

@@ -457,23 +457,31 @@ def test_override_keys_with_spaces_read_and_empty_names_are_refused():
 
 
 @pytest.mark.parametrize("overrides, said", [
-    (["lora.lora_alpha=1e6"], "lora_alpha: 1e+06 makes the adapter's scale lora_alpha / r = 1e+06 / 8 = "
+    (["lora.lora_alpha=1e6"], "lora.lora_alpha: 1e+06 makes the adapter's scale lora_alpha / r = 1e+06 / 8 = "
      "1.25e+05, outside the usual 0.0001 to 1000 (most runs use 1 to 2); updates that large usually diverge: try "
      "lora_alpha 16 (2*r)"),
-    (["lora.lora_alpha=1e-4", "lora.use_rslora=true", "lora.r=16"], "lora_alpha: 0.0001 makes the adapter's "
+    (["lora.lora_alpha=1e-4", "lora.use_rslora=true", "lora.r=16"], "lora.lora_alpha: 0.0001 makes the adapter's "
      "scale lora_alpha / sqrt(r) = 0.0001 / 4 = 2.5e-05, outside the usual 0.0001 to 1000 (most runs use 1 to 2); "
      "updates that small barely train: try lora_alpha 8 (2*sqrt(r))"),
+    (["method=adalora", "lora.lora_alpha=1e6", "adalora.init_r=8"], "lora.lora_alpha: 1e+06 makes the adapter's "
+     "scale lora_alpha / init_r = 1e+06 / 8 = 1.25e+05, outside the usual 0.0001 to 1000 (most runs use 1 to 2); "
+     "updates that large usually diverge: try lora_alpha 16 (2*init_r)"),
+    (["method=adalora", "adalora.lora_alpha=1e6", "adalora.init_r=8"], "adalora.lora_alpha: 1e+06 makes the "
+     "adapter's scale lora_alpha / init_r = 1e+06 / 8 = 1.25e+05, outside the usual 0.0001 to 1000 (most runs use 1 "
+     "to 2); updates that large usually diverge: try lora_alpha 16 (2*init_r)"),
 ])
 def test_a_lora_alpha_of_an_extreme_scale_is_warned_about_once_and_still_trains(overrides, said, tiny_dir):
     """Soak: lora_alpha 1e6 (a scale of 125,000) trained without a word. Such a scale is legal (PEFT saves and loads
     it), so the config loads with the value as written, and building the run's model warns once (inject, where
     every new adapter is made, warns; the config no longer does too), naming the field, the scale and the usual
-    range; a usual alpha warns nothing."""
+    range, the field as the config has it (carried over: it said lora_alpha, not lora.lora_alpha, or adalora's own
+    where that section sets it); a usual alpha warns nothing."""
     with pytest.warns(UserWarning) as record:
         cfg = load_train_config(None, [DATA, f"model.name={tiny_dir}", *overrides])
-        build_model(cfg, torch.device("cpu"))
+        build_model(cfg, torch.device("cpu"), total_steps=10)
     assert [str(w.message) for w in record if "lora_alpha" in str(w.message)] == [said]
-    assert cfg.lora.lora_alpha == float(overrides[0].split("=")[1])
+    assert (cfg.lora.lora_alpha if cfg.method == "lora" else float(cfg.adalora.get("lora_alpha", cfg.lora.lora_alpha))
+            ) == float(next(o for o in overrides if "lora_alpha" in o).split("=")[1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for usual in (["lora.lora_alpha=8000"], ["lora.lora_alpha=16", "lora.use_rslora=true", "lora.r=16"]):

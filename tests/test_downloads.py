@@ -26,7 +26,19 @@ from loraforge.utils.hub import hub_resolves, hub_unreachable
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "meta-llama/Llama-3.2-1B"
 INSTEAD = "; pass a local transformers directory, a .gguf file, or the built-in name smollm2-135m instead"
-OFFLINE = f"model '{HUB_ID}' could not be downloaded (HF_HUB_OFFLINE is set) and no cached copy exists" + INSTEAD
+HERE = "<cwd>"  # the current directory where the model was looked for, filled in by here()
+
+
+def not_downloaded(why: str, name: str = HUB_ID) -> str:
+    return (f"model '{name}': no folder '{name}' exists in {HERE} (the current directory), so it was tried as a "
+            f"Hugging Face Hub name, which could not be downloaded ({why}) and has no cached copy" + INSTEAD)
+
+
+def here(message: str, cwd: Path | None = None) -> str:
+    return message.replace(HERE, str(cwd or Path.cwd()))
+
+
+OFFLINE = not_downloaded("HF_HUB_OFFLINE is set")
 
 
 def _response(status: int):
@@ -43,11 +55,10 @@ ERRORS = {
                      f"model '{HUB_ID}' is gated on the Hugging Face Hub: request access at "
                      f"https://huggingface.co/{HUB_ID} and log in (hf auth login, or set HF_TOKEN)" + INSTEAD),
     "unknown": (lambda: RepositoryNotFoundError("Repository Not Found", response=_response(401)),
-                f"model '{HUB_ID}' is neither a local path nor a repository on the Hugging Face Hub (a private one "
-                f"needs hf auth login)" + INSTEAD),
+                f"model '{HUB_ID}' is neither a folder in {HERE} (the current directory) nor a repository on the "
+                f"Hugging Face Hub (a private one needs hf auth login)" + INSTEAD),
     "no network": (lambda: LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
-                   f"model '{HUB_ID}' could not be downloaded (no connection to the Hugging Face Hub) and no cached "
-                   f"copy exists" + INSTEAD),
+                   not_downloaded("no connection to the Hugging Face Hub")),
     "disk full": (lambda: OSError(errno.ENOSPC, "No space left on device"),
                   f"no disk space left to download model '{HUB_ID}' into the Hugging Face cache "
                   f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk)" + INSTEAD),
@@ -79,7 +90,7 @@ def test_each_download_failure_is_one_line_with_the_alternatives(kind, hub_raise
     for load in (load_tokenizer, load_model):
         with pytest.raises(ModelDownloadError) as e:
             load(HUB_ID)
-        assert str(e.value) == expected
+        assert str(e.value) == here(expected)
         assert "\n" not in str(e.value)
     assert asked and all(repo == HUB_ID for repo, _ in asked)  # the hub was asked (the stand-in), for this model
 
@@ -121,7 +132,7 @@ def test_a_hub_whose_host_does_not_resolve_is_read_offline_at_once(hub_raises, m
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(ModelDownloadError) as e:
         load_tokenizer(HUB_ID)
-    assert str(e.value) == OFFLINE.replace("HF_HUB_OFFLINE is set", "no connection to the Hugging Face Hub")
+    assert str(e.value) == here(not_downloaded("no connection to the Hugging Face Hub"))
     assert offline_when_asked and all(offline_when_asked) and not constants.HF_HUB_OFFLINE  # set for the load only
 
 
@@ -166,8 +177,21 @@ def test_offline_without_a_cached_copy_through_the_command_line(tmp_path, data_f
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == [f"error: {OFFLINE}"], done.stderr
+    assert done.stderr.splitlines() == [f"error: {here(OFFLINE, ROOT)}"], done.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_name_that_is_no_folder_here_says_where_it_was_looked_for_before_the_hub(hub_raises, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Carried over: `cd /tmp; loraforge eval data --model tiny`, whose ./tiny was in another folder, said only that
+    'tiny' could not be downloaded: now that no folder tiny exists in the current directory, then the Hub's answer."""
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    monkeypatch.chdir(tmp_path)
+    hub_raises(lambda: LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"))
+    for name in ("tiny", "models/tiny"):
+        assert main(["eval", "d.jsonl", "--model", name, "--precision", "fp32"]) == 2
+        said = not_downloaded("no connection to the Hugging Face Hub", name)
+        assert capsys.readouterr().err == f"error: {here(said, tmp_path)}\n"
 
 
 @pytest.mark.parametrize("content, said", [(b"notgguf\n", "not a GGUF file (it starts with b'notg', not b'GGUF')"),

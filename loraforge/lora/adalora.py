@@ -35,6 +35,11 @@ from loraforge.utils.hf import set_submodule
 PREFIX = "base_model.model."
 
 
+FROM_LORA = ("lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+             "bias", "base_model_name_or_path")
+"""The fields a training config's adalora: section takes from its lora: section unless it sets them itself."""
+
+
 @dataclass(frozen=True)
 class AdaLoraConfig:
     """AdaLoRA adapter settings. Names, meanings and defaults as in Hugging Face PEFT's AdaLoraConfig."""
@@ -161,10 +166,7 @@ class AdaLoraConfig:
         section unless the `adalora:` section sets them. `lora:` settings AdaLoRA has no use for (use_dora,
         use_rslora, init_lora_weights, modules_to_save, rank/alpha patterns) are refused, not ignored."""
         validate(adalora_lora_problems(lora))
-        shared = dict(lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
-                      exclude_modules=lora.exclude_modules, layers_to_transform=lora.layers_to_transform,
-                      layers_pattern=lora.layers_pattern, bias=lora.bias,
-                      base_model_name_or_path=lora.base_model_name_or_path)
+        shared = {name: getattr(lora, name) for name in FROM_LORA}
         return from_dict(cls, {**shared, **adalora}, prefix="adalora.")
 
     @classmethod

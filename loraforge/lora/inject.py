@@ -114,7 +114,8 @@ def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
 
 def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> list[str]:
     """Module paths that get an adapter; raises naming the model's linear layers when nothing matches. `advise`:
-    say that all-linear leaves a mixture-of-experts model's experts out (a new adapter's; loading passes False)."""
+    say that all-linear leaves a mixture-of-experts model's experts out, and name the target_modules entries that
+    match nothing (a new adapter's; loading passes False: the warnings came again on every merge, eval, serve)."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict); AdaLoraConfig has none
@@ -162,8 +163,9 @@ def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> l
         warnings.warn(f"target_modules: all-linear takes the {len(found)} linear layers of this model "
                       f"({type(model).__name__}), not its experts: {_experts_note(experts)}", stacklevel=3)
     taken_away = matched + dropped["exclude_modules"] + dropped["modules_to_save"]
-    if not isinstance(targets, str) and (unused := [t for t in targets if not any(target_matches((t,), p)
-                                                                                  for p in taken_away)]):
+    unused = [] if isinstance(targets, str) else [t for t in targets if not any(target_matches((t,), p)
+                                                                               for p in taken_away)]
+    if advise and unused:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})  # soak: a typo went unsaid
         warnings.warn(f"target_modules: {', '.join(clipped(t, 60) for t in unused[:5])} match"
                       f"{'es' if len(unused) == 1 else ''} no layer of this model that gets an adapter "
@@ -298,7 +300,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     configs, config, targets = resolve_targets(model, config, adapter_name, advise)
     if advise:
         scale_warning(config.lora_alpha, config.r, config.use_rslora)
-    _warn_unmatched_patterns(config, targets)
+        _warn_unmatched_patterns(config, targets)
     untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
     for path in targets:
         module = model.get_submodule(path)

@@ -11,9 +11,10 @@ What a client cannot do to the others: a prompt whose text cannot fit the contex
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
 a prompt needs is refused before it is read, so neither holds a tokenizer; prompts are tokenized on up to
 TOKENIZER_COPIES copies at once, so a long one does not hold up a short one; a request whose client disconnects is
-aborted, waiting or decoding, streamed or not. A stream's 200 waits for its first event, up to STREAM_IDLE_S: a
-request refused before that (its adapter removed or broken when its turn came) answers the status and JSON error a
-non-streamed one gets; a later failure is the stream's last event, the 200 having gone. A stream with nothing to
+aborted, waiting or decoding, streamed or not. A stream's 200 waits for its first event (the request admitted,
+before its prefill; a chat stream's role chunk goes with it), up to STREAM_IDLE_S: a request refused before that
+(its adapter removed or broken when its turn came) answers the status and JSON error a non-streamed one gets; a
+later failure is the stream's last event, the 200 having gone. A stream with nothing to
 send for STREAM_IDLE_S sends an SSE comment line, so that a proxy's read timeout does not cut a request that waits
 for its turn. A connection whose request's headers do not arrive within the header timeout, or whose body pauses that
 long, is closed, and one beyond the connection cap closes idle kept-alive ones or is answered 503 (connections.py;

@@ -342,6 +342,7 @@ class Engine:
             if req.adapter is not None:
                 req.adapter.running += 1
             admitted.append(req)
+            req.on_event(Event())  # started: a stream's 200 and its role chunk go now, before the prefill
         group: list[Request] = []  # prefill together, up to max_prefill_tokens padded tokens at a time
         try:
             for req in admitted + [None]:

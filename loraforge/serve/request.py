@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # for annotations only: residency imports this module
 
 @dataclass
 class Event:
-    """What a request's consumer receives, in order: text deltas, then one event with finish_reason set."""
+    """What a request's consumer receives, in order: an empty event once it is admitted (its adapter in place,
+    before its prompt's prefill), text deltas, then one event with finish_reason set."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)

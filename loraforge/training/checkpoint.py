@@ -35,6 +35,9 @@ class TrainingError(RuntimeError):
         self.everywhere = everywhere
 
 
+class DiskStop(TrainingError):
+    """The disk refused a checkpoint or a metrics line, so the run stopped (disk_stop)."""
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -131,12 +134,13 @@ def prune_checkpoints(root: Path, keep: int, resumed: Path | None = None) -> Non
             shutil.rmtree(old, ignore_errors=True)
 
 
-def disk_stop(root: Path, step: int, error: DiskError) -> TrainingError:
-    """What a run says when the disk refused checkpoint step-N: the refusal, and the checkpoint to resume from."""
+def disk_stop(root: Path, step: int, error: DiskError, checkpoint: bool = True) -> DiskStop:
+    """What a run says when the disk refused checkpoint step-N (`checkpoint`; else a metrics line after step N):
+    the refusal, and the checkpoint to resume from."""
     last = last_checkpoint(root)
     kept = (f"the last complete checkpoint, {last}, is intact: make room (or fix the permission) and continue "
-            f"with --resume" if last else "no checkpoint was completed before this one")
-    return TrainingError(f"{error}; training stopped after step {step}, {kept}")
+            f"with --resume" if last else f"no checkpoint was completed{' before this one' if checkpoint else ''}")
+    return DiskStop(f"{error}; training stopped after step {step}, {kept}")
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

@@ -944,27 +944,33 @@ PROBE_TOLERANCE = 1e-4  # the most the second example's logits may move (relativ
 
 
 @torch.no_grad()
-def keeps_packed_apart(model) -> bool:
+def keeps_packed_apart(model, loss=None) -> bool:
     """Whether `model` keeps the examples of a packed row apart, given the row as collate passes it (restarting
     position_ids, no attention_mask, use_cache=False): the logits of a row's second example must not move when
     its first example's tokens change. Llama, Qwen, Gemma, Phi-3, GPT-2, GPT-NeoX, Falcon build a block-diagonal
     mask from the position_ids; OPT, BLOOM, BioGPT and XGLM build a plain causal one, so each example attended to
     the ones before it (a soak: OPT's logits moved by 18% of their largest). Two forwards of 11 tokens, in eval mode
-    (no dropout), on the model's device."""
+    (no dropout), on the model's device. `loss`: the run's loss module (CausalLMLoss) to call instead of the model,
+    which FSDP needs (its root, the loss module, must run before the layers): the second example's summed token
+    loss is compared then."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     first, again = (torch.randint(vocab, (1, PROBE_LENGTHS[0]), generator=g) for _ in range(2))
     second = torch.randint(vocab, (1, PROBE_LENGTHS[1]), generator=g)
     position_ids = torch.cat([torch.arange(n) for n in PROBE_LENGTHS])[None].to(device)
+    # the second example's tokens after its first, each predicted from the second example's positions only
+    labels = torch.cat([torch.full((1, PROBE_LENGTHS[0] + 1), IGNORE), second[:, 1:]], 1).to(device)
     was_training = model.training
     model.eval()
     try:
-        logits = [model(input_ids=torch.cat([a, second], 1).to(device), position_ids=position_ids,
-                        use_cache=False).logits[0, PROBE_LENGTHS[0]:].float() for a in (first, again)]
+        outputs = [model(input_ids=torch.cat([a, second], 1).to(device), position_ids=position_ids,
+                         use_cache=False).logits[0, PROBE_LENGTHS[0]:].float() if loss is None else
+                   loss({"input_ids": torch.cat([a, second], 1).to(device), "position_ids": position_ids,
+                         "labels": labels})[0].float() for a in (first, again)]
     finally:
         model.train(was_training)
-    return bool((logits[0] - logits[1]).abs().max() <= PROBE_TOLERANCE * logits[0].abs().max())
+    return bool((outputs[0] - outputs[1]).abs().max() <= PROBE_TOLERANCE * outputs[0].abs().max())
 
 
 def should_pack(packing: bool | str, padding: float) -> bool:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import threading
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from loraforge.config import ConfigError, TrainConfig, to_dict
-from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, inject_adalora
+from loraforge.config import USUAL_SCALE, ConfigError, TrainConfig, to_dict
+from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
 from loraforge.lora.merge import WEIGHT_FILES
@@ -43,10 +46,11 @@ from loraforge.models import check_fits_context, conversion_paths, load_config, 
 from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import check_bitsandbytes, prepare_for_kbit_training
 from loraforge.training import data as D
-from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, TrainingError,
-                                           checkpoint_format, find_checkpoint, global_batch, global_batch_change,
-                                           last_checkpoint, load_checkpoint, prune_checkpoints, resume_changes,
-                                           rng_state, save_checkpoint, schedule_changes)
+from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, DiskStop,
+                                           TrainingError, checkpoint_format, disk_stop, find_checkpoint,
+                                           global_batch, global_batch_change, last_checkpoint, load_checkpoint,
+                                           prune_checkpoints, resume_changes, rng_state, save_checkpoint,
+                                           schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
@@ -91,14 +95,39 @@ class TrainResult:
 
 # --- set-up --------------------------------------------------------------------------------------------------
 
+def section_named(text: str, section: str, from_lora: Collection[str] = ()) -> str:
+    """A problem or warning about a field ('target_modules: ...') named as the config has it: lora.target_modules or
+    adalora.target_modules (`from_lora`: the fields an adalora: section took from the lora: section)."""
+    if text.startswith(f"{section}."):
+        return text
+    field = re.match(r"(\w+): ", text)
+    return f"{'lora' if field and field.group(1) in from_lora else section}.{text}"
+
+
 @contextlib.contextmanager
-def in_section(section: str):
-    """Name the config section in the target errors inject raises ('target_modules: ...' is lora.target_modules or
-    adalora.target_modules to the user who typed it)."""
+def in_section(section: str, from_lora: Collection[str] = ()):
+    """Name the config section in the errors inject raises (section_named)."""
     try:
         yield
     except ConfigError as e:
-        raise ConfigError([p if p.startswith(f"{section}.") else f"{section}.{p}" for p in e.problems]) from None
+        raise ConfigError([section_named(p, section, from_lora) for p in e.problems]) from None
+
+
+@contextlib.contextmanager
+def section_warnings(section: str, from_lora: Collection[str] = ()):
+    """Name the config section in the field warnings inject gives ("lora_alpha: ...", not "r=64 on ..."), each
+    said again once the block ends (soak: a run's extreme-scale warning named lora_alpha, not lora.lora_alpha). It
+    takes the warnings of every thread meanwhile: for the one that builds a run's model, not a server's."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # an error too: what was said before it is said
+        for w in caught:
+            text = str(w.message)
+            named = section_named(text, section, from_lora) if re.match(r"\w+: ", text) else text
+            warnings.warn_explicit(named, w.category, w.filename, w.lineno)
 
 
 def run_precision(cfg: TrainConfig, device: torch.device, warn: bool = True) -> Precision:
@@ -148,11 +177,12 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             raise ConfigError([f"adalora.total_step: {cfg.adalora['total_step']} is not this run's {total_steps} "
                                f"steps; a training run sets it (training.max_steps, or epochs × steps per epoch): "
                                f"remove adalora.total_step, or set training.max_steps={cfg.adalora['total_step']}"])
-        with in_section("adalora"):
+        taken = set(FROM_LORA) - set(cfg.adalora)
+        with in_section("adalora", taken), section_warnings("adalora", taken):
             inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                            "default")
     else:
-        with in_section("lora"):
+        with in_section("lora"), section_warnings("lora"):
             inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
     if cfg.training.fused_lora:
         for _, layer in lora_layers(model):
@@ -302,6 +332,18 @@ def unusual_settings(cfg: TrainConfig) -> str:
     said = [f"training.loraplus_lr_ratio is {ratio:g} (16 is usual)"] if ratio and ratio > 1000 else []
     said += [f"adalora.orth_reg_weight is {orth:g} (0.5 is usual)"] if orth > 100 else []
     return f"{'; '.join(said)}: lower {'it' if len(said) == 1 else 'them'}. Else: " if said else ""
+
+
+def scale_note(cfg: TrainConfig, always: bool = True) -> str:
+    """The adapter's scale, named as the config has it, in a non-finite stop's advice (LoRA methods); `always`
+    False: only a scale outside config.USUAL_SCALE (soak: the NaN loss of an fp32 run with lora_alpha 1e20 blamed
+    training.lr alone)."""
+    lora = cfg.lora
+    scale = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+    if cfg.method not in ("lora", "dora", "qlora") or (not always and USUAL_SCALE[0] <= abs(scale) <= USUAL_SCALE[1]):
+        return ""
+    return (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
+            f"lora.lora_alpha if it is unusually large. Else: ")
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -469,9 +511,10 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
               # fp16: the loss is scaled up so small gradients do not underflow; a step that overflows is skipped
               scaler=torch.amp.GradScaler(device.type, enabled=precision.needs_scaler), mixture=mixture,
               data_fingerprint=data_fingerprint)
-    # FSDP: the model's layers are shards whose root is the loss module; its packing is not probed
-    probe = mode != "fsdp"
-    if probe and cfg.data.packing is True and not D.keeps_packed_apart(model):  # before an earlier run is deleted
+    # FSDP: probed through the sharded loss module, its root (every process; soak: an FSDP run was not probed and
+    # OPT packed its examples)
+    probe = functools.partial(D.keeps_packed_apart, model, wrapped if mode == "fsdp" else None)
+    if cfg.data.packing is True and not probe():  # before an earlier run is deleted
         raise ConfigError([f"data.packing: true, but {type(model).__name__} does not keep packed examples apart (its "
                            f"attention mask ignores position_ids), so each would attend to the ones before it in "
                            f"its row; use data.packing: false (or auto, which packs only models that keep them "
@@ -498,7 +541,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     net = D.padding_fraction(drawn, t.batch_size, prefix_of) if prefix_of else padding  # packed: no sharing
     run.pack = D.should_pack(cfg.data.packing, net)
     # auto: packed only where the model keeps packed examples apart (true was checked above); every rank asks
-    apart = not probe or cfg.data.packing is True or not run.pack or D.keeps_packed_apart(model)
+    apart = cfg.data.packing is True or not run.pack or probe()
     run.pack = run.pack and apart
     run.join = run.pack and joins_rows(training_attention(cfg, device, model.config), cfg.data.max_seq_len)
     # glibc's heap handed back when train() returns or raises
@@ -710,11 +753,31 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                 save_step(run)
                 saved = run.step
             aside += time.perf_counter() - began
+    except (DiskError, DiskStop) as e:  # a metrics line (rank 0's) or a checkpoint the disk refused
+        stop_line = e if isinstance(e, DiskStop) else disk_stop(run.ckpt_root, run.step, e, checkpoint=False)
+        raise keep_adapter(run, stop_line) from None
     finally:
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
     return final_loss, eval_loss, time.perf_counter() - start, aside
+
+
+def keep_adapter(run: Run, error: DiskStop) -> DiskStop:
+    """A run that the disk stopped before any checkpoint was complete kept nothing of its training (soak): rank 0
+    writes the adapter of the step reached to output_dir/adapter where it fits (a checkpoint holds the optimizer's
+    two moments besides it: about 3x its size), and the message says so, or what the adapter would need. LoRA and
+    AdaLoRA of one process or DDP; not FSDP's shards, which only every process together can gather."""
+    if (not run.is_main or run.sharded or run.cfg.method == "full" or run.step == 0
+            or last_checkpoint(run.ckpt_root) is not None):
+        return error
+    if run.allocator is not None:  # as finish does: the run ends here
+        run.allocator.finalize(run.model)
+    try:
+        saved = save_adapter(run.model, run.out / "adapter")
+    except DiskError as e:
+        return DiskStop(f"{error}; nor did the adapter of step {run.step} fit: {e}", error.everywhere)
+    return DiskStop(f"{error}; the adapter of step {run.step} fitted: written to {saved}", error.everywhere)
 
 
 def save_step(run: Run) -> None:
@@ -878,8 +941,10 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
         last = last_good_checkpoint(run)
         again = (f" (and was at step {run.step}, whose update fp16's loss scaler skipped)" if run.nonfinite_loss
                  else "")
+        # before any update B is 0: the adapter adds nothing, whatever its scale
+        scale = scale_note(run.cfg, always=False) if run.step else ""
         raise TrainingError(f"loss is {loss_value} at step {run.step + 1}{again}; stopping. The last good checkpoint "
-                            f"is {last or 'none (no checkpoint was written yet)'}. " + unusual_settings(run.cfg)
+                            f"is {last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}{scale}"
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1),
                             everywhere=True)
     run.nonfinite_loss = not math.isfinite(loss_value)
@@ -892,14 +957,10 @@ def optimizer_step(run: Run, batches: list[dict]) -> tuple[float, torch.Tensor, 
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     if not scaler.is_enabled() and not math.isfinite(float(grad_norm)):  # fp16's scaler skips such steps itself
         last = last_good_checkpoint(run)
-        lora = run.cfg.lora
-        scale = (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
-                 f"lora.lora_alpha if it is unusually large. Else: " if run.cfg.method in ("lora", "dora", "qlora")
-                 else "")
         raise TrainingError(f"the gradient norm is {float(grad_norm)} at step {run.step + 1} (the loss, "
                             f"{loss_value:.4g}, was finite); stopping before an update that would do nothing or "
                             f"write NaN. The last good checkpoint is {last or 'none (no checkpoint was written yet)'}"
-                            f". {unusual_settings(run.cfg)}{scale}"
+                            f". {unusual_settings(run.cfg)}{scale_note(run.cfg)}"
                             + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, 2),
                             everywhere=True)
     scale = scaler.get_scale()

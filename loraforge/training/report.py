@@ -32,9 +32,10 @@ def strict_json(value, **kwargs) -> str:
 
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a crash loses at most the line being written (and
-    appending drops such a cut-off line first). A write the disk refuses raises files.DiskError. Strict JSON: a
-    value that is not a finite number (fp16's grad_norm on a skipped step is inf) is written as null, which every
-    JSON reader (the dashboard's browser, jq, pandas) takes, where Python's `Infinity` is refused.
+    appending drops such a cut-off line first). A line the disk refuses raises files.DiskError, and the part of it
+    the disk took is cut off again. Strict JSON: a value that is not a finite number (fp16's grad_norm on a skipped
+    step is inf) is written as null, which every JSON reader (the dashboard's browser, jq, pandas) takes, where
+    Python's `Infinity` is refused.
 
     `until_step` (appending after a resume from that step): rows of later steps, logged before the crash by the run
     that is resumed, are dropped, so the steps it does again are not in the file twice."""
@@ -46,13 +47,18 @@ class MetricsLog:
             if until_step is not None:
                 _drop_rows_after(path, until_step)
         self.path = path
-        self.file = open(path, "a" if append else "w")
+        # unbuffered: a line the disk refuses is not held for close() to write again (soak: a second traceback
+        # after the one-line DiskError of a full disk)
+        self.file = open(path, "ab" if append else "wb", buffering=0)
 
     def write(self, **record) -> None:
+        line, end = (strict_json(record) + "\n").encode(), self.file.tell()
         try:
-            self.file.write(strict_json(record) + "\n")
-            self.file.flush()
+            done = 0
+            while done < len(line):  # a raw write may take part of the line
+                done += self.file.write(line[done:])
         except OSError as e:
+            self.file.truncate(end)  # the part the disk took goes: the file stays whole lines, as readers need
             error = disk_error(self.path, e)
             if error is None:
                 raise

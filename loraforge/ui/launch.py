@@ -1,7 +1,8 @@
 """Start and stop `python -m loraforge train` from the page, as a separate process that outlives the page.
 
 The form's fields become a config dict that goes through the same validation as the CLI
-(`load_train_config`), so a bad value is refused with the CLI's own message; the dict is written as
+(`load_train_config`), so a bad value is refused with the CLI's own message, and so are target_modules that name no
+layer of the model (check_targets: the model built on the meta device), before anything starts; the dict is written as
 <runs>/.ui/<name>/config.yaml and the run is `python -m loraforge train that.yaml` (an argv list, never a shell),
 in its own session so that closing the page, or Ctrl-C on the server, does not stop it.
 
@@ -31,8 +32,11 @@ from pathlib import Path
 
 import yaml
 
-from loraforge.config import MAX_RANK, ConfigError, load_train_config
-from loraforge.lora.adalora import AdaLoraConfig
+from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config
+from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig
+from loraforge.lora.inject import find_targets
+from loraforge.models import model_skeleton
+from loraforge.training.loop import in_section
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
                                output_deleted, read_launch, tail)
 
@@ -117,8 +121,30 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
 
 
 def validate(config: dict) -> None:
-    """The CLI's validation of this config; raises ConfigError with the CLI's message."""
-    load_train_config(None, [], base=config)
+    """The CLI's validation of this config, then its target_modules against the model's layers (check_targets);
+    raises ConfigError with the CLI's message."""
+    check_targets(load_train_config(None, [], base=config))
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """The run's target_modules (with exclude_modules, layers_to_transform, modules_to_save) against the model's
+    layers before the run starts: the model built from its config on the meta device (no weights read), as
+    `estimate` does, refused with the message the run gives once its model has loaded (soak: the page started the
+    run, which said so in its log only then). A model that cannot be built from its config alone (not downloaded,
+    an unknown model_type) is left to the run."""
+    if cfg.method == "full":
+        return
+    try:
+        skeleton = model_skeleton(cfg.model.name)
+    except Exception:  # noqa: BLE001 -- the run names what is wrong with the model as it loads
+        return
+    if cfg.method == "adalora":  # the run's own total_step comes with its step count; any will do for the targets
+        config = AdaLoraConfig.from_train_config(cfg.lora, {**cfg.adalora, "total_step": 10**9})
+        with in_section("adalora", set(FROM_LORA) - set(cfg.adalora)):
+            find_targets(skeleton, config, advise=False)
+    else:
+        with in_section("lora"):
+            find_targets(skeleton, cfg.lora, advise=False)
 
 
 class Launcher:

@@ -20,7 +20,7 @@ from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, Lor
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
                                      list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
-from loraforge.lora.inject import find_targets, inject
+from loraforge.lora.inject import find_targets, inject, lora_layers
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import add_weighted_adapter, merge, unmerge
 
@@ -739,6 +739,24 @@ def test_the_experts_warning_comes_when_an_adapter_is_made_not_when_it_is_loaded
             load_adapter(loaded, tmp_path / name, "b")
             if name == "lora":
                 add_weighted_adapter(loaded, ["a", "b"], [0.5, 0.5], "both")
+
+
+def test_a_misspelt_target_or_pattern_key_is_said_when_the_adapter_is_made_not_when_it_is_loaded(tmp_path):
+    """Carried over: find_targets' "v_porj matches no layer" and the unmatched rank_pattern key warning came again
+    at every load of the saved adapter (merge, eval, generate, serve). Said once where the adapter is made."""
+    config = LoraConfig(r=2, target_modules=("q_proj", "v_porj"), rank_pattern={"q_prj": 4})
+    with pytest.warns(UserWarning) as caught:
+        model = inject(tiny_llama(), config)
+    assert sorted(str(w.message).split(" match")[0] for w in caught) == ["rank_pattern: 'q_prj'",
+                                                                        "target_modules: 'v_porj'"]
+    save_adapter(model, tmp_path / "typo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_adapter(tiny_llama(), tmp_path / "typo", "a")
+        load_adapter(loaded, tmp_path / "typo", "b")
+        add_weighted_adapter(loaded, ["a", "b"], [0.5, 0.5], "both")
+    assert sorted(p for p, _ in lora_layers(loaded)) == ["model.layers.0.self_attn.q_proj",
+                                                         "model.layers.1.self_attn.q_proj"]
 
 
 def test_peft_init_names_load_as_peft_loads_them_or_are_refused(tmp_path, input_ids):

@@ -89,6 +89,29 @@ def test_streaming_equals_non_streaming(client):
     assert stream[-1].usage.completion_tokens == 12 and stream[-2].choices[0].finish_reason == "length"
 
 
+def test_a_chat_streams_role_chunk_goes_before_its_first_token_is_generated(client, monkeypatch):
+    """Carried over: the role chunk went with the first token (the 200 waited for it); OpenAI sends
+    `delta: {"role": "assistant", "content": ""}` at once. The first token's pick waits here until the client has
+    read that chunk (3 s at most: without it, the chunk came only after the pick)."""
+    role_read, waited = threading.Event(), []
+    pick = engine_module.greedy_token
+
+    def slow_first(logits, token, fix):
+        if not waited:
+            waited.append(role_read.wait(3))
+        return pick(logits, token, fix)
+
+    monkeypatch.setattr(engine_module, "greedy_token", slow_first)
+    chunks = []
+    for chunk in client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                                max_tokens=3, temperature=0, extra_body={"ignore_eos": True}):
+        role_read.set()
+        chunks.append(chunk)
+    assert (chunks[0].choices[0].delta.role, chunks[0].choices[0].delta.content) == ("assistant", "")
+    assert waited == [True]  # the first token was picked after the client had the role chunk
+    assert chunks[-1].choices[0].finish_reason == "length" and all(c.choices[0].delta.role is None for c in chunks[1:])
+
+
 def test_a_character_cut_by_max_tokens_is_dropped_streamed_or_not(client, tokenizer, monkeypatch):
     """Output that stops inside a multi-byte character (byte-level BPE: "日" is 3 tokens) ended in U+FFFD, the
     non-streamed text and the stream's last chunk alike. The unfinished character's bytes are now dropped, as

@@ -130,7 +130,8 @@ def test_requests_join_between_decode_steps(make_engine, base, adapters_dir, tok
     engine = make_engine()
     long_q, first = queue.Queue(), prompts(len(tokenizer), [7], seed=1)[0]
     engine.submit(first, "b", SamplingParams(max_tokens=40, ignore_eos=True), long_q.put)
-    long_q.get(timeout=30)  # it is decoding now
+    assert long_q.get(timeout=30).token_ids == []  # admitted: the empty event a stream's 200 goes with
+    long_q.get(timeout=30)  # its first token: it is decoding now
     later = list(zip(["a", "c", None], prompts(len(tokenizer), [20, 2, 11], seed=2)))
     queues = [queue.Queue() for _ in later]
     for (adapter, prompt), q in zip(later, queues):

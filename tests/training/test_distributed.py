@@ -18,12 +18,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from helpers import tiny_llama
 from loraforge.config import load_train_config
 from loraforge.precision import Precision
+from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
 from loraforge.training.dcp import read_failure, verify_sharded
 from loraforge.training.distributed import choose_mode, refuse_unsupported
 from loraforge.training.loop import train
+from loraforge.training.loss import CausalLMLoss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,8 +104,6 @@ def test_fsdp_qlora_two_processes_train_like_one(tmp_path, cfg_file, data_file, 
     parameter and each layer's quantization state stays whole; the same adapter as 1 process × batch 8."""
     from transformers import AutoTokenizer
 
-    from helpers import tiny_llama
-
     model = tmp_path / "tiny64"  # bitsandbytes' CPU 4-bit kernels need in_features a multiple of 64
     tiny_llama(vocab_size=len(AutoTokenizer.from_pretrained(tiny_dir)), tie_word_embeddings=True, hidden_size=64,
                intermediate_size=128).save_pretrained(model)
@@ -113,6 +114,45 @@ def test_fsdp_qlora_two_processes_train_like_one(tmp_path, cfg_file, data_file, 
     proc = torchrun(2, cfg_file, [*args, "training.batch_size=4", f"output_dir={tmp_path / 'two'}"], 29545)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
+
+
+def test_fsdp_probes_packing_refusing_true_and_padding_auto_for_a_model_that_mixes_packed_examples(tiny_dir, tmp_path,
+                                                                                                    cfg_file):
+    """Carried over: an FSDP run was not probed for packing (data.keeps_packed_apart), so OPT (a plain causal mask
+    whatever the position_ids) under FSDP with data.packing true or auto packed its examples into rows where each
+    attended to the ones before it. Probed on the sharded model as evaluation calls it: true is refused on every
+    process in one line, auto pads, training as one process with data.packing false does."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    base = tmp_path / "opt"
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "varied.jsonl"  # answers of 1 to 100 words: padded batches would be mostly padding
+    data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
+                                        "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
+    args = [*common(base, data, steps=2), "training.batch_size=2", "training.gradient_accumulation=1",
+            "training.warmup_steps=0"]
+    refused = torchrun(2, cfg_file, [*args, "data.packing=true", f"output_dir={tmp_path / 'true'}"], 29581)
+    assert refused.returncode == 1, refused.stderr[-3000:]  # torchrun: its processes exited 2 (the CLI)
+    said = ("error: invalid config:\n  data.packing: true, but OPTForCausalLM does not keep packed examples apart "
+            "(its attention mask ignores position_ids), so each would attend to the ones before it in its row; use "
+            "data.packing: false (or auto, which packs only models that keep them apart)\n")
+    assert refused.stderr.count(said) == 1, refused.stderr[-3000:]  # once, from rank 0; both exited 2
+    assert refused.stderr.count("exitcode  : 2") == 2
+    auto = torchrun(2, cfg_file, [*args, "data.packing=auto", f"output_dir={tmp_path / 'auto'}"], 29582)
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "not packed (OPTForCausalLM does not keep packed examples apart)" in auto.stdout
+    one = train(load_train_config(None, [*common(base, data, steps=2), "training.batch_size=4",
+                                         "training.warmup_steps=0", "data.packing=false",
+                                         f"output_dir={tmp_path / 'one'}"]), progress=False)
+    assert f"final loss {one.final_loss:.4f}" in auto.stdout
+    assert_same(adapter(tmp_path / "one"), adapter(tmp_path / "auto"), atol=1e-5)  # rounding, as above
+    llama, opt = tiny_llama(), OPTForCausalLM.from_pretrained(base)  # the probe through the loss, one process
+    assert D.keeps_packed_apart(llama, CausalLMLoss(llama)) is True
+    assert D.keeps_packed_apart(opt, CausalLMLoss(opt)) is False
 
 
 def ranks(n, cfg_file, args, port, env=None, limit_bytes=None, code: dict | None = None):

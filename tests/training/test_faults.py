@@ -30,6 +30,7 @@ from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
 from loraforge.training.loop import StopRequest, Stopped, nonfinite_advice, train
+from loraforge.training.report import read_metrics
 from loraforge.utils.files import DiskError
 from loraforge.ui.runs import status
 
@@ -255,6 +256,44 @@ def test_a_checkpoint_save_past_the_file_size_limit_stops_with_one_line(tiny_dir
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000001", "step-0000002"]  # no .tmp-step-0000003
     assert verify_checkpoint(ckpts / "step-0000002") is None
     assert not (interrupted / "adapter").exists()
+
+
+def test_a_run_the_disk_stops_before_its_first_checkpoint_keeps_its_adapter_where_it_fits(tiny_dir, data_file,
+                                                                                          tmp_path):
+    """Carried over: a run that a full disk stopped before its first checkpoint kept nothing, though its adapter
+    would have fitted (a checkpoint holds the optimizer's state too). Under `ulimit -f`: a checkpoint past the limit
+    (its optimizer.safetensors) leaves the adapter of that step, the same bits as an unstopped run's; a metrics.jsonl
+    past it (what a filling disk refuses first) stops the run in one line (its close raised the refusal again, a
+    traceback), with the adapter of the step reached."""
+    args = [a for a in run_args(tiny_dir, data_file, tmp_path / "one") if not a.startswith("training.save_every")]
+    one = train(load_train_config(None, [*args, "training.max_steps=1"]), progress=False)
+    sizes = {p.name: p.stat().st_size for p in (one.output_dir / "checkpoints" / "step-0000001").iterdir()}
+    kept = (one.output_dir / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert kept < 12 * 1024 < sizes["optimizer.safetensors"]  # the limit below: the adapter fits, the checkpoint not
+    stopped = tmp_path / "stopped"
+    proc = cli(["train", *[a.replace(str(tmp_path / "one"), str(stopped)) for a in args], "training.max_steps=1"],
+               tmp_path, limit_kb=12)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(stopped / 'checkpoints' / 'step-0000001'))}: .* "
+                        rf"training stopped after step 1, no checkpoint was completed before this one; the adapter of "
+                        rf"step 1 fitted: written to {re.escape(str(stopped / 'adapter'))}",
+                        one_error_line(proc.stderr)), proc.stderr
+    assert_equal_adapters(adapter(stopped), adapter(one.output_dir))
+    assert json.loads((stopped / "adapter" / "adapter_config.json").read_text()) == json.loads(
+        (one.output_dir / "adapter" / "adapter_config.json").read_text())
+
+    logged = tmp_path / "logged"  # rows of ~180 bytes: the 7th kB of metrics.jsonl is refused after ~35 steps
+    proc = cli(["train", *[a.replace(str(tmp_path / "one"), str(logged)) for a in args], "training.max_steps=60",
+                "lora.r=1"], tmp_path, limit_kb=6)  # r=1: an adapter file of ~4 kB
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    step = int(re.search(r"training stopped after step (\d+),", line).group(1))
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(logged / 'metrics.jsonl'))}: a file would pass the "
+                        rf"largest file size allowed .*; training stopped after step {step}, no checkpoint was "
+                        rf"completed; the adapter of step {step} fitted: written to "
+                        rf"{re.escape(str(logged / 'adapter'))}", line), line
+    assert 5 < step < 60 and read_metrics(logged / "metrics.jsonl")[-1]["step"] == step - 1
+    assert adapter(logged).keys() == adapter(stopped).keys()
 
 
 def test_a_final_adapter_or_plot_the_disk_refuses_leaves_nothing_half_written(tmp_path):
@@ -861,6 +900,33 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_stops_naming_the_scale(tin
             "lora.lora_alpha if it is unusually large. Else: " + nonfinite_advice(1e-2, "fp32", 1.0, step=2)
             ) in str(e.value)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nonfinite_loss_after_an_update_names_the_adapters_scale(tiny_dir, data_file, tmp_path, monkeypatch,
+                                                                  precision):
+    """Carried over: the gradient-norm stop and fp16's named lora.lora_alpha, the NaN-loss stop of an fp32 or bf16
+    run did not (an adapter scaled far too high was blamed on training.lr). It names a scale outside the usual
+    range (a usual one is not a suspect: test_a_non_finite_stop_names_an_unusually_large_setting_first); step 1 (B
+    still 0) names none."""
+    from loraforge.training.loss import CausalLMLoss
+
+    original, calls = CausalLMLoss.forward, []
+
+    def poisoned(self, batch):
+        total, n = original(self, batch)
+        calls.append(self.training)
+        return (total * float("nan") if calls.count(True) == 2 and self.training else total), n
+
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
+    args = run_args(tiny_dir, data_file, tmp_path / "run") + ["lora.lora_alpha=1e20", f"training.precision={precision}"]
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), progress=False)
+    last = tmp_path / "run" / "checkpoints" / "step-0000001"
+    assert str(e.value) == (
+        f"loss is nan at step 2; stopping. The last good checkpoint is {last}. The adapter's scale is "
+        f"lora.lora_alpha / lora.r = 1e+20 / 4: lower lora.lora_alpha if it is unusually large. Else: "
+        + nonfinite_advice(1e-2, precision, 1.0, step=2))
 
 
 @pytest.mark.parametrize("override, named", [

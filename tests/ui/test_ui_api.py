@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -32,9 +33,10 @@ from transformers import AutoModelForCausalLM
 
 from helpers import default_recursion_limit, save_adapters
 from loraforge import cli
-from loraforge.config import LoraConfig
+from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
+from loraforge.training.loop import build_model
 from loraforge.ui import app as ui_app
 from loraforge.ui import launch
 from loraforge.ui import runs as R
@@ -1240,6 +1242,23 @@ def test_the_forms_target_modules_takes_names_all_linear_or_a_regex(ui, given, t
 def test_a_target_modules_regex_that_does_not_compile_is_refused_when_posted(ui):
     r = call(ui, "POST", "/ui/api/runs", json=form(name="badregex", target_modules="(q_proj"))
     assert r.status_code == 400 and "target_modules: '(q_proj' is not a valid regex" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method, targets", [("lora", "qkv"), ("dora", r".*\.attn\.q_proj"), ("adalora", "qkv")])
+def test_target_modules_that_name_no_layer_are_refused_before_the_run_starts(ui, tiny_dir, method, targets):
+    """Carried over: the page started the run, which found that target_modules named no layer only once its model
+    had loaded (in its log, a 'failed' run left behind). The names are checked against the model built from its
+    config on the meta device, before anything is written: a 400 with the run's own message."""
+    name = f"notarget-{method}"
+    r = call(ui, "POST", "/ui/api/runs", json=form(name=name, method=method, target_modules=targets))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_config", r.text
+    _, config = form_config(form(name=name, method=method, target_modules=targets), ui[1] / "runs", ui[1] / "data",
+                            {"tiny": str(tiny_dir)})
+    with pytest.raises(ConfigError) as run_says:  # what the run itself says once the model has loaded
+        build_model(load_train_config(None, [], base=config), torch.device("cpu"), total_steps=4)
+    assert r.json()["error"]["message"] == str(run_says.value)
+    assert "\n  lora.target_modules: " in str(run_says.value)  # the form's, in lora: (adalora takes it from there)
+    assert not (ui[1] / "runs" / name).exists() and not (ui[1] / "runs" / ".ui" / name).exists()
 
 
 def test_a_run_with_all_linear_from_the_form_trains_every_linear_layer(ui):
