@@ -5,6 +5,7 @@ Imported by test modules (`from helpers import tiny_llama`); conftest.py holds o
 
 import contextlib
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject, lora_layers
@@ -32,6 +33,21 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def opt_that_mixes_packed_rows(tmp_path: Path, tok) -> tuple[Path, Path]:
+    """A tiny OPT saved with `tok` (OPT builds a plain causal mask whatever the position_ids: packed examples attend
+    to each other), and instruction data whose answers run from 1 to 100 words (padded batches would be mostly
+    padding, so data.packing auto would pack): (model folder, data file)."""
+    base = tmp_path / "opt"
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
+                                        "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
+    return base, data
 
 
 def _adapter_weights(model):

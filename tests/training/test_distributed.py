@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from transformers import OPTForCausalLM
 
-from helpers import tiny_llama
+from helpers import opt_that_mixes_packed_rows, tiny_llama
 from loraforge.config import load_train_config
 from loraforge.precision import Precision
 from loraforge.training import data as D
@@ -122,17 +123,10 @@ def test_fsdp_probes_packing_refusing_true_and_padding_auto_for_a_model_that_mix
     whatever the position_ids) under FSDP with data.packing true or auto packed its examples into rows where each
     attended to the ones before it. Probed on the sharded model as evaluation calls it: true is refused on every
     process in one line, auto pads, training as one process with data.packing false does."""
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    base = tmp_path / "opt"
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                             num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).save_pretrained(base)
-    tok.save_pretrained(base)
-    data = tmp_path / "varied.jsonl"  # answers of 1 to 100 words: padded batches would be mostly padding
-    data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
-                                        "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
+    base, data = opt_that_mixes_packed_rows(tmp_path, tok)
     args = [*common(base, data, steps=2), "training.batch_size=2", "training.gradient_accumulation=1",
             "training.warmup_steps=0"]
     refused = torchrun(2, cfg_file, [*args, "data.packing=true", f"output_dir={tmp_path / 'true'}"], 29581)

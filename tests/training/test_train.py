@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, OPTForCausalLM
 
-from helpers import tiny_llama
+from helpers import opt_that_mixes_packed_rows, tiny_llama
 from loraforge.config import ConfigError, load_train_config
 from loraforge.models import load_tokenizer
 from loraforge.training.loss import CausalLMLoss
@@ -584,19 +584,10 @@ def test_packing_is_refused_or_skipped_for_a_model_that_mixes_packed_examples(ti
     before it: a soak's OPT run packed (data.packing auto or true) trained on a loss 1e-3 off the padded run's, and
     `loraforge eval` packed its examples for perplexity. Now true is refused in one line, auto pads (the data line
     says why), and evaluation pads: the same losses as data.packing=false."""
-    from transformers import OPTConfig, OPTForCausalLM
-
     from loraforge.training.evaluate import mean_token_loss
 
     tok = load_tokenizer(str(tiny_dir))
-    base = tmp_path / "opt"
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                             num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0)).save_pretrained(base)
-    tok.save_pretrained(base)
-    data = tmp_path / "varied.jsonl"  # answers of 1 to 100 words: padded batches would be mostly padding
-    data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
-                                        "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
+    base, data = opt_that_mixes_packed_rows(tmp_path, tok)
     losses = {}
     for packing in ("false", "auto", "true"):
         cfg = load_train_config(None, [f"model.name={base}", f"data.train={data}", "data.eval_fraction=0",
