@@ -273,3 +273,20 @@ def test_a_tokenizer_without_offsets_tokenizes_the_pieces_between_turns_apart(mo
     pieces = encode({"messages": CHAT}, tok, "chat")
     assert (pieces.input_ids, pieces.labels) == (with_offsets.input_ids, with_offsets.labels)
     assert pieces.input_ids == tok.apply_chat_template(CHAT, return_dict=False)
+
+
+def test_serve_asks_a_model_without_a_chat_template_in_the_plain_chat_format_training_used():
+    """Soak: chat records on a tokenizer with no chat template are learnt as "### User:\\n...\\n\\n### Assistant:\\n"
+    text, but /v1/chat/completions refused such a model (an adapter trained so was served as raw text only). Its
+    prompt ids are now the ids training read before the last answer, BOS included."""
+    tok = byte_level(["<bos>", "<eos>"], "<bos>", "<eos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    assert not tok.chat_template
+    record = {"messages": [{"role": "system", "content": "Answer briefly."}, *CHAT]}
+    trained = prompt_ids(record, tok, "chat")
+    served = chat_ids(tok, [ChatMessage(**m) for m in record["messages"][:-1]])
+    assert served == trained
+    assert tok.decode(served) == ("<bos>### System:\nAnswer briefly.\n\n### User:\nHello there\n\n### Assistant:\n"
+                                  "It is 5.<eos>\n\n### User:\nWhat is 2 plus 3?\n\n### Assistant:\n")
+

@@ -533,9 +533,23 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
         except Exception as e:  # noqa: BLE001 -- jinja2's TemplateError ("roles must alternate"), ValueError, ...
             raise DataError(f"{where}the model's chat template refuses this conversation ({e}); change the "
                             f"conversation to what the template accepts") from None
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
-                   + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
+    return plain_chat(messages, tokenizer, add_generation_prompt)
+
+
+def plain_chat(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    """A conversation as the "### Role:" text chat records are trained on where the tokenizer has no chat template,
+    each assistant turn ending with the EOS text; with add_generation_prompt, ending with the assistant's header.
+    The one rendering training and serve's /v1/chat/completions share (soak: serve refused such a model's chats)."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}" + (eos if m["role"] == "assistant" else "")
+                   + "\n\n" for m in messages)
     return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def plain_chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The ids a model with no chat template is given to answer `messages` (role, content): the ids training read
+    before an answer that follows them (a BOS where the tokenizer adds one, then plain_chat's text)."""
+    return _bos(tokenizer) + _ids(tokenizer, plain_chat(messages, tokenizer, add_generation_prompt=True))
 
 
 def _ids(tokenizer, text: str, limit: int | None = None) -> list[int]:
