@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.decoding import turn_end_text
 from loraforge.utils.files import expand_user, unexpanded_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
 from loraforge.utils.weakcache import per_object
@@ -741,17 +742,20 @@ def _without_eos(record: dict, name: str, tokenizer) -> tuple[str, bool]:
 
 
 def _chat_without_eos(record: dict, tokenizer) -> tuple[list[dict], int]:
-    """The conversation with each assistant turn less an EOS text it ends with (the template writes the end of
-    the turn itself, so it is learnt once, not twice), and how many turns had one."""
-    messages, eos, n = _messages(record), getattr(tokenizer, "eos_token", None), 0
+    """The conversation with each assistant turn less an EOS text, or the chat template's own end-of-turn text
+    (turn_end_text), it ends with (the template writes the end of the turn itself, so it is learnt once, not twice;
+    soak: Llama 3's "<|eot_id|>" was learnt twice, its EOS being "<|end_of_text|>"), and how many turns had one."""
+    messages, n = _messages(record), 0
+    ends = [e for e in (getattr(tokenizer, "eos_token", None), turn_end_text(tokenizer)) if e]
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not eos or not m["content"].rstrip().endswith(eos):
+        end = next((e for e in ends if m["role"] == "assistant" and m["content"].rstrip().endswith(e)), None)
+        if end is None:
             continue
-        m["content"] = m["content"].rstrip()[: -len(eos)]
+        m["content"] = m["content"].rstrip()[: -len(end)]
         n += 1
         if not m["content"].strip():
             raise DataError(f"{_where(record)}field 'messages[{i}].content' holds only the end-of-sequence text "
-                            f"{eos!r}; give the text before it")
+                            f"{end!r}; give the text before it")
     return messages, n
 
 
