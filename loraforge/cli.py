@@ -142,7 +142,8 @@ def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quan
 
 def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,
              max_new_tokens: PositiveInt = 256, temperature: Temperature = 0.0, top_p: Probability = 1.0,
-             seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: Text | None = None) -> None:
+             seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: Text | None = None,
+             chat: bool = False) -> None:
     """Answer a prompt with the model's chat template, streaming tokens to the terminal.
 
     Args:
@@ -156,6 +157,8 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         system: an optional system message
+        chat: a model with no chat template: send PROMPT (and --system) as the "### User:" text chat records are
+            trained on there (an adapter trained on them), not as plain text to continue
     """
     import torch
     from jinja2 import TemplateError
@@ -169,6 +172,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
     from loraforge.lora.adapters import load_adapter
     from loraforge.models import load_base
     from loraforge.precision import overflow_fix
+    from loraforge.training.data import plain_chat_prompt_ids
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
@@ -188,7 +192,13 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
             raise ConfigError([f"{flag}: the model's chat template refuses it ({e})"
                                + ("; leave --system out and put the instructions in PROMPT" if system else "")],
                               arguments=True) from None
+    elif chat:  # the text chat training used for this tokenizer (soak: a chat adapter was sent the raw prompt)
+        enc = {"input_ids": torch.tensor([plain_chat_prompt_ids(messages, tokenizer)])}
+        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
     else:  # a base model's plain text: the system message, if any, goes first
+        if adapter:
+            print("no chat template: PROMPT is plain text to continue; for an adapter trained on chat records add "
+                  "--chat", file=sys.stderr, flush=True)
         if system:
             print("no chat template: --system is put before the prompt as plain text", file=sys.stderr, flush=True)
         enc = tokenizer(f"{system}\n\n{prompt}" if system else prompt, return_tensors="pt")
@@ -324,6 +334,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
     from loraforge.models import context_length, load_model, load_tokenizer
     from loraforge.precision import overflow_fix
+    from loraforge.training.data import plain_chat_prompt_ids
     from loraforge.studies.heldout import within_context
 
     tokenizer = load_tokenizer(model)

@@ -53,6 +53,14 @@ def _tokenizer_stops(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+@per_object
+def turn_end_text(tokenizer) -> str | None:
+    """The text of the token the chat template ends an assistant turn with (_turn_end: Llama 3's "<|eot_id|>",
+    Gemma's "<end_of_turn>"); None without a template or where it writes none."""
+    turn_end = _turn_end(tokenizer)
+    return None if turn_end is None else tokenizer.decode([turn_end])
+
+
 def _turn_end(tokenizer) -> int | None:
     """The special or added token the chat template writes right after an assistant turn's text (Gemma's
     <end_of_turn>, Phi-3's <|end|>, Llama 2's </s>); None without a template or where it writes none."""

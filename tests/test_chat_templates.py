@@ -12,7 +12,7 @@ from loraforge.serve import Engine
 from loraforge.serve.errors import ServeError
 from loraforge.serve.sampling import SamplingParams
 from loraforge.serve.schemas import ChatMessage, chat_ids
-from loraforge.training.data import IGNORE, DataError, encode, prompt_ids
+from loraforge.training.data import IGNORE, DataError, build_dataset, encode, prompt_ids
 from loraforge.training.evaluate import accuracy
 
 CORPUS = ["Hello there, how are you today? I am fine, thank you.", "What is 2 plus 3? It is 5.",
@@ -273,3 +273,35 @@ def test_a_tokenizer_without_offsets_tokenizes_the_pieces_between_turns_apart(mo
     pieces = encode({"messages": CHAT}, tok, "chat")
     assert (pieces.input_ids, pieces.labels) == (with_offsets.input_ids, with_offsets.labels)
     assert pieces.input_ids == tok.apply_chat_template(CHAT, return_dict=False)
+
+
+def test_serve_asks_a_model_without_a_chat_template_in_the_plain_chat_format_training_used():
+    """Soak: chat records on a tokenizer with no chat template are learnt as "### User:\\n...\\n\\n### Assistant:\\n"
+    text, but /v1/chat/completions refused such a model (an adapter trained so was served as raw text only). Its
+    prompt ids are now the ids training read before the last answer, BOS included."""
+    tok = byte_level(["<bos>", "<eos>"], "<bos>", "<eos>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)])
+    assert not tok.chat_template
+    record = {"messages": [{"role": "system", "content": "Answer briefly."}, *CHAT]}
+    trained = prompt_ids(record, tok, "chat")
+    served = chat_ids(tok, [ChatMessage(**m) for m in record["messages"][:-1]])
+    assert served == trained
+    assert tok.decode(served) == ("<bos>### System:\nAnswer briefly.\n\n### User:\nHello there\n\n### Assistant:\n"
+                                  "It is 5.<eos>\n\n### User:\nWhat is 2 plus 3?\n\n### Assistant:\n")
+
+
+def test_an_assistant_turn_that_ends_with_the_templates_end_of_turn_text_learns_it_once():
+    """Soak: Llama 3 (EOS <|end_of_text|>) learnt <|eot_id|> twice for an assistant turn whose content ends with
+    "<|eot_id|>": only the EOS text was stripped. The template's own end-of-turn text is stripped as the EOS is."""
+    tok = byte_level(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>"], "<|begin_of_text|>", "<|end_of_text|>")
+    tok.chat_template = LLAMA3
+    plain = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "It is 5."}]
+    marked = [plain[0], {"role": "assistant", "content": "It is 5.<|eot_id|>"}]
+    full = tok.apply_chat_template(plain, return_dict=False)
+    prompt = tok.apply_chat_template(plain[:1], add_generation_prompt=True, return_dict=False)
+    ex = encode({"messages": marked}, tok, "chat")
+    assert ex.input_ids == full and full.count(tok.convert_tokens_to_ids("<|eot_id|>")) == 2  # the user's, the answer's
+    assert ex.labels == [IGNORE] * len(prompt) + full[len(prompt):]
+    assert build_dataset([{"messages": marked}], tok, "chat")[1].n_eos_stripped == 1

@@ -25,6 +25,7 @@ from loraforge.lora.merge import add_weighted_adapter, merge_and_unload
 from loraforge.models import load_tokenizer
 from loraforge.precision import Hardware
 from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS
+from loraforge.training.data import prompt_ids
 from helpers import forbid_loading, randomize
 
 
@@ -128,6 +129,32 @@ def test_generate_without_a_chat_template_puts_the_system_message_first_and_refu
     assert main(["generate", "", *args]) == 2
     assert ("error: invalid arguments:\n  PROMPT: empty, and the model has no chat template to begin the text; give "
             "a prompt for it to continue") in capsys.readouterr().err
+
+
+def test_generate_chat_sends_a_model_without_a_chat_template_the_text_chat_training_used(tiny_dir, tmp_path, capsys):
+    """Soak: an adapter trained on chat records with a tokenizer that has no chat template learns "### User:" text,
+    but generate sent it the raw prompt. --chat sends the ids training read before an answer."""
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)
+    tok_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tok = load_tokenizer(str(plain))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"}]
+    ids = torch.tensor([prompt_ids({"messages": messages}, tok, "chat")])
+    assert tok.decode(ids[0]).endswith("### System:\nBe brief.\n\n### User:\nhi\n\n### Assistant:\n")
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    args = ["--model", str(plain), "--max-new-tokens", "6", "--precision", "fp32"]
+    assert main(["generate", "hi", "--system", "Be brief.", *args]) == 0
+    raw = capsys.readouterr().out
+    assert main(["generate", "hi", "--system", "Be brief.", "--chat", *args]) == 0
+    got = capsys.readouterr()
+    assert got.out.strip() == expected.strip() != raw.strip() and "no chat template" not in got.err
 
 
 def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from loraforge.serve.errors import SURROGATE, ServeError, shown
 from loraforge.serve.sampling import SEED_RANGE, SamplingParams
+from loraforge.training.data import plain_chat_prompt_ids
 
 STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)  # OpenAI clients send fields we don't use
 
@@ -171,15 +172,17 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def chat_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """The chat's token ids through the tokenizer's chat template, ending with the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ServeError("this model's tokenizer has no chat template; use /v1/completions")
+    """The chat's token ids through the tokenizer's chat template, ending with the assistant's turn; for a tokenizer
+    with no template, the "### Role:" text chat training uses there (plain_chat_prompt_ids): an adapter trained on
+    chat records is asked in the format it learnt."""
     plain = []
     for m in messages:
         content = m.content or ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             content = "".join(part.text for part in content)
         plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    if not getattr(tokenizer, "chat_template", None):
+        return plain_chat_prompt_ids(plain, tokenizer)
     try:
         text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
     except TemplateError as e:  # soak: Gemma's "System role not supported" was a 500 internal error and a traceback

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.decoding import turn_end_text
 from loraforge.utils.files import expand_user, unexpanded_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
 from loraforge.utils.weakcache import per_object
@@ -533,9 +534,23 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
         except Exception as e:  # noqa: BLE001 -- jinja2's TemplateError ("roles must alternate"), ValueError, ...
             raise DataError(f"{where}the model's chat template refuses this conversation ({e}); change the "
                             f"conversation to what the template accepts") from None
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
-                   + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n\n" for m in messages)
+    return plain_chat(messages, tokenizer, add_generation_prompt)
+
+
+def plain_chat(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    """A conversation as the "### Role:" text chat records are trained on where the tokenizer has no chat template,
+    each assistant turn ending with the EOS text; with add_generation_prompt, ending with the assistant's header.
+    The one rendering training and serve's /v1/chat/completions share (soak: serve refused such a model's chats)."""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}" + (eos if m["role"] == "assistant" else "")
+                   + "\n\n" for m in messages)
     return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def plain_chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The ids a model with no chat template is given to answer `messages` (role, content): the ids training read
+    before an answer that follows them (a BOS where the tokenizer adds one, then plain_chat's text)."""
+    return _bos(tokenizer) + _ids(tokenizer, plain_chat(messages, tokenizer, add_generation_prompt=True))
 
 
 def _ids(tokenizer, text: str, limit: int | None = None) -> list[int]:
@@ -727,17 +742,20 @@ def _without_eos(record: dict, name: str, tokenizer) -> tuple[str, bool]:
 
 
 def _chat_without_eos(record: dict, tokenizer) -> tuple[list[dict], int]:
-    """The conversation with each assistant turn less an EOS text it ends with (the template writes the end of
-    the turn itself, so it is learnt once, not twice), and how many turns had one."""
-    messages, eos, n = _messages(record), getattr(tokenizer, "eos_token", None), 0
+    """The conversation with each assistant turn less an EOS text, or the chat template's own end-of-turn text
+    (turn_end_text), it ends with (the template writes the end of the turn itself, so it is learnt once, not twice;
+    soak: Llama 3's "<|eot_id|>" was learnt twice, its EOS being "<|end_of_text|>"), and how many turns had one."""
+    messages, n = _messages(record), 0
+    ends = [e for e in (getattr(tokenizer, "eos_token", None), turn_end_text(tokenizer)) if e]
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not eos or not m["content"].rstrip().endswith(eos):
+        end = next((e for e in ends if m["role"] == "assistant" and m["content"].rstrip().endswith(e)), None)
+        if end is None:
             continue
-        m["content"] = m["content"].rstrip()[: -len(eos)]
+        m["content"] = m["content"].rstrip()[: -len(end)]
         n += 1
         if not m["content"].strip():
             raise DataError(f"{_where(record)}field 'messages[{i}].content' holds only the end-of-sequence text "
-                            f"{eos!r}; give the text before it")
+                            f"{end!r}; give the text before it")
     return messages, n
 
 

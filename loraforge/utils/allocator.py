@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import platform
 from pathlib import Path
 
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages for the next step: no page faults each step
@@ -84,9 +85,11 @@ def line(device_type: str, packed: bool) -> str | None:
         return f"memory allocator: {name}"
     path = jemalloc_path()
     conf = f" MALLOC_CONF={JEMALLOC_CONF}" if packed else ""
-    how = f"run with LD_PRELOAD={path}{conf}" if path else f"install it ({INSTALL_HINT})"
-    return (f"memory allocator: the C library's malloc; jemalloc lowers the peak (docs/PERFORMANCE.md, Memory on CPU): "
-            f"{how}")
+    # self-contained: a pip-installed loraforge has no docs/ (the line pointed to docs/PERFORMANCE.md)
+    how = (f"run with LD_PRELOAD={path}{conf}" if path else
+           f"install it ({INSTALL_HINT}), then run with LD_PRELOAD=/usr/lib/{platform.machine()}-linux-gnu/"
+           f"libjemalloc.so.2{conf} (Debian/Ubuntu; elsewhere the path of the installed libjemalloc)")
+    return f"memory allocator: the C library's malloc; jemalloc lowers the peak: {how}"
 
 
 def return_large_frees(threshold: int = 128 * 1024) -> bool:
