@@ -334,7 +334,6 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
     from loraforge.training.evaluate import accuracy, mean_token_loss, perplexity_of
     from loraforge.models import context_length, load_model, load_tokenizer
     from loraforge.precision import overflow_fix
-    from loraforge.training.data import plain_chat_prompt_ids
     from loraforge.studies.heldout import within_context
 
     tokenizer = load_tokenizer(model)
