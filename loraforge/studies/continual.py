@@ -36,7 +36,6 @@ from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
 from loraforge.training.loop import run_precision
-from loraforge.training.report import strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
 from loraforge.utils.outputs import check_output, hold_output

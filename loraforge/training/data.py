@@ -27,7 +27,6 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
