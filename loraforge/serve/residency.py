@@ -49,7 +49,6 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.nn import functional as F
 
 from loraforge.config import LoraConfig
 from loraforge.inference import cpu_kernels
