@@ -107,6 +107,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._commands: list[tuple[Callable, Future]] = []
         self._stopping = False
+        self._held: Engine | None = None  # itself while it has work (submit, call): _run drops it once idle
         self._ids = itertools.count(1)
         self.adapters_dir = expand_user(adapters_dir).resolve() if adapters_dir else None
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
@@ -184,6 +185,7 @@ class Engine:
             if entry is not None:
                 entry.queued += 1
             self._waiting.append(req)
+            self._held = self  # a caller that drops the engine now still gets its request's events
             self._cv.notify_all()
         return req
 
@@ -215,6 +217,7 @@ class Engine:
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down")
             self._commands.append((fn, fut))
+            self._held = self
             self._cv.notify_all()
         return fut
 
@@ -295,6 +298,7 @@ class Engine:
         with self._cv:
             pending, self._waiting = list(self._waiting) + self._batch.rows, collections.deque()
             commands, self._commands = self._commands, []
+            self._held = None
         for req in pending:
             self._finish(req, "abort")
         for _, fut in commands:
@@ -526,13 +530,16 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
     """The engine thread: Engine._turn while there is work, until stop(). Idle, it holds its Engine only by weak
     reference, so an Engine dropped without stop() (a notebook cell run again) is collected, KV cache and all, and
     its thread ends within IDLE_CHECK_S (soak: ten dropped engines kept ten threads and 8.5 MB each). Either way
-    the adapters leave the model: it is given back as it came."""
+    the adapters leave the model: it is given back as it came. While it has work, the engine holds itself
+    (Engine._held, set by submit and call, dropped here once idle): an Engine dropped with requests in flight was
+    collected between two steps, and its requests' consumers waited for ever for their last event."""
     while True:
         with cv:
             engine = engine_ref()
             if engine is None:
                 break
             if not engine._busy():
+                engine._held = None  # idle: only its callers keep it now
                 del engine  # not held while waiting
                 cv.wait(IDLE_CHECK_S)
                 continue

@@ -126,6 +126,27 @@ def test_an_engine_dropped_without_stop_ends_its_thread_and_gives_the_model_back
     assert full_forward_greedy(model, prompt, 10) == reference(base, adapters_dir, None, prompt, 10)
 
 
+def test_an_engine_dropped_with_requests_in_flight_finishes_them(base, adapters_dir, tokenizer):
+    """soak: an Engine dropped right after submit (a script's loop of engines) was collected between two steps
+    (the thread held it only during a step), and its requests' consumers waited for ever for their last event."""
+    model = copy.deepcopy(base)
+    engine = Engine(model, tokenizer, adapters={"a": adapters_dir / "a"})
+    jobs = list(zip(["a", None], prompts(len(tokenizer), [6, 9], seed=3)))
+    events = [queue.Queue() for _ in jobs]
+    for (adapter, prompt), q in zip(jobs, events):
+        engine.submit(prompt, adapter, GREEDY, q.put)
+    thread, alive = engine._thread, weakref.ref(engine)
+    del engine
+    for (adapter, prompt), q in zip(jobs, events):
+        got = [q.get(timeout=30) for _ in range(GREEDY.max_tokens + 1)]  # admitted, then one event a token
+        assert got[-1].finish_reason == "length"
+        assert [t for ev in got for t in ev.token_ids] == reference(base, adapters_dir, adapter, prompt, 10)
+    gc.collect()
+    thread.join(10 * IDLE_CHECK_S)  # idle then: collected, and its thread ends
+    assert alive() is None and not thread.is_alive()
+    assert lora_layers(model) == []
+
+
 def test_requests_join_between_decode_steps(make_engine, base, adapters_dir, tokenizer):
     engine = make_engine()
     long_q, first = queue.Queue(), prompts(len(tokenizer), [7], seed=1)[0]
