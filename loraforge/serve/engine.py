@@ -17,6 +17,7 @@ the batch goes on. A prefill that fails is retried one request at a time, so onl
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import itertools
@@ -49,6 +50,7 @@ from loraforge.serve.static_batch import StaticBatch
 from loraforge.utils.files import expand_user
 
 IDLE_CHECK_S = 1.0  # how often an idle engine thread looks whether its Engine is still referenced (_run)
+EXIT_WAIT_S = 10.0  # at interpreter exit, how long each engine thread is given to end its step and give the model back
 UNKNOWN_CONTEXT = 2048  # the context served for a config that names none (models.context_length None)
 
 
@@ -134,6 +136,7 @@ class Engine:
         # the thread holds the engine weakly (_run): the residency and its callback must not hold it either
         self._thread = threading.Thread(target=_run, args=(weakref.ref(self), self._cv, self._residency),
                                         name="loraforge-engine", daemon=True)
+        _THREADS[self._thread] = self._cv
         self._thread.start()
 
     # ---- public API (any thread) ----
@@ -538,6 +541,8 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
             engine = engine_ref()
             if engine is None:
                 break
+            if _EXITING.is_set():
+                engine._stopping = True  # as stop(): pending requests aborted, then the adapters leave
             if not engine._busy():
                 engine._held = None  # idle: only its callers keep it now
                 del engine  # not held while waiting
@@ -549,3 +554,20 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
         del engine
     for entry in list(res.resident.values()):  # give the model back as it came: no adapters
         res.evict(entry)
+
+
+_EXITING = threading.Event()
+_THREADS: weakref.WeakKeyDictionary[threading.Thread, threading.Condition] = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """At interpreter exit, each engine thread still running stops (as stop()) and ends while Python can still run
+    it. Left to the interpreter's end, a thread inside a torch op (giving the model back once its Engine was
+    collected) was killed there: a script that ended without stop() aborted about every other run, "terminate
+    called without an active exception", exit status 134."""
+    _EXITING.set()
+    for thread, cv in list(_THREADS.items()):
+        with cv:
+            cv.notify_all()
+        thread.join(EXIT_WAIT_S)
