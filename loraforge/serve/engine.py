@@ -76,8 +76,10 @@ class Engine:
                  max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
                  adapter_dtype: str = "auto", static: bool | None = None, prefill_chunk: int = 512,
                  precision: Precision | None = None):
+        _release(model)
         if lora_layers(model):
-            raise ValueError("the engine needs a base model without adapters; it loads them itself")
+            raise ValueError("the engine needs a base model without adapters; it loads them itself (a model another "
+                             "Engine serves: call that engine's stop() first)")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         check_adapter_dtype(adapter_dtype)
@@ -137,6 +139,7 @@ class Engine:
         self._thread = threading.Thread(target=_run, args=(weakref.ref(self), self._cv, self._residency),
                                         name="loraforge-engine", daemon=True)
         _THREADS[self._thread] = self._cv
+        _OWNERS[model] = (weakref.ref(self), self._thread, self._cv)
         self._thread.start()
 
     # ---- public API (any thread) ----
@@ -556,6 +559,29 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
         res.evict(entry)
 
 
+def _release(model: nn.Module) -> None:
+    """Wait for the thread of the model's last Engine to give the model back, where that Engine was dropped (it
+    would, within IDLE_CHECK_S): a script that made its engines in a loop on one model (`del engine`, then
+    Engine(model, ...) again) was refused "the engine needs a base model without adapters" for up to a second."""
+    ref, thread, cv = _OWNERS.get(model, (None, None, None))
+    deadline = time.monotonic() + IDLE_CHECK_S  # its thread may still hold it, ending the step of its last request
+    while ref is not None and thread.is_alive() and time.monotonic() < deadline:
+        with cv:
+            engine = ref()
+            if engine is not None and engine._busy():
+                return  # in use: refused below
+            if engine is not None:
+                engine._held = None  # idle: only its callers keep it, as _run would make it
+            del engine
+            if ref() is None:
+                cv.notify_all()  # its thread finds its engine gone now, not at its next idle check
+                break
+        time.sleep(0.01)
+    if thread is not None:
+        thread.join(EXIT_WAIT_S if ref() is None else 0)
+
+
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # the model's last Engine: _release
 _EXITING = threading.Event()
 _THREADS: weakref.WeakKeyDictionary[threading.Thread, threading.Condition] = weakref.WeakKeyDictionary()
 

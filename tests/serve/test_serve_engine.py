@@ -150,6 +150,24 @@ def test_an_engine_dropped_with_requests_in_flight_finishes_them(base, adapters_
     assert lora_layers(model) == []
 
 
+def test_engines_made_in_a_loop_on_one_model_each_start(base, adapters_dir, tokenizer):
+    """soak: `del engine` then Engine(model, ...) again (a script's loop) was refused "the engine needs a base model
+    without adapters" until the dropped engine's thread woke (IDLE_CHECK_S) and gave the model back; a model that
+    an engine still held is refused, the message saying what to do."""
+    model = copy.deepcopy(base)
+    prompt = prompts(len(tokenizer), [6])[0]
+    for _ in range(3):
+        engine = Engine(model, tokenizer, adapters={"a": adapters_dir / "a"})
+        assert engine.generate(prompt, "a", GREEDY).token_ids == reference(base, adapters_dir, "a", prompt, 10)
+        del engine
+    held = Engine(model, tokenizer, adapters={"a": adapters_dir / "a"})
+    with pytest.raises(ValueError, match=r"another Engine serves: call that engine's stop\(\) first"):
+        Engine(model, tokenizer)
+    held.stop()
+    assert Engine(model, tokenizer).generate(prompt, None, GREEDY).token_ids == \
+        reference(base, adapters_dir, None, prompt, 10)
+
+
 ENDS_WITHOUT_STOP = """
 import atexit, sys
 sys.path.insert(0, sys.argv[1])  # tests/: helpers
