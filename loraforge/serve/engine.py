@@ -68,6 +68,8 @@ class Engine:
     after the pass: in one pass, a soak's 3,000-token prompt held every stream for 30 s, after its client had gone.
     `precision`: what the server chose (serve's --precision and --dtype; default: the model's dtype for both), so
     a forward that overflows fp16 says so and names the fix (precision.overflow_fix) in its request's error.
+    stop() ends it; an Engine dropped without it finishes the requests it has, then gives the model back (a new
+    Engine on that model waits for that), and one still running at interpreter exit is stopped then (_stop_at_exit).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
