@@ -17,6 +17,7 @@ the batch goes on. A prefill that fails is retried one request at a time, so onl
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import itertools
@@ -49,6 +50,7 @@ from loraforge.serve.static_batch import StaticBatch
 from loraforge.utils.files import expand_user
 
 IDLE_CHECK_S = 1.0  # how often an idle engine thread looks whether its Engine is still referenced (_run)
+EXIT_WAIT_S = 10.0  # at interpreter exit, how long each engine thread is given to end its step and give the model back
 UNKNOWN_CONTEXT = 2048  # the context served for a config that names none (models.context_length None)
 
 
@@ -66,6 +68,8 @@ class Engine:
     after the pass: in one pass, a soak's 3,000-token prompt held every stream for 30 s, after its client had gone.
     `precision`: what the server chose (serve's --precision and --dtype; default: the model's dtype for both), so
     a forward that overflows fp16 says so and names the fix (precision.overflow_fix) in its request's error.
+    stop() ends it; an Engine dropped without it finishes the requests it has, then gives the model back (a new
+    Engine on that model waits for that), and one still running at interpreter exit is stopped then (_stop_at_exit).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, base_name: str = "base",
@@ -74,8 +78,10 @@ class Engine:
                  max_prefill_tokens: int = 4096, prefix_cache_mb: float = 256, prefix_block: int = 16,
                  adapter_dtype: str = "auto", static: bool | None = None, prefill_chunk: int = 512,
                  precision: Precision | None = None):
+        _release(model)
         if lora_layers(model):
-            raise ValueError("the engine needs a base model without adapters; it loads them itself")
+            raise ValueError("the engine needs a base model without adapters; it loads them itself (a model another "
+                             "Engine serves: call that engine's stop() first)")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 turns the prefix cache off), got {prefix_cache_mb}")
         check_adapter_dtype(adapter_dtype)
@@ -107,6 +113,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._commands: list[tuple[Callable, Future]] = []
         self._stopping = False
+        self._held: Engine | None = None  # itself while it has work (submit, call): _run drops it once idle
         self._ids = itertools.count(1)
         self.adapters_dir = expand_user(adapters_dir).resolve() if adapters_dir else None
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
@@ -133,6 +140,8 @@ class Engine:
         # the thread holds the engine weakly (_run): the residency and its callback must not hold it either
         self._thread = threading.Thread(target=_run, args=(weakref.ref(self), self._cv, self._residency),
                                         name="loraforge-engine", daemon=True)
+        _THREADS[self._thread] = self._cv
+        _OWNERS[model] = (weakref.ref(self), self._thread, self._cv)
         self._thread.start()
 
     # ---- public API (any thread) ----
@@ -184,6 +193,7 @@ class Engine:
             if entry is not None:
                 entry.queued += 1
             self._waiting.append(req)
+            self._held = self  # a caller that drops the engine now still gets its request's events
             self._cv.notify_all()
         return req
 
@@ -215,6 +225,7 @@ class Engine:
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down")
             self._commands.append((fn, fut))
+            self._held = self
             self._cv.notify_all()
         return fut
 
@@ -295,6 +306,7 @@ class Engine:
         with self._cv:
             pending, self._waiting = list(self._waiting) + self._batch.rows, collections.deque()
             commands, self._commands = self._commands, []
+            self._held = None
         for req in pending:
             self._finish(req, "abort")
         for _, fut in commands:
@@ -526,13 +538,18 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
     """The engine thread: Engine._turn while there is work, until stop(). Idle, it holds its Engine only by weak
     reference, so an Engine dropped without stop() (a notebook cell run again) is collected, KV cache and all, and
     its thread ends within IDLE_CHECK_S (soak: ten dropped engines kept ten threads and 8.5 MB each). Either way
-    the adapters leave the model: it is given back as it came."""
+    the adapters leave the model: it is given back as it came. While it has work, the engine holds itself
+    (Engine._held, set by submit and call, dropped here once idle): an Engine dropped with requests in flight was
+    collected between two steps, and its requests' consumers waited for ever for their last event."""
     while True:
         with cv:
             engine = engine_ref()
             if engine is None:
                 break
+            if _EXITING.is_set():
+                engine._stopping = True  # as stop(): pending requests aborted, then the adapters leave
             if not engine._busy():
+                engine._held = None  # idle: only its callers keep it now
                 del engine  # not held while waiting
                 cv.wait(IDLE_CHECK_S)
                 continue
@@ -542,3 +559,43 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
         del engine
     for entry in list(res.resident.values()):  # give the model back as it came: no adapters
         res.evict(entry)
+
+
+def _release(model: nn.Module) -> None:
+    """Wait for the thread of the model's last Engine to give the model back, where that Engine was dropped (it
+    would, within IDLE_CHECK_S): a script that made its engines in a loop on one model (`del engine`, then
+    Engine(model, ...) again) was refused "the engine needs a base model without adapters" for up to a second."""
+    ref, thread, cv = _OWNERS.get(model, (None, None, None))
+    deadline = time.monotonic() + IDLE_CHECK_S  # its thread may still hold it, ending the step of its last request
+    while ref is not None and thread.is_alive() and time.monotonic() < deadline:
+        with cv:
+            engine = ref()
+            if engine is not None and engine._busy():
+                return  # in use: refused below
+            if engine is not None:
+                engine._held = None  # idle: only its callers keep it, as _run would make it
+            del engine
+            if ref() is None:
+                cv.notify_all()  # its thread finds its engine gone now, not at its next idle check
+                break
+        time.sleep(0.01)
+    if thread is not None:
+        thread.join(EXIT_WAIT_S if ref() is None else 0)
+
+
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # the model's last Engine: _release
+_EXITING = threading.Event()
+_THREADS: weakref.WeakKeyDictionary[threading.Thread, threading.Condition] = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """At interpreter exit, each engine thread still running stops (as stop()) and ends while Python can still run
+    it. Left to the interpreter's end, a thread inside a torch op (giving the model back once its Engine was
+    collected) was killed there: a script that ended without stop() aborted about every other run, "terminate
+    called without an active exception", exit status 134."""
+    _EXITING.set()
+    for thread, cv in list(_THREADS.items()):
+        with cv:
+            cv.notify_all()
+        thread.join(EXIT_WAIT_S)
