@@ -105,16 +105,22 @@ def test_generate_past_the_context_is_an_argument_error(tiny_dir, capsys):
     assert "\nerror: invalid arguments:\n  the prompt takes " in err and "shorten the prompt" in err
 
 
-def test_generate_without_a_chat_template_puts_the_system_message_first_and_refuses_an_empty_prompt(
-        tiny_dir, tmp_path, capsys):
-    """A base model's tokenizer with no chat template: --system was dropped without a word, and an empty prompt (no
-    token to continue from) ended in a RuntimeError from the decoder."""
+
+def copy_without_chat_template(tiny_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model's folder copied, its tokenizer's chat template taken out (a base model's)."""
     plain = tmp_path / "plain"
     shutil.copytree(tiny_dir, plain)
     tok_config = json.loads((plain / "tokenizer_config.json").read_text())
     tok_config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(tok_config))
     (plain / "chat_template.jinja").unlink(missing_ok=True)
+    return plain
+
+def test_generate_without_a_chat_template_puts_the_system_message_first_and_refuses_an_empty_prompt(
+        tiny_dir, tmp_path, capsys):
+    """A base model's tokenizer with no chat template: --system was dropped without a word, and an empty prompt (no
+    token to continue from) ended in a RuntimeError from the decoder."""
+    plain = copy_without_chat_template(tiny_dir, tmp_path)
     tok = load_tokenizer(str(plain))
     assert not tok.chat_template
     model = AutoModelForCausalLM.from_pretrained(plain)
@@ -134,12 +140,7 @@ def test_generate_without_a_chat_template_puts_the_system_message_first_and_refu
 def test_generate_chat_sends_a_model_without_a_chat_template_the_text_chat_training_used(tiny_dir, tmp_path, capsys):
     """Soak: an adapter trained on chat records with a tokenizer that has no chat template learns "### User:" text,
     but generate sent it the raw prompt. --chat sends the ids training read before an answer."""
-    plain = tmp_path / "plain"
-    shutil.copytree(tiny_dir, plain)
-    tok_config = json.loads((plain / "tokenizer_config.json").read_text())
-    tok_config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    plain = copy_without_chat_template(tiny_dir, tmp_path)
     tok = load_tokenizer(str(plain))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "ok"}]
