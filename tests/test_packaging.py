@@ -84,4 +84,9 @@ def test_the_sdist_holds_every_tracked_file(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     with tarfile.open(tmp_path / built.stdout.split()[-1]) as sdist:
         shipped = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+        info = sdist.extractfile(next(n for n in sdist.getnames() if n.endswith("/PKG-INFO"))).read().decode()
     assert tracked - shipped == {".ci/run", ".gitignore"}
+    # the package page's text (soak: the METADATA had no description, a PyPI page would be blank): the README
+    headers, _, description = info.partition("\n\n")
+    assert "Description-Content-Type: text/markdown" in headers
+    assert description.strip() == (ROOT / "README.md").read_text(encoding="utf-8").strip()
