@@ -771,13 +771,19 @@ def keep_adapter(run: Run, error: DiskStop) -> DiskStop:
     if (not run.is_main or run.sharded or run.cfg.method == "full" or run.step == 0
             or last_checkpoint(run.ckpt_root) is not None):
         return error
-    if run.allocator is not None:  # as finish does: the run ends here
-        run.allocator.finalize(run.model)
     try:
-        saved = save_adapter(run.model, run.out / "adapter")
+        saved = write_adapter(run)  # the run ends here
     except DiskError as e:
         return DiskStop(f"{error}; nor did the adapter of step {run.step} fit: {e}", error.everywhere)
     return DiskStop(f"{error}; the adapter of step {run.step} fitted: written to {saved}", error.everywhere)
+
+
+def write_adapter(run: Run) -> Path:
+    """One process's adapter of the step reached, to output_dir/adapter (AdaLoRA's ranks made final first): what
+    finish writes, and keep_adapter when the disk stopped the run before any checkpoint."""
+    if run.allocator is not None:
+        run.allocator.finalize(run.model)
+    return save_adapter(run.model, run.out / "adapter")
 
 
 def save_step(run: Run) -> None:
@@ -1052,9 +1058,7 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         if run.cfg.method == "full":
             save_model(run.model, run.tokenizer, run.out / "model")
         else:
-            if run.allocator is not None:
-                run.allocator.finalize(run.model)
-            save_adapter(run.model, run.out / "adapter")
+            write_adapter(run)
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     if run.world > 1:
         dist.barrier()
