@@ -104,6 +104,14 @@ def section_named(text: str, section: str, from_lora: Collection[str] = ()) -> s
     return f"{'lora' if field and field.group(1) in from_lora else section}.{text}"
 
 
+def adapter_section(cfg: TrainConfig) -> tuple[str, set[str]]:
+    """The config section an adapter's errors and warnings name, and the fields an adalora: section took from the
+    lora: section (in_section, section_warnings): build_model's, and the dashboard's target check's."""
+    if cfg.method == "adalora":
+        return "adalora", set(FROM_LORA) - set(cfg.adalora)
+    return "lora", set()
+
+
 @contextlib.contextmanager
 def in_section(section: str, from_lora: Collection[str] = ()):
     """Name the config section in the errors inject raises (section_named)."""
@@ -177,12 +185,13 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
             raise ConfigError([f"adalora.total_step: {cfg.adalora['total_step']} is not this run's {total_steps} "
                                f"steps; a training run sets it (training.max_steps, or epochs × steps per epoch): "
                                f"remove adalora.total_step, or set training.max_steps={cfg.adalora['total_step']}"])
-        taken = set(FROM_LORA) - set(cfg.adalora)
-        with in_section("adalora", taken), section_warnings("adalora", taken):
+        section = adapter_section(cfg)
+        with in_section(*section), section_warnings(*section):
             inject_adalora(model, AdaLoraConfig.from_train_config(lora, {**cfg.adalora, "total_step": total_steps}),
                            "default")
     else:
-        with in_section("lora"), section_warnings("lora"):
+        section = adapter_section(cfg)
+        with in_section(*section), section_warnings(*section):
             inject(model, dataclasses.replace(lora, use_dora=lora.use_dora or cfg.method == "dora"), "default")
     if cfg.training.fused_lora:
         for _, layer in lora_layers(model):

@@ -33,10 +33,10 @@ from pathlib import Path
 import yaml
 
 from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config
-from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig
+from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.inject import find_targets
 from loraforge.models import model_skeleton
-from loraforge.training.loop import in_section
+from loraforge.training.loop import adapter_section, in_section
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
                                output_deleted, read_launch, tail)
 
@@ -138,13 +138,11 @@ def check_targets(cfg: TrainConfig) -> None:
         skeleton = model_skeleton(cfg.model.name)
     except Exception:  # noqa: BLE001 -- the run names what is wrong with the model as it loads
         return
-    if cfg.method == "adalora":  # the run's own total_step comes with its step count; any will do for the targets
-        config = AdaLoraConfig.from_train_config(cfg.lora, {**cfg.adalora, "total_step": 10**9})
-        with in_section("adalora", set(FROM_LORA) - set(cfg.adalora)):
-            find_targets(skeleton, config, advise=False)
-    else:
-        with in_section("lora"):
-            find_targets(skeleton, cfg.lora, advise=False)
+    # adalora: the run's own total_step comes with its step count; any will do for the targets
+    config = (AdaLoraConfig.from_train_config(cfg.lora, {**cfg.adalora, "total_step": 10**9})
+              if cfg.method == "adalora" else cfg.lora)
+    with in_section(*adapter_section(cfg)):
+        find_targets(skeleton, config, advise=False)
 
 
 class Launcher:
