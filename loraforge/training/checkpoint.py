@@ -278,19 +278,25 @@ RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_chec
 # Allowed with a warning: a model folder that moved, and another precision (a run resumed on another machine).
 RESUME_WARNED = ("model.name", "model.dtype", "training.precision")
 RESUME_SECTIONS = ("model", "method", "lora", "adalora", "data", "training")
+OLDER_DEFAULTS = {"data.overflow": ("truncate", "auto")}
+"""A setting whose default changed: (what an older loraforge's checkpoint holds for a config that left it out, the
+default now). data.overflow was truncate until 2026-12-05; auto reads instruction and chat records the same way and
+cuts text records into windows, which the data's fingerprint (checked first) tells apart."""
 
 
-def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+def resume_changes(saved: dict, now: dict, older_defaults: bool = True) -> tuple[list[str], list[str]]:
     """(refused, warned): `key: saved -> now` for the settings a checkpoint's config (`saved`, to_dict) and this
     run's (`now`) disagree on, past RESUME_FREE. A resumed run continues the checkpoint's adapter, optimizer and place
     in the data: another lora_alpha would save a scale the weights were not trained with, another seed or dataset
     would repeat or skip examples of the epoch. A setting the checkpoint's config lacks (written by an older version)
-    is not compared; adalora's settings are (an empty section means PEFT's defaults)."""
+    is not compared; adalora's settings are (an empty section means PEFT's defaults). older_defaults: an older
+    default against today's (OLDER_DEFAULTS) is no change."""
     before, after = flat_sections(saved, RESUME_SECTIONS), flat_sections(now, RESUME_SECTIONS)
     keys = [k for k in after if k in before or k.startswith("adalora.")]
     keys += [k for k in before if k not in after and k.startswith("adalora.")]
     changed = [(k, f"{k}: {before.get(k)!r} -> {after.get(k)!r}") for k in keys
-               if k not in RESUME_FREE and before.get(k) != after.get(k)]
+               if k not in RESUME_FREE and before.get(k) != after.get(k)
+               and not (older_defaults and OLDER_DEFAULTS.get(k) == (before.get(k), after.get(k)))]
     return ([c for k, c in changed if k not in RESUME_WARNED], [c for k, c in changed if k in RESUME_WARNED])
 
 
@@ -374,6 +380,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
+    saved, now = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
+    if saved != now:  # torch's ValueError "... doesn't match the size of optimizer's group" was a traceback
+        raise TrainingError(f"checkpoint {path} keeps its optimizer's state in groups of {saved} parameters, this "
+                            f"run's optimizer has {now}: an older loraforge grouped them otherwise (DoRA's magnitudes "
+                            f"are weight-decayed since 2026-12-03), so its state cannot continue here; start the run "
+                            f"over (--overwrite), or finish it with the loraforge that started it")
     tensors = load_file(path / "optimizer.safetensors")
     state = optimizer_state(tensors, meta.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -44,6 +44,13 @@ OVERFLOWS = ("auto", "truncate", "drop", "split")
 TOOL_ROLES = ("tool", "function")  # OpenAI's tool results (and the older function results)
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (and the older single call)
 EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
+TOKENS_VERSION = 2
+"""How records become tokens, kept in every checkpoint ("tokens"; one without it is older): 2 since 2026-12-06, when
+an instruction record became the chat template's conversation (its answer ending with the template's end of turn)
+and a chat record was tokenized whole. Bump it where the same records tokenize otherwise, so that --resume of an
+older checkpoint says so instead of calling the data changed."""
+TOKENS_CHANGE = ("where the tokenizer has a chat template, an instruction record is now the template's conversation, "
+                 "its answer ending with the template's end of turn, and a chat record is tokenized whole")
 UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]  # FF FE starts both
 # a well-formed 2-4 byte UTF-8 sequence (a lead byte and its continuation bytes): a file with one is UTF-8 text

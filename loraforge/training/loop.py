@@ -624,9 +624,20 @@ def restore(run: Run) -> None:
         raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
                             f"as they were; to train on with new ones, {then}", everywhere=True)
-    if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):
+    older = f"--resume: {found.name} was written by an older loraforge, which"
+    again = "start the run over (--overwrite), or finish it with the loraforge that started it"
+    if state.get("data") is None:  # before 2026-12-03: no fingerprint, so a resume would go on silently
+        raise TrainingError(f"{older} kept no fingerprint of the tokens it trained on, and this one may tokenize the "
+                            f"data otherwise ({D.TOKENS_CHANGE}): its place in the data cannot be checked; {again}",
+                            everywhere=True)
+    if changed := fingerprint_changes(state["data"], run.data_fingerprint):
+        if state.get("tokens") != D.TOKENS_VERSION:  # the same files, most likely: not only "the data changed"
+            raise TrainingError(f"{older} may have tokenized the training data otherwise: the tokens differ from the "
+                                f"ones it trained on ({'; '.join(changed)}); if the files changed, put them back as "
+                                f"they were; if not, this version reads them otherwise ({D.TOKENS_CHANGE}): {again}",
+                                everywhere=True)
         # the same files read another way (data.max_seq_len, data.overflow: its default changed once) are named
-        settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg))[0]
+        settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg), older_defaults=False)[0]
                     if c.startswith(("data.", "training.seed"))]  # the seed draws the held-out split (soak: unsaid)
         also = f", as the settings that read it did ({'; '.join(settings)})" if settings else ""
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
@@ -815,6 +826,7 @@ def checkpoint_state(run: Run) -> dict:
             "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
             "allocator": run.allocator.state() if run.allocator is not None else {},
             "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint,
+            "tokens": D.TOKENS_VERSION,  # how records became tokens: resume tells an older loraforge's (data.py)
             "precision": {"compute": run.precision.compute, "storage": run.precision.storage}}
 
 
