@@ -241,8 +241,9 @@ def held_out_task(cfg: TrainConfig, limit: int | None = None) -> tuple[list[dict
 
 # --- the base's probe results, cached on disk -----------------------------------------------------------------
 
-PROBE_CACHE_VERSION = 1
-"""Part of the cache key: bump it when a probe's scoring changes, so results of the older scorer are recomputed."""
+PROBE_CACHE_VERSION = 2
+"""Part of the cache key: bump it when a probe's scoring changes, so results of the older scorer are recomputed. 2:
+the task probe's exact match changed as heldout.HELDOUT_CACHE_VERSION 2 says."""
 
 
 def probe_set_hash(probes: dict, task_records: list[dict], fmt: str, max_new_tokens: int, bf16: bool,

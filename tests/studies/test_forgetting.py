@@ -137,6 +137,26 @@ def small_probes():
     return records, detect_format(records[0]), probes
 
 
+def test_base_probe_results_an_older_scorer_cached_are_probed_anew(tiny_dir, tmp_path, monkeypatch):
+    """Upgrade soak: PROBE_CACHE_VERSION stayed 1 while the task probe's exact match changed (heldout's version 2),
+    so an older loraforge's base scores were read back as this version's."""
+    from loraforge.models import load_base
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    records, fmt, probes = small_probes()
+    with monkeypatch.context() as m:  # what loraforge before version 2 wrote, under its key
+        m.setattr(forgetting, "PROBE_CACHE_VERSION", 1)
+        first, cached = probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 8)
+    [file] = list((tmp_path / "cache" / "probes").iterdir())
+    saved = json.loads(file.read_text())
+    saved["scores"]["task"]["accuracy"] = 0.75  # the older scorer's number, unlike this one's
+    file.write_text(json.dumps(saved))
+    now, cached = probe_base(base, tokenizer, "tiny", records, fmt, False, probes, 8)
+    assert cached is None
+    assert {k: v for k, v in now.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
+
+
 def test_base_probe_results_are_cached_by_weights_and_probe_set(tiny_dir, tmp_path, monkeypatch, capsys):
     from loraforge.models import load_base
 

@@ -74,6 +74,26 @@ def test_scores_are_cached_by_weights_examples_and_settings(tiny_dir, tmp_path, 
     assert calls == [1] * 5
 
 
+def test_a_score_an_older_scorer_cached_is_scored_anew(tiny_dir, tmp_path, monkeypatch):
+    """Upgrade soak: the key held HELDOUT_CACHE_VERSION 1 through three changes of the exact-match scoring (the stop
+    set, a reference's EOS text, the prompt's ids), so a score an older loraforge cached (a Gemma model's 0% from
+    generating past <end_of_turn>) was read back as this version's, silently."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    records = read_records(asset("demo_test.jsonl"))[:4]
+    fmt = detect_format(records[0])
+    base, tokenizer = load_base(str(tiny_dir), dtype="fp32")
+    key = model_hash(base, tokenizer)
+    older = {"accuracy": 0.0, "correct": 0, "n": 4, "ci95": [0.0, 0.49], "samples": [], "seconds": 9.0}
+    with monkeypatch.context() as m:  # what loraforge before version 2 wrote, under its key
+        m.setattr(heldout, "HELDOUT_CACHE_VERSION", 1)
+        m.setattr(heldout, "score", lambda *args: older)
+        assert heldout_accuracy(base, tokenizer, records, fmt, 6, "fp32", key, "base")["cached"] is None
+    now = heldout_accuracy(base, tokenizer, records, fmt, 6, "fp32", key, "base")
+    reference = accuracy(base, tokenizer, records, fmt, 6, batch_size=heldout.BATCH_SIZE, precision="fp32")
+    assert now["cached"] is None
+    assert (now["correct"], now["samples"]) == (reference["correct"], reference["samples"])
+
+
 def test_base_logits_ignore_an_adapter_loaded_later_on_the_same_model(tiny_dir, tmp_path):
     model, _ = load_base(str(tiny_dir), dtype="fp32")
     ids = torch.tensor([[1, 5, 9, 12, 7], [1, 5, 9, 3, 0]])
