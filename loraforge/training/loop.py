@@ -631,15 +631,16 @@ def restore(run: Run) -> None:
                             f"data otherwise ({D.TOKENS_CHANGE}): its place in the data cannot be checked; {again}",
                             everywhere=True)
     if changed := fingerprint_changes(state["data"], run.data_fingerprint):
-        if state.get("tokens") != D.TOKENS_VERSION:  # the same files, most likely: not only "the data changed"
-            raise TrainingError(f"{older} may have tokenized the training data otherwise: the tokens differ from the "
-                                f"ones it trained on ({'; '.join(changed)}); if the files changed, put them back as "
-                                f"they were; if not, this version reads them otherwise ({D.TOKENS_CHANGE}): {again}",
-                                everywhere=True)
         # the same files read another way (data.max_seq_len, data.overflow: its default changed once) are named
         settings = [c for c in resume_changes(state.get("config") or {}, to_dict(run.cfg), older_defaults=False)[0]
                     if c.startswith(("data.", "training.seed"))]  # the seed draws the held-out split (soak: unsaid)
         also = f", as the settings that read it did ({'; '.join(settings)})" if settings else ""
+        if state.get("tokens") != D.TOKENS_VERSION:  # the same files, most likely: not only "the data changed"
+            raise TrainingError(f"{older} may have tokenized the training data otherwise: the tokens differ from the "
+                                f"ones it trained on ({'; '.join(changed)}){also}; if the files "
+                                f"{'or those settings ' if settings else ''}changed, put them back as they were; if "
+                                f"not, this version reads them otherwise ({D.TOKENS_CHANGE}): {again}",
+                                everywhere=True)
         raise TrainingError(f"--resume: the training data changed since {found.name} was written ({'; '.join(changed)}"
                             f"){also}; its place in the data would now repeat or skip examples, so put the data "
                             f"{'and those settings back as they were' if settings else 'back as it was'}; to train "

@@ -85,6 +85,25 @@ def test_an_older_checkpoint_whose_tokens_differ_says_an_older_loraforge_may_hav
                             f"not, this version reads them otherwise ({TOKENS_CHANGE}): {AGAIN}")
 
 
+def test_an_older_checkpoint_of_text_cut_by_the_older_overflow_default_names_the_setting(tiny_dir, tmp_path):
+    """Long text records of a loraforge before 2026-12-05 were truncated (data.overflow's default then), now cut
+    into windows: the line names the setting, and with it put back the run resumes."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{i}-{j}" for j in range(60))}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    args = run_args(tiny_dir, data, out) + ["data.max_seq_len=32"]
+    stop_in_last_save(load_train_config(None, args + ["data.overflow=truncate"]))
+    as_older(out, lambda state: state.pop("tokens", None))
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, args), resume=True, progress=False)
+    assert str(e.value).startswith("--resume: step-0000002 was written by an older loraforge, which may have "
+                                   "tokenized the training data otherwise: the tokens differ from the ones it trained "
+                                   "on (docs.jsonl: 8 examples then, ")
+    assert ("as the settings that read it did (data.overflow: 'truncate' -> 'auto'); if the files or those settings "
+            "changed, put them back as they were; if not, ") in str(e.value)
+    assert train(load_train_config(None, args + ["data.overflow=truncate"]), resume=True, progress=False).steps == 3
+
+
 def test_a_checkpoint_without_a_data_fingerprint_is_refused_not_resumed_on_other_tokens(tiny_dir, data_file,
                                                                                         tmp_path):
     """A checkpoint of loraforge before 2026-12-03 keeps no fingerprint of its tokens: it resumed silently, its
