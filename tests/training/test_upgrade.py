@@ -114,8 +114,8 @@ def test_a_checkpoint_without_a_data_fingerprint_is_refused_not_resumed_on_other
     with pytest.raises(TrainingError) as e:
         train(load_train_config(None, run_args(tiny_dir, data_file, out)), resume=True, progress=False)
     assert str(e.value) == (f"--resume: step-0000002 was written by an older loraforge, which kept no fingerprint of "
-                            f"the tokens it trained on, and this one may tokenize the data otherwise ({TOKENS_CHANGE}): "
-                            f"its place in the data cannot be checked; {AGAIN}")
+                            f"the tokens it trained on, and this one may tokenize the data otherwise "
+                            f"({TOKENS_CHANGE}): its place in the data cannot be checked; {AGAIN}")
 
 
 def test_a_dora_checkpoint_with_the_older_optimizer_groups_is_one_line_not_a_traceback(tiny_dir, data_file,
