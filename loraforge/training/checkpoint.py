@@ -377,15 +377,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
         raise TrainingError(f"checkpoint {path} does not match this model/config ({why}"
                             + (f"; changed since it was written: {', '.join(changed)}" if changed else "")
                             + "); resume with the config the run was started with")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
     saved, now = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in optimizer.param_groups]
     if saved != now:  # torch's ValueError "... doesn't match the size of optimizer's group" was a traceback
         raise TrainingError(f"checkpoint {path} keeps its optimizer's state in groups of {saved} parameters, this "
                             f"run's optimizer has {now}: an older loraforge grouped them otherwise (DoRA's magnitudes "
                             f"are weight-decayed since 2026-12-03), so its state cannot continue here; start the run "
                             f"over (--overwrite), or finish it with the loraforge that started it")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
     tensors = load_file(path / "optimizer.safetensors")
     state = optimizer_state(tensors, meta.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
