@@ -579,8 +579,9 @@ class Residency:
                         factor = suffix.split(".")[1]  # lora_A or lora_B
                         problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
                                                     f"{fan_in} -> {fan_out} here")
+                    # soak: listed, then refused as "another base?"
                     elif isinstance(config, LoraConfig) and shape[-1 - dim] != (r := int(pattern_value(
-                            config.rank_pattern, module, config.r))):  # soak: listed, then refused as "another base?"
+                            config.rank_pattern, module, config.r, "rank_pattern"))):
                         factor = suffix.split(".")[1]
                         raise AdapterError(f"{weights.name}: {module}.{factor} {shape} has rank {shape[-1 - dim]}, "
                                            f"but {CONFIG_NAME} gives that layer r={r}: the two files are not of "

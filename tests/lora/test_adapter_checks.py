@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import peft
@@ -20,6 +21,7 @@ from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, Lor
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
                                      list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
+from loraforge.lora import inject as inject_module
 from loraforge.lora.inject import find_targets, inject, lora_layers
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import add_weighted_adapter, merge, unmerge
@@ -832,3 +834,29 @@ def test_saving_an_adapter_on_the_meta_device_names_it(tmp_path):
                             "weights first (model.to_empty(device='cpu') and load its weights, or load it without "
                             "device='meta')")
     assert not (tmp_path / "out").exists()
+
+
+# (?:.*){8}Z: Python's re took 2.4 s on each module path (15 in tiny_llama), the regex module 0.4 ms; the
+# backreferences of SLOW_REGEX take the regex module past its time limit too
+SLOW_REGEX = r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\8\7m"
+
+
+def test_a_backtracking_module_regex_ends_in_time(monkeypatch):
+    """soak: target_modules '(.*.*)*Z' from the dashboard's form froze the whole server (its API, and Ctrl-C) while
+    the form was checked, and an adapter with it in adapters_dir the serve engine: Python's re backtracked for
+    minutes, holding the GIL. The regex module (re's syntax) answers at once; a regex slow even there is refused
+    after REGEX_TIMEOUT_S, naming its field."""
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        find_targets(tiny_llama(), LoraConfig(target_modules="(?:.*){8}Z"))
+    assert time.perf_counter() - start < 2
+    assert e.value.problems[0].startswith("target_modules: '(?:.*){8}Z' matches no linear layer of this model")
+    monkeypatch.setattr(inject_module, "REGEX_TIMEOUT_S", 0.2)
+    for config, field in [(LoraConfig(target_modules="all-linear", exclude_modules=SLOW_REGEX), "exclude_modules"),
+                          (LoraConfig(target_modules=["q_proj"], rank_pattern={SLOW_REGEX: 4}), "rank_pattern")]:
+        with pytest.raises(ConfigError) as e:
+            inject(tiny_llama(), config)
+        assert e.value.problems == [
+            f"{field}: the regex {SLOW_REGEX!r} takes over 0.2 s to test against the module path "
+            f"'model.layers.0.self_attn.q_proj' (a repetition inside a repetition, such as (.*)*, backtracks without "
+            f"end); write it without one, e.g. .*\\.(q_proj|v_proj)"]
