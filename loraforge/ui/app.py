@@ -306,7 +306,8 @@ def check_host(host: str, api_key: str | None) -> None:
     """Only a loopback address may go without a key: anyone who reaches the port could start runs otherwise."""
     if host not in LOOPBACK and not host.startswith("127.") and not api_key:
         raise ConfigError([f"--host {host}: the dashboard starts processes and reads files; listening beyond this "
-                           f"machine needs --api-key KEY (or keep the default --host 127.0.0.1)"])
+                           f"machine needs a key: set LORAFORGE_API_KEY (or --api-key KEY, which the machine's other "
+                           f"users can read in ps), or keep the default --host 127.0.0.1"])
 
 
 def training_models(model: str, models_dir: str | None) -> dict[str, str]:

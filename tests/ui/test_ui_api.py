@@ -290,9 +290,10 @@ def test_stop_ends_the_run_and_keeps_its_last_checkpoint(ui):
                                   ["ui", "--host", "192.168.1.5", "--runs", "x"]])
 def test_listening_beyond_loopback_needs_a_key(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORAFORGE_API_KEY", raising=False)
     assert cli.main(argv) == 2  # refused before any model loads
     err = capsys.readouterr().err
-    assert "needs --api-key" in err and "--host" in err
+    assert "needs a key: set LORAFORGE_API_KEY (or --api-key KEY" in err and "--host" in err
 
 
 def test_status_from_the_files_a_run_leaves(tmp_path):
