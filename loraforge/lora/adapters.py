@@ -30,6 +30,9 @@ from loraforge.utils.hf import set_submodule
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# An adapter_config.json is a few KB (a rank_pattern naming every layer of a 70B model: ~0.2 MB); one far larger
+# is not read whole (soak: a 1 GB one held every request of `serve` for 29 s while its registry read it)
+MAX_CONFIG_BYTES = 16 << 20
 # Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
 
@@ -182,8 +185,13 @@ def read_adapter_config(adapter_dir: str | Path):
         else:
             hint = ""
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing{hint}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB, where an adapter's config is a few KB; give "
+                           f"the {CONFIG_NAME} that was saved with the adapter")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise AdapterError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                            f"save it as UTF-8 JSON") from None

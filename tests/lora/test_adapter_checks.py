@@ -559,6 +559,18 @@ def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
         load_adapter(tiny_llama(), bad)
 
 
+def test_an_adapter_config_of_gigabytes_is_refused_unread(tmp_path):
+    """Soak: a 1 GB adapter_config.json was read whole (and its JSON parsed), and `serve` held every request for
+    the 29 s its registry took; past 16 MB (adapters.MAX_CONFIG_BYTES) it is refused after reading no more."""
+    big = tmp_path / "big"
+    shutil.copytree(_good(tmp_path), big)
+    with open(big / "adapter_config.json", "a") as f:  # still valid JSON: whitespace after the object
+        f.write(" " * (16 << 20))
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), big)
+    assert str(e.value) == (f"{big / 'adapter_config.json'} is over 16 MB, where an adapter's config is a few KB; "
+                            f"give the adapter_config.json that was saved with the adapter")
+
 def test_an_adapter_config_too_deep_too_long_or_with_an_overflowing_scale_is_named(tmp_path):
     """Soak: a config nested 100,000 deep was a RecursionError traceback from generate, eval, merge and export;
     lora_alpha 1e300 (its scale inf in fp32, as training refuses) loaded, and every logit was NaN."""
