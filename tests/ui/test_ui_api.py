@@ -154,6 +154,31 @@ def test_the_form_refuses_paths_outside_its_folders(ui, field, value):
     assert sorted(ui[1].rglob("*")) == before  # nothing written anywhere
 
 
+
+@pytest.mark.parametrize("dataset", [".env", ".aws/credentials.json", "sub/../.hidden.jsonl", "notes.txt",
+                                     "node_modules/x.jsonl", "pipe.jsonl", "linked.jsonl"])
+def test_the_form_takes_only_the_kind_of_dataset_it_offers(ui, dataset):
+    """Soak: the form's dataset could be any file under the data folder, hidden ones too (.env, .aws/...): the run's
+    log showed the page their fields, and its adapter, which the page downloads, learnt them. It takes what the
+    page lists: data files (.jsonl .json .csv .parquet), not hidden, not in a hidden folder (a link resolved);
+    a FIFO, which would hold the run, is no file either."""
+    data = ui[1] / "data"
+    for name in (".env", ".aws/credentials.json", ".hidden.jsonl", "notes.txt", "node_modules/x.jsonl"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text(json.dumps({"text": "TOPSECRET"}) + "\n")
+    (data / "sub").mkdir(exist_ok=True)
+    if not (data / "pipe.jsonl").exists():
+        os.mkfifo(data / "pipe.jsonl")
+        (data / "linked.jsonl").symlink_to(data / ".hidden.jsonl")
+    before = sorted(ui[1].rglob("*"))
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="sneaky", dataset=dataset))
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": f"dataset {dataset!r}: not a dataset the form offers; give one of the .jsonl, .json, .csv, "
+                   f".parquet files in {data}, outside hidden folders and the runs folder",
+        "type": "invalid_request_error", "code": "bad_path"}
+    assert sorted(ui[1].rglob("*")) == before  # nothing started
+    assert dataset not in call(ui, "GET", "/ui/api/info").json()["datasets"]
+
 @pytest.mark.parametrize("path", ["../secret.jsonl", "/etc", "../../", "escape"])
 def test_adapter_loading_is_confined_to_the_adapters_dir(ui, path):
     r = call(ui, "POST", "/v1/adapters", json={"name": "evil", "path": path})
