@@ -571,6 +571,21 @@ def test_an_adapter_config_of_gigabytes_is_refused_unread(tmp_path):
     assert str(e.value) == (f"{big / 'adapter_config.json'} is over 16 MB, where an adapter's config is a few KB; "
                             f"give the adapter_config.json that was saved with the adapter")
 
+
+def test_a_safetensors_header_of_many_mb_is_refused_unparsed(tmp_path):
+    """Soak: an adapter_model.safetensors whose header named 400,000 tensors (57 MB) took serve's registry 9 s to
+    parse, every request waiting; one whose first 8 bytes give a header over 16 MB (adapters.MAX_HEADER_BYTES) is
+    refused from those bytes (safetensors itself reads up to 100 MB)."""
+    huge = tmp_path / "huge"
+    shutil.copytree(_good(tmp_path), huge)
+    size = (16 << 20) + 8
+    (huge / "adapter_model.safetensors").write_bytes(size.to_bytes(8, "little") + b'{"__metadata__": {}}')
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), huge)
+    assert str(e.value) == (f"{huge / 'adapter_model.safetensors'}: its safetensors header says it is 16,777,224 "
+                            f"bytes, where an adapter's is at most a few MB (16 MB are read); the file is damaged, or "
+                            f"not an adapter's")
+
 def test_an_adapter_config_too_deep_too_long_or_with_an_overflowing_scale_is_named(tmp_path):
     """Soak: a config nested 100,000 deep was a RecursionError traceback from generate, eval, merge and export;
     lora_alpha 1e300 (its scale inf in fp32, as training refuses) loaded, and every logit was NaN."""
