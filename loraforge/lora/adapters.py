@@ -230,6 +230,9 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         if (path.parent / "adapter_model.bin").is_file():
             raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle), which loraforge never loads; "
                                f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
+        if path.exists():  # soak: a FIFO or /dev/zero in its place was said to be missing
+            raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is not a regular file (a FIFO, a device or a folder); "
+                               f"put the adapter's saved weights file there")
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
     check_header_size(path)
     try:  # read into memory first: tensors mapped from a file that another tool rewrites in place die of SIGBUS

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -585,6 +586,20 @@ def test_a_safetensors_header_of_many_mb_is_refused_unparsed(tmp_path):
     assert str(e.value) == (f"{huge / 'adapter_model.safetensors'}: its safetensors header says it is 16,777,224 "
                             f"bytes, where an adapter's is at most a few MB (16 MB are read); the file is damaged, or "
                             f"not an adapter's")
+
+
+def test_weights_that_are_no_regular_file_are_named_so(tmp_path):
+    """Soak: a FIFO (or a link to /dev/zero) as adapter_model.safetensors was reported missing."""
+    odd = tmp_path / "odd"
+    shutil.copytree(_good(tmp_path), odd)
+    for make in (os.mkfifo, lambda f: f.symlink_to("/dev/zero"), lambda f: f.mkdir()):  # each replaces the one before
+        (odd / "adapter_model.safetensors").unlink()
+        make(odd / "adapter_model.safetensors")
+        with pytest.raises(AdapterError) as e:
+            load_adapter(tiny_llama(), odd)
+        assert str(e.value) == (f"{odd}: adapter_model.safetensors is not a regular file (a FIFO, a device or a "
+                                f"folder); put the adapter's saved weights file there")
+
 
 def test_an_adapter_config_too_deep_too_long_or_with_an_overflowing_scale_is_named(tmp_path):
     """Soak: a config nested 100,000 deep was a RecursionError traceback from generate, eval, merge and export;
