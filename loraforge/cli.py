@@ -57,6 +57,15 @@ def _precision(precision: str, dtype: str | None):
     return choose(precision, dtype or "auto", device="cpu", names=("--precision", "--dtype"), training=False)
 
 
+API_KEY_ENV = "LORAFORGE_API_KEY"
+
+
+def _api_key(given: str | None) -> str | None:
+    """--api-key, else $LORAFORGE_API_KEY (unset or empty: none). A command line is readable by every user of the
+    machine (ps, /proc/PID/cmdline), a process's environment by its own user only (soak: a key was on show)."""
+    return given if given is not None else os.environ.get(API_KEY_ENV) or None
+
+
 def _check_folders(**folders: str | None) -> None:
     """--runs (created when missing) must not be a file; the other folders given must exist; else ConfigError."""
     from loraforge.config import ConfigError
@@ -373,7 +382,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         adapters_dir: a directory of adapter directories, loaded by name on first use
         host: address to listen on
         port: port to listen on
-        api_key: when set, requests need "Authorization: Bearer KEY"
+        api_key: requests need "Authorization: Bearer KEY" (default: $LORAFORGE_API_KEY, hidden from others)
         max_loaded: adapters resident at once (least recently used evicted, reloaded on demand)
         max_batch: sequences decoded together
         max_queue: waiting requests before answering 429
@@ -390,6 +399,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     from loraforge.serve.api import run_server
 
     _check_precision(precision, dtype)
+    api_key = _api_key(api_key)
     if not prefix_cache_mb >= 0:
         raise ConfigError([f"--prefix-cache-mb {prefix_cache_mb}: give the megabytes to keep (0 turns it off)"])
     if adapter_dtype not in ("auto", "fp32", "bf16"):
@@ -430,7 +440,7 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
         models_dir: more base models for the form: each transformers directory in it
         host: address to listen on; anything but loopback needs --api-key
         port: port to listen on
-        api_key: when set, the page and the API need it
+        api_key: the page and the API need it (default: $LORAFORGE_API_KEY: unlike a command line, hidden from others)
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the served base: fp32, bf16 or fp16 (default: the precision's)
         header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
@@ -440,7 +450,7 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
 
     _check_precision(precision, dtype)
     _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir, adapters_dir=adapters_dir)
-    run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, api_key, dtype or "auto", precision,
+    run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, _api_key(api_key), dtype or "auto", precision,
            header_timeout=header_timeout, max_connections=max_connections)
 
 

@@ -1056,3 +1056,33 @@ def test_merge_takes_negative_weights_in_any_float_spelling(weights):
     args = parse_args(["merge", "--base", "b", "--adapter", "a", "a", "--weights", *weights, "--out", "o"])
     assert args["weights"] == weights
     assert args["out"] == "o"
+
+
+def test_the_api_key_can_come_from_the_environment(tiny_dir, tmp_path, monkeypatch, capsys):
+    """soak: --api-key was the only way to give the key, and a command line is readable by every user of the machine
+    (ps, /proc/PID/cmdline). LORAFORGE_API_KEY gives it to serve and ui unseen; --api-key still wins; an empty
+    variable is no key (and so no --host 0.0.0.0 for the dashboard)."""
+    from fastapi.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, *a, **k: apps.append(app))
+    monkeypatch.setattr("loraforge.ui.app.run_until_signal", lambda app, *a, **k: apps.append(app))
+    monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)
+    monkeypatch.setattr("loraforge.ui.app.check_port", lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAFORGE_API_KEY", "from-env")
+    assert main(["serve", "--model", str(tiny_dir), "--precision", "fp32"]) == 0
+    assert main(["serve", "--model", str(tiny_dir), "--precision", "fp32", "--api-key", "typed"]) == 0
+    assert main(["ui", "--model", str(tiny_dir), "--host", "0.0.0.0", "--precision", "fp32"]) == 0
+    statuses = []
+    for app, key in zip(apps, ["from-env", "typed", "from-env"]):
+        client = TestClient(app, base_url="http://127.0.0.1:8000")
+        statuses.append([client.get("/v1/models", headers={"Authorization": f"Bearer {sent}"}).status_code
+                         for sent in ("wrong", key)])
+    assert statuses == [[401, 200]] * 3
+    monkeypatch.setenv("LORAFORGE_API_KEY", "")
+    assert main(["ui", "--model", str(tiny_dir), "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--host 0.0.0.0: the dashboard starts processes and reads files; listening beyond this machine needs a key: "
+        "set LORAFORGE_API_KEY (or --api-key KEY, which the machine's other users can read in ps), or keep the "
+        "default --host 127.0.0.1\n")

@@ -73,7 +73,7 @@ def read_factors(adapter_dir: str | Path):
         A, B = A.float(), B.float()
         if isinstance(config, LoraConfig):
             r = A.shape[0]
-            alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha))
+            alpha = float(pattern_value(config.alpha_pattern, path, config.lora_alpha, "alpha_pattern"))
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         else:  # AdaLoRA: bare keys, E folded into A's rows
             A = A * tensors[f"{stem}.lora_E"].float()

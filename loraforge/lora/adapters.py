@@ -30,6 +30,13 @@ from loraforge.utils.hf import set_submodule
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# An adapter_config.json is a few KB (a rank_pattern naming every layer of a 70B model: ~0.2 MB); one far larger
+# is not read whole (soak: a 1 GB one held every request of `serve` for 29 s while its registry read it)
+MAX_CONFIG_BYTES = 16 << 20
+# A safetensors header names each tensor in ~100 bytes: an adapter of every linear layer of a 64-expert MoE (~20,000
+# tensors) has ~2 MB. Past this the file is refused before its header is parsed (soak: a 57 MB header, 400,000
+# names, took serve's registry 9 s, every request waiting)
+MAX_HEADER_BYTES = 16 << 20
 # Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
 
@@ -182,8 +189,13 @@ def read_adapter_config(adapter_dir: str | Path):
         else:
             hint = ""
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {CONFIG_NAME} is missing{hint}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB, where an adapter's config is a few KB; give "
+                           f"the {CONFIG_NAME} that was saved with the adapter")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise AdapterError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                            f"save it as UTF-8 JSON") from None
@@ -203,13 +215,26 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(str(e)) from None
 
 
+def check_header_size(path: Path) -> None:
+    """AdapterError when the safetensors file's header (its first 8 bytes give its length) is over MAX_HEADER_BYTES."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 8 and (size := int.from_bytes(head, "little")) > MAX_HEADER_BYTES:
+        raise AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most a "
+                           f"few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+
+
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     path = expand_user(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         if (path.parent / "adapter_model.bin").is_file():
             raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle), which loraforge never loads; "
                                f"re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))")
+        if path.exists():  # soak: a FIFO or /dev/zero in its place was said to be missing
+            raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is not a regular file (a FIFO, a device or a folder); "
+                               f"put the adapter's saved weights file there")
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
+    check_header_size(path)
     try:  # read into memory first: tensors mapped from a file that another tool rewrites in place die of SIGBUS
         tensors = dict(sorted(load(path.read_bytes()).items()))  # by name, as load_file gives them
     except (SafetensorError, OSError, ValueError) as e:

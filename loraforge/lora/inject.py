@@ -13,6 +13,7 @@ import dataclasses
 import re
 import warnings
 
+import regex
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig, clipped, scale_warning
@@ -36,6 +37,7 @@ ATTENTION_TARGETS = {
     "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "falcon": ("query_key_value", "self_attention.dense"),
 }
+REGEX_TIMEOUT_S = 1.0  # a user's regex against one module path (~50 characters): longer is endless backtracking
 # The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().
 LAYER_INDEX = re.compile(r".*?\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
@@ -65,10 +67,26 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
                        f"target_modules: {sorted(names)[:6]} or 'all-linear'"])
 
 
-def target_matches(target_modules, path: str) -> bool:
-    """PEFT's rule: regex fullmatch for a string, path == entry or path ends with '.' + entry for a list."""
+def user_match(pattern: str, path: str, field: str, full: bool = True, given: str | None = None) -> regex.Match | None:
+    """The regex `pattern` from the config field `field` (`given`: as the user wrote it, when `pattern` wraps it)
+    against a module path (fullmatch, else match), under REGEX_TIMEOUT_S. With the regex module, which reads re's
+    syntax: Python's re backtracks without end on a repetition inside a repetition ((.*.*)*Z took over a minute on
+    a 16-character path) and holds the GIL all the while (soak: one dashboard form froze the server, its API and its
+    Ctrl-C; so did an adapter's target_modules in the serve engine). A pattern that runs out of time raises
+    ConfigError naming the field."""
+    try:
+        return (regex.fullmatch if full else regex.match)(pattern, path, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError([f"{field}: the regex {clipped(given or pattern)} takes over {REGEX_TIMEOUT_S:g} s to test "
+                           f"against the module path {path!r} (a repetition inside a repetition, such as (.*)*, "
+                           f"backtracks without end); write it without one, e.g. .*\\.(q_proj|v_proj)"]) from None
+
+
+def target_matches(target_modules, path: str, field: str = "target_modules") -> bool:
+    """PEFT's rule: regex fullmatch for a string, path == entry or path ends with '.' + entry for a list. `field`:
+    the config field the value comes from (target_modules, exclude_modules), for a regex that runs out of time."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, path) is not None
+        return user_match(target_modules, path, field) is not None
     return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
@@ -79,21 +97,22 @@ def layer_index(path: str, layers_pattern=None) -> int | None:
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
     else:
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            found = user_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path, "layers_pattern", False, pattern)
             if found is not None:
                 break
     return int(found.group("idx")) if found else None
 
 
-def pattern_matches(key: str, path: str) -> bool:
-    """A rank_pattern / alpha_pattern key names the layer at `path`: (.*\\.)?key$ matches it (PEFT's rule)."""
-    return re.match(rf"(.*\.)?({key})$", path) is not None
+def pattern_matches(key: str, path: str, field: str) -> bool:
+    """A rank_pattern / alpha_pattern (`field`) key names the layer at `path`: (.*\\.)?key$ matches it (PEFT's
+    rule)."""
+    return user_match(rf"(.*\.)?({key})$", path, field, full=False, given=key) is not None
 
 
-def pattern_value(pattern: dict, path: str, default):
-    """rank_pattern / alpha_pattern lookup: the first key (in order) that pattern_matches wins."""
+def pattern_value(pattern: dict, path: str, default, field: str):
+    """rank_pattern / alpha_pattern (`field`) lookup: the first key (in order) that pattern_matches wins."""
     for key, value in pattern.items():
-        if pattern_matches(key, path):
+        if pattern_matches(key, path, field):
             return value
     return default
 
@@ -103,7 +122,7 @@ def _warn_unmatched_patterns(config: LoraConfig, targets: list[str]) -> None:
     ignores it silently): one warning names the keys and a few of the layers they could have named."""
     for field_name in ("rank_pattern", "alpha_pattern"):
         pattern = getattr(config, field_name)
-        unmatched = [key for key in pattern if not any(pattern_matches(key, path) for path in targets)]
+        unmatched = [key for key in pattern if not any(pattern_matches(key, path, field_name) for path in targets)]
         if unmatched:
             shown = ", ".join(clipped(k, 60) for k in unmatched[:5])
             warnings.warn(f"{field_name}: {shown} match{'es' if len(unmatched) == 1 else ''} none of the "
@@ -131,7 +150,7 @@ def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> l
                 continue
         elif not target_matches(targets, path):
             continue
-        if config.exclude_modules and target_matches(config.exclude_modules, path):
+        if config.exclude_modules and target_matches(config.exclude_modules, path, "exclude_modules"):
             dropped["exclude_modules"].append(path)
             continue
         if path in saved or path.startswith(inside):
@@ -276,7 +295,7 @@ def _warn_rank_over_layers(model: nn.Module, config: LoraConfig, targets: list[s
     """r above min(in, out) of a layer buys nothing (B·A cannot have a higher rank than that) and trains more
     parameters than the frozen layer holds: one warning names the first such layer, how many there are, and the
     largest r that all targeted layers can use in full."""
-    ranks = {path: int(pattern_value(config.rank_pattern, path, config.r)) for path in targets}
+    ranks = {path: int(pattern_value(config.rank_pattern, path, config.r, "rank_pattern")) for path in targets}
     sizes = {path: (model.get_submodule(path).in_features, model.get_submodule(path).out_features) for path in targets}
     over = [path for path in targets if ranks[path] > min(sizes[path])]
     if over:
@@ -313,8 +332,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
                                      f"adapters cannot share a layer (delete the other adapter first)"])
         module.add_adapter(
             adapter_name,
-            r=int(pattern_value(config.rank_pattern, path, config.r)),
-            lora_alpha=float(pattern_value(config.alpha_pattern, path, config.lora_alpha)),
+            r=int(pattern_value(config.rank_pattern, path, config.r, "rank_pattern")),
+            lora_alpha=float(pattern_value(config.alpha_pattern, path, config.lora_alpha, "alpha_pattern")),
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,

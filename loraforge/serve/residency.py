@@ -53,8 +53,8 @@ from torch import nn
 from loraforge.config import LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
-from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, delete_adapter, load_adapter,
-                                     read_adapter_config, read_adapter_weights)
+from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
+                                     delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import LayerKindConflict, lora_layers, pattern_value
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
@@ -561,6 +561,7 @@ class Residency:
         weights = entry.path / WEIGHTS_NAME
         if not weights.is_file():
             read_adapter_weights(entry.path)  # raises the reason: missing, or a pickle (adapter_model.bin) only
+        check_header_size(weights)  # a header of many MB takes seconds to parse, holding every request
         try:
             with safe_open(weights, framework="pt") as f:
                 shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -579,8 +580,9 @@ class Residency:
                         factor = suffix.split(".")[1]  # lora_A or lora_B
                         problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
                                                     f"{fan_in} -> {fan_out} here")
+                    # soak: listed, then refused as "another base?"
                     elif isinstance(config, LoraConfig) and shape[-1 - dim] != (r := int(pattern_value(
-                            config.rank_pattern, module, config.r))):  # soak: listed, then refused as "another base?"
+                            config.rank_pattern, module, config.r, "rank_pattern"))):
                         factor = suffix.split(".")[1]
                         raise AdapterError(f"{weights.name}: {module}.{factor} {shape} has rank {shape[-1 - dim]}, "
                                            f"but {CONFIG_NAME} gives that layer r={r}: the two files are not of "

@@ -41,15 +41,11 @@ from loraforge.serve.api import (HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyLimit, c
 from loraforge.serve.engine import Engine
 from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
-from loraforge.ui.launch import METHODS, Launcher, form_config
+from loraforge.ui.launch import DATA_SUFFIXES, METHODS, SKIPPED_DIRS, Launcher, form_config, offered
 
 STATIC = Path(__file__).parent / "static"
-# the record files `loraforge train` reads (training.data.read_records); not .txt, which it also reads, since a data
-# folder's .txt files are mostly notes, licences and requirements, not training text
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_DATASETS = 500
 MAX_WALKED_DIRS = 2000  # folders the dataset list looks into: a huge --data-dir does not stall each page load
-SKIPPED_DIRS = ("node_modules", "__pycache__")  # never datasets; hidden folders and the runs folder are skipped too
 EVENT_BYTES = 1 << 20  # metrics.jsonl per server-sent event: a 100k-row file goes in pieces, not in one 13 MB event
 FOLLOW_IDLE_S = 60.0  # a run not launched from the page is followed until its metrics.jsonl has rested this long
 LOG_TAIL = 4000  # bytes of train.log the extras show
@@ -63,8 +59,9 @@ class _Denied(Exception):
 
 def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
     """What the form offers as datasets: the files under `data_dir` that `train` reads (by suffix), sorted, at most
-    MAX_DATASETS. Hidden files and folders, the runs folder (wherever it lies), SKIPPED_DIRS and links out of
-    `data_dir` are left out; at most MAX_WALKED_DIRS folders are looked into."""
+    MAX_DATASETS. Hidden files and folders, the runs folder (wherever it lies), SKIPPED_DIRS, links out of
+    `data_dir` and links to what the form would refuse (launch.offered: a hidden file, a FIFO) are left out; at most
+    MAX_WALKED_DIRS folders are looked into."""
     found = []
     for walked, (folder, dirs, files) in enumerate(os.walk(data_dir)):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
@@ -73,7 +70,8 @@ def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
                   if not f.startswith(".") and Path(f).suffix.lower() in DATA_SUFFIXES]
         if walked + 1 >= MAX_WALKED_DIRS:
             break
-    kept = R.listable((p.as_posix() for p in found if R.within(data_dir, p) is not None), "datasets")
+    kept = R.listable((p.as_posix() for p in found if (real := R.within(data_dir, p)) is not None
+                       and offered(data_dir, runs_dir, real.resolve())), "datasets")
     return sorted(kept)[:MAX_DATASETS]
 
 
@@ -306,7 +304,8 @@ def check_host(host: str, api_key: str | None) -> None:
     """Only a loopback address may go without a key: anyone who reaches the port could start runs otherwise."""
     if host not in LOOPBACK and not host.startswith("127.") and not api_key:
         raise ConfigError([f"--host {host}: the dashboard starts processes and reads files; listening beyond this "
-                           f"machine needs --api-key KEY (or keep the default --host 127.0.0.1)"])
+                           f"machine needs a key: set LORAFORGE_API_KEY (or --api-key KEY, which the machine's other "
+                           f"users can read in ps), or keep the default --host 127.0.0.1"])
 
 
 def training_models(model: str, models_dir: str | None) -> dict[str, str]:

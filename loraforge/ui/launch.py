@@ -43,6 +43,10 @@ from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launche
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
 REGEX_CHARS = frozenset("*+?()[]{}|^$\\")  # a target_modules value holding one is a regex, not names
+# the record files `loraforge train` reads (training.data.read_records); not .txt, which it also reads, since a data
+# folder's .txt files are mostly notes, licences and requirements, not training text
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SKIPPED_DIRS = ("node_modules", "__pycache__")  # never datasets; hidden folders and the runs folder are skipped too
 
 
 def _scalar(key: str, value):
@@ -81,6 +85,25 @@ def adalora_ranks(r) -> dict:
     return {"init_r": max(AdaLoraConfig.init_r, min(MAX_RANK, r * 3 // 2)), "target_r": r}
 
 
+def offered(data_dir: Path, runs_dir: Path, path: Path) -> bool:
+    """Whether `path` (resolved, under `data_dir`; both folders resolved) is a dataset the form offers: a
+    DATA_SUFFIXES file, neither it nor a folder it lies in hidden or one of SKIPPED_DIRS, not in the runs folder."""
+    return (not any(p.startswith(".") or p in SKIPPED_DIRS for p in path.relative_to(data_dir).parts)
+            and path.suffix.lower() in DATA_SUFFIXES and not path.is_relative_to(runs_dir) and path.is_file())
+
+
+def dataset_path(data_dir: Path, runs_dir: Path, given: str) -> Path:
+    """The form's dataset, resolved, if `offered` (what app.dataset_files lists); PathError else. Soak: any file
+    under data_dir was taken (.env, .aws/credentials.txt): the run's log showed the page their fields, and a run on
+    one learnt it into an adapter the page downloads."""
+    data_dir, runs_dir = Path(data_dir).resolve(), Path(runs_dir).resolve()
+    path = inside(data_dir, given)
+    if not offered(data_dir, runs_dir, path):
+        raise PathError(f"dataset {given!r}: not a dataset the form offers; give one of the {', '.join(DATA_SUFFIXES)} "
+                        f"files in {data_dir}, outside hidden folders and the runs folder")
+    return path
+
+
 def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, str]) -> tuple[str, dict]:
     """The run name and the config dict for a form; raises PathError for a name or path outside its folder.
 
@@ -95,7 +118,7 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     model = str(form.get("model", ""))
     if model not in models:
         raise PathError(f"model {model!r}: choose one of {', '.join(models)}")
-    dataset = inside(data_dir, str(form.get("dataset", "")))
+    dataset = dataset_path(data_dir, runs_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
     targets = form_targets(form.get("target_modules"))  # soak: "all-linear" became ['all-linear'], a name
     # AdaLoRA has no use for lora.r (warned about, unused): the form's r sets its ranks instead

@@ -3,10 +3,12 @@
 import copy
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import peft
@@ -20,6 +22,7 @@ from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, Lor
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
                                      list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
+from loraforge.lora import inject as inject_module
 from loraforge.lora.inject import find_targets, inject, lora_layers
 from loraforge.lora.layer import LoraLayer
 from loraforge.lora.merge import add_weighted_adapter, merge, unmerge
@@ -557,6 +560,47 @@ def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
         load_adapter(tiny_llama(), bad)
 
 
+def test_an_adapter_config_of_gigabytes_is_refused_unread(tmp_path):
+    """Soak: a 1 GB adapter_config.json was read whole (and its JSON parsed), and `serve` held every request for
+    the 29 s its registry took; past 16 MB (adapters.MAX_CONFIG_BYTES) it is refused after reading no more."""
+    big = tmp_path / "big"
+    shutil.copytree(_good(tmp_path), big)
+    with open(big / "adapter_config.json", "a") as f:  # still valid JSON: whitespace after the object
+        f.write(" " * (16 << 20))
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), big)
+    assert str(e.value) == (f"{big / 'adapter_config.json'} is over 16 MB, where an adapter's config is a few KB; "
+                            f"give the adapter_config.json that was saved with the adapter")
+
+
+def test_a_safetensors_header_of_many_mb_is_refused_unparsed(tmp_path):
+    """Soak: an adapter_model.safetensors whose header named 400,000 tensors (57 MB) took serve's registry 9 s to
+    parse, every request waiting; one whose first 8 bytes give a header over 16 MB (adapters.MAX_HEADER_BYTES) is
+    refused from those bytes (safetensors itself reads up to 100 MB)."""
+    huge = tmp_path / "huge"
+    shutil.copytree(_good(tmp_path), huge)
+    size = (16 << 20) + 8
+    (huge / "adapter_model.safetensors").write_bytes(size.to_bytes(8, "little") + b'{"__metadata__": {}}')
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), huge)
+    assert str(e.value) == (f"{huge / 'adapter_model.safetensors'}: its safetensors header says it is 16,777,224 "
+                            f"bytes, where an adapter's is at most a few MB (16 MB are read); the file is damaged, or "
+                            f"not an adapter's")
+
+
+def test_weights_that_are_no_regular_file_are_named_so(tmp_path):
+    """Soak: a FIFO (or a link to /dev/zero) as adapter_model.safetensors was reported missing."""
+    odd = tmp_path / "odd"
+    shutil.copytree(_good(tmp_path), odd)
+    for make in (os.mkfifo, lambda f: f.symlink_to("/dev/zero"), lambda f: f.mkdir()):  # each replaces the one before
+        (odd / "adapter_model.safetensors").unlink()
+        make(odd / "adapter_model.safetensors")
+        with pytest.raises(AdapterError) as e:
+            load_adapter(tiny_llama(), odd)
+        assert str(e.value) == (f"{odd}: adapter_model.safetensors is not a regular file (a FIFO, a device or a "
+                                f"folder); put the adapter's saved weights file there")
+
+
 def test_an_adapter_config_too_deep_too_long_or_with_an_overflowing_scale_is_named(tmp_path):
     """Soak: a config nested 100,000 deep was a RecursionError traceback from generate, eval, merge and export;
     lora_alpha 1e300 (its scale inf in fp32, as training refuses) loaded, and every logit was NaN."""
@@ -832,3 +876,29 @@ def test_saving_an_adapter_on_the_meta_device_names_it(tmp_path):
                             "weights first (model.to_empty(device='cpu') and load its weights, or load it without "
                             "device='meta')")
     assert not (tmp_path / "out").exists()
+
+
+# (?:.*){8}Z: Python's re took 2.4 s on each module path (15 in tiny_llama), the regex module 0.4 ms; the
+# backreferences of SLOW_REGEX take the regex module past its time limit too
+SLOW_REGEX = r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\8\7m"
+
+
+def test_a_backtracking_module_regex_ends_in_time(monkeypatch):
+    """soak: target_modules '(.*.*)*Z' from the dashboard's form froze the whole server (its API, and Ctrl-C) while
+    the form was checked, and an adapter with it in adapters_dir the serve engine: Python's re backtracked for
+    minutes, holding the GIL. The regex module (re's syntax) answers at once; a regex slow even there is refused
+    after REGEX_TIMEOUT_S, naming its field."""
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        find_targets(tiny_llama(), LoraConfig(target_modules="(?:.*){8}Z"))
+    assert time.perf_counter() - start < 2
+    assert e.value.problems[0].startswith("target_modules: '(?:.*){8}Z' matches no linear layer of this model")
+    monkeypatch.setattr(inject_module, "REGEX_TIMEOUT_S", 0.2)
+    for config, field in [(LoraConfig(target_modules="all-linear", exclude_modules=SLOW_REGEX), "exclude_modules"),
+                          (LoraConfig(target_modules=["q_proj"], rank_pattern={SLOW_REGEX: 4}), "rank_pattern")]:
+        with pytest.raises(ConfigError) as e:
+            inject(tiny_llama(), config)
+        assert e.value.problems == [
+            f"{field}: the regex {SLOW_REGEX!r} takes over 0.2 s to test against the module path "
+            f"'model.layers.0.self_attn.q_proj' (a repetition inside a repetition, such as (.*)*, backtracks without "
+            f"end); write it without one, e.g. .*\\.(q_proj|v_proj)"]

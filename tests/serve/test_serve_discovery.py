@@ -20,8 +20,8 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
-from helpers import full_forward_greedy
-from loraforge.config import load_train_config
+from helpers import full_forward_greedy, save_adapters
+from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.adapters import load_adapter
 from loraforge.serve import Engine, SamplingParams, ServeError
 from loraforge.serve.api import ServerThread, create_app
@@ -466,5 +466,24 @@ def test_a_folder_whose_name_cannot_be_a_model_name_is_skipped_with_a_warning_sa
             for _ in range(3):
                 assert engine.adapter_names() == ["ok"]
         assert [str(w.message) for w in caught] == [said("late run")]
+    finally:
+        engine.stop()
+
+
+def test_an_adapter_whose_safetensors_header_is_many_mb_is_not_served(tiny_base, tokenizer, tmp_path):
+    """Soak: a 57 MB safetensors header (400,000 tensor names) in adapters_dir held every request for the 9 s the
+    registry took to parse it; its first 8 bytes now refuse it (lora.adapters.MAX_HEADER_BYTES)."""
+    save_adapters(tiny_base, tmp_path, {"huge": LoraConfig(r=4)}, 0)
+    size = (16 << 20) + 8
+    (tmp_path / "huge" / "adapter_model.safetensors").write_bytes(size.to_bytes(8, "little") + b"{}")
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=tmp_path)
+    try:
+        assert engine.adapter_names() == []
+        with pytest.raises(ServeError) as e:
+            engine.generate(tokenizer("hi")["input_ids"], adapter="huge", params=GREEDY)
+        assert str(e.value) == (
+            'adapter "huge" cannot be served: huge/adapter_model.safetensors: its safetensors header says it is '
+            "16,777,224 bytes, where an adapter's is at most a few MB (16 MB are read); the file is damaged, or not "
+            "an adapter's")
     finally:
         engine.stop()

@@ -154,6 +154,31 @@ def test_the_form_refuses_paths_outside_its_folders(ui, field, value):
     assert sorted(ui[1].rglob("*")) == before  # nothing written anywhere
 
 
+
+@pytest.mark.parametrize("dataset", [".env", ".aws/credentials.json", "sub/../.hidden.jsonl", "notes.txt",
+                                     "node_modules/x.jsonl", "pipe.jsonl", "linked.jsonl"])
+def test_the_form_takes_only_the_kind_of_dataset_it_offers(ui, dataset):
+    """Soak: the form's dataset could be any file under the data folder, hidden ones too (.env, .aws/...): the run's
+    log showed the page their fields, and its adapter, which the page downloads, learnt them. It takes what the
+    page lists: data files (.jsonl .json .csv .parquet), not hidden, not in a hidden folder (a link resolved);
+    a FIFO, which would hold the run, is no file either."""
+    data = ui[1] / "data"
+    for name in (".env", ".aws/credentials.json", ".hidden.jsonl", "notes.txt", "node_modules/x.jsonl"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text(json.dumps({"text": "TOPSECRET"}) + "\n")
+    (data / "sub").mkdir(exist_ok=True)
+    if not (data / "pipe.jsonl").exists():
+        os.mkfifo(data / "pipe.jsonl")
+        (data / "linked.jsonl").symlink_to(data / ".hidden.jsonl")
+    before = sorted(ui[1].rglob("*"))
+    r = call(ui, "POST", "/ui/api/runs", json=form(name="sneaky", dataset=dataset))
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": f"dataset {dataset!r}: not a dataset the form offers; give one of the .jsonl, .json, .csv, "
+                   f".parquet files in {data}, outside hidden folders and the runs folder",
+        "type": "invalid_request_error", "code": "bad_path"}
+    assert sorted(ui[1].rglob("*")) == before  # nothing started
+    assert dataset not in call(ui, "GET", "/ui/api/info").json()["datasets"]
+
 @pytest.mark.parametrize("path", ["../secret.jsonl", "/etc", "../../", "escape"])
 def test_adapter_loading_is_confined_to_the_adapters_dir(ui, path):
     r = call(ui, "POST", "/v1/adapters", json={"name": "evil", "path": path})
@@ -290,9 +315,10 @@ def test_stop_ends_the_run_and_keeps_its_last_checkpoint(ui):
                                   ["ui", "--host", "192.168.1.5", "--runs", "x"]])
 def test_listening_beyond_loopback_needs_a_key(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORAFORGE_API_KEY", raising=False)
     assert cli.main(argv) == 2  # refused before any model loads
     err = capsys.readouterr().err
-    assert "needs --api-key" in err and "--host" in err
+    assert "needs a key: set LORAFORGE_API_KEY (or --api-key KEY" in err and "--host" in err
 
 
 def test_status_from_the_files_a_run_leaves(tmp_path):
