@@ -239,10 +239,13 @@ def test_merged_logits_match_4bit_plus_adapter(input_ids):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_merged_bf16_error_is_within_bf16_and_quantization_error(input_ids, seed):
-    # In bf16 the merge rounds deq(W) + ΔW to bf16 once per weight (relative 2^-9); the 4-bit model run in bf16
-    # already rounds every activation like that in every layer. So the bound: the merged bf16 model is about as
-    # far from the 4-bit bf16 model as that model is from itself computed in fp32 (the bf16 noise, ≤ 2×),
-    # and — the wording — within the quantization error (4-bit vs full precision, same adapter).
+    # In bf16 the merge rounds deq(W) + ΔW to bf16 once per weight (relative 2^-9), and the merged model, like the
+    # 4-bit model run in bf16, rounds every activation. By the triangle inequality through the fp32 4-bit model:
+    # |merged - q16| <= |merged - q32| + |q32 - q16| <= weight rounding + 2 × the bf16 activation noise, where the
+    # weight rounding is measured as the fp32 merged model with its weights rounded to bf16 (computed in fp32).
+    # An earlier bound, 2 × the activation noise alone, held on a CPU with native bf16 with little room (seed 2:
+    # 1.95×) and failed on an AVX2-only CPU, whose emulated bf16 matmuls round less (2.13×). Also, the issue's
+    # wording: within the quantization error (4-bit vs full precision, same adapter).
     full = inject(tiny_llama64(seed=seed), _lora_config())
     q32 = inject(quantize_model(tiny_llama64(seed=seed), "nf4", compute_dtype=torch.float32), _lora_config())
     q16 = inject(quantize_model(tiny_llama64(seed=seed).to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16),
@@ -252,11 +255,15 @@ def test_merged_bf16_error_is_within_bf16_and_quantization_error(input_ids, seed
     with torch.no_grad():
         reference, logits32, logits16 = full(input_ids).logits, q32(input_ids).logits, q16(input_ids).logits.float()
         merged = merge_and_unload(q16)(input_ids).logits.float()
+        rounded = merge_and_unload(q32)
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        weight_rounding = (rounded(input_ids).logits - logits32).abs().max()
     quant_error = (logits32 - reference).abs().max()
     bf16_noise = (logits16 - logits32).abs().max()
     merge_error = (merged - logits16).abs().max()
-    # measured: merge_error 0.85-1.6× bf16_noise over the three seeds (both quantize the same bf16-rounded weights)
-    assert 0 < merge_error <= 2 * bf16_noise, (merge_error, bf16_noise)
+    # measured (merge, weight rounding, noise): seed 2 0.0445, 0.0166, 0.0228 native bf16; 0.0439, 0.0166, 0.0206 AVX2
+    assert 0 < merge_error <= weight_rounding + 2 * bf16_noise, (merge_error, weight_rounding, bf16_noise)
     assert merge_error <= quant_error, (merge_error, quant_error)
 
 
