@@ -521,13 +521,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     names = list(dict.fromkeys(r["name"] for r in rows))
     colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, (label, get) in zip(axes, (("MC accuracy drop vs base (points)",
+    for ax, (measure, get) in zip(axes, (("MC accuracy drop vs base (points)",
                                         lambda r: 100 * (base_mc - r["mc"]["accuracy"])),
                                        ("KL(base || tuned), nats per token", lambda r: r["kl"]["kl"]))):
         for name in names:
             pts = [(get(r), 100 * r["task"]["accuracy"]) for r in rows if r["name"] == name]
             ax.scatter(*zip(*pts), label=name, color=colors[name], s=40)
-        ax.set_xlabel(f"forgotten: {label}")
+        ax.set_xlabel(f"forgotten: {measure}")
         ax.set_ylabel("learned: task accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].axvline(0, color="grey", lw=0.8)
