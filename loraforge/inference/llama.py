@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ from loraforge.quant.checks import is_quantized
 SUPPORTED = ("llama",)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+APPLIED = re.compile(rf"model\.layers\.\d+\.({'|'.join(map(re.escape, PROJECTIONS))})")
+"""The module paths whose adapter layers `Decoder` applies (its hooks and set_rows): a decoder layer's projections.
+An adapter on any other layer (lm_head) would be left out of its logits."""
 
 
 def unsupported(model: nn.Module) -> str | None:

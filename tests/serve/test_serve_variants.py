@@ -194,3 +194,27 @@ def test_a_mixed_batch_on_a_base_that_flattens_its_rows_equals_peft(tokenizer, t
             assert tokens == (peft_greedy(opt, tmp_path / name, p, N) if name else full_forward_greedy(opt, p, N))
     finally:
         engine.stop()
+
+
+def test_an_adapter_on_lm_head_is_served_as_peft_computes_it_or_refused(base, tokenizer, tmp_path, decode_path):
+    """The static decoder computes the logits from the head's stored weight and applies the adapters of the decoder
+    layers' projections only: an adapter with LoRA on lm_head (all-linear takes it too) was served as if the head had
+    none (soak: the base model's greedy tokens, no word). On transformers' forward it equals PEFT's greedy tokens; on
+    the static decoder it is refused, naming the layer and the fix."""
+    model = copy.deepcopy(base)
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"), init_lora_weights=False), "head")
+    save_adapter(model, tmp_path / "head", "head")
+    p = prompts(len(tokenizer), [6], seed=41)[0]
+    want = peft_greedy(base, tmp_path / "head", p, N)
+    assert want != peft_greedy_base(base, p)  # the head's LoRA changes the tokens
+    if decode_path == "static":
+        with pytest.raises(AdapterError, match=r"^adapter \S+ cannot be served: it has LoRA on lm_head, which the "
+                                               r"server's batched decoder \(Llama-family bases\) does not apply .*; "
+                                               r"merge it into the base \(loraforge merge\) and serve that instead$"):
+            Engine(copy.deepcopy(base), tokenizer, adapters={"head": tmp_path / "head"})
+        return
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={"head": tmp_path / "head"})
+    try:
+        assert engine.generate(p, "head", SamplingParams(max_tokens=N, ignore_eos=True)).token_ids == want
+    finally:
+        engine.stop()
