@@ -106,6 +106,24 @@ def test_peft_adapters_with_zero_or_negative_alpha_load_with_equal_logits(alpha,
     torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
 
 
+
+def test_a_peft_config_without_lora_alpha_means_peft_default_and_null_is_refused(tmp_path, input_ids):
+    """PEFT's LoraConfig defaults lora_alpha to 8, ours to 16: a file without the field (written by hand or by
+    another tool) loaded with every update doubled, unsaid; lora_alpha null did the same (PEFT raises a TypeError)."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("lora_alpha") == 8
+    path.write_text(json.dumps(config))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
+    path.write_text(json.dumps({**config, "lora_alpha": None}))
+    with pytest.raises(AdapterError, match=r"adapter_config.json: lora_alpha: null is not a number \(PEFT cannot load "
+                                           r"it either\); write the value the adapter was trained with$"):
+        load_adapter(tiny_llama(), tmp_path)
+
 def test_saved_files_use_peft_names(tmp_path):
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, target_modules=("q_proj",))), tmp_path)
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
