@@ -309,6 +309,12 @@ BASE_COPY = ".base_layer.weight"
 target_modules names embed_tokens or lm_head) under `<module>.base_layer.weight`."""
 
 
+TRAINING_STATE = (".lora_velora_", ".lora_monteclora_sampler.")
+"""Tensors PEFT saves for VeLoRA (velora_config: its backward pass's compression) and MonteCLoRA (monteclora_config:
+its sampler, which perturbs A in training only): in eval mode PEFT computes plain LoRA, so these are not loaded
+(from_peft_dict's warning names the field). They were refused as tensors "not in this model", naming neither."""
+
+
 def _lora_layer_at(model: nn.Module, path: str) -> LoraLayer | None:
     try:
         module = model.get_submodule(path)
@@ -372,6 +378,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                                f"{e}") from None
         expected = adapter_state_dict(model, name)
         tensors = _without_copies_of_the_base(model, tensors, expected, adapter_dir)
+        tensors = {key: t for key, t in tensors.items() if not any(m in key for m in TRAINING_STATE)}
         missing = [f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})"
                    for key in sorted(set(expected) - set(tensors))]
         unexpected = [f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})"
