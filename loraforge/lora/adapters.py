@@ -252,6 +252,11 @@ def _module_of(key: str) -> str:
     return path.rsplit(".", 1)[0]
 
 
+def _factored_modules(tensors: dict) -> tuple[str, ...]:
+    """The module paths that hold an adapter's lora_A in a weights file (LoRA's `.lora_A.weight`, AdaLoRA's bare)."""
+    return tuple(sorted({_module_of(key) for key in tensors if key.endswith((".lora_A.weight", ".lora_A"))}))
+
+
 def _tensor_of(key: str) -> str:
     """Which of its module's tensors a file key is (lora_A, lora_B, lora_magnitude_vector, ...), for messages."""
     rest = key.removeprefix(PREFIX)[len(_module_of(key)) + 1:]
@@ -356,6 +361,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
+    if config.target_modules is None and (held := _factored_modules(tensors)):
+        # a PEFT file without target_modules (our own name them): PEFT takes its default for the architecture,
+        # ours differs (q, k, v, o: the file's k_proj and o_proj "missing"); the layers the file holds are the ones
+        config = dataclasses.replace(config, target_modules=held)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it

@@ -125,6 +125,22 @@ def test_a_peft_config_without_lora_alpha_means_peft_default_and_null_is_refused
         load_adapter(tiny_llama(), tmp_path)
 
 
+
+@pytest.mark.parametrize("absent", [{"target_modules": None}, {}], ids=["null", "missing"])
+def test_a_peft_config_without_target_modules_loads_the_layers_its_file_holds(absent, tmp_path, input_ids):
+    """PEFT reads a missing or null target_modules as its default for the architecture (Llama: q_proj, v_proj); we
+    read ours (q, k, v, o) and refused the adapter: k_proj and o_proj "missing from the file"."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["target_modules"]
+    path.write_text(json.dumps({**config, **absent}))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
+    assert not torch.allclose(theirs, tiny_llama()(input_ids).logits)
+
 @pytest.mark.parametrize("field", ["velora_config", "monteclora_config"])
 def test_peft_velora_and_monteclora_adapters_load_as_peft_computes_them(field, tmp_path, input_ids):
     """VeLoRA changes only the backward pass and MonteCLoRA samples A only in training: in eval mode PEFT computes
