@@ -176,6 +176,10 @@ def read_adapter_config(adapter_dir: str | Path):
                     f"output_dir {run} finishes it and writes {run / 'adapter'}")
         elif (folder / "config.json").is_file():  # a whole model: merge's output, method: full's model/
             hint = "; it holds a whole model (config.json): give it as the base model (--model, --base, model.name)"
+        elif subfolders := _adapter_subfolders(folder):
+            # soak: PEFT's save_pretrained of several adapters, none named "default", writes one folder each
+            named = ", ".join(str(Path(adapter_dir) / d) for d in subfolders[:SHOWN])
+            hint = f"; it holds {len(subfolders)} adapters in folders named after them (PEFT's): give one: {named}"
         elif (folder / "model" / "config.json").is_file():  # a method: full run's folder
             hint = (f"; a full fine-tuning run writes a whole model, not an adapter: give {Path(adapter_dir) / 'model'}"
                     f" as the base model (--model, --base, model.name)")
@@ -201,6 +205,14 @@ def read_adapter_config(adapter_dir: str | Path):
         return LoraConfig.from_peft_dict(data, source=str(path))
     except ConfigError as e:
         raise AdapterError(str(e)) from None
+
+
+def _adapter_subfolders(folder: Path) -> list[str]:
+    """The names of `folder`'s subfolders that hold an adapter_config.json, sorted ([] where it cannot be listed)."""
+    try:
+        return sorted(d.name for d in folder.iterdir() if (d / CONFIG_NAME).is_file())
+    except OSError:  # a file, not a folder, or no permission to list it
+        return []
 
 
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
