@@ -117,17 +117,17 @@ class Engine:
         self._ids = itertools.count(1)
         self.adapters_dir = expand_user(adapters_dir).resolve() if adapters_dir else None
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block)
+        self._residency = Residency(model, self._cv, base_name=base_name, max_loaded=max_loaded,
+                                    allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir,
+                                    on_evict=lambda entry, cache=self.prefix_cache: cache.forget(entry.load_id),
+                                    adapter_dtype=adapter_dtype)
+        # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
+        self.stats = self._residency.stats
         # Llama-family bases decode on the static decoder (generate's and eval's path); others on transformers' forward
         why = unsupported(model)
         self.static = static if static is not None else why is None
         if self.static and why is not None:
             raise ValueError(f"static=True: the static decoder does not run {why}")
-        self._residency = Residency(model, self._cv, base_name=base_name, max_loaded=max_loaded,
-                                    allowed=list((adapters or {}).values()), adapters_dir=self.adapters_dir,
-                                    on_evict=lambda entry, cache=self.prefix_cache: cache.forget(entry.load_id),
-                                    adapter_dtype=adapter_dtype, static=self.static)
-        # steps, decoded tokens, prefills, max_running, loads, evictions; prompt tokens prefilled and reused (cached)
-        self.stats = self._residency.stats
         self._batch = StaticBatch(model, self._residency, max_batch, self.context_length) if self.static \
             else Batch(model, self._residency.rows)
 

@@ -52,7 +52,6 @@ from torch import nn
 
 from loraforge.config import LoraConfig
 from loraforge.inference import cpu_kernels
-from loraforge.inference.llama import APPLIED
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, delete_adapter, load_adapter,
                                      read_adapter_config, read_adapter_weights)
@@ -289,9 +288,8 @@ class Residency:
 
     def __init__(self, model: nn.Module, lock: threading.Condition, *, base_name: str, max_loaded: int,
                  allowed: list[Path], adapters_dir: Path | None, on_evict: Callable[[Adapter], None] | None = None,
-                 adapter_dtype: str = "auto", static: bool = False):
+                 adapter_dtype: str = "auto"):
         self.model, self.lock, self.base_name, self.max_loaded = model, lock, base_name, max_loaded
-        self.static = static  # decoded on the static decoder: adapter layers it does not apply are refused
         self.adapter_dtype = adapter_dtype
         self.on_evict = on_evict  # called with an adapter leaving the model (its prefix cache goes with it)
         self.rows = RowSlots(next(model.parameters()).device)
@@ -651,17 +649,12 @@ class Residency:
             raise
 
     def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear | SVDLinear]:
-        layers = [(path, layer) for path, layer in lora_layers(self.model) if uid in layer.r]
-        for path, layer in layers:
+        layers = [layer for _, layer in lora_layers(self.model) if uid in layer.r]
+        for layer in layers:
             if type(layer) not in (LoraLinear, SVDLinear):
                 raise self._broken(entry, AdapterError(f"layer type {type(layer).__name__} cannot be batched per "
                                                        f"row"))
-            if self.static and not APPLIED.fullmatch(path):  # soak: LoRA on lm_head was served as the base's logits
-                raise self._broken(entry, AdapterError(
-                    f"it has LoRA on {path}, which the server's batched decoder (Llama-family bases) does not apply "
-                    f"(only the decoder layers' projections); merge it into the base (loraforge merge) and serve "
-                    f"that instead"))
-        return [layer for _, layer in layers]
+        return layers
 
     def ensure_resident(self, entry: Adapter) -> bool:
         """Put `entry` on the model, evicting the least recently used idle adapter if needed.

@@ -5,12 +5,13 @@ modules_to_save and bias adapters fail closed with the reason."""
 import copy
 import queue
 import threading
+import warnings
 
 import peft
 import pytest
 import torch
 
-from helpers import full_forward_greedy, perturb
+from helpers import full_forward_greedy, perturb, tiny_llama
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
@@ -196,25 +197,37 @@ def test_a_mixed_batch_on_a_base_that_flattens_its_rows_equals_peft(tokenizer, t
         engine.stop()
 
 
-def test_an_adapter_on_lm_head_is_served_as_peft_computes_it_or_refused(base, tokenizer, tmp_path, decode_path):
-    """The static decoder computes the logits from the head's stored weight and applies the adapters of the decoder
-    layers' projections only: an adapter with LoRA on lm_head (all-linear takes it too) was served as if the head had
-    none (soak: the base model's greedy tokens, no word). On transformers' forward it equals PEFT's greedy tokens; on
-    the static decoder it is refused, naming the layer and the fix."""
-    model = copy.deepcopy(base)
-    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"), init_lora_weights=False), "head")
-    save_adapter(model, tmp_path / "head", "head")
-    p = prompts(len(tokenizer), [6], seed=41)[0]
-    want = peft_greedy(base, tmp_path / "head", p, N)
-    assert want != peft_greedy_base(base, p)  # the head's LoRA changes the tokens
-    if decode_path == "static":
-        with pytest.raises(AdapterError, match=r"^adapter \S+ cannot be served: it has LoRA on lm_head, which the "
-                                               r"server's batched decoder \(Llama-family bases\) does not apply .*; "
-                                               r"merge it into the base \(loraforge merge\) and serve that instead$"):
-            Engine(copy.deepcopy(base), tokenizer, adapters={"head": tmp_path / "head"})
-        return
-    engine = Engine(copy.deepcopy(base), tokenizer, adapters={"head": tmp_path / "head"})
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_adapters_on_lm_head_are_served_as_peft_computes_them(tokenizer, tmp_path, tied):
+    """The static decoder computed the logits from the head's stored weight and applied the adapters of the decoder
+    layers' projections only: an adapter with LoRA on lm_head (all-linear takes it too) was served as if the head
+    had none (soak: the base model's greedy tokens, no word). Each row of a mixed batch now equals PEFT's."""
+    base = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=96, tie_word_embeddings=tied)
+    configs = {"head": LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"), init_lora_weights=False),
+               "head-dora": LoraConfig(r=2, lora_alpha=8, target_modules=("lm_head",), use_dora=True,
+                                       init_lora_weights=False)}
+    for i, (name, config) in enumerate(configs.items()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(400 + i)
+        with warnings.catch_warnings():  # a tied head gets its own copy (said once; not what this test is about)
+            warnings.simplefilter("ignore")
+            inject(model, config, name)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                if name in layer.lora_magnitude_vector:  # m away from ‖W0 + sBA‖: the factor is not 1
+                    layer.lora_magnitude_vector[name].mul_(torch.rand(layer.out_features) + 0.5)
+        save_adapter(model, tmp_path / name, name)
+    names = ["head", None, "head-dora", "head", "head-dora"]
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: tmp_path / n for n in configs})
     try:
-        assert engine.generate(p, "head", SamplingParams(max_tokens=N, ignore_eos=True)).token_ids == want
+        ps = prompts(len(tokenizer), [6, 9, 4, 11, 5], seed=41)
+        got = greedy_in_one_batch(engine, names, ps)
+        assert engine.stats["max_running"] == len(names)  # one batch
+        for name, p, tokens in zip(names, ps, got):
+            want = peft_greedy(base, tmp_path / name, p, N) if name else full_forward_greedy(base, p, N)
+            assert tokens == want, name
+            if name:
+                assert want != full_forward_greedy(base, p, N)  # the adapter changes the tokens
     finally:
         engine.stop()
