@@ -41,6 +41,9 @@ PEFT_UNSUPPORTED_FIELDS = {
     "use_bdlora": "block-diagonal LoRA",
     "kasa_config": "KaSA (an SVD-modified base weight)",
 }
+# PEFT's LoraConfig defaults that differ from ours: what a PEFT adapter_config.json without the field means (soak: a
+# file without lora_alpha loaded at 16, PEFT's 8, so every update was doubled, unsaid).
+PEFT_LORA_DEFAULTS = {"lora_alpha": 8}
 # The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
 MAX_RANK = 1 << 16
 MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
@@ -505,9 +508,12 @@ class LoraConfig:
             raise ConfigError([f"{source}: peft_type is {peft_type!r}; loraforge reads PEFT's 'LORA' and 'ADALORA' "
                                f"adapters"])
         validate(unsupported_peft_fields(data, source))
+        # soak: lora_alpha null loaded at our default (16) without a word; PEFT cannot compute a scale from null
+        validate([f"{source}: {key}: null is not a number (PEFT cannot load it either); write the value the adapter "
+                  f"was trained with" for key in ("r", "lora_alpha") if key in data and data[key] is None])
         known = {f.name for f in dataclasses.fields(cls)}
         ignored = set(data) - known - PEFT_INERT_FIELDS
-        values = {k: v for k, v in data.items() if k in known and v is not None}
+        values = {**PEFT_LORA_DEFAULTS, **{k: v for k, v in data.items() if k in known and v is not None}}
         if ignored and any(data[k] not in (None, False, {}, [], "") for k in ignored):
             set_ignored = sorted(k for k in ignored if data[k] not in (None, False, {}, [], ""))
             warnings.warn(f"{source}: ignoring fields this version does not use: {set_ignored}", stacklevel=2)

@@ -6,7 +6,7 @@
                 x += softmax(q Kᵀ/√D + mask) V Woᵀ (+ LoRA)                 one scaled_dot_product_attention; grouped
                                                                            heads read their shared K, V
                 h = rms(x);  x += (silu(h Wgᵀ) ⊙ h Wuᵀ) Wdᵀ (+ LoRA)
-    logits = rms(x[row, keep_row]) Wheadᵀ                                  (B, V): one position per row
+    logits = rms(x[row, keep_row]) Wheadᵀ (+ LoRA: a server's hook)         (B, V): one position per row
 
 transformers' forward does the same math through a module per op, a growing (concatenated) cache and a 4-D mask
 built per call; here the cache is allocated once (`max_batch` rows × `max_len` slots per layer), each row's
@@ -196,6 +196,8 @@ class Decoder:
         self.final_norm = inner.norm.weight.detach()
         self.layers = []
         self.blocks = inner.layers
+        self.model = model  # its lm_head, re-read by attach_hooks (a server's adapter layer wraps it)
+        self.head_hook = None  # the lm_head's row_forward (hooks): each row's adapter on the logits
         self.hooks = hooks  # per-row adapters from the layers' row_forward hooks (a server's stacks), not by name
         for block in inner.layers:
             projections = {p.split(".")[1]: Projection(block.get_submodule(p), storage) for p in PROJECTIONS}
@@ -232,9 +234,10 @@ class Decoder:
     def packs(self, T: int) -> bool:
         """Whether `forward` packs the real tokens of a T-token prefill given `lengths` (a server sets each token's
         adapter slot then): T > 1, and no rows with their own LoRA weights by name (`set_rows` with several
-        adapters: those are per row, not per token); hooks see tokens."""
-        return T > 1 and not any(q.A is not None and q.A.dim() == 3 or q.factor is not None and q.factor.dim() == 3
-                                 for _, ps in self.layers for q in ps.values())
+        adapters: those are per row, not per token), and no hook on the head (it sees rows); hooks see tokens."""
+        return T > 1 and self.head_hook is None and not any(
+            q.A is not None and q.A.dim() == 3 or q.factor is not None and q.factor.dim() == 3
+            for _, ps in self.layers for q in ps.values())
 
     @property
     def nbytes(self) -> int:
@@ -268,6 +271,7 @@ class Decoder:
         for block, (_, projections) in zip(self.blocks, self.layers):
             for path in PROJECTIONS:
                 projections[path.split(".")[1]].hook = getattr(block.get_submodule(path), "row_forward", None)
+        self.head_hook = getattr(self.model.lm_head, "row_forward", None)
 
     def resize(self, max_batch: int, max_len: int, rows: int | None = None, used: int | None = None) -> None:
         """The cache reallocated to `max_batch` rows × `max_len` slots, what fits of the old one kept (a server
@@ -446,4 +450,6 @@ class Decoder:
             last = torch.full((B,), T - 1, device=self.device) if keep is None else keep
             x = self._rms(x[rows[:, 0] - row0, last], self.final_norm)  # (B, d)
         logits = self.head.linear(x)
-        return logits if self.head_bias is None else logits + self.head_bias
+        logits = logits if self.head_bias is None else logits + self.head_bias
+        # the head's adapters, one position a row: its hook reads the rows' slots (never packed: `packs`)
+        return logits if self.head_hook is None else self.head_hook(x[:, None], logits[:, None])[:, 0]

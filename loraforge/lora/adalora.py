@@ -177,6 +177,9 @@ class AdaLoraConfig:
             raise ConfigError([f"{source}: peft_type is {data.get('peft_type')!r}; this loader reads 'ADALORA'"])
         if data.get("modules_to_save"):
             raise ConfigError([f"{source}: modules_to_save is not supported with AdaLoRA in loraforge"])
+        if data.get("use_dora"):  # soak: loaded as plain AdaLoRA, unsaid
+            raise ConfigError([f"{source}: use_dora: {data['use_dora']!r} with peft_type ADALORA: AdaLoRA has no DoRA "
+                               f"(PEFT refuses to load it too); set use_dora to false, or give a LORA adapter"])
         validate(unsupported_peft_fields(data, source))
         known = {f.name for f in dataclasses.fields(cls)}
         unused_lora = {f.name for f in dataclasses.fields(LoraConfig)} | {"modules_to_save"}

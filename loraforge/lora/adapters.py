@@ -183,6 +183,10 @@ def read_adapter_config(adapter_dir: str | Path):
                     f"output_dir {run} finishes it and writes {run / 'adapter'}")
         elif (folder / "config.json").is_file():  # a whole model: merge's output, method: full's model/
             hint = "; it holds a whole model (config.json): give it as the base model (--model, --base, model.name)"
+        elif subfolders := _adapter_subfolders(folder):
+            # soak: PEFT's save_pretrained of several adapters, none named "default", writes one folder each
+            named = ", ".join(str(Path(adapter_dir) / d) for d in subfolders[:SHOWN])
+            hint = f"; it holds {len(subfolders)} adapters in folders named after them (PEFT's): give one: {named}"
         elif (folder / "model" / "config.json").is_file():  # a method: full run's folder
             hint = (f"; a full fine-tuning run writes a whole model, not an adapter: give {Path(adapter_dir) / 'model'}"
                     f" as the base model (--model, --base, model.name)")
@@ -222,6 +226,14 @@ def check_header_size(path: Path) -> None:
     if len(head) == 8 and (size := int.from_bytes(head, "little")) > MAX_HEADER_BYTES:
         raise AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most a "
                            f"few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+
+
+def _adapter_subfolders(folder: Path) -> list[str]:
+    """The names of `folder`'s subfolders that hold an adapter_config.json, sorted ([] where it cannot be listed)."""
+    try:
+        return sorted(d.name for d in folder.iterdir() if (d / CONFIG_NAME).is_file())
+    except OSError:  # a file, not a folder, or no permission to list it
+        return []
 
 
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -275,6 +287,11 @@ def _module_of(key: str) -> str:
         if marker in path:
             return path.split(marker)[0]
     return path.rsplit(".", 1)[0]
+
+
+def _factored_modules(tensors: dict) -> tuple[str, ...]:
+    """The module paths that hold an adapter's lora_A in a weights file (LoRA's `.lora_A.weight`, AdaLoRA's bare)."""
+    return tuple(sorted({_module_of(key) for key in tensors if key.endswith((".lora_A.weight", ".lora_A"))}))
 
 
 def _tensor_of(key: str) -> str:
@@ -334,6 +351,12 @@ BASE_COPY = ".base_layer.weight"
 target_modules names embed_tokens or lm_head) under `<module>.base_layer.weight`."""
 
 
+TRAINING_STATE = (".lora_velora_", ".lora_monteclora_sampler.")
+"""Tensors PEFT saves for VeLoRA (velora_config: its backward pass's compression) and MonteCLoRA (monteclora_config:
+its sampler, which perturbs A in training only): in eval mode PEFT computes plain LoRA, so these are not loaded
+(from_peft_dict's warning names the field). They were refused as tensors "not in this model", naming neither."""
+
+
 def _lora_layer_at(model: nn.Module, path: str) -> LoraLayer | None:
     try:
         module = model.get_submodule(path)
@@ -375,6 +398,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     """
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
+    if config.target_modules is None and (held := _factored_modules(tensors)):
+        # a PEFT file without target_modules (our own name them): PEFT takes its default for the architecture,
+        # ours differs (q, k, v, o: the file's k_proj and o_proj "missing"); the layers the file holds are the ones
+        config = dataclasses.replace(config, target_modules=held)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
@@ -397,6 +424,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                                f"{e}") from None
         expected = adapter_state_dict(model, name)
         tensors = _without_copies_of_the_base(model, tensors, expected, adapter_dir)
+        tensors = {key: t for key, t in tensors.items() if not any(m in key for m in TRAINING_STATE)}
         missing = [f"{_module_of(key)}: missing from the file ({key.removeprefix(PREFIX)})"
                    for key in sorted(set(expected) - set(tensors))]
         unexpected = [f"{_module_of(key)}: in the file but not in this model ({key.removeprefix(PREFIX)})"

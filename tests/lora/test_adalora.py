@@ -133,6 +133,20 @@ def test_peft_pruned_adapter_loads_in_ours(tmp_path, input_ids):
     torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
 
 
+
+def test_an_adalora_file_with_use_dora_is_refused_as_peft_refuses_it(tmp_path):
+    """PEFT's AdaLoRA has no DoRA and raises on use_dora; we ignored the field and loaded plain AdaLoRA, unsaid."""
+    peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, target_modules=[
+        "q_proj"], init_lora_weights=False)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dora": True}))
+    with pytest.raises(ValueError, match="does not support DoRA"):
+        peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config.json: use_dora: True with peft_type ADALORA: AdaLoRA has "
+                                         r"no DoRA \(PEFT refuses to load it too\); set use_dora to false, or give "
+                                         r"a LORA adapter$"):
+        load_adapter(tiny_llama(), tmp_path)
+
 def _formula(step, init, target, tinit, tfinal, total):
     if step <= tinit:
         return init

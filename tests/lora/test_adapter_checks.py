@@ -726,6 +726,25 @@ def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tm
                             f"{tmp_path / 'full' / 'model'} as the base model (--model, --base, model.name)")
 
 
+
+def test_a_folder_of_peft_adapters_none_named_default_names_them(tmp_path, input_ids):
+    """PEFT's save_pretrained of several adapters writes a "default" one in the folder and each other one in a
+    subfolder named after it; with none named "default" the folder holds subfolders only, and was answered with a
+    bare "adapter_config.json is missing". The error names them, and each one loads with PEFT's logits."""
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                   init_lora_weights=False), adapter_name="alpha")
+    peft_model.add_adapter("beta", peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "both")
+    with pytest.raises(AdapterError) as e:
+        read_adapter_config(tmp_path / "both")
+    assert str(e.value) == (f"{tmp_path / 'both'} is not an adapter directory: adapter_config.json is missing; it "
+                            f"holds 2 adapters in folders named after them (PEFT's): give one: "
+                            f"{tmp_path / 'both' / 'alpha'}, {tmp_path / 'both' / 'beta'}")
+    for name in ("alpha", "beta"):
+        peft_model.set_adapter(name)
+        torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "both" / name)(input_ids).logits,
+                                   peft_model(input_ids).logits, **TOL)
+
 def test_adapter_weights_are_read_into_memory_not_mapped_from_the_file(tmp_path):
     """Soak: `serve` died of SIGBUS (no traceback, every client dropped) when a tool rewrote an adapter's weights in
     place (cp, rsync --inplace) while it loaded: the tensors were a memory map of the file. A child process reads

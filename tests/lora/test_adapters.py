@@ -106,6 +106,59 @@ def test_peft_adapters_with_zero_or_negative_alpha_load_with_equal_logits(alpha,
     torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
 
 
+
+def test_a_peft_config_without_lora_alpha_means_peft_default_and_null_is_refused(tmp_path, input_ids):
+    """PEFT's LoraConfig defaults lora_alpha to 8, ours to 16: a file without the field (written by hand or by
+    another tool) loaded with every update doubled, unsaid; lora_alpha null did the same (PEFT raises a TypeError)."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    assert config.pop("lora_alpha") == 8
+    path.write_text(json.dumps(config))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
+    path.write_text(json.dumps({**config, "lora_alpha": None}))
+    with pytest.raises(AdapterError, match=r"adapter_config.json: lora_alpha: null is not a number \(PEFT cannot load "
+                                           r"it either\); write the value the adapter was trained with$"):
+        load_adapter(tiny_llama(), tmp_path)
+
+
+
+@pytest.mark.parametrize("absent", [{"target_modules": None}, {}], ids=["null", "missing"])
+def test_a_peft_config_without_target_modules_loads_the_layers_its_file_holds(absent, tmp_path, input_ids):
+    """PEFT reads a missing or null target_modules as its default for the architecture (Llama: q_proj, v_proj); we
+    read ours (q, k, v, o) and refused the adapter: k_proj and o_proj "missing from the file"."""
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["target_modules"]
+    path.write_text(json.dumps({**config, **absent}))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)(input_ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(input_ids).logits, theirs, **TOL)
+    assert not torch.allclose(theirs, tiny_llama()(input_ids).logits)
+
+@pytest.mark.parametrize("field", ["velora_config", "monteclora_config"])
+def test_peft_velora_and_monteclora_adapters_load_as_peft_computes_them(field, tmp_path, input_ids):
+    """VeLoRA changes only the backward pass and MonteCLoRA samples A only in training: in eval mode PEFT computes
+    plain LoRA. Their saved training state (lora_velora_embed, lora_monteclora_sampler.*) made us refuse both adapters
+    as tensors "not in this model", naming neither field."""
+    sub = {"velora_config": peft.tuners.lora.config.VeloraConfig(num_groups=4),
+           "monteclora_config": peft.tuners.lora.config.MontecloraConfig()}[field]
+    peft_model = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **{field: sub}))).eval()
+    theirs = peft_model(input_ids).logits
+    peft_model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(".lora_velora_" in k or ".lora_monteclora_" in k for k in saved)  # the training state is in the file
+    with pytest.warns(UserWarning, match=rf"ignoring fields this version does not use: \['{field}'\]"):
+        ours = load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
+    assert not torch.allclose(theirs, tiny_llama()(input_ids).logits)
+
 def test_saved_files_use_peft_names(tmp_path):
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, target_modules=("q_proj",))), tmp_path)
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))

@@ -5,12 +5,13 @@ modules_to_save and bias adapters fail closed with the reason."""
 import copy
 import queue
 import threading
+import warnings
 
 import peft
 import pytest
 import torch
 
-from helpers import full_forward_greedy, perturb
+from helpers import full_forward_greedy, perturb, tiny_llama
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import AdapterError, save_adapter
 from loraforge.config import LoraConfig
@@ -192,5 +193,41 @@ def test_a_mixed_batch_on_a_base_that_flattens_its_rows_equals_peft(tokenizer, t
         assert engine.stats["max_running"] == len(names)  # one batch
         for name, p, tokens in zip(names, ps, got):
             assert tokens == (peft_greedy(opt, tmp_path / name, p, N) if name else full_forward_greedy(opt, p, N))
+    finally:
+        engine.stop()
+
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_adapters_on_lm_head_are_served_as_peft_computes_them(tokenizer, tmp_path, tied):
+    """The static decoder computed the logits from the head's stored weight and applied the adapters of the decoder
+    layers' projections only: an adapter with LoRA on lm_head (all-linear takes it too) was served as if the head
+    had none (soak: the base model's greedy tokens, no word). Each row of a mixed batch now equals PEFT's."""
+    base = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=96, tie_word_embeddings=tied)
+    configs = {"head": LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "lm_head"), init_lora_weights=False),
+               "head-dora": LoraConfig(r=2, lora_alpha=8, target_modules=("lm_head",), use_dora=True,
+                                       init_lora_weights=False)}
+    for i, (name, config) in enumerate(configs.items()):
+        model = copy.deepcopy(base)
+        torch.manual_seed(400 + i)
+        with warnings.catch_warnings():  # a tied head gets its own copy (said once; not what this test is about)
+            warnings.simplefilter("ignore")
+            inject(model, config, name)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                if name in layer.lora_magnitude_vector:  # m away from ‖W0 + sBA‖: the factor is not 1
+                    layer.lora_magnitude_vector[name].mul_(torch.rand(layer.out_features) + 0.5)
+        save_adapter(model, tmp_path / name, name)
+    names = ["head", None, "head-dora", "head", "head-dora"]
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: tmp_path / n for n in configs})
+    try:
+        ps = prompts(len(tokenizer), [6, 9, 4, 11, 5], seed=41)
+        got = greedy_in_one_batch(engine, names, ps)
+        assert engine.stats["max_running"] == len(names)  # one batch
+        for name, p, tokens in zip(names, ps, got):
+            want = peft_greedy(base, tmp_path / name, p, N) if name else full_forward_greedy(base, p, N)
+            assert tokens == want, name
+            if name:
+                assert want != full_forward_greedy(base, p, N)  # the adapter changes the tokens
     finally:
         engine.stop()
