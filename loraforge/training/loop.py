@@ -612,6 +612,8 @@ def restore(run: Run) -> None:
     if why := global_batch_change(found, state.get("global_batch"), global_batch(run.cfg, run.world)):
         raise TrainingError(why, everywhere=True)  # the same on every process, as the checks below
     if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
+        # every setting to put back, in one message: the others were refused one run later (soak: lr, then lora.r)
+        others = resume_changes(state.get("config") or {}, to_dict(run.cfg))[0]
         adapter = run.out / "adapter"
         finished = (adapter / "adapter_config.json").is_file()  # a stopped or killed run has written none yet
         first = "" if finished else "finish this run first (--resume with them as they were), then "
@@ -621,7 +623,8 @@ def restore(run: Run) -> None:
         else:
             then = (f"{first}start a new run from {'the finished adapter' if finished else 'the adapter it writes'} "
                     f"(training.init_adapter={adapter})")
-        raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
+        kind = "settings" if others else "training settings"
+        raise TrainingError(f"--resume: {found.name} was written with other {kind} ({'; '.join(changed + others)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
                             f"as they were; to train on with new ones, {then}", everywhere=True)
     if changed := fingerprint_changes(state.get("data") or run.data_fingerprint, run.data_fingerprint):

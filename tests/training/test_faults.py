@@ -1022,6 +1022,20 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
                                    f"{interrupted / 'adapter'})")
 
 
+def test_resume_with_another_schedule_and_rank_names_both_and_putting_them_back_resumes(tiny_dir, data_file,
+                                                                                         interrupted):
+    """Soak: `loraforge train examples/demo.yaml --resume` after a run started with training.lr=5e-4 lora.r=8 named
+    only training.lr; put back, the next try was refused again, for lora.r. Both are named at once now, and the
+    settings the message asks for resume the run to its end."""
+    args = run_args(tiny_dir, data_file, interrupted)
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, [*args, "training.lr=1e-3", "lora.r=8"]), resume=True, progress=False)
+    assert str(e.value).startswith("--resume: step-0000002 was written with other settings (training.lr: 0.01 -> "
+                                   "0.001; lora.r: 4 -> 8); a resumed run continues its optimizer and learning-rate "
+                                   "schedule, so put them back as they were;"), str(e.value)
+    assert train(load_train_config(None, args), resume=True, progress=False).steps == 3
+
+
 def test_resume_of_adalora_with_another_step_count_says_to_merge_not_to_train_on(tiny_dir, data_file, tmp_path):
     """The advice was training.init_adapter, which refuses an AdaLoRA adapter."""
     out = tmp_path / "run"
