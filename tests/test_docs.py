@@ -76,3 +76,23 @@ def test_the_readme_names_every_setting_a_resume_may_change():
     unsaid = {m for m in may - counted - schedule if not any(re.fullmatch(n.replace("*", r"\w+"), m) for n in said)}
     assert unsaid == set()
     assert {name for name in named if name.startswith("model.")} <= set(RESUME_WARNED) | RESUME_FREE
+
+
+def bash_lines(path: Path) -> list[str]:
+    """The command lines of a markdown file's ```bash blocks, continuation lines joined, comments dropped."""
+    text = path.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line.split("  #")[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_inputs_the_readmes_commands_name_are_in_the_repository():
+    """Run from the repository's root (as the README says), each shipped config, dataset and --data-dir a command
+    names exists: `loraforge ui --data-dir data` was an error (no such folder) for everyone who copied it."""
+    inputs = []
+    for line in bash_lines(ROOT / "README.md"):
+        words = line.split()
+        inputs += [w for w in words if w.startswith(("examples/", "loraforge/assets/"))]
+        inputs += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--data-dir"]
+    assert [path for path in inputs if not (ROOT / path).exists()] == []
+    assert "examples/demo.yaml" in inputs and "loraforge/assets/demo_test.jsonl" in inputs  # the lines were read
