@@ -12,6 +12,7 @@ from pathlib import Path
 from loraforge import AdaLoraConfig
 from loraforge.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, TrainingConfig
 from loraforge.training.checkpoint import RESUME_FREE, RESUME_WARNED, SCHEDULE_FIELDS
+from loraforge.ui import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "adalora": AdaLoraConfig, "data": DataConfig,
@@ -96,3 +97,14 @@ def test_the_inputs_the_readmes_commands_name_are_in_the_repository():
         inputs += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--data-dir"]
     assert [path for path in inputs if not (ROOT / path).exists()] == []
     assert "examples/demo.yaml" in inputs and "loraforge/assets/demo_test.jsonl" in inputs  # the lines were read
+
+
+def test_the_readme_names_every_status_the_dashboard_shows():
+    """The README listed running, finished, stopped and failed; a run started in a terminal and stopped there read
+    "unknown" on the page, a status it did not name."""
+    shown = re.findall(r"^- (\w+): ", runs.__doc__, re.M)
+    assert shown == ["running", "finished", "stopped", "failed", "unknown"]
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    listing = readme[readme.index("every run with its status ("):]
+    listing = listing[:listing.index("from the files it writes")]
+    assert [status for status in shown if not re.search(rf"\b{status}\b", listing)] == []
