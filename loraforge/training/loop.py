@@ -618,8 +618,8 @@ def restore(run: Run) -> None:
         finished = (adapter / "adapter_config.json").is_file()  # a stopped or killed run has written none yet
         first = "" if finished else "finish this run first (--resume with them as they were), then "
         if run.cfg.method == "adalora":  # an AdaLoRA adapter is not trained on (training.init_adapter refuses it)
-            then = (f"{first}merge its adapter into the base (loraforge merge --adapter {adapter}) and train a new "
-                    f"adapter on the merged model")
+            then = (f"{first}merge its adapter into the base (loraforge merge --base {run.cfg.model.name} --adapter "
+                    f"{adapter} --out DIR) and train a new adapter on the merged model (model.name=DIR)")
         else:
             then = (f"{first}start a new run from {'the finished adapter' if finished else 'the adapter it writes'} "
                     f"(training.init_adapter={adapter})")
