@@ -84,8 +84,9 @@ def modelfile(base: str, adapter_file: Path) -> str:
     if source is not None:
         from_line = f"FROM {source.resolve()}"
     else:
-        from_line = (f"# the base as GGUF first: loraforge export --to gguf --base {base} --out base.gguf\n"
-                     f"FROM ./base.gguf")
+        # Ollama reads FROM ./ from the Modelfile's folder: the command (run where this export ran) writes there
+        from_line = (f"# the base as GGUF first: loraforge export --to gguf --base {base} --out "
+                     f"{adapter_file.parent / 'base.gguf'}\nFROM ./base.gguf")
     return (f"# Ollama: ollama create NAME -f {modelfile_path(adapter_file)} && ollama run NAME\n"
             f"# The adapter applies on the exact base it was trained on.\n{from_line}\nADAPTER ./{adapter_file.name}\n")
 

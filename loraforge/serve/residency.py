@@ -510,7 +510,9 @@ class Residency:
             raise ServeError(f"adapter path {said} contains a NUL character or a lone surrogate; send a plain path")
         p = expand_user(path)
         if not p.is_absolute() and self.adapters_dir is not None:
-            p = self.adapters_dir / p
+            # read from the adapters directory; one typed from the server's folder (runs/NAME/adapter with
+            # --adapters-dir runs, as the refusal without it suggests) is taken there, and must lie inside it too
+            p = self.adapters_dir / p if (self.adapters_dir / p).exists() or not p.exists() else p.absolute()
         try:
             resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
             is_adapter = (resolved / CONFIG_NAME).is_file()

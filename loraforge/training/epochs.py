@@ -106,8 +106,9 @@ def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_
     share = (f"batch_size {t.batch_size}" if t.batch_tokens is None else f"batches of up to {t.batch_tokens} tokens")
     step = f"{share} × gradient_accumulation {t.gradient_accumulation}" + (f" × {world} processes" if world > 1
                                                                            else "")
-    fix = (f"a batch_size × gradient_accumulation{' × processes' if world > 1 else ''} that divides {n_epoch}"
-           if t.batch_tokens is None else "another batch_tokens or gradient_accumulation")
+    fix = (f"a training.batch_size × training.gradient_accumulation{' × processes' if world > 1 else ''} that "
+           f"divides {n_epoch}" if t.batch_tokens is None else
+           "another training.batch_tokens or training.gradient_accumulation")
     if t.batch_tokens is not None:  # another shuffle fills another number of batches
         return (f"data: the first epoch trains on {used} of its {n_epoch} examples: {per_epoch} whole steps of "
                 f"{step}; the other {n_epoch - used} are left out (each epoch's shuffle makes its own number of "

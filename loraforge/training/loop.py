@@ -612,16 +612,19 @@ def restore(run: Run) -> None:
     if why := global_batch_change(found, state.get("global_batch"), global_batch(run.cfg, run.world)):
         raise TrainingError(why, everywhere=True)  # the same on every process, as the checks below
     if changed := schedule_changes(state, to_dict(run.cfg), run.total_steps):
+        # every setting to put back, in one message: the others were refused one run later (soak: lr, then lora.r)
+        others = resume_changes(state.get("config") or {}, to_dict(run.cfg))[0]
         adapter = run.out / "adapter"
         finished = (adapter / "adapter_config.json").is_file()  # a stopped or killed run has written none yet
         first = "" if finished else "finish this run first (--resume with them as they were), then "
         if run.cfg.method == "adalora":  # an AdaLoRA adapter is not trained on (training.init_adapter refuses it)
-            then = (f"{first}merge its adapter into the base (loraforge merge --adapter {adapter}) and train a new "
-                    f"adapter on the merged model")
+            then = (f"{first}merge its adapter into the base (loraforge merge --base {run.cfg.model.name} --adapter "
+                    f"{adapter} --out DIR) and train a new adapter on the merged model (model.name=DIR)")
         else:
             then = (f"{first}start a new run from {'the finished adapter' if finished else 'the adapter it writes'} "
                     f"(training.init_adapter={adapter})")
-        raise TrainingError(f"--resume: {found.name} was written with other training settings ({'; '.join(changed)}); "
+        kind = "settings" if others else "training settings"
+        raise TrainingError(f"--resume: {found.name} was written with other {kind} ({'; '.join(changed + others)}); "
                             f"a resumed run continues its optimizer and learning-rate schedule, so put them back "
                             f"as they were; to train on with new ones, {then}", everywhere=True)
     older = f"--resume: {found.name} was written by an older loraforge, which"

@@ -226,7 +226,9 @@ def test_gguf_lora_file_names_metadata_and_delta_equal_the_merged_export(tiny_pa
 
 def test_two_gguf_lora_exports_in_one_folder_each_keep_their_modelfile(tiny_dir, tmp_path, capsys):
     """Both wrote `Modelfile`: the second export needed --overwrite and replaced the first's (whose ADAPTER line
-    then named the other adapter). Each is now named after its adapter file, and the command's line names it."""
+    then named the other adapter). Each is now named after its adapter file, and the command's line names it. The
+    command it gives for the base writes the file its FROM line names (soak: `--out base.gguf` wrote it into the
+    current folder, while Ollama reads FROM ./base.gguf beside the Modelfile)."""
     from loraforge.cli import main
 
     for i, name in enumerate(("dates", "times")):
@@ -243,8 +245,10 @@ def test_two_gguf_lora_exports_in_one_folder_each_keep_their_modelfile(tiny_dir,
         text = (tmp_path / "ollama" / f"{name}.Modelfile").read_text()
         assert text == (f"# Ollama: ollama create NAME -f {tmp_path / 'ollama' / name}.Modelfile && ollama run NAME\n"
                         f"# The adapter applies on the exact base it was trained on.\n"
-                        f"# the base as GGUF first: loraforge export --to gguf --base {tiny_dir} --out base.gguf\n"
-                        f"FROM ./base.gguf\nADAPTER ./{name}.gguf\n")
+                        f"# the base as GGUF first: loraforge export --to gguf --base {tiny_dir} --out "
+                        f"{tmp_path / 'ollama' / 'base.gguf'}\nFROM ./base.gguf\nADAPTER ./{name}.gguf\n")
+    command = text.splitlines()[2].split("loraforge ")[1].split()
+    assert main(command) == 0 and (tmp_path / "ollama" / "base.gguf").is_file()  # where FROM ./base.gguf reads
 
 
 @pytest.mark.parametrize("variant", ["dora", "modules_to_save", "bias", "adalora", "pissa", "olora"])

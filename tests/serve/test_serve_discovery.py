@@ -487,3 +487,30 @@ def test_an_adapter_whose_safetensors_header_is_many_mb_is_not_served(tiny_base,
             "an adapter's")
     finally:
         engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the folder's odd entries: checked above
+def test_a_path_typed_from_the_servers_folder_loads_once_adapters_dir_allows_it(tiny_base, tokenizer, runs,
+                                                                                 monkeypatch):
+    """Soak: refused without --adapters-dir ("start the server with --adapters-dir DIR"), `runs/NAME/adapter` was
+    refused again with --adapters-dir runs ("not an adapter directory"): a relative path was read only from inside
+    the adapters directory (runs/runs/NAME/adapter). The path as typed from the server's folder now loads."""
+    monkeypatch.chdir(runs.parent)
+    typed = f"{runs.name}/dates/adapter"
+    prompt = tokenizer("hello")["input_ids"]
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters={"sums": runs / "sums" / "adapter"})
+    try:
+        with pytest.raises(ServeError, match="start the server with --adapters-dir DIR"):
+            engine.add_adapter("typed", typed)
+    finally:
+        engine.stop()
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=runs.name)
+    try:
+        engine.add_adapter("typed", typed)
+        assert engine.generate(prompt, "typed", GREEDY).token_ids == \
+            reference(tiny_base, runs / "dates" / "adapter", prompt, GREEDY.max_tokens)
+        engine.add_adapter("inside", "sums/adapter")  # relative to the adapters directory, as before
+        assert engine.generate(prompt, "inside", GREEDY).token_ids == \
+            reference(tiny_base, runs / "sums" / "adapter", prompt, GREEDY.max_tokens)
+    finally:
+        engine.stop()

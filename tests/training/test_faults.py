@@ -1022,8 +1022,23 @@ def test_resume_with_another_schedule_names_the_setting(tiny_dir, data_file, int
                                    f"{interrupted / 'adapter'})")
 
 
+def test_resume_with_another_schedule_and_rank_names_both_and_putting_them_back_resumes(tiny_dir, data_file,
+                                                                                         interrupted):
+    """Soak: `loraforge train examples/demo.yaml --resume` after a run started with training.lr=5e-4 lora.r=8 named
+    only training.lr; put back, the next try was refused again, for lora.r. Both are named at once now, and the
+    settings the message asks for resume the run to its end."""
+    args = run_args(tiny_dir, data_file, interrupted)
+    with pytest.raises(TrainingError) as e:
+        train(load_train_config(None, [*args, "training.lr=1e-3", "lora.r=8"]), resume=True, progress=False)
+    assert str(e.value).startswith("--resume: step-0000002 was written with other settings (training.lr: 0.01 -> "
+                                   "0.001; lora.r: 4 -> 8); a resumed run continues its optimizer and learning-rate "
+                                   "schedule, so put them back as they were;"), str(e.value)
+    assert train(load_train_config(None, args), resume=True, progress=False).steps == 3
+
+
 def test_resume_of_adalora_with_another_step_count_says_to_merge_not_to_train_on(tiny_dir, data_file, tmp_path):
-    """The advice was training.init_adapter, which refuses an AdaLoRA adapter."""
+    """The advice was training.init_adapter, which refuses an AdaLoRA adapter. The merge it names is a whole command
+    (soak: `loraforge merge --adapter DIR` alone is refused for its missing --base and --out), and it runs."""
     out = tmp_path / "run"
     args = [a for a in run_args(tiny_dir, data_file, out) if not a.startswith("lora.")] + [
         "method=adalora", "adalora.init_r=4", "adalora.target_r=2", "adalora.tinit=0", "adalora.tfinal=1"]
@@ -1031,8 +1046,14 @@ def test_resume_of_adalora_with_another_step_count_says_to_merge_not_to_train_on
     with pytest.raises(TrainingError) as e:
         train(load_train_config(None, [*args, "training.max_steps=6"]), resume=True, progress=False)
     assert str(e.value).endswith(f"to train on with new ones, finish this run first (--resume with them as they "
-                                 f"were), then merge its adapter into the base (loraforge merge --adapter "
-                                 f"{out / 'adapter'}) and train a new adapter on the merged model")
+                                 f"were), then merge its adapter into the base (loraforge merge --base {tiny_dir} "
+                                 f"--adapter {out / 'adapter'} --out DIR) and train a new adapter on the merged model "
+                                 f"(model.name=DIR)")
+    train(load_train_config(None, args), resume=True, progress=False)  # finished as it was
+    command = str(e.value).split("(loraforge merge ")[1].split(")")[0].replace("DIR", str(tmp_path / "merged"))
+    proc = subprocess.run([sys.executable, "-m", "loraforge", "merge", *command.split()], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "merged" / "config.json").is_file(), proc.stderr[-2000:]
 
 
 def test_resume_after_data_overflow_changed_names_the_setting(tiny_dir, tmp_path):

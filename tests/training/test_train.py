@@ -494,8 +494,8 @@ def test_the_examples_an_epoch_leaves_out_are_said_and_padding_is_measured_in_th
     train(cfg, progress=False)
     out = capsys.readouterr().out
     assert ("data: each epoch trains on 24 of its 30 examples: 3 whole steps of batch_size 4 × gradient_accumulation "
-            "2; the other 6 (shuffled anew each epoch) are left out; to train on every one, use a batch_size × "
-            "gradient_accumulation that divides 30\n") in out
+            "2; the other 6 (shuffled anew each epoch) are left out; to train on every one, use a training.batch_size "
+            "× training.gradient_accumulation that divides 30\n") in out  # the fields as an override names them
     from loraforge.models import load_tokenizer
     from loraforge.training.epochs import micro_batches
     from loraforge.training.loop import load_data
