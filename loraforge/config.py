@@ -1104,10 +1104,20 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         raise ConfigError([_section_hint(p) for p in e.problems] + problems) from None
     validate(problems)
     lora, training = data.get("lora"), data.get("training")
+    typed = {item.partition("=")[0].strip() for item in overrides}
     if isinstance(training, dict) and "batch_size" in training and cfg.training.batch_tokens is not None:
-        warnings.warn(f"training.batch_size {cfg.training.batch_size} is not used: training.batch_tokens "
-                      f"{cfg.training.batch_tokens} fills each micro-batch with examples up to that many tokens "
-                      f"(remove one of the two)", stacklevel=2)
+        # soak (docs): "remove one of the two" could not be followed where the file sets batch_size and the command
+        # line batch_tokens (training.batch_size=null is refused): that override says what it means, no warning
+        if "training.batch_size" in typed and "training.batch_tokens" not in typed:
+            fix = "add training.batch_tokens=null to batch by training.batch_size"
+        elif "training.batch_tokens" not in typed or "training.batch_size" in typed:
+            fix = "remove one of the two"
+        else:
+            fix = None
+        if fix is not None:
+            warnings.warn(f"training.batch_size {cfg.training.batch_size} is not used: training.batch_tokens "
+                          f"{cfg.training.batch_tokens} fills each micro-batch with examples up to that many tokens "
+                          f"({fix})", stacklevel=2)
     object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
 

@@ -376,6 +376,26 @@ def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
         load_train_config(None, [DATA, "training.batch_tokens=120"])  # the default batch_size: nothing to say
 
 
+
+def test_batch_size_and_batch_tokens_from_the_file_and_the_command_line_say_a_fix_that_works(tmp_path):
+    """Soak (docs): a file's batch_size with batch_tokens on the command line was told "remove one of the two", which
+    the command line cannot do (training.batch_size=null is refused); a batch_size typed on the command line beside a
+    file's batch_tokens was dropped with that same advice."""
+    with_size, with_tokens = tmp_path / "size.yaml", tmp_path / "tokens.yaml"
+    with_size.write_text("training:\n  batch_size: 4\n")
+    with_tokens.write_text("training:\n  batch_tokens: 120\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the command line's batch_tokens says what it means for this run
+        assert load_train_config(str(with_size), [DATA, "training.batch_tokens=120"]).training.batch_tokens == 120
+    said = (r"^training\.batch_size 4 is not used: training\.batch_tokens 120 fills each micro-batch with examples "
+            r"up to that many tokens \(add training\.batch_tokens=null to batch by training\.batch_size\)$")
+    with pytest.warns(UserWarning, match=said):
+        load_train_config(str(with_tokens), [DATA, "training.batch_size=4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix it names, followed
+        cfg = load_train_config(str(with_tokens), [DATA, "training.batch_size=4", "training.batch_tokens=null"])
+    assert (cfg.training.batch_size, cfg.training.batch_tokens) == (4, None)
+
 def test_activation_buffer_and_reuse_memory_take_true_false_or_auto():
     """Anything but a boolean or 'auto' is named, with what the field takes."""
     assert load_train_config(None, [DATA, "training.activation_buffer=auto"]).training.activation_buffer == "auto"
