@@ -559,6 +559,23 @@ def test_plain_serve_refuses_a_rebinding_hosts_name_on_loopback_only(tiny_dir, m
     assert r.status_code == 404, r.text
 
 
+
+@pytest.mark.parametrize("host,key,warned", [("0.0.0.0", None, True), ("10.0.0.5", None, True),
+                                             ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
+                                             ("[::1]", None, False), ("localhost", None, False)])
+def test_serve_beyond_loopback_without_a_key_says_so(tiny_dir, monkeypatch, capsys, host, key, warned):
+    """Security soak: `serve --host 0.0.0.0` without a key started without a word, while anyone who reaches the port
+    may load and remove adapters (the dashboard refuses it; a plain server may run open, as vLLM's does)."""
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal", lambda app, *a, **k: None)
+    monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)  # 10.0.0.5 is not this machine's
+    monkeypatch.delenv("LORAFORGE_API_KEY", raising=False)
+    assert main(["serve", "--model", str(tiny_dir), "--host", host, "--port", "8123", "--precision", "fp32"]
+                + (["--api-key", key] if key else [])) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --host")]
+    assert said == ([f"warning: --host {host} without an API key: anyone who reaches port 8123 can generate with "
+                     f"this model and load or remove adapters; set LORAFORGE_API_KEY (or --api-key KEY) to require "
+                     f"one"] if warned else [])
+
 def test_merge_and_export_bad_input_is_one_error_line(tiny_dir, tmp_path, capsys):
     """Each bad option or adapter: exit 2 and `error: ...` naming it as typed (no traceback), nothing written."""
     from safetensors.torch import load_file, save_file

@@ -33,6 +33,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ from loraforge.precision import choose
 from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS, GuardedH11Protocol
 from loraforge.serve.engine import Engine
 from loraforge.serve.errors import PromptTooLong, ServeError, shown
-from loraforge.serve.guard import RequestGuard
+from loraforge.serve.guard import RequestGuard, open_to_network
 from loraforge.serve.request import Event
 from loraforge.serve.sampling import SamplingParams
 from loraforge.serve.schemas import (AdapterLoadRequest, ChatMessage, ChatRequest, CompletionRequest, _Params,
@@ -653,6 +654,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"),
                     training=False)  # where load_base puts the model
     check_port(host, port)  # a port already taken: one line, before the model loads
+    if (warning := open_to_network(host, port, api_key)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(chosen.line(training=False), flush=True)
     base, tokenizer = load_base(model, dtype=chosen.storage)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,

@@ -32,13 +32,24 @@ def _host_port(value: str, scheme: str) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _loopback(name: str) -> bool:
+def loopback(name: str) -> bool:
+    """localhost or a loopback IP address (127.x.y.z, ::1; without brackets)."""
     if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def open_to_network(host: str, port: int, api_key: str | None) -> str | None:
+    """The warning for a server that listens beyond this machine without an API key (None otherwise): anyone who
+    reaches the port may generate, and load and remove adapters (security soak: `serve --host 0.0.0.0` said
+    nothing; the dashboard refuses it, since it also starts processes)."""
+    if api_key or loopback(host.strip("[]")):
+        return None
+    return (f"warning: --host {host} without an API key: anyone who reaches port {port} can generate with this "
+            f"model and load or remove adapters; set LORAFORGE_API_KEY (or --api-key KEY) to require one")
 
 
 def same_origin(origin: str, scheme: str, host: str) -> bool:
@@ -102,15 +113,15 @@ class RequestGuard:
         neither, while the Host a browser sends always names where it connected. The API alone checks only a
         server on loopback (the unprotected one a page on this machine could reach); one listening on a network
         address is reachable by name from that network anyway."""
-        if self.host in ANY_ADDRESS or not (self.cross_site or self.host is None or _loopback(self.host.strip("[]"))):
+        if self.host in ANY_ADDRESS or not (self.cross_site or self.host is None or loopback(self.host.strip("[]"))):
             return True
         name, _ = _host_port(host, request.scope.get("scheme", "http"))
         server = (request.scope.get("server") or ("", None))[0] or ""
         if name is None:
             return False
-        if self.host is None and not _loopback(server):  # reached beyond loopback: --host needed a key
+        if self.host is None and not loopback(server):  # reached beyond loopback: --host needed a key
             return True
-        return _loopback(name) or (self.host is not None and name == self.host.strip("[]").lower())
+        return loopback(name) or (self.host is not None and name == self.host.strip("[]").lower())
 
     @staticmethod
     def has_body(request: Request) -> bool:
