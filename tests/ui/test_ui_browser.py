@@ -795,3 +795,21 @@ def test_the_page_loads_without_a_console_error(ui, browser):  # noqa: F811
     finally:
         fresh_browser.close()
     assert errors == []
+
+
+def test_a_long_run_streamed_in_many_events_is_drawn_a_few_times_not_once_per_event(ui, fresh):  # noqa: F811
+    """Soak: a 1,000,000-row metrics.jsonl came in 133 events and the page drew every row after each one (quadratic:
+    the page answered nothing for 2 minutes). 300 events that arrive at once are drawn a few times, all rows kept."""
+    fake_run(ui, "long", GOOD)
+    events = []
+    for i in range(300):
+        rows = [{"step": 10 * i + j + 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0} for j in range(10)]
+        kind = "event: end\n" if i == 299 else ""
+        events.append(f"{kind}data: {json.dumps({'rows': rows, 'offset': i + 1, 'status': 'finished'})}\n\n")
+    fresh.route(re.compile(r"/runs/long/events\?"), lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body="".join(events)))
+    fresh.evaluate("window.draws = 0; const plain = draw; window.draw = () => { window.draws++; plain(); }")
+    tick(fresh, "long")
+    wait_points(fresh, "loss", 3000)
+    assert chart(fresh, "loss")[0] == list(range(1, 3001))
+    assert fresh.evaluate("window.draws") <= 10  # before: 300 and more, one per event
