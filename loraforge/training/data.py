@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from loraforge.decoding import turn_end_text
+from loraforge.training.report import progress_bar
 from loraforge.utils.files import expand_user, unexpanded_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
 from loraforge.utils.weakcache import per_object
@@ -41,6 +42,7 @@ IGNORE = -100
 FORMATS = ("instruction", "chat", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 OVERFLOWS = ("auto", "truncate", "drop", "split")
+PROGRESS_DELAY_S = 2.0  # build_dataset's progress bar shows only for data that takes longer to tokenize
 TOOL_ROLES = ("tool", "function")  # OpenAI's tool results (and the older function results)
 TOOL_KEYS = ("tool_calls", "function_call")  # OpenAI's assistant tool calls (and the older single call)
 EOS_FIELD = {"instruction": "output", "text": "text"}  # the text that encode ends with the EOS token
@@ -792,10 +794,12 @@ def reference_output(record: dict, fmt: str, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------------- datasets
 
 def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len: int = 512,
-                  train_on_prompt: bool = False, overflow: str = "auto") -> tuple[list[Example], DataStats]:
+                  train_on_prompt: bool = False, overflow: str = "auto",
+                  progress: str | None = None) -> tuple[list[Example], DataStats]:
     """Encode every record. overflow="truncate" cuts to max_seq_len, "drop" skips longer examples, "split" cuts a
     longer text record into windows of max_seq_len tokens (see windows) and keeps them all; "auto" splits text
-    records and truncates instruction and chat records.
+    records and truncates instruction and chat records. `progress`: the label of a progress bar on stderr, shown
+    once tokenizing has taken PROGRESS_DELAY_S (a soak's 1,000,000 chat-templated rows: minutes, nothing said).
 
     Examples left with no supervised token are dropped. Raises DataError when nothing is left.
     """
@@ -818,36 +822,39 @@ def build_dataset(records: list[dict], tokenizer, fmt: str = "auto", max_seq_len
                         f"before their answer, so a window could hold an answer without its question: use "
                         f"truncate or drop")
     stats, examples, n_too_long = DataStats(n_records=len(records)), [], 0
-    for i, record in enumerate(records):
-        try:
-            ex = encode(record, tokenizer, fmt, train_on_prompt, limit=None if overflow == "split" else max_seq_len)
-        except DataError as e:
-            raise DataError(f"record {i}: {e}") from None
-        if overflow == "split" and len(ex.input_ids) > max_seq_len:
-            kept = windows(ex, max_seq_len)  # a text's: every token of every window is supervised
-            n_sup = sum(map(targets, kept))
-            stats.n_split += 1
-        else:
-            truncated = len(ex.input_ids) > max_seq_len
-            if truncated and overflow == "drop":
-                stats.n_dropped += 1
-                n_too_long += 1
-                _note_dropped(stats, record, i, f"longer than max_seq_len={max_seq_len}, data.overflow: drop")
-                continue
-            kept = [Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])]
-            n_sup = targets(kept[0])
-            if n_sup == 0:  # the response was cut off entirely
-                stats.n_dropped += 1
-                _note_dropped(stats, record, i, f"its prompt alone fills max_seq_len={max_seq_len}")
-                continue
-            stats.n_truncated += truncated
-        if fmt in EOS_FIELD:  # counted among the examples kept, as the data line reports them
-            stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
-        elif fmt == "chat":
-            stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
-        examples += kept
-        stats.n_tokens += sum(len(e.input_ids) for e in kept)
-        stats.n_supervised_tokens += n_sup
+    with progress_bar(len(records), enabled=progress is not None, desc=progress or "", unit="record",
+                      delay=PROGRESS_DELAY_S) as bar:  # closed before an error is said: on a line of its own
+        for i, record in enumerate(records):
+            bar.update()  # counted as it starts: every path below ends the record (kept, dropped or an error)
+            try:
+                ex = encode(record, tokenizer, fmt, train_on_prompt, limit=None if overflow == "split" else max_seq_len)
+            except DataError as e:
+                raise DataError(f"record {i}: {e}") from None
+            if overflow == "split" and len(ex.input_ids) > max_seq_len:
+                kept = windows(ex, max_seq_len)  # a text's: every token of every window is supervised
+                n_sup = sum(map(targets, kept))
+                stats.n_split += 1
+            else:
+                truncated = len(ex.input_ids) > max_seq_len
+                if truncated and overflow == "drop":
+                    stats.n_dropped += 1
+                    n_too_long += 1
+                    _note_dropped(stats, record, i, f"longer than max_seq_len={max_seq_len}, data.overflow: drop")
+                    continue
+                kept = [Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])]
+                n_sup = targets(kept[0])
+                if n_sup == 0:  # the response was cut off entirely
+                    stats.n_dropped += 1
+                    _note_dropped(stats, record, i, f"its prompt alone fills max_seq_len={max_seq_len}")
+                    continue
+                stats.n_truncated += truncated
+            if fmt in EOS_FIELD:  # counted among the examples kept, as the data line reports them
+                stats.n_eos_stripped += _without_eos(record, EOS_FIELD[fmt], tokenizer)[1]
+            elif fmt == "chat":
+                stats.n_eos_stripped += _chat_without_eos(record, tokenizer)[1]
+            examples += kept
+            stats.n_tokens += sum(len(e.input_ids) for e in kept)
+            stats.n_supervised_tokens += n_sup
     stats.n_examples = len(examples)
     if not examples:
         why = []

@@ -204,10 +204,12 @@ def build_model(cfg: TrainConfig, device: torch.device, total_steps: int | None 
     return model, tokenizer or load_tokenizer(cfg.model.name)
 
 
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
+def load_data(cfg: TrainConfig, tokenizer,
+              progress: bool = False) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
     """Tokenized train and held-out examples of every source, the counts to report, and how an epoch draws from
-    the sources (loraforge.training.mixing). Every source's errors together, before any training."""
-    return load_sources(cfg.data, tokenizer, cfg.training.seed)
+    the sources (loraforge.training.mixing). Every source's errors together, before any training. `progress`: a
+    bar on stderr while a source takes long to tokenize."""
+    return load_sources(cfg.data, tokenizer, cfg.training.seed, progress)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -481,7 +483,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
             print(precision.line(), flush=True)
     check_same_precision(precision, world)  # before any loading: auto decides per process, from its own hardware
     tokenizer = load_tokenizer(cfg.model.name)
-    train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer)  # errors before model work
+    # errors before model work; a bar while tokenizing takes long (rank 0's)
+    train_examples, eval_examples, data_stats, mixture = load_data(cfg, tokenizer, progress=rank == 0)
     data_fingerprint = fingerprint(train_examples, mixture)
     check_same_data(data_fingerprint, world)  # nodes that read a relative path from different folders
     longest = max((len(ex.input_ids) for ex in (*train_examples, *eval_examples)), default=0)  # per sequence

@@ -148,9 +148,11 @@ def read_sources(c: DataConfig, seed: int) -> tuple[list[list[dict]], list[tuple
     return train, held
 
 
-def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
+def load_sources(c: DataConfig, tokenizer, seed: int,
+                 progress: bool = False) -> tuple[list[D.Example], list[D.Example], dict, Mixture]:
     """Tokenized train and held-out examples of every source, the counts to report (per source under "sources"),
-    and the mixture that draws epochs from them. Every source's problem is reported in one DataError."""
+    and the mixture that draws epochs from them. Every source's problem is reported in one DataError. `progress`:
+    a progress bar per source on stderr while one takes long to tokenize (D.build_dataset)."""
     train_records, eval_records = read_sources(c, seed)
     train_sources = c.sources("train")
     problems, examples, per_source, failed, alone = [], [], [], set(), None
@@ -160,7 +162,7 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         name = label("train", i, source, len(train_sources))
         try:
             built, stats = D.build_dataset(records, tokenizer, source.format or c.format, c.max_seq_len,
-                                           c.train_on_prompt, c.overflow)
+                                           c.train_on_prompt, c.overflow, f"tokenize {name}" if progress else None)
             if held_from_train and c.eval_fraction > 0 and name not in split and stats.n_split:
                 built, part = hold_out_windows(built, stats, c.eval_fraction, seed)
                 held_out += part
@@ -177,7 +179,8 @@ def load_sources(c: DataConfig, tokenizer, seed: int) -> tuple[list[D.Example], 
         if held_from_train and name in failed:  # the source is reported already: one source, one problem
             continue
         try:
-            built, stats = D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow)
+            built, stats = D.build_dataset(records, tokenizer, fmt, c.max_seq_len, c.train_on_prompt, c.overflow,
+                                           f"tokenize {name} (held out)" if progress else None)
             held_out += built
             held_truncated, held_dropped = held_truncated + stats.n_truncated, held_dropped + stats.n_dropped
         except D.DataError as e:

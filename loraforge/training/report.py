@@ -89,15 +89,17 @@ LOG_INTERVAL_S = 30.0
 is kept there, where a terminal overwrites it."""
 
 
-def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step"):
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step",
+                 delay: float = 0.0):
     """tqdm on stderr. Redrawn at most every 0.1 s on a terminal; elsewhere every LOG_INTERVAL_S (and at its end):
     soak, `train ... 2> train.log` kept a `\r` redraw of every step (metrics.jsonl keeps each step's numbers).
-    Callers set the postfix with refresh=False, or each step would redraw past the interval."""
+    Callers set the postfix with refresh=False, or each step would redraw past the interval. `delay`: shown only
+    once that many seconds have passed (a quick task prints nothing)."""
     from tqdm.auto import tqdm
 
     interval = {} if _isatty(sys.stderr) else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
-                file=sys.stderr, **interval)
+                file=sys.stderr, delay=delay, **interval)
 
 
 def _isatty(stream) -> bool:

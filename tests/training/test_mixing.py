@@ -332,3 +332,24 @@ def test_held_out_examples_that_are_also_training_examples_are_counted_on_the_da
     ids = [tuple(ex.input_ids) for ex in train]
     assert stats["held_out_in_train"] == sum(tuple(ex.input_ids) in ids for ex in held) > 0
     assert "held_out_in_train" not in load_data(apart, tok)[2]
+
+
+def test_a_source_that_takes_long_to_tokenize_shows_a_progress_bar_and_a_quick_one_none(tiny_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Soak: 1,000,000 instruction rows took minutes to tokenize with nothing said after the precision line. A bar per
+    source (train, held out) once a source has taken D.PROGRESS_DELAY_S; none for one that is quick."""
+    rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a in range(8) for b in range(5)]
+    write(tmp_path / "add.jsonl", rows)
+    write(tmp_path / "held.jsonl", rows[:10])
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={tmp_path / 'add.jsonl'}",
+                                   f"data.eval={tmp_path / 'held.jsonl'}", f"output_dir={tmp_path / 'o'}"])
+    tok = load_tokenizer(str(tiny_dir))
+    load_data(cfg, tok, progress=True)
+    assert capsys.readouterr().err == ""  # 50 rows: quicker than the delay
+    monkeypatch.setattr(D, "PROGRESS_DELAY_S", 0.0)
+    load_data(cfg, tok, progress=True)
+    bars = [line.split("|")[0].strip() + " " + line.split("|")[2].split()[0]
+            for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "100%" in line]
+    assert bars[-2:] == ["tokenize add.jsonl: 100% 40/40", "tokenize held.jsonl (held out): 100% 10/10"]
+    load_data(cfg, tok)  # a caller that shows no bar (torchrun's other ranks)
+    assert capsys.readouterr().err == ""
