@@ -625,6 +625,17 @@ class ServerThread:
         self.thread.join(10)
 
 
+ADAPTERS_NAMED = 10  # adapters the startup line names; GET /v1/models lists them all
+
+
+def adapters_named(names: list[str]) -> str:
+    """The startup line's adapters: the first ADAPTERS_NAMED and how many more (a soak's --adapters-dir of 2,000
+    adapters printed one 14 KB line of names)."""
+    if len(names) <= ADAPTERS_NAMED:
+        return ", ".join(names) or "none"
+    return f"{', '.join(names[:ADAPTERS_NAMED])} and {len(names) - ADAPTERS_NAMED} more (GET /v1/models lists them)"
+
+
 def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = None, adapters_dir: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
                max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto",
@@ -666,8 +677,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         extend(app, engine)
     else:
         app.add_middleware(RequestGuard, host=host, cross_site=False)  # a page rebinding its name to this machine
-    names = ", ".join(engine.adapter_names()) or "none"
-    print(f"serving {model} with adapters: {names} on http://{host}:{port}/v1", flush=True)
+    print(f"serving {model} with adapters: {adapters_named(engine.adapter_names())} on http://{host}:{port}/v1",
+          flush=True)
     try:
         run_until_signal(app, host, port, log_level="info", header_timeout=header_timeout,
                          max_connections=max_connections)

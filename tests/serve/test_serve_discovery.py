@@ -24,7 +24,7 @@ from helpers import full_forward_greedy, save_adapters
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.adapters import load_adapter
 from loraforge.serve import Engine, SamplingParams, ServeError
-from loraforge.serve.api import ServerThread, create_app
+from loraforge.serve.api import ServerThread, adapters_named, create_app
 from loraforge.training.loop import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
@@ -514,3 +514,17 @@ def test_a_path_typed_from_the_servers_folder_loads_once_adapters_dir_allows_it(
             reference(tiny_base, runs / "sums" / "adapter", prompt, GREEDY.max_tokens)
     finally:
         engine.stop()
+
+
+def test_the_startup_line_names_a_few_adapters_of_a_large_folder_and_counts_the_rest(tiny_base, tokenizer, runs,
+                                                                                     tmp_path):
+    """Soak: `serve --adapters-dir` over 2,000 adapters printed all their names on one 14 KB line."""
+    for i in range(12):
+        shutil.copytree(runs / "plain", tmp_path / f"a{i:02d}")
+    engine = Engine(tiny_base, tokenizer, base_name="tiny", adapters_dir=tmp_path)
+    try:
+        assert adapters_named(engine.adapter_names()) == ("a00, a01, a02, a03, a04, a05, a06, a07, a08, a09 and 2 more "
+                                                          "(GET /v1/models lists them)")
+    finally:
+        engine.stop()
+    assert adapters_named(["a", "b"]) == "a, b" and adapters_named([]) == "none"  # a few: all of them, as before
