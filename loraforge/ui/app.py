@@ -65,7 +65,7 @@ def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
     found = []
     for walked, (folder, dirs, files) in enumerate(os.walk(data_dir)):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
-                         and Path(folder, d).resolve() != runs_dir)
+                         and Path(folder, d).resolve() != runs_dir and not R.is_run(Path(folder, d)))
         found += [Path(folder, f).relative_to(data_dir) for f in files
                   if not f.startswith(".") and Path(f).suffix.lower() in DATA_SUFFIXES]
         if walked + 1 >= MAX_WALKED_DIRS:

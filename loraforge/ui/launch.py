@@ -37,8 +37,8 @@ from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.inject import find_targets
 from loraforge.models import model_skeleton
 from loraforge.training.loop import adapter_section, in_section
-from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, launched_alive, meta_dir, meta_file,
-                               output_deleted, read_launch, tail)
+from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, is_run, launched_alive, meta_dir,
+                               meta_file, output_deleted, read_launch, tail)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
@@ -87,9 +87,12 @@ def adalora_ranks(r) -> dict:
 
 def offered(data_dir: Path, runs_dir: Path, path: Path) -> bool:
     """Whether `path` (resolved, under `data_dir`; both folders resolved) is a dataset the form offers: a
-    DATA_SUFFIXES file, neither it nor a folder it lies in hidden or one of SKIPPED_DIRS, not in the runs folder."""
+    DATA_SUFFIXES file, neither it nor a folder it lies in hidden or one of SKIPPED_DIRS, not in the runs folder nor
+    in a run's folder of another runs folder (its adapter_config.json, manifest.json, trainer_state.json)."""
     return (not any(p.startswith(".") or p in SKIPPED_DIRS for p in path.relative_to(data_dir).parts)
-            and path.suffix.lower() in DATA_SUFFIXES and not path.is_relative_to(runs_dir) and path.is_file())
+            and path.suffix.lower() in DATA_SUFFIXES and not path.is_relative_to(runs_dir) and path.is_file()
+            and not any(is_run(folder) for folder in path.parents if folder.is_relative_to(data_dir)
+                        and folder != data_dir))  # docs soak: another runs folder's JSON files were offered
 
 
 def dataset_path(data_dir: Path, runs_dir: Path, given: str) -> Path:

@@ -179,6 +179,29 @@ def test_the_form_takes_only_the_kind_of_dataset_it_offers(ui, dataset):
     assert sorted(ui[1].rglob("*")) == before  # nothing started
     assert dataset not in call(ui, "GET", "/ui/api/info").json()["datasets"]
 
+def test_another_runs_folder_under_the_data_folder_offers_none_of_its_files(tmp_path):
+    """Docs soak: with --data-dir holding runs (not the dashboard's --runs), the list offered their
+    adapter_config.json, manifest.json and trainer_state.json as datasets."""
+    from loraforge.ui.app import dataset_files
+    from loraforge.ui.launch import dataset_path
+    from loraforge.ui.runs import PathError
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    runs.mkdir()
+    run = fake_run(data, "old")  # data/runs/old: metrics.jsonl, adapter/
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    for name in ("manifest.json", "trainer_state.json"):
+        (run / "checkpoints" / "step-1" / name).write_text("{}")
+    (data / "add.jsonl").write_text('{"text": "a"}\n')
+    (data / "sets").mkdir()
+    (data / "sets" / "chat.json").write_text('[{"text": "b"}]')
+    assert dataset_files(data, runs) == ["add.jsonl", "sets/chat.json"]
+    for given in ("runs/old/adapter/adapter_config.json", "runs/old/checkpoints/step-1/manifest.json",
+                  "runs/old/metrics.jsonl"):
+        with pytest.raises(PathError, match="not a dataset the form offers"):
+            dataset_path(data, runs, given)
+    assert dataset_path(data, runs, "sets/chat.json") == (data / "sets" / "chat.json").resolve()
+
 @pytest.mark.parametrize("path", ["../secret.jsonl", "/etc", "../../", "escape"])
 def test_adapter_loading_is_confined_to_the_adapters_dir(ui, path):
     r = call(ui, "POST", "/v1/adapters", json={"name": "evil", "path": path})
