@@ -27,7 +27,7 @@ PEFT_TASK_TYPE = "CAUSAL_LM"
 # adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
 PEFT_INERT_FIELDS = {"peft_type", "task_type", "inference_mode", "revision", "library",
                      "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-                     "ensure_weight_tying"}  # refused where it has an effect (unsupported_peft_fields)
+                     "ensure_weight_tying"}  # refused where it has an effect (adapters.peft_as_loaded)
 # adapter_config.json fields of PEFT LoRA variants that change the math and that loraforge does not implement: an
 # adapter that sets one is refused by name (loading it as plain LoRA would give other outputs).
 PEFT_UNSUPPORTED_FIELDS = {
@@ -300,9 +300,7 @@ def peft_init(value, source: str):
 
 def unsupported_peft_fields(data: dict, source: str) -> list[str]:
     """Problems for each set PEFT field that changes an adapter's math and that loraforge does not implement."""
-    fields = dict(PEFT_UNSUPPORTED_FIELDS)
-    if data.get("modules_to_save"):  # PEFT 0.18+: a saved embedding and a tied head trained as one copy
-        fields["ensure_weight_tying"] = "one trained copy for a tied input embedding and output head"
+    fields = PEFT_UNSUPPORTED_FIELDS  # (ensure_weight_tying depends on the model: adapters.peft_as_loaded)
     return [f"{source}: {key}: this adapter uses {what}, which loraforge does not implement (its outputs would "
             f"differ from PEFT's); load it with PEFT, or train an adapter without {key}"
             for key, what in fields.items() if data.get(key) not in (None, False, {}, [], "")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch import nn
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
-                                   merged_adapters, merged_error)
+                                   merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
@@ -39,6 +40,9 @@ MAX_CONFIG_BYTES = 16 << 20
 MAX_HEADER_BYTES = 16 << 20
 # Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
+# What PEFT adds to modules_to_save of a task_type SEQ_CLS adapter (PeftModelForSequenceClassification, peft_model.py)
+SEQ_CLS_HEADS = ("classifier", "score")
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the layers ensure_weight_tying ties
 
 
 class AdapterError(ValueError):
@@ -166,7 +170,12 @@ def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
 
 def read_adapter_config(adapter_dir: str | Path):
     """Parse adapter_config.json into our config class for its peft_type. `~` is expanded as in a shell (an
-    --adapter=~/x or a quoted path keeps it)."""
+    --adapter=~/x or a quoted path keeps it). What depends on the model is read by load_adapter (peft_as_loaded)."""
+    return parse_adapter_config(*read_adapter_json(adapter_dir))
+
+
+def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
+    """adapter_config.json's path and its JSON object; a folder that is not an adapter's is told what it is."""
     folder = expand_user(adapter_dir)
     if not folder.exists():
         raise AdapterError(f"no such adapter folder: {adapter_dir}")
@@ -211,6 +220,11 @@ def read_adapter_config(adapter_dir: str | Path):
         raise AdapterError(f"{path}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return path, data
+
+
+def parse_adapter_config(path: Path, data: dict):
+    """A PEFT adapter_config.json's object as our config class for its peft_type."""
     try:
         if data.get("peft_type") == "ADALORA":
             return AdaLoraConfig.from_peft_dict(data, source=str(path))
@@ -357,6 +371,48 @@ its sampler, which perturbs A in training only): in eval mode PEFT computes plai
 (from_peft_dict's warning names the field). They were refused as tensors "not in this model", naming neither."""
 
 
+def _ties_embeddings(model: nn.Module) -> bool:
+    """Whether the model's output head shares its weight with the input embedding (tie_word_embeddings; an
+    adapter on the head unties it, inject.untie_shared, as PEFT then reads the flag false)."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return False
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return embedding is not None and weight is not None and weight is getattr(embedding, "weight", None)
+
+
+def _names_an_embedding(config) -> bool:
+    """PEFT's test for ensure_weight_tying (BaseTuner._check_tied_modules): an embedding layer's name among
+    modules_to_save, or among target_modules (a regex: one that matches such a name)."""
+    saved = getattr(config, "modules_to_save", None) or ()
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(name.split(".")[-1] in EMBEDDING_NAMES for name in saved) or any(
+            re.fullmatch(targets, name) for name in EMBEDDING_NAMES)
+    return any(name.split(".")[-1] in EMBEDDING_NAMES for name in (*saved, *(targets or ())))
+
+
+def peft_as_loaded(model: nn.Module, config, data: dict, tensors: dict, path: Path):
+    """`config` as PEFT loads the file onto this model, where a field's meaning depends on the model.
+    ensure_weight_tying acts only where the head is tied to the input embedding and an embedding is saved or
+    adapted (else PEFT warns and loads the adapter as it is): refused there, as loraforge does not implement it.
+    task_type SEQ_CLS: PEFT (PeftModelForSequenceClassification) adds classifier and score to modules_to_save and
+    goes on without those that match no module (a causal LM has neither); so does this, unless the file holds
+    tensors for them, which then stay refused by name (inject: they match no module of this model)."""
+    if data.get("ensure_weight_tying") and _ties_embeddings(model) and _names_an_embedding(config):
+        raise AdapterError(f"invalid config:\n  {path}: ensure_weight_tying: this adapter uses one trained copy for "
+                           f"a tied input embedding and output head, which loraforge does not implement (its outputs "
+                           f"would differ from PEFT's); load it with PEFT, or train an adapter without "
+                           f"ensure_weight_tying")
+    if data.get("task_type") == "SEQ_CLS" and isinstance(config, LoraConfig) and config.modules_to_save:
+        held = {_module_of(key) for key in tensors}
+        absent = {name for name in SEQ_CLS_HEADS if not saved_paths(model, (name,))
+                  and not any(module.endswith(name) for module in held)}
+        kept = tuple(name for name in config.modules_to_save if name not in absent)
+        config = dataclasses.replace(config, modules_to_save=kept or None)
+    return config
+
+
 def _lora_layer_at(model: nn.Module, path: str) -> LoraLayer | None:
     try:
         module = model.get_submodule(path)
@@ -396,8 +452,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     is_trainable=False (inference, PEFT's default) freezes every parameter and puts the model in eval() (PEFT's
     from_pretrained does both: no adapter dropout); True makes the adapter trainable and leaves the mode as it is.
     """
-    config = read_adapter_config(adapter_dir)
+    path, data = read_adapter_json(adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
+    config = peft_as_loaded(model, parse_adapter_config(path, data), data, tensors, path)
     if config.target_modules is None and (held := _factored_modules(tensors)):
         # a PEFT file without target_modules (our own name them): PEFT takes its default for the architecture,
         # ours differs (q, k, v, o: the file's k_proj and o_proj "missing"); the layers the file holds are the ones

@@ -138,7 +138,7 @@ def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> l
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # PEFT's rule: a module saved whole, or one inside it, gets no adapter (they would conflict); AdaLoraConfig has none
-    saved = _saved_paths(model, getattr(config, "modules_to_save", None) or ())
+    saved = saved_paths(model, getattr(config, "modules_to_save", None) or ())
     inside = tuple(p + "." for p in saved)
     matched, found = [], []  # matched: before the layers_to_transform filter
     dropped = {"exclude_modules": [], "modules_to_save": []}  # matched targets these fields take away (soak)
@@ -417,7 +417,7 @@ def _storage_key(p) -> tuple:
     return (p.device, ptr) if ptr else ("id", id(p))
 
 
-def _saved_paths(model: nn.Module, names) -> list[str]:
+def saved_paths(model: nn.Module, names) -> list[str]:
     """The modules that modules_to_save `names` take. PEFT's rule (peft.utils.other._set_trainable): a bare suffix
     match, so that its files and ours name the same modules ("norm" takes "model.norm" and every "input_layernorm"
     alike)."""
@@ -427,7 +427,7 @@ def _saved_paths(model: nn.Module, names) -> list[str]:
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    paths = _saved_paths(model, config.modules_to_save)
+    paths = saved_paths(model, config.modules_to_save)
     missing = [t for t in config.modules_to_save if not any(p.endswith(t) for p in paths)]
     if missing:
         raise ConfigError([f"modules_to_save: {missing} match no module of this model"])

@@ -221,6 +221,53 @@ def test_a_peft_adapter_that_ties_its_saved_embedding_and_head_is_refused_by_nam
     load_adapter(tiny_llama(), plain)
 
 
+def _peft_random(base, cfg, out):
+    """A PEFT adapter of `cfg` on a copy of `base` with every trainable tensor moved off its start (saved copies
+    too), saved to `out`; its logits on the (3, 11) inputs below are what loraforge must give."""
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(out)
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+
+
+def test_ensure_weight_tying_on_a_model_without_tied_embeddings_loads_with_peft_logits(tmp_path, input_ids):
+    """PEFT ignores ensure_weight_tying (a warning) where the head is not tied to the input embedding; loraforge
+    refused such an adapter with modules_to_save as one it does not implement."""
+    base = tiny_llama()  # tie_word_embeddings False
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    with pytest.warns(UserWarning, match="no tied modules were found in the model"):
+        theirs = _peft_random(base, cfg, tmp_path / "ewt")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "ewt")
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
+    assert not torch.equal(ours(input_ids).logits, base(input_ids).logits)  # the saved embedding copy counts
+
+
+def test_a_seq_cls_adapter_on_a_causal_lm_loads_with_peft_logits_unless_it_holds_a_head(tmp_path, input_ids):
+    """task_type SEQ_CLS: PEFT adds classifier and score to modules_to_save (and writes them to the file); on a
+    causal LM neither matches and PEFT loads the adapter. loraforge refused it ("modules_to_save ['classifier',
+    'score'] match no module"). A file holding a score tensor is still refused by name."""
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")
+    theirs = _peft_random(base, cfg, tmp_path / "seq")
+    assert json.loads((tmp_path / "seq" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier",
+                                                                                                      "score"]
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "seq")
+    torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
+    assert ours.lora_configs["default"].modules_to_save is None
+    held = _edit_config(tmp_path / "seq", tmp_path / "held")
+    tensors = load_file(held / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.score.weight": torch.zeros(2, 32)}, held / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    before = _state(model)
+    with pytest.raises(AdapterError, match=re.escape("modules_to_save: ['score'] match no module of this model")):
+        load_adapter(model, held)
+    _assert_untouched(model, before)
+
+
 # --- bug 7: PEFT's rule for adapters with bias ------------------------------------------------------------------
 def test_two_adapters_with_bias_are_refused_like_peft(tmp_path, input_ids):
     base = tiny_llama(attention_bias=True)
