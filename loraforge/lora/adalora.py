@@ -188,6 +188,10 @@ class AdaLoraConfig:
         if ignored:
             warnings.warn(f"{source}: ignoring fields this version does not use: {ignored}", stacklevel=2)
         values = {k: v for k, v in data.items() if k in known and v is not None}
+        if "target_r" not in values and isinstance(values.get("init_r"), int):
+            # PEFT's default target_r (8) is not checked against init_r there; it only sets a training budget, so a
+            # file without it and an init_r below 8 loads (soak: refused, "target_r: must be in 1..init_r")
+            values["target_r"] = min(cls.target_r, values["init_r"])
         normalize_module_fields(values)
         if isinstance(values.get("layers_to_transform"), int):
             values["layers_to_transform"] = [values["layers_to_transform"]]

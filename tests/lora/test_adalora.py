@@ -280,3 +280,28 @@ def test_train_config_section_total_step_override_and_state_round_trip(input_ids
         torch.testing.assert_close(fresh.exp_avg_unc[key], value, rtol=0, atol=0)
     allocator.finalize(model)
     assert sum(final_rank_pattern(model).values()) == 2 * len(svd_layers(model))
+
+
+def test_a_peft_file_without_target_r_and_an_init_r_below_8_loads_with_peft_logits(tmp_path, input_ids):
+    """PEFT's default target_r (8) is not checked against the file's init_r; loraforge refused such a file with
+    "target_r: must be in 1..init_r" (its default 8 against init_r 4). A pruned adapter loads with the shapes the
+    file holds and PEFT's logits."""
+    model = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(
+        total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 11):
+        model(input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    kept = ("peft_type", "rank_pattern", "target_modules", "init_r", "total_step")
+    path.write_text(json.dumps({k: v for k, v in config.items() if k in kept}))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(input_ids).logits
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert ours.lora_configs["default"].target_r == 4  # PEFT's 8, at most init_r: no pruning left to do
+    assert final_rank_pattern(ours) == {k.removesuffix(".lora_E"): sum(v) for k, v in config["rank_pattern"].items()}
+    torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
