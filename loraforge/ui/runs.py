@@ -21,7 +21,9 @@ says how it stands, the files do (continued): finished when its adapter or model
 while a process holds its output_dir (the lock `train` keeps there), else unknown, as a run started in a terminal.
 
 Every file is read only where it resolves inside its run's directory (the .ui/<name>/ files: inside the runs
-folder): a link out of it, e.g. a forgetting.json pointing at a secret elsewhere, is treated as missing.
+folder): a link out of it, e.g. a forgetting.json pointing at a secret elsewhere, is treated as missing. list_runs
+keeps each run's summary while the lstat of every file it reads is unchanged (_fingerprint), except for a run with a
+link among them (checked anew each time) or whose status hangs on a process.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -408,25 +412,36 @@ def _state_config(file: Path, mtime_ns: int, size: int) -> str | None:
     return yaml.safe_dump(config, sort_keys=False) if isinstance(config, dict) else None
 
 
+def _newest_step(path: Path) -> str | None:
+    """The name of the run's newest checkpoint folder that holds a trainer_state.json (None: none does)."""
+    steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json"))
+    return steps[-1].parent.name if steps else None
+
+
 def run_config(root: Path, path: Path) -> str | None:
     """The YAML the page launched the run with, or the config the newest checkpoint records."""
     launched = meta_file(root, path.relative_to(root).as_posix(), "config.yaml")
     if launched is not None:
         return launched.read_text(errors="replace")[:20000]
-    steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json"))
-    state = _file(path, steps[-1].relative_to(path)) if steps else None
+    step = _newest_step(path)
+    state = _file(path, f"checkpoints/{step}/trainer_state.json") if step else None
     if state is None:
         return None
-    stat = state.stat()
-    return _state_config(state, stat.st_mtime_ns, stat.st_size)
+    st = state.stat()
+    return _state_config(state, st.st_mtime_ns, st.st_size)
 
 
-def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
-    """`running`: names whose process this server is still waiting for (their exit is being recorded)."""
+def summary(root: Path, path: Path, running: frozenset = frozenset(), entries: dict | None = None) -> dict:
+    """`running`: names whose process this server is still waiting for (their exit is being recorded). `entries`:
+    the lstat of each entry of the run's folder (_entries), when the caller has them."""
     name = path.relative_to(root).as_posix()
     launch = read_launch(root, name)
     try:
-        mtimes = [p.lstat().st_mtime for p in (path.iterdir() if path.is_dir() else ())]
+        if entries is None:
+            entries = _entries(path) if path.is_dir() else {}
+            if entries is None:
+                raise OSError(f"cannot list {path}")
+        mtimes = [st.st_mtime for st in entries.values()]
         state = "running" if name in running else status(path, launch)
         # Stop is for the process launched from the page, alive: not a run from a terminal, nor one continued there
         ours = state == "running" and (name in running or launched_alive(launch))
@@ -443,10 +458,96 @@ def summary(root: Path, path: Path, running: frozenset = frozenset()) -> dict:
                 "stoppable": False, "stopping": False, "has_adapter": False, "has_forgetting": False, "mtime": 0}
 
 
-def _runs_in(root: Path, folder: Path) -> list[Path]:
-    """The runs directly in `folder`; a link to a directory outside `root` is left out."""
-    return [p for p in sorted(folder.iterdir())
-            if p.name != UI_DIR and within(root, p.relative_to(root)) is not None and is_run(p)]
+def _entries(folder: Path) -> dict[str, os.stat_result] | None:
+    """The lstat of each entry of `folder` by name (None when it is no folder or cannot be read): one listing and a
+    stat per entry, where Path.is_file and within cost a stat or two per file asked about."""
+    try:
+        with os.scandir(folder) as listing:
+            return {entry.name: entry.stat(follow_symlinks=False) for entry in listing}
+    except (OSError, ValueError):
+        return None
+
+
+def _holds_run(path: Path, entries: dict) -> bool:
+    """is_run from the folder's entries (a link among them followed, as is_run follows it)."""
+    def holds(name: str, is_kind, test) -> bool:
+        st = entries.get(name)
+        return st is not None and (test(path / name) if stat.S_ISLNK(st.st_mode) else is_kind(st.st_mode))
+    return (holds("metrics.jsonl", stat.S_ISREG, Path.is_file) or holds("forgetting.json", stat.S_ISREG, Path.is_file)
+            or holds("checkpoints", stat.S_ISDIR, Path.is_dir))
+
+
+def _runs_in(root: Path, folder: Path, entries: dict) -> dict[Path, dict | None]:
+    """The runs directly in `folder` (whose entries are given), each with its own entries (None for a link); a link
+    to a directory outside `root` is left out."""
+    runs = {}
+    for name in sorted(entries):
+        path = folder / name
+        st = entries[name]
+        if name == UI_DIR or not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            continue
+        if stat.S_ISLNK(st.st_mode) and within(root, path.relative_to(root)) is None:
+            continue
+        held = _entries(path)
+        if held is not None and _holds_run(path, held):
+            runs[path] = None if stat.S_ISLNK(st.st_mode) else held  # a linked run: read anew every time
+    return runs
+
+
+def _ids(folder: Path, stats) -> tuple | None:
+    """(name, inode, mode, size, mtime) of each (name, lstat or None: stat it now) in `folder`, a missing file left
+    out; None when one of them is a link."""
+    out = []
+    for name, st in stats:
+        if st is None:
+            try:
+                st = os.lstat(folder / name)
+            except OSError:
+                continue
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        out.append((name, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _fingerprint(root: Path, path: Path, entries: dict, meta: os.stat_result | None, step: str | None) -> tuple | None:
+    """What a run's summary reads: its folder's entries, its .ui/<name>/ folder (`meta`: that folder's lstat) and
+    files, the adapter's and model's config and the newest checkpoint's trainer_state.json (`step`; a new step
+    changes checkpoints/, an entry). A file written, replaced, removed or appended to changes it. None where a link
+    is among them: `within` follows a link, so such a run is read anew every time, as before."""
+    deep = [name for name, top in (("adapter/adapter_config.json", "adapter"), ("model/config.json", "model"),
+                                   (f"checkpoints/{step}", "checkpoints"),
+                                   (f"checkpoints/{step}/trainer_state.json", "checkpoints"))
+            if top in entries and (top != "checkpoints" or step)]
+    parts = [_ids(path, entries.items()), _ids(path, ((name, None) for name in deep))]
+    if meta is not None:
+        folder = root / UI_DIR / path.relative_to(root).as_posix()
+        parts += [_ids(folder.parent, [(folder.name, meta)]), _ids(folder, (_entries(folder) or {}).items())]
+    return None if None in parts else tuple(parts)
+
+
+_SUMMARIES: dict[Path, tuple] = {}  # run path -> (fingerprint, newest step, summary): list_runs's last answer
+_SUMMARIES_LOCK = threading.Lock()
+
+
+def _cached_summary(root: Path, path: Path, running: frozenset, entries: dict, meta: os.stat_result | None,
+                    cache: dict) -> dict:
+    """summary(), kept in `cache` while its fingerprint holds: the page asks for every run every few seconds, and
+    reading each anew costs a dozen file checks. A run whose status hangs on a process is read anew every time: one
+    this server waits for, one holding its output_dir lock, one launched from the page with no exit recorded."""
+    name = path.relative_to(root).as_posix()
+    with _SUMMARIES_LOCK:
+        known = _SUMMARIES.get(path)
+    if known is not None and name not in running and _fingerprint(root, path, entries, meta, known[1]) == known[0]:
+        cache[path] = known
+        return known[2]
+    step = _newest_step(path) if "checkpoints" in entries else None
+    fingerprint = _fingerprint(root, path, entries, meta, step)
+    result = summary(root, path, running, entries)
+    live = name in running or LOCK in entries or (meta is not None and result["exit_code"] is None)
+    if fingerprint is not None and not live:
+        cache[path] = (fingerprint, step, result)
+    return result
 
 
 _PASSED_OVER: set[str] = set()  # names already reported by listable()
@@ -477,19 +578,49 @@ def listable(names, where: str, addressed: bool = False) -> list:
 
 def list_runs(root: Path, running: frozenset = frozenset()) -> list[dict]:
     """Every run directly under `root` (and one level deeper, e.g. runs/sweep/a), newest first; a run whose path is
-    not UTF-8 or holds a line break is left out (listable)."""
+    not UTF-8 or holds a line break is left out (listable). Each folder is listed once (os.scandir) and a run's
+    summary is kept while the files it reads are unchanged (_cached_summary)."""
+    global _SUMMARIES
     root = Path(root).resolve()
-    if not root.is_dir():
+    top = _entries(root)
+    if top is None:
         return []
-    found = [root / p.name for p in sorted((root / UI_DIR).glob("*"))  # page runs that failed before their folder
-             if meta_file(root, p.name, "launch.json") is not None and within(root, p.name) is not None
-             and not output_deleted(root / p.name, read_launch(root, p.name))]
-    found += _runs_in(root, root)
-    for p in sorted(root.iterdir()):
-        if p.is_dir() and not p.is_symlink() and p.name != UI_DIR and not is_run(p):
-            found += _runs_in(root, p)
-    found = listable(dict.fromkeys(found), "runs", addressed=True)
-    return sorted((summary(root, p, running) for p in found), key=lambda s: -s["mtime"])
+    metas = _entries(root / UI_DIR) or {}
+    found = {root / name: None for name in sorted(metas) if not name.startswith(".")  # page runs that failed
+             # before their folder (a glob's "*": no hidden names)
+             if meta_file(root, name, "launch.json") is not None and within(root, name) is not None
+             and not output_deleted(root / name, read_launch(root, name))}
+    runs = _runs_in(root, root, top)
+    found.update(runs)
+    for name in sorted(top):
+        path = root / name
+        if stat.S_ISDIR(top[name].st_mode) and name != UI_DIR and path not in runs:
+            found.update(_runs_in(root, path, _entries(path) or {}))
+    cache: dict[Path, tuple] = {}
+    summaries = []
+    for path in listable(found, "runs", addressed=True):
+        entries = found[path]
+        if entries is None:
+            summaries.append(summary(root, path, running))
+            continue
+        name = path.relative_to(root).as_posix()
+        first = metas.get(name.split("/")[0])  # .ui/<name>, or .ui/<sweep> of .ui/<sweep>/<name>
+        # .ui or .ui/<sweep> a link: within follows it, so the run's files are checked anew every time
+        linked = stat.S_ISLNK(top[UI_DIR].st_mode) if UI_DIR in top else False
+        linked = linked or ("/" in name and first is not None and stat.S_ISLNK(first.st_mode))
+        meta = first if "/" not in name else _lstat(root / UI_DIR / name) if first is not None else None
+        summaries.append(summary(root, path, running, entries) if linked else
+                         _cached_summary(root, path, running, entries, meta, cache))
+    with _SUMMARIES_LOCK:
+        _SUMMARIES = cache  # only the runs listed now: a deleted run's summary goes
+    return sorted(summaries, key=lambda s: -s["mtime"])
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def adapter_files(path: Path) -> list[Path]:

@@ -1383,3 +1383,65 @@ def test_the_exit_record_says_whether_the_run_wrote_its_folder(tmp_path, wrote):
     launcher.procs["w"] = proc
     launcher._wait("w", proc, {"pid": proc.pid, "argv": ["true"], "started": time.time(), "exit_code": None})
     assert R.read_launch(tmp_path, "w")["output_written"] is wrote
+
+
+def _fresh_runs(root):
+    """list_runs' answer, each run read anew (summary), as the reference for a cached one."""
+    root = root.resolve()
+    paths = [p for p in sorted(root.iterdir()) if p.name != R.UI_DIR and R.is_run(p)]
+    return sorted((R.summary(root, p) for p in paths), key=lambda s: -s["mtime"])
+
+
+def test_listing_runs_again_stats_one_file_per_unchanged_run_and_rereads_a_changed_one(tmp_path, monkeypatch):
+    """The page polls /ui/api/runs every 3 s; each run cost ~30 file checks a call (2,000 runs: 1-2 s of a core, the
+    tab keeping the server busy). An unchanged run now costs one listing of its folder and one lstat (its adapter's
+    config), no stat; a changed one is read anew (status, a new metrics row, a new or rewritten checkpoint, a link
+    out), and the answer equals reading every run anew."""
+    root = tmp_path / "runs"
+    for i in range(20):
+        run = fake_run(tmp_path, f"r{i:02}")
+        if i % 4 == 0:
+            (run / "checkpoints" / "step-2").mkdir(parents=True)
+            (run / "checkpoints" / "step-2" / "trainer_state.json").write_text(json.dumps({"config": {"i": i}}))
+    first = R.list_runs(root)
+    assert first == _fresh_runs(root) and len(first) == 20
+
+    def listing_calls():
+        """os.stat, os.lstat and os.scandir calls of a second listing (the first fills the cache)."""
+        R.list_runs(root)
+        calls = {"stat": 0, "lstat": 0, "scandir": 0}
+        with monkeypatch.context() as patch:
+            for fn in calls:
+                def counted(*a, _real=getattr(os, fn), _fn=fn, **k):
+                    calls[_fn] += 1
+                    return _real(*a, **k)
+                patch.setattr(os, fn, counted)
+            listed = R.list_runs(root)
+        assert listed == _fresh_runs(root)
+        return calls
+
+    twenty = listing_calls()
+    for i in range(20, 40):
+        fake_run(tmp_path, f"r{i:02}")
+    forty = listing_calls()
+    # each unchanged run: one listing of its folder (its entries' lstat come with it) and one lstat, its adapter's
+    # config; no stat (before: ~30 file checks a run)
+    assert {fn: forty[fn] - twenty[fn] for fn in forty} == {"stat": 0, "lstat": 20, "scandir": 20}
+    monkeypatch.undo()
+    run = root / "r03"
+    shutil.rmtree(run / "adapter")
+    with open(run / "metrics.jsonl", "a") as f:  # a new row (the last line, cut off, completed)
+        f.write('ss": 1.5}\n')
+    (root / "r00" / "checkpoints" / "step-2" / "trainer_state.json").write_text(json.dumps({"config": {"i": 100}}))
+    (root / "r04" / "checkpoints" / "step-3").mkdir()
+    (root / "r04" / "checkpoints" / "step-3" / "trainer_state.json").write_text(json.dumps({"config": {"i": 4.5}}))
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"complete": true}')
+    (root / "r05" / "forgetting.json").symlink_to(secret)  # a link out of the run: treated as missing
+    shutil.rmtree(root / "r06")
+    again = {r["name"]: r for r in R.list_runs(root)}
+    assert list(again) == [r["name"] for r in _fresh_runs(root)] and list(again.values()) == _fresh_runs(root)
+    assert (again["r03"]["status"], again["r03"]["has_adapter"]) == ("unknown", False)
+    assert again["r03"]["mtime"] == os.stat(run / "metrics.jsonl").st_mtime
+    assert yaml.safe_load(again["r00"]["config"]) == {"i": 100} and yaml.safe_load(again["r04"]["config"]) == {"i": 4.5}
+    assert again["r05"]["has_forgetting"] is False and "r06" not in again
