@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from loraforge.decoding import turn_end_text
+from loraforge.training.pieces import text_ids
 from loraforge.training.report import progress_bar
 from loraforge.utils.files import expand_user, unexpanded_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
@@ -735,7 +736,7 @@ def encode(record: dict, tokenizer, fmt: str, train_on_prompt: bool = False, lim
         return _chat_tokens(record, tokenizer, train_on_prompt, limit)[0]
     elif fmt == "text":
         text = _head(_without_eos(record, "text", tokenizer)[0], tokenizer, limit)
-        ids = tokenizer(text)["input_ids"]  # adds BOS (and EOS) as it does
+        ids = text_ids(tokenizer, text)  # adds BOS (and EOS) as tokenizer(text) does; a long text in pieces
         segments = [(ids + ([tokenizer.eos_token_id] if ids[-1:] != [tokenizer.eos_token_id] else []), True)]
     else:
         raise DataError(f"unknown format {fmt!r}; use one of {FORMATS} or 'auto'")
