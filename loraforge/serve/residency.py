@@ -509,11 +509,12 @@ class Residency:
         if "\x00" in str(path) or SURROGATE.search(str(path)):
             raise ServeError(f"adapter path {said} contains a NUL character or a lone surrogate; send a plain path")
         p = expand_user(path)
-        if not p.is_absolute() and self.adapters_dir is not None:
-            # read from the adapters directory; one typed from the server's folder (runs/NAME/adapter with
-            # --adapters-dir runs, as the refusal without it suggests) is taken there, and must lie inside it too
-            p = self.adapters_dir / p if (self.adapters_dir / p).exists() or not p.exists() else p.absolute()
         try:
+            if not p.is_absolute() and self.adapters_dir is not None:
+                # read from the adapters directory; one typed from the server's folder (runs/NAME/adapter with
+                # --adapters-dir runs, as the refusal without it suggests) is taken there, and must lie inside it
+                # too. Inside the try: a name too long was a 500 naming the server's path (soak)
+                p = self.adapters_dir / p if (self.adapters_dir / p).exists() or not p.exists() else p.absolute()
             resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
             is_adapter = (resolved / CONFIG_NAME).is_file()
         except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (the message would name server paths)

@@ -528,3 +528,23 @@ def test_the_startup_line_names_a_few_adapters_of_a_large_folder_and_counts_the_
     finally:
         engine.stop()
     assert adapters_named(["a", "b"]) == "a, b" and adapters_named([]) == "none"  # a few: all of them, as before
+
+
+def test_a_relative_path_with_a_name_too_long_is_a_400_that_names_no_server_path(tiny_base, tokenizer, tmp_path):
+    """Soak: POST /v1/adapters with a 300-character relative path (looked up in the adapters directory, then from the
+    server's folder) was a 500 whose message named the adapters directory's path, a traceback in the server log."""
+    save_adapters(tiny_base, tmp_path, {"plain": LoraConfig(r=4)}, 0)
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=tmp_path)
+    long = "a" * 300
+    message = f'adapter path "{long[:199]}... (302 characters) cannot be read: File name too long'
+    try:
+        with pytest.raises(ServeError) as e:
+            engine.add_adapter("long", long)
+        assert str(e.value) == message
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            r = http(url, "POST", "/v1/adapters", json={"name": "long", "path": long})
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+            r = http(url, "POST", "/v1/adapters", json={"name": "plain2", "path": "plain"})
+            assert (r.status_code, r.json()["id"]) == (200, "plain2")  # a short one still loads
+    finally:
+        engine.stop()
