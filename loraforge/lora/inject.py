@@ -9,8 +9,11 @@ path): the layer index is the first numbered segment, or the one after a `layers
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
+import time
 import warnings
 
 import regex
@@ -38,6 +41,8 @@ ATTENTION_TARGETS = {
     "falcon": ("query_key_value", "self_attention.dense"),
 }
 REGEX_TIMEOUT_S = 1.0  # a user's regex against one module path (~50 characters): longer is endless backtracking
+# (deadline on time.monotonic(), its seconds) that every user_match inside a regex_budget shares; None: no budget
+_BUDGET: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("regex_budget", default=None)
 # The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().
 LAYER_INDEX = re.compile(r".*?\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
@@ -74,12 +79,34 @@ def user_match(pattern: str, path: str, field: str, full: bool = True, given: st
     a 16-character path) and holds the GIL all the while (soak: one dashboard form froze the server, its API and its
     Ctrl-C; so did an adapter's target_modules in the serve engine). A pattern that runs out of time raises
     ConfigError naming the field."""
+    budget = _BUDGET.get()
+    timeout = REGEX_TIMEOUT_S if budget is None else min(REGEX_TIMEOUT_S, budget[0] - time.monotonic())
     try:
-        return (regex.fullmatch if full else regex.match)(pattern, path, timeout=REGEX_TIMEOUT_S)
+        if timeout <= 0:
+            raise TimeoutError
+        return (regex.fullmatch if full else regex.match)(pattern, path, timeout=timeout)
     except TimeoutError:
+        if timeout < REGEX_TIMEOUT_S:  # the budget ran out: many keys, each under REGEX_TIMEOUT_S on each path
+            raise ConfigError([f"{field}: the config's regexes take over {budget[1]:g} s in all to test against "
+                               f"this model's module paths (the last: {clipped(given or pattern)} on {path!r}); "
+                               f"write fewer of them, or ones without a repetition inside a repetition, such as "
+                               f"(.*)*, e.g. .*\\.(q_proj|v_proj)"]) from None
         raise ConfigError([f"{field}: the regex {clipped(given or pattern)} takes over {REGEX_TIMEOUT_S:g} s to test "
                            f"against the module path {path!r} (a repetition inside a repetition, such as (.*)*, "
                            f"backtracks without end); write it without one, e.g. .*\\.(q_proj|v_proj)"]) from None
+
+
+@contextlib.contextmanager
+def regex_budget(seconds: float):
+    """Every user_match inside shares `seconds` (the server, loading an adapter on its engine thread: a rank_pattern
+    of many keys, each under REGEX_TIMEOUT_S on each module path, held every request for minutes; soak). Nested
+    budgets keep the earlier deadline."""
+    deadline, outer = time.monotonic() + seconds, _BUDGET.get()
+    token = _BUDGET.set((deadline, seconds) if outer is None or deadline < outer[0] else outer)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
 
 
 def target_matches(target_modules, path: str, field: str = "target_modules") -> bool:

@@ -55,7 +55,7 @@ from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
                                      delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
-from loraforge.lora.inject import LayerKindConflict, lora_layers, pattern_value
+from loraforge.lora.inject import REGEX_TIMEOUT_S, LayerKindConflict, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
@@ -64,6 +64,10 @@ BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
+# seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
+# run on the engine thread, holding every request (soak: a rank_pattern of slow keys, minutes). Twice
+# REGEX_TIMEOUT_S: one endless regex is still named as such
+ADAPTER_REGEX_S = 2 * REGEX_TIMEOUT_S
 # the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
 # an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
 RACY_NS = 2 * 10**9
@@ -556,7 +560,8 @@ class Residency:
                     if not (entry.path / name).resolve().is_relative_to(self.adapters_dir):
                         raise AdapterError(f"{entry.path / name} is a symlink to a file outside the adapters "
                                            f"directory, which the server does not read; copy the file in its place")
-            self._check_header(entry, check_servable(entry))
+            with regex_budget(ADAPTER_REGEX_S):
+                self._check_header(entry, check_servable(entry))
         except (ValueError, OSError, RuntimeError) as e:
             raise self._broken(entry, e) from None
 
@@ -641,7 +646,8 @@ class Residency:
         """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure;
         a problem of the files raises BrokenAdapter, a clash with the resident adapters AdapterConflict."""
         try:
-            load_adapter(self.model, entry.path, uid)
+            with regex_budget(ADAPTER_REGEX_S):
+                load_adapter(self.model, entry.path, uid)
         except LayerKindConflict as e:  # a module holds a layer of the other kind (LoRA vs AdaLoRA) already
             delete_adapter(self.model, uid)
             raise AdapterConflict(f"adapter {shown(entry.name)} cannot be loaded beside the adapters now resident: "
