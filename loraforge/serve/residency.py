@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from loraforge.config import LoraConfig
+from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
@@ -606,7 +606,8 @@ class Residency:
         """`e` as a BrokenAdapter naming the adapter, the server's paths replaced by the adapter's label."""
         if isinstance(e, BrokenAdapter):
             return e
-        message = str(e) if isinstance(e, (AdapterError, OSError)) else f"{type(e).__name__}: {e}"
+        # a ConfigError names its field already (soak: 'cannot be served: ConfigError: invalid config: rank_pattern')
+        message = str(e) if isinstance(e, (AdapterError, ConfigError, OSError)) else f"{type(e).__name__}: {e}"
         message = re.sub(r"\s*\n\s*", " ", self._public(entry, message))  # one line (config errors list lines)
         return BrokenAdapter(f"adapter {shown(entry.name)} cannot be served: {message}")
 

@@ -570,8 +570,8 @@ def test_an_adapter_whose_many_slow_regexes_take_long_in_all_is_refused_within_t
             engine.generate(tokenizer("hi")["input_ids"], adapter="slow", params=GREEDY)
         assert time.monotonic() - started < 1.5
         assert re.sub(r"\(the last: .*\); write", "(...); write", str(e.value)) == (
-            'adapter "slow" cannot be served: ConfigError: invalid config: rank_pattern: the config\'s regexes take '
-            "over 0.3 s in all to test against this model's module paths (...); write fewer of them, or ones "
-            "without a repetition inside a repetition, such as (.*)*, e.g. .*\\.(q_proj|v_proj)")
+            'adapter "slow" cannot be served: invalid config: rank_pattern: the config\'s regexes take over '
+            "0.3 s in all to test against this model's module paths (...); write fewer of them, or ones without a "
+            "repetition inside a repetition, such as (.*)*, e.g. .*\\.(q_proj|v_proj)")
     finally:
         engine.stop()
