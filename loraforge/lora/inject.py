@@ -9,9 +9,13 @@ path): the layer index is the first numbered segment, or the one after a `layers
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
+import time
 import warnings
+from typing import Callable
 
 import regex
 from torch import nn
@@ -38,6 +42,8 @@ ATTENTION_TARGETS = {
     "falcon": ("query_key_value", "self_attention.dense"),
 }
 REGEX_TIMEOUT_S = 1.0  # a user's regex against one module path (~50 characters): longer is endless backtracking
+# (deadline on time.monotonic(), its seconds) that every user_match inside a regex_budget shares; None: no budget
+_BUDGET: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("regex_budget", default=None)
 # The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().
 LAYER_INDEX = re.compile(r".*?\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
@@ -74,12 +80,34 @@ def user_match(pattern: str, path: str, field: str, full: bool = True, given: st
     a 16-character path) and holds the GIL all the while (soak: one dashboard form froze the server, its API and its
     Ctrl-C; so did an adapter's target_modules in the serve engine). A pattern that runs out of time raises
     ConfigError naming the field."""
+    budget = _BUDGET.get()
+    timeout = REGEX_TIMEOUT_S if budget is None else min(REGEX_TIMEOUT_S, budget[0] - time.monotonic())
     try:
-        return (regex.fullmatch if full else regex.match)(pattern, path, timeout=REGEX_TIMEOUT_S)
+        if timeout <= 0:
+            raise TimeoutError
+        return (regex.fullmatch if full else regex.match)(pattern, path, timeout=timeout)
     except TimeoutError:
+        if timeout < REGEX_TIMEOUT_S:  # the budget ran out: many keys, each under REGEX_TIMEOUT_S on each path
+            raise ConfigError([f"{field}: the config's regexes take over {budget[1]:g} s in all to test against "
+                               f"this model's module paths (the last: {clipped(given or pattern)} on {path!r}); "
+                               f"write fewer of them, or ones without a repetition inside a repetition, such as "
+                               f"(.*)*, e.g. .*\\.(q_proj|v_proj)"]) from None
         raise ConfigError([f"{field}: the regex {clipped(given or pattern)} takes over {REGEX_TIMEOUT_S:g} s to test "
                            f"against the module path {path!r} (a repetition inside a repetition, such as (.*)*, "
                            f"backtracks without end); write it without one, e.g. .*\\.(q_proj|v_proj)"]) from None
+
+
+@contextlib.contextmanager
+def regex_budget(seconds: float):
+    """Every user_match inside shares `seconds` (the server, loading an adapter on its engine thread: a rank_pattern
+    of many keys, each under REGEX_TIMEOUT_S on each module path, held every request for minutes; soak). Nested
+    budgets keep the earlier deadline."""
+    deadline, outer = time.monotonic() + seconds, _BUDGET.get()
+    token = _BUDGET.set((deadline, seconds) if outer is None or deadline < outer[0] else outer)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
 
 
 def target_matches(target_modules, path: str, field: str = "target_modules") -> bool:
@@ -88,6 +116,22 @@ def target_matches(target_modules, path: str, field: str = "target_modules") -> 
     if isinstance(target_modules, str):
         return user_match(target_modules, path, field) is not None
     return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
+def tails(path: str) -> list[str]:
+    """`path` and each of its dotted tails (a.b.c: a.b.c, b.c, c): the list entries that target_matches it."""
+    parts = path.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def matcher(target_modules, field: str = "target_modules") -> Callable[[str], bool]:
+    """target_matches(target_modules, ·, field) for many paths: a list is made a set once and each path's tails
+    looked up in it (soak: an adapter's 1.4 million entries, each compared with every module path, held the server
+    for over 10 minutes)."""
+    if isinstance(target_modules, str):
+        return lambda path: target_matches(target_modules, path, field)
+    entries = set(target_modules)
+    return lambda path: not entries.isdisjoint(tails(path))
 
 
 def layer_index(path: str, layers_pattern=None) -> int | None:
@@ -142,15 +186,17 @@ def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> l
     inside = tuple(p + "." for p in saved)
     matched, found = [], []  # matched: before the layers_to_transform filter
     dropped = {"exclude_modules": [], "modules_to_save": []}  # matched targets these fields take away (soak)
+    targeted = matcher(targets)
+    excluded = matcher(config.exclude_modules or (), "exclude_modules")
     for path, module in model.named_modules():
         if _inside_lora(path) or not (is_linear(module) or isinstance(module, LoraLayer)):
             continue
         if targets == "all-linear":
             if module is output or path.endswith("lm_head"):
                 continue
-        elif not target_matches(targets, path):
+        elif not targeted(path):
             continue
-        if config.exclude_modules and target_matches(config.exclude_modules, path, "exclude_modules"):
+        if config.exclude_modules and excluded(path):
             dropped["exclude_modules"].append(path)
             continue
         if path in saved or path.startswith(inside):
@@ -182,8 +228,8 @@ def find_targets(model: nn.Module, config: LoraConfig, advise: bool = True) -> l
         warnings.warn(f"target_modules: all-linear takes the {len(found)} linear layers of this model "
                       f"({type(model).__name__}), not its experts: {_experts_note(experts)}", stacklevel=3)
     taken_away = matched + dropped["exclude_modules"] + dropped["modules_to_save"]
-    unused = [] if isinstance(targets, str) else [t for t in targets if not any(target_matches((t,), p)
-                                                                               for p in taken_away)]
+    taken_tails = {tail for path in taken_away for tail in tails(path)}
+    unused = [] if isinstance(targets, str) else [t for t in targets if t not in taken_tails]
     if advise and unused:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(model)})  # soak: a typo went unsaid
         warnings.warn(f"target_modules: {', '.join(clipped(t, 60) for t in unused[:5])} match"
@@ -231,11 +277,16 @@ def _refuse_layer_selection(model: nn.Module, config, matched: list[str]) -> Non
 def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:
     """A target_modules entry that names only modules other than linear layers (an embedding, an attention block)
     is refused by name: it was dropped silently, while PEFT puts LoRA on an embedding and refuses the rest."""
+    found_tails = {tail for path in found for tail in tails(path)}
+    others = {}  # each tail of a module other than a linear layer: the first such module (named_modules' order)
+    for path, module in model.named_modules():
+        if path and not _inside_lora(path) and not is_linear(module):
+            for tail in tails(path):
+                others.setdefault(tail, (path, module))
     for entry in targets:
-        if any(target_matches([entry], path) for path in found):
+        if entry in found_tails:
             continue
-        other = next(((path, m) for path, m in model.named_modules() if path and not _inside_lora(path)
-                      and target_matches([entry], path) and not is_linear(m)), None)
+        other = others.get(entry)
         if other is not None:
             path, module = other
             raise ConfigError([f"target_modules: {entry!r} names {path} ({type(module).__name__}), not a linear "

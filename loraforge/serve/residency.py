@@ -50,12 +50,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from loraforge.config import LoraConfig
+from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
                                      delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
-from loraforge.lora.inject import LayerKindConflict, lora_layers, pattern_value
+from loraforge.lora.inject import REGEX_TIMEOUT_S, LayerKindConflict, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
@@ -64,6 +64,10 @@ BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
+# seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
+# run on the engine thread, holding every request (soak: a rank_pattern of slow keys, minutes). Twice
+# REGEX_TIMEOUT_S: one endless regex is still named as such
+ADAPTER_REGEX_S = 2 * REGEX_TIMEOUT_S
 # the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
 # an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
 RACY_NS = 2 * 10**9
@@ -509,11 +513,12 @@ class Residency:
         if "\x00" in str(path) or SURROGATE.search(str(path)):
             raise ServeError(f"adapter path {said} contains a NUL character or a lone surrogate; send a plain path")
         p = expand_user(path)
-        if not p.is_absolute() and self.adapters_dir is not None:
-            # read from the adapters directory; one typed from the server's folder (runs/NAME/adapter with
-            # --adapters-dir runs, as the refusal without it suggests) is taken there, and must lie inside it too
-            p = self.adapters_dir / p if (self.adapters_dir / p).exists() or not p.exists() else p.absolute()
         try:
+            if not p.is_absolute() and self.adapters_dir is not None:
+                # read from the adapters directory; one typed from the server's folder (runs/NAME/adapter with
+                # --adapters-dir runs, as the refusal without it suggests) is taken there, and must lie inside it
+                # too. Inside the try: a name too long was a 500 naming the server's path (soak)
+                p = self.adapters_dir / p if (self.adapters_dir / p).exists() or not p.exists() else p.absolute()
             resolved = p.resolve()  # follows symlinks and '..': a link out of adapters_dir is refused too
             is_adapter = (resolved / CONFIG_NAME).is_file()
         except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (the message would name server paths)
@@ -555,7 +560,8 @@ class Residency:
                     if not (entry.path / name).resolve().is_relative_to(self.adapters_dir):
                         raise AdapterError(f"{entry.path / name} is a symlink to a file outside the adapters "
                                            f"directory, which the server does not read; copy the file in its place")
-            self._check_header(entry, check_servable(entry))
+            with regex_budget(ADAPTER_REGEX_S):
+                self._check_header(entry, check_servable(entry))
         except (ValueError, OSError, RuntimeError) as e:
             raise self._broken(entry, e) from None
 
@@ -600,7 +606,8 @@ class Residency:
         """`e` as a BrokenAdapter naming the adapter, the server's paths replaced by the adapter's label."""
         if isinstance(e, BrokenAdapter):
             return e
-        message = str(e) if isinstance(e, (AdapterError, OSError)) else f"{type(e).__name__}: {e}"
+        # a ConfigError names its field already (soak: 'cannot be served: ConfigError: invalid config: rank_pattern')
+        message = str(e) if isinstance(e, (AdapterError, ConfigError, OSError)) else f"{type(e).__name__}: {e}"
         message = re.sub(r"\s*\n\s*", " ", self._public(entry, message))  # one line (config errors list lines)
         return BrokenAdapter(f"adapter {shown(entry.name)} cannot be served: {message}")
 
@@ -640,7 +647,8 @@ class Residency:
         """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure;
         a problem of the files raises BrokenAdapter, a clash with the resident adapters AdapterConflict."""
         try:
-            load_adapter(self.model, entry.path, uid)
+            with regex_budget(ADAPTER_REGEX_S):
+                load_adapter(self.model, entry.path, uid)
         except LayerKindConflict as e:  # a module holds a layer of the other kind (LoRA vs AdaLoRA) already
             delete_adapter(self.model, uid)
             raise AdapterConflict(f"adapter {shown(entry.name)} cannot be loaded beside the adapters now resident: "

@@ -968,3 +968,21 @@ def test_a_backtracking_module_regex_ends_in_time(monkeypatch):
             f"{field}: the regex {SLOW_REGEX!r} takes over 0.2 s to test against the module path "
             f"'model.layers.0.self_attn.q_proj' (a repetition inside a repetition, such as (.*)*, backtracks without "
             f"end); write it without one, e.g. .*\\.(q_proj|v_proj)"]
+
+
+def test_a_target_modules_list_of_many_entries_is_matched_in_time_as_its_few_that_match():
+    """Soak: an adapter whose adapter_config.json (15 MB, under the 16 MB limit) listed 1.4 million target_modules
+    held the server for over 10 minutes: each entry was compared with every module path, several times. A list is
+    now a set, each module path's dotted tails looked up in it: the layers are those of the entries that match."""
+    many = ["q_proj", "mlp.down_proj", "model.embed_tokens"] + [f"m{i}" for i in range(200_000)]
+    model = tiny_llama()
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        inject(model, LoraConfig(r=2, target_modules=many), "x", advise=False)
+    assert str(e.value) == ("invalid config:\n  target_modules: 'model.embed_tokens' names model.embed_tokens "
+                            "(Embedding), not a linear layer; loraforge puts LoRA on linear layers only (not on "
+                            "embeddings or whole blocks): remove it, or name the linear layers inside it")
+    inject(model, LoraConfig(r=2, target_modules=many[:2] + many[3:]), "x", advise=False)
+    assert time.monotonic() - started < 3  # 15 s before
+    assert [path for path, _ in lora_layers(model)] == [f"model.layers.{i}.{m}" for i in range(2)
+                                                        for m in ("self_attn.q_proj", "mlp.down_proj")]

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from helpers import full_forward_greedy, save_adapters
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.adapters import load_adapter
-from loraforge.serve import Engine, SamplingParams, ServeError
+from loraforge.serve import Engine, SamplingParams, ServeError, residency
 from loraforge.serve.api import ServerThread, adapters_named, create_app
 from loraforge.training.loop import train
 
@@ -528,3 +529,49 @@ def test_the_startup_line_names_a_few_adapters_of_a_large_folder_and_counts_the_
     finally:
         engine.stop()
     assert adapters_named(["a", "b"]) == "a, b" and adapters_named([]) == "none"  # a few: all of them, as before
+
+
+def test_a_relative_path_with_a_name_too_long_is_a_400_that_names_no_server_path(tiny_base, tokenizer, tmp_path):
+    """Soak: POST /v1/adapters with a 300-character relative path (looked up in the adapters directory, then from the
+    server's folder) was a 500 whose message named the adapters directory's path, a traceback in the server log."""
+    save_adapters(tiny_base, tmp_path, {"plain": LoraConfig(r=4)}, 0)
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=tmp_path)
+    long = "a" * 300
+    message = f'adapter path "{long[:199]}... (302 characters) cannot be read: File name too long'
+    try:
+        with pytest.raises(ServeError) as e:
+            engine.add_adapter("long", long)
+        assert str(e.value) == message
+        with ServerThread(create_app(engine, api_key=KEY)) as url:
+            r = http(url, "POST", "/v1/adapters", json={"name": "long", "path": long})
+            assert (r.status_code, r.json()["error"]["message"]) == (400, message)
+            r = http(url, "POST", "/v1/adapters", json={"name": "plain2", "path": "plain"})
+            assert (r.status_code, r.json()["id"]) == (200, "plain2")  # a short one still loads
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the broken adapter's startup warning: its message checked below
+def test_an_adapter_whose_many_slow_regexes_take_long_in_all_is_refused_within_the_budget(tiny_base, tokenizer,
+                                                                                          tmp_path, monkeypatch):
+    """Soak: a rank_pattern of keys that each take under the 1 s REGEX_TIMEOUT_S on each module path (8 keys of
+    0.2 s, 4 layers) held every request on the engine thread for 4 s, and more keys for minutes; the regexes of one
+    check or load now share residency.ADAPTER_REGEX_S (made 0.3 s here)."""
+    monkeypatch.setattr(residency, "ADAPTER_REGEX_S", 0.3)
+    save_adapters(tiny_base, tmp_path, {"slow": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])}, 0)
+    config = json.loads((tmp_path / "slow" / "adapter_config.json").read_text())
+    slow = r"(.{0,30}){1,6}\d{5}"  # about 0.2 s on a module path, matching none
+    config["rank_pattern"] = {slow + "x" * i: 8 for i in range(8)}
+    (tmp_path / "slow" / "adapter_config.json").write_text(json.dumps(config))
+    engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=tmp_path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServeError) as e:
+            engine.generate(tokenizer("hi")["input_ids"], adapter="slow", params=GREEDY)
+        assert time.monotonic() - started < 1.5
+        assert re.sub(r"\(the last: .*\); write", "(...); write", str(e.value)) == (
+            'adapter "slow" cannot be served: invalid config: rank_pattern: the config\'s regexes take over '
+            "0.3 s in all to test against this model's module paths (...); write fewer of them, or ones without a "
+            "repetition inside a repetition, such as (.*)*, e.g. .*\\.(q_proj|v_proj)")
+    finally:
+        engine.stop()
