@@ -113,9 +113,8 @@ def test_pruned_adapter_saves_rank_pattern_and_loads_in_peft_and_ours(arch, tmp_
         saved["rank_pattern"]
 
 
-def test_peft_pruned_adapter_loads_in_ours(tmp_path, input_ids):
-    cfg = peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
-                             target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+def peft_pruned(cfg, input_ids):
+    """A tiny Llama with PEFT's AdaLoRA `cfg`, trained 10 SGD steps with PEFT's rank allocation (pruned by step 10)."""
     model = peft.get_peft_model(tiny_llama(), cfg)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(1, 11):
@@ -123,6 +122,13 @@ def test_peft_pruned_adapter_loads_in_ours(tmp_path, input_ids):
         opt.step()
         model.base_model.update_and_allocate(step)
         opt.zero_grad()
+    return model
+
+
+def test_peft_pruned_adapter_loads_in_ours(tmp_path, input_ids):
+    cfg = peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
+                             target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = peft_pruned(cfg, input_ids)
     model.eval()
     theirs = model(input_ids).logits
     model.save_pretrained(tmp_path)
@@ -286,15 +292,8 @@ def test_a_peft_file_without_target_r_and_an_init_r_below_8_loads_with_peft_logi
     """PEFT's default target_r (8) is not checked against the file's init_r; loraforge refused such a file with
     "target_r: must be in 1..init_r" (its default 8 against init_r 4). A pruned adapter loads with the shapes the
     file holds and PEFT's logits."""
-    model = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(
-        total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3, target_modules=["q_proj", "v_proj"],
-        init_lora_weights=False))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(1, 11):
-        model(input_ids, labels=input_ids).loss.backward()
-        opt.step()
-        model.base_model.update_and_allocate(step)
-        opt.zero_grad()
+    model = peft_pruned(peft.AdaLoraConfig(total_step=10, init_r=4, target_r=2, tinit=2, tfinal=3,
+                                           target_modules=["q_proj", "v_proj"], init_lora_weights=False), input_ids)
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     config = json.loads(path.read_text())
