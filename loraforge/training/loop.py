@@ -509,7 +509,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     loss_fn = CausalLMLoss(model, share_prefix=share).train()
     if t.compile:
         loss_fn.head_buffers = None  # dynamo traces the head's chunks itself: no Python object across calls
-        loss_fn = torch.compile(loss_fn, dynamic=True)  # the module's parameters stay the model's
+        loss_fn = torch.compile(loss_fn, dynamic=True, options=compile_options())  # the parameters stay the model's
     wrapped = wrap(loss_fn, model, mode, precision, device)  # FSDP: parameters become shards, before the optimizer
     optimizer = make_optimizer(model, t)
     run = Run(cfg=cfg, rank=rank, world=world, device=device, out=out, precision=precision, tokenizer=tokenizer,
@@ -825,6 +825,14 @@ def save_step(run: Run) -> None:
     if run.is_main:
         save_checkpoint(run.ckpt_root, run.step, run.model, run.optimizer, run.scheduler, run.cfg,
                         checkpoint_state(run), rngs)
+
+
+def compile_options() -> dict:
+    """Inductor's options for training.compile. Its on-disk graph cache (/tmp/torchinductor_$USER) is not keyed on
+    the vector width ATEN_CPU_CAPABILITY picks: with the variable set (the README's way to try an AVX2-only CPU on
+    another), a graph cached at AVX-512's width ran at AVX2's, a loss of NaN at step 1, or failed to build at
+    `default` (AVX2 soak). With it set, the graph cache is not used, so each run compiles afresh."""
+    return {"fx_graph_cache": False} if os.environ.get("ATEN_CPU_CAPABILITY") else {}
 
 
 def checkpoint_state(run: Run) -> dict:

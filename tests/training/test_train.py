@@ -134,6 +134,26 @@ def test_two_processes_train_like_one(tiny_dir, data_file, tmp_path):
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), atol=1e-5)
 
 
+
+def test_compiled_training_with_aten_cpu_capability_set_ignores_a_graph_cached_at_another_width(tiny_dir, data_file,
+                                                                                                 tmp_path):
+    """AVX2 soak: inductor's on-disk graph cache is not keyed on the vector width ATEN_CPU_CAPABILITY picks, so a
+    compiled run with the variable set (the README's way to try an AVX2-only CPU) reused a graph cached by a run
+    without it: at avx2 a loss of NaN at step 1, at default a C++ build error. Two runs share one inductor cache; the
+    second, at default (scalar code: another width on any CPU with AVX2 or better), equals the first's adapter."""
+    common = [f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", "lora.r=4",
+              "training.lr=1e-2", "training.max_steps=2", "training.precision=fp32", "training.compile=true"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env.update(OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    for name, isa in (("native", None), ("scalar", "default")):
+        proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg_file), *common,
+                               f"output_dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True,
+                              env=env if isa is None else {**env, "ATEN_CPU_CAPABILITY": isa}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_adapter(adapter(tmp_path / "native"), adapter(tmp_path / "scalar"), atol=1e-4)
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, data_file, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = CausalLMLoss.forward
