@@ -33,7 +33,8 @@ def text_ids(tokenizer, text: str, add_special_tokens: bool = True, long_text: i
     body = None if len(text) <= long_text else _pieces(tokenizer, text, piece, context)
     wrap = _specials(tokenizer, text[:context]) if body is not None and add_special_tokens else ([], [])
     if body is None or wrap is None:
-        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        # tokenizer(text) as before where specials are wanted: a stand-in tokenizer may take no keywords
+        return (tokenizer(text) if add_special_tokens else tokenizer(text, add_special_tokens=False))["input_ids"]
     return wrap[0] + body + wrap[1]
 
 
