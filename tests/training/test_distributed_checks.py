@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # one-line error during set-up, while rank 0 goes on
 MISSING_DATA = ("import os, sys; os.environ['LOCAL_RANK'] = '0'\n"
                 "import loraforge.training.loop as L; from loraforge.training.data import DataError\n"
-                "def missing(*a): raise DataError('no such file: /node1/train.jsonl')\n"
+                "def missing(*a, **k): raise DataError('no such file: /node1/train.jsonl')\n"
                 "L.load_data = missing; import runpy\n"
                 "runpy.run_module('loraforge', run_name='__main__', alter_sys=True)")
 
