@@ -110,26 +110,20 @@ def regex_budget(seconds: float):
         _BUDGET.reset(token)
 
 
-def target_matches(target_modules, path: str, field: str = "target_modules") -> bool:
-    """PEFT's rule: regex fullmatch for a string, path == entry or path ends with '.' + entry for a list. `field`:
-    the config field the value comes from (target_modules, exclude_modules), for a regex that runs out of time."""
-    if isinstance(target_modules, str):
-        return user_match(target_modules, path, field) is not None
-    return any(path == t or path.endswith("." + t) for t in target_modules)
-
-
 def tails(path: str) -> list[str]:
-    """`path` and each of its dotted tails (a.b.c: a.b.c, b.c, c): the list entries that target_matches it."""
+    """`path` and each of its dotted tails (a.b.c: a.b.c, b.c, c): the list entries that match it (matcher)."""
     parts = path.split(".")
     return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 def matcher(target_modules, field: str = "target_modules") -> Callable[[str], bool]:
-    """target_matches(target_modules, ·, field) for many paths: a list is made a set once and each path's tails
+    """Whether a module path is targeted, by PEFT's rule: a string is a regex the path fullmatches (user_match;
+    `field`: the config field it comes from, target_modules or exclude_modules, for one that runs out of time); a
+    list names paths equal to an entry or ending with '.' + entry. The list is made a set once and each path's tails
     looked up in it (soak: an adapter's 1.4 million entries, each compared with every module path, held the server
     for over 10 minutes)."""
     if isinstance(target_modules, str):
-        return lambda path: target_matches(target_modules, path, field)
+        return lambda path: user_match(target_modules, path, field) is not None
     entries = set(target_modules)
     return lambda path: not entries.isdisjoint(tails(path))
 
