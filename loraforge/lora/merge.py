@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, require_adapter, set_adapter
+from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config, require_adapter,
+                                     set_adapter)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
 from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
 from loraforge.quant.bnb import QUANT_TYPES
-from loraforge.utils.files import atomic_dir
+from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
 from loraforge.utils.outputs import check_output, check_replaceable, check_writable
 
@@ -182,6 +183,21 @@ def _warn_other_bases(configs: dict) -> None:
                       f"do not add up to a model; combine adapters of one base", stacklevel=3)
 
 
+def _warn_given_twice(adapters: list, weights: list[float]) -> None:
+    """A warning where one adapter folder is given more than once (soak: `--adapter a a` merged 2 × a's ΔW without
+    a word, as PEFT's add_weighted_adapter does): each mention adds its weighted ΔW, which --weights says plainly."""
+    mentions: dict[Path, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        mentions.setdefault(expand_user(adapter).resolve(), []).append(i)
+    for where in mentions.values():
+        if len(where) > 1:
+            given = " and ".join(str(adapters[i]) for i in where)
+            total = sum(weights[i] for i in where)
+            warnings.warn(f"--adapter {given}: one folder given {len(where)} times, so its ΔW is added {len(where)} "
+                          f"times (weight {total:g} in all); give it once, with --weights {total:g} if that is what "
+                          f"you mean", stacklevel=3)
+
+
 def _refuse_unscalable(name: str, config, weights: list[float]) -> None:
     """AdapterError for one adapter given a weight (scaled as a combination of one) that A and B cannot carry."""
     why = _uncombinable(name, config)
@@ -242,6 +258,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     problems = check_combination(len(adapters), weights, combination_type)
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, Integral) or svd_rank < 1):
         problems.append(f"svd_rank {svd_rank!r}: give a positive whole number, or None for the largest adapter rank")
+    elif svd_rank is not None and combination_type != "svd":  # it was dropped without a word (export_merged refused)
+        problems.append(f"svd_rank {svd_rank}: only with combination_type 'svd' (the rank it truncates to; "
+                        f"{combination_type!r} keeps every rank): pass combination_type='svd' or leave svd_rank out")
     if problems:
         raise ConfigError(problems)
     _refuse_uncombinable({a: configs[a] for a in adapters})
@@ -278,40 +297,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                  init_lora_weights=True)  # never PiSSA/OLoRA's: that init would change the base
     inject(model, config, new_name, advise=False)  # scaling = alpha / r = 1: the weights below carry all the scale
     truncated = []  # (layer path, fraction of ΔW's energy the svd rank left out)
-    for path, layer in layers:
-        A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
-        if combination_type == "svd":
-            total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)
-            U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-            k = A.shape[0]  # this layer's rank: min(svd_rank, what its ΔW can have)
-            dropped = _dropped_energy(S, k)
-            if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
-                truncated.append((path, dropped))
-            new_A = torch.zeros_like(A, dtype=torch.float32)
-            new_B = torch.zeros_like(B, dtype=torch.float32)
-            new_B[:, :k] = U[:, :k] * S[:k]
-            new_A[:k] = Vh[:k]
-        elif combination_type == "cat":
-            blocks_A, blocks_B = [], []
-            for a, w in zip(adapters, weights):
-                width = max(m.r.get(a, 0) for _, m in layers)
-                if a in layer.r:
-                    a_w = layer.lora_A[a].weight.float() * (w * layer.scaling[a])
-                    b_w = layer.lora_B[a].weight.float()
-                    pad = width - a_w.shape[0]  # this layer may hold a smaller rank (rank_pattern): pad with 0
-                    a_w = torch.cat([a_w, a_w.new_zeros(pad, a_w.shape[1])])
-                    b_w = torch.cat([b_w, b_w.new_zeros(b_w.shape[0], pad)], dim=1)
-                else:
-                    a_w, b_w = A.new_zeros(width, A.shape[1]).float(), B.new_zeros(B.shape[0], width).float()
-                blocks_A.append(a_w)
-                blocks_B.append(b_w)
-            new_A, new_B = torch.cat(blocks_A), torch.cat(blocks_B, dim=1)
-        else:  # PEFT's split: sqrt(|w·s|) on both factors, the sign on A
-            ws = [(a, w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.r]
-            new_A = sum(layer.lora_A[a].weight.float() * math.copysign(abs(c) ** 0.5, c) for a, c in ws)
-            new_B = sum(layer.lora_B[a].weight.float() * abs(c) ** 0.5 for a, c in ws)
-        A.copy_(new_A)
-        B.copy_(new_B)
+    try:
+        for path, layer in layers:
+            truncated += _combine_layer(path, layer, adapters, weights, new_name, combination_type, layers)
+    except BaseException:  # a refused combination leaves no half-written adapter behind
+        delete_adapter(model, new_name)
+        raise
     if truncated:
         worst = max(truncated, key=lambda t: t[1])
         layers_text = "1 layer" if len(truncated) == 1 else f"{len(truncated)} layers"
@@ -319,6 +310,61 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                       f"{worst[1]:.2%} of its energy is dropped ({worst[0]}); use the exact combination 'cat' "
                       f"(loraforge merge --combination cat), or raise svd_rank (loraforge merge --svd-rank)",
                       stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
+
+
+def _combine_layer(path: str, layer: LoraLayer, adapters: list[str], weights: list[float], new_name: str,
+                   combination_type: str, layers: list) -> list[tuple[str, float]]:
+    """Write adapter `new_name`'s A and B of `layer` (at `path`) as `combination_type` combines `adapters`; the
+    fraction of ΔW's energy an svd rank left out, [(path, fraction)] where it is over fp32's noise. MergeError
+    naming `weights` where the weighted ΔW or the factors pass float32's range (SVD of inf fails with a
+    LinAlgError; cat and linear wrote inf into the adapter)."""
+    A, B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight  # (r, in), (out, r)
+    truncated = []
+    if combination_type == "svd":
+        total = sum(w * _delta_out_in(layer, a) for a, w in zip(adapters, weights) if a in layer.r)  # (out, in)
+        _check_combined(path, weights, total)
+        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        k = A.shape[0]  # this layer's rank: min(svd_rank, what its ΔW can have)
+        dropped = _dropped_energy(S, k)
+        if dropped > 1e-6:  # σ² is ΔW's energy: fp32 SVD noise of an exact rank-k sum stays far below this
+            truncated.append((path, dropped))
+        new_A = torch.zeros_like(A, dtype=torch.float32)
+        new_B = torch.zeros_like(B, dtype=torch.float32)
+        new_B[:, :k] = U[:, :k] * S[:k]
+        new_A[:k] = Vh[:k]
+    elif combination_type == "cat":
+        blocks_A, blocks_B = [], []
+        for a, w in zip(adapters, weights):
+            width = max(m.r.get(a, 0) for _, m in layers)
+            if a in layer.r:
+                a_w = layer.lora_A[a].weight.float() * (w * layer.scaling[a])
+                b_w = layer.lora_B[a].weight.float()
+                pad = width - a_w.shape[0]  # this layer may hold a smaller rank (rank_pattern): pad with 0
+                a_w = torch.cat([a_w, a_w.new_zeros(pad, a_w.shape[1])])
+                b_w = torch.cat([b_w, b_w.new_zeros(b_w.shape[0], pad)], dim=1)
+            else:
+                a_w, b_w = A.new_zeros(width, A.shape[1]).float(), B.new_zeros(B.shape[0], width).float()
+            blocks_A.append(a_w)
+            blocks_B.append(b_w)
+        new_A, new_B = torch.cat(blocks_A), torch.cat(blocks_B, dim=1)
+    else:  # PEFT's split: sqrt(|w·s|) on both factors, the sign on A
+        ws = [(a, w * layer.scaling[a]) for a, w in zip(adapters, weights) if a in layer.r]
+        new_A = sum(layer.lora_A[a].weight.float() * math.copysign(abs(c) ** 0.5, c) for a, c in ws)
+        new_B = sum(layer.lora_B[a].weight.float() * abs(c) ** 0.5 for a, c in ws)
+    _check_combined(path, weights, new_A, new_B)
+    A.copy_(new_A)
+    B.copy_(new_B)
+    return truncated
+
+
+def _check_combined(path: str, weights: list[float], *tensors: torch.Tensor) -> None:
+    """MergeError naming `weights` and the layer at `path` where the weighted ΔW (or the factors of it) holds inf
+    or NaN in float32: the adapters' own tensors are finite (load_adapter checks), so the weights scaled them past
+    float32's range."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        shown = "[" + ", ".join(f"{w:g}" for w in weights) + "]"
+        raise MergeError(f"weights {shown}: the weighted ΔW of {path} passes float32's range (inf); use smaller "
+                         f"weights")
 
 
 def _svd_rank_cap(layer: LoraLayer, adapters: list[str]) -> int:
@@ -466,6 +512,7 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         configs = {str(a): read_adapter_config(a) for a in adapters}
         _refuse_uncombinable(configs)
         _warn_other_bases(configs)
+        _warn_given_twice(adapters, weights or [1.0] * len(adapters))
     # before loading anything; a built-in or .gguf base's cached conversion is an input too (the name is no path)
     check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
     check_replaceable(out_dir)
@@ -480,6 +527,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         name = f"adapter{i}"
         load_adapter(model, adapter_dir, name)  # fp32 on any base (layer.adapter_dtype): ΔW from the file's values
         names.append(name)
+    given = ", ".join(map(str, adapters)) + (f" with --weights {' '.join(f'{w:g}' for w in weights)}" if weights
+                                               else "")
     if combine:
         try:
             add_weighted_adapter(model, names, weights or [1.0] * len(names), "combined", combination_type,
@@ -488,10 +537,11 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
             raise ConfigError([p.replace(f"combination_type {combination_type!r}", f"--combination {combination_type}")
                                .replace("use 'cat' (exact) or 'svd'", "use --combination cat (exact) or svd")
                                for p in e.problems]) from None
+        except MergeError:  # svd of that ΔW failed in torch (LinAlgError); as when the merge finds the inf
+            raise AdapterError(f"cannot merge into --dtype {dtype}: adapter {given}: the weighted ΔW passes float32's "
+                               f"range (inf); use smaller --weights") from None
         names = ["combined"]
     set_adapter(model, names[0])
-    given = ", ".join(map(str, adapters)) + (f" with --weights {' '.join(f'{w:g}' for w in weights)}" if weights
-                                               else "")
     try:
         merge_and_unload(model)
     except MergeError as e:  # adapter0, ... as the user gave them; "combined": all of them, as weighted

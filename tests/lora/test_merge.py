@@ -504,15 +504,76 @@ def test_weights_may_be_none_a_tuple_or_a_tensor(weights, want, tmp_path):
      "weights [[1.0, 1.0], [1.0, 1.0]]: give one number per adapter, e.g. [0.7, 0.3]"),
     (lambda m: export_merged("unused", [], "unused"),
      "adapters []: give at least one adapter directory to merge (the command's --adapter)"),
-], ids=["empty-cat", "empty-svd", "svd_rank-0", "svd_rank-negative", "weights-2d", "export-empty"])
+    (lambda m: add_weighted_adapter(m, ["a", "b"], [1, 1], "x", "cat", svd_rank=3),
+     "svd_rank 3: only with combination_type 'svd' (the rank it truncates to; 'cat' keeps every rank): pass "
+     "combination_type='svd' or leave svd_rank out"),
+], ids=["empty-cat", "empty-svd", "svd_rank-0", "svd_rank-negative", "weights-2d", "export-empty", "svd_rank-cat"])
 def test_empty_adapters_a_zero_svd_rank_and_odd_weights_are_value_errors(call, message, tmp_path):
     """[] was an IndexError (cat, export_merged) or "max() arg is an empty sequence" (svd); svd_rank 0 silently
-    meant the default."""
+    meant the default, and an svd_rank beside cat was dropped without a word (export_merged's --svd-rank refused)."""
     model = _two_adapters(tmp_path)
     with pytest.raises(ConfigError) as e:  # a ValueError
         call(model)
     assert e.value.problems == [message]
     assert list(model.lora_configs) == ["a", "b"]  # nothing made
+
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd", "linear"])
+def test_weights_past_float32s_range_are_refused_by_name_and_leave_no_adapter(combination, tmp_path):
+    """weights [1e300, 1]: svd failed inside torch (LinAlgError: "failed to converge"; PEFT too), cat and linear
+    made an adapter of inf (PEFT too). Refused now, naming the weights and a layer; at [1e30, 1] the combination is
+    the formula's Σ w·s·B·A (PEFT's numbers for cat and svd, which are exact at these ranks)."""
+    model = _two_adapters(tmp_path)
+    with pytest.raises(M.MergeError) as e:
+        add_weighted_adapter(model, ["a", "b"], [1e300, 1.0], "x", combination)
+    assert str(e.value) == ("weights [1e+300, 1]: the weighted ΔW of model.layers.0.self_attn.q_proj passes "
+                            "float32's range (inf); use smaller weights")
+    assert list(model.lora_configs) == ["a", "b"]
+    assert all("x" not in layer.r for _, layer in lora_layers(model))
+    add_weighted_adapter(model, ["a", "b"], [1e30, 1.0], "x", combination)
+    if combination != "linear":  # linear is PEFT's approximation, not the sum
+        for _, m in lora_layers(model):
+            exact = sum(w * m.scaling[n] * m.lora_B[n].weight @ m.lora_A[n].weight for n, w in zip("ab", [1e30, 1.0]))
+            # fp32 rounding of sums of terms ~1e30: relative to the largest element (one near 0 cancels)
+            torch.testing.assert_close(m.delta_weight("x"), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+def test_merge_with_svd_and_weights_past_float32s_range_is_refused_naming_weights(tiny_dir, tmp_path):
+    """`loraforge merge --combination svd --weights 1e300 1` ended in torch's LinAlgError traceback; cat said this."""
+    for name, seed in (("a", 1), ("b", 2)):
+        save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), seed=seed),
+                     tmp_path / name)
+    adapters = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for combination in ("svd", "cat"):
+        with pytest.raises(AdapterError) as e:
+            export_merged(str(tiny_dir), adapters, tmp_path / "out", weights=[1e300, 1.0],
+                          combination_type=combination)
+        assert str(e.value) == (f"cannot merge into --dtype fp32: adapter {adapters[0]}, {adapters[1]} with --weights "
+                                f"1e+300 1: the weighted ΔW passes float32's range (inf); use smaller --weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_adapter_given_twice_warns_and_adds_it_twice_as_peft_does(tiny_dir, tmp_path):
+    """`--adapter a a` merged 2 × a's ΔW without a word: a warning says so and names the --weights that mean it;
+    the checkpoint is PEFT's (add_weighted_adapter of the two copies, cat, merge_and_unload) and `--weights 2`'s."""
+    save_adapter(randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), seed=1),
+                 tmp_path / "a")
+    twice = [str(tmp_path / "a"), f"{tmp_path}/./a"]
+    with pytest.warns(UserWarning) as caught:
+        export_merged(str(tiny_dir), twice, tmp_path / "twice", weights=[0.5, 1.0])
+    assert [str(w.message) for w in caught if "one folder" in str(w.message)] == [
+        f"--adapter {twice[0]} and {twice[1]}: one folder given 2 times, so its ΔW is added 2 times (weight 1.5 in "
+        f"all); give it once, with --weights 1.5 if that is what you mean"]
+    export_merged(str(tiny_dir), twice[:1], tmp_path / "once", weights=[1.5])
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), twice[0], "a1")
+    peft_model.load_adapter(twice[1], "a2")
+    peft_model.add_weighted_adapter(["a1", "a2"], [0.5, 1.0], "c", combination_type="cat")
+    reference = peft_model.merge_and_unload(adapter_names=["c"]).state_dict()
+    for out in ("twice", "once"):
+        merged = load_file(tmp_path / out / "model.safetensors")
+        for key, value in merged.items():
+            torch.testing.assert_close(value, reference[key], **TOL)
 
 
 def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
