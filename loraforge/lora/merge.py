@@ -243,7 +243,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                 most the rank its sum can have (min(out, in), Σ r_i), in rank_pattern where that is below r (a
                 warning when an svd_rank given is above it), never zero rows.
       "linear": PEFT's "linear": with c_i = sqrt(|w_i·s_i|), A_new = Σ sign(w_i·s_i)·c_i·A_i, B_new = Σ c_i·B_i
-                (needs equal ranks; equal to the weighted sum of ΔW only for a single adapter).
+                (the adapters in a layer need one rank there; equal to the weighted sum of ΔW only for a single
+                adapter).
     Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
     base) and AdaLoRA are refused with an AdapterError (A and B do not hold them); merge such an adapter alone, then
     combine the others on that model.
@@ -266,10 +267,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     _refuse_uncombinable({a: configs[a] for a in adapters})
     layers = [(p, m) for p, m in lora_layers(model) if any(a in m.r for a in adapters)]
     ranks = {m.r[a] for _, m in layers for a in adapters if a in m.r}
-    if combination_type == "linear" and len(ranks) > 1:
-        raise ConfigError([f"combination_type 'linear' needs adapters of one rank, got ranks {sorted(ranks)}; "
-                           f"use 'cat' (exact) or 'svd'"])
-    layer_r = {}  # svd: per layer, the rank its ΔW can have (rank_pattern where it differs from r)
+    if combination_type == "linear":
+        _check_linear_ranks(layers, adapters)
+    layer_r = {}  # svd, linear: per layer, the rank it gets (rank_pattern where it differs from r)
     if combination_type == "cat":
         new_r = sum(max(m.r.get(a, 0) for _, m in layers) for a in adapters)
     elif combination_type == "svd":
@@ -286,8 +286,9 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                           f"rank {shown} is used there (adapter r {new_r}"
                           + (", the others in rank_pattern)" if len(set(layer_r.values())) > 1 else ")"),
                           stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
-    else:
-        new_r = ranks.pop()
+    else:  # linear: each layer the one rank of its adapters (a rank_pattern's rank where they have one there)
+        layer_r = {p: next(m.r[a] for a in adapters if a in m.r) for p, m in layers}
+        new_r = max(layer_r.values())
     pattern = {p: k for p, k in layer_r.items() if k != new_r}  # exact paths; alpha = r keeps every scaling 1
     first = configs[adapters[0]]
     config = dataclasses.replace(first, r=new_r, lora_alpha=new_r, use_rslora=False, rank_pattern=pattern,
@@ -365,6 +366,19 @@ def _check_combined(path: str, weights: list[float], *tensors: torch.Tensor) -> 
         shown = "[" + ", ".join(f"{w:g}" for w in weights) + "]"
         raise MergeError(f"weights {shown}: the weighted ΔW of {path} passes float32's range (inf); use smaller "
                          f"weights")
+
+
+def _check_linear_ranks(layers: list, adapters: list[str]) -> None:
+    """ConfigError naming the first layer where `adapters` have different ranks: linear sums A's and B's, so the
+    adapters meeting in a layer need one rank there. Checked per layer, as the layers hold them: adapters of one r
+    with a rank_pattern where only one of them is (PEFT takes these) or of two r on separate layers combine; one
+    whole-model rank set refused the first."""
+    for path, layer in layers:
+        here = {a: layer.r[a] for a in dict.fromkeys(adapters) if a in layer.r}
+        if len(set(here.values())) > 1:
+            named = ", ".join(f"{a}: {k}" for a, k in here.items())
+            raise ConfigError([f"combination_type 'linear' needs adapters of one rank, got ranks "
+                               f"{sorted(set(here.values()))} in {path} ({named}); use 'cat' (exact) or 'svd'"])
 
 
 def _svd_rank_cap(layer: LoraLayer, adapters: list[str]) -> int:

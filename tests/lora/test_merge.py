@@ -269,8 +269,35 @@ def test_linear_on_adapters_of_two_ranks_names_the_commands_flag(tiny_dir, tmp_p
     with pytest.raises(ConfigError) as e:
         export_merged(str(tiny_dir), [str(tmp_path / "x"), str(tmp_path / "y")], tmp_path / "merged",
                       combination_type="linear")
-    assert e.value.problems == ["--combination linear needs adapters of one rank, got ranks [2, 4]; use "
-                                "--combination cat (exact) or svd"]
+    assert e.value.problems == ["--combination linear needs adapters of one rank, got ranks [2, 4] in "
+                                "model.layers.0.self_attn.q_proj (adapter0: 4, adapter1: 2); use --combination cat "
+                                "(exact) or svd"]
+
+
+def test_linear_checks_ranks_per_layer_and_equals_peft_where_a_rank_pattern_meets_no_other_adapter(tmp_path, input_ids):
+    """x (r 4 on q, v) and y (r 4 on q, v, o, with rank_pattern o_proj: 2): PEFT combines them (each adapter's
+    largest rank is 4) and linear was refused here ("got ranks [2, 4]"), though o_proj holds y alone. The ranks are
+    checked per layer now: PEFT's logits, and a saved combination PEFT loads with the same logits (rank_pattern)."""
+    base = tiny_llama()
+    _peft_adapters(base, tmp_path, {
+        "x": peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+        "y": peft.LoraConfig(r=4, lora_alpha=16, target_modules=[*TARGETS, "o_proj"], rank_pattern={"o_proj": 2},
+                             init_lora_weights=False)})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x", "x")
+    theirs.load_adapter(tmp_path / "y", "y")
+    theirs.add_weighted_adapter(["x", "y"], [0.7, -0.4], "c", combination_type="linear")
+    theirs.set_adapter("c")
+    ours = copy.deepcopy(base)
+    for name in "xy":
+        load_adapter(ours, tmp_path / name, name)
+    add_weighted_adapter(ours, ["x", "y"], [0.7, -0.4], "c", combination_type="linear")
+    set_adapter(ours, "c")
+    save_adapter(ours, tmp_path / "c", "c")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "c").eval()
+    with torch.no_grad():
+        want = theirs.eval()(input_ids).logits
+        torch.testing.assert_close(ours(input_ids).logits, want, **TOL)
+        torch.testing.assert_close(reloaded(input_ids).logits, want, **TOL)
 
 
 @pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
