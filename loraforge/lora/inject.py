@@ -274,7 +274,9 @@ def _refuse_non_linear(model: nn.Module, targets, found: list[str]) -> None:
     found_tails = {tail for path in found for tail in tails(path)}
     others = {}  # each tail of a module other than a linear layer: the first such module (named_modules' order)
     for path, module in model.named_modules():
-        if path and not _inside_lora(path) and not is_linear(module):
+        # a LoraLayer is a linear layer another adapter wraps (soak: an entry exclude_modules takes away was refused
+        # as "not a linear layer" once another adapter held that layer)
+        if path and not _inside_lora(path) and not (is_linear(module) or isinstance(module, LoraLayer)):
             for tail in tails(path):
                 others.setdefault(tail, (path, module))
     for entry in targets:

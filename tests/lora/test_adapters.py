@@ -433,3 +433,31 @@ def test_an_adapter_saved_from_python_names_the_folder_its_base_was_loaded_from(
     named = inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, base_model_name_or_path="x/y"))
     save_adapter(named, tmp_path / "b")
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "x/y"
+
+
+def test_a_peft_adapter_excluding_a_layer_another_adapter_holds_loads_beside_it(tmp_path, input_ids):
+    """PEFT saves all-linear as the full path of every layer it took, exclude_modules beside it. Loaded after an
+    adapter on q and v, such an adapter excluding v_proj was refused ("'model.layers.0.self_attn.v_proj' names ...
+    (LoraLinear), not a linear layer"), loaded first it loaded: merge --adapter qv ex failed where ex qv worked.
+    It loads either way now, with PEFT's logits for both adapters active."""
+    configs = {"qv": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+               "ex": peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["v_proj"],
+                                     init_lora_weights=False)}
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / name)
+    saved = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())["target_modules"]
+    assert "model.layers.0.self_attn.v_proj" in saved  # PEFT's form: every path, v_proj among them
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "qv", "qv")
+    theirs.load_adapter(tmp_path / "ex", "ex")
+    theirs.base_model.set_adapter(["qv", "ex"])
+    with torch.no_grad():
+        want = theirs.eval()(input_ids).logits
+    for order in (["qv", "ex"], ["ex", "qv"]):
+        ours = tiny_llama()
+        for name in order:
+            load_adapter(ours, tmp_path / name, name)
+        set_adapter(ours, order)
+        assert not any("ex" in layer.r for path, layer in lora_layers(ours) if path.endswith("v_proj"))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids).logits, want, **TOL)
