@@ -560,21 +560,32 @@ def disable_adapters(model: nn.Module):
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str | None]):
-    """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter)."""
+    """Inside the block, row i of every batch uses adapter `adapter_names[i]` (None or "base": no adapter), its
+    modules_to_save copies included. An adapter that trains biases changes the base's own, which every row shares:
+    while one is loaded, only a batch of its rows alone is taken (AdapterError)."""
     names = [None if n in (None, "base") else n for n in adapter_names]
     require_adapter(model, *(set(names) - {None}))
     if merged_adapters(model):
         raise RuntimeError("a mixed-adapter batch needs unmerged adapters; call loraforge.lora.merge.unmerge(model)")
-    if any(isinstance(m, ModulesToSave) for m in model.modules()):
-        raise NotImplementedError("mixed-adapter batches with modules_to_save are not supported")
+    for name, pairs in (getattr(model, "lora_base_biases", None) or {}).items():
+        if pairs and set(names) != {name}:  # soak: the base rows got the biases adapter `name` trained
+            raise AdapterError(f"a mixed-adapter batch cannot hold rows without adapter {name!r} while it is loaded: "
+                               f"it trains biases (bias {adapter_configs(model)[name].bias!r}), which are the base's "
+                               f"own and so every row's; run its rows alone (set_adapter), or delete_adapter({name!r}) "
+                               f"first")
     layers = [m for _, m in lora_layers(model)]
+    saved = [m for m in model.modules() if isinstance(m, ModulesToSave)]
     for layer in layers:  # one hook for every per-row forward: the layer's own loop here, a server's stacks there
         layer.row_adapters, layer.row_forward = names, layer.mixed_rows
+    for module in saved:  # each row through its adapter's copy, or the original (PEFT's _mixed_batch_forward)
+        module.row_adapters = names
     try:
         yield model
     finally:
         for layer in layers:
             layer.row_adapters, layer.row_forward = None, None
+        for module in saved:
+            module.row_adapters = None
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -462,6 +462,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.row_adapters: list[str | None] | None = None  # a mixed batch: one adapter name (or None) per row
         self.train(original_module.training)  # the mode of the module it wraps, as LoraLayer
 
     def __getattr__(self, name: str):
@@ -485,6 +486,21 @@ class ModulesToSave(nn.Module):
         self.active_adapter = name
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None and not self.disabled:
+            return self._mixed_rows(*args, **kwargs)
         if self.disabled or self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _mixed_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Row i of `x` (batch first) through row_adapters[i]'s copy, or the original module where that adapter
+        saved none here (None: the base)."""
+        if x.shape[0] != len(self.row_adapters):
+            raise ValueError(f"a mixed batch of {len(self.row_adapters)} adapter names reached a saved module "
+                             f"(modules_to_save) with {x.shape[0]} rows; give one name per row of the batch")
+        out = self.original_module(x, *args, **kwargs)
+        for name in dict.fromkeys(self.row_adapters):
+            if name is not None and name in self.modules_to_save:
+                idx = torch.tensor([i for i, n in enumerate(self.row_adapters) if n == name], device=x.device)
+                out = out.index_copy(0, idx, self.modules_to_save[name](x[idx], *args, **kwargs).to(out.dtype))
+        return out
