@@ -4,7 +4,6 @@ divided by their count, the learning-rate formula, one clip per optimizer step, 
 penalty and update_and_allocate. The two saved adapters (PEFT's save_pretrained for the reference) must agree."""
 
 import json
-import math
 from pathlib import Path
 
 import peft
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import lr_at
 from loraforge.config import load_train_config
 from loraforge.training import loop
 from loraforge.training.report import read_metrics
@@ -60,14 +60,6 @@ def peft_orth_penalty(model, weight: float) -> torch.Tensor:
     return weight * torch.stack(terms).mean()
 
 
-def lr_at(t, total: int, step: int) -> float:
-    """training.warmup_steps' rule (step k < warmup: lr·(k+1)/(warmup+1)), then the decay to 0 at `total`."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / (t.warmup_steps + 1)
-    progress = (step - t.warmup_steps) / (total - t.warmup_steps)
-    return t.lr * (1 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def reference_run(cfg, base: Path, method: str, peft_config: dict, start: dict, steps: list[list[dict]],
                   out: Path) -> list[float]:
     """The plain loop over the micro-batches train() took; returns each step's mean token loss and saves the adapter
@@ -89,7 +81,7 @@ def reference_run(cfg, base: Path, method: str, peft_config: dict, start: dict, 
     losses = []
     for step, batches in enumerate(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(t, total, step)
+            group["lr"] = lr_at(t.schedule, t.lr, t.warmup_steps, total, step)
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # every micro-batch of the step
         summed = 0.0
         for b in batches:
