@@ -6,6 +6,7 @@ Imported by test modules (`from helpers import tiny_llama`); conftest.py holds o
 import contextlib
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,15 @@ def opt_that_mixes_packed_rows(tmp_path: Path, tok) -> tuple[Path, Path]:
     data.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
                                         "output": " ".join(map(str, range(n)))}) + "\n" for n in [1, 2, 3, 100] * 4))
     return base, data
+
+
+def lr_at(schedule: str, lr: float, warmup: int, total: int, step: int) -> float:
+    """The learning rate of update `step` (from 0), written out: training.warmup_steps' rule (step k < warmup:
+    lr·(k+1)/(warmup+1)), then linear or half-cosine decay towards 0 at `total`, or constant."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / (total - warmup)
+    return lr * {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "constant": 1.0}[schedule]
 
 
 def _adapter_weights(model):

@@ -3,7 +3,6 @@
 import dataclasses
 import gc
 import json
-import math
 import os
 import re
 import subprocess
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import Gemma2Config, Gemma2ForCausalLM, OPTForCausalLM
 
-from helpers import opt_that_mixes_packed_rows, tiny_llama
+from helpers import lr_at, opt_that_mixes_packed_rows, tiny_llama
 from loraforge.config import ConfigError, load_train_config
 from loraforge.models import load_tokenizer
 from loraforge.training.loss import CausalLMLoss
@@ -390,19 +389,13 @@ def test_metrics_log_the_learning_rate_each_step_updated_with(tiny_dir, data_fil
         used.append(self.param_groups[0]["lr"])
         return adamw_step(self, *args, **kwargs)
 
-    def schedule_at(s: int, lr: float = 1e-2, warmup: int = 2, total: int = 6) -> float:
-        if s < warmup:
-            return lr * (s + 1) / (warmup + 1)
-        progress = (s - warmup) / (total - warmup)
-        return lr * (1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
-
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     train(config(tiny_dir, data_file, tmp_path, schedule=schedule, log_every=1), progress=False)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert [row["lr"] for row in rows] == used  # what the optimizer used, exactly
     # the plain formula; LambdaLR multiplies lr by the factor: equal to rounding
-    assert used == pytest.approx([schedule_at(s) for s in range(6)], rel=1e-12, abs=0)
+    assert used == pytest.approx([lr_at(schedule, 1e-2, 2, 6, s) for s in range(6)], rel=1e-12, abs=0)
 
 
 def test_tokens_per_second_leave_out_evaluation_and_checkpoints(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
