@@ -314,6 +314,10 @@ def resolve_targets(model: nn.Module, config, adapter_name: str, advise: bool = 
     already wrapped is refused (refuse_peft_model). `advise`: find_targets'.
     """
     refuse_peft_model(model)
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:  # torch's bare KeyError before
+        shown = adapter_name.replace(".", "_") if isinstance(adapter_name, str) and adapter_name else "default"
+        raise ValueError(f"adapter name {adapter_name!r}: give a non-empty string without '.' (torch's module names "
+                         f"cannot hold one), e.g. {shown!r}")
     configs = getattr(model, "lora_configs", None)
     if configs is None:
         configs = model.lora_configs = {}

@@ -71,14 +71,16 @@ def mean_token_loss(model, examples: list[D.Example], pad_id: int, batch_size: i
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        rows = D.pack(chunk, max(max_seq_len, max(len(e.input_ids) for e in chunk))) if packing else chunk
-        batch = {k: v.to(device) for k, v in D.collate(rows, pad_id).items()}
-        with autocast(precision, device.type):
-            s, n = loss_fn(batch)
-        total, count = total + s.item(), count + n.item()
-    model.train(was_training)
+    try:  # the caller's mode back however this ends (a notebook's Ctrl-C left the model in eval mode: no dropout)
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            rows = D.pack(chunk, max(max_seq_len, max(len(e.input_ids) for e in chunk))) if packing else chunk
+            batch = {k: v.to(device) for k, v in D.collate(rows, pad_id).items()}
+            with autocast(precision, device.type):
+                s, n = loss_fn(batch)
+            total, count = total + s.item(), count + n.item()
+    finally:
+        model.train(was_training)
     return total / max(count, 1)
 
 

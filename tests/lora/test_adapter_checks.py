@@ -986,3 +986,19 @@ def test_a_target_modules_list_of_many_entries_is_matched_in_time_as_its_few_tha
     assert time.monotonic() - started < 3  # 15 s before
     assert [path for path, _ in lora_layers(model)] == [f"model.layers.{i}.{m}" for i in range(2)
                                                         for m in ("self_attn.q_proj", "mlp.down_proj")]
+
+
+@pytest.mark.parametrize("name", ["x.y", "", 3])
+def test_an_adapter_name_torch_cannot_hold_is_refused_by_name_before_any_layer_changes(name, tmp_path, input_ids):
+    """A name with '.', an empty one or no string ended in torch's bare KeyError/TypeError from deep in inject (soak:
+    add_weighted_adapter(..., "x.y")), the first layer already wrapped: one ValueError naming it, the model as it
+    was (its logits and module types), and the same adapter then loads under a good name."""
+    good = _good(tmp_path)
+    model = tiny_llama()
+    expected, kinds = model(input_ids).logits, [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=re.escape(f"adapter name {name!r}: give a non-empty string without '.'")):
+        load_adapter(model, good, name)
+    assert [type(m) for m in model.modules()] == kinds
+    torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
+    load_adapter(model, good, "x_y")
+    assert list_adapters(model) == ["x_y"]

@@ -230,6 +230,34 @@ def test_evaluation_builds_no_autograd_graph():
     assert loss == pytest.approx(total / count, rel=1e-5)
 
 
+def test_evaluation_puts_the_callers_mode_back_when_it_is_interrupted():
+    """mean_token_loss sets eval mode (no dropout) and put the caller's mode back only after its last batch: a
+    Ctrl-C (or any error) in a notebook's evaluation left the model in eval mode, so the next training steps ran
+    without dropout, unsaid. The mode comes back however it ends; an uninterrupted call is unchanged."""
+    from loraforge.training.evaluate import mean_token_loss
+
+    model = tiny_llama(seed=4)
+    inject(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"), "default")
+    examples = [D.Example(input_ids=list(range(3, 3 + n)), labels=list(range(3, 3 + n))) for n in (5, 7, 6)]
+    model.train()
+    calls = []
+
+    def interrupt_second(module, args):
+        calls.append(module.training)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = model.model.embed_tokens.register_forward_pre_hook(interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        mean_token_loss(model, examples, 0, batch_size=1, packing=False)
+    handle.remove()
+    assert calls == [False, False]  # evaluated in eval mode
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    mean_token_loss(model, examples, 0, batch_size=1, packing=False)
+    assert not any(m.training for m in model.modules())
+
+
 def test_evaluation_batches_by_tokens_and_gives_the_same_loss():
     """Held-out examples go EVAL_ACTIVATIONS (positions × MLP width) a forward, at most EVAL_MAX_BATCH examples and
     at least max(batch_size, 8), where they went max(batch_size, 8) at a time: the demo's 100 took 3.1 s instead
