@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import importlib.util
 import inspect
@@ -573,15 +574,18 @@ def _value_type(tp) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
+    # allow_abbrev=False: argparse took any unique prefix of an option silently, so `train x.yaml --o` was
+    # --overwrite (a finished run started over) and `serve --adapters a=b` was --adapters-dir; a prefix or a typo is
+    # now refused with the option it resembles (parse_args)
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
-                                     "PEFT-compatible adapters, merging and serving.")
+                                     "PEFT-compatible adapters, merging and serving.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
         p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"),
                            description=doc.split("Args:")[0].strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         p._negative_number_matcher = NEGATIVE_NUMBER  # no option of ours looks like a number: a value, not an option
         docs = _arg_docs(doc)
         hints = typing.get_type_hints(func, include_extras=True)
@@ -612,13 +616,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def did_you_mean(word: str, known) -> str:
+    """' (did you mean X?)' for a mistyped or shortened name among `known`, else ''. Every option `word` begins
+    (`--over`: --overwrite), or the closest spelling (`trian`: train, `--max-step`: --max-steps)."""
+    known = list(known)
+    close = [k for k in known if k.startswith(word) and word.strip("-")]
+    close += [k for k in difflib.get_close_matches(word, known, n=1) if k not in close]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _options(command: str) -> list[str]:
+    """The --options of `command` as typed: its parameters' names, dashed, but for the positionals (build_parser's
+    rules)."""
+    options = ["--help"]
+    for param in inspect.signature(_commands()[command]).parameters.values():
+        positional = (param.default is inspect.Parameter.empty and param.kind is not inspect.Parameter.KEYWORD_ONLY
+                      or param.name == "overrides" or (param.name in OPTIONAL_POSITIONALS and param.default is None))
+        if not positional:
+            options.append("--" + param.name.replace("_", "-"))
+    return options
+
+
+def _hint(option: str, command: str) -> str:
+    """The hint for an --option `command` does not have: a positional's name given as an option (`train --config
+    x.yaml`: CONFIG comes without a flag), or the options it resembles."""
+    name = option.lstrip("-").replace("-", "_")
+    if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in \
+            _options(command):
+        what = "KEY=VALUE pairs come" if name == "overrides" else f"{name.upper()} is positional: give it"
+        return f" ({what} without {option})"
+    return did_you_mean(option, _options(command))
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
-    """Parse a command line; KEY=VALUE overrides may come anywhere, also after --options."""
+    """Parse a command line; KEY=VALUE overrides may come anywhere, also after --options. A mistyped command or
+    option (or an option shortened: argparse's prefixes are off) is refused with the name it resembles."""
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else list(argv)
+    word = next((a for a in given if not a.startswith("-")), None)  # the top level has no option taking a value
+    if word is not None and word not in _commands() and (hint := did_you_mean(word, _commands())):
+        parser.error(f"argument command: invalid choice: {word!r}{hint}")
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        named = [e + (_hint(e.partition("=")[0], args.command) if e.startswith("--") else "") for e in stray or extra]
+        parser.error(f"unrecognized arguments: {' '.join(named)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     for name in OPTIONAL_POSITIONALS:  # argparse took an override for the file: `forgetting lora.r=4` (the

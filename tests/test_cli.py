@@ -313,6 +313,31 @@ def test_train_takes_its_config_after_the_overrides_and_says_when_there_is_none(
                                                     "or after the KEY=VALUE overrides)")
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["train", "a.yaml", "--o"], "unrecognized arguments: --o (did you mean --overwrite?)"),
+    (["train", "a.yaml", "--overwrit", "--resum"],
+     "unrecognized arguments: --overwrit (did you mean --overwrite?) --resum (did you mean --resume?)"),
+    (["serve", "--adapters", "a=b"], "unrecognized arguments: --adapters (did you mean --adapters-dir or --adapter?)"),
+    (["demo", "--max-step", "3"], "unrecognized arguments: --max-step (did you mean --max-steps?)"),
+    (["train", "--config", "a.yaml"],
+     "unrecognized arguments: --config (CONFIG is positional: give it without --config)"),
+    (["trian", "a.yaml"], "argument command: invalid choice: 'trian' (did you mean train?)"),
+    (["train", "a.yaml", "--zzz"], "unrecognized arguments: --zzz"),
+])
+def test_a_shortened_or_mistyped_option_or_command_is_refused_with_the_name_it_resembles(argv, said, capsys):
+    """Soak: argparse took any unique prefix of an option silently: `train x.yaml --o` was --overwrite (a finished
+    run started over) and `serve --adapters a=b` was --adapters-dir (its error then named a flag never typed); a
+    typo got no hint. Prefixes are off; a name that is not an option is refused with the ones it resembles."""
+    from loraforge.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: " + said
+    args = parse_args(["train", "a.yaml", "--overwrite", "lora.r=4"])  # the whole names as before
+    assert (args["config"], args["overwrite"], args["overrides"]) == ("a.yaml", True, ["lora.r=4"])
+
+
 def test_every_command_prints_its_help(capsys):
     from loraforge.cli import _commands
 
