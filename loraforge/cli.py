@@ -688,6 +688,44 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `docker stop`) or SIGHUP (the terminal or SSH session closed) where no training loop stops
+    on it: raised in the main thread (`_terminated_cleanly`) so that the command's clean-up runs, and the CLI exits
+    128 + its number. The signal's default action ended the process where it stood: a merge killed while writing
+    left its 400 MB `.tmp-OUT-*` folder beside --out until a rerun into the same --out swept it. A BaseException,
+    as SystemExit is: `except Exception` never takes it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the command finished")  # ui.runs reads it
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, clean-up or not
+    raise Terminated(signum)
+
+
+SERVERS = ("serve", "ui")  # uvicorn stops them on SIGTERM itself (api.run_until_signal), its threads included
+
+
+@contextlib.contextmanager
+def _terminated_cleanly(command: str):
+    """Inside the block SIGTERM and SIGHUP raise Terminated (see there): for a command that is not a server, in the
+    main thread, for a signal left at its default action (nohup's SIGHUP stays ignored), and not under torchrun,
+    whose agent stops its processes itself. The training loop takes both signals over while it runs (a checkpoint,
+    then Stopped), and gives them back after."""
+    ours = (command not in SERVERS and threading.current_thread() is threading.main_thread()
+            and "TORCHELASTIC_RUN_ID" not in os.environ)
+    installed = [s for s in (signal.SIGTERM, signal.SIGHUP) if ours and signal.getsignal(s) is signal.SIG_DFL]
+    for s in installed:
+        signal.signal(s, _terminate)
+    try:
+        yield
+    finally:
+        for s in installed:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def _ended(signum, frame):
     """Ctrl-C once the command has ended, while the interpreter tears down (torch's part alone takes a second or
     more): exit 130 at once, rather than with a KeyboardInterrupt traceback from an atexit callback or a thread join."""
@@ -713,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_command(argv)
         return 1 if code == 0 and argv is None and output_failed() else code
+    except Terminated as e:  # during run_command's imports, before its own handlers
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130
@@ -781,6 +822,12 @@ def run_command(argv: list[str] | None = None) -> int:
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     command = args.pop("command")
+    with _terminated_cleanly(command):
+        return _run(command, args)
+
+
+def _run(command: str, args: dict) -> int:
+    """Run `command` with its parsed `args`: its exit code, and one line on stderr for an error users can fix."""
     func = _commands()[command]
     for package in NEEDS.get(command, ()):
         if importlib.util.find_spec(package) is None:
@@ -822,6 +869,10 @@ def run_command(argv: list[str] | None = None) -> int:
                 print(f"{e}" + ("; continue with --resume" if func is train and e.resumable else ""),
                       file=sys.stderr)
         return e.exit_code
+    except Terminated as e:
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal it would go to may be gone
+            print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -786,6 +786,41 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     assert capsys.readouterr().err == said + "; continue with --resume\ninterrupted\n"
 
 
+KILLED_WHILE_WRITING = """
+import os, signal, sys, time
+import loraforge.lora.merge as merge
+from loraforge.cli import main
+from loraforge.utils.files import atomic_dir
+
+def killed(base, adapters, out, **kwargs):
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(bytes(1000))
+        os.kill(os.getpid(), signal.Signals[sys.argv[2]])
+        time.sleep(60)
+
+merge.export_merged = killed
+code = main(["merge", "--base", "b", "--adapter", "a", "--out", sys.argv[1]])
+print(all(signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_command_killed_while_writing_removes_its_temporary_folder_and_exits_128_plus_the_signal(
+        signame, code, tmp_path):
+    """Soak: SIGTERM (`kill`, `docker stop`) or SIGHUP during a merge's write ended the process where it stood: its
+    `.tmp-OUT-*` folder (400 MB for the built-in model) stayed beside --out until a rerun into the same --out. The
+    signal now unwinds the command (atomic_dir removes its folder), one line says so, the exit is 128 + its number,
+    and the signals are given back as they were."""
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(out), signame], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr == f"stopped by {signame} before the command finished\n"
+    assert proc.stdout == "True\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_trains_last_line_names_the_folder_it_wrote():
     from pathlib import Path
 
