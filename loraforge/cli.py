@@ -751,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_command(argv)
         return 1 if code == 0 and argv is None and output_failed() else code
+    except SystemExit as e:  # argparse's own end: --help, --version (0) or a usage error (2)
+        if e.code in (0, None) and argv is None and output_failed():  # `--help > /dev/full`: said, so exit 1
+            return 1
+        raise
     except Terminated as e:  # during run_command's imports, before its own handlers
         print(e, file=sys.stderr)
         return 128 + e.signum

@@ -70,6 +70,20 @@ def test_train_ends_and_saves_whatever_becomes_of_its_output(stdout, tiny_dir, d
         assert "13 whole steps of batch_size 3 \\xd7 gradient_accumulation 1" in log.read_text()
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["merge", "--help"]])
+def test_help_or_version_on_a_full_disk_exits_1_as_its_warning_says(argv):
+    """Soak: `loraforge --help > /dev/full` warned "it ends with exit code 1" and exited 0: argparse's exit after the
+    help passed main() by. The lost output is now in the exit code, as for any command's; a usage error stays 2."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "loraforge", *argv], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == ("warning: cannot write to stdout (no space left on the device); the command goes on "
+                           "without its output there, and it ends with exit code 1\n")
+
+
 # `loraforge generate`, its tokens counted as the streamer takes them (the first put is the prompt)
 COUNTING = """
 import os, sys, transformers
