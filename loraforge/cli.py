@@ -556,7 +556,18 @@ OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `l
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
-    return dict(re.findall(r"^\s+(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
+    """{parameter: its `Args:` text}, a text's more indented continuation lines joined on (generate's --chat help
+    stopped mid-sentence at its first line's end)."""
+    if "Args:" not in doc:
+        return {}
+    entries = re.split(r"^\s+(\w+): ", doc.split("Args:", 1)[1], flags=re.M)[1:]
+    return {name: " ".join(text.split()) for name, text in zip(entries[::2], entries[1::2])}
+
+
+def _summary(doc: str) -> str:
+    """The docstring's first paragraph as one line: `loraforge --help`'s line for a command (continual's stopped at
+    the docstring's first line break, "... task accuracy (and the")."""
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 def _value_type(tp) -> tuple:
@@ -583,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
-        p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"),
+        p = sub.add_parser(name, help=_summary(doc).replace("%", "%%"),
                            description=doc.split("Args:")[0].strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         p._negative_number_matcher = NEGATIVE_NUMBER  # no option of ours looks like a number: a value, not an option

@@ -348,6 +348,27 @@ def test_every_command_prints_its_help(capsys):
         assert f"usage: loraforge {name or ''}" in capsys.readouterr().out
 
 
+def test_every_line_of_a_commands_docstring_reaches_its_help():
+    """Soak: `loraforge --help` cut continual's line at its docstring's first line break ("... task accuracy (and
+    the"), and `generate --help` cut --chat's at its first line ("... the "### User:" text chat records are"). The
+    summary is the docstring's first paragraph, and every Args: line, continuations too, is in its option's help."""
+    import argparse
+
+    from loraforge.cli import _commands, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {a.dest: a.help.replace("%%", "%") for a in sub._choices_actions}
+    for name, func in _commands().items():
+        doc = inspect.getdoc(func)
+        assert summaries[name] == " ".join(doc.split("\n\n")[0].split())
+        helps = [a.help.replace("%%", "%") for a in sub.choices[name]._actions if a.help]
+        lines = [" ".join(line.split()) for line in doc.split("Args:", 1)[-1].splitlines() if line.strip()]
+        missing = [line for line in lines if not any(line.partition(": ")[2] in h or line in h for h in helps)]
+        assert missing == [], name
+    assert summaries["continual"].endswith("(and the general probes) of the base, the adapter, and the adapter "
+                                           "trained on with and without replaying old data.")
+
+
 def test_help_and_a_mistyped_command_import_no_torch():
     """Soak (packaging): `loraforge --help`, every `loraforge COMMAND --help` and a mistyped command took 7-11 s on
     2 cores: the parser imported the study modules (estimate, forgetting, continual) for their signatures, and they
