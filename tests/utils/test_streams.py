@@ -2,6 +2,7 @@
 encoding without a character end no command."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_llama
+from loraforge import __version__
 from loraforge.models import load_tokenizer
 from loraforge.utils.streams import ESCAPE, GuardedStream
 
@@ -82,6 +84,38 @@ def test_help_or_version_on_a_full_disk_exits_1_as_its_warning_says(argv):
     assert proc.returncode == 1
     assert proc.stderr == ("warning: cannot write to stdout (no space left on the device); the command goes on "
                            "without its output there, and it ends with exit code 1\n")
+
+
+# `loraforge --version` started without one standard descriptor: its exit code and what descriptors 0-2 are
+WITHOUT_ONE = """
+import json, os, sys
+from loraforge.cli import main
+sys.argv = ["loraforge", "--version"]
+try:
+    code = main()
+except SystemExit as e:
+    code = e.code
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)]
+with open(os.environ["RESULT_TO"], "w") as f:
+    json.dump([code, fds], f)
+"""
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_standard_descriptor_closed_at_start_is_dev_null_and_a_closed_stdout_is_said_and_exits_1(closed, tmp_path):
+    """Soak: `loraforge eval data.jsonl 1>&-` printed its scores to nowhere and exited 0, silent (Python's sys.stdout
+    is None then); and a closed 0, 1 or 2 is the number the next file opened takes, where what C code writes to
+    stdout or stderr would land. Each is /dev/null now; a closed stdout is said on stderr and exits 1, as a full
+    disk under it does; a closed stdin or stderr is the caller's choice, nothing said."""
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_ONE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RESULT_TO": str(result)}, preexec_fn=lambda: os.close(closed))
+    code, fds = json.loads(result.read_text())
+    assert fds[closed] == os.devnull
+    assert code == (1 if closed == 1 else 0)
+    assert proc.stdout == ("" if closed == 1 else f"loraforge {__version__}\n")
+    assert proc.stderr == ("warning: cannot write to stdout (it was closed); the command goes on without its output "
+                           "there, and it ends with exit code 1\n" if closed == 1 else "")
 
 
 # `loraforge generate`, its tokens counted as the streamer takes them (the first put is the prompt)
