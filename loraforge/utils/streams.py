@@ -109,6 +109,25 @@ def stdout_lost() -> bool:
     return isinstance(sys.stdout, GuardedStream) and sys.stdout.lost
 
 
+LOG_INTERVAL_S = 30.0
+"""Seconds between two redraws of a progress bar whose stderr is no terminal (a log file, a pipe): every redraw
+is kept there, where a terminal overwrites it."""
+
+
+def _throttle_progress_bars() -> None:
+    """Where stderr is no terminal, every tqdm bar of the process (transformers' "Loading weights" and "Writing model
+    shards", a download's) is redrawn at most every LOG_INTERVAL_S, as training.report's own bars are: soak, `merge
+    ... 2> merge.log` kept a `\r` redraw of each every 0.1 s. tqdm reads its defaults from TQDM_* variables when it
+    is imported (after this); a value the user set stays, and a child process (a dashboard's run) inherits them."""
+    try:
+        terminal = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):  # no such method, or closed
+        terminal = False
+    if not terminal:
+        for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):
+            os.environ.setdefault(name, str(LOG_INTERVAL_S))
+
+
 STANDARD = ((0, "stdin"), (1, "stdout"), (2, "stderr"))
 
 
@@ -139,6 +158,7 @@ def guard_streams() -> None:
     without (`1>&-`) is lost from the start, so said and in the exit code (the command's output went nowhere; it
     exited 0, silent); a closed stderr or stdin is the caller's choice: /dev/null."""
     closed = _fill_closed()
+    _throttle_progress_bars()
     for name in closed:
         if name != "stdin" and getattr(sys, name) is None:
             setattr(sys, name, open(1 if name == "stdout" else 2, "w", closefd=False))  # onto /dev/null now
@@ -160,4 +180,4 @@ def guard_streams() -> None:
             stream._lose(OSError(errno.EBADF, "it was closed"))
 
 
-__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed", "stdout_lost"]
+__all__ = ["ESCAPE", "LOG_INTERVAL_S", "GuardedStream", "guard_streams", "output_failed", "stdout_lost"]

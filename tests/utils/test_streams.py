@@ -4,6 +4,7 @@ encoding without a character end no command."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,31 @@ def test_a_standard_descriptor_closed_at_start_is_dev_null_and_a_closed_stdout_i
     assert proc.stdout == ("" if closed == 1 else f"loraforge {__version__}\n")
     assert proc.stderr == ("warning: cannot write to stdout (it was closed); the command goes on without its output "
                            "there, and it ends with exit code 1\n" if closed == 1 else "")
+
+
+# a tqdm bar of 20 updates over ~1 s, drawn by a command-line process (its streams guarded) into a log
+BAR_INTO_A_LOG = """
+import time
+from loraforge.utils.streams import guard_streams
+guard_streams()
+from tqdm import tqdm
+for _ in tqdm(range(20), desc="loading"):
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("interval", [None, "0"])
+def test_every_progress_bar_into_a_log_is_redrawn_at_its_start_and_end_only(interval):
+    """Soak: `merge ... 2> merge.log` kept transformers' "Loading weights" and "Writing model shards" bars redrawn
+    every 0.1 s (training.report's own bars already waited LOG_INTERVAL_S where stderr is no terminal). Every tqdm
+    bar of a command-line process now does; a TQDM_MININTERVAL the user set is kept (0: each of the 20 updates)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env.update({"TQDM_MININTERVAL": interval} if interval is not None else {})
+    proc = subprocess.run([sys.executable, "-c", BAR_INTO_A_LOG], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    draws = [d.split("|")[0].strip() for d in re.split("[\r\n]", proc.stderr) if d.startswith("loading")]
+    assert draws == (["loading:   0%", "loading: 100%"] if interval is None else
+                     ["loading:   0%", *(f"loading: {5 * i:3d}%" for i in range(1, 21)), "loading: 100%"]), draws
 
 
 # `loraforge generate`, its tokens counted as the streamer takes them (the first put is the prompt)
