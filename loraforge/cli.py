@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import importlib.util
 import inspect
@@ -555,7 +556,18 @@ OPTIONAL_POSITIONALS = ("config", "data")  # `loraforge forgetting [CONFIG]`, `l
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
-    return dict(re.findall(r"^\s+(\w+): (.+)$", doc.split("Args:", 1)[1], re.M)) if "Args:" in doc else {}
+    """{parameter: its `Args:` text}, a text's more indented continuation lines joined on (generate's --chat help
+    stopped mid-sentence at its first line's end)."""
+    if "Args:" not in doc:
+        return {}
+    entries = re.split(r"^\s+(\w+): ", doc.split("Args:", 1)[1], flags=re.M)[1:]
+    return {name: " ".join(text.split()) for name, text in zip(entries[::2], entries[1::2])}
+
+
+def _summary(doc: str) -> str:
+    """The docstring's first paragraph as one line: `loraforge --help`'s line for a command (continual's stopped at
+    the docstring's first line break, "... task accuracy (and the")."""
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 def _value_type(tp) -> tuple:
@@ -573,15 +585,18 @@ def _value_type(tp) -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
+    # allow_abbrev=False: argparse took any unique prefix of an option silently, so `train x.yaml --o` was
+    # --overwrite (a finished run started over) and `serve --adapters a=b` was --adapters-dir; a prefix or a typo is
+    # now refused with the option it resembles (parse_args)
     parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
-                                     "PEFT-compatible adapters, merging and serving.")
+                                     "PEFT-compatible adapters, merging and serving.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in commands.items():
         doc = inspect.getdoc(func) or ""
-        p = sub.add_parser(name, help=doc.split("\n")[0].replace("%", "%%"),
+        p = sub.add_parser(name, help=_summary(doc).replace("%", "%%"),
                            description=doc.split("Args:")[0].strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         p._negative_number_matcher = NEGATIVE_NUMBER  # no option of ours looks like a number: a value, not an option
         docs = _arg_docs(doc)
         hints = typing.get_type_hints(func, include_extras=True)
@@ -612,13 +627,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def did_you_mean(word: str, known) -> str:
+    """' (did you mean X?)' for a mistyped or shortened name among `known`, else ''. Every option `word` begins
+    (`--over`: --overwrite), or the closest spelling (`trian`: train, `--max-step`: --max-steps)."""
+    known = list(known)
+    close = [k for k in known if k.startswith(word) and word.strip("-")]
+    close += [k for k in difflib.get_close_matches(word, known, n=1) if k not in close]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _options(command: str) -> list[str]:
+    """The --options of `command` as typed: its parameters' names, dashed, but for the positionals (build_parser's
+    rules)."""
+    options = ["--help"]
+    for param in inspect.signature(_commands()[command]).parameters.values():
+        positional = (param.default is inspect.Parameter.empty and param.kind is not inspect.Parameter.KEYWORD_ONLY
+                      or param.name == "overrides" or (param.name in OPTIONAL_POSITIONALS and param.default is None))
+        if not positional:
+            options.append("--" + param.name.replace("_", "-"))
+    return options
+
+
+def _hint(option: str, command: str) -> str:
+    """The hint for an --option `command` does not have: a positional's name given as an option (`train --config
+    x.yaml`: CONFIG comes without a flag), or the options it resembles."""
+    name = option.lstrip("-").replace("-", "_")
+    if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in \
+            _options(command):
+        what = "KEY=VALUE pairs come" if name == "overrides" else f"{name.upper()} is positional: give it"
+        return f" ({what} without {option})"
+    return did_you_mean(option, _options(command))
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
-    """Parse a command line; KEY=VALUE overrides may come anywhere, also after --options."""
+    """Parse a command line; KEY=VALUE overrides may come anywhere, also after --options. A mistyped command or
+    option (or an option shortened: argparse's prefixes are off) is refused with the name it resembles."""
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else list(argv)
+    word = next((a for a in given if not a.startswith("-")), None)  # the top level has no option taking a value
+    if word is not None and word not in _commands() and (hint := did_you_mean(word, _commands())):
+        parser.error(f"argument command: invalid choice: {word!r}{hint}")
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        named = [e + (_hint(e.partition("=")[0], args.command) if e.startswith("--") else "") for e in stray or extra]
+        parser.error(f"unrecognized arguments: {' '.join(named)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     for name in OPTIONAL_POSITIONALS:  # argparse took an override for the file: `forgetting lora.r=4` (the
@@ -646,6 +699,44 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `docker stop`) or SIGHUP (the terminal or SSH session closed) where no training loop stops
+    on it: raised in the main thread (`_terminated_cleanly`) so that the command's clean-up runs, and the CLI exits
+    128 + its number. The signal's default action ended the process where it stood: a merge killed while writing
+    left its 400 MB `.tmp-OUT-*` folder beside --out until a rerun into the same --out swept it. A BaseException,
+    as SystemExit is: `except Exception` never takes it for an error."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the command finished")  # ui.runs reads it
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once, clean-up or not
+    raise Terminated(signum)
+
+
+SERVERS = ("serve", "ui")  # uvicorn stops them on SIGTERM itself (api.run_until_signal), its threads included
+
+
+@contextlib.contextmanager
+def _terminated_cleanly(command: str):
+    """Inside the block SIGTERM and SIGHUP raise Terminated (see there): for a command that is not a server, in the
+    main thread, for a signal left at its default action (nohup's SIGHUP stays ignored), and not under torchrun,
+    whose agent stops its processes itself. The training loop takes both signals over while it runs (a checkpoint,
+    then Stopped), and gives them back after."""
+    ours = (command not in SERVERS and threading.current_thread() is threading.main_thread()
+            and "TORCHELASTIC_RUN_ID" not in os.environ)
+    installed = [s for s in (signal.SIGTERM, signal.SIGHUP) if ours and signal.getsignal(s) is signal.SIG_DFL]
+    for s in installed:
+        signal.signal(s, _terminate)
+    try:
+        yield
+    finally:
+        for s in installed:
+            signal.signal(s, signal.SIG_DFL)
+
+
 def _ended(signum, frame):
     """Ctrl-C once the command has ended, while the interpreter tears down (torch's part alone takes a second or
     more): exit 130 at once, rather than with a KeyboardInterrupt traceback from an atexit callback or a thread join."""
@@ -671,6 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_command(argv)
         return 1 if code == 0 and argv is None and output_failed() else code
+    except SystemExit as e:  # argparse's own end: --help, --version (0) or a usage error (2)
+        if e.code in (0, None) and argv is None and output_failed():  # `--help > /dev/full`: said, so exit 1
+            return 1
+        raise
+    except Terminated as e:  # during run_command's imports, before its own handlers
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130
@@ -739,6 +837,12 @@ def run_command(argv: list[str] | None = None) -> int:
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     command = args.pop("command")
+    with _terminated_cleanly(command):
+        return _run(command, args)
+
+
+def _run(command: str, args: dict) -> int:
+    """Run `command` with its parsed `args`: its exit code, and one line on stderr for an error users can fix."""
     func = _commands()[command]
     for package in NEEDS.get(command, ()):
         if importlib.util.find_spec(package) is None:
@@ -780,6 +884,10 @@ def run_command(argv: list[str] | None = None) -> int:
                 print(f"{e}" + ("; continue with --resume" if func is train and e.resumable else ""),
                       file=sys.stderr)
         return e.exit_code
+    except Terminated as e:
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal it would go to may be gone
+            print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

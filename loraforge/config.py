@@ -1034,14 +1034,17 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         if Path(path).is_dir():  # every command that reads a run's YAML (train, forgetting, ...)
             raise ConfigError([f"{path}: is a directory; give the training YAML file in it, e.g. "
                                f"{Path(path) / 'config.yaml'}"])
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
+        # read once: a pipe is a config too (`train <(sed ... base.yaml)`, `... | train /dev/stdin`), and was "no such
+        # config file" (not a regular file)
+        raw = Path(path).read_bytes()
         try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
-            loaded = yaml.load(Path(path).read_bytes(), Loader=yaml_loader()) or {}
+            loaded = yaml.load(raw, Loader=yaml_loader()) or {}
         except DuplicateKey as e:
             raise ConfigError([f"{path}:{e.line}: {e}"]) from None
         except yaml.reader.ReaderError as e:  # a byte that is not UTF-8, e.g. a Latin-1 "café" in a comment
-            line = Path(path).read_bytes().count(b"\n", 0, e.position) + 1
+            line = raw.count(b"\n", 0, e.position) + 1
             raise ConfigError([f"{path}:{line}: byte 0x{e.character:02x} is not UTF-8; save the file as UTF-8 "
                                f"(iconv -f latin1 -t utf-8 {path} > fixed.yaml)"]) from None
         except yaml.YAMLError as e:

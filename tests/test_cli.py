@@ -313,6 +313,31 @@ def test_train_takes_its_config_after_the_overrides_and_says_when_there_is_none(
                                                     "or after the KEY=VALUE overrides)")
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["train", "a.yaml", "--o"], "unrecognized arguments: --o (did you mean --overwrite?)"),
+    (["train", "a.yaml", "--overwrit", "--resum"],
+     "unrecognized arguments: --overwrit (did you mean --overwrite?) --resum (did you mean --resume?)"),
+    (["serve", "--adapters", "a=b"], "unrecognized arguments: --adapters (did you mean --adapters-dir or --adapter?)"),
+    (["demo", "--max-step", "3"], "unrecognized arguments: --max-step (did you mean --max-steps?)"),
+    (["train", "--config", "a.yaml"],
+     "unrecognized arguments: --config (CONFIG is positional: give it without --config)"),
+    (["trian", "a.yaml"], "argument command: invalid choice: 'trian' (did you mean train?)"),
+    (["train", "a.yaml", "--zzz"], "unrecognized arguments: --zzz"),
+])
+def test_a_shortened_or_mistyped_option_or_command_is_refused_with_the_name_it_resembles(argv, said, capsys):
+    """Soak: argparse took any unique prefix of an option silently: `train x.yaml --o` was --overwrite (a finished
+    run started over) and `serve --adapters a=b` was --adapters-dir (its error then named a flag never typed); a
+    typo got no hint. Prefixes are off; a name that is not an option is refused with the ones it resembles."""
+    from loraforge.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: " + said
+    args = parse_args(["train", "a.yaml", "--overwrite", "lora.r=4"])  # the whole names as before
+    assert (args["config"], args["overwrite"], args["overrides"]) == ("a.yaml", True, ["lora.r=4"])
+
+
 def test_every_command_prints_its_help(capsys):
     from loraforge.cli import _commands
 
@@ -321,6 +346,27 @@ def test_every_command_prints_its_help(capsys):
             main([name, "--help"] if name else ["--help"])
         assert e.value.code == 0
         assert f"usage: loraforge {name or ''}" in capsys.readouterr().out
+
+
+def test_every_line_of_a_commands_docstring_reaches_its_help():
+    """Soak: `loraforge --help` cut continual's line at its docstring's first line break ("... task accuracy (and
+    the"), and `generate --help` cut --chat's at its first line ("... the "### User:" text chat records are"). The
+    summary is the docstring's first paragraph, and every Args: line, continuations too, is in its option's help."""
+    import argparse
+
+    from loraforge.cli import _commands, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {a.dest: a.help.replace("%%", "%") for a in sub._choices_actions}
+    for name, func in _commands().items():
+        doc = inspect.getdoc(func)
+        assert summaries[name] == " ".join(doc.split("\n\n")[0].split())
+        helps = [a.help.replace("%%", "%") for a in sub.choices[name]._actions if a.help]
+        lines = [" ".join(line.split()) for line in doc.split("Args:", 1)[-1].splitlines() if line.strip()]
+        missing = [line for line in lines if not any(line.partition(": ")[2] in h or line in h for h in helps)]
+        assert missing == [], name
+    assert summaries["continual"].endswith("(and the general probes) of the base, the adapter, and the adapter "
+                                           "trained on with and without replaying old data.")
 
 
 def test_help_and_a_mistyped_command_import_no_torch():
@@ -759,6 +805,41 @@ def test_a_run_stopped_by_a_signal_exits_128_plus_its_number(tmp_path, monkeypat
     monkeypatch.setattr(distributed, "leave_processes", ctrl_c)
     assert main(["train", str(config)]) == 130
     assert capsys.readouterr().err == said + "; continue with --resume\ninterrupted\n"
+
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys, time
+import loraforge.lora.merge as merge
+from loraforge.cli import main
+from loraforge.utils.files import atomic_dir
+
+def killed(base, adapters, out, **kwargs):
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(bytes(1000))
+        os.kill(os.getpid(), signal.Signals[sys.argv[2]])
+        time.sleep(60)
+
+merge.export_merged = killed
+code = main(["merge", "--base", "b", "--adapter", "a", "--out", sys.argv[1]])
+print(all(signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGHUP)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_command_killed_while_writing_removes_its_temporary_folder_and_exits_128_plus_the_signal(
+        signame, code, tmp_path):
+    """Soak: SIGTERM (`kill`, `docker stop`) or SIGHUP during a merge's write ended the process where it stood: its
+    `.tmp-OUT-*` folder (400 MB for the built-in model) stayed beside --out until a rerun into the same --out. The
+    signal now unwinds the command (atomic_dir removes its folder), one line says so, the exit is 128 + its number,
+    and the signals are given back as they were."""
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(out), signame], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert proc.stderr == f"stopped by {signame} before the command finished\n"
+    assert proc.stdout == "True\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_trains_last_line_names_the_folder_it_wrote():

@@ -1,6 +1,8 @@
 """Config values that would crash deep in training or silently train nothing are refused when the config loads,
 each naming the field as the user types it."""
 
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -321,6 +323,26 @@ def test_a_config_file_in_utf16_is_read_and_one_with_a_latin1_byte_is_named(tmp_
     path = tmp_path / "latin1.yaml"
     assert e.value.problems == [f"{path}:1: byte 0xe9 is not UTF-8; save the file as UTF-8 (iconv -f latin1 -t "
                                 f"utf-8 {path} > fixed.yaml)"]
+
+
+def test_a_config_read_from_a_pipe_loads_and_only_a_missing_one_is_no_such_file(tmp_path):
+    """Soak: `loraforge train <(sed ... base.yaml)` and `... | loraforge train /dev/stdin` were "no such config file"
+    (a pipe is no regular file), and so was /dev/null. A pipe is read once, as a file; /dev/null is an empty config."""
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("data: {train: a.jsonl}\nlora: {r: 3}\n",), daemon=True)
+    writer.start()
+    try:
+        assert load_train_config(str(fifo)).lora.r == 3
+    finally:
+        writer.join(timeout=10)
+    with pytest.raises(ConfigError) as e:
+        load_train_config(os.devnull)
+    assert e.value.problems == ["data: missing; give at least data.train (a dataset file)"]
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(tmp_path / "nope.yaml"))
+    assert e.value.problems == [f"{tmp_path / 'nope.yaml'}: no such config file; give the path of a training YAML "
+                                f"file"]
 
 
 @pytest.mark.parametrize("path", ["examples/demo.yaml", "examples/times.yaml"])

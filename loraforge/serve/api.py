@@ -567,8 +567,16 @@ def server_config(app, host: str, port: int, log_level: str, header_timeout: flo
                                 f"(--header-timeout); send the request again", "request_timeout").body
     http = functools.partial(GuardedH11Protocol, header_timeout=header_timeout, max_connections=max_connections,
                              refuse=refuse, too_slow=too_slow, body_too_slow=body_too_slow)
+    kwargs.setdefault("use_colors", False if no_color() else None)  # None: uvicorn's own choice (a terminal)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, timeout_keep_alive=KEEP_ALIVE_S,
                           **kwargs)
+
+
+def no_color() -> bool:
+    """Whether the environment asks for text without colours: NO_COLOR set and not empty (no-color.org), or
+    TERM=dumb. uvicorn coloured its log lines on any terminal (soak: `NO_COLOR=1 loraforge serve` wrote
+    `\x1b[32mINFO\x1b[0m:`)."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def run_until_signal(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from loraforge.utils.files import atomic_file, disk_error
+from loraforge.utils.streams import LOG_INTERVAL_S
 
 
 def finite_or_none(value):
@@ -82,11 +83,6 @@ def _drop_rows_after(path: Path, step: int) -> None:
     if len(kept) < len(lines):
         with atomic_file(path) as tmp:
             tmp.write_text("".join(kept))
-
-
-LOG_INTERVAL_S = 30.0
-"""Seconds between two redraws of a progress bar whose stderr is no terminal (a log file, a pipe): every redraw
-is kept there, where a terminal overwrites it."""
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step",

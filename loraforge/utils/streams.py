@@ -109,9 +109,59 @@ def stdout_lost() -> bool:
     return isinstance(sys.stdout, GuardedStream) and sys.stdout.lost
 
 
+LOG_INTERVAL_S = 30.0
+"""Seconds between two redraws of a progress bar whose stderr is no terminal (a log file, a pipe): every redraw
+is kept there, where a terminal overwrites it."""
+
+
+def _throttle_progress_bars() -> None:
+    """Where stderr is no terminal, every tqdm bar of the process (transformers' "Loading weights" and "Writing model
+    shards", a download's) is redrawn at most every LOG_INTERVAL_S, as training.report's own bars are: soak, `merge
+    ... 2> merge.log` kept a `\r` redraw of each every 0.1 s. tqdm reads its defaults from TQDM_* variables when it
+    is imported (after this); a value the user set stays, and a child process (a dashboard's run) inherits them."""
+    try:
+        terminal = sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError, OSError):  # no such method, or closed
+        terminal = False
+    if not terminal:
+        for name in ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):
+            os.environ.setdefault(name, str(LOG_INTERVAL_S))
+
+
+STANDARD = ((0, "stdin"), (1, "stdout"), (2, "stderr"))
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return False
+    except OSError:
+        return True
+
+
+def _fill_closed() -> list[str]:
+    """The standard descriptors the process was started without (`1>&-`, `0<&-`), each opened on /dev/null: else
+    the next file the command opens takes the number, and what C code or a later stream writes to 1 or 2 lands in
+    it. Their names; Python's stream for each is None."""
+    closed = [(fd, name) for fd, name in STANDARD if _closed(fd)]
+    for fd, _ in closed:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    return [name for _, name in closed]
+
+
 def guard_streams() -> None:
     """Guard sys.stdout and sys.stderr (those that are open) for the rest of the process: see the module's
-    docstring. Called once, by the command line for the process's own arguments."""
+    docstring. Called once, by the command line for the process's own arguments. A stdout the process was started
+    without (`1>&-`) is lost from the start, so said and in the exit code (the command's output went nowhere; it
+    exited 0, silent); a closed stderr or stdin is the caller's choice: /dev/null."""
+    closed = _fill_closed()
+    _throttle_progress_bars()
+    for name in closed:
+        if name != "stdin" and getattr(sys, name) is None:
+            setattr(sys, name, open(1 if name == "stdout" else 2, "w", closefd=False))  # onto /dev/null now
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None or isinstance(stream, GuardedStream):
@@ -123,6 +173,11 @@ def guard_streams() -> None:
             setattr(sys, name, GuardedStream(stream, name))
     if isinstance(sys.stdout, GuardedStream) and isinstance(sys.stderr, GuardedStream):
         sys.stdout.other, sys.stderr.other = sys.stderr, sys.stdout
+    for name in closed:
+        if isinstance(stream := getattr(sys, name, None), GuardedStream):
+            if name == "stderr":
+                stream.other = None  # closed by the caller: nothing to say, and not on stdout
+            stream._lose(OSError(errno.EBADF, "it was closed"))
 
 
-__all__ = ["ESCAPE", "GuardedStream", "guard_streams", "output_failed", "stdout_lost"]
+__all__ = ["ESCAPE", "LOG_INTERVAL_S", "GuardedStream", "guard_streams", "output_failed", "stdout_lost"]

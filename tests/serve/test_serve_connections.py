@@ -208,3 +208,15 @@ def test_a_request_whose_body_is_still_coming_at_shutdown_answers_503_not_a_plai
         "message": "the server is shutting down; retry the request", "type": "server_error", "param": None,
         "code": "shutting_down"}
     assert [e for e in errors if "Exception in ASGI application" in e] == [], errors
+
+
+@pytest.mark.parametrize("env,colors", [({"NO_COLOR": "1"}, False), ({"TERM": "dumb"}, False),
+                                        ({"NO_COLOR": ""}, None), ({}, None)])
+def test_the_servers_log_has_no_colours_where_the_environment_asks_for_none(env, colors, monkeypatch):
+    """Soak: `NO_COLOR=1 loraforge serve` (or TERM=dumb) on a terminal wrote uvicorn's `\\x1b[32mINFO\\x1b[0m:`; it
+    now asks uvicorn for none there (use_colors=False); elsewhere uvicorn decides (None: colours on a terminal)."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert server_config(FastAPI(), "127.0.0.1", 0, "warning").use_colors is colors

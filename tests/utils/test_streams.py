@@ -2,7 +2,9 @@
 encoding without a character end no command."""
 
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_llama
+from loraforge import __version__
 from loraforge.models import load_tokenizer
 from loraforge.utils.streams import ESCAPE, GuardedStream
 
@@ -68,6 +71,77 @@ def test_train_ends_and_saves_whatever_becomes_of_its_output(stdout, tiny_dir, d
     assert (note in err.splitlines()) == (stdout == "full disk")
     if stdout == "ascii":
         assert "13 whole steps of batch_size 3 \\xd7 gradient_accumulation 1" in log.read_text()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["merge", "--help"]])
+def test_help_or_version_on_a_full_disk_exits_1_as_its_warning_says(argv):
+    """Soak: `loraforge --help > /dev/full` warned "it ends with exit code 1" and exited 0: argparse's exit after the
+    help passed main() by. The lost output is now in the exit code, as for any command's; a usage error stays 2."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "loraforge", *argv], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == ("warning: cannot write to stdout (no space left on the device); the command goes on "
+                           "without its output there, and it ends with exit code 1\n")
+
+
+# `loraforge --version` started without one standard descriptor: its exit code and what descriptors 0-2 are
+WITHOUT_ONE = """
+import json, os, sys
+from loraforge.cli import main
+sys.argv = ["loraforge", "--version"]
+try:
+    code = main()
+except SystemExit as e:
+    code = e.code
+fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in (0, 1, 2)]
+with open(os.environ["RESULT_TO"], "w") as f:
+    json.dump([code, fds], f)
+"""
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_standard_descriptor_closed_at_start_is_dev_null_and_a_closed_stdout_is_said_and_exits_1(closed, tmp_path):
+    """Soak: `loraforge eval data.jsonl 1>&-` printed its scores to nowhere and exited 0, silent (Python's sys.stdout
+    is None then); and a closed 0, 1 or 2 is the number the next file opened takes, where what C code writes to
+    stdout or stderr would land. Each is /dev/null now; a closed stdout is said on stderr and exits 1, as a full
+    disk under it does; a closed stdin or stderr is the caller's choice, nothing said."""
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_ONE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RESULT_TO": str(result)}, preexec_fn=lambda: os.close(closed))
+    code, fds = json.loads(result.read_text())
+    assert fds[closed] == os.devnull
+    assert code == (1 if closed == 1 else 0)
+    assert proc.stdout == ("" if closed == 1 else f"loraforge {__version__}\n")
+    assert proc.stderr == ("warning: cannot write to stdout (it was closed); the command goes on without its output "
+                           "there, and it ends with exit code 1\n" if closed == 1 else "")
+
+
+# a tqdm bar of 20 updates over ~1 s, drawn by a command-line process (its streams guarded) into a log
+BAR_INTO_A_LOG = """
+import time
+from loraforge.utils.streams import guard_streams
+guard_streams()
+from tqdm import tqdm
+for _ in tqdm(range(20), desc="loading"):
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("interval", [None, "0"])
+def test_every_progress_bar_into_a_log_is_redrawn_at_its_start_and_end_only(interval):
+    """Soak: `merge ... 2> merge.log` kept transformers' "Loading weights" and "Writing model shards" bars redrawn
+    every 0.1 s (training.report's own bars already waited LOG_INTERVAL_S where stderr is no terminal). Every tqdm
+    bar of a command-line process now does; a TQDM_MININTERVAL the user set is kept (0: each of the 20 updates)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env.update({"TQDM_MININTERVAL": interval} if interval is not None else {})
+    proc = subprocess.run([sys.executable, "-c", BAR_INTO_A_LOG], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    draws = [d.split("|")[0].strip() for d in re.split("[\r\n]", proc.stderr) if d.startswith("loading")]
+    assert draws == (["loading:   0%", "loading: 100%"] if interval is None else
+                     ["loading:   0%", *(f"loading: {5 * i:3d}%" for i in range(1, 21)), "loading: 100%"]), draws
 
 
 # `loraforge generate`, its tokens counted as the streamer takes them (the first put is the prompt)
