@@ -92,12 +92,37 @@ def make_output(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+PATH_MAX = 4096
+"""The most bytes a path may have on Linux (the final NUL included), where pathconf cannot say."""
+ROOM = 100
+"""Bytes that the longest path a command writes below its output folder adds to it, with room to spare:
+/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61."""
+
+
+def check_length(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder whose path leaves no room for the paths of the files written below
+    it (soak: an output_dir of 4,000 bytes was made, then the first checkpoint's file was a safetensors traceback
+    "File name too long", leaving a run that blocked the next one). The path a write takes is the folder's real one
+    (files.real_path: absolute, links followed)."""
+    real = real_path(path)
+    try:
+        limit = os.pathconf(next(p for p in (real, *real.parents) if p.is_dir()), "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer for this file system
+        limit = PATH_MAX
+    size = len(os.fsencode(real))
+    if size + ROOM >= limit:
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
+        raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
+                          f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")
+
+
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
                  flag: str = "--out") -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
 
     `flag` is how the user named the path (--out, output_dir) so the message points at it.
     """
+    check_length(path, flag)
     check_not_input(path, inputs, flag)
     check_parents(path, flag)
     out = expand_user(path)
@@ -232,6 +257,7 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
     this call made it and nothing was written into it). Another process holding it: OutputError naming its
     process id. A folder that cannot be created or written (read-only, a part of the path is a file):
     files.DiskError, one line naming it. Both before anything in `path` is read or written."""
+    check_length(path, flag)
     out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
@@ -280,5 +306,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_replaceable", "check_run_output",
-           "check_writable", "hold_output"]
+__all__ = ["LOCK", "OutputError", "check_length", "check_output", "check_not_input", "check_replaceable",
+           "check_run_output", "check_writable", "hold_output"]

@@ -195,6 +195,35 @@ def test_train_into_a_users_folder_needs_overwrite(tiny_dir, data_file, tmp_path
     assert (out / "notes.txt").read_bytes() == before["notes.txt"]
 
 
+def long_output(tmp_path: Path, size: int) -> Path:
+    """A path of `size` bytes under tmp_path: folders of 200-byte names (each within NAME_MAX), a shorter last."""
+    out, left = tmp_path, size - len(os.fsencode(tmp_path))
+    while left > 0:
+        out, left = out / ("d" * min(200, left - 1)), left - min(201, left)
+    return out
+
+
+def test_an_output_dir_too_long_for_the_files_below_it_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch):
+    """Soak: an output_dir of 4,035 bytes was made, trained a step, then its first checkpoint's file was a
+    safetensors traceback ("File name too long"), and the metrics and checkpoints folder it left refused the next
+    run as "not empty". The check is the real path's: 4,095 bytes is the longest Linux takes (PATH_MAX, 4,096 with
+    the NUL)."""
+    out = long_output(tmp_path, 4035)
+    assert len(os.fsencode(out)) == 4035
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+        with pytest.raises(OutputError) as e:
+            train(config(tiny_dir, data_file, out), progress=False)
+    shown = f"{str(out)[:40]}...{str(out)[-30:]}"
+    assert str(e.value) == (f"output_dir {shown}: its full path is 4,035 bytes, too long for the files written below "
+                            f"it (this system takes paths of at most 4,095 bytes); choose a shorter output_dir")
+    assert not any(tmp_path.iterdir())  # nothing made
+    with pytest.raises(OutputError, match=r"^--out .*: its full path is 3,996 bytes, too long"):
+        check_output(long_output(tmp_path, 3996), overwrite=False)
+    check_output(long_output(tmp_path, 3995), overwrite=False)  # 3,995 + the 61 of a checkpoint's file: room left
+
+
 @pytest.mark.parametrize("name, folder", [("adapter", False), ("checkpoints", False), ("metrics.jsonl", True),
                                           ("loss.png", True), ("model", False)])
 def test_an_entry_a_run_writes_of_the_other_kind_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
