@@ -25,7 +25,7 @@ from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
                                    merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
-from loraforge.utils.files import atomic_dir, expand_user
+from loraforge.utils.files import atomic_dir, expand_user, missing_note
 from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -178,7 +178,7 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
     """adapter_config.json's path and its JSON object; a folder that is not an adapter's is told what it is."""
     folder = expand_user(adapter_dir)
     if not folder.exists():
-        raise AdapterError(f"no such adapter folder: {adapter_dir}")
+        raise AdapterError(f"no such adapter folder: {adapter_dir}{missing_note(str(adapter_dir))}")
     path = folder / CONFIG_NAME
     if not path.is_file():
         if (folder / "adapter" / CONFIG_NAME).is_file():  # a training run's folder: its adapter is in adapter/

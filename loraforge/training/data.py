@@ -35,7 +35,7 @@ import torch
 from loraforge.decoding import turn_end_text
 from loraforge.training.pieces import text_ids
 from loraforge.training.report import progress_bar
-from loraforge.utils.files import expand_user, unexpanded_note
+from loraforge.utils.files import expand_user, missing_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
 from loraforge.utils.weakcache import per_object
 
@@ -99,7 +99,7 @@ def read_records(source: str) -> list[dict]:
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
         if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
-            raise DataError(f"no such file: {source}{unexpanded_note(source) or _relative_note(path)}")
+            raise DataError(f"no such file: {source}{missing_note(source) or _relative_note(path)}")
         return _read_hub(source)
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")
