@@ -397,8 +397,11 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
 
 
 def is_hub_id(name: str) -> bool:
-    """The hub's repo id form: name or namespace/name, of letters, digits, '-', '_' and '.' (no '--' or '..')."""
-    return bool(re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name)) and "--" not in name and ".." not in name
+    """The hub's repo id form: name or namespace/name, of ASCII letters, digits, '-', '_' and '.' (no '--' or '..'):
+    an accented letter is no hub id's (soak: a local "modèles/tiny" that was not there was huggingface_hub's
+    HFValidationError traceback, where \\w took the è)."""
+    return (bool(re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name, flags=re.ASCII)) and "--" not in name
+            and ".." not in name)
 
 
 class ModelDownloadError(OSError):

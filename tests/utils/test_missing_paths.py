@@ -61,3 +61,10 @@ def test_a_missing_path_names_what_is_there_under_another_form_case_or_separator
             read_records(typed)
         assert str(e.value) == f"no such file: {typed} ({note})"
 
+
+def test_a_missing_local_path_with_an_accented_letter_is_not_taken_for_a_hub_id(copied_from_a_mac):
+    """Soak: `--model modèles/tiny` (no such folder) passed the hub-id check (\\w takes 'è'): huggingface_hub's
+    HFValidationError traceback."""
+    assert not M.is_hub_id("modèles/tiny") and M.is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match=r"^model 'modèles/tiny' not found: give a transformers directory"):
+        M.resolve_model("modèles/tiny")
