@@ -69,8 +69,21 @@ def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag:
                           f"(--overwrite never allows that); choose another {flag}")
 
 
+def check_links(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output that is, or lies below, a link to nothing (soak: "cannot write runs/a: File exists (the file
+    system's answer)", where runs links to a folder on another disk that is not mounted): the link's target named,
+    never created (on an unmounted disk it would be made on the disk the mount point is on)."""
+    for p in (expand_user(path), *expand_user(path).parents):
+        if p.is_symlink() and not p.exists():
+            raise OutputError(f"{flag} {path}: {p} is a link to {os.readlink(p)}, which does not exist (a disk that "
+                              f"is not mounted, or a folder moved or deleted); mount the disk or point the link at a "
+                              f"folder that exists, or choose another {flag}")
+
+
 def check_parents(path: str | Path, flag: str = "--out") -> None:
-    """Refuse an output below a file (`mkdir` would say only "File exists", naming the file, not the flag)."""
+    """Refuse an output below a file (`mkdir` would say only "File exists", naming the file, not the flag), or one
+    that is or lies below a link to nothing (check_links)."""
+    check_links(path, flag)
     for parent in expand_user(path).parents:
         if parent.exists():
             if not parent.is_dir():
@@ -258,6 +271,7 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
     process id. A folder that cannot be created or written (read-only, a part of the path is a file):
     files.DiskError, one line naming it. Both before anything in `path` is read or written."""
     check_length(path, flag)
+    check_links(path, flag)
     out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
@@ -306,5 +320,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_length", "check_output", "check_not_input", "check_replaceable",
-           "check_run_output", "check_writable", "hold_output"]
+__all__ = ["LOCK", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
+           "check_replaceable", "check_run_output", "check_writable", "hold_output"]

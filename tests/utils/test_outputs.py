@@ -523,3 +523,30 @@ def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one
                        f"was kept: pass --overwrite (overwrite=True) to replace it, or choose another output")
     assert [p.name for p in vllm_out.iterdir()] == ["theirs.txt"] and gguf_out.read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v", "x.gguf"]  # no temporary left
+
+
+def test_an_output_through_a_link_to_nothing_is_refused_before_loading_and_nothing_is_made_there(
+        tiny_dir, adapter_dir, data_file, tmp_path, capsys, no_model_loading):
+    """Soak: with runs linked to a folder on another disk that is not mounted, train and merge said "cannot write
+    runs/a: File exists (the file system's answer)", and export --to gguf made the link's target folder and wrote
+    the file there (on an unmounted disk: onto the disk of its mount point)."""
+    gone = tmp_path / "disk2" / "runs"  # the other disk's folder, not there
+    (tmp_path / "runs").symlink_to(gone)
+    (tmp_path / "run").symlink_to(gone / "run")
+    fix = "(a disk that is not mounted, or a folder moved or deleted); mount the disk or point the link at a folder " \
+          "that exists, or choose another"
+    for out, command, flag in (
+            (tmp_path / "runs" / "m", ["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)], "--out"),
+            (tmp_path / "runs" / "v", ["export", "--to", "vllm", "--adapter", str(adapter_dir)], "--out"),
+            (tmp_path / "runs" / "x.gguf", ["export", "--to", "gguf", "--base", str(tiny_dir)], "--out"),
+            (tmp_path / "run", ["train", "CONFIG"], "output_dir")):
+        if command[0] == "train":
+            path = tmp_path / "config.yaml"
+            path.write_text(json.dumps({"model": {"name": str(tiny_dir)}, "data": {"train": str(data_file)},
+                                        "output_dir": str(out)}))
+            err = refused(["train", str(path)], capsys)
+        else:
+            err = refused([*command, "--out", str(out)], capsys)
+        link = out if out.name == "run" else out.parent
+        assert err == f"error: {flag} {out}: {link} is a link to {os.readlink(link)}, which does not exist {fix} {flag}"
+    assert not (tmp_path / "disk2").exists()
