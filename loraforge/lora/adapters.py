@@ -180,6 +180,9 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
     if not folder.exists():
         raise AdapterError(f"no such adapter folder: {adapter_dir}{missing_note(str(adapter_dir))}")
     path = folder / CONFIG_NAME
+    if folder.is_file():  # soak: --adapter x/adapter_config.json read "adapter_config.json is missing"
+        raise AdapterError(f"{adapter_dir} is a file, not an adapter directory; give the folder that holds it "
+                           f"({Path(adapter_dir).parent}) if that is the adapter's")
     if not path.is_file():
         if (folder / "adapter" / CONFIG_NAME).is_file():  # a training run's folder: its adapter is in adapter/
             hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}"

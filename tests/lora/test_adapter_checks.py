@@ -747,6 +747,17 @@ def test_an_adapter_path_with_a_tilde_is_the_home_folders_and_a_missing_one_says
         load_adapter(tiny_llama(), "~/nothing")
 
 
+def test_an_adapters_file_given_as_the_adapter_names_its_folder(tmp_path):
+    """Soak: --adapter run/adapter/adapter_config.json (or its .safetensors) said "adapter_config.json is missing"."""
+    model = inject(tiny_llama(), LoraConfig(r=4))
+    save_adapter(model, tmp_path / "ad")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with pytest.raises(AdapterError) as e:
+            read_adapter_config(tmp_path / "ad" / name)
+        assert str(e.value) == (f"{tmp_path / 'ad' / name} is a file, not an adapter directory; give the folder that "
+                                f"holds it ({tmp_path / 'ad'}) if that is the adapter's")
+
+
 def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tmp_path):
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
