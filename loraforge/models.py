@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
-from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, missing_note,
-                                   plain_modes)
+from loraforge.utils.files import (DiskError, byte_order_mark, disk_error, expand_user, free_bytes, fsync_tree,
+                                   missing_note, plain_modes)
 from loraforge.utils.hub import hub_unreachable, offline_hub
 
 try:
@@ -377,7 +377,12 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
         try:  # before the tokenizer or the weights, whose loaders would name themselves as what failed
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
-            json.loads((path / "config.json").read_bytes())
+            raw = (path / "config.json").read_bytes()
+            if encoding := byte_order_mark(raw):  # soak: "its weights cannot be read", transformers' words
+                raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} starts with a {encoding} "
+                                      f"byte-order mark (as Windows editors write), which transformers does not read; "
+                                      f"save it as UTF-8 without one")
+            json.loads(raw)
         except ValueError as e:
             where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
             raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} is not valid JSON{where}; save or "

@@ -25,7 +25,7 @@ from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
                                    merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
-from loraforge.utils.files import atomic_dir, expand_user, missing_note
+from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
 from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -210,6 +210,9 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB, where an adapter's config is a few KB; give "
                            f"the {CONFIG_NAME} that was saved with the adapter")
+    if encoding := byte_order_mark(raw):  # soak: "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+        raise AdapterError(f"{path} starts with a {encoding} byte-order mark (as Windows editors write), which PEFT "
+                           f"does not read either; save it as UTF-8 without one")
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -17,6 +17,7 @@ replaces the link, and '.' has no name to rename onto.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import errno
@@ -52,6 +53,17 @@ SHORT_WRITE = ("the disk took only part of a write (it is full, over a quota, or
 # non-tensor items with it) loses the OSError and raises RuntimeError "... unexpected pos N vs M"
 SHORT_WRITES = [(OSError, re.compile(r"\d+ requested and \d+ written")),
                 (RuntimeError, re.compile(r"inline_container\.cc:\d+\]? *\. unexpected pos \d+ vs \d+"))]
+
+
+UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
+                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),  # FF FE starts both
+                (codecs.BOM_UTF8, "UTF-8")]
+
+
+def byte_order_mark(raw: bytes) -> str | None:
+    """The encoding whose byte-order mark `raw` starts with (UTF-8, UTF-16, UTF-32: what Windows editors write), or
+    None."""
+    return next((encoding for mark, encoding in UNICODE_BOMS if raw.startswith(mark)), None)
 
 
 def unexpanded_note(path: str) -> str:

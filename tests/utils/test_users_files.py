@@ -1,14 +1,19 @@
-"""A path typed in a config or on the command line that names nothing: the message names what is there under a name
-that differs only in its Unicode form (NFD, as macOS writes names), in case, or in its separators (Windows')."""
+"""Paths and files as users' machines have them: a path typed in a config or on the command line that names nothing
+(the message names what is there under a name that differs only in its Unicode form, NFD as macOS writes names, in
+case, or in its separators, Windows'), and JSON files saved by Windows editors (a byte-order mark)."""
 
+import codecs
+import json
 import unicodedata
 
 import pytest
 
 import loraforge.models as M
-from loraforge.config import ConfigError, load_train_config
-from loraforge.lora.adapters import AdapterError, read_adapter_json
+from loraforge.config import ConfigError, LoraConfig, load_train_config
+from loraforge.lora.adapters import AdapterError, read_adapter_json, save_adapter
+from loraforge.lora.inject import inject
 from loraforge.training.data import DataError, read_records
+from helpers import tiny_llama
 
 NFC, NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
 UNICODE = "in its Unicode form (NFD, as macOS writes names: an accent stored as a character of its own)"
@@ -68,3 +73,27 @@ def test_a_missing_local_path_with_an_accented_letter_is_not_taken_for_a_hub_id(
     assert not M.is_hub_id("modèles/tiny") and M.is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(FileNotFoundError, match=r"^model 'modèles/tiny' not found: give a transformers directory"):
         M.resolve_model("modèles/tiny")
+
+
+@pytest.mark.parametrize("encoding, codec", [("UTF-8", "utf-8-sig"), ("UTF-16", "utf-16")])
+def test_a_model_or_adapter_config_with_a_byte_order_mark_says_so(tmp_path, encoding, codec):
+    """Soak: a config.json saved by a Windows editor with a byte-order mark passed the model check (json.loads of
+    bytes skips it) and was transformers' "its weights cannot be read ... not a valid JSON file"; an
+    adapter_config.json was "Unexpected UTF-8 BOM (decode using utf-8-sig)" or "not UTF-8 text (byte 0)". Neither
+    transformers nor PEFT reads either file."""
+    model = tmp_path / "model"
+    tiny_llama().save_pretrained(model)
+    config = model / "config.json"
+    config.write_bytes(config.read_text().encode(codec))
+    assert config.read_bytes().startswith(codecs.BOM_UTF8 if encoding == "UTF-8" else codecs.BOM_UTF16)
+    with pytest.raises(M.ModelFilesError) as e:
+        M.resolve_model(str(model))
+    assert str(e.value) == (f"model {model}: {config} starts with a {encoding} byte-order mark (as Windows editors "
+                            f"write), which transformers does not read; save it as UTF-8 without one")
+    save_adapter(inject(tiny_llama(), LoraConfig(r=4)), tmp_path / "ad")
+    config = tmp_path / "ad" / "adapter_config.json"
+    config.write_bytes(json.dumps(json.loads(config.read_text())).encode(codec))
+    with pytest.raises(AdapterError) as e:
+        read_adapter_json(tmp_path / "ad")
+    assert str(e.value) == (f"{config} starts with a {encoding} byte-order mark (as Windows editors write), which PEFT "
+                            f"does not read either; save it as UTF-8 without one")
