@@ -693,7 +693,10 @@ def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
         (["continual", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it"),
         (["forgetting", missing], f"{missing}: no such config file; give the path of a training YAML file"),
         (["estimate", "--model", "3q"], "--model '3q': give a known size (7b, 13b, 65b, 70b), a transformers"),
-        (["estimate", "--model", str(a_file)], f"--model '{a_file}': give a known size"),
+        (["estimate", "--model", str(a_file)], f"--model '{a_file}' is a file; give the folder that holds it "
+                                               f"({tmp_path}) if that is the model's, or give a known size"),
+        (["estimate", "--model", str(tmp_path / "F.JSONL")], f"--model '{tmp_path / 'F.JSONL'}' ({a_file} is there: "
+                                                             f"a name that differs in case only; give its name"),
         (["estimate", "--gradient-checkpointing", "--no-gradient-checkpointing"],
          "--gradient-checkpointing and --no-gradient-checkpointing: give one of them"),
         (["serve", "--adapter", f"a={missing}"], f"--adapter 'a={missing}': {missing} is not a directory"),
