@@ -446,8 +446,8 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
                "no connection to the Hugging Face Hub")
         # soak: `--model tiny` run from another folder than tiny's said only "could not be downloaded"
         return (f"model {name!r}: no folder {name!r} exists in {Path.cwd()} (the current directory)"
-                f"{missing_note(name)}, so it was tried as a Hugging Face Hub name, which could not be downloaded ({why}) "
-                f"and has no cached copy{instead}")
+                f"{missing_note(name)}, so it was tried as a Hugging Face Hub name, which could not be downloaded "
+                f"({why}) and has no cached copy{instead}")
     return None
 
 
