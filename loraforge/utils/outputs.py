@@ -123,7 +123,7 @@ def check_length(path: str | Path, flag: str = "--out") -> None:
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer for this file system
         limit = PATH_MAX
     size = len(os.fsencode(real))
-    if size + ROOM >= limit:
+    if limit - ROOM <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
         shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
         raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
                           f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")

@@ -602,6 +602,11 @@ def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
     bad.mkdir()
     (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text(), encoding="utf-16")
     (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"adapter_config.json starts with a UTF-16 byte-order mark \(as Windows "
+                                           r"editors write\), which PEFT does not read either; save it as UTF-8 "
+                                           r"without one$"):
+        load_adapter(tiny_llama(), bad)
+    (bad / "adapter_config.json").write_bytes(b"\xff" + (good / "adapter_config.json").read_bytes())  # no mark
     with pytest.raises(AdapterError, match=r"adapter_config.json is not UTF-8 text \(byte 0: b'\\xff'\); save it as "
                                            r"UTF-8 JSON"):
         load_adapter(tiny_llama(), bad)
