@@ -670,8 +670,13 @@ def parse_args(argv: list[str] | None = None) -> dict:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        named = [e + (_hint(e.partition("=")[0], args.command) if e.startswith("--") else "") for e in stray or extra]
-        parser.error(f"unrecognized arguments: {' '.join(named)}")
+        # soak: `eval -x.jsonl`, a file whose name starts with '-', read as an option no command has
+        files = [e for e in stray if e.startswith("-") and os.path.lexists(e)]
+        hint = (f" ({files[0]} is a file here: a name that starts with '-' reads as an option; write ./{files[0]}, "
+                f"or put -- before it)") if files else ""
+        named = [e + (_hint(e.partition("=")[0], args.command) if e.startswith("--") and e not in files else "")
+                 for e in stray or extra]
+        parser.error(f"unrecognized arguments: {' '.join(named)}{hint}")
     if extra:
         args.overrides = list(args.overrides) + extra
     for name in OPTIONAL_POSITIONALS:  # argparse took an override for the file: `forgetting lora.r=4` (the

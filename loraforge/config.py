@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraforge.argtypes import locale_problem, name_problem
-from loraforge.utils.files import expand_user
+from loraforge.utils.files import expand_user, missing_note
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 # adapter_config.json fields that PEFT writes and that do not change a LoRA adapter's math.
@@ -1035,7 +1035,8 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             raise ConfigError([f"{path}: is a directory; give the training YAML file in it, e.g. "
                                f"{Path(path) / 'config.yaml'}"])
         if not Path(path).exists():
-            raise ConfigError([f"{path}: no such config file; give the path of a training YAML file"])
+            raise ConfigError([f"{path}: no such config file{missing_note(path)}; give the path of a training YAML "
+                               f"file"])
         # read once: a pipe is a config too (`train <(sed ... base.yaml)`, `... | train /dev/stdin`), and was "no such
         # config file" (not a regular file)
         raw = Path(path).read_bytes()

@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 
 from loraforge.config import ConfigError
 from loraforge.quant.bnb import load_quantized, quantize_loaded
-from loraforge.utils.files import (DiskError, disk_error, expand_user, free_bytes, fsync_tree, plain_modes,
-                                   unexpanded_note)
+from loraforge.utils.files import (DiskError, byte_order_mark, disk_error, expand_user, free_bytes, fsync_tree,
+                                   missing_note, plain_modes)
 from loraforge.utils.hub import hub_unreachable, offline_hub
 
 try:
@@ -377,7 +377,12 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
         try:  # before the tokenizer or the weights, whose loaders would name themselves as what failed
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers checkpoint")
-            json.loads((path / "config.json").read_bytes())
+            raw = (path / "config.json").read_bytes()
+            if encoding := byte_order_mark(raw):  # soak: "its weights cannot be read", transformers' words
+                raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} starts with a {encoding} "
+                                      f"byte-order mark (as Windows editors write), which transformers does not read; "
+                                      f"save it as UTF-8 without one")
+            json.loads(raw)
         except ValueError as e:
             where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
             raise ModelFilesError(f"model {name_or_path}: {path / 'config.json'} is not valid JSON{where}; save or "
@@ -391,14 +396,17 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
                                 f"give the folder that holds it ({path.parent}) if that is the model's")
     if path.exists() or name_or_path.startswith((".", "/", "~")) or not is_hub_id(name_or_path):
         raise FileNotFoundError(  # soak: "$HOME/m", "a b", "x/y/z" were transformers' repo-id traceback
-            f"model {name_or_path!r} not found{unexpanded_note(name_or_path)}: give a transformers directory, a .gguf "
+            f"model {name_or_path!r} not found{missing_note(name_or_path)}: give a transformers directory, a .gguf "
             f"file, a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})")
     return name_or_path  # a hub id: transformers downloads it where a network exists
 
 
 def is_hub_id(name: str) -> bool:
-    """The hub's repo id form: name or namespace/name, of letters, digits, '-', '_' and '.' (no '--' or '..')."""
-    return bool(re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name)) and "--" not in name and ".." not in name
+    """The hub's repo id form: name or namespace/name, of ASCII letters, digits, '-', '_' and '.' (no '--' or '..'):
+    an accented letter is no hub id's (soak: a local "modèles/tiny" that was not there was huggingface_hub's
+    HFValidationError traceback, where \\w took the è)."""
+    return (bool(re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name, flags=re.ASCII)) and "--" not in name
+            and ".." not in name)
 
 
 class ModelDownloadError(OSError):
@@ -427,8 +435,9 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
             return (f"model {name!r} is gated on the Hugging Face Hub: request access at https://huggingface.co/{name} "
                     f"and log in (hf auth login, or set HF_TOKEN){instead}")
         if isinstance(e, RepositoryNotFoundError):
-            return (f"model {name!r} is neither a folder in {Path.cwd()} (the current directory) nor a repository "
-                    f"on the Hugging Face Hub (a private one needs hf auth login){instead}")
+            return (f"model {name!r} is neither a folder in {Path.cwd()} (the current directory)"
+                    f"{missing_note(name)} nor a repository on the Hugging Face Hub (a private one needs hf auth login)"
+                    f"{instead}")
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return (f"no disk space left to download model {name!r} into the Hugging Face cache "
                     f"{constants.HF_HUB_CACHE} (free some, or point HF_HUB_CACHE at a larger disk){instead}")
@@ -436,8 +445,9 @@ def download_failure(name: str, error: BaseException, unreachable: bool = False)
         why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE and not unreachable else
                "no connection to the Hugging Face Hub")
         # soak: `--model tiny` run from another folder than tiny's said only "could not be downloaded"
-        return (f"model {name!r}: no folder {name!r} exists in {Path.cwd()} (the current directory), so it was tried "
-                f"as a Hugging Face Hub name, which could not be downloaded ({why}) and has no cached copy{instead}")
+        return (f"model {name!r}: no folder {name!r} exists in {Path.cwd()} (the current directory)"
+                f"{missing_note(name)}, so it was tried as a Hugging Face Hub name, which could not be downloaded "
+                f"({why}) and has no cached copy{instead}")
     return None
 
 

@@ -282,6 +282,23 @@ def test_eval_probe_runs_without_a_data_file_and_matches_the_scorer(tiny_dir, ca
     assert "give a DATA file, or --probe" in capsys.readouterr().err
 
 
+def test_a_file_whose_name_starts_with_a_dash_is_named_with_the_way_to_give_it(tmp_path, monkeypatch, capsys):
+    """Soak: `loraforge eval -x.jsonl` was "unrecognized arguments: -x.jsonl", with no word of the file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.jsonl").write_text('{"text": "x"}\n')
+    for argv in (["eval", "-x.jsonl"], ["eval", "--limit", "2", "-x.jsonl"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "loraforge: error: unrecognized arguments: -x.jsonl (-x.jsonl is a file here: a name that starts with "
+            "'-' reads as an option; write ./-x.jsonl, or put -- before it)")
+    assert cli.parse_args(["eval", "./-x.jsonl"])["data"] == "./-x.jsonl"
+    assert cli.parse_args(["eval", "--", "-x.jsonl"])["data"] == "-x.jsonl"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["eval", "-y.jsonl"])  # no such file: argparse's line alone
+    assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: unrecognized arguments: -y.jsonl"
+
+
 def test_forgetting_takes_its_config_as_a_positional_argument():
     from loraforge.cli import parse_args
 
@@ -722,7 +739,10 @@ def test_bad_paths_and_flag_combinations_are_one_error_line(tmp_path, capsys):
         (["continual", str(tmp_path)], f"{tmp_path}: is a directory; give the training YAML file in it"),
         (["forgetting", missing], f"{missing}: no such config file; give the path of a training YAML file"),
         (["estimate", "--model", "3q"], "--model '3q': give a known size (7b, 13b, 65b, 70b), a transformers"),
-        (["estimate", "--model", str(a_file)], f"--model '{a_file}': give a known size"),
+        (["estimate", "--model", str(a_file)], f"--model '{a_file}' is a file; give the folder that holds it "
+                                               f"({tmp_path}) if that is the model's, or give a known size"),
+        (["estimate", "--model", str(tmp_path / "F.JSONL")], f"--model '{tmp_path / 'F.JSONL'}' ({a_file} is there: "
+                                                             f"a name that differs in case only; give its name"),
         (["estimate", "--gradient-checkpointing", "--no-gradient-checkpointing"],
          "--gradient-checkpointing and --no-gradient-checkpointing: give one of them"),
         (["serve", "--adapter", f"a={missing}"], f"--adapter 'a={missing}': {missing} is not a directory"),

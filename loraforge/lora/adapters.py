@@ -25,7 +25,7 @@ from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
                                    merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
-from loraforge.utils.files import atomic_dir, expand_user
+from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
 from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -178,8 +178,11 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
     """adapter_config.json's path and its JSON object; a folder that is not an adapter's is told what it is."""
     folder = expand_user(adapter_dir)
     if not folder.exists():
-        raise AdapterError(f"no such adapter folder: {adapter_dir}")
+        raise AdapterError(f"no such adapter folder: {adapter_dir}{missing_note(str(adapter_dir))}")
     path = folder / CONFIG_NAME
+    if folder.is_file():  # soak: --adapter x/adapter_config.json read "adapter_config.json is missing"
+        raise AdapterError(f"{adapter_dir} is a file, not an adapter directory; give the folder that holds it "
+                           f"({Path(adapter_dir).parent}) if that is the adapter's")
     if not path.is_file():
         if (folder / "adapter" / CONFIG_NAME).is_file():  # a training run's folder: its adapter is in adapter/
             hint = f"; a training run's adapter is in its adapter folder: give {Path(adapter_dir) / 'adapter'}"
@@ -207,6 +210,9 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MB, where an adapter's config is a few KB; give "
                            f"the {CONFIG_NAME} that was saved with the adapter")
+    if encoding := byte_order_mark(raw):  # soak: "Unexpected UTF-8 BOM (decode using utf-8-sig)"
+        raise AdapterError(f"{path} starts with a {encoding} byte-order mark (as Windows editors write), which PEFT "
+                           f"does not read either; save it as UTF-8 without one")
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:

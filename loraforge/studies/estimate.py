@@ -45,7 +45,7 @@ from loraforge.config import MAX_RANK, ConfigError, LoraConfig, digits_shown
 from loraforge.lora.inject import find_targets
 from loraforge.models import BUILTIN_MODELS, check_fits_context, load_config, model_skeleton, resolve_model
 from loraforge.training.loss import HEAD_CHUNK
-from loraforge.utils.files import expand_user
+from loraforge.utils.files import expand_user, missing_note
 from loraforge.utils.table import text_table
 
 GB = 1e9
@@ -534,9 +534,11 @@ def cli_estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora"
         shape = model_shape(model)
     except ConfigError as e:  # an architecture the estimate can't read
         raise ConfigError([f"--model {model!r}: {p}" for p in e.problems]) from None
-    except ValueError:
-        raise ConfigError([f"--model {model!r}: give a known size ({', '.join(KNOWN_SHAPES)}), a transformers "
-                           f"directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
+    except ValueError:  # soak: a model's config.json, or a folder there under another Unicode form or case, unsaid
+        where = (f" is a file; give the folder that holds it ({Path(model).parent}) if that is the model's, or"
+                 if expand_user(model).is_file() else f"{missing_note(model)}:")
+        raise ConfigError([f"--model {model!r}{where} give a known size ({', '.join(KNOWN_SHAPES)}), a "
+                           f"transformers directory or a built-in model ({', '.join(BUILTIN_MODELS)})"]) from None
     except OSError as e:  # a directory without a readable config.json
         raise ConfigError([f"--model {model!r}: {e}"]) from None
     if model.lower() in KNOWN_CONFIGS:  # as data.max_seq_len in a run

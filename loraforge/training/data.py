@@ -35,7 +35,7 @@ import torch
 from loraforge.decoding import turn_end_text
 from loraforge.training.pieces import text_ids
 from loraforge.training.report import progress_bar
-from loraforge.utils.files import expand_user, unexpanded_note
+from loraforge.utils.files import byte_order_mark, expand_user, missing_note
 from loraforge.utils.hub import hub_unreachable, offline_hub
 from loraforge.utils.weakcache import per_object
 
@@ -54,8 +54,6 @@ and a chat record was tokenized whole. Bump it where the same records tokenize o
 older checkpoint says so instead of calling the data changed."""
 TOKENS_CHANGE = ("where the tokenizer has a chat template, an instruction record is now the template's conversation, "
                  "its answer ending with the template's end of turn, and a chat record is tokenized whole")
-UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
-                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")]  # FF FE starts both
 # a well-formed 2-4 byte UTF-8 sequence (a lead byte and its continuation bytes): a file with one is UTF-8 text
 UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
 ALPACA_PROMPT = ("Below is an instruction that describes a task. "
@@ -99,7 +97,7 @@ def read_records(source: str) -> list[dict]:
     path = expand_user(source)  # "~/data.jsonl" from a YAML file, where no shell expands it
     if not path.exists():
         if path.suffix.lower() in SUFFIXES or source.startswith(("/", ".", "~")):  # a path, never a hub name
-            raise DataError(f"no such file: {source}{unexpanded_note(source) or _relative_note(path)}")
+            raise DataError(f"no such file: {source}{missing_note(source) or _relative_note(path)}")
         return _read_hub(source)
     if path.is_dir():
         raise DataError(f"{source} is a directory; give a .jsonl, .json, .csv, .parquet or .txt file")
@@ -313,11 +311,10 @@ def _read_text(path: Path, plain: bool = False) -> str:
     raw = path.read_bytes()
     if plain and (binary := _binary_kind(path, raw)):
         raise DataError(binary)
-    for mark, encoding in UNICODE_BOMS:
-        if raw.startswith(mark):
-            raise DataError(f"{path}: the file is {encoding} (it starts with a {encoding} byte-order mark), not "
-                            f"UTF-8; re-encode it: iconv -f {encoding} -t UTF-8 {path} > "
-                            f"{path.with_suffix('.utf8' + path.suffix)}")
+    if (encoding := byte_order_mark(raw)) not in (None, "UTF-8"):
+        raise DataError(f"{path}: the file is {encoding} (it starts with a {encoding} byte-order mark), not "
+                        f"UTF-8; re-encode it: iconv -f {encoding} -t UTF-8 {path} > "
+                        f"{path.with_suffix('.utf8' + path.suffix)}")
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[bom:].decode("utf-8")

@@ -42,6 +42,7 @@ from loraforge.serve.engine import Engine
 from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
 from loraforge.ui.launch import DATA_SUFFIXES, METHODS, SKIPPED_DIRS, Launcher, form_config, offered
+from loraforge.utils.files import DiskError
 
 STATIC = Path(__file__).parent / "static"
 MAX_DATASETS = 500
@@ -214,6 +215,8 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
             return _error(400, str(e), "bad_path")
         except FileExistsError as e:
             return _error(409, str(e), "exists")
+        except DiskError as e:  # the runs folder takes no new run (read-only, full)
+            return _error(507, str(e), "cannot_write")
         return {"name": name, "pid": record["pid"], "status": "running"}
 
     @api.post("/runs/{name:path}/stop")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from loraforge.models import model_skeleton
 from loraforge.training.loop import adapter_section, in_section
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, is_run, launched_alive, meta_dir,
                                meta_file, output_deleted, read_launch, tail)
+from loraforge.utils.files import DiskError, disk_error, refused
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 METHODS = ("lora", "qlora", "dora", "adalora", "full")
@@ -191,18 +193,32 @@ class Launcher:
                 meta.mkdir(parents=True)
             except FileExistsError:  # taken meanwhile by another process (a second dashboard on these runs)
                 raise FileExistsError(f"run {name!r} exists already in {self.runs_dir}; choose another name") from None
-            (meta / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            except OSError as e:
+                raise self._unwritable(meta, e) from None
             argv = [sys.executable, "-m", "loraforge", "train", str(meta / "config.yaml")]
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            with open(meta / "train.log", "wb") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=self.runs_dir, start_new_session=True)  # survives the page and the server
+            try:
+                (meta / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                with open(meta / "train.log", "wb") as log:
+                    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, cwd=self.runs_dir, start_new_session=True)  # outlives the page
+            except OSError as e:  # nothing started: the record goes, so the name stays free (soak: an empty
+                shutil.rmtree(meta, ignore_errors=True)  # config.yaml of a full disk held it, "see its train.log")
+                raise self._unwritable(meta, e) from None
             record = {"pid": proc.pid, "argv": argv, "started": time.time(), "exit_code": None}
             with self.lock:  # settle() sees the run as this launcher's from its first record on
                 self._write(name, record)
                 self.procs[name] = proc
         threading.Thread(target=self._wait, args=(name, proc, record), daemon=True).start()
         return record
+
+    def _unwritable(self, meta: Path, e: OSError) -> OSError:
+        """The DiskError for a run's record that the runs folder did not take (read-only, full: it was an internal
+        error, a traceback in the server's log), naming the fix; `e` itself where it is not the disk's refusal."""
+        fix = "fix that, or start the dashboard with --runs naming a folder it may write"
+        if error := disk_error(meta, e):
+            return DiskError(f"{error}; {fix}")
+        return refused(meta, e, fix) or e
 
     def _taken(self, name: str, out: Path, meta: Path) -> str:
         """Why a run name cannot be started again, naming what holds it and what to do instead."""

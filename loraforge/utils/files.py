@@ -17,6 +17,7 @@ replaces the link, and '.' has no name to rename onto.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import errno
@@ -26,6 +27,7 @@ import shutil
 import stat
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,9 +55,58 @@ SHORT_WRITES = [(OSError, re.compile(r"\d+ requested and \d+ written")),
                 (RuntimeError, re.compile(r"inline_container\.cc:\d+\]? *\. unexpected pos \d+ vs \d+"))]
 
 
+UNICODE_BOMS = [(codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE before UTF-16 LE:
+                (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),  # FF FE starts both
+                (codecs.BOM_UTF8, "UTF-8")]
+
+
+def byte_order_mark(raw: bytes) -> str | None:
+    """The encoding whose byte-order mark `raw` starts with (UTF-8, UTF-16, UTF-32: what Windows editors write), or
+    None."""
+    return next((encoding for mark, encoding in UNICODE_BOMS if raw.startswith(mark)), None)
+
+
 def unexpanded_note(path: str) -> str:
     """What a missing path's message adds when it holds a '$': expand_user expands ~, never a variable."""
     return " (a config expands ~ but no environment variable)" if "$" in path else ""
+
+
+def missing_note(path: str) -> str:
+    """What a missing path's message adds: unexpanded_note's, or the entry on disk the user most likely meant, when
+    one part of the path is there under a name that differs in its Unicode form only (NFD, as macOS writes names:
+    a folder copied from a Mac, beside an "é" typed as one character) or in case only, or when the path is written
+    with backslashes (Windows) and is there with '/'; "" where none is."""
+    if note := unexpanded_note(path):
+        return note
+    if "\\" in path and (slashed := path.replace("\\", "/")) != path and expand_user(slashed).exists():
+        return f" (write paths with '/': {slashed} is there; '\\' is a character of a name here, not a separator)"
+    if re.match(r"[A-Za-z]:[\\/]", path):
+        return " (a Windows path; give the path of the file on this machine, with '/')"
+    given = expand_user(path)
+    found, kinds = Path(given.anchor or "."), []
+    for part in given.parts[1:] if given.anchor else given.parts:
+        if part == ".." or os.path.lexists(found / part):
+            found = found / part
+            continue
+        try:
+            names = os.listdir(found)
+        except OSError:
+            return ""
+        wanted = unicodedata.normalize("NFC", part)
+        for kind, key in (("in its Unicode form (NFD, as macOS writes names: an accent stored as a character of its "
+                           "own)", lambda n: n), ("in case", str.casefold)):
+            if len(same := [n for n in names if key(unicodedata.normalize("NFC", n)) == key(wanted)]) == 1:
+                found = found / same[0]
+                kinds.append(kind)
+                break
+        else:
+            return ""
+    if not kinds:
+        return ""
+    fix = "give its name as it is there, or rename it"
+    if any(kind.startswith("in its Unicode") for kind in kinds):
+        fix += " to the composed form typed here (convmv -f utf8 -t utf8 --nfc --notest -r NAME)"
+    return f" ({os.path.normpath(found)} is there: a name that differs {' and '.join(sorted(set(kinds)))} only; {fix})"
 
 
 def expand_user(path: str | Path) -> Path:

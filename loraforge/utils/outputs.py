@@ -69,8 +69,21 @@ def check_not_input(path: str | Path, inputs: Iterable[str | Path | None], flag:
                           f"(--overwrite never allows that); choose another {flag}")
 
 
+def check_links(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output that is, or lies below, a link to nothing (soak: "cannot write runs/a: File exists (the file
+    system's answer)", where runs links to a folder on another disk that is not mounted): the link's target named,
+    never created (on an unmounted disk it would be made on the disk the mount point is on)."""
+    for p in (expand_user(path), *expand_user(path).parents):
+        if p.is_symlink() and not p.exists():
+            raise OutputError(f"{flag} {path}: {p} is a link to {os.readlink(p)}, which does not exist (a disk that "
+                              f"is not mounted, or a folder moved or deleted); mount the disk or point the link at a "
+                              f"folder that exists, or choose another {flag}")
+
+
 def check_parents(path: str | Path, flag: str = "--out") -> None:
-    """Refuse an output below a file (`mkdir` would say only "File exists", naming the file, not the flag)."""
+    """Refuse an output below a file (`mkdir` would say only "File exists", naming the file, not the flag), or one
+    that is or lies below a link to nothing (check_links)."""
+    check_links(path, flag)
     for parent in expand_user(path).parents:
         if parent.exists():
             if not parent.is_dir():
@@ -92,12 +105,37 @@ def make_output(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+PATH_MAX = 4096
+"""The most bytes a path may have on Linux (the final NUL included), where pathconf cannot say."""
+ROOM = 100
+"""Bytes that the longest path a command writes below its output folder adds to it, with room to spare:
+/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61."""
+
+
+def check_length(path: str | Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder whose path leaves no room for the paths of the files written below
+    it (soak: an output_dir of 4,000 bytes was made, then the first checkpoint's file was a safetensors traceback
+    "File name too long", leaving a run that blocked the next one). The path a write takes is the folder's real one
+    (files.real_path: absolute, links followed)."""
+    real = real_path(path)
+    try:
+        limit = os.pathconf(next(p for p in (real, *real.parents) if p.is_dir()), "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer for this file system
+        limit = PATH_MAX
+    size = len(os.fsencode(real))
+    if limit - ROOM <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
+        shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
+        raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
+                          f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")
+
+
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
                  flag: str = "--out") -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
 
     `flag` is how the user named the path (--out, output_dir) so the message points at it.
     """
+    check_length(path, flag)
     check_not_input(path, inputs, flag)
     check_parents(path, flag)
     out = expand_user(path)
@@ -232,6 +270,8 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
     this call made it and nothing was written into it). Another process holding it: OutputError naming its
     process id. A folder that cannot be created or written (read-only, a part of the path is a file):
     files.DiskError, one line naming it. Both before anything in `path` is read or written."""
+    check_length(path, flag)
+    check_links(path, flag)
     out = expand_user(path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; choose another {flag}")
@@ -280,5 +320,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_output", "check_not_input", "check_replaceable", "check_run_output",
-           "check_writable", "hold_output"]
+__all__ = ["LOCK", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
+           "check_replaceable", "check_run_output", "check_writable", "hold_output"]

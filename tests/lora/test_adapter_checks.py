@@ -602,6 +602,11 @@ def test_an_adapter_config_that_is_not_utf8_is_named(tmp_path):
     bad.mkdir()
     (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text(), encoding="utf-16")
     (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"adapter_config.json starts with a UTF-16 byte-order mark \(as Windows "
+                                           r"editors write\), which PEFT does not read either; save it as UTF-8 "
+                                           r"without one$"):
+        load_adapter(tiny_llama(), bad)
+    (bad / "adapter_config.json").write_bytes(b"\xff" + (good / "adapter_config.json").read_bytes())  # no mark
     with pytest.raises(AdapterError, match=r"adapter_config.json is not UTF-8 text \(byte 0: b'\\xff'\); save it as "
                                            r"UTF-8 JSON"):
         load_adapter(tiny_llama(), bad)
@@ -745,6 +750,17 @@ def test_an_adapter_path_with_a_tilde_is_the_home_folders_and_a_missing_one_says
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
     with pytest.raises(AdapterError, match=r"^no such adapter folder: ~/nothing$"):
         load_adapter(tiny_llama(), "~/nothing")
+
+
+def test_an_adapters_file_given_as_the_adapter_names_its_folder(tmp_path):
+    """Soak: --adapter run/adapter/adapter_config.json (or its .safetensors) said "adapter_config.json is missing"."""
+    model = inject(tiny_llama(), LoraConfig(r=4))
+    save_adapter(model, tmp_path / "ad")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with pytest.raises(AdapterError) as e:
+            read_adapter_config(tmp_path / "ad" / name)
+        assert str(e.value) == (f"{tmp_path / 'ad' / name} is a file, not an adapter directory; give the folder that "
+                                f"holds it ({tmp_path / 'ad'}) if that is the adapter's")
 
 
 def test_a_training_runs_folder_given_as_the_adapter_names_its_adapter_folder(tmp_path):

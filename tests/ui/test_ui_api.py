@@ -8,6 +8,7 @@ on uvicorn at 127.0.0.1 on a free port.
 """
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -1445,3 +1446,41 @@ def test_listing_runs_again_stats_one_file_per_unchanged_run_and_rereads_a_chang
     assert again["r03"]["mtime"] == os.stat(run / "metrics.jsonl").st_mtime
     assert yaml.safe_load(again["r00"]["config"]) == {"i": 100} and yaml.safe_load(again["r04"]["config"]) == {"i": 4.5}
     assert again["r05"]["has_forgetting"] is False and "r06" not in again
+
+
+# --- a runs folder that takes no new run -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code, reason", [(errno.EACCES, "permission denied"),
+                                          (errno.ENOSPC, "no space left on the device")])
+def test_a_start_the_runs_folder_cannot_take_is_one_line_and_leaves_the_name_free(ui, monkeypatch, code, reason):
+    """Soak: with --runs read-only (or its disk full) Start was a 500 "internal error: PermissionError" with a
+    traceback in the server's log; a full disk left .ui/<name>/ with an empty config.yaml, and the name was then
+    refused as a start "that ended before writing ... (see its train.log)", a log that did not exist."""
+    name = f"nowrite{code}"
+    meta = ui[1] / "runs" / ".ui" / name
+    write_text, mkdir = Path.write_text, Path.mkdir
+
+    def refuse_write(path, *args, **kwargs):
+        if path.parent == meta:
+            write_text(path, "")  # the file made, its bytes refused: what a full disk does
+            raise OSError(code, os.strerror(code), str(path))
+        return write_text(path, *args, **kwargs)
+
+    def refuse_mkdir(path, *args, **kwargs):
+        if path == meta:
+            raise OSError(code, os.strerror(code), str(path))
+        return mkdir(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text" if code == errno.ENOSPC else "mkdir",
+                  refuse_write if code == errno.ENOSPC else refuse_mkdir)
+        r = call(ui, "POST", "/ui/api/runs", json=form(name=name))
+    assert r.status_code == 507, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"cannot write {meta}: {reason} (") and message.endswith(
+        " free there); fix that, or start the dashboard with --runs naming a folder it may write"), message
+    assert r.json()["error"]["code"] == "cannot_write"
+    assert not meta.exists() and not (ui[1] / "runs" / name).exists()
+    r = call(ui, "POST", "/ui/api/runs", json=form(name=name, max_steps="1"))  # the name is free
+    assert r.status_code == 200, r.text
+    wait_for(lambda: call(ui, "GET", f"/ui/api/runs/{name}/metrics").json()["status"] != "running")

@@ -195,6 +195,35 @@ def test_train_into_a_users_folder_needs_overwrite(tiny_dir, data_file, tmp_path
     assert (out / "notes.txt").read_bytes() == before["notes.txt"]
 
 
+def long_output(tmp_path: Path, size: int) -> Path:
+    """A path of `size` bytes under tmp_path: folders of 200-byte names (each within NAME_MAX), a shorter last."""
+    out, left = tmp_path, size - len(os.fsencode(tmp_path))
+    while left > 0:
+        out, left = out / ("d" * min(200, left - 1)), left - min(201, left)
+    return out
+
+
+def test_an_output_dir_too_long_for_the_files_below_it_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
+                                                                                     monkeypatch):
+    """Soak: an output_dir of 4,035 bytes was made, trained a step, then its first checkpoint's file was a
+    safetensors traceback ("File name too long"), and the metrics and checkpoints folder it left refused the next
+    run as "not empty". The check is the real path's: 4,095 bytes is the longest Linux takes (PATH_MAX, 4,096 with
+    the NUL)."""
+    out = long_output(tmp_path, 4035)
+    assert len(os.fsencode(out)) == 4035
+    with monkeypatch.context() as m:
+        m.setattr(loraforge.models, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+        with pytest.raises(OutputError) as e:
+            train(config(tiny_dir, data_file, out), progress=False)
+    shown = f"{str(out)[:40]}...{str(out)[-30:]}"
+    assert str(e.value) == (f"output_dir {shown}: its full path is 4,035 bytes, too long for the files written below "
+                            f"it (this system takes paths of at most 4,095 bytes); choose a shorter output_dir")
+    assert not any(tmp_path.iterdir())  # nothing made
+    with pytest.raises(OutputError, match=r"^--out .*: its full path is 3,996 bytes, too long"):
+        check_output(long_output(tmp_path, 3996), overwrite=False)
+    check_output(long_output(tmp_path, 3995), overwrite=False)  # 3,995 + the 61 of a checkpoint's file: room left
+
+
 @pytest.mark.parametrize("name, folder", [("adapter", False), ("checkpoints", False), ("metrics.jsonl", True),
                                           ("loss.png", True), ("model", False)])
 def test_an_entry_a_run_writes_of_the_other_kind_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
@@ -494,3 +523,30 @@ def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one
                        f"was kept: pass --overwrite (overwrite=True) to replace it, or choose another output")
     assert [p.name for p in vllm_out.iterdir()] == ["theirs.txt"] and gguf_out.read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v", "x.gguf"]  # no temporary left
+
+
+def test_an_output_through_a_link_to_nothing_is_refused_before_loading_and_nothing_is_made_there(
+        tiny_dir, adapter_dir, data_file, tmp_path, capsys, no_model_loading):
+    """Soak: with runs linked to a folder on another disk that is not mounted, train and merge said "cannot write
+    runs/a: File exists (the file system's answer)", and export --to gguf made the link's target folder and wrote
+    the file there (on an unmounted disk: onto the disk of its mount point)."""
+    gone = tmp_path / "disk2" / "runs"  # the other disk's folder, not there
+    (tmp_path / "runs").symlink_to(gone)
+    (tmp_path / "run").symlink_to(gone / "run")
+    fix = "(a disk that is not mounted, or a folder moved or deleted); mount the disk or point the link at a folder " \
+          "that exists, or choose another"
+    for out, command, flag in (
+            (tmp_path / "runs" / "m", ["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir)], "--out"),
+            (tmp_path / "runs" / "v", ["export", "--to", "vllm", "--adapter", str(adapter_dir)], "--out"),
+            (tmp_path / "runs" / "x.gguf", ["export", "--to", "gguf", "--base", str(tiny_dir)], "--out"),
+            (tmp_path / "run", ["train", "CONFIG"], "output_dir")):
+        if command[0] == "train":
+            path = tmp_path / "config.yaml"
+            path.write_text(json.dumps({"model": {"name": str(tiny_dir)}, "data": {"train": str(data_file)},
+                                        "output_dir": str(out)}))
+            err = refused(["train", str(path)], capsys)
+        else:
+            err = refused([*command, "--out", str(out)], capsys)
+        link = out if out.name == "run" else out.parent
+        assert err == f"error: {flag} {out}: {link} is a link to {os.readlink(link)}, which does not exist {fix} {flag}"
+    assert not (tmp_path / "disk2").exists()
