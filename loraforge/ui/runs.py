@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from loraforge.training.loop import StopRequest
-from loraforge.utils.outputs import LOCK
+from loraforge.utils.outputs import LOCK, lock_held
 
 STOP_SIGNALS = StopRequest.SIGNALS  # those the training loop stops on
 STOP_CODES = tuple(code for s in STOP_SIGNALS for code in (128 + s, -s))  # the CLI's 128 + signal, or killed by it
@@ -261,7 +261,10 @@ def continued(path: Path, launch: dict) -> bool:
 
 def writer_pid(path: Path) -> int | None:
     """The process training into the run's folder now: the one `train` names in output_dir/.lock, which it holds
-    while it runs and removes when it ends (None when there is none, it has ended, or its id is another program's)."""
+    while it runs and removes when it ends (None when there is none, it has ended, or its id is another program's).
+    A killed run leaves its .lock behind, and its id is soon another process's (pid_max is 32768 on many machines):
+    the lock must still be held (soak: a loraforge serve that took the id of a SIGKILLed run read "running" for
+    ever, and Stop said "kill <the server's id>")."""
     lock = _file(path, LOCK)
     try:
         pid = int(lock.read_text().strip()) if lock is not None else 0
@@ -269,13 +272,13 @@ def writer_pid(path: Path) -> int | None:
         return None
     if not 0 < pid < 2**31 or not pid_alive(pid):
         return None
-    if PROC.is_dir():  # a killed run leaves its .lock behind, and its id may be reused: the process must be loraforge
+    if PROC.is_dir():  # the process must be loraforge
         try:
             if b"loraforge" not in (PROC / str(pid) / "cmdline").read_bytes():
                 return None
         except OSError:
             return None
-    return pid
+    return None if lock_held(lock) is False else pid  # None: no flock to ask (Windows), the id alone tells
 
 
 def status(path: Path, launch: dict | None = None) -> str:

@@ -155,23 +155,35 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
 def _training_into(out: Path) -> str | None:
     """The process id a training run holding `out`'s lock (hold_output) wrote there, or None where none (or this
     process) holds it: a merge or export publishing `out` as a whole (files.atomic_dir) under a live run would swap
-    the folder its next checkpoint is written into. Tried with a shared lock, let go at once."""
+    the folder its next checkpoint is written into."""
+    if not lock_held(out / LOCK):
+        return None
+    try:
+        pid = (out / LOCK).read_text().strip() or "unknown"
+    except OSError:  # removed as its run ended
+        return None
+    return None if pid == str(os.getpid()) else pid  # a run's own check (check_run_output) under its lock
+
+
+def lock_held(file: Path) -> bool | None:
+    """Whether a process holds the lock hold_output takes on `file` (an output_dir's .lock): tried with a shared
+    lock, let go at once. A process that holds it may be this one. False where none does (the file of a killed run,
+    or none); None where nothing tells (no flock: Windows, or a file system without it)."""
     if fcntl is None:
         return None
     try:
-        lock = open(out / LOCK)
+        lock = open(file)
     except OSError:  # no run has held it, or it is gone: none holds it now
-        return None
+        return False
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = lock.read().strip() or "unknown"
-            return None if pid == str(os.getpid()) else pid  # a run's own check (check_run_output) under its lock
+            return True
         except OSError:  # a file system without flock: as hold_output, nothing to go by
             return None
         fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
+    return False
 
 
 def check_replaceable(path: str | Path, flag: str = "--out") -> None:
@@ -321,4 +333,4 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 
 __all__ = ["LOCK", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
-           "check_replaceable", "check_run_output", "check_writable", "hold_output"]
+           "check_replaceable", "check_run_output", "check_writable", "hold_output", "lock_held"]

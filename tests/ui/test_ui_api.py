@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import default_recursion_limit, save_adapters
+from helpers import default_recursion_limit, output_held_elsewhere, save_adapters
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.serve.api import SHUTDOWN_GRACE_S
@@ -1153,9 +1153,7 @@ def test_a_stopped_run_continued_from_the_command_line_is_shown_by_its_files(ui)
 
     assert shown() == "stopped"
     # resumed in a terminal: train holds output_dir/.lock, naming its process, and appends rows
-    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "--resume"])
-    try:
-        (run / ".lock").write_text(str(train.pid))
+    with output_held_elsewhere(run) as train:
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": 8, "loss": 0.5}) + "\n")
         assert shown() == "running"
@@ -1167,9 +1165,6 @@ def test_a_stopped_run_continued_from_the_command_line_is_shown_by_its_files(ui)
         assert r.status_code == 409 and r.json()["error"]["message"] == (
             f"run 'resumed' was continued outside the dashboard (process {train.pid}): stop it where it runs "
             f"(Ctrl-C, or kill {train.pid})")
-    finally:
-        train.kill()
-        train.wait()
     assert shown() == "unknown"  # its process ended, and nothing says how: as a run from a terminal
     (run / ".lock").unlink()
     assert shown() == "unknown"
@@ -1198,6 +1193,28 @@ def test_a_run_started_in_a_terminal_reads_running_while_its_process_holds_the_l
     (run / ".lock").write_text(str(train.pid))  # killed: its lock file stays, naming a process that ended
     listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["termlock"]
     assert listed["status"] == "unknown"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: the process id alone tells")
+def test_a_killed_runs_lock_naming_a_process_that_reused_its_id_reads_unknown(ui):
+    """A run killed with SIGKILL leaves its output_dir/.lock, naming its ended process; ids come round again soon
+    (pid_max 32768), and another loraforge process (here a stand-in for `loraforge serve`) that took the id made the
+    run read "running" for ever, its Stop saying "kill <that process>". Only a process holding the lock counts."""
+    run = ui[1] / "runs" / "idtaken"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "serve"])
+    try:
+        (run / ".lock").write_text(str(other.pid))  # the killed run's id, now the other process's
+        listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["idtaken"]
+        assert (listed["status"], listed["stoppable"]) == ("unknown", False)
+        assert call(ui, "GET", "/ui/api/runs/idtaken/metrics").json()["status"] == "unknown"
+        r = call(ui, "POST", "/ui/api/runs/idtaken/stop")
+        assert r.status_code == 409 and r.json()["error"]["message"] == (
+            "run 'idtaken' was not started from the dashboard: stop it where it runs (Ctrl-C, or kill its process)")
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_run_whose_name_has_a_line_break_is_left_out_of_the_list(ui, capfd):
@@ -1331,9 +1348,7 @@ def test_the_list_says_which_running_runs_stop_takes_and_a_terminal_runs_409_nam
     run = ui[1] / "runs" / "interm"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "t.yaml"])
-    try:
-        (run / ".lock").write_text(str(train.pid))
+    with output_held_elsewhere(run) as train:  # `loraforge train t.yaml` in a terminal: it holds the run's lock
         listed = {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}
         assert (listed["victim"]["status"], listed["victim"]["stoppable"]) == ("running", True)
         assert (listed["interm"]["status"], listed["interm"]["stoppable"]) == ("running", False)
@@ -1341,9 +1356,6 @@ def test_the_list_says_which_running_runs_stop_takes_and_a_terminal_runs_409_nam
         assert r.status_code == 409 and r.json()["error"]["message"] == (
             f"run 'interm' was not started from the dashboard (process {train.pid}): stop it where it runs "
             f"(Ctrl-C, or kill {train.pid})")
-    finally:
-        train.kill()
-        train.wait()
     assert {r["name"]: r for r in call(ui, "GET", "/ui/api/runs").json()["runs"]}["interm"]["stoppable"] is False
 
 

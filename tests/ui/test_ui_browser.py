@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from helpers import output_held_elsewhere
 from loraforge import cli
 from test_ui_api import KEY, call, form, ui, write_launch  # noqa: F401 (the shared server fixture)
 
@@ -384,9 +383,7 @@ def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_
     wait_points(fresh, "loss", 2)
     fresh.wait_for_function("!('again' in state.streams)")  # its stream ended: the run is stopped
     # `loraforge train .../config.yaml --resume` in a terminal: it holds the run's lock and appends rows
-    train = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "loraforge", "train", "--resume"])
-    try:
-        (run / ".lock").write_text(str(train.pid))
+    with output_held_elsewhere(run):
         with open(run / "metrics.jsonl", "a") as f:
             f.write("".join(line + "\n" for line in GOOD[2:]))
         fresh.click("#refresh")
@@ -396,9 +393,6 @@ def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_
         fresh.wait_for_function("row => document.querySelector(row + ' .state').textContent === 'running'", arg=row)
         assert fresh.locator(f"{row} button.stop").count() == 0
         assert call(ui, "POST", "/ui/api/runs/again/stop").status_code == 409
-    finally:
-        train.kill()
-        train.wait()
 
 
 def test_a_ticked_run_whose_folder_is_deleted_leaves_the_charts(ui, fresh):  # noqa: F811
