@@ -52,6 +52,7 @@ FOLLOW_IDLE_S = 60.0  # a run not launched from the page is followed until its m
 LOG_TAIL = 4000  # bytes of train.log the extras show
 FORM_BYTES = 1 << 16  # a request body on /ui/api (the start-run form: a few short fields)
 METRICS_BYTES = 4 << 20  # metrics.jsonl per /metrics answer: a longer file is read in pieces, by offset
+ADAPTER_DEPTH = 3  # folders below adapters_dir the adapter list looks into (sweep/NAME/adapter)
 
 class _Denied(Exception):
     def __init__(self, status: int, message: str, code: str):
@@ -74,6 +75,19 @@ def dataset_files(data_dir: Path, runs_dir: Path) -> list[str]:
     kept = R.listable((p.as_posix() for p in found if (real := R.within(data_dir, p)) is not None
                        and offered(data_dir, runs_dir, real.resolve())), "datasets")
     return sorted(kept)[:MAX_DATASETS]
+
+
+def adapter_folders(root: Path) -> list[str]:
+    """The folders under `root` holding an adapter_config.json, at most ADAPTER_DEPTH below it (NAME, NAME/adapter,
+    sweep/NAME/adapter), none in .ui, as paths relative to it. os.walk passes over a folder removed while it is
+    walked, where Path.glob raised (soak: a run deleting its older checkpoint made the page's list a 500)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        dirs[:] = [d for d in dirs if d != R.UI_DIR] if depth < ADAPTER_DEPTH else []
+        if "adapter_config.json" in files:
+            found.append(Path(folder).relative_to(root).as_posix())
+    return found
 
 
 def attachment(filename: str) -> str:
@@ -262,9 +276,7 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
     @api.get("/adapters")
     def adapters():
         root = getattr(engine, "adapters_dir", None)
-        found = [] if root is None else sorted(R.listable((
-            p.parent.relative_to(root).as_posix() for p in Path(root).glob("**/adapter_config.json")
-            if R.UI_DIR not in p.parts and len(p.relative_to(root).parts) <= 4), "adapters"))
+        found = [] if root is None else sorted(R.listable(adapter_folders(Path(root)), "adapters"))
         served = engine.adapter_names() if engine is not None else []
         return {"adapters_dir": str(root) if root else None, "available": found[:500], "served": served}
 

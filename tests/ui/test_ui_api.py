@@ -1292,6 +1292,34 @@ def test_a_run_that_saves_its_adapter_while_serving_is_in_the_playgrounds_models
     assert r.status_code == 200, r.text
 
 
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the fake runs: adapters that do not load
+def test_the_adapter_list_passes_over_a_checkpoint_removed_while_it_is_read(ui, monkeypatch):
+    """A training run keeps its newest checkpoints and deletes the older ones; one deleted while the adapter list
+    walked the runs folder (Path.glob) made GET /ui/api/adapters a 500 with a traceback in the server's log (soak:
+    the page's Adapters tab). The folder is passed over, and the list is the adapters found."""
+    run = fake_run(ui[1], "rotating")
+    (run / "checkpoints" / "step-0000060").mkdir(parents=True)
+    deep = ui[1] / "runs" / "rotsweep" / "a" / "adapter"  # three levels down: listed; four: not looked for
+    deep.mkdir(parents=True)
+    (deep / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (deep / "x" / "adapter_config.json").parent.mkdir()
+    (deep / "x" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    scandir, gone = os.scandir, str(run / "checkpoints" / "step-0000060")
+
+    def deleted_meanwhile(path="."):  # listed in checkpoints/, removed before it is read itself
+        if os.fspath(path) == gone:
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deleted_meanwhile)
+    r = call(ui, "GET", "/ui/api/adapters")
+    monkeypatch.undo()
+    assert r.status_code == 200, r.text
+    available = r.json()["available"]
+    assert {"rotating/adapter", "rotsweep/a/adapter"} <= set(available) and "rotsweep/a/adapter/x" not in available
+    assert not any(".ui" in a or "checkpoints" in a for a in available)
+
 # --- the form's target_modules --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("given,taken", [
