@@ -416,8 +416,13 @@ def _state_config(file: Path, mtime_ns: int, size: int) -> str | None:
 
 
 def _newest_step(path: Path) -> str | None:
-    """The name of the run's newest checkpoint folder that holds a trainer_state.json (None: none does)."""
-    steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json"))
+    """The name of the run's newest checkpoint folder that holds a trainer_state.json (None: none does, or its
+    checkpoints/ was removed as it was read: `train --overwrite` starting over, where Path.glob raised and the run
+    list answered 500)."""
+    try:
+        steps = sorted((path / "checkpoints").glob("step-*/trainer_state.json"))
+    except OSError:
+        return None
     return steps[-1].parent.name if steps else None
 
 

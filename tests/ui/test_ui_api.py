@@ -1320,6 +1320,27 @@ def test_the_adapter_list_passes_over_a_checkpoint_removed_while_it_is_read(ui, 
     assert {"rotating/adapter", "rotsweep/a/adapter"} <= set(available) and "rotsweep/a/adapter/x" not in available
     assert not any(".ui" in a or "checkpoints" in a for a in available)
 
+
+def test_the_run_list_passes_over_checkpoints_removed_while_it_is_read(ui, monkeypatch):
+    """`loraforge train --overwrite` into a run removes its checkpoints/ before it trains; removed between the
+    listing of the run's folder and the look for its newest checkpoint, GET /ui/api/runs (the page's list, every
+    few seconds) answered 500. The run is listed, as its other files say."""
+    run = fake_run(ui[1], "overwritten")
+    (run / "checkpoints" / "step-0000010").mkdir(parents=True)
+    scandir, gone = os.scandir, str(run / "checkpoints")
+
+    def deleted_meanwhile(path="."):
+        if os.fspath(path) == gone:
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deleted_meanwhile)
+    r = call(ui, "GET", "/ui/api/runs")
+    monkeypatch.undo()
+    assert r.status_code == 200, r.text
+    listed = {x["name"]: x for x in r.json()["runs"]}["overwritten"]
+    assert (listed["status"], listed["has_adapter"]) == ("finished", True)
+
 # --- the form's target_modules --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("given,taken", [
