@@ -49,6 +49,7 @@ MAX_RANK = 1 << 16
 MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
 MAX_COLLECTIVE_TIMEOUT = 1e9  # seconds: datetime.timedelta, which the process group takes, overflows from ~8.6e13
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
+MAX_UNKNOWN_SHOWN = 20  # unknown fields named one by one in a section; the rest are counted
 USUAL_SCALE = (1e-4, 1e3)  # lora_alpha / r (or / sqrt(r)) outside this is legal but almost surely a typo: warned about
 
 
@@ -201,12 +202,18 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
     problems: list[str] = []
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs, rejected = {}, set()
+    kwargs, rejected, unknown, listed = {}, set(), 0, False
     for key, value in data.items():
         if key not in names:
             if not ignore_unknown:
+                unknown += 1
+                if unknown > MAX_UNKNOWN_SHOWN:  # soak: 10,000 unknown keys made a 4.4 MB message
+                    continue
                 close = _close_field(str(key), names)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(names))})"
+                # the known fields once per section: with its first unknown key that has no close spelling
+                hint = (f" (did you mean {close[0]!r}?)" if close else
+                        "" if listed else f" (known: {', '.join(sorted(names))})")
+                listed = listed or not close
                 problems.append(f"{prefix}{key}: unknown field{hint}")
             continue
         before = len(problems)
@@ -215,6 +222,9 @@ def from_dict(cls, data: dict, prefix: str = "", ignore_unknown: bool = False):
             kwargs[key] = checked
         else:
             rejected.add(key)
+    if unknown > MAX_UNKNOWN_SHOWN:
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: {unknown - MAX_UNKNOWN_SHOWN:,} more unknown fields, "
+                        f"not named here ({unknown:,} in all)")
     try:
         obj = cls(**kwargs)  # the values that passed: their own checks (ranges, ...) report too
     except ConfigError as e:  # (not again about a field rejected above, whose default stood in for it)
@@ -1060,11 +1070,17 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             raise ConfigError([f"{path}: the top level must be a mapping of sections (model, lora, data, training)"])
         _refuse_alias_bomb(loaded, path)
         data = _deep_merge(data, loaded)
+    for line in duplicate_overrides(overrides):
+        warnings.warn(line, stacklevel=2)
+    empty = []  # fields given an empty value that takes no null: named once the config's other problems are known
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()  # soak: 'lora.r = 8' was "lora.r : unknown field"
         if not sep or not key or "" in key.split("."):
             raise ConfigError([f"override {item!r}: write it as section.field=value, e.g. training.lr=1e-4"])
+        if not value.strip() and (problem := empty_value_problem(key)) is not None:
+            empty.append(problem)  # soak: lora.r= was "expected an integer, got None"
+            continue
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
@@ -1096,14 +1112,16 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
                                f"of [ or {{ levels); write it with fewer levels of brackets"]) from None
         _refuse_alias_bomb(node[leaf], f"override {key}")
     if "data" not in data:
-        raise ConfigError(["data: missing; give at least data.train (a dataset file)"])
+        raise ConfigError(empty if any(p.startswith("data.") for p in empty) else
+                          [*empty, "data: missing; give at least data.train (a dataset file)"])
     section = data["data"] if isinstance(data["data"], dict) else {}
     validate(records_problem("data.train", section.get("train")) + records_problem("data.eval", section.get("eval")))
-    problems = method_problems(data)
+    problems = empty + method_problems(data)
     try:
         cfg = from_dict(TrainConfig, data)
     except ConfigError as e:
-        raise ConfigError([_section_hint(p) for p in e.problems] + problems) from None
+        raise ConfigError(problems[:len(empty)] + [_section_hint(p) for p in e.problems] + problems[len(empty):]) \
+            from None
     validate(problems)
     lora, training = data.get("lora"), data.get("training")
     typed = {item.partition("=")[0].strip() for item in overrides}
@@ -1122,6 +1140,43 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
                           f"({fix})", stacklevel=2)
     object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
+
+
+def duplicate_overrides(overrides: list[str]) -> list[str]:
+    """Each key given more than once on the command line: a line naming its values and the one used (soak:
+    `lora.r=2 lora.r=3` trained rank 3, unsaid). The last is used, not refused: override lists are composed (a
+    script's or alias's fixed keys, then the user's; --max-steps and --quantize are appended as overrides)."""
+    values: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            value = value.strip()
+            values.setdefault(key.strip(), []).append(value if len(value) <= 40 else value[:40] + "...")
+    times = {2: "twice"}
+    return [f"{key} given {times.get(len(given), f'{len(given)} times')} on the command line "
+            f"({', '.join(f'{key}={v}' for v in given)}): the last, {key}={given[-1]}, is used"
+            for key, given in values.items() if len(given) > 1]
+
+
+def empty_value_problem(key: str) -> str | None:
+    """`lora.r=` (nothing after the =) for a field that takes no null: the problem naming the empty value and what to
+    give; None where the key is no field (from_dict names it) or the field takes null (an empty value is null)."""
+    cls, tp, default = TrainConfig, None, None
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        tp, default = typing.get_type_hints(cls)[part], fields[part].default
+        cls = tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return None
+    what = {bool: "true or false", dict: "a mapping"}.get(tp) or (
+        f"one of {_type_name(tp)}" if typing.get_origin(tp) is Literal else _type_name(tp))
+    example = ""
+    if isinstance(default, (bool, int, float, str)) and default != "":
+        shown = str(default).lower() if isinstance(default, bool) else default
+        example = f", e.g. {key}={shown}"
+    return f"{key}: empty value; give {what}{example}"
 
 
 def _section_hint(problem: str) -> str:

@@ -62,7 +62,9 @@ def type_of(cls, f: dataclasses.Field) -> str:
 def config_reference() -> list[str]:
     lines = ["## Config fields", "",
              "A run's YAML has the sections below plus `method` (lora, qlora, dora, adalora, full) and `output_dir`;",
-             "any field can be set on the command line as `section.field=value` (the value read as YAML).", ""]
+             "any field can be set on the command line as `section.field=value` (the value read as YAML; an empty",
+             "value, `data.eval=`, is null for a field that takes null and refused for any other; of a key given",
+             "twice on the command line the last is used, with a warning).", ""]
     for name, cls, note in SECTIONS:
         lines += [f"### {name}", ""] + ([note, ""] if note else [])
         lines += ["| field | type | default | what it does |", "|---|---|---|---|"]

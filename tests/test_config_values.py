@@ -80,7 +80,7 @@ def test_nan_and_inf_source_weights_and_epochs_are_refused_by_name():
                                   {"path": "c.jsonl", "weight": float("inf")}]}}
     assert problems(base=sources) == ["data.train[0].weight: must be a finite number, got nan (e.g. 1)",
                                       "data.train[2].weight: must be a finite number, got inf (e.g. 1)"]
-    assert problems("data.train=[{path: a.jsonl, epochs: .nan}]") == [
+    assert problems("data.train=[{path: a.jsonl, epochs: .nan}]", base={"data": {}}) == [
         "data.train[0].epochs: must be a finite number, got nan (e.g. 1)"]
 
 
@@ -220,7 +220,8 @@ def test_a_whole_section_override_sets_the_fields_it_names_and_keeps_the_others(
     cfg = load_train_config(str(config), ["lora.lora_alpha=8", "lora={r: 2}"])
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules, cfg.lora.lora_dropout) == (2, 8, ("v_proj",), 0.1)
     # a field whose value is a mapping is still replaced whole
-    cfg = load_train_config(None, [DATA, "lora.rank_pattern={q_proj: 4}", "lora.rank_pattern={v_proj: 2}"])
+    config.write_text("data: {train: train.jsonl}\nlora: {rank_pattern: {q_proj: 4}}\n")
+    cfg = load_train_config(str(config), ["lora.rank_pattern={v_proj: 2}"])
     assert cfg.lora.rank_pattern == {"v_proj": 2}
 
 
@@ -573,3 +574,47 @@ def test_records_given_in_place_of_a_file_are_one_line_and_sources_given_in_pyth
     sources = [{"path": "a.jsonl", "epochs": 2}, "b.jsonl"]  # as a YAML list: the same config
     assert DataConfig(train=sources) == load_train_config(base={"data": {"train": sources}}).data
     assert DataConfig(train=sources).sources() == (DataSource("a.jsonl", epochs=2), DataSource("b.jsonl"))
+
+
+def test_a_key_given_twice_on_the_command_line_is_warned_about_naming_its_values(tmp_path):
+    """Soak: `lora.r=2 lora.r=3` trained rank 3, unsaid. The last is still used (override lists are composed: a
+    script's keys, then the user's); a command-line key over the file's value is no duplicate."""
+    with pytest.warns(UserWarning) as said:
+        cfg = load_train_config(None, [DATA, "lora.r=2", " lora.r = 3", "lora.r=4", "training.lr=1e-3",
+                                       "training.lr=2e-3"])
+    assert [str(w.message) for w in said] == [
+        "lora.r given 3 times on the command line (lora.r=2, lora.r=3, lora.r=4): the last, lora.r=4, is used",
+        "training.lr given twice on the command line (training.lr=1e-3, training.lr=2e-3): the last, "
+        "training.lr=2e-3, is used"]
+    assert (cfg.lora.r, cfg.training.lr) == (4, 2e-3)
+    (tmp_path / "run.yaml").write_text("data: {train: train.jsonl}\nlora: {r: 2}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_train_config(str(tmp_path / "run.yaml"), ["lora.r=3"]).lora.r == 3
+
+
+def test_thousands_of_unknown_keys_name_each_shown_key_once_and_the_known_fields_once():
+    """Soak: 10,000 unknown training.x keys made a 4.4 MB message, the known fields repeated per key."""
+    said = problems(*[f"training.x{i}=1" for i in range(1, 10_001)], "lora.y1=1", "lora.y2=1")
+    known = "activation_buffer, attention, batch_size"
+    assert said[0].startswith(f"training.x1: unknown field (known: {known}, ")
+    assert said[1:20] == [f"training.x{i}: unknown field" for i in range(2, 21)]
+    assert said[20] == "training: 9,980 more unknown fields, not named here (10,000 in all)"
+    assert said[21].startswith("lora.y1: unknown field (known: alpha_pattern, ")
+    assert said[22:] == ["lora.y2: unknown field"]
+    assert sum(len(p) for p in said) < 2_000
+
+
+@pytest.mark.parametrize("override, said", [
+    ("lora.r=", "lora.r: empty value; give an integer, e.g. lora.r=8"),
+    ("training.lr= ", "training.lr: empty value; give a number, e.g. training.lr=0.0002"),
+    ("model.name=", "model.name: empty value; give a string, e.g. model.name=smollm2-135m"),
+    ("training.compile=", "training.compile: empty value; give true or false, e.g. training.compile=false"),
+    ("training.schedule=", "training.schedule: empty value; give one of 'cosine', 'linear', 'constant', e.g. "
+     "training.schedule=cosine"),
+])
+def test_an_empty_override_value_is_named_with_what_the_field_takes(override, said):
+    """Soak: `lora.r=` said "expected an integer, got None"; a field that takes null reads an empty value as null."""
+    assert problems(override, "training.seed=x") == [said, "training.seed: expected an integer, got 'x'"]
+    cfg = load_train_config(None, [DATA, "data.eval=", "training.max_grad_norm=", "model.quantization="])
+    assert (cfg.data.eval, cfg.training.max_grad_norm, cfg.model.quantization) == (None, None, None)

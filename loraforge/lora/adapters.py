@@ -226,6 +226,14 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
         raise AdapterError(f"{path}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if others := _adapter_subfolders(folder):
+        # soak: merge --adapter DIR of PEFT's save_pretrained of several adapters (`default` at the top, each other
+        # one in a folder named after it) merged `default` alone, unsaid; eval, generate, export read it here too
+        more = f" and {len(others) - SHOWN} more" if len(others) > SHOWN else ""
+        # (stacklevel 1: merge reads a folder's config, then loads it; the same line twice is said once)
+        warnings.warn(f"{adapter_dir}: only its top adapter (PEFT's 'default') is used, not the {len(others)} in its "
+                      f"subfolders ({', '.join(others[:SHOWN])}{more}: PEFT's save of several adapters); to use one, "
+                      f"give its folder, e.g. --adapter {Path(adapter_dir) / others[0]}", stacklevel=1)
     return path, data
 
 

@@ -308,8 +308,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     if config:
         cfg = load_train_config(config, overrides)
     else:
-        cfg = demo_config(out, DEMO_STEPS, [f"data.train={asset('times_train.jsonl')}",
-                                            f"data.eval={asset('times_test.jsonl')}", *overrides])
+        cfg = demo_config(out, DEMO_STEPS, overrides,  # the user's data.train=/data.eval= overrides these
+                          data={"train": asset("times_train.jsonl"), "eval": asset("times_test.jsonl")})
         cfg = dataclasses.replace(cfg, lora=LoraConfig())  # the adapter's own settings decide
         previous = previous or asset("demo_test.jsonl")
         replay = replay or asset("demo_train.jsonl")

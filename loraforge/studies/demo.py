@@ -32,7 +32,9 @@ def asset(name: str) -> str:
 TEST_DATA = asset("demo_test.jsonl")
 
 
-def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = ()):
+def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = (), data: dict | None = None):
+    """The demo's run config: `overrides` (the command line's) on top; `data`: fields of its data section that a
+    study sets in place of the demo's own (a user's data.eval= override still wins)."""
     steps = max_steps or 24
     for item in overrides:  # forgetting/continual pass their --max-steps as an override
         key, _, value = item.partition("=")
@@ -43,7 +45,7 @@ def demo_config(out: str, max_steps: int | None = None, overrides: list[str] = (
         "method": "lora",
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
         # the held-out dates are scored by run_demo's exact-match accuracy, not by a held-out loss in train()
-        "data": {"train": asset("demo_train.jsonl"), "eval_fraction": 0, "max_seq_len": 256},
+        "data": {"train": asset("demo_train.jsonl"), "eval_fraction": 0, "max_seq_len": 256, **(data or {})},
         # 24 steps: past 90% held-out, short enough for a laptop CPU (the README gives the measured run)
         # --max-steps under 6 (a quick try): the warmup shortened to fit, so it is never the reason a run is refused
         "training": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": max(0, min(5, steps - 1)),

@@ -550,7 +550,7 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
-           else demo_config(out, DEMO_STEPS, [f"data.eval={asset('demo_test.jsonl')}", *overrides]))
+           else demo_config(out, DEMO_STEPS, overrides, data={"eval": asset("demo_test.jsonl")}))
     ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
     check_output(out, overwrite=overwrite,
                  inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()])

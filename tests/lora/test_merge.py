@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import randomize, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter, set_adapter
+from loraforge.lora.adapters import AdapterError, load_adapter, read_adapter_config, save_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora import merge as M
 from loraforge.lora.merge import add_weighted_adapter, embeddings_tied, export_merged, merge_and_unload
@@ -711,3 +711,28 @@ def test_an_int8_merge_past_fp16s_range_is_refused_not_written_as_inf(tiny_dir, 
                         r"weight model\.layers\.0\.self_attn\.q_proj\.weight holds 1024 NaN/inf of 1024 values in "
                         r"float16; merge in fp32", str(e.value)), str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_save_of_several_adapters_merges_its_top_one_and_names_the_ones_in_subfolders(tiny_dir, tmp_path,
+                                                                                            input_ids):
+    """Soak: `merge --adapter DIR` of PEFT's save_pretrained of `default` and `other` (default at the top, other in
+    DIR/other) merged default alone, unsaid. Every command reads the folder through read_adapter_json: one warning."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    _peft_adapters(base, tmp_path, {"x": peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x")  # as "default"
+    theirs.load_adapter(tmp_path / "x", adapter_name="other")
+    theirs.save_pretrained(tmp_path / "both")  # default at the top, other in both/other
+    assert (tmp_path / "both" / "other" / "adapter_config.json").is_file()
+    with pytest.warns(UserWarning) as said:
+        export_merged(str(tiny_dir), [str(tmp_path / "both")], tmp_path / "merged")
+    subfolders = [str(w.message) for w in said if "subfolders" in str(w.message)]
+    assert subfolders == [f"{tmp_path / 'both'}: only its top adapter (PEFT's 'default') is used, not the 1 in its "
+                          f"subfolders (other: PEFT's save of several adapters); to use one, give its folder, e.g. "
+                          f"--adapter {tmp_path / 'both' / 'other'}"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    top = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "both")  # PEFT's reading of the folder
+    with torch.no_grad():  # what was merged: the top adapter
+        torch.testing.assert_close(merged(input_ids).logits, top(input_ids).logits, **TOL)
+    with warnings.catch_warnings():  # the subfolder's own adapter: nothing below it
+        warnings.simplefilter("error")
+        assert read_adapter_config(tmp_path / "both" / "other").r == 4

@@ -3,6 +3,7 @@ before the base model loads."""
 
 import json
 import sys
+import warnings
 
 import pytest
 
@@ -57,3 +58,13 @@ def test_a_missing_tracker_package_is_refused_before_the_base_loads(tmp_path, no
         run_demo(str(tmp_path / "d"), max_steps=2, overrides=["training.report_to=wandb"])
     assert e.value.problems == ["training.report_to: wandb needs the wandb package: pip install 'loraforge[wandb]' "
                                 "(or set training.report_to: none)"]
+
+
+def test_a_study_s_data_files_are_the_demo_s_defaults_and_the_user_s_data_eval_override_wins(tmp_path):
+    """forgetting/continual set their held-out file as the demo's data section, not as a command-line key before the
+    user's: a key given twice on the command line is warned about (config.duplicate_overrides)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = demo_config(str(tmp_path / "o"), overrides=["data.eval=mine.jsonl"], data={"eval": "study.jsonl"})
+    assert cfg.data.eval == "mine.jsonl"
+    assert demo_config(str(tmp_path / "o"), data={"eval": "study.jsonl"}).data.eval == "study.jsonl"
