@@ -1256,6 +1256,19 @@ def test_a_run_whose_folders_are_deleted_while_it_trains_is_let_go_when_it_ends(
         assert [(r["name"], r["status"], r["exit_code"]) for r in R.list_runs(tmp_path)] == [("gone", "finished", 0)]
 
 
+def vanish_while_read(monkeypatch, folder):
+    """os.scandir of `folder` fails as it does for a folder removed after its parent listed it (a run deleting a
+    checkpoint, `train --overwrite` removing checkpoints/); every other folder is read as it is."""
+    scandir, gone = os.scandir, str(folder)
+
+    def deleted_meanwhile(path="."):
+        if os.fspath(path) == gone:
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deleted_meanwhile)
+
+
 def test_a_page_run_whose_ui_folder_is_deleted_while_it_trains_reads_finished(ui):
     r = call(ui, "POST", "/ui/api/runs", json=form(name="unmeta", max_steps="30", save_every="100"))
     assert r.status_code == 200, r.text
@@ -1305,14 +1318,7 @@ def test_the_adapter_list_passes_over_a_checkpoint_removed_while_it_is_read(ui, 
     (deep / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     (deep / "x" / "adapter_config.json").parent.mkdir()
     (deep / "x" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
-    scandir, gone = os.scandir, str(run / "checkpoints" / "step-0000060")
-
-    def deleted_meanwhile(path="."):  # listed in checkpoints/, removed before it is read itself
-        if os.fspath(path) == gone:
-            raise FileNotFoundError(2, "No such file or directory", gone)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", deleted_meanwhile)
+    vanish_while_read(monkeypatch, run / "checkpoints" / "step-0000060")  # listed in checkpoints/, then removed
     r = call(ui, "GET", "/ui/api/adapters")
     monkeypatch.undo()
     assert r.status_code == 200, r.text
@@ -1327,14 +1333,7 @@ def test_the_run_list_passes_over_checkpoints_removed_while_it_is_read(ui, monke
     few seconds) answered 500. The run is listed, as its other files say."""
     run = fake_run(ui[1], "overwritten")
     (run / "checkpoints" / "step-0000010").mkdir(parents=True)
-    scandir, gone = os.scandir, str(run / "checkpoints")
-
-    def deleted_meanwhile(path="."):
-        if os.fspath(path) == gone:
-            raise FileNotFoundError(2, "No such file or directory", gone)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", deleted_meanwhile)
+    vanish_while_read(monkeypatch, run / "checkpoints")
     r = call(ui, "GET", "/ui/api/runs")
     monkeypatch.undo()
     assert r.status_code == 200, r.text
