@@ -35,6 +35,11 @@ from loraforge.models import context_length
 from loraforge.quant.checks import is_quantized
 
 SUPPORTED = ("llama",)
+ATTEND_BLOCK = 32
+"""A decode step off the kernels on a CPU (bf16 activations) attends over the cache's first L slots rounded up to a
+multiple of this (the slots past each row's position masked): oneDNN, which runs these bf16 matmuls, builds and keeps a
+kernel per shape (about 0.7 ms and 0.7-1.5 MB each, up to 1,024 of them), and L grew by one each step, so a server
+built one every step and grew by hundreds of MB; rounded, one in 32 steps."""
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -384,6 +389,10 @@ class Decoder:
         L = int(pos.max()) + 1
         if L > self.max_len:
             raise ValueError(f"position {L - 1} exceeds the cache's max_len={self.max_len}")
+        fused = self.kernels and T == 1  # a decode step: each row's own position, no mask needed
+        width = L  # the cache slots attention reads (ATTEND_BLOCK)
+        if T == 1 and not fused and self.device.type == "cpu":
+            width = min(-(-L // ATTEND_BLOCK) * ATTEND_BLOCK, self.max_len)
         if packed:  # (N, 1, d): the real tokens, at their positions
             x = self.embed.rows(ids[valid][:, None]).to(self.dtype)
             cos, sin = self.rotary(x, pos[valid][:, None])
@@ -394,11 +403,10 @@ class Decoder:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D)
         uniform = bool((start == start[0]).all())
-        fused = self.kernels and T == 1  # a decode step: each row's own position, no mask needed
         mask = None  # one token per row, every row at the same position: every slot up to it is visible
-        if not fused and (T > 1 or not uniform):
-            visible = self.slots[:L] <= pos[:, :, None]  # (B, T, L): causal, each row from its slot 0
-            mask = torch.zeros(B, 1, T, L, dtype=self.dtype, device=self.device).masked_fill_(
+        if not fused and (T > 1 or not uniform or width > L):
+            visible = self.slots[:width] <= pos[:, :, None]  # (B, T, width): causal, each row from its slot 0
+            mask = torch.zeros(B, 1, T, width, dtype=self.dtype, device=self.device).masked_fill_(
                 ~visible[:, None], float("-inf"))
         if fused:  # the kernel's inputs, once per step: (B, D) and (B,) int64, contiguous
             cos1, sin1, pos1 = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous(), \
@@ -434,7 +442,7 @@ class Decoder:
                 keys[rows, :, pos] = k  # (B, T) index pairs -> (B, T, Hkv, D)
                 values[rows, :, pos] = v
             if T == 1:  # a decode step off the kernels (bf16 activations, GPUs): two grouped matmuls
-                o = self._attend_one(q, keys[row0:row0 + B, :, :L], values[row0:row0 + B, :, :L], mask)
+                o = self._attend_one(q, keys[row0:row0 + B, :, :width], values[row0:row0 + B, :, :width], mask)
             else:  # softmax(q Kᵀ/√D + mask) V in one op; grouped heads read their shared K, V (enable_gqa)
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), keys[row0:row0 + B, :, :L],
                                                    values[row0:row0 + B, :, :L], attn_mask=mask, scale=self.scaling,

@@ -388,3 +388,34 @@ def test_stream_refuses_what_does_not_fit_the_context():
     with pytest.raises(ConfigError, match=re.escape("--max-new-tokens 65: the model's context is 64 tokens and the "
                                                     "prompt takes 1; at most 63 new tokens fit")):
         check_fits(tiny_gpt2(), 1, 65, flag="--max-new-tokens")  # loraforge generate, before either path
+
+
+def _greedy_widths(model, prompt, steps, monkeypatch):
+    """Greedy decode steps of one row on the decoder (bf16 activations: off the C kernels); the tokens, the last
+    step's logits and the cache width each step's attention read."""
+    dec, widths, attend = Decoder(model, max_batch=1, max_len=128), [], Decoder._attend_one
+    with monkeypatch.context() as m:
+        m.setattr(Decoder, "_attend_one", lambda self, q, keys, values, mask:
+                  widths.append(keys.shape[2]) or attend(self, q, keys, values, mask))
+        logits = dec.forward(torch.tensor([prompt]), torch.zeros(1, dtype=torch.long))
+        tokens = [int(logits.argmax(-1))]
+        for k in range(steps):
+            logits = dec.forward(torch.tensor([tokens[-1:]]), torch.tensor([len(prompt) + k]))
+            tokens.append(int(logits.argmax(-1)))
+    return tokens, logits, widths
+
+
+def test_bf16_decode_steps_attend_over_few_widths(monkeypatch):
+    """bf16 decode steps on a CPU attend over the cache rounded up to ATTEND_BLOCK slots (oneDNN keeps a kernel per
+    matmul shape: a width per step grew a server by hundreds of MB), with the same tokens and logits as over the
+    exact width."""
+    model = tiny_llama().to(torch.bfloat16)
+    prompt = _prompts(0, [5], seed=4)[0]
+    tokens, logits, widths = _greedy_widths(model, prompt, 70, monkeypatch)
+    # 2 layers a step; positions 5 .. 74 read 6 .. 75 slots
+    assert sorted(set(widths)) == [32, 64, 96] and len(widths) == 140
+    monkeypatch.setattr(llama, "ATTEND_BLOCK", 1)
+    exact_tokens, exact_logits, exact_widths = _greedy_widths(model, prompt, 70, monkeypatch)
+    assert sorted(set(exact_widths)) == list(range(6, 76))
+    assert tokens == exact_tokens
+    torch.testing.assert_close(logits, exact_logits, rtol=2e-2, atol=2e-2)
