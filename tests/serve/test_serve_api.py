@@ -4,6 +4,7 @@ Outputs are compared with `Engine.generate`, which test_serve_engine.py compares
 """
 
 import copy
+import os
 import json
 import shutil
 import threading
@@ -20,6 +21,7 @@ from loraforge.config import LoraConfig
 from loraforge.precision import Precision
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
 from loraforge.serve import engine as engine_module
+from loraforge.serve import api
 from loraforge.serve.api import ServerThread, TokenizerPool, create_app
 from loraforge.serve.errors import shown
 from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
@@ -610,3 +612,23 @@ def test_a_forward_that_overflows_fp16_is_a_500_naming_fp16_s_range(base, tokeni
                 assert (r.status_code, r.json()["error"]) == (500, {"message": message, "type": "server_error",
                                                                     "param": None, "code": "generation_error"})
         engine.stop()
+
+
+@pytest.mark.parametrize("given", [None, "512"])
+def test_run_server_bounds_onednns_kernel_caches_before_the_model_loads(given, monkeypatch):
+    """oneDNN and ideep keep a kernel per bf16 matmul shape (1,024 by default, up to 1.5 MB each): run_server sets
+    both caches to 128 before the model loads (they are read once, at the first bf16 matmul); a value the user's
+    environment gives is kept."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in api.ONEDNN_CACHES})
+    if given is not None:
+        os.environ["LRU_CACHE_CAPACITY"] = given
+    seen = {}
+
+    def load_base(model, dtype):
+        seen.update({name: os.environ.get(name) for name in api.ONEDNN_CACHES})
+        raise ServeError("stop here")
+
+    monkeypatch.setattr(api, "load_base", load_base)
+    with pytest.raises(ServeError, match="stop here"):
+        api.run_server("tiny", port=0)
+    assert seen == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": given or "128"}
