@@ -833,6 +833,9 @@ import loraforge.lora.merge as merge
 from loraforge.cli import main
 from loraforge.utils.files import atomic_dir
 
+for s in (signal.SIGTERM, signal.SIGHUP):  # as a terminal's shell starts a command: a test run under nohup
+    signal.signal(s, signal.SIG_DFL)      # passes its ignored SIGHUP on (and ignored stays ignored: test_faults)
+
 def killed(base, adapters, out, **kwargs):
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_bytes(bytes(1000))
