@@ -636,27 +636,20 @@ def did_you_mean(word: str, known) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
-def _options(command: str) -> list[str]:
-    """The --options of `command` as typed: its parameters' names, dashed, but for the positionals (build_parser's
-    rules)."""
-    options = ["--help"]
-    for param in inspect.signature(_commands()[command]).parameters.values():
-        positional = (param.default is inspect.Parameter.empty and param.kind is not inspect.Parameter.KEYWORD_ONLY
-                      or param.name == "overrides" or (param.name in OPTIONAL_POSITIONALS and param.default is None))
-        if not positional:
-            options.append("--" + param.name.replace("_", "-"))
-    return options
+def _options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    """The --options of `command` as its subparser (build_parser) declares them, --help first."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [o for o in commands.choices[command]._option_string_actions if o.startswith("--")]
 
 
-def _hint(option: str, command: str) -> str:
-    """The hint for an --option `command` does not have: a positional's name given as an option (`train --config
-    x.yaml`: CONFIG comes without a flag), or the options it resembles."""
+def _hint(option: str, command: str, options: list[str]) -> str:
+    """The hint for an --option `command` does not have (`options`: those it has): a positional's name given as an
+    option (`train --config x.yaml`: CONFIG comes without a flag), or the options it resembles."""
     name = option.lstrip("-").replace("-", "_")
-    if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in \
-            _options(command):
+    if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in options:
         what = "KEY=VALUE pairs come" if name == "overrides" else f"{name.upper()} is positional: give it"
         return f" ({what} without {option})"
-    return did_you_mean(option, _options(command))
+    return did_you_mean(option, options)
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -674,8 +667,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
         files = [e for e in stray if e.startswith("-") and os.path.lexists(e)]
         hint = (f" ({files[0]} is a file here: a name that starts with '-' reads as an option; write ./{files[0]}, "
                 f"or put -- before it)") if files else ""
-        named = [e + (_hint(e.partition("=")[0], args.command) if e.startswith("--") and e not in files else "")
-                 for e in stray or extra]
+        options = _options(parser, args.command)
+        named = [e + (_hint(e.partition("=")[0], args.command, options) if e.startswith("--") and e not in files
+                      else "") for e in stray or extra]
         parser.error(f"unrecognized arguments: {' '.join(named)}{hint}")
     if extra:
         args.overrides = list(args.overrides) + extra
