@@ -539,6 +539,10 @@ def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make `name` (or several names, summed) the active adapter(s) of every layer."""
     names = [name] if isinstance(name, str) else list(name)
     require_adapter(model, *names)
+    if twice := sorted({n for n in names if names.count(n) > 1}):  # each layer would add its ΔW once per mention
+        raise ValueError(f"set_adapter: {', '.join(map(repr, twice))} given more than once in {names}; each "
+                         f"active adapter counts once (to weigh one adapter more, combine adapters with "
+                         f"add_weighted_adapter and its weights)")
     if (merged := merged_adapters(model)) and sorted(set(names)) != merged:  # the merged ones would run on, summed in
         raise merged_error(merged, f"switching to {names}")
     for module in model.modules():

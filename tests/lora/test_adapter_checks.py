@@ -1018,3 +1018,14 @@ def test_an_adapter_name_torch_cannot_hold_is_refused_by_name_before_any_layer_c
     torch.testing.assert_close(model(input_ids).logits, expected, rtol=0, atol=0)
     load_adapter(model, good, "x_y")
     assert list_adapters(model) == ["x_y"]
+
+
+def test_set_adapter_refuses_a_name_given_twice_instead_of_adding_its_delta_twice(tmp_path, input_ids):
+    model = randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS)), seed=3)
+    save_adapter(model, tmp_path / "a")
+    ours = load_adapter(tiny_llama(), tmp_path / "a", "a")
+    once = ours(input_ids).logits
+    with pytest.raises(ValueError, match=r"set_adapter: 'a' given more than once in \['a', 'a'\]; each active"):
+        set_adapter(ours, ["a", "a"])
+    torch.testing.assert_close(ours(input_ids).logits, once, rtol=0, atol=0)  # still a, once
+    assert {tuple(m.active_adapters) for m in ours.modules() if isinstance(m, LoraLayer)} == {("a",)}
