@@ -22,8 +22,8 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
-                                   merged_adapters, merged_error, saved_paths)
+from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_base_bias, lora_layers,
+                                   mark_trainable, merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
 from loraforge.utils.hf import set_submodule
@@ -456,10 +456,63 @@ def _without_copies_of_the_base(model: nn.Module, tensors: dict, expected: dict,
     return kept
 
 
+def adalora_as_lora(model: nn.Module, config: AdaLoraConfig, tensors: dict[str, torch.Tensor],
+                    source: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, float]]:
+    """An AdaLoRA adapter as the plain LoRA with the same ΔW = scaling · B (A ∘ E), for `model`: (its config, its
+    tensors, each layer's scaling). Per layer, r = the triplets rank_pattern keeps (init_r where it has none),
+    lora_A = A ∘ E (in fp32), lora_B = B, and AdaLoRA's scaling, lora_alpha (or, where it is 0, that r) /
+    (init_r + 1e-5) as PEFT's ranknum gives it: to set on the layers once loaded (LoRA's lora_alpha / r cannot say
+    it exactly). A layer whose triplets are all pruned (r 0, ΔW 0) is left out. Keys the conversion does not take
+    stay as they are, for load_adapter's checks to name. The server serves AdaLoRA this way: a module holds the
+    LoRA layers of many adapters, never a LoRA and an AdaLoRA layer."""
+    pattern = config.rank_pattern or {}
+    converted = dict(tensors)
+    ranks: dict[str, int] = {}
+    scalings: dict[str, float] = {}
+    for path in find_targets(model, config, advise=False):
+        kept = pattern.get(f"{path}.lora_E")
+        r = sum(kept) if kept is not None else config.init_r
+        keys = [f"{PREFIX}{path}.{factor}" for factor in ("lora_A", "lora_E", "lora_B")]
+        if r == 0:
+            for key in keys:
+                converted.pop(key, None)
+            continue
+        ranks[path] = r
+        scalings[path] = (config.lora_alpha if config.lora_alpha > 0 else float(r)) / (config.init_r + 1e-5)
+        if not all(key in tensors for key in keys):
+            missing = next(key for key in keys if key not in tensors)
+            raise AdapterError(f"{source}: {path}: {missing.removeprefix(PREFIX)} is missing from the file")
+        A, E, B = (tensors[key] for key in keys)
+        if A.dim() != 2 or tuple(E.shape) != (A.shape[0], 1) or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise AdapterError(f"{source}: {path}: lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)} and lora_B "
+                               f"{tuple(B.shape)} in the file are not one AdaLoRA triplet (r × in, r × 1, out × r)")
+        if A.shape[0] != r:  # the kept rank decides the scaling where lora_alpha is 0: never guessed from the file
+            raise AdapterError(f"{source}: {path}: lora_A {tuple(A.shape)} has rank {A.shape[0]}, but {CONFIG_NAME} "
+                               f"keeps {r} of that layer's init_r {config.init_r} triplets (rank_pattern): the two "
+                               f"files are not of one adapter")
+        for key in keys:
+            del converted[key]
+        converted[f"{PREFIX}{path}.lora_A.weight"] = A.float() * E.float()
+        converted[f"{PREFIX}{path}.lora_B.weight"] = B
+    if not ranks:
+        raise AdapterError(f"{source}: every layer's rank is 0 (rank_pattern keeps no triplet): the adapter changes "
+                           f"nothing; use the base model instead")
+    r = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank; rank_pattern gives the others
+    others: dict[int, list[str]] = {}
+    for path, rank in ranks.items():
+        if rank != r:
+            others.setdefault(rank, []).append(re.escape(path))
+    lora = LoraConfig(r=r, lora_alpha=r, target_modules=tuple(ranks), fan_in_fan_out=config.fan_in_fan_out,
+                      rank_pattern={"|".join(paths): rank for rank, paths in others.items()},
+                      base_model_name_or_path=config.base_model_name_or_path)
+    return lora, converted, scalings
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 is_trainable: bool = False) -> nn.Module:
+                 is_trainable: bool = False, as_lora: bool = False) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in fp32 on a
-    bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype.
+    bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype. `as_lora`: an AdaLoRA
+    adapter goes on as the equal plain LoRA (adalora_as_lora), beside LoRA adapters on the same layers.
 
     Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
     made for another base raises AdapterError naming the module, and the model is left as it was.
@@ -473,6 +526,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         # a PEFT file without target_modules (our own name them): PEFT takes its default for the architecture,
         # ours differs (q, k, v, o: the file's k_proj and o_proj "missing"); the layers the file holds are the ones
         config = dataclasses.replace(config, target_modules=held)
+    scalings: dict[str, float] = {}
+    if as_lora and isinstance(config, AdaLoraConfig):
+        config, tensors, scalings = adalora_as_lora(model, config, tensors, adapter_dir)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
@@ -514,6 +570,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                     _check_finite(value, f"{Path(adapter_dir) / WEIGHTS_NAME}: tensor {key}",
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
+        for path, scaling in scalings.items():
+            model.get_submodule(path).scaling[name] = scaling
     except BaseException:  # the layers injected so far go again; every parameter holds and trains as before
         delete_adapter(model, name)
         for p, flag in requires_grad.items():
