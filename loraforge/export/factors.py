@@ -3,6 +3,7 @@
     LoRA     A (r_m, in), B (out, r_m), scale = alpha_m / r_m (or alpha_m / sqrt(r_m) with use_rslora), r_m and
              alpha_m from rank_pattern / alpha_pattern (PEFT's first-match rule)
     AdaLoRA  A' = A ∘ E (E: (r, 1) scales A's rows), scale = lora_alpha / (init_r + 1e-5) as PEFT computes it
+             (lora_alpha 0: the layer's kept rank r, the rows of its A, in place of lora_alpha, as PEFT's)
 
 What a plain LoRA file cannot say is listed by `unsupported` (DoRA, modules_to_save, trained biases): the formats
 that take factors (llama.cpp's LoRA GGUF, vLLM) refuse those with the reason and the alternative.
@@ -77,7 +78,7 @@ def read_factors(adapter_dir: str | Path):
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         else:  # AdaLoRA: bare keys, E folded into A's rows
             A = A * tensors[f"{stem}.lora_E"].float()
-            alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.init_r)
+            alpha = config.lora_alpha if config.lora_alpha > 0 else float(A.shape[0])  # PEFT: r as loaded, kept
             scale = alpha / (config.init_r + 1e-5)
         out[path] = Factors(A, B, scale)
     if not out:
