@@ -231,6 +231,15 @@ def check_servable(entry: Adapter) -> LoraConfig | AdaLoraConfig:
     return config
 
 
+def _rank(config: LoraConfig | AdaLoraConfig, module: str) -> int:
+    """The rank adapter_config.json gives `module`'s layer: LoRA's rank_pattern or r, AdaLoRA's kept triplets
+    (rank_pattern's flags) or init_r."""
+    if isinstance(config, AdaLoraConfig):
+        kept = (config.rank_pattern or {}).get(f"{module}.lora_E")
+        return config.init_r if kept is None else sum(kept)
+    return int(pattern_value(config.rank_pattern, module, config.r, "rank_pattern"))
+
+
 def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
     """What a stack holds for adapter `uid` of `layer`: A (r, in), B (out, r), scaling, DoRA's g (out,) or None."""
     A, B, scale = layer.lora_A[uid].weight, layer.lora_B[uid].weight, layer.scaling[uid]
@@ -586,9 +595,8 @@ class Residency:
                         factor = suffix.split(".")[1]  # lora_A or lora_B
                         problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
                                                     f"{fan_in} -> {fan_out} here")
-                    # soak: listed, then refused as "another base?"
-                    elif isinstance(config, LoraConfig) and shape[-1 - dim] != (r := int(pattern_value(
-                            config.rank_pattern, module, config.r, "rank_pattern"))):
+                    # soak: listed, then refused as "another base?" (AdaLoRA: refused at the first request)
+                    elif shape[-1 - dim] != (r := _rank(config, module)):
                         factor = suffix.split(".")[1]
                         raise AdapterError(f"{weights.name}: {module}.{factor} {shape} has rank {shape[-1 - dim]}, "
                                            f"but {CONFIG_NAME} gives that layer r={r}: the two files are not of "

@@ -3,7 +3,9 @@ greedy tokens equal to PEFT's (PeftModel.from_pretrained on the same directory, 
 modules_to_save and bias adapters fail closed with the reason."""
 
 import copy
+import json
 import queue
+import shutil
 import threading
 import warnings
 
@@ -134,6 +136,28 @@ def test_adalora_and_lora_on_one_module_serve_in_one_batch(base, tokenizer, vari
             assert tokens == want, name
         assert all(t != peft_greedy_base(base, p) for n, p, t in zip(names, ps, got) if n)  # not base vs base
         assert {type(layer).__name__ for _, layer in lora_layers(engine.model)} == {"LoraLinear"}
+    finally:
+        engine.stop()
+
+
+def test_an_adalora_adapter_whose_ranks_are_not_its_rank_patterns_is_not_listed(base, tokenizer, variants,
+                                                                                 tmp_path):  # noqa: F811
+    """As a LoRA adapter's (test_serve_engine): an AdaLoRA file of rank 4 whose rank_pattern keeps 2 triplets was
+    listed from adapters_dir, then each request refused (as "an adapter made for another base?"); the start check
+    now compares its ranks, keeps it off the list, and a request gets why."""
+    shutil.copytree(variants / "ada", tmp_path / "cut")
+    config = json.loads((tmp_path / "cut" / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"model.layers.0.mlp.gate_proj.lora_E": [True, False, True, False]}
+    (tmp_path / "cut" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="not serving 'cut'"):
+        engine = Engine(copy.deepcopy(base), tokenizer, adapters_dir=tmp_path)
+    try:
+        assert engine.adapter_names() == []
+        with pytest.raises(AdapterError) as e:
+            engine.generate([1, 2, 3], "cut", SamplingParams(max_tokens=2))
+        assert str(e.value) == ('adapter "cut" cannot be served: adapter_model.safetensors: '
+                                'model.layers.0.mlp.gate_proj.lora_A (4, 32) has rank 4, but adapter_config.json '
+                                'gives that layer r=2: the two files are not of one adapter')
     finally:
         engine.stop()
 
