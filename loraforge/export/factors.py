@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.lora.adalora import adalora_scaling
 from loraforge.lora.adapters import PREFIX, AdapterError, read_adapter_config, read_adapter_weights
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import pattern_value
@@ -78,8 +79,7 @@ def read_factors(adapter_dir: str | Path):
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         else:  # AdaLoRA: bare keys, E folded into A's rows
             A = A * tensors[f"{stem}.lora_E"].float()
-            alpha = config.lora_alpha if config.lora_alpha > 0 else float(A.shape[0])  # PEFT: r as loaded, kept
-            scale = alpha / (config.init_r + 1e-5)
+            scale = adalora_scaling(config.lora_alpha, A.shape[0], config.init_r)  # r: the kept rank, as loaded
         out[path] = Factors(A, B, scale)
     if not out:
         raise AdapterError(f"{adapter_dir}: no lora_A / lora_B factors in {adapter_dir}/adapter_model.safetensors "

@@ -21,7 +21,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
+from loraforge.lora.adalora import AdaLoraConfig, adalora_scaling, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_base_bias, lora_layers,
                                    mark_trainable, merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
@@ -460,11 +460,10 @@ def adalora_as_lora(model: nn.Module, config: AdaLoraConfig, tensors: dict[str, 
                     source: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, float]]:
     """An AdaLoRA adapter as the plain LoRA with the same ΔW = scaling · B (A ∘ E), for `model`: (its config, its
     tensors, each layer's scaling). Per layer, r = the triplets rank_pattern keeps (init_r where it has none),
-    lora_A = A ∘ E (in fp32), lora_B = B, and AdaLoRA's scaling, lora_alpha (or, where it is 0, that r) /
-    (init_r + 1e-5) as PEFT's ranknum gives it: to set on the layers once loaded (LoRA's lora_alpha / r cannot say
-    it exactly). A layer whose triplets are all pruned (r 0, ΔW 0) is left out. Keys the conversion does not take
-    stay as they are, for load_adapter's checks to name. The server serves AdaLoRA this way: a module holds the
-    LoRA layers of many adapters, never a LoRA and an AdaLoRA layer."""
+    lora_A = A ∘ E (in fp32), lora_B = B, and AdaLoRA's scaling (adalora_scaling): to set on the layers once loaded
+    (LoRA's lora_alpha / r cannot say it exactly). A layer whose triplets are all pruned (r 0, ΔW 0) is left out.
+    Keys the conversion does not take stay as they are, for load_adapter's checks to name. The server serves
+    AdaLoRA this way: a module holds the LoRA layers of many adapters, never a LoRA and an AdaLoRA layer."""
     pattern = config.rank_pattern or {}
     converted = dict(tensors)
     ranks: dict[str, int] = {}
@@ -478,7 +477,7 @@ def adalora_as_lora(model: nn.Module, config: AdaLoraConfig, tensors: dict[str, 
                 converted.pop(key, None)
             continue
         ranks[path] = r
-        scalings[path] = (config.lora_alpha if config.lora_alpha > 0 else float(r)) / (config.init_r + 1e-5)
+        scalings[path] = adalora_scaling(config.lora_alpha, r, config.init_r)
         if not all(key in tensors for key in keys):
             missing = next(key for key in keys if key not in tensors)
             raise AdapterError(f"{source}: {path}: {missing.removeprefix(PREFIX)} is missing from the file")
