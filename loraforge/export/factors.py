@@ -3,6 +3,7 @@
     LoRA     A (r_m, in), B (out, r_m), scale = alpha_m / r_m (or alpha_m / sqrt(r_m) with use_rslora), r_m and
              alpha_m from rank_pattern / alpha_pattern (PEFT's first-match rule)
     AdaLoRA  A' = A ∘ E (E: (r, 1) scales A's rows), scale = lora_alpha / (init_r + 1e-5) as PEFT computes it
+             (lora_alpha 0: the layer's kept rank r, the rows of its A, in place of lora_alpha, as PEFT's)
 
 What a plain LoRA file cannot say is listed by `unsupported` (DoRA, modules_to_save, trained biases): the formats
 that take factors (llama.cpp's LoRA GGUF, vLLM) refuse those with the reason and the alternative.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.lora.adalora import adalora_scaling
 from loraforge.lora.adapters import PREFIX, AdapterError, read_adapter_config, read_adapter_weights
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import pattern_value
@@ -77,8 +79,7 @@ def read_factors(adapter_dir: str | Path):
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         else:  # AdaLoRA: bare keys, E folded into A's rows
             A = A * tensors[f"{stem}.lora_E"].float()
-            alpha = config.lora_alpha if config.lora_alpha > 0 else float(config.init_r)
-            scale = alpha / (config.init_r + 1e-5)
+            scale = adalora_scaling(config.lora_alpha, A.shape[0], config.init_r)  # r: the kept rank, as loaded
         out[path] = Factors(A, B, scale)
     if not out:
         raise AdapterError(f"{adapter_dir}: no lora_A / lora_B factors in {adapter_dir}/adapter_model.safetensors "

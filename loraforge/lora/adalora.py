@@ -200,6 +200,13 @@ class AdaLoraConfig:
         return from_dict(cls, values, prefix=f"{source}: ")
 
 
+def adalora_scaling(lora_alpha: float, r: int, init_r: int) -> float:
+    """PEFT's scaling of an AdaLoRA layer of rank r: lora_alpha (or, if alpha is 0, the layer's rank: init_r, or the
+    kept rank of a layer loaded pruned, as PEFT's resize_modules_by_rank_pattern builds it) divided by ranknum + 1e-5,
+    and ranknum = init_r, also after pruning (it is not saved; the pruned layer copies it back)."""
+    return (lora_alpha if lora_alpha > 0 else float(r)) / (init_r + 1e-5)
+
+
 class SVDLinear(LoraLayer):
     """AdaLoRA on a linear layer: ΔW = B (A ∘ E) · lora_alpha / (init_r + 1e-5)."""
 
@@ -233,10 +240,7 @@ class SVDLinear(LoraLayer):
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        # PEFT: scaling = lora_alpha (or, if alpha is 0, the layer's rank: init_r, or the kept rank of a layer
-        # loaded pruned, as PEFT's resize_modules_by_rank_pattern builds it) divided by ranknum + 1e-5, and
-        # ranknum = init_r, also after pruning (it is not saved; the pruned layer copies it back).
-        self.scaling[name] = (lora_alpha if lora_alpha > 0 else float(r)) / (init_r + 1e-5)
+        self.scaling[name] = adalora_scaling(lora_alpha, r, init_r)
         self.rank_mask[name] = kept
         self.train(self.training)  # the new Dropout takes the layer's mode (LoraLinear.add_adapter)
         self.active_adapters.append(name)

@@ -21,9 +21,9 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adalora import AdaLoraConfig, export_pruned, inject_adalora
-from loraforge.lora.inject import (LayerKindConflict, inject, is_base_bias, lora_layers, mark_trainable,
-                                   merged_adapters, merged_error, saved_paths)
+from loraforge.lora.adalora import AdaLoraConfig, adalora_scaling, export_pruned, inject_adalora
+from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_base_bias, lora_layers,
+                                   mark_trainable, merged_adapters, merged_error, saved_paths)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
 from loraforge.utils.hf import set_submodule
@@ -456,10 +456,70 @@ def _without_copies_of_the_base(model: nn.Module, tensors: dict, expected: dict,
     return kept
 
 
+def adalora_as_lora(model: nn.Module, config: AdaLoraConfig, tensors: dict[str, torch.Tensor], source: str | Path
+                    ) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """An AdaLoRA adapter as the plain LoRA with the same ΔW = scaling · B (A ∘ E), for `model`: (its config, its
+    tensors, each layer's (r, scaling)). Per layer, r = the triplets rank_pattern keeps (init_r where it has none),
+    lora_A = A ∘ E (in fp32), lora_B = B, and AdaLoRA's scaling (adalora_scaling). The config has one r (the
+    largest): each layer's own r and scaling are set once it is injected (`_fit_layer`), not said with rank_pattern
+    and alpha_pattern, whose regexes, one per layer, took over the server's 2 s regex budget on a 160-layer base
+    (and LoRA's lora_alpha / r cannot say AdaLoRA's scaling exactly). A layer whose triplets are all pruned (r 0,
+    ΔW 0) is left out.
+    Keys the conversion does not take stay as they are, for load_adapter's checks to name. The server serves
+    AdaLoRA this way: a module holds the LoRA layers of many adapters, never a LoRA and an AdaLoRA layer."""
+    pattern = config.rank_pattern or {}
+    converted = dict(tensors)
+    layers: dict[str, tuple[int, float]] = {}
+    for path in find_targets(model, config, advise=False):
+        kept = pattern.get(f"{path}.lora_E")
+        r = sum(kept) if kept is not None else config.init_r
+        keys = [f"{PREFIX}{path}.{factor}" for factor in ("lora_A", "lora_E", "lora_B")]
+        if r == 0:
+            for key in keys:
+                converted.pop(key, None)
+            continue
+        layers[path] = r, adalora_scaling(config.lora_alpha, r, config.init_r)
+        if not all(key in tensors for key in keys):
+            missing = next(key for key in keys if key not in tensors)
+            raise AdapterError(f"{source}: {path}: {missing.removeprefix(PREFIX)} is missing from the file")
+        A, E, B = (tensors[key] for key in keys)
+        if A.dim() != 2 or tuple(E.shape) != (A.shape[0], 1) or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise AdapterError(f"{source}: {path}: lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)} and lora_B "
+                               f"{tuple(B.shape)} in the file are not one AdaLoRA triplet (r × in, r × 1, out × r)")
+        if A.shape[0] != r:  # the kept rank decides the scaling where lora_alpha is 0: never guessed from the file
+            raise AdapterError(f"{source}: {path}: lora_A {tuple(A.shape)} has rank {A.shape[0]}, but {CONFIG_NAME} "
+                               f"keeps {r} of that layer's init_r {config.init_r} triplets (rank_pattern): the two "
+                               f"files are not of one adapter")
+        for key in keys:
+            del converted[key]
+        converted[f"{PREFIX}{path}.lora_A.weight"] = A.float() * E.float()
+        converted[f"{PREFIX}{path}.lora_B.weight"] = B
+    if not layers:
+        raise AdapterError(f"{source}: every layer's rank is 0 (rank_pattern keeps no triplet): the adapter changes "
+                           f"nothing; use the base model instead")
+    r = max(rank for rank, _ in layers.values())
+    lora = LoraConfig(r=r, lora_alpha=r, target_modules=tuple(layers), fan_in_fan_out=config.fan_in_fan_out,
+                      init_lora_weights=False,  # the file's factors replace them
+                      base_model_name_or_path=config.base_model_name_or_path)
+    return lora, converted, layers
+
+
+def _fit_layer(layer: LoraLayer, name: str, r: int, scaling: float) -> None:
+    """Give adapter `name` of `layer` rank r (new factors, which the load fills) and `scaling`."""
+    if layer.r[name] != r:
+        weight = layer.lora_A[name].weight
+        kw = dict(bias=False, dtype=weight.dtype, device=weight.device)
+        layer.lora_A[name] = nn.Linear(layer.in_features, r, **kw).requires_grad_(weight.requires_grad)
+        layer.lora_B[name] = nn.Linear(r, layer.out_features, **kw).requires_grad_(weight.requires_grad)
+        layer.r[name] = r
+    layer.scaling[name] = scaling
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 is_trainable: bool = False) -> nn.Module:
+                 is_trainable: bool = False, as_lora: bool = False) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in fp32 on a
-    bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype.
+    bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype. `as_lora`: an AdaLoRA
+    adapter goes on as the equal plain LoRA (adalora_as_lora), beside LoRA adapters on the same layers.
 
     Every key and shape is checked before anything is kept: a missing key, an unexpected key or a shape
     made for another base raises AdapterError naming the module, and the model is left as it was.
@@ -473,6 +533,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         # a PEFT file without target_modules (our own name them): PEFT takes its default for the architecture,
         # ours differs (q, k, v, o: the file's k_proj and o_proj "missing"); the layers the file holds are the ones
         config = dataclasses.replace(config, target_modules=held)
+    fitted: dict[str, tuple[int, float]] = {}
+    if as_lora and isinstance(config, AdaLoraConfig):
+        config, tensors, fitted = adalora_as_lora(model, config, tensors, adapter_dir)
     if name in adapter_configs(model):  # before the try: its cleanup would delete the loaded one
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
@@ -493,6 +556,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
             other = _other_base(config, model)
             raise AdapterError(f"{adapter_dir}: this adapter does not fit the model{f' ({other})' if other else ''}: "
                                f"{e}") from None
+        for path, (r, scaling) in fitted.items():  # an AdaLoRA adapter as LoRA: each layer's own rank and scaling
+            _fit_layer(model.get_submodule(path), name, r, scaling)
         expected = adapter_state_dict(model, name)
         tensors = _without_copies_of_the_base(model, tensors, expected, adapter_dir)
         tensors = {key: t for key, t in tensors.items() if not any(m in key for m in TRAINING_STATE)}

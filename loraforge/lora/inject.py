@@ -42,8 +42,8 @@ ATTENTION_TARGETS = {
     "falcon": ("query_key_value", "self_attention.dense"),
 }
 REGEX_TIMEOUT_S = 1.0  # a user's regex against one module path (~50 characters): longer is endless backtracking
-# (deadline on time.monotonic(), its seconds) that every user_match inside a regex_budget shares; None: no budget
-_BUDGET: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("regex_budget", default=None)
+# [seconds left, seconds] that every user_match inside a regex_budget spends from; None: no budget
+_BUDGET: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("regex_budget", default=None)
 # The decoder-layer index of a module path, for display (plot_rank_heatmap); target selection uses layer_index().
 LAYER_INDEX = re.compile(r".*?\.(?:layers|h|block|blocks|layer)\.(\d+)\.")
 
@@ -81,7 +81,8 @@ def user_match(pattern: str, path: str, field: str, full: bool = True, given: st
     Ctrl-C; so did an adapter's target_modules in the serve engine). A pattern that runs out of time raises
     ConfigError naming the field."""
     budget = _BUDGET.get()
-    timeout = REGEX_TIMEOUT_S if budget is None else min(REGEX_TIMEOUT_S, budget[0] - time.monotonic())
+    timeout = REGEX_TIMEOUT_S if budget is None else min(REGEX_TIMEOUT_S, budget[0])
+    started = time.monotonic()
     try:
         if timeout <= 0:
             raise TimeoutError
@@ -95,15 +96,20 @@ def user_match(pattern: str, path: str, field: str, full: bool = True, given: st
         raise ConfigError([f"{field}: the regex {clipped(given or pattern)} takes over {REGEX_TIMEOUT_S:g} s to test "
                            f"against the module path {path!r} (a repetition inside a repetition, such as (.*)*, "
                            f"backtracks without end); write it without one, e.g. .*\\.(q_proj|v_proj)"]) from None
+    finally:
+        if budget is not None:
+            budget[0] -= time.monotonic() - started
 
 
 @contextlib.contextmanager
 def regex_budget(seconds: float):
     """Every user_match inside shares `seconds` (the server, loading an adapter on its engine thread: a rank_pattern
-    of many keys, each under REGEX_TIMEOUT_S on each module path, held every request for minutes; soak). Nested
-    budgets keep the earlier deadline."""
-    deadline, outer = time.monotonic() + seconds, _BUDGET.get()
-    token = _BUDGET.set((deadline, seconds) if outer is None or deadline < outer[0] else outer)
+    of many keys, each under REGEX_TIMEOUT_S on each module path, held every request for minutes; soak). The time
+    spent in the regexes counts, not the time between them (soak: the budget was a deadline, and a LoRA adapter
+    with a 2-key rank_pattern on a 120-layer base, its layers built between the lookups, was refused as "regexes
+    take over 2 s in all"). Nested budgets: the one with less left."""
+    outer = _BUDGET.get()
+    token = _BUDGET.set([seconds, seconds] if outer is None or seconds < outer[0] else outer)
     try:
         yield
     finally:

@@ -46,13 +46,6 @@ class NameTaken(ServeError):
     status = 409
 
 
-class AdapterConflict(ServeError, AdapterError):
-    """An adapter that cannot share the model with the adapters resident now (an AdaLoRA and a LoRA layer on one
-    module); it may load once they leave."""
-
-    status = 409
-
-
 def shown(value, limit: int = SHOWN_CHARS) -> str:
     """`value` for an error message: as JSON (what the client sent, not a Python repr), lone surrogates escaped
     (the answer must encode as UTF-8), cut to `limit` characters with the full length said."""

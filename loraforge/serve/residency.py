@@ -9,10 +9,10 @@ and a forward with rows using adapters `idx` (B,) computes
     h = base(x) + x · Aᵀ[idx] · (sB)ᵀ[idx]           x: (B, T, in); Aᵀ[idx] (B, in, r), (sB)ᵀ[idx] (B, r, out)
 so the base matmul is shared and each row gets its own low-rank delta. Zero padding of the rank adds exact zeros.
 Beyond plain LoRA, in the same stacks and batches: rank/alpha patterns (each layer has its own r and scaling),
-AdaLoRA (A ∘ E stacked as A, scaling/ranknum folded into B) and DoRA, whose per-slot magnitude factor
-g = m / ‖W0 + sBA‖ (out,) — 1 for the base and plain LoRA slots — gives h = base(x) + (g − 1)·W0x + g·delta.
-modules_to_save and bias adapters change weights the rows share: refused, with the reason. So is an AdaLoRA adapter
-on a module a resident LoRA adapter targets (or the reverse): the two layer types cannot wrap one module.
+AdaLoRA, loaded as the equal plain LoRA (`adalora_as_lora`: A ∘ E as A, per layer the kept rank and
+lora_alpha / (init_r + 1e-5) as scaling, so it shares modules with LoRA adapters), and DoRA, whose per-slot magnitude
+factor g = m / ‖W0 + sBA‖ (out,) — 1 for the base and plain LoRA slots — gives h = base(x) + (g − 1)·W0x + g·delta.
+modules_to_save and bias adapters change weights the rows share: refused, with the reason.
 On a CPU with the decode kernels, `cpu_kernels.lora_rows` adds every row's delta into base(x) in one call per layer
 (Punica's SGMV): each row's Aᵀ and (sB)ᵀ read where they lie in the stack, no gathered copies, bf16 widened in
 registers (r_max is padded to a multiple of 8 for it). Elsewhere (GPUs) the gathered Aᵀ[idx], (sB)ᵀ[idx] go through
@@ -52,12 +52,12 @@ from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
-from loraforge.lora.adalora import AdaLoraConfig, SVDLinear
+from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
                                      delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
-from loraforge.lora.inject import REGEX_TIMEOUT_S, LayerKindConflict, lora_layers, pattern_value, regex_budget
+from loraforge.lora.inject import REGEX_TIMEOUT_S, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
-from loraforge.serve.errors import SURROGATE, AdapterConflict, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
+from loraforge.serve.errors import SURROGATE, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
 
 BASE_ALIASES = ("base",)
@@ -121,7 +121,7 @@ class Stack:
     bf16 output's own), else fp32; computed in fp32 either way.
     """
 
-    def __init__(self, layer: LoraLinear | SVDLinear, slots: int, r: int, rows: RowSlots,
+    def __init__(self, layer: LoraLinear, slots: int, r: int, rows: RowSlots,
                  adapter_dtype: str = "auto"):
         w = layer.base_layer.weight
         r = _padded(r)
@@ -231,10 +231,17 @@ def check_servable(entry: Adapter) -> LoraConfig | AdaLoraConfig:
     return config
 
 
+def _rank(config: LoraConfig | AdaLoraConfig, module: str) -> int:
+    """The rank adapter_config.json gives `module`'s layer: LoRA's rank_pattern or r, AdaLoRA's kept triplets
+    (rank_pattern's flags) or init_r."""
+    if isinstance(config, AdaLoraConfig):
+        kept = (config.rank_pattern or {}).get(f"{module}.lora_E")
+        return config.init_r if kept is None else sum(kept)
+    return int(pattern_value(config.rank_pattern, module, config.r, "rank_pattern"))
+
+
 def factors(layer: nn.Module, uid: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
     """What a stack holds for adapter `uid` of `layer`: A (r, in), B (out, r), scaling, DoRA's g (out,) or None."""
-    if type(layer) is SVDLinear:  # AdaLoRA: ΔW = scaling · B @ (A ∘ E)
-        return layer.lora_A[uid] * layer.lora_E[uid], layer.lora_B[uid], layer.scaling[uid], None
     A, B, scale = layer.lora_A[uid].weight, layer.lora_B[uid].weight, layer.scaling[uid]
     g = None
     if uid in layer.lora_magnitude_vector:  # DoRA, as LoraLinear._dora computes it at inference
@@ -588,9 +595,8 @@ class Residency:
                         factor = suffix.split(".")[1]  # lora_A or lora_B
                         problems.setdefault(module, f"{module}: {factor} {shape} in the file, but the layer is "
                                                     f"{fan_in} -> {fan_out} here")
-                    # soak: listed, then refused as "another base?"
-                    elif isinstance(config, LoraConfig) and shape[-1 - dim] != (r := int(pattern_value(
-                            config.rank_pattern, module, config.r, "rank_pattern"))):
+                    # soak: listed, then refused as "another base?" (AdaLoRA: refused at the first request)
+                    elif shape[-1 - dim] != (r := _rank(config, module)):
                         factor = suffix.split(".")[1]
                         raise AdapterError(f"{weights.name}: {module}.{factor} {shape} has rank {shape[-1 - dim]}, "
                                            f"but {CONFIG_NAME} gives that layer r={r}: the two files are not of "
@@ -645,14 +651,12 @@ class Residency:
 
     def _load(self, entry: Adapter, uid: str) -> None:
         """load_adapter (every key and shape checked; safetensors only), the model left as it was on any failure;
-        a problem of the files raises BrokenAdapter, a clash with the resident adapters AdapterConflict."""
+        a problem of the files raises BrokenAdapter. An AdaLoRA adapter loads as the equal LoRA (adalora_as_lora):
+        on a module that holds LoRA adapters, an AdaLoRA layer could not go (soak: a 409 while any LoRA was resident,
+        and a server given both kinds with --adapter did not start)."""
         try:
             with regex_budget(ADAPTER_REGEX_S):
-                load_adapter(self.model, entry.path, uid)
-        except LayerKindConflict as e:  # a module holds a layer of the other kind (LoRA vs AdaLoRA) already
-            delete_adapter(self.model, uid)
-            raise AdapterConflict(f"adapter {shown(entry.name)} cannot be loaded beside the adapters now resident: "
-                                  f"{e.problems[0].removeprefix('target_modules: ')}") from None
+                load_adapter(self.model, entry.path, uid, as_lora=True)  # AdaLoRA as the equal LoRA
         except (ValueError, OSError) as e:
             delete_adapter(self.model, uid)
             raise self._broken(entry, e) from None
@@ -660,10 +664,10 @@ class Residency:
             delete_adapter(self.model, uid)
             raise
 
-    def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear | SVDLinear]:
+    def _servable_layers(self, entry: Adapter, uid: str) -> list[LoraLinear]:
         layers = [layer for _, layer in lora_layers(self.model) if uid in layer.r]
         for layer in layers:
-            if type(layer) not in (LoraLinear, SVDLinear):
+            if type(layer) is not LoraLinear:
                 raise self._broken(entry, AdapterError(f"layer type {type(layer).__name__} cannot be batched per "
                                                        f"row"))
         return layers

@@ -10,7 +10,8 @@ from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
 
 from helpers import tiny_gpt2, tiny_llama
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora, orth_regularization, plot_rank_heatmap, svd_layers
-from loraforge.lora.adapters import load_adapter, save_adapter
+from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
+from loraforge.lora.inject import lora_layers, regex_budget
 from loraforge.config import ConfigError
 from loraforge.lora.merge import merge, unmerge
 
@@ -304,3 +305,41 @@ def test_a_peft_file_without_target_r_and_an_init_r_below_8_loads_with_peft_logi
     assert ours.lora_configs["default"].target_r == 4  # PEFT's 8, at most init_r: no pruning left to do
     assert final_rank_pattern(ours) == {k.removesuffix(".lora_E"): sum(v) for k, v in config["rank_pattern"].items()}
     torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("lora_alpha", [16, 0])
+def test_an_adalora_adapter_as_lora_gives_peft_logits(arch, lora_alpha, tmp_path, input_ids):
+    """load_adapter(as_lora=True), as the server loads AdaLoRA: plain LoRA layers, each of its kept rank, A ∘ E as
+    lora_A and AdaLoRA's scaling (lora_alpha, or where it is 0 the kept rank, over init_r + 1e-5); a layer pruned to
+    rank 0 left out. PEFT's logits for the pruned file (rank_pattern), in fp32."""
+    build = BUILDERS[arch]
+    model = inject_adalora(build(), _config(lora_alpha=lora_alpha))
+    layers = svd_layers(model)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(layers):  # kept 0, 2, 2, 3, 2, 3, ... of init_r 4; E non-zero
+            layer.rank_mask["default"] = [i > 0, i % 2 == 1, i > 1, False] if i else [False] * 4
+            layer.lora_E["default"].normal_().masked_fill_(~torch.tensor(layer.rank_mask["default"]).view(-1, 1), 0)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path)(input_ids).logits
+    with regex_budget(0):  # no regex per layer (rank_pattern's took over the server's 2 s on a 160-layer base)
+        ours = load_adapter(build(), tmp_path, as_lora=True)
+    kinds = {type(layer).__name__: path for path, layer in lora_layers(ours)}
+    assert list(kinds) == ["LoraLinear"] and layers[0][0] not in dict(lora_layers(ours))
+    assert {path: layer.r["default"] for path, layer in lora_layers(ours)} == \
+        {path: sum(layer.rank_mask["default"]) for path, layer in layers[1:]}
+    torch.testing.assert_close(ours(input_ids).logits, theirs, **TOL)
+    assert not torch.allclose(theirs, build()(input_ids).logits, **TOL)  # the adapter changes the output
+
+
+def test_an_adalora_file_whose_ranks_differ_from_its_rank_pattern_is_refused_as_lora(tmp_path):
+    model = inject_adalora(tiny_llama(), _config(target_modules=("q_proj",)))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"model.layers.0.self_attn.q_proj.lora_E": [True, True, False, False]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny_llama(), tmp_path, as_lora=True)
+    assert str(e.value) == (f"{tmp_path}: model.layers.0.self_attn.q_proj: lora_A (4, 32) has rank 4, but "
+                            f"adapter_config.json keeps 2 of that layer's init_r 4 triplets (rank_pattern): the two "
+                            f"files are not of one adapter")

@@ -24,7 +24,7 @@ from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_
                                      list_adapters, load_adapter, read_adapter_config, save_adapter, set_adapter)
 from loraforge.lora import inject as inject_module
 from loraforge.lora.inject import find_targets, inject, lora_layers
-from loraforge.lora.layer import LoraLayer
+from loraforge.lora.layer import LoraLayer, LoraLinear
 from loraforge.lora.merge import add_weighted_adapter, merge, unmerge
 
 # fp32 on the same machine: PEFT and we run the same ops, so logits agree to rounding (as in test_adapters.py).
@@ -984,6 +984,29 @@ def test_a_backtracking_module_regex_ends_in_time(monkeypatch):
             f"{field}: the regex {SLOW_REGEX!r} takes over 0.2 s to test against the module path "
             f"'model.layers.0.self_attn.q_proj' (a repetition inside a repetition, such as (.*)*, backtracks without "
             f"end); write it without one, e.g. .*\\.(q_proj|v_proj)"]
+
+
+def test_a_regex_budget_counts_the_time_in_regexes_not_the_time_between_them(monkeypatch):
+    """Soak: the server's budget (2 s) was a deadline over a whole load, so a LoRA adapter with a 2-key rank_pattern
+    on a 120-layer base was refused as "regexes take over 2 s in all": inject builds each layer between the
+    lookups. Here each layer takes 0.05 s to build, 8 of them under a 0.1 s budget: the few ms of regexes fit."""
+    add_adapter = LoraLinear.add_adapter
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.05)
+        return add_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "add_adapter", slow)
+    started = time.monotonic()
+    with inject_module.regex_budget(0.1):
+        model = inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "k_proj"],
+                                                rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3}))
+    assert time.monotonic() - started > 0.4
+    assert {path: (layer.r["default"], layer.scaling["default"]) for path, layer in lora_layers(model)
+            if ".layers.0." in path} == {"model.layers.0.self_attn.q_proj": (2, 8.0),
+                                         "model.layers.0.self_attn.k_proj": (4, 4.0),
+                                         "model.layers.0.self_attn.v_proj": (4, 0.75),
+                                         "model.layers.0.self_attn.o_proj": (4, 4.0)}
 
 
 def test_a_target_modules_list_of_many_entries_is_matched_in_time_as_its_few_that_match():

@@ -3,7 +3,9 @@ greedy tokens equal to PEFT's (PeftModel.from_pretrained on the same directory, 
 modules_to_save and bias adapters fail closed with the reason."""
 
 import copy
+import json
 import queue
+import shutil
 import threading
 import warnings
 
@@ -118,24 +120,44 @@ def test_unservable_adapters_fail_closed(base, tokenizer, tmp_path, extra, reaso
         engine.stop()
 
 
-@pytest.mark.parametrize("first,second", [("ada", "other-ada-layer"), ("other-ada-layer", "ada")],
-                         ids=["adalora-first", "lora-first"])
-def test_adalora_and_lora_on_one_module_fail_closed(base, tokenizer, variants, first, second):  # noqa: F811
-    """An AdaLoRA layer and a LoRA layer cannot wrap the same module: the second one's requests fail with the
-    reason (in either order; AdaLoRA second was blamed on another base, LoRA second on a TypeError), the first keeps
-    serving, and nothing half-loaded stays on the model."""
-    engine = Engine(copy.deepcopy(base), tokenizer, adapters={first: variants / first}, adapters_dir=variants)
+def test_adalora_and_lora_on_one_module_serve_in_one_batch(base, tokenizer, variants):  # noqa: F811
+    """An AdaLoRA adapter serves as the equal LoRA, so it shares its modules with LoRA adapters: both kinds given at
+    start, rows of each in one batch, each row's greedy tokens PEFT's (before: the second kind's load was refused,
+    "gate_proj already holds a LoRA adapter; AdaLoRA and LoRA adapters cannot share a layer": a server given both
+    did not start, and a request for the second was a 409 while the first was resident, idle or not)."""
+    names = ["ada", "other-ada-layer", "plain", "ada", None, "other-ada-layer"]
+    engine = Engine(copy.deepcopy(base), tokenizer, adapters={n: variants / n for n in set(names) - {None}})
     try:
-        before = engine.generate([1, 2, 3], first, SamplingParams(max_tokens=4, ignore_eos=True)).token_ids
-        kinds = "an AdaLoRA adapter" if first == "ada" else "a LoRA adapter"
-        with pytest.raises(RuntimeError, match=f"cannot be loaded beside the adapters now resident: .*gate_proj "
-                                               f"already holds {kinds}; AdaLoRA and LoRA adapters cannot share a "
-                                               r"layer \(delete the other adapter first\)$") as e:
-            engine.generate([1, 2, 3], second, SamplingParams(max_tokens=2))
-        assert "base" not in str(e.value) and "TypeError" not in str(e.value)
-        assert engine.generate([1, 2, 3], first, SamplingParams(max_tokens=4, ignore_eos=True)).token_ids == before
-        assert all("serve" in n and "check" not in n for _, layer in lora_layers(engine.model) for n in layer.r)
-        assert engine.resident_adapters() == [first]
+        ps = prompts(len(tokenizer), [5, 9, 3, 12, 7, 4], seed=22)
+        got = greedy_in_one_batch(engine, names, ps)
+        assert engine.stats["max_running"] == len(names)
+        for name, p, tokens in zip(names, ps, got):
+            want = peft_greedy(base, variants / name, p, N) if name else peft_greedy_base(base, p)
+            assert tokens == want, name
+        assert all(t != peft_greedy_base(base, p) for n, p, t in zip(names, ps, got) if n)  # not base vs base
+        assert {type(layer).__name__ for _, layer in lora_layers(engine.model)} == {"LoraLinear"}
+    finally:
+        engine.stop()
+
+
+def test_an_adalora_adapter_whose_ranks_are_not_its_rank_patterns_is_not_listed(base, tokenizer, variants,
+                                                                                 tmp_path):  # noqa: F811
+    """As a LoRA adapter's (test_serve_engine): an AdaLoRA file of rank 4 whose rank_pattern keeps 2 triplets was
+    listed from adapters_dir, then each request refused (as "an adapter made for another base?"); the start check
+    now compares its ranks, keeps it off the list, and a request gets why."""
+    shutil.copytree(variants / "ada", tmp_path / "cut")
+    config = json.loads((tmp_path / "cut" / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"model.layers.0.mlp.gate_proj.lora_E": [True, False, True, False]}
+    (tmp_path / "cut" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="not serving 'cut'"):
+        engine = Engine(copy.deepcopy(base), tokenizer, adapters_dir=tmp_path)
+    try:
+        assert engine.adapter_names() == []
+        with pytest.raises(AdapterError) as e:
+            engine.generate([1, 2, 3], "cut", SamplingParams(max_tokens=2))
+        assert str(e.value) == ('adapter "cut" cannot be served: adapter_model.safetensors: '
+                                'model.layers.0.mlp.gate_proj.lora_A (4, 32) has rank 4, but adapter_config.json '
+                                'gives that layer r=2: the two files are not of one adapter')
     finally:
         engine.stop()
 
