@@ -91,6 +91,7 @@ class TrainResult:
     rank: int = 0  # under torchrun every process returns one; only rank 0's wrote the adapter
     saved: str = "adapter"  # the folder of output_dir holding the result: adapter, or model (method: full)
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
+    device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -449,6 +450,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
+    if device.type == "cuda":  # the peak a run reports is its own, not an earlier one's in this process (a notebook's
+        torch.cuda.reset_peak_memory_stats(device)  # first train(), or the demo's scoring before it)
     check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
     check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     t = cfg.training
@@ -1108,4 +1111,4 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
-                       saved="model" if run.cfg.method == "full" else "adapter")
+                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type)
