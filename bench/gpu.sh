@@ -9,6 +9,10 @@
 #   GPU_STEPS=all bash bench/gpu.sh ...                  # + suite, 1.1B demo rows, compile, FSDP (+12 min)
 #   GPU_STEPS="cuda-tests serve" bash bench/gpu.sh ...   # only the steps named
 #
+# The default steps' limits add up to 565 s, with setup (wheels, the stand-in models, imports) on top: where one
+# command may run only 10 minutes, run it as two, GPU_STEPS="cuda-tests train-135m" and then GPU_STEPS="train-1b-text
+# qlora serve" (the same $OUT: every step's log stays there, and the second table holds both calls' bench rows).
+#
 # Each step's limit comes from an H200 run (stop 52): a bench/train.py worker there spends ~15 s starting (imports,
 # CUDA, the model) before its steps, a bench/qlora.py run ~25 s, so the limits are counted in workers.
 # WHEELS_DIR: wheels of what the GPU machine lacks (bitsandbytes, fastapi, uvicorn, openai, ...), installed with
