@@ -9,6 +9,10 @@
 #   GPU_STEPS=all bash bench/gpu.sh ...                  # + suite, 1.1B demo rows, compile, FSDP (+12 min)
 #   GPU_STEPS="cuda-tests serve" bash bench/gpu.sh ...   # only the steps named
 #
+# The default steps' limits add up to 565 s, with setup (wheels, the stand-in models, imports) on top: where one
+# command may run only 10 minutes, run it as two, GPU_STEPS="cuda-tests train-135m" and then GPU_STEPS="train-1b-text
+# qlora serve" (the same $OUT: every step's log stays there, and the second table holds both calls' bench rows).
+#
 # Each step's limit comes from an H200 run (stop 52): a bench/train.py worker there spends ~15 s starting (imports,
 # CUDA, the model) before its steps, a bench/qlora.py run ~25 s, so the limits are counted in workers.
 # WHEELS_DIR: wheels of what the GPU machine lacks (bitsandbytes, fastapi, uvicorn, openai, ...), installed with
@@ -56,7 +60,14 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'tra
 $PY -c "from loraforge.precision import choose, detect; print(choose('auto', 'auto', detect('cuda'), 'cuda').line())"
 
 step cuda-tests 75 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step suite 150 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
+# the fast suite in 12 processes (pytest-xdist: bench/gpu_wheels.sh gathers it; the GPU image lacks it, and pytest
+# refused -n with a usage error): where it is missing, the step fails saying so rather than running out its limit
+if $PY -c "import xdist" > /dev/null 2>&1; then
+  step suite 150 $PY -m pytest -q -p no:cacheprovider -n 12 -m "not slow and not cuda" tests
+else
+  step suite 10 sh -c 'echo "pytest-xdist is not installed for $0: the suite runs in 12 processes to fit its limit;" \
+    "install it (bench/gpu_wheels.sh gathers its wheel)"; exit 1' "$PY"
+fi
 # the built-in model's shape on the bench's three data shapes (demo, chat, packed text: 4 rows of 512), 6 workers
 # (~31 s each on the H200's host with these steps);
 # the shared prefix (lf-prefix) is off on GPUs by default: stop 52 measured it slower there (2093 against 3849 tok/s)

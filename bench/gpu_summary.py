@@ -15,8 +15,10 @@ def train_rows(out: Path) -> list[str]:
     rows = ["| bench | data | dtype | trainer | real tok/s | × first | peak MiB | × first | roofline | final loss |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(out.glob("train-*.json")):
-        for r in json.loads(path.read_text())["table"]:
-            rows.append(f"| {path.stem} | {r['shape']} | {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
+        data = json.loads(path.read_text())
+        name = path.stem if data.get("complete", True) else f"{path.stem} (cut short)"  # the rows measured before
+        for r in data["table"]:
+            rows.append(f"| {name} | {r['shape']} | {r['dtype']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
                         f"{r['speedup']:.2f} | {r['peak_mb']:.0f} | {r['memory_ratio']:.2f} | "
                         f"{100 * r['roofline']:.1f}% | {r['final_loss']:.4f} |")
     return rows if len(rows) > 2 else []

@@ -561,6 +561,9 @@ def main() -> None:
                 r = run_worker(v, dtype, shape, args)
                 results.setdefault((shape, v, dtype), []).append(r)
                 loads.append(os.getloadavg()[0])
+                if args.json:  # after every worker: a run cut short (bench/gpu.sh's time limits) keeps its rows
+                    write_json(args.json, hardware, asked, dtypes, results, peaks, loads, variants, shape_names,
+                               complete=False)
                 print(f"  round {rnd + 1} {dtype:4s} {shape:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
                       f"  loss {r['final_loss']:.4f}  kernel time {100 * r['sys_seconds'] / r['seconds']:.0f}%"
                       f"  (load {loads[-1]:.1f})", flush=True)
@@ -574,8 +577,33 @@ def main() -> None:
              f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
     print(columns)
     print("|" + "---|" * (columns.count("|") - 1))
+    table = table_rows(results, peaks, variants, shape_names, dtypes)
+    for row in table:
+        label = f"{row['dtype']} (auto)" if row["dtype"] == auto.compute and "auto" in asked else row["dtype"]
+        per_round = row["speedup_per_round"]
+        print(f"| {row['shape']} | {label} | {row['variant']} | {row['tokens_per_s']:.0f} | {row['speedup']:.2f} | "
+              f"{min(per_round):.2f}-{max(per_round):.2f} | {row['peak_mb']:.0f} | {row['memory_ratio']:.2f} | "
+              f"{row['train_peak_mb']} | {row['final_loss']:.4f} | {row['max_loss_diff']:.4f} | "
+              f"{100 * row['roofline']:.0f}% | {100 * row['matmul_use']:.0f}% |")
+    for dtype in dtypes:
+        print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
+              f"(2048² torch.matmul, median of rounds)")
+    for row in (r for r in table if r["variant"] == variants[0]):
+        print(f"ceiling {row['shape']} {row['dtype']}: {row['ceiling_tokens_per_s']:.0f} tok/s = "
+              f"{row['ceiling_tokens_per_s'] / row['tokens_per_s']:.2f}× {variants[0]}, where nothing but the frozen "
+              f"linears and the head took time, at the matmul peak")
+    if args.json:
+        write_json(args.json, hardware, asked, dtypes, results, peaks, loads, variants, shape_names, complete=True)
+
+
+def table_rows(results: dict, peaks: dict, variants: list[str], shape_names: list[str],
+               dtypes: list[str]) -> list[dict]:
+    """The table's rows: a row per trainer of each (data shape, dtype) block whose every trainer has run (a run cut
+    short has blocks still missing some), medians over the rounds each has, against the first variant's."""
     table = []
     for shape, dtype in [(sh, d) for sh in shape_names for d in dtypes]:
+        if any((shape, v, dtype) not in results for v in variants) or not peaks[dtype]:
+            continue
         peak = statistics.median(peaks[dtype])
         base = results[(shape, variants[0], dtype)]
         b_tps = statistics.median(r["tokens_per_s"] for r in base)
@@ -591,27 +619,24 @@ def main() -> None:
             use = statistics.median(r["executed_flops_per_s"] for r in rs) / peak
             dloss = max(abs(a - b) for a, b in zip(rs[0]["losses"], base[0]["losses"]))
             per_round = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base)]  # the same round's baseline
-            row = {"shape": shape, "dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps, "peak_mb": mem_mb,
-                   "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb, "final_loss": rs[0]["final_loss"],
-                   "max_loss_diff": dloss, "speedup_per_round": per_round,
-                   "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9,
-                   "ceiling_tokens_per_s": ceiling, "ceiling_speedup": ceiling / b_tps}
-            table.append(row)
-            label = f"{dtype} (auto)" if dtype == auto.compute and "auto" in asked else dtype
-            print(f"| {shape} | {label} | {v} | {tps:.0f} | {tps / b_tps:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | "
-                  f"{mem_mb:.0f} | {mem_mb / b_mem:.2f} | {train_mb} | "
-                  f"{rs[0]['final_loss']:.4f} | {dloss:.4f} | {100 * roof:.0f}% | {100 * use:.0f}% |")
-    for dtype in dtypes:
-        print(f"matmul peak {dtype}: {statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s "
-              f"(2048² torch.matmul, median of rounds)")
-    for row in (r for r in table if r["variant"] == variants[0]):
-        print(f"ceiling {row['shape']} {row['dtype']}: {row['ceiling_tokens_per_s']:.0f} tok/s = "
-              f"{row['ceiling_tokens_per_s'] / row['tokens_per_s']:.2f}× {variants[0]}, where nothing but the frozen "
-              f"linears and the head took time, at the matmul peak")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hardware, "dtypes_asked": asked, "dtypes": dtypes,
-                                               "table": table, "raw": {f"{sh}/{v}/{d}": r for (sh, v, d), r in results.items()},
-                                               "matmul_peak": peaks, "load": loads}, indent=1))
+            table.append({"shape": shape, "dtype": dtype, "variant": v, "tokens_per_s": tps, "speedup": tps / b_tps,
+                          "peak_mb": mem_mb, "memory_ratio": mem_mb / b_mem, "train_peak_mb": train_mb,
+                          "final_loss": rs[0]["final_loss"], "max_loss_diff": dloss, "speedup_per_round": per_round,
+                          "roofline": roof, "matmul_use": use, "matmul_peak_gflops": peak / 1e9,
+                          "ceiling_tokens_per_s": ceiling, "ceiling_speedup": ceiling / b_tps})
+    return table
+
+
+def write_json(path: str, hardware: dict, asked: list[str], dtypes: list[str], results: dict, peaks: dict,
+               loads: list[float], variants: list[str], shape_names: list[str], complete: bool) -> None:
+    """--json: every measurement so far and the table of the blocks complete so far; `complete` False while the
+    run goes on (bench/gpu.sh stops a step at its time limit: the rows measured before it stay)."""
+    tmp = Path(f"{path}.tmp")  # renamed into place: a kill while writing leaves the previous file whole
+    tmp.write_text(json.dumps({"hardware": hardware, "dtypes_asked": asked, "dtypes": dtypes, "complete": complete,
+                               "table": table_rows(results, peaks, variants, shape_names, dtypes),
+                               "raw": {f"{sh}/{v}/{d}": r for (sh, v, d), r in results.items()},
+                               "matmul_peak": peaks, "load": loads}, indent=1))
+    os.replace(tmp, path)
 
 
 def _cuda() -> bool:

@@ -98,8 +98,9 @@ def finished_line(result) -> str:
         skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
                    f"skipped_steps in metrics.jsonl)")
     return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
-            f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak memory "
-            f"{result.peak_memory_mb:.0f} MB")
+            f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak "
+            f"{'GPU memory' if result.device_type == 'cuda' else 'memory'} {result.peak_memory_mb:.0f} MB"
+            f"{' (max allocated)' if result.device_type == 'cuda' else ''}")
 
 
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,

@@ -870,6 +870,7 @@ def test_trains_last_line_names_the_folder_it_wrote():
 
     from loraforge.cli import finished_line
     from loraforge.training.loop import TrainResult
+    from loraforge.training.report import peak_memory_name
 
     result = TrainResult(output_dir=Path("runs/x"), steps=4, final_loss=1.23456, eval_loss=None, train_tokens=100,
                          seconds=2.0, tokens_per_second=50.0, peak_memory_mb=1234.4, trainable_params=1,
@@ -888,6 +889,10 @@ def test_trains_last_line_names_the_folder_it_wrote():
     assert finished_line(every).startswith("adapter written to runs/x/adapter after 4 steps (4 of them skipped, their "
                                            "fp16 gradients overflowed: the weights were never updated; skipped_steps "
                                            "in metrics.jsonl): final loss ")
+    gpu = dataclasses.replace(result, device_type="cuda")  # torch.cuda.max_memory_allocated: not the process's RSS
+    assert finished_line(gpu).endswith("50 tokens/s while training, peak GPU memory 1234 MB (max allocated)")
+    assert [peak_memory_name(kind) for kind in ("cpu", "cuda")] == ["peak memory (RSS)",
+                                                                    "peak GPU memory (max allocated)"]  # demo's row
     again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"

@@ -205,6 +205,35 @@ def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
                                rtol=5e-3, atol=0)
 
 
+@pytest.mark.parametrize("compute,storage,scaled", [("fp16", "fp16", True), ("fp16", "fp32", True),
+                                                    ("fp32", "fp16", True), ("bf16", "fp16", False),
+                                                    ("fp32", "bf16", False), ("bf16", "bf16", False)])
+def test_the_loss_is_scaled_wherever_gradients_flow_back_in_fp16(compute, storage, scaled):
+    """An fp16 base computing in fp32 has no autocast: its activations and their gradients are fp16 throughout, and
+    trained without loss scaling (a tiny Llama's LoRA gradients 0.92 off fp32's at 130k tokens a step, 0.08 with
+    it). Under bf16 autocast they are not fp16: no scaler."""
+    p = choose(compute, storage, hw=T4, probe=never, warn=False)
+    assert p.needs_scaler is scaled
+    assert p.line().startswith(f"precision {compute}{' + loss scaling' if scaled else ''}")
+
+
+@pytest.mark.filterwarnings("ignore:model.dtype=fp16 on a CPU")
+def test_an_fp16_base_trained_in_fp32_scales_its_loss(tiny_dir, data_file, tmp_path):
+    """training.precision=fp32 model.dtype=fp16 trained unscaled fp16 gradients, unsaid; now with the scaler, as
+    fp16 autocast does: the loss scale in metrics.jsonl, and losses that follow an fp32 base's."""
+    from loraforge.training.loop import train
+
+    result = train(_cfg(tiny_dir, data_file, tmp_path / "fp16", "training.precision=fp32", "model.dtype=fp16"),
+                   progress=False)
+    reference = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
+    assert result.precision == "precision fp32 + loss scaling, base stored in fp16: training.precision=fp32 as asked"
+    rows, ref = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
+    assert [m["loss_scale"] for m in rows] == [65536.0] * 4 and "loss_scale" not in ref[0]
+    # an fp16 base rounds weights and activations to 11 significant bits: ~1e-3 relative over 4 steps, as fp16 autocast
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in rows]), torch.tensor([m["loss"] for m in ref]),
+                               rtol=5e-3, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
 def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
     """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves, the learning-rate schedule waits, and metrics and the result say so."""

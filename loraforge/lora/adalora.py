@@ -399,8 +399,9 @@ class RankAllocator:
         """Call after each optimizer step, before zero_grad. Returns the budget at `global_step`.
 
         Budget phase (step < total_step − tfinal): update the scores, mask every deltaT steps. At total_step −
-        tfinal: the final allocation to target_r·n. After it, whatever step comes (a later one, or an earlier one
-        given again): re-apply that pattern, so masked E stay zero. A negative step is refused.
+        tfinal, or the first step past it where that one never came: the final allocation to target_r·n. After it,
+        whatever step comes (a later one, or an earlier one given again): re-apply that pattern, so masked E stay
+        zero. A negative step is refused.
         """
         _check_step(global_step)
         end = self.config.total_step - self.config.tfinal
@@ -413,12 +414,12 @@ class RankAllocator:
             if mask_now:
                 self.mask_to_budget(model, budget)
             return budget
-        if global_step == end:
-            if not self.exp_avg_ipt:  # a schedule whose first step is its last: rank by this step's gradients
-                self.update_importance(model)
-            self.finalize(model)
-        else:
-            self.apply_masks(model)
+        # at end, or past it without the final allocation: fp16's loss scaler skipped the update of step `end`, so
+        # the loop never called it (the allocation then came only with the save, after the tfinal steps meant to
+        # train the kept triplets)
+        if not self.exp_avg_ipt:  # a schedule whose first step is its last: rank by this step's gradients
+            self.update_importance(model)
+        self.finalize(model)
         return self.target_budget
 
     def finalize(self, model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.heldout import answer_token_budget, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.training import data as D
 from loraforge.training.loop import run_precision, train
+from loraforge.training.report import peak_memory_name
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import expand_user
 from loraforge.utils.outputs import check_run_output
@@ -119,7 +120,7 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
         ("adapter size on disk", f"{dir_size(adapter_dir) / 2**20:.1f} MiB ({adapter_dir})"),
         ("training", f"{result.steps} steps, {result.seconds:.0f} s{aside}, {result.tokens_per_second:.0f} tokens/s "
                      f"while training, final loss {result.final_loss:.3f}"),
-        ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MiB"),
+        (peak_memory_name(result.device_type), f"{result.peak_memory_mb:.0f} MiB"),  # on a GPU: not the RSS
         ("held-out accuracy", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
                               f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
         ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),

@@ -91,6 +91,7 @@ class TrainResult:
     rank: int = 0  # under torchrun every process returns one; only rank 0's wrote the adapter
     saved: str = "adapter"  # the folder of output_dir holding the result: adapter, or model (method: full)
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
+    device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -449,6 +450,8 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
+    if device.type == "cuda":  # the peak a run reports is its own, not an earlier one's in this process (a notebook's
+        torch.cuda.reset_peak_memory_stats(device)  # first train(), or the demo's scoring before it)
     check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
     check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     t = cfg.training
@@ -692,7 +695,8 @@ def precision_change(saved: dict | None, now: Precision) -> str | None:
     def described(compute: str, storage: str) -> str:
         return compute + (f" (base stored in {storage})" if storage != compute else "")
 
-    dropped = "; its fp16 loss scale is not carried over" if saved["compute"] == "fp16" != now.compute else ""
+    scaled = Precision(saved["compute"], saved["storage"], "").needs_scaler
+    dropped = "; its fp16 loss scale is not carried over" if scaled and not now.needs_scaler else ""
     return (f"in {described(saved['compute'], saved['storage'])}, and this run goes on in "
             f"{described(now.compute, now.storage)} ({now.reason}): the steps from here on round differently"
             f"{dropped}; to continue as it was, set training.precision={saved['compute']} "
@@ -1039,14 +1043,16 @@ def scale_floor_error(run: Run, scale: float, loss_value: float) -> str:
     themselves pass fp16's range."""
     last = last_good_checkpoint(run)
     lora = run.cfg.lora
+    # fp16 autocast, or an fp16 base computing in fp32 (Precision.needs_scaler): the setting that holds fp16
+    wider = ("training.precision=bf16 where the hardware has it, or fp32" if run.precision.compute == "fp16"
+             else "model.dtype=fp32 (or bf16 where the hardware has it)")
     adapter = (f"the adapter's scale, lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r} (lower "
                f"lora.lora_alpha if it is unusually large), " if run.cfg.method in ("lora", "dora", "qlora") else "")
     return (f"fp16 gradients overflowed at step {run.step + 1} with the loss scaled by {scale:g}: the gradients "
             f"themselves pass fp16's ±{FP16_MAX:g}, which no loss scale can fix ({run.skipped_steps + 1} steps "
             f"skipped so far; the loss was {loss_value:.4g}); stopping. The last good checkpoint is "
             f"{last or 'none (no checkpoint was written yet)'}. {unusual_settings(run.cfg)}Check {adapter}the "
-            f"learning rate (training.lr {run.cfg.training.lr:g}) and the data; or use training.precision=bf16 "
-            f"where the hardware has it, or fp32")
+            f"learning rate (training.lr {run.cfg.training.lr:g}) and the data; or use {wider}")
 
 
 def last_good_checkpoint(run: Run) -> Path | None:
@@ -1105,4 +1111,4 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
-                       saved="model" if run.cfg.method == "full" else "adapter")
+                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type)

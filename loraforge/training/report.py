@@ -105,6 +105,11 @@ def _isatty(stream) -> bool:
         return False
 
 
+def peak_memory_name(device_type: str) -> str:
+    """What peak_memory_mb measures on this kind of device, for a line that prints it."""
+    return "peak GPU memory (max allocated)" if device_type == "cuda" else "peak memory (RSS)"
+
+
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
     """Peak memory of this process: max allocated on CUDA, max resident set size (RSS) on CPU."""
     if torch.device(device).type == "cuda":

@@ -208,6 +208,29 @@ def test_a_schedule_whose_first_step_is_its_last_still_prunes_to_target_r(input_
     assert all(kept == 2 * n for _, kept in budgets.values())
 
 
+def test_the_final_allocation_comes_at_the_next_step_where_its_own_was_skipped(input_ids):
+    """fp16: the loss scaler skips an update whose gradients overflowed, and the loop then does not call
+    allocator.step; where that was step total_step - tfinal, the final allocation waited for the save (after the
+    tfinal steps, a kept rank above target_r until then). The next step makes it, as step total_step - tfinal
+    would have with the same scores (the reference: finalize on a copy of the allocator at that point)."""
+    import copy
+
+    model = inject_adalora(tiny_llama(), _config(total_step=12, tinit=6, tfinal=4))  # the final allocation at 8
+    allocator = RankAllocator(model)
+    n = len(svd_layers(model))
+    budgets = _train(model, 7, input_ids, allocator)
+    assert budgets[7][1] > 2 * n  # still above target_r · n = 2n
+    # step 8's update skipped (its fp16 gradients overflowed): neither the optimizer nor allocator.step ran
+    reference_model = copy.deepcopy(model)
+    reference = copy.deepcopy(allocator)
+    reference.model = reference_model
+    reference.finalize(reference_model)
+    assert _train(model, 1, input_ids, allocator, first=9) == {9: (2 * n, 2 * n)}
+    assert allocator.finalized and allocator.kept_rank() == 2 * n
+    assert ({p: layer.rank_mask["default"] for p, layer in svd_layers(model)}
+            == {p: layer.rank_mask["default"] for p, layer in svd_layers(reference_model)})
+
+
 def test_a_step_after_the_final_allocation_keeps_it_and_a_negative_step_is_refused(input_ids):
     """soak: step 1 given again after the final step reopened the schedule (budget 25, kept rank 16 -> 25 of
     target 16); a negative step answered with the full budget. After the final allocation every step keeps it."""
