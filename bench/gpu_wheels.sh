@@ -20,7 +20,8 @@ PACKAGES=(transformers==5.24.0 gguf==0.19.0 bitsandbytes==0.50.2 peft==0.21.2
           fastapi==0.165.0 starlette==1.10.0 annotated-types typing-inspection opentelemetry-api
           pydantic==2.14.4 pydantic-core==2.50.5 typing-extensions uvicorn==0.55.0
           openai==3.60.0 distro jiter==0.19.0 sniffio httpx2==2.16.2 httpcore2==2.16.2 truststore idna
-          pytest-xdist execnet)  # gpu.sh's suite step runs in 12 processes
+          pytest-xdist execnet  # gpu.sh's suite step runs in 12 processes
+          accelerate==1.16.0 psutil==7.2.2)  # peft imports them; a bare CUDA image may lack them
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$WHEELS" "${PACKAGES[@]}"
