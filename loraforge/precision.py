@@ -33,7 +33,9 @@ step's products) are far fewer. choose(), which every command runs before its mo
 environment does not: oneDNN and ideep read them once, at the first bf16 matmul of the process. A 576-wide Llama in
 bf16: a server's bursts of distinct prompt lengths 884 -> 1,514 MB at 1,024 (rising), flat at ~890 at 128; 300
 training steps of padded batches (2,976 kernels) 1,646 MB peak and rising at 1,024, 784 at 128, as fast (553 tokens/s
-against 514); eval over 2,000 rows of distinct lengths 315 kernels, ~110 MB more at 1,024."""
+against 514); packed rows (whose attention shapes recur across steps) rebuild ~17 more kernels a step at 128 (~7 ms),
+within noise there (1,473 and 1,359 tokens/s against 1,224 and 1,449; 712 MB peak against 1,195); eval over 2,000
+rows of distinct lengths: 315 kernels either way, ~110 MB more kept at 1,024."""
 PROBE_MIN_SPEEDUP = 1.3
 """bf16 is chosen by the probe only where its matmuls run this much faster than fp32's (native bf16 runs about
 2x; emulated bf16 0.005-0.5x): at equal speed fp32 is the more accurate choice."""
