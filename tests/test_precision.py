@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from loraforge.precision import Hardware, PROBE_MIN_SPEEDUP, choose, detect, overflow_fix, probe_bf16_speedup
+from loraforge.precision import (ONEDNN_CACHES, PROBE_MIN_SPEEDUP, Hardware, choose, detect, overflow_fix,
+                                 probe_bf16_speedup)
 
 AVX2 = Hardware("cpu", "CPU", None, "AVX2", False, False)  # AMD Zen 2/3, most laptops: oneDNN has no bf16 at all
 AVX512 = Hardware("cpu", "CPU", None, "AVX512", False, True)  # Skylake-X: AVX-512 without its BF16 extension
@@ -44,6 +45,19 @@ def test_auto_follows_the_hardware_facts(hw, compute, reason):
     scaler = " + loss scaling" if compute == "fp16" else ""
     assert p.line() == f"precision {compute}{scaler}: {reason}"
     assert p.line(training=False) == f"precision {compute}: {reason}"  # eval, generate, serve: no loss is scaled
+
+
+@pytest.mark.parametrize("given", [None, "512"])
+def test_choosing_bounds_onednns_kernel_caches_unless_the_environment_gives_them(given, monkeypatch):
+    """oneDNN and ideep keep a kernel per bf16 matmul shape (1,024 by default, 0.3-1.5 MB each) and read their
+    capacities once, at the first bf16 matmul: choose(), which every command (train, eval, generate, serve, ui,
+    forgetting) runs before its model loads, sets both to 128; a value the user's environment gives is kept."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES})
+    if given is not None:
+        os.environ["LRU_CACHE_CAPACITY"] = given
+    choose("auto", "auto", hw=SAPPHIRE, probe=never)
+    assert {name: os.environ.get(name) for name in ONEDNN_CACHES} == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128",
+                                                                      "LRU_CACHE_CAPACITY": given or "128"}
 
 
 def test_avx2_emulation_by_environment_chooses_fp32_and_says_why():

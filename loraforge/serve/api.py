@@ -149,11 +149,6 @@ def add_auth(app: FastAPI, api_key: str | None) -> None:
         app.add_middleware(KeyCheck, api_key=api_key, docs=docs)
 
 
-ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
-"""Kernels oneDNN (bf16 matmuls on a CPU) and ideep keep, one per shape, 1,024 by default: 0.7-1.5 MB each, so a bf16
-server, meeting new batch sizes and prompt lengths, grew by hundreds of MB. A server's hot shapes (the running batch's
-products, its step's attention) are far fewer; run_server sets these where the environment does not (read once, at
-the first bf16 matmul). A tiny Llama's 30 bursts of 40 requests: flat at 668 MB from the 6th (at 1,024: 784, rising)."""
 SHUTDOWN_GRACE_S = 3  # Ctrl-C / SIGTERM: open streams (event streams, generations) are cut after this many seconds
 SHUTDOWN_MARGIN_S = 2  # then uvicorn cancels the handlers still open: time for the cut ones to answer
 FORCED_S = 1  # a second Ctrl-C: the open requests are cut at once, and those not answered after this are cancelled
@@ -675,8 +670,6 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
     """
-    for name, value in ONEDNN_CACHES.items():  # before any bf16 matmul of this process
-        os.environ.setdefault(name, value)
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"),
                     training=False)  # where load_base puts the model
     check_port(host, port)  # a port already taken: one line, before the model loads

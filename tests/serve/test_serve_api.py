@@ -18,7 +18,7 @@ import torch
 
 from helpers import save_adapters, tiny_llama
 from loraforge.config import LoraConfig
-from loraforge.precision import Precision
+from loraforge.precision import ONEDNN_CACHES, Precision
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
 from loraforge.serve import engine as engine_module
 from loraforge.serve import api
@@ -617,15 +617,15 @@ def test_a_forward_that_overflows_fp16_is_a_500_naming_fp16_s_range(base, tokeni
 @pytest.mark.parametrize("given", [None, "512"])
 def test_run_server_bounds_onednns_kernel_caches_before_the_model_loads(given, monkeypatch):
     """oneDNN and ideep keep a kernel per bf16 matmul shape (1,024 by default, up to 1.5 MB each): run_server sets
-    both caches to 128 before the model loads (they are read once, at the first bf16 matmul); a value the user's
-    environment gives is kept."""
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in api.ONEDNN_CACHES})
+    both caches to 128 before the model loads (precision.choose: they are read once, at the first bf16 matmul); a
+    value the user's environment gives is kept."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES})
     if given is not None:
         os.environ["LRU_CACHE_CAPACITY"] = given
     seen = {}
 
     def load_base(model, dtype):
-        seen.update({name: os.environ.get(name) for name in api.ONEDNN_CACHES})
+        seen.update({name: os.environ.get(name) for name in ONEDNN_CACHES})
         raise ServeError("stop here")
 
     monkeypatch.setattr(api, "load_base", load_base)

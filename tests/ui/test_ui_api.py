@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM
 from helpers import default_recursion_limit, output_held_elsewhere, save_adapters
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
+from loraforge.precision import ONEDNN_CACHES
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
 from loraforge.training.loop import build_model
@@ -1544,3 +1545,19 @@ def test_a_start_the_runs_folder_cannot_take_is_one_line_and_leaves_the_name_fre
     r = call(ui, "POST", "/ui/api/runs", json=form(name=name, max_steps="1"))  # the name is free
     assert r.status_code == 200, r.text
     wait_for(lambda: call(ui, "GET", f"/ui/api/runs/{name}/metrics").json()["status"] != "running")
+
+
+def test_the_dashboard_bounds_onednns_kernel_caches_before_the_model_loads(tmp_path, monkeypatch):
+    """The dashboard serves the API as `serve` does: oneDNN's and ideep's caches of bf16 kernels (one per matmul
+    shape, 1,024 by default) are set to 128 before its model loads, as serve's are (they grew without end)."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES})
+    seen = {}
+
+    def load_base(model, dtype):
+        seen.update({name: os.environ.get(name) for name in ONEDNN_CACHES})
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ui_app, "load_base", load_base)
+    with pytest.raises(RuntimeError, match="stop here"):
+        ui_app.run_ui("tiny", runs=str(tmp_path / "runs"), port=0)
+    assert seen == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
