@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -137,6 +138,86 @@ def check_same_precision(precision: Precision, world: int) -> None:
                                 f"{every[0][1]} on rank 0 ({every[0][2]}) and compute {compute}, base stored in "
                                 f"{storage} on rank {rank} ({reason}); set training.precision (and model.dtype) "
                                 f"explicitly, e.g. training.precision=fp32, so that every process runs the same")
+
+
+def unseen_output(out: Path, world: int) -> list[int]:
+    """The ranks that do not see rank 0's output_dir `out` (a collective; rank 0 holds it, hold_output made it):
+    nodes given a relative output_dir in different folders, or a disk only rank 0's node has. Rank 0 writes a
+    probe file there, every process looks for it by its path."""
+    if world == 1 or not dist.is_initialized():
+        return []
+    probe = out / f".tmp-nodes-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None
+    if probe is not None:
+        with contextlib.suppress(OSError):
+            probe.touch()
+    sent = [probe]
+    dist.broadcast_object_list(sent, src=0)
+    seen = [None] * world
+    dist.all_gather_object(seen, sent[0].exists())  # every process has looked once this returns
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    return [rank for rank, found in enumerate(seen) if not found]
+
+
+NOT_ONE_FOLDER = ("output_dir is not one folder for every process (a relative path on nodes started in different "
+                  "folders, or a disk only one node sees)")
+
+
+def check_same_checkpoint(found: Path | None, ckpt_root: Path, world: int) -> None:
+    """--resume: every process found the same newest checkpoint (a collective). Only rank 0 writes checkpoints
+    (FSDP: every process its shard, into rank 0's folder), so on a node whose output_dir is its own folder the
+    other processes find none, or an older one: each would have said its own thing, or resumed another step."""
+    if world == 1 or not dist.is_initialized():
+        return
+    every = [None] * world
+    dist.all_gather_object(every, found.name if found is not None else None)
+    if len(set(every)) == 1:
+        return
+    what = "; ".join(f"rank {rank} finds {name or 'none'}" for rank, name in enumerate(every) if name != every[0])
+    raise TrainingError(f"--resume: the processes do not see the same checkpoints under {ckpt_root}: rank 0 resumes "
+                        f"{every[0] or 'none'}, {what} (checkpoints are written into rank 0's output_dir); "
+                        f"{NOT_ONE_FOLDER}: give output_dir as an absolute path on a file system every node sees, "
+                        f"or copy rank 0's {ckpt_root} to the same path on every node", everywhere=True)
+
+
+def weights_digest(model: nn.Module, sample: int = 1024) -> dict[str, str]:
+    """{parameter name: SHA-256 of up to `sample` of its elements, evenly spaced}: cheap (a few kB a tensor), and
+    another checkpoint of the same architecture (another revision, another fine-tune) differs in nearly every
+    element. Read as raw bytes, so 4-bit codes and bf16 alike."""
+    digests = {}
+    for name, p in model.named_parameters():
+        flat_p = p.detach().reshape(-1)
+        picked = flat_p[::max(1, flat_p.numel() // sample)][:sample].contiguous().cpu()
+        digests[name] = hashlib.sha256(picked.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return digests
+
+
+def check_same_weights(model: nn.Module, model_name: str, world: int) -> None:
+    """Under FSDP every process keeps its own shard of the weights it loaded (DDP copies rank 0's to every process
+    at the start): nodes that load different files under one model.name (a relative path, a node-local copy or
+    hub cache of another revision) would train one model made of pieces of each, without a word. Gathered here
+    (a collective, before sharding), a difference stops every process naming the first tensor that differs."""
+    if world == 1 or not dist.is_initialized():
+        return
+    mine = weights_digest(model)
+    every = [None] * world
+    dist.all_gather_object(every, hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest())
+    if len(set(every)) == 1:
+        return
+    try:
+        where = str(Path(resolve_model(model_name)).resolve())
+    except Exception:  # it loaded, so it resolves; the message does without the path if not
+        where = model_name
+    every = [None] * world
+    dist.all_gather_object(every, (mine, where))
+    first, first_where = every[0]
+    for rank, (other, other_where) in enumerate(every[1:], start=1):
+        if differ := next((n for n in first if first[n] != other.get(n)), None):
+            raise TrainingError(f"the processes loaded different weights for model.name {model_name}: {differ} "
+                                f"differs between rank 0 (read from {first_where}) and rank {rank} (read from "
+                                f"{other_where}); FSDP would train one model made of pieces of each; give every "
+                                f"process the same model files, e.g. an absolute path on a file system every node "
+                                f"sees", everywhere=True)
 
 
 def choose_mode(cfg: TrainConfig, world: int, device: torch.device, precision: Precision | None = None) -> str:

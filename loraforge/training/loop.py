@@ -54,9 +54,11 @@ from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_W
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
-from loraforge.training.distributed import (check_same_config, check_same_data, check_same_precision, choose_mode,
+from loraforge.training.distributed import (NOT_ONE_FOLDER, check_same_checkpoint, check_same_config, check_same_data,
+                                            check_same_precision, check_same_weights, choose_mode,
                                             clip_sharded, collective_error, full_state_dict, full_trainables,
-                                            is_collective_failure, no_sync, setup_processes, unsharded, wrap)
+                                            is_collective_failure, no_sync, setup_processes, unseen_output,
+                                            unsharded, wrap)
 from loraforge.training.evaluate import eval_batch_size, mean_token_loss, mlp_width, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -498,8 +500,20 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                            f"still be rising when training stops; use at most {total_steps - 1} (typically 3-10% "
                            f"of the steps, e.g. {min(total_steps - 1, max(1, total_steps // 20))})"])
     mode = choose_mode(cfg, world, device, precision)  # unsupported FSDP combinations: refused before the model loads
+    if unseen := unseen_output(out, world):  # soak: nodes with their own output_dir learnt it only at --resume
+        where = f"rank(s) {', '.join(map(str, unseen))} do not see rank 0's output_dir {out}: {NOT_ONE_FOLDER}"
+        if mode == "fsdp":
+            raise TrainingError(f"training.distributed: fsdp: {where}; every process writes its shard of each "
+                                f"checkpoint into it, so give output_dir as an absolute path on a file system every "
+                                f"node sees", everywhere=True)
+        if rank == 0:
+            print(f"note: {where}: checkpoints, metrics and the adapter are written on rank 0's node alone, and "
+                  f"--resume needs the checkpoint on every node; give output_dir as an absolute path on a file "
+                  f"system every node sees (or copy {out / 'checkpoints'} to every node before --resume)", flush=True)
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
                            sharded=mode == "fsdp", init_source=init_source)
+    if mode == "fsdp":  # DDP copies rank 0's weights to every process; FSDP keeps each one's own shard
+        check_same_weights(model, cfg.model.name, world)
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
@@ -591,6 +605,7 @@ def restore(run: Run) -> None:
     with its fix: checkpoints of the other training.distributed (FSDP's sharded ones or not: never removed), and a
     global batch other than the checkpoint's (its data position and schedule count in it)."""
     found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
+    check_same_checkpoint(found, run.ckpt_root, run.world)  # before any process refuses on its own view
     other = [p for p, _ in skipped if checkpoint_format(p) not in (None, SHARDED if run.sharded else "plain")]
     if other and run.sharded:  # complete, for the other training.distributed: never "damaged", never removed
         raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITHOUT_FSDP}; resume it with the training.distributed "

@@ -5,6 +5,7 @@ processes, and too few examples for the processes. Tiny Llama, fp32, a few steps
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from helpers import tiny_llama
 from loraforge.config import load_train_config
 from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
@@ -35,7 +38,8 @@ def common(tiny_dir, data_file, steps=4):
             "training.lr=1e-2", f"training.max_steps={steps}", "training.precision=fp32", "training.seed=3"]
 
 
-def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None, cwds=None):
+def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None, cwds=None,
+          distributed: str = "ddp"):
     """One process per rank (args per rank; `code`: {rank: python -c source} run instead of `-m loraforge`;
     `cwds`: each one's folder) with torchrun's environment but no agent (which would SIGTERM the survivors
     itself): what each process does on its own. [(returncode, stdout, stderr)] by rank."""
@@ -51,7 +55,8 @@ def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict |
         start = ["-c", code[rank]] if code and rank in code else ["-m", "loraforge"]
         with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
             procs.append(subprocess.Popen([sys.executable, *start, "train", str(cfg_file), *args,
-                                           "training.distributed=ddp"], cwd=cwds[rank] if cwds else ROOT, env=e,
+                                           f"training.distributed={distributed}"], cwd=cwds[rank] if cwds else ROOT,
+                                          env=e,
                                           stdout=o, stderr=r))
     return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
@@ -176,6 +181,78 @@ def test_processes_that_read_different_data_under_one_path_stop_naming_it(tiny_d
         f"{len(rows) * 3 // 4} on rank 1); give every process the same files, e.g. absolute paths on a file system "
         f"every node sees (a relative path is read from the folder each node was started in)"), err0[-3000:]
     assert "error" not in err1, err1  # said once per node
+
+
+NOT_ONE_FOLDER = ("output_dir is not one folder for every process (a relative path on nodes started in different "
+                  "folders, or a disk only one node sees)")
+
+
+def test_nodes_with_their_own_output_dir_are_told_at_the_start_and_resume_names_it(tiny_dir, data_file, tmp_path):
+    """output_dir=run on two nodes started in different folders (node-local disks): only rank 0 writes
+    checkpoints, on its node. The run said nothing; its --resume then stopped rank 1 with "holds no checkpoint ...
+    run without --resume to start it" and rank 0 with a failed collective advising --resume (the bug). Now rank 0
+    says so at the start, and --resume stops every process naming what each finds; with the checkpoints copied
+    to every node it resumes."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    args = [*common(tiny_dir, data_file, steps=2), "training.batch_size=4", "training.save_every=1",
+            "training.collective_timeout=60", "output_dir=run"]
+    (rc0, out0, err0), (rc1, out1, err1) = ranks(tmp_path, [args, args], 29572, cwds=nodes)
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert (f"note: rank(s) 1 do not see rank 0's output_dir run: {NOT_ONE_FOLDER}: checkpoints, metrics and the "
+            f"adapter are written on rank 0's node alone, and --resume needs the checkpoint on every node; give "
+            f"output_dir as an absolute path on a file system every node sees (or copy run/checkpoints to every "
+            f"node before --resume)") in out0.splitlines(), out0
+    assert "note" not in out1 and not (nodes[1] / "run").exists()
+    assert sorted(p.name for p in (nodes[0] / "run" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [[*args, "--resume"]] * 2, 29573, cwds=nodes)
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert error_line(err0) == (
+        f"error: --resume: the processes do not see the same checkpoints under run/checkpoints: rank 0 resumes "
+        f"step-0000002, rank 1 finds none (checkpoints are written into rank 0's output_dir); {NOT_ONE_FOLDER}: give "
+        f"output_dir as an absolute path on a file system every node sees, or copy rank 0's run/checkpoints to the "
+        f"same path on every node")
+    assert "error" not in err1, err1  # said once per node
+
+    shutil.copytree(nodes[0] / "run" / "checkpoints", nodes[1] / "run" / "checkpoints")
+    (rc0, out0, err0), (rc1, _, err1) = ranks(tmp_path, [[*args, "--resume"]] * 2, 29574, cwds=nodes)
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert "resuming from run/checkpoints/step-0000002 (step 2/2)" in out0.splitlines(), out0
+
+
+def test_fsdp_nodes_with_other_weights_or_their_own_output_dir_stop_at_the_start(tiny_dir, data_file, tmp_path):
+    """FSDP keeps each process's own shard of the weights it loaded (DDP copies rank 0's): model.name=model on two
+    nodes whose folders hold different checkpoints trained a model made of pieces of both, without a word
+    (adapter 0.07 off the one-process run in the soak). Both processes stop before sharding now, naming a tensor
+    and both folders. A node-local output_dir is refused at the start too: FSDP writes every shard into it."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for seed, node in enumerate(nodes):
+        tiny_llama(seed=seed, vocab_size=len(AutoTokenizer.from_pretrained(tiny_dir)),
+                   tie_word_embeddings=True).save_pretrained(node / "model")
+        AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(node / "model")
+    args = [*common(tiny_dir, data_file, steps=2), "model.name=model", "training.batch_size=4",
+            "training.collective_timeout=60", f"output_dir={tmp_path / 'out'}"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [args, args], 29575, cwds=nodes, distributed="fsdp")
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert "error" not in err1, err1  # said once per node
+    assert error_line(err0) == (
+        f"error: the processes loaded different weights for model.name model: model.embed_tokens.weight differs "
+        f"between rank 0 (read from {nodes[0] / 'model'}) and rank 1 (read from {nodes[1] / 'model'}); FSDP "
+        f"would train one model made of pieces of each; give every process the same model files, e.g. an absolute "
+        f"path on a file system every node sees")
+    assert not list((tmp_path / "out").glob("checkpoints/step-*"))
+
+    args = [*common(tiny_dir, data_file, steps=2), "training.batch_size=4", "training.collective_timeout=60",
+            "output_dir=run"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [args, args], 29576, cwds=nodes, distributed="fsdp")
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert "error" not in err1, err1
+    assert error_line(err0) == (
+        f"error: training.distributed: fsdp: rank(s) 1 do not see rank 0's output_dir run: {NOT_ONE_FOLDER}; every "
+        f"process writes its shard of each checkpoint into it, so give output_dir as an absolute path on a file "
+        f"system every node sees")
 
 
 def test_a_ddp_run_with_dropout_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path):
