@@ -58,6 +58,13 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     follow_agent()  # the CLI did already; a script of the user's under torchrun may not have
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" not in os.environ and tasks.isdigit() and int(tasks) > 1:  # soak: each task trained the run alone
+        raise TrainingError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS={tasks}), and each would train the "
+                            f"whole run alone: loraforge joins processes under torchrun only; start one torchrun "
+                            f"per node (srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+                            f"--nproc_per_node=N --rdzv-backend=c10d --rdzv-endpoint=FIRST_NODE:29500 -m loraforge "
+                            f"train CONFIG), or srun --ntasks=1 for one process")
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
         if missing := [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
             raise TrainingError(f"RANK is set ({rank}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "

@@ -285,6 +285,24 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tin
         run.stderr[-3000:]
 
 
+def test_tasks_that_srun_started_without_torchrun_are_told_to_start_torchrun(tiny_dir, data_file, tmp_path):
+    """srun --ntasks=2 python -m loraforge train: no torchrun, no RANK, so each task trained the whole run alone
+    (node-local output_dirs: two runs; a shared one: the second refused as "another loraforge process (pid N)")
+    (the bug). Each task stops before writing anything, naming the launch that joins them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, data_file, 2),
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                              "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 2 and error_line(run.stderr) == (
+        "error: srun started 2 tasks (SLURM_STEP_NUM_TASKS=2), and each would train the whole run alone: loraforge "
+        "joins processes under torchrun only; start one torchrun per node (srun --ntasks-per-node=1 torchrun "
+        "--nnodes=$SLURM_NNODES --nproc_per_node=N --rdzv-backend=c10d --rdzv-endpoint=FIRST_NODE:29500 -m loraforge "
+        "train CONFIG), or srun --ntasks=1 for one process"), run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def auto_as(compute: str, reason: str) -> str:
     """A process whose `precision: auto` decides `compute` (as a node without native bf16 would)."""
     return ("import sys; import loraforge.precision as P\n"
