@@ -73,8 +73,24 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         if world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand, not by torchrun: say so
             print(f"rank {rank}: waiting for the other {world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
                   f"{os.environ['MASTER_PORT']} (up to training.collective_timeout, {timeout_s:g} s)", flush=True)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as e:  # soak: a traceback (DistNetworkError, "Gloo connectFullMesh failed", exit 1)
+            raise join_error(rank, world, timeout_s, e) from None
     return rank, world, device
+
+
+def join_error(rank: int, world: int, timeout_s: float, error: Exception) -> TrainingError:
+    """What a process says when it could not join the others: no process answered at MASTER_ADDR:MASTER_PORT (a
+    node not started, a wrong address), or the processes could not connect to each other (a firewall, a hostname
+    that resolves to a loopback address such as Debian's 127.0.1.1, the wrong network interface)."""
+    first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+    at = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return TrainingError(f"rank {rank}: could not join the other {world - 1} process(es) at {at} within "
+                         f"training.collective_timeout={timeout_s:g} s ({first[:300]}): start the same command on "
+                         f"every node, with an address and port every node reaches; where they still cannot connect "
+                         f"to each other (a firewall, a hostname that resolves to 127.0.1.1), name the network "
+                         f"interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)")
 
 
 left_a_group = False  # set by leave_processes: this process joined a process group and has left it

@@ -285,6 +285,24 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tin
         run.stderr[-3000:]
 
 
+def test_a_process_that_cannot_join_the_others_says_so_in_one_line(tiny_dir, data_file, tmp_path):
+    """Rank 1 started where no rank 0 answers (a node not started, a wrong MASTER_ADDR; a firewall between the
+    processes fails the same way, later): a DistNetworkError traceback, exit 1 (the bug). One line now, naming the
+    address, the timeout and what to check, exit 2."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29577", "OMP_NUM_THREADS": "1"}  # nothing listens there
+    run = subprocess.run([sys.executable, "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, data_file, 2),
+                          "training.collective_timeout=2", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and error_line(run.stderr) == (
+        "error: rank 1: could not join the other 1 process(es) at 127.0.0.1:29577 within "
+        "training.collective_timeout=2 s (The client socket has timed out after 2000ms while trying to connect to "
+        "(127.0.0.1, 29577)): start the same command on every node, with an address and port every node reaches; "
+        "where they still cannot connect to each other (a firewall, a hostname that resolves to 127.0.1.1), name the "
+        "network interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)"), run.stderr[-3000:]
+
+
 def test_tasks_that_srun_started_without_torchrun_are_told_to_start_torchrun(tiny_dir, data_file, tmp_path):
     """srun --ntasks=2 python -m loraforge train: no torchrun, no RANK, so each task trained the whole run alone
     (node-local output_dirs: two runs; a shared one: the second refused as "another loraforge process (pid N)")
