@@ -303,6 +303,23 @@ def test_a_process_that_cannot_join_the_others_says_so_in_one_line(tiny_dir, dat
         "network interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)"), run.stderr[-3000:]
 
 
+def test_torchruns_failure_summary_shows_the_error_line(tiny_dir, tmp_path):
+    """torchrun ends a failed run with a summary, the last lines of a multi-node job's log; for loraforge's errors
+    it said "error_file: <N/A>" and "traceback : To enable traceback see: https://pytorch.org/..." (the bug), so
+    the cause was only further up, among the other nodes' lines. The process hands its error line to the agent
+    (TORCHELASTIC_ERROR_FILE) and the summary prints it."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29578",
+                          "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, tmp_path / "none.jsonl", 2),
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    summary = run.stderr[run.stderr.index("Root Cause (first observed failure)"):]
+    assert f"  traceback : error: no such file: {tmp_path / 'none.jsonl'}\n" in summary, summary
+    assert "error_file: <N/A>" not in summary
+
+
 def test_tasks_that_srun_started_without_torchrun_are_told_to_start_torchrun(tiny_dir, data_file, tmp_path):
     """srun --ntasks=2 python -m loraforge train: no torchrun, no RANK, so each task trained the whole run alone
     (node-local output_dirs: two runs; a shared one: the second refused as "another loraforge process (pid N)")
