@@ -43,7 +43,7 @@ from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError, flat
 from loraforge.training.mixing import fingerprint_changes
 from loraforge.utils.allocator import return_large_frees
-from loraforge.utils.parent import follow_agent
+from loraforge.utils.parent import agent_started, follow_agent
 
 
 def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
@@ -91,6 +91,28 @@ def join_error(rank: int, world: int, timeout_s: float, error: Exception) -> Tra
                          f"every node, with an address and port every node reaches; where they still cannot connect "
                          f"to each other (a firewall, a hostname that resolves to 127.0.1.1), name the network "
                          f"interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)")
+
+
+def restarted_from(ckpt_root: Path, world: int) -> Path | None:
+    """Under torchrun restarting this launch's processes after a failure (--max-restarts: TORCHELASTIC_RESTART_COUNT
+    > 0), the newest checkpoint when the attempt before wrote it (newer than the agent), else None: the restart
+    continues it as --resume would, where the command (the same one torchrun runs again) would refuse the folder
+    as holding an unfinished run. A checkpoint older than the agent, an earlier run's, is left to the usual
+    refusal. Rank 0's answer (its agent's restart count: a node that joins later counts from 0), the same on every
+    process (a collective, always: every process takes part whatever its own count)."""
+    answer = None
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (not dist.is_initialized() or dist.get_rank() == 0) and restarts.isdigit() and int(restarts) > 0:
+        started = agent_started()
+        newest = max(ckpt_root.glob("step-*/trainer_state.json"), default=None)
+        with contextlib.suppress(OSError):
+            if started is not None and newest is not None and newest.stat().st_mtime > started:
+                answer = newest.parent
+    if world > 1 and dist.is_initialized():
+        sent = [answer]
+        dist.broadcast_object_list(sent, src=0)
+        answer = sent[0]
+    return answer
 
 
 left_a_group = False  # set by leave_processes: this process joined a process group and has left it

@@ -57,7 +57,8 @@ from loraforge.training.epochs import EpochPlan, left_out_line
 from loraforge.training.distributed import (NOT_ONE_FOLDER, check_same_checkpoint, check_same_config, check_same_data,
                                             check_same_precision, check_same_weights, choose_mode,
                                             clip_sharded, collective_error, full_state_dict, full_trainables,
-                                            is_collective_failure, no_sync, setup_processes, unseen_output,
+                                            is_collective_failure, no_sync, restarted_from, setup_processes,
+                                            unseen_output,
                                             unsharded, wrap)
 from loraforge.training.evaluate import eval_batch_size, mean_token_loss, mlp_width, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
@@ -395,6 +396,7 @@ class Run:
     tokens_seen: int = 0
     skipped_steps: int = 0
     log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
+    resumed: bool = False  # --resume, or a torchrun restart that continues the attempt before (restarted_from)
     nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
 
     @property
@@ -426,7 +428,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
             with StopRequest(world=run.world) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
-                loss_value, eval_loss, seconds, aside = fit(run, progress, append_log=resume, stop=stop)
+                loss_value, eval_loss, seconds, aside = fit(run, progress, append_log=run.resumed, stop=stop)
                 stage = "finish"
                 result = finish(run, loss_value, eval_loss, seconds, start_tokens, aside)
                 if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
@@ -451,6 +453,12 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
+    last = restarted_from(Path(cfg.output_dir) / "checkpoints", world)  # a collective: every process, always
+    if last is not None and not (resume or overwrite):
+        resume = True  # soak: torchrun --max-restarts ran the same command again, which refused the folder
+        if rank == 0:
+            print(f"torchrun restarted the processes (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): "
+                  f"continuing from {last.name}, which the attempt before wrote, as --resume does", flush=True)
     check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
     check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     t = cfg.training
@@ -559,6 +567,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
                             f"{RESUME}, delete {run.ckpt_root} to start over, or choose another output_dir")
     if resume:
+        run.resumed = True
         restore(run)
 
     prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, run.pad_id))

@@ -271,6 +271,39 @@ def test_a_ddp_run_with_dropout_resumes_to_the_uninterrupted_adapter(tiny_dir, d
     assert_same(adapter(whole), adapter(cut), atol=1e-7)
 
 
+def test_a_torchrun_restart_continues_the_checkpoint_the_attempt_before_wrote(tiny_dir, data_file, tmp_path):
+    """torchrun --max-restarts runs the same command again after a process fails: it was refused ("holds an
+    unfinished run ...; continue it with --resume"), every restart alike, until torchrun gave up (the bug). A
+    restart (TORCHELASTIC_RESTART_COUNT > 0) now continues the checkpoint its attempt before wrote, to the
+    uninterrupted adapter; an earlier run's checkpoint (older than the agent, here this test's process) is still
+    refused. One process with torchrun's environment, its agent played by pytest."""
+    args = [*common(tiny_dir, data_file, steps=4), "training.batch_size=4", "training.save_every=1"]
+    train(load_train_config(None, [*args, f"output_dir={tmp_path / 'whole'}"]), progress=False)
+    cut, old = tmp_path / "cut", tmp_path / "old"
+    (tmp_path / "c.yaml").write_text("{}\n")
+    command = [sys.executable, "-m", "loraforge", "train", "c.yaml", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    first = subprocess.run([*command, f"output_dir={cut}"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "LORAFORGE_TEST_CRASH_IN_SAVE": "3"}, timeout=300)  # killed saving step 3
+    assert first.returncode == -9, first.stderr[-3000:]
+    shutil.copytree(cut, old)
+    for state in old.glob("checkpoints/step-*/trainer_state.json"):
+        os.utime(state, (1e9, 1e9))  # written in 2001: before this agent started
+    restart = {**env, "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "test", "RANK": "0",
+               "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29579"}
+    again = subprocess.run([*command, f"output_dir={cut}"], cwd=tmp_path, capture_output=True, text=True,
+                           env=restart, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[0] == ("torchrun restarted the processes (restart 1): continuing from "
+                                            "step-0000002, which the attempt before wrote, as --resume does")
+    assert_same(adapter(tmp_path / "whole"), adapter(cut), atol=1e-7)  # the same steps, as --resume gives
+    earlier = subprocess.run([*command, f"output_dir={old}"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**restart, "MASTER_PORT": "29580"}, timeout=300)
+    assert earlier.returncode == 2 and error_line(earlier.stderr).startswith(
+        f"error: output_dir {old} holds an unfinished run (checkpoint step-0000002, step 2 of 4); continue it with "
+        f"--resume"), earlier.stderr[-3000:]
+
+
 def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tiny_dir, data_file, tmp_path):
     """RANK without MASTER_ADDR and MASTER_PORT (a launcher script, a leftover export) was a ValueError traceback
     from the process group; one line now, naming what is missing and the launcher."""
