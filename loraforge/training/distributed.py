@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -198,10 +199,25 @@ def unseen_output(out: Path, world: int) -> list[int]:
     sent = [probe]
     dist.broadcast_object_list(sent, src=0)
     seen = [None] * world
-    dist.all_gather_object(seen, sent[0].exists())  # every process has looked once this returns
+    dist.all_gather_object(seen, probe is not None or sees(sent[0]))  # every process has looked once this returns
     if probe is not None:
         probe.unlink(missing_ok=True)
     return [rank for rank, found in enumerate(seen) if not found]
+
+
+def sees(path: Path, wait_s: float = 10.0) -> bool:
+    """Whether `path`, just created by another process, exists here; looked for again each second for up to
+    `wait_s` seconds, listing its folder first: an NFS client may answer from its cache of the folder (kept up to
+    30-60 s, acdirmin/acdirmax) that a new entry is not there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
+        if path.exists():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 NOT_ONE_FOLDER = ("output_dir is not one folder for every process (a relative path on nodes started in different "
