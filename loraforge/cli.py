@@ -29,6 +29,7 @@ from typing import Literal
 from loraforge import __version__
 from loraforge.argtypes import (FiniteFloat, NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed,
                                 Temperature, Text)
+from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
 
@@ -867,6 +868,7 @@ def _run(command: str, args: dict) -> int:
         once = isinstance(e, (ConfigError, DataError)) or getattr(e, "everywhere", False)
         if not (once and os.environ.get("LOCAL_RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr)
+        report_to_agent(f"error: {e}")  # torchrun's failure summary shows it, not "error_file: <N/A>"
         return 2
     except ModuleNotFoundError as e:  # an optional extra's package (serve, ui): the install line, not a traceback
         if (line := missing_extra(command, e)) is None:

@@ -23,6 +23,8 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from loraforge.quant.checks import is_4bit_param, is_quantized_linear
 from loraforge.training.checkpoint import TrainingError, flat
 from loraforge.training.mixing import fingerprint_changes
 from loraforge.utils.allocator import return_large_frees
-from loraforge.utils.parent import follow_agent
+from loraforge.utils.parent import agent_started, follow_agent
 
 
 def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
@@ -57,6 +59,13 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     follow_agent()  # the CLI did already; a script of the user's under torchrun may not have
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    if "RANK" not in os.environ and tasks.isdigit() and int(tasks) > 1:  # soak: each task trained the run alone
+        raise TrainingError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS={tasks}), and each would train the "
+                            f"whole run alone: loraforge joins processes under torchrun only; start one torchrun "
+                            f"per node (srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+                            f"--nproc_per_node=N --rdzv-backend=c10d --rdzv-endpoint=FIRST_NODE:29500 -m loraforge "
+                            f"train CONFIG), or srun --ntasks=1 for one process")
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun, even with one process (FSDP needs a group)
         if missing := [name for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]:
             raise TrainingError(f"RANK is set ({rank}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
@@ -65,8 +74,46 @@ def setup_processes(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         if world > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand, not by torchrun: say so
             print(f"rank {rank}: waiting for the other {world - 1} process(es) at {os.environ['MASTER_ADDR']}:"
                   f"{os.environ['MASTER_PORT']} (up to training.collective_timeout, {timeout_s:g} s)", flush=True)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as e:  # soak: a traceback (DistNetworkError, "Gloo connectFullMesh failed", exit 1)
+            raise join_error(rank, world, timeout_s, e) from None
     return rank, world, device
+
+
+def join_error(rank: int, world: int, timeout_s: float, error: Exception) -> TrainingError:
+    """What a process says when it could not join the others: no process answered at MASTER_ADDR:MASTER_PORT (a
+    node not started, a wrong address), or the processes could not connect to each other (a firewall, a hostname
+    that resolves to a loopback address such as Debian's 127.0.1.1, the wrong network interface)."""
+    first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+    at = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return TrainingError(f"rank {rank}: could not join the other {world - 1} process(es) at {at} within "
+                         f"training.collective_timeout={timeout_s:g} s ({first[:300]}): start the same command on "
+                         f"every node, with an address and port every node reaches; where they still cannot connect "
+                         f"to each other (a firewall, a hostname that resolves to 127.0.1.1), name the network "
+                         f"interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)")
+
+
+def restarted_from(ckpt_root: Path, world: int) -> Path | None:
+    """Under torchrun restarting this launch's processes after a failure (--max-restarts: TORCHELASTIC_RESTART_COUNT
+    > 0), the newest checkpoint when the attempt before wrote it (newer than the agent), else None: the restart
+    continues it as --resume would, where the command (the same one torchrun runs again) would refuse the folder
+    as holding an unfinished run. A checkpoint older than the agent, an earlier run's, is left to the usual
+    refusal. Rank 0's answer (its agent's restart count: a node that joins later counts from 0), the same on every
+    process (a collective, always: every process takes part whatever its own count)."""
+    answer = None
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (not dist.is_initialized() or dist.get_rank() == 0) and restarts.isdigit() and int(restarts) > 0:
+        started = agent_started()
+        newest = max(ckpt_root.glob("step-*/trainer_state.json"), default=None)
+        with contextlib.suppress(OSError):
+            if started is not None and newest is not None and newest.stat().st_mtime > started:
+                answer = newest.parent
+    if world > 1 and dist.is_initialized():
+        sent = [answer]
+        dist.broadcast_object_list(sent, src=0)
+        answer = sent[0]
+    return answer
 
 
 left_a_group = False  # set by leave_processes: this process joined a process group and has left it
@@ -137,6 +184,101 @@ def check_same_precision(precision: Precision, world: int) -> None:
                                 f"{every[0][1]} on rank 0 ({every[0][2]}) and compute {compute}, base stored in "
                                 f"{storage} on rank {rank} ({reason}); set training.precision (and model.dtype) "
                                 f"explicitly, e.g. training.precision=fp32, so that every process runs the same")
+
+
+def unseen_output(out: Path, world: int) -> list[int]:
+    """The ranks that do not see rank 0's output_dir `out` (a collective; rank 0 holds it, hold_output made it):
+    nodes given a relative output_dir in different folders, or a disk only rank 0's node has. Rank 0 writes a
+    probe file there, every process looks for it by its path."""
+    if world == 1 or not dist.is_initialized():
+        return []
+    probe = out / f".tmp-nodes-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None
+    if probe is not None:
+        with contextlib.suppress(OSError):
+            probe.touch()
+    sent = [probe]
+    dist.broadcast_object_list(sent, src=0)
+    seen = [None] * world
+    dist.all_gather_object(seen, probe is not None or sees(sent[0]))  # every process has looked once this returns
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    return [rank for rank, found in enumerate(seen) if not found]
+
+
+def sees(path: Path, wait_s: float = 10.0) -> bool:
+    """Whether `path`, just created by another process, exists here; looked for again each second for up to
+    `wait_s` seconds, listing its folder first: an NFS client may answer from its cache of the folder (kept up to
+    30-60 s, acdirmin/acdirmax) that a new entry is not there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
+        if path.exists():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
+NOT_ONE_FOLDER = ("output_dir is not one folder for every process (a relative path on nodes started in different "
+                  "folders, or a disk only one node sees)")
+
+
+def check_same_checkpoint(found: Path | None, ckpt_root: Path, world: int) -> None:
+    """--resume: every process found the same newest checkpoint (a collective). Only rank 0 writes checkpoints
+    (FSDP: every process its shard, into rank 0's folder), so on a node whose output_dir is its own folder the
+    other processes find none, or an older one: each would have said its own thing, or resumed another step."""
+    if world == 1 or not dist.is_initialized():
+        return
+    every = [None] * world
+    dist.all_gather_object(every, found.name if found is not None else None)
+    if len(set(every)) == 1:
+        return
+    what = "; ".join(f"rank {rank} finds {name or 'none'}" for rank, name in enumerate(every) if name != every[0])
+    raise TrainingError(f"--resume: the processes do not see the same checkpoints under {ckpt_root}: rank 0 resumes "
+                        f"{every[0] or 'none'}, {what} (checkpoints are written into rank 0's output_dir); "
+                        f"{NOT_ONE_FOLDER}: give output_dir as an absolute path on a file system every node sees, "
+                        f"or copy rank 0's {ckpt_root} to the same path on every node", everywhere=True)
+
+
+def weights_digest(model: nn.Module, sample: int = 1024) -> dict[str, str]:
+    """{parameter name: SHA-256 of up to `sample` of its elements, evenly spaced}: cheap (a few kB a tensor), and
+    another checkpoint of the same architecture (another revision, another fine-tune) differs in nearly every
+    element. Read as raw bytes, so 4-bit codes and bf16 alike."""
+    digests = {}
+    for name, p in model.named_parameters():
+        flat_p = p.detach().reshape(-1)
+        picked = flat_p[::max(1, flat_p.numel() // sample)][:sample].contiguous().cpu()
+        digests[name] = hashlib.sha256(picked.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return digests
+
+
+def check_same_weights(model: nn.Module, model_name: str, world: int) -> None:
+    """Under FSDP every process keeps its own shard of the weights it loaded (DDP copies rank 0's to every process
+    at the start): nodes that load different files under one model.name (a relative path, a node-local copy or
+    hub cache of another revision) would train one model made of pieces of each, without a word. Gathered here
+    (a collective, before sharding), a difference stops every process naming the first tensor that differs."""
+    if world == 1 or not dist.is_initialized():
+        return
+    mine = weights_digest(model)
+    every = [None] * world
+    dist.all_gather_object(every, hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest())
+    if len(set(every)) == 1:
+        return
+    try:
+        where = str(Path(resolve_model(model_name)).resolve())
+    except Exception:  # it loaded, so it resolves; the message does without the path if not
+        where = model_name
+    every = [None] * world
+    dist.all_gather_object(every, (mine, where))
+    first, first_where = every[0]
+    for rank, (other, other_where) in enumerate(every[1:], start=1):
+        if differ := next((n for n in first if first[n] != other.get(n)), None):
+            raise TrainingError(f"the processes loaded different weights for model.name {model_name}: {differ} "
+                                f"differs between rank 0 (read from {first_where}) and rank {rank} (read from "
+                                f"{other_where}); FSDP would train one model made of pieces of each; give every "
+                                f"process the same model files, e.g. an absolute path on a file system every node "
+                                f"sees", everywhere=True)
 
 
 def choose_mode(cfg: TrainConfig, world: int, device: torch.device, precision: Precision | None = None) -> str:

@@ -54,9 +54,12 @@ from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_W
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line
-from loraforge.training.distributed import (check_same_config, check_same_data, check_same_precision, choose_mode,
+from loraforge.training.distributed import (NOT_ONE_FOLDER, check_same_checkpoint, check_same_config, check_same_data,
+                                            check_same_precision, check_same_weights, choose_mode,
                                             clip_sharded, collective_error, full_state_dict, full_trainables,
-                                            is_collective_failure, no_sync, setup_processes, unsharded, wrap)
+                                            is_collective_failure, no_sync, restarted_from, setup_processes,
+                                            unseen_output,
+                                            unsharded, wrap)
 from loraforge.training.evaluate import eval_batch_size, mean_token_loss, mlp_width, perplexity_of
 from loraforge.training.fastpath import install, joins_rows, register_attention
 from loraforge.training.loss import CausalLMLoss, shares_prefix
@@ -394,6 +397,7 @@ class Run:
     tokens_seen: int = 0
     skipped_steps: int = 0
     log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
+    resumed: bool = False  # --resume, or a torchrun restart that continues the attempt before (restarted_from)
     nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
 
     @property
@@ -425,7 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             run = setup(cfg, resume, overwrite, precision, held)
             start_tokens, stage = run.tokens_seen, "training"
             with StopRequest(world=run.world) as stop:  # Ctrl-C, kill: stop after the step, checkpoint kept
-                loss_value, eval_loss, seconds, aside = fit(run, progress, append_log=resume, stop=stop)
+                loss_value, eval_loss, seconds, aside = fit(run, progress, append_log=run.resumed, stop=stop)
                 stage = "finish"
                 result = finish(run, loss_value, eval_loss, seconds, start_tokens, aside)
                 if stop.agreed(run.device):  # during the last step or the finish: the run is whole, then it stops
@@ -452,6 +456,12 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
     if device.type == "cuda":  # the peak a run reports is its own, not an earlier one's in this process (a notebook's
         torch.cuda.reset_peak_memory_stats(device)  # first train(), or the demo's scoring before it)
+    last = restarted_from(Path(cfg.output_dir) / "checkpoints", world)  # a collective: every process, always
+    if last is not None and not (resume or overwrite):
+        resume = True  # soak: torchrun --max-restarts ran the same command again, which refused the folder
+        if rank == 0:
+            print(f"torchrun restarted the processes (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): "
+                  f"continuing from {last.name}, which the attempt before wrote, as --resume does", flush=True)
     check_tracker(cfg.training.report_to, cfg.output_dir)  # a missing tracker package: before anything loads
     check_bitsandbytes(cfg.quantization, cfg.training.optimizer)  # the same for the quant extra
     t = cfg.training
@@ -501,8 +511,20 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
                            f"still be rising when training stops; use at most {total_steps - 1} (typically 3-10% "
                            f"of the steps, e.g. {min(total_steps - 1, max(1, total_steps // 20))})"])
     mode = choose_mode(cfg, world, device, precision)  # unsupported FSDP combinations: refused before the model loads
+    if unseen := unseen_output(out, world):  # soak: nodes with their own output_dir learnt it only at --resume
+        where = f"rank(s) {', '.join(map(str, unseen))} do not see rank 0's output_dir {out}: {NOT_ONE_FOLDER}"
+        if mode == "fsdp":
+            raise TrainingError(f"training.distributed: fsdp: {where}; every process writes its shard of each "
+                                f"checkpoint into it, so give output_dir as an absolute path on a file system every "
+                                f"node sees", everywhere=True)
+        if rank == 0:
+            print(f"note: {where}: checkpoints, metrics and the adapter are written on rank 0's node alone, and "
+                  f"--resume needs the checkpoint on every node; give output_dir as an absolute path on a file "
+                  f"system every node sees (or copy {out / 'checkpoints'} to every node before --resume)", flush=True)
     model, _ = build_model(cfg, device, total_steps, tokenizer, precision,
                            sharded=mode == "fsdp", init_source=init_source)
+    if mode == "fsdp":  # DDP copies rank 0's weights to every process; FSDP keeps each one's own shard
+        check_same_weights(model, cfg.model.name, world)
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise TrainingError("no trainable parameters: check lora.target_modules / method")
@@ -548,6 +570,7 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
         raise TrainingError(f"{out} already holds checkpoints of a run ({earlier[-1].name}); continue it with "
                             f"{RESUME}, delete {run.ckpt_root} to start over, or choose another output_dir")
     if resume:
+        run.resumed = True
         restore(run)
 
     prefix_of = None if t.compile else lambda chunk: loss_fn.prefix_to_share(D.collate(chunk, run.pad_id))
@@ -594,6 +617,7 @@ def restore(run: Run) -> None:
     with its fix: checkpoints of the other training.distributed (FSDP's sharded ones or not: never removed), and a
     global batch other than the checkpoint's (its data position and schedule count in it)."""
     found, skipped = (find_sharded if run.sharded else find_checkpoint)(run.ckpt_root)
+    check_same_checkpoint(found, run.ckpt_root, run.world)  # before any process refuses on its own view
     other = [p for p, _ in skipped if checkpoint_format(p) not in (None, SHARDED if run.sharded else "plain")]
     if other and run.sharded:  # complete, for the other training.distributed: never "damaged", never removed
         raise TrainingError(f"--resume: {other[0]}: {WRITTEN_WITHOUT_FSDP}; resume it with the training.distributed "

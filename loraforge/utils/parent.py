@@ -27,3 +27,18 @@ def follow_agent() -> None:
         return  # not allowed here (a sandbox): the agent's own forwarding of signals still works
     if os.getppid() != agent:  # it died between the two lines: no signal would come
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def agent_started() -> float | None:
+    """When this process's torchrun agent (its parent) started, in seconds since the epoch (Linux's /proc), or None
+    elsewhere or where it cannot be read. The agent outlives the processes it restarts (--max-restarts)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -5,6 +5,7 @@ processes, and too few examples for the processes. Tiny Llama, fp32, a few steps
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from helpers import tiny_llama
 from loraforge.config import load_train_config
 from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError, verify_checkpoint
@@ -35,7 +38,8 @@ def common(tiny_dir, data_file, steps=4):
             "training.lr=1e-2", f"training.max_steps={steps}", "training.precision=fp32", "training.seed=3"]
 
 
-def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None, cwds=None):
+def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict | None = None, cwds=None,
+          distributed: str = "ddp"):
     """One process per rank (args per rank; `code`: {rank: python -c source} run instead of `-m loraforge`;
     `cwds`: each one's folder) with torchrun's environment but no agent (which would SIGTERM the survivors
     itself): what each process does on its own. [(returncode, stdout, stderr)] by rank."""
@@ -51,7 +55,8 @@ def ranks(tmp_path, per_rank: list[list[str]], port: int, env=None, code: dict |
         start = ["-c", code[rank]] if code and rank in code else ["-m", "loraforge"]
         with open(out, "w") as o, open(err, "w") as r:  # files, not pipes: a full pipe would block a rank
             procs.append(subprocess.Popen([sys.executable, *start, "train", str(cfg_file), *args,
-                                           "training.distributed=ddp"], cwd=cwds[rank] if cwds else ROOT, env=e,
+                                           f"training.distributed={distributed}"], cwd=cwds[rank] if cwds else ROOT,
+                                          env=e,
                                           stdout=o, stderr=r))
     return [(p.wait(timeout=300), out.read_text(), err.read_text()) for p, (out, err) in zip(procs, logs)]
 
@@ -178,6 +183,78 @@ def test_processes_that_read_different_data_under_one_path_stop_naming_it(tiny_d
     assert "error" not in err1, err1  # said once per node
 
 
+NOT_ONE_FOLDER = ("output_dir is not one folder for every process (a relative path on nodes started in different "
+                  "folders, or a disk only one node sees)")
+
+
+def test_nodes_with_their_own_output_dir_are_told_at_the_start_and_resume_names_it(tiny_dir, data_file, tmp_path):
+    """output_dir=run on two nodes started in different folders (node-local disks): only rank 0 writes
+    checkpoints, on its node. The run said nothing; its --resume then stopped rank 1 with "holds no checkpoint ...
+    run without --resume to start it" and rank 0 with a failed collective advising --resume (the bug). Now rank 0
+    says so at the start, and --resume stops every process naming what each finds; with the checkpoints copied
+    to every node it resumes."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    args = [*common(tiny_dir, data_file, steps=2), "training.batch_size=4", "training.save_every=1",
+            "training.collective_timeout=60", "output_dir=run"]
+    (rc0, out0, err0), (rc1, out1, err1) = ranks(tmp_path, [args, args], 29572, cwds=nodes)
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert (f"note: rank(s) 1 do not see rank 0's output_dir run: {NOT_ONE_FOLDER}: checkpoints, metrics and the "
+            f"adapter are written on rank 0's node alone, and --resume needs the checkpoint on every node; give "
+            f"output_dir as an absolute path on a file system every node sees (or copy run/checkpoints to every "
+            f"node before --resume)") in out0.splitlines(), out0
+    assert "note" not in out1 and not (nodes[1] / "run").exists()
+    assert sorted(p.name for p in (nodes[0] / "run" / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [[*args, "--resume"]] * 2, 29573, cwds=nodes)
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert error_line(err0) == (
+        f"error: --resume: the processes do not see the same checkpoints under run/checkpoints: rank 0 resumes "
+        f"step-0000002, rank 1 finds none (checkpoints are written into rank 0's output_dir); {NOT_ONE_FOLDER}: give "
+        f"output_dir as an absolute path on a file system every node sees, or copy rank 0's run/checkpoints to the "
+        f"same path on every node")
+    assert "error" not in err1, err1  # said once per node
+
+    shutil.copytree(nodes[0] / "run" / "checkpoints", nodes[1] / "run" / "checkpoints")
+    (rc0, out0, err0), (rc1, _, err1) = ranks(tmp_path, [[*args, "--resume"]] * 2, 29574, cwds=nodes)
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert "resuming from run/checkpoints/step-0000002 (step 2/2)" in out0.splitlines(), out0
+
+
+def test_fsdp_nodes_with_other_weights_or_their_own_output_dir_stop_at_the_start(tiny_dir, data_file, tmp_path):
+    """FSDP keeps each process's own shard of the weights it loaded (DDP copies rank 0's): model.name=model on two
+    nodes whose folders hold different checkpoints trained a model made of pieces of both, without a word
+    (adapter 0.07 off the one-process run in the soak). Both processes stop before sharding now, naming a tensor
+    and both folders. A node-local output_dir is refused at the start too: FSDP writes every shard into it."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for seed, node in enumerate(nodes):
+        tiny_llama(seed=seed, vocab_size=len(AutoTokenizer.from_pretrained(tiny_dir)),
+                   tie_word_embeddings=True).save_pretrained(node / "model")
+        AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(node / "model")
+    args = [*common(tiny_dir, data_file, steps=2), "model.name=model", "training.batch_size=4",
+            "training.collective_timeout=60", f"output_dir={tmp_path / 'out'}"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [args, args], 29575, cwds=nodes, distributed="fsdp")
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert "error" not in err1, err1  # said once per node
+    assert error_line(err0) == (
+        f"error: the processes loaded different weights for model.name model: model.embed_tokens.weight differs "
+        f"between rank 0 (read from {nodes[0] / 'model'}) and rank 1 (read from {nodes[1] / 'model'}); FSDP "
+        f"would train one model made of pieces of each; give every process the same model files, e.g. an absolute "
+        f"path on a file system every node sees")
+    assert not list((tmp_path / "out").glob("checkpoints/step-*"))
+
+    args = [*common(tiny_dir, data_file, steps=2), "training.batch_size=4", "training.collective_timeout=60",
+            "output_dir=run"]
+    (rc0, _, err0), (rc1, _, err1) = ranks(tmp_path, [args, args], 29576, cwds=nodes, distributed="fsdp")
+    assert rc0 == rc1 == 2, err0[-3000:] + err1[-3000:]
+    assert "error" not in err1, err1
+    assert error_line(err0) == (
+        f"error: training.distributed: fsdp: rank(s) 1 do not see rank 0's output_dir run: {NOT_ONE_FOLDER}; every "
+        f"process writes its shard of each checkpoint into it, so give output_dir as an absolute path on a file "
+        f"system every node sees")
+
+
 def test_a_ddp_run_with_dropout_resumes_to_the_uninterrupted_adapter(tiny_dir, data_file, tmp_path):
     """Dropout draws from each process's own RNG: a DDP checkpoint kept rank 0's alone, so after --resume rank 1
     drew rank 0's masks (4e-3 off the uninterrupted adapter in the soak). Each process's state is kept now."""
@@ -194,6 +271,39 @@ def test_a_ddp_run_with_dropout_resumes_to_the_uninterrupted_adapter(tiny_dir, d
     assert_same(adapter(whole), adapter(cut), atol=1e-7)
 
 
+def test_a_torchrun_restart_continues_the_checkpoint_the_attempt_before_wrote(tiny_dir, data_file, tmp_path):
+    """torchrun --max-restarts runs the same command again after a process fails: it was refused ("holds an
+    unfinished run ...; continue it with --resume"), every restart alike, until torchrun gave up (the bug). A
+    restart (TORCHELASTIC_RESTART_COUNT > 0) now continues the checkpoint its attempt before wrote, to the
+    uninterrupted adapter; an earlier run's checkpoint (older than the agent, here this test's process) is still
+    refused. One process with torchrun's environment, its agent played by pytest."""
+    args = [*common(tiny_dir, data_file, steps=4), "training.batch_size=4", "training.save_every=1"]
+    train(load_train_config(None, [*args, f"output_dir={tmp_path / 'whole'}"]), progress=False)
+    cut, old = tmp_path / "cut", tmp_path / "old"
+    (tmp_path / "c.yaml").write_text("{}\n")
+    command = [sys.executable, "-m", "loraforge", "train", "c.yaml", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    first = subprocess.run([*command, f"output_dir={cut}"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "LORAFORGE_TEST_CRASH_IN_SAVE": "3"}, timeout=300)  # killed saving step 3
+    assert first.returncode == -9, first.stderr[-3000:]
+    shutil.copytree(cut, old)
+    for state in old.glob("checkpoints/step-*/trainer_state.json"):
+        os.utime(state, (1e9, 1e9))  # written in 2001: before this agent started
+    restart = {**env, "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "test", "RANK": "0",
+               "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29579"}
+    again = subprocess.run([*command, f"output_dir={cut}"], cwd=tmp_path, capture_output=True, text=True,
+                           env=restart, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[0] == ("torchrun restarted the processes (restart 1): continuing from "
+                                            "step-0000002, which the attempt before wrote, as --resume does")
+    assert_same(adapter(tmp_path / "whole"), adapter(cut), atol=1e-7)  # the same steps, as --resume gives
+    earlier = subprocess.run([*command, f"output_dir={old}"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**restart, "MASTER_PORT": "29580"}, timeout=300)
+    assert earlier.returncode == 2 and error_line(earlier.stderr).startswith(
+        f"error: output_dir {old} holds an unfinished run (checkpoint step-0000002, step 2 of 4); continue it with "
+        f"--resume"), earlier.stderr[-3000:]
+
+
 def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tiny_dir, data_file, tmp_path):
     """RANK without MASTER_ADDR and MASTER_PORT (a launcher script, a leftover export) was a ValueError traceback
     from the process group; one line now, naming what is missing and the launcher."""
@@ -206,6 +316,59 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_environment_is_named(tin
         "error: RANK is set (0) but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start several processes with "
         "torchrun (torchrun --nproc_per_node=N -m loraforge train CONFIG), or unset RANK to train in one process"), \
         run.stderr[-3000:]
+
+
+def test_a_process_that_cannot_join_the_others_says_so_in_one_line(tiny_dir, data_file, tmp_path):
+    """Rank 1 started where no rank 0 answers (a node not started, a wrong MASTER_ADDR; a firewall between the
+    processes fails the same way, later): a DistNetworkError traceback, exit 1 (the bug). One line now, naming the
+    address, the timeout and what to check, exit 2."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29577", "OMP_NUM_THREADS": "1"}  # nothing listens there
+    run = subprocess.run([sys.executable, "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, data_file, 2),
+                          "training.collective_timeout=2", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and error_line(run.stderr) == (
+        "error: rank 1: could not join the other 1 process(es) at 127.0.0.1:29577 within "
+        "training.collective_timeout=2 s (The client socket has timed out after 2000ms while trying to connect to "
+        "(127.0.0.1, 29577)): start the same command on every node, with an address and port every node reaches; "
+        "where they still cannot connect to each other (a firewall, a hostname that resolves to 127.0.1.1), name the "
+        "network interface with GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs)"), run.stderr[-3000:]
+
+
+def test_torchruns_failure_summary_shows_the_error_line(tiny_dir, tmp_path):
+    """torchrun ends a failed run with a summary, the last lines of a multi-node job's log; for loraforge's errors
+    it said "error_file: <N/A>" and "traceback : To enable traceback see: https://pytorch.org/..." (the bug), so
+    the cause was only further up, among the other nodes' lines. The process hands its error line to the agent
+    (TORCHELASTIC_ERROR_FILE) and the summary prints it."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29578",
+                          "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, tmp_path / "none.jsonl", 2),
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    summary = run.stderr[run.stderr.index("Root Cause (first observed failure)"):]
+    assert f"  traceback : error: no such file: {tmp_path / 'none.jsonl'}\n" in summary, summary
+    assert "error_file: <N/A>" not in summary
+
+
+def test_tasks_that_srun_started_without_torchrun_are_told_to_start_torchrun(tiny_dir, data_file, tmp_path):
+    """srun --ntasks=2 python -m loraforge train: no torchrun, no RANK, so each task trained the whole run alone
+    (node-local output_dirs: two runs; a shared one: the second refused as "another loraforge process (pid N)")
+    (the bug). Each task stops before writing anything, naming the launch that joins them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    (tmp_path / "c.yaml").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "loraforge", "train", "c.yaml", *common(tiny_dir, data_file, 2),
+                          f"output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                              "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 2 and error_line(run.stderr) == (
+        "error: srun started 2 tasks (SLURM_STEP_NUM_TASKS=2), and each would train the whole run alone: loraforge "
+        "joins processes under torchrun only; start one torchrun per node (srun --ntasks-per-node=1 torchrun "
+        "--nnodes=$SLURM_NNODES --nproc_per_node=N --rdzv-backend=c10d --rdzv-endpoint=FIRST_NODE:29500 -m loraforge "
+        "train CONFIG), or srun --ntasks=1 for one process"), run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
 
 
 def auto_as(compute: str, reason: str) -> str:
