@@ -3,15 +3,16 @@ inject: the model is left as a rerun of the cell expects it, never half changed.
 
 import os
 import signal
+import warnings
 
 import pytest
 import torch
 
 from helpers import randomize, tiny_llama
+from loraforge.config import ConfigError, LoraConfig
+from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.merge import merge, unmerge
-from loraforge.lora.inject import inject
-from loraforge.config import LoraConfig
 
 
 def ctrl_c_after(owner, name: str, monkeypatch, nth: int = 3) -> None:
@@ -55,3 +56,53 @@ def test_merge_or_unmerge_stopped_by_ctrl_c_and_run_again_gives_the_uninterrupte
     for key, weight in model.state_dict().items():
         if "base_layer" in key:  # W + ΔW − ΔW: fp32 rounding of the sum only
             torch.testing.assert_close(weight, base[key], rtol=0, atol=1e-6)
+
+
+def model_state(model) -> dict:
+    """What a failed inject must leave as it found: every module's class, every parameter's values and
+    requires_grad, which ones are one tensor (a tied head), and tie_word_embeddings."""
+    return {"modules": [(path, type(m).__name__) for path, m in model.named_modules()],
+            "params": {k: (p.detach().clone(), p.requires_grad) for k, p in model.named_parameters()},
+            "shared": sorted(k for k, p in model.named_parameters(remove_duplicate=False)
+                             if p is model.get_input_embeddings().weight),
+            "tied": model.config.tie_word_embeddings, "adapters": dict(getattr(model, "lora_configs", {}))}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert (a["modules"], a["shared"], a["tied"], a["adapters"]) == (b["modules"], b["shared"], b["tied"], b["adapters"])
+    assert a["params"].keys() == b["params"].keys()
+    for key, (value, grad) in a["params"].items():
+        assert grad == b["params"][key][1], key
+        torch.testing.assert_close(value, b["params"][key][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_an_inject_stopped_midway_leaves_the_model_as_it_was_and_runs_again(init, monkeypatch):
+    """Ctrl-C while the adapter's layers were being added (PiSSA's SVDs take minutes on a 7B) left them wrapped,
+    and running the cell again was refused: "adapter 'default' already exists on this layer". Here the head is
+    targeted too, on a tied model (inject unties it), so the tie must come back."""
+    model = tiny_llama(tie_word_embeddings=True)
+    model.lm_head.weight.requires_grad_(False)
+    before = model_state(model)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, target_modules=["q_proj", "v_proj", "lm_head"])
+    ctrl_c_after(LoraLinear, "add_adapter", monkeypatch)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untie's
+        inject(model, config)
+    monkeypatch.undo()
+    assert_same_state(model_state(model), before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inject(model, config)  # the cell run again
+    assert sorted(model.lora_configs) == ["default"] and len(lora_layers(model)) == 5
+
+
+def test_a_modules_to_save_that_names_nothing_is_refused_without_touching_the_model():
+    """The refusal came after every LoRA layer was added: fixed and run again, inject said "already exists"."""
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(ConfigError, match=r"modules_to_save: \['lm_haed'\] match no module"):
+        inject(model, LoraConfig(r=4, modules_to_save=["lm_haed"]))
+    assert_same_state(model_state(model), before)
+    inject(model, LoraConfig(r=4, modules_to_save=["lm_head"]))
+    assert sorted(model.lora_configs) == ["default"] and len(lora_layers(model)) == 8
