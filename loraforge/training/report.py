@@ -87,15 +87,23 @@ def _drop_rows_after(path: Path, step: int) -> None:
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step",
                  delay: float = 0.0):
-    """tqdm on stderr. Redrawn at most every 0.1 s on a terminal; elsewhere every LOG_INTERVAL_S (and at its end):
-    soak, `train ... 2> train.log` kept a `\r` redraw of every step (metrics.jsonl keeps each step's numbers).
+    """tqdm on stderr. Redrawn at most every 0.1 s on a terminal or in a notebook (Jupyter's kernel shows a `\r`
+    redraw in place); elsewhere every LOG_INTERVAL_S (and at its end): soak, `train ... 2> train.log` kept a `\r`
+    redraw of every step (metrics.jsonl keeps each step's numbers).
     Callers set the postfix with refresh=False, or each step would redraw past the interval. `delay`: shown only
     once that many seconds have passed (a quick task prints nothing)."""
     from tqdm.auto import tqdm
 
-    interval = {} if _isatty(sys.stderr) else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
+    live = _isatty(sys.stderr) or _in_notebook(sys.stderr)
+    interval = {} if live else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, delay=delay, **interval)
+
+
+def _in_notebook(stream) -> bool:
+    """A Jupyter kernel's output stream (ipykernel's OutStream, no terminal): the notebook redraws a bar in place, so
+    it is drawn as on a terminal (soak: every LOG_INTERVAL_S, a notebook's bar stood still for 30 s at a time)."""
+    return type(stream).__module__.startswith("ipykernel.")
 
 
 def _isatty(stream) -> bool:
