@@ -452,7 +452,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     retied = []
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            if name in module.r or any(name in getattr(module, attr) for attr in module.adapter_modules):
+            if module.holds(name):
                 module.delete_adapter(name)
             if not module.r:  # (also a wrapper that a failed injection left empty)
                 untied = module.untied_from

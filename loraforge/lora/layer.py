@@ -176,16 +176,24 @@ class LoraLayer(nn.Module):
         return result
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`, or what is left of it: inactive first, so a delete stopped midway (Ctrl-C) leaves a
+        layer that runs without it (the forward found it active with its lora_A gone: KeyError), and the next
+        delete finishes it."""
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
         for attr in self.adapter_modules:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
+
+    def holds(self, name: str) -> bool:
+        """Whether any part of adapter `name` is on this layer (an add or a delete stopped midway leaves parts)."""
+        return (name in self.r or name in self.active_adapters
+                or any(name in getattr(self, attr) for attr in self.adapter_modules))
 
 
 class LoraLinear(LoraLayer):

@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import randomize, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
+from loraforge.lora.adapters import delete_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.merge import merge, unmerge
@@ -69,7 +71,8 @@ def model_state(model) -> dict:
 
 
 def assert_same_state(a: dict, b: dict) -> None:
-    assert (a["modules"], a["shared"], a["tied"], a["adapters"]) == (b["modules"], b["shared"], b["tied"], b["adapters"])
+    for key in ("modules", "shared", "tied", "adapters"):
+        assert a[key] == b[key], key
     assert a["params"].keys() == b["params"].keys()
     for key, (value, grad) in a["params"].items():
         assert grad == b["params"][key][1], key
@@ -106,3 +109,24 @@ def test_a_modules_to_save_that_names_nothing_is_refused_without_touching_the_mo
     assert_same_state(model_state(model), before)
     inject(model, LoraConfig(r=4, modules_to_save=["lm_head"]))
     assert sorted(model.lora_configs) == ["default"] and len(lora_layers(model)) == 8
+
+
+def test_a_delete_stopped_midway_leaves_a_model_that_runs_and_the_next_delete_finishes_it(monkeypatch, input_ids):
+    """Ctrl-C inside a layer's delete_adapter, its lora_A gone and the adapter still active: every forward raised
+    KeyError: 'b' until the delete was run again."""
+    model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8))
+    randomize(inject(model, LoraConfig(r=2, lora_alpha=4), adapter_name="b"))
+    set_adapter(model, "default")
+    with torch.no_grad():
+        reference = model(input_ids).logits  # "default" alone
+    set_adapter(model, ["default", "b"])
+    ctrl_c_after(nn.ModuleDict, "__delitem__", monkeypatch, nth=1)  # the first layer's lora_A["b"] deleted
+    with pytest.raises(KeyboardInterrupt):
+        delete_adapter(model, "b")
+    monkeypatch.undo()
+    with torch.no_grad():
+        model(input_ids)  # runs: the half-deleted layer without "b", the others with it
+    delete_adapter(model, "b")  # the cell run again
+    assert all("b" not in layer.r and "b" not in layer.lora_A for _, layer in lora_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
