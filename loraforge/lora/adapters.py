@@ -575,14 +575,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                     _check_finite(value, f"{Path(adapter_dir) / WEIGHTS_NAME}: tensor {key}",
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
-    _warn_other_class(adapter_dir, model)
-    set_adapter(model, name)
-    if is_trainable:
-        mark_trainable(model, name)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
+        _warn_other_class(adapter_dir, model)
+        set_adapter(model, name)  # stopped from here on, the load was left half done: "already loaded" on a rerun
+        if is_trainable:
+            mark_trainable(model, name)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
     return model
 
 

@@ -424,7 +424,11 @@ def undone_on_failure(model: nn.Module, name: str):
     parameter holds and trains as before: run again, the call is not refused as "already exists on this layer" (soak).
     PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight): the old
     tensors stay intact, so keeping them costs no memory and W0 comes back bit for bit. A weight untie_shared copied
-    is tied again, with tie_word_embeddings as it was."""
+    is tied again, with tie_word_embeddings as it was; every module's train/eval mode and the other adapters' active
+    ones are as they were (load_adapter switches to the new adapter and puts the model in eval() last)."""
+    modes = [(module, module.training) for module in model.modules()]
+    active = [(module, list(module.active_adapters)) for module in model.modules() if isinstance(module, LoraLayer)]
+    saved = [(module, module.active_adapter) for module in model.modules() if isinstance(module, ModulesToSave)]
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     tensors = {p: p.data for p in model.parameters()}
     owners = [(module, key, p) for module in model.modules() for key, p in module.named_parameters(recurse=False)]
@@ -442,6 +446,12 @@ def undone_on_failure(model: nn.Module, name: str):
             p.requires_grad_(flag)
         if tied is not None:
             config.tie_word_embeddings = tied
+        for module, training in modes:
+            module.training = training  # each module's own flag: train(mode) would set its children's too
+        for module, names in active:
+            module.active_adapters = [n for n in names if n in module.r]
+        for module, saved_name in saved:
+            module.active_adapter = saved_name if saved_name in module.modules_to_save else None
         raise
 
 

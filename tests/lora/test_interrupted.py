@@ -11,7 +11,8 @@ from torch import nn
 
 from helpers import randomize, tiny_llama
 from loraforge.config import ConfigError, LoraConfig
-from loraforge.lora.adapters import delete_adapter, set_adapter
+from loraforge.lora import adapters
+from loraforge.lora.adapters import delete_adapter, load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.merge import merge, unmerge
@@ -130,3 +131,28 @@ def test_a_delete_stopped_midway_leaves_a_model_that_runs_and_the_next_delete_fi
     assert all("b" not in layer.r and "b" not in layer.lora_A for _, layer in lora_layers(model))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_a_load_stopped_after_its_weights_were_in_leaves_the_model_as_it_was(is_trainable, tmp_path, monkeypatch,
+                                                                            input_ids):
+    """Ctrl-C in load_adapter's last lines (switching to the new adapter, freezing, eval()) left it loaded but the
+    model neither frozen nor switched back, and the rerun was refused: "adapter 'two' is already loaded"."""
+    source = randomize(inject(tiny_llama(), LoraConfig(r=2, lora_alpha=4)), seed=5)
+    save_adapter(source, tmp_path / "two")
+    model = randomize(inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8))).train()
+    before = model_state(model)
+    with torch.no_grad():
+        reference = model.eval()(input_ids).logits
+    model.train()
+    ctrl_c_after(adapters, "set_adapter", monkeypatch, nth=1)
+    with pytest.raises(KeyboardInterrupt):
+        load_adapter(model, tmp_path / "two", name="two", is_trainable=is_trainable)
+    monkeypatch.undo()
+    assert_same_state(model_state(model), before)
+    assert model.training and all(layer.active_adapters == ["default"] for _, layer in lora_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids).logits, reference, rtol=0, atol=0)
+    model.train()
+    load_adapter(model, tmp_path / "two", name="two", is_trainable=is_trainable)  # the cell run again
+    assert sorted(model.lora_configs) == ["default", "two"] and model.training == is_trainable
