@@ -70,7 +70,7 @@ from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, pro
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
-from loraforge.utils.files import DiskError, atomic_dir
+from loraforge.utils.files import OVERWRITE, DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, RESUME, OutputError, check_not_input, check_run_output, hold_output
 from loraforge.utils.rng import kept_random_state
@@ -911,7 +911,7 @@ def interrupted_again(e: Interrupted, last: Path | None, stage: str) -> Interrup
             f"a checkpoint")
     if last is None:
         return Interrupted(e.signum, e.first, f"{head} (none was written yet, so there is nothing to resume: start "
-                                              f"the run again with --overwrite)", resumable=False)
+                                              f"the run again with {OVERWRITE})", resumable=False)
     return Interrupted(e.signum, e.first, f"{head} of it; the last complete checkpoint, {last}, is kept")
 
 
