@@ -28,7 +28,7 @@ from loraforge.config import (MAX_RANK, PEFT_INERT_FIELDS, PEFT_TASK_TYPE, Confi
                               module_list_problems, normalize_module_fields, peft_list, scale_warning,
                               unsupported_peft_fields, validate)
 from loraforge.lora.inject import (LAYER_INDEX, LayerKindConflict, keep_base_biases, lora_layers, mark_trainable,
-                                   resolve_targets, untie_shared)
+                                   resolve_targets, undone_on_failure, untie_shared)
 from loraforge.lora.layer import LoraLayer, adapter_dtype
 from loraforge.utils.hf import set_submodule
 
@@ -289,21 +289,22 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = 
     if advise and config.lora_alpha != 0:  # 0 means the layer's rank: scale 1 (SVDLinear.add_adapter)
         scale_warning(config.lora_alpha, config.init_r, rank="init_r")
     pattern = config.rank_pattern or {}
-    untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
-    for path in targets:
-        module = model.get_submodule(path)
-        if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
-            raise LayerKindConflict([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA "
-                                     f"adapters cannot share a layer (delete the other adapter first)"])
-        if not isinstance(module, SVDLinear):
-            module = SVDLinear(module)
-            module.untied_from = untied.get(path)  # a tied lm_head: its own weight (delete_adapter ties it again)
-            set_submodule(model, path, module)
-        module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
-                           kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)
-    configs[adapter_name] = config
-    keep_base_biases(model, config, adapter_name)
-    mark_trainable(model, adapter_name)
+    with undone_on_failure(model, adapter_name):  # Ctrl-C midway: the model as it was
+        untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
+        for path in targets:
+            module = model.get_submodule(path)
+            if isinstance(module, LoraLayer) and not isinstance(module, SVDLinear):
+                raise LayerKindConflict([f"target_modules: {path} already holds a LoRA adapter; AdaLoRA and LoRA "
+                                         f"adapters cannot share a layer (delete the other adapter first)"])
+            if not isinstance(module, SVDLinear):
+                module = SVDLinear(module)
+                module.untied_from = untied.get(path)  # a tied lm_head: its own weight (delete_adapter ties it)
+                set_submodule(model, path, module)
+            module.add_adapter(adapter_name, config.init_r, config.lora_alpha, config.lora_dropout,
+                               kept=pattern.get(f"{path}.lora_E"), init_lora_weights=config.init_lora_weights)
+        configs[adapter_name] = config
+        keep_base_biases(model, config, adapter_name)
+        mark_trainable(model, adapter_name)
     return model
 
 

@@ -23,10 +23,10 @@ from torch import nn
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.lora.adalora import AdaLoraConfig, adalora_scaling, export_pruned, inject_adalora
 from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_base_bias, lora_layers,
-                                   mark_trainable, merged_adapters, merged_error, saved_paths)
+                                   mark_trainable, merged_adapters, merged_error, remove_adapter, saved_paths,
+                                   undone_on_failure)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
-from loraforge.utils.hf import set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -540,11 +540,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
         raise ValueError(f"adapter {name!r} is already loaded; delete it or choose another name")
     if merged := merged_adapters(model):  # the new one becomes the active one: the merged ones would run on under it
         raise merged_error(merged, "loading another one")
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    # PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight):
-    # the old tensors stay intact, so keeping them costs no memory and a failed load puts W0 back bit for bit
-    tensors_before = {p: p.data for p in model.parameters()}
-    try:
+    with undone_on_failure(model, name):  # a misfit or Ctrl-C: the model as it was before the load
         try:
             if isinstance(config, LoraConfig):
                 inject(model, config, name, advise=False)
@@ -579,20 +575,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                     _check_finite(value, f"{Path(adapter_dir) / WEIGHTS_NAME}: tensor {key}",
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
-    except BaseException:  # the layers injected so far go again; every parameter holds and trains as before
-        delete_adapter(model, name)
-        for p, flag in requires_grad.items():
-            p.data = tensors_before[p]
-            p.requires_grad_(flag)
-        raise
-    _warn_other_class(adapter_dir, model)
-    set_adapter(model, name)
-    if is_trainable:
-        mark_trainable(model, name)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
+        _warn_other_class(adapter_dir, model)
+        set_adapter(model, name)  # stopped from here on, the load was left half done: "already loaded" on a rerun
+        if is_trainable:
+            mark_trainable(model, name)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
     return model
 
 
@@ -678,40 +668,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     by the residual, and a layer untied for it (inject.untie_shared) is tied again once it holds no adapter."""
     if name in merged_adapters(model):  # before anything goes: a refusal leaves the model as it was
         raise RuntimeError(f"adapter {name!r} is merged; call loraforge.lora.merge.unmerge(model) before deleting it")
-    retied = []
-    for path, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            if name in module.r:
-                module.delete_adapter(name)
-            if not module.r:  # (also a wrapper that a failed injection left empty)
-                untied = module.untied_from
-                if untied is not None and _retie(model, module):
-                    retied.append(untied[2])
-                set_submodule(model, path, module.base_layer)
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            del module.modules_to_save[name]
-            if module.active_adapter == name:
-                module.active_adapter = None
-            if not len(module.modules_to_save):
-                set_submodule(model, path, module.original_module)
-    adapter_configs(model).pop(name, None)
-    with torch.no_grad():  # the base's biases a bias adapter trained or loaded: their values before it came
-        for p, before in (getattr(model, "lora_base_biases", None) or {}).pop(name, []):
-            p.copy_(before)
-    config = getattr(model, "config", None)
-    if retied and retied[0] and not any(m.untied_from is not None for _, m in lora_layers(model)):
-        config.tie_word_embeddings = retied[0]  # the last untied layer is tied again: the flag as it was
-
-
-def _retie(model: nn.Module, layer: LoraLayer) -> bool:
-    """Give `layer`'s base back the weight it shared before inject.untie_shared copied it, if another module
-    still holds that Parameter (True then)."""
-    _, shared, _ = layer.untied_from
-    if not any(p is shared for p in model.parameters()):  # the other module is gone or holds another weight now
-        return False
-    layer.base_layer.weight = shared
-    layer.untied_from = None
-    return True
+    remove_adapter(model, name)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import warnings
 from typing import Callable
 
 import regex
+import torch
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig, clipped, scale_warning
@@ -377,42 +378,121 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     if advise:
         scale_warning(config.lora_alpha, config.r, config.use_rslora)
         _warn_unmatched_patterns(config, targets)
-    untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
-    for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoraLayer):
-            module = LoraLinear(module)
-            module.untied_from = untied.get(path)
-            set_submodule(model, path, module)
-        elif not isinstance(module, LoraLinear):  # AdaLoRA's SVDLinear
-            raise LayerKindConflict([f"target_modules: {path} already holds an AdaLoRA adapter; AdaLoRA and LoRA "
-                                     f"adapters cannot share a layer (delete the other adapter first)"])
-        module.add_adapter(
-            adapter_name,
-            r=int(pattern_value(config.rank_pattern, path, config.r, "rank_pattern")),
-            lora_alpha=float(pattern_value(config.alpha_pattern, path, config.lora_alpha, "alpha_pattern")),
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-            use_dora=config.use_dora,
-            path=path,
-        )
-    if advise:
-        _warn_rank_over_layers(model, config, targets)
-    for path in _modules_to_save_paths(model, config):
-        module = model.get_submodule(path)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            set_submodule(model, path, module)
-        module.add_adapter(adapter_name)
-    configs[adapter_name] = config
-    keep_base_biases(model, config, adapter_name)
-    if advise and config.bias != "none" and not model.lora_base_biases[adapter_name]:  # soak: said nothing
-        which = "the targeted layers have" if config.bias == "lora_only" else "this model has"
-        warnings.warn(f"bias: {config.bias!r} trains no bias: {which} none ({type(model).__name__}), so it trains "
-                      f"as bias: 'none' does", stacklevel=2)
-    mark_trainable(model, adapter_name)
+    with undone_on_failure(model, adapter_name):  # a refusal midway (modules_to_save) or Ctrl-C: as it was
+        untied = untie_shared(model, [p for p in targets if not isinstance(model.get_submodule(p), LoraLayer)])
+        for path in targets:
+            module = model.get_submodule(path)
+            if not isinstance(module, LoraLayer):
+                module = LoraLinear(module)
+                module.untied_from = untied.get(path)
+                set_submodule(model, path, module)
+            elif not isinstance(module, LoraLinear):  # AdaLoRA's SVDLinear
+                raise LayerKindConflict([f"target_modules: {path} already holds an AdaLoRA adapter; AdaLoRA and "
+                                         f"LoRA adapters cannot share a layer (delete the other adapter first)"])
+            module.add_adapter(
+                adapter_name,
+                r=int(pattern_value(config.rank_pattern, path, config.r, "rank_pattern")),
+                lora_alpha=float(pattern_value(config.alpha_pattern, path, config.lora_alpha, "alpha_pattern")),
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
+                use_dora=config.use_dora,
+                path=path,
+            )
+        if advise:
+            _warn_rank_over_layers(model, config, targets)
+        for path in _modules_to_save_paths(model, config):
+            module = model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                set_submodule(model, path, module)
+            module.add_adapter(adapter_name)
+        configs[adapter_name] = config
+        keep_base_biases(model, config, adapter_name)
+        if advise and config.bias != "none" and not model.lora_base_biases[adapter_name]:  # soak: said nothing
+            which = "the targeted layers have" if config.bias == "lora_only" else "this model has"
+            warnings.warn(f"bias: {config.bias!r} trains no bias: {which} none ({type(model).__name__}), so it trains "
+                          f"as bias: 'none' does", stacklevel=2)
+        mark_trainable(model, adapter_name)
     return model
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module, name: str):
+    """The block adds adapter `name` to `model`. Should it raise (a refusal found midway, such as modules_to_save
+    naming no module; Ctrl-C, a notebook's stop button, while PiSSA's SVDs run), what it added goes again and every
+    parameter holds and trains as before: run again, the call is not refused as "already exists on this layer" (soak).
+    PiSSA/OLoRA injection replaces W0 by its residual, a new tensor assigned to .data (init_from_base_weight): the old
+    tensors stay intact, so keeping them costs no memory and W0 comes back bit for bit. A weight untie_shared copied
+    is tied again, with tie_word_embeddings as it was; every module's train/eval mode and the other adapters' active
+    ones are as they were (load_adapter switches to the new adapter and puts the model in eval() last)."""
+    modes = [(module, module.training) for module in model.modules()]
+    active = [(module, list(module.active_adapters)) for module in model.modules() if isinstance(module, LoraLayer)]
+    saved = [(module, module.active_adapter) for module in model.modules() if isinstance(module, ModulesToSave)]
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    tensors = {p: p.data for p in model.parameters()}
+    owners = [(module, key, p) for module in model.modules() for key, p in module.named_parameters(recurse=False)]
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", None)
+    try:
+        yield
+    except BaseException:
+        remove_adapter(model, name)
+        for module, key, p in owners:
+            if getattr(module, key) is not p:  # untie_shared's copy, the wrapper gone before it kept the tie
+                setattr(module, key, p)
+        for p, flag in requires_grad.items():
+            p.data = tensors[p]
+            p.requires_grad_(flag)
+        if tied is not None:
+            config.tie_word_embeddings = tied
+        for module, training in modes:
+            module.training = training  # each module's own flag: train(mode) would set its children's too
+        for module, names in active:
+            module.active_adapters = [n for n in names if n in module.r]
+        for module, saved_name in saved:
+            module.active_adapter = saved_name if saved_name in module.modules_to_save else None
+        raise
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Take adapter `name` out of every layer that holds it, or holds part of it; layers left without adapters are
+    unwrapped back to their base layer (re-tied where untie_shared copied their weight), modules_to_save copies go,
+    and a bias adapter's base biases get their values back. adapters.delete_adapter, once it refused a merged one."""
+    retied = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            if module.holds(name):
+                module.delete_adapter(name)
+            if not module.r:  # (also a wrapper that a failed injection left empty)
+                untied = module.untied_from
+                if untied is not None and _retie(model, module):
+                    retied.append(untied[2])
+                set_submodule(model, path, module.base_layer)
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            del module.modules_to_save[name]
+            if module.active_adapter == name:
+                module.active_adapter = None
+            if not len(module.modules_to_save):
+                set_submodule(model, path, module.original_module)
+    getattr(model, "lora_configs", {}).pop(name, None)
+    with torch.no_grad():  # the base's biases a bias adapter trained or loaded: their values before it came
+        for p, before in (getattr(model, "lora_base_biases", None) or {}).pop(name, []):
+            p.copy_(before)
+    config = getattr(model, "config", None)
+    if retied and retied[0] and not any(m.untied_from is not None for _, m in lora_layers(model)):
+        config.tie_word_embeddings = retied[0]  # the last untied layer is tied again: the flag as it was
+
+
+def _retie(model: nn.Module, layer: LoraLayer) -> bool:
+    """Give `layer`'s base back the weight it shared before untie_shared copied it, if another module still holds
+    that Parameter (True then)."""
+    _, shared, _ = layer.untied_from
+    if not any(p is shared for p in model.parameters()):  # the other module is gone or holds another weight now
+        return False
+    layer.base_layer.weight = shared
+    layer.untied_from = None
+    return True
 
 
 def is_base_bias(key: str) -> bool:

@@ -22,6 +22,7 @@ from torch import nn
 from loraforge.kernels import fused_lora_linear
 from loraforge.quant.bnb import dequantize
 from loraforge.quant.checks import is_quantized
+from loraforge.utils.interrupts import held_interrupts
 
 
 class MergeError(ValueError):
@@ -115,24 +116,32 @@ class LoraLayer(nn.Module):
                 raise RuntimeError("merging into a quantized base in place is not supported; "
                                    "use loraforge.lora.merge.merge_and_unload, which de-quantizes first")
             self._merge_one(name, weight, safe)
-            self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged ΔW again, newest first. Idempotent."""
         while self.merged_adapters:
-            self._unmerge_one(self.merged_adapters.pop(), self.base_layer.weight)
+            self._unmerge_one(self.merged_adapters[-1], self.base_layer.weight)
+
+    # _merge_one and _unmerge_one compute first, then write the weight and update merged_adapters together, with
+    # Ctrl-C held (utils.interrupts): a notebook's stop button between the two left the layer half merged for good
 
     def _merge_one(self, name: str, weight: torch.Tensor, safe: bool) -> None:
-        """Plain LoRA merges additively: W += ΔW."""
+        """Plain LoRA merges additively: W += ΔW; `name` joins merged_adapters."""
         delta = self.delta_weight(name)
         merged = (weight.float() + delta.float()).to(weight.dtype)  # one rounding of W + ΔW, not two (bf16, fp16)
         if safe:
             _check_merged(name, delta, merged)
-        weight.data.copy_(merged)
+        with held_interrupts():
+            weight.data.copy_(merged)
+            self.merged_adapters.append(name)
 
     def _unmerge_one(self, name: str, weight: torch.Tensor) -> None:
-        weight.data -= self.delta_weight(name).to(weight.dtype)
+        """W -= ΔW of the newest merged adapter, `name`, which leaves merged_adapters."""
+        delta = self.delta_weight(name).to(weight.dtype)
+        with held_interrupts():
+            weight.data -= delta
+            self.merged_adapters.pop()
 
     def refuse_training_merged(self) -> None:
         """A training forward (train() mode, gradients on) while an adapter that trains is merged: its weights are
@@ -167,16 +176,24 @@ class LoraLayer(nn.Module):
         return result
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name`, or what is left of it: inactive first, so a delete stopped midway (Ctrl-C) leaves a
+        layer that runs without it (the forward found it active with its lora_A gone: KeyError), and the next
+        delete finishes it."""
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
         for attr in self.adapter_modules:
             container = getattr(self, attr)
             if name in container:
                 del container[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
+
+    def holds(self, name: str) -> bool:
+        """Whether any part of adapter `name` is on this layer (an add or a delete stopped midway leaves parts)."""
+        return (name in self.r or name in self.active_adapters
+                or any(name in getattr(self, attr) for attr in self.adapter_modules))
 
 
 class LoraLinear(LoraLayer):
@@ -354,8 +371,11 @@ class LoraLinear(LoraLayer):
         merged = self._dora_factor(name, norm) * (W + delta)
         if safe:
             _check_merged(name, self._scaled_BA(name).float(), merged)
-        self._dora_norm_at_merge[name] = norm
-        weight.data = (merged.T if self.fan_in_fan_out else merged).to(weight.dtype).contiguous()
+        merged = (merged.T if self.fan_in_fan_out else merged).to(weight.dtype).contiguous()
+        with held_interrupts():
+            self._dora_norm_at_merge[name] = norm
+            weight.data = merged
+            self.merged_adapters.append(name)
 
     def _restored(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """The (out, in) weight `W` with merged adapter `name` taken out again (a new tensor)."""
@@ -369,8 +389,11 @@ class LoraLinear(LoraLayer):
             return super()._unmerge_one(name, weight)
         W = weight.T if self.fan_in_fan_out else weight
         restored = self._restored(name, W)
-        self._dora_norm_at_merge.pop(name)
-        weight.data = (restored.T if self.fan_in_fan_out else restored).to(weight.dtype).contiguous()
+        restored = (restored.T if self.fan_in_fan_out else restored).to(weight.dtype).contiguous()
+        with held_interrupts():
+            self._dora_norm_at_merge.pop(name)
+            weight.data = restored
+            self.merged_adapters.pop()
 
     def _lora(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """The adapter's addition to base_out: base(x) plus the adapters applied before this one (PEFT's order;

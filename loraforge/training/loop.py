@@ -66,11 +66,11 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
                                       sources_report)
 from loraforge.training.optim import make_optimizer
-from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar
+from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar, reset_peak_memory
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
-from loraforge.utils.files import DiskError, atomic_dir
+from loraforge.utils.files import OVERWRITE, DiskError, atomic_dir
 from loraforge.utils.hf import enable_checkpointing
 from loraforge.utils.outputs import LOCK, RESUME, OutputError, check_not_input, check_run_output, hold_output
 from loraforge.utils.rng import kept_random_state
@@ -421,7 +421,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     it instead); one that holds the data file or the model is refused (loraforge.utils.outputs). `precision`: the
     caller's run_precision(cfg, device) where it already resolved it (decided, warned about and printed by it).
     The run seeds torch's and Python's generators with training.seed; the caller's states are back when it returns
-    or raises (utils.rng).
+    or raises (utils.rng). Its peak_memory_mb counts from its start: the process's peak statistics are reset then
+    (report.reset_peak_memory), so an earlier notebook cell's peak is not the run's.
     """
     with kept_random_state(), contextlib.ExitStack() as held:  # rank 0 holds output_dir's lock until the run ends
         stage, run = "set-up", None
@@ -454,8 +455,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     it refuses output_dir, every rank raises its OutputError (or DiskError) at once."""
     rank, world, device = setup_processes(cfg.training.collective_timeout)
     check_same_config(to_dict(cfg), world)  # before anything is read or written: every process the same run
-    if device.type == "cuda":  # the peak a run reports is its own, not an earlier one's in this process (a notebook's
-        torch.cuda.reset_peak_memory_stats(device)  # first train(), or the demo's scoring before it)
+    # the peak a run reports is its own, not an earlier one's in this process (a notebook's first train(), the demo's
+    # scoring before it): CUDA's peak statistics, a CPU's VmHWM
+    reset_peak_memory(device)
     last = restarted_from(Path(cfg.output_dir) / "checkpoints", world)  # a collective: every process, always
     if last is not None and not (resume or overwrite):
         resume = True  # soak: torchrun --max-restarts ran the same command again, which refused the folder
@@ -909,7 +911,7 @@ def interrupted_again(e: Interrupted, last: Path | None, stage: str) -> Interrup
             f"a checkpoint")
     if last is None:
         return Interrupted(e.signum, e.first, f"{head} (none was written yet, so there is nothing to resume: start "
-                                              f"the run again with --overwrite)", resumable=False)
+                                              f"the run again with {OVERWRITE})", resumable=False)
     return Interrupted(e.signum, e.first, f"{head} of it; the last complete checkpoint, {last}, is kept")
 
 

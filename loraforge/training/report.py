@@ -87,15 +87,23 @@ def _drop_rows_after(path: Path, step: int) -> None:
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train", unit: str = "step",
                  delay: float = 0.0):
-    """tqdm on stderr. Redrawn at most every 0.1 s on a terminal; elsewhere every LOG_INTERVAL_S (and at its end):
-    soak, `train ... 2> train.log` kept a `\r` redraw of every step (metrics.jsonl keeps each step's numbers).
+    """tqdm on stderr. Redrawn at most every 0.1 s on a terminal or in a notebook (Jupyter's kernel shows a `\r`
+    redraw in place); elsewhere every LOG_INTERVAL_S (and at its end): soak, `train ... 2> train.log` kept a `\r`
+    redraw of every step (metrics.jsonl keeps each step's numbers).
     Callers set the postfix with refresh=False, or each step would redraw past the interval. `delay`: shown only
     once that many seconds have passed (a quick task prints nothing)."""
     from tqdm.auto import tqdm
 
-    interval = {} if _isatty(sys.stderr) else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
+    live = _isatty(sys.stderr) or _in_notebook(sys.stderr)
+    interval = {} if live else {"mininterval": LOG_INTERVAL_S, "maxinterval": LOG_INTERVAL_S}
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True,
                 file=sys.stderr, delay=delay, **interval)
+
+
+def _in_notebook(stream) -> bool:
+    """A Jupyter kernel's output stream (ipykernel's OutStream, no terminal): the notebook redraws a bar in place, so
+    it is drawn as on a terminal (soak: every LOG_INTERVAL_S, a notebook's bar stood still for 30 s at a time)."""
+    return type(stream).__module__.startswith("ipykernel.")
 
 
 def _isatty(stream) -> bool:
@@ -110,11 +118,33 @@ def peak_memory_name(device_type: str) -> str:
     return "peak GPU memory (max allocated)" if device_type == "cuda" else "peak memory (RSS)"
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Count peak_memory_mb from now on: a run's own peak, not the process's. In a notebook the kernel lives on, and
+    a train() after a cell that held a bigger model reported that cell's peak (test_train: 1,017 MB for a run that
+    peaked at 455). CUDA: the allocator's peak statistics; a CPU: the resident set's high-water mark, VmHWM
+    (Linux 4.0+; elsewhere the process's peak stays)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
-    """Peak memory of this process: max allocated on CUDA, max resident set size (RSS) on CPU."""
+    """Peak memory since reset_peak_memory (else since the process started): max allocated on CUDA, the resident
+    set's high-water mark on a CPU (VmHWM; where /proc is missing, getrusage's max RSS, which no reset lowers)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        line = next(x for x in PROC_STATUS.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -675,7 +675,7 @@ def test_a_second_ctrl_c_in_a_step_stops_at_once_naming_the_checkpoint_left_or_n
     else:
         assert ckpts == []
         assert last == (f"{head} (none was written yet, so there is nothing to resume: start the run again with "
-                        f"--overwrite)")
+                        f"--overwrite (overwrite=True))")  # a notebook's train() takes overwrite=True
 
 
 def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(tiny_dir, data_file, tmp_path):

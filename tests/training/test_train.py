@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import io
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from loraforge.models import load_tokenizer
 from loraforge.training.loss import CausalLMLoss
 from loraforge.training import data as D
 from loraforge.training.loop import TrainingError, build_model, train
-from loraforge.training.report import read_metrics
+from loraforge.training.report import LOG_INTERVAL_S, peak_memory_mb, progress_bar, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -638,3 +639,38 @@ def test_a_progress_bar_into_a_log_file_is_not_redrawn_every_step(tiny_dir, data
     draws = [d for d in re.split("[\r\n]", text) if d.startswith("train:")]  # tqdm redraws with \r, or \n
     assert [d.split("|")[0].strip() for d in draws] == ["train:   0%", "train: 100%"], draws
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == list(range(1, 41))
+
+
+def test_peak_memory_is_the_runs_own_not_an_earlier_cells(tiny_dir, data_file, tmp_path):
+    """A notebook's kernel lives on: a train() after a cell that held 600 MB more reported that cell's peak (the
+    process's maximum resident set). The run's peak now counts from its start, so it stays below the process's
+    earlier one, and the process's figure (VmHWM) is the reference: a run that touched 600 MB less cannot pass it."""
+    held = torch.ones(600 * 2**20 // 4)  # 600 MB touched, as a bigger model an earlier cell loaded
+    del held
+    before = peak_memory_mb("cpu")
+    result = train(config(tiny_dir, data_file, tmp_path / "run", max_steps=3), progress=False)
+    assert result.peak_memory_mb < before - 400, (result.peak_memory_mb, before)
+
+
+class KernelStream(io.StringIO):
+    """Stands in for ipykernel.iostream.OutStream, a Jupyter kernel's sys.stderr: no terminal (isatty False), yet
+    the notebook shows a `\\r` redraw in place."""
+
+
+KernelStream.__module__ = "ipykernel.iostream"
+
+
+def test_a_progress_bar_in_a_notebook_is_redrawn_as_on_a_terminal(tmp_path, monkeypatch):
+    """Soak (a real kernel through nbclient): a 5-second run's bar was drawn twice, at 0% and 100%, as into a log
+    file (every report.LOG_INTERVAL_S); now as on a terminal (39 draws), with tqdm's own intervals."""
+    for name in ("TQDM_DISABLE", "TQDM_MININTERVAL", "TQDM_MAXINTERVAL"):  # tqdm's defaults from the environment
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "stderr", KernelStream())
+    bar = progress_bar(40)
+    assert (bar.mininterval, bar.maxinterval) == (0.1, 10.0)  # tqdm's defaults
+    bar.close()
+    with open(tmp_path / "train.log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        bar = progress_bar(40)
+        assert (bar.mininterval, bar.maxinterval) == (LOG_INTERVAL_S, LOG_INTERVAL_S) == (30.0, 30.0)
+        bar.close()
