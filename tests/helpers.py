@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,22 @@ def forbid_loading(monkeypatch, module) -> None:
         raise AssertionError("the base model was loaded before the refusal")
 
     monkeypatch.setattr(module, "load_base", load_base)
+
+
+def env_when_base_loads(monkeypatch, module, start, names, error, given: dict | None = None) -> dict:
+    """The values of environment variables `names` at the moment `start()` has `module`'s load_base load the model
+    (stopped there with `error`, an exception `start` lets through); `given` set beforehand, the others unset."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names} | (given or {}))
+    seen = {}
+
+    def load_base(*args, **kwargs):
+        seen.update({name: os.environ.get(name) for name in names})
+        raise error("stop here")
+
+    monkeypatch.setattr(module, "load_base", load_base)
+    with pytest.raises(error, match="stop here"):
+        start()
+    return seen
 
 
 @contextlib.contextmanager

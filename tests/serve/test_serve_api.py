@@ -4,7 +4,6 @@ Outputs are compared with `Engine.generate`, which test_serve_engine.py compares
 """
 
 import copy
-import os
 import json
 import shutil
 import threading
@@ -16,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from helpers import save_adapters, tiny_llama
+from helpers import env_when_base_loads, save_adapters, tiny_llama
 from loraforge.config import LoraConfig
 from loraforge.precision import ONEDNN_CACHES, Precision
 from loraforge.serve import Engine, SamplingParams, ServeError, UnknownAdapter, residency
@@ -619,16 +618,6 @@ def test_run_server_bounds_onednns_kernel_caches_before_the_model_loads(given, m
     """oneDNN and ideep keep a kernel per bf16 matmul shape (1,024 by default, up to 1.5 MB each): run_server sets
     both caches to 128 before the model loads (precision.choose: they are read once, at the first bf16 matmul); a
     value the user's environment gives is kept."""
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES})
-    if given is not None:
-        os.environ["LRU_CACHE_CAPACITY"] = given
-    seen = {}
-
-    def load_base(model, dtype):
-        seen.update({name: os.environ.get(name) for name in ONEDNN_CACHES})
-        raise ServeError("stop here")
-
-    monkeypatch.setattr(api, "load_base", load_base)
-    with pytest.raises(ServeError, match="stop here"):
-        api.run_server("tiny", port=0)
+    seen = env_when_base_loads(monkeypatch, api, lambda: api.run_server("tiny", port=0), ONEDNN_CACHES, ServeError,
+                               {} if given is None else {"LRU_CACHE_CAPACITY": given})
     assert seen == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": given or "128"}

@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import default_recursion_limit, output_held_elsewhere, save_adapters
+from helpers import default_recursion_limit, env_when_base_loads, output_held_elsewhere, save_adapters
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.precision import ONEDNN_CACHES
@@ -1550,14 +1550,6 @@ def test_a_start_the_runs_folder_cannot_take_is_one_line_and_leaves_the_name_fre
 def test_the_dashboard_bounds_onednns_kernel_caches_before_the_model_loads(tmp_path, monkeypatch):
     """The dashboard serves the API as `serve` does: oneDNN's and ideep's caches of bf16 kernels (one per matmul
     shape, 1,024 by default) are set to 128 before its model loads, as serve's are (they grew without end)."""
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES})
-    seen = {}
-
-    def load_base(model, dtype):
-        seen.update({name: os.environ.get(name) for name in ONEDNN_CACHES})
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(ui_app, "load_base", load_base)
-    with pytest.raises(RuntimeError, match="stop here"):
-        ui_app.run_ui("tiny", runs=str(tmp_path / "runs"), port=0)
+    seen = env_when_base_loads(monkeypatch, ui_app, lambda: ui_app.run_ui("tiny", runs=str(tmp_path / "runs"), port=0),
+                               ONEDNN_CACHES, RuntimeError)
     assert seen == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
