@@ -89,7 +89,7 @@ def finished_line(result) -> str:
     """train's last line: where the result is and what the run measured (a resumed run that had already finished:
     nothing was trained, so no loss or speed)."""
     where = f"{result.saved} written to {result.output_dir / result.saved}"
-    if result.train_tokens == 0 or result.final_loss != result.final_loss:  # no step ran in this process
+    if result.already_finished:  # no step ran in this process
         return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
     aside = (f" (evaluating and saving took {result.aside_seconds:.0f} s more)"
              if result.aside_seconds >= 0.5 else "")

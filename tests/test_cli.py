@@ -893,7 +893,7 @@ def test_trains_last_line_names_the_folder_it_wrote():
     assert finished_line(gpu).endswith("50 tokens/s while training, peak GPU memory 1234 MB (max allocated)")
     assert [peak_memory_name(kind) for kind in ("cpu", "cuda")] == ["peak memory (RSS)",
                                                                     "peak GPU memory (max allocated)"]  # demo's row
-    again = dataclasses.replace(result, final_loss=float("nan"), tokens_per_second=0.0)  # --resume of a finished run
+    again = dataclasses.replace(result, tokens_per_second=0.0, already_finished=True)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"
 

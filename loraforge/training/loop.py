@@ -66,7 +66,8 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
                                       sources_report)
 from loraforge.training.optim import make_optimizer
-from loraforge.training.report import MetricsLog, peak_memory_mb, plot_loss, progress_bar, reset_peak_memory
+from loraforge.training.report import (MetricsLog, logged_losses, peak_memory_mb, plot_loss, progress_bar,
+                                       reset_peak_memory)
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
@@ -95,6 +96,7 @@ class TrainResult:
     saved: str = "adapter"  # the folder of output_dir holding the result: adapter, or model (method: full)
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
     device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
+    already_finished: bool = False  # a --resume of a run that had finished: no step ran; its losses are the logged ones
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -817,6 +819,8 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
         bar.close()  # ends the bar's line: an error or the stop's message is printed after it
         if log is not None:
             log.close()
+    if run.tokens_seen == start_tokens and run.is_main:  # a --resume of a finished run: what it measured then
+        final_loss, eval_loss = logged_losses(run.out / "metrics.jsonl")  # (soak: train() returned nan, None)
     return final_loss, eval_loss, time.perf_counter() - start, aside
 
 
@@ -1137,4 +1141,5 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
-                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type)
+                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type,
+                       already_finished=run.tokens_seen == start_tokens)

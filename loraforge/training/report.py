@@ -151,6 +151,18 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def logged_losses(path: Path) -> tuple[float, float | None]:
+    """The last training loss and held-out loss a run's metrics.jsonl logged (nan, None where it logged none or
+    cannot be read): what a run that had already finished measured, for a --resume that trains no step."""
+    try:
+        rows = read_metrics(path)
+    except (OSError, ValueError):
+        return float("nan"), None
+    losses = [row["loss"] for row in rows if isinstance(row.get("loss"), (int, float))]
+    evals = [row["eval_loss"] for row in rows if isinstance(row.get("eval_loss"), (int, float))]
+    return (float(losses[-1]) if losses else float("nan")), (float(evals[-1]) if evals else None)
+
+
 def plot_loss(metrics: Path, out: Path) -> Path | None:
     """Training loss per step (and held-out loss where measured) as a PNG, written atomically (files.atomic_file)."""
     import matplotlib

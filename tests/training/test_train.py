@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -205,10 +206,16 @@ def test_a_finished_run_is_not_overwritten_without_resume(tiny_dir, data_file, t
     from loraforge.utils.outputs import OutputError
 
     cfg = config(tiny_dir, data_file, tmp_path / "run", max_steps=3)
-    train(cfg, progress=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.25))  # an eval loss too
+    first = train(cfg, progress=False)
     with pytest.raises(OutputError, match=r"holds a finished run \(3 steps\); pass --overwrite"):
         train(cfg, progress=False)
-    assert train(cfg, resume=True, progress=False).steps == 3  # nothing left to do: it ends at once
+    again = train(cfg, resume=True, progress=False)  # nothing left to do: it ends at once
+    # with the losses the run measured (a notebook's train(resume=True) returned nan and None)
+    assert (again.steps, again.already_finished, again.final_loss, again.eval_loss) == \
+        (3, True, first.final_loss, first.eval_loss)
+    assert not first.already_finished
+    assert math.isfinite(first.final_loss) and first.eval_loss is not None
 
 
 def test_adalora_method_prunes_to_the_target_budget(tiny_dir, data_file, tmp_path):
