@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
+from loraforge.argtypes import FiniteFloat, FlagOverride, NonEmpty, PositiveInt
 from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, replace_run,
                               to_dict)
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
@@ -304,7 +304,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
                   overrides: list[str] = (), overwrite: bool = False) -> None:
     """`loraforge continual`: cli.continual's docstring is its help (it is defined there, where the CLI's
     help is built without importing torch)."""
-    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    steps = [FlagOverride("training.max_steps", max_steps, "--max-steps")] if max_steps else []  # the flag wins
+    overrides = [*overrides, *steps]
     if config:
         cfg = load_train_config(config, overrides)
     else:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
+from loraforge.argtypes import FlagOverride, NonEmpty, PositiveFloat, PositiveInt
 from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, conversion_paths, load_base
@@ -546,7 +546,8 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
                    full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
     """`loraforge forgetting`: cli.forgetting's docstring is its help (it is defined there, where the CLI's
     help is built without importing torch)."""
-    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    steps = [FlagOverride("training.max_steps", max_steps, "--max-steps")] if max_steps else []  # the flag wins
+    overrides = [*overrides, *steps]
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
