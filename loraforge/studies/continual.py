@@ -28,9 +28,9 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
 from loraforge.models import conversion_paths, load_base, load_config
 from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import (SPLIT_FILES, CachedLogits, held_out_task, probe_all, probe_base, run_length,
-                                          start_over, steps_text, task_split, train_arm, trained_steps,
-                                          write_report)
+from loraforge.studies.forgetting import (SPLIT_FILES, CachedLogits, held_out_task, other_precisions,
+                                          precision_text, probe_all, probe_base, run_length, start_over, steps_text,
+                                          task_split, train_arm, trained_steps, write_report)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
@@ -165,11 +165,13 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
     print(row_line(rows[-1]), flush=True)
     delete_adapter(base, "default")
 
+    trained = []
     for share in shares:
         run_cfg = arm_config(cfg, adapter, replay, share, out, sizes)
         print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
         result = train_arm(run_cfg, progress, overwrite, "continual")
+        trained.append(result.precision)  # on a GPU: not the probes' CPU precision
         load_adapter(base, Path(run_cfg.output_dir) / "adapter")
         rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds, "steps": result.steps,
                      "replay_share": share, "output_dir": run_cfg.output_dir})
@@ -180,6 +182,7 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
               "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
+              "train_precision": other_precisions(precision, trained),
               "method": cfg.method, "quantization": cfg.quantization, "rows": rows,
               "seconds": time.perf_counter() - started}
     write_report(out / "continual.json", report)
@@ -219,7 +222,7 @@ def format_report(report: dict) -> str:
             cells += [f"{100 * r['mc']['accuracy']:.1f}", f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"]
         lines.append(cells + [f"{r['train_seconds']:.0f}"])
     head = (f"continual on {report['model']}: from {report['adapter']}, {steps_text(report['steps'])} steps × batch "
-            f"{report['batch_size']} at lr {report['lr']:g}, {report['precision']} compute; old task = greedy exact "
+            f"{report['batch_size']} at lr {report['lr']:g}, {precision_text(report)}; old task = greedy exact "
             f"match on {rows[0]['old']['n']} held-out examples of {Path(report['previous']).name}, new task on "
             f"{rows[0]['new']['n']} of {file_names(report['new_eval'])}")
     return "\n".join([head, *text_table(header, lines)])
