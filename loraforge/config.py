@@ -168,12 +168,14 @@ def digits_shown(n: int) -> str:
 
 def clipped(value: Any, limit: int = 100) -> str:
     """repr(value) for a message, cut to `limit` characters with the full length said (a 5,000-character
-    target_modules is not echoed back whole)."""
+    target_modules is not echoed back whole): a string's own length, not its repr's with the quotes (a 300-character
+    path was "(302 characters)")."""
     try:
         text = repr(value)
     except (ValueError, RecursionError):  # an int past Python's 4,300-digit str limit, a list nested too deep
         return f"<a {type(value).__name__} too large to show>"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    length = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({length:,} characters)"
 
 
 # Names users bring from transformers' TrainingArguments, PEFT and other trainers' configs, and the field they mean here
