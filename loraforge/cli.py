@@ -27,8 +27,8 @@ import warnings
 from typing import Literal
 
 from loraforge import __version__
-from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed,
-                                Temperature, Text)
+from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFloat, PositiveInt, Port, Probability,
+                                Seed, Temperature, Text)
 from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
