@@ -157,7 +157,11 @@ class FlagOverride(str):
     def __new__(cls, key: str, value: object, flag: str) -> FlagOverride:
         item = super().__new__(cls, f"{key}={value}")
         item.typed = f"{flag} {value}"
+        item._args = (key, value, flag)
         return item
+
+    def __getnewargs__(self) -> tuple:  # copy and pickle (a config's overrides may be copied) build it again
+        return self._args
 
 
 PositiveInt = Annotated[int, positive_int]

@@ -1,5 +1,6 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
+import copy
 import dataclasses
 import errno
 import inspect
@@ -341,6 +342,9 @@ def test_quantize_given_also_as_an_override_names_the_flag_as_typed():
                                               "(model.quantization=int8, --quantize nf4): the flag, --quantize nf4, "
                                               "is used"]
     assert cfg.quantization == "nf4"
+    flag = cli._with_quantize([], "nf4")[0]
+    copied = copy.deepcopy(flag)  # a copied override list keeps what was typed (it was a TypeError)
+    assert (copied, copied.typed) == ("model.quantization=nf4", "--quantize nf4")
 
 
 def test_train_takes_its_config_after_the_overrides_and_says_when_there_is_none(capsys):
