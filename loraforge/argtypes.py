@@ -148,6 +148,22 @@ def text(value: str) -> str:
                                      f"-t utf-8) or use a UTF-8 terminal")
 
 
+class FlagOverride(str):
+    """The KEY=VALUE override a --flag stands for (`--max-steps 5`: training.max_steps=5); `typed` is the flag as the
+    user typed it, which config.duplicate_overrides names where the same key is also given as KEY=VALUE."""
+
+    typed: str
+
+    def __new__(cls, key: str, value: object, flag: str) -> FlagOverride:
+        item = super().__new__(cls, f"{key}={value}")
+        item.typed = f"{flag} {value}"
+        item._args = (key, value, flag)
+        return item
+
+    def __getnewargs__(self) -> tuple:  # copy and pickle (a config's overrides may be copied) build it again
+        return self._args
+
+
 PositiveInt = Annotated[int, positive_int]
 Port = Annotated[int, port]
 Seed = Annotated[int, seed]

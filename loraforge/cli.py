@@ -27,16 +27,17 @@ import warnings
 from typing import Literal
 
 from loraforge import __version__
-from loraforge.argtypes import (FiniteFloat, NonEmpty, PositiveFloat, PositiveInt, Port, Probability, Seed,
-                                Temperature, Text)
+from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFloat, PositiveInt, Port, Probability,
+                                Seed, Temperature, Text)
 from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
 
 
 def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
-    """--quantize Q is the override model.quantization=Q (validated with the rest of the config)."""
-    return list(overrides) + ([f"model.quantization={quantize}"] if quantize else [])
+    """--quantize Q is the override model.quantization=Q (validated with the rest of the config), applied after the
+    user's KEY=VALUE ones: the flag wins, and a warning names both as typed."""
+    return list(overrides) + ([FlagOverride("model.quantization", quantize, "--quantize")] if quantize else [])
 
 
 def _check_precision(precision: str, dtype: str | None) -> None:
@@ -149,7 +150,10 @@ def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quan
     """
     from loraforge.studies.demo import run_demo
 
-    run_demo(out, max_steps=max_steps, overrides=_with_quantize(overrides, quantize), overwrite=overwrite)
+    # --max-steps as an override too, applied after the user's: the flag wins over training.max_steps=, as in
+    # forgetting and continual, and the warning names both (it was training.max_steps=7 winning, unsaid)
+    steps = [FlagOverride("training.max_steps", max_steps, "--max-steps")] if max_steps else []
+    run_demo(out, max_steps=max_steps, overrides=_with_quantize([*overrides, *steps], quantize), overwrite=overwrite)
 
 
 def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,

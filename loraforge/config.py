@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loraforge.argtypes import locale_problem, name_problem
+from loraforge.argtypes import FlagOverride, locale_problem, name_problem
 from loraforge.utils.files import expand_user, missing_note
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -168,12 +168,14 @@ def digits_shown(n: int) -> str:
 
 def clipped(value: Any, limit: int = 100) -> str:
     """repr(value) for a message, cut to `limit` characters with the full length said (a 5,000-character
-    target_modules is not echoed back whole)."""
+    target_modules is not echoed back whole): a string's own length, not its repr's with the quotes (a 300-character
+    path was "(302 characters)")."""
     try:
         text = repr(value)
     except (ValueError, RecursionError):  # an int past Python's 4,300-digit str limit, a list nested too deep
         return f"<a {type(value).__name__} too large to show>"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    length = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({length:,} characters)"
 
 
 # Names users bring from transformers' TrainingArguments, PEFT and other trainers' configs, and the field they mean here
@@ -1145,17 +1147,21 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
 def duplicate_overrides(overrides: list[str]) -> list[str]:
     """Each key given more than once on the command line: a line naming its values and the one used (soak:
     `lora.r=2 lora.r=3` trained rank 3, unsaid). The last is used, not refused: override lists are composed (a
-    script's or alias's fixed keys, then the user's; --max-steps and --quantize are appended as overrides)."""
-    values: dict[str, list[str]] = {}
+    script's or alias's fixed keys, then the user's; --max-steps and --quantize are appended as overrides, each a
+    FlagOverride named as typed: `--max-steps 5`, not a second training.max_steps=5)."""
+    given: dict[str, list[str]] = {}
+    flag_last: dict[str, bool] = {}  # whether the value used (the last) came from a flag
     for item in overrides:
         key, sep, value = item.partition("=")
         if sep and key.strip():
-            value = value.strip()
-            values.setdefault(key.strip(), []).append(value if len(value) <= 40 else value[:40] + "...")
+            key, value = key.strip(), value.strip()
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            given.setdefault(key, []).append(item.typed if isinstance(item, FlagOverride) else f"{key}={shown}")
+            flag_last[key] = isinstance(item, FlagOverride)
     times = {2: "twice"}
-    return [f"{key} given {times.get(len(given), f'{len(given)} times')} on the command line "
-            f"({', '.join(f'{key}={v}' for v in given)}): the last, {key}={given[-1]}, is used"
-            for key, given in values.items() if len(given) > 1]
+    return [f"{key} given {times.get(len(shown), f'{len(shown)} times')} on the command line ({', '.join(shown)}): "
+            f"the {'flag' if flag_last[key] else 'last'}, {shown[-1]}, is used"
+            for key, shown in given.items() if len(shown) > 1]
 
 
 def empty_value_problem(key: str) -> str | None:

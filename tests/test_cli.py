@@ -1,5 +1,6 @@
 """The command line: merge export, generate, eval, and the built-in model (marked slow)."""
 
+import copy
 import dataclasses
 import errno
 import inspect
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, modeling_utils
 
 from loraforge import cli
 from loraforge.cli import main
-from loraforge.config import LoraConfig
+from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.adapters import load_adapter, save_adapter, set_adapter
 from loraforge.lora.inject import inject
 from loraforge.lora.merge import add_weighted_adapter, merge_and_unload
@@ -313,6 +314,37 @@ def test_forgetting_takes_its_config_as_a_positional_argument():
     assert (args["config"], args["overrides"]) == (None, ["method=qlora", "output_dir=o"])
     with pytest.raises(SystemExit):
         parse_args(["train", "a.yaml", "--no-such-flag"])
+
+
+@pytest.mark.parametrize("command,refused_by", [
+    ("demo", ["output_dir=elsewhere"]),  # refused (--out is where demo writes) after the config is read
+    ("forgetting", []),  # refused: --out is not empty
+    ("continual", ["--replay-share", "2"]),
+])
+def test_max_steps_given_also_as_an_override_is_warned_about_as_typed_and_the_flag_wins(command, refused_by,
+                                                                                          tmp_path, capsys):
+    """Soak: `demo --max-steps 5 training.max_steps=7` trained 7 steps, unsaid; forgetting and continual used the
+    flag but the warning named training.max_steps=7 and a training.max_steps=5 the user never typed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.warns(UserWarning) as said:
+        assert main([command, "--out", str(out), "--max-steps", "5", "training.max_steps=7", *refused_by]) != 0
+    assert [str(w.message) for w in said] == ["training.max_steps given twice on the command line "
+                                              "(training.max_steps=7, --max-steps 5): the flag, --max-steps 5, is used"]
+    assert "error: " in capsys.readouterr().err  # refused before anything loads
+
+
+def test_quantize_given_also_as_an_override_names_the_flag_as_typed():
+    with pytest.warns(UserWarning) as said:
+        cfg = load_train_config(None, cli._with_quantize(["data.train=a.jsonl", "model.quantization=int8"], "nf4"))
+    assert [str(w.message) for w in said] == ["model.quantization given twice on the command line "
+                                              "(model.quantization=int8, --quantize nf4): the flag, --quantize nf4, "
+                                              "is used"]
+    assert cfg.quantization == "nf4"
+    flag = cli._with_quantize([], "nf4")[0]
+    copied = copy.deepcopy(flag)  # a copied override list keeps what was typed (it was a TypeError)
+    assert (copied, copied.typed) == ("model.quantization=nf4", "--quantize nf4")
 
 
 def test_train_takes_its_config_after_the_overrides_and_says_when_there_is_none(capsys):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -168,14 +169,17 @@ def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
                       stacklevel=3)
 
 
-def read_adapter_config(adapter_dir: str | Path):
+def read_adapter_config(adapter_dir: str | Path, given: Iterable[str | Path] = ()):
     """Parse adapter_config.json into our config class for its peft_type. `~` is expanded as in a shell (an
-    --adapter=~/x or a quoted path keeps it). What depends on the model is read by load_adapter (peft_as_loaded)."""
-    return parse_adapter_config(*read_adapter_json(adapter_dir))
+    --adapter=~/x or a quoted path keeps it). What depends on the model is read by load_adapter (peft_as_loaded).
+    `given`: every adapter folder the command takes (read_adapter_json)."""
+    return parse_adapter_config(*read_adapter_json(adapter_dir, given))
 
 
-def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
-    """adapter_config.json's path and its JSON object; a folder that is not an adapter's is told what it is."""
+def read_adapter_json(adapter_dir: str | Path, given: Iterable[str | Path] = ()) -> tuple[Path, dict]:
+    """adapter_config.json's path and its JSON object; a folder that is not an adapter's is told what it is. A
+    folder with adapters in subfolders (PEFT's save of several) is warned about, naming those not in `given` (the
+    adapter folders the command takes: `merge --adapter DIR DIR/other` uses `other` too)."""
     folder = expand_user(adapter_dir)
     if not folder.exists():
         raise AdapterError(f"no such adapter folder: {adapter_dir}{missing_note(str(adapter_dir))}")
@@ -226,7 +230,8 @@ def read_adapter_json(adapter_dir: str | Path) -> tuple[Path, dict]:
         raise AdapterError(f"{path}: nested too deeply to read (arrays or objects thousands of levels deep)") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    if others := _adapter_subfolders(folder):
+    taken = {expand_user(g).resolve() for g in given}
+    if others := [d for d in _adapter_subfolders(folder) if (folder / d).resolve() not in taken]:
         # soak: merge --adapter DIR of PEFT's save_pretrained of several adapters (`default` at the top, each other
         # one in a folder named after it) merged `default` alone, unsaid; eval, generate, export read it here too
         more = f" and {len(others) - SHOWN} more" if len(others) > SHOWN else ""
@@ -516,7 +521,7 @@ def _fit_layer(layer: LoraLayer, name: str, r: int, scaling: float) -> None:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 is_trainable: bool = False, as_lora: bool = False) -> nn.Module:
+                 is_trainable: bool = False, as_lora: bool = False, given: Iterable[str | Path] = ()) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in fp32 on a
     bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype. `as_lora`: an AdaLoRA
     adapter goes on as the equal plain LoRA (adalora_as_lora), beside LoRA adapters on the same layers.
@@ -525,8 +530,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     made for another base raises AdapterError naming the module, and the model is left as it was.
     is_trainable=False (inference, PEFT's default) freezes every parameter and puts the model in eval() (PEFT's
     from_pretrained does both: no adapter dropout); True makes the adapter trainable and leaves the mode as it is.
+    `given`: every adapter folder the command takes (read_adapter_json's warning leaves them out).
     """
-    path, data = read_adapter_json(adapter_dir)
+    path, data = read_adapter_json(adapter_dir, given)
     tensors = read_adapter_weights(adapter_dir)
     config = peft_as_loaded(model, parse_adapter_config(path, data), data, tensors, path)
     if config.target_modules is None and (held := _factored_modules(tensors)):

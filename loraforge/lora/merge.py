@@ -521,9 +521,9 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     # one adapter with another weight (or truncated by --svd-rank): combined alone, the same way
     combine = len(adapters) > 1 or (weights or [1.0]) != [1.0] or svd_rank is not None
     if combine and len(adapters) == 1 and svd_rank is None:
-        _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0]), weights)
+        _refuse_unscalable(str(adapters[0]), read_adapter_config(adapters[0], adapters), weights)
     elif combine:
-        configs = {str(a): read_adapter_config(a) for a in adapters}
+        configs = {str(a): read_adapter_config(a, adapters) for a in adapters}  # DIR DIR/other: other not "unused"
         _refuse_uncombinable(configs)
         _warn_other_bases(configs)
         _warn_given_twice(adapters, weights or [1.0] * len(adapters))
@@ -539,7 +539,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
     names = []
     for i, adapter_dir in enumerate(adapters):
         name = f"adapter{i}"
-        load_adapter(model, adapter_dir, name)  # fp32 on any base (layer.adapter_dtype): ΔW from the file's values
+        # fp32 on any base (layer.adapter_dtype): ΔW from the file's values
+        load_adapter(model, adapter_dir, name, given=adapters)
         names.append(name)
     given = ", ".join(map(str, adapters)) + (f" with --weights {' '.join(f'{w:g}' for w in weights)}" if weights
                                                else "")

@@ -48,12 +48,13 @@ class NameTaken(ServeError):
 
 def shown(value, limit: int = SHOWN_CHARS) -> str:
     """`value` for an error message: as JSON (what the client sent, not a Python repr), lone surrogates escaped
-    (the answer must encode as UTF-8), cut to `limit` characters with the full length said."""
+    (the answer must encode as UTF-8), cut to `limit` characters with the full length said: a string's own, not its
+    JSON's with the quotes (a 300-character path was "(302 characters)")."""
     try:
         text = json.dumps(value, ensure_ascii=False, default=repr)
     except (ValueError, RecursionError):  # an int past Python's 4300-digit str limit, a list nested too deep
         text = f"<a {type(value).__name__} too large to show>"
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text):,} characters)"
+        text = f"{text[:limit]}... ({len(value) if isinstance(value, str) else len(text):,} characters)"
     return text

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from loraforge.argtypes import FiniteFloat, NonEmpty, PositiveInt
+from loraforge.argtypes import FiniteFloat, FlagOverride, NonEmpty, PositiveInt
 from loraforge.config import (ConfigError, DataSource, LoraConfig, TrainConfig, load_train_config, replace_run,
                               to_dict)
 from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter, read_adapter_config,
@@ -28,9 +28,9 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
 from loraforge.models import conversion_paths, load_base, load_config
 from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import (CachedLogits, held_out_task, probe_all, probe_base, run_length,
-                                          start_over, steps_text, task_split, train_arm, trained_steps,
-                                          write_report)
+from loraforge.studies.forgetting import (SPLIT_FILES, CachedLogits, held_out_task, other_precisions,
+                                          precision_text, probe_all, probe_base, run_length, start_over, steps_text,
+                                          task_split, train_arm, trained_steps, write_report)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
 from loraforge.training import data as D
@@ -165,11 +165,13 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
     print(row_line(rows[-1]), flush=True)
     delete_adapter(base, "default")
 
+    trained = []
     for share in shares:
         run_cfg = arm_config(cfg, adapter, replay, share, out, sizes)
         print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
         result = train_arm(run_cfg, progress, overwrite, "continual")
+        trained.append(result.precision)  # on a GPU: not the probes' CPU precision
         load_adapter(base, Path(run_cfg.output_dir) / "adapter")
         rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds, "steps": result.steps,
                      "replay_share": share, "output_dir": run_cfg.output_dir})
@@ -180,6 +182,7 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
     report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
               "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
+              "train_precision": other_precisions(precision, trained),
               "method": cfg.method, "quantization": cfg.quantization, "rows": rows,
               "seconds": time.perf_counter() - started}
     write_report(out / "continual.json", report)
@@ -219,7 +222,7 @@ def format_report(report: dict) -> str:
             cells += [f"{100 * r['mc']['accuracy']:.1f}", f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"]
         lines.append(cells + [f"{r['train_seconds']:.0f}"])
     head = (f"continual on {report['model']}: from {report['adapter']}, {steps_text(report['steps'])} steps × batch "
-            f"{report['batch_size']} at lr {report['lr']:g}, {report['precision']} compute; old task = greedy exact "
+            f"{report['batch_size']} at lr {report['lr']:g}, {precision_text(report)}; old task = greedy exact "
             f"match on {rows[0]['old']['n']} held-out examples of {Path(report['previous']).name}, new task on "
             f"{rows[0]['new']['n']} of {file_names(report['new_eval'])}")
     return "\n".join([head, *text_table(header, lines)])
@@ -304,7 +307,8 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
                   overrides: list[str] = (), overwrite: bool = False) -> None:
     """`loraforge continual`: cli.continual's docstring is its help (it is defined there, where the CLI's
     help is built without importing torch)."""
-    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    steps = [FlagOverride("training.max_steps", max_steps, "--max-steps")] if max_steps else []  # the flag wins
+    overrides = [*overrides, *steps]
     if config:
         cfg = load_train_config(config, overrides)
     else:
@@ -324,5 +328,5 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     if problems:
         raise ConfigError(problems)
     inputs = [config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths(), adapter, previous, replay]
-    check_output(out, overwrite=overwrite, inputs=inputs)
+    check_output(out, overwrite=overwrite, inputs=inputs, rewritten=SPLIT_FILES)  # a killed study's task split
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

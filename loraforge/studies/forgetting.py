@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from loraforge.argtypes import NonEmpty, PositiveFloat, PositiveInt
+from loraforge.argtypes import FlagOverride, NonEmpty, PositiveFloat, PositiveInt
 from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, conversion_paths, load_base
-from loraforge.precision import autocast
+from loraforge.precision import Precision, autocast
 from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
@@ -140,6 +140,25 @@ def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: st
                                 f"arms train again)", resumable=False) from None
 
 
+def precision_phrase(line: str) -> str:
+    """'bf16', 'fp16 + loss scaling, base stored in fp32': a precision line ('precision bf16: reason') without its
+    reason, as TrainResult.precision and Precision.line() give it."""
+    return line.removeprefix("precision ").split(": ", 1)[0]
+
+
+def other_precisions(probes: Precision, trained: list[str]) -> list[str]:
+    """The precisions train() ran the arms in (TrainResult.precision lines) other than the probes' on the CPU: a
+    GPU's bf16, where the report said the CPU's fp32 alone."""
+    return [p for p in dict.fromkeys(map(precision_phrase, trained)) if p != precision_phrase(probes.line())]
+
+
+def precision_text(report: dict) -> str:
+    """The report header's precision: the probes' compute, and the arms' where they trained in another."""
+    trained = report.get("train_precision") or []  # absent from a report written before it was kept
+    return f"{report['precision']} compute" + (
+        f" (the probes, on the CPU; the arms trained in {', '.join(trained)})" if trained else "")
+
+
 def write_report(path: Path, report: dict) -> None:
     """A study's JSON, written atomically: a kill leaves the earlier file or none, never half of one."""
     with atomic_file(path) as tmp:
@@ -187,6 +206,9 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     bar.close()
     results["task"].pop("samples", None)
     return {**results, "seconds": seconds}
+
+
+SPLIT_FILES = ("task_test.jsonl", "task_train*.jsonl")  # task_split's, rewritten from the config by every run
 
 
 def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
@@ -372,6 +394,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
              "train_seconds": 0.0, **scores, "probe_seconds": time.perf_counter() - t0, "probes_cached": cached}]
     print(_row_line(rows[-1]), flush=True)
     base_logits = CachedLogits(base)  # KL: the base's logits on the prompts, computed by the first arm
+    trained = []  # each arm's precision as train() ran it (on a GPU: not the probes' CPU precision)
 
     for seed in range(seeds):
         for arm in arms(ranks, lora_lr, full_lr):
@@ -379,6 +402,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
             print(f"[{arm.name} seed {seed}] training {run_length(run_cfg.training)} at lr {arm.lr:g} ...",
                   flush=True)
             result = train_arm(run_cfg, progress, overwrite, "forgetting")
+            trained.append(result.precision)
             t0 = time.perf_counter()
             if arm.method == "full":
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).
@@ -404,7 +428,8 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     data = to_dict(cfg.data)
     report = {"complete": True, "model": cfg.model.name, "task_train": data["train"], "task_eval": data["eval"],
               "steps": trained_steps(rows), "batch_size": cfg.training.batch_size, "seeds": seeds,
-              "precision": precision.compute, "n_kl_prompts": len(probes["kl"]), "rows": rows,
+              "precision": precision.compute, "train_precision": other_precisions(precision, trained),
+              "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     write_report(out / "forgetting.json", report)
     plot(rows, out / "forgetting.png")
@@ -490,7 +515,7 @@ def format_report(report: dict) -> str:
                       f"{100 * mc['accuracy']:.1f} {_ci(mc)}", f"{100 * mc['acc_norm']:.1f} {_ci(mc, 'ci95_norm')}",
                       f"{r['ppl']['ppl']:.3f}", f"{r['kl']['kl']:.4g}"])
     out = [f"forgetting on {report['model']}: {steps_text(report['steps'])} steps × batch "
-           f"{report['batch_size']}, {report['seeds']} seed(s) per arm, {report['precision']} compute",
+           f"{report['batch_size']}, {report['seeds']} seed(s) per arm, {precision_text(report)}",
            f"learned: task = greedy exact match on {n_task} held-out task examples.  kept: MC = {n_mc} 4-option "
            f"questions scored by log-likelihood; ppl over {n_tok} tokens of general text; KL(base||tuned) mean "
            f"over {n_kl} next-token positions of {report['n_kl_prompts']} general prompts (nats)",
@@ -546,14 +571,16 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
                    full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
     """`loraforge forgetting`: cli.forgetting's docstring is its help (it is defined there, where the CLI's
     help is built without importing torch)."""
-    overrides = list(overrides) + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    steps = [FlagOverride("training.max_steps", max_steps, "--max-steps")] if max_steps else []  # the flag wins
+    overrides = [*overrides, *steps]
     # The demo task: trained on demo_train.jsonl, the task scored on the 100 dates of demo_test.jsonl (whatever
     # held-out set the demo's own config uses); output_dir is set per run.
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, overrides, data={"eval": asset("demo_test.jsonl")}))
     ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
-    check_output(out, overwrite=overwrite,
-                 inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()])
+    check_output(out, overwrite=overwrite,  # a study killed before its first result left only its task split
+                 inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()],
+                 rewritten=SPLIT_FILES)
     run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 
 

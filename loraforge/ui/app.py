@@ -251,7 +251,8 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
             if R.continued(path, launch) and (pid := R.writer_pid(path)) is not None:
                 return _error(409, f"run {name!r} was continued outside the dashboard (process {pid}): stop it where "
                                    f"it runs (Ctrl-C, or kill {pid})", "not_launched")
-            return _error(409, f"run {name!r} is not running (its process ended)", "not_running")
+            ended = R.status(path, R.read_launch(runs_dir, name))  # finished, stopped or failed
+            return _error(409, f"run {name!r} has already ended ({ended}): there is nothing to stop", "not_running")
         return {"name": name, "stopping": True}
 
     @api.get("/runs/{name:path}/adapter.zip")

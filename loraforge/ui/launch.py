@@ -320,9 +320,12 @@ class Launcher:
         that takes. Never a timed SIGTERM: train takes a second signal as "interrupt at once", which loses the step.
         Asked again, it sends nothing, unless `force`: then SIGTERM, which interrupts the step (the last complete
         checkpoint stays). False when the run's process is not running (ended, or its id now belongs to another
-        process); ValueError for `force` on a run not asked to stop yet (the page offers "Stop now" only then)."""
+        process), `force` or not; ValueError for `force` on a running run not asked to stop yet (the page offers
+        "Stop now" only then)."""
         with self.stopping:  # two Stops at once send one SIGINT, not two (which would interrupt the step)
             if not self.stop_requested(name):
+                if force and not self.alive(name):  # soak: an ended run's "Stop now" said "stop it first"
+                    return False
                 if force:
                     raise ValueError(f"run {name!r} has not been asked to stop: stop it first (it finishes its step "
                                      f"and keeps a checkpoint of it); force is for a run whose stop takes too long")

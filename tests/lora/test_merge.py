@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+import shutil
 import warnings
 
 import peft
@@ -736,3 +737,19 @@ def test_a_peft_save_of_several_adapters_merges_its_top_one_and_names_the_ones_i
     with warnings.catch_warnings():  # the subfolder's own adapter: nothing below it
         warnings.simplefilter("error")
         assert read_adapter_config(tmp_path / "both" / "other").r == 4
+    # soak: `merge --adapter both both/other` still warned that other was left out; both are merged, unsaid
+    (tmp_path / "third").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "both" / "third").mkdir(exist_ok=True)
+        (tmp_path / "both" / "third" / name).write_bytes((tmp_path / "both" / "other" / name).read_bytes())
+    with pytest.warns(UserWarning) as said:
+        export_merged(str(tiny_dir), [str(tmp_path / "both"), str(tmp_path / "both" / "other")], tmp_path / "two")
+    # read to check the combination, then loaded: the same line twice, which Python's default filter says once
+    subfolders = list(dict.fromkeys(str(w.message) for w in said if "subfolders" in str(w.message)))
+    assert subfolders == [f"{tmp_path / 'both'}: only its top adapter (PEFT's 'default') is used, not the 1 in its "
+                          f"subfolders (third: PEFT's save of several adapters); to use one, give its folder, e.g. "
+                          f"--adapter {tmp_path / 'both' / 'third'}"]
+    shutil.rmtree(tmp_path / "both" / "third")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_merged(str(tiny_dir), [str(tmp_path / "both"), str(tmp_path / "both" / "other")], tmp_path / "three")

@@ -392,7 +392,7 @@ def test_error_bodies_are_short_and_json_styled(server):
     assert r.status_code == 404 and len(r.content) < 600
     with pytest.raises(UnknownAdapter) as e:
         server[0].remove_adapter(name)
-    assert str(e.value) == f'adapter "{"n" * 199}... (60,002 characters) is not loaded; loaded: [\'a\', \'b\', \'c\']'
+    assert str(e.value) == f'adapter "{"n" * 199}... (60,000 characters) is not loaded; loaded: [\'a\', \'b\', \'c\']'
     assert shown(("",)) == '[""]' and shown("a\ud800é") == '"a\\ud800é"'  # JSON, a lone surrogate escaped
     assert shown(10**5000) == "<a int too large to show>"
 

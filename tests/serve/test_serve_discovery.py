@@ -537,7 +537,7 @@ def test_a_relative_path_with_a_name_too_long_is_a_400_that_names_no_server_path
     save_adapters(tiny_base, tmp_path, {"plain": LoraConfig(r=4)}, 0)
     engine = Engine(copy.deepcopy(tiny_base), tokenizer, base_name="tiny", adapters_dir=tmp_path)
     long = "a" * 300
-    message = f'adapter path "{long[:199]}... (302 characters) cannot be read: File name too long'
+    message = f'adapter path "{long[:199]}... (300 characters) cannot be read: File name too long'
     try:
         with pytest.raises(ServeError) as e:
             engine.add_adapter("long", long)

@@ -346,3 +346,22 @@ def test_an_8bit_optimizer_without_bitsandbytes_is_refused_before_the_base_loads
     with pytest.raises(ConfigError) as e:
         forgetting.cli_forgetting(str(task), out=str(tmp_path / "f"))
     assert e.value.problems == [line]
+
+
+def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_theirs(tiny_dir, tmp_path, monkeypatch):
+    """Soak: the report said the probes' CPU precision ("fp32 compute") while train() ran the arms on a GPU in bf16
+    (TrainResult.precision: here as a GPU's train() says it)."""
+    from loraforge.studies import continual
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl"), steps=1),
+                progress=False)
+    gpu = "precision fp16 + loss scaling, base stored in fp32: Tesla T4 (compute capability 7.5) has no bf16: fp16"
+    arm = continual.train_arm
+    monkeypatch.setattr(continual, "train_arm", lambda *a: dataclasses.replace(arm(*a), precision=gpu))
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"), steps=1)
+    report = run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), asset("demo_train.jsonl"),
+                           shares=(0.0,), out=tmp_path / "study", general=False, limit=2, progress=False)
+    assert (report["precision"], report["train_precision"]) == ("fp32", ["fp16 + loss scaling, base stored in fp32"])
+    assert (", fp32 compute (the probes, on the CPU; the arms trained in fp16 + loss scaling, base stored in fp32); "
+            "old task = greedy exact match" in format_report(report))

@@ -345,3 +345,43 @@ def test_a_rank_past_the_largest_is_refused_by_its_flag_before_anything_loads(tm
                                 "--ranks: 4 given more than once (each rank is one arm, in a folder of its own); "
                                 "give each rank once"]
     assert not (tmp_path / "fg").exists()
+
+
+def test_a_study_killed_before_its_first_result_is_rerun_without_overwrite(tmp_path, no_loading, monkeypatch):
+    """Soak: a study killed (SIGTERM, SIGKILL) while probing the base left its task split (task_test.jsonl,
+    task_train.jsonl, written from the config by every run) and .lock; the rerun asked for --overwrite. It runs;
+    a folder with a result (or anything else) in it is still refused."""
+    out = tmp_path / "fg"
+    out.mkdir()
+    for name in ("task_test.jsonl", "task_train.jsonl", "task_train1.jsonl", ".lock"):
+        (out / name).write_text("{}\n")
+    ran = []
+    monkeypatch.setattr(forgetting, "run_forgetting", lambda cfg, where, *args, **kw: ran.append(where))
+    forgetting.cli_forgetting(out=str(out), ranks=[2])
+    assert ran == [str(out)]
+    (out / "forgetting.json").write_text('{"complete": false, "rows": []}')
+    with pytest.raises(OutputError) as e:
+        forgetting.cli_forgetting(out=str(out), ranks=[2])
+    assert str(e.value) == (f"--out {out} exists and is not empty (forgetting.json); pass --overwrite "
+                            f"(overwrite=True) to write into it (only the files this command writes are replaced), "
+                            f"or choose another --out")
+
+
+def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_theirs(tiny_dir, tmp_path, monkeypatch):
+    """Soak: the report said the probes' CPU precision ("fp32 compute") while train() ran the arms on a GPU in bf16.
+    train() here says bf16, as it does on a GPU (TrainResult.precision)."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    gpu = "precision bf16: NVIDIA H100 80GB HBM3 (compute capability 9.0) has native bf16"
+    monkeypatch.setattr(forgetting, "train", lambda *a, **kw: dataclasses.replace(train(*a, **kw), precision=gpu))
+    over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={asset('demo_train.jsonl')}",
+            f"data.eval={asset('demo_test.jsonl')}", "training.max_steps=1", "training.batch_size=2",
+            "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
+    report = run_forgetting(load_train_config(None, over), tmp_path / "fg", ranks=(2,), limit=2, progress=False)
+    assert (report["precision"], report["train_precision"]) == ("fp32", ["bf16"])
+    assert format_report(report).splitlines()[0] == (
+        f"forgetting on {tiny_dir}: 1 steps × batch 2, 1 seed(s) per arm, fp32 compute (the probes, on the CPU; the "
+        f"arms trained in bf16)")
+    assert json.loads((tmp_path / "fg" / "forgetting.json").read_text())["train_precision"] == ["bf16"]
+    monkeypatch.setattr(forgetting, "train", train)  # the same precision: said once, as before
+    report = run_forgetting(load_train_config(None, over), tmp_path / "fg2", ranks=(2,), limit=2, progress=False)
+    assert report["train_precision"] == [] and ", fp32 compute\n" in format_report(report) + "\n"

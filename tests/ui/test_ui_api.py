@@ -488,7 +488,7 @@ def test_stop_signals_only_the_process_launched_for_the_run(ui):
         for name in ("reused", "reused-later"):
             r = call(ui, "POST", f"/ui/api/runs/{name}/stop")
             assert r.status_code == 409
-            assert r.json()["error"]["message"] == f"run {name!r} is not running (its process ended)"
+            assert r.json()["error"]["message"] == f"run {name!r} has already ended (failed): there is nothing to stop"
         time.sleep(0.3)
         assert proc.poll() is None  # untouched
         write_launch(ui[1], "its-own", pid=proc.pid, argv=["sleep", "60"], started=time.time())
@@ -504,6 +504,21 @@ def test_stop_signals_only_the_process_launched_for_the_run(ui):
     assert r.status_code == 409
     assert r.json()["error"]["message"] == ("run 'done' was not started from the dashboard: stop it where it runs "
                                             "(Ctrl-C, or kill its process)")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_stopping_a_run_that_has_ended_says_so_with_its_status(ui, force):
+    """Soak: "Stop now" (force) on a page run that had already finished answered "has not been asked to stop: stop
+    it first"; a plain Stop said "not running". Both say it has ended, and how."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # an id no process has now
+    write_launch(ui[1], "ended-ok", pid=ended.pid, argv=["true"], started=time.time() - 9, exit_code=0, ended=0)
+    write_launch(ui[1], "ended-stop", pid=ended.pid, argv=["true"], started=time.time() - 9, exit_code=130,
+                 ended=0, stop_requested=time.time() - 5)
+    for name, status in [("ended-ok", "finished"), ("ended-stop", "stopped")]:
+        r = call(ui, "POST", f"/ui/api/runs/{name}/stop", params={"force": str(force).lower()})
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]) == (
+            409, "not_running", f"run {name!r} has already ended ({status}): there is nothing to stop")
 
 
 @pytest.mark.parametrize("proc_dir", ["/proc", "/no/proc/here"])  # Linux; macOS has no /proc: ps tells
