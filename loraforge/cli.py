@@ -40,6 +40,18 @@ def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
     return list(overrides) + ([FlagOverride("model.quantization", quantize, "--quantize")] if quantize else [])
 
 
+def _check_quantize(quantize: str | None) -> None:
+    """eval's and generate's --quantize names a bitsandbytes storage, with bitsandbytes installed, or ConfigError
+    says what to use; before anything loads."""
+    from loraforge.config import ConfigError
+    from loraforge.quant.bnb import QUANT_TYPES, check_bitsandbytes
+
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ConfigError([f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)} (the one a QLoRA adapter "
+                           f"trained over), or leave it out for the full-precision base"])
+    check_bitsandbytes(quantize, "adamw")
+
+
 def _check_precision(precision: str, dtype: str | None) -> None:
     """--precision and --dtype name a precision, or ConfigError names the bad one."""
     from loraforge.config import ConfigError
@@ -159,7 +171,7 @@ def demo(out: NonEmpty = "runs/demo", max_steps: PositiveInt | None = None, quan
 def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,
              max_new_tokens: PositiveInt = 256, temperature: Temperature = 0.0, top_p: Probability = 1.0,
              seed: Seed = 0, precision: str = "auto", dtype: str | None = None, system: Text | None = None,
-             chat: bool = False) -> None:
+             chat: bool = False, quantize: str | None = None) -> None:
     """Answer a prompt with the model's chat template, streaming tokens to the terminal.
 
     Args:
@@ -175,6 +187,8 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
         system: an optional system message
         chat: a model with no chat template: send PROMPT (and --system) as the "### User:" text chat records are
             trained on there (an adapter trained on them), not as plain text to continue
+        quantize: nf4, fp4 or int8: the base stored with bitsandbytes, as a QLoRA adapter trained over it (default:
+            the full-precision base)
     """
     import torch
     from jinja2 import TemplateError
@@ -192,7 +206,8 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
-    base, tokenizer = load_base(model, dtype=chosen.storage)
+    _check_quantize(quantize)
+    base, tokenizer = load_base(model, dtype=chosen.storage, quantize=quantize)
     if adapter:
         load_adapter(base, adapter)
     base.eval()  # inference: no dropout, whatever mode the loaders left (soak: a dropout adapter's text varied by seed)
@@ -314,7 +329,7 @@ def export(*, to: str, out: NonEmpty, adapter: NonEmpty | None = None, base: Non
 
 def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter: NonEmpty | None = None,  # noqa: A001
          max_new_tokens: PositiveInt = 32, limit: PositiveInt | None = None, precision: str = "auto",
-         dtype: str | None = None, probe: list[str] = ()) -> None:
+         dtype: str | None = None, probe: list[str] = (), quantize: str | None = None) -> None:
     """Perplexity on a dataset and, for instruction data, exact-match accuracy; or the shipped general probes.
 
     Args:
@@ -326,6 +341,8 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
         precision: auto (fp32 on a CPU without native bf16, bf16 where it is native), fp32, bf16 or fp16
         dtype: storage of the base: fp32, bf16 or fp16 (default: the precision's)
         probe: general-ability probes: mc (200 4-option questions), text (perplexity), kl (KL vs base; needs --adapter)
+        quantize: nf4, fp4 or int8: the base stored with bitsandbytes, as a QLoRA adapter trained over it (default:
+            the full-precision base)
     """
     from loraforge.config import ConfigError
     from loraforge.training import data as D
@@ -337,12 +354,14 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
         check_probes(list(probe), adapter)
     chosen = _precision(precision, dtype)
+    _check_quantize(quantize)
     records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
     print(chosen.line(training=False), flush=True)
     if probe:
         from loraforge.studies.forgetting import cli_probe
 
-        cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, precision=chosen.compute)
+        cli_probe(list(probe), model=model, adapter=adapter, dtype=chosen.storage, precision=chosen.compute,
+                  quantize=quantize)
         if data is None:
             return
 
@@ -354,7 +373,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
     tokenizer = load_tokenizer(model)
     D.build_dataset(records, tokenizer, max_seq_len=sys.maxsize)  # soak: a bad record was said after the model load
-    base = load_model(model, dtype=chosen.storage)
+    base = load_model(model, dtype=chosen.storage, quantize=quantize)
     if adapter:
         load_adapter(base, adapter)
     base.eval()  # inference: no dropout

@@ -567,7 +567,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
     _check_weights(name_or_path, path)
     with _downloading(name_or_path, path), _reading(name_or_path, path, "weights"):
         if quantize is not None:
-            return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage)
+            return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage,
+                                  stored=stored_dtype(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     if torch_dtype == torch.float16:
         check_fp16_range(model, name_or_path, path)

@@ -31,7 +31,7 @@ from torch import nn
 
 from loraforge.config import ConfigError
 from loraforge.quant.checks import is_4bit_param, is_8bit_param, is_quantized_param
-from loraforge.utils.allocator import trim_heap
+from loraforge.utils.allocator import drop_file_pages, trim_heap
 from loraforge.utils.hf import enable_checkpointing
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -197,13 +197,36 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
     if has_lora_layers(model):
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     check_device(device)
-    linears = _quantizable(model)
-    check_cpu_widths(linears, quantize, device)  # all of them before the first is replaced
-    for path, module in linears:
+    check_cpu_widths(_quantizable(model), quantize, device)  # all of them before the first is replaced
+    return _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage)
+
+
+def _quantize_layers(model: nn.Module, quantize: str, compute_dtype: torch.dtype, double_quant: bool,
+                     device: str | torch.device, quant_storage: torch.dtype, from_file: bool = False) -> nn.Module:
+    """quantize_model's replacement, one layer at a time, each full-precision layer freed as soon as it is replaced
+    and the heap trimmed. `from_file`: the model was just loaded from a checkpoint (load_quantized), so a replaced
+    weight that is a view of the mapped file is dropped from the resident set too (its bytes are the file's, and
+    nothing reads them again)."""
+    paths = [path for path, _ in _quantizable(model)]
+    for path in paths:
         parent, _, child = path.rpartition(".")
+        linear = model.get_submodule(path)
         setattr(model.get_submodule(parent) if parent else model, child,
-                quantize_linear(module, quantize, compute_dtype, double_quant, device, quant_storage))
+                quantize_linear(linear, quantize, compute_dtype, double_quant, device, quant_storage))
+        weight = linear.weight.data
+        del linear
+        if from_file and weight.device.type == "cpu" and not _in_use(model, weight):
+            drop_file_pages(weight.data_ptr(), weight.numel() * weight.element_size())
+        del weight
+        trim_heap()  # the layer's bf16 copy and quantizing's temporaries: holes glibc would keep (see load_quantized)
     return model.to(device)
+
+
+def _in_use(model: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether a parameter or buffer of `model` shares `tensor`'s memory (a weight tied to a replaced one)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(t.device.type == "cpu" and t.untyped_storage().data_ptr() == ptr
+               for t in [*model.parameters(), *model.buffers()] if not is_quantized_param(t))
 
 
 def has_lora_layers(model: nn.Module) -> bool:
@@ -221,32 +244,60 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
                    device: str | torch.device = "cpu", double_quant: bool = True,
-                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+                   quant_storage: torch.dtype = torch.uint8, stored: torch.dtype | None = None) -> nn.Module:
     """Load a transformers checkpoint directory with its linear layers stored by bitsandbytes.
 
-    We load in the compute dtype and quantize layer by layer ourselves (each weight rounded to QUANTIZED_FROM
-    first) instead of passing transformers a BitsAndBytesConfig: that works on CPU too with bnb 0.50 but was an
-    order of magnitude slower for the built-in model, and both give the same bnb layers (with torch_dtype bf16).
-    Embeddings, norms and lm_head stay in `compute_dtype`.
+    We quantize layer by layer ourselves (each weight rounded to QUANTIZED_FROM first) instead of passing
+    transformers a BitsAndBytesConfig: that works on CPU too with bnb 0.50 but was an order of magnitude slower for
+    the built-in model, and both give the same bnb layers (with torch_dtype bf16). Embeddings, norms and lm_head end
+    in `compute_dtype`.
+
+    `stored`: the dtype the checkpoint's weights are stored in (models.stored_dtype), where known. The model is then
+    loaded in it, as views of the mapped file, each layer quantized from there and freed (the heap trimmed, the
+    file's pages it read dropped from the resident set), and only the float parameters left are cast to
+    `compute_dtype`: the same codes and weights. Loading in
+    `compute_dtype` first held the whole model in full precision before a layer was quantized (soak: a 4-bit
+    fp32-compute run on a 580 MB fp32 checkpoint peaked at 1.42 GB resident, more than the unquantized run's
+    1.14 GB; on its bf16 copy the load alone peaked as high as loading it unquantized).
     """
     from transformers import AutoModelForCausalLM
 
     _check_quantize(quantize)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
-    return quantize_loaded(model, quantize, compute_dtype, device, double_quant, quant_storage)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=stored or compute_dtype)
+    return quantize_loaded(model, quantize, compute_dtype, device, double_quant, quant_storage, from_file=True)
 
 
 def quantize_loaded(model: nn.Module, quantize: str, compute_dtype: torch.dtype = torch.bfloat16,
                     device: str | torch.device = "cpu", double_quant: bool = True,
-                    quant_storage: torch.dtype = torch.uint8) -> nn.Module:
-    """A model loaded in `compute_dtype` (from a checkpoint, or de-quantized from GGUF in memory) with its linear
-    layers stored by bitsandbytes, as `load_quantized` gives it. Its refusals are worded for a run's settings
-    (model.quantization, --quantize): load_model is how train, merge and serve load a quantized base."""
+                    quant_storage: torch.dtype = torch.uint8, from_file: bool = False) -> nn.Module:
+    """A loaded model (from a checkpoint, in `compute_dtype` or the dtype its file stores, or de-quantized from GGUF
+    in memory) with its linear layers stored by bitsandbytes and the rest in `compute_dtype`, as `load_quantized`
+    gives it. Its refusals are worded for a run's settings (model.quantization, --quantize): load_model is how
+    train, merge and serve load a quantized base. `from_file`: just loaded from a checkpoint's mapped file, whose
+    pages each replaced weight read are dropped from the resident set (_quantize_layers)."""
     _check_quantize(quantize)
     check_cpu_widths(_quantizable(model), quantize, device, python=False)
-    model = quantize_model(model, quantize, compute_dtype, double_quant, device, quant_storage).eval()
+    if has_lora_layers(model):
+        raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
+    check_device(device)
+    model = _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage, from_file).eval()
+    _to_compute_dtype(model, compute_dtype)
     _own_memory(model)
     return model
+
+
+def _to_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """The float parameters quantizing left (embeddings, norms, lm_head) in `compute_dtype`, as loading the model
+    in it gives them (a tied head stays tied: one parameter; the model's _keep_in_fp32_modules stay fp32 under
+    bf16/fp16), and config.dtype saying so; buffers (RoPE's fp32 inv_freq) as they are."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or [])  # what transformers keeps fp32 under bf16/fp16
+    for name, p in model.named_parameters():
+        kept = compute_dtype in (torch.bfloat16, torch.float16) and any(k in name.split(".") for k in keep)
+        if p.is_floating_point() and not is_quantized_param(p) and p.dtype != compute_dtype and not kept:
+            p.data = p.data.to(compute_dtype)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = compute_dtype
 
 
 def _own_memory(model: nn.Module) -> None:

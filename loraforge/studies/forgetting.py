@@ -588,7 +588,7 @@ DEMO_STEPS = 30
 
 
 def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135m", adapter: str | None = None,
-              dtype: str = "fp32", precision: str = "fp32") -> None:
+              dtype: str = "fp32", precision: str = "fp32", quantize: str | None = None) -> None:
     """Score a model on the shipped general-ability probes: MC accuracy, perplexity, KL vs the base.
 
     Args:
@@ -597,9 +597,10 @@ def cli_probe(probe: list[str] = ("mc", "text", "kl"), model: str = "smollm2-135
         adapter: adapter directory; KL compares the model with and without it
         dtype: fp32, bf16 or fp16 storage of the base
         precision: the compute precision matmuls autocast to (fp32, bf16, fp16; loraforge.precision)
+        quantize: nf4, fp4 or int8: the base stored with bitsandbytes (a QLoRA adapter's), else full precision
     """
     check_probes(probe, adapter)  # before the model loads
-    base, tokenizer = load_base(model, dtype=dtype)
+    base, tokenizer = load_base(model, dtype=dtype, quantize=quantize)
     if adapter:
         load_adapter(base, adapter)
     base.eval()

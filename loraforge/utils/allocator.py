@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import os
 import platform
 from pathlib import Path
@@ -143,6 +144,36 @@ def trim_heap() -> bool:
     resident (loraforge.training.slab). False without glibc."""
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+MADV_DONTNEED = 4  # madvise's advice (Linux): drop these pages; a file mapping's come back from the file when read
+
+
+def drop_file_pages(start: int, nbytes: int) -> int:
+    """Linux: take the whole pages of [start, start + nbytes) that lie in a mapping of a file out of the resident set
+    (madvise MADV_DONTNEED): read again, they come back from the file. For memory whose contents the caller no
+    longer needs, or knows to be the file's (a private mapping's pages written in memory go back to the file's):
+    a checkpoint's weights that transformers loaded as views of the mapped safetensors file stay resident once read
+    as long as any tensor keeps the file mapped (quantizing a base reads them all). Anonymous memory is never
+    touched. The bytes dropped; 0 off Linux or without glibc."""
+    libc = _glibc()
+    if libc is None or nbytes <= 0:
+        return 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    page, end, dropped = mmap.PAGESIZE, start + nbytes, 0
+    for line in maps:
+        fields = line.split(maxsplit=5)  # range, perms, offset, device, inode, path (which may hold spaces)
+        if len(fields) < 6 or not fields[5].startswith("/") or fields[5].endswith(" (deleted)"):
+            continue
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        a, b = -(-max(start, low) // page) * page, min(end, high) // page * page  # whole pages only
+        if a < b and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_DONTNEED) == 0:
+            dropped += b - a
+    return dropped
 
 
 @functools.cache
