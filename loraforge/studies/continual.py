@@ -28,7 +28,7 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
 from loraforge.models import conversion_paths, load_base, load_config
 from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import (SPLIT_FILES, CachedLogits, held_out_task, other_precisions,
+from loraforge.studies.forgetting import (CachedLogits, held_out_task, other_precisions,
                                           precision_text, probe_all, probe_base, run_length, start_over, steps_text,
                                           task_split, train_arm, trained_steps, write_report)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
@@ -328,5 +328,5 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     if problems:
         raise ConfigError(problems)
     inputs = [config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths(), adapter, previous, replay]
-    check_output(out, overwrite=overwrite, inputs=inputs, rewritten=SPLIT_FILES)  # a killed study's task split
+    check_output(out, overwrite=overwrite, inputs=inputs)
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

@@ -208,9 +208,6 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     return {**results, "seconds": seconds}
 
 
-SPLIT_FILES = ("task_test.jsonl", "task_train*.jsonl")  # task_split's, rewritten from the config by every run
-
-
 def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split.
 
@@ -578,9 +575,8 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, overrides, data={"eval": asset("demo_test.jsonl")}))
     ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
-    check_output(out, overwrite=overwrite,  # a study killed before its first result left only its task split
-                 inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()],
-                 rewritten=SPLIT_FILES)
+    check_output(out, overwrite=overwrite,
+                 inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()])
     run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 
 

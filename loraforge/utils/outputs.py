@@ -20,7 +20,6 @@ Atomic writes (temp + rename) protect against crashes, not against a wrong --out
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 import tempfile
@@ -131,12 +130,10 @@ def check_length(path: str | Path, flag: str = "--out") -> None:
 
 
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                 flag: str = "--out", rewritten: tuple[str, ...] = ()) -> None:
+                 flag: str = "--out") -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
 
-    `flag` is how the user named the path (--out, output_dir) so the message points at it. `rewritten`: patterns
-    (fnmatch) of files the command derives from its inputs and writes first, e.g. a study's split of its task: a
-    folder holding only those (and LOCK) is an earlier run of it killed before any result, rerun without --overwrite.
+    `flag` is how the user named the path (--out, output_dir) so the message points at it.
     """
     check_length(path, flag)
     check_not_input(path, inputs, flag)
@@ -148,9 +145,7 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
         raise OutputError(f"another loraforge process (pid {pid}) is training into {flag} {path}; wait for it to "
                           f"end, or choose another {flag}")
     if not overwrite and out.is_dir():
-        entries = sorted(p.name for p in out.iterdir()
-                         if p.name != LOCK and not (any(fnmatch.fnmatchcase(p.name, r) for r in rewritten)
-                                                    and p.is_file()))
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass {OVERWRITE} to write "

@@ -347,24 +347,22 @@ def test_a_rank_past_the_largest_is_refused_by_its_flag_before_anything_loads(tm
     assert not (tmp_path / "fg").exists()
 
 
-def test_a_study_killed_before_its_first_result_is_rerun_without_overwrite(tmp_path, no_loading, monkeypatch):
-    """Soak: a study killed (SIGTERM, SIGKILL) while probing the base left its task split (task_test.jsonl,
-    task_train.jsonl, written from the config by every run) and .lock; the rerun asked for --overwrite. It runs;
-    a folder with a result (or anything else) in it is still refused."""
+def test_a_folder_holding_only_a_task_split_is_not_taken_as_the_studys_own(tmp_path, no_loading, monkeypatch):
+    """A study killed before its first result leaves its task split (task_test.jsonl, task_train.jsonl); a file of
+    those names is not known to be the study's (a user's own file in --out would be replaced), so the rerun asks
+    for --overwrite, naming them, and runs nothing."""
     out = tmp_path / "fg"
     out.mkdir()
-    for name in ("task_test.jsonl", "task_train.jsonl", "task_train1.jsonl", ".lock"):
+    for name in ("task_test.jsonl", "task_train.jsonl", ".lock"):
         (out / name).write_text("{}\n")
     ran = []
     monkeypatch.setattr(forgetting, "run_forgetting", lambda cfg, where, *args, **kw: ran.append(where))
-    forgetting.cli_forgetting(out=str(out), ranks=[2])
-    assert ran == [str(out)]
-    (out / "forgetting.json").write_text('{"complete": false, "rows": []}')
     with pytest.raises(OutputError) as e:
         forgetting.cli_forgetting(out=str(out), ranks=[2])
-    assert str(e.value) == (f"--out {out} exists and is not empty (forgetting.json); pass --overwrite "
-                            f"(overwrite=True) to write into it (only the files this command writes are replaced), "
-                            f"or choose another --out")
+    assert str(e.value) == (f"--out {out} exists and is not empty (task_test.jsonl, task_train.jsonl); pass "
+                            f"--overwrite (overwrite=True) to write into it (only the files this command writes are "
+                            f"replaced), or choose another --out")
+    assert ran == [] and (out / "task_train.jsonl").read_text() == "{}\n"
 
 
 def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_theirs(tiny_dir, tmp_path, monkeypatch):
