@@ -46,6 +46,7 @@ PEFT_UNSUPPORTED_FIELDS = {
 PEFT_LORA_DEFAULTS = {"lora_alpha": 8}
 # The largest rank accepted: far above any layer width that LoRA is used on; a bigger value is a typo.
 MAX_RANK = 1 << 16
+MAX_PISSA_NITER = 1000  # pissa_niter_N: PEFT's examples use 4-16; 1e14 ran for ever (two matmuls a layer each)
 MAX_STEPS = 10**15  # training.max_steps: more than could ever run, and within a float (the progress bar's)
 MAX_COLLECTIVE_TIMEOUT = 1e9  # seconds: datetime.timedelta, which the process group takes, overflows from ~8.6e13
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the trainable weights' dtype
@@ -291,6 +292,12 @@ PEFT_INITS_OF_A_B = ("eva", "orthogonal", "mica")  # set the starting A and B on
 PEFT_INITS_OF_W0 = ("corda", "loftq", "lora_ga")  # also change the base's weights, which PEFT redoes at every load
 
 
+def too_many_iterations(digits: str) -> bool:
+    """pissa_niter_N's N past MAX_PISSA_NITER (read by length first: int() refuses over 4,300 digits)."""
+    digits = digits.lstrip("0")
+    return len(digits) > len(str(MAX_PISSA_NITER)) or int(digits or 0) > MAX_PISSA_NITER
+
+
 def peft_init(value, source: str):
     """The init_lora_weights a PEFT adapter file loads with. pissa and olora change W0 and run here as in PEFT;
     PEFT's recipes that only start A and B load as true; those that change W0 and unknown strings are refused (an
@@ -432,10 +439,10 @@ class LoraConfig:
     W0 + ΔW. Costs a weight-norm per forward; merging is supported."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op). "gaussian": A ~ N(0, 1/r), B zeros.
-    "pissa" (or "pissa_niter_N", randomized SVD with N iterations): A, B from the top-r singular triplets of W0 and
-    W0 replaced by the residual; "olora": A, B from a QR of W0, W0 replaced likewise. Both leave the model's output
-    unchanged at start; see loraforge.lora.adapters.save_converted to use the adapter on the original base.
-    False: both random (tests only)."""
+    "pissa" (or "pissa_niter_N", randomized SVD with N iterations, N at most 1000): A, B from the top-r singular
+    triplets of W0 and W0 replaced by the residual; "olora": A, B from a QR of W0, W0 replaced likewise. Both leave
+    the model's output unchanged at start; see loraforge.lora.adapters.save_converted to use the adapter on the
+    original base. False: both random (tests only)."""
     fan_in_fan_out: bool = False
     """True when the base layer stores its weight as (in, out), like GPT-2's Conv1D. Detected automatically."""
     rank_pattern: dict = field(default_factory=dict)
@@ -464,6 +471,12 @@ class LoraConfig:
         if not is_init_option(self.init_lora_weights):
             p.append(f"init_lora_weights: {self.init_lora_weights!r} is not one of [true, false, 'gaussian', "
                      f"'pissa', 'pissa_niter_N' (N an integer), 'olora']")
+        elif isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("pissa_niter_") \
+                and too_many_iterations(self.init_lora_weights[len("pissa_niter_"):]):
+            p.append(f"init_lora_weights: {clipped(self.init_lora_weights)} asks for more than {MAX_PISSA_NITER} "
+                     f"subspace iterations of the randomized SVD, each two passes over every targeted weight (far "
+                     f"more than it needs to converge); use pissa_niter_4 to pissa_niter_16 (PEFT's), or 'pissa' "
+                     f"for the exact SVD they converge to")
         p += module_list_problems("target_modules", self.target_modules)
         p += module_list_problems("exclude_modules", self.exclude_modules)
         p += layer_selection_problems(self)

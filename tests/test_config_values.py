@@ -618,3 +618,18 @@ def test_an_empty_override_value_is_named_with_what_the_field_takes(override, sa
     assert problems(override, "training.seed=x") == [said, "training.seed: expected an integer, got 'x'"]
     cfg = load_train_config(None, [DATA, "data.eval=", "training.max_grad_norm=", "model.quantization="])
     assert (cfg.data.eval, cfg.training.max_grad_norm, cfg.model.quantization) == (None, None, None)
+
+
+def test_pissa_niter_past_any_useful_count_is_refused_not_run_for_ever():
+    """Soak (fields): pissa_niter_99999999999999 ran its randomized SVD's iterations for ever (killed after 5
+    minutes on a 2-layer model), and N over 4,300 digits was int()'s ValueError traceback."""
+    for n in ("99999999999999", "1001", "9" * 5000):
+        (p,) = problems(f"lora.init_lora_weights=pissa_niter_{n}")
+        assert p.startswith("lora.init_lora_weights: 'pissa_niter_") and "more than 1000 subspace iterations" in p
+        assert "far more than it needs to converge" in p
+        assert p.endswith("use pissa_niter_4 to pissa_niter_16 (PEFT's), or 'pissa' for the exact SVD they "
+                          "converge to")
+    for n in ("1000", "0", "0001000"):
+        assert load_train_config(None, [DATA, f"lora.init_lora_weights=pissa_niter_{n}"]
+                                 ).lora.init_lora_weights == f"pissa_niter_{n}"
+
