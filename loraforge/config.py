@@ -716,7 +716,7 @@ class TrainingConfig:
     """Linear warmup over this many optimizer steps: step k (from 0) uses lr·(k+1)/(warmup_steps+1), so no update is
     spent at a learning rate of 0; the full lr from step warmup_steps on."""
     epochs: float = 1
-    """Passes over the training data (ignored when max_steps is set)."""
+    """Passes over the training data (ignored when max_steps is set); its steps at most max_steps' 1e15."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     batch_size: int = 8
@@ -845,6 +845,9 @@ class TrainingConfig:
                      f"{digits_shown(self.max_steps)}")
         if self.max_steps is None and self.epochs <= 0:
             p.append(f"epochs: must be positive, got {self.epochs} (or set max_steps)")
+        elif self.max_steps is None and self.epochs > MAX_STEPS:  # soak: 1e300 ran a 301-digit step count
+            p.append(f"epochs: at most {MAX_STEPS:.0e} (every epoch is at least one step; max_steps' bound), got "
+                     f"{self.epochs:g} (e.g. 3, or set max_steps)")
         if self.warmup_steps < 0:
             p.append(f"warmup_steps: must be ≥ 0, got {self.warmup_steps}")
         elif self.max_steps is not None and self.warmup_steps >= self.max_steps > 0:

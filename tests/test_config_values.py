@@ -14,6 +14,7 @@ from helpers import default_recursion_limit, tiny_llama
 from loraforge.config import ConfigError, expanded_size, load_train_config, yaml_loader
 from loraforge.models import resolve_model
 from loraforge.training.data import DataError, read_records
+from loraforge.training import loop
 from loraforge.training.loop import build_model, lr_lambda
 from loraforge.training.optim import loraplus_param_groups
 
@@ -633,3 +634,22 @@ def test_pissa_niter_past_any_useful_count_is_refused_not_run_for_ever():
         assert load_train_config(None, [DATA, f"lora.init_lora_weights=pissa_niter_{n}"]
                                  ).lora.init_lora_weights == f"pissa_niter_{n}"
 
+
+def test_epochs_whose_steps_pass_max_steps_bound_are_refused_before_the_model_loads(tiny_dir, data_file, tmp_path,
+                                                                                    monkeypatch):
+    """Soak (fields): training.epochs=1e300 started a run of a 301-digit step count (max_steps is bounded at 1e15,
+    epochs was not); the config refuses epochs past 1e15 (each epoch is one step at least) and train() an epoch
+    count whose steps (known from the data) pass it, before the model loads."""
+    (p,) = problems("training.epochs=1e300")
+    assert p == "training.epochs: at most 1e+15 (every epoch is at least one step; max_steps' bound), got 1e+300 " \
+                "(e.g. 3, or set max_steps)"
+    assert load_train_config(None, [DATA, "training.epochs=1e15"]).training.epochs == 1e15
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = load_train_config(None, [f"data.train={data_file}", f"model.name={tiny_dir}", "training.batch_size=4",
+                                   "training.epochs=2e14", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError) as e:
+        loop.train(cfg, progress=False)
+    # 40 records, 2 held out (eval_fraction 0.05): 38 // 4 = 9 steps an epoch
+    assert e.value.problems == ["training.epochs: 2e+14 × 9 steps an epoch is 1.8e+15 steps, past 1e+15 "
+                                "(max_steps' bound: at a step a microsecond, 30 years); use at most 1.11e+14 "
+                                "epochs, or set training.max_steps"]
