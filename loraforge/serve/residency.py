@@ -122,9 +122,14 @@ class Stack:
     """
 
     def __init__(self, layer: LoraLinear, slots: int, r: int, rows: RowSlots,
-                 adapter_dtype: str = "auto"):
+                 adapter_dtype: str = "auto", first: int = 1):
+        """`slots`: the most it may hold (max_loaded + 1); it holds the slots up to `first` (at least the 9 of
+        the default --max-loaded 8) and grows as higher ones are put: the whole (slots, in, r) at once made a large
+        --max-loaded (100,000 on SmolLM2: 1.8 GB a layer) a MemoryError at the first adapter."""
         w = layer.base_layer.weight
         r = _padded(r)
+        self.max_slots = slots
+        slots = min(slots, max(first + 1, 9))
         # bf16 stacks for a bf16 base halve what a step reads: 32 rows on 32 adapters, r=8, 120 layers of SmolLM2,
         # the per-row LoRA of a decode step 3.2 ms with bf16 stacks, 7.0 ms with fp32 (lora_rows, this Xeon)
         dtype = stack_dtype(adapter_dtype, w.dtype)
@@ -143,6 +148,12 @@ class Stack:
             grow = _padded(r) - self.At.shape[2]
             self.At = torch.cat([self.At, self.At.new_zeros(self.At.shape[0], self.At.shape[1], grow)], 2)
             self.Bt = torch.cat([self.Bt, self.Bt.new_zeros(self.Bt.shape[0], grow, self.Bt.shape[2])], 1)
+        if slot >= self.At.shape[0]:  # grow the slots held (doubling), up to max_slots
+            grow = min(self.max_slots, max(slot + 1, 2 * self.At.shape[0])) - self.At.shape[0]
+            self.At = torch.cat([self.At, self.At.new_zeros(grow, *self.At.shape[1:])])
+            self.Bt = torch.cat([self.Bt, self.Bt.new_zeros(grow, *self.Bt.shape[1:])])
+            if self.g is not None:
+                self.g = torch.cat([self.g, self.g.new_ones(grow, self.g.shape[1])])
         self.clear(slot)
         self.At[slot, :, :r] = A.T
         self.Bt[slot, :r] = (B.float() * scale).T
@@ -310,7 +321,10 @@ class Residency:
         self.stats = collections.Counter()
         self._uids = itertools.count(1)
         self._loads = itertools.count(1)
-        self._free_slots = list(range(max_loaded, 0, -1))
+        # slots handed back by evictions (taken again first), then the never-used ones from _next_slot up to
+        # max_loaded: a list of every slot made --max-loaded 1e12 a MemoryError at start (soak)
+        self._free_slots: list[int] = []
+        self._next_slot = 1
         self._stacks: dict[LoraLinear, Stack] = {}
         self._allowed = {expand_user(p).resolve() for p in allowed}
         self.adapters_dir = adapters_dir
@@ -695,7 +709,7 @@ class Residency:
         if entry.problem is not None:
             raise BrokenAdapter(entry.problem)  # known broken: its files are not read again
         victim = None
-        if not self._free_slots:
+        if not self._free_slots and self._next_slot > self.max_loaded:
             victim = next((a for a in self.resident.values() if a.running == 0), None)
             if victim is None:
                 return False
@@ -714,13 +728,16 @@ class Residency:
             if entry.discovered or entry.verified:
                 self._mark_broken(entry, str(e), stamp)
             raise
-        slot = self._free_slots.pop()
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot, self._next_slot = self._next_slot, self._next_slot + 1
         for layer in layers:
             A, B, scale, g = factors(layer, entry.uid)
             stack = self._stacks.get(layer)
             if stack is None:
                 stack = self._stacks[layer] = Stack(layer, self.max_loaded + 1, A.shape[0], self.rows,
-                                                    self.adapter_dtype)
+                                                    self.adapter_dtype, first=slot)
                 layer.row_forward = stack.forward
             stack.put(slot, A, B, scale, g)
         entry.slot, entry.load_id, entry.verified, entry.loaded_stamp = slot, next(self._loads), True, stamp

@@ -242,6 +242,17 @@ def test_lru_eviction_and_reload(make_engine, base, adapters_dir, tokenizer):
         assert collect(q)[0] == expected[a]
 
 
+def test_a_max_loaded_past_any_memory_serves_as_the_reference(make_engine, base, adapters_dir, tokenizer):
+    """Soak (fields): `serve --max-loaded 1000000000000` was a MemoryError traceback at start (a list of every
+    slot); the slots are now handed out as used, and the stacks grow with them."""
+    engine = make_engine(max_loaded=10 ** 12)
+    prompt = prompts(len(tokenizer), [6], seed=3)[0]
+    for adapter in ["a", "b", "c", None]:
+        assert engine.generate(prompt, adapter, GREEDY).token_ids == reference(base, adapters_dir, adapter, prompt,
+                                                                               GREEDY.max_tokens)
+    assert sorted(engine.resident_adapters()) == ["a", "b", "c"]
+
+
 def test_adapter_paths_are_confined(make_engine, adapters_dir, tmp_path):
     adapters_dir = Path(shutil.copytree(adapters_dir, tmp_path / "adapters"))
     outside = tmp_path / "outside"
