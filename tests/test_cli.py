@@ -300,6 +300,39 @@ def test_a_file_whose_name_starts_with_a_dash_is_named_with_the_way_to_give_it(t
     assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: unrecognized arguments: -y.jsonl"
 
 
+def test_a_value_that_starts_with_a_dash_is_named_in_argparses_error_with_the_way_to_give_it(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Soak: `merge ... --out -m` was "argument --out: expected one argument", `train -x.yaml` (the file there)
+    "the following arguments are required: config", `generate -hello` "argument -h/--help: ignored explicit
+    argument 'ello'", none saying the word was read as an option; and an option after `--` was "(did you mean
+    --max-new-tokens?)" for --max-new-tokens itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.yaml").write_text("model: x\n")
+    cases = {
+        ("merge", "--base", "b", "--adapter", "a", "--out", "-m"): "loraforge merge: error: argument --out: expected "
+        "one argument (-m starts with '-', so it reads as an option, not as --out's value: write --out=-m)",
+        ("train", "-x.yaml"): "loraforge train: error: the following arguments are required: config (-x.yaml is a "
+        "file here: a name that starts with '-' reads as an option; write ./-x.yaml, or put -- before it)",
+        ("generate", "-hello"): "loraforge generate: error: argument -h/--help: ignored explicit argument 'ello' "
+        "(-hello starts with '-', so it reads as an option; if it is a value, put -- before it)",
+        ("generate", "--", "-hello", "--max-new-tokens", "4"): "loraforge: error: unrecognized arguments: "
+        "--max-new-tokens (after -- every word is a value: put --max-new-tokens before the --) 4",
+        ("train", "--bogus"): "loraforge train: error: the following arguments are required: config",  # a typo
+    }
+    for argv, line in cases.items():
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(list(argv))
+        assert (e.value.code, capsys.readouterr().err.splitlines()[-1]) == (2, line)
+    # each way the hints name parses as meant
+    assert cli.parse_args(["merge", "--base", "b", "--adapter", "a", "--out=-m"])["out"] == "-m"
+    assert cli.parse_args(["train", "./-x.yaml"])["config"] == "./-x.yaml"
+    assert cli.parse_args(["train", "--", "-x.yaml"])["config"] == "-x.yaml"
+    args = cli.parse_args(["generate", "--max-new-tokens", "4", "--", "-hello"])
+    assert (args["prompt"], args["max_new_tokens"]) == ("-hello", 4)
+    # values argparse takes as they are get no hint: a number, a word with a space
+    assert cli.parse_args(["generate", "-5 degrees?", "--temperature", "-0"])["prompt"] == "-5 degrees?"
+
+
 def test_forgetting_takes_its_config_as_a_positional_argument():
     from loraforge.cli import parse_args
 
