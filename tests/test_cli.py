@@ -172,6 +172,32 @@ def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
     assert "training.lr: expected a number, got 'fast'" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the_base_loads(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Soak: `serve --adapter café=DIR` (or ../x, a/b, a 10,000-character name) loaded the base, then was refused:
+    minutes for a large base; `--adapter a=X --adapter a=Y` served Y as a and dropped X, unsaid."""
+    from loraforge.serve import api
+
+    forbid_loading(monkeypatch, api)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    rule = "use letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+    for name in ["caf\u00e9", "cafe\u0301", "../x", "a/b", "a\nb", "x" * 65]:
+        item = f"{name}={tmp_path / 'x'}"
+        assert main(["serve", "--adapter", item]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: invalid arguments:\n  --adapter {json.dumps(item, ensure_ascii=False)}: the name "
+                       f"{json.dumps(name, ensure_ascii=False)} is not allowed: {rule}\n"), err
+    long = "a" * 10_000
+    assert main(["serve", "--adapter", f"{long}={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 600 and "(10,000 characters) is not allowed" in err  # cut, with its length said
+    assert main(["serve", "--adapter", f"a={tmp_path / 'x'}", "--adapter", f"a={tmp_path / 'y'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"  --adapter 'a={tmp_path / 'y'}': the name 'a' is given twice (DIR {tmp_path / 'x'} and {tmp_path / 'y'}); "
+        f"give each adapter its own name")
+
+
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, data_file, tmp_path, capsys):
     """A folder name over 255 bytes (or a path over 4,096) was an OSError traceback from wherever a command first
     touched it: output_dir, a data file, a model, --out."""
