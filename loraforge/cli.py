@@ -423,6 +423,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
+    from loraforge.serve.errors import shown
+    from loraforge.serve.residency import NAME_RE, NAME_RULE
 
     _check_precision(precision, dtype)
     api_key = _api_key(api_key)
@@ -435,6 +437,12 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
+        # the name before the base loads (soak: "café", "../x" or a 10,000-character one was refused after it)
+        if not NAME_RE.fullmatch(name):
+            raise ConfigError([f"--adapter {shown(item)}: the name {shown(name)} is not allowed: use {NAME_RULE}"])
+        if name in pairs:  # soak: the second DIR was served, the first dropped, unsaid
+            raise ConfigError([f"--adapter {item!r}: the name {name!r} is given twice (DIR {pairs[name]} and "
+                               f"{path}); give each adapter its own name"])
         if not os.path.isdir(path):
             raise ConfigError([f"--adapter {item!r}: {path} is not a directory; give NAME=DIR of a saved adapter"])
         pairs[name] = path
@@ -608,12 +616,21 @@ def _value_type(tp) -> tuple:
     return tp, None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose error line ends with `hint` (parse_args sets a command's: dash_hint)."""
+
+    hint = ""
+
+    def error(self, message: str):
+        super().error(message + self.hint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     commands = _commands()
     # allow_abbrev=False: argparse took any unique prefix of an option silently, so `train x.yaml --o` was
     # --overwrite (a finished run started over) and `serve --adapters a=b` was --adapters-dir; a prefix or a typo is
     # now refused with the option it resembles (parse_args)
-    parser = argparse.ArgumentParser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
+    parser = _Parser(prog="loraforge", description="LoRA / QLoRA / AdaLoRA fine-tuning, "
                                      "PEFT-compatible adapters, merging and serving.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -661,10 +678,37 @@ def did_you_mean(word: str, known) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """`command`'s own parser (build_parser)."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
 def _options(parser: argparse.ArgumentParser, command: str) -> list[str]:
     """The --options of `command` as its subparser (build_parser) declares them, --help first."""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return [o for o in commands.choices[command]._option_string_actions if o.startswith("--")]
+    return [o for o in _subparser(parser, command)._option_string_actions if o.startswith("--")]
+
+
+def dash_hint(argv: list[str], parser: argparse.ArgumentParser) -> str:
+    """' (why)' for the first word of `argv` before any `--` that starts with '-' and is none of `parser`'s options,
+    else '': argparse reads it as an option, and its error did not say so (soak: `merge ... --out -m` was "argument
+    --out: expected one argument", `train -x.yaml` "the following arguments are required: config" with -x.yaml
+    there, `generate -hello` "argument -h/--help: ignored explicit argument 'ello'"). A word with a space or one
+    that spells a number is a value to argparse too; an unknown --word is left to the unrecognized-option line."""
+    options = parser._option_string_actions
+    before = None
+    for word in argv[:argv.index("--") if "--" in argv else len(argv)]:
+        if (word.startswith("-") and len(word) > 1 and " " not in word and not NEGATIVE_NUMBER.match(word)
+                and word.partition("=")[0] not in options):
+            if before in options and options[before].nargs != 0:  # an option that takes a value, then this word
+                return (f" ({word} starts with '-', so it reads as an option, not as {before}'s value: write "
+                        f"{before}={word})")
+            if os.path.lexists(word):
+                return (f" ({word} is a file here: a name that starts with '-' reads as an option; write ./{word}, or "
+                        f"put -- before it)")
+            if not word.startswith("--"):
+                return f" ({word} starts with '-', so it reads as an option; if it is a value, put -- before it)"
+        before = word
+    return ""
 
 
 def _hint(option: str, command: str, options: list[str]) -> str:
@@ -674,6 +718,8 @@ def _hint(option: str, command: str, options: list[str]) -> str:
     if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in options:
         what = "KEY=VALUE pairs come" if name == "overrides" else f"{name.upper()} is positional: give it"
         return f" ({what} without {option})"
+    if option in options:  # `generate -- -x --max-new-tokens 4`: after --, every word is a value
+        return f" (after -- every word is a value: put {option} before the --)"
     return did_you_mean(option, options)
 
 
@@ -685,6 +731,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
     word = next((a for a in given if not a.startswith("-")), None)  # the top level has no option taking a value
     if word is not None and word not in _commands() and (hint := did_you_mean(word, _commands())):
         parser.error(f"argument command: invalid choice: {word!r}{hint}")
+    if word in _commands():  # its parser's errors (argparse's own) say what a word starting with '-' was read as
+        _subparser(parser, word).hint = dash_hint(given[given.index(word) + 1:], _subparser(parser, word))
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):

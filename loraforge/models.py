@@ -95,6 +95,13 @@ def _seen(gguf: Path) -> tuple:
     return str(gguf.resolve()), stat.st_size, stat.st_mtime_ns
 
 
+def _stem(gguf: Path, name: str | None) -> str:
+    """The start of `gguf`'s cache folder name: `name` (a built-in's), else the file's name without .gguf, a byte
+    that is not UTF-8 (a Latin-1 name, read by Python as a lone surrogate) as U+FFFD: the tokenizers library takes
+    only UTF-8 paths (the conversion failed after de-quantizing, UnicodeEncodeError)."""
+    return name or os.fsencode(gguf.stem).decode("utf-8", "replace")
+
+
 def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
     """Where `gguf`'s conversion is cached, named by the file's content (sha1 of its bytes): the same file installed
     in many places (a virtual environment per clone) shares one conversion. Hashed once a process per path, size and
@@ -106,14 +113,16 @@ def _gguf_cache_path(gguf: Path, name: str | None) -> Path:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
         _KEYS[seen] = digest.hexdigest()[:10]
-    return cache_dir() / f"{name or gguf.stem}-{_KEYS[seen]}"
+    return cache_dir() / f"{_stem(gguf, name)}-{_KEYS[seen]}"
 
 
 def _path_keyed(gguf: Path, name: str | None) -> Path:
     """Where loraforge before content keys cached `gguf`'s conversion (a new one for every path the file had)."""
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_dir() / f"{name or gguf.stem}-{key}"
+    # os.fsencode: a path's byte that is not UTF-8 (a Latin-1 name, read by Python as a lone surrogate) as itself;
+    # the same key as str.encode() for every other path
+    key = hashlib.sha1(os.fsencode(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")).hexdigest()[:10]
+    return cache_dir() / f"{_stem(gguf, name)}-{key}"
 
 
 def _no_weights(out: Path) -> Path:

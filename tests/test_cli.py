@@ -172,6 +172,32 @@ def test_errors_name_the_problem(tiny_dir, tmp_path, capsys):
     assert "training.lr: expected a number, got 'fast'" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the_base_loads(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Soak: `serve --adapter café=DIR` (or ../x, a/b, a 10,000-character name) loaded the base, then was refused:
+    minutes for a large base; `--adapter a=X --adapter a=Y` served Y as a and dropped X, unsaid."""
+    from loraforge.serve import api
+
+    forbid_loading(monkeypatch, api)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    rule = "use letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+    for name in ["caf\u00e9", "cafe\u0301", "../x", "a/b", "a\nb", "x" * 65]:
+        item = f"{name}={tmp_path / 'x'}"
+        assert main(["serve", "--adapter", item]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: invalid arguments:\n  --adapter {json.dumps(item, ensure_ascii=False)}: the name "
+                       f"{json.dumps(name, ensure_ascii=False)} is not allowed: {rule}\n"), err
+    long = "a" * 10_000
+    assert main(["serve", "--adapter", f"{long}={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 600 and "(10,000 characters) is not allowed" in err  # cut, with its length said
+    assert main(["serve", "--adapter", f"a={tmp_path / 'x'}", "--adapter", f"a={tmp_path / 'y'}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"  --adapter 'a={tmp_path / 'y'}': the name 'a' is given twice (DIR {tmp_path / 'x'} and {tmp_path / 'y'}); "
+        f"give each adapter its own name")
+
+
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, data_file, tmp_path, capsys):
     """A folder name over 255 bytes (or a path over 4,096) was an OSError traceback from wherever a command first
     touched it: output_dir, a data file, a model, --out."""
@@ -298,6 +324,39 @@ def test_a_file_whose_name_starts_with_a_dash_is_named_with_the_way_to_give_it(t
     with pytest.raises(SystemExit):
         cli.parse_args(["eval", "-y.jsonl"])  # no such file: argparse's line alone
     assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: unrecognized arguments: -y.jsonl"
+
+
+def test_a_value_that_starts_with_a_dash_is_named_in_argparses_error_with_the_way_to_give_it(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """Soak: `merge ... --out -m` was "argument --out: expected one argument", `train -x.yaml` (the file there)
+    "the following arguments are required: config", `generate -hello` "argument -h/--help: ignored explicit
+    argument 'ello'", none saying the word was read as an option; and an option after `--` was "(did you mean
+    --max-new-tokens?)" for --max-new-tokens itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-x.yaml").write_text("model: x\n")
+    cases = {
+        ("merge", "--base", "b", "--adapter", "a", "--out", "-m"): "loraforge merge: error: argument --out: expected "
+        "one argument (-m starts with '-', so it reads as an option, not as --out's value: write --out=-m)",
+        ("train", "-x.yaml"): "loraforge train: error: the following arguments are required: config (-x.yaml is a "
+        "file here: a name that starts with '-' reads as an option; write ./-x.yaml, or put -- before it)",
+        ("generate", "-hello"): "loraforge generate: error: argument -h/--help: ignored explicit argument 'ello' "
+        "(-hello starts with '-', so it reads as an option; if it is a value, put -- before it)",
+        ("generate", "--", "-hello", "--max-new-tokens", "4"): "loraforge: error: unrecognized arguments: "
+        "--max-new-tokens (after -- every word is a value: put --max-new-tokens before the --) 4",
+        ("train", "--bogus"): "loraforge train: error: the following arguments are required: config",  # a typo
+    }
+    for argv, line in cases.items():
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(list(argv))
+        assert (e.value.code, capsys.readouterr().err.splitlines()[-1]) == (2, line)
+    # each way the hints name parses as meant
+    assert cli.parse_args(["merge", "--base", "b", "--adapter", "a", "--out=-m"])["out"] == "-m"
+    assert cli.parse_args(["train", "./-x.yaml"])["config"] == "./-x.yaml"
+    assert cli.parse_args(["train", "--", "-x.yaml"])["config"] == "-x.yaml"
+    args = cli.parse_args(["generate", "--max-new-tokens", "4", "--", "-hello"])
+    assert (args["prompt"], args["max_new_tokens"]) == ("-hello", 4)
+    # values argparse takes as they are get no hint: a number, a word with a space
+    assert cli.parse_args(["generate", "-5 degrees?", "--temperature", "-0"])["prompt"] == "-5 degrees?"
 
 
 def test_forgetting_takes_its_config_as_a_positional_argument():

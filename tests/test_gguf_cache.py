@@ -1,6 +1,7 @@
 """The converted-GGUF cache: one conversion per file's content, the tokenizer without the weights, and a disk with no
 room for the conversion (the model de-quantized in memory instead, the same weights)."""
 
+import os
 import random
 import re
 import shutil
@@ -125,6 +126,26 @@ def test_with_no_room_for_the_conversion_the_model_is_read_from_the_gguf_with_th
     raw = M.converted_bytes(tiny_gguf) - (16 << 20)
     assert raw <= weights < raw + 64 * 1024  # every tensor in fp32, and safetensors' header
     assert sum(p.stat().st_size for p in out.iterdir()) < M.converted_bytes(tiny_gguf)
+
+
+def test_a_gguf_whose_name_is_not_utf8_converts_and_loads_the_same_model(tiny_gguf, tiny_dir, tmp_path, cache):
+    """Soak: a GGUF named in Latin-1 (b'caf\\xe9.gguf', as os.listdir gives it: 'caf\\udce9.gguf') de-quantized, then
+    failed with UnicodeEncodeError: the legacy cache key encoded the path as UTF-8, and the cache folder took the
+    file's name, which the tokenizers library cannot save into. The Python API's path (the CLI refuses such a name
+    before anything loads). One conversion (~30 s here, the tokenizer's most of it), compared with the model the
+    fixture wrote."""
+    latin = tmp_path / os.fsdecode(b"caf\xe9.gguf")
+    shutil.copy(tiny_gguf, latin)
+    model, tok = M.load_model(str(latin)), M.load_tokenizer(str(latin))
+    assert M._gguf_cache_path(latin, None).name.startswith("caf\ufffd-")
+    reference = M.load_tokenizer(str(tiny_dir))
+    text = "<|im_start|>user\nAdd 2 and 3.<|im_end|>"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == reference(text, return_tensors="pt")["input_ids"].tolist()
+    written = tiny_llama(seed=5, vocab_size=len(reference), hidden_size=64, intermediate_size=128,
+                         tie_word_embeddings=True)  # as tiny_gguf made it
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, written(ids).logits)  # f32 GGUF: the same weights
 
 
 def test_a_cache_that_refuses_writes_for_another_reason_is_not_worked_around(tiny_gguf, tmp_path, monkeypatch):

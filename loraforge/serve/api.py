@@ -47,7 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraforge.models import load_base
 from loraforge.precision import choose
-from loraforge.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS, GuardedH11Protocol
+from loraforge.serve.connections import (DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, HEADER_TIMEOUT_S, MAX_CONNECTIONS,
+                                         GuardedH11Protocol)
 from loraforge.serve.engine import Engine
 from loraforge.serve.errors import PromptTooLong, ServeError, shown
 from loraforge.serve.guard import RequestGuard, open_to_network
@@ -565,8 +566,11 @@ def server_config(app, host: str, port: int, log_level: str, header_timeout: flo
                            f"send the request again", "request_timeout").body
     body_too_slow = _error(408, f"the request's body stopped: no byte of it for {header_timeout:g} s "
                                 f"(--header-timeout); send the request again", "request_timeout").body
+    too_large = _error(431, f"the request's headers are larger than the server reads: more than "
+                            f"{DEFAULT_MAX_INCOMPLETE_EVENT_SIZE // 1024} KiB before their end; send smaller "
+                            f"headers (a cookie or token too long?)", "request_header_fields_too_large").body
     http = functools.partial(GuardedH11Protocol, header_timeout=header_timeout, max_connections=max_connections,
-                             refuse=refuse, too_slow=too_slow, body_too_slow=body_too_slow)
+                             refuse=refuse, too_slow=too_slow, body_too_slow=body_too_slow, too_large=too_large)
     kwargs.setdefault("use_colors", False if no_color() else None)  # None: uvicorn's own choice (a terminal)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http, timeout_keep_alive=KEEP_ALIVE_S,
                           **kwargs)

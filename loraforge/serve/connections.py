@@ -30,10 +30,12 @@ from __future__ import annotations
 import asyncio
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # uvicorn's default too (h11_impl)
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT_S = 30.0  # a request's headers arrive within this (a client on a slow link sends a few KB in far less)
 MAX_CONNECTIONS = 512  # open connections served at once; half the usual 1,024 file descriptors of a process
+LINGER_S = 2.0  # after a 431, how long the rest of the request is read and dropped before the connection closes
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -42,8 +44,11 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, config, server_state, app_state, _loop=None, *, header_timeout: float = HEADER_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS, refuse=None, too_slow: bytes = b"",
-                 body_too_slow: bytes = b""):
+                 body_too_slow: bytes = b"", too_large: bytes = b""):
         super().__init__(config, server_state, app_state, _loop)
+        self.too_large = too_large
+        self.header_limit = config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        self._lingering = False  # answered 431: what the client still sends is read and dropped
         self.header_timeout, self.max_connections = header_timeout, max_connections
         self.refuse, self.too_slow, self.body_too_slow = refuse, too_slow, body_too_slow
         self._header_timer: asyncio.TimerHandle | None = None
@@ -65,10 +70,29 @@ class GuardedH11Protocol(H11Protocol):
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self._last_byte = self.loop.time()
         super().data_received(data)
         self._watch_headers()
         self._watch_body()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot read: a plain-text 400 "Invalid HTTP request received.". Where
+        the request line and headers passed h11's limit (header_limit bytes) before their end, `too_large` instead
+        (a JSON 431 that names the limit), and the rest of the request is read and dropped for LINGER_S before the
+        connection closes: closed at once, a client still sending (httpx, openai) got "Connection reset by peer"
+        and never the answer."""
+        buffered, _ = self.conn.trailing_data
+        if not self.too_large or len(buffered) <= self.header_limit:
+            super().send_400_response(msg)
+            return
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(self.too_large),
+                                                                                    self.too_large))
+        self._lingering = True
+        self._cancel_header_timer()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def on_response_complete(self) -> None:
         self._answered_at = self.loop.time()

@@ -62,6 +62,7 @@ from loraforge.utils.files import expand_user
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"  # what NAME_RE takes
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
@@ -399,8 +400,7 @@ class Residency:
         """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
         messages name its folder (default: the path as given when relative, else relative to adapters_dir)."""
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise ServeError(f"adapter name {shown(name)} is not allowed: use letters, digits, '.', '_', '-' "
-                             f"(at most 64, starting with a letter or digit)")
+            raise ServeError(f"adapter name {shown(name)} is not allowed: use {NAME_RULE}")
         if name in (self.base_name, *BASE_ALIASES):
             raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
         if name in self.adapters:
@@ -492,7 +492,7 @@ class Residency:
         if sub.name in (self.base_name, *BASE_ALIASES) or not NAME_RE.fullmatch(sub.name):
             if not sub.name.startswith("."):  # soak: skipped silently; a hidden folder (the dashboard's .ui) may be
                 why = "the base model's name" if NAME_RE.fullmatch(sub.name) else \
-                    "not a model name: letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"
+                    f"not a model name: {NAME_RULE}"
                 warnings.warn(f"adapters dir {self.adapters_dir}: skipping {sub.name!r}: its folder's name is {why}; "
                               f"rename the folder to serve it", stacklevel=3)
             return None

@@ -240,6 +240,8 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
             raise OutputError(f"{flag} {path}: {name} is {what}, where a run writes its {name} "
                               f"{'folder' if folder else 'file'} (--overwrite replaces only what a run wrote); "
                               f"move or delete it, or choose another {flag}")
+    if resume or overwrite:
+        check_run_writable(path, RESUME if resume else OVERWRITE, flag)
     if resume:
         return []
     root = expand_user(path) / "checkpoints"
@@ -273,6 +275,25 @@ def check_run_output(path: str | Path, *, overwrite: bool, resume: bool,
     results = [expand_user(path) / name for name in RUN_ENTRIES if name != "checkpoints"]
     return ([p for p in results if p.exists()] + sorted(d for d in root.glob("step-*") if d.is_dir())
             + sorted(root.glob(".tmp-step-*")))  # damaged too
+
+
+def check_run_writable(path: str | Path, how: str, flag: str = "output_dir") -> None:
+    """Refuse, before anything loads, a run in `path` that --resume or --overwrite (`how`) would fail to write on
+    after loading or training: a folder of it (checkpoints/, adapter/, a checkpoint: new files in it, old ones
+    removed) or its metrics.jsonl (appended to) read-only, as a copy from a read-only share (cp -r) keeps them.
+    Soak: the resume trained from the checkpoint, then ended with a PermissionError traceback on metrics.jsonl;
+    with checkpoints/ read-only it would at the first checkpoint. One DiskError line naming the first and the fix."""
+    out = expand_user(path)
+    entries = [out / "metrics.jsonl"]
+    for name, folder in RUN_ENTRIES.items():
+        if folder and (out / name).is_dir():
+            entries += [Path(root) for root, _, _ in os.walk(out / name)]
+    locked = [p for p in entries if p.exists() and not os.access(p, os.W_OK)]
+    if locked:
+        more = f" (and {len(locked) - 1} more)" if len(locked) > 1 else ""
+        raise DiskError(f"{flag} {path}: {locked[0].relative_to(out)} is read-only{more}, and {how} writes there (a "
+                        f"copy from a read-only share keeps its modes); make the run writable (chmod -R u+w "
+                        f"{path}), or choose another {flag}")
 
 
 @contextlib.contextmanager
@@ -333,4 +354,4 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 
 __all__ = ["LOCK", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
-           "check_replaceable", "check_run_output", "check_writable", "hold_output", "lock_held"]
+           "check_replaceable", "check_run_output", "check_run_writable", "check_writable", "hold_output", "lock_held"]

@@ -6,6 +6,7 @@ uvicorn closed only idle kept-alive connections: each slowloris connection staye
 """
 
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -220,3 +221,25 @@ def test_the_servers_log_has_no_colours_where_the_environment_asks_for_none(env,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert server_config(FastAPI(), "127.0.0.1", 0, "warning").use_colors is colors
+
+
+def test_headers_past_h11s_limit_are_answered_a_json_431_the_client_receives(app):
+    """Soak: a request with 40 KB of headers (a big cookie or token) arriving in network-sized pieces was answered
+    a plain-text 400 "Invalid HTTP request received.", and one of 200 KB sent at once was "Connection reset by
+    peer" at the client (the server closed while it was still sending): neither said what was wrong."""
+    with ServerThread(app) as url:
+        with connect(url) as sock:  # as a network delivers it: 4 KB pieces
+            request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
+            with contextlib.suppress(OSError):  # the server may answer, and stop reading, before the last piece
+                for start in range(0, len(request), 4096):
+                    sock.sendall(request[start:start + 4096])
+                    time.sleep(0.002)
+            head, _, body = read_response(sock).partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+        error = json.loads(body)["error"]
+        assert (error["code"], error["message"]) == ("request_header_fields_too_large", (
+            "the request's headers are larger than the server reads: more than 16 KiB before their end; send smaller "
+            "headers (a cookie or token too long?)"))
+        reply = httpx.get(url + "/health", headers={"X-Big": "a" * 200_000}, timeout=30)  # all at once
+        assert (reply.status_code, reply.json()["error"]["code"]) == (431, "request_header_fields_too_large")
+        assert httpx.get(url + "/health", headers={"X-Ok": "a" * 8_000}, timeout=30).json() == {"status": "ok"}

@@ -842,6 +842,32 @@ def test_a_read_only_output_dir_is_refused_with_one_line_before_loading(tiny_dir
     assert proc.stdout == ""
 
 
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv to drop root's CAP_DAC_OVERRIDE")
+@pytest.mark.parametrize("locked", ["metrics.jsonl", "checkpoints"])
+def test_resume_of_a_run_copied_read_only_is_refused_before_loading_then_ends_as_the_uninterrupted_run(
+        tiny_dir, data_file, tmp_path, interrupted, whole, locked):
+    """Soak: checkpoints copied from a read-only share (cp -r keeps the modes: files r--), the folders made writable:
+    --resume loaded the model and data, then ended with a PermissionError traceback opening metrics.jsonl (exit 1);
+    a read-only checkpoints/ would end it at its first checkpoint. Refused in one line before anything loads; made
+    writable as it says, the resume ends with the uninterrupted run's adapter."""
+    (interrupted / locked).chmod(0o444 if locked == "metrics.jsonl" else 0o555)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"] if os.geteuid() == 0 else []
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    proc = subprocess.run([*drop, sys.executable, "-m", "loraforge", "train", str(cfg), "--resume",
+                           *run_args(tiny_dir, data_file, interrupted)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-3000:]
+    assert one_error_line(proc.stderr) == (
+        f"error: output_dir {interrupted}: {locked} is read-only, and --resume (resume=True) writes there (a copy "
+        f"from a read-only share keeps its modes); make the run writable (chmod -R u+w {interrupted}), or choose "
+        f"another output_dir")
+    assert not (interrupted / "adapter").exists()
+    subprocess.run(["chmod", "-R", "u+w", str(interrupted)], check=True)
+    train(load_train_config(None, run_args(tiny_dir, data_file, interrupted)), resume=True, progress=False)
+    assert_equal_adapters(adapter(interrupted), whole)
+
+
 # --- resume: another config; metrics of the steps done again ----------------------------------------------------
 
 @pytest.mark.parametrize("r", [8, 1])  # r=1: [1, k] would broadcast into [4, k] without a shape check
