@@ -1,6 +1,7 @@
 """Checkpoints: everything a resumed run needs, written so that a crash never leaves one that resume would read.
 
-A checkpoint `checkpoints/step-N/` holds the trainable weights, the optimizer state (safetensors), and
+A checkpoint `checkpoints/step-N/` holds the trainable weights, the optimizer state (safetensors; with it the RNG
+states and AdaLoRA's importance EMAs), and
 trainer_state.json (step, scheduler, RNG, data position and the global batch it counts in, config);
 `manifest.json`, written last, lists each file's size and SHA-256. The directory is written under a temporary name
 and renamed when complete; resume takes the newest checkpoint whose manifest verifies and reports (and removes)
@@ -65,10 +66,10 @@ def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
-    """The inverse of optimizer_tensors: {pid: {name: value or {inner: value}}} (rng.* keys skipped)."""
+    """The inverse of optimizer_tensors: {pid: {name: value or {inner: value}}} (rng.* and adalora.* keys skipped)."""
     state: dict = {}
     for key, v in [*tensors.items(), *scalars.items()]:
-        if key.startswith("rng."):
+        if key.startswith(("rng.", "adalora.")):
             continue
         pid, name = key.split(".", 1)
         entries = state.setdefault(int(pid), {})
@@ -78,6 +79,20 @@ def optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
         else:
             entries[name] = v
     return state
+
+
+EMAS = ("exp_avg_ipt", "exp_avg_unc")  # AdaLoRA's importance EMAs: tensors as large as the adapter, twice
+
+
+def allocator_tensors(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint_state with AdaLoRA's EMA tensors taken out of its allocator state, and them as safetensors keys
+    `adalora.<ema>.<layer path>.<lora_A|lora_E|lora_B>` (load_checkpoint puts them back)."""
+    allocator = state.get("allocator") or {}
+    tensors = {f"adalora.{kind}.{key}": v for kind in EMAS for key, v in allocator.get(kind, {}).items()
+               if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return state, {}
+    return {**state, "allocator": {k: v for k, v in allocator.items() if k not in EMAS}}, tensors
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -100,6 +115,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
     weights = trainable_state(model)
     opt_state = optimizer.state_dict()
     tensors, scalars = optimizer_tensors(opt_state["state"])
+    state, emas = allocator_tensors(state)
+    tensors.update(emas)
     for rank, rng in enumerate(rngs or [rng_state()]):
         tensors.update({f"rng.{kind}" + (f".{rank}" if rank else ""): value for kind, value in rng.items()})
     meta = {"step": step, "world_size": len(rngs or [None]), "param_groups": opt_state["param_groups"],
@@ -387,6 +404,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, config: dict | None
         for n, w in weights.items():
             params[n].copy_(w)
     tensors = load_file(path / "optimizer.safetensors")
+    for key, value in tensors.items():  # AdaLoRA's EMAs (allocator_tensors); older checkpoints hold them as JSON
+        if key.startswith("adalora."):
+            _, kind, name = key.split(".", 2)
+            meta.setdefault("allocator", {}).setdefault(kind, {})[name] = value
     state = optimizer_state(tensors, meta.get("optimizer_scalars", {}))
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])

@@ -878,7 +878,8 @@ def checkpoint_state(run: Run) -> dict:
     """What a checkpoint keeps beyond weights and optimizer: counters, AdaLoRA's allocator, the loss scaler."""
     return {"tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
             "global_batch": global_batch(run.cfg, run.world),  # resume refuses another (global_batch_change)
-            "allocator": run.allocator.state() if run.allocator is not None else {},
+            # AdaLoRA's EMAs as tensors, which save_checkpoint writes to safetensors; FSDP's sharded ones as JSON
+            "allocator": run.allocator.state(tensors=not run.sharded) if run.allocator is not None else {},
             "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint,
             "tokens": D.TOKENS_VERSION,  # how records became tokens: resume tells an older loraforge's (data.py)
             "precision": {"compute": run.precision.compute, "storage": run.precision.storage}}
