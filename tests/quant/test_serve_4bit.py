@@ -11,10 +11,12 @@ from fastapi.testclient import TestClient
 from helpers import full_forward_greedy, randomize, tiny_llama
 from loraforge.cli import main
 from loraforge.config import LoraConfig
+from loraforge.decoding import greedy
+from loraforge.inference.llama import Decoder
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject
 from loraforge.models import load_model, load_tokenizer
-from loraforge.serve import api
+from loraforge.serve import Engine, SamplingParams, api
 from loraforge.ui import app as ui_app
 
 PROMPT = "The capital of France is"
@@ -84,3 +86,25 @@ def test_serve_quantize_refuses_a_bad_value_before_loading(qlora, capsys):
     assert main(["serve", "--model", str(qlora[0]), "--quantize", "nf5"]) == 2
     assert capsys.readouterr().err.endswith("--quantize 'nf5': use one of nf4, fp4, int8 (the one a QLoRA adapter "
                                             "trained over), or leave it out for the full-precision base\n")
+
+
+def test_the_fast_paths_leave_a_4bit_base_to_transformers_forward(qlora):
+    """The static decoder and its C kernels read each linear's float `weight` (StoredWeight): a bitsandbytes layer's
+    is packed 4-bit codes (uint8, half the columns), not weights. They refuse such a base, naming it, and the engine
+    and greedy decoding take transformers' forward, whose answers are those of a full forward per token."""
+    tok = load_tokenizer(str(qlora[0]))
+    model = load_model(str(qlora[0]), "fp32", quantize="nf4")
+    with pytest.raises(NotImplementedError, match="the static decoder does not run a bitsandbytes-quantized base"):
+        Decoder(model, 1, 16)
+    with pytest.raises(ValueError, match="static=True: the static decoder does not run a bitsandbytes-quantized base"):
+        Engine(model, tok, static=True)
+    prompt = tok(PROMPT)["input_ids"]
+    engine = Engine(model, tok)
+    try:
+        assert engine.static is False
+        got = engine.generate(prompt, None, SamplingParams(max_tokens=N, ignore_eos=True)).token_ids
+    finally:
+        engine.stop()
+    want = full_forward_greedy(model, prompt, N)
+    assert got == want
+    assert greedy(model, [prompt], stop=[], max_new_tokens=N) == [want]  # eval's decoding, static asked for
