@@ -399,7 +399,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
           max_batch: PositiveInt = 32, max_queue: PositiveInt = 256, prefix_cache_mb: float = 256,
           precision: str = "auto",
           dtype: str | None = None, adapter_dtype: str = "auto", ui: bool = False, runs: NonEmpty = "runs",
-          header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512) -> None:
+          header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512, quantize: str | None = None) -> None:
     """Serve one base model with many LoRA adapters over an OpenAI-compatible HTTP API, batched across adapters.
 
     Args:
@@ -420,6 +420,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         runs: the dashboard's runs folder
         header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
         max_connections: connections open at once; one beyond them closes idle kept-alive ones, else is answered 503
+        quantize: nf4, fp4 or int8: the base stored with bitsandbytes, as QLoRA adapters trained over it (default:
+            the full-precision base); it decodes on transformers' forward, not the static decoder
     """
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
@@ -427,6 +429,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     from loraforge.serve.residency import NAME_RE, NAME_RULE
 
     _check_precision(precision, dtype)
+    _check_quantize(quantize)
     api_key = _api_key(api_key)
     if not prefix_cache_mb >= 0:
         raise ConfigError([f"--prefix-cache-mb {prefix_cache_mb}: give the megabytes to keep (0 turns it off)"])
@@ -457,13 +460,13 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
                                            host)
     run_server(model, pairs, adapters_dir, host, port, api_key, max_loaded, max_batch, max_queue, dtype or "auto",
                precision, extend=extend, prefix_cache_mb=prefix_cache_mb, adapter_dtype=adapter_dtype,
-               header_timeout=header_timeout, max_connections=max_connections)
+               header_timeout=header_timeout, max_connections=max_connections, quantize=quantize)
 
 
 def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonEmpty = ".",
        adapters_dir: NonEmpty | None = None, models_dir: NonEmpty | None = None, host: str = "127.0.0.1",
        port: Port = 8000, api_key: str | None = None, precision: str = "auto", dtype: str | None = None,
-       header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512) -> None:
+       header_timeout: PositiveFloat = 30, max_connections: PositiveInt = 512, quantize: str | None = None) -> None:
     """A web dashboard: live run curves, start/stop runs, chat with base and adapters side by side, adapters.
 
     Args:
@@ -479,13 +482,16 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
         dtype: storage of the served base: fp32, bf16 or fp16 (default: the precision's)
         header_timeout: seconds a request's headers may take to arrive, and each pause in its body; then 408 and closed
         max_connections: connections open at once; one beyond them closes idle kept-alive ones, else is answered 503
+        quantize: nf4, fp4 or int8: the playground's base stored with bitsandbytes, as QLoRA adapters trained over it
+            (default: the full-precision base)
     """
     from .ui.app import run_ui
 
     _check_precision(precision, dtype)
+    _check_quantize(quantize)
     _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir, adapters_dir=adapters_dir)
     run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, _api_key(api_key), dtype or "auto", precision,
-           header_timeout=header_timeout, max_connections=max_connections)
+           header_timeout=header_timeout, max_connections=max_connections, quantize=quantize)
 
 
 # The studies' commands are declared here, as the others are, so that the parser (and so `--help`, a mistyped command)

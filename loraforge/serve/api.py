@@ -652,7 +652,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_loaded: int = 8,
                max_batch: int = 32, max_queue: int = 256, dtype: str = "auto", precision: str = "auto",
                extend=None, prefix_cache_mb: float = 256, adapter_dtype: str = "auto",
-               header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> None:
+               header_timeout: float = HEADER_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
+               quantize: str | None = None) -> None:
     """Serve `model` with LoRA adapters over an OpenAI-compatible HTTP API until interrupted.
 
     model: base model (built-in name, transformers directory, hub id or .gguf); requests name it in `model`
@@ -673,6 +674,8 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         answered 503 (retry later).
     precision, dtype: resolved by the one rule (loraforge.precision.choose; auto: fp32 on a CPU without native
         bf16, bf16 where it is native); the base is stored in the chosen dtype and the engine decodes in it.
+    quantize: "nf4", "fp4" or "int8": the base's linear layers stored by bitsandbytes (load_model's, as train,
+        eval and generate load it), computing in the chosen dtype; such a base decodes on transformers' forward.
     """
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"),
                     training=False)  # where load_base puts the model
@@ -680,7 +683,7 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     if (warning := open_to_network(host, port, api_key)) is not None:
         print(warning, file=sys.stderr, flush=True)
     print(chosen.line(training=False), flush=True)
-    base, tokenizer = load_base(model, dtype=chosen.storage)
+    base, tokenizer = load_base(model, dtype=chosen.storage, quantize=quantize)
     engine = Engine(base, tokenizer, base_name=model, adapters=adapters or {}, adapters_dir=adapters_dir,
                     max_loaded=max_loaded, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
                     adapter_dtype=adapter_dtype, precision=chosen)
@@ -689,8 +692,9 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
         extend(app, engine)
     else:
         app.add_middleware(RequestGuard, host=host, cross_site=False)  # a page rebinding its name to this machine
-    print(f"serving {model} with adapters: {adapters_named(engine.adapter_names())} on http://{host}:{port}/v1",
-          flush=True)
+    stored = f" ({quantize} base)" if quantize else ""
+    print(f"serving {model}{stored} with adapters: {adapters_named(engine.adapter_names())} on "
+          f"http://{host}:{port}/v1", flush=True)
     try:
         run_until_signal(app, host, port, log_level="info", header_timeout=header_timeout,
                          max_connections=max_connections)

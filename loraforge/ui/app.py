@@ -338,15 +338,16 @@ def training_models(model: str, models_dir: str | None) -> dict[str, str]:
 def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".", adapters_dir: str | None = None,
            models_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
            dtype: str = "auto", precision: str = "auto", header_timeout: float = HEADER_TIMEOUT_S,
-           max_connections: int = MAX_CONNECTIONS) -> None:
+           max_connections: int = MAX_CONNECTIONS, quantize: str | None = None) -> None:
     """Serve the dashboard and the OpenAI-compatible API over one base model until interrupted. header_timeout,
-    max_connections: run_server's (a request's headers and each pause in its body; connections open at once)."""
+    max_connections, quantize: run_server's (a request's headers and each pause in its body; connections open at
+    once; the base stored by bitsandbytes)."""
     check_host(host, api_key)
     check_port(host, port)  # a port already taken: one line, before the model loads
     Path(runs).mkdir(parents=True, exist_ok=True)
     chosen = choose(precision, dtype, device="cpu", names=("--precision", "--dtype"), training=False)
     print(chosen.line(training=False), flush=True)
-    base, tokenizer = load_base(model, dtype=chosen.storage)
+    base, tokenizer = load_base(model, dtype=chosen.storage, quantize=quantize)
     engine = Engine(base, tokenizer, base_name=model, adapters_dir=adapters_dir or runs)
     app = create_app(engine, api_key=api_key)
     mount(app, runs, data_dir, training_models(model, models_dir), engine, api_key, host)
