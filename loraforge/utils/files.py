@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -231,6 +232,15 @@ def fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time (a checkpoint's manifest, outputs.WRITTEN's record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _link_or_copy(src, dst) -> None:
@@ -478,4 +488,4 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
 
 
 __all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes",
-           "real_path", "umask"]
+           "real_path", "sha256_file", "umask"]
