@@ -23,13 +23,14 @@ from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
-from loraforge.utils.outputs import check_output, check_replaceable, check_writable
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable, published_room
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                 "pytorch_model*.bin", "pytorch_model.bin.index.json")
 # An adapter's files: left beside merged weights, transformers' from_pretrained would attach the adapter again.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+LONGEST_FILE = "model-00001-of-00002.safetensors"  # the longest name save_pretrained writes (a shard's; 32 bytes)
 COMBINATIONS = ("cat", "svd", "linear")
 
 
@@ -528,7 +529,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         _warn_other_bases(configs)
         _warn_given_twice(adapters, weights or [1.0] * len(adapters))
     # before loading anything; a built-in or .gguf base's cached conversion is an input too (the name is no path)
-    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters],
+                 room=published_room(out_dir, LONGEST_FILE))
     check_replaceable(out_dir)
     check_writable(out_dir)
     loaded = _load_dtype(base, dtype, quantize)

@@ -113,36 +113,46 @@ def make_output(path: str | Path, flag: str = "--out") -> Path:
 PATH_MAX = 4096
 """The most bytes a path may have on Linux (the final NUL included), where pathconf cannot say."""
 ROOM = 100
-"""Bytes that the longest path a command writes below its output folder adds to it, with room to spare:
-/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61."""
+"""Bytes that the longest path a training run writes below its output folder adds to it, with room to spare:
+/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61 (a tracker's event files are longer)."""
 
 
-def check_length(path: str | Path, flag: str = "--out") -> None:
+def published_room(path: str | Path, longest: str) -> int:
+    """Bytes that the longest path a command publishing the folder `path` as a whole (files.atomic_dir: merge,
+    export --to vllm) writes adds to `path`: its temporary folder beside it (`.tmp-<name>-<8 characters>`, the name
+    cut to NAME_MAX) and, inside that, `longest`, the longest file name it writes there. ROOM's 100 refused a merge
+    into an --out of 3,996 bytes or more, which writes up to 4,048 (soak)."""
+    name = real_path(path).name
+    return len(os.fsencode(temporary_prefix("tmp", name))) + SUFFIX - len(os.fsencode(name)) + len(f"/{longest}")
+
+
+def check_length(path: str | Path, flag: str = "--out", room: int = ROOM) -> None:
     """Refuse, before any work, an output folder whose path leaves no room for the paths of the files written below
     it (soak: an output_dir of 4,000 bytes was made, then the first checkpoint's file was a safetensors traceback
     "File name too long", leaving a run that blocked the next one). The path a write takes is the folder's real one
-    (files.real_path: absolute, links followed)."""
+    (files.real_path: absolute, links followed). `room`: the bytes the longest of them adds (ROOM: a training
+    run's; published_room: merge's, export's)."""
     real = real_path(path)
     try:
         limit = os.pathconf(next(p for p in (real, *real.parents) if p.is_dir()), "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer for this file system
         limit = PATH_MAX
     size = len(os.fsencode(real))
-    if limit - ROOM <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
+    if limit - room <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
         shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
         raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
                           f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")
 
 
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                 flag: str = "--out", command: str | None = None) -> None:
+                 flag: str = "--out", command: str | None = None, room: int = ROOM) -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
 
     `flag` is how the user named the path (--out, output_dir) so the message points at it. `command`: the files
     this command recorded in `path` (write_own) and that are unchanged are its own, not content that needs
-    --overwrite (a study killed before its first result: its rerun goes on without it).
+    --overwrite (a study killed before its first result: its rerun goes on without it). `room`: check_length's.
     """
-    check_length(path, flag)
+    check_length(path, flag, room)
     check_not_input(path, inputs, flag)
     check_parents(path, flag)
     out = expand_user(path)
@@ -419,4 +429,4 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 __all__ = ["LOCK", "WRITTEN", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
            "check_replaceable", "check_run_output", "check_writable", "hold_output", "lock_held", "own_files",
-           "write_own"]
+           "published_room", "write_own"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import loraforge.export.gguf as gguf_export
@@ -25,6 +26,7 @@ from loraforge.lora.adapters import save_adapter
 from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject
+from loraforge.lora.merge import export_merged
 from loraforge.utils import outputs
 from loraforge.utils.files import temporary_prefix
 from loraforge.utils.outputs import OutputError, check_output
@@ -224,6 +226,29 @@ def test_an_output_dir_too_long_for_the_files_below_it_is_refused_before_any_wor
     with pytest.raises(OutputError, match=r"^--out .*: its full path is 3,996 bytes, too long"):
         check_output(long_output(tmp_path, 3996), overwrite=False)
     check_output(long_output(tmp_path, 3995), overwrite=False)  # 3,995 + the 61 of a checkpoint's file: room left
+
+
+def test_merge_and_export_write_into_an_out_as_long_as_their_own_files_allow(tiny_dir, adapter_dir, tmp_path):
+    """Soak: merge (and export --to vllm) refused an --out of 3,996 to 4,040 bytes as "too long for the files written
+    below it", by train's room (100 bytes: a checkpoint's files, a tracker's); merge writes its checkpoint into
+    .tmp-<name>-<8> beside --out, the longest name a shard's (model-00001-of-00002.safetensors): 47 bytes more, so
+    4,048 is written, with the weights a merge into a short --out gives, and 4,049 refused before any work (export
+    --to vllm: 4,055, its adapter_model.safetensors)."""
+    long = long_output(tmp_path / "long", 4048)
+    long.parent.mkdir(parents=True)
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(long)]) == 0
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "s")]) == 0
+    merged, short = (load_file(out / "model.safetensors") for out in (long, tmp_path / "s"))
+    assert merged.keys() == short.keys() and all(torch.equal(merged[k], short[k]) for k in short)
+    vllm = long_output(tmp_path / "lv", 4055)  # .tmp-<name>-<8>/adapter_model.safetensors: 40 bytes more
+    vllm.parent.mkdir(parents=True)
+    assert main(["export", "--adapter", str(adapter_dir), "--to", "vllm", "--out", str(vllm)]) == 0
+    assert main(["export", "--adapter", str(adapter_dir), "--to", "vllm", "--out", str(tmp_path / "v")]) == 0
+    written = [(out / "adapter_model.safetensors").read_bytes() for out in (vllm, tmp_path / "v")]
+    assert written[0] == written[1]
+    too_long = long_output(tmp_path / "long2", 4049)
+    with pytest.raises(OutputError, match=r"^--out .*: its full path is 4,049 bytes, too long"):
+        export_merged(str(tiny_dir), [str(adapter_dir)], too_long)
 
 
 @pytest.mark.parametrize("name, folder", [("adapter", False), ("checkpoints", False), ("metrics.jsonl", True),
