@@ -249,6 +249,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
     base) and AdaLoRA are refused with an AdapterError (A and B do not hold them); merge such an adapter alone, then
     combine the others on that model.
+    A name given more than once adds its weighted ΔW once per mention, as PEFT's add_weighted_adapter does
+    (["a", "a"], [1, 1] is a with weight 2), with a warning that names the one weight that means it.
     """
     configs = model.lora_configs
     if not adapters:
@@ -266,6 +268,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if problems:
         raise ConfigError(problems)
     _refuse_uncombinable({a: configs[a] for a in adapters})
+    for name in dict.fromkeys(a for a in adapters if adapters.count(a) > 1):  # set_adapter refuses; PEFT adds here
+        total = sum(w for a, w in zip(adapters, weights) if a == name)
+        warnings.warn(f"add_weighted_adapter: {name!r} given {adapters.count(name)} times in {list(adapters)}, so its "
+                      f"ΔW is added {adapters.count(name)} times (weight {total:g} in all), as PEFT's "
+                      f"add_weighted_adapter does; give it once, with weight {total:g}, if that is what you mean",
+                      stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
     layers = [(p, m) for p, m in lora_layers(model) if any(a in m.r for a in adapters)]
     ranks = {m.r[a] for _, m in layers for a in adapters if a in m.r}
     if combination_type == "linear":
