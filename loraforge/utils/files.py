@@ -32,6 +32,8 @@ import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
+from loraforge.utils.interrupts import held_interrupts
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; a killed writer's temporary folder is left to the user
@@ -419,7 +421,8 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
+        with held_interrupts():  # as atomic_file's: the folder made and named together
+            tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
         lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
         for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
             remove_stale_temporaries(name, keep=tmp)
@@ -455,8 +458,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
     tmp = lock = None
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
-        tmp = Path(name)
+        with held_interrupts():  # Ctrl-C between mkstemp and the assignment left the file, named nowhere (soak)
+            fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
+            tmp = Path(name)
         lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
         remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
         yield tmp
