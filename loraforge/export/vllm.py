@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from loraforge.lora.adapters import PREFIX, write_adapter_dir
+from loraforge.lora.adapters import PREFIX, WEIGHTS_NAME, write_adapter_dir
 from loraforge.config import LoraConfig
 from loraforge.models import conversion_paths
-from loraforge.utils.outputs import check_output, check_replaceable, check_writable
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable, published_room
 from loraforge.export.factors import read_factors, unsupported
 from loraforge.export.gguf_names import ExportError
 
@@ -60,7 +60,8 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
                           f"and serve the merged model: loraforge merge --base BASE --adapter {adapter_dir} --out DIR")
     config, factors = read_factors(adapter_dir)
     base = config.base_model_name_or_path  # its cached conversion (a built-in base) is no place for an adapter
-    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir, *(conversion_paths(base) if base else [])])
+    check_output(out_dir, overwrite=overwrite, inputs=[adapter_dir, *(conversion_paths(base) if base else [])],
+                 room=published_room(out_dir, WEIGHTS_NAME))  # an adapter's two files, the longest name
     check_replaceable(out_dir)
     check_writable(out_dir)
     R = max(f.lora_A.shape[0] for f in factors.values())

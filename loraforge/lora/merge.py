@@ -23,13 +23,14 @@ from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
 from loraforge.quant.bnb import QUANT_TYPES
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
-from loraforge.utils.outputs import check_output, check_replaceable, check_writable
+from loraforge.utils.outputs import check_output, check_replaceable, check_writable, published_room
 
 # Weight files of a transformers checkpoint: an older export's ones left beside a new one would be loaded instead.
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                 "pytorch_model*.bin", "pytorch_model.bin.index.json")
 # An adapter's files: left beside merged weights, transformers' from_pretrained would attach the adapter again.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+LONGEST_FILE = "model-00001-of-00002.safetensors"  # the longest name save_pretrained writes (a shard's; 32 bytes)
 COMBINATIONS = ("cat", "svd", "linear")
 
 
@@ -248,6 +249,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     Only plain LoRA adapters combine: DoRA, modules_to_save, trained biases, PiSSA/OLoRA (A and B fit a residual
     base) and AdaLoRA are refused with an AdapterError (A and B do not hold them); merge such an adapter alone, then
     combine the others on that model.
+    A name given more than once adds its weighted ΔW once per mention, as PEFT's add_weighted_adapter does
+    (["a", "a"], [1, 1] is a with weight 2), with a warning that names the one weight that means it.
     """
     configs = model.lora_configs
     if not adapters:
@@ -265,6 +268,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if problems:
         raise ConfigError(problems)
     _refuse_uncombinable({a: configs[a] for a in adapters})
+    for name in dict.fromkeys(a for a in adapters if adapters.count(a) > 1):  # set_adapter refuses; PEFT adds here
+        total = sum(w for a, w in zip(adapters, weights) if a == name)
+        warnings.warn(f"add_weighted_adapter: {name!r} given {adapters.count(name)} times in {list(adapters)}, so its "
+                      f"ΔW is added {adapters.count(name)} times (weight {total:g} in all), as PEFT's "
+                      f"add_weighted_adapter does; give it once, with weight {total:g}, if that is what you mean",
+                      stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
     layers = [(p, m) for p, m in lora_layers(model) if any(a in m.r for a in adapters)]
     ranks = {m.r[a] for _, m in layers for a in adapters if a in m.r}
     if combination_type == "linear":
@@ -528,7 +537,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         _warn_other_bases(configs)
         _warn_given_twice(adapters, weights or [1.0] * len(adapters))
     # before loading anything; a built-in or .gguf base's cached conversion is an input too (the name is no path)
-    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters])
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *conversion_paths(base), *adapters],
+                 room=published_room(out_dir, LONGEST_FILE))
     check_replaceable(out_dir)
     check_writable(out_dir)
     loaded = _load_dtype(base, dtype, quantize)

@@ -115,7 +115,7 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
 def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, shares, out: Path, general: bool,
            limit: int | None, progress: bool, overwrite: bool, started: float) -> dict:
     start_over(out, ("continual.json",))
-    cfg = task_split(cfg, out)
+    cfg = task_split(cfg, out, "continual", overwrite)
     sizes = [len(D.read_records(s.path)) for s in cfg.data.sources("train")]  # the replay arms' shares
     precision = run_precision(cfg, torch.device("cpu"))
     print(precision.line(), flush=True)
@@ -328,5 +328,5 @@ def cli_continual(config: str | None = None, adapter: str = DEFAULT_ADAPTER, pre
     if problems:
         raise ConfigError(problems)
     inputs = [config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths(), adapter, previous, replay]
-    check_output(out, overwrite=overwrite, inputs=inputs)
+    check_output(out, overwrite=overwrite, inputs=inputs, command="continual")  # its own task split: kept
     run_continual(cfg, adapter, previous, replay, shares, out, not skip_general, limit, overwrite=overwrite)

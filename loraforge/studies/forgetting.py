@@ -43,7 +43,7 @@ from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar, strict_json
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file, expand_user
-from loraforge.utils.outputs import check_output, hold_output
+from loraforge.utils.outputs import check_output, hold_output, write_own
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
@@ -208,13 +208,14 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     return {**results, "seconds": seconds}
 
 
-def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
+def task_split(cfg: TrainConfig, out: Path, command: str, overwrite: bool) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split.
 
     Without data.eval, max(eval_fraction, 0.1) of each training source of 20 or more records is held out as
     train holds it out (loraforge.training.mixing.read_sources, seed 0) and written to task_test.jsonl; the rest of
     each source goes to its own file (task_train.jsonl; a list: task_train0.jsonl, ...), keeping its weight,
-    epochs and format."""
+    epochs and format. They are written as `command`'s own (outputs.write_own): a rerun after a kill before the
+    study's first result takes them for its own while unchanged; a user's file of those names needs `overwrite`."""
     if cfg.data.eval:
         return cfg
     sources = cfg.data.sources("train")
@@ -230,11 +231,10 @@ def task_split(cfg: TrainConfig, out: Path) -> TrainConfig:
         raise D.DataError(f"data.train: no source has 20 records to hold some out ({counts}) and data.eval is "
                           f"unset; {fix}")
     task_format(held, "data.train")
-    out.mkdir(parents=True, exist_ok=True)
     names = ["task_train.jsonl"] if len(sources) == 1 else [f"task_train{i}.jsonl" for i in range(len(sources))]
-    for name, rows in zip(names, train):
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "task_test.jsonl").write_text("".join(json.dumps(r) + "\n" for _, _, rows in held for r in rows))
+    files = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in zip(names, train)}
+    files["task_test.jsonl"] = "".join(json.dumps(r) + "\n" for _, _, rows in held for r in rows)
+    write_own(out, command, files, overwrite=overwrite)
     written = tuple(dataclasses.replace(s, path=str(out / name)) for s, name in zip(sources, names))
     return dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=written[0].path if isinstance(cfg.data.train, str) else written,
@@ -373,7 +373,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
 def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, seeds: int, limit: int | None,
            progress: bool, overwrite: bool, started: float) -> dict:
     start_over(out, ("forgetting.json", "forgetting.png"))
-    cfg = task_split(cfg, out)
+    cfg = task_split(cfg, out, "forgetting", overwrite)
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
@@ -575,7 +575,7 @@ def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting",
     cfg = (load_train_config(config, overrides) if config
            else demo_config(out, DEMO_STEPS, overrides, data={"eval": asset("demo_test.jsonl")}))
     ranks = [int(r) for r in ranks] or DEFAULT_RANKS  # run_forgetting checks them, the config and its tracker
-    check_output(out, overwrite=overwrite,
+    check_output(out, overwrite=overwrite, command="forgetting",  # its task split, when a kill left it unchanged
                  inputs=[config, cfg.model.name, *conversion_paths(cfg.model.name), *cfg.data.paths()])
     run_forgetting(cfg, out, ranks, lora_lr, full_lr, seeds, overwrite=overwrite)
 

@@ -10,7 +10,6 @@ damaged newer ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loraforge.config import TrainConfig, to_dict
-from loraforge.utils.files import DiskError, atomic_dir
+from loraforge.utils.files import DiskError, atomic_dir, sha256_file
 
 
 class TrainingError(RuntimeError):
@@ -176,14 +175,6 @@ def world_change(path: Path, then: int, now: int, draws: str) -> str:
 def _python_rng_state():
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 SHARDED = "dcp"  # manifest.json's "format" of FSDP's sharded checkpoints (training.dcp); none: one process or DDP

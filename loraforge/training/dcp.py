@@ -31,9 +31,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from loraforge.config import TrainConfig, to_dict
 from loraforge.training.checkpoint import (MANIFEST, SHARDED, WRITTEN_WITHOUT_FSDP, TrainingError, config_changes,
                                            disk_stop, find_checkpoint, prune_checkpoints, restore_rng, rng_state,
-                                           sha256_file, world_change)
+                                           world_change)
 from loraforge.training.distributed import is_collective_failure
-from loraforge.utils.files import atomic_dir, disk_error
+from loraforge.utils.files import atomic_dir, disk_error, sha256_file
 
 FORMAT = SHARDED  # the manifest's and trainer_state.json's "format": what tells a sharded checkpoint from another
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # only what trains: adapters (or all, full)

@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+
+from loraforge.utils.interrupts import held_interrupts
 
 try:
     import fcntl
@@ -233,6 +236,15 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a MiB at a time (a checkpoint's manifest, outputs.WRITTEN's record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)  # the same bytes, no copy: the old set's file is only renamed away afterwards
@@ -409,7 +421,8 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
     tmp = lock = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
+        with held_interrupts():  # as atomic_file's: the folder made and named together
+            tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
         lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
         for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
             remove_stale_temporaries(name, keep=tmp)
@@ -445,8 +458,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
     tmp = lock = None
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
-        tmp = Path(name)
+        with held_interrupts():  # Ctrl-C between mkstemp and the assignment left the file, named nowhere (soak)
+            fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
+            tmp = Path(name)
         lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
         remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
         yield tmp
@@ -478,4 +492,4 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
 
 
 __all__ = ["DiskError", "atomic_dir", "atomic_file", "disk_error", "fsync_tree", "holds_cwd", "plain_modes",
-           "real_path", "umask"]
+           "real_path", "sha256_file", "umask"]

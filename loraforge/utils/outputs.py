@@ -13,6 +13,9 @@
 - One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
   these checks until it ends; a second one is refused, naming the first one's process id, and so is a merge or
   export into it (check_output), which would swap the folder under the run.
+- Files a command writes into a folder before its first result (a study's task split) are recorded first in
+  WRITTEN (write_own): a rerun of that command after a kill knows them as its own while they are unchanged
+  (check_output's `command`), and a user's file of such a name, or one changed since, is still refused.
 
 Atomic writes (temp + rename) protect against crashes, not against a wrong --out: this module is for that.
 """
@@ -20,13 +23,15 @@ Atomic writes (temp + rename) protect against crashes, not against a wrong --out
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loraforge.utils.files import OVERWRITE, DiskError, disk_error, expand_user, holds_cwd, real_path, refused
+from loraforge.utils.files import (OVERWRITE, SUFFIX, DiskError, atomic_file, disk_error, expand_user, holds_cwd,
+                                   real_path, refused, sha256_file, temporary_prefix)
 
 try:
     import fcntl
@@ -108,34 +113,46 @@ def make_output(path: str | Path, flag: str = "--out") -> Path:
 PATH_MAX = 4096
 """The most bytes a path may have on Linux (the final NUL included), where pathconf cannot say."""
 ROOM = 100
-"""Bytes that the longest path a command writes below its output folder adds to it, with room to spare:
-/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61."""
+"""Bytes that the longest path a training run writes below its output folder adds to it, with room to spare:
+/checkpoints/.tmp-step-0000001-abcdefgh/optimizer.safetensors is 61 (a tracker's event files are longer)."""
 
 
-def check_length(path: str | Path, flag: str = "--out") -> None:
+def published_room(path: str | Path, longest: str) -> int:
+    """Bytes that the longest path a command publishing the folder `path` as a whole (files.atomic_dir: merge,
+    export --to vllm) writes adds to `path`: its temporary folder beside it (`.tmp-<name>-<8 characters>`, the name
+    cut to NAME_MAX) and, inside that, `longest`, the longest file name it writes there. ROOM's 100 refused a merge
+    into an --out of 3,996 bytes or more, which writes up to 4,048 (soak)."""
+    name = real_path(path).name
+    return len(os.fsencode(temporary_prefix("tmp", name))) + SUFFIX - len(os.fsencode(name)) + len(f"/{longest}")
+
+
+def check_length(path: str | Path, flag: str = "--out", room: int = ROOM) -> None:
     """Refuse, before any work, an output folder whose path leaves no room for the paths of the files written below
     it (soak: an output_dir of 4,000 bytes was made, then the first checkpoint's file was a safetensors traceback
     "File name too long", leaving a run that blocked the next one). The path a write takes is the folder's real one
-    (files.real_path: absolute, links followed)."""
+    (files.real_path: absolute, links followed). `room`: the bytes the longest of them adds (ROOM: a training
+    run's; published_room: merge's, export's)."""
     real = real_path(path)
     try:
         limit = os.pathconf(next(p for p in (real, *real.parents) if p.is_dir()), "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer for this file system
         limit = PATH_MAX
     size = len(os.fsencode(real))
-    if limit - ROOM <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
+    if limit - room <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
         shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
         raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
                           f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")
 
 
 def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                 flag: str = "--out") -> None:
+                 flag: str = "--out", command: str | None = None, room: int = ROOM) -> None:
     """Raise OutputError unless the command may write into `path` (a folder); call it before any loading.
 
-    `flag` is how the user named the path (--out, output_dir) so the message points at it.
+    `flag` is how the user named the path (--out, output_dir) so the message points at it. `command`: the files
+    this command recorded in `path` (write_own) and that are unchanged are its own, not content that needs
+    --overwrite (a study killed before its first result: its rerun goes on without it). `room`: check_length's.
     """
-    check_length(path, flag)
+    check_length(path, flag, room)
     check_not_input(path, inputs, flag)
     check_parents(path, flag)
     out = expand_user(path)
@@ -145,11 +162,89 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
         raise OutputError(f"another loraforge process (pid {pid}) is training into {flag} {path}; wait for it to "
                           f"end, or choose another {flag}")
     if not overwrite and out.is_dir():
-        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        own = own_files(out, command) if command else set()
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK and p.name not in own)
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise OutputError(f"{flag} {path} exists and is not empty ({shown}); pass {OVERWRITE} to write "
                               f"into it (only the files this command writes are replaced), or choose another {flag}")
+
+
+WRITTEN = ".loraforge-written.json"
+"""A command's record of the files it writes into an output folder, made before the first of them is written:
+{"command": ..., "files": {name: {"bytes": ..., "sha256": ...}}}, the entries of a checkpoint's manifest.json."""
+
+
+def _recorded(out: Path, command: str) -> dict[str, dict]:
+    """The files `command` recorded in out/WRITTEN ({name: {"bytes", "sha256"}}); {} where there is no record of
+    this command's (none, another command's, a link, unreadable: not known to be this command's)."""
+    record_file = out / WRITTEN
+    if record_file.is_symlink() or not record_file.is_file():
+        return {}
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("command") != command or not isinstance(record.get("files"), dict):
+        return {}
+    return {name: entry for name, entry in record["files"].items()
+            if isinstance(entry, dict) and isinstance(name, str) and name == Path(name).name
+            and name not in (WRITTEN, LOCK, "", ".", "..")}
+
+
+def _unchanged(file: Path, entry: dict) -> bool:
+    """Whether `file` is a plain file (not a link) with the size and SHA-256 `entry` recorded."""
+    try:
+        if file.is_symlink() or not file.is_file() or file.stat().st_size != entry.get("bytes"):
+            return False
+        return sha256_file(file) == entry.get("sha256")
+    except OSError:
+        return False
+
+
+def own_files(out: Path, command: str) -> set[str]:
+    """The names in `out` that are `command`'s own: the files it recorded in WRITTEN that are unchanged since, the
+    temporaries of its atomic writes of them that a kill left (`.tmp-<name>-<8 characters>`), and WRITTEN itself
+    where it is `command`'s record. A file of a recorded name that differs from the record is not (the user's now)."""
+    recorded = _recorded(out, command)
+    if not recorded:
+        return set()
+    own = {WRITTEN} | {name for name, entry in recorded.items() if _unchanged(out / name, entry)}
+    temporaries = [temporary_prefix("tmp", name) for name in (*recorded, WRITTEN)]
+    for entry in out.iterdir():
+        if (any(entry.name.startswith(p) and len(entry.name) == len(p) + SUFFIX for p in temporaries)
+                and entry.is_file() and not entry.is_symlink()):
+            own.add(entry.name)
+    return own
+
+
+def write_own(out: str | Path, command: str, files: dict[str, str], *, overwrite: bool, flag: str = "--out") -> None:
+    """Write `files` ({name: text}) into the folder `out` as `command`'s own, so that a rerun of `command` after a
+    kill takes them for its own (own_files, check_output's `command`): each is recorded in WRITTEN (its size and
+    SHA-256) before it is written, atomically, and an earlier own file it replaces is removed first, so at every
+    moment each of them is either missing or what WRITTEN says. A file of one of these names that is not
+    `command`'s unchanged own (a user's) is refused unless `overwrite`: OutputError naming it, nothing written."""
+    out = expand_user(out)
+    make_output(out, flag)
+    data = {name: text.encode() for name, text in files.items()}
+    new = {name: {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()} for name, raw in data.items()}
+    own = own_files(out, command)
+    foreign = sorted(name for name in (*data, WRITTEN) if os.path.lexists(out / name) and name not in own)
+    if foreign and not overwrite:
+        raise OutputError(f"{flag} {out}: {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not this "
+                          f"command's own (another file of that name, or one changed since it wrote it); pass "
+                          f"{OVERWRITE} to replace {'it' if len(foreign) == 1 else 'them'}, or choose another {flag}")
+    recorded = _recorded(out, command)
+    kept = {name: entry for name, entry in recorded.items() if name in own and name not in data}
+    for name in data:
+        if name in own and name in recorded and recorded[name] != new[name]:
+            (out / name).unlink()  # the earlier own content, about to be recorded as another: missing meanwhile
+    with atomic_file(out / WRITTEN) as tmp:
+        tmp.write_text(json.dumps({"command": command, "files": {**kept, **new}}, indent=1))
+    for name, raw in data.items():
+        if not (name in own and recorded.get(name) == new[name]):  # an unchanged own file stays as it is
+            with atomic_file(out / name) as tmp:
+                tmp.write_bytes(raw)
 
 
 def _training_into(out: Path) -> str | None:
@@ -353,5 +448,6 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
-           "check_replaceable", "check_run_output", "check_run_writable", "check_writable", "hold_output", "lock_held"]
+__all__ = ["LOCK", "WRITTEN", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
+           "check_replaceable", "check_run_output", "check_run_writable", "check_writable", "hold_output", "lock_held",
+           "own_files", "published_room", "write_own"]

@@ -604,6 +604,28 @@ def test_one_adapter_given_twice_warns_and_adds_it_twice_as_peft_does(tiny_dir, 
             torch.testing.assert_close(value, reference[key], **TOL)
 
 
+@pytest.mark.parametrize("combination", ["cat", "svd", "linear"])
+def test_a_name_given_twice_to_add_weighted_adapter_adds_it_twice_as_peft_does_with_a_warning(combination, tmp_path):
+    """add_weighted_adapter(["a", "a"]) added a's ΔW twice without a word (set_adapter refuses a name given twice:
+    its forward would add the ΔW once per mention). PEFT's add_weighted_adapter adds it twice, the reference kept:
+    the combined adapter's logits are PEFT's for the same call, and a warning names the weight that means it."""
+    save_adapter(randomize(inject(tiny_llama(), LoraConfig(r=2, lora_alpha=4)), seed=1), tmp_path / "a")
+    ours = tiny_llama()
+    load_adapter(ours, tmp_path / "a", "a")
+    with pytest.warns(UserWarning) as caught:
+        add_weighted_adapter(ours, ["a", "a"], [0.5, 1.0], "c", combination)
+    assert [str(w.message) for w in caught if "given 2 times" in str(w.message)] == [
+        "add_weighted_adapter: 'a' given 2 times in ['a', 'a'], so its ΔW is added 2 times (weight 1.5 in all), as "
+        "PEFT's add_weighted_adapter does; give it once, with weight 1.5, if that is what you mean"]
+    set_adapter(ours, "c")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    theirs.add_weighted_adapter(["a", "a"], [0.5, 1.0], "c", combination_type=combination)
+    theirs.set_adapter("c")
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, **TOL)
+
+
 def test_a_weight_on_one_dora_adapter_names_weights(tmp_path):
     """`merge --adapter DORA --weights 0.5` said to merge "with that one --adapter", which the user had done."""
     save_adapter(inject(tiny_llama(), LoraConfig(r=2, use_dora=True)), tmp_path / "dora")

@@ -121,7 +121,7 @@ def test_task_split_is_fixed_for_every_seed(tiny_dir, data_file, tmp_path):
     """Without data.eval the held-out task set is split once and written, so every seed is scored on it."""
     from loraforge.training.data import read_records
 
-    cfg = task_split(full_config(tiny_dir, data_file, tmp_path), tmp_path / "fg")
+    cfg = task_split(full_config(tiny_dir, data_file, tmp_path), tmp_path / "fg", "forgetting", False)
     train_rows, held = read_records(cfg.data.train), read_records(cfg.data.eval)
     assert len(train_rows) + len(held) == 40 and len(held) == 4
     assert not {r["instruction"] for r in held} & {r["instruction"] for r in train_rows}
@@ -260,7 +260,7 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
     base = [f"model.name={tiny_dir}", f"output_dir={tmp_path}"]
     mix = f"data.train=[{{path: {data_file}, weight: 3}}, {{path: {small}, weight: 1}}]"
     cfg = load_train_config(None, [*base, mix])
-    split = task_split(cfg, tmp_path / "fg")
+    split = task_split(cfg, tmp_path / "fg", "forgetting", False)
     (big, rest) = split.data.sources("train")
     assert (big.weight, rest.weight) == (3, 1) and split.data.eval == str(tmp_path / "fg" / "task_test.jsonl")
     held = read_records(split.data.eval)
@@ -280,7 +280,8 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
         "data.eval: the task's held-out examples come in several formats (data.eval[0] small.jsonl: instruction, "
         "data.eval[1] chat.jsonl: chat); the task accuracy scores one format: give sources of one format"]
     with pytest.raises(DataError) as e:
-        task_split(load_train_config(None, [*base, f"data.train=[{small}, {small}]"]), tmp_path / "fg2")
+        task_split(load_train_config(None, [*base, f"data.train=[{small}, {small}]"]), tmp_path / "fg2", "forgetting",
+                   False)
     assert str(e.value) == (f"data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
                             f"data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
                             f"examples: give 20 or more records, or set data.eval to a file of them")
@@ -363,6 +364,46 @@ def test_a_folder_holding_only_a_task_split_is_not_taken_as_the_studys_own(tmp_p
                             f"--overwrite (overwrite=True) to write into it (only the files this command writes are "
                             f"replaced), or choose another --out")
     assert ran == [] and (out / "task_train.jsonl").read_text() == "{}\n"
+
+
+def test_a_study_stopped_before_its_first_result_is_rerun_into_its_own_task_split(tiny_dir, data_file, tmp_path,
+                                                                                monkeypatch):
+    """Soak: a study stopped (Ctrl-C, SIGKILL) while probing the base left its task split, and the rerun without
+    --overwrite was refused, naming it. The split is recorded as the study's own (outputs.WRITTEN) before it is
+    written: the rerun goes on and gives the uninterrupted run's numbers; a split file changed since is refused."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}, dtype: fp32}}\ndata: {{train: {data_file}}}\n"
+                      f"training: {{max_steps: 1, batch_size: 4, precision: fp32, warmup_steps: 0, save_every: 0}}\n")
+    real_run, real_load = forgetting.run_forgetting, forgetting.load_base
+    monkeypatch.setattr(forgetting, "run_forgetting", lambda *a, **kw: real_run(*a, **kw, limit=2, progress=False))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(forgetting, "load_base", stopped)  # Ctrl-C as the base loads: after the split was written
+    for name in ("fg", "changed"):
+        with pytest.raises(KeyboardInterrupt):
+            forgetting.cli_forgetting(str(config), out=str(tmp_path / name), ranks=[2])
+    assert sorted(p.name for p in (tmp_path / "fg").iterdir()) == [".loraforge-written.json", "task_test.jsonl",
+                                                                   "task_train.jsonl"]
+    monkeypatch.setattr(forgetting, "load_base", real_load)
+    forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"), ranks=[2])  # no --overwrite
+    forgetting.cli_forgetting(str(config), out=str(tmp_path / "whole"), ranks=[2])
+    rerun, whole = (json.loads((tmp_path / name / "forgetting.json").read_text()) for name in ("fg", "whole"))
+    numbers = [(r["task"]["correct"], r["mc"]["correct"], r["ppl"]["ppl"], r["kl"]["kl"], r.get("final_loss"))
+               for r in whole["rows"]]
+    assert [(r["task"]["correct"], r["mc"]["correct"], r["ppl"]["ppl"], r["kl"]["kl"], r.get("final_loss"))
+            for r in rerun["rows"]] == numbers and numbers[1][-1] is not None
+    assert (tmp_path / "fg" / "task_test.jsonl").read_bytes() == (tmp_path / "whole" / "task_test.jsonl").read_bytes()
+
+    changed = tmp_path / "changed" / "task_train.jsonl"
+    changed.write_text(changed.read_text() + json.dumps({"instruction": "mine", "output": "mine"}) + "\n")
+    with pytest.raises(OutputError) as e:
+        forgetting.cli_forgetting(str(config), out=str(tmp_path / "changed"), ranks=[2])
+    assert str(e.value) == (f"--out {tmp_path / 'changed'} exists and is not empty (task_train.jsonl); pass "
+                            f"--overwrite (overwrite=True) to write into it (only the files this command writes are "
+                            f"replaced), or choose another --out")
+    assert changed.read_text().endswith('"mine"}\n')
 
 
 def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_theirs(tiny_dir, tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from helpers import stop_in_last_save
 
 from loraforge.config import load_train_config
-from loraforge.training.checkpoint import MANIFEST, TrainingError, sha256_file
+from loraforge.training.checkpoint import MANIFEST, TrainingError
+from loraforge.utils.files import sha256_file
 from loraforge.training.loop import train
 
 AGAIN = "start the run over (--overwrite), or finish it with the loraforge that started it"

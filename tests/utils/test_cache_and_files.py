@@ -4,6 +4,7 @@ CPU kernels."""
 
 import contextlib
 import errno
+import linecache
 import os
 import random
 import shutil
@@ -541,3 +542,56 @@ def test_a_name_as_long_as_the_file_system_takes_is_written_and_its_leftovers_sw
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "x"])
     assert files(tmp_path / name) == {"model.safetensors": "the merge"}
     assert (tmp_path / "x" / name).read_bytes() == b"the export"
+
+
+def ctrl_c_at_line(n: int):
+    """A tracer that sends this process SIGINT (Ctrl-C, a notebook's stop button) as the nth line run in
+    utils/files.py starts: KeyboardInterrupt comes from the tracer at that line. A bare `try:` line is not counted:
+    raised there (a no-op instruction), CPython 3.11 skips the handler of the try around it, which a real Ctrl-C,
+    delivered at a call or a jump, never meets."""
+    seen = [0]
+
+    def trace(frame, event, arg):
+        if (event == "line" and frame.f_code.co_filename == F.__file__
+                and linecache.getline(F.__file__, frame.f_lineno).strip() != "try:"):
+            seen[0] += 1
+            if seen[0] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+        return trace
+    return trace, seen
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_ctrl_c_at_any_line_of_an_atomic_write_leaves_the_result_or_nothing(tmp_path, kind):
+    """Soak (export --to gguf-lora stopped by a tracer): Ctrl-C between mkstemp (mkdtemp) and the assignment of its
+    name left `.tmp-out.gguf-<8>` beside --out, named nowhere, so nothing removed it. Stopped at each line, the
+    folder holds the whole result or nothing, and the write run again gives the uninterrupted bytes."""
+    def write(path):
+        with (atomic_file(path) if kind == "file" else atomic_dir(path)) as tmp:
+            (tmp if kind == "file" else tmp / "a.txt").write_text("whole\n")
+
+    def written(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    trace, seen = ctrl_c_at_line(-1)
+    sys.settrace(trace)
+    try:
+        write(tmp_path / "ref" / "out")
+    finally:
+        sys.settrace(None)
+    expected, stopped = written(tmp_path / "ref"), 0
+    for n in range(1, seen[0] + 1):
+        root = tmp_path / str(n)
+        root.mkdir()
+        sys.settrace(ctrl_c_at_line(n)[0])
+        try:
+            write(root / "out")
+        except KeyboardInterrupt:
+            stopped += 1
+        finally:
+            sys.settrace(None)
+        assert sorted(p.name for p in root.iterdir()) in ([], ["out"]), n
+        assert written(root) in ({}, expected), n
+        write(root / "out")  # run again: replaces a whole result, or writes the first
+        assert written(root) == expected, n
+    assert stopped > seen[0] // 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import loraforge.export.gguf as gguf_export
@@ -25,6 +26,9 @@ from loraforge.lora.adapters import save_adapter
 from loraforge.cli import main
 from loraforge.config import LoraConfig, load_train_config
 from loraforge.lora.inject import inject
+from loraforge.lora.merge import export_merged
+from loraforge.utils import outputs
+from loraforge.utils.files import temporary_prefix
 from loraforge.utils.outputs import OutputError, check_output
 from loraforge.training.data import DataError
 from loraforge.training.loop import last_checkpoint, train
@@ -222,6 +226,29 @@ def test_an_output_dir_too_long_for_the_files_below_it_is_refused_before_any_wor
     with pytest.raises(OutputError, match=r"^--out .*: its full path is 3,996 bytes, too long"):
         check_output(long_output(tmp_path, 3996), overwrite=False)
     check_output(long_output(tmp_path, 3995), overwrite=False)  # 3,995 + the 61 of a checkpoint's file: room left
+
+
+def test_merge_and_export_write_into_an_out_as_long_as_their_own_files_allow(tiny_dir, adapter_dir, tmp_path):
+    """Soak: merge (and export --to vllm) refused an --out of 3,996 to 4,040 bytes as "too long for the files written
+    below it", by train's room (100 bytes: a checkpoint's files, a tracker's); merge writes its checkpoint into
+    .tmp-<name>-<8> beside --out, the longest name a shard's (model-00001-of-00002.safetensors): 47 bytes more, so
+    4,048 is written, with the weights a merge into a short --out gives, and 4,049 refused before any work (export
+    --to vllm: 4,055, its adapter_model.safetensors)."""
+    long = long_output(tmp_path / "long", 4048)
+    long.parent.mkdir(parents=True)
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(long)]) == 0
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "s")]) == 0
+    merged, short = (load_file(out / "model.safetensors") for out in (long, tmp_path / "s"))
+    assert merged.keys() == short.keys() and all(torch.equal(merged[k], short[k]) for k in short)
+    vllm = long_output(tmp_path / "lv", 4055)  # .tmp-<name>-<8>/adapter_model.safetensors: 40 bytes more
+    vllm.parent.mkdir(parents=True)
+    assert main(["export", "--adapter", str(adapter_dir), "--to", "vllm", "--out", str(vllm)]) == 0
+    assert main(["export", "--adapter", str(adapter_dir), "--to", "vllm", "--out", str(tmp_path / "v")]) == 0
+    written = [(out / "adapter_model.safetensors").read_bytes() for out in (vllm, tmp_path / "v")]
+    assert written[0] == written[1]
+    too_long = long_output(tmp_path / "long2", 4049)
+    with pytest.raises(OutputError, match=r"^--out .*: its full path is 4,049 bytes, too long"):
+        export_merged(str(tiny_dir), [str(adapter_dir)], too_long)
 
 
 @pytest.mark.parametrize("name, folder", [("adapter", False), ("checkpoints", False), ("metrics.jsonl", True),
@@ -550,3 +577,56 @@ def test_an_output_through_a_link_to_nothing_is_refused_before_loading_and_nothi
         link = out if out.name == "run" else out.parent
         assert err == f"error: {flag} {out}: {link} is a link to {os.readlink(link)}, which does not exist {fix} {flag}"
     assert not (tmp_path / "disk2").exists()
+
+
+def test_a_commands_own_files_are_known_after_a_kill_at_any_moment_and_a_users_are_refused(tmp_path, monkeypatch):
+    """write_own records each file (size, SHA-256) before writing it: stopped at any of its writes, what it leaves is
+    taken for its own by the rerun (check_output's `command`), which then leaves the files an uninterrupted write
+    gives; a user's file of one of its names is refused (also from Python, where no check_output ran before), byte
+    for byte kept, and so is a file of the command's changed since."""
+    first, second = {"a.jsonl": "1\n", "b.jsonl": "2\n"}, {"a.jsonl": "1\n", "b.jsonl": "3\n", "c.jsonl": "4\n"}
+    whole = tmp_path / "whole"
+    outputs.write_own(whole, "study", first, overwrite=False)
+    outputs.write_own(whole, "study", second, overwrite=False)
+    expected = {p.name: p.read_bytes() for p in whole.iterdir() if p.name != outputs.WRITTEN}
+    assert expected == {"a.jsonl": b"1\n", "b.jsonl": b"3\n", "c.jsonl": b"4\n"}
+    real = outputs.atomic_file
+    for stop in range(1, 4):  # the record, then b.jsonl and c.jsonl (a.jsonl is unchanged: not written again)
+        out = tmp_path / f"stop{stop}"
+        outputs.write_own(out, "study", first, overwrite=False)
+        calls = []
+
+        def stopping(path, *args, **kwargs):  # SIGKILL mid-write: the atomic write's temporary file left behind
+            calls.append(path)
+            if len(calls) == stop:
+                (path.parent / f"{temporary_prefix('tmp', path.name)}k1ll3d_x").write_text("par")
+                raise KeyboardInterrupt
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(outputs, "atomic_file", stopping)
+        with pytest.raises(KeyboardInterrupt):
+            outputs.write_own(out, "study", second, overwrite=False)
+        monkeypatch.setattr(outputs, "atomic_file", real)
+        check_output(out, overwrite=False, command="study")  # nothing there is another's
+        outputs.write_own(out, "study", second, overwrite=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir()
+                if p.name != outputs.WRITTEN and not p.name.startswith(".tmp-")} == expected, stop
+        assert len(calls) == stop
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "b.jsonl").write_text("mine\n")
+    for call in (lambda: check_output(users, overwrite=False, command="study"),
+                 lambda: outputs.write_own(users, "study", second, overwrite=False)):
+        with pytest.raises(OutputError):
+            call()
+    assert sorted(p.name for p in users.iterdir()) == ["b.jsonl"] and (users / "b.jsonl").read_text() == "mine\n"
+    (whole / "c.jsonl").write_text("changed\n")
+    with pytest.raises(OutputError) as e:
+        outputs.write_own(whole, "study", second, overwrite=False)
+    assert str(e.value) == (f"--out {whole}: c.jsonl is not this command's own (another file of that name, or one "
+                            f"changed since it wrote it); pass --overwrite (overwrite=True) to replace it, or choose "
+                            f"another --out")
+    with pytest.raises(OutputError):
+        check_output(whole, overwrite=False, command="other")  # another command's record is not its own
+    outputs.write_own(whole, "study", second, overwrite=True)
+    assert (whole / "c.jsonl").read_text() == "4\n"
