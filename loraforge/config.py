@@ -716,7 +716,8 @@ class TrainingConfig:
     """Linear warmup over this many optimizer steps: step k (from 0) uses lr·(k+1)/(warmup_steps+1), so no update is
     spent at a learning rate of 0; the full lr from step warmup_steps on."""
     epochs: float = 1
-    """Passes over the training data (ignored when max_steps is set); its steps at most max_steps' 1e15."""
+    """Passes over the training data (ignored when max_steps is set); its steps at most max_steps' 1e15; with
+    batch_tokens at most 1e6 epochs and 1e8 examples in all, since its steps are counted epoch by epoch first."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     batch_size: int = 8
