@@ -674,7 +674,9 @@ def did_you_mean(word: str, known) -> str:
     (`--over`: --overwrite), or the closest spelling (`trian`: train, `--max-step`: --max-steps)."""
     known = list(known)
     close = [k for k in known if k.startswith(word) and word.strip("-")]
-    close += [k for k in difflib.get_close_matches(word, known, n=1) if k not in close]
+    # spellings compared without their dashes: '--' alone made --batch-size "close" to --quantize (soak)
+    bare = {k.lstrip("-"): k for k in known}
+    close += [bare[k] for k in difflib.get_close_matches(word.lstrip("-"), bare, n=1) if bare[k] not in close]
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
@@ -720,7 +722,12 @@ def _hint(option: str, command: str, options: list[str]) -> str:
         return f" ({what} without {option})"
     if option in options:  # `generate -- -x --max-new-tokens 4`: after --, every word is a value
         return f" (after -- every word is a value: put {option} before the --)"
-    return did_you_mean(option, options)
+    if hint := did_you_mean(option, options):
+        return hint
+    parser = build_parser()  # soak: `eval --batch-size 0` was "(did you mean --quantize?)"
+    others = [c for c in _commands() if c != command and option in _options(parser, c)]
+    return f" ({command} has no {option}; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} it)" \
+        if others else ""
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

@@ -446,6 +446,26 @@ def test_a_shortened_or_mistyped_option_or_command_is_refused_with_the_name_it_r
     assert (args["config"], args["overwrite"], args["overrides"]) == ("a.yaml", True, ["lora.r=4"])
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["eval", "d.jsonl", "--batch-size", "0"],
+     "unrecognized arguments: --batch-size (eval has no --batch-size; estimate has it) 0"),
+    (["eval", "d.jsonl", "--seeds", "3"], "unrecognized arguments: --seeds (eval has no --seeds; forgetting has it) 3"),
+    (["eval", "d.jsonl", "--max-new-token", "4"],
+     "unrecognized arguments: --max-new-token (did you mean --max-new-tokens?) 4"),
+    (["forgetting", "--seed", "3"], "unrecognized arguments: --seed (did you mean --seeds?)"),
+])
+def test_an_option_of_another_command_names_that_command_not_a_look_alike(argv, said, capsys):
+    """Soak (smalls): `eval --batch-size 0` said "(did you mean --quantize?)": difflib scored the two names with
+    their '--' (0.64, past its 0.6 cutoff; 0.56 without). Names are compared without dashes, and an option that
+    another command has says which."""
+    from loraforge.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: " + said
+
+
 def test_every_command_prints_its_help(capsys):
     from loraforge.cli import _commands
 
