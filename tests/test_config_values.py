@@ -683,3 +683,19 @@ def test_batch_tokens_epochs_too_many_to_count_are_refused_before_counting(tiny_
     monkeypatch.setattr(epochs, "MAX_COUNTED_EPOCHS", 10**6)
     monkeypatch.setattr(epochs, "MAX_COUNTED_EXAMPLES", 38 * 7 + 37)  # examples' bound: 7 epochs of 38
     assert epochs.uncountable_epochs(cfg, 38).endswith("use at most 7 epochs, or set training.max_steps")
+
+
+def test_an_empty_model_output_dir_or_module_to_save_is_refused_as_typed():
+    """Soak (smalls): model.name='' and output_dir='' passed the config and were refused later naming '.' (a folder
+    without config.json; output_dir . holding the data), and modules_to_save [''] as "modules_to_save takes all 120"
+    without saying that '' ends every module's name (PEFT's suffix rule). Each is refused by the config, as typed."""
+    assert problems("model.name=''", "output_dir=''") == [
+        "model.name: '' names no model ('' reads as the current folder, '.'); give a transformers directory, a hub id, "
+        "a .gguf file or a built-in name, e.g. smollm2-135m",
+        "output_dir: '' names no folder ('' reads as the current folder, '.'); give a folder path, e.g. runs/latest"]
+    assert problems("lora.modules_to_save=['lm_head', '']") == [
+        "lora.modules_to_save: '' ends every module's name (as in PEFT, each module whose name ends with an entry is "
+        "saved), so it would train the whole model in full and save it; give module names, e.g. ['lm_head'], or leave "
+        "modules_to_save out"]
+    cfg = load_train_config(None, [DATA, "model.name=./m", "output_dir=out", "lora.modules_to_save=['lm_head']"])
+    assert (cfg.model.name, cfg.output_dir, cfg.lora.modules_to_save) == ("./m", "out", ("lm_head",))
