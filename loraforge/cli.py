@@ -28,7 +28,7 @@ from typing import Literal
 
 from loraforge import __version__
 from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFloat, PositiveInt, Port, Probability,
-                                Seed, Temperature, Text)
+                                Seed, SeedCount, Temperature, Text)
 from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
@@ -520,7 +520,7 @@ def estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora", "d
 
 
 def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
-               seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = 1e-3,
+               seeds: SeedCount = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = 1e-3,
                full_lr: PositiveFloat = 5e-5, overrides: list[str] = (), overwrite: bool = False) -> None:
     """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
 
@@ -532,7 +532,8 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
         config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
         out: directory for the runs, forgetting.json and forgetting.png
         ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
-        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
+        seeds: training seeds per arm, 1 to 100 (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on
+            2 cores; each more seed trains every arm again)
         max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs

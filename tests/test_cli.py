@@ -785,6 +785,25 @@ def test_merge_and_export_bad_input_is_one_error_line(tiny_dir, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_a_seed_count_past_any_useful_study_is_refused_and_the_help_says_the_range(capsys):
+    """Soak (smalls): `forgetting --seeds 1000000000` started a study of 3e9 runs (each seed trains every arm: 3
+    runs by default, ~7 min on 2 cores for the demo task). --seeds takes 1 to 100 (a mean's 95% interval narrows
+    as 1/sqrt(seeds): 100 give a tenth of one seed's), and --help says so."""
+    from loraforge.cli import parse_args
+
+    for given in ("1000000000", "101"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["forgetting", "--seeds", given])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"loraforge forgetting: error: argument --seeds: '{given}': give a whole number from 1 to 100 (each seed "
+            f"trains every arm again; 100 narrow the intervals to a tenth of one seed's)")
+    assert parse_args(["forgetting", "--seeds", "100"])["seeds"] == 100
+    with pytest.raises(SystemExit):
+        main(["forgetting", "--help"])
+    assert "--seeds SEEDS training seeds per arm, 1 to 100 (" in " ".join(capsys.readouterr().out.split())
+
+
 def test_merge_help_says_the_default_combination_is_exact(capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
@@ -807,7 +826,7 @@ def test_merge_help_says_the_default_combination_is_exact(capsys):
     (["continual", "--replay-share", "abc"], "argument --replay-share: 'abc': give a number"),
     (["forgetting", "--ranks", "abc"], "argument --ranks: 'abc': give a whole number"),
     (["forgetting", "--ranks", "8", "0"], "argument --ranks: '0': give a whole number ≥ 1"),
-    (["forgetting", "--seeds", "0"], "argument --seeds: '0': give a whole number ≥ 1"),
+    (["forgetting", "--seeds", "0"], "argument --seeds: '0': give a whole number from 1 to 100"),
     (["forgetting", "--full-lr", "nan"], "argument --full-lr: 'nan': give a finite number"),
     (["forgetting", "--lora-lr", "-1"], "argument --lora-lr: '-1': give a number > 0"),
     (["serve", "--port", "-1"], "argument --port: '-1': give a port from 0 to 65535"),
