@@ -28,7 +28,7 @@ from typing import Literal
 
 from loraforge import __version__
 from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFloat, PositiveInt, Port, Probability,
-                                Seed, Temperature, Text)
+                                Seed, SeedCount, Temperature, Text)
 from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
@@ -526,7 +526,7 @@ def estimate(model: NonEmpty = "7b", method: Literal["full", "lora", "qlora", "d
 
 
 def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
-               seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = 1e-3,
+               seeds: SeedCount = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = 1e-3,
                full_lr: PositiveFloat = 5e-5, overrides: list[str] = (), overwrite: bool = False) -> None:
     """Train one task with LoRA at two ranks and with full fine-tuning; table of learned vs forgotten.
 
@@ -538,7 +538,8 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
         config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
         out: directory for the runs, forgetting.json and forgetting.png
         ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
-        seeds: training seeds per arm (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on 2 cores)
+        seeds: training seeds per arm, 1 to 100 (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on
+            2 cores; each more seed trains every arm again)
         max_steps: optimizer steps for every arm (default: the config's, or 30 for the demo task)
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs
@@ -680,7 +681,9 @@ def did_you_mean(word: str, known) -> str:
     (`--over`: --overwrite), or the closest spelling (`trian`: train, `--max-step`: --max-steps)."""
     known = list(known)
     close = [k for k in known if k.startswith(word) and word.strip("-")]
-    close += [k for k in difflib.get_close_matches(word, known, n=1) if k not in close]
+    # spellings compared without their dashes: '--' alone made --batch-size "close" to --quantize (soak)
+    bare = {k.lstrip("-"): k for k in known}
+    close += [bare[k] for k in difflib.get_close_matches(word.lstrip("-"), bare, n=1) if bare[k] not in close]
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
@@ -726,7 +729,12 @@ def _hint(option: str, command: str, options: list[str]) -> str:
         return f" ({what} without {option})"
     if option in options:  # `generate -- -x --max-new-tokens 4`: after --, every word is a value
         return f" (after -- every word is a value: put {option} before the --)"
-    return did_you_mean(option, options)
+    if hint := did_you_mean(option, options):
+        return hint
+    parser = build_parser()  # soak: `eval --batch-size 0` was "(did you mean --quantize?)"
+    others = [c for c in _commands() if c != command and option in _options(parser, c)]
+    return f" ({command} has no {option}; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} it)" \
+        if others else ""
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

@@ -479,6 +479,10 @@ class LoraConfig:
                      f"for the exact SVD they converge to")
         p += module_list_problems("target_modules", self.target_modules)
         p += module_list_problems("exclude_modules", self.exclude_modules)
+        if "" in (self.modules_to_save or ()):  # soak: refused later as "modules_to_save takes all 120", no reason
+            p.append("modules_to_save: '' ends every module's name (as in PEFT, each module whose name ends with an "
+                     "entry is saved), so it would train the whole model in full and save it; give module names, "
+                     "e.g. ['lm_head'], or leave modules_to_save out")
         p += layer_selection_problems(self)
         p += pattern_problems("rank_pattern", self.rank_pattern, integer=True)
         p += pattern_problems("alpha_pattern", self.alpha_pattern, integer=False)
@@ -716,7 +720,8 @@ class TrainingConfig:
     """Linear warmup over this many optimizer steps: step k (from 0) uses lr·(k+1)/(warmup_steps+1), so no update is
     spent at a learning rate of 0; the full lr from step warmup_steps on."""
     epochs: float = 1
-    """Passes over the training data (ignored when max_steps is set); its steps at most max_steps' 1e15."""
+    """Passes over the training data (ignored when max_steps is set); its steps at most max_steps' 1e15; with
+    batch_tokens at most 1e6 epochs and 1e8 examples in all, since its steps are counted epoch by epoch first."""
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     batch_size: int = 8
@@ -906,6 +911,13 @@ class TrainConfig:
         if isinstance(self.output_dir, str) and "$" in self.output_dir:
             validate([f"output_dir: {clipped(self.output_dir)} holds a '$': a config expands ~ but no environment "
                       f"variable; write the path itself"])
+        # soak: '' passed and was refused later as '.' (a folder without config.json; output_dir . holds the data)
+        validate([f"{name}: {value!r} names no {what} ('' reads as the current folder, '.'); give {fix}"
+                  for name, value, what, fix in [
+                      ("model.name", self.model.name, "model",
+                       "a transformers directory, a hub id, a .gguf file or a built-in name, e.g. smollm2-135m"),
+                      ("output_dir", self.output_dir, "folder", "a folder path, e.g. runs/latest")]
+                  if value == ""])
         paths = [("output_dir", self.output_dir), ("model.name", self.model.name),
                  ("training.init_adapter", self.training.init_adapter), *(("data", p) for p in self.data.paths())]
         validate([f"{name}: {clipped(value)}: {problem}" for name, value in paths

@@ -5,6 +5,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from helpers import default_recursion_limit, tiny_llama
 from loraforge.config import ConfigError, expanded_size, load_train_config, yaml_loader
 from loraforge.models import resolve_model
 from loraforge.training.data import DataError, read_records
-from loraforge.training import loop
+from loraforge.training import epochs, loop
 from loraforge.training.loop import build_model, lr_lambda
 from loraforge.training.optim import loraplus_param_groups
 
@@ -653,3 +654,48 @@ def test_epochs_whose_steps_pass_max_steps_bound_are_refused_before_the_model_lo
     assert e.value.problems == ["training.epochs: 2e+14 × 9 steps an epoch is 1.8e+15 steps, past 1e+15 "
                                 "(max_steps' bound: at a step a microsecond, 30 years); use at most 1.11e+14 "
                                 "epochs, or set training.max_steps"]
+
+
+def test_batch_tokens_epochs_too_many_to_count_are_refused_before_counting(tiny_dir, data_file, tmp_path,
+                                                                         monkeypatch):
+    """Soak (smalls): training.epochs=1e13 with training.batch_tokens passed the 1e15 bound (9e13 steps) and then
+    EpochPlan.total packed every epoch one at a time to count the steps: no output after 100 s. An epoch count
+    past the count's bounds is refused before counting and before the model loads; one within them counts the
+    same steps as packing each epoch by hand."""
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(epochs.EpochPlan, "_count_to", lambda self, e: pytest.fail(f"counted to epoch {e}"))
+    args = [f"data.train={data_file}", f"model.name={tiny_dir}", "training.batch_tokens=64",
+            f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError) as e:
+        loop.train(load_train_config(None, [*args, "training.epochs=1e13"]), progress=False)
+    assert e.value.problems == ["training.epochs: 1e+13 epochs with training.batch_tokens 64: each epoch's shuffle "
+                                "packs its own number of steps, so the run's steps are counted epoch by epoch before "
+                                "it starts (38 examples an epoch), past 1e+06 epochs or 1e+08 examples packed (a "
+                                "minute's counting); use at most 1e+06 epochs, or set training.max_steps"]
+    monkeypatch.undo()
+    cfg = load_train_config(None, [*args, "training.epochs=7.5"])
+    assert epochs.uncountable_epochs(cfg, 38) is None
+    examples = [SimpleNamespace(input_ids=[0] * (5 + i % 20)) for i in range(38)]
+    by_hand = [len(epochs.micro_batches(examples, cfg, e)) for e in range(8)]  # a step a micro-batch here
+    assert epochs.EpochPlan(examples, cfg, None, 1).total(7.5) == sum(by_hand[:7]) + int(0.5 * by_hand[7])
+    monkeypatch.setattr(epochs, "MAX_COUNTED_EPOCHS", 7)  # the bound is the smaller of the two: epochs' here
+    assert epochs.uncountable_epochs(cfg, 38).endswith("use at most 7 epochs, or set training.max_steps")
+    monkeypatch.setattr(epochs, "MAX_COUNTED_EPOCHS", 10**6)
+    monkeypatch.setattr(epochs, "MAX_COUNTED_EXAMPLES", 38 * 7 + 37)  # examples' bound: 7 epochs of 38
+    assert epochs.uncountable_epochs(cfg, 38).endswith("use at most 7 epochs, or set training.max_steps")
+
+
+def test_an_empty_model_output_dir_or_module_to_save_is_refused_as_typed():
+    """Soak (smalls): model.name='' and output_dir='' passed the config and were refused later naming '.' (a folder
+    without config.json; output_dir . holding the data), and modules_to_save [''] as "modules_to_save takes all 120"
+    without saying that '' ends every module's name (PEFT's suffix rule). Each is refused by the config, as typed."""
+    assert problems("model.name=''", "output_dir=''") == [
+        "model.name: '' names no model ('' reads as the current folder, '.'); give a transformers directory, a hub id, "
+        "a .gguf file or a built-in name, e.g. smollm2-135m",
+        "output_dir: '' names no folder ('' reads as the current folder, '.'); give a folder path, e.g. runs/latest"]
+    assert problems("lora.modules_to_save=['lm_head', '']") == [
+        "lora.modules_to_save: '' ends every module's name (as in PEFT, each module whose name ends with an entry is "
+        "saved), so it would train the whole model in full and save it; give module names, e.g. ['lm_head'], or leave "
+        "modules_to_save out"]
+    cfg = load_train_config(None, [DATA, "model.name=./m", "output_dir=out", "lora.modules_to_save=['lm_head']"])
+    assert (cfg.model.name, cfg.output_dir, cfg.lora.modules_to_save) == ("./m", "out", ("lm_head",))

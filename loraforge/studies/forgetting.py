@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.argtypes import FlagOverride, NonEmpty, PositiveFloat, PositiveInt
+from loraforge.argtypes import FlagOverride, NonEmpty, PositiveFloat, PositiveInt, SeedCount
 from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_config, to_dict
 from loraforge.lora.adapters import disable_adapters, load_adapter
 from loraforge.models import cache_dir, conversion_paths, load_base
@@ -564,7 +564,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 # --- CLI -----------------------------------------------------------------------------------------------------
 
 def cli_forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ranks: list[PositiveInt] = (),
-                   seeds: PositiveInt = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = LORA_LR,
+                   seeds: SeedCount = 1, max_steps: PositiveInt | None = None, lora_lr: PositiveFloat = LORA_LR,
                    full_lr: PositiveFloat = FULL_LR, overrides: list[str] = (), overwrite: bool = False) -> None:
     """`loraforge forgetting`: cli.forgetting's docstring is its help (it is defined there, where the CLI's
     help is built without importing torch)."""

@@ -7,6 +7,7 @@
                                           every epoch makes as many; with batch_tokens the count follows each
                                           epoch's shuffle (short and long rows fill a batch differently), so
                                           every epoch is counted from its own micro-batches
+    uncountable_epochs                    the refusal of a batch_tokens epoch count too many to count before a run
     left_out_line, too_few_examples       what a run says about examples no step takes, or too few for one step
 """
 
@@ -20,6 +21,11 @@ from loraforge.config import TrainConfig
 from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError
 from loraforge.training.mixing import Mixture
+
+# batch_tokens: the run's steps are counted epoch by epoch before it starts (each shuffle packs its own number), about
+# 1 µs an example and 20 µs an epoch on one core: these bounds keep that count under about a minute, silent
+MAX_COUNTED_EXAMPLES = 10**8
+MAX_COUNTED_EPOCHS = 10**6
 
 
 def micro_batches(examples: list[D.Example], cfg: TrainConfig, epoch: int,
@@ -92,6 +98,19 @@ class EpochPlan:
         whole = int(epochs)
         self._count_to(whole)
         return max(1, self._starts[whole] + int((epochs - whole) * self.steps(whole)))
+
+
+def uncountable_epochs(cfg: TrainConfig, n_examples: int) -> str | None:
+    """The refusal of a training.epochs that batch_tokens would count for ever (soak: 1e13 epochs walked each epoch,
+    no output after 100 s), or None: its steps are counted epoch by epoch, `n_examples` packed in each."""
+    t = cfg.training
+    fits = min(MAX_COUNTED_EPOCHS, MAX_COUNTED_EXAMPLES // max(1, n_examples))
+    if t.batch_tokens is None or t.max_steps or t.epochs <= fits:
+        return None
+    return (f"training.epochs: {t.epochs:g} epochs with training.batch_tokens {t.batch_tokens}: each epoch's shuffle "
+            f"packs its own number of steps, so the run's steps are counted epoch by epoch before it starts "
+            f"({n_examples} examples an epoch), past {MAX_COUNTED_EPOCHS:.0e} epochs or {MAX_COUNTED_EXAMPLES:.0e} "
+            f"examples packed (a minute's counting); use at most {fits:.3g} epochs, or set training.max_steps")
 
 
 def left_out_line(cfg: TrainConfig, batches: list[list[int]], n_epoch: int, per_epoch: int,

@@ -39,6 +39,7 @@ from loraforge.precision import choose
 from loraforge.serve.api import (HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyLimit, check_port, create_app, key_ok,
                                  run_until_signal)
 from loraforge.serve.engine import Engine
+from loraforge.serve.errors import shown
 from loraforge.serve.guard import RequestGuard, refused as _error
 from loraforge.ui import runs as R
 from loraforge.ui.launch import DATA_SUFFIXES, METHODS, SKIPPED_DIRS, Launcher, form_config, offered
@@ -117,7 +118,7 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
             raise _Denied(400, str(e), "bad_path") from None
         name = path.relative_to(runs_dir).as_posix()
         if R.UI_DIR in Path(name).parts or not (path.exists() or R.meta_file(runs_dir, name, "launch.json")):
-            raise _Denied(404, f"no run {given!r} in {runs_dir}", "not_found")
+            raise _Denied(404, f"no run {shown(given)} in {runs_dir}", "not_found")
         return path, name
 
     def status(path: Path, name: str) -> str:

@@ -37,6 +37,7 @@ from loraforge.config import MAX_RANK, ConfigError, TrainConfig, load_train_conf
 from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.inject import find_targets
 from loraforge.models import model_skeleton
+from loraforge.serve.errors import shown
 from loraforge.training.loop import adapter_section, in_section
 from loraforge.ui.runs import (UI_DIR, PathError, exit_from_log, inside, is_run, launched_alive, meta_dir,
                                meta_file, output_deleted, read_launch, tail)
@@ -118,11 +119,12 @@ def form_config(form: dict, runs_dir: Path, data_dir: Path, models: dict[str, st
     """
     name = form.get("name", "")
     if not isinstance(name, str) or not NAME.fullmatch(name):  # soak: "nl\n" and null (as "None") were runs
-        name = name if isinstance(name, str) else json.dumps(name)
-        raise PathError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (up to 64, not starting with '.')")
+        # soak: a 10,000-character name came back whole; cut as the server's errors cut what a client sent
+        raise PathError(f"run name {shown(name)}: use letters, digits, '.', '_' or '-' (up to 64, not starting with "
+                        f"'.')")
     model = str(form.get("model", ""))
     if model not in models:
-        raise PathError(f"model {model!r}: choose one of {', '.join(models)}")
+        raise PathError(f"model {shown(model)}: choose one of {', '.join(models)}")
     dataset = dataset_path(data_dir, runs_dir, str(form.get("dataset", "")))
     method = str(form.get("method", "lora"))
     targets = form_targets(form.get("target_modules"))  # soak: "all-linear" became ['all-linear'], a name

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from loraforge.serve.errors import shown
 from loraforge.training.loop import StopRequest
 from loraforge.utils.outputs import LOCK, lock_held
 
@@ -67,19 +68,19 @@ def inside(root: Path, name: str, must_exist: bool = True) -> Path:
     `within` for a name a user typed, with errors."""
     root = Path(root).resolve()
     if not name or "\x00" in name or Path(name).is_absolute():
-        raise PathError(f"{name!r}: give a path relative to {root}")
+        raise PathError(f"{shown(name)}: give a path relative to {root}")
     try:
         found = within(root, name)
         path = None if found is None else found.resolve()
         exists = path is not None and path.exists()
     except OSError as e:  # e.g. a name too long for the file system
-        raise PathError(f"{name!r}: {(e.strerror or str(e)).lower()} in {root}") from None
+        raise PathError(f"{shown(name)}: {(e.strerror or str(e)).lower()} in {root}") from None
     except UnicodeError:  # soak: a lone surrogate (valid JSON as \ud800) was a 500 with two tracebacks
-        raise PathError(f"{name!r}: contains an unpaired surrogate, which no file name holds") from None
+        raise PathError(f"{shown(name)}: contains an unpaired surrogate, which no file name holds") from None
     if path is None or path == root:
-        raise PathError(f"{name!r}: outside {root}")
+        raise PathError(f"{shown(name)}: outside {root}")
     if must_exist and not exists:
-        raise PathError(f"{name!r}: not found in {root}")
+        raise PathError(f"{shown(name)}: not found in {root}")
     return path
 
 

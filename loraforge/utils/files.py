@@ -50,6 +50,7 @@ REASONS = {
     errno.ENOTDIR: "a part of the path is a file, not a folder",
 }
 
+ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the reasons about space: their message says what is needed and free
 SHORT_WRITE = ("the disk took only part of a write (it is full, over a quota, or the file passed the largest size "
                "allowed: `ulimit -f`)")
 # numpy's tofile: "N requested and M written", an OSError with no errno; torch.save's zip writer (DCP writes
@@ -163,9 +164,11 @@ def disk_error(target: Path, e: BaseException, need_bytes: int | None = None,
     reason = REASONS.get(code) or (SHORT_WRITE if short else None)
     if reason is None:
         return None
-    sizes = [f"about {_size(need_bytes)} needed"] if need_bytes is not None else []
-    if (free := free_bytes(target)) is not None:
-        sizes.append(f"{_size(free)} free there")
+    sizes = []
+    if short or code in ROOM:  # soak: "permission denied (83.6 GB free there)": room is beside the point there
+        sizes = [f"about {_size(need_bytes)} needed"] if need_bytes is not None else []
+        if (free := free_bytes(target)) is not None:
+            sizes.append(f"{_size(free)} free there")
     text = f"cannot write {target}: {reason}" + (f" ({', '.join(sizes)})" if sizes else "")
     if left is not None and left.exists():
         text += f"; the partial {left} could not be removed: delete it"

@@ -804,7 +804,7 @@ def test_an_output_dir_below_a_file_is_refused_with_one_line_before_loading(tiny
     proc = cli(["train", *run_args(tiny_dir, data_file, out)], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.fullmatch(rf"error: output_dir: cannot write {re.escape(str(out))}: a part of the path is a file, not "
-                        rf"a folder \([0-9.]+ [kMGT]?B free there\); fix that, or choose another output_dir",
+                        rf"a folder; fix that, or choose another output_dir",
                         one_error_line(proc.stderr)), proc.stderr
     assert proc.stdout == ""
 
@@ -835,8 +835,8 @@ def test_a_read_only_output_dir_is_refused_with_one_line_before_loading(tiny_dir
                            *run_args(tiny_dir, data_file, out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert re.fullmatch(rf"error: output_dir: cannot write {re.escape(str(out))}: permission denied \([0-9.]+ "
-                        rf"[kMGT]?B free there\); fix that, or choose another output_dir",
+    assert re.fullmatch(rf"error: output_dir: cannot write {re.escape(str(out))}: permission denied; fix that, or "
+                        rf"choose another output_dir",
                         one_error_line(proc.stderr)), proc.stderr
     assert proc.stdout == ""
 

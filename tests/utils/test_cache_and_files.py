@@ -207,6 +207,21 @@ def test_numpys_short_write_is_a_disk_error(tmp_path):
     assert F.disk_error(tmp_path, OSError("something else")) is None
 
 
+def test_free_space_is_said_only_when_the_error_is_about_space(tmp_path, monkeypatch):
+    """Soak (smalls): a 'permission denied' refusal of an output folder added "(83.6 GB free there)", as if room
+    were the matter. The room needed and free is said for a full disk, a quota and a file-size limit alone."""
+    monkeypatch.setattr(F, "free_bytes", lambda path: 83_600_000_000)
+    target = tmp_path / "out"
+    for code, reason in [(errno.EACCES, "permission denied"), (errno.EPERM, "operation not permitted"),
+                         (errno.EROFS, "the file system is read-only"), (errno.ENOTDIR, "a part of the path is a "
+                                                                                        "file, not a folder")]:
+        assert str(F.disk_error(target, OSError(code, os.strerror(code)), need_bytes=4000)) == \
+            f"cannot write {target}: {reason}"
+    for code, reason in [(errno.ENOSPC, "no space left on the device"), (errno.EDQUOT, "the disk quota is exceeded")]:
+        assert str(F.disk_error(target, OSError(code, os.strerror(code)), need_bytes=4000)) == \
+            f"cannot write {target}: {reason} (about 4.0 kB needed, 83.6 GB free there)"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd to see open files in")
 def test_a_full_disk_under_a_file_is_measured_once_the_partial_file_is_gone(tmp_path, monkeypatch):
     """Soak: `export --to gguf` onto a full 3 MB tmpfs said "(0 B free there)": the partial file was unlinked, but
