@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import re
 import warnings
@@ -27,6 +28,7 @@ from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_b
                                    mark_trainable, merged_adapters, merged_error, remove_adapter, saved_paths,
                                    undone_on_failure)
 from loraforge.lora.layer import LoraLayer, ModulesToSave
+from loraforge.quant.checks import base_quantization
 from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,6 +43,10 @@ MAX_CONFIG_BYTES = 16 << 20
 MAX_HEADER_BYTES = 16 << 20
 # Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
+# The base's quantization an adapter trained over (none, nf4, fp4, int8), in the same header: over another base its
+# outputs differ (SmolLM2: a QLoRA adapter's logits over the full-precision base were up to 13 apart), so a load
+# over another one warns. PEFT's adapter_config.json has no such field, and an unknown key there makes PEFT warn.
+BASE_QUANTIZATION = "base_quantization"
 # What PEFT adds to modules_to_save of a task_type SEQ_CLS adapter (PeftModelForSequenceClassification, peft_model.py)
 SEQ_CLS_HEADS = ("classifier", "score")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the layers ensure_weight_tying ties
@@ -97,32 +103,37 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_dict: dict,
-                      replace: bool = True) -> Path:
+                      replace: bool = True, quantization: str | None = None) -> Path:
     """Write an adapter directory's two files; they appear together or not at all, and a write the disk refuses
     raises files.DiskError naming the directory (other files already in `out` stay). `replace=False`: an `out`
-    another command filled meanwhile is left to it (FileExistsError; files.atomic_dir)."""
+    another command filled meanwhile is left to it (FileExistsError; files.atomic_dir). `quantization`: the base's
+    (quant.checks.base_quantization), recorded in the weights file's header (BASE_QUANTIZATION)."""
     if not str(out):  # Path("") is ".": the files would land in the working directory unasked
         raise ValueError("the adapter's output directory is empty; give a directory path, e.g. runs/my-adapter")
     out = Path(out)
     text = json.dumps(peft_dict, indent=2) + "\n"
+    metadata = {**PROVENANCE, **({BASE_QUANTIZATION: quantization} if quantization else {})}
     with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text), replace=replace) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=PROVENANCE)
-        _provenance_in_order(tmp / WEIGHTS_NAME)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
+        _metadata_in_order(tmp / WEIGHTS_NAME, metadata)
         (tmp / CONFIG_NAME).write_text(text)
     return out
 
 
-def _provenance_in_order(path: Path) -> None:
-    """PROVENANCE's keys in the file in one order: safetensors writes metadata in hash order, which varies between
-    saves, so the same tensors gave files of different bytes (a soak compared checksums). The two orders have
-    the same length: the header is rewritten in place."""
-    swapped, ordered = (json.dumps({"__metadata__": dict(items)}, separators=(",", ":"))[1:-1].encode()
-                        for items in (reversed(PROVENANCE.items()), PROVENANCE.items()))
+def _metadata_in_order(path: Path, metadata: dict[str, str]) -> None:
+    """`metadata`'s keys in the file in one order: safetensors writes metadata in hash order, which varies between
+    saves, so the same tensors gave files of different bytes (a soak compared checksums). Every order has the
+    same length: the header is rewritten in place."""
+    def text(items) -> bytes:
+        return json.dumps({"__metadata__": dict(items)}, separators=(",", ":"))[1:-1].encode()
+
     with open(path, "r+b") as f:
         header = f.read(int.from_bytes(f.read(8), "little"))  # after the 8-byte length
-        if (at := header.find(swapped)) >= 0:
-            f.seek(8 + at)
-            f.write(ordered)
+        for items in itertools.permutations(metadata.items()):  # 6 orders of 3 keys
+            if (at := header.find(text(items))) >= 0:
+                f.seek(8 + at)
+                f.write(text(metadata.items()))
+                return
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
@@ -145,7 +156,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)
-    return write_adapter_dir(out_dir, tensors, config.to_peft_dict())
+    return write_adapter_dir(out_dir, tensors, config.to_peft_dict(), quantization=base_quantization(model))
 
 
 def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
@@ -365,6 +376,35 @@ def _warn_other_class(adapter_dir, model: nn.Module) -> None:
                       f"model; give the base it was trained on", stacklevel=3)
 
 
+def recorded_quantization(adapter_dir: str | Path) -> str | None:
+    """The base's quantization the adapter's weights file records (BASE_QUANTIZATION: none, nf4, fp4, int8), or
+    None where it records none (an older loraforge's, PEFT's) or cannot be read."""
+    try:
+        with open(expand_user(adapter_dir) / WEIGHTS_NAME, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else {}
+    except (OSError, ValueError):
+        return None  # read_adapter_weights read it already: gone or rewritten since, nothing to compare
+    value = (header.get("__metadata__") or {}).get(BASE_QUANTIZATION) if isinstance(header, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _warn_other_quantization(adapter_dir, model: nn.Module) -> None:
+    """A warning where the adapter records the base's quantization it trained over and this base is stored
+    otherwise: another model (SmolLM2: a QLoRA adapter's logits over the full-precision base up to 13 apart)."""
+    recorded, here = recorded_quantization(adapter_dir), base_quantization(model)
+    if recorded is None or recorded == here:
+        return
+    fix = f"give --quantize {recorded} (model.quantization: {recorded})" if recorded != "none" else \
+        "leave --quantize (model.quantization) off"
+    warnings.warn(f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
+                  f"{_stored(here)}: its outputs differ from those it trained to give; {fix}", stacklevel=3)
+
+
+def _stored(quantization: str) -> str:
+    return "a full-precision" if quantization == "none" else f"an {quantization.upper()}"
+
+
 def _misfit(adapter_dir, config, model: nn.Module, problems: list[str], shapes: int, missing: int,
             unexpected: int) -> str:
     """The error for an adapter whose tensors do not fit the model: the base it names where that differs from
@@ -582,6 +622,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
         _warn_other_class(adapter_dir, model)
+        _warn_other_quantization(adapter_dir, model)
         set_adapter(model, name)  # stopped from here on, the load was left half done: "already loaded" on a rerun
         if is_trainable:
             mark_trainable(model, name)
@@ -713,4 +754,4 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * alpha_factor for k, v in config.alpha_pattern.items()})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict())
+    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict(), quantization=base_quantization(model))

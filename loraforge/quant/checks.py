@@ -33,3 +33,15 @@ def is_quantized(layer: nn.Module) -> bool:
 def is_quantized_linear(module: nn.Module) -> bool:
     """A bitsandbytes linear layer, by its class."""
     return type(module).__name__ in QUANTIZED_LINEARS
+
+
+def base_quantization(model: nn.Module) -> str:
+    """How bitsandbytes stores `model`'s linear layers: "nf4", "fp4", "int8", or "none" (full precision). A LoRA
+    layer's base layer counts: it is the base's own."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if is_4bit_param(weight):
+            return str(weight.quant_type)
+        if is_8bit_param(weight):
+            return "int8"
+    return "none"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -260,7 +261,9 @@ def adapter_fits(adapter: str, model: str) -> None:
     except Exception:  # noqa: BLE001 -- a model that fails here fails, and is reported, where it loads
         return
     try:
-        load_adapter(shapes, adapter)
+        with warnings.catch_warnings():  # about the base it is loaded over (its quantization...): the real load's
+            warnings.simplefilter("ignore")
+            load_adapter(shapes, adapter)
     except AdapterError:
         raise
     except Exception:  # noqa: BLE001 -- an operation without a meta kernel: the real load checks this adapter
