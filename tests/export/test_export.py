@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from conftest import tiny_gpt2, tiny_llama
-from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
+from loraforge.lora.adapters import (AdapterError, load_adapter, recorded_quantization, save_adapter,
+                                     write_adapter_dir)
 from loraforge.config import LoraConfig
 from loraforge.export import gguf as gguf_export
 from loraforge.export.gguf import export_gguf
@@ -321,6 +323,23 @@ def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path
         assert {f.get_slice(k).get_shape()[0] for k in f.keys() if ".lora_A." in k} == {cfg["r"]}
     torch.testing.assert_close(_peft_logits(build, out), _peft_logits(build, tmp_path / "a"), **PEFT_TOL)
     assert not torch.allclose(_peft_logits(build, out), build()(torch.zeros(1, 1, dtype=torch.long)).logits[:1, :1])
+
+
+@pytest.mark.parametrize("recorded", ["nf4", "none", None])
+def test_vllm_conversion_keeps_the_base_quantization_the_adapter_records(recorded, tmp_path):
+    """export --to vllm wrote no base_quantization, so a QLoRA adapter's export loaded over the full-precision base
+    without the warning the adapter itself gives; it keeps what the adapter records (nothing for PEFT's)."""
+    from loraforge.export.vllm import convert_for_vllm
+
+    model = BUILDERS["llama"]()
+    inject(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    save_adapter(model, tmp_path / "a")
+    assert recorded_quantization(tmp_path / "a") == "none"
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    write_adapter_dir(tmp_path / "b", tensors, config, quantization=recorded)  # as a QLoRA run, or PEFT, saves it
+    out, _ = convert_for_vllm(tmp_path / "b", tmp_path / "v")
+    assert recorded_quantization(out) == recorded
 
 
 @pytest.mark.parametrize("variant,reason", [("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
