@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import errno
 import importlib.util
@@ -720,6 +721,19 @@ def dash_hint(argv: list[str], parser: argparse.ArgumentParser) -> str:
     return ""
 
 
+def config_keys(name: str) -> list[str]:
+    """The config keys whose field is spelled `name` (batch_size: ['training.batch_size=VALUE']), top level or in
+    a section (model, lora, data, training)."""
+    from loraforge.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    keys = [name] if name in hints else []
+    for section, tp in hints.items():
+        if dataclasses.is_dataclass(tp) and name in {f.name for f in dataclasses.fields(tp)}:
+            keys.append(f"{section}.{name}")
+    return [f"{key}=VALUE" for key in keys]
+
+
 def _hint(option: str, command: str, options: list[str]) -> str:
     """The hint for an --option `command` does not have (`options`: those it has): a positional's name given as an
     option (`train --config x.yaml`: CONFIG comes without a flag), or the options it resembles."""
@@ -731,6 +745,9 @@ def _hint(option: str, command: str, options: list[str]) -> str:
         return f" (after -- every word is a value: put {option} before the --)"
     if hint := did_you_mean(option, options):
         return hint
+    if "overrides" in inspect.signature(_commands()[command]).parameters and (keys := config_keys(name)):
+        # `train c.yaml --batch-size 4` said "estimate has it": the config field is what train takes
+        return f" ({command} has no {option}; give the config field as {' or '.join(keys)})"
     parser = build_parser()  # soak: `eval --batch-size 0` was "(did you mean --quantize?)"
     others = [c for c in _commands() if c != command and option in _options(parser, c)]
     return f" ({command} has no {option}; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} it)" \

@@ -467,6 +467,28 @@ def test_an_option_of_another_command_names_that_command_not_a_look_alike(argv, 
     assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: " + said
 
 
+@pytest.mark.parametrize("argv,said", [
+    (["train", "c.yaml", "--batch-size", "4"],
+     "unrecognized arguments: --batch-size (train has no --batch-size; give the config field as "
+     "training.batch_size=VALUE) 4"),
+    (["demo", "--lr=1e-4"], "unrecognized arguments: --lr=1e-4 (demo has no --lr; give the config field as "
+                            "training.lr=VALUE)"),
+    (["train", "c.yaml", "--output-dir", "x"],
+     "unrecognized arguments: --output-dir (train has no --output-dir; give the config field as output_dir=VALUE) x"),
+    (["eval", "d.jsonl", "--batch-size", "0"],  # eval takes no KEY=VALUE: the command that has the option
+     "unrecognized arguments: --batch-size (eval has no --batch-size; estimate has it) 0"),
+])
+def test_an_option_that_is_a_config_field_names_the_key_to_give(argv, said, capsys):
+    """`train c.yaml --batch-size 4` said "(train has no --batch-size; estimate has it)", a command that does not
+    train: a command taking KEY=VALUE overrides names the config field the option spells."""
+    from loraforge.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "loraforge: error: " + said
+
+
 def test_every_command_prints_its_help(capsys):
     from loraforge.cli import _commands
 
