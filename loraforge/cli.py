@@ -738,14 +738,15 @@ def _hint(option: str, command: str, options: list[str]) -> str:
     """The hint for an --option `command` does not have (`options`: those it has): a positional's name given as an
     option (`train --config x.yaml`: CONFIG comes without a flag), or the options it resembles."""
     name = option.lstrip("-").replace("-", "_")
-    if name in inspect.signature(_commands()[command]).parameters and "--" + option.lstrip("-") not in options:
+    params = inspect.signature(_commands()[command]).parameters
+    if name in params and "--" + option.lstrip("-") not in options:
         what = "KEY=VALUE pairs come" if name == "overrides" else f"{name.upper()} is positional: give it"
         return f" ({what} without {option})"
     if option in options:  # `generate -- -x --max-new-tokens 4`: after --, every word is a value
         return f" (after -- every word is a value: put {option} before the --)"
     if hint := did_you_mean(option, options):
         return hint
-    if "overrides" in inspect.signature(_commands()[command]).parameters and (keys := config_keys(name)):
+    if "overrides" in params and (keys := config_keys(name)):
         # `train c.yaml --batch-size 4` said "estimate has it": the config field is what train takes
         return f" ({command} has no {option}; give the config field as {' or '.join(keys)})"
     parser = build_parser()  # soak: `eval --batch-size 0` was "(did you mean --quantize?)"

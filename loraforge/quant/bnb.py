@@ -193,12 +193,18 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
 
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
     """
+    _check_quantizable(model, quantize, device, python=True)
+    return _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage)
+
+
+def _check_quantizable(model: nn.Module, quantize: str, device: str | torch.device, python: bool) -> None:
+    """quantize_model's and quantize_loaded's refusals, before the first layer is replaced: an unknown `quantize`,
+    LoRA layers, a device that cannot be used, layer widths the CPU kernels get wrong (`python`: check_cpu_widths')."""
     _check_quantize(quantize)
     if has_lora_layers(model):
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     check_device(device)
-    check_cpu_widths(_quantizable(model), quantize, device)  # all of them before the first is replaced
-    return _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage)
+    check_cpu_widths(_quantizable(model), quantize, device, python=python)  # all of them before the first is replaced
 
 
 def _quantize_layers(model: nn.Module, quantize: str, compute_dtype: torch.dtype, double_quant: bool,
@@ -275,11 +281,7 @@ def quantize_loaded(model: nn.Module, quantize: str, compute_dtype: torch.dtype 
     gives it. Its refusals are worded for a run's settings (model.quantization, --quantize): load_model is how
     train, merge and serve load a quantized base. `from_file`: just loaded from a checkpoint's mapped file, whose
     pages each replaced weight read are dropped from the resident set (_quantize_layers)."""
-    _check_quantize(quantize)
-    check_cpu_widths(_quantizable(model), quantize, device, python=False)
-    if has_lora_layers(model):
-        raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
-    check_device(device)
+    _check_quantizable(model, quantize, device, python=False)
     model = _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage, from_file).eval()
     _to_compute_dtype(model, compute_dtype)
     _own_memory(model)
