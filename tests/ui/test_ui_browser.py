@@ -734,6 +734,28 @@ def test_a_narrow_window_wraps_the_page(ui, browser):  # noqa: F811
     assert widths == {tab: 400 for tab in widths} and all(r <= 400 for r in rights), (widths, rights)
 
 
+def test_a_255_byte_run_name_leaves_the_status_the_buttons_and_the_charts_in_shape(ui, fresh):  # noqa: F811
+    """A 255-byte name (the longest a file system takes) squeezed every row's status to 'un/kn/ow/n', the zip button
+    to 'z/i/p', and, ticked, stood in each chart's legend at full length: the charts 490 px tall, not 280-310."""
+    long = "L" * 255
+    for name in (long, "short-name"):
+        fake_run(ui, name, GOOD)
+    tick(fresh, "short-name")
+    tick(fresh, long)
+    wait_points(fresh, "loss", 8)
+    lines = fresh.evaluate("""names => names.map(n => document.querySelector(`#runs tr[data-run="${n}"]`)).map(r =>
+        [r.querySelector('.state').getClientRects().length, r.querySelector('button.zip').getClientRects()[0].height])
+        """, ["short-name", long])
+    assert [rects for rects, _ in lines] == [1, 1] and lines[0][1] == lines[1][1] < 30, lines  # z/i/p: 51 px
+    # the legend shows the name cut short (its tooltip whole): a line of the legend, not six
+    heights = fresh.evaluate("['loss', 'lr'].map(m => document.querySelector('#chart-' + m).getBoundingClientRect()"
+                             ".height)")
+    assert all(200 < h < 330 for h in heights), heights
+    labels = fresh.evaluate("[...document.querySelectorAll('#chart-loss .u-legend .u-label')].slice(1).map(l => "
+                            "[l.title, l.getBoundingClientRect().width])")
+    assert [title for title, _ in labels] == ["short-name", long] and labels[1][1] < 200, labels
+
+
 def test_a_reload_keeps_the_ticked_runs(ui, fresh):  # noqa: F811
     fake_run(ui, "keep1", GOOD)
     fake_run(ui, "keep2", GOOD[:2])

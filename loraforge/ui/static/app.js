@@ -408,6 +408,7 @@ function draw() {
                    axes: [{ label: "step" }, { size: axisSize, values: (u, vals) => tickLabels(vals) }],
                    legend: { show: true } };
     made.plot = new uPlot(opts, data, box);
+    for (const label of box.querySelectorAll(".u-legend .u-label")) label.title = label.textContent;
   }
 }
 // A value far above the others (one 1e308 loss flattened every curve) is left above the chart, whose title says so:
