@@ -756,6 +756,26 @@ def test_a_255_byte_run_name_leaves_the_status_the_buttons_and_the_charts_in_sha
     assert [title for title, _ in labels] == ["short-name", long] and labels[1][1] < 200, labels
 
 
+def test_a_255_byte_adapter_or_dataset_name_leaves_the_page_its_width(ui, fresh):  # noqa: F811
+    """The Adapters tab's list of folders (and the Start form's of datasets) grew as wide as its longest name: a
+    255-byte folder made the page 1,983 px wide in a 1,400 px window, the header ending at 1,400."""
+    fake_run(ui, "A" * 255, GOOD)  # its adapter is offered as AAA.../adapter
+    dataset = ui[1] / "data" / ("d" * 249 + ".jsonl")
+    shutil.copy(ui[1] / "data" / "add.jsonl", dataset)
+    try:
+        fresh.reload()
+        set_key(fresh, KEY)
+        widths = {}
+        for tab, option in (("adapters", "#load-form select option"), ("start", "#start-form [name=dataset] option")):
+            fresh.click(f"nav button[data-tab={tab}]")
+            fresh.wait_for_function(f"[...document.querySelectorAll({json.dumps(option)})].some(o => "
+                                    f"o.value.length > 250)")
+            widths[tab] = fresh.evaluate("document.documentElement.scrollWidth")
+    finally:
+        dataset.unlink()
+    assert widths == {"adapters": 1400, "start": 1400}, widths
+
+
 def test_a_reload_keeps_the_ticked_runs(ui, fresh):  # noqa: F811
     fake_run(ui, "keep1", GOOD)
     fake_run(ui, "keep2", GOOD[:2])
