@@ -297,6 +297,47 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
     rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
     assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
 
+def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_other_requests(ui, browser):  # noqa: F811
+    """The 6 connections a browser holds per host are shared by all its tabs, and each tab kept 3 streams of its
+    own: two tabs following three live runs took all 6, a third tab's curves stayed empty, and the list took 10-25 s
+    to answer in any tab. Now the tabs share the 3 stream connections among them (Web Locks)."""
+    names = [f"tabbed{i}" for i in range(3)]
+    for name in names:
+        fake_run(ui, name, GOOD[:1], finished=False)
+    stop = threading.Event()
+
+    def train_in_terminals():
+        step = 1
+        while not stop.wait(0.3):
+            step += 1
+            for name in names:
+                with open(ui[1] / "runs" / name / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": 1 / step}) + "\n")
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})  # one browser profile, as a user's
+    context.add_init_script(f"localStorage.setItem('loraforge-key', {json.dumps(KEY)}); "
+                            f"localStorage.setItem('loraforge-ticked', {json.dumps(json.dumps(names))})")
+    writer = threading.Thread(target=train_in_terminals)
+    writer.start()
+    try:
+        tabs = [context.new_page() for _ in range(3)]
+        for tab in tabs:
+            tab.goto(ui[0] + "/ui/")
+        for tab in tabs:  # every tab's curves fill
+            tab.wait_for_function(f"{json.dumps(names)}.every(n => (state.data[n]?.rows.length || 0) >= 3)",
+                                  timeout=60_000)
+        took = []
+        for tab in tabs:
+            started = time.monotonic()
+            assert tab.evaluate("api('/ui/api/runs').then(answer => typeof answer)") == "object"
+            took.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        writer.join()
+        context.close()
+    assert max(took) < 3, took  # before: 10-25 s, or the third tab's curves never filled
+
+
 def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, fresh):  # noqa: F811
     run = fake_run(ui, "keyed", GOOD)
     tick(fresh, "keyed")

@@ -210,30 +210,56 @@ function toggleRun(name, on) {
 // (null, arrays, strings, a string step); such rows are skipped here whatever the server sends.
 const isRow = r => r !== null && typeof r === "object" && !Array.isArray(r) && Number.isFinite(r.step);
 
-// A browser holds 6 connections per host (HTTP/1.1) and a stream holds one while it lasts: seven ticked live runs
-// left Stop, the list, extras and the playground waiting forever. The runs' streams share STREAM_SLOTS connections,
-// each for a slice of at most SLICE_S seconds (the server then sends `pause`), queued in turn; the rest stay free.
+// A browser holds 6 connections per host (HTTP/1.1), shared by all its tabs, and a stream holds one while it lasts:
+// seven ticked live runs left Stop, the list, extras and the playground waiting forever. The runs' streams share
+// STREAM_SLOTS connections, each for a slice of at most SLICE_S seconds (the server then sends `pause`), queued in
+// turn; the rest stay free. The slots are Web Locks, which every tab of this server in the browser shares as it
+// shares the connections (three tabs of 3 slots each took all 6: a third tab's curves stayed empty, the list took
+// 10-25 s); a page without them (not a secure context: another machine's address over http) counts its own.
 const STREAM_SLOTS = 3, SLICE_S = 5;
+const LOCKS = window.isSecureContext ? navigator.locks : undefined;
 const slots = { free: STREAM_SLOTS, waiting: [] };
-// Resolves true once a slot is this stream's, false if the stream was aborted while it waited.
+// Resolves to the function that gives the slot back once a slot is this stream's; null if the stream was aborted
+// while it waited.
 function takeSlot(signal) {
-  if (signal.aborted) return Promise.resolve(false);
+  if (signal.aborted) return Promise.resolve(null);
+  if (LOCKS) return takeLock(signal);
   if (slots.free > 0) {
     slots.free--;
-    return Promise.resolve(true);
+    return Promise.resolve(giveSlot);
   }
   return new Promise(done => {
-    const waiter = () => done(true);
+    const waiter = () => done(giveSlot);
     slots.waiting.push(waiter);
     signal.addEventListener("abort", () => {
       const i = slots.waiting.indexOf(waiter);
-      if (i >= 0) { slots.waiting.splice(i, 1); done(false); }
+      if (i >= 0) { slots.waiting.splice(i, 1); done(null); }
     }, { once: true });
   });
 }
 function giveSlot() {
   const next = slots.waiting.shift();
   if (next) next(); else slots.free++;
+}
+// One of the STREAM_SLOTS locks, whichever is granted first (the others' requests are withdrawn; one granted
+// meanwhile is given back at once); held until the returned function is called.
+function takeLock(signal) {
+  return new Promise(done => {
+    let held = false;
+    const asks = [];
+    const withdraw = () => asks.forEach(ask => ask.abort());
+    signal.addEventListener("abort", () => { withdraw(); if (!held) done(null); }, { once: true });
+    for (let i = 0; i < STREAM_SLOTS; i++) {
+      const ask = new AbortController();
+      asks.push(ask);
+      LOCKS.request(`loraforge-stream-slot-${i}`, { signal: ask.signal }, () => {
+        if (held || signal.aborted) return undefined;  // given back at once
+        held = true;
+        withdraw();
+        return new Promise(release => done(release));
+      }).catch(() => {});  // withdrawn before it was granted (AbortError)
+    }
+  });
 }
 // Follow a ticked run's metrics until its `end` event, in slices (`pause`: back in the queue for a slot, from the
 // offset reached). A stream that breaks before its end (the server restarted, the network dropped) is reopened from
@@ -247,7 +273,8 @@ async function follow(name, resume = false) {
   const run = resume && state.data[name] || (state.data[name] = { rows: [], offset: 0 });
   let delay = 1000;
   while (!ctrl.signal.aborted) {
-    if (!await takeSlot(ctrl.signal)) return;
+    const release = await takeSlot(ctrl.signal);
+    if (!release) return;
     let paused = false;
     try {
       const file = run.file ? `&file=${encodeURIComponent(run.file)}` : "";  // which file run.offset is in
@@ -300,7 +327,7 @@ async function follow(name, resume = false) {
       }
       console.warn(`${name}: metrics stream broke`, e);
     } finally {
-      giveSlot();
+      release();
     }
     if (paused) continue;
     setNote(name, "reconnecting…");
