@@ -262,11 +262,18 @@ def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fres
     assert fresh.inner_text('#runs tr[data-run="blip"] .stream-note') == ""
 
 
-def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh):  # noqa: F811
+@pytest.mark.parametrize("locks", [True, False], ids=["web-locks", "no-web-locks"])
+def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh, locks):  # noqa: F811
     """A browser holds 6 connections per host and each ticked run's stream held one while its run lived: with a
     seventh, the list, Stop, extras and the playground waited forever. Now the streams share a few connections in
-    turn: every run's curve fills, and the page's other requests are answered at once."""
-    names = [f"live{i}" for i in range(7)]
+    turn: every run's curve fills, and the page's other requests are answered at once. Without Web Locks (a page
+    over plain http from another machine) the page counts its slots itself."""
+    if not locks:
+        fresh.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined })")
+        fresh.reload()
+        set_key(fresh, KEY)
+        assert fresh.evaluate("LOCKS") is None
+    names = [f"live{i}{'' if locks else 'x'}" for i in range(7)]
     for name in names:
         fake_run(ui, name, GOOD[:1], finished=False)
     stop = threading.Event()
