@@ -314,10 +314,9 @@ async function follow(name, resume = false) {
           loadRuns().then(showExtras).catch(runsError);
           return;
         }
-        if (event === "pause") {
-          paused = true;
-          break;
-        }
+        // the server ends the stream right after `pause`: read to its end, so the slot is given back only once the
+        // connection is free (a break cancelled the body, and the next slice's stream opened while it still closed)
+        if (event === "pause") paused = true;
       }
     } catch (e) {
       if (ctrl.signal.aborted) return;
