@@ -295,13 +295,12 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
             fresh.check(f'#runs input[data-run="{name}"]')
         fresh.wait_for_function(f"{json.dumps(names)}.every(n => (state.data[n]?.rows.length || 0) >= 3)",
                                 timeout=60_000)
-        started = time.monotonic()
-        assert fresh.evaluate("api('/ui/api/info').then(info => typeof info)") == "object"
-        answered = time.monotonic() - started
+        answer = fresh.evaluate("Promise.race([api('/ui/api/info').then(info => typeof info), "
+                                "new Promise(done => setTimeout(() => done('no answer in 60 s'), 60000))])")
     finally:
         stop.set()
         writer.join()
-    assert answered < 5, answered  # before: no answer at all
+    assert answer == "object", answer  # before: no answer at all (a bound, not a speed: it takes well under 1 s)
     rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
     assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
 
