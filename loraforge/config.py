@@ -923,7 +923,16 @@ class TrainConfig:
         validate([f"{name}: {clipped(value)}: {problem}" for name, value in paths
                   if isinstance(value, str) and (problem := locale_problem(value))])
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
-        if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
+        if self.method == "adalora":  # adalora.lora_alpha, where set, replaces lora.lora_alpha
+            name = "adalora.lora_alpha" if "lora_alpha" in self.adalora else "lora.lora_alpha"
+            alpha = self.adalora.get("lora_alpha", self.lora.lora_alpha)
+            init_r = f" ({self.adalora['init_r']})" if "init_r" in self.adalora else ""
+            if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and not alpha > 0:
+                validate([f"{name}: must be positive to train with method: adalora, got {alpha} (PEFT reads 0 or less "
+                          f"as the layer's rank: init_r while training, but the kept rank once the pruned adapter is "
+                          f"saved and loaded, so the adapter saved would not be the model trained); set {name} to "
+                          f"adalora.init_r{init_r} for the same scale"])
+        elif self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
             alphas = {"lora.lora_alpha": self.lora.lora_alpha,
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
