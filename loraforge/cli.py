@@ -842,8 +842,10 @@ def _terminated_cleanly(command: str):
 
 
 def _ended(signum, frame):
-    """Ctrl-C once the command has ended, while the interpreter tears down (torch's part alone takes a second or
-    more): exit 130 at once, rather than with a KeyboardInterrupt traceback from an atexit callback or a thread join."""
+    """Ctrl-C, SIGTERM or SIGHUP once the command has ended, while the interpreter tears down (torch's part alone
+    takes a second or more): exit 128 + the signal's number at once (130, 143, 129), rather than with a
+    KeyboardInterrupt traceback from an atexit callback or a thread join, or killed by the signal (the dashboard's
+    "Stop now" on a run already writing its last line exited -15)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a write the signal interrupted: "reentrant call"
             stream.flush()
@@ -852,8 +854,8 @@ def _ended(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
-    command line a Ctrl-C after the command has ended exits at once (_ended); a caller passing `argv` (tests, a
-    program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
+    command line a Ctrl-C, SIGTERM or SIGHUP after the command has ended exits 128 + its number at once (_ended); a
+    caller passing `argv` (tests, a program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
     (utils.streams): a reader that leaves, a full disk under a log file or an encoding without a character ends no
     command (one whose stdout was lost to a full disk exits 1)."""
     _INTERRUPTED.clear()
@@ -884,6 +886,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ours:
             signal.signal(signal.SIGINT, signal.default_int_handler if argv is not None else _ended)
+        if argv is None and threading.current_thread() is threading.main_thread() \
+                and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent ends its processes itself
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(s) is signal.SIG_DFL:  # nohup's SIGHUP stays ignored
+                    signal.signal(s, _ended)
 
 
 def one_line_warnings() -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from loraforge.argtypes import FlagOverride, locale_problem, name_problem
 from loraforge.utils.files import expand_user, missing_note
 
@@ -923,7 +925,16 @@ class TrainConfig:
         validate([f"{name}: {clipped(value)}: {problem}" for name, value in paths
                   if isinstance(value, str) and (problem := locale_problem(value))])
         validate(adalora_lora_problems(self.lora) if self.method == "adalora" else [])
-        if self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
+        if self.method == "adalora":  # adalora.lora_alpha, where set, replaces lora.lora_alpha
+            name = "adalora.lora_alpha" if "lora_alpha" in self.adalora else "lora.lora_alpha"
+            alpha = self.adalora.get("lora_alpha", self.lora.lora_alpha)
+            init_r = f" ({self.adalora['init_r']})" if "init_r" in self.adalora else ""
+            if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and not alpha > 0:
+                validate([f"{name}: must be positive to train with method: adalora, got {alpha} (PEFT reads 0 or less "
+                          f"as the layer's rank: init_r while training, but the kept rank once the pruned adapter is "
+                          f"saved and loaded, so the adapter saved would not be the model trained); set {name} to "
+                          f"adalora.init_r{init_r} for the same scale"])
+        elif self.method != "full":  # a file may hold a negated adapter; a run that trains one learns nothing new
             alphas = {"lora.lora_alpha": self.lora.lora_alpha,
                       **{f"lora.alpha_pattern.{k}": v for k, v in self.lora.alpha_pattern.items()}}
             validate([f"{name}: must be positive to train, got {v} (try 2*r; 0 trains nothing, a negative alpha "
@@ -1005,12 +1016,26 @@ class DuplicateKey(Exception):
         self.line = line
 
 
-@functools.cache
-def yaml_loader():
-    """yaml.SafeLoader that refuses a key written twice in one mapping (DuplicateKey)."""
-    import yaml
+def read_yaml(text: str | bytes):
+    """`text` read by yaml_loader(): with libyaml's parser where PyYAML has it (the pure-Python one took nearly all
+    of a large config's load time; see the README). A document libyaml refuses is read again by the pure-Python
+    parser, whose errors are the ones the messages use (the line shown, a tab named; a nesting past libyaml's 1,000
+    levels, which it refuses, reads as before)."""
+    try:
+        return yaml.load(text, Loader=yaml_loader())
+    except yaml.YAMLError:
+        if not yaml.__with_libyaml__:
+            raise
+        return yaml.load(text, Loader=yaml_loader(libyaml=False))
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+
+@functools.cache
+def yaml_loader(libyaml: bool = True):
+    """yaml.SafeLoader (yaml.CSafeLoader: the same constructors over libyaml's parser, where PyYAML has it and
+    `libyaml`) that refuses a key written twice in one mapping (DuplicateKey)."""
+    base = yaml.CSafeLoader if libyaml and yaml.__with_libyaml__ else yaml.SafeLoader
+
+    class UniqueKeyLoader(base):
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 first: dict = {}
@@ -1067,8 +1092,6 @@ def _refuse_alias_bomb(value, where: str) -> None:
 
 def load_train_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a YAML config, apply `key.sub=value` overrides (values parsed as YAML), validate everything."""
-    import yaml
-
     data: dict = dict(base or {})
     if path is not None:
         if Path(path).is_dir():  # every command that reads a run's YAML (train, forgetting, ...)
@@ -1081,7 +1104,7 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         # config file" (not a regular file)
         raw = Path(path).read_bytes()
         try:  # bytes: PyYAML reads UTF-8 and, by their byte-order mark, UTF-16 files (Windows editors write them)
-            loaded = yaml.load(raw, Loader=yaml_loader()) or {}
+            loaded = read_yaml(raw) or {}
         except DuplicateKey as e:
             raise ConfigError([f"{path}:{e.line}: {e}"]) from None
         except yaml.reader.ReaderError as e:  # a byte that is not UTF-8, e.g. a Latin-1 "café" in a comment
@@ -1120,7 +1143,7 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
         if (problem := name_problem(value)) is not None:  # YAML's "unacceptable character #xdce9" named no fix
             raise ConfigError([f"override {key}: {problem}"])
         try:
-            parsed = yaml.load(value, Loader=yaml_loader())
+            parsed = read_yaml(value)
             if not parents and isinstance(parsed, dict) and isinstance(node.get(leaf), dict):
                 parsed = {**node[leaf], **parsed}  # lora={r: 2} sets r: the file's and earlier lora fields stay
             node[leaf] = parsed

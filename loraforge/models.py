@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -511,6 +512,18 @@ def _reading(name_or_path: str, path: str, what: str):
     folder = Path(path)
     try:
         yield
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a .bin holding more than tensors
+        if not folder.is_dir():
+            raise
+        bins = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "its .bin weights"
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise ModelFilesError(
+            f"model {name_or_path}: its {what} cannot be read from {folder}: {bins} (a pickle) holds objects besides "
+            f"tensors{f' ({blocked})' if blocked else ''}, which loading would run; loraforge reads .bin weights "
+            f"only as plain tensors (torch.load with weights_only=True). Give the model's safetensors weights "
+            f"(model.safetensors), or, only if you trust where the file came from, convert it: python -c \"import "
+            f"torch, safetensors.torch as st; st.save_file(torch.load('pytorch_model.bin', weights_only=False), "
+            f"'model.safetensors')\" in {folder}") from None
     except (OSError, SafetensorError) as e:  # not ValueError: our own checks (ConfigError) raise it with their line
         if not folder.is_dir() or isinstance(e, (ModelDownloadError, ModelFilesError, DiskError)):
             raise
@@ -578,7 +591,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "fp32", quantize: s
         if quantize is not None:
             return load_quantized(path, quantize, compute_dtype=torch_dtype, device=device, quant_storage=quant_storage,
                                   stored=stored_dtype(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        # weights_only: a folder of .bin weights (pickles) is read as plain tensors, never run (transformers'
+        # default today, said here so that no default can change it)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, weights_only=True)
     if torch_dtype == torch.float16:
         check_fp16_range(model, name_or_path, path)
     return model.to(device)

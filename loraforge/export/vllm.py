@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from loraforge.lora.adapters import PREFIX, WEIGHTS_NAME, recorded_quantization, write_adapter_dir
+from loraforge.lora.adapters import (PREFIX, WEIGHTS_NAME, recorded_model_type, recorded_quantization,
+                                     write_adapter_dir)
 from loraforge.config import LoraConfig
 from loraforge.models import conversion_paths
 from loraforge.utils.outputs import check_output, check_replaceable, check_writable, published_room
@@ -78,8 +79,9 @@ def convert_for_vllm(adapter_dir: str | Path, out_dir: str | Path, overwrite: bo
                        exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
                        layers_pattern=config.layers_pattern, fan_in_fan_out=config.fan_in_fan_out,
                        base_model_name_or_path=config.base_model_name_or_path)
-    # the base it trained over, as the adapter records it (a QLoRA adapter's nf4), so loading the export over
-    # another base warns as loading the adapter does
+    # the base it trained over, as the adapter records it (a QLoRA adapter's nf4, its model_type), so loading the
+    # export over another base warns as loading the adapter does
     out = write_adapter_dir(Path(out_dir), tensors, plain.to_peft_dict(), replace=overwrite,  # as merge
-                            quantization=recorded_quantization(adapter_dir))
+                            quantization=recorded_quantization(adapter_dir),
+                            model_type=recorded_model_type(adapter_dir))
     return out, conversions + [f"serve with vLLM's --max-lora-rank {max_lora_rank(R)} or more (rank {R})"]

@@ -67,7 +67,7 @@ class AdaLoraConfig:
     Written when saving; on load, each layer gets only its kept triplets."""
     lora_alpha: float = 8
     """Scale numerator: ΔW is multiplied by lora_alpha / (init_r + 1e-5) (0: the layer's rank is used: init_r, or
-    the kept rank of a layer loaded pruned, as PEFT does)."""
+    the kept rank of a layer loaded pruned, as PEFT does; loaded only: training refuses it)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter's input x."""
     target_modules: str | tuple[str, ...] | None = None
@@ -334,6 +334,11 @@ class RankAllocator:
         if pruned:
             raise ValueError(f"adapter {adapter_name!r} was loaded already pruned ({pruned[0]}, ...); the allocator "
                              f"needs full init_r layers: train a fresh adapter")
+        if not self.config.lora_alpha > 0:  # PEFT: the rank while training, the kept rank once saved and loaded
+            raise ValueError(f"lora_alpha: {self.config.lora_alpha} scales each layer by init_r while training but by "
+                             f"its kept rank once the pruned adapter is saved and loaded, so the adapter saved would "
+                             f"not be the model trained; inject with lora_alpha={self.config.init_r} (init_r), the "
+                             f"same scale")
         self.init_budget = sum(m.r[adapter_name] for _, m in layers)
         self.target_budget = self.config.target_r * len(layers)
         self.reset_importance()

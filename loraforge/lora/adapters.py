@@ -30,6 +30,7 @@ from loraforge.lora.inject import (LayerKindConflict, find_targets, inject, is_b
 from loraforge.lora.layer import LoraLayer, ModulesToSave
 from loraforge.quant.checks import base_quantization
 from loraforge.utils.files import atomic_dir, byte_order_mark, expand_user, missing_note
+from loraforge.utils.hf import named_model_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +48,9 @@ PROVENANCE = {"format": "pt", "library": "loraforge"}
 # outputs differ (SmolLM2: a QLoRA adapter's logits over the full-precision base were up to 13 apart), so a load
 # over another one warns. PEFT's adapter_config.json has no such field, and an unknown key there makes PEFT warn.
 BASE_QUANTIZATION = "base_quantization"
+# The base's model_type (llama, qwen2, ...), in the same header: shapes fit across architectures (a Qwen2 adapter on a
+# Llama of the same sizes loads, in PEFT without a word), so a load over another model_type warns.
+BASE_MODEL_TYPE = "base_model_type"
 # What PEFT adds to modules_to_save of a task_type SEQ_CLS adapter (PeftModelForSequenceClassification, peft_model.py)
 SEQ_CLS_HEADS = ("classifier", "score")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the layers ensure_weight_tying ties
@@ -103,16 +107,18 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 
 def write_adapter_dir(out: str | Path, tensors: dict[str, torch.Tensor], peft_dict: dict,
-                      replace: bool = True, quantization: str | None = None) -> Path:
+                      replace: bool = True, quantization: str | None = None, model_type: str | None = None) -> Path:
     """Write an adapter directory's two files; they appear together or not at all, and a write the disk refuses
     raises files.DiskError naming the directory (other files already in `out` stay). `replace=False`: an `out`
     another command filled meanwhile is left to it (FileExistsError; files.atomic_dir). `quantization`: the base's
-    (quant.checks.base_quantization), recorded in the weights file's header (BASE_QUANTIZATION)."""
+    (quant.checks.base_quantization), recorded in the weights file's header (BASE_QUANTIZATION); `model_type`: the
+    base's config.model_type, recorded there too (BASE_MODEL_TYPE)."""
     if not str(out):  # Path("") is ".": the files would land in the working directory unasked
         raise ValueError("the adapter's output directory is empty; give a directory path, e.g. runs/my-adapter")
     out = Path(out)
     text = json.dumps(peft_dict, indent=2) + "\n"
-    metadata = {**PROVENANCE, **({BASE_QUANTIZATION: quantization} if quantization else {})}
+    metadata = {**PROVENANCE, **({BASE_QUANTIZATION: quantization} if quantization else {}),
+                **({BASE_MODEL_TYPE: model_type} if model_type else {})}
     with atomic_dir(out, sum(v.nbytes for v in tensors.values()) + len(text), replace=replace) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
         _metadata_in_order(tmp / WEIGHTS_NAME, metadata)
@@ -129,7 +135,7 @@ def _metadata_in_order(path: Path, metadata: dict[str, str]) -> None:
 
     with open(path, "r+b") as f:
         header = f.read(int.from_bytes(f.read(8), "little"))  # after the 8-byte length
-        for items in itertools.permutations(metadata.items()):  # 6 orders of 3 keys
+        for items in itertools.permutations(metadata.items()):  # at most 24 orders of 4 keys
             if (at := header.find(text(items))) >= 0:
                 f.seek(8 + at)
                 f.write(text(metadata.items()))
@@ -156,7 +162,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
     if not isinstance(config, LoraConfig):  # AdaLoRA: final ranks go in rank_pattern, tensors keep those triplets
 
         config, tensors = export_pruned(model, name, config, tensors)
-    return write_adapter_dir(out_dir, tensors, config.to_peft_dict(), quantization=base_quantization(model))
+    return write_adapter_dir(out_dir, tensors, config.to_peft_dict(), quantization=base_quantization(model),
+                             model_type=model_type(model))
 
 
 def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
@@ -360,33 +367,61 @@ def _other_base(config, model: nn.Module) -> str | None:
             f"is {given}")
 
 
-def _warn_other_class(adapter_dir, model: nn.Module) -> None:
-    """A warning where PEFT's adapter_config.json names the class of its base (auto_mapping, written for a
-    task_type of null) and it is not the model's: shapes can fit across architectures (Mistral-7B and Llama-3-8B
-    do), and such an adapter loaded silently (soak: a Qwen2 adapter merged into a Llama base)."""
+def model_type(model: nn.Module) -> str | None:
+    """The model's config.model_type (llama, qwen2, ...), None for a model without a transformers config."""
+    value = getattr(getattr(getattr(model, "module", model), "config", None), "model_type", None)
+    return value if isinstance(value, str) and value else None
+
+
+def _warn_other_class(adapter_dir, config, model: nn.Module) -> None:
+    """A warning where the adapter was made for another architecture than the model's, its shapes fitting (Mistral-7B
+    and Llama-3-8B; a Qwen2 and a Llama of the same sizes: loaded without a word, in PEFT too). The architecture is
+    PEFT's auto_mapping class (written for a task_type of null), else the model_type our weights file records
+    (BASE_MODEL_TYPE), else that of the config.json of the base the adapter names, where that is a local folder or
+    in the hub cache."""
     try:
         mapping = json.loads((expand_user(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8")).get("auto_mapping")
     except (OSError, ValueError):
-        return  # read_adapter_config read it already: gone since, nothing to compare
+        mapping = None  # read_adapter_config read it already: gone since, nothing to compare
     trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     given = type(getattr(model, "module", model)).__name__
     if isinstance(trained_on, str) and trained_on != given:
         warnings.warn(f"{adapter_dir}: this adapter was trained on a {trained_on} (adapter_config.json's "
                       f"auto_mapping) and the model given is a {given}: its shapes fit, but it was not made for this "
                       f"model; give the base it was trained on", stacklevel=3)
+        return
+    here, base = model_type(model), getattr(config, "base_model_name_or_path", None)
+    recorded, where = recorded_model_type(adapter_dir), "its weights file's header"
+    if recorded is None and isinstance(base, str) and base:
+        recorded, where = named_model_type(base), f"the config.json of {base}, the base_model_name_or_path it names"
+    if here is not None and recorded is not None and recorded != here:
+        named = f" ({base})" if base else ""
+        warnings.warn(f"{adapter_dir}: this adapter was trained on a {recorded} model{named} ({where}) and the model "
+                      f"given is a {here} ({given}): its shapes fit, but it was not made for this model; give the "
+                      f"base it was trained on", stacklevel=3)
 
 
-def recorded_quantization(adapter_dir: str | Path) -> str | None:
-    """The base's quantization the adapter's weights file records (BASE_QUANTIZATION: none, nf4, fp4, int8), or
-    None where it records none (an older loraforge's, PEFT's) or cannot be read."""
+def _recorded(adapter_dir: str | Path, key: str) -> str | None:
+    """A string the adapter's weights file's header records under `key`, or None (none recorded, unreadable)."""
     try:
         with open(expand_user(adapter_dir) / WEIGHTS_NAME, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else {}
     except (OSError, ValueError):
         return None  # read_adapter_weights read it already: gone or rewritten since, nothing to compare
-    value = (header.get("__metadata__") or {}).get(BASE_QUANTIZATION) if isinstance(header, dict) else None
+    value = (header.get("__metadata__") or {}).get(key) if isinstance(header, dict) else None
     return value if isinstance(value, str) else None
+
+
+def recorded_quantization(adapter_dir: str | Path) -> str | None:
+    """The base's quantization the adapter's weights file records (BASE_QUANTIZATION: none, nf4, fp4, int8), or
+    None where it records none (an older loraforge's, PEFT's) or cannot be read."""
+    return _recorded(adapter_dir, BASE_QUANTIZATION)
+
+
+def recorded_model_type(adapter_dir: str | Path) -> str | None:
+    """The base's model_type the adapter's weights file records (BASE_MODEL_TYPE), or None where it records none."""
+    return _recorded(adapter_dir, BASE_MODEL_TYPE)
 
 
 def _warn_other_quantization(adapter_dir, model: nn.Module) -> None:
@@ -621,7 +656,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                     _check_finite(value, f"{Path(adapter_dir) / WEIGHTS_NAME}: tensor {key}",
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
-        _warn_other_class(adapter_dir, model)
+        _warn_other_class(adapter_dir, config, model)
         _warn_other_quantization(adapter_dir, model)
         set_adapter(model, name)  # stopped from here on, the load was left half done: "already loaded" on a rerun
         if is_trainable:
@@ -754,4 +789,5 @@ def save_converted(model: nn.Module, out_dir: str | Path, initial_adapter_dir: s
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * alpha_factor for k, v in config.alpha_pattern.items()})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict(), quantization=base_quantization(model))
+    return write_adapter_dir(Path(out_dir), tensors, converted.to_peft_dict(), quantization=base_quantization(model),
+                             model_type=model_type(model))

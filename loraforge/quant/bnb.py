@@ -269,7 +269,8 @@ def load_quantized(path: str, quantize: str, compute_dtype: torch.dtype = torch.
     from transformers import AutoModelForCausalLM
 
     _check_quantize(quantize)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=stored or compute_dtype)
+    # weights_only: a folder of .bin weights (pickles) is read as plain tensors, never run
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=stored or compute_dtype, weights_only=True)
     return quantize_loaded(model, quantize, compute_dtype, device, double_quant, quant_storage, from_file=True)
 
 

@@ -6,7 +6,10 @@ Each one hides a difference between library versions or a module-tree operation 
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 
@@ -31,3 +34,18 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at dotted `path` in `model` (replacing what is there)."""
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def named_model_type(name_or_path: str) -> str | None:
+    """The model_type in the config.json of a local model folder, or of a hub model's cached copy (nothing is
+    downloaded); None where there is none or it cannot be read."""
+    try:
+        folder = Path(name_or_path).expanduser()
+        found = folder / "config.json" if folder.is_dir() else try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(found, (str, Path)):  # None, or the cache's note that the file does not exist
+            return None
+        value = json.loads(Path(found).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError, RuntimeError):  # not a hub id: HFValidationError, a ValueError;
+        # ~nosuchuser: RuntimeError; a name too long for the file system: OSError
+        return None
+    return value if isinstance(value, str) else None

@@ -298,8 +298,8 @@ def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path
     build = BUILDERS[arch]
     model = build()
     if kind.startswith("adalora"):  # pruned by the allocator: a rank_pattern with different ranks per module
-        inject_adalora(model, AdaLoraConfig(total_step=6, init_r=4, target_r=2, tinit=1, tfinal=2,
-                                            lora_alpha=0 if kind == "adalora-alpha0" else 16, init_lora_weights=False))
+        inject_adalora(model, AdaLoraConfig(total_step=6, init_r=4, target_r=2, tinit=1, tfinal=2, lora_alpha=16,
+                                            init_lora_weights=False))
         allocator = RankAllocator(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -313,6 +313,9 @@ def test_vllm_conversion_is_plain_uniform_and_equal_in_peft(arch, kind, tmp_path
                  "rslora": dict(use_rslora=True), "plain": {}}[kind]
         inject(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
     save_adapter(model, tmp_path / "a")
+    if kind == "adalora-alpha0":  # as PEFT trains it (ours refuses to: its saved adapter is not the model trained)
+        saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**saved, "lora_alpha": 0}))
     refusals, conversions = check_vllm(tmp_path / "a")
     assert refusals == [] and (conversions == []) == (kind == "plain")
     out, notes = convert_for_vllm(tmp_path / "a", tmp_path / "v")

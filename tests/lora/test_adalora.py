@@ -12,7 +12,7 @@ from helpers import tiny_gpt2, tiny_llama
 from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora, orth_regularization, plot_rank_heatmap, svd_layers
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.lora.inject import lora_layers, regex_budget
-from loraforge.config import ConfigError
+from loraforge.config import ConfigError, TrainConfig
 from loraforge.lora.merge import merge, unmerge
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -310,6 +310,28 @@ def test_train_config_section_total_step_override_and_state_round_trip(input_ids
         torch.testing.assert_close(fresh.exp_avg_unc[key], value, rtol=0, atol=0)
     allocator.finalize(model)
     assert sum(final_rank_pattern(model).values()) == 2 * len(svd_layers(model))
+
+
+def test_training_with_lora_alpha_zero_is_refused_and_init_r_gives_its_scale_with_the_saved_adapter_equal(
+        tmp_path, input_ids):
+    """PEFT scales an alpha-0 layer by init_r while training but by its kept rank once saved and loaded: trained
+    pruned at alpha 0, the saved adapter's logits were up to 0.15 off the trained model's (Δ from the base 0.5)."""
+    for section, name in (({"adalora": {"lora_alpha": 0}}, "adalora.lora_alpha"),
+                          ({"lora": {"lora_alpha": 0}}, "lora.lora_alpha")):
+        with pytest.raises(ConfigError, match=rf"{name}: must be positive to train with method: adalora, got 0"):
+            TrainConfig(method="adalora", model={"name": "m"}, data={"train": "t.jsonl"}, **section)
+    with pytest.raises(ValueError, match=r"inject with lora_alpha=4 \(init_r\)"):
+        RankAllocator(inject_adalora(tiny_llama(), _config(lora_alpha=0)))
+    torch.manual_seed(0)
+    zero = inject_adalora(tiny_llama(), _config(lora_alpha=0))(input_ids).logits  # unpruned: alpha 0 means init_r
+    torch.manual_seed(0)
+    model = inject_adalora(tiny_llama(), _config(lora_alpha=4))
+    torch.testing.assert_close(model(input_ids).logits, zero, rtol=0, atol=0)
+    _train(model, 10, input_ids, RankAllocator(model))
+    assert any(0 < r < 4 for r in final_rank_pattern(model).values())
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(theirs(input_ids).logits, model(input_ids).logits, **TOL)
 
 
 def test_a_peft_file_without_target_r_and_an_init_r_below_8_loads_with_peft_logits(tmp_path, input_ids):

@@ -15,9 +15,10 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import MixtralConfig, MixtralForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
 
-from helpers import randomize, tiny_llama
+from helpers import VOCAB, randomize, tiny_llama
 from loraforge.config import MAX_RANK, PEFT_UNSUPPORTED_FIELDS, ConfigError, LoraConfig, from_dict
 from loraforge.lora.adalora import AdaLoraConfig, inject_adalora
 from loraforge.lora.adapters import (AdapterError, UnknownAdapterError, adapter_state_dict, disable_adapters,
@@ -461,6 +462,41 @@ def test_adapter_for_another_base_names_both_and_counts_the_misfits(tmp_path):
         load_adapter(model, adapter)
     assert str(caught.value) == message
     _assert_untouched(model, before)
+
+
+def _tiny_qwen2():
+    """A Qwen2 of tiny_llama's sizes: every adapter tensor fits either (its q, k, v biases are the base's)."""
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False)).eval()
+
+
+def test_a_qwen2_adapter_on_a_llama_of_the_same_shapes_loads_as_peft_does_with_a_warning_naming_both(
+        tmp_path, input_ids):
+    """Soak: a Qwen2 adapter loaded on a Llama base without a word (PEFT's too). Ours records the base's model_type;
+    PEFT's names its base, whose config.json (a local folder here) says qwen2."""
+    ours = save_adapter(randomize(inject(_tiny_qwen2(), LoraConfig(r=4, target_modules=TARGETS))), tmp_path / "ours")
+    _tiny_qwen2().save_pretrained(tmp_path / "qwen2-base")
+    theirs = peft.get_peft_model(_tiny_qwen2(), peft.LoraConfig(r=4, target_modules=list(TARGETS),
+                                                                task_type="CAUSAL_LM", init_lora_weights=False))
+    theirs.peft_config["default"].base_model_name_or_path = str(tmp_path / "qwen2-base")
+    theirs.save_pretrained(tmp_path / "peft")
+    for adapter, where in ((ours, "its weights file's header"),
+                           (tmp_path / "peft", f"the config.json of {tmp_path / 'qwen2-base'}, the "
+                                               f"base_model_name_or_path it names")):
+        with pytest.warns(UserWarning) as caught:
+            loaded = load_adapter(tiny_llama(), adapter)
+        said = [str(w.message) for w in caught if "not made for this model" in str(w.message)]
+        assert len(said) == 1 and f"{adapter}: this adapter was trained on a qwen2 model" in said[0]
+        assert f"({where}) and the model given is a llama (LlamaForCausalLM)" in said[0]
+        reference = peft.PeftModel.from_pretrained(tiny_llama(), adapter).eval()  # PEFT just loads it
+        torch.testing.assert_close(loaded(input_ids).logits, reference(input_ids).logits, **TOL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not made for this model")
+        load_adapter(_tiny_qwen2(), ours)  # on its own architecture: no word
+        load_adapter(_tiny_qwen2(), tmp_path / "peft")
+        load_adapter(tiny_llama(), _good(tmp_path))
 
 
 def test_adapter_naming_a_hub_id_loads_on_a_local_copy_whose_shapes_fit(tmp_path, input_ids):

@@ -529,3 +529,34 @@ def test_mixed_batch_refuses_rows_without_an_adapter_that_trains_the_shared_bias
     theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "f").eval()
     with torch.no_grad(), mixed_batch(ours, ["f", "f"]):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_gpt2_bias_training_names_counts_and_file_equal_peft(bias, tmp_path, input_ids):
+    """Left from an earlier note (GPT-2's ln_f with bias all): the trainable names and counts, the saved file's keys
+    and, with every trainable tensor moved, PEFT's logits from our file and ours from PEFT's, are PEFT's. bias all:
+    every bias of the model trains (the LayerNorms' and ln_f's too, as PEFT's "bias" in the name); lora_only: the
+    adapted layers' own."""
+    targets = ["c_attn", "c_proj"]
+    ours = inject(tiny_gpt2(), LoraConfig(r=4, bias=bias, target_modules=tuple(targets)))
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, bias=bias, target_modules=targets,
+                                                              fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for model in (ours, theirs):  # a stand-in for training: every trainable tensor moved (each file is loaded
+            g = torch.Generator().manual_seed(3)  # by both below, so the two models' values need not agree)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    trainable = {n: p.numel() for n, p in ours.named_parameters() if p.requires_grad}
+    expected = {n.removeprefix("base_model.model."): p.numel() for n, p in theirs.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    assert ("transformer.ln_f.bias" in trainable) == (bias == "all")
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    for saved in ("ours", "peft"):
+        reference = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / saved).eval()
+        loaded = load_adapter(tiny_gpt2(), tmp_path / saved)
+        torch.testing.assert_close(loaded(input_ids).logits, reference(input_ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loaded(input_ids).logits, tiny_gpt2()(input_ids).logits, atol=1e-2)

@@ -49,11 +49,12 @@ def _load(quantization: str, adapter_dir):
 def test_the_adapter_records_its_base_quantization_in_a_fixed_order(quantization, tmp_path):
     _trained(quantization, tmp_path)
     with safe_open(tmp_path / WEIGHTS_NAME, "pt") as f:
-        assert f.metadata() == {"format": "pt", "library": "loraforge", BASE_QUANTIZATION: quantization}
+        assert f.metadata() == {"format": "pt", "library": "loraforge", BASE_QUANTIZATION: quantization,
+                                "base_model_type": "llama"}
     assert BASE_QUANTIZATION not in json.loads((tmp_path / "adapter_config.json").read_text())  # PEFT would warn
     header = (tmp_path / WEIGHTS_NAME).read_bytes()[8:400]  # safetensors writes these keys in hash order
-    assert b'"__metadata__":{"format":"pt","library":"loraforge","base_quantization":"%s"}' % quantization.encode() \
-        in header
+    assert b'"__metadata__":{"format":"pt","library":"loraforge","base_quantization":"%s","base_model_type":"llama"}' \
+        % quantization.encode() in header
 
 
 def test_a_qlora_adapter_over_the_full_base_warns_once_naming_both_and_the_flag(tmp_path, input_ids):

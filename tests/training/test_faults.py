@@ -710,16 +710,19 @@ def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(
                                               "without a checkpoint"), stderr[-3000:]
 
 
-def test_ctrl_c_after_the_command_has_ended_exits_130_at_once_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_after_the_command_has_ended_exits_128_plus_it_at_once_without_a_traceback(tmp_path, signum):
     """The process's own command line (main() without argv): a Ctrl-C after the command's last line, while the
-    interpreter tears down, raised KeyboardInterrupt outside main, a traceback (or, later, death by SIGINT). Now it
-    exits 130 at once; the command's output is flushed first."""
+    interpreter tears down, raised KeyboardInterrupt outside main, a traceback (or, later, death by SIGINT); a
+    SIGTERM there (the dashboard's "Stop now" on a run writing its last line) or SIGHUP killed it: exit -15, -1. Now
+    each exits 128 + its number at once, as a shell reports it (130, 143, 129); the command's output is flushed
+    first."""
     script = ("import os, signal, sys, time\nfrom loraforge.cli import main\nsys.argv = ['loraforge', 'eval']\n"
-              "code = main()\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\nprint('slept')\nsys.exit(code)\n")
+              f"code = main()\nos.kill(os.getpid(), {int(signum)})\ntime.sleep(30)\nprint('slept')\nsys.exit(code)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert (proc.returncode, proc.stderr) == (130, "error: invalid config:\n  eval: give a DATA file, or --probe mc "
-                                                   "text kl (or both)\n")
+    assert (proc.returncode, proc.stderr) == (128 + signum, "error: invalid config:\n  eval: give a DATA file, or "
+                                                            "--probe mc text kl (or both)\n")
     assert "slept" not in proc.stdout  # stopped in the sleep, not after it (no timing: a busy machine imports slowly)
 
 

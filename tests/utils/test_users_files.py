@@ -1,12 +1,15 @@
 """Paths and files as users' machines have them: a path typed in a config or on the command line that names nothing
 (the message names what is there under a name that differs only in its Unicode form, NFD as macOS writes names, in
-case, or in its separators, Windows'), and JSON files saved by Windows editors (a byte-order mark)."""
+case, or in its separators, Windows'), JSON files saved by Windows editors (a byte-order mark), and a base's
+pickled pytorch_model.bin (read as plain tensors only)."""
 
 import codecs
 import json
+import os
 import unicodedata
 
 import pytest
+import torch
 
 import loraforge.models as M
 from loraforge.config import ConfigError, LoraConfig, load_train_config
@@ -97,3 +100,35 @@ def test_a_model_or_adapter_config_with_a_byte_order_mark_says_so(tmp_path, enco
         read_adapter_json(tmp_path / "ad")
     assert str(e.value) == (f"{config} starts with a {encoding} byte-order mark (as Windows editors write), which PEFT "
                             f"does not read either; save it as UTF-8 without one")
+
+
+class _Runs:
+    """A pickled object whose unpickling would run a command (a .bin from an untrusted source)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_base_of_pickled_bin_weights_loads_only_plain_tensors_and_names_the_conversion(tmp_path):
+    """The rule: only safetensors and JSON from users' files, never torch.load without weights_only=True. A base
+    folder of pytorch_model.bin loads as transformers reads it, with weights_only=True said by us: a plain .bin gives
+    the safetensors folder's model; one holding an object is refused (the object never runs), naming the file."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "st")
+    model.save_pretrained(tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    ids = torch.arange(10).view(1, 10)
+    torch.testing.assert_close(M.load_model(str(tmp_path / "bin"))(ids).logits,
+                               M.load_model(str(tmp_path / "st"))(ids).logits, rtol=0, atol=0)
+    marker = tmp_path / "ran"
+    torch.save({**model.state_dict(), "x": _Runs(marker)}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(M.ModelFilesError) as e:
+        M.load_model(str(tmp_path / "bin"))
+    assert not marker.exists()
+    assert str(e.value).startswith(f"model {tmp_path / 'bin'}: its weights cannot be read from {tmp_path / 'bin'}: "
+                                   f"pytorch_model.bin (a pickle) holds objects besides tensors (")
+    assert "only if you trust where the file came from, convert it: python -c" in str(e.value)
