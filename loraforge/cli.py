@@ -855,9 +855,9 @@ def _ended(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
     command line a Ctrl-C, SIGTERM or SIGHUP after the command has ended exits 128 + its number at once (_ended); a
-    caller passing `argv` (tests, a program) gets its SIGINT handler back as it was. The process's own standard output and error are guarded
-    (utils.streams): a reader that leaves, a full disk under a log file or an encoding without a character ends no
-    command (one whose stdout was lost to a full disk exits 1)."""
+    caller passing `argv` (tests, a program) gets its SIGINT handler back as it was. The process's own standard
+    output and error are guarded (utils.streams): a reader that leaves, a full disk under a log file or an encoding
+    without a character ends no command (one whose stdout was lost to a full disk exits 1)."""
     _INTERRUPTED.clear()
     if argv is None:
         guard_streams()
