@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
+import os
 import re
 import warnings
 from collections.abc import Iterable
@@ -275,8 +277,52 @@ def check_header_size(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
     if len(head) == 8 and (size := int.from_bytes(head, "little")) > MAX_HEADER_BYTES:
-        raise AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most a "
-                           f"few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+        raise _huge_header(path, size)
+
+
+def _huge_header(path: Path, size: int) -> AdapterError:
+    return AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most a "
+                        f"few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+
+
+# bytes per element of the dtypes a safetensors header names (safetensors' Dtype)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, as a safetensors file's header gives it, read with plain reads: safetensors' safe_open
+    maps the file into memory and reads the header from the mapping, and a file another tool truncates meanwhile
+    (rewritten in place) kills the process with SIGBUS (soak: `serve` died while an adapter's file was rewritten
+    in place, its requests re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, is not a
+    safetensors header, or names bytes the file does not hold."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if size > MAX_HEADER_BYTES:
+            raise _huge_header(path, size)
+        raw = f.read(size)
+        data = os.fstat(f.fileno()).st_size - 8 - size  # the bytes after the header
+    try:
+        if len(head) < 8 or len(raw) < size:
+            raise ValueError(f"the file ends inside its header ({len(head) + len(raw)} of {8 + size} bytes)")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        shapes = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in DTYPE_BYTES or not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
+                raise ValueError(f"tensor {key}: dtype {dtype!r}, shape {shape}, offsets {begin}, {end}")
+            if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or end > data:
+                raise ValueError(f"tensor {key} needs bytes {begin}-{end} of {data} after the header")
+            shapes[key] = tuple(shape)
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        why = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
+        raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {why}") from None
+    return shapes
 
 
 def _adapter_subfolders(folder: Path) -> list[str]:

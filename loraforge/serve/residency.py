@@ -47,13 +47,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, check_header_size,
+from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, header_shapes,
                                      delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import REGEX_TIMEOUT_S, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
@@ -590,12 +589,7 @@ class Residency:
         weights = entry.path / WEIGHTS_NAME
         if not weights.is_file():
             read_adapter_weights(entry.path)  # raises the reason: missing, or a pickle (adapter_model.bin) only
-        check_header_size(weights)  # a header of many MB takes seconds to parse, holding every request
-        try:
-            with safe_open(weights, framework="pt") as f:
-                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterError(f"{weights} is not a readable safetensors file (corrupted or truncated?): {e}") from None
+        shapes = header_shapes(weights)  # plain reads, a header over 16 MB refused: never mapped (SIGBUS)
         problems: dict[str, str] = {}  # module -> its first problem
         for key, shape in shapes.items():
             path = key.removeprefix(PREFIX)
