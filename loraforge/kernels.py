@@ -381,36 +381,35 @@ class _PackedAttention(torch.autograd.Function):
         return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None, None
 
 
-def _padded_layout(starts: list[list[int]], length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where packed sequences go in a padded batch (S sequences × Lmax slots): (gather (S·Lmax,) positions of the
+def _padded_layout(starts: list[list[int]], length: int, device) -> tuple[torch.Tensor, ...]:
+    """Where packed sequences go in a padded batch (S sequences × Lmax slots): (gather (S, 1, Lmax) positions of the
     flattened (B·T) rows, a padded slot taking its sequence's first position; pad (S, Lmax) True at padded slots;
-    scatter (B·T,) the slot of every position). Every position belongs to one sequence (collate's padding runs are
-    sequences too), so scatter covers all of them."""
+    sequence and slot (B·T,) of every position). Every position belongs to one sequence (collate's padding runs
+    are sequences too), so sequence and slot cover all of them."""
     seqs = [(i * length + a, e - a) for i, row in enumerate(starts) for a, e in zip(row, row[1:])]
-    longest = max(n for _, n in seqs)
-    slot = torch.arange(longest)
+    slot = torch.arange(max(n for _, n in seqs))
     first = torch.tensor([a for a, _ in seqs])[:, None]  # (S, 1)
-    sizes = torch.tensor([n for _, n in seqs])[:, None]
-    pad = slot[None] >= sizes  # (S, Lmax)
-    gather = torch.where(pad, first, first + slot[None]).flatten()
-    scatter = torch.empty(len(starts) * length, dtype=torch.long)
-    scatter[gather[~pad.flatten()]] = torch.arange(len(seqs) * longest)[~pad.flatten()]
-    return gather.to(device), pad.to(device), scatter.to(device)
+    pad = slot[None] >= torch.tensor([n for _, n in seqs])[:, None]  # (S, Lmax)
+    gather = torch.where(pad, first, first + slot[None])
+    sequence = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in seqs]))
+    position_slot = torch.cat([torch.arange(n) for _, n in seqs])
+    return tuple(t.to(device) for t in (gather[:, None], pad, sequence, position_slot))
 
 
-def _to_padded(t: torch.Tensor, gather: torch.Tensor, sequences: int) -> torch.Tensor:
-    """(B, H, T, D) → (S·Hkv, G·Lmax, D) for the H = Hkv·G heads of one key head stacked (G = 1: keys, values):
-    every sequence's positions gathered into Lmax slots."""
+def _to_padded(t: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) → (S, H, Lmax, D): every sequence's positions gathered into Lmax slots, in one indexing pass
+    (for H = Hkv·G query heads, a view (S·Hkv, G·Lmax, D) stacks the query heads of one key head)."""
     batch, heads, length, dim = t.shape
-    rows = t.transpose(0, 1).reshape(heads, batch * length, dim).index_select(1, gather)  # (H, S·Lmax, D)
-    return rows.view(heads, sequences, -1, dim).transpose(0, 1).contiguous()  # (S, H, Lmax, D)
+    rows = t[0] if batch == 1 else t.transpose(0, 1).reshape(heads, batch * length, dim)  # (H, B·T, D)
+    return rows[torch.arange(heads, device=t.device)[None, :, None], gather]
 
 
-def _from_padded(t: torch.Tensor, scatter: torch.Tensor, sequences: int, heads: int, batch: int) -> torch.Tensor:
-    """The inverse of _to_padded for (S·Hkv, G·Lmax, D): (B, H, T, D), a view of a (B, T, H, D) tensor."""
+def _from_padded(t: torch.Tensor, sequence: torch.Tensor, slot: torch.Tensor, sequences: int, heads: int,
+                 batch: int) -> torch.Tensor:
+    """The inverse of _to_padded for (S·Hkv, G·Lmax, D): (B, H, T, D), a view of a (B, T, H, D) tensor, in one
+    indexing pass."""
     dim = t.shape[-1]
-    slots = t.view(sequences, heads, -1, dim).transpose(1, 2).reshape(-1, heads * dim)  # (S·Lmax, H·D)
-    return slots.index_select(0, scatter).view(batch, -1, heads, dim).transpose(1, 2)
+    return t.view(sequences, heads, -1, dim)[sequence, :, slot].view(batch, -1, heads, dim).transpose(1, 2)
 
 
 class _PaddedPackedAttention(torch.autograd.Function):
@@ -425,38 +424,38 @@ class _PaddedPackedAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         groups = heads // kv_heads
         compute = _compute_dtype(q)
-        gather, pad, scatter = _padded_layout(starts, length, q.device)
+        gather, pad, sequence, slot = _padded_layout(starts, length, q.device)
         sequences, longest = pad.shape
         bias = _causal_bias([[0, longest]], compute, q.device).expand(groups, longest, longest).reshape(-1, longest)
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, vc = _cast(compute, q, k, v)
-            qs = _to_padded(qc, gather, sequences).view(sequences * kv_heads, groups * longest, dim)
-            ks = _to_padded(kc, gather, sequences).view(sequences * kv_heads, longest, dim)
-            vs = _to_padded(vc, gather, sequences).view(sequences * kv_heads, longest, dim)
+            qs = _to_padded(qc, gather).view(sequences * kv_heads, groups * longest, dim)
+            ks = _to_padded(kc, gather).view(sequences * kv_heads, longest, dim)
+            vs = _to_padded(vc, gather).view(sequences * kv_heads, longest, dim)
             scores = torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=scaling)  # (S·Hkv, G·Lmax, Lmax)
             p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
             del scores
-            out = _from_padded(torch.matmul(p, vs), scatter, sequences, heads, batch)
-        ctx.save_for_backward(qs, ks, vs, gather, pad, scatter, bias)
+            out = _from_padded(torch.matmul(p, vs), sequence, slot, sequences, heads, batch)
+        ctx.save_for_backward(qs, ks, vs, gather, pad, sequence, slot, bias)
         ctx.scaling, ctx.dtypes, ctx.shape = scaling, (q.dtype, k.dtype, v.dtype), (batch, heads, kv_heads)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        qs, ks, vs, gather, pad, scatter, bias = ctx.saved_tensors
+        qs, ks, vs, gather, pad, sequence, slot, bias = ctx.saved_tensors
         batch, heads, kv_heads = ctx.shape
         sequences, longest = pad.shape
         p = torch.softmax(torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=ctx.scaling), dim=-1,
                           dtype=torch.float32).to(vs.dtype)  # the forward's bits
-        go = _to_padded(g.to(vs.dtype), gather, sequences)  # (S, H, Lmax, D)
+        go = _to_padded(g.to(vs.dtype), gather)  # (S, H, Lmax, D)
         go.masked_fill_(pad[:, None, :, None], 0)  # padded query slots: no gradient
         go = go.view(qs.shape)
         dv = p.transpose(-1, -2) @ go  # sums over the query heads that share a key head
         ds = torch.ops.aten._softmax_backward_data(go @ vs.transpose(-1, -2), p, -1, p.dtype).mul_(ctx.scaling)
         del p
-        dq = _from_padded(ds @ ks, scatter, sequences, heads, batch)
-        dk = _from_padded(ds.transpose(-1, -2) @ qs, scatter, sequences, kv_heads, batch)
-        dv = _from_padded(dv, scatter, sequences, kv_heads, batch)
+        dq = _from_padded(ds @ ks, sequence, slot, sequences, heads, batch)
+        dk = _from_padded(ds.transpose(-1, -2) @ qs, sequence, slot, sequences, kv_heads, batch)
+        dv = _from_padded(dv, sequence, slot, sequences, kv_heads, batch)
         return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
 
 
