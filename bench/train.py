@@ -96,16 +96,14 @@ from hardware import auto_precision, describe, header  # noqa: E402
 from loraforge.models import ModelDownloadError, ModelFilesError, resolve_model  # noqa: E402
 from loraforge.precision import PRECISIONS, TORCH_DTYPES, autocast as precision_autocast  # noqa: E402
 from loraforge import kernels as K  # noqa: E402
-from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_PADDED_ATTENTION  # noqa: E402
-from loraforge.training.fastpath import LEAN_WHOLE_ATTENTION  # noqa: E402
+from loraforge.training.fastpath import LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION  # noqa: E402
 from loraforge.training.fastpath import joins_rows, runs_by_sequence  # noqa: E402
 from loraforge.training import data as D  # noqa: E402
 from loraforge.training.data import targets  # noqa: E402
 from loraforge.training.slab import hold_memory  # noqa: E402
 from loraforge.utils import allocator  # noqa: E402
 
-LEAN_BY_SEQUENCE = (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION,  # run packed sequences one by one
-                    LEAN_PADDED_ATTENTION)  # (lf-padseq: in one padded batch; counted by sequence)
+LEAN_BY_SEQUENCE = (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION)  # run packed sequences one by one
 
 # name -> (trainer, options). lf: loraforge's defaults (every speed-up that pays); the others switch one off or on.
 VARIANTS = {
@@ -140,7 +138,6 @@ VARIANTS = {
     "lf-head1024": ("lf", {"head_chunk": 1024}),  # the fused head's logits in chunks of 1,024 rows (default 512)
     "lf-noseg": ("lf", {"by_sequence": False}),  # packed rows: lean attention over the whole row's (T, T) mask
     "lf-wholeseq": ("lf", {"query_blocks": False}),  # packed sequences' queries at once (over 256: blocks of 128)
-    "lf-padseq": ("lf", {"padded_batch": True}),  # packed sequences up to 256 as one padded batch, not one by one
     "lf-prefix": ("lf", {"share_prefix": True}),  # the shared prefix on any device (auto: CPU only)
     "lf-fp32base": ("lf", {"fp32_base": True}),
     "lf-compile": ("lf", {"compile": True}),
@@ -320,8 +317,6 @@ def worker(args) -> dict:
             model.set_attn_implementation(LEAN_KEEP_ATTENTION)
         if opts.get("query_blocks") is False and model.config._attn_implementation == "lean":
             model.set_attn_implementation(LEAN_WHOLE_ATTENTION)
-        if opts.get("padded_batch") and model.config._attn_implementation == "lean":
-            model.set_attn_implementation(LEAN_PADDED_ATTENTION)
         free_parts.apply(opts.get("free", ()))  # lf-free-*: timing only, this process's kernels patched
     same_lora_init(model)
     model.train()

@@ -381,87 +381,8 @@ class _PackedAttention(torch.autograd.Function):
         return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None, None
 
 
-def _padded_layout(starts: list[list[int]], length: int, device) -> tuple[torch.Tensor, ...]:
-    """Where packed sequences go in a padded batch (S sequences × Lmax slots): (gather (S, 1, Lmax) positions of the
-    flattened (B·T) rows, a padded slot taking its sequence's first position; pad (S, Lmax) True at padded slots;
-    sequence and slot (B·T,) of every position). Every position belongs to one sequence (collate's padding runs
-    are sequences too), so sequence and slot cover all of them."""
-    seqs = [(i * length + a, e - a) for i, row in enumerate(starts) for a, e in zip(row, row[1:])]
-    slot = torch.arange(max(n for _, n in seqs))
-    first = torch.tensor([a for a, _ in seqs])[:, None]  # (S, 1)
-    pad = slot[None] >= torch.tensor([n for _, n in seqs])[:, None]  # (S, Lmax)
-    gather = torch.where(pad, first, first + slot[None])
-    sequence = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([n for _, n in seqs]))
-    position_slot = torch.cat([torch.arange(n) for _, n in seqs])
-    return tuple(t.to(device) for t in (gather[:, None], pad, sequence, position_slot))
-
-
-def _to_padded(t: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) → (S, H, Lmax, D): every sequence's positions gathered into Lmax slots, in one indexing pass
-    (for H = Hkv·G query heads, a view (S·Hkv, G·Lmax, D) stacks the query heads of one key head)."""
-    batch, heads, length, dim = t.shape
-    rows = t[0] if batch == 1 else t.transpose(0, 1).reshape(heads, batch * length, dim)  # (H, B·T, D)
-    return rows[torch.arange(heads, device=t.device)[None, :, None], gather]
-
-
-def _from_padded(t: torch.Tensor, sequence: torch.Tensor, slot: torch.Tensor, sequences: int, heads: int,
-                 batch: int) -> torch.Tensor:
-    """The inverse of _to_padded for (S·Hkv, G·Lmax, D): (B, H, T, D), a view of a (B, T, H, D) tensor, in one
-    indexing pass."""
-    dim = t.shape[-1]
-    return t.view(sequences, heads, -1, dim)[sequence, :, slot].view(batch, -1, heads, dim).transpose(1, 2)
-
-
-class _PaddedPackedAttention(torch.autograd.Function):
-    """Packed sequences as one padded batch (S sequences × Lmax positions): each product, the softmax and its
-    backward run once a layer over all sequences instead of once per sequence. Padded query slots attend to
-    finite values and are dropped; padded key slots sit after every real query of their sequence, so the causal
-    mask alone hides them (their probabilities are exact zeros)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, starts, scaling: float):
-        batch, heads, length, dim = q.shape
-        kv_heads = k.shape[1]
-        groups = heads // kv_heads
-        compute = _compute_dtype(q)
-        gather, pad, sequence, slot = _padded_layout(starts, length, q.device)
-        sequences, longest = pad.shape
-        bias = _causal_bias([[0, longest]], compute, q.device).expand(groups, longest, longest).reshape(-1, longest)
-        with torch.autocast(q.device.type, enabled=False):
-            qc, kc, vc = _cast(compute, q, k, v)
-            qs = _to_padded(qc, gather).view(sequences * kv_heads, groups * longest, dim)
-            ks = _to_padded(kc, gather).view(sequences * kv_heads, longest, dim)
-            vs = _to_padded(vc, gather).view(sequences * kv_heads, longest, dim)
-            scores = torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=scaling)  # (S·Hkv, G·Lmax, Lmax)
-            p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(compute)
-            del scores
-            out = _from_padded(torch.matmul(p, vs), sequence, slot, sequences, heads, batch)
-        ctx.save_for_backward(qs, ks, vs, gather, pad, sequence, slot, bias)
-        ctx.scaling, ctx.dtypes, ctx.shape = scaling, (q.dtype, k.dtype, v.dtype), (batch, heads, kv_heads)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        qs, ks, vs, gather, pad, sequence, slot, bias = ctx.saved_tensors
-        batch, heads, kv_heads = ctx.shape
-        sequences, longest = pad.shape
-        p = torch.softmax(torch.baddbmm(bias, qs, ks.transpose(-1, -2), alpha=ctx.scaling), dim=-1,
-                          dtype=torch.float32).to(vs.dtype)  # the forward's bits
-        go = _to_padded(g.to(vs.dtype), gather)  # (S, H, Lmax, D)
-        go.masked_fill_(pad[:, None, :, None], 0)  # padded query slots: no gradient
-        go = go.view(qs.shape)
-        dv = p.transpose(-1, -2) @ go  # sums over the query heads that share a key head
-        ds = torch.ops.aten._softmax_backward_data(go @ vs.transpose(-1, -2), p, -1, p.dtype).mul_(ctx.scaling)
-        del p
-        dq = _from_padded(ds @ ks, sequence, slot, sequences, heads, batch)
-        dk = _from_padded(ds.transpose(-1, -2) @ qs, sequence, slot, sequences, kv_heads, batch)
-        dv = _from_padded(dv, sequence, slot, sequences, kv_heads, batch)
-        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None
-
-
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[list[int]],
-                     scaling: float, keep_probs: bool = False, block: int | None = QUERY_BLOCK,
-                     padded: bool = False) -> torch.Tensor:
+                     scaling: float, keep_probs: bool = False, block: int | None = QUERY_BLOCK) -> torch.Tensor:
     """Causal attention within each sequence of packed rows, the same as attention() with the block-diagonal causal
     mask, but run sequence by sequence in one autograd node: no (T, T) mask or scores for the whole row, and the
     gradients are written into one tensor each (autograd through slices would add a zero-filled full-size gradient
@@ -469,11 +390,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
     the keys up to its own end only (None: all at once, against all the sequence's keys): the scores above the
     diagonal are not computed, and a block's scores stay in the CPU's cache. The backward recomputes each block's
     probabilities from the saved q and k; keep_probs=True keeps them from the forward instead (up to Σ Lᵢ² per row
-    and head, less in blocks: the same results, more memory; bench/train.py's lf-keepprobs). padded=True: where no
-    sequence goes in blocks and the probabilities are recomputed, all sequences as one padded batch of the longest
-    one's length (_PaddedPackedAttention: a few large products a layer instead of a few small ones per sequence;
-    equal to fp32's rounding). q (B, H, T, D); k, v (B, Hkv, T, D); starts from segment_starts. Returns
-    (B, H, T, D)."""
+    and head, less in blocks: the same results, more memory; bench/train.py's lf-keepprobs). q (B, H, T, D); k, v
+    (B, Hkv, T, D); starts from segment_starts. Returns (B, H, T, D)."""
     if q.shape[2] != k.shape[2]:
         raise ValueError("packed_attention: queries and keys must cover the same positions (no cache)")
     if q.shape[1] % k.shape[1]:
@@ -481,8 +399,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
                          f"heads")
     if block is not None and block < 1:
         raise ValueError(f"packed_attention: block must be a positive number of positions or None, not {block}")
-    if padded and not keep_probs and len(_blocks(longest_sequence(starts), block)) == 1:
-        return _PaddedPackedAttention.apply(q, k, v, starts, scaling)
     return _PackedAttention.apply(q, k, v, starts, scaling, keep_probs, block)
 
 

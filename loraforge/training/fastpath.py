@@ -35,7 +35,6 @@ LEAN_ATTENTION = "lean"
 LEAN_MASKED_ATTENTION = "lean_masked"
 LEAN_KEEP_ATTENTION = "lean_keep"
 LEAN_WHOLE_ATTENTION = "lean_whole"
-LEAN_PADDED_ATTENTION = "lean_padded"
 LEAN_MAX_LENGTH = 512  # the longest sequence lean attention runs; longer ones (unless packed shorter) go to SDPA
 # Unpacked rows up to this many key positions keep their attention probabilities for the backward; longer ones
 # recompute them. Per token the probabilities take heads × positions × 4 bytes a layer, SmolLM2's other kept
@@ -139,7 +138,7 @@ def _is_silu(act) -> bool:
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                            by_sequence: bool = True, keep_probs: bool = False, block: int | None = K.QUERY_BLOCK,
-                           padded: bool = False, **kwargs):
+                           **kwargs):
     """A transformers attention function (the signature of eager_attention_forward) running kernels.attention;
     packed rows sequence by sequence (kernels.packed_attention, queries in blocks of `block`) unless by_sequence is
     False. The backward
@@ -148,7 +147,7 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     attention is Σ Lᵢ², not T²); by_sequence=False (the whole-row-mask ablation) keeps every row here."""
     if torch.compiler.is_compiling():  # training.compile: run eagerly (_uncompiled), outside the graph
         return _uncompiled(module, query, key, value, attention_mask, scaling, dropout, by_sequence, keep_probs,
-                           block, padded, **kwargs)
+                           block, **kwargs)
     if kwargs.get("softcap") is not None:  # SDPA refuses soft-capped scores: the model's own eager attention
         eager = next(f for c in type(module).__mro__  # the modeling file of its transformers class
                      if (f := getattr(sys.modules.get(c.__module__), "eager_attention_forward", None)))
@@ -159,7 +158,7 @@ def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     length, kv_length = query.shape[2], key.shape[2]
     starts = _packed_starts(attention_mask, kwargs.get("position_ids"), length, kv_length) if by_sequence else None
     if runs_by_sequence(starts):
-        out = K.packed_attention(query, key, value, starts, scaling, keep_probs, block, padded)
+        out = K.packed_attention(query, key, value, starts, scaling, keep_probs, block)
         return out.transpose(1, 2).contiguous(), None
     if by_sequence and kv_length > LEAN_MAX_LENGTH:  # T² scores at once would cost more than SDPA's tiles
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -183,8 +182,7 @@ def joins_rows(attention: str, max_seq_len: int) -> bool:
     its attention ("lean", "lean_keep" or "lean_whole") runs every packed sequence on its own, as all of them are up
     to LEAN_MAX_LENGTH, so a joined row costs attention no more than its rows did. Others attend over whole rows:
     T² of the joined row."""
-    return (attention in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION, LEAN_PADDED_ATTENTION)
-            and max_seq_len <= LEAN_MAX_LENGTH)
+    return attention in (LEAN_ATTENTION, LEAN_KEEP_ATTENTION, LEAN_WHOLE_ATTENTION) and max_seq_len <= LEAN_MAX_LENGTH
 
 
 # Under training.compile lean attention runs eagerly: its loop over a batch's sequence starts (read from the position
@@ -233,6 +231,4 @@ def register_attention() -> str:
     AttentionMaskInterface.register(LEAN_KEEP_ATTENTION, eager_mask)
     AttentionInterface.register(LEAN_WHOLE_ATTENTION, functools.partial(lean_attention_forward, block=None))
     AttentionMaskInterface.register(LEAN_WHOLE_ATTENTION, eager_mask)
-    AttentionInterface.register(LEAN_PADDED_ATTENTION, functools.partial(lean_attention_forward, padded=True))
-    AttentionMaskInterface.register(LEAN_PADDED_ATTENTION, eager_mask)
     return LEAN_ATTENTION
