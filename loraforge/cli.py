@@ -534,6 +534,9 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
     Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
     task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
     general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
+    Stopped or killed, the same command run again goes on: the arms it finished are kept, the one it was training
+    resumes from its newest checkpoint (training.save_every; a stop by a signal saves one) or trains again; run
+    with other settings it is refused (--overwrite starts over).
 
     Args:
         config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
@@ -545,7 +548,7 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs
         overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier comparison there is run again)
+        overwrite: write into a non-empty --out (an earlier comparison there is run again, every arm trained anew)
     """
     from loraforge.studies.forgetting import cli_forgetting
 
@@ -561,6 +564,8 @@ def continual(config: str | None = None, adapter: str = "runs/demo/adapter", pre
 
     Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
     ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
+    Stopped or killed, the same command run again goes on (the arms it finished kept, the one it was training
+    resumed from its newest checkpoint); run with other settings it is refused (--overwrite starts over).
 
     Args:
         config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
@@ -573,7 +578,7 @@ def continual(config: str | None = None, adapter: str = "runs/demo/adapter", pre
         skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
         limit: keep only the first N examples of each task and of each general probe (quick checks)
         overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier study there is run again)
+        overwrite: write into a non-empty --out (an earlier study there is run again, every arm trained anew)
     """
     from loraforge.studies.continual import cli_continual
 
