@@ -726,6 +726,19 @@ def dash_hint(argv: list[str], parser: argparse.ArgumentParser) -> str:
     return ""
 
 
+def stray_hint(argv: list[str], command: str, options: list[str]) -> str:
+    """' (--ada: did you mean --adapter?)' for the first --word of `argv` before any `--` that is none of `command`'s
+    `options`, else '': an error of the command's own parser (a required argument missing) came before the line
+    that names unknown options, and said nothing of it (soak: `merge --out x --ada a` said only "the following
+    arguments are required: --base, --adapter")."""
+    for word in argv[:argv.index("--") if "--" in argv else len(argv)]:
+        name = word.partition("=")[0]
+        if name.startswith("--") and len(name) > 2 and name not in options:
+            said = _hint(name, command, options)
+            return f" ({name}: {said[2:-1]})" if said else f" ({name} is not an option of {command})"
+    return ""
+
+
 def config_keys(name: str) -> list[str]:
     """The config keys whose field is spelled `name` (batch_size: ['training.batch_size=VALUE']), top level or in
     a section (model, lora, data, training)."""
@@ -768,8 +781,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     word = next((a for a in given if not a.startswith("-")), None)  # the top level has no option taking a value
     if word is not None and word not in _commands() and (hint := did_you_mean(word, _commands())):
         parser.error(f"argument command: invalid choice: {word!r}{hint}")
-    if word in _commands():  # its parser's errors (argparse's own) say what a word starting with '-' was read as
-        _subparser(parser, word).hint = dash_hint(given[given.index(word) + 1:], _subparser(parser, word))
+    if word in _commands():  # its parser's errors (argparse's own) say what a word starting with '-' was read as,
+        rest, sub = given[given.index(word) + 1:], _subparser(parser, word)  # or name an option it does not have
+        sub.hint = dash_hint(rest, sub) or stray_hint(rest, word, _options(parser, word))
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
