@@ -112,10 +112,13 @@ def finished_line(result) -> str:
         none = ": the weights were never updated" if result.skipped_steps >= result.steps else ""
         skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
                    f"skipped_steps in metrics.jsonl)")
+    best = result.best  # training.keep_best: where the held-out loss was lowest, when not at the end
+    kept = (f"; lowest held-out loss {best['eval_loss']:.4f} at step {best['step']}, its checkpoint kept: "
+            f"{best['checkpoint']}" if best and best["step"] != result.steps else "")
     return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak "
             f"{'GPU memory' if result.device_type == 'cuda' else 'memory'} {result.peak_memory_mb:.0f} MB"
-            f"{' (max allocated)' if result.device_type == 'cuda' else ''}")
+            f"{' (max allocated)' if result.device_type == 'cuda' else ''}{kept}")
 
 
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
