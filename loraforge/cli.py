@@ -112,10 +112,13 @@ def finished_line(result) -> str:
         none = ": the weights were never updated" if result.skipped_steps >= result.steps else ""
         skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
                    f"skipped_steps in metrics.jsonl)")
+    best = result.best  # training.keep_best: where the held-out loss was lowest, when not at the end
+    kept = (f"; lowest held-out loss {best['eval_loss']:.4f} at step {best['step']}, its checkpoint kept: "
+            f"{best['checkpoint']}" if best and best["step"] != result.steps else "")
     return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak "
             f"{'GPU memory' if result.device_type == 'cuda' else 'memory'} {result.peak_memory_mb:.0f} MB"
-            f"{' (max allocated)' if result.device_type == 'cuda' else ''}")
+            f"{' (max allocated)' if result.device_type == 'cuda' else ''}{kept}")
 
 
 def train(config: str, overrides: list[str] = (), resume: bool = False, quantize: str | None = None,
@@ -534,6 +537,9 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
     Without CONFIG: the built-in SmolLM2-135M on the shipped date task (the demo's). Each run is probed for
     task accuracy (learned) and multiple-choice accuracy, perplexity on general text and KL vs the base model on
     general prompts (kept). Writes forgetting.json, forgetting.png and every run's output under --out.
+    Stopped or killed, the same command run again goes on: the arms it finished are kept, the one it was training
+    resumes from its newest checkpoint (training.save_every; a stop by a signal saves one) or trains again; run
+    with other settings it is refused (--overwrite starts over).
 
     Args:
         config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
@@ -545,7 +551,7 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
         lora_lr: learning rate of the LoRA runs
         full_lr: learning rate of the full fine-tuning runs
         overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier comparison there is run again)
+        overwrite: write into a non-empty --out (an earlier comparison there is run again, every arm trained anew)
     """
     from loraforge.studies.forgetting import cli_forgetting
 
@@ -561,6 +567,8 @@ def continual(config: str | None = None, adapter: str = "runs/demo/adapter", pre
 
     Without CONFIG: the built-in model, the adapter of `loraforge demo` (dates), and the shipped times task
     ("quarter past three in the afternoon" -> 15:15) as the new task, with the dates as the old one.
+    Stopped or killed, the same command run again goes on (the arms it finished kept, the one it was training
+    resumed from its newest checkpoint); run with other settings it is refused (--overwrite starts over).
 
     Args:
         config: a training YAML for the new task (its data.eval is scored; no lora: section needed); default: times
@@ -573,7 +581,7 @@ def continual(config: str | None = None, adapter: str = "runs/demo/adapter", pre
         skip_general: score only the two tasks, not the general probes (MC accuracy, perplexity, KL vs the base)
         limit: keep only the first N examples of each task and of each general probe (quick checks)
         overrides: section.field=value pairs on top of the config
-        overwrite: write into a non-empty --out (an earlier study there is run again)
+        overwrite: write into a non-empty --out (an earlier study there is run again, every arm trained anew)
     """
     from loraforge.studies.continual import cli_continual
 
@@ -721,6 +729,19 @@ def dash_hint(argv: list[str], parser: argparse.ArgumentParser) -> str:
     return ""
 
 
+def stray_hint(argv: list[str], command: str, options: list[str]) -> str:
+    """' (--ada: did you mean --adapter?)' for the first --word of `argv` before any `--` that is none of `command`'s
+    `options`, else '': an error of the command's own parser (a required argument missing) came before the line
+    that names unknown options, and said nothing of it (soak: `merge --out x --ada a` said only "the following
+    arguments are required: --base, --adapter")."""
+    for word in argv[:argv.index("--") if "--" in argv else len(argv)]:
+        name = word.partition("=")[0]
+        if name.startswith("--") and len(name) > 2 and name not in options:
+            said = _hint(name, command, options)
+            return f" ({name}: {said[2:-1]})" if said else f" ({name} is not an option of {command})"
+    return ""
+
+
 def config_keys(name: str) -> list[str]:
     """The config keys whose field is spelled `name` (batch_size: ['training.batch_size=VALUE']), top level or in
     a section (model, lora, data, training)."""
@@ -763,8 +784,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     word = next((a for a in given if not a.startswith("-")), None)  # the top level has no option taking a value
     if word is not None and word not in _commands() and (hint := did_you_mean(word, _commands())):
         parser.error(f"argument command: invalid choice: {word!r}{hint}")
-    if word in _commands():  # its parser's errors (argparse's own) say what a word starting with '-' was read as
-        _subparser(parser, word).hint = dash_hint(given[given.index(word) + 1:], _subparser(parser, word))
+    if word in _commands():  # its parser's errors (argparse's own) say what a word starting with '-' was read as,
+        rest, sub = given[given.index(word) + 1:], _subparser(parser, word)  # or name an option it does not have
+        sub.hint = dash_hint(rest, sub) or stray_hint(rest, word, _options(parser, word))
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):

@@ -767,6 +767,10 @@ class TrainingConfig:
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep on disk."""
+    keep_best: bool = True
+    """Also keep, beside the keep_checkpoints newest, the checkpoint of the lowest held-out loss: a checkpoint of a
+    step that was evaluated (eval_every a multiple of save_every, or the last step) records its eval loss, and the
+    run's last line names the best one (a run whose eval loss rose at the end keeps where it was lowest)."""
     log_every: int = 1
     """Write a metrics.jsonl row (and the tracker's point) every N optimizer steps; the last step, and a step the
     fp16 loss scaler skipped, are always written."""

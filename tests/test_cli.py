@@ -344,7 +344,8 @@ def test_a_value_that_starts_with_a_dash_is_named_in_argparses_error_with_the_wa
         "(-hello starts with '-', so it reads as an option; if it is a value, put -- before it)",
         ("generate", "--", "-hello", "--max-new-tokens", "4"): "loraforge: error: unrecognized arguments: "
         "--max-new-tokens (after -- every word is a value: put --max-new-tokens before the --) 4",
-        ("train", "--bogus"): "loraforge train: error: the following arguments are required: config",  # a typo
+        ("train", "--bogus"): "loraforge train: error: the following arguments are required: config (--bogus is "
+        "not an option of train)",  # a typo: said, where argparse's line came first and named none
     }
     for argv, line in cases.items():
         with pytest.raises(SystemExit) as e:
@@ -1365,3 +1366,43 @@ def test_the_api_key_can_come_from_the_environment(tiny_dir, tmp_path, monkeypat
         "--host 0.0.0.0: the dashboard starts processes and reads files; listening beyond this machine needs a key: "
         "set LORAFORGE_API_KEY (or --api-key KEY, which the machine's other users can read in ps), or keep the "
         "default --host 127.0.0.1\n")
+
+
+def test_no_command_takes_a_shortened_option_for_the_whole_one(capsys):
+    """argparse takes a unique prefix of an option for it unless allow_abbrev is off on the parser that reads it:
+    `train c.yaml --r 4` would be --resume, `--over` --overwrite (a finished run started over). Over every command
+    and every option of it (--help too): the shortest prefix argparse would have taken (one option alone begins
+    with it) and the name less its last letter, as `--x` and as `--x=1`, with the command's required arguments
+    given, are refused (exit 2) with the whole option among the names suggested; so are they where a required
+    argument is missing, whose line came first and named none (`merge --out x --ada a`)."""
+    import re
+
+    from loraforge.cli import _commands, _options, _subparser, build_parser, parse_args
+
+    parser = build_parser()
+    assert parser.allow_abbrev is False
+
+    def suggested(argv) -> list[str]:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert e.value.code == 2, last
+        return [name for names in re.findall(r"did you mean (.*?)\?", last) for name in names.split(" or ")]
+
+    checked = 0
+    for command in _commands():
+        sub = _subparser(parser, command)
+        assert sub.allow_abbrev is False, command
+        required = [word for a in sub._actions if a.required for word in [*a.option_strings[:1], a.choices[0]
+                                                                          if a.choices else "x"]]
+        options = _options(parser, command)
+        for option in options:
+            unique = next((option[:n] for n in range(3, len(option))  # none where it begins another (--adapter)
+                           if [o for o in options if o.startswith(option[:n])] == [option]), option)
+            for prefix in {unique, option[:-1]} - {option, "--"}:
+                for typed in (prefix, f"{prefix}=1"):
+                    assert option in suggested([command, *required, typed]), (command, typed)
+                    checked += 1
+        if required:
+            assert options[-1] in suggested([command, options[-1][:-1]]), command  # a required one missing too
+    assert checked > 300

@@ -29,11 +29,11 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
 from loraforge.models import conversion_paths, load_base, load_config
 from loraforge.quant.bnb import check_bitsandbytes
 from loraforge.studies.demo import asset, demo_config
-from loraforge.studies.forgetting import (CachedLogits, held_out_task, other_precisions,
-                                          precision_text, probe_all, probe_base, run_length, start_over, steps_text,
-                                          task_split, train_arm, trained_steps, write_report)
+from loraforge.studies.forgetting import (CachedLogits, held_out_task, other_precisions, precision_text, probe_all,
+                                          probe_base, run_length, start_over, steps_text, task_split, trained_steps)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
+from loraforge.studies.rerun import going_on, kept_report, study_settings, train_arm, write_report
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
 from loraforge.training.loop import run_precision
@@ -61,7 +61,7 @@ def arm_config(cfg: TrainConfig, adapter: str, replay: str | None, share: float,
         # the old task's data in its own format, not the new task's data.format (soak: chat-format new task data
         # read the instruction replay as chat, and the replay arm failed after the probes and the first arm ran)
     data = dataclasses.replace(cfg.data, train=sources, eval=None, eval_fraction=0.0)
-    training = dataclasses.replace(cfg.training, init_adapter=str(adapter), eval_every=0, save_every=0)
+    training = dataclasses.replace(cfg.training, init_adapter=str(adapter), eval_every=0)  # save_every: the config's
     return dataclasses.replace(cfg, data=data, training=training, output_dir=str(out / arm_slug(share)))
 
 
@@ -115,8 +115,19 @@ def run_continual(cfg: TrainConfig, adapter: str, previous: str, replay: str | N
 
 def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, shares, out: Path, general: bool,
            limit: int | None, progress: bool, overwrite: bool, started: float) -> dict:
-    start_over(out, ("continual.json",))
-    cfg = task_split(cfg, out, "continual", overwrite)
+    settings = study_settings(cfg, [*cfg.data.paths(), adapter, previous, replay], adapter=str(adapter),
+                              previous=previous, replay=replay, shares=list(shares), general=general, limit=limit)
+    resume = going_on(out, "continual", settings, overwrite)  # the same study stopped before: it goes on
+    earlier = kept_report(out, "continual", "continual.json") if resume else None
+    if earlier is not None and earlier.get("complete"):
+        print(format_report(earlier), flush=True)
+        print(f"{out} holds this study, finished: its report above is read from {out / 'continual.json'} (pass "
+              f"--overwrite to run it again)", flush=True)
+        return earlier
+    if not resume:
+        start_over(out, ("continual.json",))
+    cfg = task_split(cfg, out, "continual", overwrite, [arm_slug(share) for share in shares], settings)
+    kept = {row.get("name"): row for row in (earlier or {}).get("rows", [])}
     sizes = [len(D.read_records(s.path)) for s in cfg.data.sources("train")]  # the replay arms' shares
     precision = run_precision(cfg, torch.device("cpu"))
     print(precision.line(), flush=True)
@@ -158,35 +169,49 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
                                                                       if k in scores},
                 "probe_seconds": time.perf_counter() - t0}
 
-    rows = [{**score("base", None), "train_seconds": 0.0}]
-    print(row_line(rows[-1]), flush=True)
-    reference = CachedLogits(base) if general else None  # the base's logits: computed with the adapters off
-    load_adapter(base, adapter)
-    rows.append({**score("before", reference), "train_seconds": 0.0})
-    print(row_line(rows[-1]), flush=True)
-    delete_adapter(base, "default")
+    def recorded(name: str) -> bool:
+        """Whether the run before scored `name` (its row kept): said, and the row taken."""
+        if name in kept:
+            rows.append(kept[name])
+            print(f"[{name}] scored by the run before:\n{row_line(rows[-1])}", flush=True)
+        return name in kept
 
-    trained = []
+    rows = []
+    if not recorded("base"):
+        rows.append({**score("base", None), "train_seconds": 0.0})
+        print(row_line(rows[-1]), flush=True)
+    reference = CachedLogits(base) if general else None  # the base's logits: computed with the adapters off
+    if not recorded("before"):
+        load_adapter(base, adapter)
+        rows.append({**score("before", reference), "train_seconds": 0.0})
+        print(row_line(rows[-1]), flush=True)
+        delete_adapter(base, "default")
+    write_report(out, "continual", "continual.json", {"complete": False, "rows": rows})
+
     for share in shares:
+        if recorded(arm_name(share)):  # trained and scored by the run before
+            continue
         run_cfg = arm_config(cfg, adapter, replay, share, out, sizes)
         print(f"[{arm_name(share)}] training {run_length(run_cfg.training)} × batch "
               f"{run_cfg.training.batch_size} from {adapter} ...", flush=True)
-        result = train_arm(run_cfg, progress, overwrite, "continual")
-        trained.append(result.precision)  # on a GPU: not the probes' CPU precision
+        result = train_arm(run_cfg, progress, overwrite, "continual", resume)
         load_adapter(base, Path(run_cfg.output_dir) / "adapter")
         rows.append({**score(arm_name(share), reference), "train_seconds": result.seconds, "steps": result.steps,
-                     "replay_share": share, "output_dir": run_cfg.output_dir})
+                     "replay_share": share, "output_dir": run_cfg.output_dir,
+                     "trained_in": result.precision})  # on a GPU: not the probes' CPU precision
         print(row_line(rows[-1]), flush=True)
         delete_adapter(base, "default")
+        write_report(out, "continual", "continual.json", {"complete": False, "rows": rows})
 
     data = to_dict(cfg.data)
-    report = {"model": cfg.model.name, "adapter": str(adapter), "previous": previous, "replay": replay,
-              "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
+    trained = [row["trained_in"] for row in rows if "trained_in" in row]
+    report = {"complete": True, "model": cfg.model.name, "adapter": str(adapter), "previous": previous,
+              "replay": replay, "new_train": data["train"], "new_eval": data["eval"], "steps": trained_steps(rows),
               "batch_size": cfg.training.batch_size, "lr": cfg.training.lr, "precision": precision.compute,
               "train_precision": other_precisions(precision, trained),
               "method": cfg.method, "quantization": cfg.quantization, "rows": rows,
               "seconds": time.perf_counter() - started}
-    write_report(out / "continual.json", report)
+    write_report(out, "continual", "continual.json", report)
     print(format_report(report), flush=True)
     print(f"wrote {out / 'continual.json'}; total {report['seconds']:.0f} s", flush=True)
     return report

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -36,14 +37,15 @@ from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
 from loraforge.studies.probes import (PPL_WINDOW, check_probes, kl_divergence, load_probe, mc_accuracy, perplexity,
                                       prefix_sharing_logits, probe_window)
+from loraforge.studies.rerun import going_on, kept_report, study_settings, train_arm, write_report
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
-from loraforge.training.loop import Stopped, run_precision, train
+from loraforge.training.loop import run_precision
 from loraforge.training.mixing import label, read_sources
-from loraforge.training.report import progress_bar, strict_json
+from loraforge.training.report import progress_bar
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file, expand_user
-from loraforge.utils.outputs import check_output, hold_output, write_own
+from loraforge.utils.outputs import check_output, hold_output, own_files, write_own
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
@@ -69,9 +71,10 @@ def arm_config(cfg: TrainConfig, arm: Arm, seed: int, out: Path) -> TrainConfig:
     """`cfg` with the arm's method, rank and learning rate, this seed, and its own output directory.
 
     Training gets no held-out set: the probes score the task on it afterwards, and train's own held-out loss at
-    the last step (a forward pass over it, unused here) would only add time. The training data stays the same."""
+    the last step (a forward pass over it, unused here) would only add time. The training data stays the same.
+    training.save_every stays the config's: a study killed mid-arm goes on from that arm's newest checkpoint."""
     lora = dataclasses.replace(cfg.lora, r=arm.r, lora_alpha=2 * arm.r) if arm.r else cfg.lora
-    training = dataclasses.replace(cfg.training, lr=arm.lr, seed=seed, eval_every=0, save_every=0)
+    training = dataclasses.replace(cfg.training, lr=arm.lr, seed=seed, eval_every=0)
     data = dataclasses.replace(cfg.data, eval=None, eval_fraction=0.0)  # cfg.data.train is already the whole split
     slug = arm.name.replace(" ", "").replace("=", "")
     return dataclasses.replace(cfg, method=arm.method, lora=lora, training=training, data=data,
@@ -130,16 +133,6 @@ def start_over(out: Path, names: tuple[str, ...]) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: str):
-    """train() for one arm of a study: a signal's stop says how to go on, as train's says --resume (a study has
-    none: the arm's checkpoint is of no use to a rerun, which trains its arms again)."""
-    try:
-        return train(run_cfg, progress=progress, overwrite=overwrite)  # overwrite: an earlier run there starts over
-    except Stopped as e:
-        raise Stopped(e.signum, f"{e}; `loraforge {command}` has no --resume: run it again with --overwrite (its "
-                                f"arms train again)", resumable=False) from None
-
-
 def precision_phrase(line: str) -> str:
     """'bf16', 'fp16 + loss scaling, base stored in fp32': a precision line ('precision bf16: reason') without its
     reason, as TrainResult.precision and Precision.line() give it."""
@@ -157,12 +150,6 @@ def precision_text(report: dict) -> str:
     trained = report.get("train_precision") or []  # absent from a report written before it was kept
     return f"{report['precision']} compute" + (
         f" (the probes, on the CPU; the arms trained in {', '.join(trained)})" if trained else "")
-
-
-def write_report(path: Path, report: dict) -> None:
-    """A study's JSON, written atomically: a kill leaves the earlier file or none, never half of one."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(strict_json(report, indent=1, default=str))
 
 
 def check_from_base(cfg: TrainConfig) -> None:
@@ -208,15 +195,19 @@ def probe_all(model, tokenizer, base, task_records: list[dict], fmt: str, bf16: 
     return {**results, "seconds": seconds}
 
 
-def task_split(cfg: TrainConfig, out: Path, command: str, overwrite: bool) -> TrainConfig:
+def task_split(cfg: TrainConfig, out: Path, command: str, overwrite: bool, folders=(),
+               settings: dict | None = None) -> TrainConfig:
     """A config whose held-out set is a fixed file, so every seed trains and is scored on the same split.
 
     Without data.eval, max(eval_fraction, 0.1) of each training source of 20 or more records is held out as
     train holds it out (loraforge.training.mixing.read_sources, seed 0) and written to task_test.jsonl; the rest of
     each source goes to its own file (task_train.jsonl; a list: task_train0.jsonl, ...), keeping its weight,
-    epochs and format. They are written as `command`'s own (outputs.write_own): a rerun after a kill before the
-    study's first result takes them for its own while unchanged; a user's file of those names needs `overwrite`."""
+    epochs and format. They are written as `command`'s own (outputs.write_own): a rerun after a kill takes them
+    for its own while unchanged; a user's file of those names needs `overwrite`. `folders` (the arms' runs) and
+    `settings` (rerun.study_settings) are recorded with them, also where data.eval leaves no split to write."""
     if cfg.data.eval:
+        if folders or settings is not None:
+            write_own(out, command, {}, overwrite=overwrite, folders=folders, settings=settings)
         return cfg
     sources = cfg.data.sources("train")
     train, held = read_sources(dataclasses.replace(cfg.data, eval_fraction=max(cfg.data.eval_fraction, 0.1)),
@@ -234,7 +225,7 @@ def task_split(cfg: TrainConfig, out: Path, command: str, overwrite: bool) -> Tr
     names = ["task_train.jsonl"] if len(sources) == 1 else [f"task_train{i}.jsonl" for i in range(len(sources))]
     files = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in zip(names, train)}
     files["task_test.jsonl"] = "".join(json.dumps(r) + "\n" for _, _, rows in held for r in rows)
-    write_own(out, command, files, overwrite=overwrite)
+    write_own(out, command, files, overwrite=overwrite, folders=folders, settings=settings)
     written = tuple(dataclasses.replace(s, path=str(out / name)) for s, name in zip(sources, names))
     return dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=written[0].path if isinstance(cfg.data.train, str) else written,
@@ -356,7 +347,9 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     """Train every arm × seed on `cfg`'s task, probe base and each result; print the table, write JSON + plot.
 
     Seeds run in the outer loop and forgetting.json is rewritten after every run ("complete": false until the
-    end), so an interrupted run already holds a whole comparison for its first seeds.
+    end), so an interrupted run already holds a whole comparison for its first seeds; run again with the same
+    settings into the same `out` (without `overwrite`), it goes on (loraforge.studies.rerun): the rows recorded are
+    kept, an arm stopped mid-training resumes from its newest checkpoint, and a study that finished is read back.
     `limit` keeps only the first N task examples, MC questions, KL prompts and lines of the general text (quick
     checks, not a report).
     """
@@ -372,8 +365,18 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
 
 def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, seeds: int, limit: int | None,
            progress: bool, overwrite: bool, started: float) -> dict:
-    start_over(out, ("forgetting.json", "forgetting.png"))
-    cfg = task_split(cfg, out, "forgetting", overwrite)
+    settings = study_settings(cfg, cfg.data.paths(), ranks=list(ranks), lora_lr=lora_lr, full_lr=full_lr,
+                              seeds=seeds, limit=limit)
+    resume = going_on(out, "forgetting", settings, overwrite)  # the same study stopped before: it goes on
+    earlier = kept_report(out, "forgetting", "forgetting.json") if resume else None
+    if earlier is not None and earlier.get("complete"):
+        return finished(out, earlier)
+    if not resume:
+        start_over(out, ("forgetting.json", "forgetting.png"))
+    folders = [Path(arm_config(cfg, arm, seed, out).output_dir).name
+               for seed in range(seeds) for arm in arms(ranks, lora_lr, full_lr)]
+    cfg = task_split(cfg, out, "forgetting", overwrite, folders, settings)
+    kept = {(row.get("name"), row.get("seed")): row for row in (earlier or {}).get("rows", [])}
     precision = run_precision(cfg, torch.device("cpu"))  # the base and the probes run on the CPU
     print(precision.line(), flush=True)
     bf16 = precision.compute == "bf16"
@@ -386,20 +389,29 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     base.eval()
     max_new = answer_token_budget(tokenizer, task_records, fmt)
     t0 = time.perf_counter()
-    scores, cached = probe_base(base, tokenizer, cfg.model.name, task_records, fmt, bf16, probes, max_new, progress)
-    rows = [{"name": "base", "method": "base", "seed": None, "lr": None, "r": None, "trainable_params": 0,
-             "train_seconds": 0.0, **scores, "probe_seconds": time.perf_counter() - t0, "probes_cached": cached}]
-    print(_row_line(rows[-1]), flush=True)
+    if ("base", None) in kept:
+        rows = [kept["base", None]]
+        print(f"[base] probed by the run before: {_row_line(rows[-1]).strip()}", flush=True)
+    else:
+        scores, cached = probe_base(base, tokenizer, cfg.model.name, task_records, fmt, bf16, probes, max_new,
+                                    progress)
+        rows = [{"name": "base", "method": "base", "seed": None, "lr": None, "r": None, "trainable_params": 0,
+                 "train_seconds": 0.0, **scores, "probe_seconds": time.perf_counter() - t0, "probes_cached": cached}]
+        print(_row_line(rows[-1]), flush=True)
+        write_report(out, "forgetting", "forgetting.json", {"complete": False, "rows": rows})
     base_logits = CachedLogits(base)  # KL: the base's logits on the prompts, computed by the first arm
-    trained = []  # each arm's precision as train() ran it (on a GPU: not the probes' CPU precision)
 
     for seed in range(seeds):
         for arm in arms(ranks, lora_lr, full_lr):
+            if (arm.name, seed) in kept:  # trained and probed by the run before (its result recorded)
+                rows.append(kept[arm.name, seed])
+                print(f"[{arm.name} seed {seed}] trained and probed by the run before:", flush=True)
+                print(_row_line(rows[-1]), flush=True)
+                continue
             run_cfg = arm_config(cfg, arm, seed, out)
             print(f"[{arm.name} seed {seed}] training {run_length(run_cfg.training)} at lr {arm.lr:g} ...",
                   flush=True)
-            result = train_arm(run_cfg, progress, overwrite, "forgetting")
-            trained.append(result.precision)
+            result = train_arm(run_cfg, progress, overwrite, "forgetting", resume)
             t0 = time.perf_counter()
             if arm.method == "full":
                 # The fp32 master weights as trained (a bf16 copy would round away most of a 2e-5-rate update).
@@ -412,12 +424,11 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
                                f"{arm.name} seed {seed}", progress)
             rows.append({"name": arm.name, "method": arm.method, "seed": seed, "lr": arm.lr, "r": arm.r,
                          "trainable_params": result.trainable_params, "train_seconds": result.seconds,
-                         "steps": result.steps,
+                         "steps": result.steps, "trained_in": result.precision,
                          "final_loss": result.final_loss, "output_dir": str(run_cfg.output_dir), **scores,
                          "load_seconds": load_seconds, "probe_seconds": time.perf_counter() - t0})
             print(_row_line(rows[-1]), flush=True)
-            partial = {"complete": False, "rows": rows}
-            write_report(out / "forgetting.json", partial)
+            write_report(out, "forgetting", "forgetting.json", {"complete": False, "rows": rows})
             del model
 
     order = {arm.name: i for i, arm in enumerate(arms(ranks, lora_lr, full_lr))}
@@ -425,15 +436,26 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     data = to_dict(cfg.data)
     report = {"complete": True, "model": cfg.model.name, "task_train": data["train"], "task_eval": data["eval"],
               "steps": trained_steps(rows), "batch_size": cfg.training.batch_size, "seeds": seeds,
-              "precision": precision.compute, "train_precision": other_precisions(precision, trained),
+              "precision": precision.compute,
+              "train_precision": other_precisions(precision, [r["trained_in"] for r in rows if "trained_in" in r]),
               "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
-    write_report(out / "forgetting.json", report)
-    plot(rows, out / "forgetting.png")
+    write_report(out, "forgetting", "forgetting.json", report)
+    write_own(out, "forgetting", {"forgetting.png": plot(rows)}, overwrite=True)
     print(format_report(report), flush=True)
     split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())
     print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s "
           f"({split})", flush=True)
+    return report
+
+
+def finished(out: Path, report: dict) -> dict:
+    """A rerun of a study that finished: its report as it was (and its plot, where a kill came before it)."""
+    if "forgetting.png" not in own_files(out, "forgetting"):
+        write_own(out, "forgetting", {"forgetting.png": plot(report["rows"])}, overwrite=True)
+    print(format_report(report), flush=True)
+    print(f"{out} holds this study, finished: its report above is read from {out / 'forgetting.json'} (pass "
+          f"--overwrite to run it again)", flush=True)
     return report
 
 
@@ -532,8 +554,8 @@ def format_report(report: dict) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """Learned (task accuracy) against forgotten (MC accuracy drop; KL vs base), one point per run."""
+def plot(rows: list[dict]) -> bytes:
+    """Learned (task accuracy) against forgotten (MC accuracy drop; KL vs base), one point per run: a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,9 +578,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle("learned vs forgotten (one point per run)")
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return path
+    return png.getvalue()
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

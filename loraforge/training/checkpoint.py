@@ -11,6 +11,7 @@ damaged newer ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -137,16 +138,32 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, cfg: Tra
                 shutil.rmtree(final)
     except DiskError as e:
         raise disk_stop(root, step, e) from None
-    prune_checkpoints(root, cfg.training.keep_checkpoints)
+    prune_checkpoints(root, cfg.training.keep_checkpoints, keep_best=cfg.training.keep_best)
     return final
 
 
-def prune_checkpoints(root: Path, keep: int, resumed: Path | None = None) -> None:
+def best_checkpoint(root: Path) -> tuple[Path, float] | None:
+    """The checkpoint of the lowest held-out loss (trainer_state.json's eval_loss, which a checkpoint of an evaluated
+    step records), the earliest of equal ones, and that loss; None where no checkpoint recorded one."""
+    best = None
+    for path in sorted(root.glob("step-*")):
+        try:
+            loss = json.loads((path / "trainer_state.json").read_text()).get("eval_loss")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(loss, (int, float)) and math.isfinite(loss) and (best is None or loss < best[1]):
+            best = (path, float(loss))
+    return best
+
+
+def prune_checkpoints(root: Path, keep: int, resumed: Path | None = None, keep_best: bool = False) -> None:
     """Delete all but the `keep` newest checkpoints (training.keep_checkpoints), never `resumed` (the one a run
-    continues from). After every save, and when a run resumes: a kill between a save's rename and this pruning
-    left one checkpoint more than `keep` until the next save."""
+    continues from) nor, with `keep_best` (training.keep_best), the one of the lowest held-out loss. After every
+    save, and when a run resumes: a kill between a save's rename and this pruning left one checkpoint more than
+    `keep` until the next save."""
+    best = best_checkpoint(root) if keep_best else None
     for old in sorted(root.glob("step-*"))[:-keep]:
-        if old != resumed:
+        if old != resumed and (best is None or old != best[0]):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -276,7 +293,8 @@ def schedule_changes(state: dict, now: dict, total_steps: int) -> list[str]:
 # What may differ on --resume without changing what trains: how often the run evaluates, saves and logs, where it
 # reports, which kernels run the same math, and the settings checked on their own (the learning-rate schedule and
 # step count: schedule_changes; the global batch: global_batch_change). Any other setting must be as the run started.
-RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_checkpoints", "training.log_every",
+RESUME_FREE = {"training.eval_every", "training.save_every", "training.keep_checkpoints", "training.keep_best",
+               "training.log_every",
                "training.report_to", "training.attention", "training.compile", "training.fused_blocks",
                "training.fused_lora", "training.activation_buffer", "training.reuse_memory", "training.share_prefix",
                "training.gradient_checkpointing", "training.distributed", "training.collective_timeout",

@@ -51,7 +51,7 @@ def save_sharded(root: Path, step: int, module: nn.Module, optimizer, scheduler,
             raise
         raise disk_stop(root, step, error) from None  # one line on every rank, not DCP's traceback per rank
     if dist.get_rank() == 0:
-        prune_checkpoints(root, cfg.training.keep_checkpoints)
+        prune_checkpoints(root, cfg.training.keep_checkpoints, keep_best=cfg.training.keep_best)
     dist.barrier()  # no process goes on before step-N is in place
     return final
 

@@ -47,10 +47,10 @@ from loraforge.precision import FP16_MAX, TORCH_DTYPES, Precision, choose
 from loraforge.quant.bnb import check_bitsandbytes, prepare_for_kbit_training
 from loraforge.training import data as D
 from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_WITHOUT_FSDP, DiskStop,
-                                           TrainingError, checkpoint_format, disk_stop, find_checkpoint,
-                                           global_batch, global_batch_change, last_checkpoint, load_checkpoint,
-                                           prune_checkpoints, resume_changes, rng_state, save_checkpoint,
-                                           schedule_changes)
+                                           TrainingError, best_checkpoint, checkpoint_format, disk_stop,
+                                           find_checkpoint, global_batch, global_batch_change, last_checkpoint,
+                                           load_checkpoint, prune_checkpoints, resume_changes, rng_state,
+                                           save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
 from loraforge.training.epochs import EpochPlan, left_out_line, uncountable_epochs
@@ -97,6 +97,7 @@ class TrainResult:
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
     device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
     already_finished: bool = False  # a --resume of a run that had finished: no step ran; its losses are the logged ones
+    best: dict | None = None  # training.keep_best: {"step", "eval_loss", "checkpoint"} of the lowest held-out loss
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -401,6 +402,7 @@ class Run:
     log_precision: bool = True  # the next metrics row says the precision line (a run's first; a resume's in another)
     resumed: bool = False  # --resume, or a torchrun restart that continues the attempt before (restarted_from)
     nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
+    evaluated: tuple[int, float] | None = None  # (step, held-out loss) of the last evaluation, for its checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -707,7 +709,8 @@ def restore(run: Run) -> None:
         for path, reason in skipped:  # newer than `found` and damaged: this run writes their steps again
             print(f"skipping checkpoint {path.name}: {reason}; removed it", flush=True)
             shutil.rmtree(path, ignore_errors=True)
-        prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found)  # a kill left one more
+        prune_checkpoints(run.ckpt_root, run.cfg.training.keep_checkpoints, resumed=found,  # a kill left one more
+                          keep_best=run.cfg.training.keep_best)
     changed = precision_change(meta.get("precision"), run.precision)
     run.log_precision = changed is not None  # rows of the same precision as before the stop: none says it again
     if run.is_main and changed:
@@ -811,6 +814,7 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                     eval_loss = mean_token_loss(model, run.eval_examples, run.pad_id, per_forward, run.pack,
                                                 cfg.data.max_seq_len, precision=run.precision.compute,
                                                 head_buffers=getattr(run.loss_fn, "head_buffers", None))
+                run.evaluated = (run.step, eval_loss)  # a checkpoint of this step records it (keep_best)
                 if run.is_main:
                     ppl = perplexity_of(eval_loss)
                     log.write(step=run.step, eval_loss=eval_loss, eval_ppl=ppl)
@@ -885,7 +889,9 @@ def checkpoint_state(run: Run) -> dict:
             "allocator": run.allocator.state(tensors=not run.sharded) if run.allocator is not None else {},
             "scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps, "data": run.data_fingerprint,
             "tokens": D.TOKENS_VERSION,  # how records became tokens: resume tells an older loraforge's (data.py)
-            "precision": {"compute": run.precision.compute, "storage": run.precision.storage}}
+            "precision": {"compute": run.precision.compute, "storage": run.precision.storage},
+            # its step's held-out loss where it was evaluated: the checkpoint of the lowest is kept (keep_best)
+            "eval_loss": run.evaluated[1] if run.evaluated is not None and run.evaluated[0] == run.step else None}
 
 
 class Stopped(KeyboardInterrupt):
@@ -1143,6 +1149,9 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
         plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     if run.world > 1:
         dist.barrier()
+    found = best_checkpoint(run.ckpt_root) if run.cfg.training.keep_best and run.is_main else None
+    best = {"step": int(found[0].name.removeprefix("step-")), "eval_loss": found[1], "checkpoint": str(found[0])} \
+        if found else None
     return TrainResult(output_dir=run.out, steps=run.step, final_loss=loss_value, eval_loss=eval_loss,
                        train_tokens=run.tokens_seen, seconds=seconds,
                        tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds - aside, 1e-9),
@@ -1151,4 +1160,4 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
                        saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type,
-                       already_finished=run.tokens_seen == start_tokens)
+                       already_finished=run.tokens_seen == start_tokens, best=best)

@@ -13,9 +13,10 @@
 - One training per output_dir at a time: the run holds a lock on `output_dir/.lock` (hold_output) from before
   these checks until it ends; a second one is refused, naming the first one's process id, and so is a merge or
   export into it (check_output), which would swap the folder under the run.
-- Files a command writes into a folder before its first result (a study's task split) are recorded first in
-  WRITTEN (write_own): a rerun of that command after a kill knows them as its own while they are unchanged
-  (check_output's `command`), and a user's file of such a name, or one changed since, is still refused.
+- Files a command writes into a folder before its first result (a study's task split, its partial report) are
+  recorded first in WRITTEN (write_own), with the folders it trains into and the settings it runs with: a rerun of
+  that command after a kill knows them as its own while they are unchanged (check_output's `command`), and a
+  user's file of such a name, or one changed since, is still refused (a study compares the settings itself).
 
 Atomic writes (temp + rename) protect against crashes, not against a wrong --out: this module is for that.
 """
@@ -171,25 +172,48 @@ def check_output(path: str | Path, *, overwrite: bool, inputs: Iterable[str | Pa
 
 
 WRITTEN = ".loraforge-written.json"
-"""A command's record of the files it writes into an output folder, made before the first of them is written:
-{"command": ..., "files": {name: {"bytes": ..., "sha256": ...}}}, the entries of a checkpoint's manifest.json."""
+"""A command's record of what it writes into an output folder, made before the first of it is written:
+{"command": ..., "files": {name: {"bytes": ..., "sha256": ...}}, "folders": [name, ...], "settings": {...}}; the
+files' entries are those of a checkpoint's manifest.json, the folders are the runs it trains (each one's content
+is train's to judge: --resume continues it), the settings what the command was run with (a study's rerun with
+others is refused)."""
 
 
-def _recorded(out: Path, command: str) -> dict[str, dict]:
-    """The files `command` recorded in out/WRITTEN ({name: {"bytes", "sha256"}}); {} where there is no record of
-    this command's (none, another command's, a link, unreadable: not known to be this command's)."""
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name == Path(name).name and name not in (WRITTEN, LOCK, "", ".", "..")
+
+
+def _record(out: Path, command: str) -> dict | None:
+    """`command`'s record in out/WRITTEN, or None where there is none of this command's (none, another command's,
+    a link, unreadable: not known to be this command's)."""
     record_file = out / WRITTEN
     if record_file.is_symlink() or not record_file.is_file():
-        return {}
+        return None
     try:
         record = json.loads(record_file.read_text())
     except (OSError, ValueError):
-        return {}
+        return None
     if not isinstance(record, dict) or record.get("command") != command or not isinstance(record.get("files"), dict):
-        return {}
-    return {name: entry for name, entry in record["files"].items()
-            if isinstance(entry, dict) and isinstance(name, str) and name == Path(name).name
-            and name not in (WRITTEN, LOCK, "", ".", "..")}
+        return None
+    return record
+
+
+def _recorded(out: Path, command: str) -> dict[str, dict]:
+    """The files `command` recorded in out/WRITTEN ({name: {"bytes", "sha256"}}); {} where there is no record."""
+    record = _record(out, command) or {"files": {}}
+    return {name: entry for name, entry in record["files"].items() if isinstance(entry, dict) and _plain_name(name)}
+
+
+def _folders(out: Path, command: str) -> list[str]:
+    """The folders `command` recorded in out/WRITTEN (the runs it trains there)."""
+    folders = (_record(out, command) or {}).get("folders")
+    return [name for name in folders if _plain_name(name)] if isinstance(folders, list) else []
+
+
+def recorded_settings(out: str | Path, command: str) -> dict | None:
+    """The settings `command` recorded in `out` (write_own's `settings`), or None where it recorded none."""
+    settings = (_record(expand_user(out), command) or {}).get("settings")
+    return settings if isinstance(settings, dict) else None
 
 
 def _unchanged(file: Path, entry: dict) -> bool:
@@ -205,11 +229,13 @@ def _unchanged(file: Path, entry: dict) -> bool:
 def own_files(out: Path, command: str) -> set[str]:
     """The names in `out` that are `command`'s own: the files it recorded in WRITTEN that are unchanged since, the
     temporaries of its atomic writes of them that a kill left (`.tmp-<name>-<8 characters>`), and WRITTEN itself
-    where it is `command`'s record. A file of a recorded name that differs from the record is not (the user's now)."""
-    recorded = _recorded(out, command)
-    if not recorded:
+    where it is `command`'s record, and the folders it recorded (a folder, not a link: its runs, which train
+    judges). A file of a recorded name that differs from the record is not (the user's now)."""
+    if _record(out, command) is None:
         return set()
+    recorded = _recorded(out, command)
     own = {WRITTEN} | {name for name, entry in recorded.items() if _unchanged(out / name, entry)}
+    own |= {name for name in _folders(out, command) if (out / name).is_dir() and not (out / name).is_symlink()}
     temporaries = [temporary_prefix("tmp", name) for name in (*recorded, WRITTEN)]
     for entry in out.iterdir():
         if (any(entry.name.startswith(p) and len(entry.name) == len(p) + SUFFIX for p in temporaries)
@@ -218,15 +244,18 @@ def own_files(out: Path, command: str) -> set[str]:
     return own
 
 
-def write_own(out: str | Path, command: str, files: dict[str, str], *, overwrite: bool, flag: str = "--out") -> None:
-    """Write `files` ({name: text}) into the folder `out` as `command`'s own, so that a rerun of `command` after a
-    kill takes them for its own (own_files, check_output's `command`): each is recorded in WRITTEN (its size and
-    SHA-256) before it is written, atomically, and an earlier own file it replaces is removed first, so at every
+def write_own(out: str | Path, command: str, files: dict[str, str | bytes], *, overwrite: bool, flag: str = "--out",
+              folders: Iterable[str] = (), settings: dict | None = None) -> None:
+    """Write `files` ({name: text or bytes}) into the folder `out` as `command`'s own, so that a rerun of `command`
+    after a kill takes them for its own (own_files, check_output's `command`): each is recorded in WRITTEN (its size
+    and SHA-256) before it is written, atomically, and an earlier own file it replaces is removed first, so at every
     moment each of them is either missing or what WRITTEN says. A file of one of these names that is not
-    `command`'s unchanged own (a user's) is refused unless `overwrite`: OutputError naming it, nothing written."""
+    `command`'s unchanged own (a user's) is refused unless `overwrite`: OutputError naming it, nothing written.
+    `folders`: the folders the command is about to train runs into, recorded with those it recorded before;
+    `settings` (JSON): what it runs with, replacing the recorded ones (None: those stay)."""
     out = expand_user(out)
     make_output(out, flag)
-    data = {name: text.encode() for name, text in files.items()}
+    data = {name: text if isinstance(text, bytes) else text.encode() for name, text in files.items()}
     new = {name: {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()} for name, raw in data.items()}
     own = own_files(out, command)
     foreign = sorted(name for name in (*data, WRITTEN) if os.path.lexists(out / name) and name not in own)
@@ -239,8 +268,12 @@ def write_own(out: str | Path, command: str, files: dict[str, str], *, overwrite
     for name in data:
         if name in own and name in recorded and recorded[name] != new[name]:
             (out / name).unlink()  # the earlier own content, about to be recorded as another: missing meanwhile
+    record = {"command": command, "files": {**kept, **new},
+              "folders": list(dict.fromkeys([*_folders(out, command), *folders]))}
+    if (settings := recorded_settings(out, command) if settings is None else settings) is not None:
+        record["settings"] = settings
     with atomic_file(out / WRITTEN) as tmp:
-        tmp.write_text(json.dumps({"command": command, "files": {**kept, **new}}, indent=1))
+        tmp.write_text(json.dumps(record, indent=1))
     for name, raw in data.items():
         if not (name in own and recorded.get(name) == new[name]):  # an unchanged own file stays as it is
             with atomic_file(out / name) as tmp:
@@ -450,4 +483,4 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 __all__ = ["LOCK", "WRITTEN", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
            "check_replaceable", "check_run_output", "check_run_writable", "check_writable", "hold_output", "lock_held",
-           "own_files", "published_room", "write_own"]
+           "own_files", "published_room", "recorded_settings", "write_own"]

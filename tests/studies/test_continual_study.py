@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.studies.continual import arm_config, arm_name, arm_slug, cli_continual, format_report, run_continual
@@ -86,7 +87,7 @@ def test_replay_arms_keep_the_shares_the_new_tasks_sources_have_without_replay(t
 
 def test_a_rerun_that_is_stopped_leaves_no_earlier_result_in_out(tiny_dir, tmp_path, monkeypatch):
     """--overwrite: a study killed in its first arm left the earlier continual.json, naming adapters it had begun
-    to replace, as if it were this study's result."""
+    to replace, as if it were this study's result; it holds this study's rows so far ("complete": false)."""
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl")),
                 progress=False)
@@ -96,15 +97,17 @@ def test_a_rerun_that_is_stopped_leaves_no_earlier_result_in_out(tiny_dir, tmp_p
     def stopped(*args, **kwargs):  # Ctrl-C in the first arm
         raise Stopped(2, "stopped by SIGINT after step 1 of 2: checkpoint study/new/checkpoints/step-0000001 saved")
 
-    monkeypatch.setattr("loraforge.studies.forgetting.train", stopped)
+    monkeypatch.setattr("loraforge.studies.rerun.train", stopped)
     cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"))
     with pytest.raises(Stopped) as e:
         run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), shares=(0.0,),
                       out=tmp_path / "study", general=False, limit=2, progress=False, overwrite=True)
-    assert not (tmp_path / "study" / "continual.json").exists()
-    # train's stop said a checkpoint was saved, and nothing of how to go on: a study has no --resume
-    assert str(e.value).endswith("step-0000001 saved; `loraforge continual` has no --resume: run it again with "
-                                 "--overwrite (its arms train again)") and not e.value.resumable
+    left = json.loads((tmp_path / "study" / "continual.json").read_text())  # this study's rows so far, not the earlier
+    assert [r["name"] for r in left["rows"]] == ["base", "before"] and left["complete"] is False
+    # train's stop said a checkpoint was saved; a study has no --resume: the same command goes on
+    assert str(e.value).endswith("step-0000001 saved; run the same `loraforge continual` command again to go on (the "
+                                 "arms it finished are kept, this one goes on from its checkpoint)")
+    assert not e.value.resumable
 
 
 def test_a_lora_setting_at_its_default_that_the_adapter_contradicts_is_refused_before_out_is_written(tiny_dir,
@@ -365,3 +368,59 @@ def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_their
     assert (report["precision"], report["train_precision"]) == ("fp32", ["fp16 + loss scaling, base stored in fp32"])
     assert (", fp32 compute (the probes, on the CPU; the arms trained in fp16 + loss scaling, base stored in fp32); "
             "old task = greedy exact match" in format_report(report))
+
+
+def test_a_study_stopped_mid_arm_goes_on_when_run_again(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Soak: Ctrl-C in the second arm said "`loraforge continual` has no --resume: run it again with --overwrite",
+    which trained the finished arm again. The same study run again goes on: base, before and the finished arm's
+    rows kept (not scored or trained again), the stopped arm resumed from the checkpoint its stop saved, the numbers
+    those of the study never stopped; other settings are refused."""
+    import os
+    import signal
+
+    from loraforge.studies import rerun
+    from loraforge.training import loop
+    from loraforge.utils.outputs import OutputError
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl")),
+                progress=False)
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"), steps=3)
+    args = (cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), asset("demo_train.jsonl"))
+
+    def study(out, **kw):
+        return run_continual(*args, **{"shares": (0.0, 0.5), "out": tmp_path / out, "general": False, "limit": 2,
+                                       "progress": False, **kw})
+    real_step, real_train = loop.optimizer_step, rerun.train
+
+    def ctrl_c(run, batches):  # Ctrl-C in the replay arm's second step: the run stops after it, checkpointed
+        if run.cfg.data.sources("train")[-1].weight == 0.5 and run.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(run, batches)
+    monkeypatch.setattr(loop, "optimizer_step", ctrl_c)
+    with pytest.raises(Stopped) as e:
+        study("study")
+    assert "after step 2 of 3" in str(e.value) and str(e.value).endswith(
+        "run the same `loraforge continual` command again to go on (the arms it finished are kept, this one goes on "
+        "from its checkpoint)")
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    kept = json.loads((tmp_path / "study" / "continual.json").read_text())
+    assert [r["name"] for r in kept["rows"]] == ["base", "before", "new task"] and not kept["complete"]
+    with pytest.raises(OutputError, match=r"other settings \(shares: \[0.0, 0.5\] -> \[0.0\]\); run it as it was"):
+        study("study", shares=(0.0,))
+
+    trained = []
+    monkeypatch.setattr(rerun, "train", lambda c, **kw: trained.append(kw["resume"]) or real_train(c, **kw))
+    capsys.readouterr()
+    again = study("study")
+    assert trained == [True] and "replay50: going on from its checkpoint step-0000002" in capsys.readouterr().out
+    whole = study("whole")
+    numbers = [[(r["name"], r["old"]["correct"], r["new"]["correct"]) for r in report["rows"]]
+               for report in (again, whole)]
+    assert numbers[0] == numbers[1] and again["complete"]
+    for arm in ("new", "replay50"):  # the weights trained: the resumed arm's equal the arm never stopped
+        resumed, never = (load_file(tmp_path / out / arm / "adapter" / "adapter_model.safetensors")
+                          for out in ("study", "whole"))
+        assert resumed.keys() == never.keys()
+        for name in never:
+            torch.testing.assert_close(resumed[name], never[name], rtol=0, atol=0)

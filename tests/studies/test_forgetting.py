@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from helpers import forbid_loading
 from loraforge.config import ConfigError, load_train_config
 from loraforge.studies.demo import asset
-from loraforge.studies import forgetting
+from loraforge.studies import forgetting, rerun
 from loraforge.studies.forgetting import task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
 from loraforge.training.loop import build_model, train
 from loraforge.utils.outputs import OutputError
@@ -389,11 +389,11 @@ def test_a_study_stopped_before_its_first_result_is_rerun_into_its_own_task_spli
     monkeypatch.setattr(forgetting, "load_base", real_load)
     forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"), ranks=[2])  # no --overwrite
     forgetting.cli_forgetting(str(config), out=str(tmp_path / "whole"), ranks=[2])
-    rerun, whole = (json.loads((tmp_path / name / "forgetting.json").read_text()) for name in ("fg", "whole"))
+    again, whole = (json.loads((tmp_path / name / "forgetting.json").read_text()) for name in ("fg", "whole"))
     numbers = [(r["task"]["correct"], r["mc"]["correct"], r["ppl"]["ppl"], r["kl"]["kl"], r.get("final_loss"))
                for r in whole["rows"]]
     assert [(r["task"]["correct"], r["mc"]["correct"], r["ppl"]["ppl"], r["kl"]["kl"], r.get("final_loss"))
-            for r in rerun["rows"]] == numbers and numbers[1][-1] is not None
+            for r in again["rows"]] == numbers and numbers[1][-1] is not None
     assert (tmp_path / "fg" / "task_test.jsonl").read_bytes() == (tmp_path / "whole" / "task_test.jsonl").read_bytes()
 
     changed = tmp_path / "changed" / "task_train.jsonl"
@@ -411,7 +411,7 @@ def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_their
     train() here says bf16, as it does on a GPU (TrainResult.precision)."""
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     gpu = "precision bf16: NVIDIA H100 80GB HBM3 (compute capability 9.0) has native bf16"
-    monkeypatch.setattr(forgetting, "train", lambda *a, **kw: dataclasses.replace(train(*a, **kw), precision=gpu))
+    monkeypatch.setattr(rerun, "train", lambda *a, **kw: dataclasses.replace(train(*a, **kw), precision=gpu))
     over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={asset('demo_train.jsonl')}",
             f"data.eval={asset('demo_test.jsonl')}", "training.max_steps=1", "training.batch_size=2",
             "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
@@ -421,6 +421,72 @@ def test_arms_trained_in_another_precision_than_the_probes_are_reported_in_their
         f"forgetting on {tiny_dir}: 1 steps × batch 2, 1 seed(s) per arm, fp32 compute (the probes, on the CPU; the "
         f"arms trained in bf16)")
     assert json.loads((tmp_path / "fg" / "forgetting.json").read_text())["train_precision"] == ["bf16"]
-    monkeypatch.setattr(forgetting, "train", train)  # the same precision: said once, as before
+    monkeypatch.setattr(rerun, "train", train)  # the same precision: said once, as before
     report = run_forgetting(load_train_config(None, over), tmp_path / "fg2", ranks=(2,), limit=2, progress=False)
     assert report["train_precision"] == [] and ", fp32 compute\n" in format_report(report) + "\n"
+
+
+def _scores(report: dict) -> list[tuple]:
+    """What each row measured (task, MC, perplexity, KL, the last training loss), without timings and folders."""
+    return [(r["name"], r["seed"], r["task"]["correct"], r["mc"]["correct"], r["ppl"]["ppl"], r["kl"]["kl"],
+             r.get("final_loss")) for r in report["rows"]]
+
+
+@pytest.mark.parametrize("save_every,how", [(2, "resumed"), (0, "restarted")])
+def test_a_study_killed_mid_arm_goes_on_when_run_again(tiny_dir, data_file, tmp_path, monkeypatch, capsys, save_every,
+                                                       how):
+    """Soak: a study killed while its second arm trained was refused on rerun (its arm folders named, --overwrite
+    asked for), and --overwrite trained the finished arm again. The same command now goes on: the finished arm's
+    row is kept (not trained or probed again), the killed arm resumes from its newest checkpoint (save_every 2: the
+    kill came in step 4) or, with none, trains again from the start; the numbers equal the uninterrupted study's.
+    Run with other settings it is still refused, and a finished study run again reads its report back."""
+    from loraforge.training import loop
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}, dtype: fp32}}\ndata: {{train: {data_file}}}\ntraining: "
+                      f"{{max_steps: 4, batch_size: 4, precision: fp32, warmup_steps: 0, save_every: {save_every}}}\n")
+    real_run, real_train, real_step = forgetting.run_forgetting, rerun.train, loop.optimizer_step
+    monkeypatch.setattr(forgetting, "run_forgetting", lambda *a, **kw: real_run(*a, **kw, limit=2, progress=False))
+    trained = []
+    monkeypatch.setattr(rerun, "train", lambda cfg, **kw: trained.append((cfg.method, kw["resume"]))
+                        or real_train(cfg, **kw))
+
+    def killed(run, batches):  # SIGKILL in the full arm's 4th step: no checkpoint of it, no Stopped
+        if run.cfg.method == "full" and run.step == 3:
+            raise KeyboardInterrupt
+        return real_step(run, batches)
+    monkeypatch.setattr(loop, "optimizer_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"), ranks=[2])
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    partial = json.loads((tmp_path / "fg" / "forgetting.json").read_text())
+    assert [r["name"] for r in partial["rows"]] == ["base", "lora r=2"] and not partial["complete"]
+    assert [p.name for p in (tmp_path / "fg" / "fullFT-seed0" / "checkpoints").glob("step-*")] == (
+        ["step-0000002"] if save_every else [])
+
+    for changed, shown in (({"seeds": 2}, "seeds: 1 -> 2"), ({"lora_lr": 2e-3}, "lora_lr: 0.001 -> 0.002"),
+                           ({"overrides": ["training.batch_size=2"]}, "training.batch_size: 4 -> 2")):
+        with pytest.raises(OutputError) as e:
+            forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"), ranks=[2], **changed)
+        assert str(e.value) == (f"--out {tmp_path / 'fg'} holds a `loraforge forgetting` study run with other "
+                                f"settings ({shown}); run it as it was to go on, pass --overwrite (overwrite=True) "
+                                f"to start it over (its arms train again), or choose another --out")
+    assert trained == [("lora", False), ("full", False)]  # the killed run's: the refusals trained nothing
+    trained.clear()
+    capsys.readouterr()
+    forgetting.cli_forgetting(str(config), out=str(tmp_path / "fg"), ranks=[2])  # the same command, no --overwrite
+    said = capsys.readouterr().out
+    assert trained == [("full", how == "resumed")]  # the LoRA arm kept, the full arm resumed or trained again
+    assert ("fullFT-seed0: going on from its checkpoint step-0000002" in said) == (how == "resumed")
+    assert ("fullFT-seed0: stopped before its first complete checkpoint: training it again" in said) == (
+        how == "restarted")
+    forgetting.cli_forgetting(str(config), out=str(tmp_path / "whole"), ranks=[2])
+    rerun_report, whole = (json.loads((tmp_path / name / "forgetting.json").read_text()) for name in ("fg", "whole"))
+    assert _scores(rerun_report) == _scores(whole) and rerun_report["complete"]
+    assert all(row[-1] is not None for row in _scores(whole)[1:])
+
+    trained.clear()
+    again = forgetting.run_forgetting(load_train_config(str(config)), tmp_path / "whole", ranks=[2])
+    assert trained == [] and _scores(again) == _scores(whole)  # finished: read back, nothing trained
+    assert (tmp_path / "whole" / "forgetting.png").read_bytes()[:4] == b"\x89PNG"

@@ -709,3 +709,37 @@ def test_a_progress_bar_in_a_notebook_is_redrawn_as_on_a_terminal(tmp_path, monk
         bar = progress_bar(40)
         assert (bar.mininterval, bar.maxinterval) == (LOG_INTERVAL_S, LOG_INTERVAL_S) == (30.0, 30.0)
         bar.close()
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_the_checkpoint_of_the_lowest_held_out_loss_is_kept_beside_the_newest(tiny_dir, data_file, tmp_path,
+                                                                              monkeypatch, keep_best):
+    """keep_checkpoints keeps the newest N: a run whose eval loss rose at the end kept no record of where it was
+    lowest, and had deleted that checkpoint. A checkpoint of an evaluated step now records its eval loss, and with
+    training.keep_best (the default) the lowest one's is kept beside the newest and named by the run's result and
+    last line. The evaluations return 3, 1, 2, 4 (rising after step 2); the reference is metrics.jsonl's lowest."""
+    from loraforge.cli import finished_line
+    from loraforge.training import loop
+    from loraforge.training.checkpoint import verify_checkpoint
+
+    losses = iter([3.0, 1.0, 2.0, 4.0])
+    monkeypatch.setattr(loop, "mean_token_loss", lambda *args, **kwargs: next(losses))
+    out = tmp_path / "run"
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"data.eval={data_file}",
+                                   f"output_dir={out}", "lora.r=4", "training.max_steps=4", "training.batch_size=4",
+                                   "training.precision=fp32", "training.warmup_steps=0", "training.eval_every=1",
+                                   "training.save_every=1", "training.keep_checkpoints=1",
+                                   f"training.keep_best={str(keep_best).lower()}"])
+    result = train(cfg, progress=False)
+    evaluated = [row for row in read_metrics(out / "metrics.jsonl") if "eval_loss" in row]
+    assert [(row["step"], row["eval_loss"]) for row in evaluated] == [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)]
+    lowest = min(evaluated, key=lambda row: row["eval_loss"])
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    if not keep_best:
+        assert kept == ["step-0000004"] and result.best is None
+        return
+    best = out / "checkpoints" / f"step-{lowest['step']:07d}"
+    assert kept == [best.name, "step-0000004"] and verify_checkpoint(best) is None
+    assert json.loads((best / "trainer_state.json").read_text())["eval_loss"] == lowest["eval_loss"]
+    assert result.best == {"step": lowest["step"], "eval_loss": lowest["eval_loss"], "checkpoint": str(best)}
+    assert finished_line(result).endswith(f"; lowest held-out loss 1.0000 at step 2, its checkpoint kept: {best}")
