@@ -698,15 +698,15 @@ def test_batch_tokens_epochs_too_many_to_count_are_refused_before_counting(tiny_
                                 "minute's counting); use at most 1e+06 epochs, or set training.max_steps"]
     monkeypatch.undo()
     cfg = load_train_config(None, [*args, "training.epochs=7.5"])
-    assert epochs.uncountable_epochs(cfg, 38) is None
+    assert epochs.too_many_epochs(cfg, 3, 38) is None
     examples = [SimpleNamespace(input_ids=[0] * (5 + i % 20)) for i in range(38)]
     by_hand = [len(epochs.micro_batches(examples, cfg, e)) for e in range(8)]  # a step a micro-batch here
     assert epochs.EpochPlan(examples, cfg, None, 1).total(7.5) == sum(by_hand[:7]) + int(0.5 * by_hand[7])
     monkeypatch.setattr(epochs, "MAX_COUNTED_EPOCHS", 7)  # the bound is the smaller of the two: epochs' here
-    assert epochs.uncountable_epochs(cfg, 38).endswith("use at most 7 epochs, or set training.max_steps")
+    assert epochs.too_many_epochs(cfg, 3, 38).endswith("use at most 7 epochs, or set training.max_steps")
     monkeypatch.setattr(epochs, "MAX_COUNTED_EPOCHS", 10**6)
     monkeypatch.setattr(epochs, "MAX_COUNTED_EXAMPLES", 38 * 7 + 37)  # examples' bound: 7 epochs of 38
-    assert epochs.uncountable_epochs(cfg, 38).endswith("use at most 7 epochs, or set training.max_steps")
+    assert epochs.too_many_epochs(cfg, 3, 38).endswith("use at most 7 epochs, or set training.max_steps")
 
 
 def test_an_empty_model_output_dir_or_module_to_save_is_refused_as_typed():

@@ -7,7 +7,7 @@
                                           every epoch makes as many; with batch_tokens the count follows each
                                           epoch's shuffle (short and long rows fill a batch differently), so
                                           every epoch is counted from its own micro-batches
-    uncountable_epochs                    the refusal of a batch_tokens epoch count too many to count before a run
+    too_many_epochs                       the refusal of an epoch count too many to run, or (batch_tokens) to count
     left_out_line, too_few_examples       what a run says about examples no step takes, or too few for one step
 """
 
@@ -17,7 +17,7 @@ import bisect
 
 import torch
 
-from loraforge.config import TrainConfig
+from loraforge.config import MAX_STEPS, TrainConfig
 from loraforge.training import data as D
 from loraforge.training.checkpoint import TrainingError
 from loraforge.training.mixing import Mixture
@@ -100,12 +100,20 @@ class EpochPlan:
         return max(1, self._starts[whole] + int((epochs - whole) * self.steps(whole)))
 
 
-def uncountable_epochs(cfg: TrainConfig, n_examples: int) -> str | None:
-    """The refusal of a training.epochs that batch_tokens would count for ever (soak: 1e13 epochs walked each epoch,
-    no output after 100 s), or None: its steps are counted epoch by epoch, `n_examples` packed in each."""
+def too_many_epochs(cfg: TrainConfig, per_epoch: int, n_examples: int) -> str | None:
+    """The refusal of a training.epochs too many to run or to count, or None (max_steps set: epochs unused). The
+    config bounds epochs alone; here `per_epoch` (the first epoch's steps) and `n_examples` (packed each epoch) are
+    known: epochs × steps past max_steps' bound, or (soak: 1e13 epochs walked one by one, no output after 100 s) a
+    batch_tokens run whose steps would be counted epoch by epoch for longer than a minute."""
     t = cfg.training
+    if t.max_steps:
+        return None
+    if t.epochs * per_epoch > MAX_STEPS:
+        return (f"training.epochs: {t.epochs:g} × {per_epoch} steps an epoch is {t.epochs * per_epoch:.3g} steps, "
+                f"past {MAX_STEPS:.0e} (max_steps' bound: at a step a microsecond, 30 years); use at most "
+                f"{MAX_STEPS // per_epoch:.3g} epochs, or set training.max_steps")
     fits = min(MAX_COUNTED_EPOCHS, MAX_COUNTED_EXAMPLES // max(1, n_examples))
-    if t.batch_tokens is None or t.max_steps or t.epochs <= fits:
+    if t.batch_tokens is None or t.epochs <= fits:
         return None
     return (f"training.epochs: {t.epochs:g} epochs with training.batch_tokens {t.batch_tokens}: each epoch's shuffle "
             f"packs its own number of steps, so the run's steps are counted epoch by epoch before it starts "

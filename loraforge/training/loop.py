@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from loraforge.config import MAX_STEPS, USUAL_SCALE, ConfigError, TrainConfig, to_dict
+from loraforge.config import USUAL_SCALE, ConfigError, TrainConfig, to_dict
 from loraforge.lora.adalora import FROM_LORA, AdaLoraConfig, RankAllocator, inject_adalora
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import count_parameters, inject, lora_layers, parameter_report
@@ -53,7 +53,7 @@ from loraforge.training.checkpoint import (SHARDED, WRITTEN_WITH_FSDP, WRITTEN_W
                                            save_checkpoint, schedule_changes)
 from loraforge.training.continual import init_adapter_config, init_adapter_source, keep_copy, start_from_adapter
 from loraforge.training.dcp import find_sharded, load_sharded, save_sharded
-from loraforge.training.epochs import EpochPlan, left_out_line, uncountable_epochs
+from loraforge.training.epochs import EpochPlan, left_out_line, too_many_epochs
 from loraforge.training.distributed import (NOT_ONE_FOLDER, check_same_checkpoint, check_same_config, check_same_data,
                                             check_same_precision, check_same_weights, choose_mode,
                                             clip_sharded, collective_error, full_state_dict, full_trainables,
@@ -510,14 +510,9 @@ def setup(cfg: TrainConfig, resume: bool, overwrite: bool, precision: Precision 
     check_fits_context(cfg.data.max_seq_len, load_config(cfg.model.name), longest=longest)  # GPT-2 would crash
     epochs = EpochPlan(train_examples, cfg, mixture, t.gradient_accumulation * world)  # too few for a step: refused
     first_epoch, per_epoch = epochs.first, epochs.steps(0)
-    if not t.max_steps and t.epochs * per_epoch > MAX_STEPS:  # the config bounds epochs; steps an epoch known here
-        raise ConfigError([f"training.epochs: {t.epochs:g} × {per_epoch} steps an epoch is "
-                           f"{t.epochs * per_epoch:.3g} steps, past {MAX_STEPS:.0e} (max_steps' bound: at a step a "
-                           f"microsecond, 30 years); use at most {MAX_STEPS // per_epoch:.3g} epochs, or set "
-                           f"training.max_steps"])
     n_epoch = len(train_examples) if mixture is None else round(sum(mixture.expected_counts()))
-    if uncountable := uncountable_epochs(cfg, n_epoch):  # before total() packs each epoch to count its steps
-        raise ConfigError([uncountable])
+    if refusal := too_many_epochs(cfg, per_epoch, n_epoch):  # before total() packs each epoch to count its steps
+        raise ConfigError([refusal])
     total_steps = t.max_steps or epochs.total(t.epochs)
     if t.warmup_steps >= total_steps:  # max_steps' own check is the config's; epochs' total is known only here
         raise ConfigError([f"training.warmup_steps: {t.warmup_steps} is not less than the run's {total_steps} steps "
