@@ -40,6 +40,14 @@ def base_gguf(base: str) -> Path | None:
 QUANT_SUFFIX = re.compile(r"[.-](?:[IB]?Q\d\w*|B?F16|F32)$", re.IGNORECASE)  # a GGUF file name's type: .Q4_1, -f16
 
 
+def merge_first(base: str, adapter: str | Path, recorded: str) -> str:
+    """What export (no --quantize: it writes the full-precision base) tells the user of an adapter trained over a
+    `recorded` (nf4, fp4, int8) base: merge it into that base first, then export the merged model alone."""
+    return (f"to export what it trained to give, merge it into the {recorded.upper()} base first, then export the "
+            f"merged model: loraforge merge --base {base} --adapter {adapter} --quantize {recorded} --out MERGED && "
+            f"loraforge export --to gguf --base MERGED --out FILE.gguf")
+
+
 def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
     base, its GGUF file when it is a built-in name, its cached conversion, the adapter)."""
@@ -152,7 +160,7 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     check_exportable(load_config(base))  # an architecture or rope scaling it cannot write: before loading too
     model, tokenizer = load_base(base, dtype="fp32")
     if adapter is not None:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, quantization_fix=lambda recorded: merge_first(base, adapter, recorded))
         merge_and_unload(model)
     name = Path(base).stem if source is None else re.sub(QUANT_SUFFIX, "", source.stem)  # not "….Q4_1 + lora"
     name += f" + {Path(adapter).name}" if adapter else ""

@@ -10,6 +10,7 @@ DoRA, AdaLoRA, modules_to_save and trained biases are refused: the merged export
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import gguf
@@ -17,12 +18,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraforge.config import LoraConfig
+from loraforge.lora.adapters import recorded_quantization
 from loraforge.lora.layer import base_features
 from loraforge.models import resolve_model
 from loraforge.utils.files import OVERWRITE, atomic_file
 from loraforge.utils.outputs import OutputError
 from loraforge.export.factors import read_factors, unsupported
-from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, write_file
+from loraforge.export.gguf import base_gguf, check_gguf_output, merge_first, tensor_data, write_file
 from loraforge.export.gguf_names import ExportError, arch_name, arch_of, gguf_name, lora_b_layout
 
 KINDS = ("f32", "f16", "q8_0")
@@ -103,6 +105,10 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
                           f"folder, or choose another folder for --out")
     if model_file.exists() and not overwrite:
         raise OutputError(f"{model_file} exists; pass {OVERWRITE} to replace it, or choose another folder for --out")
+    if (recorded := recorded_quantization(adapter)) not in (None, "none"):  # llama.cpp has no NF4, FP4 or int8 base
+        warnings.warn(f"{adapter}: this adapter was trained over an {recorded.upper()} base, and llama.cpp applies it "
+                      f"over a GGUF base (f32, f16 or a GGUF type, never {recorded.upper()}): its outputs differ from "
+                      f"those it trained to give; {merge_first(base, adapter, recorded)}", stacklevel=2)
     # the base's shapes and names; no weights loaded (nor converted)
     hf_config = AutoConfig.from_pretrained(resolve_model(base, weights=False))
     write_file(lambda p: lora_writer(p, adapter, hf_config, type), out, overwrite)
