@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
@@ -23,7 +24,8 @@ from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, load_config, resolve_model
 from loraforge.utils.files import OVERWRITE, DiskError, atomic_file, disk_error, expand_user, free_bytes, fsync_tree
-from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
+from loraforge.utils.outputs import (OutputError, beside_room, check_length, check_not_input, check_parents,
+                                     check_writable)
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -48,10 +50,17 @@ def merge_first(base: str, adapter: str | Path, recorded: str) -> str:
             f"loraforge export --to gguf --base MERGED --out FILE.gguf")
 
 
-def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
+def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None,
+                      beside: Iterable[str] = ()) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
-    base, its GGUF file when it is a built-in name, its cached conversion, the adapter)."""
+    base, its GGUF file when it is a built-in name, its cached conversion, the adapter). Its path leaves room for
+    the paths written (the .gguf's temporary, and those of `beside`: the names of other files written beside it),
+    checked before any work (a path too long was found by the write, after the loading and conversion)."""
     out = Path(out)
+    beside = list(beside)
+    check_length(out, room=beside_room(out, [out.name, *beside]),
+                 written=f"the temporary file{'s' if beside else ''} written beside it" + "".join(
+                     f" and {name}" for name in beside))
     try:
         source = base_gguf(base)
     except FileNotFoundError:  # a built-in model whose package is missing: loading it says so

@@ -98,7 +98,7 @@ def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32"
     """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama Modelfile beside it (modelfile_path)."""
     if type not in KINDS:
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
-    out = check_gguf_output(out, overwrite, base, adapter)
+    out = check_gguf_output(out, overwrite, base, adapter, beside=[modelfile_path(out).name])
     model_file = modelfile_path(out)  # never `out` itself: that ends in .gguf (check_gguf_output)
     if model_file.is_dir():  # found now, not after the .gguf is written
         raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
