@@ -9,6 +9,7 @@ multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter 
 from __future__ import annotations
 
 import errno
+import filecmp
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,13 +79,19 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
     return out
 
 
-def write_file(writer_for, out: Path, overwrite: bool) -> Path:
+class _Same(Exception):
+    """write_file's `differs`: the file written holds the bytes `out` holds already."""
+
+
+def write_file(writer_for, out: Path, overwrite: bool, differs: str | None = None) -> Path:
     """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
     tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
     exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
     no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError).
     Where the disk has less room left than the tensors take, it is refused before they are written, and the
-    DiskError says how large the file would be: a full disk said only "(3.1 MB free there)"."""
+    DiskError says how large the file would be: a full disk said only "(3.1 MB free there)".
+    `differs`: an existing `out` that holds the very bytes written is left as it is (nothing to replace), and one
+    that holds others is an OutputError saying `differs` (gguf-lora's rerun after a stop before its Modelfile)."""
     need = None
     try:
         with atomic_file(out, replace=overwrite) as tmp:
@@ -100,6 +107,12 @@ def write_file(writer_for, out: Path, overwrite: bool) -> Path:
             finally:
                 writer.close()
             fsync_tree(tmp)
+            if differs is not None:
+                if filecmp.cmp(tmp, out, shallow=False):
+                    raise _Same
+                raise OutputError(differs)
+    except _Same:
+        pass
     except DiskError as e:
         if need is None or e.errno != errno.ENOSPC:
             raise

@@ -70,3 +70,38 @@ def test_a_gguf_out_too_long_for_its_temporaries_is_refused_before_any_work(to, 
                             f"bytes, too long for {what} (this system takes paths of at most {PATH_MAX:,} bytes); "
                             f"choose a shorter --out")
     assert not over.parent.exists()  # nothing made
+
+
+def test_a_gguf_lora_export_stopped_before_its_modelfile_is_finished_by_its_rerun(tiny_dir, adapter, tmp_path,
+                                                                                   monkeypatch):
+    """Soak: Ctrl-C between the .gguf and its Modelfile left the .gguf alone, and the rerun asked for --overwrite
+    (a file it had written itself). The rerun now writes the Modelfile and leaves the .gguf as it is (the same
+    file, not replaced), and the pair equals an uninterrupted export's; a .gguf of another adapter without its
+    Modelfile is still refused, unchanged."""
+    out = tmp_path / "ollama" / "m.gguf"
+    stop = gguf_lora.atomic_file
+
+    def interrupted(path, *args, **kwargs):
+        if str(path).endswith(".Modelfile"):
+            raise KeyboardInterrupt
+        return stop(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_lora, "atomic_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_gguf_lora(str(tiny_dir), str(adapter), out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+    first = os.stat(out)
+    assert export_gguf_lora(str(tiny_dir), str(adapter), out) == out
+    assert os.stat(out).st_ino == first.st_ino and os.stat(out).st_mtime_ns == first.st_mtime_ns  # left as it was
+    finished = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    export_gguf_lora(str(tiny_dir), str(adapter), out, overwrite=True)  # the reference: one uninterrupted export
+    assert finished == {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert sorted(finished) == ["m.Modelfile", "m.gguf"]
+    (out.parent / "m.Modelfile").unlink()  # the .gguf alone, now of another --type
+    with pytest.raises(gguf_export.OutputError) as e:
+        export_gguf_lora(str(tiny_dir), str(adapter), out, type="f16")
+    assert str(e.value) == (f"--out {out} exists without its Modelfile m.Modelfile and holds another adapter file than "
+                            f"this export writes (another --adapter or --type?); pass --overwrite (overwrite=True) to "
+                            f"replace it, or choose another file")
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == {"m.gguf": finished["m.gguf"]}
