@@ -41,16 +41,20 @@ def _with_quantize(overrides: list[str], quantize: str | None) -> list[str]:
     return list(overrides) + ([FlagOverride("model.quantization", quantize, "--quantize")] if quantize else [])
 
 
-def _check_quantize(quantize: str | None) -> None:
-    """eval's and generate's --quantize names a bitsandbytes storage, with bitsandbytes installed, or ConfigError
-    says what to use; before anything loads."""
+def _check_quantize(quantize: str | None, model: str) -> None:
+    """eval's, generate's, serve's and ui's --quantize names a bitsandbytes storage, with bitsandbytes installed,
+    that the CPU they run on can hold `model`'s layers in (check_model_widths, from its config), or ConfigError says
+    what to use; before anything loads."""
     from loraforge.config import ConfigError
-    from loraforge.quant.bnb import QUANT_TYPES, check_bitsandbytes
+    from loraforge.models import model_skeleton
+    from loraforge.quant.bnb import QUANT_TYPES, check_bitsandbytes, check_model_widths
 
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ConfigError([f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)} (the one a QLoRA adapter "
                            f"trained over), or leave it out for the full-precision base"])
     check_bitsandbytes(quantize, "adamw")
+    if quantize in ("nf4", "fp4"):  # int8 takes any width
+        check_model_widths(model_skeleton(model), quantize, "cpu", words="flag")
 
 
 def _check_precision(precision: str, dtype: str | None) -> None:
@@ -210,7 +214,7 @@ def generate(prompt: Text, model: NonEmpty = "smollm2-135m", adapter: NonEmpty |
 
     torch.manual_seed(seed)
     chosen = _precision(precision, dtype)
-    _check_quantize(quantize)
+    _check_quantize(quantize, model)
     base, tokenizer = load_base(model, dtype=chosen.storage, quantize=quantize)
     if adapter:
         load_adapter(base, adapter)
@@ -358,7 +362,7 @@ def eval(data: NonEmpty | None = None, model: NonEmpty = "smollm2-135m", adapter
 
         check_probes(list(probe), adapter)
     chosen = _precision(precision, dtype)
-    _check_quantize(quantize)
+    _check_quantize(quantize, model)
     records = D.read_records(data)[:limit] if data is not None else []  # a bad file before any probe or model
     print(chosen.line(training=False), flush=True)
     if probe:
@@ -433,7 +437,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     from loraforge.serve.residency import NAME_RE, NAME_RULE
 
     _check_precision(precision, dtype)
-    _check_quantize(quantize)
+    _check_quantize(quantize, model)
     api_key = _api_key(api_key)
     if not prefix_cache_mb >= 0:
         raise ConfigError([f"--prefix-cache-mb {prefix_cache_mb}: give the megabytes to keep (0 turns it off)"])
@@ -492,7 +496,7 @@ def ui(model: NonEmpty = "smollm2-135m", runs: NonEmpty = "runs", data_dir: NonE
     from .ui.app import run_ui
 
     _check_precision(precision, dtype)
-    _check_quantize(quantize)
+    _check_quantize(quantize, model)
     _check_folders(runs=runs, data_dir=data_dir, models_dir=models_dir, adapters_dir=adapters_dir)
     run_ui(model, runs, data_dir, adapters_dir, models_dir, host, port, _api_key(api_key), dtype or "auto", precision,
            header_timeout=header_timeout, max_connections=max_connections, quantize=quantize)

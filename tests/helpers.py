@@ -52,6 +52,14 @@ def opt_that_mixes_packed_rows(tmp_path: Path, tok) -> tuple[Path, Path]:
     return base, data
 
 
+def long_output(tmp_path: Path, size: int) -> Path:
+    """A path of `size` bytes under tmp_path: folders of 200-byte names (each within NAME_MAX), a shorter last."""
+    out, left = tmp_path, size - len(os.fsencode(tmp_path))
+    while left > 0:
+        out, left = out / ("d" * min(200, left - 1)), left - min(201, left)
+    return out
+
+
 def lr_at(schedule: str, lr: float, warmup: int, total: int, step: int) -> float:
     """The learning rate of update `step` (from 0), written out: training.warmup_steps' rule (step k < warmup:
     lr·(k+1)/(warmup+1)), then linear or half-cosine decay towards 0 at `total`, or constant."""

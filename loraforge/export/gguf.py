@@ -9,7 +9,9 @@ multiple of 32 values and falls back to F16 otherwise, as llama.cpp's converter 
 from __future__ import annotations
 
 import errno
+import filecmp
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
@@ -23,7 +25,8 @@ from loraforge.lora.adapters import load_adapter
 from loraforge.lora.merge import embeddings_tied, merge_and_unload
 from loraforge.models import BUILTIN_MODELS, builtin_gguf_path, conversion_paths, load_base, load_config, resolve_model
 from loraforge.utils.files import OVERWRITE, DiskError, atomic_file, disk_error, expand_user, free_bytes, fsync_tree
-from loraforge.utils.outputs import OutputError, check_not_input, check_parents, check_writable
+from loraforge.utils.outputs import (OutputError, beside_room, check_length, check_not_input, check_parents,
+                                     check_writable)
 
 TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -40,10 +43,25 @@ def base_gguf(base: str) -> Path | None:
 QUANT_SUFFIX = re.compile(r"[.-](?:[IB]?Q\d\w*|B?F16|F32)$", re.IGNORECASE)  # a GGUF file name's type: .Q4_1, -f16
 
 
-def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None) -> Path:
+def merge_first(base: str, adapter: str | Path, recorded: str) -> str:
+    """What export (no --quantize: it writes the full-precision base) tells the user of an adapter trained over a
+    `recorded` (nf4, fp4, int8) base: merge it into that base first, then export the merged model alone."""
+    return (f"to export what it trained to give, merge it into the {recorded.upper()} base first, then export the "
+            f"merged model: loraforge merge --base {base} --adapter {adapter} --quantize {recorded} --out MERGED && "
+            f"loraforge export --to gguf --base MERGED --out FILE.gguf")
+
+
+def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str | None,
+                      beside: Iterable[str] = ()) -> Path:
     """An output file that may be written: a new one, or an existing file with `overwrite`; never an input (the
-    base, its GGUF file when it is a built-in name, its cached conversion, the adapter)."""
+    base, its GGUF file when it is a built-in name, its cached conversion, the adapter). Its path leaves room for
+    the paths written (the .gguf's temporary, and those of `beside`: the names of other files written beside it),
+    checked before any work (a path too long was found by the write, after the loading and conversion)."""
     out = Path(out)
+    beside = list(beside)
+    check_length(out, room=beside_room(out, [out.name, *beside]),
+                 written=f"the temporary file{'s' if beside else ''} written beside it" + "".join(
+                     f" and {name}" for name in beside))
     try:
         source = base_gguf(base)
     except FileNotFoundError:  # a built-in model whose package is missing: loading it says so
@@ -61,13 +79,19 @@ def check_gguf_output(out: str | Path, overwrite: bool, base: str, adapter: str 
     return out
 
 
-def write_file(writer_for, out: Path, overwrite: bool) -> Path:
+class _Same(Exception):
+    """write_file's `differs`: the file written holds the bytes `out` holds already."""
+
+
+def write_file(writer_for, out: Path, overwrite: bool, differs: str | None = None) -> Path:
     """Build a GGUFWriter on a temporary file of this export's own beside `out` (`writer_for(path)` adds keys and
     tensors), write it, flush it to the disk, then rename it into place: `out` appears whole or not at all, two
     exports to one path never write into the same file, and a failed one leaves the previous `out` as it was and
     no temporary file. Without `overwrite`, an `out` another export wrote meanwhile is left to it (FileExistsError).
     Where the disk has less room left than the tensors take, it is refused before they are written, and the
-    DiskError says how large the file would be: a full disk said only "(3.1 MB free there)"."""
+    DiskError says how large the file would be: a full disk said only "(3.1 MB free there)".
+    `differs`: an existing `out` that holds the very bytes written is left as it is (nothing to replace), and one
+    that holds others is an OutputError saying `differs` (gguf-lora's rerun after a stop before its Modelfile)."""
     need = None
     try:
         with atomic_file(out, replace=overwrite) as tmp:
@@ -83,6 +107,12 @@ def write_file(writer_for, out: Path, overwrite: bool) -> Path:
             finally:
                 writer.close()
             fsync_tree(tmp)
+            if differs is not None:
+                if filecmp.cmp(tmp, out, shallow=False):
+                    raise _Same
+                raise OutputError(differs)
+    except _Same:
+        pass
     except DiskError as e:
         if need is None or e.errno != errno.ENOSPC:
             raise
@@ -152,7 +182,7 @@ def export_gguf(base: str, adapter: str | None, out: str | Path, type: str = "f1
     check_exportable(load_config(base))  # an architecture or rope scaling it cannot write: before loading too
     model, tokenizer = load_base(base, dtype="fp32")
     if adapter is not None:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, quantization_fix=lambda recorded: merge_first(base, adapter, recorded))
         merge_and_unload(model)
     name = Path(base).stem if source is None else re.sub(QUANT_SUFFIX, "", source.stem)  # not "….Q4_1 + lora"
     name += f" + {Path(adapter).name}" if adapter else ""

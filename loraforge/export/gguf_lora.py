@@ -10,6 +10,8 @@ DoRA, AdaLoRA, modules_to_save and trained biases are refused: the merged export
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 import gguf
@@ -17,12 +19,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraforge.config import LoraConfig
+from loraforge.lora.adapters import recorded_quantization
 from loraforge.lora.layer import base_features
 from loraforge.models import resolve_model
 from loraforge.utils.files import OVERWRITE, atomic_file
 from loraforge.utils.outputs import OutputError
 from loraforge.export.factors import read_factors, unsupported
-from loraforge.export.gguf import base_gguf, check_gguf_output, tensor_data, write_file
+from loraforge.export.gguf import base_gguf, check_gguf_output, merge_first, tensor_data, write_file
 from loraforge.export.gguf_names import ExportError, arch_name, arch_of, gguf_name, lora_b_layout
 
 KINDS = ("f32", "f16", "q8_0")
@@ -93,19 +96,29 @@ def modelfile(base: str, adapter_file: Path) -> str:
 
 def export_gguf_lora(base: str, adapter: str, out: str | Path, type: str = "f32",  # noqa: A002 (the CLI's name)
                      overwrite: bool = False) -> Path:
-    """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama Modelfile beside it (modelfile_path)."""
+    """Write `adapter` as llama.cpp's LoRA GGUF file `out` and an Ollama Modelfile beside it (modelfile_path).
+    An `out` without its Modelfile (an export stopped between the two) is finished without `overwrite` where it
+    holds what this export writes: the .gguf is left as it is and the Modelfile written; else refused as before."""
     if type not in KINDS:
         raise OutputError(f"--type {type!r}: use one of {', '.join(KINDS)}")
-    out = check_gguf_output(out, overwrite, base, adapter)
-    model_file = modelfile_path(out)  # never `out` itself: that ends in .gguf (check_gguf_output)
+    model_file = modelfile_path(Path(out))  # never `out` itself: that ends in .gguf (check_gguf_output)
+    # soak: stopped after the .gguf, the rerun asked for --overwrite, and the Modelfile was never written
+    finishing = not overwrite and Path(out).is_file() and not os.path.lexists(model_file)
+    out = check_gguf_output(out, overwrite or finishing, base, adapter, beside=[model_file.name])
     if model_file.is_dir():  # found now, not after the .gguf is written
         raise OutputError(f"{model_file} is a folder; the Modelfile is written beside --out: remove or rename that "
                           f"folder, or choose another folder for --out")
     if model_file.exists() and not overwrite:
         raise OutputError(f"{model_file} exists; pass {OVERWRITE} to replace it, or choose another folder for --out")
+    if (recorded := recorded_quantization(adapter)) not in (None, "none"):  # llama.cpp has no NF4, FP4 or int8 base
+        warnings.warn(f"{adapter}: this adapter was trained over an {recorded.upper()} base, and llama.cpp applies it "
+                      f"over a GGUF base (f32, f16 or a GGUF type, never {recorded.upper()}): its outputs differ from "
+                      f"those it trained to give; {merge_first(base, adapter, recorded)}", stacklevel=2)
     # the base's shapes and names; no weights loaded (nor converted)
     hf_config = AutoConfig.from_pretrained(resolve_model(base, weights=False))
-    write_file(lambda p: lora_writer(p, adapter, hf_config, type), out, overwrite)
+    differs = (f"--out {out} exists without its Modelfile {model_file.name} and holds another adapter file than this "
+               f"export writes (another --adapter or --type?); pass {OVERWRITE} to replace it, or choose another file")
+    write_file(lambda p: lora_writer(p, adapter, hf_config, type), out, overwrite, differs if finishing else None)
     with atomic_file(model_file) as tmp:  # a failed or concurrent write never leaves a cut Modelfile
         tmp.write_text(modelfile(base, out))
     return out

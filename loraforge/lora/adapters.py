@@ -16,7 +16,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -470,16 +470,21 @@ def recorded_model_type(adapter_dir: str | Path) -> str | None:
     return _recorded(adapter_dir, BASE_MODEL_TYPE)
 
 
-def _warn_other_quantization(adapter_dir, model: nn.Module) -> None:
+def give_quantize(recorded: str) -> str:
+    """How a command taking --quantize (or a config's model.quantization) loads the base an adapter records."""
+    return (f"give --quantize {recorded} (model.quantization: {recorded})" if recorded != "none" else
+            "leave --quantize (model.quantization) off")
+
+
+def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str], str]) -> None:
     """A warning where the adapter records the base's quantization it trained over and this base is stored
-    otherwise: another model (SmolLM2: a QLoRA adapter's logits over the full-precision base up to 13 apart)."""
+    otherwise: another model (SmolLM2: a QLoRA adapter's logits over the full-precision base up to 13 apart).
+    `fix(recorded)`: how the command showing it gets that base (give_quantize: a command taking --quantize)."""
     recorded, here = recorded_quantization(adapter_dir), base_quantization(model)
     if recorded is None or recorded == here:
         return
-    fix = f"give --quantize {recorded} (model.quantization: {recorded})" if recorded != "none" else \
-        "leave --quantize (model.quantization) off"
     warnings.warn(f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
-                  f"{_stored(here)}: its outputs differ from those it trained to give; {fix}", stacklevel=3)
+                  f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}", stacklevel=3)
 
 
 def _stored(quantization: str) -> str:
@@ -642,7 +647,8 @@ def _fit_layer(layer: LoraLayer, name: str, r: int, scaling: float) -> None:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default",
-                 is_trainable: bool = False, as_lora: bool = False, given: Iterable[str | Path] = ()) -> nn.Module:
+                 is_trainable: bool = False, as_lora: bool = False, given: Iterable[str | Path] = (),
+                 quantization_fix: Callable[[str], str] = give_quantize) -> nn.Module:
     """Load a PEFT-format adapter onto `model` under `name` and make it the active one; its tensors in fp32 on a
     bf16, fp16 or quantized base (layer.adapter_dtype, as PEFT), else in the base's dtype. `as_lora`: an AdaLoRA
     adapter goes on as the equal plain LoRA (adalora_as_lora), beside LoRA adapters on the same layers.
@@ -652,6 +658,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
     is_trainable=False (inference, PEFT's default) freezes every parameter and puts the model in eval() (PEFT's
     from_pretrained does both: no adapter dropout); True makes the adapter trainable and leaves the mode as it is.
     `given`: every adapter folder the command takes (read_adapter_json's warning leaves them out).
+    `quantization_fix`: the warning's fix where the adapter records another base quantization than `model`'s (the
+    base it trained over), for the quantization recorded; give_quantize names --quantize, which export lacks.
     """
     path, data = read_adapter_json(adapter_dir, given)
     tensors = read_adapter_weights(adapter_dir)
@@ -703,7 +711,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str = "default
                                   f" once cast from {_name(tensors[key].dtype)} to the model's {_name(target.dtype)}")
                 target.copy_(value)
         _warn_other_class(adapter_dir, config, model)
-        _warn_other_quantization(adapter_dir, model)
+        _warn_other_quantization(adapter_dir, model, quantization_fix)
         set_adapter(model, name)  # stopped from here on, the load was left half done: "already loaded" on a rerun
         if is_trainable:
             mark_trainable(model, name)

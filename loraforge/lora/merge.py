@@ -19,8 +19,8 @@ from loraforge.lora.adapters import (AdapterError, delete_adapter, load_adapter,
                                      set_adapter)
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer, MergeError, ModulesToSave, dequantized_weight, is_quantized
-from loraforge.models import DTYPES, conversion_paths, load_base, stored_dtype
-from loraforge.quant.bnb import QUANT_TYPES
+from loraforge.models import DTYPES, conversion_paths, load_base, model_skeleton, stored_dtype
+from loraforge.quant.bnb import QUANT_TYPES, check_model_widths
 from loraforge.utils.files import atomic_dir, expand_user
 from loraforge.utils.hf import set_submodule
 from loraforge.utils.outputs import check_output, check_replaceable, check_writable, published_room
@@ -527,6 +527,8 @@ def export_merged(base: str, adapters: list[str], out_dir: str | Path, dtype: st
         problems.append(f"--quantize {quantize!r}: use one of {', '.join(QUANT_TYPES)}, or leave it out")
     if problems:
         raise ConfigError(problems)
+    if quantize in ("nf4", "fp4"):  # merge quantizes on the CPU: a width it gets wrong, before the base loads
+        check_model_widths(model_skeleton(base), quantize, "cpu", words="flag")
     # one adapter with another weight (or truncated by --svd-rank): combined alone, the same way
     combine = len(adapters) > 1 or (weights or [1.0]) != [1.0] or svd_rank is not None
     if combine and len(adapters) == 1 and svd_rank is None:

@@ -58,12 +58,18 @@ def check_device(device: str | torch.device) -> None:
         raise ValueError(f"device={str(device)!r}: {why} (torch {torch.__version__}); use device='cpu'")
 
 
+WORDS = ("python", "config", "flag")
+"""Whom the CPU width refusal speaks to: the Python API (quantize_model(model, 'nf4'): a ValueError), a run's setting
+(train, demo, the studies: model.quantization or --quantize, a ConfigError), or the --quantize of a command that
+runs on the CPU and takes no config (generate, eval, serve, ui, merge: a ConfigError naming the flag alone)."""
+
+
 def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device: str | torch.device,
-                     python: bool = True) -> None:
+                     words: str = "python") -> None:
     """Refuse 4 bits on CPU for linear layers whose in_features is not a multiple of 64, naming the first such
-    layer (by its path), its width, and what to use instead; before any layer is quantized. `python`: worded for
-    the Python API (quantize_model(model, 'nf4'): a ValueError) or, False, for a run's setting (model.quantization,
-    --quantize: a ConfigError).
+    layer (by its path), its width, and what to use instead; before any layer is quantized. `words`: one of WORDS.
+    Soak: `generate --quantize nf4` was told "leave quantization off (method lora), or run on a GPU", training's
+    words, where generate has no method and runs on the CPU whatever the machine.
 
     Blocks of 64 run over the flattened weight, so they cross rows when in_features % 64 != 0; bnb 0.50's CPU
     dequantize/matmul kernel then applies the wrong absmax to part of each row (measured: its de-quantized weight
@@ -78,11 +84,21 @@ def check_cpu_widths(linears: list[tuple[str, nn.Module]], quantize: str, device
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
     why = (f"on CPU needs every linear layer's in_features to be a multiple of {BLOCKSIZE} (bitsandbytes' CPU 4-bit "
            f"kernels), but {path} has in_features={width}{more}")
-    if python:
+    if words == "python":
         raise ValueError(f"quantize {quantize!r} {why}; use 'int8', leave the model unquantized, or quantize on a GPU "
                          f"(device='cuda')")
+    if words == "flag":
+        raise ConfigError([f"--quantize {quantize} {why}; use --quantize int8, or leave --quantize off for the "
+                           f"full-precision base"])
     raise ConfigError([f"model.quantization: {quantize} {why}; use --quantize int8 (model.quantization: int8), "
                        f"leave quantization off (method lora), or run on a GPU"])
+
+
+def check_model_widths(model: nn.Module, quantize: str, device: str | torch.device = "cpu",
+                       words: str = "flag") -> None:
+    """check_cpu_widths for the layers quantize_model would replace in `model`, which may be a skeleton on the meta
+    device (models.model_skeleton): a command's --quantize refused before its base loads."""
+    check_cpu_widths(_quantizable(model), quantize, device, words=words)
 
 
 class _NoKernelHubNotice(logging.Filter):
@@ -193,18 +209,18 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: torch.dtype =
 
     Refuses a model with LoRA layers: merge them first (`merge_and_unload`) or quantize before injecting.
     """
-    _check_quantizable(model, quantize, device, python=True)
+    _check_quantizable(model, quantize, device, words="python")
     return _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage)
 
 
-def _check_quantizable(model: nn.Module, quantize: str, device: str | torch.device, python: bool) -> None:
+def _check_quantizable(model: nn.Module, quantize: str, device: str | torch.device, words: str) -> None:
     """quantize_model's and quantize_loaded's refusals, before the first layer is replaced: an unknown `quantize`,
-    LoRA layers, a device that cannot be used, layer widths the CPU kernels get wrong (`python`: check_cpu_widths')."""
+    LoRA layers, a device that cannot be used, layer widths the CPU kernels get wrong (`words`: check_cpu_widths')."""
     _check_quantize(quantize)
     if has_lora_layers(model):
         raise ValueError("the model has LoRA layers; quantize the base before inject(), or merge_and_unload() first")
     check_device(device)
-    check_cpu_widths(_quantizable(model), quantize, device, python=python)  # all of them before the first is replaced
+    check_cpu_widths(_quantizable(model), quantize, device, words=words)  # all of them before the first is replaced
 
 
 def _quantize_layers(model: nn.Module, quantize: str, compute_dtype: torch.dtype, double_quant: bool,
@@ -282,7 +298,7 @@ def quantize_loaded(model: nn.Module, quantize: str, compute_dtype: torch.dtype 
     gives it. Its refusals are worded for a run's settings (model.quantization, --quantize): load_model is how
     train, merge and serve load a quantized base. `from_file`: just loaded from a checkpoint's mapped file, whose
     pages each replaced weight read are dropped from the resident set (_quantize_layers)."""
-    _check_quantizable(model, quantize, device, python=False)
+    _check_quantizable(model, quantize, device, words="config")
     model = _quantize_layers(model, quantize, compute_dtype, double_quant, device, quant_storage, from_file).eval()
     _to_compute_dtype(model, compute_dtype)
     _own_memory(model)

@@ -325,10 +325,11 @@ def temporary_prefix(kind: str, name: str) -> str:
 STALE_AFTER_S = 60.0
 
 
-def _lock(path: Path, fd: int | None = None) -> int | None:
+def _lock(path: Path, fd: int | None = None, wait: bool = False) -> int | None:
     """An open descriptor of `path` (a folder or a file; `fd` if given) holding an exclusive flock on it, None where
     the lock is taken or the file system has none (a given `fd` is closed then); the lock goes when the descriptor
-    closes, or the process dies."""
+    closes, or the process dies. `wait`: for a lock that is taken, wait for it (a writer's own new file, which
+    another writer's sweep holds for a look only)."""
     if fcntl is None:
         if fd is not None:
             os.close(fd)
@@ -338,7 +339,7 @@ def _lock(path: Path, fd: int | None = None) -> int | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         return fd
     except OSError:  # held by a live writer (EWOULDBLOCK), or no flock on this file system
         os.close(fd)
@@ -355,7 +356,11 @@ def _quiet_for(path: Path, seconds: float) -> bool:
 def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
     """Remove the temporary folders and files (`.tmp-<name>-<8 characters>`: atomic_dir's, atomic_file's) that
     killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and in which
-    nothing changed for STALE_AFTER_S."""
+    nothing changed for STALE_AFTER_S; a file at once where it holds bytes. atomic_file's writer locks its file
+    before it writes a byte (a lock the kernel drops at its death), so a written file no one holds is a dead
+    writer's (soak: a SIGKILLed export --to gguf's partial file stayed beside the rerun's for a minute, the size of
+    the model); an empty one may be a live writer's between its mkstemp and its lock, and a folder a writer's that
+    takes no lock (an older loraforge): those wait for STALE_AFTER_S."""
     # mkdtemp's suffix: not `.tmp-<name>-2-...`
     own = re.compile(re.escape(temporary_prefix("tmp", final.name)) + rf"[a-z0-9_]{{{SUFFIX}}}")
     try:
@@ -375,7 +380,7 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
         if fd is None:
             continue
         try:
-            if _quiet_for(entry, STALE_AFTER_S):
+            if (entry.is_file() and os.fstat(fd).st_size > 0) or _quiet_for(entry, STALE_AFTER_S):
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         except OSError:  # gone meanwhile, or unreadable: not ours to judge
             pass
@@ -464,7 +469,9 @@ def atomic_file(path: str | Path, need_bytes: int | None = None, replace: bool =
         with held_interrupts():  # Ctrl-C between mkstemp and the assignment left the file, named nowhere (soak)
             fd, name = tempfile.mkstemp(prefix=temporary_prefix("tmp", real.name), dir=real.parent)
             tmp = Path(name)
-        lock = _lock(tmp, fd)  # held until the end: a sweep by another writer of `path` leaves this file alone
+        # held until the end, taken before a byte is written: a sweep by another writer of `path` leaves this file
+        # alone, and removes it at once once written and no longer held (its writer killed)
+        lock = _lock(tmp, fd, wait=True)
         remove_stale_temporaries(real, keep=tmp)  # a killed export's partial .gguf, as atomic_dir's folders
         yield tmp
         plain_modes(tmp)  # mkstemp's 0600 (or a writer's own), as for a file opened for writing

@@ -127,12 +127,23 @@ def published_room(path: str | Path, longest: str) -> int:
     return len(os.fsencode(temporary_prefix("tmp", name))) + SUFFIX - len(os.fsencode(name)) + len(f"/{longest}")
 
 
-def check_length(path: str | Path, flag: str = "--out", room: int = ROOM) -> None:
+def beside_room(path: str | Path, names: Iterable[str]) -> int:
+    """Bytes that the longest path a command writing the files `names` into the folder of the file `path` (each
+    atomically: files.atomic_file's temporary `.tmp-<name>-<8 characters>` beside it first) adds to `path` (export
+    --to gguf: the .gguf; gguf-lora: the .gguf and its Modelfile). Negative where all of them are shorter."""
+    longest = max(max(len(os.fsencode(name)), len(os.fsencode(temporary_prefix("tmp", name))) + SUFFIX)
+                  for name in names)
+    return longest - len(os.fsencode(real_path(path).name))
+
+
+def check_length(path: str | Path, flag: str = "--out", room: int = ROOM,
+                 written: str = "the files written below it") -> None:
     """Refuse, before any work, an output folder whose path leaves no room for the paths of the files written below
     it (soak: an output_dir of 4,000 bytes was made, then the first checkpoint's file was a safetensors traceback
     "File name too long", leaving a run that blocked the next one). The path a write takes is the folder's real one
     (files.real_path: absolute, links followed). `room`: the bytes the longest of them adds (ROOM: a training
-    run's; published_room: merge's, export's)."""
+    run's; published_room: merge's, export --to vllm's; beside_room: export --to gguf's, gguf-lora's); `written`:
+    what those paths are, for the message."""
     real = real_path(path)
     try:
         limit = os.pathconf(next(p for p in (real, *real.parents) if p.is_dir()), "PC_PATH_MAX")
@@ -141,7 +152,7 @@ def check_length(path: str | Path, flag: str = "--out", room: int = ROOM) -> Non
     size = len(os.fsencode(real))
     if limit - room <= size < limit:  # a path past the limit itself: refused where it is first used (cli.too_long)
         shown = str(path) if len(str(path)) <= 80 else f"{str(path)[:40]}...{str(path)[-30:]}"
-        raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for the files written below it "
+        raise OutputError(f"{flag} {shown}: its full path is {size:,} bytes, too long for {written} "
                           f"(this system takes paths of at most {limit - 1:,} bytes); choose a shorter {flag}")
 
 
@@ -481,6 +492,6 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
                     out.rmdir()  # only if still empty (an OSError otherwise)
 
 
-__all__ = ["LOCK", "WRITTEN", "OutputError", "check_length", "check_links", "check_output", "check_not_input",
-           "check_replaceable", "check_run_output", "check_run_writable", "check_writable", "hold_output", "lock_held",
-           "own_files", "published_room", "recorded_settings", "write_own"]
+__all__ = ["LOCK", "WRITTEN", "OutputError", "beside_room", "check_length", "check_links", "check_output",
+           "check_not_input", "check_replaceable", "check_run_output", "check_run_writable", "check_writable",
+           "hold_output", "lock_held", "own_files", "published_room", "recorded_settings", "write_own"]

@@ -345,6 +345,28 @@ def test_vllm_conversion_keeps_the_base_quantization_the_adapter_records(recorde
     assert recorded_quantization(out) == recorded
 
 
+@pytest.mark.parametrize("to", ["gguf", "gguf-lora"])
+def test_a_qlora_adapters_gguf_export_warns_with_what_export_takes(to, tiny_dir, tmp_path):
+    """export --to gguf warned "give --quantize nf4 (model.quantization: nf4)", an option export does not have
+    (gguf-lora said nothing, though llama.cpp applies it over a GGUF base that is never NF4): both name the merge
+    into the 4-bit base and the export of the merged model, and still write the file."""
+    model = tiny_llama(vocab_size=49152, tie_word_embeddings=True)
+    inject(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    write_adapter_dir(tmp_path / "q", tensors, config, quantization="nf4")  # as a QLoRA run saves it
+    write = export_gguf if to == "gguf" else export_gguf_lora
+    with pytest.warns(UserWarning) as caught:
+        out = write(str(tiny_dir), str(tmp_path / "q"), tmp_path / "out.gguf")
+    fix = (f"to export what it trained to give, merge it into the NF4 base first, then export the merged model: "
+           f"loraforge merge --base {tiny_dir} --adapter {tmp_path / 'q'} --quantize nf4 --out MERGED && "
+           f"loraforge export --to gguf --base MERGED --out FILE.gguf")
+    said = [str(w.message) for w in caught if "trained over an NF4 base" in str(w.message)]
+    assert len(said) == 1 and said[0].endswith(f"its outputs differ from those it trained to give; {fix}")
+    assert out.is_file() and gguf.GGUFReader(out).tensors
+
+
 @pytest.mark.parametrize("variant,reason", [("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
                                             ("bias", "bias"), ("pissa", "init_lora_weights 'pissa'"),
                                             ("olora", "init_lora_weights 'olora'"),

@@ -60,7 +60,7 @@ def test_the_adapter_records_its_base_quantization_in_a_fixed_order(quantization
 def test_a_qlora_adapter_over_the_full_base_warns_once_naming_both_and_the_flag(tmp_path, input_ids):
     _trained("nf4", tmp_path)
     _, said = _load("none", tmp_path)
-    assert said == [f"{tmp_path}: this adapter was trained over an NF4 base and this base is a full-precision: its "
+    assert said == [f"{tmp_path}: this adapter was trained over an NF4 base and this base is a full-precision one: its "
                     f"outputs differ from those it trained to give; give --quantize nf4 (model.quantization: nf4)"]
 
 

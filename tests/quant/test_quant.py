@@ -18,8 +18,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+import loraforge.models
 from helpers import tiny_llama
 from loraforge.cli import main
+from loraforge.lora.adapters import save_adapter
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.utils.hf import set_submodule
 from loraforge.lora.inject import inject, lora_layers
@@ -174,6 +176,30 @@ def test_the_cli_says_it_in_one_error_line_and_exits_2(tiny_dir, data_file, tmp_
                         "in_features to be a multiple of 64 (bitsandbytes' CPU 4-bit kernels), but "
                         "model.layers.0.self_attn.q_proj has in_features=32 (and 11 more layers); use --quantize int8 "
                         "(model.quantization: int8), leave quantization off (method lora), or run on a GPU\n"), err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "serve", "ui", "merge"])
+def test_a_command_without_a_config_words_the_width_refusal_for_its_flag_before_loading(command, tiny_dir, data_file,
+                                                                                     tmp_path, capsys, monkeypatch):
+    """Soak: `generate --quantize nf4` (and eval, serve, ui, merge) on a base narrower than 64 loaded it, then said
+    "model.quantization: nf4 ...; use --quantize int8 (model.quantization: int8), leave quantization off (method
+    lora), or run on a GPU": training's words, where these commands take no config and run on the CPU on any machine.
+    Each names its flag and the two ways out, with the layer and width train's refusal gives, before the base loads."""
+    adapter_dir = tmp_path / "adapter"
+    save_adapter(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=2)), adapter_dir)
+    monkeypatch.setattr(loraforge.models, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    args = {"generate": ["generate", "hi", "--model", str(tiny_dir)],
+            "eval": ["eval", str(data_file), "--model", str(tiny_dir)],
+            "serve": ["serve", "--model", str(tiny_dir), "--port", "0"],
+            "ui": ["ui", "--model", str(tiny_dir), "--runs", str(tmp_path), "--data-dir", str(tmp_path)],
+            "merge": ["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "m")]}
+    assert main([*args[command], "--quantize", "fp4"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("error: invalid arguments:\n  --quantize fp4 on CPU needs every linear layer's in_features to "
+                        "be a multiple of 64 (bitsandbytes' CPU 4-bit kernels), but model.layers.0.self_attn.q_proj "
+                        "has in_features=32 (and 11 more layers); use --quantize int8, or leave --quantize off for the "
+                        "full-precision base\n"), err
+    assert not (tmp_path / "m").exists()
 
 
 def test_cpu_repacking_is_off_and_weights_stay_put():

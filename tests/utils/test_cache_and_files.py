@@ -519,15 +519,24 @@ with atomic_file(sys.argv[1]) as tmp:
 """
 
 
+def _file_writers(final):
+    """A process writing `final` through atomic_file that lives on, then one killed mid-write (in this order: the
+    live one's own sweep would take the killed one's temporary at once): (process, its temporary file) of each."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's loraforge
+    started = []
+    for how in ("live", "kill"):
+        proc = subprocess.Popen([sys.executable, "-c", FILE_WRITER, str(final), how], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env)
+        started.append((proc, Path(proc.stdout.readline().strip())))
+    started[1][0].wait()
+    return started
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
 def test_a_killed_file_writers_temporary_file_goes_at_the_next_write_and_a_live_ones_stays(tmp_path):
     """Soak: a SIGKILL during export --to gguf left `.tmp-x.gguf-*` for good."""
     final = tmp_path / "x.gguf"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's loraforge
-    procs = [subprocess.Popen([sys.executable, "-c", FILE_WRITER, str(final), how], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env) for how in ("kill", "live")]
-    (killed, left), (live, working) = [(p, Path(p.stdout.readline().strip())) for p in procs]
-    killed.wait()
+    (live, working), (killed, left) = _file_writers(final)
     try:
         assert killed.returncode == -signal.SIGKILL and left.is_file()
         for p in (left, working):
@@ -535,6 +544,28 @@ def test_a_killed_file_writers_temporary_file_goes_at_the_next_write_and_a_live_
         with atomic_file(final) as tmp:
             tmp.write_bytes(b"the new export")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, "x.gguf"])
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and final.read_bytes() == b"part of a GGUF file"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
+def test_a_killed_file_writers_written_temporary_goes_at_once_an_empty_or_live_one_stays(tmp_path):
+    """Soak: the partial `.tmp-x.gguf-*` of an export --to gguf SIGKILLed a moment ago stayed beside the rerun's file
+    (the size of the model) until it was 60 s old. The writer locks its file before the first byte and the kernel
+    drops the lock at its death: a written file no one holds goes at the next write at once (the reference: the
+    folder holds what one uninterrupted write leaves), a live writer's stays, and so does an unlocked empty one (a
+    live writer between its mkstemp and its lock)."""
+    final = tmp_path / "x.gguf"
+    (live, working), (killed, left) = _file_writers(final)
+    empty = tmp_path / ".tmp-x.gguf-abcd1234"
+    empty.touch()
+    try:
+        assert killed.returncode == -signal.SIGKILL and left.read_bytes() == b"part of a GGUF file"
+        with atomic_file(final) as tmp:
+            tmp.write_bytes(b"the new export")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, empty.name, "x.gguf"])
+        assert working.read_bytes() == b"part of a GGUF file" and final.read_bytes() == b"the new export"
     finally:
         live.communicate("")
     assert live.returncode == 0 and final.read_bytes() == b"part of a GGUF file"

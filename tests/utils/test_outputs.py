@@ -32,7 +32,7 @@ from loraforge.utils.files import temporary_prefix
 from loraforge.utils.outputs import OutputError, check_output
 from loraforge.training.data import DataError
 from loraforge.training.loop import last_checkpoint, train
-from helpers import output_held_elsewhere, randomize
+from helpers import long_output, output_held_elsewhere, randomize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,14 +197,6 @@ def test_train_into_a_users_folder_needs_overwrite(tiny_dir, data_file, tmp_path
     result = train(config(tiny_dir, data_file, out), progress=False, overwrite=True)
     assert result.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "notes.txt").read_bytes() == before["notes.txt"]
-
-
-def long_output(tmp_path: Path, size: int) -> Path:
-    """A path of `size` bytes under tmp_path: folders of 200-byte names (each within NAME_MAX), a shorter last."""
-    out, left = tmp_path, size - len(os.fsencode(tmp_path))
-    while left > 0:
-        out, left = out / ("d" * min(200, left - 1)), left - min(201, left)
-    return out
 
 
 def test_an_output_dir_too_long_for_the_files_below_it_is_refused_before_any_work(tiny_dir, data_file, tmp_path,
