@@ -511,8 +511,14 @@ def test_a_playground_value_that_is_not_a_number_is_refused_and_an_empty_one_lef
     assert (sent[-1]["temperature"], sent[-1]["max_tokens"]) == (0.5, 4)
     fresh.fill("#temperature", "")
     fresh.fill("#max-tokens", "")
+    # The page's request is checked as sent (`sent` records it before routing); the server gets max_tokens=4 added,
+    # so the turn does not decode the default 256 tokens (up to the tiny model's context): on a loaded 2-core CI
+    # machine that outlasted say()'s 30 s wait, a flake that said nothing about the page.
+    fresh.route("**/v1/chat/completions",
+                lambda route: route.continue_(post_data=json.dumps({**json.loads(route.request.post_data),
+                                                                    "max_tokens": 4})))
     say(fresh, "again")
-    assert "temperature" not in sent[-1] and "max_tokens" not in sent[-1]  # the server's defaults
+    assert "temperature" not in sent[-1] and "max_tokens" not in sent[-1]  # left to the server's defaults
     assert fresh.locator(".msg.assistant.error").count() == 0
 
 
