@@ -568,7 +568,10 @@ def test_an_adapter_whose_many_slow_regexes_take_long_in_all_is_refused_within_t
         started = time.monotonic()
         with pytest.raises(ServeError) as e:
             engine.generate(tokenizer("hi")["input_ids"], adapter="slow", params=GREEDY)
-        assert time.monotonic() - started < 1.5
+        # the error below says the shared 0.3 s budget ran out (each key alone is under REGEX_TIMEOUT_S: without
+        # the budget no error at all); the bound only says it did not hang (the soak's 8 keys held requests 4 s,
+        # more keys minutes): normally under 1 s, 8 s for a loaded 2-core machine (1.5 s failed there for no fault)
+        assert time.monotonic() - started < 8
         assert re.sub(r"\(the last: .*\); write", "(...); write", str(e.value)) == (
             'adapter "slow" cannot be served: invalid config: rank_pattern: the config\'s regexes take over '
             "0.3 s in all to test against this model's module paths (...); write fewer of them, or ones without a "

@@ -367,23 +367,28 @@ def test_a_client_that_disconnects_is_aborted(base, tokenizer, adapters_dir, mon
         engine.stop()
 
 
-def test_oversized_prompts_are_refused_before_tokenizing(server, tokenizer):
+def test_oversized_prompts_are_refused_before_tokenizing(server, tokenizer, monkeypatch):
     """Hunts #3/#4: a 1 MB prompt was tokenized whole (2-3 s, under the one tokenizer lock, its memory never given
     back) before its certain 400, and a small request waited behind every such one. Now text longer than the
     context (96 tokens) times the most characters a token covers (81: SmolLM2's longest entry, a newline and 80
     spaces) is refused before tokenizing, in a fraction of the time tokenizing it takes, and a body beyond room for
-    such a prompt is refused before it is read."""
+    such a prompt is refused before it is read.
+    "Before tokenizing" is checked on the tokenizer itself (every text it is given is recorded), not by timing the
+    refusal against a tokenization: on a loaded 2-core CI machine those two durations swapped order for no fault."""
+    tokenized = []  # the length of every text the server's tokenizer is given (it is the `tokenizer` fixture)
+    call = type(tokenizer).__call__
+
+    def recording(self, text=None, *args, **kwargs):
+        tokenized.append(len(text) if isinstance(text, str) else sum(map(len, text or [])))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", recording)
     big = "word " * 200_000  # 1 MB: 200,001 tokens
-    start = time.perf_counter()
-    tokenizer(big)
-    tokenizing = time.perf_counter() - start
-    start = time.perf_counter()
     r = post(server, "/v1/completions", {"model": "a", "prompt": big, "max_tokens": 2})
-    refusing = time.perf_counter() - start
     assert r.status_code == 400 and r.json()["error"]["message"] == (
         "prompt: 1000000 characters cannot fit the model's context of 96 tokens (a token covers at most 81 "
         "characters here, so at most 7776 characters fit); shorten the prompt")
-    assert refusing < tokenizing / 4, (refusing, tokenizing)  # here 0.06-0.1 s against 1.1 s
+    assert tokenized == []  # refused before tokenizing (it was tokenized whole: 2-3 s under the tokenizer's lock)
     chat = post(server, "/v1/chat/completions", {"model": "a", "max_tokens": 2,
                                                  "messages": [{"role": "user", "content": "hi " * 50}] * 4000})
     assert chat.status_code == 400 and chat.json()["error"]["message"].startswith(
@@ -393,22 +398,16 @@ def test_oversized_prompts_are_refused_before_tokenizing(server, tokenizer):
     assert r.json()["error"]["message"] == (f"the prompt is {len(tokenizer(within)['input_ids'])} tokens; the "
                                             f"model's context is 96 tokens (prompt + output); shorten the prompt")
     small = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
-    start = time.perf_counter()
-    assert post(server, "/v1/completions", small).status_code == 200
-    alone = time.perf_counter() - start
     threads, results = concurrently(server, [{"model": "a", "prompt": big, "max_tokens": 2}] * 4)
     time.sleep(0.2)  # the big ones are on their way
-    start = time.perf_counter()
     assert post(server, "/v1/completions", small).status_code == 200
-    beside = time.perf_counter() - start
     for t in threads:
         t.join()
     assert [r.status_code for r in results] == [400] * 4
-    # it used to wait behind every tokenization (the lock: four in a row, ~4× one); now only for their bodies to be
-    # read and parsed, in this process with the clients: here 0.06 s alone, 0.2-0.4 s beside them, 1.1 s to
-    # tokenize one. On CI's 2 cores, reading the four 1 MB bodies once took 0.82 s against a 0.64 s tokenization:
-    # the bound is two tokenizations, still half of what waiting behind the four would take
-    assert beside < 2 * tokenizing, (alone, beside, tokenizing)
+    # a small request used to wait behind every big one's tokenization (the tokenizer's lock: four in a row); none
+    # is tokenized now, so there is nothing to wait behind: of all the texts above, only `within` and the small
+    # prompt reached the tokenizer, each within the 7776 characters that can fit
+    assert max(tokenized) == len(within) and all(n <= 7776 for n in tokenized), tokenized
 
     limit = 2**20 + 12 * 7776  # room for 7776 characters at 12 bytes each (escaped surrogate pairs), plus 1 MiB
     body = json.dumps({"model": "a", "prompt": "word " * 250_000, "max_tokens": 2}).encode()
@@ -515,13 +514,16 @@ class SlowEngine(api.Engine):  # each decode step takes argv[3] seconds: the req
         step, pause = self._batch.step, float(sys.argv[3])
         self._batch.step = lambda: (time.sleep(pause), step())[1]
 
+    def stop(self, timeout=10):  # argv[4], if given: how long a stop that waits waits (past a step, not 10 s)
+        super().stop(timeout if not timeout or len(sys.argv) < 5 else float(sys.argv[4]))
+
 
 api.Engine = SlowEngine
 sys.exit(main(["serve", "--model", sys.argv[1], "--port", sys.argv[2], "--precision", "fp32"]))
 """
 
 
-@pytest.mark.parametrize("pause", [0.05, 8.0])
+@pytest.mark.parametrize("pause", [0.05, 20.0])
 def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_path, pause):
     """Hunt: Ctrl-C twice (uvicorn's force exit) left the app's lifespan and the open requests to asyncio.run's
     cancel, and starlette and uvicorn logged a CancelledError traceback for each. Now the second Ctrl-C cuts the open
@@ -532,7 +534,8 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI_SERVER, str(tiny_dir), str(port), str(pause)],
+    # a stop that waits waits 120 s here: waiting for the 20 s step (the fault) is then well past the bound below
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI_SERVER, str(tiny_dir), str(port), str(pause), "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
@@ -546,7 +549,7 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
         def read():
             lines.extend((time.monotonic(), line) for line in proc.stderr)
 
-        threads = _whole_and_streamed(url, body, got)
+        threads = _whole_and_streamed(url, body, got, pause + 30)
         reader = threading.Thread(target=read)
         reader.start()
         proc.send_signal(signal.SIGINT)
@@ -564,14 +567,17 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
     assert "Traceback" not in err and "ERROR" not in err and "CancelledError" not in err, err
     said, last = lines[-1]
     assert last == "interrupted\n"
-    assert said - again < FORCED_S + 2  # the 8 s step is not waited for (it was, up to engine.stop's 10 s)
+    # the 20 s step is not waited for (it was, up to engine.stop's timeout): about FORCED_S normally; the bound only
+    # says "did not wait", generous for a loaded 2-core machine (FORCED_S + 2 with an 8 s step failed there)
+    assert said - again < FORCED_S + 10
     r = got["whole"]
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
 
 
-def _whole_and_streamed(url: str, body: dict, got: dict) -> list[threading.Thread]:
+def _whole_and_streamed(url: str, body: dict, got: dict, seconds: float = 30) -> list[threading.Thread]:
     """`body` posted twice to /v1/completions, whole and streamed, each in a thread (its response in got["whole"],
-    its non-empty lines in got["stream"]); returned once the server runs both."""
+    its non-empty lines in got["stream"]); returned once the server runs both (the second joins after a step: wait
+    `seconds` for that)."""
     def whole():
         got["whole"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
 
@@ -582,7 +588,8 @@ def _whole_and_streamed(url: str, body: dict, got: dict) -> list[threading.Threa
     threads = [threading.Thread(target=go) for go in (whole, stream)]
     for t in threads:
         t.start()
-    wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start")
+    wait_for(lambda: httpx.get(url + "/health").json()["running"] == len(threads), "the requests did not start",
+             seconds)
     return threads
 
 

@@ -765,9 +765,9 @@ def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file
             with open(logs[-1][0], "w") as o, open(logs[-1][1], "w") as e:  # files: a full pipe would block a rank
                 procs.append(subprocess.Popen([sys.executable, "-m", "loraforge", "train", str(cfg),
                                                *run_args(tiny_dir, data_file, out),
-                                               "training.collective_timeout=600"], cwd=ROOT, env=env, stdout=o,
+                                               "training.collective_timeout=3600"], cwd=ROOT, env=env, stdout=o,
                                               stderr=e))
-        codes = [p.wait(timeout=590) for p in procs]
+        codes = [p.wait(timeout=1200) for p in procs]
         seconds = time.monotonic() - start
     finally:
         for p in [*procs, holder]:
@@ -780,8 +780,10 @@ def test_a_busy_output_dir_stops_every_torchrun_rank_at_once(tiny_dir, data_file
     assert one_error_line(errors[0]) == expected and errors[1] == ""  # one node: said once, by its local rank 0
     # refused before anything was loaded; started without torchrun's agent, each says what it waits for
     assert [o.read_text() for o, _ in logs] == [f"rank {r}: waiting for the other 1 process(es) at 127.0.0.1:29551 "
-                                                f"(up to training.collective_timeout, 600 s)\n" for r in range(2)]
-    assert seconds < 300, seconds  # the start-up of two processes (75 s on a busy 2-core CPU), not the timeout
+                                                f"(up to training.collective_timeout, 3600 s)\n" for r in range(2)]
+    # the start-up of two processes (75 s on a busy 2-core CPU), not the timeout: the timeout is an hour so that a
+    # bound of 16x that start-up (300 s failed under load for no fault) is still a third of it
+    assert seconds < 1200, seconds
 
 
 def test_the_cli_leaves_the_process_group_it_joined_before_exiting(tiny_dir, data_file, tmp_path, monkeypatch, capsys):

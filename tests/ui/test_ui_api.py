@@ -756,7 +756,9 @@ def test_a_stream_with_a_budget_pauses_at_its_offset_and_goes_on_from_there(ui):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 5  # in order, each once
     assert offset == len("".join(json.dumps({"step": s, "loss": 3.0 / s if s > 1 else 3.0}) + "\n"
                                  for s in steps).encode())
-    assert all(0.5 <= t < 5 for t in slices), slices
+    # at least the budget (a sleep, so load only lengthens it); at most a generous "it paused" bound: a stream
+    # with no budget never ends while the run writes, and the `pause` event checked above already says it did
+    assert all(0.5 <= t < 30 for t in slices), slices
 
 def test_a_followed_run_whose_metrics_are_replaced_is_read_again_from_the_start(ui, monkeypatch):
     """train --overwrite into a followed run's folder: the stream went on from the old offset in the new file (the
@@ -1097,8 +1099,10 @@ def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, 
         assert opened.wait(30)
         began = time.monotonic()
         server.send_signal(sig)
-        assert server.wait(SHUTDOWN_GRACE_S + 15) == code
-        assert time.monotonic() - began < SHUTDOWN_GRACE_S + 15
+        # did not wait for the stream (its run is followed for a minute): the grace, then a bound that a loaded
+        # 2-core machine's exit fits (15 s failed there for no fault), still under the minute
+        assert server.wait(SHUTDOWN_GRACE_S + 40) == code
+        assert time.monotonic() - began < SHUTDOWN_GRACE_S + 40
     finally:
         server.kill()
         server.wait()
