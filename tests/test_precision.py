@@ -212,6 +212,8 @@ def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
     r32 = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
     assert r16.precision.startswith("precision fp16 + loss scaling, base stored in fp32")
     assert r16.skipped_steps == 0
+    # the reference: fp32 throughout, unscaled
+    assert r32.precision == "precision fp32: training.precision=fp32 as asked" and r32.skipped_steps == 0
     m16, m32 = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
     assert [m["loss_scale"] for m in m16] == [65536.0] * 4 and "loss_scale" not in m32[0]
     # fp16 rounds activations to 11 significant bits: losses agree to ~1e-3 relative over 4 steps
@@ -241,6 +243,7 @@ def test_an_fp16_base_trained_in_fp32_scales_its_loss(tiny_dir, data_file, tmp_p
                    progress=False)
     reference = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
     assert result.precision == "precision fp32 + loss scaling, base stored in fp16: training.precision=fp32 as asked"
+    assert reference.precision == "precision fp32: training.precision=fp32 as asked"  # the reference: unscaled fp32
     rows, ref = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
     assert [m["loss_scale"] for m in rows] == [65536.0] * 4 and "loss_scale" not in ref[0]
     # an fp16 base rounds weights and activations to 11 significant bits: ~1e-3 relative over 4 steps, as fp16 autocast

@@ -26,7 +26,7 @@ from helpers import full_forward_greedy, save_adapters, tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
-from loraforge.models import context_length, load_tokenizer
+from loraforge.models import context_length
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
 from loraforge.serve import static_batch
 from loraforge.serve.engine import IDLE_CHECK_S

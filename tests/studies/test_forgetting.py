@@ -232,9 +232,9 @@ def test_a_list_of_sources_runs_as_its_single_file(tiny_dir, data_file, tmp_path
     over = [f"model.name={tiny_dir}", "model.dtype=fp32", "training.max_steps=2", "training.batch_size=4",
             "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
     reports = []
-    for name, train in (("file", str(data_file)), ("list", f"[{data_file}]")):
+    for name, source in (("file", str(data_file)), ("list", f"[{data_file}]")):
         monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / name / "cache"))  # each computes its own numbers
-        cfg = load_train_config(None, [*over, f"data.train={train}"])
+        cfg = load_train_config(None, [*over, f"data.train={source}"])
         reports.append(run_forgetting(cfg, tmp_path / name / "fg", ranks=(2,), limit=4, progress=False))
     assert reports[1]["task_train"] == [{"path": str(tmp_path / "list" / "fg" / "task_train.jsonl"), "format": None,
                                          "weight": None, "epochs": None}]
@@ -282,9 +282,9 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
     with pytest.raises(DataError) as e:
         task_split(load_train_config(None, [*base, f"data.train=[{small}, {small}]"]), tmp_path / "fg2", "forgetting",
                    False)
-    assert str(e.value) == (f"data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
-                            f"data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
-                            f"examples: give 20 or more records, or set data.eval to a file of them")
+    assert str(e.value) == ("data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
+                            "data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
+                            "examples: give 20 or more records, or set data.eval to a file of them")
 
 
 @pytest.fixture
