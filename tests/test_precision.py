@@ -253,7 +253,8 @@ def test_an_fp16_base_trained_in_fp32_scales_its_loss(tiny_dir, data_file, tmp_p
 
 @pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
 def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
-    """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves, the learning-rate schedule waits, and metrics and the result say so."""
+    """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves,
+    the learning-rate schedule waits, and metrics and the result say so."""
     import loraforge.training.loop as T
 
     build = T.build_model
@@ -287,7 +288,8 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, t
     # each row holds the rate its step's update used: step 3 used step 2's, the schedule did not move on the
     # skipped step
     assert lr[2] == lr[1] and lr[1] < lr[0] and lr[3] < lr[2]
-    assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in out
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())

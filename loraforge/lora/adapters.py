@@ -2,7 +2,8 @@
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. File keys are our module
 state-dict keys with the adapter name removed and `base_model.model.` in front, exactly as PEFT writes them:
-    model.layers.0.self_attn.q_proj.lora_A.default.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model.layers.0.self_attn.q_proj.lora_A.default.weight
+        -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 Only safetensors and JSON are read from a user's files: never pickle.
 """
 
@@ -44,7 +45,8 @@ MAX_CONFIG_BYTES = 16 << 20
 # tensors) has ~2 MB. Past this the file is refused before its header is parsed (soak: a 57 MB header, 400,000
 # names, took serve's registry 9 s, every request waiting)
 MAX_HEADER_BYTES = 16 << 20
-# Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
+# Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT
+# warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
 # The base's quantization an adapter trained over (none, nf4, fp4, int8), in the same header: over another base its
 # outputs differ (SmolLM2: a QLoRA adapter's logits over the full-precision base were up to 13 apart), so a load

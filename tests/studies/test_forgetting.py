@@ -16,7 +16,8 @@ from helpers import forbid_loading
 from loraforge.config import ConfigError, load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting, rerun
-from loraforge.studies.forgetting import task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
+from loraforge.studies.forgetting import (task_split, arm_config, arms, format_report, model_hash, probe_base,
+                                          run_forgetting)
 from loraforge.training.loop import build_model, train
 from loraforge.utils.outputs import OutputError
 
