@@ -292,12 +292,13 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, as a safetensors file's header gives it, read with plain reads: safetensors' safe_open
-    maps the file into memory and reads the header from the mapping, and a file another tool truncates meanwhile
-    (rewritten in place) kills the process with SIGBUS (soak: `serve` died while an adapter's file was rewritten
-    in place, its requests re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, is not a
-    safetensors header, or names bytes the file does not hold."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header, its JSON object (each tensor's entry, and "__metadata__" where the writer put
+    one), and the number of bytes after it, read with plain reads: safetensors' safe_open maps the file into memory
+    and reads the header from the mapping, and a file another tool truncates meanwhile (rewritten in place) kills
+    the process with SIGBUS (soak: `serve` died while an adapter's file was rewritten in place, its requests
+    re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, the file ends inside it, or it is not
+    a JSON object."""
     with open(path, "rb") as f:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -311,6 +312,22 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, e) from None
+    return header, data
+
+
+def _unreadable(path: Path, e: Exception) -> AdapterError:
+    why = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
+    return AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {why}")
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, as a safetensors file's header gives it (read_header: plain reads, never a mapping).
+    AdapterError where read_header refuses the header, or it names a dtype, shape or bytes the file does not
+    hold."""
+    header, data = read_header(path)
+    try:
         shapes = {}
         for key, info in header.items():
             if key == "__metadata__":
@@ -321,9 +338,8 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or end > data:
                 raise ValueError(f"tensor {key} needs bytes {begin}-{end} of {data} after the header")
             shapes[key] = tuple(shape)
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        why = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
-        raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {why}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise _unreadable(path, e) from None
     return shapes
 
 
@@ -452,12 +468,11 @@ def _warn_other_class(adapter_dir, config, model: nn.Module) -> None:
 def _recorded(adapter_dir: str | Path, key: str) -> str | None:
     """A string the adapter's weights file's header records under `key`, or None (none recorded, unreadable)."""
     try:
-        with open(expand_user(adapter_dir) / WEIGHTS_NAME, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else {}
-    except (OSError, ValueError):
+        header, _ = read_header(expand_user(adapter_dir) / WEIGHTS_NAME)
+    except (OSError, AdapterError):
         return None  # read_adapter_weights read it already: gone or rewritten since, nothing to compare
-    value = (header.get("__metadata__") or {}).get(key) if isinstance(header, dict) else None
+    metadata = header.get("__metadata__")
+    value = metadata.get(key) if isinstance(metadata, dict) else None
     return value if isinstance(value, str) else None
 
 
