@@ -146,15 +146,23 @@ def _metadata_in_order(path: Path, metadata: dict[str, str]) -> None:
                 return
 
 
+def base_name_or_path(model: nn.Module) -> str | None:
+    """The name the base was loaded by, from where PEFT reads it for an adapter's base_model_name_or_path (the
+    model's own `name_or_path`, not its config's: transformers copies config.name_or_path into it as it builds the
+    model, and a script may set either later). None where the model has none (built from a config: '')."""
+    value = getattr(model, "name_or_path", None)
+    return str(value) if value else None
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  config: LoraConfig | None = None) -> Path:
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
     require_adapter(model, name)
     config = config or adapter_configs(model)[name]
-    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+    if config.base_model_name_or_path is None and (base := base_name_or_path(model)):
         # soak: the README's Python API wrote null (train names its model.name), and AutoPeftModelForCausalLM, which
         # reads the base from the file, found none; the folder the base was loaded from says where it is
-        config = dataclasses.replace(config, base_model_name_or_path=str(model.name_or_path))
+        config = dataclasses.replace(config, base_model_name_or_path=base)
     _warn_residual_on_tied(model, name, config)
     state = adapter_state_dict(model, name)
     # soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"
@@ -424,7 +432,7 @@ def _other_base(config, model: nn.Module) -> str | None:
     model's; None where it names none or the same. Said only once the tensors misfit: an adapter made on a local
     copy of a hub model names the hub id, and loads on that copy."""
     trained_on = getattr(config, "base_model_name_or_path", None)
-    given = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    given = base_name_or_path(model)  # where save_adapter (and PEFT) take the name it writes
     if not trained_on or not given or trained_on == given:
         return None
     return (f"it was trained on {trained_on} (adapter_config.json's base_model_name_or_path) and the model given "
