@@ -367,6 +367,26 @@ def test_a_folder_holding_only_a_task_split_is_not_taken_as_the_studys_own(tmp_p
     assert ran == [] and (out / "task_train.jsonl").read_text() == "{}\n"
 
 
+
+def test_run_forgetting_from_python_refuses_a_users_forgetting_json(tiny_dir, data_file, tmp_path):
+    """From Python (no CLI check before it), a fresh study deleted a user's own forgetting.json in `out` (and
+    forgetting.png) before running. Now it refuses a file it did not write, as write_own does, before any work: the
+    user's bytes stay."""
+    out = tmp_path / "fg"
+    out.mkdir()
+    mine = json.dumps({"rows": [{"name": "mine"}]}).encode()
+    (out / "forgetting.json").write_bytes(mine)
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "model.dtype=fp32",
+                                   "training.max_steps=2", "training.batch_size=4", "training.precision=fp32",
+                                   f"output_dir={tmp_path}"])
+    with pytest.raises(OutputError) as e:
+        run_forgetting(cfg, out, ranks=(2,), limit=4, progress=False)
+    assert str(e.value) == (f"--out {out}: forgetting.json is not this command's own (another file of that name, or "
+                            f"one changed since it wrote it); pass --overwrite (overwrite=True) to replace it, or "
+                            f"choose another --out")
+    assert (out / "forgetting.json").read_bytes() == mine and sorted(p.name for p in out.iterdir()) == [
+        "forgetting.json"]
+
 def test_a_study_stopped_before_its_first_result_is_rerun_into_its_own_task_split(tiny_dir, data_file, tmp_path,
                                                                                 monkeypatch):
     """Soak: a study stopped (Ctrl-C, SIGKILL) while probing the base left its task split, and the rerun without
