@@ -69,7 +69,8 @@ class ConfigError(ValueError):
 
 
 def _check_type(value: Any, tp: Any, name: str, problems: list[str]) -> Any:
-    """Coerce `value` to annotation `tp` (YAML gives lists for tuples, ints for floats); record a problem if it can't."""
+    """Coerce `value` to annotation `tp` (YAML gives lists for tuples, ints for floats); record a problem if it
+    can't."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -794,8 +795,8 @@ class TrainingConfig:
     trying on GPUs and long runs."""
     fused_blocks: bool = True
     """Run RMSNorm and the SwiGLU MLP of Llama-family models as loraforge.kernels nodes
-    (loraforge.training.fastpath): the same math, keeping less for the backward (RMSNorm no fp32 copy of its input; the MLP only its gate and up
-    projections' outputs, recomputing the rest). Other architectures keep their modules."""
+    (loraforge.training.fastpath): the same math, keeping less for the backward (RMSNorm no fp32 copy of its input;
+    the MLP only its gate and up projections' outputs, recomputing the rest). Other architectures keep their modules."""
     fused_lora: bool = True
     """Run plain LoRA layers (no dropout, not DoRA, unquantized base) as one autograd node (loraforge.kernels):
     the same math, saving only x and A·x for the backward (faster and leaner than the plain path: bench/train.py)."""

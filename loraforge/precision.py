@@ -5,10 +5,11 @@
     auto on a CPU with native bf16 (AVX-512 BF16 or AMX)          -> bf16 autocast, bf16 frozen base
     auto on a CPU without it (AVX2: AMD Zen 2/3, most laptops)    -> fp32
 
-On a CPU without native bf16 instructions, bf16 matmuls are emulated and run many times slower than fp32 (README, "What runs where"), so the
-choice is not a matter of taste. Where the facts are unsure (an ARM CPU, AVX-512 without its BF16 extension, or
-oneDNN capped with ONEDNN_MAX_CPU_ISA) a matmul probe of a few tens of milliseconds decides: bf16 only where it
-runs clearly faster than fp32. Trainable weights (adapters) are fp32 master weights whatever is chosen.
+On a CPU without native bf16 instructions, bf16 matmuls are emulated and run many times slower than fp32 (README,
+"What runs where"), so the choice is not a matter of taste. Where the facts are unsure (an ARM CPU, AVX-512 without
+its BF16 extension, or oneDNN capped with ONEDNN_MAX_CPU_ISA) a matmul probe of a few tens of milliseconds decides:
+bf16 only where it runs clearly faster than fp32. Trainable weights (adapters) are fp32 master weights whatever is
+chosen.
 
 Every command (train, demo, eval, serve, forgetting, bench/) resolves `auto` through `choose()`.
 """

@@ -1,5 +1,6 @@
 """The benchmark scripts import, parse their arguments and follow the precision rule (their runs are not tests)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -77,11 +78,8 @@ def test_gpu_script_says_the_suite_needs_pytest_xdist_where_it_is_missing(tmp_pa
     bench/gpu_wheels.sh did not gather it): a usage error, "FAIL" and nothing more. The step now says what is missing
     (and gpu_wheels.sh gathers it). PYTHON is a stand-in that answers the script's CUDA check (and every other call)
     with success and runs only the xdist check; only the suite step runs."""
-    try:
-        import xdist  # noqa: F401
+    if importlib.util.find_spec("xdist") is not None:
         pytest.skip("pytest-xdist is installed here: the step would run the suite")
-    except ImportError:
-        pass
     python = tmp_path / "python"
     python.write_text(f'#!/bin/bash\n[ "$1 $2" = "-c import xdist" ] && exec {sys.executable} "$@"\nexit 0\n')
     python.chmod(0o755)

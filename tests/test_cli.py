@@ -31,7 +31,8 @@ from helpers import forbid_loading, randomize
 
 
 def test_merge_command_writes_a_plain_transformers_checkpoint(tiny_dir, tmp_path):
-    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear")))
+    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                             LoraConfig(r=4, target_modules="all-linear")))
     from loraforge.lora.adapters import save_adapter
 
     save_adapter(model, tmp_path / "adapter")

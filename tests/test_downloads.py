@@ -44,7 +44,8 @@ OFFLINE = not_downloaded("HF_HUB_OFFLINE is set")
 def _response(status: int):
     """An HTTP response as huggingface_hub's errors carry it (its HTTP library: httpx or httpx2)."""
     http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
-    return http.Response(status, request=http.Request("GET", f"https://huggingface.co/{HUB_ID}/resolve/main/config.json"))
+    url = f"https://huggingface.co/{HUB_ID}/resolve/main/config.json"
+    return http.Response(status, request=http.Request("GET", url))
 
 
 ERRORS = {

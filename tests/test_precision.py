@@ -212,6 +212,8 @@ def test_fp16_trains_like_fp32_with_a_scaler(tiny_dir, data_file, tmp_path):
     r32 = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
     assert r16.precision.startswith("precision fp16 + loss scaling, base stored in fp32")
     assert r16.skipped_steps == 0
+    # the reference: fp32 throughout, unscaled
+    assert r32.precision == "precision fp32: training.precision=fp32 as asked" and r32.skipped_steps == 0
     m16, m32 = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
     assert [m["loss_scale"] for m in m16] == [65536.0] * 4 and "loss_scale" not in m32[0]
     # fp16 rounds activations to 11 significant bits: losses agree to ~1e-3 relative over 4 steps
@@ -241,6 +243,7 @@ def test_an_fp16_base_trained_in_fp32_scales_its_loss(tiny_dir, data_file, tmp_p
                    progress=False)
     reference = train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "training.precision=fp32"), progress=False)
     assert result.precision == "precision fp32 + loss scaling, base stored in fp16: training.precision=fp32 as asked"
+    assert reference.precision == "precision fp32: training.precision=fp32 as asked"  # the reference: unscaled fp32
     rows, ref = _metrics(tmp_path / "fp16"), _metrics(tmp_path / "fp32")
     assert [m["loss_scale"] for m in rows] == [65536.0] * 4 and "loss_scale" not in ref[0]
     # an fp16 base rounds weights and activations to 11 significant bits: ~1e-3 relative over 4 steps, as fp16 autocast
@@ -250,7 +253,8 @@ def test_an_fp16_base_trained_in_fp32_scales_its_loss(tiny_dir, data_file, tmp_p
 
 @pytest.mark.filterwarnings("ignore:training.precision=fp16 on a CPU")
 def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
-    """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves, the learning-rate schedule waits, and metrics and the result say so."""
+    """Gradients made inf on the 2nd step's backward: that update is skipped (no weight changes), the scale halves,
+    the learning-rate schedule waits, and metrics and the result say so."""
     import loraforge.training.loop as T
 
     build = T.build_model
@@ -284,7 +288,8 @@ def test_an_overflowing_fp16_step_is_skipped_and_reported(tiny_dir, data_file, t
     # each row holds the rate its step's update used: step 3 used step 2's, the schedule did not move on the
     # skipped step
     assert lr[2] == lr[1] and lr[1] < lr[0] and lr[3] < lr[2]
-    assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 2: fp16 gradients overflowed, update skipped and loss scale lowered to 32768" in out
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values())

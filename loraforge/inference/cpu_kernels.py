@@ -414,7 +414,8 @@ static void attend_for(const float *q, const float *k, const float *v, const flo
             for (int64_t i = 0; i < D; i++) { qr[h * D + i] *= scale; acc[h * D + i] = 0.0f; }
             m[h] = -INFINITY; l[h] = 0.0f;
         }
-        const float *K = keys + ((row0 + b) * Hkv + g) * max_len * D, *V = values + ((row0 + b) * Hkv + g) * max_len * D;
+        const float *K = keys + ((row0 + b) * Hkv + g) * max_len * D,
+                    *V = values + ((row0 + b) * Hkv + g) * max_len * D;
         for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
             int64_t c = n - j0 < CHUNK ? n - j0 : CHUNK, c8 = (c + 7) & ~7;
             const float *Kc = K + j0 * D, *Vc = V + j0 * D;
@@ -435,7 +436,8 @@ static void attend_for(const float *q, const float *k, const float *v, const flo
                 }
                 for (; j < c; j++) {
                     __m256 a = _mm256_setzero_ps();
-                    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(Kc + j * D + i), a);
+                    for (int64_t i = 0; i < D; i += 8)
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(Kc + j * D + i), a);
                     s[j] = hsum(a);
                 }
                 for (j = 0; j < c; j++) top = s[j] > top ? s[j] : top;
@@ -453,8 +455,10 @@ static void attend_for(const float *q, const float *k, const float *v, const flo
                 __m256 sv = _mm256_set1_ps(shrink);
                 int64_t i = 0;
                 for (; i + 32 <= D; i += 32) {  /* four vectors of the sums in registers over the chunk */
-                    __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(ah + i), sv), c1 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 8), sv),
-                           c2 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 16), sv), c3 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 24), sv);
+                    __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(ah + i), sv),
+                           c1 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 8), sv),
+                           c2 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 16), sv),
+                           c3 = _mm256_mul_ps(_mm256_loadu_ps(ah + i + 24), sv);
                     for (j = 0; j < c; j++) {
                         __m256 p = _mm256_set1_ps(s[j]);
                         const float *vj = Vc + j * D + i;
@@ -468,7 +472,8 @@ static void attend_for(const float *q, const float *k, const float *v, const flo
                 }
                 for (; i < D; i += 8) {
                     __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(ah + i), sv);
-                    for (j = 0; j < c; j++) c0 = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(Vc + j * D + i), c0);
+                    for (j = 0; j < c; j++)
+                        c0 = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(Vc + j * D + i), c0);
                     _mm256_storeu_ps(ah + i, c0);
                 }
             }

@@ -378,7 +378,8 @@ class RankAllocator:
 
     def _triplet_scores(self, path: str) -> torch.Tensor:
         """Score of each triplet i: s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), s = sensitivity · uncertainty. (r,)"""
-        s = {a: self.exp_avg_ipt[f"{path}.{a}"] * self.exp_avg_unc[f"{path}.{a}"] for a in ("lora_A", "lora_E", "lora_B")}
+        s = {a: self.exp_avg_ipt[f"{path}.{a}"] * self.exp_avg_unc[f"{path}.{a}"]
+             for a in ("lora_A", "lora_E", "lora_B")}
         return s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
 
     @torch.no_grad()

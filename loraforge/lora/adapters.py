@@ -2,7 +2,8 @@
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. File keys are our module
 state-dict keys with the adapter name removed and `base_model.model.` in front, exactly as PEFT writes them:
-    model.layers.0.self_attn.q_proj.lora_A.default.weight -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model.layers.0.self_attn.q_proj.lora_A.default.weight
+        -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 Only safetensors and JSON are read from a user's files: never pickle.
 """
 
@@ -44,7 +45,8 @@ MAX_CONFIG_BYTES = 16 << 20
 # tensors) has ~2 MB. Past this the file is refused before its header is parsed (soak: a 57 MB header, 400,000
 # names, took serve's registry 9 s, every request waiting)
 MAX_HEADER_BYTES = 16 << 20
-# Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT warn).
+# Who wrote the file: in the safetensors header, which PEFT ignores (an unknown adapter_config.json key makes PEFT
+# warn).
 PROVENANCE = {"format": "pt", "library": "loraforge"}
 # The base's quantization an adapter trained over (none, nf4, fp4, int8), in the same header: over another base its
 # outputs differ (SmolLM2: a QLoRA adapter's logits over the full-precision base were up to 13 apart), so a load
@@ -144,15 +146,23 @@ def _metadata_in_order(path: Path, metadata: dict[str, str]) -> None:
                 return
 
 
+def base_name_or_path(model: nn.Module) -> str | None:
+    """The name the base was loaded by, from where PEFT reads it for an adapter's base_model_name_or_path (the
+    model's own `name_or_path`, not its config's: transformers copies config.name_or_path into it as it builds the
+    model, and a script may set either later). None where the model has none (built from a config: '')."""
+    value = getattr(model, "name_or_path", None)
+    return str(value) if value else None
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default",
                  config: LoraConfig | None = None) -> Path:
     """Write adapter `name` as a PEFT adapter directory (both files appear together or not at all)."""
     require_adapter(model, name)
     config = config or adapter_configs(model)[name]
-    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+    if config.base_model_name_or_path is None and (base := base_name_or_path(model)):
         # soak: the README's Python API wrote null (train names its model.name), and AutoPeftModelForCausalLM, which
         # reads the base from the file, found none; the folder the base was loaded from says where it is
-        config = dataclasses.replace(config, base_model_name_or_path=str(model.name_or_path))
+        config = dataclasses.replace(config, base_model_name_or_path=base)
     _warn_residual_on_tied(model, name, config)
     state = adapter_state_dict(model, name)
     # soak: torch's "NotImplementedError: Cannot copy out of meta tensor; no data!"
@@ -290,12 +300,13 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, as a safetensors file's header gives it, read with plain reads: safetensors' safe_open
-    maps the file into memory and reads the header from the mapping, and a file another tool truncates meanwhile
-    (rewritten in place) kills the process with SIGBUS (soak: `serve` died while an adapter's file was rewritten
-    in place, its requests re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, is not a
-    safetensors header, or names bytes the file does not hold."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header, its JSON object (each tensor's entry, and "__metadata__" where the writer put
+    one), and the number of bytes after it, read with plain reads: safetensors' safe_open maps the file into memory
+    and reads the header from the mapping, and a file another tool truncates meanwhile (rewritten in place) kills
+    the process with SIGBUS (soak: `serve` died while an adapter's file was rewritten in place, its requests
+    re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, the file ends inside it, or it is not
+    a JSON object."""
     with open(path, "rb") as f:
         head = f.read(8)
         size = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -309,6 +320,22 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, e) from None
+    return header, data
+
+
+def _unreadable(path: Path, e: Exception) -> AdapterError:
+    why = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
+    return AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {why}")
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, as a safetensors file's header gives it (read_header: plain reads, never a mapping).
+    AdapterError where read_header refuses the header, or it names a dtype, shape or bytes the file does not
+    hold."""
+    header, data = read_header(path)
+    try:
         shapes = {}
         for key, info in header.items():
             if key == "__metadata__":
@@ -319,9 +346,8 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or end > data:
                 raise ValueError(f"tensor {key} needs bytes {begin}-{end} of {data} after the header")
             shapes[key] = tuple(shape)
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        why = f"{type(e).__name__}: {e}" if isinstance(e, (KeyError, TypeError)) else str(e)
-        raise AdapterError(f"{path} is not a readable safetensors file (corrupted or truncated?): {why}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise _unreadable(path, e) from None
     return shapes
 
 
@@ -406,7 +432,7 @@ def _other_base(config, model: nn.Module) -> str | None:
     model's; None where it names none or the same. Said only once the tensors misfit: an adapter made on a local
     copy of a hub model names the hub id, and loads on that copy."""
     trained_on = getattr(config, "base_model_name_or_path", None)
-    given = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    given = base_name_or_path(model)  # where save_adapter (and PEFT) take the name it writes
     if not trained_on or not given or trained_on == given:
         return None
     return (f"it was trained on {trained_on} (adapter_config.json's base_model_name_or_path) and the model given "
@@ -450,12 +476,11 @@ def _warn_other_class(adapter_dir, config, model: nn.Module) -> None:
 def _recorded(adapter_dir: str | Path, key: str) -> str | None:
     """A string the adapter's weights file's header records under `key`, or None (none recorded, unreadable)."""
     try:
-        with open(expand_user(adapter_dir) / WEIGHTS_NAME, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if size <= MAX_HEADER_BYTES else {}
-    except (OSError, ValueError):
+        header, _ = read_header(expand_user(adapter_dir) / WEIGHTS_NAME)
+    except (OSError, AdapterError):
         return None  # read_adapter_weights read it already: gone or rewritten since, nothing to compare
-    value = (header.get("__metadata__") or {}).get(key) if isinstance(header, dict) else None
+    metadata = header.get("__metadata__")
+    value = metadata.get(key) if isinstance(metadata, dict) else None
     return value if isinstance(value, str) else None
 
 

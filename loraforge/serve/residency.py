@@ -52,8 +52,9 @@ from torch import nn
 from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig
-from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, header_shapes,
-                                     delete_adapter, load_adapter, read_adapter_config, read_adapter_weights)
+from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, base_name_or_path,
+                                     delete_adapter, header_shapes, load_adapter, read_adapter_config,
+                                     read_adapter_weights)
 from loraforge.lora.inject import REGEX_TIMEOUT_S, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
 from loraforge.serve.errors import SURROGATE, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
@@ -627,7 +628,7 @@ class Residency:
 
     def _public(self, entry: Adapter, message: str) -> str:
         message = message.replace(str(entry.path), entry.label)
-        local = getattr(getattr(self.model, "config", None), "name_or_path", "") or ""
+        local = base_name_or_path(self.model) or ""  # as load_adapter's misfit message names the model given
         if os.sep in local:  # the base's folder on this machine (e.g. its cache): clients know it by its served name
             message = message.replace(local, self.base_name)
         if self.adapters_dir is not None:

@@ -2,11 +2,11 @@
 `eval` and the demo take, for Llama-family bases.
 
 The decoder's KV cache holds rows × slots per layer, each doubled when the batch needs more (up to the engine's
-max_batch and the model's context length) and given back when the batch empties: memory follows the high-water
-mark of one burst, not max_batch × context. Row i of the batch is cache row i, its tokens at slots 0.. (no left
-padding, no masks of padding, no concatenation per step). New requests are prefilled into the rows behind the running ones (a cached
-prompt prefix copied into their first slots, only the rest computed); a finished row's place is taken by the last
-running row (one row copied, not the batch). Each row's adapter comes through the layers' `row_forward` hooks:
+max_batch and the model's context length) and given back when the batch empties: memory follows the high-water mark
+of one burst, not max_batch × context. Row i of the batch is cache row i, its tokens at slots 0.. (no left padding,
+no masks of padding, no concatenation per step). New requests are prefilled into the rows behind the running ones (a
+cached prompt prefix copied into their first slots, only the rest computed); a finished row's place is taken by the
+last running row (one row copied, not the batch). Each row's adapter comes through the layers' `row_forward` hooks:
 the residency's stacks, as in `Batch`. Same interface as `serve.batch.Batch` (the engine takes either).
 """
 

@@ -122,7 +122,8 @@ def run_demo(out: str = "runs/demo", max_steps: int | None = None, overrides: li
                      f"while training, final loss {result.final_loss:.3f}"),
         (peak_memory_name(result.device_type), f"{result.peak_memory_mb:.0f} MiB"),  # on a GPU: not the RSS
         ("held-out accuracy", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
-                              f"({after['correct']}/{after['n']}; 95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
+                              f"({after['correct']}/{after['n']}; "
+                              f"95% CI {after['ci95'][0]:.0%}-{after['ci95'][1]:.0%})"),
         ("gain", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
         ("loss curve", str(Path(cfg.output_dir) / "loss.png")),
         ("total time", f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")"),

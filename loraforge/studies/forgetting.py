@@ -45,7 +45,7 @@ from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file, expand_user
-from loraforge.utils.outputs import check_output, hold_output, own_files, write_own
+from loraforge.utils.outputs import check_output, hold_output, own_files, refuse_foreign, write_own
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
@@ -126,9 +126,12 @@ def check_unquantized(cfg: TrainConfig) -> None:
                            f"model.quantization (the LoRA arms train as method lora)"])
 
 
-def start_over(out: Path, names: tuple[str, ...]) -> None:
+def start_over(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
     """Remove an earlier study's results (`names` in `out`) before this one runs into `out` (--overwrite): killed
-    before its first write, it left the earlier JSON describing runs it had begun to replace."""
+    before its first write, it left the earlier JSON describing runs it had begun to replace. Files of those names
+    that are not `command`'s own (a user's) are refused unless `overwrite` (outputs.refuse_foreign), as the CLI's
+    check_output refuses them: from Python, run_forgetting deleted a user's forgetting.json in `out`."""
+    refuse_foreign(out, names, own_files(out, command) if out.is_dir() else set(), overwrite=overwrite)
     for name in names:
         (out / name).unlink(missing_ok=True)
 
@@ -372,7 +375,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     if earlier is not None and earlier.get("complete"):
         return finished(out, earlier)
     if not resume:
-        start_over(out, ("forgetting.json", "forgetting.png"))
+        start_over(out, "forgetting", ("forgetting.json", "forgetting.png"), overwrite)
     folders = [Path(arm_config(cfg, arm, seed, out).output_dir).name
                for seed in range(seeds) for arm in arms(ranks, lora_lr, full_lr)]
     cfg = task_split(cfg, out, "forgetting", overwrite, folders, settings)

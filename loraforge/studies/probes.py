@@ -199,8 +199,8 @@ def mc_option_logprobs(model, tokenizer, items: Sequence[dict], batch_size: int 
     values are repeated for its options, and the options' other tokens run on top of them with position ids that
     continue after their own question. Causal attention makes a question's states independent of what follows it,
     so the scores are those of the options as full sequences (continuation_logprobs) up to float reordering
-    (tests/studies/test_probes.py), in about a third of the positions (padding included) on the shipped questions. Any other
-    model is scored option by option as full sequences.
+    (tests/studies/test_probes.py), in about a third of the positions (padding included) on the shipped questions.
+    Any other model is scored option by option as full sequences.
     """
     _check_items(items)
     split = _head_split(model)

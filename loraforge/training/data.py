@@ -511,7 +511,8 @@ def _messages(record: dict) -> list[dict]:
     if not any(m["role"] == "assistant" for m in plain):
         raise DataError(f"{_where(record)}field 'messages' has no assistant turn: nothing to learn or score")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in plain):
-        raise DataError(f"{_where(record)}field 'messages': every assistant turn has weight 0: nothing to learn or score")
+        raise DataError(f"{_where(record)}field 'messages': every assistant turn has weight 0: nothing to learn or "
+                        f"score")
     return plain
 
 

@@ -8,8 +8,8 @@ fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer
       adapter alike, is split across the processes and all-gathered one layer at a time for its forward and
       backward; gradients are reduce-scattered, so each process keeps (and the optimizer updates) only its shard.
       A 4-bit (QLoRA) base is split as its packed bytes, viewed as the base's float dtype (bitsandbytes'
-      `quant_storage`, as FSDP-QLoRA does: FSDP shards floating-point parameters; Params4bit keeps its quantization state on
-      the layer, whole on every process, moved to the process' device).
+      `quant_storage`, as FSDP-QLoRA does: FSDP shards floating-point parameters; Params4bit keeps its quantization
+      state on the layer, whole on every process, moved to the process' device).
 auto: fsdp when the base's weights take more than half of one process's memory (the training state, activations
       and the runtime need the rest), ddp otherwise.
 

@@ -255,6 +255,16 @@ def own_files(out: Path, command: str) -> set[str]:
     return own
 
 
+def refuse_foreign(out: Path, names: Iterable[str], own: set[str], *, overwrite: bool, flag: str = "--out") -> None:
+    """OutputError naming the files of `names` in `out` that are not in `own` (own_files: a user's file of that
+    name, or one changed since the command wrote it), unless `overwrite`."""
+    foreign = sorted(name for name in names if os.path.lexists(out / name) and name not in own)
+    if foreign and not overwrite:
+        raise OutputError(f"{flag} {out}: {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not this "
+                          f"command's own (another file of that name, or one changed since it wrote it); pass "
+                          f"{OVERWRITE} to replace {'it' if len(foreign) == 1 else 'them'}, or choose another {flag}")
+
+
 def write_own(out: str | Path, command: str, files: dict[str, str | bytes], *, overwrite: bool, flag: str = "--out",
               folders: Iterable[str] = (), settings: dict | None = None) -> None:
     """Write `files` ({name: text or bytes}) into the folder `out` as `command`'s own, so that a rerun of `command`
@@ -269,11 +279,7 @@ def write_own(out: str | Path, command: str, files: dict[str, str | bytes], *, o
     data = {name: text if isinstance(text, bytes) else text.encode() for name, text in files.items()}
     new = {name: {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()} for name, raw in data.items()}
     own = own_files(out, command)
-    foreign = sorted(name for name in (*data, WRITTEN) if os.path.lexists(out / name) and name not in own)
-    if foreign and not overwrite:
-        raise OutputError(f"{flag} {out}: {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not this "
-                          f"command's own (another file of that name, or one changed since it wrote it); pass "
-                          f"{OVERWRITE} to replace {'it' if len(foreign) == 1 else 'them'}, or choose another {flag}")
+    refuse_foreign(out, (*data, WRITTEN), own, overwrite=overwrite, flag=flag)
     recorded = _recorded(out, command)
     kept = {name: entry for name, entry in recorded.items() if name in own and name not in data}
     for name in data:

@@ -9,7 +9,8 @@ import torch
 from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
 
 from helpers import tiny_gpt2, tiny_llama
-from loraforge.lora.adalora import AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora, orth_regularization, plot_rank_heatmap, svd_layers
+from loraforge.lora.adalora import (AdaLoraConfig, RankAllocator, SVDLinear, final_rank_pattern, inject_adalora,
+                                    orth_regularization, plot_rank_heatmap, svd_layers)
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.lora.inject import lora_layers, regex_budget
 from loraforge.config import ConfigError, TrainConfig

@@ -447,7 +447,7 @@ def test_adapter_for_another_base_names_both_and_counts_the_misfits(tmp_path):
     8 tensors of another shape, 4 missing from the file."""
     adapter = _adapter_on(tmp_path, "org/small-base")
     model = tiny_llama(hidden_size=64, num_hidden_layers=3)
-    model.config._name_or_path = "/models/larger-base"
+    model.name_or_path = "/models/larger-base"  # as from_pretrained names it (and its config)
     before = _state(model)
     q, v = "model.layers.{}.self_attn.q_proj", "model.layers.{}.self_attn.v_proj"
     shapes = [(q.format(0), "lora_A", (4, 32), (4, 64)), (q.format(0), "lora_B", (32, 4), (64, 4)),
@@ -463,6 +463,31 @@ def test_adapter_for_another_base_names_both_and_counts_the_misfits(tmp_path):
     assert str(caught.value) == message
     _assert_untouched(model, before)
 
+
+
+def test_the_base_is_named_from_where_peft_takes_the_name_it_writes(tmp_path):
+    """PEFT writes base_model_name_or_path from the model's name_or_path (transformers copies config.name_or_path
+    into it as it builds the model; a script may set either later), as save_adapter does; the load-time check
+    compared the adapter's with model.config.name_or_path, so a model named as the adapter's base, its config
+    renamed, was said to be another base. Both now read the model's name_or_path: the misfit message is the one on
+    a model whose two names agree."""
+    def named(model, name, config_name):
+        model.name_or_path, model.config._name_or_path = name, config_name
+        return model
+
+    theirs = peft.get_peft_model(named(tiny_llama(), "org/base", "/models/renamed"),
+                                 peft.LoraConfig(r=4, target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    theirs.save_pretrained(tmp_path / "peft")
+    peft_name = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    ours = save_adapter(randomize(inject(named(tiny_llama(), "org/base", "/models/renamed"),
+                                         LoraConfig(r=4, target_modules=TARGETS))), tmp_path / "ours")
+    assert json.loads((ours / "adapter_config.json").read_text())["base_model_name_or_path"] == peft_name
+    messages = []
+    for config_name in ("/models/renamed-too", peft_name):  # a renamed config; the reference: the names agree
+        with pytest.raises(AdapterError) as caught:
+            load_adapter(named(tiny_llama(hidden_size=64, num_hidden_layers=3), peft_name, config_name), ours)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and messages[0].startswith(f"cannot load adapter {ours}: 12 of its tensors")
 
 def _tiny_qwen2():
     """A Qwen2 of tiny_llama's sizes: every adapter tensor fits either (its q, k, v biases are the base's)."""
@@ -504,9 +529,9 @@ def test_adapter_naming_a_hub_id_loads_on_a_local_copy_whose_shapes_fit(tmp_path
     nothing, and the load equals one on a model of that name."""
     adapter = _adapter_on(tmp_path, "HuggingFaceTB/SmolLM2-135M-Instruct")
     local = tiny_llama()
-    local.config._name_or_path = "/home/me/models/smollm2"
+    local.name_or_path = "/home/me/models/smollm2"
     named = tiny_llama()
-    named.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    named.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     torch.testing.assert_close(load_adapter(local, adapter)(input_ids).logits,
                                load_adapter(named, adapter)(input_ids).logits, rtol=0, atol=0)
 
@@ -514,7 +539,7 @@ def test_adapter_naming_a_hub_id_loads_on_a_local_copy_whose_shapes_fit(tmp_path
 def test_misfits_under_the_same_base_name_are_counted_without_naming_bases(tmp_path):
     adapter = _adapter_on(tmp_path, "/models/base")
     model = tiny_llama(hidden_size=64, num_hidden_layers=3)
-    model.config._name_or_path = "/models/base"  # the same name: the tensors alone tell
+    model.name_or_path = "/models/base"  # the same name: the tensors alone tell
     with pytest.raises(AdapterError) as caught:
         load_adapter(model, adapter)
     head, *shown = str(caught.value).split("\n")

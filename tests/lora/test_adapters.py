@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from helpers import randomize, tiny_gpt2, tiny_llama
-from loraforge.lora.adapters import AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter, mixed_batch, save_adapter, set_adapter
+from loraforge.lora.adapters import (AdapterError, delete_adapter, disable_adapters, list_adapters, load_adapter,
+                                     mixed_batch, save_adapter, set_adapter)
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.lora.layer import LoraLayer

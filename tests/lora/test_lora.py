@@ -126,7 +126,8 @@ def test_target_modules_list_regex_all_linear_and_layers():
                                                                               "model.layers.1.mlp.up_proj"]
     all_linear = names(LoraConfig(target_modules="all-linear"))
     assert len(all_linear) == 14 and not any("lm_head" in n for n in all_linear)
-    assert names(LoraConfig(target_modules=("v_proj",), layers_to_transform=(1,))) == ["model.layers.1.self_attn.v_proj"]
+    assert names(LoraConfig(target_modules=("v_proj",), layers_to_transform=(1,))) == [
+        "model.layers.1.self_attn.v_proj"]
 
 
 def test_target_matching_nothing_lists_linear_names():
@@ -208,7 +209,8 @@ def test_only_adapter_trains_and_bias_options():
 
 
 def test_rank_and_alpha_patterns():
-    model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
+    model = inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8,
+                                             rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
                                              alpha_pattern={"o_proj": 3}))
     layers = dict(lora_layers(model))
     assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 2

@@ -29,7 +29,8 @@ from loraforge.lora.layer import LoraLayer, LoraLinear
 from loraforge.lora.merge import merge_and_unload
 from loraforge.models import load_model, load_tokenizer
 from loraforge.training.optim import optimizer_by_name
-from loraforge.quant.bnb import bits_per_weight_formula, dequantize, prepare_for_kbit_training, quantize_linear, quantize_model, requantize, stored_bits_per_weight, stored_bytes
+from loraforge.quant.bnb import (bits_per_weight_formula, dequantize, prepare_for_kbit_training, quantize_linear,
+                                 quantize_model, requantize, stored_bits_per_weight, stored_bytes)
 
 # A 1024×1024 weight has 2^20 values = 64 superblocks of 64·256 weights: every block is full, so the byte
 # counts below are exact, not rounded up.

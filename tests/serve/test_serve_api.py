@@ -23,17 +23,18 @@ from loraforge.serve import engine as engine_module
 from loraforge.serve import api
 from loraforge.serve.api import ServerThread, TokenizerPool, create_app
 from loraforge.serve.errors import shown
-from test_serve_engine import adapters_dir  # noqa: F401 (a shared fixture; base, tokenizer: conftest.py)
+import test_serve_engine
 
 # no deprecated transformers API on our code paths (the per-step `past_key_values` FutureWarning was one)
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
+adapters_dir = test_serve_engine.adapters_dir  # a shared fixture, found by its name (base, tokenizer: conftest.py)
 KEY = "sk-test-key"
 PROMPT = "The quick brown fox"
 
 
 @pytest.fixture(scope="module")
-def server(base, tokenizer, adapters_dir, decode_path):  # noqa: F811
+def server(base, tokenizer, adapters_dir, decode_path):
     engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters_dir=adapters_dir, max_queue=8,
                     adapters={"a": adapters_dir / "a", "b": adapters_dir / "b"})  # "c": from the directory
     with ServerThread(create_app(engine, api_key=KEY)) as url:
@@ -51,7 +52,7 @@ def http(server, method, path, **kw):
     return httpx.request(method, server[1] + path, headers=headers, timeout=60, **kw)
 
 
-def engine_text(server, tokenizer, model, prompt_ids, n):  # noqa: F811
+def engine_text(server, tokenizer, model, prompt_ids, n):
     return server[0].generate(prompt_ids, None if model == "tiny" else model,
                               SamplingParams(max_tokens=n, ignore_eos=True))
 
@@ -60,7 +61,7 @@ def test_models_lists_base_and_adapters(client):
     assert {m.id for m in client.models.list().data} == {"tiny", "a", "b", "c"}
 
 
-def test_completions_match_the_engine(client, server, tokenizer):  # noqa: F811
+def test_completions_match_the_engine(client, server, tokenizer):
     ids = tokenizer(PROMPT)["input_ids"]
     texts = set()
     for model in ["a", "c", "tiny"]:  # "c" is loaded from the adapters directory on first use
@@ -171,7 +172,7 @@ def test_concurrent_requests_over_adapters(client, server):
     assert server[0].stats["max_running"] >= max(before, 2)  # they shared batches
 
 
-def test_bad_input_answers_and_the_server_goes_on(client, server, tokenizer):  # noqa: F811
+def test_bad_input_answers_and_the_server_goes_on(client, server, tokenizer):
     wrong = openai.OpenAI(base_url=server[1] + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model="a", prompt=PROMPT, max_tokens=2)
@@ -397,7 +398,7 @@ def test_error_bodies_are_short_and_json_styled(server):
     assert shown(10**5000) == "<a int too large to show>"
 
 
-def broken_dir(root: Path, adapters_dir: Path, outside: Path) -> Path:  # noqa: F811
+def broken_dir(root: Path, adapters_dir: Path, outside: Path) -> Path:
     """An adapters directory holding one good adapter and one of each broken kind the hunt found."""
     good = adapters_dir / "a"
     config = json.loads((good / "adapter_config.json").read_text())
@@ -445,7 +446,7 @@ BROKEN = {  # what a request naming each broken adapter gets (400), its folder n
 
 
 @pytest.fixture(scope="module")
-def broken_server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):  # noqa: F811
+def broken_server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):
     root = broken_dir(tmp_path_factory.mktemp("broken"), adapters_dir, tmp_path_factory.mktemp("outside"))
     with pytest.warns(UserWarning) as caught:
         engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters_dir=root, max_loaded=2)
@@ -586,7 +587,7 @@ def test_prompts_tokenize_on_copies_of_their_own(tokenizer):
     assert got == expected
 
 
-def test_a_forward_that_overflows_fp16_is_a_500_naming_fp16_s_range(base, tokenizer):  # noqa: F811
+def test_a_forward_that_overflows_fp16_is_a_500_naming_fp16_s_range(base, tokenizer):
     """Soak: `serve --precision fp16` on a base whose activations pass 65504 (its weights within fp16's range)
     answered 500 "generation failed: FloatingPointError: the model's logits have no finite value" and no more. The
     500 stays (the server's setting, not the request, is wrong), its message now says fp16 overflowed and what to

@@ -26,7 +26,7 @@ from helpers import full_forward_greedy, save_adapters, tiny_llama
 from loraforge.lora.adapters import AdapterError, load_adapter, save_adapter
 from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
-from loraforge.models import context_length, load_tokenizer
+from loraforge.models import context_length
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
 from loraforge.serve import static_batch
 from loraforge.serve.engine import IDLE_CHECK_S
@@ -336,7 +336,7 @@ def test_an_adapter_whose_ranks_are_not_its_configs_is_refused_at_start(make_eng
     save_file({k: v for k, v in weights.items() if ".layers.0." not in k},
               tmp_path / "other" / "adapter_model.safetensors")
     model = copy.deepcopy(base)
-    model.config.name_or_path = str(tmp_path / "cache" / "the-base")
+    model.name_or_path = str(tmp_path / "cache" / "the-base")  # where load_adapter reads the model's name
     with pytest.raises(AdapterError) as e:
         Engine(model, tokenizer, base_name="tiny", adapters={"other": tmp_path / "other"})
     assert "the model given is tiny" in str(e.value) and str(tmp_path / "cache") not in str(e.value)

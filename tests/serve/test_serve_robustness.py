@@ -28,18 +28,20 @@ from loraforge.serve import Engine, SamplingParams, ServeError
 from loraforge.serve.api import FORCED_S, SHUTTING_DOWN, ServerThread, create_app
 from loraforge.serve.errors import shown
 from loraforge.serve.sampling import sample
-from test_serve_engine import adapters_dir, collect, prompts, reference  # noqa: F401
+import test_serve_engine
+from test_serve_engine import collect, prompts, reference
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
 
+adapters_dir = test_serve_engine.adapters_dir  # a shared fixture, found by its name (base, tokenizer: conftest.py)
 KEY = "sk-test"
 PROMPT = "The quick brown fox"
 TINY = 5e-324  # the smallest positive float
 
 
 @pytest.fixture(scope="module")
-def server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):  # noqa: F811
+def server(base, tokenizer, adapters_dir, tmp_path_factory, decode_path):
     root = tmp_path_factory.mktemp("upload")
     for name in ("a", "b"):
         shutil.copytree(adapters_dir / name, root / name)
@@ -261,7 +263,7 @@ def test_corrupt_upload_is_refused_while_every_slot_is_busy(server):
     assert post(server, "/v1/adapters", {"name": "b-up2", "path": 5}).status_code == 400
 
 
-def test_a_failing_request_fails_alone(base, tokenizer, adapters_dir):  # noqa: F811
+def test_a_failing_request_fails_alone(base, tokenizer, adapters_dir):
     """Isolation in prefill (a prompt the model cannot embed) and in decode (a consumer that raises): the greedy
     requests in the same batch still give the reference tokens."""
     engine = Engine(copy.deepcopy(base), tokenizer, adapters={"a": adapters_dir / "a"})
@@ -326,7 +328,7 @@ def wait_for(condition, what: str, seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def test_a_client_that_disconnects_is_aborted(base, tokenizer, adapters_dir, monkeypatch):  # noqa: F811
+def test_a_client_that_disconnects_is_aborted(base, tokenizer, adapters_dir, monkeypatch):
     """Hunt #2: a non-streaming request whose client closed its socket decoded to its max_tokens (uvicorn does not
     cancel the handler), and one still queued was prefilled later. Now both are aborted within a poll
     (DISCONNECT_POLL_S) of the disconnect; a streamed one still is too. Steps are slowed to 50 ms, so a 90-token

@@ -17,7 +17,6 @@ from loraforge.training.data import build_dataset, read_records
 from loraforge.training.loop import Stopped, load_data, train
 from loraforge.lora.adapters import save_adapter
 from loraforge.lora.inject import inject
-from helpers import tiny_llama
 
 
 def adapter_for(config, out: Path) -> str:

@@ -430,8 +430,8 @@ def test_per_device_memory_under_fsdp_and_ddp():
     ddp = per_device(one, "70b", "lora", 4, "ddp", "bf16")
     assert ddp["weights"] == one["weights"] and ddp["buffers"] == one["gradients"]
     qlora = per_device(estimate("70b", "qlora"), "70b", "qlora", 2, "fsdp")
-    assert qlora["buffers"] == pytest.approx(4 * (s.embedding_params + s.hidden_size) + 2 * 4.127 / 8 * s.linear_params / 80,
-                                             rel=1e-3)
+    assert qlora["buffers"] == pytest.approx(4 * (s.embedding_params + s.hidden_size)
+                                             + 2 * 4.127 / 8 * s.linear_params / 80, rel=1e-3)
     assert "buffers" in format_breakdown(fsdp)
     with pytest.raises(ValueError, match="'zero3'"):
         per_device(one, "70b", "lora", 2, "zero3")

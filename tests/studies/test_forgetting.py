@@ -16,7 +16,8 @@ from helpers import forbid_loading
 from loraforge.config import ConfigError, load_train_config
 from loraforge.studies.demo import asset
 from loraforge.studies import forgetting, rerun
-from loraforge.studies.forgetting import task_split, arm_config, arms, format_report, model_hash, probe_base, run_forgetting
+from loraforge.studies.forgetting import (task_split, arm_config, arms, format_report, model_hash, probe_base,
+                                          run_forgetting)
 from loraforge.training.loop import build_model, train
 from loraforge.utils.outputs import OutputError
 
@@ -232,9 +233,9 @@ def test_a_list_of_sources_runs_as_its_single_file(tiny_dir, data_file, tmp_path
     over = [f"model.name={tiny_dir}", "model.dtype=fp32", "training.max_steps=2", "training.batch_size=4",
             "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
     reports = []
-    for name, train in (("file", str(data_file)), ("list", f"[{data_file}]")):
+    for name, source in (("file", str(data_file)), ("list", f"[{data_file}]")):
         monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / name / "cache"))  # each computes its own numbers
-        cfg = load_train_config(None, [*over, f"data.train={train}"])
+        cfg = load_train_config(None, [*over, f"data.train={source}"])
         reports.append(run_forgetting(cfg, tmp_path / name / "fg", ranks=(2,), limit=4, progress=False))
     assert reports[1]["task_train"] == [{"path": str(tmp_path / "list" / "fg" / "task_train.jsonl"), "format": None,
                                          "weight": None, "epochs": None}]
@@ -282,9 +283,9 @@ def test_task_split_of_a_list_holds_out_part_of_each_source(tiny_dir, data_file,
     with pytest.raises(DataError) as e:
         task_split(load_train_config(None, [*base, f"data.train=[{small}, {small}]"]), tmp_path / "fg2", "forgetting",
                    False)
-    assert str(e.value) == (f"data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
-                            f"data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
-                            f"examples: give 20 or more records, or set data.eval to a file of them")
+    assert str(e.value) == ("data.train: no source has 20 records to hold some out (data.train[0] small.jsonl: 5, "
+                            "data.train[1] small.jsonl: 5) and data.eval is unset; the task accuracy needs held-out "
+                            "examples: give 20 or more records, or set data.eval to a file of them")
 
 
 @pytest.fixture
@@ -365,6 +366,26 @@ def test_a_folder_holding_only_a_task_split_is_not_taken_as_the_studys_own(tmp_p
                             f"replaced), or choose another --out")
     assert ran == [] and (out / "task_train.jsonl").read_text() == "{}\n"
 
+
+
+def test_run_forgetting_from_python_refuses_a_users_forgetting_json(tiny_dir, data_file, tmp_path):
+    """From Python (no CLI check before it), a fresh study deleted a user's own forgetting.json in `out` (and
+    forgetting.png) before running. Now it refuses a file it did not write, as write_own does, before any work: the
+    user's bytes stay."""
+    out = tmp_path / "fg"
+    out.mkdir()
+    mine = json.dumps({"rows": [{"name": "mine"}]}).encode()
+    (out / "forgetting.json").write_bytes(mine)
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", "model.dtype=fp32",
+                                   "training.max_steps=2", "training.batch_size=4", "training.precision=fp32",
+                                   f"output_dir={tmp_path}"])
+    with pytest.raises(OutputError) as e:
+        run_forgetting(cfg, out, ranks=(2,), limit=4, progress=False)
+    assert str(e.value) == (f"--out {out}: forgetting.json is not this command's own (another file of that name, or "
+                            f"one changed since it wrote it); pass --overwrite (overwrite=True) to replace it, or "
+                            f"choose another --out")
+    assert (out / "forgetting.json").read_bytes() == mine and sorted(p.name for p in out.iterdir()) == [
+        "forgetting.json"]
 
 def test_a_study_stopped_before_its_first_result_is_rerun_into_its_own_task_split(tiny_dir, data_file, tmp_path,
                                                                                 monkeypatch):

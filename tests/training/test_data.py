@@ -19,7 +19,9 @@ from huggingface_hub import constants
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraforge.training.data import IGNORE, DataError, Example, build_dataset, collate, detect_format, encode, join_rows, pack, padding_fraction, prompt_ids, should_pack, read_records, reference_output, train_test_split
+from loraforge.training.data import (IGNORE, DataError, Example, build_dataset, collate, detect_format, encode,
+                                     join_rows, pack, padding_fraction, prompt_ids, should_pack, read_records,
+                                     reference_output, train_test_split)
 from loraforge.kernels import segment_starts
 from loraforge.models import load_tokenizer
 from loraforge.training.fastpath import runs_by_sequence
@@ -649,7 +651,8 @@ def test_a_missing_local_path_is_no_such_file_not_install_datasets(tmp_path, mon
 
 # ---------------------------------------------------------------------------------------------------- readers
 
-RECORDS = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c, \"d\"", "input": "e\nf", "output": "g"}]
+RECORDS = [{"instruction": "a", "input": "", "output": "b"},
+           {"instruction": "c, \"d\"", "input": "e\nf", "output": "g"}]
 
 
 def strip_source(records):
@@ -910,7 +913,8 @@ def test_padding_fraction_nets_out_what_a_shared_prefix_saves():
     net = padding_fraction(rows, 2, lambda chunk: calls.append(len(chunk)) or 3)
     assert calls == [2] and net == pytest.approx(1 - 10 / 9)  # below 0: fewer positions than real tokens
     assert not should_pack("auto", net)
-    assert padding_fraction(rows + rows[:1], 2, lambda chunk: 3) == pytest.approx(1 - 16 / 15)  # a 1-row batch shares none
+    # a 1-row batch shares none
+    assert padding_fraction(rows + rows[:1], 2, lambda chunk: 3) == pytest.approx(1 - 16 / 15)
     assert padding_fraction(rows * 3, 2, max_batches=1) == pytest.approx(2 / 12)  # only the first batch is read
 
 

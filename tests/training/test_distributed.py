@@ -528,8 +528,8 @@ def test_processes_whose_torchrun_agent_is_killed_while_they_start_end_instead_o
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                               "--master_port=29569", "-m", "loraforge", "train", str(cfg_file),
-                              *common(tiny_dir, data_file), f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+                              *common(tiny_dir, data_file), f"output_dir={out}"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300  # the agent's start-up, under a loaded 2-core machine's imports
         while len(children(agent.pid)) < 2:

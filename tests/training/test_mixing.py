@@ -119,7 +119,8 @@ def test_sources_with_their_own_formats_and_the_data_line(tiny_dir, two_sources,
     assert "data.train[0] add.jsonl: 30 records (0 truncated, 0 dropped), weight 0.75: 28 examples" in line
     assert "data.train[1] chat.jsonl: 8 records (0 truncated, 0 dropped), weight 0.25: 10 examples" in line
     tiny = load_train_config(None, [f"model.name={tiny_dir}", "data.eval_fraction=0", f"output_dir={tmp_path}"],
-                             base={"data": {"train": [{"path": str(a), "weight": 1e-9}, {"path": str(b), "weight": 1}]}})
+                             base={"data": {"train": [{"path": str(a), "weight": 1e-9},
+                                                      {"path": str(b), "weight": 1}]}})
     _, _, tiny_stats, tiny_mixture = load_data(tiny, tok)  # soak: "weight 0.00: 0 examples", nothing more
     assert "add.jsonl: 30 records (0 truncated, 0 dropped), weight 1e-09: 0 examples (not one per epoch: raise its " \
            "weight, or remove the source), 0% of the tokens" in sources_report(tiny_mixture, tiny_stats)

@@ -193,11 +193,12 @@ def test_qlora_method_trains_only_the_adapter_on_a_4bit_base(tmp_path, data_file
 
     tok = load_tokenizer("smollm2-135m")
     path = tmp_path / "tiny64"  # bnb's CPU 4-bit path needs in_features that are multiples of 64
-    tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, tie_word_embeddings=True).save_pretrained(path)
+    tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+               tie_word_embeddings=True).save_pretrained(path)
     tok.save_pretrained(path)
-    cfg = load_train_config(None, [f"model.name={path}", f"data.train={data_file}", "method=qlora", "data.eval_fraction=0",
-                                   f"output_dir={tmp_path / 'out'}", "training.max_steps=3", "training.batch_size=4",
-                                   "lora.r=4", "training.lr=1e-2"])
+    cfg = load_train_config(None, [f"model.name={path}", f"data.train={data_file}", "method=qlora",
+                                   "data.eval_fraction=0", f"output_dir={tmp_path / 'out'}", "training.max_steps=3",
+                                   "training.batch_size=4", "lora.r=4", "training.lr=1e-2"])
     result = train(cfg, progress=False)
     weights = adapter(tmp_path / "out")
     assert result.steps == 3 and all(torch.isfinite(v).all() for v in weights.values())

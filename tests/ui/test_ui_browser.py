@@ -20,21 +20,22 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from helpers import output_held_elsewhere
 from loraforge import cli
-from test_ui_api import KEY, call, form, ui, write_launch  # noqa: F401 (the shared server fixture)
+import test_ui_api
+from test_ui_api import KEY, call, form, write_launch
 
+ui = test_ui_api.ui  # the shared server fixture, found by its name
 CHROMIUM = os.environ.get("LORAFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install -y chromium")
 
 
 @pytest.fixture(scope="module")
-def browser(ui):  # noqa: F811
+def browser(ui):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
@@ -57,12 +58,12 @@ def set_key(page, key):
 
 
 @pytest.fixture(scope="module")
-def page(ui, browser):  # noqa: F811
+def page(ui, browser):
     return open_page(browser, ui[0])
 
 
 @pytest.fixture
-def fresh(ui, browser):  # noqa: F811
+def fresh(ui, browser):
     """A page of its own, nothing ticked; an uncaught script error on it (an exception, a rejected promise) fails."""
     errors = []
     page = open_page(browser, ui[0], errors)
@@ -93,7 +94,7 @@ def points(page) -> int:
     return int(page.get_attribute("#chart-loss", "data-points"))
 
 
-def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa: F811
+def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):
     from loraforge.ui.launch import form_config
 
     # 1. a bad value: the page shows exactly what `loraforge train` prints for it
@@ -173,7 +174,7 @@ def test_walk_through_the_dashboard(ui, page, shots, tmp_path, capsys):  # noqa:
 
 # --- damaged files and failing calls, each on a fresh page ---
 
-def fake_run(ui, name, metrics, finished=True):  # noqa: F811
+def fake_run(ui, name, metrics, finished=True):
     """A run as train leaves it: metrics.jsonl (lines as given) and, when finished, its adapter."""
     run = ui[1] / "runs" / name
     run.mkdir(parents=True)
@@ -214,7 +215,7 @@ def list_says(page, name, **changes):
     page.click("#refresh")
 
 
-def test_odd_metrics_rows_are_skipped_and_the_good_points_drawn(ui, fresh):  # noqa: F811
+def test_odd_metrics_rows_are_skipped_and_the_good_points_drawn(ui, fresh):
     fake_run(ui, "good", GOOD)
     fake_run(ui, "odd", ["null", "[1, 2]", '"text"', '{"step": "3", "loss": 1.0}', '{"loss": 1.0}',
                          '{"step": 2, "loss": NaN}', '{"step": 3, "loss": "x", "grad_norm": Infinity}',
@@ -231,7 +232,7 @@ def test_odd_metrics_rows_are_skipped_and_the_good_points_drawn(ui, fresh):  # n
     assert chart(fresh, "grad_norm") == [[1, 2, 3, 4], [1.0, 1.0, 1.0, 1.0], [0.5, None, None, None]]
 
 
-def test_the_extras_of_a_finished_run_are_shown_once(ui, fresh):  # noqa: F811
+def test_the_extras_of_a_finished_run_are_shown_once(ui, fresh):
     run = fake_run(ui, "fin", GOOD)
     (run / "forgetting.json").write_text(json.dumps({"rows": [{"task": "x", "before": 1.0, "after": 1.25}]}))
     (ui[1] / "runs" / ".ui" / "fin").mkdir(parents=True)
@@ -243,7 +244,7 @@ def test_the_extras_of_a_finished_run_are_shown_once(ui, fresh):  # noqa: F811
     assert fresh.locator("#extras table.forgetting td").all_inner_texts() == ['"x"', "1.0000", "1.2500"]
 
 
-def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fresh):  # noqa: F811
+def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fresh):
     fake_run(ui, "blip", GOOD)
     urls = []
 
@@ -264,7 +265,7 @@ def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fres
 
 
 @pytest.mark.parametrize("locks", [True, False], ids=["web-locks", "no-web-locks"])
-def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh, locks):  # noqa: F811
+def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh, locks):
     """A browser holds 6 connections per host and each ticked run's stream held one while its run lived: with a
     seventh, the list, Stop, extras and the playground waited forever. Now the streams share a few connections in
     turn: every run's curve fills, and the page's other requests are answered at once. Without Web Locks (a page
@@ -304,7 +305,7 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
     rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
     assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
 
-def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_other_requests(ui, browser):  # noqa: F811
+def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_other_requests(ui, browser):
     """The 6 connections a browser holds per host are shared by all its tabs, and each tab kept 3 streams of its
     own: two tabs following three live runs took all 6, a third tab's curves stayed empty, and the list took 10-25 s
     to answer in any tab. Now the tabs share the 3 stream connections among them (Web Locks): counted here as the
@@ -356,7 +357,7 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
     assert most <= 3, most  # before: 6, every connection the browser holds for this server (3 tabs × 3 slots)
 
 
-def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, fresh):  # noqa: F811
+def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, fresh):
     run = fake_run(ui, "keyed", GOOD)
     tick(fresh, "keyed")
     wait_points(fresh, "loss", 4)
@@ -371,7 +372,7 @@ def test_a_wrong_key_is_shown_and_the_right_one_restarts_the_ticked_streams(ui, 
     assert fresh.is_hidden("#runs-error") and fresh.is_hidden("#banner")
 
 
-def test_stop_on_a_run_that_already_ended_shows_the_servers_message(ui, fresh):  # noqa: F811
+def test_stop_on_a_run_that_already_ended_shows_the_servers_message(ui, fresh):
     fake_run(ui, "ended", GOOD)
     list_says(fresh, "ended", status="running", stoppable=True)  # it ended after the list was loaded
     fresh.click('#runs tr[data-run="ended"] button.stop')
@@ -381,7 +382,7 @@ def test_stop_on_a_run_that_already_ended_shows_the_servers_message(ui, fresh): 
     assert fresh.inner_text("#runs-error") == f"error: {refused.json()['error']['message']}"
 
 
-def test_a_failed_zip_download_shows_the_message_and_saves_nothing(ui, fresh):  # noqa: F811
+def test_a_failed_zip_download_shows_the_message_and_saves_nothing(ui, fresh):
     fake_run(ui, "noadapter", GOOD, finished=False)
     list_says(fresh, "noadapter", has_adapter=True)  # its adapter was removed after the list was loaded
     downloads = []
@@ -402,7 +403,7 @@ def wait_until(page, fn, timeout=10):
         page.wait_for_timeout(50)
 
 
-def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):  # noqa: F811
+def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):
     """Stop sends SIGINT (the step finishes, however long); the list then says "stopping…" and Stop now, whose
     request carries force=true (SIGTERM: the step is interrupted). Answered here, to see what the page asks."""
     fake_run(ui, "asked", GOOD, finished=False)
@@ -429,7 +430,7 @@ def test_stop_asks_once_and_a_run_asked_to_stop_offers_stop_now(ui, fresh):  # n
     assert asked == ["asked/stop", "asked/stop?force=true"]
 
 
-def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_stop(ui, fresh):  # noqa: F811
+def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_stop(ui, fresh):
     """The page followed a ticked run until its `end`, for good: a stopped run continued with `--resume` from a
     terminal kept a frozen curve until a reload. And Stop was offered on every running row, though the server
     refuses it (409) for a run continued outside the dashboard."""
@@ -454,7 +455,7 @@ def test_a_ticked_run_continued_from_a_terminal_is_followed_again_and_offers_no_
         assert call(ui, "POST", "/ui/api/runs/again/stop").status_code == 409
 
 
-def test_a_ticked_run_whose_folder_is_deleted_leaves_the_charts(ui, fresh):  # noqa: F811
+def test_a_ticked_run_whose_folder_is_deleted_leaves_the_charts(ui, fresh):
     fake_run(ui, "delme", GOOD)
     fake_run(ui, "kept", GOOD[:2])
     tick(fresh, "delme")
@@ -486,7 +487,7 @@ def say(page, text):
     page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].every(m => m.dataset.done === 'true')")
 
 
-def test_a_playground_value_that_is_not_a_number_is_refused_and_an_empty_one_left_out(ui, fresh):  # noqa: F811
+def test_a_playground_value_that_is_not_a_number_is_refused_and_an_empty_one_left_out(ui, fresh):
     """Number("0,5") is NaN, which JSON sends as null: the server used its default, silently; an empty max tokens
     was sent as 0. Now a bad value is named and nothing sent; an empty field is left to the server."""
     sent = open_playground(fresh)
@@ -522,7 +523,7 @@ def test_a_playground_value_that_is_not_a_number_is_refused_and_an_empty_one_lef
     assert fresh.locator(".msg.assistant.error").count() == 0
 
 
-def test_a_failed_turn_is_left_out_of_the_conversation(ui, fresh):  # noqa: F811
+def test_a_failed_turn_is_left_out_of_the_conversation(ui, fresh):
     """A prompt too long for the model failed, and stayed in the conversation: every later turn failed with it."""
     sent = open_playground(fresh)
     fresh.fill("#max-tokens", "4")
@@ -560,7 +561,7 @@ def answer(route, text):
 SEND = "#play-form button[type=submit]"
 
 
-def test_a_send_while_an_answer_streams_waits_so_the_history_goes_out_in_send_order(ui, fresh):  # noqa: F811
+def test_a_send_while_an_answer_streams_waits_so_the_history_goes_out_in_send_order(ui, fresh):
     """A turn joins the conversation when its answer ends: a second send while the first streamed put the history
     out in finish order ([SECOND, reply, FIRST, reply, THIRD]). Now Send is off while an answer streams (Ctrl+Enter
     and a submit too), the prompt waits in its box, and the requests go out in the order they were sent."""
@@ -590,7 +591,7 @@ def test_a_send_while_an_answer_streams_waits_so_the_history_goes_out_in_send_or
                                                                  "reply 3"]
 
 
-def test_stop_and_new_conversation_abort_a_streaming_answer(ui, fresh):  # noqa: F811
+def test_stop_and_new_conversation_abort_a_streaming_answer(ui, fresh):
     """No way to cancel a streaming answer: Stop aborts it (left out of the conversation), and New conversation
     aborts the open ones too."""
     open_playground(fresh)
@@ -620,7 +621,7 @@ def test_stop_and_new_conversation_abort_a_streaming_answer(ui, fresh):  # noqa:
     assert fresh.locator(".play-col .msg").all_inner_texts() == ["new", "ok"]
 
 
-def test_the_run_list_keeps_its_order_and_the_focus_across_reloads(ui, fresh):  # noqa: F811
+def test_the_run_list_keeps_its_order_and_the_focus_across_reloads(ui, fresh):
     """The list was rebuilt every 3 s, newest metrics first: focus fell to the page, and live runs swapped places
     under the mouse (a click could tick or stop the wrong run). Rows are now updated in place."""
     now = time.time()
@@ -652,7 +653,7 @@ def banner_says(page, text):
     page.wait_for_function("text => document.querySelector('#banner:not([hidden])')?.textContent === text", arg=text)
 
 
-def test_the_server_down_or_a_wrong_key_is_said_once_in_a_banner(ui, fresh):  # noqa: F811
+def test_the_server_down_or_a_wrong_key_is_said_once_in_a_banner(ui, fresh):
     """A wrong key or a server that does not answer: opening Playground or Adapters threw an uncaught "Failed to
     fetch" and showed an empty list with no message; the runs list went on showing "running" with no word. Now one
     banner says so (not in HTTP's words), the list is greyed, and the page retries until answered."""
@@ -678,7 +679,7 @@ def test_the_server_down_or_a_wrong_key_is_said_once_in_a_banner(ui, fresh):  # 
     assert not fresh.evaluate("document.body.classList.contains('trouble')")
 
 
-def test_the_charts_keep_their_height_beside_a_long_run_list(ui, fresh):  # noqa: F811
+def test_the_charts_keep_their_height_beside_a_long_run_list(ui, fresh):
     """With 230 runs listed each chart stretched to 2,282 px, pushing a failed run's log thousands of px down."""
     for i in range(60):
         fake_run(ui, f"tall{i:02}", GOOD[:1])
@@ -691,7 +692,7 @@ def test_the_charts_keep_their_height_beside_a_long_run_list(ui, fresh):  # noqa
     assert fresh.evaluate("document.querySelector('#extras').getBoundingClientRect().y") < 700
 
 
-def test_the_y_axis_labels_are_distinct_and_fit(ui, fresh):  # noqa: F811
+def test_the_y_axis_labels_are_distinct_and_fit(ui, fresh):
     """toPrecision(3) repeated labels (2.3, 2.31, 2.31) and the 60 px axis cut 1,234,6xx to "230000"."""
     cases = [[2.3, 2.305, 2.31, 2.315], [1234600, 1234620, 1234640], [0, 1e-4, 2e-4], [0, 0.25, 0.5, 0.75],
              [0.1, 0.2, 0.30000000000000004], [-5, 0, 5], [1e-5, 1.5e-5, 2e-5], [2.31]]
@@ -710,7 +711,7 @@ def test_the_y_axis_labels_are_distinct_and_fit(ui, fresh):  # noqa: F811
     assert size > needed
 
 
-def test_a_far_outlier_is_left_above_the_chart_and_said(ui, fresh):  # noqa: F811
+def test_a_far_outlier_is_left_above_the_chart_and_said(ui, fresh):
     """A single 1e308 loss flattened every curve to a line at the bottom of the chart."""
     losses = [2.5, 2.25, 1e308, 2.0, 1.75, 1.5]
     fake_run(ui, "outlier", [json.dumps({"step": s, "loss": v}) for s, v in enumerate(losses, 1)])
@@ -724,7 +725,7 @@ def test_a_far_outlier_is_left_above_the_chart_and_said(ui, fresh):  # noqa: F81
     assert fresh.inner_text("#chart-lr .clipped") == ""
 
 
-def test_long_unbroken_text_wraps_and_the_columns_keep_their_width(ui, fresh):  # noqa: F811
+def test_long_unbroken_text_wraps_and_the_columns_keep_their_width(ui, fresh):
     """A 50,000-character prompt or reply made the page 472,393 px wide, the second column off-screen."""
     fresh.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
         {"id": "tiny", "object": "model"}, {"id": "other", "object": "model", "parent": "tiny"}]}))
@@ -740,7 +741,7 @@ def test_long_unbroken_text_wraps_and_the_columns_keep_their_width(ui, fresh):  
     assert len(cols) == 2 and cols[0] < width / 2 + 20 and cols[1] <= width
 
 
-def test_a_double_click_on_start_sends_one_request(ui, fresh):  # noqa: F811
+def test_a_double_click_on_start_sends_one_request(ui, fresh):
     """The second POST of a double click answered 409, written into the Start tab while the run started."""
     posts = []
     fresh.route("**/ui/api/runs", lambda route: posts.append(route) if route.request.method == "POST"
@@ -757,7 +758,7 @@ def test_a_double_click_on_start_sends_one_request(ui, fresh):  # noqa: F811
     assert fresh.is_enabled("#start-form button[type=submit]") and len(posts) == 1
 
 
-def test_send_with_no_model_ticked_keeps_the_prompt_and_says_why(ui, fresh):  # noqa: F811
+def test_send_with_no_model_ticked_keeps_the_prompt_and_says_why(ui, fresh):
     sent = open_playground(fresh)
     fresh.uncheck("#play-models input[data-model=tiny]")
     fresh.fill("#prompt", "hello")
@@ -767,7 +768,7 @@ def test_send_with_no_model_ticked_keeps_the_prompt_and_says_why(ui, fresh):  # 
     assert fresh.input_value("#prompt") == "hello" and sent == []
 
 
-def test_a_runs_error_is_cleared_when_another_run_is_ticked(ui, fresh):  # noqa: F811
+def test_a_runs_error_is_cleared_when_another_run_is_ticked(ui, fresh):
     """"error: new\\nline: Not Found" stayed up whatever was ticked next."""
     fake_run(ui, "errs", GOOD)
     fake_run(ui, "other11", GOOD)
@@ -780,7 +781,7 @@ def test_a_runs_error_is_cleared_when_another_run_is_ticked(ui, fresh):  # noqa:
     fresh.wait_for_selector("#runs-error", state="hidden")
 
 
-def test_a_narrow_window_wraps_the_page(ui, browser):  # noqa: F811
+def test_a_narrow_window_wraps_the_page(ui, browser):
     """In a 400 px window the runs tab was 1,269 px wide, the Start form 448 px, the key box past the edge."""
     fake_run(ui, "narrow-run-with-a-long-name-" + "n" * 60, GOOD)
     page = browser.new_page(viewport={"width": 400, "height": 800})
@@ -799,7 +800,7 @@ def test_a_narrow_window_wraps_the_page(ui, browser):  # noqa: F811
     assert widths == {tab: 400 for tab in widths} and all(r <= 400 for r in rights), (widths, rights)
 
 
-def test_a_255_byte_run_name_leaves_the_status_the_buttons_and_the_charts_in_shape(ui, fresh):  # noqa: F811
+def test_a_255_byte_run_name_leaves_the_status_the_buttons_and_the_charts_in_shape(ui, fresh):
     """A 255-byte name (the longest a file system takes) squeezed every row's status to 'un/kn/ow/n', the zip button
     to 'z/i/p', and, ticked, stood in each chart's legend at full length: the charts 490 px tall, not 280-310."""
     long = "L" * 255
@@ -821,7 +822,7 @@ def test_a_255_byte_run_name_leaves_the_status_the_buttons_and_the_charts_in_sha
     assert [title for title, _ in labels] == ["short-name", long] and labels[1][1] < 200, labels
 
 
-def test_a_255_byte_adapter_or_dataset_name_leaves_the_page_its_width(ui, fresh):  # noqa: F811
+def test_a_255_byte_adapter_or_dataset_name_leaves_the_page_its_width(ui, fresh):
     """The Adapters tab's list of folders (and the Start form's of datasets) grew as wide as its longest name: a
     255-byte folder made the page 1,983 px wide in a 1,400 px window, the header ending at 1,400."""
     fake_run(ui, "A" * 255, GOOD)  # its adapter is offered as AAA.../adapter
@@ -841,7 +842,7 @@ def test_a_255_byte_adapter_or_dataset_name_leaves_the_page_its_width(ui, fresh)
     assert widths == {"adapters": 1400, "start": 1400}, widths
 
 
-def test_a_reload_keeps_the_ticked_runs(ui, fresh):  # noqa: F811
+def test_a_reload_keeps_the_ticked_runs(ui, fresh):
     fake_run(ui, "keep1", GOOD)
     fake_run(ui, "keep2", GOOD[:2])
     tick(fresh, "keep1")
@@ -853,7 +854,7 @@ def test_a_reload_keeps_the_ticked_runs(ui, fresh):  # noqa: F811
     assert fresh.is_checked('#runs input[data-run="keep1"]') and fresh.is_checked('#runs input[data-run="keep2"]')
 
 
-def test_a_held_out_legend_entry_only_for_a_run_with_held_out_loss(ui, fresh):  # noqa: F811
+def test_a_held_out_legend_entry_only_for_a_run_with_held_out_loss(ui, fresh):
     fake_run(ui, "noeval", GOOD)
     fake_run(ui, "witheval", GOOD + [json.dumps({"step": 4, "eval_loss": 1.25})])
     tick(fresh, "noeval")
@@ -863,7 +864,7 @@ def test_a_held_out_legend_entry_only_for_a_run_with_held_out_loss(ui, fresh):  
         "noeval", "witheval", "witheval (held-out)"]
 
 
-def test_ctrl_enter_sends_and_enter_is_a_new_line(ui, fresh):  # noqa: F811
+def test_ctrl_enter_sends_and_enter_is_a_new_line(ui, fresh):
     open_playground(fresh)
     bodies, held = hold_answers(fresh)
     assert "Ctrl+Enter" in fresh.get_attribute("#prompt", "placeholder")
@@ -882,7 +883,7 @@ def test_ctrl_enter_sends_and_enter_is_a_new_line(ui, fresh):  # noqa: F811
     assert [body["messages"][-1]["content"] for body in bodies] == ["line one\nline two", "mac"]
 
 
-def test_the_page_loads_without_a_console_error(ui, browser):  # noqa: F811
+def test_the_page_loads_without_a_console_error(ui, browser):
     """/favicon.ico answered 404: a console error on a browser's first load of the page."""
     fresh_browser = browser.browser_type.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # no icon cached
     try:
@@ -898,7 +899,7 @@ def test_the_page_loads_without_a_console_error(ui, browser):  # noqa: F811
     assert errors == []
 
 
-def test_a_long_run_streamed_in_many_events_is_drawn_a_few_times_not_once_per_event(ui, fresh):  # noqa: F811
+def test_a_long_run_streamed_in_many_events_is_drawn_a_few_times_not_once_per_event(ui, fresh):
     """Soak: a 1,000,000-row metrics.jsonl came in 133 events and the page drew every row after each one (quadratic:
     the page answered nothing for 2 minutes). 300 events that arrive at once are drawn a few times, all rows kept."""
     fake_run(ui, "long", GOOD)

@@ -71,7 +71,8 @@ def no_model_loading(monkeypatch):
 
 @pytest.fixture
 def adapter_dir(tiny_dir, tmp_path):
-    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear")))
+    model = randomize(inject(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                             LoraConfig(r=4, target_modules="all-linear")))
     save_adapter(model, tmp_path / "adapter")
     return tmp_path / "adapter"
 
@@ -124,7 +125,8 @@ def test_merge_into_a_users_folder_needs_overwrite_and_keeps_the_users_files(tin
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(after)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary folder left behind
     # the merged checkpoint in the shared folder equals one merged into a fresh folder
-    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "fresh")]) == 0
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir),
+                 "--out", str(tmp_path / "fresh")]) == 0
     ids = torch.randint(0, 1000, (2, 7))
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(notes)(ids).logits,
                                AutoModelForCausalLM.from_pretrained(tmp_path / "fresh")(ids).logits, rtol=0, atol=0)
@@ -132,7 +134,8 @@ def test_merge_into_a_users_folder_needs_overwrite_and_keeps_the_users_files(tin
 
 def test_merge_into_an_empty_folder_needs_no_flag(tiny_dir, adapter_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "empty")]) == 0
+    assert main(["merge", "--base", str(tiny_dir), "--adapter", str(adapter_dir),
+                 "--out", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / "model.safetensors").is_file()
 
 
@@ -537,7 +540,8 @@ def test_an_export_into_a_new_out_another_filled_meanwhile_leaves_it_to_that_one
     monkeypatch.setattr(gguf_export, "model_writer", meanwhile(
         gguf_export.model_writer, gguf_out, lambda p: p.write_text("theirs")))
     for out, command in ((vllm_out, ["export", "--to", "vllm", "--adapter", str(adapter_dir)]),
-                         (gguf_out, ["export", "--to", "gguf", "--base", str(tiny_dir), "--adapter", str(adapter_dir)])):
+                         (gguf_out, ["export", "--to", "gguf", "--base", str(tiny_dir),
+                                     "--adapter", str(adapter_dir)])):
         capsys.readouterr()
         assert main([*command, "--out", str(out)]) == 2
         err = capsys.readouterr().err.splitlines()[-1]  # after the loading's progress bars
