@@ -509,7 +509,8 @@ def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str],
     if recorded is None or recorded == here:
         return
     warnings.warn(f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
-                  f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}", stacklevel=3)
+                  f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}",
+                  stacklevel=3)
 
 
 def _stored(quantization: str) -> str:
