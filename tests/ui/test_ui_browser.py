@@ -11,6 +11,7 @@ Then short checks of the page against damaged files and failing calls, each on a
 odd metrics rows, extras shown once, a stream that breaks and reconnects, a wrong key, Stop and zip refused.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -264,6 +265,30 @@ def test_a_stream_that_breaks_before_its_end_reconnects_from_its_offset(ui, fres
     assert fresh.inner_text('#runs tr[data-run="blip"] .stream-note') == ""
 
 
+@contextlib.contextmanager
+def live_runs(ui, names):
+    """Runs `names` in progress while inside, as from trainings in terminals: a row appended to each every 0.3 s."""
+    for name in names:
+        fake_run(ui, name, GOOD[:1], finished=False)
+    stop = threading.Event()
+
+    def train_in_terminals():
+        step = 1
+        while not stop.wait(0.3):
+            step += 1
+            for name in names:
+                with open(ui[1] / "runs" / name / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": 1 / step}) + "\n")
+
+    writer = threading.Thread(target=train_in_terminals)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+
+
 @pytest.mark.parametrize("locks", [True, False], ids=["web-locks", "no-web-locks"])
 def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_requests(ui, fresh, locks):
     """A browser holds 6 connections per host and each ticked run's stream held one while its run lived: with a
@@ -276,21 +301,7 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
         set_key(fresh, KEY)
         assert fresh.evaluate("LOCKS") is None
     names = [f"live{i}{'' if locks else 'x'}" for i in range(7)]
-    for name in names:
-        fake_run(ui, name, GOOD[:1], finished=False)
-    stop = threading.Event()
-
-    def train_in_terminals():
-        step = 1
-        while not stop.wait(0.3):
-            step += 1
-            for name in names:
-                with open(ui[1] / "runs" / name / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "loss": 1 / step}) + "\n")
-
-    writer = threading.Thread(target=train_in_terminals)
-    writer.start()
-    try:
+    with live_runs(ui, names):
         fresh.click("#refresh")
         for name in names:
             fresh.check(f'#runs input[data-run="{name}"]')
@@ -298,9 +309,6 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
                                 timeout=60_000)
         answer = fresh.evaluate("Promise.race([api('/ui/api/info').then(info => typeof info), "
                                 "new Promise(done => setTimeout(() => done('no answer in 60 s'), 60000))])")
-    finally:
-        stop.set()
-        writer.join()
     assert answer == "object", answer  # before: no answer at all (a bound, not a speed: it takes well under 1 s)
     rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
     assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
@@ -311,18 +319,6 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
     to answer in any tab. Now the tabs share the 3 stream connections among them (Web Locks): counted here as the
     most metrics streams the browser had open at once (all tabs), not as a time."""
     names = [f"tabbed{i}" for i in range(3)]
-    for name in names:
-        fake_run(ui, name, GOOD[:1], finished=False)
-    stop = threading.Event()
-
-    def train_in_terminals():
-        step = 1
-        while not stop.wait(0.3):
-            step += 1
-            for name in names:
-                with open(ui[1] / "runs" / name / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "loss": 1 / step}) + "\n")
-
     context = browser.new_context(viewport={"width": 1400, "height": 900})  # one browser profile, as a user's
     context.add_init_script(f"localStorage.setItem('loraforge-key', {json.dumps(KEY)}); "
                             f"localStorage.setItem('loraforge-ticked', {json.dumps(json.dumps(names))})")
@@ -335,9 +331,7 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
 
     context.on("request", lambda request: streams.append(request) if "/events" in request.url else None)
     context.on("requestfinished", ended)
-    writer = threading.Thread(target=train_in_terminals)
-    writer.start()
-    try:
+    with live_runs(ui, names), contextlib.closing(context):
         tabs = [context.new_page() for _ in range(3)]
         for tab in tabs:
             tab.goto(ui[0] + "/ui/")
@@ -346,10 +340,6 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
                                   timeout=60_000)
         for tab in tabs:  # the list answers in every tab (before: after 10-25 s, the connections held by streams)
             assert tab.evaluate("api('/ui/api/runs').then(answer => typeof answer)") == "object"
-    finally:
-        stop.set()
-        writer.join()
-        context.close()
     # the most open at once, by the browser's timestamps (its events reach Playwright a little late: a stream's end
     # after its successor's start); one not seen to end counts as open to the last
     span = {r: spans.get(r, (r.timing["startTime"], math.inf)) for r in streams}
