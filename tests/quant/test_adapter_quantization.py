@@ -124,8 +124,8 @@ def test_the_cli_warns_once_only_over_the_other_base(command, model_dir, tmp_pat
         said[bool(quantize)] = [(str(w.message), Path(w.filename).is_relative_to(Path(loraforge.__file__).parent))
                                 for w in caught if "trained over" in str(w.message)]
     assert said == {False: [(f"{tmp_path / 'qlora'}: this adapter was trained over an NF4 base and this base is a "
-                             f"full-precision: its outputs differ from those it trained to give; give --quantize nf4 "
-                             f"(model.quantization: nf4)", True)], True: []}
+                             f"full-precision one: its outputs differ from those it trained to give; give --quantize "
+                             f"nf4 (model.quantization: nf4)", True)], True: []}
 
 
 def test_continual_studys_shape_check_on_the_meta_device_does_not_warn(model_dir, tmp_path):
