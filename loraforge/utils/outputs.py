@@ -209,22 +209,26 @@ def _record(out: Path, command: str) -> dict | None:
     return record
 
 
-def _recorded(out: Path, command: str) -> dict[str, dict]:
-    """The files `command` recorded in out/WRITTEN ({name: {"bytes", "sha256"}}); {} where there is no record."""
-    record = _record(out, command) or {"files": {}}
-    return {name: entry for name, entry in record["files"].items() if isinstance(entry, dict) and _plain_name(name)}
+def _files_of(record: dict | None) -> dict[str, dict]:
+    """The files a record (_record) holds ({name: {"bytes", "sha256"}}); {} where there is no record."""
+    files = (record or {"files": {}})["files"]
+    return {name: entry for name, entry in files.items() if isinstance(entry, dict) and _plain_name(name)}
 
 
-def _folders(out: Path, command: str) -> list[str]:
-    """The folders `command` recorded in out/WRITTEN (the runs it trains there)."""
-    folders = (_record(out, command) or {}).get("folders")
+def _folders_of(record: dict | None) -> list[str]:
+    """The folders a record (_record) holds (the runs its command trains there)."""
+    folders = (record or {}).get("folders")
     return [name for name in folders if _plain_name(name)] if isinstance(folders, list) else []
+
+
+def _settings_of(record: dict | None) -> dict | None:
+    settings = (record or {}).get("settings")
+    return settings if isinstance(settings, dict) else None
 
 
 def recorded_settings(out: str | Path, command: str) -> dict | None:
     """The settings `command` recorded in `out` (write_own's `settings`), or None where it recorded none."""
-    settings = (_record(expand_user(out), command) or {}).get("settings")
-    return settings if isinstance(settings, dict) else None
+    return _settings_of(_record(expand_user(out), command))
 
 
 def _unchanged(file: Path, entry: dict) -> bool:
@@ -242,11 +246,12 @@ def own_files(out: Path, command: str) -> set[str]:
     temporaries of its atomic writes of them that a kill left (`.tmp-<name>-<8 characters>`), and WRITTEN itself
     where it is `command`'s record, and the folders it recorded (a folder, not a link: its runs, which train
     judges). A file of a recorded name that differs from the record is not (the user's now)."""
-    if _record(out, command) is None:
+    record = _record(out, command)
+    if record is None:
         return set()
-    recorded = _recorded(out, command)
+    recorded = _files_of(record)
     own = {WRITTEN} | {name for name, entry in recorded.items() if _unchanged(out / name, entry)}
-    own |= {name for name in _folders(out, command) if (out / name).is_dir() and not (out / name).is_symlink()}
+    own |= {name for name in _folders_of(record) if (out / name).is_dir() and not (out / name).is_symlink()}
     temporaries = [temporary_prefix("tmp", name) for name in (*recorded, WRITTEN)]
     for entry in out.iterdir():
         if (any(entry.name.startswith(p) and len(entry.name) == len(p) + SUFFIX for p in temporaries)
@@ -280,14 +285,15 @@ def write_own(out: str | Path, command: str, files: dict[str, str | bytes], *, o
     new = {name: {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()} for name, raw in data.items()}
     own = own_files(out, command)
     refuse_foreign(out, (*data, WRITTEN), own, overwrite=overwrite, flag=flag)
-    recorded = _recorded(out, command)
+    earlier = _record(out, command)
+    recorded = _files_of(earlier)
     kept = {name: entry for name, entry in recorded.items() if name in own and name not in data}
     for name in data:
         if name in own and name in recorded and recorded[name] != new[name]:
             (out / name).unlink()  # the earlier own content, about to be recorded as another: missing meanwhile
     record = {"command": command, "files": {**kept, **new},
-              "folders": list(dict.fromkeys([*_folders(out, command), *folders]))}
-    if (settings := recorded_settings(out, command) if settings is None else settings) is not None:
+              "folders": list(dict.fromkeys([*_folders_of(earlier), *folders]))}
+    if (settings := _settings_of(earlier) if settings is None else settings) is not None:
         record["settings"] = settings
     with atomic_file(out / WRITTEN) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
@@ -500,4 +506,5 @@ def hold_output(path: str | Path, flag: str = "output_dir") -> Iterator[None]:
 
 __all__ = ["LOCK", "WRITTEN", "OutputError", "beside_room", "check_length", "check_links", "check_output",
            "check_not_input", "check_replaceable", "check_run_output", "check_run_writable", "check_writable",
-           "hold_output", "lock_held", "own_files", "published_room", "recorded_settings", "write_own"]
+           "hold_output", "lock_held", "own_files", "published_room", "recorded_settings", "refuse_foreign",
+           "write_own"]
