@@ -313,6 +313,10 @@ def test_seven_ticked_live_runs_leave_the_page_connections_for_its_other_request
     rows = fresh.evaluate(f"{json.dumps(names)}.map(n => state.data[n].rows.map(r => r.step))")
     assert all(steps == list(range(1, len(steps) + 1)) for steps in rows), rows  # in order, each once
 
+
+SKEW_MS = 1000  # see the two-tabs test: the browser's clocks disagree a little on a loaded machine
+
+
 def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_other_requests(ui, browser):
     """The 6 connections a browser holds per host are shared by all its tabs, and each tab kept 3 streams of its
     own: two tabs following three live runs took all 6, a third tab's curves stayed empty, and the list took 10-25 s
@@ -331,6 +335,7 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
 
     context.on("request", lambda request: streams.append(request) if "/events" in request.url else None)
     context.on("requestfinished", ended)
+    context.on("requestfailed", ended)  # a stream cut short (a tab closed, a broken connection) ended too
     with live_runs(ui, names), contextlib.closing(context):
         tabs = [context.new_page() for _ in range(3)]
         for tab in tabs:
@@ -340,10 +345,12 @@ def test_two_tabs_following_live_runs_leave_the_browser_connections_for_their_ot
                                   timeout=60_000)
         for tab in tabs:  # the list answers in every tab (before: after 10-25 s, the connections held by streams)
             assert tab.evaluate("api('/ui/api/runs').then(answer => typeof answer)") == "object"
-    # the most open at once, by the browser's timestamps (its events reach Playwright a little late: a stream's end
-    # after its successor's start); one not seen to end counts as open to the last
+    # the most open at once, by the browser's timestamps; one not seen to end counts as open to the last. A stream's
+    # end is stamped by the network process and its successor's start by the page, and on a loaded machine the two
+    # clocks' readings of one moment differed (CI: a 4th counted): an overlap shorter than SKEW_MS is not counted.
+    # The fault overlapped whole slices (SLICE_S = 5 s each), so a 1 s allowance still counts its 6.
     span = {r: spans.get(r, (r.timing["startTime"], math.inf)) for r in streams}
-    most = max(sum(1 for start, end in span.values() if start <= t < end) for t, _ in span.values())
+    most = max(sum(1 for start, end in span.values() if start <= t < end - SKEW_MS) for t, _ in span.values())
     assert most <= 3, most  # before: 6, every connection the browser holds for this server (3 tabs × 3 slots)
 
 
