@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,20 @@ def check_unquantized(cfg: TrainConfig) -> None:
         raise ConfigError([f"model.quantization: {cfg.model.quantization}: forgetting compares LoRA with full "
                            f"fine-tuning, which trains every weight of an unquantized base; remove "
                            f"model.quantization (the LoRA arms train as method lora)"])
+
+
+def warn_replaced_method(cfg: TrainConfig, ranks) -> None:
+    """One warning where the config asks for a method the arms do not run (qlora, dora, adalora): every arm sets its
+    own (LoRA arms: lora on the unquantized base; full FT: full), which replaced the config's without a word. QLoRA is
+    not run as a LoRA arm: the full FT arm cannot train a quantized base, and a quantized base's rounding would count
+    as forgetting in the LoRA arms alone (their KL is against the unquantized base)."""
+    if cfg.method in ("lora", "full"):
+        return
+    why = (" on the unquantized base (not nf4: full fine-tuning cannot train a quantized base, and its rounding "
+           "would count as the LoRA arms' forgetting)" if cfg.method == "qlora" else " on the same base")
+    warnings.warn(f"method: {cfg.method}: forgetting runs its own arms, not {cfg.method}: the LoRA arms "
+                  f"({', '.join(f'r={r}' for r in ranks)}) train as method lora{why}, the full FT arm as method "
+                  f"full; set method: lora to run as asked without this warning", stacklevel=3)
 
 
 def start_over(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
@@ -360,6 +375,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_from_base(cfg)
     check_unquantized(cfg)
     check_ranks(ranks)
+    warn_replaced_method(cfg, ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
     check_bitsandbytes(None, cfg.training.optimizer)  # an 8-bit optimizer (the base is never quantized here)
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)

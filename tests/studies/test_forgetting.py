@@ -330,6 +330,25 @@ def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_p
     assert "[lora r=2 seed 0] training 1 epoch at lr" in out and ": 9 steps × batch 4" in out and "None" not in out
 
 
+@pytest.mark.parametrize("method,why", [
+    ("qlora", " on the unquantized base (not nf4: full fine-tuning cannot train a quantized base, and its rounding "
+              "would count as the LoRA arms' forgetting)"),
+    ("dora", " on the same base")])
+def test_a_method_the_arms_do_not_run_is_said_once_with_what_each_arm_runs(tiny_dir, data_file, tmp_path, no_loading,
+                                                                          method, why):
+    """Soak: a config of method: qlora ran its LoRA arms as plain LoRA on the unquantized base and the full arm as
+    full fine-tuning, without a word. One warning before anything loads names the field and what each arm runs; the
+    arms' configs are those of method lora (no quantization) and full."""
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"method={method}"])
+    with pytest.warns(UserWarning) as said, pytest.raises(AssertionError, match="loaded before"):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2, 4), progress=False)
+    assert [str(w.message) for w in said if "forgetting runs" in str(w.message)] == [
+        f"method: {method}: forgetting runs its own arms, not {method}: the LoRA arms (r=2, r=4) train as method "
+        f"lora{why}, the full FT arm as method full; set method: lora to run as asked without this warning"]
+    lora, full = (arm_config(cfg, arm, 0, tmp_path) for arm in arms((2,)))
+    assert (lora.method, lora.quantization, full.method, full.quantization) == ("lora", None, "full", None)
+
+
 def test_a_rank_past_the_largest_is_refused_by_its_flag_before_anything_loads(tmp_path, no_loading):
     """`--ranks 70000` was refused by the first arm's config ("invalid config: r: must be a positive integer"),
     after the base's probes, and without naming --ranks."""
