@@ -22,7 +22,8 @@ from loraforge.training.checkpoint import flat, last_checkpoint
 from loraforge.training.loop import Stopped, train
 from loraforge.training.report import strict_json
 from loraforge.utils.files import OVERWRITE, expand_user, sha256_file
-from loraforge.utils.outputs import LOCK, OutputError, own_files, recorded_settings, write_own
+from loraforge.utils.outputs import (LOCK, OutputError, own_files, recorded_settings, refuse_foreign,
+                                     write_own)
 
 
 def file_hashes(paths) -> dict[str, str]:
@@ -82,10 +83,20 @@ def kept_report(out: Path, command: str, name: str) -> dict | None:
     return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
 
 
+def check_results(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse, unless `overwrite`, a study whose result files (`names` in `out`) are not `command`'s own
+    (outputs.refuse_foreign): a user's file of such a name, or one changed since the study wrote it. A rerun going
+    on replaced a forgetting.json the user had edited since the first run (from Python: the CLI's check_output
+    refused it), and a finished study's rerun its edited forgetting.png; continual.json the same."""
+    refuse_foreign(out, names, own_files(out, command) if out.is_dir() else set(), overwrite=overwrite)
+
+
 def write_report(out: Path, command: str, name: str, report: dict) -> None:
     """A study's JSON, written as `command`'s own (outputs.write_own: recorded, then written atomically), so a rerun
-    keeps its rows; a kill leaves the earlier file or none, never half of one."""
-    write_own(out, command, {name: strict_json(report, indent=1, default=str)}, overwrite=True)
+    keeps its rows; a kill leaves the earlier file or none, never half of one. A file of that name that is not
+    `command`'s unchanged own (edited while the study ran) is refused (OutputError naming it), never replaced: the
+    study checked its results before it began (forgetting.check_results; --overwrite removed them)."""
+    write_own(out, command, {name: strict_json(report, indent=1, default=str)}, overwrite=False)
 
 
 def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: str, resume: bool = False):
@@ -109,4 +120,5 @@ def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: st
                                 f"finished are kept, this one goes on from its checkpoint)", resumable=False) from None
 
 
-__all__ = ["changes", "file_hashes", "going_on", "kept_report", "study_settings", "train_arm", "write_report"]
+__all__ = ["changes", "check_results", "file_hashes", "going_on", "kept_report", "study_settings", "train_arm",
+           "write_report"]

@@ -530,3 +530,42 @@ def test_a_study_killed_mid_arm_goes_on_when_run_again(tiny_dir, data_file, tmp_
     again = forgetting.run_forgetting(load_train_config(str(config)), tmp_path / "whole", ranks=[2])
     assert trained == [] and _scores(again) == _scores(whole)  # finished: read back, nothing trained
     assert (tmp_path / "whole" / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_refuses_result_files_edited_since_the_study_wrote_them(tiny_dir, tmp_path, monkeypatch):
+    """Soak: a finished study run again from Python trained every arm again and replaced the forgetting.json the
+    user had edited since (and a study going on, forgetting.png). A result file changed since the study wrote it
+    is refused, naming it and --overwrite, before anything is read back or trained; the user's bytes stay. One
+    edited while the study runs is refused at the study's next write of it. Unchanged, the rerun reads back the
+    first run's numbers."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={asset('demo_train.jsonl')}",
+            f"data.eval={asset('demo_test.jsonl')}", "training.max_steps=1", "training.batch_size=2",
+            "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
+    real_train, trained = rerun.train, []
+    monkeypatch.setattr(rerun, "train", lambda cfg, **kw: trained.append(cfg.method) or real_train(cfg, **kw))
+
+    def study():
+        return run_forgetting(load_train_config(None, over), tmp_path / "fg", ranks=(2,), limit=2, progress=False)
+    first = study()
+    for name in ("forgetting.json", "forgetting.png"):
+        file = tmp_path / "fg" / name
+        written = file.read_bytes()
+        file.write_bytes(written + b"\n")  # the user's edit
+        trained.clear()
+        with pytest.raises(OutputError) as e:
+            study()
+        assert str(e.value) == (f"--out {tmp_path / 'fg'}: {name} is not this command's own (another file of that "
+                                f"name, or one changed since it wrote it); pass --overwrite (overwrite=True) to "
+                                f"replace it, or choose another --out")
+        assert file.read_bytes() == written + b"\n" and trained == []
+        file.write_bytes(written)
+    assert _scores(study()) == _scores(first) and trained == []  # unchanged: read back
+
+    def edited_while_training(cfg, **kw):  # the user edits the report the base's row was written to
+        (tmp_path / "run" / "forgetting.json").write_text("mine")
+        return real_train(cfg, **kw)
+    monkeypatch.setattr(rerun, "train", edited_while_training)
+    with pytest.raises(OutputError, match=r"run: forgetting.json is not this command's own"):
+        run_forgetting(load_train_config(None, over), tmp_path / "run", ranks=(2,), limit=2, progress=False)
+    assert (tmp_path / "run" / "forgetting.json").read_text() == "mine"
