@@ -22,6 +22,7 @@ from loraforge.training.checkpoint import flat, last_checkpoint
 from loraforge.training.loop import Stopped, train
 from loraforge.training.report import strict_json
 from loraforge.utils.files import OVERWRITE, expand_user, sha256_file
+from loraforge.utils.fingerprint import model_fingerprint
 from loraforge.utils.outputs import (LOCK, OutputError, own_files, recorded_settings, refuse_foreign,
                                      write_own)
 
@@ -39,17 +40,27 @@ def file_hashes(paths) -> dict[str, str]:
 
 def study_settings(cfg: TrainConfig, inputs, **arguments) -> dict:
     """What a study's numbers depend on, as JSON gives it back: the config, the study's `arguments` (ranks, seeds,
-    shares, ...) and the SHA-256 of its input files (`inputs`: data files, an adapter folder)."""
+    shares, ...), the SHA-256 of its input files (`inputs`: data files, an adapter folder) and, for a local base
+    (a folder, a .gguf file), its fingerprint (utils.fingerprint: its headers, sizes, a sample of every tensor, its
+    config and tokenizer): its name alone let a rerun on a folder whose weights had changed mix arms trained on two
+    bases in one table."""
     settings = {"config": to_dict(cfg), **arguments, "inputs": file_hashes(inputs)}
+    if (fingerprint := model_fingerprint(cfg.model.name)) is not None:
+        settings["base"] = {"path": cfg.model.name, "fingerprint": fingerprint}
     return json.loads(json.dumps(settings, default=str))  # tuples as lists: as a rerun reads the recorded ones
 
 
 def changes(earlier: dict, now: dict) -> list[str]:
     """'key: earlier -> now' for each setting that differs, config fields as the user types them (training.lr), an
-    input file as 'PATH changed' (its hash says nothing to a reader)."""
+    input file as 'PATH changed' (its hash says nothing to a reader), a local base as 'the base model PATH (...)
+    changed'."""
     def readable(settings: dict) -> dict:
         inputs = {f"{path} changed": digest for path, digest in settings.get("inputs", {}).items()}
-        rest = {k: v for k, v in settings.items() if k not in ("config", "inputs")}
+        base = settings.get("base") or {}
+        if base:
+            inputs[f"the base model {base.get('path')} (its weights, config or tokenizer) changed"] = base.get(
+                "fingerprint")
+        rest = {k: v for k, v in settings.items() if k not in ("config", "inputs", "base")}
         return {**flat(settings.get("config", {})), **flat(rest), **inputs}
     before, after = readable(earlier), readable(now)
     return [key if key.endswith(" changed") else f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
@@ -63,6 +74,8 @@ def going_on(out: Path, command: str, settings: dict, overwrite: bool) -> bool:
     earlier = recorded_settings(out, command)
     if overwrite or earlier is None:
         return False
+    if "base" not in earlier:  # recorded by a version that did not fingerprint the base: its name alone compared
+        settings = {key: value for key, value in settings.items() if key != "base"}
     if earlier != settings:
         shown = changes(earlier, settings)
         raise OutputError(f"--out {out} holds a `loraforge {command}` study run with other settings "

@@ -5,6 +5,7 @@ The probe scorers themselves are checked against plain formulas in test_probes.p
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -569,3 +570,52 @@ def test_a_rerun_refuses_result_files_edited_since_the_study_wrote_them(tiny_dir
     with pytest.raises(OutputError, match=r"run: forgetting.json is not this command's own"):
         run_forgetting(load_train_config(None, over), tmp_path / "run", ranks=(2,), limit=2, progress=False)
     assert (tmp_path / "run" / "forgetting.json").read_text() == "mine"
+
+
+def test_a_rerun_on_a_base_folder_whose_weights_changed_is_refused(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: the settings a rerun compares held the base's name, not its files: after one module's weights in the
+    base folder changed (a LoRA merged into it in place), the rerun went on, mixing arms trained on two bases. The
+    base's fingerprint (utils.fingerprint; sampled here as a real model's weights are) is recorded and compared: the
+    rerun is refused, naming the folder and --overwrite, before the base loads. A record made before fingerprints
+    (none in it) is compared by name, as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.utils import fingerprint
+    from loraforge.utils.outputs import WRITTEN
+
+    monkeypatch.setattr(fingerprint, "WHOLE", 0)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    cfg = load_train_config(None, [f"model.name={base}", f"data.train={data_file}", "model.dtype=fp32",
+                                   "training.max_steps=1", f"output_dir={tmp_path}"])
+
+    class Loading(Exception):
+        """The study got as far as loading the base (its settings recorded): stopped there."""
+
+    def stopped(*args, **kwargs):
+        raise Loading
+    monkeypatch.setattr(forgetting, "load_base", stopped)
+    with pytest.raises(Loading):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+    with pytest.raises(Loading):  # the same base: the rerun goes on, up to the base's loading
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+
+    weights = base / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    name = next(n for n in tensors if "layers.0.self_attn.q_proj" in n)
+    save_file({**tensors, name: tensors[name] * 1.01}, weights, metadata=metadata)  # same names, shapes, size
+    with pytest.raises(OutputError) as e:
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+    assert str(e.value) == (f"--out {tmp_path / 'fg'} holds a `loraforge forgetting` study run with other settings "
+                            f"(the base model {base} (its weights, config or tokenizer) changed); run it as it was to "
+                            f"go on, pass --overwrite (overwrite=True) to start it over (its arms train again), or "
+                            f"choose another --out")
+
+    record = json.loads((tmp_path / "fg" / WRITTEN).read_text())
+    del record["settings"]["base"]  # as loraforge before fingerprints recorded it
+    (tmp_path / "fg" / WRITTEN).write_text(json.dumps(record))
+    with pytest.raises(Loading):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
