@@ -546,7 +546,9 @@ def forgetting(config: str | None = None, out: NonEmpty = "runs/forgetting", ran
     with other settings it is refused (--overwrite starts over).
 
     Args:
-        config: a training YAML for the task (its method and lora.r are replaced per arm); default: the demo task
+        config: a training YAML for the task; default: the demo task. Its method and lora.r are replaced per arm:
+            the LoRA arms train as method lora, the full one as full, on the unquantized base (a config of method
+            qlora, dora or adalora is warned about; model.quantization is refused)
         out: directory for the runs, forgetting.json and forgetting.png
         ranks: LoRA ranks to compare, lora_alpha = 2r (default: 8 64)
         seeds: training seeds per arm, 1 to 100 (accuracies carry 95% intervals; 2 adds the spread: ~14 min in all on

@@ -33,7 +33,8 @@ from loraforge.studies.forgetting import (CachedLogits, held_out_task, other_pre
                                           probe_base, run_length, start_over, steps_text, task_split, trained_steps)
 from loraforge.studies.heldout import answer_token_budget, fitting, heldout_accuracy, model_hash, with_adapter_hash
 from loraforge.studies.probes import load_probe
-from loraforge.studies.rerun import going_on, kept_report, study_settings, train_arm, write_report
+from loraforge.studies.rerun import (check_results, going_on, kept_report, study_settings, train_arm,
+                                     write_report)
 from loraforge.training import data as D
 from loraforge.training.continual import init_adapter_config
 from loraforge.training.loop import run_precision
@@ -118,6 +119,7 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
     settings = study_settings(cfg, [*cfg.data.paths(), adapter, previous, replay], adapter=str(adapter),
                               previous=previous, replay=replay, shares=list(shares), general=general, limit=limit)
     resume = going_on(out, "continual", settings, overwrite)  # the same study stopped before: it goes on
+    check_results(out, "continual", ("continual.json",), overwrite)  # before a rerun reads it back or replaces it
     earlier = kept_report(out, "continual", "continual.json") if resume else None
     if earlier is not None and earlier.get("complete"):
         print(format_report(earlier), flush=True)

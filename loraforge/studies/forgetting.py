@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ from loraforge.studies.demo import asset, demo_config
 from loraforge.studies.heldout import answer_token_budget, model_hash
 from loraforge.studies.probes import (PPL_WINDOW, check_probes, kl_divergence, load_probe, mc_accuracy, perplexity,
                                       prefix_sharing_logits, probe_window)
-from loraforge.studies.rerun import going_on, kept_report, study_settings, train_arm, write_report
+from loraforge.studies.rerun import (check_results, going_on, kept_report, study_settings, train_arm,
+                                     write_report)
 from loraforge.training import data as D
 from loraforge.training.evaluate import accuracy
 from loraforge.training.loop import run_precision
@@ -45,10 +47,11 @@ from loraforge.training.mixing import label, read_sources
 from loraforge.training.report import progress_bar
 from loraforge.training.trackers import check_tracker
 from loraforge.utils.files import atomic_file, expand_user
-from loraforge.utils.outputs import check_output, hold_output, own_files, refuse_foreign, write_own
+from loraforge.utils.outputs import check_output, hold_output, own_files, write_own
 from loraforge.utils.table import text_table
 
 DEFAULT_RANKS = (8, 64)
+RESULTS = ("forgetting.json", "forgetting.png")  # the study's own files in --out (besides its task split and runs)
 LORA_LR = 1e-3  # the demo's LoRA rate; Biderman et al. (2024) find LoRA wants ~10x the full-FT rate or more
 FULL_LR = 5e-5  # the upper end of usual full fine-tuning rates: a 135M model, a few dozen steps
 
@@ -126,12 +129,26 @@ def check_unquantized(cfg: TrainConfig) -> None:
                            f"model.quantization (the LoRA arms train as method lora)"])
 
 
+def warn_replaced_method(cfg: TrainConfig, ranks) -> None:
+    """One warning where the config asks for a method the arms do not run (qlora, dora, adalora): every arm sets its
+    own (LoRA arms: lora on the unquantized base; full FT: full), which replaced the config's without a word. QLoRA is
+    not run as a LoRA arm: the full FT arm cannot train a quantized base, and a quantized base's rounding would count
+    as forgetting in the LoRA arms alone (their KL is against the unquantized base)."""
+    if cfg.method in ("lora", "full"):
+        return
+    why = (" on the unquantized base (not nf4: full fine-tuning cannot train a quantized base, and its rounding "
+           "would count as the LoRA arms' forgetting)" if cfg.method == "qlora" else " on the same base")
+    warnings.warn(f"method: {cfg.method}: forgetting runs its own arms, not {cfg.method}: the LoRA arms "
+                  f"({', '.join(f'r={r}' for r in ranks)}) train as method lora{why}, the full FT arm as method "
+                  f"full; set method: lora to run as asked without this warning", stacklevel=3)
+
+
 def start_over(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
     """Remove an earlier study's results (`names` in `out`) before this one runs into `out` (--overwrite): killed
     before its first write, it left the earlier JSON describing runs it had begun to replace. Files of those names
-    that are not `command`'s own (a user's) are refused unless `overwrite` (outputs.refuse_foreign), as the CLI's
+    that are not `command`'s own (a user's) are refused unless `overwrite` (check_results), as the CLI's
     check_output refuses them: from Python, run_forgetting deleted a user's forgetting.json in `out`."""
-    refuse_foreign(out, names, own_files(out, command) if out.is_dir() else set(), overwrite=overwrite)
+    check_results(out, command, names, overwrite)
     for name in names:
         (out / name).unlink(missing_ok=True)
 
@@ -360,6 +377,7 @@ def run_forgetting(cfg: TrainConfig, out: str | Path = "runs/forgetting", ranks=
     check_from_base(cfg)
     check_unquantized(cfg)
     check_ranks(ranks)
+    warn_replaced_method(cfg, ranks)
     check_tracker(cfg.training.report_to)  # else found by the first arm's train(), after the base's probes
     check_bitsandbytes(None, cfg.training.optimizer)  # an 8-bit optimizer (the base is never quantized here)
     with hold_output(out, "--out"):  # one study at a time in --out (each arm holds its own folder as it trains)
@@ -371,11 +389,12 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     settings = study_settings(cfg, cfg.data.paths(), ranks=list(ranks), lora_lr=lora_lr, full_lr=full_lr,
                               seeds=seeds, limit=limit)
     resume = going_on(out, "forgetting", settings, overwrite)  # the same study stopped before: it goes on
+    check_results(out, "forgetting", RESULTS, overwrite)  # before a rerun reads them back or replaces them
     earlier = kept_report(out, "forgetting", "forgetting.json") if resume else None
     if earlier is not None and earlier.get("complete"):
         return finished(out, earlier)
     if not resume:
-        start_over(out, "forgetting", ("forgetting.json", "forgetting.png"), overwrite)
+        start_over(out, "forgetting", RESULTS, overwrite)
     folders = [Path(arm_config(cfg, arm, seed, out).output_dir).name
                for seed in range(seeds) for arm in arms(ranks, lora_lr, full_lr)]
     cfg = task_split(cfg, out, "forgetting", overwrite, folders, settings)
@@ -444,7 +463,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
               "n_kl_prompts": len(probes["kl"]), "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - started, "time_split": time_split(rows)}
     write_report(out, "forgetting", "forgetting.json", report)
-    write_own(out, "forgetting", {"forgetting.png": plot(rows)}, overwrite=True)
+    write_own(out, "forgetting", {"forgetting.png": plot(rows)}, overwrite=False)  # --overwrite: start_over's
     print(format_report(report), flush=True)
     split = ", ".join(f"{PROBES.get(k, k)} {v:.0f} s" for k, v in report["time_split"].items())
     print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'}; total {report['seconds']:.0f} s "
@@ -455,7 +474,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
 def finished(out: Path, report: dict) -> dict:
     """A rerun of a study that finished: its report as it was (and its plot, where a kill came before it)."""
     if "forgetting.png" not in own_files(out, "forgetting"):
-        write_own(out, "forgetting", {"forgetting.png": plot(report["rows"])}, overwrite=True)
+        write_own(out, "forgetting", {"forgetting.png": plot(report["rows"])}, overwrite=False)
     print(format_report(report), flush=True)
     print(f"{out} holds this study, finished: its report above is read from {out / 'forgetting.json'} (pass "
           f"--overwrite to run it again)", flush=True)

@@ -22,7 +22,9 @@ from loraforge.training.checkpoint import flat, last_checkpoint
 from loraforge.training.loop import Stopped, train
 from loraforge.training.report import strict_json
 from loraforge.utils.files import OVERWRITE, expand_user, sha256_file
-from loraforge.utils.outputs import LOCK, OutputError, own_files, recorded_settings, write_own
+from loraforge.utils.fingerprint import model_fingerprint
+from loraforge.utils.outputs import (LOCK, OutputError, own_files, recorded_settings, refuse_foreign,
+                                     write_own)
 
 
 def file_hashes(paths) -> dict[str, str]:
@@ -38,17 +40,27 @@ def file_hashes(paths) -> dict[str, str]:
 
 def study_settings(cfg: TrainConfig, inputs, **arguments) -> dict:
     """What a study's numbers depend on, as JSON gives it back: the config, the study's `arguments` (ranks, seeds,
-    shares, ...) and the SHA-256 of its input files (`inputs`: data files, an adapter folder)."""
+    shares, ...), the SHA-256 of its input files (`inputs`: data files, an adapter folder) and, for a local base
+    (a folder, a .gguf file), its fingerprint (utils.fingerprint: its headers, sizes, a sample of every tensor, its
+    config and tokenizer): its name alone let a rerun on a folder whose weights had changed mix arms trained on two
+    bases in one table."""
     settings = {"config": to_dict(cfg), **arguments, "inputs": file_hashes(inputs)}
+    if (fingerprint := model_fingerprint(cfg.model.name)) is not None:
+        settings["base"] = {"path": cfg.model.name, "fingerprint": fingerprint}
     return json.loads(json.dumps(settings, default=str))  # tuples as lists: as a rerun reads the recorded ones
 
 
 def changes(earlier: dict, now: dict) -> list[str]:
     """'key: earlier -> now' for each setting that differs, config fields as the user types them (training.lr), an
-    input file as 'PATH changed' (its hash says nothing to a reader)."""
+    input file as 'PATH changed' (its hash says nothing to a reader), a local base as 'the base model PATH (...)
+    changed'."""
     def readable(settings: dict) -> dict:
         inputs = {f"{path} changed": digest for path, digest in settings.get("inputs", {}).items()}
-        rest = {k: v for k, v in settings.items() if k not in ("config", "inputs")}
+        base = settings.get("base") or {}
+        if base:
+            inputs[f"the base model {base.get('path')} (its weights, config or tokenizer) changed"] = base.get(
+                "fingerprint")
+        rest = {k: v for k, v in settings.items() if k not in ("config", "inputs", "base")}
         return {**flat(settings.get("config", {})), **flat(rest), **inputs}
     before, after = readable(earlier), readable(now)
     return [key if key.endswith(" changed") else f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
@@ -62,6 +74,8 @@ def going_on(out: Path, command: str, settings: dict, overwrite: bool) -> bool:
     earlier = recorded_settings(out, command)
     if overwrite or earlier is None:
         return False
+    if "base" not in earlier:  # recorded by a version that did not fingerprint the base: its name alone compared
+        settings = {key: value for key, value in settings.items() if key != "base"}
     if earlier != settings:
         shown = changes(earlier, settings)
         raise OutputError(f"--out {out} holds a `loraforge {command}` study run with other settings "
@@ -82,10 +96,20 @@ def kept_report(out: Path, command: str, name: str) -> dict | None:
     return report if isinstance(report, dict) and isinstance(report.get("rows"), list) else None
 
 
+def check_results(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse, unless `overwrite`, a study whose result files (`names` in `out`) are not `command`'s own
+    (outputs.refuse_foreign): a user's file of such a name, or one changed since the study wrote it. A rerun going
+    on replaced a forgetting.json the user had edited since the first run (from Python: the CLI's check_output
+    refused it), and a finished study's rerun its edited forgetting.png; continual.json the same."""
+    refuse_foreign(out, names, own_files(out, command) if out.is_dir() else set(), overwrite=overwrite)
+
+
 def write_report(out: Path, command: str, name: str, report: dict) -> None:
     """A study's JSON, written as `command`'s own (outputs.write_own: recorded, then written atomically), so a rerun
-    keeps its rows; a kill leaves the earlier file or none, never half of one."""
-    write_own(out, command, {name: strict_json(report, indent=1, default=str)}, overwrite=True)
+    keeps its rows; a kill leaves the earlier file or none, never half of one. A file of that name that is not
+    `command`'s unchanged own (edited while the study ran) is refused (OutputError naming it), never replaced: the
+    study checked its results before it began (forgetting.check_results; --overwrite removed them)."""
+    write_own(out, command, {name: strict_json(report, indent=1, default=str)}, overwrite=False)
 
 
 def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: str, resume: bool = False):
@@ -109,4 +133,5 @@ def train_arm(run_cfg: TrainConfig, progress: bool, overwrite: bool, command: st
                                 f"finished are kept, this one goes on from its checkpoint)", resumable=False) from None
 
 
-__all__ = ["changes", "file_hashes", "going_on", "kept_report", "study_settings", "train_arm", "write_report"]
+__all__ = ["changes", "check_results", "file_hashes", "going_on", "kept_report", "study_settings", "train_arm",
+           "write_report"]

@@ -423,3 +423,37 @@ def test_a_study_stopped_mid_arm_goes_on_when_run_again(tiny_dir, tmp_path, monk
         assert resumed.keys() == never.keys()
         for name in never:
             torch.testing.assert_close(resumed[name], never[name], rtol=0, atol=0)
+
+
+def test_a_rerun_refuses_a_continual_json_edited_since_the_study_wrote_it(tiny_dir, tmp_path, monkeypatch):
+    """Soak: a finished study run again from Python trained its arms again and replaced the continual.json the user
+    had edited since. It is refused, naming it and --overwrite, before anything trains; unchanged, the rerun reads
+    the first run's numbers back."""
+    from loraforge.studies import rerun
+    from loraforge.utils.outputs import OutputError
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    old = train(task_config(tiny_dir, tmp_path / "old", asset("demo_train.jsonl"), asset("demo_test.jsonl"), steps=1),
+                progress=False)
+    cfg = task_config(tiny_dir, tmp_path / "unused", asset("times_train.jsonl"), asset("times_test.jsonl"), steps=1)
+    real_train, trained = rerun.train, []
+    monkeypatch.setattr(rerun, "train", lambda c, **kw: trained.append(c.output_dir) or real_train(c, **kw))
+
+    def study():
+        return run_continual(cfg, str(old.output_dir / "adapter"), asset("demo_test.jsonl"), None, shares=(0.0,),
+                             out=tmp_path / "study", general=False, limit=2, progress=False)
+    first = study()
+    report = tmp_path / "study" / "continual.json"
+    written = report.read_bytes()
+    report.write_bytes(written.replace(b'"complete": true', b'"complete": true, "note": "mine"'))
+    trained.clear()
+    with pytest.raises(OutputError) as e:
+        study()
+    assert str(e.value) == (f"--out {tmp_path / 'study'}: continual.json is not this command's own (another file of "
+                            f"that name, or one changed since it wrote it); pass --overwrite (overwrite=True) to "
+                            f"replace it, or choose another --out")
+    assert b'"note": "mine"' in report.read_bytes() and trained == []
+    report.write_bytes(written)
+    again = study()
+    assert trained == [] and [(r["name"], r["old"]["correct"], r["new"]["correct"]) for r in again["rows"]] == [
+        (r["name"], r["old"]["correct"], r["new"]["correct"]) for r in first["rows"]]

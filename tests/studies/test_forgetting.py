@@ -5,6 +5,7 @@ The probe scorers themselves are checked against plain formulas in test_probes.p
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,25 @@ def test_a_run_of_epochs_reports_the_steps_it_trained(tiny_dir, data_file, tmp_p
     assert "[lora r=2 seed 0] training 1 epoch at lr" in out and ": 9 steps × batch 4" in out and "None" not in out
 
 
+@pytest.mark.parametrize("method,why", [
+    ("qlora", " on the unquantized base (not nf4: full fine-tuning cannot train a quantized base, and its rounding "
+              "would count as the LoRA arms' forgetting)"),
+    ("dora", " on the same base")])
+def test_a_method_the_arms_do_not_run_is_said_once_with_what_each_arm_runs(tiny_dir, data_file, tmp_path, no_loading,
+                                                                          method, why):
+    """Soak: a config of method: qlora ran its LoRA arms as plain LoRA on the unquantized base and the full arm as
+    full fine-tuning, without a word. One warning before anything loads names the field and what each arm runs; the
+    arms' configs are those of method lora (no quantization) and full."""
+    cfg = load_train_config(None, [f"model.name={tiny_dir}", f"data.train={data_file}", f"method={method}"])
+    with pytest.warns(UserWarning) as said, pytest.raises(AssertionError, match="loaded before"):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2, 4), progress=False)
+    assert [str(w.message) for w in said if "forgetting runs" in str(w.message)] == [
+        f"method: {method}: forgetting runs its own arms, not {method}: the LoRA arms (r=2, r=4) train as method "
+        f"lora{why}, the full FT arm as method full; set method: lora to run as asked without this warning"]
+    lora, full = (arm_config(cfg, arm, 0, tmp_path) for arm in arms((2,)))
+    assert (lora.method, lora.quantization, full.method, full.quantization) == ("lora", None, "full", None)
+
+
 def test_a_rank_past_the_largest_is_refused_by_its_flag_before_anything_loads(tmp_path, no_loading):
     """`--ranks 70000` was refused by the first arm's config ("invalid config: r: must be a positive integer"),
     after the base's probes, and without naming --ranks."""
@@ -511,3 +531,91 @@ def test_a_study_killed_mid_arm_goes_on_when_run_again(tiny_dir, data_file, tmp_
     again = forgetting.run_forgetting(load_train_config(str(config)), tmp_path / "whole", ranks=[2])
     assert trained == [] and _scores(again) == _scores(whole)  # finished: read back, nothing trained
     assert (tmp_path / "whole" / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_refuses_result_files_edited_since_the_study_wrote_them(tiny_dir, tmp_path, monkeypatch):
+    """Soak: a finished study run again from Python trained every arm again and replaced the forgetting.json the
+    user had edited since (and a study going on, forgetting.png). A result file changed since the study wrote it
+    is refused, naming it and --overwrite, before anything is read back or trained; the user's bytes stay. One
+    edited while the study runs is refused at the study's next write of it. Unchanged, the rerun reads back the
+    first run's numbers."""
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    over = [f"model.name={tiny_dir}", "model.dtype=fp32", f"data.train={asset('demo_train.jsonl')}",
+            f"data.eval={asset('demo_test.jsonl')}", "training.max_steps=1", "training.batch_size=2",
+            "training.precision=fp32", "training.warmup_steps=0", "training.save_every=0", f"output_dir={tmp_path}"]
+    real_train, trained = rerun.train, []
+    monkeypatch.setattr(rerun, "train", lambda cfg, **kw: trained.append(cfg.method) or real_train(cfg, **kw))
+
+    def study():
+        return run_forgetting(load_train_config(None, over), tmp_path / "fg", ranks=(2,), limit=2, progress=False)
+    first = study()
+    for name in ("forgetting.json", "forgetting.png"):
+        file = tmp_path / "fg" / name
+        written = file.read_bytes()
+        file.write_bytes(written + b"\n")  # the user's edit
+        trained.clear()
+        with pytest.raises(OutputError) as e:
+            study()
+        assert str(e.value) == (f"--out {tmp_path / 'fg'}: {name} is not this command's own (another file of that "
+                                f"name, or one changed since it wrote it); pass --overwrite (overwrite=True) to "
+                                f"replace it, or choose another --out")
+        assert file.read_bytes() == written + b"\n" and trained == []
+        file.write_bytes(written)
+    assert _scores(study()) == _scores(first) and trained == []  # unchanged: read back
+
+    def edited_while_training(cfg, **kw):  # the user edits the report the base's row was written to
+        (tmp_path / "run" / "forgetting.json").write_text("mine")
+        return real_train(cfg, **kw)
+    monkeypatch.setattr(rerun, "train", edited_while_training)
+    with pytest.raises(OutputError, match=r"run: forgetting.json is not this command's own"):
+        run_forgetting(load_train_config(None, over), tmp_path / "run", ranks=(2,), limit=2, progress=False)
+    assert (tmp_path / "run" / "forgetting.json").read_text() == "mine"
+
+
+def test_a_rerun_on_a_base_folder_whose_weights_changed_is_refused(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: the settings a rerun compares held the base's name, not its files: after one module's weights in the
+    base folder changed (a LoRA merged into it in place), the rerun went on, mixing arms trained on two bases. The
+    base's fingerprint (utils.fingerprint; sampled here as a real model's weights are) is recorded and compared: the
+    rerun is refused, naming the folder and --overwrite, before the base loads. A record made before fingerprints
+    (none in it) is compared by name, as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.utils import fingerprint
+    from loraforge.utils.outputs import WRITTEN
+
+    monkeypatch.setattr(fingerprint, "WHOLE", 0)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    cfg = load_train_config(None, [f"model.name={base}", f"data.train={data_file}", "model.dtype=fp32",
+                                   "training.max_steps=1", f"output_dir={tmp_path}"])
+
+    class Loading(Exception):
+        """The study got as far as loading the base (its settings recorded): stopped there."""
+
+    def stopped(*args, **kwargs):
+        raise Loading
+    monkeypatch.setattr(forgetting, "load_base", stopped)
+    with pytest.raises(Loading):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+    with pytest.raises(Loading):  # the same base: the rerun goes on, up to the base's loading
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+
+    weights = base / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    name = next(n for n in tensors if "layers.0.self_attn.q_proj" in n)
+    save_file({**tensors, name: tensors[name] * 1.01}, weights, metadata=metadata)  # same names, shapes, size
+    with pytest.raises(OutputError) as e:
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
+    assert str(e.value) == (f"--out {tmp_path / 'fg'} holds a `loraforge forgetting` study run with other settings "
+                            f"(the base model {base} (its weights, config or tokenizer) changed); run it as it was to "
+                            f"go on, pass --overwrite (overwrite=True) to start it over (its arms train again), or "
+                            f"choose another --out")
+
+    record = json.loads((tmp_path / "fg" / WRITTEN).read_text())
+    del record["settings"]["base"]  # as loraforge before fingerprints recorded it
+    (tmp_path / "fg" / WRITTEN).write_text(json.dumps(record))
+    with pytest.raises(Loading):
+        run_forgetting(cfg, tmp_path / "fg", ranks=(2,), progress=False)
