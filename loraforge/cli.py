@@ -434,7 +434,7 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     from loraforge.config import ConfigError
     from loraforge.serve.api import run_server
     from loraforge.serve.errors import shown
-    from loraforge.serve.residency import NAME_RE, NAME_RULE
+    from loraforge.serve.residency import name_refusal
 
     _check_precision(precision, dtype)
     _check_quantize(quantize, model)
@@ -449,8 +449,8 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         if not sep or not name or not path:
             raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
         # the name before the base loads (soak: "café", "../x" or a 10,000-character one was refused after it)
-        if not NAME_RE.fullmatch(name):
-            raise ConfigError([f"--adapter {shown(item)}: the name {shown(name)} is not allowed: use {NAME_RULE}"])
+        if why := name_refusal(name, model):
+            raise ConfigError([f"--adapter {shown(item)}: the name {shown(name)} {why}"])
         if name in pairs:  # soak: the second DIR was served, the first dropped, unsaid
             raise ConfigError([f"--adapter {item!r}: the name {name!r} is given twice (DIR {pairs[name]} and "
                                f"{path}); give each adapter its own name"])

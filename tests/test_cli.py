@@ -199,6 +199,20 @@ def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the
         f"give each adapter its own name")
 
 
+def test_serve_refuses_the_base_models_name_for_an_adapter_before_the_base_loads(tmp_path, monkeypatch, capsys):
+    """`serve --adapter base=DIR` (or the --model's own name) loaded the base, then Residency.register refused the
+    name: the CLI checked only the characters. One rule now (residency.name_refusal), register's words, before it."""
+    from loraforge.serve import api
+
+    forbid_loading(monkeypatch, api)
+    (tmp_path / "x").mkdir()
+    for name, model in [("base", []), ("smollm2-135m", []), ("tiny", ["--model", "tiny"])]:
+        item = f"{name}={tmp_path / 'x'}"
+        assert main(["serve", *model, "--adapter", item]) == 2
+        assert capsys.readouterr().err == (f"error: invalid arguments:\n  --adapter {json.dumps(item)}: the name "
+                                           f"\"{name}\" is the base model's name; pick another\n")
+
+
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, data_file, tmp_path, capsys):
     """A folder name over 255 bytes (or a path over 4,096) was an OSError traceback from wherever a command first
     touched it: output_dir, a data file, a model, --out."""

@@ -63,6 +63,16 @@ from loraforge.utils.files import expand_user
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"  # what NAME_RE takes
+
+
+def name_refusal(name, base_name: str) -> str | None:
+    """Why `name` cannot name an adapter over the base served as `base_name` (the words after the name), or None:
+    Residency.register's rule, which `serve --adapter` checks before the base loads."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return f"is not allowed: use {NAME_RULE}"
+    if name in (base_name, *BASE_ALIASES):
+        return "is the base model's name; pick another"
+    return None
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
@@ -399,10 +409,8 @@ class Residency:
     def register(self, name: str, path: str | Path, label: str | None = None, discovered: bool = False) -> Adapter:
         """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
         messages name its folder (default: the path as given when relative, else relative to adapters_dir)."""
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise ServeError(f"adapter name {shown(name)} is not allowed: use {NAME_RULE}")
-        if name in (self.base_name, *BASE_ALIASES):
-            raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
+        if why := name_refusal(name, self.base_name):
+            raise ServeError(f"adapter name {shown(name)} {why}")
         if name in self.adapters:
             # said without HTTP's words: the dashboard shows it as it is
             raise NameTaken(f"an adapter named {shown(name)} is already loaded; unload it first, or choose another "
