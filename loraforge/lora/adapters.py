@@ -506,16 +506,22 @@ def give_quantize(recorded: str) -> str:
             "leave --quantize (model.quantization) off")
 
 
-def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str], str]) -> None:
-    """A warning where the adapter records the base's quantization it trained over and this base is stored
-    otherwise: another model (SmolLM2: a QLoRA adapter's logits over the full-precision base up to 13 apart).
-    `fix(recorded)`: how the command showing it gets that base (give_quantize: a command taking --quantize)."""
-    recorded, here = recorded_quantization(adapter_dir), base_quantization(model)
+def other_quantization(adapter_dir, here: str, fix: Callable[[str], str] = give_quantize) -> str | None:
+    """The sentence where the adapter records the base's quantization it trained over and the base it goes on is
+    stored as `here` (quant.checks.base_quantization) otherwise: another model (SmolLM2: a QLoRA adapter's logits
+    over the full-precision base up to 13 apart); None where they agree or it records none. `fix(recorded)`: how the
+    command showing it gets that base (give_quantize: a command taking --quantize). load_adapter warns it; the
+    server keeps it for the dashboard (serve.residency)."""
+    recorded = recorded_quantization(adapter_dir)
     if recorded is None or recorded == here:
-        return
-    warnings.warn(f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
-                  f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}",
-                  stacklevel=3)
+        return None
+    return (f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
+            f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}")
+
+
+def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str], str]) -> None:
+    if sentence := other_quantization(adapter_dir, base_quantization(model), fix):
+        warnings.warn(sentence, stacklevel=3)
 
 
 def _stored(quantization: str) -> str:

@@ -53,10 +53,11 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, base_name_or_path,
-                                     delete_adapter, header_shapes, load_adapter, read_adapter_config,
-                                     read_adapter_weights)
+                                     delete_adapter, header_shapes, load_adapter, other_quantization,
+                                     read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import REGEX_TIMEOUT_S, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
+from loraforge.quant.checks import base_quantization
 from loraforge.serve.errors import SURROGATE, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
 
@@ -100,6 +101,7 @@ class Adapter:
     discovered: bool = False  # found in adapters_dir (a failed load marks it broken, where an upload's is a 400)
     verified: bool = False  # loaded or checked once
     problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
+    warning: str | None = None  # load_adapter's warning of its files as the last check read them (the dashboard's)
     stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
     loaded_stamp: tuple = ()  # its files' stat when loaded: once they change, new rows wait till it reloads
 
@@ -347,6 +349,7 @@ class Residency:
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                          if isinstance(m, nn.Linear)}
+        self._quantization = base_quantization(model)  # how the base is stored: what an adapter recorded is met with
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -593,6 +596,10 @@ class Residency:
                 self._check_header(entry, check_servable(entry))
         except (ValueError, OSError, RuntimeError) as e:
             raise self._broken(entry, e) from None
+        # the sentence the server's log gets as it loads (a QLoRA adapter over the full-precision base), for the
+        # dashboard, which shows it where the adapter is chosen: the log alone left the page's user unaware
+        warning = other_quantization(entry.path, self._quantization)
+        entry.warning = warning and self._public(entry, warning)
 
     def _check_header(self, entry: Adapter, config: LoraConfig | AdaLoraConfig) -> None:
         weights = entry.path / WEIGHTS_NAME
