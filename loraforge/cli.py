@@ -431,10 +431,10 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
         quantize: nf4, fp4 or int8: the base stored with bitsandbytes, as QLoRA adapters trained over it (default:
             the full-precision base); it decodes on transformers' forward, not the static decoder
     """
-    from loraforge.config import ConfigError
+    from loraforge.config import ConfigError, clipped
     from loraforge.serve.api import run_server
-    from loraforge.serve.errors import shown
-    from loraforge.serve.residency import NAME_RE, NAME_RULE
+    from loraforge.serve.errors import SHOWN_CHARS
+    from loraforge.serve.residency import name_refusal
 
     _check_precision(precision, dtype)
     _check_quantize(quantize, model)
@@ -446,16 +446,17 @@ def serve(model: NonEmpty = "smollm2-135m", adapter: list[str] = (), adapters_di
     pairs = {}
     for item in adapter:
         name, sep, path = item.partition("=")
+        given, named = clipped(item, SHOWN_CHARS), clipped(name, SHOWN_CHARS)  # a 10,000-character one is cut
         if not sep or not name or not path:
-            raise ConfigError([f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
+            raise ConfigError([f"--adapter {given}: write it as NAME=DIR, e.g. --adapter alice=runs/alice/adapter"])
         # the name before the base loads (soak: "café", "../x" or a 10,000-character one was refused after it)
-        if not NAME_RE.fullmatch(name):
-            raise ConfigError([f"--adapter {shown(item)}: the name {shown(name)} is not allowed: use {NAME_RULE}"])
+        if why := name_refusal(name, model):
+            raise ConfigError([f"--adapter {given}: the name {named} {why}"])
         if name in pairs:  # soak: the second DIR was served, the first dropped, unsaid
-            raise ConfigError([f"--adapter {item!r}: the name {name!r} is given twice (DIR {pairs[name]} and "
-                               f"{path}); give each adapter its own name"])
+            raise ConfigError([f"--adapter {given}: the name {named} is given twice (DIR {pairs[name]} and {path}); "
+                               f"give each adapter its own name"])
         if not os.path.isdir(path):
-            raise ConfigError([f"--adapter {item!r}: {path} is not a directory; give NAME=DIR of a saved adapter"])
+            raise ConfigError([f"--adapter {given}: {path} is not a directory; give NAME=DIR of a saved adapter"])
         pairs[name] = path
     _check_folders(adapters_dir=adapters_dir)
     extend = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import numbers
 import os
@@ -170,14 +171,17 @@ def digits_shown(n: int) -> str:
     return str(n) if len(str(n)) <= 30 else f"a number of {len(str(n))} digits"
 
 
-def clipped(value: Any, limit: int = 100) -> str:
-    """repr(value) for a message, cut to `limit` characters with the full length said (a 5,000-character
-    target_modules is not echoed back whole): a string's own length, not its repr's with the quotes (a 300-character
-    path was "(302 characters)")."""
+def clipped(value: Any, limit: int = 100, *, as_json: bool = False) -> str:
+    """`value` for a message, cut to `limit` characters with the full length said (a 5,000-character target_modules
+    is not echoed back whole): a string's own length, not its form's with the quotes (a 300-character path was
+    "(302 characters)"). One form per purpose: repr, as a config file's or the command line's value reads in
+    Python; `as_json`, JSON (serve.errors.shown: what an HTTP client sent, not a Python repr), a value JSON has no
+    form for as its repr, lone surrogates escaped (the answer must encode as UTF-8)."""
     try:
-        text = repr(value)
+        text = json.dumps(value, ensure_ascii=False, default=repr) if as_json else repr(value)
     except (ValueError, RecursionError):  # an int past Python's 4,300-digit str limit, a list nested too deep
         return f"<a {type(value).__name__} too large to show>"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     length = len(value) if isinstance(value, str) else len(text)
     return text if len(text) <= limit else f"{text[:limit]}... ({length:,} characters)"
 

@@ -187,8 +187,7 @@ def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the
         item = f"{name}={tmp_path / 'x'}"
         assert main(["serve", "--adapter", item]) == 2
         err = capsys.readouterr().err
-        assert err == (f"error: invalid arguments:\n  --adapter {json.dumps(item, ensure_ascii=False)}: the name "
-                       f"{json.dumps(name, ensure_ascii=False)} is not allowed: {rule}\n"), err
+        assert err == f"error: invalid arguments:\n  --adapter {item!r}: the name {name!r} is not allowed: {rule}\n", err
     long = "a" * 10_000
     assert main(["serve", "--adapter", f"{long}={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
@@ -197,6 +196,20 @@ def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"  --adapter 'a={tmp_path / 'y'}': the name 'a' is given twice (DIR {tmp_path / 'x'} and {tmp_path / 'y'}); "
         f"give each adapter its own name")
+
+
+def test_serve_refuses_the_base_models_name_for_an_adapter_before_the_base_loads(tmp_path, monkeypatch, capsys):
+    """`serve --adapter base=DIR` (or the --model's own name) loaded the base, then Residency.register refused the
+    name: the CLI checked only the characters. One rule now (residency.name_refusal), register's words, before it."""
+    from loraforge.serve import api
+
+    forbid_loading(monkeypatch, api)
+    (tmp_path / "x").mkdir()
+    for name, model in [("base", []), ("smollm2-135m", []), ("tiny", ["--model", "tiny"])]:
+        item = f"{name}={tmp_path / 'x'}"
+        assert main(["serve", *model, "--adapter", item]) == 2
+        assert capsys.readouterr().err == (f"error: invalid arguments:\n  --adapter {item!r}: the name {name!r} is "
+                                           f"the base model's name; pick another\n")
 
 
 def test_a_path_too_long_for_the_file_system_is_one_line_naming_it(tiny_dir, data_file, tmp_path, capsys):

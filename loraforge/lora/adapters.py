@@ -19,6 +19,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -138,7 +139,7 @@ def _metadata_in_order(path: Path, metadata: dict[str, str]) -> None:
         return json.dumps({"__metadata__": dict(items)}, separators=(",", ":"))[1:-1].encode()
 
     with open(path, "r+b") as f:
-        header = f.read(int.from_bytes(f.read(8), "little"))  # after the 8-byte length
+        header = f.read(_header_length(f, path))  # the raw bytes after the 8-byte length: rewritten in place below
         for items in itertools.permutations(metadata.items()):  # at most 24 orders of 4 keys
             if (at := header.find(text(items))) >= 0:
                 f.seek(8 + at)
@@ -282,17 +283,23 @@ def parse_adapter_config(path: Path, data: dict):
         raise AdapterError(str(e)) from None
 
 
+def _header_length(f: BinaryIO, path: Path) -> int:
+    """The length of the header of the safetensors file `path`, open as `f` at its start, that its first 8 bytes
+    give, read from `f` (-1 where the file is shorter than 8 bytes); AdapterError where it is over
+    MAX_HEADER_BYTES. The one reader of that length: read_header, check_header_size, _metadata_in_order."""
+    head = f.read(8)
+    if len(head) < 8:
+        return -1
+    if (size := int.from_bytes(head, "little")) > MAX_HEADER_BYTES:
+        raise AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most "
+                           f"a few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+    return size
+
+
 def check_header_size(path: Path) -> None:
     """AdapterError when the safetensors file's header (its first 8 bytes give its length) is over MAX_HEADER_BYTES."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) == 8 and (size := int.from_bytes(head, "little")) > MAX_HEADER_BYTES:
-        raise _huge_header(path, size)
-
-
-def _huge_header(path: Path, size: int) -> AdapterError:
-    return AdapterError(f"{path}: its safetensors header says it is {size:,} bytes, where an adapter's is at most a "
-                        f"few MB ({MAX_HEADER_BYTES >> 20} MB are read); the file is damaged, or not an adapter's")
+        _header_length(f, path)
 
 
 # bytes per element of the dtypes a safetensors header names (safetensors' Dtype)
@@ -308,15 +315,13 @@ def read_header(path: Path) -> tuple[dict, int]:
     re-checking it). AdapterError where the header is over MAX_HEADER_BYTES, the file ends inside it, or it is not
     a JSON object."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if size > MAX_HEADER_BYTES:
-            raise _huge_header(path, size)
-        raw = f.read(size)
-        data = os.fstat(f.fileno()).st_size - 8 - size  # the bytes after the header
+        size = _header_length(f, path)
+        raw = f.read(max(size, 0))
+        total = os.fstat(f.fileno()).st_size
+    data = total - 8 - size  # the bytes after the header
     try:
-        if len(head) < 8 or len(raw) < size:
-            raise ValueError(f"the file ends inside its header ({len(head) + len(raw)} of {8 + size} bytes)")
+        if size < 0 or len(raw) < size:
+            raise ValueError(f"the file ends inside its header ({total} of {8 + max(size, 0)} bytes)")
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
@@ -501,16 +506,22 @@ def give_quantize(recorded: str) -> str:
             "leave --quantize (model.quantization) off")
 
 
-def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str], str]) -> None:
-    """A warning where the adapter records the base's quantization it trained over and this base is stored
-    otherwise: another model (SmolLM2: a QLoRA adapter's logits over the full-precision base up to 13 apart).
-    `fix(recorded)`: how the command showing it gets that base (give_quantize: a command taking --quantize)."""
-    recorded, here = recorded_quantization(adapter_dir), base_quantization(model)
+def other_quantization(adapter_dir, here: str, fix: Callable[[str], str] = give_quantize) -> str | None:
+    """The sentence where the adapter records the base's quantization it trained over and the base it goes on is
+    stored as `here` (quant.checks.base_quantization) otherwise: another model (SmolLM2: a QLoRA adapter's logits
+    over the full-precision base up to 13 apart); None where they agree or it records none. `fix(recorded)`: how the
+    command showing it gets that base (give_quantize: a command taking --quantize). load_adapter warns it; the
+    server keeps it for the dashboard (serve.residency)."""
+    recorded = recorded_quantization(adapter_dir)
     if recorded is None or recorded == here:
-        return
-    warnings.warn(f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
-                  f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}",
-                  stacklevel=3)
+        return None
+    return (f"{adapter_dir}: this adapter was trained over {_stored(recorded)} base and this base is "
+            f"{_stored(here)} one: its outputs differ from those it trained to give; {fix(recorded)}")
+
+
+def _warn_other_quantization(adapter_dir, model: nn.Module, fix: Callable[[str], str]) -> None:
+    if sentence := other_quantization(adapter_dir, base_quantization(model), fix):
+        warnings.warn(sentence, stacklevel=3)
 
 
 def _stored(quantization: str) -> str:

@@ -163,6 +163,13 @@ class Engine:
         with self._cv:
             return list(self._residency.adapters)
 
+    def adapter_warnings(self) -> dict[str, str]:
+        """What loading each served adapter warns (its name -> the sentence, server paths named as the client
+        knows them): a QLoRA adapter over the full-precision base. The dashboard shows it where the adapter is
+        chosen; the server's log alone left the page's user unaware."""
+        with self._cv:
+            return {name: entry.warning for name, entry in self._residency.adapters.items() if entry.warning}
+
     def resident_adapters(self) -> list[str]:
         """Names of the adapters now on the model, least recently used first."""
         with self._cv:

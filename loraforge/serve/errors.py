@@ -1,8 +1,8 @@
 """What the engine refuses, each with the HTTP status the API answers with, and how a refusal shows a bad value."""
 
-import json
 import re
 
+from loraforge.config import clipped
 from loraforge.lora.adapters import AdapterError
 
 SHOWN_CHARS = 200  # an echoed value is cut here: a 900 KB stop list must not come back as a 900 KB error
@@ -47,14 +47,5 @@ class NameTaken(ServeError):
 
 
 def shown(value, limit: int = SHOWN_CHARS) -> str:
-    """`value` for an error message: as JSON (what the client sent, not a Python repr), lone surrogates escaped
-    (the answer must encode as UTF-8), cut to `limit` characters with the full length said: a string's own, not its
-    JSON's with the quotes (a 300-character path was "(302 characters)")."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=repr)
-    except (ValueError, RecursionError):  # an int past Python's 4300-digit str limit, a list nested too deep
-        text = f"<a {type(value).__name__} too large to show>"
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(value) if isinstance(value, str) else len(text):,} characters)"
-    return text
+    """`value` for an error message the API answers with: config.clipped's JSON form, cut at SHOWN_CHARS."""
+    return clipped(value, limit, as_json=True)

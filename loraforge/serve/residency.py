@@ -53,16 +53,27 @@ from loraforge.config import ConfigError, LoraConfig
 from loraforge.inference import cpu_kernels
 from loraforge.lora.adalora import AdaLoraConfig
 from loraforge.lora.adapters import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterError, base_name_or_path,
-                                     delete_adapter, header_shapes, load_adapter, read_adapter_config,
-                                     read_adapter_weights)
+                                     delete_adapter, header_shapes, load_adapter, other_quantization,
+                                     read_adapter_config, read_adapter_weights)
 from loraforge.lora.inject import REGEX_TIMEOUT_S, lora_layers, pattern_value, regex_budget
 from loraforge.lora.layer import LoraLinear
+from loraforge.quant.checks import base_quantization
 from loraforge.serve.errors import SURROGATE, BrokenAdapter, NameTaken, ServeError, UnknownAdapter, shown
 from loraforge.utils.files import expand_user
 
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"  # what NAME_RE takes
+
+
+def name_refusal(name, base_name: str) -> str | None:
+    """Why `name` cannot name an adapter over the base served as `base_name` (the words after the name), or None:
+    Residency.register's rule, which `serve --adapter` checks before the base loads."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return f"is not allowed: use {NAME_RULE}"
+    if name in (base_name, *BASE_ALIASES):
+        return "is the base model's name; pick another"
+    return None
 RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
 LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
 # seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
@@ -90,6 +101,7 @@ class Adapter:
     discovered: bool = False  # found in adapters_dir (a failed load marks it broken, where an upload's is a 400)
     verified: bool = False  # loaded or checked once
     problem: str | None = None  # why it cannot be served, once a check or load failed (it is then in `broken`)
+    warning: str | None = None  # load_adapter's warning of its files as the last check read them (the dashboard's)
     stamp: tuple = ()  # its files' stat when `problem` was found: a request after they change tries again
     loaded_stamp: tuple = ()  # its files' stat when loaded: once they change, new rows wait till it reloads
 
@@ -337,6 +349,7 @@ class Residency:
         self._modules = {name for name, _ in model.named_modules()}
         self._linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                          if isinstance(m, nn.Linear)}
+        self._quantization = base_quantization(model)  # how the base is stored: what an adapter recorded is met with
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -399,10 +412,8 @@ class Residency:
     def register(self, name: str, path: str | Path, label: str | None = None, discovered: bool = False) -> Adapter:
         """Add `name` to the registry (under lock): its path checked, its weights not yet read. `label`: how
         messages name its folder (default: the path as given when relative, else relative to adapters_dir)."""
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise ServeError(f"adapter name {shown(name)} is not allowed: use {NAME_RULE}")
-        if name in (self.base_name, *BASE_ALIASES):
-            raise ServeError(f"adapter name {shown(name)} is the base model's name; pick another")
+        if why := name_refusal(name, self.base_name):
+            raise ServeError(f"adapter name {shown(name)} {why}")
         if name in self.adapters:
             # said without HTTP's words: the dashboard shows it as it is
             raise NameTaken(f"an adapter named {shown(name)} is already loaded; unload it first, or choose another "
@@ -585,6 +596,10 @@ class Residency:
                 self._check_header(entry, check_servable(entry))
         except (ValueError, OSError, RuntimeError) as e:
             raise self._broken(entry, e) from None
+        # the sentence the server's log gets as it loads (a QLoRA adapter over the full-precision base), for the
+        # dashboard, which shows it where the adapter is chosen: the log alone left the page's user unaware
+        warning = other_quantization(entry.path, self._quantization)
+        entry.warning = warning and self._public(entry, warning)
 
     def _check_header(self, entry: Adapter, config: LoraConfig | AdaLoraConfig) -> None:
         weights = entry.path / WEIGHTS_NAME

@@ -11,7 +11,8 @@ Page: GET /ui/ (static index.html, app.js, style.css, vendored uPlot). JSON unde
   POST runs/{name}/stop          SIGINT: the run finishes its step, checkpoints it and stops; ?force=true, for a run
                                  already asked to stop: SIGTERM, which interrupts the step ("Stop now")
   GET  runs/{name}/adapter.zip   the run's adapter directory as a zip
-  GET  adapters                  adapter directories under the server's adapters_dir (for POST /v1/adapters)
+  GET  adapters                  adapter directories under the server's adapters_dir (for POST /v1/adapters), the
+                                 served ones, and what loading each warns (a QLoRA adapter over the full base)
 The playground and adapter loading use the OpenAI-compatible /v1 endpoints themselves. Every name or path from
 the browser is resolved inside its folder (runs.inside); nothing from it reaches a shell or eval. RequestGuard
 keeps other web pages out (CSRF, DNS rebinding).
@@ -280,7 +281,9 @@ def create_router(runs_dir: str | Path, data_dir: str | Path, models: dict[str, 
         root = getattr(engine, "adapters_dir", None)
         found = [] if root is None else sorted(R.listable(adapter_folders(Path(root)), "adapters"))
         served = engine.adapter_names() if engine is not None else []
-        return {"adapters_dir": str(root) if root else None, "available": found[:500], "served": served}
+        warned = engine.adapter_warnings() if engine is not None else {}
+        return {"adapters_dir": str(root) if root else None, "available": found[:500], "served": served,
+                "warnings": warned}
 
     router = APIRouter()
     router.include_router(api)

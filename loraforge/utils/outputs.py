@@ -246,7 +246,11 @@ def own_files(out: Path, command: str) -> set[str]:
     temporaries of its atomic writes of them that a kill left (`.tmp-<name>-<8 characters>`), and WRITTEN itself
     where it is `command`'s record, and the folders it recorded (a folder, not a link: its runs, which train
     judges). A file of a recorded name that differs from the record is not (the user's now)."""
-    record = _record(out, command)
+    return _own_of(out, _record(out, command))
+
+
+def _own_of(out: Path, record: dict | None) -> set[str]:
+    """own_files of `record`, the command's record already read from `out` (_record): write_own reads it once."""
     if record is None:
         return set()
     recorded = _files_of(record)
@@ -283,9 +287,9 @@ def write_own(out: str | Path, command: str, files: dict[str, str | bytes], *, o
     make_output(out, flag)
     data = {name: text if isinstance(text, bytes) else text.encode() for name, text in files.items()}
     new = {name: {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()} for name, raw in data.items()}
-    own = own_files(out, command)
-    refuse_foreign(out, (*data, WRITTEN), own, overwrite=overwrite, flag=flag)
     earlier = _record(out, command)
+    own = _own_of(out, earlier)
+    refuse_foreign(out, (*data, WRITTEN), own, overwrite=overwrite, flag=flag)
     recorded = _files_of(earlier)
     kept = {name: entry for name, entry in recorded.items() if name in own and name not in data}
     for name in data:

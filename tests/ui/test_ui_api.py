@@ -30,11 +30,13 @@ import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import default_recursion_limit, env_when_base_loads, output_held_elsewhere, save_adapters
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
+from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, write_adapter_dir
 from loraforge.precision import ONEDNN_CACHES
 from loraforge.serve.api import SHUTDOWN_GRACE_S
 from loraforge.training.checkpoint import last_checkpoint, verify_checkpoint
@@ -1339,6 +1341,44 @@ def test_a_run_that_saves_its_adapter_while_serving_is_in_the_playgrounds_models
     r = call(ui, "POST", "/v1/completions", json={"model": "late", "prompt": "Add 1 and 2.", "max_tokens": 2})
     assert r.status_code == 200, r.text
 
+
+
+def qlora_runs(ui, tiny_dir, tmp_path, qlora: str, plain: str) -> str:
+    """Two runs' adapters in the runs folder, written at once as train writes them: `qlora`'s as a QLoRA run saves
+    it (its header records the NF4 base it trained over), `plain`'s of this full-precision base. Returns the warning
+    the CLI gives loading the QLoRA one over this base (load_adapter's, as generate --adapter), its folder as the
+    page names it (NAME/adapter)."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    save_adapters(base, tmp_path, {"plain": LoraConfig(r=4, target_modules=("q_proj", "v_proj"))}, seed=5)
+    write_adapter_dir(tmp_path / "qlora", load_file(tmp_path / "plain" / WEIGHTS_NAME),
+                      json.loads((tmp_path / "plain" / CONFIG_NAME).read_text()), quantization="nf4")
+    with pytest.warns(UserWarning, match="trained over") as said:
+        load_adapter(base, tmp_path / "qlora")
+    cli_warning = [str(w.message) for w in said if "trained over" in str(w.message)]
+    assert len(cli_warning) == 1
+    for folder, name in (("qlora", qlora), ("plain", plain)):
+        (ui[1] / "runs" / name).mkdir()
+        (tmp_path / folder).rename(ui[1] / "runs" / name / "adapter")
+    return cli_warning[0].replace(str(tmp_path / "qlora"), f"{qlora}/adapter")
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the other tests' fake runs: adapters that do not load
+@pytest.mark.filterwarnings("ignore:.*this adapter was trained over")  # the server's log line, kept
+def test_a_qlora_adapter_over_the_full_base_shows_the_clis_warning_where_the_page_chooses_it(ui, tiny_dir, tmp_path):
+    """A QLoRA adapter (trained over an NF4 base) in the dashboard, over its full-precision base: the warning went
+    to the server's log only, and the page's playground and Adapters tab showed nothing. GET /ui/api/adapters now
+    gives it for each served adapter (the page shows it under the adapter's name in both lists): the sentence
+    load_adapter warns in the CLI, the folder named as the page knows it; none for an adapter of this base."""
+    expected = qlora_runs(ui, tiny_dir, tmp_path, "qrun", "plainrun")
+    listed = call(ui, "GET", "/ui/api/adapters").json()
+    assert {"qrun", "plainrun"} <= set(listed["served"])
+    assert {k: v for k, v in listed["warnings"].items() if k in ("qrun", "plainrun")} == {"qrun": expected}
+    r = call(ui, "POST", "/v1/adapters", json={"name": "qloaded", "path": "qrun/adapter"})  # the Adapters tab's form
+    assert r.status_code == 200, r.text
+    assert call(ui, "GET", "/ui/api/adapters").json()["warnings"]["qloaded"] == expected
+    r = call(ui, "POST", "/v1/completions", json={"model": "qrun", "prompt": "Add 1 and 2.", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # warned, still served
+    assert call(ui, "DELETE", "/v1/adapters/qloaded").status_code == 200
 
 
 @pytest.mark.filterwarnings("ignore:adapters dir")  # the fake runs: adapters that do not load

@@ -27,7 +27,7 @@ import yaml
 from helpers import output_held_elsewhere
 from loraforge import cli
 import test_ui_api
-from test_ui_api import KEY, call, form, write_launch
+from test_ui_api import KEY, call, form, qlora_runs, write_launch
 
 ui = test_ui_api.ui  # the shared server fixture, found by its name
 CHROMIUM = os.environ.get("LORAFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -674,6 +674,23 @@ def test_the_server_down_or_a_wrong_key_is_said_once_in_a_banner(ui, fresh):
     fresh.wait_for_selector("#banner", state="hidden", timeout=10_000)
     fresh.wait_for_selector("#play-models input[data-model=tiny]")
     assert not fresh.evaluate("document.body.classList.contains('trouble')")
+
+
+@pytest.mark.filterwarnings("ignore:adapters dir")  # the other tests' fake runs: adapters that do not load
+@pytest.mark.filterwarnings("ignore:.*this adapter was trained over")  # the server's log line, kept
+def test_a_qlora_adapters_warning_shows_under_its_name_in_the_playground_and_adapters(ui, fresh, tiny_dir, tmp_path):
+    """The warning of a QLoRA adapter over the full-precision base went to the server's log only; the page shows
+    the CLI's sentence under the adapter's name where it is chosen (the playground's list, the served adapters),
+    and nothing under an adapter of this base."""
+    expected = qlora_runs(ui, tiny_dir, tmp_path, "qpage", "plainpage")
+    fresh.click("nav button[data-tab=play]")
+    fresh.wait_for_selector("#play-models input[data-model=plainpage]")
+    assert fresh.inner_text('#play-models .adapter-warning[data-warns="qpage"]') == expected
+    assert fresh.locator('#play-models .adapter-warning[data-warns="plainpage"]').count() == 0
+    fresh.click("nav button[data-tab=adapters]")
+    fresh.wait_for_selector("#served tr[data-adapter=plainpage]")
+    assert fresh.inner_text("#served tr[data-adapter=qpage] .adapter-warning") == expected
+    assert fresh.locator("#served tr[data-adapter=plainpage] .adapter-warning").count() == 0
 
 
 def test_the_charts_keep_their_height_beside_a_long_run_list(ui, fresh):

@@ -554,20 +554,24 @@ $("#start-form").addEventListener("submit", async ev => {
 });
 
 // --- playground: the same conversation to each ticked model, streamed from /v1/chat/completions ---
+// An adapter the server warns of (a QLoRA adapter over the full-precision base: the CLI's sentence) shows it beside
+// its name in both lists, where it is chosen: the server's log alone left the page's user unaware.
 async function loadModels() {
-  const { data } = await api("/v1/models");
+  const [{ data }, avail] = await Promise.all([api("/v1/models"), api("/ui/api/adapters")]);
+  const warned = id => avail.warnings?.[id] ? [el("span", { class: "adapter-warning", "data-warns": id },
+                                                   avail.warnings[id])] : [];
   state.base = data.find(m => !m.parent)?.id;
   const box = $("#play-models");
   const ticked = new Set([...box.querySelectorAll("input:checked")].map(i => i.value));
   box.replaceChildren(...data.map(m => {
     const i = el("input", { type: "checkbox", value: m.id, "data-model": m.id });
     i.checked = ticked.size ? ticked.has(m.id) : !m.parent;
-    return el("label", { class: "model" }, i, m.parent ? m.id : m.id + " (base)");
+    return el("label", { class: "model" }, i, m.parent ? m.id : m.id + " (base)", ...warned(m.id));
   }));
   const served = $("#served tbody");
   served.replaceChildren(...data.filter(m => m.parent).map(m => el("tr", { "data-adapter": m.id },
-    el("td", {}, m.id), el("td", {}, el("button", { class: "unload", onclick: () => unload(m.id) }, "Unload")))));
-  const avail = await api("/ui/api/adapters");
+    el("td", {}, m.id, ...warned(m.id)),
+    el("td", {}, el("button", { class: "unload", onclick: () => unload(m.id) }, "Unload")))));
   $("#load-form select").replaceChildren(...avail.available.map(p => el("option", { value: p }, p)));
 }
 // New conversation stops the answers still streaming; their turns stay out of the new one.
