@@ -64,6 +64,16 @@ from loraforge.utils.files import expand_user
 BASE_ALIASES = ("base",)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)"  # what NAME_RE takes
+RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
+LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
+# seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
+# run on the engine thread, holding every request (soak: a rank_pattern of slow keys, minutes). Twice
+# REGEX_TIMEOUT_S: one endless regex is still named as such
+ADAPTER_REGEX_S = 2 * REGEX_TIMEOUT_S
+# an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
+RACY_NS = 2 * 10**9
+# the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
+FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
 
 
 def name_refusal(name, base_name: str) -> str | None:
@@ -74,16 +84,6 @@ def name_refusal(name, base_name: str) -> str | None:
     if name in (base_name, *BASE_ALIASES):
         return "is the base model's name; pick another"
     return None
-RUN_ADAPTER = "adapter"  # where a training run's folder holds its adapter (train and demo write runs/NAME/adapter)
-LISTED = 20  # adapter names an error message lists (GET /v1/models lists them all)
-# seconds an adapter's regexes (target_modules, rank_pattern, ...) may take in all, per check and per load: they
-# run on the engine thread, holding every request (soak: a rank_pattern of slow keys, minutes). Twice
-# REGEX_TIMEOUT_S: one endless regex is still named as such
-ADAPTER_REGEX_S = 2 * REGEX_TIMEOUT_S
-# the file keys whose shapes the header check compares with the base's linear layers: (suffix, dim, 0 in / 1 out)
-# an mtime this close to the listing that read it may hide a change a clock tick later (FAT's mtime ticks in 2 s)
-RACY_NS = 2 * 10**9
-FACTOR_KEYS = ((".lora_A.weight", -1, 0), (".lora_B.weight", 0, 1), (".lora_A", -1, 0), (".lora_B", 0, 1))
 
 
 @dataclass(eq=False)
