@@ -32,6 +32,7 @@ from loraforge.argtypes import (FiniteFloat, FlagOverride, NonEmpty, PositiveFlo
                                 Seed, SeedCount, Temperature, Text)
 from loraforge.utils.elastic import report_to_agent
 from loraforge.utils.parent import follow_agent
+from loraforge.utils.startup import exit_now, exit_on_signals, stopped_line, untouched
 from loraforge.utils.streams import guard_streams, output_failed, stdout_lost
 
 
@@ -840,7 +841,7 @@ class Terminated(BaseException):
     as SystemExit is: `except Exception` never takes it for an error."""
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} before the command finished")  # ui.runs reads it
+        super().__init__(stopped_line(signum))
         self.signum = signum
 
 
@@ -854,20 +855,24 @@ SERVERS = ("serve", "ui")  # uvicorn stops them on SIGTERM itself (api.run_until
 
 @contextlib.contextmanager
 def _terminated_cleanly(command: str):
-    """Inside the block SIGTERM and SIGHUP raise Terminated (see there): for a command that is not a server, in the
-    main thread, for a signal left at its default action (nohup's SIGHUP stays ignored), and not under torchrun,
-    whose agent stops its processes itself. The training loop takes both signals over while it runs (a checkpoint,
-    then Stopped), and gives them back after."""
-    ours = (command not in SERVERS and threading.current_thread() is threading.main_thread()
-            and "TORCHELASTIC_RUN_ID" not in os.environ)
-    installed = [s for s in (signal.SIGTERM, signal.SIGHUP) if ours and signal.getsignal(s) is signal.SIG_DFL]
-    for s in installed:
-        signal.signal(s, _terminate)
+    """Inside the block (the command, its imports done) a signal raises in the main thread, so that the command's
+    clean-up runs: SIGTERM and SIGHUP raise Terminated (see there) for a command that is not a server, for a signal
+    left at its default action (nohup's SIGHUP stays ignored) or at the startup's exit_now, and not under torchrun,
+    whose agent stops its processes itself; a server gets them at their default action (uvicorn takes them). Ctrl-C
+    raises KeyboardInterrupt (_interrupt) where the startup's exit_now had it. The training loop takes the signals
+    over while it runs (a checkpoint, then Stopped), and gives them back after. They are given back as they were."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    ours = command not in SERVERS and "TORCHELASTIC_RUN_ID" not in os.environ
+    handlers = {s: (_terminate if ours else signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)
+                if main_thread and untouched(s)}
+    if main_thread and signal.getsignal(signal.SIGINT) is exit_now:
+        handlers[signal.SIGINT] = _interrupt
+    previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
     try:
         yield
     finally:
-        for s in installed:
-            signal.signal(s, signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _ended(signum, frame):
@@ -883,15 +888,19 @@ def _ended(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (`argv`, or the process's own when None); returns the exit code. For the process's own
-    command line a Ctrl-C, SIGTERM or SIGHUP after the command has ended exits 128 + its number at once (_ended); a
-    caller passing `argv` (tests, a program) gets its SIGINT handler back as it was. The process's own standard
-    output and error are guarded (utils.streams): a reader that leaves, a full disk under a log file or an encoding
-    without a character ends no command (one whose stdout was lost to a full disk exits 1)."""
+    command line a Ctrl-C, SIGTERM or SIGHUP during the start (the imports: utils.startup) or after the command has
+    ended (_ended) exits 128 + its number at once; a caller passing `argv` (tests, a program) gets its SIGINT handler
+    back as it was. The process's own standard output and error are guarded (utils.streams): a reader that leaves, a
+    full disk under a log file or an encoding without a character ends no command (one whose stdout was lost to a
+    full disk exits 1)."""
     _INTERRUPTED.clear()
+    own = argv is None and threading.current_thread() is threading.main_thread()
     if argv is None:
         guard_streams()
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
-        signal.default_int_handler
+    if own:
+        exit_on_signals()  # python -m loraforge did it before its imports; the `loraforge` script of old did not
+    ours = not own and threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours:
         signal.signal(signal.SIGINT, _interrupt)
     try:
@@ -901,9 +910,6 @@ def main(argv: list[str] | None = None) -> int:
         if e.code in (0, None) and argv is None and output_failed():  # `--help > /dev/full`: said, so exit 1
             return 1
         raise
-    except Terminated as e:  # during run_command's imports, before its own handlers
-        print(e, file=sys.stderr)
-        return 128 + e.signum
     except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop, its message or the clean-up was running
         print("interrupted", file=sys.stderr)
         return 130
@@ -914,11 +920,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler if argv is not None else _ended)
-        if argv is None and threading.current_thread() is threading.main_thread() \
-                and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent ends its processes itself
-            for s in (signal.SIGTERM, signal.SIGHUP):
-                if signal.getsignal(s) is signal.SIG_DFL:  # nohup's SIGHUP stays ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if own:
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(s) is exit_now:  # the ones exit_on_signals took: nohup's SIGHUP stays ignored
                     signal.signal(s, _ended)
 
 
@@ -977,8 +982,7 @@ def run_command(argv: list[str] | None = None) -> int:
     follow_agent()  # under torchrun: before the slow imports, so that an agent killed during them is seen
     args = parse_args(argv)
     command = args.pop("command")
-    with _terminated_cleanly(command):
-        return _run(command, args)
+    return _run(command, args)
 
 
 def _run(command: str, args: dict) -> int:
@@ -999,7 +1003,8 @@ def _run(command: str, args: dict) -> int:
     from loraforge.training.distributed import leave_processes
 
     try:
-        func(**args)
+        with _terminated_cleanly(command):
+            func(**args)
     except (ConfigError, DataError, AdapterError, TrainingError, OutputError, ModelDownloadError, ModelFilesError,
             DiskError, ServeError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         # under torchrun a node's processes share its command line and files: a config or data error once per node, and

@@ -320,8 +320,8 @@ def temporary_prefix(kind: str, name: str) -> str:
     return f".{kind}-{name}-"
 
 
-# How long nothing in a temporary folder must have changed before a sweep may take it for a killed writer's: a
-# writer that holds no lock (an older loraforge) is still writing into it as long as its files change.
+# How long an empty temporary (file or folder) that no one holds must have been left before a sweep takes it for a
+# killed writer's: a live writer holds none between its mkstemp/mkdtemp and its lock.
 STALE_AFTER_S = 60.0
 
 
@@ -355,12 +355,12 @@ def _quiet_for(path: Path, seconds: float) -> bool:
 
 def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
     """Remove the temporary folders and files (`.tmp-<name>-<8 characters>`: atomic_dir's, atomic_file's) that
-    killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and in which
-    nothing changed for STALE_AFTER_S; a file at once where it holds bytes. atomic_file's writer locks its file
-    before it writes a byte (a lock the kernel drops at its death), so a written file no one holds is a dead
-    writer's (soak: a SIGKILLed export --to gguf's partial file stayed beside the rerun's for a minute, the size of
-    the model); an empty one may be a live writer's between its mkstemp and its lock, and a folder a writer's that
-    takes no lock (an older loraforge): those wait for STALE_AFTER_S."""
+    killed writers of `final` left beside it: those whose lock can be taken (no live writer holds it) and that hold
+    something, at once; empty ones once nothing changed in them for STALE_AFTER_S. atomic_dir's and atomic_file's
+    writers lock their folder or file before they write a byte (a lock the kernel drops at their death), so a
+    written one no one holds is a dead writer's (soak: a SIGKILLed merge's `.tmp-<out>-*` folder, or export --to
+    gguf's partial file, stayed beside the rerun's result for a minute, up to the size of the model); an empty one
+    may be a live writer's between its mkstemp/mkdtemp and its lock."""
     # mkdtemp's suffix: not `.tmp-<name>-2-...`
     own = re.compile(re.escape(temporary_prefix("tmp", final.name)) + rf"[a-z0-9_]{{{SUFFIX}}}")
     try:
@@ -380,7 +380,12 @@ def remove_stale_temporaries(final: Path, keep: Path | None = None) -> None:
         if fd is None:
             continue
         try:
-            if (entry.is_file() and os.fstat(fd).st_size > 0) or _quiet_for(entry, STALE_AFTER_S):
+            if entry.is_file():
+                written = os.fstat(fd).st_size > 0
+            else:
+                with os.scandir(entry) as inside:
+                    written = any(True for _ in inside)
+            if written or _quiet_for(entry, STALE_AFTER_S):
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         except OSError:  # gone meanwhile, or unreadable: not ours to judge
             pass
@@ -431,7 +436,10 @@ def atomic_dir(final: str | Path, need_bytes: int | None = None, drop: tuple[str
         final.parent.mkdir(parents=True, exist_ok=True)
         with held_interrupts():  # as atomic_file's: the folder made and named together
             tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix("tmp", final.name), dir=final.parent))
-        lock = _lock(tmp)  # held until the end: a sweep by another writer of `final` leaves this folder alone
+        # held until the end, taken before a byte is written (waiting out another writer's sweep that looks at it):
+        # a sweep by another writer of `final` leaves this folder alone, and removes it at once once written and no
+        # longer held (its writer killed)
+        lock = _lock(tmp, wait=True)
         for name in {final, Path(os.path.abspath(expand_user(given)))}:  # a link's own name: what it left before
             remove_stale_temporaries(name, keep=tmp)
         yield tmp

@@ -28,6 +28,7 @@ from loraforge.config import LoraConfig
 from loraforge.lora.inject import inject, lora_layers
 from loraforge.models import context_length
 from loraforge.serve import Engine, PromptTooLong, QueueFull, SamplingParams, ServeError, UnknownAdapter
+from loraforge.serve import engine as serve_engine
 from loraforge.serve import static_batch
 from loraforge.serve.engine import IDLE_CHECK_S
 
@@ -109,6 +110,31 @@ def test_mixed_batch_equals_reference_and_single(make_engine, base, adapters_dir
     # the adapters matter: the same prompt gives different outputs per adapter
     outs = {a: engine.generate(jobs[0][1], a, GREEDY).token_ids for a in ("a", "b", "c", None)}
     assert len({tuple(v) for v in outs.values()}) == 4
+
+
+def test_an_idle_engine_is_woken_by_a_request_a_command_and_a_stop_not_by_its_idle_check(make_engine, tokenizer,
+                                                                                              monkeypatch):
+    """The idle engine thread waits on its condition with a timeout (IDLE_CHECK_S: whether its Engine is still
+    referenced). With that check an hour away, a request, a command and a stop still end, and every wake-up of the
+    thread was a notify, none the timeout: nothing waits for it."""
+    monkeypatch.setattr(serve_engine, "IDLE_CHECK_S", 3600.0)
+    engine = make_engine()
+    cv, woke = engine._cv, []
+    wait = type(cv).wait
+
+    def counted(timeout=None):
+        woke.append(wait(cv, timeout))  # True: notified; False: the timeout ran out
+        return woke[-1]
+
+    cv.wait = counted  # the thread's next idle wait, and every one after
+    engine.call(lambda: None).result(60)
+    prompt = prompts(len(tokenizer), [5])[0]
+    for adapter in ("a", None):
+        assert engine.generate(prompt, adapter, GREEDY, timeout=60).finish_reason == "length"
+    assert engine.call(lambda: 42).result(60) == 42
+    engine.stop(timeout=60)
+    assert not engine._thread.is_alive()
+    assert woke and all(woke), woke
 
 
 def test_an_engine_dropped_without_stop_ends_its_thread_and_gives_the_model_back(base, adapters_dir, tokenizer):

@@ -80,17 +80,17 @@ def _age(path, seconds):
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
 def test_a_killed_writers_temporary_folder_goes_at_the_next_write_and_a_live_ones_stays(tmp_path):
     """A merge killed mid-write left `.tmp-<out>-*` beside --out for good (5 kills: 513 MB). The next write of the
-    same folder removes it; a live writer's (it holds its folder's flock), another folder's and one still changing
-    (a writer without the lock) stay."""
+    same folder removes it; a live writer's (it holds its folder's flock), another folder's and an empty one made a
+    moment ago (a live writer between its mkdtemp and its lock) stay."""
     final = tmp_path / "out"
+    live, working = _writer(final, "live")  # first: its own sweep would take the killed one's
     killed, left = _writer(final, "kill")
     killed.wait()
-    live, working = _writer(final, "live")
     other = tmp_path / ".tmp-out-2-abcd1234"  # the temporary folder of a folder named out-2
-    recent = tmp_path / ".tmp-out-abcd1234"  # unlocked, but written into a moment ago
-    for d in (other, recent):
-        d.mkdir()
-        (d / "model.safetensors").write_bytes(b"x")
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"x")
+    recent = tmp_path / ".tmp-out-abcd1234"  # unlocked and empty, made a moment ago
+    recent.mkdir()
     for d in (left, working, other):
         _age(d, 3600)  # an hour untouched
     try:
@@ -98,6 +98,29 @@ def test_a_killed_writers_temporary_folder_goes_at_the_next_write_and_a_live_one
         with atomic_dir(final) as tmp:
             (tmp / "model.safetensors").write_bytes(b"the new merge")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, other.name, recent.name, "out"])
+        assert files(working) == {"model.safetensors": "part of a merge"}
+        assert files(final) == {"model.safetensors": "the new merge"}
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and files(final) == {"model.safetensors": "part of a merge"}  # its rename, last
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: leftovers stay")
+def test_a_killed_writers_written_temporary_folder_goes_at_once_a_live_one_stays(tmp_path):
+    """Soak: a merge SIGKILLed a moment ago left its `.tmp-<out>-*` folder beside the rerun's result until it was 60
+    s old (the rerun took 33 s: it stayed; up to the size of the model), though its writer's flock on it died with
+    it. The writer locks its folder before the first byte (waiting out a sweep's look): a folder that holds
+    something and no one holds goes at the next write at once (the reference: the folder then holds what one
+    uninterrupted write leaves); a live writer's stays."""
+    final = tmp_path / "out"
+    live, working = _writer(final, "live")  # first: its own sweep would take the killed one's at once
+    killed, left = _writer(final, "kill")
+    killed.wait()
+    try:
+        assert killed.returncode == -signal.SIGKILL and files(left) == {"model.safetensors": "part of a merge"}
+        with atomic_dir(final) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"the new merge")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([working.name, "out"])
         assert files(working) == {"model.safetensors": "part of a merge"}
         assert files(final) == {"model.safetensors": "the new merge"}
     finally:
