@@ -97,6 +97,7 @@ class TrainResult:
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
     device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
     already_finished: bool = False  # a --resume of a run that had finished: no step ran; its losses are the logged ones
+    result_existed: bool = True  # already_finished: its adapter (model) was there; False: a kill during its write
     best: dict | None = None  # training.keep_best: {"step", "eval_loss", "checkpoint"} of the lowest held-out loss
 
 
@@ -1125,6 +1126,8 @@ def save_model(model: nn.Module, tokenizer, out: Path, state_dict: dict | None =
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int,
            aside: float = 0.0) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
+    saved = "model" if run.cfg.method == "full" else "adapter"
+    existed = (run.out / saved / ("config.json" if saved == "model" else "adapter_config.json")).is_file()
     if run.sharded:  # every process takes part in gathering the shards; rank 0 writes what the one-process run does
         if run.cfg.method == "full":
             state = full_state_dict(run.model)
@@ -1154,5 +1157,5 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
-                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type,
-                       already_finished=run.tokens_seen == start_tokens, best=best)
+                       saved=saved, device_type=run.device.type, already_finished=run.tokens_seen == start_tokens,
+                       result_existed=existed, best=best)
