@@ -110,6 +110,10 @@ def finished_line(result) -> str:
     best = result.best  # training.keep_best: where the held-out loss was lowest, when not at the end
     kept = (f"; lowest held-out loss {best['eval_loss']:.4f} at step {best['step']}, its checkpoint kept: "
             f"{best['checkpoint']}" if best and best["step"] != result.steps else "")
+    if unsaved := result.best_unsaved:  # soak: eval_every=1, save_every=2, the lowest at step 3: unsaid, not kept
+        kept += (f"; the lowest held-out loss, {unsaved['eval_loss']:.4f} at step {unsaved['step']}, fell on a step "
+                 f"that saved no checkpoint, so training.keep_best could not keep it (save at every evaluated step: "
+                 f"training.eval_every a multiple of training.save_every)")
     if result.already_finished and not result.result_existed:  # killed while writing it (soak: "already finished")
         return (f"{where}: the run's {result.steps} steps were done before it stopped, while writing its "
                 f"{result.saved}, which is written now{kept}")
