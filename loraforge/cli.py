@@ -108,8 +108,18 @@ def finished_line(result) -> str:
     """train's last line: where the result is and what the run measured (a resumed run that had already finished:
     nothing was trained, so no loss or speed)."""
     where = f"{result.saved} written to {result.output_dir / result.saved}"
+    best = result.best  # training.keep_best: where the held-out loss was lowest, when not at the end
+    kept = (f"; lowest held-out loss {best['eval_loss']:.4f} at step {best['step']}, its checkpoint kept: "
+            f"{best['checkpoint']}" if best and best["step"] != result.steps else "")
+    if unsaved := result.best_unsaved:  # soak: eval_every=1, save_every=2, the lowest at step 3: unsaid, not kept
+        kept += (f"; the lowest held-out loss, {unsaved['eval_loss']:.4f} at step {unsaved['step']}, fell on a step "
+                 f"that saved no checkpoint, so training.keep_best could not keep it (save at every evaluated step: "
+                 f"training.eval_every a multiple of training.save_every)")
+    if result.already_finished and not result.result_existed:  # killed while writing it (soak: "already finished")
+        return (f"{where}: the run's {result.steps} steps were done before it stopped, while writing its "
+                f"{result.saved}, which is written now{kept}")
     if result.already_finished:  # no step ran in this process
-        return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume"
+        return f"{where}: the run had already finished its {result.steps} steps, nothing left to resume{kept}"
     aside = (f" (evaluating and saving took {result.aside_seconds:.0f} s more)"
              if result.aside_seconds >= 0.5 else "")
     skipped = ""  # fp16: steps the loss scaler skipped made no update (soak: 6 of 6, an untrained adapter, unsaid)
@@ -117,9 +127,6 @@ def finished_line(result) -> str:
         none = ": the weights were never updated" if result.skipped_steps >= result.steps else ""
         skipped = (f" ({result.skipped_steps} of them skipped, their fp16 gradients overflowed{none}; "
                    f"skipped_steps in metrics.jsonl)")
-    best = result.best  # training.keep_best: where the held-out loss was lowest, when not at the end
-    kept = (f"; lowest held-out loss {best['eval_loss']:.4f} at step {best['step']}, its checkpoint kept: "
-            f"{best['checkpoint']}" if best and best["step"] != result.steps else "")
     return (f"{where} after {result.steps} steps{skipped}: final loss {result.final_loss:.4f}, "
             f"{result.tokens_per_second:.0f} tokens/s while training{aside}, peak "
             f"{'GPU memory' if result.device_type == 'cuda' else 'memory'} {result.peak_memory_mb:.0f} MB"

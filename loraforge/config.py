@@ -775,7 +775,8 @@ class TrainingConfig:
     keep_best: bool = True
     """Also keep, beside the keep_checkpoints newest, the checkpoint of the lowest held-out loss: a checkpoint of a
     step that was evaluated (eval_every a multiple of save_every, or the last step) records its eval loss, and the
-    run's last line names the best one (a run whose eval loss rose at the end keeps where it was lowest)."""
+    run's last line names the best one (a run whose eval loss rose at the end keeps where it was lowest), and a lower
+    one that fell on a step without a checkpoint, which it could not keep."""
     log_every: int = 1
     """Write a metrics.jsonl row (and the tracker's point) every N optimizer steps; the last step, and a step the
     fp16 loss scaler skipped, are always written."""

@@ -66,8 +66,8 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
                                       sources_report)
 from loraforge.training.optim import make_optimizer
-from loraforge.training.report import (MetricsLog, logged_losses, peak_memory_mb, plot_loss, progress_bar,
-                                       reset_peak_memory)
+from loraforge.training.report import (MetricsLog, logged_losses, lowest_logged_eval, peak_memory_mb, plot_loss,
+                                       progress_bar, reset_peak_memory)
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
@@ -97,7 +97,9 @@ class TrainResult:
     aside_seconds: float = 0.0  # of `seconds`, those spent evaluating and saving: tokens_per_second leaves them out
     device_type: str = "cpu"  # where it trained: peak_memory_mb is the GPU's max allocated on "cuda", else peak RSS
     already_finished: bool = False  # a --resume of a run that had finished: no step ran; its losses are the logged ones
+    result_existed: bool = True  # already_finished: its adapter (model) was there; False: a kill during its write
     best: dict | None = None  # training.keep_best: {"step", "eval_loss", "checkpoint"} of the lowest held-out loss
+    best_unsaved: dict | None = None  # keep_best: {"step", "eval_loss"} of a lower held-out loss at a step not saved
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -1125,6 +1127,8 @@ def save_model(model: nn.Module, tokenizer, out: Path, state_dict: dict | None =
 def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float, start_tokens: int,
            aside: float = 0.0) -> TrainResult:
     """After the last step: the adapter (or full model), the loss plot, and what was measured."""
+    saved = "model" if run.cfg.method == "full" else "adapter"
+    existed = (run.out / saved / ("config.json" if saved == "model" else "adapter_config.json")).is_file()
     if run.sharded:  # every process takes part in gathering the shards; rank 0 writes what the one-process run does
         if run.cfg.method == "full":
             state = full_state_dict(run.model)
@@ -1147,6 +1151,9 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
     found = best_checkpoint(run.ckpt_root) if run.cfg.training.keep_best and run.is_main else None
     best = {"step": int(found[0].name.removeprefix("step-")), "eval_loss": found[1], "checkpoint": str(found[0])} \
         if found else None
+    lowest = lowest_logged_eval(run.out / "metrics.jsonl") if run.cfg.training.keep_best and run.is_main else None
+    unsaved = ({"step": lowest[0], "eval_loss": lowest[1]} if lowest and (best is None or lowest[1] < best["eval_loss"])
+               else None)  # eval_every not a multiple of save_every: the lowest fell on a step without a checkpoint
     return TrainResult(output_dir=run.out, steps=run.step, final_loss=loss_value, eval_loss=eval_loss,
                        train_tokens=run.tokens_seen, seconds=seconds,
                        tokens_per_second=(run.tokens_seen - start_tokens) / max(seconds - aside, 1e-9),
@@ -1154,5 +1161,5 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        peak_memory_mb=peak_memory_mb(run.device), trainable_params=run.trainable,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
-                       saved="model" if run.cfg.method == "full" else "adapter", device_type=run.device.type,
-                       already_finished=run.tokens_seen == start_tokens, best=best)
+                       saved=saved, device_type=run.device.type, already_finished=run.tokens_seen == start_tokens,
+                       result_existed=existed, best=best, best_unsaved=unsaved)

@@ -190,6 +190,18 @@ def logged_losses(path: Path) -> tuple[float, float | None]:
     return (float(losses[-1]) if losses else float("nan")), (float(evals[-1]) if evals else None)
 
 
+def lowest_logged_eval(path: Path) -> tuple[int, float] | None:
+    """(step, held-out loss) of the lowest finite eval_loss a run's metrics.jsonl logged (the earliest of equal
+    ones), None where it logged none or cannot be read: what training.keep_best compares its kept checkpoint with."""
+    try:
+        rows = read_metrics(path)
+    except (OSError, ValueError):
+        return None
+    evals = [(row["step"], float(row["eval_loss"])) for row in rows
+             if isinstance(row.get("eval_loss"), (int, float)) and math.isfinite(row["eval_loss"])]
+    return min(evals, key=lambda e: e[1]) if evals else None
+
+
 def plot_loss(metrics: Path, out: Path) -> Path | None:
     """Training loss per step (and held-out loss where measured) as a PNG, written atomically (files.atomic_file)."""
     import matplotlib

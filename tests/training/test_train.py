@@ -748,4 +748,67 @@ def test_the_checkpoint_of_the_lowest_held_out_loss_is_kept_beside_the_newest(ti
     assert kept == [best.name, "step-0000004"] and verify_checkpoint(best) is None
     assert json.loads((best / "trainer_state.json").read_text())["eval_loss"] == lowest["eval_loss"]
     assert result.best == {"step": lowest["step"], "eval_loss": lowest["eval_loss"], "checkpoint": str(best)}
+    assert result.best_unsaved is None  # every evaluated step saved: the lowest is kept
     assert finished_line(result).endswith(f"; lowest held-out loss 1.0000 at step 2, its checkpoint kept: {best}")
+
+
+def test_a_lowest_held_out_loss_at_a_step_without_checkpoint_is_said(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Soak: eval_every=1, save_every=2, the lowest held-out loss at step 3: keep_best kept step 2's checkpoint (or
+    none but the last) and the last line said nothing of step 3. It says so now; the reference is metrics.jsonl."""
+    from loraforge.cli import finished_line
+    from loraforge.training import loop
+
+    losses = iter([3.0, 2.0, 1.0, 4.0])
+    monkeypatch.setattr(loop, "mean_token_loss", lambda *args, **kwargs: next(losses))
+    out = tmp_path / "run"
+    result = train(load_train_config(None, [
+        f"model.name={tiny_dir}", f"data.train={data_file}", f"data.eval={data_file}", f"output_dir={out}", "lora.r=4",
+        "training.max_steps=4", "training.batch_size=4", "training.precision=fp32", "training.warmup_steps=0",
+        "training.eval_every=1", "training.save_every=2", "training.keep_checkpoints=1"]), progress=False)
+    evaluated = [(row["step"], row["eval_loss"]) for row in read_metrics(out / "metrics.jsonl") if "eval_loss" in row]
+    step, loss = min(evaluated, key=lambda e: e[1])
+    assert (step, loss) == (3, 1.0) and not (out / "checkpoints" / f"step-{step:07d}").exists()
+    assert result.best["step"] == 2 and result.best_unsaved == {"step": step, "eval_loss": loss}
+    assert finished_line(result).endswith(
+        f"its checkpoint kept: {out / 'checkpoints' / 'step-0000002'}; the lowest held-out loss, 1.0000 at step 3, "
+        f"fell on a step that saved no checkpoint, so training.keep_best could not keep it (save at every evaluated "
+        f"step: training.eval_every a multiple of training.save_every)")
+
+def test_a_resume_after_a_kill_in_the_final_adapter_write_writes_it_and_names_the_best(tiny_dir, data_file, tmp_path,
+                                                                                      monkeypatch):
+    """Soak (SIGKILL while the adapter of the last step was written): --resume found step 4 of 4 done, wrote the
+    adapter, and said "the run had already finished its 4 steps, nothing left to resume", without the checkpoint of
+    the lowest held-out loss that the uninterrupted run names. Both are said now; the reference is that run."""
+    from loraforge.cli import finished_line
+    from loraforge.training import loop
+
+    monkeypatch.setattr(loop, "mean_token_loss", lambda *args, **kwargs: {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0}[step[0]])
+    step, optimizer_step = [0], loop.optimizer_step
+
+    def counted(run, batches):
+        step[0] = run.step + 1
+        return optimizer_step(run, batches)
+
+    monkeypatch.setattr(loop, "optimizer_step", counted)
+
+    def run(out, resume=False):
+        return train(load_train_config(None, [
+            f"model.name={tiny_dir}", f"data.train={data_file}", f"data.eval={data_file}", f"output_dir={out}",
+            "lora.r=4", "training.max_steps=4", "training.batch_size=4", "training.precision=fp32",
+            "training.warmup_steps=0", "training.eval_every=1", "training.save_every=1",
+            "training.keep_checkpoints=1"]), resume=resume, progress=False)
+
+    whole = run(tmp_path / "whole")
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_adapter", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))  # killed writing it
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "cut")
+    assert not (tmp_path / "cut" / "adapter").exists()
+    resumed = run(tmp_path / "cut", resume=True)
+    assert_same_adapter(adapter(tmp_path / "cut"), adapter(tmp_path / "whole"), atol=0)  # fp32: bit for bit
+    assert whole.best["step"] == resumed.best["step"] == 2 and resumed.best["eval_loss"] == whole.best["eval_loss"]
+    kept = f"; lowest held-out loss 1.0000 at step 2, its checkpoint kept: {resumed.best['checkpoint']}"
+    assert finished_line(resumed) == (f"adapter written to {tmp_path / 'cut' / 'adapter'}: the run's 4 steps were "
+                                      f"done before it stopped, while writing its adapter, which is written now{kept}")
+    again = run(tmp_path / "cut", resume=True)  # now it had finished
+    assert finished_line(again).endswith(f"the run had already finished its 4 steps, nothing left to resume{kept}")
