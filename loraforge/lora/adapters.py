@@ -56,8 +56,9 @@ BASE_QUANTIZATION = "base_quantization"
 # The base's model_type (llama, qwen2, ...), in the same header: shapes fit across architectures (a Qwen2 adapter on a
 # Llama of the same sizes loads, in PEFT without a word), so a load over another model_type warns.
 BASE_MODEL_TYPE = "base_model_type"
-# What PEFT adds to modules_to_save of a task_type SEQ_CLS adapter (PeftModelForSequenceClassification, peft_model.py)
-SEQ_CLS_HEADS = ("classifier", "score")
+# What PEFT adds to modules_to_save of a task_type SEQ_CLS adapter (PeftModelForSequenceClassification, peft_model.py;
+# pre_classifier since PEFT 0.22)
+SEQ_CLS_HEADS = ("classifier", "score", "pre_classifier")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the layers ensure_weight_tying ties
 
 
@@ -193,11 +194,11 @@ def _warn_residual_on_tied(model: nn.Module, name: str, config) -> None:
                       f"too); loraforge.lora.adapters.save_converted writes a plain LoRA both load alike",
                       stacklevel=3)
     conv1d = [path for path, m in lora_layers(model) if name in m.r and m.fan_in_fan_out]
-    if init == "olora" and conv1d:  # PEFT's olora_init ignores fan_in_fan_out: A and B come out transposed
-        warnings.warn(f"olora on {conv1d[0]}, a Conv1D layer (GPT-2 style, fan_in_fan_out): PEFT cannot load this "
-                      f"adapter (its OLoRA init re-draws A and B with the layer's dimensions swapped: a size "
-                      f"mismatch); loraforge.lora.adapters.save_converted writes a plain LoRA both load alike",
-                      stacklevel=3)
+    if init == "olora" and conv1d:  # PEFT < 0.22's olora_init ignores fan_in_fan_out: A and B come out transposed
+        warnings.warn(f"olora on {conv1d[0]}, a Conv1D layer (GPT-2 style, fan_in_fan_out): PEFT before 0.22 cannot "
+                      f"load this adapter (its OLoRA init re-draws A and B with the layer's dimensions swapped: a "
+                      f"size mismatch; 0.22 loads it equal); loraforge.lora.adapters.save_converted writes a plain "
+                      f"LoRA every version loads alike", stacklevel=3)
 
 
 def read_adapter_config(adapter_dir: str | Path, given: Iterable[str | Path] = ()):
@@ -586,12 +587,29 @@ def peft_as_loaded(model: nn.Module, config, data: dict, tensors: dict, path: Pa
                            f"a tied input embedding and output head, which loraforge does not implement (its outputs "
                            f"would differ from PEFT's); load it with PEFT, or train an adapter without "
                            f"ensure_weight_tying")
+    if isinstance(config, LoraConfig) and config.modules_to_save:
+        config = _saved_as_held(model, config, {_module_of(key) for key in tensors})
     if data.get("task_type") == "SEQ_CLS" and isinstance(config, LoraConfig) and config.modules_to_save:
         held = {_module_of(key) for key in tensors}
         absent = {name for name in SEQ_CLS_HEADS if not saved_paths(model, (name,))
                   and not any(module.endswith(name) for module in held)}
         kept = tuple(name for name in config.modules_to_save if name not in absent)
         config = dataclasses.replace(config, modules_to_save=kept or None)
+    return config
+
+
+def _saved_as_held(model: nn.Module, config: LoraConfig, held: set[str]) -> LoraConfig:
+    """`config` with modules_to_save as the modules the file holds, where it was saved by PEFT 0.22 or later: those
+    match an entry on module-name boundaries ("norm" takes model.norm; peft.utils.other._is_valid_match), where PEFT
+    0.21 and loraforge match a bare suffix ("norm" also takes every input_layernorm). A 0.22 file holds the fewer,
+    and was refused as missing the others; it now loads as PEFT 0.22 loads it, its entries the modules' full paths
+    (which both rules read alike). A file holding the suffix rule's modules, or neither set, is left to the checks."""
+    by_suffix = saved_paths(model, config.modules_to_save)
+    by_name = [p for p in by_suffix if any(p == t or p.endswith("." + t) for t in config.modules_to_save)]
+    if len(by_name) == len(by_suffix) or not by_name or set(by_suffix) <= held:
+        return config
+    if set(by_name) <= held and not (set(by_suffix) - set(by_name)) & held:
+        return dataclasses.replace(config, modules_to_save=tuple(by_name))
     return config
 
 

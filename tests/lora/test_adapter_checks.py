@@ -254,8 +254,8 @@ def test_a_seq_cls_adapter_on_a_causal_lm_loads_with_peft_logits_unless_it_holds
     base = tiny_llama()
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS")
     theirs = _peft_random(base, cfg, tmp_path / "seq")
-    assert json.loads((tmp_path / "seq" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier",
-                                                                                                      "score"]
+    heads = json.loads((tmp_path / "seq" / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(heads) in (["classifier", "score"], ["classifier", "pre_classifier", "score"]), heads  # 0.21; 0.22
     ours = load_adapter(copy.deepcopy(base), tmp_path / "seq")
     torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, **TOL)
     assert ours.lora_configs["default"].modules_to_save is None
@@ -798,7 +798,39 @@ def test_modules_to_save_match_as_peft_matches_them_both_ways(tmp_path, input_id
     torch.testing.assert_close(theirs(input_ids).logits, ours.eval()(input_ids).logits, **TOL)
     theirs.save_pretrained(tmp_path / "theirs")
     again = load_adapter(tiny_llama(), tmp_path / "theirs")
-    torch.testing.assert_close(again(input_ids).logits, theirs(input_ids).logits, **TOL)
+    # against PEFT loading its own file: PEFT 0.22 saves model.norm alone (boundary matching), and its model above
+    # held the four layernorms as base weights it had loaded the file's tensors into, which its file leaves out
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs").eval()
+    torch.testing.assert_close(again(input_ids).logits, reference(input_ids).logits, **TOL)
+
+
+def test_a_file_saved_by_peft_0_22_with_fewer_modules_to_save_loads_as_peft_loads_it(tmp_path, input_ids):
+    """PEFT 0.22 matches modules_to_save on module-name boundaries: modules_to_save ["norm"] saves model.norm alone,
+    where 0.21 and loraforge take every input_layernorm and post_attention_layernorm too; loraforge refused such a
+    file ("missing from the file: model.layers.0.input_layernorm.weight ..."). Made here from ours with those four
+    tensors dropped (what 0.22 writes); the reference: ours with those four layernorms back at the base's weights
+    (and PEFT 0.22 itself where it is installed; 0.21 cannot load the file). A file holding neither set (model.norm
+    dropped instead) is still refused."""
+    ours = randomize(inject(tiny_llama(), LoraConfig(r=2, target_modules=TARGETS, modules_to_save=("norm",))))
+    with torch.no_grad():
+        ours.get_submodule("model.norm").modules_to_save["default"].weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "ours")
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    for name, dropped in (("new", "layernorm"), ("neither", "model.norm.")):
+        shutil.copytree(tmp_path / "ours", tmp_path / name)
+        save_file({k: v for k, v in tensors.items() if dropped not in k}, tmp_path / name / "adapter_model.safetensors")
+    loaded = load_adapter(tiny_llama(), tmp_path / "new")
+    with torch.no_grad():
+        for path in ("model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                     "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm"):
+            wrapper = ours.get_submodule(path)
+            wrapper.modules_to_save["default"].weight.copy_(wrapper.original_module.weight)
+    torch.testing.assert_close(loaded(input_ids).logits, ours.eval()(input_ids).logits, **TOL)
+    if tuple(int(part) for part in peft.__version__.split(".")[:2]) >= (0, 22):
+        reference = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "new").eval()
+        torch.testing.assert_close(loaded(input_ids).logits, reference(input_ids).logits, **TOL)
+    with pytest.raises(AdapterError, match=r"model\.norm: missing from the file"):
+        load_adapter(tiny_llama(), tmp_path / "neither")
 
 
 def test_an_adapter_path_with_a_tilde_is_the_home_folders_and_a_missing_one_says_so(tmp_path, monkeypatch, input_ids):
