@@ -127,7 +127,7 @@ def _study(cfg: TrainConfig, adapter: str, previous: str, replay: str | None, sh
               f"--overwrite to run it again)", flush=True)
         return earlier
     if not resume:
-        start_over(out, "continual", ("continual.json",), overwrite)
+        start_over(out, ("continual.json",))
     cfg = task_split(cfg, out, "continual", overwrite, [arm_slug(share) for share in shares], settings)
     kept = {row.get("name"): row for row in (earlier or {}).get("rows", [])}
     sizes = [len(D.read_records(s.path)) for s in cfg.data.sources("train")]  # the replay arms' shares

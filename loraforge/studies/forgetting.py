@@ -143,12 +143,12 @@ def warn_replaced_method(cfg: TrainConfig, ranks) -> None:
                   f"full; set method: lora to run as asked without this warning", stacklevel=3)
 
 
-def start_over(out: Path, command: str, names: tuple[str, ...], overwrite: bool) -> None:
+def start_over(out: Path, names: tuple[str, ...]) -> None:
     """Remove an earlier study's results (`names` in `out`) before this one runs into `out` (--overwrite): killed
-    before its first write, it left the earlier JSON describing runs it had begun to replace. Files of those names
-    that are not `command`'s own (a user's) are refused unless `overwrite` (check_results), as the CLI's
-    check_output refuses them: from Python, run_forgetting deleted a user's forgetting.json in `out`."""
-    check_results(out, command, names, overwrite)
+    before its first write, it left the earlier JSON describing runs it had begun to replace. Call it after
+    check_results(out, command, names, overwrite), which refuses files of those names that are not the study's own
+    (a user's) unless `overwrite`, as the CLI's check_output does (from Python, run_forgetting deleted a user's
+    forgetting.json in `out`): both studies check right after going_on, so the record is not read again here."""
     for name in names:
         (out / name).unlink(missing_ok=True)
 
@@ -394,7 +394,7 @@ def _study(cfg: TrainConfig, out: Path, ranks, lora_lr: float, full_lr: float, s
     if earlier is not None and earlier.get("complete"):
         return finished(out, earlier)
     if not resume:
-        start_over(out, "forgetting", RESULTS, overwrite)
+        start_over(out, RESULTS)
     folders = [Path(arm_config(cfg, arm, seed, out).output_dir).name
                for seed in range(seeds) for arm in arms(ranks, lora_lr, full_lr)]
     cfg = task_split(cfg, out, "forgetting", overwrite, folders, settings)
