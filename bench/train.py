@@ -164,17 +164,24 @@ def window_peak_rss_mb() -> float | None:
     return _status_mb("VmHWM")
 
 
-def rss_mb() -> float | None:
-    """VmRSS: the resident set now, in MiB; None off Linux."""
-    return _status_mb("VmRSS")
+def rss_peak_and_now_mb() -> tuple[float, float | None]:
+    """The resident set's peak so far (VmHWM) and now (VmRSS), in MiB, from one read of /proc/self/status: the
+    kernel computes both at once, so peak ≥ now (two reads can see the set grow a page in between). Off Linux:
+    getrusage's peak and None."""
+    peak, now = _status_mb("VmHWM", "VmRSS")
+    return (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), now
 
 
-def _status_mb(key: str) -> float | None:
+def _status_mb(*keys: str) -> float | None | tuple[float | None, ...]:
     try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) / 1024
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for key in keys:
+        line = next((x for x in lines if x.startswith(key + ":")), None)
+        found.append(None if line is None else int(line.split()[1]) / 1024)
+    return found[0] if len(keys) == 1 else tuple(found)
 
 
 def same_lora_init(model) -> int:
@@ -320,7 +327,7 @@ def worker(args) -> dict:
         free_parts.apply(opts.get("free", ()))  # lf-free-*: timing only, this process's kernels patched
     same_lora_init(model)
     model.train()
-    load_peak, rss_loaded = peak_memory_mb("cpu"), rss_mb()  # the resident set's peak so far and now, any device
+    load_peak, rss_loaded = rss_peak_and_now_mb()  # the resident set's peak so far and now, any device
     window = device.type == "cpu" and reset_peak_rss()  # from here on: training's own peak (loading excluded)
     steps = args.warmup + args.steps
     plan = data_shapes.plan(args.shape, tok, steps, args.batch, args.micro_batch, args.text_rows, args.text_len,
@@ -404,7 +411,9 @@ def worker(args) -> dict:
                            by_sequence(b, model)) for b in batches]
             executed += sum(executed_flops(rows, width, prefix, head, model.config, lora_params, sequences)
                             for rows, width, prefix, head, sequences in shapes)
-    peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU
+    peak = peak_memory_mb(device)  # max allocated on CUDA, peak RSS on CPU (since the window opened)
+    if device.type == "cpu":  # the process's peak: loading's, where it is higher than training's
+        peak = max(peak, load_peak)
     train_peak = window_peak_rss_mb() if window else None
     held.close()
     return {"variant": args.variant, "dtype": args.dtype, "tokens_per_s": real_tokens / seconds,

@@ -1,9 +1,11 @@
 """The benchmark scripts import, parse their arguments and follow the precision rule (their runs are not tests)."""
 
+import importlib
 import importlib.util
 import json
 import os
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -327,3 +329,29 @@ def test_free_parts_restore_the_kernels_they_replaced(monkeypatch):
     with pytest.raises(ValueError, match="unknown part.s. mlp; choose from attention, softmax"):
         free_parts.apply(("attention", "mlp"))
     assert all(getattr(K, name) is before[name] for name in names)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
+def test_train_bench_reads_the_loaded_resident_set_and_its_peak_at_one_moment(monkeypatch):
+    """The worker records the resident set after loading and its peak so far. Read one after the other, the set
+    could grow a page in between and stand above the peak read before it (CI: 510.2617 > 510.2578 MiB); one read of
+    /proc/self/status gives both as the kernel computed them together. Checked while a thread keeps touching new
+    pages, the moment the two reads would disagree."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    train = importlib.import_module("train")
+    stop, grown = threading.Event(), []
+
+    def grow():
+        while not stop.is_set():
+            grown.append(bytearray(16 * 4096))  # touched at once (zeroed): new resident pages
+            if len(grown) > 2000:
+                grown.clear()
+
+    thread = threading.Thread(target=grow)
+    thread.start()
+    try:
+        reads = [train.rss_peak_and_now_mb() for _ in range(3000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(now is not None and 0 < now <= peak for peak, now in reads)
