@@ -246,7 +246,7 @@ def main() -> None:
           f"rounds (median; min-max); memory read bandwidth {gbps:.1f} GB/s measured in this run")
     fp32_bytes = engines["loraforge fp32"][1]
     ref = {"fp32": "llama.cpp F32", "bf16": "llama.cpp BF16", "int8": "llama.cpp Q8_0"}
-    print(f"| engine | weights | MB read/token | tokens/s | ceiling tokens/s | of ceiling | vs llama.cpp same weights |")
+    print("| engine | weights | MB read/token | tokens/s | ceiling tokens/s | of ceiling | vs llama.cpp same weights |")
     print("|---|---|---|---|---|---|---|")
     for label, (weights, nbytes, _) in engines.items():
         nbytes = nbytes or {"fp32": fp32_bytes, "bf16": fp32_bytes / 2, "int8": fp32_bytes / 4 * 1.0625,
@@ -262,8 +262,9 @@ def main() -> None:
         print(f"llama.cpp rows skipped: {missing}")
     same = outputs["loraforge fp32"] == outputs["transformers forward (before)"]
     print(f"greedy tokens, static fp32 decoder vs transformers: {'equal' if same else 'DIFFERENT'}; "
-          + "; ".join(f"{s} vs fp32: {sum(a == b for a, b in zip(outputs[f'loraforge {s}'], outputs['loraforge fp32']))}"
-                      f"/{n} equal" for s in ("bf16", "int8")))
+          + "; ".join(f"{s} vs fp32: "
+                      f"{sum(a == b for a, b in zip(outputs[f'loraforge {s}'], outputs['loraforge fp32']))}/{n} equal"
+                      for s in ("bf16", "int8")))
     if "llama.cpp F32" in outputs:
         agree = sum(a == b for a, b in zip(outputs["llama.cpp F32"], outputs["loraforge fp32"]))
         print(f"llama.cpp F32 vs loraforge fp32: {agree}/{n} greedy tokens equal")

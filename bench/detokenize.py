@@ -30,7 +30,8 @@ def main() -> None:
     lengths = whole_numbers(p, "tokens", args.tokens, "length")
     tok = load_tokenizer(args.model)
     ids = tok((ROOT / "loraforge" / "assets" / "general_text.txt").read_text())["input_ids"]
-    print(f"CPU {hardware.cpu_model() or 'unknown model'}; the tokenizer of {args.model} (tokenizers, in Python's thread)")
+    print(f"CPU {hardware.cpu_model() or 'unknown model'}; "
+          f"the tokenizer of {args.model} (tokenizers, in Python's thread)")
     print("| output tokens | whole decode, ms a token | TextStream, ms a token | ratio |\n|---|---|---|---|")
     for n in lengths:
         sub = ids[:n]

@@ -39,7 +39,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/$name.log"
-  SUMMARY+=("$(printf '%-14s %-5s %4ds  rc=%s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" $((SECONDS - t0)) $rc)")
+  local verdict; verdict=$([ $rc = 0 ] && echo PASS || echo FAIL)
+  SUMMARY+=("$(printf '%-14s %-5s %4ds  rc=%s' "$name" "$verdict" $((SECONDS - t0)) $rc)")
 }
 
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" > /dev/null 2>&1; then
@@ -53,10 +54,12 @@ if [ -d "$WHEELS" ]; then
     > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }
   export PYTHONPATH=/tmp/site
 fi
-SITE=$(PYTHONPATH=$PWD:${PYTHONPATH:-} $PY bench/synthetic.py --builtin "$TOKDIR" --site /tmp/standin 2>"$OUT/standin.log" | tail -1)
+SITE=$(PYTHONPATH=$PWD:${PYTHONPATH:-} $PY bench/synthetic.py --builtin "$TOKDIR" --site /tmp/standin \
+  2>"$OUT/standin.log" | tail -1)
 export PYTHONPATH=$PWD:$SITE:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+$PY -c "import torch, transformers, peft
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 $PY -c "from loraforge.precision import choose, detect; print(choose('auto', 'auto', detect('cuda'), 'cuda').line())"
 
 step cuda-tests 75 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py

@@ -60,7 +60,8 @@ def stand_in_builtin(tokdir: Path, site: Path, device: str = "cpu") -> Path:
 
     package, filename = models.BUILTIN_MODELS[models.DEFAULT_MODEL]
     (site / package).mkdir(parents=True, exist_ok=True)
-    (site / package / "__init__.py").write_text('"""Stand-in: random weights of the real shape (bench/synthetic.py)."""\n')
+    stand_in = '"""Stand-in: random weights of the real shape (bench/synthetic.py)."""\n'
+    (site / package / "__init__.py").write_text(stand_in)
     gguf = site / package / filename
     gguf.write_bytes(b"stand-in")
     out = models._gguf_cache_path(gguf, models.DEFAULT_MODEL)

@@ -13,8 +13,8 @@ chat (distinct system prompts of 1-5 sentences, seeded), text (the shipped gener
 articles joined and cut into documents of N tokens instead). The table has one block per shape and precision.
 
 The work: the built-in SmolLM2-135M, LoRA r=16 (alpha 32, no dropout) on every linear layer of the decoder, the
-shape's data (demo and chat: prompt tokens unsupervised; text: every token), the same example order, the same effective batch,
-the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no weight decay), gradient clipping at
+shape's data (demo and chat: prompt tokens unsupervised; text: every token), the same example order, the same effective
+batch, the same steps, fused AdamW (the HF Trainer's default optimizer; lr 1e-3, no weight decay), gradient clipping at
 1.0, the same LoRA A initialisation.
 
     peft   a straightforward loop: PEFT get_peft_model, padded micro-batches with an attention mask, model(**batch,
@@ -503,7 +503,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="examples per optimizer step (effective batch; the demo's 16)")
     p.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default: --batch)")
     p.add_argument("--pack-len", type=int, default=256, help="loraforge: packed row length (data.max_seq_len)")
-    p.add_argument("--shapes", default=",".join(data_shapes.SHAPES), help="comma-separated data shapes (bench/shapes.py): "
+    p.add_argument("--shapes", default=",".join(data_shapes.SHAPES),
+                   help="comma-separated data shapes (bench/shapes.py): "
                    "demo (a shared 38-token prefix), chat (distinct system prompts), text (articles packed into "
                    "--pack-len rows)")
     p.add_argument("--text-rows", type=int, default=4, help="text shape: packed rows per optimizer step")
@@ -573,7 +574,8 @@ def main() -> None:
                 if args.json:  # after every worker: a run cut short (bench/gpu.sh's time limits) keeps its rows
                     write_json(args.json, hardware, asked, dtypes, results, peaks, loads, variants, shape_names,
                                complete=False)
-                print(f"  round {rnd + 1} {dtype:4s} {shape:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s  peak {r['peak_mb']:6.0f} MiB"
+                print(f"  round {rnd + 1} {dtype:4s} {shape:4s} {v:12s} {r['tokens_per_s']:7.0f} tok/s"
+                      f"  peak {r['peak_mb']:6.0f} MiB"
                       f"  loss {r['final_loss']:.4f}  kernel time {100 * r['sys_seconds'] / r['seconds']:.0f}%"
                       f"  (load {loads[-1]:.1f})", flush=True)
 
@@ -581,9 +583,9 @@ def main() -> None:
     print(f"\n{args.device}, load average during the run {min(loads):.1f}-{max(loads):.1f}, "
           f"{time.perf_counter() - started:.0f} s; medians of {args.rounds} rounds")
     print(header(hardware))
-    columns = f"| data | dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | ×{variants[0]} | " \
-             f"training-only peak RSS MiB | " \
-             f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
+    columns = f"| data | dtype | trainer | real tok/s | ×{variants[0]} | range over rounds | {mem} MiB | " \
+              f"×{variants[0]} | training-only peak RSS MiB | " \
+              f"final loss | max Δloss vs {variants[0]} | roofline | matmul use |"
     print(columns)
     print("|" + "---|" * (columns.count("|") - 1))
     table = table_rows(results, peaks, variants, shape_names, dtypes)

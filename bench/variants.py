@@ -55,7 +55,8 @@ def method_overrides(name: str, r: int, steps: int) -> list[str]:
 def run(name: str, args) -> dict:
     base = load_train_config(args.config)
     steps = args.max_steps or base.training.max_steps
-    overrides = method_overrides(name, base.lora.r, steps) + [f"output_dir={args.out}/{name}", f"training.max_steps={steps}"]
+    overrides = method_overrides(name, base.lora.r, steps) + [f"output_dir={args.out}/{name}",
+                                                              f"training.max_steps={steps}"]
     overrides += list(args.override)
     cfg = load_train_config(args.config, overrides)
     result = train(cfg, progress=False)

@@ -187,7 +187,8 @@ def test_serve_refuses_an_adapter_name_it_cannot_serve_or_given_twice_before_the
         item = f"{name}={tmp_path / 'x'}"
         assert main(["serve", "--adapter", item]) == 2
         err = capsys.readouterr().err
-        assert err == f"error: invalid arguments:\n  --adapter {item!r}: the name {name!r} is not allowed: {rule}\n", err
+        expected = f"error: invalid arguments:\n  --adapter {item!r}: the name {name!r} is not allowed: {rule}\n"
+        assert err == expected, err
     long = "a" * 10_000
     assert main(["serve", "--adapter", f"{long}={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
