@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 
 from loraforge.config import ConfigError
@@ -353,6 +354,25 @@ def gguf_source(name_or_path: str) -> Path | None:
         raise ModelDownloadError(f"model {name_or_path}: {what}; give a llama.cpp .gguf file, a transformers "
                                  f"directory, a hub id or a built-in name ({', '.join(BUILTIN_MODELS)})")
     return path
+
+
+def local_model_path(name_or_path: str) -> Path | None:
+    """Where a model argument's files already are on this machine, nothing downloaded or converted: a built-in name's
+    GGUF file (inside its package), a local folder or file, a hub id's cached snapshot (the folder the hub cache
+    holds its config.json in: the revision the next load reads offline); None where there are none (a hub id not
+    downloaded yet, a built-in model's package not installed)."""
+    try:
+        if (gguf := gguf_source(name_or_path)) is not None:
+            return gguf
+    except OSError:  # a missing or broken file, a built-in model's package not installed: loading says which
+        return None
+    path = expand_user(name_or_path)
+    if path.exists():
+        return path
+    if not is_hub_id(name_or_path):
+        return None
+    found = try_to_load_from_cache(name_or_path, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def conversion_paths(name_or_path: str) -> list[Path]:
@@ -687,8 +707,6 @@ def _safetensors_files(name_or_path: str) -> list[Path]:
         def find(name):
             return path / name if (path / name).is_file() else None
     elif is_hub_id(name_or_path):
-        from huggingface_hub import try_to_load_from_cache
-
         def find(name):
             found = try_to_load_from_cache(name_or_path, name)
             return Path(found) if isinstance(found, str) else None

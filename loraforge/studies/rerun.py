@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from loraforge.config import TrainConfig, to_dict
+from loraforge.models import local_model_path
 from loraforge.training.checkpoint import flat, last_checkpoint
 from loraforge.training.loop import Stopped, train
 from loraforge.training.report import strict_json
@@ -40,12 +41,13 @@ def file_hashes(paths) -> dict[str, str]:
 
 def study_settings(cfg: TrainConfig, inputs, **arguments) -> dict:
     """What a study's numbers depend on, as JSON gives it back: the config, the study's `arguments` (ranks, seeds,
-    shares, ...), the SHA-256 of its input files (`inputs`: data files, an adapter folder) and, for a local base
-    (a folder, a .gguf file), its fingerprint (utils.fingerprint: its headers, sizes, a sample of every tensor, its
-    config and tokenizer): its name alone let a rerun on a folder whose weights had changed mix arms trained on two
-    bases in one table."""
+    shares, ...), the SHA-256 of its input files (`inputs`: data files, an adapter folder) and the base's fingerprint
+    (utils.fingerprint: its headers, sizes, a sample of every tensor, its config and tokenizer) where its files are
+    on this machine (models.local_model_path: a folder, a .gguf file, the built-in model's GGUF in its package, a hub
+    id's cached snapshot): its name alone let a rerun on a base whose weights had changed (a folder merged into in
+    place, an upgraded package, a newer revision in the hub cache) mix arms trained on two bases in one table."""
     settings = {"config": to_dict(cfg), **arguments, "inputs": file_hashes(inputs)}
-    if (fingerprint := model_fingerprint(cfg.model.name)) is not None:
+    if (local := local_model_path(cfg.model.name)) is not None and (fingerprint := model_fingerprint(str(local))):
         settings["base"] = {"path": cfg.model.name, "fingerprint": fingerprint}
     return json.loads(json.dumps(settings, default=str))  # tuples as lists: as a rerun reads the recorded ones
 
