@@ -357,10 +357,11 @@ class Engine:
                 _tell(req, Event(finish_reason="error", error=self.died, status=EngineStopped.status,
                                  code=EngineStopped.__name__))
         for _, fut in commands:
-            fut.set_exception(EngineStopped(self.died))
+            if not fut.cancelled():
+                fut.set_exception(EngineStopped(self.died))
         try:
             self._batch.clear()  # its KV cache is freed while the server stays up to answer 503
-        except BaseException:
+        except BaseException:  # the thread ends all the same; what broke it is logged above
             pass
 
     def _select(self, waiting: list[Request]) -> list[Request]:

@@ -48,7 +48,16 @@ def hold(engine):
 
 
 def kill_once(engine, where: str, error: BaseException):
-    """Arm `where` ("evict": the scheduling code before a step's try; "step": a decode step) to raise `error` once."""
+    """Arm `where` ("evict": the scheduling code before a step's try; "step": a decode step) to raise `error` once;
+    "finish": a decode step fails (a RuntimeError the step's try catches) and ending a request raises `error`, in
+    that try's handler (the thread dies) and again when the death fails the pending requests."""
+    if where == "finish":
+        kill_once(engine, "step", RuntimeError("a step broke"))
+
+        def finish(*args, **kwargs):
+            raise error
+        engine._finish = finish
+        return
     target, name = (engine._residency, "evict_unregistered") if where == "evict" else (engine._batch, "step")
     original = getattr(target, name)
     fired = []
@@ -76,7 +85,8 @@ def in_thread(fn):
 
 
 @pytest.mark.parametrize("where,error", [("evict", RuntimeError("scheduling bug")),
-                                         ("step", KeyboardInterrupt("sent to the thread"))])
+                                         ("step", KeyboardInterrupt("sent to the thread")),
+                                         ("finish", AttributeError("a bug in _finish"))])
 def test_pending_requests_fail_with_the_reason_and_later_ones_are_refused(base, tokenizer, adapters_dir, where,
                                                                          error, caplog):
     model = copy.deepcopy(base)
