@@ -4,8 +4,9 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not
 POST /v1/adapters {"name", "path"}, DELETE /v1/adapters/{name}, GET /health (GET and HEAD on both GETs). The
 request's `model` names an adapter or the base model. Errors use OpenAI's shape {"error": {"message", "type",
 "code"}}: malformed JSON or bad parameters 400, wrong API key 401, unknown model 404 (naming the available ones),
-body too large 413, queue full 429, the server stopping 503. With an API key, /v1/* and the API docs (/docs, /redoc,
-/openapi.json) need it.
+body too large 413, queue full 429, the server stopping 503, and so its engine's thread having ended on an error
+(every request then, and GET /health, says why: engine.Engine._die). With an API key, /v1/* and the API docs
+(/docs, /redoc, /openapi.json) need it.
 
 What a client cannot do to the others: a prompt whose text cannot fit the context (more characters than the context
 times the most characters one token covers) is refused before it is tokenized, and a body over the size that such
@@ -437,6 +438,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     @app.get("/health")
     @app.head("/health", include_in_schema=False)  # health checkers that send HEAD: the GET's headers, no body
     async def health():
+        if engine.died:  # a load balancer takes it out of service, and the reason is read here too
+            return JSONResponse({"status": "stopped", "error": engine.died, **engine.load()}, status_code=503)
         return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models")

@@ -21,6 +21,7 @@ import atexit
 import collections
 import copy
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -42,7 +43,7 @@ from loraforge.models import context_length
 from loraforge.precision import TORCH_DTYPES, Precision, overflow_fix
 from loraforge.serve.batch import Batch
 from loraforge.serve.detokenize import TextStream
-from loraforge.serve.errors import PromptTooLong, QueueFull, ServeError, ShuttingDown
+from loraforge.serve.errors import EngineStopped, PromptTooLong, QueueFull, ServeError, ShuttingDown
 from loraforge.serve.prefix import PrefixCache
 from loraforge.serve.request import Completion, Event, Request
 from loraforge.serve.residency import Adapter, Residency, check_adapter_dtype
@@ -55,6 +56,8 @@ IDLE_CHECK_S = 1.0  # how often an idle engine thread looks whether its Engine i
 EXIT_WAIT_S = 10.0  # at interpreter exit, how long each engine thread is given to end its step and give the model back
 UNKNOWN_CONTEXT = 2048  # the context served for a config that names none (models.context_length None)
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's: a threshold the user gives wins (Engine)
+
+log = logging.getLogger("loraforge.serve")
 
 
 class Engine:
@@ -123,6 +126,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._commands: list[tuple[Callable, Future]] = []
         self._stopping = False
+        self.died: str | None = None  # why the thread ended on an error of its own (_die); None while it serves
         self._held: Engine | None = None  # itself while it has work (submit, call): _run drops it once idle
         self._ids = itertools.count(1)
         self.adapters_dir = expand_user(adapters_dir).resolve() if adapters_dir else None
@@ -200,6 +204,8 @@ class Engine:
         max_tokens = params.max_tokens or min(self.default_max_tokens, room)
         gen = generator(params)
         with self._cv:
+            if self.died:
+                raise EngineStopped(self.died)
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down")
             entry = self._residency.lookup(adapter)
@@ -239,6 +245,8 @@ class Engine:
         """Run `fn()` on the engine thread between two steps (the only thread that touches the model)."""
         fut: Future = Future()
         with self._cv:
+            if self.died:
+                raise EngineStopped(self.died)
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down")
             self._commands.append((fn, fut))
@@ -328,6 +336,33 @@ class Engine:
             self._finish(req, "abort")
         for _, fut in commands:
             fut.cancel()
+
+    def _die(self, e: BaseException) -> None:
+        """The thread ends on `e`, raised outside a step's own try (the scheduling code, a KeyboardInterrupt sent
+        to the thread): every request pending fails now and every later one is refused (submit, call), each with
+        the reason, a 503. It used to end silently: their callers (generate without a timeout, the HTTP requests on
+        it, streamed or not) waited for ever, and new requests were queued to the dead thread."""
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        log.error("the serving engine's thread ended on %s; every request is refused from now on", why, exc_info=e)
+        with self._cv:
+            self.died = f"the engine stopped: its thread ended on {why} (the server's log has the traceback); " \
+                        f"restart the server"
+            pending, self._waiting = list(self._waiting) + self._batch.rows, collections.deque()
+            commands, self._commands = self._commands, []
+            self._held = None
+        for req in pending:
+            try:
+                self._finish(req, "error", error=self.died, status=EngineStopped.status, code=EngineStopped.__name__)
+            except BaseException:  # the state _finish reads may be what broke: the event all the same
+                _tell(req, Event(finish_reason="error", error=self.died, status=EngineStopped.status,
+                                 code=EngineStopped.__name__))
+        for _, fut in commands:
+            if not fut.cancelled():
+                fut.set_exception(EngineStopped(self.died))
+        try:
+            self._batch.clear()  # its KV cache is freed while the server stays up to answer 503
+        except BaseException:  # the thread ends all the same; what broke it is logged above
+            pass
 
     def _select(self, waiting: list[Request]) -> list[Request]:
         """Which waiting requests to admit now, in order (room permitting). Every one: adapters mix freely."""
@@ -557,7 +592,23 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
     its thread ends within IDLE_CHECK_S (soak: ten dropped engines kept ten threads and 8.5 MB each). Either way
     the adapters leave the model: it is given back as it came. While it has work, the engine holds itself
     (Engine._held, set by submit and call, dropped here once idle): an Engine dropped with requests in flight was
-    collected between two steps, and its requests' consumers waited for ever for their last event."""
+    collected between two steps, and its requests' consumers waited for ever for their last event. An error that
+    ends the loop fails what is pending and refuses the rest (Engine._die)."""
+    try:
+        _loop(engine_ref, cv)
+    except BaseException as e:  # outside a step's own try: a bug in the scheduling code, a KeyboardInterrupt
+        engine = engine_ref()
+        if engine is not None:
+            engine._die(e)
+        else:
+            log.error("the serving engine's thread ended on %s: %s", type(e).__name__, e, exc_info=e)
+        del engine
+    for entry in list(res.resident.values()):  # give the model back as it came: no adapters
+        res.evict(entry)
+
+
+def _loop(engine_ref: weakref.ref, cv: threading.Condition) -> None:
+    """_run's loop: until stop(), or its Engine is collected."""
     while True:
         with cv:
             engine = engine_ref()
@@ -574,8 +625,14 @@ def _run(engine_ref: weakref.ref, cv: threading.Condition, res: Residency) -> No
             engine._end()
             break
         del engine
-    for entry in list(res.resident.values()):  # give the model back as it came: no adapters
-        res.evict(entry)
+
+
+def _tell(req: Request, event: Event) -> None:
+    """Send a request its last event, whatever its consumer does with it (Engine._die)."""
+    try:
+        req.on_event(event)
+    except BaseException:
+        pass
 
 
 def _release(model: nn.Module) -> None:

@@ -33,6 +33,13 @@ class ShuttingDown(ServeError):
     status = 503
 
 
+class EngineStopped(ServeError):
+    """The engine's thread ended on an error of its own (not stop()): every request then pending failed with this,
+    and every later one is refused with it, until the server is restarted (it is not restarted silently)."""
+
+    status = 503
+
+
 class BrokenAdapter(ServeError, AdapterError):
     """An adapter whose files cannot be served (bad config, missing or unreadable weights, another base's shapes,
     a file outside the adapters directory); the message names the adapter, never a server path."""
