@@ -440,6 +440,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     async def health():
         if engine.died:  # a load balancer takes it out of service, and the reason is read here too
             return JSONResponse({"status": "stopped", "error": engine.died, **engine.load()}, status_code=503)
+        if engine.stopping:  # stop() was called (the server is shutting down): every request is refused
+            return JSONResponse({"status": "shutting_down", **engine.load()}, status_code=503)
         return {"status": "ok", **engine.load()}
 
     @app.get("/v1/models")

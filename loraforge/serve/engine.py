@@ -179,6 +179,11 @@ class Engine:
         with self._cv:
             return [a.name for a in self._residency.resident.values()]
 
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() was called: every later request is refused (ShuttingDown)."""
+        return self._stopping
+
     def load(self) -> dict[str, int | float]:
         """Requests waiting and running now, adapters resident, and what the prefix cache holds of its budget (it
         fills up to it and stays there: a soak read its growth as a leak, with nothing that said otherwise)."""

@@ -196,3 +196,20 @@ def test_http_requests_waiting_and_streaming_get_503_and_health_says_why(base, t
             assert why in health.json()["error"]
     finally:
         engine.stop()
+
+
+def test_health_after_stop_says_shutting_down(base, tokenizer, adapters_dir):
+    """After stop() every request is refused (503 shutting down), and /health said 200 "ok" (a load balancer would
+    keep sending it requests); it says 503 "shutting_down" as a request would."""
+    engine = Engine(copy.deepcopy(base), tokenizer, base_name="tiny", adapters={"a": adapters_dir / "a"})
+    try:
+        with ServerThread(create_app(engine)) as url:
+            assert httpx.get(url + "/health", timeout=BOUND_S).json()["status"] == "ok"
+            engine.stop()
+            health = httpx.get(url + "/health", timeout=BOUND_S)
+            got = {}
+            post(url, {"model": "a", "prompt": "Hi", "max_tokens": 2}, got, "after")
+            assert got["after"][0] == 503
+            assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+    finally:
+        engine.stop()
