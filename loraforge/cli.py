@@ -115,6 +115,9 @@ def finished_line(result) -> str:
         kept += (f"; the lowest held-out loss, {unsaved['eval_loss']:.4f} at step {unsaved['step']}, fell on a step "
                  f"that saved no checkpoint, so training.keep_best could not keep it (save at every evaluated step: "
                  f"training.eval_every a multiple of training.save_every)")
+    if bad := result.nonfinite_evals:  # soak: a NaN held-out loss was said on the progress bar alone
+        kept = (f"; {bad['count']} of {bad['of']} held-out losses were not finite (null in metrics.jsonl), the first "
+                f"at step {bad['step']}" + kept)
     if result.already_finished and not result.result_existed:  # killed while writing it (soak: "already finished")
         return (f"{where}: the run's {result.steps} steps were done before it stopped, while writing its "
                 f"{result.saved}, which is written now{kept}")

@@ -776,7 +776,9 @@ class TrainingConfig:
     """Also keep, beside the keep_checkpoints newest, the checkpoint of the lowest held-out loss: a checkpoint of a
     step that was evaluated (eval_every a multiple of save_every, or the last step) records its eval loss, and the
     run's last line names the best one (a run whose eval loss rose at the end keeps where it was lowest), and a lower
-    one that fell on a step without a checkpoint, which it could not keep."""
+    one that fell on a step without a checkpoint, which it could not keep. A run that holds no data out (no data.eval,
+    data.eval_fraction 0) evaluates nothing, so it keeps nothing more: a config that writes keep_best: true there is
+    warned (the default says nothing)."""
     log_every: int = 1
     """Write a metrics.jsonl row (and the tracker's point) every N optimizer steps; the last step, and a step the
     fp16 loss scaler skipped, are always written."""
@@ -1201,8 +1203,24 @@ def load_train_config(path: str | None = None, overrides: list[str] = (), base: 
             warnings.warn(f"training.batch_size {cfg.training.batch_size} is not used: training.batch_tokens "
                           f"{cfg.training.batch_tokens} fills each micro-batch with examples up to that many tokens "
                           f"({fix})", stacklevel=2)
+    if isinstance(training, dict) and "keep_best" in training and (said := keep_best_unused(cfg)):
+        warnings.warn(said, stacklevel=2)  # written (the default is on either way): the user expects a best kept
     object.__setattr__(cfg, "_lora_written", frozenset(lora) if isinstance(lora, dict) else frozenset())
     return cfg
+
+
+def keep_best_unused(cfg: TrainConfig) -> str | None:
+    """Why training.keep_best: true can keep nothing of its own, where the run holds no data out (no data.eval,
+    data.eval_fraction 0): nothing is evaluated, so no checkpoint records a held-out loss. A warning, for a config
+    that writes keep_best (load_train_config: the default is on, and says nothing): the run trains and keeps its
+    checkpoints as it would, so refusing it would stop a template that spells out every default, or a sweep that
+    sets data.eval_fraction=0 over a config that writes keep_best, for a field that changes nothing here."""
+    if not cfg.training.keep_best or cfg.data.eval or cfg.data.eval_fraction:
+        return None
+    return ("training.keep_best: true keeps the checkpoint of the lowest held-out loss, but this run holds no data "
+            "out (no data.eval, and data.eval_fraction is 0): nothing is evaluated, so it keeps only the "
+            f"training.keep_checkpoints ({cfg.training.keep_checkpoints}) newest; give data.eval (or "
+            "data.eval_fraction above 0, e.g. 0.05), or remove training.keep_best")
 
 
 def duplicate_overrides(overrides: list[str]) -> list[str]:

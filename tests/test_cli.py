@@ -1065,6 +1065,9 @@ def test_trains_last_line_names_the_folder_it_wrote():
     again = dataclasses.replace(result, tokens_per_second=0.0, already_finished=True)  # --resume of a finished run
     assert finished_line(again) == "adapter written to runs/x/adapter: the run had already finished its 4 steps, " \
                                    "nothing left to resume"
+    diverged = dataclasses.replace(result, nonfinite_evals={"count": 2, "of": 4, "step": 2})  # null in metrics.jsonl
+    assert finished_line(diverged).endswith("peak memory 1234 MB; 2 of 4 held-out losses were not finite (null in "
+                                            "metrics.jsonl), the first at step 2")
 
 
 def test_our_warnings_are_one_line_and_others_keep_pythons_form():

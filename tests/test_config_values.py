@@ -402,6 +402,40 @@ def test_a_batch_size_written_beside_batch_tokens_is_said_to_be_unused():
 
 
 
+KEEP_BEST_UNUSED = ("training.keep_best: true keeps the checkpoint of the lowest held-out loss, but this run holds "
+                    "no data out (no data.eval, and data.eval_fraction is 0): nothing is evaluated, so it keeps only "
+                    "the training.keep_checkpoints (2) newest; give data.eval (or data.eval_fraction above 0, e.g. "
+                    "0.05), or remove training.keep_best")
+
+
+@pytest.mark.parametrize("written, said", [
+    (["training.keep_best=true", "data.eval_fraction=0"], True),
+    (["training.keep_best=true", "data.eval_fraction=0.0", "data.eval=[]"], True),
+    (["data.eval_fraction=0"], False),  # the default: on either way, not asked for
+    (["training.keep_best=false", "data.eval_fraction=0"], False),
+    (["training.keep_best=true"], False),  # data.eval_fraction 0.05 holds data out
+    (["training.keep_best=true", "data.eval_fraction=0", "data.eval=held.jsonl"], False),
+])
+def test_keep_best_written_without_held_out_data_is_said_to_keep_nothing(written, said):
+    """keep_best keeps the checkpoint of the lowest held-out loss: written true in a run that holds no data out, it
+    kept nothing of its own without a word. A warning where the config writes it (the file or the command line);
+    the default, not written, says nothing. The reference: what the config says is held out."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_train_config(None, [DATA, *written])
+    evaluated = bool(cfg.data.eval) or cfg.data.eval_fraction > 0
+    assert [str(w.message) for w in caught] == ([KEEP_BEST_UNUSED] if said else [])
+    assert said == ("training.keep_best=true" in written and not evaluated)
+
+
+def test_keep_best_written_in_the_file_without_held_out_data_is_said_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  keep_best: true\ndata:\n  eval_fraction: 0\n")
+    with pytest.warns(UserWarning) as caught:
+        load_train_config(str(path), [DATA])
+    assert [str(w.message) for w in caught] == [KEEP_BEST_UNUSED]
+
+
 def test_batch_size_and_batch_tokens_from_the_file_and_the_command_line_say_a_fix_that_works(tmp_path):
     """Soak (docs): a file's batch_size with batch_tokens on the command line was told "remove one of the two", which
     the command line cannot do (training.batch_size=null is refused); a batch_size typed on the command line beside a

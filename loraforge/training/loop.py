@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -66,8 +67,9 @@ from loraforge.training.loss import CausalLMLoss, shares_prefix
 from loraforge.training.mixing import (MIN_TO_SPLIT, Mixture, fingerprint, fingerprint_changes, load_sources,
                                       sources_report)
 from loraforge.training.optim import make_optimizer
-from loraforge.training.report import (MetricsLog, logged_losses, lowest_logged_eval, peak_memory_mb, plot_loss,
-                                       progress_bar, reset_peak_memory)
+from loraforge.training.report import (MetricsLog, logged_evals, logged_losses, lowest_logged_eval,
+                                       nonfinite_logged_evals, peak_memory_mb, plot_loss, progress_bar,
+                                       reset_peak_memory)
 from loraforge.training.slab import ActivationSlab, hold_memory, unused_settings
 from loraforge.training.trackers import TrackedLog, check_tracker, open_tracker
 from loraforge.utils.allocator import line as allocator_line
@@ -100,6 +102,7 @@ class TrainResult:
     result_existed: bool = True  # already_finished: its adapter (model) was there; False: a kill during its write
     best: dict | None = None  # training.keep_best: {"step", "eval_loss", "checkpoint"} of the lowest held-out loss
     best_unsaved: dict | None = None  # keep_best: {"step", "eval_loss"} of a lower held-out loss at a step not saved
+    nonfinite_evals: dict | None = None  # {"count", "of", "step"}: held-out losses not finite, of how many, the first's
 
 
 # --- set-up --------------------------------------------------------------------------------------------------
@@ -325,9 +328,11 @@ def make_batch(examples: list[D.Example], idx: list[int], cfg: TrainConfig, pad_
     return D.collate(rows, pad_id)
 
 
-def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = None, step: int | None = None) -> str:
+def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = None, step: int | None = None,
+                     records: str = "the records of this step") -> str:
     """What to change after a non-finite loss, from what the run used: `precision` is the compute precision it
-    resolved to ('fp32', 'bf16' or 'fp16'), `step` the step (from 1) whose loss was not finite."""
+    resolved to ('fp32', 'bf16' or 'fp16'), `step` the step (from 1) whose loss was not finite, `records` the data
+    that loss was of (a held-out loss's: the held-out records)."""
     if step == 1:  # no optimizer step has run yet: the learning rate cannot be the cause
         advice = ["The loss was not finite before any update, so the learning rate is not the cause: check the base "
                   "model (does it give finite logits in model.dtype?) and the first batch's records"]
@@ -340,7 +345,7 @@ def nonfinite_advice(lr: float, precision: str, max_grad_norm: float | None = No
     elif precision == "bf16":
         advice.append("try training.precision: fp32 (bf16 keeps 8 bits of mantissa)")
     if step != 1:
-        advice.append("check the records of this step for unusual text (very long, repeated or garbled)")
+        advice.append(f"check {records} for unusual text (very long, repeated or garbled)")
     return "; ".join(advice)
 
 
@@ -364,6 +369,20 @@ def scale_note(cfg: TrainConfig, always: bool = True) -> str:
         return ""
     return (f"The adapter's scale is lora.lora_alpha / lora.r = {lora.lora_alpha:g} / {lora.r}: lower "
             f"lora.lora_alpha if it is unusually large. Else: ")
+
+
+def nonfinite_eval_warning(run: Run, eval_loss: float, loss_value: float) -> str:
+    """The warning of a run's first held-out loss that is not finite (given once a run: the last line counts them),
+    worded as a non-finite training loss's stop, whose advice it gives: the evaluation of step `run.step` came after
+    that many updates, as the training loss of step run.step + 1 does. Training goes on: its own loss, checked every
+    step, stops it when it goes too."""
+    t = run.cfg.training
+    finite = f" (the training loss, {loss_value:.4g}, was finite)" if math.isfinite(loss_value) else ""
+    best = " and training.keep_best passes over it" if t.keep_best else ""
+    return (f"held-out loss is {eval_loss} at step {run.step}{finite}; training goes on, metrics.jsonl records it as "
+            f"null{best} (warned once: the run's last line counts the evaluations that were not finite). "
+            f"{unusual_settings(run.cfg)}{scale_note(run.cfg, always=False)}"
+            + nonfinite_advice(t.lr, run.precision.compute, t.max_grad_norm, run.step + 1, "the held-out records"))
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -405,6 +424,7 @@ class Run:
     resumed: bool = False  # --resume, or a torchrun restart that continues the attempt before (restarted_from)
     nonfinite_loss: bool = False  # fp16: the last step's loss was not finite (its update skipped)
     evaluated: tuple[int, float] | None = None  # (step, held-out loss) of the last evaluation, for its checkpoint
+    eval_warned: bool = False  # a held-out loss that was not finite was warned about (once a run)
 
     @property
     def is_main(self) -> bool:
@@ -817,6 +837,10 @@ def fit(run: Run, progress: bool = True, append_log: bool = False,
                     log.write(step=run.step, eval_loss=eval_loss, eval_ppl=ppl)
                     bar.write(f"step {run.step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f} "
                               f"({time.perf_counter() - began:.1f} s, not counted in tokens/s)")
+                    if not math.isfinite(eval_loss) and not run.eval_warned:  # soak: a NaN said on the bar alone
+                        run.eval_warned = True
+                        with type(bar).external_write_mode(file=sys.stderr):  # on a line of its own, bar redrawn
+                            warnings.warn(nonfinite_eval_warning(run, eval_loss, loss_value), stacklevel=2)
             if (t.save_every and run.step % t.save_every == 0) or run.step == run.total_steps:
                 save_step(run)
                 saved = run.step
@@ -1151,7 +1175,8 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
     found = best_checkpoint(run.ckpt_root) if run.cfg.training.keep_best and run.is_main else None
     best = {"step": int(found[0].name.removeprefix("step-")), "eval_loss": found[1], "checkpoint": str(found[0])} \
         if found else None
-    lowest = lowest_logged_eval(run.out / "metrics.jsonl") if run.cfg.training.keep_best and run.is_main else None
+    evals = logged_evals(run.out / "metrics.jsonl") if run.is_main else []  # a resume's earlier ones too
+    lowest = lowest_logged_eval(evals) if run.cfg.training.keep_best else None
     unsaved = ({"step": lowest[0], "eval_loss": lowest[1]} if lowest and (best is None or lowest[1] < best["eval_loss"])
                else None)  # eval_every not a multiple of save_every: the lowest fell on a step without a checkpoint
     return TrainResult(output_dir=run.out, steps=run.step, final_loss=loss_value, eval_loss=eval_loss,
@@ -1162,4 +1187,5 @@ def finish(run: Run, loss_value: float, eval_loss: float | None, seconds: float,
                        total_params=run.total_params, data_stats=run.data_stats, precision=run.precision.line(),
                        skipped_steps=run.skipped_steps, rank=run.rank,
                        saved=saved, device_type=run.device.type, already_finished=run.tokens_seen == start_tokens,
-                       result_existed=existed, best=best, best_unsaved=unsaved)
+                       result_existed=existed, best=best, best_unsaved=unsaved,
+                       nonfinite_evals=nonfinite_logged_evals(evals))

@@ -190,16 +190,29 @@ def logged_losses(path: Path) -> tuple[float, float | None]:
     return (float(losses[-1]) if losses else float("nan")), (float(evals[-1]) if evals else None)
 
 
-def lowest_logged_eval(path: Path) -> tuple[int, float] | None:
-    """(step, held-out loss) of the lowest finite eval_loss a run's metrics.jsonl logged (the earliest of equal
-    ones), None where it logged none or cannot be read: what training.keep_best compares its kept checkpoint with."""
+def logged_evals(path: Path) -> list[tuple[int, float | None]]:
+    """(step, held-out loss) of each evaluation a run's metrics.jsonl logged, in order: None where the loss was not
+    finite (written as null); [] where it logged none or cannot be read."""
     try:
         rows = read_metrics(path)
     except (OSError, ValueError):
-        return None
-    evals = [(row["step"], float(row["eval_loss"])) for row in rows
-             if isinstance(row.get("eval_loss"), (int, float)) and math.isfinite(row["eval_loss"])]
-    return min(evals, key=lambda e: e[1]) if evals else None
+        return []
+    return [(row["step"], float(row["eval_loss"]) if isinstance(row["eval_loss"], (int, float)) else None)
+            for row in rows if "eval_loss" in row]
+
+
+def lowest_logged_eval(evals: list[tuple[int, float | None]]) -> tuple[int, float] | None:
+    """(step, held-out loss) of the lowest finite one of logged_evals' `evals` (the earliest of equal ones), None
+    where there is none: what training.keep_best compares its kept checkpoint with."""
+    finite = [(step, loss) for step, loss in evals if loss is not None and math.isfinite(loss)]
+    return min(finite, key=lambda e: e[1]) if finite else None
+
+
+def nonfinite_logged_evals(evals: list[tuple[int, float | None]]) -> dict | None:
+    """{"count", "of", "step"}: how many of logged_evals' `evals` were not finite (null in metrics.jsonl), of how
+    many, and the first one's step; None where every one was finite (or none was logged)."""
+    bad = [step for step, loss in evals if loss is None or not math.isfinite(loss)]
+    return {"count": len(bad), "of": len(evals), "step": bad[0]} if bad else None
 
 
 def plot_loss(metrics: Path, out: Path) -> Path | None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,10 @@ from safetensors.torch import load_file
 from helpers import output_held_elsewhere, stop_in_last_save
 
 import loraforge.training.loop as T
-from loraforge.cli import main
+from loraforge.cli import finished_line, main
 from loraforge.config import load_train_config
 from loraforge.training.data import DataError, read_records
+from loraforge.training.loss import CausalLMLoss
 from loraforge.training.checkpoint import TrainingError, find_checkpoint, verify_checkpoint
 from loraforge.training.loop import StopRequest, Stopped, nonfinite_advice, train
 from loraforge.training.report import read_metrics
@@ -407,8 +409,6 @@ def test_nonfinite_advice_depends_on_what_the_run_used():
 
 
 def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_path, monkeypatch):
-    from loraforge.training.loss import CausalLMLoss
-
     original = CausalLMLoss.forward
 
     def poisoned(self, batch):
@@ -423,6 +423,50 @@ def test_a_nonfinite_loss_in_fp32_does_not_advise_fp32(tiny_dir, data_file, tmp_
                             "written yet). " + nonfinite_advice(1e-2, "fp32", 1.0, step=1))
     assert e.value.everywhere  # the all-reduced loss: every process stops on it alike
     assert "fp32" not in nonfinite_advice(1e-2, "fp32", 1.0, step=1)
+
+
+def test_a_nonfinite_held_out_loss_is_warned_once_and_counted_by_the_last_line(tiny_dir, data_file, tmp_path,
+                                                                                monkeypatch):
+    """Soak: a NaN held-out loss was said on the progress bar alone ("eval loss nan") and written as null in
+    metrics.jsonl; no warning, and the last line said nothing of it. The evaluations of steps 2 and 4 (of 4) are
+    made NaN in their loss (the training forwards, with gradients, are untouched): one warning, at the first, with
+    a non-finite training loss's advice, and the last line counts them; the reference is metrics.jsonl's rows."""
+    original, evaluated = CausalLMLoss.forward, []
+
+    def poisoned(self, batch):  # mean_token_loss runs without gradients; an evaluation is one forward here
+        total, n = original(self, batch)
+        if torch.is_grad_enabled():
+            return total, n
+        evaluated.append(1)
+        return (total * float("nan"), n) if len(evaluated) in (2, 4) else (total, n)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    args = [*run_args(tiny_dir, data_file, out), "training.max_steps=4", "training.eval_every=1",
+            f"data.eval={data_file}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(load_train_config(None, args), progress=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    evals = [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+    bad = [step for step, loss in evals if loss is None]
+    assert len(evaluated) == len(evals) == 4 and bad == [2, 4]  # the poisoned ones, null in the file
+    loss = next(row["loss"] for row in rows if row["step"] == bad[0] and "loss" in row)
+    ours = [str(w.message) for w in caught if "held-out loss" in str(w.message)]
+    assert len(ours) == 1, ours  # once a run, not once an evaluation (before: none)
+    assert ours == [f"held-out loss is nan at step {bad[0]} (the training loss, {loss:.4g}, was finite); training "
+                    f"goes on, metrics.jsonl records it as null and training.keep_best passes over it (warned once: "
+                    f"the run's last line counts the evaluations that were not finite). "
+                    + nonfinite_advice(1e-2, "fp32", 1.0, bad[0] + 1, "the held-out records")]
+    assert ours[0].endswith("Lower training.lr (it is 0.01; try 0.001); check the held-out records for unusual text "
+                            "(very long, repeated or garbled)")
+    said = f"; {len(bad)} of {len(evals)} held-out losses were not finite (null in metrics.jsonl), the first at step 2"
+    assert result.nonfinite_evals == {"count": len(bad), "of": len(evals), "step": bad[0]}
+    assert said in finished_line(result)
+    assert result.best["step"] == min((loss, step) for step, loss in evals if loss is not None)[1]  # finite ones
+    again = train(load_train_config(None, args), resume=True, progress=False)  # a finished run: its logged rows
+    assert again.already_finished and again.nonfinite_evals == result.nonfinite_evals
+    assert said in finished_line(again)
 
 
 @pytest.fixture
@@ -960,8 +1004,6 @@ def test_a_nonfinite_loss_after_an_update_names_the_adapters_scale(tiny_dir, dat
     run did not (an adapter scaled far too high was blamed on training.lr). It names a scale outside the usual
     range (a usual one is not a suspect: test_a_non_finite_stop_names_an_unusually_large_setting_first); step 1 (B
     still 0) names none."""
-    from loraforge.training.loss import CausalLMLoss
-
     original, calls = CausalLMLoss.forward, []
 
     def poisoned(self, batch):

@@ -774,6 +774,22 @@ def test_a_lowest_held_out_loss_at_a_step_without_checkpoint_is_said(tiny_dir, d
         f"fell on a step that saved no checkpoint, so training.keep_best could not keep it (save at every evaluated "
         f"step: training.eval_every a multiple of training.save_every)")
 
+def test_keep_best_written_without_held_out_data_is_warned_and_keeps_nothing_more(tiny_dir, data_file, tmp_path):
+    """training.keep_best: true with data.eval_fraction 0 and no data.eval kept nothing of its own, unsaid. It is
+    warned when the config is read; the run bears the warning out: metrics.jsonl holds no held-out loss, no best is
+    named, and the checkpoints are the keep_checkpoints newest alone."""
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"^training\.keep_best: true keeps .* remove training\.keep_best$"):
+        cfg = load_train_config(None, [
+            f"model.name={tiny_dir}", f"data.train={data_file}", "data.eval_fraction=0", f"output_dir={out}",
+            "lora.r=4", "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
+            "training.save_every=1", "training.keep_checkpoints=1", "training.keep_best=true"])
+    result = train(cfg, progress=False)
+    assert [row for row in read_metrics(out / "metrics.jsonl") if "eval_loss" in row] == []
+    assert result.best is None and result.best_unsaved is None and result.eval_loss is None
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-0000003"]
+
+
 def test_a_resume_after_a_kill_in_the_final_adapter_write_writes_it_and_names_the_best(tiny_dir, data_file, tmp_path,
                                                                                       monkeypatch):
     """Soak (SIGKILL while the adapter of the last step was written): --resume found step 4 of 4 done, wrote the
