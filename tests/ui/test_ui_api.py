@@ -676,7 +676,9 @@ def test_an_offset_out_of_range_is_refused(ui, offset, suffix):
 
 
 def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monkeypatch):
-    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.5)  # the server runs in this process
+    """The run counts as resting (FOLLOW_IDLE_S, 1.5 s here) only once its last row is written: with 1.5 s from
+    the start, a writer thread late by that much between two rows (a loaded machine) ended the stream early."""
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1e6)  # the server runs in this process
     run = ui[1] / "runs" / "term"
     run.mkdir(exist_ok=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
@@ -686,6 +688,7 @@ def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monk
             time.sleep(0.1)
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": 3.0 / step}) + "\n")
+        monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.5)  # from the last row on
 
     writer = threading.Thread(target=train_in_a_terminal)
     writer.start()
@@ -765,24 +768,30 @@ def test_a_stream_with_a_budget_pauses_at_its_offset_and_goes_on_from_there(ui):
 def test_a_followed_run_whose_metrics_are_replaced_is_read_again_from_the_start(ui, monkeypatch):
     """train --overwrite into a followed run's folder: the stream went on from the old offset in the new file (the
     new run's first rows lost, the old run's kept on one chart). Now a `reset` event, then the new file from 0; a
-    reconnect naming the old file gets the reset too."""
-    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.0)
+    reconnect naming the old file gets the reset too. The file is replaced once the stream has sent the old rows,
+    and the run rests (FOLLOW_IDLE_S) only from then: a writer thread's 0.5 s sleep raced both the stream's first
+    read and its end after 1 s of rest, for no fault."""
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1e6)
     run = ui[1] / "runs" / "replaced"
     run.mkdir(exist_ok=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 10.0 + i}) + "\n" for i in range(20)))
     old_id = f"{os.stat(run / 'metrics.jsonl').st_dev}:{os.stat(run / 'metrics.jsonl').st_ino}"
 
     def start_over():
-        time.sleep(0.5)
         os.replace(run / "metrics.jsonl", run / "old.jsonl")  # the old file is kept: its inode is not reused
         with open(run / "metrics.jsonl", "w") as f:
             for i in range(30):  # grows past the old offset between two polls
                 f.write(json.dumps({"step": i, "loss": 0.001 * i, "pad": "x" * 40}) + "\n")
+        monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.0)
 
-    writer = threading.Thread(target=start_over)
-    writer.start()
-    events = sse(call(ui, "GET", "/ui/api/runs/replaced/events?interval=1").text)
-    writer.join()
+    text = ""
+    with httpx.stream("GET", ui[0] + "/ui/api/runs/replaced/events?interval=0.1", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for chunk in r.iter_text():
+            if not sse(text) and sse(text + chunk):  # the old file's rows are sent
+                start_over()
+            text += chunk
+    events = sse(text)
     kinds = [kind for kind, _ in events]
     assert kinds[:2] == ["message", "reset"] and kinds[-1] == "end" and set(kinds[2:-1]) <= {"message"}
     assert [r["loss"] for r in events[0][1]["rows"]] == [10.0 + i for i in range(20)]
