@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import default_recursion_limit, env_when_base_loads, output_held_elsewhere, save_adapters
+from ports import listening_port
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, write_adapter_dir
@@ -1075,25 +1075,18 @@ def test_with_a_key_the_api_docs_need_it_and_health_does_not(ui):
 
 # --- Ctrl-C with a page following a run ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])  # as train ends
 def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, tmp_path, sig, code):
     run = tmp_path / "runs" / "term"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # just written: followed for a minute
-    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "loraforge", "ui", "--model", str(tiny_dir), "--runs",
-                               str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", str(port)],
+                               str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env={**os.environ, "OMP_NUM_THREADS": "1"},
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = f"http://127.0.0.1:{listening_port(server)}"  # the system's choice (ports.py)
         wait_for(lambda: server.poll() is not None or answers(url), timeout=120, every=0.5)
         assert server.poll() is None, server.stderr.read().decode()
         opened = threading.Event()
