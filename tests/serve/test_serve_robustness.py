@@ -550,7 +550,9 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
         reader = threading.Thread(target=read)
         reader.start()
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.1)
+        # the second once uvicorn has begun to stop (its line): sent 0.1 s later, both could reach a process not
+        # scheduled in between as one pending signal, a single Ctrl-C that waits for the step
+        wait_for(lambda: any("Shutting down" in line for _, line in lines), "the first Ctrl-C did not stop uvicorn")
         proc.send_signal(signal.SIGINT)
         again = time.monotonic()
         for t in (*threads, reader):
