@@ -6,7 +6,7 @@ other jobs beside the suite."""
 import subprocess
 import time
 
-import psutil  # PEFT's dependency, installed with the test extra
+import psutil  # the test extra (6.0: net_connections)
 
 
 def listening_port(proc: subprocess.Popen, timeout: float = 120) -> int:
