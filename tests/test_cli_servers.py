@@ -12,24 +12,22 @@ import time
 import httpx
 import pytest
 
+from ports import listening_port
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv: list[str], port: int) -> subprocess.Popen:
-    """The CLI as a shell starts it (SIGINT not ignored, as it is for a background job); returns once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "loraforge", *argv, "--port", str(port)], stdout=subprocess.PIPE,
+def start(argv: list[str]) -> subprocess.Popen:
+    """The CLI as a shell starts it (SIGINT not ignored, as it is for a background job), on the port the system gives
+    it (ports.py: one found free and passed on could be taken first); returns once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", *argv, "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    port = listening_port(proc)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -43,7 +41,7 @@ def start(argv: list[str], port: int) -> subprocess.Popen:
 def test_a_stopped_server_exits_with_the_signal(tiny_dir, tmp_path, command, sig, code):
     """uvicorn.run swallowed the KeyboardInterrupt, so a stopped server exited 0, like one that finished."""
     argv = [command, "--model", str(tiny_dir)] + (["--runs", str(tmp_path / "runs")] if command == "ui" else [])
-    proc = start(argv, free_port())
+    proc = start(argv)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err

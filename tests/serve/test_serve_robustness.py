@@ -30,6 +30,7 @@ from loraforge.serve.errors import shown
 from loraforge.serve.sampling import sample
 import test_serve_engine
 from test_serve_engine import collect, prompts, reference
+from ports import listening_port
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::FutureWarning"),
               pytest.mark.filterwarnings("error::DeprecationWarning")]
@@ -475,14 +476,11 @@ def test_sigterm_answers_open_requests_as_json(decode_path, pause):
     same error event."""
     if decode_path == "forward":
         pytest.skip("the server's stop is the same on both decode paths")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(Path(__file__).parents[1]), str(port),
-                             str(pause)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(Path(__file__).parents[1]), "0", str(pause)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = f"http://127.0.0.1:{listening_port(proc)}"  # the system's choice (ports.py)
         wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
         got = {}
@@ -533,16 +531,13 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
     a long step still holds after FORCED_S, and `serve` exits 130 with its one line, waiting for no step to end."""
     if decode_path == "forward":
         pytest.skip("the server's stop is the same on both decode paths")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     # a stop that waits waits 120 s here: waiting for the 20 s step (the fault) is then well past the bound below
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI_SERVER, str(tiny_dir), str(port), str(pause), "120"],
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI_SERVER, str(tiny_dir), "0", str(pause), "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = f"http://127.0.0.1:{listening_port(proc)}"  # the system's choice (ports.py)
         wait_for(lambda: _answers(url + "/health", proc), "the server did not start", 120)
         body = {"model": str(tiny_dir), "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "temperature": 0}
         got = {}
@@ -555,7 +550,9 @@ def test_a_second_ctrl_c_ends_serve_at_once_without_tracebacks(tiny_dir, decode_
         reader = threading.Thread(target=read)
         reader.start()
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.1)
+        # the second once uvicorn has begun to stop (its line): sent 0.1 s later, both could reach a process not
+        # scheduled in between as one pending signal, a single Ctrl-C that waits for the step
+        wait_for(lambda: any("Shutting down" in line for _, line in lines), "the first Ctrl-C did not stop uvicorn")
         proc.send_signal(signal.SIGINT)
         again = time.monotonic()
         for t in (*threads, reader):

@@ -723,7 +723,7 @@ def test_a_second_ctrl_c_in_a_step_stops_at_once_naming_the_checkpoint_left_or_n
 
 
 def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(tiny_dir, data_file, tmp_path):
-    """A real `loraforge train` (slow steps: 40 micro-batches of one row) given Ctrl-C twice, 0.05 s apart, once it has
+    """A real `loraforge train` (slow steps: 40 micro-batches of one row) given Ctrl-C twice in a step, once it has
     logged a step: one line saying the step was interrupted, exit 130, no traceback."""
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
@@ -742,7 +742,11 @@ def test_ctrl_c_twice_at_a_real_train_process_ends_it_with_130_and_no_traceback(
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        # the second once the first is handled (its line says so): sent 0.05 s later, both could reach a process not
+        # scheduled in between as one pending signal, a single Ctrl-C (the step ends, a checkpoint is saved)
+        while "SIGINT: stopping after this step" not in (tmp_path / "err.txt").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:

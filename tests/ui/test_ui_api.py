@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import default_recursion_limit, env_when_base_loads, output_held_elsewhere, save_adapters
+from ports import listening_port
 from loraforge import cli
 from loraforge.config import ConfigError, LoraConfig, load_train_config
 from loraforge.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, write_adapter_dir
@@ -676,7 +676,9 @@ def test_an_offset_out_of_range_is_refused(ui, offset, suffix):
 
 
 def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monkeypatch):
-    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.5)  # the server runs in this process
+    """The run counts as resting (FOLLOW_IDLE_S, 1.5 s here) only once its last row is written: with 1.5 s from
+    the start, a writer thread late by that much between two rows (a loaded machine) ended the stream early."""
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1e6)  # the server runs in this process
     run = ui[1] / "runs" / "term"
     run.mkdir(exist_ok=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
@@ -686,6 +688,7 @@ def test_a_run_started_in_a_terminal_is_followed_while_its_metrics_grow(ui, monk
             time.sleep(0.1)
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": 3.0 / step}) + "\n")
+        monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.5)  # from the last row on
 
     writer = threading.Thread(target=train_in_a_terminal)
     writer.start()
@@ -765,24 +768,30 @@ def test_a_stream_with_a_budget_pauses_at_its_offset_and_goes_on_from_there(ui):
 def test_a_followed_run_whose_metrics_are_replaced_is_read_again_from_the_start(ui, monkeypatch):
     """train --overwrite into a followed run's folder: the stream went on from the old offset in the new file (the
     new run's first rows lost, the old run's kept on one chart). Now a `reset` event, then the new file from 0; a
-    reconnect naming the old file gets the reset too."""
-    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.0)
+    reconnect naming the old file gets the reset too. The file is replaced once the stream has sent the old rows,
+    and the run rests (FOLLOW_IDLE_S) only from then: a writer thread's 0.5 s sleep raced both the stream's first
+    read and its end after 1 s of rest, for no fault."""
+    monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1e6)
     run = ui[1] / "runs" / "replaced"
     run.mkdir(exist_ok=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 10.0 + i}) + "\n" for i in range(20)))
     old_id = f"{os.stat(run / 'metrics.jsonl').st_dev}:{os.stat(run / 'metrics.jsonl').st_ino}"
 
     def start_over():
-        time.sleep(0.5)
         os.replace(run / "metrics.jsonl", run / "old.jsonl")  # the old file is kept: its inode is not reused
         with open(run / "metrics.jsonl", "w") as f:
             for i in range(30):  # grows past the old offset between two polls
                 f.write(json.dumps({"step": i, "loss": 0.001 * i, "pad": "x" * 40}) + "\n")
+        monkeypatch.setattr(ui_app, "FOLLOW_IDLE_S", 1.0)
 
-    writer = threading.Thread(target=start_over)
-    writer.start()
-    events = sse(call(ui, "GET", "/ui/api/runs/replaced/events?interval=1").text)
-    writer.join()
+    text = ""
+    with httpx.stream("GET", ui[0] + "/ui/api/runs/replaced/events?interval=0.1", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for chunk in r.iter_text():
+            if not sse(text) and sse(text + chunk):  # the old file's rows are sent
+                start_over()
+            text += chunk
+    events = sse(text)
     kinds = [kind for kind, _ in events]
     assert kinds[:2] == ["message", "reset"] and kinds[-1] == "end" and set(kinds[2:-1]) <= {"message"}
     assert [r["loss"] for r in events[0][1]["rows"]] == [10.0 + i for i in range(20)]
@@ -1066,25 +1075,18 @@ def test_with_a_key_the_api_docs_need_it_and_health_does_not(ui):
 
 # --- Ctrl-C with a page following a run ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])  # as train ends
 def test_ctrl_c_or_sigterm_stops_the_dashboard_while_a_stream_is_open(tiny_dir, tmp_path, sig, code):
     run = tmp_path / "runs" / "term"
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # just written: followed for a minute
-    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "loraforge", "ui", "--model", str(tiny_dir), "--runs",
-                               str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", str(port)],
+                               str(tmp_path / "runs"), "--data-dir", str(tmp_path), "--port", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env={**os.environ, "OMP_NUM_THREADS": "1"},
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = f"http://127.0.0.1:{listening_port(server)}"  # the system's choice (ports.py)
         wait_for(lambda: server.poll() is not None or answers(url), timeout=120, every=0.5)
         assert server.poll() is None, server.stderr.read().decode()
         opened = threading.Event()
