@@ -709,8 +709,8 @@ def test_generate_says_its_precision_on_stderr(tiny_dir, monkeypatch, loads, cap
 
 def test_serve_loads_the_base_in_the_rule_s_dtype(tiny_dir, monkeypatch, loads, capsys):
     limits = []  # start-up only
-    monkeypatch.setattr("loraforge.serve.api.run_until_signal",
-                        lambda app, host, port, log_level, **kw: limits.append(kw))
+    monkeypatch.setattr("loraforge.serve.api.run_until_signal",  # announce: the start-up line, once it listens
+                        lambda app, host, port, log_level, announce, **kw: limits.append(kw))
     monkeypatch.setattr("loraforge.serve.api.check_port", lambda *a: None)  # port 8000 may be another's here
     monkeypatch.setattr("loraforge.precision.detect", lambda device="cpu": SAPPHIRE)
     assert main(["serve", "--model", str(tiny_dir)]) == 0
@@ -730,7 +730,8 @@ def test_ui_takes_the_connection_guards_serve_does(tiny_dir, tmp_path, monkeypat
     """`loraforge ui` serves the same API: --header-timeout and --max-connections reach its server as serve's do (it
     had neither flag, always 30 s and 512)."""
     limits = []  # start-up only
-    monkeypatch.setattr("loraforge.ui.app.run_until_signal", lambda app, host, port, log_level, **kw: limits.append(kw))
+    monkeypatch.setattr("loraforge.ui.app.run_until_signal",
+                        lambda app, host, port, log_level, announce, **kw: limits.append(kw))
     monkeypatch.setattr("loraforge.ui.app.check_port", lambda *a: None)  # port 8000 may be another's here
     monkeypatch.chdir(tmp_path)
     assert main(["ui", "--model", str(tiny_dir)]) == 0

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from loraforge.serve.api import url_host
 from ports import listening_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,6 +51,23 @@ def test_a_stopped_server_exits_with_the_signal(tiny_dir, tmp_path, command, sig
 
 
 @pytest.mark.parametrize("command", ["serve", "ui"])
+def test_the_startup_line_names_the_port_the_server_listens_on(tiny_dir, tmp_path, command):
+    """Soak: `serve --port 0` printed "serving ... on http://127.0.0.1:0/v1" and `ui --port 0` its dashboard's
+    ":0" URLs, before the server listened: the line now comes once it does, with the port the system gave it."""
+    argv = [command, "--model", str(tiny_dir)] + (["--runs", str(tmp_path / "runs")] if command == "ui" else [])
+    proc = start(argv)
+    port = listening_port(proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    url = f"http://127.0.0.1:{port}"
+    line = next(x for x in out.splitlines() if x.startswith(("serving ", "dashboard on ")))
+    if command == "serve":
+        assert line == f"serving {tiny_dir} with adapters: none on {url}/v1", out
+    else:
+        assert line.startswith(f"dashboard on {url}/ui/ (runs: ") and line.endswith(f"); API on {url}/v1"), out
+
+
+@pytest.mark.parametrize("command", ["serve", "ui"])
 def test_a_port_in_use_is_one_error_line(tiny_dir, tmp_path, command):
     """Said before the model loads (it loaded first, uvicorn's log lines and 'serving ... on' the port came before
     the error)."""
@@ -64,3 +82,8 @@ def test_a_port_in_use_is_one_error_line(tiny_dir, tmp_path, command):
     assert done.stderr == (f"error: could not listen on 127.0.0.1:{port}: Address already in use (another server on "
                            f"that port? choose another with --port)\n")
     assert done.stdout == ""
+
+
+def test_an_ipv6_host_is_bracketed_in_the_printed_url():
+    """`--host ::1` printed http://::1:8000/v1, which no browser or client reads as a host and a port."""
+    assert [url_host(h) for h in ("::1", "::", "127.0.0.1", "localhost")] == ["[::1]", "[::]", "127.0.0.1", "localhost"]

@@ -517,9 +517,15 @@ class _GracefulServer(uvicorn.Server):
     event and [DONE]) before uvicorn cancels what is left. Cancelled waiting, a non-streamed request answered a
     plain-text 500: its handler never woke, the engine stopping only once uvicorn had returned."""
 
-    def __init__(self, config: uvicorn.Config, cut=None):
+    def __init__(self, config: uvicorn.Config, cut=None, announce=None):
         super().__init__(config)
         self.cut = cut
+        self.announce = announce  # called with the port it listens on, once it does (--port 0: the system's)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.announce is not None:
+            self.announce(self.servers[0].sockets[0].getsockname()[1])
 
     async def shutdown(self, sockets=None) -> None:
         if self.cut is not None:  # not called if every connection closes first: the loop ends before it
@@ -589,16 +595,17 @@ def no_color() -> bool:
 
 
 def run_until_signal(app, host: str, port: int, log_level: str, header_timeout: float = HEADER_TIMEOUT_S,
-                     max_connections: int = MAX_CONNECTIONS) -> None:
+                     max_connections: int = MAX_CONNECTIONS, announce=None) -> None:
     """Serve `app` with uvicorn until Ctrl-C or SIGTERM, then let the signal through: Ctrl-C raises KeyboardInterrupt
     (the CLI exits 130), SIGTERM ends the process as SIGTERM does (143). uvicorn.run would swallow the Ctrl-C, so a
     stopped server exited 0. Open requests are cut after SHUTDOWN_GRACE_S (create_app's `app.state.cut`): a
     non-streamed one answers a JSON 503, a stream ends with an error event. ServeError when it cannot listen.
-    header_timeout, max_connections: server_config's."""
+    header_timeout, max_connections: server_config's. `announce(port)` is called once it listens, with the port
+    (port 0: the one the system gave it; soak: `serve --port 0` printed "on http://127.0.0.1:0/v1")."""
     config = server_config(app, host, port, log_level, header_timeout, max_connections,
                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S)
     state = getattr(app, "state", None)
-    server = _GracefulServer(config, cut=getattr(state, "cut", None))
+    server = _GracefulServer(config, cut=getattr(state, "cut", None), announce=announce)
     try:
         server.run()  # re-raises a signal it caught: Ctrl-C ends in KeyboardInterrupt, SIGTERM ends the process
     except SystemExit:  # uvicorn exits when it cannot listen
@@ -640,6 +647,11 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets (`--host ::1` printed http://::1:8000/v1)."""
+    return f"[{host}]" if ":" in host else host
 
 
 ADAPTERS_NAMED = 10  # adapters the startup line names; GET /v1/models lists them all
@@ -698,10 +710,12 @@ def run_server(model: str = "smollm2-135m", adapters: dict[str, str] | None = No
     else:
         app.add_middleware(RequestGuard, host=host, cross_site=False)  # a page rebinding its name to this machine
     stored = f" ({quantize} base)" if quantize else ""
-    print(f"serving {model}{stored} with adapters: {adapters_named(engine.adapter_names())} on "
-          f"http://{host}:{port}/v1", flush=True)
+
+    def announce(listening: int) -> None:  # once it listens: the URL works, and port 0's real port is known
+        print(f"serving {model}{stored} with adapters: {adapters_named(engine.adapter_names())} on "
+              f"http://{url_host(host)}:{listening}/v1", flush=True)
     try:
         run_until_signal(app, host, port, log_level="info", header_timeout=header_timeout,
-                         max_connections=max_connections)
+                         max_connections=max_connections, announce=announce)
     finally:
         engine.stop(timeout=0 if app.state.forced else 10)  # a second Ctrl-C waits for no step to end

@@ -38,7 +38,7 @@ from loraforge.config import ConfigError
 from loraforge.models import load_base
 from loraforge.precision import choose
 from loraforge.serve.api import (HEADER_TIMEOUT_S, MAX_CONNECTIONS, BodyLimit, check_port, create_app, key_ok,
-                                 run_until_signal)
+                                 run_until_signal, url_host)
 from loraforge.serve.engine import Engine
 from loraforge.serve.errors import shown
 from loraforge.serve.guard import RequestGuard, refused as _error
@@ -355,10 +355,13 @@ def run_ui(model: str = "smollm2-135m", runs: str = "runs", data_dir: str = ".",
     engine = Engine(base, tokenizer, base_name=model, adapters_dir=adapters_dir or runs)
     app = create_app(engine, api_key=api_key)
     mount(app, runs, data_dir, training_models(model, models_dir), engine, api_key, host)
-    print(f"dashboard on http://{host}:{port}/ui/ (runs: {Path(runs).resolve()}, datasets: "
-          f"{Path(data_dir).resolve()}); API on http://{host}:{port}/v1", flush=True)
+
+    def announce(listening: int) -> None:  # once it listens: the URL works, and port 0's real port is known
+        where = f"http://{url_host(host)}:{listening}"
+        print(f"dashboard on {where}/ui/ (runs: {Path(runs).resolve()}, datasets: {Path(data_dir).resolve()}); API "
+              f"on {where}/v1", flush=True)
     try:
         run_until_signal(app, host, port, log_level="warning", header_timeout=header_timeout,
-                         max_connections=max_connections)
+                         max_connections=max_connections, announce=announce)
     finally:
         engine.stop(timeout=0 if app.state.forced else 10)  # a second Ctrl-C waits for no step to end

@@ -49,7 +49,8 @@ def served(monkeypatch, module, argv):
     """(completion, chat answer) the server started by `argv` gives PROMPT with adapter "qa" (greedy, N tokens)."""
     answers = []
 
-    def ask(app, *args, **kwargs):
+    def ask(app, *args, announce, **kwargs):
+        announce(8000)  # listening: the start-up line
         with TestClient(app, base_url="http://127.0.0.1:8000") as client:  # the host the guard expects
             sampling = {"model": "qa", "max_tokens": N, "temperature": 0, "ignore_eos": True}
             r = client.post("/v1/completions", json={"prompt": PROMPT, **sampling})
