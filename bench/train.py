@@ -161,7 +161,8 @@ def reset_peak_rss() -> bool:
 
 def window_peak_rss_mb() -> float | None:
     """VmHWM: the peak RSS since reset_peak_rss() (or since the start), in MiB; None off Linux."""
-    return _status_mb("VmHWM")
+    (peak,) = _status_mb("VmHWM")
+    return peak
 
 
 def rss_peak_and_now_mb() -> tuple[float, float | None]:
@@ -172,7 +173,8 @@ def rss_peak_and_now_mb() -> tuple[float, float | None]:
     return (peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), now
 
 
-def _status_mb(*keys: str) -> float | None | tuple[float | None, ...]:
+def _status_mb(*keys: str) -> tuple[float | None, ...]:
+    """The /proc/self/status fields `keys` (kB) in MiB, from one read, in order; None for each one off Linux."""
     try:
         lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
@@ -181,7 +183,7 @@ def _status_mb(*keys: str) -> float | None | tuple[float | None, ...]:
     for key in keys:
         line = next((x for x in lines if x.startswith(key + ":")), None)
         found.append(None if line is None else int(line.split()[1]) / 1024)
-    return found[0] if len(keys) == 1 else tuple(found)
+    return tuple(found)
 
 
 def same_lora_init(model) -> int:
